@@ -1,0 +1,27 @@
+"""reattn: fused Re-attention (DeepViT) for PyTorch.
+
+Public API:
+  re_attention       the functional op (every backend, every norm mode)
+  re_attention_ref   the eager reference in the official order of operations
+  ReAttention        drop-in module with the official DeepViT constructor and state_dict names
+  fold_batchnorm_eval, available_backends, extension_info
+"""
+import torch  # noqa: F401  (loads libc10/libtorch before the compiled extension)
+
+from reattn._extension import extension_info
+from reattn.backends import BACKENDS, available_backends
+from reattn.functional import fold_batchnorm_eval, re_attention
+from reattn.module import ReAttention
+from reattn.reference import re_attention_ref
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "ReAttention",
+    "available_backends",
+    "extension_info",
+    "fold_batchnorm_eval",
+    "re_attention",
+    "re_attention_ref",
+]

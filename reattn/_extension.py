@@ -1,0 +1,31 @@
+"""Access to the compiled extension ``reattn._C``, which may be missing (the eager path never needs it)."""
+from __future__ import annotations
+
+from typing import Optional
+
+try:
+    from reattn import _C  # type: ignore[attr-defined]
+
+    EXTENSION_ERROR: Optional[BaseException] = None
+except ImportError as error:  # not built, or built against another torch
+    _C = None
+    EXTENSION_ERROR = error
+
+REBUILD_HINT = "rebuild it with `pip install --no-build-isolation -e .` in an environment that has torch"
+
+
+def extension_error_message() -> Optional[str]:
+    """Why ``reattn._C`` is unusable, or None when it imported."""
+    if _C is not None:
+        return None
+    return f"the compiled extension reattn._C failed to import ({EXTENSION_ERROR}); {REBUILD_HINT}"
+
+
+def extension_info() -> dict:
+    """How ``reattn._C`` was built: ``{"cuda", "cuda_archs", "openmp", "torch_version"}``.
+
+    Raises RuntimeError saying why when the extension is missing.
+    """
+    if _C is None:
+        raise RuntimeError(extension_error_message())
+    return dict(_C.build_info())

@@ -1,0 +1,120 @@
+"""The functional entry point: ``re_attention`` validates once, picks a backend and runs it."""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from reattn._checks import check_re_attention
+from reattn.backends import resolve_backend
+from reattn.reference import re_attention_ref
+
+
+def re_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mix_weight: torch.Tensor,
+    mix_bias: Optional[torch.Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    norm: str = "none",
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_bias: Optional[torch.Tensor] = None,
+    running_mean: Optional[torch.Tensor] = None,
+    running_var: Optional[torch.Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    out_scale: float = 1.0,
+    dropout_p: float = 0.0,
+    attn_mask: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    return_attention: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    r"""Re-attention (DeepViT, arXiv 2103.11886): attention whose per-head maps are mixed across heads.
+
+    .. code-block:: text
+
+        P_h = dropout(softmax(scale * Q_h K_h^T + mask))      dropout only when training
+        M_g = sum_h mix_weight[g, h] * P_h + mix_bias[g]       the official 1x1 Conv2d over heads
+        A   = out_scale * Norm(M)                              none | BatchNorm2d(H) | LayerNorm over heads
+        O_g = A_g V_g
+
+    Args:
+        q: [B, H, Nq, D] queries. float16, bfloat16, float32 or float64.
+        k: [B, H, Nk, D] keys (Nk may differ from Nq, Nk >= 1).
+        v: [B, H, Nk, D] values.
+        mix_weight: [H, H], indexed [out g, in h] (a ``Conv2d(H, H, 1)`` weight viewed as [H, H]).
+        mix_bias: [H] or None.
+        scale: softmax scale; None means D ** -0.5.
+        norm: "none"; "batch" = ``nn.BatchNorm2d(H)`` on the [B, H, Nq, Nk] map (official DeepViT);
+            "layer" = ``nn.LayerNorm(H)`` across heads at every (b, i, j) (vit-pytorch's DeepViT).
+        norm_weight, norm_bias: [H] affine parameters of the norm, or None.
+        running_mean, running_var: [H] BatchNorm running statistics. With ``training=False`` they
+            normalize; with ``training=True`` batch statistics normalize and these (if given) are
+            updated in place with ``momentum``, the variance unbiased, exactly like nn.BatchNorm2d.
+        training: batch statistics for norm="batch", and dropout on.
+        momentum, eps: as in nn.BatchNorm2d (eps also for norm="layer").
+        out_scale: multiplies A after the norm (official ``reatten_scale``).
+        dropout_p: dropout probability on the softmax probabilities, before mixing (official order).
+        attn_mask: bool (True = attend) broadcastable to [B, 1, Nq, Nk], or float added to the
+            scores, broadcastable to [B, H, Nq, Nk] (cast to q's dtype). An entry is *masked* when
+            the bool mask is False or the float mask is -inf there (for head g, for float masks).
+            Masked entries get probability 0, their A is set to 0 after the norm (they contribute
+            nothing to O) and they are left out of training-mode BatchNorm statistics. A query row
+            with every key masked yields zeros, never NaN. LayerNorm across heads normalizes all H
+            values of M at an entry (the mask then zeroes the masked heads' A). The official model
+            has no mask: with attn_mask=None all of this is moot.
+        backend: "auto" (the fastest backend available for the device), "eager" (this package's
+            reference in plain PyTorch; materializes the maps), "triton", "cuda" or "cpu". An
+            explicit backend that cannot run raises ValueError saying why; it never falls back.
+        return_attention: also return A [B, H, Nq, Nk] (materialized; eager backend only).
+
+    Returns:
+        O [B, H, Nq, D] in q's dtype, or (O, A) with ``return_attention=True``.
+
+    Raises:
+        TypeError / ValueError naming the offending argument and its shape, dtype or device.
+    """
+    scale = check_re_attention(
+        q, k, v, mix_weight, mix_bias, scale=scale, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
+        running_mean=running_mean, running_var=running_var, training=training, momentum=momentum, eps=eps,
+        out_scale=out_scale, dropout_p=dropout_p, attn_mask=attn_mask,
+    )
+    name = resolve_backend(backend, q.device, return_attention=return_attention)
+    if name != "eager":  # pragma: no cover - resolve_backend only returns fused backends once they exist
+        raise AssertionError(f"backend {name!r} resolved but has no implementation")
+    return re_attention_ref(
+        q, k, v, mix_weight, mix_bias, scale=scale, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
+        running_mean=running_mean, running_var=running_var, training=training, momentum=momentum, eps=eps,
+        out_scale=out_scale, dropout_p=dropout_p, attn_mask=attn_mask, return_attention=return_attention,
+    )
+
+
+def fold_batchnorm_eval(
+    mix_weight: torch.Tensor,
+    mix_bias: Optional[torch.Tensor],
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""Fold an eval-mode BatchNorm over heads into the head mixing.
+
+    BN_eval(W P + c) = diag(alpha) W P + (alpha c + delta) with alpha = gamma / sqrt(var + eps) and
+    delta = beta - alpha * mean, so ``re_attention(..., norm="batch", training=False)`` equals
+    ``re_attention(..., W', c', norm="none")`` with the returned ``(W' [H, H], c' [H])``, masks
+    included (masked entries are zeroed after the norm either way). Differentiable: gradients
+    reach every argument through autograd.
+    """
+    alpha = torch.rsqrt(running_var + eps)
+    if norm_weight is not None:
+        alpha = alpha * norm_weight
+    bias = -alpha * running_mean
+    if norm_bias is not None:
+        bias = bias + norm_bias
+    if mix_bias is not None:
+        bias = bias + alpha * mix_bias
+    return alpha[:, None] * mix_weight, bias

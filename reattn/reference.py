@@ -1,0 +1,127 @@
+"""Eager Re-attention in the official order of operations: the truth and the eager baseline.
+
+This materializes the [B, H, Nq, Nk] maps several times, exactly like the official DeepViT
+module (matmul -> softmax -> dropout -> 1x1 Conv2d over heads -> BatchNorm2d -> scale -> matmul),
+so it is both the reference every fused backend is tested against and the baseline the
+benchmarks compare with. It assumes validated arguments (see ``reattn.functional``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_entries(attn_mask: Optional[torch.Tensor], shape: torch.Size) -> Optional[torch.Tensor]:
+    """Bool [B, H, Nq, Nk] (expanded view), True where an entry is masked; None without a mask.
+
+    Bool masks mark kept entries with True; float masks mask an entry with -inf.
+    """
+    if attn_mask is None:
+        return None
+    masked = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask == float("-inf")
+    return masked.expand(shape)
+
+
+def _masked_batch_norm_train(
+    m: torch.Tensor, masked: torch.Tensor, weight, bias, running_mean, running_var, momentum: float, eps: float
+) -> torch.Tensor:
+    """BatchNorm2d training semantics over the unmasked entries of each head (channel)."""
+    H = m.shape[1]
+    count = (~masked).sum(dim=(0, 2, 3))
+    if bool((count <= 1).any()):
+        raise ValueError(
+            "re_attention: norm='batch' in training needs more than one unmasked value per head; "
+            f"unmasked counts per head: {count.tolist()}"
+        )
+    n = count.to(m.dtype)
+    mean = m.masked_fill(masked, 0).sum(dim=(0, 2, 3)) / n
+    centered = (m - mean.view(1, H, 1, 1)).masked_fill(masked, 0)
+    var = centered.square().sum(dim=(0, 2, 3)) / n
+    out = (m - mean.view(1, H, 1, 1)) * torch.rsqrt(var + eps).view(1, H, 1, 1)
+    if weight is not None:
+        out = out * weight.to(m.dtype).view(1, H, 1, 1)
+    if bias is not None:
+        out = out + bias.to(m.dtype).view(1, H, 1, 1)
+    if running_mean is not None:
+        with torch.no_grad():
+            unbiased = var * n / (n - 1)
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return out
+
+
+def re_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mix_weight: torch.Tensor,
+    mix_bias: Optional[torch.Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    norm: str = "none",
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_bias: Optional[torch.Tensor] = None,
+    running_mean: Optional[torch.Tensor] = None,
+    running_var: Optional[torch.Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    out_scale: float = 1.0,
+    dropout_p: float = 0.0,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_mask: Optional[torch.Tensor] = None,
+    return_attention: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Eager Re-attention; same arguments as :func:`reattn.re_attention` (no validation here).
+
+    Extra, for tests and analysis:
+      dropout_mask: bool [B, H, Nq, Nk], True = keep. Replaces the draw from torch's RNG so a
+        fused backend's dropout pattern can be replayed here.
+      return_attention: also return the post-norm, post-scale map A [B, H, Nq, Nk].
+
+    Computes in q's dtype (parameters are cast to it), like the official module under the same
+    dtype. Returns O [B, H, Nq, D] (and A).
+    """
+    H, D = q.shape[1], q.shape[-1]
+    if scale is None:
+        scale = D ** -0.5
+    dtype = q.dtype
+    attn = (q @ k.transpose(-2, -1)) * scale
+    masked = masked_entries(attn_mask, attn.shape)
+    if masked is None:
+        attn = attn.softmax(dim=-1)
+    else:
+        if attn_mask.dtype != torch.bool:
+            attn = attn + attn_mask.to(dtype)
+        attn = attn.masked_fill(masked, float("-inf"))
+        # A row with no key left would softmax to NaN; give it finite scores, then zero it below.
+        attn = attn.masked_fill(masked.all(dim=-1, keepdim=True), 0.0)
+        attn = attn.softmax(dim=-1).masked_fill(masked, 0.0)
+    if training and dropout_p > 0.0:
+        if dropout_mask is None:
+            attn = F.dropout(attn, dropout_p, training=True)
+        else:
+            attn = attn * dropout_mask.to(dtype) / (1.0 - dropout_p)
+
+    # The official 1x1 Conv2d over heads: M_g = sum_h W[g, h] P_h + c_g.
+    bias = None if mix_bias is None else mix_bias.to(dtype)
+    attn = F.conv2d(attn, mix_weight.to(dtype).view(H, H, 1, 1), bias)
+
+    if norm == "batch":
+        if training and masked is not None:
+            attn = _masked_batch_norm_train(attn, masked, norm_weight, norm_bias, running_mean, running_var,
+                                            momentum, eps)
+        else:
+            attn = F.batch_norm(attn, running_mean, running_var, norm_weight, norm_bias, training, momentum, eps)
+    elif norm == "layer":
+        # vit-pytorch: Rearrange('b h i j -> b i j h'), LayerNorm(heads), Rearrange back.
+        weight = None if norm_weight is None else norm_weight.to(dtype)
+        nbias = None if norm_bias is None else norm_bias.to(dtype)
+        attn = F.layer_norm(attn.permute(0, 2, 3, 1), (H,), weight, nbias, eps).permute(0, 3, 1, 2)
+    attn = attn * out_scale
+    if masked is not None:
+        attn = attn.masked_fill(masked, 0.0)
+    out = attn @ v
+    return (out, attn) if return_attention else out

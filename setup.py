@@ -1,0 +1,125 @@
+"""Build script for reattn: the Python package plus the compiled extension ``reattn._C``.
+
+The extension always contains the C++ CPU part (``csrc/bindings.cpp``, ``csrc/cpu/``).
+When the installed torch was built with CUDA (``torch.version.cuda`` is set) the CUDA sources
+in ``csrc/cuda/`` are compiled into the same extension with ``CUDAExtension``; with a CPU-only
+torch the CPU part is built alone and the build says so.
+
+Environment:
+  REATTN_CUDA_ARCHS  ';'-separated compute capabilities, default "80;90". SASS is emitted for
+                     each, plus PTX for the newest so later GPUs can JIT it.
+  REATTN_NO_CUDA=1   build the CPU part only, even with a CUDA torch.
+  CUDA_HOME          defaults to /usr/local/cuda when nvcc is there.
+  MAX_JOBS           parallel compile jobs (honoured by torch's ninja build).
+
+Install without build isolation, so the build uses the torch already installed
+(isolation would download another multi-GB torch):  pip install --no-build-isolation -e .
+"""
+import os
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # pragma: no cover - a build without torch cannot compile anything
+    sys.exit(
+        "reattn: torch must be installed before building reattn (pip install torch), and the "
+        "build must run without isolation: pip install --no-build-isolation ."
+    )
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_HOME = "/usr/local/cuda"
+
+
+def _log(message: str) -> None:
+    print(f"reattn setup: {message}", file=sys.stderr, flush=True)
+
+
+def _cuda_archs() -> list[str]:
+    raw = os.environ.get("REATTN_CUDA_ARCHS", "80;90")
+    archs = [a.strip().replace(".", "") for a in raw.replace(",", ";").split(";") if a.strip()]
+    for arch in archs:
+        if not arch.isdigit():
+            sys.exit(f"reattn: REATTN_CUDA_ARCHS entry {arch!r} is not a compute capability like 80 or 90")
+    if not archs:
+        sys.exit("reattn: REATTN_CUDA_ARCHS is empty; give e.g. '80;90'")
+    return sorted(set(archs), key=int)
+
+
+def _gencode_flags(archs: list[str]) -> list[str]:
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    newest = archs[-1]
+    flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
+    return flags
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("REATTN_NO_CUDA", "0") == "1":
+        _log("REATTN_NO_CUDA=1: building the CPU part of reattn._C only")
+        return False
+    if torch.version.cuda is None:
+        _log(f"torch {torch.__version__} has no CUDA: building the CPU part of reattn._C only")
+        return False
+    if os.environ.get("CUDA_HOME") is None and os.path.exists(os.path.join(DEFAULT_CUDA_HOME, "bin", "nvcc")):
+        os.environ["CUDA_HOME"] = DEFAULT_CUDA_HOME
+        # cpp_extension reads CUDA_HOME at import time; point it at the toolkit we found.
+        cpp_extension.CUDA_HOME = DEFAULT_CUDA_HOME
+    if cpp_extension.CUDA_HOME is None:
+        sys.exit(
+            f"reattn: torch {torch.__version__} was built with CUDA {torch.version.cuda} but no CUDA "
+            "toolkit was found: set CUDA_HOME to a toolkit with nvcc, or REATTN_NO_CUDA=1 for a CPU-only build"
+        )
+    return True
+
+
+def _extensions():
+    # No -std flag: torch's build helpers add the standard its headers need (C++20 for torch 2.15).
+    cxx_flags = ["-O3", "-fopenmp"]
+    # at::parallel_for is inlined into our code: without -fopenmp at link time too it runs on one thread.
+    link_flags = ["-fopenmp"]
+    sources = ["csrc/bindings.cpp", "csrc/cpu/row_stats.cpp"]
+    macros = [("REATTN_TORCH_VERSION", torch.__version__.split("+")[0])]
+    if _want_cuda():
+        archs = _cuda_archs()
+        _log(f"torch {torch.__version__} has CUDA {torch.version.cuda}: building CPU and CUDA parts "
+             f"for sm_{', sm_'.join(archs)} (+PTX for sm_{archs[-1]}) with {cpp_extension.CUDA_HOME}")
+        sources += ["csrc/cuda/row_stats.cu"]
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", *_gencode_flags(archs)]
+        # Only the host side reports the archs; nvcc would split a comma-separated -D value.
+        cxx_flags = cxx_flags + [f"-DREATTN_CUDA_ARCHS={','.join(archs)}"]
+        return [
+            cpp_extension.CUDAExtension(
+                name="reattn._C",
+                sources=sources,
+                define_macros=macros + [("REATTN_WITH_CUDA", "1")],
+                extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                extra_link_args=link_flags,
+            )
+        ]
+    return [
+        cpp_extension.CppExtension(
+            name="reattn._C",
+            sources=sources,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+        )
+    ]
+
+
+setup(
+    name="reattn",
+    version="0.1.0",
+    description="Fused Re-attention (DeepViT) kernels for PyTorch: Triton, CUDA C++ and C++ CPU",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["reattn", "reattn.backends", "reattn.kernels"],
+    package_dir={"reattn": "reattn", "reattn.kernels": "kernels"},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    install_requires=["torch>=2.1"],
+    extras_require={"test": ["pytest", "timm", "vit-pytorch"]},
+)
