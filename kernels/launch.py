@@ -1,0 +1,86 @@
+"""Launch heuristics (block sizes, warps, stages) for the fused Re-attention kernels.
+
+Nothing here imports ``reattn``; only the standard library.
+
+Forward rule (``forward_config``), one program = one batch element x BLOCK_M query rows x all
+heads (head mixing needs every head of a tile):
+
+* ``HP = max(16, next_pow2(H))``: heads are padded to a power of two and to at least 16,
+  because the head mixing runs as ``tl.dot(W [HP, HP], P [HP, BLOCK_M * BLOCK_N])`` and
+  ``tl.dot`` needs every non-batch dimension >= 16. Padded heads are masked (zero weights).
+* ``BLOCK_D = max(16, next_pow2(D))``: the head dim is padded and masked (D = 33 -> 64).
+* ``BLOCK_M = 16``: the smallest ``tl.dot`` tile. The batched products already have HP rows
+  of heads per program, so a taller query block only adds registers.
+* ``BLOCK_N = 16``: a program holds several all-head tiles at once: the query tile and the
+  output accumulator ``[HP, BLOCK_M, BLOCK_D]`` plus S, P, M, A ``[HP, BLOCK_M, BLOCK_N]``.
+  Measured by ahead-of-time compiles for sm_90 (bf16, LayerNorm, Triton 3.9, cuobjdump): with
+  HP = 16, BLOCK_D = 32 and 8 warps, BLOCK_N = 16 needs 193 registers per thread and no spills,
+  BLOCK_N = 32 needs 255 registers and spills; HP = 16, BLOCK_D = 64, BLOCK_N = 16 uses 255
+  registers with a 48-byte spill stack. Wider key tiles only cost registers.
+* ``num_warps = 8``: 4 warps spill already at HP = 16, BLOCK_D = 32 (255 registers, 48-byte
+  stack); 16 warps cap a thread at 128 registers and still spill at BLOCK_D >= 64.
+* ``num_stages``: 2 when ``BLOCK_D <= 64``, else 1 (the K/V tiles are [HP, BLOCK_N, BLOCK_D]).
+* Nq and Nk do not change the choice (the grid covers Nq, the key loop Nk; a short Nk is
+  masked inside one 16-wide key block). Known weak spots, for tuning on a GPU: BLOCK_D = 128
+  and HP = 32 spill registers (a D-split across programs or a query tile kept in shared
+  memory would help).
+
+Under Triton's interpreter (``TRITON_INTERPRET=1``) there is a single configuration
+(BLOCK_M = 16, BLOCK_N = 32, 4 warps, 1 stage; HP and BLOCK_D still follow the shape, since
+they are not tuning knobs): the interpreter's cost is per operation, not per element.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+MAX_HEADS = 32
+MAX_HEAD_DIM = 128
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_D: int
+    HP: int
+    num_warps: int
+    num_stages: int
+
+    def meta(self) -> dict:
+        """Keyword arguments for the kernel launch (constexprs and launch options)."""
+        return dict(BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_D=self.BLOCK_D, HP=self.HP,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def padded_heads(h: int) -> int:
+    return max(16, next_pow2(h))
+
+
+def padded_head_dim(d: int) -> int:
+    return max(16, next_pow2(d))
+
+
+def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None) -> ForwardConfig:
+    """Block sizes and launch options of the fused forward for one problem shape (see module doc)."""
+    if h < 1 or h > MAX_HEADS:
+        raise ValueError(f"re_attention_forward: H must be in 1..{MAX_HEADS}, got {h}")
+    if d < 1 or d > MAX_HEAD_DIM:
+        raise ValueError(f"re_attention_forward: head dim must be in 1..{MAX_HEAD_DIM}, got {d}")
+    if interpret is None:
+        interpret = interpreting()
+    hp = padded_heads(h)
+    block_d = padded_head_dim(d)
+    if interpret:
+        return ForwardConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d, HP=hp, num_warps=4, num_stages=1)
+    num_stages = 2 if block_d <= 64 else 1
+    return ForwardConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, HP=hp, num_warps=8, num_stages=num_stages)
