@@ -1,0 +1,304 @@
+"""Fused Triton forward of Re-attention (reattn.kernels.forward) against float64 truths.
+
+Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET),
+so shapes are small. Outputs are pre-filled with NaN so every element must be written.
+The ahead-of-time compile test builds the real GPU kernel for sm_80 and sm_90 without a GPU.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from reattn.kernels.forward import re_attention_forward
+from reattn.kernels.launch import ForwardConfig, forward_config, interpreting
+from reattn.reference import re_attention_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def make_inputs(B, H, Nq, Nk, D, dtype, *, mix_bias=True, norm_weight=True, norm_bias=True, seed=0):
+    """Inputs in `dtype`; parameters already rounded to `dtype` (the eager path casts them too)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype).to(DEVICE)
+
+    return dict(
+        q=rnd(B, H, Nq, D), k=rnd(B, H, Nk, D), v=rnd(B, H, Nk, D),
+        mix_weight=rnd(H, H, s=H ** -0.5) + torch.eye(H, dtype=dtype, device=DEVICE),
+        mix_bias=rnd(H, s=0.1) if mix_bias else None,
+        norm_weight=(1.0 + rnd(H, s=0.2)) if norm_weight else None,
+        norm_bias=rnd(H, s=0.2) if norm_bias else None,
+    )
+
+
+def run_kernel(inp, *, norm, out_scale=1.0, scale=None, eps=1e-5, **extra):
+    q = inp["q"]
+    B, H, Nq, D = q.shape
+    scale = D ** -0.5 if scale is None else scale
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((B, H, Nq), float("nan"), dtype=lse_dtype, device=q.device)
+    o, l = re_attention_forward(
+        q, inp["k"], inp["v"], inp["mix_weight"], inp["mix_bias"], scale=scale, out_scale=out_scale,
+        norm=norm, norm_weight=inp["norm_weight"], norm_bias=inp["norm_bias"], eps=eps, out=out, lse=lse, **extra)
+    assert o is out and l is lse
+    assert not torch.isnan(o).any(), "output elements left unwritten (NaN)"
+    assert not torch.isnan(l).any(), "lse elements left unwritten (NaN)"
+    return o, l
+
+
+def run_ref(inp, *, norm, out_scale=1.0, scale=None, eps=1e-5, dtype=torch.float64):
+    D = inp["q"].shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    cast = {k: (None if t is None else t.to(dtype)) for k, t in inp.items()}
+    return re_attention_ref(cast["q"], cast["k"], cast["v"], cast["mix_weight"], cast["mix_bias"], scale=scale,
+                            norm=norm, norm_weight=cast["norm_weight"], norm_bias=cast["norm_bias"], eps=eps,
+                            out_scale=out_scale)
+
+
+def lse_truth(inp, scale=None):
+    q, k = inp["q"].double(), inp["k"].double()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.logsumexp(scale * (q @ k.transpose(-2, -1)), dim=-1)
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+# (B, H, Nq, Nk, D, norm, out_scale, mix_bias, norm_weight, norm_bias)
+FP64_CASES = [
+    (2, 1, 5, 5, 32, "none", 1.0, False, False, False),
+    (2, 1, 5, 5, 32, "layer", 1.0, True, True, True),  # one head: LayerNorm gives bias only
+    (2, 6, 33, 33, 33, "layer", 0.7, True, True, True),
+    (2, 6, 33, 33, 33, "none", 0.7, True, False, False),
+    (2, 12, 1, 1, 35, "none", 1.0, True, False, False),  # N = 1
+    (2, 12, 1, 1, 35, "layer", 2.0, False, True, False),
+    (2, 6, 5, 33, 35, "layer", 1.0, False, False, False),  # Nq != Nk
+    (2, 12, 33, 20, 32, "layer", 0.5, True, True, False),
+    (2, 12, 33, 5, 32, "none", 1.3, False, False, False),
+    (1, 32, 17, 17, 16, "layer", 1.0, True, True, True),  # H = 32: HP = 32
+    (1, 6, 197, 197, 32, "none", 1.0, True, False, False),  # ViT length
+]
+
+
+@pytest.mark.parametrize("B,H,Nq,Nk,D,norm,out_scale,mb,nw,nb", FP64_CASES)
+def test_fp64_matches_reference(B, H, Nq, Nk, D, norm, out_scale, mb, nw, nb):
+    inp = make_inputs(B, H, Nq, Nk, D, torch.float64, mix_bias=mb, norm_weight=nw, norm_bias=nb)
+    out, lse = run_kernel(inp, norm=norm, out_scale=out_scale)
+    ref = run_ref(inp, norm=norm, out_scale=out_scale)
+    assert out.dtype == torch.float64 and out.shape == (B, H, Nq, D)
+    assert lse.dtype == torch.float64 and lse.shape == (B, H, Nq)
+    # The interpreter computes in float64 throughout; a GPU passes the scalars as fp32.
+    tol = 1e-11 if interpreting() else 1e-6
+    scale_ref = max(1.0, ref.abs().max().item())
+    assert max_err(out, ref) <= tol * scale_ref
+    assert max_err(lse, lse_truth(inp)) <= tol * max(1.0, lse.abs().max().item())
+
+
+@pytest.mark.parametrize("B,H,Nq,Nk,D,norm,out_scale", [
+    (2, 6, 33, 33, 33, "layer", 0.7),
+    (2, 12, 5, 33, 35, "none", 1.0),
+    (2, 1, 1, 1, 32, "layer", 1.0),
+])
+def test_fp32_matches_fp64_reference(B, H, Nq, Nk, D, norm, out_scale):
+    inp = make_inputs(B, H, Nq, Nk, D, torch.float32)
+    out, lse = run_kernel(inp, norm=norm, out_scale=out_scale)
+    ref = run_ref(inp, norm=norm, out_scale=out_scale)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert max_err(out, ref) <= 1e-5 * max(1.0, ref.abs().max().item())
+    assert max_err(lse, lse_truth(inp)) <= 1e-5 * max(1.0, lse.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,Nq,Nk,D,norm,out_scale", [
+    (2, 6, 33, 20, 35, "layer", 0.7),
+    (2, 12, 33, 33, 32, "none", 1.0),
+    (2, 6, 5, 33, 33, "none", 1.5),
+])
+def test_low_precision_within_twice_eager_error(dtype, B, H, Nq, Nk, D, norm, out_scale):
+    inp = make_inputs(B, H, Nq, Nk, D, dtype)
+    out, lse = run_kernel(inp, norm=norm, out_scale=out_scale)
+    truth = run_ref(inp, norm=norm, out_scale=out_scale)
+    eager = run_ref(inp, norm=norm, out_scale=out_scale, dtype=dtype)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert max_err(out, truth) <= 2 * max_err(eager, truth) + 1e-6
+    assert max_err(lse, lse_truth(inp)) <= 1e-5 * max(1.0, lse.abs().max().item())
+
+
+@pytest.mark.parametrize("norm", ["none", "layer"])
+def test_fp16_tensor_core_operands(norm):
+    """lowp_dot=True: dot operands in fp16 with fp32 accumulation (the GPU path for fp16/bf16).
+
+    It runs in the interpreter for fp16 (not for bf16, whose interpreted tl.dot is wrong)."""
+    inp = make_inputs(2, 6, 33, 20, 35, torch.float16)
+    out, _ = run_kernel(inp, norm=norm, out_scale=0.7, lowp_dot=True)
+    truth = run_ref(inp, norm=norm, out_scale=0.7)
+    eager = run_ref(inp, norm=norm, out_scale=0.7, dtype=torch.float16)
+    assert max_err(out, truth) <= 2 * max_err(eager, truth) + 1e-6
+
+
+@pytest.mark.parametrize("cfg", [
+    ForwardConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_D=64, HP=16, num_warps=8, num_stages=2),  # the GPU pick
+    ForwardConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_D=128, HP=32, num_warps=4, num_stages=1),  # oversized
+])
+def test_block_sizes_do_not_change_the_result(cfg):
+    inp = make_inputs(2, 12, 33, 20, 35, torch.float64)
+    out, lse = run_kernel(inp, norm="layer", out_scale=0.7, config=cfg)
+    tol = 1e-11 if interpreting() else 1e-6
+    assert max_err(out, run_ref(inp, norm="layer", out_scale=0.7)) <= tol * 10
+    assert max_err(lse, lse_truth(inp)) <= tol * 10
+
+
+def test_strided_inputs_and_outputs_and_no_stray_writes():
+    """q, k, v as views of one [B, N, 3, H, D] projection; out and lse as views inside larger
+    sentinel-filled buffers: results match and nothing outside the views is touched."""
+    B, H, N, D = 2, 6, 20, 33
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(B, N, 3, H, D, generator=g, dtype=torch.float64).to(DEVICE)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, N, D], non-contiguous
+    inp = make_inputs(B, H, N, N, D, torch.float64)
+    inp.update(q=q, k=k, v=v)
+    big_out = torch.full((B, N + 3, H, D + 2), 123.0, dtype=torch.float64, device=DEVICE)
+    out = big_out[:, :N, :, :D].transpose(1, 2)
+    big_lse = torch.full((B, H, N + 5), 321.0, dtype=torch.float64, device=DEVICE)
+    lse = big_lse[:, :, 2:N + 2]
+    out.fill_(float("nan"))
+    lse.fill_(float("nan"))
+    o, l = re_attention_forward(q, k, v, inp["mix_weight"], inp["mix_bias"], scale=D ** -0.5, out_scale=0.7,
+                                norm="layer", norm_weight=inp["norm_weight"], norm_bias=inp["norm_bias"],
+                                eps=1e-5, out=out, lse=lse)
+    tol = 1e-11 if interpreting() else 1e-6
+    assert max_err(o, run_ref(inp, norm="layer", out_scale=0.7)) <= tol * 10
+    assert max_err(l, lse_truth(inp)) <= tol * 10
+    outside = torch.ones_like(big_out, dtype=torch.bool)
+    outside[:, :N, :, :D] = False
+    assert (big_out[outside] == 123.0).all()
+    assert (big_lse[:, :, :2] == 321.0).all() and (big_lse[:, :, N + 2:] == 321.0).all()
+
+
+def test_batchnorm_eval_folded_into_mixing_is_norm_none():
+    """The caller's contract: eval BatchNorm2d folds into W' = diag(alpha) W, c' = alpha c + delta."""
+    B, H, Nq, Nk, D = 2, 6, 17, 20, 32
+    inp = make_inputs(B, H, Nq, Nk, D, torch.float64)
+    g = torch.Generator().manual_seed(3)
+    mean = torch.randn(H, generator=g, dtype=torch.float64).to(DEVICE) * 0.1
+    var = torch.rand(H, generator=g, dtype=torch.float64).to(DEVICE) + 0.5
+    gamma, beta, tau, eps = inp["norm_weight"], inp["norm_bias"], 0.8, 1e-5
+    cast = {k: t.double() for k, t in inp.items() if t is not None}
+    ref = re_attention_ref(cast["q"], cast["k"], cast["v"], cast["mix_weight"], cast["mix_bias"], scale=D ** -0.5,
+                           norm="batch", norm_weight=gamma, norm_bias=beta, running_mean=mean, running_var=var,
+                           training=False, eps=eps, out_scale=tau)
+    inv = gamma / torch.sqrt(var + eps)
+    folded = dict(inp, mix_weight=inv[:, None] * inp["mix_weight"],
+                  mix_bias=inv * inp["mix_bias"] + beta - inv * mean, norm_weight=None, norm_bias=None)
+    out, _ = run_kernel(folded, norm="none", out_scale=tau)
+    tol = 1e-11 if interpreting() else 1e-6
+    assert max_err(out, ref) <= tol * 10
+
+
+def test_empty_batch_or_queries_launch_nothing():
+    for B, Nq in ((0, 5), (2, 0)):
+        inp = make_inputs(B, 6, Nq, 5, 32, torch.float32)
+        o, l = re_attention_forward(inp["q"], inp["k"], inp["v"], inp["mix_weight"], None, scale=0.2)
+        assert o.shape == (B, 6, Nq, 32) and l.shape == (B, 6, Nq)
+
+
+def test_launcher_rejects_bad_arguments():
+    inp = make_inputs(1, 6, 5, 5, 32, torch.float32)
+    q, k, v, w = inp["q"], inp["k"], inp["v"], inp["mix_weight"]
+    with pytest.raises(ValueError, match="norm"):
+        re_attention_forward(q, k, v, w, scale=0.2, norm="batch")
+    with pytest.raises(ValueError, match="shapes"):
+        re_attention_forward(q, k[:, :, :, :16], v, w, scale=0.2)
+    with pytest.raises(ValueError, match="dtype"):
+        re_attention_forward(q, k.double(), v, w, scale=0.2)
+    with pytest.raises(ValueError, match="mix_weight"):
+        re_attention_forward(q, k, v, w[:5, :5], scale=0.2)
+    with pytest.raises(ValueError, match="norm_bias"):
+        re_attention_forward(q, k, v, w, scale=0.2, norm="layer", norm_bias=torch.zeros(5, device=DEVICE))
+    with pytest.raises(ValueError, match="out"):
+        re_attention_forward(q, k, v, w, scale=0.2, out=torch.empty(1, 6, 5, 32, dtype=torch.float16))
+    with pytest.raises(ValueError, match="key"):
+        re_attention_forward(q, k[:, :, :0], v[:, :, :0], w, scale=0.2)
+    big = torch.zeros(1, 33, 5, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="heads"):
+        re_attention_forward(big, big, big, torch.zeros(33, 33, device=DEVICE), scale=0.2)
+
+
+def test_heuristic_rule():
+    # Interpreter: one configuration; HP and BLOCK_D follow the shape.
+    cfg = forward_config(33, 33, 33, 6, interpret=True)
+    assert (cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_D, cfg.HP, cfg.num_warps, cfg.num_stages) == (16, 32, 64, 16, 4, 1)
+    # GPU rule (see kernels/launch.py).
+    assert forward_config(197, 197, 64, 6, interpret=False) == ForwardConfig(16, 16, 64, 16, 8, 2)
+    assert forward_config(197, 197, 32, 12, interpret=False) == ForwardConfig(16, 16, 32, 16, 8, 2)
+    assert forward_config(577, 577, 35, 12, interpret=False) == ForwardConfig(16, 16, 64, 16, 8, 2)
+    assert forward_config(4096, 4096, 128, 16, interpret=False) == ForwardConfig(16, 16, 128, 16, 8, 1)
+    assert forward_config(1, 1, 1, 1, interpret=False) == ForwardConfig(16, 16, 16, 16, 8, 2)
+    assert forward_config(50, 50, 16, 17, interpret=False).HP == 32
+    with pytest.raises(ValueError):
+        forward_config(8, 8, 32, 33, interpret=False)
+    with pytest.raises(ValueError):
+        forward_config(8, 8, 129, 4, interpret=False)
+
+
+# ---- ahead-of-time compile for real GPUs, without one ----
+
+_AOT_SCRIPT = textwrap.dedent(r"""
+    import json, sys
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from reattn.kernels.forward import _re_attention_fwd_kernel as kern
+    from reattn.kernels.launch import forward_config
+
+    UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_lm", "stride_wh",
+                    "stride_c", "stride_nw", "stride_nb")
+
+    def compile_one(h, d, n, cap, dt, norm):
+        cfg = forward_config(n, n, d, h, interpret=False)
+        names = kern.arg_names
+        ptrs = dict.fromkeys(("Q", "K", "V", "W", "C", "NW", "NB", "O"), dt)
+        ptrs["LSE"] = "fp32"
+        layer = norm == "layer"
+        const = dict(HP=cfg.HP, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D,
+                     HAS_MIX_BIAS=layer, NORM=int(layer), HAS_NORM_WEIGHT=layer, HAS_NORM_BIAS=layer,
+                     CDT=tl.float32, DOT_LOWP=dt in ("bf16", "fp16"), DOT_PRECISION="ieee")
+        const.update(dict.fromkeys(UNIT_STRIDES, 1))  # what the JIT specializes for unit strides
+        sig = {a: "constexpr" if a in const else "*" + ptrs[a] if a in ptrs
+               else "fp32" if a in ("scale", "out_scale", "eps") else "i32" for a in names}
+        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ptrs}
+        src = triton.compiler.ASTSource(fn=kern, signature=sig, constexprs=const, attrs=attrs)
+        ck = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        assert "cubin" in ck.asm and len(ck.asm["cubin"]) > 0
+        return dict(h=h, d=d, n=n, cap=cap, dtype=dt, norm=norm, shared=ck.metadata.shared, **cfg.meta())
+
+    for job in json.loads(sys.argv[1]):
+        print("AOT " + json.dumps(compile_one(*job)), flush=True)
+""")
+
+AOT_SHAPES = [(6, 64, 197), (12, 32, 197), (12, 35, 577), (16, 128, 4096)]
+SHARED_LIMIT = {80: 166912, 90: 232448}
+
+
+def test_aot_compile_for_sm80_and_sm90():
+    jobs = [(h, d, n, cap, "bf16", "layer") for cap in (80, 90) for (h, d, n) in AOT_SHAPES]
+    jobs.append((12, 32, 197, 90, "fp32", "none"))  # the exact-fp32 (non tensor-core) path
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # interpret mode has no compiler
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(jobs)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("AOT ")]
+    assert len(results) == len(jobs)
+    for r in results:
+        print(r)
+        assert 0 < r["shared"] <= SHARED_LIMIT[r["cap"]], r
