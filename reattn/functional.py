@@ -6,7 +6,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from reattn._checks import check_re_attention
-from reattn.backends import resolve_backend
+from reattn.backends import Problem, resolve_backend
 from reattn.reference import re_attention_ref
 
 
@@ -82,8 +82,17 @@ def re_attention(
         running_mean=running_mean, running_var=running_var, training=training, momentum=momentum, eps=eps,
         out_scale=out_scale, dropout_p=dropout_p, attn_mask=attn_mask,
     )
-    name = resolve_backend(backend, q.device, return_attention=return_attention)
-    if name != "eager":  # pragma: no cover - resolve_backend only returns fused backends once they exist
+    problem = Problem(q.device, heads=q.shape[1], head_dim=q.shape[3], norm=norm,
+                      batchnorm_training=norm == "batch" and training, dropout=training and dropout_p > 0,
+                      masked=attn_mask is not None, return_attention=return_attention)
+    name = resolve_backend(backend, problem)
+    if name == "triton":
+        from reattn.backends.triton import re_attention_triton
+
+        return re_attention_triton(q, k, v, mix_weight, mix_bias, scale=scale, norm=norm, norm_weight=norm_weight,
+                                   norm_bias=norm_bias, running_mean=running_mean, running_var=running_var, eps=eps,
+                                   out_scale=out_scale)
+    if name != "eager":  # pragma: no cover - resolve_backend only returns backends that exist
         raise AssertionError(f"backend {name!r} resolved but has no implementation")
     return re_attention_ref(
         q, k, v, mix_weight, mix_bias, scale=scale, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
