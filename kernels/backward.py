@@ -80,6 +80,23 @@ def _norm_backward_tile(dn, xhat, rstd, nw, h_ok3, n3_ok, H,
 
 
 @triton.jit
+def _recompute_gradient_tile(q, do, w, w_t, c, nw, nb, lse, kt, vt, n3_ok, h_ok3, H, scale, out_scale, eps,
+                             HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CDT: tl.constexpr,
+                             HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
+                             HAS_NORM_BIAS: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
+                             DOT_PRECISION: tl.constexpr):
+    """One key block of both backward sweeps: P, N, xhat, dN, dM and dP = W^T dM."""
+    p, normed, xhat, rstd = _mix_norm_tile(q, kt, w, c, nw, nb, lse, n3_ok, h_ok3, H, scale, eps, HP, BLOCK_M,
+                                           BLOCK_N, CDT, HAS_MIX_BIAS, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS,
+                                           DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    dn = _mm(do, vt, tl.zeros([HP, BLOCK_M, BLOCK_N], CDT), DOT_LOWP, LOWP_DTYPE, DOT_PRECISION) * out_scale
+    dm = _norm_backward_tile(dn, xhat, rstd, nw, h_ok3, n3_ok, H, NORM, HAS_NORM_WEIGHT)
+    dp = tl.reshape(_mm(w_t, tl.reshape(dm, (HP, BLOCK_M * BLOCK_N)), tl.zeros([HP, BLOCK_M * BLOCK_N], CDT),
+                        DOT_LOWP, LOWP_DTYPE, DOT_PRECISION), (HP, BLOCK_M, BLOCK_N))
+    return p, normed, xhat, dn, dm, dp
+
+
+@triton.jit
 def _re_attention_bwd_kernel(
     Q, K, V, W, C, NW, NB, LSE, DO, DQ, DK, DV, DW, DC, DNW, DNB,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -154,13 +171,9 @@ def _re_attention_bwd_kernel(
                      other=0.0).to(CDT)
         vt = tl.load(vt_base + offs_n.to(tl.int64)[None, None, :] * stride_vn, mask=kd_mask & n3_ok,
                      other=0.0).to(CDT)
-        p, normed, xhat, rstd = _mix_norm_tile(q, kt, w, c, nw, nb, lse, n3_ok, h_ok3, H, scale, eps, HP, BLOCK_M,
-                                               BLOCK_N, CDT, HAS_MIX_BIAS, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS,
-                                               DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-        dn = _mm(do, vt, tl.zeros([HP, BLOCK_M, BLOCK_N], CDT), DOT_LOWP, LOWP_DTYPE, DOT_PRECISION) * out_scale
-        dm = _norm_backward_tile(dn, xhat, rstd, nw, h_ok3, n3_ok, H, NORM, HAS_NORM_WEIGHT)
-        dp = tl.reshape(_mm(w_t, tl.reshape(dm, (HP, BLOCK_M * BLOCK_N)), tl.zeros([HP, BLOCK_M * BLOCK_N], CDT),
-                            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION), (HP, BLOCK_M, BLOCK_N))
+        p, normed, xhat, dn, dm, dp = _recompute_gradient_tile(
+            q, do, w, w_t, c, nw, nb, lse, kt, vt, n3_ok, h_ok3, H, scale, out_scale, eps, HP, BLOCK_M, BLOCK_N, CDT,
+            HAS_MIX_BIAS, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
         delta += tl.sum(p * dp, axis=2)
 
     # ---- main pass ----
@@ -178,14 +191,10 @@ def _re_attention_bwd_kernel(
         vt = tl.load(vt_base + n64[None, None, :] * stride_vn, mask=kd_mask & n3_ok, other=0.0).to(CDT)
         k_tile = tl.load(k_rows + n64[None, :, None] * stride_kn, mask=rows_d_mask & n_ok[None, :, None],
                          other=0.0).to(CDT)
-        p, normed, xhat, rstd = _mix_norm_tile(q, kt, w, c, nw, nb, lse, n3_ok, h_ok3, H, scale, eps, HP, BLOCK_M,
-                                               BLOCK_N, CDT, HAS_MIX_BIAS, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS,
-                                               DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-        dn = _mm(do, vt, tl.zeros([HP, BLOCK_M, BLOCK_N], CDT), DOT_LOWP, LOWP_DTYPE, DOT_PRECISION) * out_scale
-        dm = _norm_backward_tile(dn, xhat, rstd, nw, h_ok3, n3_ok, H, NORM, HAS_NORM_WEIGHT)
+        p, normed, xhat, dn, dm, dp = _recompute_gradient_tile(
+            q, do, w, w_t, c, nw, nb, lse, kt, vt, n3_ok, h_ok3, H, scale, out_scale, eps, HP, BLOCK_M, BLOCK_N, CDT,
+            HAS_MIX_BIAS, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
         dm2 = tl.reshape(dm, (HP, BLOCK_M * BLOCK_N))
-        dp = tl.reshape(_mm(w_t, dm2, tl.zeros([HP, BLOCK_M * BLOCK_N], CDT), DOT_LOWP, LOWP_DTYPE, DOT_PRECISION),
-                        (HP, BLOCK_M, BLOCK_N))
         ds = p * (dp - delta[:, :, None]) * scale
         dq = _mm(ds, k_tile, dq, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
         # dK tile [HP, BLOCK_N, BLOCK_D] = dS^T Q ; dV tile = A^T dO with A = out_scale * N.
