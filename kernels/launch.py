@@ -86,14 +86,21 @@ def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bo
     return ForwardConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, HP=hp, num_warps=8, num_stages=num_stages)
 
 
-def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None) -> ForwardConfig:
-    """Block sizes of the fused backward: the forward's tiles, without software pipelining.
+BACKWARD_MAX_HEAD_DIM = 64
 
-    The backward holds more tiles at once (q, dO, dQ and the K, V^T, K tiles of a key block);
-    with 2 stages the pipelined K/V buffers took 173056 bytes of shared memory at H=6, D=64
-    (measured by ahead-of-time compilation), over sm_80's 166912. One stage keeps every
-    shipped shape within both sm_80 and sm_90.
+
+def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None) -> ForwardConfig:
+    """Block sizes of the fused backward: the forward's tiles, 4 warps, no software pipelining.
+
+    The backward holds more tiles at once (q, dO, dQ and the K, V^T, K tiles of a key block), and
+    Triton's layout conversions of the [HP, BLOCK_M, BLOCK_D] tiles take shared memory. Measured
+    by ahead-of-time compilation for sm_80 at HP=16, BLOCK_N=16, BLOCK_D=64: 173056 bytes with 8
+    or 16 warps (over sm_80's 166912), 164864 with 4 warps; at BLOCK_D=128, 336896 bytes with 8
+    warps, over both sm_80 and sm_90, so head dims above BACKWARD_MAX_HEAD_DIM are refused until
+    the backward splits the head dim.
     """
+    if d > BACKWARD_MAX_HEAD_DIM:
+        raise ValueError(f"re_attention_backward: head dims up to {BACKWARD_MAX_HEAD_DIM} are supported, got {d}")
     cfg = forward_config(n_q, n_k, d, h, interpret=interpret)
     return ForwardConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, HP=cfg.HP,
-                         num_warps=cfg.num_warps, num_stages=1)
+                         num_warps=4, num_stages=1)

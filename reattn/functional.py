@@ -84,7 +84,10 @@ def re_attention(
     )
     problem = Problem(q.device, heads=q.shape[1], head_dim=q.shape[3], norm=norm,
                       batchnorm_training=norm == "batch" and training, dropout=training and dropout_p > 0,
-                      masked=attn_mask is not None, return_attention=return_attention)
+                      masked=attn_mask is not None, return_attention=return_attention,
+                      needs_grad=torch.is_grad_enabled() and any(
+                          t is not None and t.requires_grad
+                          for t in (q, k, v, mix_weight, mix_bias, norm_weight, norm_bias)))
     name = resolve_backend(backend, problem)
     if name == "triton":
         from reattn.backends.triton import re_attention_triton

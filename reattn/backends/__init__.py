@@ -25,6 +25,7 @@ _NOT_YET_BUILT = {
 
 TRITON_MAX_HEADS = 32
 TRITON_MAX_HEAD_DIM = 128
+TRITON_BACKWARD_MAX_HEAD_DIM = 64  # kernels.launch.BACKWARD_MAX_HEAD_DIM: shared memory on sm_80/sm_90
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Problem:
     dropout: bool = False
     masked: bool = False
     return_attention: bool = False
+    needs_grad: bool = False
 
 
 def _triton_import_error() -> Optional[str]:
@@ -68,6 +70,9 @@ def _triton_reason(problem: Problem) -> Optional[str]:
         return f"the Triton kernels support at most {TRITON_MAX_HEADS} heads, got {problem.heads}"
     if problem.head_dim > TRITON_MAX_HEAD_DIM:
         return f"the Triton kernels support head dims up to {TRITON_MAX_HEAD_DIM}, got {problem.head_dim}"
+    if problem.needs_grad and problem.head_dim > TRITON_BACKWARD_MAX_HEAD_DIM:
+        return (f"the Triton backward supports head dims up to {TRITON_BACKWARD_MAX_HEAD_DIM} (larger ones do not "
+                f"fit shared memory yet), got {problem.head_dim} with gradients required")
     return None
 
 

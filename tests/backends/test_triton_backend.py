@@ -141,6 +141,19 @@ def test_fake_implementation_gives_shapes_and_dtypes():
     assert lse.shape == (2, 6, 9) and lse.dtype == torch.float32
 
 
+def test_backward_refuses_head_dims_over_64_but_forward_runs():
+    tensors, stats = problem(1, 2, 3, 4, 96)
+    with pytest.raises(ValueError, match="Triton backward supports head dims up to 64 .* got 96"):
+        run("triton", "none", tensors, stats)
+    from reattn.kernels.launch import backward_config
+
+    with pytest.raises(ValueError, match="head dims up to 64"):
+        backward_config(197, 197, 128, 16, interpret=False)
+    with torch.no_grad():
+        torch.testing.assert_close(run("triton", "none", tensors, stats), run("eager", "none", tensors, stats),
+                                   rtol=1e-10, atol=1e-11)
+
+
 @pytest.mark.parametrize("extra,reason", [
     (dict(attn_mask=torch.ones(5, 7, dtype=torch.bool)), "attn_mask is not supported by the Triton kernels yet"),
     (dict(training=True, dropout_p=0.1), "attention dropout is not supported"),
@@ -201,7 +214,7 @@ _AOT_BACKWARD = textwrap.dedent(r"""
 
 
 def test_backward_compiles_ahead_of_time_for_sm80_and_sm90():
-    shapes = [(6, 64, 197), (12, 32, 197), (12, 35, 577), (16, 128, 4096)]
+    shapes = [(6, 64, 197), (12, 32, 197), (12, 35, 577), (16, 64, 4096)]
     jobs = [(h, d, n, cap) for cap in (80, 90) for (h, d, n) in shapes]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # interpret mode has no compiler
     proc = subprocess.run([sys.executable, "-c", _AOT_BACKWARD, json.dumps(jobs)], cwd=REPO, env=env,
