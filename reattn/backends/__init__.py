@@ -5,13 +5,14 @@ ValueError saying why and never falls back to another one.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from reattn._extension import extension_error_message
+# The kernels' limits live with their launch rules (a stdlib-only module: importable without triton).
+from reattn.kernels.launch import BACKWARD_MAX_HEAD_DIM, MAX_HEAD_DIM, MAX_HEADS, interpreting
 
 BACKENDS = ("eager", "triton", "cuda", "cpu")
 BACKEND_CHOICES = ("auto",) + BACKENDS
@@ -23,9 +24,6 @@ _NOT_YET_BUILT = {
     "cpu": "the fused C++ CPU kernel is not part of this version of reattn yet",
 }
 
-TRITON_MAX_HEADS = 32
-TRITON_MAX_HEAD_DIM = 128
-TRITON_BACKWARD_MAX_HEAD_DIM = 64  # kernels.launch.BACKWARD_MAX_HEAD_DIM: shared memory on sm_80/sm_90
 
 
 @dataclass(frozen=True)
@@ -54,8 +52,7 @@ def _triton_import_error() -> Optional[str]:
 
 
 def _triton_reason(problem: Problem) -> Optional[str]:
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if problem.device.type != "cuda" and not (problem.device.type == "cpu" and interpret):
+    if problem.device.type != "cuda" and not (problem.device.type == "cpu" and interpreting()):
         return "the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1, the interpreter)"
     missing = _triton_import_error()
     if missing is not None:
@@ -66,12 +63,12 @@ def _triton_reason(problem: Problem) -> Optional[str]:
         return "attention dropout is not supported by the Triton kernels yet"
     if problem.batchnorm_training:
         return "training-mode BatchNorm statistics are not supported by the Triton kernels yet"
-    if problem.heads > TRITON_MAX_HEADS:
-        return f"the Triton kernels support at most {TRITON_MAX_HEADS} heads, got {problem.heads}"
-    if problem.head_dim > TRITON_MAX_HEAD_DIM:
-        return f"the Triton kernels support head dims up to {TRITON_MAX_HEAD_DIM}, got {problem.head_dim}"
-    if problem.needs_grad and problem.head_dim > TRITON_BACKWARD_MAX_HEAD_DIM:
-        return (f"the Triton backward supports head dims up to {TRITON_BACKWARD_MAX_HEAD_DIM} (larger ones do not "
+    if problem.heads > MAX_HEADS:
+        return f"the Triton kernels support at most {MAX_HEADS} heads, got {problem.heads}"
+    if problem.head_dim > MAX_HEAD_DIM:
+        return f"the Triton kernels support head dims up to {MAX_HEAD_DIM}, got {problem.head_dim}"
+    if problem.needs_grad and problem.head_dim > BACKWARD_MAX_HEAD_DIM:
+        return (f"the Triton backward supports head dims up to {BACKWARD_MAX_HEAD_DIM} (larger ones do not "
                 f"fit shared memory yet), got {problem.head_dim} with gradients required")
     return None
 
