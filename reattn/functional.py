@@ -31,6 +31,7 @@ def re_attention(
     attn_mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
     return_attention: bool = False,
+    sync_group=None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     r"""Re-attention (DeepViT, arXiv 2103.11886): attention whose per-head maps are mixed across heads.
 
@@ -70,6 +71,11 @@ def re_attention(
             reference in plain PyTorch; materializes the maps), "triton", "cuda" or "cpu". An
             explicit backend that cannot run raises ValueError saying why; it never falls back.
         return_attention: also return A [B, H, Nq, Nk] (materialized; eager backend only).
+        sync_group: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``):
+            with norm="batch" and training=True, the batch statistics are those of the union of
+            every process's entries (``nn.SyncBatchNorm`` semantics, gradients included; every
+            process must run the forward and the backward). Ignored in other modes; None (the
+            default) keeps statistics local. See :mod:`reattn.distributed`.
 
     Returns:
         O [B, H, Nq, D] in q's dtype, or (O, A) with ``return_attention=True``.
@@ -85,9 +91,14 @@ def re_attention(
     problem = Problem(q.device, heads=q.shape[1], head_dim=q.shape[3], norm=norm,
                       batchnorm_training=norm == "batch" and training, dropout=training and dropout_p > 0,
                       masked=attn_mask is not None, return_attention=return_attention,
+                      synced_stats=sync_group is not None and norm == "batch" and training,
                       needs_grad=torch.is_grad_enabled() and any(
                           t is not None and t.requires_grad
                           for t in (q, k, v, mix_weight, mix_bias, norm_weight, norm_bias)))
+    if problem.synced_stats:
+        from reattn.distributed import check_sync_group
+
+        check_sync_group(sync_group)
     name = resolve_backend(backend, problem)
     if name == "triton":
         from reattn.backends.triton import re_attention_triton
@@ -101,6 +112,7 @@ def re_attention(
         q, k, v, mix_weight, mix_bias, scale=scale, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
         running_mean=running_mean, running_var=running_var, training=training, momentum=momentum, eps=eps,
         out_scale=out_scale, dropout_p=dropout_p, attn_mask=attn_mask, return_attention=return_attention,
+        sync_group=sync_group if problem.synced_stats else None,
     )
 
 

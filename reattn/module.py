@@ -9,6 +9,7 @@ from torch import nn
 
 from reattn._checks import NORMS
 from reattn.backends import BACKEND_CHOICES
+from reattn.distributed import module_sync_group
 from reattn.functional import fold_batchnorm_eval, re_attention
 
 MIX_INITS = ("official", "identity")
@@ -48,6 +49,12 @@ class ReAttention(nn.Module):
         mix_init: "official" (``nn.Conv2d``'s default init, as the official module) or "identity"
             (W = I, bias 0: with norm "none" the module then starts as plain attention).
         backend: passed to :func:`reattn.re_attention` ("auto", "eager", "triton", "cuda", "cpu").
+        sync_stats: synchronize training-mode BatchNorm statistics across the processes of
+            ``process_group`` (None: the world), with ``nn.SyncBatchNorm`` semantics (see
+            :mod:`reattn.distributed`). Like ``nn.SyncBatchNorm`` it only synchronizes in training
+            mode with torch.distributed initialized and more than one process; it also does when
+            ``nn.SyncBatchNorm.convert_sync_batchnorm`` has turned ``var_norm`` into a SyncBatchNorm.
+        process_group: the ``torch.distributed`` group for ``sync_stats``; None means the world.
 
     Shapes: ``forward(x [B, N, C]) -> [B, N, C]``.
     """
@@ -67,6 +74,8 @@ class ReAttention(nn.Module):
         norm: str = "batch",
         mix_init: str = "official",
         backend: str = "auto",
+        sync_stats: bool = False,
+        process_group: Any = None,
     ) -> None:
         super().__init__()
         if not isinstance(dim, int) or not isinstance(num_heads, int) or dim <= 0 or num_heads <= 0:
@@ -92,6 +101,8 @@ class ReAttention(nn.Module):
         self.norm = norm
         self.mix_init = mix_init
         self.backend = backend
+        self.sync_stats = bool(sync_stats)
+        self.process_group = process_group
         # `or`, not `is None`: the official code treats qk_scale=0 as "not given".
         self.scale = qk_scale or self.head_dim ** -0.5
         if apply_transform:
@@ -132,8 +143,13 @@ class ReAttention(nn.Module):
                 bn.num_batches_tracked.add_(1)
                 if bn.momentum is None:  # cumulative moving average, as nn.BatchNorm2d
                     momentum = 1.0 / float(bn.num_batches_tracked)
+            sync_group = None
+            if bn.training:  # nn.SyncBatchNorm synchronizes in training mode only
+                sync_group = module_sync_group(getattr(self, "sync_stats", False),
+                                               getattr(self, "process_group", None), bn)
             return dict(base, norm="batch", norm_weight=bn.weight, norm_bias=bn.bias, running_mean=bn.running_mean,
-                        running_var=bn.running_var, training=True, momentum=momentum, eps=bn.eps)
+                        running_var=bn.running_var, training=True, momentum=momentum, eps=bn.eps,
+                        sync_group=sync_group)
         if dropout_p > 0:
             # Dropout on but BatchNorm in eval (frozen statistics): fold the affine eval-mode
             # BatchNorm into the mixing so one call can train dropout with fixed statistics.

@@ -52,6 +52,47 @@ def _masked_batch_norm_train(
     return out
 
 
+def _synced_batch_norm_train(
+    m: torch.Tensor, masked: Optional[torch.Tensor], weight, bias, running_mean, running_var, momentum: float,
+    eps: float, group,
+) -> torch.Tensor:
+    """BatchNorm2d training semantics with statistics over every process of ``group`` (SyncBatchNorm).
+
+    Each process reduces its (unmasked) entries to per-head sums of M and M² and a count, in
+    float64; one differentiable all-reduce of these 3H numbers gives the statistics of the union
+    of all processes' entries, and its backward carries every process's gradient to every input.
+    """
+    from reattn.distributed import all_reduce_sum
+
+    H = m.shape[1]
+    wide = m.to(torch.float64)
+    if masked is None:
+        count = torch.full((H,), float(m.numel() // H), dtype=torch.float64, device=m.device)
+    else:
+        wide = wide.masked_fill(masked, 0)
+        count = (~masked).sum(dim=(0, 2, 3)).to(torch.float64)
+    total, total_sq, count = all_reduce_sum(
+        [wide.sum(dim=(0, 2, 3)), wide.square().sum(dim=(0, 2, 3)), count], group)
+    if bool((count <= 1).any()):
+        raise ValueError(
+            "re_attention: norm='batch' in training needs more than one (unmasked) value per head over all "
+            f"processes; counts per head: {count.tolist()}"
+        )
+    mean = total / count
+    var = (total_sq / count - mean.square()).clamp_min(0)
+    out = (m - mean.to(m.dtype).view(1, H, 1, 1)) * torch.rsqrt(var + eps).to(m.dtype).view(1, H, 1, 1)
+    if weight is not None:
+        out = out * weight.to(m.dtype).view(1, H, 1, 1)
+    if bias is not None:
+        out = out + bias.to(m.dtype).view(1, H, 1, 1)
+    if running_mean is not None:
+        with torch.no_grad():
+            unbiased = var * count / (count - 1)
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return out
+
+
 def re_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -73,6 +114,7 @@ def re_attention_ref(
     attn_mask: Optional[torch.Tensor] = None,
     dropout_mask: Optional[torch.Tensor] = None,
     return_attention: bool = False,
+    sync_group=None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Eager Re-attention; same arguments as :func:`reattn.re_attention` (no validation here).
 
@@ -110,7 +152,10 @@ def re_attention_ref(
     attn = F.conv2d(attn, mix_weight.to(dtype).view(H, H, 1, 1), bias)
 
     if norm == "batch":
-        if training and masked is not None:
+        if training and sync_group is not None:
+            attn = _synced_batch_norm_train(attn, masked, norm_weight, norm_bias, running_mean, running_var,
+                                            momentum, eps, sync_group)
+        elif training and masked is not None:
             attn = _masked_batch_norm_train(attn, masked, norm_weight, norm_bias, running_mean, running_var,
                                             momentum, eps)
         else:

@@ -39,6 +39,7 @@ class Problem:
     masked: bool = False
     return_attention: bool = False
     needs_grad: bool = False
+    synced_stats: bool = False  # training-mode BatchNorm statistics all-reduced across processes
 
 
 def _triton_import_error() -> Optional[str]:
@@ -79,6 +80,9 @@ def unavailable_reason(backend: str, problem: Problem) -> Optional[str]:
         return None
     if problem.return_attention:
         return "return_attention=True materializes the [B, H, Nq, Nk] map, which only backend='eager' does"
+    if problem.synced_stats:
+        return ("BatchNorm statistics synchronized across processes (sync_group / sync_stats) are only "
+                "implemented by backend='eager' so far")
     if backend == "triton":
         return _triton_reason(problem)
     missing = extension_error_message()
