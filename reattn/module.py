@@ -1,7 +1,7 @@
 """``ReAttention``: the official DeepViT attention module, computed by ``reattn.re_attention``."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ class ReAttention(nn.Module):
 
     Args:
         dim: embedding dimension C of the tokens; must be divisible by ``num_heads``.
-        num_heads: number of heads H. Head dim is ``dim // num_heads``.
+        num_heads: number of heads H. Head dim is ``dim // num_heads`` unless ``head_dim`` is given.
         qkv_bias: bias in the qkv projection.
         qk_scale: softmax scale; ``qk_scale or head_dim ** -0.5`` as in the official code.
         attn_drop: dropout probability on the attention probabilities (before mixing).
@@ -49,6 +49,12 @@ class ReAttention(nn.Module):
         mix_init: "official" (``nn.Conv2d``'s default init, as the official module) or "identity"
             (W = I, bias 0: with norm "none" the module then starts as plain attention).
         backend: passed to :func:`reattn.re_attention` ("auto", "eager", "triton", "cuda", "cpu").
+        head_dim: per-head width D; None (official) means ``dim // num_heads``. When given, qkv is
+            ``Linear(dim, 3 * num_heads * head_dim)`` and proj ``Linear(num_heads * head_dim, dim)``
+            (timm's ``attn_head_dim``, vit-pytorch's ``dim_head``).
+        qk_norm_layer: None (official), or a constructor called with ``head_dim`` for ``q_norm`` and
+            ``k_norm``, applied per head to q and k before the scores (timm's ``qk_norm=True``).
+            Without it the module has no ``q_norm``/``k_norm`` entries in its state_dict.
         sync_stats: synchronize training-mode BatchNorm statistics across the processes of
             ``process_group`` (None: the world), with ``nn.SyncBatchNorm`` semantics (see
             :mod:`reattn.distributed`). Like ``nn.SyncBatchNorm`` it only synchronizes in training
@@ -74,6 +80,8 @@ class ReAttention(nn.Module):
         norm: str = "batch",
         mix_init: str = "official",
         backend: str = "auto",
+        head_dim: Optional[int] = None,
+        qk_norm_layer: Optional[Callable[[int], nn.Module]] = None,
         sync_stats: bool = False,
         process_group: Any = None,
     ) -> None:
@@ -81,7 +89,9 @@ class ReAttention(nn.Module):
         if not isinstance(dim, int) or not isinstance(num_heads, int) or dim <= 0 or num_heads <= 0:
             raise ValueError(f"ReAttention: dim and num_heads must be positive ints, got dim={dim!r}, "
                              f"num_heads={num_heads!r}")
-        if dim % num_heads != 0:
+        if head_dim is not None and (not isinstance(head_dim, int) or head_dim <= 0):
+            raise ValueError(f"ReAttention: head_dim must be a positive int or None, got {head_dim!r}")
+        if head_dim is None and dim % num_heads != 0:
             raise ValueError(f"ReAttention: dim={dim} must be divisible by num_heads={num_heads}")
         if expansion_ratio != 3:
             raise ValueError(f"ReAttention: expansion_ratio must be 3 (q, k and v of width dim; the official "
@@ -96,7 +106,8 @@ class ReAttention(nn.Module):
             raise ValueError(f"ReAttention: attn_drop and proj_drop must be in [0, 1), got {attn_drop}, {proj_drop}")
         self.dim = dim
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = dim // num_heads if head_dim is None else head_dim
+        attn_dim = num_heads * self.head_dim
         self.apply_transform = apply_transform
         self.norm = norm
         self.mix_init = mix_init
@@ -116,9 +127,11 @@ class ReAttention(nn.Module):
                 with torch.no_grad():
                     self.reatten_matrix.weight.copy_(torch.eye(num_heads).view(num_heads, num_heads, 1, 1))
                     self.reatten_matrix.bias.zero_()
-        self.qkv = nn.Linear(dim, dim * expansion_ratio, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, attn_dim * expansion_ratio, bias=qkv_bias)
+        self.q_norm = qk_norm_layer(self.head_dim) if qk_norm_layer is not None else None
+        self.k_norm = qk_norm_layer(self.head_dim) if qk_norm_layer is not None else None
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(attn_dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
@@ -187,6 +200,10 @@ class ReAttention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         if is_causal:
             attn_mask = _combine_causal(attn_mask, N, x.device)
         if self.apply_transform:
@@ -199,5 +216,5 @@ class ReAttention(nn.Module):
         else:
             result = self._plain_attention(q, k, v, attn_mask, return_attention)
         out, attn = result if return_attention else (result, None)
-        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)))
         return (out, attn) if return_attention else out
