@@ -5,6 +5,8 @@ Public API:
   re_attention_ref   the eager reference in the official order of operations
   ReAttention        drop-in module with the official DeepViT constructor and state_dict names
   fold_batchnorm_eval, available_backends, extension_info
+  swap_attention     turn timm / vit-pytorch attention modules into ReAttention, in place
+  models             the official DeepViT models (official state_dict keys) and converters
 """
 import torch  # noqa: F401  (loads libc10/libtorch before the compiled extension)
 
@@ -13,6 +15,8 @@ from reattn.backends import BACKENDS, available_backends
 from reattn.functional import fold_batchnorm_eval, re_attention
 from reattn.module import ReAttention
 from reattn.reference import re_attention_ref
+from reattn.swap import swap_attention
+from reattn import models  # noqa: E402  (after ReAttention: the models are built from it)
 
 __version__ = "0.1.0"
 
@@ -23,5 +27,7 @@ __all__ = [
     "extension_info",
     "fold_batchnorm_eval",
     "re_attention",
+    "models",
     "re_attention_ref",
+    "swap_attention",
 ]
