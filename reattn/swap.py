@@ -27,7 +27,8 @@ What holds after a swap with ``mix_init="identity"`` (W = I, c = 0):
 
 * ``norm="none"``: Re-attention with W = I, c = 0 and no norm *is* plain attention, so the model
   gives the original logits to floating-point round-off (same math, a different summation
-  order than SDPA), in train and eval mode alike. Its gradients match too.
+  order than SDPA), in train and eval mode alike, and so do the gradients. (With attention
+  dropout on, the dropout masks are drawn differently from timm's, so only the distributions agree.)
 * ``norm="batch"``: the new ``BatchNorm2d(H)`` gets ``running_mean = 0`` and
   ``running_var = 1 - eps`` (instead of PyTorch's fresh 1) and ``weight = 1``, ``bias = 0``, so in
   **eval mode** ``(M - 0) / sqrt((1 - eps) + eps) = M``: the logits equal the original's to
