@@ -5,6 +5,8 @@ Public API:
   re_attention_ref   the eager reference in the official order of operations
   ReAttention        drop-in module with the official DeepViT constructor and state_dict names
   fold_batchnorm_eval, available_backends, extension_info
+  cross_layer_similarity   the DeepViT paper's attention-collapse metric (reattn.diagnostics)
+  convert_sync_reattention BatchNorm statistics across processes (reattn.distributed)
   swap_attention     turn timm / vit-pytorch attention modules into ReAttention, in place
   models             the official DeepViT models (official state_dict keys) and converters
 """
@@ -15,6 +17,9 @@ from reattn.backends import BACKENDS, available_backends
 from reattn.functional import fold_batchnorm_eval, re_attention
 from reattn.module import ReAttention
 from reattn.reference import re_attention_ref
+from reattn import diagnostics, distributed  # noqa: E402
+from reattn.diagnostics import cross_layer_similarity
+from reattn.distributed import convert_sync_reattention
 from reattn.swap import swap_attention
 from reattn import models  # noqa: E402  (after ReAttention: the models are built from it)
 
@@ -24,6 +29,10 @@ __all__ = [
     "BACKENDS",
     "ReAttention",
     "available_backends",
+    "convert_sync_reattention",
+    "cross_layer_similarity",
+    "diagnostics",
+    "distributed",
     "extension_info",
     "fold_batchnorm_eval",
     "re_attention",
