@@ -79,7 +79,7 @@ def _extensions():
     cxx_flags = ["-O3", "-fopenmp"]
     # at::parallel_for is inlined into our code: without -fopenmp at link time too it runs on one thread.
     link_flags = ["-fopenmp"]
-    sources = ["csrc/bindings.cpp", "csrc/cpu/row_stats.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/cpu/row_stats.cpp", "csrc/cpu/re_attention.cpp", "csrc/cpu/vec_ops.cpp"]
     macros = [("REATTN_TORCH_VERSION", torch.__version__.split("+")[0])]
     if _want_cuda():
         archs = _cuda_archs()

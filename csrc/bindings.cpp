@@ -1,6 +1,7 @@
 // The one registration point of reattn._C. Torch types live here only; kernels take raw pointers.
 #include <torch/extension.h>
 
+#include "cpu/re_attention.h"
 #include "cpu/row_stats.h"
 
 #ifdef REATTN_WITH_CUDA
@@ -87,6 +88,166 @@ at::Tensor row_logsumexp(const at::Tensor& q, const at::Tensor& k, double scale)
   return row_logsumexp_cpu(q, k, scale);
 }
 
+
+// ---- Fused Re-attention on the CPU (csrc/cpu/re_attention.cpp) --------------------------------
+
+using reattn::cpu::ReAttnParams;
+using reattn::cpu::View4;
+
+at::ScalarType acc_type_of(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+View4 view_of(const at::Tensor& t) {
+  return View4{t.data_ptr(), reattn::cpu::Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}};
+}
+
+// Parameters as contiguous acc-typed tensors (kept alive by the caller's locals).
+at::Tensor acc_param(const c10::optional<at::Tensor>& t, at::ScalarType acc) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  return t->detach().to(acc).contiguous();
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+ReAttnParams make_params(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& mask_in,
+                         at::Tensor& mask_keep, double scale, double out_scale, int64_t norm, double eps,
+                         double dropout_p, int64_t seed) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "re_attention_cpu: q and k must be 4-D");
+  TORCH_CHECK(q.is_cpu(), "re_attention_cpu: tensors must be on the CPU, got ", q.device());
+  TORCH_CHECK(norm >= 0 && norm <= 2, "re_attention_cpu: norm code must be 0 (none), 1 (layer) or 2 (batch, train)");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "re_attention_cpu: dropout_p must be in [0, 1)");
+  ReAttnParams p;
+  p.B = q.size(0);
+  p.H = q.size(1);
+  p.Nq = q.size(2);
+  p.D = q.size(3);
+  p.Nk = k.size(2);
+  p.scale = scale;
+  p.out_scale = out_scale;
+  p.eps = eps;
+  p.norm = static_cast<int>(norm);
+  p.dropout_p = dropout_p;
+  p.seed = static_cast<uint64_t>(seed);
+  if (mask_in.has_value() && mask_in->defined()) {
+    at::Tensor m = *mask_in;
+    TORCH_CHECK(m.dim() <= 4, "re_attention_cpu: attn_mask must have at most 4 dims, got ", m.sizes());
+    while (m.dim() < 4) m = m.unsqueeze(0);
+    if (m.scalar_type() == at::kBool) {
+      TORCH_CHECK(m.size(1) == 1, "re_attention_cpu: a bool attn_mask must broadcast to [B, 1, Nq, Nk]");
+      p.mask_is_bool = true;
+    } else {
+      m = m.to(acc_type_of(q));
+    }
+    const int64_t heads = m.size(1);
+    TORCH_CHECK(heads == 1 || heads == p.H, "re_attention_cpu: attn_mask head dim must be 1 or H");
+    m = m.expand({p.B, heads, p.Nq, p.Nk});
+    mask_keep = m;
+    p.mask = m.data_ptr();
+    p.mask_heads = heads;
+    p.mask_st = reattn::cpu::Strides4{m.stride(0), m.stride(1), m.stride(2), m.stride(3)};
+  }
+  return p;
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w) {
+  check_qk(q, k);
+  TORCH_CHECK(v.sizes() == k.sizes(), "re_attention_cpu: v ", v.sizes(), " must have the shape of k ", k.sizes());
+  TORCH_CHECK(v.scalar_type() == q.scalar_type(), "re_attention_cpu: q and v dtypes differ");
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == q.size(1) && w.size(1) == q.size(1),
+              "re_attention_cpu: mix_weight must be [H, H], got ", w.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble || q.scalar_type() == at::kBFloat16,
+              "re_attention_cpu supports float32, float64 and bfloat16, got ", q.scalar_type());
+}
+
+// Returns (out [B,H,Nq,D], lse [B,H,Nq], R, U ([B,H,Nq,D] acc dtype for norm 2, else empty), stats [3,H] double).
+std::vector<at::Tensor> re_attention_cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const at::Tensor& mix_weight,
+                                                 const c10::optional<at::Tensor>& mix_bias,
+                                                 const c10::optional<at::Tensor>& norm_weight,
+                                                 const c10::optional<at::Tensor>& norm_bias,
+                                                 const c10::optional<at::Tensor>& attn_mask, double scale,
+                                                 double out_scale, int64_t norm, double eps, double dropout_p,
+                                                 int64_t seed) {
+  check_qkv(q, k, v, mix_weight);
+  at::Tensor mask_keep;
+  const ReAttnParams p = make_params(q, k, attn_mask, mask_keep, scale, out_scale, norm, eps, dropout_p, seed);
+  const auto acc = acc_type_of(q);
+  at::Tensor W = mix_weight.detach().to(acc).contiguous();
+  at::Tensor c = acc_param(mix_bias, acc);
+  if (!c.defined()) c = at::zeros({p.H}, q.options().dtype(acc));
+  at::Tensor gamma = acc_param(norm_weight, acc), beta = acc_param(norm_bias, acc);
+  at::Tensor out = at::empty({p.B, p.H, p.Nq, p.D}, q.options());
+  at::Tensor lse = at::empty({p.B, p.H, p.Nq}, q.options().dtype(acc));
+  const bool bn = norm == reattn::cpu::kNormBatchTrain;
+  at::Tensor R = at::empty({bn ? p.B : 0, p.H, p.Nq, p.D}, q.options().dtype(acc));
+  at::Tensor U = at::empty_like(R);
+  at::Tensor stats = at::zeros({3, p.H}, q.options().dtype(at::kDouble));
+  if (bn) out.zero_();  // left as is when the statistics refuse (count <= 1): the caller raises
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "re_attention_cpu_forward", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    reattn::cpu::re_attention_forward<scalar_t, acc_t>(
+        p, view_of(q), view_of(k), view_of(v), W.data_ptr<acc_t>(), c.data_ptr<acc_t>(), ptr_or_null<acc_t>(gamma),
+        ptr_or_null<acc_t>(beta), out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
+        bn ? R.data_ptr<acc_t>() : nullptr, bn ? U.data_ptr<acc_t>() : nullptr, stats.data_ptr<double>());
+  });
+  return {out, lse, R, U, stats};
+}
+
+// Returns (dq, dk, dv in q's dtype; d_mix_weight [H,H], d_mix_bias, d_norm_weight, d_norm_bias [H] in float64).
+std::vector<at::Tensor> re_attention_cpu_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& mix_weight, const c10::optional<at::Tensor>& mix_bias,
+    const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias,
+    const c10::optional<at::Tensor>& attn_mask, const at::Tensor& lse, const at::Tensor& R, const at::Tensor& U,
+    const at::Tensor& stats, double scale, double out_scale, int64_t norm, double eps, double dropout_p,
+    int64_t seed) {
+  check_qkv(q, k, v, mix_weight);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(),
+              "re_attention_cpu: grad_out must match q in shape and dtype");
+  at::Tensor mask_keep;
+  const ReAttnParams p = make_params(q, k, attn_mask, mask_keep, scale, out_scale, norm, eps, dropout_p, seed);
+  const auto acc = acc_type_of(q);
+  const bool bn = norm == reattn::cpu::kNormBatchTrain;
+  TORCH_CHECK(lse.scalar_type() == acc && lse.is_contiguous() && lse.numel() == p.B * p.H * p.Nq,
+              "re_attention_cpu: lse must be the forward's contiguous [B, H, Nq] statistics");
+  TORCH_CHECK(!bn || (R.is_contiguous() && U.is_contiguous() && R.numel() == p.B * p.H * p.Nq * p.D &&
+                      R.scalar_type() == acc && U.sizes() == R.sizes() && U.scalar_type() == acc),
+              "re_attention_cpu: R and U must be the forward's [B, H, Nq, D] tensors for norm='batch' training");
+  at::Tensor stats_c = stats.to(at::kDouble).contiguous();
+  TORCH_CHECK(stats_c.numel() == 3 * p.H, "re_attention_cpu: stats must be [3, H]");
+  at::Tensor W = mix_weight.detach().to(acc).contiguous();
+  at::Tensor c = acc_param(mix_bias, acc);
+  if (!c.defined()) c = at::zeros({p.H}, q.options().dtype(acc));
+  at::Tensor gamma = acc_param(norm_weight, acc), beta = acc_param(norm_bias, acc);
+  at::Tensor dq = at::empty({p.B, p.H, p.Nq, p.D}, q.options());
+  at::Tensor dk = at::zeros({p.B, p.H, p.Nk, p.D}, q.options().dtype(acc));
+  at::Tensor dv = at::zeros_like(dk);
+  const auto dopts = q.options().dtype(at::kDouble);
+  at::Tensor dW = at::zeros({p.H, p.H}, dopts), dc = at::zeros({p.H}, dopts), dg = at::zeros({p.H}, dopts),
+             db = at::zeros({p.H}, dopts);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "re_attention_cpu_backward", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    reattn::cpu::re_attention_backward<scalar_t, acc_t>(
+        p, view_of(grad_out), view_of(q), view_of(k), view_of(v), W.data_ptr<acc_t>(), c.data_ptr<acc_t>(),
+        ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), lse.data_ptr<acc_t>(),
+        bn ? R.data_ptr<acc_t>() : nullptr, bn ? U.data_ptr<acc_t>() : nullptr, stats_c.data_ptr<double>(),
+        dq.data_ptr<scalar_t>(), dk.data_ptr<acc_t>(), dv.data_ptr<acc_t>(), dW.data_ptr<double>(),
+        dc.data_ptr<double>(), dg.data_ptr<double>(), db.data_ptr<double>());
+  });
+  return {dq, dk.to(q.scalar_type()), dv.to(q.scalar_type()), dW, dc, dg, db};
+}
+
+at::Tensor dropout_keep_mask(int64_t seed, int64_t B, int64_t H, int64_t Nq, int64_t Nk, double p) {
+  TORCH_CHECK(B >= 0 && H >= 0 && Nq >= 0 && Nk >= 0, "dropout_keep_mask: negative size");
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout_keep_mask: p must be in [0, 1)");
+  at::Tensor out = at::empty({B, H, Nq, Nk}, at::TensorOptions().dtype(at::kBool));
+  reattn::cpu::dropout_keep_mask(reinterpret_cast<uint8_t*>(out.data_ptr<bool>()), B, H, Nq, Nk,
+                                 static_cast<uint64_t>(seed), p);
+  return out;
+}
+
 pybind11::dict build_info() {
   pybind11::dict info;
 #ifdef REATTN_WITH_CUDA
@@ -112,6 +273,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_logsumexp", &row_logsumexp, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("scale"),
         "L[b,h,i] = logsumexp_j(scale * q[b,h,i] . k[b,h,j]) for q [B,H,Nq,D], k [B,H,Nk,D]; "
         "fp32 accumulation (fp64 for fp64 inputs).");
+  m.def("re_attention_cpu_forward", &re_attention_cpu_forward, pybind11::arg("q"), pybind11::arg("k"),
+        pybind11::arg("v"), pybind11::arg("mix_weight"), pybind11::arg("mix_bias"), pybind11::arg("norm_weight"),
+        pybind11::arg("norm_bias"), pybind11::arg("attn_mask"), pybind11::arg("scale"), pybind11::arg("out_scale"),
+        pybind11::arg("norm"), pybind11::arg("eps"), pybind11::arg("dropout_p"), pybind11::arg("seed"),
+        "Fused CPU Re-attention forward (norm 0 none, 1 layer, 2 batch train): [out, lse, R, U, stats].");
+  m.def("re_attention_cpu_backward", &re_attention_cpu_backward, pybind11::arg("grad_out"), pybind11::arg("q"),
+        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("mix_weight"), pybind11::arg("mix_bias"),
+        pybind11::arg("norm_weight"), pybind11::arg("norm_bias"), pybind11::arg("attn_mask"), pybind11::arg("lse"),
+        pybind11::arg("R"), pybind11::arg("U"), pybind11::arg("stats"), pybind11::arg("scale"),
+        pybind11::arg("out_scale"), pybind11::arg("norm"), pybind11::arg("eps"), pybind11::arg("dropout_p"),
+        pybind11::arg("seed"), "Fused CPU Re-attention backward: [dq, dk, dv, dW, dc, dgamma, dbeta].");
+  m.def("dropout_keep_mask", &dropout_keep_mask, pybind11::arg("seed"), pybind11::arg("B"), pybind11::arg("H"),
+        pybind11::arg("Nq"), pybind11::arg("Nk"), pybind11::arg("p"),
+        "The CPU kernel's dropout keep-mask (True = keep) for a seed, as a bool [B, H, Nq, Nk] tensor.");
+  m.def("cpu_gemm_backend", &reattn::cpu::gemm_backend_name, "Which GEMM the fused CPU kernel calls.");
+  m.def("cpu_last_parallel_chunks", &reattn::cpu::last_parallel_chunks,
+        "Threads that got work in the fused CPU kernel's last forward or backward sweep.");
   m.def("build_info", &build_info, "How this extension was built: cuda, cuda_archs, openmp, torch_version.");
   m.def("parallel_thread_count", &reattn::cpu::parallel_thread_count, pybind11::arg("n_tasks"),
         "Distinct threads that ran at::parallel_for over n_tasks chunks (checks the OpenMP build).");

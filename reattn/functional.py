@@ -90,7 +90,7 @@ def re_attention(
     )
     problem = Problem(q.device, heads=q.shape[1], head_dim=q.shape[3], norm=norm,
                       batchnorm_training=norm == "batch" and training, dropout=training and dropout_p > 0,
-                      masked=attn_mask is not None, return_attention=return_attention,
+                      masked=attn_mask is not None, return_attention=return_attention, dtype=q.dtype,
                       synced_stats=sync_group is not None and norm == "batch" and training,
                       needs_grad=torch.is_grad_enabled() and any(
                           t is not None and t.requires_grad
@@ -106,6 +106,13 @@ def re_attention(
         return re_attention_triton(q, k, v, mix_weight, mix_bias, scale=scale, norm=norm, norm_weight=norm_weight,
                                    norm_bias=norm_bias, running_mean=running_mean, running_var=running_var, eps=eps,
                                    out_scale=out_scale)
+    if name == "cpu":
+        from reattn.backends.cpu import re_attention_cpu
+
+        return re_attention_cpu(q, k, v, mix_weight, mix_bias, scale=scale, norm=norm, norm_weight=norm_weight,
+                                norm_bias=norm_bias, running_mean=running_mean, running_var=running_var,
+                                training=training, momentum=momentum, eps=eps, out_scale=out_scale,
+                                dropout_p=dropout_p, attn_mask=attn_mask)
     if name != "eager":  # pragma: no cover - resolve_backend only returns backends that exist
         raise AssertionError(f"backend {name!r} resolved but has no implementation")
     return re_attention_ref(

@@ -21,7 +21,6 @@ BACKEND_CHOICES = ("auto",) + BACKENDS
 # named here so the error says so instead of pretending to run.
 _NOT_YET_BUILT = {
     "cuda": "the fused CUDA C++ kernels are not part of this version of reattn yet",
-    "cpu": "the fused C++ CPU kernel is not part of this version of reattn yet",
 }
 
 
@@ -39,6 +38,7 @@ class Problem:
     masked: bool = False
     return_attention: bool = False
     needs_grad: bool = False
+    dtype: Optional[torch.dtype] = None  # q's dtype; None = not known (a backend then assumes it can)
     synced_stats: bool = False  # training-mode BatchNorm statistics all-reduced across processes
 
 
@@ -74,6 +74,23 @@ def _triton_reason(problem: Problem) -> Optional[str]:
     return None
 
 
+def _cpu_reason(problem: Problem) -> Optional[str]:
+    if problem.device.type != "cpu":
+        return "the fused C++ CPU kernel needs CPU tensors"
+    missing = extension_error_message()
+    if missing is not None:
+        return missing
+    from reattn._extension import _C
+
+    if not hasattr(_C, "re_attention_cpu_forward"):
+        return "the compiled extension reattn._C predates the fused CPU kernel; rebuild it (pip install --no-build-isolation -e .)"
+    if problem.dtype is not None and problem.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+        return f"the fused CPU kernel supports float32, float64 and bfloat16, got {problem.dtype}"
+    if getattr(problem, "mask_requires_grad", False) and problem.needs_grad:
+        return "the fused CPU kernel does not compute gradients with respect to attn_mask (it requires grad)"
+    return None
+
+
 def unavailable_reason(backend: str, problem: Problem) -> Optional[str]:
     """None if ``backend`` can run ``problem``; otherwise a sentence saying why not."""
     if backend == "eager":
@@ -85,6 +102,8 @@ def unavailable_reason(backend: str, problem: Problem) -> Optional[str]:
                 "implemented by backend='eager' so far")
     if backend == "triton":
         return _triton_reason(problem)
+    if backend == "cpu":
+        return _cpu_reason(problem)
     missing = extension_error_message()
     if missing is not None:
         return missing
@@ -105,9 +124,16 @@ def resolve_backend(backend: str, problem: Problem) -> str:
     if not isinstance(backend, str) or backend not in BACKEND_CHOICES:
         raise ValueError(f"re_attention: backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     if backend == "auto":
-        # Fused backends in order of preference for CUDA tensors; CPU tensors keep the eager
-        # path until the fused CPU kernel lands (the interpreter is for testing, never "auto").
-        preference = ("cuda", "triton") if problem.device.type == "cuda" else ()
+        # [cpu-auto] Fused backends in order of preference per device (the Triton interpreter is for
+        # testing, never "auto"). CPU tensors: the fused C++ kernel whenever it can run. Measured on a 2-core Xeon
+        # (AVX-512), fp32, B=8, norm batch eval / batch train / layer, vs backend="eager" (benchmarks/results):
+        # DeepViT-16b forward 5.9x / 3.2x / 4.9x faster, forward+backward 3.5x / 1.5x / 3.1x;
+        # DeiT-S forward 5.6x / 3.1x / 6.8x, forward+backward 3.1x / 2.2x / 4.0x.
+        # Not with dropout: its counter-based RNG draws other keep-masks than F.dropout under the same
+        # torch seed, and "auto" keeps the official module's dropout pattern (backend="cpu" opts in).
+        preference = {"cuda": ("cuda", "triton"), "cpu": () if problem.dropout else ("cpu",)}.get(
+            problem.device.type, ())
+        # [/cpu-auto]
         for name in preference:
             if unavailable_reason(name, problem) is None:
                 return name

@@ -1,0 +1,567 @@
+// Fused Re-attention on the CPU: forward and backward without any [B, H, Nq, Nk] tensor.
+//
+// Blocking. One task = (batch b, block of BM query rows), all heads, all keys: the task keeps the
+// H x BM x Nk panel of scores / probabilities / mixed maps in per-thread scratch (allocated once per
+// parallel chunk, sized by BM), so the softmax of a row is exact in one sweep (no online rescaling;
+// the row logsumexp is saved for backward) and LayerNorm across heads is local. at::parallel_for runs
+// over the B * ceil(Nq / BM) tasks; BM shrinks for long key sequences so the scratch stays a few MB.
+//
+// Products: Q K^T, A V, the head mixing W P (an [H, H] x [H, BM*Nk] product), dO V^T, A^T dO, dS K,
+// dS^T Q and dM P^T are GEMMs on the panels: sgemm_/dgemm_ of the BLAS torch links (MKL in the x86
+// wheels, found at load time; single-threaded inside our threads), else a portable loop.
+// Element-wise work (softmax with a polynomial exp, mask, dropout, norms) is in vec_ops.cpp.
+//
+// Training-mode BatchNorm: a first sweep accumulates per head the sum and sum of squares of M over
+// the unmasked entries (shifted by the no-mask mean, reduced in double), giving mean and variance;
+// the main sweep then normalizes. It also stores R = Xhat V and U = 1_unmasked V ([B, H, Nq, D]), so
+// O = tau*gamma*R + tau*beta*U and the backward gets sum(dA) = <dO, U>, sum(dA Xhat) = <dO, R>
+// without another sweep (the math note's trick).
+//
+// dK, dV: a task adds into per-chunk accumulators for its batch element; they are flushed (under a
+// per-batch lock) into the caller's zeroed fp32/fp64 buffers when the chunk moves to another batch
+// element. Chunks are contiguous task ranges, so there are at most B + threads flushes.
+#include "re_attention.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "vec_ops.h"
+
+namespace reattn {
+namespace cpu {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// GEMM: row-major C[m, n] = alpha * op(A)[m, k] op(B)[k, n] + beta * C.
+
+using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                          const int*, const float*, const int*, const float*, float*, const int*);
+using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const double*,
+                          const double*, const int*, const double*, const int*, const double*, double*, const int*);
+using set_threads_fn = int (*)(int);
+
+struct Blas {
+  sgemm_fn sgemm = nullptr;
+  dgemm_fn dgemm = nullptr;
+  set_threads_fn set_threads_local = nullptr;  // MKL only (its C interface: int by value)
+};
+
+const Blas& blas() {
+  static const Blas found = [] {
+    Blas b;
+    const char* env = std::getenv("REATTN_CPU_BLAS");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return b;
+    void* handle = nullptr;
+    Dl_info info;
+    // The library that defines at::get_num_threads (libtorch_cpu) links torch's BLAS.
+    if (dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info) != 0 && info.dli_fname != nullptr)
+      handle = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
+    for (void* h : {handle, RTLD_DEFAULT}) {
+      if (h == nullptr) continue;
+      if (b.sgemm == nullptr) b.sgemm = reinterpret_cast<sgemm_fn>(dlsym(h, "sgemm_"));
+      if (b.dgemm == nullptr) b.dgemm = reinterpret_cast<dgemm_fn>(dlsym(h, "dgemm_"));
+      if (b.set_threads_local == nullptr)
+        b.set_threads_local = reinterpret_cast<set_threads_fn>(dlsym(h, "MKL_Set_Num_Threads_Local"));
+    }
+    if (b.sgemm == nullptr || b.dgemm == nullptr) b = Blas{};
+    return b;
+  }();
+  return found;
+}
+
+// One BLAS thread inside our parallel chunks (MKL would otherwise thread tiny products).
+struct SingleThreadedBlas {
+  int previous = 0;
+  SingleThreadedBlas() {
+    if (blas().set_threads_local != nullptr) previous = blas().set_threads_local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (blas().set_threads_local != nullptr) blas().set_threads_local(previous);
+  }
+};
+
+template <typename T>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc) {
+  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands, same flags.
+  const char tA = ta ? 'T' : 'N', tB = tb ? 'T' : 'N';
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
+  if constexpr (std::is_same_v<T, float>) {
+    if (blas().sgemm != nullptr) return blas().sgemm(&tB, &tA, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+  } else {
+    if (blas().dgemm != nullptr) return blas().dgemm(&tB, &tA, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+  }
+  vec::gemm_fallback<T>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+// Parallel chunks (threads that got tasks) of the last forward / backward main sweep, for tests.
+std::atomic<int> g_last_chunks{0};
+
+template <typename T>
+constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+uint32_t dropout_threshold(double p) {
+  const double t = std::floor(p * 4294967296.0);
+  return t >= 4294967295.0 ? 4294967295u : static_cast<uint32_t>(t);
+}
+
+int64_t pick_block_rows(const ReAttnParams& p) {
+  // Six H x BM x Nk panels (backward) within ~6 MB of scratch per thread, BM in [1, 32]; smaller
+  // blocks when there would be fewer than 4 tasks per thread.
+  const int64_t budget = (6ll << 20) / (6 * 4);
+  int64_t bm = std::max<int64_t>(1, std::min<int64_t>(32, budget / std::max<int64_t>(1, p.H * p.Nk)));
+  const int64_t threads = at::get_num_threads();
+  while (bm > 8 && p.B * ((p.Nq + bm - 1) / bm) < 4 * threads) bm /= 2;
+  return std::min<int64_t>(bm, std::max<int64_t>(1, p.Nq));
+}
+
+// A [rows, D] matrix of one head, in acc_t: a pointer into the input when it already is acc_t with a
+// unit inner stride, else converted into scratch.
+template <typename scalar_t, typename acc_t>
+struct HeadRows {
+  const acc_t* ptr = nullptr;
+  int64_t ld = 0;
+};
+
+template <typename scalar_t, typename acc_t>
+HeadRows<scalar_t, acc_t> head_rows(View4 t, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t D,
+                                    acc_t* scratch) {
+  const scalar_t* base = static_cast<const scalar_t*>(t.data) + b * t.st.b + h * t.st.h + row0 * t.st.n;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if ((t.st.d == 1 || D == 1) && (rows == 1 || t.st.n >= D)) return {base, rows == 1 ? D : t.st.n};
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < D; ++d) scratch[r * D + d] = static_cast<acc_t>(base[r * t.st.n + d * t.st.d]);
+  return {scratch, D};
+}
+
+template <typename acc_t>
+void build_mask(const ReAttnParams& p, int64_t b, int64_t i0, int64_t bm, acc_t* madd) {
+  const int64_t Nk = p.Nk;
+  for (int64_t hm = 0; hm < p.mask_heads; ++hm)
+    for (int64_t r = 0; r < bm; ++r) {
+      const int64_t off = b * p.mask_st.b + hm * p.mask_st.h + (i0 + r) * p.mask_st.n;
+      acc_t* out = madd + (hm * bm + r) * Nk;
+      if (p.mask_is_bool) {
+        const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off;
+        for (int64_t j = 0; j < Nk; ++j) out[j] = m[j * p.mask_st.d] ? acc_t(0) : kNegInf<acc_t>;
+      } else {
+        const acc_t* m = static_cast<const acc_t*>(p.mask) + off;
+        for (int64_t j = 0; j < Nk; ++j) out[j] = m[j * p.mask_st.d];
+      }
+    }
+}
+
+template <typename scalar_t, typename acc_t>
+void store_rows(scalar_t* out, const acc_t* src, int64_t rows, int64_t D) {
+  for (int64_t x = 0; x < rows * D; ++x) out[x] = static_cast<scalar_t>(src[x]);
+}
+
+// Per-chunk state shared by forward and backward: the current batch element's K and V per head.
+template <typename scalar_t, typename acc_t>
+struct KVCache {
+  const ReAttnParams& p;
+  View4 k, v;
+  std::vector<acc_t> kbuf, vbuf;
+  std::vector<HeadRows<scalar_t, acc_t>> kh, vh;
+  int64_t b = -1;
+  KVCache(const ReAttnParams& p_, View4 k_, View4 v_)
+      : p(p_), k(k_), v(v_), kbuf(p_.H * p_.Nk * p_.D), vbuf(p_.H * p_.Nk * p_.D), kh(p_.H), vh(p_.H) {}
+  void load(int64_t b_) {
+    if (b_ == b) return;
+    b = b_;
+    const int64_t stride = p.Nk * p.D;
+    for (int64_t h = 0; h < p.H; ++h) {
+      kh[h] = head_rows<scalar_t, acc_t>(k, b, h, 0, p.Nk, p.D, kbuf.data() + h * stride);
+      vh[h] = head_rows<scalar_t, acc_t>(v, b, h, 0, p.Nk, p.D, vbuf.data() + h * stride);
+    }
+  }
+};
+
+// Scores -> probabilities for all heads of a task: P [H, bm, Nk]. With lse_in, P = exp(S - lse)
+// (backward); else a fresh softmax writing lse_out.
+template <typename scalar_t, typename acc_t>
+void probabilities(const ReAttnParams& p, int64_t b, int64_t i0, int64_t bm, const HeadRows<scalar_t, acc_t>* qh,
+                   const KVCache<scalar_t, acc_t>& kv, const acc_t* madd, acc_t* P, acc_t* lse_out,
+                   const acc_t* lse_in) {
+  const int64_t E = bm * p.Nk;
+  for (int64_t h = 0; h < p.H; ++h) {
+    acc_t* Ph = P + h * E;
+    gemm<acc_t>(false, true, bm, p.Nk, p.D, static_cast<acc_t>(p.scale), qh[h].ptr, qh[h].ld, kv.kh[h].ptr,
+                kv.kh[h].ld, acc_t(0), Ph, p.Nk);
+    if (madd != nullptr) vec::add_inplace<acc_t>(Ph, madd + (p.mask_heads > 1 ? h : 0) * E, E);
+    const int64_t row = (b * p.H + h) * p.Nq + i0;
+    if (lse_in != nullptr)
+      vec::exp_sub_rows<acc_t>(Ph, bm, p.Nk, lse_in + row);
+    else
+      vec::softmax_rows<acc_t>(Ph, bm, p.Nk, lse_out + row);
+  }
+}
+
+template <typename acc_t>
+void apply_dropout(const ReAttnParams& p, int64_t b, int64_t i0, int64_t bm, acc_t* X) {
+  const uint32_t threshold = dropout_threshold(p.dropout_p);
+  const acc_t keep_scale = static_cast<acc_t>(1.0 / (1.0 - p.dropout_p));
+  for (int64_t h = 0; h < p.H; ++h)
+    for (int64_t r = 0; r < bm; ++r) {
+      const uint64_t base = static_cast<uint64_t>(((b * p.H + h) * p.Nq + i0 + r) * p.Nk);
+      vec::dropout_apply<acc_t>(X + (h * bm + r) * p.Nk, p.Nk, p.seed, base, threshold, keep_scale);
+    }
+}
+
+template <typename acc_t>
+const acc_t* mask_of_head(const ReAttnParams& p, const acc_t* madd, int64_t g, int64_t E) {
+  return madd == nullptr ? nullptr : madd + (p.mask_heads > 1 ? g : 0) * E;
+}
+
+// Batch-norm statistics per head as acc_t: mean (including c), rstd.
+template <typename acc_t>
+struct BNStats {
+  std::vector<acc_t> mean, rstd;
+};
+
+template <typename acc_t>
+BNStats<acc_t> bn_stats(const ReAttnParams& p, const double* stats) {
+  BNStats<acc_t> s{std::vector<acc_t>(p.H), std::vector<acc_t>(p.H)};
+  for (int64_t g = 0; g < p.H; ++g) {
+    s.mean[g] = static_cast<acc_t>(stats[g]);
+    s.rstd[g] = static_cast<acc_t>(1.0 / std::sqrt(stats[p.H + g] + p.eps));
+  }
+  return s;
+}
+
+// Recompute the mixed and normalized map of a task from P~ [H, E]: A (masked entries 0) into Mb,
+// the normalized y into Y (layer / batch), per-entry rstd into rstd_e (layer).
+template <typename acc_t>
+void mix_and_norm(const ReAttnParams& p, const acc_t* W, const acc_t* c, const acc_t* gamma, const acc_t* beta,
+                  const BNStats<acc_t>* bn, const acc_t* Pd, const acc_t* madd, int64_t E, acc_t* Mb, acc_t* Y,
+                  acc_t* rstd_e, acc_t* mu_e) {
+  const int64_t H = p.H;
+  const acc_t tau = static_cast<acc_t>(p.out_scale);
+  gemm<acc_t>(false, false, H, E, H, acc_t(1), W, H, Pd, E, acc_t(0), Mb, E);
+  if (p.norm == kNormNone) {
+    for (int64_t g = 0; g < H; ++g) vec::affine<acc_t>(Mb + g * E, E, tau, tau * c[g]);
+  } else if (p.norm == kNormLayer) {
+    for (int64_t g = 0; g < H; ++g) vec::affine<acc_t>(Mb + g * E, E, acc_t(1), c[g]);
+    vec::layernorm_heads_fwd<acc_t>(Mb, Y, rstd_e, mu_e, H, E, gamma, beta, tau, static_cast<acc_t>(p.eps));
+  } else {
+    for (int64_t g = 0; g < H; ++g) {
+      const acc_t a = tau * (gamma ? gamma[g] : acc_t(1)), e = tau * (beta ? beta[g] : acc_t(0));
+      vec::bn_apply<acc_t>(Mb + g * E, Y + g * E, E, bn->mean[g] - c[g], bn->rstd[g], a, e);
+    }
+  }
+  if (madd != nullptr)
+    for (int64_t g = 0; g < H; ++g) {
+      vec::zero_masked<acc_t>(Mb + g * E, mask_of_head(p, madd, g, E), E);
+      if (p.norm == kNormBatchTrain) vec::zero_masked<acc_t>(Y + g * E, mask_of_head(p, madd, g, E), E);
+    }
+}
+
+struct Tasks {
+  int64_t bm, per_batch, count;
+  explicit Tasks(const ReAttnParams& p) : bm(pick_block_rows(p)) {
+    per_batch = (p.Nq + bm - 1) / bm;
+    count = p.B * per_batch;
+  }
+};
+
+// Training-mode BatchNorm statistics: stats [3, H] = mean, biased var, count.
+template <typename scalar_t, typename acc_t>
+void batch_stats(const ReAttnParams& p, const Tasks& tasks, View4 q, View4 k, View4 v, const acc_t* W,
+                 const acc_t* c, double* stats) {
+  const int64_t H = p.H, Nk = p.Nk, D = p.D;
+  std::vector<double> s1(H, 0.0), s2(H, 0.0), cnt(H, 0.0);
+  std::vector<acc_t> shift(H);
+  for (int64_t g = 0; g < H; ++g) {  // the exact mean of W P without mask or dropout: sums cancel less
+    acc_t w = 0;
+    for (int64_t h = 0; h < H; ++h) w += W[g * H + h];
+    shift[g] = w / static_cast<acc_t>(Nk);
+  }
+  std::mutex lock;
+  at::parallel_for(0, tasks.count, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single;
+    const int64_t cap = H * tasks.bm * Nk;
+    KVCache<scalar_t, acc_t> kv(p, k, v);
+    std::vector<acc_t> qbuf(H * tasks.bm * D), P(cap), Mb(cap), madd(p.mask ? p.mask_heads * tasks.bm * Nk : 0);
+    std::vector<HeadRows<scalar_t, acc_t>> qh(H);
+    std::vector<double> l1(H, 0.0), l2(H, 0.0), lc(H, 0.0);
+    std::vector<acc_t> lse_scratch(H * tasks.bm);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / tasks.per_batch, i0 = (t % tasks.per_batch) * tasks.bm;
+      const int64_t bm = std::min(tasks.bm, p.Nq - i0), E = bm * Nk;
+      kv.load(b);
+      for (int64_t h = 0; h < H; ++h) qh[h] = head_rows<scalar_t, acc_t>(q, b, h, i0, bm, D, qbuf.data() + h * tasks.bm * D);
+      if (p.mask) build_mask(p, b, i0, bm, madd.data());
+      const acc_t* md = p.mask ? madd.data() : nullptr;
+      for (int64_t h = 0; h < H; ++h) {
+        acc_t* Ph = P.data() + h * E;
+        gemm<acc_t>(false, true, bm, Nk, D, static_cast<acc_t>(p.scale), qh[h].ptr, qh[h].ld, kv.kh[h].ptr,
+                    kv.kh[h].ld, acc_t(0), Ph, Nk);
+        if (md) vec::add_inplace<acc_t>(Ph, mask_of_head(p, md, h, E), E);
+        vec::softmax_rows<acc_t>(Ph, bm, Nk, lse_scratch.data() + h * tasks.bm);
+      }
+      if (p.dropout_p > 0) apply_dropout(p, b, i0, bm, P.data());
+      gemm<acc_t>(false, false, H, E, H, acc_t(1), W, H, P.data(), E, acc_t(0), Mb.data(), E);
+      for (int64_t g = 0; g < H; ++g)
+        vec::moments<acc_t>(Mb.data() + g * E, mask_of_head(p, md, g, E), E, shift[g], &l1[g], &l2[g], &lc[g]);
+    }
+    std::lock_guard<std::mutex> guard(lock);
+    for (int64_t g = 0; g < H; ++g) {
+      s1[g] += l1[g];
+      s2[g] += l2[g];
+      cnt[g] += lc[g];
+    }
+  });
+  for (int64_t g = 0; g < H; ++g) {
+    const double n = cnt[g];
+    const double m1 = s1[g] / n;
+    stats[g] = m1 + static_cast<double>(shift[g]) + static_cast<double>(c[g]);
+    stats[H + g] = std::max(0.0, s2[g] / n - m1 * m1);
+    stats[2 * H + g] = n;
+  }
+}
+
+}  // namespace
+
+template <typename scalar_t, typename acc_t>
+void re_attention_forward(const ReAttnParams& p, View4 q, View4 k, View4 v, const acc_t* W, const acc_t* c,
+                          const acc_t* gamma, const acc_t* beta, scalar_t* out, acc_t* lse, acc_t* R, acc_t* U,
+                          double* stats) {
+  const Tasks tasks(p);
+  const int64_t H = p.H, Nk = p.Nk, D = p.D;
+  BNStats<acc_t> bn;
+  if (p.norm == kNormBatchTrain) {
+    batch_stats<scalar_t, acc_t>(p, tasks, q, k, v, W, c, stats);
+    for (int64_t g = 0; g < H; ++g)
+      if (stats[2 * H + g] <= 1) return;
+    bn = bn_stats<acc_t>(p, stats);
+  }
+  const acc_t tau = static_cast<acc_t>(p.out_scale);
+  g_last_chunks = 0;
+  at::parallel_for(0, tasks.count, 1, [&](int64_t begin, int64_t end) {
+    ++g_last_chunks;
+    SingleThreadedBlas single;
+    const int64_t cap = H * tasks.bm * Nk;
+    const bool need_y = p.norm != kNormNone;
+    KVCache<scalar_t, acc_t> kv(p, k, v);
+    std::vector<acc_t> qbuf(H * tasks.bm * D), P(cap), Mb(cap), Y(need_y ? cap : 0),
+        madd(p.mask ? p.mask_heads * tasks.bm * Nk : 0), rstd_e(tasks.bm * Nk), mu_e(tasks.bm * Nk),
+        ob(tasks.bm * D), colsum(D);
+    std::vector<HeadRows<scalar_t, acc_t>> qh(H);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / tasks.per_batch, i0 = (t % tasks.per_batch) * tasks.bm;
+      const int64_t bm = std::min(tasks.bm, p.Nq - i0), E = bm * Nk;
+      kv.load(b);
+      for (int64_t h = 0; h < H; ++h)
+        qh[h] = head_rows<scalar_t, acc_t>(q, b, h, i0, bm, D, qbuf.data() + h * tasks.bm * D);
+      if (p.mask) build_mask(p, b, i0, bm, madd.data());
+      const acc_t* md = p.mask ? madd.data() : nullptr;
+      probabilities(p, b, i0, bm, qh.data(), kv, md, P.data(), lse, static_cast<const acc_t*>(nullptr));
+      if (p.dropout_p > 0) apply_dropout(p, b, i0, bm, P.data());
+      mix_and_norm(p, W, c, gamma, beta, &bn, P.data(), md, E, Mb.data(), Y.data(), rstd_e.data(), mu_e.data());
+      for (int64_t g = 0; g < H; ++g) {
+        const int64_t row = (b * H + g) * p.Nq + i0;
+        scalar_t* o = out + row * D;
+        if (p.norm != kNormBatchTrain) {
+          gemm<acc_t>(false, false, bm, D, Nk, acc_t(1), Mb.data() + g * E, Nk, kv.vh[g].ptr, kv.vh[g].ld, acc_t(0),
+                      ob.data(), D);
+          store_rows(o, ob.data(), bm, D);
+          continue;
+        }
+        acc_t* Rg = R + row * D;
+        acc_t* Ug = U + row * D;
+        gemm<acc_t>(false, false, bm, D, Nk, acc_t(1), Y.data() + g * E, Nk, kv.vh[g].ptr, kv.vh[g].ld, acc_t(0), Rg,
+                    D);
+        if (md != nullptr) {  // U = 1_unmasked V, the indicator built in P's (no longer needed) panel
+          acc_t* ind = P.data() + g * E;
+          vec::unmasked_indicator<acc_t>(ind, mask_of_head(p, md, g, E), E);
+          gemm<acc_t>(false, false, bm, D, Nk, acc_t(1), ind, Nk, kv.vh[g].ptr, kv.vh[g].ld, acc_t(0), Ug, D);
+        } else {
+          std::fill(colsum.begin(), colsum.end(), acc_t(0));
+          for (int64_t j = 0; j < Nk; ++j)
+            for (int64_t d = 0; d < D; ++d) colsum[d] += kv.vh[g].ptr[j * kv.vh[g].ld + d];
+          for (int64_t r = 0; r < bm; ++r) std::copy(colsum.begin(), colsum.end(), Ug + r * D);
+        }
+        const acc_t a = tau * (gamma ? gamma[g] : acc_t(1)), e = tau * (beta ? beta[g] : acc_t(0));
+        for (int64_t x = 0; x < bm * D; ++x) ob[x] = a * Rg[x] + e * Ug[x];
+        store_rows(o, ob.data(), bm, D);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void re_attention_backward(const ReAttnParams& p, View4 dout, View4 q, View4 k, View4 v, const acc_t* W,
+                           const acc_t* c, const acc_t* gamma, const acc_t* beta, const acc_t* lse, const acc_t* R,
+                           const acc_t* U, const double* stats, scalar_t* dq, acc_t* dk, acc_t* dv, double* dW,
+                           double* dc, double* dgamma, double* dbeta) {
+  const Tasks tasks(p);
+  const int64_t H = p.H, Nk = p.Nk, D = p.D, Nq = p.Nq;
+  const acc_t tau = static_cast<acc_t>(p.out_scale);
+  BNStats<acc_t> bn;
+  std::vector<acc_t> k1(H), k2(H), k3(H);
+  if (p.norm == kNormBatchTrain) {
+    bn = bn_stats<acc_t>(p, stats);
+    // sum(dA) = <dO, U>, sum(dA y) = <dO, R> per head, over all (b, i, d).
+    std::vector<double> sda(H, 0.0), sday(H, 0.0);
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t g = 0; g < H; ++g)
+        for (int64_t i = 0; i < Nq; ++i) {
+          const scalar_t* o = static_cast<const scalar_t*>(dout.data) + b * dout.st.b + g * dout.st.h + i * dout.st.n;
+          const int64_t row = ((b * H + g) * Nq + i) * D;
+          double a1 = 0, a2 = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            const double x = static_cast<double>(o[d * dout.st.d]);
+            a1 += x * static_cast<double>(U[row + d]);
+            a2 += x * static_cast<double>(R[row + d]);
+          }
+          sda[g] += a1;
+          sday[g] += a2;
+        }
+    for (int64_t g = 0; g < H; ++g) {
+      const double n = stats[2 * H + g];
+      const double kk1 = p.out_scale * (gamma ? static_cast<double>(gamma[g]) : 1.0) * static_cast<double>(bn.rstd[g]);
+      k1[g] = static_cast<acc_t>(kk1);
+      k2[g] = static_cast<acc_t>(-kk1 * sday[g] / n);
+      k3[g] = static_cast<acc_t>(-kk1 * sda[g] / n);
+      dgamma[g] += p.out_scale * sday[g];
+      dbeta[g] += p.out_scale * sda[g];
+    }
+  }
+  std::unique_ptr<std::mutex[]> batch_locks(new std::mutex[p.B]);
+  std::mutex lock;
+  g_last_chunks = 0;
+  at::parallel_for(0, tasks.count, 1, [&](int64_t begin, int64_t end) {
+    ++g_last_chunks;
+    SingleThreadedBlas single;
+    const int64_t cap = H * tasks.bm * Nk;
+    const bool need_y = p.norm != kNormNone;
+    const bool dropout = p.dropout_p > 0;
+    KVCache<scalar_t, acc_t> kv(p, k, v);
+    std::vector<acc_t> qbuf(H * tasks.bm * D), obuf(H * tasks.bm * D), P(cap), Pd(dropout ? cap : 0), Mb(cap),
+        Y(need_y ? cap : 0), dA(cap), dP(cap), madd(p.mask ? p.mask_heads * tasks.bm * Nk : 0),
+        rstd_e(tasks.bm * Nk), t1(tasks.bm * Nk), t2(tasks.bm * Nk), ob(tasks.bm * D);
+    std::vector<acc_t> dk_l(H * Nk * D), dv_l(H * Nk * D), dW_l(H * H, acc_t(0)), dc_l(H, acc_t(0)),
+        dg_l(H, acc_t(0)), db_l(H, acc_t(0));
+    std::vector<HeadRows<scalar_t, acc_t>> qh(H), oh(H);
+    int64_t acc_b = -1;
+    auto flush = [&]() {
+      if (acc_b < 0) return;
+      std::lock_guard<std::mutex> guard(batch_locks[acc_b]);
+      acc_t* dkb = dk + acc_b * H * Nk * D;
+      acc_t* dvb = dv + acc_b * H * Nk * D;
+      for (int64_t x = 0; x < H * Nk * D; ++x) {
+        dkb[x] += dk_l[x];
+        dvb[x] += dv_l[x];
+      }
+    };
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / tasks.per_batch, i0 = (t % tasks.per_batch) * tasks.bm;
+      const int64_t bm = std::min(tasks.bm, Nq - i0), E = bm * Nk;
+      if (b != acc_b) {
+        flush();
+        acc_b = b;
+        std::fill(dk_l.begin(), dk_l.end(), acc_t(0));
+        std::fill(dv_l.begin(), dv_l.end(), acc_t(0));
+      }
+      kv.load(b);
+      for (int64_t h = 0; h < H; ++h) {
+        qh[h] = head_rows<scalar_t, acc_t>(q, b, h, i0, bm, D, qbuf.data() + h * tasks.bm * D);
+        oh[h] = head_rows<scalar_t, acc_t>(dout, b, h, i0, bm, D, obuf.data() + h * tasks.bm * D);
+      }
+      if (p.mask) build_mask(p, b, i0, bm, madd.data());
+      const acc_t* md = p.mask ? madd.data() : nullptr;
+      probabilities(p, b, i0, bm, qh.data(), kv, md, P.data(), static_cast<acc_t*>(nullptr), lse);
+      const acc_t* pd = P.data();
+      if (dropout) {
+        std::copy(P.begin(), P.begin() + H * E, Pd.begin());
+        apply_dropout(p, b, i0, bm, Pd.data());
+        pd = Pd.data();
+      }
+      mix_and_norm(p, W, c, gamma, beta, &bn, pd, md, E, Mb.data(), Y.data(), rstd_e.data(), t1.data());
+      for (int64_t g = 0; g < H; ++g) {
+        acc_t* dAg = dA.data() + g * E;
+        gemm<acc_t>(false, true, bm, Nk, D, acc_t(1), oh[g].ptr, oh[g].ld, kv.vh[g].ptr, kv.vh[g].ld, acc_t(0), dAg,
+                    Nk);
+        if (md) vec::zero_masked<acc_t>(dAg, mask_of_head(p, md, g, E), E);
+        gemm<acc_t>(true, false, Nk, D, bm, acc_t(1), Mb.data() + g * E, Nk, oh[g].ptr, oh[g].ld, acc_t(1),
+                    dv_l.data() + g * Nk * D, D);
+      }
+      if (p.norm == kNormNone) {
+        for (int64_t g = 0; g < H; ++g) vec::affine<acc_t>(dA.data() + g * E, E, tau, acc_t(0));
+      } else if (p.norm == kNormLayer) {
+        vec::layernorm_heads_bwd<acc_t>(dA.data(), Y.data(), rstd_e.data(), t1.data(), t2.data(), H, E, gamma, tau,
+                                        dg_l.data(), db_l.data());
+      } else {
+        for (int64_t g = 0; g < H; ++g) {
+          vec::bn_backward<acc_t>(dA.data() + g * E, Y.data() + g * E, E, k1[g], k2[g], k3[g]);
+          if (md) vec::zero_masked<acc_t>(dA.data() + g * E, mask_of_head(p, md, g, E), E);
+        }
+      }
+      // dA now holds dM.
+      gemm<acc_t>(false, true, H, H, E, acc_t(1), dA.data(), E, pd, E, acc_t(1), dW_l.data(), H);
+      for (int64_t g = 0; g < H; ++g) dc_l[g] += vec::sum<acc_t>(dA.data() + g * E, E);
+      gemm<acc_t>(true, false, H, E, H, acc_t(1), W, H, dA.data(), E, acc_t(0), dP.data(), E);
+      if (dropout) apply_dropout(p, b, i0, bm, dP.data());
+      vec::softmax_bwd_rows<acc_t>(P.data(), dP.data(), H * bm, Nk);  // dP now holds dS
+      const acc_t s = static_cast<acc_t>(p.scale);
+      for (int64_t h = 0; h < H; ++h) {
+        const acc_t* dSh = dP.data() + h * E;
+        gemm<acc_t>(false, false, bm, D, Nk, s, dSh, Nk, kv.kh[h].ptr, kv.kh[h].ld, acc_t(0), ob.data(), D);
+        store_rows(dq + ((b * H + h) * Nq + i0) * D, ob.data(), bm, D);
+        gemm<acc_t>(true, false, Nk, D, bm, s, dSh, Nk, qh[h].ptr, qh[h].ld, acc_t(1), dk_l.data() + h * Nk * D, D);
+      }
+    }
+    flush();
+    std::lock_guard<std::mutex> guard(lock);
+    for (int64_t x = 0; x < H * H; ++x) dW[x] += static_cast<double>(dW_l[x]);
+    for (int64_t g = 0; g < H; ++g) {
+      dc[g] += static_cast<double>(dc_l[g]);
+      dgamma[g] += static_cast<double>(dg_l[g]);
+      dbeta[g] += static_cast<double>(db_l[g]);
+    }
+  });
+}
+
+void dropout_keep_mask(uint8_t* out, int64_t B, int64_t H, int64_t Nq, int64_t Nk, uint64_t seed, double p) {
+  const uint32_t threshold = dropout_threshold(p);
+  at::parallel_for(0, B * H * Nq, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row)
+      vec::dropout_keep_row(out + row * Nk, Nk, seed, static_cast<uint64_t>(row * Nk), threshold);
+  });
+}
+
+int last_parallel_chunks() { return g_last_chunks.load(); }
+
+const char* gemm_backend_name() {
+  return blas().sgemm != nullptr ? "blas (sgemm_/dgemm_ of the BLAS torch links)" : "portable fallback";
+}
+
+#define REATTN_INSTANTIATE_RA(S, A)                                                                             \
+  template void re_attention_forward<S, A>(const ReAttnParams&, View4, View4, View4, const A*, const A*,      \
+                                           const A*, const A*, S*, A*, A*, A*, double*);                       \
+  template void re_attention_backward<S, A>(const ReAttnParams&, View4, View4, View4, View4, const A*,        \
+                                            const A*, const A*, const A*, const A*, const A*, const A*,        \
+                                            const double*, S*, A*, A*, double*, double*, double*, double*);
+
+REATTN_INSTANTIATE_RA(float, float)
+REATTN_INSTANTIATE_RA(double, double)
+REATTN_INSTANTIATE_RA(c10::BFloat16, float)
+
+}  // namespace cpu
+}  // namespace reattn

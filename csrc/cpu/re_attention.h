@@ -1,0 +1,61 @@
+// Fused Re-attention on the CPU, forward and backward (see shared/design/reattention-math.md and
+// the comment at the top of re_attention.cpp for the blocking). Raw pointers only, no torch types.
+#pragma once
+#include <cstdint>
+
+#include "row_stats.h"
+
+namespace reattn {
+namespace cpu {
+
+enum NormKind : int { kNormNone = 0, kNormLayer = 1, kNormBatchTrain = 2 };
+
+struct ReAttnParams {
+  int64_t B = 0, H = 0, Nq = 0, Nk = 0, D = 0;
+  double scale = 1.0, out_scale = 1.0, eps = 1e-5;
+  int norm = kNormNone;  // eval-mode BatchNorm arrives folded into the mixing as kNormNone
+  // Mask as a [B, mask_heads, Nq, Nk] view (element strides, 0 on broadcast dims): bool (uint8, 1 = attend)
+  // or additive in acc_t (-inf = masked). mask == nullptr: no mask.
+  const void* mask = nullptr;
+  bool mask_is_bool = false;
+  int64_t mask_heads = 1;
+  Strides4 mask_st{0, 0, 0, 0};
+  double dropout_p = 0.0;  // > 0: dropout with the counter-based RNG keyed by (seed, b, h, i, j)
+  uint64_t seed = 0;
+};
+
+// A [B, H, N, D] input: data and element strides.
+struct View4 {
+  const void* data;
+  Strides4 st;
+};
+
+// Forward. W [H, H] row-major, c [H] (zeros when absent), gamma/beta [H] or null, all in acc_t.
+// out: contiguous [B, H, Nq, D]; lse: contiguous [B, H, Nq] (+inf for a fully masked row).
+// kNormBatchTrain only: R = Xhat V and U = 1_unmasked V (contiguous [B, H, Nq, D], saved for backward),
+// stats [3, H] = batch mean, biased variance, count of unmasked entries per head (if any count <= 1
+// the function returns after computing stats, leaving out undefined: the caller raises).
+template <typename scalar_t, typename acc_t>
+void re_attention_forward(const ReAttnParams& p, View4 q, View4 k, View4 v, const acc_t* W, const acc_t* c,
+                          const acc_t* gamma, const acc_t* beta, scalar_t* out, acc_t* lse, acc_t* R, acc_t* U,
+                          double* stats);
+
+// Backward. dq: contiguous [B, H, Nq, D] in scalar_t; dk, dv: contiguous [B, H, Nk, D] in acc_t, zeroed
+// by the caller; dW [H, H], dc, dgamma, dbeta [H] in double, zeroed by the caller.
+template <typename scalar_t, typename acc_t>
+void re_attention_backward(const ReAttnParams& p, View4 dout, View4 q, View4 k, View4 v, const acc_t* W,
+                           const acc_t* c, const acc_t* gamma, const acc_t* beta, const acc_t* lse, const acc_t* R,
+                           const acc_t* U, const double* stats, scalar_t* dq, acc_t* dk, acc_t* dv, double* dW,
+                           double* dc, double* dgamma, double* dbeta);
+
+// The dropout keep-mask the kernels use, materialized: out contiguous [B, H, Nq, Nk] (1 = keep).
+void dropout_keep_mask(uint8_t* out, int64_t B, int64_t H, int64_t Nq, int64_t Nk, uint64_t seed, double p);
+
+// Which GEMM the kernels call: "blas (sgemm_/dgemm_ from torch's BLAS)" or "portable fallback".
+const char* gemm_backend_name();
+
+// How many parallel chunks (threads with work) the last forward or backward main sweep used.
+int last_parallel_chunks();
+
+}  // namespace cpu
+}  // namespace reattn

@@ -1,0 +1,321 @@
+"""backend="cpu": the fused C++ CPU kernel (forward + backward, torch.library op, autograd) vs the eager path.
+
+Float64 against the float64 eager reference for every mode (norm none / batch eval / batch train /
+layer, masks, dropout replayed with the kernel's keep-mask, Nq != Nk, strides), gradcheck, the 2x
+rule in float32 and bfloat16, running-statistic updates, saved tensors, threads, refusals.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import reattn
+from reattn._extension import _C
+from reattn.backends.cpu import cpu_forward, dropout_keep_mask
+from reattn.reference import re_attention_ref
+
+pytestmark = pytest.mark.skipif(_C is None or not hasattr(_C, "re_attention_cpu_forward"),
+                                reason="reattn._C without the fused CPU kernel")
+
+MODES = ["none", "batch", "batch-train", "layer"]
+GRAD_NAMES = ("q", "k", "v", "mix_weight", "mix_bias", "norm_weight", "norm_bias")
+
+
+def problem(B, H, Nq, Nk, D, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s + shift).to(dtype)
+
+    tensors = dict(q=rnd(B, H, Nq, D), k=rnd(B, H, Nk, D), v=rnd(B, H, Nk, D),
+                   mix_weight=rnd(H, H, s=0.4) + torch.eye(H, dtype=dtype), mix_bias=rnd(H, s=0.1),
+                   norm_weight=rnd(H, s=0.2, shift=1.0), norm_bias=rnd(H, s=0.1))
+    for t in tensors.values():
+        t.requires_grad_(True)
+    stats = dict(running_mean=rnd(H, s=0.05).abs(), running_var=rnd(H, s=0.01).abs() + 0.02)
+    return tensors, stats
+
+
+def kwargs_for(mode, tensors, stats):
+    norm = "batch" if mode.startswith("batch") else mode
+    kw = dict(norm=norm)
+    if norm != "none":
+        kw.update(norm_weight=tensors["norm_weight"], norm_bias=tensors["norm_bias"])
+    if norm == "batch":
+        kw.update({n: t.clone() for n, t in stats.items()})
+        kw.update(training=mode == "batch-train")
+    return kw
+
+
+def run(backend, mode, tensors, stats, **extra):
+    kw = kwargs_for(mode, tensors, stats)
+    kw.update(extra)
+    out = reattn.re_attention(tensors["q"], tensors["k"], tensors["v"], tensors["mix_weight"], tensors["mix_bias"],
+                              backend=backend, **kw)
+    return out, kw
+
+
+def names_for(mode):
+    return [n for n in GRAD_NAMES if mode != "none" or not n.startswith("norm")]
+
+
+def check_against_eager(mode, tensors, stats, rtol=1e-10, atol=1e-11, **extra):
+    out, kw_cpu = run("cpu", mode, tensors, stats, **extra)
+    ref, kw_ref = run("eager", mode, tensors, stats, **extra)
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+    if mode == "batch-train":
+        for name in ("running_mean", "running_var"):
+            torch.testing.assert_close(kw_cpu[name], kw_ref[name], rtol=1e-12, atol=1e-13, msg=name)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+    names = names_for(mode)
+    got = torch.autograd.grad(out, [tensors[n] for n in names], grad)
+    expected = torch.autograd.grad(ref, [tensors[n] for n in names], grad)
+    for name, a, b in zip(names, got, expected):
+        assert torch.isfinite(a).all(), name
+        # (training BatchNorm makes d mix_bias exactly 0 in exact arithmetic: both sides are rounding noise)
+        torch.testing.assert_close(a, b, rtol=rtol * 10, atol=max(atol * 10, 1e-9), msg=name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 5, 4), (2, 3, 33, 17, 35), (1, 6, 40, 37, 16), (3, 1, 1, 2, 3),
+                                   (2, 12, 70, 9, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_forward_and_every_gradient_match_float64(mode, shape):
+    tensors, stats = problem(*shape)
+    check_against_eager(mode, tensors, stats, out_scale=0.7)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_strided_inputs_and_default_parameters(mode):
+    # q, k, v as views of a [B, N, 3, H, D] projection (the ViT layout): non-contiguous, unit inner stride;
+    # plus a transposed (inner stride != 1) k.
+    B, N, H, D = 2, 19, 4, 8
+    qkv = torch.randn(B, N, 3, H, D, dtype=torch.float64).permute(2, 0, 3, 1, 4)
+    q, k, v = (t.detach().requires_grad_(True) for t in qkv)
+    tensors, stats = problem(B, H, N, N, D)
+    tensors.update(q=q, k=k.transpose(-1, -2).contiguous().transpose(-1, -2), v=v)
+    check_against_eager(mode, tensors, stats, scale=0.21)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_float64(mode):
+    tensors, stats = problem(2, 3, 5, 4, 6)
+    names = names_for(mode)
+
+    def fn(*args):
+        t = dict(tensors, **dict(zip(names, args)))
+        return run("cpu", mode, t, stats, out_scale=0.5, scale=0.3)[0]
+
+    assert torch.autograd.gradcheck(fn, tuple(tensors[n] for n in names), eps=1e-6, atol=1e-6)
+
+
+def masks(B, H, Nq, Nk):
+    g = torch.Generator().manual_seed(3)
+    bool_full = torch.rand(B, 1, Nq, Nk, generator=g) > 0.3
+    bool_full[0, 0, 1] = False  # a fully masked query row
+    key_padding = torch.ones(B, 1, 1, Nk, dtype=torch.bool)
+    key_padding[-1, ..., Nk // 2:] = False
+    additive = torch.randn(B, H, Nq, Nk, generator=g, dtype=torch.float64)
+    additive[torch.rand(B, H, Nq, Nk, generator=g) < 0.25] = float("-inf")
+    additive[1, 2, 3] = float("-inf")  # fully masked for one head only
+    return {"bool": bool_full, "bool-2d": bool_full[0, 0], "key-padding": key_padding,
+            "additive": additive, "additive-shared": additive[:, :1, :, :].clone(), "additive-2d": additive[0, 0]}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mask_name", ["bool", "bool-2d", "key-padding", "additive", "additive-shared", "additive-2d"])
+def test_masks_match_float64(mode, mask_name):
+    B, H, Nq, Nk, D = 2, 3, 7, 9, 5
+    tensors, stats = problem(B, H, Nq, Nk, D)
+    check_against_eager(mode, tensors, stats, attn_mask=masks(B, H, Nq, Nk)[mask_name], out_scale=1.3)
+
+
+def test_fully_masked_rows_give_zeros_and_finite_gradients():
+    tensors, stats = problem(2, 3, 4, 5, 6)
+    mask = torch.ones(2, 1, 4, 5, dtype=torch.bool)
+    mask[:, :, 2] = False
+    out, _ = run("cpu", "layer", tensors, stats, attn_mask=mask)
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
+    out.sum().backward()
+    for name in GRAD_NAMES:
+        assert torch.isfinite(tensors[name].grad).all(), name
+
+
+def test_batchnorm_training_needs_more_than_one_unmasked_value():
+    tensors, stats = problem(1, 2, 3, 4, 5)
+    mask = torch.zeros(1, 1, 3, 4, dtype=torch.bool)
+    mask[0, 0, 0, 0] = True
+    rm = stats["running_mean"].clone()
+    with pytest.raises(ValueError, match="more than one unmasked value per head; unmasked counts per head: \\[1, 1\\]"):
+        run("cpu", "batch-train", tensors, dict(stats, running_mean=rm), attn_mask=mask)
+
+
+@pytest.mark.parametrize("mode", ["none", "batch-train", "layer"])  # dropout trains: BatchNorm in training
+@pytest.mark.parametrize("masked", [False, True])
+def test_dropout_replays_with_the_kernel_keep_mask(mode, masked):
+    B, H, Nq, Nk, D, p = 2, 3, 9, 11, 6, 0.3
+    tensors, stats = problem(B, H, Nq, Nk, D)
+    mask = masks(B, H, Nq, Nk)["bool"] if masked else None
+    torch.manual_seed(1234)
+    out, kw = run("cpu", mode, tensors, stats, training=True, dropout_p=p, attn_mask=mask)
+    torch.manual_seed(1234)
+    from reattn.backends.cpu import draw_seed
+
+    keep = dropout_keep_mask(draw_seed(), (B, H, Nq, Nk), p)
+    ref_kw = {n: v for n, v in kwargs_for(mode, tensors, stats).items() if n != "training"}
+    ref = re_attention_ref(tensors["q"], tensors["k"], tensors["v"], tensors["mix_weight"], tensors["mix_bias"],
+                           training=True, dropout_p=p, dropout_mask=keep, attn_mask=mask, **ref_kw)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-11)
+    grad = torch.randn_like(out)
+    names = names_for(mode)
+    got = torch.autograd.grad(out, [tensors[n] for n in names], grad)
+    expected = torch.autograd.grad(ref, [tensors[n] for n in names], grad)
+    for name, a, b in zip(names, got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_dropout_keep_mask_statistics_and_seeding():
+    keep = dropout_keep_mask(7, (4, 6, 50, 60), 0.25)
+    assert keep.dtype == torch.bool and keep.shape == (4, 6, 50, 60)
+    assert abs(keep.float().mean().item() - 0.75) < 0.01
+    assert torch.equal(keep, dropout_keep_mask(7, (4, 6, 50, 60), 0.25))
+    assert not torch.equal(keep, dropout_keep_mask(8, (4, 6, 50, 60), 0.25))
+    assert dropout_keep_mask(7, (1, 1, 3, 5), 0.0).all()
+    tensors, stats = problem(2, 3, 5, 6, 4)
+    torch.manual_seed(0)
+    a, _ = run("cpu", "none", tensors, stats, training=True, dropout_p=0.5)
+    torch.manual_seed(0)
+    b, _ = run("cpu", "none", tensors, stats, training=True, dropout_p=0.5)
+    c, _ = run("cpu", "none", tensors, stats, training=True, dropout_p=0.5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+def test_low_precision_within_twice_eager_error(dtype, mode):
+    tensors64, stats = problem(2, 6, 37, 29, 32)
+    low = {n: t.detach().to(dtype).requires_grad_(True) for n, t in tensors64.items()}
+    grad = torch.randn(2, 6, 37, 32, dtype=torch.float64)
+    ref, _ = run("eager", mode, tensors64, stats)
+    names = names_for(mode)
+    ref_grads = torch.autograd.grad(ref, [tensors64[n] for n in names], grad)
+    low_stats = {n: t.to(dtype) for n, t in stats.items()}
+    errors = {}
+    for backend in ("cpu", "eager"):
+        out, _ = run(backend, mode, low, low_stats)
+        assert out.dtype == dtype
+        grads = torch.autograd.grad(out, [low[n] for n in names], grad.to(dtype))
+        errors[backend] = [(out.double() - ref).abs().max().item()] + [
+            (g.double() - r).abs().max().item() for g, r in zip(grads, ref_grads)]
+    for what, kernel_err, eager_err in zip(["out"] + names, errors["cpu"], errors["eager"]):
+        assert kernel_err <= 2 * eager_err + 1e-6, (what, kernel_err, eager_err)
+
+
+def test_cpu_and_eager_agree_on_running_statistics_in_float32():
+    tensors, stats = problem(4, 6, 50, 50, 16, dtype=torch.float32)
+    stats = {n: t.float() for n, t in stats.items()}
+    _, kw_cpu = run("cpu", "batch-train", tensors, stats, momentum=0.3)
+    _, kw_ref = run("eager", "batch-train", tensors, stats, momentum=0.3)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(kw_cpu[name], kw_ref[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_autograd_saves_no_quadratic_tensor():
+    B, H, Nq, Nk, D = 2, 6, 40, 48, 32
+    tensors, stats = problem(B, H, Nq, Nk, D)
+    for mode in MODES:
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out, _ = run("cpu", mode, tensors, stats)
+        out.sum().backward()
+        assert saved, "nothing was saved: the hook did not see the graph"
+        assert max(saved) < B * H * Nq * Nk, (mode, saved)
+        assert max(saved) <= B * H * max(Nq, Nk) * D, (mode, saved)
+
+
+def test_uses_more_than_one_thread():
+    if torch.get_num_threads() < 2:
+        pytest.fail(f"this machine gives torch {torch.get_num_threads()} thread(s); the test needs 2")
+    tensors, stats = problem(4, 6, 64, 64, 16, dtype=torch.float32)
+    out, _ = run("cpu", "layer", tensors, stats)
+    assert _C.cpu_last_parallel_chunks() >= 2
+    out.sum().backward()
+    assert _C.cpu_last_parallel_chunks() >= 2
+
+
+def test_portable_gemm_fallback_matches_eager():
+    # Without torch's BLAS symbols (other platforms) the kernel uses its own GEMM loops.
+    script = (
+        "import torch, reattn\n"
+        "from reattn._extension import _C\n"
+        "assert _C.cpu_gemm_backend() == 'portable fallback', _C.cpu_gemm_backend()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "q, k, v = (torch.randn(2, 3, 11, 7, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))\n"
+        "w = torch.eye(3, dtype=torch.float64) + 0.3\n"
+        "outs = [reattn.re_attention(q, k, v, w, norm='layer', backend=b) for b in ('cpu', 'eager')]\n"
+        "torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)\n"
+        "ga = torch.autograd.grad(outs[0].sum(), (q, k, v)); gb = torch.autograd.grad(outs[1].sum(), (q, k, v))\n"
+        "for a, b in zip(ga, gb): torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)\n"
+        "print('ok')\n")
+    env = dict(os.environ, REATTN_CPU_BLAS="0")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"
+
+
+def test_traces_under_torch_compile_without_graph_breaks():
+    tensors, stats = problem(2, 6, 9, 9, 8)
+
+    def f(q, k, v, w, c, nw, nb):
+        return reattn.re_attention(q, k, v, w, c, norm="layer", norm_weight=nw, norm_bias=nb, backend="cpu") * 2
+
+    args = [tensors[n] for n in GRAD_NAMES]
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = compiled(*args)
+    torch.testing.assert_close(out, f(*args), rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    assert tensors["mix_weight"].grad is not None
+
+
+def test_fake_implementation_gives_shapes_and_dtypes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 6, 9, 32, dtype=torch.bfloat16)
+        k = torch.empty(2, 6, 11, 32, dtype=torch.bfloat16)
+        w = torch.empty(6, 6)
+        out, lse, R, U, stats = cpu_forward(q, k, k, w, None, None, None, None, 0.1, 1.0, 2, 1e-5, 0.0, 0)
+    assert out.shape == (2, 6, 9, 32) and out.dtype == torch.bfloat16
+    assert lse.shape == (2, 6, 9) and lse.dtype == torch.float32
+    assert R.shape == U.shape == (2, 6, 9, 32) and R.dtype == torch.float32
+    assert stats.shape == (3, 6) and stats.dtype == torch.float64
+
+
+def test_refuses_what_it_cannot_run():
+    tensors, stats = problem(1, 2, 3, 4, 5, dtype=torch.float16)
+    with pytest.raises(ValueError, match="backend='cpu' cannot run on cpu: the fused CPU kernel supports float32, "
+                                         "float64 and bfloat16, got torch.float16"):
+        run("cpu", "none", tensors, stats)
+    tensors, stats = problem(1, 2, 3, 4, 5)
+    mask = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="gradients with respect to attn_mask"):
+        run("cpu", "none", tensors, stats, attn_mask=mask)
+    with pytest.raises(ValueError, match="only backend='eager'"):
+        run("cpu", "none", tensors, stats, return_attention=True)
+
+
+def test_non_finite_inputs_propagate_like_eager():
+    tensors, stats = problem(1, 6, 4, 4, 32)
+    with torch.no_grad():
+        tensors["q"][0, 2, 1, 0] = float("nan")
+    for mode in MODES:
+        out, _ = run("cpu", mode, tensors, stats)
+        ref, _ = run("eager", mode, tensors, stats)
+        assert torch.equal(torch.isnan(out), torch.isnan(ref)), mode
+        assert torch.isnan(out).any()
