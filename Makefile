@@ -16,12 +16,12 @@ endif
 
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 
-.PHONY: bench bench-full test test-fast install clean
+.PHONY: bench bench-full bench-report test test-fast install clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "$(TORCH_SPEC)" timm vit-pytorch pytest ninja numpy
+	$(PY) -m pip install -q "$(TORCH_SPEC)" timm vit-pytorch pytest ninja numpy matplotlib tqdm
 	touch $@
 
 # Without build isolation: the build uses the torch above instead of downloading another one.
@@ -31,11 +31,17 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
 
 install: $(VENV)/.built
 
+# Table on the terminal; rows appended to benchmarks/results/{microbench,models}.csv; PNGs next to them.
+# BENCH_ARGS passes options, e.g. make bench BENCH_ARGS='--machine "2-core dev machine"'.
 bench: $(VENV)/.built
-	$(PY) -m benchmarks.bench_reattn --quick
+	$(PY) -m benchmarks.bench_reattn --quick $(BENCH_ARGS)
 
 bench-full: $(VENV)/.built
-	$(PY) -m benchmarks.bench_reattn
+	$(PY) -m benchmarks.bench_reattn $(BENCH_ARGS)
+
+# Rewrite the README's results section from the CSVs.
+bench-report: $(VENV)/.deps
+	$(PY) -m benchmarks.report
 
 test: $(VENV)/.built
 	$(PY) -m pytest tests
