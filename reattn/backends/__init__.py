@@ -125,10 +125,11 @@ def resolve_backend(backend: str, problem: Problem) -> str:
         raise ValueError(f"re_attention: backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     if backend == "auto":
         # [cpu-auto] Fused backends in order of preference per device (the Triton interpreter is for
-        # testing, never "auto"). CPU tensors: the fused C++ kernel whenever it can run. Measured on a 2-core Xeon
-        # (AVX-512), fp32, B=8, norm batch eval / batch train / layer, vs backend="eager" (benchmarks/results):
-        # DeepViT-16b forward 5.9x / 3.2x / 4.9x faster, forward+backward 3.5x / 1.5x / 3.1x;
-        # DeiT-S forward 5.6x / 3.1x / 6.8x, forward+backward 3.1x / 2.2x / 4.0x.
+        # testing, never "auto"). CPU tensors: the fused C++ kernel whenever it can run. Measured with
+        # benchmarks.bench_reattn on a shared 2-core Xeon (AVX-512, load ~4), fp32, B=8, speed-up over
+        # backend="eager" for norm batch eval / batch train / layer: DeepViT-16b forward 1.9x / 1.3x / 2.7x,
+        # forward+backward 3.1x / 1.4x / 2.7x; DeiT-S forward 3.6x / 2.1x / 5.2x, forward+backward
+        # 2.8x / 2.3x / 6.4x; it never lost to eager, so no size threshold.
         # Not with dropout: its counter-based RNG draws other keep-masks than F.dropout under the same
         # torch seed, and "auto" keeps the official module's dropout pattern (backend="cpu" opts in).
         preference = {"cuda": ("cuda", "triton"), "cpu": () if problem.dropout else ("cpu",)}.get(
