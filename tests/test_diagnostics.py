@@ -208,6 +208,7 @@ def test_official_deepvit_reattention():
 
 
 def test_heatmap_png(tmp_path):
+    pytest.importorskip("matplotlib")
     result = cross_layer_similarity(tiny_timm(), images(), name="tiny timm ViT")
     fig = result.figure()
     heat_ax, line_ax, bar_ax = fig.axes

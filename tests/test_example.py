@@ -33,7 +33,11 @@ def test_train_digits_smoke_synthetic(tmp_path):
         assert "largest per-step" in out
         diff = float(out.split("largest per-step")[1].split("=")[1].split()[0])
         assert diff < 1e-3, out
-    assert "batch" in proc.stderr  # the tqdm progress bar
+    try:
+        import tqdm  # noqa: F401
+    except ImportError:  # the example runs without its progress bar then
+        return
+    assert "batch/s" in proc.stderr or "s/batch" in proc.stderr  # the tqdm progress bar
 
 
 def test_train_digits_smoke_digits():
