@@ -86,7 +86,11 @@ def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bo
     return ForwardConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, HP=hp, num_warps=8, num_stages=num_stages)
 
 
-BACKWARD_MAX_HEAD_DIM = 64
+# Head dims up to BACKWARD_SINGLE_CHUNK_D run the backward in one program per query block; larger
+# ones are split into chunks of BACKWARD_CHUNK_D columns, one program per chunk (``backward_config``).
+BACKWARD_SINGLE_CHUNK_D = 64
+BACKWARD_CHUNK_D = 32
+BACKWARD_MAX_HEAD_DIM = MAX_HEAD_DIM
 
 
 def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None) -> ForwardConfig:
@@ -94,13 +98,18 @@ def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[b
 
     The backward holds more tiles at once (q, dO, dQ and the K, V^T, K tiles of a key block), and
     Triton's layout conversions of the [HP, BLOCK_M, BLOCK_D] tiles take shared memory. Measured
-    by ahead-of-time compilation for sm_80 at HP=16, BLOCK_N=16, BLOCK_D=64: 173056 bytes with 8
-    or 16 warps (over sm_80's 166912), 164864 with 4 warps; at BLOCK_D=128, 336896 bytes with 8
-    warps, over both sm_80 and sm_90, so head dims above BACKWARD_MAX_HEAD_DIM are refused until
-    the backward splits the head dim.
+    by ahead-of-time compilation for sm_80 (bf16, HP=16, BLOCK_N=16, Triton 3.9):
+
+    * BLOCK_D=64, one chunk: 173056 bytes with 8 or 16 warps (over sm_80's 166912), 164864 with 4.
+    * BLOCK_D=128, one chunk: 336896 bytes (8 warps), over sm_80 and sm_90 alike.
+    * D=128 in 2 chunks of 64: 197632 bytes (fits sm_90's 232448, not sm_80); in 4 chunks of 32:
+      99328 bytes. So head dims above 64 use chunks of BACKWARD_CHUNK_D = 32: each program owns 32
+      columns of dQ, dK, dV and recomputes the scores over the whole head dim (4x the score work
+      at D = 128; a GPU-specific choice of 64 on sm_90 is left for tuning on a GPU).
     """
     if d > BACKWARD_MAX_HEAD_DIM:
         raise ValueError(f"re_attention_backward: head dims up to {BACKWARD_MAX_HEAD_DIM} are supported, got {d}")
     cfg = forward_config(n_q, n_k, d, h, interpret=interpret)
-    return ForwardConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, HP=cfg.HP,
-                         num_warps=4, num_stages=1)
+    block_d = cfg.BLOCK_D if cfg.BLOCK_D <= BACKWARD_SINGLE_CHUNK_D else BACKWARD_CHUNK_D
+    return ForwardConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=block_d, HP=cfg.HP, num_warps=4,
+                         num_stages=1)

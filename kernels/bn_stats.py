@@ -1,0 +1,168 @@
+"""Training-mode BatchNorm statistics of the mixed map M, without the map: the Gram-matrix sweep.
+
+BatchNorm2d(H) on M [B, H, Nq, Nk] needs, per head g, the mean and variance of M_g over its n
+unmasked entries. With M_g = sum_h W[g, h] P~_h + c_g these follow from H + H*H sums over the
+probabilities (shared/design/reattention-math.md):
+
+    s1[h]     = sum X_h           G[h, h'] = sum X_h X_h'        with X = P~ - kappa
+    mean_g    = c_g + kappa * sum_h W[g, h] + (W s1)_g / n
+    var_g     = (W G W^T)_gg / n - ((W s1)_g / n)^2              (biased, as BatchNorm normalizes)
+
+Sums run over the unmasked entries only (masked entries have P~ = 0 and are left out). The
+shift kappa = 1 / Nk centres X: without dropout or masks every row of P sums to 1, so s1 = 0 and
+the variance is a sum of squares, not a difference of two nearly equal numbers (which in fp32
+would lose the variance of near-uniform attention maps). Each program reduces its
+[HP, BLOCK_M, BLOCK_N] tiles in fp32 (fp64 for fp64 inputs) and adds its partial sums into
+fp64 buffers atomically.
+
+The sweep needs L first, so it runs the forward's pass 1 too and writes ``lse``; the forward
+then reads it (``lse_is_input``) instead of recomputing it. Nothing here imports ``reattn``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import _mm, _probs_tile, _row_logsumexp
+from .forward import accumulator_dtype, dropout_arguments, launch_options, mask_arguments, run_on_device
+from .launch import forward_config, interpreting
+
+
+@triton.jit
+def _bn_stats_kernel(
+    Q, K, MASK, SEED, LSE, S1, GRAM,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_lb, stride_lh, stride_lm,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, N_Q, N_K, D, NUM_M_BLOCKS,
+    scale, dropout_p, shift,
+    HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = (pid // NUM_M_BLOCKS).to(tl.int64)
+    pid_m = pid % NUM_M_BLOCKS
+    LOWP_DTYPE: tl.constexpr = Q.dtype.element_ty
+
+    offs_h = tl.arange(0, HP)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ok = offs_h < H
+    m_ok = offs_m < N_Q
+    d_ok = offs_d < D
+    h3 = offs_h.to(tl.int64)[:, None, None]
+    m3 = offs_m.to(tl.int64)[None, :, None]
+    h_ok3 = h_ok[:, None, None]
+    valid_hm = h_ok[:, None] & m_ok[None, :]
+
+    q = tl.load(Q + b * stride_qb + h3 * stride_qh + m3 * stride_qm + offs_d[None, None, :] * stride_qd,
+                mask=h_ok3 & m_ok[None, :, None] & d_ok[None, None, :], other=0.0)
+    if not DOT_LOWP:
+        q = q.to(CDT)
+    k_base = K + b * stride_kb + h3 * stride_kh + offs_d[None, :, None] * stride_kd
+    kd_mask = h_ok3 & d_ok[None, :, None]
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+
+    lse = _row_logsumexp(q, k_base, kd_mask, stride_kn, b, h3, m3, valid_hm, N_K, scale, MASK, stride_mb,
+                         stride_mh, stride_mm, stride_mn, HP, BLOCK_M, BLOCK_N, CDT, MASK_KIND, DOT_LOWP,
+                         LOWP_DTYPE, DOT_PRECISION)
+    tl.store(LSE + b * stride_lb + offs_h[:, None] * stride_lh + offs_m[None, :] * stride_lm,
+             lse.to(LSE.dtype.element_ty), mask=valid_hm)
+
+    s1 = tl.zeros([HP], CDT)
+    gram = tl.zeros([HP, HP], CDT)
+    for start_n in range(0, N_K, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < N_K
+        kt = tl.load(k_base + offs_n.to(tl.int64)[None, None, :] * stride_kn, mask=kd_mask & n_ok[None, None, :],
+                     other=0.0)
+        if not DOT_LOWP:
+            kt = kt.to(CDT)
+        valid = valid_hm[:, :, None] & n_ok[None, None, :]
+        _, p_tilde, _, masked = _probs_tile(
+            _mm(q, kt, tl.zeros([HP, BLOCK_M, BLOCK_N], CDT), DOT_LOWP, LOWP_DTYPE, DOT_PRECISION), lse, b, H, offs_h,
+            offs_m, offs_n, valid, scale, seed, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn, HP,
+            BLOCK_M, BLOCK_N, CDT, MASK_KIND, HAS_DROPOUT)
+        x = tl.where(valid & (masked == 0), p_tilde - shift, 0.0)
+        s1 += tl.sum(tl.sum(x, axis=2), axis=1)
+        x2 = tl.reshape(x, (HP, BLOCK_M * BLOCK_N))
+        # Exact products for the statistics (no low-precision or TF32 dot here).
+        gram = _mm(x2, tl.trans(x2), gram, False, LOWP_DTYPE, "ieee")
+
+    tl.atomic_add(S1 + offs_h, s1.to(tl.float64), mask=h_ok)
+    tl.atomic_add(GRAM + offs_h[:, None] * H + offs_h[None, :], gram.to(tl.float64),
+                  mask=h_ok[:, None] & h_ok[None, :])
+
+
+def unmasked_count(attn_mask: Optional[torch.Tensor], B: int, Nq: int, Nk: int) -> torch.Tensor:
+    """Number n of (b, i, j) entries BatchNorm averages over (0-dim float64 tensor on the mask's device).
+
+    The mask must be the same for every head (bool masks always are; float masks must not have a
+    head dimension > 1), because one n and one Gram matrix serve all heads.
+    """
+    if attn_mask is None:
+        return torch.tensor(float(B * Nq * Nk), dtype=torch.float64)
+    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if mask.shape[1] != 1:
+        raise ValueError("re_attention: training-mode BatchNorm in the fused kernels needs an attn_mask that is the "
+                         f"same for every head (head dim 1), got shape {tuple(attn_mask.shape)}")
+    kept = mask if mask.dtype == torch.bool else mask != float("-inf")
+    return kept.expand(B, 1, Nq, Nk).sum(dtype=torch.float64)
+
+
+def batch_statistics(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mix_weight: torch.Tensor,
+    mix_bias: Optional[torch.Tensor],
+    *,
+    scale: float,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
+    lowp_dot: Optional[bool] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-head mean and biased variance of M over the unmasked entries, without materializing M.
+
+    Returns ``(mean [H], var [H], n, lse [B, H, Nq])``: mean/var float64 on q's device, n a
+    0-dim float64 count, lse as ``kernels.forward.re_attention_forward`` computes it (pass it
+    back with ``lse_is_input=True``). Same argument conventions as the forward.
+    """
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    device = q.device
+    n = unmasked_count(attn_mask, B, Nq, Nk).to(device)
+    lse = torch.empty((B, H, Nq), dtype=accumulator_dtype(q), device=device)
+    s1 = torch.zeros((H,), dtype=torch.float64, device=device)
+    gram = torch.zeros((H, H), dtype=torch.float64, device=device)
+    shift = torch.tensor(1.0 / Nk, dtype=torch.float32).item()  # exact in fp32 kernels and fp64 formulas alike
+    if B > 0 and Nq > 0:
+        mask, mask_kind, mask_strides = mask_arguments(attn_mask, q, Nk)
+        seed, has_dropout = dropout_arguments(dropout_p, seed, device)
+        interpret = interpreting()
+        config = forward_config(Nq, Nk, D, H, interpret=interpret)
+        cdt, lowp_dot, precision = launch_options(q, lowp_dot, False, interpret)
+        num_m = triton.cdiv(Nq, config.BLOCK_M)
+        run_on_device(
+            _bn_stats_kernel, (num_m * B,), device,
+            q, k, mask, seed if has_dropout else q, lse, s1, gram,
+            *q.stride(), *k.stride(), *lse.stride(), *mask_strides,
+            H, Nq, Nk, D, num_m, float(scale), float(dropout_p), shift,
+            MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, CDT=cdt, DOT_LOWP=lowp_dot, DOT_PRECISION=precision,
+            **config.meta(),
+        )
+    w = mix_weight.to(torch.float64)
+    w_s1 = (w @ s1) / n
+    mean = shift * w.sum(dim=1) + w_s1
+    if mix_bias is not None:
+        mean = mean + mix_bias.to(torch.float64)
+    var = ((w @ gram) * w).sum(dim=1) / n - w_s1 * w_s1
+    return mean, var.clamp_min(0.0), n, lse
