@@ -91,6 +91,8 @@ def re_attention(
     problem = Problem(q.device, heads=q.shape[1], head_dim=q.shape[3], norm=norm,
                       batchnorm_training=norm == "batch" and training, dropout=training and dropout_p > 0,
                       masked=attn_mask is not None, return_attention=return_attention, dtype=q.dtype,
+                      mask_per_head=attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1,
+                      mask_requires_grad=attn_mask is not None and attn_mask.requires_grad,
                       synced_stats=sync_group is not None and norm == "batch" and training,
                       needs_grad=torch.is_grad_enabled() and any(
                           t is not None and t.requires_grad
@@ -104,8 +106,9 @@ def re_attention(
         from reattn.backends.triton import re_attention_triton
 
         return re_attention_triton(q, k, v, mix_weight, mix_bias, scale=scale, norm=norm, norm_weight=norm_weight,
-                                   norm_bias=norm_bias, running_mean=running_mean, running_var=running_var, eps=eps,
-                                   out_scale=out_scale)
+                                   norm_bias=norm_bias, running_mean=running_mean, running_var=running_var,
+                                   training=training, momentum=momentum, eps=eps, out_scale=out_scale,
+                                   dropout_p=dropout_p, attn_mask=attn_mask)
     if name == "cpu":
         from reattn.backends.cpu import re_attention_cpu
 

@@ -12,7 +12,7 @@ import torch
 
 from reattn._extension import extension_error_message
 # The kernels' limits live with their launch rules (a stdlib-only module: importable without triton).
-from reattn.kernels.launch import BACKWARD_MAX_HEAD_DIM, MAX_HEAD_DIM, MAX_HEADS, interpreting
+from reattn.kernels.launch import MAX_HEAD_DIM, MAX_HEADS, interpreting
 
 BACKENDS = ("eager", "triton", "cuda", "cpu")
 BACKEND_CHOICES = ("auto",) + BACKENDS
@@ -36,6 +36,8 @@ class Problem:
     batchnorm_training: bool = False
     dropout: bool = False
     masked: bool = False
+    mask_per_head: bool = False       # attn_mask has a head dimension > 1 (float masks only)
+    mask_requires_grad: bool = False
     return_attention: bool = False
     needs_grad: bool = False
     dtype: Optional[torch.dtype] = None  # q's dtype; None = not known (a backend then assumes it can)
@@ -58,19 +60,15 @@ def _triton_reason(problem: Problem) -> Optional[str]:
     missing = _triton_import_error()
     if missing is not None:
         return missing
-    if problem.masked:
-        return "attn_mask is not supported by the Triton kernels yet"
-    if problem.dropout:
-        return "attention dropout is not supported by the Triton kernels yet"
-    if problem.batchnorm_training:
-        return "training-mode BatchNorm statistics are not supported by the Triton kernels yet"
+    if problem.mask_requires_grad and problem.needs_grad:
+        return "the Triton kernels do not compute gradients with respect to attn_mask (it requires grad)"
+    if problem.batchnorm_training and problem.mask_per_head:
+        return ("training-mode BatchNorm with an attn_mask that differs per head is not supported by the Triton "
+                "kernels (their statistics sweep shares one mask across heads): give the mask a head dim of 1")
     if problem.heads > MAX_HEADS:
         return f"the Triton kernels support at most {MAX_HEADS} heads, got {problem.heads}"
     if problem.head_dim > MAX_HEAD_DIM:
         return f"the Triton kernels support head dims up to {MAX_HEAD_DIM}, got {problem.head_dim}"
-    if problem.needs_grad and problem.head_dim > BACKWARD_MAX_HEAD_DIM:
-        return (f"the Triton backward supports head dims up to {BACKWARD_MAX_HEAD_DIM} (larger ones do not "
-                f"fit shared memory yet), got {problem.head_dim} with gradients required")
     return None
 
 
