@@ -9,3 +9,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_finish(session):
+    # The ahead-of-time compiles are slow and independent of the other tests: start them now.
+    if any(item.nodeid.startswith("tests/kernels/test_aot.py") for item in session.items):
+        from tests import _aot
+
+        _aot.start()
