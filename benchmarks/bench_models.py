@@ -9,8 +9,9 @@ Models (random weights, 224 px, 1000 classes):
                   ``ReAttention`` (``reattn.swap_attention``, or the same replacement by hand)
 
 Each model is built once; its ``ReAttention`` modules are switched between ``backend="eager"``
-and every fused backend available on the device (the same weights for all). Measured per
-model x backend: inference (eval mode, no autograd) and a training step (train mode: forward,
+and every fused backend available on the device (the same weights for all), the backends taking
+turns step by step. Measured per model x backend: inference (eval mode, no autograd) and a
+training step (train mode: forward,
 cross-entropy on random labels, backward, AdamW step). On GPU both run under bf16 autocast; on
 CPU in float32. Figures: median step time with p20/p80 and images/s = batch / median. A backend
 that refuses a mode (ValueError, e.g. a mode its kernels do not cover) is recorded as skipped.
@@ -142,25 +143,40 @@ def _step_function(model: nn.Module, mode: str, images: torch.Tensor, labels: to
     return train_step
 
 
-def measure_model(model: nn.Module, mode: str, batch: int, device: torch.device, warmup: int, steps: int,
-                  progress, image_size: int = 224) -> common.Timing:
-    """Median/p20/p80 milliseconds per step, a monotonic clock around synchronized steps."""
+def measure_backends(model: nn.Module, mode: str, backends: Sequence[str], batch: int, device: torch.device,
+                     warmup: int, steps: int, progress, image_size: int = 224) -> Dict[str, object]:
+    """Milliseconds per step of ``model`` under each backend: backend -> Timing, or the exception it raised.
+
+    The backends take turns step by step (warm-up steps first), so a change in the machine's load
+    while the benchmark runs is spread over all of them. A monotonic clock around synchronized steps.
+    """
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device)
     labels = torch.randint(0, 1000, (batch,), generator=generator).to(device)
     step = _step_function(model, mode, images, labels, device)
-    times = []
+    times: Dict[str, object] = {backend: [] for backend in backends}
     for index in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if index >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-        progress.update(1)
-    return common.Timing(statistics.median(times), common.quantile(times, 0.2), common.quantile(times, 0.8))
+        for backend in backends:
+            if isinstance(times[backend], BaseException):
+                continue
+            set_backend(model, backend)
+            try:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            except Exception as error:  # noqa: BLE001 - reported per backend by the caller
+                times[backend] = error
+                continue
+            finally:
+                progress.update(1)
+            if index >= warmup:
+                times[backend].append((time.perf_counter() - start) * 1e3)
+    return {backend: value if isinstance(value, BaseException)
+            else common.Timing(statistics.median(value), common.quantile(value, 0.2), common.quantile(value, 0.8))
+            for backend, value in times.items()}
 
 
 def run_models(device: torch.device, models: Sequence[str], modes: Sequence[str], batch: int, warmup: int,
@@ -173,7 +189,6 @@ def run_models(device: torch.device, models: Sequence[str], modes: Sequence[str]
     meta = dict(run_id=f"{meta['date']}-{meta['commit']}", **meta, suite=suite,
                 precision="bf16 autocast" if device.type == "cuda" else "float32", batch=batch)
     fused = fused_backends(device, excluded)
-    backends = ["eager"] + list(fused)
     runnable = ["eager"] + [name for name, reason in fused.items() if reason is None]
     rows: List[Dict[str, object]] = []
     progress = tqdm(total=len(models) * len(runnable) * len(modes) * (warmup + steps), desc="whole models",
@@ -183,31 +198,26 @@ def run_models(device: torch.device, models: Sequence[str], modes: Sequence[str]
         spec = MODELS[model_name]
         model = spec.build().to(device)
         blocks = set_backend(model, "eager")
-        eager_ms: Dict[str, float] = {}
-        for backend in backends:
-            for mode in modes:
+        for mode in modes:
+            progress.set_postfix_str(f"{model_name} {mode}")
+            timings = measure_backends(model, mode, runnable, batch, device, warmup, steps, progress, spec.image_size)
+            eager = timings["eager"]
+            for backend in ["eager"] + list(fused):
                 row: Dict[str, object] = dict(meta, model=model_name, image_size=spec.image_size,
                                               reattention_modules=blocks, backend=backend, mode=mode)
-                if fused.get(backend):
+                timing = timings.get(backend)
+                if timing is None:
                     rows.append(dict(row, status="skipped", note=fused[backend]))
-                    continue
-                progress.set_postfix_str(f"{model_name} {backend} {mode}")
-                set_backend(model, backend)
-                try:
-                    timing = measure_model(model, mode, batch, device, warmup, steps, progress, spec.image_size)
-                except ValueError as error:
-                    rows.append(dict(row, status="skipped", note=str(error)))
-                    continue
-                except Exception as error:  # noqa: BLE001 - a failure is a result, not a crash
-                    rows.append(dict(row, status="failed", note=f"{type(error).__name__}: {error}"[:300]))
-                    continue
-                if backend == "eager":
-                    eager_ms[mode] = timing.median_ms
-                speedup = eager_ms[mode] / timing.median_ms if mode in eager_ms else None
-                rows.append(dict(row, status="ok", median_ms=round(timing.median_ms, 2),
-                                 p20_ms=round(timing.p20_ms, 2), p80_ms=round(timing.p80_ms, 2),
-                                 images_per_s=round(batch * 1e3 / timing.median_ms, 2),
-                                 speedup_vs_eager=round(speedup, 3) if speedup else "", note=""))
+                elif isinstance(timing, ValueError):
+                    rows.append(dict(row, status="skipped", note=str(timing)))
+                elif isinstance(timing, BaseException):
+                    rows.append(dict(row, status="failed", note=f"{type(timing).__name__}: {timing}"[:300]))
+                else:
+                    speedup = eager.median_ms / timing.median_ms if isinstance(eager, common.Timing) else None
+                    rows.append(dict(row, status="ok", median_ms=round(timing.median_ms, 2),
+                                     p20_ms=round(timing.p20_ms, 2), p80_ms=round(timing.p80_ms, 2),
+                                     images_per_s=round(batch * 1e3 / timing.median_ms, 2),
+                                     speedup_vs_eager=round(speedup, 3) if speedup else "", note=""))
         del model
     progress.close()
     return rows
@@ -272,7 +282,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--results", type=Path, default=common.RESULTS_DIR)
     parser.add_argument("--machine", default="", help="a label of this computer for the CSV and README")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="BACKEND", help="fused backends to leave out")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads on CPU (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     main_from_suite(torch.device(args.device), args.quick, args.results, args.models, args.modes,
                     machine=args.machine, excluded=args.exclude, batch=args.batch, warmup=args.warmup,
                     steps=args.steps)

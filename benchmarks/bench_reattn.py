@@ -212,13 +212,22 @@ def run_config(config: Config, suite: Suite, device: torch.device, meta: Dict[st
                                config.norm)
     io_bytes = common.bytes_model(config.batch, config.heads, config.tokens, config.tokens, config.head_dim,
                                   config.mode, element_size)
-    rows: List[Dict[str, object]] = []
+    rows: Dict[str, Dict[str, object]] = {}
     reference: Optional[torch.Tensor] = None
-    baseline_ms: Optional[float] = None
+    ready: List[tuple] = []  # (provider, calls, first_call_s, output, peak bytes)
+
+    def refused(provider: Provider, error: Exception) -> None:
+        row = rows[provider.name]
+        if isinstance(error, ValueError):
+            row.update(status="skipped", note=str(error))
+        else:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            row.update(status="failed", note=f"{type(error).__name__}: {message}"[:300])
+
     for provider in providers:
-        row: Dict[str, object] = dict(meta, suite=suite.name, **asdict(config), provider=provider.name)
+        rows[provider.name] = dict(meta, suite=suite.name, **asdict(config), provider=provider.name)
         if provider.skip_reason is not None:
-            rows.append(dict(row, status="skipped", note=provider.skip_reason))
+            rows[provider.name].update(status="skipped", note=provider.skip_reason)
             continue
         calls = _Calls(provider, config.mode, q, k, v, grad_out)
         try:
@@ -230,22 +239,35 @@ def run_config(config: Config, suite: Suite, device: torch.device, meta: Dict[st
             _synchronize(device)
             first_call_s = time.perf_counter() - start
             output = output.detach()
-            if provider.name == BASELINE:
-                reference = output
-            calls.clear_grads()
-            timing = common.time_calls(calls.timed, device, suite.warmup, suite.reps, before_each=calls.before_each(),
-                                       grad_to_none=calls.leaves)
             calls.clear_grads()
             if config.mode == "bwd":
                 calls.prepare_backward()
             peak = common.peak_memory_bytes(calls.timed, device)
             calls.clear_grads()
-        except ValueError as error:
-            rows.append(dict(row, status="skipped", note=str(error)))
+        except Exception as error:  # noqa: BLE001 - a provider's refusal or failure is a result, not a crash
+            refused(provider, error)
             continue
-        except Exception as error:  # noqa: BLE001 - a provider's failure is a result, not a crash
-            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            rows.append(dict(row, status="failed", note=f"{type(error).__name__}: {message}"[:300]))
+        if provider.name == BASELINE:
+            reference = output
+        ready.append((provider, calls, first_call_s, output, peak))
+
+    timed = [common.TimedCall(calls.timed, calls.before_each(), calls.leaves) for _, calls, *_ in ready]
+    if device.type == "cuda":  # pragma: no cover - needs a GPU; a GPU is not shared, each provider in turn
+        timings: List[object] = []
+        for call in timed:
+            try:
+                timings.append(common.time_calls(call.fn, device, suite.warmup, suite.reps,
+                                                 before_each=call.before_each, grad_to_none=call.grad_to_none))
+            except Exception as error:  # noqa: BLE001
+                timings.append(error)
+    else:
+        timings = common.time_interleaved(timed, suite.warmup, suite.reps)
+
+    baseline_ms: Optional[float] = None
+    for (provider, calls, first_call_s, output, peak), timing in zip(ready, timings):
+        calls.clear_grads()
+        if isinstance(timing, Exception):
+            refused(provider, timing)
             continue
         if provider.name == BASELINE:
             baseline_ms = timing.median_ms
@@ -253,16 +275,19 @@ def run_config(config: Config, suite: Suite, device: torch.device, meta: Dict[st
         if reference is not None and provider.name not in (BASELINE, SDPA):
             difference = f"{(output.float() - reference.float()).abs().max().item():.3g}"
         seconds = timing.median_ms / 1e3
-        rows.append(dict(
-            row, status="ok",
+        rows[provider.name].update(
+            status="ok",
             median_ms=round(timing.median_ms, 4), p20_ms=round(timing.p20_ms, 4), p80_ms=round(timing.p80_ms, 4),
             tflops_model=round(flops / seconds / 1e12, 4), gbps_io=round(io_bytes / seconds / 1e9, 3),
             speedup_vs_eager=round(baseline_ms / timing.median_ms, 3) if baseline_ms else "",
             peak_mem_mb=round(peak / 2**20, 2),
             compile_s=round(first_call_s, 2) if provider.compiled else "",
             max_abs_diff_vs_eager=difference, note="",
-        ))
-    return rows
+        )
+    columns = ("status", "median_ms", "p20_ms", "p80_ms", "tflops_model", "gbps_io", "speedup_vs_eager", "peak_mem_mb",
+               "compile_s", "max_abs_diff_vs_eager", "note")
+    # Every row has every column, in one order (skipped rows with blanks).
+    return [dict(row, **{column: row.get(column, "") for column in columns}) for row in rows.values()]
 
 
 # ----------------------------------------------------------------------------- table

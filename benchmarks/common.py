@@ -148,6 +148,49 @@ def time_calls(
     return Timing(statistics.median(times), quantile(times, 0.2), quantile(times, 0.8))
 
 
+@dataclass
+class TimedCall:
+    """A call to time; ``before_each`` runs untimed before every call, ``grad_to_none`` are reset untimed."""
+
+    fn: Callable[[], object]
+    before_each: Optional[Callable[[], None]] = None
+    grad_to_none: Sequence[torch.Tensor] = ()
+
+    def reset(self) -> None:
+        for tensor in self.grad_to_none:
+            tensor.grad = None
+        if self.before_each is not None:
+            self.before_each()
+
+
+def time_interleaved(calls: Sequence[TimedCall], warmup: int, reps: int) -> List[object]:
+    """CPU timing of several calls in turn: every repetition times each call once, round robin.
+
+    On a machine shared with other jobs the load changes from second to second; timing the
+    providers of a configuration in turn spreads those changes over all of them instead of
+    charging them to whichever provider ran at the bad moment. Returns one ``Timing`` per call,
+    or the exception a call raised (that call is then left out of later repetitions).
+    """
+    results: List[object] = [[] for _ in calls]
+    for repetition in range(warmup + reps):
+        for index, call in enumerate(calls):
+            if isinstance(results[index], BaseException):
+                continue
+            try:
+                call.reset()
+                start = time.perf_counter()
+                call.fn()
+                elapsed_ms = (time.perf_counter() - start) * 1e3
+            except Exception as error:  # noqa: BLE001 - reported to the caller per call
+                results[index] = error
+                continue
+            if repetition >= warmup:
+                results[index].append(elapsed_ms)
+    return [result if isinstance(result, BaseException)
+            else Timing(statistics.median(result), quantile(result, 0.2), quantile(result, 0.8))
+            for result in results]
+
+
 def _time_cuda(fn, warmup: int, reps: int, reset: Callable[[], None], use_do_bench: bool,
                grad_to_none: Sequence[torch.Tensor]) -> Timing:  # pragma: no cover - needs a GPU
     """GPU timing: triton's do_bench when no untimed setup is needed between calls, else CUDA events."""

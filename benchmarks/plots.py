@@ -48,7 +48,8 @@ def _ok(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
 
 def _title_suffix(rows: Sequence[Dict[str, object]]) -> str:
     first = rows[0]
-    return f"{first['device']}, {first['dtype']}, {str(first['date'])[:10]}"
+    load = f", load average {first['load_avg_1m']}" if first.get("load_avg_1m") not in (None, "") else ""
+    return f"{first['device']}, {first['dtype']}, {str(first['date'])[:10]}{load}"
 
 
 def _panel_order(key: tuple) -> tuple:
@@ -146,8 +147,9 @@ def plot_speedup(rows: Sequence[Dict[str, object]], path: Path) -> Path:
             axis.bar_label(bars, labels=[f"{value:.2f}" if value == value else "" for value in values], fontsize=7,
                            padding=1)
         axis.axhline(1.0, color=_style(BASELINE)[0], linestyle="--", linewidth=1, label="eager = 1")
+        batches = {str(row["shape"]): row["batch"] for row in panel_rows}
         axis.set_xticks(range(len(shapes)))
-        axis.set_xticklabels(shapes, fontsize=9)
+        axis.set_xticklabels([f"{shape}\nB={batches[shape]}" for shape in shapes], fontsize=9)
         axis.set_yscale("log")
         _log_axis_labels(axis, "×")
         low, high = axis.get_ylim()

@@ -15,7 +15,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import reattn  # noqa: E402
 from benchmarks import bench_models, bench_reattn, common, report  # noqa: E402
-from benchmarks.providers import BASELINE, COMPILED, SDPA, VIT_PYTORCH  # noqa: E402
+from benchmarks.providers import BASELINE, COMPILED, SDPA, VIT_PYTORCH, Provider  # noqa: E402
 
 CPU = torch.device("cpu")
 NUMERIC = ("median_ms", "p20_ms", "p80_ms", "tflops_model", "gbps_io", "speedup_vs_eager", "peak_mem_mb")
@@ -104,6 +104,31 @@ def test_benchmarked_models_build_with_reattention_everywhere():
         model = bench_models.MODELS[name].build()
         assert bench_models.set_backend(model, "eager") == expected, name
         assert all(block.attn.apply_transform for block in model.blocks), name
+
+
+def test_refusing_and_failing_providers_are_recorded_with_their_reason(monkeypatch):
+    original = bench_reattn.build_providers
+
+    def refuse(q, k, v):
+        raise ValueError("this mode is not supported yet")
+
+    def crash(q, k, v):
+        raise RuntimeError("boom")
+
+    def with_two_more(*args, **kwargs):
+        return original(*args, **kwargs) + [Provider("refuser", refuse), Provider("crasher", crash)]
+
+    monkeypatch.setattr(bench_reattn, "build_providers", with_two_more)
+    suite = bench_reattn.Suite(name="test", shapes=(), modes=(), norms=(), dtypes=("float32",), batch=1,
+                               sweep_tokens=(), sweep_modes=(), sweep_norms=(), sweep_tokens_per_batch=1,
+                               warmup=0, reps=1, compile_scope="none")
+    config = bench_reattn.Config("tiny", heads=2, tokens=8, head_dim=4, batch=1, mode="fwd", norm="batch-eval",
+                                 dtype="float32")
+    rows = {row["provider"]: row for row in bench_reattn.run_config(config, suite, CPU, common.run_metadata(CPU))}
+    assert rows["refuser"]["status"] == "skipped" and rows["refuser"]["note"] == "this mode is not supported yet"
+    assert rows["crasher"]["status"] == "failed" and rows["crasher"]["note"] == "RuntimeError: boom"
+    assert rows[BASELINE]["status"] == "ok" and rows[SDPA]["status"] == "ok"
+    assert set(rows["refuser"]) == set(rows[BASELINE])  # one set of columns for every row
 
 
 def test_whole_model_tiny_run_and_readme_section(tmp_path, monkeypatch):
