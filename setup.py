@@ -18,7 +18,7 @@ Install without build isolation, so the build uses the torch already installed
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 try:
     import torch
@@ -116,7 +116,9 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["reattn", "reattn.backends", "reattn.kernels"],
+    # Every package under reattn/ (a hand-kept list once left reattn.models out of wheels), plus
+    # the Triton kernels, which live in kernels/ and install as reattn.kernels.
+    packages=find_packages(include=["reattn", "reattn.*"]) + ["reattn.kernels"],
     package_dir={"reattn": "reattn", "reattn.kernels": "kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
