@@ -21,6 +21,7 @@ README's results section from the CSV.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -389,11 +390,22 @@ def run_microbenchmarks(suite: Suite, device: torch.device, machine: str = "", e
     return rows
 
 
+def warn_if_busy(device: torch.device) -> None:
+    """Say so when other processes already load the CPU: CPU timings are then slow and noisy."""
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    if device.type == "cpu" and load > 0.5 * cores:
+        print(f"warning: the 1-minute load average is {load:.2f} on {cores} cores: other processes compete for "
+              f"the CPU and the timings will be slow and noisy (providers take turns so comparisons stay fair; "
+              f"--threads 1 often suffers less when the cores are shared)", flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    warn_if_busy(device)
     started = time.perf_counter()
     suite = suite_from_args(args, device)
     if not args.models_only:

@@ -4,12 +4,14 @@ Files (in the results folder, named by device type and dtype so a CPU and a GPU 
   {device}-{dtype}-time-vs-n.png     median time (p20-p80 band) of the H=16, D=64 sweep, log-log
   {device}-{dtype}-memory-vs-n.png   peak memory the call allocates, same sweep, log-log
   {device}-{dtype}-speedup.png       speed-up over eager per named shape, one panel per mode and norm
+
+``python -m benchmarks.plots`` redraws them from the CSV (the latest run per device type).
 """
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import matplotlib
 
@@ -153,14 +155,20 @@ def plot_speedup(rows: Sequence[Dict[str, object]], path: Path) -> Path:
         axis.set_yscale("log")
         _log_axis_labels(axis, "×")
         low, high = axis.get_ylim()
-        axis.set_ylim(min(low, 0.8), high * 1.4)  # room for the bar labels and the 1x line
+        axis.set_ylim(min(low, 0.8), high * 2.0)  # room for the bar labels above the tallest bar
         axis.set_ylabel("speed-up over eager (log scale)")
         axis.set_title(f"{mode}, norm={norm}", fontsize=10)
         axis.grid(True, axis="y", which="both", alpha=0.3)
-        axis.legend(fontsize=7, loc="upper left")
+    # One legend for every panel, below them, so it never hides a bar.
+    handles, labels = {}, {}
+    for axis in axes:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    figure.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=9,
+                  frameon=False)
     figure.suptitle(f"Speed-up over the eager official core (median time ratio)\n{_title_suffix(named)}",
                     fontsize=11)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
@@ -180,3 +188,22 @@ def plot_run(rows: Sequence[Dict[str, object]], folder: Path) -> List[Path]:
         if any(not str(row["shape"]).startswith(SWEEP_PREFIX) for row in dtype_rows):
             written.append(plot_speedup(dtype_rows, Path(f"{prefix}-speedup.png")))
     return written
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Redraw the plots of the latest run per device type from the CSV (``python -m benchmarks.plots``)."""
+    import argparse
+
+    from benchmarks import common
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--results", type=Path, default=common.RESULTS_DIR)
+    args = parser.parse_args(argv)
+    rows = common.read_csv(args.results / "microbench.csv")
+    for device_type in ("cuda", "cpu"):
+        for path in plot_run(common.latest_run(rows, device_type), args.results):
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -25,11 +25,19 @@ README = common.REPO_ROOT / "README.md"
 DEVICE_TITLES = {"cuda": "GPU", "cpu": "CPU"}
 
 
+PROVIDER_ORDER = ("eager", "triton", "cuda", "cpu", "torch.compile", "vit-pytorch", "sdpa")
+
+
+def _number(value: float) -> str:
+    """Three significant digits, never in scientific notation."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def _cell(row: Dict[str, str]) -> str:
     if row["status"] != "ok":
         return row["status"]
     speedup = "" if row["provider"] == BASELINE else f" ({float(row['speedup_vs_eager']):.2f}×)"
-    return f"{float(row['median_ms']):.3g} ms{speedup}, {float(row['peak_mem_mb']):.3g} MiB"
+    return f"{_number(float(row['median_ms']))} ms{speedup}, {_number(float(row['peak_mem_mb']))} MiB"
 
 
 def _run_header(rows: Sequence[Dict[str, str]]) -> str:
@@ -44,7 +52,8 @@ def microbench_section(rows: Sequence[Dict[str, str]], folder: Path, readme_dir:
     """Markdown lines for one run of the microbenchmark."""
     lines = [_run_header(rows), ""]
     named = [row for row in rows if not row["shape"].startswith(SWEEP_PREFIX)]
-    providers = list(dict.fromkeys(row["provider"] for row in rows))
+    providers = sorted(dict.fromkeys(row["provider"] for row in rows),
+                       key=lambda name: PROVIDER_ORDER.index(name) if name in PROVIDER_ORDER else len(PROVIDER_ORDER))
     skipped: Dict[str, set] = defaultdict(set)
     for dtype in dict.fromkeys(row["dtype"] for row in named):
         cells: Dict[tuple, Dict[str, str]] = {}
@@ -105,7 +114,7 @@ def models_section(rows: Sequence[Dict[str, str]]) -> List[str]:
             else:
                 shown = row["speedup_vs_eager"] and backend != "eager"
                 speedup = f" ({float(row['speedup_vs_eager']):.2f}×)" if shown else ""
-                values.append(f"{float(row['images_per_s']):.3g}{speedup}")
+                values.append(f"{_number(float(row['images_per_s']))}{speedup}")
         lines.append(f"| {model} | {mode} | " + " | ".join(values) + " |")
     lines.append("")
     if notes:
