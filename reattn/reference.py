@@ -24,6 +24,25 @@ def masked_entries(attn_mask: Optional[torch.Tensor], shape: torch.Size) -> Opti
     return masked.expand(shape)
 
 
+def _normalize_with_batch_stats(m, mean, var, count, weight, bias, running_mean, running_var, momentum, eps):
+    """BatchNorm2d's training output from per-head batch statistics, and its running-stat update.
+
+    mean, var (biased) and count are [H]; the running variance gets the unbiased var * n / (n - 1).
+    """
+    H = m.shape[1]
+    out = (m - mean.to(m.dtype).view(1, H, 1, 1)) * torch.rsqrt(var + eps).to(m.dtype).view(1, H, 1, 1)
+    if weight is not None:
+        out = out * weight.to(m.dtype).view(1, H, 1, 1)
+    if bias is not None:
+        out = out + bias.to(m.dtype).view(1, H, 1, 1)
+    if running_mean is not None:
+        with torch.no_grad():
+            unbiased = var * count / (count - 1)
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return out
+
+
 def _masked_batch_norm_train(
     m: torch.Tensor, masked: torch.Tensor, weight, bias, running_mean, running_var, momentum: float, eps: float
 ) -> torch.Tensor:
@@ -39,17 +58,7 @@ def _masked_batch_norm_train(
     mean = m.masked_fill(masked, 0).sum(dim=(0, 2, 3)) / n
     centered = (m - mean.view(1, H, 1, 1)).masked_fill(masked, 0)
     var = centered.square().sum(dim=(0, 2, 3)) / n
-    out = (m - mean.view(1, H, 1, 1)) * torch.rsqrt(var + eps).view(1, H, 1, 1)
-    if weight is not None:
-        out = out * weight.to(m.dtype).view(1, H, 1, 1)
-    if bias is not None:
-        out = out + bias.to(m.dtype).view(1, H, 1, 1)
-    if running_mean is not None:
-        with torch.no_grad():
-            unbiased = var * n / (n - 1)
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-    return out
+    return _normalize_with_batch_stats(m, mean, var, n, weight, bias, running_mean, running_var, momentum, eps)
 
 
 def _synced_batch_norm_train(
@@ -80,17 +89,7 @@ def _synced_batch_norm_train(
         )
     mean = total / count
     var = (total_sq / count - mean.square()).clamp_min(0)
-    out = (m - mean.to(m.dtype).view(1, H, 1, 1)) * torch.rsqrt(var + eps).to(m.dtype).view(1, H, 1, 1)
-    if weight is not None:
-        out = out * weight.to(m.dtype).view(1, H, 1, 1)
-    if bias is not None:
-        out = out + bias.to(m.dtype).view(1, H, 1, 1)
-    if running_mean is not None:
-        with torch.no_grad():
-            unbiased = var * count / (count - 1)
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-    return out
+    return _normalize_with_batch_stats(m, mean, var, count, weight, bias, running_mean, running_var, momentum, eps)
 
 
 def re_attention_ref(
