@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import NORM_BATCH, _load_head_vectors, _mix_norm_tile, _mm, _probs_tile
+from .common import _load_head_vectors, _mix_norm_tile, _mm, _probs_tile, _query_block
 from .forward import (_NORMS, accumulator_dtype, dropout_arguments, launch_options, mask_arguments,
                       run_on_device)
 from .launch import ForwardConfig, backward_config, interpreting
@@ -142,24 +142,13 @@ def _re_attention_bwd_kernel(
     HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, STATS_ONLY: tl.constexpr,
     CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = (pid // NUM_M_BLOCKS).to(tl.int64)
-    pid_m = pid % NUM_M_BLOCKS
+    b, offs_h, offs_m, h_ok, m_ok, h3, m3, h_ok3, valid_hm = _query_block(NUM_M_BLOCKS, H, N_Q, HP, BLOCK_M)
     # Head-dim chunk whose dQ, dK, dV columns this program owns (D_CHUNKS > 1 for head dims > BLOCK_D).
     pid_d = tl.program_id(1)
     LOWP_DTYPE: tl.constexpr = Q.dtype.element_ty
-
-    offs_h = tl.arange(0, HP)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    h_ok = offs_h < H
-    m_ok = offs_m < N_Q
     d_ok = offs_d < D
-    h3 = offs_h.to(tl.int64)[:, None, None]
-    h_ok3 = h_ok[:, None, None]
-    m3 = offs_m.to(tl.int64)[None, :, None]
-    valid_hm = h_ok[:, None] & m_ok[None, :]
     row_ok3 = h_ok3 & m_ok[None, :, None]
     row_mask = row_ok3 & d_ok[None, None, :]
     Qb = Q + b * stride_qb

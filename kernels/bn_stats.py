@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _mm, _probs_tile, _row_logsumexp
+from .common import _query_block, _mm, _probs_tile, _row_logsumexp
 from .forward import accumulator_dtype, dropout_arguments, launch_options, mask_arguments, run_on_device
 from .launch import forward_config, interpreting
 
@@ -44,22 +44,11 @@ def _bn_stats_kernel(
     MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = (pid // NUM_M_BLOCKS).to(tl.int64)
-    pid_m = pid % NUM_M_BLOCKS
+    b, offs_h, offs_m, h_ok, m_ok, h3, m3, h_ok3, valid_hm = _query_block(NUM_M_BLOCKS, H, N_Q, HP, BLOCK_M)
     LOWP_DTYPE: tl.constexpr = Q.dtype.element_ty
-
-    offs_h = tl.arange(0, HP)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    h_ok = offs_h < H
-    m_ok = offs_m < N_Q
     d_ok = offs_d < D
-    h3 = offs_h.to(tl.int64)[:, None, None]
-    m3 = offs_m.to(tl.int64)[None, :, None]
-    h_ok3 = h_ok[:, None, None]
-    valid_hm = h_ok[:, None] & m_ok[None, :]
 
     q = tl.load(Q + b * stride_qb + h3 * stride_qh + m3 * stride_qm + offs_d[None, None, :] * stride_qd,
                 mask=h_ok3 & m_ok[None, :, None] & d_ok[None, None, :], other=0.0)

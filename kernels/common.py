@@ -49,6 +49,25 @@ def _mm(a, b, acc, LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, PRECISION: tl.c
 
 
 @triton.jit
+def _query_block(NUM_M_BLOCKS, H, N_Q, HP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Which rows a program owns: batch element b (int64), BLOCK_M query rows, all HP (padded) heads.
+
+    Returns (b, offs_h, offs_m, h_ok, m_ok, h3, m3, h_ok3, valid_hm): the index vectors, their
+    validity, the int64 head/row offsets shaped for [HP, BLOCK_M, *] tiles, and the [HP, BLOCK_M]
+    mask of real (head, row) pairs.
+    """
+    pid = tl.program_id(0)
+    b = (pid // NUM_M_BLOCKS).to(tl.int64)
+    offs_h = tl.arange(0, HP)
+    offs_m = (pid % NUM_M_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h_ok = offs_h < H
+    m_ok = offs_m < N_Q
+    h3 = offs_h.to(tl.int64)[:, None, None]
+    m3 = offs_m.to(tl.int64)[None, :, None]
+    return b, offs_h, offs_m, h_ok, m_ok, h3, m3, h_ok[:, None, None], h_ok[:, None] & m_ok[None, :]
+
+
+@triton.jit
 def _dropout_keep(seed, b, H, offs_h, offs_m, offs_n, dropout_p,
                   HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Bool keep-mask [HP, BLOCK_M, BLOCK_N] of dropout for batch ``b``, heads/rows/keys given."""
