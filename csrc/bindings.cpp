@@ -3,6 +3,7 @@
 
 #include "cpu/re_attention.h"
 #include "cpu/row_stats.h"
+#include "cuda/ops.h"
 
 #ifdef REATTN_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -290,6 +291,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_gemm_backend", &reattn::cpu::gemm_backend_name, "Which GEMM the fused CPU kernel calls.");
   m.def("cpu_last_parallel_chunks", &reattn::cpu::last_parallel_chunks,
         "Threads that got work in the fused CPU kernel's last forward or backward sweep.");
+  reattn::cuda_ops::register_ops(m);
   m.def("build_info", &build_info, "How this extension was built: cuda, cuda_archs, openmp, torch_version.");
   m.def("parallel_thread_count", &reattn::cpu::parallel_thread_count, pybind11::arg("n_tasks"),
         "Distinct threads that ran at::parallel_for over n_tasks chunks (checks the OpenMP build).");

@@ -168,7 +168,7 @@ def choose_backends(args, device):
                 sys.exit(f"backend {name!r} cannot train this model on {device}: {reason}")
         return names, []
     # Fused backends in order of preference; the Triton interpreter (CPU) is far too slow for "auto".
-    preference = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    preference = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
     refused = []
     for name in preference:
         reason = why_not(name, args, device)

@@ -2,7 +2,8 @@
 
 BatchNorm2d(H) on M [B, H, Nq, Nk] needs, per head g, the mean and variance of M_g over its n
 unmasked entries. With M_g = sum_h W[g, h] P~_h + c_g these follow from H + H*H sums over the
-probabilities (shared/design/reattention-math.md):
+probabilities (shared/design/reattention-math.md; computed from the sums in
+``reattn.backends._fused.statistics_from_sums``):
 
     s1[h]     = sum X_h           G[h, h'] = sum X_h X_h'        with X = P~ - kappa
     mean_g    = c_g + kappa * sum_h W[g, h] + (W s1)_g / n
@@ -91,48 +92,31 @@ def _bn_stats_kernel(
                   mask=h_ok[:, None] & h_ok[None, :])
 
 
-def unmasked_count(attn_mask: Optional[torch.Tensor], B: int, Nq: int, Nk: int) -> torch.Tensor:
-    """Number n of (b, i, j) entries BatchNorm averages over (0-dim float64 tensor on the mask's device).
-
-    The mask must be the same for every head (bool masks always are; float masks must not have a
-    head dimension > 1), because one n and one Gram matrix serve all heads.
-    """
-    if attn_mask is None:
-        return torch.tensor(float(B * Nq * Nk), dtype=torch.float64)
-    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    if mask.shape[1] != 1:
-        raise ValueError("re_attention: training-mode BatchNorm in the fused kernels needs an attn_mask that is the "
-                         f"same for every head (head dim 1), got shape {tuple(attn_mask.shape)}")
-    kept = mask if mask.dtype == torch.bool else mask != float("-inf")
-    return kept.expand(B, 1, Nq, Nk).sum(dtype=torch.float64)
-
-
-def batch_statistics(
+def gram_sums(
     q: torch.Tensor,
     k: torch.Tensor,
-    mix_weight: torch.Tensor,
-    mix_bias: Optional[torch.Tensor],
+    attn_mask: Optional[torch.Tensor] = None,
+    seed: Optional[torch.Tensor] = None,
     *,
     scale: float,
-    attn_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
-    seed: Optional[torch.Tensor] = None,
+    shift: float,
     lowp_dot: Optional[bool] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-head mean and biased variance of M over the unmasked entries, without materializing M.
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sums training-mode BatchNorm needs, without materializing the map.
 
-    Returns ``(mean [H], var [H], n, lse [B, H, Nq])``: mean/var float64 on q's device, n a
-    0-dim float64 count, lse as ``kernels.forward.re_attention_forward`` computes it (pass it
-    back with ``lse_is_input=True``). Same argument conventions as the forward.
+    Returns ``(lse [B, H, Nq], s1 [H], gram [H, H])``: s1 and gram float64 sums of X = P~ - shift
+    over the unmasked entries, lse as ``kernels.forward.re_attention_forward`` computes it (pass it
+    back with ``lse_is_input=True``). ``shift`` should be 1/Nk rounded to float32. Same argument
+    conventions as the forward. (The mean and variance of M follow from these, W and c:
+    ``reattn.backends._fused.statistics_from_sums``.)
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     device = q.device
-    n = unmasked_count(attn_mask, B, Nq, Nk).to(device)
     lse = torch.empty((B, H, Nq), dtype=accumulator_dtype(q), device=device)
     s1 = torch.zeros((H,), dtype=torch.float64, device=device)
     gram = torch.zeros((H, H), dtype=torch.float64, device=device)
-    shift = torch.tensor(1.0 / Nk, dtype=torch.float32).item()  # exact in fp32 kernels and fp64 formulas alike
     if B > 0 and Nq > 0:
         mask, mask_kind, mask_strides = mask_arguments(attn_mask, q, Nk)
         seed, has_dropout = dropout_arguments(dropout_p, seed, device)
@@ -144,14 +128,8 @@ def batch_statistics(
             _bn_stats_kernel, (num_m * B,), device,
             q, k, mask, seed if has_dropout else q, lse, s1, gram,
             *q.stride(), *k.stride(), *lse.stride(), *mask_strides,
-            H, Nq, Nk, D, num_m, float(scale), float(dropout_p), shift,
+            H, Nq, Nk, D, num_m, float(scale), float(dropout_p), float(shift),
             MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, CDT=cdt, DOT_LOWP=lowp_dot, DOT_PRECISION=precision,
             **config.meta(),
         )
-    w = mix_weight.to(torch.float64)
-    w_s1 = (w @ s1) / n
-    mean = shift * w.sum(dim=1) + w_s1
-    if mix_bias is not None:
-        mean = mean + mix_bias.to(torch.float64)
-    var = ((w @ gram) * w).sum(dim=1) / n - w_s1 * w_s1
-    return mean, var.clamp_min(0.0), n, lse
+    return lse, s1, gram

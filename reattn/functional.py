@@ -109,6 +109,13 @@ def re_attention(
                                    norm_bias=norm_bias, running_mean=running_mean, running_var=running_var,
                                    training=training, momentum=momentum, eps=eps, out_scale=out_scale,
                                    dropout_p=dropout_p, attn_mask=attn_mask)
+    if name == "cuda":
+        from reattn.backends.cuda import re_attention_cuda
+
+        return re_attention_cuda(q, k, v, mix_weight, mix_bias, scale=scale, norm=norm, norm_weight=norm_weight,
+                                 norm_bias=norm_bias, running_mean=running_mean, running_var=running_var,
+                                 training=training, momentum=momentum, eps=eps, out_scale=out_scale,
+                                 dropout_p=dropout_p, attn_mask=attn_mask)
     if name == "cpu":
         from reattn.backends.cpu import re_attention_cpu
 

@@ -1,7 +1,8 @@
 """Test-wide setup.
 
 Without a GPU, Triton kernels run in Triton's interpreter: TRITON_INTERPRET must be set before
-any kernel module is imported, so it is set here, at collection start.
+any kernel module is imported, so it is set here, at collection start. Likewise the CUDA C++
+backend runs CPU tensors in its host emulator (REATTN_CUDA_EMULATE=1).
 """
 import os
 
@@ -9,6 +10,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("REATTN_CUDA_EMULATE", "1")
 
 
 def pytest_collection_finish(session):

@@ -49,7 +49,8 @@ def test_train_digits_smoke_digits():
 
 
 def test_unknown_backend_is_refused_with_a_reason():
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # Without the CUDA emulator (conftest turns it on for the test process), cuda cannot run on CPU.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), REATTN_CUDA_EMULATE="0")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--data", "synthetic", "--backends", "eager,cuda",
                            "--epochs", "1", "--limit", "8"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)

@@ -17,13 +17,6 @@ from reattn.kernels.launch import MAX_HEAD_DIM, MAX_HEADS, interpreting
 BACKENDS = ("eager", "triton", "cuda", "cpu")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 
-# Fused backends land one issue at a time; until a backend's kernels are in this build it is
-# named here so the error says so instead of pretending to run.
-_NOT_YET_BUILT = {
-    "cuda": "the fused CUDA C++ kernels are not part of this version of reattn yet",
-}
-
-
 
 @dataclass(frozen=True)
 class Problem:
@@ -60,16 +53,40 @@ def _triton_reason(problem: Problem) -> Optional[str]:
     missing = _triton_import_error()
     if missing is not None:
         return missing
+    return _shared_fused_limits(problem, "Triton kernels")
+
+
+def _shared_fused_limits(problem: Problem, kernels: str) -> Optional[str]:
+    """Limits the Triton and CUDA kernels share (one statistics sweep, heads and head dims they tile)."""
     if problem.mask_requires_grad and problem.needs_grad:
-        return "the Triton kernels do not compute gradients with respect to attn_mask (it requires grad)"
+        return f"the {kernels} do not compute gradients with respect to attn_mask (it requires grad)"
     if problem.batchnorm_training and problem.mask_per_head:
-        return ("training-mode BatchNorm with an attn_mask that differs per head is not supported by the Triton "
-                "kernels (their statistics sweep shares one mask across heads): give the mask a head dim of 1")
+        return (f"training-mode BatchNorm with an attn_mask that differs per head is not supported by the {kernels} "
+                "(their statistics sweep shares one mask across heads): give the mask a head dim of 1")
     if problem.heads > MAX_HEADS:
-        return f"the Triton kernels support at most {MAX_HEADS} heads, got {problem.heads}"
+        return f"the {kernels} support at most {MAX_HEADS} heads, got {problem.heads}"
     if problem.head_dim > MAX_HEAD_DIM:
-        return f"the Triton kernels support head dims up to {MAX_HEAD_DIM}, got {problem.head_dim}"
+        return f"the {kernels} support head dims up to {MAX_HEAD_DIM}, got {problem.head_dim}"
     return None
+
+
+def _cuda_reason(problem: Problem) -> Optional[str]:
+    from reattn.backends.cuda import emulating
+
+    if problem.device.type != "cuda" and not (problem.device.type == "cpu" and emulating()):
+        return ("the CUDA C++ kernels need CUDA tensors (or CPU tensors with REATTN_CUDA_EMULATE=1, the host "
+                "emulator used for testing)")
+    missing = extension_error_message()
+    if missing is not None:
+        return missing
+    from reattn._extension import _C
+
+    if not hasattr(_C, "cuda_forward"):
+        return "the compiled extension reattn._C predates the CUDA kernels; rebuild it (pip install --no-build-isolation -e .)"
+    if problem.device.type == "cuda" and not _C.build_info()["cuda"]:
+        return ("reattn._C was built without CUDA (the torch at build time had none, or REATTN_NO_CUDA=1); "
+                "rebuild it with a CUDA torch and toolkit")
+    return _shared_fused_limits(problem, "CUDA C++ kernels")
 
 
 def _cpu_reason(problem: Problem) -> Optional[str]:
@@ -102,10 +119,7 @@ def unavailable_reason(backend: str, problem: Problem) -> Optional[str]:
         return _triton_reason(problem)
     if backend == "cpu":
         return _cpu_reason(problem)
-    missing = extension_error_message()
-    if missing is not None:
-        return missing
-    return _NOT_YET_BUILT[backend]
+    return _cuda_reason(problem)
 
 
 def available_backends(device: "torch.device | str" = "cpu") -> list:
@@ -130,7 +144,9 @@ def resolve_backend(backend: str, problem: Problem) -> str:
         # 2.8x / 2.3x / 6.4x; it never lost to eager, so no size threshold.
         # Not with dropout: its counter-based RNG draws other keep-masks than F.dropout under the same
         # torch seed, and "auto" keeps the official module's dropout pattern (backend="cpu" opts in).
-        preference = {"cuda": ("cuda", "triton"), "cpu": () if problem.dropout else ("cpu",)}.get(
+        # CUDA tensors: Triton first; the CUDA C++ kernels take over only once a GPU run measures
+        # them faster (neither has run on a GPU yet: benchmarks/results/ has no GPU rows).
+        preference = {"cuda": ("triton", "cuda"), "cpu": () if problem.dropout else ("cpu",)}.get(
             problem.device.type, ())
         # [/cpu-auto]
         for name in preference:

@@ -1,11 +1,30 @@
-"""Gram-matrix BatchNorm statistics (reattn.kernels.bn_stats) against the materialized map in float64."""
+"""Gram-matrix BatchNorm statistics against the materialized map in float64.
+
+The statistics sweeps of both fused backends, Triton's ``reattn.kernels.bn_stats.gram_sums`` and
+the CUDA programs' ``reattn._C.cuda_batch_sums`` (host emulator without a GPU), turned into the
+mean and variance of M by ``reattn.backends._fused.statistics_from_sums``.
+"""
 import pytest
 import torch
 
-from reattn.kernels.bn_stats import batch_statistics, unmasked_count
+from reattn.backends import cuda as cuda_backend
+from reattn.backends._fused import gram_shift, statistics_from_sums, unmasked_count
+from reattn.kernels.bn_stats import gram_sums
 from reattn.kernels.dropout import dropout_keep_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SWEEPS = {"triton": gram_sums, "cuda": cuda_backend._gram_sums}
+
+
+def batch_statistics(sweep, q, k, w, c, *, scale, attn_mask=None, dropout_p=0.0, seed=None):
+    """(mean, var, n, lse) of M through one backend's statistics sweep."""
+    B, _, Nq, _ = q.shape
+    Nk = k.shape[2]
+    shift = gram_shift(Nk)
+    lse, s1, gram = SWEEPS[sweep](q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p, shift=shift)
+    n = unmasked_count(attn_mask, B, Nq, Nk).to(q.device)
+    mean, var = statistics_from_sums(w, c, s1, gram, n, shift)
+    return mean, var, n, lse
 
 
 def _inputs(B, H, Nq, Nk, D, dtype, q_scale=1.0, seed=0):
@@ -33,8 +52,9 @@ def _truth(q, k, w, c, scale, keep_mask=None, dropout_keep=None, p=0.0):
     return values.mean(dim=1), values.var(dim=1, unbiased=False), values.shape[1]
 
 
+@pytest.mark.parametrize("sweep", sorted(SWEEPS))
 @pytest.mark.parametrize("case", ["plain", "bool mask", "mask + dropout"])
-def test_statistics_match_the_materialized_map(case):
+def test_statistics_match_the_materialized_map(sweep, case):
     B, H, Nq, Nk, D = 2, 5, 9, 21, 8
     (q, k, w, c), _ = _inputs(B, H, Nq, Nk, D, torch.float64)
     keep = None
@@ -45,7 +65,7 @@ def test_statistics_match_the_materialized_map(case):
     p, seed, drop = (0.2, torch.tensor([99], device=DEVICE), None) if case == "mask + dropout" else (0.0, None, None)
     if seed is not None:
         drop = dropout_keep_mask(seed, (B, H, Nq, Nk), p)
-    mean, var, n, lse = batch_statistics(q, k, w, c, scale=0.3, attn_mask=keep, dropout_p=p, seed=seed)
+    mean, var, n, lse = batch_statistics(sweep, q, k, w, c, scale=0.3, attn_mask=keep, dropout_p=p, seed=seed)
     ref_mean, ref_var, ref_n = _truth(q, k, w, c, 0.3, keep, drop, p)
     assert int(n) == ref_n
     torch.testing.assert_close(mean, ref_mean, rtol=1e-12, atol=1e-14)
@@ -56,11 +76,12 @@ def test_statistics_match_the_materialized_map(case):
     torch.testing.assert_close(lse, ref_lse)
 
 
-def test_float32_keeps_the_variance_of_near_uniform_attention():
+@pytest.mark.parametrize("sweep", sorted(SWEEPS))
+def test_float32_keeps_the_variance_of_near_uniform_attention(sweep):
     # Small scores make P close to 1/Nk everywhere: the variance of M is ~1e-8 of its mean squared.
     # Summing P~ - 1/Nk (not P~) keeps it; the naive E[M^2] - mean^2 in fp32 would return noise.
     (q, k, w, c), (q32, k32) = _inputs(4, 6, 16, 197, 32, torch.float32, q_scale=1e-3)
-    mean, var, _, _ = batch_statistics(q32, k32, w.float(), c.float(), scale=32 ** -0.5)
+    mean, var, _, _ = batch_statistics(sweep, q32, k32, w.float(), c.float(), scale=32 ** -0.5)
     ref_mean, ref_var, _ = _truth(q32.double(), k32.double(), w, c, 32 ** -0.5)
     assert (ref_var / ref_mean.square()).max() < 1e-6
     torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=0)

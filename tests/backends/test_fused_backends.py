@@ -1,22 +1,33 @@
-"""backend="triton": fused forward + backward through autograd and torch.library, vs the float64 eager path.
+"""The fused GPU backends, backend="triton" and backend="cuda", vs the float64 eager path: one suite.
 
-Without a GPU the kernels run in Triton's interpreter (tests/conftest.py), so shapes are small.
-Every mode of the functional op is covered: norm none / BatchNorm eval (folded) / BatchNorm
-train (Gram statistics, running-stat updates) / LayerNorm, masks (bool and additive, broadcast
-shapes, fully masked rows), dropout (the eager side replays the fused pattern), Nq != Nk.
-Ahead-of-time GPU compiles of every kernel are in tests/kernels/test_aot.py.
+Forward + backward through autograd and torch.library. Without a GPU the Triton kernels run in
+Triton's interpreter and the CUDA programs in their host emulator (tests/conftest.py), so shapes
+are small; on a GPU the same tests run the compiled kernels. Every mode of the functional op is
+covered: norm none / BatchNorm eval (folded) / BatchNorm train (Gram statistics, running-stat
+updates) / LayerNorm, masks (bool and additive, broadcast shapes, fully masked rows), dropout (the
+eager side replays the fused pattern, which both backends draw from Triton's Philox), Nq != Nk.
+Ahead-of-time GPU compiles of the Triton kernels are in tests/kernels/test_aot.py; what is
+specific to the CUDA programs (emulator races, plans, compiled resources) in test_cuda_backend.py.
 """
 import pytest
 import torch
 
 import reattn
-from reattn.backends.triton import draw_dropout_seed, triton_forward
+from reattn.backends._fused import draw_dropout_seed
+from reattn.backends.cuda import cuda_forward
+from reattn.backends.triton import triton_forward
 from reattn.kernels.dropout import dropout_keep_mask
 from reattn.reference import re_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NORMS = ["none", "batch", "batch-train", "layer"]  # batch = eval mode (folded into the mixing)
 GRAD_NAMES = ("q", "k", "v", "mix_weight", "mix_bias", "norm_weight", "norm_bias")
+FORWARD_OPS = {"triton": triton_forward, "cuda": cuda_forward}
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def backend(request):
+    return request.param
 
 
 def problem(B, H, Nq, Nk, D, dtype=torch.float64, seed=0):
@@ -60,8 +71,8 @@ def run(backend, norm, tensors, stats, **extra):
                                backend=backend, **kw)
 
 
-def run_both(norm, tensors, stats, *, dropout_p=0.0, seed=0, **extra):
-    """(triton out, eager out, triton running stats, eager running stats) for one call.
+def run_both(backend, norm, tensors, stats, *, dropout_p=0.0, seed=0, **extra):
+    """(fused out, eager out, fused running stats, eager running stats) for one call.
 
     With dropout the eager side replays the fused pattern: the same generator state gives the same
     seed, and ``dropout_keep_mask`` materializes the pattern for ``re_attention_ref``.
@@ -70,7 +81,7 @@ def run_both(norm, tensors, stats, *, dropout_p=0.0, seed=0, **extra):
     stats_e = {n: t.clone() for n, t in stats.items()}
     training = dict(training=True) if dropout_p > 0 else {}
     torch.manual_seed(seed)
-    out = run("triton", norm, tensors, stats_t, dropout_p=dropout_p, **training, **extra)
+    out = run(backend, norm, tensors, stats_t, dropout_p=dropout_p, **training, **extra)
     if dropout_p == 0:
         ref = run("eager", norm, tensors, stats_e, **extra)
     else:
@@ -104,9 +115,9 @@ def assert_same(out, ref, stats_t, stats_e, tensors, norm, rtol=1e-9, atol=1e-10
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("shape", [(2, 6, 5, 7, 33), (1, 12, 20, 37, 32), (2, 1, 1, 1, 35), (1, 3, 33, 9, 64)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_forward_running_stats_and_every_gradient_match_float64(norm, shape):
+def test_forward_running_stats_and_every_gradient_match_float64(backend, norm, shape):
     tensors, stats = problem(*shape)
-    out, ref, stats_t, stats_e = run_both(norm, tensors, stats, out_scale=0.7)
+    out, ref, stats_t, stats_e = run_both(backend, norm, tensors, stats, out_scale=0.7)
     assert_same(out, ref, stats_t, stats_e, tensors, norm)
 
 
@@ -120,20 +131,20 @@ MASK_DROPOUT_CASES = [(norm, variant) for norm in NORMS
 
 
 @pytest.mark.parametrize("norm,variant", MASK_DROPOUT_CASES)
-def test_masks_and_dropout_in_every_norm_mode(norm, variant):
+def test_masks_and_dropout_in_every_norm_mode(backend, norm, variant):
     B, H, Nq, Nk, D = 2, 3, 6, 11, 8
     tensors, stats = problem(B, H, Nq, Nk, D, seed=4)
     extra = dict(out_scale=1.3)
     if "mask" in variant:
         extra["attn_mask"] = masks(B, H, Nq, Nk)["bool" if "bool" in variant else "float per head"]
-    out, ref, stats_t, stats_e = run_both(norm, tensors, stats, dropout_p=0.25 if "dropout" in variant else 0.0,
+    out, ref, stats_t, stats_e = run_both(backend, norm, tensors, stats, dropout_p=0.25 if "dropout" in variant else 0.0,
                                           **extra)
     assert_same(out, ref, stats_t, stats_e, tensors, norm)
 
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("variant", ["plain", "mask + dropout"])
-def test_gradcheck_float64(norm, variant):
+def test_gradcheck_float64(backend, norm, variant):
     # Small: every input element costs two interpreted forwards, every output element a backward.
     # The full (non-fast) check below gets the smallest shape that still has masked entries.
     full = norm == "batch-train" and variant == "plain"
@@ -149,7 +160,7 @@ def test_gradcheck_float64(norm, variant):
     def fn(*args):
         torch.manual_seed(0)  # the same dropout seed for every evaluation
         t = dict(tensors, **dict(zip(names, args)))
-        return run("triton", norm, t, {n: s.clone() for n, s in stats.items()}, **extra)
+        return run(backend, norm, t, {n: s.clone() for n, s in stats.items()}, **extra)
 
     # Fast mode (random projections of the Jacobian) keeps the interpreted kernels to a few calls;
     # the full Jacobian is checked for the most coupled mode, training BatchNorm.
@@ -158,7 +169,7 @@ def test_gradcheck_float64(norm, variant):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("norm,masked", [("none", False), ("layer", False), ("batch-train", True), ("layer", True)])
-def test_low_precision_forward_and_backward_within_twice_eager_error(dtype, norm, masked):
+def test_low_precision_forward_and_backward_within_twice_eager_error(backend, dtype, norm, masked):
     B, H, N, D = 2, 6, 17, 32
     tensors64, stats = problem(B, H, N, N, D)
     extra = dict(attn_mask=masks(B, H, N, N)["bool"]) if masked else {}
@@ -168,17 +179,17 @@ def test_low_precision_forward_and_backward_within_twice_eager_error(dtype, norm
     ref = run("eager", norm, tensors64, {n: s.clone() for n, s in stats.items()}, **extra)
     ref_grads = torch.autograd.grad(ref, [tensors64[n] for n in ("q", "k", "v")], grad)
     errors = {}
-    for backend in ("triton", "eager"):
-        out = run(backend, norm, low, {n: s.clone() for n, s in stats_low.items()}, **extra)
+    for name in (backend, "eager"):
+        out = run(name, norm, low, {n: s.clone() for n, s in stats_low.items()}, **extra)
         grads = torch.autograd.grad(out, [low[n] for n in ("q", "k", "v")], grad.to(dtype))
-        errors[backend] = [(out.double() - ref).abs().max().item()] + [
+        errors[name] = [(out.double() - ref).abs().max().item()] + [
             (g.double() - r).abs().max().item() for g, r in zip(grads, ref_grads)]
-    for what, kernel_err, eager_err in zip(("out", "dq", "dk", "dv"), errors["triton"], errors["eager"]):
+    for what, kernel_err, eager_err in zip(("out", "dq", "dk", "dv"), errors[backend], errors["eager"]):
         assert kernel_err <= 2 * eager_err + 1e-6, (what, kernel_err, eager_err)
 
 
 @pytest.mark.parametrize("norm", ["batch", "batch-train", "layer"])
-def test_autograd_saves_no_quadratic_tensor(norm):
+def test_autograd_saves_no_quadratic_tensor(backend, norm):
     B, H, Nq, Nk, D = 2, 6, 40, 48, 32
     tensors, stats = problem(B, H, Nq, Nk, D)
     saved = []
@@ -189,22 +200,22 @@ def test_autograd_saves_no_quadratic_tensor(norm):
 
     extra = dict(attn_mask=masks(B, H, Nq, Nk)["bool"], dropout_p=0.1, training=True) if norm != "batch" else {}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run("triton", norm, tensors, stats, **extra)
+        out = run(backend, norm, tensors, stats, **extra)
     out.sum().backward()
     assert saved, "nothing was saved: the hook did not see the graph"
     mask_elements = B * Nq * Nk if extra else 0  # the user's own mask, saved as given (not expanded)
     assert all(n < B * H * Nq * Nk and (n <= B * H * max(Nq, Nk) * D or n == mask_elements) for n in saved), saved
 
 
-def test_traces_under_torch_compile_without_graph_breaks():
+def test_traces_under_torch_compile_without_graph_breaks(backend):
     B, H, N, D = 2, 6, 9, 32
     tensors, stats = problem(B, H, N, N, D)
     keep = masks(B, H, N, N)["bool"]
 
     def f(q, k, v, w, c, nw, nb, rm, rv):
-        a = reattn.re_attention(q, k, v, w, c, norm="layer", norm_weight=nw, norm_bias=nb, backend="triton")
+        a = reattn.re_attention(q, k, v, w, c, norm="layer", norm_weight=nw, norm_bias=nb, backend=backend)
         b = reattn.re_attention(q, k, v, w, c, norm="batch", norm_weight=nw, norm_bias=nb, running_mean=rm,
-                                running_var=rv, training=True, dropout_p=0.2, attn_mask=keep, backend="triton")
+                                running_var=rv, training=True, dropout_p=0.2, attn_mask=keep, backend=backend)
         return a * 2 + b
 
     args = [tensors[n] for n in GRAD_NAMES]
@@ -220,14 +231,14 @@ def test_traces_under_torch_compile_without_graph_breaks():
     assert tensors["mix_weight"].grad is not None
 
 
-def test_fake_implementation_gives_shapes_and_dtypes():
+def test_fake_implementation_gives_shapes_and_dtypes(backend):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
         q = torch.empty(2, 6, 9, 32, dtype=torch.bfloat16)
         k = torch.empty(2, 6, 11, 32, dtype=torch.bfloat16)
         w = torch.empty(6, 6)
-        out, lse, stats = triton_forward(q, k, k, w, None, None, None, None, None, 0.1, 1.0, "none", 1e-5, 0.0)
+        out, lse, stats = FORWARD_OPS[backend](q, k, k, w, None, None, None, None, None, 0.1, 1.0, "none", 1e-5, 0.0)
     assert out.shape == (2, 6, 9, 32) and out.dtype == torch.bfloat16
     assert lse.shape == (2, 6, 9) and lse.dtype == torch.float32
     assert stats.shape == (3, 6) and stats.dtype == torch.float64
@@ -240,29 +251,28 @@ def test_head_dims_over_64_split_the_backward_into_chunks(D):
     assert backward_config(197, 197, D, 16, interpret=False).BLOCK_D == 32  # D / 32 programs per query block
     assert backward_config(197, 197, 64, 16, interpret=False).BLOCK_D == 64
     tensors, stats = problem(1, 3, 5, 7, D)
-    out, ref, stats_t, stats_e = run_both("layer", tensors, stats, attn_mask=masks(1, 3, 5, 7)["bool"])
+    out, ref, stats_t, stats_e = run_both("triton", "layer", tensors, stats, attn_mask=masks(1, 3, 5, 7)["bool"])
     assert_same(out, ref, stats_t, stats_e, tensors, "layer")
 
 
-def test_refusals_say_why():
+def test_refusals_say_why(backend):
     B, H, Nq, Nk, D = 2, 3, 5, 7, 8
     tensors, stats = problem(B, H, Nq, Nk, D)
     per_head = masks(B, H, Nq, Nk)["float per head"]
     with pytest.raises(ValueError, match="training-mode BatchNorm with an attn_mask that differs per head"):
-        run("triton", "batch-train", tensors, stats, attn_mask=per_head)
+        run(backend, "batch-train", tensors, stats, attn_mask=per_head)
     with pytest.raises(ValueError, match="gradients with respect to attn_mask"):
-        run("triton", "layer", tensors, stats, attn_mask=per_head.clone().requires_grad_(True))
+        run(backend, "layer", tensors, stats, attn_mask=per_head.clone().requires_grad_(True))
     with pytest.raises(ValueError, match="more than one unmasked value per head"):
         only_one = torch.zeros(B, 1, Nq, Nk, dtype=torch.bool, device=DEVICE)
         only_one[0, 0, 0, 0] = True
-        run("triton", "batch-train", tensors, stats, attn_mask=only_one)
+        run(backend, "batch-train", tensors, stats, attn_mask=only_one)
 
 
-def test_auto_never_picks_the_interpreter_for_cpu_tensors():
+def test_auto_never_picks_the_interpreter_or_the_emulator_for_cpu_tensors():
     from reattn.backends import Problem, resolve_backend
 
     assert resolve_backend("auto", Problem(torch.device("cpu"))) in ("eager", "cpu")
-    assert resolve_backend("auto", Problem(torch.device("cpu"))) != "triton"
 
 
 @pytest.mark.parametrize("mode", [dict(), dict(masked=True, dropout=True, batchnorm_training=True, norm="batch"),
@@ -270,10 +280,10 @@ def test_auto_never_picks_the_interpreter_for_cpu_tensors():
                          ids=["plain", "mask+dropout+bn-train", "layer-grad-H32-D64"])
 def test_auto_picks_triton_for_cuda_tensors(mode):
     # The rule, checked without a GPU: resolve_backend only looks at the device type and the mode.
-    from reattn.backends import Problem, resolve_backend, unavailable_reason
+    # Triton first: the CUDA C++ kernels are picked by "auto" only once a GPU run shows them faster.
+    from reattn.backends import Problem, resolve_backend
 
     problem_ = Problem(torch.device("cuda"), **dict(dict(heads=12, head_dim=32), **mode))
-    assert unavailable_reason("cuda", problem_) is not None  # the CUDA C++ backend is not built yet
     assert resolve_backend("auto", problem_) == "triton"
 
 

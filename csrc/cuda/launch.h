@@ -1,0 +1,28 @@
+// Launchers of the fused CUDA Re-attention programs: raw pointers and a stream, no torch headers
+// (a .cu that includes torch/extension.h compiles ~15x slower). One translation unit per storage
+// type instantiates the four programs: re_attention_{f16,bf16,f32,f64}.cu.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "params.h"
+
+namespace reattn {
+namespace cuda {
+
+// launch_<type>: runs program `kind` (ProgramKind) over the grid (B * plan.num_m, plan.num_chunks)
+// with plan.shared_bytes of dynamic shared memory on `stream`; returns the launch error, if any.
+// static_shared_<type>: the shared memory the compiled kernel reserves itself (1 KB on sm_90), which
+// the plan's dynamic part must leave room for.
+#define REATTN_DECLARE_LAUNCHERS(type)                                                  \
+  cudaError_t launch_##type(int kind, const ReAttnParams& params, cudaStream_t stream); \
+  cudaError_t static_shared_##type(int kind, size_t* bytes);
+
+REATTN_DECLARE_LAUNCHERS(f16)
+REATTN_DECLARE_LAUNCHERS(bf16)
+REATTN_DECLARE_LAUNCHERS(f32)
+REATTN_DECLARE_LAUNCHERS(f64)
+#undef REATTN_DECLARE_LAUNCHERS
+
+}  // namespace cuda
+}  // namespace reattn

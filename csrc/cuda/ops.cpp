@@ -1,0 +1,431 @@
+// Torch-facing side of the fused CUDA Re-attention programs: argument checks with readable
+// messages, output allocation, the launch plan, and the launch on the tensors' current CUDA stream
+// (no synchronization, no host allocation beyond torch's allocator: CUDA-graph capturable).
+//
+// CPU tensors run the same programs in the host emulator (csrc/cuda/emulate.h) instead: that is how
+// the CPU test suite checks this backend's algorithm. The CUDA part is compiled only when the build
+// has CUDA (REATTN_WITH_CUDA); the emulator always is.
+#include "ops.h"
+
+#include <limits>
+#include <string>
+
+#include "emulate.h"
+#include "layout.h"
+#include "params.h"
+
+#ifdef REATTN_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "launch.h"
+#endif
+
+namespace reattn {
+namespace cuda_ops {
+namespace {
+
+using namespace reattn::cuda;
+
+// The emulator sizes its layouts for sm_80's 163 KB per block, the stricter of the default targets.
+constexpr size_t kEmulatedSharedLimit = 166912;
+
+int storage_of(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return kFloat16;
+    case at::kBFloat16:
+      return kBFloat16;
+    case at::kFloat:
+      return kFloat32;
+    case at::kDouble:
+      return kFloat64;
+    default:
+      TORCH_CHECK_TYPE(false, "reattn cuda: q, k, v must be float16, bfloat16, float32 or float64, got ", t);
+  }
+  return -1;
+}
+
+at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+bool tensor_cores(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+Strides4 strides_of(const at::Tensor& t) { return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& v) {
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be [B, H, Nq, D], got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == 4, op, ": k must be [B, H, Nk, D], got shape ", k.sizes());
+  TORCH_CHECK_VALUE(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3), op, ": q ",
+                    q.sizes(), " and k ", k.sizes(), " must agree on B, H and D");
+  if (v.has_value()) {
+    TORCH_CHECK_VALUE(v->sizes() == k.sizes(), op, ": v ", v->sizes(), " must have the shape of k ", k.sizes());
+    TORCH_CHECK_TYPE(v->scalar_type() == q.scalar_type(), op, ": v is ", v->scalar_type(), " but q is ",
+                     q.scalar_type());
+    TORCH_CHECK_VALUE(v->device() == q.device(), op, ": v is on ", v->device(), " but q on ", q.device());
+  }
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), op, ": k is ", k.scalar_type(), " but q is ",
+                   q.scalar_type());
+  TORCH_CHECK_VALUE(k.device() == q.device(), op, ": k is on ", k.device(), " but q on ", q.device());
+  storage_of(q.scalar_type());
+  TORCH_CHECK_VALUE(q.is_cuda() || q.is_cpu(), op, ": tensors must be on a CUDA device (or on the CPU for the ",
+                    "emulator), got ", q.device());
+#ifndef REATTN_WITH_CUDA
+  TORCH_CHECK_VALUE(!q.is_cuda(), op, ": reattn._C was built without CUDA (the torch at build time had none); ",
+                    "rebuild with a CUDA torch and toolkit");
+#endif
+  TORCH_CHECK_VALUE(q.size(1) >= 1 && q.size(1) <= kMaxHeads, op, ": supports 1 to ", kMaxHeads, " heads, got ",
+                    q.size(1));
+  TORCH_CHECK_VALUE(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, op, ": supports head dims 1 to ", kMaxHeadDim,
+                    ", got ", q.size(3));
+  TORCH_CHECK_VALUE(k.size(2) >= 1, op, ": needs at least one key, got Nk = 0");
+  TORCH_CHECK_VALUE(q.size(2) <= std::numeric_limits<int>::max() && k.size(2) <= std::numeric_limits<int>::max(),
+                    op, ": sequence lengths must fit in int32");
+}
+
+// A parameter as a contiguous tensor in the accumulation type, or undefined when absent.
+at::Tensor parameter(const char* op, const char* name, const c10::optional<at::Tensor>& t, at::IntArrayRef shape,
+                     const at::Tensor& q) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK_VALUE(t->sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t->sizes());
+  TORCH_CHECK_VALUE(t->device() == q.device(), op, ": ", name, " is on ", t->device(), " but q on ", q.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": ", name, " must be floating point, got ",
+                   t->scalar_type());
+  return t->detach().to(acc_of(q.scalar_type())).contiguous();
+}
+
+const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// Everything the programs read, converted; `keep` holds the converted tensors for the call.
+struct Arguments {
+  ReAttnParams p;
+  std::vector<at::Tensor> keep;
+};
+
+Arguments prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& v,
+                  const c10::optional<at::Tensor>& mix_weight, const c10::optional<at::Tensor>& mix_bias,
+                  const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias,
+                  const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& seed, double scale,
+                  double dropout_p) {
+  check_inputs(op, q, k, v);
+  Arguments a;
+  ReAttnParams& p = a.p;
+  p.B = q.size(0);
+  p.H = static_cast<int>(q.size(1));
+  p.Nq = static_cast<int>(q.size(2));
+  p.D = static_cast<int>(q.size(3));
+  p.Nk = static_cast<int>(k.size(2));
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.q_st = strides_of(q);
+  p.k_st = strides_of(k);
+  if (v.has_value()) {
+    p.v = v->data_ptr();
+    p.v_st = strides_of(*v);
+  }
+  p.scale = scale;
+  const int64_t H = p.H;
+  if (mix_weight.has_value()) {
+    at::Tensor W = parameter(op, "mix_weight", mix_weight, {H, H}, q);
+    at::Tensor c = parameter(op, "mix_bias", mix_bias, {H}, q);
+    at::Tensor gamma = parameter(op, "norm_weight", norm_weight, {H}, q);
+    at::Tensor beta = parameter(op, "norm_bias", norm_bias, {H}, q);
+    p.W = W.data_ptr();
+    p.c = data_or_null(c);
+    p.gamma = data_or_null(gamma);
+    p.beta = data_or_null(beta);
+    a.keep.insert(a.keep.end(), {W, c, gamma, beta});
+  }
+  if (attn_mask.has_value() && attn_mask->defined()) {
+    at::Tensor m = *attn_mask;
+    TORCH_CHECK_VALUE(m.dim() <= 4, op, ": attn_mask must have at most 4 dims, got shape ", m.sizes());
+    TORCH_CHECK_VALUE(m.device() == q.device(), op, ": attn_mask is on ", m.device(), " but q on ", q.device());
+    while (m.dim() < 4) m = m.unsqueeze(0);
+    const std::vector<int64_t> full{p.B, H, p.Nq, p.Nk};
+    for (int d = 0; d < 4; ++d) {
+      TORCH_CHECK_VALUE(m.size(d) == 1 || m.size(d) == full[d], op, ": attn_mask ", attn_mask->sizes(),
+                        " does not broadcast to [B, H, Nq, Nk] = ", at::IntArrayRef(full));
+    }
+    if (m.scalar_type() == at::kBool) {
+      m = m.view(at::kByte);
+      p.mask_kind = kMaskBool;
+    } else {
+      TORCH_CHECK_TYPE(at::isFloatingType(m.scalar_type()), op, ": attn_mask must be bool or floating point, got ",
+                       m.scalar_type());
+      // Added in q's dtype, as the eager reference adds it, then read in the accumulation type.
+      m = m.to(q.scalar_type()).to(acc_of(q.scalar_type()));
+      p.mask_kind = kMaskAdditive;
+    }
+    m = m.expand(full);
+    p.mask = m.data_ptr();
+    p.mask_st = strides_of(m);
+    a.keep.push_back(m);
+  }
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK_VALUE(seed.has_value() && seed->defined() && seed->numel() == 1 &&
+                          seed->scalar_type() == at::kLong && seed->device() == q.device(),
+                      op, ": dropout needs seed, an int64 tensor of one element on ", q.device());
+    p.dropout_p = dropout_p;
+    p.seed = seed->data_ptr<int64_t>();
+  }
+  return a;
+}
+
+// [4, H] rows mean, 1/std, e, f in the accumulation type, from `stats` ([2, H] or [4, H]).
+at::Tensor batch_rows(const char* op, const c10::optional<at::Tensor>& stats, const at::Tensor& q) {
+  const int64_t H = q.size(1);
+  TORCH_CHECK_VALUE(stats.has_value() && stats->defined(), op, ": norm='batch' needs batch_stats");
+  TORCH_CHECK_VALUE(stats->dim() == 2 && (stats->size(0) == 2 || stats->size(0) == 4) && stats->size(1) == H, op,
+                    ": batch_stats must be [2, H] (mean, 1/std) or [4, H] (+ the backward's e, f), got ",
+                    stats->sizes());
+  TORCH_CHECK_VALUE(stats->device() == q.device(), op, ": batch_stats is on ", stats->device());
+  at::Tensor rows = stats->to(acc_of(q.scalar_type()));
+  if (rows.size(0) == 2) rows = at::cat({rows, at::zeros_like(rows)});
+  return rows.contiguous();
+}
+
+#ifdef REATTN_WITH_CUDA
+// The storage type's launchers (launch.h).
+struct Launchers {
+  cudaError_t (*launch)(int, const ReAttnParams&, cudaStream_t);
+  cudaError_t (*static_shared)(int, size_t*);
+};
+
+Launchers launchers_for(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return {launch_f16, static_shared_f16};
+    case at::kBFloat16:
+      return {launch_bf16, static_shared_bf16};
+    case at::kFloat:
+      return {launch_f32, static_shared_f32};
+    default:
+      return {launch_f64, static_shared_f64};
+  }
+}
+
+// Dynamic shared memory a program may take on q's GPU: the per-block opt-in maximum minus what the
+// compiled kernel reserves itself.
+size_t device_shared_limit(const at::Tensor& q, int kind) {
+  int optin = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device());
+  TORCH_CHECK(err == cudaSuccess, "reattn cuda: cannot query shared memory: ", cudaGetErrorString(err));
+  size_t reserved = 0;
+  err = launchers_for(q.scalar_type()).static_shared(kind, &reserved);
+  TORCH_CHECK(err == cudaSuccess, "reattn cuda: cannot read the kernel's attributes: ", cudaGetErrorString(err));
+  return static_cast<size_t>(optin) - reserved;
+}
+#endif
+
+Plan plan_for(const char* op, int kind, int64_t H, int64_t D, int64_t Nq, at::ScalarType dtype, size_t limit) {
+  Plan plan;
+  const size_t t_size = c10::elementSize(dtype), acc_size = c10::elementSize(acc_of(dtype));
+  TORCH_CHECK_VALUE(make_plan(kind, static_cast<int>(H), static_cast<int>(D), static_cast<int>(Nq), t_size,
+                              acc_size, tensor_cores(dtype), limit, &plan),
+                    op, ": no tile layout for H = ", H, ", D = ", D, " in ", dtype, " fits ", limit,
+                    " bytes of shared memory");
+  return plan;
+}
+
+void run(const char* op, int kind, const at::Tensor& q, ReAttnParams& p, int64_t shared_limit, bool reverse_items) {
+  if (!q.is_cuda()) {
+    const size_t limit = shared_limit > 0 ? static_cast<size_t>(shared_limit) : kEmulatedSharedLimit;
+    p.plan = plan_for(op, kind, p.H, p.D, p.Nq, q.scalar_type(), limit);
+    emulate_program(storage_of(q.scalar_type()), kind, p, reverse_items);
+    return;
+  }
+#ifdef REATTN_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(q.device());
+  const size_t limit = shared_limit > 0 ? static_cast<size_t>(shared_limit) : device_shared_limit(q, kind);
+  p.plan = plan_for(op, kind, p.H, p.D, p.Nq, q.scalar_type(), limit);
+  const cudaError_t err = launchers_for(q.scalar_type()).launch(kind, p, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+#endif
+}
+
+int norm_code(const char* op, const std::string& norm) {
+  if (norm == "none") return kNormNone;
+  if (norm == "layer") return kNormLayer;
+  if (norm == "batch") return kNormBatch;
+  TORCH_CHECK_VALUE(false, op, ": norm must be 'none', 'layer' or 'batch' (training statistics), got '", norm, "'");
+  return -1;
+}
+
+void poison(at::Tensor& t) { t.fill_(std::numeric_limits<double>::quiet_NaN()); }
+
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& mix_weight, const c10::optional<at::Tensor>& mix_bias,
+                                const c10::optional<at::Tensor>& norm_weight,
+                                const c10::optional<at::Tensor>& norm_bias,
+                                const c10::optional<at::Tensor>& batch_stats,
+                                const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& seed,
+                                const c10::optional<at::Tensor>& lse_in, double scale, double out_scale,
+                                const std::string& norm, double eps, double dropout_p, int64_t shared_limit,
+                                bool reverse_items, bool poison_outputs) {
+  const char* op = "reattn cuda_forward";
+  Arguments a = prepare(op, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, dropout_p);
+  ReAttnParams& p = a.p;
+  p.norm = norm_code(op, norm);
+  p.out_scale = out_scale;
+  p.eps = eps;
+  at::Tensor bn;
+  if (p.norm == kNormBatch) {
+    bn = batch_rows(op, batch_stats, q);
+    p.bn = bn.data_ptr();
+  }
+  const auto acc = acc_of(q.scalar_type());
+  at::Tensor lse;
+  if (lse_in.has_value() && lse_in->defined()) {
+    lse = *lse_in;
+    TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({p.B, p.H, p.Nq}) && lse.scalar_type() == acc &&
+                          lse.is_contiguous() && lse.device() == q.device(),
+                      op, ": lse must be a contiguous [B, H, Nq] ", acc, " tensor on ", q.device(), ", got ",
+                      lse.sizes(), " ", lse.scalar_type());
+    p.lse_is_input = true;
+  } else {
+    lse = at::empty({p.B, p.H, p.Nq}, q.options().dtype(acc));
+  }
+  at::Tensor out = at::empty({p.B, p.H, p.Nq, p.D}, q.options());
+  if (poison_outputs) {
+    poison(out);
+    if (!p.lse_is_input) poison(lse);
+  }
+  p.out = out.data_ptr();
+  p.o_st = strides_of(out);
+  p.lse = lse.data_ptr();
+  run(op, kForward, q, p, shared_limit, reverse_items);
+  return {out, lse};
+}
+
+std::vector<at::Tensor> batch_sums(const at::Tensor& q, const at::Tensor& k,
+                                   const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& seed,
+                                   double scale, double dropout_p, double shift, int64_t shared_limit,
+                                   bool reverse_items) {
+  const char* op = "reattn cuda_batch_sums";
+  Arguments a = prepare(op, q, k, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, attn_mask,
+                        seed, scale, dropout_p);
+  ReAttnParams& p = a.p;
+  at::Tensor lse = at::empty({p.B, p.H, p.Nq}, q.options().dtype(acc_of(q.scalar_type())));
+  at::Tensor s1 = at::zeros({p.H}, q.options().dtype(at::kDouble));
+  at::Tensor gram = at::zeros({p.H, p.H}, q.options().dtype(at::kDouble));
+  p.lse = lse.data_ptr();
+  p.shift = shift;
+  p.s1 = s1.data_ptr<double>();
+  p.gram = gram.data_ptr<double>();
+  run(op, kBatchStats, q, p, shared_limit, reverse_items);
+  return {lse, s1, gram};
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& mix_weight,
+                                 const c10::optional<at::Tensor>& mix_bias,
+                                 const c10::optional<at::Tensor>& norm_weight,
+                                 const c10::optional<at::Tensor>& norm_bias,
+                                 const c10::optional<at::Tensor>& batch_stats,
+                                 const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& seed,
+                                 const at::Tensor& lse, double scale, double out_scale, const std::string& norm,
+                                 double eps, double dropout_p, bool stats_only, int64_t shared_limit,
+                                 bool reverse_items, bool poison_outputs) {
+  const char* op = "reattn cuda_backward";
+  Arguments a = prepare(op, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, dropout_p);
+  ReAttnParams& p = a.p;
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() &&
+                        grad_out.device() == q.device(),
+                    op, ": grad_out must match q (", q.sizes(), " ", q.scalar_type(), "), got ", grad_out.sizes(),
+                    " ", grad_out.scalar_type());
+  p.grad_out = grad_out.data_ptr();
+  p.do_st = strides_of(grad_out);
+  p.norm = norm_code(op, norm);
+  p.out_scale = out_scale;
+  p.eps = eps;
+  at::Tensor bn;
+  if (p.norm == kNormBatch) {
+    bn = batch_rows(op, batch_stats, q);
+    p.bn = bn.data_ptr();
+  }
+  const auto acc = acc_of(q.scalar_type());
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({p.B, p.H, p.Nq}) && lse.scalar_type() == acc &&
+                        lse.is_contiguous() && lse.device() == q.device(),
+                    op, ": lse must be the forward's contiguous [B, H, Nq] ", acc, " tensor");
+  p.lse = lse.data_ptr();
+  const auto f64 = q.options().dtype(at::kDouble);
+  at::Tensor dq = at::empty({p.B, p.H, p.Nq, p.D}, q.options());
+  at::Tensor dk = at::zeros({p.B, p.H, p.Nk, p.D}, q.options().dtype(acc));
+  at::Tensor dv = at::zeros_like(dk);
+  at::Tensor dW = at::zeros({p.H, p.H}, f64), dc = at::zeros({p.H}, f64), dgamma = at::zeros({p.H}, f64),
+             dbeta = at::zeros({p.H}, f64);
+  if (poison_outputs) poison(dq);
+  p.dq = dq.data_ptr();
+  p.dq_st = strides_of(dq);
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dW = dW.data_ptr<double>();
+  p.dc = dc.data_ptr<double>();
+  p.dgamma = dgamma.data_ptr<double>();
+  p.dbeta = dbeta.data_ptr<double>();
+  run(op, stats_only ? kBackwardStats : kBackward, q, p, shared_limit, reverse_items);
+  return {dq, dk.to(q.scalar_type()), dv.to(q.scalar_type()), dW, dc, dgamma, dbeta};
+}
+
+pybind11::dict plan(int64_t kind, int64_t H, int64_t D, int64_t Nq, const std::string& dtype, int64_t shared_limit) {
+  const char* op = "reattn cuda_plan";
+  at::ScalarType t = at::kFloat;
+  if (dtype == "float16") {
+    t = at::kHalf;
+  } else if (dtype == "bfloat16") {
+    t = at::kBFloat16;
+  } else if (dtype == "float64") {
+    t = at::kDouble;
+  } else {
+    TORCH_CHECK_VALUE(dtype == "float32", op, ": dtype must be float16, bfloat16, float32 or float64, got ", dtype);
+  }
+  TORCH_CHECK_VALUE(kind >= kForward && kind <= kBackwardStats, op, ": kind must be 0 (forward), 1 (batch "
+                    "statistics), 2 (backward) or 3 (backward batch sums), got ", kind);
+  TORCH_CHECK_VALUE(H >= 1 && H <= kMaxHeads && D >= 1 && D <= kMaxHeadDim && Nq >= 0, op, ": H must be in [1, ",
+                    kMaxHeads, "] and D in [1, ", kMaxHeadDim, "], got H = ", H, ", D = ", D);
+  const Plan p = plan_for(op, static_cast<int>(kind), H, D, Nq, t,
+                          static_cast<size_t>(shared_limit > 0 ? shared_limit : kEmulatedSharedLimit));
+  pybind11::dict out;
+  out["block_m"] = p.block_m;
+  out["block_n"] = p.block_n;
+  out["pad"] = p.pad;
+  out["head_dim_p"] = p.head_dim_p;
+  out["heads_p"] = p.heads_p;
+  out["head_group"] = p.head_group;
+  out["chunk_d"] = p.chunk_d;
+  out["num_chunks"] = p.num_chunks;
+  out["num_m"] = p.num_m;
+  out["shared_bytes"] = p.shared_bytes;
+  out["threads"] = kThreads;
+  return out;
+}
+
+}  // namespace
+
+void register_ops(pybind11::module& m) {
+  namespace py = pybind11;
+  m.def("cuda_forward", &forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mix_weight"),
+        py::arg("mix_bias"), py::arg("norm_weight"), py::arg("norm_bias"), py::arg("batch_stats"),
+        py::arg("attn_mask"), py::arg("seed"), py::arg("lse"), py::arg("scale"), py::arg("out_scale"),
+        py::arg("norm"), py::arg("eps"), py::arg("dropout_p"), py::arg("shared_limit") = 0,
+        py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
+        "Fused CUDA Re-attention forward: [out [B,H,Nq,D], lse [B,H,Nq]]. norm 'batch' = training statistics "
+        "given as batch_stats [2,H] (mean, 1/std); lse given = read, not computed. CPU tensors run the emulator.");
+  m.def("cuda_batch_sums", &batch_sums, py::arg("q"), py::arg("k"), py::arg("attn_mask"), py::arg("seed"),
+        py::arg("scale"), py::arg("dropout_p"), py::arg("shift"), py::arg("shared_limit") = 0,
+        py::arg("reverse_items") = false,
+        "Training BatchNorm sums without the maps: [lse, s1 [H], gram [H,H]] of X = P~ - shift over unmasked "
+        "entries (float64).");
+  m.def("cuda_backward", &backward, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("mix_weight"), py::arg("mix_bias"), py::arg("norm_weight"), py::arg("norm_bias"),
+        py::arg("batch_stats"), py::arg("attn_mask"), py::arg("seed"), py::arg("lse"), py::arg("scale"),
+        py::arg("out_scale"), py::arg("norm"), py::arg("eps"), py::arg("dropout_p"), py::arg("stats_only"),
+        py::arg("shared_limit") = 0, py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
+        "Fused CUDA Re-attention backward: [dq, dk, dv, dW, dc, dgamma, dbeta] (parameter gradients float64). "
+        "stats_only: only dgamma = sum(dN xhat) and dbeta = sum(dN), for training BatchNorm.");
+  m.def("cuda_plan", &plan, py::arg("kind"), py::arg("H"), py::arg("D"), py::arg("Nq"), py::arg("dtype"),
+        py::arg("shared_limit") = 0,
+        "The launch plan (tile layout and grid) of a fused CUDA program; shared_limit 0 = sm_80's 163 KB.");
+}
+
+}  // namespace cuda_ops
+}  // namespace reattn

@@ -1,0 +1,100 @@
+// Arguments of the fused CUDA Re-attention programs and their launch plan. Plain C++ (no CUDA or
+// torch headers): shared by the kernels (.cu), the host emulator and the torch glue.
+//
+// Tiles: a program owns one batch element, block_m query rows and every head (the head mixing
+// needs all heads of a tile) and sweeps the keys block_n at a time. Everything it keeps lives in
+// shared memory (see `SharedLayout`); the plan picks, per problem, how many heads are staged at
+// once and how wide a head-dim chunk of the output one program owns, so the layout fits the
+// device's shared memory.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace reattn {
+namespace cuda {
+
+struct Strides4 {
+  int64_t b, h, n, d;
+};
+
+constexpr int kThreads = 128;  // 4 warps per program
+constexpr int kReduceLanes = 8;  // partial sums per row in the programs' two-level reductions
+constexpr int kMaxHeads = 32;
+constexpr int kMaxHeadDim = 128;
+
+enum MaskKind : int { kMaskNone = 0, kMaskBool = 1, kMaskAdditive = 2 };
+enum NormKind : int { kNormNone = 0, kNormLayer = 1, kNormBatch = 2 };  // kNormBatch: given batch statistics
+enum ProgramKind : int { kForward = 0, kBatchStats = 1, kBackward = 2, kBackwardStats = 3 };
+
+// What one launch computes, decided on the host. Padded sizes are multiples of 16 for the
+// tensor-core path (fp16/bf16) and unpadded otherwise.
+struct Plan {
+  int block_m = 16;    // query rows per program
+  int block_n = 16;    // keys per tile (16 x 16 with tensor cores; smaller tiles only without)
+  int pad = 1;         // 16 when the products run on tensor cores (fp16/bf16), else 1
+  int head_dim_p = 0;  // D rounded up to pad
+  int heads_p = 0;     // H rounded up to pad (rows of the head-mixing products)
+  int head_group = 0;  // heads staged in shared memory at once (all H when they fit)
+  int chunk_d = 0;     // output head-dim columns one program owns (multiple of pad)
+  int num_chunks = 0;  // programs per (batch element, query block) along the head dim
+  int num_m = 0;       // query blocks per batch element
+  size_t shared_bytes = 0;
+};
+
+struct ReAttnParams {
+  int64_t B = 0;
+  int H = 0, Nq = 0, Nk = 0, D = 0;
+
+  // Inputs in the storage type T, any strides.
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* grad_out = nullptr;
+  Strides4 q_st{}, k_st{}, v_st{}, do_st{};
+
+  // Mask as a [B, H, Nq, Nk] view by strides (0 on broadcast dims): uint8 (1 = attend) or additive
+  // in the accumulation type (-inf = masked).
+  int mask_kind = kMaskNone;
+  const void* mask = nullptr;
+  Strides4 mask_st{};
+
+  // Parameters in the accumulation type, contiguous; null = absent. bn (kNormBatch): [4, H] =
+  // batch mean, 1 / sqrt(var + eps), and the backward's e, f of dM = a dN + e xhat + f.
+  const void* W = nullptr;
+  const void* c = nullptr;
+  const void* gamma = nullptr;
+  const void* beta = nullptr;
+  const void* bn = nullptr;
+  int norm = kNormNone;
+
+  double scale = 1.0, out_scale = 1.0, eps = 1e-5, dropout_p = 0.0;
+  const int64_t* seed = nullptr;  // on the device; null = no dropout
+
+  // Forward: out in T (any strides); lse in the accumulation type, contiguous [B, H, Nq].
+  void* out = nullptr;
+  Strides4 o_st{};
+  void* lse = nullptr;
+  bool lse_is_input = false;
+
+  // Statistics sweep (kBatchStats): float64 sums of X = P~ - shift over unmasked entries.
+  double shift = 0.0;
+  double* s1 = nullptr;    // [H]
+  double* gram = nullptr;  // [H, H]
+
+  // Backward: dq in T (any strides), dk/dv contiguous [B, H, Nk, D] in the accumulation type and
+  // parameter gradients in float64, all summed atomically (zeroed by the caller).
+  void* dq = nullptr;
+  Strides4 dq_st{};
+  void* dk = nullptr;
+  void* dv = nullptr;
+  double* dW = nullptr;
+  double* dc = nullptr;
+  double* dgamma = nullptr;  // kBackwardStats: sum(dN xhat) per head
+  double* dbeta = nullptr;   // kBackwardStats: sum(dN) per head
+
+  Plan plan{};
+};
+
+}  // namespace cuda
+}  // namespace reattn

@@ -1,0 +1,84 @@
+"""CUDA C++ backend: the fused programs of ``csrc/cuda`` (in ``reattn._C``) behind the ladder of ``_fused``.
+
+``reattn::cuda_forward`` / ``reattn::cuda_backward`` are ``torch.library`` custom ops with fake
+implementations and autograd (see :mod:`reattn.backends._fused`: nothing of size B*H*Nq*Nk is
+saved or written). Dropout uses Triton's Philox stream, so for one seed the CUDA and Triton
+backends drop the same entries.
+
+On CPU tensors the same ops run the host emulator of the CUDA programs (``csrc/cuda/emulate.h``),
+which is how CI tests this backend without a GPU. ``backend="cuda"`` accepts CPU tensors only with
+``REATTN_CUDA_EMULATE=1`` (as ``TRITON_INTERPRET=1`` for Triton); it is slow and never picked by
+``backend="auto"``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from reattn._extension import _C
+from reattn.backends._fused import FusedKernels, define_fused_ops, run_fused
+
+__all__ = ["cuda_backward", "cuda_forward", "emulating", "re_attention_cuda"]
+
+# Program kinds of csrc/cuda/params.h, for reattn._C.cuda_plan.
+PROGRAM_KINDS = {"forward": 0, "batch_stats": 1, "backward": 2, "backward_stats": 3}
+
+
+def emulating() -> bool:
+    """True when ``REATTN_CUDA_EMULATE=1``: backend="cuda" runs CPU tensors in the host emulator."""
+    return os.environ.get("REATTN_CUDA_EMULATE", "0") == "1"
+
+
+def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse, *, scale,
+             out_scale, norm, eps, dropout_p):
+    out, lse = _C.cuda_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed,
+                               lse, scale, out_scale, norm, eps, dropout_p)
+    return out, lse
+
+
+def _gram_sums(q, k, attn_mask, seed, *, scale, dropout_p, shift):
+    lse, s1, gram = _C.cuda_batch_sums(q, k, attn_mask, seed, scale, dropout_p, shift)
+    return lse, s1, gram
+
+
+def _backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, count, attn_mask, seed,
+              lse, *, scale, out_scale, norm, eps, dropout_p):
+    args = (grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias)
+    tail = (attn_mask, seed, lse, scale, out_scale, norm, eps, dropout_p)
+    if norm != "batch":
+        dq, dk, dv, dw, dc, dnw, dnb = _C.cuda_backward(*args, None, *tail, False)
+        return dq, dk, dv, dw, dc, dnw if norm == "layer" else None, dnb if norm == "layer" else None
+    # Training BatchNorm: dM = a dN + e xhat + f with a = gamma / std, e = -a mean(dN xhat) and
+    # f = -a mean(dN) over the batch; a first launch sums dN xhat and dN (also dgamma and dbeta).
+    rows = torch.cat([batch_stats.to(torch.float64), batch_stats.new_zeros((2, q.shape[1]), dtype=torch.float64)])
+    *_, sum_dn_xhat, sum_dn = _C.cuda_backward(*args, rows, *tail, True)
+    a = rows[1] if norm_weight is None else rows[1] * norm_weight.to(torch.float64)
+    rows[2] = -a * sum_dn_xhat / count
+    rows[3] = -a * sum_dn / count
+    dq, dk, dv, dw, dc, _, _ = _C.cuda_backward(*args, rows, *tail, False)
+    return dq, dk, dv, dw, dc, sum_dn_xhat, sum_dn
+
+
+CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, backward=_backward)
+cuda_forward, cuda_backward = define_fused_ops("cuda", CUDA_KERNELS, ("cuda", "cpu"))
+
+
+def re_attention_cuda(q, k, v, mix_weight, mix_bias, **kwargs):
+    """``reattn.re_attention`` with backend="cuda" (validated arguments; see ``_fused.run_fused``)."""
+    return run_fused(cuda_forward, q, k, v, mix_weight, mix_bias, **kwargs)
+
+
+def launch_plan(kind: str, heads: int, head_dim: int, n_queries: int, dtype: torch.dtype,
+                shared_limit: int = 0) -> dict:
+    """How a fused CUDA program is laid out and launched for a problem (no GPU needed).
+
+    kind: "forward", "batch_stats", "backward" or "backward_stats". shared_limit: bytes of shared
+    memory per block the plan must fit (0 = sm_80's 163 KB; the GPU's own limit when launching).
+    Returns block_m, block_n, pad, head_dim_p, heads_p, head_group, chunk_d, num_chunks, num_m,
+    shared_bytes, threads.
+    """
+    if kind not in PROGRAM_KINDS:
+        raise ValueError(f"launch_plan: kind must be one of {sorted(PROGRAM_KINDS)}, got {kind!r}")
+    name = str(dtype).replace("torch.", "")
+    return dict(_C.cuda_plan(PROGRAM_KINDS[kind], heads, head_dim, n_queries, name, shared_limit))
