@@ -153,6 +153,9 @@ def _interpreter_reason(backend: str, device: torch.device) -> Optional[str]:
 
     if backend == "triton" and device.type == "cpu" and interpreting():
         return "TRITON_INTERPRET=1 runs the Triton kernels in the interpreter, a correctness tool: not benchmarked"
+    if backend == "cuda" and device.type == "cpu":
+        return ("REATTN_CUDA_EMULATE=1 runs the CUDA programs in their host emulator, a correctness tool: "
+                "not benchmarked")
     return None
 
 
