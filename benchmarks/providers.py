@@ -148,7 +148,7 @@ def fused_backend_provider(backend: str, core: OfficialCore, norm_mode: str) -> 
     return Provider(backend, run, parameters=tuple(core.parameters()))
 
 
-def _interpreter_reason(backend: str, device: torch.device) -> Optional[str]:
+def correctness_tool_reason(backend: str, device: torch.device) -> Optional[str]:
     from reattn.kernels.launch import interpreting
 
     if backend == "triton" and device.type == "cpu" and interpreting():
@@ -170,7 +170,7 @@ def build_providers(core: OfficialCore, norm_mode: str, device: torch.device, dt
     for backend in reattn.available_backends(device):
         if backend == "eager":
             continue
-        reason = _interpreter_reason(backend, device)
+        reason = correctness_tool_reason(backend, device)
         providers.append(Provider(backend, None, reason) if reason
                          else fused_backend_provider(backend, core, norm_mode))
     if with_compile:

@@ -250,6 +250,18 @@ int norm_code(const char* op, const std::string& norm) {
   return -1;
 }
 
+// The norm of a forward or backward: its code, out_scale, eps and (training BatchNorm) the statistics rows.
+void set_norm(const char* op, Arguments& a, const at::Tensor& q, const std::string& norm, double out_scale,
+              double eps, const c10::optional<at::Tensor>& batch_stats) {
+  a.p.norm = norm_code(op, norm);
+  a.p.out_scale = out_scale;
+  a.p.eps = eps;
+  if (a.p.norm == kNormBatch) {
+    a.keep.push_back(batch_rows(op, batch_stats, q));
+    a.p.bn = a.keep.back().data_ptr();
+  }
+}
+
 void poison(at::Tensor& t) { t.fill_(std::numeric_limits<double>::quiet_NaN()); }
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -264,14 +276,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   const char* op = "reattn cuda_forward";
   Arguments a = prepare(op, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, dropout_p);
   ReAttnParams& p = a.p;
-  p.norm = norm_code(op, norm);
-  p.out_scale = out_scale;
-  p.eps = eps;
-  at::Tensor bn;
-  if (p.norm == kNormBatch) {
-    bn = batch_rows(op, batch_stats, q);
-    p.bn = bn.data_ptr();
-  }
+  set_norm(op, a, q, norm, out_scale, eps, batch_stats);
   const auto acc = acc_of(q.scalar_type());
   at::Tensor lse;
   if (lse_in.has_value() && lse_in->defined()) {
@@ -334,14 +339,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                     " ", grad_out.scalar_type());
   p.grad_out = grad_out.data_ptr();
   p.do_st = strides_of(grad_out);
-  p.norm = norm_code(op, norm);
-  p.out_scale = out_scale;
-  p.eps = eps;
-  at::Tensor bn;
-  if (p.norm == kNormBatch) {
-    bn = batch_rows(op, batch_stats, q);
-    p.bn = bn.data_ptr();
-  }
+  set_norm(op, a, q, norm, out_scale, eps, batch_stats);
   const auto acc = acc_of(q.scalar_type());
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({p.B, p.H, p.Nq}) && lse.scalar_type() == acc &&
                         lse.is_contiguous() && lse.device() == q.device(),

@@ -158,16 +158,25 @@ struct Program {
     return {s, true};
   }
 
+  // out[h][i * BN + j] = rows_h,i . keys_h,j over the whole head dim, head group by head group;
+  // stage(h0, hg) brings the group's rows and key-tile rows into `rows` and `keys`.
+  template <typename Exec, typename Stage>
+  REATTN_FN void products_with_key_tile(const Exec& ex, Stage stage, size_t rows, size_t keys, Acc* out) {
+    for (int h0 = 0; h0 < H; h0 += plan.head_group) {
+      const int hg = group_size(h0);
+      stage(h0, hg);
+      block_gemm<RowMajor, ColMajor>(ex, tensor_cores, GemmShape{hg, BM, BN, Dp}, at<T>(rows), Dp, BM * Dp,
+                                     at<T>(keys), Dp, BN * Dp, out + h0 * E, BN, E, false);
+    }
+  }
+
   // scores[h][i * BN + j] = q_h,i . k_h,j for the key tile at n0 (rows h < H).
   template <typename Exec>
   REATTN_FN void scores_tile(const Exec& ex, int n0) {
-    for (int h0 = 0; h0 < H; h0 += plan.head_group) {
-      const int hg = group_size(h0);
+    products_with_key_tile(ex, [&](int h0, int hg) {
       stage_q(ex, h0, hg);
       stage_k(ex, n0, h0, hg);
-      block_gemm<RowMajor, ColMajor>(ex, tensor_cores, GemmShape{hg, BM, BN, Dp}, at<T>(L.q), Dp, BM * Dp,
-                                     at<T>(L.k), Dp, BN * Dp, at<Acc>(L.scores) + h0 * E, BN, E, false);
-    }
+    }, L.q, L.k, at<Acc>(L.scores));
   }
 
   // L = logsumexp_j S per (h, i) with an online maximum; +inf for a row without any key.
@@ -448,13 +457,10 @@ struct Program {
   // dattn[h][e] = dO_h,i . v_h,j for the key tile at n0.
   template <typename Exec>
   REATTN_FN void dattn_tile(const Exec& ex, int n0) {
-    for (int h0 = 0; h0 < H; h0 += plan.head_group) {
-      const int hg = group_size(h0);
+    products_with_key_tile(ex, [&](int h0, int hg) {
       stage_dout(ex, h0, hg);
       stage_v(ex, n0, h0, hg);
-      block_gemm<RowMajor, ColMajor>(ex, tensor_cores, GemmShape{hg, BM, BN, Dp}, at<T>(L.dout), Dp, BM * Dp,
-                                     at<T>(L.v), Dp, BN * Dp, at<Acc>(L.dattn) + h0 * E, BN, E, false);
-    }
+    }, L.dout, L.v, at<Acc>(L.dattn));
   }
 
   // One key tile of a backward sweep.

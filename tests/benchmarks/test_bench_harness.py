@@ -22,11 +22,11 @@ NUMERIC = ("median_ms", "p20_ms", "p80_ms", "tflops_model", "gbps_io", "speedup_
 
 
 def _benchmarked_fused_backends():
-    """Fused backends the harness must run here (the Triton interpreter is never benchmarked)."""
-    from reattn.kernels.launch import interpreting
+    """Fused backends the harness must run here (never the Triton interpreter or the CUDA emulator)."""
+    from benchmarks.providers import correctness_tool_reason
 
     return [name for name in reattn.available_backends(CPU)
-            if name != "eager" and not (name == "triton" and interpreting())]
+            if name != "eager" and correctness_tool_reason(name, CPU) is None]
 
 
 def _check_rows(rows, expected_providers):
