@@ -162,7 +162,12 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
               "re_attention_cpu supports float32, float64 and bfloat16, got ", q.scalar_type());
 }
 
+bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
 // Returns (out [B,H,Nq,D], lse [B,H,Nq], R, U ([B,H,Nq,D] acc dtype for norm 2, else empty), stats [3,H] double).
+// lse_in and stats_in (norm 2 only, both or neither): statistics given by the caller (synchronized across
+// processes, from re_attention_cpu_bn_gram's lse and all-reduced sums); the returned lse and stats are
+// copies of them (a custom op may not return its inputs).
 std::vector<at::Tensor> re_attention_cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const at::Tensor& mix_weight,
                                                  const c10::optional<at::Tensor>& mix_bias,
@@ -170,8 +175,13 @@ std::vector<at::Tensor> re_attention_cpu_forward(const at::Tensor& q, const at::
                                                  const c10::optional<at::Tensor>& norm_bias,
                                                  const c10::optional<at::Tensor>& attn_mask, double scale,
                                                  double out_scale, int64_t norm, double eps, double dropout_p,
-                                                 int64_t seed) {
+                                                 int64_t seed, const c10::optional<at::Tensor>& lse_in,
+                                                 const c10::optional<at::Tensor>& stats_in) {
   check_qkv(q, k, v, mix_weight);
+  const bool given_stats = given(stats_in);
+  TORCH_CHECK(given_stats == given(lse_in), "re_attention_cpu: lse_in and stats_in come together (both or neither)");
+  TORCH_CHECK(!given_stats || norm == reattn::cpu::kNormBatchTrain,
+              "re_attention_cpu: given statistics (lse_in, stats_in) need norm code 2 (batch, train)");
   at::Tensor mask_keep;
   const ReAttnParams p = make_params(q, k, attn_mask, mask_keep, scale, out_scale, norm, eps, dropout_p, seed);
   const auto acc = acc_type_of(q);
@@ -185,25 +195,82 @@ std::vector<at::Tensor> re_attention_cpu_forward(const at::Tensor& q, const at::
   at::Tensor R = at::empty({bn ? p.B : 0, p.H, p.Nq, p.D}, q.options().dtype(acc));
   at::Tensor U = at::empty_like(R);
   at::Tensor stats = at::zeros({3, p.H}, q.options().dtype(at::kDouble));
+  if (given_stats) {
+    TORCH_CHECK(lse_in->scalar_type() == acc && lse_in->numel() == p.B * p.H * p.Nq,
+                "re_attention_cpu: lse_in must be the statistics sweep's [B, H, Nq] in the accumulation dtype");
+    TORCH_CHECK(stats_in->numel() == 3 * p.H, "re_attention_cpu: stats_in must be [3, H], got ", stats_in->sizes());
+    lse.copy_(lse_in->reshape({p.B, p.H, p.Nq}));
+    stats.copy_(stats_in->reshape({3, p.H}));
+  }
   if (bn) out.zero_();  // left as is when the statistics refuse (count <= 1): the caller raises
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "re_attention_cpu_forward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     reattn::cpu::re_attention_forward<scalar_t, acc_t>(
         p, view_of(q), view_of(k), view_of(v), W.data_ptr<acc_t>(), c.data_ptr<acc_t>(), ptr_or_null<acc_t>(gamma),
         ptr_or_null<acc_t>(beta), out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
-        bn ? R.data_ptr<acc_t>() : nullptr, bn ? U.data_ptr<acc_t>() : nullptr, stats.data_ptr<double>());
+        bn ? R.data_ptr<acc_t>() : nullptr, bn ? U.data_ptr<acc_t>() : nullptr, stats.data_ptr<double>(),
+        given_stats);
   });
   return {out, lse, R, U, stats};
 }
 
+// Training-mode BatchNorm statistics as sums that add up over processes (see bn_gram_stats):
+// returns (lse [B,H,Nq] acc dtype, s1 [Hm,H], gram [Hm,H,H], count [Hm] float64) with Hm the mask's
+// head count (1 without a mask). kappa: the shift, exactly representable in the accumulation dtype.
+std::vector<at::Tensor> re_attention_cpu_bn_gram(const at::Tensor& q, const at::Tensor& k,
+                                                 const c10::optional<at::Tensor>& attn_mask, double scale,
+                                                 double dropout_p, int64_t seed, double kappa) {
+  check_qk(q, k);
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble || q.scalar_type() == at::kBFloat16,
+              "re_attention_cpu supports float32, float64 and bfloat16, got ", q.scalar_type());
+  at::Tensor mask_keep;
+  const ReAttnParams p = make_params(q, k, attn_mask, mask_keep, scale, 1.0, reattn::cpu::kNormBatchTrain, 0.0,
+                                     dropout_p, seed);
+  const auto acc = acc_type_of(q);
+  const int64_t Hm = p.mask != nullptr ? p.mask_heads : 1;
+  const auto dopts = q.options().dtype(at::kDouble);
+  at::Tensor lse = at::empty({p.B, p.H, p.Nq}, q.options().dtype(acc));
+  at::Tensor s1 = at::empty({Hm, p.H}, dopts), gram = at::empty({Hm, p.H, p.H}, dopts), count = at::empty({Hm}, dopts);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "re_attention_cpu_bn_gram", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    reattn::cpu::bn_gram_stats<scalar_t, acc_t>(p, view_of(q), view_of(k), static_cast<acc_t>(kappa),
+                                                lse.data_ptr<acc_t>(), s1.data_ptr<double>(),
+                                                gram.data_ptr<double>(), count.data_ptr<double>());
+  });
+  return {lse, s1, gram, count};
+}
+
+// The backward's per-head sums over this call's entries: [2, H] float64, rows sum(dA) and sum(dA * Xhat).
+at::Tensor re_attention_cpu_bn_grad_sums(const at::Tensor& grad_out, const at::Tensor& R, const at::Tensor& U) {
+  TORCH_CHECK(grad_out.dim() == 4, "re_attention_cpu: grad_out must be [B, H, Nq, D], got ", grad_out.sizes());
+  TORCH_CHECK(R.sizes() == grad_out.sizes() && U.sizes() == R.sizes() && R.is_contiguous() && U.is_contiguous() &&
+                  R.scalar_type() == acc_type_of(grad_out) && U.scalar_type() == R.scalar_type(),
+              "re_attention_cpu: R and U must be the forward's [B, H, Nq, D] tensors, got ", R.sizes(), " and ",
+              U.sizes(), " for grad_out ", grad_out.sizes());
+  ReAttnParams p;
+  p.B = grad_out.size(0);
+  p.H = grad_out.size(1);
+  p.Nq = grad_out.size(2);
+  p.D = grad_out.size(3);
+  at::Tensor sums = at::empty({2, p.H}, grad_out.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_out.scalar_type(), "re_attention_cpu_bn_grad_sums", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    reattn::cpu::bn_grad_sums<scalar_t, acc_t>(p, view_of(grad_out), R.data_ptr<acc_t>(), U.data_ptr<acc_t>(),
+                                               sums.data_ptr<double>());
+  });
+  return sums;
+}
+
 // Returns (dq, dk, dv in q's dtype; d_mix_weight [H,H], d_mix_bias, d_norm_weight, d_norm_bias [H] in float64).
+// bn_sums (norm 2): re_attention_cpu_bn_grad_sums' [2, H] summed over every process; then d_norm_weight and
+// d_norm_bias come back zero (the caller has them: out_scale times its own sums).
 std::vector<at::Tensor> re_attention_cpu_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& mix_weight, const c10::optional<at::Tensor>& mix_bias,
     const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias,
     const c10::optional<at::Tensor>& attn_mask, const at::Tensor& lse, const at::Tensor& R, const at::Tensor& U,
     const at::Tensor& stats, double scale, double out_scale, int64_t norm, double eps, double dropout_p,
-    int64_t seed) {
+    int64_t seed, const c10::optional<at::Tensor>& bn_sums) {
   check_qkv(q, k, v, mix_weight);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(),
               "re_attention_cpu: grad_out must match q in shape and dtype");
@@ -218,6 +285,12 @@ std::vector<at::Tensor> re_attention_cpu_backward(
               "re_attention_cpu: R and U must be the forward's [B, H, Nq, D] tensors for norm='batch' training");
   at::Tensor stats_c = stats.to(at::kDouble).contiguous();
   TORCH_CHECK(stats_c.numel() == 3 * p.H, "re_attention_cpu: stats must be [3, H]");
+  at::Tensor sums_c;
+  if (given(bn_sums)) {
+    TORCH_CHECK(bn, "re_attention_cpu: bn_sums need norm code 2 (batch, train)");
+    sums_c = bn_sums->to(at::kDouble).contiguous();
+    TORCH_CHECK(sums_c.numel() == 2 * p.H, "re_attention_cpu: bn_sums must be [2, H], got ", bn_sums->sizes());
+  }
   at::Tensor W = mix_weight.detach().to(acc).contiguous();
   at::Tensor c = acc_param(mix_bias, acc);
   if (!c.defined()) c = at::zeros({p.H}, q.options().dtype(acc));
@@ -235,7 +308,7 @@ std::vector<at::Tensor> re_attention_cpu_backward(
         ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), lse.data_ptr<acc_t>(),
         bn ? R.data_ptr<acc_t>() : nullptr, bn ? U.data_ptr<acc_t>() : nullptr, stats_c.data_ptr<double>(),
         dq.data_ptr<scalar_t>(), dk.data_ptr<acc_t>(), dv.data_ptr<acc_t>(), dW.data_ptr<double>(),
-        dc.data_ptr<double>(), dg.data_ptr<double>(), db.data_ptr<double>());
+        dc.data_ptr<double>(), dg.data_ptr<double>(), db.data_ptr<double>(), ptr_or_null<double>(sums_c));
   });
   return {dq, dk.to(q.scalar_type()), dv.to(q.scalar_type()), dW, dc, dg, db};
 }
@@ -278,13 +351,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("v"), pybind11::arg("mix_weight"), pybind11::arg("mix_bias"), pybind11::arg("norm_weight"),
         pybind11::arg("norm_bias"), pybind11::arg("attn_mask"), pybind11::arg("scale"), pybind11::arg("out_scale"),
         pybind11::arg("norm"), pybind11::arg("eps"), pybind11::arg("dropout_p"), pybind11::arg("seed"),
-        "Fused CPU Re-attention forward (norm 0 none, 1 layer, 2 batch train): [out, lse, R, U, stats].");
+        pybind11::arg("lse_in") = pybind11::none(), pybind11::arg("stats_in") = pybind11::none(),
+        "Fused CPU Re-attention forward (norm 0 none, 1 layer, 2 batch train): [out, lse, R, U, stats]; "
+        "with lse_in and stats_in (norm 2) it normalizes with those statistics (no statistics sweep).");
+  m.def("re_attention_cpu_bn_gram", &re_attention_cpu_bn_gram, pybind11::arg("q"), pybind11::arg("k"),
+        pybind11::arg("attn_mask"), pybind11::arg("scale"), pybind11::arg("dropout_p"), pybind11::arg("seed"),
+        pybind11::arg("kappa"),
+        "Training BatchNorm statistics sweep as sums that add up over processes: [lse, s1 [Hm,H], "
+        "gram [Hm,H,H] of X = P~ - kappa over unmasked entries, count [Hm]].");
+  m.def("re_attention_cpu_bn_grad_sums", &re_attention_cpu_bn_grad_sums, pybind11::arg("grad_out"),
+        pybind11::arg("R"), pybind11::arg("U"),
+        "The BatchNorm backward's per-head sums over this call's entries: [2, H] = [sum dA, sum dA*Xhat].");
   m.def("re_attention_cpu_backward", &re_attention_cpu_backward, pybind11::arg("grad_out"), pybind11::arg("q"),
         pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("mix_weight"), pybind11::arg("mix_bias"),
         pybind11::arg("norm_weight"), pybind11::arg("norm_bias"), pybind11::arg("attn_mask"), pybind11::arg("lse"),
         pybind11::arg("R"), pybind11::arg("U"), pybind11::arg("stats"), pybind11::arg("scale"),
         pybind11::arg("out_scale"), pybind11::arg("norm"), pybind11::arg("eps"), pybind11::arg("dropout_p"),
-        pybind11::arg("seed"), "Fused CPU Re-attention backward: [dq, dk, dv, dW, dc, dgamma, dbeta].");
+        pybind11::arg("seed"), pybind11::arg("bn_sums") = pybind11::none(),
+        "Fused CPU Re-attention backward: [dq, dk, dv, dW, dc, dgamma, dbeta]; bn_sums (norm 2): the "
+        "BatchNorm sums over every process (dgamma, dbeta then come back zero).");
   m.def("dropout_keep_mask", &dropout_keep_mask, pybind11::arg("seed"), pybind11::arg("B"), pybind11::arg("H"),
         pybind11::arg("Nq"), pybind11::arg("Nk"), pybind11::arg("p"),
         "The CPU kernel's dropout keep-mask (True = keep) for a seed, as a bool [B, H, Nq, Nk] tensor.");

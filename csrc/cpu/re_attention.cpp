@@ -17,6 +17,12 @@
 // O = tau*gamma*R + tau*beta*U and the backward gets sum(dA) = <dO, U>, sum(dA Xhat) = <dO, R>
 // without another sweep (the math note's trick).
 //
+// Statistics synchronized across processes (SyncBatchNorm semantics): moments of M do not add up
+// over processes, so bn_gram_stats accumulates what does, the Gram-matrix sums of X = P~ - 1/Nk
+// (H^2 + H + 1 numbers, the math note's formulation); the caller all-reduces them, turns them into
+// mean and variance and runs the forward's main sweep with those (given_stats). The backward's two
+// per-head sums (bn_grad_sums) are all-reduced the same way before its main sweep (bn_sums).
+//
 // dK, dV: a task adds into per-chunk accumulators for its batch element; they are flushed (under a
 // per-batch lock) into the caller's zeroed fp32/fp64 buffers when the chunk moves to another batch
 // element. Chunks are contiguous task ranges, so there are at most B + threads flushes.
@@ -341,12 +347,13 @@ void batch_stats(const ReAttnParams& p, const Tasks& tasks, View4 q, View4 k, Vi
 template <typename scalar_t, typename acc_t>
 void re_attention_forward(const ReAttnParams& p, View4 q, View4 k, View4 v, const acc_t* W, const acc_t* c,
                           const acc_t* gamma, const acc_t* beta, scalar_t* out, acc_t* lse, acc_t* R, acc_t* U,
-                          double* stats) {
+                          double* stats, bool given_stats) {
   const Tasks tasks(p);
   const int64_t H = p.H, Nk = p.Nk, D = p.D;
+  const bool lse_given = given_stats && p.norm == kNormBatchTrain;  // bn_gram_stats wrote it
   BNStats<acc_t> bn;
   if (p.norm == kNormBatchTrain) {
-    batch_stats<scalar_t, acc_t>(p, tasks, q, k, v, W, c, stats);
+    if (!given_stats) batch_stats<scalar_t, acc_t>(p, tasks, q, k, v, W, c, stats);
     for (int64_t g = 0; g < H; ++g)
       if (stats[2 * H + g] <= 1) return;
     bn = bn_stats<acc_t>(p, stats);
@@ -371,7 +378,11 @@ void re_attention_forward(const ReAttnParams& p, View4 q, View4 k, View4 v, cons
         qh[h] = head_rows<scalar_t, acc_t>(q, b, h, i0, bm, D, qbuf.data() + h * tasks.bm * D);
       if (p.mask) build_mask(p, b, i0, bm, madd.data());
       const acc_t* md = p.mask ? madd.data() : nullptr;
-      probabilities(p, b, i0, bm, qh.data(), kv, md, P.data(), lse, static_cast<const acc_t*>(nullptr));
+      if (lse_given)  // exp(S - lse) needs no row reductions; the backward recomputes P the same way
+        probabilities(p, b, i0, bm, qh.data(), kv, md, P.data(), static_cast<acc_t*>(nullptr),
+                      static_cast<const acc_t*>(lse));
+      else
+        probabilities(p, b, i0, bm, qh.data(), kv, md, P.data(), lse, static_cast<const acc_t*>(nullptr));
       if (p.dropout_p > 0) apply_dropout(p, b, i0, bm, P.data());
       mix_and_norm(p, W, c, gamma, beta, &bn, P.data(), md, E, Mb.data(), Y.data(), rstd_e.data(), mu_e.data());
       for (int64_t g = 0; g < H; ++g) {
@@ -406,10 +417,90 @@ void re_attention_forward(const ReAttnParams& p, View4 q, View4 k, View4 v, cons
 }
 
 template <typename scalar_t, typename acc_t>
+void bn_gram_stats(const ReAttnParams& p, View4 q, View4 k, acc_t kappa, acc_t* lse, double* s1, double* gram,
+                   double* count) {
+  const Tasks tasks(p);
+  const int64_t H = p.H, Nk = p.Nk, D = p.D;
+  const int64_t Hm = p.mask ? p.mask_heads : 1;  // one set of sums per distinct mask head
+  std::fill(s1, s1 + Hm * H, 0.0);
+  std::fill(gram, gram + Hm * H * H, 0.0);
+  std::fill(count, count + Hm, 0.0);
+  // The Gram products run over at most kGramChunk entries in acc_t, then add into double. Measured with
+  // torch's sgemm on softmax rows (H=6, a task of 32 rows x 197 keys) against double: one product over
+  // the whole task 1.2e-7 relative to sqrt(G_hh G_h'h'), 1024-entry pieces 3.8e-8; the pieces also keep
+  // the error from growing with the key count.
+  constexpr int64_t kGramChunk = 1024;
+  std::mutex lock;
+  at::parallel_for(0, tasks.count, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single;
+    const int64_t cap = H * tasks.bm * Nk;
+    KVCache<scalar_t, acc_t> kv(p, k, k);  // V is not needed: K stands in for it
+    std::vector<acc_t> qbuf(H * tasks.bm * D), P(cap), X(cap), Gt(H * H),
+        madd(p.mask ? p.mask_heads * tasks.bm * Nk : 0);
+    std::vector<HeadRows<scalar_t, acc_t>> qh(H);
+    std::vector<double> s1_l(Hm * H, 0.0), gram_l(Hm * H * H, 0.0), count_l(Hm, 0.0);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / tasks.per_batch, i0 = (t % tasks.per_batch) * tasks.bm;
+      const int64_t bm = std::min(tasks.bm, p.Nq - i0), E = bm * Nk;
+      kv.load(b);
+      for (int64_t h = 0; h < H; ++h)
+        qh[h] = head_rows<scalar_t, acc_t>(q, b, h, i0, bm, D, qbuf.data() + h * tasks.bm * D);
+      if (p.mask) build_mask(p, b, i0, bm, madd.data());
+      const acc_t* md = p.mask ? madd.data() : nullptr;
+      probabilities(p, b, i0, bm, qh.data(), kv, md, P.data(), lse, static_cast<const acc_t*>(nullptr));
+      if (p.dropout_p > 0) apply_dropout(p, b, i0, bm, P.data());
+      for (int64_t m = 0; m < Hm; ++m) {
+        const acc_t* mm = md == nullptr ? nullptr : md + m * E;
+        for (int64_t h = 0; h < H; ++h) {
+          double unused = 0, cnt = 0;
+          // s1 over the unmasked entries in 256-entry blocks of acc_t, then double (as batch_stats).
+          vec::moments<acc_t>(P.data() + h * E, mm, E, kappa, &s1_l[m * H + h], &unused, &cnt);
+          if (h == 0) count_l[m] += cnt;
+          acc_t* xh = X.data() + h * E;
+          std::copy(P.begin() + h * E, P.begin() + (h + 1) * E, xh);
+          vec::affine<acc_t>(xh, E, acc_t(1), -kappa);
+          if (mm != nullptr) vec::zero_masked<acc_t>(xh, mm, E);  // masked entries are not in the batch
+        }
+        for (int64_t e0 = 0; e0 < E; e0 += kGramChunk) {
+          const int64_t len = std::min(kGramChunk, E - e0);
+          gemm<acc_t>(false, true, H, H, len, acc_t(1), X.data() + e0, E, X.data() + e0, E, acc_t(0), Gt.data(), H);
+          for (int64_t x = 0; x < H * H; ++x) gram_l[m * H * H + x] += static_cast<double>(Gt[x]);
+        }
+      }
+    }
+    std::lock_guard<std::mutex> guard(lock);
+    for (int64_t x = 0; x < Hm * H; ++x) s1[x] += s1_l[x];
+    for (int64_t x = 0; x < Hm * H * H; ++x) gram[x] += gram_l[x];
+    for (int64_t m = 0; m < Hm; ++m) count[m] += count_l[m];
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void bn_grad_sums(const ReAttnParams& p, View4 dout, const acc_t* R, const acc_t* U, double* sums) {
+  // sum(dA) = <dO, U>, sum(dA y) = <dO, R> per head, over all (b, i, d): O(B H Nq D), no sweep over keys.
+  const int64_t H = p.H, Nq = p.Nq, D = p.D;
+  std::fill(sums, sums + 2 * H, 0.0);
+  for (int64_t b = 0; b < p.B; ++b)
+    for (int64_t g = 0; g < H; ++g)
+      for (int64_t i = 0; i < Nq; ++i) {
+        const scalar_t* o = static_cast<const scalar_t*>(dout.data) + b * dout.st.b + g * dout.st.h + i * dout.st.n;
+        const int64_t row = ((b * H + g) * Nq + i) * D;
+        double a1 = 0, a2 = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          const double x = static_cast<double>(o[d * dout.st.d]);
+          a1 += x * static_cast<double>(U[row + d]);
+          a2 += x * static_cast<double>(R[row + d]);
+        }
+        sums[g] += a1;
+        sums[H + g] += a2;
+      }
+}
+
+template <typename scalar_t, typename acc_t>
 void re_attention_backward(const ReAttnParams& p, View4 dout, View4 q, View4 k, View4 v, const acc_t* W,
                            const acc_t* c, const acc_t* gamma, const acc_t* beta, const acc_t* lse, const acc_t* R,
                            const acc_t* U, const double* stats, scalar_t* dq, acc_t* dk, acc_t* dv, double* dW,
-                           double* dc, double* dgamma, double* dbeta) {
+                           double* dc, double* dgamma, double* dbeta, const double* bn_sums) {
   const Tasks tasks(p);
   const int64_t H = p.H, Nk = p.Nk, D = p.D, Nq = p.Nq;
   const acc_t tau = static_cast<acc_t>(p.out_scale);
@@ -417,30 +508,22 @@ void re_attention_backward(const ReAttnParams& p, View4 dout, View4 q, View4 k, 
   std::vector<acc_t> k1(H), k2(H), k3(H);
   if (p.norm == kNormBatchTrain) {
     bn = bn_stats<acc_t>(p, stats);
-    // sum(dA) = <dO, U>, sum(dA y) = <dO, R> per head, over all (b, i, d).
-    std::vector<double> sda(H, 0.0), sday(H, 0.0);
-    for (int64_t b = 0; b < p.B; ++b)
-      for (int64_t g = 0; g < H; ++g)
-        for (int64_t i = 0; i < Nq; ++i) {
-          const scalar_t* o = static_cast<const scalar_t*>(dout.data) + b * dout.st.b + g * dout.st.h + i * dout.st.n;
-          const int64_t row = ((b * H + g) * Nq + i) * D;
-          double a1 = 0, a2 = 0;
-          for (int64_t d = 0; d < D; ++d) {
-            const double x = static_cast<double>(o[d * dout.st.d]);
-            a1 += x * static_cast<double>(U[row + d]);
-            a2 += x * static_cast<double>(R[row + d]);
-          }
-          sda[g] += a1;
-          sday[g] += a2;
-        }
+    std::vector<double> own;
+    if (bn_sums == nullptr) {
+      own.resize(2 * H);
+      bn_grad_sums<scalar_t, acc_t>(p, dout, R, U, own.data());
+    }
+    const double* sums = bn_sums != nullptr ? bn_sums : own.data();
     for (int64_t g = 0; g < H; ++g) {
-      const double n = stats[2 * H + g];
+      const double n = stats[2 * H + g], sda = sums[g], sday = sums[H + g];
       const double kk1 = p.out_scale * (gamma ? static_cast<double>(gamma[g]) : 1.0) * static_cast<double>(bn.rstd[g]);
       k1[g] = static_cast<acc_t>(kk1);
-      k2[g] = static_cast<acc_t>(-kk1 * sday[g] / n);
-      k3[g] = static_cast<acc_t>(-kk1 * sda[g] / n);
-      dgamma[g] += p.out_scale * sday[g];
-      dbeta[g] += p.out_scale * sda[g];
+      k2[g] = static_cast<acc_t>(-kk1 * sday / n);
+      k3[g] = static_cast<acc_t>(-kk1 * sda / n);
+      if (bn_sums == nullptr) {  // given global sums, the caller adds tau times its own
+        dgamma[g] += p.out_scale * sday;
+        dbeta[g] += p.out_scale * sda;
+      }
     }
   }
   std::unique_ptr<std::mutex[]> batch_locks(new std::mutex[p.B]);
@@ -554,10 +637,13 @@ const char* gemm_backend_name() {
 
 #define REATTN_INSTANTIATE_RA(S, A)                                                                             \
   template void re_attention_forward<S, A>(const ReAttnParams&, View4, View4, View4, const A*, const A*,      \
-                                           const A*, const A*, S*, A*, A*, A*, double*);                       \
+                                           const A*, const A*, S*, A*, A*, A*, double*, bool);                 \
+  template void bn_gram_stats<S, A>(const ReAttnParams&, View4, View4, A, A*, double*, double*, double*);     \
+  template void bn_grad_sums<S, A>(const ReAttnParams&, View4, const A*, const A*, double*);                 \
   template void re_attention_backward<S, A>(const ReAttnParams&, View4, View4, View4, View4, const A*,        \
                                             const A*, const A*, const A*, const A*, const A*, const A*,        \
-                                            const double*, S*, A*, A*, double*, double*, double*, double*);
+                                            const double*, S*, A*, A*, double*, double*, double*, double*,     \
+                                            const double*);
 
 REATTN_INSTANTIATE_RA(float, float)
 REATTN_INSTANTIATE_RA(double, double)
