@@ -9,11 +9,21 @@ process, exactly as if one process had run the concatenated batch.
 What crosses the wire is tiny and does not depend on the sequence length:
 
 * the eager backend all-reduces, per head, the sum of M, the sum of M² and the entry count
-  (3H numbers, accumulated in float64);
-* a fused backend holds the same information as the Gram matrix G = Σ P̃ P̃ᵀ [H, H], the sum
-  p̄ [H] and the count n, from which μ = W p̄/n + c and E[M²] follow (H² + H + 1 numbers; see the
-  design note ``reattention-math.md``). Only the eager backend synchronizes so far: a fused backend
-  asked to (``Problem.synced_stats``) refuses with a reason, and ``backend="auto"`` picks eager.
+  (3H numbers, accumulated in float64), and autograd carries the gradients back through them;
+* the fused CPU backend (``backend="cpu"``) never forms M: its statistics sweep accumulates the
+  Gram matrix G = Σ X Xᵀ [H, H] of X = P̃ - κ (κ = 1/Nk), the sum s = Σ X [H] and the count n
+  over the unmasked entries, which add up over processes where mean and variance do not; one
+  all-reduce of these H² + H + 1 numbers (H times as many with a per-head float mask, whose heads
+  each have their own entries) gives μ = c + κ W1 + W s/n and σ² = diag(W G Wᵀ)/n - (W s/n)²
+  (:func:`gram_batch_statistics`; the design note ``reattention-math.md``). Its backward all-reduces
+  the two per-head sums the BatchNorm backward needs, Σ dA and Σ dA·x̂ (2H numbers), exactly what
+  ``nn.SyncBatchNorm``'s backward all-reduces, before its main sweep.
+
+The GPU backends (Triton, CUDA C++) do not synchronize yet: asked to (``Problem.synced_stats``)
+they refuse with a reason; ``backend="auto"`` then picks cpu for CPU tensors (eager with dropout)
+and eager for CUDA tensors. (Their statistics sweeps return the same Gram sums, with one mask for
+all heads: ``reattn.backends._fused.statistics_from_sums`` is the Hm = 1 case of
+:func:`gram_batch_statistics`.)
 
 The interface:
 
@@ -109,6 +119,38 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor], group: Any) -> List[torch.Te
         out.append(summed[start:start + t.numel()].view(t.shape))
         start += t.numel()
     return out
+
+
+def gram_batch_statistics(
+    mix_weight: torch.Tensor, mix_bias: Optional[torch.Tensor], s1: torch.Tensor, gram: torch.Tensor,
+    count: torch.Tensor, kappa: float,
+) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+    """Per-head mean, biased variance and count of M = W P̃ + c from Gram-matrix sums (float64).
+
+    ``s1`` [Hm, H] = Σ X, ``gram`` [Hm, H, H] = Σ X Xᵀ and ``count`` [Hm] with X = P̃ - ``kappa``
+    over the unmasked entries (zero on masked ones), summed over every process: Hm = 1 when all
+    heads share the entries, Hm = H when head g's statistics run over its own entries (row g).
+    Since M_g - c_g - κ Σ_h W[g, h] = (W X)_g on those entries,
+
+        mean_g = c_g + κ Σ_h W[g, h] + (W s1)_g / n_g
+        var_g  = (W G Wᵀ)_gg / n_g - ((W s1)_g / n_g)²          (clamped at 0)
+
+    Without masks or dropout every row of P sums to one, so s1 ≈ 0 and the variance is a sum of
+    squares rather than a difference of two close numbers. Returns (mean [H], var [H], count [H]).
+    Call it with the weights the kernel used (same dtype rounding); counts <= 1 give meaningless
+    (inf / NaN) statistics, which the caller refuses.
+    """
+    w = mix_weight.to(torch.float64)
+    H = w.shape[0]
+    s1 = s1.to(torch.float64).expand(H, H)            # row g: the sums over head g's entries
+    gram = gram.to(torch.float64).expand(H, H, H)
+    n = count.to(torch.float64).expand(H)
+    w_s1 = (w * s1).sum(dim=1) / n
+    mean = kappa * w.sum(dim=1) + w_s1
+    if mix_bias is not None:
+        mean = mean + mix_bias.to(torch.float64)
+    var = torch.einsum("gh,ghk,gk->g", w, gram, w) / n - w_s1 * w_s1
+    return mean, var.clamp_min(0.0), n.clone()
 
 
 def module_sync_group(sync_stats: bool, process_group: Any, norm_module: Optional[nn.Module]) -> Any:

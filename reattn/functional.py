@@ -74,8 +74,9 @@ def re_attention(
         sync_group: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``):
             with norm="batch" and training=True, the batch statistics are those of the union of
             every process's entries (``nn.SyncBatchNorm`` semantics, gradients included; every
-            process must run the forward and the backward). Ignored in other modes; None (the
-            default) keeps statistics local. See :mod:`reattn.distributed`.
+            process must run the forward and the backward). Backends "eager" and "cpu"; the
+            Triton and CUDA backends refuse it. Ignored in other modes; None (the default) keeps
+            statistics local. See :mod:`reattn.distributed`.
 
     Returns:
         O [B, H, Nq, D] in q's dtype, or (O, A) with ``return_attention=True``.
@@ -122,7 +123,8 @@ def re_attention(
         return re_attention_cpu(q, k, v, mix_weight, mix_bias, scale=scale, norm=norm, norm_weight=norm_weight,
                                 norm_bias=norm_bias, running_mean=running_mean, running_var=running_var,
                                 training=training, momentum=momentum, eps=eps, out_scale=out_scale,
-                                dropout_p=dropout_p, attn_mask=attn_mask)
+                                dropout_p=dropout_p, attn_mask=attn_mask,
+                                sync_group=sync_group if problem.synced_stats else None)
     if name != "eager":  # pragma: no cover - resolve_backend only returns backends that exist
         raise AssertionError(f"backend {name!r} resolved but has no implementation")
     return re_attention_ref(

@@ -1,10 +1,12 @@
 """BatchNorm statistics across processes: 2 gloo processes on CPU against one process on the whole batch.
 
-One spawn (2 processes, world size 2) runs every case; each rank writes its outputs, input
-gradients, parameter gradients and running statistics to a file, and the tests compare them with a
-single process running the concatenated batch: outputs and input gradients slice by slice,
-parameter gradients summed over ranks (DDP averages them: the test divides), running statistics
-equal on both ranks.
+One spawn (2 processes, world size 2) runs every case, for the eager backend and the fused CPU
+backend (backend="cpu": Gram-matrix sums all-reduced in the forward, the BatchNorm backward's two
+sums in the backward); each rank writes its outputs, input gradients, parameter gradients and
+running statistics to a file, and the tests compare them with a single process running the
+concatenated batch with the same backend: outputs and input gradients slice by slice, parameter
+gradients summed over ranks (DDP averages them: the test divides), running statistics equal on
+both ranks.
 """
 import os
 import socket
@@ -17,8 +19,14 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import reattn
+from reattn._extension import _C
 from reattn.backends import Problem, resolve_backend, unavailable_reason
-from reattn.distributed import all_reduce_sum, convert_sync_reattention, group_size
+from reattn.distributed import all_reduce_sum, convert_sync_reattention, gram_batch_statistics, group_size
+
+HAS_CPU_KERNEL = _C is not None and hasattr(_C, "re_attention_cpu_bn_gram")
+BACKENDS = ("eager", "cpu") if HAS_CPU_KERNEL else ("eager",)
+needs_cpu_kernel = pytest.mark.skipif(not HAS_CPU_KERNEL, reason="reattn._C without the fused CPU kernel's "
+                                      "synchronized statistics (build the extension)")
 
 WORLD = 2
 B_LOCAL = 2
@@ -29,7 +37,11 @@ DIM, HEADS, TOKENS = 16, 4, 7
 # ----------------------------------------------------------------------------- shared cases
 
 def functional_case(dtype, seed=0, masked=False):
-    """Global tensors of a functional case (identical in every process: same seed)."""
+    """Global tensors of a functional case (identical in every process: same seed).
+
+    masked: False, True (a bool mask shared by the heads) or "per-head" (a float mask with -inf
+    entries that differ per head: each head's statistics run over its own entries).
+    """
     g = torch.Generator().manual_seed(seed)
     B = WORLD * B_LOCAL
     case = dict(
@@ -44,7 +56,13 @@ def functional_case(dtype, seed=0, masked=False):
         running_mean=0.05 * torch.rand(H, generator=g, dtype=dtype),
         running_var=1 + 0.1 * torch.rand(H, generator=g, dtype=dtype),
     )
-    if masked:
+    if masked == "per-head":
+        mask = 0.5 * torch.randn(B, H, NQ, NK, generator=g, dtype=dtype)
+        mask[torch.rand(B, H, NQ, NK, generator=g) < 0.3] = float("-inf")
+        mask[..., 0] = 0.0
+        mask[1, 2, 3, :] = float("-inf")  # a query row fully masked for one head only
+        case["attn_mask"] = mask
+    elif masked:
         mask = torch.rand(B, 1, NQ, NK, generator=g) > 0.3
         mask[:, :, :, 0] = True
         mask[1, :, 2, :] = False  # one fully masked query row
@@ -52,22 +70,38 @@ def functional_case(dtype, seed=0, masked=False):
     return case
 
 
+def few_entries_case(query_rows):
+    """A float64 case whose bool mask keeps key 0 of one query row, in the first batch element of each rank's
+    slice that ``query_rows`` names (one entry per listed rank; the other ranks keep nothing)."""
+    case = functional_case(torch.float64)
+    mask = torch.zeros(WORLD * B_LOCAL, 1, NQ, NK, dtype=torch.bool)
+    for rank, row in enumerate(query_rows):
+        mask[rank * B_LOCAL, 0, row, 0] = True
+    case["attn_mask"] = mask
+    return case
+
+
 GRAD_INPUTS = ("q", "k", "v")
 GRAD_PARAMS = ("mix_weight", "mix_bias", "norm_weight", "norm_bias")
 
 
-def run_functional(case, rank=None, sync_group=None):
-    """re_attention on the whole batch (rank None) or on rank's slice; outputs and gradients."""
+def run_functional(case, rank=None, sync_group=None, backend="eager", dropout_p=0.0, compiled=False):
+    """re_attention on the whole batch (rank None) or on rank's slice; outputs and gradients.
+
+    compiled: call re_attention through torch.compile (aot_eager; graph breaks allowed, as collectives
+    and the data-dependent count check need them).
+    """
     sl = slice(None) if rank is None else slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     inputs = {n: case[n][sl].clone().requires_grad_() for n in GRAD_INPUTS}
     params = {n: case[n].clone().requires_grad_() for n in GRAD_PARAMS}
     rm, rv = case["running_mean"].clone(), case["running_var"].clone()
     mask = case.get("attn_mask")
-    out = reattn.re_attention(
+    fn = torch.compile(reattn.re_attention, backend="aot_eager") if compiled else reattn.re_attention
+    out = fn(
         inputs["q"], inputs["k"], inputs["v"], params["mix_weight"], params["mix_bias"], norm="batch",
         norm_weight=params["norm_weight"], norm_bias=params["norm_bias"], running_mean=rm, running_var=rv,
         training=True, momentum=0.3, attn_mask=None if mask is None else mask[sl], out_scale=0.7,
-        sync_group=sync_group,
+        sync_group=sync_group, backend=backend, dropout_p=dropout_p,
     )
     (out * case["cotangent"][sl]).sum().backward()
     result = {"out": out.detach(), "running_mean": rm, "running_var": rv}
@@ -76,10 +110,10 @@ def run_functional(case, rank=None, sync_group=None):
     return result
 
 
-def module_case(seed=0):
+def module_case(seed=0, backend="eager"):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    module = reattn.ReAttention(DIM, HEADS, qkv_bias=True, backend="eager").double()
+    module = reattn.ReAttention(DIM, HEADS, qkv_bias=True, backend=backend).double()
     with torch.no_grad():
         module.var_norm.weight.uniform_(0.5, 1.5)
         module.var_norm.bias.uniform_(-0.2, 0.2)
@@ -105,18 +139,18 @@ def run_module(module, xs, cots, rank=None):
 
 
 class DDPNet(nn.Module):
-    def __init__(self):
+    def __init__(self, backend="eager"):
         super().__init__()
-        self.attn = reattn.ReAttention(DIM, HEADS, qkv_bias=True, backend="auto")
+        self.attn = reattn.ReAttention(DIM, HEADS, qkv_bias=True, backend=backend)
         self.head = nn.Linear(DIM, 3)
 
     def forward(self, x):
         return self.head(self.attn(x).mean(dim=1))
 
 
-def ddp_case(seed=0):
+def ddp_case(seed=0, backend="eager"):
     torch.manual_seed(seed)
-    net = DDPNet().double()
+    net = DDPNet(backend).double()
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(WORLD * B_LOCAL, TOKENS, DIM, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (WORLD * B_LOCAL,), generator=g)
@@ -140,18 +174,69 @@ def ddp_steps(model, net, x, y, rank=None, steps=2):
 
 # ----------------------------------------------------------------------------- the workers
 
+FUNCTIONAL_CASES = (("f64", torch.float64, False), ("f64_masked", torch.float64, True),
+                    ("f64_per_head_mask", torch.float64, "per-head"), ("f32", torch.float32, False))
+
+
+def _backend_cases(backend, rank, world, own_group):
+    res = {}
+    for name, dtype, masked in FUNCTIONAL_CASES:
+        if masked == "per-head" and backend == "eager":
+            continue  # (eager's per-entry sums do not care which entries a head has: nothing new to see)
+        res[name] = run_functional(functional_case(dtype, masked=masked), rank, sync_group=world, backend=backend)
+    res["local"] = run_functional(functional_case(torch.float64), rank, sync_group=None, backend=backend)
+    if backend == "cpu":
+        res["f64_masked_compiled"] = run_functional(functional_case(torch.float64, masked=True), rank,
+                                                    sync_group=world, backend="cpu", compiled=True)
+        # Synchronizing over a group of one process runs the synchronized code path (Gram sweep, given
+        # statistics, given backward sums) and must equal local statistics, dropout (same seed) included.
+        for name, masked in (("own_group", True), ("own_group_per_head", "per-head")):
+            case = functional_case(torch.float64, masked=masked)
+            torch.manual_seed(11)
+            synced = run_functional(case, rank, sync_group=own_group, backend="cpu", dropout_p=0.2)
+            torch.manual_seed(11)
+            local = run_functional(case, rank, sync_group=None, backend="cpu", dropout_p=0.2)
+            res[name] = dict(synced=synced, local=local)
+        # The count is global: one unmasked entry per process normalizes (two in all); one in all is
+        # refused on every rank alike (nobody waits in a collective the other skipped).
+        res["one_entry_each"] = run_functional(few_entries_case((0, 0)), rank, sync_group=world, backend="cpu")
+        try:
+            run_functional(few_entries_case((0,)), rank, sync_group=world, backend="cpu")
+            res["one_entry_error"] = None
+        except ValueError as error:
+            res["one_entry_error"] = str(error)
+
+    module, xs, cots = module_case(backend=backend)
+    module.sync_stats = True
+    res["module"] = run_module(module, xs, cots, rank)
+
+    module, xs, cots = module_case(backend=backend)
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(module))
+    assert isinstance(converted[0].var_norm, nn.SyncBatchNorm)
+    res["module_syncbn"] = run_module(converted[0], xs, cots, rank)
+
+    module, xs, cots = module_case(backend=backend)
+    converted = convert_sync_reattention(nn.Sequential(module))
+    assert converted[0].sync_stats
+    res["module_converted"] = run_module(converted[0], xs, cots, rank)
+
+    net, x, y = ddp_case(backend=backend)
+    convert_sync_reattention(net)
+    model = nn.parallel.DistributedDataParallel(net)
+    state, losses = ddp_steps(model, net, x, y, rank)
+    res["ddp"] = dict(state=state, losses=losses)
+    return res
+
+
 def _worker(rank, init_file, out_dir):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         world = dist.group.WORLD
+        # new_group is collective: every rank creates every one-process group, each keeps its own.
+        own_group = [dist.new_group([r]) for r in range(WORLD)][rank]
         res = {}
-        for name, dtype, masked in (("f64", torch.float64, False), ("f64_masked", torch.float64, True),
-                                    ("f32", torch.float32, False)):
-            res[name] = run_functional(functional_case(dtype, masked=masked), rank, sync_group=world)
-        res["local"] = run_functional(functional_case(torch.float64), rank, sync_group=None)
-
         # all_reduce_sum packs several tensors into one collective and is differentiable.
         a = torch.full((2,), float(rank + 1), dtype=torch.float64, requires_grad=True)
         b = torch.full((3,), float(10 * (rank + 1)), dtype=torch.float64, requires_grad=True)
@@ -159,25 +244,10 @@ def _worker(rank, init_file, out_dir):
         ((rank + 1) * sa.sum() + sb.sum()).backward()
         res["allreduce"] = dict(sa=sa.detach(), sb=sb.detach(), ga=a.grad, gb=b.grad)
 
-        module, xs, cots = module_case()
-        module.sync_stats = True
-        res["module"] = run_module(module, xs, cots, rank)
-
-        module, xs, cots = module_case()
-        converted = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(module))
-        assert isinstance(converted[0].var_norm, nn.SyncBatchNorm)
-        res["module_syncbn"] = run_module(converted[0], xs, cots, rank)
-
-        module, xs, cots = module_case()
-        converted = convert_sync_reattention(nn.Sequential(module))
-        assert converted[0].sync_stats
-        res["module_converted"] = run_module(converted[0], xs, cots, rank)
-
-        net, x, y = ddp_case()
-        convert_sync_reattention(net)
-        model = nn.parallel.DistributedDataParallel(net)
-        state, losses = ddp_steps(model, net, x, y, rank)
-        res["ddp"] = dict(state=state, losses=losses)
+        for backend in BACKENDS:
+            start = time.perf_counter()
+            res[backend] = _backend_cases(backend, rank, world, own_group)
+            res[backend]["seconds"] = time.perf_counter() - start
 
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -189,40 +259,94 @@ def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("distributed")
     start = time.perf_counter()
     mp.spawn(_worker, args=(str(out_dir / "init"), str(out_dir)), nprocs=WORLD, join=True)
-    print(f"2-process gloo run: {time.perf_counter() - start:.1f} s")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    per_backend = ", ".join(f"{b} {results[0][b]['seconds']:.1f} s" for b in BACKENDS)
+    print(f"2-process gloo run: {time.perf_counter() - start:.1f} s (rank 0: {per_backend})")
+    return results
 
 
-def _cat(ranks, case, key):
-    return torch.cat([r[case][key] for r in ranks])
+def _cat(ranks, case, key, backend="eager"):
+    return torch.cat([r[backend][case][key] for r in ranks])
 
 
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-4, atol=2e-5)}
+# fp32: about 100 float32 ulps. Measured worst, relative to the largest entry: 3e-7 (eager and cpu);
+# d mix_bias, 0 in exact arithmetic under training BatchNorm, is rounding noise: 4e-6 absolute.
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
 
 # ----------------------------------------------------------------------------- tests
 
-@pytest.mark.parametrize("name, dtype, masked", [("f64", torch.float64, False), ("f64_masked", torch.float64, True),
-                                                 ("f32", torch.float32, False)])
-def test_functional_matches_one_process_on_the_concatenated_batch(ranks, name, dtype, masked):
-    ref = run_functional(functional_case(dtype, masked=masked))
+backends = pytest.mark.parametrize("backend", [
+    "eager", pytest.param("cpu", marks=needs_cpu_kernel)])
+
+
+@pytest.mark.parametrize("backend, name, dtype, masked", [
+    pytest.param(backend, *case, marks=needs_cpu_kernel if backend == "cpu" else (), id=f"{backend}-{case[0]}")
+    for backend in ("eager", "cpu") for case in FUNCTIONAL_CASES if backend == "cpu" or case[2] != "per-head"])
+def test_functional_matches_one_process_on_the_concatenated_batch(ranks, backend, name, dtype, masked):
+    ref = run_functional(functional_case(dtype, masked=masked), backend=backend)
     tol = TOL[dtype]
     for key in ("out", "grad_q", "grad_k", "grad_v"):
-        torch.testing.assert_close(_cat(ranks, name, key), ref[key], **tol, msg=f"{name}: {key}")
+        torch.testing.assert_close(_cat(ranks, name, key, backend), ref[key], **tol, msg=f"{name}: {key}")
     for n in GRAD_PARAMS:  # each rank holds the gradient of its own entries' share
         key = f"grad_{n}"
-        torch.testing.assert_close(ranks[0][name][key] + ranks[1][name][key], ref[key], **tol, msg=f"{name}: {key}")
+        got = ranks[0][backend][name][key] + ranks[1][backend][name][key]
+        torch.testing.assert_close(got, ref[key], **tol, msg=f"{name}: {key}")
     for key in ("running_mean", "running_var"):
         for r in ranks:
-            torch.testing.assert_close(r[name][key], ref[key], **tol, msg=f"{name}: {key}")
+            torch.testing.assert_close(r[backend][name][key], ref[key], **tol, msg=f"{name}: {key}")
 
 
-def test_local_statistics_differ(ranks):
+@backends
+def test_local_statistics_differ(ranks, backend):
     """The comparison above can fail: without sync_group each rank normalizes with its own statistics."""
-    ref = run_functional(functional_case(torch.float64))
-    assert not torch.allclose(_cat(ranks, "local", "out"), ref["out"], rtol=1e-6, atol=1e-8)
+    ref = run_functional(functional_case(torch.float64), backend=backend)
+    assert not torch.allclose(_cat(ranks, "local", "out", backend), ref["out"], rtol=1e-6, atol=1e-8)
     # (The mean is W 1/Nk + c on every rank without masks: softmax rows sum to one. The variance differs.)
-    assert not torch.allclose(ranks[0]["local"]["running_var"], ranks[1]["local"]["running_var"])
+    assert not torch.allclose(ranks[0][backend]["local"]["running_var"], ranks[1][backend]["local"]["running_var"])
+
+
+@needs_cpu_kernel
+def test_cpu_synchronized_statistics_under_torch_compile(ranks):
+    ref = run_functional(functional_case(torch.float64, masked=True), backend="cpu")
+    for key in ("out", "grad_q", "grad_k", "grad_v"):
+        torch.testing.assert_close(_cat(ranks, "f64_masked_compiled", key, "cpu"), ref[key], **TOL[torch.float64],
+                                   msg=key)
+    for n in GRAD_PARAMS:
+        got = sum(r["cpu"]["f64_masked_compiled"][f"grad_{n}"] for r in ranks)
+        torch.testing.assert_close(got, ref[f"grad_{n}"], **TOL[torch.float64], msg=n)
+    for r in ranks:
+        for key in ("running_mean", "running_var"):
+            torch.testing.assert_close(r["cpu"]["f64_masked_compiled"][key], ref[key], **TOL[torch.float64], msg=key)
+
+
+@needs_cpu_kernel
+def test_cpu_synchronized_counts_are_global(ranks):
+    # One unmasked entry on each process: the global count 2 normalizes (locally 1 would be refused).
+    ref = run_functional(few_entries_case((0, 0)), backend="cpu")
+    for key in ("out", "grad_q", "grad_k", "grad_v"):
+        torch.testing.assert_close(_cat(ranks, "one_entry_each", key, "cpu"), ref[key], **TOL[torch.float64], msg=key)
+    for r in ranks:
+        for key in ("running_mean", "running_var"):
+            torch.testing.assert_close(r["cpu"]["one_entry_each"][key], ref[key], **TOL[torch.float64], msg=key)
+    with pytest.raises(ValueError, match="more than one unmasked value per head; unmasked counts per head: "
+                                         r"\[1, 1, 1\]"):
+        run_functional(few_entries_case((0,)), rank=0, backend="cpu")  # what one process alone refuses
+    for r in ranks:
+        assert r["cpu"]["one_entry_error"] == ("re_attention: norm='batch' in training needs more than one unmasked "
+                                               "value per head over all processes; unmasked counts per head: "
+                                               "[1, 1, 1]")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("name", ["own_group", "own_group_per_head"])
+def test_cpu_synchronized_path_over_one_process_equals_local_statistics(ranks, name):
+    """Masks (shared, per head) and dropout: the Gram-sum path equals the local-moments path to fp64 round-off."""
+    for r in ranks:
+        synced, local = r["cpu"][name]["synced"], r["cpu"][name]["local"]
+        assert synced.keys() == local.keys()
+        for key in local:
+            torch.testing.assert_close(synced[key], local[key], **TOL[torch.float64], msg=f"{name}: {key}")
 
 
 def test_all_reduce_sum_packs_and_differentiates(ranks):
@@ -235,46 +359,91 @@ def test_all_reduce_sum_packs_and_differentiates(ranks):
         torch.testing.assert_close(got["gb"], torch.full((3,), 2.0, dtype=torch.float64))
 
 
+@backends
 @pytest.mark.parametrize("name", ["module", "module_syncbn", "module_converted"])
-def test_module_matches_one_process(ranks, name):
-    module, xs, cots = module_case()
+def test_module_matches_one_process(ranks, backend, name):
+    module, xs, cots = module_case(backend=backend)
     ref = run_module(module, xs, cots)
     tol = TOL[torch.float64]
     for key in ("out0", "grad_x0", "out1", "grad_x1"):
-        torch.testing.assert_close(_cat(ranks, name, key), ref[key], **tol, msg=f"{name}: {key}")
+        torch.testing.assert_close(_cat(ranks, name, key, backend), ref[key], **tol, msg=f"{name}: {key}")
     for key in ref:
         if key.startswith("grad."):
-            torch.testing.assert_close(ranks[0][name][key] + ranks[1][name][key], ref[key], **tol, msg=key)
+            got = ranks[0][backend][name][key] + ranks[1][backend][name][key]
+            torch.testing.assert_close(got, ref[key], **tol, msg=key)
         elif key.startswith("buffer."):
             for r in ranks:
-                torch.testing.assert_close(r[name][key], ref[key], **tol, msg=key)
-    assert int(ranks[0][name]["buffer.var_norm.num_batches_tracked"]) == 2
+                torch.testing.assert_close(r[backend][name][key], ref[key], **tol, msg=key)
+    assert int(ranks[0][backend][name]["buffer.var_norm.num_batches_tracked"]) == 2
 
 
-def test_ddp_steps_match_one_process(ranks):
-    net, x, y = ddp_case()
+@backends
+def test_ddp_steps_match_one_process(ranks, backend):
+    net, x, y = ddp_case(backend=backend)
     state, losses = ddp_steps(net, net, x, y)
     for key, value in state.items():
         for r in ranks:
-            torch.testing.assert_close(r["ddp"]["state"][key], value, rtol=1e-9, atol=1e-11, msg=key)
+            torch.testing.assert_close(r[backend]["ddp"]["state"][key], value, rtol=1e-9, atol=1e-11, msg=key)
     # The mean of the ranks' local losses is the loss of the whole batch.
     for step, loss in enumerate(losses):
-        mean = sum(r["ddp"]["losses"][step] for r in ranks) / WORLD
+        mean = sum(r[backend]["ddp"]["losses"][step] for r in ranks) / WORLD
         torch.testing.assert_close(mean, loss, rtol=1e-9, atol=1e-11)
 
 
 # ----------------------------------------------------------------------------- single process
 
-def test_fused_backends_refuse_synced_statistics():
+def test_gpu_backends_refuse_synced_statistics_with_a_reason():
     problem = Problem(torch.device("cuda"), heads=4, head_dim=16, norm="batch", batchnorm_training=True,
                       synced_stats=True)
-    for backend in ("triton", "cuda", "cpu"):
+    for backend in ("triton", "cuda"):
         reason = unavailable_reason(backend, problem)
         assert reason is not None and "synchronized across processes" in reason, (backend, reason)
+        assert f"the {backend} kernels do not all-reduce their statistics" in reason, reason
         with pytest.raises(ValueError, match="synchronized across processes"):
             resolve_backend(backend, problem)
     assert unavailable_reason("eager", problem) is None
     assert resolve_backend("auto", problem) == "eager"
+
+
+@needs_cpu_kernel
+def test_cpu_backend_accepts_synced_statistics():
+    problem = Problem(torch.device("cpu"), heads=4, head_dim=16, norm="batch", batchnorm_training=True,
+                      masked=True, mask_per_head=True, synced_stats=True, needs_grad=True, dtype=torch.float32)
+    assert unavailable_reason("cpu", problem) is None
+    assert resolve_backend("cpu", problem) == "cpu"
+    assert resolve_backend("auto", problem) == "cpu"
+    # The triton interpreter would run CPU tensors, but not synchronized statistics.
+    reason = unavailable_reason("triton", problem)
+    assert reason is not None and "synchronized across processes" in reason, reason
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_gram_batch_statistics_give_the_moments_of_the_mixed_map(per_head):
+    """Mean and biased variance of M = W P~ + c over each head's unmasked entries, from Gram sums of two halves."""
+    g = torch.Generator().manual_seed(4)
+    B, Hh, Nq, Nk = 4, 3, 5, 6
+    probs = torch.rand(B, Hh, Nq, Nk, generator=g, dtype=torch.float64) * 0.4  # any P~: dropout, masks
+    w = torch.randn(Hh, Hh, generator=g, dtype=torch.float64)
+    c = torch.randn(Hh, generator=g, dtype=torch.float64)
+    keep = torch.rand(B, Hh if per_head else 1, Nq, Nk, generator=g) > 0.3
+    kappa = 1.0 / Nk
+    m = torch.einsum("gh,bhij->bgij", w, probs) + c.view(1, Hh, 1, 1)
+    kept = keep.expand(B, Hh, Nq, Nk)
+    n = kept.sum(dim=(0, 2, 3)).double()
+    mean = m.masked_fill(~kept, 0).sum(dim=(0, 2, 3)) / n
+    var = ((m - mean.view(1, Hh, 1, 1)).masked_fill(~kept, 0) ** 2).sum(dim=(0, 2, 3)) / n
+
+    def sums(part):  # what one process's sweep accumulates
+        x = torch.where(keep[part].unsqueeze(2), (probs[part] - kappa).unsqueeze(1), 0.0)  # [b, Hm, H, Nq, Nk]
+        x = x.transpose(0, 1).transpose(1, 2).reshape(keep.shape[1], Hh, -1)               # [Hm, H, entries]
+        return x.sum(-1), x @ x.transpose(-1, -2), keep[part].transpose(0, 1).reshape(keep.shape[1], -1).sum(-1)
+
+    halves = [sums(slice(0, 2)), sums(slice(2, 4))]
+    s1, gram, count = (a.double() + b.double() for a, b in zip(*halves))  # the all-reduce
+    got_mean, got_var, got_n = gram_batch_statistics(w, c, s1, gram, count, kappa)
+    torch.testing.assert_close(got_n, n, rtol=0, atol=0)
+    torch.testing.assert_close(got_mean, mean, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(got_var, var, rtol=1e-12, atol=1e-13)
 
 
 def test_sync_group_needs_torch_distributed():

@@ -17,6 +17,9 @@ from reattn.kernels.launch import MAX_HEAD_DIM, MAX_HEADS, interpreting
 BACKENDS = ("eager", "triton", "cuda", "cpu")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 
+# Backends that synchronize training-mode BatchNorm statistics across processes (Problem.synced_stats).
+_SYNCS_STATS = ("eager", "cpu")
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -99,6 +102,9 @@ def _cpu_reason(problem: Problem) -> Optional[str]:
 
     if not hasattr(_C, "re_attention_cpu_forward"):
         return "the compiled extension reattn._C predates the fused CPU kernel; rebuild it (pip install --no-build-isolation -e .)"
+    if not hasattr(_C, "re_attention_cpu_bn_gram"):  # reattn.backends.cpu passes the arguments it added
+        return ("the compiled extension reattn._C predates the fused CPU kernel's synchronized statistics; rebuild it "
+                "(pip install --no-build-isolation -e .)")
     if problem.dtype is not None and problem.dtype not in (torch.float32, torch.float64, torch.bfloat16):
         return f"the fused CPU kernel supports float32, float64 and bfloat16, got {problem.dtype}"
     if getattr(problem, "mask_requires_grad", False) and problem.needs_grad:
@@ -112,9 +118,10 @@ def unavailable_reason(backend: str, problem: Problem) -> Optional[str]:
         return None
     if problem.return_attention:
         return "return_attention=True materializes the [B, H, Nq, Nk] map, which only backend='eager' does"
-    if problem.synced_stats:
-        return ("BatchNorm statistics synchronized across processes (sync_group / sync_stats) are only "
-                "implemented by backend='eager' so far")
+    if problem.synced_stats and backend not in _SYNCS_STATS:
+        return (f"BatchNorm statistics synchronized across processes (sync_group / sync_stats) are implemented "
+                f"by backend='eager' and backend='cpu' only; the {backend} kernels do not all-reduce their "
+                "statistics yet")
     if backend == "triton":
         return _triton_reason(problem)
     if backend == "cpu":

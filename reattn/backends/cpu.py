@@ -13,15 +13,29 @@ replays it and ``dropout_keep_mask`` shows it.
 Saved for backward: q, k, v, the parameters, the mask, the logsumexp [B, H, Nq] and, for training
 BatchNorm, R = Xhat V and U = 1_unmasked V ([B, H, Nq, D]) and the [3, H] statistics; never a
 [B, H, Nq, Nk] map.
+
+Training BatchNorm synchronized across processes (``sync_group``, ``nn.SyncBatchNorm`` semantics) runs
+the same kernels in separate steps with two all-reduces between them (:class:`_SyncedBatchNorm`):
+
+* forward: ``cpu_bn_gram`` (the statistics sweep, as sums that add up over processes: the Gram matrix
+  of P~ - 1/Nk, its row sums and the count, H² + H + 1 numbers; see ``reattn.distributed``) ->
+  all-reduce -> mean and variance -> ``cpu_forward`` with those statistics (its main sweep only);
+* backward: ``cpu_bn_grad_sums`` (sum dA and sum dA·Xhat per head, from dO, R and U) -> all-reduce
+  (2H numbers) -> ``cpu_backward`` with the global sums.
+
+Nothing of size Nq·Nk crosses processes. Without ``sync_group`` the single ``cpu_forward`` call
+computes its statistics itself (its own sweep over local moments), as before: no extra work.
 """
 from __future__ import annotations
 
+import struct
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from reattn._extension import _C
+from reattn.distributed import all_reduce_sum, gram_batch_statistics
 
 NORM_CODES = {"none": 0, "layer": 1, "batch": 2}  # "batch" reaches the kernel only in training
 
@@ -34,21 +48,26 @@ def _acc_dtype(q: Tensor) -> torch.dtype:
 def cpu_forward(
     q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias: Optional[Tensor], norm_weight: Optional[Tensor],
     norm_bias: Optional[Tensor], attn_mask: Optional[Tensor], scale: float, out_scale: float, norm: int, eps: float,
-    dropout_p: float, seed: int,
+    dropout_p: float, seed: int, lse_in: Optional[Tensor] = None, stats_in: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused forward: (out [B, H, Nq, D], lse [B, H, Nq], R, U, stats [3, H] float64).
 
     R, U are [B, H, Nq, D] for norm code 2 (training BatchNorm) and empty otherwise; stats holds
     the batch mean, biased variance and unmasked count per head (zeros unless norm code 2).
+    lse_in, stats_in (norm code 2, both or neither): normalize with these statistics (of the batch
+    over every process, from ``cpu_bn_gram``) instead of computing them; lse and stats come back as
+    copies. Autograd through this op is for the local case only: ``_SyncedBatchNorm`` differentiates
+    the other.
     """
     out, lse, R, U, stats = _C.re_attention_cpu_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
-                                                        attn_mask, scale, out_scale, norm, eps, dropout_p, seed)
+                                                        attn_mask, scale, out_scale, norm, eps, dropout_p, seed,
+                                                        lse_in, stats_in)
     return out, lse, R, U, stats
 
 
 @cpu_forward.register_fake
 def _(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale, out_scale, norm, eps, dropout_p,
-      seed):
+      seed, lse_in=None, stats_in=None):
     B, H, Nq, D = q.shape
     acc = _acc_dtype(q)
     saved = (B if norm == 2 else 0, H, Nq, D)
@@ -61,15 +80,18 @@ def cpu_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias: Optional[Tensor],
     norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], attn_mask: Optional[Tensor], lse: Tensor, R: Tensor,
     U: Tensor, stats: Tensor, scale: float, out_scale: float, norm: int, eps: float, dropout_p: float, seed: int,
+    bn_sums: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused backward: (dq, dk, dv, d_mix_weight, d_mix_bias, d_norm_weight, d_norm_bias).
 
     Parameter gradients come back in the parameters' dtypes; those of absent parameters are zeros
-    (custom ops cannot return None) and are dropped by the autograd formula.
+    (custom ops cannot return None) and are dropped by the autograd formula. bn_sums (norm code 2):
+    ``cpu_bn_grad_sums`` summed over every process; the norm's gradients then come back zero (the
+    caller has them: out_scale times its own sums).
     """
     dq, dk, dv, dw, dc, dnw, dnb = _C.re_attention_cpu_backward(
         grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, lse, R, U, stats, scale,
-        out_scale, norm, eps, dropout_p, seed)
+        out_scale, norm, eps, dropout_p, seed, bn_sums)
 
     def like(grad, param):
         return grad.to(mix_weight.dtype if param is None else param.dtype)
@@ -79,7 +101,7 @@ def cpu_backward(
 
 @cpu_backward.register_fake
 def _(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, lse, R, U, stats, scale, out_scale,
-      norm, eps, dropout_p, seed):
+      norm, eps, dropout_p, seed, bn_sums=None):
     H = q.shape[1]
 
     def vec(param):
@@ -93,23 +115,124 @@ def _(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale, out_scale, norm, eps, dropout_p,
-     seed) = inputs
+     seed, lse_in, stats_in) = inputs
     _, lse, R, U, stats = output
     ctx.save_for_backward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, lse, R, U, stats)
     ctx.options = (scale, out_scale, norm, eps, dropout_p, seed)
+    ctx.given_stats = stats_in is not None
 
 
 def _backward(ctx, grad_out, grad_lse, grad_r, grad_u, grad_stats):
+    if ctx.given_stats:
+        # Given statistics stand for a batch spread over processes: their gradient terms need the
+        # backward's sums of every process, which only _SyncedBatchNorm (holding the group) gathers.
+        raise RuntimeError("reattn::cpu_forward with lse_in/stats_in is differentiated through "
+                           "re_attention(..., backend='cpu', sync_group=...), not on its own")
     q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, lse, R, U, stats = ctx.saved_tensors
     scale, out_scale, norm, eps, dropout_p, seed = ctx.options
     dq, dk, dv, dw, dc, dnw, dnb = cpu_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                                 attn_mask, lse, R, U, stats, scale, out_scale, norm, eps, dropout_p,
                                                 seed)
     return (dq, dk, dv, dw, dc if mix_bias is not None else None, dnw if norm_weight is not None else None,
-            dnb if norm_bias is not None else None, None, None, None, None, None, None, None)
+            dnb if norm_bias is not None else None, None, None, None, None, None, None, None, None, None)
 
 
 cpu_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("reattn::cpu_bn_gram", mutates_args=(), device_types="cpu")
+def cpu_bn_gram(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: float, dropout_p: float, seed: int,
+                kappa: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training BatchNorm statistics sweep as sums that add up over processes.
+
+    Returns (lse [B, H, Nq] in the accumulation dtype, s1 [Hm, H], gram [Hm, H, H], count [Hm]
+    float64): with X = P~ - kappa on the entries unmasked for mask head m and 0 elsewhere,
+    s1[m] = Σ X, gram[m] = Σ X Xᵀ over heads, count[m] = the unmasked entries. Hm is the mask's head
+    count (1 without a mask or with one shared by the heads, else H: head g's statistics then run over
+    its own entries). ``reattn.distributed.gram_batch_statistics`` turns them into mean and variance.
+    """
+    lse, s1, gram, count = _C.re_attention_cpu_bn_gram(q, k, attn_mask, scale, dropout_p, seed, kappa)
+    return lse, s1, gram, count
+
+
+def _mask_heads(attn_mask: Optional[Tensor], H: int) -> int:
+    return H if attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1 else 1
+
+
+@cpu_bn_gram.register_fake
+def _(q, k, attn_mask, scale, dropout_p, seed, kappa):
+    B, H, Nq, _ = q.shape
+    Hm = _mask_heads(attn_mask, H)
+    f64 = dict(dtype=torch.float64)
+    return (q.new_empty((B, H, Nq), dtype=_acc_dtype(q)), q.new_empty((Hm, H), **f64), q.new_empty((Hm, H, H), **f64),
+            q.new_empty((Hm,), **f64))
+
+
+@torch.library.custom_op("reattn::cpu_bn_grad_sums", mutates_args=(), device_types="cpu")
+def cpu_bn_grad_sums(grad_out: Tensor, R: Tensor, U: Tensor) -> Tensor:
+    """[2, H] float64: Σ dA and Σ dA·Xhat per head over this call's entries (<dO, U> and <dO, R>)."""
+    return _C.re_attention_cpu_bn_grad_sums(grad_out, R, U)
+
+
+@cpu_bn_grad_sums.register_fake
+def _(grad_out, R, U):
+    return grad_out.new_empty((2, grad_out.shape[1]), dtype=torch.float64)
+
+
+def _check_counts(count: Tensor, where: str) -> None:
+    if bool((count <= 1).any()):
+        raise ValueError(
+            f"re_attention: norm='batch' in training needs more than one unmasked value per head{where}; "
+            f"unmasked counts per head: {[int(c) for c in count.tolist()]}")
+
+
+class _SyncedBatchNorm(torch.autograd.Function):
+    """Training BatchNorm with ``nn.SyncBatchNorm`` semantics: statistics over every process of a group.
+
+    Forward: local Gram sums -> all-reduce (H² + H + 1 numbers, Hm times that for a per-head mask) ->
+    global mean and variance -> the main sweep. Backward: local Σ dA, Σ dA·Xhat -> all-reduce (2H
+    numbers) -> the main backward sweep, whose norm backward then uses the means over every process's
+    entries: dM = (τγ/σ)(dA - mean(dA) - Xhat mean(dA Xhat)). The norm's own parameter gradients are
+    τ times this process's sums (each process's share; DDP adds them up), as SyncBatchNorm's.
+    Returns (out, stats [3, H]: global mean, biased variance and count, for the running statistics).
+    """
+
+    @staticmethod
+    def forward(ctx, group, options, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask):
+        scale, out_scale, eps, dropout_p, seed = options
+        acc = _acc_dtype(q)
+        # The shift of X = P~ - kappa, exactly representable in the accumulation dtype, so the kernel
+        # (acc_t) and gram_batch_statistics (float64) subtract the same number (struct rounds to float32
+        # without a tensor, which torch.compile would have to leave its graph for).
+        kappa = 1.0 / k.shape[2]
+        if acc == torch.float32:
+            kappa = struct.unpack("f", struct.pack("f", kappa))[0]
+        lse, s1, gram, count = cpu_bn_gram(q, k, attn_mask, scale, dropout_p, seed, kappa)
+        s1, gram, count = all_reduce_sum([s1, gram, count], group)
+        mean, var, count = gram_batch_statistics(
+            mix_weight.detach().to(acc), None if mix_bias is None else mix_bias.detach().to(acc), s1, gram, count,
+            kappa)
+        _check_counts(count, " over all processes")
+        stats = torch.stack([mean, var, count])
+        out, lse, R, U, stats = cpu_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale,
+                                            out_scale, NORM_CODES["batch"], eps, dropout_p, seed, lse, stats)
+        ctx.save_for_backward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, lse, R, U, stats)
+        ctx.group, ctx.options = group, options
+        ctx.mark_non_differentiable(stats)
+        return out, stats
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_stats):
+        q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, lse, R, U, stats = ctx.saved_tensors
+        scale, out_scale, eps, dropout_p, seed = ctx.options
+        own = cpu_bn_grad_sums(grad_out, R, U)
+        (total,) = all_reduce_sum([own], ctx.group)  # every process runs this: a collective
+        dq, dk, dv, dw, dc, _, _ = cpu_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
+                                                attn_mask, lse, R, U, stats, scale, out_scale, NORM_CODES["batch"],
+                                                eps, dropout_p, seed, total)
+        dnw = None if norm_weight is None else (out_scale * own[1]).to(norm_weight.dtype)
+        dnb = None if norm_bias is None else (out_scale * own[0]).to(norm_bias.dtype)
+        return (None, None, dq, dk, dv, dw, dc if mix_bias is not None else None, dnw, dnb, None)
 
 
 def dropout_keep_mask(seed: int, shape, p: float) -> Tensor:
@@ -125,8 +248,12 @@ def draw_seed() -> int:
 
 def re_attention_cpu(q, k, v, mix_weight, mix_bias, *, scale, norm, norm_weight, norm_bias, running_mean,
                      running_var, training, momentum, eps, out_scale, dropout_p, attn_mask,
-                     seed: Optional[int] = None) -> Tensor:
-    """Validated arguments in, O [B, H, Nq, D] out (``reattn.re_attention`` with backend="cpu")."""
+                     seed: Optional[int] = None, sync_group=None) -> Tensor:
+    """Validated arguments in, O [B, H, Nq, D] out (``reattn.re_attention`` with backend="cpu").
+
+    sync_group: a process group over which training BatchNorm's statistics (and their gradients)
+    are synchronized; ignored in other modes (``reattn.re_attention`` passes it only then).
+    """
     if norm == "batch" and not training:  # eval mode: an affine map per head, folded into the mixing
         from reattn.functional import fold_batchnorm_eval
 
@@ -139,14 +266,15 @@ def re_attention_cpu(q, k, v, mix_weight, mix_bias, *, scale, norm, norm_weight,
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         # The reference adds the mask cast to q's dtype; the kernel reads it in its accumulation type.
         attn_mask = attn_mask.to(q.dtype).to(_acc_dtype(q))
-    out, _, _, _, stats = cpu_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale,
-                                      out_scale, NORM_CODES[norm], eps, p, seed or 0)
+    if norm == "batch" and sync_group is not None:
+        out, stats = _SyncedBatchNorm.apply(sync_group, (scale, out_scale, eps, p, seed or 0), q, k, v, mix_weight,
+                                            mix_bias, norm_weight, norm_bias, attn_mask)
+    else:
+        out, _, _, _, stats = cpu_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale,
+                                          out_scale, NORM_CODES[norm], eps, p, seed or 0)
     if norm == "batch":
         count = stats[2]
-        if bool((count <= 1).any()):
-            raise ValueError(
-                "re_attention: norm='batch' in training needs more than one unmasked value per head; "
-                f"unmasked counts per head: {[int(c) for c in count.tolist()]}")
+        _check_counts(count, "")
         if running_mean is not None:
             with torch.no_grad():
                 mean, var = stats[0], stats[1]

@@ -13,7 +13,7 @@ import torch
 
 import reattn
 from reattn._extension import _C
-from reattn.backends.cpu import cpu_forward, dropout_keep_mask
+from reattn.backends.cpu import cpu_bn_gram, cpu_bn_grad_sums, cpu_forward, dropout_keep_mask
 from reattn.reference import re_attention_ref
 
 pytestmark = pytest.mark.skipif(_C is None or not hasattr(_C, "re_attention_cpu_forward"),
@@ -295,6 +295,103 @@ def test_fake_implementation_gives_shapes_and_dtypes():
     assert lse.shape == (2, 6, 9) and lse.dtype == torch.float32
     assert R.shape == U.shape == (2, 6, 9, 32) and R.dtype == torch.float32
     assert stats.shape == (3, 6) and stats.dtype == torch.float64
+    with FakeTensorMode():
+        q = torch.empty(2, 6, 9, 32, dtype=torch.bfloat16)
+        k = torch.empty(2, 6, 11, 32, dtype=torch.bfloat16)
+        lse, s1, gram, count = cpu_bn_gram(q, k, torch.empty(2, 6, 9, 11), 0.1, 0.0, 0, 1 / 11)
+        sums = cpu_bn_grad_sums(q, torch.empty(2, 6, 9, 32), torch.empty(2, 6, 9, 32))
+    assert lse.shape == (2, 6, 9) and lse.dtype == torch.float32
+    assert (s1.shape, gram.shape, count.shape) == ((6, 6), (6, 6, 6), (6,))  # a per-head mask: Hm = H
+    assert s1.dtype == gram.dtype == count.dtype == sums.dtype == torch.float64 and sums.shape == (2, 6)
+
+
+@pytest.mark.parametrize("mask_name", [None, "bool", "additive", "additive-shared"])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_gram_statistics_sweep_matches_float64(mask_name, dropout):
+    """cpu_bn_gram's sums (synchronized statistics) against X = P~ - kappa built from eager float64 maps."""
+    B, H, Nq, Nk, D, p, seed = 2, 3, 7, 9, 5, 0.3, 99
+    tensors, _ = problem(B, H, Nq, Nk, D)
+    q, k = tensors["q"].detach(), tensors["k"].detach()
+    mask = None if mask_name is None else masks(B, H, Nq, Nk)[mask_name]
+    kappa = 1.0 / Nk
+    lse, s1, gram, count = cpu_bn_gram(q, k, mask, 0.4, p if dropout else 0.0, seed, kappa)
+    scores = 0.4 * q @ k.transpose(-1, -2)
+    if mask is not None and mask.dtype != torch.bool:
+        scores = scores + mask
+    masked = torch.zeros_like(scores, dtype=torch.bool) if mask is None else (
+        (~mask if mask.dtype == torch.bool else mask == float("-inf")).expand_as(scores))
+    scores = scores.masked_fill(masked, float("-inf"))
+    expected_lse = torch.logsumexp(scores, dim=-1).masked_fill(masked.all(-1), float("inf"))  # kernel: +inf
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-12, atol=1e-12)
+    probs = torch.softmax(scores.masked_fill(masked.all(-1, keepdim=True), 0.0), dim=-1).masked_fill(masked, 0.0)
+    if dropout:
+        probs = probs * dropout_keep_mask(seed, (B, H, Nq, Nk), p) / (1 - p)
+    Hm = masked.shape[1] if mask is not None and mask.dim() == 4 and mask.shape[1] > 1 else 1
+    assert s1.shape == (Hm, H) and gram.shape == (Hm, H, H) and count.shape == (Hm,)
+    for m in range(Hm):
+        keep = ~masked[:, m]                                     # [B, Nq, Nk]: head m's entries
+        x = torch.where(keep.unsqueeze(1), probs - kappa, 0.0)   # [B, H, Nq, Nk]
+        x = x.transpose(0, 1).reshape(H, -1)
+        torch.testing.assert_close(s1[m], x.sum(dim=1), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gram[m], x @ x.T, rtol=1e-10, atol=1e-12)
+        assert count[m].item() == keep.sum().item()
+
+
+def test_bn_grad_sums_are_the_batchnorm_backward_sums():
+    """<dO, U> = sum of dA over unmasked entries and <dO, R> = sum of dA * Xhat, per head (float64 eager maps)."""
+    B, H, Nq, Nk, D = 2, 3, 6, 7, 4
+    tensors, _ = problem(B, H, Nq, Nk, D)
+    q, k, v = (tensors[n].detach() for n in "qkv")
+    w, c = tensors["mix_weight"].detach(), tensors["mix_bias"].detach()
+    mask = masks(B, H, Nq, Nk)["bool"]
+    _, _, R, U, stats = cpu_forward(q, k, v, w, c, None, None, mask, 0.4, 1.0, 2, 1e-5, 0.0, 0)
+    dout = torch.randn(B, H, Nq, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    sums = cpu_bn_grad_sums(dout, R, U)
+    scores = (0.4 * q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.masked_fill((~mask).all(-1, keepdim=True), 0.0), -1).masked_fill(~mask, 0.0)
+    m = torch.einsum("gh,bhij->bgij", w, probs) + c.view(1, H, 1, 1)
+    xhat = (m - stats[0].view(1, H, 1, 1)) * torch.rsqrt(stats[1] + 1e-5).view(1, H, 1, 1)
+    dA = (dout @ v.transpose(-1, -2)).masked_fill(~mask, 0.0)
+    torch.testing.assert_close(sums[0], dA.sum(dim=(0, 2, 3)), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sums[1], (dA * xhat).sum(dim=(0, 2, 3)), rtol=1e-10, atol=1e-12)
+
+
+def test_synchronized_statistics_ops_pass_opcheck():
+    """Schema, fake implementations and dispatch of the ops the synchronized path adds (torch.library.opcheck)."""
+    tensors, _ = problem(2, 3, 5, 6, 4)
+    q, k, v = (tensors[n].detach() for n in "qkv")
+    w, c = tensors["mix_weight"].detach(), tensors["mix_bias"].detach()
+    mask = masks(2, 3, 5, 6)["additive"]
+    torch.library.opcheck(cpu_bn_gram, (q, k, mask, 0.4, 0.2, 5, 1.0 / 6))
+    lse, s1, gram, count = cpu_bn_gram(q, k, None, 0.4, 0.0, 0, 1.0 / 6)
+    from reattn.distributed import gram_batch_statistics
+
+    stats = torch.stack(gram_batch_statistics(w, c, s1, gram, count, 1.0 / 6))
+    forward_args = (q, k, v, w, c, None, None, None, 0.4, 1.0, 2, 1e-5, 0.0, 0, lse, stats)
+    torch.library.opcheck(cpu_forward, forward_args, test_utils=("test_schema", "test_faketensor"))
+    _, _, R, U, _ = cpu_forward(*forward_args)
+    torch.library.opcheck(cpu_bn_grad_sums, (torch.randn_like(q), R, U))
+
+
+def test_given_statistics_reproduce_the_local_forward():
+    """cpu_forward with the statistics (and lse) from the Gram sweep equals the one-call forward."""
+    tensors, _ = problem(2, 4, 9, 8, 6)
+    q, k, v = (tensors[n].detach() for n in "qkv")
+    w, c = tensors["mix_weight"].detach(), tensors["mix_bias"].detach()
+    nw, nb = tensors["norm_weight"].detach(), tensors["norm_bias"].detach()
+    mask = masks(2, 4, 9, 8)["additive"]
+    from reattn.distributed import gram_batch_statistics
+
+    lse, s1, gram, count = cpu_bn_gram(q, k, mask, 0.3, 0.0, 0, 1.0 / 8)
+    stats = torch.stack(gram_batch_statistics(w, c, s1, gram, count, 1.0 / 8))
+    ref = cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 2, 1e-5, 0.0, 0)
+    got = cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 2, 1e-5, 0.0, 0, lse, stats)
+    for name, a, b in zip(("out", "lse", "R", "U", "stats"), got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    with pytest.raises(RuntimeError, match="lse_in and stats_in come together"):
+        cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 2, 1e-5, 0.0, 0, lse, None)
+    with pytest.raises(RuntimeError, match="need norm code 2"):
+        cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 1, 1e-5, 0.0, 0, lse, stats)
 
 
 def test_refuses_what_it_cannot_run():
@@ -308,6 +405,20 @@ def test_refuses_what_it_cannot_run():
         run("cpu", "none", tensors, stats, attn_mask=mask)
     with pytest.raises(ValueError, match="only backend='eager'"):
         run("cpu", "none", tensors, stats, return_attention=True)
+
+
+def test_an_extension_built_before_synchronized_statistics_is_refused(monkeypatch):
+    """reattn.backends.cpu passes arguments an older reattn._C lacks: say "rebuild", never call it."""
+    import types
+
+    import reattn._extension
+    from reattn.backends import Problem, resolve_backend, unavailable_reason
+
+    stale = types.SimpleNamespace(re_attention_cpu_forward=_C.re_attention_cpu_forward)
+    monkeypatch.setattr(reattn._extension, "_C", stale)
+    reason = unavailable_reason("cpu", Problem(torch.device("cpu")))
+    assert reason is not None and "predates the fused CPU kernel's synchronized statistics; rebuild it" in reason
+    assert resolve_backend("auto", Problem(torch.device("cpu"))) == "eager"
 
 
 def test_non_finite_inputs_propagate_like_eager():
