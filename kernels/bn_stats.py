@@ -3,7 +3,7 @@
 BatchNorm2d(H) on M [B, H, Nq, Nk] needs, per head g, the mean and variance of M_g over its n
 unmasked entries. With M_g = sum_h W[g, h] P~_h + c_g these follow from H + H*H sums over the
 probabilities (shared/design/reattention-math.md; computed from the sums in
-``reattn.backends._fused.statistics_from_sums``):
+``reattn.distributed.gram_batch_statistics``):
 
     s1[h]     = sum X_h           G[h, h'] = sum X_h X_h'        with X = P~ - kappa
     mean_g    = c_g + kappa * sum_h W[g, h] + (W s1)_g / n
@@ -109,7 +109,7 @@ def gram_sums(
     over the unmasked entries, lse as ``kernels.forward.re_attention_forward`` computes it (pass it
     back with ``lse_is_input=True``). ``shift`` should be 1/Nk rounded to float32. Same argument
     conventions as the forward. (The mean and variance of M follow from these, W and c:
-    ``reattn.backends._fused.statistics_from_sums``.)
+    ``reattn.distributed.gram_batch_statistics``.)
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]

@@ -22,8 +22,7 @@ What crosses the wire is tiny and does not depend on the sequence length:
 The GPU backends (Triton, CUDA C++) do not synchronize yet: asked to (``Problem.synced_stats``)
 they refuse with a reason; ``backend="auto"`` then picks cpu for CPU tensors (eager with dropout)
 and eager for CUDA tensors. (Their statistics sweeps return the same Gram sums, with one mask for
-all heads: ``reattn.backends._fused.statistics_from_sums`` is the Hm = 1 case of
-:func:`gram_batch_statistics`.)
+all heads, the Hm = 1 case of :func:`gram_batch_statistics`, which ``reattn.backends._fused`` uses.)
 
 The interface:
 

@@ -79,33 +79,32 @@ struct Program {
     });
   }
 
-  // Stage only when the buffer holds something else (everything stays put when all heads fit).
+  // Whole-head-dim rows [r0, r0 + rows) of heads [h0, h0 + hg) into `dst`, unless `held` says the
+  // buffer already holds `key` (everything stays put when all heads fit).
+  template <typename Exec>
+  REATTN_FN void stage_once(const Exec& ex, int64_t key, int64_t* held, size_t dst, const void* src, Strides4 st,
+                            int h0, int hg, int64_t r0, int rows, int64_t n_rows) {
+    if (*held == key) return;
+    stage(ex, at<T>(dst), src, st, h0, hg, r0, rows, n_rows, 0, Dp);
+    *held = key;
+  }
+  REATTN_FN static int64_t tile_key(int n0, int h0) { return static_cast<int64_t>(n0) * (kMaxHeads + 1) + h0; }
   template <typename Exec>
   REATTN_FN void stage_q(const Exec& ex, int h0, int hg) {
-    if (q_key == h0) return;
-    stage(ex, at<T>(L.q), p.q, p.q_st, h0, hg, m0, BM, p.Nq, 0, Dp);
-    q_key = h0;
+    stage_once(ex, h0, &q_key, L.q, p.q, p.q_st, h0, hg, m0, BM, p.Nq);
   }
   template <typename Exec>
   REATTN_FN void stage_dout(const Exec& ex, int h0, int hg) {
-    if (dout_key == h0) return;
-    stage(ex, at<T>(L.dout), p.grad_out, p.do_st, h0, hg, m0, BM, p.Nq, 0, Dp);
-    dout_key = h0;
+    stage_once(ex, h0, &dout_key, L.dout, p.grad_out, p.do_st, h0, hg, m0, BM, p.Nq);
   }
   template <typename Exec>
   REATTN_FN void stage_k(const Exec& ex, int n0, int h0, int hg) {
-    const int64_t key = static_cast<int64_t>(n0) * (kMaxHeads + 1) + h0;
-    if (k_key == key) return;
-    stage(ex, at<T>(L.k), p.k, p.k_st, h0, hg, n0, BN, p.Nk, 0, Dp);
-    k_key = key;
+    stage_once(ex, tile_key(n0, h0), &k_key, L.k, p.k, p.k_st, h0, hg, n0, BN, p.Nk);
   }
   // Backward: full rows of V (for dO V^T). Forward stages only the chunk's columns (see av_tile).
   template <typename Exec>
   REATTN_FN void stage_v(const Exec& ex, int n0, int h0, int hg) {
-    const int64_t key = static_cast<int64_t>(n0) * (kMaxHeads + 1) + h0;
-    if (v_key == key) return;
-    stage(ex, at<T>(L.v), p.v, p.v_st, h0, hg, n0, BN, p.Nk, 0, Dp);
-    v_key = key;
+    stage_once(ex, tile_key(n0, h0), &v_key, L.v, p.v, p.v_st, h0, hg, n0, BN, p.Nk);
   }
   REATTN_FN int group_size(int h0) const { return plan.head_group < H - h0 ? plan.head_group : H - h0; }
 

@@ -7,9 +7,10 @@ autograd registration -> :func:`run_fused`, called by ``reattn.re_attention`` on
 
 Training-mode BatchNorm is orchestrated here, identically for both backends: a statistics sweep
 returns the per-head sums s1 = sum X and the Gram matrix G = sum X X^T of X = P~ - shift over the
-unmasked entries (float64, no map written); :func:`statistics_from_sums` turns them into the
-batch mean and variance of M = W P~ + c (shared/design/reattention-math.md); the forward then
-normalizes with them, reading the logsumexp the sweep wrote.
+unmasked entries (float64, no map written); ``reattn.distributed.gram_batch_statistics`` (the
+formula of shared/design/reattention-math.md, also the cpu backend's) turns them into the batch
+mean and variance of M = W P~ + c; the forward then normalizes with them, reading the logsumexp
+the sweep wrote.
 
 Saved for backward: q, k, v, the parameters, the mask and the dropout seed as given, the
 logsumexp [B, H, Nq] and the [3, H] statistics (mean, variance, count); never a [B, H, Nq, Nk] map.
@@ -21,6 +22,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from reattn.distributed import gram_batch_statistics
 
 
 def accumulator_dtype(q: Tensor) -> torch.dtype:
@@ -51,22 +54,6 @@ def unmasked_count(attn_mask: Optional[Tensor], B: int, Nq: int, Nk: int) -> Ten
                          f"same for every head (head dim 1), got shape {tuple(attn_mask.shape)}")
     kept = mask if mask.dtype == torch.bool else mask != float("-inf")
     return kept.expand(B, 1, Nq, Nk).sum(dtype=torch.float64)
-
-
-def statistics_from_sums(mix_weight: Tensor, mix_bias: Optional[Tensor], s1: Tensor, gram: Tensor, n: Tensor,
-                         shift: float) -> Tuple[Tensor, Tensor]:
-    """Per-head (mean, biased variance) of M = W P~ + c over n entries, from s1 [H] and G [H, H] of X = P~ - shift.
-
-        mean_g = c_g + shift * sum_h W[g, h] + (W s1)_g / n
-        var_g  = (W G W^T)_gg / n - ((W s1)_g / n)^2
-    """
-    w = mix_weight.to(torch.float64)
-    w_s1 = (w @ s1) / n
-    mean = shift * w.sum(dim=1) + w_s1
-    if mix_bias is not None:
-        mean = mean + mix_bias.to(torch.float64)
-    var = ((w @ gram) * w).sum(dim=1) / n - w_s1 * w_s1
-    return mean, var.clamp_min(0.0)
 
 
 def batch_stats_rows(stats: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
@@ -122,8 +109,7 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
         if attn_mask is not None and bool(count <= 1):  # without a mask, reattn._checks has ruled this out
             raise ValueError("re_attention: norm='batch' in training needs more than one unmasked value per head; "
                              f"unmasked count per head: {int(count)}")
-        mean, var = statistics_from_sums(mix_weight, mix_bias, s1, gram, count, shift)
-        stats[0], stats[1], stats[2] = mean, var, count
+        stats[0], stats[1], stats[2] = gram_batch_statistics(mix_weight, mix_bias, s1, gram, count, shift)
         out, lse = kernels.forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                    batch_stats_rows(stats, eps, accumulator_dtype(q)), attn_mask, seed, lse,
                                    norm="batch", **kw)

@@ -2,13 +2,14 @@
 
 The statistics sweeps of both fused backends, Triton's ``reattn.kernels.bn_stats.gram_sums`` and
 the CUDA programs' ``reattn._C.cuda_batch_sums`` (host emulator without a GPU), turned into the
-mean and variance of M by ``reattn.backends._fused.statistics_from_sums``.
+mean and variance of M by ``reattn.distributed.gram_batch_statistics``.
 """
 import pytest
 import torch
 
 from reattn.backends import cuda as cuda_backend
-from reattn.backends._fused import gram_shift, statistics_from_sums, unmasked_count
+from reattn.backends._fused import gram_shift, unmasked_count
+from reattn.distributed import gram_batch_statistics
 from reattn.kernels.bn_stats import gram_sums
 from reattn.kernels.dropout import dropout_keep_mask
 
@@ -23,7 +24,7 @@ def batch_statistics(sweep, q, k, w, c, *, scale, attn_mask=None, dropout_p=0.0,
     shift = gram_shift(Nk)
     lse, s1, gram = SWEEPS[sweep](q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p, shift=shift)
     n = unmasked_count(attn_mask, B, Nq, Nk).to(q.device)
-    mean, var = statistics_from_sums(w, c, s1, gram, n, shift)
+    mean, var, _ = gram_batch_statistics(w, c, s1, gram, n, shift)
     return mean, var, n, lse
 
 
