@@ -199,6 +199,19 @@ struct KVCache {
   }
 };
 
+// One task's inputs: K/V of batch b in the cache, every head's query rows [i0, i0 + bm) (views or
+// copies into qbuf, row stride `rows_cap`) and the mask block. Returns the mask block, or null.
+template <typename scalar_t, typename acc_t>
+const acc_t* load_query_block(const ReAttnParams& p, View4 q, KVCache<scalar_t, acc_t>& kv, int64_t b, int64_t i0,
+                              int64_t bm, int64_t rows_cap, acc_t* qbuf, HeadRows<scalar_t, acc_t>* qh,
+                              acc_t* madd) {
+  kv.load(b);
+  for (int64_t h = 0; h < p.H; ++h) qh[h] = head_rows<scalar_t, acc_t>(q, b, h, i0, bm, p.D, qbuf + h * rows_cap * p.D);
+  if (!p.mask) return nullptr;
+  build_mask(p, b, i0, bm, madd);
+  return madd;
+}
+
 // Scores -> probabilities for all heads of a task: P [H, bm, Nk]. With lse_in, P = exp(S - lse)
 // (backward); else a fresh softmax writing lse_out.
 template <typename scalar_t, typename acc_t>
@@ -310,10 +323,7 @@ void batch_stats(const ReAttnParams& p, const Tasks& tasks, View4 q, View4 k, Vi
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / tasks.per_batch, i0 = (t % tasks.per_batch) * tasks.bm;
       const int64_t bm = std::min(tasks.bm, p.Nq - i0), E = bm * Nk;
-      kv.load(b);
-      for (int64_t h = 0; h < H; ++h) qh[h] = head_rows<scalar_t, acc_t>(q, b, h, i0, bm, D, qbuf.data() + h * tasks.bm * D);
-      if (p.mask) build_mask(p, b, i0, bm, madd.data());
-      const acc_t* md = p.mask ? madd.data() : nullptr;
+      const acc_t* md = load_query_block(p, q, kv, b, i0, bm, tasks.bm, qbuf.data(), qh.data(), madd.data());
       for (int64_t h = 0; h < H; ++h) {
         acc_t* Ph = P.data() + h * E;
         gemm<acc_t>(false, true, bm, Nk, D, static_cast<acc_t>(p.scale), qh[h].ptr, qh[h].ld, kv.kh[h].ptr,
@@ -373,11 +383,7 @@ void re_attention_forward(const ReAttnParams& p, View4 q, View4 k, View4 v, cons
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / tasks.per_batch, i0 = (t % tasks.per_batch) * tasks.bm;
       const int64_t bm = std::min(tasks.bm, p.Nq - i0), E = bm * Nk;
-      kv.load(b);
-      for (int64_t h = 0; h < H; ++h)
-        qh[h] = head_rows<scalar_t, acc_t>(q, b, h, i0, bm, D, qbuf.data() + h * tasks.bm * D);
-      if (p.mask) build_mask(p, b, i0, bm, madd.data());
-      const acc_t* md = p.mask ? madd.data() : nullptr;
+      const acc_t* md = load_query_block(p, q, kv, b, i0, bm, tasks.bm, qbuf.data(), qh.data(), madd.data());
       if (lse_given)  // exp(S - lse) needs no row reductions; the backward recomputes P the same way
         probabilities(p, b, i0, bm, qh.data(), kv, md, P.data(), static_cast<acc_t*>(nullptr),
                       static_cast<const acc_t*>(lse));
@@ -442,11 +448,7 @@ void bn_gram_stats(const ReAttnParams& p, View4 q, View4 k, acc_t kappa, acc_t* 
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / tasks.per_batch, i0 = (t % tasks.per_batch) * tasks.bm;
       const int64_t bm = std::min(tasks.bm, p.Nq - i0), E = bm * Nk;
-      kv.load(b);
-      for (int64_t h = 0; h < H; ++h)
-        qh[h] = head_rows<scalar_t, acc_t>(q, b, h, i0, bm, D, qbuf.data() + h * tasks.bm * D);
-      if (p.mask) build_mask(p, b, i0, bm, madd.data());
-      const acc_t* md = p.mask ? madd.data() : nullptr;
+      const acc_t* md = load_query_block(p, q, kv, b, i0, bm, tasks.bm, qbuf.data(), qh.data(), madd.data());
       probabilities(p, b, i0, bm, qh.data(), kv, md, P.data(), lse, static_cast<const acc_t*>(nullptr));
       if (p.dropout_p > 0) apply_dropout(p, b, i0, bm, P.data());
       for (int64_t m = 0; m < Hm; ++m) {
