@@ -11,16 +11,17 @@
 // wheels, found at load time; single-threaded inside our threads), else a portable loop.
 // Element-wise work (softmax with a polynomial exp, mask, dropout, norms) is in vec_ops.cpp.
 //
-// Training-mode BatchNorm: a first sweep accumulates per head the sum and sum of squares of M over
-// the unmasked entries (shifted by the no-mask mean, reduced in double), giving mean and variance;
-// the main sweep then normalizes. It also stores R = Xhat V and U = 1_unmasked V ([B, H, Nq, D]), so
-// O = tau*gamma*R + tau*beta*U and the backward gets sum(dA) = <dO, U>, sum(dA Xhat) = <dO, R>
-// without another sweep (the math note's trick).
+// Training-mode BatchNorm: one sweep. The norm is a per-head affine map of M, applied after the
+// statistics are known, so it commutes with the product by V: the sweep accumulates per head the sum
+// and sum of squares of X = M - c - shift over the unmasked entries (shift = the no-mask mean, sums
+// reduced in double) and stores R' = X V and U = 1_unmasked V ([B, H, Nq, D]); a pass over those then
+// gives R = Xhat V = rstd (R' - mean(X) U) and O = tau*gamma*R + tau*beta*U. R and U are saved: the
+// backward gets sum(dA) = <dO, U>, sum(dA Xhat) = <dO, R> without another sweep (the math note's trick).
 //
-// Statistics synchronized across processes (SyncBatchNorm semantics): moments of M do not add up
-// over processes, so bn_gram_stats accumulates what does, the Gram-matrix sums of X = P~ - 1/Nk
-// (H^2 + H + 1 numbers, the math note's formulation); the caller all-reduces them, turns them into
-// mean and variance and runs the forward's main sweep with those (given_stats). The backward's two
+// Statistics synchronized across processes (SyncBatchNorm semantics): bn_gram_stats accumulates sums
+// that add up over processes, the Gram-matrix sums of X = P~ - 1/Nk (H^2 + H + 1 numbers, the math
+// note's formulation, which serves every W); the caller all-reduces them, turns them into mean and
+// variance and runs the forward's main sweep with those (given_stats). The backward's two
 // per-head sums (bn_grad_sums) are all-reduced the same way before its main sweep (bn_sums).
 //
 // dK, dV: a task adds into per-chunk accumulators for its batch element; they are flushed (under a
@@ -178,23 +179,90 @@ void store_rows(scalar_t* out, const acc_t* src, int64_t rows, int64_t D) {
   for (int64_t x = 0; x < rows * D; ++x) out[x] = static_cast<scalar_t>(src[x]);
 }
 
-// Per-chunk state shared by forward and backward: the current batch element's K and V per head.
+// Scratch that outlives a call. Each thread keeps its buffers between calls, so the per-chunk panels
+// (hundreds of KB each) are not mapped and zero-filled by the OS on every call: measured at
+// DeepViT-16b (B=8, fp32, one thread), page faults were ~10% of the forward's samples with std::vector
+// scratch. A chunk takes its buffers in the same order on every call, so a thread's k-th buffer comes
+// back at the size it had; contents are undefined. A thread holds at most its largest call's scratch
+// (a few MB; pick_block_rows bounds it). Nested use in one thread (not expected) gets fresh buffers.
+class Scratch {
+ public:
+  Scratch() : state_(thread_state()) {
+    if (state_.busy) {
+      own_ = std::make_unique<std::vector<Block>>();
+      blocks_ = own_.get();
+    } else {
+      state_.busy = true;
+      blocks_ = &state_.blocks;
+    }
+  }
+  ~Scratch() {
+    if (!own_) state_.busy = false;
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+
+  template <typename T>
+  T* take(int64_t n) {
+    const size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T);
+    if (next_ == blocks_->size()) blocks_->emplace_back();
+    Block& block = (*blocks_)[next_++];
+    if (block.bytes < bytes) {
+      block.data.reset(new char[bytes]);
+      block.bytes = bytes;
+    }
+    return reinterpret_cast<T*>(block.data.get());
+  }
+
+ private:
+  struct Block {
+    std::unique_ptr<char[]> data;
+    size_t bytes = 0;
+  };
+  struct State {
+    std::vector<Block> blocks;
+    bool busy = false;
+  };
+  static State& thread_state() {
+    thread_local State state;
+    return state;
+  }
+  State& state_;
+  std::unique_ptr<std::vector<Block>> own_;
+  std::vector<Block>* blocks_ = nullptr;
+  size_t next_ = 0;
+};
+
+// Per-chunk state shared by forward and backward: the current batch element's K and V per head, and
+// with column_sums the column sums of each head's V (U = 1 V without a mask).
 template <typename scalar_t, typename acc_t>
 struct KVCache {
   const ReAttnParams& p;
   View4 k, v;
-  std::vector<acc_t> kbuf, vbuf;
+  acc_t *kbuf, *vbuf, *vsum;
   std::vector<HeadRows<scalar_t, acc_t>> kh, vh;
   int64_t b = -1;
-  KVCache(const ReAttnParams& p_, View4 k_, View4 v_)
-      : p(p_), k(k_), v(v_), kbuf(p_.H * p_.Nk * p_.D), vbuf(p_.H * p_.Nk * p_.D), kh(p_.H), vh(p_.H) {}
+  KVCache(const ReAttnParams& p_, View4 k_, View4 v_, Scratch& scratch, bool column_sums = false)
+      : p(p_),
+        k(k_),
+        v(v_),
+        kbuf(scratch.take<acc_t>(p_.H * p_.Nk * p_.D)),
+        vbuf(scratch.take<acc_t>(p_.H * p_.Nk * p_.D)),
+        vsum(column_sums ? scratch.take<acc_t>(p_.H * p_.D) : nullptr),
+        kh(p_.H),
+        vh(p_.H) {}
   void load(int64_t b_) {
     if (b_ == b) return;
     b = b_;
     const int64_t stride = p.Nk * p.D;
     for (int64_t h = 0; h < p.H; ++h) {
-      kh[h] = head_rows<scalar_t, acc_t>(k, b, h, 0, p.Nk, p.D, kbuf.data() + h * stride);
-      vh[h] = head_rows<scalar_t, acc_t>(v, b, h, 0, p.Nk, p.D, vbuf.data() + h * stride);
+      kh[h] = head_rows<scalar_t, acc_t>(k, b, h, 0, p.Nk, p.D, kbuf + h * stride);
+      vh[h] = head_rows<scalar_t, acc_t>(v, b, h, 0, p.Nk, p.D, vbuf + h * stride);
+      if (vsum == nullptr) continue;
+      acc_t* col = vsum + h * p.D;
+      std::fill(col, col + p.D, acc_t(0));
+      for (int64_t j = 0; j < p.Nk; ++j)
+        for (int64_t d = 0; d < p.D; ++d) col[d] += vh[h].ptr[j * vh[h].ld + d];
     }
   }
 };
@@ -299,57 +367,17 @@ struct Tasks {
   }
 };
 
-// Training-mode BatchNorm statistics: stats [3, H] = mean, biased var, count.
-template <typename scalar_t, typename acc_t>
-void batch_stats(const ReAttnParams& p, const Tasks& tasks, View4 q, View4 k, View4 v, const acc_t* W,
-                 const acc_t* c, double* stats) {
-  const int64_t H = p.H, Nk = p.Nk, D = p.D;
-  std::vector<double> s1(H, 0.0), s2(H, 0.0), cnt(H, 0.0);
-  std::vector<acc_t> shift(H);
-  for (int64_t g = 0; g < H; ++g) {  // the exact mean of W P without mask or dropout: sums cancel less
+// The per-head shift of training BatchNorm's moments: sum_h W[g, h] / Nk, the exact mean of (W P)_g
+// without mask or dropout, so the shifted values are centred and their sums cancel little.
+template <typename acc_t>
+std::vector<acc_t> moment_shift(const ReAttnParams& p, const acc_t* W) {
+  std::vector<acc_t> shift(p.H);
+  for (int64_t g = 0; g < p.H; ++g) {
     acc_t w = 0;
-    for (int64_t h = 0; h < H; ++h) w += W[g * H + h];
-    shift[g] = w / static_cast<acc_t>(Nk);
+    for (int64_t h = 0; h < p.H; ++h) w += W[g * p.H + h];
+    shift[g] = w / static_cast<acc_t>(p.Nk);
   }
-  std::mutex lock;
-  at::parallel_for(0, tasks.count, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas single;
-    const int64_t cap = H * tasks.bm * Nk;
-    KVCache<scalar_t, acc_t> kv(p, k, v);
-    std::vector<acc_t> qbuf(H * tasks.bm * D), P(cap), Mb(cap), madd(p.mask ? p.mask_heads * tasks.bm * Nk : 0);
-    std::vector<HeadRows<scalar_t, acc_t>> qh(H);
-    std::vector<double> l1(H, 0.0), l2(H, 0.0), lc(H, 0.0);
-    std::vector<acc_t> lse_scratch(H * tasks.bm);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / tasks.per_batch, i0 = (t % tasks.per_batch) * tasks.bm;
-      const int64_t bm = std::min(tasks.bm, p.Nq - i0), E = bm * Nk;
-      const acc_t* md = load_query_block(p, q, kv, b, i0, bm, tasks.bm, qbuf.data(), qh.data(), madd.data());
-      for (int64_t h = 0; h < H; ++h) {
-        acc_t* Ph = P.data() + h * E;
-        gemm<acc_t>(false, true, bm, Nk, D, static_cast<acc_t>(p.scale), qh[h].ptr, qh[h].ld, kv.kh[h].ptr,
-                    kv.kh[h].ld, acc_t(0), Ph, Nk);
-        if (md) vec::add_inplace<acc_t>(Ph, mask_of_head(p, md, h, E), E);
-        vec::softmax_rows<acc_t>(Ph, bm, Nk, lse_scratch.data() + h * tasks.bm);
-      }
-      if (p.dropout_p > 0) apply_dropout(p, b, i0, bm, P.data());
-      gemm<acc_t>(false, false, H, E, H, acc_t(1), W, H, P.data(), E, acc_t(0), Mb.data(), E);
-      for (int64_t g = 0; g < H; ++g)
-        vec::moments<acc_t>(Mb.data() + g * E, mask_of_head(p, md, g, E), E, shift[g], &l1[g], &l2[g], &lc[g]);
-    }
-    std::lock_guard<std::mutex> guard(lock);
-    for (int64_t g = 0; g < H; ++g) {
-      s1[g] += l1[g];
-      s2[g] += l2[g];
-      cnt[g] += lc[g];
-    }
-  });
-  for (int64_t g = 0; g < H; ++g) {
-    const double n = cnt[g];
-    const double m1 = s1[g] / n;
-    stats[g] = m1 + static_cast<double>(shift[g]) + static_cast<double>(c[g]);
-    stats[H + g] = std::max(0.0, s2[g] / n - m1 * m1);
-    stats[2 * H + g] = n;
-  }
+  return shift;
 }
 
 }  // namespace
@@ -361,62 +389,118 @@ void re_attention_forward(const ReAttnParams& p, View4 q, View4 k, View4 v, cons
   const Tasks tasks(p);
   const int64_t H = p.H, Nk = p.Nk, D = p.D;
   const bool lse_given = given_stats && p.norm == kNormBatchTrain;  // bn_gram_stats wrote it
+  // Training BatchNorm with its own statistics: one sweep. The norm is a per-head affine map of M, so
+  // it commutes with the product by V: the sweep stores R' = (X masked) V with X = M - c - shift and
+  // U = 1_unmasked V while summing the moments of X; once the statistics are known,
+  // R = Xhat V = rstd (R' - mean(X) U) and O = tau gamma R + tau beta U, an O(B H Nq D) pass. Xhat
+  // differs from X by a per-head constant only, so this is the eager (M - mean) rstd up to rounding.
+  const bool one_sweep_bn = p.norm == kNormBatchTrain && !given_stats;
   BNStats<acc_t> bn;
-  if (p.norm == kNormBatchTrain) {
-    if (!given_stats) batch_stats<scalar_t, acc_t>(p, tasks, q, k, v, W, c, stats);
+  if (lse_given) {
     for (int64_t g = 0; g < H; ++g)
       if (stats[2 * H + g] <= 1) return;
     bn = bn_stats<acc_t>(p, stats);
   }
+  const std::vector<acc_t> shift = one_sweep_bn ? moment_shift(p, W) : std::vector<acc_t>();
+  std::vector<double> s1(H, 0.0), s2(H, 0.0), cnt(H, 0.0);
+  std::mutex lock;
   const acc_t tau = static_cast<acc_t>(p.out_scale);
   g_last_chunks = 0;
   at::parallel_for(0, tasks.count, 1, [&](int64_t begin, int64_t end) {
     ++g_last_chunks;
     SingleThreadedBlas single;
     const int64_t cap = H * tasks.bm * Nk;
-    const bool need_y = p.norm != kNormNone;
-    KVCache<scalar_t, acc_t> kv(p, k, v);
-    std::vector<acc_t> qbuf(H * tasks.bm * D), P(cap), Mb(cap), Y(need_y ? cap : 0),
-        madd(p.mask ? p.mask_heads * tasks.bm * Nk : 0), rstd_e(tasks.bm * Nk), mu_e(tasks.bm * Nk),
-        ob(tasks.bm * D), colsum(D);
+    const bool need_y = p.norm != kNormNone && !one_sweep_bn;
+    Scratch scratch;
+    KVCache<scalar_t, acc_t> kv(p, k, v, scratch, /*column_sums=*/p.norm == kNormBatchTrain && !p.mask);
+    acc_t* qbuf = scratch.take<acc_t>(H * tasks.bm * D);
+    acc_t* P = scratch.take<acc_t>(cap);
+    acc_t* Mb = scratch.take<acc_t>(cap);
+    acc_t* Y = need_y ? scratch.take<acc_t>(cap) : nullptr;
+    acc_t* madd = p.mask ? scratch.take<acc_t>(p.mask_heads * tasks.bm * Nk) : nullptr;
+    acc_t* rstd_e = scratch.take<acc_t>(tasks.bm * Nk);
+    acc_t* mu_e = scratch.take<acc_t>(tasks.bm * Nk);
+    acc_t* ob = scratch.take<acc_t>(tasks.bm * D);
     std::vector<HeadRows<scalar_t, acc_t>> qh(H);
+    std::vector<double> l1(H, 0.0), l2(H, 0.0), lc(H, 0.0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / tasks.per_batch, i0 = (t % tasks.per_batch) * tasks.bm;
       const int64_t bm = std::min(tasks.bm, p.Nq - i0), E = bm * Nk;
-      const acc_t* md = load_query_block(p, q, kv, b, i0, bm, tasks.bm, qbuf.data(), qh.data(), madd.data());
+      const acc_t* md = load_query_block(p, q, kv, b, i0, bm, tasks.bm, qbuf, qh.data(), madd);
       if (lse_given)  // exp(S - lse) needs no row reductions; the backward recomputes P the same way
-        probabilities(p, b, i0, bm, qh.data(), kv, md, P.data(), static_cast<acc_t*>(nullptr),
+        probabilities(p, b, i0, bm, qh.data(), kv, md, P, static_cast<acc_t*>(nullptr),
                       static_cast<const acc_t*>(lse));
       else
-        probabilities(p, b, i0, bm, qh.data(), kv, md, P.data(), lse, static_cast<const acc_t*>(nullptr));
-      if (p.dropout_p > 0) apply_dropout(p, b, i0, bm, P.data());
-      mix_and_norm(p, W, c, gamma, beta, &bn, P.data(), md, E, Mb.data(), Y.data(), rstd_e.data(), mu_e.data());
+        probabilities(p, b, i0, bm, qh.data(), kv, md, P, lse, static_cast<const acc_t*>(nullptr));
+      if (p.dropout_p > 0) apply_dropout(p, b, i0, bm, P);
+      if (one_sweep_bn) {
+        gemm<acc_t>(false, false, H, E, H, acc_t(1), W, H, P, E, acc_t(0), Mb, E);
+        for (int64_t g = 0; g < H; ++g) {
+          vec::center_moments<acc_t>(Mb + g * E, mask_of_head(p, md, g, E), E, shift[g], &l1[g], &l2[g],
+                                     &lc[g]);
+        }
+      } else {
+        mix_and_norm(p, W, c, gamma, beta, &bn, P, md, E, Mb, Y, rstd_e, mu_e);
+      }
       for (int64_t g = 0; g < H; ++g) {
         const int64_t row = (b * H + g) * p.Nq + i0;
         scalar_t* o = out + row * D;
         if (p.norm != kNormBatchTrain) {
-          gemm<acc_t>(false, false, bm, D, Nk, acc_t(1), Mb.data() + g * E, Nk, kv.vh[g].ptr, kv.vh[g].ld, acc_t(0),
-                      ob.data(), D);
-          store_rows(o, ob.data(), bm, D);
+          gemm<acc_t>(false, false, bm, D, Nk, acc_t(1), Mb + g * E, Nk, kv.vh[g].ptr, kv.vh[g].ld, acc_t(0),
+                      ob, D);
+          store_rows(o, ob, bm, D);
           continue;
         }
         acc_t* Rg = R + row * D;
         acc_t* Ug = U + row * D;
-        gemm<acc_t>(false, false, bm, D, Nk, acc_t(1), Y.data() + g * E, Nk, kv.vh[g].ptr, kv.vh[g].ld, acc_t(0), Rg,
-                    D);
+        const acc_t* normed = one_sweep_bn ? Mb + g * E : Y + g * E;  // X masked, or Xhat
+        gemm<acc_t>(false, false, bm, D, Nk, acc_t(1), normed, Nk, kv.vh[g].ptr, kv.vh[g].ld, acc_t(0), Rg, D);
         if (md != nullptr) {  // U = 1_unmasked V, the indicator built in P's (no longer needed) panel
-          acc_t* ind = P.data() + g * E;
+          acc_t* ind = P + g * E;
           vec::unmasked_indicator<acc_t>(ind, mask_of_head(p, md, g, E), E);
           gemm<acc_t>(false, false, bm, D, Nk, acc_t(1), ind, Nk, kv.vh[g].ptr, kv.vh[g].ld, acc_t(0), Ug, D);
         } else {
-          std::fill(colsum.begin(), colsum.end(), acc_t(0));
-          for (int64_t j = 0; j < Nk; ++j)
-            for (int64_t d = 0; d < D; ++d) colsum[d] += kv.vh[g].ptr[j * kv.vh[g].ld + d];
-          for (int64_t r = 0; r < bm; ++r) std::copy(colsum.begin(), colsum.end(), Ug + r * D);
+          for (int64_t r = 0; r < bm; ++r) std::copy(kv.vsum + g * D, kv.vsum + (g + 1) * D, Ug + r * D);
         }
+        if (one_sweep_bn) continue;  // O once the statistics are known
         const acc_t a = tau * (gamma ? gamma[g] : acc_t(1)), e = tau * (beta ? beta[g] : acc_t(0));
         for (int64_t x = 0; x < bm * D; ++x) ob[x] = a * Rg[x] + e * Ug[x];
-        store_rows(o, ob.data(), bm, D);
+        store_rows(o, ob, bm, D);
+      }
+    }
+    if (!one_sweep_bn) return;
+    std::lock_guard<std::mutex> guard(lock);
+    for (int64_t g = 0; g < H; ++g) {
+      s1[g] += l1[g];
+      s2[g] += l2[g];
+      cnt[g] += lc[g];
+    }
+  });
+  if (!one_sweep_bn) return;
+  std::vector<acc_t> mean_x(H);
+  for (int64_t g = 0; g < H; ++g) {
+    const double n = cnt[g], m = s1[g] / n;
+    mean_x[g] = static_cast<acc_t>(m);
+    stats[g] = m + static_cast<double>(shift[g]) + static_cast<double>(c[g]);
+    stats[H + g] = std::max(0.0, s2[g] / n - m * m);
+    stats[2 * H + g] = n;
+  }
+  for (int64_t g = 0; g < H; ++g)
+    if (cnt[g] <= 1) return;
+  bn = bn_stats<acc_t>(p, stats);
+  at::parallel_for(0, p.B * H * p.Nq, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, D)), [&](int64_t begin,
+                                                                                                 int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t g = (row / p.Nq) % H;
+      const acc_t rs = bn.rstd[g], mx = mean_x[g];
+      const acc_t a = tau * (gamma ? gamma[g] : acc_t(1)), e = tau * (beta ? beta[g] : acc_t(0));
+      acc_t* Rr = R + row * D;
+      const acc_t* Ur = U + row * D;
+      scalar_t* o = out + row * D;
+      for (int64_t d = 0; d < D; ++d) {
+        const acc_t r = rs * (Rr[d] - mx * Ur[d]);
+        Rr[d] = r;
+        o[d] = static_cast<scalar_t>(a * r + e * Ur[d]);
       }
     }
   });
@@ -440,32 +524,36 @@ void bn_gram_stats(const ReAttnParams& p, View4 q, View4 k, acc_t kappa, acc_t* 
   at::parallel_for(0, tasks.count, 1, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas single;
     const int64_t cap = H * tasks.bm * Nk;
-    KVCache<scalar_t, acc_t> kv(p, k, k);  // V is not needed: K stands in for it
-    std::vector<acc_t> qbuf(H * tasks.bm * D), P(cap), X(cap), Gt(H * H),
-        madd(p.mask ? p.mask_heads * tasks.bm * Nk : 0);
+    Scratch scratch;
+    KVCache<scalar_t, acc_t> kv(p, k, k, scratch);  // V is not needed: K stands in for it
+    acc_t* qbuf = scratch.take<acc_t>(H * tasks.bm * D);
+    acc_t* P = scratch.take<acc_t>(cap);
+    acc_t* X = scratch.take<acc_t>(cap);
+    acc_t* Gt = scratch.take<acc_t>(H * H);
+    acc_t* madd = p.mask ? scratch.take<acc_t>(p.mask_heads * tasks.bm * Nk) : nullptr;
     std::vector<HeadRows<scalar_t, acc_t>> qh(H);
     std::vector<double> s1_l(Hm * H, 0.0), gram_l(Hm * H * H, 0.0), count_l(Hm, 0.0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / tasks.per_batch, i0 = (t % tasks.per_batch) * tasks.bm;
       const int64_t bm = std::min(tasks.bm, p.Nq - i0), E = bm * Nk;
-      const acc_t* md = load_query_block(p, q, kv, b, i0, bm, tasks.bm, qbuf.data(), qh.data(), madd.data());
-      probabilities(p, b, i0, bm, qh.data(), kv, md, P.data(), lse, static_cast<const acc_t*>(nullptr));
-      if (p.dropout_p > 0) apply_dropout(p, b, i0, bm, P.data());
+      const acc_t* md = load_query_block(p, q, kv, b, i0, bm, tasks.bm, qbuf, qh.data(), madd);
+      probabilities(p, b, i0, bm, qh.data(), kv, md, P, lse, static_cast<const acc_t*>(nullptr));
+      if (p.dropout_p > 0) apply_dropout(p, b, i0, bm, P);
       for (int64_t m = 0; m < Hm; ++m) {
         const acc_t* mm = md == nullptr ? nullptr : md + m * E;
         for (int64_t h = 0; h < H; ++h) {
           double unused = 0, cnt = 0;
-          // s1 over the unmasked entries in 256-entry blocks of acc_t, then double (as batch_stats).
-          vec::moments<acc_t>(P.data() + h * E, mm, E, kappa, &s1_l[m * H + h], &unused, &cnt);
+          // s1 over the unmasked entries in 256-entry blocks of acc_t, then double (as the forward's moments).
+          vec::moments<acc_t>(P + h * E, mm, E, kappa, &s1_l[m * H + h], &unused, &cnt);
           if (h == 0) count_l[m] += cnt;
-          acc_t* xh = X.data() + h * E;
-          std::copy(P.begin() + h * E, P.begin() + (h + 1) * E, xh);
+          acc_t* xh = X + h * E;
+          std::copy(P + h * E, P + (h + 1) * E, xh);
           vec::affine<acc_t>(xh, E, acc_t(1), -kappa);
           if (mm != nullptr) vec::zero_masked<acc_t>(xh, mm, E);  // masked entries are not in the batch
         }
         for (int64_t e0 = 0; e0 < E; e0 += kGramChunk) {
           const int64_t len = std::min(kGramChunk, E - e0);
-          gemm<acc_t>(false, true, H, H, len, acc_t(1), X.data() + e0, E, X.data() + e0, E, acc_t(0), Gt.data(), H);
+          gemm<acc_t>(false, true, H, H, len, acc_t(1), X + e0, E, X + e0, E, acc_t(0), Gt, H);
           for (int64_t x = 0; x < H * H; ++x) gram_l[m * H * H + x] += static_cast<double>(Gt[x]);
         }
       }
@@ -537,12 +625,24 @@ void re_attention_backward(const ReAttnParams& p, View4 dout, View4 q, View4 k, 
     const int64_t cap = H * tasks.bm * Nk;
     const bool need_y = p.norm != kNormNone;
     const bool dropout = p.dropout_p > 0;
-    KVCache<scalar_t, acc_t> kv(p, k, v);
-    std::vector<acc_t> qbuf(H * tasks.bm * D), obuf(H * tasks.bm * D), P(cap), Pd(dropout ? cap : 0), Mb(cap),
-        Y(need_y ? cap : 0), dA(cap), dP(cap), madd(p.mask ? p.mask_heads * tasks.bm * Nk : 0),
-        rstd_e(tasks.bm * Nk), t1(tasks.bm * Nk), t2(tasks.bm * Nk), ob(tasks.bm * D);
-    std::vector<acc_t> dk_l(H * Nk * D), dv_l(H * Nk * D), dW_l(H * H, acc_t(0)), dc_l(H, acc_t(0)),
-        dg_l(H, acc_t(0)), db_l(H, acc_t(0));
+    Scratch scratch;
+    KVCache<scalar_t, acc_t> kv(p, k, v, scratch);
+    acc_t* qbuf = scratch.take<acc_t>(H * tasks.bm * D);
+    acc_t* obuf = scratch.take<acc_t>(H * tasks.bm * D);
+    acc_t* P = scratch.take<acc_t>(cap);
+    acc_t* Pd = dropout ? scratch.take<acc_t>(cap) : nullptr;
+    acc_t* Mb = scratch.take<acc_t>(cap);
+    acc_t* Y = need_y ? scratch.take<acc_t>(cap) : nullptr;
+    acc_t* dA = scratch.take<acc_t>(cap);
+    acc_t* dP = scratch.take<acc_t>(cap);
+    acc_t* madd = p.mask ? scratch.take<acc_t>(p.mask_heads * tasks.bm * Nk) : nullptr;
+    acc_t* rstd_e = scratch.take<acc_t>(tasks.bm * Nk);
+    acc_t* t1 = scratch.take<acc_t>(tasks.bm * Nk);
+    acc_t* t2 = scratch.take<acc_t>(tasks.bm * Nk);
+    acc_t* ob = scratch.take<acc_t>(tasks.bm * D);
+    acc_t* dk_l = scratch.take<acc_t>(H * Nk * D);
+    acc_t* dv_l = scratch.take<acc_t>(H * Nk * D);
+    std::vector<acc_t> dW_l(H * H, acc_t(0)), dc_l(H, acc_t(0)), dg_l(H, acc_t(0)), db_l(H, acc_t(0));
     std::vector<HeadRows<scalar_t, acc_t>> qh(H), oh(H);
     int64_t acc_b = -1;
     auto flush = [&]() {
@@ -561,55 +661,55 @@ void re_attention_backward(const ReAttnParams& p, View4 dout, View4 q, View4 k, 
       if (b != acc_b) {
         flush();
         acc_b = b;
-        std::fill(dk_l.begin(), dk_l.end(), acc_t(0));
-        std::fill(dv_l.begin(), dv_l.end(), acc_t(0));
+        std::fill(dk_l, dk_l + H * Nk * D, acc_t(0));
+        std::fill(dv_l, dv_l + H * Nk * D, acc_t(0));
       }
       kv.load(b);
       for (int64_t h = 0; h < H; ++h) {
-        qh[h] = head_rows<scalar_t, acc_t>(q, b, h, i0, bm, D, qbuf.data() + h * tasks.bm * D);
-        oh[h] = head_rows<scalar_t, acc_t>(dout, b, h, i0, bm, D, obuf.data() + h * tasks.bm * D);
+        qh[h] = head_rows<scalar_t, acc_t>(q, b, h, i0, bm, D, qbuf + h * tasks.bm * D);
+        oh[h] = head_rows<scalar_t, acc_t>(dout, b, h, i0, bm, D, obuf + h * tasks.bm * D);
       }
-      if (p.mask) build_mask(p, b, i0, bm, madd.data());
-      const acc_t* md = p.mask ? madd.data() : nullptr;
-      probabilities(p, b, i0, bm, qh.data(), kv, md, P.data(), static_cast<acc_t*>(nullptr), lse);
-      const acc_t* pd = P.data();
+      if (p.mask) build_mask(p, b, i0, bm, madd);
+      const acc_t* md = p.mask ? madd : nullptr;
+      probabilities(p, b, i0, bm, qh.data(), kv, md, P, static_cast<acc_t*>(nullptr), lse);
+      const acc_t* pd = P;
       if (dropout) {
-        std::copy(P.begin(), P.begin() + H * E, Pd.begin());
-        apply_dropout(p, b, i0, bm, Pd.data());
-        pd = Pd.data();
+        std::copy(P, P + H * E, Pd);
+        apply_dropout(p, b, i0, bm, Pd);
+        pd = Pd;
       }
-      mix_and_norm(p, W, c, gamma, beta, &bn, pd, md, E, Mb.data(), Y.data(), rstd_e.data(), t1.data());
+      mix_and_norm(p, W, c, gamma, beta, &bn, pd, md, E, Mb, Y, rstd_e, t1);
       for (int64_t g = 0; g < H; ++g) {
-        acc_t* dAg = dA.data() + g * E;
+        acc_t* dAg = dA + g * E;
         gemm<acc_t>(false, true, bm, Nk, D, acc_t(1), oh[g].ptr, oh[g].ld, kv.vh[g].ptr, kv.vh[g].ld, acc_t(0), dAg,
                     Nk);
         if (md) vec::zero_masked<acc_t>(dAg, mask_of_head(p, md, g, E), E);
-        gemm<acc_t>(true, false, Nk, D, bm, acc_t(1), Mb.data() + g * E, Nk, oh[g].ptr, oh[g].ld, acc_t(1),
-                    dv_l.data() + g * Nk * D, D);
+        gemm<acc_t>(true, false, Nk, D, bm, acc_t(1), Mb + g * E, Nk, oh[g].ptr, oh[g].ld, acc_t(1),
+                    dv_l + g * Nk * D, D);
       }
       if (p.norm == kNormNone) {
-        for (int64_t g = 0; g < H; ++g) vec::affine<acc_t>(dA.data() + g * E, E, tau, acc_t(0));
+        for (int64_t g = 0; g < H; ++g) vec::affine<acc_t>(dA + g * E, E, tau, acc_t(0));
       } else if (p.norm == kNormLayer) {
-        vec::layernorm_heads_bwd<acc_t>(dA.data(), Y.data(), rstd_e.data(), t1.data(), t2.data(), H, E, gamma, tau,
+        vec::layernorm_heads_bwd<acc_t>(dA, Y, rstd_e, t1, t2, H, E, gamma, tau,
                                         dg_l.data(), db_l.data());
       } else {
         for (int64_t g = 0; g < H; ++g) {
-          vec::bn_backward<acc_t>(dA.data() + g * E, Y.data() + g * E, E, k1[g], k2[g], k3[g]);
-          if (md) vec::zero_masked<acc_t>(dA.data() + g * E, mask_of_head(p, md, g, E), E);
+          vec::bn_backward<acc_t>(dA + g * E, Y + g * E, E, k1[g], k2[g], k3[g]);
+          if (md) vec::zero_masked<acc_t>(dA + g * E, mask_of_head(p, md, g, E), E);
         }
       }
       // dA now holds dM.
-      gemm<acc_t>(false, true, H, H, E, acc_t(1), dA.data(), E, pd, E, acc_t(1), dW_l.data(), H);
-      for (int64_t g = 0; g < H; ++g) dc_l[g] += vec::sum<acc_t>(dA.data() + g * E, E);
-      gemm<acc_t>(true, false, H, E, H, acc_t(1), W, H, dA.data(), E, acc_t(0), dP.data(), E);
-      if (dropout) apply_dropout(p, b, i0, bm, dP.data());
-      vec::softmax_bwd_rows<acc_t>(P.data(), dP.data(), H * bm, Nk);  // dP now holds dS
+      gemm<acc_t>(false, true, H, H, E, acc_t(1), dA, E, pd, E, acc_t(1), dW_l.data(), H);
+      for (int64_t g = 0; g < H; ++g) dc_l[g] += vec::sum<acc_t>(dA + g * E, E);
+      gemm<acc_t>(true, false, H, E, H, acc_t(1), W, H, dA, E, acc_t(0), dP, E);
+      if (dropout) apply_dropout(p, b, i0, bm, dP);
+      vec::softmax_bwd_rows<acc_t>(P, dP, H * bm, Nk);  // dP now holds dS
       const acc_t s = static_cast<acc_t>(p.scale);
       for (int64_t h = 0; h < H; ++h) {
-        const acc_t* dSh = dP.data() + h * E;
-        gemm<acc_t>(false, false, bm, D, Nk, s, dSh, Nk, kv.kh[h].ptr, kv.kh[h].ld, acc_t(0), ob.data(), D);
-        store_rows(dq + ((b * H + h) * Nq + i0) * D, ob.data(), bm, D);
-        gemm<acc_t>(true, false, Nk, D, bm, s, dSh, Nk, qh[h].ptr, qh[h].ld, acc_t(1), dk_l.data() + h * Nk * D, D);
+        const acc_t* dSh = dP + h * E;
+        gemm<acc_t>(false, false, bm, D, Nk, s, dSh, Nk, kv.kh[h].ptr, kv.kh[h].ld, acc_t(0), ob, D);
+        store_rows(dq + ((b * H + h) * Nq + i0) * D, ob, bm, D);
+        gemm<acc_t>(true, false, Nk, D, bm, s, dSh, Nk, qh[h].ptr, qh[h].ld, acc_t(1), dk_l + h * Nk * D, D);
       }
     }
     flush();

@@ -59,6 +59,11 @@ void layernorm_heads_bwd(T* da, const T* y, const T* rstd, T* t1, T* t2, int64_t
 template <typename T>
 void moments(const T* x, const T* madd, int64_t n, T shift, double* s1, double* s2, double* count);
 
+// x = x - shift on unmasked entries, 0 on masked ones (madd may be null), accumulating sum(x), sum(x^2)
+// and the count of unmasked entries as moments does: moments' three passes in one.
+template <typename T>
+void center_moments(T* x, const T* madd, int64_t n, T shift, double* s1, double* s2, double* count);
+
 // BatchNorm with known statistics: y = (m - mu) * rstd; m = a * y + e.
 template <typename T>
 void bn_apply(T* m, T* y, int64_t n, T mu, T rstd, T a, T e);

@@ -430,3 +430,21 @@ def test_non_finite_inputs_propagate_like_eager():
         ref, _ = run("eager", mode, tensors, stats)
         assert torch.equal(torch.isnan(out), torch.isnan(ref)), mode
         assert torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_nan_score_in_a_long_row_propagates_like_eager(dtype):
+    # The row max runs in vector lanes that skip NaN (37 keys: full lanes and a tail); a NaN score
+    # must still make its row NaN, including a row whose other keys are all masked (max -inf).
+    tensors, stats = problem(1, 3, 5, 37, 8, dtype=dtype)
+    with torch.no_grad():
+        tensors["k"][0, 1, 20, 3] = float("nan")  # head 1, key 20: NaN in every row of head 1
+    mask = torch.ones(1, 1, 5, 37, dtype=torch.bool)
+    mask[0, 0, 2] = False
+    mask[0, 0, 2, 20] = True  # row 2 sees only the NaN key
+    for mode in MODES:
+        for attn_mask in (None, mask):
+            out, _ = run("cpu", mode, tensors, stats, attn_mask=attn_mask)
+            ref, _ = run("eager", mode, tensors, stats, attn_mask=attn_mask)
+            assert torch.isnan(out).any(), mode
+            assert torch.equal(torch.isnan(out), torch.isnan(ref)), (mode, attn_mask is not None)
