@@ -13,8 +13,10 @@ Norm-backward: LayerNorm across heads is local to an entry. Training-mode BatchN
 entries of a head through its batch statistics, dM_g = a_g dN_g + e_g xhat_g + f_g with
 a = gamma / std, e = -a mean(dN xhat), f = -a mean(dN) (means over the unmasked entries; dM = 0
 at masked ones, which are outside the statistics). Those two means need a sweep of their own
-before the others: ``STATS_ONLY`` runs it and writes sum(dN xhat) and sum(dN), which are also
-dgamma and dbeta.
+before the others: ``STATS_ONLY`` runs it (:func:`re_attention_backward_bn_sums`) and writes
+sum(dN xhat) and sum(dN), which are also dgamma and dbeta. They add up over processes: BatchNorm
+synchronized across processes sums them over the group before the main sweeps
+(:func:`re_attention_backward` takes e and f, not the sums, so it serves both cases).
 
 One program = one batch element x BLOCK_M query rows x all heads (as the forward). Two sweeps
 over the keys: the pre-pass accumulates D (FlashAttention's rowsum(dO * O) shortcut does not
@@ -263,6 +265,56 @@ def _re_attention_bwd_kernel(
             tl.atomic_add(DNB + offs_h, dnb, mask=h_first)
 
 
+def _launch_backward(grad_out, q, k, v, mix_weight, mix_bias, lse, bn, outputs, *, scale, out_scale, norm,
+                     norm_weight, norm_bias, eps, attn_mask, dropout_p, seed, config, lowp_dot, stats_only):
+    """One launch of ``_re_attention_bwd_kernel`` into ``outputs`` (dq, dk, dv, dw, dc, dnw, dnb).
+
+    stats_only: the BatchNorm sums sweep (atomically added into dnw, dnb), one program per query block.
+    """
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    device = q.device
+    dq, dk, dv, dw, dc, dnw, dnb = outputs
+    interpret = interpreting()
+    if config is None:
+        config = backward_config(Nq, Nk, D, H, interpret=interpret)
+    cdt, lowp_dot, precision = launch_options(q, lowp_dot, False, interpret)
+    mask, mask_kind, mask_strides = mask_arguments(attn_mask, q, Nk)
+    seed, has_dropout = dropout_arguments(dropout_p, seed, device)
+    dummy = mix_weight
+    c = mix_bias if mix_bias is not None else dummy
+    nw = norm_weight if norm_weight is not None else dummy
+    nb = norm_bias if norm_bias is not None else dummy
+    affine_norm = norm != "none"
+    num_m = triton.cdiv(Nq, config.BLOCK_M)
+    d_chunks = triton.cdiv(D, config.BLOCK_D)
+    args = (
+        q, k, v, mix_weight, c, nw, nb, bn, mask, seed if has_dropout else dummy, lse, grad_out,
+        dq, dk, dv, dw, dc, dnw, dnb,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+        *lse.stride(), *mask_strides,
+        mix_weight.stride(0), mix_weight.stride(1), c.stride(0), nw.stride(0), nb.stride(0),
+        H, Nq, Nk, D, num_m, float(scale), float(out_scale), float(eps), float(dropout_p),
+    )
+    meta = dict(HAS_MIX_BIAS=mix_bias is not None, NORM=_NORMS[norm],
+                HAS_NORM_WEIGHT=affine_norm and norm_weight is not None,
+                HAS_NORM_BIAS=affine_norm and norm_bias is not None, MASK_KIND=mask_kind,
+                HAS_DROPOUT=has_dropout, CDT=cdt, DOT_LOWP=lowp_dot, DOT_PRECISION=precision, D_CHUNKS=d_chunks,
+                **config.meta())
+    # The sums sweep writes no dQ/dK/dV columns: one program per query block is enough.
+    grid = (num_m * B, 1 if stats_only else d_chunks)
+    run_on_device(_re_attention_bwd_kernel, grid, device, *args, STATS_ONLY=stats_only, **meta)
+
+
+def _backward_outputs(q, k):
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    acc_dtype = accumulator_dtype(q)
+    acc = dict(dtype=acc_dtype, device=q.device)
+    return (torch.empty_like(q), torch.zeros((B, H, Nk, D), **acc), torch.zeros((B, H, Nk, D), **acc),
+            torch.zeros((H, H), **acc), torch.zeros((H,), **acc), torch.zeros((H,), **acc), torch.zeros((H,), **acc))
+
+
 def re_attention_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -279,7 +331,6 @@ def re_attention_backward(
     norm_bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
     batch_stats: Optional[torch.Tensor] = None,
-    count: "Optional[torch.Tensor | float]" = None,
     attn_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     seed: Optional[torch.Tensor] = None,
@@ -288,9 +339,12 @@ def re_attention_backward(
 ):
     """Gradients of the fused forward (same arguments, plus ``grad_out`` [B, H, Nq, D] and its ``lse``).
 
-    norm="batch" (training BatchNorm) also needs the forward's ``batch_stats`` ([2, H]: mean,
-    1/sqrt(var + eps)) and ``count``, the number of entries they average over (a float or a
-    0-dim tensor on the device: no host synchronization).
+    norm="batch" (training BatchNorm) also needs ``batch_stats`` [4, H]: the forward's mean and
+    1/sqrt(var + eps), then e and f of dM = a dN + e xhat + f (a = gamma / std, e = -a mean(dN xhat),
+    f = -a mean(dN), means over the entries the statistics ran over). Those two means come from
+    :func:`re_attention_backward_bn_sums`, run first, and summed over every process when the batch
+    is spread across processes: the caller (``reattn.backends._fused``) divides them by the count.
+    The norm's own gradients are those sums, so d_norm_weight, d_norm_bias come back as zeros then.
     Returns ``(dq, dk, dv [like q/k/v], d_mix_weight [H, H], d_mix_bias [H] or None, d_norm_weight [H]
     or None, d_norm_bias [H] or None)``; the parameter gradients are float32 (float64 for float64
     inputs). Arguments are assumed validated by the forward's caller.
@@ -298,59 +352,64 @@ def re_attention_backward(
     if norm not in _NORMS:
         raise ValueError(f"re_attention_backward: norm must be one of {sorted(_NORMS)}, got {norm!r}")
     B, H, Nq, D = q.shape
-    Nk = k.shape[2]
-    device = q.device
-    acc_dtype = accumulator_dtype(q)
-    dq = torch.empty_like(q)
-    dk = torch.zeros((B, H, Nk, D), dtype=acc_dtype, device=device)
-    dv = torch.zeros((B, H, Nk, D), dtype=acc_dtype, device=device)
-    dw = torch.zeros((H, H), dtype=acc_dtype, device=device)
-    dc = torch.zeros((H,), dtype=acc_dtype, device=device)
-    dnw = torch.zeros((H,), dtype=acc_dtype, device=device)
-    dnb = torch.zeros((H,), dtype=acc_dtype, device=device)
+    outputs = _backward_outputs(q, k)
+    dq, dk, dv, dw, dc, dnw, dnb = outputs
     affine_norm = norm != "none"
     if norm == "batch":
-        if batch_stats is None or batch_stats.shape != (2, H) or count is None:
-            raise ValueError("re_attention_backward: norm='batch' needs the forward's batch_stats [2, H] and count")
-        # Rows: mean, 1/std, then e and f of dM = a dN + e xhat + f (filled after the statistics sweep).
-        bn = torch.cat([batch_stats.to(acc_dtype), batch_stats.new_zeros((2, H), dtype=acc_dtype)]).contiguous()
+        if batch_stats is None or batch_stats.shape != (4, H):
+            raise ValueError("re_attention_backward: norm='batch' needs batch_stats [4, H] (mean, 1/std, e, f), got "
+                             f"{None if batch_stats is None else tuple(batch_stats.shape)}")
+        bn = batch_stats.to(accumulator_dtype(q)).contiguous()
     else:
         bn = dw  # unread placeholder
     if B == 0 or Nq == 0:
         dq.zero_()
     else:
-        interpret = interpreting()
-        if config is None:
-            config = backward_config(Nq, Nk, D, H, interpret=interpret)
-        cdt, lowp_dot, precision = launch_options(q, lowp_dot, False, interpret)
-        mask, mask_kind, mask_strides = mask_arguments(attn_mask, q, Nk)
-        seed, has_dropout = dropout_arguments(dropout_p, seed, device)
-        dummy = mix_weight
-        c = mix_bias if mix_bias is not None else dummy
-        nw = norm_weight if norm_weight is not None else dummy
-        nb = norm_bias if norm_bias is not None else dummy
-        num_m = triton.cdiv(Nq, config.BLOCK_M)
-        d_chunks = triton.cdiv(D, config.BLOCK_D)
-        args = (
-            q, k, v, mix_weight, c, nw, nb, bn, mask, seed if has_dropout else dummy, lse, grad_out,
-            dq, dk, dv, dw, dc, dnw, dnb,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
-            *lse.stride(), *mask_strides,
-            mix_weight.stride(0), mix_weight.stride(1), c.stride(0), nw.stride(0), nb.stride(0),
-            H, Nq, Nk, D, num_m, float(scale), float(out_scale), float(eps), float(dropout_p),
-        )
-        meta = dict(HAS_MIX_BIAS=mix_bias is not None, NORM=_NORMS[norm],
-                    HAS_NORM_WEIGHT=affine_norm and norm_weight is not None,
-                    HAS_NORM_BIAS=affine_norm and norm_bias is not None, MASK_KIND=mask_kind,
-                    HAS_DROPOUT=has_dropout, CDT=cdt, DOT_LOWP=lowp_dot, DOT_PRECISION=precision, D_CHUNKS=d_chunks,
-                    **config.meta())
-        if norm == "batch":
-            # The statistics sweep writes no dQ/dK/dV columns: one program per query block is enough.
-            run_on_device(_re_attention_bwd_kernel, (num_m * B, 1), device, *args, STATS_ONLY=True, **meta)
-            a = bn[1] if norm_weight is None else bn[1] * norm_weight.to(acc_dtype)
-            bn[2] = -a * dnw / count  # e = -a mean(dN xhat)
-            bn[3] = -a * dnb / count  # f = -a mean(dN)
-        run_on_device(_re_attention_bwd_kernel, (num_m * B, d_chunks), device, *args, STATS_ONLY=False, **meta)
+        _launch_backward(grad_out, q, k, v, mix_weight, mix_bias, lse, bn, outputs, scale=scale, out_scale=out_scale,
+                         norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps, attn_mask=attn_mask,
+                         dropout_p=dropout_p, seed=seed, config=config, lowp_dot=lowp_dot, stats_only=False)
     return (dq, dk.to(k.dtype), dv.to(v.dtype), dw, dc if mix_bias is not None else None,
             dnw if affine_norm and norm_weight is not None else None,
             dnb if affine_norm and norm_bias is not None else None)
+
+
+def re_attention_backward_bn_sums(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mix_weight: torch.Tensor,
+    mix_bias: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    *,
+    scale: float,
+    out_scale: float = 1.0,
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    batch_stats: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
+    config: Optional[ForwardConfig] = None,
+    lowp_dot: Optional[bool] = None,
+) -> torch.Tensor:
+    """Training BatchNorm's backward sums over this call's entries: [2, H] (sum dN xhat, sum dN).
+
+    dN = out_scale * dO V^T on the unmasked entries, xhat the entries normalized with
+    ``batch_stats`` [2, H] (mean, 1/std, the forward's). These are d_norm_weight and d_norm_bias
+    of the call, and they add up over processes: summed over every process they give the e, f
+    rows of :func:`re_attention_backward`'s batch_stats. float32 (float64 for float64 inputs).
+    """
+    B, H, Nq, _ = q.shape
+    acc_dtype = accumulator_dtype(q)
+    if batch_stats.shape != (2, H):
+        raise ValueError("re_attention_backward_bn_sums: batch_stats must be [2, H] (mean, 1/std), got "
+                         f"{tuple(batch_stats.shape)}")
+    outputs = _backward_outputs(q, k)
+    if B > 0 and Nq > 0:
+        bn = torch.cat([batch_stats.to(acc_dtype), batch_stats.new_zeros((2, H), dtype=acc_dtype)]).contiguous()
+        _launch_backward(grad_out, q, k, v, mix_weight, mix_bias, lse, bn, outputs, scale=scale, out_scale=out_scale,
+                         norm="batch", norm_weight=norm_weight, norm_bias=norm_bias, eps=eps, attn_mask=attn_mask,
+                         dropout_p=dropout_p, seed=seed, config=config, lowp_dot=lowp_dot, stats_only=True)
+    return torch.stack([outputs[5], outputs[6]])

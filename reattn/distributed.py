@@ -19,10 +19,10 @@ What crosses the wire is tiny and does not depend on the sequence length:
   the two per-head sums the BatchNorm backward needs, Σ dA and Σ dA·x̂ (2H numbers), exactly what
   ``nn.SyncBatchNorm``'s backward all-reduces, before its main sweep.
 
-The GPU backends (Triton, CUDA C++) do not synchronize yet: asked to (``Problem.synced_stats``)
-they refuse with a reason; ``backend="auto"`` then picks cpu for CPU tensors (eager with dropout)
-and eager for CUDA tensors. (Their statistics sweeps return the same Gram sums, with one mask for
-all heads, the Hm = 1 case of :func:`gram_batch_statistics`, which ``reattn.backends._fused`` uses.)
+The GPU backends (Triton, CUDA C++) synchronize the same way (``reattn.backends._fused``): their
+statistics sweeps return the same Gram sums, with one mask for all heads (the Hm = 1 case of
+:func:`gram_batch_statistics`; a per-head mask with training BatchNorm is refused with a reason,
+synchronized or not), and their backward's first sweep the same two sums per head.
 
 The interface:
 

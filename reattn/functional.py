@@ -74,9 +74,10 @@ def re_attention(
         sync_group: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``):
             with norm="batch" and training=True, the batch statistics are those of the union of
             every process's entries (``nn.SyncBatchNorm`` semantics, gradients included; every
-            process must run the forward and the backward). Backends "eager" and "cpu"; the
-            Triton and CUDA backends refuse it. Ignored in other modes; None (the default) keeps
-            statistics local. See :mod:`reattn.distributed`.
+            process must run the forward and the backward). Every backend; the Triton and CUDA
+            ones need an attn_mask shared by the heads here, as they do for local training
+            BatchNorm. Ignored in other modes; None (the default) keeps statistics local. See
+            :mod:`reattn.distributed`.
 
     Returns:
         O [B, H, Nq, D] in q's dtype, or (O, A) with ``return_attention=True``.
@@ -109,14 +110,16 @@ def re_attention(
         return re_attention_triton(q, k, v, mix_weight, mix_bias, scale=scale, norm=norm, norm_weight=norm_weight,
                                    norm_bias=norm_bias, running_mean=running_mean, running_var=running_var,
                                    training=training, momentum=momentum, eps=eps, out_scale=out_scale,
-                                   dropout_p=dropout_p, attn_mask=attn_mask)
+                                   dropout_p=dropout_p, attn_mask=attn_mask,
+                                   sync_group=sync_group if problem.synced_stats else None)
     if name == "cuda":
         from reattn.backends.cuda import re_attention_cuda
 
         return re_attention_cuda(q, k, v, mix_weight, mix_bias, scale=scale, norm=norm, norm_weight=norm_weight,
                                  norm_bias=norm_bias, running_mean=running_mean, running_var=running_var,
                                  training=training, momentum=momentum, eps=eps, out_scale=out_scale,
-                                 dropout_p=dropout_p, attn_mask=attn_mask)
+                                 dropout_p=dropout_p, attn_mask=attn_mask,
+                                 sync_group=sync_group if problem.synced_stats else None)
     if name == "cpu":
         from reattn.backends.cpu import re_attention_cpu
 

@@ -1,15 +1,19 @@
 """BatchNorm statistics across processes: 2 gloo processes on CPU against one process on the whole batch.
 
-One spawn (2 processes, world size 2) runs every case, for the eager backend and the fused CPU
-backend (backend="cpu": Gram-matrix sums all-reduced in the forward, the BatchNorm backward's two
-sums in the backward); each rank writes its outputs, input gradients, parameter gradients and
+One spawn (2 processes, world size 2) runs every case, for every backend: eager, the fused CPU
+backend and the two GPU-style fused backends (backend="cpu", "triton", "cuda": Gram-matrix sums
+all-reduced in the forward, the BatchNorm backward's two sums in the backward; without a GPU the
+Triton kernels run in Triton's interpreter and the CUDA programs in their host emulator, switched
+on by tests/conftest.py in this process's environment, which the spawned processes inherit before
+they import reattn: hence the tiny shapes); each rank writes its outputs, input gradients, parameter gradients and
 running statistics to a file, and the tests compare them with a single process running the
 concatenated batch with the same backend: outputs and input gradients slice by slice, parameter
 gradients summed over ranks (DDP averages them: the test divides), running statistics equal on
 both ranks.
 """
+import dataclasses
 import os
-import socket
+import re
 import time
 
 import pytest
@@ -23,15 +27,28 @@ from reattn._extension import _C
 from reattn.backends import Problem, resolve_backend, unavailable_reason
 from reattn.distributed import all_reduce_sum, convert_sync_reattention, gram_batch_statistics, group_size
 
-HAS_CPU_KERNEL = _C is not None and hasattr(_C, "re_attention_cpu_bn_gram")
-BACKENDS = ("eager", "cpu") if HAS_CPU_KERNEL else ("eager",)
-needs_cpu_kernel = pytest.mark.skipif(not HAS_CPU_KERNEL, reason="reattn._C without the fused CPU kernel's "
-                                      "synchronized statistics (build the extension)")
-
 WORLD = 2
 B_LOCAL = 2
 H, NQ, NK, D = 3, 5, 6, 4
 DIM, HEADS, TOKENS = 16, 4, 7
+
+HAS_CPU_KERNEL = _C is not None and hasattr(_C, "re_attention_cpu_bn_gram")
+FUSED = ("cpu", "triton", "cuda")  # the backends with kernels of their own (sweeps run in separate steps)
+GPU_STYLE = ("triton", "cuda")     # their training BatchNorm needs one mask for all heads
+# Why a backend cannot run this file's synchronized cases on CPU tensors here (None: it can). The
+# Triton and CUDA ones need TRITON_INTERPRET=1 / REATTN_CUDA_EMULATE=1 without a GPU (conftest).
+UNAVAILABLE = {name: unavailable_reason(name, Problem(
+    torch.device("cpu"), heads=H, head_dim=D, norm="batch", batchnorm_training=True, masked=True, dropout=True,
+    synced_stats=True, needs_grad=True, dtype=torch.float64)) for name in ("eager",) + FUSED}
+BACKENDS = tuple(name for name, reason in UNAVAILABLE.items() if reason is None)
+
+
+def needs(backend):
+    return pytest.mark.skipif(UNAVAILABLE[backend] is not None,
+                              reason=f"backend={backend!r} cannot run here: {UNAVAILABLE[backend]}")
+
+
+needs_cpu_kernel = needs("cpu")
 
 
 # ----------------------------------------------------------------------------- shared cases
@@ -39,8 +56,9 @@ DIM, HEADS, TOKENS = 16, 4, 7
 def functional_case(dtype, seed=0, masked=False):
     """Global tensors of a functional case (identical in every process: same seed).
 
-    masked: False, True (a bool mask shared by the heads) or "per-head" (a float mask with -inf
-    entries that differ per head: each head's statistics run over its own entries).
+    masked: False, True (a bool mask shared by the heads), "float" (a float mask shared by the heads,
+    -inf where masked) or "per-head" (a float mask with -inf entries that differ per head: each
+    head's statistics run over its own entries).
     """
     g = torch.Generator().manual_seed(seed)
     B = WORLD * B_LOCAL
@@ -61,6 +79,12 @@ def functional_case(dtype, seed=0, masked=False):
         mask[torch.rand(B, H, NQ, NK, generator=g) < 0.3] = float("-inf")
         mask[..., 0] = 0.0
         mask[1, 2, 3, :] = float("-inf")  # a query row fully masked for one head only
+        case["attn_mask"] = mask
+    elif masked == "float":
+        mask = 0.5 * torch.randn(B, 1, NQ, NK, generator=g, dtype=dtype)
+        mask[torch.rand(B, 1, NQ, NK, generator=g) < 0.3] = float("-inf")
+        mask[..., 0] = 0.0
+        mask[2, :, 4, :] = float("-inf")  # a fully masked query row (rank 1's slice)
         case["attn_mask"] = mask
     elif masked:
         mask = torch.rand(B, 1, NQ, NK, generator=g) > 0.3
@@ -175,33 +199,47 @@ def ddp_steps(model, net, x, y, rank=None, steps=2):
 # ----------------------------------------------------------------------------- the workers
 
 FUNCTIONAL_CASES = (("f64", torch.float64, False), ("f64_masked", torch.float64, True),
-                    ("f64_per_head_mask", torch.float64, "per-head"), ("f32", torch.float32, False))
+                    ("f64_float_mask", torch.float64, "float"), ("f64_per_head_mask", torch.float64, "per-head"),
+                    ("f32", torch.float32, False))
+
+
+def functional_cases(backend):
+    """The cases of FUNCTIONAL_CASES that ``backend`` runs synchronized (the others: see _backend_cases)."""
+    # eager: its per-entry sums do not care which entries a head has (nothing new to see per head);
+    # triton/cuda: refuse training BatchNorm with per-head masks, synchronized or not.
+    return [case for case in FUNCTIONAL_CASES if case[2] != "per-head" or backend == "cpu"]
 
 
 def _backend_cases(backend, rank, world, own_group):
     res = {}
-    for name, dtype, masked in FUNCTIONAL_CASES:
-        if masked == "per-head" and backend == "eager":
-            continue  # (eager's per-entry sums do not care which entries a head has: nothing new to see)
+    for name, dtype, masked in functional_cases(backend):
         res[name] = run_functional(functional_case(dtype, masked=masked), rank, sync_group=world, backend=backend)
     res["local"] = run_functional(functional_case(torch.float64), rank, sync_group=None, backend=backend)
-    if backend == "cpu":
+    if backend in GPU_STYLE:
+        # Refused before any collective, on every rank alike, with the local path's reason.
+        try:
+            run_functional(functional_case(torch.float64, masked="per-head"), rank, sync_group=world, backend=backend)
+            res["per_head_error"] = None
+        except ValueError as error:
+            res["per_head_error"] = str(error)
+    if backend in FUSED:
         res["f64_masked_compiled"] = run_functional(functional_case(torch.float64, masked=True), rank,
-                                                    sync_group=world, backend="cpu", compiled=True)
+                                                    sync_group=world, backend=backend, compiled=True)
         # Synchronizing over a group of one process runs the synchronized code path (Gram sweep, given
         # statistics, given backward sums) and must equal local statistics, dropout (same seed) included.
-        for name, masked in (("own_group", True), ("own_group_per_head", "per-head")):
+        masks = (("own_group", True), ("own_group_per_head", "per-head"))
+        for name, masked in masks if backend == "cpu" else (("own_group", True), ("own_group_float", "float")):
             case = functional_case(torch.float64, masked=masked)
             torch.manual_seed(11)
-            synced = run_functional(case, rank, sync_group=own_group, backend="cpu", dropout_p=0.2)
+            synced = run_functional(case, rank, sync_group=own_group, backend=backend, dropout_p=0.2)
             torch.manual_seed(11)
-            local = run_functional(case, rank, sync_group=None, backend="cpu", dropout_p=0.2)
+            local = run_functional(case, rank, sync_group=None, backend=backend, dropout_p=0.2)
             res[name] = dict(synced=synced, local=local)
         # The count is global: one unmasked entry per process normalizes (two in all); one in all is
         # refused on every rank alike (nobody waits in a collective the other skipped).
-        res["one_entry_each"] = run_functional(few_entries_case((0, 0)), rank, sync_group=world, backend="cpu")
+        res["one_entry_each"] = run_functional(few_entries_case((0, 0)), rank, sync_group=world, backend=backend)
         try:
-            run_functional(few_entries_case((0,)), rank, sync_group=world, backend="cpu")
+            run_functional(few_entries_case((0,)), rank, sync_group=world, backend=backend)
             res["one_entry_error"] = None
         except ValueError as error:
             res["one_entry_error"] = str(error)
@@ -269,20 +307,28 @@ def _cat(ranks, case, key, backend="eager"):
     return torch.cat([r[backend][case][key] for r in ranks])
 
 
-# fp32: about 100 float32 ulps. Measured worst, relative to the largest entry: 3e-7 (eager and cpu);
-# d mix_bias, 0 in exact arithmetic under training BatchNorm, is rounding noise: 4e-6 absolute.
+# fp32: about 100 float32 ulps. Measured worst, relative to the largest entry: 3e-7 (eager and cpu).
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+def mix_bias_tol(ref, dtype):
+    """d mix_bias is 0 in exact arithmetic under training BatchNorm (the batch mean absorbs c): what comes
+    out is the cancellation of sums as large as d norm_bias, so its noise is a few ulps of those (fp32,
+    max |d norm_bias| = 45 here: measured worst 1.5e-5 for eager with one thread, 4e-6 with two)."""
+    if dtype != torch.float32:
+        return TOL[dtype]
+    return dict(rtol=0.0, atol=8 * torch.finfo(dtype).eps * float(ref["grad_norm_bias"].abs().max()))
 
 
 # ----------------------------------------------------------------------------- tests
 
-backends = pytest.mark.parametrize("backend", [
-    "eager", pytest.param("cpu", marks=needs_cpu_kernel)])
+backends = pytest.mark.parametrize("backend", [pytest.param(name, marks=needs(name)) for name in ("eager",) + FUSED])
+fused_backends = pytest.mark.parametrize("backend", [pytest.param(name, marks=needs(name)) for name in FUSED])
 
 
 @pytest.mark.parametrize("backend, name, dtype, masked", [
-    pytest.param(backend, *case, marks=needs_cpu_kernel if backend == "cpu" else (), id=f"{backend}-{case[0]}")
-    for backend in ("eager", "cpu") for case in FUNCTIONAL_CASES if backend == "cpu" or case[2] != "per-head"])
+    pytest.param(backend, *case, marks=needs(backend), id=f"{backend}-{case[0]}")
+    for backend in ("eager",) + FUSED for case in functional_cases(backend)])
 def test_functional_matches_one_process_on_the_concatenated_batch(ranks, backend, name, dtype, masked):
     ref = run_functional(functional_case(dtype, masked=masked), backend=backend)
     tol = TOL[dtype]
@@ -291,7 +337,8 @@ def test_functional_matches_one_process_on_the_concatenated_batch(ranks, backend
     for n in GRAD_PARAMS:  # each rank holds the gradient of its own entries' share
         key = f"grad_{n}"
         got = ranks[0][backend][name][key] + ranks[1][backend][name][key]
-        torch.testing.assert_close(got, ref[key], **tol, msg=f"{name}: {key}")
+        torch.testing.assert_close(got, ref[key], **mix_bias_tol(ref, dtype) if n == "mix_bias" else tol,
+                                   msg=f"{name}: {key}")
     for key in ("running_mean", "running_var"):
         for r in ranks:
             torch.testing.assert_close(r[backend][name][key], ref[key], **tol, msg=f"{name}: {key}")
@@ -306,44 +353,58 @@ def test_local_statistics_differ(ranks, backend):
     assert not torch.allclose(ranks[0][backend]["local"]["running_var"], ranks[1][backend]["local"]["running_var"])
 
 
-@needs_cpu_kernel
-def test_cpu_synchronized_statistics_under_torch_compile(ranks):
-    ref = run_functional(functional_case(torch.float64, masked=True), backend="cpu")
+@fused_backends
+def test_synchronized_statistics_under_torch_compile(ranks, backend):
+    ref = run_functional(functional_case(torch.float64, masked=True), backend=backend)
     for key in ("out", "grad_q", "grad_k", "grad_v"):
-        torch.testing.assert_close(_cat(ranks, "f64_masked_compiled", key, "cpu"), ref[key], **TOL[torch.float64],
+        torch.testing.assert_close(_cat(ranks, "f64_masked_compiled", key, backend), ref[key], **TOL[torch.float64],
                                    msg=key)
     for n in GRAD_PARAMS:
-        got = sum(r["cpu"]["f64_masked_compiled"][f"grad_{n}"] for r in ranks)
+        got = sum(r[backend]["f64_masked_compiled"][f"grad_{n}"] for r in ranks)
         torch.testing.assert_close(got, ref[f"grad_{n}"], **TOL[torch.float64], msg=n)
     for r in ranks:
         for key in ("running_mean", "running_var"):
-            torch.testing.assert_close(r["cpu"]["f64_masked_compiled"][key], ref[key], **TOL[torch.float64], msg=key)
+            torch.testing.assert_close(r[backend]["f64_masked_compiled"][key], ref[key], **TOL[torch.float64],
+                                       msg=key)
 
 
-@needs_cpu_kernel
-def test_cpu_synchronized_counts_are_global(ranks):
+# The cpu kernel counts per mask head (Hm = 1 here: one count for every head); the Triton and CUDA
+# backends count once for all heads.
+COUNTS = {"cpu": r"unmasked counts per head: \[1, 1, 1\]", "triton": "unmasked count per head: 1",
+          "cuda": "unmasked count per head: 1"}
+
+
+@fused_backends
+def test_synchronized_counts_are_global(ranks, backend):
     # One unmasked entry on each process: the global count 2 normalizes (locally 1 would be refused).
-    ref = run_functional(few_entries_case((0, 0)), backend="cpu")
+    ref = run_functional(few_entries_case((0, 0)), backend=backend)
     for key in ("out", "grad_q", "grad_k", "grad_v"):
-        torch.testing.assert_close(_cat(ranks, "one_entry_each", key, "cpu"), ref[key], **TOL[torch.float64], msg=key)
+        torch.testing.assert_close(_cat(ranks, "one_entry_each", key, backend), ref[key], **TOL[torch.float64],
+                                   msg=key)
+    for n in GRAD_PARAMS:
+        got = sum(r[backend]["one_entry_each"][f"grad_{n}"] for r in ranks)
+        torch.testing.assert_close(got, ref[f"grad_{n}"], **TOL[torch.float64], msg=n)
     for r in ranks:
         for key in ("running_mean", "running_var"):
-            torch.testing.assert_close(r["cpu"]["one_entry_each"][key], ref[key], **TOL[torch.float64], msg=key)
-    with pytest.raises(ValueError, match="more than one unmasked value per head; unmasked counts per head: "
-                                         r"\[1, 1, 1\]"):
-        run_functional(few_entries_case((0,)), rank=0, backend="cpu")  # what one process alone refuses
+            torch.testing.assert_close(r[backend]["one_entry_each"][key], ref[key], **TOL[torch.float64], msg=key)
+    with pytest.raises(ValueError, match=f"more than one unmasked value per head; {COUNTS[backend]}$"):
+        run_functional(few_entries_case((0,)), rank=0, backend=backend)  # what one process alone refuses
     for r in ranks:
-        assert r["cpu"]["one_entry_error"] == ("re_attention: norm='batch' in training needs more than one unmasked "
-                                               "value per head over all processes; unmasked counts per head: "
-                                               "[1, 1, 1]")
+        error = r[backend]["one_entry_error"]
+        assert error is not None, "one unmasked entry over all processes was not refused"
+        assert error.startswith("re_attention: norm='batch' in training needs more than one unmasked value per head "
+                                "over all processes; "), error
+        assert re.search(COUNTS[backend] + "$", error), error
 
 
-@needs_cpu_kernel
-@pytest.mark.parametrize("name", ["own_group", "own_group_per_head"])
-def test_cpu_synchronized_path_over_one_process_equals_local_statistics(ranks, name):
-    """Masks (shared, per head) and dropout: the Gram-sum path equals the local-moments path to fp64 round-off."""
+@pytest.mark.parametrize("backend, name", [
+    pytest.param(backend, name, marks=needs(backend), id=f"{backend}-{name}")
+    for backend in FUSED
+    for name in (("own_group", "own_group_per_head") if backend == "cpu" else ("own_group", "own_group_float"))])
+def test_synchronized_path_over_one_process_equals_local_statistics(ranks, backend, name):
+    """Masks (shared, per head for cpu) and dropout: the Gram-sum path equals the local path to fp64 round-off."""
     for r in ranks:
-        synced, local = r["cpu"][name]["synced"], r["cpu"][name]["local"]
+        synced, local = r[backend][name]["synced"], r[backend][name]["local"]
         assert synced.keys() == local.keys()
         for key in local:
             torch.testing.assert_close(synced[key], local[key], **TOL[torch.float64], msg=f"{name}: {key}")
@@ -392,17 +453,30 @@ def test_ddp_steps_match_one_process(ranks, backend):
 
 # ----------------------------------------------------------------------------- single process
 
-def test_gpu_backends_refuse_synced_statistics_with_a_reason():
+@pytest.mark.parametrize("backend", [pytest.param(name, marks=needs(name)) for name in GPU_STYLE])
+def test_gpu_style_backends_refuse_per_head_masks_when_synchronized(ranks, backend):
+    """The fused Triton/CUDA statistics sweep shares one mask across heads, synchronized or not: same refusal."""
+    for r in ranks:
+        error = r[backend]["per_head_error"]
+        assert error is not None, "a per-head mask with synchronized training BatchNorm was not refused"
+        assert f"backend={backend!r} cannot run" in error and "attn_mask that differs per head" in error, error
+        assert "give the mask a head dim of 1" in error, error
+
+
+@pytest.mark.parametrize("backend", GPU_STYLE)
+def test_gpu_style_backends_accept_synced_statistics(backend):
     problem = Problem(torch.device("cuda"), heads=4, head_dim=16, norm="batch", batchnorm_training=True,
-                      synced_stats=True)
-    for backend in ("triton", "cuda"):
-        reason = unavailable_reason(backend, problem)
-        assert reason is not None and "synchronized across processes" in reason, (backend, reason)
-        assert f"the {backend} kernels do not all-reduce their statistics" in reason, reason
-        with pytest.raises(ValueError, match="synchronized across processes"):
-            resolve_backend(backend, problem)
-    assert unavailable_reason("eager", problem) is None
-    assert resolve_backend("auto", problem) == "eager"
+                      masked=True, dropout=True, synced_stats=True, needs_grad=True, dtype=torch.float32)
+    reason = unavailable_reason(backend, problem)
+    if reason is not None:  # what a CUDA tensor needs that this machine may lack (triton, a CUDA build of _C)
+        assert "synchron" not in reason, reason
+    else:
+        assert resolve_backend(backend, problem) == backend
+    if unavailable_reason("triton", problem) is None:
+        assert resolve_backend("auto", problem) == "triton"  # CUDA tensors: as without synchronization
+    per_head = dataclasses.replace(problem, mask_per_head=True)
+    reason = unavailable_reason(backend, per_head)
+    assert reason is not None and "attn_mask that differs per head" in reason, reason
 
 
 @needs_cpu_kernel
@@ -412,9 +486,9 @@ def test_cpu_backend_accepts_synced_statistics():
     assert unavailable_reason("cpu", problem) is None
     assert resolve_backend("cpu", problem) == "cpu"
     assert resolve_backend("auto", problem) == "cpu"
-    # The triton interpreter would run CPU tensors, but not synchronized statistics.
+    # The Triton interpreter would run CPU tensors, synchronized too, but not a per-head mask here.
     reason = unavailable_reason("triton", problem)
-    assert reason is not None and "synchronized across processes" in reason, reason
+    assert reason is not None and "attn_mask that differs per head" in reason, reason
 
 
 @pytest.mark.parametrize("per_head", [False, True])

@@ -17,9 +17,6 @@ from reattn.kernels.launch import MAX_HEAD_DIM, MAX_HEADS, interpreting
 BACKENDS = ("eager", "triton", "cuda", "cpu")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 
-# Backends that synchronize training-mode BatchNorm statistics across processes (Problem.synced_stats).
-_SYNCS_STATS = ("eager", "cpu")
-
 
 @dataclass(frozen=True)
 class Problem:
@@ -37,7 +34,10 @@ class Problem:
     return_attention: bool = False
     needs_grad: bool = False
     dtype: Optional[torch.dtype] = None  # q's dtype; None = not known (a backend then assumes it can)
-    synced_stats: bool = False  # training-mode BatchNorm statistics all-reduced across processes
+    # Training-mode BatchNorm statistics all-reduced across processes. Every backend implements it
+    # (the fused ones as steps around their statistics and backward-sums sweeps), under the limits
+    # it has without it (Triton/CUDA: one mask for all heads), so no backend refuses it as such.
+    synced_stats: bool = False
 
 
 def _triton_import_error() -> Optional[str]:
@@ -118,10 +118,6 @@ def unavailable_reason(backend: str, problem: Problem) -> Optional[str]:
         return None
     if problem.return_attention:
         return "return_attention=True materializes the [B, H, Nq, Nk] map, which only backend='eager' does"
-    if problem.synced_stats and backend not in _SYNCS_STATS:
-        return (f"BatchNorm statistics synchronized across processes (sync_group / sync_stats) are implemented "
-                f"by backend='eager' and backend='cpu' only; the {backend} kernels do not all-reduce their "
-                "statistics yet")
     if backend == "triton":
         return _triton_reason(problem)
     if backend == "cpu":

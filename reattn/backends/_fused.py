@@ -10,7 +10,16 @@ returns the per-head sums s1 = sum X and the Gram matrix G = sum X X^T of X = P~
 unmasked entries (float64, no map written); ``reattn.distributed.gram_batch_statistics`` (the
 formula of shared/design/reattention-math.md, also the cpu backend's) turns them into the batch
 mean and variance of M = W P~ + c; the forward then normalizes with them, reading the logsumexp
-the sweep wrote.
+the sweep wrote. The backward likewise first sums dN xhat and dN per head (the backward-sums
+sweep), then runs the main sweeps with dM = a dN + e xhat + f (:func:`backward_rows`).
+
+Both sets of sums add up over processes, so BatchNorm synchronized across processes
+(``sync_group``, ``nn.SyncBatchNorm`` semantics) is the same steps with an all-reduce between
+them: H² + H + 1 numbers in the forward, 2H in the backward, never an Nq x Nk map. Custom ops
+cannot take a process group, so the statistics and backward-sums sweeps are ops of their own
+(``reattn::<name>_gram_sums`` / ``_bn_grad_sums``), the forward and backward ops accept the
+global statistics / sums, and a ``torch.autograd.Function`` (``FusedOps.synced``) runs the steps
+with the collectives between them, as the cpu backend's ``_SyncedBatchNorm`` does.
 
 Saved for backward: q, k, v, the parameters, the mask and the dropout seed as given, the
 logsumexp [B, H, Nq] and the [3, H] statistics (mean, variance, count); never a [B, H, Nq, Nk] map.
@@ -18,12 +27,12 @@ logsumexp [B, H, Nq] and the [3, H] statistics (mean, variance, count); never a 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from reattn.distributed import gram_batch_statistics
+from reattn.distributed import all_reduce_sum, gram_batch_statistics
 
 
 def accumulator_dtype(q: Tensor) -> torch.dtype:
@@ -61,6 +70,28 @@ def batch_stats_rows(stats: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
     return torch.stack([stats[0], torch.rsqrt(stats[1] + eps)]).to(dtype).contiguous()
 
 
+def backward_rows(stats: Tensor, eps: float, norm_weight: Optional[Tensor], bn_sums: Tensor,
+                  dtype: torch.dtype) -> Tensor:
+    """[4, H] (mean, 1/std, e, f) in the kernels' dtype: what the training BatchNorm backward normalizes with.
+
+    dM = a dN + e xhat + f with a = gamma / std, e = -a mean(dN xhat), f = -a mean(dN), the means
+    over the entries the statistics ran over: ``bn_sums`` [2, H] (sum dN xhat, sum dN) and the
+    count ``stats[2]`` must cover the same entries (this process's, or every process's summed).
+    1/std is the forward's, rounded to ``dtype`` as the forward read it.
+    """
+    rows = batch_stats_rows(stats, eps, dtype).to(torch.float64)
+    a = rows[1] if norm_weight is None else rows[1] * norm_weight.to(torch.float64)
+    sums = bn_sums.to(torch.float64)
+    e, f = -a * sums[0] / stats[2], -a * sums[1] / stats[2]
+    return torch.cat([rows, e[None], f[None]]).to(dtype).contiguous()
+
+
+def _check_count(count: Tensor, where: str) -> None:
+    if bool(count <= 1):
+        raise ValueError(f"re_attention: norm='batch' in training needs more than one unmasked value per head{where}; "
+                         f"unmasked count per head: {int(count)}")
+
+
 @dataclass(frozen=True)
 class FusedKernels:
     """The raw (autograd-free) kernels of one fused backend.
@@ -70,34 +101,71 @@ class FusedKernels:
         norm: "none" | "layer" | "batch" (normalize with batch_stats [2, H]: mean, 1/std); lse
         given = read instead of computed.
     gram_sums(q, k, attn_mask, seed, *, scale, dropout_p, shift) -> (lse, s1 [H], gram [H, H] float64)
-    backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, count, attn_mask,
-             seed, lse, *, scale, out_scale, norm, eps, dropout_p)
-        -> (dq, dk, dv, d_mix_weight, d_mix_bias, d_norm_weight, d_norm_bias); count: the number of
-        entries the batch statistics average over (0-dim tensor; no host synchronization).
+    backward_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed,
+                  lse, *, scale, out_scale, eps, dropout_p) -> [2, H] (sum dN xhat, sum dN)
+        training BatchNorm's backward sums over this call's entries (batch_stats [2, H] as the
+        forward's); they are also d_norm_weight and d_norm_bias, and add up over processes.
+    backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse, *,
+             scale, out_scale, norm, eps, dropout_p)
+        -> (dq, dk, dv, d_mix_weight, d_mix_bias, d_norm_weight, d_norm_bias); norm "batch":
+        batch_stats [4, H] from :func:`backward_rows` (the norm's own gradients are the sums, so
+        the backward's d_norm_weight, d_norm_bias are not read then).
     """
 
     forward: Callable
     gram_sums: Callable
+    backward_sums: Callable
     backward: Callable
 
 
-def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, ...]):
-    """Register ``reattn::<name>_forward`` / ``reattn::<name>_backward`` over ``kernels``, with autograd.
+@dataclass(frozen=True)
+class FusedOps:
+    """The ``torch.library`` custom ops of one fused backend and its synchronized BatchNorm.
 
-    Returns ``(forward_op, backward_op)``. The forward op returns (out [B, H, Nq, D], logsumexp
-    [B, H, Nq], statistics [3, H] float64: training BatchNorm's mean, biased variance and count, or
-    zeros); the backward op returns every gradient, zeros for absent parameters (custom ops cannot
-    return None; autograd drops them).
+    forward: ``reattn::<name>_forward``, differentiable (autograd registered) unless given statistics.
+    backward: ``reattn::<name>_backward``.
+    gram_sums: ``reattn::<name>_gram_sums`` (the statistics sweep as sums that add up over processes).
+    bn_grad_sums: ``reattn::<name>_bn_grad_sums`` (the backward's 2H sums, idem).
+    synced: a ``torch.autograd.Function`` running training BatchNorm over a process group with
+    these ops (``nn.SyncBatchNorm`` semantics); see :func:`run_fused`.
+    """
+
+    forward: Any
+    backward: Any
+    gram_sums: Any
+    bn_grad_sums: Any
+    synced: Any
+
+
+def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, ...]) -> FusedOps:
+    """Register ``reattn::<name>_forward`` / ``_backward`` / ``_gram_sums`` / ``_bn_grad_sums`` over ``kernels``.
+
+    The forward op returns (out [B, H, Nq, D], logsumexp [B, H, Nq], statistics [3, H] float64:
+    training BatchNorm's mean, biased variance and count, or zeros); the backward op returns every
+    gradient, zeros for absent parameters (custom ops cannot return None; autograd drops them).
+    Training BatchNorm synchronized across processes runs the four ops in steps with all-reduces
+    between them (custom ops cannot take a process group): ``FusedOps.synced``.
     """
 
     def forward(
         q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias: Optional[Tensor],
         norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], attn_mask: Optional[Tensor],
         seed: Optional[Tensor], scale: float, out_scale: float, norm: str, eps: float, dropout_p: float,
+        lse_in: Optional[Tensor] = None, stats_in: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
+        """lse_in [B, H, Nq], stats_in [3, H] (norm "batch", both or neither): normalize with these
+        statistics (of the batch over every process, from the gram_sums op) instead of computing
+        them; lse and stats come back as copies."""
         B, H, Nq, _ = q.shape
         Nk = k.shape[2]
         kw = dict(scale=scale, out_scale=out_scale, eps=eps, dropout_p=dropout_p)
+        if (lse_in is None) != (stats_in is None) or (stats_in is not None and norm != "batch"):
+            raise ValueError(f"reattn::{name}_forward: lse_in and stats_in go together, with norm='batch' only")
+        if stats_in is not None:
+            out, _ = kernels.forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
+                                     batch_stats_rows(stats_in, eps, accumulator_dtype(q)), attn_mask, seed, lse_in,
+                                     norm="batch", **kw)
+            return out, lse_in.clone(), stats_in.clone()
         stats = torch.zeros((3, H), dtype=torch.float64, device=q.device)
         if norm != "batch":
             out, lse = kernels.forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, None, attn_mask, seed,
@@ -106,9 +174,8 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
         count = unmasked_count(attn_mask, B, Nq, Nk).to(q.device)
         shift = gram_shift(Nk)
         lse, s1, gram = kernels.gram_sums(q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p, shift=shift)
-        if attn_mask is not None and bool(count <= 1):  # without a mask, reattn._checks has ruled this out
-            raise ValueError("re_attention: norm='batch' in training needs more than one unmasked value per head; "
-                             f"unmasked count per head: {int(count)}")
+        if attn_mask is not None:  # without a mask, reattn._checks has ruled this out
+            _check_count(count, "")
         stats[0], stats[1], stats[2] = gram_batch_statistics(mix_weight, mix_bias, s1, gram, count, shift)
         out, lse = kernels.forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                    batch_stats_rows(stats, eps, accumulator_dtype(q)), attn_mask, seed, lse,
@@ -120,27 +187,75 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
 
     @forward_op.register_fake
     def _(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, out_scale, norm, eps,
-          dropout_p):
+          dropout_p, lse_in=None, stats_in=None):
         B, H, Nq, _ = q.shape
         return (torch.empty_like(q, memory_format=torch.contiguous_format),
                 q.new_empty((B, H, Nq), dtype=accumulator_dtype(q)), q.new_empty((3, H), dtype=torch.float64))
+
+    def gram_sums(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], seed: Optional[Tensor], scale: float,
+                  dropout_p: float, shift: float) -> Tuple[Tensor, Tensor, Tensor]:
+        """(lse [B, H, Nq], s1 [H], gram [H, H] float64): sums of X = P~ - shift over the unmasked entries."""
+        return kernels.gram_sums(q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p, shift=shift)
+
+    gram_sums_op = torch.library.custom_op(f"reattn::{name}_gram_sums", gram_sums, mutates_args=(),
+                                           device_types=device_types)
+
+    @gram_sums_op.register_fake
+    def _(q, k, attn_mask, seed, scale, dropout_p, shift):
+        B, H, Nq, _ = q.shape
+        return (q.new_empty((B, H, Nq), dtype=accumulator_dtype(q)), q.new_empty((H,), dtype=torch.float64),
+                q.new_empty((H, H), dtype=torch.float64))
+
+    def bn_grad_sums(
+        grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias: Optional[Tensor],
+        norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], attn_mask: Optional[Tensor],
+        seed: Optional[Tensor], lse: Tensor, stats: Tensor, scale: float, out_scale: float, eps: float,
+        dropout_p: float,
+    ) -> Tensor:
+        """[2, H] float64: sum dN xhat and sum dN per head over this call's entries (training BatchNorm)."""
+        sums = kernels.backward_sums(grad_out.contiguous(), q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
+                                     batch_stats_rows(stats, eps, accumulator_dtype(q)), attn_mask, seed, lse,
+                                     scale=scale, out_scale=out_scale, eps=eps, dropout_p=dropout_p)
+        return sums.to(torch.float64)
+
+    bn_grad_sums_op = torch.library.custom_op(f"reattn::{name}_bn_grad_sums", bn_grad_sums, mutates_args=(),
+                                              device_types=device_types)
+
+    @bn_grad_sums_op.register_fake
+    def _(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, stats, scale,
+          out_scale, eps, dropout_p):
+        return q.new_empty((2, q.shape[1]), dtype=torch.float64)
 
     def backward(
         grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias: Optional[Tensor],
         norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], attn_mask: Optional[Tensor],
         seed: Optional[Tensor], lse: Tensor, stats: Tensor, scale: float, out_scale: float, norm: str, eps: float,
-        dropout_p: float,
+        dropout_p: float, bn_sums: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        batch = norm == "batch"
-        dq, dk, dv, dw, dc, dnw, dnb = kernels.backward(
-            grad_out.contiguous(), q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
-            batch_stats_rows(stats, eps, accumulator_dtype(q)) if batch else None, stats[2, 0] if batch else None,
-            attn_mask, seed, lse, scale=scale, out_scale=out_scale, norm=norm, eps=eps, dropout_p=dropout_p)
+        """bn_sums (norm "batch"): the bn_grad_sums op's sums of every process, added up, with stats
+        the statistics of every process's entries; the norm's gradients then come back zero (the
+        caller has them: its own sums). Without them this call's entries are the whole batch."""
+        grad_out = grad_out.contiguous()
+        acc = accumulator_dtype(q)
+        kw = dict(scale=scale, out_scale=out_scale, eps=eps, dropout_p=dropout_p)
+        rows, own = None, None
+        if norm == "batch":
+            if bn_sums is None:
+                own = bn_sums = bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
+                                             attn_mask, seed, lse, stats, **kw)
+            rows = backward_rows(stats, eps, norm_weight, bn_sums, acc)
+        elif bn_sums is not None:
+            raise ValueError(f"reattn::{name}_backward: bn_sums belong to norm='batch', got norm={norm!r}")
+        dq, dk, dv, dw, dc, dnw, dnb = kernels.backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight,
+                                                        norm_bias, rows, attn_mask, seed, lse, norm=norm, **kw)
+        if norm == "batch":
+            # Copies: rows of one tensor would alias each other, which custom op outputs may not.
+            dnw, dnb = (None, None) if own is None else (own[0].clone(), own[1].clone())
         H = q.shape[1]
 
         def like(grad, param):
             if param is None or grad is None:
-                return q.new_zeros((H,), dtype=mix_weight.dtype)
+                return q.new_zeros((H,), dtype=(param if param is not None else mix_weight).dtype)
             return grad.to(param.dtype)
 
         return dq, dk, dv, dw.to(mix_weight.dtype), like(dc, mix_bias), like(dnw, norm_weight), like(dnb, norm_bias)
@@ -150,7 +265,7 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
 
     @backward_op.register_fake
     def _(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, stats, scale,
-          out_scale, norm, eps, dropout_p):
+          out_scale, norm, eps, dropout_p, bn_sums=None):
         H = q.shape[1]
 
         def vec(param):
@@ -161,20 +276,82 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
 
     def setup_context(ctx, inputs, output):
         (q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, out_scale, norm, eps,
-         dropout_p) = inputs
+         dropout_p, lse_in, stats_in) = inputs
         _, lse, stats = output
         ctx.save_for_backward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, stats)
         ctx.options = (scale, out_scale, norm, eps, dropout_p)
+        ctx.given_stats = stats_in is not None
 
     def autograd_backward(ctx, grad_out, grad_lse, grad_stats):
+        if ctx.given_stats:
+            # Given statistics stand for a batch spread over processes: their gradient terms need the
+            # backward sums of every process, which only FusedOps.synced (holding the group) gathers.
+            raise RuntimeError(f"reattn::{name}_forward with lse_in/stats_in is differentiated through "
+                               f"re_attention(..., backend={name!r}, sync_group=...), not on its own")
         q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, stats = ctx.saved_tensors
         dq, dk, dv, dw, dc, dnw, dnb = backward_op(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                                    attn_mask, seed, lse, stats, *ctx.options)
         return (dq, dk, dv, dw, dc if mix_bias is not None else None, dnw if norm_weight is not None else None,
-                dnb if norm_bias is not None else None, None, None, None, None, None, None, None)
+                dnb if norm_bias is not None else None, None, None, None, None, None, None, None, None, None)
 
     forward_op.register_autograd(autograd_backward, setup_context=setup_context)
-    return forward_op, backward_op
+    synced = _synced_batchnorm(name, forward_op, backward_op, gram_sums_op, bn_grad_sums_op)
+    return FusedOps(forward=forward_op, backward=backward_op, gram_sums=gram_sums_op, bn_grad_sums=bn_grad_sums_op,
+                    synced=synced)
+
+
+def _synced_batchnorm(name, forward_op, backward_op, gram_sums_op, bn_grad_sums_op):
+    """The ``torch.autograd.Function`` of training BatchNorm over a process group, for one backend's ops.
+
+    Forward: this process's Gram sums (s1 [H], gram [H, H], count: H² + H + 1 float64 numbers) ->
+    all-reduce -> global mean and variance (``gram_batch_statistics``) -> the forward op with those
+    statistics and the sweep's logsumexp. Backward: this process's sum dN xhat, sum dN (2H numbers)
+    -> all-reduce -> the backward op with the global sums and count, whose dM then uses the means
+    over every process's entries. The norm's own gradients are this process's sums (its share;
+    DDP adds them up), as ``nn.SyncBatchNorm``'s. ``apply(group, (scale, out_scale, eps,
+    dropout_p), q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed)`` returns
+    (out [B, H, Nq, D], stats [3, H]: global mean, biased variance and count, for the running stats).
+    Every process of the group must run the forward and the backward (collectives on both sides).
+    """
+
+    class SyncedBatchNorm(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, group, options, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed):
+            scale, out_scale, eps, dropout_p = options
+            B, _, Nq, _ = q.shape
+            Nk = k.shape[2]
+            shift = gram_shift(Nk)
+            count = unmasked_count(attn_mask, B, Nq, Nk).to(q.device)
+            lse, s1, gram = gram_sums_op(q, k, attn_mask, seed, scale, dropout_p, shift)
+            s1, gram, count = all_reduce_sum([s1, gram, count], group)
+            # After the all-reduce every process sees the same count: all refuse alike, and none is
+            # left waiting in a collective the others skipped.
+            _check_count(count, " over all processes")
+            mean, var, n = gram_batch_statistics(mix_weight, mix_bias, s1, gram, count, shift)
+            stats = torch.stack([mean, var, n])
+            out, lse, stats = forward_op(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale,
+                                         out_scale, "batch", eps, dropout_p, lse, stats)
+            ctx.save_for_backward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, stats)
+            ctx.group, ctx.options = group, options
+            ctx.mark_non_differentiable(stats)
+            return out, stats
+
+        @staticmethod
+        def backward(ctx, grad_out, grad_stats):
+            q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, stats = ctx.saved_tensors
+            scale, out_scale, eps, dropout_p = ctx.options
+            own = bn_grad_sums_op(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed,
+                                  lse, stats, scale, out_scale, eps, dropout_p)
+            (total,) = all_reduce_sum([own], ctx.group)  # every process runs this: a collective
+            dq, dk, dv, dw, dc, _, _ = backward_op(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
+                                                   attn_mask, seed, lse, stats, scale, out_scale, "batch", eps,
+                                                   dropout_p, total)
+            dnw = None if norm_weight is None else own[0].to(norm_weight.dtype)
+            dnb = None if norm_bias is None else own[1].to(norm_bias.dtype)
+            return (None, None, dq, dk, dv, dw, dc if mix_bias is not None else None, dnw, dnb, None, None)
+
+    SyncedBatchNorm.__name__ = SyncedBatchNorm.__qualname__ = f"{name.capitalize()}SyncedBatchNorm"
+    return SyncedBatchNorm
 
 
 def draw_dropout_seed(device: torch.device) -> Tensor:
@@ -187,13 +364,15 @@ def draw_dropout_seed(device: torch.device) -> Tensor:
     return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
 
 
-def run_fused(forward_op, q, k, v, mix_weight, mix_bias, *, scale, norm, norm_weight, norm_bias, running_mean,
-              running_var, training, momentum, eps, out_scale, dropout_p, attn_mask) -> Tensor:
-    """Validated arguments in, O [B, H, Nq, D] out, through ``forward_op`` from :func:`define_fused_ops`.
+def run_fused(ops: FusedOps, q, k, v, mix_weight, mix_bias, *, scale, norm, norm_weight, norm_bias, running_mean,
+              running_var, training, momentum, eps, out_scale, dropout_p, attn_mask, sync_group=None) -> Tensor:
+    """Validated arguments in, O [B, H, Nq, D] out, through the ops from :func:`define_fused_ops`.
 
     Eval-mode BatchNorm is folded into the mixing (its gradients flow through the fold, in
     autograd); training-mode BatchNorm updates ``running_mean``/``running_var`` in place (unbiased
-    variance, ``momentum``), exactly as ``nn.BatchNorm2d``.
+    variance, ``momentum``), exactly as ``nn.BatchNorm2d``. sync_group: a process group over which
+    training BatchNorm's statistics (and their gradients) are synchronized (``ops.synced``);
+    ignored in other modes (``reattn.re_attention`` passes it only then).
     """
     batch_training = norm == "batch" and training
     if norm == "batch" and not batch_training:  # eval mode: an affine map per head, folded into the mixing
@@ -206,8 +385,12 @@ def run_fused(forward_op, q, k, v, mix_weight, mix_bias, *, scale, norm, norm_we
         dropout_p, seed = 0.0, None
     else:
         seed = draw_dropout_seed(q.device)
-    out, _, stats = forward_op(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale,
-                               out_scale, norm, eps, dropout_p)
+    if batch_training and sync_group is not None:
+        out, stats = ops.synced.apply(sync_group, (scale, out_scale, eps, dropout_p), q, k, v, mix_weight, mix_bias,
+                                      norm_weight, norm_bias, attn_mask, seed)
+    else:
+        out, _, stats = ops.forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale,
+                                    out_scale, norm, eps, dropout_p)
     if batch_training and running_mean is not None:
         with torch.no_grad():
             mean, var, count = stats[0], stats[1], stats[2]

@@ -2,8 +2,9 @@
 
 ``reattn::cuda_forward`` / ``reattn::cuda_backward`` are ``torch.library`` custom ops with fake
 implementations and autograd (see :mod:`reattn.backends._fused`: nothing of size B*H*Nq*Nk is
-saved or written). Dropout uses Triton's Philox stream, so for one seed the CUDA and Triton
-backends drop the same entries.
+saved or written); with ``reattn::cuda_gram_sums`` and ``reattn::cuda_bn_grad_sums`` they also run
+training BatchNorm synchronized across processes (``sync_group``). Dropout uses Triton's Philox
+stream, so for one seed the CUDA and Triton backends drop the same entries.
 
 On CPU tensors the same ops run the host emulator of the CUDA programs (``csrc/cuda/emulate.h``),
 which is how CI tests this backend without a GPU. ``backend="cuda"`` accepts CPU tensors only with
@@ -19,7 +20,7 @@ import torch
 from reattn._extension import _C
 from reattn.backends._fused import FusedKernels, define_fused_ops, run_fused
 
-__all__ = ["cuda_backward", "cuda_forward", "emulating", "re_attention_cuda"]
+__all__ = ["CUDA_OPS", "cuda_backward", "cuda_forward", "emulating", "re_attention_cuda"]
 
 # Program kinds of csrc/cuda/params.h, for reattn._C.cuda_plan.
 PROGRAM_KINDS = {"forward": 0, "batch_stats": 1, "backward": 2, "backward_stats": 3}
@@ -42,31 +43,32 @@ def _gram_sums(q, k, attn_mask, seed, *, scale, dropout_p, shift):
     return lse, s1, gram
 
 
-def _backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, count, attn_mask, seed,
-              lse, *, scale, out_scale, norm, eps, dropout_p):
-    args = (grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias)
-    tail = (attn_mask, seed, lse, scale, out_scale, norm, eps, dropout_p)
-    if norm != "batch":
-        dq, dk, dv, dw, dc, dnw, dnb = _C.cuda_backward(*args, None, *tail, False)
-        return dq, dk, dv, dw, dc, dnw if norm == "layer" else None, dnb if norm == "layer" else None
-    # Training BatchNorm: dM = a dN + e xhat + f with a = gamma / std, e = -a mean(dN xhat) and
-    # f = -a mean(dN) over the batch; a first launch sums dN xhat and dN (also dgamma and dbeta).
-    rows = torch.cat([batch_stats.to(torch.float64), batch_stats.new_zeros((2, q.shape[1]), dtype=torch.float64)])
-    *_, sum_dn_xhat, sum_dn = _C.cuda_backward(*args, rows, *tail, True)
-    a = rows[1] if norm_weight is None else rows[1] * norm_weight.to(torch.float64)
-    rows[2] = -a * sum_dn_xhat / count
-    rows[3] = -a * sum_dn / count
-    dq, dk, dv, dw, dc, _, _ = _C.cuda_backward(*args, rows, *tail, False)
-    return dq, dk, dv, dw, dc, sum_dn_xhat, sum_dn
+def _backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse, *,
+              scale, out_scale, norm, eps, dropout_p):
+    # norm "batch": batch_stats are the [4, H] rows (mean, 1/std, e, f) the main program reads.
+    dq, dk, dv, dw, dc, dnw, dnb = _C.cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
+                                                    batch_stats, attn_mask, seed, lse, scale, out_scale, norm, eps,
+                                                    dropout_p, False)
+    return dq, dk, dv, dw, dc, dnw if norm == "layer" else None, dnb if norm == "layer" else None
 
 
-CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, backward=_backward)
-cuda_forward, cuda_backward = define_fused_ops("cuda", CUDA_KERNELS, ("cuda", "cpu"))
+def _backward_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse,
+                   *, scale, out_scale, eps, dropout_p):
+    # The "backward_stats" program: only dgamma = sum(dN xhat) and dbeta = sum(dN) are written.
+    *_, sum_dn_xhat, sum_dn = _C.cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
+                                               batch_stats, attn_mask, seed, lse, scale, out_scale, "batch", eps,
+                                               dropout_p, True)
+    return torch.stack([sum_dn_xhat, sum_dn])
+
+
+CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, backward_sums=_backward_sums, backward=_backward)
+CUDA_OPS = define_fused_ops("cuda", CUDA_KERNELS, ("cuda", "cpu"))
+cuda_forward, cuda_backward = CUDA_OPS.forward, CUDA_OPS.backward
 
 
 def re_attention_cuda(q, k, v, mix_weight, mix_bias, **kwargs):
     """``reattn.re_attention`` with backend="cuda" (validated arguments; see ``_fused.run_fused``)."""
-    return run_fused(cuda_forward, q, k, v, mix_weight, mix_bias, **kwargs)
+    return run_fused(CUDA_OPS, q, k, v, mix_weight, mix_bias, **kwargs)
 
 
 def launch_plan(kind: str, heads: int, head_dim: int, n_queries: int, dtype: torch.dtype,

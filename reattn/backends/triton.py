@@ -2,16 +2,18 @@
 
 ``reattn::triton_forward`` / ``reattn::triton_backward`` are ``torch.library`` custom ops with fake
 implementations and autograd (see :mod:`reattn.backends._fused` for what they save: never a
-[B, H, Nq, Nk] map). On CPU tensors they run in Triton's interpreter (``TRITON_INTERPRET=1``).
+[B, H, Nq, Nk] map); with ``reattn::triton_gram_sums`` and ``reattn::triton_bn_grad_sums`` they
+also run training BatchNorm synchronized across processes (``sync_group``). On CPU tensors they
+run in Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
 from reattn.backends._fused import FusedKernels, define_fused_ops, draw_dropout_seed, run_fused
-from reattn.kernels.backward import re_attention_backward
+from reattn.kernels.backward import re_attention_backward, re_attention_backward_bn_sums
 from reattn.kernels.bn_stats import gram_sums
 from reattn.kernels.forward import re_attention_forward
 
-__all__ = ["draw_dropout_seed", "re_attention_triton", "triton_backward", "triton_forward"]
+__all__ = ["TRITON_OPS", "draw_dropout_seed", "re_attention_triton", "triton_backward", "triton_forward"]
 
 
 def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse, *, scale,
@@ -22,18 +24,26 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
                                 lse_is_input=lse is not None)
 
 
-def _backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, count, attn_mask, seed,
-              lse, *, scale, out_scale, norm, eps, dropout_p):
+def _backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse, *,
+              scale, out_scale, norm, eps, dropout_p):
+    # norm "batch": batch_stats are the [4, H] rows (mean, 1/std, e, f), so only the main sweeps run.
     return re_attention_backward(grad_out, q, k, v, mix_weight, mix_bias, lse, scale=scale, out_scale=out_scale,
                                  norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
-                                 batch_stats=batch_stats, count=count, attn_mask=attn_mask, dropout_p=dropout_p,
-                                 seed=seed)
+                                 batch_stats=batch_stats, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed)
 
 
-TRITON_KERNELS = FusedKernels(forward=_forward, gram_sums=gram_sums, backward=_backward)
-triton_forward, triton_backward = define_fused_ops("triton", TRITON_KERNELS, ("cuda", "cpu"))
+def _backward_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse,
+                   *, scale, out_scale, eps, dropout_p):
+    return re_attention_backward_bn_sums(grad_out, q, k, v, mix_weight, mix_bias, lse, scale=scale,
+                                         out_scale=out_scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
+                                         batch_stats=batch_stats, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed)
+
+
+TRITON_KERNELS = FusedKernels(forward=_forward, gram_sums=gram_sums, backward_sums=_backward_sums, backward=_backward)
+TRITON_OPS = define_fused_ops("triton", TRITON_KERNELS, ("cuda", "cpu"))
+triton_forward, triton_backward = TRITON_OPS.forward, TRITON_OPS.backward
 
 
 def re_attention_triton(q, k, v, mix_weight, mix_bias, **kwargs):
     """``reattn.re_attention`` with backend="triton" (validated arguments; see ``_fused.run_fused``)."""
-    return run_fused(triton_forward, q, k, v, mix_weight, mix_bias, **kwargs)
+    return run_fused(TRITON_OPS, q, k, v, mix_weight, mix_bias, **kwargs)

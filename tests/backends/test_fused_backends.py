@@ -14,8 +14,8 @@ import torch
 
 import reattn
 from reattn.backends._fused import draw_dropout_seed
-from reattn.backends.cuda import cuda_forward
-from reattn.backends.triton import triton_forward
+from reattn.backends.cuda import CUDA_OPS, cuda_forward
+from reattn.backends.triton import TRITON_OPS, triton_forward
 from reattn.kernels.dropout import dropout_keep_mask
 from reattn.reference import re_attention_ref
 
@@ -23,6 +23,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NORMS = ["none", "batch", "batch-train", "layer"]  # batch = eval mode (folded into the mixing)
 GRAD_NAMES = ("q", "k", "v", "mix_weight", "mix_bias", "norm_weight", "norm_bias")
 FORWARD_OPS = {"triton": triton_forward, "cuda": cuda_forward}
+OPS = {"triton": TRITON_OPS, "cuda": CUDA_OPS}
 
 
 @pytest.fixture(params=["triton", "cuda"])
@@ -242,6 +243,101 @@ def test_fake_implementation_gives_shapes_and_dtypes(backend):
     assert out.shape == (2, 6, 9, 32) and out.dtype == torch.bfloat16
     assert lse.shape == (2, 6, 9) and lse.dtype == torch.float32
     assert stats.shape == (3, 6) and stats.dtype == torch.float64
+
+
+def test_fake_implementations_of_the_synchronized_steps(backend):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = OPS[backend]
+    with FakeTensorMode():
+        q = torch.empty(2, 6, 9, 32, dtype=torch.bfloat16)
+        k = torch.empty(2, 6, 11, 32, dtype=torch.bfloat16)
+        w = torch.empty(6, 6)
+        lse, s1, gram = ops.gram_sums(q, k, None, None, 0.1, 0.0, 1.0 / 11)
+        stats = torch.empty(3, 6, dtype=torch.float64)
+        sums = ops.bn_grad_sums(q, q, k, k, w, None, None, None, None, None, lse, stats, 0.1, 1.0, 1e-5, 0.0)
+        grads = ops.backward(q, q, k, k, w, None, None, None, None, None, lse, stats, 0.1, 1.0, "batch", 1e-5, 0.0,
+                             sums)
+    assert lse.shape == (2, 6, 9) and lse.dtype == torch.float32
+    assert (s1.shape, gram.shape, sums.shape) == ((6,), (6, 6), (2, 6))
+    assert s1.dtype == gram.dtype == sums.dtype == torch.float64
+    assert [tuple(g.shape) for g in grads] == [(2, 6, 9, 32), (2, 6, 11, 32), (2, 6, 11, 32), (6, 6), (6,), (6,), (6,)]
+
+
+def _synchronized_steps(ops, tensors, mask, scale, out_scale, eps):
+    """The synchronized path's steps in one process: Gram sums -> statistics -> forward with them."""
+    from reattn.backends._fused import gram_shift, unmasked_count
+    from reattn.distributed import gram_batch_statistics
+
+    q, k, v, w, c, nw, nb = (tensors[n].detach() for n in GRAD_NAMES)
+    B, _, Nq, _ = q.shape
+    Nk = k.shape[2]
+    lse, s1, gram = ops.gram_sums(q, k, mask, None, scale, 0.0, gram_shift(Nk))
+    stats = torch.stack(gram_batch_statistics(w, c, s1, gram, unmasked_count(mask, B, Nq, Nk), gram_shift(Nk)))
+    forward_args = (q, k, v, w, c, nw, nb, mask, None, scale, out_scale, "batch", eps, 0.0)
+    return forward_args, lse, stats
+
+
+def test_synchronized_steps_reproduce_the_local_call(backend):
+    """Gram sums -> statistics -> forward with given statistics, and the backward with given sums, equal the
+    one-call forward and backward (the synchronized path over one process, without the collectives)."""
+    B, H, Nq, Nk, D = 2, 3, 5, 6, 4
+    tensors, _ = problem(B, H, Nq, Nk, D)
+    ops = OPS[backend]
+    mask = masks(B, H, Nq, Nk)["bool"]
+    forward_args, lse, stats = _synchronized_steps(ops, tensors, mask, 0.4, 0.7, 1e-5)
+    ref_out, ref_lse, ref_stats = ops.forward(*forward_args)
+    out, lse_out, stats_out = ops.forward(*forward_args, lse, stats)
+    for name, a, b in (("out", out, ref_out), ("lse", lse_out, ref_lse), ("stats", stats_out, ref_stats)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    q, k, v, w, c, nw, nb, *_ = forward_args
+    grad = torch.randn_like(q)
+    backward_args = (grad, q, k, v, w, c, nw, nb, mask, None, lse, stats, 0.4, 0.7, "batch", 1e-5, 0.0)
+    ref = ops.backward(*backward_args)
+    sums = ops.bn_grad_sums(grad, q, k, v, w, c, nw, nb, mask, None, lse, stats, 0.4, 0.7, 1e-5, 0.0)
+    got = ops.backward(*backward_args, sums)
+    for name, a, b in zip(GRAD_NAMES[:5], got[:5], ref[:5]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    # Given sums, the norm's own gradients are the caller's (its own sums): the op returns zeros.
+    assert not got[5].any() and not got[6].any()
+    torch.testing.assert_close(sums[0], ref[5], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sums[1], ref[6], rtol=1e-12, atol=1e-12)
+
+
+def test_given_statistics_are_checked_and_not_differentiated_alone(backend):
+    B, H, Nq, Nk, D = 1, 2, 3, 4, 4
+    tensors, _ = problem(B, H, Nq, Nk, D)
+    ops = OPS[backend]
+    forward_args, lse, stats = _synchronized_steps(ops, tensors, None, 0.4, 1.0, 1e-5)
+    with pytest.raises(ValueError, match="lse_in and stats_in go together, with norm='batch' only"):
+        ops.forward(*forward_args, lse, None)
+    with pytest.raises(ValueError, match="lse_in and stats_in go together, with norm='batch' only"):
+        ops.forward(*forward_args[:11], "layer", *forward_args[12:], lse, stats)
+    q = tensors["q"].detach().clone().requires_grad_()
+    out, _, _ = ops.forward(q, *forward_args[1:], lse, stats)
+    with pytest.raises(RuntimeError, match=r"sync_group=...\), not on its own"):
+        out.sum().backward()
+
+
+def test_synchronized_steps_pass_opcheck(backend):
+    """Schema, fake implementations and dispatch of the ops the synchronized path uses (torch.library.opcheck)."""
+    B, H, Nq, Nk, D = 1, 2, 3, 4, 4
+    tensors, _ = problem(B, H, Nq, Nk, D)
+    ops = OPS[backend]
+    mask = masks(B, H, Nq, Nk)["bool"]
+    seed = torch.tensor([5], dtype=torch.int64, device=DEVICE)
+    q, k = tensors["q"].detach(), tensors["k"].detach()
+    torch.library.opcheck(ops.gram_sums, (q, k, mask, seed, 0.4, 0.2, 1.0 / Nk))
+    forward_args, lse, stats = _synchronized_steps(ops, tensors, mask, 0.4, 0.7, 1e-5)
+    schema_and_fake = ("test_schema", "test_faketensor")
+    torch.library.opcheck(ops.forward, forward_args + (lse, stats), test_utils=schema_and_fake)
+    q, k, v, w, c, nw, nb, *_ = forward_args
+    grad = torch.randn_like(q)
+    sums_args = (grad, q, k, v, w, c, nw, nb, mask, None, lse, stats, 0.4, 0.7, 1e-5, 0.0)
+    torch.library.opcheck(ops.bn_grad_sums, sums_args)
+    backward_args = (grad, q, k, v, w, c, nw, nb, mask, None, lse, stats, 0.4, 0.7, "batch", 1e-5, 0.0,
+                     ops.bn_grad_sums(*sums_args))
+    torch.library.opcheck(ops.backward, backward_args, test_utils=schema_and_fake)
 
 
 @pytest.mark.parametrize("D", [96, 128])
