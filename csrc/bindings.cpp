@@ -202,7 +202,6 @@ std::vector<at::Tensor> re_attention_cpu_forward(const at::Tensor& q, const at::
     lse.copy_(lse_in->reshape({p.B, p.H, p.Nq}));
     stats.copy_(stats_in->reshape({3, p.H}));
   }
-  if (bn) out.zero_();  // left as is when the statistics refuse (count <= 1): the caller raises
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "re_attention_cpu_forward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     reattn::cpu::re_attention_forward<scalar_t, acc_t>(
@@ -211,6 +210,17 @@ std::vector<at::Tensor> re_attention_cpu_forward(const at::Tensor& q, const at::
         bn ? R.data_ptr<acc_t>() : nullptr, bn ? U.data_ptr<acc_t>() : nullptr, stats.data_ptr<double>(),
         given_stats);
   });
+  if (bn && !given_stats) {  // the caller checks given statistics (their counts are of every process)
+    const at::Tensor count = stats[2];
+    if ((count <= 1).any().item<bool>()) {
+      std::string counts;
+      for (int64_t g = 0; g < p.H; ++g)
+        counts += (g ? ", " : "") + std::to_string(static_cast<int64_t>(count[g].item<double>()));
+      // Raised here, inside the op, so torch.compile needs no data-dependent branch outside it.
+      TORCH_CHECK_VALUE(false, "re_attention: norm='batch' in training needs more than one unmasked value per head; "
+                        "unmasked counts per head: [", counts, "]");
+    }
+  }
   return {out, lse, R, U, stats};
 }
 

@@ -48,7 +48,7 @@ def _acc_dtype(q: Tensor) -> torch.dtype:
 def cpu_forward(
     q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias: Optional[Tensor], norm_weight: Optional[Tensor],
     norm_bias: Optional[Tensor], attn_mask: Optional[Tensor], scale: float, out_scale: float, norm: int, eps: float,
-    dropout_p: float, seed: int, lse_in: Optional[Tensor] = None, stats_in: Optional[Tensor] = None,
+    dropout_p: float, seed: Optional[Tensor], lse_in: Optional[Tensor] = None, stats_in: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused forward: (out [B, H, Nq, D], lse [B, H, Nq], R, U, stats [3, H] float64).
 
@@ -60,8 +60,8 @@ def cpu_forward(
     the other.
     """
     out, lse, R, U, stats = _C.re_attention_cpu_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
-                                                        attn_mask, scale, out_scale, norm, eps, dropout_p, seed,
-                                                        lse_in, stats_in)
+                                                        attn_mask, scale, out_scale, norm, eps, dropout_p,
+                                                        _seed_value(seed), lse_in, stats_in)
     return out, lse, R, U, stats
 
 
@@ -79,8 +79,8 @@ def _(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale, o
 def cpu_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias: Optional[Tensor],
     norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], attn_mask: Optional[Tensor], lse: Tensor, R: Tensor,
-    U: Tensor, stats: Tensor, scale: float, out_scale: float, norm: int, eps: float, dropout_p: float, seed: int,
-    bn_sums: Optional[Tensor] = None,
+    U: Tensor, stats: Tensor, scale: float, out_scale: float, norm: int, eps: float, dropout_p: float,
+    seed: Optional[Tensor], bn_sums: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused backward: (dq, dk, dv, d_mix_weight, d_mix_bias, d_norm_weight, d_norm_bias).
 
@@ -91,7 +91,7 @@ def cpu_backward(
     """
     dq, dk, dv, dw, dc, dnw, dnb = _C.re_attention_cpu_backward(
         grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, lse, R, U, stats, scale,
-        out_scale, norm, eps, dropout_p, seed, bn_sums)
+        out_scale, norm, eps, dropout_p, _seed_value(seed), bn_sums)
 
     def like(grad, param):
         return grad.to(mix_weight.dtype if param is None else param.dtype)
@@ -117,8 +117,8 @@ def _setup_context(ctx, inputs, output):
     (q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale, out_scale, norm, eps, dropout_p,
      seed, lse_in, stats_in) = inputs
     _, lse, R, U, stats = output
-    ctx.save_for_backward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, lse, R, U, stats)
-    ctx.options = (scale, out_scale, norm, eps, dropout_p, seed)
+    ctx.save_for_backward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, R, U, stats)
+    ctx.options = (scale, out_scale, norm, eps, dropout_p)
     ctx.given_stats = stats_in is not None
 
 
@@ -128,8 +128,8 @@ def _backward(ctx, grad_out, grad_lse, grad_r, grad_u, grad_stats):
         # backward's sums of every process, which only _SyncedBatchNorm (holding the group) gathers.
         raise RuntimeError("reattn::cpu_forward with lse_in/stats_in is differentiated through "
                            "re_attention(..., backend='cpu', sync_group=...), not on its own")
-    q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, lse, R, U, stats = ctx.saved_tensors
-    scale, out_scale, norm, eps, dropout_p, seed = ctx.options
+    q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, R, U, stats = ctx.saved_tensors
+    scale, out_scale, norm, eps, dropout_p = ctx.options
     dq, dk, dv, dw, dc, dnw, dnb = cpu_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                                 attn_mask, lse, R, U, stats, scale, out_scale, norm, eps, dropout_p,
                                                 seed)
@@ -141,8 +141,8 @@ cpu_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("reattn::cpu_bn_gram", mutates_args=(), device_types="cpu")
-def cpu_bn_gram(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: float, dropout_p: float, seed: int,
-                kappa: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def cpu_bn_gram(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: float, dropout_p: float,
+                seed: Optional[Tensor], kappa: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Training BatchNorm statistics sweep as sums that add up over processes.
 
     Returns (lse [B, H, Nq] in the accumulation dtype, s1 [Hm, H], gram [Hm, H, H], count [Hm]
@@ -151,7 +151,7 @@ def cpu_bn_gram(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: float,
     count (1 without a mask or with one shared by the heads, else H: head g's statistics then run over
     its own entries). ``reattn.distributed.gram_batch_statistics`` turns them into mean and variance.
     """
-    lse, s1, gram, count = _C.re_attention_cpu_bn_gram(q, k, attn_mask, scale, dropout_p, seed, kappa)
+    lse, s1, gram, count = _C.re_attention_cpu_bn_gram(q, k, attn_mask, scale, dropout_p, _seed_value(seed), kappa)
     return lse, s1, gram, count
 
 
@@ -198,8 +198,8 @@ class _SyncedBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, group, options, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask):
-        scale, out_scale, eps, dropout_p, seed = options
+    def forward(ctx, group, options, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed):
+        scale, out_scale, eps, dropout_p = options
         acc = _acc_dtype(q)
         # The shift of X = P~ - kappa, exactly representable in the accumulation dtype, so the kernel
         # (acc_t) and gram_batch_statistics (float64) subtract the same number (struct rounds to float32
@@ -216,15 +216,15 @@ class _SyncedBatchNorm(torch.autograd.Function):
         stats = torch.stack([mean, var, count])
         out, lse, R, U, stats = cpu_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale,
                                             out_scale, NORM_CODES["batch"], eps, dropout_p, seed, lse, stats)
-        ctx.save_for_backward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, lse, R, U, stats)
+        ctx.save_for_backward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, R, U, stats)
         ctx.group, ctx.options = group, options
         ctx.mark_non_differentiable(stats)
         return out, stats
 
     @staticmethod
     def backward(ctx, grad_out, grad_stats):
-        q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, lse, R, U, stats = ctx.saved_tensors
-        scale, out_scale, eps, dropout_p, seed = ctx.options
+        q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, R, U, stats = ctx.saved_tensors
+        scale, out_scale, eps, dropout_p = ctx.options
         own = cpu_bn_grad_sums(grad_out, R, U)
         (total,) = all_reduce_sum([own], ctx.group)  # every process runs this: a collective
         dq, dk, dv, dw, dc, _, _ = cpu_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
@@ -232,23 +232,36 @@ class _SyncedBatchNorm(torch.autograd.Function):
                                                 eps, dropout_p, seed, total)
         dnw = None if norm_weight is None else (out_scale * own[1]).to(norm_weight.dtype)
         dnb = None if norm_bias is None else (out_scale * own[0]).to(norm_bias.dtype)
-        return (None, None, dq, dk, dv, dw, dc if mix_bias is not None else None, dnw, dnb, None)
+        return (None, None, dq, dk, dv, dw, dc if mix_bias is not None else None, dnw, dnb, None, None)
 
 
-def dropout_keep_mask(seed: int, shape, p: float) -> Tensor:
-    """The kernel's dropout keep-mask (bool [B, H, Nq, Nk], True = keep) for ``seed``: for tests and replay."""
+def dropout_keep_mask(seed, shape, p: float) -> Tensor:
+    """The kernel's dropout keep-mask (bool [B, H, Nq, Nk], True = keep) for ``seed`` (an int or the
+    int64 tensor the ops take): for tests and replay."""
     B, H, Nq, Nk = shape
-    return _C.dropout_keep_mask(seed, B, H, Nq, Nk, p)
+    return _C.dropout_keep_mask(int(seed), B, H, Nq, Nk, p)
+
+
+def draw_seed_tensor() -> Tensor:
+    """A dropout seed (int64 [1]) from torch's default CPU generator, so ``torch.manual_seed`` makes runs
+    repeatable. A tensor, not a Python int: drawing it needs no ``.item()``, so ``torch.compile``
+    keeps dropout in its graph; the op reads the value inside."""
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64)
 
 
 def draw_seed() -> int:
-    """A dropout seed from torch's default CPU generator (so ``torch.manual_seed`` makes runs repeatable)."""
-    return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64).item())
+    """The same draw as :func:`draw_seed_tensor`, as an int (for ``dropout_keep_mask`` in tests)."""
+    return int(draw_seed_tensor().item())
+
+
+def _seed_value(seed: Optional[Tensor]) -> int:
+    """The kernel's seed from the ops' int64 seed tensor (None: no dropout)."""
+    return 0 if seed is None else int(seed.reshape(-1)[0].item())
 
 
 def re_attention_cpu(q, k, v, mix_weight, mix_bias, *, scale, norm, norm_weight, norm_bias, running_mean,
                      running_var, training, momentum, eps, out_scale, dropout_p, attn_mask,
-                     seed: Optional[int] = None, sync_group=None) -> Tensor:
+                     seed: Optional[Tensor] = None, sync_group=None) -> Tensor:
     """Validated arguments in, O [B, H, Nq, D] out (``reattn.re_attention`` with backend="cpu").
 
     sync_group: a process group over which training BatchNorm's statistics (and their gradients)
@@ -261,20 +274,19 @@ def re_attention_cpu(q, k, v, mix_weight, mix_bias, *, scale, norm, norm_weight,
                                                    running_var, eps)
         norm, norm_weight, norm_bias = "none", None, None
     p = float(dropout_p) if training else 0.0
-    if p > 0.0 and seed is None:
-        seed = draw_seed()
+    seed = (draw_seed_tensor() if seed is None else torch.as_tensor(seed, dtype=torch.int64).reshape(1)) \
+        if p > 0.0 else None
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         # The reference adds the mask cast to q's dtype; the kernel reads it in its accumulation type.
         attn_mask = attn_mask.to(q.dtype).to(_acc_dtype(q))
     if norm == "batch" and sync_group is not None:
-        out, stats = _SyncedBatchNorm.apply(sync_group, (scale, out_scale, eps, p, seed or 0), q, k, v, mix_weight,
-                                            mix_bias, norm_weight, norm_bias, attn_mask)
+        out, stats = _SyncedBatchNorm.apply(sync_group, (scale, out_scale, eps, p), q, k, v, mix_weight, mix_bias,
+                                            norm_weight, norm_bias, attn_mask, seed)
     else:
         out, _, _, _, stats = cpu_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale,
-                                          out_scale, NORM_CODES[norm], eps, p, seed or 0)
-    if norm == "batch":
+                                          out_scale, NORM_CODES[norm], eps, p, seed)
+    if norm == "batch":  # the op has refused counts <= 1 (the synced path: _SyncedBatchNorm)
         count = stats[2]
-        _check_counts(count, "")
         if running_mean is not None:
             with torch.no_grad():
                 mean, var = stats[0], stats[1]

@@ -269,16 +269,31 @@ def test_portable_gemm_fallback_matches_eager():
     assert result.stdout.strip() == "ok"
 
 
-def test_traces_under_torch_compile_without_graph_breaks():
+@pytest.mark.parametrize("mode, dropout_p", [("layer", 0.0), ("layer", 0.25), ("batch-train", 0.0),
+                                              ("batch-train", 0.25)])
+def test_traces_under_torch_compile_without_graph_breaks(mode, dropout_p):
+    # fullgraph: the dropout seed is drawn as a tensor (no .item()) and training BatchNorm's count
+    # check happens inside the op, so neither leaves the graph.
     tensors, stats = problem(2, 6, 9, 9, 8)
 
-    def f(q, k, v, w, c, nw, nb):
-        return reattn.re_attention(q, k, v, w, c, norm="layer", norm_weight=nw, norm_bias=nb, backend="cpu") * 2
+    def f(q, k, v, w, c, nw, nb, running_mean, running_var):
+        kw = dict(norm="layer") if mode == "layer" else dict(norm="batch", running_mean=running_mean,
+                                                             running_var=running_var)
+        return reattn.re_attention(q, k, v, w, c, norm_weight=nw, norm_bias=nb, training=True, dropout_p=dropout_p,
+                                   backend="cpu", **kw) * 2
 
     args = [tensors[n] for n in GRAD_NAMES]
+    running = [stats["running_mean"].clone(), stats["running_var"].clone()]
+    running_ref = [stats["running_mean"].clone(), stats["running_var"].clone()]
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    out = compiled(*args)
-    torch.testing.assert_close(out, f(*args), rtol=1e-12, atol=1e-12)
+    torch.manual_seed(7)
+    out = compiled(*args, *running)
+    torch.manual_seed(7)
+    ref = f(*args, *running_ref)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    if mode == "batch-train":
+        for got, expected in zip(running, running_ref):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
     out.sum().backward()
     assert tensors["mix_weight"].grad is not None
 
@@ -290,7 +305,7 @@ def test_fake_implementation_gives_shapes_and_dtypes():
         q = torch.empty(2, 6, 9, 32, dtype=torch.bfloat16)
         k = torch.empty(2, 6, 11, 32, dtype=torch.bfloat16)
         w = torch.empty(6, 6)
-        out, lse, R, U, stats = cpu_forward(q, k, k, w, None, None, None, None, 0.1, 1.0, 2, 1e-5, 0.0, 0)
+        out, lse, R, U, stats = cpu_forward(q, k, k, w, None, None, None, None, 0.1, 1.0, 2, 1e-5, 0.0, None)
     assert out.shape == (2, 6, 9, 32) and out.dtype == torch.bfloat16
     assert lse.shape == (2, 6, 9) and lse.dtype == torch.float32
     assert R.shape == U.shape == (2, 6, 9, 32) and R.dtype == torch.float32
@@ -298,7 +313,7 @@ def test_fake_implementation_gives_shapes_and_dtypes():
     with FakeTensorMode():
         q = torch.empty(2, 6, 9, 32, dtype=torch.bfloat16)
         k = torch.empty(2, 6, 11, 32, dtype=torch.bfloat16)
-        lse, s1, gram, count = cpu_bn_gram(q, k, torch.empty(2, 6, 9, 11), 0.1, 0.0, 0, 1 / 11)
+        lse, s1, gram, count = cpu_bn_gram(q, k, torch.empty(2, 6, 9, 11), 0.1, 0.0, None, 1 / 11)
         sums = cpu_bn_grad_sums(q, torch.empty(2, 6, 9, 32), torch.empty(2, 6, 9, 32))
     assert lse.shape == (2, 6, 9) and lse.dtype == torch.float32
     assert (s1.shape, gram.shape, count.shape) == ((6, 6), (6, 6, 6), (6,))  # a per-head mask: Hm = H
@@ -314,7 +329,7 @@ def test_gram_statistics_sweep_matches_float64(mask_name, dropout):
     q, k = tensors["q"].detach(), tensors["k"].detach()
     mask = None if mask_name is None else masks(B, H, Nq, Nk)[mask_name]
     kappa = 1.0 / Nk
-    lse, s1, gram, count = cpu_bn_gram(q, k, mask, 0.4, p if dropout else 0.0, seed, kappa)
+    lse, s1, gram, count = cpu_bn_gram(q, k, mask, 0.4, p if dropout else 0.0, torch.tensor([seed]), kappa)
     scores = 0.4 * q @ k.transpose(-1, -2)
     if mask is not None and mask.dtype != torch.bool:
         scores = scores + mask
@@ -344,7 +359,7 @@ def test_bn_grad_sums_are_the_batchnorm_backward_sums():
     q, k, v = (tensors[n].detach() for n in "qkv")
     w, c = tensors["mix_weight"].detach(), tensors["mix_bias"].detach()
     mask = masks(B, H, Nq, Nk)["bool"]
-    _, _, R, U, stats = cpu_forward(q, k, v, w, c, None, None, mask, 0.4, 1.0, 2, 1e-5, 0.0, 0)
+    _, _, R, U, stats = cpu_forward(q, k, v, w, c, None, None, mask, 0.4, 1.0, 2, 1e-5, 0.0, None)
     dout = torch.randn(B, H, Nq, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     sums = cpu_bn_grad_sums(dout, R, U)
     scores = (0.4 * q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
@@ -362,12 +377,12 @@ def test_synchronized_statistics_ops_pass_opcheck():
     q, k, v = (tensors[n].detach() for n in "qkv")
     w, c = tensors["mix_weight"].detach(), tensors["mix_bias"].detach()
     mask = masks(2, 3, 5, 6)["additive"]
-    torch.library.opcheck(cpu_bn_gram, (q, k, mask, 0.4, 0.2, 5, 1.0 / 6))
-    lse, s1, gram, count = cpu_bn_gram(q, k, None, 0.4, 0.0, 0, 1.0 / 6)
+    torch.library.opcheck(cpu_bn_gram, (q, k, mask, 0.4, 0.2, torch.tensor([5]), 1.0 / 6))
+    lse, s1, gram, count = cpu_bn_gram(q, k, None, 0.4, 0.0, None, 1.0 / 6)
     from reattn.distributed import gram_batch_statistics
 
     stats = torch.stack(gram_batch_statistics(w, c, s1, gram, count, 1.0 / 6))
-    forward_args = (q, k, v, w, c, None, None, None, 0.4, 1.0, 2, 1e-5, 0.0, 0, lse, stats)
+    forward_args = (q, k, v, w, c, None, None, None, 0.4, 1.0, 2, 1e-5, 0.0, None, lse, stats)
     torch.library.opcheck(cpu_forward, forward_args, test_utils=("test_schema", "test_faketensor"))
     _, _, R, U, _ = cpu_forward(*forward_args)
     torch.library.opcheck(cpu_bn_grad_sums, (torch.randn_like(q), R, U))
@@ -382,16 +397,16 @@ def test_given_statistics_reproduce_the_local_forward():
     mask = masks(2, 4, 9, 8)["additive"]
     from reattn.distributed import gram_batch_statistics
 
-    lse, s1, gram, count = cpu_bn_gram(q, k, mask, 0.3, 0.0, 0, 1.0 / 8)
+    lse, s1, gram, count = cpu_bn_gram(q, k, mask, 0.3, 0.0, None, 1.0 / 8)
     stats = torch.stack(gram_batch_statistics(w, c, s1, gram, count, 1.0 / 8))
-    ref = cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 2, 1e-5, 0.0, 0)
-    got = cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 2, 1e-5, 0.0, 0, lse, stats)
+    ref = cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 2, 1e-5, 0.0, None)
+    got = cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 2, 1e-5, 0.0, None, lse, stats)
     for name, a, b in zip(("out", "lse", "R", "U", "stats"), got, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
     with pytest.raises(RuntimeError, match="lse_in and stats_in come together"):
-        cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 2, 1e-5, 0.0, 0, lse, None)
+        cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 2, 1e-5, 0.0, None, lse, None)
     with pytest.raises(RuntimeError, match="need norm code 2"):
-        cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 1, 1e-5, 0.0, 0, lse, stats)
+        cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 1, 1e-5, 0.0, None, lse, stats)
 
 
 def test_refuses_what_it_cannot_run():
