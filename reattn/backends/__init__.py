@@ -141,10 +141,13 @@ def resolve_backend(backend: str, problem: Problem) -> str:
     if backend == "auto":
         # [cpu-auto] Fused backends in order of preference per device (the Triton interpreter is for
         # testing, never "auto"). CPU tensors: the fused C++ kernel whenever it can run. Measured with
-        # benchmarks.bench_reattn on a shared 2-core Xeon (AVX-512, load ~4), fp32, B=8, speed-up over
-        # backend="eager" for norm batch eval / batch train / layer: DeepViT-16b forward 1.9x / 1.3x / 2.7x,
-        # forward+backward 3.1x / 1.4x / 2.7x; DeiT-S forward 3.6x / 2.1x / 5.2x, forward+backward
-        # 2.8x / 2.3x / 6.4x; it never lost to eager, so no size threshold.
+        # benchmarks.bench_reattn on the 2-core dev Xeon (AVX-512), fp32, B=8, speed-up over the eager
+        # official core for norm batch eval / batch train / layer (benchmarks/results/microbench.csv,
+        # commit 946bbae): DeepViT-16b forward 2.1x / 3.7x / 4.0x, forward+backward 2.5x / 2.6x / 3.4x;
+        # DeiT-S forward 2.3x / 4.0x / 5.0x, forward+backward 3.0x / 2.7x / 4.0x; bf16 faster everywhere
+        # measured. The one loss: H=16, D=64 at short sequences in fp32 (N=64, B=32: forward 0.98x,
+        # forward+backward 0.88x; N=197, B=10: 0.97x forward+backward; eager's batched GEMMs beat our
+        # per-task ones there) -- within 12%, with 3-6x less memory, so no size threshold yet.
         # Not with dropout: its counter-based RNG draws other keep-masks than F.dropout under the same
         # torch seed, and "auto" keeps the official module's dropout pattern (backend="cpu" opts in).
         # CUDA tensors: Triton first; the CUDA C++ kernels take over only once a GPU run measures
