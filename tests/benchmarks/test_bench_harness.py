@@ -179,3 +179,14 @@ def test_cpu_peak_memory_counts_what_the_call_allocates():
 
     peak = common.peak_memory_bytes(two_buffers, CPU)
     assert 8 * 2**20 <= peak < 9 * 2**20
+
+
+def test_gpu_suites_run_deepvit_16b_at_the_issue_batch_and_batch_overrides_it():
+    gpu = torch.device("cuda")  # only the suite's description: nothing runs on it
+    for quick in (True, False):
+        configs = bench_reattn.default_suite(gpu, quick).configs()
+        batches = {(c.shape, c.tokens): c.batch for c in configs if c.shape != bench_reattn.SWEEP_SHAPE}
+        assert batches[("DeiT-S", 197)] == 256 and batches[("DeepViT-16b", 197)] == 128, batches
+    args = bench_reattn.parse_args(["--device", "cuda", "--quick", "--batch", "64"])
+    suite = bench_reattn.suite_from_args(args, gpu)
+    assert {c.batch for c in suite.configs() if c.shape != bench_reattn.SWEEP_SHAPE} == {64}

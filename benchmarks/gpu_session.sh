@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The GPU-only work of issues 3 and 6 in as few calls as possible, for a machine lent for a short
+# while (the device tool's H100/H200: no package index, 10 minutes a command). Everything it writes
+# goes under $OUT (default /tmp/reattn-gpu), flat, so it can come back:
+#   env.txt         GPU, driver, nvcc, python / torch / triton versions
+#   build.log       the editable install: reattn._C built for this GPU's compute capability only
+#   tests.log       the test suite with compiled Triton and CUDA kernels (no interpreter, no emulator)
+#   microbench.csv  rows of `python -m benchmarks.bench_reattn --quick` (bf16 DeiT-S B=256 and
+#   models.csv      DeepViT-16b B=128, fwd and fwd+bwd, every norm, vs eager / torch.compile / SDPA;
+#                   N sweep; whole models); append them to benchmarks/results/*.csv here, then
+#                   `python -m benchmarks.plots` and `python -m benchmarks.report`
+#   bench.log       the benchmark's table
+#
+# Usage: bash benchmarks/gpu_session.sh STEP...   with STEP in env, build, test, bench, all
+#   (default all = env build test bench). test and bench build first if reattn is not installed.
+# vit-pytorch is not on those machines: put its wheel in .whl/ (ignored by git, carried with the
+# device tool's `carry`); any wheel there is installed into /tmp/site first:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl vit-pytorch
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/reattn-gpu}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(all)
+
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_session.sh: $PY sees no CUDA GPU; this script is for a GPU machine (make test / make bench elsewhere)" >&2
+  exit 2
+fi
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "gpu_session.sh: installing .whl/*.whl failed" >&2; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+step_env() {
+  {
+    nvidia-smi
+    nvcc --version
+    $PY -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+    $PY -m pip list 2>/dev/null | grep -i -E "^(torch|triton|timm|vit-pytorch|numpy|scikit-learn) "
+  } > "$OUT/env.txt" 2>&1
+  cat "$OUT/env.txt"
+}
+
+step_build() {
+  # One arch: the build takes a fraction of the two-arch default; -e maps reattn.kernels to kernels/.
+  local cap
+  cap=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
+  echo "building reattn._C for sm_$cap with $(nproc) jobs"
+  local start=$SECONDS
+  if ! REATTN_CUDA_ARCHS=$cap MAX_JOBS=$(nproc) $PY -m pip install --no-build-isolation --no-deps -e . \
+      > "$OUT/build.log" 2>&1; then
+    tail -40 "$OUT/build.log"
+    echo "gpu_session.sh: build failed (whole log in build.log)" >&2
+    return 1
+  fi
+  echo "built in $((SECONDS - start)) s"
+  $PY -c "import reattn, reattn._C as c; print(reattn.__file__, c.__file__, c.build_info())"
+}
+
+ensure_built() {
+  $PY -c "import reattn._C, reattn.kernels" 2>/dev/null || step_build
+}
+
+step_test() {
+  ensure_built || return 1
+  # -m "not install": the CPU-only install test needs the dev machine's local torch wheel.
+  timeout 560 $PY -m pytest tests -q -m "not install" -p no:cacheprovider --maxfail=25 -rs --durations=10 \
+    2>&1 | tee "$OUT/tests.log" | tail -60
+}
+
+step_bench() {
+  ensure_built || return 1
+  # BENCH_ARGS: more options, e.g. "--compile none" when the inductor compiles would not fit the limit.
+  # shellcheck disable=SC2086
+  timeout 560 $PY -m benchmarks.bench_reattn --quick --results "$OUT" --no-plots ${BENCH_ARGS:-} \
+    --machine "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) (device tool)" \
+    2>&1 | tee "$OUT/bench.log" | grep -v "config/s" | tail -80
+}
+
+for step in "${steps[@]}"; do
+  case "$step" in
+    env) step_env ;;
+    build) step_build || exit 1 ;;
+    test) step_test ;;
+    bench) step_bench ;;
+    all) step_env; step_build || exit 1; step_test; step_bench ;;
+    *) echo "gpu_session.sh: unknown step '$step' (env, build, test, bench, all)" >&2; exit 2 ;;
+  esac
+done
