@@ -104,38 +104,30 @@ def re_attention(
 
         check_sync_group(sync_group)
     name = resolve_backend(backend, problem)
+    options = dict(scale=scale, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, running_mean=running_mean,
+                   running_var=running_var, training=training, momentum=momentum, eps=eps, out_scale=out_scale,
+                   dropout_p=dropout_p, attn_mask=attn_mask,
+                   sync_group=sync_group if problem.synced_stats else None)
+    if name == "eager":
+        return re_attention_ref(q, k, v, mix_weight, mix_bias, return_attention=return_attention, **options)
+    return _fused_entry(name)(q, k, v, mix_weight, mix_bias, **options)
+
+
+def _fused_entry(name: str):
+    """The validated-arguments entry point of fused backend ``name`` (imported on first use)."""
     if name == "triton":
         from reattn.backends.triton import re_attention_triton
 
-        return re_attention_triton(q, k, v, mix_weight, mix_bias, scale=scale, norm=norm, norm_weight=norm_weight,
-                                   norm_bias=norm_bias, running_mean=running_mean, running_var=running_var,
-                                   training=training, momentum=momentum, eps=eps, out_scale=out_scale,
-                                   dropout_p=dropout_p, attn_mask=attn_mask,
-                                   sync_group=sync_group if problem.synced_stats else None)
+        return re_attention_triton
     if name == "cuda":
         from reattn.backends.cuda import re_attention_cuda
 
-        return re_attention_cuda(q, k, v, mix_weight, mix_bias, scale=scale, norm=norm, norm_weight=norm_weight,
-                                 norm_bias=norm_bias, running_mean=running_mean, running_var=running_var,
-                                 training=training, momentum=momentum, eps=eps, out_scale=out_scale,
-                                 dropout_p=dropout_p, attn_mask=attn_mask,
-                                 sync_group=sync_group if problem.synced_stats else None)
+        return re_attention_cuda
     if name == "cpu":
         from reattn.backends.cpu import re_attention_cpu
 
-        return re_attention_cpu(q, k, v, mix_weight, mix_bias, scale=scale, norm=norm, norm_weight=norm_weight,
-                                norm_bias=norm_bias, running_mean=running_mean, running_var=running_var,
-                                training=training, momentum=momentum, eps=eps, out_scale=out_scale,
-                                dropout_p=dropout_p, attn_mask=attn_mask,
-                                sync_group=sync_group if problem.synced_stats else None)
-    if name != "eager":  # pragma: no cover - resolve_backend only returns backends that exist
-        raise AssertionError(f"backend {name!r} resolved but has no implementation")
-    return re_attention_ref(
-        q, k, v, mix_weight, mix_bias, scale=scale, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
-        running_mean=running_mean, running_var=running_var, training=training, momentum=momentum, eps=eps,
-        out_scale=out_scale, dropout_p=dropout_p, attn_mask=attn_mask, return_attention=return_attention,
-        sync_group=sync_group if problem.synced_stats else None,
-    )
+        return re_attention_cpu
+    raise AssertionError(f"backend {name!r} resolved but has no implementation")  # resolve_backend prevents it
 
 
 def fold_batchnorm_eval(

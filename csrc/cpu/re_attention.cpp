@@ -568,22 +568,29 @@ void bn_gram_stats(const ReAttnParams& p, View4 q, View4 k, acc_t kappa, acc_t* 
 template <typename scalar_t, typename acc_t>
 void bn_grad_sums(const ReAttnParams& p, View4 dout, const acc_t* R, const acc_t* U, double* sums) {
   // sum(dA) = <dO, U>, sum(dA y) = <dO, R> per head, over all (b, i, d): O(B H Nq D), no sweep over keys.
+  // One head per task: every sum is added in the same order whatever the thread count (deterministic).
   const int64_t H = p.H, Nq = p.Nq, D = p.D;
-  std::fill(sums, sums + 2 * H, 0.0);
-  for (int64_t b = 0; b < p.B; ++b)
-    for (int64_t g = 0; g < H; ++g)
-      for (int64_t i = 0; i < Nq; ++i) {
-        const scalar_t* o = static_cast<const scalar_t*>(dout.data) + b * dout.st.b + g * dout.st.h + i * dout.st.n;
-        const int64_t row = ((b * H + g) * Nq + i) * D;
-        double a1 = 0, a2 = 0;
-        for (int64_t d = 0; d < D; ++d) {
-          const double x = static_cast<double>(o[d * dout.st.d]);
-          a1 += x * static_cast<double>(U[row + d]);
-          a2 += x * static_cast<double>(R[row + d]);
+  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      double s_u = 0, s_r = 0;
+      for (int64_t b = 0; b < p.B; ++b)
+        for (int64_t i = 0; i < Nq; ++i) {
+          const scalar_t* o =
+              static_cast<const scalar_t*>(dout.data) + b * dout.st.b + g * dout.st.h + i * dout.st.n;
+          const int64_t row = ((b * H + g) * Nq + i) * D;
+          double a1 = 0, a2 = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            const double x = static_cast<double>(o[d * dout.st.d]);
+            a1 += x * static_cast<double>(U[row + d]);
+            a2 += x * static_cast<double>(R[row + d]);
+          }
+          s_u += a1;
+          s_r += a2;
         }
-        sums[g] += a1;
-        sums[H + g] += a2;
-      }
+      sums[g] = s_u;
+      sums[H + g] = s_r;
+    }
+  });
 }
 
 template <typename scalar_t, typename acc_t>

@@ -268,45 +268,11 @@ REATTN_CLONES void layernorm_heads_bwd(T* da, const T* y, const T* rstd, T* t1, 
   }
 }
 
-template <typename T>
-REATTN_CLONES void moments(const T* x, const T* madd, int64_t n, T shift, double* s1, double* s2, double* count) {
-  // Blocks of 256 in T, then double: ~1e-7 relative per block for float, no drift over millions.
+// Sums of x - shift over the unmasked entries, in blocks of 256 in T, then double: ~1e-7 relative per
+// block for float, no drift over millions. kWrite: also store x - shift back (0 where masked).
+template <bool kWrite, typename T>
+REATTN_INLINE void shifted_moments(T* x, const T* madd, int64_t n, T shift, double* s1, double* s2, double* count) {
   constexpr int64_t kBlock = 256;
-  const T ninf = -std::numeric_limits<T>::infinity();
-  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
-    const int64_t len = n - j0 < kBlock ? n - j0 : kBlock;
-    T a1[kLanes] = {}, a2[kLanes] = {}, ac[kLanes] = {};
-    int64_t j = 0;
-    for (; j + kLanes <= len; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        const T keep = madd == nullptr || madd[j0 + j + l] != ninf ? T(1) : T(0);
-        const T d = (x[j0 + j + l] - shift) * keep;
-        a1[l] += d;
-        a2[l] += d * d;
-        ac[l] += keep;
-      }
-    T b1 = 0, b2 = 0, bc = 0;
-    for (int l = 0; l < kLanes; ++l) {
-      b1 += a1[l];
-      b2 += a2[l];
-      bc += ac[l];
-    }
-    for (; j < len; ++j) {
-      const T keep = madd == nullptr || madd[j0 + j] != ninf ? T(1) : T(0);
-      const T d = (x[j0 + j] - shift) * keep;
-      b1 += d;
-      b2 += d * d;
-      bc += keep;
-    }
-    *s1 += b1;
-    *s2 += b2;
-    *count += bc;
-  }
-}
-
-template <typename T>
-REATTN_CLONES void center_moments(T* x, const T* madd, int64_t n, T shift, double* s1, double* s2, double* count) {
-  constexpr int64_t kBlock = 256;  // as moments
   const T ninf = -std::numeric_limits<T>::infinity();
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
     const int64_t len = n - j0 < kBlock ? n - j0 : kBlock;
@@ -318,7 +284,7 @@ REATTN_CLONES void center_moments(T* x, const T* madd, int64_t n, T shift, doubl
       for (int l = 0; l < kLanes; ++l) {
         const T keep = mb == nullptr || mb[j + l] != ninf ? T(1) : T(0);
         const T d = (xb[j + l] - shift) * keep;
-        xb[j + l] = d;
+        if constexpr (kWrite) xb[j + l] = d;
         a1[l] += d;
         a2[l] += d * d;
         ac[l] += keep;
@@ -332,7 +298,7 @@ REATTN_CLONES void center_moments(T* x, const T* madd, int64_t n, T shift, doubl
     for (; j < len; ++j) {
       const T keep = mb == nullptr || mb[j] != ninf ? T(1) : T(0);
       const T d = (xb[j] - shift) * keep;
-      xb[j] = d;
+      if constexpr (kWrite) xb[j] = d;
       b1 += d;
       b2 += d * d;
       bc += keep;
@@ -341,6 +307,16 @@ REATTN_CLONES void center_moments(T* x, const T* madd, int64_t n, T shift, doubl
     *s2 += b2;
     *count += bc;
   }
+}
+
+template <typename T>
+REATTN_CLONES void moments(const T* x, const T* madd, int64_t n, T shift, double* s1, double* s2, double* count) {
+  shifted_moments<false>(const_cast<T*>(x), madd, n, shift, s1, s2, count);  // reads only
+}
+
+template <typename T>
+REATTN_CLONES void center_moments(T* x, const T* madd, int64_t n, T shift, double* s1, double* s2, double* count) {
+  shifted_moments<true>(x, madd, n, shift, s1, s2, count);
 }
 
 template <typename T>
