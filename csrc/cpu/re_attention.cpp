@@ -671,13 +671,9 @@ void re_attention_backward(const ReAttnParams& p, View4 dout, View4 q, View4 k, 
         std::fill(dk_l, dk_l + H * Nk * D, acc_t(0));
         std::fill(dv_l, dv_l + H * Nk * D, acc_t(0));
       }
-      kv.load(b);
-      for (int64_t h = 0; h < H; ++h) {
-        qh[h] = head_rows<scalar_t, acc_t>(q, b, h, i0, bm, D, qbuf + h * tasks.bm * D);
+      const acc_t* md = load_query_block(p, q, kv, b, i0, bm, tasks.bm, qbuf, qh.data(), madd);
+      for (int64_t h = 0; h < H; ++h)
         oh[h] = head_rows<scalar_t, acc_t>(dout, b, h, i0, bm, D, obuf + h * tasks.bm * D);
-      }
-      if (p.mask) build_mask(p, b, i0, bm, madd);
-      const acc_t* md = p.mask ? madd : nullptr;
       probabilities(p, b, i0, bm, qh.data(), kv, md, P, static_cast<acc_t*>(nullptr), lse);
       const acc_t* pd = P;
       if (dropout) {
