@@ -46,7 +46,7 @@ bench-report: $(VENV)/.deps
 test: $(VENV)/.built
 	$(PY) -m pytest tests
 
-# Everything but the CPU-only-torch install check.
+# Everything but the tests that install packages (the CPU-only-torch build, older timm releases).
 test-fast: $(VENV)/.built
 	$(PY) -m pytest tests -m "not install"
 

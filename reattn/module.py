@@ -192,7 +192,9 @@ class ReAttention(nn.Module):
         """x [B, N, C] -> [B, N, C]; with ``return_attention`` also A [B, H, N, N] (materialized).
 
         ``attn_mask`` follows :func:`reattn.re_attention` (bool True = attend, or additive float);
-        ``is_causal`` adds a lower-triangular mask. Both match timm's ``Attention.forward``.
+        ``is_causal`` adds a lower-triangular mask. Each alone means what it means in timm's
+        ``Attention.forward`` (and SDPA); given together they are intersected, where timm's fused
+        path refuses the pair and its manual path ignores ``attn_mask``.
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__

@@ -3,14 +3,40 @@
 Supported attention modules (matched by exact class, so look-alikes with other forwards are
 never touched):
 
-* timm's ``Attention`` (``timm.layers.Attention``; ``timm.models.vision_transformer.Attention``
-  in older timm), used by ``VisionTransformer``, DeiT and every model built from it. The new
-  module reuses the original ``qkv``, ``proj``, dropout and (when present, ``qk_norm=True``)
-  ``q_norm``/``k_norm`` modules, so their parameters and ``requires_grad`` flags are carried
-  over as the very same objects, and it accepts every timm forward signature:
-  ``forward(x)``, ``forward(x, attn_mask=...)``, ``forward(x, attn_mask=..., is_causal=...)``.
-  timm features Re-attention has no counterpart for (``scale_norm``, ``gated``) raise
-  ``ValueError``.
+* timm's ``Attention`` (``timm.layers.Attention`` since timm 1.0.16,
+  ``timm.models.vision_transformer.Attention`` before), used by ``VisionTransformer``, DeiT and
+  every model built from it. The new module reuses the original ``qkv``, ``proj``, dropout and
+  (when present, ``qk_norm=True``) ``q_norm``/``k_norm`` modules, so their parameters and
+  ``requires_grad`` flags are carried over as the very same objects, and it accepts every timm
+  forward signature: ``forward(x)``, ``forward(x, attn_mask=...)``,
+  ``forward(x, attn_mask=..., is_causal=...)``.
+
+  Tested (torch 2.15) with timm 0.6.13, 0.9.16, 1.0.15, 1.0.16, 1.0.25, 1.0.26 in CI
+  (tests/test_swap_timm_versions.py, each installed side by side) and the project's own timm
+  (tests/test_swap.py; 1.0.31 when written); the same checks passed by hand with 0.4.12, 0.5.4,
+  1.0.3, 1.0.9, 1.0.12, 1.0.13, 1.0.23, 1.0.28 and 1.0.30. What differs between them, and how
+  it is handled:
+
+  - where ``Attention`` lives: vision_transformer.py up to 1.0.15 (timm < 0.9 has no
+    ``timm.layers``; 0.9 - 1.0.15 has one without ``Attention``), ``timm.layers`` from 1.0.16
+    (re-exported by vision_transformer): both paths are looked up.
+  - attributes: timm < 0.9 has no ``head_dim`` (it is ``dim // num_heads``), no ``fused_attn``
+    and no ``q_norm``/``k_norm``; 0.9 adds ``fused_attn`` (SDPA) and ``qk_norm``; 1.0.13
+    ``proj_bias``; 1.0.16 ``scale_norm`` (``self.norm``); 1.0.23 ``attn_head_dim`` and
+    ``dim_out``; 1.0.28 ``gated`` (``self.gate``).
+  - the forward: ``forward(x)`` up to 1.0.15, ``attn_mask=`` from 1.0.16, ``is_causal=`` from
+    1.0.26, with ``Block`` and ``VisionTransformer.forward`` passing the same arguments.
+    ``ReAttention.forward`` takes all three; masks follow SDPA (bool True = attend, float
+    added), as timm's default fused path does. Two places where timm's own paths disagree:
+    its manual path (``fused_attn=False``) in 1.0.16 - 1.0.25 adds a bool mask to the scores
+    as 0/1, and with both ``attn_mask`` and ``is_causal`` timm's fused path raises while its
+    manual path ignores the mask; ReAttention applies both (their intersection).
+
+  Refused with a ``ValueError`` naming the feature and the timm version, the model left
+  untouched: ``scale_norm=True``, ``gated=True`` (no Re-attention counterpart), a submodule or
+  a forward argument not listed above (a later timm's addition is never silently dropped), and
+  a ``scale`` changed from ``head_dim ** -0.5`` while ``fused_attn`` is on (timm's fused path
+  then ignores ``scale``, so the original has no single scale to carry over).
 * vit-pytorch's ``vit.Attention`` (``ViT``): a pre-norm module; it becomes a
   :class:`PreNormReAttention` holding the original ``norm`` LayerNorm and a ``ReAttention``.
 * vit-pytorch's ``deepvit.Attention`` (``DeepViT``), already Re-attention: converted, not
@@ -43,6 +69,10 @@ DeepViT init) and nothing holds.
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
+import sys
 from typing import Iterable, List, Optional, Tuple
 
 import torch
@@ -69,21 +99,28 @@ class PreNormReAttention(nn.Module):
         return self.attn(self.norm(x), attn_mask=attn_mask, is_causal=is_causal, return_attention=return_attention)
 
 
+# Where each timm release defines its ``Attention``: timm <= 1.0.15 in vision_transformer.py
+# (timm < 0.9 has no timm.layers at all; 0.9 - 1.0.15 has timm.layers without an Attention),
+# timm >= 1.0.16 in timm/layers/attention.py, re-exported by timm.layers and vision_transformer.
+_TIMM_ATTENTION_PATHS = ("timm.layers", "timm.models.vision_transformer")
+
+
+@functools.lru_cache(maxsize=None)
 def _timm_types() -> Tuple[type, ...]:
+    # Cached: _kind calls this for every child module, and a failing import (timm < 0.9 has no
+    # timm.layers) searches sys.path again each time.
     types = []
-    try:
-        from timm.layers import Attention
-
-        types.append(Attention)
-    except ImportError:
-        pass
-    try:  # timm < 0.9 defined Attention here; newer versions re-export timm.layers.Attention
-        from timm.models.vision_transformer import Attention as VitAttention
-
-        types.append(VitAttention)
-    except ImportError:
-        pass
+    for path in _TIMM_ATTENTION_PATHS:
+        try:
+            types.append(getattr(importlib.import_module(path), "Attention"))
+        except (ImportError, AttributeError):
+            pass
     return tuple(dict.fromkeys(types))
+
+
+def _timm_version() -> str:
+    timm = sys.modules.get("timm")
+    return str(getattr(timm, "__version__", "unknown"))
 
 
 def _vit_pytorch_types() -> Tuple[Optional[type], Optional[type]]:
@@ -135,22 +172,56 @@ def _identity_batchnorm(new: ReAttention) -> None:
         bn.bias.zero_()
 
 
-def _from_timm(old: nn.Module, norm: str, mix_init: str, backend: str) -> ReAttention:
-    name = type(old).__name__
+# What swap_attention knows of timm's Attention, over the releases it was tested with (see the
+# module docstring). Anything else - a submodule or forward argument a later timm adds - is
+# refused, because ignoring it would silently change the function.
+_TIMM_CHILDREN = {"qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop"}
+_TIMM_FORWARD_ARGUMENTS = {"x", "attn_mask", "is_causal"}
+
+
+def _check_timm(old: nn.Module) -> Tuple[nn.Linear, int, int]:
+    """(qkv, num_heads, head_dim) of a timm ``Attention``, or ValueError for what cannot be converted."""
+    where = f"swap_attention: timm {_timm_version()} {type(old).__name__}"
+    unknown = sorted(name for name, _ in old.named_children() if name not in _TIMM_CHILDREN)
+    if unknown:
+        raise ValueError(f"{where} has submodules {unknown} that swap_attention does not know "
+                         f"(known: {sorted(_TIMM_CHILDREN)}); not swapped")
+    arguments = [name for name in inspect.signature(type(old).forward).parameters if name != "self"]
+    unknown = [name for name in arguments if name not in _TIMM_FORWARD_ARGUMENTS]
+    if unknown:
+        raise ValueError(f"{where}.forward takes {unknown}, which ReAttention does not implement "
+                         f"(known: {sorted(_TIMM_FORWARD_ARGUMENTS)}); not swapped")
     if not _is_identity(getattr(old, "norm", None)):
-        raise ValueError(f"swap_attention: timm {name} with scale_norm=True (a norm on the attention output "
-                         f"before proj) has no Re-attention counterpart; not swapped")
+        raise ValueError(f"{where} with scale_norm=True (a norm on the attention output before proj) has no "
+                         f"Re-attention counterpart; not swapped")
     if getattr(old, "gate", None) is not None:
-        raise ValueError(f"swap_attention: timm {name} with gated=True (a sigmoid gate on the attention output) "
-                         f"has no Re-attention counterpart; not swapped")
-    qkv = old.qkv
+        raise ValueError(f"{where} with gated=True (a sigmoid gate on the attention output) has no "
+                         f"Re-attention counterpart; not swapped")
+    qkv = getattr(old, "qkv", None)
     if not isinstance(qkv, nn.Linear):
-        raise ValueError(f"swap_attention: timm {name}.qkv must be an nn.Linear, got {type(qkv).__name__}")
+        raise ValueError(f"{where}.qkv must be an nn.Linear, got {type(qkv).__name__}")
+    for name in ("attn_drop", "proj_drop"):
+        if not isinstance(getattr(old, name, None), nn.Dropout):
+            raise ValueError(f"{where}.{name} must be an nn.Dropout, got {type(getattr(old, name, None)).__name__}")
     heads = old.num_heads
+    # timm < 0.9 has no head_dim attribute (always dim // num_heads there).
     head_dim = getattr(old, "head_dim", None) or qkv.out_features // (3 * heads)
     if qkv.out_features != 3 * heads * head_dim:
-        raise ValueError(f"swap_attention: timm {name}.qkv has {qkv.out_features} outputs, expected "
+        raise ValueError(f"{where}.qkv has {qkv.out_features} outputs, expected "
                          f"3 * num_heads * head_dim = {3 * heads * head_dim}")
+    if not isinstance(old.proj, nn.Linear) or old.proj.in_features != heads * head_dim:
+        raise ValueError(f"{where}.proj must be an nn.Linear with {heads * head_dim} inputs, got {old.proj!r}")
+    # timm >= 0.9 computes with SDPA's default scale head_dim ** -0.5 when fused_attn is on and
+    # with self.scale when off: a changed scale makes the original depend on that switch.
+    if getattr(old, "fused_attn", False) and float(old.scale) != head_dim ** -0.5:
+        raise ValueError(f"{where}.scale = {float(old.scale)!r} differs from head_dim ** -0.5 = {head_dim ** -0.5!r}, "
+                         f"which its fused path (fused_attn=True) uses instead: the original has no single "
+                         f"scale to carry over (set its scale back, or its fused_attn to False); not swapped")
+    return qkv, heads, head_dim
+
+
+def _from_timm(old: nn.Module, norm: str, mix_init: str, backend: str) -> ReAttention:
+    qkv, heads, head_dim = _check_timm(old)
     new = ReAttention(qkv.in_features, heads, qkv_bias=qkv.bias is not None, qk_scale=float(old.scale),
                       norm=norm, mix_init=mix_init, backend=backend, head_dim=head_dim)
     # The original modules themselves: parameters, requires_grad flags and dropout rates carry over.
@@ -286,7 +357,9 @@ def swap_attention(
 
     Raises:
         ValueError: no supported attention module in ``model``, a block index out of range, or a
-            module using a feature Re-attention cannot reproduce (timm ``scale_norm``/``gated``).
+            module using a feature Re-attention cannot reproduce (timm ``scale_norm``/``gated``, a
+            submodule or forward argument of timm's ``Attention`` it does not know, a changed
+            ``scale`` that timm's fused path ignores; see the module docstring).
     """
     found = _find(model)
     if not found:

@@ -178,9 +178,44 @@ def test_bad_arguments_raise_and_leave_the_model_untouched():
         reattn.swap_attention(nn.Sequential(nn.Linear(3, 3)))
     assert all(type(block.attn) is TimmAttention for block in model.blocks)
     scaled = timm_vit(scale_attn_norm=True)
-    with pytest.raises(ValueError, match="scale_norm"):
+    with pytest.raises(ValueError, match=f"timm {timm.__version__} Attention with scale_norm"):
         reattn.swap_attention(scaled)
     assert all(type(block.attn) is TimmAttention for block in scaled.blocks)
+
+
+def test_timm_features_without_a_counterpart_are_refused_with_the_timm_version(monkeypatch):
+    version = timm.__version__
+    gated = TimmAttention(DIM, HEADS, gated=True)
+    with pytest.raises(ValueError, match=f"timm {version} Attention with gated=True"):
+        reattn.swap_attention(gated)
+    # Something a later timm might add: refused rather than silently left out of the function.
+    extra = TimmAttention(DIM, HEADS)
+    extra.rope = nn.Identity()
+    with pytest.raises(ValueError, match=r"submodules \['rope'\] that swap_attention does not know"):
+        reattn.swap_attention(extra)
+    timm_forward = TimmAttention.forward
+
+    def forward_with_rope(self, x, attn_mask=None, is_causal=False, rope=None):
+        return timm_forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+
+    monkeypatch.setattr(TimmAttention, "forward", forward_with_rope)
+    with pytest.raises(ValueError, match=rf"timm {version} Attention.forward takes \['rope'\]"):
+        reattn.swap_attention(TimmAttention(DIM, HEADS))
+
+
+def test_a_changed_scale_is_refused_when_timm_would_ignore_it():
+    model = timm_vit(depth=2)
+    # timm's fused path calls SDPA with its default scale: the changed attribute is not used there.
+    model.blocks[1].attn.fused_attn, model.blocks[1].attn.scale = True, 0.5
+    with pytest.raises(ValueError, match=r"scale = 0.5 differs from head_dim \*\* -0.5"):
+        reattn.swap_attention(model)
+    assert all(type(block.attn) is TimmAttention for block in model.blocks)
+    # Without the fused path timm multiplies by self.scale, and so does the swapped module.
+    model.blocks[1].attn.fused_attn = False
+    model.eval()
+    swapped = reattn.swap_attention(copy.deepcopy(model), norm="none").eval()
+    assert swapped.blocks[1].attn.scale == 0.5
+    torch.testing.assert_close(swapped(images()), model(images()), rtol=1e-12, atol=1e-13)
 
 
 # ---------------------------------------------------------------- vit-pytorch
