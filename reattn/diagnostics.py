@@ -188,12 +188,13 @@ class _Capture:
         elif isinstance(getattr(module, "attend", None), nn.Softmax) and hasattr(module, "to_qkv"):
             # vit-pytorch ViT Attention: nn.Softmax module.
             self.handles.append(module.attend.register_forward_hook(self._output_hook(name)))
-        elif hasattr(module, "fused_attn") and isinstance(getattr(module, "attn_drop", None), nn.Dropout) \
-                and hasattr(module, "qkv"):
-            # timm: the manual path computes softmax -> attn_drop; read attn_drop's input.
-            fused = module.fused_attn
-            module.fused_attn = False
-            self.restore.append(lambda m=module, f=fused: setattr(m, "fused_attn", f))
+        elif _is_timm_attention(module):
+            # timm: the manual path computes softmax -> attn_drop; read attn_drop's input. timm < 0.9
+            # has only that path (no fused_attn switch).
+            if hasattr(module, "fused_attn"):
+                fused = module.fused_attn
+                module.fused_attn = False
+                self.restore.append(lambda m=module, f=fused: setattr(m, "fused_attn", f))
             self.handles.append(module.attn_drop.register_forward_hook(self._input_hook(name)))
         else:
             return False
@@ -254,6 +255,16 @@ class _Capture:
         for undo in self.restore:
             undo()
         self.handles, self.restore = [], []
+
+
+def _is_timm_attention(module: nn.Module) -> bool:
+    """timm's Attention of any release (the classes swap_attention knows), or a timm-style attention
+    with a ``fused_attn`` switch, a ``qkv`` projection and an ``attn_drop`` Dropout after its softmax."""
+    from reattn.swap import supported_attention_types
+
+    if not isinstance(getattr(module, "attn_drop", None), nn.Dropout) or not hasattr(module, "qkv"):
+        return False
+    return hasattr(module, "fused_attn") or type(module) in supported_attention_types()
 
 
 def _is_official_reattention(module: nn.Module) -> bool:

@@ -11,6 +11,8 @@ project's own timm is covered by tests/test_swap.py). It builds a tiny random-in
   gradients for every original parameter, a nonzero gradient for the new mixing; again with
   ``qk_norm=True`` where the release has it;
 * identity swap, ``norm="batch"``: the same logits in eval;
+* ``reattn.diagnostics.cross_layer_similarity`` on the original and the swapped model: the same
+  similarity matrix (the maps are read from timm's module, also where it has no ``fused_attn``);
 * the original with ``fused_attn`` off (timm >= 0.9 has the switch): the same logits;
 * the attention module built with the shape options the release has (``attn_head_dim``,
   ``dim_out``, ``proj_bias=False``): the same output;
@@ -89,6 +91,23 @@ def identity_none(checks, **kwargs):
     mixing = swapped.blocks[0].attn.reatten_matrix.weight.grad
     assert mixing is not None and mixing.abs().sum() > 0, "the new mixing gets no gradient"
     checks.append("identity_none_eval_train_backward" + ("_qk_norm" if kwargs else ""))
+
+
+def diagnostics(checks):
+    """cross_layer_similarity reads timm's softmax maps (timm < 0.9 has no fused_attn switch): the plain
+    model and its identity swap give the same similarity matrix, and the maps are softmax rows."""
+    from reattn.diagnostics import cross_layer_similarity
+
+    original = tiny_vit()
+    swapped = swapped_copy(original, norm="none", mix_init="identity")
+    plain = cross_layer_similarity(original, images(), batch_size=2)
+    after = cross_layer_similarity(swapped, images(), batch_size=2)
+    assert plain.similarity.shape == (2, 2), plain.similarity.shape
+    # (the similarity is reduced in float32 whatever the model's dtype: float32 tolerances)
+    torch.testing.assert_close(after.similarity, plain.similarity, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.diagonal(plain.similarity), torch.ones(2, dtype=plain.similarity.dtype),
+                               rtol=1e-6, atol=1e-6)
+    checks.append("diagnostics_cross_layer_similarity")
 
 
 def identity_batch_eval(checks):
@@ -224,6 +243,7 @@ def main(expected_version: str) -> None:
     if "qk_norm" in init_arguments:
         identity_none(checks, qk_norm=True)
     identity_batch_eval(checks)
+    diagnostics(checks)
     if fused:
         unfused_original(checks, forward_arguments)
     module_signatures(checks, forward_arguments)

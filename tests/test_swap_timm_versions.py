@@ -59,6 +59,7 @@ def expected_checks(forward, features):
     if "qk_norm" in features:
         checks.append("identity_none_eval_train_backward_qk_norm")
     checks.append("identity_batch_eval")
+    checks.append("diagnostics_cross_layer_similarity")
     if "fused_attn" in features:
         checks.append("unfused_original")
     checks.append("module_x")
