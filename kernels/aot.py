@@ -27,16 +27,17 @@ def _pointer_types(kernel: str, dtype: str) -> Dict[str, str]:
     """Element type of every pointer argument: inputs in ``dtype``, statistics and reductions in fp32/fp64."""
     inputs = ("Q", "K", "V", "W", "C", "NW", "NB", "O", "DO", "DQ")
     types = dict.fromkeys(inputs, dtype)
-    types.update(dict.fromkeys(("BN", "LSE", "DK", "DV", "DW", "DC", "DNW", "DNB"), "fp32"))
+    types.update(dict.fromkeys(("BN", "LSE", "MOM", "DK", "DV", "DW", "DC", "DNW", "DNB"), "fp32"))
     types.update(S1="fp64", GRAM="fp64", MASK="u8", SEED="i64")
     return types
 
 
 def compile_kernel(kernel: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16", norm: str = "layer",
-                   mask: bool = True, dropout: bool = True) -> dict:
+                   mask: bool = True, dropout: bool = True, moments: bool = False) -> dict:
     """Compile one kernel ("forward", "bn_stats" or "backward") for sm_<cap> at the heuristic's config.
 
-    norm: "none", "layer" or "batch" (training BatchNorm); mask: bool mask on; dropout on.
+    norm: "none", "layer" or "batch" (training BatchNorm); mask: bool mask on; dropout on;
+    moments: the forward's per-program BatchNorm sums (one-sweep training BatchNorm, norm "none").
     Returns the job with the launch config and ``shared`` (bytes of shared memory per program).
     """
     import triton
@@ -61,7 +62,7 @@ def compile_kernel(kernel: str, h: int, d: int, n: int, cap: int, dtype: str = "
     flags = dict(HP=cfg.HP, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, HAS_MIX_BIAS=True,
                  NORM=norm_id, HAS_NORM_WEIGHT=norm != "none", HAS_NORM_BIAS=norm != "none",
                  MASK_KIND=MASK_BOOL if mask else MASK_NONE, HAS_DROPOUT=dropout, LSE_IS_INPUT=norm == "batch",
-                 STATS_ONLY=False, D_CHUNKS=triton.cdiv(d, cfg.BLOCK_D), CDT=tl.float32,
+                 STATS_ONLY=False, MOMENTS=moments, D_CHUNKS=triton.cdiv(d, cfg.BLOCK_D), CDT=tl.float32,
                  DOT_LOWP=dtype in ("bf16", "fp16"), DOT_PRECISION="ieee")
     flags.update(dict.fromkeys(_UNIT_STRIDES, 1))  # what the JIT specializes for unit strides
     names = fn.arg_names
@@ -75,8 +76,10 @@ def compile_kernel(kernel: str, h: int, d: int, n: int, cap: int, dtype: str = "
                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     if not compiled.asm.get("cubin"):
         raise RuntimeError(f"no cubin for {kernel} at sm_{cap}")
-    return dict(kernel=kernel, h=h, d=d, n=n, cap=cap, dtype=dtype, norm=norm, mask=mask, dropout=dropout,
-                shared=compiled.metadata.shared, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    result = dict(kernel=kernel, h=h, d=d, n=n, cap=cap, dtype=dtype, norm=norm, mask=mask, dropout=dropout)
+    if moments:
+        result["moments"] = True
+    return dict(**result, shared=compiled.metadata.shared, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, HP=cfg.HP)
 
 

@@ -15,7 +15,9 @@ the head mixing needs every head of a tile. Two sweeps over the keys in one laun
           product W [HP, HP] @ P~ [HP, BLOCK_M * BLOCK_N], add c, normalise (nothing, LayerNorm
           across heads, or BatchNorm with the given batch statistics), scale, zero masked
           entries, and accumulate A [HP, BLOCK_M, BLOCK_N] @ V [HP, BLOCK_N, BLOCK_D] into an
-          fp32 (fp64 for fp64 inputs) accumulator.
+          fp32 (fp64 for fp64 inputs) accumulator. With MOMENTS (training BatchNorm in one sweep,
+          norm "none"), also the per-head sums of the map and of its square over the program's
+          real unmasked entries, stored per program (summed in float64 by the caller).
 
 All arithmetic is done in fp32 (fp64 for fp64 inputs); loads are upcast at once. With
 fp16/bf16 inputs on a GPU (LOWP) the dot operands are cast to the input dtype for the tensor
@@ -41,7 +43,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @triton.jit
 def _re_attention_fwd_kernel(
-    Q, K, V, W, C, NW, NB, BN, MASK, SEED, O, LSE,
+    Q, K, V, W, C, NW, NB, BN, MASK, SEED, O, LSE, MOM,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -54,7 +56,7 @@ def _re_attention_fwd_kernel(
     HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, LSE_IS_INPUT: tl.constexpr,
-    CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MOMENTS: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     b, offs_h, offs_m, h_ok, m_ok, h3, m3, h_ok3, valid_hm = _query_block(NUM_M_BLOCKS, H, N_Q, HP, BLOCK_M)
     LOWP_DTYPE: tl.constexpr = Q.dtype.element_ty
@@ -94,6 +96,8 @@ def _re_attention_fwd_kernel(
 
     # ---- pass 2: exact P tile by tile, dropout, mix, normalise, multiply by V ----
     acc = tl.zeros([HP, BLOCK_M, BLOCK_D], CDT)
+    s1 = tl.zeros([HP], CDT)
+    s2 = tl.zeros([HP], CDT)
     for start_n in range(0, N_K, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < N_K
@@ -111,6 +115,10 @@ def _re_attention_fwd_kernel(
                                       DOT_PRECISION)
         # Masked entries are zeroed after the norm: they contribute nothing to O.
         a = tl.where(h_ok3 & n3_ok & (masked == 0), normed * out_scale, 0.0)
+        if MOMENTS:  # per-head sums of the map over this program's real, unmasked entries
+            x = tl.where(valid & (masked == 0), normed, 0.0)
+            s1 += tl.sum(tl.sum(x, axis=2), axis=1)
+            s2 += tl.sum(tl.sum(x * x, axis=2), axis=1)
         vt = tl.load(v_base + offs_n.to(tl.int64)[None, :, None] * stride_vn,
                      mask=vd_mask & n_ok[None, :, None], other=0.0)
         if not DOT_LOWP:
@@ -119,6 +127,10 @@ def _re_attention_fwd_kernel(
 
     o_ptrs = O + b * stride_ob + h3 * stride_oh + m3 * stride_om + offs_d[None, None, :] * stride_od
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=q_mask)
+    if MOMENTS:
+        mom_ptrs = MOM + tl.program_id(0).to(tl.int64) * 2 * HP + offs_h
+        tl.store(mom_ptrs, s1.to(MOM.dtype.element_ty))
+        tl.store(mom_ptrs + HP, s2.to(MOM.dtype.element_ty))
 
 
 def _check_vector(name: str, t: Optional[torch.Tensor], h: int, device: torch.device) -> None:
@@ -212,6 +224,7 @@ def re_attention_forward(
     out: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
     lse_is_input: bool = False,
+    with_moments: bool = False,
     config: Optional[ForwardConfig] = None,
     allow_tf32: bool = False,
     lowp_dot: Optional[bool] = None,
@@ -228,6 +241,11 @@ def re_attention_forward(
     lse: natural-log logsumexp of the (masked) scores per (b, h, i), +inf for rows with every key
     masked; float32, or float64 for float64 inputs. ``out``/``lse`` may be given (any strides);
     ``lse_is_input=True`` reads ``lse`` instead of computing it (the statistics sweep wrote it).
+    ``out`` may also be in the accumulation dtype (float32; float64 for float64 inputs).
+    with_moments (norm "none" only): also return ``moments`` [programs, 2, H] in the accumulation
+    dtype: per program (B * ceil(Nq / BLOCK_M) of them), the sums over its real unmasked entries of
+    the map X = W P~ + mix_bias and of X^2, per head; what training BatchNorm's one-sweep forward
+    needs (``reattn.backends._fused``). Sum them over programs in float64.
     config: override the launch heuristic (``launch.forward_config``).
     allow_tf32: fp32 inputs use TF32 tensor cores on a GPU (default: exact fp32 products).
     lowp_dot: fp16/bf16 dot operands (fp32 accumulation); default True for fp16/bf16 inputs on
@@ -268,16 +286,18 @@ def re_attention_forward(
 
     if out is None:
         out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=device)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != device:
-        raise ValueError(f"re_attention_forward: out must be {tuple(q.shape)} {q.dtype} on {device}")
+    elif out.shape != q.shape or out.dtype not in (q.dtype, acc_dtype) or out.device != device:
+        raise ValueError(f"re_attention_forward: out must be {tuple(q.shape)} {q.dtype} or {acc_dtype} on {device}")
     if lse is None:
         if lse_is_input:
             raise ValueError("re_attention_forward: lse_is_input=True needs lse")
         lse = torch.empty((B, H, Nq), dtype=acc_dtype, device=device)
     elif lse.shape != (B, H, Nq) or lse.dtype != acc_dtype or lse.device != device:
         raise ValueError(f"re_attention_forward: lse must be {(B, H, Nq)} {acc_dtype} on {device}")
+    if with_moments and norm != "none":
+        raise ValueError(f"re_attention_forward: with_moments needs norm='none', got {norm!r}")
     if B == 0 or Nq == 0 or D == 0:
-        return out, lse
+        return (out, lse, torch.zeros((0, 2, H), dtype=acc_dtype, device=device)) if with_moments else (out, lse)
 
     interpret = interpreting()
     if config is None:
@@ -285,25 +305,28 @@ def re_attention_forward(
     if config.HP < H or config.BLOCK_D < D:
         raise ValueError(f"re_attention_forward: config {config} too small for H={H}, D={D}")
     cdt, lowp_dot, precision = launch_options(q, lowp_dot, allow_tf32, interpret)
+    num_m = triton.cdiv(Nq, config.BLOCK_M)
+    moments = torch.empty((num_m * B, 2, config.HP), dtype=acc_dtype, device=device) if with_moments else None
 
     dummy = mix_weight
     c = mix_bias if mix_bias is not None else dummy
     nw = norm_weight if norm_weight is not None else dummy
     nb = norm_bias if norm_bias is not None else dummy
     affine_norm = norm != "none"
-    num_m = triton.cdiv(Nq, config.BLOCK_M)
     run_on_device(
         _re_attention_fwd_kernel, (num_m * B,), device,
         q, k, v, mix_weight, c, nw, nb, batch_stats if norm == "batch" else dummy, mask,
-        seed if has_dropout else dummy, out, lse,
+        seed if has_dropout else dummy, out, lse, moments if moments is not None else lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *mask_strides,
         mix_weight.stride(0), mix_weight.stride(1), c.stride(0), nw.stride(0), nb.stride(0),
         H, Nq, Nk, D, num_m,
         float(scale), float(out_scale), float(eps), float(dropout_p),
         HAS_MIX_BIAS=mix_bias is not None, NORM=_NORMS[norm],
         HAS_NORM_WEIGHT=affine_norm and norm_weight is not None, HAS_NORM_BIAS=affine_norm and norm_bias is not None,
-        MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, LSE_IS_INPUT=lse_is_input,
+        MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, LSE_IS_INPUT=lse_is_input, MOMENTS=moments is not None,
         CDT=cdt, DOT_LOWP=lowp_dot, DOT_PRECISION=precision,
         **config.meta(),
     )
+    if with_moments:
+        return out, lse, moments[:, :, :H]
     return out, lse

@@ -26,6 +26,9 @@ def jobs():
             result.append(dict(kernel="forward", norm="layer", **shape))
             result.append(dict(kernel="bn_stats", norm="batch", **shape))
             result.append(dict(kernel="backward", norm="batch" if cap == 80 else "layer", **shape))
+    # The forward with training BatchNorm's per-program sums (one-sweep BatchNorm), the heaviest shapes.
+    result.append(dict(kernel="forward", h=12, d=35, n=577, cap=90, norm="none", moments=True))
+    result.append(dict(kernel="forward", h=16, d=128, n=4096, cap=80, norm="none", moments=True))
     # The exact-fp32 (no tensor core) path, plain: no mask, no dropout, no norm.
     result.append(dict(kernel="forward", h=12, d=32, n=197, cap=90, dtype="fp32", norm="none", mask=False,
                        dropout=False))

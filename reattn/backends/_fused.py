@@ -5,7 +5,10 @@ Layering (as flash-attention): raw kernels (``reattn.kernels`` / ``reattn._C``),
 ``reattn::<name>_backward`` with fake implementations (``torch.compile`` traces through them) ->
 autograd registration -> :func:`run_fused`, called by ``reattn.re_attention`` only.
 
-Training-mode BatchNorm is orchestrated here, identically for both backends: a statistics sweep
+Training-mode BatchNorm is orchestrated here. A backend whose kernels give ``forward_moments``
+(Triton) runs it locally in one sweep over the keys (:func:`one_sweep_batchnorm`: the norm is
+applied after the product by V). Otherwise (CUDA), and for every backend when the statistics are
+synchronized across processes: a statistics sweep
 returns the per-head sums s1 = sum X and the Gram matrix G = sum X X^T of X = P~ - shift over the
 unmasked entries (float64, no map written); ``reattn.distributed.gram_batch_statistics`` (the
 formula of shared/design/reattention-math.md, also the cpu backend's) turns them into the batch
@@ -86,6 +89,48 @@ def backward_rows(stats: Tensor, eps: float, norm_weight: Optional[Tensor], bn_s
     return torch.cat([rows, e[None], f[None]]).to(dtype).contiguous()
 
 
+def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor,
+                        mix_bias: Optional[Tensor], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                        attn_mask: Optional[Tensor], seed: Optional[Tensor], count: Tensor, *, scale: float,
+                        out_scale: float, eps: float, dropout_p: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Training BatchNorm's forward with one sweep over the keys: (out, lse, stats [3, H] float64).
+
+    The norm is a per-head affine map applied once the statistics are known, so it commutes with the
+    product by V. With X = W P~ - shift (shift_g = sum_h W[g, h] / Nk, the mean of (W P)_g without mask
+    or dropout, so X is centred and its sums cancel little), the kernel computes R' = X V (masked
+    entries 0) and the sums of X and X^2; then mean(M) = mean(X) + shift + c, var(M) = var(X),
+    R = Xhat V = rstd (R' - mean(X) U) with U = 1_unmasked V, and O = out_scale (gamma R + beta U):
+    element-wise work on [B, H, Nq, D], no second sweep (the cpu kernel does the same).
+    count: the entries per head (0-dim float64), as ``unmasked_count``.
+    """
+    acc = accumulator_dtype(q)
+    Nk = k.shape[2]
+    shift = mix_weight.detach().to(acc).sum(dim=1) / Nk
+    r, lse, moments = forward_moments(q, k, v, mix_weight, -shift, attn_mask, seed, scale=scale, dropout_p=dropout_p)
+    sums = moments.sum(dim=0, dtype=torch.float64)  # [2, H]
+    mean_x = sums[0] / count
+    var = (sums[1] / count - mean_x * mean_x).clamp_min(0.0)
+    mean = mean_x + shift.to(torch.float64)
+    if mix_bias is not None:
+        mean = mean + mix_bias.detach().to(torch.float64)
+    stats = torch.stack([mean, var, count.expand_as(mean).to(torch.float64)])
+    vf = v.to(acc)
+    if attn_mask is None:
+        u = vf.sum(dim=2, keepdim=True)  # [B, H, 1, D]: every row sees every key
+    else:
+        keep = attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
+        keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
+        u = torch.matmul(keep.to(acc), vf)  # [B or 1, H or 1, Nq or 1, D]: the mask's own size, at most
+    rstd = torch.rsqrt(var + eps).to(acc)[None, :, None, None]
+    a = torch.full_like(rstd, out_scale) if norm_weight is None else \
+        out_scale * norm_weight.detach().to(acc)[None, :, None, None]  # tau gamma
+    # In place on r (this function's own buffer): one [B, H, Nq, D] accumulation-dtype tensor at a time.
+    out = r.sub_(mean_x.to(acc)[None, :, None, None] * u).mul_(rstd * a)
+    if norm_bias is not None:
+        out.add_(out_scale * norm_bias.detach().to(acc)[None, :, None, None] * u)
+    return out.to(q.dtype), lse, stats
+
+
 def _check_count(count: Tensor, where: str) -> None:
     if bool(count <= 1):
         raise ValueError(f"re_attention: norm='batch' in training needs more than one unmasked value per head{where}; "
@@ -110,12 +155,18 @@ class FusedKernels:
         -> (dq, dk, dv, d_mix_weight, d_mix_bias, d_norm_weight, d_norm_bias); norm "batch":
         batch_stats [4, H] from :func:`backward_rows` (the norm's own gradients are the sums, so
         the backward's d_norm_weight, d_norm_bias are not read then).
+    forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p)
+        -> (r [B, H, Nq, D] in the accumulation dtype, lse, moments [programs, 2, H]): optional, the
+        norm-less forward O = X V of X = W P~ + mix_bias (masked entries 0) with per-program sums
+        of X and X^2 over the unmasked entries; with it, local training BatchNorm runs in one
+        sweep over the keys (:func:`one_sweep_batchnorm`) instead of the statistics sweep + forward.
     """
 
     forward: Callable
     gram_sums: Callable
     backward_sums: Callable
     backward: Callable
+    forward_moments: Optional[Callable] = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +223,11 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
                                        None, norm=norm, **kw)
             return out, lse, stats
         count = unmasked_count(attn_mask, B, Nq, Nk).to(q.device)
+        if kernels.forward_moments is not None:
+            if attn_mask is not None:  # without a mask, reattn._checks has ruled this out
+                _check_count(count, "")
+            return one_sweep_batchnorm(kernels.forward_moments, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
+                                       attn_mask, seed, count, **kw)
         shift = gram_shift(Nk)
         lse, s1, gram = kernels.gram_sums(q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p, shift=shift)
         if attn_mask is not None:  # without a mask, reattn._checks has ruled this out

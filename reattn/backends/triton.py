@@ -4,11 +4,15 @@
 implementations and autograd (see :mod:`reattn.backends._fused` for what they save: never a
 [B, H, Nq, Nk] map); with ``reattn::triton_gram_sums`` and ``reattn::triton_bn_grad_sums`` they
 also run training BatchNorm synchronized across processes (``sync_group``). On CPU tensors they
-run in Triton's interpreter (``TRITON_INTERPRET=1``).
+run in Triton's interpreter (``TRITON_INTERPRET=1``). Local training BatchNorm runs in one sweep
+over the keys (``_fused.one_sweep_batchnorm`` over the forward kernel's per-program moments); the
+synchronized path keeps the Gram-sum statistics sweep, whose sums add up over processes.
 """
 from __future__ import annotations
 
-from reattn.backends._fused import FusedKernels, define_fused_ops, draw_dropout_seed, run_fused
+import torch
+
+from reattn.backends._fused import FusedKernels, accumulator_dtype, define_fused_ops, draw_dropout_seed, run_fused
 from reattn.kernels.backward import re_attention_backward, re_attention_backward_bn_sums
 from reattn.kernels.bn_stats import gram_sums
 from reattn.kernels.forward import re_attention_forward
@@ -39,7 +43,15 @@ def _backward_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
                                          batch_stats=batch_stats, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed)
 
 
-TRITON_KERNELS = FusedKernels(forward=_forward, gram_sums=gram_sums, backward_sums=_backward_sums, backward=_backward)
+def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p):
+    # R' = X V stays in the accumulation dtype: the caller subtracts mean(X) U from it.
+    r = torch.empty(q.shape, dtype=accumulator_dtype(q), device=q.device)
+    return re_attention_forward(q, k, v, mix_weight, mix_bias, scale=scale, norm="none", attn_mask=attn_mask,
+                                dropout_p=dropout_p, seed=seed, out=r, with_moments=True)
+
+
+TRITON_KERNELS = FusedKernels(forward=_forward, gram_sums=gram_sums, backward_sums=_backward_sums, backward=_backward,
+                              forward_moments=_forward_moments)
 TRITON_OPS = define_fused_ops("triton", TRITON_KERNELS, ("cuda", "cpu"))
 triton_forward, triton_backward = TRITON_OPS.forward, TRITON_OPS.backward
 

@@ -278,6 +278,24 @@ def _synchronized_steps(ops, tensors, mask, scale, out_scale, eps):
     return forward_args, lse, stats
 
 
+def test_local_training_batchnorm_takes_one_sweep_where_the_backend_has_moments(backend, monkeypatch):
+    # Triton: the forward kernel's per-program moments, one sweep over the keys; CUDA: statistics
+    # sweep (Gram sums) + forward. Both must match float64 eager with every mask kind.
+    import reattn.backends._fused as fused
+
+    calls = []
+    original = fused.one_sweep_batchnorm
+    monkeypatch.setattr(fused, "one_sweep_batchnorm", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    B, H, Nq, Nk, D = 2, 3, 5, 7, 6
+    tensors, stats = problem(B, H, Nq, Nk, D)
+    shared_float = masks(B, H, Nq, Nk)["float per head"][:1]  # [1, Nq, Nk]: the same for every head
+    for mask in (None, masks(B, H, Nq, Nk)["bool"], shared_float):
+        extra = {} if mask is None else dict(attn_mask=mask)
+        out, ref, stats_t, stats_e = run_both(backend, "batch-train", tensors, stats, **extra)
+        assert_same(out, ref, stats_t, stats_e, tensors, "batch-train")
+    assert len(calls) == (3 if backend == "triton" else 0)
+
+
 def test_synchronized_steps_reproduce_the_local_call(backend):
     """Gram sums -> statistics -> forward with given statistics, and the backward with given sums, equal the
     one-call forward and backward (the synchronized path over one process, without the collectives)."""
