@@ -271,8 +271,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const c10::optional<at::Tensor>& batch_stats,
                                 const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& seed,
                                 const c10::optional<at::Tensor>& lse_in, double scale, double out_scale,
-                                const std::string& norm, double eps, double dropout_p, int64_t shared_limit,
-                                bool reverse_items, bool poison_outputs) {
+                                const std::string& norm, double eps, double dropout_p, bool with_moments,
+                                int64_t shared_limit, bool reverse_items, bool poison_outputs) {
   const char* op = "reattn cuda_forward";
   Arguments a = prepare(op, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, dropout_p);
   ReAttnParams& p = a.p;
@@ -289,7 +289,10 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   } else {
     lse = at::empty({p.B, p.H, p.Nq}, q.options().dtype(acc));
   }
-  at::Tensor out = at::empty({p.B, p.H, p.Nq, p.D}, q.options());
+  TORCH_CHECK_VALUE(!with_moments || norm == "none", op, ": with_moments needs norm 'none', got '", norm, "'");
+  // with_moments: out = X V in the accumulation type (the caller subtracts mean(X) U from it).
+  at::Tensor out = at::empty({p.B, p.H, p.Nq, p.D}, with_moments ? q.options().dtype(acc) : q.options());
+  at::Tensor moments = at::zeros({with_moments ? 2 : 0, p.H}, q.options().dtype(at::kDouble));
   if (poison_outputs) {
     poison(out);
     if (!p.lse_is_input) poison(lse);
@@ -297,7 +300,10 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   p.out = out.data_ptr();
   p.o_st = strides_of(out);
   p.lse = lse.data_ptr();
+  p.out_is_acc = with_moments;
+  p.moments = with_moments ? moments.data_ptr<double>() : nullptr;
   run(op, kForward, q, p, shared_limit, reverse_items);
+  if (with_moments) return {out, lse, moments};
   return {out, lse};
 }
 
@@ -404,9 +410,11 @@ void register_ops(pybind11::module& m) {
   m.def("cuda_forward", &forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mix_weight"),
         py::arg("mix_bias"), py::arg("norm_weight"), py::arg("norm_bias"), py::arg("batch_stats"),
         py::arg("attn_mask"), py::arg("seed"), py::arg("lse"), py::arg("scale"), py::arg("out_scale"),
-        py::arg("norm"), py::arg("eps"), py::arg("dropout_p"), py::arg("shared_limit") = 0,
-        py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
-        "Fused CUDA Re-attention forward: [out [B,H,Nq,D], lse [B,H,Nq]]. norm 'batch' = training statistics "
+        py::arg("norm"), py::arg("eps"), py::arg("dropout_p"), py::arg("with_moments") = false,
+        py::arg("shared_limit") = 0, py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
+        "Fused CUDA Re-attention forward: [out [B,H,Nq,D], lse [B,H,Nq]]; with_moments (norm 'none'): out in the "
+        "accumulation dtype and a third output, moments [2, H] float64 (sums of X = W P~ + c and X^2 over the "
+        "attended entries, for one-sweep training BatchNorm). norm 'batch' = training statistics "
         "given as batch_stats [2,H] (mean, 1/std); lse given = read, not computed. CPU tensors run the emulator.");
   m.def("cuda_batch_sums", &batch_sums, py::arg("q"), py::arg("k"), py::arg("attn_mask"), py::arg("seed"),
         py::arg("scale"), py::arg("dropout_p"), py::arg("shift"), py::arg("shared_limit") = 0,

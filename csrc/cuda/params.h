@@ -76,6 +76,11 @@ struct ReAttnParams {
   Strides4 o_st{};
   void* lse = nullptr;
   bool lse_is_input = false;
+  // Forward with norm none, for training BatchNorm in one sweep: out in the accumulation type
+  // instead of T, and moments ([2, H] float64, zeroed by the caller) += the sums of X = W P~ + c
+  // and of X^2 over the attended entries (each (b, query block) adds once, from its first d-chunk).
+  bool out_is_acc = false;
+  double* moments = nullptr;
 
   // Statistics sweep (kBatchStats): float64 sums of X = P~ - shift over unmasked entries.
   double shift = 0.0;

@@ -9,7 +9,9 @@
 //   A = out_scale * Norm(M), 0 where masked;  O = A V
 //
 // The forward sweeps the keys twice (L, then O); L is an input when the statistics sweep already
-// wrote it. Backward: a pre-pass for D = rowsum(P dP), then the main pass (dV, dS, dQ, dK, dW,
+// wrote it (synchronized training BatchNorm). Local training BatchNorm runs the norm-none forward
+// with p.moments: it also sums X and X^2 per head and writes X V in the accumulation type; the norm
+// is applied to that afterwards (reattn/backends/_fused.py, one_sweep_batchnorm). Backward: a pre-pass for D = rowsum(P dP), then the main pass (dV, dS, dQ, dK, dW,
 // dc, LayerNorm's dgamma/dbeta); a separate launch (kBackwardStats) first sums dN xhat and dN for
 // training BatchNorm. dQ is owned by its program; dK, dV and parameter gradients are summed over
 // programs with atomic adds. No [B, H, Nq, Nk] tensor is ever written.
@@ -332,19 +334,41 @@ struct Program {
     }
     Acc* acc = at<Acc>(L.out);
     ex.for_each(H * BM * dcw, [&](int item) { acc[item] = 0; });
+    double* moments = at<double>(L.sums);  // [2][H]: sum X, sum X^2 of this program's attended entries
+    if (p.moments != nullptr) ex.for_each(2 * H, [&](int item) { moments[item] = 0; });
     for (int n0 = 0; n0 < p.Nk; n0 += BN) {
       scores_tile(ex, n0);
       probs_tile(ex, n0, kForward);
       mix_tile(ex, at<T>(L.w), at<T>(L.probs), at<Acc>(L.scores));
       attention_tile(ex);
+      if (p.moments != nullptr) map_moments(ex, moments);
       av_tile(ex, n0);
     }
-    T* out = static_cast<T*>(p.out);
+    if (p.moments != nullptr && pid_d == 0)
+      ex.for_each(2 * H, [&](int item) { global_atomic_add(p.moments + item, moments[item]); });
     ex.for_each(H * BM * dcw, [&](int item) {
       const int dl = item % dcw, il = (item / dcw) % BM, h = item / (dcw * BM);
       const int64_t i = m0 + il;
       const int d = d0 + dl;
-      if (i < p.Nq && d < p.D) out[b * p.o_st.b + h * p.o_st.h + i * p.o_st.n + d * p.o_st.d] = Storage<T>::store(acc[item]);
+      if (i >= p.Nq || d >= p.D) return;
+      const int64_t offset = b * p.o_st.b + h * p.o_st.h + i * p.o_st.n + d * p.o_st.d;
+      if (p.out_is_acc)
+        static_cast<Acc*>(p.out)[offset] = acc[item];
+      else
+        static_cast<T*>(p.out)[offset] = Storage<T>::store(acc[item]);
+    });
+  }
+
+  // moments[h] += sum X_h, moments[H + h] += sum X_h^2 over the tile's attended entries, X = M + c in
+  // the accumulation type (norm none: what attention_tile scaled and stored for the product by V).
+  template <typename Exec>
+  REATTN_FN void map_moments(const Exec& ex, double* moments) {
+    const Acc* mixed = at<Acc>(L.scores);
+    const uint8_t* flags = at<uint8_t>(L.flags);
+    reduce_rows(ex, 2 * H, moments, [&](int r, int e) {
+      const int h = r < H ? r : r - H;
+      const Acc x = (flags[h * E + e] & 1) ? normalized(mixed, h, e, Acc(0), Acc(1)) : Acc(0);
+      return r < H ? x : x * x;
     });
   }
 

@@ -5,10 +5,10 @@ Layering (as flash-attention): raw kernels (``reattn.kernels`` / ``reattn._C``),
 ``reattn::<name>_backward`` with fake implementations (``torch.compile`` traces through them) ->
 autograd registration -> :func:`run_fused`, called by ``reattn.re_attention`` only.
 
-Training-mode BatchNorm is orchestrated here. A backend whose kernels give ``forward_moments``
-(Triton) runs it locally in one sweep over the keys (:func:`one_sweep_batchnorm`: the norm is
-applied after the product by V). Otherwise (CUDA), and for every backend when the statistics are
-synchronized across processes: a statistics sweep
+Training-mode BatchNorm is orchestrated here. Locally, both backends run it in one sweep over the
+keys (their kernels' ``forward_moments``; :func:`one_sweep_batchnorm`: the norm is applied after
+the product by V). When the statistics are synchronized across processes (or for a backend without
+``forward_moments``): a statistics sweep
 returns the per-head sums s1 = sum X and the Gram matrix G = sum X X^T of X = P~ - shift over the
 unmasked entries (float64, no map written); ``reattn.distributed.gram_batch_statistics`` (the
 formula of shared/design/reattention-math.md, also the cpu backend's) turns them into the batch

@@ -3,8 +3,11 @@
 ``reattn::cuda_forward`` / ``reattn::cuda_backward`` are ``torch.library`` custom ops with fake
 implementations and autograd (see :mod:`reattn.backends._fused`: nothing of size B*H*Nq*Nk is
 saved or written); with ``reattn::cuda_gram_sums`` and ``reattn::cuda_bn_grad_sums`` they also run
-training BatchNorm synchronized across processes (``sync_group``). Dropout uses Triton's Philox
-stream, so for one seed the CUDA and Triton backends drop the same entries.
+training BatchNorm synchronized across processes (``sync_group``). Local training BatchNorm runs in
+one sweep over the keys: the forward program with norm none also sums the map's moments per head
+(``_C.cuda_forward(..., with_moments=True)``) and ``_fused.one_sweep_batchnorm`` applies the norm to
+X V. Dropout uses Triton's Philox stream, so for one seed the CUDA and Triton backends drop the
+same entries.
 
 On CPU tensors the same ops run the host emulator of the CUDA programs (``csrc/cuda/emulate.h``),
 which is how CI tests this backend without a GPU. ``backend="cuda"`` accepts CPU tensors only with
@@ -61,7 +64,15 @@ def _backward_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
     return torch.stack([sum_dn_xhat, sum_dn])
 
 
-CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, backward_sums=_backward_sums, backward=_backward)
+def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p):
+    # X V in the accumulation dtype and the float64 sums of X, X^2 (already added over programs).
+    x_v, lse, moments = _C.cuda_forward(q, k, v, mix_weight, mix_bias, None, None, None, attn_mask, seed, None, scale,
+                                        1.0, "none", 1e-5, dropout_p, True)
+    return x_v, lse, moments[None]
+
+
+CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, backward_sums=_backward_sums, backward=_backward,
+                            forward_moments=_forward_moments)
 CUDA_OPS = define_fused_ops("cuda", CUDA_KERNELS, ("cuda", "cpu"))
 cuda_forward, cuda_backward = CUDA_OPS.forward, CUDA_OPS.backward
 

@@ -5,8 +5,9 @@ implementations and autograd (see :mod:`reattn.backends._fused` for what they sa
 [B, H, Nq, Nk] map); with ``reattn::triton_gram_sums`` and ``reattn::triton_bn_grad_sums`` they
 also run training BatchNorm synchronized across processes (``sync_group``). On CPU tensors they
 run in Triton's interpreter (``TRITON_INTERPRET=1``). Local training BatchNorm runs in one sweep
-over the keys (``_fused.one_sweep_batchnorm`` over the forward kernel's per-program moments); the
-synchronized path keeps the Gram-sum statistics sweep, whose sums add up over processes.
+over the keys (``_fused.one_sweep_batchnorm`` over the forward kernel's per-program moments), as
+for CUDA; the synchronized path keeps the Gram-sum statistics sweep, whose sums add up over
+processes.
 """
 from __future__ import annotations
 

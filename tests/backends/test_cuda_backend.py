@@ -63,8 +63,12 @@ def run_programs(B, H, Nq, Nk, D, *, norm, masked, dropout, dtype=torch.float64,
                              **options)
     sums = _C.cuda_backward(grad, q, k, v, w, c, nw, nb, rows, keep, seed, lse2, 0.4, 0.8, norm, 1e-5, p, True,
                             **options)[5:]
+    # One-sweep training BatchNorm's forward: norm none, X V in the accumulation dtype, moments of X.
+    x_v, _, moments = _C.cuda_forward(q, k, v, w, c, None, None, None, keep, seed, None, 0.4, 1.0, "none", 1e-5, p,
+                                      True, **options)
     return dict(lse=lse, s1=s1, gram=gram, out=out, lse2=lse2, dq=grads[0], dk=grads[1], dv=grads[2], dW=grads[3],
-                dc=grads[4], dgamma=grads[5], dbeta=grads[6], sum_dn_xhat=sums[0], sum_dn=sums[1])
+                dc=grads[4], dgamma=grads[5], dbeta=grads[6], sum_dn_xhat=sums[0], sum_dn=sums[1], x_v=x_v,
+                moments=moments)
 
 
 def assert_all_close(a, b, rtol, atol):
