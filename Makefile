@@ -21,7 +21,7 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "$(TORCH_SPEC)" timm vit-pytorch pytest ninja numpy matplotlib tqdm
+	$(PY) -m pip install -q "$(TORCH_SPEC)" timm vit-pytorch pytest ninja numpy matplotlib tqdm scikit-learn
 	touch $@
 
 # Without build isolation: the build uses the torch above instead of downloading another one.
