@@ -114,13 +114,12 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
     if mix_bias is not None:
         mean = mean + mix_bias.detach().to(torch.float64)
     stats = torch.stack([mean, var, count.expand_as(mean).to(torch.float64)])
-    vf = v.to(acc)
     if attn_mask is None:
-        u = vf.sum(dim=2, keepdim=True)  # [B, H, 1, D]: every row sees every key
+        u = v.sum(dim=2, keepdim=True, dtype=acc)  # [B, H, 1, D]: every row sees every key
     else:
         keep = attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
         keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
-        u = torch.matmul(keep.to(acc), vf)  # [B or 1, H or 1, Nq or 1, D]: the mask's own size, at most
+        u = torch.matmul(keep.to(acc), v.to(acc))  # [B or 1, H or 1, Nq or 1, D]: the mask's own size, at most
     rstd = torch.rsqrt(var + eps).to(acc)[None, :, None, None]
     a = torch.full_like(rstd, out_scale) if norm_weight is None else \
         out_scale * norm_weight.detach().to(acc)[None, :, None, None]  # tau gamma

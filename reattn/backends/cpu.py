@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from reattn._extension import _C
+from reattn.backends._fused import draw_dropout_seed
 from reattn.distributed import all_reduce_sum, gram_batch_statistics
 
 NORM_CODES = {"none": 0, "layer": 1, "batch": 2}  # "batch" reaches the kernel only in training
@@ -242,16 +243,13 @@ def dropout_keep_mask(seed, shape, p: float) -> Tensor:
     return _C.dropout_keep_mask(int(seed), B, H, Nq, Nk, p)
 
 
-def draw_seed_tensor() -> Tensor:
-    """A dropout seed (int64 [1]) from torch's default CPU generator, so ``torch.manual_seed`` makes runs
-    repeatable. A tensor, not a Python int: drawing it needs no ``.item()``, so ``torch.compile``
-    keeps dropout in its graph; the op reads the value inside."""
-    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64)
+_CPU = torch.device("cpu")
 
 
 def draw_seed() -> int:
-    """The same draw as :func:`draw_seed_tensor`, as an int (for ``dropout_keep_mask`` in tests)."""
-    return int(draw_seed_tensor().item())
+    """The seed one dropout call draws (``draw_dropout_seed`` on the CPU generator), as an int (for
+    ``dropout_keep_mask`` in tests)."""
+    return int(draw_dropout_seed(_CPU).item())
 
 
 def _seed_value(seed: Optional[Tensor]) -> int:
@@ -274,7 +272,9 @@ def re_attention_cpu(q, k, v, mix_weight, mix_bias, *, scale, norm, norm_weight,
                                                    running_var, eps)
         norm, norm_weight, norm_bias = "none", None, None
     p = float(dropout_p) if training else 0.0
-    seed = (draw_seed_tensor() if seed is None else torch.as_tensor(seed, dtype=torch.int64).reshape(1)) \
+    # A tensor, not a Python int: drawing it needs no .item(), so torch.compile keeps dropout in its
+    # graph; the ops read the value inside.
+    seed = (draw_dropout_seed(_CPU) if seed is None else torch.as_tensor(seed, dtype=torch.int64).reshape(1)) \
         if p > 0.0 else None
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         # The reference adds the mask cast to q's dtype; the kernel reads it in its accumulation type.
