@@ -320,6 +320,23 @@ def mix_bias_tol(ref, dtype):
     return dict(rtol=0.0, atol=8 * torch.finfo(dtype).eps * float(ref["grad_norm_bias"].abs().max()))
 
 
+def assert_matches_one_process(ranks, backend, name, ref, dtype):
+    """Case ``name`` of the 2-process run equals ``ref``, one process on the concatenated batch: each
+    rank's rows of out and grad_q/k/v concatenated, the ranks' parameter-gradient shares summed, and
+    every rank's running statistics."""
+    tol = TOL[dtype]
+    for key in ("out", "grad_q", "grad_k", "grad_v"):
+        torch.testing.assert_close(_cat(ranks, name, key, backend), ref[key], **tol, msg=f"{name}: {key}")
+    for n in GRAD_PARAMS:  # each rank holds the gradient of its own entries' share
+        key = f"grad_{n}"
+        got = sum(r[backend][name][key] for r in ranks)
+        torch.testing.assert_close(got, ref[key], **mix_bias_tol(ref, dtype) if n == "mix_bias" else tol,
+                                   msg=f"{name}: {key}")
+    for key in ("running_mean", "running_var"):
+        for r in ranks:
+            torch.testing.assert_close(r[backend][name][key], ref[key], **tol, msg=f"{name}: {key}")
+
+
 # ----------------------------------------------------------------------------- tests
 
 backends = pytest.mark.parametrize("backend", [pytest.param(name, marks=needs(name)) for name in ("eager",) + FUSED])
@@ -331,17 +348,7 @@ fused_backends = pytest.mark.parametrize("backend", [pytest.param(name, marks=ne
     for backend in ("eager",) + FUSED for case in functional_cases(backend)])
 def test_functional_matches_one_process_on_the_concatenated_batch(ranks, backend, name, dtype, masked):
     ref = run_functional(functional_case(dtype, masked=masked), backend=backend)
-    tol = TOL[dtype]
-    for key in ("out", "grad_q", "grad_k", "grad_v"):
-        torch.testing.assert_close(_cat(ranks, name, key, backend), ref[key], **tol, msg=f"{name}: {key}")
-    for n in GRAD_PARAMS:  # each rank holds the gradient of its own entries' share
-        key = f"grad_{n}"
-        got = ranks[0][backend][name][key] + ranks[1][backend][name][key]
-        torch.testing.assert_close(got, ref[key], **mix_bias_tol(ref, dtype) if n == "mix_bias" else tol,
-                                   msg=f"{name}: {key}")
-    for key in ("running_mean", "running_var"):
-        for r in ranks:
-            torch.testing.assert_close(r[backend][name][key], ref[key], **tol, msg=f"{name}: {key}")
+    assert_matches_one_process(ranks, backend, name, ref, dtype)
 
 
 @backends
@@ -356,16 +363,7 @@ def test_local_statistics_differ(ranks, backend):
 @fused_backends
 def test_synchronized_statistics_under_torch_compile(ranks, backend):
     ref = run_functional(functional_case(torch.float64, masked=True), backend=backend)
-    for key in ("out", "grad_q", "grad_k", "grad_v"):
-        torch.testing.assert_close(_cat(ranks, "f64_masked_compiled", key, backend), ref[key], **TOL[torch.float64],
-                                   msg=key)
-    for n in GRAD_PARAMS:
-        got = sum(r[backend]["f64_masked_compiled"][f"grad_{n}"] for r in ranks)
-        torch.testing.assert_close(got, ref[f"grad_{n}"], **TOL[torch.float64], msg=n)
-    for r in ranks:
-        for key in ("running_mean", "running_var"):
-            torch.testing.assert_close(r[backend]["f64_masked_compiled"][key], ref[key], **TOL[torch.float64],
-                                       msg=key)
+    assert_matches_one_process(ranks, backend, "f64_masked_compiled", ref, torch.float64)
 
 
 # The cpu kernel counts per mask head (Hm = 1 here: one count for every head); the Triton and CUDA
@@ -378,15 +376,7 @@ COUNTS = {"cpu": r"unmasked counts per head: \[1, 1, 1\]", "triton": "unmasked c
 def test_synchronized_counts_are_global(ranks, backend):
     # One unmasked entry on each process: the global count 2 normalizes (locally 1 would be refused).
     ref = run_functional(few_entries_case((0, 0)), backend=backend)
-    for key in ("out", "grad_q", "grad_k", "grad_v"):
-        torch.testing.assert_close(_cat(ranks, "one_entry_each", key, backend), ref[key], **TOL[torch.float64],
-                                   msg=key)
-    for n in GRAD_PARAMS:
-        got = sum(r[backend]["one_entry_each"][f"grad_{n}"] for r in ranks)
-        torch.testing.assert_close(got, ref[f"grad_{n}"], **TOL[torch.float64], msg=n)
-    for r in ranks:
-        for key in ("running_mean", "running_var"):
-            torch.testing.assert_close(r[backend]["one_entry_each"][key], ref[key], **TOL[torch.float64], msg=key)
+    assert_matches_one_process(ranks, backend, "one_entry_each", ref, torch.float64)
     with pytest.raises(ValueError, match=f"more than one unmasked value per head; {COUNTS[backend]}$"):
         run_functional(few_entries_case((0,)), rank=0, backend=backend)  # what one process alone refuses
     for r in ranks:
