@@ -11,9 +11,10 @@ Nothing here imports ``reattn``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
-from typing import Dict
+from typing import Dict, Optional
 
 # Shared memory per block (bytes) that a kernel may use, from the CUDA occupancy tables.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -33,11 +34,16 @@ def _pointer_types(kernel: str, dtype: str) -> Dict[str, str]:
 
 
 def compile_kernel(kernel: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16", norm: str = "layer",
-                   mask: bool = True, dropout: bool = True, moments: bool = False) -> dict:
+                   mask: bool = True, dropout: bool = True, moments: bool = False,
+                   config: Optional[Dict[str, int]] = None) -> dict:
     """Compile one kernel ("forward", "bn_stats" or "backward") for sm_<cap> at the heuristic's config.
+
+    The heuristic gets sm_<cap>'s shared memory limit (``SHARED_MEMORY_LIMIT``; none for other caps).
 
     norm: "none", "layer" or "batch" (training BatchNorm); mask: bool mask on; dropout on;
     moments: the forward's per-program BatchNorm sums (one-sweep training BatchNorm, norm "none").
+    config: fields of the launch configuration to override (BLOCK_N, BLOCK_D, num_warps, ...), to
+    measure what another configuration would need.
     Returns the job with the launch config and ``shared`` (bytes of shared memory per program).
     """
     import triton
@@ -47,17 +53,20 @@ def compile_kernel(kernel: str, h: int, d: int, n: int, cap: int, dtype: str = "
     from .common import MASK_BOOL, MASK_NONE, NORM_BATCH, NORM_LAYER, NORM_NONE
     from .launch import backward_config, forward_config
 
+    limit = SHARED_MEMORY_LIMIT.get(cap)
     if kernel == "forward":
         from .forward import _re_attention_fwd_kernel as fn
-        cfg = forward_config(n, n, d, h, interpret=False)
+        cfg = forward_config(n, n, d, h, interpret=False, shared_limit=limit)
     elif kernel == "bn_stats":
         from .bn_stats import _bn_stats_kernel as fn
-        cfg = forward_config(n, n, d, h, interpret=False)
+        cfg = forward_config(n, n, d, h, interpret=False, shared_limit=limit, kernel="bn_stats")
     elif kernel == "backward":
         from .backward import _re_attention_bwd_kernel as fn
-        cfg = backward_config(n, n, d, h, interpret=False)
+        cfg = backward_config(n, n, d, h, interpret=False, shared_limit=limit)
     else:
         raise ValueError(f"kernel must be forward, bn_stats or backward, got {kernel!r}")
+    if config:
+        cfg = dataclasses.replace(cfg, **config)
     norm_id = {"none": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}[norm]
     flags = dict(HP=cfg.HP, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, HAS_MIX_BIAS=True,
                  NORM=norm_id, HAS_NORM_WEIGHT=norm != "none", HAS_NORM_BIAS=norm != "none",
@@ -79,8 +88,11 @@ def compile_kernel(kernel: str, h: int, d: int, n: int, cap: int, dtype: str = "
     result = dict(kernel=kernel, h=h, d=d, n=n, cap=cap, dtype=dtype, norm=norm, mask=mask, dropout=dropout)
     if moments:
         result["moments"] = True
+    if config:
+        result["config"] = dict(config)
     return dict(**result, shared=compiled.metadata.shared, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, HP=cfg.HP)
+                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, HP=cfg.HP,
+                D_CHUNKS=flags["D_CHUNKS"])
 
 
 def main(argv=None) -> None:

@@ -32,10 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _load_head_vectors, _mix_norm_tile, _mm, _probs_tile, _query_block
+from .common import _chunked_product, _load_head_vectors, _mix_norm_tile, _mm, _probs_tile, _query_block
 from .forward import (_NORMS, accumulator_dtype, dropout_arguments, launch_options, mask_arguments,
                       run_on_device)
-from .launch import ForwardConfig, backward_config, interpreting
+from .launch import ForwardConfig, backward_config, device_shared_limit, interpreting
 
 
 @triton.jit
@@ -68,34 +68,14 @@ def _tile_products(q_own, do_own, Q, K, V, DO, h3, m3, h_ok3, row_ok3, n64, n_ok
     """(q k^T, dO v^T), [HP, BLOCK_M, BLOCK_N] each, for one key block, summed over the whole head dim.
 
     With one head-dim chunk the program's own q and dO tiles are the whole rows; with several,
-    the other chunks' q and dO tiles are re-read here (from cache) for every key block.
-    Q, K, V, DO point at batch element b already.
+    every chunk is re-read for every key block (``_chunked_product``). Q, K, V, DO point at batch b.
     """
-    qk = tl.zeros([HP, BLOCK_M, BLOCK_N], CDT)
-    dov = tl.zeros([HP, BLOCK_M, BLOCK_N], CDT)
-    for chunk in tl.static_range(D_CHUNKS):
-        offs_d = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
-        if D_CHUNKS == 1:
-            q_c = q_own
-            do_c = do_own
-        else:
-            # The n_ok term ties these loads to the key block: loop-invariant, the compiler hoists
-            # every chunk's q and dO out of the key loop and holds them all (measured at D = 128 on
-            # sm_80: 263168 B of shared memory in chunks of 64, 99328 B with this term in chunks of 32).
-            live = (tl.zeros([1, 1, BLOCK_D], tl.int32) + tl.sum(n_ok.to(tl.int32), axis=0)) > 0
-            rows = row_ok3 & d_ok[None, None, :] & live
-            q_c = tl.load(Q + h3 * stride_qh + m3 * stride_qm + offs_d[None, None, :] * stride_qd, mask=rows,
-                          other=0.0).to(CDT)
-            do_c = tl.load(DO + h3 * stride_doh + m3 * stride_dom + offs_d[None, None, :] * stride_dod, mask=rows,
-                           other=0.0).to(CDT)
-        cols = h_ok3 & d_ok[None, :, None] & n_ok[None, None, :]
-        kt = tl.load(K + h3 * stride_kh + offs_d[None, :, None] * stride_kd + n64[None, None, :] * stride_kn,
-                     mask=cols, other=0.0).to(CDT)
-        vt = tl.load(V + h3 * stride_vh + offs_d[None, :, None] * stride_vd + n64[None, None, :] * stride_vn,
-                     mask=cols, other=0.0).to(CDT)
-        qk = _mm(q_c, kt, qk, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-        dov = _mm(do_c, vt, dov, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    qk = _chunked_product(q_own, Q, K, h3, m3, row_ok3, h_ok3, n64, n_ok, D, stride_qh, stride_qm, stride_qd,
+                          stride_kh, stride_kd, stride_kn, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
+                          LOWP_DTYPE, DOT_PRECISION)
+    dov = _chunked_product(do_own, DO, V, h3, m3, row_ok3, h_ok3, n64, n_ok, D, stride_doh, stride_dom, stride_dod,
+                           stride_vh, stride_vd, stride_vn, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
+                           LOWP_DTYPE, DOT_PRECISION)
     return qk, dov
 
 
@@ -277,7 +257,7 @@ def _launch_backward(grad_out, q, k, v, mix_weight, mix_bias, lse, bn, outputs, 
     dq, dk, dv, dw, dc, dnw, dnb = outputs
     interpret = interpreting()
     if config is None:
-        config = backward_config(Nq, Nk, D, H, interpret=interpret)
+        config = backward_config(Nq, Nk, D, H, interpret=interpret, shared_limit=device_shared_limit(device))
     cdt, lowp_dot, precision = launch_options(q, lowp_dot, False, interpret)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, q, Nk)
     seed, has_dropout = dropout_arguments(dropout_p, seed, device)

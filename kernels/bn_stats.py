@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _query_block, _mm, _probs_tile, _row_logsumexp
+from .common import _chunked_product, _mm, _probs_tile, _query_block, _row_logsumexp
 from .forward import accumulator_dtype, dropout_arguments, launch_options, mask_arguments, run_on_device
-from .launch import forward_config, interpreting
+from .launch import ForwardConfig, device_shared_limit, forward_config, interpreting
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _bn_stats_kernel(
     H, N_Q, N_K, D, NUM_M_BLOCKS,
     scale, dropout_p, shift,
     HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    D_CHUNKS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     b, offs_h, offs_m, h_ok, m_ok, h3, m3, h_ok3, valid_hm = _query_block(NUM_M_BLOCKS, H, N_Q, HP, BLOCK_M)
@@ -50,19 +50,22 @@ def _bn_stats_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    row_ok3 = h_ok3 & m_ok[None, :, None]
+    Qb = Q + b * stride_qb
+    Kb = K + b * stride_kb
 
-    q = tl.load(Q + b * stride_qb + h3 * stride_qh + m3 * stride_qm + offs_d[None, None, :] * stride_qd,
-                mask=h_ok3 & m_ok[None, :, None] & d_ok[None, None, :], other=0.0)
+    # The first head-dim chunk of the query tile (the whole rows unless the launch rule split D).
+    q = tl.load(Qb + h3 * stride_qh + m3 * stride_qm + offs_d[None, None, :] * stride_qd,
+                mask=row_ok3 & d_ok[None, None, :], other=0.0)
     if not DOT_LOWP:
         q = q.to(CDT)
-    k_base = K + b * stride_kb + h3 * stride_kh + offs_d[None, :, None] * stride_kd
-    kd_mask = h_ok3 & d_ok[None, :, None]
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
 
-    lse = _row_logsumexp(q, k_base, kd_mask, stride_kn, b, h3, m3, valid_hm, N_K, scale, MASK, stride_mb,
-                         stride_mh, stride_mm, stride_mn, HP, BLOCK_M, BLOCK_N, CDT, MASK_KIND, DOT_LOWP,
+    lse = _row_logsumexp(q, Qb, Kb, h3, m3, row_ok3, h_ok3, D, stride_qh, stride_qm, stride_qd, stride_kh,
+                         stride_kd, stride_kn, b, valid_hm, N_K, scale, MASK, stride_mb, stride_mh, stride_mm,
+                         stride_mn, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT, MASK_KIND, DOT_LOWP,
                          LOWP_DTYPE, DOT_PRECISION)
     tl.store(LSE + b * stride_lb + offs_h[:, None] * stride_lh + offs_m[None, :] * stride_lm,
              lse.to(LSE.dtype.element_ty), mask=valid_hm)
@@ -72,15 +75,13 @@ def _bn_stats_kernel(
     for start_n in range(0, N_K, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < N_K
-        kt = tl.load(k_base + offs_n.to(tl.int64)[None, None, :] * stride_kn, mask=kd_mask & n_ok[None, None, :],
-                     other=0.0)
-        if not DOT_LOWP:
-            kt = kt.to(CDT)
+        qk = _chunked_product(q, Qb, Kb, h3, m3, row_ok3, h_ok3, offs_n.to(tl.int64), n_ok, D, stride_qh, stride_qm,
+                              stride_qd, stride_kh, stride_kd, stride_kn, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS,
+                              CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
         valid = valid_hm[:, :, None] & n_ok[None, None, :]
         _, p_tilde, _, masked = _probs_tile(
-            _mm(q, kt, tl.zeros([HP, BLOCK_M, BLOCK_N], CDT), DOT_LOWP, LOWP_DTYPE, DOT_PRECISION), lse, b, H, offs_h,
-            offs_m, offs_n, valid, scale, seed, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn, HP,
-            BLOCK_M, BLOCK_N, CDT, MASK_KIND, HAS_DROPOUT)
+            qk, lse, b, H, offs_h, offs_m, offs_n, valid, scale, seed, dropout_p, MASK, stride_mb, stride_mh,
+            stride_mm, stride_mn, HP, BLOCK_M, BLOCK_N, CDT, MASK_KIND, HAS_DROPOUT)
         x = tl.where(valid & (masked == 0), p_tilde - shift, 0.0)
         s1 += tl.sum(tl.sum(x, axis=2), axis=1)
         x2 = tl.reshape(x, (HP, BLOCK_M * BLOCK_N))
@@ -102,6 +103,7 @@ def gram_sums(
     dropout_p: float = 0.0,
     shift: float,
     lowp_dot: Optional[bool] = None,
+    config: Optional[ForwardConfig] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sums training-mode BatchNorm needs, without materializing the map.
 
@@ -109,7 +111,7 @@ def gram_sums(
     over the unmasked entries, lse as ``kernels.forward.re_attention_forward`` computes it (pass it
     back with ``lse_is_input=True``). ``shift`` should be 1/Nk rounded to float32. Same argument
     conventions as the forward. (The mean and variance of M follow from these, W and c:
-    ``reattn.distributed.gram_batch_statistics``.)
+    ``reattn.distributed.gram_batch_statistics``.) config: override the launch rule.
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -121,7 +123,9 @@ def gram_sums(
         mask, mask_kind, mask_strides = mask_arguments(attn_mask, q, Nk)
         seed, has_dropout = dropout_arguments(dropout_p, seed, device)
         interpret = interpreting()
-        config = forward_config(Nq, Nk, D, H, interpret=interpret)
+        if config is None:
+            config = forward_config(Nq, Nk, D, H, interpret=interpret, shared_limit=device_shared_limit(device),
+                                    kernel="bn_stats")
         cdt, lowp_dot, precision = launch_options(q, lowp_dot, False, interpret)
         num_m = triton.cdiv(Nq, config.BLOCK_M)
         run_on_device(
@@ -129,7 +133,7 @@ def gram_sums(
             q, k, mask, seed if has_dropout else q, lse, s1, gram,
             *q.stride(), *k.stride(), *lse.stride(), *mask_strides,
             H, Nq, Nk, D, num_m, float(scale), float(dropout_p), float(shift),
-            MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, CDT=cdt, DOT_LOWP=lowp_dot, DOT_PRECISION=precision,
+            D_CHUNKS=triton.cdiv(D, config.BLOCK_D), MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, CDT=cdt, DOT_LOWP=lowp_dot, DOT_PRECISION=precision,
             **config.meta(),
         )
     return lse, s1, gram

@@ -33,9 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (MASK_ADDITIVE, MASK_BOOL, MASK_NONE, NORM_BATCH, NORM_LAYER, NORM_NONE, _load_head_vectors, _mix_norm_tile,
-                     _mm, _probs_tile, _query_block, _row_logsumexp)
-from .launch import MAX_HEADS, ForwardConfig, forward_config, interpreting
+from .common import (MASK_ADDITIVE, MASK_BOOL, MASK_NONE, NORM_BATCH, NORM_LAYER, NORM_NONE, _chunked_product,
+                     _load_head_vectors, _mix_norm_tile, _mm, _probs_tile, _query_block, _row_logsumexp)
+from .launch import MAX_HEADS, ForwardConfig, device_shared_limit, forward_config, interpreting
 
 _NORMS = {"none": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -54,25 +54,29 @@ def _re_attention_fwd_kernel(
     H, N_Q, N_K, D, NUM_M_BLOCKS,
     scale, out_scale, eps, dropout_p,
     HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
     HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, LSE_IS_INPUT: tl.constexpr,
     MOMENTS: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     b, offs_h, offs_m, h_ok, m_ok, h3, m3, h_ok3, valid_hm = _query_block(NUM_M_BLOCKS, H, N_Q, HP, BLOCK_M)
+    # Head-dim chunk of O this program writes (D_CHUNKS > 1 when the launch rule splits the head
+    # dim to fit shared memory: every chunk recomputes the scores over the whole head dim).
+    pid_d = tl.program_id(1)
     LOWP_DTYPE: tl.constexpr = Q.dtype.element_ty
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    row_ok3 = h_ok3 & m_ok[None, :, None]
+    Qb = Q + b * stride_qb
+    Kb = K + b * stride_kb
 
     # Query tile of all heads [HP, BLOCK_M, BLOCK_D]; padded heads/rows/dims read as 0.
-    q_ptrs = Q + b * stride_qb + h3 * stride_qh + m3 * stride_qm + offs_d[None, None, :] * stride_qd
-    q_mask = h_ok3 & m_ok[None, :, None] & d_ok[None, None, :]
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    q_mask = row_ok3 & d_ok[None, None, :]
+    q = tl.load(Qb + h3 * stride_qh + m3 * stride_qm + offs_d[None, None, :] * stride_qd, mask=q_mask, other=0.0)
     if not DOT_LOWP:
         q = q.to(CDT)
-    k_base = K + b * stride_kb + h3 * stride_kh + offs_d[None, :, None] * stride_kd
     v_base = V + b * stride_vb + h3 * stride_vh + offs_d[None, None, :] * stride_vd
-    kd_mask = h_ok3 & d_ok[None, :, None]
     vd_mask = h_ok3 & d_ok[None, None, :]
     seed = 0
     if HAS_DROPOUT:
@@ -83,10 +87,11 @@ def _re_attention_fwd_kernel(
     if LSE_IS_INPUT:
         lse = tl.load(lse_ptrs, mask=valid_hm, other=float("inf")).to(CDT)
     else:
-        lse = _row_logsumexp(q, k_base, kd_mask, stride_kn, b, h3, m3, valid_hm, N_K, scale, MASK, stride_mb,
-                             stride_mh, stride_mm, stride_mn, HP, BLOCK_M, BLOCK_N, CDT, MASK_KIND, DOT_LOWP,
+        lse = _row_logsumexp(q, Qb, Kb, h3, m3, row_ok3, h_ok3, D, stride_qh, stride_qm, stride_qd, stride_kh,
+                             stride_kd, stride_kn, b, valid_hm, N_K, scale, MASK, stride_mb, stride_mh, stride_mm,
+                             stride_mn, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT, MASK_KIND, DOT_LOWP,
                              LOWP_DTYPE, DOT_PRECISION)
-        tl.store(lse_ptrs, lse.to(LSE.dtype.element_ty), mask=valid_hm)
+        tl.store(lse_ptrs, lse.to(LSE.dtype.element_ty), mask=valid_hm & ((offs_m * 0 + pid_d) == 0)[None, :])
 
     # ---- mixing / norm parameters (padded heads: zero weights, zero bias) ----
     w = tl.load(W + offs_h[:, None] * stride_wg + offs_h[None, :] * stride_wh,
@@ -102,14 +107,13 @@ def _re_attention_fwd_kernel(
         offs_n = start_n + offs_n0
         n_ok = offs_n < N_K
         n3_ok = n_ok[None, None, :]
-        kt = tl.load(k_base + offs_n.to(tl.int64)[None, None, :] * stride_kn, mask=kd_mask & n3_ok, other=0.0)
-        if not DOT_LOWP:
-            kt = kt.to(CDT)
+        qk = _chunked_product(q, Qb, Kb, h3, m3, row_ok3, h_ok3, offs_n.to(tl.int64), n_ok, D, stride_qh, stride_qm,
+                              stride_qd, stride_kh, stride_kd, stride_kn, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS,
+                              CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
         valid = valid_hm[:, :, None] & n3_ok
         p, p_tilde, _, masked = _probs_tile(
-            _mm(q, kt, tl.zeros([HP, BLOCK_M, BLOCK_N], CDT), DOT_LOWP, LOWP_DTYPE, DOT_PRECISION), lse, b, H, offs_h,
-            offs_m, offs_n, valid, scale, seed, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn, HP,
-            BLOCK_M, BLOCK_N, CDT, MASK_KIND, HAS_DROPOUT)
+            qk, lse, b, H, offs_h, offs_m, offs_n, valid, scale, seed, dropout_p, MASK, stride_mb, stride_mh,
+            stride_mm, stride_mn, HP, BLOCK_M, BLOCK_N, CDT, MASK_KIND, HAS_DROPOUT)
         normed, _, _ = _mix_norm_tile(p_tilde, w, c, nw, nb, bn_mean, bn_rstd, h_ok3, H, eps, HP, BLOCK_M, BLOCK_N,
                                       CDT, HAS_MIX_BIAS, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS, DOT_LOWP, LOWP_DTYPE,
                                       DOT_PRECISION)
@@ -127,10 +131,11 @@ def _re_attention_fwd_kernel(
 
     o_ptrs = O + b * stride_ob + h3 * stride_oh + m3 * stride_om + offs_d[None, None, :] * stride_od
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=q_mask)
-    if MOMENTS:
+    if MOMENTS:  # every head-dim chunk summed the same map: the first one stores the sums
         mom_ptrs = MOM + tl.program_id(0).to(tl.int64) * 2 * HP + offs_h
-        tl.store(mom_ptrs, s1.to(MOM.dtype.element_ty))
-        tl.store(mom_ptrs + HP, s2.to(MOM.dtype.element_ty))
+        store_here = (offs_h * 0 + pid_d) == 0
+        tl.store(mom_ptrs, s1.to(MOM.dtype.element_ty), mask=store_here)
+        tl.store(mom_ptrs + HP, s2.to(MOM.dtype.element_ty), mask=store_here)
 
 
 def _check_vector(name: str, t: Optional[torch.Tensor], h: int, device: torch.device) -> None:
@@ -197,11 +202,25 @@ def launch_options(q: torch.Tensor, lowp_dot: Optional[bool], allow_tf32: bool, 
 
 
 def run_on_device(kernel, grid, device: torch.device, *args, **kwargs) -> None:
-    if device.type == "cuda":
-        with torch.cuda.device(device):
+    """Launch ``kernel`` on ``device``'s current stream.
+
+    Triton checks a compiled kernel's shared memory against the GPU before launching it; should a
+    launch rule's measured table (``launch.SHARED_BYTES``) fall short of what this Triton version
+    needs, that is a ValueError naming the kernel and its configuration, not Triton's bare error.
+    """
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                kernel[grid](*args, **kwargs)
+        else:
             kernel[grid](*args, **kwargs)
-    else:
-        kernel[grid](*args, **kwargs)
+    except OutOfResources as error:
+        config = {k: kwargs[k] for k in ("HP", "BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages")
+                  if k in kwargs}
+        raise ValueError(f"{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel} at {config} does not fit "
+                         f"{device}: {error} (backend='cuda' sizes its tiles to the GPU)") from error
 
 
 def re_attention_forward(
@@ -301,11 +320,12 @@ def re_attention_forward(
 
     interpret = interpreting()
     if config is None:
-        config = forward_config(Nq, Nk, D, H, interpret=interpret)
-    if config.HP < H or config.BLOCK_D < D:
-        raise ValueError(f"re_attention_forward: config {config} too small for H={H}, D={D}")
+        config = forward_config(Nq, Nk, D, H, interpret=interpret, shared_limit=device_shared_limit(device))
+    if config.HP < H:
+        raise ValueError(f"re_attention_forward: config {config} has fewer than H={H} heads")
     cdt, lowp_dot, precision = launch_options(q, lowp_dot, allow_tf32, interpret)
     num_m = triton.cdiv(Nq, config.BLOCK_M)
+    d_chunks = triton.cdiv(D, config.BLOCK_D)
     moments = torch.empty((num_m * B, 2, config.HP), dtype=acc_dtype, device=device) if with_moments else None
 
     dummy = mix_weight
@@ -314,7 +334,7 @@ def re_attention_forward(
     nb = norm_bias if norm_bias is not None else dummy
     affine_norm = norm != "none"
     run_on_device(
-        _re_attention_fwd_kernel, (num_m * B,), device,
+        _re_attention_fwd_kernel, (num_m * B, d_chunks), device,
         q, k, v, mix_weight, c, nw, nb, batch_stats if norm == "batch" else dummy, mask,
         seed if has_dropout else dummy, out, lse, moments if moments is not None else lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *mask_strides,
@@ -324,7 +344,7 @@ def re_attention_forward(
         HAS_MIX_BIAS=mix_bias is not None, NORM=_NORMS[norm],
         HAS_NORM_WEIGHT=affine_norm and norm_weight is not None, HAS_NORM_BIAS=affine_norm and norm_bias is not None,
         MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, LSE_IS_INPUT=lse_is_input, MOMENTS=moments is not None,
-        CDT=cdt, DOT_LOWP=lowp_dot, DOT_PRECISION=precision,
+        CDT=cdt, DOT_LOWP=lowp_dot, DOT_PRECISION=precision, D_CHUNKS=d_chunks,
         **config.meta(),
     )
     if with_moments:

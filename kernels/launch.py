@@ -22,8 +22,21 @@ heads (head mixing needs every head of a tile):
 * ``num_stages``: 2 when ``BLOCK_D <= 64``, else 1 (the K/V tiles are [HP, BLOCK_N, BLOCK_D]).
 * Nq and Nk do not change the choice (the grid covers Nq, the key loop Nk; a short Nk is
   masked inside one 16-wide key block). Known weak spots, for tuning on a GPU: BLOCK_D = 128
-  and HP = 32 spill registers (a D-split across programs or a query tile kept in shared
-  memory would help).
+  and HP = 32 spill registers (the head-dim split below is chosen for shared memory only;
+  whether splitting also pays for registers is for a GPU run to measure).
+
+Shared memory (``shared_limit``: the GPU's bytes per block, ``device_shared_limit``): both dot
+operands of every product are staged in shared memory, so a program needs about
+HP x BLOCK_D x 1 KiB (forward) and more in the backward: at HP = 32 and D = 128 the forward needs
+280,576 B, over even an H100's 232,448. When the whole head dim does not fit, the head dim is
+split into chunks of BLOCK_D columns, one program per chunk (a second grid dimension); each
+chunk's program re-reads q and k a chunk at a time for the scores (the score work is repeated
+per chunk) and writes its own columns of O (dQ, dK, dV in the backward). ``SHARED_BYTES``
+holds what each kernel needs per (HP, BLOCK_D, several chunks?), measured by ahead-of-time
+compilation (``kernels/aot.py``, Triton 3.9, bf16, bool mask, dropout, affine norm: the heaviest
+variant; sm_80, sm_86 and sm_90 give the same numbers); the rule keeps the chunk the shapes had
+without a limit and halves it until the kernel fits. tests/kernels/test_aot.py compiles the
+choices for the sm_80, sm_86/sm_89 and sm_90 limits and checks them against the real compiler.
 
 Under Triton's interpreter (``TRITON_INTERPRET=1``) there is a single configuration
 (BLOCK_M = 16, BLOCK_N = 32, 4 warps, 1 stage; HP and BLOCK_D still follow the shape, since
@@ -70,8 +83,68 @@ def padded_head_dim(d: int) -> int:
     return max(16, next_pow2(d))
 
 
-def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None) -> ForwardConfig:
-    """Block sizes and launch options of the fused forward for one problem shape (see module doc)."""
+# Shared memory (bytes) per program at the launch rule's configurations: {kernel: {(HP, BLOCK_D,
+# several head-dim chunks): bytes}}, measured by ahead-of-time compilation (see the module doc).
+SHARED_BYTES = {
+    "forward": {
+        (16, 16, False): 25088, (16, 32, False): 41472, (16, 64, False): 74240, (16, 128, False): 139776,
+        (32, 16, False): 51200, (32, 32, False): 83968, (32, 64, False): 149504, (32, 128, False): 280576,
+        (16, 16, True): 16896, (16, 32, True): 33280, (16, 64, True): 66048,
+        (32, 16, True): 34816, (32, 32, True): 67584, (32, 64, True): 133120,
+    },
+    "bn_stats": {
+        (16, 16, False): 24576, (16, 32, False): 32768, (16, 64, False): 65536, (16, 128, False): 131072,
+        (32, 16, False): 49152, (32, 32, False): 65536, (32, 64, False): 131072, (32, 128, False): 262144,
+        (16, 16, True): 16384, (16, 32, True): 32768, (16, 64, True): 65536,
+        (32, 16, True): 32768, (32, 32, True): 65536, (32, 64, True): 131072,
+    },
+    "backward": {  # head dims over 64 always run in chunks of 32 (backward_config), never of 64
+        (16, 16, False): 33792, (16, 32, False): 58368, (16, 64, False): 132096,
+        (32, 16, False): 69632, (32, 32, False): 110592, (32, 64, False): 266240,
+        (16, 16, True): 50176, (16, 32, True): 99328,
+        (32, 16, True): 69632, (32, 32, True): 135168,
+    },
+}
+
+
+def device_shared_limit(device) -> Optional[int]:
+    """Shared memory a kernel may use per block on ``device`` (bytes), or None off a CUDA GPU."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return int(torch.cuda.get_device_properties(index).shared_memory_per_block_optin)
+
+
+def fit_head_dim_chunk(kernel: str, hp: int, d: int, block_d: int, shared_limit: Optional[int]) -> int:
+    """The widest head-dim chunk <= ``block_d`` whose program fits ``shared_limit`` (None: ``block_d``).
+
+    Raises ValueError when not even 16 columns fit (a GPU with less shared memory than the
+    kernels were measured for).
+    """
+    if shared_limit is None:
+        return block_d
+    chunk = block_d
+    while True:
+        needed = SHARED_BYTES[kernel][(hp, chunk, chunk < padded_head_dim(d))]
+        if needed <= shared_limit:
+            return chunk
+        if chunk == 16:
+            raise ValueError(f"the Triton {kernel} kernel needs {needed} bytes of shared memory per block for "
+                             f"{hp} (padded) heads even in head-dim chunks of 16; this GPU allows {shared_limit}")
+        chunk //= 2
+
+
+def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None,
+                   shared_limit: Optional[int] = None, kernel: str = "forward") -> ForwardConfig:
+    """Block sizes and launch options of the fused forward for one problem shape (see module doc).
+
+    shared_limit: the GPU's shared memory per block in bytes (``device_shared_limit``); the head
+    dim is split into chunks (``BLOCK_D`` < D) when a program would not fit. None: no split.
+    kernel: "forward" or "bn_stats" (the statistics sweep uses the forward's tiles).
+    """
     if h < 1 or h > MAX_HEADS:
         raise ValueError(f"re_attention_forward: H must be in 1..{MAX_HEADS}, got {h}")
     if d < 1 or d > MAX_HEAD_DIM:
@@ -82,6 +155,7 @@ def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bo
     block_d = padded_head_dim(d)
     if interpret:
         return ForwardConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d, HP=hp, num_warps=4, num_stages=1)
+    block_d = fit_head_dim_chunk(kernel, hp, d, block_d, shared_limit)
     num_stages = 2 if block_d <= 64 else 1
     return ForwardConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, HP=hp, num_warps=8, num_stages=num_stages)
 
@@ -93,7 +167,8 @@ BACKWARD_CHUNK_D = 32
 BACKWARD_MAX_HEAD_DIM = MAX_HEAD_DIM
 
 
-def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None) -> ForwardConfig:
+def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None,
+                    shared_limit: Optional[int] = None) -> ForwardConfig:
     """Block sizes of the fused backward: the forward's tiles, 4 warps, no software pipelining.
 
     The backward holds more tiles at once (q, dO, dQ and the K, V^T, K tiles of a key block), and
@@ -111,5 +186,7 @@ def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[b
         raise ValueError(f"re_attention_backward: head dims up to {BACKWARD_MAX_HEAD_DIM} are supported, got {d}")
     cfg = forward_config(n_q, n_k, d, h, interpret=interpret)
     block_d = cfg.BLOCK_D if cfg.BLOCK_D <= BACKWARD_SINGLE_CHUNK_D else BACKWARD_CHUNK_D
+    if not (interpret if interpret is not None else interpreting()):
+        block_d = fit_head_dim_chunk("backward", cfg.HP, d, block_d, shared_limit)
     return ForwardConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=block_d, HP=cfg.HP, num_warps=4,
                          num_stages=1)

@@ -1,4 +1,4 @@
-"""Ahead-of-time compiles of every Triton kernel for sm_80 and sm_90, run in a background process.
+"""Ahead-of-time compiles of every Triton kernel for sm_80, sm_86 and sm_90, run in a background process.
 
 The compiles take ~10 s each on the 2-core CI machine, so ``tests/conftest.py`` starts them when
 ``tests/kernels/test_aot.py`` is collected and the interpreter tests run meanwhile; the tests
@@ -29,6 +29,15 @@ def jobs():
     # The forward with training BatchNorm's per-program sums (one-sweep BatchNorm), the heaviest shapes.
     result.append(dict(kernel="forward", h=12, d=35, n=577, cap=90, norm="none", moments=True))
     result.append(dict(kernel="forward", h=16, d=128, n=4096, cap=80, norm="none", moments=True))
+    # Head-dim chunks where the whole head dim does not fit (kernels/launch.py): 32 heads at D = 128
+    # on sm_90 (280,576 B unsplit), 32 heads at D = 64 in the backward on sm_80; DeiT-S training and
+    # D = 128 on sm_86 (RTX 3090, A10; 101,376 B per block, as sm_89's RTX 4090, L4, L40S).
+    for kernel, norm in (("forward", "layer"), ("bn_stats", "batch"), ("backward", "batch")):
+        result.append(dict(kernel=kernel, h=32, d=128, n=197, cap=90, norm=norm))
+    result.append(dict(kernel="backward", h=32, d=64, n=197, cap=80, norm="layer"))
+    result.append(dict(kernel="backward", h=6, d=64, n=197, cap=86, norm="layer"))
+    for kernel, norm in (("forward", "layer"), ("bn_stats", "batch")):
+        result.append(dict(kernel=kernel, h=16, d=128, n=4096, cap=86, norm=norm))
     # The exact-fp32 (no tensor core) path, plain: no mask, no dropout, no norm.
     result.append(dict(kernel="forward", h=12, d=32, n=197, cap=90, dtype="fp32", norm="none", mask=False,
                        dropout=False))

@@ -1,14 +1,15 @@
-"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 and fits their shared memory.
+"""Every Triton kernel compiles ahead of time for sm_80, sm_86 and sm_90 and fits their shared memory.
 
 The compiles run in a background process started by tests/conftest.py (see tests/_aot.py).
 """
 import pytest
 
 from reattn.kernels.aot import SHARED_MEMORY_LIMIT
+from reattn.kernels.launch import SHARED_BYTES
 from tests import _aot
 
 
-def test_every_kernel_compiles_for_sm80_and_sm90_within_shared_memory():
+def test_every_kernel_compiles_for_sm80_sm86_and_sm90_within_shared_memory():
     returncode, results, stderr = _aot.results()
     assert returncode == 0, stderr
     expected = _aot.jobs()
@@ -19,6 +20,17 @@ def test_every_kernel_compiles_for_sm80_and_sm90_within_shared_memory():
         assert 0 < result["shared"] <= SHARED_MEMORY_LIMIT[result["cap"]], result
     kernels = {r["kernel"] for r in results}
     assert kernels == {"forward", "bn_stats", "backward"}
+
+
+def test_the_launch_rules_shared_memory_table_bounds_the_compiler():
+    """launch.SHARED_BYTES (what the rule assumes a configuration needs) >= what Triton compiled."""
+    returncode, results, stderr = _aot.results()
+    assert returncode == 0, stderr
+    chunked = [r for r in results if r["D_CHUNKS"] > 1]
+    assert {r["kernel"] for r in chunked} == {"forward", "bn_stats", "backward"}  # the split is compiled too
+    for r in results:
+        key = (r["HP"], r["BLOCK_D"], r["D_CHUNKS"] > 1)
+        assert r["shared"] <= SHARED_BYTES[r["kernel"]][key], (r, SHARED_BYTES[r["kernel"]][key])
 
 
 def test_compile_kernel_rejects_unknown_kernels():

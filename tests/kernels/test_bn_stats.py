@@ -98,3 +98,16 @@ def test_count_needs_one_mask_for_all_heads():
     assert int(unmasked_count(additive, 2, 1, 3)) == 5
     with pytest.raises(ValueError, match="same for every head"):
         unmasked_count(torch.zeros(1, 3, 1, 3), 1, 1, 3)
+
+
+def test_head_dim_chunks_give_the_same_sums():
+    """The statistics sweep in head-dim chunks (GPUs with less shared memory) sums the same scores."""
+    from reattn.kernels.launch import ForwardConfig
+
+    (q, k, _, _), _ = _inputs(2, 6, 21, 19, 35, torch.float64)
+    mask = torch.rand(2, 1, 21, 19, generator=torch.Generator().manual_seed(1)) > 0.3
+    whole = gram_sums(q, k, mask.to(DEVICE), scale=0.3, shift=gram_shift(19))
+    chunked = gram_sums(q, k, mask.to(DEVICE), scale=0.3, shift=gram_shift(19),
+                        config=ForwardConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, HP=16, num_warps=4, num_stages=1))
+    for a, b in zip(whole, chunked):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)

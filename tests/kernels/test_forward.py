@@ -4,11 +4,14 @@ Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py sets TR
 so shapes are small. Outputs are pre-filled with NaN so every element must be written.
 Ahead-of-time compiles for sm_80 / sm_90 are in tests/kernels/test_aot.py.
 """
+import types
+
 import pytest
 import torch
 
 from reattn.kernels.forward import re_attention_forward
-from reattn.kernels.launch import ForwardConfig, forward_config, interpreting
+from reattn.kernels.launch import (SHARED_BYTES, ForwardConfig, backward_config, forward_config, interpreting,
+                                  padded_head_dim)
 from reattn.reference import re_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -149,6 +152,29 @@ def test_block_sizes_do_not_change_the_result(cfg):
     assert max_err(lse, lse_truth(inp)) <= tol * 10
 
 
+@pytest.mark.parametrize("D,block_d", [(35, 16), (64, 32)])
+@pytest.mark.parametrize("norm", ["none", "layer"])
+def test_head_dim_chunks_match_the_whole_head_dim(D, block_d, norm):
+    """The launch rule splits the head dim on GPUs with less shared memory: chunk programs write
+    their own columns of O and recompute the scores over every chunk; lse and the moments are
+    stored once. Same result as one program over the whole head dim, with masks and dropout."""
+    inp = make_inputs(2, 6, 21, 19, D, torch.float64)
+    mask = _masks(2, 6, 21, 19)["bool [B,1,Nq,Nk]"]
+    seed = torch.tensor([7], dtype=torch.int64, device=DEVICE)
+    chunked = ForwardConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, HP=16, num_warps=4, num_stages=1)
+    extra = dict(attn_mask=mask, dropout_p=0.25, seed=seed)
+    whole, whole_lse = run_kernel(inp, norm=norm, **extra)
+    out, lse = run_kernel(inp, norm=norm, config=chunked, **extra)
+    tol = 1e-12 if interpreting() else 1e-6
+    assert max_err(out, whole) <= tol
+    assert torch.allclose(lse, whole_lse, rtol=0, atol=tol)  # +inf for the fully masked row, in both
+    if norm == "none":  # one-sweep BatchNorm's per-program moments, from the first chunk only
+        args = (inp["q"], inp["k"], inp["v"], inp["mix_weight"], inp["mix_bias"])
+        _, _, moments = re_attention_forward(*args, scale=D ** -0.5, with_moments=True, **extra)
+        _, _, moments_chunked = re_attention_forward(*args, scale=D ** -0.5, with_moments=True, config=chunked, **extra)
+        assert max_err(moments_chunked, moments) <= tol * 100
+
+
 def test_strided_inputs_and_outputs_and_no_stray_writes():
     """q, k, v as views of one [B, N, 3, H, D] projection; out and lse as views inside larger
     sentinel-filled buffers: results match and nothing outside the views is touched."""
@@ -242,6 +268,34 @@ def test_heuristic_rule():
         forward_config(8, 8, 129, 4, interpret=False)
 
 
+H100, A100, RTX_4090 = 232448, 166912, 101376  # shared memory per block (bytes): sm_90, sm_80, sm_86/sm_89
+
+
+def test_heuristic_rule_splits_the_head_dim_to_fit_shared_memory():
+    # The whole head dim wherever it fits (so H100 and A100 keep the rule above) ...
+    for limit in (None, H100, A100):
+        assert forward_config(197, 197, 64, 6, interpret=False, shared_limit=limit).BLOCK_D == 64
+        assert forward_config(4096, 4096, 128, 16, interpret=False, shared_limit=limit).BLOCK_D == 128
+        assert backward_config(197, 197, 64, 6, interpret=False, shared_limit=limit).BLOCK_D == 64
+    # ... chunks where it does not: 32 heads at D = 128 (280,576 B unsplit) even on an H100,
+    assert forward_config(197, 197, 128, 32, interpret=False, shared_limit=H100).BLOCK_D == 64
+    assert backward_config(197, 197, 64, 32, interpret=False, shared_limit=H100).BLOCK_D == 32
+    # and DeiT-S training or head dim 128 on a GPU with 99 KiB per block (RTX 3090/4090, A10, L4, L40S).
+    assert backward_config(197, 197, 64, 6, interpret=False, shared_limit=RTX_4090).BLOCK_D == 32
+    assert forward_config(4096, 4096, 128, 16, interpret=False, shared_limit=RTX_4090).BLOCK_D == 64
+    assert forward_config(197, 197, 128, 16, interpret=False, shared_limit=RTX_4090, kernel="bn_stats").BLOCK_D == 64
+    # Every (heads, head dim) the kernels take fits the smallest of these GPUs.
+    for h in (1, 6, 12, 16, 17, 32):
+        for d in (1, 16, 33, 64, 65, 128):
+            for kernel in ("forward", "bn_stats"):
+                cfg = forward_config(197, 197, d, h, interpret=False, shared_limit=RTX_4090, kernel=kernel)
+                assert SHARED_BYTES[kernel][(cfg.HP, cfg.BLOCK_D, cfg.BLOCK_D < padded_head_dim(d))] <= RTX_4090
+            cfg = backward_config(197, 197, d, h, interpret=False, shared_limit=RTX_4090)
+            assert SHARED_BYTES["backward"][(cfg.HP, cfg.BLOCK_D, cfg.BLOCK_D < padded_head_dim(d))] <= RTX_4090
+    with pytest.raises(ValueError, match="shared memory.*this GPU allows 16384"):
+        forward_config(197, 197, 64, 32, interpret=False, shared_limit=16384)
+
+
 # ---- masks and dropout ----
 
 def _masks(B, H, Nq, Nk, seed=3):
@@ -296,3 +350,23 @@ def test_dropout_needs_a_seed_and_a_valid_probability():
         run_kernel(inp, norm="none", dropout_p=0.1)
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
         run_kernel(inp, norm="none", dropout_p=1.0, seed=torch.zeros(1, dtype=torch.int64, device=DEVICE))
+
+
+def test_a_kernel_over_the_gpus_shared_memory_is_a_value_error_naming_it():
+    """Triton refuses a compiled kernel over the GPU's shared memory before launching it; should the
+    launch rule's table fall short of a Triton version's needs, the error names kernel and tiles."""
+    from triton.runtime.errors import OutOfResources
+
+    from reattn.kernels.forward import run_on_device
+
+    class TooBig:
+        fn = types.SimpleNamespace(__name__="_re_attention_fwd_kernel")
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(280576, 232448, "shared memory")
+            return launch
+
+    with pytest.raises(ValueError, match=r"_re_attention_fwd_kernel at \{'HP': 32, 'BLOCK_D': 128\} does not fit "
+                                         r"cpu: out of resource: shared memory, Required: 280576"):
+        run_on_device(TooBig(), (1,), torch.device("cpu"), HP=32, BLOCK_D=128)
