@@ -50,13 +50,55 @@ def _triton_import_error() -> Optional[str]:
     return None
 
 
+# Triton supports NVIDIA GPUs of compute capability 8.0 and newer, and the kernels are compiled and
+# checked for those (tests/kernels/test_aot.py); on sm_75 the same tiles need twice the shared memory.
+TRITON_MIN_CAPABILITY = (8, 0)
+NO_GPU = "no CUDA GPU is available here (torch.cuda.is_available() is False)"
+
+
+def _gpu_name(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+
+
 def _triton_reason(problem: Problem) -> Optional[str]:
     if problem.device.type != "cuda" and not (problem.device.type == "cpu" and interpreting()):
         return "the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1, the interpreter)"
     missing = _triton_import_error()
     if missing is not None:
         return missing
-    return _shared_fused_limits(problem, "Triton kernels")
+    limits = _shared_fused_limits(problem, "Triton kernels")
+    if limits is not None or problem.device.type != "cuda":
+        return limits
+    if not torch.cuda.is_available():
+        return NO_GPU
+    if torch.cuda.get_device_capability(problem.device) < TRITON_MIN_CAPABILITY:
+        return (f"the Triton kernels need a GPU of compute capability "
+                f"{'.'.join(map(str, TRITON_MIN_CAPABILITY))} or newer, this is {_gpu_name(problem.device)}")
+    from reattn.kernels.launch import backward_config, device_shared_limit, forward_config
+
+    shared_limit = device_shared_limit(problem.device)
+    try:  # every kernel the call may launch fits the GPU's shared memory (head-dim chunks)
+        for kernel in ("forward", "bn_stats"):
+            forward_config(1, 1, problem.head_dim, problem.heads, interpret=False, shared_limit=shared_limit,
+                           kernel=kernel)
+        if problem.needs_grad:
+            backward_config(1, 1, problem.head_dim, problem.heads, interpret=False, shared_limit=shared_limit)
+    except ValueError as error:
+        return f"{error} ({_gpu_name(problem.device)})"
+    return None
+
+
+def cuda_arch_runs(archs: "list[int]", capability: "tuple[int, int]") -> bool:
+    """Whether code built for ``archs`` (SASS for each, PTX for the newest) runs on ``capability``.
+
+    SASS for sm_XY runs on X.Z for Z >= Y (same major); the PTX of the newest arch is compiled by
+    the driver for any GPU at least that new.
+    """
+    major, minor = capability
+    if any(a // 10 == major and a % 10 <= minor for a in archs):
+        return True
+    return bool(archs) and (major, minor) >= divmod(max(archs), 10)
 
 
 def _shared_fused_limits(problem: Problem, kernels: str) -> Optional[str]:
@@ -86,10 +128,24 @@ def _cuda_reason(problem: Problem) -> Optional[str]:
 
     if not hasattr(_C, "cuda_forward"):
         return "the compiled extension reattn._C predates the CUDA kernels; rebuild it (pip install --no-build-isolation -e .)"
-    if problem.device.type == "cuda" and not _C.build_info()["cuda"]:
-        return ("reattn._C was built without CUDA (the torch at build time had none, or REATTN_NO_CUDA=1); "
-                "rebuild it with a CUDA torch and toolkit")
-    return _shared_fused_limits(problem, "CUDA C++ kernels")
+    limits = _shared_fused_limits(problem, "CUDA C++ kernels")
+    if limits is not None:
+        return limits
+    if problem.device.type == "cuda":
+        if not torch.cuda.is_available():
+            return NO_GPU
+        info = _C.build_info()
+        if not info["cuda"]:
+            return ("reattn._C was built without CUDA (the torch at build time had none, or REATTN_NO_CUDA=1); "
+                    "rebuild it with a CUDA torch and toolkit")
+        archs = [int(a) for a in info["cuda_archs"].split(",") if a.strip()]
+        capability = torch.cuda.get_device_capability(problem.device)
+        if not cuda_arch_runs(archs, capability):
+            built = ", ".join(f"sm_{a}" for a in archs)
+            return (f"reattn._C's CUDA kernels were built for {built} (+PTX for sm_{max(archs)}), which cannot run on "
+                    f"{_gpu_name(problem.device)}; rebuild with REATTN_CUDA_ARCHS={capability[0]}{capability[1]} "
+                    "(pip install --no-build-isolation -e .)")
+    return None
 
 
 def _cpu_reason(problem: Problem) -> Optional[str]:

@@ -392,10 +392,16 @@ def test_auto_never_picks_the_interpreter_or_the_emulator_for_cpu_tensors():
 @pytest.mark.parametrize("mode", [dict(), dict(masked=True, dropout=True, batchnorm_training=True, norm="batch"),
                                   dict(norm="layer", needs_grad=True, head_dim=64, heads=32)],
                          ids=["plain", "mask+dropout+bn-train", "layer-grad-H32-D64"])
-def test_auto_picks_triton_for_cuda_tensors(mode):
-    # The rule, checked without a GPU: resolve_backend only looks at the device type and the mode.
-    # Triton first: the CUDA C++ kernels are picked by "auto" only once a GPU run shows them faster.
+def test_auto_picks_triton_for_cuda_tensors(mode, monkeypatch):
+    # The rule, checked without a GPU: the device queries answer as an H100's (other GPUs:
+    # tests/backends/test_gpu_generations.py). Triton first: the CUDA C++ kernels are picked by
+    # "auto" only once a GPU run shows them faster.
     from reattn.backends import Problem, resolve_backend
+    from reattn.kernels import launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(launch, "device_shared_limit", lambda device: 232448)
 
     problem_ = Problem(torch.device("cuda"), **dict(dict(heads=12, head_dim=32), **mode))
     assert resolve_backend("auto", problem_) == "triton"
