@@ -54,15 +54,17 @@ def compile_kernel(kernel: str, h: int, d: int, n: int, cap: int, dtype: str = "
     from .launch import backward_config, forward_config
 
     limit = SHARED_MEMORY_LIMIT.get(cap)
+    size = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}[dtype]
     if kernel == "forward":
         from .forward import _re_attention_fwd_kernel as fn
-        cfg = forward_config(n, n, d, h, interpret=False, shared_limit=limit)
+        cfg = forward_config(n, n, d, h, interpret=False, shared_limit=limit, element_size=size)
     elif kernel == "bn_stats":
         from .bn_stats import _bn_stats_kernel as fn
-        cfg = forward_config(n, n, d, h, interpret=False, shared_limit=limit, kernel="bn_stats")
+        cfg = forward_config(n, n, d, h, interpret=False, shared_limit=limit, kernel="bn_stats",
+                             element_size=size)
     elif kernel == "backward":
         from .backward import _re_attention_bwd_kernel as fn
-        cfg = backward_config(n, n, d, h, interpret=False, shared_limit=limit)
+        cfg = backward_config(n, n, d, h, interpret=False, shared_limit=limit, element_size=size)
     else:
         raise ValueError(f"kernel must be forward, bn_stats or backward, got {kernel!r}")
     if config:

@@ -257,7 +257,8 @@ def _launch_backward(grad_out, q, k, v, mix_weight, mix_bias, lse, bn, outputs, 
     dq, dk, dv, dw, dc, dnw, dnb = outputs
     interpret = interpreting()
     if config is None:
-        config = backward_config(Nq, Nk, D, H, interpret=interpret, shared_limit=device_shared_limit(device))
+        config = backward_config(Nq, Nk, D, H, interpret=interpret, shared_limit=device_shared_limit(device),
+                                 element_size=q.element_size())
     cdt, lowp_dot, precision = launch_options(q, lowp_dot, False, interpret)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, q, Nk)
     seed, has_dropout = dropout_arguments(dropout_p, seed, device)

@@ -125,7 +125,7 @@ def gram_sums(
         interpret = interpreting()
         if config is None:
             config = forward_config(Nq, Nk, D, H, interpret=interpret, shared_limit=device_shared_limit(device),
-                                    kernel="bn_stats")
+                                    kernel="bn_stats", element_size=q.element_size())
         cdt, lowp_dot, precision = launch_options(q, lowp_dot, False, interpret)
         num_m = triton.cdiv(Nq, config.BLOCK_M)
         run_on_device(

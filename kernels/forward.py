@@ -320,7 +320,8 @@ def re_attention_forward(
 
     interpret = interpreting()
     if config is None:
-        config = forward_config(Nq, Nk, D, H, interpret=interpret, shared_limit=device_shared_limit(device))
+        config = forward_config(Nq, Nk, D, H, interpret=interpret, shared_limit=device_shared_limit(device),
+                                element_size=q.element_size())
     if config.HP < H:
         raise ValueError(f"re_attention_forward: config {config} has fewer than H={H} heads")
     cdt, lowp_dot, precision = launch_options(q, lowp_dot, allow_tf32, interpret)

@@ -118,7 +118,19 @@ def device_shared_limit(device) -> Optional[int]:
     return int(torch.cuda.get_device_properties(index).shared_memory_per_block_optin)
 
 
-def fit_head_dim_chunk(kernel: str, hp: int, d: int, block_d: int, shared_limit: Optional[int]) -> int:
+# SHARED_BYTES is measured with bf16/fp16 operands; fp32 and fp64 operands (exact products) take
+# more: 115,712 B against 41,472 B for the fp32 forward at 16 heads, D = 32 (2.8x). An upper bound
+# per element size, checked for fp32 by tests/kernels/test_aot.py:
+ELEMENT_SIZE_FACTOR = {1: 1, 2: 1, 4: 3, 8: 6}
+
+
+def shared_bytes(kernel: str, hp: int, block_d: int, chunked: bool, element_size: int = 2) -> int:
+    """What the launch rule assumes ``kernel`` needs at this configuration for inputs of ``element_size``."""
+    return SHARED_BYTES[kernel][(hp, block_d, chunked)] * ELEMENT_SIZE_FACTOR[element_size]
+
+
+def fit_head_dim_chunk(kernel: str, hp: int, d: int, block_d: int, shared_limit: Optional[int],
+                       element_size: int = 2) -> int:
     """The widest head-dim chunk <= ``block_d`` whose program fits ``shared_limit`` (None: ``block_d``).
 
     Raises ValueError when not even 16 columns fit (a GPU with less shared memory than the
@@ -128,7 +140,7 @@ def fit_head_dim_chunk(kernel: str, hp: int, d: int, block_d: int, shared_limit:
         return block_d
     chunk = block_d
     while True:
-        needed = SHARED_BYTES[kernel][(hp, chunk, chunk < padded_head_dim(d))]
+        needed = shared_bytes(kernel, hp, chunk, chunk < padded_head_dim(d), element_size)
         if needed <= shared_limit:
             return chunk
         if chunk == 16:
@@ -138,12 +150,14 @@ def fit_head_dim_chunk(kernel: str, hp: int, d: int, block_d: int, shared_limit:
 
 
 def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None,
-                   shared_limit: Optional[int] = None, kernel: str = "forward") -> ForwardConfig:
+                   shared_limit: Optional[int] = None, kernel: str = "forward",
+                   element_size: int = 2) -> ForwardConfig:
     """Block sizes and launch options of the fused forward for one problem shape (see module doc).
 
     shared_limit: the GPU's shared memory per block in bytes (``device_shared_limit``); the head
     dim is split into chunks (``BLOCK_D`` < D) when a program would not fit. None: no split.
     kernel: "forward" or "bn_stats" (the statistics sweep uses the forward's tiles).
+    element_size: bytes per input element (fp32 and fp64 tiles need more shared memory).
     """
     if h < 1 or h > MAX_HEADS:
         raise ValueError(f"re_attention_forward: H must be in 1..{MAX_HEADS}, got {h}")
@@ -155,7 +169,7 @@ def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bo
     block_d = padded_head_dim(d)
     if interpret:
         return ForwardConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d, HP=hp, num_warps=4, num_stages=1)
-    block_d = fit_head_dim_chunk(kernel, hp, d, block_d, shared_limit)
+    block_d = fit_head_dim_chunk(kernel, hp, d, block_d, shared_limit, element_size)
     num_stages = 2 if block_d <= 64 else 1
     return ForwardConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, HP=hp, num_warps=8, num_stages=num_stages)
 
@@ -168,7 +182,7 @@ BACKWARD_MAX_HEAD_DIM = MAX_HEAD_DIM
 
 
 def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None,
-                    shared_limit: Optional[int] = None) -> ForwardConfig:
+                    shared_limit: Optional[int] = None, element_size: int = 2) -> ForwardConfig:
     """Block sizes of the fused backward: the forward's tiles, 4 warps, no software pipelining.
 
     The backward holds more tiles at once (q, dO, dQ and the K, V^T, K tiles of a key block), and
@@ -187,6 +201,6 @@ def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[b
     cfg = forward_config(n_q, n_k, d, h, interpret=interpret)
     block_d = cfg.BLOCK_D if cfg.BLOCK_D <= BACKWARD_SINGLE_CHUNK_D else BACKWARD_CHUNK_D
     if not (interpret if interpret is not None else interpreting()):
-        block_d = fit_head_dim_chunk("backward", cfg.HP, d, block_d, shared_limit)
+        block_d = fit_head_dim_chunk("backward", cfg.HP, d, block_d, shared_limit, element_size)
     return ForwardConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=block_d, HP=cfg.HP, num_warps=4,
                          num_stages=1)

@@ -78,12 +78,14 @@ def _triton_reason(problem: Problem) -> Optional[str]:
     from reattn.kernels.launch import backward_config, device_shared_limit, forward_config
 
     shared_limit = device_shared_limit(problem.device)
+    size = torch.empty((), dtype=problem.dtype).element_size() if problem.dtype is not None else 2
     try:  # every kernel the call may launch fits the GPU's shared memory (head-dim chunks)
         for kernel in ("forward", "bn_stats"):
             forward_config(1, 1, problem.head_dim, problem.heads, interpret=False, shared_limit=shared_limit,
-                           kernel=kernel)
+                           kernel=kernel, element_size=size)
         if problem.needs_grad:
-            backward_config(1, 1, problem.head_dim, problem.heads, interpret=False, shared_limit=shared_limit)
+            backward_config(1, 1, problem.head_dim, problem.heads, interpret=False, shared_limit=shared_limit,
+                            element_size=size)
     except ValueError as error:
         return f"{error} ({_gpu_name(problem.device)})"
     return None

@@ -5,7 +5,7 @@ The compiles run in a background process started by tests/conftest.py (see tests
 import pytest
 
 from reattn.kernels.aot import SHARED_MEMORY_LIMIT
-from reattn.kernels.launch import SHARED_BYTES
+from reattn.kernels.launch import shared_bytes
 from tests import _aot
 
 
@@ -23,14 +23,16 @@ def test_every_kernel_compiles_for_sm80_sm86_and_sm90_within_shared_memory():
 
 
 def test_the_launch_rules_shared_memory_table_bounds_the_compiler():
-    """launch.SHARED_BYTES (what the rule assumes a configuration needs) >= what Triton compiled."""
+    """launch.shared_bytes (what the rule assumes a configuration needs) >= what Triton compiled."""
     returncode, results, stderr = _aot.results()
     assert returncode == 0, stderr
     chunked = [r for r in results if r["D_CHUNKS"] > 1]
     assert {r["kernel"] for r in chunked} == {"forward", "bn_stats", "backward"}  # the split is compiled too
+    sizes = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
+    assert "fp32" in {r["dtype"] for r in results}  # the element-size factor is checked too
     for r in results:
-        key = (r["HP"], r["BLOCK_D"], r["D_CHUNKS"] > 1)
-        assert r["shared"] <= SHARED_BYTES[r["kernel"]][key], (r, SHARED_BYTES[r["kernel"]][key])
+        assumed = shared_bytes(r["kernel"], r["HP"], r["BLOCK_D"], r["D_CHUNKS"] > 1, sizes[r["dtype"]])
+        assert r["shared"] <= assumed, (r, assumed)
 
 
 def test_compile_kernel_rejects_unknown_kernels():
