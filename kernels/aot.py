@@ -16,6 +16,9 @@ import json
 import sys
 from typing import Dict, Optional
 
+# Bytes per element of the dtypes a job can name.
+ELEMENT_SIZE = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
+
 # Shared memory per block (bytes) that a kernel may use, from the CUDA occupancy tables.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
@@ -54,7 +57,7 @@ def compile_kernel(kernel: str, h: int, d: int, n: int, cap: int, dtype: str = "
     from .launch import backward_config, forward_config
 
     limit = SHARED_MEMORY_LIMIT.get(cap)
-    size = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}[dtype]
+    size = ELEMENT_SIZE[dtype]
     if kernel == "forward":
         from .forward import _re_attention_fwd_kernel as fn
         cfg = forward_config(n, n, d, h, interpret=False, shared_limit=limit, element_size=size)

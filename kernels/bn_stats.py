@@ -133,7 +133,8 @@ def gram_sums(
             q, k, mask, seed if has_dropout else q, lse, s1, gram,
             *q.stride(), *k.stride(), *lse.stride(), *mask_strides,
             H, Nq, Nk, D, num_m, float(scale), float(dropout_p), float(shift),
-            D_CHUNKS=triton.cdiv(D, config.BLOCK_D), MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, CDT=cdt, DOT_LOWP=lowp_dot, DOT_PRECISION=precision,
+            D_CHUNKS=triton.cdiv(D, config.BLOCK_D), MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, CDT=cdt,
+            DOT_LOWP=lowp_dot, DOT_PRECISION=precision,
             **config.meta(),
         )
     return lse, s1, gram

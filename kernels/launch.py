@@ -198,9 +198,11 @@ def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[b
     """
     if d > BACKWARD_MAX_HEAD_DIM:
         raise ValueError(f"re_attention_backward: head dims up to {BACKWARD_MAX_HEAD_DIM} are supported, got {d}")
+    if interpret is None:
+        interpret = interpreting()
     cfg = forward_config(n_q, n_k, d, h, interpret=interpret)
     block_d = cfg.BLOCK_D if cfg.BLOCK_D <= BACKWARD_SINGLE_CHUNK_D else BACKWARD_CHUNK_D
-    if not (interpret if interpret is not None else interpreting()):
+    if not interpret:
         block_d = fit_head_dim_chunk("backward", cfg.HP, d, block_d, shared_limit, element_size)
     return ForwardConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=block_d, HP=cfg.HP, num_warps=4,
                          num_stages=1)

@@ -78,7 +78,7 @@ def _triton_reason(problem: Problem) -> Optional[str]:
     from reattn.kernels.launch import backward_config, device_shared_limit, forward_config
 
     shared_limit = device_shared_limit(problem.device)
-    size = torch.empty((), dtype=problem.dtype).element_size() if problem.dtype is not None else 2
+    size = problem.dtype.itemsize if problem.dtype is not None else 2
     try:  # every kernel the call may launch fits the GPU's shared memory (head-dim chunks)
         for kernel in ("forward", "bn_stats"):
             forward_config(1, 1, problem.head_dim, problem.heads, interpret=False, shared_limit=shared_limit,

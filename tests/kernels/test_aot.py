@@ -4,7 +4,7 @@ The compiles run in a background process started by tests/conftest.py (see tests
 """
 import pytest
 
-from reattn.kernels.aot import SHARED_MEMORY_LIMIT
+from reattn.kernels.aot import ELEMENT_SIZE, SHARED_MEMORY_LIMIT
 from reattn.kernels.launch import shared_bytes
 from tests import _aot
 
@@ -28,10 +28,9 @@ def test_the_launch_rules_shared_memory_table_bounds_the_compiler():
     assert returncode == 0, stderr
     chunked = [r for r in results if r["D_CHUNKS"] > 1]
     assert {r["kernel"] for r in chunked} == {"forward", "bn_stats", "backward"}  # the split is compiled too
-    sizes = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
     assert "fp32" in {r["dtype"] for r in results}  # the element-size factor is checked too
     for r in results:
-        assumed = shared_bytes(r["kernel"], r["HP"], r["BLOCK_D"], r["D_CHUNKS"] > 1, sizes[r["dtype"]])
+        assumed = shared_bytes(r["kernel"], r["HP"], r["BLOCK_D"], r["D_CHUNKS"] > 1, ELEMENT_SIZE[r["dtype"]])
         assert r["shared"] <= assumed, (r, assumed)
 
 
