@@ -1,46 +1,26 @@
-"""Launch heuristics (block sizes, warps, stages) for the fused Re-attention kernels.
+"""Launch rules (tiles, warps, stages) of the fused Re-attention kernels, and the one launch point.
 
-Nothing here imports ``reattn``; only the standard library.
+Nothing here imports ``reattn``; the rules themselves need only the standard library (the
+registry imports them without triton), ``run_on_device`` imports triton when called.
 
-Forward rule (``forward_config``), one program = one batch element x BLOCK_M query rows x all
-heads (head mixing needs every head of a tile):
+Tiles (``TileConfig``; kernels/common.py explains slots): a program owns ``G`` row groups of
+``BLOCK_M`` query rows for all heads, as ``HP`` slots (``HP = 16`` for up to 16 heads, else 32;
+``G = HP // H``), and sweeps the keys ``BLOCK_N`` at a time; the head dim is padded to
+``BLOCK_D`` (a power of two >= 16) or, where a program's tiles would not fit, split into chunks of
+``BLOCK_D`` columns, one program per chunk. What bounds the tiles is the register file:
 
-* ``HP = max(16, next_pow2(H))``: heads are padded to a power of two and to at least 16,
-  because the head mixing runs as ``tl.dot(W [HP, HP], P [HP, BLOCK_M * BLOCK_N])`` and
-  ``tl.dot`` needs every non-batch dimension >= 16. Padded heads are masked (zero weights).
-* ``BLOCK_D = max(16, next_pow2(D))``: the head dim is padded and masked (D = 33 -> 64).
-* ``BLOCK_M = 16``: the smallest ``tl.dot`` tile. The batched products already have HP rows
-  of heads per program, so a taller query block only adds registers.
-* ``BLOCK_N = 16``: a program holds several all-head tiles at once: the query tile and the
-  output accumulator ``[HP, BLOCK_M, BLOCK_D]`` plus S, P, M, A ``[HP, BLOCK_M, BLOCK_N]``.
-  Measured by ahead-of-time compiles for sm_90 (bf16, LayerNorm, Triton 3.9, cuobjdump): with
-  HP = 16, BLOCK_D = 32 and 8 warps, BLOCK_N = 16 needs 193 registers per thread and no spills,
-  BLOCK_N = 32 needs 255 registers and spills; HP = 16, BLOCK_D = 64, BLOCK_N = 16 uses 255
-  registers with a 48-byte spill stack. Wider key tiles only cost registers.
-* ``num_warps = 8``: 4 warps spill already at HP = 16, BLOCK_D = 32 (255 registers, 48-byte
-  stack); 16 warps cap a thread at 128 registers and still spill at BLOCK_D >= 64.
-* ``num_stages``: 2 when ``BLOCK_D <= 64``, else 1 (the K/V tiles are [HP, BLOCK_N, BLOCK_D]).
-* Nq and Nk do not change the choice (the grid covers Nq, the key loop Nk; a short Nk is
-  masked inside one 16-wide key block). Known weak spots, for tuning on a GPU: BLOCK_D = 128
-  and HP = 32 spill registers (the head-dim split below is chosen for shared memory only;
-  whether splitting also pays for registers is for a GPU run to measure).
+* the output accumulator [HP, G*BLOCK_M... per slot BLOCK_M, BLOCK_D] in fp32 takes
+  HP * BLOCK_M * BLOCK_D / (32 * num_warps) registers per thread; the rule keeps it at 128 or
+  less of the 255 a thread may hold (8 warps: BLOCK_M = 32 at HP * BLOCK_D = 1024, 16 at 2048);
+* the score-side tiles [HP, BLOCK_M, BLOCK_N] (S, P, the mixed map, LayerNorm's centred map) take
+  HP * BLOCK_M * BLOCK_N / 256 registers each; BLOCK_N = 16 keeps four of them under 64 registers.
 
-Shared memory (``shared_limit``: the GPU's bytes per block, ``device_shared_limit``): both dot
-operands of every product are staged in shared memory, so a program needs about
-HP x BLOCK_D x 1 KiB (forward) and more in the backward: at HP = 32 and D = 128 the forward needs
-280,576 B, over even an H100's 232,448. When the whole head dim does not fit, the head dim is
-split into chunks of BLOCK_D columns, one program per chunk (a second grid dimension); each
-chunk's program re-reads q and k a chunk at a time for the scores (the score work is repeated
-per chunk) and writes its own columns of O (dQ, dK, dV in the backward). ``SHARED_BYTES``
-holds what each kernel needs per (HP, BLOCK_D, several chunks?), measured by ahead-of-time
-compilation (``kernels/aot.py``, Triton 3.9, bf16, bool mask, dropout, affine norm: the heaviest
-variant; sm_80, sm_86 and sm_90 give the same numbers); the rule keeps the chunk the shapes had
-without a limit and halves it until the kernel fits. tests/kernels/test_aot.py compiles the
-choices for the sm_80, sm_86/sm_89 and sm_90 limits and checks them against the real compiler.
+Rows per program (G * BLOCK_M) decide how often a batch element's keys and values are re-read
+from L2 (Nq / rows per program times); the reads are what a larger BLOCK_M would save, the
+accumulator what it would cost.
 
-Under Triton's interpreter (``TRITON_INTERPRET=1``) there is a single configuration
-(BLOCK_M = 16, BLOCK_N = 32, 4 warps, 1 stage; HP and BLOCK_D still follow the shape, since
-they are not tuning knobs): the interpreter's cost is per operation, not per element.
+Under Triton's interpreter (``TRITON_INTERPRET=1``) the tiles are the smallest the products allow
+(BLOCK_M = BLOCK_N = 16, 4 warps, 1 stage): the interpreter's cost is per element.
 """
 from __future__ import annotations
 
@@ -60,51 +40,51 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@dataclass(frozen=True)
-class ForwardConfig:
-    BLOCK_M: int
-    BLOCK_N: int
-    BLOCK_D: int
-    HP: int
-    num_warps: int
-    num_stages: int
-
-    def meta(self) -> dict:
-        """Keyword arguments for the kernel launch (constexprs and launch options)."""
-        return dict(BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_D=self.BLOCK_D, HP=self.HP,
-                    num_warps=self.num_warps, num_stages=self.num_stages)
-
-
-def padded_heads(h: int) -> int:
-    return max(16, next_pow2(h))
+def padded_slots(h: int) -> int:
+    """HP: slots per program, a power of two >= 8 (the head mixing's tensor-core product needs K >= 8)."""
+    return max(8, next_pow2(h))
 
 
 def padded_head_dim(d: int) -> int:
     return max(16, next_pow2(d))
 
 
-# Shared memory (bytes) per program at the launch rule's configurations: {kernel: {(HP, BLOCK_D,
-# several head-dim chunks): bytes}}, measured by ahead-of-time compilation (see the module doc).
-SHARED_BYTES = {
-    "forward": {
-        (16, 16, False): 25088, (16, 32, False): 41472, (16, 64, False): 74240, (16, 128, False): 139776,
-        (32, 16, False): 51200, (32, 32, False): 83968, (32, 64, False): 149504, (32, 128, False): 280576,
-        (16, 16, True): 16896, (16, 32, True): 33280, (16, 64, True): 66048,
-        (32, 16, True): 34816, (32, 32, True): 67584, (32, 64, True): 133120,
-    },
-    "bn_stats": {
-        (16, 16, False): 24576, (16, 32, False): 32768, (16, 64, False): 65536, (16, 128, False): 131072,
-        (32, 16, False): 49152, (32, 32, False): 65536, (32, 64, False): 131072, (32, 128, False): 262144,
-        (16, 16, True): 16384, (16, 32, True): 32768, (16, 64, True): 65536,
-        (32, 16, True): 32768, (32, 32, True): 65536, (32, 64, True): 131072,
-    },
-    "backward": {  # head dims over 64 always run in chunks of 32 (backward_config), never of 64
-        (16, 16, False): 33792, (16, 32, False): 58368, (16, 64, False): 132096,
-        (32, 16, False): 69632, (32, 32, False): 110592, (32, 64, False): 266240,
-        (16, 16, True): 50176, (16, 32, True): 99328,
-        (32, 16, True): 69632, (32, 32, True): 135168,
-    },
-}
+@dataclass(frozen=True)
+class TileConfig:
+    """Tiles and launch options of one kernel (see the module doc)."""
+
+    HP: int
+    G: int
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_D: int
+    STATS_BLOCK_N: int
+    num_warps: int
+    num_stages: int
+
+    def meta(self) -> dict:
+        """Keyword arguments for the kernel launch (constexprs and launch options)."""
+        return dict(HP=self.HP, G=self.G, BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_D=self.BLOCK_D,
+                    STATS_BLOCK_N=self.STATS_BLOCK_N, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    @property
+    def rows(self) -> int:
+        """Query rows per program."""
+        return self.G * self.BLOCK_M
+
+    def programs_per_batch(self, n_q: int) -> int:
+        return -(-n_q // self.rows)
+
+    def check_heads(self, h: int, where: str) -> None:
+        if self.G * h > self.HP or self.G < 1:
+            raise ValueError(f"{where}: config {self} cannot hold {h} heads (G * H must be <= HP)")
+
+
+def _check_shape(h: int, d: int) -> None:
+    if h < 1 or h > MAX_HEADS:
+        raise ValueError(f"re_attention: H must be in 1..{MAX_HEADS}, got {h}")
+    if d < 1 or d > MAX_HEAD_DIM:
+        raise ValueError(f"re_attention: head dim must be in 1..{MAX_HEAD_DIM}, got {d}")
 
 
 def device_shared_limit(device) -> Optional[int]:
@@ -118,91 +98,88 @@ def device_shared_limit(device) -> Optional[int]:
     return int(torch.cuda.get_device_properties(index).shared_memory_per_block_optin)
 
 
-# SHARED_BYTES is measured with bf16/fp16 operands; fp32 and fp64 operands (exact products) take
-# more: 115,712 B against 41,472 B for the fp32 forward at 16 heads, D = 32 (2.8x). An upper bound
-# per element size, checked for fp32 by tests/kernels/test_aot.py:
-ELEMENT_SIZE_FACTOR = {1: 1, 2: 1, 4: 3, 8: 6}
-
-
-def shared_bytes(kernel: str, hp: int, block_d: int, chunked: bool, element_size: int = 2) -> int:
-    """What the launch rule assumes ``kernel`` needs at this configuration for inputs of ``element_size``."""
-    return SHARED_BYTES[kernel][(hp, block_d, chunked)] * ELEMENT_SIZE_FACTOR[element_size]
-
-
-def fit_head_dim_chunk(kernel: str, hp: int, d: int, block_d: int, shared_limit: Optional[int],
-                       element_size: int = 2) -> int:
-    """The widest head-dim chunk <= ``block_d`` whose program fits ``shared_limit`` (None: ``block_d``).
-
-    Raises ValueError when not even 16 columns fit (a GPU with less shared memory than the
-    kernels were measured for).
-    """
-    if shared_limit is None:
-        return block_d
-    chunk = block_d
-    while True:
-        needed = shared_bytes(kernel, hp, chunk, chunk < padded_head_dim(d), element_size)
-        if needed <= shared_limit:
-            return chunk
-        if chunk == 16:
-            raise ValueError(f"the Triton {kernel} kernel needs {needed} bytes of shared memory per block for "
-                             f"{hp} (padded) heads even in head-dim chunks of 16; this GPU allows {shared_limit}")
-        chunk //= 2
-
-
 def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None,
-                   shared_limit: Optional[int] = None, kernel: str = "forward",
-                   element_size: int = 2) -> ForwardConfig:
-    """Block sizes and launch options of the fused forward for one problem shape (see module doc).
+                   shared_limit: Optional[int] = None, element_size: int = 2) -> TileConfig:
+    """Tiles of the forward and the statistics sweep for one problem shape (see the module doc).
 
-    shared_limit: the GPU's shared memory per block in bytes (``device_shared_limit``); the head
-    dim is split into chunks (``BLOCK_D`` < D) when a program would not fit. None: no split.
-    kernel: "forward" or "bn_stats" (the statistics sweep uses the forward's tiles).
-    element_size: bytes per input element (fp32 and fp64 tiles need more shared memory).
+    shared_limit: the GPU's shared memory per block in bytes (``device_shared_limit``), None off a
+    GPU. element_size: bytes per input element (fp32 and fp64 run CUDA-core products on
+    narrower tiles).
     """
-    if h < 1 or h > MAX_HEADS:
-        raise ValueError(f"re_attention_forward: H must be in 1..{MAX_HEADS}, got {h}")
-    if d < 1 or d > MAX_HEAD_DIM:
-        raise ValueError(f"re_attention_forward: head dim must be in 1..{MAX_HEAD_DIM}, got {d}")
+    _check_shape(h, d)
     if interpret is None:
         interpret = interpreting()
-    hp = padded_heads(h)
+    hp = padded_slots(h)
+    g = hp // h
     block_d = padded_head_dim(d)
     if interpret:
-        return ForwardConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d, HP=hp, num_warps=4, num_stages=1)
-    block_d = fit_head_dim_chunk(kernel, hp, d, block_d, shared_limit, element_size)
-    num_stages = 2 if block_d <= 64 else 1
-    return ForwardConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, HP=hp, num_warps=8, num_stages=num_stages)
+        return TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=4,
+                          num_stages=1)
+    if element_size > 2:  # exact fp32 / fp64 products run on the CUDA cores: narrow tiles
+        block_d = min(block_d, 32)
+        return TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=4,
+                          num_stages=1)
+    # The accumulator at <= 64 registers per thread with 8 warps (the score-side tiles, the query
+    # tile and the pipeline's addresses take the rest of the 255); head-dim chunks beyond that.
+    while hp * 16 * block_d > 64 * 256:
+        block_d //= 2
+    block_m = max(16, min(64, 64 * 256 // (hp * block_d)))
+    return TileConfig(HP=hp, G=g, BLOCK_M=block_m, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=32, num_warps=8,
+                      num_stages=2)
 
 
-# Head dims up to BACKWARD_SINGLE_CHUNK_D run the backward in one program per query block; larger
-# ones are split into chunks of BACKWARD_CHUNK_D columns, one program per chunk (``backward_config``).
-BACKWARD_SINGLE_CHUNK_D = 64
-BACKWARD_CHUNK_D = 32
-BACKWARD_MAX_HEAD_DIM = MAX_HEAD_DIM
+def run_on_device(kernel, grid, device, *args, **kwargs) -> None:
+    """Launch ``kernel`` on ``device``'s current stream: every Triton launch of reattn goes through here.
+
+    Triton checks a compiled kernel's shared memory against the GPU before launching it; should a
+    launch rule fall short of what this Triton version needs, that is a ValueError naming the
+    kernel and its configuration, not Triton's bare error.
+    """
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        if getattr(device, "type", device) == "cuda":
+            import torch
+
+            with torch.cuda.device(device):
+                kernel[grid](*args, **kwargs)
+        else:
+            kernel[grid](*args, **kwargs)
+    except OutOfResources as error:
+        config = {k: kwargs[k] for k in ("HP", "G", "BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages")
+                  if k in kwargs}
+        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel
+        raise ValueError(f"{name} at {config} does not fit {device}: {error}") from error
 
 
 def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None,
-                    shared_limit: Optional[int] = None, element_size: int = 2) -> ForwardConfig:
-    """Block sizes of the fused backward: the forward's tiles, 4 warps, no software pipelining.
+                    shared_limit: Optional[int] = None, element_size: int = 2, kernel: str = "dq") -> TileConfig:
+    """Tiles of the backward's two kernels (see the module doc and kernels/backward.py).
 
-    The backward holds more tiles at once (q, dO, dQ and the K, V^T, K tiles of a key block), and
-    Triton's layout conversions of the [HP, BLOCK_M, BLOCK_D] tiles take shared memory. Measured
-    by ahead-of-time compilation for sm_80 (bf16, HP=16, BLOCK_N=16, Triton 3.9):
-
-    * BLOCK_D=64, one chunk: 173056 bytes with 8 or 16 warps (over sm_80's 166912), 164864 with 4.
-    * BLOCK_D=128, one chunk: 336896 bytes (8 warps), over sm_80 and sm_90 alike.
-    * D=128 in 2 chunks of 64: 197632 bytes (fits sm_90's 232448, not sm_80); in 4 chunks of 32:
-      99328 bytes. So head dims above 64 use chunks of BACKWARD_CHUNK_D = 32: each program owns 32
-      columns of dQ, dK, dV and recomputes the scores over the whole head dim (4x the score work
-      at D = 128; a GPU-specific choice of 64 on sm_90 is left for tuning on a GPU).
+    kernel "dq": the query-major sweep, two [HP, BLOCK_M, BLOCK_D] accumulators (X and Y) where the
+    forward has one, so half the forward's BLOCK_M. kernel "dkdv": the key-major sweep, with the
+    dK and dV accumulators [HP, BLOCK_N, BLOCK_D] over its key block (the slots' rows are keys
+    there: BLOCK_N plays the part of BLOCK_M) and the whole head dim in one program.
     """
-    if d > BACKWARD_MAX_HEAD_DIM:
-        raise ValueError(f"re_attention_backward: head dims up to {BACKWARD_MAX_HEAD_DIM} are supported, got {d}")
+    if kernel not in ("dq", "dkdv"):
+        raise ValueError(f"backward_config: kernel must be 'dq' or 'dkdv', got {kernel!r}")
+    _check_shape(h, d)
     if interpret is None:
         interpret = interpreting()
-    cfg = forward_config(n_q, n_k, d, h, interpret=interpret)
-    block_d = cfg.BLOCK_D if cfg.BLOCK_D <= BACKWARD_SINGLE_CHUNK_D else BACKWARD_CHUNK_D
-    if not interpret:
-        block_d = fit_head_dim_chunk("backward", cfg.HP, d, block_d, shared_limit, element_size)
-    return ForwardConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=block_d, HP=cfg.HP, num_warps=4,
-                         num_stages=1)
+    hp = padded_slots(h)
+    g = hp // h
+    block_d = padded_head_dim(d)
+    if interpret:
+        return TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=4,
+                          num_stages=1)
+    if element_size > 2:
+        return TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d if kernel == "dkdv" else min(block_d, 32),
+                          STATS_BLOCK_N=16, num_warps=4, num_stages=1)
+    if kernel == "dq":
+        while hp * 16 * block_d > 32 * 256:
+            block_d //= 2
+        block_m = max(16, min(32, 32 * 256 // (hp * block_d)))
+        return TileConfig(HP=hp, G=g, BLOCK_M=block_m, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=8,
+                          num_stages=2)
+    return TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=8,
+                      num_stages=2)
