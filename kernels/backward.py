@@ -116,8 +116,9 @@ def _dq_block(x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, 
         mix = _mix(w_slots, p_tilde, HP, BLOCK_M, BLOCK_N, CDT, DOT_LOWP, tl.float16, DOT_PRECISION)
         if not BIAS_SLOT:
             mix = mix + c[:, None, None]
-    dm, xhat = _norm_backward(dn, mix, kept, group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_f, eps, HP, BLOCK_M,
-                              BLOCK_N, CDT, NORM, NORM_PRECISION)
+    # BatchNorm's dM is not 0 where dN is (e xhat + f): rows past N_Q are outside its entries too.
+    dm, xhat = _norm_backward(dn, mix, kept & rows_ok[:, :, None], group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_f,
+                              eps, HP, BLOCK_M, BLOCK_N, CDT, NORM, NORM_PRECISION)
     if SUMS_ONLY:
         kept_dn = dn
         if MASK_KIND != 0 or KEYS_PADDED:
@@ -252,8 +253,9 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, kt, vt, Qb, DO
     if not BIAS_SLOT:
         mix = mix + c[:, None, None]
     dn = tl.where(kept, dov * out_scale, 0.0)
-    dm, xhat = _norm_backward(dn, mix, kept, group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_f, eps, HP, BLOCK_M,
-                              BLOCK_N, CDT, NORM, NORM_PRECISION)
+    # BatchNorm's dM is not 0 where dN is (e xhat + f): rows past N_Q are outside its entries too.
+    dm, xhat = _norm_backward(dn, mix, kept & rows_ok[:, :, None], group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_f,
+                              eps, HP, BLOCK_M, BLOCK_N, CDT, NORM, NORM_PRECISION)
     if NORM != 0:
         a = xhat * gamma[:, None, None] + beta[:, None, None]
         if NORM == 1:

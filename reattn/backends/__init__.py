@@ -79,13 +79,13 @@ def _triton_reason(problem: Problem) -> Optional[str]:
 
     shared_limit = device_shared_limit(problem.device)
     size = problem.dtype.itemsize if problem.dtype is not None else 2
-    try:  # every kernel the call may launch fits the GPU's shared memory (head-dim chunks)
-        for kernel in ("forward", "bn_stats"):
-            forward_config(1, 1, problem.head_dim, problem.heads, interpret=False, shared_limit=shared_limit,
-                           kernel=kernel, element_size=size)
+    try:  # every kernel the call may launch fits the GPU's shared memory
+        forward_config(1, 1, problem.head_dim, problem.heads, interpret=False, shared_limit=shared_limit,
+                       element_size=size)
         if problem.needs_grad:
-            backward_config(1, 1, problem.head_dim, problem.heads, interpret=False, shared_limit=shared_limit,
-                            element_size=size)
+            for kernel in ("dq", "dkdv"):
+                backward_config(1, 1, problem.head_dim, problem.heads, interpret=False, shared_limit=shared_limit,
+                                element_size=size, kernel=kernel)
     except ValueError as error:
         return f"{error} ({_gpu_name(problem.device)})"
     return None

@@ -159,6 +159,9 @@ class FusedKernels:
         norm-less forward O = X V of X = W P~ + mix_bias (masked entries 0) with per-program sums
         of X and X^2 over the unmasked entries; with it, local training BatchNorm runs in one
         sweep over the keys (:func:`one_sweep_batchnorm`) instead of the statistics sweep + forward.
+    softmax_stats_shape(q) -> shape: what the forward saves per score row for the backward (its
+        ``lse``): one logsumexp [B, H, Nq], or the row max and log-sum, e.g. [2, B, H, Nq]; each
+        backend reads only its own.
     """
 
     forward: Callable
@@ -166,6 +169,7 @@ class FusedKernels:
     backward_sums: Callable
     backward: Callable
     forward_moments: Optional[Callable] = None
+    softmax_stats_shape: Callable = lambda q: (q.shape[0], q.shape[1], q.shape[2])
 
 
 @dataclass(frozen=True)
@@ -245,7 +249,8 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
           dropout_p, lse_in=None, stats_in=None):
         B, H, Nq, _ = q.shape
         return (torch.empty_like(q, memory_format=torch.contiguous_format),
-                q.new_empty((B, H, Nq), dtype=accumulator_dtype(q)), q.new_empty((3, H), dtype=torch.float64))
+                q.new_empty(kernels.softmax_stats_shape(q), dtype=accumulator_dtype(q)),
+                q.new_empty((3, H), dtype=torch.float64))
 
     def gram_sums(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], seed: Optional[Tensor], scale: float,
                   dropout_p: float, shift: float) -> Tuple[Tensor, Tensor, Tensor]:
@@ -258,8 +263,8 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
     @gram_sums_op.register_fake
     def _(q, k, attn_mask, seed, scale, dropout_p, shift):
         B, H, Nq, _ = q.shape
-        return (q.new_empty((B, H, Nq), dtype=accumulator_dtype(q)), q.new_empty((H,), dtype=torch.float64),
-                q.new_empty((H, H), dtype=torch.float64))
+        return (q.new_empty(kernels.softmax_stats_shape(q), dtype=accumulator_dtype(q)),
+                q.new_empty((H,), dtype=torch.float64), q.new_empty((H, H), dtype=torch.float64))
 
     def bn_grad_sums(
         grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias: Optional[Tensor],
