@@ -220,17 +220,20 @@ def _re_attention_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, kt, vt, Qb, DOb, STATSb, DELTA, b, H, head,
-                slot_ok, keys, keys_ok, start_m, N_Q, N_K, D, offs_d, w_slots, c, gamma, beta, group_mean, bn_mean,
-                bn_rstd, bn_e,
-                bn_f, seed, scale2, out_scale, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
+def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Qb, DOb, STATSb, DELTA, b, H, head, slot_ok,
+                keys, keys_ok, start_m, N_Q, N_K, D, offs_d, w_slots, c, gamma, beta, group_mean, bn_mean, bn_rstd,
+                bn_e, bn_f, seed, scale2, out_scale, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
                 stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm,
                 HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 NORM: tl.constexpr, MASK_KIND: tl.constexpr, ROWS_PADDED: tl.constexpr, EVEN_D: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, CDT: tl.constexpr,
                 DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 NORM_PRECISION: tl.constexpr):
-    """One query block of the key-major sweep: dK, dV and the parameter sums of dW, dc, dgamma, dbeta."""
+    """One query block of the key-major sweep: dK, dV and the parameter sums of dW, dc, dgamma, dbeta.
+
+    The tiles are transposed, [HP, BLOCK_N keys, BLOCK_M queries], so that dS^T and A^T are the
+    products' left operands as computed (FlashAttention-2's key-major orientation).
+    """
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = offs_m[None, :] + tl.zeros([HP, 1], tl.int32)
     rows_ok = slot_ok[:, None] & (offs_m < N_Q)[None, :]
@@ -240,40 +243,44 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, kt, vt, Qb, DO
     do = _load_rows(DOb, head, rows, rows_ok, offs_d, D, stride_doh, stride_dom, stride_dod, CDT, DOT_LOWP)
     m2, l2 = _load_row_stats(STATSb, slot_ok, rows, rows_ok, head, stride_sp, stride_sh, stride_sm, CDT)
     delta = tl.load(DELTA + (b * H + head.to(tl.int64)[:, None]) * N_Q + rows, mask=rows_ok, other=0.0)
-    qk = _mm(q, kt, tl.zeros([HP, BLOCK_M, BLOCK_N], CDT), DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-    dov = _mm(do, vt, tl.zeros([HP, BLOCK_M, BLOCK_N], CDT), DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    qk = _mm(k, tl.permute(q, (0, 2, 1)), tl.zeros([HP, BLOCK_N, BLOCK_M], CDT), DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    dov = _mm(v, tl.permute(do, (0, 2, 1)), tl.zeros([HP, BLOCK_N, BLOCK_M], CDT), DOT_LOWP, LOWP_DTYPE,
+              DOT_PRECISION)
     head3 = head[:, None, None]
-    rows3 = offs_m[None, :, None]
-    keys3 = keys[:, None, :]
-    t2, kept = _scores(qk, m2[:, :, None], b, head3, rows3, rows_ok[:, :, None], keys3, N_K, scale2, MASK, stride_mb,
-                       stride_mh, stride_mm, stride_mn, CDT, MASK_KIND, True)
-    p, p_tilde, drop_scale = _probs(t2, l2[:, :, None], b, H, head3, rows3, keys3, seed, dropout_p, CDT, HAS_DROPOUT)
+    rows3 = offs_m[None, None, :]
+    rows_ok3 = rows_ok[:, None, :]
+    keys3 = keys[:, :, None]
+    t2, kept = _scores(qk, m2[:, None, :], b, head3, rows3, rows_ok3, keys3, N_K, scale2, MASK, stride_mb, stride_mh,
+                       stride_mm, stride_mn, CDT, MASK_KIND, True)
+    p, p_tilde, drop_scale = _probs(t2, l2[:, None, :], b, H, head3, rows3, keys3, seed, dropout_p, CDT, HAS_DROPOUT)
     # Rows past N_Q: P = 0 (their m2 is +inf), dO = 0; nothing they hold reaches a gradient.
-    mix = _mix(w_slots, p_tilde, HP, BLOCK_M, BLOCK_N, CDT, DOT_LOWP, tl.float16, DOT_PRECISION)
+    mix = _mix(w_slots, p_tilde, HP, BLOCK_N, BLOCK_M, CDT, DOT_LOWP, tl.float16, DOT_PRECISION)
     if not BIAS_SLOT:
         mix = mix + c[:, None, None]
     dn = tl.where(kept, dov * out_scale, 0.0)
     # BatchNorm's dM is not 0 where dN is (e xhat + f): rows past N_Q are outside its entries too.
-    dm, xhat = _norm_backward(dn, mix, kept & rows_ok[:, :, None], group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_f,
-                              eps, HP, BLOCK_M, BLOCK_N, CDT, NORM, NORM_PRECISION)
+    dm, xhat = _norm_backward(dn, mix, kept & rows_ok3, group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_f, eps, HP,
+                              BLOCK_N, BLOCK_M, CDT, NORM, NORM_PRECISION)
     if NORM != 0:
         a = xhat * gamma[:, None, None] + beta[:, None, None]
         if NORM == 1:
-            dnw_acc += tl.sum(dn * xhat, axis=1)
-            dnb_acc += tl.sum(dn, axis=1)
+            dnw_acc += tl.sum(dn * xhat, axis=2)
+            dnb_acc += tl.sum(dn, axis=2)
     else:
         a = mix
     a = tl.where(kept, a * out_scale, 0.0)
     if HAS_MIX_BIAS and not BIAS_SLOT:
-        dc_acc += tl.sum(dm, axis=1)
-    dp = _mix(tl.trans(w_slots), dm, HP, BLOCK_M, BLOCK_N, CDT, DOT_LOWP, tl.bfloat16, DOT_PRECISION)
+        dc_acc += tl.sum(dm, axis=2)
+    dp = _mix(tl.trans(w_slots), dm, HP, BLOCK_N, BLOCK_M, CDT, DOT_LOWP, tl.bfloat16, DOT_PRECISION)
     if HAS_DROPOUT:
         dp = dp * drop_scale
-    ds = p * (dp - delta[:, :, None])
-    dk_acc = _mm(tl.permute(ds, (0, 2, 1)), q, dk_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-    dv_acc = _mm(tl.permute(a, (0, 2, 1)), do, dv_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-    dw_acc = _mm(tl.reshape(dm, (HP, BLOCK_M * BLOCK_N)), tl.trans(tl.reshape(p_tilde, (HP, BLOCK_M * BLOCK_N))),
-                 dw_acc, DOT_LOWP, tl.bfloat16, DOT_PRECISION)
+    ds = p * (dp - delta[:, None, :])
+    dk_acc = _mm(ds, q, dk_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    dv_acc = _mm(a, do, dv_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    # dW = sum over entries of dM P~^T, as one [HP, HP] product per key (batched over the keys, so
+    # the reduction over entries splits across warps; summed over keys at the end).
+    dw_acc = _mm(tl.permute(dm, (1, 0, 2)), tl.permute(p_tilde, (1, 2, 0)), dw_acc, DOT_LOWP, tl.bfloat16,
+                 DOT_PRECISION)
     return dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc
 
 
@@ -306,10 +313,8 @@ def _re_attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
-    kt = tl.permute(_load_rows(Kb, head, keys, keys_ok, offs_d, D, stride_kh, stride_kn, stride_kd, CDT, DOT_LOWP),
-                    (0, 2, 1))
-    vt = tl.permute(_load_rows(Vb, head, keys, keys_ok, offs_d, D, stride_vh, stride_vn, stride_vd, CDT, DOT_LOWP),
-                    (0, 2, 1))
+    k = _load_rows(Kb, head, keys, keys_ok, offs_d, D, stride_kh, stride_kn, stride_kd, CDT, DOT_LOWP)
+    v = _load_rows(Vb, head, keys, keys_ok, offs_d, D, stride_vh, stride_vn, stride_vd, CDT, DOT_LOWP)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
@@ -324,14 +329,14 @@ def _re_attention_bwd_dkdv_kernel(
 
     dk_acc = tl.zeros([HP, BLOCK_N, BLOCK_D], CDT)
     dv_acc = tl.zeros([HP, BLOCK_N, BLOCK_D], CDT)
-    dw_acc = tl.zeros([HP, HP], CDT)
+    dw_acc = tl.zeros([BLOCK_N, HP, HP], CDT)
     dnw_acc = tl.zeros([HP, BLOCK_N], CDT)
     dnb_acc = tl.zeros([HP, BLOCK_N], CDT)
     dc_acc = tl.zeros([HP, BLOCK_N], CDT)
     m_full = (N_Q // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
         dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc = _dkdv_block(
-            dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, kt, vt, Qb, DOb, STATSb, DELTA, b, H, head, slot_ok,
+            dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Qb, DOb, STATSb, DELTA, b, H, head, slot_ok,
             keys, keys_ok, start_m, N_Q, N_K, D, offs_d, w_slots, c, gamma, beta, group_mean, bn_mean, bn_rstd, bn_e,
             bn_f, seed, scale2, out_scale, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
             stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP,
@@ -339,7 +344,7 @@ def _re_attention_bwd_dkdv_kernel(
             DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
     if m_full < N_Q:
         dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc = _dkdv_block(
-            dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, kt, vt, Qb, DOb, STATSb, DELTA, b, H, head, slot_ok,
+            dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Qb, DOb, STATSb, DELTA, b, H, head, slot_ok,
             keys, keys_ok, m_full, N_Q, N_K, D, offs_d, w_slots, c, gamma, beta, group_mean, bn_mean, bn_rstd, bn_e,
             bn_f, seed, scale2, out_scale, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
             stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP,
@@ -358,7 +363,7 @@ def _re_attention_bwd_dkdv_kernel(
     # Per-program partial sums: dW_slots [HP, HP], then per slot dgamma, dbeta (LayerNorm) and dc.
     offs_s = tl.arange(0, HP)
     parts = PARTS + pid.to(tl.int64) * (HP * HP + 3 * HP)
-    tl.store(parts + offs_s[:, None] * HP + offs_s[None, :], dw_acc)
+    tl.store(parts + offs_s[:, None] * HP + offs_s[None, :], tl.sum(dw_acc, axis=0))
     tl.store(parts + HP * HP + offs_s, tl.sum(tl.where(keys_ok, dnw_acc, 0.0), axis=1))
     tl.store(parts + HP * HP + HP + offs_s, tl.sum(tl.where(keys_ok, dnb_acc, 0.0), axis=1))
     tl.store(parts + HP * HP + 2 * HP + offs_s, tl.sum(tl.where(keys_ok, dc_acc, 0.0), axis=1))
@@ -407,7 +412,7 @@ def _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, d
         H, Nq, Nk, D, num_m, float(scale) * 1.4426950408889634, float(out_scale), float(eps), float(dropout_p),
         D_CHUNKS=triton.cdiv(D, config.BLOCK_D), EVEN_D=D % config.BLOCK_D == 0,
         BIAS_SLOT=_bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None), SUMS_ONLY=sums_only,
-        **flags, **options, **config.meta(),
+        **flags, **options, **config.meta(stats_sweep=False),
     )
     return config
 
@@ -498,7 +503,7 @@ def re_attention_backward(
         H, Nq, Nk, D, num_n, float(scale) * 1.4426950408889634, float(out_scale), float(eps), float(dropout_p),
         D_CHUNKS=triton.cdiv(D, config.BLOCK_D), EVEN_D=D % config.BLOCK_D == 0,
         BIAS_SLOT=_bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None),
-        **flags, **options, **config.meta(),
+        **flags, **options, **config.meta(stats_sweep=False),
     )
     dw, dc, dnw, dnb = _reduce_parts(parts, H, config, _bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None))
     return (dq, dk, dv, dw, dc if mix_bias is not None else None,

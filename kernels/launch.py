@@ -1,7 +1,8 @@
 """Launch rules (tiles, warps, stages) of the fused Re-attention kernels, and the one launch point.
 
-Nothing here imports ``reattn``; the rules themselves need only the standard library (the
-registry imports them without triton), ``run_on_device`` imports triton when called.
+Nothing here imports ``reattn``; only the standard library at import time (the registry imports
+the rules without triton; ``device_shared_limit`` and ``run_on_device`` import torch and triton
+when called).
 
 Tiles (``TileConfig``; kernels/common.py explains slots): a program owns ``G`` row groups of
 ``BLOCK_M`` query rows for all heads, as ``HP`` slots (``HP = 16`` for up to 16 heads, else 32;
@@ -9,9 +10,9 @@ Tiles (``TileConfig``; kernels/common.py explains slots): a program owns ``G`` r
 ``BLOCK_D`` (a power of two >= 16) or, where a program's tiles would not fit, split into chunks of
 ``BLOCK_D`` columns, one program per chunk. What bounds the tiles is the register file:
 
-* the output accumulator [HP, G*BLOCK_M... per slot BLOCK_M, BLOCK_D] in fp32 takes
-  HP * BLOCK_M * BLOCK_D / (32 * num_warps) registers per thread; the rule keeps it at 128 or
-  less of the 255 a thread may hold (8 warps: BLOCK_M = 32 at HP * BLOCK_D = 1024, 16 at 2048);
+* the output accumulator [HP, BLOCK_M, BLOCK_D] in fp32 takes HP * BLOCK_M * BLOCK_D /
+  (32 * num_warps) registers per thread; the rule keeps it at 64 or less of the 255 a thread may
+  hold (8 warps: BLOCK_M = 32 at HP * BLOCK_D = 512, 16 at 1024);
 * the score-side tiles [HP, BLOCK_M, BLOCK_N] (S, P, the mixed map, LayerNorm's centred map) take
   HP * BLOCK_M * BLOCK_N / 256 registers each; BLOCK_N = 16 keeps four of them under 64 registers.
 
@@ -36,7 +37,15 @@ def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
+# The static model's dry run (``kernels/capture.py``) sets CAPTURE to a recorder: while it is set,
+# ``run_on_device`` records each launch instead of running it and the launch rule sees the target
+# GPU's shared memory, never the interpreter. Every Triton launch goes through ``run_on_device``.
+CAPTURE = None
+
+
 def interpreting() -> bool:
+    if CAPTURE is not None:
+        return False
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -62,10 +71,17 @@ class TileConfig:
     num_warps: int
     num_stages: int
 
-    def meta(self) -> dict:
-        """Keyword arguments for the kernel launch (constexprs and launch options)."""
-        return dict(HP=self.HP, G=self.G, BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_D=self.BLOCK_D,
-                    STATS_BLOCK_N=self.STATS_BLOCK_N, num_warps=self.num_warps, num_stages=self.num_stages)
+    def meta(self, stats_sweep: bool = True) -> dict:
+        """Keyword arguments for the kernel launch (constexprs and launch options).
+
+        stats_sweep: the kernel runs the softmax statistics sweep (forward, Gram sums) and takes
+        STATS_BLOCK_N; the backward's kernels do not.
+        """
+        meta = dict(HP=self.HP, G=self.G, BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_D=self.BLOCK_D,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
+        if stats_sweep:
+            meta["STATS_BLOCK_N"] = self.STATS_BLOCK_N
+        return meta
 
     @property
     def rows(self) -> int:
@@ -89,6 +105,8 @@ def _check_shape(h: int, d: int) -> None:
 
 def device_shared_limit(device) -> Optional[int]:
     """Shared memory a kernel may use per block on ``device`` (bytes), or None off a CUDA GPU."""
+    if CAPTURE is not None:
+        return CAPTURE.shared_limit
     import torch
 
     device = torch.device(device)
@@ -133,8 +151,12 @@ def run_on_device(kernel, grid, device, *args, **kwargs) -> None:
 
     Triton checks a compiled kernel's shared memory against the GPU before launching it; should a
     launch rule fall short of what this Triton version needs, that is a ValueError naming the
-    kernel and its configuration, not Triton's bare error.
+    kernel and its configuration, not Triton's bare error. Under ``kernels.capture.capture_launches``
+    the launch is recorded, not run.
     """
+    if CAPTURE is not None:
+        CAPTURE.record(kernel, grid, args, kwargs)
+        return
     from triton.runtime.errors import OutOfResources
 
     try:
