@@ -220,12 +220,14 @@ def _re_attention_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Qb, DOb, STATSb, DELTA, b, H, head, slot_ok,
+def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, Qb, DOb, STATSb, DELTA, b, H, head,
+                slot_ok,
                 keys, keys_ok, start_m, N_Q, N_K, D, offs_d, w_slots, c, gamma, beta, group_mean, bn_mean, bn_rstd,
                 bn_e, bn_f, seed, scale2, out_scale, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
-                stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm,
+                stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+                stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm,
                 HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                NORM: tl.constexpr, MASK_KIND: tl.constexpr, ROWS_PADDED: tl.constexpr, EVEN_D: tl.constexpr,
+                D_CHUNKS: tl.constexpr, NORM: tl.constexpr, MASK_KIND: tl.constexpr, ROWS_PADDED: tl.constexpr, EVEN_D: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, CDT: tl.constexpr,
                 DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 NORM_PRECISION: tl.constexpr):
@@ -237,15 +239,21 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Qb, DOb,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = offs_m[None, :] + tl.zeros([HP, 1], tl.int32)
     rows_ok = slot_ok[:, None] & (offs_m < N_Q)[None, :]
-    # The query rows' tiles (the same rows for every slot of every key group); 0 on padding slots,
-    # whose P must be 1 (the mixing bias's slot: kernels/common.py).
-    q = _load_rows(Qb, head, rows, rows_ok, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP)
-    do = _load_rows(DOb, head, rows, rows_ok, offs_d, D, stride_doh, stride_dom, stride_dod, CDT, DOT_LOWP)
+    # K Q^T and V dO^T over the whole head dim ([HP, keys, queries]); padding slots' K rows are 0,
+    # so their P is 1 (the mixing bias's slot: kernels/common.py).
+    qk = _scores_product(k, Kb, Qb, head, keys, keys_ok, offs_m, N_Q, D, stride_kh, stride_kn, stride_kd, stride_qh,
+                         stride_qm, stride_qd, HP, BLOCK_N, BLOCK_M, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP, LOWP_DTYPE,
+                         DOT_PRECISION, ROWS_PADDED, EVEN_D)
+    dov = _scores_product(v, Vb, DOb, head, keys, keys_ok, offs_m, N_Q, D, stride_vh, stride_vn, stride_vd,
+                          stride_doh, stride_dom, stride_dod, HP, BLOCK_N, BLOCK_M, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
+                          LOWP_DTYPE, DOT_PRECISION, ROWS_PADDED, EVEN_D)
+    # This program's head-dim chunk of the query rows (the same rows for every slot of every key group).
+    q = _load_keys(Qb, head, offs_m, N_Q, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP, False,
+                   ROWS_PADDED, EVEN_D)
+    do = _load_keys(DOb, head, offs_m, N_Q, offs_d, D, stride_doh, stride_dom, stride_dod, CDT, DOT_LOWP, False,
+                    ROWS_PADDED, EVEN_D)
     m2, l2 = _load_row_stats(STATSb, slot_ok, rows, rows_ok, head, stride_sp, stride_sh, stride_sm, CDT)
     delta = tl.load(DELTA + (b * H + head.to(tl.int64)[:, None]) * N_Q + rows, mask=rows_ok, other=0.0)
-    qk = _mm(k, tl.permute(q, (0, 2, 1)), tl.zeros([HP, BLOCK_N, BLOCK_M], CDT), DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-    dov = _mm(v, tl.permute(do, (0, 2, 1)), tl.zeros([HP, BLOCK_N, BLOCK_M], CDT), DOT_LOWP, LOWP_DTYPE,
-              DOT_PRECISION)
     head3 = head[:, None, None]
     rows3 = offs_m[None, None, :]
     rows_ok3 = rows_ok[:, None, :]
@@ -304,13 +312,13 @@ def _re_attention_bwd_dkdv_kernel(
     HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
 ):
-    tl.static_assert(D_CHUNKS == 1, "the dK/dV kernel holds the whole head dim")
     pid = tl.program_id(0)
     b = (pid // NUM_PROGRAMS_N).to(tl.int64)
     # Slots over keys: slot s is head s % H of key group s // H (kernels/common.py).
     head, slot_ok, keys, keys_ok = _slot_rows((pid % NUM_PROGRAMS_N) * (G * BLOCK_N), H, N_K, HP, G, BLOCK_N)
     LOWP_DTYPE: tl.constexpr = Q.dtype.element_ty
-    offs_d = tl.arange(0, BLOCK_D)
+    pid_d = tl.program_id(1)  # head-dim chunk of dK, dV this program writes
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
     k = _load_rows(Kb, head, keys, keys_ok, offs_d, D, stride_kh, stride_kn, stride_kd, CDT, DOT_LOWP)
@@ -336,19 +344,21 @@ def _re_attention_bwd_dkdv_kernel(
     m_full = (N_Q // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
         dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc = _dkdv_block(
-            dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Qb, DOb, STATSb, DELTA, b, H, head, slot_ok,
-            keys, keys_ok, start_m, N_Q, N_K, D, offs_d, w_slots, c, gamma, beta, group_mean, bn_mean, bn_rstd, bn_e,
-            bn_f, seed, scale2, out_scale, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
-            stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP,
-            BLOCK_M, BLOCK_N, BLOCK_D, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
+            dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, Qb, DOb, STATSb, DELTA, b, H, head,
+            slot_ok, keys, keys_ok, start_m, N_Q, N_K, D, offs_d, w_slots, c, gamma, beta, group_mean, bn_mean, bn_rstd,
+            bn_e, bn_f, seed, scale2, out_scale, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
+            stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+            stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D,
+            D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
             DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
     if m_full < N_Q:
         dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc = _dkdv_block(
-            dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Qb, DOb, STATSb, DELTA, b, H, head, slot_ok,
-            keys, keys_ok, m_full, N_Q, N_K, D, offs_d, w_slots, c, gamma, beta, group_mean, bn_mean, bn_rstd, bn_e,
-            bn_f, seed, scale2, out_scale, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
-            stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP,
-            BLOCK_M, BLOCK_N, BLOCK_D, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
+            dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, Qb, DOb, STATSb, DELTA, b, H, head,
+            slot_ok, keys, keys_ok, m_full, N_Q, N_K, D, offs_d, w_slots, c, gamma, beta, group_mean, bn_mean, bn_rstd,
+            bn_e, bn_f, seed, scale2, out_scale, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
+            stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+            stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D,
+            D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
             DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
 
     # dS is in natural units: dK = scale dS^T Q, scale = scale2 / log2(e).
@@ -360,13 +370,15 @@ def _re_attention_bwd_dkdv_kernel(
     tl.store(DV + b * stride_dvb + head.to(tl.int64)[:, None, None] * stride_dvh
              + keys.to(tl.int64)[:, :, None] * stride_dvn + offs_d[None, None, :] * stride_dvd,
              dv_acc.to(DV.dtype.element_ty), mask=tile_ok)
-    # Per-program partial sums: dW_slots [HP, HP], then per slot dgamma, dbeta (LayerNorm) and dc.
-    offs_s = tl.arange(0, HP)
-    parts = PARTS + pid.to(tl.int64) * (HP * HP + 3 * HP)
-    tl.store(parts + offs_s[:, None] * HP + offs_s[None, :], tl.sum(dw_acc, axis=0))
-    tl.store(parts + HP * HP + offs_s, tl.sum(tl.where(keys_ok, dnw_acc, 0.0), axis=1))
-    tl.store(parts + HP * HP + HP + offs_s, tl.sum(tl.where(keys_ok, dnb_acc, 0.0), axis=1))
-    tl.store(parts + HP * HP + 2 * HP + offs_s, tl.sum(tl.where(keys_ok, dc_acc, 0.0), axis=1))
+    # Per-program partial sums: dW_slots [HP, HP], then per slot dgamma, dbeta (LayerNorm) and dc. Every
+    # head-dim chunk summed the same entries: the first one stores them.
+    if pid_d == 0:
+        offs_s = tl.arange(0, HP)
+        parts = PARTS + pid.to(tl.int64) * (HP * HP + 3 * HP)
+        tl.store(parts + offs_s[:, None] * HP + offs_s[None, :], tl.sum(dw_acc, axis=0))
+        tl.store(parts + HP * HP + offs_s, tl.sum(tl.where(keys_ok, dnw_acc, 0.0), axis=1))
+        tl.store(parts + HP * HP + HP + offs_s, tl.sum(tl.where(keys_ok, dnb_acc, 0.0), axis=1))
+        tl.store(parts + HP * HP + 2 * HP + offs_s, tl.sum(tl.where(keys_ok, dc_acc, 0.0), axis=1))
 
 
 def _bias_slot(config: TileConfig, heads: int, has_dropout: bool, has_bias: bool) -> bool:
@@ -495,7 +507,7 @@ def re_attention_backward(
     hp = config.HP
     parts = torch.empty((num_n * B, hp * hp + 3 * hp), dtype=acc, device=device)
     run_on_device(
-        _re_attention_bwd_dkdv_kernel, (num_n * B,), device,
+        _re_attention_bwd_dkdv_kernel, (num_n * B, triton.cdiv(D, config.BLOCK_D)), device,
         q, k, v, mix_weight, c, nw, nb, bn, mask, seed_arg, softmax_stats, grad_out, delta, dk, dv, parts,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         *softmax_stats.stride(), *mask_strides, mix_weight.stride(0), mix_weight.stride(1), c.stride(0),

@@ -127,7 +127,7 @@ def _scores_product(a_own, A, B, head, rows, rows_ok, offs_n, N_K, D, stride_ah,
         else:
             # Tied to the key block by n_live: loop-invariant, the compiler would hoist every
             # chunk's A tile out of the key loop and hold them all, which the split is meant to avoid.
-            n_live = tl.max(offs_n, axis=0) >= 0
+            n_live = (rows * 0 + tl.max(offs_n, axis=0)) >= 0
             a_c = _load_rows(A, head, rows, rows_ok & n_live, offs_d, D, stride_ah, stride_am, stride_ad, CDT,
                              DOT_LOWP)
         b_c = _load_keys(B, head, offs_n, N_K, offs_d, D, stride_bh, stride_bn, stride_bd, CDT, DOT_LOWP, True,

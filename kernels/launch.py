@@ -197,11 +197,14 @@ def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[b
     if element_size > 2:
         return TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d if kernel == "dkdv" else min(block_d, 32),
                           STATS_BLOCK_N=16, num_warps=4, num_stages=1)
-    if kernel == "dq":
-        while hp * 16 * block_d > 32 * 256:
+    if kernel == "dq":  # two accumulators, X and Y [HP, BLOCK_M, BLOCK_D]
+        while 2 * hp * 16 * block_d > 64 * 256:
             block_d //= 2
-        block_m = max(16, min(32, 32 * 256 // (hp * block_d)))
+        block_m = max(16, min(32, 64 * 256 // (2 * hp * block_d)))
         return TileConfig(HP=hp, G=g, BLOCK_M=block_m, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=8,
                           num_stages=2)
+    # dK and dV [HP, BLOCK_N, BLOCK_D] over a key block of 16 per slot
+    while 2 * hp * 16 * block_d > 64 * 256:
+        block_d //= 2
     return TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=8,
-                      num_stages=2)
+                      num_stages=1)
