@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .common import (MASK_ADDITIVE, MASK_BOOL, MASK_NONE, NORM_BATCH, NORM_LAYER, NORM_NONE, _chunked_product,
                      _load_head_vectors, _mix_norm_tile, _mm, _probs_tile, _query_block, _row_logsumexp)
-from .launch import MAX_HEADS, ForwardConfig, device_shared_limit, forward_config, interpreting
+from .launch import MAX_HEADS, ForwardConfig, device_shared_limit, forward_config, interpreting, run_on_device
 
 _NORMS = {"none": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -199,28 +199,6 @@ def launch_options(q: torch.Tensor, lowp_dot: Optional[bool], allow_tf32: bool, 
     cdt = tl.float64 if q.dtype == torch.float64 else tl.float32
     precision = "tf32" if (allow_tf32 and q.dtype == torch.float32) else "ieee"
     return cdt, bool(lowp_dot and low), precision
-
-
-def run_on_device(kernel, grid, device: torch.device, *args, **kwargs) -> None:
-    """Launch ``kernel`` on ``device``'s current stream.
-
-    Triton checks a compiled kernel's shared memory against the GPU before launching it; should a
-    launch rule's measured table (``launch.SHARED_BYTES``) fall short of what this Triton version
-    needs, that is a ValueError naming the kernel and its configuration, not Triton's bare error.
-    """
-    from triton.runtime.errors import OutOfResources
-
-    try:
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                kernel[grid](*args, **kwargs)
-        else:
-            kernel[grid](*args, **kwargs)
-    except OutOfResources as error:
-        config = {k: kwargs[k] for k in ("HP", "BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages")
-                  if k in kwargs}
-        raise ValueError(f"{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel} at {config} does not fit "
-                         f"{device}: {error} (backend='cuda' sizes its tiles to the GPU)") from error
 
 
 def re_attention_forward(

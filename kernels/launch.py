@@ -1,6 +1,7 @@
 """Launch heuristics (block sizes, warps, stages) for the fused Re-attention kernels.
 
-Nothing here imports ``reattn``; only the standard library.
+Nothing here imports ``reattn``; only the standard library at import time (``device_shared_limit``
+and ``run_on_device`` import torch and triton when called).
 
 Forward rule (``forward_config``), one program = one batch element x BLOCK_M query rows x all
 heads (head mixing needs every head of a tile):
@@ -56,7 +57,15 @@ def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
+# The static model's dry run (``kernels/capture.py``) sets CAPTURE to a recorder: while it is set,
+# ``run_on_device`` records each launch instead of running it and the launch rule sees the target
+# GPU's shared memory, never the interpreter. Every Triton launch goes through ``run_on_device``.
+CAPTURE = None
+
+
 def interpreting() -> bool:
+    if CAPTURE is not None:
+        return False
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -109,6 +118,8 @@ SHARED_BYTES = {
 
 def device_shared_limit(device) -> Optional[int]:
     """Shared memory a kernel may use per block on ``device`` (bytes), or None off a CUDA GPU."""
+    if CAPTURE is not None:
+        return CAPTURE.shared_limit
     import torch
 
     device = torch.device(device)
@@ -206,3 +217,30 @@ def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[b
         block_d = fit_head_dim_chunk("backward", cfg.HP, d, block_d, shared_limit, element_size)
     return ForwardConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=block_d, HP=cfg.HP, num_warps=4,
                          num_stages=1)
+
+
+def run_on_device(kernel, grid, device, *args, **kwargs) -> None:
+    """Launch ``kernel`` on ``device``'s current stream (every Triton launch of reattn goes through here).
+
+    Triton checks a compiled kernel's shared memory against the GPU before launching it; should a
+    launch rule's measured table (``SHARED_BYTES``) fall short of what this Triton version needs,
+    that is a ValueError naming the kernel and its configuration, not Triton's bare error.
+    Under ``kernels.capture.capture_launches`` the launch is recorded, not run.
+    """
+    if CAPTURE is not None:
+        CAPTURE.record(kernel, grid, args, kwargs)
+        return
+    import torch
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                kernel[grid](*args, **kwargs)
+        else:
+            kernel[grid](*args, **kwargs)
+    except OutOfResources as error:
+        config = {k: kwargs[k] for k in ("HP", "BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages")
+                  if k in kwargs}
+        raise ValueError(f"{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel} at {config} does not fit "
+                         f"{device}: {error} (backend='cuda' sizes its tiles to the GPU)") from error
