@@ -41,7 +41,7 @@ from benchmarks import cost_model, kernel_model, sass, sass_exec
 THREADS = 128                      # kThreads in csrc/cuda/params.h
 PROGRAM_KINDS = {"forward": 0, "batch_stats": 1, "backward": 2, "backward_stats": 3}
 KIND_NAMES = {v: k for k, v in PROGRAM_KINDS.items()}
-PARAM_OFFSET = {90: 0x210, 80: 0x160}   # where kernel parameters start in constant bank 0
+PARAM_OFFSET = sass_exec.PARAM_OFFSET
 DTYPE_SYMBOL = {torch.bfloat16: "13__nv_bfloat16", torch.float16: "6__half", torch.float32: "f", torch.float64: "d"}
 NORM_CODES = {"none": 0, "layer": 1, "batch": 2}
 MASK_NONE = 0
@@ -341,14 +341,7 @@ def cuda_call(B: int, H: int, N: int, D: int, norm: str, arch: int, dtype=torch.
 
 # ---- the model of one launch ------------------------------------------------------------------------------------
 def _const_bank(params: ReAttnParams, arch: int, grid: Tuple[int, int]) -> bytes:
-    offset = PARAM_OFFSET[arch]
-    raw = bytes(params)
-    bank = bytearray(offset + len(raw))
-    bank[0:12] = (THREADS).to_bytes(4, "little") + (1).to_bytes(4, "little") + (1).to_bytes(4, "little")
-    bank[12:24] = grid[0].to_bytes(4, "little") + grid[1].to_bytes(4, "little") + (1).to_bytes(4, "little")
-    bank[0x28:0x2C] = (0xFFFC00).to_bytes(4, "little")   # the local stack pointer
-    bank[offset:offset + len(raw)] = raw
-    return bytes(bank)
+    return sass_exec.constant_bank(bytes(params), arch, THREADS, grid)
 
 
 def _check_param_size(function_name: str, resources: sass.Resources, arch: int, library: str) -> None:
@@ -360,12 +353,41 @@ def _check_param_size(function_name: str, resources: sass.Resources, arch: int, 
                            f"{int(m.group(1)) - PARAM_OFFSET[arch]}: update benchmarks/cuda_side.py from params.h")
 
 
+CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "reattn-static-model")
+
+
 @functools.lru_cache(maxsize=None)
 def _emulate(symbol: str, arch: int, const: bytes, grid: Tuple[int, int], ctaid: Tuple[int, int],
              shared: int) -> sass_exec.Counts:
+    """sass_exec.run_block, cached on disk by the code, the parameters and the emulator's source."""
+    import hashlib
+    import pickle
+
     functions, _ = _functions(arch, extension_path())
-    return sass_exec.run_block(functions[symbol], const, THREADS, (ctaid[0], ctaid[1], 0), (grid[0], grid[1], 1),
-                               shared, arch)
+    function = functions[symbol]
+    key = hashlib.sha256()
+    key.update("\n".join(f"{i.address} {i.text}" for i in function.instructions).encode())
+    key.update(repr((symbol, arch, grid, ctaid, shared, THREADS)).encode())
+    key.update(const)
+    with open(sass_exec.__file__, "rb") as f:
+        key.update(f.read())
+    path = os.path.join(CACHE_DIR, "emulation", key.hexdigest()[:40] + ".pkl")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError):
+        pass
+    counts = sass_exec.run_block(function, const, THREADS, (ctaid[0], ctaid[1], 0), (grid[0], grid[1], 1), shared,
+                                 arch)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + f".{os.getpid()}"
+        with open(tmp, "wb") as f:
+            pickle.dump(counts, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return counts
 
 
 def program_counts(launch: Launch, arch: int) -> Tuple[Dict[int, float], sass_exec.Counts, Dict[int, float]]:

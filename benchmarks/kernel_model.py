@@ -104,7 +104,13 @@ def uniform_multiplicity(function: sass.Function, trips: Dict[Tuple[int, int], f
     """warps x the product of the trip counts of every loop around each instruction (code every warp runs)."""
     loops = function.all_loops()
     result = {}
+    # Nothing after the last EXIT runs when nothing is called there (the padding NOPs and the trap branch).
+    exits = [ins.address for ins in function.instructions if ins.base == "EXIT"]
+    last_exit = max(exits) if exits and not any(ins.base == "CALL" for ins in function.instructions) else None
     for ins in function.instructions:
+        if last_exit is not None and ins.address > last_exit:
+            result[ins.address] = 0.0
+            continue
         n = float(warps)
         for loop in loops:
             if loop.contains(ins.address):

@@ -217,6 +217,8 @@ class _Warp:
         self.UPK[PT] = True
         self.pc = np.zeros(W, np.int64)
         self.done = ~lanes_alive
+        self.local = None          # per-lane local memory (spills), allocated on first use
+        self.local_known = None
         self.at_barrier = False
         tid = np.arange(W, dtype=np.int64) + W * warp_id
         self.tid = tid
@@ -229,6 +231,9 @@ class _Block:
         self.ins = function.instructions
         self.index = {ins.address: i for i, ins in enumerate(self.ins)}
         self.ops = [[parse_operand(t) for t in split_operands(ins.operands)] for ins in self.ins]
+        self.guards = [parse_operand(ins.guard[1:]) if ins.guard else None for ins in self.ins]
+        self.bases = [ins.base for ins in self.ins]
+        self.addresses = [ins.address for ins in self.ins]
         self.const0 = bytearray(const0)
         self.threads = threads
         self.ctaid = ctaid
@@ -496,69 +501,95 @@ class Emulator:
         """Run ``w`` until it exits or reaches a CTA barrier."""
         b = self.b
         counts = b.counts
+        issued = counts.issued
         n_ins = len(b.ins)
+        addresses = b.addresses
+        guards = b.guards
+        bases = b.bases
+        pc_lanes = None  # (pc, lanes) while every live lane is at one pc: no minimum to search
         while True:
-            live = ~w.done
-            if not live.any():
-                return
-            pc = int(w.pc[live].min())
+            if pc_lanes is None:
+                live = ~w.done
+                if not live.any():
+                    return
+                live_pcs = w.pc[live]
+                pc = int(live_pcs.min())
+                lanes = live & (w.pc == pc)
+                if int(live_pcs.max()) == pc:
+                    pc_lanes = (pc, lanes)
+            else:
+                pc, lanes = pc_lanes
             if pc >= n_ins:
                 raise EmulationError(f"{b.fn.name}: ran off the end of the code")
-            lanes = live & (w.pc == pc)
-            ins = b.ins[pc]
-            counts.issued[ins.address] += 1
+            issued[addresses[pc]] += 1
             counts.steps += 1
             if counts.steps > b.max_steps:
+                ins = b.ins[pc]
                 raise EmulationError(f"{b.fn.name}: more than {b.max_steps} warp-instructions in one block "
                                      f"(at {ins.address:#x} {ins.text})")
-            guard = np.ones(W, bool)
-            gk = np.ones(W, bool)
-            if ins.guard:
-                g = parse_operand(ins.guard[1:])
+            base = bases[pc]
+            g = guards[pc]
+            if g is None:
+                execute = lanes
+                unknown_guard = None
+            else:
                 guard, gk = self.pred(w, g)
-            execute = lanes & guard
-            unknown_guard = lanes & ~gk
-            base = ins.base
-            nxt = pc + 1
-            if base in ("BRA", "CALL", "RET", "EXIT", "BREAK", "BRX", "JMP", "KILL"):
-                if unknown_guard.any():
+                execute = lanes & guard
+                unknown_guard = lanes & ~gk
+                if not unknown_guard.any():
+                    unknown_guard = None
+            if base in _CONTROL:
+                ins = b.ins[pc]
+                if unknown_guard is not None:
                     take = self.avoid_slow_path(pc)
                     if take is None:
                         counts.unknown_branches[ins.address] += 1
                         take = False  # an unknown decision: not taken
-                    execute = (execute & gk) | (unknown_guard if take else np.zeros(W, bool))
+                    execute = (execute & ~unknown_guard) | (unknown_guard if take else np.zeros(W, bool))
                 self.control(w, ins, pc, lanes, execute)
+                pc_lanes = None
+                if base == "BRA":
+                    # Still converged when every live lane is now at one pc.
+                    live = ~w.done
+                    pcs = w.pc[live]
+                    if len(pcs) and (pcs == pcs[0]).all():
+                        pc_lanes = (int(pcs[0]), live)
                 continue
-            w.pc[lanes] = nxt
-            if unknown_guard.any():
+            if pc_lanes is not None:
+                pc_lanes = (pc + 1, lanes)
+                w.pc[lanes] = pc + 1
+            else:
+                w.pc[lanes] = pc + 1
+            if unknown_guard is not None:
                 # A predicated non-branch with an unknown guard: its destination becomes unknown there.
-                self.execute(w, ins, pc, unknown_guard, poison=True)
-            if execute.any():
-                self.execute(w, ins, pc, execute)
-            if base == "BAR" and "ARV" not in ins.opcode:
+                self.execute(w, b.ins[pc], pc, unknown_guard, poison=True)
+            if execute is lanes or execute.any():
+                self.execute(w, b.ins[pc], pc, execute)
+            if base == "BAR" and "ARV" not in b.ins[pc].opcode:
                 return  # a CTA barrier: let the other warps run up to it
 
     def avoid_slow_path(self, pc: int) -> Optional[bool]:
-        """For a branch on unknown data: True (take it) when the fall-through calls a math library slow
-        path (``__cuda_*_slowpath``: operands outside the fast path's range) before leaving its block,
-        False when the target does, None when neither does (a data-dependent decision)."""
+        """For a branch on unknown data: True (take it) when the fall-through block calls a math library
+        slow path (``__cuda_*_slowpath``: operands outside the fast path's range), False when the target
+        block does, None when neither does (a data-dependent decision). A block ends at the next branch."""
         b = self.b
         ins = b.ins[pc]
         if ins.base != "BRA" or ins.target is None:
             return None
 
-        def calls_slow(start: int) -> bool:
-            for i in range(start, min(start + 12, len(b.ins))):
+        def calls_slow(start: int, stop: int) -> bool:
+            for i in range(start, min(start + 12, len(b.ins), stop)):
                 x = b.ins[i]
                 if x.base == "CALL" and "slowpath" in x.operands:
                     return True
-                if x.base in ("BRA", "EXIT", "RET") and not x.guard:
+                if x.base in ("BRA", "EXIT", "RET", "CALL"):  # the block ends at the next transfer
                     return False
             return False
 
-        if calls_slow(pc + 1):
+        target = b.index[ins.target]
+        if target > pc and calls_slow(pc + 1, target):  # the fall-through, up to where the paths meet
             return True
-        if calls_slow(b.index[ins.target]):
+        if calls_slow(target, len(b.ins)):
             return False
         return None
 
@@ -627,6 +658,7 @@ def _poison_width(ins: sass.Instruction, op: Operand) -> int:
 
 
 # ---- instruction handlers ---------------------------------------------------------------------------------------
+_CONTROL = {"BRA", "CALL", "RET", "EXIT", "BREAK", "BRX", "JMP", "KILL"}
 _NO_DEST = {"ST", "STS", "STG", "STL", "RED", "REDG", "BAR", "MEMBAR", "FENCE", "NOP", "BSSY", "BSYNC", "WARPSYNC",
             "DEPBAR", "LDGDEPBAR", "YIELD", "ERRBAR", "CCTL", "SYNCS", "ARRIVES", "UTMALDG", "UTMASTG", "WARPGROUP",
             "ELECT", "UBLKCP", "ACQBULK"}
@@ -774,17 +806,18 @@ def _imad(e, w, ins, ops, mods, lanes):
             res = a.astype(np.uint64) * b_.astype(np.uint64) + c
         e.wr64(w, ops[0], lanes, res, k & ck)
         return
-    c, ck = e.rd(w, srcs[2], lanes) if len(srcs) > 2 else (np.zeros(W, np.uint32), np.ones(W, bool))
     if "HI" in mods:
+        # High word of a * b plus a 64-bit addend (the register pair c:c+1), as the Newton steps of
+        # nvcc's integer division use it (c = 0, c + 1 = r adds r in the high word).
+        c64, ck = e.rd64(w, srcs[2], lanes) if len(srcs) > 2 else (np.zeros(W, np.uint64), np.ones(W, bool))
         if signed:
             prod = a.view(np.int32).astype(np.int64) * b_.view(np.int32).astype(np.int64)
-            hi = (prod >> 32).astype(np.int64)
+            total = (prod.astype(np.uint64) + c64)
         else:
-            prod = a.astype(np.uint64) * b_.astype(np.uint64)
-            hi = (prod >> np.uint64(32)).astype(np.int64)
-        res = hi + c.astype(np.int64)
-        e.wr(w, ops[0], lanes, _u32(res), k & ck)
+            total = a.astype(np.uint64) * b_.astype(np.uint64) + c64
+        e.wr(w, ops[0], lanes, _u32(total >> np.uint64(32)), k & ck)
         return
+    c, ck = e.rd(w, srcs[2], lanes) if len(srcs) > 2 else (np.zeros(W, np.uint32), np.ones(W, bool))
     res = a.astype(np.uint64) * b_.astype(np.uint64) + c.astype(np.uint64)
     if "X" in mods:
         for o in srcs[3:4]:
@@ -1318,6 +1351,49 @@ def _generic_space(e, w, ins, ops, lanes) -> None:
 
 
 SHARED_WINDOW_HI = 1  # what SR_SWINHI reads here: generic addresses of shared memory are 0x1_xxxxxxxx
+STACK_TOP = 0xFFFC00  # the local stack pointer the constant bank gives (c[0x0][0x28])
+LOCAL_SPAN = 1 << 16  # bytes of local memory per lane below STACK_TOP that are modelled
+
+
+def _local_index(w, addr):
+    if w.local is None:
+        w.local = np.zeros((W, LOCAL_SPAN), np.uint8)
+        w.local_known = np.zeros((W, LOCAL_SPAN), bool)
+    return (addr & 0xFFFFFF) - (STACK_TOP - LOCAL_SPAN)
+
+
+def _local_load(e, w, ins, ops, mods, lanes):
+    size = _size(mods)
+    mem = next(o for o in ops if o.kind == "mem")
+    addr, k = e.address(w, mem, lanes)
+    words = max(1, size // 4)
+    vals = np.zeros((words, W), np.uint32)
+    known = np.zeros((words, W), bool)
+    for lane in np.nonzero(lanes & k)[0]:
+        a = int(_local_index(w, int(addr[lane])))
+        if 0 <= a and a + size <= LOCAL_SPAN:
+            raw = bytes(w.local[lane, a:a + size]) + b"\0" * 4
+            kn = w.local_known[lane, a:a + size]
+            for i in range(words):
+                vals[i, lane] = int.from_bytes(raw[4 * i:4 * i + 4], "little") & ((1 << (8 * min(size, 4))) - 1)
+                known[i, lane] = bool(kn[4 * i:4 * i + min(size, 4)].all())
+    for i in range(words):
+        e.wr(w, Operand("R", ops[0].index + i), lanes, vals[i], known[i])
+
+
+def _local_store(e, w, ins, ops, mods, lanes):
+    size = _size(mods)
+    mem, src = ops[0], ops[1]
+    addr, k = e.address(w, mem, lanes)
+    words = max(1, size // 4)
+    data = [e.rd(w, Operand(src.kind, src.index + i) if src.kind == "R" and src.index != RZ else src, lanes)
+            for i in range(words)]
+    for lane in np.nonzero(lanes & k)[0]:
+        a = int(_local_index(w, int(addr[lane])))
+        if 0 <= a and a + size <= LOCAL_SPAN:
+            raw = b"".join(int(v[lane]).to_bytes(4, "little") for v, _ in data)[:size]
+            w.local[lane, a:a + size] = np.frombuffer(raw, np.uint8)
+            w.local_known[lane, a:a + size] = all(bool(kk[lane]) for _, kk in data)
 
 
 @handles("LDS", "LD", "LDG", "LDL", "ATOMS", "ATOMG", "ATOM", "LDGSTS", "LDC64")
@@ -1326,6 +1402,9 @@ def _load(e, w, ins, ops, mods, lanes):
     dst = ops[0]
     if ins.base in ("LD", "ATOM"):
         _generic_space(e, w, ins, ops, lanes)
+    if ins.base == "LDL":
+        _local_load(e, w, ins, ops, mods, lanes)
+        return
     if ins.base == "LDGSTS":
         return  # copies global -> shared: shared contents become unknown
     if ins.base == "LDS" and dst.kind == "R":
@@ -1347,6 +1426,9 @@ def _load(e, w, ins, ops, mods, lanes):
 def _store(e, w, ins, ops, mods, lanes):
     if ins.base in ("ST", "RED"):
         _generic_space(e, w, ins, ops, lanes)
+    if ins.base == "STL":
+        _local_store(e, w, ins, ops, mods, lanes)
+        return
     if ins.base != "STS":
         return
     size = _size(mods)
@@ -1356,6 +1438,21 @@ def _store(e, w, ins, ops, mods, lanes):
     data = [e.rd(w, Operand(src.kind, src.index + i) if src.kind in ("R", "UR") and src.index not in (RZ, URZ)
                  else src, lanes) for i in range(words)]
     e.shared_store(w, mem, lanes, data, size)
+
+
+PARAM_OFFSET = {90: 0x210, 80: 0x160, 86: 0x160, 89: 0x160}  # where kernel parameters start in constant bank 0
+
+
+def constant_bank(params: bytes, arch: int, threads: int, grid: Sequence[int]) -> bytes:
+    """Constant bank 0 as a launch sets it: block and grid sizes, the stack pointer, the kernel parameters."""
+    offset = PARAM_OFFSET[arch]
+    bank = bytearray(offset + len(params))
+    dims = [threads, 1, 1] + list(grid) + [1] * (3 - len(grid))
+    for i, d in enumerate(dims[:6]):
+        bank[4 * i:4 * i + 4] = int(d).to_bytes(4, "little")
+    bank[0x28:0x2C] = STACK_TOP.to_bytes(4, "little")
+    bank[offset:] = params
+    return bytes(bank)
 
 
 # ---- running a launch -------------------------------------------------------------------------------------------

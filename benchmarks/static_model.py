@@ -400,6 +400,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help=f"append the rows to {CSV_PATH.relative_to(common.REPO_ROOT)} and rewrite the README "
                              "section (otherwise nothing in the checkout changes)")
     parser.add_argument("--csv", type=Path, default=CSV_PATH, help="CSV --record appends to")
+    parser.add_argument("--readme", type=Path, default=README, help="README whose section --record rewrites")
     parser.add_argument("--readme-only", action="store_true", help="rewrite the README section from the CSV only")
     parser.add_argument("--constants", action="store_true", help="print the hardware constants and sources, exit")
     return parser.parse_args(argv)
@@ -413,7 +414,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print("\n".join(f"- {s}" for s in cost_model.SOURCES))
         return
     if args.readme_only:
-        write_readme(common.read_csv(args.csv) if args.csv.exists() else [])
+        write_readme(common.read_csv(args.csv) if args.csv.exists() else [], args.readme)
         print(f"rewrote the README section from {args.csv}")
         return
     rows = run(args.shapes, args.backends, args.norms, args.archs, args.gpu,
@@ -431,7 +432,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
               file=sys.stderr)
     if args.record:
         common.append_csv(rows, args.csv)
-        write_readme(common.read_csv(args.csv))
+        write_readme(common.read_csv(args.csv), args.readme)
         print(f"\nappended {len(rows)} rows to {args.csv} and rewrote the README section")
 
 

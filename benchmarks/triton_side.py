@@ -14,6 +14,8 @@ here names a kernel: whatever the kernels' entry points launch is what gets mode
 """
 from __future__ import annotations
 
+import os
+import re
 import types
 from typing import Dict, List, Optional, Tuple
 
@@ -69,7 +71,9 @@ def match_loops(function: sass.Function, source: List[SourceLoop]) -> Dict[Tuple
                            f"nesting of the source's runtime loops\n{_describe_source(source)}")
     result = {}
     for c, s in zip(_flatten(compiled), _flatten(source)):
-        if not c.location or c.location[0] != (s.file, s.line):
+        # File names compared by basename: line information records the path the source was loaded from.
+        if not c.location or (os.path.basename(c.location[0][0]), c.location[0][1]) != (os.path.basename(s.file),
+                                                                                          s.line):
             raise LoopMismatch(f"{function.name}: the loop [{c.head:#x}, {c.tail:#x}] closes at "
                                f"{c.location[:1]}, the source loop in its place is {s.file}:{s.line}\n"
                                f"compiled:\n{_describe_sass(compiled)}\nsource:\n{_describe_source(source)}")
@@ -93,25 +97,113 @@ def compile_cached(launch, cap: int):
     return _COMPILED[key]
 
 
-def model_launch(launch, cap: int, backend: str, phase: str) -> kernel_model.KernelModel:
-    """The static model of one recorded Triton launch compiled for sm_<cap>."""
+def model_launch(launch, cap: int, backend: str, phase: str, method: str = "auto") -> kernel_model.KernelModel:
+    """The static model of one recorded Triton launch compiled for sm_<cap>.
+
+    method: "loops" (per-iteration counts times the source loops' trip counts; LoopMismatch when the
+    compiled loops are not the source's), "emulate" (``benchmarks.sass_exec`` runs sample programs),
+    or "auto": "loops", and "emulate" where the compiler restructured the loops (unrolled with a
+    remainder, versioned a loop on a runtime condition), which the note says.
+    """
     compiled, functions, resources = compile_cached(launch, cap)
     function = functions[compiled.name]
     res = resources[compiled.name]
     bound = launch.bound()
     loops, accesses = analyze(launch.kernel, bound)
-    matched = match_loops(function, loops)
-    trips = {key: float(s.trips) for key, s in matched.items()}
-    sources = {key: f"{s.file.split('/')[-1]}:{s.line}" for key, s in matched.items()}
     warps = compiled.num_warps
-    multiplicity = kernel_model.uniform_multiplicity(function, trips, warps)
+    note = ""
+    try:
+        if method == "emulate":
+            raise LoopMismatch("emulation asked for")
+        matched = match_loops(function, loops)
+        trips = {key: float(s.trips) for key, s in matched.items()}
+        sources = {key: f"{os.path.basename(s.file)}:{s.line}" for key, s in matched.items()}
+        multiplicity = kernel_model.uniform_multiplicity(function, trips, warps)
+        reports = kernel_model.loop_reports(function, trips, sources)
+    except LoopMismatch as error:
+        if method == "loops":
+            raise
+        multiplicity = emulated_multiplicity(launch, compiled, function, cap)
+        reports = emulated_loop_reports(function, multiplicity, warps)
+        note = "counted by emulation: " + str(error).splitlines()[0][:200]
     work, kinds = kernel_model.work_from_sass(function, multiplicity)
     touched = [(bound[name], kinds_) for name, kinds_ in accesses.items() if isinstance(bound.get(name), torch.Tensor)]
     return kernel_model.KernelModel(
         backend=backend, name=compiled.name, phase=phase, arch=cap, programs=launch.programs, threads=32 * warps,
         registers=res.registers, spill_bytes=sass.spill_bytes(res, function),
         shared_bytes=compiled.shared + res.shared_static, work=work, hbm_bytes=kernel_model.unique_bytes(touched),
-        loops=kernel_model.loop_reports(function, trips, sources), tensor_kinds=kinds)
+        loops=reports, tensor_kinds=kinds, note=note)
+
+
+# ---- counting by emulation ---------------------------------------------------------------------------------------
+_PTX_PARAM = re.compile(r"\.param\s+\.(u64|s64|b64|u32|s32|b32|f32|f64|u16|s16|b16|u8|s8|b8|pred)\b")
+
+
+def param_bytes(launch, compiled) -> bytes:
+    """The kernel parameter buffer of a launch: the runtime arguments in the order of the PTX entry's
+    parameters (constexprs and arguments the JIT turned into constants are not parameters), then the
+    extra pointers Triton appends (scratch buffers), each aligned to its size. Tensors get distinct fake
+    addresses (aligned, non-null)."""
+    import struct
+
+    entry = compiled.ptx[compiled.ptx.index(".entry"):]
+    entry = entry[:entry.index(")")]
+    types = _PTX_PARAM.findall(entry)
+    names = [p.name for p in launch.kernel.params]
+    bound = launch.bound()
+    runtime = [n for n in names if compiled.signature.get(n) != "constexpr"]
+    pointers: Dict[int, int] = {}
+    buf = bytearray()
+    for i, ty in enumerate(types):
+        size = {"u64": 8, "s64": 8, "b64": 8, "f64": 8, "u32": 4, "s32": 4, "b32": 4, "f32": 4, "u16": 2, "s16": 2,
+                "b16": 2, "u8": 1, "s8": 1, "b8": 1, "pred": 1}[ty]
+        while len(buf) % size:
+            buf.append(0)
+        value = bound[runtime[i]] if i < len(runtime) else None
+        if value is None or isinstance(value, torch.Tensor):
+            key = id(value) if value is not None else -i
+            raw = pointers.setdefault(key, 0x7F00_0000_0000 + (len(pointers) + 1) * (1 << 36)).to_bytes(8, "little")
+        elif ty == "f32":
+            raw = struct.pack("<f", float(value))
+        elif ty == "f64":
+            raw = struct.pack("<d", float(value))
+        else:
+            raw = (int(value) & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        buf += raw[:size]
+    return bytes(buf)
+
+
+def emulated_multiplicity(launch, compiled, function, cap: int) -> Dict[int, float]:
+    """Warp-instructions per address of an average program: the first and the last program of the grid
+    emulated (``benchmarks.sass_exec``) and weighted (the last stands for the partial tiles at the edges)."""
+    from benchmarks import sass_exec
+
+    grid = tuple(launch.grid) + (1,) * (3 - len(launch.grid))
+    const = sass_exec.constant_bank(param_bytes(launch, compiled), cap, 32 * compiled.num_warps, grid)
+    programs = launch.programs
+    first = sass_exec.run_block(function, const, 32 * compiled.num_warps, (0, 0, 0), grid, compiled.shared, cap)
+    samples = [(first, 1.0)]
+    if programs > 1:
+        last = sass_exec.run_block(function, const, 32 * compiled.num_warps, tuple(g - 1 for g in grid), grid,
+                                   compiled.shared, cap)
+        samples = [(first, (programs - 1) / programs), (last, 1.0 / programs)]
+    total: Dict[int, float] = {}
+    for counts, weight in samples:
+        for address, n in counts.issued.items():
+            total[address] = total.get(address, 0.0) + weight * n
+    return total
+
+
+def emulated_loop_reports(function, multiplicity, warps) -> List[kernel_model.LoopReport]:
+    reports = []
+    for loop in function.all_loops():
+        head = multiplicity.get(loop.head, 0.0)
+        enclosing = loop.parent
+        entries = multiplicity.get(enclosing.head, float(warps)) if enclosing else float(warps)
+        where = " <- ".join(f"{os.path.basename(f)}:{n}" for f, n in loop.location[:2])
+        reports.append(kernel_model.LoopReport(loop.head, loop.tail, loop.depth, where,
+                                               head / entries if entries else 0.0, {}))
+    return reports
 
 
 # ---- what a call of the Triton backend launches --------------------------------------------------------------

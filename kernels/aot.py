@@ -120,6 +120,7 @@ class CompiledLaunch:
     name: str              # the kernel's function name
     cap: int               # compute capability of the target (80, 86, 90, ...)
     cubin: bytes
+    ptx: str
     shared: int            # bytes of shared memory per program (Triton's metadata: what the launch asks for)
     num_warps: int
     num_stages: int
@@ -180,6 +181,7 @@ def compile_launch(kernel, args, kwargs, cap: int) -> CompiledLaunch:
                                sorted(map(repr, attrs.items())), sorted(options.__dict__.items(), key=str),
                                cap, triton.__version__)).encode()).hexdigest()[:32]
     named_constexprs = {names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
-    return CompiledLaunch(name=kernel.fn.__name__, cap=cap, cubin=cubin, shared=int(compiled.metadata.shared),
+    return CompiledLaunch(name=kernel.fn.__name__, cap=cap, cubin=cubin, ptx=compiled.asm.get("ptx", ""),
+                          shared=int(compiled.metadata.shared),
                           num_warps=int(compiled.metadata.num_warps), num_stages=int(compiled.metadata.num_stages),
                           signature=dict(signature), constexprs=named_constexprs, specialization=spec, cache_key=key)

@@ -46,16 +46,22 @@ class Launch:
     def name(self) -> str:
         return self.kernel.fn.__name__
 
+    def _parameters(self):
+        import inspect
+
+        return inspect.signature(self.kernel.fn).parameters
+
     def bound(self) -> Dict[str, Any]:
         """Every argument of the kernel by name (positional and keyword, constexprs included)."""
-        names = self.kernel.arg_names
+        names = list(self._parameters())
         values = dict(zip(names, self.args))
         values.update({k: v for k, v in self.kwargs.items() if k in names})
         return values
 
     def constexprs(self) -> Dict[str, Any]:
-        params = {p.name: p for p in self.kernel.params}
-        return {k: v for k, v in self.bound().items() if params[k].is_constexpr}
+        """The constexpr arguments (annotated ``tl.constexpr``), by name."""
+        params = self._parameters()
+        return {k: v for k, v in self.bound().items() if "constexpr" in str(params[k].annotation)}
 
     def options(self) -> Dict[str, Any]:
         return {k: v for k, v in self.kwargs.items() if k in LAUNCH_OPTIONS}
