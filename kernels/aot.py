@@ -111,3 +111,77 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@dataclasses.dataclass
+class CompiledLaunch:
+    """A Triton kernel compiled for a target as the JIT compiles it for a launch."""
+
+    name: str              # the kernel's function name
+    cap: int               # compute capability of the target (80, 86, 90, ...)
+    cubin: bytes
+    ptx: str
+    shared: int            # bytes of shared memory per program (Triton's metadata: what the launch asks for)
+    num_warps: int
+    num_stages: int
+    signature: Dict[str, str]
+    constexprs: Dict[str, object]
+    specialization: Dict[str, str]   # argument -> JIT specialization ("D": divisible by 16, "": none)
+    cache_key: str         # hash of the kernel source (with its jit callees), specialization, options, target
+
+
+def jit_compile_inputs(kernel, args, kwargs, cap: int):
+    """(target, backend, signature, constexprs, attrs, options) exactly as ``kernel[grid](*args, **kwargs)``
+    would compile on a GPU of compute capability ``cap`` (Triton >= 3.4's ``JITFunction.run``, reused).
+
+    The JIT specializes each argument (``native_specialize_impl``): a tensor whose address is a
+    multiple of 16 gets ``tt.divisibility = 16``; an integer equal to 1 becomes a constant; an integer
+    that is a multiple of 16 gets a divisibility hint. Meta tensors have address 0, like the aligned
+    blocks of torch's caching allocator.
+    """
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", cap, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kw = dict(kwargs)
+    kw["debug"] = kw.get("debug", kernel.debug) or knobs.runtime.debug
+    for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # what JITFunction.run adds (3.9)
+        if hasattr(knobs.compilation, name):
+            kw[name] = getattr(knobs.compilation, name)
+    bound, specialization, options = binder(*args, **kw)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, specialization, options)
+    return target, backend, signature, constexprs, attrs, options, specialization
+
+
+def compile_launch(kernel, args, kwargs, cap: int) -> CompiledLaunch:
+    """Compile ``kernel`` for sm_<cap> with the arguments of a launch, specialized as the JIT would.
+
+    ``args``/``kwargs`` are what ``kernel[grid](*args, **kwargs)`` receives (e.g. a record of
+    ``kernels.capture.capture_launches``). Triton's on-disk cache makes a repeated compile cheap.
+    """
+    import hashlib
+
+    import triton
+
+    target, backend, signature, constexprs, attrs, options, specialization = jit_compile_inputs(
+        kernel, args, kwargs, cap)
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=target, options=options.__dict__)
+    cubin = compiled.asm.get("cubin")
+    if not cubin:
+        raise RuntimeError(f"no cubin for {kernel.fn.__name__} at sm_{cap}")
+    names = [p.name for p in kernel.params]
+    spec = {n: (s[1] if isinstance(s, tuple) and len(s) > 1 and isinstance(s[1], str) else "")
+            for n, s in zip(names, specialization) if signature.get(n) != "constexpr"}
+    key = hashlib.sha256(repr((kernel.cache_key, sorted(signature.items()), sorted(map(repr, constexprs.items())),
+                               sorted(map(repr, attrs.items())), sorted(options.__dict__.items(), key=str),
+                               cap, triton.__version__)).encode()).hexdigest()[:32]
+    named_constexprs = {names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
+    return CompiledLaunch(name=kernel.fn.__name__, cap=cap, cubin=cubin, ptx=compiled.asm.get("ptx", ""),
+                          shared=int(compiled.metadata.shared),
+                          num_warps=int(compiled.metadata.num_warps), num_stages=int(compiled.metadata.num_stages),
+                          signature=dict(signature), constexprs=named_constexprs, specialization=spec, cache_key=key)
