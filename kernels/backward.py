@@ -39,7 +39,7 @@ import triton.language as tl
 
 from .common import (_group_mean, _layer_norm, _load_keys, _load_row_stats, _load_rows, _mix, _mm, _probs,
                      _scores, _scores_product, _slot_params, _slot_rows)
-from .forward import (_NORMS, accumulator_dtype, dropout_arguments, launch_options, mask_arguments,
+from .forward import (_NORMS, accumulator_dtype, aligned_operands, dropout_arguments, launch_options, mask_arguments,
                       slot_sums_to_heads)
 from .launch import TileConfig, backward_config, device_shared_limit, interpreting, run_on_device
 
@@ -478,17 +478,16 @@ def re_attention_backward(
         bn = batch_stats.to(acc).contiguous()
     else:
         bn = mix_weight  # unread placeholder
+    zeros_h = torch.zeros((H,), dtype=acc, device=device)
+    if B == 0 or Nq == 0 or Nk == 0 or D == 0:
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros((H, H), dtype=acc, device=device),
+                zeros_h if mix_bias is not None else None,
+                zeros_h.clone() if norm == "layer" and norm_weight is not None else None,
+                zeros_h.clone() if norm == "layer" and norm_bias is not None else None)
+    (grad_out, q, k, v), Dp = aligned_operands(grad_out.contiguous(), q, k, v)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    affine_norm = norm != "none"
-    zeros_h = torch.zeros((H,), dtype=acc, device=device)
-    if B == 0 or Nq == 0 or Nk == 0:
-        dq.zero_(), dk.zero_(), dv.zero_()
-        return (dq, dk, dv, torch.zeros((H, H), dtype=acc, device=device), zeros_h if mix_bias is not None else None,
-                zeros_h.clone() if norm == "layer" and norm_weight is not None else None,
-                zeros_h.clone() if norm == "layer" and norm_bias is not None else None)
-    grad_out = grad_out.contiguous()
     delta = torch.empty((B, H, Nq), dtype=acc, device=device)
     dq_cfg = _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, delta, delta, scale=scale,
                         out_scale=out_scale, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
@@ -498,7 +497,7 @@ def re_attention_backward(
     interpret = interpreting()
     config = dkdv_config
     if config is None:
-        config = backward_config(Nq, Nk, D, H, interpret=interpret, shared_limit=device_shared_limit(device),
+        config = backward_config(Nq, Nk, Dp, H, interpret=interpret, shared_limit=device_shared_limit(device),
                                  element_size=q.element_size(), kernel="dkdv")
     options = launch_options(q, lowp_dot, False, interpret)
     mask, mask_strides, seed_arg, c, nw, nb, flags = _launch_args(q, k, v, mix_weight, mix_bias, norm_weight,
@@ -507,17 +506,19 @@ def re_attention_backward(
     hp = config.HP
     parts = torch.empty((num_n * B, hp * hp + 3 * hp), dtype=acc, device=device)
     run_on_device(
-        _re_attention_bwd_dkdv_kernel, (num_n * B, triton.cdiv(D, config.BLOCK_D)), device,
+        _re_attention_bwd_dkdv_kernel, (num_n * B, triton.cdiv(Dp, config.BLOCK_D)), device,
         q, k, v, mix_weight, c, nw, nb, bn, mask, seed_arg, softmax_stats, grad_out, delta, dk, dv, parts,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         *softmax_stats.stride(), *mask_strides, mix_weight.stride(0), mix_weight.stride(1), c.stride(0),
         nw.stride(0), nb.stride(0),
-        H, Nq, Nk, D, num_n, float(scale) * 1.4426950408889634, float(out_scale), float(eps), float(dropout_p),
-        D_CHUNKS=triton.cdiv(D, config.BLOCK_D), EVEN_D=D % config.BLOCK_D == 0,
+        H, Nq, Nk, Dp, num_n, float(scale) * 1.4426950408889634, float(out_scale), float(eps), float(dropout_p),
+        D_CHUNKS=triton.cdiv(Dp, config.BLOCK_D), EVEN_D=Dp % config.BLOCK_D == 0,
         BIAS_SLOT=_bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None),
         **flags, **options, **config.meta(stats_sweep=False),
     )
     dw, dc, dnw, dnb = _reduce_parts(parts, H, config, _bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None))
+    if Dp != D:
+        dq, dk, dv = dq[..., :D].contiguous(), dk[..., :D].contiguous(), dv[..., :D].contiguous()
     return (dq, dk, dv, dw, dc if mix_bias is not None else None,
             dnw if norm == "layer" and norm_weight is not None else None,
             dnb if norm == "layer" and norm_bias is not None else None)
@@ -580,10 +581,10 @@ def re_attention_backward_bn_sums(
     if B == 0 or Nq == 0:
         return torch.zeros((2, H), dtype=acc, device=q.device)
     bn = torch.cat([batch_stats.to(acc), batch_stats.new_zeros((2, H), dtype=acc)]).contiguous()
-    grad_out = grad_out.contiguous()
+    (grad_out, q, k, v), Dp = aligned_operands(grad_out.contiguous(), q, k, v)
     interpret = interpreting()
     if config is None:
-        config = backward_config(Nq, k.shape[2], q.shape[3], H, interpret=interpret,
+        config = backward_config(Nq, k.shape[2], Dp, H, interpret=interpret,
                                  shared_limit=device_shared_limit(q.device), element_size=q.element_size(),
                                  kernel="dq")
     sums = torch.empty((config.programs_per_batch(Nq) * B, 2, config.HP), dtype=acc, device=q.device)

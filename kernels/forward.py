@@ -178,6 +178,40 @@ def _check_vector(name: str, t: Optional[torch.Tensor], h: int, device: torch.de
         raise ValueError(f"re_attention_forward: {name} must be floating point, got {t.dtype}")
 
 
+def vector_aligned(t: torch.Tensor) -> bool:
+    """Whether the kernels can move ``t`` [..., D] in 16-byte vectors.
+
+    Triton vectorizes a load or store only where it can prove alignment, and it learns alignment
+    from the launch's arguments alone: an integer (a stride, D) that is a multiple of 16 and an
+    address that is a multiple of 16 bytes are specialized as such (``kernels.aot.jit_compile_inputs``).
+    Any other stride, a head dim such as 33, or an offset view makes every element its own load:
+    measured on sm_90 at D = 33, the forward's registers collapse and kilobytes spill.
+    """
+    if t.shape[-1] % 16 or t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    return all(s % 16 == 0 for s in t.stride()[:-1])
+
+
+def aligned_operands(*tensors: torch.Tensor):
+    """``tensors`` [..., D] as the kernels want them: each one that is not ``vector_aligned`` is copied
+    into a contiguous buffer whose head dim is D rounded up to 16, zero-filled past D (zeros add
+    nothing to q.k and give zero output columns). Returns (tensors, padded head dim); all share
+    one head dim, so either none is padded or all are. Costs one read and write of the copied
+    inputs, against the kernels' re-reading of every key and value Nq / rows-per-program times.
+    """
+    d = tensors[0].shape[-1]
+    dp = -(-d // 16) * 16
+    out = []
+    for t in tensors:
+        if dp == d and vector_aligned(t):
+            out.append(t)
+        else:
+            padded = t.new_zeros((*t.shape[:-1], dp))
+            padded[..., :d] = t
+            out.append(padded)
+    return tuple(out), dp
+
+
 def accumulator_dtype(q: torch.Tensor) -> torch.dtype:
     """dtype of the softmax statistics, the BatchNorm sums and reduced gradients: fp64 for fp64 inputs, else fp32."""
     return torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -342,14 +376,16 @@ def re_attention_forward(
             return out, softmax_stats, torch.zeros((0, 2, H), dtype=acc_dtype, device=device)
         return out, softmax_stats
 
+    (q, k, v), Dp = aligned_operands(q, k, v)
+    result = out if Dp == D and vector_aligned(out) else out.new_empty((B, H, Nq, Dp))
     interpret = interpreting()
     if config is None:
-        config = forward_config(Nq, Nk, D, H, interpret=interpret, shared_limit=device_shared_limit(device),
+        config = forward_config(Nq, Nk, Dp, H, interpret=interpret, shared_limit=device_shared_limit(device),
                                 element_size=q.element_size())
     config.check_heads(H, "re_attention_forward")
     options = launch_options(q, lowp_dot, allow_tf32, interpret)
     num_m = config.programs_per_batch(Nq)
-    d_chunks = triton.cdiv(D, config.BLOCK_D)
+    d_chunks = triton.cdiv(Dp, config.BLOCK_D)
     moments = torch.empty((num_m * B, 2, config.HP), dtype=acc_dtype, device=device) if with_moments else None
 
     dummy = mix_weight
@@ -360,20 +396,22 @@ def re_attention_forward(
     run_on_device(
         _re_attention_fwd_kernel, (num_m * B, d_chunks), device,
         q, k, v, mix_weight, c, nw, nb, batch_stats if norm == "batch" else dummy, mask,
-        seed if has_dropout else dummy, out, softmax_stats, moments if moments is not None else softmax_stats,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *softmax_stats.stride(), *mask_strides,
+        seed if has_dropout else dummy, result, softmax_stats, moments if moments is not None else softmax_stats,
+        *q.stride(), *k.stride(), *v.stride(), *result.stride(), *softmax_stats.stride(), *mask_strides,
         mix_weight.stride(0), mix_weight.stride(1), c.stride(0), nw.stride(0), nb.stride(0),
-        H, Nq, Nk, D, num_m,
+        H, Nq, Nk, Dp, num_m,
         float(scale) * LOG2E, float(out_scale), float(eps), float(dropout_p),
         HAS_MIX_BIAS=mix_bias is not None, NORM=_NORMS[norm],
         HAS_NORM_WEIGHT=affine_norm and norm_weight is not None, HAS_NORM_BIAS=affine_norm and norm_bias is not None,
         MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, STATS_GIVEN=stats_given, MOMENTS=moments is not None,
-        D_CHUNKS=d_chunks, EVEN_D=D == d_chunks * config.BLOCK_D,
+        D_CHUNKS=d_chunks, EVEN_D=Dp == d_chunks * config.BLOCK_D,
         RAW_MAX=mask_kind != MASK_ADDITIVE and scale > 0,
         BIAS_SLOT=config.G * H < config.HP and not has_dropout and mix_bias is not None or (
             config.G * H < config.HP and norm == "batch" and not has_dropout),
         **options, **config.meta(),
     )
+    if result is not out:
+        out.copy_(result[..., :D])
     if with_moments:
         return out, softmax_stats, slot_sums_to_heads(moments, H, config)
     return out, softmax_stats

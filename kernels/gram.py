@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .common import (MASK_ADDITIVE, _load_rows, _mm, _probs, _row_stats, _scores, _scores_product, _slot_rows,
                      _store_row_stats)
-from .forward import (accumulator_dtype, dropout_arguments, launch_options, mask_arguments, slot_sums_to_heads,
+from .forward import (accumulator_dtype, aligned_operands, dropout_arguments, launch_options, mask_arguments, slot_sums_to_heads,
                       softmax_stats_shape)
 from .launch import TileConfig, device_shared_limit, forward_config, interpreting, run_on_device
 
@@ -143,6 +143,7 @@ def gram_sums(
         return stats, s1, gram
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, q, Nk)
     seed, has_dropout = dropout_arguments(dropout_p, seed, device)
+    (q, k), D = aligned_operands(q, k)
     interpret = interpreting()
     if config is None:
         config = forward_config(Nq, Nk, D, H, interpret=interpret, shared_limit=device_shared_limit(device),

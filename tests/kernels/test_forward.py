@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from reattn.kernels.forward import re_attention_forward
+from reattn.kernels.forward import aligned_operands, re_attention_forward, vector_aligned
 from reattn.kernels.launch import TileConfig, backward_config, forward_config, interpreting
 from reattn.reference import re_attention_ref
 
@@ -213,6 +213,27 @@ def test_strided_inputs_and_outputs_and_no_stray_writes():
     kept = torch.ones_like(big_stats, dtype=torch.bool)
     kept[:, :, 2:N + 2, :2] = False
     assert (big_stats[kept] == 321.0).all()
+
+
+def test_operands_that_would_not_vectorize_are_padded_copies():
+    """Triton vectorizes only what the launch's arguments prove aligned (strides and D multiples of
+    16, addresses of 16 bytes): anything else is copied to a contiguous buffer with D rounded up to
+    16 and zeros past D; aligned operands are passed through untouched (no copy)."""
+    base = torch.randn(2, 3, 5, 80, dtype=torch.float16, device=DEVICE)
+    sliced = base[..., :64]                      # row stride 80: aligned
+    assert vector_aligned(sliced)
+    (same,), dp = aligned_operands(sliced)
+    assert same is sliced and dp == 64
+    shifted = base.flatten()[8:8 + 2 * 3 * 5 * 64].view(2, 3, 5, 64)   # address 16 bytes past an aligned one
+    assert vector_aligned(shifted) is (shifted.data_ptr() % 16 == 0)
+    odd = base.flatten()[1:1 + 2 * 3 * 5 * 64].view(2, 3, 5, 64)     # 2 bytes off
+    assert not vector_aligned(odd)
+    (copy, kept), dp = aligned_operands(odd, sliced)
+    assert dp == 64 and copy.is_contiguous() and torch.equal(copy, odd) and kept is sliced
+    narrow = base[..., :33]
+    (a, b), dp = aligned_operands(narrow, sliced[..., :33])
+    assert dp == 48 and a.shape == (2, 3, 5, 48) and torch.equal(a[..., :33], narrow)
+    assert (a[..., 33:] == 0).all() and (b[..., 33:] == 0).all() and vector_aligned(a)
 
 
 def test_batchnorm_eval_folded_into_mixing_is_norm_none():
