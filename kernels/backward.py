@@ -212,10 +212,10 @@ def _re_attention_bwd_dq_kernel(
         # scale2 = scale * log2(e): dS is in natural units, so dQ = scale (X - delta Y).
         dq = (x_acc - delta[:, :, None] * y_acc) * (scale2 * 0.6931471805599453)
         d_ok = (offs_d < D)[None, None, :]
-        tl.store(DQ + b * stride_dqb + head.to(tl.int64)[:, None, None] * stride_dqh
-                 + rows.to(tl.int64)[:, :, None] * stride_dqm + offs_d[None, None, :] * stride_dqd,
+        tl.store((DQ + b * stride_dqb) + (head[:, None, None] * stride_dqh + rows[:, :, None] * stride_dqm
+                                          + offs_d[None, None, :] * stride_dqd),
                  dq.to(DQ.dtype.element_ty), mask=rows_ok[:, :, None] & d_ok)
-        delta_ptrs = DELTA + (b * H + head.to(tl.int64)[:, None]) * N_Q + rows
+        delta_ptrs = (DELTA + b * H * N_Q) + (head[:, None] * N_Q + rows)
         tl.store(delta_ptrs, delta, mask=rows_ok & ((rows * 0 + pid_d) == 0))
 
 
@@ -253,7 +253,7 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
     do = _load_keys(DOb, head, offs_m, N_Q, offs_d, D, stride_doh, stride_dom, stride_dod, CDT, DOT_LOWP, False,
                     ROWS_PADDED, EVEN_D)
     m2, l2 = _load_row_stats(STATSb, slot_ok, rows, rows_ok, head, stride_sp, stride_sh, stride_sm, CDT)
-    delta = tl.load(DELTA + (b * H + head.to(tl.int64)[:, None]) * N_Q + rows, mask=rows_ok, other=0.0)
+    delta = tl.load((DELTA + b * H * N_Q) + (head[:, None] * N_Q + rows), mask=rows_ok, other=0.0)
     head3 = head[:, None, None]
     rows3 = offs_m[None, None, :]
     rows_ok3 = rows_ok[:, None, :]
@@ -364,11 +364,11 @@ def _re_attention_bwd_dkdv_kernel(
     # dS is in natural units: dK = scale dS^T Q, scale = scale2 / log2(e).
     dk_acc = dk_acc * (scale2 * 0.6931471805599453)
     tile_ok = keys_ok[:, :, None] & (offs_d < D)[None, None, :]
-    tl.store(DK + b * stride_dkb + head.to(tl.int64)[:, None, None] * stride_dkh
-             + keys.to(tl.int64)[:, :, None] * stride_dkn + offs_d[None, None, :] * stride_dkd,
+    tl.store((DK + b * stride_dkb) + (head[:, None, None] * stride_dkh + keys[:, :, None] * stride_dkn
+                                      + offs_d[None, None, :] * stride_dkd),
              dk_acc.to(DK.dtype.element_ty), mask=tile_ok)
-    tl.store(DV + b * stride_dvb + head.to(tl.int64)[:, None, None] * stride_dvh
-             + keys.to(tl.int64)[:, :, None] * stride_dvn + offs_d[None, None, :] * stride_dvd,
+    tl.store((DV + b * stride_dvb) + (head[:, None, None] * stride_dvh + keys[:, :, None] * stride_dvn
+                                      + offs_d[None, None, :] * stride_dvd),
              dv_acc.to(DV.dtype.element_ty), mask=tile_ok)
     # Per-program partial sums: dW_slots [HP, HP], then per slot dgamma, dbeta (LayerNorm) and dc. Every
     # head-dim chunk summed the same entries: the first one stores them.

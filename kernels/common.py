@@ -73,8 +73,7 @@ def _slot_rows(row0, H, N_Q, HP: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.cons
 def _load_rows(X, head, rows, rows_ok, offs_d, D, stride_h, stride_m, stride_d, CDT: tl.constexpr,
                DOT_LOWP: tl.constexpr):
     """[HP, BLOCK_M, BLOCK_D] tile of X (one batch element) at the slots' heads and rows; 0 outside."""
-    ptrs = (X + head.to(tl.int64)[:, None, None] * stride_h + rows.to(tl.int64)[:, :, None] * stride_m
-            + offs_d[None, None, :] * stride_d)
+    ptrs = X + (head[:, None, None] * stride_h + rows[:, :, None] * stride_m + offs_d[None, None, :] * stride_d)
     x = tl.load(ptrs, mask=rows_ok[:, :, None] & (offs_d < D)[None, None, :], other=0.0)
     if not DOT_LOWP:
         x = x.to(CDT)
@@ -90,13 +89,13 @@ def _load_keys(X, head, offs_n, N_K, offs_d, D, stride_h, stride_n, stride_d, CD
     EVEN_D) load as 0, so padded keys contribute nothing to A V. Padding slots read a real head
     (s % H) whose results are discarded: full blocks load without any predicate.
     """
-    h = head.to(tl.int64)[:, None, None] * stride_h
-    n = offs_n.to(tl.int64)
+    h = head[:, None, None] * stride_h
+    n = offs_n
     if TRANSPOSED:
-        ptrs = X + h + offs_d[None, :, None] * stride_d + n[None, None, :] * stride_n
+        ptrs = X + (h + offs_d[None, :, None] * stride_d + n[None, None, :] * stride_n)
         ok = (offs_d < D)[None, :, None] & (offs_n < N_K)[None, None, :]
     else:
-        ptrs = X + h + n[None, :, None] * stride_n + offs_d[None, None, :] * stride_d
+        ptrs = X + (h + n[None, :, None] * stride_n + offs_d[None, None, :] * stride_d)
         ok = (offs_n < N_K)[None, :, None] & (offs_d < D)[None, None, :]
     if KEYS_PADDED or not EVEN_D:
         x = tl.load(ptrs, mask=ok, other=0.0)
@@ -163,8 +162,7 @@ def _scores(qk, offset3, b, head3, rows3, rows_ok3, keys3, N_K, scale2, MASK, st
     if MASK_KIND != 2:
         s = qk * scale2 - offset3
     if MASK_KIND != 0:
-        ptrs = (MASK + b * stride_mb + head3.to(tl.int64) * stride_mh + rows3.to(tl.int64) * stride_mm
-                + keys3.to(tl.int64) * stride_mn)
+        ptrs = (MASK + b * stride_mb) + (head3 * stride_mh + rows3 * stride_mm + keys3 * stride_mn)
         ok = rows_ok3 & key_ok
         if MASK_KIND == 1:
             kept = tl.load(ptrs, mask=ok, other=1) != 0
@@ -267,7 +265,7 @@ def _load_row_stats(STATS, slot_ok, rows, rows_ok, head, stride_sp, stride_sh, s
 
     (+inf, 0) on rows past N_Q, (0, 0) on padding slots (``_padding_slot_stats``).
     """
-    ptrs = STATS + head.to(tl.int64)[:, None] * stride_sh + rows.to(tl.int64) * stride_sm
+    ptrs = STATS + (head[:, None] * stride_sh + rows * stride_sm)
     m2 = tl.load(ptrs, mask=rows_ok, other=float("inf")).to(CDT)
     l2 = tl.load(ptrs + stride_sp, mask=rows_ok, other=0.0).to(CDT)
     return _padding_slot_stats(m2, l2, slot_ok)
@@ -275,7 +273,7 @@ def _load_row_stats(STATS, slot_ok, rows, rows_ok, head, stride_sp, stride_sh, s
 
 @triton.jit
 def _store_row_stats(STATS, m2, l2, rows, rows_ok, head, stride_sp, stride_sh, stride_sm):
-    ptrs = STATS + head.to(tl.int64)[:, None] * stride_sh + rows.to(tl.int64) * stride_sm
+    ptrs = STATS + (head[:, None] * stride_sh + rows * stride_sm)
     tl.store(ptrs, m2.to(STATS.dtype.element_ty), mask=rows_ok)
     tl.store(ptrs + stride_sp, l2.to(STATS.dtype.element_ty), mask=rows_ok)
 

@@ -26,6 +26,7 @@ Nothing here imports ``reattn``: torch and triton only.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -155,8 +156,8 @@ def _re_attention_fwd_kernel(
             HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT, BIAS_SLOT, MOMENTS, CDT, DOT_LOWP,
             LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
 
-    o_ptrs = (O + b * stride_ob + head.to(tl.int64)[:, None, None] * stride_oh
-              + rows.to(tl.int64)[:, :, None] * stride_om + offs_d[None, None, :] * stride_od)
+    o_ptrs = (O + b * stride_ob) + (head[:, None, None] * stride_oh + rows[:, :, None] * stride_om
+                                    + offs_d[None, None, :] * stride_od)
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=rows_ok[:, :, None] & (offs_d < D)[None, None, :])
     if MOMENTS:  # every head-dim chunk summed the same map: the first one stores the sums
         s1 = tl.where(rows_ok, s1, 0.0)
@@ -178,6 +179,17 @@ def _check_vector(name: str, t: Optional[torch.Tensor], h: int, device: torch.de
         raise ValueError(f"re_attention_forward: {name} must be floating point, got {t.dtype}")
 
 
+# The kernels address a tile as one 64-bit pointer per batch element plus 32-bit offsets (64-bit
+# offsets per element cost a register pair each: at DeiT-S with a mask, 400 B of spills against
+# 96). Every operand's offsets within a batch element must therefore stay below 2^31.
+INT32_SPAN = 2 ** 31 - 1
+
+
+def batch_span(t: torch.Tensor) -> int:
+    """The largest element offset within one batch element (dim 0) of ``t``."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+
+
 def vector_aligned(t: torch.Tensor) -> bool:
     """Whether the kernels can move ``t`` [..., D] in 16-byte vectors.
 
@@ -185,9 +197,10 @@ def vector_aligned(t: torch.Tensor) -> bool:
     from the launch's arguments alone: an integer (a stride, D) that is a multiple of 16 and an
     address that is a multiple of 16 bytes are specialized as such (``kernels.aot.jit_compile_inputs``).
     Any other stride, a head dim such as 33, or an offset view makes every element its own load:
-    measured on sm_90 at D = 33, the forward's registers collapse and kilobytes spill.
+    measured on sm_90 at D = 33, the forward's registers collapse and kilobytes spill. Offsets within
+    a batch element must also fit 32 bits (``INT32_SPAN``).
     """
-    if t.shape[-1] % 16 or t.stride(-1) != 1 or t.data_ptr() % 16:
+    if t.shape[-1] % 16 or t.stride(-1) != 1 or t.data_ptr() % 16 or batch_span(t) > INT32_SPAN:
         return False
     return all(s % 16 == 0 for s in t.stride()[:-1])
 
@@ -201,6 +214,9 @@ def aligned_operands(*tensors: torch.Tensor):
     """
     d = tensors[0].shape[-1]
     dp = -(-d // 16) * 16
+    if math.prod(tensors[0].shape[1:-1]) * dp > INT32_SPAN:
+        raise ValueError(f"re_attention: {tuple(tensors[0].shape)} has more than {INT32_SPAN} elements per batch "
+                         "element, more than the kernels address")
     out = []
     for t in tensors:
         if dp == d and vector_aligned(t):
@@ -245,6 +261,10 @@ def mask_arguments(attn_mask: Optional[torch.Tensor], q: torch.Tensor, n_k: int)
     except RuntimeError:
         raise ValueError(f"re_attention_forward: attn_mask {tuple(attn_mask.shape)} does not broadcast to "
                          f"[B, H, Nq, Nk] = {[B, H, Nq, n_k]}") from None
+    if batch_span(mask) > INT32_SPAN:
+        raise ValueError(f"re_attention_forward: attn_mask {tuple(attn_mask.shape)} spans {batch_span(mask)} elements "
+                         f"per batch element; the kernels address at most {INT32_SPAN} (give it a head dim of 1 "
+                         "or split the batch)")
     return mask, kind, tuple(mask.stride())
 
 

@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from reattn.kernels.forward import aligned_operands, re_attention_forward, vector_aligned
+from reattn.kernels.forward import aligned_operands, mask_arguments, re_attention_forward, vector_aligned
 from reattn.kernels.launch import TileConfig, backward_config, forward_config, interpreting
 from reattn.reference import re_attention_ref
 
@@ -234,6 +234,22 @@ def test_operands_that_would_not_vectorize_are_padded_copies():
     (a, b), dp = aligned_operands(narrow, sliced[..., :33])
     assert dp == 48 and a.shape == (2, 3, 5, 48) and torch.equal(a[..., :33], narrow)
     assert (a[..., 33:] == 0).all() and (b[..., 33:] == 0).all() and vector_aligned(a)
+
+
+def test_operands_beyond_32_bit_offsets_are_copied_or_refused():
+    """Offsets within a batch element are 32-bit in the kernels: a view spanning more is copied
+    compact; a mask or a compact operand that still spans more is a ValueError (sizes on meta)."""
+    q = torch.empty(2, 6, 197, 64, device="meta", dtype=torch.bfloat16)
+    wide = torch.empty(1, device="meta", dtype=torch.bfloat16).as_strided((2, 6, 197, 64), (2 ** 32, 2 ** 29, 64, 1))
+    assert not vector_aligned(wide)
+    (copy,), dp = aligned_operands(wide)
+    assert dp == 64 and copy.is_contiguous()
+    mask = torch.empty(1, device="meta", dtype=torch.bool).as_strided((2, 6, 197, 197), (2 ** 32, 2 ** 29, 197, 1))
+    with pytest.raises(ValueError, match="attn_mask .* spans .* per batch element"):
+        mask_arguments(mask, q, 197)
+    huge = torch.empty(1, 32, 2 ** 20, 128, device="meta", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="more than 2147483647 elements per batch element"):
+        aligned_operands(huge)
 
 
 def test_batchnorm_eval_folded_into_mixing_is_norm_none():
