@@ -107,7 +107,8 @@ def _dq_block(x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, 
     keys3 = offs_n[None, None, :]
     t2, kept = _scores(qk, m2[:, :, None], b, head3, rows3, rows_ok[:, :, None], keys3, N_K, scale2, MASK, stride_mb,
                        stride_mh, stride_mm, stride_mn, CDT, MASK_KIND, KEYS_PADDED)
-    p, p_tilde, drop_scale = _probs(t2, l2[:, :, None], b, H, head3, rows3, keys3, seed, dropout_p, CDT, HAS_DROPOUT)
+    p, p_tilde, drop_scale = _probs(t2, l2[:, :, None], b, H, head3, rows3, start_n, seed, dropout_p, CDT, HAS_DROPOUT,
+                                    False)
     dn = dov * out_scale
     if MASK_KIND != 0 or KEYS_PADDED:
         dn = tl.where(kept, dn, 0.0)
@@ -241,26 +242,33 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
     rows_ok = slot_ok[:, None] & (offs_m < N_Q)[None, :]
     # K Q^T and V dO^T over the whole head dim ([HP, keys, queries]); padding slots' K rows are 0,
     # so their P is 1 (the mixing bias's slot: kernels/common.py).
-    qk = _scores_product(k, Kb, Qb, head, keys, keys_ok, offs_m, N_Q, D, stride_kh, stride_kn, stride_kd, stride_qh,
-                         stride_qm, stride_qd, HP, BLOCK_N, BLOCK_M, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP, LOWP_DTYPE,
-                         DOT_PRECISION, ROWS_PADDED, EVEN_D)
-    dov = _scores_product(v, Vb, DOb, head, keys, keys_ok, offs_m, N_Q, D, stride_vh, stride_vn, stride_vd,
-                          stride_doh, stride_dom, stride_dod, HP, BLOCK_N, BLOCK_M, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
-                          LOWP_DTYPE, DOT_PRECISION, ROWS_PADDED, EVEN_D)
     # This program's head-dim chunk of the query rows (the same rows for every slot of every key group).
     q = _load_keys(Qb, head, offs_m, N_Q, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP, False,
                    ROWS_PADDED, EVEN_D)
     do = _load_keys(DOb, head, offs_m, N_Q, offs_d, D, stride_doh, stride_dom, stride_dod, CDT, DOT_LOWP, False,
                     ROWS_PADDED, EVEN_D)
+    if D_CHUNKS == 1:  # the same tiles serve both products (one load; the transposes are layouts)
+        zero = tl.zeros([HP, BLOCK_N, BLOCK_M], CDT)
+        qk = _mm(k, tl.permute(q, (0, 2, 1)), zero, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+        dov = _mm(v, tl.permute(do, (0, 2, 1)), zero, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    else:
+        qk = _scores_product(k, Kb, Qb, head, keys, keys_ok, offs_m, N_Q, D, stride_kh, stride_kn, stride_kd,
+                             stride_qh, stride_qm, stride_qd, HP, BLOCK_N, BLOCK_M, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
+                             LOWP_DTYPE, DOT_PRECISION, ROWS_PADDED, EVEN_D)
+        dov = _scores_product(v, Vb, DOb, head, keys, keys_ok, offs_m, N_Q, D, stride_vh, stride_vn, stride_vd,
+                              stride_doh, stride_dom, stride_dod, HP, BLOCK_N, BLOCK_M, BLOCK_D, D_CHUNKS, CDT,
+                              DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, ROWS_PADDED, EVEN_D)
     m2, l2 = _load_row_stats(STATSb, slot_ok, rows, rows_ok, head, stride_sp, stride_sh, stride_sm, CDT)
     delta = tl.load((DELTA + b * H * N_Q) + (head[:, None] * N_Q + rows), mask=rows_ok, other=0.0)
     head3 = head[:, None, None]
     rows3 = offs_m[None, None, :]
     rows_ok3 = rows_ok[:, None, :]
     keys3 = keys[:, :, None]
+    key0 = tl.min(keys, axis=1)[:, None, None]  # each slot's first key (the key groups differ)
     t2, kept = _scores(qk, m2[:, None, :], b, head3, rows3, rows_ok3, keys3, N_K, scale2, MASK, stride_mb, stride_mh,
                        stride_mm, stride_mn, CDT, MASK_KIND, True)
-    p, p_tilde, drop_scale = _probs(t2, l2[:, None, :], b, H, head3, rows3, keys3, seed, dropout_p, CDT, HAS_DROPOUT)
+    p, p_tilde, drop_scale = _probs(t2, l2[:, None, :], b, H, head3, offs_m[None, :, None], key0, seed, dropout_p, CDT,
+                                    HAS_DROPOUT, True)
     # Rows past N_Q: P = 0 (their m2 is +inf), dO = 0; nothing they hold reaches a gradient.
     mix = _mix(w_slots, p_tilde, HP, BLOCK_N, BLOCK_M, CDT, DOT_LOWP, tl.float16, DOT_PRECISION)
     if not BIAS_SLOT:

@@ -2,12 +2,12 @@
 
 Every kernel works on tiles ``[HP, BLOCK_M, BLOCK_N]`` of *slots* x query rows x keys. A slot is
 one (row group, head) pair: the ``HP`` slots of a program hold ``G`` groups of ``BLOCK_M`` query
-rows for each of the ``H`` heads (``G = HP // H``, ``HP`` 16 or 32), slot ``s`` being head
-``s % H`` of row group ``s // H``; slots ``>= G * H`` are padding. The heads of a group must sit in
-one program because they mix; packing several row groups per program keeps the head mixing a
-16-wide tensor-core product (``W_slots [HP, HP] @ P [HP, BLOCK_M * BLOCK_N]``, with ``W_slots``
-the block-diagonal of ``G`` copies of ``W``) even for few heads: at H = 6, 12 of 16 slots work
-instead of 6. The math is written out in ``docs/math.md``.
+rows for each of the ``H`` heads (``HP = max(8, next_pow2(H))``, ``G = HP // H``), slot ``s`` being
+head ``s % H`` of row group ``s // H``; slots ``>= G * H`` are padding. The heads of a group must
+sit in one program because they mix; the mixing is one tensor-core product over the slot axis
+(``W_slots [HP, HP] @ P [HP, BLOCK_M * BLOCK_N]``, ``W_slots`` the block-diagonal of ``G`` copies
+of ``W``; ``_mix``). H = 6 runs 6 of 8 slots, H = 4 two row groups in 8, H = 12 12 of 16.
+The math is written out in ``docs/math.md``.
 
 Scores are kept in base-2 units, ``S2 = log2(e) * (scale * q.k + mask)``, so every exponential
 is one ``exp2``. The softmax statistics of a row are two numbers, the row maximum ``m2`` of S2
@@ -18,7 +18,8 @@ A row whose keys are all masked (-inf or False) gets ``m2 = +inf, l2 = 0``, henc
 
 Masks: MASK_KIND 0 = none, 1 = bool (stored as uint8, 1 = attend), 2 = additive (float; -inf
 masks). Dropout: Z[b, h, i, j] = (u >= p) with u uniform from Philox keyed by ``seed`` and the
-counters (j, i, b * H + h, 0), a pure function of the position, so every sweep replays it
+counters (j // 4, i, b * H + h, 0), word j % 4 (``_dropout_keep``), a pure function of the
+position, so every sweep replays it
 (``kernels.dropout.dropout_keep_mask`` materializes it for tests).
 
 Nothing here imports ``reattn``; only triton.
@@ -279,22 +280,40 @@ def _store_row_stats(STATS, m2, l2, rows, rows_ok, head, stride_sp, stride_sh, s
 
 
 @triton.jit
-def _dropout_keep(seed, b, H, head3, rows3, keys3, shape: tl.constexpr, dropout_p):
-    """Bool keep-mask of dropout for batch ``b``, ``shape`` [HP, M, N], at the slots' heads, rows and keys."""
-    zero = tl.zeros(shape, tl.int32)
-    c0 = zero + keys3
+def _dropout_keep(seed, b, H, head3, rows3, key0, dropout_p, HP: tl.constexpr, M: tl.constexpr, N: tl.constexpr):
+    """Bool keep-mask of dropout [HP, M, N] for batch ``b`` at the slots' heads ``head3`` [HP, 1, 1],
+    query rows ``rows3`` ([HP or 1, M, 1]) and the N keys ``key0 + arange(N)`` (key0 a multiple of 4,
+    a scalar or [HP, 1, 1]).
+
+    Z[b, h, i, j] = (u >= p), u the (j % 4)-th word of Philox4x32-10(seed; j // 4, i, b * H + h, 0)
+    as a uniform float: one Philox evaluation (its ten rounds are most of dropout's cost) serves four
+    consecutive keys, and the pattern is a function of the position alone, replayed by every sweep.
+    """
+    zero = tl.zeros([HP, M, N // 4], tl.int32)
+    c0 = zero + (key0 // 4 + tl.arange(0, N // 4)[None, None, :])
     c1 = zero + rows3
     c2 = zero + (b * H + head3).to(tl.int32)
-    r0, _, _, _ = tl.philox(seed, c0, c1, c2, zero)
-    return tl.random.uint_to_uniform_float(r0) >= dropout_p
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero)
+    # Interleave the words so key 4t + w gets word w: join adds a trailing axis of 2, twice.
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [HP, M, N])
+    return tl.random.uint_to_uniform_float(r) >= dropout_p
 
 
 @triton.jit
-def _probs(t2, l2_3, b, H, head3, rows3, keys3, seed, dropout_p, CDT: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """(P, P~ = dropout(P), drop_scale = Z / (1 - p)) from t2 = S2 - m2 and the row log-sums l2 ([HP, M, 1])."""
+def _probs(t2, l2_3, b, H, head3, rows3, key0, seed, dropout_p, CDT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+           KEYS_FIRST: tl.constexpr):
+    """(P, P~ = dropout(P), drop_scale = Z / (1 - p)) from t2 = S2 - m2 and the row log-sums l2.
+
+    Tiles are [HP, queries, keys], or [HP, keys, queries] with KEYS_FIRST (the key-major backward);
+    rows3 is the queries as [HP or 1, M, 1] either way, key0 the first key (``_dropout_keep``).
+    """
     p = tl.exp2(t2 - l2_3)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, b, H, head3, rows3, keys3, p.shape, dropout_p)
+        if KEYS_FIRST:
+            keep = tl.permute(_dropout_keep(seed, b, H, head3, rows3, key0, dropout_p, t2.shape[0], t2.shape[2],
+                                            t2.shape[1]), (0, 2, 1))
+        else:
+            keep = _dropout_keep(seed, b, H, head3, rows3, key0, dropout_p, t2.shape[0], t2.shape[1], t2.shape[2])
         # 1 / (1 - p) in the computation dtype (fp64 for fp64 inputs), not in fp32.
         drop_scale = tl.where(keep, 1.0 / (tl.full([], 1.0, CDT) - dropout_p), 0.0)
         p_tilde = p * drop_scale

@@ -10,7 +10,7 @@ keys in one launch (docs/math.md, "Forward"):
 
   sweep 1: S = Q K^T as one batched product over the slots, online row max and sum -> the
            softmax statistics (m2, l2) per row, stored for the backward; skipped when they are
-           given (the statistics sweep of synchronized BatchNorm, kernels/stats.py, wrote them);
+           given (the Gram-sum statistics sweep of training BatchNorm, kernels/gram.py, wrote them);
   sweep 2: recompute S, P = 2^((S2 - m2) - l2), dropout, mix the heads on the tensor cores
            (W_slots [HP, HP] @ P~ [HP, BLOCK_M * BLOCK_N]), normalize (LayerNorm across heads;
            out_scale and any per-head affine norm are folded into W_slots), zero masked entries
@@ -61,7 +61,7 @@ def _forward_block(acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_
     keys3 = offs_n[None, None, :]
     t2, kept = _scores(qk, m2[:, :, None], b, head3, rows3, rows_ok[:, :, None], keys3, N_K, scale2, MASK, stride_mb,
                        stride_mh, stride_mm, stride_mn, CDT, MASK_KIND, KEYS_PADDED)
-    _, p_tilde, _ = _probs(t2, l2[:, :, None], b, H, head3, rows3, keys3, seed, dropout_p, CDT, HAS_DROPOUT)
+    _, p_tilde, _ = _probs(t2, l2[:, :, None], b, H, head3, rows3, start_n, seed, dropout_p, CDT, HAS_DROPOUT, False)
     a = _mix(w_slots, p_tilde, HP, BLOCK_M, BLOCK_N, CDT, DOT_LOWP, tl.float16, DOT_PRECISION)
     if not BIAS_SLOT:
         a = a + c[:, None, None]
@@ -374,7 +374,7 @@ def re_attention_forward(
     if norm == "batch" and (batch_stats is None or batch_stats.shape != (2, H) or not batch_stats.is_contiguous()
                             or batch_stats.dtype != acc_dtype):
         raise ValueError(f"re_attention_forward: norm='batch' needs batch_stats, a contiguous [2, {H}] {acc_dtype} "
-                         "tensor (mean; 1/sqrt(var + eps)), e.g. from kernels.stats")
+                         "tensor (mean; 1/sqrt(var + eps)), from the Gram sums (kernels.gram) or the moments")
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, q, Nk)
     seed, has_dropout = dropout_arguments(dropout_p, seed, device)
 

@@ -53,7 +53,7 @@ def _gram_block(gram, s1, q, Qb, Kb, b, H, head, rows, rows_ok, start_n, N_K, D,
     keys3 = offs_n[None, None, :]
     t2, kept = _scores(qk, m2[:, :, None], b, head3, rows3, rows_ok[:, :, None], keys3, N_K, scale2, MASK, stride_mb,
                        stride_mh, stride_mm, stride_mn, CDT, MASK_KIND, KEYS_PADDED)
-    _, p_tilde, _ = _probs(t2, l2[:, :, None], b, H, head3, rows3, keys3, seed, dropout_p, CDT, HAS_DROPOUT)
+    _, p_tilde, _ = _probs(t2, l2[:, :, None], b, H, head3, rows3, start_n, seed, dropout_p, CDT, HAS_DROPOUT, False)
     # All heads of an entry are kept or masked alike (one mask for all heads): the caller checks it.
     x = tl.where(kept & rows_ok[:, :, None], p_tilde - shift, 0.0)
     s1 += tl.sum(x, axis=2)
