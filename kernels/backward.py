@@ -41,7 +41,7 @@ from .common import (_group_mean, _layer_norm, _load_keys, _load_row_stats, _loa
                      _scores, _scores_product, _slot_params, _slot_rows)
 from .forward import (_NORMS, accumulator_dtype, aligned_operands, dropout_arguments, launch_options, mask_arguments,
                       slot_sums_to_heads)
-from .launch import TileConfig, backward_config, device_shared_limit, interpreting, run_on_device
+from .launch import TileConfig, backward_config, device_shared_limit, interpreting, run_on_device, variant_of
 
 
 @triton.jit
@@ -418,7 +418,8 @@ def _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, d
     interpret = interpreting()
     if config is None:
         config = backward_config(Nq, Nk, D, H, interpret=interpret, shared_limit=device_shared_limit(device),
-                                 element_size=q.element_size(), kernel="dq")
+                                 element_size=q.element_size(), kernel="dq",
+                                 variant=variant_of(norm, attn_mask is not None, dropout_p > 0))
     options = launch_options(q, lowp_dot, False, interpret)
     mask, mask_strides, seed_arg, c, nw, nb, flags = _launch_args(q, k, v, mix_weight, mix_bias, norm_weight,
                                                                   norm_bias, attn_mask, dropout_p, seed, norm)
@@ -506,7 +507,8 @@ def re_attention_backward(
     config = dkdv_config
     if config is None:
         config = backward_config(Nq, Nk, Dp, H, interpret=interpret, shared_limit=device_shared_limit(device),
-                                 element_size=q.element_size(), kernel="dkdv")
+                                 element_size=q.element_size(), kernel="dkdv",
+                                 variant=variant_of(norm, attn_mask is not None, dropout_p > 0))
     options = launch_options(q, lowp_dot, False, interpret)
     mask, mask_strides, seed_arg, c, nw, nb, flags = _launch_args(q, k, v, mix_weight, mix_bias, norm_weight,
                                                                   norm_bias, attn_mask, dropout_p, seed, norm)
@@ -594,7 +596,7 @@ def re_attention_backward_bn_sums(
     if config is None:
         config = backward_config(Nq, k.shape[2], Dp, H, interpret=interpret,
                                  shared_limit=device_shared_limit(q.device), element_size=q.element_size(),
-                                 kernel="dq")
+                                 kernel="dq", variant=variant_of("batch", attn_mask is not None, dropout_p > 0))
     sums = torch.empty((config.programs_per_batch(Nq) * B, 2, config.HP), dtype=acc, device=q.device)
     _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, grad_out, sums, sums, scale=scale,
                out_scale=out_scale, norm="batch", norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,

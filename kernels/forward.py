@@ -36,7 +36,8 @@ import triton.language as tl
 from .common import (LOG2E, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, NORM_BATCH, NORM_LAYER, NORM_NONE, _group_mean,
                      _layer_norm, _load_keys, _load_row_stats, _load_rows, _mix, _mm, _probs, _row_stats,
                      _scores, _scores_product, _slot_params, _slot_rows, _store_row_stats)
-from .launch import MAX_HEADS, TileConfig, device_shared_limit, forward_config, interpreting, run_on_device
+from .launch import (MAX_HEADS, TileConfig, device_shared_limit, forward_config, interpreting, run_on_device,
+                     variant_of)
 
 _NORMS = {"none": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -401,7 +402,8 @@ def re_attention_forward(
     interpret = interpreting()
     if config is None:
         config = forward_config(Nq, Nk, Dp, H, interpret=interpret, shared_limit=device_shared_limit(device),
-                                element_size=q.element_size())
+                                element_size=q.element_size(),
+                                variant=variant_of(norm, mask_kind != MASK_NONE, has_dropout))
     config.check_heads(H, "re_attention_forward")
     options = launch_options(q, lowp_dot, allow_tf32, interpret)
     num_m = config.programs_per_batch(Nq)

@@ -33,7 +33,7 @@ from .common import (MASK_ADDITIVE, _load_rows, _mm, _probs, _row_stats, _scores
                      _store_row_stats)
 from .forward import (accumulator_dtype, aligned_operands, dropout_arguments, launch_options, mask_arguments, slot_sums_to_heads,
                       softmax_stats_shape)
-from .launch import TileConfig, device_shared_limit, forward_config, interpreting, run_on_device
+from .launch import TileConfig, device_shared_limit, forward_config, interpreting, run_on_device, variant_of
 
 
 @triton.jit
@@ -147,7 +147,7 @@ def gram_sums(
     interpret = interpreting()
     if config is None:
         config = forward_config(Nq, Nk, D, H, interpret=interpret, shared_limit=device_shared_limit(device),
-                                element_size=q.element_size())
+                                element_size=q.element_size(), variant=variant_of("none", mask_kind != 0, has_dropout))
     options = launch_options(q, lowp_dot, False, interpret)
     num_m = config.programs_per_batch(Nq)
     d_chunks = triton.cdiv(D, config.BLOCK_D)

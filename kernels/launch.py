@@ -5,20 +5,28 @@ the rules without triton; ``device_shared_limit`` and ``run_on_device`` import t
 when called).
 
 Tiles (``TileConfig``; kernels/common.py explains slots): a program owns ``G`` row groups of
-``BLOCK_M`` query rows for all heads, as ``HP`` slots (``HP = 16`` for up to 16 heads, else 32;
-``G = HP // H``), and sweeps the keys ``BLOCK_N`` at a time; the head dim is padded to
-``BLOCK_D`` (a power of two >= 16) or, where a program's tiles would not fit, split into chunks of
-``BLOCK_D`` columns, one program per chunk. What bounds the tiles is the register file:
+``BLOCK_M`` query rows for all heads, as ``HP = max(8, next_pow2(H))`` slots (``G = HP // H``),
+and sweeps the keys ``BLOCK_N`` at a time; the head dim (a multiple of 16: the wrappers pad it) is
+covered by ``BLOCK_D`` (a power of two >= 16) or split into chunks of ``BLOCK_D`` columns, one
+program per chunk. What bounds the tiles is the register file, 255 registers per thread:
 
-* the output accumulator [HP, BLOCK_M, BLOCK_D] in fp32 takes HP * BLOCK_M * BLOCK_D /
-  (32 * num_warps) registers per thread; the rule keeps it at 64 or less of the 255 a thread may
-  hold (8 warps: BLOCK_M = 32 at HP * BLOCK_D = 512, 16 at 1024);
-* the score-side tiles [HP, BLOCK_M, BLOCK_N] (S, P, the mixed map, LayerNorm's centred map) take
-  HP * BLOCK_M * BLOCK_N / 256 registers each; BLOCK_N = 16 keeps four of them under 64 registers.
+* an fp32 accumulator [HP, rows, BLOCK_D] takes HP * rows * BLOCK_D / (32 * num_warps) registers
+  per thread; the rules keep the accumulators at 64 or less (the forward's O; the dq kernel's X
+  and Y; the dK/dV kernel's dK and dV, whose rows are keys);
+* every live score-side tile [HP, BLOCK_M, BLOCK_N] (S, P, the mixed map, the norm's terms, the
+  mask, dropout's keep) takes HP * BLOCK_M * BLOCK_N / 256 registers. How many are live depends
+  on the *variant*: "plain" (no mask, no dropout, norm none or an affine batch norm), "layer"
+  (LayerNorm across heads) or "heavy" (a mask or dropout). The rules were fitted to the compiled
+  kernels (sm_90, Triton 3.9): ``python -m benchmarks.launch_scan`` compiles every configuration
+  they can pick and records registers, spills and shared memory in benchmarks/results/launch_scan.csv.
 
-Rows per program (G * BLOCK_M) decide how often a batch element's keys and values are re-read
-from L2 (Nq / rows per program times); the reads are what a larger BLOCK_M would save, the
-accumulator what it would cost.
+Rows per program (G * BLOCK_M) decide how often a batch element's keys and values are staged
+through shared memory (N / rows times): that traffic, not the tensor cores, bounds the kernels (docs/math.md, "Cost"),
+so BLOCK_M is as large as the accumulator allows.
+
+Shared memory: ``shared_bytes`` bounds what a configuration asks for (checked against every
+compiled launch in tests/kernels/test_aot.py); where the GPU has less (sm_86: 101,376 B), the
+rules drop the pipelining, then halve the head-dim chunk.
 
 Under Triton's interpreter (``TRITON_INTERPRET=1``) the tiles are the smallest the products allow
 (BLOCK_M = BLOCK_N = 16, 4 warps, 1 stage): the interpreter's cost is per element.
@@ -116,15 +124,83 @@ def device_shared_limit(device) -> Optional[int]:
     return int(torch.cuda.get_device_properties(index).shared_memory_per_block_optin)
 
 
-def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None,
-                   shared_limit: Optional[int] = None, element_size: int = 2) -> TileConfig:
-    """Tiles of the forward and the statistics sweep for one problem shape (see the module doc).
+VARIANTS = ("plain", "layer", "heavy")
 
+
+def variant_of(norm: str, masked: bool, dropout: bool) -> str:
+    """The launch rules' variant of a call (module doc): "heavy" with a mask or dropout, else
+    "layer" for LayerNorm, else "plain"."""
+    if masked or dropout:
+        return "heavy"
+    return "layer" if norm == "layer" else "plain"
+
+
+def shared_bytes(kernel: str, config: "TileConfig", element_size: int = 2, masked: bool = True) -> int:
+    """An upper bound of the shared memory (bytes) Triton gives ``kernel`` at ``config``.
+
+    The staged tiles: K and V blocks [HP, BLOCK_N, BLOCK_D] (num_stages copies when pipelined), the
+    query-side tiles [HP, BLOCK_M, BLOCK_D] (Q; dq and dK/dV also dO), and a pipelined mask. Triton
+    reuses the buffers of the score tiles' layout conversions, so they add nothing beyond these.
+    Fitted to compiled kernels (sm_90, Triton 3.9; tight at one stage, ~25% over when pipelined);
+    tests/kernels/test_aot.py checks it bounds every compiled launch.
+    """
+    hp, bm, bn, bd = config.HP, config.BLOCK_M, config.BLOCK_N, config.BLOCK_D
+    stages = max(1, config.num_stages)
+    keys = hp * bn * bd * element_size           # one K (or V) block
+    rows = hp * bm * bd * element_size           # one Q (or dO) block
+    mask = hp * bm * bn * stages if masked else 0
+    if kernel in ("forward", "gram"):
+        return 2 * stages * keys + rows + mask
+    if kernel == "dq":
+        return 2 * stages * keys + 2 * rows + mask
+    if kernel == "dkdv":
+        return 2 * keys + (stages + 2) * rows + mask  # Q and dO in two operand layouts each
+    raise ValueError(f"shared_bytes: kernel must be forward, gram, dq or dkdv, got {kernel!r}")
+
+
+def _fit_shared(kernel: str, config: "TileConfig", shared_limit: Optional[int], element_size: int,
+                variant: str) -> "TileConfig":
+    """``config``, or the first of: one stage, then head-dim chunks halved (down to 16), that fits
+    ``shared_limit``; a ValueError naming the need and the limit when none does."""
+    from dataclasses import replace
+
+    if shared_limit is None:
+        return config
+    candidate = config
+    masked = variant == "heavy"
+    while shared_bytes(kernel, candidate, element_size, masked) > shared_limit:
+        if candidate.num_stages > 1:
+            candidate = replace(candidate, num_stages=1)
+        elif candidate.BLOCK_D > 16:
+            candidate = replace(candidate, BLOCK_D=candidate.BLOCK_D // 2)
+        elif candidate.BLOCK_N > 16 or candidate.BLOCK_M > 16:
+            candidate = replace(candidate, BLOCK_M=16, BLOCK_N=16)
+        else:
+            need = shared_bytes(kernel, candidate, element_size, masked)
+            raise ValueError(f"the {kernel} kernel needs {need} B of shared memory at its smallest tiles "
+                             f"({candidate}); this GPU allows {shared_limit}")
+    return candidate
+
+
+def _acc_chunk(hp: int, rows: int, block_d: int, accumulators: int) -> int:
+    """The head-dim chunk that keeps ``accumulators`` fp32 [HP, rows, chunk] tiles at <= 64 registers (8 warps)."""
+    while accumulators * hp * rows * block_d > 64 * 256 and block_d > 16:
+        block_d //= 2
+    return block_d
+
+
+def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None,
+                   shared_limit: Optional[int] = None, element_size: int = 2, variant: str = "heavy") -> TileConfig:
+    """Tiles of the forward and the statistics sweeps for one problem (see the module doc).
+
+    d: the head dim the kernels see (a multiple of 16 on a GPU: ``forward.aligned_operands``).
     shared_limit: the GPU's shared memory per block in bytes (``device_shared_limit``), None off a
-    GPU. element_size: bytes per input element (fp32 and fp64 run CUDA-core products on
-    narrower tiles).
+    GPU. element_size: bytes per input element (fp32 and fp64 run CUDA-core products on narrower
+    tiles). variant: ``variant_of(...)``; "heavy" (the default) is safe for every call.
     """
     _check_shape(h, d)
+    if variant not in VARIANTS:
+        raise ValueError(f"forward_config: variant must be one of {VARIANTS}, got {variant!r}")
     if interpret is None:
         interpret = interpreting()
     hp = padded_slots(h)
@@ -134,16 +210,21 @@ def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bo
         return TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=4,
                           num_stages=1)
     if element_size > 2:  # exact fp32 / fp64 products run on the CUDA cores: narrow tiles
-        block_d = min(block_d, 32)
-        return TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=4,
-                          num_stages=1)
-    # The accumulator at <= 64 registers per thread with 8 warps (the score-side tiles, the query
-    # tile and the pipeline's addresses take the rest of the 255); head-dim chunks beyond that.
-    while hp * 16 * block_d > 64 * 256:
-        block_d //= 2
-    block_m = max(16, min(64, 64 * 256 // (hp * block_d)))
-    return TileConfig(HP=hp, G=g, BLOCK_M=block_m, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=32, num_warps=8,
-                      num_stages=2)
+        config = TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=min(block_d, 32), STATS_BLOCK_N=16,
+                            num_warps=4, num_stages=1)
+        return _fit_shared("forward", config, shared_limit, element_size, variant)
+    block_d = _acc_chunk(hp, 16, block_d, 1)
+    if variant == "heavy":
+        block_m, block_n, stages = 16, 16, 1
+    else:
+        block_m = 32 if hp * block_d <= 512 else 16
+        # A 32-key block halves the re-reads of the query tile per key; its score tiles fit
+        # without the LayerNorm's terms at 8 slots x 32 rows.
+        block_n = 32 if variant == "plain" and hp * block_m <= 256 else 16
+        stages = 1 if block_n == 32 else 2
+    config = TileConfig(HP=hp, G=g, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, STATS_BLOCK_N=32,
+                        num_warps=8, num_stages=stages)
+    return _fit_shared("forward", config, shared_limit, element_size, variant)
 
 
 def run_on_device(kernel, grid, device, *args, **kwargs) -> None:
@@ -175,16 +256,19 @@ def run_on_device(kernel, grid, device, *args, **kwargs) -> None:
 
 
 def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None,
-                    shared_limit: Optional[int] = None, element_size: int = 2, kernel: str = "dq") -> TileConfig:
+                    shared_limit: Optional[int] = None, element_size: int = 2, kernel: str = "dq",
+                    variant: str = "heavy") -> TileConfig:
     """Tiles of the backward's two kernels (see the module doc and kernels/backward.py).
 
     kernel "dq": the query-major sweep, two [HP, BLOCK_M, BLOCK_D] accumulators (X and Y) where the
-    forward has one, so half the forward's BLOCK_M. kernel "dkdv": the key-major sweep, with the
-    dK and dV accumulators [HP, BLOCK_N, BLOCK_D] over its key block (the slots' rows are keys
-    there: BLOCK_N plays the part of BLOCK_M) and the whole head dim in one program.
+    forward has one. kernel "dkdv": the key-major sweep, with the dK and dV accumulators
+    [HP, BLOCK_N, BLOCK_D] over its key block (the slots' rows are keys there: BLOCK_N plays the
+    part of BLOCK_M). variant as for ``forward_config``.
     """
     if kernel not in ("dq", "dkdv"):
         raise ValueError(f"backward_config: kernel must be 'dq' or 'dkdv', got {kernel!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"backward_config: variant must be one of {VARIANTS}, got {variant!r}")
     _check_shape(h, d)
     if interpret is None:
         interpret = interpreting()
@@ -195,16 +279,16 @@ def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[b
         return TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=4,
                           num_stages=1)
     if element_size > 2:
-        return TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d if kernel == "dkdv" else min(block_d, 32),
-                          STATS_BLOCK_N=16, num_warps=4, num_stages=1)
-    if kernel == "dq":  # two accumulators, X and Y [HP, BLOCK_M, BLOCK_D]
-        while 2 * hp * 16 * block_d > 64 * 256:
-            block_d //= 2
-        block_m = max(16, min(32, 64 * 256 // (2 * hp * block_d)))
-        return TileConfig(HP=hp, G=g, BLOCK_M=block_m, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=8,
-                          num_stages=2)
-    # dK and dV [HP, BLOCK_N, BLOCK_D] over a key block of 16 per slot
-    while 2 * hp * 16 * block_d > 64 * 256:
-        block_d //= 2
-    return TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=8,
-                      num_stages=1)
+        config = TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16,
+                            BLOCK_D=block_d if kernel == "dkdv" else min(block_d, 32), STATS_BLOCK_N=16,
+                            num_warps=4, num_stages=1)
+        return _fit_shared(kernel, config, shared_limit, element_size, variant)
+    block_d = _acc_chunk(hp, 16, block_d, 2)
+    if kernel == "dq":
+        block_m = 32 if variant == "plain" and 2 * hp * block_d <= 512 else 16
+        config = TileConfig(HP=hp, G=g, BLOCK_M=block_m, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16,
+                            num_warps=8, num_stages=2 if variant == "plain" else 1)
+    else:
+        config = TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=8,
+                            num_stages=1)
+    return _fit_shared(kernel, config, shared_limit, element_size, variant)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from reattn.kernels.forward import aligned_operands, mask_arguments, re_attention_forward, vector_aligned
-from reattn.kernels.launch import TileConfig, backward_config, forward_config, interpreting
+from reattn.kernels.launch import (VARIANTS, TileConfig, backward_config, forward_config, interpreting, shared_bytes,
+                                  variant_of)
 from reattn.reference import re_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -309,17 +310,37 @@ def test_launch_rule():
     assert [(forward_config(64, 64, 32, h, interpret=False).HP, forward_config(64, 64, 32, h, interpret=False).G)
             for h in (1, 3, 6, 8, 12, 16, 17, 32)] == [(8, 8), (8, 2), (8, 1), (8, 1), (16, 1), (16, 1), (32, 1),
                                                        (32, 1)]
+    # The variants at DeiT-S: 32 x 32 tiles without a norm, mask or dropout; 16 x 16 with a mask or dropout.
+    plain = forward_config(197, 197, 64, 6, interpret=False, variant="plain")
+    heavy = forward_config(197, 197, 64, 6, interpret=False, variant="heavy")
+    assert (plain.BLOCK_M, plain.BLOCK_N, plain.BLOCK_D) == (32, 32, 64)
+    assert (heavy.BLOCK_M, heavy.BLOCK_N, heavy.BLOCK_D) == (16, 16, 64)
+    assert forward_config(197, 197, 64, 6, interpret=False) == heavy  # the default is safe for every call
+    assert variant_of("none", False, False) == variant_of("batch", False, False) == "plain"
+    assert variant_of("layer", False, False) == "layer" and variant_of("none", True, False) == "heavy"
     for h in (1, 6, 12, 16, 32):
-        for d in (1, 16, 33, 64, 128):
-            for cfg in (forward_config(197, 197, d, h, interpret=False),
-                        backward_config(197, 197, d, h, interpret=False, kernel="dq"),
-                        backward_config(197, 197, d, h, interpret=False, kernel="dkdv")):
-                cfg.check_heads(h, "test")
-                assert cfg.HP * cfg.BLOCK_M * cfg.BLOCK_D <= 64 * 256  # the accumulator's registers (module doc)
+        for d in (16, 48, 64, 128):
+            for variant in VARIANTS:
+                for limit in (None, 101376, 166912, 232448):  # sm_86, sm_80, sm_90
+                    rules = dict(interpret=False, variant=variant, shared_limit=limit)
+                    fwd = forward_config(197, 197, d, h, **rules)
+                    dq = backward_config(197, 197, d, h, kernel="dq", **rules)
+                    dkdv = backward_config(197, 197, d, h, kernel="dkdv", **rules)
+                    for kernel, cfg, accumulators, rows in (("forward", fwd, 1, fwd.BLOCK_M), ("dq", dq, 2, dq.BLOCK_M),
+                                                            ("dkdv", dkdv, 2, dkdv.BLOCK_N)):
+                        cfg.check_heads(h, "test")
+                        # the accumulators' registers (module doc), the GPU's shared memory
+                        assert accumulators * cfg.HP * rows * cfg.BLOCK_D <= 64 * 32 * cfg.num_warps
+                        assert limit is None or shared_bytes(kernel, cfg, 2, variant == "heavy") <= limit
     with pytest.raises(ValueError):
         forward_config(8, 8, 32, 33, interpret=False)
     with pytest.raises(ValueError):
         forward_config(8, 8, 129, 4, interpret=False)
+    with pytest.raises(ValueError, match="forward kernel needs .* B of shared memory at its smallest tiles .* "
+                                         "this GPU allows 16384"):
+        forward_config(197, 197, 64, 32, interpret=False, shared_limit=16384)
+    with pytest.raises(ValueError, match="variant"):
+        forward_config(197, 197, 64, 6, interpret=False, variant="fast")
 
 
 # ---- masks and dropout ----

@@ -1,0 +1,97 @@
+"""Compile every launch the Triton launch rules can pick, without a GPU, and record its resources.
+
+For each class of problem the rules distinguish (slots HP with G row groups, the head dim's
+power-of-two tile, the variant: "plain", "layer", "heavy"; see kernels/launch.py; "batch" is
+training BatchNorm with given statistics, a "plain" launch with the norm folded in) and each entry
+point (forward, backward, the Gram statistics sweep, the one-sweep moments, the BatchNorm
+backward sums), the launches are captured and compiled for sm_90 exactly as the JIT would
+(``kernels.aot.compile_call``), and again for sm_86 where its 101,376 B of shared memory make the
+rules pick other tiles. Each compiled kernel is recorded once (identical launches are deduped):
+registers, spill bytes, shared memory, and the shared-memory bound the rules assumed
+(``launch.shared_bytes``).
+
+    python -m benchmarks.launch_scan [--out benchmarks/results/launch_scan.csv] [--quick]
+
+takes ~1-2 hours on a 2-core machine (--quick: DeiT-S's class only). The checked-in CSV is read
+by tests/kernels/test_launch_scan.py: no spills, every launch within its GPU's shared memory and
+within the rules' bound, and the CSV covers every configuration today's rules pick.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+
+# (H, representative of its slot class), head dims (one per BLOCK_D class), the variants' arguments.
+HEADS = (6, 3, 12, 32)          # HP 8 (G 1), HP 8 (G 2), HP 16, HP 32
+HEAD_DIMS = (16, 32, 64, 128)
+VARIANTS = {"plain": dict(norm="none", mask=False, dropout=False),
+            "layer": dict(norm="layer", mask=False, dropout=False),
+            "batch": dict(norm="batch", mask=False, dropout=False),
+            "heavy": dict(norm="layer", mask=True, dropout=True)}
+# entry point -> the variants that differ for it
+CALLS = {"forward": ("plain", "batch", "layer", "heavy"), "backward": ("plain", "batch", "layer", "heavy"),
+         "gram": ("plain", "heavy"), "moments": ("plain", "heavy"), "bn_sums": ("plain", "heavy")}
+CAPS = (90, 86)
+FIELDS = ["cap", "call", "variant", "h", "d", "kernel", "HP", "G", "BLOCK_M", "BLOCK_N", "BLOCK_D", "D_CHUNKS",
+          "num_warps", "num_stages", "shared", "shared_bound", "shared_limit", "registers", "spill_bytes"]
+
+
+def arguments(call: str, variant: str) -> dict:
+    args = dict(VARIANTS[variant])
+    if call in ("gram", "moments"):
+        args["norm"] = "none"
+    if call == "bn_sums":
+        args["norm"] = "batch"
+    return args
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results", "launch_scan.csv"))
+    parser.add_argument("--quick", action="store_true")
+    opts = parser.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    os.environ.pop("TRITON_INTERPRET", None)
+    from reattn.kernels import launch
+    from reattn.kernels.aot import ELEMENT_SIZE, SHARED_MEMORY_LIMIT, compile_call
+
+    heads, dims = ((6,), (64,)) if opts.quick else (HEADS, HEAD_DIMS)
+    seen = set()
+    os.makedirs(os.path.dirname(opts.out) or ".", exist_ok=True)
+    with open(opts.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        for cap in CAPS:
+            for h in heads:
+                for d in dims:
+                    for call, variants in CALLS.items():
+                        for variant in variants:
+                            args = arguments(call, variant)
+                            start = time.time()
+                            for r in compile_call(call, h, d, 197, cap, **args):
+                                name = r["kernel"].replace("_re_attention_", "").replace("_kernel", "").strip("_")
+                                kernel = {"fwd": "forward", "bwd_dq": "dq", "bwd_dkdv": "dkdv"}.get(name, name)
+                                cfg = launch.TileConfig(HP=r["HP"], G=r["G"], BLOCK_M=r["BLOCK_M"],
+                                                        BLOCK_N=r["BLOCK_N"], BLOCK_D=r["BLOCK_D"],
+                                                        STATS_BLOCK_N=r.get("STATS_BLOCK_N", 16),
+                                                        num_warps=r["num_warps"], num_stages=r["num_stages"])
+                                key = (cap, r["kernel"], call if kernel == "forward" else "", variant, cfg, r["D_CHUNKS"])
+                                if key in seen:
+                                    continue
+                                seen.add(key)
+                                row = dict(cap=cap, call=call, variant=variant, h=h, d=d, kernel=kernel,
+                                           shared_bound=launch.shared_bytes(kernel, cfg, ELEMENT_SIZE["bf16"],
+                                                                            masked=args["mask"]),
+                                           shared_limit=SHARED_MEMORY_LIMIT[cap],
+                                           **{k: r[k] for k in FIELDS if k in r and k not in
+                                              ("cap", "call", "h", "d", "kernel")})
+                                writer.writerow(row)
+                                f.flush()
+                                print(f"{time.time() - start:5.0f}s", row, flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] if len(sys.argv) > 1 else None)
