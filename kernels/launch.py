@@ -26,7 +26,7 @@ so BLOCK_M is as large as the accumulator allows.
 
 Shared memory: ``shared_bytes`` bounds what a configuration asks for (checked against every
 compiled launch in tests/kernels/test_aot.py); where the GPU has less (sm_86: 101,376 B), the
-rules drop the pipelining, then halve the head-dim chunk.
+rules drop the pipelining, then take 16-key blocks, then halve the head-dim chunk.
 
 Under Triton's interpreter (``TRITON_INTERPRET=1``) the tiles are the smallest the products allow
 (BLOCK_M = BLOCK_N = 16, 4 warps, 1 stage): the interpreter's cost is per element.
@@ -139,29 +139,32 @@ def shared_bytes(kernel: str, config: "TileConfig", element_size: int = 2, maske
     """An upper bound of the shared memory (bytes) Triton gives ``kernel`` at ``config``.
 
     The staged tiles: K and V blocks [HP, BLOCK_N, BLOCK_D] (num_stages copies when pipelined), the
-    query-side tiles [HP, BLOCK_M, BLOCK_D] (Q; dq and dK/dV also dO), and a pipelined mask. Triton
-    reuses the buffers of the score tiles' layout conversions, so they add nothing beyond these.
-    Fitted to compiled kernels (sm_90, Triton 3.9; tight at one stage, ~25% over when pipelined);
-    tests/kernels/test_aot.py checks it bounds every compiled launch.
+    query-side tiles [HP, BLOCK_M, BLOCK_D] (Q; dq and dK/dV also dO, in two operand layouts there),
+    a pipelined mask, and the scratch of the score tiles' layout conversions around the head mixing
+    (one fp32 [HP, BLOCK_M, BLOCK_N]). Fitted to the compiled kernels (sm_90, Triton 3.9:
+    benchmarks/results/launch_scan.csv): tight for small head-dim tiles, up to ~60% over for large
+    ones, where Triton reuses the conversion scratch; tests/kernels/test_aot.py checks it bounds
+    every compiled launch.
     """
     hp, bm, bn, bd = config.HP, config.BLOCK_M, config.BLOCK_N, config.BLOCK_D
     stages = max(1, config.num_stages)
     keys = hp * bn * bd * element_size           # one K (or V) block
     rows = hp * bm * bd * element_size           # one Q (or dO) block
     mask = hp * bm * bn * stages if masked else 0
+    scores = hp * bm * bn * 4
     if kernel in ("forward", "gram"):
-        return 2 * stages * keys + rows + mask
+        return 2 * stages * keys + rows + mask + scores
     if kernel == "dq":
-        return 2 * stages * keys + 2 * rows + mask
+        return 2 * stages * keys + 2 * rows + mask + scores
     if kernel == "dkdv":
-        return 2 * keys + (stages + 2) * rows + mask  # Q and dO in two operand layouts each
+        return 2 * keys + (stages + 2) * rows + mask + scores  # Q and dO in two operand layouts each
     raise ValueError(f"shared_bytes: kernel must be forward, gram, dq or dkdv, got {kernel!r}")
 
 
 def _fit_shared(kernel: str, config: "TileConfig", shared_limit: Optional[int], element_size: int,
                 variant: str) -> "TileConfig":
-    """``config``, or the first of: one stage, then head-dim chunks halved (down to 16), that fits
-    ``shared_limit``; a ValueError naming the need and the limit when none does."""
+    """``config``, or the first of: one stage, 16-key blocks, head-dim chunks halved (down to 16),
+    16-row blocks, that fits ``shared_limit``; a ValueError naming the need and the limit when none does."""
     from dataclasses import replace
 
     if shared_limit is None:
@@ -171,6 +174,8 @@ def _fit_shared(kernel: str, config: "TileConfig", shared_limit: Optional[int], 
     while shared_bytes(kernel, candidate, element_size, masked) > shared_limit:
         if candidate.num_stages > 1:
             candidate = replace(candidate, num_stages=1)
+        elif candidate.BLOCK_N > 16:  # smaller key blocks before head-dim chunks, which recompute the scores
+            candidate = replace(candidate, BLOCK_N=16)
         elif candidate.BLOCK_D > 16:
             candidate = replace(candidate, BLOCK_D=candidate.BLOCK_D // 2)
         elif candidate.BLOCK_N > 16 or candidate.BLOCK_M > 16:
