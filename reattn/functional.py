@@ -138,6 +138,7 @@ def fold_batchnorm_eval(
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
     eps: float,
+    dtype: Optional[torch.dtype] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     r"""Fold an eval-mode BatchNorm over heads into the head mixing.
 
@@ -145,8 +146,14 @@ def fold_batchnorm_eval(
     delta = beta - alpha * mean, so ``re_attention(..., norm="batch", training=False)`` equals
     ``re_attention(..., W', c', norm="none")`` with the returned ``(W' [H, H], c' [H])``, masks
     included (masked entries are zeroed after the norm either way). Differentiable: gradients
-    reach every argument through autograd.
+    reach every argument through autograd. dtype: compute the fold (and so its backward) in this
+    dtype; the fused backends pass their float32 accumulation type, so half-precision parameters
+    and their gradients are rounded once, at the end, rather than at every step of the fold.
     """
+    if dtype is not None:
+        mix_weight, mix_bias, norm_weight, norm_bias, running_mean, running_var = (
+            None if t is None else t.to(dtype)
+            for t in (mix_weight, mix_bias, norm_weight, norm_bias, running_mean, running_var))
     alpha = torch.rsqrt(running_var + eps)
     if norm_weight is not None:
         alpha = alpha * norm_weight

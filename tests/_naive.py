@@ -9,7 +9,9 @@ import torch
 
 def naive_re_attention(q, k, v, W, c=None, *, scale=None, norm="none", gamma=None, beta=None, running_mean=None,
                        running_var=None, training=False, eps=1e-5, out_scale=1.0, keep=None, dropout_p=0.0,
-                       attn_mask=None):
+                       attn_mask=None, record=None):
+    """record: a dict that receives the mixed map M [B, H, Nq, Nk] (before the norm) under "M", for tests
+    that need dM (e.g. the size of the terms of d mix_bias, which training BatchNorm makes exactly 0)."""
     q, k, v, W = (t.double() for t in (q, k, v, W))
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -32,6 +34,8 @@ def naive_re_attention(q, k, v, W, c=None, *, scale=None, norm="none", gamma=Non
     M = torch.einsum("gh,bhij->bgij", W, P)
     if c is not None:
         M = M + c.double().view(1, H, 1, 1)
+    if record is not None:
+        record["M"] = M
     stats = None
     if norm == "batch":
         if training:

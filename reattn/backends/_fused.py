@@ -434,7 +434,7 @@ def run_fused(ops: FusedOps, q, k, v, mix_weight, mix_bias, *, scale, norm, norm
         from reattn.functional import fold_batchnorm_eval
 
         mix_weight, mix_bias = fold_batchnorm_eval(mix_weight, mix_bias, norm_weight, norm_bias, running_mean,
-                                                   running_var, eps)
+                                                   running_var, eps, dtype=accumulator_dtype(q))
         norm, norm_weight, norm_bias = "none", None, None
     if not (training and dropout_p > 0.0):
         dropout_p, seed = 0.0, None
