@@ -135,7 +135,10 @@ def re_attention_ref(
         attn = attn.softmax(dim=-1)
     else:
         if attn_mask.dtype != torch.bool:
-            attn = attn + attn_mask.to(dtype)
+            # A finite fill is an ordinary score: a score plus a fill near the dtype's range (finfo.min,
+            # -65504 in float16) saturates at finfo.min instead of overflowing to -inf, which would leave
+            # a row of -inf scores (NaN) that the mask never meant; -inf entries are masked just below.
+            attn = (attn + attn_mask.to(dtype)).clamp_min(torch.finfo(dtype).min)
         attn = attn.masked_fill(masked, float("-inf"))
         # A row with no key left would softmax to NaN; give it finite scores, then zero it below.
         attn = attn.masked_fill(masked.all(dim=-1, keepdim=True), 0.0)
@@ -158,7 +161,11 @@ def re_attention_ref(
             attn = _masked_batch_norm_train(attn, masked, norm_weight, norm_bias, running_mean, running_var,
                                             momentum, eps)
         else:
-            attn = F.batch_norm(attn, running_mean, running_var, norm_weight, norm_bias, training, momentum, eps)
+            weight, nbias = norm_weight, norm_bias
+            if running_mean is not None:  # torch's batch_norm takes one dtype for weight, bias and running
+                # statistics (any with a half input): mixed precision keeps the statistics in float32
+                weight, nbias = (None if t is None else t.to(running_mean.dtype) for t in (weight, nbias))
+            attn = F.batch_norm(attn, running_mean, running_var, weight, nbias, training, momentum, eps)
     elif norm == "layer":
         # vit-pytorch: Rearrange('b h i j -> b i j h'), LayerNorm(heads), Rearrange back.
         weight = None if norm_weight is None else norm_weight.to(dtype)
