@@ -6,7 +6,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from reattn._checks import check_re_attention
-from reattn.backends import Problem, resolve_backend
+from reattn.backends import Problem, in_functorch_transform, resolve_backend
 from reattn.reference import re_attention_ref
 
 
@@ -85,7 +85,7 @@ def re_attention(
     Raises:
         TypeError / ValueError naming the offending argument and its shape, dtype or device.
     """
-    scale = check_re_attention(
+    scale, momentum, eps, out_scale, dropout_p = check_re_attention(
         q, k, v, mix_weight, mix_bias, scale=scale, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
         running_mean=running_mean, running_var=running_var, training=training, momentum=momentum, eps=eps,
         out_scale=out_scale, dropout_p=dropout_p, attn_mask=attn_mask,
@@ -96,6 +96,7 @@ def re_attention(
                       mask_per_head=attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1,
                       mask_requires_grad=attn_mask is not None and attn_mask.requires_grad,
                       synced_stats=sync_group is not None and norm == "batch" and training,
+                      functorch=in_functorch_transform(),
                       needs_grad=torch.is_grad_enabled() and any(
                           t is not None and t.requires_grad
                           for t in (q, k, v, mix_weight, mix_bias, norm_weight, norm_bias)))

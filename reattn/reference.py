@@ -49,11 +49,12 @@ def _masked_batch_norm_train(
     """BatchNorm2d training semantics over the unmasked entries of each head (channel)."""
     H = m.shape[1]
     count = (~masked).sum(dim=(0, 2, 3))
-    if bool((count <= 1).any()):
-        raise ValueError(
-            "re_attention: norm='batch' in training needs more than one unmasked value per head; "
-            f"unmasked counts per head: {count.tolist()}"
-        )
+    message = "re_attention: norm='batch' in training needs more than one unmasked value per head"
+    if torch.compiler.is_compiling():
+        # In the graph (a Python branch on the data would break it): raises at run time, a RuntimeError.
+        torch._assert_async((count > 1).all(), message)
+    elif bool((count <= 1).any()):
+        raise ValueError(f"{message}; unmasked counts per head: {count.tolist()}")
     n = count.to(m.dtype)
     mean = m.masked_fill(masked, 0).sum(dim=(0, 2, 3)) / n
     centered = (m - mean.view(1, H, 1, 1)).masked_fill(masked, 0)
@@ -151,7 +152,11 @@ def re_attention_ref(
 
     # The official 1x1 Conv2d over heads: M_g = sum_h W[g, h] P_h + c_g.
     bias = None if mix_bias is None else mix_bias.to(dtype)
-    attn = F.conv2d(attn, mix_weight.to(dtype).view(H, H, 1, 1), bias)
+    if attn.numel() == 0:  # (Nq = 0 or B = 0: conv2d refuses an empty spatial size; the same map, empty)
+        attn = torch.einsum("gh,bhij->bgij", mix_weight.to(dtype), attn)
+        attn = attn if bias is None else attn + bias.view(1, H, 1, 1)
+    else:
+        attn = F.conv2d(attn, mix_weight.to(dtype).view(H, H, 1, 1), bias)
 
     if norm == "batch":
         if training and sync_group is not None:

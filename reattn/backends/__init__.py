@@ -38,6 +38,7 @@ class Problem:
     # (the fused ones as steps around their statistics and backward-sums sweeps), under the limits
     # it has without it (Triton/CUDA: one mask for all heads), so no backend refuses it as such.
     synced_stats: bool = False
+    functorch: bool = False  # called inside a torch.func transform (vmap, grad, jacrev, ...)
 
 
 def _triton_import_error() -> Optional[str]:
@@ -170,12 +171,25 @@ def _cpu_reason(problem: Problem) -> Optional[str]:
     return None
 
 
+def in_functorch_transform() -> bool:
+    """Whether the caller runs inside a torch.func transform (vmap, grad, jacrev, jvp, ...)."""
+    level = getattr(torch._C._functorch, "maybe_current_level", None)  # traced by torch.compile as None
+    return level is not None and level() is not None
+
+
+FUNCTORCH_REFUSAL = ("torch.func transforms (vmap, grad, jacrev, jvp, ...) cannot run through the fused kernels' "
+                     "custom ops, which have no functorch rules; backend='eager' supports them (backend='auto' "
+                     "picks it inside a transform)")
+
+
 def unavailable_reason(backend: str, problem: Problem) -> Optional[str]:
     """None if ``backend`` can run ``problem``; otherwise a sentence saying why not."""
     if backend == "eager":
         return None
     if problem.return_attention:
         return "return_attention=True materializes the [B, H, Nq, Nk] map, which only backend='eager' does"
+    if problem.functorch:
+        return FUNCTORCH_REFUSAL
     if backend == "triton":
         return _triton_reason(problem)
     if backend == "cpu":

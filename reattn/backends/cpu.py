@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from reattn._extension import _C
-from reattn.backends._fused import draw_dropout_seed
+from reattn.backends._fused import draw_dropout_seed, eager_double_backward
 from reattn.distributed import all_reduce_sum, gram_batch_statistics
 
 NORM_CODES = {"none": 0, "layer": 1, "batch": 2}  # "batch" reaches the kernel only in training
@@ -142,6 +142,28 @@ def _backward(ctx, grad_out, grad_softmax, grad_r, grad_u, grad_stats):
 
 
 cpu_forward.register_autograd(_backward, setup_context=_setup_context)
+
+NORM_NAMES = {code: name for name, code in NORM_CODES.items()}
+
+
+def _backward_setup_context(ctx, inputs, output):
+    (grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, softmax_stats, R, U, stats, scale,
+     out_scale, norm, eps, dropout_p, seed, bn_sums) = inputs
+    ctx.save_for_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed)
+    ctx.options = dict(scale=scale, out_scale=out_scale, norm=NORM_NAMES[norm], eps=eps, dropout_p=dropout_p)
+    ctx.synced = bn_sums is not None
+
+
+def _double_backward(ctx, *grad_grads):
+    grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed = ctx.saved_tensors
+    keep = None if seed is None else dropout_keep_mask(seed, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]),
+                                                       ctx.options["dropout_p"])
+    grads = eager_double_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, keep,
+                                  grad_grads, backend="cpu", synced=ctx.synced, **ctx.options)
+    return grads + (None,) * 12
+
+
+cpu_backward.register_autograd(_double_backward, setup_context=_backward_setup_context)
 
 
 @torch.library.custom_op("reattn::cpu_bn_gram", mutates_args=(), device_types="cpu")
