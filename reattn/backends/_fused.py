@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from reattn._ops import define_op, register_autograd, register_fake
 from reattn.distributed import all_reduce_sum, gram_batch_statistics
 
 
@@ -277,10 +278,9 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
                                    norm="batch", **kw)
         return out, lse, stats
 
-    forward_op = torch.library.custom_op(f"reattn::{name}_forward", forward, mutates_args=(),
-                                         device_types=device_types)
+    forward_op = define_op(f"{name}_forward", forward, device_types)
 
-    @forward_op.register_fake
+    @register_fake(forward_op)
     def _(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, out_scale, norm, eps,
           dropout_p, lse_in=None, stats_in=None):
         B, H, Nq, _ = q.shape
@@ -292,10 +292,9 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
         """(lse [B, H, Nq], s1 [H], gram [H, H] float64): sums of X = P~ - shift over the unmasked entries."""
         return kernels.gram_sums(q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p, shift=shift)
 
-    gram_sums_op = torch.library.custom_op(f"reattn::{name}_gram_sums", gram_sums, mutates_args=(),
-                                           device_types=device_types)
+    gram_sums_op = define_op(f"{name}_gram_sums", gram_sums, device_types)
 
-    @gram_sums_op.register_fake
+    @register_fake(gram_sums_op)
     def _(q, k, attn_mask, seed, scale, dropout_p, shift):
         B, H, Nq, _ = q.shape
         return (q.new_empty((B, H, Nq), dtype=accumulator_dtype(q)), q.new_empty((H,), dtype=torch.float64),
@@ -313,10 +312,9 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
                                      scale=scale, out_scale=out_scale, eps=eps, dropout_p=dropout_p)
         return sums.to(torch.float64)
 
-    bn_grad_sums_op = torch.library.custom_op(f"reattn::{name}_bn_grad_sums", bn_grad_sums, mutates_args=(),
-                                              device_types=device_types)
+    bn_grad_sums_op = define_op(f"{name}_bn_grad_sums", bn_grad_sums, device_types)
 
-    @bn_grad_sums_op.register_fake
+    @register_fake(bn_grad_sums_op)
     def _(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, stats, scale,
           out_scale, eps, dropout_p):
         return q.new_empty((2, q.shape[1]), dtype=torch.float64)
@@ -355,10 +353,9 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
 
         return dq, dk, dv, dw.to(mix_weight.dtype), like(dc, mix_bias), like(dnw, norm_weight), like(dnb, norm_bias)
 
-    backward_op = torch.library.custom_op(f"reattn::{name}_backward", backward, mutates_args=(),
-                                          device_types=device_types)
+    backward_op = define_op(f"{name}_backward", backward, device_types)
 
-    @backward_op.register_fake
+    @register_fake(backward_op)
     def _(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, stats, scale,
           out_scale, norm, eps, dropout_p, bn_sums=None):
         H = q.shape[1]
@@ -389,7 +386,7 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
         return (dq, dk, dv, dw, dc if mix_bias is not None else None, dnw if norm_weight is not None else None,
                 dnb if norm_bias is not None else None, None, None, None, None, None, None, None, None, None)
 
-    forward_op.register_autograd(autograd_backward, setup_context=setup_context)
+    register_autograd(forward_op, autograd_backward, setup_context=setup_context)
 
     def backward_setup_context(ctx, inputs, output):
         (grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, stats, scale,
@@ -409,7 +406,7 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
                                       grad_grads, backend=name, synced=ctx.synced, **ctx.options)
         return grads + (None,) * 10
 
-    backward_op.register_autograd(double_backward, setup_context=backward_setup_context)
+    register_autograd(backward_op, double_backward, setup_context=backward_setup_context)
     synced = _synced_batchnorm(name, forward_op, backward_op, gram_sums_op, bn_grad_sums_op)
     return FusedOps(forward=forward_op, backward=backward_op, gram_sums=gram_sums_op, bn_grad_sums=bn_grad_sums_op,
                     synced=synced)

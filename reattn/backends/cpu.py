@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from reattn._extension import _C
+from reattn._ops import define_op, register_autograd, register_fake
 from reattn.backends._fused import draw_dropout_seed, eager_double_backward
 from reattn.distributed import all_reduce_sum, gram_batch_statistics
 
@@ -47,8 +48,7 @@ def _acc_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("reattn::cpu_forward", mutates_args=(), device_types="cpu")
-def cpu_forward(
+def _forward_kernel(
     q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias: Optional[Tensor], norm_weight: Optional[Tensor],
     norm_bias: Optional[Tensor], attn_mask: Optional[Tensor], scale: float, out_scale: float, norm: int, eps: float,
     dropout_p: float, seed: Optional[Tensor], softmax_in: Optional[Tensor] = None,
@@ -69,7 +69,10 @@ def cpu_forward(
     return out, softmax_stats, R, U, stats
 
 
-@cpu_forward.register_fake
+cpu_forward = define_op("cpu_forward", _forward_kernel, ("cpu",))
+
+
+@register_fake(cpu_forward)
 def _(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale, out_scale, norm, eps, dropout_p,
       seed, softmax_in=None, stats_in=None):
     B, H, Nq, D = q.shape
@@ -79,8 +82,7 @@ def _(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale, o
             q.new_empty(saved, dtype=acc), q.new_empty((3, H), dtype=torch.float64))
 
 
-@torch.library.custom_op("reattn::cpu_backward", mutates_args=(), device_types="cpu")
-def cpu_backward(
+def _backward_kernel(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias: Optional[Tensor],
     norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], attn_mask: Optional[Tensor], softmax_stats: Tensor,
     R: Tensor, U: Tensor, stats: Tensor, scale: float, out_scale: float, norm: int, eps: float, dropout_p: float,
@@ -103,7 +105,10 @@ def cpu_backward(
     return dq, dk, dv, dw.to(mix_weight.dtype), like(dc, mix_bias), like(dnw, norm_weight), like(dnb, norm_bias)
 
 
-@cpu_backward.register_fake
+cpu_backward = define_op("cpu_backward", _backward_kernel, ("cpu",))
+
+
+@register_fake(cpu_backward)
 def _(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, softmax_stats, R, U, stats, scale,
       out_scale, norm, eps, dropout_p, seed, bn_sums=None):
     H = q.shape[1]
@@ -141,7 +146,7 @@ def _backward(ctx, grad_out, grad_softmax, grad_r, grad_u, grad_stats):
             dnb if norm_bias is not None else None, None, None, None, None, None, None, None, None, None)
 
 
-cpu_forward.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(cpu_forward, _backward, setup_context=_setup_context)
 
 NORM_NAMES = {code: name for name, code in NORM_CODES.items()}
 
@@ -163,11 +168,10 @@ def _double_backward(ctx, *grad_grads):
     return grads + (None,) * 12
 
 
-cpu_backward.register_autograd(_double_backward, setup_context=_backward_setup_context)
+register_autograd(cpu_backward, _double_backward, setup_context=_backward_setup_context)
 
 
-@torch.library.custom_op("reattn::cpu_bn_gram", mutates_args=(), device_types="cpu")
-def cpu_bn_gram(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: float, dropout_p: float,
+def _bn_gram_kernel(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: float, dropout_p: float,
                 seed: Optional[Tensor], kappa: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Training BatchNorm statistics sweep as sums that add up over processes.
 
@@ -181,11 +185,14 @@ def cpu_bn_gram(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: float,
     return softmax_stats, s1, gram, count
 
 
+cpu_bn_gram = define_op("cpu_bn_gram", _bn_gram_kernel, ("cpu",))
+
+
 def _mask_heads(attn_mask: Optional[Tensor], H: int) -> int:
     return H if attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1 else 1
 
 
-@cpu_bn_gram.register_fake
+@register_fake(cpu_bn_gram)
 def _(q, k, attn_mask, scale, dropout_p, seed, kappa):
     B, H, Nq, _ = q.shape
     Hm = _mask_heads(attn_mask, H)
@@ -194,13 +201,15 @@ def _(q, k, attn_mask, scale, dropout_p, seed, kappa):
             q.new_empty((Hm,), **f64))
 
 
-@torch.library.custom_op("reattn::cpu_bn_grad_sums", mutates_args=(), device_types="cpu")
-def cpu_bn_grad_sums(grad_out: Tensor, R: Tensor, U: Tensor) -> Tensor:
+def _bn_grad_sums_kernel(grad_out: Tensor, R: Tensor, U: Tensor) -> Tensor:
     """[2, H] float64: Σ dA and Σ dA·Xhat per head over this call's entries (<dO, U> and <dO, R>)."""
     return _C.re_attention_cpu_bn_grad_sums(grad_out, R, U)
 
 
-@cpu_bn_grad_sums.register_fake
+cpu_bn_grad_sums = define_op("cpu_bn_grad_sums", _bn_grad_sums_kernel, ("cpu",))
+
+
+@register_fake(cpu_bn_grad_sums)
 def _(grad_out, R, U):
     return grad_out.new_empty((2, grad_out.shape[1]), dtype=torch.float64)
 

@@ -476,3 +476,17 @@ def test_one_nan_score_in_a_long_row_propagates_like_eager(dtype):
             ref, _ = run("eager", mode, tensors, stats, attn_mask=attn_mask)
             assert torch.isnan(out).any(), mode
             assert torch.equal(torch.isnan(out), torch.isnan(ref)), (mode, attn_mask is not None)
+
+
+def test_the_first_fused_call_does_not_import_torch_dynamo():
+    # torch.library.custom_op would wrap each kernel in torch._dynamo.disable, importing torch._dynamo on the
+    # first call (1-3 s, ~150 MB); reattn._ops defines the ops without it (the numbers: README, Tests).
+    script = (
+        "import sys, torch, reattn\n"
+        "m = reattn.ReAttention(32, 4, backend='cpu')\n"
+        "m(torch.randn(2, 9, 32)).sum().backward()\n"
+        "m.eval()(torch.randn(2, 9, 32))\n"
+        "print('torch._dynamo' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "False"
