@@ -139,7 +139,10 @@ def re_attention_ref(
             # A finite fill is an ordinary score: a score plus a fill near the dtype's range (finfo.min,
             # -65504 in float16) saturates at finfo.min instead of overflowing to -inf, which would leave
             # a row of -inf scores (NaN) that the mask never meant; -inf entries are masked just below.
-            attn = (attn + attn_mask.to(dtype)).clamp_min(torch.finfo(dtype).min)
+            fill = attn_mask.to(dtype)
+            summed = attn + fill
+            overflow = summed.isneginf() & attn.isfinite() & fill.isfinite()
+            attn = summed.masked_fill(overflow, torch.finfo(dtype).min)
         attn = attn.masked_fill(masked, float("-inf"))
         # A row with no key left would softmax to NaN; give it finite scores, then zero it below.
         attn = attn.masked_fill(masked.all(dim=-1, keepdim=True), 0.0)

@@ -27,8 +27,11 @@ def naive_re_attention(q, k, v, W, c=None, *, scale=None, norm="none", gamma=Non
         else:
             masked = (attn_mask == float("-inf")).expand(B, H, Nq, Nk).clone()
             S = S + torch.where(masked, torch.zeros((), dtype=torch.float64), attn_mask.double())
-    if score_dtype is not None:  # (saturating at the dtype's range, as the eager path does)
-        S = S.clamp_min(torch.finfo(score_dtype).min).to(score_dtype).double()
+    if score_dtype is not None:
+        rounded = S.to(score_dtype)
+        # a sum that rounds beyond the dtype's range saturates at finfo.min (as the eager path does)
+        overflow = (rounded == float("-inf")) & (S != float("-inf"))
+        S = torch.where(overflow, torch.finfo(score_dtype).min, rounded.double())
     S = torch.where(masked, torch.full_like(S, -1e300), S)
     row_max = S.max(dim=-1, keepdim=True).values
     E = torch.where(masked, torch.zeros_like(S), torch.exp(S - row_max))
