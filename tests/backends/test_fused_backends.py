@@ -12,6 +12,10 @@ specific to the CUDA programs (emulator races, plans, compiled resources) in tes
 import pytest
 import torch
 
+# The Triton kernels (and the dropout pattern the CUDA programs share with them) need triton, which
+# torch's CPU-only wheels do not bring (make install TORCH=cpu): then this module skips, saying so.
+pytest.importorskip("triton", reason="triton is not installed (a CPU-only torch)")
+
 import reattn
 from reattn.backends._fused import draw_dropout_seed
 from reattn.backends.cuda import CUDA_OPS, cuda_forward
