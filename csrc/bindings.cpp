@@ -270,7 +270,8 @@ at::Tensor re_attention_cpu_bn_grad_sums(const at::Tensor& grad_out, const at::T
   p.Nq = grad_out.size(2);
   p.D = grad_out.size(3);
   at::Tensor sums = at::empty({2, p.H}, grad_out.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "re_attention_cpu_bn_grad_sums", [&] {
+  const auto dtype = grad_out.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "re_attention_cpu_bn_grad_sums", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     reattn::cpu::bn_grad_sums<scalar_t, acc_t>(p, view_of(grad_out), R.data_ptr<acc_t>(), U.data_ptr<acc_t>(),
                                                sums.data_ptr<double>());
@@ -285,7 +286,8 @@ std::vector<at::Tensor> re_attention_cpu_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& mix_weight, const c10::optional<at::Tensor>& mix_bias,
     const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias,
-    const c10::optional<at::Tensor>& attn_mask, const at::Tensor& softmax_stats, const at::Tensor& R, const at::Tensor& U,
+    const c10::optional<at::Tensor>& attn_mask, const at::Tensor& softmax_stats, const at::Tensor& R,
+    const at::Tensor& U,
     const at::Tensor& stats, double scale, double out_scale, int64_t norm, double eps, double dropout_p,
     int64_t seed, const c10::optional<at::Tensor>& bn_sums) {
   check_qkv(q, k, v, mix_weight);
@@ -383,7 +385,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The BatchNorm backward's per-head sums over this call's entries: [2, H] = [sum dA, sum dA*Xhat].");
   m.def("re_attention_cpu_backward", &re_attention_cpu_backward, pybind11::arg("grad_out"), pybind11::arg("q"),
         pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("mix_weight"), pybind11::arg("mix_bias"),
-        pybind11::arg("norm_weight"), pybind11::arg("norm_bias"), pybind11::arg("attn_mask"), pybind11::arg("softmax_stats"),
+        pybind11::arg("norm_weight"), pybind11::arg("norm_bias"), pybind11::arg("attn_mask"),
+        pybind11::arg("softmax_stats"),
         pybind11::arg("R"), pybind11::arg("U"), pybind11::arg("stats"), pybind11::arg("scale"),
         pybind11::arg("out_scale"), pybind11::arg("norm"), pybind11::arg("eps"), pybind11::arg("dropout_p"),
         pybind11::arg("seed"), pybind11::arg("bn_sums") = pybind11::none(),

@@ -379,8 +379,8 @@ REATTN_CLONES void gemm_fallback(bool ta, bool tb, int64_t m, int64_t n, int64_t
 }
 
 #define REATTN_INSTANTIATE(T)                                                                                   \
-  template void softmax_rows<T>(T*, int64_t, int64_t, T*, T*);                                                    \
-  template void exp_sub_rows<T>(T*, int64_t, int64_t, const T*, const T*);                                              \
+  template void softmax_rows<T>(T*, int64_t, int64_t, T*, T*);                                                \
+  template void exp_sub_rows<T>(T*, int64_t, int64_t, const T*, const T*);                                    \
   template void add_inplace<T>(T*, const T*, int64_t);                                                        \
   template void zero_masked<T>(T*, const T*, int64_t);                                                        \
   template void unmasked_indicator<T>(T*, const T*, int64_t);                                                 \

@@ -164,7 +164,8 @@ def _cpu_reason(problem: Problem) -> Optional[str]:
     if not hasattr(_C, "re_attention_cpu_bn_gram"):  # reattn.backends.cpu passes the arguments it added
         return ("the compiled extension reattn._C predates the fused CPU kernel's synchronized statistics; rebuild it "
                 "(pip install --no-build-isolation -e .)")
-    if problem.dtype is not None and problem.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+    if problem.dtype is not None and problem.dtype not in (torch.float32, torch.float64, torch.bfloat16,
+                                                           torch.float16):
         return f"the fused CPU kernel supports float32, float64, bfloat16 and float16, got {problem.dtype}"
     if getattr(problem, "mask_requires_grad", False) and problem.needs_grad:
         return "the fused CPU kernel does not compute gradients with respect to attn_mask (it requires grad)"

@@ -13,8 +13,8 @@ replays it and ``dropout_keep_mask`` shows it.
 Saved for backward: q, k, v, the parameters, the mask, the softmax statistics [2, B, H, Nq] (each score
 row's max m and log l, l = sum_j exp(s_j - m): two numbers, because one logsumexp m + log l absorbs
 log l next to a large finite mask fill such as -1e9 or finfo.min, and exp(s - lse) would then weight
-every key of a fully masked row 1 instead of 1/Nk) and, for training BatchNorm, R = Xhat V and U = 1_unmasked V ([B, H, Nq, D]) and the [3, H] statistics; never a
-[B, H, Nq, Nk] map.
+every key of a fully masked row 1 instead of 1/Nk) and, for training BatchNorm, R = Xhat V and
+U = 1_unmasked V ([B, H, Nq, D]) and the [3, H] statistics; never a [B, H, Nq, Nk] map.
 
 Training BatchNorm synchronized across processes (``sync_group``, ``nn.SyncBatchNorm`` semantics) runs
 the same kernels in separate steps with two all-reduces between them (:class:`_SyncedBatchNorm`):
@@ -60,8 +60,8 @@ def _forward_kernel(
     the batch mean, biased variance and unmasked count per head (zeros unless norm code 2).
     softmax_stats: each score row's max and log-sum (accumulation dtype). softmax_in, stats_in (norm
     code 2, both or neither): normalize with these statistics (of the batch over every process, from
-    ``cpu_bn_gram``) instead of computing them; they come back as copies. Autograd through this op is for the local case only: ``_SyncedBatchNorm`` differentiates
-    the other.
+    ``cpu_bn_gram``) instead of computing them; they come back as copies. Autograd through this op
+    is for the local case only: ``_SyncedBatchNorm`` differentiates the other.
     """
     out, softmax_stats, R, U, stats = _C.re_attention_cpu_forward(
         q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale, out_scale, norm, eps, dropout_p,
@@ -126,7 +126,8 @@ def _setup_context(ctx, inputs, output):
     (q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale, out_scale, norm, eps, dropout_p,
      seed, softmax_in, stats_in) = inputs
     _, softmax_stats, R, U, stats = output
-    ctx.save_for_backward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, softmax_stats, R, U, stats)
+    ctx.save_for_backward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, softmax_stats, R,
+                          U, stats)
     ctx.options = (scale, out_scale, norm, eps, dropout_p)
     ctx.given_stats = stats_in is not None
 
@@ -137,11 +138,12 @@ def _backward(ctx, grad_out, grad_softmax, grad_r, grad_u, grad_stats):
         # backward's sums of every process, which only _SyncedBatchNorm (holding the group) gathers.
         raise RuntimeError("reattn::cpu_forward with softmax_in/stats_in is differentiated through "
                            "re_attention(..., backend='cpu', sync_group=...), not on its own")
-    q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, softmax_stats, R, U, stats = ctx.saved_tensors
+    q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, softmax_stats, R, U, stats = \
+        ctx.saved_tensors
     scale, out_scale, norm, eps, dropout_p = ctx.options
     dq, dk, dv, dw, dc, dnw, dnb = cpu_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
-                                                attn_mask, softmax_stats, R, U, stats, scale, out_scale, norm, eps, dropout_p,
-                                                seed)
+                                                attn_mask, softmax_stats, R, U, stats, scale, out_scale, norm, eps,
+                                                dropout_p, seed)
     return (dq, dk, dv, dw, dc if mix_bias is not None else None, dnw if norm_weight is not None else None,
             dnb if norm_bias is not None else None, None, None, None, None, None, None, None, None, None)
 
@@ -181,7 +183,8 @@ def _bn_gram_kernel(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: fl
     count (1 without a mask or with one shared by the heads, else H: head g's statistics then run over
     its own entries). ``reattn.distributed.gram_batch_statistics`` turns them into mean and variance.
     """
-    softmax_stats, s1, gram, count = _C.re_attention_cpu_bn_gram(q, k, attn_mask, scale, dropout_p, _seed_value(seed), kappa)
+    softmax_stats, s1, gram, count = _C.re_attention_cpu_bn_gram(q, k, attn_mask, scale, dropout_p,
+                                                                 _seed_value(seed), kappa)
     return softmax_stats, s1, gram, count
 
 
@@ -197,8 +200,8 @@ def _(q, k, attn_mask, scale, dropout_p, seed, kappa):
     B, H, Nq, _ = q.shape
     Hm = _mask_heads(attn_mask, H)
     f64 = dict(dtype=torch.float64)
-    return (q.new_empty((2, B, H, Nq), dtype=_acc_dtype(q)), q.new_empty((Hm, H), **f64), q.new_empty((Hm, H, H), **f64),
-            q.new_empty((Hm,), **f64))
+    return (q.new_empty((2, B, H, Nq), dtype=_acc_dtype(q)), q.new_empty((Hm, H), **f64),
+            q.new_empty((Hm, H, H), **f64), q.new_empty((Hm,), **f64))
 
 
 def _bn_grad_sums_kernel(grad_out: Tensor, R: Tensor, U: Tensor) -> Tensor:
@@ -249,22 +252,25 @@ class _SyncedBatchNorm(torch.autograd.Function):
             kappa)
         _check_counts(count, " over all processes")
         stats = torch.stack([mean, var, count])
-        out, softmax_stats, R, U, stats = cpu_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale,
-                                            out_scale, NORM_CODES["batch"], eps, dropout_p, seed, softmax_stats, stats)
-        ctx.save_for_backward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, softmax_stats, R, U, stats)
+        out, softmax_stats, R, U, stats = cpu_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask,
+                                                      scale, out_scale, NORM_CODES["batch"], eps, dropout_p, seed,
+                                                      softmax_stats, stats)
+        ctx.save_for_backward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, softmax_stats, R,
+                              U, stats)
         ctx.group, ctx.options = group, options
         ctx.mark_non_differentiable(stats)
         return out, stats
 
     @staticmethod
     def backward(ctx, grad_out, grad_stats):
-        q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, softmax_stats, R, U, stats = ctx.saved_tensors
+        q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, softmax_stats, R, U, stats = \
+            ctx.saved_tensors
         scale, out_scale, eps, dropout_p = ctx.options
         own = cpu_bn_grad_sums(grad_out, R, U)
         (total,) = all_reduce_sum([own], ctx.group)  # every process runs this: a collective
         dq, dk, dv, dw, dc, _, _ = cpu_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
-                                                attn_mask, softmax_stats, R, U, stats, scale, out_scale, NORM_CODES["batch"],
-                                                eps, dropout_p, seed, total)
+                                                attn_mask, softmax_stats, R, U, stats, scale, out_scale,
+                                                NORM_CODES["batch"], eps, dropout_p, seed, total)
         dnw = None if norm_weight is None else (out_scale * own[1]).to(norm_weight.dtype)
         dnb = None if norm_bias is None else (out_scale * own[0]).to(norm_bias.dtype)
         return (None, None, dq, dk, dv, dw, dc if mix_bias is not None else None, dnw, dnb, None, None)
