@@ -245,7 +245,7 @@ def run_call(ops, B: int, H: int, N: int, D: int, norm: str, dtype, counter, dra
 
     def forward(*args):
         recorded["args"] = args
-        out = ops.forward._init_fn(*args)
+        out = ops.python["forward"](*args)
         recorded["out"] = out
         return out
 
@@ -255,7 +255,7 @@ def run_call(ops, B: int, H: int, N: int, D: int, norm: str, dtype, counter, dra
     (q_, k_, v_, w_, c_, nw_, nb_, mask_, seed_, scale_, out_scale_, norm_, eps_, p_) = recorded["args"][:14]
     _, lse, stats = recorded["out"]
     grad_out = torch.empty(B, H, N, D, device="meta", dtype=dtype)
-    ops.backward._init_fn(grad_out, q_, k_, v_, w_, c_, nw_, nb_, mask_, seed_, lse, stats, scale_, out_scale_, norm_,
+    ops.python["backward"](grad_out, q_, k_, v_, w_, c_, nw_, nb_, mask_, seed_, lse, stats, scale_, out_scale_, norm_,
                           eps_, p_)
     steps["bwd"] = _merge(drain(), counter)
     return steps

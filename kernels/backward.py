@@ -231,7 +231,7 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
                 D_CHUNKS: tl.constexpr, NORM: tl.constexpr, MASK_KIND: tl.constexpr, ROWS_PADDED: tl.constexpr, EVEN_D: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, CDT: tl.constexpr,
                 DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                NORM_PRECISION: tl.constexpr):
+                NORM_PRECISION: tl.constexpr, RELOAD_KV: tl.constexpr):
     """One query block of the key-major sweep: dK, dV and the parameter sums of dW, dc, dgamma, dbeta.
 
     The tiles are transposed, [HP, BLOCK_N keys, BLOCK_M queries], so that dS^T and A^T are the
@@ -248,6 +248,15 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
     do = _load_keys(DOb, head, offs_m, N_Q, offs_d, D, stride_doh, stride_dom, stride_dod, CDT, DOT_LOWP, False,
                     ROWS_PADDED, EVEN_D)
     if D_CHUNKS == 1:  # the same tiles serve both products (one load; the transposes are layouts)
+        if RELOAD_KV:
+            # K and V re-read (from L1/L2) for every query block, tied to it by `live`: hoisted out
+            # of the loop they hold 32 registers for its whole length, which LayerNorm's terms need
+            # (48 B spilled at DeiT-S otherwise; the re-reads cost 13% without a norm, so only here).
+            live = (keys * 0 + start_m) >= 0
+            k = _load_rows(Kb, head, keys, keys_ok & live, offs_d, D, stride_kh, stride_kn, stride_kd, CDT,
+                           DOT_LOWP)
+            v = _load_rows(Vb, head, keys, keys_ok & live, offs_d, D, stride_vh, stride_vn, stride_vd, CDT,
+                           DOT_LOWP)
         zero = tl.zeros([HP, BLOCK_N, BLOCK_M], CDT)
         qk = _mm(k, tl.permute(q, (0, 2, 1)), zero, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
         dov = _mm(v, tl.permute(do, (0, 2, 1)), zero, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
@@ -319,6 +328,7 @@ def _re_attention_bwd_dkdv_kernel(
     HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
+    RELOAD_KV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // NUM_PROGRAMS_N).to(tl.int64)
@@ -358,7 +368,7 @@ def _re_attention_bwd_dkdv_kernel(
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D,
             D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
-            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV)
     if m_full < N_Q:
         dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc = _dkdv_block(
             dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, Qb, DOb, STATSb, DELTA, b, H, head,
@@ -367,7 +377,7 @@ def _re_attention_bwd_dkdv_kernel(
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D,
             D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
-            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV)
 
     # dS is in natural units: dK = scale dS^T Q, scale = scale2 / log2(e).
     dk_acc = dk_acc * (scale2 * 0.6931471805599453)
@@ -524,6 +534,7 @@ def re_attention_backward(
         H, Nq, Nk, Dp, num_n, float(scale) * 1.4426950408889634, float(out_scale), float(eps), float(dropout_p),
         D_CHUNKS=triton.cdiv(Dp, config.BLOCK_D), EVEN_D=Dp % config.BLOCK_D == 0,
         BIAS_SLOT=_bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None),
+        RELOAD_KV=variant_of(norm, attn_mask is not None, dropout_p > 0) != "plain",
         **flags, **options, **config.meta(stats_sweep=False),
     )
     dw, dc, dnw, dnb = _reduce_parts(parts, H, config, _bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None))

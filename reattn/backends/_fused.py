@@ -223,6 +223,8 @@ class FusedOps:
     bn_grad_sums: ``reattn::<name>_bn_grad_sums`` (the backward's 2H sums, idem).
     synced: a ``torch.autograd.Function`` running training BatchNorm over a process group with
     these ops (``nn.SyncBatchNorm`` semantics); see :func:`run_fused`.
+    python: the Python bodies of forward and backward, called below the dispatcher (the static
+    model runs them on meta tensors to capture the kernels' launches).
     """
 
     forward: Any
@@ -230,6 +232,7 @@ class FusedOps:
     gram_sums: Any
     bn_grad_sums: Any
     synced: Any
+    python: Any = None
 
 
 def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, ...]) -> FusedOps:
@@ -414,7 +417,7 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
     register_autograd(backward_op, double_backward, setup_context=backward_setup_context)
     synced = _synced_batchnorm(name, forward_op, backward_op, gram_sums_op, bn_grad_sums_op)
     return FusedOps(forward=forward_op, backward=backward_op, gram_sums=gram_sums_op, bn_grad_sums=bn_grad_sums_op,
-                    synced=synced)
+                    synced=synced, python=dict(forward=forward, backward=backward))
 
 
 def _synced_batchnorm(name, forward_op, backward_op, gram_sums_op, bn_grad_sums_op):
