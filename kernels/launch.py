@@ -157,7 +157,8 @@ def shared_bytes(kernel: str, config: "TileConfig", element_size: int = 2, maske
     if kernel == "dq":
         return 2 * stages * keys + 2 * rows + mask + scores
     if kernel == "dkdv":
-        return 2 * keys + (stages + 2) * rows + mask + scores  # Q and dO in two operand layouts each
+        # Q and dO in two operand layouts each; the transposed score tiles share half their scratch
+        return 2 * keys + (stages + 2) * rows + mask + scores // 2
     raise ValueError(f"shared_bytes: kernel must be forward, gram, dq or dkdv, got {kernel!r}")
 
 
