@@ -155,10 +155,10 @@ def shared_bytes(kernel: str, config: "TileConfig", element_size: int = 2, maske
     if kernel in ("forward", "gram"):
         return 2 * stages * keys + rows + mask + scores
     if kernel == "dq":
-        return 2 * stages * keys + 2 * rows + mask + scores
+        return 2 * stages * keys + 2 * rows + mask + scores * 3 // 4
     if kernel == "dkdv":
-        # Q and dO in two operand layouts each; the transposed score tiles share half their scratch
-        return 2 * keys + (stages + 2) * rows + mask + scores // 2
+        # Q and dO in two operand layouts each; the mask shares the transposed score tiles' scratch
+        return 2 * keys + (stages + 2) * rows + max(mask, scores // 2)
     raise ValueError(f"shared_bytes: kernel must be forward, gram, dq or dkdv, got {kernel!r}")
 
 
@@ -289,11 +289,15 @@ def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[b
                             BLOCK_D=block_d if kernel == "dkdv" else min(block_d, 32), STATS_BLOCK_N=16,
                             num_warps=4, num_stages=1)
         return _fit_shared(kernel, config, shared_limit, element_size, variant)
+    whole = block_d
     block_d = _acc_chunk(hp, 16, block_d, 2)
     if kernel == "dq":
         block_m = 32 if variant == "plain" and 2 * hp * block_d <= 512 else 16
+        # Pipelined only for plain calls over the whole head dim (head-dim chunks pipelined every
+        # chunk's loads: 155,648 B at D = 128).
+        stages = 2 if variant == "plain" and block_d == whole else 1
         config = TileConfig(HP=hp, G=g, BLOCK_M=block_m, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16,
-                            num_warps=8, num_stages=2 if variant == "plain" else 1)
+                            num_warps=8, num_stages=stages)
     else:
         config = TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=8,
                             num_stages=1)
