@@ -219,6 +219,7 @@ def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bo
         config = TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=min(block_d, 32), STATS_BLOCK_N=16,
                             num_warps=4, num_stages=1)
         return _fit_shared("forward", config, shared_limit, element_size, variant)
+    whole = block_d
     block_d = _acc_chunk(hp, 16, block_d, 1)
     if variant == "heavy":
         block_m, block_n, stages = 16, 16, 1
@@ -227,7 +228,9 @@ def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bo
         # A 32-key block halves the re-reads of the query tile per key; its score tiles fit
         # without the LayerNorm's terms at 8 slots (at 16 slots x 16 rows the compiler spilled 168 B).
         block_n = 32 if variant == "plain" and hp == 8 else 16
-        stages = 1 if block_n == 32 else 2
+        # one stage for 32-key blocks and for head-dim chunks (pipelining every chunk's loads took
+        # 196,608 B at 16 slots, D = 128)
+        stages = 1 if block_n == 32 or block_d < whole else 2
     config = TileConfig(HP=hp, G=g, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, STATS_BLOCK_N=32,
                         num_warps=8, num_stages=stages)
     return _fit_shared("forward", config, shared_limit, element_size, variant)
@@ -292,7 +295,7 @@ def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[b
     whole = block_d
     block_d = _acc_chunk(hp, 16, block_d, 2)
     if kernel == "dq":
-        block_m = 32 if variant == "plain" and 2 * hp * block_d <= 512 else 16
+        block_m = 32 if variant == "plain" and hp == 8 and 2 * hp * block_d <= 512 else 16
         # Pipelined only for plain calls over the whole head dim (head-dim chunks pipelined every
         # chunk's loads: 155,648 B at D = 128).
         stages = 2 if variant == "plain" and block_d == whole else 1
