@@ -2,8 +2,12 @@
 
 ``triton.compile(..., target=GPUTarget("cuda", cap, 32))`` runs the whole compiler (to cubin)
 on a machine with no GPU and reports the shared memory a kernel needs; the tests use it to catch
-kernels that would not fit an A100 (sm_80) or H100 (sm_90) at the launch configuration the
-heuristics pick. Run ``python -m reattn.kernels.aot '[job, ...]'`` (each job a JSON object, see
+kernels that would not fit an A100 (sm_80), an RTX 3090/4090-class GPU (sm_86/89) or an H100
+(sm_90) at the launch configuration the heuristics pick. A job is compiled as a real launch: the
+kernel's entry point runs on meta tensors under ``kernels.capture`` (so the launch rule sees the
+target's shared memory) and the recorded launch is compiled with the JIT's own specialization of
+its arguments (``compile_launch``: unit strides become constants, multiples of 16 get divisibility
+hints), which changes the shared memory a kernel asks for. Run ``python -m reattn.kernels.aot '[job, ...]'`` (each job a JSON object, see
 ``compile_kernel``); it prints one ``AOT {json}`` line per job. Must not run under
 ``TRITON_INTERPRET=1`` (the interpreter has no compiler).
 
@@ -22,82 +26,97 @@ ELEMENT_SIZE = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
 # Shared memory per block (bytes) that a kernel may use, from the CUDA occupancy tables.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
-_FLOAT_ARGS = ("scale", "out_scale", "eps", "dropout_p", "shift")
-_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_dqd", "stride_dkd",
-                 "stride_dvd", "stride_lm", "stride_wh", "stride_c", "stride_nw", "stride_nb", "stride_mn")
+_TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}
 
 
-def _pointer_types(kernel: str, dtype: str) -> Dict[str, str]:
-    """Element type of every pointer argument: inputs in ``dtype``, statistics and reductions in fp32/fp64."""
-    inputs = ("Q", "K", "V", "W", "C", "NW", "NB", "O", "DO", "DQ")
-    types = dict.fromkeys(inputs, dtype)
-    types.update(dict.fromkeys(("BN", "LSE", "MOM", "DK", "DV", "DW", "DC", "DNW", "DNB"), "fp32"))
-    types.update(S1="fp64", GRAM="fp64", MASK="u8", SEED="i64")
-    return types
+def capture_job(kernel: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16", norm: str = "layer",
+                mask: bool = True, dropout: bool = True, moments: bool = False, config: Optional[Dict[str, int]] = None,
+                batch: int = 2):
+    """The launch (``kernels.capture.Launch``) the kernel's entry point makes for a job on a GPU of sm_<cap>.
+
+    Inputs are contiguous [batch, h, n, d] tensors on the meta device; the mask is a bool [batch, 1, n, n]
+    (broadcast over heads), dropout draws p = 0.1 with an int64 seed, norms are affine, the mixing has
+    a bias. The launch rule gets sm_<cap>'s shared memory limit through the capture.
+    """
+    import torch
+
+    from .backward import re_attention_backward
+    from .bn_stats import gram_sums
+    from .capture import capture_launches
+    from .forward import re_attention_forward
+    from .launch import backward_config, forward_config
+
+    if kernel not in ("forward", "bn_stats", "backward"):
+        raise ValueError(f"kernel must be forward, bn_stats or backward, got {kernel!r}")
+    tdtype = getattr(torch, _TORCH_DTYPES[dtype])
+    acc = torch.float64 if tdtype == torch.float64 else torch.float32
+    meta = dict(device="meta")
+    q, k, v, do = (torch.empty(batch, h, n, d, dtype=tdtype, **meta) for _ in range(4))
+    w, c, nw, nb = (torch.empty(*shape, dtype=acc, **meta) for shape in ((h, h), (h,), (h,), (h,)))
+    attn_mask = torch.empty(batch, 1, n, n, dtype=torch.bool, **meta) if mask else None
+    seed = torch.empty(1, dtype=torch.int64, **meta) if dropout else None
+    p = 0.1 if dropout else 0.0
+    lse = torch.empty(batch, h, n, dtype=acc, **meta)
+    affine = dict(norm_weight=nw, norm_bias=nb) if norm != "none" else {}
+    size = ELEMENT_SIZE[dtype]
+    with capture_launches(cap) as launches:
+        from .launch import device_shared_limit
+
+        limit = device_shared_limit("cuda")
+        if kernel == "backward":
+            cfg = backward_config(n, n, d, h, interpret=False, shared_limit=limit, element_size=size)
+        else:
+            cfg = forward_config(n, n, d, h, interpret=False, shared_limit=limit, element_size=size,
+                                 kernel=kernel)
+        if config:
+            cfg = dataclasses.replace(cfg, **config)
+        common = dict(scale=d ** -0.5, attn_mask=attn_mask, dropout_p=p, seed=seed, config=cfg)
+        if kernel == "forward":
+            if moments:
+                re_attention_forward(q, k, v, w, c, out=torch.empty(q.shape, dtype=acc, **meta), with_moments=True,
+                                     **common)
+            elif norm == "batch":  # given batch statistics, the logsumexp the statistics sweep wrote
+                re_attention_forward(q, k, v, w, c, norm="batch", batch_stats=torch.empty(2, h, dtype=acc, **meta),
+                                     lse=lse, lse_is_input=True, **affine, **common)
+            else:
+                re_attention_forward(q, k, v, w, c, norm=norm, **affine, **common)
+        elif kernel == "bn_stats":
+            common.pop("config")
+            gram_sums(q, k, attn_mask, seed, scale=d ** -0.5, dropout_p=p, shift=1.0 / n, config=cfg)
+        else:
+            re_attention_backward(do, q, k, v, w, c, lse, norm=norm, **affine,
+                                  batch_stats=torch.empty(4, h, dtype=acc, **meta) if norm == "batch" else None,
+                                  **common)
+    (launch,) = launches
+    return launch
 
 
 def compile_kernel(kernel: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16", norm: str = "layer",
                    mask: bool = True, dropout: bool = True, moments: bool = False,
                    config: Optional[Dict[str, int]] = None) -> dict:
-    """Compile one kernel ("forward", "bn_stats" or "backward") for sm_<cap> at the heuristic's config.
+    """Compile one kernel ("forward", "bn_stats" or "backward") for sm_<cap> as a real launch would.
 
-    The heuristic gets sm_<cap>'s shared memory limit (``SHARED_MEMORY_LIMIT``; none for other caps).
+    The launch is the one the kernel's entry point makes (``capture_job``: the launch rule picks the
+    configuration for sm_<cap>'s shared memory), compiled with the JIT's specialization of its
+    arguments (``compile_launch``): what the GPU would be asked to run.
 
-    norm: "none", "layer" or "batch" (training BatchNorm); mask: bool mask on; dropout on;
-    moments: the forward's per-program BatchNorm sums (one-sweep training BatchNorm, norm "none").
-    config: fields of the launch configuration to override (BLOCK_N, BLOCK_D, num_warps, ...), to
-    measure what another configuration would need.
+    norm: "none", "layer" or "batch" (training BatchNorm: given statistics; the backward's main sweep);
+    mask: a bool mask; dropout on; moments: the forward's per-program BatchNorm sums (one-sweep
+    training BatchNorm, norm "none"). config: fields of the launch configuration to override
+    (BLOCK_N, BLOCK_D, num_warps, ...), to measure what another configuration would need.
     Returns the job with the launch config and ``shared`` (bytes of shared memory per program).
     """
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-
-    from .common import MASK_BOOL, MASK_NONE, NORM_BATCH, NORM_LAYER, NORM_NONE
-    from .launch import backward_config, forward_config
-
-    limit = SHARED_MEMORY_LIMIT.get(cap)
-    size = ELEMENT_SIZE[dtype]
-    if kernel == "forward":
-        from .forward import _re_attention_fwd_kernel as fn
-        cfg = forward_config(n, n, d, h, interpret=False, shared_limit=limit, element_size=size)
-    elif kernel == "bn_stats":
-        from .bn_stats import _bn_stats_kernel as fn
-        cfg = forward_config(n, n, d, h, interpret=False, shared_limit=limit, kernel="bn_stats",
-                             element_size=size)
-    elif kernel == "backward":
-        from .backward import _re_attention_bwd_kernel as fn
-        cfg = backward_config(n, n, d, h, interpret=False, shared_limit=limit, element_size=size)
-    else:
-        raise ValueError(f"kernel must be forward, bn_stats or backward, got {kernel!r}")
-    if config:
-        cfg = dataclasses.replace(cfg, **config)
-    norm_id = {"none": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}[norm]
-    flags = dict(HP=cfg.HP, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, HAS_MIX_BIAS=True,
-                 NORM=norm_id, HAS_NORM_WEIGHT=norm != "none", HAS_NORM_BIAS=norm != "none",
-                 MASK_KIND=MASK_BOOL if mask else MASK_NONE, HAS_DROPOUT=dropout, LSE_IS_INPUT=norm == "batch",
-                 STATS_ONLY=False, MOMENTS=moments, D_CHUNKS=triton.cdiv(d, cfg.BLOCK_D), CDT=tl.float32,
-                 DOT_LOWP=dtype in ("bf16", "fp16"), DOT_PRECISION="ieee")
-    flags.update(dict.fromkeys(_UNIT_STRIDES, 1))  # what the JIT specializes for unit strides
-    names = fn.arg_names
-    const = {a: flags[a] for a in names if a in flags}
-    pointers = _pointer_types(kernel, dtype)
-    signature = {a: "constexpr" if a in const else "*" + pointers[a] if a in pointers
-                 else "fp32" if a in _FLOAT_ARGS else "i32" for a in names}
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a in pointers}
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=const, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", cap, 32),
-                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    if not compiled.asm.get("cubin"):
-        raise RuntimeError(f"no cubin for {kernel} at sm_{cap}")
+    launch = capture_job(kernel, h, d, n, cap, dtype, norm, mask, dropout, moments, config)
+    compiled = compile_launch(launch.kernel, launch.args, launch.kwargs, cap)
+    const = launch.constexprs()
     result = dict(kernel=kernel, h=h, d=d, n=n, cap=cap, dtype=dtype, norm=norm, mask=mask, dropout=dropout)
     if moments:
         result["moments"] = True
     if config:
         result["config"] = dict(config)
-    return dict(**result, shared=compiled.metadata.shared, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D, HP=cfg.HP,
-                D_CHUNKS=flags["D_CHUNKS"])
+    return dict(**result, shared=compiled.shared, num_warps=compiled.num_warps, num_stages=compiled.num_stages,
+                BLOCK_M=const["BLOCK_M"], BLOCK_N=const["BLOCK_N"], BLOCK_D=const["BLOCK_D"], HP=const["HP"],
+                D_CHUNKS=const["D_CHUNKS"])
 
 
 def main(argv=None) -> None:
@@ -108,9 +127,6 @@ def main(argv=None) -> None:
     for job in json.loads(argv[0]):
         print("AOT " + json.dumps(compile_kernel(**job)), flush=True)
 
-
-if __name__ == "__main__":
-    main()
 
 
 @dataclasses.dataclass
@@ -185,3 +201,7 @@ def compile_launch(kernel, args, kwargs, cap: int) -> CompiledLaunch:
                           shared=int(compiled.metadata.shared),
                           num_warps=int(compiled.metadata.num_warps), num_stages=int(compiled.metadata.num_stages),
                           signature=dict(signature), constexprs=named_constexprs, specialization=spec, cache_key=key)
+
+
+if __name__ == "__main__":
+    main()
