@@ -18,9 +18,10 @@ The plumbing the CUDA programs' authors replace when the programs change is smal
 Counting by emulation is exact for the code's control flow, but costs time per simulated block, so
 the model emulates one program per distinct kind of program of a launch (the first query block,
 whose rows all exist, for every query block; the first and a later head-dim chunk) with the key
-sweep shortened to one and two key tiles (Nk = r and r + block_n, r = Nk mod block_n or block_n),
-and extrapolates linearly in the number of key tiles: every full key tile costs the same. A test
-compares the extrapolation with a full emulation on a small problem.
+sweep shortened to two and three key tiles (Nk = r + block_n and r + 2 block_n, r = Nk mod block_n
+or block_n) and extrapolates linearly in the number of key tiles: every full key tile after the
+first costs the same (the first differs: a sweep of one tile leaves it staged for the next sweep).
+A test compares the extrapolation with a full emulation of a 4-tile sweep.
 """
 from __future__ import annotations
 
@@ -412,10 +413,14 @@ def program_counts(launch: Launch, arch: int) -> Tuple[Dict[int, float], sass_ex
     total: Dict[int, float] = {}
     generic: Dict[int, float] = {}
     diag = sass_exec.Counts()
+    # Nk for the runs: the sweep itself when it has at most 3 key tiles, else 2 and 3 tiles (the last
+    # partial as in the real sweep), extrapolated. Not 1 and 2: with one tile the second sweep finds it
+    # still staged (stage_once), which a longer sweep never does.
+    lengths = (int(p.Nk),) if tiles <= 3 else (r + plan.block_n, r + 2 * plan.block_n)
     for m_block, wm in m_samples:
         for chunk, wc in c_samples:
             runs = []
-            for nk in ((r,) if tiles == 1 else (r, r + plan.block_n)):
+            for nk in lengths:
                 q = ReAttnParams.from_buffer_copy(bytes(p))
                 q.Nk = nk
                 q.B = 1
@@ -425,13 +430,13 @@ def program_counts(launch: Launch, arch: int) -> Tuple[Dict[int, float], sass_ex
                 diag.add(counts)
             weight = wm * wc
             for field_, out in (("issued", total), ("generic_global", generic)):
-                if tiles == 1:
+                if len(runs) == 1:
                     for a, n in getattr(runs[0], field_).items():
                         out[a] = out.get(a, 0.0) + weight * n
                 else:
-                    c1, c2 = (getattr(r_, field_) for r_ in runs)
-                    for a in set(c1) | set(c2):
-                        n = c1.get(a, 0) + (tiles - 1) * (c2.get(a, 0) - c1.get(a, 0))
+                    c2, c3 = (getattr(r_, field_) for r_ in runs)
+                    for a in set(c2) | set(c3):
+                        n = c2.get(a, 0) + (tiles - 2) * (c3.get(a, 0) - c2.get(a, 0))
                         out[a] = out.get(a, 0.0) + weight * n
     return total, diag, generic
 
