@@ -33,10 +33,10 @@ HP x BLOCK_D x 1 KiB (forward) and more in the backward: at HP = 32 and D = 128 
 split into chunks of BLOCK_D columns, one program per chunk (a second grid dimension); each
 chunk's program re-reads q and k a chunk at a time for the scores (the score work is repeated
 per chunk) and writes its own columns of O (dQ, dK, dV in the backward). ``SHARED_BYTES``
-holds what each kernel needs per (HP, BLOCK_D, several chunks?), measured by ahead-of-time
-compilation (``kernels/aot.py``, Triton 3.9, bf16, bool mask, dropout, affine norm: the heaviest
-variant; sm_80, sm_86 and sm_90 give the same numbers); the rule keeps the chunk the shapes had
-without a limit and halves it until the kernel fits. tests/kernels/test_aot.py compiles the
+holds what each kernel asks for per (HP, BLOCK_D, several chunks?) at a real launch, measured by
+compiling the launch as the JIT would (``kernels/aot.py``, see the table); the rule keeps the chunk
+the shapes had without a limit and halves it until the kernel fits, and refuses (ValueError) when
+even chunks of 16 do not. tests/kernels/test_aot.py compiles the
 choices for the sm_80, sm_86/sm_89 and sm_90 limits and checks them against the real compiler.
 
 Under Triton's interpreter (``TRITON_INTERPRET=1``) there is a single configuration
@@ -92,20 +92,29 @@ def padded_head_dim(d: int) -> int:
     return max(16, next_pow2(d))
 
 
-# Shared memory (bytes) per program at the launch rule's configurations: {kernel: {(HP, BLOCK_D,
-# several head-dim chunks): bytes}}, measured by ahead-of-time compilation (see the module doc).
+# Shared memory (bytes) per program at the launch rule's configurations: {kernel: {(HP, BLOCK_D, several
+# head-dim chunks): bytes}}: what a real launch asks for, measured by compiling the launch the kernel's
+# entry point makes as Triton's JIT compiles it (``kernels/aot.py``: unit strides become constants,
+# multiples of 16 get divisibility hints, which changes the shared memory), Triton 3.9, sm_90, bf16, the
+# heaviest variant (bool mask, dropout, LayerNorm; the forward's moments variant measures the same),
+# D a multiple of 16 (the hints' worst case: DeiT-S's D = 64 asks 115,200 B where D = 35 asks 74,240),
+# and never below what the same configuration needed compiled without integer hints (other layouts).
+# At 32 (padded) heads the head-dim split does not help: each chunk's program asks 294-362 KB, over
+# every GPU's limit (the compiler keeps every chunk's tiles), so the rule refuses such shapes rather
+# than launch a kernel that cannot run. tests/kernels/test_resources.py checks every configuration
+# the rule picks against the compiler.
 SHARED_BYTES = {
     "forward": {
-        (16, 16, False): 25088, (16, 32, False): 41472, (16, 64, False): 74240, (16, 128, False): 139776,
-        (32, 16, False): 51200, (32, 32, False): 83968, (32, 64, False): 149504, (32, 128, False): 280576,
+        (16, 16, False): 41472, (16, 32, False): 66048, (16, 64, False): 115200, (16, 128, False): 139776,
+        (32, 16, False): 83968, (32, 32, False): 133120, (32, 64, False): 231424, (32, 128, False): 280576,
         (16, 16, True): 16896, (16, 32, True): 33280, (16, 64, True): 66048,
-        (32, 16, True): 34816, (32, 32, True): 67584, (32, 64, True): 133120,
+        (32, 16, True): 313344, (32, 32, True): 329728, (32, 64, True): 362496,
     },
     "bn_stats": {
-        (16, 16, False): 24576, (16, 32, False): 32768, (16, 64, False): 65536, (16, 128, False): 131072,
-        (32, 16, False): 49152, (32, 32, False): 65536, (32, 64, False): 131072, (32, 128, False): 262144,
+        (16, 16, False): 32768, (16, 32, False): 49152, (16, 64, False): 81920, (16, 128, False): 131072,
+        (32, 16, False): 65536, (32, 32, False): 98304, (32, 64, False): 163840, (32, 128, False): 262144,
         (16, 16, True): 16384, (16, 32, True): 32768, (16, 64, True): 65536,
-        (32, 16, True): 32768, (32, 32, True): 65536, (32, 64, True): 131072,
+        (32, 16, True): 294912, (32, 32, True): 294912, (32, 64, True): 294912,
     },
     "backward": {  # head dims over 64 always run in chunks of 32 (backward_config), never of 64
         (16, 16, False): 33792, (16, 32, False): 58368, (16, 64, False): 132096,

@@ -19,6 +19,11 @@ def pytest_collection_finish(session):
         from tests import _aot
 
         _aot.start()
+    # The resource guards' compiles (most from a checked-in cache), likewise (tests/kernels/_resources.py).
+    if any(item.nodeid.startswith("tests/kernels/test_resources.py") for item in session.items):
+        from tests.kernels import _resources
+
+        _resources.start()
     # The static model's checks that compile kernels, likewise (tests/benchmarks/_compiled_checks.py).
     if any(item.nodeid.startswith("tests/benchmarks/test_static_model.py") for item in session.items):
         from tests.benchmarks import _compiled_checks
