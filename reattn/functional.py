@@ -122,48 +122,32 @@ def _problem(q, k, v, mix_weight, mix_bias, *, norm, norm_weight, norm_bias, tra
                        for t in (q, k, v, mix_weight, mix_bias, norm_weight, norm_bias)))
 
 
-def explain_backend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mix_weight: torch.Tensor,
-    mix_bias: Optional[torch.Tensor] = None,
-    *,
-    backend: str = "auto",
-    scale: Optional[float] = None,
-    norm: str = "none",
-    norm_weight: Optional[torch.Tensor] = None,
-    norm_bias: Optional[torch.Tensor] = None,
-    running_mean: Optional[torch.Tensor] = None,
-    running_var: Optional[torch.Tensor] = None,
-    training: bool = False,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-    out_scale: float = 1.0,
-    dropout_p: float = 0.0,
-    attn_mask: Optional[torch.Tensor] = None,
-    return_attention: bool = False,
-    sync_group=None,
-):
-    """Which backend ``re_attention`` (same arguments) would run, and why: a ``reattn.backends.BackendChoice``
+def explain_backend(*args, **kwargs):
+    """Which backend ``re_attention(*args, **kwargs)`` would run, and why: a ``reattn.backends.BackendChoice``
     (``.backend`` and ``.reasons``, one sentence per backend considered; ``print()`` it).
 
-    On CUDA tensors ``backend="auto"`` picks a fused backend only where a recorded GPU measurement
-    shows it faster than eager in the call's regime (``reattn.backends.measured``); the reasons say
-    which measurement decided, or that none exists. Nothing runs. Raises what ``re_attention`` raises
-    for bad arguments, and ValueError for an explicit backend that cannot run the call.
+    Takes exactly ``re_attention``'s arguments. On CUDA tensors ``backend="auto"`` picks a fused backend
+    only where a recorded GPU measurement shows it faster than eager in the call's regime
+    (``reattn.backends.measured``); the reasons say which measurement decided, or that none exists.
+    Nothing runs. Raises what ``re_attention`` raises for bad arguments, and ValueError for an explicit
+    backend that cannot run the call.
     """
+    import inspect
+
     from reattn.backends import choose_backend
 
-    check_re_attention(
-        q, k, v, mix_weight, mix_bias, scale=scale, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
-        running_mean=running_mean, running_var=running_var, training=training, momentum=momentum, eps=eps,
-        out_scale=out_scale, dropout_p=dropout_p, attn_mask=attn_mask,
-    )
-    problem = _problem(q, k, v, mix_weight, mix_bias, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
-                       training=training, dropout_p=dropout_p, attn_mask=attn_mask,
-                       return_attention=return_attention, sync_group=sync_group)
-    return choose_backend(backend, problem)
+    bound = inspect.signature(re_attention).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    check_re_attention(a["q"], a["k"], a["v"], a["mix_weight"], a["mix_bias"], scale=a["scale"], norm=a["norm"],
+                       norm_weight=a["norm_weight"], norm_bias=a["norm_bias"], running_mean=a["running_mean"],
+                       running_var=a["running_var"], training=a["training"], momentum=a["momentum"], eps=a["eps"],
+                       out_scale=a["out_scale"], dropout_p=a["dropout_p"], attn_mask=a["attn_mask"])
+    problem = _problem(a["q"], a["k"], a["v"], a["mix_weight"], a["mix_bias"], norm=a["norm"],
+                       norm_weight=a["norm_weight"], norm_bias=a["norm_bias"], training=a["training"],
+                       dropout_p=a["dropout_p"], attn_mask=a["attn_mask"], return_attention=a["return_attention"],
+                       sync_group=a["sync_group"])
+    return choose_backend(a["backend"], problem)
 
 
 def _fused_entry(name: str):
