@@ -16,11 +16,12 @@ The plumbing the CUDA programs' authors replace when the programs change is smal
   in ``benchmarks.sass_exec`` on the launch's parameter bytes.
 
 Counting by emulation is exact for the code's control flow, but costs time per simulated block, so
-the model emulates the distinct programs of a launch (the first query block, the last one when Nq
-is not a multiple of block_m, the first and a later head-dim chunk) with the key sweep shortened to
-one and two key tiles (Nk = r and r + block_n, r = Nk mod block_n or block_n), and extrapolates
-linearly in the number of key tiles: every full key tile costs the same. A test compares the
-extrapolation with a full emulation on a small problem.
+the model emulates one program per distinct kind of program of a launch (the first query block,
+whose rows all exist, for every query block; the first and a later head-dim chunk) with the key
+sweep shortened to two and three key tiles (Nk = r + block_n and r + 2 block_n, r = Nk mod block_n
+or block_n) and extrapolates linearly in the number of key tiles: every full key tile after the
+first costs the same (the first differs: a sweep of one tile leaves it staged for the next sweep).
+A test compares the extrapolation with a full emulation of a 4-tile sweep.
 """
 from __future__ import annotations
 
@@ -125,6 +126,8 @@ def _functions(arch: int, library: str) -> Tuple[Dict[str, sass.Function], Dict[
     for cubin in sass.extract_cubins(library, f"sm_{arch}"):
         fns = sass.disassemble(cubin)
         if any("re_attention_kernel" in name for name in fns):
+            for name, fn in fns.items():
+                fn.banks = sass.constant_banks(cubin, name)
             functions.update(fns)
             resources.update(sass.resource_usage(cubin))
     if not functions:
@@ -153,14 +156,14 @@ class _Recorder:
         self.launches: List[Launch] = []
         self.pointers: Dict[int, int] = {}
 
-    def pointer(self, t: Optional[torch.Tensor]) -> Optional[int]:
-        """A distinct fake device address per tensor (the programs test pointers against null only)."""
+    def pointer(self, t: Optional[torch.Tensor], role: str) -> Optional[int]:
+        """A fake device address per parameter field (``role``), null for an absent tensor: the programs only
+        test pointers against null, and one address per field keeps equal launches byte-identical."""
         if t is None:
             return None
-        key = id(t)
-        if key not in self.pointers:
-            self.pointers[key] = _FAKE_BASE + (len(self.pointers) + 1) * (1 << 36)
-        return self.pointers[key]
+        if role not in self.pointers:
+            self.pointers[role] = _FAKE_BASE + (len(self.pointers) + 1) * (1 << 36)
+        return self.pointers[role]
 
 
 _RECORDER: Optional[_Recorder] = None
@@ -194,21 +197,21 @@ def _prepare(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, seed, scale,
     p = ReAttnParams()
     p.B, p.H, p.Nq, p.D = q.shape[0], q.shape[1], q.shape[2], q.shape[3]
     p.Nk = k.shape[2]
-    p.q, p.k = rec.pointer(q), rec.pointer(k)
+    p.q, p.k = rec.pointer(q, "q"), rec.pointer(k, "k")
     p.q_st, p.k_st = _strides(q), _strides(k)
     touched = [(q, {"read"}), (k, {"read"})]
     if v is not None:
-        p.v, p.v_st = rec.pointer(v), _strides(v)
+        p.v, p.v_st = rec.pointer(v, "v"), _strides(v)
         touched.append((v, {"read"}))
     p.scale = scale
     if mix_weight is not None:
         params = [_param(t) for t in (mix_weight, mix_bias, norm_weight, norm_bias)]
-        p.W, p.c, p.gamma, p.beta = (rec.pointer(t) for t in params)
+        p.W, p.c, p.gamma, p.beta = (rec.pointer(t, r) for t, r in zip(params, ("W", "c", "gamma", "beta")))
         touched += [(t, {"read"}) for t in params if t is not None]
     p.mask_kind = MASK_NONE
     if dropout_p > 0.0:
         p.dropout_p = dropout_p
-        p.seed = rec.pointer(seed)
+        p.seed = rec.pointer(seed, "seed")
     return p, touched
 
 
@@ -227,7 +230,7 @@ def _set_norm(p, touched, norm, out_scale, eps, batch_stats, q):
         if rows.shape[0] == 2:
             rows = torch.cat([rows, torch.zeros_like(rows)])
         rows = rows.contiguous()
-        p.bn = _RECORDER.pointer(rows)
+        p.bn = _RECORDER.pointer(rows, "bn")
         touched.append((rows, {"read"}))
 
 
@@ -244,9 +247,9 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
         touched.append((lse, {"write"}))
     out = torch.empty(q.shape, dtype=acc if with_moments else q.dtype, device=q.device)
     moments = torch.zeros((2 if with_moments else 0, q.shape[1]), dtype=torch.float64, device=q.device)
-    p.out, p.o_st, p.lse = _RECORDER.pointer(out), _strides(out), _RECORDER.pointer(lse)
+    p.out, p.o_st, p.lse = _RECORDER.pointer(out, "out"), _strides(out), _RECORDER.pointer(lse, "lse")
     p.out_is_acc = with_moments
-    p.moments = _RECORDER.pointer(moments) if with_moments else None
+    p.moments = _RECORDER.pointer(moments, "moments") if with_moments else None
     touched.append((out, {"write"}))
     if with_moments:
         touched.append((moments, {"atomic"}))
@@ -259,7 +262,8 @@ def _gram_sums(q, k, attn_mask, seed, *, scale, dropout_p, shift):
     lse = torch.empty((q.shape[0], q.shape[1], q.shape[2]), dtype=_acc(q.dtype), device=q.device)
     s1 = torch.zeros((q.shape[1],), dtype=torch.float64, device=q.device)
     gram = torch.zeros((q.shape[1], q.shape[1]), dtype=torch.float64, device=q.device)
-    p.lse, p.shift, p.s1, p.gram = _RECORDER.pointer(lse), shift, _RECORDER.pointer(s1), _RECORDER.pointer(gram)
+    p.lse, p.shift = _RECORDER.pointer(lse, "lse"), shift
+    p.s1, p.gram = _RECORDER.pointer(s1, "s1"), _RECORDER.pointer(gram, "gram")
     touched += [(lse, {"write"}), (s1, {"atomic"}), (gram, {"atomic"})]
     _run(PROGRAM_KINDS["batch_stats"], q, p, touched)
     return lse, s1, gram
@@ -268,7 +272,7 @@ def _gram_sums(q, k, attn_mask, seed, *, scale, dropout_p, shift):
 def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, seed, lse, scale,
                    out_scale, norm, eps, dropout_p, stats_only):
     p, touched = _prepare(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, seed, scale, dropout_p)
-    p.grad_out, p.do_st = _RECORDER.pointer(grad_out), _strides(grad_out)
+    p.grad_out, p.do_st = _RECORDER.pointer(grad_out, "grad_out"), _strides(grad_out)
     touched += [(grad_out, {"read"}), (lse, {"read"})]
     _set_norm(p, touched, norm, out_scale, eps, batch_stats, q)
     acc = _acc(q.dtype)
@@ -281,9 +285,10 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
     dW, dc, dgamma, dbeta = torch.zeros((H, H), **f64), torch.zeros((H,), **f64), torch.zeros((H,), **f64), \
         torch.zeros((H,), **f64)
     rec = _RECORDER
-    p.lse = rec.pointer(lse)
-    p.dq, p.dq_st, p.dk, p.dv = rec.pointer(dq), _strides(dq), rec.pointer(dk), rec.pointer(dv)
-    p.dW, p.dc, p.dgamma, p.dbeta = (rec.pointer(t) for t in (dW, dc, dgamma, dbeta))
+    p.lse = rec.pointer(lse, "lse")
+    p.dq, p.dq_st, p.dk, p.dv = rec.pointer(dq, "dq"), _strides(dq), rec.pointer(dk, "dk"), rec.pointer(dv, "dv")
+    p.dW, p.dc, p.dgamma, p.dbeta = (rec.pointer(t, r) for t, r in zip((dW, dc, dgamma, dbeta),
+                                                                       ("dW", "dc", "dgamma", "dbeta")))
     if stats_only:
         touched += [(dgamma, {"atomic"}), (dbeta, {"atomic"})]
     else:
@@ -320,7 +325,8 @@ def shim_ops():
 
     kernels = FusedKernels(forward=_forward, gram_sums=_gram_sums, backward_sums=_backward_sums, backward=_backward,
                            forward_moments=_forward_moments)
-    return define_fused_ops("static_model_cuda", kernels, ("meta",))
+    # No device implementation: the static model calls the ops' Python bodies (FusedOps.python) directly.
+    return define_fused_ops("static_model_cuda", kernels, ())
 
 
 def cuda_call(B: int, H: int, N: int, D: int, norm: str, arch: int, dtype=torch.bfloat16) -> Dict[str, list]:
@@ -369,6 +375,8 @@ def _emulate(symbol: str, arch: int, const: bytes, grid: Tuple[int, int], ctaid:
     key.update("\n".join(f"{i.address} {i.text}" for i in function.instructions).encode())
     key.update(repr((symbol, arch, grid, ctaid, shared, THREADS)).encode())
     key.update(const)
+    for bank, data in sorted(getattr(function, "banks", {}).items()):
+        key.update(bytes([bank]) + data)
     with open(sass_exec.__file__, "rb") as f:
         key.update(f.read())
     path = os.path.join(CACHE_DIR, "emulation", key.hexdigest()[:40] + ".pkl")
@@ -378,7 +386,7 @@ def _emulate(symbol: str, arch: int, const: bytes, grid: Tuple[int, int], ctaid:
     except (OSError, pickle.UnpicklingError, EOFError):
         pass
     counts = sass_exec.run_block(function, const, THREADS, (ctaid[0], ctaid[1], 0), (grid[0], grid[1], 1), shared,
-                                 arch)
+                                 arch, banks=getattr(function, "banks", None))
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + f".{os.getpid()}"
@@ -399,18 +407,21 @@ def program_counts(launch: Launch, arch: int) -> Tuple[Dict[int, float], sass_ex
     tiles = -(-int(p.Nk) // plan.block_n)
     r = int(p.Nk) - (tiles - 1) * plan.block_n
     num_m, chunks = plan.num_m, plan.num_chunks
-    if num_m > 1 and int(p.Nq) % plan.block_m:
-        m_samples = [(0, (num_m - 1) / num_m), (num_m - 1, 1.0 / num_m)]
-    else:
-        m_samples = [(0, 1.0)]
+    # Programs differ only in which of their rows and columns exist: the first query block (all rows real)
+    # stands for every block (the last one, with fewer real rows, does slightly less: the count leans high).
+    m_samples = [(0, 1.0)]
     c_samples = [(0, 1.0 / chunks)] + ([(1, (chunks - 1) / chunks)] if chunks > 1 else [])
     total: Dict[int, float] = {}
     generic: Dict[int, float] = {}
     diag = sass_exec.Counts()
+    # Nk for the runs: the sweep itself when it has at most 3 key tiles, else 2 and 3 tiles (the last
+    # partial as in the real sweep), extrapolated. Not 1 and 2: with one tile the second sweep finds it
+    # still staged (stage_once), which a longer sweep never does.
+    lengths = (int(p.Nk),) if tiles <= 3 else (r + plan.block_n, r + 2 * plan.block_n)
     for m_block, wm in m_samples:
         for chunk, wc in c_samples:
             runs = []
-            for nk in ((r,) if tiles == 1 else (r, r + plan.block_n)):
+            for nk in lengths:
                 q = ReAttnParams.from_buffer_copy(bytes(p))
                 q.Nk = nk
                 q.B = 1
@@ -420,13 +431,13 @@ def program_counts(launch: Launch, arch: int) -> Tuple[Dict[int, float], sass_ex
                 diag.add(counts)
             weight = wm * wc
             for field_, out in (("issued", total), ("generic_global", generic)):
-                if tiles == 1:
+                if len(runs) == 1:
                     for a, n in getattr(runs[0], field_).items():
                         out[a] = out.get(a, 0.0) + weight * n
                 else:
-                    c1, c2 = (getattr(r_, field_) for r_ in runs)
-                    for a in set(c1) | set(c2):
-                        n = c1.get(a, 0) + (tiles - 1) * (c2.get(a, 0) - c1.get(a, 0))
+                    c2, c3 = (getattr(r_, field_) for r_ in runs)
+                    for a in set(c2) | set(c3):
+                        n = c2.get(a, 0) + (tiles - 2) * (c3.get(a, 0) - c2.get(a, 0))
                         out[a] = out.get(a, 0.0) + weight * n
     return total, diag, generic
 

@@ -22,7 +22,8 @@ class LoopReport:
     depth: int
     source: str                  # "file:line" of the source loop it was matched to
     trips: float                 # iterations per entry (per warp)
-    per_iteration: Dict[str, int]  # static instructions of the body by class, inner loops excluded
+    per_iteration: Dict[str, int]  # static instructions of the body by class (and tensor ops by opcode),
+    #                                inner loops excluded; what one warp issues per iteration
 
 
 @dataclass
@@ -126,8 +127,12 @@ def loop_reports(function: sass.Function, trips: Dict[Tuple[int, int], float],
         inner = [c for c in loop.walk() if c is not loop]
         body = [ins for ins in function.instructions
                 if loop.contains(ins.address) and not any(c.contains(ins.address) for c in inner)]
+        per_iteration = dict(sass.class_counts(body))
+        for ins in body:  # tensor-core instructions by kind too (HMMA.16816.F32.BF16, HGMMA.64x64x16...)
+            if sass.instruction_class(ins) == "tensor":
+                per_iteration[ins.opcode] = per_iteration.get(ins.opcode, 0) + 1
         reports.append(LoopReport(loop.head, loop.tail, loop.depth, sources.get((loop.head, loop.tail), ""),
-                                  trips[(loop.head, loop.tail)], dict(sass.class_counts(body))))
+                                  trips[(loop.head, loop.tail)], per_iteration))
     return reports
 
 

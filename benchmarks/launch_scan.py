@@ -36,7 +36,7 @@ CALLS = {"forward": ("plain", "batch", "layer", "heavy"), "backward": ("plain", 
          "gram": ("plain", "heavy"), "moments": ("plain", "heavy"), "bn_sums": ("plain", "heavy")}
 CAPS = (90, 86)
 FIELDS = ["cap", "call", "variant", "h", "d", "kernel", "HP", "G", "BLOCK_M", "BLOCK_N", "BLOCK_D", "D_CHUNKS",
-          "num_warps", "num_stages", "shared", "shared_bound", "shared_limit", "registers", "spill_bytes"]
+          "num_warps", "num_stages", "shared", "shared_bound", "shared_limit", "registers", "spill_bytes", "cache_key"]
 
 
 def arguments(call: str, variant: str) -> dict:

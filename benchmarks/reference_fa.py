@@ -29,6 +29,13 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _rows(X, z, h, stride_z, stride_h, stride_row, offs_rows, rows_ok, offs_d, d_ok):
+    """The [rows, BLOCK_D] tile of (batch z, head h) of a [B, H, N, D] tensor with unit stride on D; 0 outside."""
+    return tl.load(X + z * stride_z + h * stride_h + offs_rows[:, None] * stride_row + offs_d[None, :],
+                   mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _fa_fwd_kernel(Q, K, V, O, LSE, qk_scale,
                    stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
                    stride_vz, stride_vh, stride_vn, stride_oz, stride_oh, stride_om,
@@ -44,8 +51,7 @@ def _fa_fwd_kernel(Q, K, V, O, LSE, qk_scale,
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < N_Q
     d_ok = offs_d < D
-    q = tl.load(Q + z * stride_qz + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _rows(Q, z, h, stride_qz, stride_qh, stride_qm, offs_m, m_ok, offs_d, d_ok)
     k_base = K + z * stride_kz + h * stride_kh
     v_base = V + z * stride_vz + h * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
@@ -105,10 +111,8 @@ def _fa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
     n_ok = offs_n < N_K
     d_ok = offs_d < D
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + z * stride_kz + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask,
-                other=0.0)
-    v = tl.load(V + z * stride_vz + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask,
-                other=0.0)
+    k = _rows(K, z, h, stride_kz, stride_kh, stride_kn, offs_n, n_ok, offs_d, d_ok)
+    v = _rows(V, z, h, stride_vz, stride_vh, stride_vn, offs_n, n_ok, offs_d, d_ok)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     q_base = Q + z * stride_qz + h * stride_qh
@@ -152,10 +156,8 @@ def _fa_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
     m_ok = offs_m < N_Q
     d_ok = offs_d < D
     q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + z * stride_qz + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask,
-                other=0.0)
-    do = tl.load(DO + z * stride_dz + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :], mask=q_mask,
-                 other=0.0)
+    q = _rows(Q, z, h, stride_qz, stride_qh, stride_qm, offs_m, m_ok, offs_d, d_ok)
+    do = _rows(DO, z, h, stride_dz, stride_dh, stride_dm, offs_m, m_ok, offs_d, d_ok)
     lse = tl.load(LSE + zh * N_Q + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + zh * N_Q + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)

@@ -65,10 +65,10 @@ class Instruction:
     operands: str
     location: Location = ()
     target: Optional[int] = None   # branch/call target address
+    base: str = field(init=False, repr=False)  # the opcode without modifiers, e.g. "HMMA"
 
-    @property
-    def base(self) -> str:
-        return self.opcode.split(".")[0]
+    def __post_init__(self):
+        self.base = self.opcode.split(".")[0]
 
     @property
     def text(self) -> str:
@@ -408,6 +408,34 @@ def spill_bytes(resources: Resources, function: Function) -> int:
     """Bytes of local memory per thread used for spills: the stack frame when the code touches local memory."""
     touches_local = any(ins.base in _LOCAL for ins in function.instructions)
     return max(resources.stack, resources.local) if touches_local else 0
+
+
+# ---- constant banks ----------------------------------------------------------------------------------------
+def constant_banks(cubin: bytes, function: str) -> Dict[int, bytes]:
+    """Initial contents of a kernel's compiler constant banks (``.nv.constant<N>.<function>`` sections of the
+    ELF, N > 0: literals the code reads as c[0xN][...]); bank 0 (the launch's parameters) is not included."""
+    import struct
+
+    if cubin[:4] != b"\x7fELF":
+        return {}
+    shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    sections = []
+    for i in range(shnum):
+        name, _, _, _, offset, size = struct.unpack_from("<IIQQQQ", cubin, shoff + i * shentsize)
+        sections.append((name, offset, size))
+    names_offset = sections[shstrndx][1]
+
+    def name_of(n: int) -> str:
+        end = cubin.index(b"\0", names_offset + n)
+        return cubin[names_offset + n:end].decode(errors="replace")
+
+    banks = {}
+    for name, offset, size in sections:
+        m = re.match(r"^\.nv\.constant(\d+)\.(.+)$", name_of(name))
+        if m and m.group(2) == function and int(m.group(1)) > 0:
+            banks[int(m.group(1))] = bytes(cubin[offset:offset + size])
+    return banks
 
 
 # ---- extension cubins --------------------------------------------------------------------------------------

@@ -204,6 +204,10 @@ class _Warp:
         self.R = np.zeros((NREG, W), np.uint32)
         self.RK = np.zeros((NREG, W), bool)
         self.RK[RZ] = True
+        # The low 16 bits known (a superset of RK): PRMT merges a known half into a register whose other
+        # half is unknown, and byte or half-word stores read only the low half.
+        self.RK16 = np.zeros((NREG, W), bool)
+        self.RK16[RZ] = True
         self.P = np.zeros((8, W), bool)
         self.PK = np.zeros((8, W), bool)
         self.P[PT] = True
@@ -226,15 +230,21 @@ class _Warp:
 
 class _Block:
     def __init__(self, function: sass.Function, const0: bytes, threads: int, ctaid: Tuple[int, int, int],
-                 nctaid: Tuple[int, int, int], shared_size: int, arch: int, max_steps: int):
+                 nctaid: Tuple[int, int, int], shared_size: int, arch: int, max_steps: int,
+                 banks: Optional[Dict[int, bytes]] = None):
         self.fn = function
         self.ins = function.instructions
         self.index = {ins.address: i for i, ins in enumerate(self.ins)}
-        self.ops = [[parse_operand(t) for t in split_operands(ins.operands)] for ins in self.ins]
-        self.guards = [parse_operand(ins.guard[1:]) if ins.guard else None for ins in self.ins]
-        self.bases = [ins.base for ins in self.ins]
-        self.addresses = [ins.address for ins in self.ins]
+        decoded = getattr(function, "_decoded", None)
+        if decoded is None:  # parsed once per function, shared by every block emulated
+            decoded = ([[parse_operand(t) for t in split_operands(ins.operands)] for ins in self.ins],
+                       [parse_operand(ins.guard[1:]) if ins.guard else None for ins in self.ins],
+                       [ins.base for ins in self.ins], [ins.address for ins in self.ins],
+                       [ins.opcode.split(".")[1:] for ins in self.ins])
+            function._decoded = decoded
+        self.ops, self.guards, self.bases, self.addresses, self.mods = decoded
         self.const0 = bytearray(const0)
+        self.banks = dict(banks or {})
         self.threads = threads
         self.ctaid = ctaid
         self.nctaid = nctaid
@@ -251,9 +261,10 @@ class _Block:
 
     # -- values --
     def const(self, bank: int, offset: int, nbytes: int) -> Tuple[int, bool]:
-        if bank != 0 or offset < 0 or offset + nbytes > len(self.const0):
+        data = self.const0 if bank == 0 else self.banks.get(bank)
+        if data is None or offset < 0 or offset + nbytes > len(data):
             return 0, False
-        return int.from_bytes(self.const0[offset:offset + nbytes], "little"), True
+        return int.from_bytes(data[offset:offset + nbytes], "little"), True
 
 
 def _u32(x) -> np.ndarray:
@@ -272,8 +283,9 @@ class Emulator:
     """Runs one thread block of a SASS function (see the module doc)."""
 
     def __init__(self, function: sass.Function, const0: bytes, threads: int, ctaid=(0, 0, 0), nctaid=(1, 1, 1),
-                 shared_size: int = 0, arch: int = 90, max_steps: int = 50_000_000):
-        self.b = _Block(function, const0, threads, tuple(ctaid), tuple(nctaid), shared_size, arch, max_steps)
+                 shared_size: int = 0, arch: int = 90, max_steps: int = 50_000_000,
+                 banks: Optional[Dict[int, bytes]] = None):
+        self.b = _Block(function, const0, threads, tuple(ctaid), tuple(nctaid), shared_size, arch, max_steps, banks)
 
     # ---- operand access ----
     def rd(self, w: _Warp, op: Operand, lanes: np.ndarray, float_op: bool = False) -> Tuple[np.ndarray, np.ndarray]:
@@ -399,8 +411,9 @@ class Emulator:
         if op.kind == "R":
             if op.index == RZ:
                 return
-            w.R[op.index] = np.where(lanes, v, w.R[op.index])
-            w.RK[op.index] = np.where(lanes, k, w.RK[op.index])
+            np.copyto(w.R[op.index], v, where=lanes, casting="unsafe")
+            np.copyto(w.RK[op.index], k, where=lanes)
+            np.copyto(w.RK16[op.index], k, where=lanes)
         elif op.kind == "UR":
             if op.index == URZ:
                 return
@@ -411,8 +424,8 @@ class Emulator:
         elif op.kind == "P":
             if op.index == PT:
                 return
-            w.P[op.index] = np.where(lanes, v.astype(bool), w.P[op.index])
-            w.PK[op.index] = np.where(lanes, k, w.PK[op.index])
+            np.copyto(w.P[op.index], v.astype(bool), where=lanes)
+            np.copyto(w.PK[op.index], k, where=lanes)
         elif op.kind == "UP":
             if op.index == PT:
                 return
@@ -450,8 +463,11 @@ class Emulator:
             k &= vk
         return addr, k
 
-    def shared_load(self, w, op, lanes, nbytes):
+    def shared_load(self, w, op, lanes, nbytes, generic=False):
         addr, k = self.address(w, op, lanes)
+        if generic:  # only the lanes whose generic address falls in the shared window read shared memory
+            k = k & ((addr >> 32) == SHARED_WINDOW_HI)
+            addr = addr & 0xFFFFFFFF
         n = len(self.b.shared)
         words = max(1, nbytes // 4)
         vals = np.zeros((words, W), np.uint32)
@@ -468,8 +484,11 @@ class Emulator:
                 known[i, lane] = bool(ck[4 * i:4 * i + min(4, nbytes)].all())
         return vals, known
 
-    def shared_store(self, w, op, lanes, data: List[Tuple[np.ndarray, np.ndarray]], nbytes):
+    def shared_store(self, w, op, lanes, data: List[Tuple[np.ndarray, np.ndarray]], nbytes, generic=False):
         addr, k = self.address(w, op, lanes)
+        if generic:
+            k = k & ((addr >> 32) == SHARED_WINDOW_HI)
+            addr = addr & 0xFFFFFFFF
         n = len(self.b.shared)
         for lane in np.nonzero(lanes)[0]:
             if not k[lane]:
@@ -627,9 +646,8 @@ class Emulator:
     # ---- semantics ----
     def execute(self, w: _Warp, ins: sass.Instruction, pc: int, lanes: np.ndarray, poison: bool = False) -> None:
         ops = self.b.ops[pc]
-        base = ins.base
-        op = ins.opcode
-        mods = op.split(".")[1:]
+        base = self.b.bases[pc]
+        mods = self.b.mods[pc]
         if poison:
             if base not in _NO_DEST:
                 for o in ops[:2]:
@@ -894,6 +912,8 @@ def _lop3(e, w, ins, ops, mods, lanes):
     lut = imm_int(srcs[3].text)
     r = _lut(a, b_, c, lut)
     k = ak & bk & ck
+    if lut == 0xC0 and srcs[1].kind == "imm" and (imm_int(srcs[1].text) or 0) <= 0xFFFF and srcs[0].kind == "R":
+        k = k | (w.RK16[srcs[0].index] & ck)  # a & mask16: only the low half of a matters
     e.wr(w, rdst, lanes, r, k)
     if pdst is not None:
         e.wr(w, pdst, lanes, (r != 0).astype(np.uint32), k)
@@ -1110,15 +1130,25 @@ def _r2p(e, w, ins, ops, mods, lanes):
 @handles("PRMT", "UPRMT")
 def _prmt(e, w, ins, ops, mods, lanes):
     (a, ak), (sel, sk), (b_, bk) = e.rd(w, ops[1], lanes), e.rd(w, ops[2], lanes), e.rd(w, ops[3], lanes)
+    low = [ops[i].kind == "R" and w.RK16[ops[i].index] if ops[i].kind == "R" else k_ for i, k_ in ((1, ak), (3, bk))]
     src = (b_.astype(np.uint64) << np.uint64(32)) | a.astype(np.uint64)
     out = np.zeros(W, np.uint64)
+    byte_known = []
     for i in range(4):
         nib = (sel.astype(np.uint64) >> np.uint64(4 * i)) & np.uint64(0xF)
         byte = (src >> ((nib & np.uint64(7)) * np.uint64(8))) & np.uint64(0xFF)
         sign = (byte >> np.uint64(7)) * np.uint64(0xFF)
         byte = np.where(nib & np.uint64(8), sign, byte)
         out |= byte << np.uint64(8 * i)
-    e.wr(w, ops[0], lanes, _u32(out), ak & sk & bk)
+        j = (nib & np.uint64(7)).astype(np.int64)
+        from_a = j < 4
+        within = np.where(from_a, j, j - 4)
+        known = np.where(from_a, np.where(within < 2, low[0], ak), np.where(within < 2, low[1], bk))
+        byte_known.append(known & sk)
+    k_all = byte_known[0] & byte_known[1] & byte_known[2] & byte_known[3]
+    e.wr(w, ops[0], lanes, _u32(out), k_all)
+    if ops[0].kind == "R" and ops[0].index != RZ:
+        np.copyto(w.RK16[ops[0].index], byte_known[0] & byte_known[1], where=lanes)
 
 
 @handles("SGXT", "USGXT")
@@ -1407,9 +1437,9 @@ def _load(e, w, ins, ops, mods, lanes):
         return
     if ins.base == "LDGSTS":
         return  # copies global -> shared: shared contents become unknown
-    if ins.base == "LDS" and dst.kind == "R":
+    if ins.base in ("LDS", "LD") and dst.kind == "R":
         mem = next((o for o in ops if o.kind == "mem"), None)
-        vals, known = e.shared_load(w, mem, lanes, size)
+        vals, known = e.shared_load(w, mem, lanes, size, generic=ins.base == "LD")
         if size < 4:
             vals = vals & np.uint32((1 << (8 * size)) - 1)
             if "S8" in mods or "S16" in mods:
@@ -1429,7 +1459,7 @@ def _store(e, w, ins, ops, mods, lanes):
     if ins.base == "STL":
         _local_store(e, w, ins, ops, mods, lanes)
         return
-    if ins.base != "STS":
+    if ins.base not in ("STS", "ST"):
         return
     size = _size(mods)
     mem = ops[0]
@@ -1437,7 +1467,9 @@ def _store(e, w, ins, ops, mods, lanes):
     words = max(1, size // 4)
     data = [e.rd(w, Operand(src.kind, src.index + i) if src.kind in ("R", "UR") and src.index not in (RZ, URZ)
                  else src, lanes) for i in range(words)]
-    e.shared_store(w, mem, lanes, data, size)
+    if size <= 2 and src.kind == "R":  # only the low half is stored
+        data = [(data[0][0], w.RK16[src.index].copy())]
+    e.shared_store(w, mem, lanes, data, size, generic=ins.base == "ST")
 
 
 PARAM_OFFSET = {90: 0x210, 80: 0x160, 86: 0x160, 89: 0x160}  # where kernel parameters start in constant bank 0
@@ -1451,12 +1483,17 @@ def constant_bank(params: bytes, arch: int, threads: int, grid: Sequence[int]) -
     for i, d in enumerate(dims[:6]):
         bank[4 * i:4 * i + 4] = int(d).to_bytes(4, "little")
     bank[0x28:0x2C] = STACK_TOP.to_bytes(4, "little")
+    if arch < 90:  # sm_8x read the shared window's generic base from c[0x0][0x18] (sm_90: SR_SWINHI)
+        bank[0x18:0x20] = (SHARED_WINDOW_HI << 32).to_bytes(8, "little")
     bank[offset:] = params
     return bytes(bank)
 
 
 # ---- running a launch -------------------------------------------------------------------------------------------
 def run_block(function: sass.Function, const0: bytes, threads: int, ctaid, nctaid, shared_size: int, arch: int,
-              max_steps: int = 50_000_000) -> Counts:
-    """Warp-instructions one thread block issues (summed over its warps), by instruction address."""
-    return Emulator(function, const0, threads, ctaid, nctaid, shared_size, arch, max_steps).run()
+              max_steps: int = 50_000_000, banks: Optional[Dict[int, bytes]] = None) -> Counts:
+    """Warp-instructions one thread block issues (summed over its warps), by instruction address.
+
+    const0: constant bank 0 (``constant_bank``); banks: the compiler's other constant banks
+    (``sass.constant_banks`` of the cubin)."""
+    return Emulator(function, const0, threads, ctaid, nctaid, shared_size, arch, max_steps, banks).run()

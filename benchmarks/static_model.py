@@ -4,7 +4,8 @@
     python -m benchmarks.static_model --record        # also append rows to benchmarks/results/static_model.csv
                                                       # and rewrite the README section from the CSV
     python -m benchmarks.static_model --shapes DeiT-S --backends triton reference --norms layer
-    python -m benchmarks.static_model --kernels       # one row per kernel of each call, with its loops
+    python -m benchmarks.static_model --kernels       # one row per kernel of each call
+    python -m benchmarks.static_model --loops         # each kernel's SASS loops: trips, instructions per iteration
     python -m benchmarks.static_model --constants     # the hardware constants and their sources
 
 Every figure it prints is a prediction (labelled so in the CSV and README), never a measurement.
@@ -332,6 +333,28 @@ def kernel_lines(rows: Sequence[Dict[str, object]], gpu: str) -> List[str]:
     return lines
 
 
+def loop_lines(shapes, backends, norms, archs) -> List[str]:
+    """Each modelled kernel's loops (from the calls already modelled in this process)."""
+    lines = []
+    for (backend, shape, norm, arch), steps in _CALLS.items():
+        if shape not in shapes or backend not in backends or norm not in norms or arch not in archs:
+            continue
+        seen = set()
+        for step in steps:
+            m = step.model
+            if m is None or (m.name, step.phase) in seen:
+                continue
+            seen.add((m.name, step.phase))
+            lines.append(f"\n{backend} {shape} {norm} sm_{arch} {step.phase} {m.name}: {m.registers} registers, "
+                         f"{m.spill_bytes} B spilled, {m.shared_bytes} B shared, {m.threads} threads, "
+                         f"{m.programs} programs" + (f" ({m.note})" if m.note else ""))
+            for loop in m.loops:
+                body = ", ".join(f"{k} {v}" for k, v in sorted(loop.per_iteration.items(), key=lambda kv: -kv[1]))
+                lines.append(f"  {'  ' * loop.depth}loop [{loop.head:#x}, {loop.tail:#x}] {loop.source or '?'}: "
+                             f"{loop.trips:g} trips per entry" + (f"; per iteration: {body}" if body else ""))
+    return lines
+
+
 def readme_section(rows: Sequence[Dict[str, str]]) -> List[str]:
     """The README section from the CSV's latest run (what --record wrote)."""
     if not rows:
@@ -396,6 +419,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="SASS targets: 90 (predicted on H100 SXM and H200), 80 (A100 SXM)")
     parser.add_argument("--gpu", nargs="+", choices=list(cost_model.GPUS), help="only these GPUs' rows")
     parser.add_argument("--kernels", action="store_true", help="print one row per kernel too")
+    parser.add_argument("--loops", action="store_true",
+                        help="print each kernel's SASS loops: source line, trips, instructions per iteration by class")
     parser.add_argument("--record", action="store_true",
                         help=f"append the rows to {CSV_PATH.relative_to(common.REPO_ROOT)} and rewrite the README "
                              "section (otherwise nothing in the checkout changes)")
@@ -426,6 +451,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if args.kernels:
             print()
             print("\n".join(kernel_lines(rows, gpu)))
+    if args.loops:
+        print("\n".join(loop_lines(args.shapes, args.backends, args.norms, args.archs)))
     errors = [r for r in rows if r.get("status") == "error"]
     for r in errors:
         print(f"not modelled: {r['backend']} {r['shape']} {r['norm']} {r['mode']} ({r['arch']}): {r['note']}",

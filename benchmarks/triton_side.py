@@ -181,11 +181,13 @@ def emulated_multiplicity(launch, compiled, function, cap: int) -> Dict[int, flo
     grid = tuple(launch.grid) + (1,) * (3 - len(launch.grid))
     const = sass_exec.constant_bank(param_bytes(launch, compiled), cap, 32 * compiled.num_warps, grid)
     programs = launch.programs
-    first = sass_exec.run_block(function, const, 32 * compiled.num_warps, (0, 0, 0), grid, compiled.shared, cap)
+    banks = sass.constant_banks(compiled.cubin, compiled.name)
+    first = sass_exec.run_block(function, const, 32 * compiled.num_warps, (0, 0, 0), grid, compiled.shared, cap,
+                                banks=banks)
     samples = [(first, 1.0)]
     if programs > 1:
         last = sass_exec.run_block(function, const, 32 * compiled.num_warps, tuple(g - 1 for g in grid), grid,
-                                   compiled.shared, cap)
+                                   compiled.shared, cap, banks=banks)
         samples = [(first, (programs - 1) / programs), (last, 1.0 / programs)]
     total: Dict[int, float] = {}
     for counts, weight in samples:

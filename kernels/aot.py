@@ -95,7 +95,8 @@ def compile_call(call: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16
     """Compile every launch of one call (``capture_call``) for sm_<cap> as the JIT would (``compile_launch``).
 
     Returns one dict per launch: the job, the kernel's name, its tiles and launch options, the
-    shared memory it asks for, registers and spill bytes.
+    shared memory it asks for, registers, spill bytes and the compile's ``cache_key`` (which
+    ``launch_keys`` recomputes without compiling).
     """
     job = dict(call=call, h=h, d=d, n=n, cap=cap, dtype=dtype, norm=norm, mask=mask, dropout=dropout)
     results = []
@@ -104,8 +105,16 @@ def compile_call(call: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16
         tiles = {k: v for k, v in launch.constexprs().items()
                  if k in ("HP", "G", "BLOCK_M", "BLOCK_N", "BLOCK_D", "STATS_BLOCK_N", "D_CHUNKS")}
         results.append(dict(job, kernel=launch.name, grid=list(launch.grid), **tiles, **launch.options(),
-                            shared=compiled.shared, **resource_usage(compiled.cubin)))
+                            shared=compiled.shared, **resource_usage(compiled.cubin), cache_key=compiled.cache_key))
     return results
+
+
+def launch_keys(call: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16", norm: str = "layer",
+                mask: bool = True, dropout: bool = True) -> list:
+    """The ``cache_key`` of every launch of one call (as ``compile_call`` reports them), without compiling:
+    a recorded compile whose key differs is stale (the kernel source, its launch or Triton changed)."""
+    return [compile_key(launch.kernel, launch.args, launch.kwargs, cap)
+            for launch in capture_call(call, h, d, n, cap, dtype, norm, mask, dropout)]
 
 
 def main(argv=None) -> None:
@@ -162,18 +171,34 @@ def jit_compile_inputs(kernel, args, kwargs, cap: int):
     return target, backend, signature, constexprs, attrs, options, specialization
 
 
+def _cache_key(kernel, signature, constexprs, attrs, options, cap: int) -> str:
+    """Hash of the kernel source (with its jit callees), specialization, options, target and Triton version."""
+    import hashlib
+
+    import triton
+
+    return hashlib.sha256(repr((kernel.cache_key, sorted(signature.items()), sorted(map(repr, constexprs.items())),
+                                sorted(map(repr, attrs.items())), sorted(options.__dict__.items(), key=str),
+                                cap, triton.__version__)).encode()).hexdigest()[:32]
+
+
+def compile_key(kernel, args, kwargs, cap: int) -> str:
+    """``compile_launch(...).cache_key`` without compiling."""
+    _, _, signature, constexprs, attrs, options, _ = jit_compile_inputs(kernel, args, kwargs, cap)
+    return _cache_key(kernel, signature, constexprs, attrs, options, cap)
+
+
 def compile_launch(kernel, args, kwargs, cap: int) -> CompiledLaunch:
     """Compile ``kernel`` for sm_<cap> with the arguments of a launch, specialized as the JIT would.
 
     ``args``/``kwargs`` are what ``kernel[grid](*args, **kwargs)`` receives (e.g. a record of
     ``kernels.capture.capture_launches``). Triton's on-disk cache makes a repeated compile cheap.
     """
-    import hashlib
-
     import triton
 
     target, backend, signature, constexprs, attrs, options, specialization = jit_compile_inputs(
         kernel, args, kwargs, cap)
+    key = _cache_key(kernel, signature, constexprs, attrs, options, cap)
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=target, options=options.__dict__)
     cubin = compiled.asm.get("cubin")
@@ -182,9 +207,6 @@ def compile_launch(kernel, args, kwargs, cap: int) -> CompiledLaunch:
     names = [p.name for p in kernel.params]
     spec = {n: (s[1] if isinstance(s, tuple) and len(s) > 1 and isinstance(s[1], str) else "")
             for n, s in zip(names, specialization) if signature.get(n) != "constexpr"}
-    key = hashlib.sha256(repr((kernel.cache_key, sorted(signature.items()), sorted(map(repr, constexprs.items())),
-                               sorted(map(repr, attrs.items())), sorted(options.__dict__.items(), key=str),
-                               cap, triton.__version__)).encode()).hexdigest()[:32]
     named_constexprs = {names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
     return CompiledLaunch(name=kernel.fn.__name__, cap=cap, cubin=cubin, ptx=compiled.asm.get("ptx", ""),
                           shared=int(compiled.metadata.shared),

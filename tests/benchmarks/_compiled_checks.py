@@ -153,31 +153,36 @@ def main(argv):
         print(f"CHECK {name} " + json.dumps(result, default=str), flush=True)
 
 
-_process = None
-_results = None
+def _parse(returncode, out, err):
+    parsed = {}
+    for line in out.splitlines():
+        if line.startswith("CHECK "):
+            _, name, payload = line.split(" ", 2)
+            parsed[name] = json.loads(payload)
+    parsed["_stderr"] = err
+    return parsed
+
+
+_JOB = None
+
+
+def _job():
+    global _JOB
+    if _JOB is None:
+        from tests._background import Background
+
+        _JOB = Background("tests.benchmarks._compiled_checks", parse=_parse)
+    return _JOB
 
 
 def start():
     """Start every check in one background process (idempotent)."""
-    global _process
-    if _process is None:
-        _process = subprocess.Popen([sys.executable, "-m", "tests.benchmarks._compiled_checks"], cwd=REPO, env=_env(),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return _process
+    return _job().start()
 
 
 def results(timeout=1500):
     """{check: result} of the background process, waiting for it."""
-    global _results
-    if _results is None:
-        out, err = start().communicate(timeout=timeout)
-        _results = {}
-        for line in out.splitlines():
-            if line.startswith("CHECK "):
-                _, name, payload = line.split(" ", 2)
-                _results[name] = json.loads(payload)
-        _results["_stderr"] = err[-4000:]
-    return _results
+    return _job().results(timeout)
 
 
 if __name__ == "__main__":

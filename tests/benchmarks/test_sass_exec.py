@@ -238,3 +238,28 @@ def test_operand_parsing():
     assert sass_exec.split_operands("R1, [R2+0x4], desc[UR4][R6.64], `(.L_x_1)") == ["R1", "[R2+0x4]",
                                                                                     "desc[UR4][R6.64]"]
     assert np.isclose(struct.unpack("<f", struct.pack("<I", sass_exec.imm_float_bits("0.5")))[0], 0.5)
+
+
+def test_known_low_halves_survive_merges_into_unknown_registers():
+    # A flag byte merged by PRMT into a register whose high half is unknown, stored as a byte, loaded
+    # back and tested with & 1: the branch on it is known (the CUDA programs' attended/kept flags).
+    fn = program("""
+LDG.E R5, desc[UR4][R2.64]
+MOV R6, 0x1
+PRMT R5, R6, 0x7610, R5
+STS.U8 [RZ+0x10], R5
+LDS.U8 R7, [RZ+0x10]
+LOP3.LUT P0, RZ, R7, 0x1, RZ, 0xc0, !PT
+@!P0 BRA `(.L_x_0)
+FADD R9, R9, 1
+.L_x_0:
+LOP3.LUT R8, R5, 0xff, RZ, 0xc0, !PT
+ISETP.NE.AND P1, PT, R8, RZ, PT
+@!P1 BRA `(.L_x_1)
+FMUL R9, R9, 2
+.L_x_1:
+EXIT
+""")
+    counts = run(fn, shared=64)
+    assert not counts.unknown_branches
+    assert issued(fn, counts, "FADD") == [1] and issued(fn, counts, "FMUL") == [1]

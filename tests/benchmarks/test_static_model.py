@@ -40,10 +40,12 @@ def test_capture_records_launches_for_the_target_and_launches_nothing():
                 pass
     assert launch.CAPTURE is None
     (rec,) = launches
-    assert rec.name == "_re_attention_fwd_kernel" and rec.grid == (2 * 3, 1)  # B x ceil(40 / 16) query blocks
+    # 3 heads: 8 slots hold two row groups of 32 rows, so one program covers the 40 queries: B programs
+    assert rec.name == "_re_attention_fwd_kernel" and rec.grid == (2 * 1, 1)
     const = rec.constexprs()
-    assert const["BLOCK_M"] == 16 and const["HP"] == 16 and const["DOT_LOWP"] is True  # the GPU's choice
-    assert rec.options() == {"num_warps": 8, "num_stages": 2}
+    assert (const["BLOCK_M"], const["BLOCK_N"], const["HP"], const["G"]) == (32, 32, 8, 2)  # the GPU's choice
+    assert const["DOT_LOWP"] is True
+    assert rec.options() == {"num_warps": 8, "num_stages": 1}
     assert rec.bound()["N_K"] == 40 and rec.bound()["Q"] is q
 
 
@@ -55,16 +57,17 @@ def test_capture_follows_each_norm_modes_sequence():
     for norm in static_model.NORMS:
         steps = triton_side.fused_call(TRITON_OPS, 2, 3, 20, 16, norm, 90)
         names[norm] = {phase: [e.name for e in events if hasattr(e, "kernel")] for phase, events in steps.items()}
-    fwd, bwd = "_re_attention_fwd_kernel", "_re_attention_bwd_kernel"
+    fwd, dq, dkdv = "_re_attention_fwd_kernel", "_re_attention_bwd_dq_kernel", "_re_attention_bwd_dkdv_kernel"
     for norm in ("none", "batch-eval", "layer"):
-        assert names[norm] == {"fwd": [fwd], "bwd": [bwd]}, (norm, names[norm])
-    # Training BatchNorm: the one-sweep forward (with moments), the backward sums sweep, then the backward.
-    assert names["batch-train"] == {"fwd": [fwd], "bwd": [bwd, bwd]}
+        assert names[norm] == {"fwd": [fwd], "bwd": [dq, dkdv]}, (norm, names[norm])
+    # Training BatchNorm: the one-sweep forward (with moments), the backward sums sweep (the dq kernel
+    # with SUMS_ONLY), then the backward.
+    assert names["batch-train"] == {"fwd": [fwd], "bwd": [dq, dq, dkdv]}
     steps = triton_side.fused_call(TRITON_OPS, 2, 3, 20, 16, "batch-train", 90)
     first = [e for e in steps["fwd"] if hasattr(e, "kernel")][0]
     assert first.constexprs()["MOMENTS"] is True
-    sums, main = [e for e in steps["bwd"] if hasattr(e, "kernel")]
-    assert sums.constexprs()["STATS_ONLY"] is True and main.constexprs()["STATS_ONLY"] is False
+    sums, main, _ = [e for e in steps["bwd"] if hasattr(e, "kernel")]
+    assert sums.constexprs()["SUMS_ONLY"] is True and main.constexprs()["SUMS_ONLY"] is False
     # The element-wise finish of the one-sweep BatchNorm is counted as torch operations.
     assert any(not hasattr(e, "kernel") and e.name in ("sub_", "mul_") for e in steps["fwd"])
 
@@ -72,14 +75,17 @@ def test_capture_follows_each_norm_modes_sequence():
 # ---- compiled (background process) ----
 def test_compiles_as_the_jit_specializes():
     value = _check("specialization")
-    # As a real launch: 107,008 B at DeiT-S (the unspecialized compile the launch table was measured
-    # with said 74,240 B), unit strides are constants, multiples of 16 carry divisibility hints.
-    assert value["shared"] == 107008 and value["num_warps"] == 8
-    assert value["signature"]["stride_qd"] == "constexpr" and value["signature"]["stride_lm"] == "constexpr"
+    # As a real launch (DeiT-S, LayerNorm: 32 x 16 tiles, two stages): unit strides are constants,
+    # multiples of 16 carry divisibility hints; the shared memory within the rules' bound.
+    from reattn.kernels import launch as rules
+
+    cfg = rules.forward_config(197, 197, 64, 6, interpret=False, variant="layer")
+    assert 0 < value["shared"] <= rules.shared_bytes("forward", cfg, 2, masked=False) and value["num_warps"] == 8
+    assert value["signature"]["stride_qd"] == "constexpr" and value["signature"]["stride_sm"] == "constexpr"
     spec = value["specialization"]
     assert spec["Q"] == "D" and spec["D"] == "D" and spec["stride_qm"] == "D"
     assert spec["N_Q"] == "" and spec["H"] == ""  # 197 and 6: no hint
-    assert value["grid"] == [256 * 13, 1]
+    assert value["grid"] == [256 * 7, 1]  # ceil(197 / 32) query blocks per batch element
 
 
 def test_source_loops_of_a_launch():
