@@ -91,6 +91,9 @@ def _flops(name: str, args, out) -> tuple:
     return float(sum(t.numel() for t in outs)), False
 
 
+_FACTORY_PREFIXES = ("new_", "zeros", "ones", "full", "empty", "fill")
+
+
 class OpCounter(TorchDispatchMode):
     """Records the kernel-launching aten ops run inside it (``.ops``, in order)."""
 
@@ -110,7 +113,9 @@ class OpCounter(TorchDispatchMode):
             return out
         if outs and all(t.numel() == 0 for t in outs):  # nothing to compute: no kernel runs
             return out
-        inputs = _tensors(args) + _tensors(kwargs)
+        # Factories (new_zeros, zeros_like, ...) take a tensor for its dtype and device only: they read nothing.
+        inputs = [] if name.startswith(_FACTORY_PREFIXES) or name.endswith("_like") else (
+            _tensors(args) + _tensors(kwargs))
         flops, tensor = _flops(name, args, out)
         self.ops.append(Op(name, _span(inputs), _span(_tensors(out)), flops, tensor))
         return out
