@@ -93,7 +93,8 @@ def backward_rows(stats: Tensor, eps: float, norm_weight: Optional[Tensor], bn_s
 def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor,
                         mix_bias: Optional[Tensor], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
                         attn_mask: Optional[Tensor], seed: Optional[Tensor], count: Tensor, *, scale: float,
-                        out_scale: float, eps: float, dropout_p: float) -> Tuple[Tensor, Tensor, Tensor]:
+                        out_scale: float, eps: float, dropout_p: float,
+                        head_affine: Optional[Callable] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Training BatchNorm's forward with one sweep over the keys: (out, lse, stats [3, H] float64).
 
     The norm is a per-head affine map applied once the statistics are known, so it commutes with the
@@ -102,7 +103,8 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
     entries 0) and the sums of X and X^2; then mean(M) = mean(X) + shift + c, var(M) = var(X),
     R = Xhat V = rstd (R' - mean(X) U) with U = 1_unmasked V, and O = out_scale (gamma R + beta U):
     element-wise work on [B, H, Nq, D], no second sweep (the cpu kernel does the same).
-    count: the entries per head (0-dim float64), as ``unmasked_count``.
+    count: the entries per head (0-dim float64), as ``unmasked_count``. head_affine: the backend's
+    fused finish (``FusedKernels.head_affine``), else torch's in-place passes.
     """
     acc = accumulator_dtype(q)
     Nk = k.shape[2]
@@ -121,13 +123,17 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
         keep = attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
         keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
         u = torch.matmul(keep.to(acc), v.to(acc))  # [B or 1, H or 1, Nq or 1, D]: the mask's own size, at most
-    rstd = torch.rsqrt(var + eps).to(acc)[None, :, None, None]
-    a = torch.full_like(rstd, out_scale) if norm_weight is None else \
-        out_scale * norm_weight.detach().to(acc)[None, :, None, None]  # tau gamma
-    # In place on r (this function's own buffer): one [B, H, Nq, D] accumulation-dtype tensor at a time.
-    out = r.sub_(mean_x.to(acc)[None, :, None, None] * u).mul_(rstd * a)
+    rstd = torch.rsqrt(var + eps).to(acc)
+    a = torch.full_like(rstd, out_scale) if norm_weight is None else out_scale * norm_weight.detach().to(acc)
+    # O = alpha R' + beta U with alpha = rstd tau gamma, beta = tau beta_norm - mean(X) alpha (per head)
+    alpha = rstd * a
+    beta = -mean_x.to(acc) * alpha
     if norm_bias is not None:
-        out.add_(out_scale * norm_bias.detach().to(acc)[None, :, None, None] * u)
+        beta = beta + out_scale * norm_bias.detach().to(acc)
+    if head_affine is not None:
+        return head_affine(r, u, alpha, beta, q.dtype), lse, stats
+    # In place on r (this function's own buffer): one [B, H, Nq, D] accumulation-dtype tensor at a time.
+    out = r.mul_(alpha[None, :, None, None]).add_(beta[None, :, None, None] * u)
     return out.to(q.dtype), lse, stats
 
 
@@ -203,6 +209,8 @@ class FusedKernels:
     softmax_stats_shape(q) -> shape: what the forward saves per score row for the backward (its
         ``lse``): one logsumexp [B, H, Nq], or the row max and log-sum, e.g. [2, B, H, Nq]; each
         backend reads only its own.
+    head_affine(r, u, alpha [H], beta [H], dtype) -> (alpha_h r + beta_h u).to(dtype): optional, the
+        one-sweep BatchNorm's finish in one pass (else four torch passes over [B, H, Nq, D]).
     """
 
     forward: Callable
@@ -211,6 +219,7 @@ class FusedKernels:
     backward: Callable
     forward_moments: Optional[Callable] = None
     softmax_stats_shape: Callable = lambda q: (q.shape[0], q.shape[1], q.shape[2])
+    head_affine: Optional[Callable] = None
 
 
 @dataclass(frozen=True)
@@ -274,7 +283,7 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
             if attn_mask is not None:  # without a mask, reattn._checks has ruled this out
                 _check_count(count, "")
             return one_sweep_batchnorm(kernels.forward_moments, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
-                                       attn_mask, seed, count, **kw)
+                                       attn_mask, seed, count, head_affine=kernels.head_affine, **kw)
         shift = gram_shift(Nk)
         lse, s1, gram = kernels.gram_sums(q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p, shift=shift)
         if attn_mask is not None:  # without a mask, reattn._checks has ruled this out

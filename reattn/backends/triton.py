@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from reattn.backends._fused import FusedKernels, accumulator_dtype, define_fused_ops, draw_dropout_seed, run_fused
+from reattn.kernels.affine import head_affine
 from reattn.kernels.backward import re_attention_backward, re_attention_backward_bn_sums
 from reattn.kernels.forward import re_attention_forward, softmax_stats_shape
 from reattn.kernels.gram import gram_sums
@@ -53,7 +54,8 @@ def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, d
 
 
 TRITON_KERNELS = FusedKernels(forward=_forward, gram_sums=gram_sums, backward_sums=_backward_sums, backward=_backward,
-                              forward_moments=_forward_moments, softmax_stats_shape=softmax_stats_shape)
+                              forward_moments=_forward_moments, softmax_stats_shape=softmax_stats_shape,
+                              head_affine=head_affine)
 TRITON_OPS = define_fused_ops("triton", TRITON_KERNELS, ("cuda", "cpu"))
 triton_forward, triton_backward = TRITON_OPS.forward, TRITON_OPS.backward
 
