@@ -78,7 +78,8 @@ def main(argv=None) -> None:
                                                         BLOCK_N=r["BLOCK_N"], BLOCK_D=r["BLOCK_D"],
                                                         STATS_BLOCK_N=r.get("STATS_BLOCK_N", 16),
                                                         num_warps=r["num_warps"], num_stages=r["num_stages"])
-                                key = (cap, r["kernel"], call if kernel == "forward" else "", variant, cfg, r["D_CHUNKS"])
+                                key = (cap, r["kernel"], call if kernel == "forward" else "", variant, cfg,
+                                       r["D_CHUNKS"])
                                 if key in seen:
                                     continue
                                 seen.add(key)

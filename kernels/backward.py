@@ -228,7 +228,8 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
                 stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
                 stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm,
                 HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                D_CHUNKS: tl.constexpr, NORM: tl.constexpr, MASK_KIND: tl.constexpr, ROWS_PADDED: tl.constexpr, EVEN_D: tl.constexpr,
+                D_CHUNKS: tl.constexpr, NORM: tl.constexpr, MASK_KIND: tl.constexpr, ROWS_PADDED: tl.constexpr,
+                EVEN_D: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, CDT: tl.constexpr,
                 DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 NORM_PRECISION: tl.constexpr, RELOAD_KV: tl.constexpr):
@@ -499,7 +500,8 @@ def re_attention_backward(
         bn = mix_weight  # unread placeholder
     zeros_h = torch.zeros((H,), dtype=acc, device=device)
     if B == 0 or Nq == 0 or Nk == 0 or D == 0:
-        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros((H, H), dtype=acc, device=device),
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                torch.zeros((H, H), dtype=acc, device=device),
                 zeros_h if mix_bias is not None else None,
                 zeros_h.clone() if norm == "layer" and norm_weight is not None else None,
                 zeros_h.clone() if norm == "layer" and norm_bias is not None else None)
@@ -537,7 +539,8 @@ def re_attention_backward(
         RELOAD_KV=variant_of(norm, attn_mask is not None, dropout_p > 0) != "plain",
         **flags, **options, **config.meta(stats_sweep=False),
     )
-    dw, dc, dnw, dnb = _reduce_parts(parts, H, config, _bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None))
+    bias_slot = _bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None)
+    dw, dc, dnw, dnb = _reduce_parts(parts, H, config, bias_slot)
     if Dp != D:
         dq, dk, dv = dq[..., :D].contiguous(), dk[..., :D].contiguous(), dv[..., :D].contiguous()
     return (dq, dk, dv, dw, dc if mix_bias is not None else None,

@@ -26,8 +26,8 @@ def _dropout_keep_kernel(SEED, KEEP, H, N_Q, N_K, NUM_M_BLOCKS, NUM_N_BLOCKS, dr
     offs_h = tl.arange(0, HP)
     offs_m = (rest // NUM_N_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (rest % NUM_N_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(tl.load(SEED), b, H, offs_h[:, None, None], offs_m[None, :, None], (rest % NUM_N_BLOCKS) * BLOCK_N,
-                         dropout_p, HP, BLOCK_M, BLOCK_N)
+    keep = _dropout_keep(tl.load(SEED), b, H, offs_h[:, None, None], offs_m[None, :, None],
+                         (rest % NUM_N_BLOCKS) * BLOCK_N, dropout_p, HP, BLOCK_M, BLOCK_N)
     h3 = offs_h.to(tl.int64)[:, None, None]
     ptrs = KEEP + ((b * H + h3) * N_Q + offs_m.to(tl.int64)[None, :, None]) * N_K + offs_n[None, None, :]
     ok = (offs_h < H)[:, None, None] & (offs_m < N_Q)[None, :, None] & (offs_n < N_K)[None, None, :]

@@ -31,8 +31,8 @@ import triton.language as tl
 
 from .common import (MASK_ADDITIVE, _load_rows, _mm, _probs, _row_stats, _scores, _scores_product, _slot_rows,
                      _store_row_stats)
-from .forward import (accumulator_dtype, aligned_operands, dropout_arguments, launch_options, mask_arguments, slot_sums_to_heads,
-                      softmax_stats_shape)
+from .forward import (accumulator_dtype, aligned_operands, dropout_arguments, launch_options, mask_arguments,
+                      slot_sums_to_heads, softmax_stats_shape)
 from .launch import TileConfig, device_shared_limit, forward_config, interpreting, run_on_device, variant_of
 
 
