@@ -6,13 +6,18 @@ training BatchNorm with given statistics, a "plain" launch with the norm folded 
 point (forward, backward, the Gram statistics sweep, the one-sweep moments, the BatchNorm
 backward sums), the launches are captured and compiled for sm_90 exactly as the JIT would
 (``kernels.aot.compile_call``), and again for sm_86 where its 101,376 B of shared memory make the
-rules pick other tiles. Each compiled kernel is recorded once (identical launches are deduped):
-registers, spill bytes, shared memory, and the shared-memory bound the rules assumed
-(``launch.shared_bytes``).
+rules pick other tiles. Every launch of every class is recorded (a row per class and kernel, so
+the BatchNorm backward sums' SUMS_ONLY compile is not taken for the backward's dq): registers, spill
+bytes, shared memory, the shared-memory bound the rules assumed (``launch.shared_bytes``) and the
+compile's cache key (``kernels.aot.launch_keys`` recomputes it: a record whose keys differ from
+today's kernels is stale).
 
     python -m benchmarks.launch_scan [--out benchmarks/results/launch_scan.csv] [--quick]
+                                     [--caps 90 86] [--heads 6 3 12 32] [--merge]
 
-takes ~1-2 hours on a 2-core machine (--quick: DeiT-S's class only). The checked-in CSV is read
+takes ~1-2 hours on a 2-core machine (--quick: DeiT-S's class only). --caps / --heads scan a part;
+with --merge the rows of --out outside that part are kept (two parts can run in parallel into two
+files and be concatenated). The checked-in CSV is read
 by tests/kernels/test_launch_scan.py: no spills, every launch within its GPU's shared memory and
 within the rules' bound, and the CSV covers every configuration today's rules pick.
 """
@@ -52,19 +57,27 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "launch_scan.csv"))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--caps", type=int, nargs="+", default=list(CAPS), help="compute capabilities (90 86)")
+    parser.add_argument("--heads", type=int, nargs="+", default=list(HEADS), help="head counts (6 3 12 32)")
+    parser.add_argument("--merge", action="store_true", help="keep the rows of --out outside --caps x --heads")
     opts = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     os.environ.pop("TRITON_INTERPRET", None)
     from reattn.kernels import launch
     from reattn.kernels.aot import ELEMENT_SIZE, SHARED_MEMORY_LIMIT, compile_call
 
-    heads, dims = ((6,), (64,)) if opts.quick else (HEADS, HEAD_DIMS)
-    seen = set()
+    heads, dims = ((6,), (64,)) if opts.quick else (tuple(opts.heads), HEAD_DIMS)
+    kept = []
+    if opts.merge and os.path.exists(opts.out):
+        with open(opts.out, newline="") as f:
+            kept = [r for r in csv.DictReader(f) if (int(r["cap"]), int(r["h"])) not in
+                    {(c, h) for c in opts.caps for h in heads}]
     os.makedirs(os.path.dirname(opts.out) or ".", exist_ok=True)
     with open(opts.out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
-        for cap in CAPS:
+        writer.writerows(kept)
+        for cap in opts.caps:
             for h in heads:
                 for d in dims:
                     for call, variants in CALLS.items():
@@ -78,11 +91,6 @@ def main(argv=None) -> None:
                                                         BLOCK_N=r["BLOCK_N"], BLOCK_D=r["BLOCK_D"],
                                                         STATS_BLOCK_N=r.get("STATS_BLOCK_N", 16),
                                                         num_warps=r["num_warps"], num_stages=r["num_stages"])
-                                key = (cap, r["kernel"], call if kernel == "forward" else "", variant, cfg,
-                                       r["D_CHUNKS"])
-                                if key in seen:
-                                    continue
-                                seen.add(key)
                                 row = dict(cap=cap, call=call, variant=variant, h=h, d=d, kernel=kernel,
                                            shared_bound=launch.shared_bytes(kernel, cfg, ELEMENT_SIZE["bf16"],
                                                                             masked=args["mask"]),

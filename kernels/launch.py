@@ -157,8 +157,10 @@ def shared_bytes(kernel: str, config: "TileConfig", element_size: int = 2, maske
     if kernel == "dq":
         return 2 * stages * keys + 2 * rows + mask + scores * 3 // 4
     if kernel == "dkdv":
-        # Q and dO in two operand layouts each; the mask shares the transposed score tiles' scratch
-        return 2 * keys + (stages + 2) * rows + max(mask, scores // 2)
+        # Q and dO in two operand layouts each; the mask shares the transposed score tiles' scratch;
+        # one fp32 [HP, BLOCK_N] row for the reductions over the key block (compiled: 50,176 B at 16
+        # slots, 16-wide tiles, BatchNorm, against 49,152 without it)
+        return 2 * keys + (stages + 2) * rows + max(mask, scores // 2) + 4 * hp * bn
     raise ValueError(f"shared_bytes: kernel must be forward, gram, dq or dkdv, got {kernel!r}")
 
 
