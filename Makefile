@@ -1,9 +1,10 @@
 # reattn: a virtual environment, the build and the tests in a few commands (the README's quick start
 # says what each installs and how long it takes).
 #   make install        .venv with the GPU user's stack: torch==2.15.0 (the CUDA build: it also runs on
-#                       CPU; with its CUDA libraries and triton, about 5.8 GB installed), timm, vit-pytorch,
-#                       the test and benchmark packages; then builds reattn._C (CPU part, and the CUDA
-#                       kernels when nvcc is there)
+#                       CPU; with its CUDA libraries and triton, about 5.8 GB installed); then
+#                       pip install --no-build-isolation -e ".[test,bench]": the test and benchmark
+#                       packages (pyproject.toml's extras) and reattn._C (CPU part, and the CUDA kernels
+#                       when nvcc is there)
 #   make install TORCH=cpu   the CPU-only path: .venv-cpu with torch's CPU wheel (no CUDA libraries, no
 #                       triton) and the CPU part of reattn._C only
 #   make test           the whole test suite (installs first if needed); make test-fast leaves out the
@@ -38,26 +39,33 @@ endif
 BENCH_RESULTS ?= $(VENV)/bench-results
 
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+COMMA := ,
 STEP = @echo; echo "== reattn: $(1) ($$(date +%H:%M:%S))"
 
 .PHONY: bench bench-full bench-record bench-report test test-fast install clean
 
+# The build requirements (setuptools, ninja) are installed here by hand: the build below runs without
+# isolation, so that reattn._C is compiled against the torch installed here.
 $(VENV)/.deps:
-	$(call STEP,1/3 virtual environment $(VENV))
+	$(call STEP,1/3 virtual environment $(VENV) with the build tools (pip setuptools ninja))
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --progress-bar on --upgrade pip setuptools wheel
+	$(PY) -m pip install --progress-bar on --upgrade pip setuptools ninja
 	$(call STEP,2/3 torch ($(TORCH_INSTALL)): the largest download; pip shows its progress)
 	$(PY) -m pip install --progress-bar on $(TORCH_INSTALL)
-	$(call STEP,2/3 test and benchmark packages (timm vit-pytorch pytest ninja numpy matplotlib tqdm scikit-learn))
-	$(PY) -m pip install --progress-bar on timm vit-pytorch pytest ninja numpy matplotlib tqdm scikit-learn
 	touch $@
 
-# Without build isolation: the build uses the torch above instead of downloading another one.
-$(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
-	$(call STEP,3/3 building reattn._C with MAX_JOBS=$(MAX_JOBS) (compiler lines follow; the CUDA kernels take minutes))
-	$(PY) -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee $(VENV)/build.log \
-	  | { grep --line-buffered -E '^reattn setup|^\[[0-9]+/[0-9]+\] |rror' \
-	      | sed -u -E 's/^(\[[0-9]+\/[0-9]+\]) .* -c (\S+\.(cpp|cu)) .*/\1 compiling \2/'; true; } \
+$(VENV)/constraints.txt: $(VENV)/.deps
+	$(PY) -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $@
+
+# Without build isolation: the build uses the torch above instead of downloading another one. The extras
+# (pyproject.toml) bring the test and benchmark packages; once there, a rebuild only checks them. The
+# constraint keeps the torch above: timm needs torchvision, and the newest torchvision pins the newest
+# torch, which pip would otherwise install over a CPU or older torch, after building reattn._C against it.
+$(VENV)/.built: $(VENV)/.deps $(VENV)/constraints.txt pyproject.toml setup.py $(CSRC)
+	$(call STEP,3/3 pip install --no-build-isolation -e .[test$(COMMA)bench]: the test and benchmark packages$(COMMA) then reattn._C with MAX_JOBS=$(MAX_JOBS) (compiler lines follow; the CUDA kernels take minutes))
+	$(PY) -m pip install -v --no-build-isolation -c $(VENV)/constraints.txt -e ".[test,bench]" 2>&1 | tee $(VENV)/build.log \
+	  | { grep --line-buffered -E '^(Collecting|Successfully installed) |^ *reattn setup|^ *\[[0-9]+/[0-9]+\] |rror' \
+	      | sed -u -E 's/^ *(\[[0-9]+\/[0-9]+\]) .* -c (\S+\.(cpp|cu)) .*/\1 compiling \2/; s/^ +(reattn setup)/\1/'; true; } \
 	  || { echo "the build failed; its whole output is in $(VENV)/build.log"; exit 1; }
 	$(PY) -c "import reattn; print('reattn._C:', reattn.extension_info())"
 	touch $@
@@ -80,7 +88,7 @@ bench-record: $(VENV)/.built
 	$(PY) -m benchmarks.report
 
 # Rewrite the README's results section from the CSVs in benchmarks/results.
-bench-report: $(VENV)/.deps
+bench-report: $(VENV)/.built
 	$(PY) -m benchmarks.report
 
 test: $(VENV)/.built
@@ -91,4 +99,4 @@ test-fast: $(VENV)/.built
 	$(PY) -m pytest tests -m "not install"
 
 clean:
-	rm -rf build *.egg-info reattn/_C*.so .venv-cpu-only
+	rm -rf build *.egg-info reattn/_C*.so

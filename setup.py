@@ -12,8 +12,10 @@ Environment:
   CUDA_HOME          defaults to /usr/local/cuda when nvcc is there.
   MAX_JOBS           parallel compile jobs (honoured by torch's ninja build).
 
-Install without build isolation, so the build uses the torch already installed
-(isolation would download another multi-GB torch):  pip install --no-build-isolation -e .
+The package's metadata (name, version, dependencies, extras) is in pyproject.toml; this file adds
+what depends on the installed torch. Install without build isolation, so the build uses the torch
+already installed (under isolation pip builds in a separate environment, without it):
+  pip install --no-build-isolation -e .     (editable)   or   pip install --no-build-isolation .
 """
 import os
 import sys
@@ -25,11 +27,11 @@ try:
     from torch.utils import cpp_extension
 except ImportError:  # pragma: no cover - a build without torch cannot compile anything
     sys.exit(
-        "reattn: torch must be installed before building reattn (pip install torch), and the "
-        "build must run without isolation: pip install --no-build-isolation ."
+        "reattn: torch cannot be imported by this build. reattn._C is compiled against the torch it will "
+        "run with: install torch first (pip install torch ninja), then build without isolation, where pip "
+        "would hide it: pip install --no-build-isolation -e .  (or . for a regular install)"
     )
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_HOME = "/usr/local/cuda"
 
 
@@ -113,19 +115,14 @@ def _extensions():
     ]
 
 
+# Every package under reattn/ (a hand-kept list once left reattn.models out of wheels), plus the Triton
+# kernels, which live in kernels/ and install as reattn.kernels. Where a development setup links
+# reattn/kernels -> ../kernels, find_packages finds reattn.kernels through the link too: hence the set.
+PACKAGES = sorted(set(find_packages(include=["reattn", "reattn.*"])) | {"reattn.kernels"})
+
 setup(
-    name="reattn",
-    version="0.1.0",
-    description="Fused Re-attention (DeepViT) kernels for PyTorch: Triton, CUDA C++ and C++ CPU",
-    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.9",
-    # Every package under reattn/ (a hand-kept list once left reattn.models out of wheels), plus
-    # the Triton kernels, which live in kernels/ and install as reattn.kernels.
-    packages=find_packages(include=["reattn", "reattn.*"]) + ["reattn.kernels"],
+    packages=PACKAGES,
     package_dir={"reattn": "reattn", "reattn.kernels": "kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch>=2.1"],
-    extras_require={"test": ["pytest", "timm", "vit-pytorch"]},
 )
