@@ -100,3 +100,36 @@ def test_the_remaining_spills_stay_within_their_recorded_ceilings(rows):
     for row in rows:
         key = (int(row["HP"]), row["variant"] == "heavy", int(row["d"]) == 128)
         assert int(row["spill_bytes"]) <= SPILL_CEILING.get(key, 0), (key, row)
+
+
+def test_the_record_was_compiled_from_todays_kernels(rows):
+    """The compiles' cache keys (kernel source, constants, launch options, Triton version, target) of
+    DeiT-S's class (6 heads, D = 64) on sm_90 are what today's kernels give (``aot.launch_keys``,
+    no compiling; in a process outside Triton's interpreter, as the scan ran): a kernel edited since
+    the scan fails here until the scan is rerun."""
+    import json
+    import subprocess
+    import sys
+
+    import triton
+
+    if triton.__version__ != "3.9.0":
+        pytest.skip(f"the scan was compiled with Triton 3.9.0; this is {triton.__version__} (other keys)")
+    script = (
+        "import json\n"
+        "from benchmarks.launch_scan import CALLS, arguments\n"
+        "from reattn.kernels.aot import launch_keys\n"
+        "print(json.dumps({f'{c} {v}': launch_keys(c, 6, 64, 197, 90, **arguments(c, v))\n"
+        "                  for c, vs in CALLS.items() for v in vs}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # as benchmarks.launch_scan compiles
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    today = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, keys in today.items():
+        call, variant = name.split()
+        recorded = [r["cache_key"] for r in rows
+                    if (r["cap"], r["call"], r["variant"], r["h"], r["d"]) == ("90", call, variant, "6", "64")]
+        assert recorded == keys, ("rerun python -m benchmarks.launch_scan", call, variant)
