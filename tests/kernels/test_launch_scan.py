@@ -88,7 +88,7 @@ SPILL_CEILING = {
     (16, False, False): 408,    # 9-16 heads: DeepViT-16b, ViT-B
     (16, False, True): 608,
     (16, True, False): 1768,
-    (16, True, True): 1480,
+    (16, True, True): 1512,
     (32, False, False): 4008,   # 17-32 heads: [16, 32, 16] fp32 tiles, 64 registers each at 4 warps
     (32, False, True): 2192,
     (32, True, False): 6832,
