@@ -3,13 +3,8 @@
 // A program (one thread block) is a sequence of *phases*. A phase is `ex.for_each(n, f)`: work
 // items 0..n-1 spread over the block's threads, then a block barrier. Items of one phase must
 // not read what another item of the same phase writes; everything a phase needs was written by
-// an earlier phase. State lives in shared memory or in values every thread computes alike
-// (loop counters, offsets), never in per-thread registers across phases.
-//
-// That discipline is what lets `HostExec` run a program on the CPU: each phase becomes a plain
-// loop over its items, in either order. The host build of these headers is the emulator the CPU
-// test suite runs (csrc/cuda/emulate.cpp); running it with the items reversed as well catches a
-// phase whose items depend on each other (a race on the GPU).
+// an earlier phase. The host build of these headers runs in the emulator of sim.h (csrc/cuda/
+// emulate.cpp), every thread a fiber, with the warps in either order between barriers.
 //
 // Matrix products go through `block_gemm`: WMMA tensor cores for fp16/bf16 operands on the GPU,
 // one output element per item everywhere else (fp32/fp64 on the GPU, every type on the host).
@@ -19,6 +14,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "device.cuh"
 #include "params.h"
 
 #if defined(__CUDACC__)
@@ -96,42 +92,21 @@ REATTN_HD A r_inf() {
 }
 
 // ---- block execution ----------------------------------------------------------------------
-#if defined(__CUDACC__)
-struct DeviceExec {
+// Items spread over the block's threads, then a barrier. The same code runs on the GPU and in the
+// host emulator (sim.h), which runs every thread as a fiber and orders the warps between barriers
+// forwards, backwards or shuffled: a phase whose items depend on each other changes its result.
+struct BlockExec {
   template <typename F>
-  __device__ __forceinline__ void for_each(int n, F&& f) const {
-    for (int item = threadIdx.x; item < n; item += blockDim.x) f(item);
-    __syncthreads();
-  }
-};
-
-template <typename A>
-__device__ __forceinline__ void block_atomic_add(A* address, A value) {
-  atomicAdd(address, value);
-}
-#endif
-
-// The host emulation: phases run item by item, forwards or backwards (race detection).
-struct HostExec {
-  bool reverse = false;
-  template <typename F>
-  void for_each(int n, F&& f) const {
-    if (reverse) {
-      for (int item = n - 1; item >= 0; --item) f(item);
-    } else {
-      for (int item = 0; item < n; ++item) f(item);
-    }
+  REATTN_FN void for_each(int n, F&& f) const {
+    for (int item = dev::thread_index(); item < n; item += dev::block_threads()) f(item);
+    dev::sync_threads();
   }
 };
 
 // Global atomics: every program of a launch adds its partial sums.
 template <typename A>
 REATTN_FN void global_atomic_add(A* address, A value) {
-#if defined(__CUDA_ARCH__)
-  atomicAdd(address, value);
-#else
-  *address += value;  // the emulator runs programs one after another
-#endif
+  dev::atomic_add(address, value);
 }
 
 // ---- matrix products on shared-memory tiles -----------------------------------------------

@@ -3,14 +3,14 @@
 // hardware atomics (the programs run one at a time).
 #include "emulate.h"
 
-#include <cstring>
 #include <stdexcept>
-#include <vector>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include "block.cuh"
+#include "device_checks.cuh"
+#include "sim.h"
 
 namespace reattn {
 namespace cuda {
@@ -41,27 +41,41 @@ namespace {
 
 template <typename T>
 void run(int kind, const ReAttnParams& params, bool reverse_items) {
-  const HostExec ex{reverse_items};
-  // double storage: 8-byte alignment for every section (offsets are multiples of 128).
-  std::vector<double> shared((params.plan.shared_bytes + sizeof(double) - 1) / sizeof(double));
-  char* bytes = reinterpret_cast<char*>(shared.data());
-  const int64_t programs = params.B * params.plan.num_m;
-  for (int64_t pid_m = 0; pid_m < programs; ++pid_m) {
-    for (int pid_d = 0; pid_d < params.plan.num_chunks; ++pid_d) {
-      std::memset(bytes, 0xff, params.plan.shared_bytes);  // all-ones bytes: NaN in every float type
-      Program<T> program(params, kind, pid_m, pid_d, bytes);
-      if (kind == kForward) {
-        program.forward(ex);
-      } else if (kind == kBatchStats) {
-        program.batch_statistics(ex);
-      } else {
-        program.backward(ex, kind == kBackwardStats);
-      }
+  sim::Launch launch;
+  launch.grid[0] = static_cast<int>(params.B * params.plan.num_m);
+  launch.grid[1] = params.plan.num_chunks;
+  launch.threads = kThreads;
+  launch.shared_bytes = params.plan.shared_bytes;  // NaN bytes before each block
+  launch.order = reverse_items ? sim::Order::kReverse : sim::Order::kForward;
+  if (launch.grid[0] == 0) return;
+  const BlockExec ex;
+  sim::launch(launch, [&] {
+    Program<T> program(params, kind, dev::block_index_x(), dev::block_index_y(), dev::shared_memory());
+    if (kind == kForward) {
+      program.forward(ex);
+    } else if (kind == kBatchStats) {
+      program.batch_statistics(ex);
+    } else {
+      program.backward(ex, kind == kBackwardStats);
     }
-  }
+  });
 }
 
 }  // namespace
+
+void emulate_device_check(int kind, const void* a, const void* b, float* out, bool bf16, int order, uint64_t seed) {
+  checks::CheckParams p;
+  p.kind = kind;
+  p.a = a;
+  p.b = b;
+  p.out = out;
+  sim::Launch launch;
+  launch.threads = checks::kCheckThreads;
+  launch.shared_bytes = checks::kCheckShared;
+  launch.order = static_cast<sim::Order>(order);
+  launch.seed = seed;
+  sim::launch(launch, [&] { checks::run_check(p, bf16); });
+}
 
 void emulate_program(int storage, int kind, const ReAttnParams& params, bool reverse_items) {
   if (kind < kForward || kind > kBackwardStats) throw std::invalid_argument("emulate_program: unknown program kind");

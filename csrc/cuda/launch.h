@@ -24,5 +24,8 @@ REATTN_DECLARE_LAUNCHERS(f32)
 REATTN_DECLARE_LAUNCHERS(f64)
 #undef REATTN_DECLARE_LAUNCHERS
 
+// The check kernels of device_checks.cuh (one block of 64 threads).
+cudaError_t launch_device_check(int kind, const void* a, const void* b, float* out, bool bf16, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace reattn

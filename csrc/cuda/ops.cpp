@@ -403,6 +403,43 @@ pybind11::dict plan(int64_t kind, int64_t H, int64_t D, int64_t Nq, const std::s
   return out;
 }
 
+at::Tensor device_check(int64_t kind, const at::Tensor& a, const c10::optional<at::Tensor>& b, int64_t order,
+                        int64_t seed) {
+  const char* op = "reattn cuda_device_check";
+  TORCH_CHECK_VALUE(kind >= 0 && kind <= 6, op, ": unknown check kind ", kind);
+  TORCH_CHECK_VALUE(order >= 0 && order <= 2, op, ": order must be 0 (forward), 1 (reverse) or 2 (shuffled)");
+  const bool mma = kind <= 1;
+  const bool bf16 = a.scalar_type() == at::kBFloat16;
+  if (mma) {
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf, op,
+                     ": the mma checks take bfloat16 or float16 operands");
+    TORCH_CHECK_VALUE(a.sizes() == at::IntArrayRef({16, 32}) && a.is_contiguous(), op, ": a must be a contiguous [16, 32]");
+    TORCH_CHECK_VALUE(b.has_value() && b->scalar_type() == a.scalar_type() && b->is_contiguous() &&
+                          b->numel() == 512 && b->device() == a.device(),
+                      op, ": b must be a contiguous [32, 16] or [16, 32] tensor like a");
+  } else {
+    TORCH_CHECK_VALUE(a.scalar_type() == at::kFloat && a.numel() == 32 && a.is_contiguous(), op,
+                      ": a must be 32 contiguous floats");
+  }
+  at::Tensor out = at::full({mma ? 256 : 64}, std::numeric_limits<float>::quiet_NaN(),
+                            a.options().dtype(at::kFloat));
+  const void* bp = b.has_value() ? b->data_ptr() : nullptr;
+  if (a.is_cpu()) {
+    emulate_device_check(static_cast<int>(kind), a.data_ptr(), bp, out.data_ptr<float>(), bf16, static_cast<int>(order),
+                         static_cast<uint64_t>(seed));
+    return out;
+  }
+#ifdef REATTN_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(a.device());
+  const cudaError_t err = launch_device_check(static_cast<int>(kind), a.data_ptr(), bp, out.data_ptr<float>(), bf16,
+                                              c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+#else
+  TORCH_CHECK_VALUE(false, op, ": reattn._C was built without CUDA");
+#endif
+  return out;
+}
+
 }  // namespace
 
 void register_ops(pybind11::module& m) {
@@ -428,6 +465,10 @@ void register_ops(pybind11::module& m) {
         py::arg("shared_limit") = 0, py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
         "Fused CUDA Re-attention backward: [dq, dk, dv, dW, dc, dgamma, dbeta] (parameter gradients float64). "
         "stats_only: only dgamma = sum(dN xhat) and dbeta = sum(dN), for training BatchNorm.");
+  m.def("cuda_device_check", &device_check, py::arg("kind"), py::arg("a"), py::arg("b") = py::none(),
+        py::arg("order") = 0, py::arg("seed") = 0,
+        "Runs a check kernel of csrc/cuda/device_checks.cuh (CPU tensors: in the emulator, warps ordered by "
+        "`order`); returns its float32 output (NaN where it wrote nothing).");
   m.def("cuda_plan", &plan, py::arg("kind"), py::arg("H"), py::arg("D"), py::arg("Nq"), py::arg("dtype"),
         py::arg("shared_limit") = 0,
         "The launch plan (tile layout and grid) of a fused CUDA program; shared_limit 0 = sm_80's 163 KB.");
