@@ -16,6 +16,7 @@
 
 #include "device.cuh"
 #include "params.h"
+#include "philox.cuh"
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -207,41 +208,6 @@ REATTN_FN void block_gemm(const Exec& ex, bool tensor_cores, GemmShape s, const 
   }
 #endif
   scalar_gemm<LA, LB, T, Acc>(ex, s, A, lda, a_batch, B, ldb, b_batch, C, ldc, c_batch, accumulate);
-}
-
-// ---- dropout: Triton's Philox, bit for bit ------------------------------------------------
-// tl.philox(seed, j, i, b * H + h, 0) with 10 rounds, then tl.random.uint_to_uniform_float on the
-// first word: the CUDA and Triton backends drop the same entries for the same seed.
-REATTN_HD uint32_t mul_hi_u32(uint32_t a, uint32_t b) {
-#if defined(__CUDA_ARCH__)
-  return __umulhi(a, b);
-#else
-  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
-#endif
-}
-
-REATTN_HD uint32_t philox_first_word(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
-  uint32_t k0 = static_cast<uint32_t>(seed & 0xffffffffu);
-  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < 10; ++round) {
-    const uint32_t old_c0 = c0, old_c2 = c2;
-    c0 = mul_hi_u32(0xCD9E8D57u, old_c2) ^ c1 ^ k0;
-    c2 = mul_hi_u32(0xD2511F53u, old_c0) ^ c3 ^ k1;
-    c1 = 0xCD9E8D57u * old_c2;
-    c3 = 0xD2511F53u * old_c0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return c0;
-}
-
-// Keep P[b, h, i, j]? u >= p with u uniform in [0, 1), both in fp32 as Triton compares them.
-REATTN_HD bool dropout_keep(uint64_t seed, int64_t b, int H, int h, int64_t i, int64_t j, float p) {
-  const uint32_t word = philox_first_word(seed, static_cast<uint32_t>(j), static_cast<uint32_t>(i),
-                                          static_cast<uint32_t>(b * H + h), 0u);
-  int32_t x = static_cast<int32_t>(word);
-  if (x < 0) x = ~x;
-  return static_cast<float>(x) * 4.6566127342e-10f >= p;
 }
 
 }  // namespace cuda

@@ -10,6 +10,8 @@
 
 #include "block.cuh"
 #include "device_checks.cuh"
+#include "forward.cuh"
+#include "forward_configs.h"
 #include "sim.h"
 
 namespace reattn {
@@ -62,6 +64,43 @@ void run(int kind, const ReAttnParams& params, bool reverse_items) {
 }
 
 }  // namespace
+
+namespace {
+
+template <class Cfg>
+void run_forward(const ReAttnParams& params, int order, uint64_t seed) {
+  const TileShape s = Cfg::shape();
+  sim::Launch launch;
+  launch.grid[0] = static_cast<int>(params.B * ((params.Nq + s.rows() - 1) / s.rows()));
+  launch.grid[1] = (params.D + s.d_out - 1) / s.d_out;
+  launch.threads = s.threads();
+  launch.shared_bytes = forward_layout(s, params.H, params.Nk).bytes;
+  launch.order = static_cast<sim::Order>(order);
+  launch.seed = seed;
+  if (launch.grid[0] == 0) return;
+  sim::launch(launch, [&] { ForwardProgram<Cfg>(params).run(); });
+}
+
+template <typename E>
+void forward_shape(int shape, const ReAttnParams& params, int order, uint64_t seed) {
+  switch (shape) {
+#define REATTN_SHAPE_CASE(i, slabs, groups, heads, d, d_out, keys) \
+  case i:                                                           \
+    return run_forward<ForwardConfig<E, slabs, groups, heads, d, d_out, keys>>(params, order, seed);
+    REATTN_FORWARD_SHAPES(REATTN_SHAPE_CASE)
+#undef REATTN_SHAPE_CASE
+    default:
+      throw std::invalid_argument("emulate_forward: unknown tile shape");
+  }
+}
+
+}  // namespace
+
+void emulate_forward(int storage, int shape, const ReAttnParams& params, int order, uint64_t seed) {
+  if (storage == kBFloat16) return forward_shape<dev::Bf16>(shape, params, order, seed);
+  if (storage == kFloat16) return forward_shape<dev::F16>(shape, params, order, seed);
+  throw std::invalid_argument("emulate_forward: the tensor-core forward takes float16 or bfloat16");
+}
 
 void emulate_device_check(int kind, const void* a, const void* b, float* out, bool bf16, int order, uint64_t seed) {
   checks::CheckParams p;

@@ -24,6 +24,12 @@ REATTN_DECLARE_LAUNCHERS(f32)
 REATTN_DECLARE_LAUNCHERS(f64)
 #undef REATTN_DECLARE_LAUNCHERS
 
+// The tensor-core forward (forward.cuh) with tile shape `shape` of forward_configs.h.
+cudaError_t launch_forward_bf16(int shape, const ReAttnParams& params, cudaStream_t stream);
+cudaError_t launch_forward_f16(int shape, const ReAttnParams& params, cudaStream_t stream);
+
+constexpr int kMaxDevices = 64;  // per-device caches of the launchers
+
 // The check kernels of device_checks.cuh (one block of 64 threads).
 cudaError_t launch_device_check(int kind, const void* a, const void* b, float* out, bool bf16, cudaStream_t stream);
 

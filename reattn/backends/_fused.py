@@ -159,6 +159,11 @@ class FusedKernels:
         norm-less forward O = X V of X = W P~ + mix_bias (masked entries 0) with per-program sums
         of X and X^2 over the unmasked entries; with it, local training BatchNorm runs in one
         sweep over the keys (:func:`one_sweep_batchnorm`) instead of the statistics sweep + forward.
+    row_stats: numbers per (b, h, i) in what is called lse above, which the ops pass from the
+        forward (or the statistics sweep) to the backward without looking inside: 1 = the
+        logsumexp L [B, H, Nq]; 2 = [B, H, Nq, 2] (m, log l), m the row max of S and l the sum of
+        exp(S - m), so P = exp((S - m) - log l) stays exact when a large finite mask fill
+        dominates a row (L = m + log l would absorb log l); (+inf, 0) for a row without any key.
     """
 
     forward: Callable
@@ -166,6 +171,12 @@ class FusedKernels:
     backward_sums: Callable
     backward: Callable
     forward_moments: Optional[Callable] = None
+    row_stats: int = 1
+
+    def lse_shape(self, q: Tensor) -> Tuple[int, ...]:
+        """Shape of the row statistics for queries q [B, H, Nq, D]."""
+        B, H, Nq, _ = q.shape
+        return (B, H, Nq) if self.row_stats == 1 else (B, H, Nq, self.row_stats)
 
 
 @dataclass(frozen=True)
@@ -203,7 +214,7 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
         seed: Optional[Tensor], scale: float, out_scale: float, norm: str, eps: float, dropout_p: float,
         lse_in: Optional[Tensor] = None, stats_in: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        """lse_in [B, H, Nq], stats_in [3, H] (norm "batch", both or neither): normalize with these
+        """lse_in (row statistics), stats_in [3, H] (norm "batch", both or neither): normalize with these
         statistics (of the batch over every process, from the gram_sums op) instead of computing
         them; lse and stats come back as copies."""
         B, H, Nq, _ = q.shape
@@ -243,13 +254,14 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
     @forward_op.register_fake
     def _(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, out_scale, norm, eps,
           dropout_p, lse_in=None, stats_in=None):
-        B, H, Nq, _ = q.shape
+        H = q.shape[1]
         return (torch.empty_like(q, memory_format=torch.contiguous_format),
-                q.new_empty((B, H, Nq), dtype=accumulator_dtype(q)), q.new_empty((3, H), dtype=torch.float64))
+                q.new_empty(kernels.lse_shape(q), dtype=accumulator_dtype(q)), q.new_empty((3, H), dtype=torch.float64))
 
     def gram_sums(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], seed: Optional[Tensor], scale: float,
                   dropout_p: float, shift: float) -> Tuple[Tensor, Tensor, Tensor]:
-        """(lse [B, H, Nq], s1 [H], gram [H, H] float64): sums of X = P~ - shift over the unmasked entries."""
+        """(lse (row statistics, FusedKernels.row_stats), s1 [H], gram [H, H] float64): sums of X = P~ - shift over
+        the unmasked entries."""
         return kernels.gram_sums(q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p, shift=shift)
 
     gram_sums_op = torch.library.custom_op(f"reattn::{name}_gram_sums", gram_sums, mutates_args=(),
@@ -257,8 +269,8 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
 
     @gram_sums_op.register_fake
     def _(q, k, attn_mask, seed, scale, dropout_p, shift):
-        B, H, Nq, _ = q.shape
-        return (q.new_empty((B, H, Nq), dtype=accumulator_dtype(q)), q.new_empty((H,), dtype=torch.float64),
+        H = q.shape[1]
+        return (q.new_empty(kernels.lse_shape(q), dtype=accumulator_dtype(q)), q.new_empty((H,), dtype=torch.float64),
                 q.new_empty((H, H), dtype=torch.float64))
 
     def bn_grad_sums(

@@ -34,16 +34,18 @@ def emulating() -> bool:
     return os.environ.get("REATTN_CUDA_EMULATE", "0") == "1"
 
 
+# The ops pass row statistics [B, H, Nq, 2] (max, log-sum) where the contract says lse
+# (FusedKernels.row_stats = 2).
 def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse, *, scale,
              out_scale, norm, eps, dropout_p):
-    out, lse = _C.cuda_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed,
-                               lse, scale, out_scale, norm, eps, dropout_p)
-    return out, lse
+    out, stats = _C.cuda_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed,
+                                 lse, scale, out_scale, norm, eps, dropout_p)
+    return out, stats
 
 
 def _gram_sums(q, k, attn_mask, seed, *, scale, dropout_p, shift):
-    lse, s1, gram = _C.cuda_batch_sums(q, k, attn_mask, seed, scale, dropout_p, shift)
-    return lse, s1, gram
+    stats, s1, gram = _C.cuda_batch_sums(q, k, attn_mask, seed, scale, dropout_p, shift)
+    return stats, s1, gram
 
 
 def _backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse, *,
@@ -66,13 +68,13 @@ def _backward_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
 
 def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p):
     # X V in the accumulation dtype and the float64 sums of X, X^2 (already added over programs).
-    x_v, lse, moments = _C.cuda_forward(q, k, v, mix_weight, mix_bias, None, None, None, attn_mask, seed, None, scale,
-                                        1.0, "none", 1e-5, dropout_p, True)
-    return x_v, lse, moments[None]
+    x_v, stats, moments = _C.cuda_forward(q, k, v, mix_weight, mix_bias, None, None, None, attn_mask, seed, None,
+                                          scale, 1.0, "none", 1e-5, dropout_p, True)
+    return x_v, stats, moments
 
 
 CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, backward_sums=_backward_sums, backward=_backward,
-                            forward_moments=_forward_moments)
+                            forward_moments=_forward_moments, row_stats=2)
 CUDA_OPS = define_fused_ops("cuda", CUDA_KERNELS, ("cuda", "cpu"))
 cuda_forward, cuda_backward = CUDA_OPS.forward, CUDA_OPS.backward
 
