@@ -81,12 +81,28 @@ void run_forward(const ReAttnParams& params, int order, uint64_t seed) {
   sim::launch(launch, [&] { ForwardProgram<Cfg>(params).run(); });
 }
 
+template <typename E, int kSlabs, int kGroups, int kHeads, int kD, int kDOut, int kKeys>
+void forward_variant(int variant, const ReAttnParams& params, int order, uint64_t seed) {
+  switch (variant) {
+    case kPlainAffine:
+      return run_forward<ForwardConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainAffine>>(params, order, seed);
+    case kPlainLayer:
+      return run_forward<ForwardConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainLayer>>(params, order, seed);
+    case kPlainMoments:
+      return run_forward<ForwardConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainMoments>>(params, order, seed);
+    case kGeneral:
+      return run_forward<ForwardConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kGeneral>>(params, order, seed);
+    default:
+      throw std::invalid_argument("emulate_forward: unknown variant");
+  }
+}
+
 template <typename E>
-void forward_shape(int shape, const ReAttnParams& params, int order, uint64_t seed) {
+void forward_shape(int shape, int variant, const ReAttnParams& params, int order, uint64_t seed) {
   switch (shape) {
 #define REATTN_SHAPE_CASE(i, slabs, groups, heads, d, d_out, keys) \
   case i:                                                           \
-    return run_forward<ForwardConfig<E, slabs, groups, heads, d, d_out, keys>>(params, order, seed);
+    return forward_variant<E, slabs, groups, heads, d, d_out, keys>(variant, params, order, seed);
     REATTN_FORWARD_SHAPES(REATTN_SHAPE_CASE)
 #undef REATTN_SHAPE_CASE
     default:
@@ -96,9 +112,9 @@ void forward_shape(int shape, const ReAttnParams& params, int order, uint64_t se
 
 }  // namespace
 
-void emulate_forward(int storage, int shape, const ReAttnParams& params, int order, uint64_t seed) {
-  if (storage == kBFloat16) return forward_shape<dev::Bf16>(shape, params, order, seed);
-  if (storage == kFloat16) return forward_shape<dev::F16>(shape, params, order, seed);
+void emulate_forward(int storage, int shape, int variant, const ReAttnParams& params, int order, uint64_t seed) {
+  if (storage == kBFloat16) return forward_shape<dev::Bf16>(shape, variant, params, order, seed);
+  if (storage == kFloat16) return forward_shape<dev::F16>(shape, variant, params, order, seed);
   throw std::invalid_argument("emulate_forward: the tensor-core forward takes float16 or bfloat16");
 }
 

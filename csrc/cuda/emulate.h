@@ -17,9 +17,10 @@ enum StorageKind : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3
 // between them gives a different answer).
 void emulate_program(int storage, int kind, const ReAttnParams& params, bool reverse_items);
 
-// Runs the tensor-core forward (forward.cuh) with tile shape `shape` of forward_configs.h over its
-// grid; storage kFloat16 or kBFloat16. order: sim::Order of the warps between barriers.
-void emulate_forward(int storage, int shape, const ReAttnParams& params, int order, uint64_t seed);
+// Runs the tensor-core forward (forward.cuh) with tile shape `shape` of forward_configs.h and
+// variant `variant` (ForwardVariant) over its grid; storage kFloat16 or kBFloat16. order:
+// sim::Order of the warps between barriers.
+void emulate_forward(int storage, int shape, int variant, const ReAttnParams& params, int order, uint64_t seed);
 
 // Runs a check kernel of device_checks.cuh (kind: checks::CheckKind) in the emulator, warps and
 // lanes ordered by `order` (sim::Order); throws what the emulator refuses.

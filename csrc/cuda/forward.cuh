@@ -35,6 +35,7 @@
 #include <cstdint>
 
 #include "device.cuh"
+#include "forward_configs.h"
 #include "params.h"
 #include "philox.cuh"
 #include "tiles.h"
@@ -42,9 +43,11 @@
 namespace reattn {
 namespace cuda {
 
-template <typename E_, int kSlabs_, int kGroups_, int kHeads_, int kD_, int kDOut_, int kKeys_>
+template <typename E_, int kSlabs_, int kGroups_, int kHeads_, int kD_, int kDOut_, int kKeys_, int kVariant_>
 struct ForwardConfig {
   using E = E_;
+  static constexpr int kVariant = kVariant_;
+  static constexpr bool kPlain = kVariant != kGeneral;
   static constexpr int kSlabs = kSlabs_, kGroups = kGroups_, kHeads = kHeads_, kD = kD_, kDOut = kDOut_;
   static constexpr int kKeys = kKeys_;
   static constexpr int kWarps = kSlabs * kGroups, kThreads = 32 * kWarps, kRows = 16 * kSlabs;
@@ -59,6 +62,7 @@ struct ForwardConfig {
   // not compiled in.
   static constexpr bool kOneSegment = kKeys > 64;
   static_assert(kD % 16 == 0 && kDOut % 16 == 0 && kKeys % kKeyTile == 0, "tile shape");
+
   static REATTN_HD TileShape shape() { return TileShape{kSlabs, kGroups, kHeads, kD, kDOut, kKeys}; }
 };
 
@@ -70,11 +74,70 @@ constexpr float kLog2e = 1.4426950408889634f;
 // A row with every key masked has m = -inf: subtract 0 instead.
 REATTN_DEVICE float exp_shifted(float s, float m) { return dev::exp2_approx((s - (m == -INFINITY ? 0.0f : m)) * kLog2e); }
 
+// Copies tiles [heads][kTileRows][kCols] of a [B, H, N, D] 16-bit input into shared memory rows of
+// `row` elements, 16 bytes per cp.async (zeros past D, past n_rows and for heads past H). Thread t
+// copies chunks t, t + kThreads, ... of the tile (kHeadChunks per head). When kThreads is a
+// multiple of kHeadChunks (kFixedRow) every chunk of a thread has the same row and columns and
+// only the head advances, by kHeadStep: one decomposition of t per tile (compile-time divisors),
+// then an address increment and a bounds test per chunk. (Keeping that decomposition in registers
+// across tiles would be cheaper in instructions, but the score phase has no registers to spare.)
+// Otherwise (and for the general variant's element-wise copies of unaligned rows) each chunk is
+// decomposed. Offsets within a batch element are 32-bit (the host checks they fit).
+template <typename E, int kTileRows, int kCols, int kThreads, int kMaxHeadsCopied, bool kVectorOnly>
+struct TileCopy {
+  static constexpr int kRowChunks = kCols / 8;
+  static constexpr int kHeadChunks = kTileRows * kRowChunks;
+  static constexpr int kChunks = kMaxHeadsCopied * kHeadChunks;
+  static constexpr int kPerThread = (kChunks + kThreads - 1) / kThreads;
+  static constexpr bool kFixedRow = kVectorOnly && kThreads % kHeadChunks == 0;
+  static constexpr int kHeadStep = kFixedRow ? kThreads / kHeadChunks : 0;
+
+  REATTN_DEVICE static void issue(E* dst, int row, const E* src, int sh, int sn, int sd, int h0, int heads, int H,
+                                  int r0, int n_rows, int d0, int D, bool vector) {
+    const int h_end = (h0 + heads < H ? h0 + heads : H) - h0;  // heads of this tile that exist
+    if constexpr (kFixedRow) {
+      const unsigned tid = static_cast<unsigned>(dev::thread_index());
+      const int rem = static_cast<int>(tid % kHeadChunks), dc = rem % kRowChunks, d = d0 + dc * 8;
+      const int hl0 = static_cast<int>(tid / kHeadChunks), r = rem / kRowChunks;
+      const int dst_off = (hl0 * kTileRows + r) * row + dc * 8;
+      const E* from = src + (h0 + hl0) * sh + (r0 + r) * sn + d;
+      const int n = r0 + r < n_rows && d < D ? 2 * (D - d < 8 ? D - d : 8) : 0;
+#pragma unroll
+      for (int k = 0; k < kPerThread; ++k) {
+        const int hl = hl0 + k * kHeadStep;
+        if (k * kThreads < kChunks && hl < heads) {
+          const int c = hl < h_end ? n : 0;
+          dev::cp_async_16(dst + dst_off + k * kHeadStep * kTileRows * row, c > 0 ? from + k * kHeadStep * sh : src, c);
+        }
+      }
+    } else {
+      const unsigned tid0 = static_cast<unsigned>(dev::thread_index());
+      for (unsigned c = tid0; c < static_cast<unsigned>(heads * kHeadChunks); c += kThreads) {
+        const int hl = static_cast<int>(c / kHeadChunks), rem = static_cast<int>(c % kHeadChunks);
+        const int rr = rem / kRowChunks, dc = rem % kRowChunks, n = r0 + rr, d = d0 + dc * 8;
+        E* to = dst + (hl * kTileRows + rr) * row + dc * 8;
+        const bool in = hl < h_end && n < n_rows;
+        if (kVectorOnly || vector) {
+          const int valid = in && d < D ? (D - d < 8 ? D - d : 8) : 0;
+          dev::cp_async_16(to, valid > 0 ? src + (h0 + hl) * sh + n * sn + d : src, 2 * valid);
+        } else {
+          const E* from = src + (h0 + hl) * sh + n * sn;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) to[e].bits = in && d + e < D ? from[(d + e) * sd].bits : uint16_t(0);
+        }
+      }
+    }
+  }
+};
+
 template <class Cfg>
 struct ForwardProgram {
   using E = typename Cfg::E;
   using Cv = dev::Convert<E>;
   static constexpr int kSlabs = Cfg::kSlabs, kGroups = Cfg::kGroups, kHeads = Cfg::kHeads;
+  static constexpr int kHeadsPad = kHeads <= 4 ? 4 : 8;  // weights per (input head, group): float4 loads
+  using KeyCopy = TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain>;
+  using ValueCopy = TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain>;
 
   const ReAttnParams& p;
   ForwardLayout L;
@@ -87,12 +150,22 @@ struct ForwardProgram {
   int seg_keys, segments;
   bool slab_active;      // some row of this warp's slab is a real query row
   bool exact;            // one segment: the softmax straight from registers
-  // Load cursor: which ring step is issued next (see issue_next).
-  int c_stage, c_seg, c_round, c_tile;
-  int issued, used;  // ring steps issued / consumed (step i lives in slot i % 2)
+  bool plain;            // Cfg::kPlain: no mask, no dropout, scale > 0, aligned rows
+  int issued, used;      // ring steps issued / consumed (step i lives in slot i % 2)
+  const E* kbase;        // batch element b of k and v
+  const E* vbase;
 
-  REATTN_DEVICE ForwardProgram(const ReAttnParams& params)
-      : p(params), smem(dev::shared_memory()) {
+
+  // Mode of this problem: compile-time in the plain variants, read from the parameters otherwise.
+  REATTN_DEVICE bool layer() const {
+    return Cfg::kVariant == kPlainLayer || (Cfg::kVariant == kGeneral && p.norm == kNormLayer);
+  }
+  REATTN_DEVICE bool counting() const {
+    return Cfg::kVariant == kPlainMoments || (Cfg::kVariant == kGeneral && p.moments != nullptr);
+  }
+  REATTN_DEVICE bool vector() const { return Cfg::kPlain || p.vector_loads; }
+
+  REATTN_DEVICE ForwardProgram(const ReAttnParams& params) : p(params), smem(dev::shared_memory()) {
     H = p.H;
     Nq = p.Nq;
     Nk = p.Nk;
@@ -112,9 +185,12 @@ struct ForwardProgram {
     rounds = (H + kGroups - 1) / kGroups;
     seg_keys = segment_keys(Cfg::shape(), Nk);
     segments = segment_count(Cfg::shape(), Nk);
-    exact = segments == 1;
+    exact = Cfg::kOneSegment || segments == 1;  // compile-time true for one-segment shapes
+    plain = Cfg::kPlain;
     slab_active = m0 + slab * 16 < Nq;
     issued = used = 0;
+    kbase = static_cast<const E*>(p.k) + b * p.k_st.b;
+    vbase = static_cast<const E*>(p.v) + b * p.v_st.b;
   }
 
   template <typename U>
@@ -128,106 +204,58 @@ struct ForwardProgram {
   }
   REATTN_DEVICE int key_tiles(int keys) const { return (keys + kKeyTile - 1) / kKeyTile; }
   REATTN_DEVICE int value_tiles(int keys) const { return (keys + kValueTile - 1) / kValueTile; }
-
-  // ---- loads ---------------------------------------------------------------------------------
-  // A 16-byte chunk (8 elements along d) of row `row` of head h of a [B, H, N, D] input into
-  // shared memory: zeros past D or past n_rows.
-  REATTN_DEVICE void copy_chunk(E* dst, const void* src, const Strides4& st, int h, int row, int n_rows, int d) const {
-    const E* base = static_cast<const E*>(src) + b * st.b + h * st.h;
-    if (p.vector_loads) {
-      const int valid = row < n_rows && d < D ? (D - d < 8 ? D - d : 8) : 0;
-      const E* from = base + (valid > 0 ? static_cast<int64_t>(row) * st.n + d : 0);
-      dev::cp_async_16(dst, from, 2 * valid);
-    } else {  // rows not 16-byte aligned: element by element (the copy lands at once)
-      for (int k = 0; k < 8; ++k) {
-        const bool ok = row < n_rows && d + k < D;
-        dst[k].bits = ok ? base[static_cast<int64_t>(row) * st.n + (d + k) * st.d].bits : uint16_t(0);
-      }
-    }
-  }
-
-  // K tile: heads round*groups .. +groups, keys key0 .. key0 + kKeyTile, all kD columns.
   REATTN_DEVICE E* slot_tile(int slot) const { return at<E>(L.ring + slot * L.ring_slot); }
 
-  REATTN_DEVICE void issue_keys(int round, int key0, int slot) const {
-    E* ring = slot_tile(slot);
-    constexpr int kChunksPerRow = Cfg::kD / 8;
-    constexpr int kChunks = kGroups * kKeyTile * kChunksPerRow;
-    for (int c = dev::thread_index(); c < kChunks; c += Cfg::kThreads) {
-      const int dc = c % kChunksPerRow, row = (c / kChunksPerRow) % kKeyTile, hl = c / (kChunksPerRow * kKeyTile);
-      const int h = round * kGroups + hl;
-      E* dst = ring + (hl * kKeyTile + row) * L.k_row + dc * 8;
-      copy_chunk(dst, p.k, p.k_st, h < H ? h : 0, key0 + row, h < H ? Nk : 0, dc * 8);
-    }
-  }
-
-  // V tile: every head, keys key0 .. key0 + kValueTile, output columns d0 .. d0 + d_out.
-  REATTN_DEVICE void issue_values(int key0, int slot) const {
-    E* ring = slot_tile(slot);
-    constexpr int kChunksPerRow = Cfg::kDOut / 8;
-    const int chunks = H * kValueTile * kChunksPerRow;
-    for (int c = dev::thread_index(); c < chunks; c += Cfg::kThreads) {
-      const int dc = c % kChunksPerRow, row = (c / kChunksPerRow) % kValueTile, h = c / (kChunksPerRow * kValueTile);
-      copy_chunk(ring + (h * kValueTile + row) * L.v_row + dc * 8, p.v, p.v_st, h, key0 + row, Nk, d0 + dc * 8);
-    }
-  }
-
-  // The ring steps in the order the program consumes them: (several segments) a statistics sweep
-  // of K tiles over all keys per round; then per segment the K tiles of each round and the V tiles.
-  REATTN_DEVICE void cursor_start() {
-    c_stage = exact ? 1 : 0;
-    c_seg = c_round = c_tile = 0;
-  }
-  REATTN_DEVICE void cursor_advance() {
-    if (c_stage == 0) {
-      if (++c_tile < key_tiles(Nk)) return;
-      c_tile = 0;
-      if (++c_round < rounds) return;
-      c_round = 0;
-      c_stage = 1;
-    } else if (c_stage == 1) {
-      if (++c_tile < key_tiles(seg_len(c_seg))) return;
-      c_tile = 0;
-      if (++c_round < rounds) return;
-      c_round = 0;
-      c_stage = 2;
-    } else if (c_stage == 2) {
-      if (++c_tile < value_tiles(seg_len(c_seg))) return;
-      c_tile = 0;
-      if (++c_seg < segments) {
-        c_stage = 1;
-        return;
-      }
-      c_stage = 3;
-    }
-  }
-  REATTN_DEVICE void issue_next() {
-    if (c_stage == 0) {
-      issue_keys(c_round, c_tile * kKeyTile, issued++ & 1);
-    } else if (c_stage == 1) {
-      issue_keys(c_round, seg_start(c_seg) + c_tile * kKeyTile, issued++ & 1);
-    } else if (c_stage == 2) {
-      issue_values(seg_start(c_seg) + c_tile * kValueTile, issued++ & 1);
-    } else {
-      return;  // nothing left to load
-    }
-    dev::cp_async_commit();
-    cursor_advance();
-  }
+  // ---- the ring -------------------------------------------------------------------------------
   // Start of a ring step: this step's tile has landed and every warp is done with the previous
-  // step, so the next tile may overwrite the slot the previous step read. Returns the step's slot.
+  // step, so the tile issued next may overwrite the slot the previous step read. Every call site
+  // then issues the one tile that comes next (its kind known there) and returns this step's slot.
   REATTN_DEVICE int begin_step() {
     dev::cp_async_wait<0>();
     dev::sync_threads();
-    issue_next();
     return used++ & 1;
+  }
+  // K tile: heads round * groups .. + groups, keys key0 .. key0 + kKeyTile, all kD columns.
+  REATTN_DEVICE void issue_keys(int round, int key0) {
+    KeyCopy::issue(slot_tile(issued++ & 1), L.k_row, kbase, static_cast<int>(p.k_st.h), static_cast<int>(p.k_st.n),
+                   static_cast<int>(p.k_st.d), round * kGroups, kGroups, H, key0, Nk, 0, D, vector());
+    dev::cp_async_commit();
+  }
+  // V tile: every head, keys key0 .. key0 + kValueTile, output columns d0 .. d0 + d_out.
+  REATTN_DEVICE void issue_values(int key0) {
+    ValueCopy::issue(slot_tile(issued++ & 1), L.v_row, vbase, static_cast<int>(p.v_st.h), static_cast<int>(p.v_st.n),
+                     static_cast<int>(p.v_st.d), 0, H, H, key0, Nk, d0, D, vector());
+    dev::cp_async_commit();
+  }
+  // After the last K tile of a segment's score phase: its first V tile. After the last V tile: the
+  // next segment's first K tile, or nothing.
+  REATTN_DEVICE void issue_after_scores(int seg) { issue_values(seg_start(seg)); }
+  REATTN_DEVICE void issue_after_values(int seg) {
+    if (!Cfg::kOneSegment && seg + 1 < segments) issue_keys(0, seg_start(seg + 1));
   }
 
   // ---- score phase ------------------------------------------------------------------------------
   // A fragments of the warp's 16 query rows of head h (rows past Nq and columns past D are zero).
+  // Plain variants: unit stride along D and 4-byte aligned pairs, so each register is one 32-bit
+  // load from one of the thread's two rows (an odd D's last pair keeps its low half).
   REATTN_DEVICE void load_queries(int h, uint32_t (&qf)[Cfg::kKSteps][4]) const {
     const E* base = static_cast<const E*>(p.q) + b * p.q_st.b + h * p.q_st.h;
     const int r0 = m0 + slab * 16 + gq;
+    if constexpr (Cfg::kPlain) {
+      const bool ok[2] = {r0 < Nq, r0 + 8 < Nq};
+      const uint32_t* rows[2] = {reinterpret_cast<const uint32_t*>(base + (ok[0] ? r0 : 0) * p.q_st.n),
+                                 reinterpret_cast<const uint32_t*>(base + (ok[1] ? r0 + 8 : 0) * p.q_st.n)};
+#pragma unroll
+      for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int d = kk * 16 + (r >> 1) * 8 + 2 * tq;
+          uint32_t v = ok[r & 1] && d < D ? rows[r & 1][d / 2] : 0u;
+          qf[kk][r] = d + 1 < D ? v : v & 0xffffu;
+        }
+      }
+      return;
+    }
 #pragma unroll
     for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
 #pragma unroll
@@ -235,9 +263,9 @@ struct ForwardProgram {
         const int row = r0 + (r & 1) * 8;
         const int d = kk * 16 + (r >> 1) * 8 + 2 * tq;
         uint32_t v = 0;
-        if (row < Nq) {
+        if (row < Nq && d < D) {
           const E* at_row = base + static_cast<int64_t>(row) * p.q_st.n;
-          const uint32_t lo = d < D ? at_row[d * p.q_st.d].bits : 0u;
+          const uint32_t lo = at_row[d * p.q_st.d].bits;
           const uint32_t hi = d + 1 < D ? at_row[(d + 1) * p.q_st.d].bits : 0u;
           v = lo | (hi << 16);
         }
@@ -246,14 +274,11 @@ struct ForwardProgram {
     }
   }
 
-  // s[n] += q k^T for the 4 n8 tiles of K tile `slot` (head lane hl of the round), n8 tiles from
-  // `first_n8` of the segment on; tiles at or past `n8_end` are left alone.
-  REATTN_DEVICE void score_tile(int slot, int hl, const uint32_t (&qf)[Cfg::kKSteps][4], float (*s)[4], int first_n8,
-                                int n8_end) const {
+  // s[n] = q k^T for the 4 n8 tiles of the K tile in `slot` (head lane hl of the round).
+  REATTN_DEVICE void score_tile(int slot, int hl, const uint32_t (&qf)[Cfg::kKSteps][4], float (*s)[4]) const {
     const E* tile = slot_tile(slot) + static_cast<size_t>(hl) * kKeyTile * L.k_row;
 #pragma unroll
     for (int n = 0; n < Cfg::kTileN8; n += 2) {
-      if (first_n8 + n >= n8_end) break;
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[n][e] = s[n + 1][e] = 0.0f;
 #pragma unroll
@@ -269,15 +294,14 @@ struct ForwardProgram {
     }
   }
 
-  // The score S = scale q.k (+ mask) of fragment entry e of n8 tile n (segment-relative key col),
-  // -inf where masked or past Nk. Sets *masked.
+  // S = scale q.k (+ mask) of one entry, -inf where masked or past Nq / Nk; sets *masked.
   REATTN_DEVICE float masked_score(float raw, int h, int row, int key, bool* masked) const {
     if (row >= Nq || key >= Nk) {
       *masked = true;
       return -INFINITY;
     }
     float s = raw * static_cast<float>(p.scale);
-    if (p.mask_kind != kMaskNone) {
+    if (!Cfg::kPlain && p.mask_kind != kMaskNone) {
       const int64_t offset = b * p.mask_st.b + h * p.mask_st.h + row * p.mask_st.n + key * p.mask_st.d;
       if (p.mask_kind == kMaskBool) {
         if (static_cast<const uint8_t*>(p.mask)[offset] == 0) {
@@ -295,69 +319,6 @@ struct ForwardProgram {
     }
     *masked = false;
     return s;
-  }
-
-  // Row statistics of the warp's two fragment rows (gq, gq + 8) from the segment's scores in
-  // registers: max m and sum l of exp(S - m), reduced over the quad that shares the rows.
-  REATTN_DEVICE void row_stats(float (&s)[Cfg::kScoreN8][4], int n8_end, float (&m)[2], float (&l)[2]) const {
-    m[0] = m[1] = -INFINITY;
-#pragma unroll
-    for (int n = 0; n < Cfg::kScoreN8; ++n) {
-      if (n < n8_end) {
-        m[0] = dev::fmax_(m[0], dev::fmax_(s[n][0], s[n][1]));
-        m[1] = dev::fmax_(m[1], dev::fmax_(s[n][2], s[n][3]));
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      m[r] = dev::fmax_(m[r], dev::shfl_xor(m[r], 1));
-      m[r] = dev::fmax_(m[r], dev::shfl_xor(m[r], 2));
-    }
-    l[0] = l[1] = 0.0f;
-#pragma unroll
-    for (int n = 0; n < Cfg::kScoreN8; ++n) {
-      if (n < n8_end) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[n][e] = exp_shifted(s[n][e], m[e / 2]);
-          l[e / 2] += s[n][e];
-        }
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      l[r] += dev::shfl_xor(l[r], 1);
-      l[r] += dev::shfl_xor(l[r], 2);
-    }
-  }
-
-  // Writes P~ of head h for the segment to shared memory (16-bit; masked entries as -0) from
-  // unnormalized exponentials e^(S - m) times inv_l, or (given statistics) from the scores.
-  REATTN_DEVICE void store_probs(float (&s)[Cfg::kScoreN8][4], uint32_t (&masks)[Cfg::kScoreN8], int h, int key0,
-                                 int n8_end, const float (&inv_l)[2]) const {
-    E* probs = at<E>(L.probs) + (static_cast<size_t>(h) * Cfg::kRows + slab * 16) * L.p_row;
-    const bool dropout = p.seed != nullptr;
-    const uint64_t seed = dropout ? static_cast<uint64_t>(*p.seed) : 0;
-    const float threshold = static_cast<float>(p.dropout_p);
-#pragma unroll
-    for (int n = 0; n < Cfg::kScoreN8; ++n) {
-      if (n < n8_end) {
-        float v[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          v[e] = s[n][e] * inv_l[e / 2];
-          if (dropout && v[e] != 0.0f) {
-            const int row = m0 + slab * 16 + gq + (e / 2) * 8, key = key0 + n * 8 + 2 * tq + (e & 1);
-            if (!dropout_keep(seed, b, H, h, row, key, threshold)) v[e] = 0.0f;
-          }
-        }
-        // Masked entries keep their sign bit: -0 (bit e of masks[n] for fragment entry e).
-        const uint32_t lo = Cv::pack(v[0], v[1]) | (masks[n] & 1u ? 0x8000u : 0u) | (masks[n] & 2u ? 0x80000000u : 0u);
-        const uint32_t hi = Cv::pack(v[2], v[3]) | (masks[n] & 4u ? 0x8000u : 0u) | (masks[n] & 8u ? 0x80000000u : 0u);
-        *reinterpret_cast<uint32_t*>(probs + gq * L.p_row + n * 8 + 2 * tq) = lo;
-        *reinterpret_cast<uint32_t*>(probs + (gq + 8) * L.p_row + n * 8 + 2 * tq) = hi;
-      }
-    }
   }
 
   // Scale and mask the segment's raw scores in place; bit e of masks[n]: entry e is masked.
@@ -378,25 +339,136 @@ struct ForwardProgram {
     }
   }
 
+  // Max of the two fragment rows (gq, gq + 8) over the quad that shares them.
+  REATTN_DEVICE static void quad_max(float (&m)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      m[r] = dev::fmax_(m[r], dev::shfl_xor(m[r], 1));
+      m[r] = dev::fmax_(m[r], dev::shfl_xor(m[r], 2));
+    }
+  }
+  REATTN_DEVICE static void quad_sum(float (&l)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      l[r] += dev::shfl_xor(l[r], 1);
+      l[r] += dev::shfl_xor(l[r], 2);
+    }
+  }
+
+  // Plain problems (no mask, no dropout, scale > 0): the raw products straight into exp2 with one
+  // FMA each, exp2(raw c - m_raw c), c = scale log2 e, m_raw the row max of q.k (exact enough: no
+  // score can sit at a large mask fill). Keys past the segment get -inf in their n8 tiles only.
+  // Returns the row statistics (max of S, sum) and leaves the unnormalized exponentials in s.
+  REATTN_DEVICE void plain_softmax(float (&s)[Cfg::kScoreN8][4], int keys, int n8_end, float (&m)[2],
+                                   float (&l)[2]) const {
+    // Keys past the segment hold -inf (score_phase): max and sum need no bounds.
+    m[0] = m[1] = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < Cfg::kScoreN8; ++n) {
+      m[0] = dev::fmax_(m[0], dev::fmax_(s[n][0], s[n][1]));
+      m[1] = dev::fmax_(m[1], dev::fmax_(s[n][2], s[n][3]));
+    }
+    quad_max(m);
+    const float c = static_cast<float>(p.scale) * kLog2e;
+    const float shift[2] = {m[0] * c, m[1] * c};  // every row has a key: finite
+    l[0] = l[1] = 0.0f;
+#pragma unroll
+    for (int n = 0; n < Cfg::kScoreN8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[n][e] = dev::exp2_approx(s[n][e] * c - shift[e / 2]);
+        l[e / 2] += s[n][e];
+      }
+    }
+    quad_sum(l);
+    m[0] *= static_cast<float>(p.scale);
+    m[1] *= static_cast<float>(p.scale);
+  }
+
+  // Row statistics of the segment's masked scores in registers: max m and sum l of exp(S - m).
+  REATTN_DEVICE void row_stats(float (&s)[Cfg::kScoreN8][4], int n8_end, float (&m)[2], float (&l)[2]) const {
+    m[0] = m[1] = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < Cfg::kScoreN8; ++n) {
+      if (n < n8_end) {
+        m[0] = dev::fmax_(m[0], dev::fmax_(s[n][0], s[n][1]));
+        m[1] = dev::fmax_(m[1], dev::fmax_(s[n][2], s[n][3]));
+      }
+    }
+    quad_max(m);
+    l[0] = l[1] = 0.0f;
+#pragma unroll
+    for (int n = 0; n < Cfg::kScoreN8; ++n) {
+      if (n < n8_end) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[n][e] = exp_shifted(s[n][e], m[e / 2]);
+          l[e / 2] += s[n][e];
+        }
+      }
+    }
+    quad_sum(l);
+  }
+
+  // P~ of head h for the segment to shared memory, 16-bit, from exponentials e^(S - m) times inv_l;
+  // masked entries as -0 (bit e of masks[n] for fragment entry e), dropped ones as +0.
+  REATTN_DEVICE void store_probs(float (&s)[Cfg::kScoreN8][4], const uint32_t (&masks)[Cfg::kScoreN8], int h,
+                                 int key0, int n8_end, const float (&inv_l)[2], bool general) const {
+    E* probs = at<E>(L.probs) + (static_cast<size_t>(h) * Cfg::kRows + slab * 16 + gq) * L.p_row + 2 * tq;
+    const bool dropout = !Cfg::kPlain && general && p.seed != nullptr;
+    const uint64_t seed = dropout ? static_cast<uint64_t>(*p.seed) : 0;
+    const float threshold = static_cast<float>(p.dropout_p);
+#pragma unroll
+    for (int n = 0; n < Cfg::kScoreN8; ++n) {
+      if (n < n8_end) {
+        float v[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[e] = s[n][e] * inv_l[e / 2];
+        uint32_t lo, hi;
+        if (general) {
+          if (dropout) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int row = m0 + slab * 16 + gq + (e / 2) * 8, key = key0 + n * 8 + 2 * tq + (e & 1);
+              if (v[e] != 0.0f && !dropout_keep(seed, b, H, h, row, key, threshold)) v[e] = 0.0f;
+            }
+          }
+          lo = Cv::pack(v[0], v[1]) | (masks[n] & 1u ? 0x8000u : 0u) | (masks[n] & 2u ? 0x80000000u : 0u);
+          hi = Cv::pack(v[2], v[3]) | (masks[n] & 4u ? 0x8000u : 0u) | (masks[n] & 8u ? 0x80000000u : 0u);
+        } else {
+          lo = Cv::pack(v[0], v[1]);
+          hi = Cv::pack(v[2], v[3]);
+        }
+        *reinterpret_cast<uint32_t*>(probs + n * 8) = lo;
+        *reinterpret_cast<uint32_t*>(probs + 8 * L.p_row + n * 8) = hi;
+      }
+    }
+  }
+
   // ---- statistics sweep (several segments) --------------------------------------------------------
   REATTN_DEVICE void statistics_sweep() {
     float* stats = at<float>(L.stats);
+    const int tiles = key_tiles(Nk);
     for (int round = 0; round < rounds; ++round) {
       const int h = round * kGroups + group;
       const bool active = slab_active && h < H;
       uint32_t qf[Cfg::kKSteps][4];
       if (active) load_queries(h, qf);
       float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-      const int tiles = key_tiles(Nk);
       for (int t = 0; t < tiles; ++t) {
         const int slot = begin_step();
+        if (t + 1 < tiles) {
+          issue_keys(round, (t + 1) * kKeyTile);
+        } else if (round + 1 < rounds) {
+          issue_keys(round + 1, 0);
+        } else {
+          issue_keys(0, 0);  // the first segment's score phase
+        }
         if (!active) continue;
         float s[Cfg::kTileN8][4];
-        const int n8_end = (round_up16(Nk) - t * kKeyTile) / 8;
-        score_tile(slot, group, qf, s, 0, n8_end);
+        score_tile(slot, group, qf, s);
 #pragma unroll
         for (int n = 0; n < Cfg::kTileN8; ++n) {
-          if (n >= n8_end) break;
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             bool masked;
@@ -451,7 +523,52 @@ struct ForwardProgram {
     }
   }
 
-  // Score phase of one segment: every round's scores, statistics (or the sweep's), P~ to shared memory.
+  // Softmax of one round's scores and P~ to shared memory.
+  REATTN_DEVICE void finish_round(float (&s)[Cfg::kScoreN8][4], int h, int key0, int keys, int n8_end) {
+    float inv_l[2];
+    uint32_t masks[Cfg::kScoreN8];
+    if (Cfg::kPlain && (Cfg::kOneSegment || exact)) {
+      float m[2], l[2];
+      plain_softmax(s, keys, n8_end, m, l);
+      inv_l[0] = dev::rcp_approx(l[0]);
+      inv_l[1] = dev::rcp_approx(l[1]);
+      write_stats(h, m, l);
+      store_probs(s, masks, h, key0, n8_end, inv_l, false);
+      return;
+    }
+    // Several segments (plain or not) and the general variant: masked scores in natural units.
+    mask_scores(s, masks, h, key0, n8_end);
+    if (Cfg::kOneSegment || exact) {
+      float m[2], l[2];
+      row_stats(s, n8_end, m, l);
+      inv_l[0] = l[0] > 0.0f ? dev::rcp_approx(l[0]) : 0.0f;
+      inv_l[1] = l[1] > 0.0f ? dev::rcp_approx(l[1]) : 0.0f;
+      write_stats(h, m, l);
+    } else {
+      // P = exp(S - m) / l with the sweep's statistics.
+      const float* stats = at<float>(L.stats) + (static_cast<size_t>(h) * Cfg::kRows + slab * 16 + gq) * 2;
+      float m[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        m[r] = stats[r * 16];
+        const float l = stats[r * 16 + 1];
+        inv_l[r] = l > 0.0f ? dev::rcp_approx(l) : 0.0f;
+      }
+#pragma unroll
+      for (int n = 0; n < Cfg::kScoreN8; ++n) {
+        if (n < n8_end) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[n][e] = exp_shifted(s[n][e], m[e / 2]);
+        }
+      }
+    }
+    store_probs(s, masks, h, key0, n8_end, inv_l, true);
+  }
+
+  // Score phase of one segment: every round's scores, softmax (or the sweep's statistics), P~ to
+  // shared memory. K tile t of a round fills s[4t .. 4t + 3] (the tile loop is unrolled so s stays
+  // in registers); tiles past the segment's keys keep -inf, and in the last tile the keys past
+  // the segment (zero-filled K rows) get -inf.
   REATTN_DEVICE void score_phase(int seg) {
     const int key0 = seg_start(seg);
     const int keys = seg_len(seg);
@@ -463,56 +580,56 @@ struct ForwardProgram {
       uint32_t qf[Cfg::kKSteps][4];
       if (active) load_queries(h, qf);
       float s[Cfg::kScoreN8][4];
-#pragma unroll
-      for (int t = 0; t < Cfg::kKeyTiles; ++t) {
-        if (t < tiles) {
-          const int slot = begin_step();
-          if (active) score_tile(slot, group, qf, &s[t * Cfg::kTileN8], t * Cfg::kTileN8, n8_end);
-        }
-      }
-      if (!active) continue;
-      uint32_t masks[Cfg::kScoreN8];
-      mask_scores(s, masks, h, key0, n8_end);
-      float inv_l[2];
-      if (exact) {
-        float m[2], l[2];
-        row_stats(s, n8_end, m, l);
-        inv_l[0] = l[0] > 0.0f ? dev::rcp_approx(l[0]) : 0.0f;
-        inv_l[1] = l[1] > 0.0f ? dev::rcp_approx(l[1]) : 0.0f;
-        write_stats(h, m, l);
-      } else {
-        // P = exp(S - m) / l with the sweep's statistics.
-        const float* stats = at<float>(L.stats) + (static_cast<size_t>(h) * Cfg::kRows + slab * 16 + gq) * 2;
-        float m[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          m[r] = stats[r * 16];
-          const float l = stats[r * 16 + 1];
-          inv_l[r] = l > 0.0f ? dev::rcp_approx(l) : 0.0f;
-        }
+      if (tiles < Cfg::kKeyTiles) {  // tiles past the keys get no weight (none at full length)
 #pragma unroll
         for (int n = 0; n < Cfg::kScoreN8; ++n) {
-          if (n < n8_end) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) s[n][e] = exp_shifted(s[n][e], m[e / 2]);
+          for (int e = 0; e < 4; ++e) s[n][e] = -INFINITY;
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < Cfg::kKeyTiles; ++t) {
+        float (*st)[4] = &s[t * Cfg::kTileN8];
+        if (t < tiles) {
+          const int slot = begin_step();
+          if (t + 1 < tiles || round + 1 < rounds) {
+            const bool same = t + 1 < tiles;
+            issue_keys(same ? round : round + 1, key0 + (same ? t + 1 : 0) * kKeyTile);
+          }
+          if (active) {
+            score_tile(slot, group, qf, st);
+            if (t == tiles - 1 && keys % kKeyTile != 0) {
+#pragma unroll
+              for (int n = 0; n < Cfg::kTileN8; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                  if (t * kKeyTile + n * 8 + 2 * tq + (e & 1) >= keys) st[n][e] = -INFINITY;
+                }
+              }
+            }
           }
         }
       }
-      store_probs(s, masks, h, key0, n8_end, inv_l);
+      // After the segment's last K tile (its step's barrier passed), the first V tile can take the
+      // other slot while the softmax runs.
+      if (round + 1 == rounds) issue_after_scores(seg);
+      if (active) finish_round(s, h, key0, keys, n8_end);
     }
   }
 
   // ---- mixing phase -------------------------------------------------------------------------------
-  REATTN_DEVICE static float unpack(uint32_t r, int half) { return half ? Cv::high(r) : Cv::low(r); }
-
   // One 16-key chunk: mix, normalize, O += A V for the warp's output heads.
-  REATTN_DEVICE void mix_chunk(int slot, int chunk, float (&o)[kHeads][Cfg::kOutN8][4], float (&moments)[kHeads][2]) {
+  // key0: the chunk's first key; chunk_col: its column in the segment's P~.
+  REATTN_DEVICE void mix_chunk(int slot, int key0, int chunk_col, float (&o)[kHeads][Cfg::kOutN8][4],
+                               float (&moments)[kHeads][2]) {
     const float* weights = at<float>(L.weights);
     const float* vec = at<float>(L.vectors);
-    const int mh = Cfg::kMaxHeads;
+    constexpr int mh = Cfg::kMaxHeads;
+    constexpr bool general = !Cfg::kPlain;
+    const bool layer = this->layer();
     float acc[kHeads][8];
     float mean[8];
-    uint32_t own[kHeads][4];  // P~ of each owned head (for its masked bits)
+    uint32_t own[kHeads][4];  // P~ of each owned head: its sign bits mark masked entries
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const float c = vec[group + kGroups * j];
@@ -521,23 +638,24 @@ struct ForwardProgram {
 #pragma unroll
       for (int r = 0; r < 4; ++r) own[j][r] = 0;
     }
-    const bool layer = p.norm == kNormLayer;
-    const float c_mean = vec[4 * mh];  // mean of c' (after the column means)
+    const float c_mean = vec[4 * mh];
 #pragma unroll
     for (int e = 0; e < 8; ++e) mean[e] = c_mean;
-    const E* probs = at<E>(L.probs) + (static_cast<size_t>(slab) * 16 + lane % 16) * L.p_row + chunk * 16 + (lane / 16) * 8;
+    const E* probs = at<E>(L.probs) + (static_cast<size_t>(slab) * 16 + lane % 16) * L.p_row + chunk_col +
+                     (lane / 16) * 8;
+    const size_t head_stride = static_cast<size_t>(Cfg::kRows) * L.p_row;
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
 #pragma unroll
       for (int rr = 0; rr < kGroups; ++rr) {
         const int h = j * kGroups + rr;
-        if (h < H) {
+        if (h == 0 || h < H) {  // head 0 always exists: its FMAs take c' as addend
           uint32_t pr[4];
-          dev::ldmatrix_x4(pr, probs + static_cast<size_t>(h) * Cfg::kRows * L.p_row);
+          dev::ldmatrix_x4(pr, probs + h * head_stride);
           float pv[8];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) pv[e] = unpack(pr[e / 2], e & 1);
-          const float* w = weights + (h * kGroups + group) * kHeads;
+          for (int e = 0; e < 8; ++e) pv[e] = e & 1 ? Cv::high(pr[e / 2]) : Cv::low(pr[e / 2]);
+          const float* w = weights + (h * kGroups + group) * kHeadsPad;
 #pragma unroll
           for (int j2 = 0; j2 < kHeads; ++j2) {
             const float wj = w[j2];
@@ -549,7 +667,7 @@ struct ForwardProgram {
 #pragma unroll
             for (int e = 0; e < 8; ++e) mean[e] += wb * pv[e];
           }
-          if (rr == group) {
+          if (general && rr == group) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) own[j][r] = pr[r];
           }
@@ -558,8 +676,10 @@ struct ForwardProgram {
     }
     if (layer) layer_norm(acc, mean);
     // Entry e of the A fragment: row gq + 8 (e / 2 % 2), key 2 tq + e % 2 + 8 (e / 4).
-    const int row0 = m0 + slab * 16 + gq;
     const E* values = slot_tile(slot);
+    const bool count = counting();
+    const int row0 = m0 + slab * 16 + gq;
+    const bool edge = count && (key0 + kValueTile > Nk || row0 - gq + 16 > Nq);  // moments: entries past Nq / Nk
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int g = group + kGroups * j;
@@ -567,11 +687,16 @@ struct ForwardProgram {
       float a[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        const bool masked = (own[j][e / 2] >> (e & 1 ? 31 : 15)) & 1u;
+        const bool masked = general && ((own[j][e / 2] >> (e & 1 ? 31 : 15)) & 1u);
         a[e] = masked ? 0.0f : acc[j][e];
-        if (p.moments != nullptr && !masked && row0 + ((e / 2) % 2) * 8 < Nq) {
-          moments[j][0] += a[e];
-          moments[j][1] += a[e] * a[e];
+      }
+      if (count) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const bool in = !edge || (row0 + ((e / 2) % 2) * 8 < Nq && key0 + 2 * tq + (e & 1) + (e / 4) * 8 < Nk);
+          const float x = in ? a[e] : 0.0f;
+          moments[j][0] += x;
+          moments[j][1] += x * x;
         }
       }
       const uint32_t af[4] = {Cv::pack(a[0], a[1]), Cv::pack(a[2], a[3]), Cv::pack(a[4], a[5]), Cv::pack(a[6], a[7])};
@@ -591,11 +716,11 @@ struct ForwardProgram {
 
   // LayerNorm across heads at each of the thread's 8 entries: the mean comes from the column means
   // of W' (every warp has all input heads), the variance from partial sums over each warp's own
-  // output heads, added across the slab's warps through shared memory.
-  // The exchange buffer is reused by the next chunk only after the next ring step's block barrier.
+  // output heads, added across the slab's warps through shared memory. The exchange buffer is
+  // written again only after the next ring step's block barrier.
   REATTN_DEVICE void layer_norm(float (&acc)[kHeads][8], const float (&mean)[8]) {
     const float* vec = at<float>(L.vectors);
-    const int mh = Cfg::kMaxHeads;
+    constexpr int mh = Cfg::kMaxHeads;
     float part[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) part[e] = 0.0f;
@@ -624,7 +749,9 @@ struct ForwardProgram {
     }
     float rstd[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) rstd[e] = dev::rsqrt_approx(part[e] / H + static_cast<float>(p.eps));
+    const float inv_h = vec[4 * mh + 1];  // 1 / H
+#pragma unroll
+    for (int e = 0; e < 8; ++e) rstd[e] = dev::rsqrt_approx(part[e] * inv_h + static_cast<float>(p.eps));
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int g = group + kGroups * j;
@@ -640,13 +767,13 @@ struct ForwardProgram {
     const float* f = static_cast<const float*>(p.folded);
     float* weights = at<float>(L.weights);
     float* vec = at<float>(L.vectors);
-    const int mh = Cfg::kMaxHeads;
-    for (int i = dev::thread_index(); i < mh * kGroups * kHeads; i += Cfg::kThreads) {
-      const int j = i % kHeads, r = (i / kHeads) % kGroups, h = i / (kHeads * kGroups);
+    constexpr int mh = Cfg::kMaxHeads;
+    for (int i = dev::thread_index(); i < mh * kGroups * kHeadsPad; i += Cfg::kThreads) {
+      const int j = i % kHeadsPad, r = (i / kHeadsPad) % kGroups, h = i / (kHeadsPad * kGroups);
       const int g = r + kGroups * j;
-      weights[i] = g < H && h < H ? f[g * H + h] : 0.0f;
+      weights[i] = j < kHeads && g < H && h < H ? f[g * H + h] : 0.0f;
     }
-    for (int i = dev::thread_index(); i <= 4 * mh; i += Cfg::kThreads) {
+    for (int i = dev::thread_index(); i <= 4 * mh + 1; i += Cfg::kThreads) {
       const int row = i / mh, h = i % mh;
       float v = 0.0f;
       if (row < 3 && h < H) {
@@ -654,9 +781,11 @@ struct ForwardProgram {
       } else if (row == 3 && h < H) {  // column mean of W' (LayerNorm's mean of M)
         for (int g = 0; g < H; ++g) v += f[g * H + h];
         v /= H;
-      } else if (row == 4) {  // the mean of c'
+      } else if (i == 4 * mh) {  // the mean of c'
         for (int g = 0; g < H; ++g) v += f[H * H + g];
         v /= H;
+      } else if (i == 4 * mh + 1) {
+        v = 1.0f / H;
       }
       vec[i] = v;
     }
@@ -675,15 +804,16 @@ struct ForwardProgram {
           const int d = d0 + n * 8 + 2 * tq;
           if (row >= Nq) continue;
           const int64_t at_row = b * p.o_st.b + g * p.o_st.h + static_cast<int64_t>(row) * p.o_st.n;
-#pragma unroll
-          for (int k = 0; k < 2; ++k) {
-            if (d + k >= D) continue;
-            const float v = o[j][n][2 * r + k];
-            if (p.out_is_acc) {
-              static_cast<float*>(p.out)[at_row + (d + k) * p.o_st.d] = v;
-            } else {
-              static_cast<E*>(p.out)[at_row + (d + k) * p.o_st.d].bits = Cv::from_float(v);
-            }
+          if (p.out_is_acc) {
+            float* out = static_cast<float*>(p.out) + at_row;
+            if (d < D) out[d * p.o_st.d] = o[j][n][2 * r];
+            if (d + 1 < D) out[(d + 1) * p.o_st.d] = o[j][n][2 * r + 1];
+          } else if (d + 1 < D && p.o_st.d == 1) {  // the output is ours: contiguous, pairs 4-byte aligned
+            *reinterpret_cast<uint32_t*>(static_cast<E*>(p.out) + at_row + d) = Cv::pack(o[j][n][2 * r], o[j][n][2 * r + 1]);
+          } else {
+            E* out = static_cast<E*>(p.out) + at_row;
+            if (d < D) out[d * p.o_st.d].bits = Cv::from_float(o[j][n][2 * r]);
+            if (d + 1 < D) out[(d + 1) * p.o_st.d].bits = Cv::from_float(o[j][n][2 * r + 1]);
           }
         }
       }
@@ -718,7 +848,12 @@ struct ForwardProgram {
     const int chunks = value_tiles(seg_len(seg));
     for (int c = 0; c < chunks; ++c) {
       const int slot = begin_step();
-      if (slab_active) mix_chunk(slot, c, o, moments);
+      if (c + 1 < chunks) {
+        issue_values(seg_start(seg) + (c + 1) * kValueTile);
+      } else {
+        issue_after_values(seg);
+      }
+      if (slab_active) mix_chunk(slot, seg_start(seg) + c * kValueTile, c * kValueTile, o, moments);
     }
   }
 
@@ -736,8 +871,7 @@ struct ForwardProgram {
 
   REATTN_DEVICE void run() {
     load_parameters();
-    cursor_start();
-    issue_next();
+    issue_keys(0, 0);
     float o[kHeads][Cfg::kOutN8][4];
     float moments[kHeads][2];
     if constexpr (Cfg::kOneSegment) {
@@ -754,7 +888,7 @@ struct ForwardProgram {
     }
     dev::cp_async_wait<0>();
     write_output(o);
-    if (p.moments != nullptr) write_moments(moments);
+    if (counting()) write_moments(moments);
   }
 };
 

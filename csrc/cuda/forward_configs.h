@@ -25,6 +25,13 @@ namespace cuda {
   X(3, 2, 4, 3, 48, 48, 64)      \
   X(4, 2, 4, 3, 64, 64, 32)
 
+// What a compiled program handles; each shape is compiled in the four. The plain variants run
+// problems without mask or dropout, with scale > 0 and 16-byte aligned rows, one norm each, so
+// their loops hold only that norm's code; the general variant handles every feature with branches
+// (masks, dropout, element-wise loads).
+enum ForwardVariant : int { kPlainAffine = 0, kPlainLayer = 1, kPlainMoments = 2, kGeneral = 3 };
+constexpr int kForwardVariants = 4;
+
 constexpr int kForwardShapeCount = 5;
 
 inline TileShape forward_shape(int index) {

@@ -4,8 +4,8 @@
 namespace reattn {
 namespace cuda {
 
-cudaError_t launch_forward_f16(int shape, const ReAttnParams& params, cudaStream_t stream) {
-  return launch_forward<dev::F16>(shape, params, stream);
+cudaError_t launch_forward_f16(int shape, int variant, const ReAttnParams& params, cudaStream_t stream) {
+  return launch_forward<dev::F16>(shape, variant, params, stream);
 }
 
 }  // namespace cuda

@@ -44,13 +44,29 @@ cudaError_t launch_forward_shape(const ReAttnParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <typename E, int kSlabs, int kGroups, int kHeads, int kD, int kDOut, int kKeys>
+cudaError_t launch_forward_variant(int variant, const ReAttnParams& p, cudaStream_t stream) {
+  switch (variant) {
+    case kPlainAffine:
+      return launch_forward_shape<ForwardConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainAffine>>(p, stream);
+    case kPlainLayer:
+      return launch_forward_shape<ForwardConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainLayer>>(p, stream);
+    case kPlainMoments:
+      return launch_forward_shape<ForwardConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainMoments>>(p, stream);
+    case kGeneral:
+      return launch_forward_shape<ForwardConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kGeneral>>(p, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
 template <typename E>
-cudaError_t launch_forward(int shape, const ReAttnParams& p, cudaStream_t stream) {
+cudaError_t launch_forward(int shape, int variant, const ReAttnParams& p, cudaStream_t stream) {
   if (p.B == 0 || p.Nq == 0) return cudaSuccess;
   switch (shape) {
 #define REATTN_SHAPE_CASE(i, slabs, groups, heads, d, d_out, keys) \
   case i:                                                           \
-    return launch_forward_shape<ForwardConfig<E, slabs, groups, heads, d, d_out, keys>>(p, stream);
+    return launch_forward_variant<E, slabs, groups, heads, d, d_out, keys>(variant, p, stream);
     REATTN_FORWARD_SHAPES(REATTN_SHAPE_CASE)
 #undef REATTN_SHAPE_CASE
     default:

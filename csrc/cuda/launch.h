@@ -24,9 +24,10 @@ REATTN_DECLARE_LAUNCHERS(f32)
 REATTN_DECLARE_LAUNCHERS(f64)
 #undef REATTN_DECLARE_LAUNCHERS
 
-// The tensor-core forward (forward.cuh) with tile shape `shape` of forward_configs.h.
-cudaError_t launch_forward_bf16(int shape, const ReAttnParams& params, cudaStream_t stream);
-cudaError_t launch_forward_f16(int shape, const ReAttnParams& params, cudaStream_t stream);
+// The tensor-core forward (forward.cuh) with tile shape `shape` of forward_configs.h, compiled
+// variant `variant` (ForwardVariant).
+cudaError_t launch_forward_bf16(int shape, int variant, const ReAttnParams& params, cudaStream_t stream);
+cudaError_t launch_forward_f16(int shape, int variant, const ReAttnParams& params, cudaStream_t stream);
 
 constexpr int kMaxDevices = 64;  // per-device caches of the launchers
 

@@ -329,9 +329,29 @@ bool vector_loadable(const at::Tensor& t) {
          (t.stride(0) * e) % 16 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
+// The compiled variant of the tensor-core forward for this problem (forward.cuh, ForwardVariant):
+// plain ones need no mask, no dropout, scale > 0 and 16-byte aligned rows. general_variant forces
+// the general one (tests compare the two).
+int forward_variant_for(const ReAttnParams& p, bool general_variant) {
+  if (general_variant || p.mask_kind != kMaskNone || p.seed != nullptr || p.scale <= 0.0 || !p.vector_loads) {
+    return kGeneral;
+  }
+  if (p.moments != nullptr) return kPlainMoments;
+  return p.norm == kNormLayer ? kPlainLayer : kPlainAffine;
+}
+
+// The tensor-core programs address a batch element's slice with 32-bit offsets.
+bool batch_offsets_fit_int32(const at::Tensor& t) {
+  int64_t last = 0;
+  for (int d = 1; d < 4; ++d) last += (t.size(d) - 1) * std::abs(t.stride(d));
+  return last < std::numeric_limits<int32_t>::max();
+}
+
 // The tensor-core shape for this forward on q's device (or the emulator), or -1.
-int forward_shape_for(const at::Tensor& q, const ReAttnParams& p, int64_t shared_limit) {
+int forward_shape_for(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const ReAttnParams& p,
+                      int64_t shared_limit) {
   if (!tensor_cores(q.scalar_type())) return -1;
+  if (!batch_offsets_fit_int32(q) || !batch_offsets_fit_int32(k) || !batch_offsets_fit_int32(v)) return -1;
   size_t limit = shared_limit > 0 ? static_cast<size_t>(shared_limit) : kEmulatedTensorCoreSharedLimit;
 #ifdef REATTN_WITH_CUDA
   if (q.is_cuda() && shared_limit <= 0) limit = device_shared_limit(q, kForward);
@@ -348,14 +368,14 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const c10::optional<at::Tensor>& stats_in, double scale, double out_scale,
                                 const std::string& norm, double eps, double dropout_p, bool with_moments,
                                 int64_t shared_limit, bool reverse_items, bool poison_outputs, bool programs_only,
-                                int64_t shuffle_seed) {
+                                int64_t shuffle_seed, bool general_variant) {
   const char* op = "reattn cuda_forward";
   Arguments a = prepare(op, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, dropout_p);
   ReAttnParams& p = a.p;
   set_norm(op, a, q, norm, out_scale, eps, batch_stats);
   const auto acc = acc_of(q.scalar_type());
   TORCH_CHECK_VALUE(!with_moments || norm == "none", op, ": with_moments needs norm 'none', got '", norm, "'");
-  const int shape = programs_only ? -1 : forward_shape_for(q, p, shared_limit);
+  const int shape = programs_only ? -1 : forward_shape_for(q, k, v, p, shared_limit);
   at::Tensor stats;
   const bool given = stats_in.has_value() && stats_in->defined();
   if (given) {
@@ -393,17 +413,18 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     p.lse = stats.data_ptr();
     p.stats_is_input = given;
     p.moments = with_moments ? moments.data_ptr<double>() : nullptr;
-    p.vector_loads = vector_loadable(k) && vector_loadable(v);
+    p.vector_loads = vector_loadable(q) && vector_loadable(k) && vector_loadable(v);
+    const int variant = forward_variant_for(p, general_variant);
     if (!q.is_cuda()) {
       // Emulator warp order between barriers: forward, reversed, or shuffled with shuffle_seed.
       const int order = shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0;
-      emulate_forward(storage_of(q.scalar_type()), shape, p, order, static_cast<uint64_t>(shuffle_seed));
+      emulate_forward(storage_of(q.scalar_type()), shape, variant, p, order, static_cast<uint64_t>(shuffle_seed));
     } else {
 #ifdef REATTN_WITH_CUDA
       const c10::cuda::CUDAGuard guard(q.device());
       const auto stream = c10::cuda::getCurrentCUDAStream();
-      const cudaError_t err = q.scalar_type() == at::kBFloat16 ? launch_forward_bf16(shape, p, stream)
-                                                               : launch_forward_f16(shape, p, stream);
+      const cudaError_t err = q.scalar_type() == at::kBFloat16 ? launch_forward_bf16(shape, variant, p, stream)
+                                                               : launch_forward_f16(shape, variant, p, stream);
       TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
 #endif
     }
@@ -593,13 +614,14 @@ void register_ops(pybind11::module& m) {
         py::arg("attn_mask"), py::arg("seed"), py::arg("stats"), py::arg("scale"), py::arg("out_scale"),
         py::arg("norm"), py::arg("eps"), py::arg("dropout_p"), py::arg("with_moments") = false,
         py::arg("shared_limit") = 0, py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
-        py::arg("programs_only") = false, py::arg("shuffle_seed") = 0,
+        py::arg("programs_only") = false, py::arg("shuffle_seed") = 0, py::arg("general_variant") = false,
         "Fused CUDA Re-attention forward: [out [B,H,Nq,D], stats [B,H,Nq,2]] with the row statistics (max of "
         "S, log of sum exp(S - max)); with_moments (norm 'none'): out in the accumulation dtype and a third "
         "output, moments [programs, 2, H] float64 (per-program sums of X = W P~ + c and X^2 over the attended "
         "entries, for one-sweep training BatchNorm). norm 'batch' = training statistics given as batch_stats "
         "[2,H] (mean, 1/std); stats given ([B,H,Nq,2], or a [B,H,Nq] logsumexp) = read, not computed. fp16/bf16 "
-        "run the tensor-core forward where a tile shape fits (programs_only: the CUDA-core programs). CPU "
+        "run the tensor-core forward where a tile shape fits (programs_only: the CUDA-core programs; "
+        "general_variant: its general compiled variant even where a plain one applies). CPU "
         "tensors run the emulator, warps in reverse (reverse_items) or shuffled (shuffle_seed != 0) order.");
   m.def("cuda_batch_sums", &batch_sums, py::arg("q"), py::arg("k"), py::arg("attn_mask"), py::arg("seed"),
         py::arg("scale"), py::arg("dropout_p"), py::arg("shift"), py::arg("shared_limit") = 0,

@@ -60,8 +60,8 @@ struct ForwardLayout {
   size_t ring_slot; // phase, V tiles E [H][kValueTile][v_row] in the mixing phase; step i uses slot
   int k_row;        // i % 2 whatever its kind, so the next step's load never hits the current slot
   int v_row;
-  size_t weights;   // f32 [max_heads][groups][heads]    W'[g][h] at [h][g % groups][g / groups]
-  size_t vectors;   // f32 [4][max_heads] + 1            c', LayerNorm tau gamma, tau beta, column means of W'; mean of c'
+  size_t weights;   // f32 [max_heads][groups][4 or 8]   W'[g][h] at [h][g % groups][g / groups] (padded)
+  size_t vectors;   // f32 [4][max_heads] + 2            c', LayerNorm tau gamma, tau beta, column means of W'; mean of c', 1/H
   size_t stats;     // f32 [H][rows][2]                  row max and log-sum (several segments)
   size_t exchange;  // f32 [slabs][groups][32][8]        LayerNorm partial sums across a slab's warps
   size_t moments;   // f32 [warps][2][heads]             BatchNorm moment partials
@@ -85,8 +85,8 @@ REATTN_HD ForwardLayout forward_layout(const TileShape& s, int H, int Nk) {
   const size_t v_tile = static_cast<size_t>(H) * kValueTile * L.v_row * e;
   L.ring_slot = align128(k_tile > v_tile ? k_tile : v_tile);
   L.ring = take(2 * L.ring_slot);
-  L.weights = take(static_cast<size_t>(s.max_heads()) * s.groups * s.heads * 4);
-  L.vectors = take((4 * static_cast<size_t>(s.max_heads()) + 1) * 4);
+  L.weights = take(static_cast<size_t>(s.max_heads()) * s.groups * (s.heads <= 4 ? 4 : 8) * 4);
+  L.vectors = take((4 * static_cast<size_t>(s.max_heads()) + 2) * 4);
   L.stats = take(segment_count(s, Nk) > 1 ? static_cast<size_t>(H) * s.rows() * 2 * 4 : 0);
   L.exchange = take(s.groups > 1 ? static_cast<size_t>(s.slabs) * s.groups * 32 * 8 * 4 : 0);
   L.moments = take(static_cast<size_t>(s.warps()) * 2 * s.heads * 4);

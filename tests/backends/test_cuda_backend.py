@@ -216,6 +216,28 @@ def test_tensor_core_forward_within_twice_eager_error_in_every_mode(name, shape,
     assert_within_twice_eager_error(out, reference, eager)
 
 
+@pytest.mark.parametrize("shape", [(2, 6, 33, 50, 64), (1, 12, 20, 260, 48)], ids=["one segment", "two sweeps"])
+@pytest.mark.parametrize("mode", ["none", "batch", "layer", "moments"])
+def test_tensor_core_plain_variants_agree_with_the_general_one(shape, mode):
+    # Without mask or dropout the compiled plain variant of the norm runs (its own loops, the
+    # exponent as one FMA); general_variant=True forces the variant with every feature. Same
+    # problem, same answer up to the rounding of P to bf16 (which the two exponent forms may flip).
+    B, H, Nq, Nk, D = shape
+    q, k, v, w, c, gamma, beta, _ = tensors(B, H, Nq, Nk, D)
+    low = [t.bfloat16() for t in (q, k, v)]
+    norm = "none" if mode == "moments" else mode
+    nw, nb = (gamma, beta) if norm != "none" else (None, None)
+    rows = torch.stack([torch.full((H,), 0.01, dtype=torch.float64), torch.full((H,), 1.2, dtype=torch.float64)])
+    args = (*low, w, c, nw, nb, rows.to(DEVICE) if norm == "batch" else None, None, None, None, 0.3, 0.8, norm, 1e-5,
+            0.0, mode == "moments")
+    plain = _C.cuda_forward(*args, poison_outputs=True)
+    general = _C.cuda_forward(*args, poison_outputs=True, general_variant=True)
+    for a, b in zip(plain, general):
+        assert not a.isnan().any()
+        # |O| sums ~Nk entries of |A V|: one bf16 flip of P (2^-8 relative) per entry at most
+        torch.testing.assert_close(a.double(), b.double(), rtol=2 ** -7, atol=2 ** -7 * (1 + b.double().abs().max()))
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="warp orders are the emulator's")
 @pytest.mark.parametrize("shape", [(2, 6, 33, 50, 64), (1, 12, 20, 260, 48)], ids=["one segment", "two sweeps"])
 def test_tensor_core_forward_does_not_race(shape):
@@ -365,9 +387,10 @@ def test_compiled_kernels_spill_nothing_and_reserve_at_most_1kb_of_shared_memory
     assert {"sm_80", "sm_90"} <= set(archs), archs
     for arch in archs:
         names = [name for a, name in kernels if a == arch]
-        # 4 storage types x 4 CUDA-core programs; 2 types x 5 tile shapes of the tensor-core forward
+        # 4 storage types x 4 CUDA-core programs; 2 types x 5 tile shapes x 4 variants of the tensor-core
+        # forward (csrc/cuda/forward_configs.h)
         assert sum("re_attention_kernel" in n for n in names) == 16, names
-        assert sum("forward_kernel" in n for n in names) == 10, names
+        assert sum("forward_kernel" in n for n in names) == 40, names
     for (arch, name), usage in kernels.items():
         if "re_attention_kernel" not in name and "forward_kernel" not in name:
             continue
