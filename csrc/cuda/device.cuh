@@ -224,6 +224,7 @@ REATTN_DEVICE float log2_approx(float x) {
 REATTN_DEVICE float rcp_approx(float x) { return __frcp_rn(x); }
 REATTN_DEVICE float rsqrt_approx(float x) { return rsqrtf(x); }
 REATTN_DEVICE float fmax_(float a, float b) { return fmaxf(a, b); }
+REATTN_DEVICE float fabs_(float a) { return fabsf(a); }
 REATTN_DEVICE uint32_t mul_hi(uint32_t a, uint32_t b) { return __umulhi(a, b); }
 #else
 REATTN_DEVICE float exp2_approx(float x) { return std::exp2(x); }
@@ -231,6 +232,7 @@ REATTN_DEVICE float log2_approx(float x) { return std::log2(x); }
 REATTN_DEVICE float rcp_approx(float x) { return 1.0f / x; }
 REATTN_DEVICE float rsqrt_approx(float x) { return 1.0f / std::sqrt(x); }
 REATTN_DEVICE float fmax_(float a, float b) { return std::fmax(a, b); }
+REATTN_DEVICE float fabs_(float a) { return std::fabs(a); }
 REATTN_DEVICE uint32_t mul_hi(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }

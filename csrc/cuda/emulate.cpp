@@ -10,8 +10,10 @@
 
 #include "block.cuh"
 #include "device_checks.cuh"
-#include "forward.cuh"
-#include "forward_configs.h"
+#include "rows.cuh"
+#include "row_configs.h"
+#include "backward_configs.h"
+#include "keys.cuh"
 #include "sim.h"
 
 namespace reattn {
@@ -74,24 +76,24 @@ void run_forward(const ReAttnParams& params, int order, uint64_t seed) {
   launch.grid[0] = static_cast<int>(params.B * ((params.Nq + s.rows() - 1) / s.rows()));
   launch.grid[1] = (params.D + s.d_out - 1) / s.d_out;
   launch.threads = s.threads();
-  launch.shared_bytes = forward_layout(s, params.H, params.Nk).bytes;
+  launch.shared_bytes = row_layout(s, params.H, params.Nk).bytes;
   launch.order = static_cast<sim::Order>(order);
   launch.seed = seed;
   if (launch.grid[0] == 0) return;
-  sim::launch(launch, [&] { ForwardProgram<Cfg>(params).run(); });
+  sim::launch(launch, [&] { RowProgram<Cfg>(params).run(); });
 }
 
 template <typename E, int kSlabs, int kGroups, int kHeads, int kD, int kDOut, int kKeys>
 void forward_variant(int variant, const ReAttnParams& params, int order, uint64_t seed) {
   switch (variant) {
     case kPlainAffine:
-      return run_forward<ForwardConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainAffine>>(params, order, seed);
+      return run_forward<RowConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainAffine>>(params, order, seed);
     case kPlainLayer:
-      return run_forward<ForwardConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainLayer>>(params, order, seed);
+      return run_forward<RowConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainLayer>>(params, order, seed);
     case kPlainMoments:
-      return run_forward<ForwardConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainMoments>>(params, order, seed);
+      return run_forward<RowConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainMoments>>(params, order, seed);
     case kGeneral:
-      return run_forward<ForwardConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kGeneral>>(params, order, seed);
+      return run_forward<RowConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kGeneral>>(params, order, seed);
     default:
       throw std::invalid_argument("emulate_forward: unknown variant");
   }
@@ -116,6 +118,53 @@ void emulate_forward(int storage, int shape, int variant, const ReAttnParams& pa
   if (storage == kBFloat16) return forward_shape<dev::Bf16>(shape, variant, params, order, seed);
   if (storage == kFloat16) return forward_shape<dev::F16>(shape, variant, params, order, seed);
   throw std::invalid_argument("emulate_forward: the tensor-core forward takes float16 or bfloat16");
+}
+
+namespace {
+
+template <class Cfg>
+void run_keys(const ReAttnParams& params, int order, uint64_t seed) {
+  const KeyShape s = Cfg::shape();
+  sim::Launch launch;
+  launch.grid[0] = static_cast<int>(params.B * ((params.Nk + s.keys() - 1) / s.keys()));
+  launch.threads = s.threads();
+  launch.shared_bytes = key_layout(s, params.H).bytes;
+  launch.order = static_cast<sim::Order>(order);
+  launch.seed = seed;
+  if (launch.grid[0] == 0) return;
+  sim::launch(launch, [&] { KeyProgram<Cfg>(params).run(); });
+}
+
+template <typename E>
+void backward_shapes(int rows, int keys, const ReAttnParams& params, int order, uint64_t seed) {
+  switch (rows) {
+#define REATTN_SHAPE_CASE(i, slabs, groups, heads, d, d_out, k)                                       \
+  case i:                                                                                              \
+    run_forward<RowConfig<E, slabs, groups, heads, d, d_out, k, kBackwardRows>>(params, order, seed); \
+    break;
+    REATTN_BACKWARD_ROW_SHAPES(REATTN_SHAPE_CASE)
+#undef REATTN_SHAPE_CASE
+    default:
+      throw std::invalid_argument("emulate_backward: unknown row shape");
+  }
+  if (params.stats_only) return;
+  switch (keys) {
+#define REATTN_SHAPE_CASE(i, kslabs, groups, heads, d) \
+  case i:                                               \
+    return run_keys<KeyConfig<E, kslabs, groups, heads, d>>(params, order, seed);
+    REATTN_KEY_SHAPES(REATTN_SHAPE_CASE)
+#undef REATTN_SHAPE_CASE
+    default:
+      throw std::invalid_argument("emulate_backward: unknown key shape");
+  }
+}
+
+}  // namespace
+
+void emulate_backward(int storage, int rows, int keys, const ReAttnParams& params, int order, uint64_t seed) {
+  if (storage == kBFloat16) return backward_shapes<dev::Bf16>(rows, keys, params, order, seed);
+  if (storage == kFloat16) return backward_shapes<dev::F16>(rows, keys, params, order, seed);
+  throw std::invalid_argument("emulate_backward: the tensor-core backward takes float16 or bfloat16");
 }
 
 void emulate_device_check(int kind, const void* a, const void* b, float* out, bool bf16, int order, uint64_t seed) {

@@ -17,10 +17,14 @@ enum StorageKind : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3
 // between them gives a different answer).
 void emulate_program(int storage, int kind, const ReAttnParams& params, bool reverse_items);
 
-// Runs the tensor-core forward (forward.cuh) with tile shape `shape` of forward_configs.h and
+// Runs the tensor-core forward (forward.cuh) with tile shape `shape` of row_configs.h and
 // variant `variant` (ForwardVariant) over its grid; storage kFloat16 or kBFloat16. order:
 // sim::Order of the warps between barriers.
 void emulate_forward(int storage, int shape, int variant, const ReAttnParams& params, int order, uint64_t seed);
+
+// Runs the tensor-core backward: the row pass with shape `rows`, then (unless params.stats_only)
+// the key pass with shape `keys` (backward_configs.h).
+void emulate_backward(int storage, int rows, int keys, const ReAttnParams& params, int order, uint64_t seed);
 
 // Runs a check kernel of device_checks.cuh (kind: checks::CheckKind) in the emulator, warps and
 // lanes ordered by `order` (sim::Order); throws what the emulator refuses.

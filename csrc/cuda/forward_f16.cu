@@ -1,5 +1,5 @@
 // The tensor-core forward for f16 storage (see forward.cuh).
-#include "forward_kernels.cuh"
+#include "row_kernels.cuh"
 
 namespace reattn {
 namespace cuda {

@@ -12,7 +12,8 @@
 #include <string>
 
 #include "emulate.h"
-#include "forward_configs.h"
+#include "backward_configs.h"
+#include "row_configs.h"
 #include "layout.h"
 #include "params.h"
 
@@ -434,6 +435,11 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     p.lse_is_input = given;
     moments = at::zeros({with_moments ? 1 : 0, 2, p.H}, q.options().dtype(at::kDouble));
     p.moments = with_moments ? moments.data_ptr<double>() : nullptr;
+    if (with_moments && q.is_cuda()) {
+      at::globalContext().alertNotDeterministic(
+          "reattn cuda_forward with moments on the CUDA-core programs (fp32 / fp64, or no tensor-core plan) adds "
+          "them with atomics");
+    }
     run(op, kForward, q, p, shared_limit, reverse_items);
     if (!given) stats = stats_from_lse(lse);
   }
@@ -446,6 +452,9 @@ std::vector<at::Tensor> batch_sums(const at::Tensor& q, const at::Tensor& k,
                                    double scale, double dropout_p, double shift, int64_t shared_limit,
                                    bool reverse_items) {
   const char* op = "reattn cuda_batch_sums";
+  if (q.is_cuda()) {
+    at::globalContext().alertNotDeterministic("reattn cuda_batch_sums adds the Gram sums with atomics");
+  }
   Arguments a = prepare(op, q, k, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, attn_mask,
                         seed, scale, dropout_p);
   ReAttnParams& p = a.p;
@@ -460,6 +469,53 @@ std::vector<at::Tensor> batch_sums(const at::Tensor& q, const at::Tensor& k,
   return {stats_from_lse(lse), s1, gram};
 }
 
+// The tensor-core backward's parameters, folded on the host: [H*H + 7H] fp32 = W' = W / (1 - p)
+// ([g][h]), then per head c, gamma', beta', mean, rstd, e, f with A = gamma' xhat + beta' and
+// dM = gamma' rstd dN + e xhat + f for the affine norms (none: gamma' = out_scale, xhat = M;
+// BatchNorm: xhat = (M - mean) rstd with the given rows), LayerNorm's gamma' = out_scale gamma.
+at::Tensor fold_backward_parameters(const ReAttnParams& p, const at::Tensor& mix_weight,
+                                    const c10::optional<at::Tensor>& mix_bias,
+                                    const c10::optional<at::Tensor>& norm_weight,
+                                    const c10::optional<at::Tensor>& norm_bias, const at::Tensor& bn_rows,
+                                    double out_scale) {
+  const int64_t H = p.H;
+  const auto f64 = mix_weight.options().dtype(at::kDouble);
+  const double keep = p.seed != nullptr ? 1.0 / (1.0 - p.dropout_p) : 1.0;
+  auto given = [&](const c10::optional<at::Tensor>& t, double fill) {
+    return t.has_value() && t->defined() ? t->detach().to(at::kDouble) : at::full({H}, fill, f64);
+  };
+  const at::Tensor W = mix_weight.detach().to(at::kDouble) * keep;
+  const at::Tensor c = given(mix_bias, 0.0);
+  at::Tensor gamma = at::full({H}, out_scale, f64), beta = at::zeros({H}, f64);
+  at::Tensor mean = at::zeros({H}, f64), rstd = at::ones({H}, f64), e = at::zeros({H}, f64), f = at::zeros({H}, f64);
+  if (p.norm != kNormNone) {
+    gamma = out_scale * given(norm_weight, 1.0);
+    beta = out_scale * given(norm_bias, 0.0);
+  }
+  if (p.norm == kNormBatch) {
+    const at::Tensor rows = bn_rows.to(at::kDouble);
+    mean = rows[0];
+    rstd = rows[1];
+    e = rows[2];
+    f = rows[3];
+  }
+  return at::cat({W.flatten(), c, gamma, beta, mean, rstd, e, f}).to(at::kFloat).contiguous();
+}
+
+// The tensor-core backward's shapes (row pass, key pass) for this problem, or false.
+bool backward_shapes_for(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_out,
+                         const ReAttnParams& p, int64_t shared_limit, int* rows, int* keys) {
+  if (!tensor_cores(q.scalar_type())) return false;
+  for (const at::Tensor* t : {&q, &k, &v, &grad_out}) {
+    if (!batch_offsets_fit_int32(*t)) return false;
+  }
+  size_t limit = shared_limit > 0 ? static_cast<size_t>(shared_limit) : kEmulatedTensorCoreSharedLimit;
+#ifdef REATTN_WITH_CUDA
+  if (q.is_cuda() && shared_limit <= 0) limit = device_shared_limit(q, kBackward);
+#endif
+  return pick_backward_shapes(p.H, p.D, p.Nk, limit, rows, keys);
+}
+
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& v, const at::Tensor& mix_weight,
                                  const c10::optional<at::Tensor>& mix_bias,
@@ -469,7 +525,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                                  const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& seed,
                                  const at::Tensor& stats, double scale, double out_scale, const std::string& norm,
                                  double eps, double dropout_p, bool stats_only, int64_t shared_limit,
-                                 bool reverse_items, bool poison_outputs) {
+                                 bool reverse_items, bool poison_outputs, bool programs_only, int64_t shuffle_seed) {
   const char* op = "reattn cuda_backward";
   Arguments a = prepare(op, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, dropout_p);
   ReAttnParams& p = a.p;
@@ -485,9 +541,77 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                      stats.sizes() == at::IntArrayRef({p.B, p.H, p.Nq})) &&
                         stats.scalar_type() == acc && stats.is_contiguous() && stats.device() == q.device(),
                     op, ": stats must be the forward's contiguous [B, H, Nq, 2] ", acc, " row statistics");
+  const auto f64 = q.options().dtype(at::kDouble);
+  const int64_t H = p.H;
+  int rows = -1, keys = -1;
+  if (!programs_only && backward_shapes_for(q, k, v, grad_out, p, shared_limit, &rows, &keys)) {
+    // Deterministic: D, dQ and the parameter-gradient partials per program from the row pass, dK
+    // and dV from the key pass, no atomics; the partials are added here in float64.
+    const at::Tensor row_stats = stats.dim() == 4 ? stats : stats_from_lse(stats);
+    p.lse = row_stats.data_ptr();
+    a.keep.push_back(fold_backward_parameters(p, mix_weight, mix_bias, norm_weight, norm_bias,
+                                              p.norm == kNormBatch ? a.keep.back() : at::Tensor(), out_scale));
+    p.folded = a.keep.back().data_ptr();
+    p.vector_loads = vector_loadable(q) && vector_loadable(k) && vector_loadable(v) && vector_loadable(grad_out);
+    p.stats_only = stats_only;
+    const TileShape rs = backward_row_shape(rows);
+    const int64_t programs = p.B * ((p.Nq + rs.rows() - 1) / rs.rows());
+    at::Tensor partials = at::empty({programs, H * H + 3 * H}, q.options().dtype(at::kFloat));
+    at::Tensor delta, dq, dk, dv;
+    if (!stats_only) {  // the sums alone allocate nothing else
+      delta = at::empty({p.B, H, p.Nq}, q.options().dtype(at::kFloat));
+      dq = at::empty({p.B, H, p.Nq, p.D}, q.options());
+      dk = at::empty({p.B, H, p.Nk, p.D}, q.options());
+      dv = at::empty_like(dk);
+      if (poison_outputs) {
+        poison(dq);
+        poison(dk);
+        poison(dv);
+        poison(delta);
+      }
+      p.delta = delta.data_ptr<float>();
+      p.dq = dq.data_ptr();
+      p.dq_st = strides_of(dq);
+      p.dk = dk.data_ptr();
+      p.dk_st = strides_of(dk);
+      p.dv = dv.data_ptr();
+      p.dv_st = strides_of(dv);
+    }
+    if (poison_outputs) poison(partials);
+    p.partials = partials.data_ptr<float>();
+    if (!q.is_cuda()) {
+      const int order = shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0;
+      emulate_backward(storage_of(q.scalar_type()), rows, keys, p, order, static_cast<uint64_t>(shuffle_seed));
+    } else {
+#ifdef REATTN_WITH_CUDA
+      const c10::cuda::CUDAGuard guard(q.device());
+      const auto stream = c10::cuda::getCurrentCUDAStream();
+      const cudaError_t err = q.scalar_type() == at::kBFloat16 ? launch_backward_bf16(rows, keys, p, stream)
+                                                               : launch_backward_f16(rows, keys, p, stream);
+      TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+#endif
+    }
+    const at::Tensor total = partials.sum(0, /*keepdim=*/false, at::kDouble);
+    // dW = sum dM P~ = sum dM P~' / (1 - p); the norm's sums carry out_scale (dN = out_scale dA).
+    const double keep = p.seed != nullptr ? 1.0 / (1.0 - p.dropout_p) : 1.0;
+    at::Tensor dgamma = total.narrow(0, H * H + H, H) * out_scale;
+    at::Tensor dbeta = total.narrow(0, H * H + 2 * H, H) * out_scale;
+    if (stats_only) {
+      const at::Tensor none = at::empty({0}, q.options());
+      return {none, none, none, at::empty({0}, f64), at::empty({0}, f64), dgamma, dbeta};
+    }
+    return {dq, dk, dv, total.narrow(0, 0, H * H).view({H, H}) * keep, total.narrow(0, H * H, H).clone(), dgamma,
+            dbeta};
+  }
+  // The CUDA-core programs add dK, dV and the parameter gradients with atomics: on a GPU their
+  // order (so the last bits) varies from run to run. torch decides whether that is an error.
+  if (q.is_cuda()) {
+    at::globalContext().alertNotDeterministic(
+        "reattn cuda_backward on the CUDA-core programs (fp32 / fp64, or a problem without a tensor-core "
+        "backward plan: H > 16, D > 64 or Nk > 224) sums dK, dV with atomics");
+  }
   const at::Tensor lse = stats.dim() == 4 ? lse_from_stats(stats) : stats;
   p.lse = lse.data_ptr();
-  const auto f64 = q.options().dtype(at::kDouble);
   at::Tensor dq = at::empty({p.B, p.H, p.Nq, p.D}, q.options());
   at::Tensor dk = at::zeros({p.B, p.H, p.Nk, p.D}, q.options().dtype(acc));
   at::Tensor dv = at::zeros_like(dk);
@@ -530,7 +654,7 @@ pybind11::object forward_tiles(int64_t H, int64_t D, int64_t Nq, int64_t Nk, con
   out["threads"] = s.threads();
   out["rows"] = s.rows();
   out["segments"] = segment_count(s, static_cast<int>(Nk));
-  out["shared_bytes"] = forward_layout(s, static_cast<int>(H), static_cast<int>(Nk)).bytes;
+  out["shared_bytes"] = row_layout(s, static_cast<int>(H), static_cast<int>(Nk)).bytes;
   out["grid"] = pybind11::make_tuple((Nq + s.rows() - 1) / s.rows(), (D + s.d_out - 1) / s.d_out);
   return out;
 }
@@ -633,8 +757,11 @@ void register_ops(pybind11::module& m) {
         py::arg("batch_stats"), py::arg("attn_mask"), py::arg("seed"), py::arg("stats"), py::arg("scale"),
         py::arg("out_scale"), py::arg("norm"), py::arg("eps"), py::arg("dropout_p"), py::arg("stats_only"),
         py::arg("shared_limit") = 0, py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
+        py::arg("programs_only") = false, py::arg("shuffle_seed") = 0,
         "Fused CUDA Re-attention backward: [dq, dk, dv, dW, dc, dgamma, dbeta] (parameter gradients float64). "
-        "stats_only: only dgamma = sum(dN xhat) and dbeta = sum(dN), for training BatchNorm.");
+        "stats_only: only dgamma = sum(dN xhat) and dbeta = sum(dN), for training BatchNorm (the others empty on "
+        "the tensor-core path). fp16/bf16 run the deterministic tensor-core backward (a row pass and a key "
+        "pass, no atomics) where its shapes fit, else (and with programs_only) the CUDA-core programs.");
   m.def("cuda_device_check", &device_check, py::arg("kind"), py::arg("a"), py::arg("b") = py::none(),
         py::arg("order") = 0, py::arg("seed") = 0,
         "Runs a check kernel of csrc/cuda/device_checks.cuh (CPU tensors: in the emulator, warps ordered by "

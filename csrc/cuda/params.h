@@ -107,6 +107,16 @@ struct ReAttnParams {
   double* dgamma = nullptr;  // kBackwardStats: sum(dN xhat) per head
   double* dbeta = nullptr;   // kBackwardStats: sum(dN) per head
 
+  // Tensor-core backward (rows.cuh, keys.cuh): the row pass writes D [B, H, Nq] (fp32) for the key
+  // pass and its per-program parameter-gradient sums [programs][H*H + 3H] (fp32: dW (g, h), dc,
+  // dgamma, dbeta; training BatchNorm's sums of dN xhat and dN in dgamma, dbeta) for the host to
+  // add in float64; stats_only: only those sums.
+  float* delta = nullptr;
+  float* partials = nullptr;
+  bool stats_only = false;
+  // The key pass writes dK, dV in T (any strides).
+  Strides4 dk_st{}, dv_st{};
+
   Plan plan{};
 };
 

@@ -48,7 +48,8 @@ def tensors(B, H, Nq, Nk, D, dtype=torch.float64, seed=0):
 def run_programs(B, H, Nq, Nk, D, *, norm, masked, dropout, dtype=torch.float64, programs_only=False, **options):
     """Every program once (forward, statistics, backward incl. its BatchNorm sums) through reattn._C.
 
-    programs_only: the forward on the CUDA-core programs also for fp16/bf16 (not the tensor cores).
+    programs_only: the forward and backward on the CUDA-core programs also for fp16/bf16 (not the
+    tensor cores).
     """
     q, k, v, w, c, gamma, beta, grad = tensors(B, H, Nq, Nk, D, dtype)
     keep = None
@@ -70,9 +71,9 @@ def run_programs(B, H, Nq, Nk, D, *, norm, masked, dropout, dtype=torch.float64,
     rows = torch.cat([stats, torch.rand(2, H, generator=g, dtype=torch.float64).to(DEVICE) * 0.01]) if norm == "batch" \
         else None
     grads = _C.cuda_backward(grad, q, k, v, w, c, nw, nb, rows, keep, seed, lse2, 0.4, 0.8, norm, 1e-5, p, False,
-                             **options)
+                             **forward_options)
     sums = _C.cuda_backward(grad, q, k, v, w, c, nw, nb, rows, keep, seed, lse2, 0.4, 0.8, norm, 1e-5, p, True,
-                            **options)[5:]
+                            **forward_options)[5:]
     # One-sweep training BatchNorm's forward: norm none, X V in the accumulation dtype, moments of X.
     x_v, _, moments = _C.cuda_forward(q, k, v, w, c, None, None, None, keep, seed, None, 0.4, 1.0, "none", 1e-5, p,
                                       True, **forward_options)
@@ -282,6 +283,125 @@ def test_tensor_core_row_statistics_are_max_and_log_sum(Nk):
             assert torch.isfinite(out).all()
 
 
+# ---- the tensor-core backward (fp16 / bf16) ----------------------------------------------------------
+def tc_backward_case(B, H, Nq, Nk, D, *, norm="none", mask=None, dropout=0.0, dtype=torch.bfloat16, references=True,
+                     **options):
+    """(gradients [dq, dk, dv, dW, dc, dgamma, dbeta], float64 ones, eager ones in `dtype`) of one call.
+
+    norm "batch": training BatchNorm's backward with given rows (mean, 1/std, e, f), whose float64
+    reference is the affine map A = out_scale (gamma (M - mean) rstd + beta) plus e xhat + f in dM:
+    compared through the CUDA-core programs in float64 (the same formula), not eager.
+    """
+    from reattn.reference import re_attention_ref
+
+    q, k, v, w, c, gamma, beta, grad = tensors(B, H, Nq, Nk, D)
+    nw, nb = (gamma, beta) if norm != "none" else (None, None)
+    seed = torch.tensor([77], device=DEVICE) if dropout else None
+    low = [t.to(dtype) for t in (q, k, v)]
+    rows = None
+    if norm == "batch":
+        g = torch.Generator().manual_seed(5)
+        rows = torch.stack([torch.rand(H, generator=g, dtype=torch.float64) * 0.05,
+                            1 + torch.rand(H, generator=g, dtype=torch.float64),
+                            torch.randn(H, generator=g, dtype=torch.float64) * 0.01,
+                            torch.randn(H, generator=g, dtype=torch.float64) * 0.01]).to(DEVICE)
+    _, stats = _C.cuda_forward(*low, w, c, nw, nb, None if rows is None else rows[:2], mask, seed, None, 0.3, 0.8, norm,
+                               1e-5, dropout)
+    grads = _C.cuda_backward(grad.to(dtype), *low, w, c, nw, nb, rows, mask, seed, stats, 0.3, 0.8, norm, 1e-5,
+                             dropout, False, poison_outputs=True, **options)
+    if not references:
+        return grads, None, None
+
+    def programs(dt):  # the float64 formula of every mode, through the CUDA-core programs
+        qq, kk, vv = (t.to(dt) for t in (q, k, v))
+        _, st = _C.cuda_forward(qq, kk, vv, w, c, nw, nb, None if rows is None else rows[:2], mask, seed, None, 0.3,
+                                0.8, norm, 1e-5, dropout, programs_only=True)
+        return _C.cuda_backward(grad.to(dt), qq, kk, vv, w, c, nw, nb, rows, mask, seed, st, 0.3, 0.8, norm, 1e-5,
+                                dropout, False, programs_only=True)
+
+    if norm == "batch":
+        return grads, programs(torch.float64), programs(dtype)
+    keep = dropout_keep_mask(seed, (B, H, Nq, Nk), dropout) if dropout else None
+
+    def eager(xq, xk, xv, cast):
+        ins = [t.clone().requires_grad_(True) for t in (xq, xk, xv)]
+        params = [t.to(cast).clone().requires_grad_(True) for t in (w, c)] + \
+                 ([t.to(cast).clone().requires_grad_(True) for t in (nw, nb)] if norm != "none" else [])
+        out = re_attention_ref(*ins, params[0], params[1], scale=0.3, norm=norm, out_scale=0.8, attn_mask=mask,
+                               norm_weight=params[2] if norm != "none" else None,
+                               norm_bias=params[3] if norm != "none" else None, dropout_p=dropout, dropout_mask=keep,
+                               training=dropout > 0)
+        return list(torch.autograd.grad(out, ins + params, grad.to(cast)))
+
+    return grads, eager(q, k, v, torch.float64), eager(*low, dtype)
+
+
+TC_BACKWARD_CASES = [
+    ("plain", (2, 6, 17, 23, 32), "none", None, 0.0),
+    ("layer", (1, 12, 20, 37, 64), "layer", None, 0.0),
+    ("batch rows", (2, 6, 17, 23, 32), "batch", None, 0.0),
+    ("bool mask dropout", (2, 6, 9, 11, 32), "none", "bool", 0.25),
+    ("layer float mask dropout", (2, 6, 9, 11, 64), "layer", "float", 0.25),
+    ("batch rows bool mask", (2, 5, 9, 11, 33), "batch", "bool", 0.0),
+    ("H=1 Nk=1", (1, 1, 3, 1, 16), "none", None, 0.0),
+]
+GRAD_NAMES = ("dq", "dk", "dv", "dW", "dc", "dgamma", "dbeta")
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the emulator's shape choice (an H100's shared memory) is checked here")
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("name,shape,norm,mask,dropout", TC_BACKWARD_CASES, ids=[c[0] for c in TC_BACKWARD_CASES])
+def test_tensor_core_backward_within_twice_eager_error_in_every_mode(name, shape, norm, mask, dropout, dtype):
+    B, H, Nq, Nk, D = shape
+    attn_mask = {None: None, "bool": bool_mask(B, Nq, Nk), "float": additive_mask(H, Nq, Nk)}[mask]
+    grads, reference, eager = tc_backward_case(B, H, Nq, Nk, D, norm=norm, mask=attn_mask, dropout=dropout,
+                                               dtype=dtype)
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype and grads[3].dtype == torch.float64
+    # The norm's own gradients come from this call for LayerNorm (training BatchNorm's from its sums call).
+    count = 7 if norm == "layer" else 5
+    unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    for what, got, ref, low in list(zip(GRAD_NAMES, grads, reference, eager))[:count]:
+        assert not got.isnan().any(), what
+        got_err = (got.double() - ref.double()).abs().max().item()
+        eager_err = (low.double() - ref.double()).abs().max().item()
+        # Parameter gradients are sums over every entry, accumulated in fp32 here: besides twice
+        # eager's error, one rounding unit of the inputs' dtype relative to their size (the
+        # rounding of dO, V, ... to 16 bits, which no accumulation removes).
+        slack = unit * ref.double().abs().max().item() if what in ("dW", "dc", "dgamma", "dbeta") else 1e-6
+        assert got_err <= 2 * eager_err + slack, (what, got_err, eager_err)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="warp orders are the emulator's")
+@pytest.mark.parametrize("norm", ["none", "layer"])
+def test_tensor_core_backward_does_not_race_and_is_deterministic(norm):
+    # Reversed and shuffled warp orders give bitwise the same gradients (no race between warps, and
+    # no order-dependent sums: dK, dV in registers, parameter gradients as per-program partials).
+    B, H, Nq, Nk, D = 2, 6, 33, 40, 32
+    runs = [tc_backward_case(B, H, Nq, Nk, D, norm=norm, mask=bool_mask(B, Nq, Nk), dropout=0.2, references=False,
+                             **order)[0]
+            for order in (dict(), dict(reverse_items=True), dict(shuffle_seed=11))]
+    for grads in runs:
+        for what, got, first in zip(GRAD_NAMES, grads, runs[0]):
+            assert not got.isnan().any(), what  # poisoned outputs are all written
+            assert torch.equal(got, first), what
+
+
+def test_tensor_core_backward_sums_allocate_only_what_they_write():
+    # Training BatchNorm's backward sums (stats_only): the row pass alone; no dq, dk, dv or dW buffers.
+    B, H, Nq, Nk, D = 2, 6, 17, 23, 32
+    q, k, v, w, c, gamma, beta, grad = tensors(B, H, Nq, Nk, D)
+    low = [t.bfloat16() for t in (q, k, v)]
+    rows = torch.stack([torch.zeros(H), torch.ones(H), torch.zeros(H), torch.zeros(H)]).double().to(DEVICE)
+    _, stats = _C.cuda_forward(*low, w, c, gamma, beta, rows[:2], None, None, None, 0.3, 0.8, "batch", 1e-5, 0.0)
+    sums = _C.cuda_backward(grad.bfloat16(), *low, w, c, gamma, beta, rows, None, None, stats, 0.3, 0.8, "batch", 1e-5,
+                            0.0, True)
+    assert [t.numel() for t in sums[:5]] == [0] * 5
+    full = _C.cuda_backward(grad.bfloat16(), *low, w, c, gamma, beta, rows, None, None, stats, 0.3, 0.8, "batch", 1e-5,
+                            0.0, False)
+    torch.testing.assert_close(sums[5], full[5], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sums[6], full[6], rtol=1e-12, atol=1e-12)
+
+
 def test_tensor_core_forward_moments_are_per_program_sums():
     # Training BatchNorm in one sweep: X V in fp32 and each program's sums of X and X^2 over the
     # attended entries; their total is the float64 sum over every (b, i, j) that is not masked.
@@ -387,12 +507,14 @@ def test_compiled_kernels_spill_nothing_and_reserve_at_most_1kb_of_shared_memory
     assert {"sm_80", "sm_90"} <= set(archs), archs
     for arch in archs:
         names = [name for a, name in kernels if a == arch]
-        # 4 storage types x 4 CUDA-core programs; 2 types x 5 tile shapes x 4 variants of the tensor-core
-        # forward (csrc/cuda/forward_configs.h)
+        # 4 storage types x 4 CUDA-core programs; 2 types x (5 tile shapes x 4 variants of the tensor-core
+        # forward + 3 shapes of the backward's row pass) (row_configs.h, backward_configs.h); 2 types x 3
+        # shapes of the backward's key pass
         assert sum("re_attention_kernel" in n for n in names) == 16, names
-        assert sum("forward_kernel" in n for n in names) == 40, names
+        assert sum("forward_kernel" in n for n in names) == 46, names
+        assert sum("key_kernel" in n for n in names) == 6, names
     for (arch, name), usage in kernels.items():
-        if "re_attention_kernel" not in name and "forward_kernel" not in name:
+        if not any(k in name for k in ("re_attention_kernel", "forward_kernel", "key_kernel")):
             continue
         assert usage["LOCAL"] == 0 and usage["STACK"] == 0, (arch, name, usage)  # no spills, no local arrays
         assert usage["REG"] <= 255, (arch, name, usage)
@@ -479,6 +601,29 @@ def test_cuda_and_triton_agree_on_a_gpu(dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (not counted as coverage on CPU CI)")
+def test_deterministic_algorithms_get_the_tensor_core_backward_or_an_alert():
+    # bf16: the tensor-core backward, bitwise reproducible (no atomics); fp32 runs the CUDA-core
+    # programs, whose atomics torch's determinism check reports (an error unless warn_only).
+    B, H, N, D = 2, 6, 33, 32
+    q, k, v, w, c, _, _, grad = tensors(B, H, N, N, D, torch.bfloat16)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _, stats = _C.cuda_forward(q, k, v, w, c, None, None, None, None, None, None, 0.3, 1.0, "none", 1e-5, 0.0)
+        runs = [_C.cuda_backward(grad, q, k, v, w, c, None, None, None, None, None, stats, 0.3, 1.0, "none", 1e-5, 0.0,
+                                 False) for _ in range(2)]
+        for a, b_ in zip(*runs):
+            assert torch.equal(a, b_)
+        q32, k32, v32, g32 = (t.float() for t in (q, k, v, grad))
+        _, stats32 = _C.cuda_forward(q32, k32, v32, w, c, None, None, None, None, None, None, 0.3, 1.0, "none", 1e-5, 0.0)
+        with pytest.raises(RuntimeError, match="deterministic"):
+            _C.cuda_backward(g32, q32, k32, v32, w, c, None, None, None, None, None, stats32, 0.3, 1.0, "none", 1e-5,
+                             0.0, False)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (not counted as coverage on CPU CI)")
 def test_forward_and_backward_capture_in_a_cuda_graph():
     # No host synchronization or host allocation inside the ops: a CUDA graph replays them.
     q, k, v, w, c, gamma, beta, grad = tensors(2, 6, 33, 33, 64, torch.bfloat16)
@@ -501,11 +646,9 @@ def test_forward_and_backward_capture_in_a_cuda_graph():
         captured = step()
     graph.replay()
     torch.cuda.synchronize()
-    # out and dq are written once per entry: bitwise equal. dk, dv and the parameter gradients are
-    # sums of atomic adds, whose order (so the last bits) may differ from run to run.
-    for index, (got, want) in enumerate(zip(captured, expected)):
-        exact = index in (0, 1)
-        torch.testing.assert_close(got, want, rtol=0 if exact else 1e-2, atol=0 if exact else 1e-2)
+    # bf16 runs the tensor-core forward and backward: no atomics, bitwise equal.
+    for got, want in zip(captured, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_dropout_pattern_is_tritons_philox():

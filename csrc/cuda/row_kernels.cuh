@@ -1,11 +1,11 @@
 // __global__ entry points of the tensor-core forward (forward.cuh), one per tile shape of
-// forward_configs.h, and their launcher; instantiated per 16-bit type by forward_{bf16,f16}.cu.
+// row_configs.h, and their launcher; instantiated per 16-bit type by forward_{bf16,f16}.cu.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
-#include "forward.cuh"
-#include "forward_configs.h"
+#include "rows.cuh"
+#include "row_configs.h"
 #include "launch.h"
 
 namespace reattn {
@@ -13,7 +13,7 @@ namespace cuda {
 
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) forward_kernel(const ReAttnParams params) {
-  ForwardProgram<Cfg>(params).run();
+  RowProgram<Cfg>(params).run();
 }
 
 // Opts the kernel into `bytes` of dynamic shared memory on the current device, once per device
@@ -34,7 +34,7 @@ template <class Cfg>
 cudaError_t launch_forward_shape(const ReAttnParams& p, cudaStream_t stream) {
   static size_t granted[kMaxDevices] = {};
   const TileShape s = Cfg::shape();
-  const size_t bytes = forward_layout(s, p.H, p.Nk).bytes;
+  const size_t bytes = row_layout(s, p.H, p.Nk).bytes;
   auto kernel = forward_kernel<Cfg>;
   const cudaError_t err = reserve_shared(kernel, bytes, granted);
   if (err != cudaSuccess) return err;
@@ -48,13 +48,13 @@ template <typename E, int kSlabs, int kGroups, int kHeads, int kD, int kDOut, in
 cudaError_t launch_forward_variant(int variant, const ReAttnParams& p, cudaStream_t stream) {
   switch (variant) {
     case kPlainAffine:
-      return launch_forward_shape<ForwardConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainAffine>>(p, stream);
+      return launch_forward_shape<RowConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainAffine>>(p, stream);
     case kPlainLayer:
-      return launch_forward_shape<ForwardConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainLayer>>(p, stream);
+      return launch_forward_shape<RowConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainLayer>>(p, stream);
     case kPlainMoments:
-      return launch_forward_shape<ForwardConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainMoments>>(p, stream);
+      return launch_forward_shape<RowConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainMoments>>(p, stream);
     case kGeneral:
-      return launch_forward_shape<ForwardConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kGeneral>>(p, stream);
+      return launch_forward_shape<RowConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kGeneral>>(p, stream);
     default:
       return cudaErrorInvalidValue;
   }

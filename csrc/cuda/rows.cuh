@@ -1,5 +1,6 @@
-// The fused Re-attention forward on tensor cores: register-resident, warp-synchronous, one pass
-// over the keys when a query block's key row fits in registers (every ViT length), two otherwise.
+// Programs over a block of query rows, on tensor cores, register-resident and warp-synchronous:
+// the fused Re-attention forward (one pass over the keys when a query block's key row fits in
+// registers, every ViT length; two otherwise) and the backward's row pass (further below).
 //
 //   S_h = scale q_h k_h^T (+ mask),  P_h = exp(S_h - m_h) / l_h,  P~ = P Z / (1 - p)
 //   M_g = sum_h W[g, h] P~_h + c_g,  A_g = out_scale Norm(M)_g (0 where masked),  O_g = A_g V_g
@@ -35,7 +36,8 @@
 #include <cstdint>
 
 #include "device.cuh"
-#include "forward_configs.h"
+#include "mixing.cuh"
+#include "row_configs.h"
 #include "params.h"
 #include "philox.cuh"
 #include "tiles.h"
@@ -44,10 +46,11 @@ namespace reattn {
 namespace cuda {
 
 template <typename E_, int kSlabs_, int kGroups_, int kHeads_, int kD_, int kDOut_, int kKeys_, int kVariant_>
-struct ForwardConfig {
+struct RowConfig {
   using E = E_;
   static constexpr int kVariant = kVariant_;
-  static constexpr bool kPlain = kVariant != kGeneral;
+  static constexpr bool kPlain = kVariant < kGeneral;
+  static constexpr bool kBackward = kVariant == kBackwardRows;
   static constexpr int kSlabs = kSlabs_, kGroups = kGroups_, kHeads = kHeads_, kD = kD_, kDOut = kDOut_;
   static constexpr int kKeys = kKeys_;
   static constexpr int kWarps = kSlabs * kGroups, kThreads = 32 * kWarps, kRows = 16 * kSlabs;
@@ -63,7 +66,7 @@ struct ForwardConfig {
   static constexpr bool kOneSegment = kKeys > 64;
   static_assert(kD % 16 == 0 && kDOut % 16 == 0 && kKeys % kKeyTile == 0, "tile shape");
 
-  static REATTN_HD TileShape shape() { return TileShape{kSlabs, kGroups, kHeads, kD, kDOut, kKeys}; }
+  static REATTN_HD TileShape shape() { return TileShape{kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kBackward}; }
 };
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -131,16 +134,18 @@ struct TileCopy {
 };
 
 template <class Cfg>
-struct ForwardProgram {
+struct RowProgram {
   using E = typename Cfg::E;
   using Cv = dev::Convert<E>;
   static constexpr int kSlabs = Cfg::kSlabs, kGroups = Cfg::kGroups, kHeads = Cfg::kHeads;
-  static constexpr int kHeadsPad = kHeads <= 4 ? 4 : 8;  // weights per (input head, group): float4 loads
+  static constexpr int kHeadsPad = Mixer<E, kGroups, kHeads, Cfg::kMaxHeads>::kHeadsPad;
+  // Row sizes (elements) of the K, V and dM tiles, compile-time (row_layout computes the same).
+  static constexpr int kKRow = padded_row(Cfg::kD), kVRow = padded_row(Cfg::kDOut), kMRow = padded_row(16);
   using KeyCopy = TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain>;
   using ValueCopy = TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain>;
 
   const ReAttnParams& p;
-  ForwardLayout L;
+  RowLayout L;
   char* smem;
   int lane, warp, slab, group, gq, tq;  // gq = lane / 4 (fragment row), tq = lane % 4
   int64_t b;
@@ -165,12 +170,12 @@ struct ForwardProgram {
   }
   REATTN_DEVICE bool vector() const { return Cfg::kPlain || p.vector_loads; }
 
-  REATTN_DEVICE ForwardProgram(const ReAttnParams& params) : p(params), smem(dev::shared_memory()) {
+  REATTN_DEVICE RowProgram(const ReAttnParams& params) : p(params), smem(dev::shared_memory()) {
     H = p.H;
     Nq = p.Nq;
     Nk = p.Nk;
     D = p.D;
-    L = forward_layout(Cfg::shape(), H, Nk);
+    L = row_layout(Cfg::shape(), H, Nk);
     const int tid = dev::thread_index();
     lane = tid % 32;
     warp = tid / 32;
@@ -185,7 +190,7 @@ struct ForwardProgram {
     rounds = (H + kGroups - 1) / kGroups;
     seg_keys = segment_keys(Cfg::shape(), Nk);
     segments = segment_count(Cfg::shape(), Nk);
-    exact = Cfg::kOneSegment || segments == 1;  // compile-time true for one-segment shapes
+    exact = !Cfg::kBackward && (Cfg::kOneSegment || segments == 1);  // compile-time for one-segment shapes
     plain = Cfg::kPlain;
     slab_active = m0 + slab * 16 < Nq;
     issued = used = 0;
@@ -217,41 +222,48 @@ struct ForwardProgram {
   }
   // K tile: heads round * groups .. + groups, keys key0 .. key0 + kKeyTile, all kD columns.
   REATTN_DEVICE void issue_keys(int round, int key0) {
-    KeyCopy::issue(slot_tile(issued++ & 1), L.k_row, kbase, static_cast<int>(p.k_st.h), static_cast<int>(p.k_st.n),
+    KeyCopy::issue(slot_tile(issued++ & 1), kKRow, kbase, static_cast<int>(p.k_st.h), static_cast<int>(p.k_st.n),
                    static_cast<int>(p.k_st.d), round * kGroups, kGroups, H, key0, Nk, 0, D, vector());
     dev::cp_async_commit();
   }
   // V tile: every head, keys key0 .. key0 + kValueTile, output columns d0 .. d0 + d_out.
   REATTN_DEVICE void issue_values(int key0) {
-    ValueCopy::issue(slot_tile(issued++ & 1), L.v_row, vbase, static_cast<int>(p.v_st.h), static_cast<int>(p.v_st.n),
+    ValueCopy::issue(slot_tile(issued++ & 1), kVRow, vbase, static_cast<int>(p.v_st.h), static_cast<int>(p.v_st.n),
                      static_cast<int>(p.v_st.d), 0, H, H, key0, Nk, d0, D, vector());
     dev::cp_async_commit();
   }
   // After the last K tile of a segment's score phase: its first V tile. After the last V tile: the
   // next segment's first K tile, or nothing.
-  REATTN_DEVICE void issue_after_scores(int seg) { issue_values(seg_start(seg)); }
+  REATTN_DEVICE void issue_after_scores(int seg) {
+    if constexpr (Cfg::kBackward) {
+      issue_chunk(seg_start(seg), false);
+    } else {
+      issue_values(seg_start(seg));
+    }
+  }
   REATTN_DEVICE void issue_after_values(int seg) {
     if (!Cfg::kOneSegment && seg + 1 < segments) issue_keys(0, seg_start(seg + 1));
   }
 
   // ---- score phase ------------------------------------------------------------------------------
-  // A fragments of the warp's 16 query rows of head h (rows past Nq and columns past D are zero).
-  // Plain variants: unit stride along D and 4-byte aligned pairs, so each register is one 32-bit
-  // load from one of the thread's two rows (an odd D's last pair keeps its low half).
-  REATTN_DEVICE void load_queries(int h, uint32_t (&qf)[Cfg::kKSteps][4]) const {
-    const E* base = static_cast<const E*>(p.q) + b * p.q_st.b + h * p.q_st.h;
+  // A fragments of the warp's 16 rows of head h of a [B, H, Nq, D] input (q, or dO in the backward;
+  // rows past Nq and columns past D are zero). With aligned rows (vector()) each register is one
+  // 32-bit load from one of the thread's two rows (an odd D's last pair keeps its low half).
+  REATTN_DEVICE void load_row_fragments(const void* src, const Strides4& st, int h,
+                                        uint32_t (&f)[Cfg::kKSteps][4]) const {
+    const E* base = static_cast<const E*>(src) + b * st.b + h * st.h;
     const int r0 = m0 + slab * 16 + gq;
-    if constexpr (Cfg::kPlain) {
+    if (Cfg::kPlain || vector()) {
       const bool ok[2] = {r0 < Nq, r0 + 8 < Nq};
-      const uint32_t* rows[2] = {reinterpret_cast<const uint32_t*>(base + (ok[0] ? r0 : 0) * p.q_st.n),
-                                 reinterpret_cast<const uint32_t*>(base + (ok[1] ? r0 + 8 : 0) * p.q_st.n)};
+      const uint32_t* rows[2] = {reinterpret_cast<const uint32_t*>(base + (ok[0] ? r0 : 0) * st.n),
+                                 reinterpret_cast<const uint32_t*>(base + (ok[1] ? r0 + 8 : 0) * st.n)};
 #pragma unroll
       for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int d = kk * 16 + (r >> 1) * 8 + 2 * tq;
           uint32_t v = ok[r & 1] && d < D ? rows[r & 1][d / 2] : 0u;
-          qf[kk][r] = d + 1 < D ? v : v & 0xffffu;
+          f[kk][r] = d + 1 < D ? v : v & 0xffffu;
         }
       }
       return;
@@ -264,19 +276,20 @@ struct ForwardProgram {
         const int d = kk * 16 + (r >> 1) * 8 + 2 * tq;
         uint32_t v = 0;
         if (row < Nq && d < D) {
-          const E* at_row = base + static_cast<int64_t>(row) * p.q_st.n;
-          const uint32_t lo = at_row[d * p.q_st.d].bits;
-          const uint32_t hi = d + 1 < D ? at_row[(d + 1) * p.q_st.d].bits : 0u;
+          const E* at_row = base + static_cast<int64_t>(row) * st.n;
+          const uint32_t lo = at_row[d * st.d].bits;
+          const uint32_t hi = d + 1 < D ? at_row[(d + 1) * st.d].bits : 0u;
           v = lo | (hi << 16);
         }
-        qf[kk][r] = v;
+        f[kk][r] = v;
       }
     }
   }
+  REATTN_DEVICE void load_queries(int h, uint32_t (&qf)[Cfg::kKSteps][4]) const { load_row_fragments(p.q, p.q_st, h, qf); }
 
   // s[n] = q k^T for the 4 n8 tiles of the K tile in `slot` (head lane hl of the round).
   REATTN_DEVICE void score_tile(int slot, int hl, const uint32_t (&qf)[Cfg::kKSteps][4], float (*s)[4]) const {
-    const E* tile = slot_tile(slot) + static_cast<size_t>(hl) * kKeyTile * L.k_row;
+    const E* tile = slot_tile(slot) + static_cast<size_t>(hl) * kKeyTile * kKRow;
 #pragma unroll
     for (int n = 0; n < Cfg::kTileN8; n += 2) {
 #pragma unroll
@@ -286,7 +299,7 @@ struct ForwardProgram {
         // Matrices (n8 tile n + i / 2, k half i % 2) stored [key][d]: B = K^T without .trans.
         const int i = lane / 8;
         uint32_t kb[4];
-        dev::ldmatrix_x4(kb, tile + ((n + i / 2) * 8 + lane % 8) * L.k_row + kk * 16 + (i % 2) * 8);
+        dev::ldmatrix_x4(kb, tile + ((n + i / 2) * 8 + lane % 8) * kKRow + kk * 16 + (i % 2) * 8);
         const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
         dev::mma_m16n8k16<E>(s[n], qf[kk], b0, s[n]);
         dev::mma_m16n8k16<E>(s[n + 1], qf[kk], b1, s[n + 1]);
@@ -430,11 +443,18 @@ struct ForwardProgram {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int row = m0 + slab * 16 + gq + (e / 2) * 8, key = key0 + n * 8 + 2 * tq + (e & 1);
-              if (v[e] != 0.0f && !dropout_keep(seed, b, H, h, row, key, threshold)) v[e] = 0.0f;
+              // Dropped: 0 in the forward; the backward keeps -P (it needs P of dropped entries).
+              if (v[e] != 0.0f && !dropout_keep(seed, b, H, h, row, key, threshold)) {
+                v[e] = Cfg::kBackward ? -v[e] : 0.0f;
+              }
             }
           }
           lo = Cv::pack(v[0], v[1]) | (masks[n] & 1u ? 0x8000u : 0u) | (masks[n] & 2u ? 0x80000000u : 0u);
           hi = Cv::pack(v[2], v[3]) | (masks[n] & 4u ? 0x8000u : 0u) | (masks[n] & 8u ? 0x80000000u : 0u);
+          if (Cfg::kBackward && dropout) {  // a dropped -P that rounds to -0 would read as masked
+            lo = keep_dropped(lo, v[0] < 0.0f, v[1] < 0.0f);
+            hi = keep_dropped(hi, v[2] < 0.0f, v[3] < 0.0f);
+          }
         } else {
           lo = Cv::pack(v[0], v[1]);
           hi = Cv::pack(v[2], v[3]);
@@ -443,6 +463,14 @@ struct ForwardProgram {
         *reinterpret_cast<uint32_t*>(probs + 8 * L.p_row + n * 8) = hi;
       }
     }
+  }
+
+  // Dropped entries of the backward stay distinguishable from masked ones (exactly -0): at least
+  // the smallest negative subnormal.
+  REATTN_DEVICE static uint32_t keep_dropped(uint32_t packed, bool lo_dropped, bool hi_dropped) {
+    if (lo_dropped && (packed & 0xffffu) == 0x8000u) packed = (packed & 0xffff0000u) | 0x8001u;
+    if (hi_dropped && (packed >> 16) == 0x8000u) packed = (packed & 0xffffu) | 0x80010000u;
+    return packed;
   }
 
   // ---- statistics sweep (several segments) --------------------------------------------------------
@@ -498,10 +526,10 @@ struct ForwardProgram {
           l[r] = a + c;
         }
         const int row = slab * 16 + gq + r * 8;
-        if (tq == 0) {
+        if (tq == 0) {  // as the given statistics of the backward: (m, log l)
           float* st = stats + (static_cast<size_t>(h) * Cfg::kRows + row) * 2;
           st[0] = m[r];
-          st[1] = l[r];
+          st[1] = l[r] > 0.0f ? dev::log2_approx(l[r]) / kLog2e : 0.0f;
         }
       }
       write_stats(h, m, l);
@@ -523,11 +551,14 @@ struct ForwardProgram {
     }
   }
 
-  // Softmax of one round's scores and P~ to shared memory.
+  // Softmax of one round's scores and P~ to shared memory: exact from registers (one segment of
+  // the forward), or P = exp((S - m) - log l) with the statistics (m, log l) in shared memory (the
+  // forward's statistics sweep, or the backward's given ones).
   REATTN_DEVICE void finish_round(float (&s)[Cfg::kScoreN8][4], int h, int key0, int keys, int n8_end) {
     float inv_l[2];
     uint32_t masks[Cfg::kScoreN8];
-    if (Cfg::kPlain && (Cfg::kOneSegment || exact)) {
+    const bool exact_round = !Cfg::kBackward && (Cfg::kOneSegment || exact);
+    if (Cfg::kPlain && exact_round) {
       float m[2], l[2];
       plain_softmax(s, keys, n8_end, m, l);
       inv_l[0] = dev::rcp_approx(l[0]);
@@ -536,29 +567,31 @@ struct ForwardProgram {
       store_probs(s, masks, h, key0, n8_end, inv_l, false);
       return;
     }
-    // Several segments (plain or not) and the general variant: masked scores in natural units.
+    // Masked scores in natural units; then the exact subtraction S - m first (large mask fills).
     mask_scores(s, masks, h, key0, n8_end);
-    if (Cfg::kOneSegment || exact) {
+    if (exact_round) {
       float m[2], l[2];
       row_stats(s, n8_end, m, l);
       inv_l[0] = l[0] > 0.0f ? dev::rcp_approx(l[0]) : 0.0f;
       inv_l[1] = l[1] > 0.0f ? dev::rcp_approx(l[1]) : 0.0f;
       write_stats(h, m, l);
     } else {
-      // P = exp(S - m) / l with the sweep's statistics.
       const float* stats = at<float>(L.stats) + (static_cast<size_t>(h) * Cfg::kRows + slab * 16 + gq) * 2;
-      float m[2];
+      float m[2], log_l[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         m[r] = stats[r * 16];
-        const float l = stats[r * 16 + 1];
-        inv_l[r] = l > 0.0f ? dev::rcp_approx(l) : 0.0f;
+        log_l[r] = stats[r * 16 + 1] * kLog2e;
+        inv_l[r] = 1.0f;
       }
 #pragma unroll
       for (int n = 0; n < Cfg::kScoreN8; ++n) {
         if (n < n8_end) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s[n][e] = exp_shifted(s[n][e], m[e / 2]);
+          for (int e = 0; e < 4; ++e) {
+            const float mm = m[e / 2] == -INFINITY ? 0.0f : m[e / 2];
+            s[n][e] = dev::exp2_approx((s[n][e] - mm) * kLog2e - log_l[e / 2]);
+          }
         }
       }
     }
@@ -617,110 +650,45 @@ struct ForwardProgram {
     }
   }
 
-  // ---- mixing phase -------------------------------------------------------------------------------
-  // One 16-key chunk: mix, normalize, O += A V for the warp's output heads.
-  // key0: the chunk's first key; chunk_col: its column in the segment's P~.
-  REATTN_DEVICE void mix_chunk(int slot, int key0, int chunk_col, float (&o)[kHeads][Cfg::kOutN8][4],
-                               float (&moments)[kHeads][2]) {
-    const float* weights = at<float>(L.weights);
-    const float* vec = at<float>(L.vectors);
-    constexpr int mh = Cfg::kMaxHeads;
-    constexpr bool general = !Cfg::kPlain;
-    const bool layer = this->layer();
-    float acc[kHeads][8];
-    float mean[8];
-    uint32_t own[kHeads][4];  // P~ of each owned head: its sign bits mark masked entries
-#pragma unroll
-    for (int j = 0; j < kHeads; ++j) {
-      const float c = vec[group + kGroups * j];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[j][e] = c;
-#pragma unroll
-      for (int r = 0; r < 4; ++r) own[j][r] = 0;
-    }
-    const float c_mean = vec[4 * mh];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) mean[e] = c_mean;
-    const E* probs = at<E>(L.probs) + (static_cast<size_t>(slab) * 16 + lane % 16) * L.p_row + chunk_col +
-                     (lane / 16) * 8;
-    const size_t head_stride = static_cast<size_t>(Cfg::kRows) * L.p_row;
-#pragma unroll
-    for (int j = 0; j < kHeads; ++j) {
-#pragma unroll
-      for (int rr = 0; rr < kGroups; ++rr) {
-        const int h = j * kGroups + rr;
-        if (h == 0 || h < H) {  // head 0 always exists: its FMAs take c' as addend
-          uint32_t pr[4];
-          dev::ldmatrix_x4(pr, probs + h * head_stride);
-          float pv[8];
-#pragma unroll
-          for (int e = 0; e < 8; ++e) pv[e] = e & 1 ? Cv::high(pr[e / 2]) : Cv::low(pr[e / 2]);
-          const float* w = weights + (h * kGroups + group) * kHeadsPad;
-#pragma unroll
-          for (int j2 = 0; j2 < kHeads; ++j2) {
-            const float wj = w[j2];
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[j2][e] += wj * pv[e];
-          }
-          if (layer) {
-            const float wb = vec[3 * mh + h];
-#pragma unroll
-            for (int e = 0; e < 8; ++e) mean[e] += wb * pv[e];
-          }
-          if (general && rr == group) {
-#pragma unroll
-            for (int r = 0; r < 4; ++r) own[j][r] = pr[r];
-          }
-        }
-      }
-    }
-    if (layer) layer_norm(acc, mean);
-    // Entry e of the A fragment: row gq + 8 (e / 2 % 2), key 2 tq + e % 2 + 8 (e / 4).
-    const E* values = slot_tile(slot);
-    const bool count = counting();
-    const int row0 = m0 + slab * 16 + gq;
-    const bool edge = count && (key0 + kValueTile > Nk || row0 - gq + 16 > Nq);  // moments: entries past Nq / Nk
-#pragma unroll
-    for (int j = 0; j < kHeads; ++j) {
-      const int g = group + kGroups * j;
-      if (g >= H) continue;
-      float a[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const bool masked = general && ((own[j][e / 2] >> (e & 1 ? 31 : 15)) & 1u);
-        a[e] = masked ? 0.0f : acc[j][e];
-      }
-      if (count) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const bool in = !edge || (row0 + ((e / 2) % 2) * 8 < Nq && key0 + 2 * tq + (e & 1) + (e / 4) * 8 < Nk);
-          const float x = in ? a[e] : 0.0f;
-          moments[j][0] += x;
-          moments[j][1] += x * x;
-        }
-      }
-      const uint32_t af[4] = {Cv::pack(a[0], a[1]), Cv::pack(a[2], a[3]), Cv::pack(a[4], a[5]), Cv::pack(a[6], a[7])};
-      const E* vg = values + static_cast<size_t>(g) * kValueTile * L.v_row;
-#pragma unroll
-      for (int n = 0; n < Cfg::kOutN8; n += 2) {
-        // Matrices (k half i % 2, n8 tile n + i / 2) stored [key][d]: .trans gives B fragments.
-        const int i = lane / 8;
-        uint32_t vb[4];
-        dev::ldmatrix_x4_trans(vb, vg + ((i % 2) * 8 + lane % 8) * L.v_row + (n + i / 2) * 8);
-        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-        dev::mma_m16n8k16<E>(o[j][n], af, b0, o[j][n]);
-        dev::mma_m16n8k16<E>(o[j][n + 1], af, b1, o[j][n + 1]);
-      }
-    }
+  // ---- mixing -------------------------------------------------------------------------------------
+  // Per-head parameter rows in shared memory (L.vectors): c' (forward; c in the backward), out_scale
+  // gamma, out_scale beta, column means of W' (LayerNorm's mean); backward only: the norm's mean and
+  // 1/std (BatchNorm), e and f of dM = gamma' rstd dN + e xhat + f. Then two scalars.
+  enum VectorRow : int { kBias = 0, kGamma = 1, kBeta = 2, kColumnMean = 3, kMean = 4, kRstd = 5, kE = 6, kF = 7 };
+  REATTN_DEVICE const float* vec_row(int row) const { return at<float>(L.vectors) + row * Cfg::kMaxHeads; }
+  REATTN_DEVICE float bias_mean() const { return at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads]; }
+  REATTN_DEVICE float inv_heads() const { return at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads + 1]; }
+
+  using Mix = Mixer<E, kGroups, kHeads, Cfg::kMaxHeads>;
+
+  // The lane's ldmatrix row address of head 0 in a [h][rows][row] buffer, for a 16-column chunk.
+  REATTN_DEVICE const E* chunk_tile(size_t buffer, int row, int col) const {
+    return at<E>(buffer) + (static_cast<size_t>(slab) * 16 + lane % 16) * row + col + (lane / 16) * 8;
   }
 
-  // LayerNorm across heads at each of the thread's 8 entries: the mean comes from the column means
-  // of W' (every warp has all input heads), the variance from partial sums over each warp's own
-  // output heads, added across the slab's warps through shared memory. The exchange buffer is
-  // written again only after the next ring step's block barrier.
-  REATTN_DEVICE void layer_norm(float (&acc)[kHeads][8], const float (&mean)[8]) {
-    const float* vec = at<float>(L.vectors);
-    constexpr int mh = Cfg::kMaxHeads;
+  // M of the warp's output heads at its 8 fragment entries of a 16-key chunk (column chunk_col of
+  // the segment's P~), LayerNorm's mean over all heads, the owned heads' raw P~ (Mixer::mix).
+  REATTN_DEVICE void mix_probs(int chunk_col, float (&acc)[kHeads][8], float (&mean)[8], uint32_t (&own)[kHeads][4],
+                               bool with_mean, bool clamp) const {
+    Mix::mix(chunk_tile(L.probs, L.p_row, chunk_col), static_cast<size_t>(Cfg::kRows) * L.p_row, at<float>(L.weights),
+             vec_row(kBias), vec_row(kColumnMean), bias_mean(), H, group, acc, mean, own, with_mean, clamp);
+  }
+
+  // Sums over the output heads of the slab's warps (Mixer::group_sum): region 0 (8 floats per lane)
+  // and region 1 (16) never serve the same chunk twice.
+  REATTN_DEVICE void slab_sum(float (&x)[8]) const {
+    constexpr int kStride = Cfg::kBackward ? 24 : 8;
+    Mix::group_sum(at<float>(L.exchange) + static_cast<size_t>(slab) * kGroups * 32 * kStride, kStride, 1 + slab,
+                   group, lane, x);
+  }
+  REATTN_DEVICE void slab_sum2(float (&x)[8], float (&y)[8]) const {
+    Mix::group_sum2(at<float>(L.exchange) + static_cast<size_t>(slab) * kGroups * 32 * 24 + 8, 24, 1 + slab, group,
+                    lane, x, y);
+  }
+
+  // LayerNorm across heads: acc -= mean (every warp has it from W's column means), rstd from the
+  // centered squares summed over the slab's warps.
+  REATTN_DEVICE void layer_center(float (&acc)[kHeads][8], const float (&mean)[8], float (&rstd)[8]) const {
     float part[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) part[e] = 0.0f;
@@ -734,57 +702,106 @@ struct ForwardProgram {
         }
       }
     }
-    if (kGroups > 1) {
-      float* ex = at<float>(L.exchange) + static_cast<size_t>(slab) * kGroups * 32 * 8;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) ex[(group * 32 + lane) * 8 + e] = part[e];
-      dev::named_barrier(1 + slab, 32 * kGroups);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) part[e] = 0.0f;
-#pragma unroll
-      for (int r = 0; r < kGroups; ++r) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) part[e] += ex[(r * 32 + lane) * 8 + e];
-      }
-    }
-    float rstd[8];
-#pragma unroll
-    const float inv_h = vec[4 * mh + 1];  // 1 / H
+    slab_sum(part);
+    const float inv_h = inv_heads();
 #pragma unroll
     for (int e = 0; e < 8; ++e) rstd[e] = dev::rsqrt_approx(part[e] * inv_h + static_cast<float>(p.eps));
+  }
+
+  REATTN_DEVICE static bool masked_entry(const uint32_t (&own)[4], int e) { return Mix::masked(own, e); }
+  REATTN_DEVICE int entry_row(int e) const { return m0 + slab * 16 + gq + ((e / 2) % 2) * 8; }
+  REATTN_DEVICE static int entry_col(int tq_, int e) { return 2 * tq_ + (e & 1) + (e / 4) * 8; }
+
+  // ---- the forward's mixing phase ----------------------------------------------------------------------
+  // One 16-key chunk: mix, normalize, O += A V for the warp's output heads.
+  // key0: the chunk's first key; chunk_col: its column in the segment's P~.
+  REATTN_DEVICE void mix_chunk(int slot, int key0, int chunk_col, float (&o)[kHeads][Cfg::kOutN8][4],
+                               float (&moments)[kHeads][2]) {
+    constexpr bool general = !Cfg::kPlain;
+    const bool layer = this->layer();
+    float acc[kHeads][8];
+    float mean[8];
+    uint32_t own[kHeads][4];
+    mix_probs(chunk_col, acc, mean, own, layer, false);
+    if (layer) {
+      float rstd[8];
+      layer_center(acc, mean, rstd);
+      const float* gamma = vec_row(kGamma);
+      const float* beta = vec_row(kBeta);
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[j][e] = acc[j][e] * rstd[e] * gamma[g] + beta[g];
+      }
+    }
+    // Entry e of the A fragment: row gq + 8 (e / 2 % 2), key 2 tq + e % 2 + 8 (e / 4).
+    const E* values = slot_tile(slot);
+    const bool count = counting();
+    const int row0 = m0 + slab * 16 + gq;
+    const bool edge = count && (key0 + kValueTile > Nk || row0 - gq + 16 > Nq);  // moments: entries past Nq / Nk
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int g = group + kGroups * j;
-      const float gamma = vec[mh + (g < H ? g : 0)], beta = vec[2 * mh + (g < H ? g : 0)];
+      if (g >= H) continue;
+      float a[8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) acc[j][e] = acc[j][e] * rstd[e] * gamma + beta;
+      for (int e = 0; e < 8; ++e) a[e] = general && masked_entry(own[j], e) ? 0.0f : acc[j][e];
+      if (count) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const bool in = !edge || (entry_row(e) < Nq && key0 + entry_col(tq, e) < Nk);
+          const float x = in ? a[e] : 0.0f;
+          moments[j][0] += x;
+          moments[j][1] += x * x;
+        }
+      }
+      const uint32_t af[4] = {Cv::pack(a[0], a[1]), Cv::pack(a[2], a[3]), Cv::pack(a[4], a[5]), Cv::pack(a[6], a[7])};
+      const E* vg = values + static_cast<size_t>(g) * kValueTile * kVRow;
+#pragma unroll
+      for (int n = 0; n < Cfg::kOutN8; n += 2) {
+        // Matrices (k half i % 2, n8 tile n + i / 2) stored [key][d]: .trans gives B fragments.
+        const int i = lane / 8;
+        uint32_t vb[4];
+        dev::ldmatrix_x4_trans(vb, vg + ((i % 2) * 8 + lane % 8) * kVRow + (n + i / 2) * 8);
+        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+        dev::mma_m16n8k16<E>(o[j][n], af, b0, o[j][n]);
+        dev::mma_m16n8k16<E>(o[j][n + 1], af, b1, o[j][n + 1]);
+      }
     }
   }
 
-  // ---- the program --------------------------------------------------------------------------------
+  // ---- parameters --------------------------------------------------------------------------------------
+  // folded (fp32): W' [H][H] row-major (g, h), then per-head rows: forward c', out_scale gamma,
+  // out_scale beta; backward c, gamma', beta', mean, rstd, e, f (ops.cpp, fold_parameters).
   REATTN_DEVICE void load_parameters() {
-    // folded: W' [H][H] row-major (g, h), then c', tau gamma, tau beta [H] each (fp32).
     const float* f = static_cast<const float*>(p.folded);
     float* weights = at<float>(L.weights);
+    float* weights_t = Cfg::kBackward ? at<float>(L.weights_t) : nullptr;
     float* vec = at<float>(L.vectors);
     constexpr int mh = Cfg::kMaxHeads;
+    constexpr int kRows = Cfg::kBackward ? 7 : 3;  // per-head rows after W'
     for (int i = dev::thread_index(); i < mh * kGroups * kHeadsPad; i += Cfg::kThreads) {
-      const int j = i % kHeadsPad, r = (i / kHeadsPad) % kGroups, h = i / (kHeadsPad * kGroups);
-      const int g = r + kGroups * j;
-      weights[i] = j < kHeads && g < H && h < H ? f[g * H + h] : 0.0f;
+      const int j = i % kHeadsPad, r = (i / kHeadsPad) % kGroups, a = i / (kHeadsPad * kGroups);
+      const int b_ = r + kGroups * j;  // the warp-owned head of slot (r, j); a: the other head
+      const bool ok = j < kHeads && b_ < H && a < H;
+      weights[i] = ok ? f[b_ * H + a] : 0.0f;  // [h = a][group r][j]: W'[g_j][h]
+      if (Cfg::kBackward) weights_t[i] = ok ? f[a * H + b_] : 0.0f;  // [g = a][group r][j]: W'[g][h_j]
     }
-    for (int i = dev::thread_index(); i <= 4 * mh + 1; i += Cfg::kThreads) {
+    for (int i = dev::thread_index(); i < kVectorRows * mh + 2; i += Cfg::kThreads) {
       const int row = i / mh, h = i % mh;
       float v = 0.0f;
-      if (row < 3 && h < H) {
-        v = f[H * H + row * H + h];
-      } else if (row == 3 && h < H) {  // column mean of W' (LayerNorm's mean of M)
+      if (row == kColumnMean && h < H) {  // column mean of W' (LayerNorm's mean of M)
         for (int g = 0; g < H; ++g) v += f[g * H + h];
         v /= H;
-      } else if (i == 4 * mh) {  // the mean of c'
+      } else if (row < kVectorRows && h < H) {
+        const int from = row < kColumnMean ? row : row - 1;  // the folded rows skip the column means
+        if (from < kRows) v = f[H * H + from * H + h];
+        if (row == kRstd && from >= kRows) v = 1.0f;
+      } else if (i == kVectorRows * mh) {  // the mean of c'
         for (int g = 0; g < H; ++g) v += f[H * H + g];
         v /= H;
-      } else if (i == 4 * mh + 1) {
+      } else if (i == kVectorRows * mh + 1) {
         v = 1.0f / H;
       }
       vec[i] = v;
@@ -792,6 +809,12 @@ struct ForwardProgram {
   }
 
   REATTN_DEVICE void write_output(const float (&o)[kHeads][Cfg::kOutN8][4]) const {
+    write_rows(o, p.out, p.o_st, p.out_is_acc);
+  }
+
+  // Accumulators o[j] of head group + groups j, fragment layout, to a [B, H, Nq, D] output (T or fp32).
+  REATTN_DEVICE void write_rows(const float (&o)[kHeads][Cfg::kOutN8][4], void* dst, const Strides4& st,
+                                bool fp32) const {
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int g = group + kGroups * j;
@@ -803,17 +826,17 @@ struct ForwardProgram {
           const int row = m0 + slab * 16 + gq + r * 8;
           const int d = d0 + n * 8 + 2 * tq;
           if (row >= Nq) continue;
-          const int64_t at_row = b * p.o_st.b + g * p.o_st.h + static_cast<int64_t>(row) * p.o_st.n;
-          if (p.out_is_acc) {
-            float* out = static_cast<float*>(p.out) + at_row;
-            if (d < D) out[d * p.o_st.d] = o[j][n][2 * r];
-            if (d + 1 < D) out[(d + 1) * p.o_st.d] = o[j][n][2 * r + 1];
-          } else if (d + 1 < D && p.o_st.d == 1) {  // the output is ours: contiguous, pairs 4-byte aligned
-            *reinterpret_cast<uint32_t*>(static_cast<E*>(p.out) + at_row + d) = Cv::pack(o[j][n][2 * r], o[j][n][2 * r + 1]);
+          const int64_t at_row = b * st.b + g * st.h + static_cast<int64_t>(row) * st.n;
+          if (fp32) {
+            float* out = static_cast<float*>(dst) + at_row;
+            if (d < D) out[d * st.d] = o[j][n][2 * r];
+            if (d + 1 < D) out[(d + 1) * st.d] = o[j][n][2 * r + 1];
+          } else if (d + 1 < D && st.d == 1) {  // the output is ours: contiguous, pairs 4-byte aligned
+            *reinterpret_cast<uint32_t*>(static_cast<E*>(dst) + at_row + d) = Cv::pack(o[j][n][2 * r], o[j][n][2 * r + 1]);
           } else {
-            E* out = static_cast<E*>(p.out) + at_row;
-            if (d < D) out[d * p.o_st.d].bits = Cv::from_float(o[j][n][2 * r]);
-            if (d + 1 < D) out[(d + 1) * p.o_st.d].bits = Cv::from_float(o[j][n][2 * r + 1]);
+            E* out = static_cast<E*>(dst) + at_row;
+            if (d < D) out[d * st.d].bits = Cv::from_float(o[j][n][2 * r]);
+            if (d + 1 < D) out[(d + 1) * st.d].bits = Cv::from_float(o[j][n][2 * r + 1]);
           }
         }
       }
@@ -857,10 +880,9 @@ struct ForwardProgram {
     }
   }
 
-  REATTN_DEVICE static void clear(float (&o)[kHeads][Cfg::kOutN8][4], float (&moments)[kHeads][2]) {
+  REATTN_DEVICE static void clear(float (&o)[kHeads][Cfg::kOutN8][4]) {
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
-      moments[j][0] = moments[j][1] = 0.0f;
 #pragma unroll
       for (int n = 0; n < Cfg::kOutN8; ++n) {
 #pragma unroll
@@ -869,18 +891,20 @@ struct ForwardProgram {
     }
   }
 
-  REATTN_DEVICE void run() {
+  REATTN_DEVICE void run_forward() {
     load_parameters();
     issue_keys(0, 0);
     float o[kHeads][Cfg::kOutN8][4];
     float moments[kHeads][2];
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) moments[j][0] = moments[j][1] = 0.0f;
     if constexpr (Cfg::kOneSegment) {
       score_phase(0);
-      clear(o, moments);
+      clear(o);
       mixing_phase(0, o, moments);
     } else {
       if (!exact) statistics_sweep();
-      clear(o, moments);
+      clear(o);
       for (int seg = 0; seg < segments; ++seg) {
         score_phase(seg);
         mixing_phase(seg, o, moments);
@@ -889,6 +913,382 @@ struct ForwardProgram {
     dev::cp_async_wait<0>();
     write_output(o);
     if (counting()) write_moments(moments);
+  }
+
+  // ================================ backward: the row pass ================================================
+  // Given the forward's row statistics, per program (batch element b, the block's query rows, every
+  // head), with P~ of the segment in shared memory as in the forward except that dropped entries
+  // keep -P (sign bit set; exactly -0 still means masked):
+  //
+  //   sweep 1, per 16-key chunk: the warps as output-head owners recompute M where the norm needs
+  //     it, dA = dO V^T on tensor cores (dO A-fragments in registers, V^T B-fragments by ldmatrix),
+  //     dN = dA where attended, dM by the norm's backward (LayerNorm: two sums across the slab's
+  //     warps), the parameter-gradient partials (dW, dc, dgamma, dbeta) in registers, and dM (16-bit)
+  //     to shared memory; after a barrier, as input-head owners, dP' = W'^T dM (W' carries
+  //     1 / (1 - p)) and D_h,i += sum_j P~' dP' (P~' the stored value clamped at 0).
+  //   sweep 2: dM again, then dS = P (Z dP' - D) (P = |stored|, Z = stored >= 0) and
+  //     dQ += scale dS K on tensor cores (K chunk tiles by ldmatrix .trans), dQ in registers.
+  // D goes to global memory for the key pass (keys.cuh), which computes dK and dV without atomics;
+  // the parameter-gradient partials go to [programs][H H + 3 H] (fp32; the host adds them in fp64).
+  // stats_only (training BatchNorm's backward sums): sweep 1's sums of dN xhat and dN only.
+
+  REATTN_DEVICE void load_grads(uint32_t (&df)[kHeads][Cfg::kKSteps][4]) const {
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int g = group + kGroups * j;
+      load_row_fragments(p.grad_out, p.do_st, g < H ? g : 0, df[j]);
+      if (g >= H) {
+#pragma unroll
+        for (int kk = 0; kk < Cfg::kKSteps; ++kk) df[j][kk][0] = df[j][kk][1] = df[j][kk][2] = df[j][kk][3] = 0u;
+      }
+    }
+  }
+
+  // The forward's (m, log l) of the block's rows, every head, into shared memory.
+  REATTN_DEVICE void load_given_stats() const {
+    float* st = at<float>(L.stats);
+    const float* in = static_cast<const float*>(p.lse);
+    for (int i = dev::thread_index(); i < H * Cfg::kRows; i += Cfg::kThreads) {
+      const int h = i / Cfg::kRows, r = i % Cfg::kRows, row = m0 + r;
+      const bool ok = row < Nq;
+      const int64_t at_row = ((b * H + h) * static_cast<int64_t>(Nq) + (ok ? row : 0)) * 2;
+      st[2 * i] = ok ? in[at_row] : 0.0f;
+      st[2 * i + 1] = ok ? in[at_row + 1] : 0.0f;
+    }
+  }
+
+  // A chunk tile: V [H][16][k_row], and in the second sweep K [H][16][k_row] after it.
+  REATTN_DEVICE void issue_chunk(int key0, bool with_keys) {
+    E* slot = slot_tile(issued++ & 1);
+    ValueCopy::issue(slot, kKRow, vbase, static_cast<int>(p.v_st.h), static_cast<int>(p.v_st.n),
+                     static_cast<int>(p.v_st.d), 0, H, H, key0, Nk, 0, D, vector());
+    if (with_keys) {
+      ValueCopy::issue(slot + H * kValueTile * kKRow, kKRow, kbase, static_cast<int>(p.k_st.h),
+                       static_cast<int>(p.k_st.n), static_cast<int>(p.k_st.d), 0, H, H, key0, Nk, 0, D, vector());
+    }
+    dev::cp_async_commit();
+  }
+
+  struct Partials {
+    float dw[kHeads][Cfg::kMaxHeads];  // sum dM_g P~'_h (the host applies 1 / (1 - p))
+    float dc[kHeads], dgamma[kHeads], dbeta[kHeads];
+  };
+
+  // Output-head part of a chunk: dM of the warp's heads to shared memory (and the partial sums).
+  REATTN_DEVICE void grad_mixed(int slot, int key0, int chunk_col, bool first, bool sums_only,
+                                const uint32_t (&df)[kHeads][Cfg::kKSteps][4], Partials& part) {
+    const int norm = p.norm;
+    const bool layer = norm == kNormLayer, batch = norm == kNormBatch;
+    const bool clamp = p.seed != nullptr;
+    float acc[kHeads][8];
+    float mean[8], rstd[8];
+    uint32_t masks[kHeads];
+    {
+      uint32_t own[kHeads][4];
+      if (layer || batch) {
+        mix_probs(chunk_col, acc, mean, own, layer, clamp);
+      } else {  // norm none needs only the owned heads' masked bits
+        const E* probs = chunk_tile(L.probs, L.p_row, chunk_col);
+#pragma unroll
+        for (int j = 0; j < kHeads; ++j) {
+          const int g = group + kGroups * j;
+          dev::ldmatrix_x4(own[j], probs + static_cast<size_t>(g < H ? g : 0) * Cfg::kRows * L.p_row);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[j][e] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) masks[j] = Mix::masked_bits(own[j]);
+    }
+    // xhat in acc: LayerNorm over heads, BatchNorm with the given mean and 1/std; none: unused.
+    if (layer) {
+      layer_center(acc, mean, rstd);
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[j][e] *= rstd[e];
+      }
+    } else if (batch) {
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
+        const float mu = vec_row(kMean)[g], r = vec_row(kRstd)[g];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[j][e] = (acc[j][e] - mu) * r;
+      }
+    }
+    // dA = dO V^T: B = V^T from V [key][d] without .trans, matrices (n8 tile i / 2, k half i % 2).
+    const E* values = slot_tile(slot);
+    const int i = lane / 8;
+    float dn[kHeads][8];
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int g = group + kGroups * j;
+      float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      const E* vg = values + static_cast<size_t>(g < H ? g : 0) * kValueTile * kKRow;
+#pragma unroll
+      for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
+        uint32_t vb[4];
+        dev::ldmatrix_x4(vb, vg + ((i / 2) * 8 + lane % 8) * kKRow + kk * 16 + (i % 2) * 8);
+        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+        dev::mma_m16n8k16<E>(c0, df[j][kk], b0, c0);
+        dev::mma_m16n8k16<E>(c1, df[j][kk], b1, c1);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        dn[j][e] = c0[e];
+        dn[j][4 + e] = c1[e];
+      }
+    }
+    // dN = dA where attended (masked: 0); out_scale is in gamma'.
+    const bool edge = key0 + kValueTile > Nk || m0 + slab * 16 + 16 > Nq;
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const bool in = !edge || (entry_row(e) < Nq && key0 + entry_col(tq, e) < Nk);
+        if (((masks[j] >> e) & 1u) || !in || group + kGroups * j >= H) dn[j][e] = 0.0f;
+      }
+    }
+    if (first) {  // dgamma += sum dN xhat, dbeta += sum dN (LayerNorm; training BatchNorm's sums)
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          part.dgamma[j] += dn[j][e] * (layer || batch ? acc[j][e] : 0.0f);
+          part.dbeta[j] += dn[j][e];
+        }
+      }
+    }
+    // dM, in place of dN: affine norms gamma' rstd dN + e xhat + f (where attended); LayerNorm
+    // rstd (dxhat - mean dxhat - xhat mean(dxhat xhat)) with dxhat = gamma' dN, which is 0 for
+    // entries past Nq / Nk.
+    float (&dm)[kHeads][8] = dn;
+    if (layer) {
+      float s1[8], s2[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) s1[e] = s2[e] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
+        const float gamma = vec_row(kGamma)[g];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          dm[j][e] = gamma * dn[j][e];  // dxhat
+          s1[e] += dm[j][e];
+          s2[e] += dm[j][e] * acc[j][e];
+        }
+      }
+      slab_sum2(s1, s2);
+      const float inv_h = inv_heads();
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dm[j][e] = rstd[e] * (dm[j][e] - s1[e] * inv_h - acc[j][e] * s2[e] * inv_h);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
+        const float a = vec_row(kGamma)[g] * vec_row(kRstd)[g], ee = vec_row(kE)[g], ff = vec_row(kF)[g];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const bool live = !((masks[j] >> e) & 1u) && (!edge || (entry_row(e) < Nq && key0 + entry_col(tq, e) < Nk));
+          dm[j][e] = live ? a * dn[j][e] + ee * acc[j][e] + ff : 0.0f;
+        }
+      }
+    }
+    if (first) {
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) part.dc[j] += dm[j][e];
+      }
+      if (sums_only) return;
+      // dW[g_j, h] += sum_e dM_g P~'_h: every input head's P~ once more.
+      const E* probs = chunk_tile(L.probs, L.p_row, chunk_col);
+#pragma unroll
+      for (int h = 0; h < Cfg::kMaxHeads; ++h) {
+        if (h < H) {
+          uint32_t pr[4];
+          dev::ldmatrix_x4(pr, probs + static_cast<size_t>(h) * Cfg::kRows * L.p_row);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const float pv = dev::fmax_(e & 1 ? Cv::high(pr[e / 2]) : Cv::low(pr[e / 2]), 0.0f);
+#pragma unroll
+            for (int j = 0; j < kHeads; ++j) part.dw[j][h] += dm[j][e] * pv;
+          }
+        }
+      }
+    }
+    // dM to shared memory, 16-bit, A-fragment entry order.
+    E* out = at<E>(L.dmixed) + (static_cast<size_t>(slab) * 16 + gq) * kMRow + 2 * tq;
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int g = group + kGroups * j;
+      if (g >= H) continue;
+      E* at_g = out + static_cast<size_t>(g) * Cfg::kRows * kMRow;
+      *reinterpret_cast<uint32_t*>(at_g) = Cv::pack(dm[j][0], dm[j][1]);
+      *reinterpret_cast<uint32_t*>(at_g + 8 * kMRow) = Cv::pack(dm[j][2], dm[j][3]);
+      *reinterpret_cast<uint32_t*>(at_g + 8) = Cv::pack(dm[j][4], dm[j][5]);
+      *reinterpret_cast<uint32_t*>(at_g + 8 * kMRow + 8) = Cv::pack(dm[j][6], dm[j][7]);
+    }
+  }
+
+  // Input-head part of a chunk: dP' = W'^T dM for the warp's heads h_j; sweep 1 adds P~' dP' to the
+  // row partials of D, sweep 2 forms dS and dQ += scale dS K.
+  REATTN_DEVICE void grad_probs(int slot, int chunk_col, bool first, float (&dpart)[kHeads][2],
+                                float (&dq)[kHeads][Cfg::kOutN8][4]) const {
+    float dp[kHeads][8];
+    Mix::mix_transposed(chunk_tile(L.dmixed, kMRow, 0), static_cast<size_t>(Cfg::kRows) * kMRow,
+                        at<float>(L.weights_t), H, group, dp);
+    const E* probs = chunk_tile(L.probs, L.p_row, chunk_col);
+    const float* delta = at<float>(L.delta);
+    const E* keys = slot_tile(slot) + H * kValueTile * kKRow;
+    const float scale = static_cast<float>(p.scale);
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int h = group + kGroups * j;
+      if (h >= H) continue;
+      uint32_t pr[4];
+      dev::ldmatrix_x4(pr, probs + static_cast<size_t>(h) * Cfg::kRows * L.p_row);
+      if (first) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float pv = dev::fmax_(e & 1 ? Cv::high(pr[e / 2]) : Cv::low(pr[e / 2]), 0.0f);
+          dpart[j][(e / 2) % 2] += pv * dp[j][e];
+        }
+        continue;
+      }
+      const float dr[2] = {delta[h * Cfg::kRows + slab * 16 + gq], delta[h * Cfg::kRows + slab * 16 + gq + 8]};
+      float ds[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float sv = e & 1 ? Cv::high(pr[e / 2]) : Cv::low(pr[e / 2]);
+        // P = |stored|; kept (Z = 1) unless the sign is set with a nonzero value (dropped).
+        ds[e] = dev::fabs_(sv) * ((sv >= 0.0f ? dp[j][e] : 0.0f) - dr[(e / 2) % 2]) * scale;
+      }
+      const uint32_t af[4] = {Cv::pack(ds[0], ds[1]), Cv::pack(ds[2], ds[3]), Cv::pack(ds[4], ds[5]),
+                              Cv::pack(ds[6], ds[7])};
+      const E* kh = keys + static_cast<size_t>(h) * kValueTile * kKRow;
+      const int i = lane / 8;
+#pragma unroll
+      for (int n = 0; n < Cfg::kOutN8; n += 2) {
+        uint32_t kb[4];
+        dev::ldmatrix_x4_trans(kb, kh + ((i % 2) * 8 + lane % 8) * kKRow + (n + i / 2) * 8);
+        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+        dev::mma_m16n8k16<E>(dq[j][n], af, b0, dq[j][n]);
+        dev::mma_m16n8k16<E>(dq[j][n + 1], af, b1, dq[j][n + 1]);
+      }
+    }
+  }
+
+  // The partial sums of the block: warp sums over lanes, then over slabs, to
+  // partials + program * (H H + 3 H) = [dW (g, h)][dc][dgamma][dbeta].
+  REATTN_DEVICE void write_partials(Partials& part) {
+    constexpr int mh = Cfg::kMaxHeads;
+    float* sums = at<float>(L.sums) + static_cast<size_t>(warp) * kHeads * (mh + 3);
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+      for (int k = 0; k < mh + 3; ++k) {
+        float v = k < mh ? part.dw[j][k] : k == mh ? part.dc[j] : k == mh + 1 ? part.dgamma[j] : part.dbeta[j];
+        for (int off = 16; off > 0; off /= 2) v += dev::shfl_xor(v, off);
+        if (lane == 0) sums[j * (mh + 3) + k] = v;
+      }
+    }
+    dev::sync_threads();
+    float* out = p.partials + static_cast<int64_t>(dev::block_index_x()) * (H * H + 3 * H);
+    const float* all = at<float>(L.sums);
+    for (int i = dev::thread_index(); i < H * H + 3 * H; i += Cfg::kThreads) {
+      const int g = i < H * H ? i / H : (i - H * H) % H;
+      const int k = i < H * H ? i % H : mh + (i - H * H) / H;
+      float v = 0.0f;
+      for (int s = 0; s < kSlabs; ++s) v += all[((s * kGroups + g % kGroups) * kHeads + g / kGroups) * (mh + 3) + k];
+      out[i] = v;
+    }
+  }
+
+  // One sweep over the chunks (the first: D and the partial sums; the second: dQ).
+  REATTN_DEVICE void backward_sweep(bool first, bool sums_only, const uint32_t (&df)[kHeads][Cfg::kKSteps][4],
+                                    Partials& part, float (&dpart)[kHeads][2], float (&dq)[kHeads][Cfg::kOutN8][4]) {
+    const int chunks = value_tiles(seg_len(0));
+    for (int c = 0; c < chunks; ++c) {
+      const int slot = begin_step();
+      if (c + 1 < chunks) {
+        issue_chunk((c + 1) * kValueTile, !first);
+      } else if (first && !sums_only) {
+        issue_chunk(0, true);  // the second sweep's first chunk
+      }
+      if (slab_active) grad_mixed(slot, c * kValueTile, c * kValueTile, first, sums_only, df, part);
+      if (sums_only) continue;
+      dev::sync_threads();  // dM of every output head
+      if (slab_active) grad_probs(slot, c * kValueTile, first, dpart, dq);
+    }
+  }
+
+  // D per (head, row): the quad's partials, to shared memory and to global memory (key pass).
+  REATTN_DEVICE void finish_delta(float (&dpart)[kHeads][2]) const {
+    float* delta = at<float>(L.delta);
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int h = group + kGroups * j;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float v = dpart[j][r];
+        v += dev::shfl_xor(v, 1);
+        v += dev::shfl_xor(v, 2);
+        const int row = slab * 16 + gq + r * 8;
+        if (tq == 0 && h < H && slab_active) {
+          delta[h * Cfg::kRows + row] = v;
+          if (m0 + row < Nq) p.delta[(b * H + h) * static_cast<int64_t>(Nq) + m0 + row] = v;
+        }
+      }
+    }
+  }
+
+  REATTN_DEVICE void run_backward() {
+    load_parameters();
+    load_given_stats();
+    const bool sums_only = p.stats_only;
+    issue_keys(0, 0);
+    score_phase(0);  // one segment (the host plans so); its last K step issues the first chunk
+    uint32_t df[kHeads][Cfg::kKSteps][4];
+    if (slab_active) load_grads(df);
+    float dq[kHeads][Cfg::kOutN8][4];
+    {
+      float dpart[kHeads][2];
+      Partials part;
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        dpart[j][0] = dpart[j][1] = part.dc[j] = part.dgamma[j] = part.dbeta[j] = 0.0f;
+#pragma unroll
+        for (int h = 0; h < Cfg::kMaxHeads; ++h) part.dw[j][h] = 0.0f;
+      }
+      backward_sweep(true, sums_only, df, part, dpart, dq);
+      if (!sums_only) finish_delta(dpart);
+      write_partials(part);  // before the second sweep: its registers are free for dQ
+    }
+    if (sums_only) {
+      dev::cp_async_wait<0>();
+      return;
+    }
+    clear(dq);
+    {
+      float dpart[kHeads][2];
+      Partials unused;
+      backward_sweep(false, false, df, unused, dpart, dq);
+    }
+    dev::cp_async_wait<0>();
+    write_rows(dq, p.dq, p.dq_st, false);
+  }
+
+  REATTN_DEVICE void run() {
+    if constexpr (Cfg::kBackward) {
+      run_backward();
+    } else {
+      run_forward();
+    }
   }
 };
 

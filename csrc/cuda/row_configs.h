@@ -1,5 +1,5 @@
 // The instantiated tile shapes of the tensor-core forward and the rule that picks one. Plain C++
-// (the host plans with it; forward_kernels.cuh instantiates exactly these, in this order).
+// (the host plans with it; row_kernels.cuh instantiates exactly these, in this order).
 //
 // Each shape is tuned for a family of problems (registers per thread ~ heads * d_out / 2 for O,
 // keys / 2 for the scores; shared memory ~ H * 16 slabs * keys * 2 bytes for P~). A problem no
@@ -32,6 +32,9 @@ namespace cuda {
 enum ForwardVariant : int { kPlainAffine = 0, kPlainLayer = 1, kPlainMoments = 2, kGeneral = 3 };
 constexpr int kForwardVariants = 4;
 
+// The backward's row pass (rows.cuh), one compiled variant handling every mode with branches.
+constexpr int kBackwardRows = 4;
+
 constexpr int kForwardShapeCount = 5;
 
 inline TileShape forward_shape(int index) {
@@ -54,7 +57,7 @@ inline int pick_forward_shape(int H, int D, int Nk, size_t shared_limit) {
     const TileShape s = forward_shape(i);
     if (H > s.max_heads() || D > s.d || D > s.d_out) continue;
     if (s.keys > 64 && Nk > s.keys) continue;
-    if (forward_layout(s, H, Nk).bytes > shared_limit) continue;
+    if (row_layout(s, H, Nk).bytes > shared_limit) continue;
     const long cost = static_cast<long>(s.d - D) * 1000 - s.slabs;
     if (best < 0 || cost < best_cost) {
       best = i;
