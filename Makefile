@@ -1,45 +1,85 @@
-# reattn: two commands on a fresh machine.
-#   make bench   the microbenchmark against the eager baseline on the device present (quick suite)
-#   make test    the whole test suite
-# Both create (and then reuse) a virtual environment in .venv with the GPU user's stack:
-# torch==2.15.0 (CUDA build; it also runs on CPU) with the triton it pins, timm, vit-pytorch.
+# reattn: a virtual environment, the build and the tests in a few commands (the README's quick start
+# says what each installs and how long it takes).
+#   make install        .venv with the GPU user's stack: torch==2.15.0 (the CUDA build: it also runs on
+#                       CPU; with its CUDA libraries and triton, about 5.8 GB installed), timm, vit-pytorch,
+#                       the test and benchmark packages; then builds reattn._C (CPU part, and the CUDA
+#                       kernels when nvcc is there)
+#   make install TORCH=cpu   the CPU-only path: .venv-cpu with torch's CPU wheel (no CUDA libraries, no
+#                       triton) and the CPU part of reattn._C only
+#   make test           the whole test suite (installs first if needed); make test-fast leaves out the
+#                       tests that install packages
+#   make bench          the quick benchmark; results go to $(BENCH_RESULTS) (outside the checkout)
+#   make bench-record   the full benchmark recorded into benchmarks/results and the README
 
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
+TORCH ?= cuda
+ifeq ($(TORCH),cpu)
+VENV ?= .venv-cpu
+# torch's CPU wheels live on its own package index (CPU_TORCH_INDEX= installs from the configured ones)
+CPU_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_SPEC ?= torch torchvision
+TORCH_INSTALL = $(TORCH_SPEC) $(if $(CPU_TORCH_INDEX),--index-url $(CPU_TORCH_INDEX))
+else ifeq ($(TORCH),cuda)
 VENV ?= .venv
-PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.15.0
+TORCH_INSTALL = $(TORCH_SPEC)
+else
+$(error TORCH must be cuda or cpu, got $(TORCH))
+endif
+PY := $(VENV)/bin/python
 export MAX_JOBS ?= 2
 # cpp_extension otherwise looks for the toolkit in /usr/local and fails to find cudart.
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
+# Benchmark results of `make bench` / `make bench-full`: outside the checkout, which stays clean.
+BENCH_RESULTS ?= $(VENV)/bench-results
 
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+STEP = @echo; echo "== reattn: $(1) ($$(date +%H:%M:%S))"
 
-.PHONY: bench bench-full bench-report test test-fast install clean
+.PHONY: bench bench-full bench-record bench-report test test-fast install clean
 
 $(VENV)/.deps:
+	$(call STEP,1/3 virtual environment $(VENV))
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "$(TORCH_SPEC)" timm vit-pytorch pytest ninja numpy matplotlib tqdm scikit-learn
+	$(PY) -m pip install --progress-bar on --upgrade pip setuptools wheel
+	$(call STEP,2/3 torch ($(TORCH_INSTALL)): the largest download; pip shows its progress)
+	$(PY) -m pip install --progress-bar on $(TORCH_INSTALL)
+	$(call STEP,2/3 test and benchmark packages (timm vit-pytorch pytest ninja numpy matplotlib tqdm scikit-learn))
+	$(PY) -m pip install --progress-bar on timm vit-pytorch pytest ninja numpy matplotlib tqdm scikit-learn
 	touch $@
 
 # Without build isolation: the build uses the torch above instead of downloading another one.
 $(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(call STEP,3/3 building reattn._C with MAX_JOBS=$(MAX_JOBS) (compiler lines follow; the CUDA kernels take minutes))
+	$(PY) -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee $(VENV)/build.log \
+	  | { grep --line-buffered -E '^reattn setup|^\[[0-9]+/[0-9]+\] |rror' \
+	      | sed -u -E 's/^(\[[0-9]+\/[0-9]+\]) .* -c (\S+\.(cpp|cu)) .*/\1 compiling \2/'; true; } \
+	  || { echo "the build failed; its whole output is in $(VENV)/build.log"; exit 1; }
+	$(PY) -c "import reattn; print('reattn._C:', reattn.extension_info())"
 	touch $@
+	$(call STEP,installed)
 
 install: $(VENV)/.built
 
-# Table on the terminal; rows appended to benchmarks/results/{microbench,models}.csv; PNGs next to them.
+# Table on the terminal; rows appended to $(BENCH_RESULTS)/{microbench,models}.csv, PNGs next to them.
 # BENCH_ARGS passes options, e.g. make bench BENCH_ARGS='--machine "2-core dev machine"'.
 bench: $(VENV)/.built
-	$(PY) -m benchmarks.bench_reattn --quick $(BENCH_ARGS)
+	$(PY) -m benchmarks.bench_reattn --quick --results $(BENCH_RESULTS) $(BENCH_ARGS)
 
 bench-full: $(VENV)/.built
-	$(PY) -m benchmarks.bench_reattn $(BENCH_ARGS)
+	$(PY) -m benchmarks.bench_reattn --results $(BENCH_RESULTS) $(BENCH_ARGS)
 
-# Rewrite the README's results section from the CSVs.
+# Deliberately into the repository: the full suite's rows appended to benchmarks/results/*.csv, its
+# plots there, and the README's results section rewritten from them.
+bench-record: $(VENV)/.built
+	$(PY) -m benchmarks.bench_reattn --results benchmarks/results $(BENCH_ARGS)
+	$(PY) -m benchmarks.report
+
+# Rewrite the README's results section from the CSVs in benchmarks/results.
 bench-report: $(VENV)/.deps
 	$(PY) -m benchmarks.report
 

@@ -13,10 +13,11 @@ time of torch.compile (its first call, kept out of the timing) and the largest d
 output from eager's. A provider that refuses a configuration (ValueError) is recorded as skipped
 with its reason; any other error as failed with its message.
 
-Output: a table on the terminal, rows appended to benchmarks/results/microbench.csv (with device,
+Output: a table on the terminal, rows appended to <--results>/microbench.csv (with device,
 versions, git commit and date), PNG plots next to it, and (unless --no-models) the whole-model
-benchmark of benchmarks/bench_models.py. ``python -m benchmarks.report`` then rewrites the
-README's results section from the CSV.
+benchmark of benchmarks/bench_models.py. ``make bench`` writes them outside the checkout (under the
+virtual environment); ``--results benchmarks/results`` (``make bench-record``) records them in the
+repository, and ``python -m benchmarks.report`` then rewrites the README's results section from there.
 """
 from __future__ import annotations
 
@@ -431,8 +432,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
         bench_models.main_from_suite(device, quick=args.quick, results=args.results, machine=args.machine,
                                      excluded=args.exclude)
-    print(f"\ntotal wall time {time.perf_counter() - started:.0f} s; "
-          f"`python -m benchmarks.report` rewrites the README results section from the CSVs")
+    print(f"\ntotal wall time {time.perf_counter() - started:.0f} s; results (CSV rows, plots) in {args.results}")
+    if args.results.resolve() != common.RESULTS_DIR.resolve():
+        print("(the checkout's benchmarks/results and README are unchanged: `make bench-record` records a full run "
+              "there)")
 
 
 if __name__ == "__main__":

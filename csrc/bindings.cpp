@@ -152,22 +152,29 @@ ReAttnParams make_params(const at::Tensor& q, const at::Tensor& k, const c10::op
   return p;
 }
 
+// float16 and bfloat16 inputs compute in float32 (loads upcast, stores round), float64 in float64.
+void check_cpu_dtype(const at::Tensor& q) {
+  const auto t = q.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
+              "re_attention_cpu supports float32, float64, bfloat16 and float16, got ", t);
+}
+
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w) {
   check_qk(q, k);
   TORCH_CHECK(v.sizes() == k.sizes(), "re_attention_cpu: v ", v.sizes(), " must have the shape of k ", k.sizes());
   TORCH_CHECK(v.scalar_type() == q.scalar_type(), "re_attention_cpu: q and v dtypes differ");
   TORCH_CHECK(w.dim() == 2 && w.size(0) == q.size(1) && w.size(1) == q.size(1),
               "re_attention_cpu: mix_weight must be [H, H], got ", w.sizes());
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble || q.scalar_type() == at::kBFloat16,
-              "re_attention_cpu supports float32, float64 and bfloat16, got ", q.scalar_type());
+  check_cpu_dtype(q);
 }
 
 bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
-// Returns (out [B,H,Nq,D], lse [B,H,Nq], R, U ([B,H,Nq,D] acc dtype for norm 2, else empty), stats [3,H] double).
-// lse_in and stats_in (norm 2 only, both or neither): statistics given by the caller (synchronized across
-// processes, from re_attention_cpu_bn_gram's lse and all-reduced sums); the returned lse and stats are
-// copies of them (a custom op may not return its inputs).
+// Returns (out [B,H,Nq,D], softmax_stats [2,B,H,Nq] (row max, log-sum; acc dtype), R, U ([B,H,Nq,D] acc dtype
+// for norm 2, else empty), stats [3,H] double).
+// softmax_in and stats_in (norm 2 only, both or neither): statistics given by the caller (synchronized across
+// processes, from re_attention_cpu_bn_gram's softmax statistics and all-reduced sums); the returned
+// softmax_stats and stats are copies of them (a custom op may not return its inputs).
 std::vector<at::Tensor> re_attention_cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const at::Tensor& mix_weight,
                                                  const c10::optional<at::Tensor>& mix_bias,
@@ -175,13 +182,14 @@ std::vector<at::Tensor> re_attention_cpu_forward(const at::Tensor& q, const at::
                                                  const c10::optional<at::Tensor>& norm_bias,
                                                  const c10::optional<at::Tensor>& attn_mask, double scale,
                                                  double out_scale, int64_t norm, double eps, double dropout_p,
-                                                 int64_t seed, const c10::optional<at::Tensor>& lse_in,
+                                                 int64_t seed, const c10::optional<at::Tensor>& softmax_in,
                                                  const c10::optional<at::Tensor>& stats_in) {
   check_qkv(q, k, v, mix_weight);
   const bool given_stats = given(stats_in);
-  TORCH_CHECK(given_stats == given(lse_in), "re_attention_cpu: lse_in and stats_in come together (both or neither)");
+  TORCH_CHECK(given_stats == given(softmax_in),
+              "re_attention_cpu: softmax_in and stats_in come together (both or neither)");
   TORCH_CHECK(!given_stats || norm == reattn::cpu::kNormBatchTrain,
-              "re_attention_cpu: given statistics (lse_in, stats_in) need norm code 2 (batch, train)");
+              "re_attention_cpu: given statistics (softmax_in, stats_in) need norm code 2 (batch, train)");
   at::Tensor mask_keep;
   const ReAttnParams p = make_params(q, k, attn_mask, mask_keep, scale, out_scale, norm, eps, dropout_p, seed);
   const auto acc = acc_type_of(q);
@@ -190,23 +198,23 @@ std::vector<at::Tensor> re_attention_cpu_forward(const at::Tensor& q, const at::
   if (!c.defined()) c = at::zeros({p.H}, q.options().dtype(acc));
   at::Tensor gamma = acc_param(norm_weight, acc), beta = acc_param(norm_bias, acc);
   at::Tensor out = at::empty({p.B, p.H, p.Nq, p.D}, q.options());
-  at::Tensor lse = at::empty({p.B, p.H, p.Nq}, q.options().dtype(acc));
+  at::Tensor softmax_stats = at::empty({2, p.B, p.H, p.Nq}, q.options().dtype(acc));
   const bool bn = norm == reattn::cpu::kNormBatchTrain;
   at::Tensor R = at::empty({bn ? p.B : 0, p.H, p.Nq, p.D}, q.options().dtype(acc));
   at::Tensor U = at::empty_like(R);
   at::Tensor stats = at::zeros({3, p.H}, q.options().dtype(at::kDouble));
   if (given_stats) {
-    TORCH_CHECK(lse_in->scalar_type() == acc && lse_in->numel() == p.B * p.H * p.Nq,
-                "re_attention_cpu: lse_in must be the statistics sweep's [B, H, Nq] in the accumulation dtype");
+    TORCH_CHECK(softmax_in->scalar_type() == acc && softmax_in->numel() == 2 * p.B * p.H * p.Nq,
+                "re_attention_cpu: softmax_in must be the statistics sweep's [2, B, H, Nq] in the accumulation dtype");
     TORCH_CHECK(stats_in->numel() == 3 * p.H, "re_attention_cpu: stats_in must be [3, H], got ", stats_in->sizes());
-    lse.copy_(lse_in->reshape({p.B, p.H, p.Nq}));
+    softmax_stats.copy_(softmax_in->reshape({2, p.B, p.H, p.Nq}));
     stats.copy_(stats_in->reshape({3, p.H}));
   }
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "re_attention_cpu_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "re_attention_cpu_forward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     reattn::cpu::re_attention_forward<scalar_t, acc_t>(
         p, view_of(q), view_of(k), view_of(v), W.data_ptr<acc_t>(), c.data_ptr<acc_t>(), ptr_or_null<acc_t>(gamma),
-        ptr_or_null<acc_t>(beta), out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
+        ptr_or_null<acc_t>(beta), out.data_ptr<scalar_t>(), softmax_stats.data_ptr<acc_t>(),
         bn ? R.data_ptr<acc_t>() : nullptr, bn ? U.data_ptr<acc_t>() : nullptr, stats.data_ptr<double>(),
         given_stats);
   });
@@ -221,33 +229,32 @@ std::vector<at::Tensor> re_attention_cpu_forward(const at::Tensor& q, const at::
                         "unmasked counts per head: [", counts, "]");
     }
   }
-  return {out, lse, R, U, stats};
+  return {out, softmax_stats, R, U, stats};
 }
 
 // Training-mode BatchNorm statistics as sums that add up over processes (see bn_gram_stats):
-// returns (lse [B,H,Nq] acc dtype, s1 [Hm,H], gram [Hm,H,H], count [Hm] float64) with Hm the mask's
+// returns (softmax_stats [2,B,H,Nq] acc dtype, s1 [Hm,H], gram [Hm,H,H], count [Hm] float64) with Hm the mask's
 // head count (1 without a mask). kappa: the shift, exactly representable in the accumulation dtype.
 std::vector<at::Tensor> re_attention_cpu_bn_gram(const at::Tensor& q, const at::Tensor& k,
                                                  const c10::optional<at::Tensor>& attn_mask, double scale,
                                                  double dropout_p, int64_t seed, double kappa) {
   check_qk(q, k);
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble || q.scalar_type() == at::kBFloat16,
-              "re_attention_cpu supports float32, float64 and bfloat16, got ", q.scalar_type());
+  check_cpu_dtype(q);
   at::Tensor mask_keep;
   const ReAttnParams p = make_params(q, k, attn_mask, mask_keep, scale, 1.0, reattn::cpu::kNormBatchTrain, 0.0,
                                      dropout_p, seed);
   const auto acc = acc_type_of(q);
   const int64_t Hm = p.mask != nullptr ? p.mask_heads : 1;
   const auto dopts = q.options().dtype(at::kDouble);
-  at::Tensor lse = at::empty({p.B, p.H, p.Nq}, q.options().dtype(acc));
+  at::Tensor softmax_stats = at::empty({2, p.B, p.H, p.Nq}, q.options().dtype(acc));
   at::Tensor s1 = at::empty({Hm, p.H}, dopts), gram = at::empty({Hm, p.H, p.H}, dopts), count = at::empty({Hm}, dopts);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "re_attention_cpu_bn_gram", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "re_attention_cpu_bn_gram", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     reattn::cpu::bn_gram_stats<scalar_t, acc_t>(p, view_of(q), view_of(k), static_cast<acc_t>(kappa),
-                                                lse.data_ptr<acc_t>(), s1.data_ptr<double>(),
+                                                softmax_stats.data_ptr<acc_t>(), s1.data_ptr<double>(),
                                                 gram.data_ptr<double>(), count.data_ptr<double>());
   });
-  return {lse, s1, gram, count};
+  return {softmax_stats, s1, gram, count};
 }
 
 // The backward's per-head sums over this call's entries: [2, H] float64, rows sum(dA) and sum(dA * Xhat).
@@ -263,7 +270,8 @@ at::Tensor re_attention_cpu_bn_grad_sums(const at::Tensor& grad_out, const at::T
   p.Nq = grad_out.size(2);
   p.D = grad_out.size(3);
   at::Tensor sums = at::empty({2, p.H}, grad_out.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_out.scalar_type(), "re_attention_cpu_bn_grad_sums", [&] {
+  const auto dtype = grad_out.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "re_attention_cpu_bn_grad_sums", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     reattn::cpu::bn_grad_sums<scalar_t, acc_t>(p, view_of(grad_out), R.data_ptr<acc_t>(), U.data_ptr<acc_t>(),
                                                sums.data_ptr<double>());
@@ -278,7 +286,8 @@ std::vector<at::Tensor> re_attention_cpu_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& mix_weight, const c10::optional<at::Tensor>& mix_bias,
     const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias,
-    const c10::optional<at::Tensor>& attn_mask, const at::Tensor& lse, const at::Tensor& R, const at::Tensor& U,
+    const c10::optional<at::Tensor>& attn_mask, const at::Tensor& softmax_stats, const at::Tensor& R,
+    const at::Tensor& U,
     const at::Tensor& stats, double scale, double out_scale, int64_t norm, double eps, double dropout_p,
     int64_t seed, const c10::optional<at::Tensor>& bn_sums) {
   check_qkv(q, k, v, mix_weight);
@@ -288,8 +297,9 @@ std::vector<at::Tensor> re_attention_cpu_backward(
   const ReAttnParams p = make_params(q, k, attn_mask, mask_keep, scale, out_scale, norm, eps, dropout_p, seed);
   const auto acc = acc_type_of(q);
   const bool bn = norm == reattn::cpu::kNormBatchTrain;
-  TORCH_CHECK(lse.scalar_type() == acc && lse.is_contiguous() && lse.numel() == p.B * p.H * p.Nq,
-              "re_attention_cpu: lse must be the forward's contiguous [B, H, Nq] statistics");
+  TORCH_CHECK(softmax_stats.scalar_type() == acc && softmax_stats.is_contiguous() &&
+                  softmax_stats.numel() == 2 * p.B * p.H * p.Nq,
+              "re_attention_cpu: softmax_stats must be the forward's contiguous [2, B, H, Nq] statistics");
   TORCH_CHECK(!bn || (R.is_contiguous() && U.is_contiguous() && R.numel() == p.B * p.H * p.Nq * p.D &&
                       R.scalar_type() == acc && U.sizes() == R.sizes() && U.scalar_type() == acc),
               "re_attention_cpu: R and U must be the forward's [B, H, Nq, D] tensors for norm='batch' training");
@@ -311,11 +321,11 @@ std::vector<at::Tensor> re_attention_cpu_backward(
   const auto dopts = q.options().dtype(at::kDouble);
   at::Tensor dW = at::zeros({p.H, p.H}, dopts), dc = at::zeros({p.H}, dopts), dg = at::zeros({p.H}, dopts),
              db = at::zeros({p.H}, dopts);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "re_attention_cpu_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "re_attention_cpu_backward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     reattn::cpu::re_attention_backward<scalar_t, acc_t>(
         p, view_of(grad_out), view_of(q), view_of(k), view_of(v), W.data_ptr<acc_t>(), c.data_ptr<acc_t>(),
-        ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), lse.data_ptr<acc_t>(),
+        ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), softmax_stats.data_ptr<acc_t>(),
         bn ? R.data_ptr<acc_t>() : nullptr, bn ? U.data_ptr<acc_t>() : nullptr, stats_c.data_ptr<double>(),
         dq.data_ptr<scalar_t>(), dk.data_ptr<acc_t>(), dv.data_ptr<acc_t>(), dW.data_ptr<double>(),
         dc.data_ptr<double>(), dg.data_ptr<double>(), db.data_ptr<double>(), ptr_or_null<double>(sums_c));
@@ -361,20 +371,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("v"), pybind11::arg("mix_weight"), pybind11::arg("mix_bias"), pybind11::arg("norm_weight"),
         pybind11::arg("norm_bias"), pybind11::arg("attn_mask"), pybind11::arg("scale"), pybind11::arg("out_scale"),
         pybind11::arg("norm"), pybind11::arg("eps"), pybind11::arg("dropout_p"), pybind11::arg("seed"),
-        pybind11::arg("lse_in") = pybind11::none(), pybind11::arg("stats_in") = pybind11::none(),
-        "Fused CPU Re-attention forward (norm 0 none, 1 layer, 2 batch train): [out, lse, R, U, stats]; "
-        "with lse_in and stats_in (norm 2) it normalizes with those statistics (no statistics sweep).");
+        pybind11::arg("softmax_in") = pybind11::none(), pybind11::arg("stats_in") = pybind11::none(),
+        "Fused CPU Re-attention forward (norm 0 none, 1 layer, 2 batch train): [out, softmax_stats [2,B,H,Nq] "
+        "(row max, log-sum), R, U, stats]; with softmax_in and stats_in (norm 2) it normalizes with those "
+        "statistics (no statistics sweep).");
   m.def("re_attention_cpu_bn_gram", &re_attention_cpu_bn_gram, pybind11::arg("q"), pybind11::arg("k"),
         pybind11::arg("attn_mask"), pybind11::arg("scale"), pybind11::arg("dropout_p"), pybind11::arg("seed"),
         pybind11::arg("kappa"),
-        "Training BatchNorm statistics sweep as sums that add up over processes: [lse, s1 [Hm,H], "
+        "Training BatchNorm statistics sweep as sums that add up over processes: [softmax_stats, s1 [Hm,H], "
         "gram [Hm,H,H] of X = P~ - kappa over unmasked entries, count [Hm]].");
   m.def("re_attention_cpu_bn_grad_sums", &re_attention_cpu_bn_grad_sums, pybind11::arg("grad_out"),
         pybind11::arg("R"), pybind11::arg("U"),
         "The BatchNorm backward's per-head sums over this call's entries: [2, H] = [sum dA, sum dA*Xhat].");
   m.def("re_attention_cpu_backward", &re_attention_cpu_backward, pybind11::arg("grad_out"), pybind11::arg("q"),
         pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("mix_weight"), pybind11::arg("mix_bias"),
-        pybind11::arg("norm_weight"), pybind11::arg("norm_bias"), pybind11::arg("attn_mask"), pybind11::arg("lse"),
+        pybind11::arg("norm_weight"), pybind11::arg("norm_bias"), pybind11::arg("attn_mask"),
+        pybind11::arg("softmax_stats"),
         pybind11::arg("R"), pybind11::arg("U"), pybind11::arg("stats"), pybind11::arg("scale"),
         pybind11::arg("out_scale"), pybind11::arg("norm"), pybind11::arg("eps"), pybind11::arg("dropout_p"),
         pybind11::arg("seed"), pybind11::arg("bn_sums") = pybind11::none(),

@@ -6,7 +6,8 @@ synchronization on the hot path).
 from __future__ import annotations
 
 import math
-from typing import Optional
+import numbers
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -70,8 +71,8 @@ def _check_mask(attn_mask: torch.Tensor, q: torch.Tensor, Nk: int) -> None:
 def check_re_attention(
     q, k, v, mix_weight, mix_bias, *, scale, norm, norm_weight, norm_bias, running_mean, running_var,
     training, momentum, eps, out_scale, dropout_p, attn_mask,
-) -> float:
-    """Validate every argument of ``re_attention``; return the resolved softmax scale."""
+) -> "Numbers":
+    """Validate every argument of ``re_attention``; return its numbers as floats (the softmax scale resolved)."""
     for name, t in (("q", q), ("k", k), ("v", v), ("mix_weight", mix_weight)):
         _require_tensor(name, t)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -124,25 +125,53 @@ def check_re_attention(
             raise ValueError(f"re_attention: norm='batch' in training needs more than one value per head, "
                              f"got B*Nq*Nk = {B * Nq * Nk}")
 
-    for name, value in (("momentum", momentum), ("eps", eps), ("out_scale", out_scale), ("dropout_p", dropout_p)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"re_attention: {name} must be a Python float, got {type(value).__name__}")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"re_attention: momentum must be in [0, 1], got {momentum}")
-    if not eps > 0.0:
-        raise ValueError(f"re_attention: eps must be > 0, got {eps}")
-    if not math.isfinite(out_scale):
-        raise ValueError(f"re_attention: out_scale must be finite, got {out_scale}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"re_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    momentum = _real_in("momentum", momentum, 0.0, 1.0, "in [0, 1]")
+    eps = _real_in("eps", eps, 0.0, math.inf, "> 0 and finite", low_open=True, high_open=True)
+    out_scale = _real_in("out_scale", out_scale, -math.inf, math.inf, "finite", low_open=True, high_open=True)
+    dropout_p = _real_in("dropout_p", dropout_p, 0.0, 1.0, "in [0, 1)", high_open=True)
 
     if attn_mask is not None:
         _check_mask(attn_mask, q, Nk)
 
     if scale is None:
-        return D ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"re_attention: scale must be a Python float or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"re_attention: scale must be finite, got {scale}")
-    return float(scale)
+        scale = D ** -0.5
+    else:
+        scale = _real_in("scale", scale, -math.inf, math.inf, "finite", low_open=True, high_open=True, optional=True)
+    return Numbers(scale, momentum, eps, out_scale, dropout_p)
+
+
+class Numbers(NamedTuple):
+    """re_attention's scalar arguments after validation: Python floats (or symbolic under torch.compile)."""
+
+    scale: float
+    momentum: float
+    eps: float
+    out_scale: float
+    dropout_p: float
+
+
+def _real_in(name: str, value, low: float, high: float, expectation: str, *, low_open: bool = False,
+             high_open: bool = False, optional: bool = False):
+    """``value`` as a float if it is a real number within [low, high] (open ends as told), else raise.
+
+    Any real number kind is accepted (int, float, numpy scalars, fractions), not bool, complex or a
+    tensor. Symbolic numbers (torch.compile with dynamic shapes) are checked at run time with
+    torch._check_value, which also raises ValueError, and stay symbolic.
+    """
+    if isinstance(value, (torch.SymInt, torch.SymFloat)):
+        # Separate checks: combining symbolic conditions with `and` would specialize the value. A NaN
+        # fails every comparison, so the two bounds also refuse it.
+        message = lambda: f"re_attention: {name} must be {expectation}, got {value}"  # noqa: E731
+        torch._check_value(value > low if low_open else value >= low, message)
+        torch._check_value(value < high if high_open else value <= high, message)
+        return value
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
+        kind = "a float or None" if optional else "a real number (int, float or a numpy scalar)"
+        hint = " (a 0-dim tensor: pass float(t))" if isinstance(value, torch.Tensor) else ""
+        raise TypeError(f"re_attention: {name} must be {kind}, got {type(value).__name__}{hint}")
+    number = float(value)
+    above = number > low if low_open else number >= low
+    below = number < high if high_open else number <= high
+    if not (above and below):  # also NaN
+        raise ValueError(f"re_attention: {name} must be {expectation}, got {value}")
+    return number

@@ -6,7 +6,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from reattn._checks import check_re_attention
-from reattn.backends import Problem, resolve_backend
+from reattn.backends import Problem, in_functorch_transform, resolve_backend
 from reattn.reference import re_attention_ref
 
 
@@ -85,7 +85,7 @@ def re_attention(
     Raises:
         TypeError / ValueError naming the offending argument and its shape, dtype or device.
     """
-    scale = check_re_attention(
+    scale, momentum, eps, out_scale, dropout_p = check_re_attention(
         q, k, v, mix_weight, mix_bias, scale=scale, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
         running_mean=running_mean, running_var=running_var, training=training, momentum=momentum, eps=eps,
         out_scale=out_scale, dropout_p=dropout_p, attn_mask=attn_mask,
@@ -96,6 +96,7 @@ def re_attention(
                       mask_per_head=attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1,
                       mask_requires_grad=attn_mask is not None and attn_mask.requires_grad,
                       synced_stats=sync_group is not None and norm == "batch" and training,
+                      functorch=in_functorch_transform(),
                       needs_grad=torch.is_grad_enabled() and any(
                           t is not None and t.requires_grad
                           for t in (q, k, v, mix_weight, mix_bias, norm_weight, norm_bias)))
@@ -138,6 +139,7 @@ def fold_batchnorm_eval(
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
     eps: float,
+    dtype: Optional[torch.dtype] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     r"""Fold an eval-mode BatchNorm over heads into the head mixing.
 
@@ -145,8 +147,14 @@ def fold_batchnorm_eval(
     delta = beta - alpha * mean, so ``re_attention(..., norm="batch", training=False)`` equals
     ``re_attention(..., W', c', norm="none")`` with the returned ``(W' [H, H], c' [H])``, masks
     included (masked entries are zeroed after the norm either way). Differentiable: gradients
-    reach every argument through autograd.
+    reach every argument through autograd. dtype: compute the fold (and so its backward) in this
+    dtype; the fused backends pass their float32 accumulation type, so half-precision parameters
+    and their gradients are rounded once, at the end, rather than at every step of the fold.
     """
+    if dtype is not None:
+        mix_weight, mix_bias, norm_weight, norm_bias, running_mean, running_var = (
+            None if t is None else t.to(dtype)
+            for t in (mix_weight, mix_bias, norm_weight, norm_bias, running_mean, running_var))
     alpha = torch.rsqrt(running_var + eps)
     if norm_weight is not None:
         alpha = alpha * norm_weight

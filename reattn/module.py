@@ -63,7 +63,22 @@ class ReAttention(nn.Module):
         process_group: the ``torch.distributed`` group for ``sync_stats``; None means the world.
 
     Shapes: ``forward(x [B, N, C]) -> [B, N, C]``.
+
+    Compilers: ``torch.compile`` (also ``fullgraph=True``, ``dynamic=True``), ``torch.jit.trace`` and
+    ``torch.export`` work with every backend (the fused kernels are ``torch.library`` custom ops with
+    fake implementations). ``torch.jit.script`` is not supported, for this module and for a model
+    holding it (a timm model after ``swap_attention``): the backend is chosen in Python at each call,
+    which TorchScript cannot compile; scripting raises a RuntimeError saying so. Use
+    ``torch.jit.trace(model, example)`` or ``torch.export.export(model, (example,))`` instead.
     """
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling: say why, and what works.
+        raise RuntimeError(
+            "reattn.ReAttention cannot be compiled by torch.jit.script (its backend is chosen in Python at each "
+            "call, which TorchScript cannot compile), nor can a model that holds it, such as a timm model after "
+            "reattn.swap_attention; use torch.jit.trace(model, example_inputs) or "
+            "torch.export.export(model, (example_inputs,)), which both work")
 
     def __init__(
         self,

@@ -49,11 +49,12 @@ def _masked_batch_norm_train(
     """BatchNorm2d training semantics over the unmasked entries of each head (channel)."""
     H = m.shape[1]
     count = (~masked).sum(dim=(0, 2, 3))
-    if bool((count <= 1).any()):
-        raise ValueError(
-            "re_attention: norm='batch' in training needs more than one unmasked value per head; "
-            f"unmasked counts per head: {count.tolist()}"
-        )
+    message = "re_attention: norm='batch' in training needs more than one unmasked value per head"
+    if torch.compiler.is_compiling():
+        # In the graph (a Python branch on the data would break it): raises at run time, a RuntimeError.
+        torch._assert_async((count > 1).all(), message)
+    elif bool((count <= 1).any()):
+        raise ValueError(f"{message}; unmasked counts per head: {count.tolist()}")
     n = count.to(m.dtype)
     mean = m.masked_fill(masked, 0).sum(dim=(0, 2, 3)) / n
     centered = (m - mean.view(1, H, 1, 1)).masked_fill(masked, 0)
@@ -135,7 +136,13 @@ def re_attention_ref(
         attn = attn.softmax(dim=-1)
     else:
         if attn_mask.dtype != torch.bool:
-            attn = attn + attn_mask.to(dtype)
+            # A finite fill is an ordinary score: a score plus a fill near the dtype's range (finfo.min,
+            # -65504 in float16) saturates at finfo.min instead of overflowing to -inf, which would leave
+            # a row of -inf scores (NaN) that the mask never meant; -inf entries are masked just below.
+            fill = attn_mask.to(dtype)
+            summed = attn + fill
+            overflow = summed.isneginf() & attn.isfinite() & fill.isfinite()
+            attn = summed.masked_fill(overflow, torch.finfo(dtype).min)
         attn = attn.masked_fill(masked, float("-inf"))
         # A row with no key left would softmax to NaN; give it finite scores, then zero it below.
         attn = attn.masked_fill(masked.all(dim=-1, keepdim=True), 0.0)
@@ -148,7 +155,11 @@ def re_attention_ref(
 
     # The official 1x1 Conv2d over heads: M_g = sum_h W[g, h] P_h + c_g.
     bias = None if mix_bias is None else mix_bias.to(dtype)
-    attn = F.conv2d(attn, mix_weight.to(dtype).view(H, H, 1, 1), bias)
+    if attn.numel() == 0:  # (Nq = 0 or B = 0: conv2d refuses an empty spatial size; the same map, empty)
+        attn = torch.einsum("gh,bhij->bgij", mix_weight.to(dtype), attn)
+        attn = attn if bias is None else attn + bias.view(1, H, 1, 1)
+    else:
+        attn = F.conv2d(attn, mix_weight.to(dtype).view(H, H, 1, 1), bias)
 
     if norm == "batch":
         if training and sync_group is not None:
@@ -158,7 +169,11 @@ def re_attention_ref(
             attn = _masked_batch_norm_train(attn, masked, norm_weight, norm_bias, running_mean, running_var,
                                             momentum, eps)
         else:
-            attn = F.batch_norm(attn, running_mean, running_var, norm_weight, norm_bias, training, momentum, eps)
+            weight, nbias = norm_weight, norm_bias
+            if running_mean is not None:  # torch's batch_norm takes one dtype for weight, bias and running
+                # statistics (any with a half input): mixed precision keeps the statistics in float32
+                weight, nbias = (None if t is None else t.to(running_mean.dtype) for t in (weight, nbias))
+            attn = F.batch_norm(attn, running_mean, running_var, weight, nbias, training, momentum, eps)
     elif norm == "layer":
         # vit-pytorch: Rearrange('b h i j -> b i j h'), LayerNorm(heads), Rearrange back.
         weight = None if norm_weight is None else norm_weight.to(dtype)

@@ -363,6 +363,10 @@ def swap_attention(
     """
     found = _find(model)
     if not found:
+        swapped = sum(isinstance(m, ReAttention) for m in model.modules())
+        if swapped:
+            raise ValueError(f"swap_attention: {type(model).__name__} is already swapped: it holds {swapped} "
+                             "reattn.ReAttention module(s) and no attention module left to swap")
         names = ", ".join(f"{t.__module__}.{t.__qualname__}" for t in supported_attention_types()) or "none importable"
         raise ValueError(f"swap_attention: no supported attention module found in {type(model).__name__} "
                          f"(supported: {names})")

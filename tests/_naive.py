@@ -9,7 +9,12 @@ import torch
 
 def naive_re_attention(q, k, v, W, c=None, *, scale=None, norm="none", gamma=None, beta=None, running_mean=None,
                        running_var=None, training=False, eps=1e-5, out_scale=1.0, keep=None, dropout_p=0.0,
-                       attn_mask=None):
+                       attn_mask=None, record=None, score_dtype=None):
+    """record: a dict that receives the mixed map M [B, H, Nq, Nk] (before the norm) under "M", for tests
+    that need dM (e.g. the size of the terms of d mix_bias, which training BatchNorm makes exactly 0).
+    score_dtype: round the masked scores S + attn_mask to this dtype (then compute on in float64), as
+    an implementation adding a float mask in that dtype does: next to a fill such as -1e9 float32
+    keeps multiples of 64, so every score of a fully masked row becomes the fill itself."""
     q, k, v, W = (t.double() for t in (q, k, v, W))
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -22,6 +27,11 @@ def naive_re_attention(q, k, v, W, c=None, *, scale=None, norm="none", gamma=Non
         else:
             masked = (attn_mask == float("-inf")).expand(B, H, Nq, Nk).clone()
             S = S + torch.where(masked, torch.zeros((), dtype=torch.float64), attn_mask.double())
+    if score_dtype is not None:
+        rounded = S.to(score_dtype)
+        # a sum that rounds beyond the dtype's range saturates at finfo.min (as the eager path does)
+        overflow = (rounded == float("-inf")) & (S != float("-inf"))
+        S = torch.where(overflow, torch.finfo(score_dtype).min, rounded.double())
     S = torch.where(masked, torch.full_like(S, -1e300), S)
     row_max = S.max(dim=-1, keepdim=True).values
     E = torch.where(masked, torch.zeros_like(S), torch.exp(S - row_max))
@@ -32,6 +42,8 @@ def naive_re_attention(q, k, v, W, c=None, *, scale=None, norm="none", gamma=Non
     M = torch.einsum("gh,bhij->bgij", W, P)
     if c is not None:
         M = M + c.double().view(1, H, 1, 1)
+    if record is not None:
+        record["M"] = M
     stats = None
     if norm == "batch":
         if training:

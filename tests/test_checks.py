@@ -1,4 +1,7 @@
 """Bad input to re_attention and ReAttention raises a clear error naming the argument."""
+import fractions
+
+import numpy as np
 import pytest
 import torch
 
@@ -47,10 +50,16 @@ CASES = [
     (dict(training=1), TypeError, ["training must be a bool", "int"]),
     (dict(dropout_p=1.0), ValueError, ["dropout_p must be in [0, 1)", "1.0"]),
     (dict(dropout_p=-0.1), ValueError, ["dropout_p must be in [0, 1)"]),
-    (dict(dropout_p=torch.tensor(0.1)), TypeError, ["dropout_p must be a Python float", "Tensor"]),
+    (dict(dropout_p=torch.tensor(0.1)), TypeError, ["dropout_p must be a real number", "Tensor", "pass float(t)"]),
     (dict(momentum=1.5), ValueError, ["momentum must be in [0, 1]"]),
     (dict(eps=0.0), ValueError, ["eps must be > 0"]),
-    (dict(scale="big"), TypeError, ["scale must be a Python float or None", "str"]),
+    (dict(momentum=np.float32(-0.5)), ValueError, ["momentum must be in [0, 1]", "-0.5"]),
+    (dict(scale="big"), TypeError, ["scale must be a float or None", "str"]),
+    (dict(scale=0.5 + 1j), TypeError, ["scale must be a float or None", "complex"]),
+    (dict(scale=True), TypeError, ["scale must be a float or None", "bool"]),
+    (dict(scale=np.float32("nan")), ValueError, ["scale must be finite", "nan"]),
+    (dict(out_scale=np.float16("inf")), ValueError, ["out_scale must be finite", "inf"]),
+    (dict(eps=float("inf")), ValueError, ["eps must be > 0 and finite"]),
     (dict(scale=float("inf")), ValueError, ["scale must be finite"]),
     (dict(out_scale=float("nan")), ValueError, ["out_scale must be finite"]),
     (dict(attn_mask=torch.ones(B, H, N, N + 1, dtype=torch.bool)), ValueError,
@@ -71,6 +80,20 @@ def test_bad_input_message(overrides, error, pieces):
         reattn.re_attention(**good(**overrides))
     for piece in pieces:
         assert piece in str(info.value), f"{piece!r} not in {str(info.value)!r}"
+
+
+@pytest.mark.parametrize("number", [np.float32(0.5), np.float64(0.5), np.float16(0.5), fractions.Fraction(1, 2),
+                                    np.int64(1), 1], ids=lambda n: type(n).__name__)
+def test_real_numbers_of_any_kind_are_accepted(number):
+    args = good()
+    kw = dict(norm="batch", norm_weight=torch.ones(H), norm_bias=torch.zeros(H), running_mean=torch.zeros(H),
+              running_var=torch.ones(H), training=True)
+    expected = reattn.re_attention(**args, scale=float(number), out_scale=float(number), **kw,
+                                   momentum=float(number) / 2, eps=float(number) * 1e-5)
+    for backend in ("eager", "auto"):
+        got = reattn.re_attention(**args, scale=number, out_scale=number, **kw, momentum=number / 2,
+                                  eps=number * 1e-5, backend=backend)
+        torch.testing.assert_close(got, expected, msg=backend)
 
 
 def test_batchnorm_training_needs_more_than_one_value_per_head():

@@ -248,3 +248,25 @@ def test_matches_vit_pytorch_deepvit_attention():
                               norm_bias=ln.bias, eps=ln.eps, scale=attn.scale)
     out = attn.to_out(out.transpose(1, 2).flatten(2))
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpu", "triton", "cuda"])
+@pytest.mark.parametrize("norm, training", [("none", False), ("batch", False), ("layer", False)])
+@pytest.mark.parametrize("empty", ["Nq", "B"])
+def test_empty_batch_or_queries_give_the_empty_result(backend, norm, training, empty):
+    from reattn.backends import Problem, unavailable_reason
+
+    reason = unavailable_reason(backend, Problem(torch.device("cpu"), heads=3, head_dim=8, dtype=torch.float64))
+    if reason is not None:
+        pytest.skip(f"backend={backend!r} cannot run here: {reason}")
+    B, Nq = (2, 0) if empty == "Nq" else (0, 4)
+    t = make_inputs(B, 3, Nq, 5, 8, requires_grad=True)
+    for mask in (None, torch.ones(B, 1, Nq, 5, dtype=torch.bool)):
+        out = reattn.re_attention(**call_args(t, norm, training), attn_mask=mask, backend=backend)
+        assert out.shape == (B, 3, Nq, 8) and out.dtype == torch.float64
+        out.sum().backward()
+        for name in ("k", "v", "mix_weight"):
+            assert t[name].grad is not None and not t[name].grad.any(), name
+    # training BatchNorm over no entry is refused, as over one entry
+    with pytest.raises(ValueError, match="more than one value per head"):
+        reattn.re_attention(**call_args(t, "batch", True), backend=backend)

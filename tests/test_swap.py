@@ -166,6 +166,17 @@ def test_blocks_selects_which_blocks_get_re_attention():
     assert [isinstance(b.attn, reattn.ReAttention) for b in model.blocks] == [True, False, False, True]
 
 
+def test_swapping_twice_says_the_model_is_already_swapped():
+    model = reattn.swap_attention(timm_vit(depth=2))
+    with pytest.raises(ValueError, match=r"VisionTransformer is already swapped: it holds 2 reattn.ReAttention "
+                                         r"module\(s\) and no attention module left to swap"):
+        reattn.swap_attention(model)
+    with pytest.raises(ValueError, match="ReAttention is already swapped"):
+        reattn.swap_attention(model.blocks[0].attn)
+    partly = reattn.swap_attention(timm_vit(depth=2), blocks=[0])  # the rest can still be swapped
+    assert all(isinstance(b.attn, reattn.ReAttention) for b in reattn.swap_attention(partly).blocks)
+
+
 def test_bad_arguments_raise_and_leave_the_model_untouched():
     model = timm_vit(depth=2)
     with pytest.raises(ValueError, match="out of range"):

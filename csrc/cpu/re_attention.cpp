@@ -3,7 +3,7 @@
 // Blocking. One task = (batch b, block of BM query rows), all heads, all keys: the task keeps the
 // H x BM x Nk panel of scores / probabilities / mixed maps in per-thread scratch (allocated once per
 // parallel chunk, sized by BM), so the softmax of a row is exact in one sweep (no online rescaling;
-// the row logsumexp is saved for backward) and LayerNorm across heads is local. at::parallel_for runs
+// each row's max and log-sum are saved for backward) and LayerNorm across heads is local. at::parallel_for runs
 // over the B * ceil(Nq / BM) tasks; BM shrinks for long key sequences so the scratch stays a few MB.
 //
 // Products: Q K^T, A V, the head mixing W P (an [H, H] x [H, BM*Nk] product), dO V^T, A^T dO, dS K,
@@ -31,6 +31,7 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -280,23 +281,25 @@ const acc_t* load_query_block(const ReAttnParams& p, View4 q, KVCache<scalar_t, 
   return madd;
 }
 
-// Scores -> probabilities for all heads of a task: P [H, bm, Nk]. With lse_in, P = exp(S - lse)
-// (backward); else a fresh softmax writing lse_out.
+// Scores -> probabilities for all heads of a task: P [H, bm, Nk]. With stats_in, P = exp((S - m) - log l)
+// from the saved softmax statistics (backward); else a fresh softmax writing stats_out. Both are
+// [2, B, H, Nq]: the row max m, then log l (see vec::softmax_rows for why they are two numbers).
 template <typename scalar_t, typename acc_t>
 void probabilities(const ReAttnParams& p, int64_t b, int64_t i0, int64_t bm, const HeadRows<scalar_t, acc_t>* qh,
-                   const KVCache<scalar_t, acc_t>& kv, const acc_t* madd, acc_t* P, acc_t* lse_out,
-                   const acc_t* lse_in) {
+                   const KVCache<scalar_t, acc_t>& kv, const acc_t* madd, acc_t* P, acc_t* stats_out,
+                   const acc_t* stats_in) {
   const int64_t E = bm * p.Nk;
+  const int64_t plane = p.B * p.H * p.Nq;
   for (int64_t h = 0; h < p.H; ++h) {
     acc_t* Ph = P + h * E;
     gemm<acc_t>(false, true, bm, p.Nk, p.D, static_cast<acc_t>(p.scale), qh[h].ptr, qh[h].ld, kv.kh[h].ptr,
                 kv.kh[h].ld, acc_t(0), Ph, p.Nk);
     if (madd != nullptr) vec::add_inplace<acc_t>(Ph, madd + (p.mask_heads > 1 ? h : 0) * E, E);
     const int64_t row = (b * p.H + h) * p.Nq + i0;
-    if (lse_in != nullptr)
-      vec::exp_sub_rows<acc_t>(Ph, bm, p.Nk, lse_in + row);
+    if (stats_in != nullptr)
+      vec::exp_sub_rows<acc_t>(Ph, bm, p.Nk, stats_in + row, stats_in + plane + row);
     else
-      vec::softmax_rows<acc_t>(Ph, bm, p.Nk, lse_out + row);
+      vec::softmax_rows<acc_t>(Ph, bm, p.Nk, stats_out + row, stats_out + plane + row);
   }
 }
 
@@ -384,11 +387,11 @@ std::vector<acc_t> moment_shift(const ReAttnParams& p, const acc_t* W) {
 
 template <typename scalar_t, typename acc_t>
 void re_attention_forward(const ReAttnParams& p, View4 q, View4 k, View4 v, const acc_t* W, const acc_t* c,
-                          const acc_t* gamma, const acc_t* beta, scalar_t* out, acc_t* lse, acc_t* R, acc_t* U,
-                          double* stats, bool given_stats) {
+                          const acc_t* gamma, const acc_t* beta, scalar_t* out, acc_t* softmax_stats, acc_t* R,
+                          acc_t* U, double* stats, bool given_stats) {
   const Tasks tasks(p);
   const int64_t H = p.H, Nk = p.Nk, D = p.D;
-  const bool lse_given = given_stats && p.norm == kNormBatchTrain;  // bn_gram_stats wrote it
+  const bool softmax_given = given_stats && p.norm == kNormBatchTrain;  // bn_gram_stats wrote them
   // Training BatchNorm with its own statistics: one sweep. The norm is a per-head affine map of M, so
   // it commutes with the product by V: the sweep stores R' = (X masked) V with X = M - c - shift and
   // U = 1_unmasked V while summing the moments of X; once the statistics are known,
@@ -396,7 +399,7 @@ void re_attention_forward(const ReAttnParams& p, View4 q, View4 k, View4 v, cons
   // differs from X by a per-head constant only, so this is the eager (M - mean) rstd up to rounding.
   const bool one_sweep_bn = p.norm == kNormBatchTrain && !given_stats;
   BNStats<acc_t> bn;
-  if (lse_given) {
+  if (softmax_given) {
     for (int64_t g = 0; g < H; ++g)
       if (stats[2 * H + g] <= 1) return;
     bn = bn_stats<acc_t>(p, stats);
@@ -427,11 +430,11 @@ void re_attention_forward(const ReAttnParams& p, View4 q, View4 k, View4 v, cons
       const int64_t b = t / tasks.per_batch, i0 = (t % tasks.per_batch) * tasks.bm;
       const int64_t bm = std::min(tasks.bm, p.Nq - i0), E = bm * Nk;
       const acc_t* md = load_query_block(p, q, kv, b, i0, bm, tasks.bm, qbuf, qh.data(), madd);
-      if (lse_given)  // exp(S - lse) needs no row reductions; the backward recomputes P the same way
+      if (softmax_given)  // exp((S - m) - log l) needs no row reductions; the backward recomputes P the same way
         probabilities(p, b, i0, bm, qh.data(), kv, md, P, static_cast<acc_t*>(nullptr),
-                      static_cast<const acc_t*>(lse));
+                      static_cast<const acc_t*>(softmax_stats));
       else
-        probabilities(p, b, i0, bm, qh.data(), kv, md, P, lse, static_cast<const acc_t*>(nullptr));
+        probabilities(p, b, i0, bm, qh.data(), kv, md, P, softmax_stats, static_cast<const acc_t*>(nullptr));
       if (p.dropout_p > 0) apply_dropout(p, b, i0, bm, P);
       if (one_sweep_bn) {
         gemm<acc_t>(false, false, H, E, H, acc_t(1), W, H, P, E, acc_t(0), Mb, E);
@@ -507,8 +510,8 @@ void re_attention_forward(const ReAttnParams& p, View4 q, View4 k, View4 v, cons
 }
 
 template <typename scalar_t, typename acc_t>
-void bn_gram_stats(const ReAttnParams& p, View4 q, View4 k, acc_t kappa, acc_t* lse, double* s1, double* gram,
-                   double* count) {
+void bn_gram_stats(const ReAttnParams& p, View4 q, View4 k, acc_t kappa, acc_t* softmax_stats, double* s1,
+                   double* gram, double* count) {
   const Tasks tasks(p);
   const int64_t H = p.H, Nk = p.Nk, D = p.D;
   const int64_t Hm = p.mask ? p.mask_heads : 1;  // one set of sums per distinct mask head
@@ -537,7 +540,7 @@ void bn_gram_stats(const ReAttnParams& p, View4 q, View4 k, acc_t kappa, acc_t* 
       const int64_t b = t / tasks.per_batch, i0 = (t % tasks.per_batch) * tasks.bm;
       const int64_t bm = std::min(tasks.bm, p.Nq - i0), E = bm * Nk;
       const acc_t* md = load_query_block(p, q, kv, b, i0, bm, tasks.bm, qbuf, qh.data(), madd);
-      probabilities(p, b, i0, bm, qh.data(), kv, md, P, lse, static_cast<const acc_t*>(nullptr));
+      probabilities(p, b, i0, bm, qh.data(), kv, md, P, softmax_stats, static_cast<const acc_t*>(nullptr));
       if (p.dropout_p > 0) apply_dropout(p, b, i0, bm, P);
       for (int64_t m = 0; m < Hm; ++m) {
         const acc_t* mm = md == nullptr ? nullptr : md + m * E;
@@ -595,9 +598,9 @@ void bn_grad_sums(const ReAttnParams& p, View4 dout, const acc_t* R, const acc_t
 
 template <typename scalar_t, typename acc_t>
 void re_attention_backward(const ReAttnParams& p, View4 dout, View4 q, View4 k, View4 v, const acc_t* W,
-                           const acc_t* c, const acc_t* gamma, const acc_t* beta, const acc_t* lse, const acc_t* R,
-                           const acc_t* U, const double* stats, scalar_t* dq, acc_t* dk, acc_t* dv, double* dW,
-                           double* dc, double* dgamma, double* dbeta, const double* bn_sums) {
+                           const acc_t* c, const acc_t* gamma, const acc_t* beta, const acc_t* softmax_stats,
+                           const acc_t* R, const acc_t* U, const double* stats, scalar_t* dq, acc_t* dk, acc_t* dv,
+                           double* dW, double* dc, double* dgamma, double* dbeta, const double* bn_sums) {
   const Tasks tasks(p);
   const int64_t H = p.H, Nk = p.Nk, D = p.D, Nq = p.Nq;
   const acc_t tau = static_cast<acc_t>(p.out_scale);
@@ -674,7 +677,7 @@ void re_attention_backward(const ReAttnParams& p, View4 dout, View4 q, View4 k, 
       const acc_t* md = load_query_block(p, q, kv, b, i0, bm, tasks.bm, qbuf, qh.data(), madd);
       for (int64_t h = 0; h < H; ++h)
         oh[h] = head_rows<scalar_t, acc_t>(dout, b, h, i0, bm, D, obuf + h * tasks.bm * D);
-      probabilities(p, b, i0, bm, qh.data(), kv, md, P, static_cast<acc_t*>(nullptr), lse);
+      probabilities(p, b, i0, bm, qh.data(), kv, md, P, static_cast<acc_t*>(nullptr), softmax_stats);
       const acc_t* pd = P;
       if (dropout) {
         std::copy(P, P + H * E, Pd);
@@ -753,6 +756,7 @@ const char* gemm_backend_name() {
 REATTN_INSTANTIATE_RA(float, float)
 REATTN_INSTANTIATE_RA(double, double)
 REATTN_INSTANTIATE_RA(c10::BFloat16, float)
+REATTN_INSTANTIATE_RA(c10::Half, float)
 
 }  // namespace cpu
 }  // namespace reattn

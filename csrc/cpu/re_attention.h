@@ -31,17 +31,19 @@ struct View4 {
 };
 
 // Forward. W [H, H] row-major, c [H] (zeros when absent), gamma/beta [H] or null, all in acc_t.
-// out: contiguous [B, H, Nq, D]; lse: contiguous [B, H, Nq] (+inf for a fully masked row).
+// out: contiguous [B, H, Nq, D]; softmax_stats: contiguous [2, B, H, Nq], each score row's max m, then
+// log l with l = sum_j exp(s_j - m) (m = -inf for a row whose every key is masked by -inf). Two numbers,
+// not one logsumexp m + log l, which absorbs log l next to a large finite mask fill (vec::softmax_rows).
 // kNormBatchTrain only: R = Xhat V and U = 1_unmasked V (contiguous [B, H, Nq, D], saved for backward),
 // stats [3, H] = batch mean, biased variance, count of unmasked entries per head (if any count <= 1
 // the function returns after computing stats, leaving out undefined: the caller raises).
-// given_stats (kNormBatchTrain only): stats and lse are inputs, not outputs: the statistics of a
-// batch larger than this call's (synchronized across processes from bn_gram_stats' sums) and the
-// lse bn_gram_stats wrote. The forward then runs its main sweep only.
+// given_stats (kNormBatchTrain only): stats and softmax_stats are inputs, not outputs: the statistics of
+// a batch larger than this call's (synchronized across processes from bn_gram_stats' sums) and the
+// softmax statistics bn_gram_stats wrote. The forward then runs its main sweep only.
 template <typename scalar_t, typename acc_t>
 void re_attention_forward(const ReAttnParams& p, View4 q, View4 k, View4 v, const acc_t* W, const acc_t* c,
-                          const acc_t* gamma, const acc_t* beta, scalar_t* out, acc_t* lse, acc_t* R, acc_t* U,
-                          double* stats, bool given_stats = false);
+                          const acc_t* gamma, const acc_t* beta, scalar_t* out, acc_t* softmax_stats, acc_t* R,
+                          acc_t* U, double* stats, bool given_stats = false);
 
 // Training-mode BatchNorm statistics as Gram-matrix sums (shared/design/reattention-math.md), for
 // statistics synchronized across processes: these sums add up over processes, mean and variance
@@ -49,11 +51,11 @@ void re_attention_forward(const ReAttnParams& p, View4 q, View4 k, View4 v, cons
 //   s1[m, h] = sum X_h,   gram[m, h, h'] = sum X_h X_h',   count[m] = number of unmasked entries,
 // m in [0, mask_heads) (1 without a mask or with one shared by all heads; H for a per-head mask, as
 // head g's statistics then run over its own entries). M_g - c_g - kappa sum_h W[g, h] = (W X)_g, so
-// mean and variance of M_g follow from W, c, kappa and these sums. Also writes lse (as the forward).
+// mean and variance of M_g follow from W, c, kappa and these sums. Also writes softmax_stats (as the forward).
 // s1 [mask_heads, H], gram [mask_heads, H, H], count [mask_heads] are outputs (double, contiguous).
 template <typename scalar_t, typename acc_t>
-void bn_gram_stats(const ReAttnParams& p, View4 q, View4 k, acc_t kappa, acc_t* lse, double* s1, double* gram,
-                   double* count);
+void bn_gram_stats(const ReAttnParams& p, View4 q, View4 k, acc_t kappa, acc_t* softmax_stats, double* s1,
+                   double* gram, double* count);
 
 // The two per-head sums training-mode BatchNorm's backward needs, over this call's entries:
 // sums[g] = sum dA_g = <dO_g, U_g>, sums[H + g] = sum dA_g y_g = <dO_g, R_g> (y = Xhat), in double.
@@ -67,9 +69,9 @@ void bn_grad_sums(const ReAttnParams& p, View4 dout, const acc_t* R, const acc_t
 // (they are tau times this process's own sums, which the caller has); null, this call's own sums.
 template <typename scalar_t, typename acc_t>
 void re_attention_backward(const ReAttnParams& p, View4 dout, View4 q, View4 k, View4 v, const acc_t* W,
-                           const acc_t* c, const acc_t* gamma, const acc_t* beta, const acc_t* lse, const acc_t* R,
-                           const acc_t* U, const double* stats, scalar_t* dq, acc_t* dk, acc_t* dv, double* dW,
-                           double* dc, double* dgamma, double* dbeta, const double* bn_sums = nullptr);
+                           const acc_t* c, const acc_t* gamma, const acc_t* beta, const acc_t* softmax_stats,
+                           const acc_t* R, const acc_t* U, const double* stats, scalar_t* dq, acc_t* dk, acc_t* dv,
+                           double* dW, double* dc, double* dgamma, double* dbeta, const double* bn_sums = nullptr);
 
 // The dropout keep-mask the kernels use, materialized: out contiguous [B, H, Nq, Nk] (1 = keep).
 void dropout_keep_mask(uint8_t* out, int64_t B, int64_t H, int64_t Nq, int64_t Nk, uint64_t seed, double p);

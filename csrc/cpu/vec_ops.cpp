@@ -140,39 +140,42 @@ REATTN_INLINE bool keep_of(uint64_t seed, uint64_t index, uint32_t threshold) {
 }  // namespace
 
 template <typename T>
-REATTN_CLONES void softmax_rows(T* s, int64_t rows, int64_t n, T* lse) {
+REATTN_CLONES void softmax_rows(T* s, int64_t rows, int64_t n, T* row_max, T* row_log_sum) {
+  constexpr T kInf = std::numeric_limits<T>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
     T* x = s + r * n;
     const T m = lane_max(x, n);
     // A NaN score makes the row NaN (as torch's softmax): with a finite max, exp(NaN - m) puts NaN in
     // the total; with a -inf max (every other key masked) it must be looked for.
-    if (m == -std::numeric_limits<T>::infinity() && has_nan(x, n)) {
+    if (m == -kInf && has_nan(x, n)) {
       for (int64_t j = 0; j < n; ++j) x[j] = std::numeric_limits<T>::quiet_NaN();
-      lse[r] = std::numeric_limits<T>::quiet_NaN();
+      row_max[r] = row_log_sum[r] = std::numeric_limits<T>::quiet_NaN();
       continue;
     }
-    if (m == -std::numeric_limits<T>::infinity()) {  // every key masked: zeros, never NaN
+    if (m == -kInf) {  // every key masked: zeros, never NaN
       for (int64_t j = 0; j < n; ++j) x[j] = 0;
-      lse[r] = std::numeric_limits<T>::infinity();
+      row_max[r] = -kInf;
+      row_log_sum[r] = -kInf;
       continue;
     }
     const T total = exp_sub_sum(x, n, m);
     const T inv = T(1) / total;
     for (int64_t j = 0; j < n; ++j) x[j] *= inv;
-    lse[r] = m + std::log(total);
+    row_max[r] = m;
+    row_log_sum[r] = std::log(total);
   }
 }
 
 template <typename T>
-REATTN_CLONES void exp_sub_rows(T* s, int64_t rows, int64_t n, const T* lse) {
+REATTN_CLONES void exp_sub_rows(T* s, int64_t rows, int64_t n, const T* row_max, const T* row_log_sum) {
   for (int64_t r = 0; r < rows; ++r) {
     T* x = s + r * n;
-    const T l = lse[r];
-    if (l == std::numeric_limits<T>::infinity()) {
+    const T m = row_max[r], log_l = row_log_sum[r];
+    if (m == -std::numeric_limits<T>::infinity()) {
       for (int64_t j = 0; j < n; ++j) x[j] = 0;
       continue;
     }
-    for (int64_t j = 0; j < n; ++j) x[j] = exp_approx(x[j] - l);
+    for (int64_t j = 0; j < n; ++j) x[j] = exp_approx((x[j] - m) - log_l);
   }
 }
 
@@ -376,8 +379,8 @@ REATTN_CLONES void gemm_fallback(bool ta, bool tb, int64_t m, int64_t n, int64_t
 }
 
 #define REATTN_INSTANTIATE(T)                                                                                   \
-  template void softmax_rows<T>(T*, int64_t, int64_t, T*);                                                    \
-  template void exp_sub_rows<T>(T*, int64_t, int64_t, const T*);                                              \
+  template void softmax_rows<T>(T*, int64_t, int64_t, T*, T*);                                                \
+  template void exp_sub_rows<T>(T*, int64_t, int64_t, const T*, const T*);                                    \
   template void add_inplace<T>(T*, const T*, int64_t);                                                        \
   template void zero_masked<T>(T*, const T*, int64_t);                                                        \
   template void unmasked_indicator<T>(T*, const T*, int64_t);                                                 \

@@ -11,14 +11,19 @@ namespace reattn {
 namespace cpu {
 namespace vec {
 
-// Row softmax in place over rows x n (leading dim n). Fully masked rows (every entry -inf) become
-// zeros with lse = +inf. lse[r] = logsumexp of the row.
+// Row softmax in place over rows x n (leading dim n), writing each row's softmax statistics as two
+// numbers: row_max[r] = m = max_j s[r, j] and row_log_sum[r] = log l, l = sum_j exp(s[r, j] - m).
+// They stay two numbers because m + log l, one logsumexp, absorbs log l when |m| is large: a row whose
+// every score carries a finite mask fill such as -1e9 has m + log(Nk) == m in float32, and
+// exp(s - (m + log l)) would then weight every key 1 instead of 1/Nk. Fully masked rows (every entry
+// -inf) become zeros with m = -inf.
 template <typename T>
-void softmax_rows(T* s, int64_t rows, int64_t n, T* lse);
+void softmax_rows(T* s, int64_t rows, int64_t n, T* row_max, T* row_log_sum);
 
-// s[r, j] = exp(s[r, j] - lse[r]): the exact probabilities again from the saved row statistics.
+// s[r, j] = exp((s[r, j] - m[r]) - log l[r]): the exact probabilities again from the saved statistics
+// (s - m is exact where the scores share m's magnitude; zeros where m = -inf).
 template <typename T>
-void exp_sub_rows(T* s, int64_t rows, int64_t n, const T* lse);
+void exp_sub_rows(T* s, int64_t rows, int64_t n, const T* row_max, const T* row_log_sum);
 
 // x += y.
 template <typename T>

@@ -38,6 +38,7 @@ class Problem:
     # (the fused ones as steps around their statistics and backward-sums sweeps), under the limits
     # it has without it (Triton/CUDA: one mask for all heads), so no backend refuses it as such.
     synced_stats: bool = False
+    functorch: bool = False  # called inside a torch.func transform (vmap, grad, jacrev, ...)
 
 
 def _triton_import_error() -> Optional[str]:
@@ -163,11 +164,23 @@ def _cpu_reason(problem: Problem) -> Optional[str]:
     if not hasattr(_C, "re_attention_cpu_bn_gram"):  # reattn.backends.cpu passes the arguments it added
         return ("the compiled extension reattn._C predates the fused CPU kernel's synchronized statistics; rebuild it "
                 "(pip install --no-build-isolation -e .)")
-    if problem.dtype is not None and problem.dtype not in (torch.float32, torch.float64, torch.bfloat16):
-        return f"the fused CPU kernel supports float32, float64 and bfloat16, got {problem.dtype}"
+    if problem.dtype is not None and problem.dtype not in (torch.float32, torch.float64, torch.bfloat16,
+                                                           torch.float16):
+        return f"the fused CPU kernel supports float32, float64, bfloat16 and float16, got {problem.dtype}"
     if getattr(problem, "mask_requires_grad", False) and problem.needs_grad:
         return "the fused CPU kernel does not compute gradients with respect to attn_mask (it requires grad)"
     return None
+
+
+def in_functorch_transform() -> bool:
+    """Whether the caller runs inside a torch.func transform (vmap, grad, jacrev, jvp, ...)."""
+    level = getattr(torch._C._functorch, "maybe_current_level", None)  # traced by torch.compile as None
+    return level is not None and level() is not None
+
+
+FUNCTORCH_REFUSAL = ("torch.func transforms (vmap, grad, jacrev, jvp, ...) cannot run through the fused kernels' "
+                     "custom ops, which have no functorch rules; backend='eager' supports them (backend='auto' "
+                     "picks it inside a transform)")
 
 
 def unavailable_reason(backend: str, problem: Problem) -> Optional[str]:
@@ -176,6 +189,8 @@ def unavailable_reason(backend: str, problem: Problem) -> Optional[str]:
         return None
     if problem.return_attention:
         return "return_attention=True materializes the [B, H, Nq, Nk] map, which only backend='eager' does"
+    if problem.functorch:
+        return FUNCTORCH_REFUSAL
     if backend == "triton":
         return _triton_reason(problem)
     if backend == "cpu":

@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from reattn._ops import define_op, register_autograd, register_fake
 from reattn.distributed import all_reduce_sum, gram_batch_statistics
 
 
@@ -128,6 +129,46 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
     if norm_bias is not None:
         out.add_(out_scale * norm_bias.detach().to(acc)[None, :, None, None] * u)
     return out.to(q.dtype), lse, stats
+
+
+def eager_double_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor,
+                          mix_bias: Optional[Tensor], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                          attn_mask: Optional[Tensor], dropout_mask: Optional[Tensor], grad_grads: Tuple, *,
+                          backend: str, scale: float, out_scale: float, norm: str, eps: float, dropout_p: float,
+                          synced: bool) -> Tuple[Optional[Tensor], ...]:
+    """The derivative of a fused backward op (double backward: ``create_graph=True``, gradient penalties, MAML).
+
+    The fused backward kernels are not differentiable as such; their derivative is recomputed through the
+    eager math (``reattn.reference``) on the same inputs, with the fused dropout pattern replayed
+    (``dropout_mask``). Cost: one eager forward and two eager backwards, with the [B, H, Nq, Nk] maps
+    materialized, as ``backend="eager"``; only when a graph of the gradients is asked for.
+    norm: "none", "layer" or "batch" (training: eval BatchNorm reaches the ops folded into the mixing).
+    grad_grads: the cotangents of the backward op's outputs (dq, dk, dv, d mix_weight, d mix_bias,
+    d norm_weight, d norm_bias). Returns the gradients w.r.t. (grad_out, q, k, v, mix_weight, mix_bias,
+    norm_weight, norm_bias); connected to their graphs when the caller builds one (third order).
+    """
+    if synced:
+        raise RuntimeError(f"re_attention(..., backend={backend!r}, sync_group=...): double backward "
+                           "(create_graph=True) through training BatchNorm synchronized across processes is not "
+                           "supported; use backend='eager' for higher-order gradients")
+    from reattn.reference import re_attention_ref
+
+    inputs = (grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias)
+    with torch.enable_grad():
+        # Inputs already in a graph stay in it (higher orders reach them); the others become leaves.
+        xs = [None if t is None else t if t.requires_grad else t.detach().requires_grad_(True) for t in inputs]
+        out = re_attention_ref(*xs[1:6], scale=scale, norm=norm, norm_weight=xs[6], norm_bias=xs[7],
+                               training=norm == "batch" or dropout_p > 0, eps=eps, out_scale=out_scale,
+                               dropout_p=dropout_p, attn_mask=attn_mask, dropout_mask=dropout_mask)
+        wrt = [(x, gg) for x, gg in zip(xs[1:], grad_grads) if x is not None]
+        first = torch.autograd.grad(out, [x for x, _ in wrt], xs[0], create_graph=True, allow_unused=True)
+        pairs = [(f, gg) for f, (_, gg) in zip(first, wrt) if f is not None and gg is not None]
+        present = [x for x in xs if x is not None]
+        if not pairs:
+            return tuple(None for _ in inputs)
+        grads = iter(torch.autograd.grad([f for f, _ in pairs], present, [gg.to(f.dtype) for f, gg in pairs],
+                                         allow_unused=True, create_graph=torch.is_grad_enabled()))
+    return tuple(None if x is None else next(grads) for x in xs)
 
 
 def _check_count(count: Tensor, where: str) -> None:
@@ -248,10 +289,9 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
                                    norm="batch", **kw)
         return out, lse, stats
 
-    forward_op = torch.library.custom_op(f"reattn::{name}_forward", forward, mutates_args=(),
-                                         device_types=device_types)
+    forward_op = define_op(f"{name}_forward", forward, device_types)
 
-    @forward_op.register_fake
+    @register_fake(forward_op)
     def _(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, out_scale, norm, eps,
           dropout_p, lse_in=None, stats_in=None):
         H = q.shape[1]
@@ -264,10 +304,9 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
         the unmasked entries."""
         return kernels.gram_sums(q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p, shift=shift)
 
-    gram_sums_op = torch.library.custom_op(f"reattn::{name}_gram_sums", gram_sums, mutates_args=(),
-                                           device_types=device_types)
+    gram_sums_op = define_op(f"{name}_gram_sums", gram_sums, device_types)
 
-    @gram_sums_op.register_fake
+    @register_fake(gram_sums_op)
     def _(q, k, attn_mask, seed, scale, dropout_p, shift):
         H = q.shape[1]
         return (q.new_empty(kernels.lse_shape(q), dtype=accumulator_dtype(q)), q.new_empty((H,), dtype=torch.float64),
@@ -285,10 +324,9 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
                                      scale=scale, out_scale=out_scale, eps=eps, dropout_p=dropout_p)
         return sums.to(torch.float64)
 
-    bn_grad_sums_op = torch.library.custom_op(f"reattn::{name}_bn_grad_sums", bn_grad_sums, mutates_args=(),
-                                              device_types=device_types)
+    bn_grad_sums_op = define_op(f"{name}_bn_grad_sums", bn_grad_sums, device_types)
 
-    @bn_grad_sums_op.register_fake
+    @register_fake(bn_grad_sums_op)
     def _(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, stats, scale,
           out_scale, eps, dropout_p):
         return q.new_empty((2, q.shape[1]), dtype=torch.float64)
@@ -327,10 +365,9 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
 
         return dq, dk, dv, dw.to(mix_weight.dtype), like(dc, mix_bias), like(dnw, norm_weight), like(dnb, norm_bias)
 
-    backward_op = torch.library.custom_op(f"reattn::{name}_backward", backward, mutates_args=(),
-                                          device_types=device_types)
+    backward_op = define_op(f"{name}_backward", backward, device_types)
 
-    @backward_op.register_fake
+    @register_fake(backward_op)
     def _(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, stats, scale,
           out_scale, norm, eps, dropout_p, bn_sums=None):
         H = q.shape[1]
@@ -361,7 +398,27 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
         return (dq, dk, dv, dw, dc if mix_bias is not None else None, dnw if norm_weight is not None else None,
                 dnb if norm_bias is not None else None, None, None, None, None, None, None, None, None, None)
 
-    forward_op.register_autograd(autograd_backward, setup_context=setup_context)
+    register_autograd(forward_op, autograd_backward, setup_context=setup_context)
+
+    def backward_setup_context(ctx, inputs, output):
+        (grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, stats, scale,
+         out_scale, norm, eps, dropout_p, bn_sums) = inputs
+        ctx.save_for_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed)
+        ctx.options = dict(scale=scale, out_scale=out_scale, norm=norm, eps=eps, dropout_p=dropout_p)
+        ctx.synced = bn_sums is not None
+
+    def double_backward(ctx, *grad_grads):
+        grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed = ctx.saved_tensors
+        keep = None
+        if seed is not None:  # the kernels' dropout pattern (Triton's Philox stream, which cuda draws too)
+            from reattn.kernels.dropout import dropout_keep_mask
+
+            keep = dropout_keep_mask(seed, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), ctx.options["dropout_p"])
+        grads = eager_double_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, keep,
+                                      grad_grads, backend=name, synced=ctx.synced, **ctx.options)
+        return grads + (None,) * 10
+
+    register_autograd(backward_op, double_backward, setup_context=backward_setup_context)
     synced = _synced_batchnorm(name, forward_op, backward_op, gram_sums_op, bn_grad_sums_op)
     return FusedOps(forward=forward_op, backward=backward_op, gram_sums=gram_sums_op, bn_grad_sums=bn_grad_sums_op,
                     synced=synced)
@@ -446,7 +503,7 @@ def run_fused(ops: FusedOps, q, k, v, mix_weight, mix_bias, *, scale, norm, norm
         from reattn.functional import fold_batchnorm_eval
 
         mix_weight, mix_bias = fold_batchnorm_eval(mix_weight, mix_bias, norm_weight, norm_bias, running_mean,
-                                                   running_var, eps)
+                                                   running_var, eps, dtype=accumulator_dtype(q))
         norm, norm_weight, norm_bias = "none", None, None
     if not (training and dropout_p > 0.0):
         dropout_p, seed = 0.0, None

@@ -10,9 +10,11 @@ updated here, in place, like ``nn.BatchNorm2d``) / LayerNorm across heads; masks
 counter-based RNG keyed by (seed, b, h, i, j), the seed drawn from torch's CPU generator, so backward
 replays it and ``dropout_keep_mask`` shows it.
 
-Saved for backward: q, k, v, the parameters, the mask, the logsumexp [B, H, Nq] and, for training
-BatchNorm, R = Xhat V and U = 1_unmasked V ([B, H, Nq, D]) and the [3, H] statistics; never a
-[B, H, Nq, Nk] map.
+Saved for backward: q, k, v, the parameters, the mask, the softmax statistics [2, B, H, Nq] (each score
+row's max m and log l, l = sum_j exp(s_j - m): two numbers, because one logsumexp m + log l absorbs
+log l next to a large finite mask fill such as -1e9 or finfo.min, and exp(s - lse) would then weight
+every key of a fully masked row 1 instead of 1/Nk) and, for training BatchNorm, R = Xhat V and
+U = 1_unmasked V ([B, H, Nq, D]) and the [3, H] statistics; never a [B, H, Nq, Nk] map.
 
 Training BatchNorm synchronized across processes (``sync_group``, ``nn.SyncBatchNorm`` semantics) runs
 the same kernels in separate steps with two all-reduces between them (:class:`_SyncedBatchNorm`):
@@ -35,7 +37,8 @@ import torch
 from torch import Tensor
 
 from reattn._extension import _C
-from reattn.backends._fused import draw_dropout_seed
+from reattn._ops import define_op, register_autograd, register_fake
+from reattn.backends._fused import draw_dropout_seed, eager_double_backward
 from reattn.distributed import all_reduce_sum, gram_batch_statistics
 
 NORM_CODES = {"none": 0, "layer": 1, "batch": 2}  # "batch" reaches the kernel only in training
@@ -45,42 +48,44 @@ def _acc_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("reattn::cpu_forward", mutates_args=(), device_types="cpu")
-def cpu_forward(
+def _forward_kernel(
     q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias: Optional[Tensor], norm_weight: Optional[Tensor],
     norm_bias: Optional[Tensor], attn_mask: Optional[Tensor], scale: float, out_scale: float, norm: int, eps: float,
-    dropout_p: float, seed: Optional[Tensor], lse_in: Optional[Tensor] = None, stats_in: Optional[Tensor] = None,
+    dropout_p: float, seed: Optional[Tensor], softmax_in: Optional[Tensor] = None,
+    stats_in: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Fused forward: (out [B, H, Nq, D], lse [B, H, Nq], R, U, stats [3, H] float64).
+    """Fused forward: (out [B, H, Nq, D], softmax_stats [2, B, H, Nq], R, U, stats [3, H] float64).
 
     R, U are [B, H, Nq, D] for norm code 2 (training BatchNorm) and empty otherwise; stats holds
     the batch mean, biased variance and unmasked count per head (zeros unless norm code 2).
-    lse_in, stats_in (norm code 2, both or neither): normalize with these statistics (of the batch
-    over every process, from ``cpu_bn_gram``) instead of computing them; lse and stats come back as
-    copies. Autograd through this op is for the local case only: ``_SyncedBatchNorm`` differentiates
-    the other.
+    softmax_stats: each score row's max and log-sum (accumulation dtype). softmax_in, stats_in (norm
+    code 2, both or neither): normalize with these statistics (of the batch over every process, from
+    ``cpu_bn_gram``) instead of computing them; they come back as copies. Autograd through this op
+    is for the local case only: ``_SyncedBatchNorm`` differentiates the other.
     """
-    out, lse, R, U, stats = _C.re_attention_cpu_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
-                                                        attn_mask, scale, out_scale, norm, eps, dropout_p,
-                                                        _seed_value(seed), lse_in, stats_in)
-    return out, lse, R, U, stats
+    out, softmax_stats, R, U, stats = _C.re_attention_cpu_forward(
+        q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale, out_scale, norm, eps, dropout_p,
+        _seed_value(seed), softmax_in, stats_in)
+    return out, softmax_stats, R, U, stats
 
 
-@cpu_forward.register_fake
+cpu_forward = define_op("cpu_forward", _forward_kernel, ("cpu",))
+
+
+@register_fake(cpu_forward)
 def _(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale, out_scale, norm, eps, dropout_p,
-      seed, lse_in=None, stats_in=None):
+      seed, softmax_in=None, stats_in=None):
     B, H, Nq, D = q.shape
     acc = _acc_dtype(q)
     saved = (B if norm == 2 else 0, H, Nq, D)
-    return (q.new_empty((B, H, Nq, D)), q.new_empty((B, H, Nq), dtype=acc), q.new_empty(saved, dtype=acc),
+    return (q.new_empty((B, H, Nq, D)), q.new_empty((2, B, H, Nq), dtype=acc), q.new_empty(saved, dtype=acc),
             q.new_empty(saved, dtype=acc), q.new_empty((3, H), dtype=torch.float64))
 
 
-@torch.library.custom_op("reattn::cpu_backward", mutates_args=(), device_types="cpu")
-def cpu_backward(
+def _backward_kernel(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias: Optional[Tensor],
-    norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], attn_mask: Optional[Tensor], lse: Tensor, R: Tensor,
-    U: Tensor, stats: Tensor, scale: float, out_scale: float, norm: int, eps: float, dropout_p: float,
+    norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], attn_mask: Optional[Tensor], softmax_stats: Tensor,
+    R: Tensor, U: Tensor, stats: Tensor, scale: float, out_scale: float, norm: int, eps: float, dropout_p: float,
     seed: Optional[Tensor], bn_sums: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused backward: (dq, dk, dv, d_mix_weight, d_mix_bias, d_norm_weight, d_norm_bias).
@@ -91,8 +96,8 @@ def cpu_backward(
     caller has them: out_scale times its own sums).
     """
     dq, dk, dv, dw, dc, dnw, dnb = _C.re_attention_cpu_backward(
-        grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, lse, R, U, stats, scale,
-        out_scale, norm, eps, dropout_p, _seed_value(seed), bn_sums)
+        grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, softmax_stats, R, U, stats,
+        scale, out_scale, norm, eps, dropout_p, _seed_value(seed), bn_sums)
 
     def like(grad, param):
         return grad.to(mix_weight.dtype if param is None else param.dtype)
@@ -100,9 +105,12 @@ def cpu_backward(
     return dq, dk, dv, dw.to(mix_weight.dtype), like(dc, mix_bias), like(dnw, norm_weight), like(dnb, norm_bias)
 
 
-@cpu_backward.register_fake
-def _(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, lse, R, U, stats, scale, out_scale,
-      norm, eps, dropout_p, seed, bn_sums=None):
+cpu_backward = define_op("cpu_backward", _backward_kernel, ("cpu",))
+
+
+@register_fake(cpu_backward)
+def _(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, softmax_stats, R, U, stats, scale,
+      out_scale, norm, eps, dropout_p, seed, bn_sums=None):
     H = q.shape[1]
 
     def vec(param):
@@ -116,66 +124,95 @@ def _(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale, out_scale, norm, eps, dropout_p,
-     seed, lse_in, stats_in) = inputs
-    _, lse, R, U, stats = output
-    ctx.save_for_backward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, R, U, stats)
+     seed, softmax_in, stats_in) = inputs
+    _, softmax_stats, R, U, stats = output
+    ctx.save_for_backward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, softmax_stats, R,
+                          U, stats)
     ctx.options = (scale, out_scale, norm, eps, dropout_p)
     ctx.given_stats = stats_in is not None
 
 
-def _backward(ctx, grad_out, grad_lse, grad_r, grad_u, grad_stats):
+def _backward(ctx, grad_out, grad_softmax, grad_r, grad_u, grad_stats):
     if ctx.given_stats:
         # Given statistics stand for a batch spread over processes: their gradient terms need the
         # backward's sums of every process, which only _SyncedBatchNorm (holding the group) gathers.
-        raise RuntimeError("reattn::cpu_forward with lse_in/stats_in is differentiated through "
+        raise RuntimeError("reattn::cpu_forward with softmax_in/stats_in is differentiated through "
                            "re_attention(..., backend='cpu', sync_group=...), not on its own")
-    q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, R, U, stats = ctx.saved_tensors
+    q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, softmax_stats, R, U, stats = \
+        ctx.saved_tensors
     scale, out_scale, norm, eps, dropout_p = ctx.options
     dq, dk, dv, dw, dc, dnw, dnb = cpu_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
-                                                attn_mask, lse, R, U, stats, scale, out_scale, norm, eps, dropout_p,
-                                                seed)
+                                                attn_mask, softmax_stats, R, U, stats, scale, out_scale, norm, eps,
+                                                dropout_p, seed)
     return (dq, dk, dv, dw, dc if mix_bias is not None else None, dnw if norm_weight is not None else None,
             dnb if norm_bias is not None else None, None, None, None, None, None, None, None, None, None)
 
 
-cpu_forward.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(cpu_forward, _backward, setup_context=_setup_context)
+
+NORM_NAMES = {code: name for name, code in NORM_CODES.items()}
 
 
-@torch.library.custom_op("reattn::cpu_bn_gram", mutates_args=(), device_types="cpu")
-def cpu_bn_gram(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: float, dropout_p: float,
+def _backward_setup_context(ctx, inputs, output):
+    (grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, softmax_stats, R, U, stats, scale,
+     out_scale, norm, eps, dropout_p, seed, bn_sums) = inputs
+    ctx.save_for_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed)
+    ctx.options = dict(scale=scale, out_scale=out_scale, norm=NORM_NAMES[norm], eps=eps, dropout_p=dropout_p)
+    ctx.synced = bn_sums is not None
+
+
+def _double_backward(ctx, *grad_grads):
+    grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed = ctx.saved_tensors
+    keep = None if seed is None else dropout_keep_mask(seed, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]),
+                                                       ctx.options["dropout_p"])
+    grads = eager_double_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, keep,
+                                  grad_grads, backend="cpu", synced=ctx.synced, **ctx.options)
+    return grads + (None,) * 12
+
+
+register_autograd(cpu_backward, _double_backward, setup_context=_backward_setup_context)
+
+
+def _bn_gram_kernel(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: float, dropout_p: float,
                 seed: Optional[Tensor], kappa: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Training BatchNorm statistics sweep as sums that add up over processes.
 
-    Returns (lse [B, H, Nq] in the accumulation dtype, s1 [Hm, H], gram [Hm, H, H], count [Hm]
+    Returns (softmax_stats [2, B, H, Nq] in the accumulation dtype, s1 [Hm, H], gram [Hm, H, H], count [Hm]
     float64): with X = P~ - kappa on the entries unmasked for mask head m and 0 elsewhere,
     s1[m] = Σ X, gram[m] = Σ X Xᵀ over heads, count[m] = the unmasked entries. Hm is the mask's head
     count (1 without a mask or with one shared by the heads, else H: head g's statistics then run over
     its own entries). ``reattn.distributed.gram_batch_statistics`` turns them into mean and variance.
     """
-    lse, s1, gram, count = _C.re_attention_cpu_bn_gram(q, k, attn_mask, scale, dropout_p, _seed_value(seed), kappa)
-    return lse, s1, gram, count
+    softmax_stats, s1, gram, count = _C.re_attention_cpu_bn_gram(q, k, attn_mask, scale, dropout_p,
+                                                                 _seed_value(seed), kappa)
+    return softmax_stats, s1, gram, count
+
+
+cpu_bn_gram = define_op("cpu_bn_gram", _bn_gram_kernel, ("cpu",))
 
 
 def _mask_heads(attn_mask: Optional[Tensor], H: int) -> int:
     return H if attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1 else 1
 
 
-@cpu_bn_gram.register_fake
+@register_fake(cpu_bn_gram)
 def _(q, k, attn_mask, scale, dropout_p, seed, kappa):
     B, H, Nq, _ = q.shape
     Hm = _mask_heads(attn_mask, H)
     f64 = dict(dtype=torch.float64)
-    return (q.new_empty((B, H, Nq), dtype=_acc_dtype(q)), q.new_empty((Hm, H), **f64), q.new_empty((Hm, H, H), **f64),
-            q.new_empty((Hm,), **f64))
+    return (q.new_empty((2, B, H, Nq), dtype=_acc_dtype(q)), q.new_empty((Hm, H), **f64),
+            q.new_empty((Hm, H, H), **f64), q.new_empty((Hm,), **f64))
 
 
-@torch.library.custom_op("reattn::cpu_bn_grad_sums", mutates_args=(), device_types="cpu")
-def cpu_bn_grad_sums(grad_out: Tensor, R: Tensor, U: Tensor) -> Tensor:
+def _bn_grad_sums_kernel(grad_out: Tensor, R: Tensor, U: Tensor) -> Tensor:
     """[2, H] float64: Σ dA and Σ dA·Xhat per head over this call's entries (<dO, U> and <dO, R>)."""
     return _C.re_attention_cpu_bn_grad_sums(grad_out, R, U)
 
 
-@cpu_bn_grad_sums.register_fake
+cpu_bn_grad_sums = define_op("cpu_bn_grad_sums", _bn_grad_sums_kernel, ("cpu",))
+
+
+@register_fake(cpu_bn_grad_sums)
 def _(grad_out, R, U):
     return grad_out.new_empty((2, grad_out.shape[1]), dtype=torch.float64)
 
@@ -208,29 +245,32 @@ class _SyncedBatchNorm(torch.autograd.Function):
         kappa = 1.0 / k.shape[2]
         if acc == torch.float32:
             kappa = struct.unpack("f", struct.pack("f", kappa))[0]
-        lse, s1, gram, count = cpu_bn_gram(q, k, attn_mask, scale, dropout_p, seed, kappa)
+        softmax_stats, s1, gram, count = cpu_bn_gram(q, k, attn_mask, scale, dropout_p, seed, kappa)
         s1, gram, count = all_reduce_sum([s1, gram, count], group)
         mean, var, count = gram_batch_statistics(
             mix_weight.detach().to(acc), None if mix_bias is None else mix_bias.detach().to(acc), s1, gram, count,
             kappa)
         _check_counts(count, " over all processes")
         stats = torch.stack([mean, var, count])
-        out, lse, R, U, stats = cpu_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale,
-                                            out_scale, NORM_CODES["batch"], eps, dropout_p, seed, lse, stats)
-        ctx.save_for_backward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, R, U, stats)
+        out, softmax_stats, R, U, stats = cpu_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask,
+                                                      scale, out_scale, NORM_CODES["batch"], eps, dropout_p, seed,
+                                                      softmax_stats, stats)
+        ctx.save_for_backward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, softmax_stats, R,
+                              U, stats)
         ctx.group, ctx.options = group, options
         ctx.mark_non_differentiable(stats)
         return out, stats
 
     @staticmethod
     def backward(ctx, grad_out, grad_stats):
-        q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, lse, R, U, stats = ctx.saved_tensors
+        q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, softmax_stats, R, U, stats = \
+            ctx.saved_tensors
         scale, out_scale, eps, dropout_p = ctx.options
         own = cpu_bn_grad_sums(grad_out, R, U)
         (total,) = all_reduce_sum([own], ctx.group)  # every process runs this: a collective
         dq, dk, dv, dw, dc, _, _ = cpu_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
-                                                attn_mask, lse, R, U, stats, scale, out_scale, NORM_CODES["batch"],
-                                                eps, dropout_p, seed, total)
+                                                attn_mask, softmax_stats, R, U, stats, scale, out_scale,
+                                                NORM_CODES["batch"], eps, dropout_p, seed, total)
         dnw = None if norm_weight is None else (out_scale * own[1]).to(norm_weight.dtype)
         dnb = None if norm_bias is None else (out_scale * own[0]).to(norm_bias.dtype)
         return (None, None, dq, dk, dv, dw, dc if mix_bias is not None else None, dnw, dnb, None, None)
@@ -269,7 +309,7 @@ def re_attention_cpu(q, k, v, mix_weight, mix_bias, *, scale, norm, norm_weight,
         from reattn.functional import fold_batchnorm_eval
 
         mix_weight, mix_bias = fold_batchnorm_eval(mix_weight, mix_bias, norm_weight, norm_bias, running_mean,
-                                                   running_var, eps)
+                                                   running_var, eps, dtype=_acc_dtype(q))
         norm, norm_weight, norm_bias = "none", None, None
     p = float(dropout_p) if training else 0.0
     # A tensor, not a Python int: drawing it needs no .item(), so torch.compile keeps dropout in its

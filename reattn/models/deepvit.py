@@ -428,18 +428,47 @@ def create_model(name: str, **kwargs) -> DeepVisionTransformer:
     return _MODELS[key](**kwargs)
 
 
-def load_official_checkpoint(model: nn.Module, checkpoint, strict: bool = True, map_location="cpu"):
+def load_official_checkpoint(model: nn.Module, checkpoint, strict: bool = True, map_location="cpu",
+                             weights_only: bool = True):
     """Load an official DeepViT checkpoint (a path, or what ``torch.load`` returned) into ``model``.
 
     Unwraps the training script's dictionaries (``state_dict``, ``state_dict_ema``, ``model``; the
     first present, in that order) and a ``module.`` prefix from DataParallel, then calls
     ``model.load_state_dict(..., strict=strict)`` and returns its result.
+
+    weights_only: load a path with ``torch.load(..., weights_only=True)`` (the default: no code in
+    the file runs), also allowing ``argparse.Namespace``, which timm-style training checkpoints hold
+    as their ``args``. A file holding other Python objects is refused with an error saying so; only
+    for a file you trust, ``weights_only=False`` loads anything (pickle can run arbitrary code).
     """
     if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=True)
+        checkpoint = _load_checkpoint_file(checkpoint, map_location, weights_only)
     for key in ("state_dict", "state_dict_ema", "model"):
         if key in checkpoint and isinstance(checkpoint[key], dict):
             checkpoint = checkpoint[key]
             break
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
     return model.load_state_dict(state, strict=strict)
+
+
+def _load_checkpoint_file(path, map_location, weights_only: bool) -> dict:
+    if not weights_only:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    import argparse
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise pickle.UnpicklingError(
+            f"load_official_checkpoint: {path} holds Python objects other than tensors, containers and "
+            "argparse.Namespace, so the safe loader (torch.load(weights_only=True)) refuses it. If you trust the "
+            "file, load it with load_official_checkpoint(model, path, weights_only=False) (unpickling can run "
+            f"arbitrary code).{_unpickler_reason(error)}") from error
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The line of torch.load's message that names what it refused (e.g. 'Unsupported global: ...')."""
+    lines = [line.strip() for line in str(error).splitlines() if "WeightsUnpickler error:" in line]
+    return f" torch.load: {lines[0].split('WeightsUnpickler error:', 1)[1].strip()}" if lines else ""

@@ -15,6 +15,7 @@ import reattn
 from reattn._extension import _C
 from reattn.backends.cpu import cpu_bn_gram, cpu_bn_grad_sums, cpu_forward, dropout_keep_mask
 from reattn.reference import re_attention_ref
+from tests._tolerance import mix_bias_term_size, reduction_length, rounding_bound, within_twice_eager
 
 pytestmark = pytest.mark.skipif(_C is None or not hasattr(_C, "re_attention_cpu_forward"),
                                 reason="reattn._C without the fused CPU kernel")
@@ -191,12 +192,12 @@ def test_dropout_keep_mask_statistics_and_seeding():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", MODES)
 def test_low_precision_within_twice_eager_error(dtype, mode):
     tensors64, stats = problem(2, 6, 37, 29, 32)
     low = {n: t.detach().to(dtype).requires_grad_(True) for n, t in tensors64.items()}
-    grad = torch.randn(2, 6, 37, 32, dtype=torch.float64)
+    grad = torch.randn(2, 6, 37, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ref, _ = run("eager", mode, tensors64, stats)
     names = names_for(mode)
     ref_grads = torch.autograd.grad(ref, [tensors64[n] for n in names], grad)
@@ -208,8 +209,14 @@ def test_low_precision_within_twice_eager_error(dtype, mode):
         grads = torch.autograd.grad(out, [low[n] for n in names], grad.to(dtype))
         errors[backend] = [(out.double() - ref).abs().max().item()] + [
             (g.double() - r).abs().max().item() for g, r in zip(grads, ref_grads)]
-    for what, kernel_err, eager_err in zip(["out"] + names, errors["cpu"], errors["eager"]):
-        assert kernel_err <= 2 * eager_err + 1e-6, (what, kernel_err, eager_err)
+    n = reduction_length(2, 6, 37, 29, 32)
+    magnitudes = [ref.abs().max().item()] + [r.abs().max().item() for r in ref_grads]
+    if mode == "batch-train":  # d mix_bias is 0 in exact arithmetic: scale by the size of its terms
+        magnitudes[names.index("mix_bias") + 1] = mix_bias_term_size(
+            *(tensors64[n] for n in ("q", "k", "v", "mix_weight", "mix_bias")), grad, norm="batch", training=True,
+            gamma=tensors64["norm_weight"].detach(), beta=tensors64["norm_bias"].detach())
+    for what, kernel_err, eager_err, mag in zip(["out"] + names, errors["cpu"], errors["eager"], magnitudes):
+        assert within_twice_eager(kernel_err, eager_err, dtype, n, mag), (what, kernel_err, eager_err)
 
 
 def test_cpu_and_eager_agree_on_running_statistics_in_float32():
@@ -305,17 +312,17 @@ def test_fake_implementation_gives_shapes_and_dtypes():
         q = torch.empty(2, 6, 9, 32, dtype=torch.bfloat16)
         k = torch.empty(2, 6, 11, 32, dtype=torch.bfloat16)
         w = torch.empty(6, 6)
-        out, lse, R, U, stats = cpu_forward(q, k, k, w, None, None, None, None, 0.1, 1.0, 2, 1e-5, 0.0, None)
+        out, softmax_stats, R, U, stats = cpu_forward(q, k, k, w, None, None, None, None, 0.1, 1.0, 2, 1e-5, 0.0, None)
     assert out.shape == (2, 6, 9, 32) and out.dtype == torch.bfloat16
-    assert lse.shape == (2, 6, 9) and lse.dtype == torch.float32
+    assert softmax_stats.shape == (2, 2, 6, 9) and softmax_stats.dtype == torch.float32
     assert R.shape == U.shape == (2, 6, 9, 32) and R.dtype == torch.float32
     assert stats.shape == (3, 6) and stats.dtype == torch.float64
     with FakeTensorMode():
         q = torch.empty(2, 6, 9, 32, dtype=torch.bfloat16)
         k = torch.empty(2, 6, 11, 32, dtype=torch.bfloat16)
-        lse, s1, gram, count = cpu_bn_gram(q, k, torch.empty(2, 6, 9, 11), 0.1, 0.0, None, 1 / 11)
+        softmax_stats, s1, gram, count = cpu_bn_gram(q, k, torch.empty(2, 6, 9, 11), 0.1, 0.0, None, 1 / 11)
         sums = cpu_bn_grad_sums(q, torch.empty(2, 6, 9, 32), torch.empty(2, 6, 9, 32))
-    assert lse.shape == (2, 6, 9) and lse.dtype == torch.float32
+    assert softmax_stats.shape == (2, 2, 6, 9) and softmax_stats.dtype == torch.float32
     assert (s1.shape, gram.shape, count.shape) == ((6, 6), (6, 6, 6), (6,))  # a per-head mask: Hm = H
     assert s1.dtype == gram.dtype == count.dtype == sums.dtype == torch.float64 and sums.shape == (2, 6)
 
@@ -329,15 +336,21 @@ def test_gram_statistics_sweep_matches_float64(mask_name, dropout):
     q, k = tensors["q"].detach(), tensors["k"].detach()
     mask = None if mask_name is None else masks(B, H, Nq, Nk)[mask_name]
     kappa = 1.0 / Nk
-    lse, s1, gram, count = cpu_bn_gram(q, k, mask, 0.4, p if dropout else 0.0, torch.tensor([seed]), kappa)
+    softmax_stats, s1, gram, count = cpu_bn_gram(q, k, mask, 0.4, p if dropout else 0.0, torch.tensor([seed]), kappa)
     scores = 0.4 * q @ k.transpose(-1, -2)
     if mask is not None and mask.dtype != torch.bool:
         scores = scores + mask
     masked = torch.zeros_like(scores, dtype=torch.bool) if mask is None else (
         (~mask if mask.dtype == torch.bool else mask == float("-inf")).expand_as(scores))
     scores = scores.masked_fill(masked, float("-inf"))
-    expected_lse = torch.logsumexp(scores, dim=-1).masked_fill(masked.all(-1), float("inf"))  # kernel: +inf
-    torch.testing.assert_close(lse, expected_lse, rtol=1e-12, atol=1e-12)
+    # The softmax statistics: the row max and the log of sum exp(s - max); a fully masked row has max -inf.
+    row_max = scores.amax(dim=-1)
+    expected_log_sum = torch.logsumexp(scores - row_max.unsqueeze(-1), dim=-1).masked_fill(masked.all(-1),
+                                                                                             float("-inf"))
+    finite = scores[scores.isfinite()]
+    torch.testing.assert_close(softmax_stats[0], row_max, rtol=0,
+                               atol=rounding_bound(torch.float64, D + 1, finite.abs().max().item()))
+    torch.testing.assert_close(softmax_stats[1], expected_log_sum, rtol=1e-12, atol=1e-12)
     probs = torch.softmax(scores.masked_fill(masked.all(-1, keepdim=True), 0.0), dim=-1).masked_fill(masked, 0.0)
     if dropout:
         probs = probs * dropout_keep_mask(seed, (B, H, Nq, Nk), p) / (1 - p)
@@ -378,18 +391,18 @@ def test_synchronized_statistics_ops_pass_opcheck():
     w, c = tensors["mix_weight"].detach(), tensors["mix_bias"].detach()
     mask = masks(2, 3, 5, 6)["additive"]
     torch.library.opcheck(cpu_bn_gram, (q, k, mask, 0.4, 0.2, torch.tensor([5]), 1.0 / 6))
-    lse, s1, gram, count = cpu_bn_gram(q, k, None, 0.4, 0.0, None, 1.0 / 6)
+    softmax_stats, s1, gram, count = cpu_bn_gram(q, k, None, 0.4, 0.0, None, 1.0 / 6)
     from reattn.distributed import gram_batch_statistics
 
     stats = torch.stack(gram_batch_statistics(w, c, s1, gram, count, 1.0 / 6))
-    forward_args = (q, k, v, w, c, None, None, None, 0.4, 1.0, 2, 1e-5, 0.0, None, lse, stats)
+    forward_args = (q, k, v, w, c, None, None, None, 0.4, 1.0, 2, 1e-5, 0.0, None, softmax_stats, stats)
     torch.library.opcheck(cpu_forward, forward_args, test_utils=("test_schema", "test_faketensor"))
     _, _, R, U, _ = cpu_forward(*forward_args)
     torch.library.opcheck(cpu_bn_grad_sums, (torch.randn_like(q), R, U))
 
 
 def test_given_statistics_reproduce_the_local_forward():
-    """cpu_forward with the statistics (and lse) from the Gram sweep equals the one-call forward."""
+    """cpu_forward with the statistics (and softmax statistics) from the Gram sweep equals the one-call forward."""
     tensors, _ = problem(2, 4, 9, 8, 6)
     q, k, v = (tensors[n].detach() for n in "qkv")
     w, c = tensors["mix_weight"].detach(), tensors["mix_bias"].detach()
@@ -397,23 +410,23 @@ def test_given_statistics_reproduce_the_local_forward():
     mask = masks(2, 4, 9, 8)["additive"]
     from reattn.distributed import gram_batch_statistics
 
-    lse, s1, gram, count = cpu_bn_gram(q, k, mask, 0.3, 0.0, None, 1.0 / 8)
+    softmax_stats, s1, gram, count = cpu_bn_gram(q, k, mask, 0.3, 0.0, None, 1.0 / 8)
     stats = torch.stack(gram_batch_statistics(w, c, s1, gram, count, 1.0 / 8))
     ref = cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 2, 1e-5, 0.0, None)
-    got = cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 2, 1e-5, 0.0, None, lse, stats)
-    for name, a, b in zip(("out", "lse", "R", "U", "stats"), got, ref):
+    got = cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 2, 1e-5, 0.0, None, softmax_stats, stats)
+    for name, a, b in zip(("out", "softmax_stats", "R", "U", "stats"), got, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
-    with pytest.raises(RuntimeError, match="lse_in and stats_in come together"):
-        cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 2, 1e-5, 0.0, None, lse, None)
+    with pytest.raises(RuntimeError, match="softmax_in and stats_in come together"):
+        cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 2, 1e-5, 0.0, None, softmax_stats, None)
     with pytest.raises(RuntimeError, match="need norm code 2"):
-        cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 1, 1e-5, 0.0, None, lse, stats)
+        cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 1, 1e-5, 0.0, None, softmax_stats, stats)
 
 
 def test_refuses_what_it_cannot_run():
-    tensors, stats = problem(1, 2, 3, 4, 5, dtype=torch.float16)
-    with pytest.raises(ValueError, match="backend='cpu' cannot run on cpu: the fused CPU kernel supports float32, "
-                                         "float64 and bfloat16, got torch.float16"):
-        run("cpu", "none", tensors, stats)
+    from reattn.backends import Problem, unavailable_reason
+
+    reason = unavailable_reason("cpu", Problem(torch.device("cpu"), dtype=torch.int32))
+    assert reason == "the fused CPU kernel supports float32, float64, bfloat16 and float16, got torch.int32"
     tensors, stats = problem(1, 2, 3, 4, 5)
     mask = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match="gradients with respect to attn_mask"):
@@ -463,3 +476,17 @@ def test_one_nan_score_in_a_long_row_propagates_like_eager(dtype):
             ref, _ = run("eager", mode, tensors, stats, attn_mask=attn_mask)
             assert torch.isnan(out).any(), mode
             assert torch.equal(torch.isnan(out), torch.isnan(ref)), (mode, attn_mask is not None)
+
+
+def test_the_first_fused_call_does_not_import_torch_dynamo():
+    # torch.library.custom_op would wrap each kernel in torch._dynamo.disable, importing torch._dynamo on the
+    # first call (1-3 s, ~150 MB); reattn._ops defines the ops without it (the numbers: README, Tests).
+    script = (
+        "import sys, torch, reattn\n"
+        "m = reattn.ReAttention(32, 4, backend='cpu')\n"
+        "m(torch.randn(2, 9, 32)).sum().backward()\n"
+        "m.eval()(torch.randn(2, 9, 32))\n"
+        "print('torch._dynamo' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "False"

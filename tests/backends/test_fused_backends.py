@@ -12,12 +12,17 @@ specific to the CUDA programs (emulator races, plans, compiled resources) in tes
 import pytest
 import torch
 
+# The Triton kernels (and the dropout pattern the CUDA programs share with them) need triton, which
+# torch's CPU-only wheels do not bring (make install TORCH=cpu): then this module skips, saying so.
+pytest.importorskip("triton", reason="triton is not installed (a CPU-only torch)")
+
 import reattn
 from reattn.backends._fused import draw_dropout_seed
 from reattn.backends.cuda import CUDA_OPS, cuda_forward
 from reattn.backends.triton import TRITON_OPS, triton_forward
 from reattn.kernels.dropout import dropout_keep_mask
 from reattn.reference import re_attention_ref
+from tests._tolerance import reduction_length, within_twice_eager
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NORMS = ["none", "batch", "batch-train", "layer"]  # batch = eval mode (folded into the mixing)
@@ -179,7 +184,7 @@ def test_low_precision_forward_and_backward_within_twice_eager_error(backend, dt
     extra = dict(attn_mask=masks(B, H, N, N)["bool"]) if masked else {}
     low = {n: t.detach().to(dtype).requires_grad_(True) for n, t in tensors64.items()}
     stats_low = {n: s.float() for n, s in stats.items()}  # running statistics stay fp32 beside half inputs
-    grad = torch.randn(B, H, N, D, dtype=torch.float64, device=DEVICE)
+    grad = torch.randn(B, H, N, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     ref = run("eager", norm, tensors64, {n: s.clone() for n, s in stats.items()}, **extra)
     ref_grads = torch.autograd.grad(ref, [tensors64[n] for n in ("q", "k", "v")], grad)
     errors = {}
@@ -188,8 +193,11 @@ def test_low_precision_forward_and_backward_within_twice_eager_error(backend, dt
         grads = torch.autograd.grad(out, [low[n] for n in ("q", "k", "v")], grad.to(dtype))
         errors[name] = [(out.double() - ref).abs().max().item()] + [
             (g.double() - r).abs().max().item() for g, r in zip(grads, ref_grads)]
-    for what, kernel_err, eager_err in zip(("out", "dq", "dk", "dv"), errors[backend], errors["eager"]):
-        assert kernel_err <= 2 * eager_err + 1e-6, (what, kernel_err, eager_err)
+    magnitudes = [ref.abs().max().item()] + [r.abs().max().item() for r in ref_grads]
+    n = reduction_length(B, H, N, N, D)
+    for what, kernel_err, eager_err, mag in zip(("out", "dq", "dk", "dv"), errors[backend], errors["eager"],
+                                                magnitudes):
+        assert within_twice_eager(kernel_err, eager_err, dtype, n, mag), (what, kernel_err, eager_err)
 
 
 @pytest.mark.parametrize("norm", ["batch", "batch-train", "layer"])

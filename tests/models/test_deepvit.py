@@ -232,6 +232,35 @@ def test_official_checkpoint_files_load_strictly(tmp_path):
         reattn.models.load_official_checkpoint(ours, {"state_dict": {"head.weight": official.head.weight}})
 
 
+def test_training_checkpoints_with_args_load_safely_and_others_say_how(tmp_path):
+    """timm-style training checkpoints hold their argparse ``args``: the safe default loads them; a file
+    with other Python objects is refused, saying how to load a trusted one (weights_only=False)."""
+    import argparse
+    import pathlib
+    import pickle
+
+    official, _ = tiny_pair("S-like")
+    state = {"module." + key: value for key, value in official.state_dict().items()}
+    args = argparse.Namespace(model="deepvit_S", lr=5e-4, sched="cosine", betas=(0.9, 0.999), resume=None)
+    path = tmp_path / "with_args.pth.tar"
+    torch.save({"epoch": 3, "args": args, "state_dict": state}, path)
+    _, ours = tiny_pair("S-like", seed=7)
+    result = reattn.models.load_official_checkpoint(ours, path)
+    assert not result.missing_keys and not result.unexpected_keys
+    official.eval(), ours.eval()
+    torch.testing.assert_close(ours(images()), official(images()), rtol=1e-10, atol=1e-12)
+
+    other = tmp_path / "with_a_path.pth.tar"
+    torch.save({"args": argparse.Namespace(output=pathlib.PurePosixPath("/runs/1")), "state_dict": state}, other)
+    _, ours = tiny_pair("S-like", seed=8)
+    with pytest.raises(pickle.UnpicklingError, match=r"If you trust the file, load it with "
+                                                      r"load_official_checkpoint\(model, path, weights_only=False\)"
+                                                      r".*Unsupported global: GLOBAL pathlib.PurePosixPath"):
+        reattn.models.load_official_checkpoint(ours, other)
+    reattn.models.load_official_checkpoint(ours, other, weights_only=False)
+    torch.testing.assert_close(ours.eval()(images()), official(images()), rtol=1e-10, atol=1e-12)
+
+
 def test_cos_reg_returns_every_block_map_in_training():
     torch.manual_seed(0)
     model = reattn.models.DeepVisionTransformer(img_size=32, patch_size=8, num_classes=7, embed_dim=48, depth=2,
