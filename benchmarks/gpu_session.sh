@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The GPU-only work of issues 3 and 6 in as few calls as possible, for a machine lent for a short
-# while (the device tool's H100/H200: no package index, 10 minutes a command). Everything it writes
-# goes under $OUT (default /tmp/reattn-gpu), flat, so it can come back:
+# The GPU-only work in as few calls as possible, for a machine lent for a short while (the device
+# tool's H100/H200: torch 2.11, triton 3.6, no package index, 10 minutes a command, 15 minutes of
+# device time in all, machine start included). Every step has its own time limit (seconds, from the
+# environment: BUILD_S, TEST_S, BENCH_S, TIME_S; defaults 200, 240, 150, 150, about 12.5 minutes with
+# env), so run it as two device calls: `env build test`, then `bench time` (the build stays on the
+# warm machine between calls). Everything it writes goes under $OUT (default /tmp/reattn-gpu), flat,
+# so it can come back (8 files at most):
 #   env.txt         GPU, driver, nvcc, python / torch / triton versions
 #   build.log       the editable install: reattn._C built for this GPU's compute capability only
 #   tests.log       the test suite with compiled Triton and CUDA kernels (no interpreter, no emulator)
@@ -10,9 +14,14 @@
 #                   N sweep; whole models); append them to benchmarks/results/*.csv here, then
 #                   `python -m benchmarks.plots` and `python -m benchmarks.report`
 #   bench.log       the benchmark's table
+#   measured.csv    `python -m benchmarks.gpu_timing`: every call and kernel the static model covers
+#                   (named shapes, bf16, each norm, fwd/bwd/fwd+bwd; triton, cuda, the reference
+#                   FlashAttention-2, eager) timed with CUDA events, measured_us beside the model's
+#                   t_low_us/t_high_us for this GPU (benchmarks/results/static_model.csv): calibration
+#   timing.log      its log
 #
-# Usage: bash benchmarks/gpu_session.sh STEP...   with STEP in env, build, test, bench, all
-#   (default all = env build test bench). test and bench build first if reattn is not installed.
+# Usage: bash benchmarks/gpu_session.sh STEP...   with STEP in env, build, test, bench, time, all
+#   (default all = env build test bench time). test, bench and time build first if reattn is not installed.
 # vit-pytorch is not on those machines: put its wheel in .whl/ (ignored by git, carried with the
 # device tool's `carry`); any wheel there is installed into /tmp/site first:
 #   echo /.whl/ >> .git/info/exclude
@@ -53,8 +62,8 @@ step_build() {
   cap=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
   echo "building reattn._C for sm_$cap with $(nproc) jobs"
   local start=$SECONDS
-  if ! REATTN_CUDA_ARCHS=$cap MAX_JOBS=$(nproc) $PY -m pip install --no-build-isolation --no-deps -e . \
-      > "$OUT/build.log" 2>&1; then
+  if ! REATTN_CUDA_ARCHS=$cap MAX_JOBS=$(nproc) timeout "${BUILD_S:-200}" \
+      $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
     tail -40 "$OUT/build.log"
     echo "gpu_session.sh: build failed (whole log in build.log)" >&2
     return 1
@@ -70,7 +79,8 @@ ensure_built() {
 step_test() {
   ensure_built || return 1
   # -m "not install": the CPU-only install test needs the dev machine's local torch wheel.
-  timeout 560 $PY -m pytest tests -q -m "not install" -p no:cacheprovider --maxfail=25 -rs --durations=10 \
+  timeout "${TEST_S:-240}" $PY -m pytest tests -q -m "not install" -p no:cacheprovider --maxfail=25 -rs \
+    --durations=10 \
     2>&1 | tee "$OUT/tests.log" | tail -60
 }
 
@@ -78,9 +88,17 @@ step_bench() {
   ensure_built || return 1
   # BENCH_ARGS: more options, e.g. "--compile none" when the inductor compiles would not fit the limit.
   # shellcheck disable=SC2086
-  timeout 560 $PY -m benchmarks.bench_reattn --quick --results "$OUT" --no-plots ${BENCH_ARGS:-} \
+  timeout "${BENCH_S:-150}" $PY -m benchmarks.bench_reattn --quick --results "$OUT" --no-plots ${BENCH_ARGS:-} \
     --machine "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) (device tool)" \
     2>&1 | tee "$OUT/bench.log" | grep -v "config/s" | tail -80
+}
+
+step_time() {
+  ensure_built || return 1
+  # The budget stops starting new cases a little before the hard limit; rows are written as measured.
+  local limit=${TIME_S:-150}
+  timeout "$limit" $PY -m benchmarks.gpu_timing --out "$OUT/measured.csv" --budget $((limit - 30)) ${TIME_ARGS:-} \
+    2>&1 | tee "$OUT/timing.log" | tail -40
 }
 
 for step in "${steps[@]}"; do
@@ -89,7 +107,8 @@ for step in "${steps[@]}"; do
     build) step_build || exit 1 ;;
     test) step_test ;;
     bench) step_bench ;;
-    all) step_env; step_build || exit 1; step_test; step_bench ;;
-    *) echo "gpu_session.sh: unknown step '$step' (env, build, test, bench, all)" >&2; exit 2 ;;
+    time) step_time ;;
+    all) step_env; step_build || exit 1; step_test; step_bench; step_time ;;
+    *) echo "gpu_session.sh: unknown step '$step' (env, build, test, bench, time, all)" >&2; exit 2 ;;
   esac
 done

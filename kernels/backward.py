@@ -1,28 +1,33 @@
 """Fused Re-attention backward in Triton: never writes a [B, H, Nq, Nk] tensor.
 
-Given dO, with P, P~, M, A recomputed tile by tile from the saved logsumexp (and the dropout
-pattern regenerated from the seed; math note, Backward):
+Given dO, with P, P~, M and the normalized map recomputed tile by tile from the saved softmax
+statistics (and the dropout pattern regenerated from the seed; docs/math.md, "Backward"):
 
     dN = out_scale * dO_g V_g^T (0 where masked),   dM = Norm-backward(dN)
-    dP~_h = sum_g W[g, h] dM_g,   dP_h = dP~_h * Z_h / (1 - p),   D_h,i = sum_j P_h,ij dP_h,ij
-    dS_h = P_h (dP_h - D_h),      dQ_h = scale dS_h K_h,   dK_h = scale dS_h^T Q_h
+    dP~_h = sum_g W[g, h] dM_g,   dP_h = dP~_h * Z_h / (1 - p),   delta_h,i = sum_j P_h,ij dP_h,ij
+    dS_h = P_h (dP_h - delta_h),   dQ_h = scale dS_h K_h,   dK_h = scale dS_h^T Q_h
     dV_g = A_g^T dO_g,   dW[g, h] = sum dM_g P~_h,   dc_g = sum dM_g
     LayerNorm / BatchNorm: dgamma_g = sum dN_g xhat_g, dbeta_g = sum dN_g
 
-Norm-backward: LayerNorm across heads is local to an entry. Training-mode BatchNorm couples all
-entries of a head through its batch statistics, dM_g = a_g dN_g + e_g xhat_g + f_g with
-a = gamma / std, e = -a mean(dN xhat), f = -a mean(dN) (means over the unmasked entries; dM = 0
-at masked ones, which are outside the statistics). Those two means need a sweep of their own
-before the others: ``STATS_ONLY`` runs it (:func:`re_attention_backward_bn_sums`) and writes
-sum(dN xhat) and sum(dN), which are also dgamma and dbeta. They add up over processes: BatchNorm
-synchronized across processes sums them over the group before the main sweeps
-(:func:`re_attention_backward` takes e and f, not the sums, so it serves both cases).
+Two kernels, as FlashAttention-2's backward, and no atomics:
 
-One program = one batch element x BLOCK_M query rows x all heads (as the forward). Two sweeps
-over the keys: the pre-pass accumulates D (FlashAttention's rowsum(dO * O) shortcut does not
-hold once heads mix), the main pass produces every gradient. dQ is owned by the program and
-stored once; dK, dV and the H x H / H reductions are summed over query blocks with atomic adds
-into float32 (float64 for float64 inputs) buffers. Nothing here imports ``reattn``.
+* ``_re_attention_bwd_dq_kernel``: one program per (batch element, query rows), all heads as the
+  forward's slots, one sweep over the keys. delta needs the whole row before dS exists; dQ is
+  therefore accumulated as two products, X = sum_j (P dP)_ij K_j and Y = sum_j P_ij K_j, and
+  dQ = scale (X - delta Y) at the end; delta is stored for the second kernel.
+* ``_re_attention_bwd_dkdv_kernel``: one program per (batch element, key block), all heads,
+  one sweep over the queries: dK, dV accumulated in registers, and per program the [HP, HP] sums
+  of dM P~^T (dW, dc) and of the norm's gradients, added up by the caller in float64.
+
+Training-mode BatchNorm couples every entry of a head through its batch statistics:
+dM_g = a_g dN_g + e_g xhat_g + f_g with a = gamma / std, e = -a mean(dN xhat), f = -a mean(dN)
+(means over the unmasked entries; dM = 0 at masked ones, which are outside the statistics). The
+two means need a sweep of their own before the others: the dQ kernel with SUMS_ONLY
+(:func:`re_attention_backward_bn_sums`) writes per program sum(dN xhat) and sum(dN), which are
+also dgamma and dbeta and add up over processes (BatchNorm synchronized across processes sums
+them over the group first). :func:`re_attention_backward` takes e and f, not the sums.
+
+Nothing here imports ``reattn``.
 """
 from __future__ import annotations
 
@@ -32,268 +37,416 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _chunked_product, _load_head_vectors, _mix_norm_tile, _mm, _probs_tile, _query_block
-from .forward import (_NORMS, accumulator_dtype, dropout_arguments, launch_options, mask_arguments,
-                      run_on_device)
-from .launch import ForwardConfig, backward_config, device_shared_limit, interpreting
+from .common import (_group_mean, _layer_norm, _load_keys, _load_row_stats, _load_rows, _mix, _mm, _probs,
+                     _scores, _scores_product, _slot_params, _slot_rows)
+from .forward import (_NORMS, accumulator_dtype, aligned_operands, dropout_arguments, launch_options, mask_arguments,
+                      slot_sums_to_heads)
+from .launch import TileConfig, backward_config, device_shared_limit, interpreting, run_on_device, variant_of
 
 
 @triton.jit
-def _norm_backward_tile(dn, xhat, rstd, nw, bn_a, bn_e, bn_f, h_ok3, valid, kept, H,
-                        NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr):
-    """dM from dN (the gradient w.r.t. the normalized map); zero on padded heads, rows and keys."""
+def _norm_backward(dn, mix, kept, group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_f, eps, HP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CDT: tl.constexpr, NORM: tl.constexpr,
+                   NORM_PRECISION: tl.constexpr):
+    """(dM, xhat) from dN (gradient w.r.t. the normalized map, out_scale applied) and M.
+
+    NORM_NONE: dM = dN. NORM_LAYER: LayerNorm's backward across the heads of a row group (a
+    masked head's M still enters the norm of the others: its gradient is kept). NORM_BATCH:
+    dM = a dN + e xhat + f per head, 0 where masked (outside the batch statistics).
+    """
+    xhat = mix
     if NORM == 1:
-        dxhat = dn
-        if HAS_NORM_WEIGHT:
-            dxhat = dxhat * nw[:, None, None]
-        mean_dx = tl.sum(dxhat, axis=0) / H
-        mean_dx_xhat = tl.sum(dxhat * xhat, axis=0) / H
-        dm = rstd[None, :, :] * (dxhat - mean_dx[None, :, :] - xhat * mean_dx_xhat[None, :, :])
-        # A masked head's M still enters the LayerNorm of the other heads: keep its gradient.
-        dm = tl.where(h_ok3 & valid, dm, 0.0)
+        xhat, rstd = _layer_norm(mix, group_mean, eps, HP, BLOCK_M, BLOCK_N, CDT, NORM_PRECISION)
+        dxhat = dn * gamma[:, None, None]
+        mean_dx = _mix(group_mean, dxhat, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, NORM_PRECISION)
+        mean_dx_xhat = _mix(group_mean, dxhat * xhat, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, NORM_PRECISION)
+        dm = rstd * (dxhat - mean_dx - xhat * mean_dx_xhat)
     elif NORM == 2:
-        dm = tl.where(kept, bn_a[:, None, None] * dn + bn_e[:, None, None] * xhat + bn_f[:, None, None], 0.0)
+        xhat = (mix - bn_mean[:, None, None]) * bn_rstd[:, None, None]
+        a = (gamma * bn_rstd)[:, None, None]
+        dm = tl.where(kept, a * dn + bn_e[:, None, None] * xhat + bn_f[:, None, None], 0.0)
     else:
         dm = dn
-    return dm
+    return dm, xhat
 
 
 @triton.jit
-def _tile_products(q_own, do_own, Q, K, V, DO, h3, m3, h_ok3, row_ok3, n64, n_ok, D,
-                   stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
-                   stride_vh, stride_vn, stride_vd, stride_doh, stride_dom, stride_dod,
-                   HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   D_CHUNKS: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
-    """(q k^T, dO v^T), [HP, BLOCK_M, BLOCK_N] each, for one key block, summed over the whole head dim.
-
-    With one head-dim chunk the program's own q and dO tiles are the whole rows; with several,
-    every chunk is re-read for every key block (``_chunked_product``). Q, K, V, DO point at batch b.
-    """
-    qk = _chunked_product(q_own, Q, K, h3, m3, row_ok3, h_ok3, n64, n_ok, D, stride_qh, stride_qm, stride_qd,
-                          stride_kh, stride_kd, stride_kn, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
-                          LOWP_DTYPE, DOT_PRECISION)
-    dov = _chunked_product(do_own, DO, V, h3, m3, row_ok3, h_ok3, n64, n_ok, D, stride_doh, stride_dom, stride_dod,
-                           stride_vh, stride_vd, stride_vn, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
-                           LOWP_DTYPE, DOT_PRECISION)
-    return qk, dov
+def _bn_rows(BN, head, slot_ok, H, CDT: tl.constexpr, NORM: tl.constexpr, SUMS_ONLY: tl.constexpr):
+    """(mean, 1/std, e, f) [HP] of training BatchNorm from its [4, H] rows (zeros otherwise / e, f in SUMS_ONLY)."""
+    zero = tl.zeros([head.shape[0]], CDT)
+    mean, rstd, e, f = zero, zero, zero, zero
+    if NORM == 2:
+        mean = tl.load(BN + head, mask=slot_ok, other=0.0).to(CDT)
+        rstd = tl.load(BN + H + head, mask=slot_ok, other=0.0).to(CDT)
+        if not SUMS_ONLY:
+            e = tl.load(BN + 2 * H + head, mask=slot_ok, other=0.0).to(CDT)
+            f = tl.load(BN + 3 * H + head, mask=slot_ok, other=0.0).to(CDT)
+    return mean, rstd, e, f
 
 
 @triton.jit
-def _recompute_gradient_tile(qk, dov, lse, w, w_t, c, nw, nb, bn_mean, bn_rstd, bn_a, bn_e, bn_f,
-                             b, H, offs_h, offs_m, offs_n, valid, scale, out_scale, eps, seed, dropout_p,
-                             MASK, stride_mb, stride_mh, stride_mm, stride_mn,
-                             HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CDT: tl.constexpr,
-                             HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
-                             HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                             DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One key block of the backward sweeps: P, P~, N, xhat, dN, dM, dP and the unmasked entries."""
-    p, p_tilde, drop_scale, masked = _probs_tile(
-        qk, lse, b, H, offs_h, offs_m, offs_n, valid, scale, seed, dropout_p, MASK, stride_mb, stride_mh,
-        stride_mm, stride_mn, HP, BLOCK_M, BLOCK_N, CDT, MASK_KIND, HAS_DROPOUT)
-    h_ok3 = (offs_h < H)[:, None, None]
-    normed, xhat, rstd = _mix_norm_tile(p_tilde, w, c, nw, nb, bn_mean, bn_rstd, h_ok3, H, eps, HP, BLOCK_M, BLOCK_N,
-                                        CDT, HAS_MIX_BIAS, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS, DOT_LOWP, LOWP_DTYPE,
-                                        DOT_PRECISION)
-    kept = valid & (masked == 0)
-    dn = tl.where(kept, dov * out_scale, 0.0)
-    dm = _norm_backward_tile(dn, xhat, rstd, nw, bn_a, bn_e, bn_f, h_ok3, valid, kept, H, NORM, HAS_NORM_WEIGHT)
-    dp = tl.reshape(_mm(w_t, tl.reshape(dm, (HP, BLOCK_M * BLOCK_N)), tl.zeros([HP, BLOCK_M * BLOCK_N], CDT),
-                        DOT_LOWP, LOWP_DTYPE, DOT_PRECISION), (HP, BLOCK_M, BLOCK_N)) * drop_scale
-    return p, p_tilde, normed, xhat, dn, dm, dp, kept
+def _dq_block(x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, b, H, head, rows, rows_ok, start_n,
+              N_K, D, offs_d, m2, l2, w_slots, c, gamma, group_mean, bn_mean, bn_rstd, bn_e, bn_f, seed, scale2,
+              out_scale, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn, stride_qh, stride_qm,
+              stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_doh, stride_dom,
+              stride_dod, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              D_CHUNKS: tl.constexpr, NORM: tl.constexpr, MASK_KIND: tl.constexpr, KEYS_PADDED: tl.constexpr,
+              EVEN_D: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr, SUMS_ONLY: tl.constexpr,
+              CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              NORM_PRECISION: tl.constexpr):
+    """One key block of the query-major sweep: delta, X, Y (or, SUMS_ONLY, BatchNorm's two sums)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    qk = _scores_product(q, Qb, Kb, head, rows, rows_ok, offs_n, N_K, D, stride_qh, stride_qm, stride_qd, stride_kh,
+                         stride_kn, stride_kd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP, LOWP_DTYPE,
+                         DOT_PRECISION, KEYS_PADDED, EVEN_D)
+    dov = _scores_product(do, DOb, Vb, head, rows, rows_ok, offs_n, N_K, D, stride_doh, stride_dom, stride_dod,
+                          stride_vh, stride_vn, stride_vd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
+                          LOWP_DTYPE, DOT_PRECISION, KEYS_PADDED, EVEN_D)
+    head3 = head[:, None, None]
+    rows3 = rows[:, :, None]
+    keys3 = offs_n[None, None, :]
+    t2, kept = _scores(qk, m2[:, :, None], b, head3, rows3, rows_ok[:, :, None], keys3, N_K, scale2, MASK, stride_mb,
+                       stride_mh, stride_mm, stride_mn, CDT, MASK_KIND, KEYS_PADDED)
+    p, p_tilde, drop_scale = _probs(t2, l2[:, :, None], b, H, head3, rows3, start_n, seed, dropout_p, CDT, HAS_DROPOUT,
+                                    False)
+    dn = dov * out_scale
+    if MASK_KIND != 0 or KEYS_PADDED:
+        dn = tl.where(kept, dn, 0.0)
+    mix = dn  # the map itself is needed only by the norms
+    if NORM != 0:
+        mix = _mix(w_slots, p_tilde, HP, BLOCK_M, BLOCK_N, CDT, DOT_LOWP, tl.float16, DOT_PRECISION)
+        if not BIAS_SLOT:
+            mix = mix + c[:, None, None]
+    # BatchNorm's dM is not 0 where dN is (e xhat + f): rows past N_Q are outside its entries too.
+    dm, xhat = _norm_backward(dn, mix, kept & rows_ok[:, :, None], group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_f,
+                              eps, HP, BLOCK_M, BLOCK_N, CDT, NORM, NORM_PRECISION)
+    if SUMS_ONLY:
+        kept_dn = dn
+        if MASK_KIND != 0 or KEYS_PADDED:
+            xhat = tl.where(kept, xhat, 0.0)
+        sum_dn_xhat += tl.sum(kept_dn * xhat, axis=2)
+        sum_dn += tl.sum(kept_dn, axis=2)
+    else:
+        dp = _mix(tl.trans(w_slots), dm, HP, BLOCK_M, BLOCK_N, CDT, DOT_LOWP, tl.bfloat16, DOT_PRECISION)
+        if HAS_DROPOUT:
+            dp = dp * drop_scale
+        pdp = p * dp
+        delta += tl.sum(pdp, axis=2)
+        kt = _load_keys(Kb, head, offs_n, N_K, offs_d, D, stride_kh, stride_kn, stride_kd, CDT, DOT_LOWP, False,
+                        KEYS_PADDED, EVEN_D)
+        x_acc = _mm(pdp, kt, x_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+        y_acc = _mm(p, kt, y_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    return x_acc, y_acc, delta, sum_dn_xhat, sum_dn
 
 
 @triton.jit
-def _re_attention_bwd_kernel(
-    Q, K, V, W, C, NW, NB, BN, MASK, SEED, LSE, DO, DQ, DK, DV, DW, DC, DNW, DNB,
+def _re_attention_bwd_dq_kernel(
+    Q, K, V, W, C, NW, NB, BN, MASK, SEED, STATS, DO, DQ, DELTA, SUMS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_lb, stride_lh, stride_lm,
+    stride_sp, stride_sb, stride_sh, stride_sm,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_wg, stride_wh, stride_c, stride_nw, stride_nb,
-    H, N_Q, N_K, D, NUM_M_BLOCKS,
-    scale, out_scale, eps, dropout_p,
-    HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    D_CHUNKS: tl.constexpr,
+    H, N_Q, N_K, D, NUM_PROGRAMS_M,
+    scale2, out_scale, eps, dropout_p,
+    HP: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr, EVEN_D: tl.constexpr, BIAS_SLOT: tl.constexpr,
     HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
-    HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, STATS_ONLY: tl.constexpr,
-    CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, SUMS_ONLY: tl.constexpr,
+    CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
 ):
-    b, offs_h, offs_m, h_ok, m_ok, h3, m3, h_ok3, valid_hm = _query_block(NUM_M_BLOCKS, H, N_Q, HP, BLOCK_M)
-    # Head-dim chunk whose dQ, dK, dV columns this program owns (D_CHUNKS > 1 for head dims > BLOCK_D).
-    pid_d = tl.program_id(1)
+    pid = tl.program_id(0)
+    b = (pid // NUM_PROGRAMS_M).to(tl.int64)
+    head, slot_ok, rows, rows_ok = _slot_rows((pid % NUM_PROGRAMS_M) * (G * BLOCK_M), H, N_Q, HP, G, BLOCK_M)
+    pid_d = tl.program_id(1)  # head-dim chunk of dQ this program writes
     LOWP_DTYPE: tl.constexpr = Q.dtype.element_ty
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    row_ok3 = h_ok3 & m_ok[None, :, None]
-    row_mask = row_ok3 & d_ok[None, None, :]
     Qb = Q + b * stride_qb
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
     DOb = DO + b * stride_dob
-
-    q = tl.load(Qb + h3 * stride_qh + m3 * stride_qm + offs_d[None, None, :] * stride_qd,
-                mask=row_mask, other=0.0).to(CDT)
-    do = tl.load(DOb + h3 * stride_doh + m3 * stride_dom + offs_d[None, None, :] * stride_dod,
-                 mask=row_mask, other=0.0).to(CDT)
-    # +inf for padded heads and rows past Nq: their P is exp(S - inf) = 0.
-    lse = tl.load(LSE + b * stride_lb + offs_h[:, None] * stride_lh + offs_m[None, :] * stride_lm,
-                  mask=valid_hm, other=float("inf")).to(CDT)
+    q = _load_rows(Qb, head, rows, rows_ok, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP)
+    do = _load_rows(DOb, head, rows, rows_ok, offs_d, D, stride_doh, stride_dom, stride_dod, CDT, DOT_LOWP)
+    m2, l2 = _load_row_stats(STATS + b * stride_sb, slot_ok, rows, rows_ok, head, stride_sp, stride_sh, stride_sm,
+                             CDT)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
+    # The backward mixes with W itself (nothing folded) and applies out_scale to dN.
+    w_slots, c, gamma, _ = _slot_params(W, C, NW, NB, BN, head, slot_ok, H, out_scale, stride_wg, stride_wh,
+                                        stride_c, stride_nw, stride_nb, HP, G, CDT, HAS_MIX_BIAS, NORM,
+                                        HAS_NORM_WEIGHT, HAS_NORM_BIAS, BIAS_SLOT, False)
+    group_mean = _group_mean(H, slot_ok, HP, CDT)
+    bn_mean, bn_rstd, bn_e, bn_f = _bn_rows(BN, head, slot_ok, H, CDT, NORM, SUMS_ONLY)
 
-    w = tl.load(W + offs_h[:, None] * stride_wg + offs_h[None, :] * stride_wh,
-                mask=h_ok[:, None] & h_ok[None, :], other=0.0).to(CDT)
-    w_t = tl.load(W + offs_h[:, None] * stride_wh + offs_h[None, :] * stride_wg,
-                  mask=h_ok[:, None] & h_ok[None, :], other=0.0).to(CDT)
-    c, nw, nb, bn_mean, bn_rstd = _load_head_vectors(C, NW, NB, BN, offs_h, h_ok, H, stride_c, stride_nw, stride_nb,
-                                                     HP, CDT, HAS_MIX_BIAS, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS)
-    # Training BatchNorm: dM = a dN + e xhat + f with a = gamma / std; BN rows 2, 3 hold e and f.
-    bn_a = bn_rstd
-    if HAS_NORM_WEIGHT:
-        bn_a = bn_a * nw
-    bn_e = tl.zeros([HP], CDT)
-    bn_f = tl.zeros([HP], CDT)
-    if NORM == 2:
-        if not STATS_ONLY:
-            bn_e = tl.load(BN + 2 * H + offs_h, mask=h_ok, other=0.0).to(CDT)
-            bn_f = tl.load(BN + 3 * H + offs_h, mask=h_ok, other=0.0).to(CDT)
-
-    # ---- first sweep: the BatchNorm sums (STATS_ONLY launch) or the pre-pass D_h,i = sum_j P dP ----
-    sum_dn_xhat = tl.zeros([HP], CDT)
-    sum_dn = tl.zeros([HP], CDT)
+    x_acc = tl.zeros([HP, BLOCK_M, BLOCK_D], CDT)
+    y_acc = tl.zeros([HP, BLOCK_M, BLOCK_D], CDT)
     delta = tl.zeros([HP, BLOCK_M], CDT)
-    for start_n in range(0, N_K, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < N_K
-        qk, dov = _tile_products(q, do, Qb, Kb, Vb, DOb, h3, m3, h_ok3, row_ok3, offs_n.to(tl.int64), n_ok, D,
-                                 stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh,
-                                 stride_vn, stride_vd, stride_doh, stride_dom, stride_dod, HP, BLOCK_M, BLOCK_N,
-                                 BLOCK_D, D_CHUNKS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-        p, p_tilde, normed, xhat, dn, dm, dp, kept = _recompute_gradient_tile(
-            qk, dov, lse, w, w_t, c, nw, nb, bn_mean, bn_rstd, bn_a, bn_e, bn_f, b, H, offs_h, offs_m,
-            offs_n, valid_hm[:, :, None] & n_ok[None, None, :], scale, out_scale, eps, seed, dropout_p, MASK,
-            stride_mb, stride_mh, stride_mm, stride_mn, HP, BLOCK_M, BLOCK_N, CDT, HAS_MIX_BIAS, NORM,
-            HAS_NORM_WEIGHT, HAS_NORM_BIAS, MASK_KIND, HAS_DROPOUT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-        if STATS_ONLY:
-            sum_dn_xhat += tl.sum(tl.sum(tl.where(kept, dn * xhat, 0.0), axis=2), axis=1)
-            sum_dn += tl.sum(tl.sum(dn, axis=2), axis=1)
-        else:
-            delta += tl.sum(p * dp, axis=2)
+    sum_dn_xhat = tl.zeros([HP, BLOCK_M], CDT)
+    sum_dn = tl.zeros([HP, BLOCK_M], CDT)
+    n_full = (N_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        x_acc, y_acc, delta, sum_dn_xhat, sum_dn = _dq_block(
+            x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, b, H, head, rows, rows_ok, start_n,
+            N_K, D, offs_d, m2, l2, w_slots, c, gamma, group_mean, bn_mean, bn_rstd, bn_e, bn_f, seed, scale2,
+            out_scale, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn, stride_qh, stride_qm,
+            stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_doh, stride_dom,
+            stride_dod, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT,
+            BIAS_SLOT, SUMS_ONLY, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+    if n_full < N_K:
+        x_acc, y_acc, delta, sum_dn_xhat, sum_dn = _dq_block(
+            x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, b, H, head, rows, rows_ok, n_full,
+            N_K, D, offs_d, m2, l2, w_slots, c, gamma, group_mean, bn_mean, bn_rstd, bn_e, bn_f, seed, scale2,
+            out_scale, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn, stride_qh, stride_qm,
+            stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_doh, stride_dom,
+            stride_dod, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
+            BIAS_SLOT, SUMS_ONLY, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
 
-    if STATS_ONLY:
-        tl.atomic_add(DNW + offs_h, sum_dn_xhat, mask=h_ok)
-        tl.atomic_add(DNB + offs_h, sum_dn, mask=h_ok)
+    if SUMS_ONLY:
+        sums_ptrs = SUMS + (pid.to(tl.int64) * 2) * HP + tl.arange(0, HP)
+        tl.store(sums_ptrs, tl.sum(tl.where(rows_ok, sum_dn_xhat, 0.0), axis=1), mask=slot_ok)
+        tl.store(sums_ptrs + HP, tl.sum(tl.where(rows_ok, sum_dn, 0.0), axis=1), mask=slot_ok)
     else:
-        # ---- main pass ----
-        dq = tl.zeros([HP, BLOCK_M, BLOCK_D], CDT)
-        dw = tl.zeros([HP, HP], CDT)
-        dc = tl.zeros([HP], CDT)
-        dnw = tl.zeros([HP], CDT)
-        dnb = tl.zeros([HP], CDT)
-        rows_d_mask = h_ok3 & d_ok[None, None, :]
-        for start_n in range(0, N_K, BLOCK_N):
-            offs_n = start_n + offs_n0
-            n_ok = offs_n < N_K
-            n64 = offs_n.to(tl.int64)
-            qk, dov = _tile_products(q, do, Qb, Kb, Vb, DOb, h3, m3, h_ok3, row_ok3, n64, n_ok, D,
-                                     stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh,
-                                     stride_vn, stride_vd, stride_doh, stride_dom, stride_dod, HP, BLOCK_M, BLOCK_N,
-                                     BLOCK_D, D_CHUNKS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-            p, p_tilde, normed, xhat, dn, dm, dp, kept = _recompute_gradient_tile(
-                qk, dov, lse, w, w_t, c, nw, nb, bn_mean, bn_rstd, bn_a, bn_e, bn_f, b, H, offs_h, offs_m,
-                offs_n, valid_hm[:, :, None] & n_ok[None, None, :], scale, out_scale, eps, seed, dropout_p, MASK,
-                stride_mb, stride_mh, stride_mm, stride_mn, HP, BLOCK_M, BLOCK_N, CDT, HAS_MIX_BIAS, NORM,
-                HAS_NORM_WEIGHT, HAS_NORM_BIAS, MASK_KIND, HAS_DROPOUT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-            kv_mask = rows_d_mask & n_ok[None, :, None]
-            k_tile = tl.load(Kb + h3 * stride_kh + n64[None, :, None] * stride_kn + offs_d[None, None, :] * stride_kd,
-                             mask=kv_mask, other=0.0).to(CDT)
-            ds = p * (dp - delta[:, :, None]) * scale
-            dq = _mm(ds, k_tile, dq, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-            # dK tile [HP, BLOCK_N, BLOCK_D] = dS^T Q ; dV tile = A^T dO with A = out_scale * N (0 where masked).
-            dk_tile = _mm(tl.permute(ds, (0, 2, 1)), q, tl.zeros([HP, BLOCK_N, BLOCK_D], CDT), DOT_LOWP, LOWP_DTYPE,
-                          DOT_PRECISION)
-            a = tl.where(kept, normed * out_scale, 0.0)
-            dv_tile = _mm(tl.permute(a, (0, 2, 1)), do, tl.zeros([HP, BLOCK_N, BLOCK_D], CDT), DOT_LOWP, LOWP_DTYPE,
-                          DOT_PRECISION)
-            tl.atomic_add(DK + b * stride_dkb + h3 * stride_dkh + n64[None, :, None] * stride_dkn
-                          + offs_d[None, None, :] * stride_dkd, dk_tile, mask=kv_mask)
-            tl.atomic_add(DV + b * stride_dvb + h3 * stride_dvh + n64[None, :, None] * stride_dvn
-                          + offs_d[None, None, :] * stride_dvd, dv_tile, mask=kv_mask)
-            dw = _mm(tl.reshape(dm, (HP, BLOCK_M * BLOCK_N)), tl.trans(tl.reshape(p_tilde, (HP, BLOCK_M * BLOCK_N))),
-                     dw, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-            dc += tl.sum(tl.sum(dm, axis=2), axis=1)
-            if NORM == 1:
-                dnw += tl.sum(tl.sum(dn * xhat, axis=2), axis=1)
-                dnb += tl.sum(tl.sum(dn, axis=2), axis=1)
-
-        tl.store(DQ + b * stride_dqb + h3 * stride_dqh + m3 * stride_dqm + offs_d[None, None, :] * stride_dqd,
-                 dq.to(DQ.dtype.element_ty), mask=row_mask)
-        # Every head-dim chunk computed the same parameter gradients: the first one adds them.
-        h_first = h_ok & (offs_h * 0 + pid_d == 0)
-        tl.atomic_add(DW + offs_h[:, None] * H + offs_h[None, :], dw, mask=h_first[:, None] & h_ok[None, :])
-        tl.atomic_add(DC + offs_h, dc, mask=h_first)
-        if NORM == 1:
-            tl.atomic_add(DNW + offs_h, dnw, mask=h_first)
-            tl.atomic_add(DNB + offs_h, dnb, mask=h_first)
+        # scale2 = scale * log2(e): dS is in natural units, so dQ = scale (X - delta Y).
+        dq = (x_acc - delta[:, :, None] * y_acc) * (scale2 * 0.6931471805599453)
+        d_ok = (offs_d < D)[None, None, :]
+        tl.store((DQ + b * stride_dqb) + (head[:, None, None] * stride_dqh + rows[:, :, None] * stride_dqm
+                                          + offs_d[None, None, :] * stride_dqd),
+                 dq.to(DQ.dtype.element_ty), mask=rows_ok[:, :, None] & d_ok)
+        delta_ptrs = (DELTA + b * H * N_Q) + (head[:, None] * N_Q + rows)
+        tl.store(delta_ptrs, delta, mask=rows_ok & ((rows * 0 + pid_d) == 0))
 
 
-def _launch_backward(grad_out, q, k, v, mix_weight, mix_bias, lse, bn, outputs, *, scale, out_scale, norm,
-                     norm_weight, norm_bias, eps, attn_mask, dropout_p, seed, config, lowp_dot, stats_only):
-    """One launch of ``_re_attention_bwd_kernel`` into ``outputs`` (dq, dk, dv, dw, dc, dnw, dnb).
+@triton.jit
+def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, Qb, DOb, STATSb, DELTA, b, H, head,
+                slot_ok,
+                keys, keys_ok, start_m, N_Q, N_K, D, offs_d, w_slots, c, gamma, beta, group_mean, bn_mean, bn_rstd,
+                bn_e, bn_f, seed, scale2, out_scale, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
+                stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+                stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm,
+                HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                D_CHUNKS: tl.constexpr, NORM: tl.constexpr, MASK_KIND: tl.constexpr, ROWS_PADDED: tl.constexpr,
+                EVEN_D: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, CDT: tl.constexpr,
+                DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                NORM_PRECISION: tl.constexpr, RELOAD_KV: tl.constexpr):
+    """One query block of the key-major sweep: dK, dV and the parameter sums of dW, dc, dgamma, dbeta.
 
-    stats_only: the BatchNorm sums sweep (atomically added into dnw, dnb), one program per query block.
+    The tiles are transposed, [HP, BLOCK_N keys, BLOCK_M queries], so that dS^T and A^T are the
+    products' left operands as computed (FlashAttention-2's key-major orientation).
     """
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = offs_m[None, :] + tl.zeros([HP, 1], tl.int32)
+    rows_ok = slot_ok[:, None] & (offs_m < N_Q)[None, :]
+    # K Q^T and V dO^T over the whole head dim ([HP, keys, queries]); padding slots' K rows are 0,
+    # so their P is 1 (the mixing bias's slot: kernels/common.py).
+    # This program's head-dim chunk of the query rows (the same rows for every slot of every key group).
+    q = _load_keys(Qb, head, offs_m, N_Q, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP, False,
+                   ROWS_PADDED, EVEN_D)
+    do = _load_keys(DOb, head, offs_m, N_Q, offs_d, D, stride_doh, stride_dom, stride_dod, CDT, DOT_LOWP, False,
+                    ROWS_PADDED, EVEN_D)
+    if D_CHUNKS == 1:  # the same tiles serve both products (one load; the transposes are layouts)
+        if RELOAD_KV:
+            # K and V re-read (from L1/L2) for every query block, tied to it by `live`: hoisted out
+            # of the loop they hold 32 registers for its whole length, which LayerNorm's terms need
+            # (48 B spilled at DeiT-S otherwise; the re-reads cost 13% without a norm, so only here).
+            live = (keys * 0 + start_m) >= 0
+            k = _load_rows(Kb, head, keys, keys_ok & live, offs_d, D, stride_kh, stride_kn, stride_kd, CDT,
+                           DOT_LOWP)
+            v = _load_rows(Vb, head, keys, keys_ok & live, offs_d, D, stride_vh, stride_vn, stride_vd, CDT,
+                           DOT_LOWP)
+        zero = tl.zeros([HP, BLOCK_N, BLOCK_M], CDT)
+        qk = _mm(k, tl.permute(q, (0, 2, 1)), zero, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+        dov = _mm(v, tl.permute(do, (0, 2, 1)), zero, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    else:
+        qk = _scores_product(k, Kb, Qb, head, keys, keys_ok, offs_m, N_Q, D, stride_kh, stride_kn, stride_kd,
+                             stride_qh, stride_qm, stride_qd, HP, BLOCK_N, BLOCK_M, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
+                             LOWP_DTYPE, DOT_PRECISION, ROWS_PADDED, EVEN_D)
+        dov = _scores_product(v, Vb, DOb, head, keys, keys_ok, offs_m, N_Q, D, stride_vh, stride_vn, stride_vd,
+                              stride_doh, stride_dom, stride_dod, HP, BLOCK_N, BLOCK_M, BLOCK_D, D_CHUNKS, CDT,
+                              DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, ROWS_PADDED, EVEN_D)
+    m2, l2 = _load_row_stats(STATSb, slot_ok, rows, rows_ok, head, stride_sp, stride_sh, stride_sm, CDT)
+    delta = tl.load((DELTA + b * H * N_Q) + (head[:, None] * N_Q + rows), mask=rows_ok, other=0.0)
+    head3 = head[:, None, None]
+    rows3 = offs_m[None, None, :]
+    rows_ok3 = rows_ok[:, None, :]
+    keys3 = keys[:, :, None]
+    key0 = tl.min(keys, axis=1)[:, None, None]  # each slot's first key (the key groups differ)
+    t2, kept = _scores(qk, m2[:, None, :], b, head3, rows3, rows_ok3, keys3, N_K, scale2, MASK, stride_mb, stride_mh,
+                       stride_mm, stride_mn, CDT, MASK_KIND, True)
+    p, p_tilde, drop_scale = _probs(t2, l2[:, None, :], b, H, head3, offs_m[None, :, None], key0, seed, dropout_p, CDT,
+                                    HAS_DROPOUT, True)
+    # Rows past N_Q: P = 0 (their m2 is +inf), dO = 0; nothing they hold reaches a gradient.
+    mix = _mix(w_slots, p_tilde, HP, BLOCK_N, BLOCK_M, CDT, DOT_LOWP, tl.float16, DOT_PRECISION)
+    if not BIAS_SLOT:
+        mix = mix + c[:, None, None]
+    dn = tl.where(kept, dov * out_scale, 0.0)
+    # BatchNorm's dM is not 0 where dN is (e xhat + f): rows past N_Q are outside its entries too.
+    dm, xhat = _norm_backward(dn, mix, kept & rows_ok3, group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_f, eps, HP,
+                              BLOCK_N, BLOCK_M, CDT, NORM, NORM_PRECISION)
+    if NORM != 0:
+        a = xhat * gamma[:, None, None] + beta[:, None, None]
+        if NORM == 1:
+            dnw_acc += tl.sum(dn * xhat, axis=2)
+            dnb_acc += tl.sum(dn, axis=2)
+    else:
+        a = mix
+    a = tl.where(kept, a * out_scale, 0.0)
+    if HAS_MIX_BIAS and not BIAS_SLOT:
+        dc_acc += tl.sum(dm, axis=2)
+    dp = _mix(tl.trans(w_slots), dm, HP, BLOCK_N, BLOCK_M, CDT, DOT_LOWP, tl.bfloat16, DOT_PRECISION)
+    if HAS_DROPOUT:
+        dp = dp * drop_scale
+    ds = p * (dp - delta[:, None, :])
+    dk_acc = _mm(ds, q, dk_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    dv_acc = _mm(a, do, dv_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    # dW = sum over entries of dM P~^T, as one [HP, HP] product per key (batched over the keys, so
+    # the reduction over entries splits across warps; summed over keys at the end).
+    dw_acc = _mm(tl.permute(dm, (1, 0, 2)), tl.permute(p_tilde, (1, 2, 0)), dw_acc, DOT_LOWP, tl.bfloat16,
+                 DOT_PRECISION)
+    return dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc
+
+
+@triton.jit
+def _re_attention_bwd_dkdv_kernel(
+    Q, K, V, W, C, NW, NB, BN, MASK, SEED, STATS, DO, DELTA, DK, DV, PARTS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_sp, stride_sb, stride_sh, stride_sm,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_wg, stride_wh, stride_c, stride_nw, stride_nb,
+    H, N_Q, N_K, D, NUM_PROGRAMS_N,
+    scale2, out_scale, eps, dropout_p,
+    HP: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr, EVEN_D: tl.constexpr, BIAS_SLOT: tl.constexpr,
+    HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
+    RELOAD_KV: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = (pid // NUM_PROGRAMS_N).to(tl.int64)
+    # Slots over keys: slot s is head s % H of key group s // H (kernels/common.py).
+    head, slot_ok, keys, keys_ok = _slot_rows((pid % NUM_PROGRAMS_N) * (G * BLOCK_N), H, N_K, HP, G, BLOCK_N)
+    LOWP_DTYPE: tl.constexpr = Q.dtype.element_ty
+    pid_d = tl.program_id(1)  # head-dim chunk of dK, dV this program writes
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    Kb = K + b * stride_kb
+    Vb = V + b * stride_vb
+    k = _load_rows(Kb, head, keys, keys_ok, offs_d, D, stride_kh, stride_kn, stride_kd, CDT, DOT_LOWP)
+    v = _load_rows(Vb, head, keys, keys_ok, offs_d, D, stride_vh, stride_vn, stride_vd, CDT, DOT_LOWP)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    w_slots, c, gamma, beta = _slot_params(W, C, NW, NB, BN, head, slot_ok, H, out_scale, stride_wg, stride_wh,
+                                           stride_c, stride_nw, stride_nb, HP, G, CDT, HAS_MIX_BIAS, NORM,
+                                           HAS_NORM_WEIGHT, HAS_NORM_BIAS, BIAS_SLOT, False)
+    group_mean = _group_mean(H, slot_ok, HP, CDT)
+    bn_mean, bn_rstd, bn_e, bn_f = _bn_rows(BN, head, slot_ok, H, CDT, NORM, False)
+    Qb = Q + b * stride_qb
+    DOb = DO + b * stride_dob
+    STATSb = STATS + b * stride_sb
+
+    dk_acc = tl.zeros([HP, BLOCK_N, BLOCK_D], CDT)
+    dv_acc = tl.zeros([HP, BLOCK_N, BLOCK_D], CDT)
+    dw_acc = tl.zeros([BLOCK_N, HP, HP], CDT)
+    dnw_acc = tl.zeros([HP, BLOCK_N], CDT)
+    dnb_acc = tl.zeros([HP, BLOCK_N], CDT)
+    dc_acc = tl.zeros([HP, BLOCK_N], CDT)
+    m_full = (N_Q // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc = _dkdv_block(
+            dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, Qb, DOb, STATSb, DELTA, b, H, head,
+            slot_ok, keys, keys_ok, start_m, N_Q, N_K, D, offs_d, w_slots, c, gamma, beta, group_mean, bn_mean, bn_rstd,
+            bn_e, bn_f, seed, scale2, out_scale, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
+            stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+            stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D,
+            D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
+            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV)
+    if m_full < N_Q:
+        dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc = _dkdv_block(
+            dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, Qb, DOb, STATSb, DELTA, b, H, head,
+            slot_ok, keys, keys_ok, m_full, N_Q, N_K, D, offs_d, w_slots, c, gamma, beta, group_mean, bn_mean, bn_rstd,
+            bn_e, bn_f, seed, scale2, out_scale, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
+            stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+            stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D,
+            D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
+            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV)
+
+    # dS is in natural units: dK = scale dS^T Q, scale = scale2 / log2(e).
+    dk_acc = dk_acc * (scale2 * 0.6931471805599453)
+    tile_ok = keys_ok[:, :, None] & (offs_d < D)[None, None, :]
+    tl.store((DK + b * stride_dkb) + (head[:, None, None] * stride_dkh + keys[:, :, None] * stride_dkn
+                                      + offs_d[None, None, :] * stride_dkd),
+             dk_acc.to(DK.dtype.element_ty), mask=tile_ok)
+    tl.store((DV + b * stride_dvb) + (head[:, None, None] * stride_dvh + keys[:, :, None] * stride_dvn
+                                      + offs_d[None, None, :] * stride_dvd),
+             dv_acc.to(DV.dtype.element_ty), mask=tile_ok)
+    # Per-program partial sums: dW_slots [HP, HP], then per slot dgamma, dbeta (LayerNorm) and dc. Every
+    # head-dim chunk summed the same entries: the first one stores them.
+    if pid_d == 0:
+        offs_s = tl.arange(0, HP)
+        parts = PARTS + pid.to(tl.int64) * (HP * HP + 3 * HP)
+        tl.store(parts + offs_s[:, None] * HP + offs_s[None, :], tl.sum(dw_acc, axis=0))
+        tl.store(parts + HP * HP + offs_s, tl.sum(tl.where(keys_ok, dnw_acc, 0.0), axis=1))
+        tl.store(parts + HP * HP + HP + offs_s, tl.sum(tl.where(keys_ok, dnb_acc, 0.0), axis=1))
+        tl.store(parts + HP * HP + 2 * HP + offs_s, tl.sum(tl.where(keys_ok, dc_acc, 0.0), axis=1))
+
+
+def _bias_slot(config: TileConfig, heads: int, has_dropout: bool, has_bias: bool) -> bool:
+    """Whether the mixing bias rides in a padding slot (``common._slot_params``): one exists, no dropout."""
+    return config.G * heads < config.HP and not has_dropout and has_bias
+
+
+def _launch_args(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, dropout_p, seed, norm):
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    device = q.device
-    dq, dk, dv, dw, dc, dnw, dnb = outputs
-    interpret = interpreting()
-    if config is None:
-        config = backward_config(Nq, Nk, D, H, interpret=interpret, shared_limit=device_shared_limit(device),
-                                 element_size=q.element_size())
-    cdt, lowp_dot, precision = launch_options(q, lowp_dot, False, interpret)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, q, Nk)
-    seed, has_dropout = dropout_arguments(dropout_p, seed, device)
+    seed, has_dropout = dropout_arguments(dropout_p, seed, q.device)
     dummy = mix_weight
     c = mix_bias if mix_bias is not None else dummy
     nw = norm_weight if norm_weight is not None else dummy
     nb = norm_bias if norm_bias is not None else dummy
     affine_norm = norm != "none"
-    num_m = triton.cdiv(Nq, config.BLOCK_M)
-    d_chunks = triton.cdiv(D, config.BLOCK_D)
-    args = (
-        q, k, v, mix_weight, c, nw, nb, bn, mask, seed if has_dropout else dummy, lse, grad_out,
-        dq, dk, dv, dw, dc, dnw, dnb,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
-        *lse.stride(), *mask_strides,
-        mix_weight.stride(0), mix_weight.stride(1), c.stride(0), nw.stride(0), nb.stride(0),
-        H, Nq, Nk, D, num_m, float(scale), float(out_scale), float(eps), float(dropout_p),
-    )
-    meta = dict(HAS_MIX_BIAS=mix_bias is not None, NORM=_NORMS[norm],
-                HAS_NORM_WEIGHT=affine_norm and norm_weight is not None,
-                HAS_NORM_BIAS=affine_norm and norm_bias is not None, MASK_KIND=mask_kind,
-                HAS_DROPOUT=has_dropout, CDT=cdt, DOT_LOWP=lowp_dot, DOT_PRECISION=precision, D_CHUNKS=d_chunks,
-                **config.meta())
-    # The sums sweep writes no dQ/dK/dV columns: one program per query block is enough.
-    grid = (num_m * B, 1 if stats_only else d_chunks)
-    run_on_device(_re_attention_bwd_kernel, grid, device, *args, STATS_ONLY=stats_only, **meta)
+    flags = dict(HAS_MIX_BIAS=mix_bias is not None, NORM=_NORMS[norm],
+                 HAS_NORM_WEIGHT=affine_norm and norm_weight is not None,
+                 HAS_NORM_BIAS=affine_norm and norm_bias is not None, MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout)
+    return mask, mask_strides, seed if has_dropout else dummy, c, nw, nb, flags
 
 
-def _backward_outputs(q, k):
+def _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, delta, sums, *, scale, out_scale, norm,
+               norm_weight, norm_bias, eps, attn_mask, dropout_p, seed, config, lowp_dot, sums_only):
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    acc_dtype = accumulator_dtype(q)
-    acc = dict(dtype=acc_dtype, device=q.device)
-    return (torch.empty_like(q), torch.zeros((B, H, Nk, D), **acc), torch.zeros((B, H, Nk, D), **acc),
-            torch.zeros((H, H), **acc), torch.zeros((H,), **acc), torch.zeros((H,), **acc), torch.zeros((H,), **acc))
+    device = q.device
+    interpret = interpreting()
+    if config is None:
+        config = backward_config(Nq, Nk, D, H, interpret=interpret, shared_limit=device_shared_limit(device),
+                                 element_size=q.element_size(), kernel="dq",
+                                 variant=variant_of(norm, attn_mask is not None, dropout_p > 0))
+    options = launch_options(q, lowp_dot, False, interpret)
+    mask, mask_strides, seed_arg, c, nw, nb, flags = _launch_args(q, k, v, mix_weight, mix_bias, norm_weight,
+                                                                  norm_bias, attn_mask, dropout_p, seed, norm)
+    num_m = config.programs_per_batch(Nq)
+    d_chunks = 1 if sums_only else triton.cdiv(D, config.BLOCK_D)
+    run_on_device(
+        _re_attention_bwd_dq_kernel, (num_m * B, d_chunks), device,
+        q, k, v, mix_weight, c, nw, nb, bn, mask, seed_arg, softmax_stats, grad_out, dq, delta, sums,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *softmax_stats.stride(),
+        *mask_strides, mix_weight.stride(0), mix_weight.stride(1), c.stride(0), nw.stride(0), nb.stride(0),
+        H, Nq, Nk, D, num_m, float(scale) * 1.4426950408889634, float(out_scale), float(eps), float(dropout_p),
+        D_CHUNKS=triton.cdiv(D, config.BLOCK_D), EVEN_D=D % config.BLOCK_D == 0,
+        BIAS_SLOT=_bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None), SUMS_ONLY=sums_only,
+        **flags, **options, **config.meta(stats_sweep=False),
+    )
+    return config
 
 
 def re_attention_backward(
@@ -303,7 +456,7 @@ def re_attention_backward(
     v: torch.Tensor,
     mix_weight: torch.Tensor,
     mix_bias: Optional[torch.Tensor],
-    lse: torch.Tensor,
+    softmax_stats: torch.Tensor,
     *,
     scale: float,
     out_scale: float = 1.0,
@@ -315,43 +468,105 @@ def re_attention_backward(
     attn_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     seed: Optional[torch.Tensor] = None,
-    config: Optional[ForwardConfig] = None,
+    dq_config: Optional[TileConfig] = None,
+    dkdv_config: Optional[TileConfig] = None,
     lowp_dot: Optional[bool] = None,
 ):
-    """Gradients of the fused forward (same arguments, plus ``grad_out`` [B, H, Nq, D] and its ``lse``).
+    """Gradients of the fused forward (same arguments, plus ``grad_out`` [B, H, Nq, D] and its ``softmax_stats``).
 
     norm="batch" (training BatchNorm) also needs ``batch_stats`` [4, H]: the forward's mean and
     1/sqrt(var + eps), then e and f of dM = a dN + e xhat + f (a = gamma / std, e = -a mean(dN xhat),
     f = -a mean(dN), means over the entries the statistics ran over). Those two means come from
     :func:`re_attention_backward_bn_sums`, run first, and summed over every process when the batch
     is spread across processes: the caller (``reattn.backends._fused``) divides them by the count.
-    The norm's own gradients are those sums, so d_norm_weight, d_norm_bias come back as zeros then.
+    The norm's own gradients are those sums, so d_norm_weight, d_norm_bias come back as None then.
     Returns ``(dq, dk, dv [like q/k/v], d_mix_weight [H, H], d_mix_bias [H] or None, d_norm_weight [H]
     or None, d_norm_bias [H] or None)``; the parameter gradients are float32 (float64 for float64
-    inputs). Arguments are assumed validated by the forward's caller.
+    inputs). Arguments are assumed validated by the forward's caller. dq_config, dkdv_config:
+    override the launch rules (``launch.backward_config``).
     """
     if norm not in _NORMS:
         raise ValueError(f"re_attention_backward: norm must be one of {sorted(_NORMS)}, got {norm!r}")
     B, H, Nq, D = q.shape
-    outputs = _backward_outputs(q, k)
-    dq, dk, dv, dw, dc, dnw, dnb = outputs
-    affine_norm = norm != "none"
+    Nk = k.shape[2]
+    device = q.device
+    acc = accumulator_dtype(q)
     if norm == "batch":
         if batch_stats is None or batch_stats.shape != (4, H):
             raise ValueError("re_attention_backward: norm='batch' needs batch_stats [4, H] (mean, 1/std, e, f), got "
                              f"{None if batch_stats is None else tuple(batch_stats.shape)}")
-        bn = batch_stats.to(accumulator_dtype(q)).contiguous()
+        bn = batch_stats.to(acc).contiguous()
     else:
-        bn = dw  # unread placeholder
-    if B == 0 or Nq == 0:
-        dq.zero_()
+        bn = mix_weight  # unread placeholder
+    zeros_h = torch.zeros((H,), dtype=acc, device=device)
+    if B == 0 or Nq == 0 or Nk == 0 or D == 0:
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                torch.zeros((H, H), dtype=acc, device=device),
+                zeros_h if mix_bias is not None else None,
+                zeros_h.clone() if norm == "layer" and norm_weight is not None else None,
+                zeros_h.clone() if norm == "layer" and norm_bias is not None else None)
+    (grad_out, q, k, v), Dp = aligned_operands(grad_out.contiguous(), q, k, v)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    delta = torch.empty((B, H, Nq), dtype=acc, device=device)
+    dq_cfg = _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, delta, delta, scale=scale,
+                        out_scale=out_scale, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
+                        attn_mask=attn_mask, dropout_p=dropout_p, seed=seed, config=dq_config, lowp_dot=lowp_dot,
+                        sums_only=False)
+
+    interpret = interpreting()
+    config = dkdv_config
+    if config is None:
+        config = backward_config(Nq, Nk, Dp, H, interpret=interpret, shared_limit=device_shared_limit(device),
+                                 element_size=q.element_size(), kernel="dkdv",
+                                 variant=variant_of(norm, attn_mask is not None, dropout_p > 0))
+    options = launch_options(q, lowp_dot, False, interpret)
+    mask, mask_strides, seed_arg, c, nw, nb, flags = _launch_args(q, k, v, mix_weight, mix_bias, norm_weight,
+                                                                  norm_bias, attn_mask, dropout_p, seed, norm)
+    num_n = config.programs_per_batch(Nk)
+    hp = config.HP
+    parts = torch.empty((num_n * B, hp * hp + 3 * hp), dtype=acc, device=device)
+    run_on_device(
+        _re_attention_bwd_dkdv_kernel, (num_n * B, triton.cdiv(Dp, config.BLOCK_D)), device,
+        q, k, v, mix_weight, c, nw, nb, bn, mask, seed_arg, softmax_stats, grad_out, delta, dk, dv, parts,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        *softmax_stats.stride(), *mask_strides, mix_weight.stride(0), mix_weight.stride(1), c.stride(0),
+        nw.stride(0), nb.stride(0),
+        H, Nq, Nk, Dp, num_n, float(scale) * 1.4426950408889634, float(out_scale), float(eps), float(dropout_p),
+        D_CHUNKS=triton.cdiv(Dp, config.BLOCK_D), EVEN_D=Dp % config.BLOCK_D == 0,
+        BIAS_SLOT=_bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None),
+        RELOAD_KV=variant_of(norm, attn_mask is not None, dropout_p > 0) != "plain",
+        **flags, **options, **config.meta(stats_sweep=False),
+    )
+    bias_slot = _bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None)
+    dw, dc, dnw, dnb = _reduce_parts(parts, H, config, bias_slot)
+    if Dp != D:
+        dq, dk, dv = dq[..., :D].contiguous(), dk[..., :D].contiguous(), dv[..., :D].contiguous()
+    return (dq, dk, dv, dw, dc if mix_bias is not None else None,
+            dnw if norm == "layer" and norm_weight is not None else None,
+            dnb if norm == "layer" and norm_bias is not None else None)
+
+
+def _reduce_parts(parts: torch.Tensor, heads: int, config: TileConfig, bias_slot: bool):
+    """The dK/dV programs' partial sums [programs, HP * HP + 3 HP] -> (dW [H, H], dc, dgamma, dbeta [H]).
+
+    Added up in float64. dW_slots is block diagonal over the G key groups of a program: each block
+    is one group's sum of dM P~^T in head coordinates, and the blocks add up. With the mixing bias
+    in a padding slot (whose P~ is 1 wherever kept), that slot's column of each block is dc.
+    """
+    hp, g, h = config.HP, config.G, heads
+    total = parts.sum(dim=0, dtype=torch.float64)
+    dw_slots = total[:hp * hp].reshape(hp, hp)
+    dw = sum(dw_slots[r * h:(r + 1) * h, r * h:(r + 1) * h] for r in range(g))
+    if bias_slot:
+        dc = sum(dw_slots[r * h:(r + 1) * h, g * h] for r in range(g))
     else:
-        _launch_backward(grad_out, q, k, v, mix_weight, mix_bias, lse, bn, outputs, scale=scale, out_scale=out_scale,
-                         norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps, attn_mask=attn_mask,
-                         dropout_p=dropout_p, seed=seed, config=config, lowp_dot=lowp_dot, stats_only=False)
-    return (dq, dk.to(k.dtype), dv.to(v.dtype), dw, dc if mix_bias is not None else None,
-            dnw if affine_norm and norm_weight is not None else None,
-            dnb if affine_norm and norm_bias is not None else None)
+        dc = slot_sums_to_heads(total[None, None, hp * hp + 2 * hp:], h, config)[0, 0]
+    dnw = slot_sums_to_heads(total[None, None, hp * hp:hp * hp + hp], h, config)[0, 0]
+    dnb = slot_sums_to_heads(total[None, None, hp * hp + hp:hp * hp + 2 * hp], h, config)[0, 0]
+    acc = parts.dtype
+    return dw.to(acc), dc.to(acc), dnw.to(acc), dnb.to(acc)
 
 
 def re_attention_backward_bn_sums(
@@ -361,7 +576,7 @@ def re_attention_backward_bn_sums(
     v: torch.Tensor,
     mix_weight: torch.Tensor,
     mix_bias: Optional[torch.Tensor],
-    lse: torch.Tensor,
+    softmax_stats: torch.Tensor,
     *,
     scale: float,
     out_scale: float = 1.0,
@@ -372,7 +587,7 @@ def re_attention_backward_bn_sums(
     attn_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     seed: Optional[torch.Tensor] = None,
-    config: Optional[ForwardConfig] = None,
+    config: Optional[TileConfig] = None,
     lowp_dot: Optional[bool] = None,
 ) -> torch.Tensor:
     """Training BatchNorm's backward sums over this call's entries: [2, H] (sum dN xhat, sum dN).
@@ -383,14 +598,21 @@ def re_attention_backward_bn_sums(
     rows of :func:`re_attention_backward`'s batch_stats. float32 (float64 for float64 inputs).
     """
     B, H, Nq, _ = q.shape
-    acc_dtype = accumulator_dtype(q)
+    acc = accumulator_dtype(q)
     if batch_stats.shape != (2, H):
         raise ValueError("re_attention_backward_bn_sums: batch_stats must be [2, H] (mean, 1/std), got "
                          f"{tuple(batch_stats.shape)}")
-    outputs = _backward_outputs(q, k)
-    if B > 0 and Nq > 0:
-        bn = torch.cat([batch_stats.to(acc_dtype), batch_stats.new_zeros((2, H), dtype=acc_dtype)]).contiguous()
-        _launch_backward(grad_out, q, k, v, mix_weight, mix_bias, lse, bn, outputs, scale=scale, out_scale=out_scale,
-                         norm="batch", norm_weight=norm_weight, norm_bias=norm_bias, eps=eps, attn_mask=attn_mask,
-                         dropout_p=dropout_p, seed=seed, config=config, lowp_dot=lowp_dot, stats_only=True)
-    return torch.stack([outputs[5], outputs[6]])
+    if B == 0 or Nq == 0:
+        return torch.zeros((2, H), dtype=acc, device=q.device)
+    bn = torch.cat([batch_stats.to(acc), batch_stats.new_zeros((2, H), dtype=acc)]).contiguous()
+    (grad_out, q, k, v), Dp = aligned_operands(grad_out.contiguous(), q, k, v)
+    interpret = interpreting()
+    if config is None:
+        config = backward_config(Nq, k.shape[2], Dp, H, interpret=interpret,
+                                 shared_limit=device_shared_limit(q.device), element_size=q.element_size(),
+                                 kernel="dq", variant=variant_of("batch", attn_mask is not None, dropout_p > 0))
+    sums = torch.empty((config.programs_per_batch(Nq) * B, 2, config.HP), dtype=acc, device=q.device)
+    _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, grad_out, sums, sums, scale=scale,
+               out_scale=out_scale, norm="batch", norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
+               attn_mask=attn_mask, dropout_p=dropout_p, seed=seed, config=config, lowp_dot=lowp_dot, sums_only=True)
+    return slot_sums_to_heads(sums, H, config).sum(dim=0)

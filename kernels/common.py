@@ -1,23 +1,26 @@
 """``@triton.jit`` tile helpers shared by the Re-attention kernels (forward, statistics, backward).
 
-Every kernel works on all-head tiles ``[HP, BLOCK_M, BLOCK_N]`` (padded heads x query rows x
-keys) and recomputes the same things from q, k and the saved row logsumexp; they live here once
-so the forward, the BatchNorm statistics sweep and the backward cannot drift apart:
+Every kernel works on tiles ``[HP, BLOCK_M, BLOCK_N]`` of *slots* x query rows x keys. A slot is
+one (row group, head) pair: the ``HP`` slots of a program hold ``G`` groups of ``BLOCK_M`` query
+rows for each of the ``H`` heads (``HP = max(8, next_pow2(H))``, ``G = HP // H``), slot ``s`` being
+head ``s % H`` of row group ``s // H``; slots ``>= G * H`` are padding. The heads of a group must
+sit in one program because they mix; the mixing is one tensor-core product over the slot axis
+(``W_slots [HP, HP] @ P [HP, BLOCK_M * BLOCK_N]``, ``W_slots`` the block-diagonal of ``G`` copies
+of ``W``; ``_mix``). H = 6 runs 6 of 8 slots, H = 4 two row groups in 8, H = 12 12 of 16.
+The math is written out in ``docs/math.md``.
 
-* ``_row_logsumexp``: the first key sweep (online logsumexp per head and row);
-* ``_probs_tile``: exact probabilities P = exp(S - L) with the mask applied, and the dropped-out
-  P~ = P * Z / (1 - p);
-* ``_mix_norm_tile``: M = W P~ + c and the normalized map (none / LayerNorm across heads /
-  BatchNorm with given batch statistics).
+Scores are kept in base-2 units, ``S2 = log2(e) * (scale * q.k + mask)``, so every exponential
+is one ``exp2``. The softmax statistics of a row are two numbers, the row maximum ``m2`` of S2
+and ``l2 = log2 sum_j 2^(S2_j - m2)``, and ``P = 2^((S2 - m2) - l2)``: subtracting the maximum
+first keeps rows whose every score carries a large finite mask (finfo.min, -1e9) exact, where a
+single logsumexp ``m2 + l2`` would absorb ``l2`` and give ``P = 1`` instead of ``1 / Nk``.
+A row whose keys are all masked (-inf or False) gets ``m2 = +inf, l2 = 0``, hence ``P = 0``.
 
-Masks: MASK_KIND 0 = none, 1 = bool (stored as uint8, 1 = attend), 2 = additive (in the
-computation dtype; -inf masks). Masked entries get P = 0. A row whose keys are all masked gets
-L = +inf, so P = exp(S - L) = 0 for it everywhere, never NaN. Rows past Nq and padded heads
-also get P = 0.
-
-Dropout: Z[b, h, i, j] = (u >= p) with u uniform from Philox keyed by ``seed`` and the counters
-(j, i, b * H + h, 0): a pure function of the position, so the backward replays it exactly
-(and ``kernels.dropout.dropout_keep_mask`` materializes it for tests).
+Masks: MASK_KIND 0 = none, 1 = bool (stored as uint8, 1 = attend), 2 = additive (float; -inf
+masks). Dropout: Z[b, h, i, j] = (u >= p) with u uniform from Philox keyed by ``seed`` and the
+counters (j // 4, i, b * H + h, 0), word j % 4 (``_dropout_keep``), a pure function of the
+position, so every sweep replays it
+(``kernels.dropout.dropout_keep_mask`` materializes it for tests).
 
 Nothing here imports ``reattn``; only triton.
 """
@@ -30,17 +33,18 @@ MASK_ADDITIVE = 2
 
 NORM_NONE = 0
 NORM_LAYER = 1
-NORM_BATCH = 2  # normalized with given per-head batch statistics (training-mode BatchNorm)
+NORM_BATCH = 2  # normalized with given per-head batch statistics (training BatchNorm)
+
+LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _mm(a, b, acc, LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """``acc + a @ b`` for 2-D or batched 3-D tiles.
 
-    LOWP: cast both operands to LOWP_DTYPE (fp16/bf16) so the product runs on tensor cores
-    with an fp32 accumulator (GPU only: bf16 ``tl.dot`` is wrong in Triton's interpreter).
-    Otherwise the operands are used as given (fp32 or fp64) with ``input_precision=PRECISION``
-    ("ieee" for exact fp32, "tf32" when the caller allows it).
+    LOWP: both operands cast to LOWP_DTYPE (fp16/bf16) for the tensor cores, fp32 accumulator
+    (GPU only: bf16 ``tl.dot`` is wrong in Triton's interpreter). Otherwise the operands are used
+    as given (fp32 or fp64) with ``input_precision=PRECISION`` ("ieee" exact, "tf32" allowed).
     """
     if LOWP:
         return tl.dot(a.to(LOWP_DTYPE), b.to(LOWP_DTYPE), acc)
@@ -49,218 +53,373 @@ def _mm(a, b, acc, LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, PRECISION: tl.c
 
 
 @triton.jit
-def _query_block(NUM_M_BLOCKS, H, N_Q, HP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Which rows a program owns: batch element b (int64), BLOCK_M query rows, all HP (padded) heads.
+def _slot_rows(row0, H, N_Q, HP: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The slots of a program whose first query row is ``row0``.
 
-    Returns (b, offs_h, offs_m, h_ok, m_ok, h3, m3, h_ok3, valid_hm): the index vectors, their
-    validity, the int64 head/row offsets shaped for [HP, BLOCK_M, *] tiles, and the [HP, BLOCK_M]
-    mask of real (head, row) pairs.
+    Returns (head [HP] int32, slot_ok [HP], rows [HP, BLOCK_M] int32, rows_ok [HP, BLOCK_M]):
+    slot s is head s % H of rows row0 + (s // H) * BLOCK_M + arange(BLOCK_M); rows_ok is False for
+    padding slots and rows past N_Q. The key-major backward uses it over keys (rows = keys).
     """
-    pid = tl.program_id(0)
-    b = (pid // NUM_M_BLOCKS).to(tl.int64)
-    offs_h = tl.arange(0, HP)
-    offs_m = (pid % NUM_M_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
-    h_ok = offs_h < H
-    m_ok = offs_m < N_Q
-    h3 = offs_h.to(tl.int64)[:, None, None]
-    m3 = offs_m.to(tl.int64)[None, :, None]
-    return b, offs_h, offs_m, h_ok, m_ok, h3, m3, h_ok[:, None, None], h_ok[:, None] & m_ok[None, :]
+    offs_s = tl.arange(0, HP)
+    head = offs_s % H
+    slot_ok = offs_s < G * H
+    # Padding slots take the rows of group 0: where they carry the mixing bias (a P of 1 wherever
+    # a key is real), their keys must be real wherever any group's are.
+    group = tl.where(slot_ok, offs_s // H, 0)
+    rows = row0 + group[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+    return head, slot_ok, rows, slot_ok[:, None] & (rows < N_Q)
 
 
 @triton.jit
-def _dropout_keep(seed, b, H, offs_h, offs_m, offs_n, dropout_p,
-                  HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Bool keep-mask [HP, BLOCK_M, BLOCK_N] of dropout for batch ``b``, heads/rows/keys given."""
-    zero = tl.zeros([HP, BLOCK_M, BLOCK_N], tl.int32)
-    c0 = zero + offs_n[None, None, :]
-    c1 = zero + offs_m[None, :, None]
-    c2 = zero + (b * H + offs_h[:, None, None]).to(tl.int32)
-    r0, _, _, _ = tl.philox(seed, c0, c1, c2, zero)
-    return tl.random.uint_to_uniform_float(r0) >= dropout_p
+def _load_rows(X, head, rows, rows_ok, offs_d, D, stride_h, stride_m, stride_d, CDT: tl.constexpr,
+               DOT_LOWP: tl.constexpr):
+    """[HP, BLOCK_M, BLOCK_D] tile of X (one batch element) at the slots' heads and rows; 0 outside."""
+    ptrs = X + (head[:, None, None] * stride_h + rows[:, :, None] * stride_m + offs_d[None, None, :] * stride_d)
+    x = tl.load(ptrs, mask=rows_ok[:, :, None] & (offs_d < D)[None, None, :], other=0.0)
+    if not DOT_LOWP:
+        x = x.to(CDT)
+    return x
 
 
 @triton.jit
-def _mask_tile(MASK, b, h3, m3, n3, valid, stride_mb, stride_mh, stride_mm, stride_mn,
-               MASK_KIND: tl.constexpr, CDT: tl.constexpr):
-    """(additive scores, masked) of the [HP, BLOCK_M, BLOCK_N] tile; MASK is expanded by strides."""
-    ptrs = MASK + b * stride_mb + h3 * stride_mh + m3 * stride_mm + n3 * stride_mn
-    if MASK_KIND == 1:
-        masked = tl.load(ptrs, mask=valid, other=1) == 0
-        add = tl.zeros(masked.shape, CDT)
-    else:
-        add = tl.load(ptrs, mask=valid, other=0.0).to(CDT)
-        masked = add == float("-inf")
-        add = tl.where(masked, 0.0, add)
-    return add, masked
+def _load_keys(X, head, offs_n, N_K, offs_d, D, stride_h, stride_n, stride_d, CDT: tl.constexpr,
+               DOT_LOWP: tl.constexpr, TRANSPOSED: tl.constexpr, KEYS_PADDED: tl.constexpr, EVEN_D: tl.constexpr):
+    """[HP, BLOCK_N, BLOCK_D] tile of X at the slots' heads (V), or its transpose [HP, BLOCK_D, BLOCK_N] (K).
 
-
-@triton.jit
-def _scores_tile(qk, b, h3, m3, offs_n, valid, scale,
-                 MASK, stride_mb, stride_mh, stride_mm, stride_mn,
-                 HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CDT: tl.constexpr,
-                 MASK_KIND: tl.constexpr):
-    """S = scale * qk (+ additive mask) with -inf where masked or invalid; and the mask tile.
-
-    ``qk`` is the [HP, BLOCK_M, BLOCK_N] product q k^T (over the whole head dim).
+    Keys past N_K (only in the last block, KEYS_PADDED) and head-dim columns past D (unless
+    EVEN_D) load as 0, so padded keys contribute nothing to A V. Padding slots read a real head
+    (s % H) whose results are discarded: full blocks load without any predicate.
     """
-    s = qk * scale
-    if MASK_KIND != 0:
-        add, masked = _mask_tile(MASK, b, h3, m3, offs_n.to(tl.int64)[None, None, :], valid, stride_mb, stride_mh,
-                                 stride_mm, stride_mn, MASK_KIND, CDT)
-        s = tl.where(masked, float("-inf"), s + add)
+    h = head[:, None, None] * stride_h
+    n = offs_n
+    if TRANSPOSED:
+        ptrs = X + (h + offs_d[None, :, None] * stride_d + n[None, None, :] * stride_n)
+        ok = (offs_d < D)[None, :, None] & (offs_n < N_K)[None, None, :]
     else:
-        masked = tl.zeros([HP, BLOCK_M, BLOCK_N], tl.int1)
-    s = tl.where(valid, s, float("-inf"))
-    return s, masked
+        ptrs = X + (h + n[None, :, None] * stride_n + offs_d[None, None, :] * stride_d)
+        ok = (offs_n < N_K)[None, :, None] & (offs_d < D)[None, None, :]
+    if KEYS_PADDED or not EVEN_D:
+        x = tl.load(ptrs, mask=ok, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    if not DOT_LOWP:
+        x = x.to(CDT)
+    return x
 
 
 @triton.jit
-def _chunked_product(a_own, A, B, h3, m3, row_ok3, h_ok3, n64, n_ok, D, stride_ah, stride_am, stride_ad,
-                     stride_bh, stride_bd, stride_bn,
-                     HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     D_CHUNKS: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
-    """[HP, BLOCK_M, BLOCK_N] = sum over the whole head dim of A rows (h, m) times B rows (h, n).
+def _scores_product(a_own, A, B, head, rows, rows_ok, offs_n, N_K, D, stride_ah, stride_am, stride_ad,
+                    stride_bh, stride_bn, stride_bd,
+                    HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    D_CHUNKS: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, KEYS_PADDED: tl.constexpr, EVEN_D: tl.constexpr):
+    """[HP, BLOCK_M, BLOCK_N] = A rows . B rows over the whole head dim (q k^T, or dO v^T).
 
-    A, B point at one batch element (q and k for the scores, dO and v in the backward). With one
-    head-dim chunk ``a_own`` is the program's [HP, BLOCK_M, BLOCK_D] A tile, loaded once; with
-    several, each chunk of A is re-read here (from cache) for every key block, so a program
-    stages only BLOCK_D columns of A and B at a time: shared memory scales with BLOCK_D, not D.
+    With one head-dim chunk ``a_own`` is the program's A tile, loaded once; with several (the
+    launch rule splits the head dim when a program's tiles would not fit), every chunk of A is
+    re-read (from cache) for every key block, so only BLOCK_D columns are staged at a time.
     """
     acc = tl.zeros([HP, BLOCK_M, BLOCK_N], CDT)
     for chunk in tl.static_range(D_CHUNKS):
         offs_d = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
         if D_CHUNKS == 1:
             a_c = a_own
         else:
-            # The n_ok term ties this load to the key block: loop-invariant, the compiler hoists
-            # every chunk's A tile out of the key loop and holds them all (measured at D = 128 on
-            # sm_80: 263168 B of shared memory in chunks of 64, 99328 B with this term in chunks of 32).
-            live = (tl.zeros([1, 1, BLOCK_D], tl.int32) + tl.sum(n_ok.to(tl.int32), axis=0)) > 0
-            a_c = tl.load(A + h3 * stride_ah + m3 * stride_am + offs_d[None, None, :] * stride_ad,
-                          mask=row_ok3 & d_ok[None, None, :] & live, other=0.0)
-            if not DOT_LOWP:
-                a_c = a_c.to(CDT)
-        b_c = tl.load(B + h3 * stride_bh + offs_d[None, :, None] * stride_bd + n64[None, None, :] * stride_bn,
-                      mask=h_ok3 & d_ok[None, :, None] & n_ok[None, None, :], other=0.0)
-        if not DOT_LOWP:
-            b_c = b_c.to(CDT)
+            # Tied to the key block by n_live: loop-invariant, the compiler would hoist every
+            # chunk's A tile out of the key loop and hold them all, which the split is meant to avoid.
+            n_live = (rows * 0 + tl.max(offs_n, axis=0)) >= 0
+            a_c = _load_rows(A, head, rows, rows_ok & n_live, offs_d, D, stride_ah, stride_am, stride_ad, CDT,
+                             DOT_LOWP)
+        b_c = _load_keys(B, head, offs_n, N_K, offs_d, D, stride_bh, stride_bn, stride_bd, CDT, DOT_LOWP, True,
+                         KEYS_PADDED, EVEN_D)
         acc = _mm(a_c, b_c, acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     return acc
 
 
 @triton.jit
-def _row_logsumexp(q, Qb, Kb, h3, m3, row_ok3, h_ok3, D, stride_qh, stride_qm, stride_qd,
-                   stride_kh, stride_kd, stride_kn, b, valid_hm, N_K, scale,
-                   MASK, stride_mb, stride_mh, stride_mm, stride_mn,
-                   HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   D_CHUNKS: tl.constexpr, CDT: tl.constexpr,
-                   MASK_KIND: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
-    """L [HP, BLOCK_M] = logsumexp_j S over all keys; +inf for rows with no key (masked or padded).
-
-    q is the program's query tile (used as is with one head-dim chunk); Qb, Kb point at batch b.
-    """
-    m_i = tl.full([HP, BLOCK_M], float("-inf"), CDT)
-    l_i = tl.zeros([HP, BLOCK_M], CDT)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in range(0, N_K, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < N_K
-        qk = _chunked_product(q, Qb, Kb, h3, m3, row_ok3, h_ok3, offs_n.to(tl.int64), n_ok, D, stride_qh, stride_qm,
-                              stride_qd, stride_kh, stride_kd, stride_kn, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS,
-                              CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-        s, _ = _scores_tile(qk, b, h3, m3, offs_n, valid_hm[:, :, None] & n_ok[None, None, :], scale, MASK,
-                            stride_mb, stride_mh, stride_mm, stride_mn, HP, BLOCK_M, BLOCK_N, CDT, MASK_KIND)
-        m_new = tl.maximum(m_i, tl.max(s, axis=2))
-        # A row with nothing seen yet has m_new = -inf: use 0 as the reference so exp() stays 0, not NaN.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_ref) + tl.sum(tl.exp(s - m_ref[:, :, None]), axis=2)
-        m_i = m_new
-    return tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+def _MASK_FLOOR(CDT: tl.constexpr):
+    """The most negative additive mask value whose product with log2(e) is finite in CDT."""
+    if CDT == tl.float64:
+        return -1.2e308
+    else:
+        return -2.35e38
 
 
 @triton.jit
-def _probs_tile(qk, lse, b, H, offs_h, offs_m, offs_n, valid, scale, seed, dropout_p,
-                MASK, stride_mb, stride_mh, stride_mm, stride_mn,
-                HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CDT: tl.constexpr,
-                MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """(P, P~ = dropout(P), drop_scale = Z / (1 - p), masked) for one [HP, BLOCK_M, BLOCK_N] tile.
+def _scores(qk, offset3, b, head3, rows3, rows_ok3, keys3, N_K, scale2, MASK, stride_mb, stride_mh, stride_mm,
+            stride_mn, CDT: tl.constexpr, MASK_KIND: tl.constexpr, KEYS_PADDED: tl.constexpr):
+    """(S2 - offset, kept): scores in base-2 units minus a per-row offset, and the entries that take part.
 
-    ``qk`` is the product q k^T of the tile; ``lse`` [HP, BLOCK_M] is +inf for rows that must
-    produce nothing; P is 0 wherever ``valid`` is False or the entry is masked.
+    qk [HP, M, N] is q.k over the whole head dim; head3, rows3, keys3 are the slots' heads
+    [HP, 1, 1], query rows (broadcastable to [HP, M, 1]) and keys ([HP or 1, 1, N]); rows_ok3
+    marks real rows. S2 = qk * scale2 (+ log2(e) * additive mask), ``scale2`` = scale * log2(e);
+    ``offset3`` (the row max in the second sweep, 0 in the first) is subtracted in the same fused
+    multiply-add. Entries not kept (masked, or keys past N_K when KEYS_PADDED: only the last key
+    block has those) get -inf; without a mask and KEYS_PADDED False ``kept`` is all True.
+    Rows outside ``rows_ok3`` keep their scores (their outputs are never stored).
     """
-    s, masked = _scores_tile(qk, b, offs_h.to(tl.int64)[:, None, None], offs_m.to(tl.int64)[None, :, None], offs_n,
-                             valid, scale, MASK, stride_mb, stride_mh, stride_mm, stride_mn, HP, BLOCK_M, BLOCK_N, CDT,
-                             MASK_KIND)
-    p = tl.exp(s - lse[:, :, None])
+    kept = tl.full(qk.shape, True, tl.int1)  # (unused unless something is masked)
+    key_ok = keys3 < N_K
+    if MASK_KIND != 2:
+        s = qk * scale2 - offset3
+    if MASK_KIND != 0:
+        ptrs = (MASK + b * stride_mb) + (head3 * stride_mh + rows3 * stride_mm + keys3 * stride_mn)
+        ok = rows_ok3 & key_ok
+        if MASK_KIND == 1:
+            kept = tl.load(ptrs, mask=ok, other=1) != 0
+        else:
+            add = tl.load(ptrs, mask=ok, other=0.0).to(CDT)
+            kept = add != float("-inf")
+            # Clamped so log2(e) * add stays finite: a fill of finfo.min must stay a (huge) finite
+            # score, as in eager, not turn into -inf and mask the entry. The offset goes last:
+            # with a large fill, S2 - m2 is exact only as (qk + mask) - m2.
+            s = (qk * scale2 + tl.maximum(add, _MASK_FLOOR(CDT)) * LOG2E) - offset3
+        if KEYS_PADDED:
+            kept = kept & key_ok
+    elif KEYS_PADDED:
+        kept = tl.broadcast_to(key_ok, s.shape)
+    if MASK_KIND != 0 or KEYS_PADDED:
+        s = tl.where(kept, s, float("-inf"))
+    return s, kept
+
+
+@triton.jit
+def _row_stats_block(m_i, l_i, q, Qb, Kb, b, head, rows, rows_ok, start_n, N_K, D, stride_qh, stride_qm,
+                     stride_qd, stride_kh, stride_kn, stride_kd, scale2, MASK, stride_mb, stride_mh, stride_mm,
+                     stride_mn, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, CDT: tl.constexpr, MASK_KIND: tl.constexpr,
+                     RAW_MAX: tl.constexpr, KEYS_PADDED: tl.constexpr, EVEN_D: tl.constexpr, DOT_LOWP: tl.constexpr,
+                     LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block of the first sweep: the online row max and sum, updated.
+
+    RAW_MAX (no additive mask, scale > 0): the max runs on q.k itself and the scale goes into the
+    exponent's fused multiply-add, so m_i is the max of q.k, not of S2.
+    """
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    qk = _scores_product(q, Qb, Kb, head, rows, rows_ok, offs_n, N_K, D, stride_qh, stride_qm, stride_qd,
+                         stride_kh, stride_kn, stride_kd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
+                         LOWP_DTYPE, DOT_PRECISION, KEYS_PADDED, EVEN_D)
+    zero = tl.zeros([HP, BLOCK_M, 1], CDT)
+    head3 = head[:, None, None]
+    rows3 = rows[:, :, None]
+    rows_ok3 = rows_ok[:, :, None]
+    keys3 = offs_n[None, None, :]
+    if RAW_MAX:
+        s, _ = _scores(qk, zero, b, head3, rows3, rows_ok3, keys3, N_K, 1.0, MASK, stride_mb, stride_mh, stride_mm,
+                       stride_mn, CDT, MASK_KIND, KEYS_PADDED)
+        m_new = tl.maximum(m_i, tl.max(s, axis=2))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new) * scale2
+        l_i = l_i * tl.exp2(m_i * scale2 - m_ref) + tl.sum(tl.exp2(s * scale2 - m_ref[:, :, None]), axis=2)
+    else:
+        s, _ = _scores(qk, zero, b, head3, rows3, rows_ok3, keys3, N_K, scale2, MASK, stride_mb, stride_mh,
+                       stride_mm, stride_mn, CDT, MASK_KIND, KEYS_PADDED)
+        m_new = tl.maximum(m_i, tl.max(s, axis=2))
+        # Nothing kept yet in a row: m_new = -inf; 0 as the reference keeps exp2 at 0, not NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_ref) + tl.sum(tl.exp2(s - m_ref[:, :, None]), axis=2)
+    return m_new, l_i
+
+
+@triton.jit
+def _row_stats(q, Qb, Kb, b, head, slot_ok, rows, rows_ok, N_K, D, stride_qh, stride_qm, stride_qd,
+               stride_kh, stride_kn, stride_kd, scale2, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
+               HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               D_CHUNKS: tl.constexpr, CDT: tl.constexpr, MASK_KIND: tl.constexpr, RAW_MAX: tl.constexpr,
+               EVEN_D: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The first key sweep: (m2, l2) [HP, BLOCK_M], the row max of S2 and log2 of sum 2^(S2 - m2).
+
+    Online over key blocks; the last, partial key block is peeled off so that only it pays for
+    the key-padding select. A row with no key kept gets (+inf, 0), so 2^((S2 - m2) - l2) = 0.
+    Padding slots get (0, 0): their P is 1 wherever kept, which ``_slot_params`` uses to add the
+    mixing bias inside the mixing product.
+    """
+    m_i = tl.full([HP, BLOCK_M], float("-inf"), CDT)
+    l_i = tl.zeros([HP, BLOCK_M], CDT)
+    n_full = (N_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        m_i, l_i = _row_stats_block(m_i, l_i, q, Qb, Kb, b, head, rows, rows_ok, start_n, N_K, D, stride_qh,
+                                    stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, scale2, MASK, stride_mb,
+                                    stride_mh, stride_mm, stride_mn, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT,
+                                    MASK_KIND, RAW_MAX, False, EVEN_D, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    if n_full < N_K:
+        m_i, l_i = _row_stats_block(m_i, l_i, q, Qb, Kb, b, head, rows, rows_ok, n_full, N_K, D, stride_qh,
+                                    stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, scale2, MASK, stride_mb,
+                                    stride_mh, stride_mm, stride_mn, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT,
+                                    MASK_KIND, RAW_MAX, True, EVEN_D, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    if RAW_MAX:
+        m_i = m_i * scale2
+    empty = l_i == 0.0
+    m2 = tl.where(empty, float("inf"), m_i)
+    l2 = tl.where(empty, 0.0, tl.log2(tl.where(empty, 1.0, l_i)))
+    return _padding_slot_stats(m2, l2, slot_ok)
+
+
+@triton.jit
+def _padding_slot_stats(m2, l2, slot_ok):
+    """(m2, l2) with (0, 0) on padding slots, whose q is 0: their P = 2^(0 - 0 - 0) = 1 where kept."""
+    return tl.where(slot_ok[:, None], m2, 0.0), tl.where(slot_ok[:, None], l2, 0.0)
+
+
+@triton.jit
+def _load_row_stats(STATS, slot_ok, rows, rows_ok, head, stride_sp, stride_sh, stride_sm, CDT: tl.constexpr):
+    """(m2, l2) [HP, BLOCK_M] from a [2, .., H, Nq] statistics tensor (one batch element).
+
+    (+inf, 0) on rows past N_Q, (0, 0) on padding slots (``_padding_slot_stats``).
+    """
+    ptrs = STATS + (head[:, None] * stride_sh + rows * stride_sm)
+    m2 = tl.load(ptrs, mask=rows_ok, other=float("inf")).to(CDT)
+    l2 = tl.load(ptrs + stride_sp, mask=rows_ok, other=0.0).to(CDT)
+    return _padding_slot_stats(m2, l2, slot_ok)
+
+
+@triton.jit
+def _store_row_stats(STATS, m2, l2, rows, rows_ok, head, stride_sp, stride_sh, stride_sm):
+    ptrs = STATS + (head[:, None] * stride_sh + rows * stride_sm)
+    tl.store(ptrs, m2.to(STATS.dtype.element_ty), mask=rows_ok)
+    tl.store(ptrs + stride_sp, l2.to(STATS.dtype.element_ty), mask=rows_ok)
+
+
+@triton.jit
+def _dropout_keep(seed, b, H, head3, rows3, key0, dropout_p, HP: tl.constexpr, M: tl.constexpr, N: tl.constexpr):
+    """Bool keep-mask of dropout [HP, M, N] for batch ``b`` at the slots' heads ``head3`` [HP, 1, 1],
+    query rows ``rows3`` ([HP or 1, M, 1]) and the N keys ``key0 + arange(N)`` (key0 a multiple of 4,
+    a scalar or [HP, 1, 1]).
+
+    Z[b, h, i, j] = (u >= p), u the (j % 4)-th word of Philox4x32-10(seed; j // 4, i, b * H + h, 0)
+    as a uniform float: one Philox evaluation (its ten rounds are most of dropout's cost) serves four
+    consecutive keys, and the pattern is a function of the position alone, replayed by every sweep.
+    """
+    zero = tl.zeros([HP, M, N // 4], tl.int32)
+    c0 = zero + (key0 // 4 + tl.arange(0, N // 4)[None, None, :])
+    c1 = zero + rows3
+    c2 = zero + (b * H + head3).to(tl.int32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero)
+    # Interleave the words so key 4t + w gets word w: join adds a trailing axis of 2, twice.
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [HP, M, N])
+    return tl.random.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _probs(t2, l2_3, b, H, head3, rows3, key0, seed, dropout_p, CDT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+           KEYS_FIRST: tl.constexpr):
+    """(P, P~ = dropout(P), drop_scale = Z / (1 - p)) from t2 = S2 - m2 and the row log-sums l2.
+
+    Tiles are [HP, queries, keys], or [HP, keys, queries] with KEYS_FIRST (the key-major backward);
+    rows3 is the queries as [HP or 1, M, 1] either way, key0 the first key (``_dropout_keep``).
+    """
+    p = tl.exp2(t2 - l2_3)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, b, H, offs_h, offs_m, offs_n, dropout_p, HP, BLOCK_M, BLOCK_N)
+        if KEYS_FIRST:
+            keep = tl.permute(_dropout_keep(seed, b, H, head3, rows3, key0, dropout_p, t2.shape[0], t2.shape[2],
+                                            t2.shape[1]), (0, 2, 1))
+        else:
+            keep = _dropout_keep(seed, b, H, head3, rows3, key0, dropout_p, t2.shape[0], t2.shape[1], t2.shape[2])
         # 1 / (1 - p) in the computation dtype (fp64 for fp64 inputs), not in fp32.
         drop_scale = tl.where(keep, 1.0 / (tl.full([], 1.0, CDT) - dropout_p), 0.0)
         p_tilde = p * drop_scale
     else:
-        drop_scale = tl.full([HP, BLOCK_M, BLOCK_N], 1.0, CDT)
+        drop_scale = tl.full(p.shape, 1.0, CDT)
         p_tilde = p
-    return p, p_tilde, drop_scale, masked
+    return p, p_tilde, drop_scale
 
 
 @triton.jit
-def _mix_norm_tile(p_tilde, w, c, nw, nb, bn_mean, bn_rstd, h_ok3, H, eps,
-                   HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CDT: tl.constexpr,
-                   HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
-                   HAS_NORM_BIAS: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
-    """(normalized map before out_scale, xhat, LayerNorm 1/std) from P~ [HP, BLOCK_M, BLOCK_N].
+def _mix(w_slots, x, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CDT: tl.constexpr,
+         DOT_LOWP: tl.constexpr, MIX_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """w_slots [HP, HP] @ x [HP, BLOCK_M, BLOCK_N] over the slot axis, on the tensor cores.
 
-    M = W [HP, HP] @ P~ [HP, BLOCK_M * BLOCK_N] + c. NORM_NONE: xhat = M. NORM_LAYER: xhat = M
-    normalized across the H real heads at each (i, j) (padded heads hold exact zeros).
-    NORM_BATCH: xhat = (M - bn_mean) * bn_rstd per head. The result is xhat * nw + nb.
+    With DOT_LOWP the operands are MIX_DTYPE: fp16 in the forward (probabilities and mixing
+    weights are of order 1: fp16 keeps three more bits than bf16), bf16 for gradients (their range
+    is not bounded). A 16-bit product needs K >= 16: at HP = 8 the entries are split in two halves
+    stacked as 16 rows, mixed by the block diagonal [[W, 0], [0, W]].
     """
-    mix = _mm(w, tl.reshape(p_tilde, (HP, BLOCK_M * BLOCK_N)), tl.zeros([HP, BLOCK_M * BLOCK_N], CDT),
-              DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-    mix = tl.reshape(mix, (HP, BLOCK_M, BLOCK_N))
-    if HAS_MIX_BIAS:
-        mix = mix + c[:, None, None]
-    rstd = tl.zeros([BLOCK_M, BLOCK_N], CDT)
-    if NORM == 1:
-        mean = tl.sum(mix, axis=0) / H
-        xc = tl.where(h_ok3, mix - mean[None, :, :], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / H + eps)
-        xhat = xc * rstd[None, :, :]
-    elif NORM == 2:
-        xhat = (mix - bn_mean[:, None, None]) * bn_rstd[:, None, None]
+    E: tl.constexpr = BLOCK_M * BLOCK_N
+    if DOT_LOWP and HP == 8:
+        w2 = tl.reshape(tl.permute(tl.join(tl.join(w_slots, tl.zeros_like(w_slots)),
+                                           tl.join(tl.zeros_like(w_slots), w_slots)), (2, 0, 3, 1)), (16, 16))
+        x2 = tl.reshape(tl.permute(tl.reshape(x, (HP, 2, E // 2)), (1, 0, 2)), (16, E // 2))
+        out2 = _mm(w2, x2, tl.zeros([16, E // 2], CDT), True, MIX_DTYPE, DOT_PRECISION)
+        out = tl.reshape(tl.permute(tl.reshape(out2, (2, HP, E // 2)), (1, 0, 2)), (HP, BLOCK_M, BLOCK_N))
     else:
-        xhat = mix
-    normed = xhat
-    if HAS_NORM_WEIGHT:
-        normed = normed * nw[:, None, None]
-    if HAS_NORM_BIAS:
-        normed = normed + nb[:, None, None]
-    return normed, xhat, rstd
+        flat = tl.reshape(x, (HP, E))
+        out = tl.reshape(_mm(w_slots, flat, tl.zeros([HP, E], CDT), DOT_LOWP, MIX_DTYPE, DOT_PRECISION),
+                         (HP, BLOCK_M, BLOCK_N))
+    return out
 
 
 @triton.jit
-def _load_head_vectors(C, NW, NB, BN, offs_h, h_ok, H, stride_c, stride_nw, stride_nb,
-                       HP: tl.constexpr, CDT: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr,
-                       HAS_NORM_WEIGHT: tl.constexpr, HAS_NORM_BIAS: tl.constexpr):
-    """(mix bias c, norm weight, norm bias, batch mean, batch 1/std) as [HP] vectors, 0 where absent.
+def _layer_norm(mix, group_mean, eps, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CDT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(xhat, rstd) of LayerNorm across the heads of each row group at every (i, j).
 
-    BN is a contiguous [2, H] tensor (mean; 1/sqrt(var + eps)), read only for NORM_BATCH.
+    ``group_mean`` [HP, HP] averages the slots of a group (1/H between slots of one group, 0
+    elsewhere), so the means are products on the tensor cores: mean = J M, var = J (M - mean)^2.
+    They run in fp32 (tf32 operands on a GPU: fp16 would flush the small variances of attention
+    maps to subnormals). Padding slots come out 0.
     """
-    c = tl.zeros([HP], CDT)
-    nw = tl.zeros([HP], CDT)
-    nb = tl.zeros([HP], CDT)
-    bn_mean = tl.zeros([HP], CDT)
-    bn_rstd = tl.zeros([HP], CDT)
-    if HAS_MIX_BIAS:
-        c = tl.load(C + offs_h * stride_c, mask=h_ok, other=0.0).to(CDT)
-    if HAS_NORM_WEIGHT:
-        nw = tl.load(NW + offs_h * stride_nw, mask=h_ok, other=0.0).to(CDT)
-    if HAS_NORM_BIAS:
-        nb = tl.load(NB + offs_h * stride_nb, mask=h_ok, other=0.0).to(CDT)
-    if NORM == 2:
-        bn_mean = tl.load(BN + offs_h, mask=h_ok, other=0.0).to(CDT)
-        bn_rstd = tl.load(BN + H + offs_h, mask=h_ok, other=0.0).to(CDT)
-    return c, nw, nb, bn_mean, bn_rstd
+    mean = _mix(group_mean, mix, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, DOT_PRECISION)
+    xc = mix - mean
+    var = _mix(group_mean, xc * xc, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, DOT_PRECISION)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    return xc * rstd, rstd
+
+
+@triton.jit
+def _head_vector(X, head, slot_ok, stride, CDT: tl.constexpr, PRESENT: tl.constexpr, DEFAULT: tl.constexpr):
+    """[HP] per-slot copy of a per-head vector (DEFAULT where absent or on padding slots)."""
+    if PRESENT:
+        return tl.load(X + head * stride, mask=slot_ok, other=DEFAULT).to(CDT)
+    else:
+        return tl.full([head.shape[0]], DEFAULT, CDT)
+
+
+@triton.jit
+def _slot_params(W, C, NW, NB, BN, head, slot_ok, H, out_scale, stride_wg, stride_wh, stride_c, stride_nw,
+                 stride_nb, HP: tl.constexpr, G: tl.constexpr, CDT: tl.constexpr, HAS_MIX_BIAS: tl.constexpr,
+                 NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_NORM_BIAS: tl.constexpr,
+                 BIAS_SLOT: tl.constexpr, FOLD: tl.constexpr):
+    """Per-slot parameters (w_slots [HP, HP], c [HP], gamma [HP], beta [HP]) with the affine maps folded in.
+
+    w_slots[s, s'] = W[head(s), head(s')] between slots of one row group, 0 elsewhere. The output
+    scale tau and any norm that is an affine map per head are folded into the mixing, so the
+    normalized map is ``w_slots @ P~ + c`` directly: NORM_NONE: tau W, tau c. NORM_BATCH (the
+    batch statistics are given, BN [2, H] = mean, 1/std): alpha = tau gamma / std, alpha W and
+    alpha (c - mean) + tau beta. NORM_LAYER keeps W and c and returns tau gamma, tau beta for
+    after the normalization. Without FOLD (the backward): W, c, gamma, beta as given.
+
+    BIAS_SLOT (a padding slot exists and there is no dropout): the bias becomes that slot's column
+    of w_slots, whose P is 1 wherever kept (``_padding_slot_stats``), so the tensor cores add it;
+    c comes back 0.
+    """
+    offs_s = tl.arange(0, HP)
+    same_group = (offs_s // H)[:, None] == (offs_s // H)[None, :]
+    w = tl.load(W + head[:, None] * stride_wg + head[None, :] * stride_wh,
+                mask=same_group & slot_ok[:, None] & slot_ok[None, :], other=0.0).to(CDT)
+    c = _head_vector(C, head, slot_ok, stride_c, CDT, HAS_MIX_BIAS, 0.0)
+    gamma = _head_vector(NW, head, slot_ok, stride_nw, CDT, HAS_NORM_WEIGHT, 1.0)
+    beta = _head_vector(NB, head, slot_ok, stride_nb, CDT, HAS_NORM_BIAS, 0.0)
+    if not FOLD:
+        pass
+    elif NORM == 2:
+        mean = tl.load(BN + head, mask=slot_ok, other=0.0).to(CDT)
+        alpha = out_scale * gamma * tl.load(BN + H + head, mask=slot_ok, other=0.0).to(CDT)
+        w = w * alpha[:, None]
+        c = alpha * (c - mean) + out_scale * beta
+    elif NORM == 1:
+        gamma = gamma * out_scale
+        beta = beta * out_scale
+    else:
+        w = w * out_scale
+        c = c * out_scale
+    if BIAS_SLOT:
+        w = tl.where(offs_s[None, :] == G * H, c[:, None], w)
+        c = tl.zeros_like(c)
+    return w, c, gamma, beta
+
+
+@triton.jit
+def _group_mean(H, slot_ok, HP: tl.constexpr, CDT: tl.constexpr):
+    """[HP, HP] averaging matrix of LayerNorm across heads: 1/H between real slots of one row group."""
+    offs_s = tl.arange(0, HP)
+    same = ((offs_s // H)[:, None] == (offs_s // H)[None, :]) & slot_ok[:, None] & slot_ok[None, :]
+    return tl.where(same, tl.full([], 1.0, CDT) / H, 0.0)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .common import _dropout_keep
-from .launch import padded_heads
+from .launch import padded_slots
 
 _BLOCK = 16
 
@@ -26,7 +26,8 @@ def _dropout_keep_kernel(SEED, KEEP, H, N_Q, N_K, NUM_M_BLOCKS, NUM_N_BLOCKS, dr
     offs_h = tl.arange(0, HP)
     offs_m = (rest // NUM_N_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (rest % NUM_N_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(tl.load(SEED), b, H, offs_h, offs_m, offs_n, dropout_p, HP, BLOCK_M, BLOCK_N)
+    keep = _dropout_keep(tl.load(SEED), b, H, offs_h[:, None, None], offs_m[None, :, None],
+                         (rest % NUM_N_BLOCKS) * BLOCK_N, dropout_p, HP, BLOCK_M, BLOCK_N)
     h3 = offs_h.to(tl.int64)[:, None, None]
     ptrs = KEEP + ((b * H + h3) * N_Q + offs_m.to(tl.int64)[None, :, None]) * N_K + offs_n[None, None, :]
     ok = (offs_h < H)[:, None, None] & (offs_m < N_Q)[None, :, None] & (offs_n < N_K)[None, None, :]
@@ -42,7 +43,7 @@ def dropout_keep_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tens
     num_m, num_n = triton.cdiv(Nq, _BLOCK), triton.cdiv(Nk, _BLOCK)
     grid = (B * num_m * num_n,)
     args = (seed, keep, H, Nq, Nk, num_m, num_n, float(dropout_p))
-    meta = dict(HP=padded_heads(H), BLOCK_M=_BLOCK, BLOCK_N=_BLOCK)
+    meta = dict(HP=padded_slots(H), BLOCK_M=_BLOCK, BLOCK_N=_BLOCK)
     if seed.device.type == "cuda":
         with torch.cuda.device(seed.device):
             _dropout_keep_kernel[grid](*args, **meta)

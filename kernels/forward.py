@@ -1,141 +1,173 @@
 """Fused Re-attention forward in Triton: never writes a [B, H, Nq, Nk] tensor.
 
-    S_h = scale * Q_h K_h^T (+ mask),  L_h = logsumexp_j S_h,  P_h = exp(S_h - L_h)
+    S_h = scale * Q_h K_h^T (+ mask),   P_h = softmax_j(S_h)
     P~_h = P_h * Z_h / (1 - p)    (dropout, Philox keyed by position: see kernels/common.py)
     M_g = sum_h W[g, h] P~_h + c_g,  A = out_scale * Norm(M) (0 where masked),  O_g = A_g V_g
 
-One program handles one batch element, BLOCK_M query rows and ALL heads (padded to HP), since
-the head mixing needs every head of a tile. Two sweeps over the keys in one launch
-(see shared/design/reattention-math.md):
+One program handles one batch element, G groups of BLOCK_M query rows and all heads (the slots
+of kernels/common.py), since the head mixing needs every head of an entry. Two sweeps over the
+keys in one launch (docs/math.md, "Forward"):
 
-  pass 1: batched S = Q K^T over [HP, BLOCK_M, BLOCK_N] tiles with an online logsumexp -> L
-          (written out as ``lse`` for the backward); skipped when the BatchNorm statistics
-          sweep (kernels/bn_stats.py) already wrote L;
-  pass 2: recompute S, P = exp(S - L) for all heads, drop out, mix heads with one matrix
-          product W [HP, HP] @ P~ [HP, BLOCK_M * BLOCK_N], add c, normalise (nothing, LayerNorm
-          across heads, or BatchNorm with the given batch statistics), scale, zero masked
-          entries, and accumulate A [HP, BLOCK_M, BLOCK_N] @ V [HP, BLOCK_N, BLOCK_D] into an
-          fp32 (fp64 for fp64 inputs) accumulator. With MOMENTS (training BatchNorm in one sweep,
-          norm "none"), also the per-head sums of the map and of its square over the program's
-          real unmasked entries, stored per program (summed in float64 by the caller).
+  sweep 1: S = Q K^T as one batched product over the slots, online row max and sum -> the
+           softmax statistics (m2, l2) per row, stored for the backward; skipped when they are
+           given (the Gram-sum statistics sweep of training BatchNorm, kernels/gram.py, wrote them);
+  sweep 2: recompute S, P = 2^((S2 - m2) - l2), dropout, mix the heads on the tensor cores
+           (W_slots [HP, HP] @ P~ [HP, BLOCK_M * BLOCK_N]), normalize (LayerNorm across heads;
+           out_scale and any per-head affine norm are folded into W_slots), zero masked entries
+           and accumulate A @ V into an fp32 accumulator (fp64 for fp64 inputs). With MOMENTS
+           (training BatchNorm in one sweep, norm "none"): also the per-slot sums of the map and
+           of its square over the program's kept entries.
 
-All arithmetic is done in fp32 (fp64 for fp64 inputs); loads are upcast at once. With
-fp16/bf16 inputs on a GPU (LOWP) the dot operands are cast to the input dtype for the tensor
-cores, accumulating in fp32.
+With fp16/bf16 inputs on a GPU (DOT_LOWP) the products run on the tensor cores: Q K^T and A V in
+the input dtype, the head mixing in fp16 (probabilities and weights of order 1: fp16 keeps three
+more bits than bf16), fp32 accumulation; everything else is fp32 (fp64 for fp64 inputs).
 
 Nothing here imports ``reattn``: torch and triton only.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import (MASK_ADDITIVE, MASK_BOOL, MASK_NONE, NORM_BATCH, NORM_LAYER, NORM_NONE, _chunked_product,
-                     _load_head_vectors, _mix_norm_tile, _mm, _probs_tile, _query_block, _row_logsumexp)
-from .launch import MAX_HEADS, ForwardConfig, device_shared_limit, forward_config, interpreting
+from .common import (LOG2E, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, NORM_BATCH, NORM_LAYER, NORM_NONE, _group_mean,
+                     _layer_norm, _load_keys, _load_row_stats, _load_rows, _mix, _mm, _probs, _row_stats,
+                     _scores, _scores_product, _slot_params, _slot_rows, _store_row_stats)
+from .launch import (MAX_HEADS, TileConfig, device_shared_limit, forward_config, interpreting, run_on_device,
+                     variant_of)
 
 _NORMS = {"none": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @triton.jit
+def _forward_block(acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2,
+                   w_slots, c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh,
+                   stride_mm, stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh,
+                   stride_vn, stride_vd, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, NORM: tl.constexpr, MASK_KIND: tl.constexpr,
+                   KEYS_PADDED: tl.constexpr, EVEN_D: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr,
+                   MOMENTS: tl.constexpr, CDT: tl.constexpr,
+                   DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr):
+    """One key block of the second sweep: exact P, dropout, mix, normalize, O += A V (and the moments)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    qk = _scores_product(q, Qb, Kb, head, rows, rows_ok, offs_n, N_K, D, stride_qh, stride_qm, stride_qd,
+                         stride_kh, stride_kn, stride_kd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
+                         LOWP_DTYPE, DOT_PRECISION, KEYS_PADDED, EVEN_D)
+    head3 = head[:, None, None]
+    rows3 = rows[:, :, None]
+    keys3 = offs_n[None, None, :]
+    t2, kept = _scores(qk, m2[:, :, None], b, head3, rows3, rows_ok[:, :, None], keys3, N_K, scale2, MASK, stride_mb,
+                       stride_mh, stride_mm, stride_mn, CDT, MASK_KIND, KEYS_PADDED)
+    _, p_tilde, _ = _probs(t2, l2[:, :, None], b, H, head3, rows3, start_n, seed, dropout_p, CDT, HAS_DROPOUT, False)
+    a = _mix(w_slots, p_tilde, HP, BLOCK_M, BLOCK_N, CDT, DOT_LOWP, tl.float16, DOT_PRECISION)
+    if not BIAS_SLOT:
+        a = a + c[:, None, None]
+    if NORM == 1:
+        xhat, _ = _layer_norm(a, group_mean, eps, HP, BLOCK_M, BLOCK_N, CDT, NORM_PRECISION)
+        a = xhat * gamma[:, None, None] + beta[:, None, None]
+    if MASK_KIND != 0 or KEYS_PADDED:  # entries not kept are zeroed after the norm
+        a = tl.where(kept, a, 0.0)
+    if MOMENTS:  # per-slot sums of the map over the kept entries
+        if MASK_KIND == 0 and not KEYS_PADDED:
+            x = a
+        else:
+            x = tl.where(kept, a, 0.0)
+        s1 += tl.sum(x, axis=2)
+        s2 += tl.sum(x * x, axis=2)
+    vt = _load_keys(Vb, head, offs_n, N_K, offs_d, D, stride_vh, stride_vn, stride_vd, CDT, DOT_LOWP, False,
+                    KEYS_PADDED, EVEN_D)
+    acc = _mm(a, vt, acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    return acc, s1, s2
+
+
+@triton.jit
 def _re_attention_fwd_kernel(
-    Q, K, V, W, C, NW, NB, BN, MASK, SEED, O, LSE, MOM,
+    Q, K, V, W, C, NW, NB, BN, MASK, SEED, O, STATS, MOM,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    stride_lb, stride_lh, stride_lm,
+    stride_sp, stride_sb, stride_sh, stride_sm,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_wg, stride_wh, stride_c, stride_nw, stride_nb,
-    H, N_Q, N_K, D, NUM_M_BLOCKS,
-    scale, out_scale, eps, dropout_p,
-    HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    D_CHUNKS: tl.constexpr,
+    H, N_Q, N_K, D, NUM_PROGRAMS_M,
+    scale2, out_scale, eps, dropout_p,
+    HP: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATS_BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, RAW_MAX: tl.constexpr, BIAS_SLOT: tl.constexpr,
     HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
-    HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, LSE_IS_INPUT: tl.constexpr,
-    MOMENTS: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, STATS_GIVEN: tl.constexpr,
+    MOMENTS: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
 ):
-    b, offs_h, offs_m, h_ok, m_ok, h3, m3, h_ok3, valid_hm = _query_block(NUM_M_BLOCKS, H, N_Q, HP, BLOCK_M)
+    pid = tl.program_id(0)
+    b = (pid // NUM_PROGRAMS_M).to(tl.int64)
+    head, slot_ok, rows, rows_ok = _slot_rows((pid % NUM_PROGRAMS_M) * (G * BLOCK_M), H, N_Q, HP, G, BLOCK_M)
     # Head-dim chunk of O this program writes (D_CHUNKS > 1 when the launch rule splits the head
-    # dim to fit shared memory: every chunk recomputes the scores over the whole head dim).
+    # dim to fit the GPU: every chunk recomputes the scores over the whole head dim).
     pid_d = tl.program_id(1)
     LOWP_DTYPE: tl.constexpr = Q.dtype.element_ty
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    row_ok3 = h_ok3 & m_ok[None, :, None]
     Qb = Q + b * stride_qb
     Kb = K + b * stride_kb
-
-    # Query tile of all heads [HP, BLOCK_M, BLOCK_D]; padded heads/rows/dims read as 0.
-    q_mask = row_ok3 & d_ok[None, None, :]
-    q = tl.load(Qb + h3 * stride_qh + m3 * stride_qm + offs_d[None, None, :] * stride_qd, mask=q_mask, other=0.0)
-    if not DOT_LOWP:
-        q = q.to(CDT)
-    v_base = V + b * stride_vb + h3 * stride_vh + offs_d[None, None, :] * stride_vd
-    vd_mask = h_ok3 & d_ok[None, None, :]
+    Vb = V + b * stride_vb
+    STATSb = STATS + b * stride_sb
+    q = _load_rows(Qb, head, rows, rows_ok, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
 
-    # ---- pass 1: row logsumexp (or the one the statistics sweep already wrote) ----
-    lse_ptrs = LSE + b * stride_lb + offs_h[:, None] * stride_lh + offs_m[None, :] * stride_lm
-    if LSE_IS_INPUT:
-        lse = tl.load(lse_ptrs, mask=valid_hm, other=float("inf")).to(CDT)
+    # ---- sweep 1: the softmax statistics (or the ones the statistics sweep already wrote) ----
+    if STATS_GIVEN:
+        m2, l2 = _load_row_stats(STATSb, slot_ok, rows, rows_ok, head, stride_sp, stride_sh, stride_sm, CDT)
     else:
-        lse = _row_logsumexp(q, Qb, Kb, h3, m3, row_ok3, h_ok3, D, stride_qh, stride_qm, stride_qd, stride_kh,
-                             stride_kd, stride_kn, b, valid_hm, N_K, scale, MASK, stride_mb, stride_mh, stride_mm,
-                             stride_mn, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT, MASK_KIND, DOT_LOWP,
-                             LOWP_DTYPE, DOT_PRECISION)
-        tl.store(lse_ptrs, lse.to(LSE.dtype.element_ty), mask=valid_hm & ((offs_m * 0 + pid_d) == 0)[None, :])
+        m2, l2 = _row_stats(q, Qb, Kb, b, head, slot_ok, rows, rows_ok, N_K, D, stride_qh, stride_qm, stride_qd,
+                            stride_kh, stride_kn, stride_kd, scale2, MASK, stride_mb, stride_mh, stride_mm,
+                            stride_mn, HP, BLOCK_M, STATS_BLOCK_N, BLOCK_D, D_CHUNKS, CDT, MASK_KIND, RAW_MAX,
+                            EVEN_D, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+        _store_row_stats(STATSb, m2, l2, rows, rows_ok & ((rows * 0 + pid_d) == 0), head, stride_sp, stride_sh,
+                         stride_sm)
 
-    # ---- mixing / norm parameters (padded heads: zero weights, zero bias) ----
-    w = tl.load(W + offs_h[:, None] * stride_wg + offs_h[None, :] * stride_wh,
-                mask=h_ok[:, None] & h_ok[None, :], other=0.0).to(CDT)
-    c, nw, nb, bn_mean, bn_rstd = _load_head_vectors(C, NW, NB, BN, offs_h, h_ok, H, stride_c, stride_nw, stride_nb,
-                                                     HP, CDT, HAS_MIX_BIAS, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS)
+    w_slots, c, gamma, beta = _slot_params(W, C, NW, NB, BN, head, slot_ok, H, out_scale, stride_wg, stride_wh,
+                                           stride_c, stride_nw, stride_nb, HP, G, CDT, HAS_MIX_BIAS, NORM,
+                                           HAS_NORM_WEIGHT, HAS_NORM_BIAS, BIAS_SLOT, True)
+    group_mean = _group_mean(H, slot_ok, HP, CDT)
 
-    # ---- pass 2: exact P tile by tile, dropout, mix, normalise, multiply by V ----
+    # ---- sweep 2: exact P tile by tile, dropout, mix, normalize, multiply by V ----
     acc = tl.zeros([HP, BLOCK_M, BLOCK_D], CDT)
-    s1 = tl.zeros([HP], CDT)
-    s2 = tl.zeros([HP], CDT)
-    for start_n in range(0, N_K, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < N_K
-        n3_ok = n_ok[None, None, :]
-        qk = _chunked_product(q, Qb, Kb, h3, m3, row_ok3, h_ok3, offs_n.to(tl.int64), n_ok, D, stride_qh, stride_qm,
-                              stride_qd, stride_kh, stride_kd, stride_kn, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS,
-                              CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-        valid = valid_hm[:, :, None] & n3_ok
-        p, p_tilde, _, masked = _probs_tile(
-            qk, lse, b, H, offs_h, offs_m, offs_n, valid, scale, seed, dropout_p, MASK, stride_mb, stride_mh,
-            stride_mm, stride_mn, HP, BLOCK_M, BLOCK_N, CDT, MASK_KIND, HAS_DROPOUT)
-        normed, _, _ = _mix_norm_tile(p_tilde, w, c, nw, nb, bn_mean, bn_rstd, h_ok3, H, eps, HP, BLOCK_M, BLOCK_N,
-                                      CDT, HAS_MIX_BIAS, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS, DOT_LOWP, LOWP_DTYPE,
-                                      DOT_PRECISION)
-        # Masked entries are zeroed after the norm: they contribute nothing to O.
-        a = tl.where(h_ok3 & n3_ok & (masked == 0), normed * out_scale, 0.0)
-        if MOMENTS:  # per-head sums of the map over this program's real, unmasked entries
-            x = tl.where(valid & (masked == 0), normed, 0.0)
-            s1 += tl.sum(tl.sum(x, axis=2), axis=1)
-            s2 += tl.sum(tl.sum(x * x, axis=2), axis=1)
-        vt = tl.load(v_base + offs_n.to(tl.int64)[None, :, None] * stride_vn,
-                     mask=vd_mask & n_ok[None, :, None], other=0.0)
-        if not DOT_LOWP:
-            vt = vt.to(CDT)
-        acc = _mm(a, vt, acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    s1 = tl.zeros([HP, BLOCK_M], CDT)
+    s2 = tl.zeros([HP, BLOCK_M], CDT)
+    # The last, partial key block is peeled off: only it pays for the key-padding select.
+    n_full = (N_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, s1, s2 = _forward_block(
+            acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
+            c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
+            stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+            HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, MOMENTS,
+            CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+    if n_full < N_K:
+        acc, s1, s2 = _forward_block(
+            acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, n_full, N_K, D, offs_d, m2, l2, w_slots,
+            c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
+            stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+            HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT, BIAS_SLOT, MOMENTS,
+            CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
 
-    o_ptrs = O + b * stride_ob + h3 * stride_oh + m3 * stride_om + offs_d[None, None, :] * stride_od
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=q_mask)
+    o_ptrs = (O + b * stride_ob) + (head[:, None, None] * stride_oh + rows[:, :, None] * stride_om
+                                    + offs_d[None, None, :] * stride_od)
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=rows_ok[:, :, None] & (offs_d < D)[None, None, :])
     if MOMENTS:  # every head-dim chunk summed the same map: the first one stores the sums
-        mom_ptrs = MOM + tl.program_id(0).to(tl.int64) * 2 * HP + offs_h
-        store_here = (offs_h * 0 + pid_d) == 0
-        tl.store(mom_ptrs, s1.to(MOM.dtype.element_ty), mask=store_here)
-        tl.store(mom_ptrs + HP, s2.to(MOM.dtype.element_ty), mask=store_here)
+        s1 = tl.where(rows_ok, s1, 0.0)
+        s2 = tl.where(rows_ok, s2, 0.0)
+        mom_ptrs = MOM + (pid.to(tl.int64) * 2) * HP + tl.arange(0, HP)
+        store_here = slot_ok & ((head * 0 + pid_d) == 0)
+        tl.store(mom_ptrs, tl.sum(s1, axis=1).to(MOM.dtype.element_ty), mask=store_here)
+        tl.store(mom_ptrs + HP, tl.sum(s2, axis=1).to(MOM.dtype.element_ty), mask=store_here)
 
 
 def _check_vector(name: str, t: Optional[torch.Tensor], h: int, device: torch.device) -> None:
@@ -149,9 +181,64 @@ def _check_vector(name: str, t: Optional[torch.Tensor], h: int, device: torch.de
         raise ValueError(f"re_attention_forward: {name} must be floating point, got {t.dtype}")
 
 
+# The kernels address a tile as one 64-bit pointer per batch element plus 32-bit offsets (64-bit
+# offsets per element cost a register pair each: at DeiT-S with a mask, 400 B of spills against
+# 96). Every operand's offsets within a batch element must therefore stay below 2^31.
+INT32_SPAN = 2 ** 31 - 1
+
+
+def batch_span(t: torch.Tensor) -> int:
+    """The largest element offset within one batch element (dim 0) of ``t``."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+
+
+def vector_aligned(t: torch.Tensor) -> bool:
+    """Whether the kernels can move ``t`` [..., D] in 16-byte vectors.
+
+    Triton vectorizes a load or store only where it can prove alignment, and it learns alignment
+    from the launch's arguments alone: an integer (a stride, D) that is a multiple of 16 and an
+    address that is a multiple of 16 bytes are specialized as such (``kernels.aot.jit_compile_inputs``).
+    Any other stride, a head dim such as 33, or an offset view makes every element its own load:
+    measured on sm_90 at D = 33, the forward's registers collapse and kilobytes spill. Offsets within
+    a batch element must also fit 32 bits (``INT32_SPAN``).
+    """
+    if t.shape[-1] % 16 or t.stride(-1) != 1 or t.data_ptr() % 16 or batch_span(t) > INT32_SPAN:
+        return False
+    return all(s % 16 == 0 for s in t.stride()[:-1])
+
+
+def aligned_operands(*tensors: torch.Tensor):
+    """``tensors`` [..., D] as the kernels want them: each one that is not ``vector_aligned`` is copied
+    into a contiguous buffer whose head dim is D rounded up to 16, zero-filled past D (zeros add
+    nothing to q.k and give zero output columns). Returns (tensors, padded head dim); all share
+    one head dim, so either none is padded or all are. Costs one read and write of the copied
+    inputs, against the kernels' re-reading of every key and value Nq / rows-per-program times.
+    """
+    d = tensors[0].shape[-1]
+    dp = -(-d // 16) * 16
+    if math.prod(tensors[0].shape[1:-1]) * dp > INT32_SPAN:
+        raise ValueError(f"re_attention: {tuple(tensors[0].shape)} has more than {INT32_SPAN} elements per batch "
+                         "element, more than the kernels address")
+    out = []
+    for t in tensors:
+        if dp == d and vector_aligned(t):
+            out.append(t)
+        else:
+            padded = t.new_zeros((*t.shape[:-1], dp))
+            padded[..., :d] = t
+            out.append(padded)
+    return tuple(out), dp
+
+
 def accumulator_dtype(q: torch.Tensor) -> torch.dtype:
-    """dtype of the logsumexp, statistics and atomically reduced gradients: fp64 for fp64 inputs, else fp32."""
+    """dtype of the softmax statistics, the BatchNorm sums and reduced gradients: fp64 for fp64 inputs, else fp32."""
     return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def softmax_stats_shape(q: torch.Tensor) -> Tuple[int, int, int, int]:
+    """Shape of the softmax statistics of ``q`` [B, H, Nq, D]: [2, B, H, Nq] (row max m2; log-sum l2)."""
+    B, H, Nq, _ = q.shape
+    return (2, B, H, Nq)
 
 
 def mask_arguments(attn_mask: Optional[torch.Tensor], q: torch.Tensor, n_k: int):
@@ -176,6 +263,10 @@ def mask_arguments(attn_mask: Optional[torch.Tensor], q: torch.Tensor, n_k: int)
     except RuntimeError:
         raise ValueError(f"re_attention_forward: attn_mask {tuple(attn_mask.shape)} does not broadcast to "
                          f"[B, H, Nq, Nk] = {[B, H, Nq, n_k]}") from None
+    if batch_span(mask) > INT32_SPAN:
+        raise ValueError(f"re_attention_forward: attn_mask {tuple(attn_mask.shape)} spans {batch_span(mask)} elements "
+                         f"per batch element; the kernels address at most {INT32_SPAN} (give it a head dim of 1 "
+                         "or split the batch)")
     return mask, kind, tuple(mask.stride())
 
 
@@ -191,36 +282,21 @@ def dropout_arguments(dropout_p: float, seed: Optional[torch.Tensor], device: to
     return seed, True
 
 
-def launch_options(q: torch.Tensor, lowp_dot: Optional[bool], allow_tf32: bool, interpret: bool):
-    """(CDT, DOT_LOWP, DOT_PRECISION): compute dtype and how tl.dot runs for q's dtype."""
+def launch_options(q: torch.Tensor, lowp_dot: Optional[bool], allow_tf32: bool, interpret: bool) -> dict:
+    """Compute dtype and how each product runs for q's dtype (constexprs of every kernel).
+
+    CDT: fp32 (fp64 for fp64 inputs). DOT_LOWP: fp16/bf16 operands on the tensor cores (default for
+    fp16/bf16 inputs on a GPU; never in the interpreter, whose bf16 products are wrong; the head
+    mixing then runs in fp16 or tf32, ``common._mix``). DOT_PRECISION: "ieee" (exact fp32) unless the caller
+    allows TF32. NORM_PRECISION: the LayerNorm means, tf32 next to fp16/bf16 products.
+    """
     low = q.dtype in (torch.float16, torch.bfloat16)
     if lowp_dot is None:
         lowp_dot = low and not interpret
-    cdt = tl.float64 if q.dtype == torch.float64 else tl.float32
+    lowp_dot = bool(lowp_dot and low)
     precision = "tf32" if (allow_tf32 and q.dtype == torch.float32) else "ieee"
-    return cdt, bool(lowp_dot and low), precision
-
-
-def run_on_device(kernel, grid, device: torch.device, *args, **kwargs) -> None:
-    """Launch ``kernel`` on ``device``'s current stream.
-
-    Triton checks a compiled kernel's shared memory against the GPU before launching it; should a
-    launch rule's measured table (``launch.SHARED_BYTES``) fall short of what this Triton version
-    needs, that is a ValueError naming the kernel and its configuration, not Triton's bare error.
-    """
-    from triton.runtime.errors import OutOfResources
-
-    try:
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                kernel[grid](*args, **kwargs)
-        else:
-            kernel[grid](*args, **kwargs)
-    except OutOfResources as error:
-        config = {k: kwargs[k] for k in ("HP", "BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages")
-                  if k in kwargs}
-        raise ValueError(f"{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel} at {config} does not fit "
-                         f"{device}: {error} (backend='cuda' sizes its tiles to the GPU)") from error
+    return dict(CDT=tl.float64 if q.dtype == torch.float64 else tl.float32, DOT_LOWP=lowp_dot, DOT_PRECISION=precision,
+                NORM_PRECISION="tf32" if lowp_dot else precision)
 
 
 def re_attention_forward(
@@ -241,31 +317,32 @@ def re_attention_forward(
     dropout_p: float = 0.0,
     seed: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
-    lse: Optional[torch.Tensor] = None,
-    lse_is_input: bool = False,
+    softmax_stats: Optional[torch.Tensor] = None,
+    stats_given: bool = False,
     with_moments: bool = False,
-    config: Optional[ForwardConfig] = None,
+    config: Optional[TileConfig] = None,
     allow_tf32: bool = False,
     lowp_dot: Optional[bool] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused Re-attention forward. Returns ``(out [B, H, Nq, D] in q's dtype, lse [B, H, Nq])``.
+):
+    """Fused Re-attention forward. Returns ``(out [B, H, Nq, D] in q's dtype, softmax_stats [2, B, H, Nq])``.
 
     q: [B, H, Nq, D]; k, v: [B, H, Nk, D] (any strides, same dtype: fp16, bf16, fp32 or fp64).
     mix_weight: [H, H] indexed [out, in]; mix_bias, norm_weight, norm_bias: [H] or None.
     norm: "none" (BatchNorm in eval mode is folded into mix_weight/mix_bias by the caller),
     "layer" (LayerNorm across the heads at each (b, i, j)) or "batch" (training-mode BatchNorm
-    with ``batch_stats`` = [2, H] (mean, 1/sqrt(var + eps)) from ``kernels.bn_stats``).
+    with given ``batch_stats`` = [2, H] (mean, 1/sqrt(var + eps)): an affine map per head).
     attn_mask: bool (True = attend) or additive float, broadcastable to [B, H, Nq, Nk].
     dropout_p, seed: dropout on P before mixing, keyed by ``seed`` ([1] int64 on q's device).
-    lse: natural-log logsumexp of the (masked) scores per (b, h, i), +inf for rows with every key
-    masked; float32, or float64 for float64 inputs. ``out``/``lse`` may be given (any strides);
-    ``lse_is_input=True`` reads ``lse`` instead of computing it (the statistics sweep wrote it).
-    ``out`` may also be in the accumulation dtype (float32; float64 for float64 inputs).
+    softmax_stats [2, B, H, Nq]: per (b, h, i) the row max m2 of the scores in base-2 units (log2(e)
+    times the masked scores) and l2 = log2 sum_j 2^(S2_j - m2); (+inf, 0) for rows with every key
+    masked.
+    In the accumulation dtype (float32; float64 for float64 inputs). ``out``/``softmax_stats`` may
+    be given (any strides); ``stats_given=True`` reads the statistics instead of computing them
+    (the statistics sweep wrote them). ``out`` may also be in the accumulation dtype.
     with_moments (norm "none" only): also return ``moments`` [programs, 2, H] in the accumulation
-    dtype: per program (B * ceil(Nq / BLOCK_M) of them), the sums over its real unmasked entries of
-    the map X = W P~ + mix_bias and of X^2, per head; what training BatchNorm's one-sweep forward
-    needs (``reattn.backends._fused``). Sum them over programs in float64.
-    config: override the launch heuristic (``launch.forward_config``).
+    dtype: per program, the sums over its kept entries of the map X = W P~ + mix_bias and of X^2,
+    per head; what training BatchNorm's one-sweep forward needs. Sum them over programs in float64.
+    config: override the launch rule (``launch.forward_config``).
     allow_tf32: fp32 inputs use TF32 tensor cores on a GPU (default: exact fp32 products).
     lowp_dot: fp16/bf16 dot operands (fp32 accumulation); default True for fp16/bf16 inputs on
     a GPU, False in the interpreter (whose bf16 ``tl.dot`` is wrong).
@@ -299,7 +376,7 @@ def re_attention_forward(
     if norm == "batch" and (batch_stats is None or batch_stats.shape != (2, H) or not batch_stats.is_contiguous()
                             or batch_stats.dtype != acc_dtype):
         raise ValueError(f"re_attention_forward: norm='batch' needs batch_stats, a contiguous [2, {H}] {acc_dtype} "
-                         "tensor (mean; 1/sqrt(var + eps)) from kernels.bn_stats")
+                         "tensor (mean; 1/sqrt(var + eps)), from the Gram sums (kernels.gram) or the moments")
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, q, Nk)
     seed, has_dropout = dropout_arguments(dropout_p, seed, device)
 
@@ -307,26 +384,31 @@ def re_attention_forward(
         out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=device)
     elif out.shape != q.shape or out.dtype not in (q.dtype, acc_dtype) or out.device != device:
         raise ValueError(f"re_attention_forward: out must be {tuple(q.shape)} {q.dtype} or {acc_dtype} on {device}")
-    if lse is None:
-        if lse_is_input:
-            raise ValueError("re_attention_forward: lse_is_input=True needs lse")
-        lse = torch.empty((B, H, Nq), dtype=acc_dtype, device=device)
-    elif lse.shape != (B, H, Nq) or lse.dtype != acc_dtype or lse.device != device:
-        raise ValueError(f"re_attention_forward: lse must be {(B, H, Nq)} {acc_dtype} on {device}")
+    stats_shape = softmax_stats_shape(q)
+    if softmax_stats is None:
+        if stats_given:
+            raise ValueError("re_attention_forward: stats_given=True needs softmax_stats")
+        softmax_stats = torch.empty(stats_shape, dtype=acc_dtype, device=device)
+    elif softmax_stats.shape != stats_shape or softmax_stats.dtype != acc_dtype or softmax_stats.device != device:
+        raise ValueError(f"re_attention_forward: softmax_stats must be {stats_shape} {acc_dtype} on {device}")
     if with_moments and norm != "none":
         raise ValueError(f"re_attention_forward: with_moments needs norm='none', got {norm!r}")
     if B == 0 or Nq == 0 or D == 0:
-        return (out, lse, torch.zeros((0, 2, H), dtype=acc_dtype, device=device)) if with_moments else (out, lse)
+        if with_moments:
+            return out, softmax_stats, torch.zeros((0, 2, H), dtype=acc_dtype, device=device)
+        return out, softmax_stats
 
+    (q, k, v), Dp = aligned_operands(q, k, v)
+    result = out if Dp == D and vector_aligned(out) else out.new_empty((B, H, Nq, Dp))
     interpret = interpreting()
     if config is None:
-        config = forward_config(Nq, Nk, D, H, interpret=interpret, shared_limit=device_shared_limit(device),
-                                element_size=q.element_size())
-    if config.HP < H:
-        raise ValueError(f"re_attention_forward: config {config} has fewer than H={H} heads")
-    cdt, lowp_dot, precision = launch_options(q, lowp_dot, allow_tf32, interpret)
-    num_m = triton.cdiv(Nq, config.BLOCK_M)
-    d_chunks = triton.cdiv(D, config.BLOCK_D)
+        config = forward_config(Nq, Nk, Dp, H, interpret=interpret, shared_limit=device_shared_limit(device),
+                                element_size=q.element_size(),
+                                variant=variant_of(norm, mask_kind != MASK_NONE, has_dropout))
+    config.check_heads(H, "re_attention_forward")
+    options = launch_options(q, lowp_dot, allow_tf32, interpret)
+    num_m = config.programs_per_batch(Nq)
+    d_chunks = triton.cdiv(Dp, config.BLOCK_D)
     moments = torch.empty((num_m * B, 2, config.HP), dtype=acc_dtype, device=device) if with_moments else None
 
     dummy = mix_weight
@@ -337,17 +419,31 @@ def re_attention_forward(
     run_on_device(
         _re_attention_fwd_kernel, (num_m * B, d_chunks), device,
         q, k, v, mix_weight, c, nw, nb, batch_stats if norm == "batch" else dummy, mask,
-        seed if has_dropout else dummy, out, lse, moments if moments is not None else lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *mask_strides,
+        seed if has_dropout else dummy, result, softmax_stats, moments if moments is not None else softmax_stats,
+        *q.stride(), *k.stride(), *v.stride(), *result.stride(), *softmax_stats.stride(), *mask_strides,
         mix_weight.stride(0), mix_weight.stride(1), c.stride(0), nw.stride(0), nb.stride(0),
-        H, Nq, Nk, D, num_m,
-        float(scale), float(out_scale), float(eps), float(dropout_p),
+        H, Nq, Nk, Dp, num_m,
+        float(scale) * LOG2E, float(out_scale), float(eps), float(dropout_p),
         HAS_MIX_BIAS=mix_bias is not None, NORM=_NORMS[norm],
         HAS_NORM_WEIGHT=affine_norm and norm_weight is not None, HAS_NORM_BIAS=affine_norm and norm_bias is not None,
-        MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, LSE_IS_INPUT=lse_is_input, MOMENTS=moments is not None,
-        CDT=cdt, DOT_LOWP=lowp_dot, DOT_PRECISION=precision, D_CHUNKS=d_chunks,
-        **config.meta(),
+        MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, STATS_GIVEN=stats_given, MOMENTS=moments is not None,
+        D_CHUNKS=d_chunks, EVEN_D=Dp == d_chunks * config.BLOCK_D,
+        RAW_MAX=mask_kind != MASK_ADDITIVE and scale > 0,
+        BIAS_SLOT=config.G * H < config.HP and not has_dropout and mix_bias is not None or (
+            config.G * H < config.HP and norm == "batch" and not has_dropout),
+        **options, **config.meta(),
     )
+    if result is not out:
+        out.copy_(result[..., :D])
     if with_moments:
-        return out, lse, moments[:, :, :H]
-    return out, lse
+        return out, softmax_stats, slot_sums_to_heads(moments, H, config)
+    return out, softmax_stats
+
+
+def slot_sums_to_heads(sums: torch.Tensor, heads: int, config: TileConfig) -> torch.Tensor:
+    """Per-program per-slot sums [programs, k, HP] -> per-program per-head sums [programs, k, H].
+
+    Slot s is head s % H of row group s // H: the G row groups of a program add up per head.
+    """
+    used = sums[..., :config.G * heads]
+    return used.reshape(*sums.shape[:-1], config.G, heads).sum(dim=-2)

@@ -1,46 +1,35 @@
-"""Launch heuristics (block sizes, warps, stages) for the fused Re-attention kernels.
+"""Launch rules (tiles, warps, stages) of the fused Re-attention kernels, and the one launch point.
 
-Nothing here imports ``reattn``; only the standard library.
+Nothing here imports ``reattn``; only the standard library at import time (the registry imports
+the rules without triton; ``device_shared_limit`` and ``run_on_device`` import torch and triton
+when called).
 
-Forward rule (``forward_config``), one program = one batch element x BLOCK_M query rows x all
-heads (head mixing needs every head of a tile):
+Tiles (``TileConfig``; kernels/common.py explains slots): a program owns ``G`` row groups of
+``BLOCK_M`` query rows for all heads, as ``HP = max(8, next_pow2(H))`` slots (``G = HP // H``),
+and sweeps the keys ``BLOCK_N`` at a time; the head dim (a multiple of 16: the wrappers pad it) is
+covered by ``BLOCK_D`` (a power of two >= 16) or split into chunks of ``BLOCK_D`` columns, one
+program per chunk. What bounds the tiles is the register file, 255 registers per thread:
 
-* ``HP = max(16, next_pow2(H))``: heads are padded to a power of two and to at least 16,
-  because the head mixing runs as ``tl.dot(W [HP, HP], P [HP, BLOCK_M * BLOCK_N])`` and
-  ``tl.dot`` needs every non-batch dimension >= 16. Padded heads are masked (zero weights).
-* ``BLOCK_D = max(16, next_pow2(D))``: the head dim is padded and masked (D = 33 -> 64).
-* ``BLOCK_M = 16``: the smallest ``tl.dot`` tile. The batched products already have HP rows
-  of heads per program, so a taller query block only adds registers.
-* ``BLOCK_N = 16``: a program holds several all-head tiles at once: the query tile and the
-  output accumulator ``[HP, BLOCK_M, BLOCK_D]`` plus S, P, M, A ``[HP, BLOCK_M, BLOCK_N]``.
-  Measured by ahead-of-time compiles for sm_90 (bf16, LayerNorm, Triton 3.9, cuobjdump): with
-  HP = 16, BLOCK_D = 32 and 8 warps, BLOCK_N = 16 needs 193 registers per thread and no spills,
-  BLOCK_N = 32 needs 255 registers and spills; HP = 16, BLOCK_D = 64, BLOCK_N = 16 uses 255
-  registers with a 48-byte spill stack. Wider key tiles only cost registers.
-* ``num_warps = 8``: 4 warps spill already at HP = 16, BLOCK_D = 32 (255 registers, 48-byte
-  stack); 16 warps cap a thread at 128 registers and still spill at BLOCK_D >= 64.
-* ``num_stages``: 2 when ``BLOCK_D <= 64``, else 1 (the K/V tiles are [HP, BLOCK_N, BLOCK_D]).
-* Nq and Nk do not change the choice (the grid covers Nq, the key loop Nk; a short Nk is
-  masked inside one 16-wide key block). Known weak spots, for tuning on a GPU: BLOCK_D = 128
-  and HP = 32 spill registers (the head-dim split below is chosen for shared memory only;
-  whether splitting also pays for registers is for a GPU run to measure).
+* an fp32 accumulator [HP, rows, BLOCK_D] takes HP * rows * BLOCK_D / (32 * num_warps) registers
+  per thread; the rules keep the accumulators at 64 or less (the forward's O; the dq kernel's X
+  and Y; the dK/dV kernel's dK and dV, whose rows are keys);
+* every live score-side tile [HP, BLOCK_M, BLOCK_N] (S, P, the mixed map, the norm's terms, the
+  mask, dropout's keep) takes HP * BLOCK_M * BLOCK_N / 256 registers. How many are live depends
+  on the *variant*: "plain" (no mask, no dropout, norm none or an affine batch norm), "layer"
+  (LayerNorm across heads) or "heavy" (a mask or dropout). The rules were fitted to the compiled
+  kernels (sm_90, Triton 3.9): ``python -m benchmarks.launch_scan`` compiles every configuration
+  they can pick and records registers, spills and shared memory in benchmarks/results/launch_scan.csv.
 
-Shared memory (``shared_limit``: the GPU's bytes per block, ``device_shared_limit``): both dot
-operands of every product are staged in shared memory, so a program needs about
-HP x BLOCK_D x 1 KiB (forward) and more in the backward: at HP = 32 and D = 128 the forward needs
-280,576 B, over even an H100's 232,448. When the whole head dim does not fit, the head dim is
-split into chunks of BLOCK_D columns, one program per chunk (a second grid dimension); each
-chunk's program re-reads q and k a chunk at a time for the scores (the score work is repeated
-per chunk) and writes its own columns of O (dQ, dK, dV in the backward). ``SHARED_BYTES``
-holds what each kernel needs per (HP, BLOCK_D, several chunks?), measured by ahead-of-time
-compilation (``kernels/aot.py``, Triton 3.9, bf16, bool mask, dropout, affine norm: the heaviest
-variant; sm_80, sm_86 and sm_90 give the same numbers); the rule keeps the chunk the shapes had
-without a limit and halves it until the kernel fits. tests/kernels/test_aot.py compiles the
-choices for the sm_80, sm_86/sm_89 and sm_90 limits and checks them against the real compiler.
+Rows per program (G * BLOCK_M) decide how often a batch element's keys and values are staged
+through shared memory (N / rows times): that traffic, not the tensor cores, bounds the kernels (docs/math.md, "Cost"),
+so BLOCK_M is as large as the accumulator allows.
 
-Under Triton's interpreter (``TRITON_INTERPRET=1``) there is a single configuration
-(BLOCK_M = 16, BLOCK_N = 32, 4 warps, 1 stage; HP and BLOCK_D still follow the shape, since
-they are not tuning knobs): the interpreter's cost is per operation, not per element.
+Shared memory: ``shared_bytes`` bounds what a configuration asks for (checked against every
+compiled launch in tests/kernels/test_aot.py); where the GPU has less (sm_86: 101,376 B), the
+rules drop the pipelining, then take 16-key blocks, then halve the head-dim chunk.
+
+Under Triton's interpreter (``TRITON_INTERPRET=1``) the tiles are the smallest the products allow
+(BLOCK_M = BLOCK_N = 16, 4 warps, 1 stage): the interpreter's cost is per element.
 """
 from __future__ import annotations
 
@@ -56,59 +45,76 @@ def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
+# The static model's dry run (``kernels/capture.py``) sets CAPTURE to a recorder: while it is set,
+# ``run_on_device`` records each launch instead of running it and the launch rule sees the target
+# GPU's shared memory, never the interpreter. Every Triton launch goes through ``run_on_device``.
+CAPTURE = None
+
+
 def interpreting() -> bool:
+    if CAPTURE is not None:
+        return False
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@dataclass(frozen=True)
-class ForwardConfig:
-    BLOCK_M: int
-    BLOCK_N: int
-    BLOCK_D: int
-    HP: int
-    num_warps: int
-    num_stages: int
-
-    def meta(self) -> dict:
-        """Keyword arguments for the kernel launch (constexprs and launch options)."""
-        return dict(BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_D=self.BLOCK_D, HP=self.HP,
-                    num_warps=self.num_warps, num_stages=self.num_stages)
-
-
-def padded_heads(h: int) -> int:
-    return max(16, next_pow2(h))
+def padded_slots(h: int) -> int:
+    """HP: slots per program, a power of two >= 8 (the head mixing's tensor-core product needs K >= 8)."""
+    return max(8, next_pow2(h))
 
 
 def padded_head_dim(d: int) -> int:
     return max(16, next_pow2(d))
 
 
-# Shared memory (bytes) per program at the launch rule's configurations: {kernel: {(HP, BLOCK_D,
-# several head-dim chunks): bytes}}, measured by ahead-of-time compilation (see the module doc).
-SHARED_BYTES = {
-    "forward": {
-        (16, 16, False): 25088, (16, 32, False): 41472, (16, 64, False): 74240, (16, 128, False): 139776,
-        (32, 16, False): 51200, (32, 32, False): 83968, (32, 64, False): 149504, (32, 128, False): 280576,
-        (16, 16, True): 16896, (16, 32, True): 33280, (16, 64, True): 66048,
-        (32, 16, True): 34816, (32, 32, True): 67584, (32, 64, True): 133120,
-    },
-    "bn_stats": {
-        (16, 16, False): 24576, (16, 32, False): 32768, (16, 64, False): 65536, (16, 128, False): 131072,
-        (32, 16, False): 49152, (32, 32, False): 65536, (32, 64, False): 131072, (32, 128, False): 262144,
-        (16, 16, True): 16384, (16, 32, True): 32768, (16, 64, True): 65536,
-        (32, 16, True): 32768, (32, 32, True): 65536, (32, 64, True): 131072,
-    },
-    "backward": {  # head dims over 64 always run in chunks of 32 (backward_config), never of 64
-        (16, 16, False): 33792, (16, 32, False): 58368, (16, 64, False): 132096,
-        (32, 16, False): 69632, (32, 32, False): 110592, (32, 64, False): 266240,
-        (16, 16, True): 50176, (16, 32, True): 99328,
-        (32, 16, True): 69632, (32, 32, True): 135168,
-    },
-}
+@dataclass(frozen=True)
+class TileConfig:
+    """Tiles and launch options of one kernel (see the module doc)."""
+
+    HP: int
+    G: int
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_D: int
+    STATS_BLOCK_N: int
+    num_warps: int
+    num_stages: int
+
+    def meta(self, stats_sweep: bool = True) -> dict:
+        """Keyword arguments for the kernel launch (constexprs and launch options).
+
+        stats_sweep: the kernel runs the softmax statistics sweep (forward, Gram sums) and takes
+        STATS_BLOCK_N; the backward's kernels do not.
+        """
+        meta = dict(HP=self.HP, G=self.G, BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_D=self.BLOCK_D,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
+        if stats_sweep:
+            meta["STATS_BLOCK_N"] = self.STATS_BLOCK_N
+        return meta
+
+    @property
+    def rows(self) -> int:
+        """Query rows per program."""
+        return self.G * self.BLOCK_M
+
+    def programs_per_batch(self, n_q: int) -> int:
+        return -(-n_q // self.rows)
+
+    def check_heads(self, h: int, where: str) -> None:
+        if self.G * h > self.HP or self.G < 1:
+            raise ValueError(f"{where}: config {self} cannot hold {h} heads (G * H must be <= HP)")
+
+
+def _check_shape(h: int, d: int) -> None:
+    if h < 1 or h > MAX_HEADS:
+        raise ValueError(f"re_attention: H must be in 1..{MAX_HEADS}, got {h}")
+    if d < 1 or d > MAX_HEAD_DIM:
+        raise ValueError(f"re_attention: head dim must be in 1..{MAX_HEAD_DIM}, got {d}")
 
 
 def device_shared_limit(device) -> Optional[int]:
     """Shared memory a kernel may use per block on ``device`` (bytes), or None off a CUDA GPU."""
+    if CAPTURE is not None:
+        return CAPTURE.shared_limit
     import torch
 
     device = torch.device(device)
@@ -118,91 +124,186 @@ def device_shared_limit(device) -> Optional[int]:
     return int(torch.cuda.get_device_properties(index).shared_memory_per_block_optin)
 
 
-# SHARED_BYTES is measured with bf16/fp16 operands; fp32 and fp64 operands (exact products) take
-# more: 115,712 B against 41,472 B for the fp32 forward at 16 heads, D = 32 (2.8x). An upper bound
-# per element size, checked for fp32 by tests/kernels/test_aot.py:
-ELEMENT_SIZE_FACTOR = {1: 1, 2: 1, 4: 3, 8: 6}
+VARIANTS = ("plain", "layer", "heavy")
 
 
-def shared_bytes(kernel: str, hp: int, block_d: int, chunked: bool, element_size: int = 2) -> int:
-    """What the launch rule assumes ``kernel`` needs at this configuration for inputs of ``element_size``."""
-    return SHARED_BYTES[kernel][(hp, block_d, chunked)] * ELEMENT_SIZE_FACTOR[element_size]
+def variant_of(norm: str, masked: bool, dropout: bool) -> str:
+    """The launch rules' variant of a call (module doc): "heavy" with a mask or dropout, else
+    "layer" for LayerNorm, else "plain"."""
+    if masked or dropout:
+        return "heavy"
+    return "layer" if norm == "layer" else "plain"
 
 
-def fit_head_dim_chunk(kernel: str, hp: int, d: int, block_d: int, shared_limit: Optional[int],
-                       element_size: int = 2) -> int:
-    """The widest head-dim chunk <= ``block_d`` whose program fits ``shared_limit`` (None: ``block_d``).
+def shared_bytes(kernel: str, config: "TileConfig", element_size: int = 2, masked: bool = True) -> int:
+    """An upper bound of the shared memory (bytes) Triton gives ``kernel`` at ``config``.
 
-    Raises ValueError when not even 16 columns fit (a GPU with less shared memory than the
-    kernels were measured for).
+    The staged tiles: K and V blocks [HP, BLOCK_N, BLOCK_D] (num_stages copies when pipelined), the
+    query-side tiles [HP, BLOCK_M, BLOCK_D] (Q; dq and dK/dV also dO, in two operand layouts there),
+    a pipelined mask, and the scratch of the score tiles' layout conversions around the head mixing
+    (one fp32 [HP, BLOCK_M, BLOCK_N]). Fitted to the compiled kernels (sm_90, Triton 3.9:
+    benchmarks/results/launch_scan.csv): tight for small head-dim tiles, up to ~60% over for large
+    ones, where Triton reuses the conversion scratch; tests/kernels/test_aot.py checks it bounds
+    every compiled launch.
     """
+    hp, bm, bn, bd = config.HP, config.BLOCK_M, config.BLOCK_N, config.BLOCK_D
+    stages = max(1, config.num_stages)
+    keys = hp * bn * bd * element_size           # one K (or V) block
+    rows = hp * bm * bd * element_size           # one Q (or dO) block
+    mask = hp * bm * bn * stages if masked else 0
+    scores = hp * bm * bn * 4
+    if kernel in ("forward", "gram"):
+        return 2 * stages * keys + rows + mask + scores
+    if kernel == "dq":
+        return 2 * stages * keys + 2 * rows + mask + scores * 3 // 4
+    if kernel == "dkdv":
+        # Q and dO in two operand layouts each; the mask shares the transposed score tiles' scratch;
+        # one fp32 [HP, BLOCK_N] row for the reductions over the key block (compiled: 50,176 B at 16
+        # slots, 16-wide tiles, BatchNorm, against 49,152 without it)
+        return 2 * keys + (stages + 2) * rows + max(mask, scores // 2) + 4 * hp * bn
+    raise ValueError(f"shared_bytes: kernel must be forward, gram, dq or dkdv, got {kernel!r}")
+
+
+def _fit_shared(kernel: str, config: "TileConfig", shared_limit: Optional[int], element_size: int,
+                variant: str) -> "TileConfig":
+    """``config``, or the first of: one stage, 16-key blocks, head-dim chunks halved (down to 16),
+    16-row blocks, that fits ``shared_limit``; a ValueError naming the need and the limit when none does."""
+    from dataclasses import replace
+
     if shared_limit is None:
-        return block_d
-    chunk = block_d
-    while True:
-        needed = shared_bytes(kernel, hp, chunk, chunk < padded_head_dim(d), element_size)
-        if needed <= shared_limit:
-            return chunk
-        if chunk == 16:
-            raise ValueError(f"the Triton {kernel} kernel needs {needed} bytes of shared memory per block for "
-                             f"{hp} (padded) heads even in head-dim chunks of 16; this GPU allows {shared_limit}")
-        chunk //= 2
+        return config
+    candidate = config
+    masked = variant == "heavy"
+    while shared_bytes(kernel, candidate, element_size, masked) > shared_limit:
+        if candidate.num_stages > 1:
+            candidate = replace(candidate, num_stages=1)
+        elif candidate.BLOCK_N > 16:  # smaller key blocks before head-dim chunks, which recompute the scores
+            candidate = replace(candidate, BLOCK_N=16)
+        elif candidate.BLOCK_D > 16:
+            candidate = replace(candidate, BLOCK_D=candidate.BLOCK_D // 2)
+        elif candidate.BLOCK_N > 16 or candidate.BLOCK_M > 16:
+            candidate = replace(candidate, BLOCK_M=16, BLOCK_N=16)
+        else:
+            need = shared_bytes(kernel, candidate, element_size, masked)
+            raise ValueError(f"the {kernel} kernel needs {need} B of shared memory at its smallest tiles "
+                             f"({candidate}); this GPU allows {shared_limit}")
+    return candidate
+
+
+def _acc_chunk(hp: int, rows: int, block_d: int, accumulators: int) -> int:
+    """The head-dim chunk that keeps ``accumulators`` fp32 [HP, rows, chunk] tiles at <= 64 registers (8 warps)."""
+    while accumulators * hp * rows * block_d > 64 * 256 and block_d > 16:
+        block_d //= 2
+    return block_d
 
 
 def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None,
-                   shared_limit: Optional[int] = None, kernel: str = "forward",
-                   element_size: int = 2) -> ForwardConfig:
-    """Block sizes and launch options of the fused forward for one problem shape (see module doc).
+                   shared_limit: Optional[int] = None, element_size: int = 2, variant: str = "heavy") -> TileConfig:
+    """Tiles of the forward and the statistics sweeps for one problem (see the module doc).
 
-    shared_limit: the GPU's shared memory per block in bytes (``device_shared_limit``); the head
-    dim is split into chunks (``BLOCK_D`` < D) when a program would not fit. None: no split.
-    kernel: "forward" or "bn_stats" (the statistics sweep uses the forward's tiles).
-    element_size: bytes per input element (fp32 and fp64 tiles need more shared memory).
+    d: the head dim the kernels see (a multiple of 16 on a GPU: ``forward.aligned_operands``).
+    shared_limit: the GPU's shared memory per block in bytes (``device_shared_limit``), None off a
+    GPU. element_size: bytes per input element (fp32 and fp64 run CUDA-core products on narrower
+    tiles). variant: ``variant_of(...)``; "heavy" (the default) is safe for every call.
     """
-    if h < 1 or h > MAX_HEADS:
-        raise ValueError(f"re_attention_forward: H must be in 1..{MAX_HEADS}, got {h}")
-    if d < 1 or d > MAX_HEAD_DIM:
-        raise ValueError(f"re_attention_forward: head dim must be in 1..{MAX_HEAD_DIM}, got {d}")
+    _check_shape(h, d)
+    if variant not in VARIANTS:
+        raise ValueError(f"forward_config: variant must be one of {VARIANTS}, got {variant!r}")
     if interpret is None:
         interpret = interpreting()
-    hp = padded_heads(h)
+    hp = padded_slots(h)
+    g = hp // h
     block_d = padded_head_dim(d)
     if interpret:
-        return ForwardConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d, HP=hp, num_warps=4, num_stages=1)
-    block_d = fit_head_dim_chunk(kernel, hp, d, block_d, shared_limit, element_size)
-    num_stages = 2 if block_d <= 64 else 1
-    return ForwardConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, HP=hp, num_warps=8, num_stages=num_stages)
+        return TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=4,
+                          num_stages=1)
+    if element_size > 2:  # exact fp32 / fp64 products run on the CUDA cores: narrow tiles
+        config = TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=min(block_d, 32), STATS_BLOCK_N=16,
+                            num_warps=4, num_stages=1)
+        return _fit_shared("forward", config, shared_limit, element_size, variant)
+    whole = block_d
+    block_d = _acc_chunk(hp, 16, block_d, 1)
+    if variant == "heavy":
+        block_m, block_n, stages = 16, 16, 1
+    else:
+        block_m = 32 if hp * block_d <= 512 else 16
+        # A 32-key block halves the re-reads of the query tile per key; its score tiles fit
+        # without the LayerNorm's terms at 8 slots (at 16 slots x 16 rows the compiler spilled 168 B).
+        block_n = 32 if variant == "plain" and hp == 8 else 16
+        # one stage for 32-key blocks and for head-dim chunks (pipelining every chunk's loads took
+        # 196,608 B at 16 slots, D = 128)
+        stages = 1 if block_n == 32 or block_d < whole else 2
+    config = TileConfig(HP=hp, G=g, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, STATS_BLOCK_N=32,
+                        num_warps=8, num_stages=stages)
+    return _fit_shared("forward", config, shared_limit, element_size, variant)
 
 
-# Head dims up to BACKWARD_SINGLE_CHUNK_D run the backward in one program per query block; larger
-# ones are split into chunks of BACKWARD_CHUNK_D columns, one program per chunk (``backward_config``).
-BACKWARD_SINGLE_CHUNK_D = 64
-BACKWARD_CHUNK_D = 32
-BACKWARD_MAX_HEAD_DIM = MAX_HEAD_DIM
+def run_on_device(kernel, grid, device, *args, **kwargs) -> None:
+    """Launch ``kernel`` on ``device``'s current stream: every Triton launch of reattn goes through here.
+
+    Triton checks a compiled kernel's shared memory against the GPU before launching it; should a
+    launch rule fall short of what this Triton version needs, that is a ValueError naming the
+    kernel and its configuration, not Triton's bare error. Under ``kernels.capture.capture_launches``
+    the launch is recorded, not run.
+    """
+    if CAPTURE is not None:
+        CAPTURE.record(kernel, grid, args, kwargs)
+        return
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        if getattr(device, "type", device) == "cuda":
+            import torch
+
+            with torch.cuda.device(device):
+                kernel[grid](*args, **kwargs)
+        else:
+            kernel[grid](*args, **kwargs)
+    except OutOfResources as error:
+        config = {k: kwargs[k] for k in ("HP", "G", "BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages")
+                  if k in kwargs}
+        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel
+        raise ValueError(f"{name} at {config} does not fit {device}: {error}") from error
 
 
 def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None,
-                    shared_limit: Optional[int] = None, element_size: int = 2) -> ForwardConfig:
-    """Block sizes of the fused backward: the forward's tiles, 4 warps, no software pipelining.
+                    shared_limit: Optional[int] = None, element_size: int = 2, kernel: str = "dq",
+                    variant: str = "heavy") -> TileConfig:
+    """Tiles of the backward's two kernels (see the module doc and kernels/backward.py).
 
-    The backward holds more tiles at once (q, dO, dQ and the K, V^T, K tiles of a key block), and
-    Triton's layout conversions of the [HP, BLOCK_M, BLOCK_D] tiles take shared memory. Measured
-    by ahead-of-time compilation for sm_80 (bf16, HP=16, BLOCK_N=16, Triton 3.9):
-
-    * BLOCK_D=64, one chunk: 173056 bytes with 8 or 16 warps (over sm_80's 166912), 164864 with 4.
-    * BLOCK_D=128, one chunk: 336896 bytes (8 warps), over sm_80 and sm_90 alike.
-    * D=128 in 2 chunks of 64: 197632 bytes (fits sm_90's 232448, not sm_80); in 4 chunks of 32:
-      99328 bytes. So head dims above 64 use chunks of BACKWARD_CHUNK_D = 32: each program owns 32
-      columns of dQ, dK, dV and recomputes the scores over the whole head dim (4x the score work
-      at D = 128; a GPU-specific choice of 64 on sm_90 is left for tuning on a GPU).
+    kernel "dq": the query-major sweep, two [HP, BLOCK_M, BLOCK_D] accumulators (X and Y) where the
+    forward has one. kernel "dkdv": the key-major sweep, with the dK and dV accumulators
+    [HP, BLOCK_N, BLOCK_D] over its key block (the slots' rows are keys there: BLOCK_N plays the
+    part of BLOCK_M). variant as for ``forward_config``.
     """
-    if d > BACKWARD_MAX_HEAD_DIM:
-        raise ValueError(f"re_attention_backward: head dims up to {BACKWARD_MAX_HEAD_DIM} are supported, got {d}")
+    if kernel not in ("dq", "dkdv"):
+        raise ValueError(f"backward_config: kernel must be 'dq' or 'dkdv', got {kernel!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"backward_config: variant must be one of {VARIANTS}, got {variant!r}")
+    _check_shape(h, d)
     if interpret is None:
         interpret = interpreting()
-    cfg = forward_config(n_q, n_k, d, h, interpret=interpret)
-    block_d = cfg.BLOCK_D if cfg.BLOCK_D <= BACKWARD_SINGLE_CHUNK_D else BACKWARD_CHUNK_D
-    if not interpret:
-        block_d = fit_head_dim_chunk("backward", cfg.HP, d, block_d, shared_limit, element_size)
-    return ForwardConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=block_d, HP=cfg.HP, num_warps=4,
-                         num_stages=1)
+    hp = padded_slots(h)
+    g = hp // h
+    block_d = padded_head_dim(d)
+    if interpret:
+        return TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=4,
+                          num_stages=1)
+    if element_size > 2:
+        config = TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16,
+                            BLOCK_D=block_d if kernel == "dkdv" else min(block_d, 32), STATS_BLOCK_N=16,
+                            num_warps=4, num_stages=1)
+        return _fit_shared(kernel, config, shared_limit, element_size, variant)
+    whole = block_d
+    block_d = _acc_chunk(hp, 16, block_d, 2)
+    if kernel == "dq":
+        block_m = 32 if variant == "plain" and hp == 8 and 2 * hp * block_d <= 512 else 16
+        # Pipelined only for plain calls over the whole head dim (head-dim chunks pipelined every
+        # chunk's loads: 155,648 B at D = 128).
+        stages = 2 if variant == "plain" and block_d == whole else 1
+        config = TileConfig(HP=hp, G=g, BLOCK_M=block_m, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16,
+                            num_warps=8, num_stages=stages)
+    else:
+        config = TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=8,
+                            num_stages=1)
+    return _fit_shared(kernel, config, shared_limit, element_size, variant)

@@ -5,6 +5,7 @@ Public API:
   re_attention_ref   the eager reference in the official order of operations
   ReAttention        drop-in module with the official DeepViT constructor and state_dict names
   fold_batchnorm_eval, available_backends, extension_info
+  explain_backend    which backend a call would run on, and why (backend="auto" on GPUs: measured only)
   cross_layer_similarity   the DeepViT paper's attention-collapse metric (reattn.diagnostics)
   convert_sync_reattention BatchNorm statistics across processes (reattn.distributed)
   swap_attention     turn timm / vit-pytorch attention modules into ReAttention, in place
@@ -14,7 +15,7 @@ import torch  # noqa: F401  (loads libc10/libtorch before the compiled extension
 
 from reattn._extension import extension_info
 from reattn.backends import BACKENDS, available_backends
-from reattn.functional import fold_batchnorm_eval, re_attention
+from reattn.functional import explain_backend, fold_batchnorm_eval, re_attention
 from reattn.module import ReAttention
 from reattn.reference import re_attention_ref
 from reattn import diagnostics, distributed  # noqa: E402
@@ -33,6 +34,7 @@ __all__ = [
     "cross_layer_similarity",
     "diagnostics",
     "distributed",
+    "explain_backend",
     "extension_info",
     "fold_batchnorm_eval",
     "re_attention",

@@ -90,16 +90,9 @@ def re_attention(
         running_mean=running_mean, running_var=running_var, training=training, momentum=momentum, eps=eps,
         out_scale=out_scale, dropout_p=dropout_p, attn_mask=attn_mask,
     )
-    problem = Problem(q.device, heads=q.shape[1], head_dim=q.shape[3], norm=norm,
-                      batchnorm_training=norm == "batch" and training, dropout=training and dropout_p > 0,
-                      masked=attn_mask is not None, return_attention=return_attention, dtype=q.dtype,
-                      mask_per_head=attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1,
-                      mask_requires_grad=attn_mask is not None and attn_mask.requires_grad,
-                      synced_stats=sync_group is not None and norm == "batch" and training,
-                      functorch=in_functorch_transform(),
-                      needs_grad=torch.is_grad_enabled() and any(
-                          t is not None and t.requires_grad
-                          for t in (q, k, v, mix_weight, mix_bias, norm_weight, norm_bias)))
+    problem = _problem(q, k, v, mix_weight, mix_bias, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
+                       training=training, dropout_p=dropout_p, attn_mask=attn_mask,
+                       return_attention=return_attention, sync_group=sync_group)
     if problem.synced_stats:
         from reattn.distributed import check_sync_group
 
@@ -112,6 +105,49 @@ def re_attention(
     if name == "eager":
         return re_attention_ref(q, k, v, mix_weight, mix_bias, return_attention=return_attention, **options)
     return _fused_entry(name)(q, k, v, mix_weight, mix_bias, **options)
+
+
+def _problem(q, k, v, mix_weight, mix_bias, *, norm, norm_weight, norm_bias, training, dropout_p, attn_mask,
+             return_attention, sync_group) -> Problem:
+    """What the backends need to know about a call (validated arguments)."""
+    return Problem(q.device, heads=q.shape[1], head_dim=q.shape[3], norm=norm,
+                   batchnorm_training=norm == "batch" and training, dropout=training and dropout_p > 0,
+                   masked=attn_mask is not None, return_attention=return_attention, dtype=q.dtype,
+                   mask_per_head=attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1,
+                   mask_requires_grad=attn_mask is not None and attn_mask.requires_grad,
+                   synced_stats=sync_group is not None and norm == "batch" and training,
+                   n_queries=q.shape[2], n_keys=k.shape[2], functorch=in_functorch_transform(),
+                   needs_grad=torch.is_grad_enabled() and any(
+                       t is not None and t.requires_grad
+                       for t in (q, k, v, mix_weight, mix_bias, norm_weight, norm_bias)))
+
+
+def explain_backend(*args, **kwargs):
+    """Which backend ``re_attention(*args, **kwargs)`` would run, and why: a ``reattn.backends.BackendChoice``
+    (``.backend`` and ``.reasons``, one sentence per backend considered; ``print()`` it).
+
+    Takes exactly ``re_attention``'s arguments. On CUDA tensors ``backend="auto"`` picks a fused backend
+    only where a recorded GPU measurement shows it faster than eager in the call's regime
+    (``reattn.backends.measured``); the reasons say which measurement decided, or that none exists.
+    Nothing runs. Raises what ``re_attention`` raises for bad arguments, and ValueError for an explicit
+    backend that cannot run the call.
+    """
+    import inspect
+
+    from reattn.backends import choose_backend
+
+    bound = inspect.signature(re_attention).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    check_re_attention(a["q"], a["k"], a["v"], a["mix_weight"], a["mix_bias"], scale=a["scale"], norm=a["norm"],
+                       norm_weight=a["norm_weight"], norm_bias=a["norm_bias"], running_mean=a["running_mean"],
+                       running_var=a["running_var"], training=a["training"], momentum=a["momentum"], eps=a["eps"],
+                       out_scale=a["out_scale"], dropout_p=a["dropout_p"], attn_mask=a["attn_mask"])
+    problem = _problem(a["q"], a["k"], a["v"], a["mix_weight"], a["mix_bias"], norm=a["norm"],
+                       norm_weight=a["norm_weight"], norm_bias=a["norm_bias"], training=a["training"],
+                       dropout_p=a["dropout_p"], attn_mask=a["attn_mask"], return_attention=a["return_attention"],
+                       sync_group=a["sync_group"])
+    return choose_backend(a["backend"], problem)
 
 
 def _fused_entry(name: str):

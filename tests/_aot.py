@@ -1,10 +1,10 @@
-"""Ahead-of-time compiles of every Triton kernel for sm_80, sm_86 and sm_90, run in a background process.
+"""Ahead-of-time compiles of every Triton launch for sm_80, sm_86 and sm_90, run in a background process.
 
-The compiles take ~10 s each on the 2-core CI machine, so ``tests/conftest.py`` starts them when
-``tests/kernels/test_aot.py`` is collected and the interpreter tests run meanwhile; the tests
-in test_aot.py then read the results. Configs are the ones the launch heuristics pick for the
-model shapes of issue 3; each kernel is compiled in its heaviest variant (bool mask, dropout,
-mix bias and an affine norm).
+Each job is one entry point of the kernels (``kernels.aot.compile_call``: the launches it makes
+are captured and compiled exactly as the JIT would compile them on that GPU). The compiles take
+~10 s each on the 2-core CI machine, so ``tests/conftest.py`` starts them when
+``tests/kernels/test_aot.py`` is collected and the interpreter tests run meanwhile; the tests in
+test_aot.py then read the results.
 """
 import json
 import os
@@ -13,34 +13,40 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (H, D, N): DeiT-S, DeepViT-16b, DeepViT-L at 384 px, and a long sequence with head dim 128.
-SHAPES = [(6, 64, 197), (12, 32, 197), (12, 35, 577), (16, 128, 4096)]
-CAPS = (80, 90)
+# The two ends of what a launch rule distinguishes: plain (no mask, no dropout, no norm: the
+# inference path) and heavy (bool mask, dropout, LayerNorm: the most live state).
+PLAIN = dict(norm="none", mask=False, dropout=False)
+HEAVY = dict(norm="layer", mask=True, dropout=True)
+TRAIN_BN = dict(norm="none", mask=True, dropout=True)
 
 
 def jobs():
+    """A sample of what CI can afford (~40 launches): every entry point, both ends of the variants, the
+    shapes whose tiles differ, and each GPU's shared memory where it binds. The whole table is
+    compiled by ``python -m benchmarks.launch_scan`` (its CSV is checked in tests/kernels/test_launch.py)."""
     result = []
-    for cap in CAPS:
-        for h, d, n in SHAPES:
-            shape = dict(h=h, d=d, n=n, cap=cap)
-            result.append(dict(kernel="forward", norm="layer", **shape))
-            result.append(dict(kernel="bn_stats", norm="batch", **shape))
-            result.append(dict(kernel="backward", norm="batch" if cap == 80 else "layer", **shape))
-    # The forward with training BatchNorm's per-program sums (one-sweep BatchNorm), the heaviest shapes.
-    result.append(dict(kernel="forward", h=12, d=35, n=577, cap=90, norm="none", moments=True))
-    result.append(dict(kernel="forward", h=16, d=128, n=4096, cap=80, norm="none", moments=True))
-    # Head-dim chunks where the whole head dim does not fit (kernels/launch.py): 32 heads at D = 128
-    # on sm_90 (280,576 B unsplit), 32 heads at D = 64 in the backward on sm_80; DeiT-S training and
-    # D = 128 on sm_86 (RTX 3090, A10; 101,376 B per block, as sm_89's RTX 4090, L4, L40S).
-    for kernel, norm in (("forward", "layer"), ("bn_stats", "batch"), ("backward", "batch")):
-        result.append(dict(kernel=kernel, h=32, d=128, n=197, cap=90, norm=norm))
-    result.append(dict(kernel="backward", h=32, d=64, n=197, cap=80, norm="layer"))
-    result.append(dict(kernel="backward", h=6, d=64, n=197, cap=86, norm="layer"))
-    for kernel, norm in (("forward", "layer"), ("bn_stats", "batch")):
-        result.append(dict(kernel=kernel, h=16, d=128, n=4096, cap=86, norm=norm))
-    # The exact-fp32 (no tensor core) path, plain: no mask, no dropout, no norm.
-    result.append(dict(kernel="forward", h=12, d=32, n=197, cap=90, dtype="fp32", norm="none", mask=False,
-                       dropout=False))
+    # sm_90: DeiT-S, DeepViT-L at 384 px (D = 35 runs padded to 48), 32 heads at D = 128.
+    for h, d, n in ((6, 64, 197), (12, 35, 577), (32, 128, 197)):
+        for variant in (PLAIN, HEAVY):
+            result.append(dict(call="forward", h=h, d=d, n=n, cap=90, **variant))
+            result.append(dict(call="backward", h=h, d=d, n=n, cap=90, **variant))
+    # training BatchNorm: the statistics sweep, the one-sweep moments, the forward with given
+    # statistics and the backward's sums, with mask and dropout
+    for h, d, n in ((6, 64, 197), (32, 128, 197)):
+        result.append(dict(call="gram", h=h, d=d, n=n, cap=90, **TRAIN_BN))
+        result.append(dict(call="moments", h=h, d=d, n=n, cap=90, **TRAIN_BN))
+        result.append(dict(call="forward", h=h, d=d, n=n, cap=90, norm="batch", mask=True, dropout=True))
+        result.append(dict(call="bn_sums", h=h, d=d, n=n, cap=90, norm="batch", mask=True, dropout=True))
+    # sm_86 (101,376 B per block: RTX 3090/4090, A10, L4, L40S) and sm_80 where the rules pick
+    # smaller tiles than on sm_90.
+    for cap in (86, 80):
+        result.append(dict(call="forward", h=32, d=128, n=197, cap=cap, **HEAVY))
+        result.append(dict(call="backward", h=32, d=128, n=197, cap=cap, **HEAVY))
+    result.append(dict(call="backward", h=6, d=64, n=197, cap=86, **HEAVY))
+    # The exact-fp32 path (CUDA-core products).
+    for variant in (PLAIN, HEAVY):
+        result.append(dict(call="forward", h=32, d=128, n=197, cap=80, dtype="fp32", **variant))
+        result.append(dict(call="backward", h=12, d=32, n=197, cap=90, dtype="fp32", **variant))
     return result
 
 
@@ -61,7 +67,7 @@ def start():
 _results = None
 
 
-def results(timeout=1800):
+def results(timeout=3000):
     """(returncode, [result dicts], stderr tail) of the background compiles, waiting for them."""
     global _results
     if _results is None:

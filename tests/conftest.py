@@ -19,3 +19,8 @@ def pytest_collection_finish(session):
         from tests import _aot
 
         _aot.start()
+    # The static model's checks that compile kernels, likewise (tests/benchmarks/_compiled_checks.py).
+    if any(item.nodeid.startswith("tests/benchmarks/test_static_model.py") for item in session.items):
+        from tests.benchmarks import _compiled_checks
+
+        _compiled_checks.start()

@@ -34,6 +34,8 @@ class Problem:
     return_attention: bool = False
     needs_grad: bool = False
     dtype: Optional[torch.dtype] = None  # q's dtype; None = not known (a backend then assumes it can)
+    n_queries: Optional[int] = None      # Nq and Nk, for the "auto" rule's measured regimes; None = not known
+    n_keys: Optional[int] = None
     # Training-mode BatchNorm statistics all-reduced across processes. Every backend implements it
     # (the fused ones as steps around their statistics and backward-sums sweeps), under the limits
     # it has without it (Triton/CUDA: one mask for all heads), so no backend refuses it as such.
@@ -80,13 +82,13 @@ def _triton_reason(problem: Problem) -> Optional[str]:
 
     shared_limit = device_shared_limit(problem.device)
     size = problem.dtype.itemsize if problem.dtype is not None else 2
-    try:  # every kernel the call may launch fits the GPU's shared memory (head-dim chunks)
-        for kernel in ("forward", "bn_stats"):
-            forward_config(1, 1, problem.head_dim, problem.heads, interpret=False, shared_limit=shared_limit,
-                           kernel=kernel, element_size=size)
+    try:  # every kernel the call may launch fits the GPU's shared memory
+        forward_config(1, 1, problem.head_dim, problem.heads, interpret=False, shared_limit=shared_limit,
+                       element_size=size)
         if problem.needs_grad:
-            backward_config(1, 1, problem.head_dim, problem.heads, interpret=False, shared_limit=shared_limit,
-                            element_size=size)
+            for kernel in ("dq", "dkdv"):
+                backward_config(1, 1, problem.head_dim, problem.heads, interpret=False, shared_limit=shared_limit,
+                                element_size=size, kernel=kernel)
     except ValueError as error:
         return f"{error} ({_gpu_name(problem.device)})"
     return None
@@ -207,11 +209,128 @@ def available_backends(device: "torch.device | str" = "cpu") -> list:
     return [name for name in BACKENDS if unavailable_reason(name, problem) is None]
 
 
+def _norm_mode(problem: Problem) -> str:
+    if problem.norm == "batch":
+        return "batch-train" if problem.batchnorm_training else "batch-eval"
+    return problem.norm
+
+
+def measured_speedup(problem: Problem, backend: str, device_name: str, measurements=None):
+    """(speed-up over eager, the measurement) of ``backend`` for ``problem``'s regime on the GPU named
+    ``device_name``, or (None, None) when no recorded measurement covers it (``reattn.backends.measured``).
+
+    A measurement covers a call on the same GPU model, dtype, heads, head dim, norm mode and mode
+    (forward, or forward+backward when gradients are needed) whose sequence length is within a factor
+    of 2 of the measured one; the closest in length decides.
+    """
+    from reattn.backends.measured import GPU_MEASUREMENTS
+
+    rows = GPU_MEASUREMENTS if measurements is None else measurements
+    dtype = str(problem.dtype).replace("torch.", "") if problem.dtype is not None else None
+    mode = "fwd+bwd" if problem.needs_grad else "fwd"
+    n = problem.n_keys or problem.n_queries
+    best = None
+    for m in rows:
+        if (m.backend != backend or m.device != device_name or m.dtype != dtype or m.heads != problem.heads
+                or m.head_dim != problem.head_dim or m.norm != _norm_mode(problem) or m.mode != mode or n is None
+                or not (m.tokens / 2 <= n <= m.tokens * 2)):
+            continue
+        if best is None or abs(m.tokens - n) < abs(best.tokens - n):
+            best = m
+    return (best.speedup, best) if best is not None else (None, None)
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """What ``backend="auto"`` (or an explicit backend) resolves to for a call, and why (``reasons``:
+    one sentence per backend considered)."""
+
+    backend: str
+    reasons: "dict"
+
+    def __str__(self) -> str:
+        lines = [f"backend: {self.backend}"]
+        lines += [f"  {name}: {why}" for name, why in self.reasons.items()]
+        return "\n".join(lines)
+
+
+def _device_name(device: torch.device) -> str:
+    try:
+        return torch.cuda.get_device_name(device)
+    except Exception:  # noqa: BLE001 - no driver: no measurement can match
+        return "?"
+
+
+def choose_backend(backend: str, problem: Problem, measurements=None) -> BackendChoice:
+    """Resolve ``backend`` (a name or "auto") for ``problem`` and say why each candidate was or was not chosen.
+
+    auto, CUDA tensors: a fused backend (Triton, then CUDA C++) runs only where a recorded GPU
+    measurement (``reattn.backends.measured``, generated from benchmarks/results/) shows it faster
+    than eager in this regime; elsewhere eager. CPU tensors: see the [cpu-auto] note in resolve_backend.
+    An explicit backend that cannot run raises ValueError (it never falls back).
+    """
+    if not isinstance(backend, str) or backend not in BACKEND_CHOICES:
+        raise ValueError(f"re_attention: backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    reasons = {}
+    if backend != "auto":
+        reason = unavailable_reason(backend, problem)
+        if reason is not None:
+            raise ValueError(f"re_attention: backend={backend!r} cannot run on {problem.device}: {reason}")
+        reasons[backend] = "asked for explicitly, and it can run this call"
+        return BackendChoice(backend, reasons)
+    if problem.device.type == "cuda":
+        name = _device_name(problem.device)
+        for candidate in ("triton", "cuda"):
+            reason = unavailable_reason(candidate, problem)
+            if reason is not None:
+                reasons[candidate] = f"cannot run: {reason}"
+                continue
+            speedup, m = measured_speedup(problem, candidate, name, measurements)
+            if speedup is None:
+                reasons[candidate] = (f"can run, but no GPU measurement in reattn.backends.measured shows it faster "
+                                      f"than eager on {name} for {_regime(problem)}; the static model predicts the "
+                                      "kernels but is not a measurement (backend='{0}' runs it anyway)".format(candidate))
+            elif speedup <= 1.0:
+                reasons[candidate] = (f"measured {speedup:.2f}x eager's speed on {m.device} ({m.dtype}, H={m.heads}, "
+                                      f"N={m.tokens}, D={m.head_dim}, {m.mode}, {m.norm}; {m.date[:10]}, commit "
+                                      f"{m.commit}): not faster")
+            else:
+                reasons[candidate] = (f"chosen: measured {speedup:.2f}x faster than eager on {m.device} ({m.dtype}, "
+                                      f"H={m.heads}, N={m.tokens}, D={m.head_dim}, {m.mode}, {m.norm}; "
+                                      f"{m.date[:10]}, commit {m.commit})")
+                reasons["eager"] = "not chosen: a fused backend was measured faster here"
+                return BackendChoice(candidate, reasons)
+        reasons["eager"] = "chosen: no fused backend is measured faster than eager for this call on this GPU"
+        return BackendChoice("eager", reasons)
+    chosen = resolve_backend("auto", problem)
+    for name in BACKENDS:
+        if name == chosen:
+            reasons[name] = "chosen"
+        elif name == "eager":
+            reasons[name] = "not chosen: a fused backend can run this call"
+        else:
+            reason = unavailable_reason(name, problem)
+            reasons[name] = (f"cannot run: {reason}" if reason is not None else
+                             "can run, but 'auto' does not pick it for this device or mode (see the [cpu-auto] note)")
+    return BackendChoice(chosen, reasons)
+
+
+def _regime(problem: Problem) -> str:
+    dtype = str(problem.dtype).replace("torch.", "") if problem.dtype is not None else "?"
+    n = problem.n_keys or problem.n_queries
+    return (f"{dtype}, H={problem.heads}, N={n if n is not None else '?'}, D={problem.head_dim}, "
+            f"{'fwd+bwd' if problem.needs_grad else 'fwd'}, norm {_norm_mode(problem)}")
+
+
 def resolve_backend(backend: str, problem: Problem) -> str:
     """Map ``backend`` (a name or "auto") to the backend that will run, or raise ValueError."""
     if not isinstance(backend, str) or backend not in BACKEND_CHOICES:
         raise ValueError(f"re_attention: backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     if backend == "auto":
+        if problem.device.type == "cuda":
+            # CUDA tensors: a fused backend only where a recorded GPU measurement shows it faster than
+            # eager (choose_backend); none has run on a GPU yet, so eager.
+            return choose_backend("auto", problem).backend
         # [cpu-auto] Fused backends in order of preference per device (the Triton interpreter is for
         # testing, never "auto"). CPU tensors: the fused C++ kernel whenever it can run. Measured with
         # benchmarks.bench_reattn on the 2-core dev Xeon (AVX-512), fp32, B=8, speed-up over the eager
@@ -223,10 +342,7 @@ def resolve_backend(backend: str, problem: Problem) -> str:
         # per-task ones there) -- within 12%, with 3-6x less memory, so no size threshold yet.
         # Not with dropout: its counter-based RNG draws other keep-masks than F.dropout under the same
         # torch seed, and "auto" keeps the official module's dropout pattern (backend="cpu" opts in).
-        # CUDA tensors: Triton first; the CUDA C++ kernels take over only once a GPU run measures
-        # them faster (neither has run on a GPU yet: benchmarks/results/ has no GPU rows).
-        preference = {"cuda": ("triton", "cuda"), "cpu": () if problem.dropout else ("cpu",)}.get(
-            problem.device.type, ())
+        preference = {"cpu": () if problem.dropout else ("cpu",)}.get(problem.device.type, ())
         # [/cpu-auto]
         for name in preference:
             if unavailable_reason(name, problem) is None:

@@ -93,7 +93,8 @@ def backward_rows(stats: Tensor, eps: float, norm_weight: Optional[Tensor], bn_s
 def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor,
                         mix_bias: Optional[Tensor], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
                         attn_mask: Optional[Tensor], seed: Optional[Tensor], count: Tensor, *, scale: float,
-                        out_scale: float, eps: float, dropout_p: float) -> Tuple[Tensor, Tensor, Tensor]:
+                        out_scale: float, eps: float, dropout_p: float,
+                        head_affine: Optional[Callable] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Training BatchNorm's forward with one sweep over the keys: (out, lse, stats [3, H] float64).
 
     The norm is a per-head affine map applied once the statistics are known, so it commutes with the
@@ -102,7 +103,8 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
     entries 0) and the sums of X and X^2; then mean(M) = mean(X) + shift + c, var(M) = var(X),
     R = Xhat V = rstd (R' - mean(X) U) with U = 1_unmasked V, and O = out_scale (gamma R + beta U):
     element-wise work on [B, H, Nq, D], no second sweep (the cpu kernel does the same).
-    count: the entries per head (0-dim float64), as ``unmasked_count``.
+    count: the entries per head (0-dim float64), as ``unmasked_count``. head_affine: the backend's
+    fused finish (``FusedKernels.head_affine``), else torch's in-place passes.
     """
     acc = accumulator_dtype(q)
     Nk = k.shape[2]
@@ -121,13 +123,17 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
         keep = attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
         keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
         u = torch.matmul(keep.to(acc), v.to(acc))  # [B or 1, H or 1, Nq or 1, D]: the mask's own size, at most
-    rstd = torch.rsqrt(var + eps).to(acc)[None, :, None, None]
-    a = torch.full_like(rstd, out_scale) if norm_weight is None else \
-        out_scale * norm_weight.detach().to(acc)[None, :, None, None]  # tau gamma
-    # In place on r (this function's own buffer): one [B, H, Nq, D] accumulation-dtype tensor at a time.
-    out = r.sub_(mean_x.to(acc)[None, :, None, None] * u).mul_(rstd * a)
+    rstd = torch.rsqrt(var + eps).to(acc)
+    a = torch.full_like(rstd, out_scale) if norm_weight is None else out_scale * norm_weight.detach().to(acc)
+    # O = alpha R' + beta U with alpha = rstd tau gamma, beta = tau beta_norm - mean(X) alpha (per head)
+    alpha = rstd * a
+    beta = -mean_x.to(acc) * alpha
     if norm_bias is not None:
-        out.add_(out_scale * norm_bias.detach().to(acc)[None, :, None, None] * u)
+        beta = beta + out_scale * norm_bias.detach().to(acc)
+    if head_affine is not None:
+        return head_affine(r, u, alpha, beta, q.dtype), lse, stats
+    # In place on r (this function's own buffer): one [B, H, Nq, D] accumulation-dtype tensor at a time.
+    out = r.mul_(alpha[None, :, None, None]).add_(beta[None, :, None, None] * u)
     return out.to(q.dtype), lse, stats
 
 
@@ -200,11 +206,11 @@ class FusedKernels:
         norm-less forward O = X V of X = W P~ + mix_bias (masked entries 0) with per-program sums
         of X and X^2 over the unmasked entries; with it, local training BatchNorm runs in one
         sweep over the keys (:func:`one_sweep_batchnorm`) instead of the statistics sweep + forward.
-    row_stats: numbers per (b, h, i) in what is called lse above, which the ops pass from the
-        forward (or the statistics sweep) to the backward without looking inside: 1 = the
-        logsumexp L [B, H, Nq]; 2 = [B, H, Nq, 2] (m, log l), m the row max of S and l the sum of
-        exp(S - m), so P = exp((S - m) - log l) stays exact when a large finite mask fill
-        dominates a row (L = m + log l would absorb log l); (+inf, 0) for a row without any key.
+    softmax_stats_shape(q) -> shape: what the forward saves per score row for the backward (its
+        ``lse``): one logsumexp [B, H, Nq], or the row max and log-sum, e.g. [2, B, H, Nq]; each
+        backend reads only its own.
+    head_affine(r, u, alpha [H], beta [H], dtype) -> (alpha_h r + beta_h u).to(dtype): optional, the
+        one-sweep BatchNorm's finish in one pass (else four torch passes over [B, H, Nq, D]).
     """
 
     forward: Callable
@@ -212,12 +218,8 @@ class FusedKernels:
     backward_sums: Callable
     backward: Callable
     forward_moments: Optional[Callable] = None
-    row_stats: int = 1
-
-    def lse_shape(self, q: Tensor) -> Tuple[int, ...]:
-        """Shape of the row statistics for queries q [B, H, Nq, D]."""
-        B, H, Nq, _ = q.shape
-        return (B, H, Nq) if self.row_stats == 1 else (B, H, Nq, self.row_stats)
+    softmax_stats_shape: Callable = lambda q: (q.shape[0], q.shape[1], q.shape[2])
+    head_affine: Optional[Callable] = None
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,8 @@ class FusedOps:
     bn_grad_sums: ``reattn::<name>_bn_grad_sums`` (the backward's 2H sums, idem).
     synced: a ``torch.autograd.Function`` running training BatchNorm over a process group with
     these ops (``nn.SyncBatchNorm`` semantics); see :func:`run_fused`.
+    python: the Python bodies of forward and backward, called below the dispatcher (the static
+    model runs them on meta tensors to capture the kernels' launches).
     """
 
     forward: Any
@@ -237,6 +241,7 @@ class FusedOps:
     gram_sums: Any
     bn_grad_sums: Any
     synced: Any
+    python: Any = None
 
 
 def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, ...]) -> FusedOps:
@@ -278,7 +283,7 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
             if attn_mask is not None:  # without a mask, reattn._checks has ruled this out
                 _check_count(count, "")
             return one_sweep_batchnorm(kernels.forward_moments, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
-                                       attn_mask, seed, count, **kw)
+                                       attn_mask, seed, count, head_affine=kernels.head_affine, **kw)
         shift = gram_shift(Nk)
         lse, s1, gram = kernels.gram_sums(q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p, shift=shift)
         if attn_mask is not None:  # without a mask, reattn._checks has ruled this out
@@ -296,11 +301,12 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
           dropout_p, lse_in=None, stats_in=None):
         H = q.shape[1]
         return (torch.empty_like(q, memory_format=torch.contiguous_format),
-                q.new_empty(kernels.lse_shape(q), dtype=accumulator_dtype(q)), q.new_empty((3, H), dtype=torch.float64))
+                q.new_empty(kernels.softmax_stats_shape(q), dtype=accumulator_dtype(q)),
+                q.new_empty((3, H), dtype=torch.float64))
 
     def gram_sums(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], seed: Optional[Tensor], scale: float,
                   dropout_p: float, shift: float) -> Tuple[Tensor, Tensor, Tensor]:
-        """(lse (row statistics, FusedKernels.row_stats), s1 [H], gram [H, H] float64): sums of X = P~ - shift over
+        """(lse (softmax statistics, FusedKernels.softmax_stats_shape), s1 [H], gram [H, H] float64): sums of X = P~ - shift over
         the unmasked entries."""
         return kernels.gram_sums(q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p, shift=shift)
 
@@ -308,9 +314,9 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
 
     @register_fake(gram_sums_op)
     def _(q, k, attn_mask, seed, scale, dropout_p, shift):
-        H = q.shape[1]
-        return (q.new_empty(kernels.lse_shape(q), dtype=accumulator_dtype(q)), q.new_empty((H,), dtype=torch.float64),
-                q.new_empty((H, H), dtype=torch.float64))
+        B, H, Nq, _ = q.shape
+        return (q.new_empty(kernels.softmax_stats_shape(q), dtype=accumulator_dtype(q)),
+                q.new_empty((H,), dtype=torch.float64), q.new_empty((H, H), dtype=torch.float64))
 
     def bn_grad_sums(
         grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias: Optional[Tensor],
@@ -421,7 +427,7 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
     register_autograd(backward_op, double_backward, setup_context=backward_setup_context)
     synced = _synced_batchnorm(name, forward_op, backward_op, gram_sums_op, bn_grad_sums_op)
     return FusedOps(forward=forward_op, backward=backward_op, gram_sums=gram_sums_op, bn_grad_sums=bn_grad_sums_op,
-                    synced=synced)
+                    synced=synced, python=dict(forward=forward, backward=backward))
 
 
 def _synced_batchnorm(name, forward_op, backward_op, gram_sums_op, bn_grad_sums_op):

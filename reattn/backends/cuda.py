@@ -34,8 +34,8 @@ def emulating() -> bool:
     return os.environ.get("REATTN_CUDA_EMULATE", "0") == "1"
 
 
-# The ops pass row statistics [B, H, Nq, 2] (max, log-sum) where the contract says lse
-# (FusedKernels.row_stats = 2).
+# The softmax statistics the ops pass from the forward to the backward: [B, H, Nq, 2] (row max,
+# log-sum), FusedKernels.softmax_stats_shape.
 def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse, *, scale,
              out_scale, norm, eps, dropout_p):
     out, stats = _C.cuda_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed,
@@ -74,7 +74,8 @@ def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, d
 
 
 CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, backward_sums=_backward_sums, backward=_backward,
-                            forward_moments=_forward_moments, row_stats=2)
+                            forward_moments=_forward_moments,
+                            softmax_stats_shape=lambda q: (*q.shape[:3], 2))
 CUDA_OPS = define_fused_ops("cuda", CUDA_KERNELS, ("cuda", "cpu"))
 cuda_forward, cuda_backward = CUDA_OPS.forward, CUDA_OPS.backward
 

@@ -14,32 +14,34 @@ from __future__ import annotations
 import torch
 
 from reattn.backends._fused import FusedKernels, accumulator_dtype, define_fused_ops, draw_dropout_seed, run_fused
+from reattn.kernels.affine import head_affine
 from reattn.kernels.backward import re_attention_backward, re_attention_backward_bn_sums
-from reattn.kernels.bn_stats import gram_sums
-from reattn.kernels.forward import re_attention_forward
+from reattn.kernels.forward import re_attention_forward, softmax_stats_shape
+from reattn.kernels.gram import gram_sums
 
 __all__ = ["TRITON_OPS", "draw_dropout_seed", "re_attention_triton", "triton_backward", "triton_forward"]
 
 
-def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse, *, scale,
-             out_scale, norm, eps, dropout_p):
+def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, softmax_stats, *,
+             scale, out_scale, norm, eps, dropout_p):
     return re_attention_forward(q, k, v, mix_weight, mix_bias, scale=scale, out_scale=out_scale, norm=norm,
                                 norm_weight=norm_weight, norm_bias=norm_bias, eps=eps, batch_stats=batch_stats,
-                                attn_mask=attn_mask, dropout_p=dropout_p, seed=seed, lse=lse,
-                                lse_is_input=lse is not None)
+                                attn_mask=attn_mask, dropout_p=dropout_p, seed=seed, softmax_stats=softmax_stats,
+                                stats_given=softmax_stats is not None)
 
 
-def _backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse, *,
-              scale, out_scale, norm, eps, dropout_p):
+def _backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed,
+              softmax_stats, *, scale, out_scale, norm, eps, dropout_p):
     # norm "batch": batch_stats are the [4, H] rows (mean, 1/std, e, f), so only the main sweeps run.
-    return re_attention_backward(grad_out, q, k, v, mix_weight, mix_bias, lse, scale=scale, out_scale=out_scale,
+    return re_attention_backward(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, scale=scale,
+                                 out_scale=out_scale,
                                  norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
                                  batch_stats=batch_stats, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed)
 
 
-def _backward_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse,
-                   *, scale, out_scale, eps, dropout_p):
-    return re_attention_backward_bn_sums(grad_out, q, k, v, mix_weight, mix_bias, lse, scale=scale,
+def _backward_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed,
+                   softmax_stats, *, scale, out_scale, eps, dropout_p):
+    return re_attention_backward_bn_sums(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, scale=scale,
                                          out_scale=out_scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
                                          batch_stats=batch_stats, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed)
 
@@ -52,7 +54,8 @@ def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, d
 
 
 TRITON_KERNELS = FusedKernels(forward=_forward, gram_sums=gram_sums, backward_sums=_backward_sums, backward=_backward,
-                              forward_moments=_forward_moments)
+                              forward_moments=_forward_moments, softmax_stats_shape=softmax_stats_shape,
+                              head_affine=head_affine)
 TRITON_OPS = define_fused_ops("triton", TRITON_KERNELS, ("cuda", "cpu"))
 triton_forward, triton_backward = TRITON_OPS.forward, TRITON_OPS.backward
 

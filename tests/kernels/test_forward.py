@@ -4,14 +4,15 @@ Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py sets TR
 so shapes are small. Outputs are pre-filled with NaN so every element must be written.
 Ahead-of-time compiles for sm_80 / sm_90 are in tests/kernels/test_aot.py.
 """
+import math
 import types
 
 import pytest
 import torch
 
-from reattn.kernels.forward import re_attention_forward
-from reattn.kernels.launch import (SHARED_BYTES, ForwardConfig, backward_config, forward_config, interpreting,
-                                  padded_head_dim)
+from reattn.kernels.forward import aligned_operands, mask_arguments, re_attention_forward, vector_aligned
+from reattn.kernels.launch import (VARIANTS, TileConfig, backward_config, forward_config, interpreting, shared_bytes,
+                                  variant_of)
 from reattn.reference import re_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -37,16 +38,17 @@ def run_kernel(inp, *, norm, out_scale=1.0, scale=None, eps=1e-5, **extra):
     q = inp["q"]
     B, H, Nq, D = q.shape
     scale = D ** -0.5 if scale is None else scale
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    stats_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.full_like(q, float("nan"))
-    lse = torch.full((B, H, Nq), float("nan"), dtype=lse_dtype, device=q.device)
-    o, l = re_attention_forward(
+    stats = torch.full((2, B, H, Nq), float("nan"), dtype=stats_dtype, device=q.device)
+    o, st = re_attention_forward(
         q, inp["k"], inp["v"], inp["mix_weight"], inp["mix_bias"], scale=scale, out_scale=out_scale,
-        norm=norm, norm_weight=inp["norm_weight"], norm_bias=inp["norm_bias"], eps=eps, out=out, lse=lse, **extra)
-    assert o is out and l is lse
+        norm=norm, norm_weight=inp["norm_weight"], norm_bias=inp["norm_bias"], eps=eps, out=out,
+        softmax_stats=stats, **extra)
+    assert o is out and st is stats
     assert not torch.isnan(o).any(), "output elements left unwritten (NaN)"
-    assert not torch.isnan(l).any(), "lse elements left unwritten (NaN)"
-    return o, l
+    assert not torch.isnan(st).any(), "softmax statistics left unwritten (NaN)"
+    return o, st
 
 
 def run_ref(inp, *, norm, out_scale=1.0, scale=None, eps=1e-5, dtype=torch.float64):
@@ -59,9 +61,14 @@ def run_ref(inp, *, norm, out_scale=1.0, scale=None, eps=1e-5, dtype=torch.float
 
 
 def lse_truth(inp, scale=None):
+    """log2 sum_j exp(S_j) per row in float64: what m2 + l2 of the softmax statistics add up to."""
     q, k = inp["q"].double(), inp["k"].double()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.logsumexp(scale * (q @ k.transpose(-2, -1)), dim=-1)
+    return torch.logsumexp(scale * (q @ k.transpose(-2, -1)), dim=-1) / math.log(2)
+
+
+def stats_lse(stats):
+    return stats[0].double() + stats[1].double()
 
 
 def max_err(a, b):
@@ -87,14 +94,15 @@ FP64_CASES = [
 @pytest.mark.parametrize("B,H,Nq,Nk,D,norm,out_scale,mb,nw,nb", FP64_CASES)
 def test_fp64_matches_reference(B, H, Nq, Nk, D, norm, out_scale, mb, nw, nb):
     inp = make_inputs(B, H, Nq, Nk, D, torch.float64, mix_bias=mb, norm_weight=nw, norm_bias=nb)
-    out, lse = run_kernel(inp, norm=norm, out_scale=out_scale)
+    out, stats = run_kernel(inp, norm=norm, out_scale=out_scale)
     ref = run_ref(inp, norm=norm, out_scale=out_scale)
     assert out.dtype == torch.float64 and out.shape == (B, H, Nq, D)
-    assert lse.dtype == torch.float64 and lse.shape == (B, H, Nq)
+    assert stats.dtype == torch.float64 and stats.shape == (2, B, H, Nq)
     # The interpreter computes in float64 throughout; a GPU passes the scalars as fp32.
     tol = 1e-11 if interpreting() else 1e-6
     scale_ref = max(1.0, ref.abs().max().item())
     assert max_err(out, ref) <= tol * scale_ref
+    lse = stats_lse(stats)
     assert max_err(lse, lse_truth(inp)) <= tol * max(1.0, lse.abs().max().item())
 
 
@@ -105,10 +113,11 @@ def test_fp64_matches_reference(B, H, Nq, Nk, D, norm, out_scale, mb, nw, nb):
 ])
 def test_fp32_matches_fp64_reference(B, H, Nq, Nk, D, norm, out_scale):
     inp = make_inputs(B, H, Nq, Nk, D, torch.float32)
-    out, lse = run_kernel(inp, norm=norm, out_scale=out_scale)
+    out, stats = run_kernel(inp, norm=norm, out_scale=out_scale)
     ref = run_ref(inp, norm=norm, out_scale=out_scale)
-    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert out.dtype == torch.float32 and stats.dtype == torch.float32
     assert max_err(out, ref) <= 1e-5 * max(1.0, ref.abs().max().item())
+    lse = stats_lse(stats)
     assert max_err(lse, lse_truth(inp)) <= 1e-5 * max(1.0, lse.abs().max().item())
 
 
@@ -120,11 +129,12 @@ def test_fp32_matches_fp64_reference(B, H, Nq, Nk, D, norm, out_scale):
 ])
 def test_low_precision_within_twice_eager_error(dtype, B, H, Nq, Nk, D, norm, out_scale):
     inp = make_inputs(B, H, Nq, Nk, D, dtype)
-    out, lse = run_kernel(inp, norm=norm, out_scale=out_scale)
+    out, stats = run_kernel(inp, norm=norm, out_scale=out_scale)
     truth = run_ref(inp, norm=norm, out_scale=out_scale)
     eager = run_ref(inp, norm=norm, out_scale=out_scale, dtype=dtype)
-    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert out.dtype == dtype and stats.dtype == torch.float32
     assert max_err(out, truth) <= 2 * max_err(eager, truth) + 1e-6
+    lse = stats_lse(stats)
     assert max_err(lse, lse_truth(inp)) <= 1e-5 * max(1.0, lse.abs().max().item())
 
 
@@ -141,38 +151,40 @@ def test_fp16_tensor_core_operands(norm):
 
 
 @pytest.mark.parametrize("cfg", [
-    ForwardConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_D=64, HP=16, num_warps=8, num_stages=2),  # the GPU pick
-    ForwardConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_D=128, HP=32, num_warps=4, num_stages=1),  # oversized
-])
+    TileConfig(HP=16, G=1, BLOCK_M=32, BLOCK_N=16, BLOCK_D=64, STATS_BLOCK_N=32, num_warps=8, num_stages=2),
+    TileConfig(HP=32, G=2, BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, STATS_BLOCK_N=16, num_warps=4, num_stages=1),
+], ids=["gpu-like", "two-groups"])
 def test_block_sizes_do_not_change_the_result(cfg):
+    """Tiles, rows per program and row groups per program (G) change nothing but the schedule."""
     inp = make_inputs(2, 12, 33, 20, 35, torch.float64)
-    out, lse = run_kernel(inp, norm="layer", out_scale=0.7, config=cfg)
+    out, stats = run_kernel(inp, norm="layer", out_scale=0.7, config=cfg)
     tol = 1e-11 if interpreting() else 1e-6
     assert max_err(out, run_ref(inp, norm="layer", out_scale=0.7)) <= tol * 10
-    assert max_err(lse, lse_truth(inp)) <= tol * 10
+    assert max_err(stats_lse(stats), lse_truth(inp)) <= tol * 10
 
 
 @pytest.mark.parametrize("D,block_d", [(35, 16), (64, 32)])
 @pytest.mark.parametrize("norm", ["none", "layer"])
 def test_head_dim_chunks_match_the_whole_head_dim(D, block_d, norm):
-    """The launch rule splits the head dim on GPUs with less shared memory: chunk programs write
-    their own columns of O and recompute the scores over every chunk; lse and the moments are
-    stored once. Same result as one program over the whole head dim, with masks and dropout."""
+    """The launch rule splits the head dim where a program's tiles would not fit: chunk programs
+    write their own columns of O and recompute the scores over every chunk; the statistics and the
+    moments are stored once. Same result as one program over the whole head dim, with masks and dropout."""
     inp = make_inputs(2, 6, 21, 19, D, torch.float64)
     mask = _masks(2, 6, 21, 19)["bool [B,1,Nq,Nk]"]
     seed = torch.tensor([7], dtype=torch.int64, device=DEVICE)
-    chunked = ForwardConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, HP=16, num_warps=4, num_stages=1)
+    chunked = TileConfig(HP=8, G=1, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=4,
+                         num_stages=1)
     extra = dict(attn_mask=mask, dropout_p=0.25, seed=seed)
-    whole, whole_lse = run_kernel(inp, norm=norm, **extra)
-    out, lse = run_kernel(inp, norm=norm, config=chunked, **extra)
+    whole, whole_stats = run_kernel(inp, norm=norm, **extra)
+    out, stats = run_kernel(inp, norm=norm, config=chunked, **extra)
     tol = 1e-12 if interpreting() else 1e-6
     assert max_err(out, whole) <= tol
-    assert torch.allclose(lse, whole_lse, rtol=0, atol=tol)  # +inf for the fully masked row, in both
+    assert torch.allclose(stats, whole_stats, rtol=0, atol=tol)  # +inf for the fully masked row, in both
     if norm == "none":  # one-sweep BatchNorm's per-program moments, from the first chunk only
         args = (inp["q"], inp["k"], inp["v"], inp["mix_weight"], inp["mix_bias"])
         _, _, moments = re_attention_forward(*args, scale=D ** -0.5, with_moments=True, **extra)
         _, _, moments_chunked = re_attention_forward(*args, scale=D ** -0.5, with_moments=True, config=chunked, **extra)
-        assert max_err(moments_chunked, moments) <= tol * 100
+        assert max_err(moments_chunked.sum(0), moments.sum(0)) <= tol * 100
 
 
 def test_strided_inputs_and_outputs_and_no_stray_writes():
@@ -186,20 +198,59 @@ def test_strided_inputs_and_outputs_and_no_stray_writes():
     inp.update(q=q, k=k, v=v)
     big_out = torch.full((B, N + 3, H, D + 2), 123.0, dtype=torch.float64, device=DEVICE)
     out = big_out[:, :N, :, :D].transpose(1, 2)
-    big_lse = torch.full((B, H, N + 5), 321.0, dtype=torch.float64, device=DEVICE)
-    lse = big_lse[:, :, 2:N + 2]
+    big_stats = torch.full((B, H, N + 5, 3), 321.0, dtype=torch.float64, device=DEVICE)
+    stats = big_stats[:, :, 2:N + 2, :2].permute(3, 0, 1, 2)  # [2, B, H, N], no unit stride anywhere
     out.fill_(float("nan"))
-    lse.fill_(float("nan"))
-    o, l = re_attention_forward(q, k, v, inp["mix_weight"], inp["mix_bias"], scale=D ** -0.5, out_scale=0.7,
-                                norm="layer", norm_weight=inp["norm_weight"], norm_bias=inp["norm_bias"],
-                                eps=1e-5, out=out, lse=lse)
+    stats.fill_(float("nan"))
+    o, st = re_attention_forward(q, k, v, inp["mix_weight"], inp["mix_bias"], scale=D ** -0.5, out_scale=0.7,
+                                 norm="layer", norm_weight=inp["norm_weight"], norm_bias=inp["norm_bias"],
+                                 eps=1e-5, out=out, softmax_stats=stats)
     tol = 1e-11 if interpreting() else 1e-6
     assert max_err(o, run_ref(inp, norm="layer", out_scale=0.7)) <= tol * 10
-    assert max_err(l, lse_truth(inp)) <= tol * 10
+    assert max_err(stats_lse(st), lse_truth(inp)) <= tol * 10
     outside = torch.ones_like(big_out, dtype=torch.bool)
     outside[:, :N, :, :D] = False
     assert (big_out[outside] == 123.0).all()
-    assert (big_lse[:, :, :2] == 321.0).all() and (big_lse[:, :, N + 2:] == 321.0).all()
+    kept = torch.ones_like(big_stats, dtype=torch.bool)
+    kept[:, :, 2:N + 2, :2] = False
+    assert (big_stats[kept] == 321.0).all()
+
+
+def test_operands_that_would_not_vectorize_are_padded_copies():
+    """Triton vectorizes only what the launch's arguments prove aligned (strides and D multiples of
+    16, addresses of 16 bytes): anything else is copied to a contiguous buffer with D rounded up to
+    16 and zeros past D; aligned operands are passed through untouched (no copy)."""
+    base = torch.randn(2, 3, 5, 80, dtype=torch.float16, device=DEVICE)
+    sliced = base[..., :64]                      # row stride 80: aligned
+    assert vector_aligned(sliced)
+    (same,), dp = aligned_operands(sliced)
+    assert same is sliced and dp == 64
+    shifted = base.flatten()[8:8 + 2 * 3 * 5 * 64].view(2, 3, 5, 64)   # address 16 bytes past an aligned one
+    assert vector_aligned(shifted) is (shifted.data_ptr() % 16 == 0)
+    odd = base.flatten()[1:1 + 2 * 3 * 5 * 64].view(2, 3, 5, 64)     # 2 bytes off
+    assert not vector_aligned(odd)
+    (copy, kept), dp = aligned_operands(odd, sliced)
+    assert dp == 64 and copy.is_contiguous() and torch.equal(copy, odd) and kept is sliced
+    narrow = base[..., :33]
+    (a, b), dp = aligned_operands(narrow, sliced[..., :33])
+    assert dp == 48 and a.shape == (2, 3, 5, 48) and torch.equal(a[..., :33], narrow)
+    assert (a[..., 33:] == 0).all() and (b[..., 33:] == 0).all() and vector_aligned(a)
+
+
+def test_operands_beyond_32_bit_offsets_are_copied_or_refused():
+    """Offsets within a batch element are 32-bit in the kernels: a view spanning more is copied
+    compact; a mask or a compact operand that still spans more is a ValueError (sizes on meta)."""
+    q = torch.empty(2, 6, 197, 64, device="meta", dtype=torch.bfloat16)
+    wide = torch.empty(1, device="meta", dtype=torch.bfloat16).as_strided((2, 6, 197, 64), (2 ** 32, 2 ** 29, 64, 1))
+    assert not vector_aligned(wide)
+    (copy,), dp = aligned_operands(wide)
+    assert dp == 64 and copy.is_contiguous()
+    mask = torch.empty(1, device="meta", dtype=torch.bool).as_strided((2, 6, 197, 197), (2 ** 32, 2 ** 29, 197, 1))
+    with pytest.raises(ValueError, match="attn_mask .* spans .* per batch element"):
+        mask_arguments(mask, q, 197)
+    huge = torch.empty(1, 32, 2 ** 20, 128, device="meta", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="more than 2147483647 elements per batch element"):
+        aligned_operands(huge)
 
 
 def test_batchnorm_eval_folded_into_mixing_is_norm_none():
@@ -225,8 +276,8 @@ def test_batchnorm_eval_folded_into_mixing_is_norm_none():
 def test_empty_batch_or_queries_launch_nothing():
     for B, Nq in ((0, 5), (2, 0)):
         inp = make_inputs(B, 6, Nq, 5, 32, torch.float32)
-        o, l = re_attention_forward(inp["q"], inp["k"], inp["v"], inp["mix_weight"], None, scale=0.2)
-        assert o.shape == (B, 6, Nq, 32) and l.shape == (B, 6, Nq)
+        o, st = re_attention_forward(inp["q"], inp["k"], inp["v"], inp["mix_weight"], None, scale=0.2)
+        assert o.shape == (B, 6, Nq, 32) and st.shape == (2, B, 6, Nq)
 
 
 def test_launcher_rejects_bad_arguments():
@@ -251,49 +302,45 @@ def test_launcher_rejects_bad_arguments():
         re_attention_forward(big, big, big, torch.zeros(33, 33, device=DEVICE), scale=0.2)
 
 
-def test_heuristic_rule():
-    # Interpreter: one configuration; HP and BLOCK_D follow the shape.
+def test_launch_rule():
+    # Interpreter: the smallest tiles; HP, G and BLOCK_D follow the shape.
     cfg = forward_config(33, 33, 33, 6, interpret=True)
-    assert (cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_D, cfg.HP, cfg.num_warps, cfg.num_stages) == (16, 32, 64, 16, 4, 1)
-    # GPU rule (see kernels/launch.py).
-    assert forward_config(197, 197, 64, 6, interpret=False) == ForwardConfig(16, 16, 64, 16, 8, 2)
-    assert forward_config(197, 197, 32, 12, interpret=False) == ForwardConfig(16, 16, 32, 16, 8, 2)
-    assert forward_config(577, 577, 35, 12, interpret=False) == ForwardConfig(16, 16, 64, 16, 8, 2)
-    assert forward_config(4096, 4096, 128, 16, interpret=False) == ForwardConfig(16, 16, 128, 16, 8, 1)
-    assert forward_config(1, 1, 1, 1, interpret=False) == ForwardConfig(16, 16, 16, 16, 8, 2)
-    assert forward_config(50, 50, 16, 17, interpret=False).HP == 32
+    assert (cfg.HP, cfg.G, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_D, cfg.num_warps) == (8, 1, 16, 16, 64, 4)
+    # Slots: HP = max(8, next_pow2(H)), G = HP // H row groups per program.
+    assert [(forward_config(64, 64, 32, h, interpret=False).HP, forward_config(64, 64, 32, h, interpret=False).G)
+            for h in (1, 3, 6, 8, 12, 16, 17, 32)] == [(8, 8), (8, 2), (8, 1), (8, 1), (16, 1), (16, 1), (32, 1),
+                                                       (32, 1)]
+    # The variants at DeiT-S: 32 x 32 tiles without a norm, mask or dropout; 16 x 16 with a mask or dropout.
+    plain = forward_config(197, 197, 64, 6, interpret=False, variant="plain")
+    heavy = forward_config(197, 197, 64, 6, interpret=False, variant="heavy")
+    assert (plain.BLOCK_M, plain.BLOCK_N, plain.BLOCK_D) == (32, 32, 64)
+    assert (heavy.BLOCK_M, heavy.BLOCK_N, heavy.BLOCK_D) == (16, 16, 64)
+    assert forward_config(197, 197, 64, 6, interpret=False) == heavy  # the default is safe for every call
+    assert variant_of("none", False, False) == variant_of("batch", False, False) == "plain"
+    assert variant_of("layer", False, False) == "layer" and variant_of("none", True, False) == "heavy"
+    for h in (1, 6, 12, 16, 32):
+        for d in (16, 48, 64, 128):
+            for variant in VARIANTS:
+                for limit in (None, 101376, 166912, 232448):  # sm_86, sm_80, sm_90
+                    rules = dict(interpret=False, variant=variant, shared_limit=limit)
+                    fwd = forward_config(197, 197, d, h, **rules)
+                    dq = backward_config(197, 197, d, h, kernel="dq", **rules)
+                    dkdv = backward_config(197, 197, d, h, kernel="dkdv", **rules)
+                    for kernel, cfg, accumulators, rows in (("forward", fwd, 1, fwd.BLOCK_M), ("dq", dq, 2, dq.BLOCK_M),
+                                                            ("dkdv", dkdv, 2, dkdv.BLOCK_N)):
+                        cfg.check_heads(h, "test")
+                        # the accumulators' registers (module doc), the GPU's shared memory
+                        assert accumulators * cfg.HP * rows * cfg.BLOCK_D <= 64 * 32 * cfg.num_warps
+                        assert limit is None or shared_bytes(kernel, cfg, 2, variant == "heavy") <= limit
     with pytest.raises(ValueError):
         forward_config(8, 8, 32, 33, interpret=False)
     with pytest.raises(ValueError):
         forward_config(8, 8, 129, 4, interpret=False)
-
-
-H100, A100, RTX_4090 = 232448, 166912, 101376  # shared memory per block (bytes): sm_90, sm_80, sm_86/sm_89
-
-
-def test_heuristic_rule_splits_the_head_dim_to_fit_shared_memory():
-    # The whole head dim wherever it fits (so H100 and A100 keep the rule above) ...
-    for limit in (None, H100, A100):
-        assert forward_config(197, 197, 64, 6, interpret=False, shared_limit=limit).BLOCK_D == 64
-        assert forward_config(4096, 4096, 128, 16, interpret=False, shared_limit=limit).BLOCK_D == 128
-        assert backward_config(197, 197, 64, 6, interpret=False, shared_limit=limit).BLOCK_D == 64
-    # ... chunks where it does not: 32 heads at D = 128 (280,576 B unsplit) even on an H100,
-    assert forward_config(197, 197, 128, 32, interpret=False, shared_limit=H100).BLOCK_D == 64
-    assert backward_config(197, 197, 64, 32, interpret=False, shared_limit=H100).BLOCK_D == 32
-    # and DeiT-S training or head dim 128 on a GPU with 99 KiB per block (RTX 3090/4090, A10, L4, L40S).
-    assert backward_config(197, 197, 64, 6, interpret=False, shared_limit=RTX_4090).BLOCK_D == 32
-    assert forward_config(4096, 4096, 128, 16, interpret=False, shared_limit=RTX_4090).BLOCK_D == 64
-    assert forward_config(197, 197, 128, 16, interpret=False, shared_limit=RTX_4090, kernel="bn_stats").BLOCK_D == 64
-    # Every (heads, head dim) the kernels take fits the smallest of these GPUs.
-    for h in (1, 6, 12, 16, 17, 32):
-        for d in (1, 16, 33, 64, 65, 128):
-            for kernel in ("forward", "bn_stats"):
-                cfg = forward_config(197, 197, d, h, interpret=False, shared_limit=RTX_4090, kernel=kernel)
-                assert SHARED_BYTES[kernel][(cfg.HP, cfg.BLOCK_D, cfg.BLOCK_D < padded_head_dim(d))] <= RTX_4090
-            cfg = backward_config(197, 197, d, h, interpret=False, shared_limit=RTX_4090)
-            assert SHARED_BYTES["backward"][(cfg.HP, cfg.BLOCK_D, cfg.BLOCK_D < padded_head_dim(d))] <= RTX_4090
-    with pytest.raises(ValueError, match="shared memory.*this GPU allows 16384"):
+    with pytest.raises(ValueError, match="forward kernel needs .* B of shared memory at its smallest tiles .* "
+                                         "this GPU allows 16384"):
         forward_config(197, 197, 64, 32, interpret=False, shared_limit=16384)
+    with pytest.raises(ValueError, match="variant"):
+        forward_config(197, 197, 64, 6, interpret=False, variant="fast")
 
 
 # ---- masks and dropout ----
@@ -315,13 +362,14 @@ def test_masks_match_reference_and_fully_masked_rows_give_zeros(mask_name, norm)
     B, H, Nq, Nk, D = 2, 3, 5, 7, 6
     inp = make_inputs(B, H, Nq, Nk, D, torch.float64)
     mask = _masks(B, H, Nq, Nk)[mask_name]
-    o, lse = run_kernel(inp, norm=norm, out_scale=0.7, attn_mask=mask)
+    o, stats = run_kernel(inp, norm=norm, out_scale=0.7, attn_mask=mask)
     ref = re_attention_ref(inp["q"], inp["k"], inp["v"], inp["mix_weight"], inp["mix_bias"], scale=D ** -0.5,
                            norm=norm, norm_weight=inp["norm_weight"], norm_bias=inp["norm_bias"], out_scale=0.7,
                            attn_mask=mask)
     torch.testing.assert_close(o, ref, rtol=1e-12, atol=1e-13)
     if mask_name == "bool [B,1,Nq,Nk]":
-        assert torch.isinf(lse[0, :, 1]).all() and (lse[0, :, 1] > 0).all()
+        assert torch.isinf(stats[0, 0, :, 1]).all() and (stats[0, 0, :, 1] > 0).all()  # m2 = +inf, P = 0
+        assert (stats[1, 0, :, 1] == 0).all()
         assert (o[0, :, 1] == 0).all()
 
 
@@ -357,7 +405,7 @@ def test_a_kernel_over_the_gpus_shared_memory_is_a_value_error_naming_it():
     launch rule's table fall short of a Triton version's needs, the error names kernel and tiles."""
     from triton.runtime.errors import OutOfResources
 
-    from reattn.kernels.forward import run_on_device
+    from reattn.kernels.launch import run_on_device
 
     class TooBig:
         fn = types.SimpleNamespace(__name__="_re_attention_fwd_kernel")

@@ -1,16 +1,18 @@
 """Gram-matrix BatchNorm statistics against the materialized map in float64.
 
-The statistics sweeps of both fused backends, Triton's ``reattn.kernels.bn_stats.gram_sums`` and
+The statistics sweeps of both fused backends, Triton's ``reattn.kernels.gram.gram_sums`` and
 the CUDA programs' ``reattn._C.cuda_batch_sums`` (host emulator without a GPU), turned into the
 mean and variance of M by ``reattn.distributed.gram_batch_statistics``.
 """
+import math
+
 import pytest
 import torch
 
 from reattn.backends import cuda as cuda_backend
 from reattn.backends._fused import gram_shift, unmasked_count
 from reattn.distributed import gram_batch_statistics
-from reattn.kernels.bn_stats import gram_sums
+from reattn.kernels.gram import gram_sums
 from reattn.kernels.dropout import dropout_keep_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -18,13 +20,18 @@ SWEEPS = {"triton": gram_sums, "cuda": cuda_backend._gram_sums}
 
 
 def batch_statistics(sweep, q, k, w, c, *, scale, attn_mask=None, dropout_p=0.0, seed=None):
-    """(mean, var, n, lse) of M through one backend's statistics sweep."""
+    """(mean, var, n, lse) of M through one backend's statistics sweep; lse in natural-log units.
+
+    The sweeps also write the softmax statistics each backend's forward reads: CUDA one logsumexp
+    per row, Triton the row max and log-sum in base 2 ([2, B, H, Nq]).
+    """
     B, _, Nq, _ = q.shape
     Nk = k.shape[2]
     shift = gram_shift(Nk)
-    lse, s1, gram = SWEEPS[sweep](q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p, shift=shift)
+    stats, s1, gram = SWEEPS[sweep](q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p, shift=shift)
     n = unmasked_count(attn_mask, B, Nq, Nk).to(q.device)
     mean, var, _ = gram_batch_statistics(w, c, s1, gram, n, shift)
+    lse = (stats[0] + stats[1]) * math.log(2) if sweep == "triton" else stats
     return mean, var, n, lse
 
 
@@ -102,12 +109,13 @@ def test_count_needs_one_mask_for_all_heads():
 
 def test_head_dim_chunks_give_the_same_sums():
     """The statistics sweep in head-dim chunks (GPUs with less shared memory) sums the same scores."""
-    from reattn.kernels.launch import ForwardConfig
+    from reattn.kernels.launch import TileConfig
 
     (q, k, _, _), _ = _inputs(2, 6, 21, 19, 35, torch.float64)
     mask = torch.rand(2, 1, 21, 19, generator=torch.Generator().manual_seed(1)) > 0.3
     whole = gram_sums(q, k, mask.to(DEVICE), scale=0.3, shift=gram_shift(19))
     chunked = gram_sums(q, k, mask.to(DEVICE), scale=0.3, shift=gram_shift(19),
-                        config=ForwardConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, HP=16, num_warps=4, num_stages=1))
+                        config=TileConfig(HP=8, G=1, BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, STATS_BLOCK_N=16, num_warps=4,
+                                          num_stages=1))
     for a, b in zip(whole, chunked):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,106 @@
+"""Compile every launch the Triton launch rules can pick, without a GPU, and record its resources.
+
+For each class of problem the rules distinguish (slots HP with G row groups, the head dim's
+power-of-two tile, the variant: "plain", "layer", "heavy"; see kernels/launch.py; "batch" is
+training BatchNorm with given statistics, a "plain" launch with the norm folded in) and each entry
+point (forward, backward, the Gram statistics sweep, the one-sweep moments, the BatchNorm
+backward sums), the launches are captured and compiled for sm_90 exactly as the JIT would
+(``kernels.aot.compile_call``), and again for sm_86 where its 101,376 B of shared memory make the
+rules pick other tiles. Every launch of every class is recorded (a row per class and kernel, so
+the BatchNorm backward sums' SUMS_ONLY compile is not taken for the backward's dq): registers, spill
+bytes, shared memory, the shared-memory bound the rules assumed (``launch.shared_bytes``) and the
+compile's cache key (``kernels.aot.launch_keys`` recomputes it: a record whose keys differ from
+today's kernels is stale).
+
+    python -m benchmarks.launch_scan [--out benchmarks/results/launch_scan.csv] [--quick]
+                                     [--caps 90 86] [--heads 6 3 12 32] [--merge]
+
+takes ~1-2 hours on a 2-core machine (--quick: DeiT-S's class only). --caps / --heads scan a part;
+with --merge the rows of --out outside that part are kept (two parts can run in parallel into two
+files and be concatenated). The checked-in CSV is read
+by tests/kernels/test_launch_scan.py: no spills, every launch within its GPU's shared memory and
+within the rules' bound, and the CSV covers every configuration today's rules pick.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+
+# (H, representative of its slot class), head dims (one per BLOCK_D class), the variants' arguments.
+HEADS = (6, 3, 12, 32)          # HP 8 (G 1), HP 8 (G 2), HP 16, HP 32
+HEAD_DIMS = (16, 32, 64, 128)
+VARIANTS = {"plain": dict(norm="none", mask=False, dropout=False),
+            "layer": dict(norm="layer", mask=False, dropout=False),
+            "batch": dict(norm="batch", mask=False, dropout=False),
+            "heavy": dict(norm="layer", mask=True, dropout=True)}
+# entry point -> the variants that differ for it
+CALLS = {"forward": ("plain", "batch", "layer", "heavy"), "backward": ("plain", "batch", "layer", "heavy"),
+         "gram": ("plain", "heavy"), "moments": ("plain", "heavy"), "bn_sums": ("plain", "heavy")}
+CAPS = (90, 86)
+FIELDS = ["cap", "call", "variant", "h", "d", "kernel", "HP", "G", "BLOCK_M", "BLOCK_N", "BLOCK_D", "D_CHUNKS",
+          "num_warps", "num_stages", "shared", "shared_bound", "shared_limit", "registers", "spill_bytes", "cache_key"]
+
+
+def arguments(call: str, variant: str) -> dict:
+    args = dict(VARIANTS[variant])
+    if call in ("gram", "moments"):
+        args["norm"] = "none"
+    if call == "bn_sums":
+        args["norm"] = "batch"
+    return args
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results", "launch_scan.csv"))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--caps", type=int, nargs="+", default=list(CAPS), help="compute capabilities (90 86)")
+    parser.add_argument("--heads", type=int, nargs="+", default=list(HEADS), help="head counts (6 3 12 32)")
+    parser.add_argument("--merge", action="store_true", help="keep the rows of --out outside --caps x --heads")
+    opts = parser.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    os.environ.pop("TRITON_INTERPRET", None)
+    from reattn.kernels import launch
+    from reattn.kernels.aot import ELEMENT_SIZE, SHARED_MEMORY_LIMIT, compile_call
+
+    heads, dims = ((6,), (64,)) if opts.quick else (tuple(opts.heads), HEAD_DIMS)
+    kept = []
+    if opts.merge and os.path.exists(opts.out):
+        with open(opts.out, newline="") as f:
+            kept = [r for r in csv.DictReader(f) if (int(r["cap"]), int(r["h"])) not in
+                    {(c, h) for c in opts.caps for h in heads}]
+    os.makedirs(os.path.dirname(opts.out) or ".", exist_ok=True)
+    with open(opts.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(kept)
+        for cap in opts.caps:
+            for h in heads:
+                for d in dims:
+                    for call, variants in CALLS.items():
+                        for variant in variants:
+                            args = arguments(call, variant)
+                            start = time.time()
+                            for r in compile_call(call, h, d, 197, cap, **args):
+                                name = r["kernel"].replace("_re_attention_", "").replace("_kernel", "").strip("_")
+                                kernel = {"fwd": "forward", "bwd_dq": "dq", "bwd_dkdv": "dkdv"}.get(name, name)
+                                cfg = launch.TileConfig(HP=r["HP"], G=r["G"], BLOCK_M=r["BLOCK_M"],
+                                                        BLOCK_N=r["BLOCK_N"], BLOCK_D=r["BLOCK_D"],
+                                                        STATS_BLOCK_N=r.get("STATS_BLOCK_N", 16),
+                                                        num_warps=r["num_warps"], num_stages=r["num_stages"])
+                                row = dict(cap=cap, call=call, variant=variant, h=h, d=d, kernel=kernel,
+                                           shared_bound=launch.shared_bytes(kernel, cfg, ELEMENT_SIZE["bf16"],
+                                                                            masked=args["mask"]),
+                                           shared_limit=SHARED_MEMORY_LIMIT[cap],
+                                           **{k: r[k] for k in FIELDS if k in r and k not in
+                                              ("cap", "call", "h", "d", "kernel")})
+                                writer.writerow(row)
+                                f.flush()
+                                print(f"{time.time() - start:5.0f}s", row, flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] if len(sys.argv) > 1 else None)

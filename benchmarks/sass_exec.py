@@ -1,0 +1,1499 @@
+"""Counting what a compiled CUDA kernel executes, without a GPU: a control-flow emulator for SASS.
+
+Hand-written CUDA has many runtime loops (item loops over threads, head groups, tiles of a plan
+chosen at run time) whose trip counts depend on the launch's parameters and on the thread. Rather
+than declare each, ``run_block`` executes the kernel's SASS for one thread block, warp by warp, on
+the values the launch gives it (the kernel parameter bytes in constant bank 0, the block and thread
+indices) and counts every warp-instruction issued:
+
+* each warp is 32 lanes of registers (``numpy`` vectors) with a *known* flag per lane: integers,
+  predicates and addresses derived from parameters and indices are known; anything loaded from
+  global memory, or computed from it, is unknown (floating-point data never steers these kernels'
+  loops);
+* divergence follows the minimum-PC rule: the warp issues the instruction at the lowest program
+  counter among its live lanes, for the lanes there (so both sides of a divergent branch are
+  issued, loops run as long as their longest lane, lanes reconverge where the code merges);
+* shared memory is modelled byte by byte (a known value stored by one warp is known to the warp
+  that loads it after the barrier); warps run in turn from barrier to barrier;
+* ``CALL``/``RET`` follow the return address in the register the code passes.
+
+A branch on an unknown predicate is a decision the emulator cannot make: it assumes the branch is
+not taken and counts the event (``Counts.unknown_branches``), except ``FCHK`` (the check for a
+division's slow path: the fast path is assumed) — tests assert where these occur. Instructions it
+has no semantics for are executed as "writes an unknown value" and listed in ``Counts.unmodelled``.
+"""
+from __future__ import annotations
+
+import re
+import struct
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from benchmarks import sass
+
+W = 32
+NREG = 256
+RZ = 255
+URZ = 63
+PT = 7
+MASK32 = np.uint64(0xFFFFFFFF)
+_ALL = np.ones(W, bool)
+
+# ---- operands -------------------------------------------------------------------------------------------------
+_REG = re.compile(r"^(-)?(\|)?(~)?(-)?(R\d+|RZ|UR\d+|URZ)(\.reuse)?(\.(?:H0|H1|B0|B1|B2|B3|X4|X8|X16|64|U32|"
+                  r"H0_H0|H1_H1|F32|ROW|COL))*(\|)?$")
+
+
+@dataclass
+class Operand:
+    kind: str                  # R, UR, P, UP, imm, c, mem, SR, other
+    index: int = 0
+    neg: bool = False
+    abs: bool = False
+    inv: bool = False          # ~ (bitwise not) or ! (predicate not)
+    text: str = ""
+    offset: int = 0
+    parts: tuple = ()          # mem: (kind, index, scale) terms; c: register index term
+    bank: int = 0
+    half: str = ""             # .H0 / .H1 / .B0.. selectors
+
+
+def _reg_index(tok: str) -> Tuple[str, int]:
+    if tok == "RZ":
+        return "R", RZ
+    if tok == "URZ":
+        return "UR", URZ
+    if tok.startswith("UR"):
+        return "UR", int(tok[2:])
+    return "R", int(tok[1:])
+
+
+def parse_operand(tok: str) -> Operand:
+    tok = tok.strip()
+    if not tok:
+        return Operand("other", text=tok)
+    if tok in ("PT", "!PT", "UPT", "!UPT") or re.match(r"^!?U?P\d$", tok):
+        inv = tok.startswith("!")
+        t = tok.lstrip("!")
+        if t.startswith("UP"):
+            return Operand("UP", PT if t == "UPT" else int(t[2:]), inv=inv)
+        return Operand("P", PT if t == "PT" else int(t[1:]), inv=inv)
+    if tok.startswith("SR_"):
+        return Operand("SR", text=tok)
+    m = re.match(r"^(-)?c\[(0x[0-9a-f]+)\]\[(.+)\]$", tok)
+    if m:
+        bank = int(m.group(2), 16)
+        inner = m.group(3)
+        parts = []
+        offset = 0
+        for term in inner.split("+"):
+            term = term.strip()
+            if term.startswith("0x") or term.startswith("-0x"):
+                offset += int(term, 16)
+            elif term in ("RZ", "URZ"):
+                continue
+            else:
+                k, i = _reg_index(term.split(".")[0])
+                parts.append((k, i, 1))
+        return Operand("c", bank=bank, offset=offset, parts=tuple(parts), neg=bool(m.group(1)), text=tok)
+    m = re.match(r"^(?:desc\[(UR\d+)\])?\[(.+)\]$", tok)
+    if m:
+        parts = []
+        offset = 0
+        for term in m.group(2).split("+"):
+            term = term.strip()
+            if re.match(r"^-?0x[0-9a-f]+$", term):
+                offset += int(term, 16)
+                continue
+            base = term.split(".")[0]
+            if base in ("RZ", "URZ"):
+                continue
+            scale = 1
+            sm = re.search(r"\.X(\d+)", term)
+            if sm:
+                scale = int(sm.group(1))
+            k, i = _reg_index(base)
+            parts.append((k, i, scale, ".64" in term))
+        return Operand("mem", offset=offset, parts=tuple(parts), text=tok)
+    m = _REG.match(tok)
+    if m:
+        k, i = _reg_index(m.group(5))
+        half = ""
+        hm = re.search(r"\.(H0|H1|B0|B1|B2|B3)(?:_H\d)?\b", tok)
+        if hm:
+            half = hm.group(1)
+        return Operand(k, i, neg=bool(m.group(1) or m.group(4)), abs=bool(m.group(2)), inv=bool(m.group(3)),
+                       half=half, text=tok)
+    return Operand("imm", text=tok)
+
+
+def split_operands(text: str) -> List[str]:
+    """Operands of an instruction: commas outside brackets; a trailing backquoted target dropped."""
+    text = re.sub(r"`\(.*?\)", "", text).strip()
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        out.append(cur.strip())
+    return out
+
+
+def imm_int(text: str) -> Optional[int]:
+    try:
+        return int(text, 0) & 0xFFFFFFFF
+    except ValueError:
+        return None
+
+
+def imm_float_bits(text: str) -> Optional[int]:
+    t = text.strip()
+    if re.match(r"^-?0x[0-9a-f]+$", t):
+        return int(t, 16) & 0xFFFFFFFF
+    special = {"+INF": float("inf"), "INF": float("inf"), "-INF": float("-inf"), "+QNAN": float("nan"),
+               "QNAN": float("nan"), "-QNAN": float("nan")}
+    try:
+        v = special[t] if t in special else float(t)
+    except ValueError:
+        return None
+    return struct.unpack("<I", struct.pack("<f", v))[0]
+
+
+# ---- results --------------------------------------------------------------------------------------------------
+@dataclass
+class Counts:
+    """What one thread block issued: warp-instructions per instruction address, summed over its warps."""
+
+    issued: Counter = field(default_factory=Counter)
+    unknown_branches: Counter = field(default_factory=Counter)   # address -> times a branch decision was unknown
+    unmodelled: Counter = field(default_factory=Counter)         # opcode -> times executed without semantics
+    generic_global: Counter = field(default_factory=Counter)     # address -> issues of a generic LD/ST to global
+    steps: int = 0
+
+    def add(self, other: "Counts", weight: float = 1.0) -> None:
+        for k, v in other.issued.items():
+            self.issued[k] += v * weight
+        for k, v in other.unknown_branches.items():
+            self.unknown_branches[k] += v * weight
+        for k, v in other.unmodelled.items():
+            self.unmodelled[k] += v * weight
+        for k, v in other.generic_global.items():
+            self.generic_global[k] += v * weight
+        self.steps += other.steps
+
+
+class EmulationError(RuntimeError):
+    pass
+
+
+# ---- the machine ----------------------------------------------------------------------------------------------
+class _Warp:
+    def __init__(self, block: "_Block", warp_id: int, lanes_alive: np.ndarray):
+        self.block = block
+        self.id = warp_id
+        self.R = np.zeros((NREG, W), np.uint32)
+        self.RK = np.zeros((NREG, W), bool)
+        self.RK[RZ] = True
+        # The low 16 bits known (a superset of RK): PRMT merges a known half into a register whose other
+        # half is unknown, and byte or half-word stores read only the low half.
+        self.RK16 = np.zeros((NREG, W), bool)
+        self.RK16[RZ] = True
+        self.P = np.zeros((8, W), bool)
+        self.PK = np.zeros((8, W), bool)
+        self.P[PT] = True
+        self.PK[PT] = True
+        self.UR = np.zeros(64, np.uint32)
+        self.URK = np.zeros(64, bool)
+        self.URK[URZ] = True
+        self.UP = np.zeros(8, bool)
+        self.UPK = np.zeros(8, bool)
+        self.UP[PT] = True
+        self.UPK[PT] = True
+        self.pc = np.zeros(W, np.int64)
+        self.done = ~lanes_alive
+        self.local = None          # per-lane local memory (spills), allocated on first use
+        self.local_known = None
+        self.at_barrier = False
+        tid = np.arange(W, dtype=np.int64) + W * warp_id
+        self.tid = tid
+
+
+class _Block:
+    def __init__(self, function: sass.Function, const0: bytes, threads: int, ctaid: Tuple[int, int, int],
+                 nctaid: Tuple[int, int, int], shared_size: int, arch: int, max_steps: int,
+                 banks: Optional[Dict[int, bytes]] = None):
+        self.fn = function
+        self.ins = function.instructions
+        self.index = {ins.address: i for i, ins in enumerate(self.ins)}
+        decoded = getattr(function, "_decoded", None)
+        if decoded is None:  # parsed once per function, shared by every block emulated
+            decoded = ([[parse_operand(t) for t in split_operands(ins.operands)] for ins in self.ins],
+                       [parse_operand(ins.guard[1:]) if ins.guard else None for ins in self.ins],
+                       [ins.base for ins in self.ins], [ins.address for ins in self.ins],
+                       [ins.opcode.split(".")[1:] for ins in self.ins])
+            function._decoded = decoded
+        self.ops, self.guards, self.bases, self.addresses, self.mods = decoded
+        self.const0 = bytearray(const0)
+        self.banks = dict(banks or {})
+        self.threads = threads
+        self.ctaid = ctaid
+        self.nctaid = nctaid
+        self.arch = arch
+        self.shared = np.zeros(shared_size + 64, np.uint8)
+        self.shared_known = np.zeros(shared_size + 64, bool)
+        self.counts = Counts()
+        self.max_steps = max_steps
+        warps = -(-threads // W)
+        self.warps = []
+        for w in range(warps):
+            alive = (np.arange(W) + W * w) < threads
+            self.warps.append(_Warp(self, w, alive))
+
+    # -- values --
+    def const(self, bank: int, offset: int, nbytes: int) -> Tuple[int, bool]:
+        data = self.const0 if bank == 0 else self.banks.get(bank)
+        if data is None or offset < 0 or offset + nbytes > len(data):
+            return 0, False
+        return int.from_bytes(data[offset:offset + nbytes], "little"), True
+
+
+def _u32(x) -> np.ndarray:
+    return (np.asarray(x, dtype=np.uint64) & MASK32).astype(np.uint32)
+
+
+def _f32(bits: np.ndarray) -> np.ndarray:
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def _bits(f: np.ndarray) -> np.ndarray:
+    return np.asarray(f, dtype=np.float32).view(np.uint32)
+
+
+class Emulator:
+    """Runs one thread block of a SASS function (see the module doc)."""
+
+    def __init__(self, function: sass.Function, const0: bytes, threads: int, ctaid=(0, 0, 0), nctaid=(1, 1, 1),
+                 shared_size: int = 0, arch: int = 90, max_steps: int = 50_000_000,
+                 banks: Optional[Dict[int, bytes]] = None):
+        self.b = _Block(function, const0, threads, tuple(ctaid), tuple(nctaid), shared_size, arch, max_steps, banks)
+
+    # ---- operand access ----
+    def rd(self, w: _Warp, op: Operand, lanes: np.ndarray, float_op: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+        """(uint32 values [W], known [W]) of a source operand."""
+        if op.kind == "R":
+            v = w.R[op.index].copy()
+            k = w.RK[op.index].copy()
+        elif op.kind == "UR":
+            v = np.full(W, w.UR[op.index], np.uint32)
+            k = np.full(W, w.URK[op.index], bool)
+        elif op.kind == "imm":
+            bits = imm_float_bits(op.text) if float_op else imm_int(op.text)
+            if bits is None:
+                bits = imm_int(op.text) if float_op else imm_float_bits(op.text)
+            if bits is None:
+                return np.zeros(W, np.uint32), np.zeros(W, bool)
+            v = np.full(W, bits, np.uint32)
+            k = np.ones(W, bool)
+        elif op.kind == "c":
+            offs = np.full(W, op.offset, np.int64)
+            k = np.ones(W, bool)
+            for kind, idx, _ in op.parts:
+                rv, rk = self.rd(w, Operand(kind, idx), lanes)
+                offs = offs + rv.astype(np.int64)
+                k &= rk
+            v = np.zeros(W, np.uint32)
+            for lane in np.nonzero(lanes & k)[0]:
+                val, ok = self.b.const(op.bank, int(offs[lane]), 4)
+                v[lane] = val
+                k[lane] = ok
+            if op.neg and k.any():
+                v = _bits(-_f32(v)) if float_op else _u32(-v.astype(np.int64))
+            return v, k
+        elif op.kind == "SR":
+            return self.special(w, op.text)
+        elif op.kind in ("P", "UP"):
+            p, pk = self.pred(w, op)
+            return p.astype(np.uint32), pk
+        else:
+            return np.zeros(W, np.uint32), np.zeros(W, bool)
+        if op.half:
+            if op.half in ("H1",):
+                v = v >> np.uint32(16)
+            elif op.half == "H0":
+                v = v & np.uint32(0xFFFF)
+            elif op.half.startswith("B"):
+                v = (v >> np.uint32(8 * int(op.half[1]))) & np.uint32(0xFF)
+        if float_op:
+            if op.abs:
+                v = v & np.uint32(0x7FFFFFFF)
+            if op.neg:
+                v = v ^ np.uint32(0x80000000)
+        else:
+            if op.inv:
+                v = ~v
+            if op.neg:
+                v = _u32(-(v.astype(np.int64)))
+            if op.abs:
+                v = _u32(np.abs(v.view(np.int32).astype(np.int64)))
+        return v, k
+
+    def rd64(self, w: _Warp, op: Operand, lanes) -> Tuple[np.ndarray, np.ndarray]:
+        """A 64-bit pair operand (R and R+1, or UR and UR+1) as uint64."""
+        if op.kind in ("R", "UR") and op.index not in (RZ, URZ):
+            lo, lk = self.rd(w, Operand(op.kind, op.index), lanes)
+            hi, hk = self.rd(w, Operand(op.kind, op.index + 1), lanes)
+            v = lo.astype(np.uint64) | (hi.astype(np.uint64) << np.uint64(32))
+            if op.neg:
+                v = (np.uint64(0) - v)
+            return v, lk & hk
+        if op.kind == "c":
+            offs = op.offset
+            val, ok = self.b.const(op.bank, offs, 8)
+            return np.full(W, val, np.uint64), np.full(W, ok, bool)
+        lo, lk = self.rd(w, op, lanes)
+        if op.kind == "imm":  # sign-extended 32-bit immediate
+            return lo.view(np.int32).astype(np.int64).astype(np.uint64), lk
+        return lo.astype(np.uint64), lk
+
+    def pred(self, w: _Warp, op: Operand) -> Tuple[np.ndarray, np.ndarray]:
+        if op.kind == "UP":
+            v = np.full(W, w.UP[op.index], bool)
+            k = np.full(W, w.UPK[op.index], bool)
+        elif op.kind == "P":
+            v = w.P[op.index].copy()
+            k = w.PK[op.index].copy()
+        else:
+            return np.ones(W, bool), np.ones(W, bool)
+        return (~v if op.inv else v), k
+
+    def special(self, w: _Warp, name: str) -> Tuple[np.ndarray, np.ndarray]:
+        b = self.b
+        ones = np.ones(W, bool)
+        if name == "SR_TID.X":
+            return _u32(w.tid % max(b.threads, 1)), ones
+        if name in ("SR_TID.Y", "SR_TID.Z"):
+            return np.zeros(W, np.uint32), ones
+        if name.startswith("SR_CTAID."):
+            return np.full(W, b.ctaid["XYZ".index(name[-1])], np.uint32), ones
+        if name.startswith("SR_NCTAID."):
+            return np.full(W, b.nctaid["XYZ".index(name[-1])], np.uint32), ones
+        if name == "SR_LANEID":
+            return np.arange(W, dtype=np.uint32), ones
+        if name in ("SR_VIRTUALSMID", "SR_SMID", "SR_CgaCtaId", "SR_CLOCKLO", "SR_CLOCKHI", "SR_GLOBALTIMERLO",
+                    "SR_GLOBALTIMERHI", "SR_WARPID", "SR_NSMID"):
+            return np.zeros(W, np.uint32), np.zeros(W, bool) if "CLOCK" in name or "TIMER" in name else ones
+        if name == "SR_SWINHI":  # high word of the shared window in generic addresses
+            return np.full(W, SHARED_WINDOW_HI, np.uint32), ones
+        if name in ("SR_LEMASK", "SR_LTMASK", "SR_GEMASK", "SR_GTMASK", "SR_LEMASK"):
+            lane = np.arange(W, dtype=np.uint64)
+            full = np.uint64(0xFFFFFFFF)
+            if name == "SR_LTMASK":
+                return _u32((np.uint64(1) << lane) - np.uint64(1)), ones
+            if name == "SR_LEMASK":
+                return _u32((np.uint64(2) << lane) - np.uint64(1)), ones
+            if name == "SR_GTMASK":
+                return _u32(full ^ ((np.uint64(2) << lane) - np.uint64(1))), ones
+            return _u32(full ^ ((np.uint64(1) << lane) - np.uint64(1))), ones
+        return np.zeros(W, np.uint32), np.zeros(W, bool)
+
+    # ---- writes ----
+    def wr(self, w: _Warp, op: Operand, lanes: np.ndarray, v: np.ndarray, k: np.ndarray) -> None:
+        if op.kind == "R":
+            if op.index == RZ:
+                return
+            np.copyto(w.R[op.index], v, where=lanes, casting="unsafe")
+            np.copyto(w.RK[op.index], k, where=lanes)
+            np.copyto(w.RK16[op.index], k, where=lanes)
+        elif op.kind == "UR":
+            if op.index == URZ:
+                return
+            first = np.nonzero(lanes)[0]
+            if len(first):
+                w.UR[op.index] = v[first[0]]
+                w.URK[op.index] = bool(k[lanes].all()) and bool((v[lanes] == v[first[0]]).all())
+        elif op.kind == "P":
+            if op.index == PT:
+                return
+            np.copyto(w.P[op.index], v.astype(bool), where=lanes)
+            np.copyto(w.PK[op.index], k, where=lanes)
+        elif op.kind == "UP":
+            if op.index == PT:
+                return
+            first = np.nonzero(lanes)[0]
+            if len(first):
+                w.UP[op.index] = bool(v[first[0]])
+                w.UPK[op.index] = bool(k[lanes].all())
+
+    def wr64(self, w, op, lanes, v64, k):
+        self.wr(w, Operand(op.kind, op.index), lanes, _u32(v64), k)
+        if op.index not in (RZ, URZ):
+            self.wr(w, Operand(op.kind, op.index + 1), lanes, _u32(v64 >> np.uint64(32)), k)
+
+    def unknown(self, w, op, lanes, wide=1):
+        if op.kind in ("R", "UR"):
+            for i in range(wide):
+                if op.index + i in (RZ, URZ) or (op.kind == "UR" and op.index + i >= 63) or op.index + i >= RZ:
+                    continue
+                self.wr(w, Operand(op.kind, op.index + i), lanes, np.zeros(W, np.uint32), np.zeros(W, bool))
+        elif op.kind in ("P", "UP"):
+            self.wr(w, op, lanes, np.zeros(W, np.uint32), np.zeros(W, bool))
+
+    # ---- memory ----
+    def address(self, w, op: Operand, lanes) -> Tuple[np.ndarray, np.ndarray]:
+        addr = np.full(W, op.offset, np.int64)
+        k = np.ones(W, bool)
+        for kind, idx, scale, wide in op.parts:
+            if wide:
+                v, vk = self.rd64(w, Operand(kind, idx), lanes)
+                v = v.astype(np.int64)
+            else:
+                v, vk = self.rd(w, Operand(kind, idx), lanes)
+                v = v.astype(np.int64)
+            addr = addr + v * scale
+            k &= vk
+        return addr, k
+
+    def shared_load(self, w, op, lanes, nbytes, generic=False):
+        addr, k = self.address(w, op, lanes)
+        if generic:  # only the lanes whose generic address falls in the shared window read shared memory
+            k = k & ((addr >> 32) == SHARED_WINDOW_HI)
+            addr = addr & 0xFFFFFFFF
+        n = len(self.b.shared)
+        words = max(1, nbytes // 4)
+        vals = np.zeros((words, W), np.uint32)
+        known = np.zeros((words, W), bool)
+        for lane in np.nonzero(lanes & k)[0]:
+            a = int(addr[lane]) & 0xFFFFFF
+            if a < 0 or a + nbytes > n:
+                continue
+            chunk = self.b.shared[a:a + nbytes]
+            ck = self.b.shared_known[a:a + nbytes]
+            for i in range(words):
+                part = bytes(chunk[4 * i:4 * i + 4]) if nbytes >= 4 else bytes(chunk) + b"\0" * (4 - nbytes)
+                vals[i, lane] = int.from_bytes(part, "little")
+                known[i, lane] = bool(ck[4 * i:4 * i + min(4, nbytes)].all())
+        return vals, known
+
+    def shared_store(self, w, op, lanes, data: List[Tuple[np.ndarray, np.ndarray]], nbytes, generic=False):
+        addr, k = self.address(w, op, lanes)
+        if generic:
+            k = k & ((addr >> 32) == SHARED_WINDOW_HI)
+            addr = addr & 0xFFFFFFFF
+        n = len(self.b.shared)
+        for lane in np.nonzero(lanes)[0]:
+            if not k[lane]:
+                continue
+            a = int(addr[lane]) & 0xFFFFFF
+            if a < 0 or a + nbytes > n:
+                continue
+            raw = b"".join(int(v[lane]).to_bytes(4, "little") for v, _ in data)[:nbytes]
+            known = all(bool(kk[lane]) for _, kk in data)
+            self.b.shared[a:a + nbytes] = np.frombuffer(raw, np.uint8)
+            self.b.shared_known[a:a + nbytes] = known
+
+    # ---- the loop ----
+    def run(self) -> Counts:
+        b = self.b
+        while not all(w.done.all() for w in b.warps):
+            progressed = False
+            for w in b.warps:
+                if w.done.all():
+                    continue
+                w.at_barrier = False
+                self.run_warp(w)
+                progressed = True
+            if not progressed:
+                break
+        return b.counts
+
+    def run_warp(self, w: _Warp) -> None:
+        """Run ``w`` until it exits or reaches a CTA barrier."""
+        b = self.b
+        counts = b.counts
+        issued = counts.issued
+        n_ins = len(b.ins)
+        addresses = b.addresses
+        guards = b.guards
+        bases = b.bases
+        pc_lanes = None  # (pc, lanes) while every live lane is at one pc: no minimum to search
+        while True:
+            if pc_lanes is None:
+                live = ~w.done
+                if not live.any():
+                    return
+                live_pcs = w.pc[live]
+                pc = int(live_pcs.min())
+                lanes = live & (w.pc == pc)
+                if int(live_pcs.max()) == pc:
+                    pc_lanes = (pc, lanes)
+            else:
+                pc, lanes = pc_lanes
+            if pc >= n_ins:
+                raise EmulationError(f"{b.fn.name}: ran off the end of the code")
+            issued[addresses[pc]] += 1
+            counts.steps += 1
+            if counts.steps > b.max_steps:
+                ins = b.ins[pc]
+                raise EmulationError(f"{b.fn.name}: more than {b.max_steps} warp-instructions in one block "
+                                     f"(at {ins.address:#x} {ins.text})")
+            base = bases[pc]
+            g = guards[pc]
+            if g is None:
+                execute = lanes
+                unknown_guard = None
+            else:
+                guard, gk = self.pred(w, g)
+                execute = lanes & guard
+                unknown_guard = lanes & ~gk
+                if not unknown_guard.any():
+                    unknown_guard = None
+            if base in _CONTROL:
+                ins = b.ins[pc]
+                if unknown_guard is not None:
+                    take = self.avoid_slow_path(pc)
+                    if take is None:
+                        counts.unknown_branches[ins.address] += 1
+                        take = False  # an unknown decision: not taken
+                    execute = (execute & ~unknown_guard) | (unknown_guard if take else np.zeros(W, bool))
+                self.control(w, ins, pc, lanes, execute)
+                pc_lanes = None
+                if base == "BRA":
+                    # Still converged when every live lane is now at one pc.
+                    live = ~w.done
+                    pcs = w.pc[live]
+                    if len(pcs) and (pcs == pcs[0]).all():
+                        pc_lanes = (int(pcs[0]), live)
+                continue
+            if pc_lanes is not None:
+                pc_lanes = (pc + 1, lanes)
+                w.pc[lanes] = pc + 1
+            else:
+                w.pc[lanes] = pc + 1
+            if unknown_guard is not None:
+                # A predicated non-branch with an unknown guard: its destination becomes unknown there.
+                self.execute(w, b.ins[pc], pc, unknown_guard, poison=True)
+            if execute is lanes or execute.any():
+                self.execute(w, b.ins[pc], pc, execute)
+            if base == "BAR" and "ARV" not in b.ins[pc].opcode:
+                return  # a CTA barrier: let the other warps run up to it
+
+    def avoid_slow_path(self, pc: int) -> Optional[bool]:
+        """For a branch on unknown data: True (take it) when the fall-through block calls a math library
+        slow path (``__cuda_*_slowpath``: operands outside the fast path's range), False when the target
+        block does, None when neither does (a data-dependent decision). A block ends at the next branch."""
+        b = self.b
+        ins = b.ins[pc]
+        if ins.base != "BRA" or ins.target is None:
+            return None
+
+        def calls_slow(start: int, stop: int) -> bool:
+            for i in range(start, min(start + 12, len(b.ins), stop)):
+                x = b.ins[i]
+                if x.base == "CALL" and "slowpath" in x.operands:
+                    return True
+                if x.base in ("BRA", "EXIT", "RET", "CALL"):  # the block ends at the next transfer
+                    return False
+            return False
+
+        target = b.index[ins.target]
+        if target > pc and calls_slow(pc + 1, target):  # the fall-through, up to where the paths meet
+            return True
+        if calls_slow(target, len(b.ins)):
+            return False
+        return None
+
+    def control(self, w, ins, pc, lanes, execute):
+        b = self.b
+        base = ins.base
+        w.pc[lanes] = pc + 1
+        if not execute.any():
+            return
+        if base == "EXIT" or base == "KILL":
+            w.done |= execute
+            return
+        if base == "BRA" or base == "JMP" or base == "BREAK":
+            if base == "BREAK":
+                return  # BREAK pops a convergence barrier: no control transfer by itself
+            if ins.target is None:
+                raise EmulationError(f"{b.fn.name}: branch without a target at {ins.address:#x}")
+            w.pc[execute] = b.index[ins.target]
+            return
+        if base == "CALL":
+            if ins.target is None or ins.target not in b.index:
+                raise EmulationError(f"{b.fn.name}: call to an unknown target at {ins.address:#x}")
+            w.pc[execute] = b.index[ins.target]
+            return
+        if base == "RET":
+            ops = b.ops[pc]
+            v, k = self.rd(w, ops[0], execute)
+            for lane in np.nonzero(execute)[0]:
+                if not k[lane] or int(v[lane]) not in b.index:
+                    raise EmulationError(f"{b.fn.name}: return address unknown at {ins.address:#x}")
+                w.pc[lane] = b.index[int(v[lane])]
+            return
+        raise EmulationError(f"{b.fn.name}: unsupported control instruction {ins.text}")
+
+    # ---- semantics ----
+    def execute(self, w: _Warp, ins: sass.Instruction, pc: int, lanes: np.ndarray, poison: bool = False) -> None:
+        ops = self.b.ops[pc]
+        base = self.b.bases[pc]
+        mods = self.b.mods[pc]
+        if poison:
+            if base not in _NO_DEST:
+                for o in ops[:2]:
+                    if o.kind in ("R", "UR", "P", "UP"):
+                        self.unknown(w, o, lanes, _poison_width(ins, o))
+            return
+        handler = _HANDLERS.get(base)
+        if handler is None:
+            self.b.counts.unmodelled[base] += 1
+            if ops and ops[0].kind in ("R", "UR", "P", "UP") and base not in _NO_DEST:
+                self.unknown(w, ops[0], lanes, _poison_width(ins, ops[0]))
+                if len(ops) > 1 and ops[1].kind in ("P", "UP"):
+                    self.unknown(w, ops[1], lanes)
+            return
+        handler(self, w, ins, ops, mods, lanes)
+
+
+def _poison_width(ins: sass.Instruction, op: Operand) -> int:
+    if op.kind not in ("R", "UR"):
+        return 1
+    if ins.base in ("LDS", "LD", "LDG", "LDL", "LDC", "ULDC"):
+        return max(1, _size(ins.opcode.split(".")[1:]) // 4)
+    if ".WIDE" in ins.opcode or ".64" in ins.opcode:
+        return 2
+    return dst_width(ins)
+
+
+# ---- instruction handlers ---------------------------------------------------------------------------------------
+_CONTROL = {"BRA", "CALL", "RET", "EXIT", "BREAK", "BRX", "JMP", "KILL"}
+_NO_DEST = {"ST", "STS", "STG", "STL", "RED", "REDG", "BAR", "MEMBAR", "FENCE", "NOP", "BSSY", "BSYNC", "WARPSYNC",
+            "DEPBAR", "LDGDEPBAR", "YIELD", "ERRBAR", "CCTL", "SYNCS", "ARRIVES", "UTMALDG", "UTMASTG", "WARPGROUP",
+            "ELECT", "UBLKCP", "ACQBULK"}
+
+_HANDLERS = {}
+
+
+def handles(*names):
+    def deco(fn):
+        for n in names:
+            _HANDLERS[n] = fn
+        return fn
+    return deco
+
+
+def _dst_src(e, w, ops, lanes, start=1, float_op=False):
+    return [e.rd(w, o, lanes, float_op) for o in ops[start:]]
+
+
+@handles("NOP", "BSSY", "BSYNC", "WARPSYNC", "DEPBAR", "LDGDEPBAR", "YIELD", "MEMBAR", "FENCE", "ERRBAR", "CCTL",
+         "BAR", "BMOV", "NANOSLEEP", "PREEXIT", "CGAERRBAR", "ACQBULK")
+def _nop(e, w, ins, ops, mods, lanes):
+    if ins.base == "BMOV" and ops and ops[0].kind == "R":
+        e.unknown(w, ops[0], lanes)
+
+
+@handles("MOV", "UMOV")
+def _mov(e, w, ins, ops, mods, lanes):
+    v, k = e.rd(w, ops[1], lanes)
+    e.wr(w, ops[0], lanes, v, k)
+
+
+@handles("S2R", "S2UR", "CS2R")
+def _s2r(e, w, ins, ops, mods, lanes):
+    if ins.base == "CS2R":
+        if ops[1].text == "SRZ":
+            e.wr(w, ops[0], lanes, np.zeros(W, np.uint32), np.ones(W, bool))
+            if "32" not in mods:
+                e.wr(w, Operand(ops[0].kind, ops[0].index + 1), lanes, np.zeros(W, np.uint32), np.ones(W, bool))
+            return
+        e.unknown(w, ops[0], lanes, 2)
+        return
+    v, k = e.special(w, ops[1].text)
+    e.wr(w, ops[0], lanes, v, k)
+
+
+@handles("R2UR")
+def _r2ur(e, w, ins, ops, mods, lanes):
+    v, k = e.rd(w, ops[-1], lanes)
+    e.wr(w, ops[0], lanes, v, k)
+
+
+@handles("LDC", "ULDC")
+def _ldc(e, w, ins, ops, mods, lanes):
+    src = ops[1]
+    nbytes = 8 if "64" in mods else 1 if "U8" in mods or "S8" in mods else 2 if "U16" in mods or "S16" in mods else 4
+    offs = np.full(W, src.offset, np.int64)
+    k = np.ones(W, bool)
+    for kind, idx, _ in src.parts:
+        rv, rk = e.rd(w, Operand(kind, idx), lanes)
+        offs = offs + rv.astype(np.int64)
+        k &= rk
+    lo = np.zeros(W, np.uint32)
+    hi = np.zeros(W, np.uint32)
+    ok = np.zeros(W, bool)
+    for lane in np.nonzero(lanes)[0]:
+        if not k[lane]:
+            continue
+        val, good = e.b.const(src.bank, int(offs[lane]), nbytes)
+        if "S8" in mods and val >= 128:
+            val -= 256
+        if "S16" in mods and val >= 32768:
+            val -= 65536
+        lo[lane] = val & 0xFFFFFFFF
+        hi[lane] = (val >> 32) & 0xFFFFFFFF
+        ok[lane] = good
+    e.wr(w, ops[0], lanes, lo, ok)
+    if nbytes == 8:
+        e.wr(w, Operand(ops[0].kind, ops[0].index + 1), lanes, hi, ok)
+
+
+def _preds_out(ops):
+    """Leading predicate destinations of an instruction (e.g. IADD3 R, P0, P1, a, b, c)."""
+    out = []
+    for o in ops[1:]:
+        if o.kind in ("P", "UP") and not o.inv:
+            out.append(o)
+        else:
+            break
+    return out
+
+
+@handles("IADD3", "UIADD3")
+def _iadd3(e, w, ins, ops, mods, lanes):
+    # a + b + c in 34 bits: a negated operand -x is added as ~x plus 1 (two's complement, as the hardware
+    # does), so carries out of subtractions are right; .X adds the carry-in predicates.
+    pouts = _preds_out(ops)
+    srcs = ops[1 + len(pouts):]
+    total = np.zeros(W, np.int64)
+    k = np.ones(W, bool)
+    for o in srcs[:3]:
+        raw = Operand(o.kind, o.index, inv=o.inv, text=o.text, offset=o.offset, parts=o.parts, bank=o.bank,
+                      half=o.half)
+        v, vk = e.rd(w, raw, lanes)
+        if o.neg:
+            total = total + (~v).astype(np.int64) + 1
+        else:
+            total = total + v.astype(np.int64)
+        k &= vk
+    if "X" in mods:
+        for o in srcs[3:5]:
+            pv, pk = e.pred(w, o)
+            total = total + pv.astype(np.int64)
+            k &= pk
+    carry = total >> 32
+    e.wr(w, ops[0], lanes, _u32(total), k)
+    for i, p in enumerate(pouts[:2]):
+        e.wr(w, p, lanes, (carry >= i + 1).astype(np.uint32), k)
+
+
+def _carry_sum(values, known):
+    total = np.zeros(W, np.int64)
+    for v in values:
+        total = total + v
+    return total
+
+
+@handles("IMAD", "UIMAD", "IMUL", "UIMUL")
+def _imad(e, w, ins, ops, mods, lanes):
+    pouts = _preds_out(ops)
+    srcs = ops[1 + len(pouts):]
+    signed = "U32" not in mods
+    if "MOV" in mods:
+        v, k = e.rd(w, srcs[2] if len(srcs) > 2 else srcs[-1], lanes)
+        e.wr(w, ops[0], lanes, v, k)
+        return
+    (a, ak), (b_, bk) = e.rd(w, srcs[0], lanes), e.rd(w, srcs[1], lanes)
+    k = ak & bk
+    if "WIDE" in mods:
+        c, ck = e.rd64(w, srcs[2], lanes) if len(srcs) > 2 else (np.zeros(W, np.uint64), np.ones(W, bool))
+        if signed:
+            prod = a.view(np.int32).astype(np.int64) * b_.view(np.int32).astype(np.int64)
+            res = (prod.astype(np.uint64) + c) & np.uint64(0xFFFFFFFFFFFFFFFF)
+        else:
+            res = a.astype(np.uint64) * b_.astype(np.uint64) + c
+        e.wr64(w, ops[0], lanes, res, k & ck)
+        return
+    if "HI" in mods:
+        # High word of a * b plus a 64-bit addend (the register pair c:c+1), as the Newton steps of
+        # nvcc's integer division use it (c = 0, c + 1 = r adds r in the high word).
+        c64, ck = e.rd64(w, srcs[2], lanes) if len(srcs) > 2 else (np.zeros(W, np.uint64), np.ones(W, bool))
+        if signed:
+            prod = a.view(np.int32).astype(np.int64) * b_.view(np.int32).astype(np.int64)
+            total = (prod.astype(np.uint64) + c64)
+        else:
+            total = a.astype(np.uint64) * b_.astype(np.uint64) + c64
+        e.wr(w, ops[0], lanes, _u32(total >> np.uint64(32)), k & ck)
+        return
+    c, ck = e.rd(w, srcs[2], lanes) if len(srcs) > 2 else (np.zeros(W, np.uint32), np.ones(W, bool))
+    res = a.astype(np.uint64) * b_.astype(np.uint64) + c.astype(np.uint64)
+    if "X" in mods:
+        for o in srcs[3:4]:
+            pv, pk = e.pred(w, o)
+            res = res + pv.astype(np.uint64)
+            ck = ck & pk
+    e.wr(w, ops[0], lanes, _u32(res), k & ck)
+    for p in pouts:
+        e.wr(w, p, lanes, ((res >> np.uint64(32)) & np.uint64(1)).astype(np.uint32), k & ck)
+
+
+@handles("VIADD", "UVIADD")
+def _viadd(e, w, ins, ops, mods, lanes):
+    (a, ak), (b_, bk) = e.rd(w, ops[1], lanes), e.rd(w, ops[2], lanes)
+    e.wr(w, ops[0], lanes, _u32(a.astype(np.int64) + b_.astype(np.int64)), ak & bk)
+
+
+def _minmax(a, b_, signed, take_min):
+    if signed:
+        x, y = a.view(np.int32), b_.view(np.int32)
+    else:
+        x, y = a, b_
+    r = np.minimum(x, y) if take_min else np.maximum(x, y)
+    return r.view(np.uint32) if signed else r
+
+
+@handles("VIMNMX", "IMNMX", "UIMNMX")
+def _imnmx(e, w, ins, ops, mods, lanes):
+    (a, ak), (b_, bk) = e.rd(w, ops[1], lanes), e.rd(w, ops[2], lanes)
+    p, pk = e.pred(w, ops[3]) if len(ops) > 3 else (np.ones(W, bool), np.ones(W, bool))
+    signed = "U32" not in ins.opcode
+    mn = _minmax(a, b_, signed, True)
+    mx = _minmax(a, b_, signed, False)
+    e.wr(w, ops[0], lanes, np.where(p, mn, mx), ak & bk & pk)
+
+
+@handles("VIADDMNMX")
+def _viaddmnmx(e, w, ins, ops, mods, lanes):
+    (a, ak), (b_, bk), (c, ck) = e.rd(w, ops[1], lanes), e.rd(w, ops[2], lanes), e.rd(w, ops[3], lanes)
+    p, pk = e.pred(w, ops[4]) if len(ops) > 4 else (np.ones(W, bool), np.ones(W, bool))
+    s = _u32(a.astype(np.int64) + b_.astype(np.int64))
+    signed = "U32" not in ins.opcode
+    e.wr(w, ops[0], lanes, np.where(p, _minmax(s, c, signed, True), _minmax(s, c, signed, False)), ak & bk & ck & pk)
+
+
+@handles("IABS")
+def _iabs(e, w, ins, ops, mods, lanes):
+    a, ak = e.rd(w, ops[1], lanes)
+    e.wr(w, ops[0], lanes, _u32(np.abs(a.view(np.int32).astype(np.int64))), ak)
+
+
+def _lut(a, b_, c, lut):
+    r = np.zeros(W, np.uint32)
+    for bit in range(8):
+        if (lut >> bit) & 1:
+            ta = a if bit & 4 else ~a
+            tb = b_ if bit & 2 else ~b_
+            tc = c if bit & 1 else ~c
+            r |= ta & tb & tc
+    return r
+
+
+@handles("LOP3", "ULOP3")
+def _lop3(e, w, ins, ops, mods, lanes):
+    # LOP3.LUT [Pd,] Rd, a, b, c, lut, Pin  or  LOP3.LUT Rd, [Pd,] a, b, c, lut, Pin
+    pdst = None
+    if ops[0].kind in ("P", "UP"):
+        pdst, rdst, srcs = ops[0], ops[1], ops[2:]
+    elif ops[1].kind in ("P", "UP") and not ops[1].inv and len(ops) > 6:
+        pdst, rdst, srcs = ops[1], ops[0], ops[2:]
+    else:
+        rdst, srcs = ops[0], ops[1:]
+    (a, ak), (b_, bk), (c, ck) = (e.rd(w, o, lanes) for o in srcs[:3])
+    lut = imm_int(srcs[3].text)
+    r = _lut(a, b_, c, lut)
+    k = ak & bk & ck
+    if lut == 0xC0 and srcs[1].kind == "imm" and (imm_int(srcs[1].text) or 0) <= 0xFFFF and srcs[0].kind == "R":
+        k = k | (w.RK16[srcs[0].index] & ck)  # a & mask16: only the low half of a matters
+    e.wr(w, rdst, lanes, r, k)
+    if pdst is not None:
+        e.wr(w, pdst, lanes, (r != 0).astype(np.uint32), k)
+
+
+@handles("LOP", "ULOP")
+def _lop(e, w, ins, ops, mods, lanes):
+    (a, ak), (b_, bk) = e.rd(w, ops[1], lanes), e.rd(w, ops[2], lanes)
+    r = a & b_ if "AND" in mods else a | b_ if "OR" in mods else a ^ b_
+    e.wr(w, ops[0], lanes, r, ak & bk)
+
+
+@handles("PLOP3", "UPLOP3")
+def _plop3(e, w, ins, ops, mods, lanes):
+    dsts = ops[:2]
+    srcs = ops[2:5]
+    (a, ak), (b_, bk), (c, ck) = (e.pred(w, o) for o in srcs)
+    lut1 = imm_int(ops[5].text)
+    lut2 = imm_int(ops[6].text) if len(ops) > 6 else 0
+    ua, ub, uc = a.astype(np.uint32), b_.astype(np.uint32), c.astype(np.uint32)
+    r1 = _lut(ua * 0xFFFFFFFF, ub * 0xFFFFFFFF, uc * 0xFFFFFFFF, lut1) & 1
+    r2 = _lut(ua * 0xFFFFFFFF, ub * 0xFFFFFFFF, uc * 0xFFFFFFFF, lut2) & 1
+    k = ak & bk & ck
+    e.wr(w, dsts[0], lanes, r1, k)
+    e.wr(w, dsts[1], lanes, r2, k)
+
+
+def _shift_pair(e, w, ops, lanes):
+    (lo, lk), (s, sk), (hi, hk) = e.rd(w, ops[1], lanes), e.rd(w, ops[2], lanes), e.rd(w, ops[3], lanes)
+    return lo, hi, s, lk & sk & hk
+
+
+@handles("SHF", "USHF")
+def _shf(e, w, ins, ops, mods, lanes):
+    lo, hi, s, k = _shift_pair(e, w, ops, lanes)
+    if "U64" in mods or "S64" in mods:
+        mask = np.uint64(63)
+    else:
+        mask = np.uint64(31)
+    s64 = s.astype(np.uint64) & mask
+    if "S32" in mods or "S64" in mods:
+        pair = (hi.view(np.int32).astype(np.int64) << 32) | lo.astype(np.int64)
+    else:
+        pair = ((hi.astype(np.uint64) << np.uint64(32)) | lo.astype(np.uint64)).astype(np.int64)
+    if "L" in mods:
+        res = (pair.astype(np.uint64) << s64)
+        out = res >> np.uint64(32) if "HI" in mods else res
+        e.wr(w, ops[0], lanes, _u32(out), k)
+    else:
+        if "S32" in mods or "S64" in mods:
+            res = (pair >> s64.astype(np.int64)).astype(np.uint64)
+        else:
+            res = pair.astype(np.uint64) >> s64
+        out = res >> np.uint64(32) if "HI" in mods else res
+        e.wr(w, ops[0], lanes, _u32(out), k)
+
+
+@handles("SHL", "SHR", "USHL", "USHR")
+def _shl(e, w, ins, ops, mods, lanes):
+    (a, ak), (s, sk) = e.rd(w, ops[1], lanes), e.rd(w, ops[2], lanes)
+    s = s & np.uint32(31)
+    if ins.base.endswith("SHL"):
+        r = a << s
+    elif "U32" in mods:
+        r = a >> s
+    else:
+        r = (a.view(np.int32) >> s.astype(np.int32)).view(np.uint32)
+    e.wr(w, ops[0], lanes, r, ak & sk)
+
+
+@handles("LEA", "ULEA")
+def _lea(e, w, ins, ops, mods, lanes):
+    pouts = _preds_out(ops)
+    srcs = ops[1 + len(pouts):]
+    (a, ak), (b_, bk) = e.rd(w, srcs[0], lanes), e.rd(w, srcs[1], lanes)
+    if "HI" in mods:
+        if "SX32" in mods:
+            c = (a.view(np.int32) >> 31).view(np.uint32)
+            ck = ak
+            sh = imm_int(srcs[2].text)
+            rest = srcs[3:]
+        else:
+            c, ck = e.rd(w, srcs[2], lanes)
+            sh = imm_int(srcs[3].text)
+            rest = srcs[4:]
+        pair = (c.astype(np.uint64) << np.uint64(32)) | a.astype(np.uint64)
+        shifted = (pair << np.uint64(sh)) >> np.uint64(32)
+        total = shifted.astype(np.uint64) + b_.astype(np.uint64)
+        k = ak & bk & ck
+        if "X" in mods:
+            for o in rest[:1]:
+                pv, pk = e.pred(w, o)
+                total = total + pv.astype(np.uint64)
+                k &= pk
+        e.wr(w, ops[0], lanes, _u32(total), k)
+        for p in pouts:
+            e.wr(w, p, lanes, ((total >> np.uint64(32)) & np.uint64(1)).astype(np.uint32), k)
+        return
+    sh = imm_int(srcs[2].text)
+    total = ((a.astype(np.uint64) << np.uint64(sh)) & np.uint64(0xFFFFFFFF)) + b_.astype(np.uint64)
+    k = ak & bk
+    if "X" in mods:
+        for o in srcs[3:4]:
+            pv, pk = e.pred(w, o)
+            total = total + pv.astype(np.uint64)
+            k &= pk
+    e.wr(w, ops[0], lanes, _u32(total), k)
+    for p in pouts:
+        e.wr(w, p, lanes, ((total >> np.uint64(32)) & np.uint64(1)).astype(np.uint32), k)
+
+
+_CMP = {"LT": np.less, "LE": np.less_equal, "GT": np.greater, "GE": np.greater_equal, "EQ": np.equal,
+        "NE": np.not_equal}
+
+
+def _combine(r, p, how):
+    if how == "AND":
+        return r & p
+    if how == "OR":
+        return r | p
+    return r ^ p
+
+
+@handles("ISETP", "UISETP")
+def _isetp(e, w, ins, ops, mods, lanes):
+    cmp = next(m for m in mods if m in _CMP)
+    how = next((m for m in mods if m in ("AND", "OR", "XOR")), "AND")
+    unsigned = "U32" in mods
+    (a, ak), (b_, bk) = e.rd(w, ops[2], lanes), e.rd(w, ops[3], lanes)
+    p, pk = e.pred(w, ops[4]) if len(ops) > 4 else (np.ones(W, bool), np.ones(W, bool))
+    x = a if unsigned else a.view(np.int32)
+    y = b_ if unsigned else b_.view(np.int32)
+    if "EX" in mods:
+        lowp, lk = e.pred(w, ops[5]) if len(ops) > 5 else (np.ones(W, bool), np.ones(W, bool))
+        eq = x == y
+        if cmp in ("LT", "LE", "GT", "GE"):
+            strict = _CMP[cmp.replace("E", "T") if cmp in ("LE", "GE") else cmp](x, y)
+            r = strict | (eq & lowp)
+        elif cmp == "EQ":
+            r = eq & lowp
+        else:
+            r = ~eq | lowp
+        k = ak & bk & pk & lk
+    else:
+        r = _CMP[cmp](x, y)
+        k = ak & bk & pk
+    e.wr(w, ops[0], lanes, _combine(r, p, how).astype(np.uint32), k)
+    e.wr(w, ops[1], lanes, _combine(~r, p, how).astype(np.uint32), k)
+
+
+@handles("FSETP", "FSET")
+def _fsetp(e, w, ins, ops, mods, lanes):
+    cmp = next((m for m in mods if m.rstrip("U") in _CMP or m in ("NAN", "NUM")), "EQ")
+    how = next((m for m in mods if m in ("AND", "OR", "XOR")), "AND")
+    (a, ak), (b_, bk) = e.rd(w, ops[2], lanes, True), e.rd(w, ops[3], lanes, True)
+    p, pk = e.pred(w, ops[4]) if len(ops) > 4 else (np.ones(W, bool), np.ones(W, bool))
+    x, y = _f32(a), _f32(b_)
+    with np.errstate(invalid="ignore"):
+        if cmp == "NAN":
+            r = np.isnan(x) | np.isnan(y)
+        elif cmp == "NUM":
+            r = ~(np.isnan(x) | np.isnan(y))
+        else:
+            base = cmp.rstrip("U") if cmp not in ("NE",) else cmp
+            if cmp == "NEU":
+                base = "NE"
+            r = _CMP[base](x, y)
+            unordered = np.isnan(x) | np.isnan(y)
+            r = (r | unordered) if cmp.endswith("U") else (r & ~unordered)
+    k = ak & bk & pk
+    e.wr(w, ops[0], lanes, _combine(r, p, how).astype(np.uint32), k)
+    if ops[1].kind == "P":
+        e.wr(w, ops[1], lanes, _combine(~r, p, how).astype(np.uint32), k)
+
+
+@handles("FCHK")
+def _fchk(e, w, ins, ops, mods, lanes):
+    # Does this division need the slow path? Assumed not (the fast path covers every normal operand).
+    e.wr(w, ops[0], lanes, np.zeros(W, np.uint32), np.ones(W, bool))
+
+
+@handles("SEL", "USEL", "FSEL")
+def _sel(e, w, ins, ops, mods, lanes):
+    (a, ak), (b_, bk) = e.rd(w, ops[1], lanes, ins.base == "FSEL"), e.rd(w, ops[2], lanes, ins.base == "FSEL")
+    p, pk = e.pred(w, ops[3])
+    v = np.where(p, a, b_)
+    k = pk & np.where(p, ak, bk)
+    e.wr(w, ops[0], lanes, v, k)
+
+
+@handles("P2R", "UP2UR")
+def _p2r(e, w, ins, ops, mods, lanes):
+    # P2R R, PR, R_src, mask: bits of the predicate file under the mask, ORed into R_src's other bits.
+    mask = imm_int(ops[-1].text) or 0
+    src, sk = e.rd(w, ops[2], lanes) if len(ops) > 3 else (np.zeros(W, np.uint32), np.ones(W, bool))
+    bits = np.zeros(W, np.uint32)
+    k = sk.copy()
+    for i in range(7):
+        if (mask >> i) & 1:
+            bits |= (w.P[i].astype(np.uint32) << np.uint32(i))
+            k &= w.PK[i]
+    e.wr(w, ops[0], lanes, (src & ~np.uint32(mask)) | (bits & np.uint32(mask)), k)
+
+
+@handles("R2P")
+def _r2p(e, w, ins, ops, mods, lanes):
+    v, k = e.rd(w, ops[1], lanes)
+    mask = imm_int(ops[-1].text) or 0
+    for i in range(7):
+        if (mask >> i) & 1:
+            e.wr(w, Operand("P", i), lanes, ((v >> np.uint32(i)) & np.uint32(1)), k)
+
+
+@handles("PRMT", "UPRMT")
+def _prmt(e, w, ins, ops, mods, lanes):
+    (a, ak), (sel, sk), (b_, bk) = e.rd(w, ops[1], lanes), e.rd(w, ops[2], lanes), e.rd(w, ops[3], lanes)
+    low = [ops[i].kind == "R" and w.RK16[ops[i].index] if ops[i].kind == "R" else k_ for i, k_ in ((1, ak), (3, bk))]
+    src = (b_.astype(np.uint64) << np.uint64(32)) | a.astype(np.uint64)
+    out = np.zeros(W, np.uint64)
+    byte_known = []
+    for i in range(4):
+        nib = (sel.astype(np.uint64) >> np.uint64(4 * i)) & np.uint64(0xF)
+        byte = (src >> ((nib & np.uint64(7)) * np.uint64(8))) & np.uint64(0xFF)
+        sign = (byte >> np.uint64(7)) * np.uint64(0xFF)
+        byte = np.where(nib & np.uint64(8), sign, byte)
+        out |= byte << np.uint64(8 * i)
+        j = (nib & np.uint64(7)).astype(np.int64)
+        from_a = j < 4
+        within = np.where(from_a, j, j - 4)
+        known = np.where(from_a, np.where(within < 2, low[0], ak), np.where(within < 2, low[1], bk))
+        byte_known.append(known & sk)
+    k_all = byte_known[0] & byte_known[1] & byte_known[2] & byte_known[3]
+    e.wr(w, ops[0], lanes, _u32(out), k_all)
+    if ops[0].kind == "R" and ops[0].index != RZ:
+        np.copyto(w.RK16[ops[0].index], byte_known[0] & byte_known[1], where=lanes)
+
+
+@handles("SGXT", "USGXT")
+def _sgxt(e, w, ins, ops, mods, lanes):
+    (a, ak), (n, nk) = e.rd(w, ops[1], lanes), e.rd(w, ops[2], lanes)
+    n = n.astype(np.int64).clip(1, 32)
+    mask = (np.int64(1) << n) - 1
+    v = a.astype(np.int64) & mask
+    if "U32" not in mods:
+        sign = (v >> (n - 1)) & 1
+        v = np.where(sign == 1, v - (np.int64(1) << n), v)
+    e.wr(w, ops[0], lanes, _u32(v), ak & nk)
+
+
+@handles("BMSK", "UBMSK")
+def _bmsk(e, w, ins, ops, mods, lanes):
+    (a, ak), (n, nk) = e.rd(w, ops[1], lanes), e.rd(w, ops[2], lanes)
+    mask = ((np.uint64(1) << n.astype(np.uint64)) - np.uint64(1)) << a.astype(np.uint64)
+    e.wr(w, ops[0], lanes, _u32(mask), ak & nk)
+
+
+@handles("POPC", "UPOPC", "FLO", "UFLO", "BREV", "UBREV")
+def _bitops(e, w, ins, ops, mods, lanes):
+    a, ak = e.rd(w, ops[-1], lanes)
+    if ins.base.endswith("POPC"):
+        r = np.array([bin(int(x)).count("1") for x in a], np.uint32)
+    elif ins.base.endswith("BREV"):
+        r = np.array([int(f"{int(x):032b}"[::-1], 2) for x in a], np.uint32)
+    else:
+        r = np.array([(int(x).bit_length() - 1) if x else 0xFFFFFFFF for x in a], np.uint32)
+    e.wr(w, ops[0], lanes, r, ak)
+
+
+@handles("VOTE", "VOTEU")
+def _vote(e, w, ins, ops, mods, lanes):
+    pv, pk = e.pred(w, ops[-1])
+    if ops[0].kind in ("R", "UR"):
+        ballot = np.uint32(sum(1 << i for i in range(W) if lanes[i] and pv[i]))
+        e.wr(w, ops[0], lanes, np.full(W, ballot, np.uint32), np.full(W, bool(pk[lanes].all())))
+        rest = ops[1:-1]
+    else:
+        rest = ops[:-1]
+    for o in rest:
+        if o.kind in ("P", "UP"):
+            val = pv[lanes].any() if "ANY" in mods else pv[lanes].all()
+            e.wr(w, o, lanes, np.full(W, int(val), np.uint32), np.full(W, bool(pk[lanes].all())))
+
+
+# -- floating point (known values only matter for integer division and parameters) --
+def _fbin(e, w, ins, ops, lanes, fn):
+    (a, ak), (b_, bk) = e.rd(w, ops[1], lanes, True), e.rd(w, ops[2], lanes, True)
+    with np.errstate(all="ignore"):
+        r = fn(_f32(a), _f32(b_))
+    e.wr(w, ops[0], lanes, _bits(r), ak & bk)
+
+
+@handles("FADD")
+def _fadd(e, w, ins, ops, mods, lanes):
+    _fbin(e, w, ins, ops, lanes, lambda x, y: x + y)
+
+
+@handles("FMUL")
+def _fmul(e, w, ins, ops, mods, lanes):
+    _fbin(e, w, ins, ops, lanes, lambda x, y: x * y)
+
+
+@handles("FMNMX")
+def _fmnmx(e, w, ins, ops, mods, lanes):
+    (a, ak), (b_, bk) = e.rd(w, ops[1], lanes, True), e.rd(w, ops[2], lanes, True)
+    p, pk = e.pred(w, ops[3])
+    x, y = _f32(a), _f32(b_)
+    e.wr(w, ops[0], lanes, _bits(np.where(p, np.fmin(x, y), np.fmax(x, y))), ak & bk & pk)
+
+
+@handles("FFMA")
+def _ffma(e, w, ins, ops, mods, lanes):
+    (a, ak), (b_, bk), (c, ck) = (e.rd(w, o, lanes, True) for o in ops[1:4])
+    with np.errstate(all="ignore"):
+        r = (_f32(a).astype(np.float64) * _f32(b_).astype(np.float64) + _f32(c).astype(np.float64))
+        if "RP" in mods or "RM" in mods or "RZ" in mods:
+            r32 = r.astype(np.float32)
+            if "RP" in mods:
+                r32 = np.where(r32.astype(np.float64) < r, np.nextafter(r32, np.float32(np.inf)), r32)
+            elif "RM" in mods:
+                r32 = np.where(r32.astype(np.float64) > r, np.nextafter(r32, np.float32(-np.inf)), r32)
+            else:
+                r32 = np.where(np.abs(r32.astype(np.float64)) > np.abs(r),
+                               np.nextafter(r32, np.float32(0)), r32)
+        else:
+            r32 = r.astype(np.float32)
+        if "SAT" in mods:
+            r32 = np.clip(r32, 0, 1)
+    e.wr(w, ops[0], lanes, _bits(r32), ak & bk & ck)
+
+
+@handles("MUFU")
+def _mufu(e, w, ins, ops, mods, lanes):
+    a, ak = e.rd(w, ops[1], lanes, True)
+    x = _f32(a)
+    fn = mods[0]
+    with np.errstate(all="ignore"):
+        r = {"RCP": lambda v: np.float32(1) / v, "EX2": np.exp2, "LG2": np.log2, "RSQ": lambda v: 1 / np.sqrt(v),
+             "SQRT": np.sqrt, "SIN": np.sin, "COS": np.cos, "TANH": np.tanh, "RCP64H": None,
+             "RSQ64H": None}.get(fn)
+        if r is None:
+            e.unknown(w, ops[0], lanes)
+            return
+        e.wr(w, ops[0], lanes, _bits(r(x).astype(np.float32)), ak)
+
+
+@handles("I2F", "I2FP", "UI2F", "UI2FP")
+def _i2f(e, w, ins, ops, mods, lanes):
+    a, ak = e.rd(w, ops[-1], lanes)
+    if "F64" in mods:
+        e.unknown(w, ops[0], lanes, 2)
+        return
+    if "U64" in mods or "S64" in mods:
+        e.unknown(w, ops[0], lanes)
+        return
+    unsigned = "U32" in mods or ("S32" not in mods and ins.base.endswith("I2F") and "U32" in ins.opcode)
+    exact = a.astype(np.float64) if unsigned else a.view(np.int32).astype(np.float64)
+    f = exact.astype(np.float32)
+    if "RP" in mods:
+        f = np.where(f.astype(np.float64) < exact, np.nextafter(f, np.float32(np.inf)), f)
+    e.wr(w, ops[0], lanes, _bits(f), ak)
+
+
+@handles("F2I", "F2IP")
+def _f2i(e, w, ins, ops, mods, lanes):
+    a, ak = e.rd(w, ops[-1], lanes, True)
+    if "F64" in mods or "U64" in mods or "S64" in mods or "F64" in ins.operands:
+        e.unknown(w, ops[0], lanes, 2)
+        return
+    x = _f32(a).astype(np.float64)
+    with np.errstate(all="ignore"):
+        if "FLOOR" in mods:
+            x = np.floor(x)
+        elif "CEIL" in mods:
+            x = np.ceil(x)
+        elif "TRUNC" in mods or True:
+            x = np.trunc(x)
+        x = np.nan_to_num(x)
+        if "U32" in mods:
+            r = np.clip(x, 0, 0xFFFFFFFF).astype(np.uint64)
+        else:
+            r = np.clip(x, -2 ** 31, 2 ** 31 - 1).astype(np.int64)
+    e.wr(w, ops[0], lanes, _u32(r), ak)
+
+
+def dst_width(ins: sass.Instruction) -> int:
+    """32-bit registers the first destination of a data instruction occupies."""
+    base, mods = ins.base, ins.opcode.split(".")[1:]
+    if base in ("F2F", "F2I", "I2F", "I2FP", "F2IP", "FRND", "I2I"):
+        types = [m for m in mods if re.match(r"^(F|S|U)(8|16|32|64)$", m)]
+        return 2 if types and types[0].endswith("64") else 1
+    if base in ("DADD", "DMUL", "DFMA", "DMNMX"):
+        return 2
+    if base in ("HMMA", "IMMA", "BMMA"):
+        return 4 if ".F32" in ins.opcode or ".S32" in ins.opcode else 2
+    if base == "DMMA":
+        return 4
+    if base in ("HGMMA", "IGMMA", "QGMMA"):
+        m = re.search(r"\.64x(\d+)x", ins.opcode)
+        return max(1, int(m.group(1)) // 2) if m else 64
+    if base == "LDSM":
+        m = re.search(r"\.(\d)$", ins.opcode)
+        return int(m.group(1)) if m else 1
+    return 1
+
+
+@handles("F2F", "F2FP", "FRND", "HADD2", "HFMA2", "HMUL2", "HMNMX2", "HSETP2", "DADD", "DMUL", "DFMA", "DSETP",
+         "DMNMX", "FSWZADD", "I2I", "F2F64", "MOVM", "HMMA", "HGMMA", "DMMA", "IMMA", "BMMA", "LDSM", "SHFL")
+def _data(e, w, ins, ops, mods, lanes):
+    """Floating-point data and tensor-core results: unknown (they never steer the loops modelled here)."""
+    if ins.base == "SHFL":
+        _shfl(e, w, ins, ops, mods, lanes)
+        return
+    for o in ops[:1]:
+        if o.kind in ("R", "UR", "P", "UP"):
+            e.unknown(w, o, lanes, dst_width(ins) if o.kind in ("R", "UR") else 1)
+    if ins.base in ("HSETP2", "DSETP") and len(ops) > 1 and ops[1].kind == "P":
+        e.unknown(w, ops[1], lanes)
+
+
+def _shfl(e, w, ins, ops, mods, lanes):
+    # SHFL.mode Pout, Rd, Ra, b (lane or delta), c (clamp/mask)
+    pouts = [o for o in ops[:1] if o.kind == "P"]
+    rest = ops[len(pouts):]
+    dst, src = rest[0], rest[1]
+    v, k = e.rd(w, src, lanes)
+    bval, bk = e.rd(w, rest[2], lanes)
+    lane = np.arange(W)
+    b_ = bval.astype(np.int64)
+    if "IDX" in mods:
+        srcl = b_ & 31
+    elif "BFLY" in mods:
+        srcl = lane ^ (b_ & 31)
+    elif "UP" in mods:
+        srcl = lane - b_
+    else:
+        srcl = lane + b_
+    valid = (srcl >= 0) & (srcl < W)
+    srcl = np.where(valid, srcl, lane)
+    out = v[srcl]
+    ok = k[srcl] & bk & lanes[srcl]
+    e.wr(w, dst, lanes, out, ok)
+    for p in pouts:
+        e.wr(w, p, lanes, valid.astype(np.uint32), bk)
+
+
+_SIZE = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
+
+
+def _size(mods):
+    for m in mods:
+        if m in _SIZE:
+            return _SIZE[m]
+    return 4
+
+
+def _generic_space(e, w, ins, ops, lanes) -> None:
+    """Count a generic-address access that goes to global memory (its address is outside the shared window)."""
+    mem = next((o for o in ops if o.kind == "mem"), None)
+    if mem is None:
+        return
+    addr, k = e.address(w, mem, lanes)
+    sel = lanes & k
+    if sel.any() and ((addr[sel] >> 32) != SHARED_WINDOW_HI).sum() * 2 >= sel.sum():
+        e.b.counts.generic_global[ins.address] += 1
+
+
+SHARED_WINDOW_HI = 1  # what SR_SWINHI reads here: generic addresses of shared memory are 0x1_xxxxxxxx
+STACK_TOP = 0xFFFC00  # the local stack pointer the constant bank gives (c[0x0][0x28])
+LOCAL_SPAN = 1 << 16  # bytes of local memory per lane below STACK_TOP that are modelled
+
+
+def _local_index(w, addr):
+    if w.local is None:
+        w.local = np.zeros((W, LOCAL_SPAN), np.uint8)
+        w.local_known = np.zeros((W, LOCAL_SPAN), bool)
+    return (addr & 0xFFFFFF) - (STACK_TOP - LOCAL_SPAN)
+
+
+def _local_load(e, w, ins, ops, mods, lanes):
+    size = _size(mods)
+    mem = next(o for o in ops if o.kind == "mem")
+    addr, k = e.address(w, mem, lanes)
+    words = max(1, size // 4)
+    vals = np.zeros((words, W), np.uint32)
+    known = np.zeros((words, W), bool)
+    for lane in np.nonzero(lanes & k)[0]:
+        a = int(_local_index(w, int(addr[lane])))
+        if 0 <= a and a + size <= LOCAL_SPAN:
+            raw = bytes(w.local[lane, a:a + size]) + b"\0" * 4
+            kn = w.local_known[lane, a:a + size]
+            for i in range(words):
+                vals[i, lane] = int.from_bytes(raw[4 * i:4 * i + 4], "little") & ((1 << (8 * min(size, 4))) - 1)
+                known[i, lane] = bool(kn[4 * i:4 * i + min(size, 4)].all())
+    for i in range(words):
+        e.wr(w, Operand("R", ops[0].index + i), lanes, vals[i], known[i])
+
+
+def _local_store(e, w, ins, ops, mods, lanes):
+    size = _size(mods)
+    mem, src = ops[0], ops[1]
+    addr, k = e.address(w, mem, lanes)
+    words = max(1, size // 4)
+    data = [e.rd(w, Operand(src.kind, src.index + i) if src.kind == "R" and src.index != RZ else src, lanes)
+            for i in range(words)]
+    for lane in np.nonzero(lanes & k)[0]:
+        a = int(_local_index(w, int(addr[lane])))
+        if 0 <= a and a + size <= LOCAL_SPAN:
+            raw = b"".join(int(v[lane]).to_bytes(4, "little") for v, _ in data)[:size]
+            w.local[lane, a:a + size] = np.frombuffer(raw, np.uint8)
+            w.local_known[lane, a:a + size] = all(bool(kk[lane]) for _, kk in data)
+
+
+@handles("LDS", "LD", "LDG", "LDL", "ATOMS", "ATOMG", "ATOM", "LDGSTS", "LDC64")
+def _load(e, w, ins, ops, mods, lanes):
+    size = _size(mods)
+    dst = ops[0]
+    if ins.base in ("LD", "ATOM"):
+        _generic_space(e, w, ins, ops, lanes)
+    if ins.base == "LDL":
+        _local_load(e, w, ins, ops, mods, lanes)
+        return
+    if ins.base == "LDGSTS":
+        return  # copies global -> shared: shared contents become unknown
+    if ins.base in ("LDS", "LD") and dst.kind == "R":
+        mem = next((o for o in ops if o.kind == "mem"), None)
+        vals, known = e.shared_load(w, mem, lanes, size, generic=ins.base == "LD")
+        if size < 4:
+            vals = vals & np.uint32((1 << (8 * size)) - 1)
+            if "S8" in mods or "S16" in mods:
+                bits = 8 * size
+                vals = _u32(np.where(vals >> np.uint32(bits - 1), vals.astype(np.int64) - (1 << bits), vals))
+        for i in range(vals.shape[0]):
+            e.wr(w, Operand("R", dst.index + i), lanes, vals[i], known[i])
+        return
+    if dst.kind in ("R", "UR", "P"):
+        e.unknown(w, dst, lanes, max(1, size // 4))
+
+
+@handles("STS", "ST", "STG", "STL", "RED", "REDG", "REDAS", "STSM")
+def _store(e, w, ins, ops, mods, lanes):
+    if ins.base in ("ST", "RED"):
+        _generic_space(e, w, ins, ops, lanes)
+    if ins.base == "STL":
+        _local_store(e, w, ins, ops, mods, lanes)
+        return
+    if ins.base not in ("STS", "ST"):
+        return
+    size = _size(mods)
+    mem = ops[0]
+    src = ops[1]
+    words = max(1, size // 4)
+    data = [e.rd(w, Operand(src.kind, src.index + i) if src.kind in ("R", "UR") and src.index not in (RZ, URZ)
+                 else src, lanes) for i in range(words)]
+    if size <= 2 and src.kind == "R":  # only the low half is stored
+        data = [(data[0][0], w.RK16[src.index].copy())]
+    e.shared_store(w, mem, lanes, data, size, generic=ins.base == "ST")
+
+
+PARAM_OFFSET = {90: 0x210, 80: 0x160, 86: 0x160, 89: 0x160}  # where kernel parameters start in constant bank 0
+
+
+def constant_bank(params: bytes, arch: int, threads: int, grid: Sequence[int]) -> bytes:
+    """Constant bank 0 as a launch sets it: block and grid sizes, the stack pointer, the kernel parameters."""
+    offset = PARAM_OFFSET[arch]
+    bank = bytearray(offset + len(params))
+    dims = [threads, 1, 1] + list(grid) + [1] * (3 - len(grid))
+    for i, d in enumerate(dims[:6]):
+        bank[4 * i:4 * i + 4] = int(d).to_bytes(4, "little")
+    bank[0x28:0x2C] = STACK_TOP.to_bytes(4, "little")
+    if arch < 90:  # sm_8x read the shared window's generic base from c[0x0][0x18] (sm_90: SR_SWINHI)
+        bank[0x18:0x20] = (SHARED_WINDOW_HI << 32).to_bytes(8, "little")
+    bank[offset:] = params
+    return bytes(bank)
+
+
+# ---- running a launch -------------------------------------------------------------------------------------------
+def run_block(function: sass.Function, const0: bytes, threads: int, ctaid, nctaid, shared_size: int, arch: int,
+              max_steps: int = 50_000_000, banks: Optional[Dict[int, bytes]] = None) -> Counts:
+    """Warp-instructions one thread block issues (summed over its warps), by instruction address.
+
+    const0: constant bank 0 (``constant_bank``); banks: the compiler's other constant banks
+    (``sass.constant_banks`` of the cubin)."""
+    return Emulator(function, const0, threads, ctaid, nctaid, shared_size, arch, max_steps, banks).run()

@@ -1,0 +1,153 @@
+"""Fused Triton backward of Re-attention (reattn.kernels.backward) against float64 autograd of the reference.
+
+The kernels run in Triton's interpreter without a GPU (tests/conftest.py sets TRITON_INTERPRET), so
+shapes are small. Training BatchNorm (the backward-sums sweep and the e, f rows) and gradcheck run
+through the backend in tests/backends/test_fused_backends.py; here: every gradient of the two
+kernels directly, their tiles (head-dim chunks, row groups per program) and the sums sweep.
+"""
+import pytest
+import torch
+
+from reattn.kernels.backward import re_attention_backward, re_attention_backward_bn_sums
+from reattn.kernels.dropout import dropout_keep_mask
+from reattn.kernels.forward import re_attention_forward
+from reattn.kernels.launch import TileConfig, backward_config
+from reattn.reference import re_attention_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("q", "k", "v", "mix_weight", "mix_bias", "norm_weight", "norm_bias")
+
+
+def problem(B, H, Nq, Nk, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s + shift).to(DEVICE).requires_grad_(True)
+
+    return dict(q=rnd(B, H, Nq, D), k=rnd(B, H, Nk, D), v=rnd(B, H, Nk, D),
+                mix_weight=rnd(H, H, s=H ** -0.5) + torch.eye(H, dtype=torch.float64, device=DEVICE),
+                mix_bias=rnd(H, s=0.1), norm_weight=rnd(H, s=0.2, shift=1.0), norm_bias=rnd(H, s=0.2))
+
+
+def masks(B, H, Nq, Nk, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(B, 1, Nq, Nk, generator=g) > 0.35
+    keep[0, 0, 1] = False  # a query row with every key masked
+    additive = torch.randn(B, H, Nq, Nk, generator=g, dtype=torch.float64)
+    additive[torch.rand(B, H, Nq, Nk, generator=g) > 0.7] = float("-inf")
+    return {"bool": keep.to(DEVICE), "float per head": additive.to(DEVICE)}
+
+
+def gradients(t, norm, *, out_scale=0.7, attn_mask=None, dropout_p=0.0, seed=None, dq_config=None, dkdv_config=None,
+              bias=True):
+    """(kernel gradients, float64 autograd of the reference) for one random cotangent."""
+    D = t["q"].shape[-1]
+    kw = dict(scale=D ** -0.5, out_scale=out_scale, norm=norm, norm_weight=t["norm_weight"] if norm == "layer" else None,
+              norm_bias=t["norm_bias"] if norm == "layer" else None, attn_mask=attn_mask)
+    c = t["mix_bias"] if bias else None
+    keep = None
+    if dropout_p:
+        keep = dropout_keep_mask(seed, (t["q"].shape[0], t["q"].shape[1], t["q"].shape[2], t["k"].shape[2]),
+                                 dropout_p)
+    ref = re_attention_ref(t["q"], t["k"], t["v"], t["mix_weight"], c, training=bool(dropout_p),
+                           dropout_p=dropout_p, dropout_mask=keep, **kw)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(DEVICE)
+    names = [n for n in NAMES if (n != "mix_bias" or bias) and (not n.startswith("norm") or norm == "layer")]
+    expected = dict(zip(names, torch.autograd.grad(ref, [t[n] for n in names], grad)))
+    with torch.no_grad():
+        fkw = dict(kw, dropout_p=dropout_p, seed=seed)
+        _, stats = re_attention_forward(t["q"], t["k"], t["v"], t["mix_weight"], c, **fkw)
+        got = re_attention_backward(grad, t["q"], t["k"], t["v"], t["mix_weight"], c, stats, dq_config=dq_config,
+                                    dkdv_config=dkdv_config, **fkw)
+    got = {n: g for n, g in zip(NAMES, got) if n in names}
+    assert set(got) == set(expected) and all(g is not None for g in got.values())
+    return got, expected
+
+
+def assert_close(got, expected, rtol=1e-11, amplification=1.0):
+    """Each gradient within rtol of its own size, or of the largest gradient where it is a sum that
+    cancels: a LayerNorm over one head has xhat = 0 exactly, reached by the reference up to its
+    round-off times 1/std, at most 1/sqrt(eps) (``amplification``), so its parameter gradients
+    are 0 within that much of the largest one."""
+    largest = max(g.abs().max().item() for g in expected.values())
+    for name in expected:
+        scale = expected[name].abs().max().item()
+        err = (got[name].double() - expected[name]).abs().max().item()
+        assert err <= rtol * scale + 1e-14 * amplification * largest, (name, err, scale)
+
+
+@pytest.mark.parametrize("B,H,Nq,Nk,D,norm,bias", [
+    (2, 6, 33, 33, 33, "none", True),
+    (2, 6, 33, 20, 16, "layer", True),
+    (2, 12, 17, 21, 32, "none", False),
+    (2, 12, 17, 21, 32, "layer", True),
+    (1, 3, 9, 40, 16, "none", True),    # G = 2 row groups per program (HP = 8)
+    (2, 17, 9, 13, 16, "layer", True),  # HP = 32
+    (2, 1, 1, 1, 35, "layer", True),    # N = 1, one head
+    (1, 16, 5, 7, 64, "none", True),    # no padding slot: the bias's gradient by its own sum
+])
+def test_every_gradient_matches_float64(B, H, Nq, Nk, D, norm, bias):
+    got, expected = gradients(problem(B, H, Nq, Nk, D), norm, bias=bias)
+    assert_close(got, expected, amplification=1e-5 ** -0.5 if (H, norm) == (1, "layer") else 1.0)
+
+
+@pytest.mark.parametrize("mask_name", ["bool", "float per head"])
+@pytest.mark.parametrize("norm", ["none", "layer"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_masks_and_dropout(mask_name, norm, dropout_p):
+    B, H, Nq, Nk, D = 2, 6, 21, 19, 16
+    seed = torch.tensor([99], dtype=torch.int64, device=DEVICE) if dropout_p else None
+    got, expected = gradients(problem(B, H, Nq, Nk, D, seed=1), norm, attn_mask=masks(B, H, Nq, Nk)[mask_name],
+                              dropout_p=dropout_p, seed=seed)
+    assert_close(got, expected)
+
+
+@pytest.mark.parametrize("dq,dkdv", [
+    (TileConfig(HP=8, G=1, BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, STATS_BLOCK_N=16, num_warps=4, num_stages=1),
+     TileConfig(HP=8, G=1, BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, STATS_BLOCK_N=16, num_warps=4, num_stages=1)),
+    (TileConfig(HP=16, G=2, BLOCK_M=16, BLOCK_N=32, BLOCK_D=64, STATS_BLOCK_N=16, num_warps=4, num_stages=1),
+     TileConfig(HP=16, G=2, BLOCK_M=32, BLOCK_N=16, BLOCK_D=32, STATS_BLOCK_N=16, num_warps=4, num_stages=1)),
+], ids=["head-dim-chunks", "two-row-groups"])
+@pytest.mark.parametrize("norm", ["none", "layer"])
+def test_tiles_do_not_change_the_gradients(dq, dkdv, norm):
+    """Head-dim chunks (each program writes its columns of dQ / dK, dV and recomputes the scores over
+    every chunk; the parameter sums come from the first chunk) and several row groups per program
+    give the same gradients, with a mask."""
+    B, H, Nq, Nk, D = 2, 6, 21, 19, 35
+    got, expected = gradients(problem(B, H, Nq, Nk, D, seed=3), norm, attn_mask=masks(B, H, Nq, Nk)["bool"],
+                              dq_config=dq, dkdv_config=dkdv)
+    assert_close(got, expected)
+
+
+def test_batchnorm_sums_sweep_matches_float64():
+    """sum dN xhat and sum dN per head (dN = out_scale dO V^T on unmasked entries, xhat normalized
+    with the given statistics), what training BatchNorm's backward needs first."""
+    B, H, Nq, Nk, D = 2, 6, 13, 17, 16
+    t = problem(B, H, Nq, Nk, D, seed=4)
+    mask = masks(B, H, Nq, Nk)["bool"]
+    q, k, v, w, c = (t[n].detach() for n in ("q", "k", "v", "mix_weight", "mix_bias"))
+    grad = torch.randn(B, H, Nq, D, dtype=torch.float64, device=DEVICE)
+    scale, tau = D ** -0.5, 0.7
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
+    m = torch.einsum("gh,bhij->bgij", w, p) + c[None, :, None, None]
+    mean = torch.randn(H, dtype=torch.float64, device=DEVICE) * 0.01
+    rstd = torch.rand(H, dtype=torch.float64, device=DEVICE) + 1.0
+    xhat = ((m - mean[None, :, None, None]) * rstd[None, :, None, None]).masked_fill(~mask, 0.0)
+    dn = (tau * grad @ v.transpose(-1, -2)).masked_fill(~mask, 0.0)
+    truth = torch.stack([(dn * xhat).sum((0, 2, 3)), dn.sum((0, 2, 3))])
+    _, stats = re_attention_forward(q, k, v, w, c, scale=scale, attn_mask=mask)
+    sums = re_attention_backward_bn_sums(grad, q, k, v, w, c, stats, scale=scale, out_scale=tau,
+                                         batch_stats=torch.stack([mean, rstd]), attn_mask=mask)
+    torch.testing.assert_close(sums, truth, rtol=1e-11, atol=1e-11 * truth.abs().max().item())
+
+
+def test_launch_rule_keeps_the_accumulators_in_registers():
+    """dQ needs two accumulators (X and Y), dK/dV two over the key block: the rule keeps each
+    kernel's accumulators at 64 registers per thread with 8 warps, splitting the head dim if needed."""
+    for h in (1, 6, 12, 16, 32):
+        for d in (1, 16, 33, 64, 128):
+            dq = backward_config(197, 197, d, h, interpret=False, kernel="dq")
+            dkdv = backward_config(197, 197, d, h, interpret=False, kernel="dkdv")
+            assert 2 * dq.HP * dq.BLOCK_M * dq.BLOCK_D <= 64 * 32 * dq.num_warps
+            assert 2 * dkdv.HP * dkdv.BLOCK_N * dkdv.BLOCK_D <= 64 * 32 * dkdv.num_warps
