@@ -16,8 +16,10 @@ namespace reattn {
 namespace cuda {
 
 // ---- dropout: Triton's Philox, bit for bit ------------------------------------------------
-// tl.philox(seed, j, i, b * H + h, 0) with 10 rounds, then tl.random.uint_to_uniform_float on the
-// first word: the CUDA and Triton backends drop the same entries for the same seed.
+// Z[b, h, i, j] = (u >= p), u the (j % 4)-th word of tl.philox(seed; j / 4, i, b * H + h, 0) (ten
+// rounds) through tl.random.uint_to_uniform_float: one Philox evaluation serves four consecutive
+// keys, as in kernels/common.py's _dropout_keep, so the CUDA and Triton backends drop the same
+// entries for the same seed.
 REATTN_HD uint32_t mul_hi_u32(uint32_t a, uint32_t b) {
 #if defined(__CUDA_ARCH__)
   return __umulhi(a, b);
@@ -26,7 +28,8 @@ REATTN_HD uint32_t mul_hi_u32(uint32_t a, uint32_t b) {
 #endif
 }
 
-REATTN_HD uint32_t philox_first_word(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
+// Word `word` (0-3) of Philox4x32-10 at counter (c0, c1, c2, c3) and key seed.
+REATTN_HD uint32_t philox_word(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, int word) {
   uint32_t k0 = static_cast<uint32_t>(seed & 0xffffffffu);
   uint32_t k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
@@ -38,13 +41,13 @@ REATTN_HD uint32_t philox_first_word(uint64_t seed, uint32_t c0, uint32_t c1, ui
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return c0;
+  return word == 0 ? c0 : word == 1 ? c1 : word == 2 ? c2 : c3;
 }
 
 // Keep P[b, h, i, j]? u >= p with u uniform in [0, 1), both in fp32 as Triton compares them.
 REATTN_HD bool dropout_keep(uint64_t seed, int64_t b, int H, int h, int64_t i, int64_t j, float p) {
-  const uint32_t word = philox_first_word(seed, static_cast<uint32_t>(j), static_cast<uint32_t>(i),
-                                          static_cast<uint32_t>(b * H + h), 0u);
+  const uint32_t word = philox_word(seed, static_cast<uint32_t>(j >> 2), static_cast<uint32_t>(i),
+                                    static_cast<uint32_t>(b * H + h), 0u, static_cast<int>(j & 3));
   int32_t x = static_cast<int32_t>(word);
   if (x < 0) x = ~x;
   return static_cast<float>(x) * 4.6566127342e-10f >= p;
