@@ -16,22 +16,15 @@ which is how CI tests this backend without a GPU. ``backend="cuda"`` accepts CPU
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from reattn._extension import _C
+from reattn._extension import _C, emulating
 from reattn.backends._fused import FusedKernels, define_fused_ops, run_fused
 
 __all__ = ["CUDA_OPS", "cuda_backward", "cuda_forward", "emulating", "re_attention_cuda"]
 
 # Program kinds of csrc/cuda/params.h, for reattn._C.cuda_plan.
 PROGRAM_KINDS = {"forward": 0, "batch_stats": 1, "backward": 2, "backward_stats": 3}
-
-
-def emulating() -> bool:
-    """True when ``REATTN_CUDA_EMULATE=1``: backend="cuda" runs CPU tensors in the host emulator."""
-    return os.environ.get("REATTN_CUDA_EMULATE", "0") == "1"
 
 
 # The softmax statistics the ops pass from the forward to the backward: [B, H, Nq, 2] (row max,
