@@ -84,14 +84,15 @@ def _extensions():
     # The CUDA ops' torch glue and their host emulator are built with every torch (the CPU test
     # suite runs the CUDA programs through the emulator); the kernels need a CUDA torch.
     sources = ["csrc/bindings.cpp", "csrc/cpu/row_stats.cpp", "csrc/cpu/re_attention.cpp", "csrc/cpu/vec_ops.cpp",
-               "csrc/cuda/ops.cpp", "csrc/cuda/emulate.cpp"]
+               "csrc/cuda/ops.cpp", "csrc/cuda/emulate.cpp", "csrc/cuda/sim.cpp"]
     macros = [("REATTN_TORCH_VERSION", torch.__version__.split("+")[0])]
     if _want_cuda():
         archs = _cuda_archs()
         _log(f"torch {torch.__version__} has CUDA {torch.version.cuda}: building CPU and CUDA parts "
              f"for sm_{', sm_'.join(archs)} (+PTX for sm_{archs[-1]}) with {cpp_extension.CUDA_HOME}")
         # One translation unit per storage type: MAX_JOBS compiles them in parallel.
-        sources += ["csrc/cuda/row_stats.cu"] + [f"csrc/cuda/re_attention_{t}.cu" for t in ("f16", "bf16", "f32", "f64")]
+        sources += ["csrc/cuda/row_stats.cu", "csrc/cuda/device_checks.cu", "csrc/cuda/forward_bf16.cu",
+                    "csrc/cuda/forward_f16.cu", "csrc/cuda/backward_bf16.cu", "csrc/cuda/backward_f16.cu"] + [f"csrc/cuda/re_attention_{t}.cu" for t in ("f16", "bf16", "f32", "f64")]
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", *_gencode_flags(archs)]
         # Only the host side reports the archs; nvcc would split a comma-separated -D value.
         cxx_flags = cxx_flags + [f"-DREATTN_CUDA_ARCHS={','.join(archs)}"]

@@ -7,7 +7,7 @@ official DeepViT core, the baseline), every fused reattn backend available on th
 floor), all on the same q, k, v and weights.
 
 For every shape x mode (fwd, bwd, fwd+bwd) x norm (batch-train, batch-eval, layer) x dtype it
-records the median time with p20/p80, TFLOP/s by the math note's cost model, GB/s against the
+records the median time with p20/p80, TFLOP/s by ``common.flops_model``'s cost model, GB/s against the
 bytes the op must move, the speed-up over eager, the peak memory the call allocates, the compile
 time of torch.compile (its first call, kept out of the timing) and the largest difference of the
 output from eager's. A provider that refuses a configuration (ValueError) is recorded as skipped
@@ -308,7 +308,7 @@ def print_table(rows: List[Dict[str, object]]) -> None:
     print(f"\ndevice: {first['device']} | torch {first['torch']} | triton {first['triton'] or '-'} "
           f"| CUDA {first['cuda'] or '-'} | commit {first['commit']} | {first['date']} "
           f"| load average {first['load_avg_1m']} at start")
-    print("TFLOP/s: the fused algorithm's FLOPs (math note cost model) / time, the same count for every provider; "
+    print("TFLOP/s: the fused algorithm's FLOPs (common.flops_model) / time, the same count for every provider; "
           "GB/s: q, k, v, O (and dO, dq, dk, dv) bytes / time; peak MB: tensor memory the call allocates.")
     header = (f"{'provider':<15}{'median ms':>11}{'p20-p80 ms':>19}{'TFLOP/s':>9}{'GB/s':>8}{'vs eager':>10}"
               f"{'peak MB':>10}{'compile s':>11}  note")

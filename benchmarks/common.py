@@ -272,7 +272,7 @@ def _stderr_silenced() -> Iterator[None]:
 
 
 def flops_model(batch: int, heads: int, n_query: int, n_key: int, head_dim: int, mode: str, norm: str) -> float:
-    """FLOPs of one Re-attention call by the cost model of the math note (design/reattention-math.md).
+    """FLOPs of one Re-attention call by the cost model below (the fused algorithm's matmuls).
 
     Per head, in units of one N x N x D matmul (2 * Nq * Nk * D FLOPs):
       forward  3 (Q K^T for the row statistics, Q K^T again, A V) + mixing H / D

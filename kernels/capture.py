@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from . import launch as _launch
-from .aot import SHARED_MEMORY_LIMIT
+from .launch import SHARED_MEMORY_LIMIT
 
 # Launch options of a Triton launch (the rest of the keyword arguments are constexprs).
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")

@@ -111,6 +111,11 @@ def _check_shape(h: int, d: int) -> None:
         raise ValueError(f"re_attention: head dim must be in 1..{MAX_HEAD_DIM}, got {d}")
 
 
+# Shared memory per block (bytes) that a kernel may use on sm_<cap>, from the CUDA occupancy tables
+# (for compiling ahead of time and capturing launches without a GPU).
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
 def device_shared_limit(device) -> Optional[int]:
     """Shared memory a kernel may use per block on ``device`` (bytes), or None off a CUDA GPU."""
     if CAPTURE is not None:

@@ -1,6 +1,8 @@
-"""Access to the compiled extension ``reattn._C``, which may be missing (the eager path never needs it)."""
+"""Access to the compiled extension ``reattn._C``, which may be missing (the eager path never needs it),
+and the environment switch of its host emulator."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 try:
@@ -19,6 +21,11 @@ def extension_error_message() -> Optional[str]:
     if _C is not None:
         return None
     return f"the compiled extension reattn._C failed to import ({EXTENSION_ERROR}); {REBUILD_HINT}"
+
+
+def emulating() -> bool:
+    """True when ``REATTN_CUDA_EMULATE=1``: backend="cuda" runs CPU tensors in the host emulator of its programs."""
+    return os.environ.get("REATTN_CUDA_EMULATE", "0") == "1"
 
 
 def extension_info() -> dict:

@@ -5,9 +5,13 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from reattn._batchnorm import fold_batchnorm_eval
 from reattn._checks import check_re_attention
+from reattn._collectives import check_sync_group
 from reattn.backends import Problem, in_functorch_transform, resolve_backend
 from reattn.reference import re_attention_ref
+
+__all__ = ["explain_backend", "fold_batchnorm_eval", "re_attention"]  # fold_batchnorm_eval: reattn._batchnorm's
 
 
 def re_attention(
@@ -94,8 +98,6 @@ def re_attention(
                        training=training, dropout_p=dropout_p, attn_mask=attn_mask,
                        return_attention=return_attention, sync_group=sync_group)
     if problem.synced_stats:
-        from reattn.distributed import check_sync_group
-
         check_sync_group(sync_group)
     name = resolve_backend(backend, problem)
     options = dict(scale=scale, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, running_mean=running_mean,
@@ -165,38 +167,3 @@ def _fused_entry(name: str):
 
         return re_attention_cpu
     raise AssertionError(f"backend {name!r} resolved but has no implementation")  # resolve_backend prevents it
-
-
-def fold_batchnorm_eval(
-    mix_weight: torch.Tensor,
-    mix_bias: Optional[torch.Tensor],
-    norm_weight: Optional[torch.Tensor],
-    norm_bias: Optional[torch.Tensor],
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    eps: float,
-    dtype: Optional[torch.dtype] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    r"""Fold an eval-mode BatchNorm over heads into the head mixing.
-
-    BN_eval(W P + c) = diag(alpha) W P + (alpha c + delta) with alpha = gamma / sqrt(var + eps) and
-    delta = beta - alpha * mean, so ``re_attention(..., norm="batch", training=False)`` equals
-    ``re_attention(..., W', c', norm="none")`` with the returned ``(W' [H, H], c' [H])``, masks
-    included (masked entries are zeroed after the norm either way). Differentiable: gradients
-    reach every argument through autograd. dtype: compute the fold (and so its backward) in this
-    dtype; the fused backends pass their float32 accumulation type, so half-precision parameters
-    and their gradients are rounded once, at the end, rather than at every step of the fold.
-    """
-    if dtype is not None:
-        mix_weight, mix_bias, norm_weight, norm_bias, running_mean, running_var = (
-            None if t is None else t.to(dtype)
-            for t in (mix_weight, mix_bias, norm_weight, norm_bias, running_mean, running_var))
-    alpha = torch.rsqrt(running_var + eps)
-    if norm_weight is not None:
-        alpha = alpha * norm_weight
-    bias = -alpha * running_mean
-    if norm_bias is not None:
-        bias = bias + norm_bias
-    if mix_bias is not None:
-        bias = bias + alpha * mix_bias
-    return alpha[:, None] * mix_weight, bias

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reattn._batchnorm import fold_batchnorm_eval
 from reattn._checks import NORMS
+from reattn._collectives import module_sync_group
 from reattn.backends import BACKEND_CHOICES
-from reattn.distributed import module_sync_group
-from reattn.functional import fold_batchnorm_eval, re_attention
+from reattn.functional import re_attention
 
 MIX_INITS = ("official", "identity")
 

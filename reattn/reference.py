@@ -12,6 +12,9 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from reattn._batchnorm import COUNT_MESSAGE, check_counts, kept_entries, update_running_stats
+from reattn._collectives import all_reduce_sum
+
 
 def masked_entries(attn_mask: Optional[torch.Tensor], shape: torch.Size) -> Optional[torch.Tensor]:
     """Bool [B, H, Nq, Nk] (expanded view), True where an entry is masked; None without a mask.
@@ -20,8 +23,7 @@ def masked_entries(attn_mask: Optional[torch.Tensor], shape: torch.Size) -> Opti
     """
     if attn_mask is None:
         return None
-    masked = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask == float("-inf")
-    return masked.expand(shape)
+    return (~kept_entries(attn_mask)).expand(shape)
 
 
 def _normalize_with_batch_stats(m, mean, var, count, weight, bias, running_mean, running_var, momentum, eps):
@@ -36,10 +38,7 @@ def _normalize_with_batch_stats(m, mean, var, count, weight, bias, running_mean,
     if bias is not None:
         out = out + bias.to(m.dtype).view(1, H, 1, 1)
     if running_mean is not None:
-        with torch.no_grad():
-            unbiased = var * count / (count - 1)
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return out
 
 
@@ -49,12 +48,11 @@ def _masked_batch_norm_train(
     """BatchNorm2d training semantics over the unmasked entries of each head (channel)."""
     H = m.shape[1]
     count = (~masked).sum(dim=(0, 2, 3))
-    message = "re_attention: norm='batch' in training needs more than one unmasked value per head"
     if torch.compiler.is_compiling():
         # In the graph (a Python branch on the data would break it): raises at run time, a RuntimeError.
-        torch._assert_async((count > 1).all(), message)
-    elif bool((count <= 1).any()):
-        raise ValueError(f"{message}; unmasked counts per head: {count.tolist()}")
+        torch._assert_async((count > 1).all(), COUNT_MESSAGE)
+    else:
+        check_counts(count)
     n = count.to(m.dtype)
     mean = m.masked_fill(masked, 0).sum(dim=(0, 2, 3)) / n
     centered = (m - mean.view(1, H, 1, 1)).masked_fill(masked, 0)
@@ -72,8 +70,6 @@ def _synced_batch_norm_train(
     float64; one differentiable all-reduce of these 3H numbers gives the statistics of the union
     of all processes' entries, and its backward carries every process's gradient to every input.
     """
-    from reattn.distributed import all_reduce_sum
-
     H = m.shape[1]
     wide = m.to(torch.float64)
     if masked is None:
@@ -83,11 +79,7 @@ def _synced_batch_norm_train(
         count = (~masked).sum(dim=(0, 2, 3)).to(torch.float64)
     total, total_sq, count = all_reduce_sum(
         [wide.sum(dim=(0, 2, 3)), wide.square().sum(dim=(0, 2, 3)), count], group)
-    if bool((count <= 1).any()):
-        raise ValueError(
-            "re_attention: norm='batch' in training needs more than one (unmasked) value per head over all "
-            f"processes; counts per head: {count.tolist()}"
-        )
+    check_counts(count, " over all processes")
     mean = total / count
     var = (total_sq / count - mean.square()).clamp_min(0)
     return _normalize_with_batch_stats(m, mean, var, count, weight, bias, running_mean, running_var, momentum, eps)

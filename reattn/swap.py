@@ -11,26 +11,10 @@ never touched):
   forward signature: ``forward(x)``, ``forward(x, attn_mask=...)``,
   ``forward(x, attn_mask=..., is_causal=...)``.
 
-  Tested (torch 2.15) with timm 0.6.13, 0.9.16, 1.0.15, 1.0.16, 1.0.25, 1.0.26 in CI
-  (tests/test_swap_timm_versions.py, each installed side by side) and the project's own timm
-  (tests/test_swap.py; 1.0.31 when written); the same checks passed by hand with 0.4.12, 0.5.4,
-  1.0.3, 1.0.9, 1.0.12, 1.0.13, 1.0.23, 1.0.28 and 1.0.30. What differs between them, and how
-  it is handled:
-
-  - where ``Attention`` lives: vision_transformer.py up to 1.0.15 (timm < 0.9 has no
-    ``timm.layers``; 0.9 - 1.0.15 has one without ``Attention``), ``timm.layers`` from 1.0.16
-    (re-exported by vision_transformer): both paths are looked up.
-  - attributes: timm < 0.9 has no ``head_dim`` (it is ``dim // num_heads``), no ``fused_attn``
-    and no ``q_norm``/``k_norm``; 0.9 adds ``fused_attn`` (SDPA) and ``qk_norm``; 1.0.13
-    ``proj_bias``; 1.0.16 ``scale_norm`` (``self.norm``); 1.0.23 ``attn_head_dim`` and
-    ``dim_out``; 1.0.28 ``gated`` (``self.gate``).
-  - the forward: ``forward(x)`` up to 1.0.15, ``attn_mask=`` from 1.0.16, ``is_causal=`` from
-    1.0.26, with ``Block`` and ``VisionTransformer.forward`` passing the same arguments.
-    ``ReAttention.forward`` takes all three; masks follow SDPA (bool True = attend, float
-    added), as timm's default fused path does. Two places where timm's own paths disagree:
-    its manual path (``fused_attn=False``) in 1.0.16 - 1.0.25 adds a bool mask to the scores
-    as 0/1, and with both ``attn_mask`` and ``is_causal`` timm's fused path raises while its
-    manual path ignores the mask; ReAttention applies both (their intersection).
+  Checked with timm 0.4.12 to 1.0.31 (which releases, and what differs between them, is in
+  docs/timm_versions.md); where timm's own paths disagree,
+  ReAttention follows SDPA and timm's default fused path (bool mask True = attend, float mask
+  added; ``attn_mask`` with ``is_causal`` means their intersection).
 
   Refused with a ``ValueError`` naming the feature and the timm version, the model left
   untouched: ``scale_norm=True``, ``gated=True`` (no Re-attention counterpart), a submodule or

@@ -16,7 +16,8 @@
 // and sum of squares of X = M - c - shift over the unmasked entries (shift = the no-mask mean, sums
 // reduced in double) and stores R' = X V and U = 1_unmasked V ([B, H, Nq, D]); a pass over those then
 // gives R = Xhat V = rstd (R' - mean(X) U) and O = tau*gamma*R + tau*beta*U. R and U are saved: the
-// backward gets sum(dA) = <dO, U>, sum(dA Xhat) = <dO, R> without another sweep (the math note's trick).
+// backward gets sum(dA) = <dO, U>, sum(dA Xhat) = <dO, R> without another sweep (docs/math.md,
+// "Through V and the norm").
 //
 // Statistics synchronized across processes (SyncBatchNorm semantics): bn_gram_stats accumulates sums
 // that add up over processes, the Gram-matrix sums of X = P~ - 1/Nk (H^2 + H + 1 numbers, the math

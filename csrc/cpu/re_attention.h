@@ -1,4 +1,4 @@
-// Fused Re-attention on the CPU, forward and backward (see shared/design/reattention-math.md and
+// Fused Re-attention on the CPU, forward and backward (see docs/math.md and
 // the comment at the top of re_attention.cpp for the blocking). Raw pointers only, no torch types.
 #pragma once
 #include <cstdint>
@@ -45,7 +45,7 @@ void re_attention_forward(const ReAttnParams& p, View4 q, View4 k, View4 v, cons
                           const acc_t* gamma, const acc_t* beta, scalar_t* out, acc_t* softmax_stats, acc_t* R,
                           acc_t* U, double* stats, bool given_stats = false);
 
-// Training-mode BatchNorm statistics as Gram-matrix sums (shared/design/reattention-math.md), for
+// Training-mode BatchNorm statistics as Gram-matrix sums (docs/math.md), for
 // statistics synchronized across processes: these sums add up over processes, mean and variance
 // do not. With X = P~ - kappa on the entries unmasked for mask head m and X = 0 elsewhere:
 //   s1[m, h] = sum X_h,   gram[m, h, h'] = sum X_h X_h',   count[m] = number of unmasked entries,

@@ -1,5 +1,5 @@
 // Row statistics of attention scores: L[b,h,i] = logsumexp_j(scale * <q[b,h,i,:], k[b,h,j,:]>).
-// This is pass 1 of the fused Re-attention forward (see shared/design/reattention-math.md):
+// This is pass 1 of the fused Re-attention forward (see docs/math.md):
 // the exact softmax P = exp(S - L) can then be recomputed tile by tile in pass 2.
 //
 // Raw pointers and strides only (no torch types) so this header stays cheap to include.

@@ -3,13 +3,8 @@
 // A program (one thread block) is a sequence of *phases*. A phase is `ex.for_each(n, f)`: work
 // items 0..n-1 spread over the block's threads, then a block barrier. Items of one phase must
 // not read what another item of the same phase writes; everything a phase needs was written by
-// an earlier phase. State lives in shared memory or in values every thread computes alike
-// (loop counters, offsets), never in per-thread registers across phases.
-//
-// That discipline is what lets `HostExec` run a program on the CPU: each phase becomes a plain
-// loop over its items, in either order. The host build of these headers is the emulator the CPU
-// test suite runs (csrc/cuda/emulate.cpp); running it with the items reversed as well catches a
-// phase whose items depend on each other (a race on the GPU).
+// an earlier phase. The host build of these headers runs in the emulator of sim.h (csrc/cuda/
+// emulate.cpp), every thread a fiber, with the warps in either order between barriers.
 //
 // Matrix products go through `block_gemm`: WMMA tensor cores for fp16/bf16 operands on the GPU,
 // one output element per item everywhere else (fp32/fp64 on the GPU, every type on the host).
@@ -19,7 +14,9 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "device.cuh"
 #include "params.h"
+#include "philox.cuh"
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -96,42 +93,21 @@ REATTN_HD A r_inf() {
 }
 
 // ---- block execution ----------------------------------------------------------------------
-#if defined(__CUDACC__)
-struct DeviceExec {
+// Items spread over the block's threads, then a barrier. The same code runs on the GPU and in the
+// host emulator (sim.h), which runs every thread as a fiber and orders the warps between barriers
+// forwards, backwards or shuffled: a phase whose items depend on each other changes its result.
+struct BlockExec {
   template <typename F>
-  __device__ __forceinline__ void for_each(int n, F&& f) const {
-    for (int item = threadIdx.x; item < n; item += blockDim.x) f(item);
-    __syncthreads();
-  }
-};
-
-template <typename A>
-__device__ __forceinline__ void block_atomic_add(A* address, A value) {
-  atomicAdd(address, value);
-}
-#endif
-
-// The host emulation: phases run item by item, forwards or backwards (race detection).
-struct HostExec {
-  bool reverse = false;
-  template <typename F>
-  void for_each(int n, F&& f) const {
-    if (reverse) {
-      for (int item = n - 1; item >= 0; --item) f(item);
-    } else {
-      for (int item = 0; item < n; ++item) f(item);
-    }
+  REATTN_FN void for_each(int n, F&& f) const {
+    for (int item = dev::thread_index(); item < n; item += dev::block_threads()) f(item);
+    dev::sync_threads();
   }
 };
 
 // Global atomics: every program of a launch adds its partial sums.
 template <typename A>
 REATTN_FN void global_atomic_add(A* address, A value) {
-#if defined(__CUDA_ARCH__)
-  atomicAdd(address, value);
-#else
-  *address += value;  // the emulator runs programs one after another
-#endif
+  dev::atomic_add(address, value);
 }
 
 // ---- matrix products on shared-memory tiles -----------------------------------------------
@@ -232,41 +208,6 @@ REATTN_FN void block_gemm(const Exec& ex, bool tensor_cores, GemmShape s, const 
   }
 #endif
   scalar_gemm<LA, LB, T, Acc>(ex, s, A, lda, a_batch, B, ldb, b_batch, C, ldc, c_batch, accumulate);
-}
-
-// ---- dropout: Triton's Philox, bit for bit ------------------------------------------------
-// tl.philox(seed, j, i, b * H + h, 0) with 10 rounds, then tl.random.uint_to_uniform_float on the
-// first word: the CUDA and Triton backends drop the same entries for the same seed.
-REATTN_HD uint32_t mul_hi_u32(uint32_t a, uint32_t b) {
-#if defined(__CUDA_ARCH__)
-  return __umulhi(a, b);
-#else
-  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
-#endif
-}
-
-REATTN_HD uint32_t philox_first_word(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
-  uint32_t k0 = static_cast<uint32_t>(seed & 0xffffffffu);
-  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < 10; ++round) {
-    const uint32_t old_c0 = c0, old_c2 = c2;
-    c0 = mul_hi_u32(0xCD9E8D57u, old_c2) ^ c1 ^ k0;
-    c2 = mul_hi_u32(0xD2511F53u, old_c0) ^ c3 ^ k1;
-    c1 = 0xCD9E8D57u * old_c2;
-    c3 = 0xD2511F53u * old_c0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return c0;
-}
-
-// Keep P[b, h, i, j]? u >= p with u uniform in [0, 1), both in fp32 as Triton compares them.
-REATTN_HD bool dropout_keep(uint64_t seed, int64_t b, int H, int h, int64_t i, int64_t j, float p) {
-  const uint32_t word = philox_first_word(seed, static_cast<uint32_t>(j), static_cast<uint32_t>(i),
-                                          static_cast<uint32_t>(b * H + h), 0u);
-  int32_t x = static_cast<int32_t>(word);
-  if (x < 0) x = ~x;
-  return static_cast<float>(x) * 4.6566127342e-10f >= p;
 }
 
 }  // namespace cuda

@@ -3,14 +3,18 @@
 // hardware atomics (the programs run one at a time).
 #include "emulate.h"
 
-#include <cstring>
 #include <stdexcept>
-#include <vector>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include "block.cuh"
+#include "device_checks.cuh"
+#include "rows.cuh"
+#include "row_configs.h"
+#include "backward_configs.h"
+#include "keys.cuh"
+#include "sim.h"
 
 namespace reattn {
 namespace cuda {
@@ -41,27 +45,141 @@ namespace {
 
 template <typename T>
 void run(int kind, const ReAttnParams& params, bool reverse_items) {
-  const HostExec ex{reverse_items};
-  // double storage: 8-byte alignment for every section (offsets are multiples of 128).
-  std::vector<double> shared((params.plan.shared_bytes + sizeof(double) - 1) / sizeof(double));
-  char* bytes = reinterpret_cast<char*>(shared.data());
-  const int64_t programs = params.B * params.plan.num_m;
-  for (int64_t pid_m = 0; pid_m < programs; ++pid_m) {
-    for (int pid_d = 0; pid_d < params.plan.num_chunks; ++pid_d) {
-      std::memset(bytes, 0xff, params.plan.shared_bytes);  // all-ones bytes: NaN in every float type
-      Program<T> program(params, kind, pid_m, pid_d, bytes);
-      if (kind == kForward) {
-        program.forward(ex);
-      } else if (kind == kBatchStats) {
-        program.batch_statistics(ex);
-      } else {
-        program.backward(ex, kind == kBackwardStats);
-      }
+  sim::Launch launch;
+  launch.grid[0] = static_cast<int>(params.B * params.plan.num_m);
+  launch.grid[1] = params.plan.num_chunks;
+  launch.threads = kThreads;
+  launch.shared_bytes = params.plan.shared_bytes;  // NaN bytes before each block
+  launch.order = reverse_items ? sim::Order::kReverse : sim::Order::kForward;
+  if (launch.grid[0] == 0) return;
+  const BlockExec ex;
+  sim::launch(launch, [&] {
+    Program<T> program(params, kind, dev::block_index_x(), dev::block_index_y(), dev::shared_memory());
+    if (kind == kForward) {
+      program.forward(ex);
+    } else if (kind == kBatchStats) {
+      program.batch_statistics(ex);
+    } else {
+      program.backward(ex, kind == kBackwardStats);
     }
+  });
+}
+
+}  // namespace
+
+namespace {
+
+template <class Cfg>
+void run_forward(const ReAttnParams& params, int order, uint64_t seed) {
+  const TileShape s = Cfg::shape();
+  sim::Launch launch;
+  launch.grid[0] = static_cast<int>(params.B * ((params.Nq + s.rows() - 1) / s.rows()));
+  launch.grid[1] = (params.D + s.d_out - 1) / s.d_out;
+  launch.threads = s.threads();
+  launch.shared_bytes = row_layout(s, params.H, params.Nk).bytes;
+  launch.order = static_cast<sim::Order>(order);
+  launch.seed = seed;
+  if (launch.grid[0] == 0) return;
+  sim::launch(launch, [&] { RowProgram<Cfg>(params).run(); });
+}
+
+template <typename E, int kSlabs, int kGroups, int kHeads, int kD, int kDOut, int kKeys>
+void forward_variant(int variant, const ReAttnParams& params, int order, uint64_t seed) {
+  switch (variant) {
+    case kPlainAffine:
+      return run_forward<RowConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainAffine>>(params, order, seed);
+    case kPlainLayer:
+      return run_forward<RowConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainLayer>>(params, order, seed);
+    case kPlainMoments:
+      return run_forward<RowConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kPlainMoments>>(params, order, seed);
+    case kGeneral:
+      return run_forward<RowConfig<E, kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kGeneral>>(params, order, seed);
+    default:
+      throw std::invalid_argument("emulate_forward: unknown variant");
+  }
+}
+
+template <typename E>
+void forward_shape(int shape, int variant, const ReAttnParams& params, int order, uint64_t seed) {
+  switch (shape) {
+#define REATTN_SHAPE_CASE(i, slabs, groups, heads, d, d_out, keys) \
+  case i:                                                           \
+    return forward_variant<E, slabs, groups, heads, d, d_out, keys>(variant, params, order, seed);
+    REATTN_FORWARD_SHAPES(REATTN_SHAPE_CASE)
+#undef REATTN_SHAPE_CASE
+    default:
+      throw std::invalid_argument("emulate_forward: unknown tile shape");
   }
 }
 
 }  // namespace
+
+void emulate_forward(int storage, int shape, int variant, const ReAttnParams& params, int order, uint64_t seed) {
+  if (storage == kBFloat16) return forward_shape<dev::Bf16>(shape, variant, params, order, seed);
+  if (storage == kFloat16) return forward_shape<dev::F16>(shape, variant, params, order, seed);
+  throw std::invalid_argument("emulate_forward: the tensor-core forward takes float16 or bfloat16");
+}
+
+namespace {
+
+template <class Cfg>
+void run_keys(const ReAttnParams& params, int order, uint64_t seed) {
+  const KeyShape s = Cfg::shape();
+  sim::Launch launch;
+  launch.grid[0] = static_cast<int>(params.B * ((params.Nk + s.keys() - 1) / s.keys()));
+  launch.threads = s.threads();
+  launch.shared_bytes = key_layout(s, params.H).bytes;
+  launch.order = static_cast<sim::Order>(order);
+  launch.seed = seed;
+  if (launch.grid[0] == 0) return;
+  sim::launch(launch, [&] { KeyProgram<Cfg>(params).run(); });
+}
+
+template <typename E>
+void backward_shapes(int rows, int keys, const ReAttnParams& params, int order, uint64_t seed) {
+  switch (rows) {
+#define REATTN_SHAPE_CASE(i, slabs, groups, heads, d, d_out, k)                                       \
+  case i:                                                                                              \
+    run_forward<RowConfig<E, slabs, groups, heads, d, d_out, k, kBackwardRows>>(params, order, seed); \
+    break;
+    REATTN_BACKWARD_ROW_SHAPES(REATTN_SHAPE_CASE)
+#undef REATTN_SHAPE_CASE
+    default:
+      throw std::invalid_argument("emulate_backward: unknown row shape");
+  }
+  if (params.stats_only) return;
+  switch (keys) {
+#define REATTN_SHAPE_CASE(i, kslabs, groups, heads, d) \
+  case i:                                               \
+    return run_keys<KeyConfig<E, kslabs, groups, heads, d>>(params, order, seed);
+    REATTN_KEY_SHAPES(REATTN_SHAPE_CASE)
+#undef REATTN_SHAPE_CASE
+    default:
+      throw std::invalid_argument("emulate_backward: unknown key shape");
+  }
+}
+
+}  // namespace
+
+void emulate_backward(int storage, int rows, int keys, const ReAttnParams& params, int order, uint64_t seed) {
+  if (storage == kBFloat16) return backward_shapes<dev::Bf16>(rows, keys, params, order, seed);
+  if (storage == kFloat16) return backward_shapes<dev::F16>(rows, keys, params, order, seed);
+  throw std::invalid_argument("emulate_backward: the tensor-core backward takes float16 or bfloat16");
+}
+
+void emulate_device_check(int kind, const void* a, const void* b, float* out, bool bf16, int order, uint64_t seed) {
+  checks::CheckParams p;
+  p.kind = kind;
+  p.a = a;
+  p.b = b;
+  p.out = out;
+  sim::Launch launch;
+  launch.threads = checks::kCheckThreads;
+  launch.shared_bytes = checks::kCheckShared;
+  launch.order = static_cast<sim::Order>(order);
+  launch.seed = seed;
+  sim::launch(launch, [&] { checks::run_check(p, bf16); });
+}
 
 void emulate_program(int storage, int kind, const ReAttnParams& params, bool reverse_items) {
   if (kind < kForward || kind > kBackwardStats) throw std::invalid_argument("emulate_program: unknown program kind");

@@ -10,9 +10,8 @@ namespace cuda {
 
 template <typename T, int Kind>
 __global__ void __launch_bounds__(kThreads, 1) re_attention_kernel(const ReAttnParams params) {
-  extern __shared__ __align__(128) char shared[];
-  const DeviceExec ex;
-  Program<T> program(params, Kind, blockIdx.x, blockIdx.y, shared);
+  const BlockExec ex;
+  Program<T> program(params, Kind, dev::block_index_x(), dev::block_index_y(), dev::shared_memory());
   if constexpr (Kind == kForward) {
     program.forward(ex);
   } else if constexpr (Kind == kBatchStats) {

@@ -24,5 +24,20 @@ REATTN_DECLARE_LAUNCHERS(f32)
 REATTN_DECLARE_LAUNCHERS(f64)
 #undef REATTN_DECLARE_LAUNCHERS
 
+// The tensor-core forward (forward.cuh) with tile shape `shape` of row_configs.h, compiled
+// variant `variant` (ForwardVariant).
+cudaError_t launch_forward_bf16(int shape, int variant, const ReAttnParams& params, cudaStream_t stream);
+cudaError_t launch_forward_f16(int shape, int variant, const ReAttnParams& params, cudaStream_t stream);
+
+// The tensor-core backward (rows.cuh, keys.cuh): row pass shape `rows`, key pass shape `keys` of
+// backward_configs.h.
+cudaError_t launch_backward_bf16(int rows, int keys, const ReAttnParams& params, cudaStream_t stream);
+cudaError_t launch_backward_f16(int rows, int keys, const ReAttnParams& params, cudaStream_t stream);
+
+constexpr int kMaxDevices = 64;  // per-device caches of the launchers
+
+// The check kernels of device_checks.cuh (one block of 64 threads).
+cudaError_t launch_device_check(int kind, const void* a, const void* b, float* out, bool bf16, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace reattn

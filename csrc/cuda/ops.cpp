@@ -7,10 +7,13 @@
 // has CUDA (REATTN_WITH_CUDA); the emulator always is.
 #include "ops.h"
 
+#include <atomic>
 #include <limits>
 #include <string>
 
 #include "emulate.h"
+#include "backward_configs.h"
+#include "row_configs.h"
 #include "layout.h"
 #include "params.h"
 
@@ -27,8 +30,11 @@ namespace {
 
 using namespace reattn::cuda;
 
-// The emulator sizes its layouts for sm_80's 163 KB per block, the stricter of the default targets.
+// The emulator sizes the CUDA-core programs' layouts for sm_80's 163 KB per block, the stricter of
+// the default targets, and the tensor-core forward's for an H100 (227 KB, less the 1 KB the
+// compiler reserves).
 constexpr size_t kEmulatedSharedLimit = 166912;
+constexpr size_t kEmulatedTensorCoreSharedLimit = 232448 - 1024;
 
 int storage_of(at::ScalarType t) {
   switch (t) {
@@ -204,15 +210,29 @@ Launchers launchers_for(at::ScalarType t) {
 }
 
 // Dynamic shared memory a program may take on q's GPU: the per-block opt-in maximum minus what the
-// compiled kernel reserves itself.
+// compiled kernel reserves itself. Both are fixed per device and kernel: queried once, cached.
 size_t device_shared_limit(const at::Tensor& q, int kind) {
-  int optin = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device());
-  TORCH_CHECK(err == cudaSuccess, "reattn cuda: cannot query shared memory: ", cudaGetErrorString(err));
-  size_t reserved = 0;
-  err = launchers_for(q.scalar_type()).static_shared(kind, &reserved);
-  TORCH_CHECK(err == cudaSuccess, "reattn cuda: cannot read the kernel's attributes: ", cudaGetErrorString(err));
-  return static_cast<size_t>(optin) - reserved;
+  static std::atomic<int> optin[kMaxDevices] = {};
+  static std::atomic<long> reserved_bytes[kMaxDevices][4][4] = {};  // [device][storage][kind], +1 when known
+  const int device = q.get_device();
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "reattn cuda: device index ", device, " out of range");
+  int limit = optin[device].load(std::memory_order_relaxed);
+  if (limit == 0) {
+    const cudaError_t err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    TORCH_CHECK(err == cudaSuccess, "reattn cuda: cannot query shared memory: ", cudaGetErrorString(err));
+    optin[device].store(limit, std::memory_order_relaxed);
+  }
+  std::atomic<long>& cached = reserved_bytes[device][storage_of(q.scalar_type())][kind];
+  long reserved = cached.load(std::memory_order_relaxed) - 1;
+  if (reserved < 0) {
+    const c10::cuda::CUDAGuard guard(q.device());
+    size_t bytes = 0;
+    const cudaError_t err = launchers_for(q.scalar_type()).static_shared(kind, &bytes);
+    TORCH_CHECK(err == cudaSuccess, "reattn cuda: cannot read the kernel's attributes: ", cudaGetErrorString(err));
+    reserved = static_cast<long>(bytes);
+    cached.store(reserved + 1, std::memory_order_relaxed);
+  }
+  return static_cast<size_t>(limit) - static_cast<size_t>(reserved);
 }
 #endif
 
@@ -264,47 +284,167 @@ void set_norm(const char* op, Arguments& a, const at::Tensor& q, const std::stri
 
 void poison(at::Tensor& t) { t.fill_(std::numeric_limits<double>::quiet_NaN()); }
 
+// Row statistics [B, H, Nq, 2] (max, log-sum) of a [B, H, Nq] logsumexp L: (L, 0) describes the
+// same probabilities exp(S - L).
+at::Tensor stats_from_lse(const at::Tensor& lse) { return at::stack({lse, at::zeros_like(lse)}, -1); }
+// ... and back: L = m + log l (+inf for a row without any key: +inf + 0).
+at::Tensor lse_from_stats(const at::Tensor& stats) { return (stats.select(-1, 0) + stats.select(-1, 1)).contiguous(); }
+
+// The tensor-core forward's parameters, folded on the host (float64 math, then fp32):
+// [H*H + 3H] = W' ([g][h]), c', out_scale gamma, out_scale beta. Affine norms (none; BatchNorm
+// with given statistics: A_g = out_scale (gamma_g (M_g - mean_g) rstd_g + beta_g)) fold out_scale,
+// the norm and dropout's 1 / (1 - p) into W' and c'; LayerNorm folds only 1 / (1 - p).
+at::Tensor fold_parameters(const ReAttnParams& p, const at::Tensor& mix_weight, const c10::optional<at::Tensor>& mix_bias,
+                           const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias,
+                           const at::Tensor& bn_rows, double out_scale) {
+  const int64_t H = p.H;
+  const auto f64 = mix_weight.options().dtype(at::kDouble);
+  const double keep = p.seed != nullptr ? 1.0 / (1.0 - p.dropout_p) : 1.0;
+  auto given = [&](const c10::optional<at::Tensor>& t, double fill) {
+    return t.has_value() && t->defined() ? t->detach().to(at::kDouble) : at::full({H}, fill, f64);
+  };
+  const at::Tensor W = mix_weight.detach().to(at::kDouble) * keep;
+  const at::Tensor c = given(mix_bias, 0.0), gamma = given(norm_weight, 1.0), beta = given(norm_bias, 0.0);
+  at::Tensor Wf, cf, gf = at::zeros({H}, f64), bf = at::zeros({H}, f64);
+  if (p.norm == kNormLayer) {
+    Wf = W;
+    cf = c;
+    gf = out_scale * gamma;
+    bf = out_scale * beta;
+  } else if (p.norm == kNormBatch) {
+    const at::Tensor rows = bn_rows.to(at::kDouble);
+    const at::Tensor alpha = out_scale * gamma * rows[1];
+    Wf = alpha.unsqueeze(1) * W;
+    cf = alpha * c + out_scale * (beta - gamma * rows[0] * rows[1]);
+  } else {
+    Wf = out_scale * W;
+    cf = out_scale * c;
+  }
+  return at::cat({Wf.flatten(), cf, gf, bf}).to(at::kFloat).contiguous();
+}
+
+// 16-byte cp.async loads need unit stride along D and rows, heads and batches 16-byte aligned.
+bool vector_loadable(const at::Tensor& t) {
+  const int64_t e = static_cast<int64_t>(t.element_size());
+  return t.stride(3) == 1 && (t.stride(2) * e) % 16 == 0 && (t.stride(1) * e) % 16 == 0 &&
+         (t.stride(0) * e) % 16 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+// The compiled variant of the tensor-core forward for this problem (forward.cuh, ForwardVariant):
+// plain ones need no mask, no dropout, scale > 0 and 16-byte aligned rows. general_variant forces
+// the general one (tests compare the two).
+int forward_variant_for(const ReAttnParams& p, bool general_variant) {
+  if (general_variant || p.mask_kind != kMaskNone || p.seed != nullptr || p.scale <= 0.0 || !p.vector_loads) {
+    return kGeneral;
+  }
+  if (p.moments != nullptr) return kPlainMoments;
+  return p.norm == kNormLayer ? kPlainLayer : kPlainAffine;
+}
+
+// The tensor-core programs address a batch element's slice with 32-bit offsets.
+bool batch_offsets_fit_int32(const at::Tensor& t) {
+  int64_t last = 0;
+  for (int d = 1; d < 4; ++d) last += (t.size(d) - 1) * std::abs(t.stride(d));
+  return last < std::numeric_limits<int32_t>::max();
+}
+
+// The tensor-core shape for this forward on q's device (or the emulator), or -1.
+int forward_shape_for(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const ReAttnParams& p,
+                      int64_t shared_limit) {
+  if (!tensor_cores(q.scalar_type())) return -1;
+  if (!batch_offsets_fit_int32(q) || !batch_offsets_fit_int32(k) || !batch_offsets_fit_int32(v)) return -1;
+  size_t limit = shared_limit > 0 ? static_cast<size_t>(shared_limit) : kEmulatedTensorCoreSharedLimit;
+#ifdef REATTN_WITH_CUDA
+  if (q.is_cuda() && shared_limit <= 0) limit = device_shared_limit(q, kForward);
+#endif
+  return pick_forward_shape(p.H, p.D, p.Nk, limit);
+}
+
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& mix_weight, const c10::optional<at::Tensor>& mix_bias,
                                 const c10::optional<at::Tensor>& norm_weight,
                                 const c10::optional<at::Tensor>& norm_bias,
                                 const c10::optional<at::Tensor>& batch_stats,
                                 const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& seed,
-                                const c10::optional<at::Tensor>& lse_in, double scale, double out_scale,
+                                const c10::optional<at::Tensor>& stats_in, double scale, double out_scale,
                                 const std::string& norm, double eps, double dropout_p, bool with_moments,
-                                int64_t shared_limit, bool reverse_items, bool poison_outputs) {
+                                int64_t shared_limit, bool reverse_items, bool poison_outputs, bool programs_only,
+                                int64_t shuffle_seed, bool general_variant) {
   const char* op = "reattn cuda_forward";
   Arguments a = prepare(op, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, dropout_p);
   ReAttnParams& p = a.p;
   set_norm(op, a, q, norm, out_scale, eps, batch_stats);
   const auto acc = acc_of(q.scalar_type());
-  at::Tensor lse;
-  if (lse_in.has_value() && lse_in->defined()) {
-    lse = *lse_in;
-    TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({p.B, p.H, p.Nq}) && lse.scalar_type() == acc &&
-                          lse.is_contiguous() && lse.device() == q.device(),
-                      op, ": lse must be a contiguous [B, H, Nq] ", acc, " tensor on ", q.device(), ", got ",
-                      lse.sizes(), " ", lse.scalar_type());
-    p.lse_is_input = true;
-  } else {
-    lse = at::empty({p.B, p.H, p.Nq}, q.options().dtype(acc));
-  }
   TORCH_CHECK_VALUE(!with_moments || norm == "none", op, ": with_moments needs norm 'none', got '", norm, "'");
+  const int shape = programs_only ? -1 : forward_shape_for(q, k, v, p, shared_limit);
+  at::Tensor stats;
+  const bool given = stats_in.has_value() && stats_in->defined();
+  if (given) {
+    stats = *stats_in;
+    const bool lse_form = stats.dim() == 3;
+    TORCH_CHECK_VALUE((lse_form ? stats.sizes() == at::IntArrayRef({p.B, p.H, p.Nq})
+                                : stats.sizes() == at::IntArrayRef({p.B, p.H, p.Nq, 2})) &&
+                          stats.scalar_type() == acc && stats.is_contiguous() && stats.device() == q.device(),
+                      op, ": stats must be contiguous [B, H, Nq, 2] (max, log-sum) or [B, H, Nq] (logsumexp) ", acc,
+                      " on ", q.device(), ", got ", stats.sizes(), " ", stats.scalar_type());
+    if (lse_form) stats = stats_from_lse(stats);
+  } else {
+    stats = at::empty({p.B, p.H, p.Nq, 2}, q.options().dtype(acc));
+  }
   // with_moments: out = X V in the accumulation type (the caller subtracts mean(X) U from it).
   at::Tensor out = at::empty({p.B, p.H, p.Nq, p.D}, with_moments ? q.options().dtype(acc) : q.options());
-  at::Tensor moments = at::zeros({with_moments ? 2 : 0, p.H}, q.options().dtype(at::kDouble));
   if (poison_outputs) {
     poison(out);
-    if (!p.lse_is_input) poison(lse);
+    if (!given) poison(stats);
   }
   p.out = out.data_ptr();
   p.o_st = strides_of(out);
-  p.lse = lse.data_ptr();
   p.out_is_acc = with_moments;
-  p.moments = with_moments ? moments.data_ptr<double>() : nullptr;
-  run(op, kForward, q, p, shared_limit, reverse_items);
-  if (with_moments) return {out, lse, moments};
-  return {out, lse};
+  at::Tensor moments;
+  if (shape >= 0) {
+    const TileShape s = forward_shape(shape);
+    const int64_t programs = p.B * ((p.Nq + s.rows() - 1) / s.rows());
+    // Each program writes its own sums (no atomics): the caller adds them up in float64.
+    moments = at::empty({with_moments ? programs : 0, 2, p.H}, q.options().dtype(at::kDouble));
+    if (poison_outputs) poison(moments);
+    at::Tensor folded = fold_parameters(p, mix_weight, mix_bias, norm_weight, norm_bias,
+                                        p.norm == kNormBatch ? a.keep.back() : at::Tensor(), out_scale);
+    a.keep.push_back(folded);
+    p.folded = folded.data_ptr();
+    p.lse = stats.data_ptr();
+    p.stats_is_input = given;
+    p.moments = with_moments ? moments.data_ptr<double>() : nullptr;
+    p.vector_loads = vector_loadable(q) && vector_loadable(k) && vector_loadable(v);
+    const int variant = forward_variant_for(p, general_variant);
+    if (!q.is_cuda()) {
+      // Emulator warp order between barriers: forward, reversed, or shuffled with shuffle_seed.
+      const int order = shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0;
+      emulate_forward(storage_of(q.scalar_type()), shape, variant, p, order, static_cast<uint64_t>(shuffle_seed));
+    } else {
+#ifdef REATTN_WITH_CUDA
+      const c10::cuda::CUDAGuard guard(q.device());
+      const auto stream = c10::cuda::getCurrentCUDAStream();
+      const cudaError_t err = q.scalar_type() == at::kBFloat16 ? launch_forward_bf16(shape, variant, p, stream)
+                                                               : launch_forward_f16(shape, variant, p, stream);
+      TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+#endif
+    }
+  } else {
+    at::Tensor lse = given ? lse_from_stats(stats) : at::empty({p.B, p.H, p.Nq}, q.options().dtype(acc));
+    p.lse = lse.data_ptr();
+    p.lse_is_input = given;
+    moments = at::zeros({with_moments ? 1 : 0, 2, p.H}, q.options().dtype(at::kDouble));
+    p.moments = with_moments ? moments.data_ptr<double>() : nullptr;
+    if (with_moments && q.is_cuda()) {
+      at::globalContext().alertNotDeterministic(
+          "reattn cuda_forward with moments on the CUDA-core programs (fp32 / fp64, or no tensor-core plan) adds "
+          "them with atomics");
+    }
+    run(op, kForward, q, p, shared_limit, reverse_items);
+    if (!given) stats = stats_from_lse(lse);
+  }
+  if (with_moments) return {out, stats, moments};
+  return {out, stats};
 }
 
 std::vector<at::Tensor> batch_sums(const at::Tensor& q, const at::Tensor& k,
@@ -312,6 +452,9 @@ std::vector<at::Tensor> batch_sums(const at::Tensor& q, const at::Tensor& k,
                                    double scale, double dropout_p, double shift, int64_t shared_limit,
                                    bool reverse_items) {
   const char* op = "reattn cuda_batch_sums";
+  if (q.is_cuda()) {
+    at::globalContext().alertNotDeterministic("reattn cuda_batch_sums adds the Gram sums with atomics");
+  }
   Arguments a = prepare(op, q, k, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, attn_mask,
                         seed, scale, dropout_p);
   ReAttnParams& p = a.p;
@@ -323,7 +466,54 @@ std::vector<at::Tensor> batch_sums(const at::Tensor& q, const at::Tensor& k,
   p.s1 = s1.data_ptr<double>();
   p.gram = gram.data_ptr<double>();
   run(op, kBatchStats, q, p, shared_limit, reverse_items);
-  return {lse, s1, gram};
+  return {stats_from_lse(lse), s1, gram};
+}
+
+// The tensor-core backward's parameters, folded on the host: [H*H + 7H] fp32 = W' = W / (1 - p)
+// ([g][h]), then per head c, gamma', beta', mean, rstd, e, f with A = gamma' xhat + beta' and
+// dM = gamma' rstd dN + e xhat + f for the affine norms (none: gamma' = out_scale, xhat = M;
+// BatchNorm: xhat = (M - mean) rstd with the given rows), LayerNorm's gamma' = out_scale gamma.
+at::Tensor fold_backward_parameters(const ReAttnParams& p, const at::Tensor& mix_weight,
+                                    const c10::optional<at::Tensor>& mix_bias,
+                                    const c10::optional<at::Tensor>& norm_weight,
+                                    const c10::optional<at::Tensor>& norm_bias, const at::Tensor& bn_rows,
+                                    double out_scale) {
+  const int64_t H = p.H;
+  const auto f64 = mix_weight.options().dtype(at::kDouble);
+  const double keep = p.seed != nullptr ? 1.0 / (1.0 - p.dropout_p) : 1.0;
+  auto given = [&](const c10::optional<at::Tensor>& t, double fill) {
+    return t.has_value() && t->defined() ? t->detach().to(at::kDouble) : at::full({H}, fill, f64);
+  };
+  const at::Tensor W = mix_weight.detach().to(at::kDouble) * keep;
+  const at::Tensor c = given(mix_bias, 0.0);
+  at::Tensor gamma = at::full({H}, out_scale, f64), beta = at::zeros({H}, f64);
+  at::Tensor mean = at::zeros({H}, f64), rstd = at::ones({H}, f64), e = at::zeros({H}, f64), f = at::zeros({H}, f64);
+  if (p.norm != kNormNone) {
+    gamma = out_scale * given(norm_weight, 1.0);
+    beta = out_scale * given(norm_bias, 0.0);
+  }
+  if (p.norm == kNormBatch) {
+    const at::Tensor rows = bn_rows.to(at::kDouble);
+    mean = rows[0];
+    rstd = rows[1];
+    e = rows[2];
+    f = rows[3];
+  }
+  return at::cat({W.flatten(), c, gamma, beta, mean, rstd, e, f}).to(at::kFloat).contiguous();
+}
+
+// The tensor-core backward's shapes (row pass, key pass) for this problem, or false.
+bool backward_shapes_for(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_out,
+                         const ReAttnParams& p, int64_t shared_limit, int* rows, int* keys) {
+  if (!tensor_cores(q.scalar_type())) return false;
+  for (const at::Tensor* t : {&q, &k, &v, &grad_out}) {
+    if (!batch_offsets_fit_int32(*t)) return false;
+  }
+  size_t limit = shared_limit > 0 ? static_cast<size_t>(shared_limit) : kEmulatedTensorCoreSharedLimit;
+#ifdef REATTN_WITH_CUDA
+  if (q.is_cuda() && shared_limit <= 0) limit = device_shared_limit(q, kBackward);
+#endif
+  return pick_backward_shapes(p.H, p.D, p.Nk, limit, rows, keys);
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -333,9 +523,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                                  const c10::optional<at::Tensor>& norm_bias,
                                  const c10::optional<at::Tensor>& batch_stats,
                                  const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& seed,
-                                 const at::Tensor& lse, double scale, double out_scale, const std::string& norm,
+                                 const at::Tensor& stats, double scale, double out_scale, const std::string& norm,
                                  double eps, double dropout_p, bool stats_only, int64_t shared_limit,
-                                 bool reverse_items, bool poison_outputs) {
+                                 bool reverse_items, bool poison_outputs, bool programs_only, int64_t shuffle_seed) {
   const char* op = "reattn cuda_backward";
   Arguments a = prepare(op, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, dropout_p);
   ReAttnParams& p = a.p;
@@ -347,11 +537,81 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   p.do_st = strides_of(grad_out);
   set_norm(op, a, q, norm, out_scale, eps, batch_stats);
   const auto acc = acc_of(q.scalar_type());
-  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({p.B, p.H, p.Nq}) && lse.scalar_type() == acc &&
-                        lse.is_contiguous() && lse.device() == q.device(),
-                    op, ": lse must be the forward's contiguous [B, H, Nq] ", acc, " tensor");
-  p.lse = lse.data_ptr();
+  TORCH_CHECK_VALUE((stats.sizes() == at::IntArrayRef({p.B, p.H, p.Nq, 2}) ||
+                     stats.sizes() == at::IntArrayRef({p.B, p.H, p.Nq})) &&
+                        stats.scalar_type() == acc && stats.is_contiguous() && stats.device() == q.device(),
+                    op, ": stats must be the forward's contiguous [B, H, Nq, 2] ", acc, " row statistics");
   const auto f64 = q.options().dtype(at::kDouble);
+  const int64_t H = p.H;
+  int rows = -1, keys = -1;
+  if (!programs_only && backward_shapes_for(q, k, v, grad_out, p, shared_limit, &rows, &keys)) {
+    // Deterministic: D, dQ and the parameter-gradient partials per program from the row pass, dK
+    // and dV from the key pass, no atomics; the partials are added here in float64.
+    const at::Tensor row_stats = stats.dim() == 4 ? stats : stats_from_lse(stats);
+    p.lse = row_stats.data_ptr();
+    a.keep.push_back(fold_backward_parameters(p, mix_weight, mix_bias, norm_weight, norm_bias,
+                                              p.norm == kNormBatch ? a.keep.back() : at::Tensor(), out_scale));
+    p.folded = a.keep.back().data_ptr();
+    p.vector_loads = vector_loadable(q) && vector_loadable(k) && vector_loadable(v) && vector_loadable(grad_out);
+    p.stats_only = stats_only;
+    const TileShape rs = backward_row_shape(rows);
+    const int64_t programs = p.B * ((p.Nq + rs.rows() - 1) / rs.rows());
+    at::Tensor partials = at::empty({programs, H * H + 3 * H}, q.options().dtype(at::kFloat));
+    at::Tensor delta, dq, dk, dv;
+    if (!stats_only) {  // the sums alone allocate nothing else
+      delta = at::empty({p.B, H, p.Nq}, q.options().dtype(at::kFloat));
+      dq = at::empty({p.B, H, p.Nq, p.D}, q.options());
+      dk = at::empty({p.B, H, p.Nk, p.D}, q.options());
+      dv = at::empty_like(dk);
+      if (poison_outputs) {
+        poison(dq);
+        poison(dk);
+        poison(dv);
+        poison(delta);
+      }
+      p.delta = delta.data_ptr<float>();
+      p.dq = dq.data_ptr();
+      p.dq_st = strides_of(dq);
+      p.dk = dk.data_ptr();
+      p.dk_st = strides_of(dk);
+      p.dv = dv.data_ptr();
+      p.dv_st = strides_of(dv);
+    }
+    if (poison_outputs) poison(partials);
+    p.partials = partials.data_ptr<float>();
+    if (!q.is_cuda()) {
+      const int order = shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0;
+      emulate_backward(storage_of(q.scalar_type()), rows, keys, p, order, static_cast<uint64_t>(shuffle_seed));
+    } else {
+#ifdef REATTN_WITH_CUDA
+      const c10::cuda::CUDAGuard guard(q.device());
+      const auto stream = c10::cuda::getCurrentCUDAStream();
+      const cudaError_t err = q.scalar_type() == at::kBFloat16 ? launch_backward_bf16(rows, keys, p, stream)
+                                                               : launch_backward_f16(rows, keys, p, stream);
+      TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+#endif
+    }
+    const at::Tensor total = partials.sum(0, /*keepdim=*/false, at::kDouble);
+    // dW = sum dM P~ = sum dM P~' / (1 - p); the norm's sums carry out_scale (dN = out_scale dA).
+    const double keep = p.seed != nullptr ? 1.0 / (1.0 - p.dropout_p) : 1.0;
+    at::Tensor dgamma = total.narrow(0, H * H + H, H) * out_scale;
+    at::Tensor dbeta = total.narrow(0, H * H + 2 * H, H) * out_scale;
+    if (stats_only) {
+      const at::Tensor none = at::empty({0}, q.options());
+      return {none, none, none, at::empty({0}, f64), at::empty({0}, f64), dgamma, dbeta};
+    }
+    return {dq, dk, dv, total.narrow(0, 0, H * H).view({H, H}) * keep, total.narrow(0, H * H, H).clone(), dgamma,
+            dbeta};
+  }
+  // The CUDA-core programs add dK, dV and the parameter gradients with atomics: on a GPU their
+  // order (so the last bits) varies from run to run. torch decides whether that is an error.
+  if (q.is_cuda()) {
+    at::globalContext().alertNotDeterministic(
+        "reattn cuda_backward on the CUDA-core programs (fp32 / fp64, or a problem without a tensor-core "
+        "backward plan: H > 16, D > 64 or Nk > 224) sums dK, dV with atomics");
+  }
+  const at::Tensor lse = stats.dim() == 4 ? lse_from_stats(stats) : stats;
+  p.lse = lse.data_ptr();
   at::Tensor dq = at::empty({p.B, p.H, p.Nq, p.D}, q.options());
   at::Tensor dk = at::zeros({p.B, p.H, p.Nk, p.D}, q.options().dtype(acc));
   at::Tensor dv = at::zeros_like(dk);
@@ -368,6 +628,35 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   p.dbeta = dbeta.data_ptr<double>();
   run(op, stats_only ? kBackwardStats : kBackward, q, p, shared_limit, reverse_items);
   return {dq, dk.to(q.scalar_type()), dv.to(q.scalar_type()), dW, dc, dgamma, dbeta};
+}
+
+// The tensor-core forward's tile shape for a problem, or None (the CUDA-core programs run).
+pybind11::object forward_tiles(int64_t H, int64_t D, int64_t Nq, int64_t Nk, const std::string& dtype,
+                               int64_t shared_limit) {
+  const char* op = "reattn cuda_forward_tiles";
+  TORCH_CHECK_VALUE(H >= 1 && H <= kMaxHeads && D >= 1 && D <= kMaxHeadDim && Nq >= 0 && Nk >= 1, op,
+                    ": H must be in [1, ", kMaxHeads, "], D in [1, ", kMaxHeadDim, "], Nk >= 1");
+  TORCH_CHECK_VALUE(dtype == "float16" || dtype == "bfloat16" || dtype == "float32" || dtype == "float64", op,
+                    ": dtype must be float16, bfloat16, float32 or float64, got ", dtype);
+  if (dtype != "float16" && dtype != "bfloat16") return pybind11::none();
+  const size_t limit = shared_limit > 0 ? static_cast<size_t>(shared_limit) : kEmulatedTensorCoreSharedLimit;
+  const int index = pick_forward_shape(static_cast<int>(H), static_cast<int>(D), static_cast<int>(Nk), limit);
+  if (index < 0) return pybind11::none();
+  const TileShape s = forward_shape(index);
+  pybind11::dict out;
+  out["shape"] = index;
+  out["slabs"] = s.slabs;
+  out["groups"] = s.groups;
+  out["heads"] = s.heads;
+  out["d"] = s.d;
+  out["d_out"] = s.d_out;
+  out["keys"] = s.keys;
+  out["threads"] = s.threads();
+  out["rows"] = s.rows();
+  out["segments"] = segment_count(s, static_cast<int>(Nk));
+  out["shared_bytes"] = row_layout(s, static_cast<int>(H), static_cast<int>(Nk)).bytes;
+  out["grid"] = pybind11::make_tuple((Nq + s.rows() - 1) / s.rows(), (D + s.d_out - 1) / s.d_out);
+  return out;
 }
 
 pybind11::dict plan(int64_t kind, int64_t H, int64_t D, int64_t Nq, const std::string& dtype, int64_t shared_limit) {
@@ -403,31 +692,84 @@ pybind11::dict plan(int64_t kind, int64_t H, int64_t D, int64_t Nq, const std::s
   return out;
 }
 
+at::Tensor device_check(int64_t kind, const at::Tensor& a, const c10::optional<at::Tensor>& b, int64_t order,
+                        int64_t seed) {
+  const char* op = "reattn cuda_device_check";
+  TORCH_CHECK_VALUE(kind >= 0 && kind <= 6, op, ": unknown check kind ", kind);
+  TORCH_CHECK_VALUE(order >= 0 && order <= 2, op, ": order must be 0 (forward), 1 (reverse) or 2 (shuffled)");
+  const bool mma = kind <= 1;
+  const bool bf16 = a.scalar_type() == at::kBFloat16;
+  if (mma) {
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf, op,
+                     ": the mma checks take bfloat16 or float16 operands");
+    TORCH_CHECK_VALUE(a.sizes() == at::IntArrayRef({16, 32}) && a.is_contiguous(), op, ": a must be a contiguous [16, 32]");
+    TORCH_CHECK_VALUE(b.has_value() && b->scalar_type() == a.scalar_type() && b->is_contiguous() &&
+                          b->numel() == 512 && b->device() == a.device(),
+                      op, ": b must be a contiguous [32, 16] or [16, 32] tensor like a");
+  } else {
+    TORCH_CHECK_VALUE(a.scalar_type() == at::kFloat && a.numel() == 32 && a.is_contiguous(), op,
+                      ": a must be 32 contiguous floats");
+  }
+  at::Tensor out = at::full({mma ? 256 : 64}, std::numeric_limits<float>::quiet_NaN(),
+                            a.options().dtype(at::kFloat));
+  const void* bp = b.has_value() ? b->data_ptr() : nullptr;
+  if (a.is_cpu()) {
+    emulate_device_check(static_cast<int>(kind), a.data_ptr(), bp, out.data_ptr<float>(), bf16, static_cast<int>(order),
+                         static_cast<uint64_t>(seed));
+    return out;
+  }
+#ifdef REATTN_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(a.device());
+  const cudaError_t err = launch_device_check(static_cast<int>(kind), a.data_ptr(), bp, out.data_ptr<float>(), bf16,
+                                              c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+#else
+  TORCH_CHECK_VALUE(false, op, ": reattn._C was built without CUDA");
+#endif
+  return out;
+}
+
 }  // namespace
 
 void register_ops(pybind11::module& m) {
   namespace py = pybind11;
   m.def("cuda_forward", &forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mix_weight"),
         py::arg("mix_bias"), py::arg("norm_weight"), py::arg("norm_bias"), py::arg("batch_stats"),
-        py::arg("attn_mask"), py::arg("seed"), py::arg("lse"), py::arg("scale"), py::arg("out_scale"),
+        py::arg("attn_mask"), py::arg("seed"), py::arg("stats"), py::arg("scale"), py::arg("out_scale"),
         py::arg("norm"), py::arg("eps"), py::arg("dropout_p"), py::arg("with_moments") = false,
         py::arg("shared_limit") = 0, py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
-        "Fused CUDA Re-attention forward: [out [B,H,Nq,D], lse [B,H,Nq]]; with_moments (norm 'none'): out in the "
-        "accumulation dtype and a third output, moments [2, H] float64 (sums of X = W P~ + c and X^2 over the "
-        "attended entries, for one-sweep training BatchNorm). norm 'batch' = training statistics "
-        "given as batch_stats [2,H] (mean, 1/std); lse given = read, not computed. CPU tensors run the emulator.");
+        py::arg("programs_only") = false, py::arg("shuffle_seed") = 0, py::arg("general_variant") = false,
+        "Fused CUDA Re-attention forward: [out [B,H,Nq,D], stats [B,H,Nq,2]] with the row statistics (max of "
+        "S, log of sum exp(S - max)); with_moments (norm 'none'): out in the accumulation dtype and a third "
+        "output, moments [programs, 2, H] float64 (per-program sums of X = W P~ + c and X^2 over the attended "
+        "entries, for one-sweep training BatchNorm). norm 'batch' = training statistics given as batch_stats "
+        "[2,H] (mean, 1/std); stats given ([B,H,Nq,2], or a [B,H,Nq] logsumexp) = read, not computed. fp16/bf16 "
+        "run the tensor-core forward where a tile shape fits (programs_only: the CUDA-core programs; "
+        "general_variant: its general compiled variant even where a plain one applies). CPU "
+        "tensors run the emulator, warps in reverse (reverse_items) or shuffled (shuffle_seed != 0) order.");
   m.def("cuda_batch_sums", &batch_sums, py::arg("q"), py::arg("k"), py::arg("attn_mask"), py::arg("seed"),
         py::arg("scale"), py::arg("dropout_p"), py::arg("shift"), py::arg("shared_limit") = 0,
         py::arg("reverse_items") = false,
-        "Training BatchNorm sums without the maps: [lse, s1 [H], gram [H,H]] of X = P~ - shift over unmasked "
-        "entries (float64).");
+        "Training BatchNorm sums without the maps: [stats [B,H,Nq,2], s1 [H], gram [H,H]] of X = P~ - shift over "
+        "unmasked entries (float64).");
   m.def("cuda_backward", &backward, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("mix_weight"), py::arg("mix_bias"), py::arg("norm_weight"), py::arg("norm_bias"),
-        py::arg("batch_stats"), py::arg("attn_mask"), py::arg("seed"), py::arg("lse"), py::arg("scale"),
+        py::arg("batch_stats"), py::arg("attn_mask"), py::arg("seed"), py::arg("stats"), py::arg("scale"),
         py::arg("out_scale"), py::arg("norm"), py::arg("eps"), py::arg("dropout_p"), py::arg("stats_only"),
         py::arg("shared_limit") = 0, py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
+        py::arg("programs_only") = false, py::arg("shuffle_seed") = 0,
         "Fused CUDA Re-attention backward: [dq, dk, dv, dW, dc, dgamma, dbeta] (parameter gradients float64). "
-        "stats_only: only dgamma = sum(dN xhat) and dbeta = sum(dN), for training BatchNorm.");
+        "stats_only: only dgamma = sum(dN xhat) and dbeta = sum(dN), for training BatchNorm (the others empty on "
+        "the tensor-core path). fp16/bf16 run the deterministic tensor-core backward (a row pass and a key "
+        "pass, no atomics) where its shapes fit, else (and with programs_only) the CUDA-core programs.");
+  m.def("cuda_device_check", &device_check, py::arg("kind"), py::arg("a"), py::arg("b") = py::none(),
+        py::arg("order") = 0, py::arg("seed") = 0,
+        "Runs a check kernel of csrc/cuda/device_checks.cuh (CPU tensors: in the emulator, warps ordered by "
+        "`order`); returns its float32 output (NaN where it wrote nothing).");
+  m.def("cuda_forward_tiles", &forward_tiles, py::arg("H"), py::arg("D"), py::arg("Nq"), py::arg("Nk"),
+        py::arg("dtype"), py::arg("shared_limit") = 0,
+        "The tensor-core forward's tile shape for a problem (grid = (query blocks per batch element, head-dim "
+        "chunks)), or None when the CUDA-core programs run it; shared_limit 0 = an H100's 227 KB.");
   m.def("cuda_plan", &plan, py::arg("kind"), py::arg("H"), py::arg("D"), py::arg("Nq"), py::arg("dtype"),
         py::arg("shared_limit") = 0,
         "The launch plan (tile layout and grid) of a fused CUDA program; shared_limit 0 = sm_80's 163 KB.");

@@ -71,14 +71,23 @@ struct ReAttnParams {
   double scale = 1.0, out_scale = 1.0, eps = 1e-5, dropout_p = 0.0;
   const int64_t* seed = nullptr;  // on the device; null = no dropout
 
-  // Forward: out in T (any strides); lse in the accumulation type, contiguous [B, H, Nq].
+  // Forward: out in T (any strides); lse in the accumulation type, contiguous [B, H, Nq]. The
+  // tensor-core forward (forward.cuh) writes row statistics [B, H, Nq, 2] = (max, log-sum) there
+  // instead, or reads them when stats_is_input.
   void* out = nullptr;
   Strides4 o_st{};
   void* lse = nullptr;
   bool lse_is_input = false;
+  bool stats_is_input = false;
+  // Tensor-core forward: the mixing and norm parameters folded by the host, fp32 [H*H + 3H] =
+  // W' (row-major [g][h]), c', out_scale * gamma, out_scale * beta (LayerNorm; see forward.cuh).
+  const void* folded = nullptr;
+  // q, k, v rows are 16-byte aligned with unit stride along D: 16-byte cp.async loads.
+  bool vector_loads = false;
   // Forward with norm none, for training BatchNorm in one sweep: out in the accumulation type
   // instead of T, and moments ([2, H] float64, zeroed by the caller) += the sums of X = W P~ + c
   // and of X^2 over the attended entries (each (b, query block) adds once, from its first d-chunk).
+  // The tensor-core forward writes each program's sums instead: [programs][2][H], not added.
   bool out_is_acc = false;
   double* moments = nullptr;
 
@@ -97,6 +106,16 @@ struct ReAttnParams {
   double* dc = nullptr;
   double* dgamma = nullptr;  // kBackwardStats: sum(dN xhat) per head
   double* dbeta = nullptr;   // kBackwardStats: sum(dN) per head
+
+  // Tensor-core backward (rows.cuh, keys.cuh): the row pass writes D [B, H, Nq] (fp32) for the key
+  // pass and its per-program parameter-gradient sums [programs][H*H + 3H] (fp32: dW (g, h), dc,
+  // dgamma, dbeta; training BatchNorm's sums of dN xhat and dN in dgamma, dbeta) for the host to
+  // add in float64; stats_only: only those sums.
+  float* delta = nullptr;
+  float* partials = nullptr;
+  bool stats_only = false;
+  // The key pass writes dK, dV in T (any strides).
+  Strides4 dk_st{}, dv_st{};
 
   Plan plan{};
 };

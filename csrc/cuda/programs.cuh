@@ -1,7 +1,7 @@
 // The fused Re-attention programs: forward, BatchNorm statistics sweep, backward (two sweeps) and
 // the backward's BatchNorm sums. One program = one thread block = batch element b, BM query
 // rows, every head, and `chunk_d` columns of the head dim of its output. The math is
-// shared/design/reattention-math.md; the semantics are those of kernels/ (the Triton backend),
+// docs/math.md; the semantics are those of kernels/ (the Triton backend),
 // entry for entry:
 //
 //   S = scale q k^T (+ mask; -inf where masked),  L = logsumexp_j S,  P = exp(S - L)

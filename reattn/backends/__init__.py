@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from reattn._extension import extension_error_message
+from reattn._extension import emulating, extension_error_message
 # The kernels' limits live with their launch rules (a stdlib-only module: importable without triton).
 from reattn.kernels.launch import MAX_HEAD_DIM, MAX_HEADS, interpreting
 
@@ -121,8 +121,6 @@ def _shared_fused_limits(problem: Problem, kernels: str) -> Optional[str]:
 
 
 def _cuda_reason(problem: Problem) -> Optional[str]:
-    from reattn.backends.cuda import emulating
-
     if problem.device.type != "cuda" and not (problem.device.type == "cpu" and emulating()):
         return ("the CUDA C++ kernels need CUDA tensors (or CPU tensors with REATTN_CUDA_EMULATE=1, the host "
                 "emulator used for testing)")
@@ -332,18 +330,14 @@ def resolve_backend(backend: str, problem: Problem) -> str:
             # eager (choose_backend); none has run on a GPU yet, so eager.
             return choose_backend("auto", problem).backend
         # [cpu-auto] Fused backends in order of preference per device (the Triton interpreter is for
-        # testing, never "auto"). CPU tensors: the fused C++ kernel whenever it can run. Measured with
-        # benchmarks.bench_reattn on the 2-core dev Xeon (AVX-512), fp32, B=8, speed-up over the eager
-        # official core for norm batch eval / batch train / layer (benchmarks/results/microbench.csv,
-        # commit 946bbae): DeepViT-16b forward 2.1x / 3.7x / 4.0x, forward+backward 2.5x / 2.6x / 3.4x;
-        # DeiT-S forward 2.3x / 4.0x / 5.0x, forward+backward 3.0x / 2.7x / 4.0x; bf16 faster everywhere
-        # measured. The one loss: H=16, D=64 at short sequences in fp32 (N=64, B=32: forward 0.98x,
-        # forward+backward 0.88x; N=197, B=10: 0.97x forward+backward; eager's batched GEMMs beat our
-        # per-task ones there) -- within 12%, with 3-6x less memory, so no size threshold yet.
+        # testing, never "auto"). CPU tensors: the fused C++ kernel whenever it can run, because the
+        # CPU rows of benchmarks/results/microbench.csv (python -m benchmarks.bench_reattn) show it
+        # faster than eager in every norm mode and both directions at the model shapes, and using
+        # several times less memory; the few short-sequence fp32 shapes where eager's batched GEMMs
+        # win are close enough that no size threshold is kept.
         # Not with dropout: its counter-based RNG draws other keep-masks than F.dropout under the same
         # torch seed, and "auto" keeps the official module's dropout pattern (backend="cpu" opts in).
         preference = {"cpu": () if problem.dropout else ("cpu",)}.get(problem.device.type, ())
-        # [/cpu-auto]
         for name in preference:
             if unavailable_reason(name, problem) is None:
                 return name

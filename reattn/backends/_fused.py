@@ -8,12 +8,11 @@ autograd registration -> :func:`run_fused`, called by ``reattn.re_attention`` on
 Training-mode BatchNorm is orchestrated here. Locally, both backends run it in one sweep over the
 keys (their kernels' ``forward_moments``; :func:`one_sweep_batchnorm`: the norm is applied after
 the product by V). When the statistics are synchronized across processes (or for a backend without
-``forward_moments``): a statistics sweep
-returns the per-head sums s1 = sum X and the Gram matrix G = sum X X^T of X = P~ - shift over the
-unmasked entries (float64, no map written); ``reattn.distributed.gram_batch_statistics`` (the
-formula of shared/design/reattention-math.md, also the cpu backend's) turns them into the batch
-mean and variance of M = W P~ + c; the forward then normalizes with them, reading the logsumexp
-the sweep wrote. The backward likewise first sums dN xhat and dN per head (the backward-sums
+``forward_moments``): a statistics sweep returns the per-head sums s1 = sum X and the Gram matrix
+G = sum X X^T of X = P~ - shift over the unmasked entries (float64, no map written);
+``reattn._batchnorm.gram_batch_statistics`` (docs/math.md, "BatchNorm statistics through the Gram
+matrix"; also the cpu backend's) turns them into the batch mean and variance of M = W P~ + c; the
+forward then normalizes with them, reading the logsumexp the sweep wrote. The backward likewise first sums dN xhat and dN per head (the backward-sums
 sweep), then runs the main sweeps with dM = a dN + e xhat + f (:func:`backward_rows`).
 
 Both sets of sums add up over processes, so BatchNorm synchronized across processes
@@ -35,38 +34,10 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from reattn._batchnorm import (accumulator_dtype, check_counts, fold_batchnorm_eval, gram_batch_statistics,
+                               gram_shift, kept_entries, unmasked_count, update_running_stats)
+from reattn._collectives import all_reduce_sum
 from reattn._ops import define_op, register_autograd, register_fake
-from reattn.distributed import all_reduce_sum, gram_batch_statistics
-
-
-def accumulator_dtype(q: Tensor) -> torch.dtype:
-    """dtype of the logsumexp and statistics: float64 for float64 inputs, else float32."""
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def gram_shift(n_keys: int) -> float:
-    """The shift kappa of X = P~ - kappa: 1/Nk rounded to float32, exact in fp32 kernels and fp64 formulas.
-
-    Without dropout or masks every row of P sums to 1, so s1 = 0 and the variance is a sum of
-    squares rather than the difference of two nearly equal numbers (which fp32 would lose).
-    """
-    return torch.tensor(1.0 / n_keys, dtype=torch.float32).item()
-
-
-def unmasked_count(attn_mask: Optional[Tensor], B: int, Nq: int, Nk: int) -> Tensor:
-    """Number n of (b, i, j) entries BatchNorm averages over (0-dim float64 tensor on the mask's device).
-
-    The mask must be the same for every head (bool masks always are; float masks must not have a
-    head dimension > 1), because one n and one Gram matrix serve all heads.
-    """
-    if attn_mask is None:
-        return torch.tensor(float(B * Nq * Nk), dtype=torch.float64)
-    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    if mask.shape[1] != 1:
-        raise ValueError("re_attention: training-mode BatchNorm in the fused kernels needs an attn_mask that is the "
-                         f"same for every head (head dim 1), got shape {tuple(attn_mask.shape)}")
-    kept = mask if mask.dtype == torch.bool else mask != float("-inf")
-    return kept.expand(B, 1, Nq, Nk).sum(dtype=torch.float64)
 
 
 def batch_stats_rows(stats: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
@@ -120,7 +91,7 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
     if attn_mask is None:
         u = v.sum(dim=2, keepdim=True, dtype=acc)  # [B, H, 1, D]: every row sees every key
     else:
-        keep = attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
+        keep = kept_entries(attn_mask)
         keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
         u = torch.matmul(keep.to(acc), v.to(acc))  # [B or 1, H or 1, Nq or 1, D]: the mask's own size, at most
     rstd = torch.rsqrt(var + eps).to(acc)
@@ -175,12 +146,6 @@ def eager_double_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mix
         grads = iter(torch.autograd.grad([f for f, _ in pairs], present, [gg.to(f.dtype) for f, gg in pairs],
                                          allow_unused=True, create_graph=torch.is_grad_enabled()))
     return tuple(None if x is None else next(grads) for x in xs)
-
-
-def _check_count(count: Tensor, where: str) -> None:
-    if bool(count <= 1):
-        raise ValueError(f"re_attention: norm='batch' in training needs more than one unmasked value per head{where}; "
-                         f"unmasked count per head: {int(count)}")
 
 
 @dataclass(frozen=True)
@@ -260,7 +225,7 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
         seed: Optional[Tensor], scale: float, out_scale: float, norm: str, eps: float, dropout_p: float,
         lse_in: Optional[Tensor] = None, stats_in: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        """lse_in [B, H, Nq], stats_in [3, H] (norm "batch", both or neither): normalize with these
+        """lse_in (row statistics), stats_in [3, H] (norm "batch", both or neither): normalize with these
         statistics (of the batch over every process, from the gram_sums op) instead of computing
         them; lse and stats come back as copies."""
         B, H, Nq, _ = q.shape
@@ -281,13 +246,13 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
         count = unmasked_count(attn_mask, B, Nq, Nk).to(q.device)
         if kernels.forward_moments is not None:
             if attn_mask is not None:  # without a mask, reattn._checks has ruled this out
-                _check_count(count, "")
+                check_counts(count)
             return one_sweep_batchnorm(kernels.forward_moments, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                        attn_mask, seed, count, head_affine=kernels.head_affine, **kw)
         shift = gram_shift(Nk)
         lse, s1, gram = kernels.gram_sums(q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p, shift=shift)
         if attn_mask is not None:  # without a mask, reattn._checks has ruled this out
-            _check_count(count, "")
+            check_counts(count)
         stats[0], stats[1], stats[2] = gram_batch_statistics(mix_weight, mix_bias, s1, gram, count, shift)
         out, lse = kernels.forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                    batch_stats_rows(stats, eps, accumulator_dtype(q)), attn_mask, seed, lse,
@@ -299,14 +264,15 @@ def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, 
     @register_fake(forward_op)
     def _(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, out_scale, norm, eps,
           dropout_p, lse_in=None, stats_in=None):
-        B, H, Nq, _ = q.shape
+        H = q.shape[1]
         return (torch.empty_like(q, memory_format=torch.contiguous_format),
                 q.new_empty(kernels.softmax_stats_shape(q), dtype=accumulator_dtype(q)),
                 q.new_empty((3, H), dtype=torch.float64))
 
     def gram_sums(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], seed: Optional[Tensor], scale: float,
                   dropout_p: float, shift: float) -> Tuple[Tensor, Tensor, Tensor]:
-        """(lse [B, H, Nq], s1 [H], gram [H, H] float64): sums of X = P~ - shift over the unmasked entries."""
+        """(lse (softmax statistics, FusedKernels.softmax_stats_shape), s1 [H], gram [H, H] float64): sums of X = P~ - shift over
+        the unmasked entries."""
         return kernels.gram_sums(q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p, shift=shift)
 
     gram_sums_op = define_op(f"{name}_gram_sums", gram_sums, device_types)
@@ -455,7 +421,7 @@ def _synced_batchnorm(name, forward_op, backward_op, gram_sums_op, bn_grad_sums_
             s1, gram, count = all_reduce_sum([s1, gram, count], group)
             # After the all-reduce every process sees the same count: all refuse alike, and none is
             # left waiting in a collective the others skipped.
-            _check_count(count, " over all processes")
+            check_counts(count, " over all processes")
             mean, var, n = gram_batch_statistics(mix_weight, mix_bias, s1, gram, count, shift)
             stats = torch.stack([mean, var, n])
             out, lse, stats = forward_op(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale,
@@ -505,8 +471,6 @@ def run_fused(ops: FusedOps, q, k, v, mix_weight, mix_bias, *, scale, norm, norm
     """
     batch_training = norm == "batch" and training
     if norm == "batch" and not batch_training:  # eval mode: an affine map per head, folded into the mixing
-        from reattn.functional import fold_batchnorm_eval
-
         mix_weight, mix_bias = fold_batchnorm_eval(mix_weight, mix_bias, norm_weight, norm_bias, running_mean,
                                                    running_var, eps, dtype=accumulator_dtype(q))
         norm, norm_weight, norm_bias = "none", None, None
@@ -521,8 +485,5 @@ def run_fused(ops: FusedOps, q, k, v, mix_weight, mix_bias, *, scale, norm, norm
         out, _, stats = ops.forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale,
                                     out_scale, norm, eps, dropout_p)
     if batch_training and running_mean is not None:
-        with torch.no_grad():
-            mean, var, count = stats[0], stats[1], stats[2]
-            running_mean.mul_(1.0 - momentum).add_((mean * momentum).to(running_mean.dtype))
-            running_var.mul_(1.0 - momentum).add_((var * (count / (count - 1)) * momentum).to(running_var.dtype))
+        update_running_stats(running_mean, running_var, stats[0], stats[1], stats[2], momentum)
     return out

@@ -30,22 +30,19 @@ computes its statistics itself (its own sweep over local moments), as before: no
 """
 from __future__ import annotations
 
-import struct
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from reattn._batchnorm import (accumulator_dtype, check_counts, fold_batchnorm_eval, gram_batch_statistics, gram_shift,
+                               update_running_stats)
+from reattn._collectives import all_reduce_sum
 from reattn._extension import _C
 from reattn._ops import define_op, register_autograd, register_fake
 from reattn.backends._fused import draw_dropout_seed, eager_double_backward
-from reattn.distributed import all_reduce_sum, gram_batch_statistics
 
 NORM_CODES = {"none": 0, "layer": 1, "batch": 2}  # "batch" reaches the kernel only in training
-
-
-def _acc_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _forward_kernel(
@@ -76,7 +73,7 @@ cpu_forward = define_op("cpu_forward", _forward_kernel, ("cpu",))
 def _(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale, out_scale, norm, eps, dropout_p,
       seed, softmax_in=None, stats_in=None):
     B, H, Nq, D = q.shape
-    acc = _acc_dtype(q)
+    acc = accumulator_dtype(q)
     saved = (B if norm == 2 else 0, H, Nq, D)
     return (q.new_empty((B, H, Nq, D)), q.new_empty((2, B, H, Nq), dtype=acc), q.new_empty(saved, dtype=acc),
             q.new_empty(saved, dtype=acc), q.new_empty((3, H), dtype=torch.float64))
@@ -200,7 +197,7 @@ def _(q, k, attn_mask, scale, dropout_p, seed, kappa):
     B, H, Nq, _ = q.shape
     Hm = _mask_heads(attn_mask, H)
     f64 = dict(dtype=torch.float64)
-    return (q.new_empty((2, B, H, Nq), dtype=_acc_dtype(q)), q.new_empty((Hm, H), **f64),
+    return (q.new_empty((2, B, H, Nq), dtype=accumulator_dtype(q)), q.new_empty((Hm, H), **f64),
             q.new_empty((Hm, H, H), **f64), q.new_empty((Hm,), **f64))
 
 
@@ -217,13 +214,6 @@ def _(grad_out, R, U):
     return grad_out.new_empty((2, grad_out.shape[1]), dtype=torch.float64)
 
 
-def _check_counts(count: Tensor, where: str) -> None:
-    if bool((count <= 1).any()):
-        raise ValueError(
-            f"re_attention: norm='batch' in training needs more than one unmasked value per head{where}; "
-            f"unmasked counts per head: {[int(c) for c in count.tolist()]}")
-
-
 class _SyncedBatchNorm(torch.autograd.Function):
     """Training BatchNorm with ``nn.SyncBatchNorm`` semantics: statistics over every process of a group.
 
@@ -238,19 +228,16 @@ class _SyncedBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, options, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed):
         scale, out_scale, eps, dropout_p = options
-        acc = _acc_dtype(q)
-        # The shift of X = P~ - kappa, exactly representable in the accumulation dtype, so the kernel
-        # (acc_t) and gram_batch_statistics (float64) subtract the same number (struct rounds to float32
-        # without a tensor, which torch.compile would have to leave its graph for).
-        kappa = 1.0 / k.shape[2]
-        if acc == torch.float32:
-            kappa = struct.unpack("f", struct.pack("f", kappa))[0]
+        acc = accumulator_dtype(q)
+        # The shift of X = P~ - kappa, exact in float32 and float64, so the kernel (acc_t) and
+        # gram_batch_statistics (float64) subtract the same number.
+        kappa = gram_shift(k.shape[2])
         softmax_stats, s1, gram, count = cpu_bn_gram(q, k, attn_mask, scale, dropout_p, seed, kappa)
         s1, gram, count = all_reduce_sum([s1, gram, count], group)
         mean, var, count = gram_batch_statistics(
             mix_weight.detach().to(acc), None if mix_bias is None else mix_bias.detach().to(acc), s1, gram, count,
             kappa)
-        _check_counts(count, " over all processes")
+        check_counts(count, " over all processes")
         stats = torch.stack([mean, var, count])
         out, softmax_stats, R, U, stats = cpu_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask,
                                                       scale, out_scale, NORM_CODES["batch"], eps, dropout_p, seed,
@@ -306,10 +293,8 @@ def re_attention_cpu(q, k, v, mix_weight, mix_bias, *, scale, norm, norm_weight,
     are synchronized; ignored in other modes (``reattn.re_attention`` passes it only then).
     """
     if norm == "batch" and not training:  # eval mode: an affine map per head, folded into the mixing
-        from reattn.functional import fold_batchnorm_eval
-
         mix_weight, mix_bias = fold_batchnorm_eval(mix_weight, mix_bias, norm_weight, norm_bias, running_mean,
-                                                   running_var, eps, dtype=_acc_dtype(q))
+                                                   running_var, eps, dtype=accumulator_dtype(q))
         norm, norm_weight, norm_bias = "none", None, None
     p = float(dropout_p) if training else 0.0
     # A tensor, not a Python int: drawing it needs no .item(), so torch.compile keeps dropout in its
@@ -318,19 +303,13 @@ def re_attention_cpu(q, k, v, mix_weight, mix_bias, *, scale, norm, norm_weight,
         if p > 0.0 else None
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         # The reference adds the mask cast to q's dtype; the kernel reads it in its accumulation type.
-        attn_mask = attn_mask.to(q.dtype).to(_acc_dtype(q))
+        attn_mask = attn_mask.to(q.dtype).to(accumulator_dtype(q))
     if norm == "batch" and sync_group is not None:
         out, stats = _SyncedBatchNorm.apply(sync_group, (scale, out_scale, eps, p), q, k, v, mix_weight, mix_bias,
                                             norm_weight, norm_bias, attn_mask, seed)
     else:
         out, _, _, _, stats = cpu_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, scale,
                                           out_scale, NORM_CODES[norm], eps, p, seed)
-    if norm == "batch":  # the op has refused counts <= 1 (the synced path: _SyncedBatchNorm)
-        count = stats[2]
-        if running_mean is not None:
-            with torch.no_grad():
-                mean, var = stats[0], stats[1]
-                unbiased = var * count / (count - 1)
-                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    if norm == "batch" and running_mean is not None:  # the op has refused counts <= 1 (synced: _SyncedBatchNorm)
+        update_running_stats(running_mean, running_var, stats[0], stats[1], stats[2], momentum)
     return out

@@ -16,11 +16,9 @@ which is how CI tests this backend without a GPU. ``backend="cuda"`` accepts CPU
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from reattn._extension import _C
+from reattn._extension import _C, emulating
 from reattn.backends._fused import FusedKernels, define_fused_ops, run_fused
 
 __all__ = ["CUDA_OPS", "cuda_backward", "cuda_forward", "emulating", "re_attention_cuda"]
@@ -29,21 +27,18 @@ __all__ = ["CUDA_OPS", "cuda_backward", "cuda_forward", "emulating", "re_attenti
 PROGRAM_KINDS = {"forward": 0, "batch_stats": 1, "backward": 2, "backward_stats": 3}
 
 
-def emulating() -> bool:
-    """True when ``REATTN_CUDA_EMULATE=1``: backend="cuda" runs CPU tensors in the host emulator."""
-    return os.environ.get("REATTN_CUDA_EMULATE", "0") == "1"
-
-
+# The softmax statistics the ops pass from the forward to the backward: [B, H, Nq, 2] (row max,
+# log-sum), FusedKernels.softmax_stats_shape.
 def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse, *, scale,
              out_scale, norm, eps, dropout_p):
-    out, lse = _C.cuda_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed,
-                               lse, scale, out_scale, norm, eps, dropout_p)
-    return out, lse
+    out, stats = _C.cuda_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed,
+                                 lse, scale, out_scale, norm, eps, dropout_p)
+    return out, stats
 
 
 def _gram_sums(q, k, attn_mask, seed, *, scale, dropout_p, shift):
-    lse, s1, gram = _C.cuda_batch_sums(q, k, attn_mask, seed, scale, dropout_p, shift)
-    return lse, s1, gram
+    stats, s1, gram = _C.cuda_batch_sums(q, k, attn_mask, seed, scale, dropout_p, shift)
+    return stats, s1, gram
 
 
 def _backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse, *,
@@ -66,13 +61,14 @@ def _backward_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
 
 def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p):
     # X V in the accumulation dtype and the float64 sums of X, X^2 (already added over programs).
-    x_v, lse, moments = _C.cuda_forward(q, k, v, mix_weight, mix_bias, None, None, None, attn_mask, seed, None, scale,
-                                        1.0, "none", 1e-5, dropout_p, True)
-    return x_v, lse, moments[None]
+    x_v, stats, moments = _C.cuda_forward(q, k, v, mix_weight, mix_bias, None, None, None, attn_mask, seed, None,
+                                          scale, 1.0, "none", 1e-5, dropout_p, True)
+    return x_v, stats, moments
 
 
 CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, backward_sums=_backward_sums, backward=_backward,
-                            forward_moments=_forward_moments)
+                            forward_moments=_forward_moments,
+                            softmax_stats_shape=lambda q: (*q.shape[:3], 2))
 CUDA_OPS = define_fused_ops("cuda", CUDA_KERNELS, ("cuda", "cpu"))
 cuda_forward, cuda_backward = CUDA_OPS.forward, CUDA_OPS.backward
 

@@ -1,12 +1,18 @@
 """What is specific to backend="cuda", the CUDA C++ programs of csrc/cuda (the shared correctness suite
-of the fused backends is tests/backends/test_fused_backends.py).
+of the fused backends is tests/backends/test_fused_backends.py; the device-code harness itself is
+tested in test_cuda_harness.py).
 
-Without a GPU, the programs run in their host emulator (the same source, phase by phase). Checked
-here: phases do not race (running every phase's items in reverse order changes nothing), the plans
-that stage fewer heads or split the head dim give the same answers, the plans of the issue's
-shapes fit sm_80 and sm_90 shared memory, the compiled kernels (cuobjdump) spill nothing, and bad
-input raises ValueError/TypeError with a readable message. On a GPU: CUDA and Triton agree.
+Without a GPU, the kernels run in the host emulator of csrc/cuda/sim.h: the same source, every
+thread a fiber. Checked here: the tensor-core forward (fp16/bf16) against float64 in every mode
+within twice eager's error, its row statistics, and that its warps do not race (reversed and
+shuffled warp orders give bitwise the same result, poisoned outputs and shared memory never leak);
+the CUDA-core programs (fp32/fp64, and the program kinds not yet on tensor cores) likewise, and
+that their plans that stage fewer heads or split the head dim agree; the tile shapes and plans of
+the issue's shapes fit sm_80 and sm_90 shared memory; the compiled kernels (cuobjdump) spill
+nothing; bad input raises ValueError/TypeError with a readable message. On a GPU: CUDA and Triton
+agree.
 """
+import math
 import os
 import re
 import shutil
@@ -43,8 +49,12 @@ def tensors(B, H, Nq, Nk, D, dtype=torch.float64, seed=0):
     return q, k, v, w, rnd(H, s=0.1), rnd(H, s=0.2, shift=1.0), rnd(H, s=0.1), rnd(B, H, Nq, D)
 
 
-def run_programs(B, H, Nq, Nk, D, *, norm, masked, dropout, dtype=torch.float64, **options):
-    """Every program once (forward, statistics, backward incl. its BatchNorm sums) through reattn._C."""
+def run_programs(B, H, Nq, Nk, D, *, norm, masked, dropout, dtype=torch.float64, programs_only=False, **options):
+    """Every program once (forward, statistics, backward incl. its BatchNorm sums) through reattn._C.
+
+    programs_only: the forward and backward on the CUDA-core programs also for fp16/bf16 (not the
+    tensor cores).
+    """
     q, k, v, w, c, gamma, beta, grad = tensors(B, H, Nq, Nk, D, dtype)
     keep = None
     if masked:
@@ -59,20 +69,21 @@ def run_programs(B, H, Nq, Nk, D, *, norm, masked, dropout, dtype=torch.float64,
     g = torch.Generator().manual_seed(2)
     stats = torch.stack([torch.rand(H, generator=g, dtype=torch.float64) * 0.1,
                          1 + torch.rand(H, generator=g, dtype=torch.float64)]).to(DEVICE)
+    forward_options = dict(options, programs_only=programs_only)
     out, lse2 = _C.cuda_forward(q, k, v, w, c, nw, nb, stats if norm == "batch" else None, keep, seed, None, 0.4, 0.8,
-                                norm, 1e-5, p, **options)
+                                norm, 1e-5, p, **forward_options)
     rows = torch.cat([stats, torch.rand(2, H, generator=g, dtype=torch.float64).to(DEVICE) * 0.01]) if norm == "batch" \
         else None
     grads = _C.cuda_backward(grad, q, k, v, w, c, nw, nb, rows, keep, seed, lse2, 0.4, 0.8, norm, 1e-5, p, False,
-                             **options)
+                             **forward_options)
     sums = _C.cuda_backward(grad, q, k, v, w, c, nw, nb, rows, keep, seed, lse2, 0.4, 0.8, norm, 1e-5, p, True,
-                            **options)[5:]
+                            **forward_options)[5:]
     # One-sweep training BatchNorm's forward: norm none, X V in the accumulation dtype, moments of X.
     x_v, _, moments = _C.cuda_forward(q, k, v, w, c, None, None, None, keep, seed, None, 0.4, 1.0, "none", 1e-5, p,
-                                      True, **options)
+                                      True, **forward_options)
     return dict(lse=lse, s1=s1, gram=gram, out=out, lse2=lse2, dq=grads[0], dk=grads[1], dv=grads[2], dW=grads[3],
                 dc=grads[4], dgamma=grads[5], dbeta=grads[6], sum_dn_xhat=sums[0], sum_dn=sums[1], x_v=x_v,
-                moments=moments)
+                moments=moments.sum(0))
 
 
 def assert_all_close(a, b, rtol, atol):
@@ -124,12 +135,315 @@ def test_plans_that_stage_fewer_heads_or_split_the_head_dim_agree(norm, masked, 
     if dtype == torch.float16:
         assert {p["pad"] for p in features} == {1, 16}, features
     reference = run_programs(B, H, Nq, Nk, D, norm=norm, masked=masked, dropout=dropout, dtype=dtype,
-                             shared_limit=unlimited)
+                             shared_limit=unlimited, programs_only=True)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-3, atol=2e-3)
     for limit in plans.values():
         got = run_programs(B, H, Nq, Nk, D, norm=norm, masked=masked, dropout=dropout, dtype=dtype,
-                           shared_limit=limit)
+                           shared_limit=limit, programs_only=True)
         assert_all_close(got, reference, **tol)
+
+
+# ---- the tensor-core forward (fp16 / bf16) -----------------------------------------------------------
+TC_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def tc_case(B, H, Nq, Nk, D, *, norm="none", mask=None, dropout=0.0, seed=0, dtype=torch.bfloat16, references=True,
+            **options):
+    """(output, row statistics, float64 reference, eager output in `dtype`) of one tensor-core forward."""
+    from reattn.reference import re_attention_ref
+
+    q, k, v, w, c, gamma, beta, _ = tensors(B, H, Nq, Nk, D, seed=seed)
+    nw, nb = (gamma, beta) if norm != "none" else (None, None)
+    rows = torch.stack([torch.linspace(-0.02, 0.03, H, dtype=torch.float64),
+                        torch.linspace(0.8, 1.3, H, dtype=torch.float64)]).to(DEVICE)  # mean, 1/std
+    seed_t = torch.tensor([4321], device=DEVICE) if dropout else None
+    low = [t.to(dtype) for t in (q, k, v)]
+    out, stats = _C.cuda_forward(*low, w, c, nw, nb, rows if norm == "batch" else None, mask, seed_t, None, 0.3,
+                                 0.8, norm, 1e-5, dropout, poison_outputs=True, **options)
+    if not references:
+        return out, stats
+    keep = dropout_keep_mask(seed_t, (B, H, Nq, Nk), dropout) if dropout else None
+    # Given batch statistics are eval-mode BatchNorm with running_var = 1/std^2 - eps.
+    running = dict(running_mean=rows[0], running_var=rows[1] ** -2 - 1e-5) if norm == "batch" else {}
+
+    def eager(x_q, x_k, x_v, cast):
+        params = {n: (None if t is None else t.to(cast)) for n, t in dict(w=w, c=c, nw=nw, nb=nb).items()}
+        return re_attention_ref(x_q, x_k, x_v, params["w"], params["c"], scale=0.3, norm=norm,
+                                norm_weight=params["nw"], norm_bias=params["nb"], out_scale=0.8, attn_mask=mask,
+                                dropout_p=dropout, dropout_mask=keep, training=dropout > 0,
+                                **{n: r.to(cast) for n, r in running.items()})
+
+    return out, stats, eager(q, k, v, torch.float64), eager(*low, dtype)
+
+
+def assert_within_twice_eager_error(out, reference, eager):
+    kernel_err = (out.double() - reference).abs().max().item()
+    eager_err = (eager.double() - reference).abs().max().item()
+    assert not out.isnan().any()
+    assert kernel_err <= 2 * eager_err + 1e-6, (kernel_err, eager_err)
+
+
+def bool_mask(B, Nq, Nk, seed=1):
+    keep = torch.rand(B, 1, Nq, Nk, generator=torch.Generator().manual_seed(seed)) > 0.35
+    keep[0, 0, min(1, Nq - 1)] = False  # a query row with every key masked
+    return keep.to(DEVICE)
+
+
+def additive_mask(H, Nq, Nk, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    add = torch.randn(H, Nq, Nk, generator=g, dtype=torch.float64)
+    add[torch.rand(H, Nq, Nk, generator=g) > 0.7] = float("-inf")
+    return add.to(DEVICE)
+
+
+# (name, shape (B, H, Nq, Nk, D), norm, mask kind, dropout): one-segment shapes (Nk <= 224) and the
+# two-sweep path (Nk > 224), odd sizes, a head count below the tile's and H = 1.
+TC_CASES = [
+    ("plain", (2, 6, 17, 23, 32), "none", None, 0.0),
+    ("layer bool mask dropout", (2, 6, 9, 11, 64), "layer", "bool", 0.25),
+    ("batch per-head float mask", (2, 12, 20, 37, 32), "batch", "float", 0.0),
+    ("layer H=5 D=33 Nq=1", (2, 5, 1, 40, 33), "layer", None, 0.0),
+    ("H=1 Nk=1", (1, 1, 3, 1, 16), "none", None, 0.0),
+    ("two sweeps layer mask dropout", (1, 6, 9, 300, 35), "layer", "bool", 0.25),
+    ("two sweeps batch", (1, 12, 33, 257, 48), "batch", None, 0.0),
+]
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the emulator's tile choice (an H100's shared memory) is checked here")
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("name,shape,norm,mask,dropout", TC_CASES, ids=[c[0] for c in TC_CASES])
+def test_tensor_core_forward_within_twice_eager_error_in_every_mode(name, shape, norm, mask, dropout, dtype):
+    B, H, Nq, Nk, D = shape
+    assert _C.cuda_forward_tiles(H, D, Nq, Nk, str(dtype)[6:]) is not None  # the tensor-core forward runs
+    attn_mask = {None: None, "bool": bool_mask(B, Nq, Nk), "float": additive_mask(H, Nq, Nk)}[mask]
+    out, stats, reference, eager = tc_case(B, H, Nq, Nk, D, norm=norm, mask=attn_mask, dropout=dropout, dtype=dtype)
+    assert out.dtype == dtype and stats.shape == (B, H, Nq, 2) and stats.dtype == torch.float32
+    assert_within_twice_eager_error(out, reference, eager)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 33, 50, 64), (1, 12, 20, 260, 48)], ids=["one segment", "two sweeps"])
+@pytest.mark.parametrize("mode", ["none", "batch", "layer", "moments"])
+def test_tensor_core_plain_variants_agree_with_the_general_one(shape, mode):
+    # Without mask or dropout the compiled plain variant of the norm runs (its own loops, the
+    # exponent as one FMA); general_variant=True forces the variant with every feature. Same
+    # problem, same answer up to the rounding of P to bf16 (which the two exponent forms may flip).
+    B, H, Nq, Nk, D = shape
+    q, k, v, w, c, gamma, beta, _ = tensors(B, H, Nq, Nk, D)
+    low = [t.bfloat16() for t in (q, k, v)]
+    norm = "none" if mode == "moments" else mode
+    nw, nb = (gamma, beta) if norm != "none" else (None, None)
+    rows = torch.stack([torch.full((H,), 0.01, dtype=torch.float64), torch.full((H,), 1.2, dtype=torch.float64)])
+    args = (*low, w, c, nw, nb, rows.to(DEVICE) if norm == "batch" else None, None, None, None, 0.3, 0.8, norm, 1e-5,
+            0.0, mode == "moments")
+    plain = _C.cuda_forward(*args, poison_outputs=True)
+    general = _C.cuda_forward(*args, poison_outputs=True, general_variant=True)
+    for a, b in zip(plain, general):
+        assert not a.isnan().any()
+        # |O| sums ~Nk entries of |A V|: one bf16 flip of P (2^-8 relative) per entry at most
+        torch.testing.assert_close(a.double(), b.double(), rtol=2 ** -7, atol=2 ** -7 * (1 + b.double().abs().max()))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="warp orders are the emulator's")
+@pytest.mark.parametrize("shape", [(2, 6, 33, 50, 64), (1, 12, 20, 260, 48)], ids=["one segment", "two sweeps"])
+def test_tensor_core_forward_does_not_race(shape):
+    # Between barriers the emulator runs the warps forwards, backwards or shuffled: a warp reading
+    # what another writes in the same interval (or a missing cp.async wait) changes the result.
+    B, H, Nq, Nk, D = shape
+    runs = [tc_case(B, H, Nq, Nk, D, norm="layer", mask=bool_mask(B, Nq, Nk), dropout=0.2, references=False, **order)
+            for order in (dict(), dict(reverse_items=True), dict(shuffle_seed=7))]
+    for out, stats in runs:
+        assert not out.isnan().any() and not stats.isnan().any()  # poisoned outputs are all written
+        assert torch.equal(out, runs[0][0]) and torch.equal(stats, runs[0][1])
+
+
+@pytest.mark.parametrize("Nk", [45, 260], ids=["one segment", "two sweeps"])
+def test_tensor_core_row_statistics_are_max_and_log_sum(Nk):
+    # stats[..., 0] = max_j S, stats[..., 1] = log sum_j exp(S - max) over the attended keys; (+inf, 0)
+    # for a row with every key masked. A row whose keys all carry a large finite fill (-1e9, as
+    # Hugging Face masks) keeps P uniform over its keys, as eager softmax gives.
+    B, H, Nq, D = 2, 3, 7, 32
+    q, k, v, w, c, _, _, _ = tensors(B, H, Nq, Nk, D)
+    keep = bool_mask(B, Nq, Nk)
+    fill = torch.zeros(B, 1, Nq, Nk, dtype=torch.float64, device=DEVICE).masked_fill(~keep, -1e9)
+    for mask in (keep, fill):
+        low = [t.bfloat16() for t in (q, k, v)]
+        out, stats = _C.cuda_forward(*low, w, c, None, None, None, mask, None, None, 0.3, 1.0, "none", 1e-5, 0.0)
+        S = 0.3 * low[0].double() @ low[1].double().transpose(-2, -1)
+        S = S.masked_fill(~keep, float("-inf")) if mask.dtype == torch.bool else S + fill.float().double()
+        m = S.amax(-1)
+        empty = torch.isinf(m)
+        log_sum = (S - m.masked_fill(empty, 0)[..., None]).exp().sum(-1).log()
+        # fp32 products of bf16 inputs over D terms; exp / log at fp32 precision
+        tol = 1e-5 * (1 + (0.3 * low[0].double().abs() @ low[1].double().abs().transpose(-2, -1)).amax(-1))
+        if mask.dtype == torch.bool:
+            assert torch.equal(stats[..., 0][empty], torch.full_like(stats[..., 0][empty], float("inf")))
+            assert torch.equal(stats[..., 1][empty], torch.zeros_like(stats[..., 1][empty]))
+            assert ((stats[..., 0].double() - m).abs()[~empty] <= tol[~empty]).all()
+            assert ((stats[..., 1].double() - log_sum).abs()[~empty] <= 1e-5 * (1 + log_sum.abs()[~empty])).all()
+        else:
+            # The masked row: every score rounds to the fill in fp32, so P = 1 / Nk and log l = log Nk.
+            torch.testing.assert_close(stats[0, :, 1, 1], torch.full((H,), math.log(Nk), device=DEVICE),
+                                       rtol=1e-5, atol=1e-5)
+            assert torch.isfinite(out).all()
+
+
+# ---- the tensor-core backward (fp16 / bf16) ----------------------------------------------------------
+def tc_backward_case(B, H, Nq, Nk, D, *, norm="none", mask=None, dropout=0.0, dtype=torch.bfloat16, references=True,
+                     **options):
+    """(gradients [dq, dk, dv, dW, dc, dgamma, dbeta], float64 ones, eager ones in `dtype`) of one call.
+
+    norm "batch": training BatchNorm's backward with given rows (mean, 1/std, e, f), whose float64
+    reference is the affine map A = out_scale (gamma (M - mean) rstd + beta) plus e xhat + f in dM:
+    compared through the CUDA-core programs in float64 (the same formula), not eager.
+    """
+    from reattn.reference import re_attention_ref
+
+    q, k, v, w, c, gamma, beta, grad = tensors(B, H, Nq, Nk, D)
+    nw, nb = (gamma, beta) if norm != "none" else (None, None)
+    seed = torch.tensor([77], device=DEVICE) if dropout else None
+    low = [t.to(dtype) for t in (q, k, v)]
+    rows = None
+    if norm == "batch":
+        g = torch.Generator().manual_seed(5)
+        rows = torch.stack([torch.rand(H, generator=g, dtype=torch.float64) * 0.05,
+                            1 + torch.rand(H, generator=g, dtype=torch.float64),
+                            torch.randn(H, generator=g, dtype=torch.float64) * 0.01,
+                            torch.randn(H, generator=g, dtype=torch.float64) * 0.01]).to(DEVICE)
+    _, stats = _C.cuda_forward(*low, w, c, nw, nb, None if rows is None else rows[:2], mask, seed, None, 0.3, 0.8, norm,
+                               1e-5, dropout)
+    grads = _C.cuda_backward(grad.to(dtype), *low, w, c, nw, nb, rows, mask, seed, stats, 0.3, 0.8, norm, 1e-5,
+                             dropout, False, poison_outputs=True, **options)
+    if not references:
+        return grads, None, None
+
+    def programs(dt):  # the float64 formula of every mode, through the CUDA-core programs
+        qq, kk, vv = (t.to(dt) for t in (q, k, v))
+        _, st = _C.cuda_forward(qq, kk, vv, w, c, nw, nb, None if rows is None else rows[:2], mask, seed, None, 0.3,
+                                0.8, norm, 1e-5, dropout, programs_only=True)
+        return _C.cuda_backward(grad.to(dt), qq, kk, vv, w, c, nw, nb, rows, mask, seed, st, 0.3, 0.8, norm, 1e-5,
+                                dropout, False, programs_only=True)
+
+    if norm == "batch":
+        return grads, programs(torch.float64), programs(dtype)
+    keep = dropout_keep_mask(seed, (B, H, Nq, Nk), dropout) if dropout else None
+
+    def eager(xq, xk, xv, cast):
+        ins = [t.clone().requires_grad_(True) for t in (xq, xk, xv)]
+        params = [t.to(cast).clone().requires_grad_(True) for t in (w, c)] + \
+                 ([t.to(cast).clone().requires_grad_(True) for t in (nw, nb)] if norm != "none" else [])
+        out = re_attention_ref(*ins, params[0], params[1], scale=0.3, norm=norm, out_scale=0.8, attn_mask=mask,
+                               norm_weight=params[2] if norm != "none" else None,
+                               norm_bias=params[3] if norm != "none" else None, dropout_p=dropout, dropout_mask=keep,
+                               training=dropout > 0)
+        return list(torch.autograd.grad(out, ins + params, grad.to(cast)))
+
+    return grads, eager(q, k, v, torch.float64), eager(*low, dtype)
+
+
+TC_BACKWARD_CASES = [
+    ("plain", (2, 6, 17, 23, 32), "none", None, 0.0),
+    ("layer", (1, 12, 20, 37, 64), "layer", None, 0.0),
+    ("batch rows", (2, 6, 17, 23, 32), "batch", None, 0.0),
+    ("bool mask dropout", (2, 6, 9, 11, 32), "none", "bool", 0.25),
+    ("layer float mask dropout", (2, 6, 9, 11, 64), "layer", "float", 0.25),
+    ("batch rows bool mask", (2, 5, 9, 11, 33), "batch", "bool", 0.0),
+    ("H=1 Nk=1", (1, 1, 3, 1, 16), "none", None, 0.0),
+]
+GRAD_NAMES = ("dq", "dk", "dv", "dW", "dc", "dgamma", "dbeta")
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the emulator's shape choice (an H100's shared memory) is checked here")
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("name,shape,norm,mask,dropout", TC_BACKWARD_CASES, ids=[c[0] for c in TC_BACKWARD_CASES])
+def test_tensor_core_backward_within_twice_eager_error_in_every_mode(name, shape, norm, mask, dropout, dtype):
+    B, H, Nq, Nk, D = shape
+    attn_mask = {None: None, "bool": bool_mask(B, Nq, Nk), "float": additive_mask(H, Nq, Nk)}[mask]
+    grads, reference, eager = tc_backward_case(B, H, Nq, Nk, D, norm=norm, mask=attn_mask, dropout=dropout,
+                                               dtype=dtype)
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype and grads[3].dtype == torch.float64
+    # The norm's own gradients come from this call for LayerNorm (training BatchNorm's from its sums call).
+    count = 7 if norm == "layer" else 5
+    unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    for what, got, ref, low in list(zip(GRAD_NAMES, grads, reference, eager))[:count]:
+        assert not got.isnan().any(), what
+        got_err = (got.double() - ref.double()).abs().max().item()
+        eager_err = (low.double() - ref.double()).abs().max().item()
+        # Parameter gradients are sums over every entry, accumulated in fp32 here: besides twice
+        # eager's error, one rounding unit of the inputs' dtype relative to their size (the
+        # rounding of dO, V, ... to 16 bits, which no accumulation removes).
+        slack = unit * ref.double().abs().max().item() if what in ("dW", "dc", "dgamma", "dbeta") else 1e-6
+        assert got_err <= 2 * eager_err + slack, (what, got_err, eager_err)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="warp orders are the emulator's")
+@pytest.mark.parametrize("norm", ["none", "layer"])
+def test_tensor_core_backward_does_not_race_and_is_deterministic(norm):
+    # Reversed and shuffled warp orders give bitwise the same gradients (no race between warps, and
+    # no order-dependent sums: dK, dV in registers, parameter gradients as per-program partials).
+    B, H, Nq, Nk, D = 2, 6, 33, 40, 32
+    runs = [tc_backward_case(B, H, Nq, Nk, D, norm=norm, mask=bool_mask(B, Nq, Nk), dropout=0.2, references=False,
+                             **order)[0]
+            for order in (dict(), dict(reverse_items=True), dict(shuffle_seed=11))]
+    for grads in runs:
+        for what, got, first in zip(GRAD_NAMES, grads, runs[0]):
+            assert not got.isnan().any(), what  # poisoned outputs are all written
+            assert torch.equal(got, first), what
+
+
+def test_tensor_core_backward_sums_allocate_only_what_they_write():
+    # Training BatchNorm's backward sums (stats_only): the row pass alone; no dq, dk, dv or dW buffers.
+    B, H, Nq, Nk, D = 2, 6, 17, 23, 32
+    q, k, v, w, c, gamma, beta, grad = tensors(B, H, Nq, Nk, D)
+    low = [t.bfloat16() for t in (q, k, v)]
+    rows = torch.stack([torch.zeros(H), torch.ones(H), torch.zeros(H), torch.zeros(H)]).double().to(DEVICE)
+    _, stats = _C.cuda_forward(*low, w, c, gamma, beta, rows[:2], None, None, None, 0.3, 0.8, "batch", 1e-5, 0.0)
+    sums = _C.cuda_backward(grad.bfloat16(), *low, w, c, gamma, beta, rows, None, None, stats, 0.3, 0.8, "batch", 1e-5,
+                            0.0, True)
+    assert [t.numel() for t in sums[:5]] == [0] * 5
+    full = _C.cuda_backward(grad.bfloat16(), *low, w, c, gamma, beta, rows, None, None, stats, 0.3, 0.8, "batch", 1e-5,
+                            0.0, False)
+    torch.testing.assert_close(sums[5], full[5], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sums[6], full[6], rtol=1e-12, atol=1e-12)
+
+
+def test_tensor_core_forward_moments_are_per_program_sums():
+    # Training BatchNorm in one sweep: X V in fp32 and each program's sums of X and X^2 over the
+    # attended entries; their total is the float64 sum over every (b, i, j) that is not masked.
+    from reattn.reference import re_attention_ref
+
+    B, H, Nq, Nk, D = 2, 6, 40, 23, 32
+    q, k, v, w, c, _, _, _ = tensors(B, H, Nq, Nk, D)
+    keep = bool_mask(B, Nq, Nk)
+    low = [t.bfloat16() for t in (q, k, v)]
+    x_v, _, moments = _C.cuda_forward(*low, w, c, None, None, None, keep, None, None, 0.3, 1.0, "none", 1e-5, 0.0,
+                                      True, poison_outputs=True)
+    tiles = _C.cuda_forward_tiles(H, D, Nq, Nk, "bfloat16")
+    assert moments.shape == (B * tiles["grid"][0], 2, H) and x_v.dtype == torch.float32
+    _, A = re_attention_ref(*[t.double() for t in low], w, c, scale=0.3, attn_mask=keep, return_attention=True)
+    attended = keep.expand(B, H, Nq, Nk)
+    X = A.masked_fill(~attended, 0)
+    expected = torch.stack([X.sum((0, 2, 3)), (X * X).sum((0, 2, 3))])
+    # X from bf16 P~: relative error ~2^-8 per entry, summed over the entries
+    scale = torch.stack([X.abs().sum((0, 2, 3)), (X * X).sum((0, 2, 3))])
+    assert ((moments.sum(0) - expected).abs() <= 2 ** -7 * scale + 1e-6).all()
+    torch.testing.assert_close(x_v.double(), A @ v.bfloat16().double(), rtol=2e-2, atol=2e-2)
+
+
+def test_tensor_core_tiles_of_the_issue_shapes():
+    # On an H100 every ViT length runs in one sweep over the keys (the row in registers), DeepViT-L
+    # (577 tokens) in two; fp32/fp64, more than 12 heads or head dims over 64 run the CUDA-core programs.
+    tiles = {name: _C.cuda_forward_tiles(H, D, N, N, "bfloat16", SM90_SHARED) for name, (H, D, N) in ISSUE_SHAPES.items()}
+    assert tiles["DeiT-S"]["rows"] == 64 and tiles["DeiT-S"]["segments"] == 1
+    assert tiles["DeepViT-16b"]["d"] == 32 and tiles["DeepViT-16b"]["segments"] == 1
+    assert tiles["DeepViT-L"]["d"] == 48 and tiles["DeepViT-L"]["segments"] == 10
+    assert tiles["H16-D128-N4096"] is None
+    assert _C.cuda_forward_tiles(12, 64, 197, 197, "bfloat16", SM90_SHARED)["segments"] == 1  # ViT-B
+    for found in [t for t in tiles.values() if t is not None]:
+        assert found["shared_bytes"] <= SM90_SHARED and found["threads"] == 256
+    # On an A100 (less shared memory) the ViT shapes take shorter key segments.
+    a100 = _C.cuda_forward_tiles(12, 64, 197, 197, "bfloat16", SM80_SHARED)
+    assert a100["shared_bytes"] <= SM80_SHARED and a100["segments"] > 1
+    assert _C.cuda_forward_tiles(6, 64, 197, 197, "float32") is None
 
 
 ISSUE_SHAPES = {"DeiT-S": (6, 64, 197), "DeepViT-16b": (12, 32, 197), "DeepViT-L": (12, 35, 577),
@@ -170,13 +484,13 @@ def _cuobjdump():
     return None
 
 
-@pytest.mark.skipif(not _C.build_info()["cuda"], reason="reattn._C was built without CUDA (CPU-only torch)")
-def test_compiled_kernels_spill_nothing_and_reserve_at_most_1kb_of_shared_memory():
+def compiled_kernels():
+    """{(arch, function): resource usage} of every kernel in reattn._C (cuobjdump --dump-resource-usage)."""
     tool = _cuobjdump()
     assert tool is not None, "no cuobjdump: it ships in the triton wheel (triton/backends/nvidia/bin)"
     dump = subprocess.run([tool, "--dump-resource-usage", _C.__file__], check=True, capture_output=True,
                           text=True).stdout
-    kernels = {}  # (arch, function) -> resource usage
+    kernels = {}
     arch = function = None
     for line in dump.splitlines():
         if line.startswith("arch = "):
@@ -184,18 +498,33 @@ def test_compiled_kernels_spill_nothing_and_reserve_at_most_1kb_of_shared_memory
         match = re.match(r"\s*Function (\S+):", line)
         if match:
             function = match.group(1)
-        elif "REG:" in line and function is not None and "re_attention_kernel" in function:
+        elif "REG:" in line and function is not None:
             kernels[(arch, function)] = {key: int(value) for key, value in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line)}
             function = None
+    return kernels
+
+
+@pytest.mark.skipif(not _C.build_info()["cuda"], reason="reattn._C was built without CUDA (CPU-only torch)")
+def test_compiled_kernels_spill_nothing_and_reserve_at_most_1kb_of_shared_memory():
+    kernels = compiled_kernels()
     archs = sorted({a for a, _ in kernels})
     assert {"sm_80", "sm_90"} <= set(archs), archs
-    # 4 storage types x 4 programs per architecture
-    assert all(sum(1 for a, _ in kernels if a == arch) == 16 for arch in archs), sorted(kernels)
+    for arch in archs:
+        names = [name for a, name in kernels if a == arch]
+        # 4 storage types x 4 CUDA-core programs; 2 types x (5 tile shapes x 4 variants of the tensor-core
+        # forward + 3 shapes of the backward's row pass) (row_configs.h, backward_configs.h); 2 types x 3
+        # shapes of the backward's key pass
+        assert sum("re_attention_kernel" in n for n in names) == 16, names
+        assert sum("forward_kernel" in n for n in names) == 46, names
+        assert sum("key_kernel" in n for n in names) == 6, names
     for (arch, name), usage in kernels.items():
+        if not any(k in name for k in ("re_attention_kernel", "forward_kernel", "key_kernel")):
+            continue
         assert usage["LOCAL"] == 0 and usage["STACK"] == 0, (arch, name, usage)  # no spills, no local arrays
         assert usage["REG"] <= 255, (arch, name, usage)
-        # The tiles are dynamic shared memory sized by the plan (test_plans_of_the_issue_shapes_fit_sm80_and_sm90);
-        # static: nothing on sm_80, the compiler's 1 KB reservation on sm_90 (the plan leaves room for it).
+        # The tiles are dynamic shared memory sized by the plan (test_plans_of_the_issue_shapes_fit_sm80_and_sm90,
+        # test_tensor_core_tiles_of_the_issue_shapes); static: nothing on sm_80, the compiler's 1 KB reservation
+        # on sm_90 (the plans leave room for it).
         assert usage["SHARED"] <= (1024 if arch == "sm_90" else 0), (arch, name, usage)
 
 
@@ -204,7 +533,7 @@ def test_bad_input_raises_value_and_type_errors_naming_the_argument():
 
     def forward(**override):
         args = dict(q=q, k=k, v=v, mix_weight=w, mix_bias=c, norm_weight=None, norm_bias=None, batch_stats=None,
-                    attn_mask=None, seed=None, lse=None, scale=0.3, out_scale=1.0, norm="none", eps=1e-5,
+                    attn_mask=None, seed=None, stats=None, scale=0.3, out_scale=1.0, norm="none", eps=1e-5,
                     dropout_p=0.0)
         args.update(override)
         return _C.cuda_forward(**args)
@@ -239,8 +568,8 @@ def test_bad_input_raises_value_and_type_errors_naming_the_argument():
         forward(norm="group")
     with pytest.raises(ValueError, match="norm='batch' needs batch_stats"):
         forward(norm="batch")
-    with pytest.raises(ValueError, match=r"lse must be a contiguous \[B, H, Nq\]"):
-        forward(lse=torch.zeros(2, 3, 4, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match=r"stats must be contiguous \[B, H, Nq, 2\]"):
+        forward(stats=torch.zeros(2, 3, 4, dtype=torch.float64, device=DEVICE))
     with pytest.raises(ValueError, match="kind must be one of"):
         launch_plan("sideways", 6, 64, 197, torch.float32)
 
@@ -276,6 +605,29 @@ def test_cuda_and_triton_agree_on_a_gpu(dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (not counted as coverage on CPU CI)")
+def test_deterministic_algorithms_get_the_tensor_core_backward_or_an_alert():
+    # bf16: the tensor-core backward, bitwise reproducible (no atomics); fp32 runs the CUDA-core
+    # programs, whose atomics torch's determinism check reports (an error unless warn_only).
+    B, H, N, D = 2, 6, 33, 32
+    q, k, v, w, c, _, _, grad = tensors(B, H, N, N, D, torch.bfloat16)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _, stats = _C.cuda_forward(q, k, v, w, c, None, None, None, None, None, None, 0.3, 1.0, "none", 1e-5, 0.0)
+        runs = [_C.cuda_backward(grad, q, k, v, w, c, None, None, None, None, None, stats, 0.3, 1.0, "none", 1e-5, 0.0,
+                                 False) for _ in range(2)]
+        for a, b_ in zip(*runs):
+            assert torch.equal(a, b_)
+        q32, k32, v32, g32 = (t.float() for t in (q, k, v, grad))
+        _, stats32 = _C.cuda_forward(q32, k32, v32, w, c, None, None, None, None, None, None, 0.3, 1.0, "none", 1e-5, 0.0)
+        with pytest.raises(RuntimeError, match="deterministic"):
+            _C.cuda_backward(g32, q32, k32, v32, w, c, None, None, None, None, None, stats32, 0.3, 1.0, "none", 1e-5,
+                             0.0, False)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (not counted as coverage on CPU CI)")
 def test_forward_and_backward_capture_in_a_cuda_graph():
     # No host synchronization or host allocation inside the ops: a CUDA graph replays them.
     q, k, v, w, c, gamma, beta, grad = tensors(2, 6, 33, 33, 64, torch.bfloat16)
@@ -298,11 +650,9 @@ def test_forward_and_backward_capture_in_a_cuda_graph():
         captured = step()
     graph.replay()
     torch.cuda.synchronize()
-    # out and dq are written once per entry: bitwise equal. dk, dv and the parameter gradients are
-    # sums of atomic adds, whose order (so the last bits) may differ from run to run.
-    for index, (got, want) in enumerate(zip(captured, expected)):
-        exact = index in (0, 1)
-        torch.testing.assert_close(got, want, rtol=0 if exact else 1e-2, atol=0 if exact else 1e-2)
+    # bf16 runs the tensor-core forward and backward: no atomics, bitwise equal.
+    for got, want in zip(captured, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_dropout_pattern_is_tritons_philox():

@@ -29,6 +29,9 @@ NORMS = ["none", "batch", "batch-train", "layer"]  # batch = eval mode (folded i
 GRAD_NAMES = ("q", "k", "v", "mix_weight", "mix_bias", "norm_weight", "norm_bias")
 FORWARD_OPS = {"triton": triton_forward, "cuda": cuda_forward}
 OPS = {"triton": TRITON_OPS, "cuda": CUDA_OPS}
+# The softmax statistics the ops pass to the backward (FusedKernels.softmax_stats_shape) for q
+# [2, 6, 9, D]: the row max and log-sum, Triton's as [2, B, H, Nq], CUDA's as [B, H, Nq, 2].
+SOFTMAX_STATS_SHAPE = {"triton": (2, 2, 6, 9), "cuda": (2, 6, 9, 2)}
 
 
 @pytest.fixture(params=["triton", "cuda"])
@@ -249,8 +252,7 @@ def test_fake_implementation_gives_shapes_and_dtypes(backend):
         w = torch.empty(6, 6)
         out, lse, stats = FORWARD_OPS[backend](q, k, k, w, None, None, None, None, None, 0.1, 1.0, "none", 1e-5, 0.0)
     assert out.shape == (2, 6, 9, 32) and out.dtype == torch.bfloat16
-    # What the forward saves per score row: Triton keeps the row max and log-sum ([2, B, H, Nq]).
-    assert lse.shape == {"triton": (2, 2, 6, 9), "cuda": (2, 6, 9)}[backend] and lse.dtype == torch.float32
+    assert lse.shape == SOFTMAX_STATS_SHAPE[backend] and lse.dtype == torch.float32
     assert stats.shape == (3, 6) and stats.dtype == torch.float64
 
 
@@ -267,7 +269,7 @@ def test_fake_implementations_of_the_synchronized_steps(backend):
         sums = ops.bn_grad_sums(q, q, k, k, w, None, None, None, None, None, lse, stats, 0.1, 1.0, 1e-5, 0.0)
         grads = ops.backward(q, q, k, k, w, None, None, None, None, None, lse, stats, 0.1, 1.0, "batch", 1e-5, 0.0,
                              sums)
-    assert lse.shape == {"triton": (2, 2, 6, 9), "cuda": (2, 6, 9)}[backend] and lse.dtype == torch.float32
+    assert lse.shape == SOFTMAX_STATS_SHAPE[backend] and lse.dtype == torch.float32
     assert (s1.shape, gram.shape, sums.shape) == ((6,), (6, 6), (2, 6))
     assert s1.dtype == gram.dtype == sums.dtype == torch.float64
     assert [tuple(g.shape) for g in grads] == [(2, 6, 9, 32), (2, 6, 11, 32), (2, 6, 11, 32), (6, 6), (6,), (6,), (6,)]

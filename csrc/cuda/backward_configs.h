@@ -1,0 +1,79 @@
+// The instantiated tile shapes of the tensor-core backward: its row pass (rows.cuh, D, dQ and the
+// parameter-gradient partials) and its key pass (keys.cuh, dK and dV), and the rule that picks
+// them. Plain C++ (the host plans with it; backward_kernels.cuh instantiates exactly these).
+//
+// The row pass keeps a whole key row's P~ in shared memory (one segment: Nk <= 224) with chunk
+// tiles of V and K beside it, so its query blocks are small (16 or 32 rows); registers hold dO and
+// dQ fragments of at most two heads per warp. The key pass holds dK and dV of two heads per warp.
+// A problem no pair of shapes serves runs the CUDA-core programs of programs.cuh.
+#pragma once
+
+#include <cstddef>
+
+#include "tiles.h"
+
+namespace reattn {
+namespace cuda {
+
+// index, slabs, groups, heads, d, d_out, keys: H <= 8 and D <= 64; H <= 16 and D <= 64; H <= 16
+// and D <= 32.
+#define REATTN_BACKWARD_ROW_SHAPES(X) \
+  X(0, 2, 4, 2, 64, 64, 224)          \
+  X(1, 1, 8, 2, 64, 64, 224)          \
+  X(2, 1, 8, 2, 32, 32, 224)
+
+// index, kslabs, groups, heads, d
+#define REATTN_KEY_SHAPES(X) \
+  X(0, 2, 4, 2, 64)          \
+  X(1, 1, 8, 2, 64)          \
+  X(2, 1, 8, 2, 32)
+
+constexpr int kBackwardRowShapeCount = 3;
+constexpr int kKeyShapeCount = 3;
+
+inline TileShape backward_row_shape(int index) {
+  static const TileShape shapes[] = {
+#define REATTN_SHAPE_ENTRY(i, slabs, groups, heads, d, d_out, keys) TileShape{slabs, groups, heads, d, d_out, keys, true},
+      REATTN_BACKWARD_ROW_SHAPES(REATTN_SHAPE_ENTRY)
+#undef REATTN_SHAPE_ENTRY
+  };
+  return shapes[index];
+}
+
+inline KeyShape key_shape(int index) {
+  static const KeyShape shapes[] = {
+#define REATTN_SHAPE_ENTRY(i, kslabs, groups, heads, d) KeyShape{kslabs, groups, heads, d},
+      REATTN_KEY_SHAPES(REATTN_SHAPE_ENTRY)
+#undef REATTN_SHAPE_ENTRY
+  };
+  return shapes[index];
+}
+
+// Both passes' shapes for H heads of dim D, Nk keys, or false: the fewest wasted head dims, then
+// the most rows (keys) per program, within the shared memory limit.
+inline bool pick_backward_shapes(int H, int D, int Nk, size_t shared_limit, int* rows, int* keys) {
+  *rows = *keys = -1;
+  long best = 0;
+  for (int i = 0; i < kBackwardRowShapeCount; ++i) {
+    const TileShape s = backward_row_shape(i);
+    if (H > s.max_heads() || D > s.d || Nk > s.keys || row_layout(s, H, Nk).bytes > shared_limit) continue;
+    const long cost = static_cast<long>(s.d - D) * 1000 - s.slabs;
+    if (*rows < 0 || cost < best) {
+      *rows = i;
+      best = cost;
+    }
+  }
+  for (int i = 0; i < kKeyShapeCount; ++i) {
+    const KeyShape s = key_shape(i);
+    if (H > s.max_heads() || D > s.d || key_layout(s, H).bytes > shared_limit) continue;
+    const long cost = static_cast<long>(s.d - D) * 1000 - s.kslabs;
+    if (*keys < 0 || cost < best) {
+      *keys = i;
+      best = cost;
+    }
+  }
+  return *rows >= 0 && *keys >= 0;
+}
+
+}  // namespace cuda
+}  // namespace reattn

@@ -1,0 +1,61 @@
+// __global__ entry points of the tensor-core backward (rows.cuh's row pass, keys.cuh's key pass),
+// one per shape of backward_configs.h, and their launcher; instantiated per 16-bit type by
+// backward_{bf16,f16}.cu.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "backward_configs.h"
+#include "keys.cuh"
+#include "row_kernels.cuh"
+
+namespace reattn {
+namespace cuda {
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) key_kernel(const ReAttnParams params) {
+  KeyProgram<Cfg>(params).run();
+}
+
+template <class Cfg>
+cudaError_t launch_key_shape(const ReAttnParams& p, cudaStream_t stream) {
+  static size_t granted[kMaxDevices] = {};
+  const KeyShape s = Cfg::shape();
+  const size_t bytes = key_layout(s, p.H).bytes;
+  auto kernel = key_kernel<Cfg>;
+  const cudaError_t err = reserve_shared(kernel, bytes, granted);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(p.B * ((p.Nk + s.keys() - 1) / s.keys())));
+  kernel<<<grid, s.threads(), bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// The row pass with shape `rows`, then (unless params.stats_only) the key pass with shape `keys`.
+template <typename E>
+cudaError_t launch_backward(int rows, int keys, const ReAttnParams& p, cudaStream_t stream) {
+  if (p.B == 0 || p.Nq == 0) return cudaSuccess;
+  cudaError_t err = cudaErrorInvalidValue;
+  switch (rows) {
+#define REATTN_SHAPE_CASE(i, slabs, groups, heads, d, d_out, k) \
+  case i:                                                        \
+    err = launch_forward_shape<RowConfig<E, slabs, groups, heads, d, d_out, k, kBackwardRows>>(p, stream); \
+    break;
+    REATTN_BACKWARD_ROW_SHAPES(REATTN_SHAPE_CASE)
+#undef REATTN_SHAPE_CASE
+    default:
+      break;
+  }
+  if (err != cudaSuccess || p.stats_only) return err;
+  switch (keys) {
+#define REATTN_SHAPE_CASE(i, kslabs, groups, heads, d) \
+  case i:                                               \
+    return launch_key_shape<KeyConfig<E, kslabs, groups, heads, d>>(p, stream);
+    REATTN_KEY_SHAPES(REATTN_SHAPE_CASE)
+#undef REATTN_SHAPE_CASE
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace cuda
+}  // namespace reattn

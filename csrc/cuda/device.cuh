@@ -1,0 +1,297 @@
+// The one layer between the fused kernels and the hardware: thread identity, barriers, warp
+// shuffles, tensor-core mma.sync, ldmatrix, cp.async, fast math and 16-bit conversions.
+//
+// Under nvcc every function is inline PTX (or the CUDA intrinsic that emits it). In a plain C++
+// build the same functions call the host emulator (sim.h), which runs each thread of a block as a
+// fiber: the kernels are written once, register-resident and warp-synchronous, and the CPU test
+// suite runs exactly that source.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define REATTN_DEVICE __device__ __forceinline__
+#define REATTN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#include <cmath>
+
+#include "sim.h"
+#define REATTN_DEVICE inline
+#define REATTN_HOST_DEVICE inline
+#endif
+
+namespace reattn {
+namespace dev {
+
+constexpr int kWarpSize = 32;
+
+// 16-bit storage types of the tensor-core path: raw bits, converted explicitly.
+struct Bf16 {
+  uint16_t bits;
+};
+struct F16 {
+  uint16_t bits;
+};
+
+// ---- identity -----------------------------------------------------------------------------
+#if defined(__CUDACC__)
+REATTN_DEVICE int thread_index() { return threadIdx.x; }
+REATTN_DEVICE int block_threads() { return blockDim.x; }
+REATTN_DEVICE int block_index_x() { return blockIdx.x; }
+REATTN_DEVICE int block_index_y() { return blockIdx.y; }
+REATTN_DEVICE char* shared_memory() {
+  extern __shared__ __align__(128) char reattn_dynamic_shared[];
+  return reattn_dynamic_shared;
+}
+#else
+REATTN_DEVICE int thread_index() { return sim::thread_index(); }
+REATTN_DEVICE int block_threads() { return sim::block_threads(); }
+REATTN_DEVICE int block_index_x() { return sim::block_index(0); }
+REATTN_DEVICE int block_index_y() { return sim::block_index(1); }
+REATTN_DEVICE char* shared_memory() { return sim::shared_memory(); }
+#endif
+REATTN_DEVICE int lane_index() { return thread_index() % kWarpSize; }
+REATTN_DEVICE int warp_index() { return thread_index() / kWarpSize; }
+
+// ---- barriers -----------------------------------------------------------------------------
+#if defined(__CUDACC__)
+REATTN_DEVICE void sync_threads() { __syncthreads(); }
+// bar.sync id, threads: the warps of a group meet without stopping the others (id 1..15).
+REATTN_DEVICE void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+REATTN_DEVICE void sync_warp() { __syncwarp(); }
+#else
+REATTN_DEVICE void sync_threads() { sim::sync_threads(); }
+REATTN_DEVICE void named_barrier(int id, int threads) { sim::named_barrier(id, threads); }
+REATTN_DEVICE void sync_warp() { sim::sync_warp(); }
+#endif
+
+// ---- shuffles (full warp) -------------------------------------------------------------------
+#if defined(__CUDACC__)
+REATTN_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+REATTN_DEVICE uint32_t shfl_xor(uint32_t v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+REATTN_DEVICE float shfl_idx(float v, int src) { return __shfl_sync(0xffffffffu, v, src); }
+REATTN_DEVICE uint32_t shfl_idx(uint32_t v, int src) { return __shfl_sync(0xffffffffu, v, src); }
+REATTN_DEVICE uint32_t ballot(bool p) { return __ballot_sync(0xffffffffu, p); }
+#else
+REATTN_DEVICE uint32_t shfl_xor(uint32_t v, int mask) { return sim::shfl(v, sim::ShflMode::kXor, mask); }
+REATTN_DEVICE uint32_t shfl_idx(uint32_t v, int src) { return sim::shfl(v, sim::ShflMode::kIdx, src); }
+REATTN_DEVICE float shfl_xor(float v, int mask) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = shfl_xor(u, mask);
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+REATTN_DEVICE float shfl_idx(float v, int src) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = shfl_idx(u, src);
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+REATTN_DEVICE uint32_t ballot(bool p) { return sim::ballot(p); }
+#endif
+REATTN_DEVICE double shfl_xor(double v, int mask) {
+  uint64_t u;
+  std::memcpy(&u, &v, 8);
+  const uint32_t lo = shfl_xor(static_cast<uint32_t>(u), mask);
+  const uint32_t hi = shfl_xor(static_cast<uint32_t>(u >> 32), mask);
+  u = (static_cast<uint64_t>(hi) << 32) | lo;
+  std::memcpy(&v, &u, 8);
+  return v;
+}
+
+// ---- shared-memory addresses --------------------------------------------------------------
+#if defined(__CUDACC__)
+REATTN_DEVICE uint32_t smem_address(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+#endif
+
+// ---- tensor cores -----------------------------------------------------------------------------
+// D = A B + C for a 16 x 16 A (row-major fragment), 16 x 8 B (column-major fragment) and fp32
+// C, D: mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32. Fragment layouts: PTX
+// ISA "Matrix Fragments for mma.m16n8k16 with floating point type" (see sim.cpp).
+template <typename E>
+REATTN_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]);
+
+#if defined(__CUDACC__)
+template <>
+REATTN_DEVICE void mma_m16n8k16<Bf16>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                      const float (&c)[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %11, %12, %13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+        "f"(c[3]));
+}
+template <>
+REATTN_DEVICE void mma_m16n8k16<F16>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                     const float (&c)[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %11, %12, %13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+        "f"(c[3]));
+}
+#else
+template <>
+REATTN_DEVICE void mma_m16n8k16<Bf16>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                      const float (&c)[4]) {
+  sim::mma_m16n8k16(sim::MmaType::kBFloat16, d, a, b, c);
+}
+template <>
+REATTN_DEVICE void mma_m16n8k16<F16>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                     const float (&c)[4]) {
+  sim::mma_m16n8k16(sim::MmaType::kFloat16, d, a, b, c);
+}
+#endif
+
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16: lanes 8i..8i+7 pass the 16-byte row
+// addresses of matrix i; register i of lane l gets its row l/4, columns 2(l%4), 2(l%4)+1 (.trans:
+// of the transposed matrix).
+#if defined(__CUDACC__)
+REATTN_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(row)));
+}
+REATTN_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(row)));
+}
+REATTN_DEVICE void ldmatrix_x2(uint32_t (&r)[2], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_address(row)));
+}
+REATTN_DEVICE void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_address(row)));
+}
+#else
+REATTN_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row) { sim::ldmatrix(4, false, r, row); }
+REATTN_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) { sim::ldmatrix(4, true, r, row); }
+REATTN_DEVICE void ldmatrix_x2(uint32_t (&r)[2], const void* row) { sim::ldmatrix(2, false, r, row); }
+REATTN_DEVICE void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) { sim::ldmatrix(2, true, r, row); }
+#endif
+
+// ---- asynchronous copies global -> shared -------------------------------------------------------
+// cp.async.cg.shared.global [dst], [src], 16, src_bytes: 16 bytes, the ones past src_bytes zero
+// (src_bytes = 0 fills zeros without reading). Both addresses 16-byte aligned. The copies of a
+// thread form groups (commit); wait<N> returns once at most N of its newest groups are in flight.
+// Other threads see the data only after a barrier that follows the wait.
+#if defined(__CUDACC__)
+REATTN_DEVICE void cp_async_16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+REATTN_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+REATTN_DEVICE void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#else
+REATTN_DEVICE void cp_async_16(void* dst, const void* src, int src_bytes) { sim::cp_async(dst, src, 16, src_bytes); }
+REATTN_DEVICE void cp_async_commit() { sim::cp_async_commit(); }
+template <int N>
+REATTN_DEVICE void cp_async_wait() {
+  sim::cp_async_wait(N);
+}
+#endif
+
+// ---- math ---------------------------------------------------------------------------------------
+#if defined(__CUDACC__)
+// ex2.approx.ftz.f32 (MUFU.EX2): relative error 2^-22 over the range that matters; exp2(-inf) = 0.
+REATTN_DEVICE float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+REATTN_DEVICE float log2_approx(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+REATTN_DEVICE float rcp_approx(float x) { return __frcp_rn(x); }
+REATTN_DEVICE float rsqrt_approx(float x) { return rsqrtf(x); }
+REATTN_DEVICE float fmax_(float a, float b) { return fmaxf(a, b); }
+REATTN_DEVICE float fabs_(float a) { return fabsf(a); }
+REATTN_DEVICE uint32_t mul_hi(uint32_t a, uint32_t b) { return __umulhi(a, b); }
+#else
+REATTN_DEVICE float exp2_approx(float x) { return std::exp2(x); }
+REATTN_DEVICE float log2_approx(float x) { return std::log2(x); }
+REATTN_DEVICE float rcp_approx(float x) { return 1.0f / x; }
+REATTN_DEVICE float rsqrt_approx(float x) { return 1.0f / std::sqrt(x); }
+REATTN_DEVICE float fmax_(float a, float b) { return std::fmax(a, b); }
+REATTN_DEVICE float fabs_(float a) { return std::fabs(a); }
+REATTN_DEVICE uint32_t mul_hi(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+}
+#endif
+
+// ---- 16-bit conversions (round to nearest even) ----------------------------------------------
+template <typename E>
+struct Convert;
+
+template <>
+struct Convert<Bf16> {
+#if defined(__CUDACC__)
+  static REATTN_DEVICE uint32_t pack(float lo, float hi) {
+    uint32_t r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+  static REATTN_DEVICE float to_float(uint16_t bits) { return __uint_as_float(static_cast<uint32_t>(bits) << 16); }
+  static REATTN_DEVICE uint16_t from_float(float x) { return static_cast<uint16_t>(pack(x, 0.0f) & 0xffffu); }
+#else
+  static REATTN_DEVICE uint32_t pack(float lo, float hi) {
+    return static_cast<uint32_t>(sim::float_to_bf16(lo)) | (static_cast<uint32_t>(sim::float_to_bf16(hi)) << 16);
+  }
+  static REATTN_DEVICE float to_float(uint16_t bits) { return sim::bf16_to_float(bits); }
+  static REATTN_DEVICE uint16_t from_float(float x) { return sim::float_to_bf16(x); }
+#endif
+  static REATTN_DEVICE float low(uint32_t r) { return to_float(static_cast<uint16_t>(r & 0xffffu)); }
+  static REATTN_DEVICE float high(uint32_t r) { return to_float(static_cast<uint16_t>(r >> 16)); }
+};
+
+template <>
+struct Convert<F16> {
+#if defined(__CUDACC__)
+  static REATTN_DEVICE uint32_t pack(float lo, float hi) {
+    uint32_t r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+  static REATTN_DEVICE float to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+  static REATTN_DEVICE uint16_t from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
+#else
+  static REATTN_DEVICE uint32_t pack(float lo, float hi) {
+    return static_cast<uint32_t>(sim::float_to_f16(lo)) | (static_cast<uint32_t>(sim::float_to_f16(hi)) << 16);
+  }
+  static REATTN_DEVICE float to_float(uint16_t bits) { return sim::f16_to_float(bits); }
+  static REATTN_DEVICE uint16_t from_float(float x) { return sim::float_to_f16(x); }
+#endif
+  static REATTN_DEVICE float low(uint32_t r) { return to_float(static_cast<uint16_t>(r & 0xffffu)); }
+  static REATTN_DEVICE float high(uint32_t r) { return to_float(static_cast<uint16_t>(r >> 16)); }
+};
+
+// ---- global atomics (parameter-gradient and statistics sums) ---------------------------------
+#if defined(__CUDACC__)
+REATTN_DEVICE void atomic_add(float* p, float v) { atomicAdd(p, v); }
+REATTN_DEVICE void atomic_add(double* p, double v) { atomicAdd(p, v); }
+#else
+REATTN_DEVICE void atomic_add(float* p, float v) { sim::atomic_add(p, v); }
+REATTN_DEVICE void atomic_add(double* p, double v) { sim::atomic_add(p, v); }
+#endif
+
+}  // namespace dev
+}  // namespace reattn

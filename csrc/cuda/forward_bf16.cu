@@ -1,0 +1,12 @@
+// The tensor-core forward for bf16 storage (see forward.cuh).
+#include "row_kernels.cuh"
+
+namespace reattn {
+namespace cuda {
+
+cudaError_t launch_forward_bf16(int shape, int variant, const ReAttnParams& params, cudaStream_t stream) {
+  return launch_forward<dev::Bf16>(shape, variant, params, stream);
+}
+
+}  // namespace cuda
+}  // namespace reattn

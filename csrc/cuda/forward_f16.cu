@@ -1,0 +1,12 @@
+// The tensor-core forward for f16 storage (see forward.cuh).
+#include "row_kernels.cuh"
+
+namespace reattn {
+namespace cuda {
+
+cudaError_t launch_forward_f16(int shape, int variant, const ReAttnParams& params, cudaStream_t stream) {
+  return launch_forward<dev::F16>(shape, variant, params, stream);
+}
+
+}  // namespace cuda
+}  // namespace reattn

@@ -1,0 +1,483 @@
+// The backward's key pass on tensor cores: dK and dV without atomics. One program (thread block) =
+// batch element b, 16 * kslabs keys, every head; it sweeps the queries 16 rows at a time with the
+// block's K and V resident in shared memory and dK, dV accumulating in registers. Its warps are a
+// grid of key slabs (16 keys) x groups; warp (slab, group) owns heads group, group + groups, ...
+// Per 16-row query chunk (Q, dO, the rows' statistics and D through a 2-slot cp.async ring):
+//
+//   as input-head owners: S^T = K Q^T on tensor cores (K A-fragments, Q^T B-fragments by ldmatrix),
+//     P^T = exp(S^T - m - log l) with the forward's row statistics, dropout and masks, to shared
+//     memory (16-bit; -P where dropped, -0 where masked);
+//   as output-head owners: M^T = W' P~^T + c (Mixer), A^T = Norm(M)^T, dA^T = V dO^T on tensor
+//     cores, dV += A^T dO (A^T packed straight into A fragments), dM^T by the norm's backward (LayerNorm
+//     across the group's warps) to shared memory;
+//   as input-head owners again: dP'^T = W'^T dM^T, dS^T = P (Z dP' - D) scale (D from the row pass,
+//     rows.cuh), dK += dS^T Q.
+//
+// Transposing the scores (keys as the tile's rows) makes every product's A operand a fragment the
+// thread already holds. The parameter gradients and D come from the row pass.
+#pragma once
+
+#include <cstdint>
+
+#include "device.cuh"
+#include "mixing.cuh"
+#include "params.h"
+#include "philox.cuh"
+#include "rows.cuh"
+#include "tiles.h"
+
+namespace reattn {
+namespace cuda {
+
+template <typename E_, int kKSlabs_, int kGroups_, int kHeads_, int kD_>
+struct KeyConfig {
+  using E = E_;
+  static constexpr int kKSlabs = kKSlabs_, kGroups = kGroups_, kHeads = kHeads_, kD = kD_;
+  static constexpr int kWarps = kKSlabs * kGroups, kThreads = 32 * kWarps, kKeys = 16 * kKSlabs;
+  static constexpr int kMaxHeads = kGroups * kHeads;
+  static constexpr int kKSteps = kD / 16;
+  static constexpr int kN8 = kD / 8;
+  static_assert(kD % 16 == 0, "tile shape");
+  static REATTN_HD KeyShape shape() { return KeyShape{kKSlabs, kGroups, kHeads, kD}; }
+};
+
+template <class Cfg>
+struct KeyProgram {
+  using E = typename Cfg::E;
+  using Cv = dev::Convert<E>;
+  using Mix = Mixer<E, Cfg::kGroups, Cfg::kHeads, Cfg::kMaxHeads>;
+  static constexpr int kGroups = Cfg::kGroups, kHeads = Cfg::kHeads;
+  static constexpr int kHeadsPad = Mix::kHeadsPad;
+  static constexpr int kChunkRows = 16;
+  // Row sizes (elements) of the shared-memory tiles, compile-time (key_layout computes the same).
+  static constexpr int kRow = padded_row(Cfg::kD), kTRow = padded_row(16);
+  using BlockCopy = TileCopy<E, Cfg::kKeys, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, false>;
+  using ChunkCopy = TileCopy<E, kChunkRows, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, false>;
+  enum VectorRow : int { kBias = 0, kGamma = 1, kBeta = 2, kColumnMean = 3, kMean = 4, kRstd = 5, kE = 6, kF = 7 };
+
+  const ReAttnParams& p;
+  KeyLayout L;
+  char* smem;
+  int lane, warp, slab, group, gq, tq;
+  int64_t b;
+  int n0;  // first key of the block
+  int H, Nq, Nk, D;
+  int issued, used;
+
+  REATTN_DEVICE KeyProgram(const ReAttnParams& params) : p(params), smem(dev::shared_memory()) {
+    H = p.H;
+    Nq = p.Nq;
+    Nk = p.Nk;
+    D = p.D;
+    L = key_layout(Cfg::shape(), H);
+    const int tid = dev::thread_index();
+    lane = tid % 32;
+    warp = tid / 32;
+    slab = warp / kGroups;
+    group = warp % kGroups;
+    gq = lane / 4;
+    tq = lane % 4;
+    const int blocks = (Nk + Cfg::kKeys - 1) / Cfg::kKeys;
+    b = dev::block_index_x() / blocks;
+    n0 = (dev::block_index_x() % blocks) * Cfg::kKeys;
+    issued = used = 0;
+  }
+
+  template <typename U>
+  REATTN_DEVICE U* at(size_t offset) const {
+    return reinterpret_cast<U*>(smem + offset);
+  }
+  REATTN_DEVICE const float* vec_row(int row) const { return at<float>(L.vectors) + row * Cfg::kMaxHeads; }
+  REATTN_DEVICE E* slot_base(int slot) const { return at<E>(L.ring + slot * L.ring_slot); }
+  // In a ring slot: Q [H][16][row], then dO [H][16][row], then fp32 [H][16][3] (m, log l, D).
+  REATTN_DEVICE E* slot_grads(int slot) const { return slot_base(slot) + H * kChunkRows * kRow; }
+  REATTN_DEVICE float* slot_stats(int slot) const {
+    return reinterpret_cast<float*>(slot_base(slot) + 2 * H * kChunkRows * kRow);
+  }
+
+  // Entry e of a 16 x 16 tile (keys x rows): key gq + 8 ((e / 2) % 2), row 2 tq + e % 2 + 8 (e / 4).
+  REATTN_DEVICE int entry_key(int e) const { return n0 + slab * 16 + gq + ((e / 2) % 2) * 8; }
+  REATTN_DEVICE int entry_row(int e) const { return 2 * tq + (e & 1) + (e / 4) * 8; }
+
+  // ---- loads ---------------------------------------------------------------------------------
+  REATTN_DEVICE void load_block() {
+    const E* kb = static_cast<const E*>(p.k) + b * p.k_st.b;
+    const E* vb = static_cast<const E*>(p.v) + b * p.v_st.b;
+    BlockCopy::issue(at<E>(L.keys), kRow, kb, static_cast<int>(p.k_st.h), static_cast<int>(p.k_st.n),
+                     static_cast<int>(p.k_st.d), 0, H, H, n0, Nk, 0, D, p.vector_loads);
+    BlockCopy::issue(at<E>(L.values), kRow, vb, static_cast<int>(p.v_st.h), static_cast<int>(p.v_st.n),
+                     static_cast<int>(p.v_st.d), 0, H, H, n0, Nk, 0, D, p.vector_loads);
+  }
+
+  // The query chunk at r0: Q and dO rows (cp.async), the rows' statistics and D (plain loads: they
+  // land at once, into a slot the previous step is done with).
+  REATTN_DEVICE void issue_chunk(int r0) {
+    const int slot = issued++ & 1;
+    const E* qb = static_cast<const E*>(p.q) + b * p.q_st.b;
+    const E* gb = static_cast<const E*>(p.grad_out) + b * p.do_st.b;
+    ChunkCopy::issue(slot_base(slot), kRow, qb, static_cast<int>(p.q_st.h), static_cast<int>(p.q_st.n),
+                     static_cast<int>(p.q_st.d), 0, H, H, r0, Nq, 0, D, p.vector_loads);
+    ChunkCopy::issue(slot_grads(slot), kRow, gb, static_cast<int>(p.do_st.h), static_cast<int>(p.do_st.n),
+                     static_cast<int>(p.do_st.d), 0, H, H, r0, Nq, 0, D, p.vector_loads);
+    float* st = slot_stats(slot);
+    const float* stats = static_cast<const float*>(p.lse);
+    for (int i = dev::thread_index(); i < H * kChunkRows; i += Cfg::kThreads) {
+      const int h = i / kChunkRows, r = r0 + i % kChunkRows;
+      const bool ok = r < Nq;
+      const int64_t at_row = (b * H + h) * static_cast<int64_t>(Nq) + (ok ? r : 0);
+      st[3 * i] = ok ? stats[2 * at_row] : INFINITY;  // rows past Nq: P = 0
+      st[3 * i + 1] = ok ? stats[2 * at_row + 1] : 0.0f;
+      st[3 * i + 2] = ok ? p.delta[at_row] : 0.0f;
+    }
+    dev::cp_async_commit();
+  }
+
+  REATTN_DEVICE int begin_step() {
+    dev::cp_async_wait<0>();
+    dev::sync_threads();
+    return used++ & 1;
+  }
+
+  // folded (fp32): W' [H][H] (g, h), then c, gamma', beta', mean, rstd, e, f per head (ops.cpp).
+  REATTN_DEVICE void load_parameters() {
+    const float* f = static_cast<const float*>(p.folded);
+    float* weights = at<float>(L.weights);
+    float* weights_t = at<float>(L.weights_t);
+    float* vec = at<float>(L.vectors);
+    constexpr int mh = Cfg::kMaxHeads;
+    for (int i = dev::thread_index(); i < mh * kGroups * kHeadsPad; i += Cfg::kThreads) {
+      const int j = i % kHeadsPad, r = (i / kHeadsPad) % kGroups, a = i / (kHeadsPad * kGroups);
+      const int owned = r + kGroups * j;
+      const bool ok = j < kHeads && owned < H && a < H;
+      weights[i] = ok ? f[owned * H + a] : 0.0f;
+      weights_t[i] = ok ? f[a * H + owned] : 0.0f;
+    }
+    for (int i = dev::thread_index(); i < kVectorRows * mh + 2; i += Cfg::kThreads) {
+      const int row = i / mh, h = i % mh;
+      float v = 0.0f;
+      if (row == kColumnMean && h < H) {
+        for (int g = 0; g < H; ++g) v += f[g * H + h];
+        v /= H;
+      } else if (row < kVectorRows && h < H) {
+        v = f[H * H + (row < kColumnMean ? row : row - 1) * H + h];
+      } else if (i == kVectorRows * mh) {
+        for (int g = 0; g < H; ++g) v += f[H * H + g];
+        v /= H;
+      } else if (i == kVectorRows * mh + 1) {
+        v = 1.0f / H;
+      }
+      vec[i] = v;
+    }
+  }
+
+  // ---- the chunk ---------------------------------------------------------------------------------
+  // S^T, P^T for the warp's input heads, to shared memory [h][key][row] as the row pass stores P:
+  // P where kept, -P where dropped (at least the smallest negative subnormal), exactly -0 where
+  // masked; the mixing reads it clamped at 0 (P~ up to 1 / (1 - p), which W' carries).
+  REATTN_DEVICE void scores(int slot, int r0) const {
+    const E* qtile = slot_base(slot);
+    const float* st = slot_stats(slot);
+    const E* keys = at<E>(L.keys);
+    E* probs_t = at<E>(L.probs_t);
+    const bool dropout = p.seed != nullptr;
+    const uint64_t seed = dropout ? static_cast<uint64_t>(*p.seed) : 0;
+    const float threshold = static_cast<float>(p.dropout_p);
+    const float scale = static_cast<float>(p.scale);
+    const int i = lane / 8;
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int h = group + kGroups * j;
+      if (h >= H) continue;
+      float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      const E* kh = keys + (static_cast<size_t>(h) * Cfg::kKeys + slab * 16) * kRow;
+      const E* qh = qtile + static_cast<size_t>(h) * kChunkRows * kRow;
+      // Rolled: unrolled, the compiler loads every k-step's fragments ahead and, beside dK and dV,
+      // runs out of registers.
+#pragma unroll 1
+      for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
+        uint32_t a[4], qb[4];
+        dev::ldmatrix_x4(a, kh + (lane % 16) * kRow + kk * 16 + (lane / 16) * 8);
+        // B = Q^T from Q [row][d] without .trans: matrices (n8 tile i / 2 of rows, k half i % 2).
+        dev::ldmatrix_x4(qb, qh + ((i / 2) * 8 + lane % 8) * kRow + kk * 16 + (i % 2) * 8);
+        const uint32_t b0[2] = {qb[0], qb[1]}, b1[2] = {qb[2], qb[3]};
+        dev::mma_m16n8k16<E>(c0, a, b0, c0);
+        dev::mma_m16n8k16<E>(c1, a, b1, c1);
+      }
+      float v[8];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        v[e] = c0[e];
+        v[4 + e] = c1[e];
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int key = entry_key(e), rl = entry_row(e), row = r0 + rl;
+        const float* rs = st + 3 * (h * kChunkRows + rl);
+        float s = v[e] * scale;
+        bool out = key >= Nk || row >= Nq;
+        if (!out && p.mask_kind != kMaskNone) {
+          const int64_t offset = b * p.mask_st.b + h * p.mask_st.h + row * p.mask_st.n + key * p.mask_st.d;
+          if (p.mask_kind == kMaskBool) {
+            out = static_cast<const uint8_t*>(p.mask)[offset] == 0;
+          } else {
+            const float add = static_cast<const float*>(p.mask)[offset];
+            out = add == -INFINITY;
+            s += add;
+          }
+        }
+        // P = exp((S - m) - log l): the difference first (large finite mask fills stay exact).
+        float pv = out ? 0.0f : dev::exp2_approx((s - rs[0]) * kLog2e - rs[1] * kLog2e);
+        if (dropout && pv != 0.0f && !dropout_keep(seed, b, H, h, row, key, threshold)) pv = -pv;
+        v[e] = out ? -0.0f : pv;
+      }
+      E* to = probs_t + (static_cast<size_t>(h) * Cfg::kKeys + slab * 16 + gq) * kTRow + 2 * tq;
+      uint32_t packed[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {  // a dropped -P rounding to -0 would read as masked
+        packed[r] = Cv::pack(v[2 * r], v[2 * r + 1]);
+        if (v[2 * r] < 0.0f && (packed[r] & 0xffffu) == 0x8000u) packed[r] = (packed[r] & 0xffff0000u) | 0x8001u;
+        if (v[2 * r + 1] < 0.0f && (packed[r] >> 16) == 0x8000u) packed[r] = (packed[r] & 0xffffu) | 0x80010000u;
+      }
+      *reinterpret_cast<uint32_t*>(to) = packed[0];
+      *reinterpret_cast<uint32_t*>(to + 8 * kTRow) = packed[1];
+      *reinterpret_cast<uint32_t*>(to + 8) = packed[2];
+      *reinterpret_cast<uint32_t*>(to + 8 * kTRow + 8) = packed[3];
+    }
+  }
+
+  // Output-head part: A^T, dA^T = V dO^T, dV += A^T dO, dM^T to shared memory.
+  REATTN_DEVICE void grad_mixed(int slot, int r0, float (&dv)[kHeads][Cfg::kN8][4]) const {
+    const bool layer = p.norm == kNormLayer;
+    const float bias_mean = at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads];
+    const float inv_h = at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads + 1];
+    const E* ptile = at<E>(L.probs_t) + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
+    const size_t head_stride = static_cast<size_t>(Cfg::kKeys) * kTRow;
+    float acc[kHeads][8], mean[8], rstd[8];
+    uint32_t masks[kHeads];
+    {
+      uint32_t own[kHeads][4];
+      Mix::mix(ptile, head_stride, at<float>(L.weights), vec_row(kBias), vec_row(kColumnMean), bias_mean, H, group, acc,
+               mean, own, layer, p.seed != nullptr);
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) masks[j] = Mix::masked_bits(own[j]);
+    }
+    float* region = at<float>(L.exchange) + static_cast<size_t>(slab) * kGroups * 32 * 24;
+    if (layer) {
+      float part[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) part[e] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        if (group + kGroups * j < H) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            acc[j][e] -= mean[e];
+            part[e] += acc[j][e] * acc[j][e];
+          }
+        }
+      }
+      Mix::group_sum(region, 24, 1 + slab, group, lane, part);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) rstd[e] = dev::rsqrt_approx(part[e] * inv_h + static_cast<float>(p.eps));
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[j][e] *= rstd[e];  // xhat
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
+        const float mu = vec_row(kMean)[g], r = vec_row(kRstd)[g];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[j][e] = (acc[j][e] - mu) * r;  // xhat (none: M itself)
+      }
+    }
+    const E* grads = slot_grads(slot);
+    const E* values = at<E>(L.values);
+    E* dmixed = at<E>(L.dmixed);
+    const int i = lane / 8;
+    float dn[kHeads][8];
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int g = group + kGroups * j;
+      const int gg = g < H ? g : 0;
+      // A^T = gamma' xhat + beta' (0 where masked), dV += A^T dO.
+      const float gamma = vec_row(kGamma)[gg], beta = vec_row(kBeta)[gg];
+      float a[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) a[e] = ((masks[j] >> e) & 1u) ? 0.0f : gamma * acc[j][e] + beta;
+      const uint32_t af[4] = {Cv::pack(a[0], a[1]), Cv::pack(a[2], a[3]), Cv::pack(a[4], a[5]), Cv::pack(a[6], a[7])};
+      const E* dg = grads + static_cast<size_t>(gg) * kChunkRows * kRow;
+      if (g < H) {
+#pragma unroll
+        for (int n = 0; n < Cfg::kN8; n += 2) {
+          uint32_t gb[4];  // B = dO [row][d] with .trans: matrices (k half i % 2 of rows, n8 tile n + i / 2)
+          dev::ldmatrix_x4_trans(gb, dg + ((i % 2) * 8 + lane % 8) * kRow + (n + i / 2) * 8);
+          const uint32_t b0[2] = {gb[0], gb[1]}, b1[2] = {gb[2], gb[3]};
+          dev::mma_m16n8k16<E>(dv[j][n], af, b0, dv[j][n]);
+          dev::mma_m16n8k16<E>(dv[j][n + 1], af, b1, dv[j][n + 1]);
+        }
+      }
+      // dA^T = V dO^T: A = V [key][d] (this slab's keys), B = dO^T from dO [row][d] without .trans.
+      float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      const E* vg = values + (static_cast<size_t>(gg) * Cfg::kKeys + slab * 16) * kRow;
+#pragma unroll 1
+      for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
+        uint32_t va[4], gb[4];
+        dev::ldmatrix_x4(va, vg + (lane % 16) * kRow + kk * 16 + (lane / 16) * 8);
+        dev::ldmatrix_x4(gb, dg + ((i / 2) * 8 + lane % 8) * kRow + kk * 16 + (i % 2) * 8);
+        const uint32_t b0[2] = {gb[0], gb[1]}, b1[2] = {gb[2], gb[3]};
+        dev::mma_m16n8k16<E>(c0, va, b0, c0);
+        dev::mma_m16n8k16<E>(c1, va, b1, c1);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        dn[j][e] = c0[e];
+        dn[j][4 + e] = c1[e];
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const bool in = entry_key(e) < Nk && r0 + entry_row(e) < Nq;
+        if (((masks[j] >> e) & 1u) || !in || g >= H) dn[j][e] = 0.0f;
+      }
+    }
+    float (&dm)[kHeads][8] = dn;  // dM in place of dN
+    if (layer) {
+      float s1[8], s2[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) s1[e] = s2[e] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
+        const float gamma = vec_row(kGamma)[g];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          dm[j][e] = gamma * dn[j][e];
+          s1[e] += dm[j][e];
+          s2[e] += dm[j][e] * acc[j][e];
+        }
+      }
+      Mix::group_sum2(region + 8, 24, 1 + slab, group, lane, s1, s2);
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dm[j][e] = rstd[e] * (dm[j][e] - s1[e] * inv_h - acc[j][e] * s2[e] * inv_h);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
+        const float a = vec_row(kGamma)[g] * vec_row(kRstd)[g], ee = vec_row(kE)[g], ff = vec_row(kF)[g];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const bool live = !((masks[j] >> e) & 1u) && entry_key(e) < Nk && r0 + entry_row(e) < Nq;
+          dm[j][e] = live ? a * dn[j][e] + ee * acc[j][e] + ff : 0.0f;
+        }
+      }
+    }
+    E* out = dmixed + (static_cast<size_t>(slab) * 16 + gq) * kTRow + 2 * tq;
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int g = group + kGroups * j;
+      if (g >= H) continue;
+      E* at_g = out + static_cast<size_t>(g) * Cfg::kKeys * kTRow;
+      *reinterpret_cast<uint32_t*>(at_g) = Cv::pack(dm[j][0], dm[j][1]);
+      *reinterpret_cast<uint32_t*>(at_g + 8 * kTRow) = Cv::pack(dm[j][2], dm[j][3]);
+      *reinterpret_cast<uint32_t*>(at_g + 8) = Cv::pack(dm[j][4], dm[j][5]);
+      *reinterpret_cast<uint32_t*>(at_g + 8 * kTRow + 8) = Cv::pack(dm[j][6], dm[j][7]);
+    }
+  }
+
+  // Input-head part: dP'^T = W'^T dM^T, dS^T = P (Z dP' - D) scale, dK += dS^T Q.
+  REATTN_DEVICE void grad_keys(int slot, float (&dk)[kHeads][Cfg::kN8][4]) const {
+    float dp[kHeads][8];
+    const E* mtile = at<E>(L.dmixed) + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
+    Mix::mix_transposed(mtile, static_cast<size_t>(Cfg::kKeys) * kTRow, at<float>(L.weights_t), H, group, dp);
+    const float* st = slot_stats(slot);
+    const E* qtile = slot_base(slot);
+    const E* ptile = at<E>(L.probs_t) + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
+    const float scale = static_cast<float>(p.scale);
+    const int i = lane / 8;
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int h = group + kGroups * j;
+      if (h >= H) continue;
+      uint32_t pk[4];
+      dev::ldmatrix_x4(pk, ptile + static_cast<size_t>(h) * Cfg::kKeys * kTRow);
+      float ds[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float d = st[3 * (h * kChunkRows + entry_row(e)) + 2];
+        const float pv = e & 1 ? Cv::high(pk[e / 2]) : Cv::low(pk[e / 2]);
+        ds[e] = dev::fabs_(pv) * ((pv >= 0.0f ? dp[j][e] : 0.0f) - d) * scale;
+      }
+      const uint32_t af[4] = {Cv::pack(ds[0], ds[1]), Cv::pack(ds[2], ds[3]), Cv::pack(ds[4], ds[5]),
+                              Cv::pack(ds[6], ds[7])};
+      const E* qh = qtile + static_cast<size_t>(h) * kChunkRows * kRow;
+#pragma unroll
+      for (int n = 0; n < Cfg::kN8; n += 2) {
+        uint32_t qb[4];  // B = Q [row][d] with .trans
+        dev::ldmatrix_x4_trans(qb, qh + ((i % 2) * 8 + lane % 8) * kRow + (n + i / 2) * 8);
+        const uint32_t b0[2] = {qb[0], qb[1]}, b1[2] = {qb[2], qb[3]};
+        dev::mma_m16n8k16<E>(dk[j][n], af, b0, dk[j][n]);
+        dev::mma_m16n8k16<E>(dk[j][n + 1], af, b1, dk[j][n + 1]);
+      }
+    }
+  }
+
+  // Accumulators of head group + groups j, keys of the warp's slab, to a [B, H, Nk, D] output in T.
+  REATTN_DEVICE void write_keys(const float (&acc)[kHeads][Cfg::kN8][4], void* dst, const Strides4& st) const {
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int h = group + kGroups * j;
+      if (h >= H) continue;
+#pragma unroll
+      for (int n = 0; n < Cfg::kN8; ++n) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int key = n0 + slab * 16 + gq + r * 8, d = n * 8 + 2 * tq;
+          if (key >= Nk) continue;
+          E* out = static_cast<E*>(dst) + b * st.b + h * st.h + static_cast<int64_t>(key) * st.n;
+          if (d + 1 < D && st.d == 1) {
+            *reinterpret_cast<uint32_t*>(out + d) = Cv::pack(acc[j][n][2 * r], acc[j][n][2 * r + 1]);
+          } else {
+            if (d < D) out[d * st.d].bits = Cv::from_float(acc[j][n][2 * r]);
+            if (d + 1 < D) out[(d + 1) * st.d].bits = Cv::from_float(acc[j][n][2 * r + 1]);
+          }
+        }
+      }
+    }
+  }
+
+  REATTN_DEVICE void run() {
+    load_parameters();
+    load_block();
+    issue_chunk(0);  // the block's K and V land with the first chunk's group
+    float dk[kHeads][Cfg::kN8][4], dv[kHeads][Cfg::kN8][4];
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+      for (int n = 0; n < Cfg::kN8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[j][n][e] = dv[j][n][e] = 0.0f;
+      }
+    }
+    const int chunks = (Nq + kChunkRows - 1) / kChunkRows;
+    for (int c = 0; c < chunks; ++c) {
+      const int slot = begin_step();
+      if (c + 1 < chunks) issue_chunk((c + 1) * kChunkRows);
+      scores(slot, c * kChunkRows);
+      dev::sync_threads();  // P~^T of every head
+      grad_mixed(slot, c * kChunkRows, dv);
+      dev::sync_threads();  // dM^T of every head
+      grad_keys(slot, dk);
+    }
+    dev::cp_async_wait<0>();
+    write_keys(dk, p.dk, p.dk_st);
+    write_keys(dv, p.dv, p.dv_st);
+  }
+};
+
+}  // namespace cuda
+}  // namespace reattn

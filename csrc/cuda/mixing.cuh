@@ -1,0 +1,156 @@
+// The head mixing and the across-head reductions shared by the row programs (rows.cuh) and the key
+// pass (keys.cuh). A warp owns heads group, group + groups, ... (at most kHeads of them) and holds,
+// per 16 x 16 tile, the 8 fragment entries of the mma A layout: entry e sits at tile row
+// gq + 8 ((e / 2) % 2) and column 2 tq + e % 2 + 8 (e / 4), the same for every head, so mixing
+// across heads is per-thread arithmetic.
+#pragma once
+
+#include <cstdint>
+
+#include "device.cuh"
+
+namespace reattn {
+namespace cuda {
+
+template <typename E, int kGroups, int kHeads, int kMaxHeads>
+struct Mixer {
+  using Cv = dev::Convert<E>;
+  static constexpr int kHeadsPad = kHeads <= 4 ? 4 : 8;  // weights per (head, group): float4 loads
+  // With 8 groups the per-head loops stay rolled in their inner dimension: unrolled, the compiler
+  // pipelines 16 heads' loads and runs out of registers.
+  static constexpr int kUnroll = kGroups >= 8 ? 1 : kGroups;
+
+  // acc[j] = bias[g_j] + sum_h W'[g_j, h] X_h over the H input heads of a [h][rows][row] buffer of
+  // 16-bit values (tile: the lane's ldmatrix row address of head 0, head_stride elements apart);
+  // weights [h][groups][kHeadsPad] hold W'[g_j][h] at [h][group][j]. mean (with_mean) adds
+  // column_mean[h] X_h to mean (LayerNorm's mean over all output heads); own[j]: the raw X of head
+  // g_j (its sign bits mark masked entries); clamp: negative stored values count as 0.
+  static REATTN_DEVICE void mix(const E* tile, size_t head_stride, const float* weights, const float* bias,
+                                const float* column_mean, float bias_mean, int H, int group,
+                                float (&acc)[kHeads][8], float (&mean)[8], uint32_t (&own)[kHeads][4],
+                                bool with_mean, bool clamp) {
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const float c = bias[group + kGroups * j];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[j][e] = c;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) own[j][r] = 0;
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) mean[e] = bias_mean;
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+#pragma unroll kUnroll
+      for (int rr = 0; rr < kGroups; ++rr) {
+        const int h = j * kGroups + rr;
+        if (h == 0 || h < H) {  // head 0 always exists: its FMAs take the bias as addend
+          uint32_t pr[4];
+          dev::ldmatrix_x4(pr, tile + h * head_stride);
+          float pv[8];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            pv[e] = e & 1 ? Cv::high(pr[e / 2]) : Cv::low(pr[e / 2]);
+            if (clamp) pv[e] = dev::fmax_(pv[e], 0.0f);
+          }
+          const float* w = weights + (h * kGroups + group) * kHeadsPad;
+#pragma unroll
+          for (int j2 = 0; j2 < kHeads; ++j2) {
+            const float wj = w[j2];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[j2][e] += wj * pv[e];
+          }
+          if (with_mean) {
+            const float wb = column_mean[h];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) mean[e] += wb * pv[e];
+          }
+          if (rr == group) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) own[j][r] = pr[r];
+          }
+        }
+      }
+    }
+  }
+
+  // out[j] = sum_g W'[g, h_j] X_g for the warp's heads h_j (the transposed mixing of the backward),
+  // weights_t [g][groups][kHeadsPad] = W'[g][h_j] at [g][group][j].
+  static REATTN_DEVICE void mix_transposed(const E* tile, size_t head_stride, const float* weights_t, int H, int group,
+                                           float (&out)[kHeads][8]) {
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) out[j][e] = 0.0f;
+    }
+#pragma unroll kUnroll
+    for (int g = 0; g < kMaxHeads; ++g) {
+      if (g < H) {
+        uint32_t mr[4];
+        dev::ldmatrix_x4(mr, tile + g * head_stride);
+        float mv[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) mv[e] = e & 1 ? Cv::high(mr[e / 2]) : Cv::low(mr[e / 2]);
+        const float* w = weights_t + (g * kGroups + group) * kHeadsPad;
+#pragma unroll
+        for (int j = 0; j < kHeads; ++j) {
+          const float wj = w[j];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) out[j][e] += wj * mv[e];
+        }
+      }
+    }
+  }
+
+  // Sums x at each entry over the warps of a group of kGroups warps (the owners of every head of
+  // the same entries): partials through `region` ([kGroups][32][stride] floats), a named barrier.
+  // A region is written again only after the caller's next block barrier.
+  static REATTN_DEVICE void group_sum(float* region, int stride, int barrier, int group, int lane, float (&x)[8]) {
+    if (kGroups == 1) return;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) region[(group * 32 + lane) * stride + e] = x[e];
+    dev::named_barrier(barrier, 32 * kGroups);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[e] = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kGroups; ++r) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] += region[(r * 32 + lane) * stride + e];
+    }
+  }
+  static REATTN_DEVICE void group_sum2(float* region, int stride, int barrier, int group, int lane, float (&x)[8],
+                                       float (&y)[8]) {
+    if (kGroups == 1) return;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      region[(group * 32 + lane) * stride + e] = x[e];
+      region[(group * 32 + lane) * stride + 8 + e] = y[e];
+    }
+    dev::named_barrier(barrier, 32 * kGroups);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[e] = y[e] = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kGroups; ++r) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        x[e] += region[(r * 32 + lane) * stride + e];
+        y[e] += region[(r * 32 + lane) * stride + 8 + e];
+      }
+    }
+  }
+
+  // Masked: exactly -0 (0x8000). A set sign bit on a nonzero value is the backward's dropped entry.
+  static REATTN_DEVICE bool masked(const uint32_t (&own)[4], int e) {
+    return ((own[e / 2] >> (e & 1 ? 16 : 0)) & 0xffffu) == 0x8000u;
+  }
+  // The 8 entries' masked flags as bits 0..7 (one register instead of the raw four).
+  static REATTN_DEVICE uint32_t masked_bits(const uint32_t (&own)[4]) {
+    uint32_t bits = 0;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) bits |= masked(own, e) ? 1u << e : 0u;
+    return bits;
+  }
+};
+
+}  // namespace cuda
+}  // namespace reattn

@@ -1,0 +1,71 @@
+// The instantiated tile shapes of the tensor-core forward and the rule that picks one. Plain C++
+// (the host plans with it; row_kernels.cuh instantiates exactly these, in this order).
+//
+// Each shape is tuned for a family of problems (registers per thread ~ heads * d_out / 2 for O,
+// keys / 2 for the scores; shared memory ~ H * 16 slabs * keys * 2 bytes for P~). A problem no
+// shape serves (more heads, longer head dims, too little shared memory) runs the CUDA-core
+// programs of programs.cuh instead.
+#pragma once
+
+#include <cstddef>
+
+#include "tiles.h"
+
+namespace reattn {
+namespace cuda {
+
+// index, slabs, groups, heads, d, d_out, keys. Registers per thread (sm_90, bf16, ptxas): 238,
+// 214, 252, 246, 255, no spills. One segment (keys 224: every ViT length up to 224 tokens):
+// 0 DeiT-S (H <= 6, D <= 64), 1 DeepViT-16b (H <= 12, D <= 32), 2 ViT-B (H <= 12, D <= 64).
+// Several segments of 64 / 32 keys (two sweeps): 3 DeepViT-L-384 (H <= 12, D <= 48), 4 D <= 64.
+#define REATTN_FORWARD_SHAPES(X) \
+  X(0, 4, 2, 3, 64, 64, 224)     \
+  X(1, 2, 4, 3, 32, 32, 224)     \
+  X(2, 2, 4, 3, 64, 64, 224)     \
+  X(3, 2, 4, 3, 48, 48, 64)      \
+  X(4, 2, 4, 3, 64, 64, 32)
+
+// What a compiled program handles; each shape is compiled in the four. The plain variants run
+// problems without mask or dropout, with scale > 0 and 16-byte aligned rows, one norm each, so
+// their loops hold only that norm's code; the general variant handles every feature with branches
+// (masks, dropout, element-wise loads).
+enum ForwardVariant : int { kPlainAffine = 0, kPlainLayer = 1, kPlainMoments = 2, kGeneral = 3 };
+constexpr int kForwardVariants = 4;
+
+// The backward's row pass (rows.cuh), one compiled variant handling every mode with branches.
+constexpr int kBackwardRows = 4;
+
+constexpr int kForwardShapeCount = 5;
+
+inline TileShape forward_shape(int index) {
+  static const TileShape shapes[] = {
+#define REATTN_SHAPE_ENTRY(i, slabs, groups, heads, d, d_out, keys) TileShape{slabs, groups, heads, d, d_out, keys},
+      REATTN_FORWARD_SHAPES(REATTN_SHAPE_ENTRY)
+#undef REATTN_SHAPE_ENTRY
+  };
+  return shapes[index];
+}
+
+// The shape for H heads of dim D and Nk keys, or -1: every head fits the warps' output heads, the
+// head dim one program's columns (D <= d_out = d), one-segment shapes only when the keys fit one
+// segment, and the layout the device's shared memory. Among those: the fewest wasted head dims,
+// then the most query rows per program (fewer re-reads of K and V), then the first listed.
+inline int pick_forward_shape(int H, int D, int Nk, size_t shared_limit) {
+  int best = -1;
+  long best_cost = 0;
+  for (int i = 0; i < kForwardShapeCount; ++i) {
+    const TileShape s = forward_shape(i);
+    if (H > s.max_heads() || D > s.d || D > s.d_out) continue;
+    if (s.keys > 64 && Nk > s.keys) continue;
+    if (row_layout(s, H, Nk).bytes > shared_limit) continue;
+    const long cost = static_cast<long>(s.d - D) * 1000 - s.slabs;
+    if (best < 0 || cost < best_cost) {
+      best = i;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+}  // namespace cuda
+}  // namespace reattn

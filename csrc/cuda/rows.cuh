@@ -1,0 +1,1296 @@
+// Programs over a block of query rows, on tensor cores, register-resident and warp-synchronous:
+// the fused Re-attention forward (one pass over the keys when a query block's key row fits in
+// registers, every ViT length; two otherwise) and the backward's row pass (further below).
+//
+//   S_h = scale q_h k_h^T (+ mask),  P_h = exp(S_h - m_h) / l_h,  P~ = P Z / (1 - p)
+//   M_g = sum_h W[g, h] P~_h + c_g,  A_g = out_scale Norm(M)_g (0 where masked),  O_g = A_g V_g
+//
+// One program (thread block) = batch element b, 16 * slabs query rows, all H heads, d_out output
+// columns (tiles.h). Its warps are a grid of slabs x groups; per key segment:
+//
+// score phase  Warp (slab, group) takes heads group, group + groups, ... in rounds. For each it
+//              multiplies its 16 query rows (A fragments loaded from global memory) by the key
+//              segment (K tiles streamed through a 2-stage cp.async ring, B fragments by ldmatrix)
+//              with mma.sync m16n8k16, the segment's scores staying in registers. Row max and sum
+//              are quad-shuffle reductions on the accumulator layout, so the softmax is exact in
+//              registers (one segment) or uses the row statistics of a first sweep (several). P~
+//              goes to shared memory in 16-bit, its sign bit marking masked entries.
+// mixing phase Warp (slab, group) owns output heads group, group + groups, ...: per 16 keys it
+//              loads P~ of every input head with ldmatrix straight into the A-fragment layout,
+//              mixes in fp32 (H FMAs per output entry, per thread, no data movement), normalizes
+//              (LayerNorm's mean from the column means of W, its variance from partial sums the
+//              slab's warps exchange through shared memory), packs A into A fragments and
+//              accumulates O_g += A_g V_g on tensor cores (V tiles through a second cp.async ring,
+//              B fragments by ldmatrix .trans). O stays in registers until the end.
+//
+// Saved for the backward: the row statistics (m, log l) per (b, h, i): m the row max of S, l the
+// sum of exp(S - m), so P = exp((S - m) - log l) exactly even when a large finite mask fill
+// (-1e9, finfo.min) dominates every score of a row; a row with every key masked gets (+inf, 0).
+//
+// Norms: none and BatchNorm with given statistics are affine maps per output head, folded into W'
+// and c' by the host (as are out_scale and 1 / (1 - p)); LayerNorm applies out_scale gamma, beta
+// after normalizing. With moments (training BatchNorm in one sweep, norm none) the program writes
+// X V in fp32 and per-program sums of X and X^2 per head over the attended entries.
+#pragma once
+
+#include <cstdint>
+
+#include "device.cuh"
+#include "mixing.cuh"
+#include "row_configs.h"
+#include "params.h"
+#include "philox.cuh"
+#include "tiles.h"
+
+namespace reattn {
+namespace cuda {
+
+template <typename E_, int kSlabs_, int kGroups_, int kHeads_, int kD_, int kDOut_, int kKeys_, int kVariant_>
+struct RowConfig {
+  using E = E_;
+  static constexpr int kVariant = kVariant_;
+  static constexpr bool kPlain = kVariant < kGeneral;
+  static constexpr bool kBackward = kVariant == kBackwardRows;
+  static constexpr int kSlabs = kSlabs_, kGroups = kGroups_, kHeads = kHeads_, kD = kD_, kDOut = kDOut_;
+  static constexpr int kKeys = kKeys_;
+  static constexpr int kWarps = kSlabs * kGroups, kThreads = 32 * kWarps, kRows = 16 * kSlabs;
+  static constexpr int kMaxHeads = kGroups * kHeads;
+  static constexpr int kKSteps = kD / 16;              // k16 steps of q . k
+  static constexpr int kKeyTiles = kKeys / kKeyTile;   // K-ring tiles per segment
+  static constexpr int kTileN8 = kKeyTile / 8;         // n8 score tiles per K tile
+  static constexpr int kScoreN8 = kKeys / 8;           // n8 score tiles per segment
+  static constexpr int kOutN8 = kDOut / 8;             // n8 output tiles
+  // Programs that hold long key segments run only when the keys fit one segment (the host plans
+  // so): their O accumulators are never live while the scores are, and the statistics sweep is
+  // not compiled in.
+  static constexpr bool kOneSegment = kKeys > 64;
+  static_assert(kD % 16 == 0 && kDOut % 16 == 0 && kKeys % kKeyTile == 0, "tile shape");
+
+  static REATTN_HD TileShape shape() { return TileShape{kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kBackward}; }
+};
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// exp(S - m) = exp2((S - m) log2 e): the difference first, exact when S is near m, so a row whose
+// scores all sit at a large finite mask fill (-1e9) gets exp(0) = 1 per key, as eager softmax
+// does (folding m log2 e into one FMA would leave its rounding error, up to 64, in the exponent).
+// A row with every key masked has m = -inf: subtract 0 instead.
+REATTN_DEVICE float exp_shifted(float s, float m) { return dev::exp2_approx((s - (m == -INFINITY ? 0.0f : m)) * kLog2e); }
+
+// Copies tiles [heads][kTileRows][kCols] of a [B, H, N, D] 16-bit input into shared memory rows of
+// `row` elements, 16 bytes per cp.async (zeros past D, past n_rows and for heads past H). Thread t
+// copies chunks t, t + kThreads, ... of the tile (kHeadChunks per head). When kThreads is a
+// multiple of kHeadChunks (kFixedRow) every chunk of a thread has the same row and columns and
+// only the head advances, by kHeadStep: one decomposition of t per tile (compile-time divisors),
+// then an address increment and a bounds test per chunk. (Keeping that decomposition in registers
+// across tiles would be cheaper in instructions, but the score phase has no registers to spare.)
+// Otherwise (and for the general variant's element-wise copies of unaligned rows) each chunk is
+// decomposed. Offsets within a batch element are 32-bit (the host checks they fit).
+template <typename E, int kTileRows, int kCols, int kThreads, int kMaxHeadsCopied, bool kVectorOnly>
+struct TileCopy {
+  static constexpr int kRowChunks = kCols / 8;
+  static constexpr int kHeadChunks = kTileRows * kRowChunks;
+  static constexpr int kChunks = kMaxHeadsCopied * kHeadChunks;
+  static constexpr int kPerThread = (kChunks + kThreads - 1) / kThreads;
+  static constexpr bool kFixedRow = kVectorOnly && kThreads % kHeadChunks == 0;
+  static constexpr int kHeadStep = kFixedRow ? kThreads / kHeadChunks : 0;
+
+  REATTN_DEVICE static void issue(E* dst, int row, const E* src, int sh, int sn, int sd, int h0, int heads, int H,
+                                  int r0, int n_rows, int d0, int D, bool vector) {
+    const int h_end = (h0 + heads < H ? h0 + heads : H) - h0;  // heads of this tile that exist
+    if constexpr (kFixedRow) {
+      const unsigned tid = static_cast<unsigned>(dev::thread_index());
+      const int rem = static_cast<int>(tid % kHeadChunks), dc = rem % kRowChunks, d = d0 + dc * 8;
+      const int hl0 = static_cast<int>(tid / kHeadChunks), r = rem / kRowChunks;
+      const int dst_off = (hl0 * kTileRows + r) * row + dc * 8;
+      const E* from = src + (h0 + hl0) * sh + (r0 + r) * sn + d;
+      const int n = r0 + r < n_rows && d < D ? 2 * (D - d < 8 ? D - d : 8) : 0;
+#pragma unroll
+      for (int k = 0; k < kPerThread; ++k) {
+        const int hl = hl0 + k * kHeadStep;
+        if (k * kThreads < kChunks && hl < heads) {
+          const int c = hl < h_end ? n : 0;
+          dev::cp_async_16(dst + dst_off + k * kHeadStep * kTileRows * row, c > 0 ? from + k * kHeadStep * sh : src, c);
+        }
+      }
+    } else {
+      const unsigned tid0 = static_cast<unsigned>(dev::thread_index());
+      for (unsigned c = tid0; c < static_cast<unsigned>(heads * kHeadChunks); c += kThreads) {
+        const int hl = static_cast<int>(c / kHeadChunks), rem = static_cast<int>(c % kHeadChunks);
+        const int rr = rem / kRowChunks, dc = rem % kRowChunks, n = r0 + rr, d = d0 + dc * 8;
+        E* to = dst + (hl * kTileRows + rr) * row + dc * 8;
+        const bool in = hl < h_end && n < n_rows;
+        if (kVectorOnly || vector) {
+          const int valid = in && d < D ? (D - d < 8 ? D - d : 8) : 0;
+          dev::cp_async_16(to, valid > 0 ? src + (h0 + hl) * sh + n * sn + d : src, 2 * valid);
+        } else {
+          const E* from = src + (h0 + hl) * sh + n * sn;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) to[e].bits = in && d + e < D ? from[(d + e) * sd].bits : uint16_t(0);
+        }
+      }
+    }
+  }
+};
+
+template <class Cfg>
+struct RowProgram {
+  using E = typename Cfg::E;
+  using Cv = dev::Convert<E>;
+  static constexpr int kSlabs = Cfg::kSlabs, kGroups = Cfg::kGroups, kHeads = Cfg::kHeads;
+  static constexpr int kHeadsPad = Mixer<E, kGroups, kHeads, Cfg::kMaxHeads>::kHeadsPad;
+  // Row sizes (elements) of the K, V and dM tiles, compile-time (row_layout computes the same).
+  static constexpr int kKRow = padded_row(Cfg::kD), kVRow = padded_row(Cfg::kDOut), kMRow = padded_row(16);
+  using KeyCopy = TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain>;
+  using ValueCopy = TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain>;
+
+  const ReAttnParams& p;
+  RowLayout L;
+  char* smem;
+  int lane, warp, slab, group, gq, tq;  // gq = lane / 4 (fragment row), tq = lane % 4
+  int64_t b;
+  int m0, d0;            // first query row of the program, first output column
+  int H, Nq, Nk, D;
+  int rounds;            // score-phase rounds: ceil(H / groups)
+  int seg_keys, segments;
+  bool slab_active;      // some row of this warp's slab is a real query row
+  bool exact;            // one segment: the softmax straight from registers
+  bool plain;            // Cfg::kPlain: no mask, no dropout, scale > 0, aligned rows
+  int issued, used;      // ring steps issued / consumed (step i lives in slot i % 2)
+  const E* kbase;        // batch element b of k and v
+  const E* vbase;
+
+
+  // Mode of this problem: compile-time in the plain variants, read from the parameters otherwise.
+  REATTN_DEVICE bool layer() const {
+    return Cfg::kVariant == kPlainLayer || (Cfg::kVariant == kGeneral && p.norm == kNormLayer);
+  }
+  REATTN_DEVICE bool counting() const {
+    return Cfg::kVariant == kPlainMoments || (Cfg::kVariant == kGeneral && p.moments != nullptr);
+  }
+  REATTN_DEVICE bool vector() const { return Cfg::kPlain || p.vector_loads; }
+
+  REATTN_DEVICE RowProgram(const ReAttnParams& params) : p(params), smem(dev::shared_memory()) {
+    H = p.H;
+    Nq = p.Nq;
+    Nk = p.Nk;
+    D = p.D;
+    L = row_layout(Cfg::shape(), H, Nk);
+    const int tid = dev::thread_index();
+    lane = tid % 32;
+    warp = tid / 32;
+    slab = warp / kGroups;
+    group = warp % kGroups;
+    gq = lane / 4;
+    tq = lane % 4;
+    const int blocks_m = (Nq + Cfg::kRows - 1) / Cfg::kRows;
+    b = dev::block_index_x() / blocks_m;
+    m0 = (dev::block_index_x() % blocks_m) * Cfg::kRows;
+    d0 = dev::block_index_y() * Cfg::kDOut;
+    rounds = (H + kGroups - 1) / kGroups;
+    seg_keys = segment_keys(Cfg::shape(), Nk);
+    segments = segment_count(Cfg::shape(), Nk);
+    exact = !Cfg::kBackward && (Cfg::kOneSegment || segments == 1);  // compile-time for one-segment shapes
+    plain = Cfg::kPlain;
+    slab_active = m0 + slab * 16 < Nq;
+    issued = used = 0;
+    kbase = static_cast<const E*>(p.k) + b * p.k_st.b;
+    vbase = static_cast<const E*>(p.v) + b * p.v_st.b;
+  }
+
+  template <typename U>
+  REATTN_DEVICE U* at(size_t offset) const {
+    return reinterpret_cast<U*>(smem + offset);
+  }
+  REATTN_DEVICE int seg_start(int seg) const { return seg * Cfg::kKeys; }
+  REATTN_DEVICE int seg_len(int seg) const {
+    const int rest = Nk - seg_start(seg);
+    return rest < seg_keys ? rest : seg_keys;
+  }
+  REATTN_DEVICE int key_tiles(int keys) const { return (keys + kKeyTile - 1) / kKeyTile; }
+  REATTN_DEVICE int value_tiles(int keys) const { return (keys + kValueTile - 1) / kValueTile; }
+  REATTN_DEVICE E* slot_tile(int slot) const { return at<E>(L.ring + slot * L.ring_slot); }
+
+  // ---- the ring -------------------------------------------------------------------------------
+  // Start of a ring step: this step's tile has landed and every warp is done with the previous
+  // step, so the tile issued next may overwrite the slot the previous step read. Every call site
+  // then issues the one tile that comes next (its kind known there) and returns this step's slot.
+  REATTN_DEVICE int begin_step() {
+    dev::cp_async_wait<0>();
+    dev::sync_threads();
+    return used++ & 1;
+  }
+  // K tile: heads round * groups .. + groups, keys key0 .. key0 + kKeyTile, all kD columns.
+  REATTN_DEVICE void issue_keys(int round, int key0) {
+    KeyCopy::issue(slot_tile(issued++ & 1), kKRow, kbase, static_cast<int>(p.k_st.h), static_cast<int>(p.k_st.n),
+                   static_cast<int>(p.k_st.d), round * kGroups, kGroups, H, key0, Nk, 0, D, vector());
+    dev::cp_async_commit();
+  }
+  // V tile: every head, keys key0 .. key0 + kValueTile, output columns d0 .. d0 + d_out.
+  REATTN_DEVICE void issue_values(int key0) {
+    ValueCopy::issue(slot_tile(issued++ & 1), kVRow, vbase, static_cast<int>(p.v_st.h), static_cast<int>(p.v_st.n),
+                     static_cast<int>(p.v_st.d), 0, H, H, key0, Nk, d0, D, vector());
+    dev::cp_async_commit();
+  }
+  // After the last K tile of a segment's score phase: its first V tile. After the last V tile: the
+  // next segment's first K tile, or nothing.
+  REATTN_DEVICE void issue_after_scores(int seg) {
+    if constexpr (Cfg::kBackward) {
+      issue_chunk(seg_start(seg), false);
+    } else {
+      issue_values(seg_start(seg));
+    }
+  }
+  REATTN_DEVICE void issue_after_values(int seg) {
+    if (!Cfg::kOneSegment && seg + 1 < segments) issue_keys(0, seg_start(seg + 1));
+  }
+
+  // ---- score phase ------------------------------------------------------------------------------
+  // A fragments of the warp's 16 rows of head h of a [B, H, Nq, D] input (q, or dO in the backward;
+  // rows past Nq and columns past D are zero). With aligned rows (vector()) each register is one
+  // 32-bit load from one of the thread's two rows (an odd D's last pair keeps its low half).
+  REATTN_DEVICE void load_row_fragments(const void* src, const Strides4& st, int h,
+                                        uint32_t (&f)[Cfg::kKSteps][4]) const {
+    const E* base = static_cast<const E*>(src) + b * st.b + h * st.h;
+    const int r0 = m0 + slab * 16 + gq;
+    if (Cfg::kPlain || vector()) {
+      const bool ok[2] = {r0 < Nq, r0 + 8 < Nq};
+      const uint32_t* rows[2] = {reinterpret_cast<const uint32_t*>(base + (ok[0] ? r0 : 0) * st.n),
+                                 reinterpret_cast<const uint32_t*>(base + (ok[1] ? r0 + 8 : 0) * st.n)};
+#pragma unroll
+      for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int d = kk * 16 + (r >> 1) * 8 + 2 * tq;
+          uint32_t v = ok[r & 1] && d < D ? rows[r & 1][d / 2] : 0u;
+          f[kk][r] = d + 1 < D ? v : v & 0xffffu;
+        }
+      }
+      return;
+    }
+#pragma unroll
+    for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int row = r0 + (r & 1) * 8;
+        const int d = kk * 16 + (r >> 1) * 8 + 2 * tq;
+        uint32_t v = 0;
+        if (row < Nq && d < D) {
+          const E* at_row = base + static_cast<int64_t>(row) * st.n;
+          const uint32_t lo = at_row[d * st.d].bits;
+          const uint32_t hi = d + 1 < D ? at_row[(d + 1) * st.d].bits : 0u;
+          v = lo | (hi << 16);
+        }
+        f[kk][r] = v;
+      }
+    }
+  }
+  REATTN_DEVICE void load_queries(int h, uint32_t (&qf)[Cfg::kKSteps][4]) const { load_row_fragments(p.q, p.q_st, h, qf); }
+
+  // s[n] = q k^T for the 4 n8 tiles of the K tile in `slot` (head lane hl of the round).
+  REATTN_DEVICE void score_tile(int slot, int hl, const uint32_t (&qf)[Cfg::kKSteps][4], float (*s)[4]) const {
+    const E* tile = slot_tile(slot) + static_cast<size_t>(hl) * kKeyTile * kKRow;
+#pragma unroll
+    for (int n = 0; n < Cfg::kTileN8; n += 2) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = s[n + 1][e] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
+        // Matrices (n8 tile n + i / 2, k half i % 2) stored [key][d]: B = K^T without .trans.
+        const int i = lane / 8;
+        uint32_t kb[4];
+        dev::ldmatrix_x4(kb, tile + ((n + i / 2) * 8 + lane % 8) * kKRow + kk * 16 + (i % 2) * 8);
+        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+        dev::mma_m16n8k16<E>(s[n], qf[kk], b0, s[n]);
+        dev::mma_m16n8k16<E>(s[n + 1], qf[kk], b1, s[n + 1]);
+      }
+    }
+  }
+
+  // S = scale q.k (+ mask) of one entry, -inf where masked or past Nq / Nk; sets *masked.
+  REATTN_DEVICE float masked_score(float raw, int h, int row, int key, bool* masked) const {
+    if (row >= Nq || key >= Nk) {
+      *masked = true;
+      return -INFINITY;
+    }
+    float s = raw * static_cast<float>(p.scale);
+    if (!Cfg::kPlain && p.mask_kind != kMaskNone) {
+      const int64_t offset = b * p.mask_st.b + h * p.mask_st.h + row * p.mask_st.n + key * p.mask_st.d;
+      if (p.mask_kind == kMaskBool) {
+        if (static_cast<const uint8_t*>(p.mask)[offset] == 0) {
+          *masked = true;
+          return -INFINITY;
+        }
+      } else {
+        const float add = static_cast<const float*>(p.mask)[offset];
+        if (add == -INFINITY) {
+          *masked = true;
+          return -INFINITY;
+        }
+        s += add;
+      }
+    }
+    *masked = false;
+    return s;
+  }
+
+  // Scale and mask the segment's raw scores in place; bit e of masks[n]: entry e is masked.
+  REATTN_DEVICE void mask_scores(float (&s)[Cfg::kScoreN8][4], uint32_t (&masks)[Cfg::kScoreN8], int h, int key0,
+                                 int n8_end) const {
+#pragma unroll
+    for (int n = 0; n < Cfg::kScoreN8; ++n) {
+      masks[n] = 0;
+      if (n < n8_end) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          bool masked;
+          const int row = m0 + slab * 16 + gq + (e / 2) * 8, key = key0 + n * 8 + 2 * tq + (e & 1);
+          s[n][e] = masked_score(s[n][e], h, row, key, &masked);
+          if (masked) masks[n] |= 1u << e;
+        }
+      }
+    }
+  }
+
+  // Max of the two fragment rows (gq, gq + 8) over the quad that shares them.
+  REATTN_DEVICE static void quad_max(float (&m)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      m[r] = dev::fmax_(m[r], dev::shfl_xor(m[r], 1));
+      m[r] = dev::fmax_(m[r], dev::shfl_xor(m[r], 2));
+    }
+  }
+  REATTN_DEVICE static void quad_sum(float (&l)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      l[r] += dev::shfl_xor(l[r], 1);
+      l[r] += dev::shfl_xor(l[r], 2);
+    }
+  }
+
+  // Plain problems (no mask, no dropout, scale > 0): the raw products straight into exp2 with one
+  // FMA each, exp2(raw c - m_raw c), c = scale log2 e, m_raw the row max of q.k (exact enough: no
+  // score can sit at a large mask fill). Keys past the segment get -inf in their n8 tiles only.
+  // Returns the row statistics (max of S, sum) and leaves the unnormalized exponentials in s.
+  REATTN_DEVICE void plain_softmax(float (&s)[Cfg::kScoreN8][4], int keys, int n8_end, float (&m)[2],
+                                   float (&l)[2]) const {
+    // Keys past the segment hold -inf (score_phase): max and sum need no bounds.
+    m[0] = m[1] = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < Cfg::kScoreN8; ++n) {
+      m[0] = dev::fmax_(m[0], dev::fmax_(s[n][0], s[n][1]));
+      m[1] = dev::fmax_(m[1], dev::fmax_(s[n][2], s[n][3]));
+    }
+    quad_max(m);
+    const float c = static_cast<float>(p.scale) * kLog2e;
+    const float shift[2] = {m[0] * c, m[1] * c};  // every row has a key: finite
+    l[0] = l[1] = 0.0f;
+#pragma unroll
+    for (int n = 0; n < Cfg::kScoreN8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[n][e] = dev::exp2_approx(s[n][e] * c - shift[e / 2]);
+        l[e / 2] += s[n][e];
+      }
+    }
+    quad_sum(l);
+    m[0] *= static_cast<float>(p.scale);
+    m[1] *= static_cast<float>(p.scale);
+  }
+
+  // Row statistics of the segment's masked scores in registers: max m and sum l of exp(S - m).
+  REATTN_DEVICE void row_stats(float (&s)[Cfg::kScoreN8][4], int n8_end, float (&m)[2], float (&l)[2]) const {
+    m[0] = m[1] = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < Cfg::kScoreN8; ++n) {
+      if (n < n8_end) {
+        m[0] = dev::fmax_(m[0], dev::fmax_(s[n][0], s[n][1]));
+        m[1] = dev::fmax_(m[1], dev::fmax_(s[n][2], s[n][3]));
+      }
+    }
+    quad_max(m);
+    l[0] = l[1] = 0.0f;
+#pragma unroll
+    for (int n = 0; n < Cfg::kScoreN8; ++n) {
+      if (n < n8_end) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[n][e] = exp_shifted(s[n][e], m[e / 2]);
+          l[e / 2] += s[n][e];
+        }
+      }
+    }
+    quad_sum(l);
+  }
+
+  // P~ of head h for the segment to shared memory, 16-bit, from exponentials e^(S - m) times inv_l;
+  // masked entries as -0 (bit e of masks[n] for fragment entry e), dropped ones as +0.
+  REATTN_DEVICE void store_probs(float (&s)[Cfg::kScoreN8][4], const uint32_t (&masks)[Cfg::kScoreN8], int h,
+                                 int key0, int n8_end, const float (&inv_l)[2], bool general) const {
+    E* probs = at<E>(L.probs) + (static_cast<size_t>(h) * Cfg::kRows + slab * 16 + gq) * L.p_row + 2 * tq;
+    const bool dropout = !Cfg::kPlain && general && p.seed != nullptr;
+    const uint64_t seed = dropout ? static_cast<uint64_t>(*p.seed) : 0;
+    const float threshold = static_cast<float>(p.dropout_p);
+#pragma unroll
+    for (int n = 0; n < Cfg::kScoreN8; ++n) {
+      if (n < n8_end) {
+        float v[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[e] = s[n][e] * inv_l[e / 2];
+        uint32_t lo, hi;
+        if (general) {
+          if (dropout) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int row = m0 + slab * 16 + gq + (e / 2) * 8, key = key0 + n * 8 + 2 * tq + (e & 1);
+              // Dropped: 0 in the forward; the backward keeps -P (it needs P of dropped entries).
+              if (v[e] != 0.0f && !dropout_keep(seed, b, H, h, row, key, threshold)) {
+                v[e] = Cfg::kBackward ? -v[e] : 0.0f;
+              }
+            }
+          }
+          lo = Cv::pack(v[0], v[1]) | (masks[n] & 1u ? 0x8000u : 0u) | (masks[n] & 2u ? 0x80000000u : 0u);
+          hi = Cv::pack(v[2], v[3]) | (masks[n] & 4u ? 0x8000u : 0u) | (masks[n] & 8u ? 0x80000000u : 0u);
+          if (Cfg::kBackward && dropout) {  // a dropped -P that rounds to -0 would read as masked
+            lo = keep_dropped(lo, v[0] < 0.0f, v[1] < 0.0f);
+            hi = keep_dropped(hi, v[2] < 0.0f, v[3] < 0.0f);
+          }
+        } else {
+          lo = Cv::pack(v[0], v[1]);
+          hi = Cv::pack(v[2], v[3]);
+        }
+        *reinterpret_cast<uint32_t*>(probs + n * 8) = lo;
+        *reinterpret_cast<uint32_t*>(probs + 8 * L.p_row + n * 8) = hi;
+      }
+    }
+  }
+
+  // Dropped entries of the backward stay distinguishable from masked ones (exactly -0): at least
+  // the smallest negative subnormal.
+  REATTN_DEVICE static uint32_t keep_dropped(uint32_t packed, bool lo_dropped, bool hi_dropped) {
+    if (lo_dropped && (packed & 0xffffu) == 0x8000u) packed = (packed & 0xffff0000u) | 0x8001u;
+    if (hi_dropped && (packed >> 16) == 0x8000u) packed = (packed & 0xffffu) | 0x80010000u;
+    return packed;
+  }
+
+  // ---- statistics sweep (several segments) --------------------------------------------------------
+  REATTN_DEVICE void statistics_sweep() {
+    float* stats = at<float>(L.stats);
+    const int tiles = key_tiles(Nk);
+    for (int round = 0; round < rounds; ++round) {
+      const int h = round * kGroups + group;
+      const bool active = slab_active && h < H;
+      uint32_t qf[Cfg::kKSteps][4];
+      if (active) load_queries(h, qf);
+      float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+      for (int t = 0; t < tiles; ++t) {
+        const int slot = begin_step();
+        if (t + 1 < tiles) {
+          issue_keys(round, (t + 1) * kKeyTile);
+        } else if (round + 1 < rounds) {
+          issue_keys(round + 1, 0);
+        } else {
+          issue_keys(0, 0);  // the first segment's score phase
+        }
+        if (!active) continue;
+        float s[Cfg::kTileN8][4];
+        score_tile(slot, group, qf, s);
+#pragma unroll
+        for (int n = 0; n < Cfg::kTileN8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            bool masked;
+            const int r = e / 2;
+            const int row = m0 + slab * 16 + gq + r * 8, key = t * kKeyTile + n * 8 + 2 * tq + (e & 1);
+            const float x = masked_score(s[n][e], h, row, key, &masked);
+            if (masked) continue;
+            if (x > m[r]) {  // online: rescale the running sum to the new max
+              l[r] = l[r] * exp_shifted(m[r], x) + 1.0f;
+              m[r] = x;
+            } else {
+              l[r] += exp_shifted(x, m[r]);
+            }
+          }
+        }
+      }
+      if (!active) continue;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int off = 1; off <= 2; off *= 2) {
+          const float mo = dev::shfl_xor(m[r], off), lo = dev::shfl_xor(l[r], off);
+          const float mn = dev::fmax_(m[r], mo);
+          const float a = m[r] == -INFINITY ? 0.0f : l[r] * exp_shifted(m[r], mn);
+          const float c = mo == -INFINITY ? 0.0f : lo * exp_shifted(mo, mn);
+          m[r] = mn;
+          l[r] = a + c;
+        }
+        const int row = slab * 16 + gq + r * 8;
+        if (tq == 0) {  // as the given statistics of the backward: (m, log l)
+          float* st = stats + (static_cast<size_t>(h) * Cfg::kRows + row) * 2;
+          st[0] = m[r];
+          st[1] = l[r] > 0.0f ? dev::log2_approx(l[r]) / kLog2e : 0.0f;
+        }
+      }
+      write_stats(h, m, l);
+    }
+  }
+
+  // Global row statistics [B, H, Nq, 2] = (m, log l); (+inf, 0) for a row without any key.
+  REATTN_DEVICE void write_stats(int h, const float (&m)[2], const float (&l)[2]) const {
+    if (tq != 0 || dev::block_index_y() != 0 || p.stats_is_input) return;
+    float* out = static_cast<float*>(p.lse);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = m0 + slab * 16 + gq + r * 8;
+      if (row >= Nq) continue;
+      float* st = out + ((b * H + h) * static_cast<int64_t>(Nq) + row) * 2;
+      const bool empty = m[r] == -INFINITY;
+      st[0] = empty ? INFINITY : m[r];
+      st[1] = empty ? 0.0f : dev::log2_approx(l[r]) / kLog2e;
+    }
+  }
+
+  // Softmax of one round's scores and P~ to shared memory: exact from registers (one segment of
+  // the forward), or P = exp((S - m) - log l) with the statistics (m, log l) in shared memory (the
+  // forward's statistics sweep, or the backward's given ones).
+  REATTN_DEVICE void finish_round(float (&s)[Cfg::kScoreN8][4], int h, int key0, int keys, int n8_end) {
+    float inv_l[2];
+    uint32_t masks[Cfg::kScoreN8];
+    const bool exact_round = !Cfg::kBackward && (Cfg::kOneSegment || exact);
+    if (Cfg::kPlain && exact_round) {
+      float m[2], l[2];
+      plain_softmax(s, keys, n8_end, m, l);
+      inv_l[0] = dev::rcp_approx(l[0]);
+      inv_l[1] = dev::rcp_approx(l[1]);
+      write_stats(h, m, l);
+      store_probs(s, masks, h, key0, n8_end, inv_l, false);
+      return;
+    }
+    // Masked scores in natural units; then the exact subtraction S - m first (large mask fills).
+    mask_scores(s, masks, h, key0, n8_end);
+    if (exact_round) {
+      float m[2], l[2];
+      row_stats(s, n8_end, m, l);
+      inv_l[0] = l[0] > 0.0f ? dev::rcp_approx(l[0]) : 0.0f;
+      inv_l[1] = l[1] > 0.0f ? dev::rcp_approx(l[1]) : 0.0f;
+      write_stats(h, m, l);
+    } else {
+      const float* stats = at<float>(L.stats) + (static_cast<size_t>(h) * Cfg::kRows + slab * 16 + gq) * 2;
+      float m[2], log_l[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        m[r] = stats[r * 16];
+        log_l[r] = stats[r * 16 + 1] * kLog2e;
+        inv_l[r] = 1.0f;
+      }
+#pragma unroll
+      for (int n = 0; n < Cfg::kScoreN8; ++n) {
+        if (n < n8_end) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float mm = m[e / 2] == -INFINITY ? 0.0f : m[e / 2];
+            s[n][e] = dev::exp2_approx((s[n][e] - mm) * kLog2e - log_l[e / 2]);
+          }
+        }
+      }
+    }
+    store_probs(s, masks, h, key0, n8_end, inv_l, true);
+  }
+
+  // Score phase of one segment: every round's scores, softmax (or the sweep's statistics), P~ to
+  // shared memory. K tile t of a round fills s[4t .. 4t + 3] (the tile loop is unrolled so s stays
+  // in registers); tiles past the segment's keys keep -inf, and in the last tile the keys past
+  // the segment (zero-filled K rows) get -inf.
+  REATTN_DEVICE void score_phase(int seg) {
+    const int key0 = seg_start(seg);
+    const int keys = seg_len(seg);
+    const int n8_end = round_up16(keys) / 8;
+    const int tiles = key_tiles(keys);
+    for (int round = 0; round < rounds; ++round) {
+      const int h = round * kGroups + group;
+      const bool active = slab_active && h < H;
+      uint32_t qf[Cfg::kKSteps][4];
+      if (active) load_queries(h, qf);
+      float s[Cfg::kScoreN8][4];
+      if (tiles < Cfg::kKeyTiles) {  // tiles past the keys get no weight (none at full length)
+#pragma unroll
+        for (int n = 0; n < Cfg::kScoreN8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[n][e] = -INFINITY;
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < Cfg::kKeyTiles; ++t) {
+        float (*st)[4] = &s[t * Cfg::kTileN8];
+        if (t < tiles) {
+          const int slot = begin_step();
+          if (t + 1 < tiles || round + 1 < rounds) {
+            const bool same = t + 1 < tiles;
+            issue_keys(same ? round : round + 1, key0 + (same ? t + 1 : 0) * kKeyTile);
+          }
+          if (active) {
+            score_tile(slot, group, qf, st);
+            if (t == tiles - 1 && keys % kKeyTile != 0) {
+#pragma unroll
+              for (int n = 0; n < Cfg::kTileN8; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                  if (t * kKeyTile + n * 8 + 2 * tq + (e & 1) >= keys) st[n][e] = -INFINITY;
+                }
+              }
+            }
+          }
+        }
+      }
+      // After the segment's last K tile (its step's barrier passed), the first V tile can take the
+      // other slot while the softmax runs.
+      if (round + 1 == rounds) issue_after_scores(seg);
+      if (active) finish_round(s, h, key0, keys, n8_end);
+    }
+  }
+
+  // ---- mixing -------------------------------------------------------------------------------------
+  // Per-head parameter rows in shared memory (L.vectors): c' (forward; c in the backward), out_scale
+  // gamma, out_scale beta, column means of W' (LayerNorm's mean); backward only: the norm's mean and
+  // 1/std (BatchNorm), e and f of dM = gamma' rstd dN + e xhat + f. Then two scalars.
+  enum VectorRow : int { kBias = 0, kGamma = 1, kBeta = 2, kColumnMean = 3, kMean = 4, kRstd = 5, kE = 6, kF = 7 };
+  REATTN_DEVICE const float* vec_row(int row) const { return at<float>(L.vectors) + row * Cfg::kMaxHeads; }
+  REATTN_DEVICE float bias_mean() const { return at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads]; }
+  REATTN_DEVICE float inv_heads() const { return at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads + 1]; }
+
+  using Mix = Mixer<E, kGroups, kHeads, Cfg::kMaxHeads>;
+
+  // The lane's ldmatrix row address of head 0 in a [h][rows][row] buffer, for a 16-column chunk.
+  REATTN_DEVICE const E* chunk_tile(size_t buffer, int row, int col) const {
+    return at<E>(buffer) + (static_cast<size_t>(slab) * 16 + lane % 16) * row + col + (lane / 16) * 8;
+  }
+
+  // M of the warp's output heads at its 8 fragment entries of a 16-key chunk (column chunk_col of
+  // the segment's P~), LayerNorm's mean over all heads, the owned heads' raw P~ (Mixer::mix).
+  REATTN_DEVICE void mix_probs(int chunk_col, float (&acc)[kHeads][8], float (&mean)[8], uint32_t (&own)[kHeads][4],
+                               bool with_mean, bool clamp) const {
+    Mix::mix(chunk_tile(L.probs, L.p_row, chunk_col), static_cast<size_t>(Cfg::kRows) * L.p_row, at<float>(L.weights),
+             vec_row(kBias), vec_row(kColumnMean), bias_mean(), H, group, acc, mean, own, with_mean, clamp);
+  }
+
+  // Sums over the output heads of the slab's warps (Mixer::group_sum): region 0 (8 floats per lane)
+  // and region 1 (16) never serve the same chunk twice.
+  REATTN_DEVICE void slab_sum(float (&x)[8]) const {
+    constexpr int kStride = Cfg::kBackward ? 24 : 8;
+    Mix::group_sum(at<float>(L.exchange) + static_cast<size_t>(slab) * kGroups * 32 * kStride, kStride, 1 + slab,
+                   group, lane, x);
+  }
+  REATTN_DEVICE void slab_sum2(float (&x)[8], float (&y)[8]) const {
+    Mix::group_sum2(at<float>(L.exchange) + static_cast<size_t>(slab) * kGroups * 32 * 24 + 8, 24, 1 + slab, group,
+                    lane, x, y);
+  }
+
+  // LayerNorm across heads: acc -= mean (every warp has it from W's column means), rstd from the
+  // centered squares summed over the slab's warps.
+  REATTN_DEVICE void layer_center(float (&acc)[kHeads][8], const float (&mean)[8], float (&rstd)[8]) const {
+    float part[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) part[e] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      if (group + kGroups * j < H) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          acc[j][e] -= mean[e];
+          part[e] += acc[j][e] * acc[j][e];
+        }
+      }
+    }
+    slab_sum(part);
+    const float inv_h = inv_heads();
+#pragma unroll
+    for (int e = 0; e < 8; ++e) rstd[e] = dev::rsqrt_approx(part[e] * inv_h + static_cast<float>(p.eps));
+  }
+
+  REATTN_DEVICE static bool masked_entry(const uint32_t (&own)[4], int e) { return Mix::masked(own, e); }
+  REATTN_DEVICE int entry_row(int e) const { return m0 + slab * 16 + gq + ((e / 2) % 2) * 8; }
+  REATTN_DEVICE static int entry_col(int tq_, int e) { return 2 * tq_ + (e & 1) + (e / 4) * 8; }
+
+  // ---- the forward's mixing phase ----------------------------------------------------------------------
+  // One 16-key chunk: mix, normalize, O += A V for the warp's output heads.
+  // key0: the chunk's first key; chunk_col: its column in the segment's P~.
+  REATTN_DEVICE void mix_chunk(int slot, int key0, int chunk_col, float (&o)[kHeads][Cfg::kOutN8][4],
+                               float (&moments)[kHeads][2]) {
+    constexpr bool general = !Cfg::kPlain;
+    const bool layer = this->layer();
+    float acc[kHeads][8];
+    float mean[8];
+    uint32_t own[kHeads][4];
+    mix_probs(chunk_col, acc, mean, own, layer, false);
+    if (layer) {
+      float rstd[8];
+      layer_center(acc, mean, rstd);
+      const float* gamma = vec_row(kGamma);
+      const float* beta = vec_row(kBeta);
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[j][e] = acc[j][e] * rstd[e] * gamma[g] + beta[g];
+      }
+    }
+    // Entry e of the A fragment: row gq + 8 (e / 2 % 2), key 2 tq + e % 2 + 8 (e / 4).
+    const E* values = slot_tile(slot);
+    const bool count = counting();
+    const int row0 = m0 + slab * 16 + gq;
+    const bool edge = count && (key0 + kValueTile > Nk || row0 - gq + 16 > Nq);  // moments: entries past Nq / Nk
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int g = group + kGroups * j;
+      if (g >= H) continue;
+      float a[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) a[e] = general && masked_entry(own[j], e) ? 0.0f : acc[j][e];
+      if (count) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const bool in = !edge || (entry_row(e) < Nq && key0 + entry_col(tq, e) < Nk);
+          const float x = in ? a[e] : 0.0f;
+          moments[j][0] += x;
+          moments[j][1] += x * x;
+        }
+      }
+      const uint32_t af[4] = {Cv::pack(a[0], a[1]), Cv::pack(a[2], a[3]), Cv::pack(a[4], a[5]), Cv::pack(a[6], a[7])};
+      const E* vg = values + static_cast<size_t>(g) * kValueTile * kVRow;
+#pragma unroll
+      for (int n = 0; n < Cfg::kOutN8; n += 2) {
+        // Matrices (k half i % 2, n8 tile n + i / 2) stored [key][d]: .trans gives B fragments.
+        const int i = lane / 8;
+        uint32_t vb[4];
+        dev::ldmatrix_x4_trans(vb, vg + ((i % 2) * 8 + lane % 8) * kVRow + (n + i / 2) * 8);
+        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+        dev::mma_m16n8k16<E>(o[j][n], af, b0, o[j][n]);
+        dev::mma_m16n8k16<E>(o[j][n + 1], af, b1, o[j][n + 1]);
+      }
+    }
+  }
+
+  // ---- parameters --------------------------------------------------------------------------------------
+  // folded (fp32): W' [H][H] row-major (g, h), then per-head rows: forward c', out_scale gamma,
+  // out_scale beta; backward c, gamma', beta', mean, rstd, e, f (ops.cpp, fold_parameters).
+  REATTN_DEVICE void load_parameters() {
+    const float* f = static_cast<const float*>(p.folded);
+    float* weights = at<float>(L.weights);
+    float* weights_t = Cfg::kBackward ? at<float>(L.weights_t) : nullptr;
+    float* vec = at<float>(L.vectors);
+    constexpr int mh = Cfg::kMaxHeads;
+    constexpr int kRows = Cfg::kBackward ? 7 : 3;  // per-head rows after W'
+    for (int i = dev::thread_index(); i < mh * kGroups * kHeadsPad; i += Cfg::kThreads) {
+      const int j = i % kHeadsPad, r = (i / kHeadsPad) % kGroups, a = i / (kHeadsPad * kGroups);
+      const int b_ = r + kGroups * j;  // the warp-owned head of slot (r, j); a: the other head
+      const bool ok = j < kHeads && b_ < H && a < H;
+      weights[i] = ok ? f[b_ * H + a] : 0.0f;  // [h = a][group r][j]: W'[g_j][h]
+      if (Cfg::kBackward) weights_t[i] = ok ? f[a * H + b_] : 0.0f;  // [g = a][group r][j]: W'[g][h_j]
+    }
+    for (int i = dev::thread_index(); i < kVectorRows * mh + 2; i += Cfg::kThreads) {
+      const int row = i / mh, h = i % mh;
+      float v = 0.0f;
+      if (row == kColumnMean && h < H) {  // column mean of W' (LayerNorm's mean of M)
+        for (int g = 0; g < H; ++g) v += f[g * H + h];
+        v /= H;
+      } else if (row < kVectorRows && h < H) {
+        const int from = row < kColumnMean ? row : row - 1;  // the folded rows skip the column means
+        if (from < kRows) v = f[H * H + from * H + h];
+        if (row == kRstd && from >= kRows) v = 1.0f;
+      } else if (i == kVectorRows * mh) {  // the mean of c'
+        for (int g = 0; g < H; ++g) v += f[H * H + g];
+        v /= H;
+      } else if (i == kVectorRows * mh + 1) {
+        v = 1.0f / H;
+      }
+      vec[i] = v;
+    }
+  }
+
+  REATTN_DEVICE void write_output(const float (&o)[kHeads][Cfg::kOutN8][4]) const {
+    write_rows(o, p.out, p.o_st, p.out_is_acc);
+  }
+
+  // Accumulators o[j] of head group + groups j, fragment layout, to a [B, H, Nq, D] output (T or fp32).
+  REATTN_DEVICE void write_rows(const float (&o)[kHeads][Cfg::kOutN8][4], void* dst, const Strides4& st,
+                                bool fp32) const {
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int g = group + kGroups * j;
+      if (g >= H || !slab_active) continue;
+#pragma unroll
+      for (int n = 0; n < Cfg::kOutN8; ++n) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = m0 + slab * 16 + gq + r * 8;
+          const int d = d0 + n * 8 + 2 * tq;
+          if (row >= Nq) continue;
+          const int64_t at_row = b * st.b + g * st.h + static_cast<int64_t>(row) * st.n;
+          if (fp32) {
+            float* out = static_cast<float*>(dst) + at_row;
+            if (d < D) out[d * st.d] = o[j][n][2 * r];
+            if (d + 1 < D) out[(d + 1) * st.d] = o[j][n][2 * r + 1];
+          } else if (d + 1 < D && st.d == 1) {  // the output is ours: contiguous, pairs 4-byte aligned
+            *reinterpret_cast<uint32_t*>(static_cast<E*>(dst) + at_row + d) = Cv::pack(o[j][n][2 * r], o[j][n][2 * r + 1]);
+          } else {
+            E* out = static_cast<E*>(dst) + at_row;
+            if (d < D) out[d * st.d].bits = Cv::from_float(o[j][n][2 * r]);
+            if (d + 1 < D) out[(d + 1) * st.d].bits = Cv::from_float(o[j][n][2 * r + 1]);
+          }
+        }
+      }
+    }
+  }
+
+  // Per-program moment sums [2][H] (float64) at moments + program * 2H: this warp's sums reduced
+  // over its lanes, then over the slabs.
+  REATTN_DEVICE void write_moments(float (&moments)[kHeads][2]) {
+    float* part = at<float>(L.moments);
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        float v = moments[j][k];
+        for (int off = 16; off > 0; off /= 2) v += dev::shfl_xor(v, off);
+        if (lane == 0) part[(warp * 2 + k) * kHeads + j] = v;
+      }
+    }
+    dev::sync_threads();
+    if (dev::block_index_y() != 0) return;
+    double* out = p.moments + static_cast<int64_t>(dev::block_index_x()) * 2 * H;
+    for (int i = dev::thread_index(); i < 2 * H; i += Cfg::kThreads) {
+      const int k = i / H, g = i % H;
+      double sum = 0.0;
+      for (int s = 0; s < kSlabs; ++s) sum += part[((s * kGroups + g % kGroups) * 2 + k) * kHeads + g / kGroups];
+      out[i] = sum;
+    }
+  }
+
+  REATTN_DEVICE void mixing_phase(int seg, float (&o)[kHeads][Cfg::kOutN8][4], float (&moments)[kHeads][2]) {
+    const int chunks = value_tiles(seg_len(seg));
+    for (int c = 0; c < chunks; ++c) {
+      const int slot = begin_step();
+      if (c + 1 < chunks) {
+        issue_values(seg_start(seg) + (c + 1) * kValueTile);
+      } else {
+        issue_after_values(seg);
+      }
+      if (slab_active) mix_chunk(slot, seg_start(seg) + c * kValueTile, c * kValueTile, o, moments);
+    }
+  }
+
+  REATTN_DEVICE static void clear(float (&o)[kHeads][Cfg::kOutN8][4]) {
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+      for (int n = 0; n < Cfg::kOutN8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[j][n][e] = 0.0f;
+      }
+    }
+  }
+
+  REATTN_DEVICE void run_forward() {
+    load_parameters();
+    issue_keys(0, 0);
+    float o[kHeads][Cfg::kOutN8][4];
+    float moments[kHeads][2];
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) moments[j][0] = moments[j][1] = 0.0f;
+    if constexpr (Cfg::kOneSegment) {
+      score_phase(0);
+      clear(o);
+      mixing_phase(0, o, moments);
+    } else {
+      if (!exact) statistics_sweep();
+      clear(o);
+      for (int seg = 0; seg < segments; ++seg) {
+        score_phase(seg);
+        mixing_phase(seg, o, moments);
+      }
+    }
+    dev::cp_async_wait<0>();
+    write_output(o);
+    if (counting()) write_moments(moments);
+  }
+
+  // ================================ backward: the row pass ================================================
+  // Given the forward's row statistics, per program (batch element b, the block's query rows, every
+  // head), with P~ of the segment in shared memory as in the forward except that dropped entries
+  // keep -P (sign bit set; exactly -0 still means masked):
+  //
+  //   sweep 1, per 16-key chunk: the warps as output-head owners recompute M where the norm needs
+  //     it, dA = dO V^T on tensor cores (dO A-fragments in registers, V^T B-fragments by ldmatrix),
+  //     dN = dA where attended, dM by the norm's backward (LayerNorm: two sums across the slab's
+  //     warps), the parameter-gradient partials (dW, dc, dgamma, dbeta) in registers, and dM (16-bit)
+  //     to shared memory; after a barrier, as input-head owners, dP' = W'^T dM (W' carries
+  //     1 / (1 - p)) and D_h,i += sum_j P~' dP' (P~' the stored value clamped at 0).
+  //   sweep 2: dM again, then dS = P (Z dP' - D) (P = |stored|, Z = stored >= 0) and
+  //     dQ += scale dS K on tensor cores (K chunk tiles by ldmatrix .trans), dQ in registers.
+  // D goes to global memory for the key pass (keys.cuh), which computes dK and dV without atomics;
+  // the parameter-gradient partials go to [programs][H H + 3 H] (fp32; the host adds them in fp64).
+  // stats_only (training BatchNorm's backward sums): sweep 1's sums of dN xhat and dN only.
+
+  REATTN_DEVICE void load_grads(uint32_t (&df)[kHeads][Cfg::kKSteps][4]) const {
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int g = group + kGroups * j;
+      load_row_fragments(p.grad_out, p.do_st, g < H ? g : 0, df[j]);
+      if (g >= H) {
+#pragma unroll
+        for (int kk = 0; kk < Cfg::kKSteps; ++kk) df[j][kk][0] = df[j][kk][1] = df[j][kk][2] = df[j][kk][3] = 0u;
+      }
+    }
+  }
+
+  // The forward's (m, log l) of the block's rows, every head, into shared memory.
+  REATTN_DEVICE void load_given_stats() const {
+    float* st = at<float>(L.stats);
+    const float* in = static_cast<const float*>(p.lse);
+    for (int i = dev::thread_index(); i < H * Cfg::kRows; i += Cfg::kThreads) {
+      const int h = i / Cfg::kRows, r = i % Cfg::kRows, row = m0 + r;
+      const bool ok = row < Nq;
+      const int64_t at_row = ((b * H + h) * static_cast<int64_t>(Nq) + (ok ? row : 0)) * 2;
+      st[2 * i] = ok ? in[at_row] : 0.0f;
+      st[2 * i + 1] = ok ? in[at_row + 1] : 0.0f;
+    }
+  }
+
+  // A chunk tile: V [H][16][k_row], and in the second sweep K [H][16][k_row] after it.
+  REATTN_DEVICE void issue_chunk(int key0, bool with_keys) {
+    E* slot = slot_tile(issued++ & 1);
+    ValueCopy::issue(slot, kKRow, vbase, static_cast<int>(p.v_st.h), static_cast<int>(p.v_st.n),
+                     static_cast<int>(p.v_st.d), 0, H, H, key0, Nk, 0, D, vector());
+    if (with_keys) {
+      ValueCopy::issue(slot + H * kValueTile * kKRow, kKRow, kbase, static_cast<int>(p.k_st.h),
+                       static_cast<int>(p.k_st.n), static_cast<int>(p.k_st.d), 0, H, H, key0, Nk, 0, D, vector());
+    }
+    dev::cp_async_commit();
+  }
+
+  struct Partials {
+    float dw[kHeads][Cfg::kMaxHeads];  // sum dM_g P~'_h (the host applies 1 / (1 - p))
+    float dc[kHeads], dgamma[kHeads], dbeta[kHeads];
+  };
+
+  // Output-head part of a chunk: dM of the warp's heads to shared memory (and the partial sums).
+  REATTN_DEVICE void grad_mixed(int slot, int key0, int chunk_col, bool first, bool sums_only,
+                                const uint32_t (&df)[kHeads][Cfg::kKSteps][4], Partials& part) {
+    const int norm = p.norm;
+    const bool layer = norm == kNormLayer, batch = norm == kNormBatch;
+    const bool clamp = p.seed != nullptr;
+    float acc[kHeads][8];
+    float mean[8], rstd[8];
+    uint32_t masks[kHeads];
+    {
+      uint32_t own[kHeads][4];
+      if (layer || batch) {
+        mix_probs(chunk_col, acc, mean, own, layer, clamp);
+      } else {  // norm none needs only the owned heads' masked bits
+        const E* probs = chunk_tile(L.probs, L.p_row, chunk_col);
+#pragma unroll
+        for (int j = 0; j < kHeads; ++j) {
+          const int g = group + kGroups * j;
+          dev::ldmatrix_x4(own[j], probs + static_cast<size_t>(g < H ? g : 0) * Cfg::kRows * L.p_row);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[j][e] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) masks[j] = Mix::masked_bits(own[j]);
+    }
+    // xhat in acc: LayerNorm over heads, BatchNorm with the given mean and 1/std; none: unused.
+    if (layer) {
+      layer_center(acc, mean, rstd);
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[j][e] *= rstd[e];
+      }
+    } else if (batch) {
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
+        const float mu = vec_row(kMean)[g], r = vec_row(kRstd)[g];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[j][e] = (acc[j][e] - mu) * r;
+      }
+    }
+    // dA = dO V^T: B = V^T from V [key][d] without .trans, matrices (n8 tile i / 2, k half i % 2).
+    const E* values = slot_tile(slot);
+    const int i = lane / 8;
+    float dn[kHeads][8];
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int g = group + kGroups * j;
+      float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      const E* vg = values + static_cast<size_t>(g < H ? g : 0) * kValueTile * kKRow;
+#pragma unroll
+      for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
+        uint32_t vb[4];
+        dev::ldmatrix_x4(vb, vg + ((i / 2) * 8 + lane % 8) * kKRow + kk * 16 + (i % 2) * 8);
+        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+        dev::mma_m16n8k16<E>(c0, df[j][kk], b0, c0);
+        dev::mma_m16n8k16<E>(c1, df[j][kk], b1, c1);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        dn[j][e] = c0[e];
+        dn[j][4 + e] = c1[e];
+      }
+    }
+    // dN = dA where attended (masked: 0); out_scale is in gamma'.
+    const bool edge = key0 + kValueTile > Nk || m0 + slab * 16 + 16 > Nq;
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const bool in = !edge || (entry_row(e) < Nq && key0 + entry_col(tq, e) < Nk);
+        if (((masks[j] >> e) & 1u) || !in || group + kGroups * j >= H) dn[j][e] = 0.0f;
+      }
+    }
+    if (first) {  // dgamma += sum dN xhat, dbeta += sum dN (LayerNorm; training BatchNorm's sums)
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          part.dgamma[j] += dn[j][e] * (layer || batch ? acc[j][e] : 0.0f);
+          part.dbeta[j] += dn[j][e];
+        }
+      }
+    }
+    // dM, in place of dN: affine norms gamma' rstd dN + e xhat + f (where attended); LayerNorm
+    // rstd (dxhat - mean dxhat - xhat mean(dxhat xhat)) with dxhat = gamma' dN, which is 0 for
+    // entries past Nq / Nk.
+    float (&dm)[kHeads][8] = dn;
+    if (layer) {
+      float s1[8], s2[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) s1[e] = s2[e] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
+        const float gamma = vec_row(kGamma)[g];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          dm[j][e] = gamma * dn[j][e];  // dxhat
+          s1[e] += dm[j][e];
+          s2[e] += dm[j][e] * acc[j][e];
+        }
+      }
+      slab_sum2(s1, s2);
+      const float inv_h = inv_heads();
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dm[j][e] = rstd[e] * (dm[j][e] - s1[e] * inv_h - acc[j][e] * s2[e] * inv_h);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
+        const float a = vec_row(kGamma)[g] * vec_row(kRstd)[g], ee = vec_row(kE)[g], ff = vec_row(kF)[g];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const bool live = !((masks[j] >> e) & 1u) && (!edge || (entry_row(e) < Nq && key0 + entry_col(tq, e) < Nk));
+          dm[j][e] = live ? a * dn[j][e] + ee * acc[j][e] + ff : 0.0f;
+        }
+      }
+    }
+    if (first) {
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) part.dc[j] += dm[j][e];
+      }
+      if (sums_only) return;
+      // dW[g_j, h] += sum_e dM_g P~'_h: every input head's P~ once more.
+      const E* probs = chunk_tile(L.probs, L.p_row, chunk_col);
+#pragma unroll
+      for (int h = 0; h < Cfg::kMaxHeads; ++h) {
+        if (h < H) {
+          uint32_t pr[4];
+          dev::ldmatrix_x4(pr, probs + static_cast<size_t>(h) * Cfg::kRows * L.p_row);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const float pv = dev::fmax_(e & 1 ? Cv::high(pr[e / 2]) : Cv::low(pr[e / 2]), 0.0f);
+#pragma unroll
+            for (int j = 0; j < kHeads; ++j) part.dw[j][h] += dm[j][e] * pv;
+          }
+        }
+      }
+    }
+    // dM to shared memory, 16-bit, A-fragment entry order.
+    E* out = at<E>(L.dmixed) + (static_cast<size_t>(slab) * 16 + gq) * kMRow + 2 * tq;
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int g = group + kGroups * j;
+      if (g >= H) continue;
+      E* at_g = out + static_cast<size_t>(g) * Cfg::kRows * kMRow;
+      *reinterpret_cast<uint32_t*>(at_g) = Cv::pack(dm[j][0], dm[j][1]);
+      *reinterpret_cast<uint32_t*>(at_g + 8 * kMRow) = Cv::pack(dm[j][2], dm[j][3]);
+      *reinterpret_cast<uint32_t*>(at_g + 8) = Cv::pack(dm[j][4], dm[j][5]);
+      *reinterpret_cast<uint32_t*>(at_g + 8 * kMRow + 8) = Cv::pack(dm[j][6], dm[j][7]);
+    }
+  }
+
+  // Input-head part of a chunk: dP' = W'^T dM for the warp's heads h_j; sweep 1 adds P~' dP' to the
+  // row partials of D, sweep 2 forms dS and dQ += scale dS K.
+  REATTN_DEVICE void grad_probs(int slot, int chunk_col, bool first, float (&dpart)[kHeads][2],
+                                float (&dq)[kHeads][Cfg::kOutN8][4]) const {
+    float dp[kHeads][8];
+    Mix::mix_transposed(chunk_tile(L.dmixed, kMRow, 0), static_cast<size_t>(Cfg::kRows) * kMRow,
+                        at<float>(L.weights_t), H, group, dp);
+    const E* probs = chunk_tile(L.probs, L.p_row, chunk_col);
+    const float* delta = at<float>(L.delta);
+    const E* keys = slot_tile(slot) + H * kValueTile * kKRow;
+    const float scale = static_cast<float>(p.scale);
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int h = group + kGroups * j;
+      if (h >= H) continue;
+      uint32_t pr[4];
+      dev::ldmatrix_x4(pr, probs + static_cast<size_t>(h) * Cfg::kRows * L.p_row);
+      if (first) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float pv = dev::fmax_(e & 1 ? Cv::high(pr[e / 2]) : Cv::low(pr[e / 2]), 0.0f);
+          dpart[j][(e / 2) % 2] += pv * dp[j][e];
+        }
+        continue;
+      }
+      const float dr[2] = {delta[h * Cfg::kRows + slab * 16 + gq], delta[h * Cfg::kRows + slab * 16 + gq + 8]};
+      float ds[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float sv = e & 1 ? Cv::high(pr[e / 2]) : Cv::low(pr[e / 2]);
+        // P = |stored|; kept (Z = 1) unless the sign is set with a nonzero value (dropped).
+        ds[e] = dev::fabs_(sv) * ((sv >= 0.0f ? dp[j][e] : 0.0f) - dr[(e / 2) % 2]) * scale;
+      }
+      const uint32_t af[4] = {Cv::pack(ds[0], ds[1]), Cv::pack(ds[2], ds[3]), Cv::pack(ds[4], ds[5]),
+                              Cv::pack(ds[6], ds[7])};
+      const E* kh = keys + static_cast<size_t>(h) * kValueTile * kKRow;
+      const int i = lane / 8;
+#pragma unroll
+      for (int n = 0; n < Cfg::kOutN8; n += 2) {
+        uint32_t kb[4];
+        dev::ldmatrix_x4_trans(kb, kh + ((i % 2) * 8 + lane % 8) * kKRow + (n + i / 2) * 8);
+        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+        dev::mma_m16n8k16<E>(dq[j][n], af, b0, dq[j][n]);
+        dev::mma_m16n8k16<E>(dq[j][n + 1], af, b1, dq[j][n + 1]);
+      }
+    }
+  }
+
+  // The partial sums of the block: warp sums over lanes, then over slabs, to
+  // partials + program * (H H + 3 H) = [dW (g, h)][dc][dgamma][dbeta].
+  REATTN_DEVICE void write_partials(Partials& part) {
+    constexpr int mh = Cfg::kMaxHeads;
+    float* sums = at<float>(L.sums) + static_cast<size_t>(warp) * kHeads * (mh + 3);
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+      for (int k = 0; k < mh + 3; ++k) {
+        float v = k < mh ? part.dw[j][k] : k == mh ? part.dc[j] : k == mh + 1 ? part.dgamma[j] : part.dbeta[j];
+        for (int off = 16; off > 0; off /= 2) v += dev::shfl_xor(v, off);
+        if (lane == 0) sums[j * (mh + 3) + k] = v;
+      }
+    }
+    dev::sync_threads();
+    float* out = p.partials + static_cast<int64_t>(dev::block_index_x()) * (H * H + 3 * H);
+    const float* all = at<float>(L.sums);
+    for (int i = dev::thread_index(); i < H * H + 3 * H; i += Cfg::kThreads) {
+      const int g = i < H * H ? i / H : (i - H * H) % H;
+      const int k = i < H * H ? i % H : mh + (i - H * H) / H;
+      float v = 0.0f;
+      for (int s = 0; s < kSlabs; ++s) v += all[((s * kGroups + g % kGroups) * kHeads + g / kGroups) * (mh + 3) + k];
+      out[i] = v;
+    }
+  }
+
+  // One sweep over the chunks (the first: D and the partial sums; the second: dQ).
+  REATTN_DEVICE void backward_sweep(bool first, bool sums_only, const uint32_t (&df)[kHeads][Cfg::kKSteps][4],
+                                    Partials& part, float (&dpart)[kHeads][2], float (&dq)[kHeads][Cfg::kOutN8][4]) {
+    const int chunks = value_tiles(seg_len(0));
+    for (int c = 0; c < chunks; ++c) {
+      const int slot = begin_step();
+      if (c + 1 < chunks) {
+        issue_chunk((c + 1) * kValueTile, !first);
+      } else if (first && !sums_only) {
+        issue_chunk(0, true);  // the second sweep's first chunk
+      }
+      if (slab_active) grad_mixed(slot, c * kValueTile, c * kValueTile, first, sums_only, df, part);
+      if (sums_only) continue;
+      dev::sync_threads();  // dM of every output head
+      if (slab_active) grad_probs(slot, c * kValueTile, first, dpart, dq);
+    }
+  }
+
+  // D per (head, row): the quad's partials, to shared memory and to global memory (key pass).
+  REATTN_DEVICE void finish_delta(float (&dpart)[kHeads][2]) const {
+    float* delta = at<float>(L.delta);
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int h = group + kGroups * j;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float v = dpart[j][r];
+        v += dev::shfl_xor(v, 1);
+        v += dev::shfl_xor(v, 2);
+        const int row = slab * 16 + gq + r * 8;
+        if (tq == 0 && h < H && slab_active) {
+          delta[h * Cfg::kRows + row] = v;
+          if (m0 + row < Nq) p.delta[(b * H + h) * static_cast<int64_t>(Nq) + m0 + row] = v;
+        }
+      }
+    }
+  }
+
+  REATTN_DEVICE void run_backward() {
+    load_parameters();
+    load_given_stats();
+    const bool sums_only = p.stats_only;
+    issue_keys(0, 0);
+    score_phase(0);  // one segment (the host plans so); its last K step issues the first chunk
+    uint32_t df[kHeads][Cfg::kKSteps][4];
+    if (slab_active) load_grads(df);
+    float dq[kHeads][Cfg::kOutN8][4];
+    {
+      float dpart[kHeads][2];
+      Partials part;
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        dpart[j][0] = dpart[j][1] = part.dc[j] = part.dgamma[j] = part.dbeta[j] = 0.0f;
+#pragma unroll
+        for (int h = 0; h < Cfg::kMaxHeads; ++h) part.dw[j][h] = 0.0f;
+      }
+      backward_sweep(true, sums_only, df, part, dpart, dq);
+      if (!sums_only) finish_delta(dpart);
+      write_partials(part);  // before the second sweep: its registers are free for dQ
+    }
+    if (sums_only) {
+      dev::cp_async_wait<0>();
+      return;
+    }
+    clear(dq);
+    {
+      float dpart[kHeads][2];
+      Partials unused;
+      backward_sweep(false, false, df, unused, dpart, dq);
+    }
+    dev::cp_async_wait<0>();
+    write_rows(dq, p.dq, p.dq_st, false);
+  }
+
+  REATTN_DEVICE void run() {
+    if constexpr (Cfg::kBackward) {
+      run_backward();
+    } else {
+      run_forward();
+    }
+  }
+};
+
+}  // namespace cuda
+}  // namespace reattn

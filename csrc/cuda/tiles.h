@@ -1,0 +1,171 @@
+// Tile shapes and shared-memory layout of the tensor-core row programs (rows.cuh: the forward and
+// the backward's row pass). Plain C++: the host plans launches with it, the device code computes
+// its buffer offsets with it, so the two cannot disagree.
+//
+// A program is one batch element, 16 * slabs query rows, every head, and `d_out` columns of the
+// head dim of its output. Its warps form a grid of slabs (16 query rows) x groups: in the score
+// phase warp (slab, group) computes the scores of heads group, group + groups, ... for its rows,
+// the whole key segment in registers; in the mixing phase it owns the output heads group,
+// group + groups, ... (at most `heads` of them) and their O accumulators.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#ifndef REATTN_HD
+#if defined(__CUDACC__)
+#define REATTN_HD __host__ __device__ __forceinline__
+#else
+#define REATTN_HD inline
+#endif
+#endif
+
+namespace reattn {
+namespace cuda {
+
+constexpr int kKeyTile = 32;    // keys per K-ring stage (score phase)
+constexpr int kValueTile = 16;  // keys per V-ring stage (mixing phase): one k16 step of A V
+
+// The compile-time shape of an instantiated program, as numbers the host can reason about.
+struct TileShape {
+  int slabs;   // query rows / 16
+  int groups;  // warps per slab
+  int heads;   // output heads one warp owns at most (H <= groups * heads)
+  int d;       // head dim of the q.k products, padded to 16
+  int d_out;   // output head-dim columns per program (multiple of 16)
+  int keys;    // keys of one segment held in registers by the score phase (multiple of kKeyTile)
+  bool backward = false;  // the backward's row pass (its buffers below)
+
+  REATTN_HD int warps() const { return slabs * groups; }
+  REATTN_HD int threads() const { return 32 * slabs * groups; }
+  REATTN_HD int rows() const { return 16 * slabs; }
+  REATTN_HD int max_heads() const { return groups * heads; }
+};
+
+REATTN_HD size_t align128(size_t x) { return (x + 127) / 128 * 128; }
+
+// Elements per shared-memory row of 16-bit values: whole 16-byte units, an odd number of them, so
+// the 8 rows one ldmatrix (or a warp's cp.async) touches fall in 8 different bank groups.
+constexpr REATTN_HD int padded_row(int elements) { return (((elements + 7) / 8) | 1) * 8; }
+
+REATTN_HD int round_up16(int x) { return (x + 15) / 16 * 16; }
+
+// Keys per segment and segments: one segment (the softmax exact from registers) when Nk fits.
+REATTN_HD int segment_keys(const TileShape& s, int Nk) { return Nk <= s.keys ? round_up16(Nk) : s.keys; }
+REATTN_HD int segment_count(const TileShape& s, int Nk) { return Nk <= s.keys ? 1 : (Nk + s.keys - 1) / s.keys; }
+
+// Byte offsets into the program's dynamic shared memory (32-bit: a block has at most 227 KB; fewer
+// registers when the compiler keeps them live).
+struct RowLayout {
+  uint32_t probs;     // E   [H][rows][p_row]              P~ of the key segment (sign bit set: masked)
+  int p_row;
+  uint32_t ring;      // 2 slots of ring_slot bytes; step i uses slot i % 2 whatever it holds: K tiles
+  uint32_t ring_slot; // E [groups][kKeyTile][k_row] in the score phase, V tiles E [H][kValueTile][v_row]
+  int k_row;        // in the mixing phase (backward: V then K chunk tiles [H][kValueTile][k_row]), so
+  int v_row;        // the next step's load never hits the current slot
+  uint32_t weights;   // f32 [max_heads][groups][4 or 8]   W'[g][h] at [h][g % groups][g / groups] (padded)
+  uint32_t vectors;   // f32 [kVectorRows][max_heads] + 2  per-head parameters (RowProgram), mean of c', 1/H
+  uint32_t stats;     // f32 [H][rows][2]                  row max and log-sum (given, or the statistics sweep's)
+  uint32_t exchange;  // f32 [slabs][groups][32][8 or 24]  LayerNorm partial sums across a slab's warps
+  uint32_t moments;   // f32 [warps][2][heads]             BatchNorm moment partials (forward)
+  // Backward only:
+  uint32_t weights_t; // f32 [max_heads][groups][4 or 8]   W'[g][h] at [g][h % groups][h / groups]
+  uint32_t dmixed;    // E   [H][rows][m_row]              dM of the current 16-key chunk
+  int m_row;
+  uint32_t delta;     // f32 [H][rows]                     D = sum_j P~ dP' per row
+  uint32_t sums;      // f32 [warps][heads][max_heads + 3] parameter-gradient partials
+  uint32_t bytes;
+};
+
+constexpr int kVectorRows = 8;
+
+REATTN_HD RowLayout row_layout(const TileShape& s, int H, int Nk) {
+  RowLayout L{};
+  const size_t e = 2;  // bytes of a 16-bit element
+  const size_t mh = static_cast<size_t>(s.max_heads());
+  const size_t pad = s.heads <= 4 ? 4 : 8;
+  size_t at = 0;
+  auto take = [&](size_t bytes) {
+    const uint32_t offset = static_cast<uint32_t>(at);
+    at = align128(at + bytes);
+    return offset;
+  };
+  L.p_row = padded_row(segment_keys(s, Nk));
+  L.probs = take(static_cast<size_t>(H) * s.rows() * L.p_row * e);
+  L.k_row = padded_row(s.d);
+  L.v_row = padded_row(s.d_out);
+  const size_t k_tile = static_cast<size_t>(s.groups) * kKeyTile * L.k_row * e;
+  const size_t v_tile = static_cast<size_t>(H) * kValueTile * (s.backward ? 2 * L.k_row : L.v_row) * e;
+  L.ring_slot = static_cast<uint32_t>(align128(k_tile > v_tile ? k_tile : v_tile));
+  L.ring = take(2 * L.ring_slot);
+  L.weights = take(mh * s.groups * pad * 4);
+  L.vectors = take((kVectorRows * mh + 2) * 4);
+  L.stats = take(s.backward || segment_count(s, Nk) > 1 ? static_cast<size_t>(H) * s.rows() * 2 * 4 : 0);
+  L.exchange = take(s.groups > 1 ? static_cast<size_t>(s.slabs) * s.groups * 32 * (s.backward ? 24 : 8) * 4 : 0);
+  L.moments = take(s.backward ? 0 : static_cast<size_t>(s.warps()) * 2 * s.heads * 4);
+  L.m_row = padded_row(kValueTile);
+  L.weights_t = take(s.backward ? mh * s.groups * pad * 4 : 0);
+  L.dmixed = take(s.backward ? static_cast<size_t>(H) * s.rows() * L.m_row * e : 0);
+  L.delta = take(s.backward ? static_cast<size_t>(H) * s.rows() * 4 : 0);
+  L.sums = take(s.backward ? static_cast<size_t>(s.warps()) * s.heads * (mh + 3) * 4 : 0);
+  L.bytes = at;
+  return L;
+}
+
+// The backward's key pass (keys.cuh): 16 * kslabs keys per program, warps kslabs x groups.
+struct KeyShape {
+  int kslabs;
+  int groups;
+  int heads;
+  int d;
+
+  REATTN_HD int warps() const { return kslabs * groups; }
+  REATTN_HD int threads() const { return 32 * kslabs * groups; }
+  REATTN_HD int keys() const { return 16 * kslabs; }
+  REATTN_HD int max_heads() const { return groups * heads; }
+};
+
+struct KeyLayout {
+  uint32_t keys;      // E   [H][keys][row]          the block's K
+  uint32_t values;    // E   [H][keys][row]          the block's V
+  int row;
+  uint32_t ring;      // 2 slots: Q E [H][16][row], dO E [H][16][row], f32 [H][16][3] (m, log l, D)
+  uint32_t ring_slot;
+  uint32_t probs_t;   // E   [H][keys][t_row]        P~^T of the current query chunk
+  uint32_t dmixed;    // E   [H][keys][t_row]        dM^T of the current query chunk
+  int t_row;
+  uint32_t weights;   // f32 [max_heads][groups][4 or 8]   W'[g][h]
+  uint32_t weights_t; // f32 [max_heads][groups][4 or 8]   W'[g][h] transposed
+  uint32_t vectors;   // f32 [kVectorRows][max_heads] + 2
+  uint32_t exchange;  // f32 [kslabs][groups][32][24]      LayerNorm sums across the group's warps
+  uint32_t bytes;
+};
+
+REATTN_HD KeyLayout key_layout(const KeyShape& s, int H) {
+  KeyLayout L{};
+  const size_t e = 2, h = static_cast<size_t>(H), mh = static_cast<size_t>(s.max_heads());
+  const size_t pad = s.heads <= 4 ? 4 : 8;
+  size_t at = 0;
+  auto take = [&](size_t bytes) {
+    const uint32_t offset = static_cast<uint32_t>(at);
+    at = align128(at + bytes);
+    return offset;
+  };
+  L.row = padded_row(s.d);
+  L.keys = take(h * s.keys() * L.row * e);
+  L.values = take(h * s.keys() * L.row * e);
+  L.ring_slot = static_cast<uint32_t>(align128(2 * h * 16 * L.row * e + h * 16 * 3 * 4));
+  L.ring = take(2 * L.ring_slot);
+  L.t_row = padded_row(16);
+  L.probs_t = take(h * s.keys() * L.t_row * e);
+  L.dmixed = take(h * s.keys() * L.t_row * e);
+  L.weights = take(mh * s.groups * pad * 4);
+  L.weights_t = take(mh * s.groups * pad * 4);
+  L.vectors = take((kVectorRows * mh + 2) * 4);
+  L.exchange = take(s.groups > 1 ? static_cast<size_t>(s.kslabs) * s.groups * 32 * 24 * 4 : 0);
+  L.bytes = static_cast<uint32_t>(at);
+  return L;
+}
+
+}  // namespace cuda
+}  // namespace reattn

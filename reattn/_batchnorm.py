@@ -1,0 +1,144 @@
+"""BatchNorm over heads: the steps every backend shares, each in one place.
+
+The heads are BatchNorm2d's channels and the [B, Nq, Nk] entries of a head its values. Eval mode is
+a per-head affine map, folded into the head mixing (:func:`fold_batchnorm_eval`); training mode
+normalizes with the batch statistics of the kept (unmasked) entries, which the fused backends get
+from sums (:func:`gram_batch_statistics`, or their one-sweep moments), and updates the running
+statistics as ``nn.BatchNorm2d`` does (:func:`update_running_stats`). The derivations are in
+docs/math.md. Pure tensor math: nothing here imports the rest of ``reattn``.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+COUNT_MESSAGE = "re_attention: norm='batch' in training needs more than one unmasked value per head"
+
+
+def accumulator_dtype(q: Tensor) -> torch.dtype:
+    """dtype of the fused backends' softmax and BatchNorm statistics: float64 for float64 inputs, else float32."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def kept_entries(attn_mask: Tensor) -> Tensor:
+    """Bool, True where ``attn_mask`` keeps an entry: a bool mask's True, a float mask's entries other than -inf."""
+    return attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
+
+
+def gram_shift(n_keys: int) -> float:
+    """The shift kappa of X = P~ - kappa: 1/Nk rounded to float32, exact in fp32 kernels and fp64 formulas.
+
+    Without dropout or masks every row of P sums to 1, so s1 = 0 and the variance is a sum of
+    squares rather than the difference of two nearly equal numbers (which fp32 would lose).
+    Rounded with ``struct``, not a tensor, so torch.compile keeps it in its graph.
+    """
+    return struct.unpack("f", struct.pack("f", 1.0 / n_keys))[0]
+
+
+def unmasked_count(attn_mask: Optional[Tensor], B: int, Nq: int, Nk: int) -> Tensor:
+    """Number n of (b, i, j) entries BatchNorm averages over (0-dim float64 tensor on the mask's device).
+
+    The mask must be the same for every head (bool masks always are; float masks must not have a
+    head dimension > 1), because one n and one Gram matrix serve all heads.
+    """
+    if attn_mask is None:
+        return torch.tensor(float(B * Nq * Nk), dtype=torch.float64)
+    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if mask.shape[1] != 1:
+        raise ValueError("re_attention: training-mode BatchNorm in the fused kernels needs an attn_mask that is the "
+                         f"same for every head (head dim 1), got shape {tuple(attn_mask.shape)}")
+    return kept_entries(mask).expand(B, 1, Nq, Nk).sum(dtype=torch.float64)
+
+
+def check_counts(count: Tensor, where: str = "") -> None:
+    """Refuse training statistics over one value or none: ValueError when a head's ``count`` is <= 1.
+
+    count: 0-dim (one count for every head) or [H]. where: appended to the sentence, e.g.
+    " over all processes".
+    """
+    if bool((count <= 1).any()):
+        if count.dim() == 0:
+            raise ValueError(f"{COUNT_MESSAGE}{where}; unmasked count per head: {int(count)}")
+        raise ValueError(f"{COUNT_MESSAGE}{where}; unmasked counts per head: {[int(c) for c in count.tolist()]}")
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: Tensor,
+                         momentum: float) -> None:
+    """``nn.BatchNorm2d``'s update, in place: running <- (1 - momentum) running + momentum batch.
+
+    mean, var (biased) and count per head ([H], or count 0-dim); the running variance gets the
+    unbiased var * n / (n - 1). No gradient flows into the running statistics.
+    """
+    with torch.no_grad():
+        unbiased = var * count / (count - 1)
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def fold_batchnorm_eval(
+    mix_weight: Tensor,
+    mix_bias: Optional[Tensor],
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    dtype: Optional[torch.dtype] = None,
+) -> Tuple[Tensor, Tensor]:
+    r"""Fold an eval-mode BatchNorm over heads into the head mixing.
+
+    BN_eval(W P + c) = diag(alpha) W P + (alpha c + delta) with alpha = gamma / sqrt(var + eps) and
+    delta = beta - alpha * mean, so ``re_attention(..., norm="batch", training=False)`` equals
+    ``re_attention(..., W', c', norm="none")`` with the returned ``(W' [H, H], c' [H])``, masks
+    included (masked entries are zeroed after the norm either way). Differentiable: gradients
+    reach every argument through autograd. dtype: compute the fold (and so its backward) in this
+    dtype; the fused backends pass their float32 accumulation type, so half-precision parameters
+    and their gradients are rounded once, at the end, rather than at every step of the fold.
+    """
+    if dtype is not None:
+        mix_weight, mix_bias, norm_weight, norm_bias, running_mean, running_var = (
+            None if t is None else t.to(dtype)
+            for t in (mix_weight, mix_bias, norm_weight, norm_bias, running_mean, running_var))
+    alpha = torch.rsqrt(running_var + eps)
+    if norm_weight is not None:
+        alpha = alpha * norm_weight
+    bias = -alpha * running_mean
+    if norm_bias is not None:
+        bias = bias + norm_bias
+    if mix_bias is not None:
+        bias = bias + alpha * mix_bias
+    return alpha[:, None] * mix_weight, bias
+
+
+def gram_batch_statistics(
+    mix_weight: Tensor, mix_bias: Optional[Tensor], s1: Tensor, gram: Tensor, count: Tensor, kappa: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-head mean, biased variance and count of M = W P̃ + c from Gram-matrix sums (float64).
+
+    ``s1`` [Hm, H] = Σ X, ``gram`` [Hm, H, H] = Σ X Xᵀ and ``count`` [Hm] with X = P̃ - ``kappa``
+    over the unmasked entries (zero on masked ones), summed over every process: Hm = 1 when all
+    heads share the entries, Hm = H when head g's statistics run over its own entries (row g).
+    Since M_g - c_g - κ Σ_h W[g, h] = (W X)_g on those entries,
+
+        mean_g = c_g + κ Σ_h W[g, h] + (W s1)_g / n_g
+        var_g  = (W G Wᵀ)_gg / n_g - ((W s1)_g / n_g)²          (clamped at 0)
+
+    Without masks or dropout every row of P sums to one, so s1 ≈ 0 and the variance is a sum of
+    squares rather than a difference of two close numbers. Returns (mean [H], var [H], count [H]).
+    Call it with the weights the kernel used (same dtype rounding); counts <= 1 give meaningless
+    (inf / NaN) statistics, which the caller refuses (:func:`check_counts`).
+    """
+    w = mix_weight.to(torch.float64)
+    H = w.shape[0]
+    s1 = s1.to(torch.float64).expand(H, H)            # row g: the sums over head g's entries
+    gram = gram.to(torch.float64).expand(H, H, H)
+    n = count.to(torch.float64).expand(H)
+    w_s1 = (w * s1).sum(dim=1) / n
+    mean = kappa * w.sum(dim=1) + w_s1
+    if mix_bias is not None:
+        mean = mean + mix_bias.to(torch.float64)
+    var = torch.einsum("gh,ghk,gk->g", w, gram, w) / n - w_s1 * w_s1
+    return mean, var.clamp_min(0.0), n.clone()
