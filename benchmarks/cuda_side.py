@@ -1,49 +1,70 @@
 """The CUDA side of the static model: the programs of ``csrc/cuda`` as ``reattn/_C*.so`` holds them.
 
-The plumbing the CUDA programs' authors replace when the programs change is small and lives here:
+What a call launches is what ``csrc/cuda/ops.cpp`` would launch on the GPU, decided by the
+extension's own planners (no copy of their rules here):
 
-* :func:`cuda_call` runs the CUDA backend's Python path (``reattn.backends._fused``: the same
-  sequence per norm mode as the Triton backend) over :data:`SHIM`, a ``FusedKernels`` whose raw
-  kernels do on ``device="meta"`` tensors what ``csrc/cuda/ops.cpp`` does around each launch (its
-  allocations, zero fills, conversions: recorded by ``eager_model.OpCounter``) and record a
-  :class:`Launch` where ops.cpp calls ``run(...)``: the program kind, the launch plan
-  (``reattn._C.cuda_plan``, what the extension computes for the GPU's shared memory), the grid
-  (B x plan.num_m, plan.num_chunks), 128 threads, the kernel parameter struct (``ReAttnParams``,
-  mirrored with ctypes from ``csrc/cuda/params.h``; its size is checked against the compiled
-  kernel's) and the tensors it reads and writes;
-* :func:`model_launch` finds the program's cubin in the extension (``cuobjdump -xelf``), its
-  resources (``cuobjdump -res-usage``) and counts what one thread block issues by running the SASS
-  in ``benchmarks.sass_exec`` on the launch's parameter bytes.
+* bf16/fp16 problems that a tensor-core tile shape serves run the register-resident programs:
+  the forward ``forward_kernel<RowConfig<...>>`` (``rows.cuh``; the shape from
+  ``reattn._C.cuda_forward_tiles``, the compiled variant by ops.cpp's ``forward_variant_for``) and
+  the deterministic backward, a row pass ``forward_kernel<RowConfig<..., kBackwardRows>>`` (D, dQ,
+  the parameter-gradient partials) then a key pass ``key_kernel<KeyConfig<...>>`` (``keys.cuh``:
+  dK, dV; not launched for training BatchNorm's sums), shapes from ``reattn._C.cuda_backward_tiles``;
+* every other problem (fp32/fp64; shapes no tile serves, e.g. a backward with Nk > 224) and the
+  statistics sweep run the CUDA-core programs ``re_attention_kernel<T, kind>`` (``programs.cuh``)
+  with the plan of ``reattn._C.cuda_plan``.
 
-Counting by emulation is exact for the code's control flow, but costs time per simulated block, so
-the model emulates one program per distinct kind of program of a launch (the first query block,
-whose rows all exist, for every query block; the first and a later head-dim chunk) with the key
-sweep shortened to two and three key tiles (Nk = r + block_n and r + 2 block_n, r = Nk mod block_n
-or block_n) and extrapolates linearly in the number of key tiles: every full key tile after the
-first costs the same (the first differs: a sweep of one tile leaves it staged for the next sweep).
-A test compares the extrapolation with a full emulation of a 4-tile sweep.
+The shared-memory limit each planner gets is what ops.cpp's ``device_shared_limit`` returns on the
+GPU: the opt-in maximum of the arch minus the static shared memory of the CUDA-core program of that
+kind (read from the cubin).
+
+:func:`cuda_call` runs the CUDA backend's Python path (``reattn.backends._fused``, the same
+sequence per norm mode as the Triton backend) over :func:`shim_ops`, whose raw kernels do on
+``device="meta"`` tensors what ops.cpp does around each launch (allocations, zero fills, the host's
+folding of the parameters, conversions, the float64 sums of the partials: recorded by
+``eager_model.OpCounter``) and record a :class:`Launch` where ops.cpp launches: the kernel (its
+symbol in the cubin), grid, threads, dynamic shared memory, the parameter struct
+(``ReAttnParams``, mirrored with ctypes from ``csrc/cuda/params.h``; its size is checked against
+the compiled kernel's) and the tensors it reads and writes.
+
+:func:`model_launch` takes the kernel's SASS from the extension's cubin for the arch (``cuobjdump
+-xelf``), its resources (``cuobjdump -res-usage``), and counts what one thread block issues by
+running the SASS in ``benchmarks.sass_exec`` on the launch's parameter bytes (the runtime loops of
+these programs, over heads, key segments, 16-key chunks and query chunks, run as the code runs
+them). The first block of the grid (whose rows or keys all exist) stands for every block: the
+last block, with fewer real rows, issues as many or slightly fewer instructions, so the count leans
+high. A program's work grows with one runtime length: the keys (forward and row pass: key segments;
+CUDA-core programs: key tiles) or the queries (key pass: 16-row query chunks). When that length is
+short (at most 3 units, or a row program's single key segment) the block is emulated at the real
+size; otherwise at 2, 3 and 4 units (the last partial as in the real sweep) and extrapolated
+linearly, which the model checks: if the 4th unit does not cost what the 3rd did, it emulates the
+real size instead. A test compares the extrapolation with a full emulation.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import math
+import hashlib
 import os
+import pickle
 import re
 import subprocess
-import tempfile
-from dataclasses import dataclass, field, replace
+import time
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from benchmarks import cost_model, kernel_model, sass, sass_exec
+from benchmarks import kernel_model, sass, sass_exec
 
-THREADS = 128                      # kThreads in csrc/cuda/params.h
+PROGRAM_THREADS = 128              # kThreads in csrc/cuda/params.h: the CUDA-core programs
 PROGRAM_KINDS = {"forward": 0, "batch_stats": 1, "backward": 2, "backward_stats": 3}
 KIND_NAMES = {v: k for k, v in PROGRAM_KINDS.items()}
+# ForwardVariant and kBackwardRows of csrc/cuda/row_configs.h.
+FORWARD_VARIANTS = {"plain_affine": 0, "plain_layer": 1, "plain_moments": 2, "general": 3}
+BACKWARD_ROWS = 4
 PARAM_OFFSET = sass_exec.PARAM_OFFSET
 DTYPE_SYMBOL = {torch.bfloat16: "13__nv_bfloat16", torch.float16: "6__half", torch.float32: "f", torch.float64: "d"}
+DTYPE_CXX = {torch.bfloat16: "reattn::dev::Bf16", torch.float16: "reattn::dev::F16"}  # E of the tensor-core programs
 NORM_CODES = {"none": 0, "layer": 1, "batch": 2}
 MASK_NONE = 0
 
@@ -70,54 +91,76 @@ class ReAttnParams(ctypes.Structure):
         ("scale", ctypes.c_double), ("out_scale", ctypes.c_double), ("eps", ctypes.c_double),
         ("dropout_p", ctypes.c_double), ("seed", ctypes.c_void_p),
         ("out", ctypes.c_void_p), ("o_st", Strides4), ("lse", ctypes.c_void_p), ("lse_is_input", ctypes.c_bool),
+        ("stats_is_input", ctypes.c_bool), ("folded", ctypes.c_void_p), ("vector_loads", ctypes.c_bool),
         ("out_is_acc", ctypes.c_bool), ("moments", ctypes.c_void_p),
         ("shift", ctypes.c_double), ("s1", ctypes.c_void_p), ("gram", ctypes.c_void_p),
         ("dq", ctypes.c_void_p), ("dq_st", Strides4), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
         ("dW", ctypes.c_void_p), ("dc", ctypes.c_void_p), ("dgamma", ctypes.c_void_p), ("dbeta", ctypes.c_void_p),
+        ("delta", ctypes.c_void_p), ("partials", ctypes.c_void_p), ("stats_only", ctypes.c_bool),
+        ("dk_st", Strides4), ("dv_st", Strides4),
         ("plan", Plan),
     ]
 
 
 @dataclass
 class Launch:
-    """One launch of a fused CUDA program, as ops.cpp's ``run(...)`` makes it."""
+    """One kernel launch as ops.cpp makes it.
 
-    kind: int
+    program: "forward", "backward_rows", "backward_keys" (tensor-core programs) or a CUDA-core
+    program kind ("forward", "batch_stats", "backward", "backward_stats") with ``core=True``.
+    sweep: the runtime length the program's work grows with ("keys" or "queries") and ``unit`` its
+    step (keys per segment or tile; 16 query rows)."""
+
+    symbol: str                    # the kernel's (mangled) name in the cubin
+    program: str
+    core: bool                     # a CUDA-core program of programs.cuh
     params: ReAttnParams
     dtype: torch.dtype
+    grid: Tuple[int, int]
+    threads: int
+    dynamic_shared: int
+    sweep: str
+    unit: int
+    one_segment: bool = False      # a row program whose keys fit one segment (emulated at the real Nk)
     touched: List[Tuple[torch.Tensor, set]] = field(default_factory=list)   # tensors and "read"/"write"/"atomic"
     order: int = 0
 
     @property
-    def grid(self) -> Tuple[int, int]:
-        return (int(self.params.B) * self.params.plan.num_m, self.params.plan.num_chunks)
-
-    @property
     def programs(self) -> int:
-        g = self.grid
-        return g[0] * g[1]
+        return self.grid[0] * self.grid[1]
 
     @property
     def name(self) -> str:
-        return f"re_attention_kernel<{str(self.dtype).replace('torch.', '')}, {KIND_NAMES[self.kind]}>"
+        from benchmarks.gpu_timing import kernel_name
+
+        return kernel_name(demangle(self.symbol))
 
 
 # ---- the extension -------------------------------------------------------------------------------------------
-def extension_path() -> str:
-    from reattn._extension import _C
+def _C():
+    from reattn._extension import _C as ext
 
-    if _C is None or not hasattr(_C, "cuda_plan"):
-        raise RuntimeError("reattn._C is not built (or predates the CUDA programs)")
-    if not _C.build_info().get("cuda"):
+    if ext is None or not hasattr(ext, "cuda_backward_tiles"):
+        raise RuntimeError("reattn._C is not built (or predates the tensor-core programs' planners)")
+    return ext
+
+
+def extension_path() -> str:
+    ext = _C()
+    if not ext.build_info().get("cuda"):
         raise RuntimeError("reattn._C was built without CUDA: no cubin to model")
-    return _C.__file__
+    return ext.__file__
 
 
 def extension_toolchain() -> str:
-    from reattn._extension import _C
-
-    info = _C.build_info()
+    info = _C().build_info()
     return f"reattn._C built with CUDA {info.get('cuda_version', '?')} for sm_{info.get('cuda_archs', '?')}"
+
+
+@functools.lru_cache(maxsize=None)
+def demangle(symbol: str) -> str:
+    out = subprocess.run(["c++filt", symbol], capture_output=True, text=True).stdout.strip()
+    return out or symbol
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,7 +168,7 @@ def _functions(arch: int, library: str) -> Tuple[Dict[str, sass.Function], Dict[
     functions, resources = {}, {}
     for cubin in sass.extract_cubins(library, f"sm_{arch}"):
         fns = sass.disassemble(cubin)
-        if any("re_attention_kernel" in name for name in fns):
+        if any("reattn4cuda" in name for name in fns):
             for name, fn in fns.items():
                 fn.banks = sass.constant_banks(cubin, name)
             functions.update(fns)
@@ -135,15 +178,41 @@ def _functions(arch: int, library: str) -> Tuple[Dict[str, sass.Function], Dict[
     return functions, resources
 
 
-def kernel_symbol(dtype: torch.dtype, kind: int) -> str:
+def program_symbol(dtype: torch.dtype, kind: int) -> str:
+    """The CUDA-core program ``re_attention_kernel<T, kind>``."""
     return f"_ZN6reattn4cuda19re_attention_kernelI{DTYPE_SYMBOL[dtype]}Li{kind}EEEvNS0_12ReAttnParamsE"
 
 
-def shared_limit(arch: int, static: int) -> int:
-    """What ops.cpp's device_shared_limit returns on the GPU: the opt-in maximum minus the static reservation."""
+def _template_symbol(arch: int, kernel: str, config: str, args: Sequence[int], dtype: torch.dtype) -> str:
+    """The mangled name of ``kernel<config<E, args...>>`` in the cubin (matched on the demangled names)."""
+    functions, _ = _functions(arch, extension_path())
+    want = (kernel, config, DTYPE_CXX[dtype], tuple(int(a) for a in args))
+    pattern = re.compile(r"reattn::cuda::(\w+)<reattn::cuda::(\w+)<([\w:]+),\s*([-\d,\s]+)>\s*>")
+    for symbol in functions:
+        m = pattern.search(demangle(symbol))
+        if m and (m.group(1), m.group(2), m.group(3), tuple(int(x) for x in m.group(4).split(","))) == want:
+            return symbol
+    raise RuntimeError(f"no {kernel}<{config}<{want[2]}, {', '.join(map(str, args))}>> in the sm_{arch} cubin: "
+                       "the extension predates csrc/cuda/row_configs.h or backward_configs.h")
+
+
+def shared_limit(arch: int, dtype: torch.dtype, kind: int) -> int:
+    """What ops.cpp's device_shared_limit(q, kind) returns on the GPU: the opt-in maximum per block minus the
+    static shared memory of the CUDA-core program ``re_attention_kernel<T, kind>``."""
     from reattn.kernels.aot import SHARED_MEMORY_LIMIT
 
-    return SHARED_MEMORY_LIMIT[arch] - static
+    _, resources = _functions(arch, extension_path())
+    return SHARED_MEMORY_LIMIT[arch] - resources[program_symbol(dtype, kind)].shared_static
+
+
+def forward_variant(p: ReAttnParams) -> int:
+    """ops.cpp's forward_variant_for (general_variant off): the plain variants need no mask, no dropout,
+    scale > 0 and 16-byte loads; then moments, LayerNorm or the affine norms."""
+    if p.mask_kind != MASK_NONE or p.seed or p.scale <= 0.0 or not p.vector_loads:
+        return FORWARD_VARIANTS["general"]
+    if p.moments:
+        return FORWARD_VARIANTS["plain_moments"]
+    return FORWARD_VARIANTS["plain_layer" if p.norm == NORM_CODES["layer"] else "plain_affine"]
 
 
 # ---- the shim: ops.cpp's work around each launch, on meta tensors ----------------------------------------------
@@ -154,11 +223,12 @@ class _Recorder:
     def __init__(self, arch: int):
         self.arch = arch
         self.launches: List[Launch] = []
-        self.pointers: Dict[int, int] = {}
+        self.pointers: Dict[str, int] = {}
 
     def pointer(self, t: Optional[torch.Tensor], role: str) -> Optional[int]:
-        """A fake device address per parameter field (``role``), null for an absent tensor: the programs only
-        test pointers against null, and one address per field keeps equal launches byte-identical."""
+        """A fake device address per parameter field (``role``), 16-byte aligned, null for an absent tensor: the
+        programs only test pointers against null, and one address per field keeps equal launches
+        byte-identical (so their emulations are shared)."""
         if t is None:
             return None
         if role not in self.pointers:
@@ -182,17 +252,19 @@ def _param(t):
     return None if t is None else t.detach().to(torch.float32).contiguous()
 
 
-def _plan(kind: int, H: int, D: int, Nq: int, dtype: torch.dtype, arch: int) -> Plan:
-    from reattn._extension import _C
-
-    functions, resources = _functions(arch, extension_path())
-    static = resources[kernel_symbol(dtype, kind)].shared_static
-    plan = _C.cuda_plan(kind, H, D, Nq, str(dtype).replace("torch.", ""), shared_limit(arch, static))
-    return Plan(**{k: int(plan[k]) for k in ("block_m", "block_n", "pad", "head_dim_p", "heads_p", "head_group",
-                                              "chunk_d", "num_chunks", "num_m", "shared_bytes")})
+def _tensor_cores(dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
 
 
-def _prepare(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, seed, scale, dropout_p) -> Tuple[ReAttnParams, list]:
+def _vector_loadable(t: torch.Tensor) -> bool:
+    """ops.cpp's vector_loadable on a meta tensor: unit stride along D, 16-byte strides (the GPU allocator's
+    base addresses are 16-byte aligned)."""
+    e = t.element_size()
+    return t.stride(3) == 1 and all((t.stride(d) * e) % 16 == 0 for d in range(3))
+
+
+def _prepare(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, seed, scale,
+             dropout_p) -> Tuple[ReAttnParams, list]:
     rec = _RECORDER
     p = ReAttnParams()
     p.B, p.H, p.Nq, p.D = q.shape[0], q.shape[1], q.shape[2], q.shape[3]
@@ -215,86 +287,224 @@ def _prepare(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, seed, scale,
     return p, touched
 
 
-def _run(kind: int, q: torch.Tensor, p: ReAttnParams, touched) -> None:
-    p.plan = _plan(kind, p.H, p.D, p.Nq, q.dtype, _RECORDER.arch)
-    import time
-
-    _RECORDER.launches.append(Launch(kind, p, q.dtype, touched, time.perf_counter_ns()))
-
-
-def _set_norm(p, touched, norm, out_scale, eps, batch_stats, q):
+def _set_norm(p, norm, out_scale, eps, batch_stats, q) -> Optional[torch.Tensor]:
     p.norm = NORM_CODES[norm]
     p.out_scale, p.eps = out_scale, eps
-    if norm == "batch":
-        rows = batch_stats.to(_acc(q.dtype))
-        if rows.shape[0] == 2:
-            rows = torch.cat([rows, torch.zeros_like(rows)])
-        rows = rows.contiguous()
-        p.bn = _RECORDER.pointer(rows, "bn")
-        touched.append((rows, {"read"}))
+    if norm != "batch":
+        return None
+    rows = batch_stats.to(_acc(q.dtype))
+    if rows.shape[0] == 2:
+        rows = torch.cat([rows, torch.zeros_like(rows)])
+    rows = rows.contiguous()
+    p.bn = _RECORDER.pointer(rows, "bn")
+    return rows
+
+
+def _given(t, H, fill, like):
+    return t.detach().to(torch.float64) if t is not None else torch.full((H,), fill, dtype=torch.float64,
+                                                                         device=like.device)
+
+
+def _fold_forward(p, mix_weight, mix_bias, norm_weight, norm_bias, bn_rows, out_scale) -> torch.Tensor:
+    """ops.cpp's fold_parameters: [H*H + 3H] fp32 (float64 math)."""
+    H = int(p.H)
+    keep = 1.0 / (1.0 - p.dropout_p) if p.seed else 1.0
+    W = mix_weight.detach().to(torch.float64) * keep
+    c, gamma, beta = (_given(t, H, f, W) for t, f in ((mix_bias, 0.0), (norm_weight, 1.0), (norm_bias, 0.0)))
+    gf, bf = torch.zeros(H, dtype=torch.float64, device=W.device), torch.zeros(H, dtype=torch.float64, device=W.device)
+    if p.norm == NORM_CODES["layer"]:
+        Wf, cf, gf, bf = W, c, out_scale * gamma, out_scale * beta
+    elif p.norm == NORM_CODES["batch"]:
+        rows = bn_rows.to(torch.float64)
+        alpha = out_scale * gamma * rows[1]
+        Wf = alpha.unsqueeze(1) * W
+        cf = alpha * c + out_scale * (beta - gamma * rows[0] * rows[1])
+    else:
+        Wf, cf = out_scale * W, out_scale * c
+    return torch.cat([Wf.flatten(), cf, gf, bf]).to(torch.float32).contiguous()
+
+
+def _fold_backward(p, mix_weight, mix_bias, norm_weight, norm_bias, bn_rows, out_scale) -> torch.Tensor:
+    """ops.cpp's fold_backward_parameters: [H*H + 7H] fp32."""
+    H = int(p.H)
+    keep = 1.0 / (1.0 - p.dropout_p) if p.seed else 1.0
+    W = mix_weight.detach().to(torch.float64) * keep
+    f64 = dict(dtype=torch.float64, device=W.device)
+    c = _given(mix_bias, H, 0.0, W)
+    gamma, beta = torch.full((H,), out_scale, **f64), torch.zeros(H, **f64)
+    mean, rstd, e, f = torch.zeros(H, **f64), torch.ones(H, **f64), torch.zeros(H, **f64), torch.zeros(H, **f64)
+    if p.norm != NORM_CODES["none"]:
+        gamma, beta = out_scale * _given(norm_weight, H, 1.0, W), out_scale * _given(norm_bias, H, 0.0, W)
+    if p.norm == NORM_CODES["batch"]:
+        rows = bn_rows.to(torch.float64)
+        mean, rstd, e, f = rows[0], rows[1], rows[2], rows[3]
+    return torch.cat([W.flatten(), c, gamma, beta, mean, rstd, e, f]).to(torch.float32).contiguous()
+
+
+def _record(symbol: str, program: str, core: bool, q, p, touched, grid, threads, dynamic_shared, sweep, unit,
+            one_segment=False) -> None:
+    _RECORDER.launches.append(Launch(symbol, program, core, p, q.dtype, (int(grid[0]), int(grid[1])), int(threads),
+                                     int(dynamic_shared), sweep, int(unit), one_segment, touched,
+                                     time.perf_counter_ns()))
+
+
+def _run_program(kind: int, q, p: ReAttnParams, touched) -> None:
+    """ops.cpp's run(): a CUDA-core program with the extension's plan for the GPU's shared memory."""
+    arch = _RECORDER.arch
+    plan = _C().cuda_plan(kind, p.H, p.D, p.Nq, str(q.dtype).replace("torch.", ""),
+                          shared_limit(arch, q.dtype, kind))
+    p.plan = Plan(**{k: int(plan[k]) for k in ("block_m", "block_n", "pad", "head_dim_p", "heads_p", "head_group",
+                                                "chunk_d", "num_chunks", "num_m", "shared_bytes")})
+    _record(program_symbol(q.dtype, kind), KIND_NAMES[kind], True, q, p, touched,
+            (int(p.B) * p.plan.num_m, p.plan.num_chunks), PROGRAM_THREADS, p.plan.shared_bytes, "keys",
+            p.plan.block_n)
+
+
+def _tiles(planner: str, kind: str, q, k) -> Optional[dict]:
+    """What ops.cpp's forward_shape_for / backward_shapes_for pick on the GPU (the extension's ``planner``,
+    ``cuda_forward_tiles`` or ``cuda_backward_tiles``, with the shared memory the GPU leaves ``kind``), or None:
+    no tensor-core shape (the CUDA-core programs run)."""
+    if not _tensor_cores(q.dtype):
+        return None
+    B, H, Nq, D = q.shape
+    tiles = getattr(_C(), planner)(H, D, Nq, k.shape[2], str(q.dtype).replace("torch.", ""),
+                                   shared_limit(_RECORDER.arch, q.dtype, PROGRAM_KINDS[kind]))
+    return None if tiles is None else {key: dict(v) if isinstance(v, dict) else v for key, v in tiles.items()}
 
 
 def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse, *, scale,
              out_scale, norm, eps, dropout_p, with_moments=False):
+    rec = _RECORDER
     p, touched = _prepare(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, seed, scale, dropout_p)
-    _set_norm(p, touched, norm, out_scale, eps, batch_stats, q)
+    bn_rows = _set_norm(p, norm, out_scale, eps, batch_stats, q)
+    if bn_rows is not None:
+        touched.append((bn_rows, {"read"}))
     acc = _acc(q.dtype)
-    if lse is not None:
-        p.lse_is_input = True
-        touched.append((lse, {"read"}))
-    else:
-        lse = torch.empty((q.shape[0], q.shape[1], q.shape[2]), dtype=acc, device=q.device)
-        touched.append((lse, {"write"}))
+    B, H, Nq, D = q.shape
+    tiles = _tiles("cuda_forward_tiles", "forward", q, k)
+    given = lse is not None
+    stats = lse if given else torch.empty((B, H, Nq, 2), dtype=acc, device=q.device)
+    touched.append((stats, {"read"} if given else {"write"}))
     out = torch.empty(q.shape, dtype=acc if with_moments else q.dtype, device=q.device)
-    moments = torch.zeros((2 if with_moments else 0, q.shape[1]), dtype=torch.float64, device=q.device)
-    p.out, p.o_st, p.lse = _RECORDER.pointer(out, "out"), _strides(out), _RECORDER.pointer(lse, "lse")
+    p.out, p.o_st = rec.pointer(out, "out"), _strides(out)
     p.out_is_acc = with_moments
-    p.moments = _RECORDER.pointer(moments, "moments") if with_moments else None
     touched.append((out, {"write"}))
-    if with_moments:
-        touched.append((moments, {"atomic"}))
-    _run(PROGRAM_KINDS["forward"], q, p, touched)
-    return (out, lse, moments) if with_moments else (out, lse)
+    if tiles is not None:
+        programs = B * -(-Nq // tiles["rows"])
+        moments = torch.empty((programs if with_moments else 0, 2, H), dtype=torch.float64, device=q.device)
+        folded = _fold_forward(p, mix_weight, mix_bias, norm_weight, norm_bias, bn_rows, out_scale)
+        p.folded = rec.pointer(folded, "folded")
+        p.lse = rec.pointer(stats, "lse")
+        p.stats_is_input = given
+        p.moments = rec.pointer(moments, "moments") if with_moments else None
+        p.vector_loads = all(_vector_loadable(t) for t in (q, k, v))
+        touched.append((folded, {"read"}))
+        if with_moments:
+            touched.append((moments, {"write"}))
+        variant = forward_variant(p)
+        args = [tiles[k_] for k_ in ("slabs", "groups", "heads", "d", "d_out", "keys")] + [variant]
+        symbol = _template_symbol(rec.arch, "forward_kernel", "RowConfig", args, q.dtype)
+        _record(symbol, "forward", False, q, p, touched, (B * tiles["grid"][0], tiles["grid"][1]), tiles["threads"],
+                tiles["shared_bytes"], "keys", tiles["keys"], one_segment=tiles["segments"] == 1)
+    else:
+        lse_ = (stats.select(-1, 0) + stats.select(-1, 1)).contiguous() if given else torch.empty(
+            (B, H, Nq), dtype=acc, device=q.device)
+        moments = torch.zeros((1 if with_moments else 0, 2, H), dtype=torch.float64, device=q.device)
+        p.lse, p.lse_is_input = rec.pointer(lse_, "lse"), given
+        p.moments = rec.pointer(moments, "moments") if with_moments else None
+        touched.append((lse_, {"read"} if given else {"write"}))
+        if with_moments:
+            touched.append((moments, {"atomic"}))
+        _run_program(PROGRAM_KINDS["forward"], q, p, touched)
+        if not given:
+            stats = torch.stack([lse_, torch.zeros_like(lse_)], -1)
+    return (out, stats, moments) if with_moments else (out, stats)
 
 
 def _gram_sums(q, k, attn_mask, seed, *, scale, dropout_p, shift):
+    rec = _RECORDER
     p, touched = _prepare(q, k, None, None, None, None, None, seed, scale, dropout_p)
     lse = torch.empty((q.shape[0], q.shape[1], q.shape[2]), dtype=_acc(q.dtype), device=q.device)
     s1 = torch.zeros((q.shape[1],), dtype=torch.float64, device=q.device)
     gram = torch.zeros((q.shape[1], q.shape[1]), dtype=torch.float64, device=q.device)
-    p.lse, p.shift = _RECORDER.pointer(lse, "lse"), shift
-    p.s1, p.gram = _RECORDER.pointer(s1, "s1"), _RECORDER.pointer(gram, "gram")
+    p.lse, p.shift = rec.pointer(lse, "lse"), shift
+    p.s1, p.gram = rec.pointer(s1, "s1"), rec.pointer(gram, "gram")
     touched += [(lse, {"write"}), (s1, {"atomic"}), (gram, {"atomic"})]
-    _run(PROGRAM_KINDS["batch_stats"], q, p, touched)
-    return lse, s1, gram
+    _run_program(PROGRAM_KINDS["batch_stats"], q, p, touched)
+    return torch.stack([lse, torch.zeros_like(lse)], -1), s1, gram
 
 
-def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, seed, lse, scale,
+def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, seed, stats, scale,
                    out_scale, norm, eps, dropout_p, stats_only):
+    rec = _RECORDER
     p, touched = _prepare(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, seed, scale, dropout_p)
-    p.grad_out, p.do_st = _RECORDER.pointer(grad_out, "grad_out"), _strides(grad_out)
-    touched += [(grad_out, {"read"}), (lse, {"read"})]
-    _set_norm(p, touched, norm, out_scale, eps, batch_stats, q)
-    acc = _acc(q.dtype)
+    p.grad_out, p.do_st = rec.pointer(grad_out, "grad_out"), _strides(grad_out)
+    touched.append((grad_out, {"read"}))
+    bn_rows = _set_norm(p, norm, out_scale, eps, batch_stats, q)
+    if bn_rows is not None:
+        touched.append((bn_rows, {"read"}))
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
+    f64 = dict(dtype=torch.float64, device=q.device)
+    tiles = _tiles("cuda_backward_tiles", "backward", q, k)
+    if tiles is not None:
+        rows, keys = tiles["rows"], tiles["keys"]
+        p.lse = rec.pointer(stats, "lse")
+        folded = _fold_backward(p, mix_weight, mix_bias, norm_weight, norm_bias, bn_rows, out_scale)
+        p.folded = rec.pointer(folded, "folded")
+        p.vector_loads = all(_vector_loadable(t) for t in (q, k, v, grad_out))
+        p.stats_only = stats_only
+        programs = B * -(-Nq // rows["rows"])
+        partials = torch.empty((programs, H * H + 3 * H), dtype=torch.float32, device=q.device)
+        p.partials = rec.pointer(partials, "partials")
+        touched += [(stats, {"read"}), (folded, {"read"}), (partials, {"write"})]
+        row_touched = list(touched)
+        if not stats_only:
+            delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+            dq = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
+            dk = torch.empty((B, H, Nk, D), dtype=q.dtype, device=q.device)
+            dv = torch.empty_like(dk)
+            p.delta, p.dq, p.dq_st = rec.pointer(delta, "delta"), rec.pointer(dq, "dq"), _strides(dq)
+            p.dk, p.dk_st, p.dv, p.dv_st = rec.pointer(dk, "dk"), _strides(dk), rec.pointer(dv, "dv"), _strides(dv)
+            row_touched += [(delta, {"write"}), (dq, {"write"})]
+        args = [rows[k_] for k_ in ("slabs", "groups", "heads", "d", "d_out", "keys")] + [BACKWARD_ROWS]
+        _record(_template_symbol(rec.arch, "forward_kernel", "RowConfig", args, q.dtype), "backward_rows", False, q, p,
+                row_touched, (B * rows["grid"][0], rows["grid"][1]), rows["threads"], rows["shared_bytes"], "keys",
+                rows["keys"], one_segment=rows["segments"] == 1)
+        if not stats_only:
+            key_touched = [(t, kinds) for t, kinds in touched if t is not partials] + [
+                (delta, {"read"}), (dk, {"write"}), (dv, {"write"})]
+            args = [keys[k_] for k_ in ("kslabs", "groups", "heads", "d")]
+            _record(_template_symbol(rec.arch, "key_kernel", "KeyConfig", args, q.dtype), "backward_keys", False, q,
+                    p, key_touched, (B * keys["grid"][0], 1), keys["threads"], keys["shared_bytes"], "queries", 16)
+        total = partials.sum(0, dtype=torch.float64)
+        keep = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
+        dgamma = total.narrow(0, H * H + H, H) * out_scale
+        dbeta = total.narrow(0, H * H + 2 * H, H) * out_scale
+        if stats_only:
+            none = torch.empty((0,), dtype=q.dtype, device=q.device)
+            return none, none, none, torch.empty((0,), **f64), torch.empty((0,), **f64), dgamma, dbeta
+        return (dq, dk, dv, total.narrow(0, 0, H * H).view(H, H) * keep, total.narrow(0, H * H, H).clone(), dgamma,
+                dbeta)
+    # The CUDA-core programs: dK, dV and the parameter gradients summed with atomics.
+    lse = (stats.select(-1, 0) + stats.select(-1, 1)).contiguous()
+    p.lse = rec.pointer(lse, "lse")
+    acc = _acc(q.dtype)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros((B, H, Nk, D), dtype=acc, device=q.device)
     dv = torch.zeros_like(dk)
-    f64 = dict(dtype=torch.float64, device=q.device)
     dW, dc, dgamma, dbeta = torch.zeros((H, H), **f64), torch.zeros((H,), **f64), torch.zeros((H,), **f64), \
         torch.zeros((H,), **f64)
-    rec = _RECORDER
-    p.lse = rec.pointer(lse, "lse")
     p.dq, p.dq_st, p.dk, p.dv = rec.pointer(dq, "dq"), _strides(dq), rec.pointer(dk, "dk"), rec.pointer(dv, "dv")
     p.dW, p.dc, p.dgamma, p.dbeta = (rec.pointer(t, r) for t, r in zip((dW, dc, dgamma, dbeta),
                                                                        ("dW", "dc", "dgamma", "dbeta")))
+    touched.append((lse, {"read"}))
     if stats_only:
         touched += [(dgamma, {"atomic"}), (dbeta, {"atomic"})]
     else:
         touched += [(dq, {"write"}), (dk, {"atomic"}), (dv, {"atomic"}), (dW, {"atomic"}), (dc, {"atomic"}),
                     (dgamma, {"atomic"}), (dbeta, {"atomic"})]
-    _run(PROGRAM_KINDS["backward_stats" if stats_only else "backward"], q, p, touched)
+    _run_program(PROGRAM_KINDS["backward_stats" if stats_only else "backward"], q, p, touched)
     return dq, dk.to(q.dtype), dv.to(q.dtype), dW, dc, dgamma, dbeta
 
 
@@ -313,9 +523,8 @@ def _backward_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
 
 
 def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p):
-    x_v, lse, moments = _forward(q, k, v, mix_weight, mix_bias, None, None, None, attn_mask, seed, None, scale=scale,
-                                 out_scale=1.0, norm="none", eps=1e-5, dropout_p=dropout_p, with_moments=True)
-    return x_v, lse, moments[None]
+    return _forward(q, k, v, mix_weight, mix_bias, None, None, None, attn_mask, seed, None, scale=scale,
+                    out_scale=1.0, norm="none", eps=1e-5, dropout_p=dropout_p, with_moments=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -324,7 +533,7 @@ def shim_ops():
     from reattn.backends._fused import FusedKernels, define_fused_ops
 
     kernels = FusedKernels(forward=_forward, gram_sums=_gram_sums, backward_sums=_backward_sums, backward=_backward,
-                           forward_moments=_forward_moments)
+                           forward_moments=_forward_moments, softmax_stats_shape=lambda q: (*q.shape[:3], 2))
     # No device implementation: the static model calls the ops' Python bodies (FusedOps.python) directly.
     return define_fused_ops("static_model_cuda", kernels, ())
 
@@ -346,34 +555,32 @@ def cuda_call(B: int, H: int, N: int, D: int, norm: str, arch: int, dtype=torch.
 
 
 # ---- the model of one launch ------------------------------------------------------------------------------------
-def _const_bank(params: ReAttnParams, arch: int, grid: Tuple[int, int]) -> bytes:
-    return sass_exec.constant_bank(bytes(params), arch, THREADS, grid)
-
-
-def _check_param_size(function_name: str, resources: sass.Resources, arch: int, library: str) -> None:
-    text = subprocess.run([sass.tool("cuobjdump"), "-res-usage", "-arch", f"sm_{arch}", library], capture_output=True,
-                          text=True).stdout
-    m = re.search(re.escape(function_name) + r":\s*\n\s*REG:\d+.*?CONSTANT\[0\]:(\d+)", text)
+def _check_param_size(symbol: str, arch: int, library: str) -> None:
+    text = _res_usage_text(arch, library)
+    m = re.search(re.escape(symbol) + r":\s*\n\s*REG:\d+.*?CONSTANT\[0\]:(\d+)", text)
     if m and int(m.group(1)) - PARAM_OFFSET[arch] != ctypes.sizeof(ReAttnParams):
-        raise RuntimeError(f"ReAttnParams mirror is {ctypes.sizeof(ReAttnParams)} bytes but {function_name} takes "
+        raise RuntimeError(f"ReAttnParams mirror is {ctypes.sizeof(ReAttnParams)} bytes but {symbol} takes "
                            f"{int(m.group(1)) - PARAM_OFFSET[arch]}: update benchmarks/cuda_side.py from params.h")
+
+
+@functools.lru_cache(maxsize=None)
+def _res_usage_text(arch: int, library: str) -> str:
+    return subprocess.run([sass.tool("cuobjdump"), "-res-usage", "-arch", f"sm_{arch}", library], capture_output=True,
+                          text=True).stdout
 
 
 CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "reattn-static-model")
 
 
 @functools.lru_cache(maxsize=None)
-def _emulate(symbol: str, arch: int, const: bytes, grid: Tuple[int, int], ctaid: Tuple[int, int],
+def _emulate(symbol: str, arch: int, const: bytes, threads: int, grid: Tuple[int, int], ctaid: Tuple[int, int],
              shared: int) -> sass_exec.Counts:
     """sass_exec.run_block, cached on disk by the code, the parameters and the emulator's source."""
-    import hashlib
-    import pickle
-
     functions, _ = _functions(arch, extension_path())
     function = functions[symbol]
     key = hashlib.sha256()
     key.update("\n".join(f"{i.address} {i.text}" for i in function.instructions).encode())
-    key.update(repr((symbol, arch, grid, ctaid, shared, THREADS)).encode())
+    key.update(repr((symbol, arch, grid, ctaid, shared, threads)).encode())
     key.update(const)
     for bank, data in sorted(getattr(function, "banks", {}).items()):
         key.update(bytes([bank]) + data)
@@ -385,7 +592,7 @@ def _emulate(symbol: str, arch: int, const: bytes, grid: Tuple[int, int], ctaid:
             return pickle.load(f)
     except (OSError, pickle.UnpicklingError, EOFError):
         pass
-    counts = sass_exec.run_block(function, const, THREADS, (ctaid[0], ctaid[1], 0), (grid[0], grid[1], 1), shared,
+    counts = sass_exec.run_block(function, const, threads, (ctaid[0], ctaid[1], 0), (grid[0], grid[1], 1), shared,
                                  arch, banks=getattr(function, "banks", None))
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -398,71 +605,129 @@ def _emulate(symbol: str, arch: int, const: bytes, grid: Tuple[int, int], ctaid:
     return counts
 
 
-def program_counts(launch: Launch, arch: int) -> Tuple[Dict[int, float], sass_exec.Counts, Dict[int, float]]:
-    """Warp-instructions per address of the launch's average program (see the module doc), and the emulator's
-    counts of the programs it ran (for their unknown-branch and unmodelled diagnostics)."""
+def _sample_grid(launch: Launch) -> Tuple[int, int]:
+    """The launch's grid for one batch element (programs per batch element along x, head-dim chunks along y):
+    neither the row programs' nor the key pass's grid depends on the length the model shortens."""
+    return launch.grid[0] // max(int(launch.params.B), 1), launch.grid[1]
+
+
+def _run_at(launch: Launch, arch: int, ctaid: Tuple[int, int], length: Optional[int]) -> sass_exec.Counts:
+    """The block at ``ctaid`` of the launch with B = 1 (a program reads only its batch element) and the swept
+    length (Nk or Nq) set to ``length`` (None: the real one)."""
+    q = ReAttnParams.from_buffer_copy(bytes(launch.params))
+    q.B = 1
+    if length is not None:
+        if launch.sweep == "keys":
+            q.Nk = length
+        else:
+            q.Nq = length
+    grid = _sample_grid(launch)
+    const = sass_exec.constant_bank(bytes(q), arch, launch.threads, grid)
+    return _emulate(launch.symbol, arch, const, launch.threads, grid, ctaid, launch.dynamic_shared)
+
+
+@dataclass
+class ProgramCounts:
+    """Warp-instructions per address of the launch's average program, and how they were obtained."""
+
+    issued: Dict[int, float]
+    generic: Dict[int, float]
+    diag: sass_exec.Counts
+    method: str                    # "full" or "extrapolated from N units"
+
+
+def program_counts(launch: Launch, arch: int) -> ProgramCounts:
+    """See the module doc: the first block (per head-dim chunk kind), at the real length or extrapolated."""
     p = launch.params
-    plan = p.plan
-    symbol = kernel_symbol(launch.dtype, launch.kind)
-    tiles = -(-int(p.Nk) // plan.block_n)
-    r = int(p.Nk) - (tiles - 1) * plan.block_n
-    num_m, chunks = plan.num_m, plan.num_chunks
-    # Programs differ only in which of their rows and columns exist: the first query block (all rows real)
-    # stands for every block (the last one, with fewer real rows, does slightly less: the count leans high).
-    m_samples = [(0, 1.0)]
+    length = int(p.Nk) if launch.sweep == "keys" else int(p.Nq)
+    units = -(-length // launch.unit)
+    r = length - (units - 1) * launch.unit
+    chunks = launch.grid[1]
     c_samples = [(0, 1.0 / chunks)] + ([(1, (chunks - 1) / chunks)] if chunks > 1 else [])
     total: Dict[int, float] = {}
     generic: Dict[int, float] = {}
     diag = sass_exec.Counts()
-    # Nk for the runs: the sweep itself when it has at most 3 key tiles, else 2 and 3 tiles (the last
-    # partial as in the real sweep), extrapolated. Not 1 and 2: with one tile the second sweep finds it
-    # still staged (stage_once), which a longer sweep never does.
-    lengths = (int(p.Nk),) if tiles <= 3 else (r + plan.block_n, r + 2 * plan.block_n)
-    for m_block, wm in m_samples:
-        for chunk, wc in c_samples:
-            runs = []
-            for nk in lengths:
-                q = ReAttnParams.from_buffer_copy(bytes(p))
-                q.Nk = nk
-                q.B = 1
-                const = _const_bank(q, arch, (num_m, chunks))
-                counts = _emulate(symbol, arch, const, (num_m, chunks), (m_block, chunk), int(plan.shared_bytes))
-                runs.append(counts)
-                diag.add(counts)
-            weight = wm * wc
-            for field_, out in (("issued", total), ("generic_global", generic)):
-                if len(runs) == 1:
-                    for a, n in getattr(runs[0], field_).items():
-                        out[a] = out.get(a, 0.0) + weight * n
-                else:
-                    c2, c3 = (getattr(r_, field_) for r_ in runs)
-                    for a in set(c2) | set(c3):
-                        n = c2.get(a, 0) + (tiles - 2) * (c3.get(a, 0) - c2.get(a, 0))
-                        out[a] = out.get(a, 0.0) + weight * n
-    return total, diag, generic
+    methods = set()
+
+    def accumulate(runs_and_weights, weight):
+        for field_, out in (("issued", total), ("generic_global", generic)):
+            for counts, w in runs_and_weights:
+                for a, n in getattr(counts, field_).items():
+                    out[a] = out.get(a, 0.0) + weight * w * n
+
+    for chunk, wc in c_samples:
+        if launch.one_segment or units <= 4:
+            full = _run_at(launch, arch, (0, chunk), None)
+            diag.add(full)
+            accumulate([(full, 1.0)], wc)
+            methods.add("full")
+            continue
+        c2, c3, c4 = (_run_at(launch, arch, (0, chunk), r + n * launch.unit) for n in (1, 2, 3))
+        step3 = {a: c3.issued.get(a, 0) - c2.issued.get(a, 0) for a in set(c2.issued) | set(c3.issued)}
+        step4 = {a: c4.issued.get(a, 0) - c3.issued.get(a, 0) for a in set(c3.issued) | set(c4.issued)}
+        if any(step3.get(a, 0) != step4.get(a, 0) for a in set(step3) | set(step4)):
+            full = _run_at(launch, arch, (0, chunk), None)  # not linear in the units: count the real size
+            diag.add(full)
+            accumulate([(full, 1.0)], wc)
+            methods.add("full (not linear in the swept length)")
+            continue
+        for c in (c2, c3, c4):
+            diag.add(c)
+        # n units = c2 + (n - 2) (c3 - c2)
+        accumulate([(c2, 1.0 - (units - 2)), (c3, float(units - 2))], wc)
+        methods.add(f"extrapolated from 2-4 {'key' if launch.sweep == 'keys' else 'query'} units of {launch.unit} "
+                    f"to {units}")
+    return ProgramCounts(total, generic, diag, "; ".join(sorted(methods)))
 
 
 def model_launch(launch: Launch, arch: int) -> kernel_model.KernelModel:
     library = extension_path()
     functions, resources = _functions(arch, library)
-    symbol = kernel_symbol(launch.dtype, launch.kind)
-    function = functions[symbol]
-    res = resources[symbol]
-    _check_param_size(symbol, res, arch, library)
-    multiplicity, diag, generic = program_counts(launch, arch)
-    work, kinds = kernel_model.work_from_sass(function, multiplicity, generic)
-    notes = []
+    function = functions[launch.symbol]
+    res = resources[launch.symbol]
+    _check_param_size(launch.symbol, arch, library)
+    counts = program_counts(launch, arch)
+    work, kinds = kernel_model.work_from_sass(function, counts.issued, counts.generic)
+    diag = counts.diag
+    notes = [f"counted by emulating the first block ({counts.method})"]
     if diag.unknown_branches:
-        notes.append(f"{sum(diag.unknown_branches.values())} branch decisions on unknown values taken as not taken")
+        notes.append(f"{sum(diag.unknown_branches.values()):g} branch decisions on unknown values taken as not taken")
     if diag.unmodelled:
         notes.append("no semantics for " + ", ".join(sorted(diag.unmodelled)))
-    loops = []
-    for loop in function.all_loops():
-        entries = multiplicity.get(loop.head, 0.0)
-        back = multiplicity.get(loop.tail, 0.0)
-        loops.append(kernel_model.LoopReport(loop.head, loop.tail, loop.depth, "", back, {}))
+    warps = -(-launch.threads // 32)
+    loops = emulated_loops(function, counts.issued, warps)
     return kernel_model.KernelModel(
-        backend="cuda", name=launch.name, phase="", arch=arch, programs=launch.programs, threads=THREADS,
+        backend="cuda", name=launch.name, phase="", arch=arch, programs=launch.programs, threads=launch.threads,
         registers=res.registers, spill_bytes=sass.spill_bytes(res, function),
-        shared_bytes=int(launch.params.plan.shared_bytes) + res.shared_static, work=work,
+        shared_bytes=launch.dynamic_shared + res.shared_static, work=work,
         hbm_bytes=kernel_model.unique_bytes(launch.touched), loops=loops, tensor_kinds=kinds, note="; ".join(notes))
+
+
+def emulated_loops(function: sass.Function, multiplicity: Dict[int, float],
+                   warps: int) -> List[kernel_model.LoopReport]:
+    """Each SASS loop with the trips per entry the emulation found (issues of its head / issues of the instruction
+    that falls into it) and its body per iteration by class. Loops that overlap without nesting (the compiler's
+    layout of these programs can make them) are listed flat, by back edge, with their whole range as body."""
+    try:
+        loops = function.all_loops()
+        nested = True
+    except ValueError:
+        nested = False
+        edges: Dict[int, int] = {}
+        for ins in function.instructions:
+            if ins.base == "BRA" and ins.target is not None and ins.target < ins.address:
+                edges[ins.target] = max(edges.get(ins.target, 0), ins.address)
+        loops = [sass.Loop(head, tail, ()) for head, tail in sorted(edges.items())]
+    index = {ins.address: i for i, ins in enumerate(function.instructions)}
+    reports = []
+    for loop in loops:
+        before = index[loop.head] - 1
+        entries = multiplicity.get(function.instructions[before].address, 0.0) if before >= 0 else float(warps)
+        trips = multiplicity.get(loop.head, 0.0) / entries if entries else 0.0
+        inner = [c for c in loop.walk() if c is not loop] if nested else []
+        body = [ins for ins in function.instructions
+                if loop.contains(ins.address) and not any(c.contains(ins.address) for c in inner)]
+        where = " <- ".join(f"{os.path.basename(f)}:{n}" for f, n in loop.location[:2])
+        reports.append(kernel_model.LoopReport(loop.head, loop.tail, loop.depth if nested else 0, where, trips,
+                                               dict(sass.class_counts(body))))
+    return reports

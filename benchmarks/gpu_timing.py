@@ -134,18 +134,31 @@ def kernel_times(call: Callable[[], object], device: torch.device) -> Dict[str, 
                              for e in prof.key_averages())
 
 
+_CXX_TYPES = {"reattn::dev::Bf16": "bfloat16", "reattn::dev::F16": "float16", "__nv_bfloat16": "bfloat16",
+              "13__nv_bfloat16": "bfloat16", "__half": "float16", "6__half": "float16", "float": "float32",
+              "f": "float32", "double": "float64", "d": "float64"}
+# The last argument of RowConfig (csrc/cuda/row_configs.h: ForwardVariant, then kBackwardRows).
+ROW_VARIANTS = {"0": "plain_affine", "1": "plain_layer", "2": "plain_moments", "3": "general", "4": "backward_rows"}
+
+
 def kernel_name(raw: str) -> str:
-    """The static model's name for a profiled kernel: Triton's function name; the CUDA programs' kind."""
+    """The static model's name for a profiled kernel: Triton's function name; for the CUDA programs
+    ``re_attention_kernel<dtype, kind>``, ``forward_kernel<RowConfig<dtype, shape..., variant>>`` and
+    ``key_kernel<KeyConfig<dtype, shape...>>`` (from the demangled or the CUDA-core programs' mangled name)."""
+    import re
+
     if "re_attention_kernel" in raw:
         kinds = {"0": "forward", "1": "batch_stats", "2": "backward", "3": "backward_stats"}
-        import re
-
         m = re.search(r"re_attention_kernel<([^,]+),\s*(\d)>", raw) or re.search(r"kernelI(\w+?)Li(\d)E", raw)
         if m:
-            dtype = {"__nv_bfloat16": "bfloat16", "13__nv_bfloat16": "bfloat16", "__half": "float16",
-                     "6__half": "float16", "float": "float32", "f": "float32", "double": "float64",
-                     "d": "float64"}.get(m.group(1), m.group(1))
+            dtype = _CXX_TYPES.get(m.group(1), m.group(1))
             return f"re_attention_kernel<{dtype}, {kinds.get(m.group(2), m.group(2))}>"
+    m = re.search(r"(forward_kernel|key_kernel)<(?:reattn::cuda::)?(RowConfig|KeyConfig)<([\w:]+),\s*([-\d,\s]+)>", raw)
+    if m:
+        args = [a.strip() for a in m.group(4).split(",")]
+        if m.group(2) == "RowConfig":
+            args[-1] = ROW_VARIANTS.get(args[-1], args[-1])
+        return f"{m.group(1)}<{m.group(2)}<{_CXX_TYPES.get(m.group(3), m.group(3))}, {', '.join(args)}>>"
     return raw
 
 

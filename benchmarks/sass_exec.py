@@ -201,13 +201,14 @@ class _Warp:
     def __init__(self, block: "_Block", warp_id: int, lanes_alive: np.ndarray):
         self.block = block
         self.id = warp_id
+        # Registers start known (as 0): code that reads one before writing it only merges bit fields into it
+        # (LOP3 clears then sets the flags it later tests), which this tracking, per register and not per
+        # bit, could not follow from an unknown start; no compiled code decides on an unwritten value.
         self.R = np.zeros((NREG, W), np.uint32)
-        self.RK = np.zeros((NREG, W), bool)
-        self.RK[RZ] = True
+        self.RK = np.ones((NREG, W), bool)
         # The low 16 bits known (a superset of RK): PRMT merges a known half into a register whose other
         # half is unknown, and byte or half-word stores read only the low half.
-        self.RK16 = np.zeros((NREG, W), bool)
-        self.RK16[RZ] = True
+        self.RK16 = np.ones((NREG, W), bool)
         self.P = np.zeros((8, W), bool)
         self.PK = np.zeros((8, W), bool)
         self.P[PT] = True
@@ -624,6 +625,8 @@ class Emulator:
         if base == "BRA" or base == "JMP" or base == "BREAK":
             if base == "BREAK":
                 return  # BREAK pops a convergence barrier: no control transfer by itself
+            if "DIV" in ins.opcode.split(".")[1:] and not (~w.done & ~execute).any():
+                return  # BRA.DIV: to the compiler's divergent-warp path only when some live lane is elsewhere
             if ins.target is None:
                 raise EmulationError(f"{b.fn.name}: branch without a target at {ins.address:#x}")
             w.pc[execute] = b.index[ins.target]
@@ -1037,6 +1040,16 @@ def _combine(r, p, how):
     return r ^ p
 
 
+def _combine_known(rk, p, pk, how):
+    """Lanes where ``_combine(r, p, how)`` is known: both operands known, or the known predicate decides it
+    alone (true OR anything; false AND anything), as when a compare on data is OR-ed with "no dropout"."""
+    if how == "OR":
+        return (rk & pk) | (pk & p)
+    if how == "AND":
+        return (rk & pk) | (pk & ~p)
+    return rk & pk
+
+
 @handles("ISETP", "UISETP")
 def _isetp(e, w, ins, ops, mods, lanes):
     cmp = next(m for m in mods if m in _CMP)
@@ -1059,7 +1072,7 @@ def _isetp(e, w, ins, ops, mods, lanes):
         k = ak & bk & pk & lk
     else:
         r = _CMP[cmp](x, y)
-        k = ak & bk & pk
+        k = _combine_known(ak & bk, p, pk, how)
     e.wr(w, ops[0], lanes, _combine(r, p, how).astype(np.uint32), k)
     e.wr(w, ops[1], lanes, _combine(~r, p, how).astype(np.uint32), k)
 
@@ -1083,7 +1096,7 @@ def _fsetp(e, w, ins, ops, mods, lanes):
             r = _CMP[base](x, y)
             unordered = np.isnan(x) | np.isnan(y)
             r = (r | unordered) if cmp.endswith("U") else (r & ~unordered)
-    k = ak & bk & pk
+    k = _combine_known(ak & bk, p, pk, how)
     e.wr(w, ops[0], lanes, _combine(r, p, how).astype(np.uint32), k)
     if ops[1].kind == "P":
         e.wr(w, ops[1], lanes, _combine(~r, p, how).astype(np.uint32), k)

@@ -21,7 +21,10 @@ batch-eval, batch-train, layer) and part (fwd, bwd, fwd+bwd):
   specialization); its SASS is read (``benchmarks.sass``): registers, spills, shared memory,
   instructions by class; the SASS loops are matched to the source's runtime loops, whose trip
   counts come from the launch's arguments (``benchmarks.source_loops``);
-* cuda: the programs of ``csrc/cuda`` as ``reattn/_C*.so`` holds them (``benchmarks.cuda_side``);
+* cuda: the programs of ``csrc/cuda`` as ``reattn/_C*.so`` holds them, chosen by the extension's own
+  planners as ``csrc/cuda/ops.cpp`` chooses them on the GPU (the tensor-core forward, the backward's row
+  and key passes, the CUDA-core programs where no tile shape serves), each counted by emulating its
+  sm_90/sm_80 SASS for one thread block (``benchmarks.cuda_side``);
 * reference: a FlashAttention-2 forward and backward in Triton (``benchmarks.reference_fa``), the
   stand-in for SDPA: attention without head mixing, the floor Re-attention is measured against;
 * eager: the eager official core (``reattn.reference``) by the bytes and FLOPs of its kernels.

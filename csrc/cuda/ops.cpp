@@ -659,6 +659,53 @@ pybind11::object forward_tiles(int64_t H, int64_t D, int64_t Nq, int64_t Nk, con
   return out;
 }
 
+// The tensor-core backward's shapes for a problem: {"rows": the row pass's shape, "keys": the key
+// pass's}, each with its launch (threads, shared bytes, grid per batch element), or None (the
+// CUDA-core programs run it).
+pybind11::object backward_tiles(int64_t H, int64_t D, int64_t Nq, int64_t Nk, const std::string& dtype,
+                                int64_t shared_limit) {
+  const char* op = "reattn cuda_backward_tiles";
+  TORCH_CHECK_VALUE(H >= 1 && H <= kMaxHeads && D >= 1 && D <= kMaxHeadDim && Nq >= 0 && Nk >= 1, op,
+                    ": H must be in [1, ", kMaxHeads, "], D in [1, ", kMaxHeadDim, "], Nk >= 1");
+  TORCH_CHECK_VALUE(dtype == "float16" || dtype == "bfloat16" || dtype == "float32" || dtype == "float64", op,
+                    ": dtype must be float16, bfloat16, float32 or float64, got ", dtype);
+  if (dtype != "float16" && dtype != "bfloat16") return pybind11::none();
+  const size_t limit = shared_limit > 0 ? static_cast<size_t>(shared_limit) : kEmulatedTensorCoreSharedLimit;
+  int rows = -1, keys = -1;
+  if (!pick_backward_shapes(static_cast<int>(H), static_cast<int>(D), static_cast<int>(Nk), limit, &rows, &keys)) {
+    return pybind11::none();
+  }
+  const TileShape r = backward_row_shape(rows);
+  pybind11::dict row_pass;
+  row_pass["shape"] = rows;
+  row_pass["slabs"] = r.slabs;
+  row_pass["groups"] = r.groups;
+  row_pass["heads"] = r.heads;
+  row_pass["d"] = r.d;
+  row_pass["d_out"] = r.d_out;
+  row_pass["keys"] = r.keys;
+  row_pass["threads"] = r.threads();
+  row_pass["rows"] = r.rows();
+  row_pass["segments"] = segment_count(r, static_cast<int>(Nk));
+  row_pass["shared_bytes"] = row_layout(r, static_cast<int>(H), static_cast<int>(Nk)).bytes;
+  row_pass["grid"] = pybind11::make_tuple((Nq + r.rows() - 1) / r.rows(), (D + r.d_out - 1) / r.d_out);
+  const KeyShape k = key_shape(keys);
+  pybind11::dict key_pass;
+  key_pass["shape"] = keys;
+  key_pass["kslabs"] = k.kslabs;
+  key_pass["groups"] = k.groups;
+  key_pass["heads"] = k.heads;
+  key_pass["d"] = k.d;
+  key_pass["threads"] = k.threads();
+  key_pass["keys"] = k.keys();
+  key_pass["shared_bytes"] = key_layout(k, static_cast<int>(H)).bytes;
+  key_pass["grid"] = pybind11::make_tuple((Nk + k.keys() - 1) / k.keys(), 1);
+  pybind11::dict out;
+  out["rows"] = row_pass;
+  out["keys"] = key_pass;
+  return out;
+}
+
 pybind11::dict plan(int64_t kind, int64_t H, int64_t D, int64_t Nq, const std::string& dtype, int64_t shared_limit) {
   const char* op = "reattn cuda_plan";
   at::ScalarType t = at::kFloat;
@@ -770,6 +817,10 @@ void register_ops(pybind11::module& m) {
         py::arg("dtype"), py::arg("shared_limit") = 0,
         "The tensor-core forward's tile shape for a problem (grid = (query blocks per batch element, head-dim "
         "chunks)), or None when the CUDA-core programs run it; shared_limit 0 = an H100's 227 KB.");
+  m.def("cuda_backward_tiles", &backward_tiles, py::arg("H"), py::arg("D"), py::arg("Nq"), py::arg("Nk"),
+        py::arg("dtype"), py::arg("shared_limit") = 0,
+        "The tensor-core backward's shapes for a problem: {'rows': row pass, 'keys': key pass} (grid = programs "
+        "per batch element), or None when the CUDA-core programs run it; shared_limit 0 = an H100's 227 KB.");
   m.def("cuda_plan", &plan, py::arg("kind"), py::arg("H"), py::arg("D"), py::arg("Nq"), py::arg("dtype"),
         py::arg("shared_limit") = 0,
         "The launch plan (tile layout and grid) of a fused CUDA program; shared_limit 0 = sm_80's 163 KB.");

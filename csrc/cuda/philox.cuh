@@ -32,6 +32,11 @@ REATTN_HD uint32_t mul_hi_u32(uint32_t a, uint32_t b) {
 REATTN_HD uint32_t philox_word(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, int word) {
   uint32_t k0 = static_cast<uint32_t>(seed & 0xffffffffu);
   uint32_t k1 = static_cast<uint32_t>(seed >> 32);
+  // Rolled on sm_8x: unrolled there, the ten rounds' temporaries cost the register-bound general
+  // forward variant (32-key segments) a spill; on sm_90 rolling it does (ptxas, CUDA 13).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#pragma unroll 1
+#endif
   for (int round = 0; round < 10; ++round) {
     const uint32_t old_c0 = c0, old_c2 = c2;
     c0 = mul_hi_u32(0xCD9E8D57u, old_c2) ^ c1 ^ k0;

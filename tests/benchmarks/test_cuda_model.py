@@ -1,8 +1,8 @@
-"""The CUDA side of the static model: the extension's programs emulated from their SASS.
+"""The CUDA side of the static model: the extension's programs, chosen by its planners, emulated from their SASS.
 
 Needs reattn._C built with CUDA (the cubins); without it these skip (the build without CUDA has no
-programs to model). The problem is small, so a full emulation is cheap enough to check the
-extrapolation over key tiles the model uses at the benchmark shapes.
+programs to model). The problems are small, so a full emulation is cheap enough to check the
+extrapolation over key segments and query chunks the model uses at the benchmark shapes.
 """
 import pytest
 import torch
@@ -13,55 +13,108 @@ pytestmark = pytest.mark.skipif(_C is None or not _C.build_info().get("cuda"),
                                 reason="reattn._C was built without CUDA: no cubin to model")
 
 
+def _launches(steps):
+    from benchmarks import cuda_side
+
+    return {phase: [x for x in items if isinstance(x, cuda_side.Launch)] for phase, items in steps.items()}
+
+
 def test_launches_per_norm_mode_follow_ops_cpp():
     from benchmarks import cuda_side
 
-    kinds = {}
+    B, H, N, D = 2, 3, 40, 16
+    shapes = _C.cuda_backward_tiles(H, D, N, N, "bfloat16", cuda_side.shared_limit(90, torch.bfloat16, 2))
+    fwd_shape = _C.cuda_forward_tiles(H, D, N, N, "bfloat16", cuda_side.shared_limit(90, torch.bfloat16, 0))
+    programs, names = {}, {}
     for norm in ("none", "batch-eval", "batch-train", "layer"):
-        steps = cuda_side.cuda_call(2, 3, 40, 16, norm, 90)
-        kinds[norm] = {phase: [x.kind for x in items if isinstance(x, cuda_side.Launch)]
-                       for phase, items in steps.items()}
-    fwd, stats, bwd, bwd_stats = (cuda_side.PROGRAM_KINDS[k] for k in ("forward", "batch_stats", "backward",
-                                                                        "backward_stats"))
+        launches = _launches(cuda_side.cuda_call(B, H, N, D, norm, 90))
+        programs[norm] = {phase: [x.program for x in items] for phase, items in launches.items()}
+        names[norm] = {phase: [x.name for x in items] for phase, items in launches.items()}
+        for x in launches["fwd"] + launches["bwd"]:
+            assert not x.core and x.threads % 32 == 0 and x.dynamic_shared > 0
+            assert x.grid[0] % B == 0
+        fwd = launches["fwd"][0]
+        assert fwd.grid == (B * fwd_shape["grid"][0], fwd_shape["grid"][1]) and fwd.threads == fwd_shape["threads"]
+        assert fwd.dynamic_shared == fwd_shape["shared_bytes"] and fwd.params.vector_loads
+        keys = launches["bwd"][-1]
+        assert keys.grid == (B * shapes["keys"]["grid"][0], 1) and keys.dynamic_shared == shapes["keys"]["shared_bytes"]
     for norm in ("none", "batch-eval", "layer"):
-        assert kinds[norm] == {"fwd": [fwd], "bwd": [bwd]}
-    assert kinds["batch-train"] == {"fwd": [fwd], "bwd": [bwd_stats, bwd]}
-    launch = [x for x in cuda_side.cuda_call(2, 3, 40, 16, "batch-train", 90)["fwd"]
-              if isinstance(x, cuda_side.Launch)][0]
-    assert launch.params.out_is_acc and launch.params.moments  # the one-sweep forward with moments
-    assert launch.grid == (2 * launch.params.plan.num_m, launch.params.plan.num_chunks)
+        assert programs[norm] == {"fwd": ["forward"], "bwd": ["backward_rows", "backward_keys"]}
+    # Training BatchNorm: the one-sweep forward with moments; the row pass alone for the sums, then both passes.
+    assert programs["batch-train"] == {"fwd": ["forward"], "bwd": ["backward_rows", "backward_rows", "backward_keys"]}
+    first_rows = _launches(cuda_side.cuda_call(B, H, N, D, "batch-train", 90))["bwd"][0]
+    assert first_rows.params.stats_only and not first_rows.params.dq
+    variant = {norm: names[norm]["fwd"][0].rsplit(", ", 1)[1].rstrip(">") for norm in names}
+    assert variant == {"none": "plain_affine", "batch-eval": "plain_affine", "layer": "plain_layer",
+                       "batch-train": "plain_moments"}
+    assert all(n.endswith("backward_rows>>") for n in names["none"]["bwd"][:1])
+    assert names["none"]["bwd"][1].startswith("key_kernel<KeyConfig<bfloat16, ")
 
 
-@pytest.mark.parametrize("kind_name", ["forward", "backward"])
-def test_extrapolating_over_key_tiles_matches_a_full_emulation(kind_name):
-    from benchmarks import cuda_side, sass_exec
-
-    steps = cuda_side.cuda_call(1, 2, 56, 16, "layer", 90)
-    launch = [x for ph in ("fwd", "bwd") for x in steps[ph] if isinstance(x, cuda_side.Launch)
-              and x.kind == cuda_side.PROGRAM_KINDS[kind_name]][0]
-    extrapolated, diag, _ = cuda_side.program_counts(launch, 90)
-    assert not diag.unmodelled
-    functions, _ = cuda_side._functions(90, cuda_side.extension_path())
-    fn = functions[cuda_side.kernel_symbol(launch.dtype, launch.kind)]
-    p = launch.params
-    const = cuda_side._const_bank(p, 90, (p.plan.num_m, p.plan.num_chunks))
-    full = sass_exec.run_block(fn, const, cuda_side.THREADS, (0, 0, 0), (p.plan.num_m, p.plan.num_chunks, 1),
-                               int(p.plan.shared_bytes), 90, banks=fn.banks)
-    # 56 keys = 4 tiles of 16 (the last partial), extrapolated from sweeps of 2 and 3 tiles: exact.
-    assert sum(full.issued.values()) == pytest.approx(sum(extrapolated.values()), rel=1e-9)
-    for address, n in full.issued.items():
-        assert extrapolated.get(address, 0.0) == pytest.approx(n, abs=1e-6), hex(address)
-
-
-def test_model_of_a_cuda_launch():
+def test_problems_without_a_tensor_core_plan_run_the_cuda_core_programs():
     from benchmarks import cuda_side
+
+    # Nk > 224: the tensor-core forward sweeps key segments twice; no backward row shape: the CUDA-core backward.
+    launches = _launches(cuda_side.cuda_call(1, 2, 240, 16, "none", 90))
+    (fwd,), (bwd,) = launches["fwd"], launches["bwd"]
+    assert not fwd.core and not fwd.one_segment
+    assert bwd.core and bwd.program == "backward" and bwd.name == "re_attention_kernel<bfloat16, backward>"
+    assert bwd.threads == cuda_side.PROGRAM_THREADS and bwd.grid == (bwd.params.plan.num_m, bwd.params.plan.num_chunks)
+    # fp32: the CUDA-core programs throughout.
+    launches = _launches(cuda_side.cuda_call(1, 2, 40, 16, "layer", 90, dtype=torch.float32))
+    assert [x.name for x in launches["fwd"] + launches["bwd"]] == ["re_attention_kernel<float32, forward>",
+                                                                   "re_attention_kernel<float32, backward>"]
+
+
+def _full(launch):
+    from benchmarks import cuda_side
+
+    return cuda_side._run_at(launch, 90, (0, 0), None)
+
+
+@pytest.mark.parametrize("program", ["forward", "backward_keys"])
+def test_extrapolating_over_the_swept_length_matches_a_full_emulation(program):
+    from benchmarks import cuda_side
+
+    # forward: 300 keys = 5 segments of 64 (the last partial), the statistics sweep and the main one;
+    # key pass: 83 queries = 6 chunks of 16 (the last partial).
+    N = 300 if program == "forward" else 83
+    launches = _launches(cuda_side.cuda_call(1, 2, N, 16, "layer", 90))
+    launch = [x for x in launches["fwd"] + launches["bwd"] if x.program == program][0]
+    counts = cuda_side.program_counts(launch, 90)
+    assert counts.method.startswith("extrapolated") and not counts.diag.unmodelled
+    full = _full(launch)
+    assert sum(full.issued.values()) == pytest.approx(sum(counts.issued.values()), rel=1e-9)
+    for address, n in full.issued.items():
+        assert counts.issued.get(address, 0.0) == pytest.approx(n, abs=1e-6), hex(address)
+
+
+def test_model_of_a_tensor_core_launch():
+    from benchmarks import cuda_side, sass
     from benchmarks.cost_model import H100_SXM
 
-    launch = [x for x in cuda_side.cuda_call(2, 3, 40, 16, "layer", 90)["fwd"] if isinstance(x, cuda_side.Launch)][0]
+    launch = _launches(cuda_side.cuda_call(2, 3, 40, 16, "layer", 90))["fwd"][0]
     model = cuda_side.model_launch(launch, 90)
-    assert model.threads == 128 and model.registers > 0 and model.spill_bytes == 0
-    assert model.shared_bytes == launch.params.plan.shared_bytes + 1024  # sm_90's static reservation
-    # The staging loads are global; the WMMA operand loads (generic addresses) go to shared memory.
-    assert model.work.instructions["tensor"] > 0 and model.work.l2_bytes > 0 and model.work.shared_bytes > 0
+    functions, resources = cuda_side._functions(90, cuda_side.extension_path())
+    assert model.threads == launch.threads and model.registers == resources[launch.symbol].registers
+    assert model.spill_bytes == 0
+    assert model.shared_bytes == launch.dynamic_shared + resources[launch.symbol].shared_static
+    # mma.sync on tensor cores, cp.async staging (global and shared bytes), ldmatrix and quad shuffles.
+    assert model.work.instructions["tensor"] > 0 and model.work.instructions["shuffle"] > 0
+    assert model.work.l2_bytes > 0 and model.work.shared_bytes > 0
+    assert any(k.startswith("HMMA.16816") for k in model.tensor_kinds)
+    issued = {ins.base for ins in functions[launch.symbol].instructions}
+    assert {"LDGSTS", "LDSM", "SHFL"} <= issued
+    assert "no semantics" not in model.note
+    # The only decisions on data: storing the row statistics, "is the row max -inf" (every key masked), where
+    # "not taken" is the ordinary row.
+    unknown = cuda_side.program_counts(launch, 90).diag.unknown_branches
+    code = functions[launch.symbol].instructions
+    at = {ins.address: i for i, ins in enumerate(code)}
+    for address in unknown:
+        branch = code[at[address]]
+        predicate = branch.guard.lstrip("@!")
+        setter = next(ins for ins in reversed(code[:at[address]]) if ins.operands.startswith(predicate + ","))
+        assert setter.base == "FSETP" and "-INF" in setter.operands, (branch.text, setter.text)
     t = model.times(H100_SXM)
     assert 0 < t.t_low_us <= t.t_high_us

@@ -30,6 +30,12 @@ def test_profiled_kernel_names_map_to_the_models():
     assert gpu_timing.kernel_name(raw) == "re_attention_kernel<bfloat16, backward>"
     mangled = "_ZN6reattn4cuda19re_attention_kernelI13__nv_bfloat16Li0EEEvNS0_12ReAttnParamsE"
     assert gpu_timing.kernel_name(mangled) == "re_attention_kernel<bfloat16, forward>"
+    row = "void reattn::cuda::forward_kernel<reattn::cuda::RowConfig<reattn::dev::Bf16, 4, 2, 3, 64, 64, 224, 1> >" \
+        "(reattn::cuda::ReAttnParams)"
+    assert gpu_timing.kernel_name(row) == "forward_kernel<RowConfig<bfloat16, 4, 2, 3, 64, 64, 224, plain_layer>>"
+    key = "void reattn::cuda::key_kernel<reattn::cuda::KeyConfig<reattn::dev::F16, 1, 8, 2, 32> >" \
+        "(reattn::cuda::ReAttnParams)"
+    assert gpu_timing.kernel_name(key) == "key_kernel<KeyConfig<float16, 1, 8, 2, 32>>"
     agg = gpu_timing.aggregate_kernels([("_fa_fwd_kernel", 10.0), ("_fa_fwd_kernel", 5.0), ("memset", 0.0)])
     assert agg == {"_fa_fwd_kernel": 15.0}
     assert gpu_timing.model_gpu_name("NVIDIA H200") == "H200" and gpu_timing.model_gpu_name("NVIDIA H100 80GB HBM3") \

@@ -60,9 +60,9 @@ def test_capture_follows_each_norm_modes_sequence():
     fwd, dq, dkdv = "_re_attention_fwd_kernel", "_re_attention_bwd_dq_kernel", "_re_attention_bwd_dkdv_kernel"
     for norm in ("none", "batch-eval", "layer"):
         assert names[norm] == {"fwd": [fwd], "bwd": [dq, dkdv]}, (norm, names[norm])
-    # Training BatchNorm: the one-sweep forward (with moments), the backward sums sweep (the dq kernel
-    # with SUMS_ONLY), then the backward.
-    assert names["batch-train"] == {"fwd": [fwd], "bwd": [dq, dq, dkdv]}
+    # Training BatchNorm: the one-sweep forward (with moments) and its per-head affine finish
+    # (FusedKernels.head_affine), the backward sums sweep (the dq kernel with SUMS_ONLY), then the backward.
+    assert names["batch-train"] == {"fwd": [fwd, "_affine_kernel"], "bwd": [dq, dq, dkdv]}
     steps = triton_side.fused_call(TRITON_OPS, 2, 3, 20, 16, "batch-train", 90)
     first = [e for e in steps["fwd"] if hasattr(e, "kernel")][0]
     assert first.constexprs()["MOMENTS"] is True

@@ -22,8 +22,9 @@ SWEEPS = {"triton": gram_sums, "cuda": cuda_backend._gram_sums}
 def batch_statistics(sweep, q, k, w, c, *, scale, attn_mask=None, dropout_p=0.0, seed=None):
     """(mean, var, n, lse) of M through one backend's statistics sweep; lse in natural-log units.
 
-    The sweeps also write the softmax statistics each backend's forward reads: CUDA one logsumexp
-    per row, Triton the row max and log-sum in base 2 ([2, B, H, Nq]).
+    The sweeps also write the softmax statistics each backend's forward reads
+    (``FusedKernels.softmax_stats_shape``): CUDA the row max and natural log-sum ([B, H, Nq, 2]),
+    Triton the row max and log-sum in base 2 ([2, B, H, Nq]).
     """
     B, _, Nq, _ = q.shape
     Nk = k.shape[2]
@@ -31,7 +32,7 @@ def batch_statistics(sweep, q, k, w, c, *, scale, attn_mask=None, dropout_p=0.0,
     stats, s1, gram = SWEEPS[sweep](q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p, shift=shift)
     n = unmasked_count(attn_mask, B, Nq, Nk).to(q.device)
     mean, var, _ = gram_batch_statistics(w, c, s1, gram, n, shift)
-    lse = (stats[0] + stats[1]) * math.log(2) if sweep == "triton" else stats
+    lse = (stats[0] + stats[1]) * math.log(2) if sweep == "triton" else stats[..., 0] + stats[..., 1]
     return mean, var, n, lse
 
 
