@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from typing import Dict, Optional
 
@@ -176,8 +177,12 @@ def _cache_key(kernel, signature, constexprs, attrs, options, cap: int) -> str:
 
     import triton
 
+    # Options name libdevice by its path inside the environment's triton; the file is Triton's own
+    # (the version is hashed), so only its name counts: the same compile has one key in every clone.
+    opts = {k: (tuple((name, os.path.basename(path)) for name, path in v) if k == "extern_libs" else v)
+            for k, v in options.__dict__.items()}
     return hashlib.sha256(repr((kernel.cache_key, sorted(signature.items()), sorted(map(repr, constexprs.items())),
-                                sorted(map(repr, attrs.items())), sorted(options.__dict__.items(), key=str),
+                                sorted(map(repr, attrs.items())), sorted(opts.items(), key=str),
                                 cap, triton.__version__)).encode()).hexdigest()[:32]
 
 
