@@ -154,7 +154,8 @@ def extension_path() -> str:
 
 def extension_toolchain() -> str:
     info = _C().build_info()
-    return f"reattn._C built with CUDA {info.get('cuda_version', '?')} for sm_{info.get('cuda_archs', '?')}"
+    version = f"CUDA {info['cuda_version']} " if info.get("cuda_version") else ""
+    return f"reattn._C built with {version}for sm_{info.get('cuda_archs', '?')}"
 
 
 @functools.lru_cache(maxsize=None)

@@ -277,6 +277,11 @@ def run(shapes: Sequence[str], backends: Sequence[str], norms: Sequence[str], ar
 
 
 # ---- printing -------------------------------------------------------------------------------------------------
+def _ratio_text(x: float) -> str:
+    """Two significant digits, without exponents: 0.032, 2.5, 31, 120."""
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
+
+
 def _f(x) -> float:
     try:
         return float(x)
@@ -307,7 +312,7 @@ def totals_table(rows: Sequence[Dict[str, object]], gpu: str, arch: str = "sm_90
             return "n/a"
         lo = _f(a["t_low_us"]) / _f(b["t_low_us"])
         hi = _f(a["t_high_us"]) / _f(b["t_high_us"])
-        return f"{min(lo, hi):.2g}–{max(lo, hi):.2g}"
+        return f"{_ratio_text(min(lo, hi))}–{_ratio_text(max(lo, hi))}"
 
     for shape in shapes:
         for mode in ("fwd", "fwd+bwd"):
