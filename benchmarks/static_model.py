@@ -364,7 +364,9 @@ def loop_lines(shapes, backends, norms, archs) -> List[str]:
 
 
 def readme_section(rows: Sequence[Dict[str, str]]) -> List[str]:
-    """The README section from the CSV's latest run (what --record wrote)."""
+    """The README section from the CSV's latest sm_90 run (what --record wrote; a later sm_80-only run,
+    ``--archs 80``, adds A100 rows to the CSV without replacing the H100/H200 tables)."""
+    rows = [r for r in rows if r["arch"] == "sm_90"]
     if not rows:
         return [SECTION_TITLE, "", "No static-model run is recorded (`python -m benchmarks.static_model --record`).", ""]
     last = max(r["date"] for r in rows)
