@@ -241,7 +241,8 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
                 EVEN_D: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, CDT: tl.constexpr,
                 DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                NORM_PRECISION: tl.constexpr, RELOAD_KV: tl.constexpr, DW_FLAT: tl.constexpr):
+                NORM_PRECISION: tl.constexpr, RELOAD_KV: tl.constexpr, DW_FLAT: tl.constexpr,
+                TIE_CHUNKS: tl.constexpr):
     """One query block of the key-major sweep: dK, dV and the parameter sums of dW, dc, dgamma, dbeta.
 
     The tiles are transposed, [HP, BLOCK_N keys, BLOCK_M queries], so that dS^T and A^T are the
@@ -280,10 +281,10 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
     else:
         qk = _scores_product(k, Kb, Qb, head, keys, keys_ok, offs_m, N_Q, D, stride_kh, stride_kn, stride_kd,
                              stride_qh, stride_qm, stride_qd, HP, BLOCK_N, BLOCK_M, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
-                             LOWP_DTYPE, DOT_PRECISION, ROWS_PADDED, EVEN_D, RELOAD_KV)
+                             LOWP_DTYPE, DOT_PRECISION, ROWS_PADDED, EVEN_D, TIE_CHUNKS)
         dov = _scores_product(v, Vb, DOb, head, keys, keys_ok, offs_m, N_Q, D, stride_vh, stride_vn, stride_vd,
                               stride_doh, stride_dom, stride_dod, HP, BLOCK_N, BLOCK_M, BLOCK_D, D_CHUNKS, CDT,
-                              DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, ROWS_PADDED, EVEN_D, RELOAD_KV)
+                              DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, ROWS_PADDED, EVEN_D, TIE_CHUNKS)
     m2, l2 = _load_row_stats(STATSb, slot_ok, rows, rows_ok, head, stride_sp, stride_sh, stride_sm, CDT)
     delta = tl.load((DELTA + b * H * N_Q) + (head[:, None] * N_Q + rows), mask=rows_ok, other=0.0)
     head3 = head[:, None, None]
@@ -350,7 +351,7 @@ def _re_attention_bwd_dkdv_kernel(
     HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
-    RELOAD_KV: tl.constexpr,
+    RELOAD_KV: tl.constexpr, TIE_CHUNKS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // NUM_PROGRAMS_N).to(tl.int64)
@@ -396,7 +397,7 @@ def _re_attention_bwd_dkdv_kernel(
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D,
             D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
-            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT)
+            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS)
     if m_full < N_Q:
         dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc = _dkdv_block(
             dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, Qb, DOb, STATSb, DELTA, b, H, head,
@@ -405,7 +406,7 @@ def _re_attention_bwd_dkdv_kernel(
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D,
             D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
-            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT)
+            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS)
 
     # dS is in natural units: dK = scale dS^T Q, scale = scale2 / log2(e).
     dk_acc = dk_acc * (scale2 * 0.6931471805599453)
@@ -476,7 +477,7 @@ def _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, d
         H, Nq, Nk, D, num_m, float(scale) * 1.4426950408889634, float(out_scale), float(eps), float(dropout_p),
         D_CHUNKS=triton.cdiv(D, config.BLOCK_D), EVEN_D=D % config.BLOCK_D == 0,
         BIAS_SLOT=_bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None), SUMS_ONLY=sums_only,
-        RELOAD_Q=variant == "heavy", TIE_CHUNKS=variant == "heavy",
+        RELOAD_Q=variant == "heavy", TIE_CHUNKS=variant == "heavy" or config.HP >= 32,
         **flags, **options, **config.meta(stats_sweep=False),
     )
     return config
@@ -570,6 +571,7 @@ def re_attention_backward(
         D_CHUNKS=triton.cdiv(Dp, config.BLOCK_D), EVEN_D=Dp % config.BLOCK_D == 0,
         BIAS_SLOT=_bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None),
         RELOAD_KV=variant_of(norm, attn_mask is not None, dropout_p > 0) != "plain",
+        TIE_CHUNKS=variant_of(norm, attn_mask is not None, dropout_p > 0) != "plain" or config.HP >= 32,
         **flags, **options, **config.meta(stats_sweep=False),
     )
     bias_slot = _bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None)
