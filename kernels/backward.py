@@ -37,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (_group_mean, _layer_norm, _load_keys, _load_row_stats, _load_rows, _mix, _mm, _probs,
-                     _scores, _scores_product, _slot_params, _slot_rows)
+from .common import (_group_mean, _layer_norm, _live_zero, _load_keys, _load_row_stats, _load_rows, _mix, _mm,
+                     _probs, _scores, _scores_product, _slot_params, _slot_rows)
 from .forward import (_NORMS, accumulator_dtype, aligned_operands, dropout_arguments, launch_options, mask_arguments,
                       slot_sums_to_heads)
 from .launch import TileConfig, backward_config, device_shared_limit, interpreting, run_on_device, variant_of
@@ -93,15 +93,23 @@ def _dq_block(x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, 
               D_CHUNKS: tl.constexpr, NORM: tl.constexpr, MASK_KIND: tl.constexpr, KEYS_PADDED: tl.constexpr,
               EVEN_D: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr, SUMS_ONLY: tl.constexpr,
               CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              NORM_PRECISION: tl.constexpr):
+              NORM_PRECISION: tl.constexpr, RELOAD_Q: tl.constexpr, TIE_CHUNKS: tl.constexpr):
     """One key block of the query-major sweep: delta, X, Y (or, SUMS_ONLY, BatchNorm's two sums)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    if D_CHUNKS == 1 and RELOAD_Q:
+        # q and dO re-read (from L1/L2) for every key block, tied to it: held for the whole sweep
+        # they take 32 registers (16 slots, D = 32; 8 slots, D = 64) that the mask's and dropout's
+        # tiles need (spills at 8 slots, D = 64: 128 -> 56 B). Not for the norms alone: there the
+        # re-reads cost more than the spills they save (static model, DeepViT-16b LayerNorm).
+        rows_live = rows + _live_zero(offs_n)
+        q = _load_rows(Qb, head, rows_live, rows_ok, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP)
+        do = _load_rows(DOb, head, rows_live, rows_ok, offs_d, D, stride_doh, stride_dom, stride_dod, CDT, DOT_LOWP)
     qk = _scores_product(q, Qb, Kb, head, rows, rows_ok, offs_n, N_K, D, stride_qh, stride_qm, stride_qd, stride_kh,
                          stride_kn, stride_kd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP, LOWP_DTYPE,
-                         DOT_PRECISION, KEYS_PADDED, EVEN_D)
+                         DOT_PRECISION, KEYS_PADDED, EVEN_D, TIE_CHUNKS)
     dov = _scores_product(do, DOb, Vb, head, rows, rows_ok, offs_n, N_K, D, stride_doh, stride_dom, stride_dod,
                           stride_vh, stride_vn, stride_vd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
-                          LOWP_DTYPE, DOT_PRECISION, KEYS_PADDED, EVEN_D)
+                          LOWP_DTYPE, DOT_PRECISION, KEYS_PADDED, EVEN_D, TIE_CHUNKS)
     head3 = head[:, None, None]
     rows3 = rows[:, :, None]
     keys3 = offs_n[None, None, :]
@@ -157,6 +165,7 @@ def _re_attention_bwd_dq_kernel(
     HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, SUMS_ONLY: tl.constexpr,
     CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
+    RELOAD_Q: tl.constexpr, TIE_CHUNKS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // NUM_PROGRAMS_M).to(tl.int64)
@@ -195,7 +204,7 @@ def _re_attention_bwd_dq_kernel(
             out_scale, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn, stride_qh, stride_qm,
             stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_doh, stride_dom,
             stride_dod, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT,
-            BIAS_SLOT, SUMS_ONLY, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+            BIAS_SLOT, SUMS_ONLY, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_Q, TIE_CHUNKS)
     if n_full < N_K:
         x_acc, y_acc, delta, sum_dn_xhat, sum_dn = _dq_block(
             x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, b, H, head, rows, rows_ok, n_full,
@@ -203,7 +212,7 @@ def _re_attention_bwd_dq_kernel(
             out_scale, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn, stride_qh, stride_qm,
             stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_doh, stride_dom,
             stride_dod, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
-            BIAS_SLOT, SUMS_ONLY, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+            BIAS_SLOT, SUMS_ONLY, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_Q, TIE_CHUNKS)
 
     if SUMS_ONLY:
         sums_ptrs = SUMS + (pid.to(tl.int64) * 2) * HP + tl.arange(0, HP)
@@ -232,7 +241,8 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
                 EVEN_D: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, CDT: tl.constexpr,
                 DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                NORM_PRECISION: tl.constexpr, RELOAD_KV: tl.constexpr):
+                NORM_PRECISION: tl.constexpr, RELOAD_KV: tl.constexpr, DW_FLAT: tl.constexpr,
+                TIE_CHUNKS: tl.constexpr):
     """One query block of the key-major sweep: dK, dV and the parameter sums of dW, dc, dgamma, dbeta.
 
     The tiles are transposed, [HP, BLOCK_N keys, BLOCK_M queries], so that dS^T and A^T are the
@@ -250,13 +260,20 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
                     ROWS_PADDED, EVEN_D)
     if D_CHUNKS == 1:  # the same tiles serve both products (one load; the transposes are layouts)
         if RELOAD_KV:
-            # K and V re-read (from L1/L2) for every query block, tied to it by `live`: hoisted out
+            # K and V re-read (from L1/L2) for every query block, tied to it: hoisted out
             # of the loop they hold 32 registers for its whole length, which LayerNorm's terms need
             # (48 B spilled at DeiT-S otherwise; the re-reads cost 13% without a norm, so only here).
-            live = (keys * 0 + start_m) >= 0
-            k = _load_rows(Kb, head, keys, keys_ok & live, offs_d, D, stride_kh, stride_kn, stride_kd, CDT,
+            # From 16 slots the addresses are tied too (_live_zero; DeepViT-16b LayerNorm: 336 -> 296 B
+            # spilled); at 8 slots nothing spills and the predicate alone issues fewer instructions.
+            if HP >= 16:
+                keys_live = keys + _live_zero(offs_m)
+                keys_ok_live = keys_ok
+            else:
+                keys_live = keys
+                keys_ok_live = keys_ok & ((keys * 0 + start_m) >= 0)
+            k = _load_rows(Kb, head, keys_live, keys_ok_live, offs_d, D, stride_kh, stride_kn, stride_kd, CDT,
                            DOT_LOWP)
-            v = _load_rows(Vb, head, keys, keys_ok & live, offs_d, D, stride_vh, stride_vn, stride_vd, CDT,
+            v = _load_rows(Vb, head, keys_live, keys_ok_live, offs_d, D, stride_vh, stride_vn, stride_vd, CDT,
                            DOT_LOWP)
         zero = tl.zeros([HP, BLOCK_N, BLOCK_M], CDT)
         qk = _mm(k, tl.permute(q, (0, 2, 1)), zero, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
@@ -264,10 +281,10 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
     else:
         qk = _scores_product(k, Kb, Qb, head, keys, keys_ok, offs_m, N_Q, D, stride_kh, stride_kn, stride_kd,
                              stride_qh, stride_qm, stride_qd, HP, BLOCK_N, BLOCK_M, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
-                             LOWP_DTYPE, DOT_PRECISION, ROWS_PADDED, EVEN_D)
+                             LOWP_DTYPE, DOT_PRECISION, ROWS_PADDED, EVEN_D, TIE_CHUNKS)
         dov = _scores_product(v, Vb, DOb, head, keys, keys_ok, offs_m, N_Q, D, stride_vh, stride_vn, stride_vd,
                               stride_doh, stride_dom, stride_dod, HP, BLOCK_N, BLOCK_M, BLOCK_D, D_CHUNKS, CDT,
-                              DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, ROWS_PADDED, EVEN_D)
+                              DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, ROWS_PADDED, EVEN_D, TIE_CHUNKS)
     m2, l2 = _load_row_stats(STATSb, slot_ok, rows, rows_ok, head, stride_sp, stride_sh, stride_sm, CDT)
     delta = tl.load((DELTA + b * H * N_Q) + (head[:, None] * N_Q + rows), mask=rows_ok, other=0.0)
     head3 = head[:, None, None]
@@ -304,9 +321,14 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
     dk_acc = _mm(ds, q, dk_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     dv_acc = _mm(a, do, dv_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     # dW = sum over entries of dM P~^T, as one [HP, HP] product per key (batched over the keys, so
-    # the reduction over entries splits across warps; summed over keys at the end).
-    dw_acc = _mm(tl.permute(dm, (1, 0, 2)), tl.permute(p_tilde, (1, 2, 0)), dw_acc, DOT_LOWP, tl.bfloat16,
-                 DOT_PRECISION)
+    # the reduction over entries splits across warps; summed over keys at the end, or at 32 slots
+    # at once: DW_FLAT).
+    if DW_FLAT:
+        dw_acc += tl.sum(_mm(tl.permute(dm, (1, 0, 2)), tl.permute(p_tilde, (1, 2, 0)),
+                             tl.zeros([BLOCK_N, HP, HP], CDT), DOT_LOWP, tl.bfloat16, DOT_PRECISION), axis=0)
+    else:
+        dw_acc = _mm(tl.permute(dm, (1, 0, 2)), tl.permute(p_tilde, (1, 2, 0)), dw_acc, DOT_LOWP, tl.bfloat16,
+                     DOT_PRECISION)
     return dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc
 
 
@@ -329,7 +351,7 @@ def _re_attention_bwd_dkdv_kernel(
     HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
-    RELOAD_KV: tl.constexpr,
+    RELOAD_KV: tl.constexpr, TIE_CHUNKS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // NUM_PROGRAMS_N).to(tl.int64)
@@ -356,7 +378,13 @@ def _re_attention_bwd_dkdv_kernel(
 
     dk_acc = tl.zeros([HP, BLOCK_N, BLOCK_D], CDT)
     dv_acc = tl.zeros([HP, BLOCK_N, BLOCK_D], CDT)
-    dw_acc = tl.zeros([BLOCK_N, HP, HP], CDT)
+    # At 32 slots the per-key [HP, HP] products of dW would hold 64 registers for the whole sweep:
+    # reduced over the key block every query block instead (a cross-warp sum each time).
+    DW_FLAT: tl.constexpr = HP >= 32
+    if DW_FLAT:
+        dw_acc = tl.zeros([HP, HP], CDT)
+    else:
+        dw_acc = tl.zeros([BLOCK_N, HP, HP], CDT)
     dnw_acc = tl.zeros([HP, BLOCK_N], CDT)
     dnb_acc = tl.zeros([HP, BLOCK_N], CDT)
     dc_acc = tl.zeros([HP, BLOCK_N], CDT)
@@ -369,7 +397,7 @@ def _re_attention_bwd_dkdv_kernel(
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D,
             D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
-            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV)
+            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS)
     if m_full < N_Q:
         dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc = _dkdv_block(
             dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, Qb, DOb, STATSb, DELTA, b, H, head,
@@ -378,7 +406,7 @@ def _re_attention_bwd_dkdv_kernel(
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D,
             D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
-            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV)
+            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS)
 
     # dS is in natural units: dK = scale dS^T Q, scale = scale2 / log2(e).
     dk_acc = dk_acc * (scale2 * 0.6931471805599453)
@@ -394,7 +422,11 @@ def _re_attention_bwd_dkdv_kernel(
     if pid_d == 0:
         offs_s = tl.arange(0, HP)
         parts = PARTS + pid.to(tl.int64) * (HP * HP + 3 * HP)
-        tl.store(parts + offs_s[:, None] * HP + offs_s[None, :], tl.sum(dw_acc, axis=0))
+        if DW_FLAT:
+            dw = dw_acc
+        else:
+            dw = tl.sum(dw_acc, axis=0)
+        tl.store(parts + offs_s[:, None] * HP + offs_s[None, :], dw)
         tl.store(parts + HP * HP + offs_s, tl.sum(tl.where(keys_ok, dnw_acc, 0.0), axis=1))
         tl.store(parts + HP * HP + HP + offs_s, tl.sum(tl.where(keys_ok, dnb_acc, 0.0), axis=1))
         tl.store(parts + HP * HP + 2 * HP + offs_s, tl.sum(tl.where(keys_ok, dc_acc, 0.0), axis=1))
@@ -434,6 +466,7 @@ def _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, d
     options = launch_options(q, lowp_dot, False, interpret)
     mask, mask_strides, seed_arg, c, nw, nb, flags = _launch_args(q, k, v, mix_weight, mix_bias, norm_weight,
                                                                   norm_bias, attn_mask, dropout_p, seed, norm)
+    variant = variant_of(norm, attn_mask is not None, dropout_p > 0)
     num_m = config.programs_per_batch(Nq)
     d_chunks = 1 if sums_only else triton.cdiv(D, config.BLOCK_D)
     run_on_device(
@@ -444,6 +477,7 @@ def _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, d
         H, Nq, Nk, D, num_m, float(scale) * 1.4426950408889634, float(out_scale), float(eps), float(dropout_p),
         D_CHUNKS=triton.cdiv(D, config.BLOCK_D), EVEN_D=D % config.BLOCK_D == 0,
         BIAS_SLOT=_bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None), SUMS_ONLY=sums_only,
+        RELOAD_Q=variant == "heavy", TIE_CHUNKS=variant == "heavy" or config.HP >= 32,
         **flags, **options, **config.meta(stats_sweep=False),
     )
     return config
@@ -537,6 +571,7 @@ def re_attention_backward(
         D_CHUNKS=triton.cdiv(Dp, config.BLOCK_D), EVEN_D=Dp % config.BLOCK_D == 0,
         BIAS_SLOT=_bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None),
         RELOAD_KV=variant_of(norm, attn_mask is not None, dropout_p > 0) != "plain",
+        TIE_CHUNKS=variant_of(norm, attn_mask is not None, dropout_p > 0) != "plain" or config.HP >= 32,
         **flags, **options, **config.meta(stats_sweep=False),
     )
     bias_slot = _bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None)

@@ -108,16 +108,32 @@ def _load_keys(X, head, offs_n, N_K, offs_d, D, stride_h, stride_n, stride_d, CD
 
 
 @triton.jit
+def _live_zero(offs):
+    """0, computed from a loop's block offsets ``offs`` (>= 0), which the compiler cannot see is 0.
+
+    A tile loaded at addresses that do not change along a loop is loop-invariant: the compiler
+    hoists its addresses (or the tile itself) out of the loop and holds them in registers for its
+    whole length. Adding this 0 to the rows ties the addresses to the iteration, so they are
+    recomputed from a few per-thread vectors where they are used instead.
+    """
+    return (tl.max(offs, axis=0) >= 0).to(tl.int32) - 1
+
+
+@triton.jit
 def _scores_product(a_own, A, B, head, rows, rows_ok, offs_n, N_K, D, stride_ah, stride_am, stride_ad,
                     stride_bh, stride_bn, stride_bd,
                     HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     D_CHUNKS: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, KEYS_PADDED: tl.constexpr, EVEN_D: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, KEYS_PADDED: tl.constexpr, EVEN_D: tl.constexpr,
+                    TIE: tl.constexpr = True):
     """[HP, BLOCK_M, BLOCK_N] = A rows . B rows over the whole head dim (q k^T, or dO v^T).
 
     With one head-dim chunk ``a_own`` is the program's A tile, loaded once; with several (the
     launch rule splits the head dim when a program's tiles would not fit), every chunk of A is
     re-read (from cache) for every key block, so only BLOCK_D columns are staged at a time.
+    TIE: the chunks' addresses are tied to the key block too (``_live_zero``), not only their
+    predicate: fewer registers held across the sweep, a few more integer instructions per block
+    (the backward's rules take it where the norms' or the mask's tiles need the registers).
     """
     acc = tl.zeros([HP, BLOCK_M, BLOCK_N], CDT)
     for chunk in tl.static_range(D_CHUNKS):
@@ -125,11 +141,15 @@ def _scores_product(a_own, A, B, head, rows, rows_ok, offs_n, N_K, D, stride_ah,
         if D_CHUNKS == 1:
             a_c = a_own
         else:
-            # Tied to the key block by n_live: loop-invariant, the compiler would hoist every
-            # chunk's A tile out of the key loop and hold them all, which the split is meant to avoid.
-            n_live = (rows * 0 + tl.max(offs_n, axis=0)) >= 0
-            a_c = _load_rows(A, head, rows, rows_ok & n_live, offs_d, D, stride_ah, stride_am, stride_ad, CDT,
-                             DOT_LOWP)
+            # Tied to the key block: loop-invariant, the compiler would hoist every chunk's A tile
+            # out of the key loop and hold them all, which the split is meant to avoid.
+            if TIE:
+                a_c = _load_rows(A, head, rows + _live_zero(offs_n), rows_ok, offs_d, D, stride_ah, stride_am,
+                                 stride_ad, CDT, DOT_LOWP)
+            else:
+                n_live = (rows * 0 + tl.max(offs_n, axis=0)) >= 0
+                a_c = _load_rows(A, head, rows, rows_ok & n_live, offs_d, D, stride_ah, stride_am, stride_ad, CDT,
+                                 DOT_LOWP)
         b_c = _load_keys(B, head, offs_n, N_K, offs_d, D, stride_bh, stride_bn, stride_bd, CDT, DOT_LOWP, True,
                          KEYS_PADDED, EVEN_D)
         acc = _mm(a_c, b_c, acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
