@@ -162,7 +162,7 @@ class FusedRawOps(RawOps):
             return (out, softmax_stats, torch.zeros((3, H), dtype=torch.float64, device=q.device)) + no_terms
         count = unmasked_count(attn_mask, B, Nq, Nk).to(q.device)
         if attn_mask is not None:  # without a mask, reattn._checks has ruled this out
-            check_counts(count)
+            check_counts(count.expand(H))  # per head, as every backend words it
         if kernels.forward_moments is not None:
             return one_sweep_batchnorm(kernels.forward_moments, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                        attn_mask, seed, count, head_affine=kernels.head_affine, **kw) + no_terms

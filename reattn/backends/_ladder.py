@@ -352,10 +352,10 @@ class SyncedBatchNorm(torch.autograd.Function):
         shift = gram_shift(k.shape[2])
         softmax_stats, s1, gram, count = ladder.gram_sums(q, k, attn_mask, seed, scale, dropout_p, shift)
         s1, gram, count = all_reduce_sum([s1, gram, count], group)
-        # After the all-reduce every process sees the same count: all refuse alike, and none is left
-        # waiting in a collective the others skipped.
-        check_counts(count, " over all processes")
         mean, var, n = gram_batch_statistics(mix_weight, mix_bias, s1, gram, count, shift)
+        # After the all-reduce every process sees the same counts (n: per head): all refuse alike, and
+        # none is left waiting in a collective the others skipped.
+        check_counts(n, " over all processes")
         out, softmax_stats, stats, R, U = ladder.forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                                          attn_mask, seed, scale, out_scale, "batch", eps, dropout_p,
                                                          softmax_stats, torch.stack([mean, var, n]))
