@@ -15,17 +15,11 @@ import torch
 # torch's CPU-only wheels do not bring (make install TORCH=cpu): then this module skips, saying so.
 pytest.importorskip("triton", reason="triton is not installed (a CPU-only torch)")
 
-import reattn
-from reattn.backends._fused import draw_dropout_seed
 from reattn.backends.cuda import CUDA_OPS, cuda_forward
 from reattn.backends.triton import TRITON_OPS, triton_forward
-from reattn.kernels.dropout import dropout_keep_mask
-from reattn.reference import re_attention_ref
 from tests._tolerance import reduction_length, within_twice_eager
+from tests.backends._contract import DEVICE, GRAD_NAMES, assert_same, masks, problem, run, run_both
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-NORMS = ["none", "batch", "batch-train", "layer"]  # batch = eval mode (folded into the mixing)
-GRAD_NAMES = ("q", "k", "v", "mix_weight", "mix_bias", "norm_weight", "norm_bias")
 FORWARD_OPS = {"triton": triton_forward, "cuda": cuda_forward}
 OPS = {"triton": TRITON_OPS, "cuda": CUDA_OPS}
 # The softmax statistics the ops pass to the backward (FusedKernels.softmax_stats_shape) for q
@@ -36,88 +30,6 @@ SOFTMAX_STATS_SHAPE = {"triton": (2, 2, 6, 9), "cuda": (2, 6, 9, 2)}
 @pytest.fixture(params=["triton", "cuda"])
 def backend(request):
     return request.param
-
-
-def problem(B, H, Nq, Nk, D, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, s=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s + shift).to(dtype).to(DEVICE)
-
-    tensors = dict(q=rnd(B, H, Nq, D), k=rnd(B, H, Nk, D), v=rnd(B, H, Nk, D),
-                   mix_weight=rnd(H, H, s=0.4) + torch.eye(H, dtype=dtype, device=DEVICE), mix_bias=rnd(H, s=0.1),
-                   norm_weight=rnd(H, s=0.2, shift=1.0), norm_bias=rnd(H, s=0.1))
-    for t in tensors.values():
-        t.requires_grad_(True)
-    stats = dict(running_mean=rnd(H, s=0.05).abs(), running_var=rnd(H, s=0.01).abs() + 0.02)
-    return tensors, stats
-
-
-def masks(B, H, Nq, Nk, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    keep = torch.rand(B, 1, Nq, Nk, generator=g) > 0.35
-    keep[0, 0, min(1, Nq - 1)] = False  # a query row with every key masked
-    additive = torch.randn(H, Nq, Nk, generator=g, dtype=torch.float64)
-    additive[torch.rand(H, Nq, Nk, generator=g) > 0.7] = float("-inf")
-    return {"bool": keep.to(DEVICE), "float per head": additive.to(DEVICE)}
-
-
-def mode_kwargs(norm, tensors, stats):
-    """Arguments of one norm mode: "none", "batch" (eval), "batch-train" (batch statistics), "layer"."""
-    kw = dict(norm=norm.split("-")[0], training=norm == "batch-train")
-    if norm != "none":
-        kw.update(norm_weight=tensors["norm_weight"], norm_bias=tensors["norm_bias"])
-    if norm.startswith("batch"):
-        kw.update(stats)
-    return kw
-
-
-def run(backend, norm, tensors, stats, **extra):
-    kw = mode_kwargs(norm, tensors, stats)
-    kw.update(extra)
-    return reattn.re_attention(tensors["q"], tensors["k"], tensors["v"], tensors["mix_weight"], tensors["mix_bias"],
-                               backend=backend, **kw)
-
-
-def run_both(backend, norm, tensors, stats, *, dropout_p=0.0, seed=0, **extra):
-    """(fused out, eager out, fused running stats, eager running stats) for one call.
-
-    With dropout the eager side replays the fused pattern: the same generator state gives the same
-    seed, and ``dropout_keep_mask`` materializes the pattern for ``re_attention_ref``.
-    """
-    stats_t = {n: t.clone() for n, t in stats.items()}
-    stats_e = {n: t.clone() for n, t in stats.items()}
-    training = dict(training=True) if dropout_p > 0 else {}
-    torch.manual_seed(seed)
-    out = run(backend, norm, tensors, stats_t, dropout_p=dropout_p, **training, **extra)
-    if dropout_p == 0:
-        ref = run("eager", norm, tensors, stats_e, **extra)
-    else:
-        torch.manual_seed(seed)
-        B, H, Nq, _ = tensors["q"].shape
-        keep = dropout_keep_mask(draw_dropout_seed(torch.device(DEVICE)), (B, H, Nq, tensors["k"].shape[2]),
-                                 dropout_p)
-        kw = mode_kwargs(norm, tensors, stats_e)
-        kw.update(extra, **training)
-        ref = re_attention_ref(tensors["q"], tensors["k"], tensors["v"], tensors["mix_weight"], tensors["mix_bias"],
-                               dropout_p=dropout_p, dropout_mask=keep, **kw)
-    return out, ref, stats_t, stats_e
-
-
-def grad_names(norm):
-    return [n for n in GRAD_NAMES if norm != "none" or not n.startswith("norm")]
-
-
-def assert_same(out, ref, stats_t, stats_e, tensors, norm, rtol=1e-9, atol=1e-10):
-    torch.testing.assert_close(out, ref, rtol=rtol / 10, atol=atol / 10)
-    for name in stats_t:
-        torch.testing.assert_close(stats_t[name], stats_e[name], rtol=1e-12, atol=1e-14, msg=name)
-    grad = torch.randn_like(out)
-    names = grad_names(norm)
-    got = torch.autograd.grad(out, [tensors[n] for n in names], grad, retain_graph=True)
-    expected = torch.autograd.grad(ref, [tensors[n] for n in names], grad)
-    for name, a, b in zip(names, got, expected):
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
