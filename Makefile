@@ -92,11 +92,11 @@ bench-report: $(VENV)/.built
 	$(PY) -m benchmarks.report
 
 test: $(VENV)/.built
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=25
 
 # Everything but the tests that install packages (the CPU-only-torch build, older timm releases).
 test-fast: $(VENV)/.built
-	$(PY) -m pytest tests -m "not install"
+	$(PY) -m pytest tests -m "not install" --durations=25
 
 clean:
 	rm -rf build *.egg-info reattn/_C*.so

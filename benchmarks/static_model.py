@@ -364,21 +364,28 @@ def loop_lines(shapes, backends, norms, archs) -> List[str]:
 
 
 def readme_section(rows: Sequence[Dict[str, str]]) -> List[str]:
-    """The README section from the CSV's latest sm_90 run (what --record wrote; a later sm_80-only run,
-    ``--archs 80``, adds A100 rows to the CSV without replacing the H100/H200 tables)."""
+    """The README section from each backend's latest sm_90 run in the CSV (what --record wrote: a run of
+    some backends, ``--backends cuda``, replaces only theirs; a later sm_80-only run, ``--archs 80``,
+    adds A100 rows to the CSV without replacing the H100/H200 tables)."""
     rows = [r for r in rows if r["arch"] == "sm_90"]
     if not rows:
         return [SECTION_TITLE, "", "No static-model run is recorded (`python -m benchmarks.static_model --record`).", ""]
-    last = max(r["date"] for r in rows)
-    latest = [r for r in rows if r["date"] == last]
-    first = latest[0]
+    last = {}
+    for r in rows:
+        last[r["backend"]] = max(last.get(r["backend"], ""), r["date"])
+    latest = [r for r in rows if r["date"] == last[r["backend"]]]
+    runs = {}
+    for r in latest:
+        runs.setdefault((r["date"][:10], r["commit"], r["toolchain"]), []).append(r["backend"])
+    run_text = "; ".join(f"{', '.join(dict.fromkeys(b))}: run {d}, commit `{c}`, {t}"
+                         for (d, c, t), b in runs.items())
     lines = [SECTION_TITLE, "",
              f"**Predicted, not measured**: no GPU has run these kernels. `python -m benchmarks.static_model` "
              f"compiles every launch of a call as Triton's JIT (or `setup.py`, for CUDA) would for sm_90, reads "
              f"the SASS, counts instructions per loop iteration times trip counts, and applies an explicit cost "
              f"model (`benchmarks/cost_model.py`, every constant with its source). Each cell is the lower bound "
-             f"(every unit overlapped) – upper bound (nothing overlapped), in microseconds per call, bf16. Run "
-             f"{first['date'][:10]}, commit `{first['commit']}`, {first['toolchain']}.", ""]
+             f"(every unit overlapped) – upper bound (nothing overlapped), in microseconds per call, bf16. "
+             f"{run_text}.", ""]
     for gpu in ("H100-SXM", "H200"):
         if any(r["gpu"] == gpu for r in latest):
             lines += [f"**{gpu}** (sm_90). Reference FA = a FlashAttention-2 forward/backward in Triton "

@@ -133,7 +133,10 @@ def _scores_product(a_own, A, B, head, rows, rows_ok, offs_n, N_K, D, stride_ah,
     re-read (from cache) for every key block, so only BLOCK_D columns are staged at a time.
     TIE: the chunks' addresses are tied to the key block too (``_live_zero``), not only their
     predicate: fewer registers held across the sweep, a few more integer instructions per block
-    (the backward's rules take it where the norms' or the mask's tiles need the registers).
+    (the backward's rules take it where the norms' or the mask's tiles need the registers). Only
+    for tensor-core products (DOT_LOWP): with fp32 operand tiles the per-block address math costs
+    more registers than it frees (the fp32 forward at 32 slots, D = 128 on sm_80 spills 13,856 B
+    per thread tied, 10,280 B or less untied).
     """
     acc = tl.zeros([HP, BLOCK_M, BLOCK_N], CDT)
     for chunk in tl.static_range(D_CHUNKS):
@@ -143,7 +146,7 @@ def _scores_product(a_own, A, B, head, rows, rows_ok, offs_n, N_K, D, stride_ah,
         else:
             # Tied to the key block: loop-invariant, the compiler would hoist every chunk's A tile
             # out of the key loop and hold them all, which the split is meant to avoid.
-            if TIE:
+            if TIE and DOT_LOWP:
                 a_c = _load_rows(A, head, rows + _live_zero(offs_n), rows_ok, offs_d, D, stride_ah, stride_am,
                                  stride_ad, CDT, DOT_LOWP)
             else:

@@ -1,6 +1,6 @@
-"""What is specific to backend="cuda", the CUDA C++ programs of csrc/cuda (the shared correctness suite
-of the fused backends is tests/backends/test_fused_backends.py; the device-code harness itself is
-tested in test_cuda_harness.py).
+"""What is specific to backend="cuda", the CUDA C++ programs of csrc/cuda (the correctness suite every
+fused backend shares is tests/backends/test_conformance.py, what the Triton and CUDA backends share
+beyond it test_fused_backends.py; the device-code harness itself is tested in test_cuda_harness.py).
 
 Without a GPU, the kernels run in the host emulator of csrc/cuda/sim.h: the same source, every
 thread a fiber. Checked here: the tensor-core forward (fp16/bf16) against float64 in every mode

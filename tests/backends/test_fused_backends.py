@@ -1,12 +1,11 @@
-"""The fused GPU backends, backend="triton" and backend="cuda", vs the float64 eager path: one suite.
-
-Forward + backward through autograd and torch.library. Without a GPU the Triton kernels run in
-Triton's interpreter and the CUDA programs in their host emulator (tests/conftest.py), so shapes
-are small; on a GPU the same tests run the compiled kernels. Every mode of the functional op is
-covered: norm none / BatchNorm eval (folded) / BatchNorm train (Gram statistics, running-stat
-updates) / LayerNorm, masks (bool and additive, broadcast shapes, fully masked rows), dropout (the
-eager side replays the fused pattern, which both backends draw from Triton's Philox), Nq != Nk.
-Ahead-of-time GPU compiles of the Triton kernels are in tests/kernels/test_aot.py; what is
+"""What the fused GPU backends, backend="triton" and backend="cuda", share beyond the contract of every
+fused backend (tests/backends/test_conformance.py, with the CPU kernel): their ops' fake
+implementations, the synchronized BatchNorm steps (Gram sums -> statistics -> forward with given
+statistics, the backward with given sums) in one process and their opcheck, training BatchNorm's one
+sweep over the keys, head dims over 64, the 2x rule in bfloat16 and float16, refusals, and
+backend="auto". Without a GPU the Triton kernels run in Triton's interpreter and the CUDA programs in
+their host emulator (tests/conftest.py), so shapes are small; on a GPU the same tests run the compiled
+kernels. Ahead-of-time GPU compiles of the Triton kernels are in tests/kernels/test_aot.py; what is
 specific to the CUDA programs (emulator races, plans, compiled resources) in test_cuda_backend.py.
 """
 import pytest
@@ -16,17 +15,11 @@ import torch
 # torch's CPU-only wheels do not bring (make install TORCH=cpu): then this module skips, saying so.
 pytest.importorskip("triton", reason="triton is not installed (a CPU-only torch)")
 
-import reattn
-from reattn.backends._ladder import draw_dropout_seed
 from reattn.backends.cuda import CUDA_OPS, cuda_forward
 from reattn.backends.triton import TRITON_OPS, triton_forward
-from reattn.kernels.dropout import dropout_keep_mask
-from reattn.reference import re_attention_ref
 from tests._tolerance import reduction_length, within_twice_eager
+from tests.backends._contract import DEVICE, GRAD_NAMES, assert_same, masks, problem, run, run_both
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-NORMS = ["none", "batch", "batch-train", "layer"]  # batch = eval mode (folded into the mixing)
-GRAD_NAMES = ("q", "k", "v", "mix_weight", "mix_bias", "norm_weight", "norm_bias")
 FORWARD_OPS = {"triton": triton_forward, "cuda": cuda_forward}
 OPS = {"triton": TRITON_OPS, "cuda": CUDA_OPS}
 # The softmax statistics the ops pass to the backward (FusedKernels.softmax_stats_shape) for q
@@ -37,143 +30,6 @@ SOFTMAX_STATS_SHAPE = {"triton": (2, 2, 6, 9), "cuda": (2, 6, 9, 2)}
 @pytest.fixture(params=["triton", "cuda"])
 def backend(request):
     return request.param
-
-
-def problem(B, H, Nq, Nk, D, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, s=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s + shift).to(dtype).to(DEVICE)
-
-    tensors = dict(q=rnd(B, H, Nq, D), k=rnd(B, H, Nk, D), v=rnd(B, H, Nk, D),
-                   mix_weight=rnd(H, H, s=0.4) + torch.eye(H, dtype=dtype, device=DEVICE), mix_bias=rnd(H, s=0.1),
-                   norm_weight=rnd(H, s=0.2, shift=1.0), norm_bias=rnd(H, s=0.1))
-    for t in tensors.values():
-        t.requires_grad_(True)
-    stats = dict(running_mean=rnd(H, s=0.05).abs(), running_var=rnd(H, s=0.01).abs() + 0.02)
-    return tensors, stats
-
-
-def masks(B, H, Nq, Nk, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    keep = torch.rand(B, 1, Nq, Nk, generator=g) > 0.35
-    keep[0, 0, min(1, Nq - 1)] = False  # a query row with every key masked
-    additive = torch.randn(H, Nq, Nk, generator=g, dtype=torch.float64)
-    additive[torch.rand(H, Nq, Nk, generator=g) > 0.7] = float("-inf")
-    return {"bool": keep.to(DEVICE), "float per head": additive.to(DEVICE)}
-
-
-def mode_kwargs(norm, tensors, stats):
-    """Arguments of one norm mode: "none", "batch" (eval), "batch-train" (batch statistics), "layer"."""
-    kw = dict(norm=norm.split("-")[0], training=norm == "batch-train")
-    if norm != "none":
-        kw.update(norm_weight=tensors["norm_weight"], norm_bias=tensors["norm_bias"])
-    if norm.startswith("batch"):
-        kw.update(stats)
-    return kw
-
-
-def run(backend, norm, tensors, stats, **extra):
-    kw = mode_kwargs(norm, tensors, stats)
-    kw.update(extra)
-    return reattn.re_attention(tensors["q"], tensors["k"], tensors["v"], tensors["mix_weight"], tensors["mix_bias"],
-                               backend=backend, **kw)
-
-
-def run_both(backend, norm, tensors, stats, *, dropout_p=0.0, seed=0, **extra):
-    """(fused out, eager out, fused running stats, eager running stats) for one call.
-
-    With dropout the eager side replays the fused pattern: the same generator state gives the same
-    seed, and ``dropout_keep_mask`` materializes the pattern for ``re_attention_ref``.
-    """
-    stats_t = {n: t.clone() for n, t in stats.items()}
-    stats_e = {n: t.clone() for n, t in stats.items()}
-    training = dict(training=True) if dropout_p > 0 else {}
-    torch.manual_seed(seed)
-    out = run(backend, norm, tensors, stats_t, dropout_p=dropout_p, **training, **extra)
-    if dropout_p == 0:
-        ref = run("eager", norm, tensors, stats_e, **extra)
-    else:
-        torch.manual_seed(seed)
-        B, H, Nq, _ = tensors["q"].shape
-        keep = dropout_keep_mask(draw_dropout_seed(torch.device(DEVICE)), (B, H, Nq, tensors["k"].shape[2]),
-                                 dropout_p)
-        kw = mode_kwargs(norm, tensors, stats_e)
-        kw.update(extra, **training)
-        ref = re_attention_ref(tensors["q"], tensors["k"], tensors["v"], tensors["mix_weight"], tensors["mix_bias"],
-                               dropout_p=dropout_p, dropout_mask=keep, **kw)
-    return out, ref, stats_t, stats_e
-
-
-def grad_names(norm):
-    return [n for n in GRAD_NAMES if norm != "none" or not n.startswith("norm")]
-
-
-def assert_same(out, ref, stats_t, stats_e, tensors, norm, rtol=1e-9, atol=1e-10):
-    torch.testing.assert_close(out, ref, rtol=rtol / 10, atol=atol / 10)
-    for name in stats_t:
-        torch.testing.assert_close(stats_t[name], stats_e[name], rtol=1e-12, atol=1e-14, msg=name)
-    grad = torch.randn_like(out)
-    names = grad_names(norm)
-    got = torch.autograd.grad(out, [tensors[n] for n in names], grad, retain_graph=True)
-    expected = torch.autograd.grad(ref, [tensors[n] for n in names], grad)
-    for name, a, b in zip(names, got, expected):
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=name)
-
-
-@pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("shape", [(2, 6, 5, 7, 33), (1, 12, 20, 37, 32), (2, 1, 1, 1, 35), (1, 3, 33, 9, 64)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_forward_running_stats_and_every_gradient_match_float64(backend, norm, shape):
-    tensors, stats = problem(*shape)
-    out, ref, stats_t, stats_e = run_both(backend, norm, tensors, stats, out_scale=0.7)
-    assert_same(out, ref, stats_t, stats_e, tensors, norm)
-
-
-# training=True turns on dropout and batch statistics together, so eval BatchNorm has no dropout
-# case here (the module folds frozen statistics into the mixing: the "none" cases cover it);
-# per-head masks with batch statistics are refused (test_refusals_say_why).
-MASK_DROPOUT_CASES = [(norm, variant) for norm in NORMS
-                      for variant in ("bool mask", "float mask per head", "dropout", "bool mask + dropout")
-                      if not (norm == "batch" and "dropout" in variant)
-                      and not (norm == "batch-train" and "per head" in variant)]
-
-
-@pytest.mark.parametrize("norm,variant", MASK_DROPOUT_CASES)
-def test_masks_and_dropout_in_every_norm_mode(backend, norm, variant):
-    B, H, Nq, Nk, D = 2, 3, 6, 11, 8
-    tensors, stats = problem(B, H, Nq, Nk, D, seed=4)
-    extra = dict(out_scale=1.3)
-    if "mask" in variant:
-        extra["attn_mask"] = masks(B, H, Nq, Nk)["bool" if "bool" in variant else "float per head"]
-    out, ref, stats_t, stats_e = run_both(backend, norm, tensors, stats, dropout_p=0.25 if "dropout" in variant else 0.0,
-                                          **extra)
-    assert_same(out, ref, stats_t, stats_e, tensors, norm)
-
-
-@pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("variant", ["plain", "mask + dropout"])
-def test_gradcheck_float64(backend, norm, variant):
-    # Small: every input element costs two interpreted forwards, every output element a backward.
-    # The full (non-fast) check below gets the smallest shape that still has masked entries.
-    full = norm == "batch-train" and variant == "plain"
-    B, H, Nq, Nk, D = (2, 2, 2, 3, 2) if full else (2, 2, 3, 4, 3)
-    tensors, stats = problem(B, H, Nq, Nk, D)
-    names = grad_names(norm)
-    extra = dict(out_scale=0.5, scale=0.3)
-    if variant != "plain":
-        extra.update(attn_mask=masks(B, H, Nq, Nk)["bool"])
-        if norm != "batch":  # training=True would turn eval BatchNorm into batch statistics
-            extra.update(dropout_p=0.25, training=True)
-
-    def fn(*args):
-        torch.manual_seed(0)  # the same dropout seed for every evaluation
-        t = dict(tensors, **dict(zip(names, args)))
-        return run(backend, norm, t, {n: s.clone() for n, s in stats.items()}, **extra)
-
-    # Fast mode (random projections of the Jacobian) keeps the interpreted kernels to a few calls;
-    # the full Jacobian is checked for the most coupled mode, training BatchNorm.
-    assert torch.autograd.gradcheck(fn, tuple(tensors[n] for n in names), eps=1e-6, atol=1e-6, fast_mode=not full)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -198,49 +54,6 @@ def test_low_precision_forward_and_backward_within_twice_eager_error(backend, dt
     for what, kernel_err, eager_err, mag in zip(("out", "dq", "dk", "dv"), errors[backend], errors["eager"],
                                                 magnitudes):
         assert within_twice_eager(kernel_err, eager_err, dtype, n, mag), (what, kernel_err, eager_err)
-
-
-@pytest.mark.parametrize("norm", ["batch", "batch-train", "layer"])
-def test_autograd_saves_no_quadratic_tensor(backend, norm):
-    B, H, Nq, Nk, D = 2, 6, 40, 48, 32
-    tensors, stats = problem(B, H, Nq, Nk, D)
-    saved = []
-
-    def pack(t):
-        saved.append(t.numel())
-        return t
-
-    extra = dict(attn_mask=masks(B, H, Nq, Nk)["bool"], dropout_p=0.1, training=True) if norm != "batch" else {}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run(backend, norm, tensors, stats, **extra)
-    out.sum().backward()
-    assert saved, "nothing was saved: the hook did not see the graph"
-    mask_elements = B * Nq * Nk if extra else 0  # the user's own mask, saved as given (not expanded)
-    assert all(n < B * H * Nq * Nk and (n <= B * H * max(Nq, Nk) * D or n == mask_elements) for n in saved), saved
-
-
-def test_traces_under_torch_compile_without_graph_breaks(backend):
-    B, H, N, D = 2, 6, 9, 32
-    tensors, stats = problem(B, H, N, N, D)
-    keep = masks(B, H, N, N)["bool"]
-
-    def f(q, k, v, w, c, nw, nb, rm, rv):
-        a = reattn.re_attention(q, k, v, w, c, norm="layer", norm_weight=nw, norm_bias=nb, backend=backend)
-        b = reattn.re_attention(q, k, v, w, c, norm="batch", norm_weight=nw, norm_bias=nb, running_mean=rm,
-                                running_var=rv, training=True, dropout_p=0.2, attn_mask=keep, backend=backend)
-        return a * 2 + b
-
-    args = [tensors[n] for n in GRAD_NAMES]
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    stats_c = {n: s.clone() for n, s in stats.items()}
-    torch.manual_seed(3)
-    out = compiled(*args, stats_c["running_mean"], stats_c["running_var"])
-    torch.manual_seed(3)
-    expected = f(*args, stats["running_mean"], stats["running_var"])
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(stats_c["running_var"], stats["running_var"], rtol=1e-12, atol=1e-14)
-    out.sum().backward()
-    assert tensors["mix_weight"].grad is not None
 
 
 def test_fake_implementation_gives_shapes_and_dtypes(backend):

@@ -2,7 +2,7 @@
 
 The kernels run in Triton's interpreter without a GPU (tests/conftest.py sets TRITON_INTERPRET), so
 shapes are small. Training BatchNorm (the backward-sums sweep and the e, f rows) and gradcheck run
-through the backend in tests/backends/test_fused_backends.py; here: every gradient of the two
+through the backend in tests/backends/test_conformance.py; here: every gradient of the two
 kernels directly, their tiles (head-dim chunks, row groups per program) and the sums sweep.
 """
 import pytest
