@@ -1,7 +1,7 @@
 """The Triton side of the static model: what a call launches, compiled and counted as on the GPU.
 
 ``fused_call(problem, norm, cap)`` runs the Triton backend's own Python path for one call of
-``reattn.re_attention`` (``reattn.backends._fused.run_fused`` and the bodies of its custom ops, the
+``reattn.re_attention`` (``reattn.backends._ladder.OpLadder.run`` and the bodies of its custom ops, the
 same sequence of kernels per norm mode: the forward; training BatchNorm's one-sweep forward and the
 element-wise finish; the backward-sums sweep and the backward) on ``device="meta"`` tensors, under
 ``kernels.capture.capture_launches`` (which records the Triton launches) and
@@ -231,10 +231,11 @@ def norm_arguments(norm: str, H: int, dtype=torch.float32) -> dict:
 
 def run_call(ops, B: int, H: int, N: int, D: int, norm: str, dtype, counter, drain) -> Dict[str, list]:
     """{"fwd": [...], "bwd": [...]}: one call of a fused backend's Python path on meta tensors, below its
-    custom-op layer: ``run_fused`` with the forward op's body, then the backward op's body with what the
-    forward saved (as ``reattn.backends._fused``'s autograd does). ``drain()`` returns (and forgets) the
-    launches recorded so far; ``counter`` (an ``eager_model.OpCounter``) the torch operations."""
-    from reattn.backends._fused import run_fused
+    custom-op layer: ``OpLadder.run`` with the forward op's body, then the backward op's body with what
+    the forward saved (as the ladder's autograd does). ``ops``: a backend's ``reattn.backends._ladder.OpLadder``.
+    ``drain()`` returns (and forgets) the launches recorded so far; ``counter`` (an
+    ``eager_model.OpCounter``) the torch operations."""
+    from reattn.backends._ladder import OpLadder
 
     q, k, v = meta_inputs(B, H, N, D, dtype)
     kw = norm_arguments(norm, H)
@@ -247,18 +248,18 @@ def run_call(ops, B: int, H: int, N: int, D: int, norm: str, dtype, counter, dra
 
     def forward(*args):
         recorded["args"] = args
-        out = ops.python["forward"](*args)
+        out = ops.forward_impl(*args)
         recorded["out"] = out
         return out
 
     steps: Dict[str, list] = {}
-    run_fused(types.SimpleNamespace(forward=forward), q, k, v, mix_weight, mix_bias, **options)
+    OpLadder.run(types.SimpleNamespace(forward=forward), q, k, v, mix_weight, mix_bias, **options)
     steps["fwd"] = _merge(drain(), counter)
     (q_, k_, v_, w_, c_, nw_, nb_, mask_, seed_, scale_, out_scale_, norm_, eps_, p_) = recorded["args"][:14]
-    _, lse, stats = recorded["out"]
+    _, softmax_stats, stats, R, U = recorded["out"]
     grad_out = torch.empty(B, H, N, D, device="meta", dtype=dtype)
-    ops.python["backward"](grad_out, q_, k_, v_, w_, c_, nw_, nb_, mask_, seed_, lse, stats, scale_, out_scale_, norm_,
-                          eps_, p_)
+    ops.backward_impl(grad_out, q_, k_, v_, w_, c_, nw_, nb_, mask_, seed_, softmax_stats, stats, R, U, scale_,
+                      out_scale_, norm_, eps_, p_)
     steps["bwd"] = _merge(drain(), counter)
     return steps
 
@@ -266,7 +267,7 @@ def run_call(ops, B: int, H: int, N: int, D: int, norm: str, dtype, counter, dra
 def fused_call(ops, B: int, H: int, N: int, D: int, norm: str, cap: int, dtype=torch.bfloat16):
     """{"fwd": [...], "bwd": [...]} of the call's steps in order: captured Triton launches
     (``kernels.capture.Launch``) and torch operations (``eager_model.Op``), for ``ops`` (a backend's
-    ``FusedOps``) run below its custom-op layer on meta tensors."""
+    ``OpLadder``) run below its custom-op layer on meta tensors."""
     from benchmarks.eager_model import OpCounter
     from reattn.kernels.capture import capture_launches
 

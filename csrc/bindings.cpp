@@ -173,7 +173,7 @@ bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defi
 // Returns (out [B,H,Nq,D], softmax_stats [2,B,H,Nq] (row max, log-sum; acc dtype), R, U ([B,H,Nq,D] acc dtype
 // for norm 2, else empty), stats [3,H] double).
 // softmax_in and stats_in (norm 2 only, both or neither): statistics given by the caller (synchronized across
-// processes, from re_attention_cpu_bn_gram's softmax statistics and all-reduced sums); the returned
+// processes, from re_attention_cpu_gram_sums' softmax statistics and all-reduced sums); the returned
 // softmax_stats and stats are copies of them (a custom op may not return its inputs).
 std::vector<at::Tensor> re_attention_cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const at::Tensor& mix_weight,
@@ -218,26 +218,16 @@ std::vector<at::Tensor> re_attention_cpu_forward(const at::Tensor& q, const at::
         bn ? R.data_ptr<acc_t>() : nullptr, bn ? U.data_ptr<acc_t>() : nullptr, stats.data_ptr<double>(),
         given_stats);
   });
-  if (bn && !given_stats) {  // the caller checks given statistics (their counts are of every process)
-    const at::Tensor count = stats[2];
-    if ((count <= 1).any().item<bool>()) {
-      std::string counts;
-      for (int64_t g = 0; g < p.H; ++g)
-        counts += (g ? ", " : "") + std::to_string(static_cast<int64_t>(count[g].item<double>()));
-      // Raised here, inside the op, so torch.compile needs no data-dependent branch outside it.
-      TORCH_CHECK_VALUE(false, "re_attention: norm='batch' in training needs more than one unmasked value per head; "
-                        "unmasked counts per head: [", counts, "]");
-    }
-  }
+  // Counts <= 1 leave out undefined: the caller refuses them (reattn._batchnorm.check_counts).
   return {out, softmax_stats, R, U, stats};
 }
 
-// Training-mode BatchNorm statistics as sums that add up over processes (see bn_gram_stats):
+// Training-mode BatchNorm statistics as sums that add up over processes (see gram_sums):
 // returns (softmax_stats [2,B,H,Nq] acc dtype, s1 [Hm,H], gram [Hm,H,H], count [Hm] float64) with Hm the mask's
-// head count (1 without a mask). kappa: the shift, exactly representable in the accumulation dtype.
-std::vector<at::Tensor> re_attention_cpu_bn_gram(const at::Tensor& q, const at::Tensor& k,
-                                                 const c10::optional<at::Tensor>& attn_mask, double scale,
-                                                 double dropout_p, int64_t seed, double kappa) {
+// head count (1 without a mask). shift: 1/Nk rounded to float, exactly representable in the accumulation dtype.
+std::vector<at::Tensor> re_attention_cpu_gram_sums(const at::Tensor& q, const at::Tensor& k,
+                                                   const c10::optional<at::Tensor>& attn_mask, double scale,
+                                                   double dropout_p, int64_t seed, double shift) {
   check_qk(q, k);
   check_cpu_dtype(q);
   at::Tensor mask_keep;
@@ -248,17 +238,19 @@ std::vector<at::Tensor> re_attention_cpu_bn_gram(const at::Tensor& q, const at::
   const auto dopts = q.options().dtype(at::kDouble);
   at::Tensor softmax_stats = at::empty({2, p.B, p.H, p.Nq}, q.options().dtype(acc));
   at::Tensor s1 = at::empty({Hm, p.H}, dopts), gram = at::empty({Hm, p.H, p.H}, dopts), count = at::empty({Hm}, dopts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "re_attention_cpu_bn_gram", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "re_attention_cpu_gram_sums", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    reattn::cpu::bn_gram_stats<scalar_t, acc_t>(p, view_of(q), view_of(k), static_cast<acc_t>(kappa),
-                                                softmax_stats.data_ptr<acc_t>(), s1.data_ptr<double>(),
-                                                gram.data_ptr<double>(), count.data_ptr<double>());
+    reattn::cpu::gram_sums<scalar_t, acc_t>(p, view_of(q), view_of(k), static_cast<acc_t>(shift),
+                                            softmax_stats.data_ptr<acc_t>(), s1.data_ptr<double>(),
+                                            gram.data_ptr<double>(), count.data_ptr<double>());
   });
   return {softmax_stats, s1, gram, count};
 }
 
-// The backward's per-head sums over this call's entries: [2, H] float64, rows sum(dA) and sum(dA * Xhat).
-at::Tensor re_attention_cpu_bn_grad_sums(const at::Tensor& grad_out, const at::Tensor& R, const at::Tensor& U) {
+// The backward's per-head sums over this call's entries: [2, H] float64, rows sum(dN * Xhat) and sum(dN), with
+// dN = out_scale * dA the gradient w.r.t. the norm's output.
+at::Tensor re_attention_cpu_bn_grad_sums(const at::Tensor& grad_out, const at::Tensor& R, const at::Tensor& U,
+                                         double out_scale) {
   TORCH_CHECK(grad_out.dim() == 4, "re_attention_cpu: grad_out must be [B, H, Nq, D], got ", grad_out.sizes());
   TORCH_CHECK(R.sizes() == grad_out.sizes() && U.sizes() == R.sizes() && R.is_contiguous() && U.is_contiguous() &&
                   R.scalar_type() == acc_type_of(grad_out) && U.scalar_type() == R.scalar_type(),
@@ -269,6 +261,7 @@ at::Tensor re_attention_cpu_bn_grad_sums(const at::Tensor& grad_out, const at::T
   p.H = grad_out.size(1);
   p.Nq = grad_out.size(2);
   p.D = grad_out.size(3);
+  p.out_scale = out_scale;
   at::Tensor sums = at::empty({2, p.H}, grad_out.options().dtype(at::kDouble));
   const auto dtype = grad_out.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "re_attention_cpu_bn_grad_sums", [&] {
@@ -280,8 +273,8 @@ at::Tensor re_attention_cpu_bn_grad_sums(const at::Tensor& grad_out, const at::T
 }
 
 // Returns (dq, dk, dv in q's dtype; d_mix_weight [H,H], d_mix_bias, d_norm_weight, d_norm_bias [H] in float64).
-// bn_sums (norm 2): re_attention_cpu_bn_grad_sums' [2, H] summed over every process; then d_norm_weight and
-// d_norm_bias come back zero (the caller has them: out_scale times its own sums).
+// bn_grad_sums (norm 2): re_attention_cpu_bn_grad_sums' [2, H] summed over every process; then d_norm_weight and
+// d_norm_bias come back zero (the caller has them: its own sums).
 std::vector<at::Tensor> re_attention_cpu_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& mix_weight, const c10::optional<at::Tensor>& mix_bias,
@@ -289,7 +282,7 @@ std::vector<at::Tensor> re_attention_cpu_backward(
     const c10::optional<at::Tensor>& attn_mask, const at::Tensor& softmax_stats, const at::Tensor& R,
     const at::Tensor& U,
     const at::Tensor& stats, double scale, double out_scale, int64_t norm, double eps, double dropout_p,
-    int64_t seed, const c10::optional<at::Tensor>& bn_sums) {
+    int64_t seed, const c10::optional<at::Tensor>& bn_grad_sums) {
   check_qkv(q, k, v, mix_weight);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(),
               "re_attention_cpu: grad_out must match q in shape and dtype");
@@ -306,10 +299,11 @@ std::vector<at::Tensor> re_attention_cpu_backward(
   at::Tensor stats_c = stats.to(at::kDouble).contiguous();
   TORCH_CHECK(stats_c.numel() == 3 * p.H, "re_attention_cpu: stats must be [3, H]");
   at::Tensor sums_c;
-  if (given(bn_sums)) {
-    TORCH_CHECK(bn, "re_attention_cpu: bn_sums need norm code 2 (batch, train)");
-    sums_c = bn_sums->to(at::kDouble).contiguous();
-    TORCH_CHECK(sums_c.numel() == 2 * p.H, "re_attention_cpu: bn_sums must be [2, H], got ", bn_sums->sizes());
+  if (given(bn_grad_sums)) {
+    TORCH_CHECK(bn, "re_attention_cpu: bn_grad_sums need norm code 2 (batch, train)");
+    sums_c = bn_grad_sums->to(at::kDouble).contiguous();
+    TORCH_CHECK(sums_c.numel() == 2 * p.H, "re_attention_cpu: bn_grad_sums must be [2, H], got ",
+                bn_grad_sums->sizes());
   }
   at::Tensor W = mix_weight.detach().to(acc).contiguous();
   at::Tensor c = acc_param(mix_bias, acc);
@@ -375,22 +369,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused CPU Re-attention forward (norm 0 none, 1 layer, 2 batch train): [out, softmax_stats [2,B,H,Nq] "
         "(row max, log-sum), R, U, stats]; with softmax_in and stats_in (norm 2) it normalizes with those "
         "statistics (no statistics sweep).");
-  m.def("re_attention_cpu_bn_gram", &re_attention_cpu_bn_gram, pybind11::arg("q"), pybind11::arg("k"),
+  m.def("re_attention_cpu_gram_sums", &re_attention_cpu_gram_sums, pybind11::arg("q"), pybind11::arg("k"),
         pybind11::arg("attn_mask"), pybind11::arg("scale"), pybind11::arg("dropout_p"), pybind11::arg("seed"),
-        pybind11::arg("kappa"),
+        pybind11::arg("shift"),
         "Training BatchNorm statistics sweep as sums that add up over processes: [softmax_stats, s1 [Hm,H], "
-        "gram [Hm,H,H] of X = P~ - kappa over unmasked entries, count [Hm]].");
+        "gram [Hm,H,H] of X = P~ - shift over unmasked entries, count [Hm]].");
   m.def("re_attention_cpu_bn_grad_sums", &re_attention_cpu_bn_grad_sums, pybind11::arg("grad_out"),
-        pybind11::arg("R"), pybind11::arg("U"),
-        "The BatchNorm backward's per-head sums over this call's entries: [2, H] = [sum dA, sum dA*Xhat].");
+        pybind11::arg("R"), pybind11::arg("U"), pybind11::arg("out_scale"),
+        "The BatchNorm backward's per-head sums over this call's entries: [2, H] = [sum dN*Xhat, sum dN], "
+        "dN = out_scale * dA.");
   m.def("re_attention_cpu_backward", &re_attention_cpu_backward, pybind11::arg("grad_out"), pybind11::arg("q"),
         pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("mix_weight"), pybind11::arg("mix_bias"),
         pybind11::arg("norm_weight"), pybind11::arg("norm_bias"), pybind11::arg("attn_mask"),
         pybind11::arg("softmax_stats"),
         pybind11::arg("R"), pybind11::arg("U"), pybind11::arg("stats"), pybind11::arg("scale"),
         pybind11::arg("out_scale"), pybind11::arg("norm"), pybind11::arg("eps"), pybind11::arg("dropout_p"),
-        pybind11::arg("seed"), pybind11::arg("bn_sums") = pybind11::none(),
-        "Fused CPU Re-attention backward: [dq, dk, dv, dW, dc, dgamma, dbeta]; bn_sums (norm 2): the "
+        pybind11::arg("seed"), pybind11::arg("bn_grad_sums") = pybind11::none(),
+        "Fused CPU Re-attention backward: [dq, dk, dv, dW, dc, dgamma, dbeta]; bn_grad_sums (norm 2): the "
         "BatchNorm sums over every process (dgamma, dbeta then come back zero).");
   m.def("dropout_keep_mask", &dropout_keep_mask, pybind11::arg("seed"), pybind11::arg("B"), pybind11::arg("H"),
         pybind11::arg("Nq"), pybind11::arg("Nk"), pybind11::arg("p"),

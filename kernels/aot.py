@@ -65,7 +65,8 @@ def capture_call(call: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16
             gram_sums(q, k, attn_mask, seed, scale=0.125, dropout_p=p, shift=1.0 / n)
         elif call == "backward":
             re_attention_backward(q, q, k, v, w, c, stats, norm=norm, norm_weight=nw, norm_bias=nw,
-                                  batch_stats=torch.empty(4, h, dtype=acc, **meta) if norm == "batch" else None, **kw)
+                                  bn_coefficients=torch.empty(4, h, dtype=acc, **meta) if norm == "batch" else None,
+                                  **kw)
         else:
             re_attention_backward_bn_sums(q, q, k, v, w, c, stats, norm_weight=nw, norm_bias=nw,
                                           batch_stats=torch.empty(2, h, dtype=acc, **meta), **kw)

@@ -498,7 +498,7 @@ def re_attention_backward(
     norm_weight: Optional[torch.Tensor] = None,
     norm_bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
-    batch_stats: Optional[torch.Tensor] = None,
+    bn_coefficients: Optional[torch.Tensor] = None,
     attn_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     seed: Optional[torch.Tensor] = None,
@@ -508,11 +508,12 @@ def re_attention_backward(
 ):
     """Gradients of the fused forward (same arguments, plus ``grad_out`` [B, H, Nq, D] and its ``softmax_stats``).
 
-    norm="batch" (training BatchNorm) also needs ``batch_stats`` [4, H]: the forward's mean and
+    norm="batch" (training BatchNorm) also needs ``bn_coefficients`` [4, H]: the forward's mean and
     1/sqrt(var + eps), then e and f of dM = a dN + e xhat + f (a = gamma / std, e = -a mean(dN xhat),
     f = -a mean(dN), means over the entries the statistics ran over). Those two means come from
     :func:`re_attention_backward_bn_sums`, run first, and summed over every process when the batch
-    is spread across processes: the caller (``reattn.backends._fused``) divides them by the count.
+    is spread across processes: the caller (``reattn._batchnorm.bn_backward_coefficients``) divides
+    them by the count.
     The norm's own gradients are those sums, so d_norm_weight, d_norm_bias come back as None then.
     Returns ``(dq, dk, dv [like q/k/v], d_mix_weight [H, H], d_mix_bias [H] or None, d_norm_weight [H]
     or None, d_norm_bias [H] or None)``; the parameter gradients are float32 (float64 for float64
@@ -526,10 +527,10 @@ def re_attention_backward(
     device = q.device
     acc = accumulator_dtype(q)
     if norm == "batch":
-        if batch_stats is None or batch_stats.shape != (4, H):
-            raise ValueError("re_attention_backward: norm='batch' needs batch_stats [4, H] (mean, 1/std, e, f), got "
-                             f"{None if batch_stats is None else tuple(batch_stats.shape)}")
-        bn = batch_stats.to(acc).contiguous()
+        if bn_coefficients is None or bn_coefficients.shape != (4, H):
+            raise ValueError("re_attention_backward: norm='batch' needs bn_coefficients [4, H] (mean, 1/std, e, f), "
+                             f"got {None if bn_coefficients is None else tuple(bn_coefficients.shape)}")
+        bn = bn_coefficients.to(acc).contiguous()
     else:
         bn = mix_weight  # unread placeholder
     zeros_h = torch.zeros((H,), dtype=acc, device=device)
@@ -630,7 +631,7 @@ def re_attention_backward_bn_sums(
     dN = out_scale * dO V^T on the unmasked entries, xhat the entries normalized with
     ``batch_stats`` [2, H] (mean, 1/std, the forward's). These are d_norm_weight and d_norm_bias
     of the call, and they add up over processes: summed over every process they give the e, f
-    rows of :func:`re_attention_backward`'s batch_stats. float32 (float64 for float64 inputs).
+    rows of :func:`re_attention_backward`'s bn_coefficients. float32 (float64 for float64 inputs).
     """
     B, H, Nq, _ = q.shape
     acc = accumulator_dtype(q)

@@ -3,9 +3,11 @@
 The heads are BatchNorm2d's channels and the [B, Nq, Nk] entries of a head its values. Eval mode is
 a per-head affine map, folded into the head mixing (:func:`fold_batchnorm_eval`); training mode
 normalizes with the batch statistics of the kept (unmasked) entries, which the fused backends get
-from sums (:func:`gram_batch_statistics`, or their one-sweep moments), and updates the running
-statistics as ``nn.BatchNorm2d`` does (:func:`update_running_stats`). The derivations are in
-docs/math.md. Pure tensor math: nothing here imports the rest of ``reattn``.
+from sums (:func:`gram_batch_statistics`, or :func:`moment_statistics` of their one-sweep moments),
+and updates the running statistics as ``nn.BatchNorm2d`` does (:func:`update_running_stats`). The
+kernels read the statistics as :func:`batch_stats` (forward) and :func:`bn_backward_coefficients`
+(backward). The derivations are in docs/math.md. Pure tensor math: nothing here imports the rest
+of ``reattn``.
 """
 from __future__ import annotations
 
@@ -28,8 +30,13 @@ def kept_entries(attn_mask: Tensor) -> Tensor:
     return attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
 
 
+def mask_heads(attn_mask: Optional[Tensor], H: int) -> int:
+    """Hm: how many heads' sets of kept entries a mask defines (H for a float mask with a head dim > 1, else 1)."""
+    return H if attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1 else 1
+
+
 def gram_shift(n_keys: int) -> float:
-    """The shift kappa of X = P~ - kappa: 1/Nk rounded to float32, exact in fp32 kernels and fp64 formulas.
+    """The shift of X = P~ - shift: 1/Nk rounded to float32, exact in fp32 kernels and fp64 formulas.
 
     Without dropout or masks every row of P sums to 1, so s1 = 0 and the variance is a sum of
     squares rather than the difference of two nearly equal numbers (which fp32 would lose).
@@ -63,6 +70,17 @@ def check_counts(count: Tensor, where: str = "") -> None:
         if count.dim() == 0:
             raise ValueError(f"{COUNT_MESSAGE}{where}; unmasked count per head: {int(count)}")
         raise ValueError(f"{COUNT_MESSAGE}{where}; unmasked counts per head: {[int(c) for c in count.tolist()]}")
+
+
+def moment_statistics(s1: Tensor, s2: Tensor, count: Tensor) -> Tuple[Tensor, Tensor]:
+    """Mean and biased variance per head from the sum ``s1`` and sum of squares ``s2`` of ``count`` values.
+
+    The variance is clamped at 0 (the difference of two rounded numbers can dip below it). It is
+    accurate when the values are centred, their mean small against their spread: the fused
+    backends sum values shifted by the no-mask mean (docs/math.md, "Training BatchNorm in one sweep").
+    """
+    mean = s1 / count
+    return mean, (s2 / count - mean * mean).clamp_min(0.0)
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: Tensor,
@@ -114,16 +132,16 @@ def fold_batchnorm_eval(
 
 
 def gram_batch_statistics(
-    mix_weight: Tensor, mix_bias: Optional[Tensor], s1: Tensor, gram: Tensor, count: Tensor, kappa: float,
+    mix_weight: Tensor, mix_bias: Optional[Tensor], s1: Tensor, gram: Tensor, count: Tensor, shift: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-head mean, biased variance and count of M = W P̃ + c from Gram-matrix sums (float64).
 
-    ``s1`` [Hm, H] = Σ X, ``gram`` [Hm, H, H] = Σ X Xᵀ and ``count`` [Hm] with X = P̃ - ``kappa``
-    over the unmasked entries (zero on masked ones), summed over every process: Hm = 1 when all
-    heads share the entries, Hm = H when head g's statistics run over its own entries (row g).
-    Since M_g - c_g - κ Σ_h W[g, h] = (W X)_g on those entries,
+    ``s1`` [Hm, H] = Σ X, ``gram`` [Hm, H, H] = Σ X Xᵀ and ``count`` [Hm] with X = P̃ - ``shift``
+    (:func:`gram_shift`) over the unmasked entries (zero on masked ones), summed over every process:
+    Hm = 1 when all heads share the entries, Hm = H when head g's statistics run over its own
+    entries (row g). Since M_g - c_g - shift Σ_h W[g, h] = (W X)_g on those entries,
 
-        mean_g = c_g + κ Σ_h W[g, h] + (W s1)_g / n_g
+        mean_g = c_g + shift Σ_h W[g, h] + (W s1)_g / n_g
         var_g  = (W G Wᵀ)_gg / n_g - ((W s1)_g / n_g)²          (clamped at 0)
 
     Without masks or dropout every row of P sums to one, so s1 ≈ 0 and the variance is a sum of
@@ -137,8 +155,31 @@ def gram_batch_statistics(
     gram = gram.to(torch.float64).expand(H, H, H)
     n = count.to(torch.float64).expand(H)
     w_s1 = (w * s1).sum(dim=1) / n
-    mean = kappa * w.sum(dim=1) + w_s1
+    mean = shift * w.sum(dim=1) + w_s1
     if mix_bias is not None:
         mean = mean + mix_bias.to(torch.float64)
     var = torch.einsum("gh,ghk,gk->g", w, gram, w) / n - w_s1 * w_s1
     return mean, var.clamp_min(0.0), n.clone()
+
+
+def batch_stats(stats: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """The kernels' forward statistics [2, H] = (mean, 1/sqrt(var + eps)) in ``dtype`` (the accumulation
+    dtype) from the [3, H] float64 statistics (mean, biased variance, count); 1/sqrt in float64, rounded once."""
+    return torch.stack([stats[0], torch.rsqrt(stats[1] + eps)]).to(dtype).contiguous()
+
+
+def bn_backward_coefficients(stats: Tensor, eps: float, norm_weight: Optional[Tensor], bn_grad_sums: Tensor,
+                             dtype: torch.dtype) -> Tensor:
+    """[4, H] (mean, 1/std, e, f) in ``dtype``: what training BatchNorm's backward kernels normalize with.
+
+    dM = a dN + e xhat + f with a = gamma / std, e = -a mean(dN xhat), f = -a mean(dN) (docs/math.md,
+    "Through V and the norm"), the means over the entries the statistics ran over: ``bn_grad_sums``
+    [2, H] (sum dN xhat, sum dN) and the count ``stats[2]`` must cover the same entries (this
+    process's, or every process's summed). 1/std is the forward's, rounded to ``dtype`` as the
+    forward read it (:func:`batch_stats`); e and f are formed in float64.
+    """
+    rows = batch_stats(stats, eps, dtype).to(torch.float64)
+    a = rows[1] if norm_weight is None else rows[1] * norm_weight.to(torch.float64)
+    sums = bn_grad_sums.to(torch.float64)
+    e, f = -a * sums[0] / stats[2], -a * sums[1] / stats[2]
+    return torch.cat([rows, e[None], f[None]]).to(dtype).contiguous()

@@ -11,6 +11,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from reattn._batchnorm import COUNT_MESSAGE
+
 NORMS = ("none", "batch", "layer")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -122,8 +124,7 @@ def check_re_attention(
             raise ValueError("re_attention: norm='batch' with training=False normalizes with running statistics: "
                              "pass running_mean and running_var [H]")
         if training and attn_mask is None and B * Nq * Nk <= 1:
-            raise ValueError(f"re_attention: norm='batch' in training needs more than one value per head, "
-                             f"got B*Nq*Nk = {B * Nq * Nk}")
+            raise ValueError(f"{COUNT_MESSAGE}; got B*Nq*Nk = {B * Nq * Nk}")
 
     momentum = _real_in("momentum", momentum, 0.0, 1.0, "in [0, 1]")
     eps = _real_in("eps", eps, 0.0, math.inf, "> 0 and finite", low_open=True, high_open=True)

@@ -11,15 +11,15 @@ What crosses the wire is tiny and does not depend on the sequence length:
 * the eager backend all-reduces, per head, the sum of M, the sum of M² and the entry count
   (3H numbers, accumulated in float64), and autograd carries the gradients back through them;
 * the fused CPU backend (``backend="cpu"``) never forms M: its statistics sweep accumulates the
-  Gram matrix G = Σ X Xᵀ [H, H] of X = P̃ - κ (κ = 1/Nk), the sum s = Σ X [H] and the count n
+  Gram matrix G = Σ X Xᵀ [H, H] of X = P̃ - shift (shift = 1/Nk), the sum s = Σ X [H] and the count n
   over the unmasked entries, which add up over processes where mean and variance do not; one
   all-reduce of these H² + H + 1 numbers (H times as many with a per-head float mask, whose heads
-  each have their own entries) gives μ = c + κ W1 + W s/n and σ² = diag(W G Wᵀ)/n - (W s/n)²
+  each have their own entries) gives μ = c + shift W1 + W s/n and σ² = diag(W G Wᵀ)/n - (W s/n)²
   (:func:`gram_batch_statistics`; docs/math.md, "BatchNorm statistics through the Gram matrix").
-  Its backward all-reduces the two per-head sums the BatchNorm backward needs, Σ dA and Σ dA·x̂
+  Its backward all-reduces the two per-head sums the BatchNorm backward needs, Σ dN·x̂ and Σ dN
   (2H numbers), exactly what ``nn.SyncBatchNorm``'s backward all-reduces, before its main sweep.
 
-The GPU backends (Triton, CUDA C++) synchronize the same way (``reattn.backends._fused``): their
+The GPU backends (Triton, CUDA C++) synchronize the same way (``reattn.backends._ladder``): their
 statistics sweeps return the same Gram sums, with one mask for all heads (the Hm = 1 case of
 :func:`gram_batch_statistics`; a per-head mask with training BatchNorm is refused with a reason,
 synchronized or not), and their backward's first sweep the same two sums per head.

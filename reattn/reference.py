@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from reattn._batchnorm import COUNT_MESSAGE, check_counts, kept_entries, update_running_stats
+from reattn._batchnorm import COUNT_MESSAGE, check_counts, kept_entries, moment_statistics, update_running_stats
 from reattn._collectives import all_reduce_sum
 
 
@@ -80,8 +80,7 @@ def _synced_batch_norm_train(
     total, total_sq, count = all_reduce_sum(
         [wide.sum(dim=(0, 2, 3)), wide.square().sum(dim=(0, 2, 3)), count], group)
     check_counts(count, " over all processes")
-    mean = total / count
-    var = (total_sq / count - mean.square()).clamp_min(0)
+    mean, var = moment_statistics(total, total_sq, count)
     return _normalize_with_batch_stats(m, mean, var, count, weight, bias, running_mean, running_var, momentum, eps)
 
 

@@ -91,7 +91,7 @@ def penalty_gradients(backend, mode, replay_of=None):
     keep = None
     torch.manual_seed(7)
     if replay_of is not None and MODES[mode].get("dropout_p"):
-        from reattn.backends._fused import draw_dropout_seed
+        from reattn.backends._ladder import draw_dropout_seed
 
         B, H, N, _ = t["q"].shape
         keep = keep_mask(replay_of, draw_dropout_seed(torch.device("cpu")), (B, H, N, N), MODES[mode]["dropout_p"])
@@ -116,7 +116,7 @@ def test_double_backward_matches_eager(backend, mode):
 
 
 def test_double_backward_through_synchronized_batchnorm_is_refused():
-    from reattn.backends._fused import eager_double_backward
+    from reattn.backends._ladder import eager_double_backward
 
     t, _ = problem()
     args = [t[n].detach() for n in NAMES]

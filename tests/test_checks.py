@@ -97,7 +97,7 @@ def test_real_numbers_of_any_kind_are_accepted(number):
 
 
 def test_batchnorm_training_needs_more_than_one_value_per_head():
-    with pytest.raises(ValueError, match="more than one value per head"):
+    with pytest.raises(ValueError, match="more than one unmasked value per head"):
         reattn.re_attention(**good(q=torch.randn(1, H, 1, D), k=torch.randn(1, H, 1, D), v=torch.randn(1, H, 1, D)),
                             norm="batch", training=True)
     mask = torch.zeros(B, 1, N, N + 1, dtype=torch.bool)

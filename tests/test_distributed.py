@@ -33,7 +33,7 @@ B_LOCAL = 2
 H, NQ, NK, D = 3, 5, 6, 4
 DIM, HEADS, TOKENS = 16, 4, 7
 
-HAS_CPU_KERNEL = _C is not None and hasattr(_C, "re_attention_cpu_bn_gram")
+HAS_CPU_KERNEL = _C is not None and hasattr(_C, "re_attention_cpu_gram_sums")
 FUSED = ("cpu", "triton", "cuda")  # the backends with kernels of their own (sweeps run in separate steps)
 GPU_STYLE = ("triton", "cuda")     # their training BatchNorm needs one mask for all heads
 # Why a backend cannot run this file's synchronized cases on CPU tensors here (None: it can). The
@@ -412,8 +412,7 @@ def test_synchronized_statistics_under_torch_compile(ranks, backend):
 
 # The cpu kernel counts per mask head (Hm = 1 here: one count for every head); the Triton and CUDA
 # backends count once for all heads.
-COUNTS = {"cpu": r"unmasked counts per head: \[1, 1, 1\]", "triton": "unmasked count per head: 1",
-          "cuda": "unmasked count per head: 1"}
+COUNTS = {backend: r"unmasked counts per head: \[1, 1, 1\]" for backend in FUSED}  # one wording for every backend
 
 
 @fused_backends
@@ -539,7 +538,7 @@ def test_gram_batch_statistics_give_the_moments_of_the_mixed_map(per_head):
     w = torch.randn(Hh, Hh, generator=g, dtype=torch.float64)
     c = torch.randn(Hh, generator=g, dtype=torch.float64)
     keep = torch.rand(B, Hh if per_head else 1, Nq, Nk, generator=g) > 0.3
-    kappa = 1.0 / Nk
+    shift = 1.0 / Nk
     m = torch.einsum("gh,bhij->bgij", w, probs) + c.view(1, Hh, 1, 1)
     kept = keep.expand(B, Hh, Nq, Nk)
     n = kept.sum(dim=(0, 2, 3)).double()
@@ -547,13 +546,13 @@ def test_gram_batch_statistics_give_the_moments_of_the_mixed_map(per_head):
     var = ((m - mean.view(1, Hh, 1, 1)).masked_fill(~kept, 0) ** 2).sum(dim=(0, 2, 3)) / n
 
     def sums(part):  # what one process's sweep accumulates
-        x = torch.where(keep[part].unsqueeze(2), (probs[part] - kappa).unsqueeze(1), 0.0)  # [b, Hm, H, Nq, Nk]
+        x = torch.where(keep[part].unsqueeze(2), (probs[part] - shift).unsqueeze(1), 0.0)  # [b, Hm, H, Nq, Nk]
         x = x.transpose(0, 1).transpose(1, 2).reshape(keep.shape[1], Hh, -1)               # [Hm, H, entries]
         return x.sum(-1), x @ x.transpose(-1, -2), keep[part].transpose(0, 1).reshape(keep.shape[1], -1).sum(-1)
 
     halves = [sums(slice(0, 2)), sums(slice(2, 4))]
     s1, gram, count = (a.double() + b.double() for a, b in zip(*halves))  # the all-reduce
-    got_mean, got_var, got_n = gram_batch_statistics(w, c, s1, gram, count, kappa)
+    got_mean, got_var, got_n = gram_batch_statistics(w, c, s1, gram, count, shift)
     torch.testing.assert_close(got_n, n, rtol=0, atol=0)
     torch.testing.assert_close(got_mean, mean, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(got_var, var, rtol=1e-12, atol=1e-13)

@@ -272,5 +272,5 @@ def test_empty_batch_or_queries_give_the_empty_result(backend, norm, training, e
         for name in ("k", "v", "mix_weight"):
             assert t[name].grad is not None and not t[name].grad.any(), name
     # training BatchNorm over no entry is refused, as over one entry
-    with pytest.raises(ValueError, match="more than one value per head"):
+    with pytest.raises(ValueError, match="more than one unmasked value per head"):
         reattn.re_attention(**call_args(t, "batch", True), backend=backend)

@@ -13,17 +13,17 @@
 //
 // Training-mode BatchNorm: one sweep. The norm is a per-head affine map of M, applied after the
 // statistics are known, so it commutes with the product by V: the sweep accumulates per head the sum
-// and sum of squares of X = M - c - shift over the unmasked entries (shift = the no-mask mean, sums
+// and sum of squares of X = M - c - center over the unmasked entries (center = the no-mask mean, sums
 // reduced in double) and stores R' = X V and U = 1_unmasked V ([B, H, Nq, D]); a pass over those then
 // gives R = Xhat V = rstd (R' - mean(X) U) and O = tau*gamma*R + tau*beta*U. R and U are saved: the
-// backward gets sum(dA) = <dO, U>, sum(dA Xhat) = <dO, R> without another sweep (docs/math.md,
+// backward gets sum(dN Xhat) = tau <dO, R>, sum(dN) = tau <dO, U> without another sweep (docs/math.md,
 // "Through V and the norm").
 //
-// Statistics synchronized across processes (SyncBatchNorm semantics): bn_gram_stats accumulates sums
-// that add up over processes, the Gram-matrix sums of X = P~ - 1/Nk (H^2 + H + 1 numbers, the math
-// note's formulation, which serves every W); the caller all-reduces them, turns them into mean and
+// Statistics synchronized across processes (SyncBatchNorm semantics): gram_sums accumulates sums
+// that add up over processes, the Gram-matrix sums of X = P~ - shift, shift = 1/Nk (H^2 + H + 1
+// numbers, docs/math.md's formulation, which serves every W); the caller all-reduces them, turns them into mean and
 // variance and runs the forward's main sweep with those (given_stats). The backward's two
-// per-head sums (bn_grad_sums) are all-reduced the same way before its main sweep (bn_sums).
+// per-head sums (bn_grad_sums) are all-reduced the same way before its main sweep (sums_in).
 //
 // dK, dV: a task adds into per-chunk accumulators for its batch element; they are flushed (under a
 // per-batch lock) into the caller's zeroed fp32/fp64 buffers when the chunk moves to another batch
@@ -320,15 +320,16 @@ const acc_t* mask_of_head(const ReAttnParams& p, const acc_t* madd, int64_t g, i
   return madd == nullptr ? nullptr : madd + (p.mask_heads > 1 ? g : 0) * E;
 }
 
-// Batch-norm statistics per head as acc_t: mean (including c), rstd.
+// Training BatchNorm's statistics per head as the kernels read them, in acc_t: mean (including c) and
+// rstd = 1/sqrt(var + eps), from stats [3, H] (mean, biased variance, count) in double.
 template <typename acc_t>
-struct BNStats {
+struct BatchStats {
   std::vector<acc_t> mean, rstd;
 };
 
 template <typename acc_t>
-BNStats<acc_t> bn_stats(const ReAttnParams& p, const double* stats) {
-  BNStats<acc_t> s{std::vector<acc_t>(p.H), std::vector<acc_t>(p.H)};
+BatchStats<acc_t> batch_stats(const ReAttnParams& p, const double* stats) {
+  BatchStats<acc_t> s{std::vector<acc_t>(p.H), std::vector<acc_t>(p.H)};
   for (int64_t g = 0; g < p.H; ++g) {
     s.mean[g] = static_cast<acc_t>(stats[g]);
     s.rstd[g] = static_cast<acc_t>(1.0 / std::sqrt(stats[p.H + g] + p.eps));
@@ -340,7 +341,7 @@ BNStats<acc_t> bn_stats(const ReAttnParams& p, const double* stats) {
 // the normalized y into Y (layer / batch), per-entry rstd into rstd_e (layer).
 template <typename acc_t>
 void mix_and_norm(const ReAttnParams& p, const acc_t* W, const acc_t* c, const acc_t* gamma, const acc_t* beta,
-                  const BNStats<acc_t>* bn, const acc_t* Pd, const acc_t* madd, int64_t E, acc_t* Mb, acc_t* Y,
+                  const BatchStats<acc_t>* bn, const acc_t* Pd, const acc_t* madd, int64_t E, acc_t* Mb, acc_t* Y,
                   acc_t* rstd_e, acc_t* mu_e) {
   const int64_t H = p.H;
   const acc_t tau = static_cast<acc_t>(p.out_scale);
@@ -371,17 +372,17 @@ struct Tasks {
   }
 };
 
-// The per-head shift of training BatchNorm's moments: sum_h W[g, h] / Nk, the exact mean of (W P)_g
-// without mask or dropout, so the shifted values are centred and their sums cancel little.
+// The per-head center of training BatchNorm's moments: sum_h W[g, h] / Nk, the exact mean of (W P)_g
+// without mask or dropout, so the centred values' sums cancel little.
 template <typename acc_t>
-std::vector<acc_t> moment_shift(const ReAttnParams& p, const acc_t* W) {
-  std::vector<acc_t> shift(p.H);
+std::vector<acc_t> moment_center(const ReAttnParams& p, const acc_t* W) {
+  std::vector<acc_t> center(p.H);
   for (int64_t g = 0; g < p.H; ++g) {
     acc_t w = 0;
     for (int64_t h = 0; h < p.H; ++h) w += W[g * p.H + h];
-    shift[g] = w / static_cast<acc_t>(p.Nk);
+    center[g] = w / static_cast<acc_t>(p.Nk);
   }
-  return shift;
+  return center;
 }
 
 }  // namespace
@@ -392,20 +393,20 @@ void re_attention_forward(const ReAttnParams& p, View4 q, View4 k, View4 v, cons
                           acc_t* U, double* stats, bool given_stats) {
   const Tasks tasks(p);
   const int64_t H = p.H, Nk = p.Nk, D = p.D;
-  const bool softmax_given = given_stats && p.norm == kNormBatchTrain;  // bn_gram_stats wrote them
+  const bool softmax_given = given_stats && p.norm == kNormBatchTrain;  // gram_sums wrote them
   // Training BatchNorm with its own statistics: one sweep. The norm is a per-head affine map of M, so
-  // it commutes with the product by V: the sweep stores R' = (X masked) V with X = M - c - shift and
+  // it commutes with the product by V: the sweep stores R' = (X masked) V with X = M - c - center and
   // U = 1_unmasked V while summing the moments of X; once the statistics are known,
   // R = Xhat V = rstd (R' - mean(X) U) and O = tau gamma R + tau beta U, an O(B H Nq D) pass. Xhat
   // differs from X by a per-head constant only, so this is the eager (M - mean) rstd up to rounding.
   const bool one_sweep_bn = p.norm == kNormBatchTrain && !given_stats;
-  BNStats<acc_t> bn;
+  BatchStats<acc_t> bn;
   if (softmax_given) {
     for (int64_t g = 0; g < H; ++g)
       if (stats[2 * H + g] <= 1) return;
-    bn = bn_stats<acc_t>(p, stats);
+    bn = batch_stats<acc_t>(p, stats);
   }
-  const std::vector<acc_t> shift = one_sweep_bn ? moment_shift(p, W) : std::vector<acc_t>();
+  const std::vector<acc_t> center = one_sweep_bn ? moment_center(p, W) : std::vector<acc_t>();
   std::vector<double> s1(H, 0.0), s2(H, 0.0), cnt(H, 0.0);
   std::mutex lock;
   const acc_t tau = static_cast<acc_t>(p.out_scale);
@@ -440,7 +441,7 @@ void re_attention_forward(const ReAttnParams& p, View4 q, View4 k, View4 v, cons
       if (one_sweep_bn) {
         gemm<acc_t>(false, false, H, E, H, acc_t(1), W, H, P, E, acc_t(0), Mb, E);
         for (int64_t g = 0; g < H; ++g) {
-          vec::center_moments<acc_t>(Mb + g * E, mask_of_head(p, md, g, E), E, shift[g], &l1[g], &l2[g],
+          vec::center_moments<acc_t>(Mb + g * E, mask_of_head(p, md, g, E), E, center[g], &l1[g], &l2[g],
                                      &lc[g]);
         }
       } else {
@@ -485,13 +486,13 @@ void re_attention_forward(const ReAttnParams& p, View4 q, View4 k, View4 v, cons
   for (int64_t g = 0; g < H; ++g) {
     const double n = cnt[g], m = s1[g] / n;
     mean_x[g] = static_cast<acc_t>(m);
-    stats[g] = m + static_cast<double>(shift[g]) + static_cast<double>(c[g]);
+    stats[g] = m + static_cast<double>(center[g]) + static_cast<double>(c[g]);
     stats[H + g] = std::max(0.0, s2[g] / n - m * m);
     stats[2 * H + g] = n;
   }
   for (int64_t g = 0; g < H; ++g)
     if (cnt[g] <= 1) return;
-  bn = bn_stats<acc_t>(p, stats);
+  bn = batch_stats<acc_t>(p, stats);
   at::parallel_for(0, p.B * H * p.Nq, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, D)), [&](int64_t begin,
                                                                                                  int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -511,8 +512,8 @@ void re_attention_forward(const ReAttnParams& p, View4 q, View4 k, View4 v, cons
 }
 
 template <typename scalar_t, typename acc_t>
-void bn_gram_stats(const ReAttnParams& p, View4 q, View4 k, acc_t kappa, acc_t* softmax_stats, double* s1,
-                   double* gram, double* count) {
+void gram_sums(const ReAttnParams& p, View4 q, View4 k, acc_t shift, acc_t* softmax_stats, double* s1,
+               double* gram, double* count) {
   const Tasks tasks(p);
   const int64_t H = p.H, Nk = p.Nk, D = p.D;
   const int64_t Hm = p.mask ? p.mask_heads : 1;  // one set of sums per distinct mask head
@@ -548,11 +549,11 @@ void bn_gram_stats(const ReAttnParams& p, View4 q, View4 k, acc_t kappa, acc_t* 
         for (int64_t h = 0; h < H; ++h) {
           double unused = 0, cnt = 0;
           // s1 over the unmasked entries in 256-entry blocks of acc_t, then double (as the forward's moments).
-          vec::moments<acc_t>(P + h * E, mm, E, kappa, &s1_l[m * H + h], &unused, &cnt);
+          vec::moments<acc_t>(P + h * E, mm, E, shift, &s1_l[m * H + h], &unused, &cnt);
           if (h == 0) count_l[m] += cnt;
           acc_t* xh = X + h * E;
           std::copy(P + h * E, P + (h + 1) * E, xh);
-          vec::affine<acc_t>(xh, E, acc_t(1), -kappa);
+          vec::affine<acc_t>(xh, E, acc_t(1), -shift);
           if (mm != nullptr) vec::zero_masked<acc_t>(xh, mm, E);  // masked entries are not in the batch
         }
         for (int64_t e0 = 0; e0 < E; e0 += kGramChunk) {
@@ -571,7 +572,8 @@ void bn_gram_stats(const ReAttnParams& p, View4 q, View4 k, acc_t kappa, acc_t* 
 
 template <typename scalar_t, typename acc_t>
 void bn_grad_sums(const ReAttnParams& p, View4 dout, const acc_t* R, const acc_t* U, double* sums) {
-  // sum(dA) = <dO, U>, sum(dA y) = <dO, R> per head, over all (b, i, d): O(B H Nq D), no sweep over keys.
+  // With dN = tau dA and dA = dO V^T summed over a row's kept keys: sum(dN y) = tau <dO, R>,
+  // sum(dN) = tau <dO, U> per head, over all (b, i, d): O(B H Nq D), no sweep over keys.
   // One head per task: every sum is added in the same order whatever the thread count (deterministic).
   const int64_t H = p.H, Nq = p.Nq, D = p.D;
   at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
@@ -591,8 +593,8 @@ void bn_grad_sums(const ReAttnParams& p, View4 dout, const acc_t* R, const acc_t
           s_u += a1;
           s_r += a2;
         }
-      sums[g] = s_u;
-      sums[H + g] = s_r;
+      sums[g] = p.out_scale * s_r;
+      sums[H + g] = p.out_scale * s_u;
     }
   });
 }
@@ -601,29 +603,31 @@ template <typename scalar_t, typename acc_t>
 void re_attention_backward(const ReAttnParams& p, View4 dout, View4 q, View4 k, View4 v, const acc_t* W,
                            const acc_t* c, const acc_t* gamma, const acc_t* beta, const acc_t* softmax_stats,
                            const acc_t* R, const acc_t* U, const double* stats, scalar_t* dq, acc_t* dk, acc_t* dv,
-                           double* dW, double* dc, double* dgamma, double* dbeta, const double* bn_sums) {
+                           double* dW, double* dc, double* dgamma, double* dbeta, const double* sums_in) {
   const Tasks tasks(p);
   const int64_t H = p.H, Nk = p.Nk, D = p.D, Nq = p.Nq;
   const acc_t tau = static_cast<acc_t>(p.out_scale);
-  BNStats<acc_t> bn;
+  BatchStats<acc_t> bn;
   std::vector<acc_t> k1(H), k2(H), k3(H);
   if (p.norm == kNormBatchTrain) {
-    bn = bn_stats<acc_t>(p, stats);
+    bn = batch_stats<acc_t>(p, stats);
     std::vector<double> own;
-    if (bn_sums == nullptr) {
+    if (sums_in == nullptr) {
       own.resize(2 * H);
       bn_grad_sums<scalar_t, acc_t>(p, dout, R, U, own.data());
     }
-    const double* sums = bn_sums != nullptr ? bn_sums : own.data();
+    const double* sums = sums_in != nullptr ? sums_in : own.data();
+    // dM = a dN + e y + f with a = gamma rstd, e = -a sum(dN y) / n, f = -a sum(dN) / n (docs/math.md);
+    // here per unit of dA (dN = tau dA): k1 = tau a, k2 = e, k3 = f.
     for (int64_t g = 0; g < H; ++g) {
-      const double n = stats[2 * H + g], sda = sums[g], sday = sums[H + g];
-      const double kk1 = p.out_scale * (gamma ? static_cast<double>(gamma[g]) : 1.0) * static_cast<double>(bn.rstd[g]);
-      k1[g] = static_cast<acc_t>(kk1);
-      k2[g] = static_cast<acc_t>(-kk1 * sday / n);
-      k3[g] = static_cast<acc_t>(-kk1 * sda / n);
-      if (bn_sums == nullptr) {  // given global sums, the caller adds tau times its own
-        dgamma[g] += p.out_scale * sday;
-        dbeta[g] += p.out_scale * sda;
+      const double n = stats[2 * H + g], sum_dn_y = sums[g], sum_dn = sums[H + g];
+      const double a = (gamma ? static_cast<double>(gamma[g]) : 1.0) * static_cast<double>(bn.rstd[g]);
+      k1[g] = static_cast<acc_t>(p.out_scale * a);
+      k2[g] = static_cast<acc_t>(-a * sum_dn_y / n);
+      k3[g] = static_cast<acc_t>(-a * sum_dn / n);
+      if (sums_in == nullptr) {  // given global sums, the caller has its own share
+        dgamma[g] += sum_dn_y;
+        dbeta[g] += sum_dn;
       }
     }
   }
@@ -747,7 +751,7 @@ const char* gemm_backend_name() {
 #define REATTN_INSTANTIATE_RA(S, A)                                                                             \
   template void re_attention_forward<S, A>(const ReAttnParams&, View4, View4, View4, const A*, const A*,      \
                                            const A*, const A*, S*, A*, A*, A*, double*, bool);                 \
-  template void bn_gram_stats<S, A>(const ReAttnParams&, View4, View4, A, A*, double*, double*, double*);     \
+  template void gram_sums<S, A>(const ReAttnParams&, View4, View4, A, A*, double*, double*, double*);         \
   template void bn_grad_sums<S, A>(const ReAttnParams&, View4, const A*, const A*, double*);                 \
   template void re_attention_backward<S, A>(const ReAttnParams&, View4, View4, View4, View4, const A*,        \
                                             const A*, const A*, const A*, const A*, const A*, const A*,        \

@@ -271,10 +271,10 @@ REATTN_CLONES void layernorm_heads_bwd(T* da, const T* y, const T* rstd, T* t1, 
   }
 }
 
-// Sums of x - shift over the unmasked entries, in blocks of 256 in T, then double: ~1e-7 relative per
-// block for float, no drift over millions. kWrite: also store x - shift back (0 where masked).
+// Sums of x - center over the unmasked entries, in blocks of 256 in T, then double: ~1e-7 relative per
+// block for float, no drift over millions. kWrite: also store x - center back (0 where masked).
 template <bool kWrite, typename T>
-REATTN_INLINE void shifted_moments(T* x, const T* madd, int64_t n, T shift, double* s1, double* s2, double* count) {
+REATTN_INLINE void centered_moments(T* x, const T* madd, int64_t n, T center, double* s1, double* s2, double* count) {
   constexpr int64_t kBlock = 256;
   const T ninf = -std::numeric_limits<T>::infinity();
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
@@ -286,7 +286,7 @@ REATTN_INLINE void shifted_moments(T* x, const T* madd, int64_t n, T shift, doub
     for (; j + kLanes <= len; j += kLanes)
       for (int l = 0; l < kLanes; ++l) {
         const T keep = mb == nullptr || mb[j + l] != ninf ? T(1) : T(0);
-        const T d = (xb[j + l] - shift) * keep;
+        const T d = (xb[j + l] - center) * keep;
         if constexpr (kWrite) xb[j + l] = d;
         a1[l] += d;
         a2[l] += d * d;
@@ -300,7 +300,7 @@ REATTN_INLINE void shifted_moments(T* x, const T* madd, int64_t n, T shift, doub
     }
     for (; j < len; ++j) {
       const T keep = mb == nullptr || mb[j] != ninf ? T(1) : T(0);
-      const T d = (xb[j] - shift) * keep;
+      const T d = (xb[j] - center) * keep;
       if constexpr (kWrite) xb[j] = d;
       b1 += d;
       b2 += d * d;
@@ -313,13 +313,13 @@ REATTN_INLINE void shifted_moments(T* x, const T* madd, int64_t n, T shift, doub
 }
 
 template <typename T>
-REATTN_CLONES void moments(const T* x, const T* madd, int64_t n, T shift, double* s1, double* s2, double* count) {
-  shifted_moments<false>(const_cast<T*>(x), madd, n, shift, s1, s2, count);  // reads only
+REATTN_CLONES void moments(const T* x, const T* madd, int64_t n, T center, double* s1, double* s2, double* count) {
+  centered_moments<false>(const_cast<T*>(x), madd, n, center, s1, s2, count);  // reads only
 }
 
 template <typename T>
-REATTN_CLONES void center_moments(T* x, const T* madd, int64_t n, T shift, double* s1, double* s2, double* count) {
-  shifted_moments<true>(x, madd, n, shift, s1, s2, count);
+REATTN_CLONES void center_moments(T* x, const T* madd, int64_t n, T center, double* s1, double* s2, double* count) {
+  centered_moments<true>(x, madd, n, center, s1, s2, count);
 }
 
 template <typename T>

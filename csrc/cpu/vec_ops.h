@@ -60,14 +60,14 @@ template <typename T>
 void layernorm_heads_bwd(T* da, const T* y, const T* rstd, T* t1, T* t2, int64_t H, int64_t E, const T* gamma,
                          T tau, T* dgamma, T* dbeta);
 
-// Accumulate sum(x - shift), sum((x - shift)^2) and the count over unmasked entries (madd may be null).
+// Accumulate sum(x - center), sum((x - center)^2) and the count over unmasked entries (madd may be null).
 template <typename T>
-void moments(const T* x, const T* madd, int64_t n, T shift, double* s1, double* s2, double* count);
+void moments(const T* x, const T* madd, int64_t n, T center, double* s1, double* s2, double* count);
 
-// x = x - shift on unmasked entries, 0 on masked ones (madd may be null), accumulating sum(x), sum(x^2)
+// x = x - center on unmasked entries, 0 on masked ones (madd may be null), accumulating sum(x), sum(x^2)
 // and the count of unmasked entries as moments does: moments' three passes in one.
 template <typename T>
-void center_moments(T* x, const T* madd, int64_t n, T shift, double* s1, double* s2, double* count);
+void center_moments(T* x, const T* madd, int64_t n, T center, double* s1, double* s2, double* count);
 
 // BatchNorm with known statistics: y = (m - mu) * rstd; m = a * y + e.
 template <typename T>

@@ -161,9 +161,9 @@ def _cpu_reason(problem: Problem) -> Optional[str]:
 
     if not hasattr(_C, "re_attention_cpu_forward"):
         return "the compiled extension reattn._C predates the fused CPU kernel; rebuild it (pip install --no-build-isolation -e .)"
-    if not hasattr(_C, "re_attention_cpu_bn_gram"):  # reattn.backends.cpu passes the arguments it added
-        return ("the compiled extension reattn._C predates the fused CPU kernel's synchronized statistics; rebuild it "
-                "(pip install --no-build-isolation -e .)")
+    if not hasattr(_C, "re_attention_cpu_gram_sums"):  # reattn.backends.cpu calls the kernel's current interface
+        return ("the compiled extension reattn._C predates the fused CPU kernel's current interface (gram_sums, "
+                "bn_grad_sums in the backward's convention); rebuild it (pip install --no-build-isolation -e .)")
     if problem.dtype is not None and problem.dtype not in (torch.float32, torch.float64, torch.bfloat16,
                                                            torch.float16):
         return f"the fused CPU kernel supports float32, float64, bfloat16 and float16, got {problem.dtype}"

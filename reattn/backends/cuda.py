@@ -1,13 +1,11 @@
-"""CUDA C++ backend: the fused programs of ``csrc/cuda`` (in ``reattn._C``) behind the ladder of ``_fused``.
+"""CUDA C++ backend: the fused programs of ``csrc/cuda`` (in ``reattn._C``) on the shared op ladder.
 
-``reattn::cuda_forward`` / ``reattn::cuda_backward`` are ``torch.library`` custom ops with fake
-implementations and autograd (see :mod:`reattn.backends._fused`: nothing of size B*H*Nq*Nk is
-saved or written); with ``reattn::cuda_gram_sums`` and ``reattn::cuda_bn_grad_sums`` they also run
-training BatchNorm synchronized across processes (``sync_group``). Local training BatchNorm runs in
-one sweep over the keys: the forward program with norm none also sums the map's moments per head
-(``_C.cuda_forward(..., with_moments=True)``) and ``_fused.one_sweep_batchnorm`` applies the norm to
-X V. Dropout uses Triton's Philox stream, so for one seed the CUDA and Triton backends drop the
-same entries.
+Its ops are ``reattn::cuda_forward``, ``reattn::cuda_backward``, ``reattn::cuda_gram_sums`` and
+``reattn::cuda_bn_grad_sums`` (``_ladder.OpLadder``: nothing of size B*H*Nq*Nk is saved or
+written). Local training BatchNorm runs in one sweep over the keys: the forward program with norm
+none also sums the map's moments per head (``_C.cuda_forward(..., with_moments=True)``) and
+``_fused.one_sweep_batchnorm`` applies the norm to X V. Dropout uses Triton's Philox stream, so for
+one seed the CUDA and Triton backends drop the same entries.
 
 On CPU tensors the same ops run the host emulator of the CUDA programs (``csrc/cuda/emulate.h``),
 which is how CI tests this backend without a GPU. ``backend="cuda"`` accepts CPU tensors only with
@@ -19,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from reattn._extension import _C, emulating
-from reattn.backends._fused import FusedKernels, define_fused_ops, run_fused
+from reattn.backends._fused import FusedKernels, FusedRawOps
+from reattn.backends._ladder import OpLadder
 
 __all__ = ["CUDA_OPS", "cuda_backward", "cuda_forward", "emulating", "re_attention_cuda"]
 
@@ -29,53 +28,51 @@ PROGRAM_KINDS = {"forward": 0, "batch_stats": 1, "backward": 2, "backward_stats"
 
 # The softmax statistics the ops pass from the forward to the backward: [B, H, Nq, 2] (row max,
 # log-sum), FusedKernels.softmax_stats_shape.
-def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse, *, scale,
-             out_scale, norm, eps, dropout_p):
-    out, stats = _C.cuda_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed,
-                                 lse, scale, out_scale, norm, eps, dropout_p)
-    return out, stats
+def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, softmax_stats, *,
+             scale, out_scale, norm, eps, dropout_p):
+    out, softmax_stats = _C.cuda_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
+                                         attn_mask, seed, softmax_stats, scale, out_scale, norm, eps, dropout_p)
+    return out, softmax_stats
 
 
 def _gram_sums(q, k, attn_mask, seed, *, scale, dropout_p, shift):
-    stats, s1, gram = _C.cuda_batch_sums(q, k, attn_mask, seed, scale, dropout_p, shift)
-    return stats, s1, gram
+    softmax_stats, s1, gram = _C.cuda_batch_sums(q, k, attn_mask, seed, scale, dropout_p, shift)
+    return softmax_stats, s1, gram
 
 
-def _backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse, *,
-              scale, out_scale, norm, eps, dropout_p):
-    # norm "batch": batch_stats are the [4, H] rows (mean, 1/std, e, f) the main program reads.
+def _backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, bn_coefficients, attn_mask, seed,
+              softmax_stats, *, scale, out_scale, norm, eps, dropout_p):
+    # norm "batch": the [4, H] coefficients (mean, 1/std, e, f) the main program reads.
     dq, dk, dv, dw, dc, dnw, dnb = _C.cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
-                                                    batch_stats, attn_mask, seed, lse, scale, out_scale, norm, eps,
-                                                    dropout_p, False)
+                                                    bn_coefficients, attn_mask, seed, softmax_stats, scale, out_scale,
+                                                    norm, eps, dropout_p, False)
     return dq, dk, dv, dw, dc, dnw if norm == "layer" else None, dnb if norm == "layer" else None
 
 
-def _backward_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse,
-                   *, scale, out_scale, eps, dropout_p):
+def _bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed,
+                  softmax_stats, *, scale, out_scale, eps, dropout_p):
     # The "backward_stats" program: only dgamma = sum(dN xhat) and dbeta = sum(dN) are written.
     *_, sum_dn_xhat, sum_dn = _C.cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
-                                               batch_stats, attn_mask, seed, lse, scale, out_scale, "batch", eps,
-                                               dropout_p, True)
+                                               batch_stats, attn_mask, seed, softmax_stats, scale, out_scale, "batch",
+                                               eps, dropout_p, True)
     return torch.stack([sum_dn_xhat, sum_dn])
 
 
 def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p):
     # X V in the accumulation dtype and the float64 sums of X, X^2 (already added over programs).
-    x_v, stats, moments = _C.cuda_forward(q, k, v, mix_weight, mix_bias, None, None, None, attn_mask, seed, None,
-                                          scale, 1.0, "none", 1e-5, dropout_p, True)
-    return x_v, stats, moments
+    x_v, softmax_stats, moments = _C.cuda_forward(q, k, v, mix_weight, mix_bias, None, None, None, attn_mask, seed,
+                                                  None, scale, 1.0, "none", 1e-5, dropout_p, True)
+    return x_v, softmax_stats, moments
 
 
-CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, backward_sums=_backward_sums, backward=_backward,
+CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                             forward_moments=_forward_moments,
                             softmax_stats_shape=lambda q: (*q.shape[:3], 2))
-CUDA_OPS = define_fused_ops("cuda", CUDA_KERNELS, ("cuda", "cpu"))
+CUDA_OPS = OpLadder(FusedRawOps(CUDA_KERNELS), forward="reattn::cuda_forward", backward="reattn::cuda_backward",
+                    gram_sums="reattn::cuda_gram_sums", bn_grad_sums="reattn::cuda_bn_grad_sums",
+                    device_types=("cuda", "cpu"))
 cuda_forward, cuda_backward = CUDA_OPS.forward, CUDA_OPS.backward
-
-
-def re_attention_cuda(q, k, v, mix_weight, mix_bias, **kwargs):
-    """``reattn.re_attention`` with backend="cuda" (validated arguments; see ``_fused.run_fused``)."""
-    return run_fused(CUDA_OPS, q, k, v, mix_weight, mix_bias, **kwargs)
+re_attention_cuda = CUDA_OPS.run  # reattn.re_attention with backend="cuda" (validated arguments)
 
 
 def launch_plan(kind: str, heads: int, head_dim: int, n_queries: int, dtype: torch.dtype,

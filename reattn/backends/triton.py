@@ -1,21 +1,22 @@
-"""Triton backend: the kernels of ``reattn.kernels`` behind the fused-backend ladder of ``_fused``.
+"""Triton backend: the kernels of ``reattn.kernels`` on the shared op ladder (``_ladder.OpLadder``).
 
-``reattn::triton_forward`` / ``reattn::triton_backward`` are ``torch.library`` custom ops with fake
-implementations and autograd (see :mod:`reattn.backends._fused` for what they save: never a
-[B, H, Nq, Nk] map); with ``reattn::triton_gram_sums`` and ``reattn::triton_bn_grad_sums`` they
-also run training BatchNorm synchronized across processes (``sync_group``). On CPU tensors they
-run in Triton's interpreter (``TRITON_INTERPRET=1``). Local training BatchNorm runs in one sweep
-over the keys (``_fused.one_sweep_batchnorm`` over the forward kernel's per-program moments), as
-for CUDA; the synchronized path keeps the Gram-sum statistics sweep, whose sums add up over
-processes.
+Its ops are ``reattn::triton_forward``, ``reattn::triton_backward``, ``reattn::triton_gram_sums`` and
+``reattn::triton_bn_grad_sums`` (see ``_ladder`` for what they return and save: never a
+[B, H, Nq, Nk] map). On CPU tensors they run in Triton's interpreter (``TRITON_INTERPRET=1``).
+Local training BatchNorm runs in one sweep over the keys (``_fused.one_sweep_batchnorm`` over the
+forward kernel's per-program moments); the synchronized path keeps the Gram-sum statistics sweep,
+whose sums add up over processes.
 """
 from __future__ import annotations
 
 import torch
 
-from reattn.backends._fused import FusedKernels, accumulator_dtype, define_fused_ops, draw_dropout_seed, run_fused
+from reattn._batchnorm import accumulator_dtype
+from reattn.backends._fused import FusedKernels, FusedRawOps
+from reattn.backends._ladder import OpLadder, draw_dropout_seed
 from reattn.kernels.affine import head_affine
 from reattn.kernels.backward import re_attention_backward, re_attention_backward_bn_sums
+from reattn.kernels.dropout import dropout_keep_mask
 from reattn.kernels.forward import re_attention_forward, softmax_stats_shape
 from reattn.kernels.gram import gram_sums
 
@@ -30,17 +31,17 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
                                 stats_given=softmax_stats is not None)
 
 
-def _backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed,
+def _backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, bn_coefficients, attn_mask, seed,
               softmax_stats, *, scale, out_scale, norm, eps, dropout_p):
-    # norm "batch": batch_stats are the [4, H] rows (mean, 1/std, e, f), so only the main sweeps run.
+    # norm "batch": the [4, H] coefficients (mean, 1/std, e, f), so only the main sweeps run.
     return re_attention_backward(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, scale=scale,
-                                 out_scale=out_scale,
-                                 norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
-                                 batch_stats=batch_stats, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed)
+                                 out_scale=out_scale, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
+                                 eps=eps, bn_coefficients=bn_coefficients, attn_mask=attn_mask, dropout_p=dropout_p,
+                                 seed=seed)
 
 
-def _backward_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed,
-                   softmax_stats, *, scale, out_scale, eps, dropout_p):
+def _bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed,
+                  softmax_stats, *, scale, out_scale, eps, dropout_p):
     return re_attention_backward_bn_sums(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, scale=scale,
                                          out_scale=out_scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
                                          batch_stats=batch_stats, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed)
@@ -53,13 +54,11 @@ def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, d
                                 dropout_p=dropout_p, seed=seed, out=r, with_moments=True)
 
 
-TRITON_KERNELS = FusedKernels(forward=_forward, gram_sums=gram_sums, backward_sums=_backward_sums, backward=_backward,
+TRITON_KERNELS = FusedKernels(forward=_forward, gram_sums=gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                               forward_moments=_forward_moments, softmax_stats_shape=softmax_stats_shape,
-                              head_affine=head_affine)
-TRITON_OPS = define_fused_ops("triton", TRITON_KERNELS, ("cuda", "cpu"))
+                              head_affine=head_affine, dropout_keep_mask=dropout_keep_mask)
+TRITON_OPS = OpLadder(FusedRawOps(TRITON_KERNELS), forward="reattn::triton_forward",
+                      backward="reattn::triton_backward", gram_sums="reattn::triton_gram_sums",
+                      bn_grad_sums="reattn::triton_bn_grad_sums", device_types=("cuda", "cpu"))
 triton_forward, triton_backward = TRITON_OPS.forward, TRITON_OPS.backward
-
-
-def re_attention_triton(q, k, v, mix_weight, mix_bias, **kwargs):
-    """``reattn.re_attention`` with backend="triton" (validated arguments; see ``_fused.run_fused``)."""
-    return run_fused(TRITON_OPS, q, k, v, mix_weight, mix_bias, **kwargs)
+re_attention_triton = TRITON_OPS.run  # reattn.re_attention with backend="triton" (validated arguments)

@@ -77,7 +77,7 @@ def run(backend, norm, tensors, stats, **extra):
 def keep_mask(backend, shape, p):
     """The keep-mask (bool [B, H, Nq, Nk]) the backend's next dropout call draws: the same seed from
     torch's generator, the CPU kernel's own pattern, or Triton's Philox (shared by the CUDA programs)."""
-    from reattn.backends._fused import draw_dropout_seed
+    from reattn.backends._ladder import draw_dropout_seed
 
     seed = draw_dropout_seed(torch.device(device_of(backend)))
     if backend == "cpu":

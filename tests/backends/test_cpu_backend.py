@@ -17,7 +17,7 @@ import torch
 
 import reattn
 from reattn._extension import _C
-from reattn.backends.cpu import cpu_bn_gram, cpu_bn_grad_sums, cpu_forward, dropout_keep_mask
+from reattn.backends.cpu import cpu_bn_grad_sums, cpu_forward, cpu_gram_sums, dropout_keep_mask
 from tests._tolerance import mix_bias_term_size, reduction_length, rounding_bound, within_twice_eager
 
 pytestmark = pytest.mark.skipif(_C is None or not hasattr(_C, "re_attention_cpu_forward"),
@@ -224,7 +224,8 @@ def test_fake_implementation_gives_shapes_and_dtypes():
         q = torch.empty(2, 6, 9, 32, dtype=torch.bfloat16)
         k = torch.empty(2, 6, 11, 32, dtype=torch.bfloat16)
         w = torch.empty(6, 6)
-        out, softmax_stats, R, U, stats = cpu_forward(q, k, k, w, None, None, None, None, 0.1, 1.0, 2, 1e-5, 0.0, None)
+        out, softmax_stats, stats, R, U = cpu_forward(q, k, k, w, None, None, None, None, None, 0.1, 1.0, "batch",
+                                                      1e-5, 0.0)
     assert out.shape == (2, 6, 9, 32) and out.dtype == torch.bfloat16
     assert softmax_stats.shape == (2, 2, 6, 9) and softmax_stats.dtype == torch.float32
     assert R.shape == U.shape == (2, 6, 9, 32) and R.dtype == torch.float32
@@ -232,8 +233,10 @@ def test_fake_implementation_gives_shapes_and_dtypes():
     with FakeTensorMode():
         q = torch.empty(2, 6, 9, 32, dtype=torch.bfloat16)
         k = torch.empty(2, 6, 11, 32, dtype=torch.bfloat16)
-        softmax_stats, s1, gram, count = cpu_bn_gram(q, k, torch.empty(2, 6, 9, 11), 0.1, 0.0, None, 1 / 11)
-        sums = cpu_bn_grad_sums(q, torch.empty(2, 6, 9, 32), torch.empty(2, 6, 9, 32))
+        softmax_stats, s1, gram, count = cpu_gram_sums(q, k, torch.empty(2, 6, 9, 11), None, 0.1, 0.0, 1 / 11)
+        w, stats, R = torch.empty(6, 6), torch.empty(3, 6, dtype=torch.float64), torch.empty(2, 6, 9, 32)
+        sums = cpu_bn_grad_sums(q, q, k, k, w, None, None, None, None, None, softmax_stats, stats, R, R, 0.1, 1.0,
+                                1e-5, 0.0)
     assert softmax_stats.shape == (2, 2, 6, 9) and softmax_stats.dtype == torch.float32
     assert (s1.shape, gram.shape, count.shape) == ((6, 6), (6, 6, 6), (6,))  # a per-head mask: Hm = H
     assert s1.dtype == gram.dtype == count.dtype == sums.dtype == torch.float64 and sums.shape == (2, 6)
@@ -242,13 +245,13 @@ def test_fake_implementation_gives_shapes_and_dtypes():
 @pytest.mark.parametrize("mask_name", [None, "bool", "additive", "additive-shared"])
 @pytest.mark.parametrize("dropout", [False, True])
 def test_gram_statistics_sweep_matches_float64(mask_name, dropout):
-    """cpu_bn_gram's sums (synchronized statistics) against X = P~ - kappa built from eager float64 maps."""
+    """cpu_gram_sums' sums (synchronized statistics) against X = P~ - shift built from eager float64 maps."""
     B, H, Nq, Nk, D, p, seed = 2, 3, 7, 9, 5, 0.3, 99
     tensors, _ = problem(B, H, Nq, Nk, D)
     q, k = tensors["q"].detach(), tensors["k"].detach()
     mask = None if mask_name is None else masks(B, H, Nq, Nk)[mask_name]
-    kappa = 1.0 / Nk
-    softmax_stats, s1, gram, count = cpu_bn_gram(q, k, mask, 0.4, p if dropout else 0.0, torch.tensor([seed]), kappa)
+    shift = 1.0 / Nk
+    softmax_stats, s1, gram, count = cpu_gram_sums(q, k, mask, torch.tensor([seed]), 0.4, p if dropout else 0.0, shift)
     scores = 0.4 * q @ k.transpose(-1, -2)
     if mask is not None and mask.dtype != torch.bool:
         scores = scores + mask
@@ -270,7 +273,7 @@ def test_gram_statistics_sweep_matches_float64(mask_name, dropout):
     assert s1.shape == (Hm, H) and gram.shape == (Hm, H, H) and count.shape == (Hm,)
     for m in range(Hm):
         keep = ~masked[:, m]                                     # [B, Nq, Nk]: head m's entries
-        x = torch.where(keep.unsqueeze(1), probs - kappa, 0.0)   # [B, H, Nq, Nk]
+        x = torch.where(keep.unsqueeze(1), probs - shift, 0.0)   # [B, H, Nq, Nk]
         x = x.transpose(0, 1).reshape(H, -1)
         torch.testing.assert_close(s1[m], x.sum(dim=1), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(gram[m], x @ x.T, rtol=1e-10, atol=1e-12)
@@ -278,22 +281,24 @@ def test_gram_statistics_sweep_matches_float64(mask_name, dropout):
 
 
 def test_bn_grad_sums_are_the_batchnorm_backward_sums():
-    """<dO, U> = sum of dA over unmasked entries and <dO, R> = sum of dA * Xhat, per head (float64 eager maps)."""
+    """out_scale <dO, R> = sum of dN * Xhat and out_scale <dO, U> = sum of dN over unmasked entries, per head,
+    dN = out_scale dA (float64 eager maps): the rows and meaning of every backend's bn_grad_sums."""
     B, H, Nq, Nk, D = 2, 3, 6, 7, 4
     tensors, _ = problem(B, H, Nq, Nk, D)
     q, k, v = (tensors[n].detach() for n in "qkv")
     w, c = tensors["mix_weight"].detach(), tensors["mix_bias"].detach()
     mask = masks(B, H, Nq, Nk)["bool"]
-    _, _, R, U, stats = cpu_forward(q, k, v, w, c, None, None, mask, 0.4, 1.0, 2, 1e-5, 0.0, None)
+    _, softmax_stats, stats, R, U = cpu_forward(q, k, v, w, c, None, None, mask, None, 0.4, 0.7, "batch", 1e-5, 0.0)
     dout = torch.randn(B, H, Nq, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    sums = cpu_bn_grad_sums(dout, R, U)
+    sums = cpu_bn_grad_sums(dout, q, k, v, w, c, None, None, mask, None, softmax_stats, stats, R, U, 0.4, 0.7, 1e-5,
+                            0.0)
     scores = (0.4 * q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.masked_fill((~mask).all(-1, keepdim=True), 0.0), -1).masked_fill(~mask, 0.0)
     m = torch.einsum("gh,bhij->bgij", w, probs) + c.view(1, H, 1, 1)
     xhat = (m - stats[0].view(1, H, 1, 1)) * torch.rsqrt(stats[1] + 1e-5).view(1, H, 1, 1)
-    dA = (dout @ v.transpose(-1, -2)).masked_fill(~mask, 0.0)
-    torch.testing.assert_close(sums[0], dA.sum(dim=(0, 2, 3)), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(sums[1], (dA * xhat).sum(dim=(0, 2, 3)), rtol=1e-10, atol=1e-12)
+    dN = 0.7 * (dout @ v.transpose(-1, -2)).masked_fill(~mask, 0.0)
+    torch.testing.assert_close(sums[0], (dN * xhat).sum(dim=(0, 2, 3)), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sums[1], dN.sum(dim=(0, 2, 3)), rtol=1e-10, atol=1e-12)
 
 
 def test_synchronized_statistics_ops_pass_opcheck():
@@ -302,15 +307,16 @@ def test_synchronized_statistics_ops_pass_opcheck():
     q, k, v = (tensors[n].detach() for n in "qkv")
     w, c = tensors["mix_weight"].detach(), tensors["mix_bias"].detach()
     mask = masks(2, 3, 5, 6)["additive"]
-    torch.library.opcheck(cpu_bn_gram, (q, k, mask, 0.4, 0.2, torch.tensor([5]), 1.0 / 6))
-    softmax_stats, s1, gram, count = cpu_bn_gram(q, k, None, 0.4, 0.0, None, 1.0 / 6)
+    torch.library.opcheck(cpu_gram_sums, (q, k, mask, torch.tensor([5]), 0.4, 0.2, 1.0 / 6))
+    softmax_stats, s1, gram, count = cpu_gram_sums(q, k, None, None, 0.4, 0.0, 1.0 / 6)
     from reattn.distributed import gram_batch_statistics
 
     stats = torch.stack(gram_batch_statistics(w, c, s1, gram, count, 1.0 / 6))
-    forward_args = (q, k, v, w, c, None, None, None, 0.4, 1.0, 2, 1e-5, 0.0, None, softmax_stats, stats)
+    forward_args = (q, k, v, w, c, None, None, None, None, 0.4, 1.0, "batch", 1e-5, 0.0, softmax_stats, stats)
     torch.library.opcheck(cpu_forward, forward_args, test_utils=("test_schema", "test_faketensor"))
-    _, _, R, U, _ = cpu_forward(*forward_args)
-    torch.library.opcheck(cpu_bn_grad_sums, (torch.randn_like(q), R, U))
+    _, softmax_stats, stats, R, U = cpu_forward(*forward_args)
+    torch.library.opcheck(cpu_bn_grad_sums, (torch.randn_like(q), q, k, v, w, c, None, None, None, None,
+                                             softmax_stats, stats, R, U, 0.4, 1.0, 1e-5, 0.0))
 
 
 def test_given_statistics_reproduce_the_local_forward():
@@ -322,16 +328,16 @@ def test_given_statistics_reproduce_the_local_forward():
     mask = masks(2, 4, 9, 8)["additive"]
     from reattn.distributed import gram_batch_statistics
 
-    softmax_stats, s1, gram, count = cpu_bn_gram(q, k, mask, 0.3, 0.0, None, 1.0 / 8)
+    softmax_stats, s1, gram, count = cpu_gram_sums(q, k, mask, None, 0.3, 0.0, 1.0 / 8)
     stats = torch.stack(gram_batch_statistics(w, c, s1, gram, count, 1.0 / 8))
-    ref = cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 2, 1e-5, 0.0, None)
-    got = cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 2, 1e-5, 0.0, None, softmax_stats, stats)
-    for name, a, b in zip(("out", "softmax_stats", "R", "U", "stats"), got, ref):
+    ref = cpu_forward(q, k, v, w, c, nw, nb, mask, None, 0.3, 0.8, "batch", 1e-5, 0.0)
+    got = cpu_forward(q, k, v, w, c, nw, nb, mask, None, 0.3, 0.8, "batch", 1e-5, 0.0, softmax_stats, stats)
+    for name, a, b in zip(("out", "softmax_stats", "stats", "R", "U"), got, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
-    with pytest.raises(RuntimeError, match="softmax_in and stats_in come together"):
-        cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 2, 1e-5, 0.0, None, softmax_stats, None)
-    with pytest.raises(RuntimeError, match="need norm code 2"):
-        cpu_forward(q, k, v, w, c, nw, nb, mask, 0.3, 0.8, 1, 1e-5, 0.0, None, softmax_stats, stats)
+    with pytest.raises(ValueError, match="softmax_in and stats_in go together"):
+        cpu_forward(q, k, v, w, c, nw, nb, mask, None, 0.3, 0.8, "batch", 1e-5, 0.0, softmax_stats, None)
+    with pytest.raises(ValueError, match="with norm='batch' only"):
+        cpu_forward(q, k, v, w, c, nw, nb, mask, None, 0.3, 0.8, "layer", 1e-5, 0.0, softmax_stats, stats)
 
 
 def test_refuses_what_it_cannot_run():
@@ -347,8 +353,8 @@ def test_refuses_what_it_cannot_run():
         run("cpu", "none", tensors, stats, return_attention=True)
 
 
-def test_an_extension_built_before_synchronized_statistics_is_refused(monkeypatch):
-    """reattn.backends.cpu passes arguments an older reattn._C lacks: say "rebuild", never call it."""
+def test_an_extension_built_before_the_current_interface_is_refused(monkeypatch):
+    """reattn.backends.cpu calls an interface an older reattn._C lacks: say "rebuild", never call it."""
     import types
 
     import reattn._extension
@@ -357,7 +363,7 @@ def test_an_extension_built_before_synchronized_statistics_is_refused(monkeypatc
     stale = types.SimpleNamespace(re_attention_cpu_forward=_C.re_attention_cpu_forward)
     monkeypatch.setattr(reattn._extension, "_C", stale)
     reason = unavailable_reason("cpu", Problem(torch.device("cpu")))
-    assert reason is not None and "predates the fused CPU kernel's synchronized statistics; rebuild it" in reason
+    assert reason is not None and "predates the fused CPU kernel's current interface" in reason and "rebuild it" in reason
     assert resolve_backend("auto", Problem(torch.device("cpu"))) == "eager"
 
 

@@ -63,10 +63,12 @@ def test_fake_implementation_gives_shapes_and_dtypes(backend):
         q = torch.empty(2, 6, 9, 32, dtype=torch.bfloat16)
         k = torch.empty(2, 6, 11, 32, dtype=torch.bfloat16)
         w = torch.empty(6, 6)
-        out, lse, stats = FORWARD_OPS[backend](q, k, k, w, None, None, None, None, None, 0.1, 1.0, "none", 1e-5, 0.0)
+        out, lse, stats, R, U = FORWARD_OPS[backend](q, k, k, w, None, None, None, None, None, 0.1, 1.0, "none", 1e-5,
+                                                     0.0)
     assert out.shape == (2, 6, 9, 32) and out.dtype == torch.bfloat16
     assert lse.shape == SOFTMAX_STATS_SHAPE[backend] and lse.dtype == torch.float32
     assert stats.shape == (3, 6) and stats.dtype == torch.float64
+    assert R.shape == U.shape == (0, 6, 9, 32)  # the backward sums come from a sweep of their own
 
 
 def test_fake_implementations_of_the_synchronized_steps(backend):
@@ -77,27 +79,29 @@ def test_fake_implementations_of_the_synchronized_steps(backend):
         q = torch.empty(2, 6, 9, 32, dtype=torch.bfloat16)
         k = torch.empty(2, 6, 11, 32, dtype=torch.bfloat16)
         w = torch.empty(6, 6)
-        lse, s1, gram = ops.gram_sums(q, k, None, None, 0.1, 0.0, 1.0 / 11)
+        lse, s1, gram, count = ops.gram_sums(q, k, None, None, 0.1, 0.0, 1.0 / 11)
         stats = torch.empty(3, 6, dtype=torch.float64)
-        sums = ops.bn_grad_sums(q, q, k, k, w, None, None, None, None, None, lse, stats, 0.1, 1.0, 1e-5, 0.0)
-        grads = ops.backward(q, q, k, k, w, None, None, None, None, None, lse, stats, 0.1, 1.0, "batch", 1e-5, 0.0,
-                             sums)
+        R = U = torch.empty(0, 6, 9, 32)
+        sums = ops.bn_grad_sums(q, q, k, k, w, None, None, None, None, None, lse, stats, R, U, 0.1, 1.0, 1e-5, 0.0)
+        grads = ops.backward(q, q, k, k, w, None, None, None, None, None, lse, stats, R, U, 0.1, 1.0, "batch", 1e-5,
+                             0.0, sums)
     assert lse.shape == SOFTMAX_STATS_SHAPE[backend] and lse.dtype == torch.float32
-    assert (s1.shape, gram.shape, sums.shape) == ((6,), (6, 6), (2, 6))
-    assert s1.dtype == gram.dtype == sums.dtype == torch.float64
+    assert (s1.shape, gram.shape, count.shape, sums.shape) == ((1, 6), (1, 6, 6), (1,), (2, 6))
+    assert s1.dtype == gram.dtype == count.dtype == sums.dtype == torch.float64
     assert [tuple(g.shape) for g in grads] == [(2, 6, 9, 32), (2, 6, 11, 32), (2, 6, 11, 32), (6, 6), (6,), (6,), (6,)]
 
 
 def _synchronized_steps(ops, tensors, mask, scale, out_scale, eps):
     """The synchronized path's steps in one process: Gram sums -> statistics -> forward with them."""
-    from reattn.backends._fused import gram_shift, unmasked_count
+    from reattn._batchnorm import gram_shift, unmasked_count
     from reattn.distributed import gram_batch_statistics
 
     q, k, v, w, c, nw, nb = (tensors[n].detach() for n in GRAD_NAMES)
     B, _, Nq, _ = q.shape
     Nk = k.shape[2]
-    lse, s1, gram = ops.gram_sums(q, k, mask, None, scale, 0.0, gram_shift(Nk))
-    stats = torch.stack(gram_batch_statistics(w, c, s1, gram, unmasked_count(mask, B, Nq, Nk), gram_shift(Nk)))
+    lse, s1, gram, count = ops.gram_sums(q, k, mask, None, scale, 0.0, gram_shift(Nk))
+    assert count.item() == unmasked_count(mask, B, Nq, Nk).item()
+    stats = torch.stack(gram_batch_statistics(w, c, s1, gram, count, gram_shift(Nk)))
     forward_args = (q, k, v, w, c, nw, nb, mask, None, scale, out_scale, "batch", eps, 0.0)
     return forward_args, lse, stats
 
@@ -128,15 +132,15 @@ def test_synchronized_steps_reproduce_the_local_call(backend):
     ops = OPS[backend]
     mask = masks(B, H, Nq, Nk)["bool"]
     forward_args, lse, stats = _synchronized_steps(ops, tensors, mask, 0.4, 0.7, 1e-5)
-    ref_out, ref_lse, ref_stats = ops.forward(*forward_args)
-    out, lse_out, stats_out = ops.forward(*forward_args, lse, stats)
+    ref_out, ref_lse, ref_stats, R, U = ops.forward(*forward_args)
+    out, lse_out, stats_out, _, _ = ops.forward(*forward_args, lse, stats)
     for name, a, b in (("out", out, ref_out), ("lse", lse_out, ref_lse), ("stats", stats_out, ref_stats)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
     q, k, v, w, c, nw, nb, *_ = forward_args
     grad = torch.randn_like(q)
-    backward_args = (grad, q, k, v, w, c, nw, nb, mask, None, lse, stats, 0.4, 0.7, "batch", 1e-5, 0.0)
+    backward_args = (grad, q, k, v, w, c, nw, nb, mask, None, lse, stats, R, U, 0.4, 0.7, "batch", 1e-5, 0.0)
     ref = ops.backward(*backward_args)
-    sums = ops.bn_grad_sums(grad, q, k, v, w, c, nw, nb, mask, None, lse, stats, 0.4, 0.7, 1e-5, 0.0)
+    sums = ops.bn_grad_sums(grad, q, k, v, w, c, nw, nb, mask, None, lse, stats, R, U, 0.4, 0.7, 1e-5, 0.0)
     got = ops.backward(*backward_args, sums)
     for name, a, b in zip(GRAD_NAMES[:5], got[:5], ref[:5]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
@@ -151,12 +155,12 @@ def test_given_statistics_are_checked_and_not_differentiated_alone(backend):
     tensors, _ = problem(B, H, Nq, Nk, D)
     ops = OPS[backend]
     forward_args, lse, stats = _synchronized_steps(ops, tensors, None, 0.4, 1.0, 1e-5)
-    with pytest.raises(ValueError, match="lse_in and stats_in go together, with norm='batch' only"):
+    with pytest.raises(ValueError, match="softmax_in and stats_in go together, with norm='batch' only"):
         ops.forward(*forward_args, lse, None)
-    with pytest.raises(ValueError, match="lse_in and stats_in go together, with norm='batch' only"):
+    with pytest.raises(ValueError, match="softmax_in and stats_in go together, with norm='batch' only"):
         ops.forward(*forward_args[:11], "layer", *forward_args[12:], lse, stats)
     q = tensors["q"].detach().clone().requires_grad_()
-    out, _, _ = ops.forward(q, *forward_args[1:], lse, stats)
+    out, _, _, _, _ = ops.forward(q, *forward_args[1:], lse, stats)
     with pytest.raises(RuntimeError, match=r"sync_group=...\), not on its own"):
         out.sum().backward()
 
@@ -175,9 +179,10 @@ def test_synchronized_steps_pass_opcheck(backend):
     torch.library.opcheck(ops.forward, forward_args + (lse, stats), test_utils=schema_and_fake)
     q, k, v, w, c, nw, nb, *_ = forward_args
     grad = torch.randn_like(q)
-    sums_args = (grad, q, k, v, w, c, nw, nb, mask, None, lse, stats, 0.4, 0.7, 1e-5, 0.0)
+    _, _, _, R, U = ops.forward(*forward_args)
+    sums_args = (grad, q, k, v, w, c, nw, nb, mask, None, lse, stats, R, U, 0.4, 0.7, 1e-5, 0.0)
     torch.library.opcheck(ops.bn_grad_sums, sums_args)
-    backward_args = (grad, q, k, v, w, c, nw, nb, mask, None, lse, stats, 0.4, 0.7, "batch", 1e-5, 0.0,
+    backward_args = (grad, q, k, v, w, c, nw, nb, mask, None, lse, stats, R, U, 0.4, 0.7, "batch", 1e-5, 0.0,
                      ops.bn_grad_sums(*sums_args))
     torch.library.opcheck(ops.backward, backward_args, test_utils=schema_and_fake)
 

@@ -39,7 +39,7 @@ def gpu(monkeypatch):
             def build_info():
                 return {"cuda": True, "cuda_archs": archs, "openmp": True, "torch_version": torch.__version__}
 
-            cuda_forward = re_attention_cpu_forward = re_attention_cpu_bn_gram = object()
+            cuda_forward = re_attention_cpu_forward = re_attention_cpu_gram_sums = object()
 
         import reattn._extension as extension
 

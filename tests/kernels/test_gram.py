@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from reattn.backends import cuda as cuda_backend
-from reattn.backends._fused import gram_shift, unmasked_count
+from reattn._batchnorm import gram_shift, unmasked_count
 from reattn.distributed import gram_batch_statistics
 from reattn.kernels.gram import gram_sums
 from reattn.kernels.dropout import dropout_keep_mask

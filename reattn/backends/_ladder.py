@@ -1,0 +1,382 @@
+"""The one custom-op + autograd ladder of the fused backends (cpu, triton, cuda).
+
+Layering, as flash-attention's: raw ops (a backend's :class:`RawOps`: its kernels behind one
+signature) -> ``torch.library`` custom ops, each defined beside its fake implementation
+(``torch.compile`` traces through the fakes) -> autograd (the forward's derivative is the backward
+op, the backward op's is the eager math) -> :meth:`OpLadder.run`, which ``reattn.re_attention``
+calls with validated arguments. Every backend builds one :class:`OpLadder` with its op names written
+out (``"reattn::cpu_forward"`` in ``cpu.py``, ...), so ``grep`` finds each op where it is made.
+
+Four ops per backend:
+
+* ``forward``: (out [B, H, Nq, D], softmax_stats, stats [3, H] float64, R, U). softmax_stats is what
+  the backend saves per score row (``RawOps.softmax_stats_shape``); stats are training BatchNorm's
+  mean, biased variance and count per head (zeros in other modes); R = xhat V and U = keep V
+  ([B, H, Nq, D]) are the one-sweep BatchNorm's terms for a backend that keeps them
+  (``RawOps.keeps_bn_terms``), else empty. Given ``softmax_in`` and ``stats_in`` (training
+  BatchNorm, both or neither) it normalizes with those instead of its own batch's statistics.
+* ``gram_sums``: the statistics sweep as sums that add up over processes (docs/math.md, "BatchNorm
+  statistics through the Gram matrix"): (softmax_stats, s1 [Hm, H], gram [Hm, H, H], count [Hm]).
+* ``bn_grad_sums``: training BatchNorm's backward sums over this call's entries, [2, H] float64 =
+  (sum dN xhat, sum dN), dN the gradient w.r.t. the norm's output (docs/math.md, "Through V and the
+  norm"); they are also d norm_weight and d norm_bias, and add up over processes.
+* ``backward``: every gradient (zeros for absent parameters: custom ops cannot return None). Given
+  ``bn_grad_sums`` (every process's, added up) the norm's own gradients come back zero: the caller
+  holds its share.
+
+Training BatchNorm synchronized across processes (``sync_group``, ``nn.SyncBatchNorm``
+semantics) runs these ops in steps with all-reduces between them (:class:`SyncedBatchNorm`):
+custom ops cannot take a process group. Saved for the backward: the inputs as given, the softmax
+statistics, stats, R and U; never a [B, H, Nq, Nk] map.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from reattn._batchnorm import (accumulator_dtype, check_counts, fold_batchnorm_eval, gram_batch_statistics,
+                               gram_shift, mask_heads, update_running_stats)
+from reattn._collectives import all_reduce_sum
+from reattn._ops import define_op, register_autograd, register_fake
+
+
+def draw_dropout_seed(device: torch.device) -> Tensor:
+    """The int64 seed [1] one dropout call uses: drawn from torch's generator for ``device``.
+
+    ``torch.manual_seed`` therefore makes fused dropout reproducible. A tensor, not a Python int:
+    drawing it needs no ``.item()``, so torch.compile keeps dropout in its graph. Each backend's
+    ``RawOps.dropout_keep_mask`` materializes the pattern its kernels draw from it.
+    """
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
+
+
+class RawOps:
+    """A backend's kernels behind the one signature the ladder's ops share (no autograd, no dispatcher).
+
+    forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, *, scale, out_scale,
+            norm, eps, dropout_p, softmax_in, stats_in) -> (out, softmax_stats, stats, R, U)
+    gram_sums(q, k, attn_mask, seed, *, scale, dropout_p, shift) -> (softmax_stats, s1 [Hm, H],
+            gram [Hm, H, H], count [Hm]) of X = P~ - shift over the kept entries
+    bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed,
+            softmax_stats, stats, R, U, *, scale, out_scale, eps, dropout_p) -> [2, H] (sum dN xhat, sum dN)
+    backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, softmax_stats,
+            stats, R, U, *, scale, out_scale, norm, eps, dropout_p, bn_grad_sums)
+            -> (dq, dk, dv, d_mix_weight, d_mix_bias, d_norm_weight, d_norm_bias), None allowed
+    dropout_keep_mask(seed, (B, H, Nq, Nk), p) -> bool keep-mask the kernels draw for ``seed``
+    softmax_stats_shape(q): the shape of what the forward saves per score row
+    keeps_bn_terms: whether training BatchNorm's forward returns R and U (else empty tensors)
+
+    norm is "none", "layer" or "batch" (training BatchNorm: eval BatchNorm arrives folded into the
+    mixing). Shapes as in the module doc.
+    """
+
+    keeps_bn_terms = False
+
+    def softmax_stats_shape(self, q: Tensor) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def gram_sums(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def bn_grad_sums(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def backward(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def dropout_keep_mask(self, seed: Tensor, shape: Tuple[int, int, int, int], p: float) -> Tensor:
+        raise NotImplementedError
+
+
+def eager_double_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor,
+                          mix_bias: Optional[Tensor], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                          attn_mask: Optional[Tensor], dropout_mask: Optional[Tensor], grad_grads: Tuple, *,
+                          backend: str, scale: float, out_scale: float, norm: str, eps: float, dropout_p: float,
+                          synced: bool) -> Tuple[Optional[Tensor], ...]:
+    """The derivative of a backward op (double backward: ``create_graph=True``, gradient penalties, MAML).
+
+    The backward kernels are not differentiable as such; their derivative is recomputed through the
+    eager math (``reattn.reference``) on the same inputs, with the kernels' dropout pattern replayed
+    (``dropout_mask``). Cost: one eager forward and two eager backwards, with the [B, H, Nq, Nk] maps
+    materialized, as ``backend="eager"``; only when a graph of the gradients is asked for.
+    grad_grads: the cotangents of the backward op's outputs (dq, dk, dv, d mix_weight, d mix_bias,
+    d norm_weight, d norm_bias). Returns the gradients w.r.t. (grad_out, q, k, v, mix_weight, mix_bias,
+    norm_weight, norm_bias); connected to their graphs when the caller builds one (third order).
+    """
+    if synced:
+        raise RuntimeError(f"re_attention(..., backend={backend!r}, sync_group=...): double backward "
+                           "(create_graph=True) through training BatchNorm synchronized across processes is not "
+                           "supported; use backend='eager' for higher-order gradients")
+    from reattn.reference import re_attention_ref
+
+    inputs = (grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias)
+    with torch.enable_grad():
+        # Inputs already in a graph stay in it (higher orders reach them); the others become leaves.
+        xs = [None if t is None else t if t.requires_grad else t.detach().requires_grad_(True) for t in inputs]
+        out = re_attention_ref(*xs[1:6], scale=scale, norm=norm, norm_weight=xs[6], norm_bias=xs[7],
+                               training=norm == "batch" or dropout_p > 0, eps=eps, out_scale=out_scale,
+                               dropout_p=dropout_p, attn_mask=attn_mask, dropout_mask=dropout_mask)
+        wrt = [(x, gg) for x, gg in zip(xs[1:], grad_grads) if x is not None]
+        first = torch.autograd.grad(out, [x for x, _ in wrt], xs[0], create_graph=True, allow_unused=True)
+        pairs = [(f, gg) for f, (_, gg) in zip(first, wrt) if f is not None and gg is not None]
+        present = [x for x in xs if x is not None]
+        if not pairs:
+            return tuple(None for _ in inputs)
+        grads = iter(torch.autograd.grad([f for f, _ in pairs], present, [gg.to(f.dtype) for f, gg in pairs],
+                                         allow_unused=True, create_graph=torch.is_grad_enabled()))
+    return tuple(None if x is None else next(grads) for x in xs)
+
+
+def _op_name(qualified: str) -> str:
+    namespace, _, name = qualified.partition("::")
+    if namespace != "reattn" or not name:
+        raise ValueError(f"op names are written 'reattn::<name>', got {qualified!r}")
+    return name
+
+
+class OpLadder:
+    """One backend's custom ops, their fakes and autograd over its :class:`RawOps`, and its entry point.
+
+    Built once per backend with the ops' names written out, e.g.
+    ``OpLadder(raw, forward="reattn::triton_forward", backward="reattn::triton_backward",
+    gram_sums="reattn::triton_gram_sums", bn_grad_sums="reattn::triton_bn_grad_sums",
+    device_types=("cuda", "cpu"))``. The ops are the attributes ``forward``, ``backward``,
+    ``gram_sums`` and ``bn_grad_sums`` (``torch.ops.reattn.<name>.default``); ``device_types=()``
+    registers them without implementations (the static model calls the ``*_impl`` methods directly).
+    """
+
+    def __init__(self, raw: RawOps, *, forward: str, backward: str, gram_sums: str, bn_grad_sums: str,
+                 device_types: Tuple[str, ...]) -> None:
+        self.raw = raw
+        self.name = _op_name(forward).rsplit("_", 1)[0]  # the backend, for messages: "triton"
+        self.forward_name, self.backward_name = forward, backward
+        self.forward = define_op(_op_name(forward), self.forward_impl, device_types)
+        register_fake(self.forward)(self.forward_fake)
+        self.gram_sums = define_op(_op_name(gram_sums), self.gram_sums_impl, device_types)
+        register_fake(self.gram_sums)(self.gram_sums_fake)
+        self.bn_grad_sums = define_op(_op_name(bn_grad_sums), self.bn_grad_sums_impl, device_types)
+        register_fake(self.bn_grad_sums)(self.bn_grad_sums_fake)
+        self.backward = define_op(_op_name(backward), self.backward_impl, device_types)
+        register_fake(self.backward)(self.backward_fake)
+        register_autograd(self.forward, self.forward_derivative, setup_context=self.setup_forward_context)
+        register_autograd(self.backward, self.backward_derivative, setup_context=self.setup_backward_context)
+
+    # ---- forward: op, fake ---------------------------------------------------------------------------------
+    def forward_impl(
+        self, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias: Optional[Tensor],
+        norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], attn_mask: Optional[Tensor],
+        seed: Optional[Tensor], scale: float, out_scale: float, norm: str, eps: float, dropout_p: float,
+        softmax_in: Optional[Tensor] = None, stats_in: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(out, softmax_stats, stats [3, H], R, U); softmax_in and stats_in as the module doc says
+        (they come back as copies: a custom op may not return its inputs)."""
+        if (softmax_in is None) != (stats_in is None) or (stats_in is not None and norm != "batch"):
+            raise ValueError(f"{self.forward_name}: softmax_in and stats_in go together, with norm='batch' only")
+        return self.raw.forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale=scale,
+                                out_scale=out_scale, norm=norm, eps=eps, dropout_p=dropout_p, softmax_in=softmax_in,
+                                stats_in=stats_in)
+
+    def forward_fake(self, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, out_scale,
+                     norm, eps, dropout_p, softmax_in=None, stats_in=None):
+        B, H, Nq, D = q.shape
+        acc = accumulator_dtype(q)
+        kept = (B if norm == "batch" and self.raw.keeps_bn_terms else 0, H, Nq, D)
+        return (q.new_empty((B, H, Nq, D)), q.new_empty(self.raw.softmax_stats_shape(q), dtype=acc),
+                q.new_empty((3, H), dtype=torch.float64), q.new_empty(kept, dtype=acc), q.new_empty(kept, dtype=acc))
+
+    # ---- gram_sums: op, fake ------------------------------------------------------------------------------
+    def gram_sums_impl(self, q: Tensor, k: Tensor, attn_mask: Optional[Tensor], seed: Optional[Tensor], scale: float,
+                       dropout_p: float, shift: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(softmax_stats, s1 [Hm, H], gram [Hm, H, H], count [Hm] float64) of X = P~ - shift over the kept
+        entries; Hm = the mask's head count (1 without a mask or with one shared by the heads)."""
+        return self.raw.gram_sums(q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p, shift=shift)
+
+    def gram_sums_fake(self, q, k, attn_mask, seed, scale, dropout_p, shift):
+        H = q.shape[1]
+        Hm = mask_heads(attn_mask, H)
+        f64 = dict(dtype=torch.float64)
+        return (q.new_empty(self.raw.softmax_stats_shape(q), dtype=accumulator_dtype(q)), q.new_empty((Hm, H), **f64),
+                q.new_empty((Hm, H, H), **f64), q.new_empty((Hm,), **f64))
+
+    # ---- bn_grad_sums: op, fake ---------------------------------------------------------------------------
+    def bn_grad_sums_impl(
+        self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias: Optional[Tensor],
+        norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], attn_mask: Optional[Tensor],
+        seed: Optional[Tensor], softmax_stats: Tensor, stats: Tensor, R: Tensor, U: Tensor, scale: float,
+        out_scale: float, eps: float, dropout_p: float,
+    ) -> Tensor:
+        """[2, H] float64: (sum dN xhat, sum dN) per head over this call's entries (training BatchNorm)."""
+        sums = self.raw.bn_grad_sums(grad_out.contiguous(), q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
+                                     attn_mask, seed, softmax_stats, stats, R, U, scale=scale, out_scale=out_scale,
+                                     eps=eps, dropout_p=dropout_p)
+        return sums.to(torch.float64)
+
+    def bn_grad_sums_fake(self, grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed,
+                          softmax_stats, stats, R, U, scale, out_scale, eps, dropout_p):
+        return q.new_empty((2, q.shape[1]), dtype=torch.float64)
+
+    # ---- backward: op, fake -------------------------------------------------------------------------------
+    def backward_impl(
+        self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias: Optional[Tensor],
+        norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], attn_mask: Optional[Tensor],
+        seed: Optional[Tensor], softmax_stats: Tensor, stats: Tensor, R: Tensor, U: Tensor, scale: float,
+        out_scale: float, norm: str, eps: float, dropout_p: float, bn_grad_sums: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Every gradient in its parameter's dtype, zeros for absent parameters. bn_grad_sums (norm "batch"):
+        the bn_grad_sums op's sums of every process, added up, with stats the statistics of every
+        process's entries; the norm's gradients then come back zero. Without them this call's entries
+        are the whole batch."""
+        if bn_grad_sums is not None and norm != "batch":
+            raise ValueError(f"{self.backward_name}: bn_grad_sums belong to norm='batch', got norm={norm!r}")
+        dq, dk, dv, dw, dc, dnw, dnb = self.raw.backward(
+            grad_out.contiguous(), q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed,
+            softmax_stats, stats, R, U, scale=scale, out_scale=out_scale, norm=norm, eps=eps, dropout_p=dropout_p,
+            bn_grad_sums=bn_grad_sums)
+        H = q.shape[1]
+
+        def like(grad, param):
+            if param is None or grad is None:
+                return q.new_zeros((H,), dtype=(param if param is not None else mix_weight).dtype)
+            return grad.to(param.dtype)
+
+        return dq, dk, dv, dw.to(mix_weight.dtype), like(dc, mix_bias), like(dnw, norm_weight), like(dnb, norm_bias)
+
+    def backward_fake(self, grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed,
+                      softmax_stats, stats, R, U, scale, out_scale, norm, eps, dropout_p, bn_grad_sums=None):
+        H = q.shape[1]
+
+        def vec(param):
+            return q.new_empty((H,), dtype=(param if param is not None else mix_weight).dtype)
+
+        return (torch.empty_like(q, memory_format=torch.contiguous_format),
+                torch.empty_like(k, memory_format=torch.contiguous_format),
+                torch.empty_like(v, memory_format=torch.contiguous_format), torch.empty_like(mix_weight),
+                vec(mix_bias), vec(norm_weight), vec(norm_bias))
+
+    # ---- autograd ---------------------------------------------------------------------------------------
+    def setup_forward_context(self, ctx, inputs, output):
+        (q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, out_scale, norm, eps,
+         dropout_p, softmax_in, stats_in) = inputs
+        _, softmax_stats, stats, R, U = output
+        ctx.save_for_backward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, softmax_stats,
+                              stats, R, U)
+        ctx.options = (scale, out_scale, norm, eps, dropout_p)
+        ctx.given_stats = stats_in is not None
+
+    def forward_derivative(self, ctx, grad_out, grad_softmax_stats, grad_stats, grad_R, grad_U):
+        if ctx.given_stats:
+            # Given statistics stand for a batch spread over processes: their gradient terms need the
+            # backward sums of every process, which only SyncedBatchNorm (holding the group) gathers.
+            raise RuntimeError(f"{self.forward_name} with softmax_in/stats_in is differentiated through "
+                               f"re_attention(..., backend={self.name!r}, sync_group=...), not on its own")
+        q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, softmax_stats, stats, R, U = \
+            ctx.saved_tensors
+        dq, dk, dv, dw, dc, dnw, dnb = self.backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
+                                                     attn_mask, seed, softmax_stats, stats, R, U, *ctx.options)
+        return (dq, dk, dv, dw, dc if mix_bias is not None else None, dnw if norm_weight is not None else None,
+                dnb if norm_bias is not None else None, None, None, None, None, None, None, None, None, None)
+
+    def setup_backward_context(self, ctx, inputs, output):
+        (grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, softmax_stats, stats, R, U,
+         scale, out_scale, norm, eps, dropout_p, bn_grad_sums) = inputs
+        ctx.save_for_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed)
+        ctx.options = dict(scale=scale, out_scale=out_scale, norm=norm, eps=eps, dropout_p=dropout_p)
+        ctx.synced = bn_grad_sums is not None
+
+    def backward_derivative(self, ctx, *grad_grads):
+        grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed = ctx.saved_tensors
+        keep = None if seed is None else self.raw.dropout_keep_mask(
+            seed, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), ctx.options["dropout_p"])
+        grads = eager_double_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, keep,
+                                      grad_grads, backend=self.name, synced=ctx.synced, **ctx.options)
+        return grads + (None,) * 12
+
+    # ---- the entry point --------------------------------------------------------------------------------
+    def run(self, q, k, v, mix_weight, mix_bias, *, scale, norm, norm_weight, norm_bias, running_mean, running_var,
+            training, momentum, eps, out_scale, dropout_p, attn_mask, sync_group=None,
+            seed: Optional[Tensor] = None) -> Tensor:
+        """Validated arguments in, O [B, H, Nq, D] out (``reattn.re_attention`` with this backend).
+
+        Eval-mode BatchNorm is folded into the mixing (its gradients flow through the fold, in
+        autograd); training-mode BatchNorm updates ``running_mean``/``running_var`` in place as
+        ``nn.BatchNorm2d`` does. sync_group: a process group over which training BatchNorm's
+        statistics (and their gradients) are synchronized (:class:`SyncedBatchNorm`); ignored in other
+        modes (``reattn.re_attention`` passes it only then). seed: the dropout seed (an int or int64
+        tensor) instead of a draw from torch's generator, for tests.
+        """
+        batch_training = norm == "batch" and training
+        if norm == "batch" and not training:  # eval mode: an affine map per head, folded into the mixing
+            mix_weight, mix_bias = fold_batchnorm_eval(mix_weight, mix_bias, norm_weight, norm_bias, running_mean,
+                                                       running_var, eps, dtype=accumulator_dtype(q))
+            norm, norm_weight, norm_bias = "none", None, None
+        if not (training and dropout_p > 0.0):
+            dropout_p, seed = 0.0, None
+        elif seed is None:
+            seed = draw_dropout_seed(q.device)
+        else:
+            seed = torch.as_tensor(seed, dtype=torch.int64, device=q.device).reshape(1)
+        if batch_training and sync_group is not None:
+            out, stats = SyncedBatchNorm.apply(self, sync_group, (scale, out_scale, eps, dropout_p), q, k, v,
+                                               mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed)
+        else:
+            out, _, stats, _, _ = self.forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed,
+                                               scale, out_scale, norm, eps, dropout_p)
+        if batch_training and running_mean is not None:  # the forward has refused counts <= 1
+            update_running_stats(running_mean, running_var, stats[0], stats[1], stats[2], momentum)
+        return out
+
+
+class SyncedBatchNorm(torch.autograd.Function):
+    """Training BatchNorm over a process group (``nn.SyncBatchNorm`` semantics) through one backend's ops.
+
+    Forward: this process's Gram sums (s1, gram, count: H² + H + 1 float64 numbers, Hm times that for
+    a per-head mask) -> all-reduce -> global mean and variance (``gram_batch_statistics``) -> the
+    forward op with those statistics and the sweep's softmax statistics. Backward: this process's
+    (sum dN xhat, sum dN) (2H numbers) -> all-reduce -> the backward op with the global sums, whose
+    dM then uses the means over every process's entries. The norm's own gradients are this
+    process's sums (its share; DDP adds them up), as ``nn.SyncBatchNorm``'s.
+    ``apply(ladder, group, (scale, out_scale, eps, dropout_p), q, k, v, mix_weight, mix_bias,
+    norm_weight, norm_bias, attn_mask, seed)`` returns (out [B, H, Nq, D], stats [3, H]: global mean,
+    biased variance and count, for the running statistics). Every process of the group must run the
+    forward and the backward (collectives on both sides).
+    """
+
+    @staticmethod
+    def forward(ctx, ladder, group, options, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed):
+        scale, out_scale, eps, dropout_p = options
+        shift = gram_shift(k.shape[2])
+        softmax_stats, s1, gram, count = ladder.gram_sums(q, k, attn_mask, seed, scale, dropout_p, shift)
+        s1, gram, count = all_reduce_sum([s1, gram, count], group)
+        mean, var, n = gram_batch_statistics(mix_weight, mix_bias, s1, gram, count, shift)
+        # After the all-reduce every process sees the same counts (n: per head): all refuse alike, and
+        # none is left waiting in a collective the others skipped.
+        check_counts(n, " over all processes")
+        out, softmax_stats, stats, R, U = ladder.forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
+                                                         attn_mask, seed, scale, out_scale, "batch", eps, dropout_p,
+                                                         softmax_stats, torch.stack([mean, var, n]))
+        ctx.save_for_backward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, softmax_stats,
+                              stats, R, U)
+        ctx.ladder, ctx.group, ctx.options = ladder, group, options
+        ctx.mark_non_differentiable(stats)
+        return out, stats
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_stats):
+        q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, softmax_stats, stats, R, U = \
+            ctx.saved_tensors
+        scale, out_scale, eps, dropout_p = ctx.options
+        ladder = ctx.ladder
+        own = ladder.bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed,
+                                  softmax_stats, stats, R, U, scale, out_scale, eps, dropout_p)
+        (total,) = all_reduce_sum([own], ctx.group)  # every process runs this: a collective
+        dq, dk, dv, dw, dc, _, _ = ladder.backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
+                                                   attn_mask, seed, softmax_stats, stats, R, U, scale, out_scale,
+                                                   "batch", eps, dropout_p, total)
+        dnw = None if norm_weight is None else own[0].to(norm_weight.dtype)
+        dnb = None if norm_bias is None else own[1].to(norm_bias.dtype)
+        return (None, None, None, dq, dk, dv, dw, dc if mix_bias is not None else None, dnw, dnb, None, None)
