@@ -926,7 +926,8 @@ struct RowProgram {
   // and exponential per entry, for a P~ buffer of 64 keys):
   //
   //   sweep 1, per 16-key chunk: the warps as output-head owners recompute M where the norm needs
-  //     it, dA = dO V^T on tensor cores (dO A-fragments in registers, V^T B-fragments by ldmatrix),
+  //     it, dA = dO V^T on tensor cores (dO A-fragments in registers, or by ldmatrix from shared
+  //     memory with several segments; V^T B-fragments by ldmatrix),
   //     dN = dA where attended, dM by the norm's backward (LayerNorm: two sums across the slab's
   //     warps), the parameter-gradient partials (dW, dc, dgamma, dbeta) in registers, and dM (16-bit)
   //     to shared memory; after a barrier, as input-head owners, dP' = W'^T dM (W' carries
