@@ -9,7 +9,7 @@ extension's own planners (no copy of their rules here):
   the deterministic backward, a row pass ``forward_kernel<RowConfig<..., kBackwardRows>>`` (D, dQ,
   the parameter-gradient partials) then a key pass ``key_kernel<KeyConfig<...>>`` (``keys.cuh``:
   dK, dV; not launched for training BatchNorm's sums), shapes from ``reattn._C.cuda_backward_tiles``;
-* every other problem (fp32/fp64; shapes no tile serves, e.g. a backward with Nk > 224) and the
+* every other problem (fp32/fp64; shapes no tile serves, e.g. a backward with H > 16 or D > 64) and the
   statistics sweep run the CUDA-core programs ``re_attention_kernel<T, kind>`` (``programs.cuh``)
   with the plan of ``reattn._C.cuda_plan``.
 

@@ -2,9 +2,11 @@
 // parameter-gradient partials) and its key pass (keys.cuh, dK and dV), and the rule that picks
 // them. Plain C++ (the host plans with it; backward_kernels.cuh instantiates exactly these).
 //
-// The row pass keeps a whole key row's P~ in shared memory (one segment: Nk <= 224) with chunk
-// tiles of V and K beside it, so its query blocks are small (16 or 32 rows); registers hold dO and
-// dQ fragments of at most two heads per warp. The key pass holds dK and dV of two heads per warp.
+// The row pass keeps a key segment's P~ in shared memory (a whole row up to 224 keys; longer rows
+// in segments of 64, the score phase once per sweep and segment) with a 2-slot ring of 16-key
+// chunk tiles beside it (V, and in the second sweep K, each a step of its own), so its query
+// blocks are small (16 or 32 rows); registers hold dO and dQ fragments of at most two or three
+// heads per warp. The key pass holds dK and dV of two heads per warp.
 // A problem no pair of shapes serves runs the CUDA-core programs of programs.cuh.
 #pragma once
 
@@ -15,21 +17,26 @@
 namespace reattn {
 namespace cuda {
 
-// index, slabs, groups, heads, d, d_out, keys: H <= 8 and D <= 64; H <= 16 and D <= 64; H <= 16
-// and D <= 32.
+// index, slabs, groups, heads, d, d_out, keys. One segment (Nk <= 224): H <= 8 and D <= 64
+// (DeiT-S); H <= 16 and D <= 64 (ViT-B); H <= 16 and D <= 32 (DeepViT-16b). Segments of 64 keys
+// (any Nk; the score phase once per sweep and segment; dO staged in shared memory): H <= 12 and
+// D <= 48 (DeepViT-L-384); H <= 16 and D <= 64 (ViT-B at 384 px).
 #define REATTN_BACKWARD_ROW_SHAPES(X) \
   X(0, 2, 4, 2, 64, 64, 224)          \
   X(1, 1, 8, 2, 64, 64, 224)          \
-  X(2, 1, 8, 2, 32, 32, 224)
+  X(2, 1, 8, 2, 32, 32, 224)          \
+  X(3, 2, 4, 3, 48, 48, 64)           \
+  X(4, 1, 8, 2, 64, 64, 64)
 
 // index, kslabs, groups, heads, d
 #define REATTN_KEY_SHAPES(X) \
   X(0, 2, 4, 2, 64)          \
   X(1, 1, 8, 2, 64)          \
-  X(2, 1, 8, 2, 32)
+  X(2, 1, 8, 2, 32)          \
+  X(3, 1, 8, 2, 48)
 
-constexpr int kBackwardRowShapeCount = 3;
-constexpr int kKeyShapeCount = 3;
+constexpr int kBackwardRowShapeCount = 5;
+constexpr int kKeyShapeCount = 4;
 
 inline TileShape backward_row_shape(int index) {
   static const TileShape shapes[] = {
@@ -49,15 +56,19 @@ inline KeyShape key_shape(int index) {
   return shapes[index];
 }
 
-// Both passes' shapes for H heads of dim D, Nk keys, or false: the fewest wasted head dims, then
-// the most rows (keys) per program, within the shared memory limit.
+// Both passes' shapes for H heads of dim D, Nk keys, or false, within the shared memory limit: for
+// the row pass one segment first (its score phase runs once), then the fewest wasted head dims,
+// then the most rows per program; for the key pass the fewest wasted head dims, then the most keys.
 inline bool pick_backward_shapes(int H, int D, int Nk, size_t shared_limit, int* rows, int* keys) {
   *rows = *keys = -1;
   long best = 0;
   for (int i = 0; i < kBackwardRowShapeCount; ++i) {
     const TileShape s = backward_row_shape(i);
-    if (H > s.max_heads() || D > s.d || Nk > s.keys || row_layout(s, H, Nk).bytes > shared_limit) continue;
-    const long cost = static_cast<long>(s.d - D) * 1000 - s.slabs;
+    if (H > s.max_heads() || D > s.d || (s.keys > 64 && Nk > s.keys) || row_layout(s, H, Nk).bytes > shared_limit) {
+      continue;
+    }
+    // One segment first (the score phase once), then the fewest wasted head dims, the most rows.
+    const long cost = (s.keys > 64 ? 0 : 100000) + static_cast<long>(s.d - D) * 1000 - s.slabs;
     if (*rows < 0 || cost < best) {
       *rows = i;
       best = cost;

@@ -53,6 +53,34 @@ REATTN_DEVICE int block_index_x() { return sim::block_index(0); }
 REATTN_DEVICE int block_index_y() { return sim::block_index(1); }
 REATTN_DEVICE char* shared_memory() { return sim::shared_memory(); }
 #endif
+// x itself, but the compiler may no longer assume so (no instruction is emitted): what it derives
+// from x after this point is recomputed there instead of being kept live (or spilled) from before,
+// e.g. the addresses a long loop body computes from the thread's coordinates.
+#if defined(__CUDACC__)
+REATTN_DEVICE int opaque(int x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+REATTN_DEVICE int64_t opaque(int64_t x) {
+  asm volatile("" : "+l"(x));
+  return x;
+}
+REATTN_DEVICE uint32_t opaque(uint32_t x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+template <typename T>
+REATTN_DEVICE T* opaque(T* x) {
+  asm volatile("" : "+l"(x));
+  return x;
+}
+#else
+REATTN_DEVICE int opaque(int x) { return x; }
+REATTN_DEVICE int64_t opaque(int64_t x) { return x; }
+REATTN_DEVICE uint32_t opaque(uint32_t x) { return x; }
+template <typename T>
+REATTN_DEVICE T* opaque(T* x) { return x; }
+#endif
 REATTN_DEVICE int lane_index() { return thread_index() % kWarpSize; }
 REATTN_DEVICE int warp_index() { return thread_index() / kWarpSize; }
 

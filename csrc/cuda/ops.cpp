@@ -608,7 +608,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   if (q.is_cuda()) {
     at::globalContext().alertNotDeterministic(
         "reattn cuda_backward on the CUDA-core programs (fp32 / fp64, or a problem without a tensor-core "
-        "backward plan: H > 16, D > 64 or Nk > 224) sums dK, dV with atomics");
+        "backward plan: H > 16, D > 64, or tiles that do not fit the GPU's shared memory) sums dK, dV with "
+        "atomics");
   }
   const at::Tensor lse = stats.dim() == 4 ? lse_from_stats(stats) : stats;
   p.lse = lse.data_ptr();

@@ -646,7 +646,9 @@ struct RowProgram {
       // After the segment's last K tile (its step's barrier passed), the first V tile can take the
       // other slot while the softmax runs.
       if (round + 1 == rounds) issue_after_scores(seg);
-      if (active) finish_round(s, h, key0, keys, n8_end);
+      // The backward: the entries' key indices (masks, dropout) recomputed per round, not kept live
+      // from the first round across the next rounds' products.
+      if (active) finish_round(s, h, Cfg::kBackward ? dev::opaque(key0) : key0, keys, n8_end);
     }
   }
 
@@ -917,11 +919,15 @@ struct RowProgram {
 
   // ================================ backward: the row pass ================================================
   // Given the forward's row statistics, per program (batch element b, the block's query rows, every
-  // head), with P~ of the segment in shared memory as in the forward except that dropped entries
-  // keep -P (sign bit set; exactly -0 still means masked):
+  // head), with P~ of a key segment in shared memory as in the forward except that dropped entries
+  // keep -P (sign bit set; exactly -0 still means masked). One segment (Nk <= keys): the score
+  // phase runs once and both sweeps read its P~; segments of 64 keys (longer rows): each sweep
+  // recomputes each segment's P~ from the given statistics before its chunks (one more q.k product
+  // and exponential per entry, for a P~ buffer of 64 keys):
   //
   //   sweep 1, per 16-key chunk: the warps as output-head owners recompute M where the norm needs
-  //     it, dA = dO V^T on tensor cores (dO A-fragments in registers, V^T B-fragments by ldmatrix),
+  //     it, dA = dO V^T on tensor cores (dO A-fragments in registers, or by ldmatrix from shared
+  //     memory with several segments; V^T B-fragments by ldmatrix),
   //     dN = dA where attended, dM by the norm's backward (LayerNorm: two sums across the slab's
   //     warps), the parameter-gradient partials (dW, dc, dgamma, dbeta) in registers, and dM (16-bit)
   //     to shared memory; after a barrier, as input-head owners, dP' = W'^T dM (W' carries
@@ -944,6 +950,24 @@ struct RowProgram {
     }
   }
 
+  // dO of the block's rows in shared memory (several segments: the registers go to the score
+  // phase and the accumulators) or in registers (one segment: df, loaded once).
+  static constexpr bool kGradsShared = Cfg::kBackward && !Cfg::kOneSegment;
+  using GradCopy = TileCopy<E, Cfg::kRows, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, false>;
+
+  // A fragment (the warp's 16 rows x head dims 16 kk ..) of dO of output head group + groups j.
+  REATTN_DEVICE void grad_fragment(const uint32_t (&df)[kHeads][Cfg::kKSteps][4], int j, int kk,
+                                   uint32_t (&a)[4]) const {
+    if constexpr (kGradsShared) {
+      const int g = group + kGroups * j < H ? group + kGroups * j : 0;  // heads past H: dN is zeroed
+      dev::ldmatrix_x4(a, at<E>(L.grads) + (static_cast<size_t>(g) * Cfg::kRows + slab * 16 + lane % 16) * kKRow +
+                              kk * 16 + (lane / 16) * 8);
+    } else {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) a[r] = df[j][kk][r];
+    }
+  }
+
   // The forward's (m, log l) of the block's rows, every head, into shared memory.
   REATTN_DEVICE void load_given_stats() const {
     float* st = at<float>(L.stats);
@@ -957,15 +981,12 @@ struct RowProgram {
     }
   }
 
-  // A chunk tile: V [H][16][k_row], and in the second sweep K [H][16][k_row] after it.
-  REATTN_DEVICE void issue_chunk(int key0, bool with_keys) {
-    E* slot = slot_tile(issued++ & 1);
-    ValueCopy::issue(slot, kKRow, vbase, static_cast<int>(p.v_st.h), static_cast<int>(p.v_st.n),
-                     static_cast<int>(p.v_st.d), 0, H, H, key0, Nk, 0, D, vector());
-    if (with_keys) {
-      ValueCopy::issue(slot + H * kValueTile * kKRow, kKRow, kbase, static_cast<int>(p.k_st.h),
-                       static_cast<int>(p.k_st.n), static_cast<int>(p.k_st.d), 0, H, H, key0, Nk, 0, D, vector());
-    }
+  // A chunk tile of 16 keys, every head: V [H][16][k_row] (both sweeps) or K [H][16][k_row] (the
+  // second sweep's dQ += dS K), each a ring step of its own, so a slot holds one of them.
+  REATTN_DEVICE void issue_chunk(int key0, bool keys) {
+    const Strides4& st = keys ? p.k_st : p.v_st;
+    ValueCopy::issue(slot_tile(issued++ & 1), kKRow, keys ? kbase : vbase, static_cast<int>(st.h),
+                     static_cast<int>(st.n), static_cast<int>(st.d), 0, H, H, key0, Nk, 0, D, vector());
     dev::cp_async_commit();
   }
 
@@ -1026,13 +1047,16 @@ struct RowProgram {
       const int g = group + kGroups * j;
       float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       const E* vg = values + static_cast<size_t>(g < H ? g : 0) * kValueTile * kKRow;
-#pragma unroll
+      // dO from shared memory (several segments): rolled, its fragments loaded as they are used.
+#pragma unroll(kGradsShared ? 1 : Cfg::kKSteps)
       for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
         uint32_t vb[4];
         dev::ldmatrix_x4(vb, vg + ((i / 2) * 8 + lane % 8) * kKRow + kk * 16 + (i % 2) * 8);
         const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-        dev::mma_m16n8k16<E>(c0, df[j][kk], b0, c0);
-        dev::mma_m16n8k16<E>(c1, df[j][kk], b1, c1);
+        uint32_t a[4];
+        grad_fragment(df, j, kk, a);
+        dev::mma_m16n8k16<E>(c0, a, b0, c0);
+        dev::mma_m16n8k16<E>(c1, a, b1, c1);
       }
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
@@ -1144,7 +1168,7 @@ struct RowProgram {
                         at<float>(L.weights_t), H, group, dp);
     const E* probs = chunk_tile(L.probs, L.p_row, chunk_col);
     const float* delta = at<float>(L.delta);
-    const E* keys = slot_tile(slot) + H * kValueTile * kKRow;
+    const E* keys = slot_tile(slot);  // the second sweep's K chunk (unused in the first)
     const float scale = static_cast<float>(p.scale);
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
@@ -1209,21 +1233,76 @@ struct RowProgram {
     }
   }
 
-  // One sweep over the chunks (the first: D and the partial sums; the second: dQ).
-  REATTN_DEVICE void backward_sweep(bool first, bool sums_only, const uint32_t (&df)[kHeads][Cfg::kKSteps][4],
-                                    Partials& part, float (&dpart)[kHeads][2], float (&dq)[kHeads][Cfg::kOutN8][4]) {
-    const int chunks = value_tiles(seg_len(0));
-    for (int c = 0; c < chunks; ++c) {
-      const int slot = begin_step();
-      if (c + 1 < chunks) {
-        issue_chunk((c + 1) * kValueTile, !first);
-      } else if (first && !sums_only) {
-        issue_chunk(0, true);  // the second sweep's first chunk
+  // The thread's coordinates, which the compiler may no longer assume unchanged (dev::opaque): what
+  // derives from them is recomputed after this point, not kept live from before.
+  REATTN_DEVICE void forget_coordinates() {
+    lane = dev::opaque(lane);
+    gq = dev::opaque(gq);
+    tq = dev::opaque(tq);
+    slab = dev::opaque(slab);
+    group = dev::opaque(group);
+  }
+
+  // The ring step after a segment's last chunk (issued after its work: every warp is past that
+  // chunk's first step, so the other slot is free): the next segment's first K tile (its score
+  // phase), the second sweep's start, or nothing. Outside the chunk loop, which has no registers
+  // to spare for the K tiles' addresses.
+  REATTN_DEVICE void issue_after_segment(int seg, bool again) {
+    if (!Cfg::kOneSegment && seg + 1 < segments) {
+      issue_keys(0, seg_start(seg + 1));
+    } else if (again) {
+      if (Cfg::kOneSegment) {
+        issue_chunk(0, false);  // P~ stays in shared memory: the second sweep starts with its V chunk
+      } else {
+        issue_keys(0, 0);  // the second sweep's first score phase
       }
-      if (slab_active) grad_mixed(slot, c * kValueTile, c * kValueTile, first, sums_only, df, part);
-      if (sums_only) continue;
-      dev::sync_threads();  // dM of every output head
-      if (slab_active) grad_probs(slot, c * kValueTile, first, dpart, dq);
+    }
+  }
+
+  // One sweep over the keys (the first: D and the partial sums; the second: dQ), segment by
+  // segment: the segment's score phase (one-segment shapes: only in the first sweep; P~ stays in
+  // shared memory), then its 16-key chunks. Ring steps per chunk: the first sweep's V chunk (then a
+  // barrier for dM); the second sweep's V chunk, then its K chunk, whose step's barrier is dM's.
+  REATTN_DEVICE void backward_sweep(bool first, bool sums_only, uint32_t (&df)[kHeads][Cfg::kKSteps][4],
+                                    Partials& part, float (&dpart)[kHeads][2], float (&dq)[kHeads][Cfg::kOutN8][4]) {
+    const bool again = first && !sums_only;  // a second sweep follows
+    const int segs = Cfg::kOneSegment ? 1 : segments;
+    for (int seg = 0; seg < segs; ++seg) {
+      if constexpr (!Cfg::kOneSegment) {
+        // Recompute the thread's addresses per segment rather than keep (or spill) them from
+        // before the loop, across its score phase.
+        forget_coordinates();
+        m0 = dev::opaque(m0);
+        b = dev::opaque(b);
+        kbase = dev::opaque(kbase);
+        vbase = dev::opaque(vbase);
+      }
+      if (!Cfg::kOneSegment || first) {
+        score_phase(seg);  // its last K step issues the segment's first V chunk
+        if (!kGradsShared && slab_active) load_grads(df);  // after the scores: not live beside them
+      }
+      const int chunks = value_tiles(seg_len(seg));
+      for (int c = 0; c < chunks; ++c) {
+        if constexpr (!Cfg::kOneSegment) forget_coordinates();  // likewise per chunk
+        const int key0 = seg_start(seg) + c * kValueTile;
+        const int slot = begin_step();
+        if (!first) {
+          issue_chunk(key0, true);
+        } else if (c + 1 < chunks) {
+          issue_chunk(key0 + kValueTile, false);
+        }
+        if (slab_active) grad_mixed(slot, key0, c * kValueTile, first, sums_only, df, part);
+        if (sums_only) continue;
+        int keys_slot = slot;
+        if (first) {
+          dev::sync_threads();  // dM of every output head
+        } else {
+          keys_slot = begin_step();  // the K chunk, and dM of every output head
+          if (c + 1 < chunks) issue_chunk(key0 + kValueTile, false);
+        }
+        if (slab_active) grad_probs(keys_slot, c * kValueTile, first, dpart, dq);
+      }
+      issue_after_segment(seg, again);
     }
   }
 
@@ -1251,10 +1330,13 @@ struct RowProgram {
     load_parameters();
     load_given_stats();
     const bool sums_only = p.stats_only;
-    issue_keys(0, 0);
-    score_phase(0);  // one segment (the host plans so); its last K step issues the first chunk
-    uint32_t df[kHeads][Cfg::kKSteps][4];
-    if (slab_active) load_grads(df);
+    if constexpr (kGradsShared) {  // lands with the first K tile (one cp.async group)
+      GradCopy::issue(at<E>(L.grads), kKRow, static_cast<const E*>(p.grad_out) + b * p.do_st.b,
+                      static_cast<int>(p.do_st.h), static_cast<int>(p.do_st.n), static_cast<int>(p.do_st.d), 0, H,
+                      H, m0, Nq, 0, D, vector());
+    }
+    issue_keys(0, 0);  // the first score phase's first K tile
+    uint32_t df[kHeads][Cfg::kKSteps][4];  // one segment: dO fragments of the owned heads (after the scores)
     float dq[kHeads][Cfg::kOutN8][4];
     {
       float dpart[kHeads][2];

@@ -61,8 +61,8 @@ struct RowLayout {
   int p_row;
   uint32_t ring;      // 2 slots of ring_slot bytes; step i uses slot i % 2 whatever it holds: K tiles
   uint32_t ring_slot; // E [groups][kKeyTile][k_row] in the score phase, V tiles E [H][kValueTile][v_row]
-  int k_row;        // in the mixing phase (backward: V then K chunk tiles [H][kValueTile][k_row]), so
-  int v_row;        // the next step's load never hits the current slot
+  int k_row;        // in the mixing phase (backward: V or K chunk tiles [H][kValueTile][k_row], one
+  int v_row;        // per step), so the next step's load never hits the current slot
   uint32_t weights;   // f32 [max_heads][groups][4 or 8]   W'[g][h] at [h][g % groups][g / groups] (padded)
   uint32_t vectors;   // f32 [kVectorRows][max_heads] + 2  per-head parameters (RowProgram), mean of c', 1/H
   uint32_t stats;     // f32 [H][rows][2]                  row max and log-sum (given, or the statistics sweep's)
@@ -74,6 +74,7 @@ struct RowLayout {
   int m_row;
   uint32_t delta;     // f32 [H][rows]                     D = sum_j P~ dP' per row
   uint32_t sums;      // f32 [warps][heads][max_heads + 3] parameter-gradient partials
+  uint32_t grads;     // E   [H][rows][k_row]              (several segments) dO of the block's rows
   uint32_t bytes;
 };
 
@@ -95,7 +96,7 @@ REATTN_HD RowLayout row_layout(const TileShape& s, int H, int Nk) {
   L.k_row = padded_row(s.d);
   L.v_row = padded_row(s.d_out);
   const size_t k_tile = static_cast<size_t>(s.groups) * kKeyTile * L.k_row * e;
-  const size_t v_tile = static_cast<size_t>(H) * kValueTile * (s.backward ? 2 * L.k_row : L.v_row) * e;
+  const size_t v_tile = static_cast<size_t>(H) * kValueTile * (s.backward ? L.k_row : L.v_row) * e;
   L.ring_slot = static_cast<uint32_t>(align128(k_tile > v_tile ? k_tile : v_tile));
   L.ring = take(2 * L.ring_slot);
   L.weights = take(mh * s.groups * pad * 4);
@@ -108,6 +109,7 @@ REATTN_HD RowLayout row_layout(const TileShape& s, int H, int Nk) {
   L.dmixed = take(s.backward ? static_cast<size_t>(H) * s.rows() * L.m_row * e : 0);
   L.delta = take(s.backward ? static_cast<size_t>(H) * s.rows() * 4 : 0);
   L.sums = take(s.backward ? static_cast<size_t>(s.warps()) * s.heads * (mh + 3) * 4 : 0);
+  L.grads = take(s.backward && s.keys <= 64 ? static_cast<size_t>(H) * s.rows() * L.k_row * e : 0);
   L.bytes = at;
   return L;
 }

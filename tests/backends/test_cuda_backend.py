@@ -348,6 +348,10 @@ TC_BACKWARD_CASES = [
     ("layer float mask dropout", (2, 6, 9, 11, 64), "layer", "float", 0.25),
     ("batch rows bool mask", (2, 5, 9, 11, 33), "batch", "bool", 0.0),
     ("H=1 Nk=1", (1, 1, 3, 1, 16), "none", None, 0.0),
+    # Nk > 224: the row pass over key segments of 64 (the last one partial), D <= 48 and D <= 64.
+    ("segments", (1, 12, 20, 230, 35), "none", None, 0.0),
+    ("segments layer float mask dropout", (1, 12, 9, 230, 64), "layer", "float", 0.25),
+    ("segments batch rows bool mask", (2, 5, 9, 230, 33), "batch", "bool", 0.0),
 ]
 GRAD_NAMES = ("dq", "dk", "dv", "dW", "dc", "dgamma", "dbeta")
 
@@ -376,11 +380,13 @@ def test_tensor_core_backward_within_twice_eager_error_in_every_mode(name, shape
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="warp orders are the emulator's")
-@pytest.mark.parametrize("norm", ["none", "layer"])
-def test_tensor_core_backward_does_not_race_and_is_deterministic(norm):
+@pytest.mark.parametrize("norm,shape", [("none", (2, 6, 33, 40, 32)), ("layer", (2, 6, 33, 40, 32)),
+                                        ("layer", (1, 12, 17, 230, 40))], ids=["none", "layer", "layer segments"])
+def test_tensor_core_backward_does_not_race_and_is_deterministic(norm, shape):
     # Reversed and shuffled warp orders give bitwise the same gradients (no race between warps, and
     # no order-dependent sums: dK, dV in registers, parameter gradients as per-program partials).
-    B, H, Nq, Nk, D = 2, 6, 33, 40, 32
+    # The last shape runs the row pass over key segments (230 keys).
+    B, H, Nq, Nk, D = shape
     runs = [tc_backward_case(B, H, Nq, Nk, D, norm=norm, mask=bool_mask(B, Nq, Nk), dropout=0.2, references=False,
                              **order)[0]
             for order in (dict(), dict(reverse_items=True), dict(shuffle_seed=11))]
@@ -444,6 +450,33 @@ def test_tensor_core_tiles_of_the_issue_shapes():
     a100 = _C.cuda_forward_tiles(12, 64, 197, 197, "bfloat16", SM80_SHARED)
     assert a100["shared_bytes"] <= SM80_SHARED and a100["segments"] > 1
     assert _C.cuda_forward_tiles(6, 64, 197, 197, "float32") is None
+
+
+def test_tensor_core_backward_tiles_of_the_issue_shapes():
+    # On an H100 every issue shape's backward runs on tensor cores: one key segment up to 224 keys
+    # (DeiT-S, ViT-B, DeepViT-16b), segments of 64 beyond (DeepViT-L-384, ViT-B at 384 px).
+    def tiles(H, D, N, limit=SM90_SHARED):
+        return _C.cuda_backward_tiles(H, D, N, N, "bfloat16", limit)
+
+    vit_b = tiles(12, 64, 197)
+    assert vit_b["rows"]["segments"] == 1 and vit_b["rows"]["rows"] == 16 and vit_b["rows"]["d"] == 64
+    deepvit_l = tiles(12, 35, 577)
+    assert deepvit_l["rows"]["segments"] == 10 and deepvit_l["rows"]["d"] == 48 and deepvit_l["keys"]["d"] == 48
+    assert tiles(12, 64, 577)["rows"]["segments"] == 10
+    for H, D, N in [(6, 64, 197), (12, 32, 197), (12, 64, 197), (12, 35, 577), (12, 64, 577)]:
+        found = tiles(H, D, N)
+        assert found is not None, (H, D, N)
+        for kind in ("rows", "keys"):
+            assert found[kind]["shared_bytes"] <= SM90_SHARED and found[kind]["threads"] == 256
+    # The row pass's chunk tiles take one ring slot each (V, then K): ViT-B's one-segment layout is
+    # H x 16 rows x 216 (P~ of 197 keys) + 2 slots of max(8 x 32 x 72 K-tile rows, 12 x 16 x 72 chunk
+    # rows) 16-bit elements and the fp32 buffers: below an H100's 227 KB, above an A100's 163 KB.
+    assert 190_000 < vit_b["rows"]["shared_bytes"] < 200_000
+    # On an A100 the key pass of 12 heads at D = 64 does not fit (the CUDA-core programs run it).
+    assert tiles(12, 64, 197, SM80_SHARED) is None
+    assert tiles(6, 64, 197, SM80_SHARED) is not None
+    assert tiles(17, 64, 197) is None and tiles(12, 65, 197) is None
+    assert _C.cuda_backward_tiles(12, 64, 197, 197, "float32") is None
 
 
 ISSUE_SHAPES = {"DeiT-S": (6, 64, 197), "DeepViT-16b": (12, 32, 197), "DeepViT-L": (12, 35, 577),
@@ -512,11 +545,11 @@ def test_compiled_kernels_spill_nothing_and_reserve_at_most_1kb_of_shared_memory
     for arch in archs:
         names = [name for a, name in kernels if a == arch]
         # 4 storage types x 4 CUDA-core programs; 2 types x (5 tile shapes x 4 variants of the tensor-core
-        # forward + 3 shapes of the backward's row pass) (row_configs.h, backward_configs.h); 2 types x 3
+        # forward + 5 shapes of the backward's row pass) (row_configs.h, backward_configs.h); 2 types x 4
         # shapes of the backward's key pass
         assert sum("re_attention_kernel" in n for n in names) == 16, names
-        assert sum("forward_kernel" in n for n in names) == 46, names
-        assert sum("key_kernel" in n for n in names) == 6, names
+        assert sum("forward_kernel" in n for n in names) == 50, names
+        assert sum("key_kernel" in n for n in names) == 8, names
     for (arch, name), usage in kernels.items():
         if not any(k in name for k in ("re_attention_kernel", "forward_kernel", "key_kernel")):
             continue

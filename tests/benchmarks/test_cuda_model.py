@@ -54,10 +54,14 @@ def test_launches_per_norm_mode_follow_ops_cpp():
 def test_problems_without_a_tensor_core_plan_run_the_cuda_core_programs():
     from benchmarks import cuda_side
 
-    # Nk > 224: the tensor-core forward sweeps key segments twice; no backward row shape: the CUDA-core backward.
+    # Nk > 224: the tensor-core forward sweeps key segments twice, the backward's row pass each sweep.
     launches = _launches(cuda_side.cuda_call(1, 2, 240, 16, "none", 90))
-    (fwd,), (bwd,) = launches["fwd"], launches["bwd"]
+    (fwd,), (rows, keys) = launches["fwd"], launches["bwd"]
     assert not fwd.core and not fwd.one_segment
+    assert not rows.core and rows.program == "backward_rows" and not rows.one_segment and rows.unit == 64
+    assert not keys.core and keys.program == "backward_keys"
+    # D > 64: no tensor-core shape, the CUDA-core backward.
+    (bwd,) = _launches(cuda_side.cuda_call(1, 2, 40, 96, "none", 90))["bwd"]
     assert bwd.core and bwd.program == "backward" and bwd.name == "re_attention_kernel<bfloat16, backward>"
     assert bwd.threads == cuda_side.PROGRAM_THREADS and bwd.grid == (bwd.params.plan.num_m, bwd.params.plan.num_chunks)
     # fp32: the CUDA-core programs throughout.
@@ -72,13 +76,14 @@ def _full(launch):
     return cuda_side._run_at(launch, 90, (0, 0), None)
 
 
-@pytest.mark.parametrize("program", ["forward", "backward_keys"])
+@pytest.mark.parametrize("program", ["forward", "backward_rows", "backward_keys"])
 def test_extrapolating_over_the_swept_length_matches_a_full_emulation(program):
     from benchmarks import cuda_side
 
     # forward: 300 keys = 5 segments of 64 (the last partial), the statistics sweep and the main one;
-    # key pass: 83 queries = 6 chunks of 16 (the last partial).
-    N = 300 if program == "forward" else 83
+    # row pass: the same segments, each sweep recomputing their scores; key pass: 83 queries = 6
+    # chunks of 16 (the last partial).
+    N = 83 if program == "backward_keys" else 300
     launches = _launches(cuda_side.cuda_call(1, 2, N, 16, "layer", 90))
     launch = [x for x in launches["fwd"] + launches["bwd"] if x.program == program][0]
     counts = cuda_side.program_counts(launch, 90)
