@@ -364,16 +364,18 @@ def loop_lines(shapes, backends, norms, archs) -> List[str]:
 
 
 def readme_section(rows: Sequence[Dict[str, str]]) -> List[str]:
-    """The README section from each backend's latest sm_90 run in the CSV (what --record wrote: a run of
-    some backends, ``--backends cuda``, replaces only theirs; a later sm_80-only run, ``--archs 80``,
-    adds A100 rows to the CSV without replacing the H100/H200 tables)."""
+    """The README section from the latest sm_90 run of each backend and shape in the CSV (what --record
+    wrote: a run of some backends or shapes, ``--backends cuda --shapes ViT-B``, replaces only theirs;
+    a later sm_80-only run, ``--archs 80``, adds A100 rows to the CSV without replacing the H100/H200
+    tables)."""
     rows = [r for r in rows if r["arch"] == "sm_90"]
     if not rows:
         return [SECTION_TITLE, "", "No static-model run is recorded (`python -m benchmarks.static_model --record`).", ""]
     last = {}
     for r in rows:
-        last[r["backend"]] = max(last.get(r["backend"], ""), r["date"])
-    latest = [r for r in rows if r["date"] == last[r["backend"]]]
+        key = (r["backend"], r["shape"])
+        last[key] = max(last.get(key, ""), r["date"])
+    latest = [r for r in rows if r["date"] == last[(r["backend"], r["shape"])]]
     runs = {}
     for r in latest:
         runs.setdefault((r["date"][:10], r["commit"], r["toolchain"]), []).append(r["backend"])

@@ -156,8 +156,8 @@ def test_useful_flops():
 
 
 def test_the_readme_section_takes_each_backends_latest_sm90_run():
-    """A run of one backend (--backends cuda) replaces that backend's rows in the section and keeps the
-    others'; sm_80 rows never enter the H100/H200 tables."""
+    """A run of one backend or shape (--backends cuda, --shapes ViT-B) replaces those rows in the section
+    and keeps the others'; sm_80 rows never enter the H100/H200 tables."""
     def row(date, backend, t, arch="sm_90"):
         return dict(date=date, commit=date[-2:], toolchain="tc", arch=arch, gpu="H100-SXM", backend=backend,
                     kernel="total", mode="fwd", norm="none", shape="DeiT-S", dtype="bf16", status="predicted",
@@ -166,7 +166,10 @@ def test_the_readme_section_takes_each_backends_latest_sm90_run():
     rows = [row("2026-12-01T01", "triton", 100), row("2026-12-01T01", "cuda", 90),
             row("2026-12-01T01", "reference", 50), row("2026-12-01T01", "eager", 400),
             row("2026-12-01T02", "cuda", 70), row("2026-12-01T03", "cuda", 10, arch="sm_80")]
+    rows += [dict(r, shape="ViT-B") for r in rows[:4]] + [dict(row("2026-12-01T04", "triton", 300), shape="ViT-B")]
     text = "\n".join(static_model.readme_section(rows))
     line = next(l for l in text.splitlines() if l.startswith("| DeiT-S | fwd | none |"))
     assert line.split(" | ")[3:7] == ["100–200", "70–140", "50–100", "400–800"], line
     assert "commit `02`" in text and "commit `01`" in text and "commit `03`" not in text
+    vit = next(l for l in text.splitlines() if l.startswith("| ViT-B | fwd | none |"))
+    assert vit.split(" | ")[3:7] == ["300–600", "90–180", "50–100", "400–800"], vit  # per shape too
