@@ -18,21 +18,19 @@ def spill_class(slots, masked_or_dropout: bool, d) -> tuple:
     return int(slots), bool(masked_or_dropout), int(d) == 128
 
 
-# Why each class spills (ptxas's register budget at the rules' tiles; see kernels/launch.py).
-SPILL_REASONS = {
-    (8, False, False): "1-4 heads, two batch rows per program: the LayerNorm forward and the moments",
-    (8, False, True): "head-dim chunks of 64 in the backward",
-    (8, True, False): "mask or dropout: the dK/dV kernel's mask tile and Philox words",
-    (8, True, True): "mask or dropout at head-dim chunks of 64",
-    (16, False, False): "9-16 heads (DeepViT-16b, ViT-B): [16, BLOCK_M, 16] fp32 tiles",
-    (16, False, True): "9-16 heads at head-dim chunks of 64",
-    (16, True, False): "9-16 heads with mask or dropout",
-    (16, True, True): "9-16 heads with mask or dropout at head-dim chunks of 64",
-    (32, False, False): "17-32 heads: [32, 16, 16] fp32 tiles, 64 registers each at 4 warps",
-    (32, False, True): "17-32 heads at head-dim chunks of 64",
-    (32, True, False): "17-32 heads with mask or dropout",
-    (32, True, True): "17-32 heads with mask or dropout at head-dim chunks of 64",
-}
+# Why a class spills (ptxas's register budget at the rules' tiles; see kernels/launch.py): its head
+# slots, then what a mask or dropout and head-dim chunks add.
+SLOT_REASONS = {8: "1-8 heads (1-4: two batch rows per program; the LayerNorm forward and the moments)",
+                16: "9-16 heads (DeepViT-16b, ViT-B): [16, BLOCK_M, 16] fp32 tiles",
+                32: "17-32 heads: [32, 16, 16] fp32 tiles, 64 registers each at 4 warps"}
+
+
+def spill_reason(key: tuple) -> str:
+    """Why the launches of class ``key`` (``spill_class``) spill."""
+    slots, masked_or_dropout, d128 = key
+    return (SLOT_REASONS[slots] + ("; a mask or dropout: the mask tile and Philox words" if masked_or_dropout else "")
+            + ("; head-dim chunks of 64 (D = 128)" if d128 else ""))
+
 
 KNOWN_SPILLS = {
     "sm86-backward-batch-h3-d128-dkdv": 24,

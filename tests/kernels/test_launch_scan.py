@@ -11,7 +11,7 @@ import os
 import pytest
 
 from reattn.kernels import launch
-from tests.kernels.known_spills import KNOWN_SPILLS, SPILL_REASONS, spill_class
+from tests.kernels.known_spills import KNOWN_SPILLS, spill_class, spill_reason
 
 SCAN = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "launch_scan.csv")
 KERNEL_OF_CALL = {"forward": ("forward",), "moments": ("forward",), "gram": ("gram",), "bn_sums": ("dq",),
@@ -94,7 +94,7 @@ def _no_spill_cases():
         case = case_of(row)
         marks = ()
         if case in KNOWN_SPILLS:
-            reason = SPILL_REASONS[spill_class(row["HP"], row["variant"] == "heavy", row["d"])]
+            reason = spill_reason(spill_class(row["HP"], row["variant"] == "heavy", row["d"]))
             marks = pytest.mark.xfail(strict=True, reason=f"spills {KNOWN_SPILLS[case]} B per thread: {reason}")
         cases.append(pytest.param(row, id=case, marks=marks))
     return cases
