@@ -8,9 +8,13 @@ expected failure into a strict failure until the entry is removed).
 """
 import csv
 import os
-import sys
 
 SCAN = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "launch_scan.csv")
+
+
+def case_of(row) -> str:
+    """The id of a recorded launch: ``sm90-backward-heavy-h32-d128-dkdv``."""
+    return f"sm{row['cap']}-{row['call']}-{row['variant']}-h{row['h']}-d{row['d']}-{row['kernel']}"
 
 
 def spill_class(slots, masked_or_dropout: bool, d) -> tuple:
@@ -291,9 +295,6 @@ KNOWN_SPILLS = {
 
 
 def main() -> None:
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-    from tests.kernels.test_launch_scan import case_of
-
     with open(SCAN, newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(r["spill_bytes"])]
     print("KNOWN_SPILLS = {")

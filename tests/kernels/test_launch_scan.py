@@ -11,7 +11,7 @@ import os
 import pytest
 
 from reattn.kernels import launch
-from tests.kernels.known_spills import KNOWN_SPILLS, spill_class, spill_reason
+from tests.kernels.known_spills import KNOWN_SPILLS, case_of, spill_class, spill_reason
 
 SCAN = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "launch_scan.csv")
 KERNEL_OF_CALL = {"forward": ("forward",), "moments": ("forward",), "gram": ("gram",), "bn_sums": ("dq",),
@@ -74,11 +74,6 @@ def test_no_spills_in_the_norm_modes_at_up_to_eight_heads(rows):
     for row in rows:
         if row["variant"] != "heavy" and int(row["d"]) <= 64 and int(row["HP"]) == 8 and int(row["G"]) == 1:
             assert int(row["spill_bytes"]) == 0, row
-
-
-def case_of(row) -> str:
-    """The id of a recorded launch: ``sm90-backward-heavy-h32-d128-dkdv``."""
-    return f"sm{row['cap']}-{row['call']}-{row['variant']}-h{row['h']}-d{row['d']}-{row['kernel']}"
 
 
 def _recorded_rows():
