@@ -38,7 +38,7 @@ VARIANTS = {"plain": dict(norm="none", mask=False, dropout=False),
             "heavy": dict(norm="layer", mask=True, dropout=True)}
 # entry point -> the variants that differ for it
 CALLS = {"forward": ("plain", "batch", "layer", "heavy"), "backward": ("plain", "batch", "layer", "heavy"),
-         "gram": ("plain", "heavy"), "moments": ("plain", "heavy"), "bn_sums": ("plain", "heavy")}
+         "gram": ("plain", "heavy"), "moments": ("plain", "heavy"), "bn_grad_sums": ("plain", "heavy")}
 CAPS = (90, 86)
 FIELDS = ["cap", "call", "variant", "h", "d", "kernel", "HP", "G", "BLOCK_M", "BLOCK_N", "BLOCK_D", "D_CHUNKS",
           "num_warps", "num_stages", "shared", "shared_bound", "shared_limit", "registers", "spill_bytes", "cache_key"]
@@ -48,7 +48,7 @@ def arguments(call: str, variant: str) -> dict:
     args = dict(VARIANTS[variant])
     if call in ("gram", "moments"):
         args["norm"] = "none"
-    if call == "bn_sums":
+    if call == "bn_grad_sums":
         args["norm"] = "batch"
     return args
 

@@ -22,7 +22,7 @@ from .launch import SHARED_MEMORY_LIMIT  # noqa: F401  (the limits the compiles 
 # Bytes per element of the dtypes a job can name.
 ELEMENT_SIZE = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
 
-CALLS = ("forward", "moments", "gram", "backward", "bn_sums")
+CALLS = ("forward", "moments", "gram", "backward", "bn_grad_sums")
 
 
 def capture_call(call: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16", norm: str = "layer",
@@ -30,13 +30,13 @@ def capture_call(call: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16
     """The launches one entry point of the kernels makes for a problem, on sm_<cap> (``kernels.capture``).
 
     call: "forward", "moments" (training BatchNorm's one-sweep forward), "gram" (the statistics
-    sweep), "backward" (both kernels) or "bn_sums" (the backward's BatchNorm sums). norm: "none",
+    sweep), "backward" (both kernels) or "bn_grad_sums" (the backward's BatchNorm sums). norm: "none",
     "layer" or "batch" (training BatchNorm with given statistics); mask: a bool mask for all heads;
     dropout: p = 0.1. Tensors live on ``device="meta"``, so sizes cost nothing.
     """
     import torch
 
-    from .backward import re_attention_backward, re_attention_backward_bn_sums
+    from .backward import re_attention_backward, re_attention_bn_grad_sums
     from .capture import capture_launches
     from .forward import re_attention_forward
     from .gram import gram_sums
@@ -68,7 +68,7 @@ def capture_call(call: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16
                                   bn_coefficients=torch.empty(4, h, dtype=acc, **meta) if norm == "batch" else None,
                                   **kw)
         else:
-            re_attention_backward_bn_sums(q, q, k, v, w, c, stats, norm_weight=nw, norm_bias=nw,
+            re_attention_bn_grad_sums(q, q, k, v, w, c, stats, norm_weight=nw, norm_bias=nw,
                                           batch_stats=torch.empty(2, h, dtype=acc, **meta), **kw)
     return launches
 

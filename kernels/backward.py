@@ -23,7 +23,7 @@ Training-mode BatchNorm couples every entry of a head through its batch statisti
 dM_g = a_g dN_g + e_g xhat_g + f_g with a = gamma / std, e = -a mean(dN xhat), f = -a mean(dN)
 (means over the unmasked entries; dM = 0 at masked ones, which are outside the statistics). The
 two means need a sweep of their own before the others: the dQ kernel with SUMS_ONLY
-(:func:`re_attention_backward_bn_sums`) writes per program sum(dN xhat) and sum(dN), which are
+(:func:`re_attention_bn_grad_sums`) writes per program sum(dN xhat) and sum(dN), which are
 also dgamma and dbeta and add up over processes (BatchNorm synchronized across processes sums
 them over the group first). :func:`re_attention_backward` takes e and f, not the sums.
 
@@ -511,7 +511,7 @@ def re_attention_backward(
     norm="batch" (training BatchNorm) also needs ``bn_coefficients`` [4, H]: the forward's mean and
     1/sqrt(var + eps), then e and f of dM = a dN + e xhat + f (a = gamma / std, e = -a mean(dN xhat),
     f = -a mean(dN), means over the entries the statistics ran over). Those two means come from
-    :func:`re_attention_backward_bn_sums`, run first, and summed over every process when the batch
+    :func:`re_attention_bn_grad_sums`, run first, and summed over every process when the batch
     is spread across processes: the caller (``reattn._batchnorm.bn_backward_coefficients``) divides
     them by the count.
     The norm's own gradients are those sums, so d_norm_weight, d_norm_bias come back as None then.
@@ -605,7 +605,7 @@ def _reduce_parts(parts: torch.Tensor, heads: int, config: TileConfig, bias_slot
     return dw.to(acc), dc.to(acc), dnw.to(acc), dnb.to(acc)
 
 
-def re_attention_backward_bn_sums(
+def re_attention_bn_grad_sums(
     grad_out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -636,7 +636,7 @@ def re_attention_backward_bn_sums(
     B, H, Nq, _ = q.shape
     acc = accumulator_dtype(q)
     if batch_stats.shape != (2, H):
-        raise ValueError("re_attention_backward_bn_sums: batch_stats must be [2, H] (mean, 1/std), got "
+        raise ValueError("re_attention_bn_grad_sums: batch_stats must be [2, H] (mean, 1/std), got "
                          f"{tuple(batch_stats.shape)}")
     if B == 0 or Nq == 0:
         return torch.zeros((2, H), dtype=acc, device=q.device)

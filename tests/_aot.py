@@ -36,7 +36,7 @@ def jobs():
         result.append(dict(call="gram", h=h, d=d, n=n, cap=90, **TRAIN_BN))
         result.append(dict(call="moments", h=h, d=d, n=n, cap=90, **TRAIN_BN))
         result.append(dict(call="forward", h=h, d=d, n=n, cap=90, norm="batch", mask=True, dropout=True))
-        result.append(dict(call="bn_sums", h=h, d=d, n=n, cap=90, norm="batch", mask=True, dropout=True))
+        result.append(dict(call="bn_grad_sums", h=h, d=d, n=n, cap=90, norm="batch", mask=True, dropout=True))
     # sm_86 (101,376 B per block: RTX 3090/4090, A10, L4, L40S) and sm_80 where the rules pick
     # smaller tiles than on sm_90.
     for cap in (86, 80):

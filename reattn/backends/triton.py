@@ -15,7 +15,7 @@ from reattn._batchnorm import accumulator_dtype
 from reattn.backends._fused import FusedKernels, FusedRawOps
 from reattn.backends._ladder import OpLadder, draw_dropout_seed
 from reattn.kernels.affine import head_affine
-from reattn.kernels.backward import re_attention_backward, re_attention_backward_bn_sums
+from reattn.kernels.backward import re_attention_backward, re_attention_bn_grad_sums
 from reattn.kernels.dropout import dropout_keep_mask
 from reattn.kernels.forward import re_attention_forward, softmax_stats_shape
 from reattn.kernels.gram import gram_sums
@@ -42,7 +42,7 @@ def _backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, b
 
 def _bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed,
                   softmax_stats, *, scale, out_scale, eps, dropout_p):
-    return re_attention_backward_bn_sums(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, scale=scale,
+    return re_attention_bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, scale=scale,
                                          out_scale=out_scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
                                          batch_stats=batch_stats, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed)
 

@@ -8,7 +8,7 @@ kernels directly, their tiles (head-dim chunks, row groups per program) and the 
 import pytest
 import torch
 
-from reattn.kernels.backward import re_attention_backward, re_attention_backward_bn_sums
+from reattn.kernels.backward import re_attention_backward, re_attention_bn_grad_sums
 from reattn.kernels.dropout import dropout_keep_mask
 from reattn.kernels.forward import re_attention_forward
 from reattn.kernels.launch import TileConfig, backward_config
@@ -137,7 +137,7 @@ def test_batchnorm_sums_sweep_matches_float64():
     dn = (tau * grad @ v.transpose(-1, -2)).masked_fill(~mask, 0.0)
     truth = torch.stack([(dn * xhat).sum((0, 2, 3)), dn.sum((0, 2, 3))])
     _, stats = re_attention_forward(q, k, v, w, c, scale=scale, attn_mask=mask)
-    sums = re_attention_backward_bn_sums(grad, q, k, v, w, c, stats, scale=scale, out_scale=tau,
+    sums = re_attention_bn_grad_sums(grad, q, k, v, w, c, stats, scale=scale, out_scale=tau,
                                          batch_stats=torch.stack([mean, rstd]), attn_mask=mask)
     torch.testing.assert_close(sums, truth, rtol=1e-11, atol=1e-11 * truth.abs().max().item())
 

@@ -14,7 +14,7 @@ from reattn.kernels import launch
 from tests.kernels.known_spills import KNOWN_SPILLS, case_of, spill_class, spill_reason
 
 SCAN = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "launch_scan.csv")
-KERNEL_OF_CALL = {"forward": ("forward",), "moments": ("forward",), "gram": ("gram",), "bn_sums": ("dq",),
+KERNEL_OF_CALL = {"forward": ("forward",), "moments": ("forward",), "gram": ("gram",), "bn_grad_sums": ("dq",),
                   "backward": ("dq", "dkdv")}
 
 
