@@ -78,7 +78,9 @@ def _want_cuda() -> bool:
 
 def _extensions():
     # No -std flag: torch's build helpers add the standard its headers need (C++20 for torch 2.15).
-    cxx_flags = ["-O3", "-fopenmp"]
+    # -g0: Python's CFLAGS add -g, whose debug info for torch's headers made the objects 14-36x larger
+    # and their compiles ~30% slower (bindings.cpp 56 -> 39 s, re_attention.cpp 9.2 -> 5.4 s).
+    cxx_flags = ["-O3", "-fopenmp", "-g0"]
     # at::parallel_for is inlined into our code: without -fopenmp at link time too it runs on one thread.
     link_flags = ["-fopenmp"]
     # The CUDA ops' torch glue and their host emulator are built with every torch (the CPU test

@@ -8,9 +8,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Background:
-    def __init__(self, *args: str, parse):
+    def __init__(self, *args: str, parse, env=None):
         self.args = args
         self.parse = parse  # (returncode, stdout, stderr) -> result
+        self.env = env or {}  # set in the process's environment, over the session's
         self.process = None
         self.result = None
 
@@ -19,6 +20,7 @@ class Background:
         if self.process is None:
             env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
             env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+            env.update(self.env)
             self.process = subprocess.Popen([sys.executable, "-m", *self.args], cwd=REPO, env=env,
                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         return self.process

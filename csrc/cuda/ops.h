@@ -1,7 +1,9 @@
 // Registers the fused CUDA Re-attention ops (and their host emulator) on reattn._C.
 #pragma once
 
-#include <torch/extension.h>
+// As csrc/bindings.cpp: ATen and the pybind11 casters, not <torch/extension.h> (ops.cpp 61 -> 24 s).
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
 
 namespace reattn {
 namespace cuda_ops {
