@@ -24,6 +24,13 @@ def pytest_collection_finish(session):
         from tests.benchmarks import _compiled_checks
 
         _compiled_checks.start()
+    # The older timm releases' checks (tests/test_swap_timm_versions.py), likewise.
+    releases = [item.callspec.params["version"] for item in session.items
+                if item.nodeid.startswith("tests/test_swap_timm_versions.py")]
+    if releases:
+        from tests import _timm_releases
+
+        _timm_releases.start(releases)
     # The install tests' venv and two builds (tests/_install_run.py): one compile at a time beside the
     # other tests, which leave a core idle most of the time; two when they run alone.
     installs = [item for item in session.items if item.nodeid.startswith("tests/test_install.py")]

@@ -1,30 +1,21 @@
 """reattn.swap_attention against older timm releases, each installed side by side.
 
 tests/test_swap.py covers the timm in the project environment (the newest, as ``make`` installs
-it unpinned). Here each release below is pip-installed with ``--no-deps --target`` into a cache
-directory (``$REATTN_TIMM_CACHE``, default ``~/.cache/reattn-timm``; 0.5 - 2.6 MB per wheel,
-reused between runs) and tests/_timm_swap_check.py runs against it in a subprocess with
-``PYTHONPATH=<that dir>:<repo>``, using this environment's torch. The script reports the
-features it found and the checks it ran; each test asserts both against the table, so a
-release that lost a signature (or a check that stopped running) fails instead of passing with
+it unpinned). Here each release below is installed side by side and tests/_timm_swap_check.py runs
+against it in a subprocess (tests/_timm_releases.py: a background thread, a cache of wheels). The
+script reports the features it found and the checks it ran; each test asserts both against the table,
+so a release that lost a signature (or a check that stopped running) fails instead of passing with
 less coverage.
 
 Marked ``install``: it needs the package index the first time. Without it the test fails with
 the pip error (it never skips); deselect with ``-m "not install"`` (``make test-fast``) offline.
 """
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-CHECK = REPO / "tests" / "_timm_swap_check.py"
-CACHE = Path(os.environ.get("REATTN_TIMM_CACHE") or Path.home() / ".cache" / "reattn-timm")
+from tests import _timm_releases
 
 VIT = "timm.models.vision_transformer.Attention"
 LAYERS = "timm.layers.attention.Attention"
@@ -74,43 +65,16 @@ def expected_checks(forward, features):
     return checks
 
 
-def install(version: str) -> Path:
-    """timm==version in CACHE/version (installed once; a partial install never lands there)."""
-    target = CACHE / version
-    if (target / "timm" / "__init__.py").exists():
-        return target
-    CACHE.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=CACHE))
-    try:
-        result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                                 "--no-deps", "--target", str(staging), f"timm=={version}"],
-                                capture_output=True, text=True, timeout=600)
-        if result.returncode != 0:
-            pytest.fail(f"could not pip-install timm=={version} (this test needs the package index; run "
-                        f"`pytest -m 'not install'` offline):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}",
-                        pytrace=False)
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
-        try:
-            staging.rename(target)
-        except OSError:  # another run installed it meanwhile
-            if not (target / "timm" / "__init__.py").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
 @pytest.mark.install
 @pytest.mark.parametrize("version,attention,forward,features,why", RELEASES, ids=[r[0] for r in RELEASES])
 def test_swap_attention_with_older_timm(version, attention, forward, features, why):
-    path = install(version)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(path), str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    result = subprocess.run([sys.executable, str(CHECK), version], capture_output=True, text=True, env=env,
-                            cwd=REPO, timeout=600)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"timm {version} ({why}):\n{output[-6000:]}"
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    result = _timm_releases.result(version)
+    if "error" in result:
+        pytest.fail(result["error"], pytrace=False)
+    path = result["path"]
+    output = result["stdout"] + result["stderr"]
+    assert result["returncode"] == 0, f"timm {version} ({why}):\n{output[-6000:]}"
+    lines = [line for line in result["stdout"].splitlines() if line.startswith("RESULT ")]
     assert len(lines) == 1, output[-6000:]
     report = json.loads(lines[0][len("RESULT "):])
     assert report["version"] == version
