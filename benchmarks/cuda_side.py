@@ -57,7 +57,7 @@ import torch
 from benchmarks import kernel_model, sass, sass_exec
 
 PROGRAM_THREADS = 128              # kThreads in csrc/cuda/params.h: the CUDA-core programs
-PROGRAM_KINDS = {"forward": 0, "batch_stats": 1, "backward": 2, "backward_stats": 3}
+PROGRAM_KINDS = {"forward": 0, "gram_sums": 1, "backward": 2, "bn_grad_sums": 3}
 KIND_NAMES = {v: k for k, v in PROGRAM_KINDS.items()}
 # ForwardVariant and kBackwardRows of csrc/cuda/row_configs.h.
 FORWARD_VARIANTS = {"plain_affine": 0, "plain_layer": 1, "plain_moments": 2, "general": 3}
@@ -107,7 +107,7 @@ class Launch:
     """One kernel launch as ops.cpp makes it.
 
     program: "forward", "backward_rows", "backward_keys" (tensor-core programs) or a CUDA-core
-    program kind ("forward", "batch_stats", "backward", "backward_stats") with ``core=True``.
+    program kind ("forward", "gram_sums", "backward", "bn_grad_sums") with ``core=True``.
     sweep: the runtime length the program's work grows with ("keys" or "queries") and ``unit`` its
     step (keys per segment or tile; 16 query rows)."""
 
@@ -431,7 +431,7 @@ def _gram_sums(q, k, attn_mask, seed, *, scale, dropout_p, shift):
     p.lse, p.shift = rec.pointer(lse, "lse"), shift
     p.s1, p.gram = rec.pointer(s1, "s1"), rec.pointer(gram, "gram")
     touched += [(lse, {"write"}), (s1, {"atomic"}), (gram, {"atomic"})]
-    _run_program(PROGRAM_KINDS["batch_stats"], q, p, touched)
+    _run_program(PROGRAM_KINDS["gram_sums"], q, p, touched)
     return torch.stack([lse, torch.zeros_like(lse)], -1), s1, gram
 
 
@@ -505,7 +505,7 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
     else:
         touched += [(dq, {"write"}), (dk, {"atomic"}), (dv, {"atomic"}), (dW, {"atomic"}), (dc, {"atomic"}),
                     (dgamma, {"atomic"}), (dbeta, {"atomic"})]
-    _run_program(PROGRAM_KINDS["backward_stats" if stats_only else "backward"], q, p, touched)
+    _run_program(PROGRAM_KINDS["bn_grad_sums" if stats_only else "backward"], q, p, touched)
     return dq, dk.to(q.dtype), dv.to(q.dtype), dW, dc, dgamma, dbeta
 
 
@@ -516,7 +516,7 @@ def _backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, b
     return dq, dk, dv, dw, dc, dnw if norm == "layer" else None, dnb if norm == "layer" else None
 
 
-def _backward_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse,
+def _bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse,
                    *, scale, out_scale, eps, dropout_p):
     *_, sum_dn_xhat, sum_dn = _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                              batch_stats, seed, lse, scale, out_scale, "batch", eps, dropout_p, True)
@@ -531,12 +531,15 @@ def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, d
 @functools.lru_cache(maxsize=None)
 def shim_ops():
     """The CUDA backend's ops over the shim (``reattn::static_model_cuda_*``, registered once per process)."""
-    from reattn.backends._fused import FusedKernels, define_fused_ops
+    from reattn.backends._fused import FusedKernels, FusedRawOps
+    from reattn.backends._ladder import OpLadder
 
-    kernels = FusedKernels(forward=_forward, gram_sums=_gram_sums, backward_sums=_backward_sums, backward=_backward,
+    kernels = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                            forward_moments=_forward_moments, softmax_stats_shape=lambda q: (*q.shape[:3], 2))
     # No device implementation: the static model calls the ops' Python bodies (FusedOps.python) directly.
-    return define_fused_ops("static_model_cuda", kernels, ())
+    return OpLadder(FusedRawOps(kernels), forward="reattn::static_model_cuda_forward",
+                    backward="reattn::static_model_cuda_backward", gram_sums="reattn::static_model_cuda_gram_sums",
+                    bn_grad_sums="reattn::static_model_cuda_bn_grad_sums", device_types=())
 
 
 def cuda_call(B: int, H: int, N: int, D: int, norm: str, arch: int, dtype=torch.bfloat16) -> Dict[str, list]:

@@ -148,7 +148,7 @@ def kernel_name(raw: str) -> str:
     import re
 
     if "re_attention_kernel" in raw:
-        kinds = {"0": "forward", "1": "batch_stats", "2": "backward", "3": "backward_stats"}
+        kinds = {"0": "forward", "1": "gram_sums", "2": "backward", "3": "bn_grad_sums"}
         m = re.search(r"re_attention_kernel<([^,]+),\s*(\d)>", raw) or re.search(r"kernelI(\w+?)Li(\d)E", raw)
         if m:
             dtype = _CXX_TYPES.get(m.group(1), m.group(1))

@@ -57,10 +57,10 @@ void run(int kind, const ReAttnParams& params, bool reverse_items) {
     Program<T> program(params, kind, dev::block_index_x(), dev::block_index_y(), dev::shared_memory());
     if (kind == kForward) {
       program.forward(ex);
-    } else if (kind == kBatchStats) {
+    } else if (kind == kGramSums) {
       program.batch_statistics(ex);
     } else {
-      program.backward(ex, kind == kBackwardStats);
+      program.backward(ex, kind == kBnGradSums);
     }
   });
 }
@@ -182,7 +182,7 @@ void emulate_device_check(int kind, const void* a, const void* b, float* out, bo
 }
 
 void emulate_program(int storage, int kind, const ReAttnParams& params, bool reverse_items) {
-  if (kind < kForward || kind > kBackwardStats) throw std::invalid_argument("emulate_program: unknown program kind");
+  if (kind < kForward || kind > kBnGradSums) throw std::invalid_argument("emulate_program: unknown program kind");
   switch (storage) {
     case kFloat16:
       return run<c10::Half>(kind, params, reverse_items);

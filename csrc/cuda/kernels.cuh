@@ -14,10 +14,10 @@ __global__ void __launch_bounds__(kThreads, 1) re_attention_kernel(const ReAttnP
   Program<T> program(params, Kind, dev::block_index_x(), dev::block_index_y(), dev::shared_memory());
   if constexpr (Kind == kForward) {
     program.forward(ex);
-  } else if constexpr (Kind == kBatchStats) {
+  } else if constexpr (Kind == kGramSums) {
     program.batch_statistics(ex);
   } else {
-    program.backward(ex, Kind == kBackwardStats);
+    program.backward(ex, Kind == kBnGradSums);
   }
 }
 
@@ -49,12 +49,12 @@ cudaError_t launch_program(int kind, const ReAttnParams& params, cudaStream_t st
   switch (kind) {
     case kForward:
       return launch_kind<T, kForward>(params, stream);
-    case kBatchStats:
-      return launch_kind<T, kBatchStats>(params, stream);
+    case kGramSums:
+      return launch_kind<T, kGramSums>(params, stream);
     case kBackward:
       return launch_kind<T, kBackward>(params, stream);
-    case kBackwardStats:
-      return launch_kind<T, kBackwardStats>(params, stream);
+    case kBnGradSums:
+      return launch_kind<T, kBnGradSums>(params, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -65,12 +65,12 @@ cudaError_t static_shared(int kind, size_t* bytes) {
   switch (kind) {
     case kForward:
       return static_shared_kind<T, kForward>(bytes);
-    case kBatchStats:
-      return static_shared_kind<T, kBatchStats>(bytes);
+    case kGramSums:
+      return static_shared_kind<T, kGramSums>(bytes);
     case kBackward:
       return static_shared_kind<T, kBackward>(bytes);
-    case kBackwardStats:
-      return static_shared_kind<T, kBackwardStats>(bytes);
+    case kBnGradSums:
+      return static_shared_kind<T, kBnGradSums>(bytes);
     default:
       return cudaErrorInvalidValue;
   }

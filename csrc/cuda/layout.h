@@ -61,8 +61,8 @@ REATTN_HD SharedLayout shared_layout(int kind, const Plan& plan, int H, size_t t
   SectionAllocator sections;
   const size_t hg = plan.head_group, dp = plan.head_dim_p, hp = plan.heads_p, dc = plan.chunk_d;
   const size_t bm = plan.block_m, bn = plan.block_n, E = bm * bn, h = H;
-  const bool forward = kind == kForward, stats = kind == kBatchStats;
-  const bool backward = kind == kBackward || kind == kBackwardStats;
+  const bool forward = kind == kForward, stats = kind == kGramSums;
+  const bool backward = kind == kBackward || kind == kBnGradSums;
   L.q = sections.take(hg * bm * dp * t_size);
   L.dout = backward ? sections.take(hg * bm * dp * t_size) : 0;
   L.k = sections.take(hg * bn * dp * t_size);
@@ -74,7 +74,7 @@ REATTN_HD SharedLayout shared_layout(int kind, const Plan& plan, int H, size_t t
   L.attn = backward ? sections.take(h * E * t_size) : 0;
   L.dmixed = backward ? sections.take(hp * E * t_size) : 0;
   L.flags = stats ? 0 : sections.take(h * E);
-  L.out = stats || kind == kBackwardStats ? 0 : sections.take(h * bm * dc * acc_size);
+  L.out = stats || kind == kBnGradSums ? 0 : sections.take(h * bm * dc * acc_size);
   L.stage = kind == kBackward ? sections.take(hg * bn * dc * acc_size) : 0;
   L.w = stats ? 0 : sections.take(hp * hp * t_size);
   L.wt = backward ? sections.take(hp * hp * t_size) : 0;

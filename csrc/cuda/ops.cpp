@@ -447,13 +447,13 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   return {out, stats};
 }
 
-std::vector<at::Tensor> batch_sums(const at::Tensor& q, const at::Tensor& k,
+std::vector<at::Tensor> gram_sums(const at::Tensor& q, const at::Tensor& k,
                                    const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& seed,
                                    double scale, double dropout_p, double shift, int64_t shared_limit,
                                    bool reverse_items) {
-  const char* op = "reattn cuda_batch_sums";
+  const char* op = "reattn cuda_gram_sums";
   if (q.is_cuda()) {
-    at::globalContext().alertNotDeterministic("reattn cuda_batch_sums adds the Gram sums with atomics");
+    at::globalContext().alertNotDeterministic("reattn cuda_gram_sums adds the Gram sums with atomics");
   }
   Arguments a = prepare(op, q, k, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, attn_mask,
                         seed, scale, dropout_p);
@@ -465,7 +465,7 @@ std::vector<at::Tensor> batch_sums(const at::Tensor& q, const at::Tensor& k,
   p.shift = shift;
   p.s1 = s1.data_ptr<double>();
   p.gram = gram.data_ptr<double>();
-  run(op, kBatchStats, q, p, shared_limit, reverse_items);
+  run(op, kGramSums, q, p, shared_limit, reverse_items);
   return {stats_from_lse(lse), s1, gram};
 }
 
@@ -627,7 +627,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   p.dc = dc.data_ptr<double>();
   p.dgamma = dgamma.data_ptr<double>();
   p.dbeta = dbeta.data_ptr<double>();
-  run(op, stats_only ? kBackwardStats : kBackward, q, p, shared_limit, reverse_items);
+  run(op, stats_only ? kBnGradSums : kBackward, q, p, shared_limit, reverse_items);
   return {dq, dk.to(q.scalar_type()), dv.to(q.scalar_type()), dW, dc, dgamma, dbeta};
 }
 
@@ -719,8 +719,9 @@ pybind11::dict plan(int64_t kind, int64_t H, int64_t D, int64_t Nq, const std::s
   } else {
     TORCH_CHECK_VALUE(dtype == "float32", op, ": dtype must be float16, bfloat16, float32 or float64, got ", dtype);
   }
-  TORCH_CHECK_VALUE(kind >= kForward && kind <= kBackwardStats, op, ": kind must be 0 (forward), 1 (batch "
-                    "statistics), 2 (backward) or 3 (backward batch sums), got ", kind);
+  TORCH_CHECK_VALUE(kind >= kForward && kind <= kBnGradSums, op, ": kind must be 0 (forward), 1 (gram_sums: "
+                    "the Gram-sum sweep), 2 (backward) or 3 (bn_grad_sums: the BatchNorm backward's sums), got ",
+                    kind);
   TORCH_CHECK_VALUE(H >= 1 && H <= kMaxHeads && D >= 1 && D <= kMaxHeadDim && Nq >= 0, op, ": H must be in [1, ",
                     kMaxHeads, "] and D in [1, ", kMaxHeadDim, "], got H = ", H, ", D = ", D);
   const Plan p = plan_for(op, static_cast<int>(kind), H, D, Nq, t,
@@ -795,7 +796,7 @@ void register_ops(pybind11::module& m) {
         "run the tensor-core forward where a tile shape fits (programs_only: the CUDA-core programs; "
         "general_variant: its general compiled variant even where a plain one applies). CPU "
         "tensors run the emulator, warps in reverse (reverse_items) or shuffled (shuffle_seed != 0) order.");
-  m.def("cuda_batch_sums", &batch_sums, py::arg("q"), py::arg("k"), py::arg("attn_mask"), py::arg("seed"),
+  m.def("cuda_gram_sums", &gram_sums, py::arg("q"), py::arg("k"), py::arg("attn_mask"), py::arg("seed"),
         py::arg("scale"), py::arg("dropout_p"), py::arg("shift"), py::arg("shared_limit") = 0,
         py::arg("reverse_items") = false,
         "Training BatchNorm sums without the maps: [stats [B,H,Nq,2], s1 [H], gram [H,H]] of X = P~ - shift over "

@@ -25,7 +25,7 @@ constexpr int kMaxHeadDim = 128;
 
 enum MaskKind : int { kMaskNone = 0, kMaskBool = 1, kMaskAdditive = 2 };
 enum NormKind : int { kNormNone = 0, kNormLayer = 1, kNormBatch = 2 };  // kNormBatch: given batch statistics
-enum ProgramKind : int { kForward = 0, kBatchStats = 1, kBackward = 2, kBackwardStats = 3 };
+enum ProgramKind : int { kForward = 0, kGramSums = 1, kBackward = 2, kBnGradSums = 3 };
 
 // What one launch computes, decided on the host. Padded sizes are multiples of 16 for the
 // tensor-core path (fp16/bf16) and unpadded otherwise.
@@ -91,7 +91,7 @@ struct ReAttnParams {
   bool out_is_acc = false;
   double* moments = nullptr;
 
-  // Statistics sweep (kBatchStats): float64 sums of X = P~ - shift over unmasked entries.
+  // Gram-sum sweep (kGramSums): float64 sums of X = P~ - shift over unmasked entries.
   double shift = 0.0;
   double* s1 = nullptr;    // [H]
   double* gram = nullptr;  // [H, H]
@@ -104,8 +104,8 @@ struct ReAttnParams {
   void* dv = nullptr;
   double* dW = nullptr;
   double* dc = nullptr;
-  double* dgamma = nullptr;  // kBackwardStats: sum(dN xhat) per head
-  double* dbeta = nullptr;   // kBackwardStats: sum(dN) per head
+  double* dgamma = nullptr;  // kBnGradSums: sum(dN xhat) per head
+  double* dbeta = nullptr;   // kBnGradSums: sum(dN) per head
 
   // Tensor-core backward (rows.cuh, keys.cuh): the row pass writes D [B, H, Nq] (fp32) for the key
   // pass and its per-program parameter-gradient sums [programs][H*H + 3H] (fp32: dW (g, h), dc,

@@ -1,6 +1,7 @@
-// The fused Re-attention programs: forward, BatchNorm statistics sweep, backward (two sweeps) and
-// the backward's BatchNorm sums. One program = one thread block = batch element b, BM query
-// rows, every head, and `chunk_d` columns of the head dim of its output. The math is
+// The fused Re-attention programs: forward, the Gram-sum sweep of training BatchNorm (kGramSums),
+// backward (two sweeps) and the backward's BatchNorm sums (kBnGradSums). One program = one thread
+// block = batch element b, BM query rows, every head, and `chunk_d` columns of the head dim of its
+// output. The math is
 // docs/math.md; the semantics are those of kernels/ (the Triton backend),
 // entry for entry:
 //
@@ -8,11 +9,11 @@
 //   P~ = P Z / (1 - p)  (Z: Triton's Philox keyed by (seed, b, h, i, j)),  M = W P~ + c
 //   A = out_scale * Norm(M), 0 where masked;  O = A V
 //
-// The forward sweeps the keys twice (L, then O); L is an input when the statistics sweep already
+// The forward sweeps the keys twice (L, then O); L is an input when the Gram-sum sweep already
 // wrote it (synchronized training BatchNorm). Local training BatchNorm runs the norm-none forward
 // with p.moments: it also sums X and X^2 per head and writes X V in the accumulation type; the norm
 // is applied to that afterwards (reattn/backends/_fused.py, one_sweep_batchnorm). Backward: a pre-pass for D = rowsum(P dP), then the main pass (dV, dS, dQ, dK, dW,
-// dc, LayerNorm's dgamma/dbeta); a separate launch (kBackwardStats) first sums dN xhat and dN for
+// dc, LayerNorm's dgamma/dbeta); a separate launch (kBnGradSums) first sums dN xhat and dN for
 // training BatchNorm. dQ is owned by its program; dK, dV and parameter gradients are summed over
 // programs with atomic adds. No [B, H, Nq, Nk] tensor is ever written.
 //
@@ -236,8 +237,8 @@ struct Program {
   template <typename Exec>
   REATTN_FN void probs_tile(const Exec& ex, int n0, int kind) {
     Acc* scores = at<Acc>(L.scores);
-    T* probs = kind == kBatchStats ? nullptr : at<T>(L.probs);
-    uint8_t* flags = kind == kBatchStats ? nullptr : at<uint8_t>(L.flags);
+    T* probs = kind == kGramSums ? nullptr : at<T>(L.probs);
+    uint8_t* flags = kind == kGramSums ? nullptr : at<uint8_t>(L.flags);
     Acc* lse = at<Acc>(L.lse);
     const bool dropout = has_dropout();
     const uint64_t seed = dropout ? static_cast<uint64_t>(*p.seed) : 0;
@@ -262,7 +263,7 @@ struct Program {
         flag |= keep ? 2 : 0;
         dropped = keep ? prob * keep_scale : Acc(0);
       }
-      if (kind == kBatchStats) {
+      if (kind == kGramSums) {
         scores[item] = attended ? dropped - shift : Acc(0);
         return;
       }
@@ -412,7 +413,7 @@ struct Program {
     const Acc* x = at<Acc>(L.scores);
     for (int n0 = 0; n0 < p.Nk; n0 += BN) {
       scores_tile(ex, n0);
-      probs_tile(ex, n0, kBatchStats);
+      probs_tile(ex, n0, kGramSums);
       // Exact fp32 (fp64) products, never tensor cores: the variance of near-uniform maps is small.
       ex.for_each(H * H, [&](int item) {
         const int g = item / H, h = item % H;

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from reattn._batchnorm import (accumulator_dtype, batch_stats, bn_backward_coefficients, check_counts,
                                gram_batch_statistics, gram_shift, kept_entries, moment_statistics, unmasked_count)
-from reattn.backends._ladder import OpLadder, RawOps
+from reattn.backends._ladder import RawOps
 
 
 def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor,
@@ -106,24 +106,16 @@ class FusedKernels:
         ``reattn.kernels.dropout.dropout_keep_mask`` (Triton's Philox stream, which the CUDA programs draw too).
     head_affine(r, u, alpha [H], beta [H], dtype) -> (alpha_h r + beta_h u).to(dtype): optional, the
         one-sweep BatchNorm's finish in one pass (else four torch passes over [B, H, Nq, D]).
-    backward_sums: the former name of ``bn_grad_sums`` (deprecated; ``benchmarks/cuda_side.py`` still uses it).
     """
 
     forward: Callable
     gram_sums: Callable
     backward: Callable
-    bn_grad_sums: Optional[Callable] = None
+    bn_grad_sums: Callable
     forward_moments: Optional[Callable] = None
     softmax_stats_shape: Callable = lambda q: (q.shape[0], q.shape[1], q.shape[2])
     head_affine: Optional[Callable] = None
     dropout_keep_mask: Optional[Callable] = None
-    backward_sums: Optional[Callable] = None
-
-    def __post_init__(self) -> None:
-        if self.bn_grad_sums is None:
-            if self.backward_sums is None:
-                raise TypeError("FusedKernels needs bn_grad_sums (the backward's BatchNorm sums)")
-            object.__setattr__(self, "bn_grad_sums", self.backward_sums)
 
 
 class FusedRawOps(RawOps):
@@ -208,11 +200,3 @@ class FusedRawOps(RawOps):
                                                          own[1].to(torch.float64).clone())
         return dq, dk, dv, dw, dc, dnw, dnb
 
-
-def define_fused_ops(name: str, kernels: FusedKernels, device_types: Tuple[str, ...]) -> OpLadder:
-    """An :class:`OpLadder` over ``kernels`` with the ops ``reattn::<name>_forward`` etc., for callers that build
-    op sets at run time (the static model's CUDA shim, ``benchmarks/cuda_side.py``); the backends write
-    their op names out."""
-    return OpLadder(FusedRawOps(kernels), forward=f"reattn::{name}_forward", backward=f"reattn::{name}_backward",
-                    gram_sums=f"reattn::{name}_gram_sums", bn_grad_sums=f"reattn::{name}_bn_grad_sums",
-                    device_types=device_types)

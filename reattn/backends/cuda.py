@@ -23,7 +23,7 @@ from reattn.backends._ladder import OpLadder
 __all__ = ["CUDA_OPS", "cuda_backward", "cuda_forward", "emulating", "re_attention_cuda"]
 
 # Program kinds of csrc/cuda/params.h, for reattn._C.cuda_plan.
-PROGRAM_KINDS = {"forward": 0, "batch_stats": 1, "backward": 2, "backward_stats": 3}
+PROGRAM_KINDS = {"forward": 0, "gram_sums": 1, "backward": 2, "bn_grad_sums": 3}
 
 
 # The softmax statistics the ops pass from the forward to the backward: [B, H, Nq, 2] (row max,
@@ -36,7 +36,7 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
 
 
 def _gram_sums(q, k, attn_mask, seed, *, scale, dropout_p, shift):
-    softmax_stats, s1, gram = _C.cuda_batch_sums(q, k, attn_mask, seed, scale, dropout_p, shift)
+    softmax_stats, s1, gram = _C.cuda_gram_sums(q, k, attn_mask, seed, scale, dropout_p, shift)
     return softmax_stats, s1, gram
 
 
@@ -51,7 +51,7 @@ def _backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, b
 
 def _bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed,
                   softmax_stats, *, scale, out_scale, eps, dropout_p):
-    # The "backward_stats" program: only dgamma = sum(dN xhat) and dbeta = sum(dN) are written.
+    # The "bn_grad_sums" program (kBnGradSums): only dgamma = sum(dN xhat) and dbeta = sum(dN) are written.
     *_, sum_dn_xhat, sum_dn = _C.cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                                batch_stats, attn_mask, seed, softmax_stats, scale, out_scale, "batch",
                                                eps, dropout_p, True)
@@ -79,7 +79,7 @@ def launch_plan(kind: str, heads: int, head_dim: int, n_queries: int, dtype: tor
                 shared_limit: int = 0) -> dict:
     """How a fused CUDA program is laid out and launched for a problem (no GPU needed).
 
-    kind: "forward", "batch_stats", "backward" or "backward_stats". shared_limit: bytes of shared
+    kind: "forward", "gram_sums", "backward" or "bn_grad_sums". shared_limit: bytes of shared
     memory per block the plan must fit (0 = sm_80's 163 KB; the GPU's own limit when launching).
     Returns block_m, block_n, pad, head_dim_p, heads_p, head_group, chunk_d, num_chunks, num_m,
     shared_bytes, threads.

@@ -64,7 +64,7 @@ def run_programs(B, H, Nq, Nk, D, *, norm, masked, dropout, dtype=torch.float64,
     seed = torch.tensor([1234], device=DEVICE) if dropout else None
     p = 0.2 if dropout else 0.0
     nw, nb = (gamma, beta) if norm != "none" else (None, None)
-    lse, s1, gram = _C.cuda_batch_sums(q, k, keep, seed, 0.4, p, 1.0 / Nk, **{
+    lse, s1, gram = _C.cuda_gram_sums(q, k, keep, seed, 0.4, p, 1.0 / Nk, **{
         n: o for n, o in options.items() if n != "poison_outputs"})
     g = torch.Generator().manual_seed(2)
     stats = torch.stack([torch.rand(H, generator=g, dtype=torch.float64) * 0.1,
@@ -396,7 +396,7 @@ def test_tensor_core_backward_does_not_race_and_is_deterministic(norm, shape):
             assert torch.equal(got, first), what
 
 
-def test_tensor_core_backward_sums_allocate_only_what_they_write():
+def test_tensor_core_bn_grad_sums_allocate_only_what_they_write():
     # Training BatchNorm's backward sums (stats_only): the row pass alone; no dq, dk, dv or dW buffers.
     B, H, Nq, Nk, D = 2, 6, 17, 23, 32
     q, k, v, w, c, gamma, beta, grad = tensors(B, H, Nq, Nk, D)
@@ -485,7 +485,7 @@ ISSUE_SHAPES = {"DeiT-S": (6, 64, 197), "DeepViT-16b": (12, 32, 197), "DeepViT-L
 
 @pytest.mark.parametrize("shape", ISSUE_SHAPES.values(), ids=ISSUE_SHAPES.keys())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind", ["forward", "batch_stats", "backward", "backward_stats"])
+@pytest.mark.parametrize("kind", ["forward", "gram_sums", "backward", "bn_grad_sums"])
 def test_plans_of_the_issue_shapes_fit_sm80_and_sm90(shape, dtype, kind):
     H, D, N = shape
     for limit in (SM80_SHARED, SM90_SHARED):

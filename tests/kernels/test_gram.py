@@ -1,7 +1,7 @@
 """Gram-matrix BatchNorm statistics against the materialized map in float64.
 
 The statistics sweeps of both fused backends, Triton's ``reattn.kernels.gram.gram_sums`` and
-the CUDA programs' ``reattn._C.cuda_batch_sums`` (host emulator without a GPU), turned into the
+the CUDA programs' ``reattn._C.cuda_gram_sums`` (host emulator without a GPU), turned into the
 mean and variance of M by ``reattn.distributed.gram_batch_statistics``.
 """
 import math
