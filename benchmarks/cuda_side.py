@@ -694,6 +694,9 @@ def model_launch(launch: Launch, arch: int) -> kernel_model.KernelModel:
     work, kinds = kernel_model.work_from_sass(function, counts.issued, counts.generic)
     diag = counts.diag
     notes = [f"counted by emulating the first block ({counts.method})"]
+    if launch.core and _tensor_cores(launch.dtype):
+        notes.insert(0, f"CUDA-core fallback: the planner has no tensor-core tile shape for this problem within "
+                        f"sm_{arch}'s shared memory")
     if diag.unknown_branches:
         notes.append(f"{sum(diag.unknown_branches.values()):g} branch decisions on unknown values taken as not taken")
     if diag.unmodelled:

@@ -2,7 +2,7 @@
 
 Hand-written CUDA has many runtime loops (item loops over threads, head groups, tiles of a plan
 chosen at run time) whose trip counts depend on the launch's parameters and on the thread. Rather
-than declare each, ``run_block`` executes the kernel's SASS for one thread block, warp by warp, on
+than declare each, ``run_block`` executes the kernel's SASS for one thread block, every warp, on
 the values the launch gives it (the kernel parameter bytes in constant bank 0, the block and thread
 indices) and counts every warp-instruction issued:
 
@@ -14,7 +14,13 @@ indices) and counts every warp-instruction issued:
   counter among its live lanes, for the lanes there (so both sides of a divergent branch are
   issued, loops run as long as their longest lane, lanes reconverge where the code merges);
 * shared memory is modelled byte by byte (a known value stored by one warp is known to the warp
-  that loads it after the barrier); warps run in turn from barrier to barrier;
+  that loads it after the barrier); a warp that reaches a CTA barrier waits there for the others;
+* the block's warps sit side by side in one set of arrays (32 x warps lanes) and the step issues
+  the lowest program counter among all running lanes: for each warp with a lane there, that is its
+  own minimum-PC choice, so every warp issues the sequence it would issue alone (counts are per
+  warp), while warps at the same program counter share one numpy operation. Between two barriers
+  the warps' steps interleave; that differs from running them one after another only for a program
+  with a shared-memory race, which these kernels (checked for races by their host emulator) do not have;
 * ``CALL``/``RET`` follow the return address in the register the code passes.
 
 A branch on an unknown predicate is a decision the emulator cannot make: it assumes the branch is
@@ -34,13 +40,12 @@ import numpy as np
 
 from benchmarks import sass
 
-W = 32
+W = 32                 # lanes per warp
 NREG = 256
 RZ = 255
 URZ = 63
 PT = 7
 MASK32 = np.uint64(0xFFFFFFFF)
-_ALL = np.ones(W, bool)
 
 # ---- operands -------------------------------------------------------------------------------------------------
 _REG = re.compile(r"^(-)?(\|)?(~)?(-)?(R\d+|RZ|UR\d+|URZ)(\.reuse)?(\.(?:H0|H1|B0|B1|B2|B3|X4|X8|X16|64|U32|"
@@ -197,36 +202,48 @@ class EmulationError(RuntimeError):
 
 
 # ---- the machine ----------------------------------------------------------------------------------------------
-class _Warp:
-    def __init__(self, block: "_Block", warp_id: int, lanes_alive: np.ndarray):
-        self.block = block
-        self.id = warp_id
+class _Warps:
+    """The block's warps, side by side: ``n`` = 32 x warps lanes of vector registers, one row of uniform
+    registers per warp. They are emulated together (one numpy operation serves every warp at a program
+    counter) but each warp keeps its own minimum-PC schedule, barrier state and uniform datapath."""
+
+    def __init__(self, threads: int):
+        self.warps = nw = max(1, -(-threads // W))
+        self.n = n = W * nw
         # Registers start known (as 0): code that reads one before writing it only merges bit fields into it
         # (LOP3 clears then sets the flags it later tests), which this tracking, per register and not per
         # bit, could not follow from an unknown start; no compiled code decides on an unwritten value.
-        self.R = np.zeros((NREG, W), np.uint32)
-        self.RK = np.ones((NREG, W), bool)
+        self.R = np.zeros((NREG, n), np.uint32)
+        self.RK = np.ones((NREG, n), bool)
         # The low 16 bits known (a superset of RK): PRMT merges a known half into a register whose other
         # half is unknown, and byte or half-word stores read only the low half.
-        self.RK16 = np.ones((NREG, W), bool)
-        self.P = np.zeros((8, W), bool)
-        self.PK = np.zeros((8, W), bool)
+        self.RK16 = np.ones((NREG, n), bool)
+        self.P = np.zeros((8, n), bool)
+        self.PK = np.zeros((8, n), bool)
         self.P[PT] = True
         self.PK[PT] = True
-        self.UR = np.zeros(64, np.uint32)
-        self.URK = np.zeros(64, bool)
+        self.UR = np.zeros((64, nw), np.uint32)
+        self.URK = np.zeros((64, nw), bool)
         self.URK[URZ] = True
-        self.UP = np.zeros(8, bool)
-        self.UPK = np.zeros(8, bool)
+        self.UP = np.zeros((8, nw), bool)
+        self.UPK = np.zeros((8, nw), bool)
         self.UP[PT] = True
         self.UPK[PT] = True
-        self.pc = np.zeros(W, np.int64)
-        self.done = ~lanes_alive
+        self.pc = np.zeros(n, np.int64)
+        self.tid = np.arange(n, dtype=np.int64)
+        self.lane = self.tid % W
+        self.done = self.tid >= threads
+        self.waiting = np.zeros(n, bool)   # lanes of warps stopped at a CTA barrier
         self.local = None          # per-lane local memory (spills), allocated on first use
         self.local_known = None
-        self.at_barrier = False
-        tid = np.arange(W, dtype=np.int64) + W * warp_id
-        self.tid = tid
+
+    def per_warp(self, lanes: np.ndarray) -> np.ndarray:
+        """[warps] bool: which warps have a lane in ``lanes``."""
+        return lanes.reshape(self.warps, W).any(axis=1)
+
+    def of_warps(self, flags: np.ndarray) -> np.ndarray:
+        """[n] lanes of the warps flagged in ``flags`` [warps]."""
+        return np.repeat(flags, W)
 
 
 class _Block:
@@ -245,6 +262,7 @@ class _Block:
             function._decoded = decoded
         self.ops, self.guards, self.bases, self.addresses, self.mods = decoded
         self.const0 = bytearray(const0)
+        self._const_cache: Dict[Tuple[int, int, int], Tuple[int, bool]] = {}
         self.banks = dict(banks or {})
         self.threads = threads
         self.ctaid = ctaid
@@ -254,18 +272,54 @@ class _Block:
         self.shared_known = np.zeros(shared_size + 64, bool)
         self.counts = Counts()
         self.max_steps = max_steps
-        warps = -(-threads // W)
-        self.warps = []
-        for w in range(warps):
-            alive = (np.arange(W) + W * w) < threads
-            self.warps.append(_Warp(self, w, alive))
+        self.warps = _Warps(threads)
 
     # -- values --
     def const(self, bank: int, offset: int, nbytes: int) -> Tuple[int, bool]:
-        data = self.const0 if bank == 0 else self.banks.get(bank)
-        if data is None or offset < 0 or offset + nbytes > len(data):
-            return 0, False
-        return int.from_bytes(data[offset:offset + nbytes], "little"), True
+        key = (bank, offset, nbytes)
+        hit = self._const_cache.get(key)
+        if hit is None:
+            data = self.const0 if bank == 0 else self.banks.get(bank)
+            if data is None or offset < 0 or offset + nbytes > len(data):
+                hit = (0, False)
+            else:
+                hit = (int.from_bytes(data[offset:offset + nbytes], "little"), True)
+            self._const_cache[key] = hit
+        return hit
+
+    def const_lanes(self, bank: int, offs: np.ndarray, sel: np.ndarray, nbytes: int, signed: bool = False):
+        """The constant at each selected lane's offset: (values [n] uint64, ok [n]; 0 and True elsewhere),
+        read once per distinct offset."""
+        vals = np.zeros(len(offs), np.uint64)
+        ok = np.ones(len(offs), bool)
+        idx = np.nonzero(sel)[0]
+        if len(idx):
+            distinct, where = np.unique(offs[idx], return_inverse=True)
+            read = [self.const(bank, int(o), nbytes) for o in distinct]
+            bits = 8 * nbytes
+            got = [(v - (1 << bits) if signed and v >> (bits - 1) else v) & 0xFFFFFFFFFFFFFFFF for v, _ in read]
+            vals[idx] = np.array(got, np.uint64)[where]
+            ok[idx] = np.array([g for _, g in read], bool)[where]
+        return vals, ok
+
+
+def _shared_bytes(shared: np.ndarray, addr: np.ndarray, sel: np.ndarray, nbytes: int):
+    """Lanes of ``sel`` whose ``nbytes`` at ``addr`` (24 bits) lie in shared memory, and those byte indices
+    [lanes, nbytes]."""
+    idx = np.nonzero(sel)[0]
+    a = addr[idx] & 0xFFFFFF
+    inside = a + nbytes <= len(shared)
+    idx, a = idx[inside], a[inside]
+    return idx, a[:, None] + np.arange(nbytes)
+
+
+def _uniform(w: _Warps, lanes: np.ndarray, v: np.ndarray):
+    """For a write to a uniform register: (warps written [warps], each one's first written lane's value,
+    v as [warps, 32], lanes as [warps, 32])."""
+    sel = lanes.reshape(w.warps, W)
+    v2 = v.reshape(w.warps, W)
+    first = v2[np.arange(w.warps), sel.argmax(axis=1)]
+    return sel.any(axis=1), first, v2, sel
 
 
 def _u32(x) -> np.ndarray:
@@ -289,34 +343,32 @@ class Emulator:
         self.b = _Block(function, const0, threads, tuple(ctaid), tuple(nctaid), shared_size, arch, max_steps, banks)
 
     # ---- operand access ----
-    def rd(self, w: _Warp, op: Operand, lanes: np.ndarray, float_op: bool = False) -> Tuple[np.ndarray, np.ndarray]:
-        """(uint32 values [W], known [W]) of a source operand."""
+    def rd(self, w: _Warps, op: Operand, lanes: np.ndarray, float_op: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+        """(uint32 values [w.n], known [w.n]) of a source operand."""
         if op.kind == "R":
             v = w.R[op.index].copy()
             k = w.RK[op.index].copy()
         elif op.kind == "UR":
-            v = np.full(W, w.UR[op.index], np.uint32)
-            k = np.full(W, w.URK[op.index], bool)
+            v = np.repeat(w.UR[op.index], W)
+            k = np.repeat(w.URK[op.index], W)
         elif op.kind == "imm":
             bits = imm_float_bits(op.text) if float_op else imm_int(op.text)
             if bits is None:
                 bits = imm_int(op.text) if float_op else imm_float_bits(op.text)
             if bits is None:
-                return np.zeros(W, np.uint32), np.zeros(W, bool)
-            v = np.full(W, bits, np.uint32)
-            k = np.ones(W, bool)
+                return np.zeros(w.n, np.uint32), np.zeros(w.n, bool)
+            v = np.full(w.n, bits, np.uint32)
+            k = np.ones(w.n, bool)
         elif op.kind == "c":
-            offs = np.full(W, op.offset, np.int64)
-            k = np.ones(W, bool)
+            offs = np.full(w.n, op.offset, np.int64)
+            k = np.ones(w.n, bool)
             for kind, idx, _ in op.parts:
                 rv, rk = self.rd(w, Operand(kind, idx), lanes)
                 offs = offs + rv.astype(np.int64)
                 k &= rk
-            v = np.zeros(W, np.uint32)
-            for lane in np.nonzero(lanes & k)[0]:
-                val, ok = self.b.const(op.bank, int(offs[lane]), 4)
-                v[lane] = val
-                k[lane] = ok
+            vals, ok = self.b.const_lanes(op.bank, offs, lanes & k, 4)
+            v = vals.astype(np.uint32)
+            k &= ok
             if op.neg and k.any():
                 v = _bits(-_f32(v)) if float_op else _u32(-v.astype(np.int64))
             return v, k
@@ -326,7 +378,7 @@ class Emulator:
             p, pk = self.pred(w, op)
             return p.astype(np.uint32), pk
         else:
-            return np.zeros(W, np.uint32), np.zeros(W, bool)
+            return np.zeros(w.n, np.uint32), np.zeros(w.n, bool)
         if op.half:
             if op.half in ("H1",):
                 v = v >> np.uint32(16)
@@ -348,7 +400,7 @@ class Emulator:
                 v = _u32(np.abs(v.view(np.int32).astype(np.int64)))
         return v, k
 
-    def rd64(self, w: _Warp, op: Operand, lanes) -> Tuple[np.ndarray, np.ndarray]:
+    def rd64(self, w: _Warps, op: Operand, lanes) -> Tuple[np.ndarray, np.ndarray]:
         """A 64-bit pair operand (R and R+1, or UR and UR+1) as uint64."""
         if op.kind in ("R", "UR") and op.index not in (RZ, URZ):
             lo, lk = self.rd(w, Operand(op.kind, op.index), lanes)
@@ -360,43 +412,43 @@ class Emulator:
         if op.kind == "c":
             offs = op.offset
             val, ok = self.b.const(op.bank, offs, 8)
-            return np.full(W, val, np.uint64), np.full(W, ok, bool)
+            return np.full(w.n, val, np.uint64), np.full(w.n, ok, bool)
         lo, lk = self.rd(w, op, lanes)
         if op.kind == "imm":  # sign-extended 32-bit immediate
             return lo.view(np.int32).astype(np.int64).astype(np.uint64), lk
         return lo.astype(np.uint64), lk
 
-    def pred(self, w: _Warp, op: Operand) -> Tuple[np.ndarray, np.ndarray]:
+    def pred(self, w: _Warps, op: Operand) -> Tuple[np.ndarray, np.ndarray]:
         if op.kind == "UP":
-            v = np.full(W, w.UP[op.index], bool)
-            k = np.full(W, w.UPK[op.index], bool)
+            v = np.repeat(w.UP[op.index], W)
+            k = np.repeat(w.UPK[op.index], W)
         elif op.kind == "P":
             v = w.P[op.index].copy()
             k = w.PK[op.index].copy()
         else:
-            return np.ones(W, bool), np.ones(W, bool)
+            return np.ones(w.n, bool), np.ones(w.n, bool)
         return (~v if op.inv else v), k
 
-    def special(self, w: _Warp, name: str) -> Tuple[np.ndarray, np.ndarray]:
+    def special(self, w: _Warps, name: str) -> Tuple[np.ndarray, np.ndarray]:
         b = self.b
-        ones = np.ones(W, bool)
+        ones = np.ones(w.n, bool)
         if name == "SR_TID.X":
             return _u32(w.tid % max(b.threads, 1)), ones
         if name in ("SR_TID.Y", "SR_TID.Z"):
-            return np.zeros(W, np.uint32), ones
+            return np.zeros(w.n, np.uint32), ones
         if name.startswith("SR_CTAID."):
-            return np.full(W, b.ctaid["XYZ".index(name[-1])], np.uint32), ones
+            return np.full(w.n, b.ctaid["XYZ".index(name[-1])], np.uint32), ones
         if name.startswith("SR_NCTAID."):
-            return np.full(W, b.nctaid["XYZ".index(name[-1])], np.uint32), ones
+            return np.full(w.n, b.nctaid["XYZ".index(name[-1])], np.uint32), ones
         if name == "SR_LANEID":
-            return np.arange(W, dtype=np.uint32), ones
+            return w.lane.astype(np.uint32), ones
         if name in ("SR_VIRTUALSMID", "SR_SMID", "SR_CgaCtaId", "SR_CLOCKLO", "SR_CLOCKHI", "SR_GLOBALTIMERLO",
                     "SR_GLOBALTIMERHI", "SR_WARPID", "SR_NSMID"):
-            return np.zeros(W, np.uint32), np.zeros(W, bool) if "CLOCK" in name or "TIMER" in name else ones
+            return np.zeros(w.n, np.uint32), np.zeros(w.n, bool) if "CLOCK" in name or "TIMER" in name else ones
         if name == "SR_SWINHI":  # high word of the shared window in generic addresses
-            return np.full(W, SHARED_WINDOW_HI, np.uint32), ones
+            return np.full(w.n, SHARED_WINDOW_HI, np.uint32), ones
         if name in ("SR_LEMASK", "SR_LTMASK", "SR_GEMASK", "SR_GTMASK", "SR_LEMASK"):
-            lane = np.arange(W, dtype=np.uint64)
+            lane = w.lane.astype(np.uint64)
             full = np.uint64(0xFFFFFFFF)
             if name == "SR_LTMASK":
                 return _u32((np.uint64(1) << lane) - np.uint64(1)), ones
@@ -405,10 +457,10 @@ class Emulator:
             if name == "SR_GTMASK":
                 return _u32(full ^ ((np.uint64(2) << lane) - np.uint64(1))), ones
             return _u32(full ^ ((np.uint64(1) << lane) - np.uint64(1))), ones
-        return np.zeros(W, np.uint32), np.zeros(W, bool)
+        return np.zeros(w.n, np.uint32), np.zeros(w.n, bool)
 
     # ---- writes ----
-    def wr(self, w: _Warp, op: Operand, lanes: np.ndarray, v: np.ndarray, k: np.ndarray) -> None:
+    def wr(self, w: _Warps, op: Operand, lanes: np.ndarray, v: np.ndarray, k: np.ndarray) -> None:
         if op.kind == "R":
             if op.index == RZ:
                 return
@@ -418,10 +470,12 @@ class Emulator:
         elif op.kind == "UR":
             if op.index == URZ:
                 return
-            first = np.nonzero(lanes)[0]
-            if len(first):
-                w.UR[op.index] = v[first[0]]
-                w.URK[op.index] = bool(k[lanes].all()) and bool((v[lanes] == v[first[0]]).all())
+            on, first, v2, sel = _uniform(w, lanes, v)
+            if on.any():
+                k2 = k.reshape(w.warps, W)
+                known = (k2 | ~sel).all(axis=1) & ((v2 == first[:, None]) | ~sel).all(axis=1)
+                w.UR[op.index][on] = first[on]
+                w.URK[op.index][on] = known[on]
         elif op.kind == "P":
             if op.index == PT:
                 return
@@ -430,10 +484,11 @@ class Emulator:
         elif op.kind == "UP":
             if op.index == PT:
                 return
-            first = np.nonzero(lanes)[0]
-            if len(first):
-                w.UP[op.index] = bool(v[first[0]])
-                w.UPK[op.index] = bool(k[lanes].all())
+            on, first, _, sel = _uniform(w, lanes, v)
+            if on.any():
+                known = (k.reshape(w.warps, W) | ~sel).all(axis=1)
+                w.UP[op.index][on] = first[on].astype(bool)
+                w.UPK[op.index][on] = known[on]
 
     def wr64(self, w, op, lanes, v64, k):
         self.wr(w, Operand(op.kind, op.index), lanes, _u32(v64), k)
@@ -445,14 +500,14 @@ class Emulator:
             for i in range(wide):
                 if op.index + i in (RZ, URZ) or (op.kind == "UR" and op.index + i >= 63) or op.index + i >= RZ:
                     continue
-                self.wr(w, Operand(op.kind, op.index + i), lanes, np.zeros(W, np.uint32), np.zeros(W, bool))
+                self.wr(w, Operand(op.kind, op.index + i), lanes, np.zeros(w.n, np.uint32), np.zeros(w.n, bool))
         elif op.kind in ("P", "UP"):
-            self.wr(w, op, lanes, np.zeros(W, np.uint32), np.zeros(W, bool))
+            self.wr(w, op, lanes, np.zeros(w.n, np.uint32), np.zeros(w.n, bool))
 
     # ---- memory ----
     def address(self, w, op: Operand, lanes) -> Tuple[np.ndarray, np.ndarray]:
-        addr = np.full(W, op.offset, np.int64)
-        k = np.ones(W, bool)
+        addr = np.full(w.n, op.offset, np.int64)
+        k = np.ones(w.n, bool)
         for kind, idx, scale, wide in op.parts:
             if wide:
                 v, vk = self.rd64(w, Operand(kind, idx), lanes)
@@ -469,20 +524,17 @@ class Emulator:
         if generic:  # only the lanes whose generic address falls in the shared window read shared memory
             k = k & ((addr >> 32) == SHARED_WINDOW_HI)
             addr = addr & 0xFFFFFFFF
-        n = len(self.b.shared)
         words = max(1, nbytes // 4)
-        vals = np.zeros((words, W), np.uint32)
-        known = np.zeros((words, W), bool)
-        for lane in np.nonzero(lanes & k)[0]:
-            a = int(addr[lane]) & 0xFFFFFF
-            if a < 0 or a + nbytes > n:
-                continue
-            chunk = self.b.shared[a:a + nbytes]
-            ck = self.b.shared_known[a:a + nbytes]
-            for i in range(words):
-                part = bytes(chunk[4 * i:4 * i + 4]) if nbytes >= 4 else bytes(chunk) + b"\0" * (4 - nbytes)
-                vals[i, lane] = int.from_bytes(part, "little")
-                known[i, lane] = bool(ck[4 * i:4 * i + min(4, nbytes)].all())
+        vals = np.zeros((words, w.n), np.uint32)
+        known = np.zeros((words, w.n), bool)
+        idx, at = _shared_bytes(self.b.shared, addr, lanes & k, nbytes)
+        if len(idx):
+            chunk = self.b.shared[at].astype(np.uint32)              # [lanes, nbytes]
+            if nbytes < 4:
+                chunk = np.pad(chunk, ((0, 0), (0, 4 - nbytes)))
+            chunk = chunk.reshape(len(idx), words, 4)
+            vals[:, idx] = (chunk[..., 0] | chunk[..., 1] << 8 | chunk[..., 2] << 16 | chunk[..., 3] << 24).T
+            known[:, idx] = self.b.shared_known[at].reshape(len(idx), words, -1).all(axis=2).T
         return vals, known
 
     def shared_store(self, w, op, lanes, data: List[Tuple[np.ndarray, np.ndarray]], nbytes, generic=False):
@@ -490,59 +542,51 @@ class Emulator:
         if generic:
             k = k & ((addr >> 32) == SHARED_WINDOW_HI)
             addr = addr & 0xFFFFFFFF
-        n = len(self.b.shared)
-        for lane in np.nonzero(lanes)[0]:
-            if not k[lane]:
-                continue
-            a = int(addr[lane]) & 0xFFFFFF
-            if a < 0 or a + nbytes > n:
-                continue
-            raw = b"".join(int(v[lane]).to_bytes(4, "little") for v, _ in data)[:nbytes]
-            known = all(bool(kk[lane]) for _, kk in data)
-            self.b.shared[a:a + nbytes] = np.frombuffer(raw, np.uint8)
-            self.b.shared_known[a:a + nbytes] = known
+        idx, at = _shared_bytes(self.b.shared, addr, lanes & k, nbytes)
+        if len(idx):
+            words = np.stack([v[idx].astype(np.uint32) for v, _ in data], axis=1)      # [lanes, words]
+            raw = words.astype("<u4").view(np.uint8).reshape(len(idx), -1)[:, :nbytes]
+            known = np.logical_and.reduce([kk[idx] for _, kk in data])
+            # In lane order, as the lanes' stores would land one after another (the last lane's byte stays).
+            self.b.shared[at.ravel()] = raw.ravel()
+            self.b.shared_known[at.ravel()] = np.repeat(known, nbytes)
 
     # ---- the loop ----
     def run(self) -> Counts:
+        """Run the block to its end. At each step the instruction at the lowest program counter among the
+        running lanes is issued for the lanes there: for every warp with a lane there it is that warp's own
+        minimum-PC choice (no lane of it is lower), so each warp issues exactly the sequence it would alone,
+        and the warps that share a program counter share one numpy operation. A warp that reaches a CTA
+        barrier waits there until every warp that has not exited has reached one."""
         b = self.b
-        while not all(w.done.all() for w in b.warps):
-            progressed = False
-            for w in b.warps:
-                if w.done.all():
-                    continue
-                w.at_barrier = False
-                self.run_warp(w)
-                progressed = True
-            if not progressed:
-                break
-        return b.counts
-
-    def run_warp(self, w: _Warp) -> None:
-        """Run ``w`` until it exits or reaches a CTA barrier."""
-        b = self.b
+        w = b.warps
         counts = b.counts
         issued = counts.issued
         n_ins = len(b.ins)
         addresses = b.addresses
         guards = b.guards
         bases = b.bases
-        pc_lanes = None  # (pc, lanes) while every live lane is at one pc: no minimum to search
+        pc_step = None  # (pc, lanes, warps) while every running lane is at one pc: no minimum to search
         while True:
-            if pc_lanes is None:
-                live = ~w.done
-                if not live.any():
-                    return
-                live_pcs = w.pc[live]
-                pc = int(live_pcs.min())
-                lanes = live & (w.pc == pc)
-                if int(live_pcs.max()) == pc:
-                    pc_lanes = (pc, lanes)
+            if pc_step is None:
+                running = ~w.done & ~w.waiting
+                if not running.any():
+                    if w.done.all():
+                        return counts
+                    w.waiting[:] = False  # every warp still alive is at a barrier: all go on
+                    continue
+                running_pcs = w.pc[running]
+                pc = int(running_pcs.min())
+                lanes = running & (w.pc == pc)
+                warps = int(w.per_warp(lanes).sum())
+                if int(running_pcs.max()) == pc:
+                    pc_step = (pc, lanes, warps)
             else:
-                pc, lanes = pc_lanes
+                pc, lanes, warps = pc_step
             if pc >= n_ins:
                 raise EmulationError(f"{b.fn.name}: ran off the end of the code")
-            issued[addresses[pc]] += 1
-            counts.steps += 1
+            issued[addresses[pc]] += warps
+            counts.steps += warps
             if counts.steps > b.max_steps:
                 ins = b.ins[pc]
                 raise EmulationError(f"{b.fn.name}: more than {b.max_steps} warp-instructions in one block "
@@ -563,30 +607,30 @@ class Emulator:
                 if unknown_guard is not None:
                     take = self.avoid_slow_path(pc)
                     if take is None:
-                        counts.unknown_branches[ins.address] += 1
+                        counts.unknown_branches[ins.address] += int(w.per_warp(unknown_guard).sum())
                         take = False  # an unknown decision: not taken
-                    execute = (execute & ~unknown_guard) | (unknown_guard if take else np.zeros(W, bool))
+                    execute = (execute & ~unknown_guard) | (unknown_guard if take else np.zeros(w.n, bool))
                 self.control(w, ins, pc, lanes, execute)
-                pc_lanes = None
+                pc_step = None
                 if base == "BRA":
-                    # Still converged when every live lane is now at one pc.
-                    live = ~w.done
-                    pcs = w.pc[live]
+                    # Still converged when every running lane is now at one pc.
+                    running = ~w.done & ~w.waiting
+                    pcs = w.pc[running]
                     if len(pcs) and (pcs == pcs[0]).all():
-                        pc_lanes = (int(pcs[0]), live)
+                        pc_step = (int(pcs[0]), running, int(w.per_warp(running).sum()))
                 continue
-            if pc_lanes is not None:
-                pc_lanes = (pc + 1, lanes)
-                w.pc[lanes] = pc + 1
-            else:
-                w.pc[lanes] = pc + 1
+            if pc_step is not None:
+                pc_step = (pc + 1, lanes, warps)
+            w.pc[lanes] = pc + 1
             if unknown_guard is not None:
                 # A predicated non-branch with an unknown guard: its destination becomes unknown there.
                 self.execute(w, b.ins[pc], pc, unknown_guard, poison=True)
             if execute is lanes or execute.any():
                 self.execute(w, b.ins[pc], pc, execute)
             if base == "BAR" and "ARV" not in b.ins[pc].opcode:
-                return  # a CTA barrier: let the other warps run up to it
+                # A CTA barrier: these warps wait until the others have run up to one.
+                w.waiting |= w.of_warps(w.per_warp(lanes))
+                pc_step = None
 
     def avoid_slow_path(self, pc: int) -> Optional[bool]:
         """For a branch on unknown data: True (take it) when the fall-through block calls a math library
@@ -625,8 +669,11 @@ class Emulator:
         if base == "BRA" or base == "JMP" or base == "BREAK":
             if base == "BREAK":
                 return  # BREAK pops a convergence barrier: no control transfer by itself
-            if "DIV" in ins.opcode.split(".")[1:] and not (~w.done & ~execute).any():
-                return  # BRA.DIV: to the compiler's divergent-warp path only when some live lane is elsewhere
+            if "DIV" in ins.opcode.split(".")[1:]:
+                # BRA.DIV: to the compiler's divergent-warp path only in warps with a live lane elsewhere.
+                execute = execute & w.of_warps(w.per_warp(~w.done & ~execute))
+                if not execute.any():
+                    return
             if ins.target is None:
                 raise EmulationError(f"{b.fn.name}: branch without a target at {ins.address:#x}")
             w.pc[execute] = b.index[ins.target]
@@ -647,7 +694,7 @@ class Emulator:
         raise EmulationError(f"{b.fn.name}: unsupported control instruction {ins.text}")
 
     # ---- semantics ----
-    def execute(self, w: _Warp, ins: sass.Instruction, pc: int, lanes: np.ndarray, poison: bool = False) -> None:
+    def execute(self, w: _Warps, ins: sass.Instruction, pc: int, lanes: np.ndarray, poison: bool = False) -> None:
         ops = self.b.ops[pc]
         base = self.b.bases[pc]
         mods = self.b.mods[pc]
@@ -659,7 +706,7 @@ class Emulator:
             return
         handler = _HANDLERS.get(base)
         if handler is None:
-            self.b.counts.unmodelled[base] += 1
+            self.b.counts.unmodelled[base] += int(w.per_warp(lanes).sum())
             if ops and ops[0].kind in ("R", "UR", "P", "UP") and base not in _NO_DEST:
                 self.unknown(w, ops[0], lanes, _poison_width(ins, ops[0]))
                 if len(ops) > 1 and ops[1].kind in ("P", "UP"):
@@ -695,10 +742,6 @@ def handles(*names):
     return deco
 
 
-def _dst_src(e, w, ops, lanes, start=1, float_op=False):
-    return [e.rd(w, o, lanes, float_op) for o in ops[start:]]
-
-
 @handles("NOP", "BSSY", "BSYNC", "WARPSYNC", "DEPBAR", "LDGDEPBAR", "YIELD", "MEMBAR", "FENCE", "ERRBAR", "CCTL",
          "BAR", "BMOV", "NANOSLEEP", "PREEXIT", "CGAERRBAR", "ACQBULK")
 def _nop(e, w, ins, ops, mods, lanes):
@@ -716,9 +759,9 @@ def _mov(e, w, ins, ops, mods, lanes):
 def _s2r(e, w, ins, ops, mods, lanes):
     if ins.base == "CS2R":
         if ops[1].text == "SRZ":
-            e.wr(w, ops[0], lanes, np.zeros(W, np.uint32), np.ones(W, bool))
+            e.wr(w, ops[0], lanes, np.zeros(w.n, np.uint32), np.ones(w.n, bool))
             if "32" not in mods:
-                e.wr(w, Operand(ops[0].kind, ops[0].index + 1), lanes, np.zeros(W, np.uint32), np.ones(W, bool))
+                e.wr(w, Operand(ops[0].kind, ops[0].index + 1), lanes, np.zeros(w.n, np.uint32), np.ones(w.n, bool))
             return
         e.unknown(w, ops[0], lanes, 2)
         return
@@ -736,26 +779,17 @@ def _r2ur(e, w, ins, ops, mods, lanes):
 def _ldc(e, w, ins, ops, mods, lanes):
     src = ops[1]
     nbytes = 8 if "64" in mods else 1 if "U8" in mods or "S8" in mods else 2 if "U16" in mods or "S16" in mods else 4
-    offs = np.full(W, src.offset, np.int64)
-    k = np.ones(W, bool)
+    offs = np.full(w.n, src.offset, np.int64)
+    k = np.ones(w.n, bool)
     for kind, idx, _ in src.parts:
         rv, rk = e.rd(w, Operand(kind, idx), lanes)
         offs = offs + rv.astype(np.int64)
         k &= rk
-    lo = np.zeros(W, np.uint32)
-    hi = np.zeros(W, np.uint32)
-    ok = np.zeros(W, bool)
-    for lane in np.nonzero(lanes)[0]:
-        if not k[lane]:
-            continue
-        val, good = e.b.const(src.bank, int(offs[lane]), nbytes)
-        if "S8" in mods and val >= 128:
-            val -= 256
-        if "S16" in mods and val >= 32768:
-            val -= 65536
-        lo[lane] = val & 0xFFFFFFFF
-        hi[lane] = (val >> 32) & 0xFFFFFFFF
-        ok[lane] = good
+    sel = lanes & k
+    vals, ok = e.b.const_lanes(src.bank, offs, sel, nbytes, signed="S8" in mods or "S16" in mods)
+    ok &= sel
+    lo = (vals & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    hi = (vals >> np.uint64(32)).astype(np.uint32)
     e.wr(w, ops[0], lanes, lo, ok)
     if nbytes == 8:
         e.wr(w, Operand(ops[0].kind, ops[0].index + 1), lanes, hi, ok)
@@ -778,8 +812,8 @@ def _iadd3(e, w, ins, ops, mods, lanes):
     # does), so carries out of subtractions are right; .X adds the carry-in predicates.
     pouts = _preds_out(ops)
     srcs = ops[1 + len(pouts):]
-    total = np.zeros(W, np.int64)
-    k = np.ones(W, bool)
+    total = np.zeros(w.n, np.int64)
+    k = np.ones(w.n, bool)
     for o in srcs[:3]:
         raw = Operand(o.kind, o.index, inv=o.inv, text=o.text, offset=o.offset, parts=o.parts, bank=o.bank,
                       half=o.half)
@@ -800,13 +834,6 @@ def _iadd3(e, w, ins, ops, mods, lanes):
         e.wr(w, p, lanes, (carry >= i + 1).astype(np.uint32), k)
 
 
-def _carry_sum(values, known):
-    total = np.zeros(W, np.int64)
-    for v in values:
-        total = total + v
-    return total
-
-
 @handles("IMAD", "UIMAD", "IMUL", "UIMUL")
 def _imad(e, w, ins, ops, mods, lanes):
     pouts = _preds_out(ops)
@@ -819,7 +846,7 @@ def _imad(e, w, ins, ops, mods, lanes):
     (a, ak), (b_, bk) = e.rd(w, srcs[0], lanes), e.rd(w, srcs[1], lanes)
     k = ak & bk
     if "WIDE" in mods:
-        c, ck = e.rd64(w, srcs[2], lanes) if len(srcs) > 2 else (np.zeros(W, np.uint64), np.ones(W, bool))
+        c, ck = e.rd64(w, srcs[2], lanes) if len(srcs) > 2 else (np.zeros(w.n, np.uint64), np.ones(w.n, bool))
         if signed:
             prod = a.view(np.int32).astype(np.int64) * b_.view(np.int32).astype(np.int64)
             res = (prod.astype(np.uint64) + c) & np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -830,7 +857,7 @@ def _imad(e, w, ins, ops, mods, lanes):
     if "HI" in mods:
         # High word of a * b plus a 64-bit addend (the register pair c:c+1), as the Newton steps of
         # nvcc's integer division use it (c = 0, c + 1 = r adds r in the high word).
-        c64, ck = e.rd64(w, srcs[2], lanes) if len(srcs) > 2 else (np.zeros(W, np.uint64), np.ones(W, bool))
+        c64, ck = e.rd64(w, srcs[2], lanes) if len(srcs) > 2 else (np.zeros(w.n, np.uint64), np.ones(w.n, bool))
         if signed:
             prod = a.view(np.int32).astype(np.int64) * b_.view(np.int32).astype(np.int64)
             total = (prod.astype(np.uint64) + c64)
@@ -838,7 +865,7 @@ def _imad(e, w, ins, ops, mods, lanes):
             total = a.astype(np.uint64) * b_.astype(np.uint64) + c64
         e.wr(w, ops[0], lanes, _u32(total >> np.uint64(32)), k & ck)
         return
-    c, ck = e.rd(w, srcs[2], lanes) if len(srcs) > 2 else (np.zeros(W, np.uint32), np.ones(W, bool))
+    c, ck = e.rd(w, srcs[2], lanes) if len(srcs) > 2 else (np.zeros(w.n, np.uint32), np.ones(w.n, bool))
     res = a.astype(np.uint64) * b_.astype(np.uint64) + c.astype(np.uint64)
     if "X" in mods:
         for o in srcs[3:4]:
@@ -868,7 +895,7 @@ def _minmax(a, b_, signed, take_min):
 @handles("VIMNMX", "IMNMX", "UIMNMX")
 def _imnmx(e, w, ins, ops, mods, lanes):
     (a, ak), (b_, bk) = e.rd(w, ops[1], lanes), e.rd(w, ops[2], lanes)
-    p, pk = e.pred(w, ops[3]) if len(ops) > 3 else (np.ones(W, bool), np.ones(W, bool))
+    p, pk = e.pred(w, ops[3]) if len(ops) > 3 else (np.ones(w.n, bool), np.ones(w.n, bool))
     signed = "U32" not in ins.opcode
     mn = _minmax(a, b_, signed, True)
     mx = _minmax(a, b_, signed, False)
@@ -878,7 +905,7 @@ def _imnmx(e, w, ins, ops, mods, lanes):
 @handles("VIADDMNMX")
 def _viaddmnmx(e, w, ins, ops, mods, lanes):
     (a, ak), (b_, bk), (c, ck) = e.rd(w, ops[1], lanes), e.rd(w, ops[2], lanes), e.rd(w, ops[3], lanes)
-    p, pk = e.pred(w, ops[4]) if len(ops) > 4 else (np.ones(W, bool), np.ones(W, bool))
+    p, pk = e.pred(w, ops[4]) if len(ops) > 4 else (np.ones(w.n, bool), np.ones(w.n, bool))
     s = _u32(a.astype(np.int64) + b_.astype(np.int64))
     signed = "U32" not in ins.opcode
     e.wr(w, ops[0], lanes, np.where(p, _minmax(s, c, signed, True), _minmax(s, c, signed, False)), ak & bk & ck & pk)
@@ -891,7 +918,7 @@ def _iabs(e, w, ins, ops, mods, lanes):
 
 
 def _lut(a, b_, c, lut):
-    r = np.zeros(W, np.uint32)
+    r = np.zeros(a.shape, np.uint32)
     for bit in range(8):
         if (lut >> bit) & 1:
             ta = a if bit & 4 else ~a
@@ -1056,11 +1083,11 @@ def _isetp(e, w, ins, ops, mods, lanes):
     how = next((m for m in mods if m in ("AND", "OR", "XOR")), "AND")
     unsigned = "U32" in mods
     (a, ak), (b_, bk) = e.rd(w, ops[2], lanes), e.rd(w, ops[3], lanes)
-    p, pk = e.pred(w, ops[4]) if len(ops) > 4 else (np.ones(W, bool), np.ones(W, bool))
+    p, pk = e.pred(w, ops[4]) if len(ops) > 4 else (np.ones(w.n, bool), np.ones(w.n, bool))
     x = a if unsigned else a.view(np.int32)
     y = b_ if unsigned else b_.view(np.int32)
     if "EX" in mods:
-        lowp, lk = e.pred(w, ops[5]) if len(ops) > 5 else (np.ones(W, bool), np.ones(W, bool))
+        lowp, lk = e.pred(w, ops[5]) if len(ops) > 5 else (np.ones(w.n, bool), np.ones(w.n, bool))
         eq = x == y
         if cmp in ("LT", "LE", "GT", "GE"):
             strict = _CMP[cmp.replace("E", "T") if cmp in ("LE", "GE") else cmp](x, y)
@@ -1082,7 +1109,7 @@ def _fsetp(e, w, ins, ops, mods, lanes):
     cmp = next((m for m in mods if m.rstrip("U") in _CMP or m in ("NAN", "NUM")), "EQ")
     how = next((m for m in mods if m in ("AND", "OR", "XOR")), "AND")
     (a, ak), (b_, bk) = e.rd(w, ops[2], lanes, True), e.rd(w, ops[3], lanes, True)
-    p, pk = e.pred(w, ops[4]) if len(ops) > 4 else (np.ones(W, bool), np.ones(W, bool))
+    p, pk = e.pred(w, ops[4]) if len(ops) > 4 else (np.ones(w.n, bool), np.ones(w.n, bool))
     x, y = _f32(a), _f32(b_)
     with np.errstate(invalid="ignore"):
         if cmp == "NAN":
@@ -1105,7 +1132,7 @@ def _fsetp(e, w, ins, ops, mods, lanes):
 @handles("FCHK")
 def _fchk(e, w, ins, ops, mods, lanes):
     # Does this division need the slow path? Assumed not (the fast path covers every normal operand).
-    e.wr(w, ops[0], lanes, np.zeros(W, np.uint32), np.ones(W, bool))
+    e.wr(w, ops[0], lanes, np.zeros(w.n, np.uint32), np.ones(w.n, bool))
 
 
 @handles("SEL", "USEL", "FSEL")
@@ -1121,8 +1148,8 @@ def _sel(e, w, ins, ops, mods, lanes):
 def _p2r(e, w, ins, ops, mods, lanes):
     # P2R R, PR, R_src, mask: bits of the predicate file under the mask, ORed into R_src's other bits.
     mask = imm_int(ops[-1].text) or 0
-    src, sk = e.rd(w, ops[2], lanes) if len(ops) > 3 else (np.zeros(W, np.uint32), np.ones(W, bool))
-    bits = np.zeros(W, np.uint32)
+    src, sk = e.rd(w, ops[2], lanes) if len(ops) > 3 else (np.zeros(w.n, np.uint32), np.ones(w.n, bool))
+    bits = np.zeros(w.n, np.uint32)
     k = sk.copy()
     for i in range(7):
         if (mask >> i) & 1:
@@ -1145,7 +1172,7 @@ def _prmt(e, w, ins, ops, mods, lanes):
     (a, ak), (sel, sk), (b_, bk) = e.rd(w, ops[1], lanes), e.rd(w, ops[2], lanes), e.rd(w, ops[3], lanes)
     low = [ops[i].kind == "R" and w.RK16[ops[i].index] if ops[i].kind == "R" else k_ for i, k_ in ((1, ak), (3, bk))]
     src = (b_.astype(np.uint64) << np.uint64(32)) | a.astype(np.uint64)
-    out = np.zeros(W, np.uint64)
+    out = np.zeros(w.n, np.uint64)
     byte_known = []
     for i in range(4):
         nib = (sel.astype(np.uint64) >> np.uint64(4 * i)) & np.uint64(0xF)
@@ -1197,17 +1224,21 @@ def _bitops(e, w, ins, ops, mods, lanes):
 
 @handles("VOTE", "VOTEU")
 def _vote(e, w, ins, ops, mods, lanes):
+    # Per warp, over its lanes here.
     pv, pk = e.pred(w, ops[-1])
+    sel = lanes.reshape(w.warps, W)
+    votes = pv.reshape(w.warps, W) & sel
+    known = w.of_warps((pk.reshape(w.warps, W) | ~sel).all(axis=1))
     if ops[0].kind in ("R", "UR"):
-        ballot = np.uint32(sum(1 << i for i in range(W) if lanes[i] and pv[i]))
-        e.wr(w, ops[0], lanes, np.full(W, ballot, np.uint32), np.full(W, bool(pk[lanes].all())))
+        ballot = (votes.astype(np.uint64) << np.arange(W, dtype=np.uint64)).sum(axis=1)
+        e.wr(w, ops[0], lanes, w.of_warps(ballot.astype(np.uint32)), known)
         rest = ops[1:-1]
     else:
         rest = ops[:-1]
     for o in rest:
         if o.kind in ("P", "UP"):
-            val = pv[lanes].any() if "ANY" in mods else pv[lanes].all()
-            e.wr(w, o, lanes, np.full(W, int(val), np.uint32), np.full(W, bool(pk[lanes].all())))
+            val = votes.any(axis=1) if "ANY" in mods else (votes | ~sel).all(axis=1)
+            e.wr(w, o, lanes, w.of_warps(val.astype(np.uint32)), known)
 
 
 # -- floating point (known values only matter for integer division and parameters) --
@@ -1353,7 +1384,7 @@ def _shfl(e, w, ins, ops, mods, lanes):
     dst, src = rest[0], rest[1]
     v, k = e.rd(w, src, lanes)
     bval, bk = e.rd(w, rest[2], lanes)
-    lane = np.arange(W)
+    lane = w.lane
     b_ = bval.astype(np.int64)
     if "IDX" in mods:
         srcl = b_ & 31
@@ -1364,7 +1395,7 @@ def _shfl(e, w, ins, ops, mods, lanes):
     else:
         srcl = lane + b_
     valid = (srcl >= 0) & (srcl < W)
-    srcl = np.where(valid, srcl, lane)
+    srcl = np.where(valid, srcl, lane) + (w.tid - lane)  # the source lane within the same warp
     out = v[srcl]
     ok = k[srcl] & bk & lanes[srcl]
     e.wr(w, dst, lanes, out, ok)
@@ -1388,9 +1419,12 @@ def _generic_space(e, w, ins, ops, lanes) -> None:
     if mem is None:
         return
     addr, k = e.address(w, mem, lanes)
-    sel = lanes & k
-    if sel.any() and ((addr[sel] >> 32) != SHARED_WINDOW_HI).sum() * 2 >= sel.sum():
-        e.b.counts.generic_global[ins.address] += 1
+    sel = (lanes & k).reshape(w.warps, W)
+    outside = (((addr >> 32) != SHARED_WINDOW_HI).reshape(w.warps, W) & sel).sum(axis=1)
+    known = sel.sum(axis=1)
+    warps = int(((known > 0) & (outside * 2 >= known)).sum())  # per warp: most of its known lanes go to global
+    if warps:
+        e.b.counts.generic_global[ins.address] += warps
 
 
 SHARED_WINDOW_HI = 1  # what SR_SWINHI reads here: generic addresses of shared memory are 0x1_xxxxxxxx
@@ -1400,8 +1434,8 @@ LOCAL_SPAN = 1 << 16  # bytes of local memory per lane below STACK_TOP that are 
 
 def _local_index(w, addr):
     if w.local is None:
-        w.local = np.zeros((W, LOCAL_SPAN), np.uint8)
-        w.local_known = np.zeros((W, LOCAL_SPAN), bool)
+        w.local = np.zeros((w.n, LOCAL_SPAN), np.uint8)
+        w.local_known = np.zeros((w.n, LOCAL_SPAN), bool)
     return (addr & 0xFFFFFF) - (STACK_TOP - LOCAL_SPAN)
 
 
@@ -1410,8 +1444,8 @@ def _local_load(e, w, ins, ops, mods, lanes):
     mem = next(o for o in ops if o.kind == "mem")
     addr, k = e.address(w, mem, lanes)
     words = max(1, size // 4)
-    vals = np.zeros((words, W), np.uint32)
-    known = np.zeros((words, W), bool)
+    vals = np.zeros((words, w.n), np.uint32)
+    known = np.zeros((words, w.n), bool)
     for lane in np.nonzero(lanes & k)[0]:
         a = int(_local_index(w, int(addr[lane])))
         if 0 <= a and a + size <= LOCAL_SPAN:

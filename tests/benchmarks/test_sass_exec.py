@@ -279,6 +279,65 @@ EXIT
     assert issued(fn, diverged, "FADD") == [0] and issued(fn, diverged, "FMUL") == [1]
 
 
+def test_warps_emulated_together_keep_their_own_votes_shuffles_and_uniform_registers():
+    # The block's warps share arrays but not warp-level state: a ballot, a shuffle and a uniform register
+    # are each warp's own, and a warp-uniform branch on them is taken per warp.
+    fn = program("""
+S2R R0, SR_TID.X
+LDC R1, c[0x0][0x210]
+ISETP.GE.AND P0, PT, R0, R1, PT
+VOTE.ANY R2, PT, P0
+ISETP.NE.AND P1, PT, R2, RZ, PT
+@P1 BRA `(.L_x_0)
+FADD R4, R4, 1
+.L_x_0:
+SHFL.IDX PT, R3, R0, 0x1f, 0x1f
+R2UR UR4, R3
+IADD3 R6, -R0, UR4, RZ
+ISETP.GT.U32.AND P2, PT, R6, 0x1f, PT
+@P2 BRA `(.L_x_1)
+EXIT
+.L_x_1:
+FMUL R4, R4, 2
+EXIT
+""")
+    counts = run(fn, [40], threads=128)
+    # Only warp 0 (threads 0-31) has every lane below n = 40; lane 31's thread index, shuffled to each lane
+    # of its warp and made uniform, is at most 31 above every lane's own in every warp.
+    assert issued(fn, counts, "FADD") == [1]
+    assert issued(fn, counts, "FMUL") == [0]
+    assert issued(fn, counts, "R2UR") == [4] and issued(fn, counts, "EXIT") == [4, 0]
+    assert not counts.unknown_branches and not counts.unmodelled
+
+
+def test_a_warp_waits_at_a_barrier_while_the_others_run_up_to_theirs():
+    # Warp 1 (threads 32-63) stores in a block placed after the barrier's code and jumps back to it; warp 0,
+    # at the lower program counter, reaches the barrier first and must wait there for warp 1's stores.
+    fn = program("""
+S2R R0, SR_TID.X
+ISETP.GE.AND P0, PT, R0, 0x20, PT
+@P0 BRA `(.L_x_2)
+.L_x_0:
+BAR.SYNC.DEFER_BLOCKING 0x0
+LOP3.LUT R7, R0, 0x20, RZ, 0xfc, !PT
+LDS R6, [R7.X4]
+ISETP.NE.AND P2, PT, R6, 0x7, PT
+@P2 BRA `(.L_x_1)
+EXIT
+.L_x_1:
+FMUL R4, R4, 2
+EXIT
+.L_x_2:
+MOV R5, 0x7
+STS [R0.X4], R5
+BRA `(.L_x_0)
+""")
+    counts = run(fn, threads=64, shared=256)
+    assert issued(fn, counts, "BAR") == [2] and issued(fn, counts, "STS") == [1]
+    # Every lane reads the word thread (tid | 32) stored: known and equal to 7 in both warps.
+    assert issued(fn, counts, "FMUL") == [0] and not counts.unknown_branches
+
+
 def test_runaway_loops_stop_with_an_error():
     fn = program("""
 .L_x_0:
