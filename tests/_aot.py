@@ -7,11 +7,6 @@ are captured and compiled exactly as the JIT would compile them on that GPU). Th
 test_aot.py then read the results.
 """
 import json
-import os
-import subprocess
-import sys
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The two ends of what a launch rule distinguishes: plain (no mask, no dropout, no norm: the
 # inference path) and heavy (bool mask, dropout, LayerNorm: the most live state).
@@ -50,28 +45,28 @@ def jobs():
     return result
 
 
-_process = None
+def _parse(returncode, out, err):
+    """(returncode, [result dicts], stderr tail) of the compiles."""
+    return returncode, [json.loads(line[4:]) for line in out.splitlines() if line.startswith("AOT ")], err
+
+
+_JOB = None
+
+
+def _job():
+    global _JOB
+    if _JOB is None:
+        from tests._background import Background
+
+        _JOB = Background("reattn.kernels.aot", json.dumps(jobs()), parse=_parse)
+    return _JOB
 
 
 def start():
-    """Start compiling in the background (idempotent)."""
-    global _process
-    if _process is None:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter has no compiler
-        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-        _process = subprocess.Popen([sys.executable, "-m", "reattn.kernels.aot", json.dumps(jobs())], cwd=REPO,
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return _process
-
-
-_results = None
+    """Start compiling in the background (idempotent), outside Triton's interpreter (it has no compiler)."""
+    return _job().start()
 
 
 def results(timeout=3000):
     """(returncode, [result dicts], stderr tail) of the background compiles, waiting for them."""
-    global _results
-    if _results is None:
-        out, err = start().communicate(timeout=timeout)
-        parsed = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("AOT ")]
-        _results = (_process.returncode, parsed, err[-4000:])
-    return _results
+    return _job().results(timeout)
