@@ -536,7 +536,7 @@ def shim_ops():
 
     kernels = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                            forward_moments=_forward_moments, softmax_stats_shape=lambda q: (*q.shape[:3], 2))
-    # No device implementation: the static model calls the ops' Python bodies (FusedOps.python) directly.
+    # No device implementation: the static model calls the ladder's Python bodies (OpLadder.*_impl) directly.
     return OpLadder(FusedRawOps(kernels), forward="reattn::static_model_cuda_forward",
                     backward="reattn::static_model_cuda_backward", gram_sums="reattn::static_model_cuda_gram_sums",
                     bn_grad_sums="reattn::static_model_cuda_bn_grad_sums", device_types=())

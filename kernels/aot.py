@@ -69,7 +69,7 @@ def capture_call(call: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16
                                   **kw)
         else:
             re_attention_bn_grad_sums(q, q, k, v, w, c, stats, norm_weight=nw, norm_bias=nw,
-                                          batch_stats=torch.empty(2, h, dtype=acc, **meta), **kw)
+                                      batch_stats=torch.empty(2, h, dtype=acc, **meta), **kw)
     return launches
 
 

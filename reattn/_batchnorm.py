@@ -63,12 +63,9 @@ def unmasked_count(attn_mask: Optional[Tensor], B: int, Nq: int, Nk: int) -> Ten
 def check_counts(count: Tensor, where: str = "") -> None:
     """Refuse training statistics over one value or none: ValueError when a head's ``count`` is <= 1.
 
-    count: 0-dim (one count for every head) or [H]. where: appended to the sentence, e.g.
-    " over all processes".
+    count: [H]. where: appended to the sentence, e.g. " over all processes".
     """
     if bool((count <= 1).any()):
-        if count.dim() == 0:
-            raise ValueError(f"{COUNT_MESSAGE}{where}; unmasked count per head: {int(count)}")
         raise ValueError(f"{COUNT_MESSAGE}{where}; unmasked counts per head: {[int(c) for c in count.tolist()]}")
 
 

@@ -5,7 +5,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from reattn._batchnorm import fold_batchnorm_eval
+from reattn._batchnorm import fold_batchnorm_eval, mask_heads
 from reattn._checks import check_re_attention
 from reattn._collectives import check_sync_group
 from reattn.backends import Problem, in_functorch_transform, resolve_backend
@@ -115,7 +115,7 @@ def _problem(q, k, v, mix_weight, mix_bias, *, norm, norm_weight, norm_bias, tra
     return Problem(q.device, heads=q.shape[1], head_dim=q.shape[3], norm=norm,
                    batchnorm_training=norm == "batch" and training, dropout=training and dropout_p > 0,
                    masked=attn_mask is not None, return_attention=return_attention, dtype=q.dtype,
-                   mask_per_head=attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1,
+                   mask_per_head=mask_heads(attn_mask, q.shape[1]) > 1,
                    mask_requires_grad=attn_mask is not None and attn_mask.requires_grad,
                    synced_stats=sync_group is not None and norm == "batch" and training,
                    n_queries=q.shape[2], n_keys=k.shape[2], functorch=in_functorch_transform(),

@@ -410,9 +410,8 @@ def test_synchronized_statistics_under_torch_compile(ranks, backend):
     assert_matches_one_process(ranks, backend, "f64_masked_compiled", ref, torch.float64, case)
 
 
-# The cpu kernel counts per mask head (Hm = 1 here: one count for every head); the Triton and CUDA
-# backends count once for all heads.
-COUNTS = {backend: r"unmasked counts per head: \[1, 1, 1\]" for backend in FUSED}  # one wording for every backend
+# Every backend words the refusal per head (Hm = 1 here: one count, expanded to the three heads).
+COUNT_WORDING = r"unmasked counts per head: \[1, 1, 1\]"
 
 
 @fused_backends
@@ -421,14 +420,14 @@ def test_synchronized_counts_are_global(ranks, backend):
     case = few_entries_case((0, 0))
     ref = run_functional(case, backend=backend)
     assert_matches_one_process(ranks, backend, "one_entry_each", ref, torch.float64, case)
-    with pytest.raises(ValueError, match=f"more than one unmasked value per head; {COUNTS[backend]}$"):
+    with pytest.raises(ValueError, match=f"more than one unmasked value per head; {COUNT_WORDING}$"):
         run_functional(few_entries_case((0,)), rank=0, backend=backend)  # what one process alone refuses
     for r in ranks:
         error = r[backend]["one_entry_error"]
         assert error is not None, "one unmasked entry over all processes was not refused"
         assert error.startswith("re_attention: norm='batch' in training needs more than one unmasked value per head "
                                 "over all processes; "), error
-        assert re.search(COUNTS[backend] + "$", error), error
+        assert re.search(COUNT_WORDING + "$", error), error
 
 
 @pytest.mark.parametrize("backend, name", [

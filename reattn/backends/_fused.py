@@ -102,8 +102,6 @@ class FusedKernels:
     softmax_stats_shape(q) -> shape: what the forward saves per score row for the backward: the
         row max and log-sum, [2, B, H, Nq] (Triton) or [B, H, Nq, 2] (CUDA); each backend reads only
         its own.
-    dropout_keep_mask(seed, (B, H, Nq, Nk), p) -> the keep-mask the kernels draw: optional, by default
-        ``reattn.kernels.dropout.dropout_keep_mask`` (Triton's Philox stream, which the CUDA programs draw too).
     head_affine(r, u, alpha [H], beta [H], dtype) -> (alpha_h r + beta_h u).to(dtype): optional, the
         one-sweep BatchNorm's finish in one pass (else four torch passes over [B, H, Nq, D]).
     """
@@ -115,7 +113,6 @@ class FusedKernels:
     forward_moments: Optional[Callable] = None
     softmax_stats_shape: Callable = lambda q: (q.shape[0], q.shape[1], q.shape[2])
     head_affine: Optional[Callable] = None
-    dropout_keep_mask: Optional[Callable] = None
 
 
 class FusedRawOps(RawOps):
@@ -130,8 +127,6 @@ class FusedRawOps(RawOps):
         return tuple(self.kernels.softmax_stats_shape(q))
 
     def dropout_keep_mask(self, seed: Tensor, shape: Tuple[int, int, int, int], p: float) -> Tensor:
-        if self.kernels.dropout_keep_mask is not None:
-            return self.kernels.dropout_keep_mask(seed, shape, p)
         from reattn.kernels.dropout import dropout_keep_mask  # Triton's Philox stream, which cuda draws too
 
         return dropout_keep_mask(seed, shape, p)

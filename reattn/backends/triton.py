@@ -16,7 +16,6 @@ from reattn.backends._fused import FusedKernels, FusedRawOps
 from reattn.backends._ladder import OpLadder, draw_dropout_seed
 from reattn.kernels.affine import head_affine
 from reattn.kernels.backward import re_attention_backward, re_attention_bn_grad_sums
-from reattn.kernels.dropout import dropout_keep_mask
 from reattn.kernels.forward import re_attention_forward, softmax_stats_shape
 from reattn.kernels.gram import gram_sums
 
@@ -56,7 +55,7 @@ def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, d
 
 TRITON_KERNELS = FusedKernels(forward=_forward, gram_sums=gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                               forward_moments=_forward_moments, softmax_stats_shape=softmax_stats_shape,
-                              head_affine=head_affine, dropout_keep_mask=dropout_keep_mask)
+                              head_affine=head_affine)
 TRITON_OPS = OpLadder(FusedRawOps(TRITON_KERNELS), forward="reattn::triton_forward",
                       backward="reattn::triton_backward", gram_sums="reattn::triton_gram_sums",
                       bn_grad_sums="reattn::triton_bn_grad_sums", device_types=("cuda", "cpu"))
