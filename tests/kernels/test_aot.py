@@ -58,8 +58,7 @@ def test_plain_launches_spill_nothing_at_eight_slots_and_stay_within_the_scans_c
     slots, D = 128, DeepViT-L's N = 577) stays within its class's ceiling in the launch scan's record
     (the most a known spill of the class spills: tests/kernels/known_spills.py), and fp32 launches within
     FP32_SPILL_CEILING."""
-    from tests.kernels.known_spills import spill_class
-    from tests.kernels.test_launch_scan import class_ceiling
+    from tests.kernels.known_spills import class_ceiling, spill_class
 
     returncode, results, stderr = _aot.results()
     assert returncode == 0, stderr

@@ -5,22 +5,17 @@ No compiling here: the scan takes an hour or two on the CI machine. What is chec
 record still describes what the rules pick (a rule changed without a new scan fails), that every
 recorded launch fits its GPU's shared memory and the rules' bound, and the spill guarantees.
 """
-import csv
-import os
-
 import pytest
 
 from reattn.kernels import launch
-from tests.kernels.known_spills import KNOWN_SPILLS, case_of, spill_class, spill_reason
-
-SCAN = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "launch_scan.csv")
+from tests.kernels.known_spills import KNOWN_SPILLS, case_of, recorded_rows, spill_class, spill_reason
 KERNEL_OF_CALL = {"forward": ("forward",), "moments": ("forward",), "gram": ("gram",), "bn_grad_sums": ("dq",),
                   "backward": ("dq", "dkdv")}
 
 
 @pytest.fixture(scope="module")
 def rows():
-    return _recorded_rows()
+    return recorded_rows()
 
 
 def _recorded(row) -> launch.TileConfig:
@@ -76,16 +71,11 @@ def test_no_spills_in_the_norm_modes_at_up_to_eight_heads(rows):
             assert int(row["spill_bytes"]) == 0, row
 
 
-def _recorded_rows():
-    with open(SCAN, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _no_spill_cases():
     """Every recorded launch, the known spills among them expected to fail (strictly: one that stops
     spilling passes, which fails the run until its entry leaves KNOWN_SPILLS)."""
     cases = []
-    for row in _recorded_rows():
+    for row in recorded_rows():
         case = case_of(row)
         marks = ()
         if case in KNOWN_SPILLS:
@@ -110,24 +100,13 @@ def test_each_known_spill_is_what_the_record_spills(rows):
         assert recorded[case] == known, ("update tests/kernels/known_spills.py", case, recorded[case], known)
 
 
-def class_ceiling(key: tuple) -> int:
-    """The most any known spill of the class ``spill_class(...)`` spills (0: none of it spills); the AOT
-    test holds the shapes outside the scan's (N = 577, fp32 aside) to it."""
-    return max((b for case, b in KNOWN_SPILLS.items() if _class_of_case(case) == key), default=0)
-
-
-def _class_of_case(case: str) -> tuple:
-    cap, call, variant, h, d, kernel = case.split("-")
-    slots = launch.padded_slots(int(h[1:]))
-    return spill_class(slots, variant == "heavy", int(d[1:]))
-
-
 def test_the_record_was_compiled_from_todays_kernels(rows):
     """The compiles' cache keys (kernel source, constants, launch options, Triton version, target) of
     DeiT-S's class (6 heads, D = 64) on sm_90 are what today's kernels give (``aot.launch_keys``,
     no compiling; in a process outside Triton's interpreter, as the scan ran): a kernel edited since
     the scan fails here until the scan is rerun."""
     import json
+    import os
     import subprocess
     import sys
 
