@@ -65,10 +65,6 @@ REATTN_DEVICE int64_t opaque(int64_t x) {
   asm volatile("" : "+l"(x));
   return x;
 }
-REATTN_DEVICE uint32_t opaque(uint32_t x) {
-  asm volatile("" : "+r"(x));
-  return x;
-}
 template <typename T>
 REATTN_DEVICE T* opaque(T* x) {
   asm volatile("" : "+l"(x));
@@ -77,7 +73,6 @@ REATTN_DEVICE T* opaque(T* x) {
 #else
 REATTN_DEVICE int opaque(int x) { return x; }
 REATTN_DEVICE int64_t opaque(int64_t x) { return x; }
-REATTN_DEVICE uint32_t opaque(uint32_t x) { return x; }
 template <typename T>
 REATTN_DEVICE T* opaque(T* x) { return x; }
 #endif
