@@ -13,9 +13,9 @@ compile's cache key (``kernels.aot.launch_keys`` recomputes it: a record whose k
 today's kernels is stale).
 
     python -m benchmarks.launch_scan [--out benchmarks/results/launch_scan.csv] [--quick]
-                                     [--caps 90 86] [--heads 6 3 12 32] [--merge]
+                                     [--caps 90 86] [--heads 6 3 12 32] [--calls backward ...] [--merge]
 
-takes ~1-2 hours on a 2-core machine (--quick: DeiT-S's class only). --caps / --heads scan a part;
+takes ~1-2 hours on a 2-core machine (--quick: DeiT-S's class only). --caps / --heads / --calls scan a part;
 with --merge the rows of --out outside that part are kept (two parts can run in parallel into two
 files and be concatenated). The checked-in CSV is read
 by tests/kernels/test_launch_scan.py: no spills, every launch within its GPU's shared memory and
@@ -59,7 +59,10 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--caps", type=int, nargs="+", default=list(CAPS), help="compute capabilities (90 86)")
     parser.add_argument("--heads", type=int, nargs="+", default=list(HEADS), help="head counts (6 3 12 32)")
-    parser.add_argument("--merge", action="store_true", help="keep the rows of --out outside --caps x --heads")
+    parser.add_argument("--calls", nargs="+", default=list(CALLS), choices=list(CALLS),
+                        help="entry points (every one); with --merge, rescan only the kernels a change touched")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of --out outside --caps x --heads x --calls")
     opts = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     os.environ.pop("TRITON_INTERPRET", None)
@@ -70,8 +73,8 @@ def main(argv=None) -> None:
     kept = []
     if opts.merge and os.path.exists(opts.out):
         with open(opts.out, newline="") as f:
-            kept = [r for r in csv.DictReader(f) if (int(r["cap"]), int(r["h"])) not in
-                    {(c, h) for c in opts.caps for h in heads}]
+            kept = [r for r in csv.DictReader(f) if (int(r["cap"]), int(r["h"]), r["call"]) not in
+                    {(c, h, call) for c in opts.caps for h in heads for call in opts.calls}]
     os.makedirs(os.path.dirname(opts.out) or ".", exist_ok=True)
     with open(opts.out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -80,8 +83,8 @@ def main(argv=None) -> None:
         for cap in opts.caps:
             for h in heads:
                 for d in dims:
-                    for call, variants in CALLS.items():
-                        for variant in variants:
+                    for call in opts.calls:
+                        for variant in CALLS[call]:
                             args = arguments(call, variant)
                             start = time.time()
                             for r in compile_call(call, h, d, 197, cap, **args):
