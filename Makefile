@@ -7,8 +7,8 @@
 #                       when nvcc is there)
 #   make install TORCH=cpu   the CPU-only path: .venv-cpu with torch's CPU wheel (no CUDA libraries, no
 #                       triton) and the CPU part of reattn._C only
-#   make test           the whole test suite (installs first if needed); make test-fast leaves out the
-#                       tests that install packages
+#   make test           the whole test suite (installs first if needed), in TEST_WORKERS=2 processes
+#                       (pytest-xdist); make test-fast leaves out the tests that install packages
 #   make bench          the quick benchmark; results go to $(BENCH_RESULTS) (outside the checkout)
 #   make bench-record   the full benchmark recorded into benchmarks/results and the README
 
@@ -91,12 +91,16 @@ bench-record: $(VENV)/.built
 bench-report: $(VENV)/.built
 	$(PY) -m benchmarks.report
 
+# pytest-xdist workers (TEST_WORKERS=1: one process): the 2-core CI machine is the reference.
+TEST_WORKERS ?= 2
+PYTEST = $(PY) -m pytest tests $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS)) --durations=25
+
 test: $(VENV)/.built
-	$(PY) -m pytest tests --durations=25
+	$(PYTEST)
 
 # Everything but the tests that install packages (the CPU-only-torch build, older timm releases).
 test-fast: $(VENV)/.built
-	$(PY) -m pytest tests -m "not install" --durations=25
+	$(PYTEST) -m "not install"
 
 clean:
 	rm -rf build *.egg-info reattn/_C*.so

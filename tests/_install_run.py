@@ -17,11 +17,13 @@ Steps, in a temporary folder removed at the end (``REATTN_KEEP_INSTALL_DIR=1`` k
 2. ``editable``: ``pip install --no-build-isolation -e .`` from a fresh copy of the sources (the
    checkout and its in-tree ``reattn/_C*.so`` are left alone), what ``import reattn, reattn.kernels,
    reattn._C`` finds, and whether a module added to ``kernels/`` afterwards imports without reinstalling.
-3. ``sdist``: a source distribution built from another fresh copy, ``pip install --no-build-isolation
-   reattn-*.tar.gz`` (which also checks that the sdist holds everything the build needs), the same
-   imports from site-packages, the files installed as ``reattn.kernels``, and a smoke run of the CPU part.
+3. ``sdist``: a source distribution built from another fresh copy and the wheel ``pip wheel
+   --no-build-isolation`` builds from it (what ``pip install reattn-*.tar.gz`` does first; it also checks
+   that the sdist holds everything the build needs), built beside step 2; once step 2 is done, that
+   wheel installed (replacing the editable install), the same imports from site-packages, the files
+   installed as ``reattn.kernels``, and a smoke run of the CPU part.
 
-``MAX_JOBS`` (the compile's parallelism) comes from the environment: conftest passes 1 while other
+``MAX_JOBS`` (each build's parallelism) comes from the environment: conftest passes 1 while other
 tests run beside the builds, 2 when only the install tests were selected.
 """
 import json
@@ -30,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -82,6 +85,9 @@ def torch_lower_bound() -> str:
     return torch_requirement.replace(" ", "")[len("torch>="):]
 
 
+_PRINT = threading.Lock()
+
+
 class StepFailed(Exception):
     pass
 
@@ -97,7 +103,8 @@ def run(step: str, cmd, timeout=1800, **kwargs) -> subprocess.CompletedProcess:
         result = None
     line = dict(step=step, cmd=" ".join(map(str, cmd)), rc=rc, seconds=round(time.perf_counter() - start, 1),
                 stdout=out, stderr=err)
-    print("INSTALL " + json.dumps(line), flush=True)
+    with _PRINT:  # the two builds' threads report whole lines
+        print("INSTALL " + json.dumps(line), flush=True)
     if rc != 0:
         raise StepFailed(step)
     return result
@@ -134,14 +141,24 @@ def editable(python: Path, root: Path) -> None:
         cwd=root)
 
 
-def sdist(python: Path, root: Path) -> None:
+def sdist_wheel(python: Path, root: Path) -> Path:
+    """The sdist from a fresh copy, and the wheel pip builds from it (without installing: it runs beside the
+    editable build, which owns the environment meanwhile). Returns the wheel."""
     src = copy_sources(root / "sdist-src")
     dist = root / "dist"
     made = run("sdist: build_sdist",
                [python, "-c", f"from setuptools import build_meta; print(build_meta.build_sdist({str(dist)!r}))"],
                cwd=src)
     archive = dist / made.stdout.strip().splitlines()[-1]
-    run("sdist: build", [python, "-m", "pip", "install", "-v", "--no-build-isolation", archive], cwd=root)
+    wheels = root / "wheels"
+    run("sdist: build", [python, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps", "-w", wheels,
+                         archive], cwd=root)
+    (wheel,) = wheels.glob("reattn-*.whl")
+    return wheel
+
+
+def sdist_install(python: Path, root: Path, wheel: Path) -> None:
+    run("sdist: install", [python, "-m", "pip", "install", "--no-deps", wheel], cwd=root)
     run("sdist: imports", [python, "-c", IMPORTS], cwd=root)
     run("sdist: installed kernels",
         [python, "-c", "import os, sysconfig; d = os.path.join(sysconfig.get_paths()['purelib'], 'reattn', 'kernels'); "
@@ -156,12 +173,30 @@ def main() -> int:
             python = make_venv(root)
         except StepFailed:
             return 1
-        failed = 0
-        for steps in (editable, sdist):  # editable first: the sdist's regular install then replaces it
+        # The two builds compile side by side (the sdist's wheel in a thread); the regular install of that
+        # wheel then replaces the editable one.
+        wheel = {}
+
+        def build_wheel():
             try:
-                steps(python, root)
-            except StepFailed:
-                failed = 1
+                wheel["path"] = sdist_wheel(python, root)
+            except (StepFailed, ValueError):
+                pass
+
+        thread = threading.Thread(target=build_wheel)
+        thread.start()
+        failed = 0
+        try:
+            editable(python, root)
+        except StepFailed:
+            failed = 1
+        thread.join()
+        if "path" not in wheel:
+            return 1
+        try:
+            sdist_install(python, root, wheel["path"])
+        except StepFailed:
+            failed = 1
         return failed
     finally:
         if os.environ.get("REATTN_KEEP_INSTALL_DIR") != "1":

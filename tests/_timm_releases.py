@@ -1,20 +1,20 @@
 """Older timm releases installed side by side and tests/_timm_swap_check.py run against each, in a background
-thread (tests/test_swap_timm_versions.py asserts on the outcome).
+process (tests/test_swap_timm_versions.py asserts on the outcome).
 
 Each release is pip-installed with ``--no-deps --target`` into a cache directory (``$REATTN_TIMM_CACHE``,
 default ``~/.cache/reattn-timm``; 0.5 - 2.6 MB per wheel, reused between runs), then the check script runs
 in a subprocess with ``PYTHONPATH=<that dir>:<repo>``, using this environment's torch. tests/conftest.py
-starts the thread at collection with the selected releases: each check imports torch and timm (~5 s of one
+starts the process at collection with the selected releases: each check imports torch and timm (~5 s of one
 core), which the rest of the suite mostly leaves idle; each test waits for its release.
 """
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 CHECK = REPO / "tests" / "_timm_swap_check.py"
@@ -59,32 +59,50 @@ def check(version: str) -> dict:
     return dict(path=path, returncode=result.returncode, stdout=result.stdout, stderr=result.stderr)
 
 
-_RESULTS: Dict[str, dict] = {}
-_THREADS: Dict[str, threading.Thread] = {}
-_LOCK = threading.Lock()
+def _parse(returncode, out, err):
+    """{version: its outcome (see ``check``)} from the job's ``TIMM {json}`` lines, with "path" a Path again."""
+    results = {}
+    for line in out.splitlines():
+        if line.startswith("TIMM "):
+            record = json.loads(line[len("TIMM "):])
+            if "path" in record:
+                record["path"] = Path(record["path"])
+            results[record.pop("version")] = record
+    return dict(returncode=returncode, results=results, stderr=err)
+
+
+_JOB = None
 
 
 def start(versions: Sequence[str]) -> None:
-    """Check these releases one after another in a background thread (a release already started is skipped)."""
-    with _LOCK:
-        todo = [v for v in versions if v not in _THREADS]
-        if not todo:
-            return
+    """Check these releases one after another in a background process (tests/_background.py: one per session,
+    whichever pytest-xdist worker asks first)."""
+    global _JOB
+    if _JOB is None:
+        from tests._background import Background
 
-        def run_all():
-            for version in todo:
-                _RESULTS[version] = check(version)
-
-        thread = threading.Thread(target=run_all, name="timm releases", daemon=True)
-        for version in todo:
-            _THREADS[version] = thread
-        thread.start()
+        _JOB = Background("tests._timm_releases", *versions, parse=_parse)
+    _JOB.start()
 
 
 def result(version: str, timeout: float = 1800) -> dict:
-    """The release's outcome (see ``check``), waiting for it; started here if conftest did not."""
+    """The release's outcome (see ``check``), waiting for the job; started here if conftest did not."""
     start([version])
-    _THREADS[version].join(timeout)
-    if version not in _RESULTS:
-        raise TimeoutError(f"timm {version}: the background check did not finish in {timeout:.0f} s")
-    return _RESULTS[version]
+    outcome = _JOB.results(timeout)
+    if version not in outcome["results"]:
+        raise RuntimeError(f"timm {version}: the background job did not check it (exit status "
+                           f"{outcome['returncode']}):\n{outcome['stderr']}")
+    return outcome["results"][version]
+
+
+def main(versions: Sequence[str]) -> int:
+    for version in versions:
+        record = dict(check(version), version=version)
+        if "path" in record:
+            record["path"] = str(record["path"])
+        print("TIMM " + json.dumps(record), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -5,12 +5,39 @@ any kernel module is imported, so it is set here, at collection start. Likewise 
 backend runs CPU tensors in its host emulator (REATTN_CUDA_EMULATE=1).
 """
 import os
+import shutil
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("REATTN_CUDA_EMULATE", "1")
+
+
+def pytest_configure(config):
+    # The background jobs' files (tests/_background.py): one directory per session, made by the process that
+    # controls it (under pytest-xdist, before its workers start: they inherit the variable).
+    if not hasattr(config, "workerinput") and "REATTN_TEST_JOBS" not in os.environ:
+        config._reattn_jobs = tempfile.mkdtemp(prefix="reattn-test-jobs-")
+        os.environ["REATTN_TEST_JOBS"] = config._reattn_jobs
+
+
+def pytest_unconfigure(config):
+    jobs = getattr(config, "_reattn_jobs", None)
+    if jobs:
+        shutil.rmtree(jobs, ignore_errors=True)
+        os.environ.pop("REATTN_TEST_JOBS", None)
+
+
+# Test files whose tests wait for a background job (tests/_background.py): run last, so that under
+# pytest-xdist no worker waits for a job while other tests remain.
+WAITS_FOR_BACKGROUND = ("tests/kernels/test_aot.py", "tests/benchmarks/test_static_model.py",
+                        "tests/test_swap_timm_versions.py", "tests/test_install.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: item.nodeid.startswith(WAITS_FOR_BACKGROUND))  # stable: the rest keep their order
 
 
 def pytest_collection_finish(session):

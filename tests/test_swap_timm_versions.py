@@ -2,7 +2,7 @@
 
 tests/test_swap.py covers the timm in the project environment (the newest, as ``make`` installs
 it unpinned). Here each release below is installed side by side and tests/_timm_swap_check.py runs
-against it in a subprocess (tests/_timm_releases.py: a background thread, a cache of wheels). The
+against it in a subprocess (tests/_timm_releases.py: a background process, a cache of wheels). The
 script reports the features it found and the checks it ran; each test asserts both against the table,
 so a release that lost a signature (or a check that stopped running) fails instead of passing with
 less coverage.
