@@ -259,15 +259,16 @@ def _row_stats(q, Qb, Kb, b, head, slot_ok, rows, rows_ok, N_K, D, stride_qh, st
     m_i = tl.full([HP, BLOCK_M], float("-inf"), CDT)
     l_i = tl.zeros([HP, BLOCK_M], CDT)
     n_full = (N_K // BLOCK_N) * BLOCK_N
+    TAIL_N: tl.constexpr = 16
     for start_n in range(0, n_full, BLOCK_N):
         m_i, l_i = _row_stats_block(m_i, l_i, q, Qb, Kb, b, head, rows, rows_ok, start_n, N_K, D, stride_qh,
                                     stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, scale2, MASK, stride_mb,
                                     stride_mh, stride_mm, stride_mn, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT,
                                     MASK_KIND, RAW_MAX, False, EVEN_D, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-    if n_full < N_K:
-        m_i, l_i = _row_stats_block(m_i, l_i, q, Qb, Kb, b, head, rows, rows_ok, n_full, N_K, D, stride_qh,
+    for start_n in range(n_full, N_K, TAIL_N):
+        m_i, l_i = _row_stats_block(m_i, l_i, q, Qb, Kb, b, head, rows, rows_ok, start_n, N_K, D, stride_qh,
                                     stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, scale2, MASK, stride_mb,
-                                    stride_mh, stride_mm, stride_mn, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT,
+                                    stride_mh, stride_mm, stride_mn, HP, BLOCK_M, TAIL_N, BLOCK_D, D_CHUNKS, CDT,
                                     MASK_KIND, RAW_MAX, True, EVEN_D, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     if RAW_MAX:
         m_i = m_i * scale2

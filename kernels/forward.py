@@ -86,6 +86,22 @@ def _forward_block(acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_
 
 
 @triton.jit
+def _product_result(x, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x [HP, BLOCK_M, BLOCK_D] (fp16/bf16) as the result of a tensor-core product: I @ x, exact.
+
+    A tile loaded from memory reaches a product's operand through shared memory, and that read
+    stays where the product is: inside the key loops, q would be re-read from shared memory on
+    every key block of both sweeps. A product's result becomes the next product's operand within
+    registers, and that conversion is hoisted out of the loops, so q is read from shared memory
+    once (here) and held in registers (HP * BLOCK_M * BLOCK_D / (32 * num_warps) 16-bit values
+    per thread). Costs one [BLOCK_M, BLOCK_M] x [BLOCK_M, BLOCK_D] product per slot.
+    """
+    eye = (tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, BLOCK_M)[None, :]).to(x.dtype)
+    eye3 = tl.broadcast_to(eye[None, :, :], (HP, BLOCK_M, BLOCK_M))
+    return tl.dot(eye3, x, tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)).to(x.dtype)
+
+
+@triton.jit
 def _re_attention_fwd_kernel(
     Q, K, V, W, C, NW, NB, BN, MASK, SEED, O, STATS, MOM,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -111,12 +127,15 @@ def _re_attention_fwd_kernel(
     # dim to fit the GPU: every chunk recomputes the scores over the whole head dim).
     pid_d = tl.program_id(1)
     LOWP_DTYPE: tl.constexpr = Q.dtype.element_ty
+    Q_IN_REGISTERS: tl.constexpr = HP == 8 and BLOCK_D >= 32 and BLOCK_D <= 64
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     Qb = Q + b * stride_qb
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
     STATSb = STATS + b * stride_sb
     q = _load_rows(Qb, head, rows, rows_ok, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP)
+    if DOT_LOWP and D_CHUNKS == 1 and Q_IN_REGISTERS:
+        q = _product_result(q, HP, BLOCK_M, BLOCK_D)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
@@ -143,6 +162,7 @@ def _re_attention_fwd_kernel(
     s2 = tl.zeros([HP, BLOCK_M], CDT)
     # The last, partial key block is peeled off: only it pays for the key-padding select.
     n_full = (N_K // BLOCK_N) * BLOCK_N
+    TAIL_N: tl.constexpr = 16
     for start_n in range(0, n_full, BLOCK_N):
         acc, s1, s2 = _forward_block(
             acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
@@ -150,12 +170,12 @@ def _re_attention_fwd_kernel(
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, MOMENTS,
             CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
-    if n_full < N_K:
+    for start_n in range(n_full, N_K, TAIL_N):
         acc, s1, s2 = _forward_block(
-            acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, n_full, N_K, D, offs_d, m2, l2, w_slots,
+            acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
             c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
-            HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT, BIAS_SLOT, MOMENTS,
+            HP, BLOCK_M, TAIL_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT, BIAS_SLOT, MOMENTS,
             CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
 
     o_ptrs = (O + b * stride_ob) + (head[:, None, None] * stride_oh + rows[:, :, None] * stride_om
