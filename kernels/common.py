@@ -251,8 +251,8 @@ def _row_stats(q, Qb, Kb, b, head, slot_ok, rows, rows_ok, N_K, D, stride_qh, st
                EVEN_D: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The first key sweep: (m2, l2) [HP, BLOCK_M], the row max of S2 and log2 of sum 2^(S2 - m2).
 
-    Online over key blocks; the last, partial key block is peeled off so that only it pays for
-    the key-padding select. A row with no key kept gets (+inf, 0), so 2^((S2 - m2) - l2) = 0.
+    Online over key blocks; the keys past the last full block go in 16-key blocks, so that only
+    they pay for the key-padding select and few padded keys are computed. A row with no key kept gets (+inf, 0), so 2^((S2 - m2) - l2) = 0.
     Padding slots get (0, 0): their P is 1 wherever kept, which ``_slot_params`` uses to add the
     mixing bias inside the mixing product.
     """

@@ -127,6 +127,9 @@ def _re_attention_fwd_kernel(
     # dim to fit the GPU: every chunk recomputes the scores over the whole head dim).
     pid_d = tl.program_id(1)
     LOWP_DTYPE: tl.constexpr = Q.dtype.element_ty
+    # q held in registers (``_product_result``) where its tile is at most 8 x 32 x 64 (32 registers
+    # a thread at 8 warps) and the head-dim tile at least 32: at 16 the saved reads are few and
+    # sm_86's LayerNorm launch spilled; at 16 or 32 slots the score tiles need the registers.
     Q_IN_REGISTERS: tl.constexpr = HP == 8 and BLOCK_D >= 32 and BLOCK_D <= 64
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     Qb = Q + b * stride_qb
@@ -160,7 +163,8 @@ def _re_attention_fwd_kernel(
     acc = tl.zeros([HP, BLOCK_M, BLOCK_D], CDT)
     s1 = tl.zeros([HP, BLOCK_M], CDT)
     s2 = tl.zeros([HP, BLOCK_M], CDT)
-    # The last, partial key block is peeled off: only it pays for the key-padding select.
+    # The keys past the last full block go in 16-key blocks (the smallest a product takes): only
+    # they pay for the key-padding select, and N = 197 computes 11 padded keys, not 27.
     n_full = (N_K // BLOCK_N) * BLOCK_N
     TAIL_N: tl.constexpr = 16
     for start_n in range(0, n_full, BLOCK_N):
