@@ -130,7 +130,7 @@ def _re_attention_fwd_kernel(
     # q held in registers (``_product_result``) where its tile is at most 8 x 32 x 64 (32 registers
     # a thread at 8 warps) and the head-dim tile at least 32: at 16 the saved reads are few and
     # sm_86's LayerNorm launch spilled; at 16 or 32 slots the score tiles need the registers.
-    Q_IN_REGISTERS: tl.constexpr = HP == 8 and BLOCK_D >= 32 and BLOCK_D <= 64
+    Q_IN_REGISTERS: tl.constexpr = HP == 8 and BLOCK_D >= 32 and BLOCK_D <= 64 and not MOMENTS
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     Qb = Q + b * stride_qb
     Kb = K + b * stride_kb
@@ -174,7 +174,7 @@ def _re_attention_fwd_kernel(
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, MOMENTS,
             CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
-    for start_n in range(n_full, N_K, TAIL_N):
+    for start_n in tl.range(n_full, N_K, TAIL_N, num_stages=1):
         acc, s1, s2 = _forward_block(
             acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
             c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
