@@ -129,15 +129,22 @@ def _re_attention_fwd_kernel(
     LOWP_DTYPE: tl.constexpr = Q.dtype.element_ty
     # q held in registers (``_product_result``) where its tile is at most 8 x 32 x 64 (32 registers
     # a thread at 8 warps) and the head-dim tile at least 32: at 16 the saved reads are few and
-    # sm_86's LayerNorm launch spilled; at 16 or 32 slots the score tiles need the registers.
-    Q_IN_REGISTERS: tl.constexpr = HP == 8 and BLOCK_D >= 32 and BLOCK_D <= 64 and not MOMENTS
+    # sm_86's LayerNorm launch spilled; at 16 or 32 slots the score tiles need the registers, and
+    # with MOMENTS the sums' (the one-sweep BatchNorm launch spilled at DeiT-S).
+    Q_IN_REGISTERS: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and HP == 8 and BLOCK_D >= 32 and BLOCK_D <= 64 \
+        and not MOMENTS
+    # Both sweeps take the keys past their last full block in 16-key blocks (the smallest a product
+    # takes): only those pay for the key-padding select, and N = 197 computes 11 padded keys, not
+    # 27. Unpipelined (a pipelined loop of one or two trips costs more than it hides), except with
+    # q in registers, where the unpipelined tails made ptxas spill the LayerNorm launch at DeiT-S.
+    TAIL_N: tl.constexpr = 16
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     Qb = Q + b * stride_qb
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
     STATSb = STATS + b * stride_sb
     q = _load_rows(Qb, head, rows, rows_ok, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP)
-    if DOT_LOWP and D_CHUNKS == 1 and Q_IN_REGISTERS:
+    if Q_IN_REGISTERS:
         q = _product_result(q, HP, BLOCK_M, BLOCK_D)
     seed = 0
     if HAS_DROPOUT:
@@ -150,7 +157,7 @@ def _re_attention_fwd_kernel(
         m2, l2 = _row_stats(q, Qb, Kb, b, head, slot_ok, rows, rows_ok, N_K, D, stride_qh, stride_qm, stride_qd,
                             stride_kh, stride_kn, stride_kd, scale2, MASK, stride_mb, stride_mh, stride_mm,
                             stride_mn, HP, BLOCK_M, STATS_BLOCK_N, BLOCK_D, D_CHUNKS, CDT, MASK_KIND, RAW_MAX,
-                            EVEN_D, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+                            EVEN_D, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, TAIL_N, Q_IN_REGISTERS)
         _store_row_stats(STATSb, m2, l2, rows, rows_ok & ((rows * 0 + pid_d) == 0), head, stride_sp, stride_sh,
                          stride_sm)
 
@@ -163,10 +170,7 @@ def _re_attention_fwd_kernel(
     acc = tl.zeros([HP, BLOCK_M, BLOCK_D], CDT)
     s1 = tl.zeros([HP, BLOCK_M], CDT)
     s2 = tl.zeros([HP, BLOCK_M], CDT)
-    # The keys past the last full block go in 16-key blocks (the smallest a product takes): only
-    # they pay for the key-padding select, and N = 197 computes 11 padded keys, not 27.
     n_full = (N_K // BLOCK_N) * BLOCK_N
-    TAIL_N: tl.constexpr = 16
     for start_n in range(0, n_full, BLOCK_N):
         acc, s1, s2 = _forward_block(
             acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
@@ -174,13 +178,22 @@ def _re_attention_fwd_kernel(
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, MOMENTS,
             CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
-    for start_n in tl.range(n_full, N_K, TAIL_N, num_stages=1):
-        acc, s1, s2 = _forward_block(
-            acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
-            c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
-            stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
-            HP, BLOCK_M, TAIL_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT, BIAS_SLOT, MOMENTS,
-            CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+    if Q_IN_REGISTERS:
+        for start_n in range(n_full, N_K, TAIL_N):
+            acc, s1, s2 = _forward_block(
+                acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
+                c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm,
+                stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
+                stride_vd, HP, BLOCK_M, TAIL_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
+                BIAS_SLOT, MOMENTS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+    else:
+        for start_n in tl.range(n_full, N_K, TAIL_N, num_stages=1):
+            acc, s1, s2 = _forward_block(
+                acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
+                c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm,
+                stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
+                stride_vd, HP, BLOCK_M, TAIL_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
+                BIAS_SLOT, MOMENTS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
 
     o_ptrs = (O + b * stride_ob) + (head[:, None, None] * stride_oh + rows[:, :, None] * stride_om
                                     + offs_d[None, None, :] * stride_od)
