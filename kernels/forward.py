@@ -133,11 +133,12 @@ def _re_attention_fwd_kernel(
     # with MOMENTS the sums' (the one-sweep BatchNorm launch spilled at DeiT-S).
     Q_IN_REGISTERS: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and HP == 8 and BLOCK_D >= 32 and BLOCK_D <= 64 \
         and not MOMENTS
-    # Both sweeps take the keys past their last full block in 16-key blocks (the smallest a product
-    # takes): only those pay for the key-padding select, and N = 197 computes 11 padded keys, not
-    # 27. Unpipelined (a pipelined loop of one or two trips costs more than it hides), except with
-    # q in registers, where the unpipelined tails made ptxas spill the LayerNorm launch at DeiT-S.
-    TAIL_N: tl.constexpr = 16
+    # At 8 slots both sweeps take the keys past their last full block in 16-key blocks (the
+    # smallest a product takes): only those pay for the key-padding select, and N = 197 computes
+    # 11 padded keys, not 27. Unpipelined (a pipelined loop of one or two trips costs more than it
+    # hides), except with q in registers, where the unpipelined tails made ptxas spill the LayerNorm
+    # launch at DeiT-S. At 16 or 32 slots (TAIL_N 0) one peeled block: the tail loops spilled there.
+    TAIL_N: tl.constexpr = 16 * (HP == 8)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     Qb = Q + b * stride_qb
     Kb = K + b * stride_kb
@@ -178,7 +179,15 @@ def _re_attention_fwd_kernel(
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, MOMENTS,
             CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
-    if Q_IN_REGISTERS:
+    if TAIL_N == 0:
+        if n_full < N_K:
+            acc, s1, s2 = _forward_block(
+                acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, n_full, N_K, D, offs_d, m2, l2, w_slots,
+                c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm,
+                stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
+                stride_vd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
+                BIAS_SLOT, MOMENTS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+    elif Q_IN_REGISTERS:
         for start_n in range(n_full, N_K, TAIL_N):
             acc, s1, s2 = _forward_block(
                 acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
