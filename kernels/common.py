@@ -248,11 +248,14 @@ def _row_stats(q, Qb, Kb, b, head, slot_ok, rows, rows_ok, N_K, D, stride_qh, st
                stride_kh, stride_kn, stride_kd, scale2, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
                HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                D_CHUNKS: tl.constexpr, CDT: tl.constexpr, MASK_KIND: tl.constexpr, RAW_MAX: tl.constexpr,
-               EVEN_D: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               EVEN_D: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               TAIL_N: tl.constexpr = 0, TAIL_PIPELINED: tl.constexpr = False):
     """The first key sweep: (m2, l2) [HP, BLOCK_M], the row max of S2 and log2 of sum 2^(S2 - m2).
 
-    Online over key blocks; the last, partial key block is peeled off so that only it pays for
-    the key-padding select. A row with no key kept gets (+inf, 0), so 2^((S2 - m2) - l2) = 0.
+    Online over key blocks; the keys past the last full block pay for the key-padding select:
+    one peeled block, or (TAIL_N) a loop of TAIL_N-key blocks, pipelined as the kernel's loops with
+    TAIL_PIPELINED (kernels/forward.py says when). A row with no key kept gets
+    (+inf, 0), so 2^((S2 - m2) - l2) = 0.
     Padding slots get (0, 0): their P is 1 wherever kept, which ``_slot_params`` uses to add the
     mixing bias inside the mixing product.
     """
@@ -264,11 +267,27 @@ def _row_stats(q, Qb, Kb, b, head, slot_ok, rows, rows_ok, N_K, D, stride_qh, st
                                     stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, scale2, MASK, stride_mb,
                                     stride_mh, stride_mm, stride_mn, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT,
                                     MASK_KIND, RAW_MAX, False, EVEN_D, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-    if n_full < N_K:
-        m_i, l_i = _row_stats_block(m_i, l_i, q, Qb, Kb, b, head, rows, rows_ok, n_full, N_K, D, stride_qh,
-                                    stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, scale2, MASK, stride_mb,
-                                    stride_mh, stride_mm, stride_mn, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT,
-                                    MASK_KIND, RAW_MAX, True, EVEN_D, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    if TAIL_N == 0:
+        if n_full < N_K:
+            m_i, l_i = _row_stats_block(m_i, l_i, q, Qb, Kb, b, head, rows, rows_ok, n_full, N_K, D, stride_qh,
+                                        stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, scale2, MASK,
+                                        stride_mb, stride_mh, stride_mm, stride_mn, HP, BLOCK_M, BLOCK_N, BLOCK_D,
+                                        D_CHUNKS, CDT, MASK_KIND, RAW_MAX, True, EVEN_D, DOT_LOWP, LOWP_DTYPE,
+                                        DOT_PRECISION)
+    elif TAIL_PIPELINED:
+        for start_n in range(n_full, N_K, TAIL_N):
+            m_i, l_i = _row_stats_block(m_i, l_i, q, Qb, Kb, b, head, rows, rows_ok, start_n, N_K, D, stride_qh,
+                                        stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, scale2, MASK,
+                                        stride_mb, stride_mh, stride_mm, stride_mn, HP, BLOCK_M, TAIL_N, BLOCK_D,
+                                        D_CHUNKS, CDT, MASK_KIND, RAW_MAX, True, EVEN_D, DOT_LOWP, LOWP_DTYPE,
+                                        DOT_PRECISION)
+    else:
+        for start_n in tl.range(n_full, N_K, TAIL_N, num_stages=1):
+            m_i, l_i = _row_stats_block(m_i, l_i, q, Qb, Kb, b, head, rows, rows_ok, start_n, N_K, D, stride_qh,
+                                        stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, scale2, MASK,
+                                        stride_mb, stride_mh, stride_mm, stride_mn, HP, BLOCK_M, TAIL_N, BLOCK_D,
+                                        D_CHUNKS, CDT, MASK_KIND, RAW_MAX, True, EVEN_D, DOT_LOWP, LOWP_DTYPE,
+                                        DOT_PRECISION)
     if RAW_MAX:
         m_i = m_i * scale2
     empty = l_i == 0.0

@@ -86,6 +86,22 @@ def _forward_block(acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_
 
 
 @triton.jit
+def _product_result(x, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x [HP, BLOCK_M, BLOCK_D] (fp16/bf16) as the result of a tensor-core product: I @ x, exact.
+
+    A tile loaded from memory reaches a product's operand through shared memory, and that read
+    stays where the product is: inside the key loops, q would be re-read from shared memory on
+    every key block of both sweeps. A product's result becomes the next product's operand within
+    registers, and that conversion is hoisted out of the loops, so q is read from shared memory
+    once (here) and held in registers (HP * BLOCK_M * BLOCK_D / (32 * num_warps) 16-bit values
+    per thread). Costs one [BLOCK_M, BLOCK_M] x [BLOCK_M, BLOCK_D] product per slot.
+    """
+    eye = (tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, BLOCK_M)[None, :]).to(x.dtype)
+    eye3 = tl.broadcast_to(eye[None, :, :], (HP, BLOCK_M, BLOCK_M))
+    return tl.dot(eye3, x, tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)).to(x.dtype)
+
+
+@triton.jit
 def _re_attention_fwd_kernel(
     Q, K, V, W, C, NW, NB, BN, MASK, SEED, O, STATS, MOM,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -111,12 +127,26 @@ def _re_attention_fwd_kernel(
     # dim to fit the GPU: every chunk recomputes the scores over the whole head dim).
     pid_d = tl.program_id(1)
     LOWP_DTYPE: tl.constexpr = Q.dtype.element_ty
+    # q held in registers (``_product_result``) where its tile is at most 8 x 32 x 64 (32 registers
+    # a thread at 8 warps) and the head-dim tile at least 32: at 16 the saved reads are few and
+    # sm_86's LayerNorm launch spilled; at 16 or 32 slots the score tiles need the registers, and
+    # with MOMENTS the sums' (the one-sweep BatchNorm launch spilled at DeiT-S).
+    Q_IN_REGISTERS: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and HP == 8 and BLOCK_D >= 32 and BLOCK_D <= 64 \
+        and not MOMENTS
+    # At 8 slots both sweeps take the keys past their last full block in 16-key blocks (the
+    # smallest a product takes): only those pay for the key-padding select, and N = 197 computes
+    # 11 padded keys, not 27. Unpipelined (a pipelined loop of one or two trips costs more than it
+    # hides), except with q in registers, where the unpipelined tails made ptxas spill the LayerNorm
+    # launch at DeiT-S. At 16 or 32 slots (TAIL_N 0) one peeled block: the tail loops spilled there.
+    TAIL_N: tl.constexpr = 16 * (HP == 8)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     Qb = Q + b * stride_qb
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
     STATSb = STATS + b * stride_sb
     q = _load_rows(Qb, head, rows, rows_ok, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP)
+    if Q_IN_REGISTERS:
+        q = _product_result(q, HP, BLOCK_M, BLOCK_D)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
@@ -128,7 +158,7 @@ def _re_attention_fwd_kernel(
         m2, l2 = _row_stats(q, Qb, Kb, b, head, slot_ok, rows, rows_ok, N_K, D, stride_qh, stride_qm, stride_qd,
                             stride_kh, stride_kn, stride_kd, scale2, MASK, stride_mb, stride_mh, stride_mm,
                             stride_mn, HP, BLOCK_M, STATS_BLOCK_N, BLOCK_D, D_CHUNKS, CDT, MASK_KIND, RAW_MAX,
-                            EVEN_D, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+                            EVEN_D, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, TAIL_N, Q_IN_REGISTERS)
         _store_row_stats(STATSb, m2, l2, rows, rows_ok & ((rows * 0 + pid_d) == 0), head, stride_sp, stride_sh,
                          stride_sm)
 
@@ -141,7 +171,6 @@ def _re_attention_fwd_kernel(
     acc = tl.zeros([HP, BLOCK_M, BLOCK_D], CDT)
     s1 = tl.zeros([HP, BLOCK_M], CDT)
     s2 = tl.zeros([HP, BLOCK_M], CDT)
-    # The last, partial key block is peeled off: only it pays for the key-padding select.
     n_full = (N_K // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, s1, s2 = _forward_block(
@@ -150,13 +179,30 @@ def _re_attention_fwd_kernel(
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, MOMENTS,
             CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
-    if n_full < N_K:
-        acc, s1, s2 = _forward_block(
-            acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, n_full, N_K, D, offs_d, m2, l2, w_slots,
-            c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
-            stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
-            HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT, BIAS_SLOT, MOMENTS,
-            CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+    if TAIL_N == 0:
+        if n_full < N_K:
+            acc, s1, s2 = _forward_block(
+                acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, n_full, N_K, D, offs_d, m2, l2, w_slots,
+                c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm,
+                stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
+                stride_vd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
+                BIAS_SLOT, MOMENTS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+    elif Q_IN_REGISTERS:
+        for start_n in range(n_full, N_K, TAIL_N):
+            acc, s1, s2 = _forward_block(
+                acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
+                c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm,
+                stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
+                stride_vd, HP, BLOCK_M, TAIL_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
+                BIAS_SLOT, MOMENTS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+    else:
+        for start_n in tl.range(n_full, N_K, TAIL_N, num_stages=1):
+            acc, s1, s2 = _forward_block(
+                acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
+                c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm,
+                stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
+                stride_vd, HP, BLOCK_M, TAIL_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
+                BIAS_SLOT, MOMENTS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
 
     o_ptrs = (O + b * stride_ob) + (head[:, None, None] * stride_oh + rows[:, :, None] * stride_om
                                     + offs_d[None, None, :] * stride_od)

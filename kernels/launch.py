@@ -232,8 +232,10 @@ def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bo
         block_m, block_n, stages = 16, 16, 1
     else:
         block_m = 32 if hp * block_d <= 512 else 16
-        # A 32-key block halves the re-reads of the query tile per key; its score tiles fit
-        # without the LayerNorm's terms at 8 slots (at 16 slots x 16 rows the compiler spilled 168 B).
+        # A 32-key block halves the per-block work that is not per key (and the re-reads of the
+        # query tile from shared memory, where the forward does not hold it in registers); its
+        # score tiles fit without the LayerNorm's terms at 8 slots (at 16 slots x 16 rows the
+        # compiler spilled 168 B).
         block_n = 32 if variant == "plain" and hp == 8 else 16
         # one stage for 32-key blocks and for head-dim chunks (pipelining every chunk's loads took
         # 196,608 B at 16 slots, D = 128)
