@@ -191,10 +191,11 @@ def _re_attention_bwd_dq_kernel(
     # training BatchNorm (there, and at 16 slots, the registers they take made the compiler spill):
     # Q_HELD: q and dO held in registers for the whole sweep, not re-read from shared memory on
     # every key block. K_PRODUCT: each K block staged once, its transpose for q k^T taken from
-    # I @ k in registers (loading K twice, for both products, staged it twice).
+    # I @ k in registers (loading K twice, for both products, staged it twice); not with a mask or
+    # dropout (sm_86 at D = 64 spilled 16 -> 48 B).
     OPERANDS: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and not SUMS_ONLY and HP == 8 and NORM != 2
     Q_HELD: tl.constexpr = OPERANDS and not RELOAD_Q
-    K_PRODUCT: tl.constexpr = OPERANDS
+    K_PRODUCT: tl.constexpr = OPERANDS and not RELOAD_Q
     q = _load_rows(Qb, head, rows, rows_ok, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP)
     do = _load_rows(DOb, head, rows, rows_ok, offs_d, D, stride_doh, stride_dom, stride_dod, CDT, DOT_LOWP)
     if Q_HELD:
@@ -332,9 +333,9 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
         mix = mix + c[:, None, None]
     # Without a mask the only entries not kept are keys past N_K: their V rows load as 0, so dN is
     # 0 there already, and their A reaches only rows of dV that are not stored. The selects stay
-    # at 16 or more slots and with head-dim chunks, where the kernel already spills and their
-    # removal made the compiler spill 8-24 B more.
-    SELECT_KEPT: tl.constexpr = MASK_KIND != 0 or HP > 8 or D_CHUNKS > 1
+    # at 16 or more slots, with head-dim chunks and with LayerNorm, where their removal made the
+    # compiler spill (8-24 B more; LayerNorm at 8 slots, D = 64 on sm_86: 0 -> 8 B).
+    SELECT_KEPT: tl.constexpr = MASK_KIND != 0 or HP > 8 or D_CHUNKS > 1 or NORM == 1
     dn = dov * out_scale
     if SELECT_KEPT:
         dn = tl.where(kept, dn, 0.0)
