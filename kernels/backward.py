@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .common import (_group_mean, _layer_norm, _live_zero, _load_keys, _load_row_stats, _load_rows, _mix, _mm,
-                     _probs, _scores, _scores_product, _slot_params, _slot_rows)
+                     _probs, _product_result, _scores, _scores_product, _slot_params, _slot_rows)
 from .forward import (_NORMS, accumulator_dtype, aligned_operands, dropout_arguments, launch_options, mask_arguments,
                       slot_sums_to_heads)
 from .launch import TileConfig, backward_config, device_shared_limit, interpreting, run_on_device, variant_of
@@ -93,7 +93,7 @@ def _dq_block(x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, 
               D_CHUNKS: tl.constexpr, NORM: tl.constexpr, MASK_KIND: tl.constexpr, KEYS_PADDED: tl.constexpr,
               EVEN_D: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr, SUMS_ONLY: tl.constexpr,
               CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              NORM_PRECISION: tl.constexpr, RELOAD_Q: tl.constexpr, TIE_CHUNKS: tl.constexpr):
+              NORM_PRECISION: tl.constexpr, RELOAD_Q: tl.constexpr, TIE_CHUNKS: tl.constexpr, K_PRODUCT: tl.constexpr):
     """One key block of the query-major sweep: delta, X, Y (or, SUMS_ONLY, BatchNorm's two sums)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if D_CHUNKS == 1 and RELOAD_Q:
@@ -104,9 +104,18 @@ def _dq_block(x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, 
         rows_live = rows + _live_zero(offs_n)
         q = _load_rows(Qb, head, rows_live, rows_ok, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP)
         do = _load_rows(DOb, head, rows_live, rows_ok, offs_d, D, stride_doh, stride_dom, stride_dod, CDT, DOT_LOWP)
-    qk = _scores_product(q, Qb, Kb, head, rows, rows_ok, offs_n, N_K, D, stride_qh, stride_qm, stride_qd, stride_kh,
-                         stride_kn, stride_kd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP, LOWP_DTYPE,
-                         DOT_PRECISION, KEYS_PADDED, EVEN_D, TIE_CHUNKS)
+    if K_PRODUCT:
+        # One K tile serves both products, staged in shared memory once per key block: q k^T takes
+        # its transpose from I @ k in registers (a transposed load of K would be staged again).
+        k = _load_keys(Kb, head, offs_n, N_K, offs_d, D, stride_kh, stride_kn, stride_kd, CDT, DOT_LOWP, False,
+                       KEYS_PADDED, EVEN_D)
+        k_t = _product_result(k, HP, BLOCK_N, BLOCK_D)
+        qk = _mm(q, tl.permute(k_t, (0, 2, 1)), tl.zeros([HP, BLOCK_M, BLOCK_N], CDT), DOT_LOWP, LOWP_DTYPE,
+                 DOT_PRECISION)
+    else:
+        qk = _scores_product(q, Qb, Kb, head, rows, rows_ok, offs_n, N_K, D, stride_qh, stride_qm, stride_qd,
+                             stride_kh, stride_kn, stride_kd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
+                             LOWP_DTYPE, DOT_PRECISION, KEYS_PADDED, EVEN_D, TIE_CHUNKS)
     dov = _scores_product(do, DOb, Vb, head, rows, rows_ok, offs_n, N_K, D, stride_doh, stride_dom, stride_dod,
                           stride_vh, stride_vn, stride_vd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
                           LOWP_DTYPE, DOT_PRECISION, KEYS_PADDED, EVEN_D, TIE_CHUNKS)
@@ -140,10 +149,11 @@ def _dq_block(x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, 
             dp = dp * drop_scale
         pdp = p * dp
         delta += tl.sum(pdp, axis=2)
-        kt = _load_keys(Kb, head, offs_n, N_K, offs_d, D, stride_kh, stride_kn, stride_kd, CDT, DOT_LOWP, False,
-                        KEYS_PADDED, EVEN_D)
-        x_acc = _mm(pdp, kt, x_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-        y_acc = _mm(p, kt, y_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+        if not K_PRODUCT:
+            k = _load_keys(Kb, head, offs_n, N_K, offs_d, D, stride_kh, stride_kn, stride_kd, CDT, DOT_LOWP, False,
+                           KEYS_PADDED, EVEN_D)
+        x_acc = _mm(pdp, k, x_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+        y_acc = _mm(p, k, y_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     return x_acc, y_acc, delta, sum_dn_xhat, sum_dn
 
 
@@ -177,8 +187,20 @@ def _re_attention_bwd_dq_kernel(
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
     DOb = DO + b * stride_dob
+    # Tensor-core operands routed through a product (``_product_result``), at 8 slots without
+    # training BatchNorm (there, and at 16 slots, the registers they take made the compiler spill):
+    # Q_HELD: q and dO held in registers for the whole sweep, not re-read from shared memory on
+    # every key block. K_PRODUCT: each K block staged once, its transpose for q k^T taken from
+    # I @ k in registers (loading K twice, for both products, staged it twice); not with a mask or
+    # dropout (sm_86 at D = 64 spilled 16 -> 48 B).
+    OPERANDS: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and not SUMS_ONLY and HP == 8 and NORM != 2
+    Q_HELD: tl.constexpr = OPERANDS and not RELOAD_Q
+    K_PRODUCT: tl.constexpr = OPERANDS and not RELOAD_Q
     q = _load_rows(Qb, head, rows, rows_ok, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP)
     do = _load_rows(DOb, head, rows, rows_ok, offs_d, D, stride_doh, stride_dom, stride_dod, CDT, DOT_LOWP)
+    if Q_HELD:
+        q = _product_result(q, HP, BLOCK_M, BLOCK_D)
+        do = _product_result(do, HP, BLOCK_M, BLOCK_D)
     m2, l2 = _load_row_stats(STATS + b * stride_sb, slot_ok, rows, rows_ok, head, stride_sp, stride_sh, stride_sm,
                              CDT)
     seed = 0
@@ -204,7 +226,8 @@ def _re_attention_bwd_dq_kernel(
             out_scale, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn, stride_qh, stride_qm,
             stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_doh, stride_dom,
             stride_dod, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT,
-            BIAS_SLOT, SUMS_ONLY, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_Q, TIE_CHUNKS)
+            BIAS_SLOT, SUMS_ONLY, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_Q, TIE_CHUNKS,
+            K_PRODUCT)
     if n_full < N_K:
         x_acc, y_acc, delta, sum_dn_xhat, sum_dn = _dq_block(
             x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, b, H, head, rows, rows_ok, n_full,
@@ -212,7 +235,8 @@ def _re_attention_bwd_dq_kernel(
             out_scale, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn, stride_qh, stride_qm,
             stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_doh, stride_dom,
             stride_dod, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
-            BIAS_SLOT, SUMS_ONLY, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_Q, TIE_CHUNKS)
+            BIAS_SLOT, SUMS_ONLY, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_Q, TIE_CHUNKS,
+            K_PRODUCT)
 
     if SUMS_ONLY:
         sums_ptrs = SUMS + (pid.to(tl.int64) * 2) * HP + tl.arange(0, HP)
@@ -242,7 +266,7 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
                 HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, CDT: tl.constexpr,
                 DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 NORM_PRECISION: tl.constexpr, RELOAD_KV: tl.constexpr, DW_FLAT: tl.constexpr,
-                TIE_CHUNKS: tl.constexpr):
+                TIE_CHUNKS: tl.constexpr, Q_PRODUCT: tl.constexpr):
     """One query block of the key-major sweep: dK, dV and the parameter sums of dW, dc, dgamma, dbeta.
 
     The tiles are transposed, [HP, BLOCK_N keys, BLOCK_M queries], so that dS^T and A^T are the
@@ -258,6 +282,13 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
                    ROWS_PADDED, EVEN_D)
     do = _load_keys(DOb, head, offs_m, N_Q, offs_d, D, stride_doh, stride_dom, stride_dod, CDT, DOT_LOWP, False,
                     ROWS_PADDED, EVEN_D)
+    # q_t, do_t: the tiles K q^T and V dO^T read transposed (from I @ q, I @ dO in registers with
+    # Q_PRODUCT; dK and dV read q, dO as staged).
+    q_t = q
+    do_t = do
+    if Q_PRODUCT:
+        q_t = _product_result(q, HP, BLOCK_M, BLOCK_D)
+        do_t = _product_result(do, HP, BLOCK_M, BLOCK_D)
     if D_CHUNKS == 1:  # the same tiles serve both products (one load; the transposes are layouts)
         if RELOAD_KV:
             # K and V re-read (from L1/L2) for every query block, tied to it: hoisted out
@@ -276,8 +307,8 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
             v = _load_rows(Vb, head, keys_live, keys_ok_live, offs_d, D, stride_vh, stride_vn, stride_vd, CDT,
                            DOT_LOWP)
         zero = tl.zeros([HP, BLOCK_N, BLOCK_M], CDT)
-        qk = _mm(k, tl.permute(q, (0, 2, 1)), zero, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-        dov = _mm(v, tl.permute(do, (0, 2, 1)), zero, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+        qk = _mm(k, tl.permute(q_t, (0, 2, 1)), zero, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+        dov = _mm(v, tl.permute(do_t, (0, 2, 1)), zero, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     else:
         qk = _scores_product(k, Kb, Qb, head, keys, keys_ok, offs_m, N_Q, D, stride_kh, stride_kn, stride_kd,
                              stride_qh, stride_qm, stride_qd, HP, BLOCK_N, BLOCK_M, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
@@ -300,7 +331,14 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
     mix = _mix(w_slots, p_tilde, HP, BLOCK_N, BLOCK_M, CDT, DOT_LOWP, tl.float16, DOT_PRECISION)
     if not BIAS_SLOT:
         mix = mix + c[:, None, None]
-    dn = tl.where(kept, dov * out_scale, 0.0)
+    # Without a mask the only entries not kept are keys past N_K: their V rows load as 0, so dN is
+    # 0 there already, and their A reaches only rows of dV that are not stored. The selects stay
+    # at 16 or more slots, with head-dim chunks and with LayerNorm, where their removal made the
+    # compiler spill (8-24 B more; LayerNorm at 8 slots, D = 64 on sm_86: 0 -> 8 B).
+    SELECT_KEPT: tl.constexpr = MASK_KIND != 0 or HP > 8 or D_CHUNKS > 1 or NORM == 1
+    dn = dov * out_scale
+    if SELECT_KEPT:
+        dn = tl.where(kept, dn, 0.0)
     # BatchNorm's dM is not 0 where dN is (e xhat + f): rows past N_Q are outside its entries too.
     dm, xhat = _norm_backward(dn, mix, kept & rows_ok3, group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_f, eps, HP,
                               BLOCK_N, BLOCK_M, CDT, NORM, NORM_PRECISION)
@@ -311,7 +349,9 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
             dnb_acc += tl.sum(dn, axis=2)
     else:
         a = mix
-    a = tl.where(kept, a * out_scale, 0.0)
+    a = a * out_scale
+    if SELECT_KEPT:
+        a = tl.where(kept, a, 0.0)
     if HAS_MIX_BIAS and not BIAS_SLOT:
         dc_acc += tl.sum(dm, axis=2)
     dp = _mix(tl.trans(w_slots), dm, HP, BLOCK_N, BLOCK_M, CDT, DOT_LOWP, tl.bfloat16, DOT_PRECISION)
@@ -362,8 +402,19 @@ def _re_attention_bwd_dkdv_kernel(
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
+    # KV_HELD: k and v held in registers for the whole sweep (``_product_result``), not re-read
+    # from shared memory on every query block (RELOAD_KV re-reads them from memory instead); not at
+    # 32 slots, nor at 16 with training BatchNorm (which spills there already).
+    # Q_PRODUCT: the transposes of each query block's q and dO for K q^T and V dO^T taken from
+    # I @ q, I @ dO in registers, so q and dO are staged in shared memory once, not twice (at 8
+    # slots without a norm's terms: with them, or at 16 slots, the compiler spilled).
+    KV_HELD: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and not RELOAD_KV and (HP == 8 or (HP == 16 and NORM != 2))
+    Q_PRODUCT: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and not RELOAD_KV and HP == 8 and NORM != 2
     k = _load_rows(Kb, head, keys, keys_ok, offs_d, D, stride_kh, stride_kn, stride_kd, CDT, DOT_LOWP)
     v = _load_rows(Vb, head, keys, keys_ok, offs_d, D, stride_vh, stride_vn, stride_vd, CDT, DOT_LOWP)
+    if KV_HELD:
+        k = _product_result(k, HP, BLOCK_N, BLOCK_D)
+        v = _product_result(v, HP, BLOCK_N, BLOCK_D)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
@@ -397,7 +448,7 @@ def _re_attention_bwd_dkdv_kernel(
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D,
             D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
-            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS)
+            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS, Q_PRODUCT)
     if m_full < N_Q:
         dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc = _dkdv_block(
             dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, Qb, DOb, STATSb, DELTA, b, H, head,
@@ -406,7 +457,7 @@ def _re_attention_bwd_dkdv_kernel(
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D,
             D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
-            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS)
+            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS, Q_PRODUCT)
 
     # dS is in natural units: dK = scale dS^T Q, scale = scale2 / log2(e).
     dk_acc = dk_acc * (scale2 * 0.6931471805599453)

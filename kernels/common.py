@@ -53,6 +53,22 @@ def _mm(a, b, acc, LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, PRECISION: tl.c
 
 
 @triton.jit
+def _product_result(x, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x [HP, BLOCK_M, BLOCK_D] (fp16/bf16) as the result of a tensor-core product: I @ x, exact.
+
+    A tile loaded from memory reaches a product's operand through shared memory, and that read
+    stays where the product is: inside a loop, the tile would be re-read from shared memory on
+    every iteration. A product's result becomes the next product's operand within registers, and
+    that conversion is hoisted out of the loops, so the tile is read from shared memory once (here)
+    and held in registers (HP * BLOCK_M * BLOCK_D / (32 * num_warps) 16-bit values per thread).
+    Costs one [BLOCK_M, BLOCK_M] x [BLOCK_M, BLOCK_D] product per slot.
+    """
+    eye = (tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, BLOCK_M)[None, :]).to(x.dtype)
+    eye3 = tl.broadcast_to(eye[None, :, :], (HP, BLOCK_M, BLOCK_M))
+    return tl.dot(eye3, x, tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)).to(x.dtype)
+
+
+@triton.jit
 def _slot_rows(row0, H, N_Q, HP: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr):
     """The slots of a program whose first query row is ``row0``.
 

@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, NORM_BATCH, NORM_LAYER, NORM_NONE, _group_mean,
-                     _layer_norm, _load_keys, _load_row_stats, _load_rows, _mix, _mm, _probs, _row_stats,
-                     _scores, _scores_product, _slot_params, _slot_rows, _store_row_stats)
+                     _layer_norm, _load_keys, _load_row_stats, _load_rows, _mix, _mm, _probs, _product_result,
+                     _row_stats, _scores, _scores_product, _slot_params, _slot_rows, _store_row_stats)
 from .launch import (MAX_HEADS, TileConfig, device_shared_limit, forward_config, interpreting, run_on_device,
                      variant_of)
 
@@ -83,22 +83,6 @@ def _forward_block(acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_
                     KEYS_PADDED, EVEN_D)
     acc = _mm(a, vt, acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     return acc, s1, s2
-
-
-@triton.jit
-def _product_result(x, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """x [HP, BLOCK_M, BLOCK_D] (fp16/bf16) as the result of a tensor-core product: I @ x, exact.
-
-    A tile loaded from memory reaches a product's operand through shared memory, and that read
-    stays where the product is: inside the key loops, q would be re-read from shared memory on
-    every key block of both sweeps. A product's result becomes the next product's operand within
-    registers, and that conversion is hoisted out of the loops, so q is read from shared memory
-    once (here) and held in registers (HP * BLOCK_M * BLOCK_D / (32 * num_warps) 16-bit values
-    per thread). Costs one [BLOCK_M, BLOCK_M] x [BLOCK_M, BLOCK_D] product per slot.
-    """
-    eye = (tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, BLOCK_M)[None, :]).to(x.dtype)
-    eye3 = tl.broadcast_to(eye[None, :, :], (HP, BLOCK_M, BLOCK_M))
-    return tl.dot(eye3, x, tl.zeros([HP, BLOCK_M, BLOCK_D], tl.float32)).to(x.dtype)
 
 
 @triton.jit
