@@ -38,6 +38,23 @@ NORM_BATCH = 2  # normalized with given per-head batch statistics (training Batc
 LOG2E = 1.4426950408889634
 
 
+def _takes_k8_dots() -> bool:
+    """Whether this Triton compiles a 32-bit ``tl.dot`` over K = 8 (Triton 3.9 does; 3.6 asks K >= 16 of
+    every 16- and 32-bit product), from the NVIDIA backend's own rule."""
+    try:
+        from triton.backends.nvidia.compiler import min_dot_size
+        from triton.backends.compiler import GPUTarget
+
+        return min_dot_size(GPUTarget("cuda", 90, 32))(tl.float32, tl.float32)[2] <= 8
+    except Exception:  # no NVIDIA backend, or another rule's signature: the K >= 16 form compiles everywhere
+        return False
+
+
+# Products over the 8 slots in 32/64-bit operands (the fp32 head mixing, LayerNorm's means) take K = 8 where
+# Triton allows it; elsewhere they take the block-diagonal K = 16 form of ``_mix``.
+K8_DOTS = tl.constexpr(_takes_k8_dots())
+
+
 @triton.jit
 def _mm(a, b, acc, LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """``acc + a @ b`` for 2-D or batched 3-D tiles.
@@ -389,14 +406,15 @@ def _mix(w_slots, x, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
     With DOT_LOWP the operands are MIX_DTYPE: fp16 in the forward (probabilities and mixing
     weights are of order 1: fp16 keeps three more bits than bf16), bf16 for gradients (their range
     is not bounded). A 16-bit product needs K >= 16: at HP = 8 the entries are split in two halves
-    stacked as 16 rows, mixed by the block diagonal [[W, 0], [0, W]].
+    stacked as 16 rows, mixed by the block diagonal [[W, 0], [0, W]]; so do 32-bit products at HP = 8
+    where Triton asks K >= 16 of them (``K8_DOTS``).
     """
     E: tl.constexpr = BLOCK_M * BLOCK_N
-    if DOT_LOWP and HP == 8:
+    if HP == 8 and (DOT_LOWP or not K8_DOTS):
         w2 = tl.reshape(tl.permute(tl.join(tl.join(w_slots, tl.zeros_like(w_slots)),
                                            tl.join(tl.zeros_like(w_slots), w_slots)), (2, 0, 3, 1)), (16, 16))
         x2 = tl.reshape(tl.permute(tl.reshape(x, (HP, 2, E // 2)), (1, 0, 2)), (16, E // 2))
-        out2 = _mm(w2, x2, tl.zeros([16, E // 2], CDT), True, MIX_DTYPE, DOT_PRECISION)
+        out2 = _mm(w2, x2, tl.zeros([16, E // 2], CDT), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
         out = tl.reshape(tl.permute(tl.reshape(out2, (2, HP, E // 2)), (1, 0, 2)), (HP, BLOCK_M, BLOCK_N))
     else:
         flat = tl.reshape(x, (HP, E))
