@@ -307,15 +307,8 @@ def _row_stats(q, Qb, Kb, b, head, slot_ok, rows, rows_ok, N_K, D, stride_qh, st
                                         stride_mb, stride_mh, stride_mm, stride_mn, HP, BLOCK_M, BLOCK_N, BLOCK_D,
                                         D_CHUNKS, CDT, MASK_KIND, RAW_MAX, True, EVEN_D, DOT_LOWP, LOWP_DTYPE,
                                         DOT_PRECISION)
-    elif TAIL_PIPELINED:
-        for start_n in range(n_full, N_K, TAIL_N):
-            m_i, l_i = _row_stats_block(m_i, l_i, q, Qb, Kb, b, head, rows, rows_ok, start_n, N_K, D, stride_qh,
-                                        stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, scale2, MASK,
-                                        stride_mb, stride_mh, stride_mm, stride_mn, HP, BLOCK_M, TAIL_N, BLOCK_D,
-                                        D_CHUNKS, CDT, MASK_KIND, RAW_MAX, True, EVEN_D, DOT_LOWP, LOWP_DTYPE,
-                                        DOT_PRECISION)
     else:
-        for start_n in tl.range(n_full, N_K, TAIL_N, num_stages=1):
+        for start_n in tl.range(n_full, N_K, TAIL_N, num_stages=None if TAIL_PIPELINED else 1):
             m_i, l_i = _row_stats_block(m_i, l_i, q, Qb, Kb, b, head, rows, rows_ok, start_n, N_K, D, stride_qh,
                                         stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, scale2, MASK,
                                         stride_mb, stride_mh, stride_mm, stride_mn, HP, BLOCK_M, TAIL_N, BLOCK_D,

@@ -171,16 +171,8 @@ def _re_attention_fwd_kernel(
                 stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
                 stride_vd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
                 BIAS_SLOT, MOMENTS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
-    elif Q_IN_REGISTERS:
-        for start_n in range(n_full, N_K, TAIL_N):
-            acc, s1, s2 = _forward_block(
-                acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
-                c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm,
-                stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
-                stride_vd, HP, BLOCK_M, TAIL_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
-                BIAS_SLOT, MOMENTS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
     else:
-        for start_n in tl.range(n_full, N_K, TAIL_N, num_stages=1):
+        for start_n in tl.range(n_full, N_K, TAIL_N, num_stages=None if Q_IN_REGISTERS else 1):
             acc, s1, s2 = _forward_block(
                 acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
                 c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm,
