@@ -1,4 +1,4 @@
-"""Ahead-of-time compiles of every Triton launch for sm_80, sm_86 and sm_90, run in a background process.
+"""Ahead-of-time compiles of every Triton launch for sm_80, sm_86 and sm_90, run in two background processes.
 
 Each job is one entry point of the kernels (``kernels.aot.compile_call``: the launches it makes
 are captured and compiled exactly as the JIT would compile them on that GPU). The compiles take
@@ -50,23 +50,45 @@ def _parse(returncode, out, err):
     return returncode, [json.loads(line[4:]) for line in out.splitlines() if line.startswith("AOT ")], err
 
 
-_JOB = None
+# The compiles are single-threaded and take ~450 CPU-s from an empty Triton cache (any kernel change empties
+# it for the launches it touches): two processes, so that the end of the session, when the tests are done and
+# wait for them, keeps both cores busy. Each gets about half the work (a backward compiles two kernels).
+PROCESSES = 2
+_JOBS = None
 
 
-def _job():
-    global _JOB
-    if _JOB is None:
+def _weight(job: dict) -> int:
+    return (2 if job["call"] == "backward" else 1) * (3 if job.get("dtype") == "fp32" else 1)
+
+
+def parts(n: int = PROCESSES) -> list:
+    """``jobs()`` split into ``n`` lists of about equal weight (heaviest first, each to the lightest list)."""
+    lists, weights = [[] for _ in range(n)], [0] * n
+    for job in sorted(jobs(), key=_weight, reverse=True):
+        i = weights.index(min(weights))
+        lists[i].append(job)
+        weights[i] += _weight(job)
+    return lists
+
+
+def _jobs():
+    global _JOBS
+    if _JOBS is None:
         from tests._background import Background
 
-        _JOB = Background("reattn.kernels.aot", json.dumps(jobs()), parse=_parse)
-    return _JOB
+        _JOBS = [Background("reattn.kernels.aot", json.dumps(part), parse=_parse, name=f"aot-{i}")
+                 for i, part in enumerate(parts())]
+    return _JOBS
 
 
 def start():
     """Start compiling in the background (idempotent), outside Triton's interpreter (it has no compiler)."""
-    return _job().start()
+    for job in _jobs():
+        job.start()
 
 
 def results(timeout=3000):
     """(returncode, [result dicts], stderr tail) of the background compiles, waiting for them."""
-    return _job().results(timeout)
+    outcomes = [job.results(timeout) for job in _jobs()]
+    return (max(rc for rc, _, _ in outcomes), [r for _, results, _ in outcomes for r in results],
+            "\n".join(err for _, _, err in outcomes if err))

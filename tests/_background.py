@@ -30,9 +30,9 @@ def jobs_dir() -> str:
 
 
 class Background:
-    def __init__(self, *args: str, parse, env=None):
+    def __init__(self, *args: str, parse, env=None, name=None):
         self.args = args  # python -m <args>
-        self.name = args[0]
+        self.name = name or args[0]  # of its files: one job per name and session
         self.parse = parse  # (returncode, stdout, stderr) -> result
         self.env = env or {}  # set in the process's environment, over the session's
         self.result = None

@@ -1,7 +1,7 @@
 """Every Triton launch compiles ahead of time for sm_80, sm_86 and sm_90, within their shared memory,
 and within the shared memory the launch rules assume (``launch.shared_bytes``).
 
-The compiles run in a background process started by tests/conftest.py (see tests/_aot.py).
+The compiles run in two background processes started by tests/conftest.py (see tests/_aot.py).
 """
 import pytest
 
