@@ -1,7 +1,10 @@
-"""Every Triton launch compiles ahead of time for sm_80, sm_86 and sm_90, within their shared memory,
-and within the shared memory the launch rules assume (``launch.shared_bytes``).
+"""A sample of the Triton launches compiles ahead of time for sm_80 and sm_90, within their shared memory
+and the shared memory the launch rules assume (``launch.shared_bytes``), and reproduces the launch scan's
+record where the scan has the launch.
 
-The compiles run in two background processes started by tests/conftest.py (see tests/_aot.py).
+The compiles run in two background processes started by tests/conftest.py (tests/_aot.py says what the
+sample holds and why); every configuration the rules pick for sm_90 and sm_86 is in the scan's record,
+checked without compiling by tests/kernels/test_launch_scan.py.
 """
 import pytest
 
@@ -29,6 +32,32 @@ def test_every_launch_compiles_within_the_gpus_shared_memory():
         print(r)
         assert 0 < r["shared"] <= SHARED_MEMORY_LIMIT[r["cap"]], r
     assert {r["kernel"] for r in results} == set(KERNELS)
+
+
+def test_the_compiles_reproduce_the_launch_scans_record():
+    """Compiled here as the scan compiled them (the same Triton): the same registers, spills, shared memory and
+    cache key as its rows, so the record the scan tests read stands for what this Triton builds."""
+    import triton
+
+    from tests.kernels.known_spills import recorded_rows
+
+    if triton.__version__ != "3.9.0":
+        pytest.skip(f"the scan was compiled with Triton 3.9.0; this is {triton.__version__}")
+    returncode, results, stderr = _aot.results()
+    assert returncode == 0, stderr
+    rows = {(int(r["cap"]), r["call"], r["variant"], int(r["h"]), int(r["d"]), r["kernel"]): r
+            for r in recorded_rows()}
+    compared = 0
+    for r in results:
+        variant = _aot.scanned_variant(r)
+        if variant is None:
+            continue
+        row = rows[(r["cap"], r["call"], variant, r["h"], r["d"], KERNELS[r["kernel"]])]
+        recorded = {k: row[k] for k in ("registers", "spill_bytes", "shared")}
+        assert {k: str(r[k]) for k in recorded} == recorded, (r, row)
+        assert r["cache_key"] == row["cache_key"], ("rerun python -m benchmarks.launch_scan", r, row)
+        compared += 1
+    assert compared == 4  # DeiT-S's forward, dQ, dK/dV and Gram sweep
 
 
 def test_the_launch_rules_shared_memory_bound_holds_for_every_compiled_launch():
