@@ -14,14 +14,19 @@ Steps, in a temporary folder removed at the end (``REATTN_KEEP_INSTALL_DIR=1`` k
    ``setup.py develop`` path, which setuptools >= 80 re-runs as a pip install *with* build isolation,
    where torch is missing) and ninja, and the oldest torch ``pyproject.toml`` claims, from its CPU-only
    wheel (``REATTN_CPU_TORCH_SPEC`` overrides the requirement, e.g. to point at a wheel file).
-2. ``editable``: ``pip install --no-build-isolation -e .`` from a fresh copy of the sources (the
-   checkout and its in-tree ``reattn/_C*.so`` are left alone), what ``import reattn, reattn.kernels,
-   reattn._C`` finds, and whether a module added to ``kernels/`` afterwards imports without reinstalling.
-3. ``sdist``: a source distribution built from another fresh copy and the wheel ``pip wheel
-   --no-build-isolation`` builds from it (what ``pip install reattn-*.tar.gz`` does first; it also checks
-   that the sdist holds everything the build needs), built beside step 2; once step 2 is done, that
-   wheel installed (replacing the editable install), the same imports from site-packages, the files
-   installed as ``reattn.kernels``, and a smoke run of the CPU part.
+2. ``sdist: build_sdist``: a source distribution built from a fresh copy of the sources (the checkout and
+   its in-tree ``reattn/_C*.so`` are left alone).
+3. ``editable``: ``pip install --no-build-isolation -e .`` from another fresh copy in ``src/``, what ``import
+   reattn, reattn.kernels, reattn._C`` finds, and whether a module added to ``kernels/`` afterwards imports
+   without reinstalling.
+4. ``sdist``: ``src/`` replaced by the unpacked source distribution and the wheel ``pip wheel
+   --no-build-isolation`` builds from it (what ``pip install reattn-*.tar.gz`` does: it checks that the sdist
+   holds everything the build needs), that wheel installed (replacing the editable install), the same
+   imports from site-packages, the files installed as ``reattn.kernels``, and a smoke run of the CPU part.
+
+Both builds compile through ``tests/_compile_cache.py`` (``CXX``): in the same folder, the second build's
+compiles preprocess the sdist's sources and, where those match the first build's, take its objects instead
+of compiling torch's headers again (step ``sdist: compile cache`` lists the hits and misses).
 
 ``MAX_JOBS`` (each build's parallelism) comes from the environment: conftest passes 1 while other
 tests run beside the builds, 2 when only the install tests were selected.
@@ -32,7 +37,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -85,9 +89,6 @@ def torch_lower_bound() -> str:
     return torch_requirement.replace(" ", "")[len("torch>="):]
 
 
-_PRINT = threading.Lock()
-
-
 class StepFailed(Exception):
     pass
 
@@ -103,8 +104,7 @@ def run(step: str, cmd, timeout=1800, **kwargs) -> subprocess.CompletedProcess:
         result = None
     line = dict(step=step, cmd=" ".join(map(str, cmd)), rc=rc, seconds=round(time.perf_counter() - start, 1),
                 stdout=out, stderr=err)
-    with _PRINT:  # the two builds' threads report whole lines
-        print("INSTALL " + json.dumps(line), flush=True)
+    print("INSTALL " + json.dumps(line), flush=True)
     if rc != 0:
         raise StepFailed(step)
     return result
@@ -132,32 +132,38 @@ def make_venv(root: Path) -> Path:
     return python
 
 
-def editable(python: Path, root: Path) -> None:
-    src = copy_sources(root / "editable")
-    run("editable: build", [python, "-m", "pip", "install", "-v", "--no-build-isolation", "-e", "."], cwd=src)
+def editable(python: Path, root: Path, env: dict) -> None:
+    src = copy_sources(root / "src")
+    run("editable: build", [python, "-m", "pip", "install", "-v", "--no-build-isolation", "-e", "."], cwd=src, env=env)
     run("editable: imports", [python, "-c", IMPORTS], cwd=root)
     (src / "kernels" / "_added_after_install.py").write_text("VALUE = 42\n")
     run("editable: added module", [python, "-c", "from reattn.kernels._added_after_install import VALUE; print(VALUE)"],
         cwd=root)
 
 
-def sdist_wheel(python: Path, root: Path) -> Path:
-    """The sdist from a fresh copy, and the wheel pip builds from it (without installing: it runs beside the
-    editable build, which owns the environment meanwhile). Returns the wheel."""
+def sdist_archive(python: Path, root: Path) -> Path:
+    """The source distribution of a fresh copy of the sources."""
     src = copy_sources(root / "sdist-src")
     dist = root / "dist"
     made = run("sdist: build_sdist",
                [python, "-c", f"from setuptools import build_meta; print(build_meta.build_sdist({str(dist)!r}))"],
                cwd=src)
-    archive = dist / made.stdout.strip().splitlines()[-1]
+    return dist / made.stdout.strip().splitlines()[-1]
+
+
+def sdist_install(python: Path, root: Path, archive: Path, env: dict, cache: Path) -> None:
+    """The editable install's sources replaced by the unpacked sdist (the same folder, so the compile cache
+    can match), the wheel pip builds from it, installed over the editable install."""
+    shutil.rmtree(root / "src")
+    unpacked = root / "unpacked"
+    run("sdist: unpack", [python, "-m", "tarfile", "-e", archive, unpacked])
+    (top,) = unpacked.iterdir()
+    top.rename(root / "src")
     wheels = root / "wheels"
     run("sdist: build", [python, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps", "-w", wheels,
-                         archive], cwd=root)
+                         root / "src"], cwd=root, env=env)
+    run("sdist: compile cache", ["cat", cache / "log"])
     (wheel,) = wheels.glob("reattn-*.whl")
-    return wheel
-
-
-def sdist_install(python: Path, root: Path, wheel: Path) -> None:
     run("sdist: install", [python, "-m", "pip", "install", "--no-deps", wheel], cwd=root)
     run("sdist: imports", [python, "-c", IMPORTS], cwd=root)
     run("sdist: installed kernels",
@@ -171,30 +177,21 @@ def main() -> int:
     try:
         try:
             python = make_venv(root)
+            archive = sdist_archive(python, root)
         except StepFailed:
             return 1
-        # The two builds compile side by side (the sdist's wheel in a thread); the regular install of that
-        # wheel then replaces the editable one.
-        wheel = {}
+        from tests._compile_cache import write_launcher
 
-        def build_wheel():
-            try:
-                wheel["path"] = sdist_wheel(python, root)
-            except (StepFailed, ValueError):
-                pass
-
-        thread = threading.Thread(target=build_wheel)
-        thread.start()
+        cache = root / "compile-cache"
+        (root / "bin").mkdir()
+        env = dict(os.environ, CXX=write_launcher(str(cache), os.environ.get("CXX", "c++"), str(root / "bin" / "cxx")))
         failed = 0
         try:
-            editable(python, root)
+            editable(python, root, env)
         except StepFailed:
             failed = 1
-        thread.join()
-        if "path" not in wheel:
-            return 1
         try:
-            sdist_install(python, root, wheel["path"])
+            sdist_install(python, root, archive, env, cache)
         except StepFailed:
             failed = 1
         return failed

@@ -9,11 +9,12 @@ rest of the suite; the tests here wait for it and check what each step printed:
 * the editable install ``pip install --no-build-isolation -e .``: ``reattn``, ``reattn.kernels`` and
   ``reattn._C`` import from the copy of the sources, and a file added to ``kernels/`` is seen without
   reinstalling;
-* a regular install from the source distribution: the same imports from site-packages, every module of
-  ``kernels/`` installed as ``reattn.kernels``, no stray top-level ``kernels`` package, and a smoke run
-  of the CPU part.
+* a regular install from the source distribution: its build preprocesses to the same objects (a compile
+  cache hands it the editable build's), the same imports from site-packages, every module of ``kernels/``
+  installed as ``reattn.kernels``, no stray top-level ``kernels`` package, and a smoke run of the CPU part.
 
-Marked ``install``: it downloads setuptools, wheel and ninja from the package index and builds twice;
+Marked ``install``: it downloads setuptools, wheel and ninja from the package index and builds reattn._C
+(the second build from the compile cache);
 ``-m "not install"`` deselects it. The CPU torch wheel must be reachable by pip (here: its find-links
 folder); ``REATTN_CPU_TORCH_SPEC`` overrides the requirement, e.g. to point at a wheel file.
 """
@@ -86,7 +87,7 @@ def test_editable_install(outcome):
     # The sources are imported where they are, reattn._C built in place beside them.
     found = imports(outcome, "editable: imports")
     src = Path(found["reattn"]).parents[1]
-    assert src.name == "editable", found
+    assert src.name == "src", found
     check_imports(found, reattn_dir=src / "reattn", kernels_dir=src / "kernels")
 
     # Editable: a module added to the sources is importable without reinstalling.
@@ -94,10 +95,16 @@ def test_editable_install(outcome):
 
 
 def test_regular_install_from_sdist(outcome):
+    assert ".tar.gz " in step(outcome, "sdist: unpack")["cmd"]
     build = step(outcome, "sdist: build")
-    assert build["cmd"].endswith(".tar.gz"), build["cmd"]
     built_cpu_part_only(build)
     print(f"regular install from the sdist ({build['cmd']}): {build['seconds']:.0f} s")
+    # The sdist's sources preprocess to what the checkout's did: its build takes every object of the
+    # editable build from the compile cache (tests/_compile_cache.py) and compiles nothing.
+    log = step(outcome, "sdist: compile cache")["stdout"].split("\n")
+    misses = [line for line in log if line.startswith("miss ")]
+    hits = [line for line in log if line.startswith("hit ")]
+    assert misses and len(hits) == len(misses), log
 
     site_kernels, listing = step(outcome, "sdist: installed kernels")["stdout"].strip().splitlines()
     site = Path(site_kernels).parents[1]
