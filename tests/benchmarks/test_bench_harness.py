@@ -79,7 +79,9 @@ def test_torch_compile_provider_reports_compile_time_apart(tmp_path):
     suite = bench_reattn.Suite(name="test", shapes=(), modes=(), norms=(), dtypes=("float32",), batch=1,
                                sweep_tokens=(), sweep_modes=(), sweep_norms=(), sweep_tokens_per_batch=1,
                                warmup=0, reps=2, compile_scope="all")
-    config = bench_reattn.Config("tiny", heads=2, tokens=8, head_dim=4, batch=2, mode="fwd+bwd", norm="batch-train",
+    # The forward alone: an inductor compile of the backward too took ~80 s of this suite on 2 cores, and what
+    # is checked here is the harness's bookkeeping (compiled graphs with a backward: test_autograd_and_compilers).
+    config = bench_reattn.Config("tiny", heads=2, tokens=8, head_dim=4, batch=2, mode="fwd", norm="batch-eval",
                                  dtype="float32")
     rows = bench_reattn.run_config(config, suite, CPU, common.run_metadata(CPU), excluded=_benchmarked_fused_backends())
     compiled = [row for row in rows if row["provider"] == COMPILED]
