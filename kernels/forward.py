@@ -44,13 +44,31 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @triton.jit
+def _moment_sums(x, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr):
+    """Sums of x [HP, BLOCK_M, BLOCK_N] towards per-slot totals: per row ([HP, BLOCK_M]), or with PAIRS over
+    pairs of rows i and i + BLOCK_M / 2 apart ([HP, 2, BLOCK_N]).
+
+    Only the totals are stored (after the sweep), so a key block need not come down to a number per
+    row: at 8 slots the mixed map's layout spreads a 32-key block over the lanes and 4 warps, so every
+    per-row sum takes shuffles, a barrier and shared memory, while every row but the lowest bit sits
+    in a thread's registers there, and the sum over row pairs stays within each thread. At 16 and 32
+    slots, at head-dim tiles of 128 and with head-dim chunks (sm_86 at D = 128 with a mask), the
+    partials made launches spill that did not (launch scan), so those keep the per-row sums.
+    """
+    if PAIRS:
+        return tl.sum(tl.reshape(x, (HP, BLOCK_M // 2, 2, BLOCK_N)), axis=1)
+    else:
+        return tl.sum(x, axis=2)
+
+
+@triton.jit
 def _forward_block(acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2,
                    w_slots, c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh,
                    stride_mm, stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh,
                    stride_vn, stride_vd, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, NORM: tl.constexpr, MASK_KIND: tl.constexpr,
                    KEYS_PADDED: tl.constexpr, EVEN_D: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr,
-                   MOMENTS: tl.constexpr, CDT: tl.constexpr,
+                   MOMENTS: tl.constexpr, MOMENT_PAIRS: tl.constexpr, CDT: tl.constexpr,
                    DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr):
     """One key block of the second sweep: exact P, dropout, mix, normalize, O += A V (and the moments)."""
@@ -72,13 +90,14 @@ def _forward_block(acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_
         a = xhat * gamma[:, None, None] + beta[:, None, None]
     if MASK_KIND != 0 or KEYS_PADDED:  # entries not kept are zeroed after the norm
         a = tl.where(kept, a, 0.0)
-    if MOMENTS:  # per-slot sums of the map over the kept entries
-        if MASK_KIND == 0 and not KEYS_PADDED:
-            x = a
-        else:
-            x = tl.where(kept, a, 0.0)
-        s1 += tl.sum(x, axis=2)
-        s2 += tl.sum(x * x, axis=2)
+    if MOMENTS:  # per-slot sums of the map over the kept entries (of real rows: per-row sums mask them at the end)
+        x = a
+        if MOMENT_PAIRS:
+            x = tl.where(rows_ok[:, :, None], x, 0.0)
+        if MASK_KIND != 0 or KEYS_PADDED:
+            x = tl.where(kept, x, 0.0)
+        s1 += _moment_sums(x, HP, BLOCK_M, BLOCK_N, MOMENT_PAIRS)
+        s2 += _moment_sums(x * x, HP, BLOCK_M, BLOCK_N, MOMENT_PAIRS)
     vt = _load_keys(Vb, head, offs_n, N_K, offs_d, D, stride_vh, stride_vn, stride_vd, CDT, DOT_LOWP, False,
                     KEYS_PADDED, EVEN_D)
     acc = _mm(a, vt, acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
@@ -113,10 +132,8 @@ def _re_attention_fwd_kernel(
     LOWP_DTYPE: tl.constexpr = Q.dtype.element_ty
     # q held in registers (``_product_result``) where its tile is at most 8 x 32 x 64 (32 registers
     # a thread at 8 warps) and the head-dim tile at least 32: at 16 the saved reads are few and
-    # sm_86's LayerNorm launch spilled; at 16 or 32 slots the score tiles need the registers, and
-    # with MOMENTS the sums' (the one-sweep BatchNorm launch spilled at DeiT-S).
-    Q_IN_REGISTERS: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and HP == 8 and BLOCK_D >= 32 and BLOCK_D <= 64 \
-        and not MOMENTS
+    # sm_86's LayerNorm launch spilled; at 16 or 32 slots the score tiles need the registers.
+    Q_IN_REGISTERS: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and HP == 8 and BLOCK_D >= 32 and BLOCK_D <= 64
     # At 8 slots both sweeps take the keys past their last full block in 16-key blocks (the
     # smallest a product takes): only those pay for the key-padding select, and N = 197 computes
     # 11 padded keys, not 27. Unpipelined (a pipelined loop of one or two trips costs more than it
@@ -153,8 +170,13 @@ def _re_attention_fwd_kernel(
 
     # ---- sweep 2: exact P tile by tile, dropout, mix, normalize, multiply by V ----
     acc = tl.zeros([HP, BLOCK_M, BLOCK_D], CDT)
-    s1 = tl.zeros([HP, BLOCK_M], CDT)
-    s2 = tl.zeros([HP, BLOCK_M], CDT)
+    MOMENT_PAIRS: tl.constexpr = MOMENTS and HP == 8 and BLOCK_D <= 64 and D_CHUNKS == 1
+    if MOMENT_PAIRS:
+        s1 = tl.zeros([HP, 2, BLOCK_N], CDT)
+        s2 = tl.zeros([HP, 2, BLOCK_N], CDT)
+    else:
+        s1 = tl.zeros([HP, BLOCK_M], CDT)
+        s2 = tl.zeros([HP, BLOCK_M], CDT)
     n_full = (N_K // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, s1, s2 = _forward_block(
@@ -162,7 +184,7 @@ def _re_attention_fwd_kernel(
             c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, MOMENTS,
-            CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+            MOMENT_PAIRS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
     if TAIL_N == 0:
         if n_full < N_K:
             acc, s1, s2 = _forward_block(
@@ -170,26 +192,43 @@ def _re_attention_fwd_kernel(
                 c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm,
                 stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
                 stride_vd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
-                BIAS_SLOT, MOMENTS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+                BIAS_SLOT, MOMENTS, MOMENT_PAIRS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
     else:
+        # With MOMENT_PAIRS the 16-key tail blocks sum the moments into partials of their own width.
+        if MOMENT_PAIRS:
+            t1 = tl.zeros([HP, 2, TAIL_N], CDT)
+            t2 = tl.zeros([HP, 2, TAIL_N], CDT)
+        else:
+            t1 = s1
+            t2 = s2
         for start_n in tl.range(n_full, N_K, TAIL_N, num_stages=None if Q_IN_REGISTERS else 1):
-            acc, s1, s2 = _forward_block(
-                acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
+            acc, t1, t2 = _forward_block(
+                acc, t1, t2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
                 c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm,
                 stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
                 stride_vd, HP, BLOCK_M, TAIL_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
-                BIAS_SLOT, MOMENTS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+                BIAS_SLOT, MOMENTS, MOMENT_PAIRS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
 
     o_ptrs = (O + b * stride_ob) + (head[:, None, None] * stride_oh + rows[:, :, None] * stride_om
                                     + offs_d[None, None, :] * stride_od)
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=rows_ok[:, :, None] & (offs_d < D)[None, None, :])
     if MOMENTS:  # every head-dim chunk summed the same map: the first one stores the sums
-        s1 = tl.where(rows_ok, s1, 0.0)
-        s2 = tl.where(rows_ok, s2, 0.0)
+        if MOMENT_PAIRS:
+            mom1 = tl.sum(tl.sum(s1, axis=2), axis=1)
+            mom2 = tl.sum(tl.sum(s2, axis=2), axis=1)
+            if TAIL_N != 0:
+                mom1 += tl.sum(tl.sum(t1, axis=2), axis=1)
+                mom2 += tl.sum(tl.sum(t2, axis=2), axis=1)
+        else:
+            if TAIL_N != 0:
+                s1 = t1
+                s2 = t2
+            mom1 = tl.sum(tl.where(rows_ok, s1, 0.0), axis=1)
+            mom2 = tl.sum(tl.where(rows_ok, s2, 0.0), axis=1)
         mom_ptrs = MOM + (pid.to(tl.int64) * 2) * HP + tl.arange(0, HP)
         store_here = slot_ok & ((head * 0 + pid_d) == 0)
-        tl.store(mom_ptrs, tl.sum(s1, axis=1).to(MOM.dtype.element_ty), mask=store_here)
-        tl.store(mom_ptrs + HP, tl.sum(s2, axis=1).to(MOM.dtype.element_ty), mask=store_here)
+        tl.store(mom_ptrs, mom1.to(MOM.dtype.element_ty), mask=store_here)
+        tl.store(mom_ptrs + HP, mom2.to(MOM.dtype.element_ty), mask=store_here)
 
 
 def _check_vector(name: str, t: Optional[torch.Tensor], h: int, device: torch.device) -> None:
