@@ -165,6 +165,16 @@ def demangle(symbol: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def _resources(arch: int, library: str) -> Dict[str, sass.Resources]:
+    """``cuobjdump -res-usage`` of every sm_<arch> cubin in the library, by function: seconds, where
+    disassembling them (``_functions``) takes ~20 s on the 2-core CI machine."""
+    resources = {}
+    for cubin in sass.extract_cubins(library, f"sm_{arch}"):
+        resources.update(sass.resource_usage(cubin))
+    return resources
+
+
+@functools.lru_cache(maxsize=None)
 def _functions(arch: int, library: str) -> Tuple[Dict[str, sass.Function], Dict[str, sass.Resources]]:
     functions, resources = {}, {}
     for cubin in sass.extract_cubins(library, f"sm_{arch}"):
@@ -186,7 +196,7 @@ def program_symbol(dtype: torch.dtype, kind: int) -> str:
 
 def _template_symbol(arch: int, kernel: str, config: str, args: Sequence[int], dtype: torch.dtype) -> str:
     """The mangled name of ``kernel<config<E, args...>>`` in the cubin (matched on the demangled names)."""
-    functions, _ = _functions(arch, extension_path())
+    functions = _resources(arch, extension_path())  # every function of the cubins, by mangled name
     want = (kernel, config, DTYPE_CXX[dtype], tuple(int(a) for a in args))
     pattern = re.compile(r"reattn::cuda::(\w+)<reattn::cuda::(\w+)<([\w:]+),\s*([-\d,\s]+)>\s*>")
     for symbol in functions:
@@ -202,8 +212,7 @@ def shared_limit(arch: int, dtype: torch.dtype, kind: int) -> int:
     static shared memory of the CUDA-core program ``re_attention_kernel<T, kind>``."""
     from reattn.kernels.aot import SHARED_MEMORY_LIMIT
 
-    _, resources = _functions(arch, extension_path())
-    return SHARED_MEMORY_LIMIT[arch] - resources[program_symbol(dtype, kind)].shared_static
+    return SHARED_MEMORY_LIMIT[arch] - _resources(arch, extension_path())[program_symbol(dtype, kind)].shared_static
 
 
 def forward_variant(p: ReAttnParams) -> int:
