@@ -176,17 +176,17 @@ def _resources(arch: int, library: str) -> Dict[str, sass.Resources]:
 
 @functools.lru_cache(maxsize=None)
 def _functions(arch: int, library: str) -> Tuple[Dict[str, sass.Function], Dict[str, sass.Resources]]:
-    functions, resources = {}, {}
+    """The disassembled functions of the cubins with the fused programs, and every function's resources."""
+    functions = {}
     for cubin in sass.extract_cubins(library, f"sm_{arch}"):
         fns = sass.disassemble(cubin)
         if any("reattn4cuda" in name for name in fns):
             for name, fn in fns.items():
                 fn.banks = sass.constant_banks(cubin, name)
             functions.update(fns)
-            resources.update(sass.resource_usage(cubin))
     if not functions:
         raise RuntimeError(f"no sm_{arch} cubin with the fused programs in {library}")
-    return functions, resources
+    return functions, _resources(arch, library)
 
 
 def program_symbol(dtype: torch.dtype, kind: int) -> str:

@@ -37,17 +37,17 @@ def jobs():
     return result
 
 
-# The jobs whose launches the scan recorded: (call, h, d, cap, dtype, norm, mask, dropout) -> its variant there.
-SCANNED = {("forward", 6, 64, 90, "bf16", "none", False, False): "plain",
-           ("backward", 6, 64, 90, "bf16", "none", False, False): "plain",
-           ("gram", 6, 64, 90, "bf16", "none", True, True): "heavy"}
-
-
 def scanned_variant(result: dict):
-    """The launch scan's variant of a compiled launch, or None where the scan has no such launch."""
-    key = (result["call"], result["h"], result["d"], result["cap"], result.get("dtype", "bf16"), result["norm"],
-           result["mask"], result["dropout"])
-    return SCANNED.get(key)
+    """The launch scan's variant of a compiled launch (``benchmarks.launch_scan``: its GPUs, head counts, head
+    dims, N = 197, bf16, and the norm, mask and dropout of one of its variants), or None where the scan has no
+    such launch."""
+    from benchmarks.launch_scan import CALLS, CAPS, HEAD_DIMS, HEADS, arguments
+
+    if (result["cap"] not in CAPS or result["h"] not in HEADS or result["d"] not in HEAD_DIMS or result["n"] != 197
+            or result.get("dtype", "bf16") != "bf16"):
+        return None
+    given = {k: result[k] for k in ("norm", "mask", "dropout")}
+    return next((v for v in CALLS.get(result["call"], ()) if arguments(result["call"], v) == given), None)
 
 
 def _parse(returncode, out, err):
