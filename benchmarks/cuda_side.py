@@ -49,6 +49,7 @@ import pickle
 import re
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -165,28 +166,48 @@ def demangle(symbol: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _resources(arch: int, library: str) -> Dict[str, sass.Resources]:
-    """``cuobjdump -res-usage`` of every sm_<arch> cubin in the library, by function: seconds, where
-    disassembling them (``_functions``) takes ~20 s on the 2-core CI machine."""
-    resources = {}
-    for cubin in sass.extract_cubins(library, f"sm_{arch}"):
-        resources.update(sass.resource_usage(cubin))
-    return resources
+def _cubins(arch: int, library: str) -> Tuple[Tuple[bytes, Dict[str, sass.Resources]], ...]:
+    """Every sm_<arch> cubin in the library with ``cuobjdump -res-usage``'s resources of its functions, by
+    mangled name (fractions of a second: no disassembly)."""
+    return tuple((cubin, sass.resource_usage(cubin)) for cubin in sass.extract_cubins(library, f"sm_{arch}"))
 
 
 @functools.lru_cache(maxsize=None)
-def _functions(arch: int, library: str) -> Tuple[Dict[str, sass.Function], Dict[str, sass.Resources]]:
-    """The disassembled functions of the cubins with the fused programs, and every function's resources."""
-    functions = {}
-    for cubin in sass.extract_cubins(library, f"sm_{arch}"):
-        fns = sass.disassemble(cubin)
-        if any("reattn4cuda" in name for name in fns):
-            for name, fn in fns.items():
-                fn.banks = sass.constant_banks(cubin, name)
-            functions.update(fns)
-    if not functions:
+def _resources(arch: int, library: str) -> Dict[str, sass.Resources]:
+    """The resources of every function of the library's sm_<arch> cubins, by mangled name."""
+    return {name: res for _, resources in _cubins(arch, library) for name, res in resources.items()}
+
+
+class _Disassembly(Mapping):
+    """The library's sm_<arch> functions by mangled name, each disassembled (``sass.Function`` with its constant
+    banks) when first asked for: one kernel takes ~1 s, all 77 of the extension ~30 s on the 2-core CI machine,
+    and a model of one call reads two or three."""
+
+    def __init__(self, arch: int, library: str):
+        self._cubin_of = {name: cubin for cubin, resources in _cubins(arch, library) for name in resources}
+        self._done: Dict[str, sass.Function] = {}
+
+    def __getitem__(self, name: str) -> sass.Function:
+        if name not in self._done:
+            cubin = self._cubin_of[name]  # KeyError for a function the library does not have
+            function = sass.disassemble(cubin, name)[name]
+            function.banks = sass.constant_banks(cubin, name)
+            self._done[name] = function
+        return self._done[name]
+
+    def __iter__(self):
+        return iter(self._cubin_of)
+
+    def __len__(self) -> int:
+        return len(self._cubin_of)
+
+
+@functools.lru_cache(maxsize=None)
+def _functions(arch: int, library: str) -> Tuple[Mapping, Dict[str, sass.Resources]]:
+    """The library's sm_<arch> functions (disassembled on first use) and every function's resources."""
+    if not any("reattn4cuda" in name for name in _resources(arch, library)):
         raise RuntimeError(f"no sm_{arch} cubin with the fused programs in {library}")
-    return functions, _resources(arch, library)
+    return _Disassembly(arch, library), _resources(arch, library)
 
 
 def program_symbol(dtype: torch.dtype, kind: int) -> str:

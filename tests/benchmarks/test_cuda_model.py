@@ -70,6 +70,31 @@ def test_problems_without_a_tensor_core_plan_run_the_cuda_core_programs():
                                                                    "re_attention_kernel<float32, backward>"]
 
 
+def test_functions_are_disassembled_one_at_a_time_as_in_the_whole_cubin():
+    """The model disassembles only the functions it reads (``nvdisasm -fun`` by symbol index): each must be the
+    function of the whole cubin's disassembly, instruction by instruction (labels are numbered per output)."""
+    import re
+
+    from benchmarks import cuda_side, sass
+
+    library = cuda_side.extension_path()
+    functions, resources = cuda_side._functions(90, library)
+    assert set(functions) == set(resources)
+    cubin, names = next((c, r) for c, r in cuda_side._cubins(90, library) if any("row_logsumexp" in n for n in r))
+    whole = sass.disassemble(cubin)
+    assert len(names) >= 2 and set(whole) == set(names)
+
+    def key(fn):
+        return [(i.address, i.guard, i.opcode, re.sub(r"\.L_x_\d+", "L", i.operands), i.location, i.target)
+                for i in fn.instructions]
+
+    for name in names:
+        assert key(functions[name]) == key(whole[name]) and functions[name].instructions, name
+        assert functions[name].banks == sass.constant_banks(cubin, name)
+    with pytest.raises(KeyError):
+        functions["no_such_function"]
+
+
 def _full(launch):
     from benchmarks import cuda_side
 
