@@ -51,6 +51,11 @@ def pytest_collection_finish(session):
         from tests.benchmarks import _compiled_checks
 
         _compiled_checks.start()
+    # The 2-process synchronized-statistics run (tests/test_distributed.py), likewise.
+    if any(item.nodeid.startswith("tests/test_distributed.py") for item in session.items):
+        from tests import test_distributed
+
+        test_distributed.job().start()
     # The older timm releases' checks (tests/test_swap_timm_versions.py), likewise.
     releases = [item.callspec.params["version"] for item in session.items
                 if item.nodeid.startswith("tests/test_swap_timm_versions.py")]

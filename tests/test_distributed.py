@@ -1,11 +1,12 @@
 """BatchNorm statistics across processes: 2 gloo processes on CPU against one process on the whole batch.
 
-One spawn (2 processes, world size 2) runs every case, for every backend: eager, the fused CPU
+One spawn (2 processes, world size 2), once per test session in a background job started at collection
+(``job``), runs every case, for every backend: eager, the fused CPU
 backend and the two GPU-style fused backends (backend="cpu", "triton", "cuda": Gram-matrix sums
 all-reduced in the forward, the BatchNorm backward's two sums in the backward; without a GPU the
 Triton kernels run in Triton's interpreter and the CUDA programs in their host emulator, switched
-on by tests/conftest.py in this process's environment, which the spawned processes inherit before
-they import reattn: hence the tiny shapes); each rank writes its outputs, input gradients, parameter gradients and
+on by tests/conftest.py in the session's environment, which the job and its spawned processes inherit
+before they import reattn: hence the tiny shapes); each rank writes its outputs, input gradients, parameter gradients and
 running statistics to a file, and the tests compare them with a single process running the
 concatenated batch with the same backend: outputs and input gradients slice by slice, parameter
 gradients summed over ranks (DDP averages them: the test divides), running statistics equal on
@@ -26,6 +27,7 @@ import reattn
 from reattn._extension import _C
 from reattn.backends import Problem, resolve_backend, unavailable_reason
 from reattn.distributed import all_reduce_sum, convert_sync_reattention, gram_batch_statistics, group_size
+from tests._background import Background, jobs_dir
 from tests._tolerance import mix_bias_term_size, reduction_length, rounding_bound
 
 WORLD = 2
@@ -322,15 +324,41 @@ def _worker(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("distributed")
+def run_ranks(out_dir: str) -> None:
+    """The 2-process run: rank<r>.pt in ``out_dir`` for each rank (the processes inherit this environment)."""
     start = time.perf_counter()
-    mp.spawn(_worker, args=(str(out_dir / "init"), str(out_dir)), nprocs=WORLD, join=True)
-    results = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    per_backend = ", ".join(f"{b} {results[0][b]['seconds']:.1f} s" for b in BACKENDS)
+    mp.spawn(_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
+    rank0 = torch.load(os.path.join(out_dir, "rank0.pt"), weights_only=False)
+    per_backend = ", ".join(f"{b} {rank0[b]['seconds']:.1f} s" for b in BACKENDS)
     print(f"2-process gloo run: {time.perf_counter() - start:.1f} s (rank 0: {per_backend})")
-    return results
+
+
+_JOB = None
+
+
+def job():
+    """The 2-process run as a background job (tests/_background.py): started at collection by tests/conftest.py,
+    so it runs once per session, not once per pytest-xdist worker that runs a test of this file, and overlaps
+    the tests before this file. It runs Triton's kernels in the interpreter when this session does."""
+    global _JOB
+    if _JOB is None:
+        out_dir = os.path.join(jobs_dir(), "distributed")
+        os.makedirs(out_dir, exist_ok=True)
+
+        def parse(returncode, out, err):
+            if returncode != 0:
+                raise RuntimeError(f"the 2-process run failed (exit status {returncode}):\n{err}")
+            print(out.strip())
+            return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+        interpret = {k: os.environ[k] for k in ("TRITON_INTERPRET",) if k in os.environ}
+        _JOB = Background("tests.test_distributed", out_dir, parse=parse, env=interpret, name="distributed")
+    return _JOB
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return job().results(timeout=1800)
 
 
 def _cat(ranks, case, key, backend="eager"):
@@ -580,3 +608,9 @@ def test_module_without_torch_distributed_keeps_local_statistics():
     got = run_module(module, xs, cots)
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0, msg=key)
+
+
+if __name__ == "__main__":  # the background job: python -m tests.test_distributed OUT_DIR
+    import sys
+
+    run_ranks(sys.argv[1])
