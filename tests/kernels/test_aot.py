@@ -105,6 +105,18 @@ def test_plain_launches_spill_nothing_at_eight_slots_and_stay_within_the_scans_c
             assert r["spill_bytes"] <= class_ceiling(spill_class(r["HP"], False, r["d"])), r
 
 
+# The sample's fp32 launch with the most live state (sm_80, 32 heads, LayerNorm, a mask and dropout: the
+# forward) spills the most: the README's Triton row says how much.
+FP32_HEAVY_SPILL_CEILING = 17_464
+
+
+def test_fp32_launches_with_a_mask_and_dropout_stay_within_their_ceiling():
+    returncode, results, stderr = _aot.results()
+    assert returncode == 0, stderr
+    heavy = [r["spill_bytes"] for r in results if r["dtype"] == "fp32" and (r["mask"] or r["dropout"])]
+    assert heavy and max(heavy) == FP32_HEAVY_SPILL_CEILING  # today's most, not slack
+
+
 def test_compile_call_rejects_unknown_calls():
     from reattn.kernels.aot import compile_call
 
