@@ -230,6 +230,8 @@ def test_compile_functional_fullgraph_dynamic_without_graph_breaks(backend):
 
 
 def test_the_issue_snippet_compiles_fullgraph_dynamic_with_inductor():
+    # The README's compile example is this graph too: whichever runs second finds inductor's compiled code in
+    # its on-disk cache (11.7 s -> 4.3 s measured for the compile on the dev machine).
     torch.manual_seed(0)
     module = reattn.ReAttention(32, 4)
     x = torch.randn(2, 17, 32)
