@@ -32,8 +32,12 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
                         mix_bias: Optional[Tensor], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
                         attn_mask: Optional[Tensor], seed: Optional[Tensor], count: Tensor, *, scale: float,
                         out_scale: float, eps: float, dropout_p: float,
-                        head_affine: Optional[Callable] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """Training BatchNorm's forward with one sweep over the keys: (out, softmax_stats, stats [3, H] float64).
+                        head_affine: Optional[Callable] = None,
+                        keep_terms: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Training BatchNorm's forward with one sweep over the keys: (out, softmax_stats, stats [3, H] float64,
+    R, U). With keep_terms, R = xhat V [B, H, Nq, D] in q's dtype and U = 1_unmasked V [B, H, Nq or 1, D]
+    (``bn_terms_rows``) in the accumulation dtype, which the backward's BatchNorm sums read
+    (``bn_grad_sums_from_terms``); else both are empty.
 
     The norm is a per-head affine map applied once the statistics are known, so it commutes with the
     product by V (docs/math.md, "Training BatchNorm in one sweep"). With X = W P~ - center (center_g =
@@ -46,6 +50,7 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
     fused finish (``FusedKernels.head_affine``), else torch's in-place passes.
     """
     acc = accumulator_dtype(q)
+    B, H, Nq, D = q.shape
     Nk = k.shape[2]
     center = mix_weight.detach().to(acc).sum(dim=1) / Nk
     r, softmax_stats, moments = forward_moments(q, k, v, mix_weight, -center, attn_mask, seed, scale=scale,
@@ -62,18 +67,49 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
         keep = kept_entries(attn_mask)
         keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
         u = torch.matmul(keep.to(acc), v.to(acc))  # [B or 1, H or 1, Nq or 1, D]: the mask's own size, at most
+    u = u.expand(B, H, bn_terms_rows(attn_mask, Nq), D).contiguous()  # the shape the op's fake says
     rstd = torch.rsqrt(var + eps).to(acc)
     a = torch.full_like(rstd, out_scale) if norm_weight is None else out_scale * norm_weight.detach().to(acc)
-    # O = alpha R' + beta U with alpha = rstd tau gamma, beta = tau beta_norm - mean(X) alpha (per head)
+    # O = alpha R' + beta U with alpha = rstd tau gamma, beta = tau beta_norm - mean(X) alpha (per head);
+    # R = xhat V = rstd (R' - mean(X) U)
     alpha = rstd * a
     beta = -mean_x.to(acc) * alpha
     if norm_bias is not None:
         beta = beta + out_scale * norm_bias.detach().to(acc)
-    if head_affine is not None:
-        return head_affine(r, u, alpha, beta, q.dtype), softmax_stats, stats
+    alpha_r, beta_r = rstd, -mean_x.to(acc) * rstd
+    if not keep_terms:
+        xhat_v, u_kept = q.new_empty((0, H, Nq, D), dtype=acc), q.new_empty((0, H, Nq, D), dtype=acc)
+        if head_affine is not None:
+            return head_affine(r, u, alpha, beta, q.dtype), softmax_stats, stats, xhat_v, u_kept
+    elif head_affine is not None:
+        out, xhat_v = head_affine(r, u, alpha, beta, q.dtype, second=(alpha_r, beta_r, q.dtype))
+        return out, softmax_stats, stats, xhat_v, u
+    else:
+        xhat_v, u_kept = (r * alpha_r[None, :, None, None] + beta_r[None, :, None, None] * u).to(q.dtype), u
     # In place on r (this function's own buffer): one [B, H, Nq, D] accumulation-dtype tensor at a time.
     out = r.mul_(alpha[None, :, None, None]).add_(beta[None, :, None, None] * u)
-    return out.to(q.dtype), softmax_stats, stats
+    return out.to(q.dtype), softmax_stats, stats, xhat_v, u_kept
+
+
+def bn_terms_rows(attn_mask: Optional[Tensor], n_q: int) -> int:
+    """Rows of U = 1_unmasked V: Nq where the mask differs between query rows, else 1 (every row the same)."""
+    return n_q if attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] != 1 else 1
+
+
+def bn_grad_sums_from_terms(grad_out: Tensor, R: Tensor, U: Tensor, out_scale: float,
+                            head_dot_sums: Optional[Callable] = None) -> Tensor:
+    """Training BatchNorm's backward sums [2, H] float64 = (sum dN xhat, sum dN) from the forward's R = xhat V and
+    U = 1_unmasked V: dN = out_scale dO V^T at the unmasked entries, so sum_ij dN_ij xhat_ij = out_scale
+    sum_i dO_i . R_i and sum_ij dN_ij = out_scale sum_i dO_i . U_i (docs/math.md, "Through V and the norm").
+    grad_out [B, H, Nq, D]; head_dot_sums: the backend's fused reduction, else torch's."""
+    if head_dot_sums is not None:
+        sums = head_dot_sums(grad_out, R, U)
+    else:
+        acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+        g = grad_out.to(acc)
+        sums = torch.stack([(g * R.to(acc)).sum(dim=(0, 2, 3), dtype=torch.float64),
+                            (g * U.to(acc)).sum(dim=(0, 2, 3), dtype=torch.float64)])
+    return sums * out_scale
 
 
 @dataclass(frozen=True)
@@ -102,8 +138,11 @@ class FusedKernels:
     softmax_stats_shape(q) -> shape: what the forward saves per score row for the backward: the
         row max and log-sum, [2, B, H, Nq] (Triton) or [B, H, Nq, 2] (CUDA); each backend reads only
         its own.
-    head_affine(r, u, alpha [H], beta [H], dtype) -> (alpha_h r + beta_h u).to(dtype): optional, the
-        one-sweep BatchNorm's finish in one pass (else four torch passes over [B, H, Nq, D]).
+    head_affine(r, u, alpha [H], beta [H], dtype, second=(alpha2, beta2, dtype2)) -> ((alpha_h r + beta_h u).to(dtype),
+        (alpha2_h r + beta2_h u).to(dtype2)): optional, the one-sweep BatchNorm's finish in one pass (else
+        torch's passes over [B, H, Nq, D]).
+    head_dot_sums(grad, r, u) -> [2, H] float64 (sum grad r, sum grad u per head): optional, the one-sweep
+        BatchNorm's backward sums in one pass (else torch's).
     """
 
     forward: Callable
@@ -113,15 +152,30 @@ class FusedKernels:
     forward_moments: Optional[Callable] = None
     softmax_stats_shape: Callable = lambda q: (q.shape[0], q.shape[1], q.shape[2])
     head_affine: Optional[Callable] = None
+    head_dot_sums: Optional[Callable] = None
 
 
 class FusedRawOps(RawOps):
     """The ladder's raw ops over one fused backend's :class:`FusedKernels` (see ``_ladder.RawOps``)."""
 
-    keeps_bn_terms = False  # the backward sums come from a sweep of their own, not from R and U
-
     def __init__(self, kernels: FusedKernels) -> None:
         self.kernels = kernels
+
+    def _keeps_terms(self, norm: str, stats_in: Optional[Tensor]) -> bool:
+        k = self.kernels
+        return (norm == "batch" and stats_in is None and k.forward_moments is not None and k.head_affine is not None
+                and k.head_dot_sums is not None)
+
+    def bn_terms_like(self, q: Tensor, norm: str, attn_mask: Optional[Tensor], stats_in: Optional[Tensor]):
+        # Local training BatchNorm in one sweep keeps R and U where the backend fuses their passes (the
+        # forward's finish writes R from its reads; the backward's sums are then one pass over dO and R
+        # instead of a sweep over the keys); given statistics (synchronized), the backward sums come from a
+        # sweep of their own.
+        B, H, Nq, D = q.shape
+        acc = accumulator_dtype(q)
+        if not self._keeps_terms(norm, stats_in):
+            return ((0, H, Nq, D), acc), ((0, H, Nq, D), acc)
+        return ((B, H, Nq, D), q.dtype), ((B, H, bn_terms_rows(attn_mask, Nq), D), acc)
 
     def softmax_stats_shape(self, q: Tensor) -> Tuple[int, ...]:
         return tuple(self.kernels.softmax_stats_shape(q))
@@ -152,7 +206,8 @@ class FusedRawOps(RawOps):
             check_counts(count.expand(H))  # per head, as every backend words it
         if kernels.forward_moments is not None:
             return one_sweep_batchnorm(kernels.forward_moments, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
-                                       attn_mask, seed, count, head_affine=kernels.head_affine, **kw) + no_terms
+                                       attn_mask, seed, count, head_affine=kernels.head_affine,
+                                       keep_terms=self._keeps_terms(norm, stats_in), **kw)
         shift = gram_shift(Nk)
         softmax_stats, s1, gram = kernels.gram_sums(q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p,
                                                     shift=shift)
@@ -172,6 +227,8 @@ class FusedRawOps(RawOps):
 
     def bn_grad_sums(self, grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed,
                      softmax_stats, stats, R, U, *, scale, out_scale, eps, dropout_p):
+        if R.shape[0] > 0:  # the one-sweep forward's terms
+            return bn_grad_sums_from_terms(grad_out, R, U, out_scale, self.kernels.head_dot_sums)
         return self.kernels.bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                          batch_stats(stats, eps, accumulator_dtype(q)), attn_mask, seed,
                                          softmax_stats, scale=scale, out_scale=out_scale, eps=eps,

@@ -12,8 +12,8 @@ Four ops per backend:
 * ``forward``: (out [B, H, Nq, D], softmax_stats, stats [3, H] float64, R, U). softmax_stats is what
   the backend saves per score row (``RawOps.softmax_stats_shape``); stats are training BatchNorm's
   mean, biased variance and count per head (zeros in other modes); R = xhat V and U = keep V
-  ([B, H, Nq, D]) are the one-sweep BatchNorm's terms for a backend that keeps them
-  (``RawOps.keeps_bn_terms``), else empty. Given ``softmax_in`` and ``stats_in`` (training
+  are the one-sweep BatchNorm's terms for a backend and path that keep them (``RawOps.bn_terms_like``
+  gives their shapes and dtypes), else empty. Given ``softmax_in`` and ``stats_in`` (training
   BatchNorm, both or neither) it normalizes with those instead of its own batch's statistics.
 * ``gram_sums``: the statistics sweep as sums that add up over processes (docs/math.md, "BatchNorm
   statistics through the Gram matrix"): (softmax_stats, s1 [Hm, H], gram [Hm, H, H], count [Hm]).
@@ -66,13 +66,19 @@ class RawOps:
             -> (dq, dk, dv, d_mix_weight, d_mix_bias, d_norm_weight, d_norm_bias), None allowed
     dropout_keep_mask(seed, (B, H, Nq, Nk), p) -> bool keep-mask the kernels draw for ``seed``
     softmax_stats_shape(q): the shape of what the forward saves per score row
-    keeps_bn_terms: whether training BatchNorm's forward returns R and U (else empty tensors)
+    bn_terms_like(q, norm, attn_mask, stats_in) -> ((shape, dtype) of R, (shape, dtype) of U) the forward returns
+            (leading dim 0: empty, the backward sums come from a sweep of their own)
 
     norm is "none", "layer" or "batch" (training BatchNorm: eval BatchNorm arrives folded into the
     mixing). Shapes as in the module doc.
     """
 
-    keeps_bn_terms = False
+    keeps_bn_terms = False  # training BatchNorm's forward returns R and U [B, H, Nq, D] (the cpu kernel's)
+
+    def bn_terms_like(self, q: Tensor, norm: str, attn_mask: Optional[Tensor], stats_in: Optional[Tensor]):
+        B, H, Nq, D = q.shape
+        kept = ((B if norm == "batch" and self.keeps_bn_terms else 0, H, Nq, D), accumulator_dtype(q))
+        return kept, kept
 
     def softmax_stats_shape(self, q: Tensor) -> Tuple[int, ...]:
         raise NotImplementedError
@@ -185,9 +191,10 @@ class OpLadder:
                      norm, eps, dropout_p, softmax_in=None, stats_in=None):
         B, H, Nq, D = q.shape
         acc = accumulator_dtype(q)
-        kept = (B if norm == "batch" and self.raw.keeps_bn_terms else 0, H, Nq, D)
+        (r_shape, r_dtype), (u_shape, u_dtype) = self.raw.bn_terms_like(q, norm, attn_mask, stats_in)
         return (q.new_empty((B, H, Nq, D)), q.new_empty(self.raw.softmax_stats_shape(q), dtype=acc),
-                q.new_empty((3, H), dtype=torch.float64), q.new_empty(kept, dtype=acc), q.new_empty(kept, dtype=acc))
+                q.new_empty((3, H), dtype=torch.float64), q.new_empty(r_shape, dtype=r_dtype),
+                q.new_empty(u_shape, dtype=u_dtype))
 
     # ---- gram_sums: op, fake ------------------------------------------------------------------------------
     def gram_sums_impl(self, q: Tensor, k: Tensor, attn_mask: Optional[Tensor], seed: Optional[Tensor], scale: float,

@@ -4,8 +4,9 @@ Its ops are ``reattn::triton_forward``, ``reattn::triton_backward``, ``reattn::t
 ``reattn::triton_bn_grad_sums`` (see ``_ladder`` for what they return and save: never a
 [B, H, Nq, Nk] map). On CPU tensors they run in Triton's interpreter (``TRITON_INTERPRET=1``).
 Local training BatchNorm runs in one sweep over the keys (``_fused.one_sweep_batchnorm`` over the
-forward kernel's per-program moments); the synchronized path keeps the Gram-sum statistics sweep,
-whose sums add up over processes.
+forward kernel's per-program moments) and keeps R = xhat V for the backward, whose BatchNorm sums are
+then one pass over dO and R (``kernels.affine.head_dot_sums``); the synchronized path keeps the
+Gram-sum statistics sweep and the backward's sums sweep, whose sums add up over processes.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from reattn._batchnorm import accumulator_dtype
 from reattn.backends._fused import FusedKernels, FusedRawOps
 from reattn.backends._ladder import OpLadder, draw_dropout_seed
-from reattn.kernels.affine import head_affine
+from reattn.kernels.affine import head_affine, head_dot_sums
 from reattn.kernels.backward import re_attention_backward, re_attention_bn_grad_sums
 from reattn.kernels.forward import re_attention_forward, softmax_stats_shape
 from reattn.kernels.gram import gram_sums
@@ -55,7 +56,7 @@ def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, d
 
 TRITON_KERNELS = FusedKernels(forward=_forward, gram_sums=gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                               forward_moments=_forward_moments, softmax_stats_shape=softmax_stats_shape,
-                              head_affine=head_affine)
+                              head_affine=head_affine, head_dot_sums=head_dot_sums)
 TRITON_OPS = OpLadder(FusedRawOps(TRITON_KERNELS), forward="reattn::triton_forward",
                       backward="reattn::triton_backward", gram_sums="reattn::triton_gram_sums",
                       bn_grad_sums="reattn::triton_bn_grad_sums", device_types=("cuda", "cpu"))

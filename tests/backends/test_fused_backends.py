@@ -150,6 +150,39 @@ def test_synchronized_steps_reproduce_the_local_call(backend):
     torch.testing.assert_close(sums[1], ref[6], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "bool, one row for all queries"])
+def test_backward_sums_from_the_one_sweep_terms_equal_the_sums_sweep(backend, mask_kind):
+    """Local training BatchNorm keeps R = xhat V [B, H, Nq, D] (q's dtype) and U = 1_unmasked V (a row per query
+    where the mask differs between rows) where the backend fuses their passes (Triton's head_affine and
+    head_dot_sums; the CUDA backend has none and keeps nothing); the backward's sums from them equal the
+    sweep over the keys that recomputes the map, which given statistics (the synchronized path, R and U
+    empty) still run."""
+    B, H, Nq, Nk, D = 2, 3, 5, 6, 4
+    tensors, _ = problem(B, H, Nq, Nk, D)
+    ops = OPS[backend]
+    mask = {"none": None, "bool": masks(B, H, Nq, Nk)["bool"],
+            "bool, one row for all queries": masks(B, H, Nq, Nk)["bool"][:, :, :1]}[mask_kind]
+    q, k, v, w, c, nw, nb = (tensors[n].detach() for n in GRAD_NAMES)
+    seed = torch.tensor([3], dtype=torch.int64, device=DEVICE)
+    out, lse, stats, R, U = ops.forward(q, k, v, w, c, nw, nb, mask, seed, 0.4, 0.7, "batch", 1e-5, 0.25)
+    # the op's fake gives R and U the same shapes and dtypes (torch.compile traces through it)
+    torch.library.opcheck(ops.forward, (q, k, v, w, c, nw, nb, mask, seed, 0.4, 0.7, "batch", 1e-5, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
+    if backend == "cuda":
+        assert R.shape[0] == 0 and U.shape[0] == 0
+        return
+    assert R.shape == (B, H, Nq, D) and R.dtype == q.dtype
+    assert U.shape == (B, H, Nq if mask_kind == "bool" else 1, D) and U.dtype == torch.float64
+    grad = torch.randn_like(q)
+    args = (grad, q, k, v, w, c, nw, nb, mask, seed, lse, stats)
+    from_terms = ops.bn_grad_sums(*args, R, U, 0.4, 0.7, 1e-5, 0.25)
+    sweep = ops.bn_grad_sums(*args, R[:0], U[:0], 0.4, 0.7, 1e-5, 0.25)
+    torch.testing.assert_close(from_terms, sweep, rtol=1e-12, atol=1e-12)
+    _, _, _, R_given, U_given = ops.forward(q, k, v, w, c, nw, nb, mask, seed, 0.4, 0.7, "batch", 1e-5, 0.25,
+                                            lse, stats)
+    assert R_given.shape[0] == 0 and U_given.shape[0] == 0
+
+
 def test_given_statistics_are_checked_and_not_differentiated_alone(backend):
     B, H, Nq, Nk, D = 1, 2, 3, 4, 4
     tensors, _ = problem(B, H, Nq, Nk, D)

@@ -1,8 +1,9 @@
-"""kernels.affine.head_affine: the one-sweep BatchNorm's finish, O = alpha_h R + beta_h U, in one pass."""
+"""kernels.affine: the one-sweep BatchNorm's finish, O = alpha_h R' + beta_h U (and R = alpha2_h R' + beta2_h U) in
+one pass, and its backward sums, sum dO . R and sum dO . U per head."""
 import pytest
 import torch
 
-from reattn.kernels.affine import head_affine
+from reattn.kernels.affine import head_affine, head_dot_sums
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -38,3 +39,45 @@ def test_head_affine_checks_its_arguments():
                     torch.zeros(2, device=DEVICE), torch.float32)
     assert head_affine(r[:0], r[:0], torch.zeros(2, device=DEVICE), torch.zeros(2, device=DEVICE),
                        torch.bfloat16).shape == (0, 2, 3, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_head_affine_writes_a_second_map_from_the_same_reads(dtype):
+    B, H, Nq, D = 2, 3, 5, 20
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(1)
+    r, u = (torch.randn(B, H, n, D, generator=g, dtype=acc).to(DEVICE) for n in (Nq, 1))
+    alpha, beta, alpha2, beta2 = (torch.randn(H, generator=g, dtype=acc).to(DEVICE) for _ in range(4))
+    out, out2 = head_affine(r, u, alpha, beta, dtype, second=(alpha2, beta2, dtype))
+    torch.testing.assert_close(out, head_affine(r, u, alpha, beta, dtype), rtol=0, atol=0)
+    torch.testing.assert_close(out2, head_affine(r, u, alpha2, beta2, dtype), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"alpha2 and beta2 must be \[3\]"):
+        head_affine(r, u, alpha, beta, dtype, second=(alpha2[:2], beta2, dtype))
+
+
+@pytest.mark.parametrize("u_rows", [1, 6])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_head_dot_sums_match_float64(u_rows, dtype):
+    B, H, Nq, D = 3, 2, 6, 35
+    gen = torch.Generator().manual_seed(2)
+    grad, r = (torch.randn(B, H, Nq, D, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE) for _ in range(2))
+    u = torch.randn(B, H, u_rows, D, generator=gen, dtype=torch.float64).to(DEVICE)
+    got = head_dot_sums(grad, r, u)
+    g64 = grad.double()
+    want = torch.stack([(g64 * r.double()).sum(dim=(0, 2, 3)), (g64 * u).sum(dim=(0, 2, 3))])
+    assert got.dtype == torch.float64 and got.shape == (2, H)
+    # products exact in the accumulation dtype up to one rounding each; the sums' rounding over at most
+    # B * Nq * D terms (a tile's fp32 sum, then float64 across tiles): n eps of the sum of |terms|
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    n = B * Nq * D
+    size = torch.stack([(g64 * r.double()).abs().sum(dim=(0, 2, 3)), (g64 * u).abs().sum(dim=(0, 2, 3))])
+    assert ((got - want).abs() <= 2 * n * eps * size).all(), (got, want)
+
+
+def test_head_dot_sums_checks_its_arguments():
+    g = torch.zeros(1, 2, 3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="r must have grad's shape"):
+        head_dot_sums(g, g[:, :1], g)
+    with pytest.raises(ValueError, match="unit stride"):
+        head_dot_sums(g, g.transpose(2, 3).contiguous().transpose(2, 3), g)
+    assert not head_dot_sums(g[:0], g[:0], g[:0]).any()
