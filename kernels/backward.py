@@ -22,11 +22,10 @@ Two kernels, as FlashAttention-2's backward, and no atomics:
 Training-mode BatchNorm couples every entry of a head through its batch statistics:
 dM_g = a_g dN_g + e_g xhat_g + f_g with a = gamma / std, e = -a mean(dN xhat), f = -a mean(dN)
 (means over the unmasked entries; dM = 0 at masked ones, which are outside the statistics). The
-two means need every entry before the others: the dQ kernel with SUMS_ONLY
-(:func:`re_attention_bn_grad_sums`) writes per program sum(dN xhat) and sum(dN), which are
-also dgamma and dbeta and add up over processes (the local one-sweep path gets them from the
-forward's R = xhat V instead: ``kernels.affine.head_dot_sums``) (BatchNorm synchronized across processes sums
-them over the group first). :func:`re_attention_backward` takes e and f, not the sums.
+two means need every entry first: the dQ kernel with SUMS_ONLY (:func:`re_attention_bn_grad_sums`)
+writes per program sum(dN xhat) and sum(dN), also dgamma and dbeta, which add up over processes
+(synchronized BatchNorm sums them over the group); the local one-sweep path reads them off the
+forward's R = xhat V instead (``kernels.affine.head_dot_sums``). :func:`re_attention_backward` takes e, f.
 
 Nothing here imports ``reattn``.
 """
