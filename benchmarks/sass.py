@@ -425,10 +425,13 @@ def _elf_sections(cubin: bytes) -> List[Tuple[str, int, int, int, int]]:
     raw = [struct.unpack_from("<IIQQQQI", cubin, shoff + i * shentsize) for i in range(shnum)]
     names_offset = raw[shstrndx][4]
 
-    def name_of(n: int) -> str:
-        return cubin[names_offset + n:cubin.index(b"\0", names_offset + n)].decode(errors="replace")
+    return [(_c_string(cubin, names_offset + name).decode(errors="replace"), kind, offset, size, link)
+            for name, kind, _, _, offset, size, link in raw]
 
-    return [(name_of(name), kind, offset, size, link) for name, kind, _, _, offset, size, link in raw]
+
+def _c_string(data: bytes, offset: int) -> bytes:
+    """The NUL-terminated string at ``offset`` of an ELF string table."""
+    return data[offset:data.index(b"\0", offset)]
 
 
 def function_symbol_index(cubin: bytes, function: str) -> int:
@@ -442,7 +445,7 @@ def function_symbol_index(cubin: bytes, function: str) -> int:
         strings = sections[link][2]
         for index in range(size // 24):  # Elf64_Sym: name, info, other, shndx, value, size
             name, info = struct.unpack_from("<IB", cubin, offset + 24 * index)
-            if info & 0xF == 2 and cubin[strings + name:cubin.index(b"\0", strings + name)] == function.encode():
+            if info & 0xF == 2 and _c_string(cubin, strings + name) == function.encode():
                 return index
     raise KeyError(f"no function {function} in the cubin's symbol table")
 

@@ -35,9 +35,9 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
                         head_affine: Optional[Callable] = None,
                         keep_terms: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Training BatchNorm's forward with one sweep over the keys: (out, softmax_stats, stats [3, H] float64,
-    R, U). With keep_terms, R = xhat V [B, H, Nq, D] in q's dtype and U = 1_unmasked V [B, H, Nq or 1, D]
-    (``bn_terms_rows``) in the accumulation dtype, which the backward's BatchNorm sums read
-    (``bn_grad_sums_from_terms``); else both are empty.
+    R, U). With keep_terms (it needs ``head_affine``), R = xhat V [B, H, Nq, D] in q's dtype and
+    U = 1_unmasked V [B, H, Nq or 1, D] (``bn_terms_rows``) in the accumulation dtype, which the backward's
+    BatchNorm sums read (``FusedRawOps.bn_grad_sums``); else both are empty.
 
     The norm is a per-head affine map applied once the statistics are known, so it commutes with the
     product by V (docs/math.md, "Training BatchNorm in one sweep"). With X = W P~ - center (center_g =
@@ -67,7 +67,6 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
         keep = kept_entries(attn_mask)
         keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
         u = torch.matmul(keep.to(acc), v.to(acc))  # [B or 1, H or 1, Nq or 1, D]: the mask's own size, at most
-    u = u.expand(B, H, bn_terms_rows(attn_mask, Nq), D).contiguous()  # the shape the op's fake says
     rstd = torch.rsqrt(var + eps).to(acc)
     a = torch.full_like(rstd, out_scale) if norm_weight is None else out_scale * norm_weight.detach().to(acc)
     # O = alpha R' + beta U with alpha = rstd tau gamma, beta = tau beta_norm - mean(X) alpha (per head);
@@ -76,40 +75,27 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
     beta = -mean_x.to(acc) * alpha
     if norm_bias is not None:
         beta = beta + out_scale * norm_bias.detach().to(acc)
-    alpha_r, beta_r = rstd, -mean_x.to(acc) * rstd
-    if not keep_terms:
-        xhat_v, u_kept = q.new_empty((0, H, Nq, D), dtype=acc), q.new_empty((0, H, Nq, D), dtype=acc)
-        if head_affine is not None:
-            return head_affine(r, u, alpha, beta, q.dtype), softmax_stats, stats, xhat_v, u_kept
-    elif head_affine is not None:
-        out, xhat_v = head_affine(r, u, alpha, beta, q.dtype, second=(alpha_r, beta_r, q.dtype))
+    if keep_terms:  # the fused finish writes R from the reads that make O
+        u = u.expand(B, H, bn_terms_rows(attn_mask, Nq), D).contiguous()  # the shape the op's fake says
+        out, xhat_v = head_affine(r, u, alpha, beta, q.dtype, second=(rstd, -mean_x.to(acc) * rstd, q.dtype))
         return out, softmax_stats, stats, xhat_v, u
-    else:
-        xhat_v, u_kept = (r * alpha_r[None, :, None, None] + beta_r[None, :, None, None] * u).to(q.dtype), u
+    no_terms = empty_bn_terms(q)
+    if head_affine is not None:
+        return (head_affine(r, u, alpha, beta, q.dtype), softmax_stats, stats) + no_terms
     # In place on r (this function's own buffer): one [B, H, Nq, D] accumulation-dtype tensor at a time.
     out = r.mul_(alpha[None, :, None, None]).add_(beta[None, :, None, None] * u)
-    return out.to(q.dtype), softmax_stats, stats, xhat_v, u_kept
+    return (out.to(q.dtype), softmax_stats, stats) + no_terms
+
+
+def empty_bn_terms(q: Tensor) -> Tuple[Tensor, Tensor]:
+    """R and U where the forward keeps none: two empty [0, H, Nq, D] tensors (outputs of an op may not alias)."""
+    acc = accumulator_dtype(q)
+    return q.new_empty((0, *q.shape[1:]), dtype=acc), q.new_empty((0, *q.shape[1:]), dtype=acc)
 
 
 def bn_terms_rows(attn_mask: Optional[Tensor], n_q: int) -> int:
     """Rows of U = 1_unmasked V: Nq where the mask differs between query rows, else 1 (every row the same)."""
     return n_q if attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] != 1 else 1
-
-
-def bn_grad_sums_from_terms(grad_out: Tensor, R: Tensor, U: Tensor, out_scale: float,
-                            head_dot_sums: Optional[Callable] = None) -> Tensor:
-    """Training BatchNorm's backward sums [2, H] float64 = (sum dN xhat, sum dN) from the forward's R = xhat V and
-    U = 1_unmasked V: dN = out_scale dO V^T at the unmasked entries, so sum_ij dN_ij xhat_ij = out_scale
-    sum_i dO_i . R_i and sum_ij dN_ij = out_scale sum_i dO_i . U_i (docs/math.md, "Through V and the norm").
-    grad_out [B, H, Nq, D]; head_dot_sums: the backend's fused reduction, else torch's."""
-    if head_dot_sums is not None:
-        sums = head_dot_sums(grad_out, R, U)
-    else:
-        acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
-        g = grad_out.to(acc)
-        sums = torch.stack([(g * R.to(acc)).sum(dim=(0, 2, 3), dtype=torch.float64),
-                            (g * U.to(acc)).sum(dim=(0, 2, 3), dtype=torch.float64)])
-    return sums * out_scale
 
 
 @dataclass(frozen=True)
@@ -142,7 +128,8 @@ class FusedKernels:
         (alpha2_h r + beta2_h u).to(dtype2)): optional, the one-sweep BatchNorm's finish in one pass (else
         torch's passes over [B, H, Nq, D]).
     head_dot_sums(grad, r, u) -> [2, H] float64 (sum grad r, sum grad u per head): optional, the one-sweep
-        BatchNorm's backward sums in one pass (else torch's).
+        BatchNorm's backward sums in one pass; with it and head_affine the one-sweep forward keeps R and U
+        (else the backward's sums come from ``bn_grad_sums``, a sweep over the keys).
     """
 
     forward: Callable
@@ -188,11 +175,11 @@ class FusedRawOps(RawOps):
     def forward(self, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, *, scale, out_scale,
                 norm, eps, dropout_p, softmax_in=None, stats_in=None):
         kernels = self.kernels
-        B, H, Nq, D = q.shape
+        B, H, Nq, _ = q.shape
         Nk = k.shape[2]
         acc = accumulator_dtype(q)
         kw = dict(scale=scale, out_scale=out_scale, eps=eps, dropout_p=dropout_p)
-        no_terms = (q.new_empty((0, H, Nq, D), dtype=acc), q.new_empty((0, H, Nq, D), dtype=acc))
+        no_terms = empty_bn_terms(q)
         if stats_in is not None:
             out, _ = kernels.forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                      batch_stats(stats_in, eps, acc), attn_mask, seed, softmax_in, norm="batch", **kw)
@@ -227,8 +214,11 @@ class FusedRawOps(RawOps):
 
     def bn_grad_sums(self, grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed,
                      softmax_stats, stats, R, U, *, scale, out_scale, eps, dropout_p):
-        if R.shape[0] > 0:  # the one-sweep forward's terms
-            return bn_grad_sums_from_terms(grad_out, R, U, out_scale, self.kernels.head_dot_sums)
+        if R.shape[0] > 0:
+            # The one-sweep forward's terms: dN = out_scale dO V^T at the unmasked entries, so
+            # sum dN xhat = out_scale sum_i dO_i . R_i and sum dN = out_scale sum_i dO_i . U_i (docs/math.md,
+            # "Through V and the norm").
+            return self.kernels.head_dot_sums(grad_out, R, U) * out_scale
         return self.kernels.bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                          batch_stats(stats, eps, accumulator_dtype(q)), attn_mask, seed,
                                          softmax_stats, scale=scale, out_scale=out_scale, eps=eps,
