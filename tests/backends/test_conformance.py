@@ -97,7 +97,81 @@ def test_gradcheck_float64(backend, norm, variant):
         t = dict(tensors, **dict(zip(names, args)))
         return run(backend, norm, t, {n: s.clone() for n, s in stats.items()}, **extra)
 
-    assert torch.autograd.gradcheck(fn, tuple(tensors[n] for n in names), eps=1e-6, atol=1e-6, fast_mode=not full)
+    inputs = tuple(tensors[n] for n in names)
+    if full:
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+        return
+    assert packed_fast_gradcheck(fn, inputs)
+
+
+def packed_fast_gradcheck(fn, inputs) -> bool:
+    """torch.autograd.gradcheck in fast mode of ``fn(*inputs)``, with the inputs packed into one flat vector.
+
+    Fast mode compares v^T J u (random unit u, v) numerically and analytically, at two evaluations per input
+    tensor; packed, the numerical side costs two evaluations in all. Each input's part of the vector is scaled
+    by sqrt(total size / its size), which gives it the weight in u it has as an input of its own. One
+    comparison of the sum replaces one per input, so it takes rtol=0 (an input whose gradient is ~0, as
+    mix_bias's under training BatchNorm, must not hide behind the others) and atol=1e-7: the central
+    differences' own error, ~eps^2 |f'''| + 1e-16 |f| / eps summed over a few dozen O(1) output elements, is
+    ~1e-9. test_packed_fast_gradcheck_finds_an_error_in_one_gradient injects errors that the per-input check
+    (atol=1e-6, rtol=1e-3) misses.
+    """
+    sizes = [t.numel() for t in inputs]
+    weights = [(sum(sizes) / n) ** 0.5 for n in sizes]
+    base = torch.cat([t.detach().reshape(-1) for t in inputs])
+
+    def packed(flat):
+        steps = (flat - base).split(sizes)
+        return fn(*(t.detach() + w * step.view_as(t) for t, w, step in zip(inputs, weights, steps)))
+
+    return torch.autograd.gradcheck(packed, (base.clone().requires_grad_(),), eps=1e-6, atol=1e-7, rtol=0.0,
+                                    fast_mode=True)
+
+
+class _OutputGradSum(torch.autograd.Function):
+    """Identity that keeps the sum of the gradient reaching it (its backward runs before the inputs')."""
+    held = {}
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _OutputGradSum.held["sum"] = grad.sum()
+        return grad
+
+
+class _WrongGradient(torch.autograd.Function):
+    """Identity whose backward is off by a relative 1e-4 plus 1e-6 times the output gradient's sum."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * (1 + 1e-4) + 1e-6 * _OutputGradSum.held["sum"]
+
+
+@NEEDS["cpu"]
+@pytest.mark.parametrize("wrong", ["k", "norm_weight", "mix_bias"])
+def test_packed_fast_gradcheck_finds_an_error_in_one_gradient(wrong):
+    # The C++ CPU kernel (milliseconds a call) in training BatchNorm at test_gradcheck_float64's fast-mode
+    # shape, one input's gradient made wrong: the per-input fast check (atol=1e-6, rtol=1e-3) passes k's and
+    # norm_weight's.
+    tensors, stats = problem(2, 2, 3, 4, 3, device="cpu")
+    names = grad_names("batch-train")
+
+    def fn(*args):
+        t = dict(tensors, **dict(zip(names, args)))
+        t[wrong] = _WrongGradient.apply(t[wrong])
+        out = run("cpu", "batch-train", t, {n: s.clone() for n, s in stats.items()}, out_scale=0.5, scale=0.3)
+        return _OutputGradSum.apply(out)
+
+    inputs = tuple(tensors[n] for n in names)
+    with pytest.raises(RuntimeError, match="Jacobian mismatch"):
+        packed_fast_gradcheck(fn, inputs)
 
 
 @pytest.mark.parametrize("norm", NORMS)
