@@ -169,15 +169,16 @@ def test_torch_func_transforms_are_refused_by_the_fused_backends(backend):
 
 # ------------------------------------------------------------------------------------ torch.compile
 
-def count_graph_breaks(fn, *inputs):
-    """(graph breaks, graphs) of torch.compile(fn, dynamic=True) over the calls given."""
+def compile_and_count(fn, *inputs):
+    """(graph breaks, graphs, results, compiled) of torch.compile(fn, fullgraph=True, dynamic=True) over the
+    calls given. fullgraph makes a graph break an error; the count says the same where it does not raise."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(fn, backend="aot_eager", dynamic=True)
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=True)
     results = [compiled(*args) for args in inputs]
-    return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"], results
+    return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"], results, compiled
 
 
 # Eval (BatchNorm folded into the mixing) and train (batch statistics); the interpreted/emulated kernels
@@ -190,13 +191,11 @@ def test_compile_module_fullgraph_dynamic_without_graph_breaks(backend, train):
     reference = reattn.ReAttention(32, 4, backend=backend).double().train(train)
     reference.load_state_dict(module.state_dict())
     xs = [(torch.randn(2, 17, 32, dtype=torch.float64),), (torch.randn(3, 9, 32, dtype=torch.float64),)]
-    breaks, graphs, results = count_graph_breaks(module, *xs)
+    breaks, graphs, results, _ = compile_and_count(module, *xs)
     assert (breaks, graphs) == (0, 1)  # one graph serves both shapes: no recompilation
     for (x,), got in zip(xs, results):
         torch.testing.assert_close(got, reference(x), rtol=1e-12, atol=1e-12)
-    torch._dynamo.reset()
-    out = torch.compile(module, backend="aot_eager", fullgraph=True, dynamic=True)(xs[0][0])
-    out.sum().backward()
+    results[0].sum().backward()  # through the compiled graph's backward
     assert module.qkv.weight.grad is not None
 
 
@@ -214,14 +213,13 @@ def test_compile_functional_fullgraph_dynamic_without_graph_breaks(backend):
         t, mask = problem(N=N)
         stats = (torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
         calls.append(tuple(t[n] for n in NAMES) + (mask,) + stats)
-    breaks, graphs, results = count_graph_breaks(f, *calls)
+    breaks, graphs, results, compiled = compile_and_count(f, *calls)
     assert (breaks, graphs) == (0, 1)
     for args, got in zip(calls, results):
         fresh = args[:-2] + (torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
         torch.testing.assert_close(got, f(*fresh), rtol=1e-12, atol=1e-12)
-    torch._dynamo.reset()
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
-    compiled(*calls[0]).sum().backward()
+    results[0].sum().backward()
+    assert calls[0][3].grad is not None
     # training BatchNorm's "more than one unmasked value per head" check stays in the graph
     only_one = torch.zeros_like(calls[0][7])
     only_one[0, 0, 0, 0] = True
