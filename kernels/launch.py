@@ -195,6 +195,14 @@ def _fit_shared(kernel: str, config: "TileConfig", shared_limit: Optional[int], 
     return candidate
 
 
+# Warps of the fp32 / fp64 launches (CUDA-core products over operand tiles twice as wide as bf16's): 8, as the
+# bf16 launches, which halves each thread's share of the score tiles. Compiled with 4 warps they spilled up to
+# 17,464 B per thread (sm_80, 32 heads, LayerNorm, a mask and dropout: the forward; 4,088 B with 8) and
+# 10,280 / 4,248 B in the 12-head backward's dQ / dK-dV (sm_90; 1,592 / 1,624 B with 8), and ptxas took 4x
+# as long over them (87 s against 21 s for that forward).
+FP32_WARPS = 8
+
+
 def _acc_chunk(hp: int, rows: int, block_d: int, accumulators: int) -> int:
     """The head-dim chunk that keeps ``accumulators`` fp32 [HP, rows, chunk] tiles at <= 64 registers (8 warps)."""
     while accumulators * hp * rows * block_d > 64 * 256 and block_d > 16:
@@ -222,9 +230,9 @@ def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bo
     if interpret:
         return TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=4,
                           num_stages=1)
-    if element_size > 2:  # exact fp32 / fp64 products run on the CUDA cores: narrow tiles
+    if element_size > 2:  # exact fp32 / fp64 products run on the CUDA cores: narrow tiles (FP32_WARPS)
         config = TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=min(block_d, 32), STATS_BLOCK_N=16,
-                            num_warps=4, num_stages=1)
+                            num_warps=FP32_WARPS, num_stages=1)
         return _fit_shared("forward", config, shared_limit, element_size, variant)
     whole = block_d
     block_d = _acc_chunk(hp, 16, block_d, 1)
@@ -299,7 +307,7 @@ def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[b
     if element_size > 2:
         config = TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16,
                             BLOCK_D=block_d if kernel == "dkdv" else min(block_d, 32), STATS_BLOCK_N=16,
-                            num_warps=4, num_stages=1)
+                            num_warps=FP32_WARPS, num_stages=1)
         return _fit_shared(kernel, config, shared_limit, element_size, variant)
     whole = block_d
     block_d = _acc_chunk(hp, 16, block_d, 2)

@@ -16,7 +16,7 @@ TRAIN_BN = dict(norm="none", mask=True, dropout=True)
 
 
 def jobs():
-    """What the launch scan's record cannot vouch for, and a reproduction of it (13 launches, ~170 CPU-s from an
+    """What the launch scan's record cannot vouch for, and a reproduction of it (13 launches, ~110 CPU-s from an
     empty Triton cache on the 2-core CI machine).
 
     The scan (``python -m benchmarks.launch_scan``, benchmarks/results/launch_scan.csv) compiles every
@@ -55,22 +55,21 @@ def _parse(returncode, out, err):
     return returncode, [json.loads(line[4:]) for line in out.splitlines() if line.startswith("AOT ")], err
 
 
-# The compiles are single-threaded and take ~170 CPU-s from an empty Triton cache (any kernel change empties
+# The compiles are single-threaded and take ~110 CPU-s from an empty Triton cache (any kernel change empties
 # it for the launches it touches): two processes, so that the end of the session, when the tests are done and
-# wait for them, keeps both cores busy. Each gets about half the work (``_weight``): the fp32 forward at 32
-# heads alone, the rest in the other.
+# wait for them, keeps both cores busy. Each gets about half the work (``_weight``).
 PROCESSES = 2
 _JOBS = None
 
 
 def _weight(job: dict) -> int:
     """About a job's compile time, in units of a plain forward's (~2.5 s on an idle core of the dev machine):
-    a backward compiles two kernels; 32 slots with LayerNorm, a mask and dropout, and fp32 (CUDA-core products
-    over tiles twice as wide), each raise the register pressure ptxas works against ~8x. Measured from an
-    empty Triton cache: sm_80's fp32 LayerNorm forward at 32 heads 87 s, its bf16 backward 31 s, the fp32
-    backward at 12 heads 27 s, its bf16 forward 10 s, every other job 1.6-4 s."""
+    a backward compiles two kernels; 32 slots with LayerNorm, a mask and dropout raise the register pressure
+    ptxas works against ~4x, and fp32 (CUDA-core products over tiles twice as wide) ~2x. Measured from an empty
+    Triton cache, two at a time: sm_80's bf16 backward at 32 heads with all of them 31 s, its fp32 forward
+    28 s, the fp32 backward at 12 heads 12 s, the bf16 forward at 32 heads 10 s, every other job 1.6-4 s."""
     heavy = job["h"] == 32 and job["norm"] == "layer" and job["mask"] and job["dropout"]
-    return (2 if job["call"] == "backward" else 1) * (8 if heavy else 1) * (8 if job.get("dtype") == "fp32" else 1)
+    return (2 if job["call"] == "backward" else 1) * (4 if heavy else 1) * (2 if job.get("dtype") == "fp32" else 1)
 
 
 def parts(n: int = PROCESSES) -> list:
