@@ -47,7 +47,7 @@ from .launch import TileConfig, backward_config, device_shared_limit, interpreti
 @triton.jit
 def _norm_backward(dn, mix, kept, group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_f, eps, HP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CDT: tl.constexpr, NORM: tl.constexpr,
-                   NORM_PRECISION: tl.constexpr):
+                   NORM_PRECISION: tl.constexpr, APPROX_RSQRT: tl.constexpr):
     """(dM, xhat) from dN (gradient w.r.t. the normalized map, out_scale applied) and M.
 
     NORM_NONE: dM = dN. NORM_LAYER: LayerNorm's backward across the heads of a row group (a
@@ -56,7 +56,7 @@ def _norm_backward(dn, mix, kept, group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_
     """
     xhat = mix
     if NORM == 1:
-        xhat, rstd = _layer_norm(mix, group_mean, eps, HP, BLOCK_M, BLOCK_N, CDT, NORM_PRECISION)
+        xhat, rstd = _layer_norm(mix, group_mean, eps, HP, BLOCK_M, BLOCK_N, CDT, NORM_PRECISION, APPROX_RSQRT)
         dxhat = dn * gamma[:, None, None]
         mean_dx = _mix(group_mean, dxhat, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, NORM_PRECISION)
         mean_dx_xhat = _mix(group_mean, dxhat * xhat, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, NORM_PRECISION)
@@ -136,7 +136,7 @@ def _dq_block(x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, 
             mix = mix + c[:, None, None]
     # BatchNorm's dM is not 0 where dN is (e xhat + f): rows past N_Q are outside its entries too.
     dm, xhat = _norm_backward(dn, mix, kept & rows_ok[:, :, None], group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_f,
-                              eps, HP, BLOCK_M, BLOCK_N, CDT, NORM, NORM_PRECISION)
+                              eps, HP, BLOCK_M, BLOCK_N, CDT, NORM, NORM_PRECISION, True)
     if SUMS_ONLY:
         kept_dn = dn
         if MASK_KIND != 0 or KEYS_PADDED:
@@ -341,7 +341,7 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
         dn = tl.where(kept, dn, 0.0)
     # BatchNorm's dM is not 0 where dN is (e xhat + f): rows past N_Q are outside its entries too.
     dm, xhat = _norm_backward(dn, mix, kept & rows_ok3, group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_f, eps, HP,
-                              BLOCK_N, BLOCK_M, CDT, NORM, NORM_PRECISION)
+                              BLOCK_N, BLOCK_M, CDT, NORM, NORM_PRECISION, False)
     if NORM != 0:
         a = xhat * gamma[:, None, None] + beta[:, None, None]
         if NORM == 1:

@@ -168,8 +168,8 @@ def _scores_product(a_own, A, B, head, rows, rows_ok, offs_n, N_K, D, stride_ah,
     predicate: fewer registers held across the sweep, a few more integer instructions per block
     (the backward's rules take it where the norms' or the mask's tiles need the registers). Only
     for tensor-core products (DOT_LOWP): with fp32 operand tiles the per-block address math costs
-    more registers than it frees (the fp32 forward at 32 slots, D = 128 on sm_80 spills 13,856 B
-    per thread tied, 10,280 B or less untied).
+    more registers than it frees (at 4 warps, the fp32 forward at 32 slots, D = 128 on sm_80 spilled
+    13,856 B per thread tied, 10,280 B or less untied).
     """
     acc = tl.zeros([HP, BLOCK_M, BLOCK_N], CDT)
     for chunk in tl.static_range(D_CHUNKS):
@@ -418,18 +418,29 @@ def _mix(w_slots, x, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
 
 @triton.jit
 def _layer_norm(mix, group_mean, eps, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CDT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                CDT: tl.constexpr, DOT_PRECISION: tl.constexpr, APPROX_RSQRT: tl.constexpr):
     """(xhat, rstd) of LayerNorm across the heads of each row group at every (i, j).
 
     ``group_mean`` [HP, HP] averages the slots of a group (1/H between slots of one group, 0
     elsewhere), so the means are products on the tensor cores: mean = J M, var = J (M - mean)^2.
     They run in fp32 (tf32 operands on a GPU: fp16 would flush the small variances of attention
     maps to subnormals). Padding slots come out 0.
+
+    APPROX_RSQRT, with tf32 means (DOT_PRECISION "tf32": fp16/bf16 inputs, or fp32 with TF32 allowed): 1/std
+    is one approximate reciprocal square root (``rsqrt.approx``, relative error below 2^-22, PTX ISA), far
+    below the means' own 2^-11. The correctly rounded 1/sqrt(x) takes a square root and a division with
+    their special-case paths, ~10 instructions per entry of the tile (the LayerNorm forward at DeiT-S
+    issued 160 of its ~600 instructions per key block there). With exact means ("ieee": fp32 and fp64
+    inputs) it stays correctly rounded; the dK/dV kernel keeps it too (at 8 slots, D = 64, its LayerNorm
+    launch then spilled 16 B at 255 registers, and it is bound by shared memory, not by issue).
     """
     mean = _mix(group_mean, mix, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, DOT_PRECISION)
     xc = mix - mean
     var = _mix(group_mean, xc * xc, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, DOT_PRECISION)
-    rstd = 1.0 / tl.sqrt(var + eps)
+    if APPROX_RSQRT and DOT_PRECISION == "tf32":
+        rstd = tl.math.rsqrt(var + eps)
+    else:
+        rstd = 1.0 / tl.sqrt(var + eps)
     return xc * rstd, rstd
 
 

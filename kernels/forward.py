@@ -86,7 +86,7 @@ def _forward_block(acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_
     if not BIAS_SLOT:
         a = a + c[:, None, None]
     if NORM == 1:
-        xhat, _ = _layer_norm(a, group_mean, eps, HP, BLOCK_M, BLOCK_N, CDT, NORM_PRECISION)
+        xhat, _ = _layer_norm(a, group_mean, eps, HP, BLOCK_M, BLOCK_N, CDT, NORM_PRECISION, True)
         a = xhat * gamma[:, None, None] + beta[:, None, None]
     if MASK_KIND != 0 or KEYS_PADDED:  # entries not kept are zeroed after the norm
         a = tl.where(kept, a, 0.0)
