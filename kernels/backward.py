@@ -187,13 +187,15 @@ def _re_attention_bwd_dq_kernel(
     Kb = K + b * stride_kb
     Vb = V + b * stride_vb
     DOb = DO + b * stride_dob
-    # Tensor-core operands routed through a product (``_product_result``), at 8 slots without
-    # training BatchNorm (there, and at 16 slots, the registers they take made the compiler spill):
+    # Tensor-core operands routed through a product (``_product_result``), at 8 slots (at 16 the
+    # registers they take made the compiler spill):
     # Q_HELD: q and dO held in registers for the whole sweep, not re-read from shared memory on
     # every key block. K_PRODUCT: each K block staged once, its transpose for q k^T taken from
     # I @ k in registers (loading K twice, for both products, staged it twice); not with a mask or
-    # dropout (sm_86 at D = 64 spilled 16 -> 48 B).
-    OPERANDS: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and not SUMS_ONLY and HP == 8 and NORM != 2
+    # dropout (sm_86 at D = 64 spilled 16 -> 48 B). Training BatchNorm takes both although its
+    # launch at D = 64 then spills 24 B per thread (none without them): the static model predicts
+    # its DeiT-S dQ kernel at 239 us against 331 (shared-memory traffic 2.98 -> 2.15 MB a program).
+    OPERANDS: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and not SUMS_ONLY and HP == 8
     Q_HELD: tl.constexpr = OPERANDS and not RELOAD_Q
     K_PRODUCT: tl.constexpr = OPERANDS and not RELOAD_Q
     q = _load_rows(Qb, head, rows, rows_ok, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP)
@@ -407,9 +409,10 @@ def _re_attention_bwd_dkdv_kernel(
     # 32 slots, nor at 16 with training BatchNorm (which spills there already).
     # Q_PRODUCT: the transposes of each query block's q and dO for K q^T and V dO^T taken from
     # I @ q, I @ dO in registers, so q and dO are staged in shared memory once, not twice (at 8
-    # slots without a norm's terms: with them, or at 16 slots, the compiler spilled).
+    # slots: at 16 the compiler spilled). With training BatchNorm its launch at D = 64 spills 8 B
+    # per thread (none without it) for a DeiT-S dK/dV kernel predicted at 245 us against 339.
     KV_HELD: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and not RELOAD_KV and (HP == 8 or (HP == 16 and NORM != 2))
-    Q_PRODUCT: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and not RELOAD_KV and HP == 8 and NORM != 2
+    Q_PRODUCT: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and not RELOAD_KV and HP == 8
     k = _load_rows(Kb, head, keys, keys_ok, offs_d, D, stride_kh, stride_kn, stride_kd, CDT, DOT_LOWP)
     v = _load_rows(Vb, head, keys, keys_ok, offs_d, D, stride_vh, stride_vn, stride_vd, CDT, DOT_LOWP)
     if KV_HELD:
