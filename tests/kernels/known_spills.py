@@ -32,7 +32,7 @@ def spill_class(slots, masked_or_dropout: bool, d) -> tuple:
 
 # Why a class spills (ptxas's register budget at the rules' tiles; see kernels/launch.py): its head
 # slots, then what a mask or dropout and head-dim chunks add.
-SLOT_REASONS = {8: "1-8 heads (1-4: two batch rows per program; the LayerNorm forward and the moments)",
+SLOT_REASONS = {8: "1-8 heads (1-4: two batch rows per program; the LayerNorm forward and the moments; training BatchNorm's backward at D = 64 with its operands held in registers)",
                 16: "9-16 heads (DeepViT-16b, ViT-B): [16, BLOCK_M, 16] fp32 tiles",
                 32: "17-32 heads: [32, 16, 16] fp32 tiles, 64 registers each at 4 warps"}
 
@@ -153,8 +153,12 @@ KNOWN_SPILLS = {
     "sm86-moments-heavy-h32-d128-forward": 536,
     "sm86-moments-plain-h32-d64-forward": 8,
     "sm86-moments-plain-h32-d128-forward": 112,
+    "sm90-backward-batch-h3-d64-dkdv": 8,
+    "sm90-backward-batch-h3-d64-dq": 24,
     "sm90-backward-batch-h3-d128-dkdv": 80,
     "sm90-backward-batch-h3-d128-dq": 40,
+    "sm90-backward-batch-h6-d64-dkdv": 8,
+    "sm90-backward-batch-h6-d64-dq": 24,
     "sm90-backward-batch-h6-d128-dkdv": 80,
     "sm90-backward-batch-h6-d128-dq": 40,
     "sm90-backward-batch-h12-d32-dkdv": 48,

@@ -63,12 +63,22 @@ def test_every_recorded_launch_fits_its_gpu_and_the_rules_bound(rows):
         assert shared <= bound, (row, bound)
 
 
+# Training BatchNorm's backward at 8 slots holds its operands in registers as the other modes do
+# (kernels/backward.py: Q_HELD, K_PRODUCT, Q_PRODUCT), which the static model predicts makes its DeiT-S
+# kernels ~28% faster; at D = 64 that spills this much per thread (dQ; dK/dV 8 B), and no more.
+BATCH_BACKWARD_D64_SPILL = 24
+
+
 def test_no_spills_in_the_norm_modes_at_up_to_eight_heads(rows):
     """Without a mask or dropout, every norm mode (none, BatchNorm, LayerNorm) at 5 to 8 heads (8 slots,
-    one batch row per program: DeiT-S) and head dims up to 64 compiles without spilling."""
+    one batch row per program: DeiT-S) and head dims up to 64 compiles without spilling, but training
+    BatchNorm's backward at D = 64 (at most BATCH_BACKWARD_D64_SPILL bytes per thread)."""
     for row in rows:
         if row["variant"] != "heavy" and int(row["d"]) <= 64 and int(row["HP"]) == 8 and int(row["G"]) == 1:
-            assert int(row["spill_bytes"]) == 0, row
+            if (row["variant"], row["call"], row["d"]) == ("batch", "backward", "64"):
+                assert int(row["spill_bytes"]) <= BATCH_BACKWARD_D64_SPILL, row
+            else:
+                assert int(row["spill_bytes"]) == 0, row
 
 
 def _no_spill_cases():
