@@ -28,8 +28,8 @@ Both builds compile through ``tests/_compile_cache.py`` (``CXX``): in the same f
 compiles preprocess the sdist's sources and, where those match the first build's, take its objects instead
 of compiling torch's headers again (step ``sdist: compile cache`` lists the hits and misses).
 
-``MAX_JOBS`` (each build's parallelism) comes from the environment: conftest passes 2 (the install tests
-run last and wait for the builds).
+``MAX_JOBS`` (each build's parallelism) comes from the environment: conftest passes 1 while other
+tests run beside the builds, 2 when only the install tests were selected.
 """
 import json
 import os

@@ -63,11 +63,10 @@ def pytest_collection_finish(session):
         from tests import _timm_releases
 
         _timm_releases.start(releases)
-    # The install tests' venv and two builds (tests/_install_run.py), two compiles at a time: the install
-    # tests run last and wait for them, and with one compile at a time beside the other tests the builds
-    # ended after those, the other core idle meanwhile.
+    # The install tests' venv and two builds (tests/_install_run.py): one compile at a time beside the
+    # other tests, which leave a core idle most of the time; two when they run alone.
     installs = [item for item in session.items if item.nodeid.startswith("tests/test_install.py")]
     if installs:
         from tests import _install_run
 
-        _install_run.start(max_jobs=2)
+        _install_run.start(max_jobs=2 if len(installs) == len(session.items) else 1)
