@@ -127,7 +127,9 @@ def make_venv(root: Path) -> Path:
         run("venv", [python, "-m", "pip", "install", "-q", f"pip=={PIP_VERSION}"])
     run("venv", [python, "-m", "pip", "install", "-q", "--upgrade", "setuptools", "wheel", "ninja"])
     torch_spec = os.environ.get("REATTN_CPU_TORCH_SPEC", f"torch=={torch_lower_bound()}")
-    run("venv", [python, "-m", "pip", "install", "-q", torch_spec])
+    # --no-compile: pip would byte-compile torch's Python files (~22 -> ~16 CPU-s for the install, measured on
+    # the dev machine); the tests import a few of them, which Python compiles on first import anyway.
+    run("venv", [python, "-m", "pip", "install", "-q", "--no-compile", torch_spec])
     run("venv: versions", [python, "-c", VERSIONS])
     return python
 
