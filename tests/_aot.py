@@ -16,8 +16,8 @@ TRAIN_BN = dict(norm="none", mask=True, dropout=True)
 
 
 def jobs():
-    """What the launch scan's record cannot vouch for, and a reproduction of it (13 launches, ~110 CPU-s from an
-    empty Triton cache on the 2-core CI machine).
+    """What the launch scan's record cannot vouch for, and a reproduction of it (13 launches; the compile times
+    measured from an empty Triton cache are in ``_weight``).
 
     The scan (``python -m benchmarks.launch_scan``, benchmarks/results/launch_scan.csv) compiles every
     configuration the rules pick for sm_90 and sm_86 in bf16 at the power-of-two head dims, and
@@ -55,7 +55,7 @@ def _parse(returncode, out, err):
     return returncode, [json.loads(line[4:]) for line in out.splitlines() if line.startswith("AOT ")], err
 
 
-# The compiles are single-threaded and take ~110 CPU-s from an empty Triton cache (any kernel change empties
+# The compiles are single-threaded and take minutes from an empty Triton cache (``_weight``; any kernel change empties
 # it for the launches it touches): two processes, so that the end of the session, when the tests are done and
 # wait for them, keeps both cores busy. Each gets about half the work (``_weight``).
 PROCESSES = 2
