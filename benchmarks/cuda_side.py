@@ -7,8 +7,10 @@ extension's own planners (no copy of their rules here):
   the forward ``forward_kernel<RowConfig<...>>`` (``rows.cuh``; the shape from
   ``reattn._C.cuda_forward_tiles``, the compiled variant by ops.cpp's ``forward_variant_for``) and
   the deterministic backward, a row pass ``forward_kernel<RowConfig<..., kBackwardRows>>`` (D, dQ,
-  the parameter-gradient partials) then a key pass ``key_kernel<KeyConfig<...>>`` (``keys.cuh``:
-  dK, dV; not launched for training BatchNorm's sums), shapes from ``reattn._C.cuda_backward_tiles``;
+  the parameter-gradient partials) then a key pass ``key_kernel<KeyConfig<..., 0>>`` (``keys.cuh``:
+  dK, dV; not launched for training BatchNorm's sums), shapes from ``reattn._C.cuda_backward_tiles``,
+  both in their plain variants (``kPlainBackwardRows``, ``KeyConfig<..., 1>``) as ops.cpp's
+  ``backward_plain_for`` decides;
 * every other problem (fp32/fp64; shapes no tile serves, e.g. a backward with H > 16 or D > 64) and the
   statistics sweep run the CUDA-core programs ``re_attention_kernel<T, kind>`` (``programs.cuh``)
   with the plan of ``reattn._C.cuda_plan``.
@@ -60,9 +62,10 @@ from benchmarks import kernel_model, sass, sass_exec
 PROGRAM_THREADS = 128              # kThreads in csrc/cuda/params.h: the CUDA-core programs
 PROGRAM_KINDS = {"forward": 0, "gram_sums": 1, "backward": 2, "bn_grad_sums": 3}
 KIND_NAMES = {v: k for k, v in PROGRAM_KINDS.items()}
-# ForwardVariant and kBackwardRows of csrc/cuda/row_configs.h.
+# ForwardVariant, kBackwardRows and kPlainBackwardRows of csrc/cuda/row_configs.h.
 FORWARD_VARIANTS = {"plain_affine": 0, "plain_layer": 1, "plain_moments": 2, "general": 3}
 BACKWARD_ROWS = 4
+PLAIN_BACKWARD_ROWS = 5
 PARAM_OFFSET = sass_exec.PARAM_OFFSET
 DTYPE_SYMBOL = {torch.bfloat16: "13__nv_bfloat16", torch.float16: "6__half", torch.float32: "f", torch.float64: "d"}
 DTYPE_CXX = {torch.bfloat16: "reattn::dev::Bf16", torch.float16: "reattn::dev::F16"}  # E of the tensor-core programs
@@ -244,6 +247,12 @@ def forward_variant(p: ReAttnParams) -> int:
     if p.moments:
         return FORWARD_VARIANTS["plain_moments"]
     return FORWARD_VARIANTS["plain_layer" if p.norm == NORM_CODES["layer"] else "plain_affine"]
+
+
+def backward_plain(p: ReAttnParams, rows: dict) -> bool:
+    """ops.cpp's backward_plain_for (general_variant off): the plain row and key passes need no mask, no dropout,
+    16-byte loads and a row shape that has a plain variant (``rows``: cuda_backward_tiles' row pass)."""
+    return p.mask_kind == MASK_NONE and not p.seed and bool(p.vector_loads) and bool(rows["has_plain"])
 
 
 # ---- the shim: ops.cpp's work around each launch, on meta tensors ----------------------------------------------
@@ -498,14 +507,16 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
             p.delta, p.dq, p.dq_st = rec.pointer(delta, "delta"), rec.pointer(dq, "dq"), _strides(dq)
             p.dk, p.dk_st, p.dv, p.dv_st = rec.pointer(dk, "dk"), _strides(dk), rec.pointer(dv, "dv"), _strides(dv)
             row_touched += [(delta, {"write"}), (dq, {"write"})]
-        args = [rows[k_] for k_ in ("slabs", "groups", "heads", "d", "d_out", "keys")] + [BACKWARD_ROWS]
+        plain = backward_plain(p, rows)
+        args = [rows[k_] for k_ in ("slabs", "groups", "heads", "d", "d_out", "keys")] + [
+            PLAIN_BACKWARD_ROWS if plain else BACKWARD_ROWS]
         _record(_template_symbol(rec.arch, "forward_kernel", "RowConfig", args, q.dtype), "backward_rows", False, q, p,
                 row_touched, (B * rows["grid"][0], rows["grid"][1]), rows["threads"], rows["shared_bytes"], "keys",
                 rows["keys"], one_segment=rows["segments"] == 1)
         if not stats_only:
             key_touched = [(t, kinds) for t, kinds in touched if t is not partials] + [
                 (delta, {"read"}), (dk, {"write"}), (dv, {"write"})]
-            args = [keys[k_] for k_ in ("kslabs", "groups", "heads", "d")]
+            args = [keys[k_] for k_ in ("kslabs", "groups", "heads", "d")] + [int(plain)]
             _record(_template_symbol(rec.arch, "key_kernel", "KeyConfig", args, q.dtype), "backward_keys", False, q,
                     p, key_touched, (B * keys["grid"][0], 1), keys["threads"], keys["shared_bytes"], "queries", 16)
         total = partials.sum(0, dtype=torch.float64)

@@ -36,6 +36,11 @@ namespace cuda {
   X(3, 1, 8, 2, 48)
 
 constexpr int kBackwardRowShapeCount = 5;
+
+// Whether row shape `index` has a plain variant (row_configs.h). Shape 4 has none: compiled plain,
+// its row pass used 8 bytes of stack at 255 registers on sm_80 (ptxas, CUDA 13), which its general
+// variant does not; its problems run the general variants of both passes.
+constexpr bool backward_rows_have_plain(int index) { return index != 4; }
 constexpr int kKeyShapeCount = 4;
 
 inline TileShape backward_row_shape(int index) {

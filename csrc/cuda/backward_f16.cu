@@ -4,8 +4,8 @@
 namespace reattn {
 namespace cuda {
 
-cudaError_t launch_backward_f16(int rows, int keys, const ReAttnParams& params, cudaStream_t stream) {
-  return launch_backward<dev::F16>(rows, keys, params, stream);
+cudaError_t launch_backward_f16(int rows, int keys, bool plain, const ReAttnParams& params, cudaStream_t stream) {
+  return launch_backward<dev::F16>(rows, keys, plain, params, stream);
 }
 
 }  // namespace cuda

@@ -30,15 +30,17 @@ cudaError_t launch_key_shape(const ReAttnParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The row pass with shape `rows`, then (unless params.stats_only) the key pass with shape `keys`.
-template <typename E>
-cudaError_t launch_backward(int rows, int keys, const ReAttnParams& p, cudaStream_t stream) {
-  if (p.B == 0 || p.Nq == 0) return cudaSuccess;
+// The row pass with shape `rows`, then (unless params.stats_only) the key pass with shape `keys`,
+// each in its plain variant where `plain` (no mask, no dropout, aligned rows: ops.cpp decides).
+template <typename E, int kVariant, int kKeyPlain>
+cudaError_t launch_backward_variant(int rows, int keys, const ReAttnParams& p, cudaStream_t stream) {
   cudaError_t err = cudaErrorInvalidValue;
   switch (rows) {
 #define REATTN_SHAPE_CASE(i, slabs, groups, heads, d, d_out, k) \
   case i:                                                        \
-    err = launch_forward_shape<RowConfig<E, slabs, groups, heads, d, d_out, k, kBackwardRows>>(p, stream); \
+    if constexpr (kVariant != kPlainBackwardRows || backward_rows_have_plain(i)) { \
+      err = launch_forward_shape<RowConfig<E, slabs, groups, heads, d, d_out, k, kVariant>>(p, stream); \
+    } \
     break;
     REATTN_BACKWARD_ROW_SHAPES(REATTN_SHAPE_CASE)
 #undef REATTN_SHAPE_CASE
@@ -49,12 +51,19 @@ cudaError_t launch_backward(int rows, int keys, const ReAttnParams& p, cudaStrea
   switch (keys) {
 #define REATTN_SHAPE_CASE(i, kslabs, groups, heads, d) \
   case i:                                               \
-    return launch_key_shape<KeyConfig<E, kslabs, groups, heads, d>>(p, stream);
+    return launch_key_shape<KeyConfig<E, kslabs, groups, heads, d, kKeyPlain>>(p, stream);
     REATTN_KEY_SHAPES(REATTN_SHAPE_CASE)
 #undef REATTN_SHAPE_CASE
     default:
       return cudaErrorInvalidValue;
   }
+}
+
+template <typename E>
+cudaError_t launch_backward(int rows, int keys, bool plain, const ReAttnParams& p, cudaStream_t stream) {
+  if (p.B == 0 || p.Nq == 0) return cudaSuccess;
+  return plain ? launch_backward_variant<E, kPlainBackwardRows, 1>(rows, keys, p, stream)
+               : launch_backward_variant<E, kBackwardRows, 0>(rows, keys, p, stream);
 }
 
 }  // namespace cuda

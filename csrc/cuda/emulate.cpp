@@ -135,13 +135,16 @@ void run_keys(const ReAttnParams& params, int order, uint64_t seed) {
   sim::launch(launch, [&] { KeyProgram<Cfg>(params).run(); });
 }
 
-template <typename E>
+template <typename E, int kVariant, int kKeyPlain>
 void backward_shapes(int rows, int keys, const ReAttnParams& params, int order, uint64_t seed) {
   switch (rows) {
-#define REATTN_SHAPE_CASE(i, slabs, groups, heads, d, d_out, k)                                       \
-  case i:                                                                                              \
-    run_forward<RowConfig<E, slabs, groups, heads, d, d_out, k, kBackwardRows>>(params, order, seed); \
-    break;
+#define REATTN_SHAPE_CASE(i, slabs, groups, heads, d, d_out, k)                                  \
+  case i:                                                                                         \
+    if constexpr (kVariant != kPlainBackwardRows || backward_rows_have_plain(i)) {                  \
+      run_forward<RowConfig<E, slabs, groups, heads, d, d_out, k, kVariant>>(params, order, seed); \
+      break;                                                                                        \
+    }                                                                                               \
+    throw std::invalid_argument("emulate_backward: row shape without a plain variant");
     REATTN_BACKWARD_ROW_SHAPES(REATTN_SHAPE_CASE)
 #undef REATTN_SHAPE_CASE
     default:
@@ -151,7 +154,7 @@ void backward_shapes(int rows, int keys, const ReAttnParams& params, int order, 
   switch (keys) {
 #define REATTN_SHAPE_CASE(i, kslabs, groups, heads, d) \
   case i:                                               \
-    return run_keys<KeyConfig<E, kslabs, groups, heads, d>>(params, order, seed);
+    return run_keys<KeyConfig<E, kslabs, groups, heads, d, kKeyPlain>>(params, order, seed);
     REATTN_KEY_SHAPES(REATTN_SHAPE_CASE)
 #undef REATTN_SHAPE_CASE
     default:
@@ -159,11 +162,18 @@ void backward_shapes(int rows, int keys, const ReAttnParams& params, int order, 
   }
 }
 
+template <typename E>
+void backward_variant(int rows, int keys, bool plain, const ReAttnParams& params, int order, uint64_t seed) {
+  if (plain) return backward_shapes<E, kPlainBackwardRows, 1>(rows, keys, params, order, seed);
+  return backward_shapes<E, kBackwardRows, 0>(rows, keys, params, order, seed);
+}
+
 }  // namespace
 
-void emulate_backward(int storage, int rows, int keys, const ReAttnParams& params, int order, uint64_t seed) {
-  if (storage == kBFloat16) return backward_shapes<dev::Bf16>(rows, keys, params, order, seed);
-  if (storage == kFloat16) return backward_shapes<dev::F16>(rows, keys, params, order, seed);
+void emulate_backward(int storage, int rows, int keys, bool plain, const ReAttnParams& params, int order,
+                      uint64_t seed) {
+  if (storage == kBFloat16) return backward_variant<dev::Bf16>(rows, keys, plain, params, order, seed);
+  if (storage == kFloat16) return backward_variant<dev::F16>(rows, keys, plain, params, order, seed);
   throw std::invalid_argument("emulate_backward: the tensor-core backward takes float16 or bfloat16");
 }
 

@@ -23,8 +23,9 @@ void emulate_program(int storage, int kind, const ReAttnParams& params, bool rev
 void emulate_forward(int storage, int shape, int variant, const ReAttnParams& params, int order, uint64_t seed);
 
 // Runs the tensor-core backward: the row pass with shape `rows`, then (unless params.stats_only)
-// the key pass with shape `keys` (backward_configs.h).
-void emulate_backward(int storage, int rows, int keys, const ReAttnParams& params, int order, uint64_t seed);
+// the key pass with shape `keys` (backward_configs.h), both in their plain variants where `plain`.
+void emulate_backward(int storage, int rows, int keys, bool plain, const ReAttnParams& params, int order,
+                      uint64_t seed);
 
 // Runs a check kernel of device_checks.cuh (kind: checks::CheckKind) in the emulator, warps and
 // lanes ordered by `order` (sim::Order); throws what the emulator refuses.

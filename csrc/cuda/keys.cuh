@@ -29,10 +29,13 @@
 namespace reattn {
 namespace cuda {
 
-template <typename E_, int kKSlabs_, int kGroups_, int kHeads_, int kD_>
+// kPlain_ (1/0): the plain variant (no mask, no dropout, 16-byte aligned rows; row_configs.h) or
+// the general one.
+template <typename E_, int kKSlabs_, int kGroups_, int kHeads_, int kD_, int kPlain_>
 struct KeyConfig {
   using E = E_;
   static constexpr int kKSlabs = kKSlabs_, kGroups = kGroups_, kHeads = kHeads_, kD = kD_;
+  static constexpr bool kPlain = kPlain_ != 0;
   static constexpr int kWarps = kKSlabs * kGroups, kThreads = 32 * kWarps, kKeys = 16 * kKSlabs;
   static constexpr int kMaxHeads = kGroups * kHeads;
   static constexpr int kKSteps = kD / 16;
@@ -51,8 +54,8 @@ struct KeyProgram {
   static constexpr int kChunkRows = 16;
   // Row sizes (elements) of the shared-memory tiles, compile-time (key_layout computes the same).
   static constexpr int kRow = padded_row(Cfg::kD), kTRow = padded_row(16);
-  using BlockCopy = TileCopy<E, Cfg::kKeys, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, false>;
-  using ChunkCopy = TileCopy<E, kChunkRows, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, false>;
+  using BlockCopy = TileCopy<E, Cfg::kKeys, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain>;
+  using ChunkCopy = TileCopy<E, kChunkRows, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain>;
   enum VectorRow : int { kBias = 0, kGamma = 1, kBeta = 2, kColumnMean = 3, kMean = 4, kRstd = 5, kE = 6, kF = 7 };
 
   const ReAttnParams& p;
@@ -87,6 +90,7 @@ struct KeyProgram {
   REATTN_DEVICE U* at(size_t offset) const {
     return reinterpret_cast<U*>(smem + offset);
   }
+  REATTN_DEVICE bool vector() const { return Cfg::kPlain || p.vector_loads; }
   REATTN_DEVICE const float* vec_row(int row) const { return at<float>(L.vectors) + row * Cfg::kMaxHeads; }
   REATTN_DEVICE E* slot_base(int slot) const { return at<E>(L.ring + slot * L.ring_slot); }
   // In a ring slot: Q [H][16][row], then dO [H][16][row], then fp32 [H][16][3] (m, log l, D).
@@ -104,9 +108,9 @@ struct KeyProgram {
     const E* kb = static_cast<const E*>(p.k) + b * p.k_st.b;
     const E* vb = static_cast<const E*>(p.v) + b * p.v_st.b;
     BlockCopy::issue(at<E>(L.keys), kRow, kb, static_cast<int>(p.k_st.h), static_cast<int>(p.k_st.n),
-                     static_cast<int>(p.k_st.d), 0, H, H, n0, Nk, 0, D, p.vector_loads);
+                     static_cast<int>(p.k_st.d), 0, H, H, n0, Nk, 0, D, vector());
     BlockCopy::issue(at<E>(L.values), kRow, vb, static_cast<int>(p.v_st.h), static_cast<int>(p.v_st.n),
-                     static_cast<int>(p.v_st.d), 0, H, H, n0, Nk, 0, D, p.vector_loads);
+                     static_cast<int>(p.v_st.d), 0, H, H, n0, Nk, 0, D, vector());
   }
 
   // The query chunk at r0: Q and dO rows (cp.async), the rows' statistics and D (plain loads: they
@@ -116,9 +120,9 @@ struct KeyProgram {
     const E* qb = static_cast<const E*>(p.q) + b * p.q_st.b;
     const E* gb = static_cast<const E*>(p.grad_out) + b * p.do_st.b;
     ChunkCopy::issue(slot_base(slot), kRow, qb, static_cast<int>(p.q_st.h), static_cast<int>(p.q_st.n),
-                     static_cast<int>(p.q_st.d), 0, H, H, r0, Nq, 0, D, p.vector_loads);
+                     static_cast<int>(p.q_st.d), 0, H, H, r0, Nq, 0, D, vector());
     ChunkCopy::issue(slot_grads(slot), kRow, gb, static_cast<int>(p.do_st.h), static_cast<int>(p.do_st.n),
-                     static_cast<int>(p.do_st.d), 0, H, H, r0, Nq, 0, D, p.vector_loads);
+                     static_cast<int>(p.do_st.d), 0, H, H, r0, Nq, 0, D, vector());
     float* st = slot_stats(slot);
     const float* stats = static_cast<const float*>(p.lse);
     for (int i = dev::thread_index(); i < H * kChunkRows; i += Cfg::kThreads) {
@@ -209,35 +213,49 @@ struct KeyProgram {
         v[e] = c0[e];
         v[4 + e] = c1[e];
       }
+      if constexpr (Cfg::kPlain) {
+        // No mask, no dropout: P = 2^(raw c - (m + log l) log2 e), c = scale log2 e (one FMA). Rows
+        // past Nq have m = +inf (P = 0); keys past Nk (zero K rows) get a finite P that only their
+        // own dK and dV rows, never written, and entries whose dN is zeroed (grad_mixed) see.
+        const float c = scale * kLog2e;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const int key = entry_key(e), rl = entry_row(e), row = r0 + rl;
-        const float* rs = st + 3 * (h * kChunkRows + rl);
-        float s = v[e] * scale;
-        bool out = key >= Nk || row >= Nq;
-        if (!out && p.mask_kind != kMaskNone) {
-          const int64_t offset = b * p.mask_st.b + h * p.mask_st.h + row * p.mask_st.n + key * p.mask_st.d;
-          if (p.mask_kind == kMaskBool) {
-            out = static_cast<const uint8_t*>(p.mask)[offset] == 0;
-          } else {
-            const float add = static_cast<const float*>(p.mask)[offset];
-            out = add == -INFINITY;
-            s += add;
-          }
+        for (int e = 0; e < 8; ++e) {
+          const float* rs = st + 3 * (h * kChunkRows + entry_row(e));
+          v[e] = dev::exp2_approx(v[e] * c - (rs[0] + rs[1]) * kLog2e);
         }
-        // P = exp((S - m) - log l): the difference first (large finite mask fills stay exact).
-        float pv = out ? 0.0f : dev::exp2_approx((s - rs[0]) * kLog2e - rs[1] * kLog2e);
-        if (dropout && pv != 0.0f && !dropout_keep(seed, b, H, h, row, key, threshold)) pv = -pv;
-        v[e] = out ? -0.0f : pv;
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const int key = entry_key(e), rl = entry_row(e), row = r0 + rl;
+          const float* rs = st + 3 * (h * kChunkRows + rl);
+          float s = v[e] * scale;
+          bool out = key >= Nk || row >= Nq;
+          if (!out && p.mask_kind != kMaskNone) {
+            const int64_t offset = b * p.mask_st.b + h * p.mask_st.h + row * p.mask_st.n + key * p.mask_st.d;
+            if (p.mask_kind == kMaskBool) {
+              out = static_cast<const uint8_t*>(p.mask)[offset] == 0;
+            } else {
+              const float add = static_cast<const float*>(p.mask)[offset];
+              out = add == -INFINITY;
+              s += add;
+            }
+          }
+          // P = exp((S - m) - log l): the difference first (large finite mask fills stay exact).
+          float pv = out ? 0.0f : dev::exp2_approx((s - rs[0]) * kLog2e - rs[1] * kLog2e);
+          if (dropout && pv != 0.0f && !dropout_keep(seed, b, H, h, row, key, threshold)) pv = -pv;
+          v[e] = out ? -0.0f : pv;
+        }
       }
-      E* to = probs_t + (static_cast<size_t>(h) * Cfg::kKeys + slab * 16 + gq) * kTRow + 2 * tq;
       uint32_t packed[4];
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {  // a dropped -P rounding to -0 would read as masked
+      for (int r = 0; r < 4; ++r) {
         packed[r] = Cv::pack(v[2 * r], v[2 * r + 1]);
-        if (v[2 * r] < 0.0f && (packed[r] & 0xffffu) == 0x8000u) packed[r] = (packed[r] & 0xffff0000u) | 0x8001u;
-        if (v[2 * r + 1] < 0.0f && (packed[r] >> 16) == 0x8000u) packed[r] = (packed[r] & 0xffffu) | 0x80010000u;
+        if constexpr (!Cfg::kPlain) {  // a dropped -P rounding to -0 would read as masked
+          if (v[2 * r] < 0.0f && (packed[r] & 0xffffu) == 0x8000u) packed[r] = (packed[r] & 0xffff0000u) | 0x8001u;
+          if (v[2 * r + 1] < 0.0f && (packed[r] >> 16) == 0x8000u) packed[r] = (packed[r] & 0xffffu) | 0x80010000u;
+        }
       }
+      E* to = probs_t + (static_cast<size_t>(h) * Cfg::kKeys + slab * 16 + gq) * kTRow + 2 * tq;
       *reinterpret_cast<uint32_t*>(to) = packed[0];
       *reinterpret_cast<uint32_t*>(to + 8 * kTRow) = packed[1];
       *reinterpret_cast<uint32_t*>(to + 8) = packed[2];
@@ -257,9 +275,9 @@ struct KeyProgram {
     {
       uint32_t own[kHeads][4];
       Mix::mix(ptile, head_stride, at<float>(L.weights), vec_row(kBias), vec_row(kColumnMean), bias_mean, H, group, acc,
-               mean, own, layer, p.seed != nullptr);
+               mean, own, layer, !Cfg::kPlain && p.seed != nullptr);
 #pragma unroll
-      for (int j = 0; j < kHeads; ++j) masks[j] = Mix::masked_bits(own[j]);
+      for (int j = 0; j < kHeads; ++j) masks[j] = Cfg::kPlain ? 0u : Mix::masked_bits(own[j]);
     }
     float* region = at<float>(L.exchange) + static_cast<size_t>(slab) * kGroups * 32 * 24;
     if (layer) {
@@ -410,7 +428,11 @@ struct KeyProgram {
       for (int e = 0; e < 8; ++e) {
         const float d = st[3 * (h * kChunkRows + entry_row(e)) + 2];
         const float pv = e & 1 ? Cv::high(pk[e / 2]) : Cv::low(pk[e / 2]);
-        ds[e] = dev::fabs_(pv) * ((pv >= 0.0f ? dp[j][e] : 0.0f) - d) * scale;
+        if constexpr (Cfg::kPlain) {  // every stored P >= 0, kept
+          ds[e] = pv * (dp[j][e] - d) * scale;
+        } else {
+          ds[e] = dev::fabs_(pv) * ((pv >= 0.0f ? dp[j][e] : 0.0f) - d) * scale;
+        }
       }
       const uint32_t af[4] = {Cv::pack(ds[0], ds[1]), Cv::pack(ds[2], ds[3]), Cv::pack(ds[4], ds[5]),
                               Cv::pack(ds[6], ds[7])};

@@ -30,9 +30,9 @@ cudaError_t launch_forward_bf16(int shape, int variant, const ReAttnParams& para
 cudaError_t launch_forward_f16(int shape, int variant, const ReAttnParams& params, cudaStream_t stream);
 
 // The tensor-core backward (rows.cuh, keys.cuh): row pass shape `rows`, key pass shape `keys` of
-// backward_configs.h.
-cudaError_t launch_backward_bf16(int rows, int keys, const ReAttnParams& params, cudaStream_t stream);
-cudaError_t launch_backward_f16(int rows, int keys, const ReAttnParams& params, cudaStream_t stream);
+// backward_configs.h, both in their plain variants where `plain` (row_configs.h).
+cudaError_t launch_backward_bf16(int rows, int keys, bool plain, const ReAttnParams& params, cudaStream_t stream);
+cudaError_t launch_backward_f16(int rows, int keys, bool plain, const ReAttnParams& params, cudaStream_t stream);
 
 constexpr int kMaxDevices = 64;  // per-device caches of the launchers
 

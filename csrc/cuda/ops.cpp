@@ -341,6 +341,14 @@ int forward_variant_for(const ReAttnParams& p, bool general_variant) {
   return p.norm == kNormLayer ? kPlainLayer : kPlainAffine;
 }
 
+// Whether the tensor-core backward with row shape `rows` runs its plain variants (row_configs.h): no
+// mask, no dropout, 16-byte aligned rows and a row shape that has one; general_variant forces the
+// general ones (tests compare the two).
+bool backward_plain_for(const ReAttnParams& p, int rows, bool general_variant) {
+  return !general_variant && p.mask_kind == kMaskNone && p.seed == nullptr && p.vector_loads &&
+         backward_rows_have_plain(rows);
+}
+
 // The tensor-core programs address a batch element's slice with 32-bit offsets.
 bool batch_offsets_fit_int32(const at::Tensor& t) {
   int64_t last = 0;
@@ -525,7 +533,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                                  const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& seed,
                                  const at::Tensor& stats, double scale, double out_scale, const std::string& norm,
                                  double eps, double dropout_p, bool stats_only, int64_t shared_limit,
-                                 bool reverse_items, bool poison_outputs, bool programs_only, int64_t shuffle_seed) {
+                                 bool reverse_items, bool poison_outputs, bool programs_only, int64_t shuffle_seed,
+                                 bool general_variant) {
   const char* op = "reattn cuda_backward";
   Arguments a = prepare(op, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, dropout_p);
   ReAttnParams& p = a.p;
@@ -554,6 +563,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     p.folded = a.keep.back().data_ptr();
     p.vector_loads = vector_loadable(q) && vector_loadable(k) && vector_loadable(v) && vector_loadable(grad_out);
     p.stats_only = stats_only;
+    const bool plain = backward_plain_for(p, rows, general_variant);
     const TileShape rs = backward_row_shape(rows);
     const int64_t programs = p.B * ((p.Nq + rs.rows() - 1) / rs.rows());
     at::Tensor partials = at::empty({programs, H * H + 3 * H}, q.options().dtype(at::kFloat));
@@ -581,13 +591,13 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     p.partials = partials.data_ptr<float>();
     if (!q.is_cuda()) {
       const int order = shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0;
-      emulate_backward(storage_of(q.scalar_type()), rows, keys, p, order, static_cast<uint64_t>(shuffle_seed));
+      emulate_backward(storage_of(q.scalar_type()), rows, keys, plain, p, order, static_cast<uint64_t>(shuffle_seed));
     } else {
 #ifdef REATTN_WITH_CUDA
       const c10::cuda::CUDAGuard guard(q.device());
       const auto stream = c10::cuda::getCurrentCUDAStream();
-      const cudaError_t err = q.scalar_type() == at::kBFloat16 ? launch_backward_bf16(rows, keys, p, stream)
-                                                               : launch_backward_f16(rows, keys, p, stream);
+      const cudaError_t err = q.scalar_type() == at::kBFloat16 ? launch_backward_bf16(rows, keys, plain, p, stream)
+                                                               : launch_backward_f16(rows, keys, plain, p, stream);
       TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
 #endif
     }
@@ -679,6 +689,7 @@ pybind11::object backward_tiles(int64_t H, int64_t D, int64_t Nq, int64_t Nk, co
   const TileShape r = backward_row_shape(rows);
   pybind11::dict row_pass;
   row_pass["shape"] = rows;
+  row_pass["has_plain"] = backward_rows_have_plain(rows);
   row_pass["slabs"] = r.slabs;
   row_pass["groups"] = r.groups;
   row_pass["heads"] = r.heads;
@@ -806,11 +817,12 @@ void register_ops(pybind11::module& m) {
         py::arg("batch_stats"), py::arg("attn_mask"), py::arg("seed"), py::arg("stats"), py::arg("scale"),
         py::arg("out_scale"), py::arg("norm"), py::arg("eps"), py::arg("dropout_p"), py::arg("stats_only"),
         py::arg("shared_limit") = 0, py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
-        py::arg("programs_only") = false, py::arg("shuffle_seed") = 0,
+        py::arg("programs_only") = false, py::arg("shuffle_seed") = 0, py::arg("general_variant") = false,
         "Fused CUDA Re-attention backward: [dq, dk, dv, dW, dc, dgamma, dbeta] (parameter gradients float64). "
         "stats_only: only dgamma = sum(dN xhat) and dbeta = sum(dN), for training BatchNorm (the others empty on "
         "the tensor-core path). fp16/bf16 run the deterministic tensor-core backward (a row pass and a key "
-        "pass, no atomics) where its shapes fit, else (and with programs_only) the CUDA-core programs.");
+        "pass, no atomics) where its shapes fit, else (and with programs_only) the CUDA-core programs; without "
+        "mask or dropout, on 16-byte aligned rows, its plain variants (general_variant: the general ones).");
   m.def("cuda_device_check", &device_check, py::arg("kind"), py::arg("a"), py::arg("b") = py::none(),
         py::arg("order") = 0, py::arg("seed") = 0,
         "Runs a check kernel of csrc/cuda/device_checks.cuh (CPU tensors: in the emulator, warps ordered by "

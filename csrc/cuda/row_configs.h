@@ -32,8 +32,12 @@ namespace cuda {
 enum ForwardVariant : int { kPlainAffine = 0, kPlainLayer = 1, kPlainMoments = 2, kGeneral = 3 };
 constexpr int kForwardVariants = 4;
 
-// The backward's row pass (rows.cuh), one compiled variant handling every mode with branches.
+// The backward's row pass (rows.cuh): a general variant (masks, dropout, element-wise loads, with
+// branches) and a plain one for problems without mask or dropout whose rows are 16-byte aligned
+// (its copies and score phase hold no mask, dropout or element-wise code). The norm is read at
+// run time in both. The key pass (keys.cuh) takes the same choice.
 constexpr int kBackwardRows = 4;
+constexpr int kPlainBackwardRows = 5;
 
 constexpr int kForwardShapeCount = 5;
 

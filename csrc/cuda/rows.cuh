@@ -49,8 +49,8 @@ template <typename E_, int kSlabs_, int kGroups_, int kHeads_, int kD_, int kDOu
 struct RowConfig {
   using E = E_;
   static constexpr int kVariant = kVariant_;
-  static constexpr bool kPlain = kVariant < kGeneral;
-  static constexpr bool kBackward = kVariant == kBackwardRows;
+  static constexpr bool kPlain = kVariant < kGeneral || kVariant == kPlainBackwardRows;
+  static constexpr bool kBackward = kVariant == kBackwardRows || kVariant == kPlainBackwardRows;
   static constexpr int kSlabs = kSlabs_, kGroups = kGroups_, kHeads = kHeads_, kD = kD_, kDOut = kDOut_;
   static constexpr int kKeys = kKeys_;
   static constexpr int kWarps = kSlabs * kGroups, kThreads = 32 * kWarps, kRows = 16 * kSlabs;
@@ -567,6 +567,25 @@ struct RowProgram {
       store_probs(s, masks, h, key0, n8_end, inv_l, false);
       return;
     }
+    if constexpr (Cfg::kPlain && Cfg::kBackward) {
+      // No mask: P = 2^(raw c - (m + log l) log2 e), c = scale log2 e, one FMA per entry (no score
+      // sits at a large mask fill, so m need not be subtracted first). Keys past the segment hold
+      // -inf (P = 0); rows past Nq have zero q and statistics (0, 0), so P = 1 there, which nothing
+      // reads: their dN, hence dM, is zeroed by grad_mixed's bounds test.
+      const float* stats = at<float>(L.stats) + (static_cast<size_t>(h) * Cfg::kRows + slab * 16 + gq) * 2;
+      const float c = static_cast<float>(p.scale) * kLog2e;
+      const float shift[2] = {(stats[0] + stats[1]) * kLog2e, (stats[16] + stats[17]) * kLog2e};
+#pragma unroll
+      for (int n = 0; n < Cfg::kScoreN8; ++n) {
+        if (n < n8_end) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[n][e] = dev::exp2_approx(s[n][e] * c - shift[e / 2]);
+        }
+      }
+      inv_l[0] = inv_l[1] = 1.0f;
+      store_probs(s, masks, h, key0, n8_end, inv_l, false);
+      return;
+    }
     // Masked scores in natural units; then the exact subtraction S - m first (large mask fills).
     mask_scores(s, masks, h, key0, n8_end);
     if (exact_round) {
@@ -953,6 +972,8 @@ struct RowProgram {
   // dO of the block's rows in shared memory (several segments: the registers go to the score
   // phase and the accumulators) or in registers (one segment: df, loaded once).
   static constexpr bool kGradsShared = Cfg::kBackward && !Cfg::kOneSegment;
+  // Element-wise decomposition even in the plain variant: its fixed-row copy made the (1, 8, 2, 64, 64, 64)
+  // row pass use 8 bytes of stack at 255 registers (ptxas, sm_80 and sm_90); it runs once per program.
   using GradCopy = TileCopy<E, Cfg::kRows, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, false>;
 
   // A fragment (the warp's 16 rows x head dims 16 kk ..) of dO of output head group + groups j.
@@ -1000,7 +1021,7 @@ struct RowProgram {
                                 const uint32_t (&df)[kHeads][Cfg::kKSteps][4], Partials& part) {
     const int norm = p.norm;
     const bool layer = norm == kNormLayer, batch = norm == kNormBatch;
-    const bool clamp = p.seed != nullptr;
+    const bool clamp = !Cfg::kPlain && p.seed != nullptr;
     float acc[kHeads][8];
     float mean[8], rstd[8];
     uint32_t masks[kHeads];
@@ -1008,18 +1029,20 @@ struct RowProgram {
       uint32_t own[kHeads][4];
       if (layer || batch) {
         mix_probs(chunk_col, acc, mean, own, layer, clamp);
-      } else {  // norm none needs only the owned heads' masked bits
+      } else {  // norm none needs only the owned heads' masked bits (the plain variant: none)
         const E* probs = chunk_tile(L.probs, L.p_row, chunk_col);
 #pragma unroll
         for (int j = 0; j < kHeads; ++j) {
           const int g = group + kGroups * j;
-          dev::ldmatrix_x4(own[j], probs + static_cast<size_t>(g < H ? g : 0) * Cfg::kRows * L.p_row);
+          if constexpr (!Cfg::kPlain) {
+            dev::ldmatrix_x4(own[j], probs + static_cast<size_t>(g < H ? g : 0) * Cfg::kRows * L.p_row);
+          }
 #pragma unroll
           for (int e = 0; e < 8; ++e) acc[j][e] = 0.0f;
         }
       }
 #pragma unroll
-      for (int j = 0; j < kHeads; ++j) masks[j] = Mix::masked_bits(own[j]);
+      for (int j = 0; j < kHeads; ++j) masks[j] = Cfg::kPlain ? 0u : Mix::masked_bits(own[j]);
     }
     // xhat in acc: LayerNorm over heads, BatchNorm with the given mean and 1/std; none: unused.
     if (layer) {
@@ -1064,14 +1087,22 @@ struct RowProgram {
         dn[j][4 + e] = c1[e];
       }
     }
-    // dN = dA where attended (masked: 0); out_scale is in gamma'.
-    const bool edge = key0 + kValueTile > Nk || m0 + slab * 16 + 16 > Nq;
-#pragma unroll
-    for (int j = 0; j < kHeads; ++j) {
+    // dN = dA where attended (masked: 0); out_scale is in gamma'. Entries past Nq or Nk count as
+    // masked: tested only in the chunks that have them (a branch the whole warp takes alike).
+    uint32_t outside = 0;
+    if (key0 + kValueTile > Nk || m0 + slab * 16 + 16 > Nq) {
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        const bool in = !edge || (entry_row(e) < Nq && key0 + entry_col(tq, e) < Nk);
-        if (((masks[j] >> e) & 1u) || !in || group + kGroups * j >= H) dn[j][e] = 0.0f;
+        if (entry_row(e) >= Nq || key0 + entry_col(tq, e) >= Nk) outside |= 1u << e;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      masks[j] |= outside;
+      if (Cfg::kPlain && outside == 0 && group + kGroups * j < H) continue;  // the plain variant's usual chunk
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        if (((masks[j] >> e) & 1u) || group + kGroups * j >= H) dn[j][e] = 0.0f;
       }
     }
     if (first) {  // dgamma += sum dN xhat, dbeta += sum dN (LayerNorm; training BatchNorm's sums)
@@ -1117,8 +1148,8 @@ struct RowProgram {
         const float a = vec_row(kGamma)[g] * vec_row(kRstd)[g], ee = vec_row(kE)[g], ff = vec_row(kF)[g];
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
-          const bool live = !((masks[j] >> e) & 1u) && (!edge || (entry_row(e) < Nq && key0 + entry_col(tq, e) < Nk));
-          dm[j][e] = live ? a * dn[j][e] + ee * acc[j][e] + ff : 0.0f;
+          dm[j][e] = a * dn[j][e] + ee * acc[j][e] + ff;
+          if (!Cfg::kPlain || masks[j] != 0) dm[j][e] = ((masks[j] >> e) & 1u) ? 0.0f : dm[j][e];
         }
       }
     }
@@ -1138,7 +1169,7 @@ struct RowProgram {
           dev::ldmatrix_x4(pr, probs + static_cast<size_t>(h) * Cfg::kRows * L.p_row);
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
-            const float pv = dev::fmax_(e & 1 ? Cv::high(pr[e / 2]) : Cv::low(pr[e / 2]), 0.0f);
+            const float pv = clamped(e & 1 ? Cv::high(pr[e / 2]) : Cv::low(pr[e / 2]));
 #pragma unroll
             for (int j = 0; j < kHeads; ++j) part.dw[j][h] += dm[j][e] * pv;
           }
@@ -1158,6 +1189,10 @@ struct RowProgram {
       *reinterpret_cast<uint32_t*>(at_g + 8 * kMRow + 8) = Cv::pack(dm[j][6], dm[j][7]);
     }
   }
+
+  // P~' of a stored value: negative ones (dropped entries, masked -0) count as 0. The plain
+  // variant stores none.
+  REATTN_DEVICE static float clamped(float stored) { return Cfg::kPlain ? stored : dev::fmax_(stored, 0.0f); }
 
   // Input-head part of a chunk: dP' = W'^T dM for the warp's heads h_j; sweep 1 adds P~' dP' to the
   // row partials of D, sweep 2 forms dS and dQ += scale dS K.
@@ -1179,7 +1214,7 @@ struct RowProgram {
       if (first) {
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
-          const float pv = dev::fmax_(e & 1 ? Cv::high(pr[e / 2]) : Cv::low(pr[e / 2]), 0.0f);
+          const float pv = clamped(e & 1 ? Cv::high(pr[e / 2]) : Cv::low(pr[e / 2]));
           dpart[j][(e / 2) % 2] += pv * dp[j][e];
         }
         continue;
@@ -1190,7 +1225,11 @@ struct RowProgram {
       for (int e = 0; e < 8; ++e) {
         const float sv = e & 1 ? Cv::high(pr[e / 2]) : Cv::low(pr[e / 2]);
         // P = |stored|; kept (Z = 1) unless the sign is set with a nonzero value (dropped).
-        ds[e] = dev::fabs_(sv) * ((sv >= 0.0f ? dp[j][e] : 0.0f) - dr[(e / 2) % 2]) * scale;
+        if constexpr (Cfg::kPlain) {  // every stored P >= 0, kept
+          ds[e] = sv * (dp[j][e] - dr[(e / 2) % 2]) * scale;
+        } else {
+          ds[e] = dev::fabs_(sv) * ((sv >= 0.0f ? dp[j][e] : 0.0f) - dr[(e / 2) % 2]) * scale;
+        }
       }
       const uint32_t af[4] = {Cv::pack(ds[0], ds[1]), Cv::pack(ds[2], ds[3]), Cv::pack(ds[4], ds[5]),
                               Cv::pack(ds[6], ds[7])};

@@ -380,20 +380,45 @@ def test_tensor_core_backward_within_twice_eager_error_in_every_mode(name, shape
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="warp orders are the emulator's")
-@pytest.mark.parametrize("norm,shape", [("none", (2, 6, 33, 40, 32)), ("layer", (2, 6, 33, 40, 32)),
-                                        ("layer", (1, 12, 17, 230, 40))], ids=["none", "layer", "layer segments"])
-def test_tensor_core_backward_does_not_race_and_is_deterministic(norm, shape):
+@pytest.mark.parametrize("norm,shape,general", [("none", (2, 6, 33, 40, 32), True), ("layer", (2, 6, 33, 40, 32), True),
+                                                ("layer", (1, 12, 17, 230, 40), True), ("layer", (2, 6, 33, 40, 32), False),
+                                                ("none", (1, 12, 17, 230, 48), False)],
+                         ids=["none", "layer", "layer segments", "plain layer", "plain segments"])
+def test_tensor_core_backward_does_not_race_and_is_deterministic(norm, shape, general):
     # Reversed and shuffled warp orders give bitwise the same gradients (no race between warps, and
     # no order-dependent sums: dK, dV in registers, parameter gradients as per-program partials).
-    # The last shape runs the row pass over key segments (230 keys).
+    # Shapes of 230 keys run the row pass over key segments; the general variants with a mask and
+    # dropout, the plain ones (row_configs.h) without.
     B, H, Nq, Nk, D = shape
-    runs = [tc_backward_case(B, H, Nq, Nk, D, norm=norm, mask=bool_mask(B, Nq, Nk), dropout=0.2, references=False,
+    mask, dropout = (bool_mask(B, Nq, Nk), 0.2) if general else (None, 0.0)
+    runs = [tc_backward_case(B, H, Nq, Nk, D, norm=norm, mask=mask, dropout=dropout, references=False,
                              **order)[0]
             for order in (dict(), dict(reverse_items=True), dict(shuffle_seed=11))]
     for grads in runs:
         for what, got, first in zip(GRAD_NAMES, grads, runs[0]):
             assert not got.isnan().any(), what  # poisoned outputs are all written
             assert torch.equal(got, first), what
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 33, 50, 64), (1, 12, 20, 260, 48)], ids=["one segment", "segments"])
+@pytest.mark.parametrize("norm", ["none", "batch", "layer"])
+def test_tensor_core_plain_backward_agrees_with_the_general_one(shape, norm):
+    # Without mask or dropout, on 16-byte aligned rows, the row and key passes run their plain
+    # variants (no mask, dropout or element-wise code; the exponent as one FMA);
+    # general_variant=True forces the general ones. Same problem, same gradients up to the
+    # rounding of P to bf16, which the two exponent forms may flip (2^-8 relative per entry).
+    B, H, Nq, Nk, D = shape
+    assert _C.cuda_backward_tiles(H, D, Nq, Nk, "bfloat16")["rows"]["has_plain"]
+    plain = tc_backward_case(B, H, Nq, Nk, D, norm=norm, references=False)[0]
+    general = tc_backward_case(B, H, Nq, Nk, D, norm=norm, references=False, general_variant=True)[0]
+    assert not torch.equal(plain[0], general[0])  # two variants ran (dQ sums dS = P (dP - D) over the keys)
+    for what, a, b in zip(GRAD_NAMES, plain, general):
+        assert not a.isnan().any(), what
+        torch.testing.assert_close(a.double(), b.double(), rtol=2 ** -7, atol=2 ** -7 * (1 + b.double().abs().max()),
+                                   msg=what)
+    # The one row shape without a plain variant (backward_configs.h): H <= 16 and 48 < D <= 64 over
+    # key segments; its problems run the general variants (the "segments layer ..." cases above).
+    assert not _C.cuda_backward_tiles(12, 64, 20, 260, "bfloat16")["rows"]["has_plain"]
 
 
 def test_tensor_core_bn_grad_sums_allocate_only_what_they_write():
@@ -545,11 +570,11 @@ def test_compiled_kernels_spill_nothing_and_reserve_at_most_1kb_of_shared_memory
     for arch in archs:
         names = [name for a, name in kernels if a == arch]
         # 4 storage types x 4 CUDA-core programs; 2 types x (5 tile shapes x 4 variants of the tensor-core
-        # forward + 5 shapes of the backward's row pass) (row_configs.h, backward_configs.h); 2 types x 4
-        # shapes of the backward's key pass
+        # forward + 5 shapes of the backward's row pass in its general variant and 4 in its plain one)
+        # (row_configs.h, backward_configs.h); 2 types x 4 shapes x 2 variants of the backward's key pass
         assert sum("re_attention_kernel" in n for n in names) == 16, names
-        assert sum("forward_kernel" in n for n in names) == 50, names
-        assert sum("key_kernel" in n for n in names) == 8, names
+        assert sum("forward_kernel" in n for n in names) == 58, names
+        assert sum("key_kernel" in n for n in names) == 16, names
     for (arch, name), usage in kernels.items():
         if not any(k in name for k in ("re_attention_kernel", "forward_kernel", "key_kernel")):
             continue
