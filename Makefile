@@ -38,7 +38,7 @@ endif
 # Benchmark results of `make bench` / `make bench-full`: outside the checkout, which stays clean.
 BENCH_RESULTS ?= $(VENV)/bench-results
 
-CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h')
 COMMA := ,
 STEP = @echo; echo "== reattn: $(1) ($$(date +%H:%M:%S))"
 

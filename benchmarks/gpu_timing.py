@@ -137,14 +137,17 @@ def kernel_times(call: Callable[[], object], device: torch.device) -> Dict[str, 
 _CXX_TYPES = {"reattn::dev::Bf16": "bfloat16", "reattn::dev::F16": "float16", "__nv_bfloat16": "bfloat16",
               "13__nv_bfloat16": "bfloat16", "__half": "float16", "6__half": "float16", "float": "float32",
               "f": "float32", "double": "float64", "d": "float64"}
-# The last argument of RowConfig (csrc/cuda/row_configs.h: ForwardVariant, then kBackwardRows).
-ROW_VARIANTS = {"0": "plain_affine", "1": "plain_layer", "2": "plain_moments", "3": "general", "4": "backward_rows"}
+# The last argument of RowConfig (csrc/cuda/row_configs.h: ForwardVariant, then kBackwardRows and
+# kPlainBackwardRows) and of KeyConfig (keys.cuh: plain or not).
+ROW_VARIANTS = {"0": "plain_affine", "1": "plain_layer", "2": "plain_moments", "3": "general", "4": "backward_rows",
+                "5": "plain_backward_rows"}
+KEY_VARIANTS = {"0": "general", "1": "plain"}
 
 
 def kernel_name(raw: str) -> str:
     """The static model's name for a profiled kernel: Triton's function name; for the CUDA programs
     ``re_attention_kernel<dtype, kind>``, ``forward_kernel<RowConfig<dtype, shape..., variant>>`` and
-    ``key_kernel<KeyConfig<dtype, shape...>>`` (from the demangled or the CUDA-core programs' mangled name)."""
+    ``key_kernel<KeyConfig<dtype, shape..., variant>>`` (from the demangled or the CUDA-core programs' mangled name)."""
     import re
 
     if "re_attention_kernel" in raw:
@@ -158,6 +161,8 @@ def kernel_name(raw: str) -> str:
         args = [a.strip() for a in m.group(4).split(",")]
         if m.group(2) == "RowConfig":
             args[-1] = ROW_VARIANTS.get(args[-1], args[-1])
+        elif len(args) == 5:
+            args[-1] = KEY_VARIANTS.get(args[-1], args[-1])
         return f"{m.group(1)}<{m.group(2)}<{_CXX_TYPES.get(m.group(3), m.group(3))}, {', '.join(args)}>>"
     return raw
 

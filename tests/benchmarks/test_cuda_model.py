@@ -47,8 +47,10 @@ def test_launches_per_norm_mode_follow_ops_cpp():
     variant = {norm: names[norm]["fwd"][0].rsplit(", ", 1)[1].rstrip(">") for norm in names}
     assert variant == {"none": "plain_affine", "batch-eval": "plain_affine", "layer": "plain_layer",
                        "batch-train": "plain_moments"}
-    assert all(n.endswith("backward_rows>>") for n in names["none"]["bwd"][:1])
+    # Without mask or dropout, on aligned rows, the backward's plain variants (row_configs.h).
+    assert all(n.endswith("plain_backward_rows>>") for n in names["none"]["bwd"][:1])
     assert names["none"]["bwd"][1].startswith("key_kernel<KeyConfig<bfloat16, ")
+    assert names["none"]["bwd"][1].endswith(", plain>>")
 
 
 def test_problems_without_a_tensor_core_plan_run_the_cuda_core_programs():
@@ -113,16 +115,39 @@ def test_extrapolating_over_the_swept_length_matches_a_full_emulation(program):
     launch = [x for x in launches["fwd"] + launches["bwd"] if x.program == program][0]
     counts = cuda_side.program_counts(launch, 90)
     assert not counts.diag.unmodelled
-    if program == "backward_rows":
-        # The segmented row pass does not issue the same for the 3rd and the 4th segment, so the model
-        # must notice and count the real length instead of extrapolating.
-        assert counts.method == "full (not linear in the swept length)"
-    else:
-        assert counts.method.startswith("extrapolated")
+    # Every program here issues the same for its 3rd and 4th unit (the general row pass did not: the model then
+    # counts the real length, "full (not linear in the swept length)"), so the model extrapolates, and must land
+    # on what the full emulation counts.
+    assert counts.method.startswith("extrapolated"), counts.method
     full = _full(launch)
     assert sum(full.issued.values()) == pytest.approx(sum(counts.issued.values()), rel=1e-9)
     for address, n in full.issued.items():
         assert counts.issued.get(address, 0.0) == pytest.approx(n, abs=1e-6), hex(address)
+
+
+def test_a_program_that_is_not_linear_in_the_swept_length_is_counted_at_its_real_length(monkeypatch):
+    from collections import Counter
+
+    from benchmarks import cuda_side, sass_exec
+
+    # Emulations at 2, 3 and 4 units that do not grow by the same counts (no program of today's extension
+    # does that; the general row pass once did): the model must count the real length, not extrapolate.
+    launch = [x for x in _launches(cuda_side.cuda_call(1, 2, 300, 16, "layer", 90))["bwd"]
+              if x.program == "backward_rows"][0]
+    unit = launch.unit
+    r = 300 - 4 * unit  # the last, partial unit's keys
+    issued = {r + unit: 10, r + 2 * unit: 20, r + 3 * unit: 31, None: 57}
+
+    def fake_run_at(launch_, arch, ctaid, length):
+        return sass_exec.Counts(issued=Counter({0x100: issued[length]}))
+
+    monkeypatch.setattr(cuda_side, "_run_at", fake_run_at)
+    counts = cuda_side.program_counts(launch, 90)
+    assert counts.method == "full (not linear in the swept length)"
+    assert counts.issued == {0x100: 57}
+    issued[r + 3 * unit] = 30  # linear: 10 + (5 - 2) * 10 = 40 at the real 5 units
+    counts = cuda_side.program_counts(launch, 90)
+    assert counts.method.startswith("extrapolated") and counts.issued == {0x100: pytest.approx(40.0)}
 
 
 def test_model_of_a_tensor_core_launch():

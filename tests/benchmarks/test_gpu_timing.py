@@ -33,9 +33,12 @@ def test_profiled_kernel_names_map_to_the_models():
     row = "void reattn::cuda::forward_kernel<reattn::cuda::RowConfig<reattn::dev::Bf16, 4, 2, 3, 64, 64, 224, 1> >" \
         "(reattn::cuda::ReAttnParams)"
     assert gpu_timing.kernel_name(row) == "forward_kernel<RowConfig<bfloat16, 4, 2, 3, 64, 64, 224, plain_layer>>"
-    key = "void reattn::cuda::key_kernel<reattn::cuda::KeyConfig<reattn::dev::F16, 1, 8, 2, 32> >" \
+    key = "void reattn::cuda::key_kernel<reattn::cuda::KeyConfig<reattn::dev::F16, 1, 8, 2, 32, 1> >" \
         "(reattn::cuda::ReAttnParams)"
-    assert gpu_timing.kernel_name(key) == "key_kernel<KeyConfig<float16, 1, 8, 2, 32>>"
+    assert gpu_timing.kernel_name(key) == "key_kernel<KeyConfig<float16, 1, 8, 2, 32, plain>>"
+    rows = "void reattn::cuda::forward_kernel<reattn::cuda::RowConfig<reattn::dev::Bf16, 2, 4, 2, 64, 64, 224, 5> >" \
+        "(reattn::cuda::ReAttnParams)"
+    assert gpu_timing.kernel_name(rows) == "forward_kernel<RowConfig<bfloat16, 2, 4, 2, 64, 64, 224, plain_backward_rows>>"
     agg = gpu_timing.aggregate_kernels([("_fa_fwd_kernel", 10.0), ("_fa_fwd_kernel", 5.0), ("memset", 0.0)])
     assert agg == {"_fa_fwd_kernel": 15.0}
     assert gpu_timing.model_gpu_name("NVIDIA H200") == "H200" and gpu_timing.model_gpu_name("NVIDIA H100 80GB HBM3") \
