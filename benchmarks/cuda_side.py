@@ -303,6 +303,30 @@ def _vector_loadable(t: torch.Tensor) -> bool:
     return t.stride(3) == 1 and all((t.stride(d) * e) % 16 == 0 for d in range(3))
 
 
+def _vector_aligned(p: ReAttnParams, touched: list, fields: Sequence[Tuple[str, str]], tensors) -> bool:
+    """ops.cpp's vector_aligned for the tensor-core programs: each input that is not ``_vector_loadable`` is copied
+    into rows padded to 8 elements (a torch op of the host, counted) and the program reads the copy's first D
+    columns instead; ``fields`` names its pointer and strides fields in ``p``. Returns ops.cpp's vector_loads."""
+    rec = _RECORDER
+    loadable = True
+    for (pointer, strides), t in zip(fields, tensors):
+        if _vector_loadable(t):
+            continue
+        D = t.shape[3]
+        padded = torch.empty((*t.shape[:3], -(-D // 8) * 8), dtype=t.dtype, device=t.device)
+        if sum((n - 1) * st for n, st in zip(padded.shape[1:], padded.stride()[1:])) >= 2 ** 31 - 1:
+            loadable = False  # 32-bit offsets would not reach: the general variant's element-wise copies
+            continue
+        view = padded[..., :D]
+        view.copy_(t)
+        setattr(p, pointer, rec.pointer(view, pointer))
+        setattr(p, strides, _strides(view))
+        for i, (x, kinds) in enumerate(touched):
+            if x is t:
+                touched[i] = (view, kinds)
+    return loadable
+
+
 def _prepare(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, seed, scale,
              dropout_p) -> Tuple[ReAttnParams, list]:
     rec = _RECORDER
@@ -437,7 +461,7 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
         p.lse = rec.pointer(stats, "lse")
         p.stats_is_input = given
         p.moments = rec.pointer(moments, "moments") if with_moments else None
-        p.vector_loads = all(_vector_loadable(t) for t in (q, k, v))
+        p.vector_loads = _vector_aligned(p, touched, (("q", "q_st"), ("k", "k_st"), ("v", "v_st")), (q, k, v))
         touched.append((folded, {"read"}))
         if with_moments:
             touched.append((moments, {"write"}))
@@ -492,7 +516,8 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
         p.lse = rec.pointer(stats, "lse")
         folded = _fold_backward(p, mix_weight, mix_bias, norm_weight, norm_bias, bn_rows, out_scale)
         p.folded = rec.pointer(folded, "folded")
-        p.vector_loads = all(_vector_loadable(t) for t in (q, k, v, grad_out))
+        p.vector_loads = _vector_aligned(p, touched, (("q", "q_st"), ("k", "k_st"), ("v", "v_st"),
+                                                      ("grad_out", "do_st")), (q, k, v, grad_out))
         p.stats_only = stats_only
         programs = B * -(-Nq // rows["rows"])
         partials = torch.empty((programs, H * H + 3 * H), dtype=torch.float32, device=q.device)

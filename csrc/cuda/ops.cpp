@@ -356,6 +356,25 @@ bool batch_offsets_fit_int32(const at::Tensor& t) {
   return last < std::numeric_limits<int32_t>::max();
 }
 
+// The tensor-core programs move rows in 16-byte cp.async copies where every input allows it
+// (vector_loadable); otherwise, e.g. at a head dim of 35 (70-byte rows), their general variants copy
+// element by element, and the plain variants (no mask or dropout code) cannot run. Predicted by the
+// static model (H100, bf16, DeepViT-L-384, norm none): forward program 1,047 us general on the
+// inputs, 525 us plain on copies whose host work (the copies) takes ~46 us. `t` itself where it is
+// loadable, else a view of its first D columns in a copy whose rows are padded to 8 elements (16
+// bytes), kept alive by `keep`: one read and write of the input. The programs never read past
+// column D (their copies stop there), so the padding stays uninitialized.
+at::Tensor vector_aligned(const at::Tensor& t, std::vector<at::Tensor>& keep) {
+  if (vector_loadable(t)) return t;
+  const int64_t D = t.size(3), padded_d = (D + 7) / 8 * 8;
+  at::Tensor padded = at::empty({t.size(0), t.size(1), t.size(2), padded_d}, t.options());
+  if (!batch_offsets_fit_int32(padded)) return t;
+  at::Tensor view = padded.narrow(3, 0, D);
+  view.copy_(t);
+  keep.push_back(padded);
+  return view;
+}
+
 // The tensor-core shape for this forward on q's device (or the emulator), or -1.
 int forward_shape_for(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const ReAttnParams& p,
                       int64_t shared_limit) {
@@ -422,7 +441,14 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     p.lse = stats.data_ptr();
     p.stats_is_input = given;
     p.moments = with_moments ? moments.data_ptr<double>() : nullptr;
-    p.vector_loads = vector_loadable(q) && vector_loadable(k) && vector_loadable(v);
+    const at::Tensor qa = vector_aligned(q, a.keep), ka = vector_aligned(k, a.keep), va = vector_aligned(v, a.keep);
+    p.q = qa.data_ptr();
+    p.q_st = strides_of(qa);
+    p.k = ka.data_ptr();
+    p.k_st = strides_of(ka);
+    p.v = va.data_ptr();
+    p.v_st = strides_of(va);
+    p.vector_loads = vector_loadable(qa) && vector_loadable(ka) && vector_loadable(va);
     const int variant = forward_variant_for(p, general_variant);
     if (!q.is_cuda()) {
       // Emulator warp order between barriers: forward, reversed, or shuffled with shuffle_seed.
@@ -561,7 +587,17 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     a.keep.push_back(fold_backward_parameters(p, mix_weight, mix_bias, norm_weight, norm_bias,
                                               p.norm == kNormBatch ? a.keep.back() : at::Tensor(), out_scale));
     p.folded = a.keep.back().data_ptr();
-    p.vector_loads = vector_loadable(q) && vector_loadable(k) && vector_loadable(v) && vector_loadable(grad_out);
+    const at::Tensor qa = vector_aligned(q, a.keep), ka = vector_aligned(k, a.keep), va = vector_aligned(v, a.keep),
+                     ga = vector_aligned(grad_out, a.keep);
+    p.q = qa.data_ptr();
+    p.q_st = strides_of(qa);
+    p.k = ka.data_ptr();
+    p.k_st = strides_of(ka);
+    p.v = va.data_ptr();
+    p.v_st = strides_of(va);
+    p.grad_out = ga.data_ptr();
+    p.do_st = strides_of(ga);
+    p.vector_loads = vector_loadable(qa) && vector_loadable(ka) && vector_loadable(va) && vector_loadable(ga);
     p.stats_only = stats_only;
     const bool plain = backward_plain_for(p, rows, general_variant);
     const TileShape rs = backward_row_shape(rows);

@@ -266,22 +266,22 @@ struct RowProgram {
           f[kk][r] = d + 1 < D ? v : v & 0xffffu;
         }
       }
-      return;
-    }
+    } else if constexpr (!Cfg::kPlain) {  // element by element (not compiled in the plain variants)
 #pragma unroll
-    for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
+      for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int row = r0 + (r & 1) * 8;
-        const int d = kk * 16 + (r >> 1) * 8 + 2 * tq;
-        uint32_t v = 0;
-        if (row < Nq && d < D) {
-          const E* at_row = base + static_cast<int64_t>(row) * st.n;
-          const uint32_t lo = at_row[d * st.d].bits;
-          const uint32_t hi = d + 1 < D ? at_row[(d + 1) * st.d].bits : 0u;
-          v = lo | (hi << 16);
+        for (int r = 0; r < 4; ++r) {
+          const int row = r0 + (r & 1) * 8;
+          const int d = kk * 16 + (r >> 1) * 8 + 2 * tq;
+          uint32_t v = 0;
+          if (row < Nq && d < D) {
+            const E* at_row = base + static_cast<int64_t>(row) * st.n;
+            const uint32_t lo = at_row[d * st.d].bits;
+            const uint32_t hi = d + 1 < D ? at_row[(d + 1) * st.d].bits : 0u;
+            v = lo | (hi << 16);
+          }
+          f[kk][r] = v;
         }
-        f[kk][r] = v;
       }
     }
   }

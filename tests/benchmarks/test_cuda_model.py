@@ -53,6 +53,20 @@ def test_launches_per_norm_mode_follow_ops_cpp():
     assert names["none"]["bwd"][1].endswith(", plain>>")
 
 
+def test_unaligned_head_dims_run_the_plain_variants_on_padded_copies():
+    from benchmarks import cuda_side
+
+    # D = 35 (DeepViT-L-384): 70-byte rows. ops.cpp copies q, k, v (and dO) into rows padded to 40 elements
+    # and runs the plain variants on them; the programs read the copies, whose first D columns they see.
+    launches = _launches(cuda_side.cuda_call(1, 2, 40, 35, "none", 90))
+    (fwd,), (rows, keys) = launches["fwd"], launches["bwd"]
+    assert fwd.name.endswith("plain_affine>>") and rows.name.endswith("plain_backward_rows>>")
+    assert keys.name.endswith(", plain>>")
+    for launch in (fwd, rows, keys):
+        assert launch.params.vector_loads and launch.params.q_st.n == 40 and launch.params.k_st.n == 40
+    assert rows.params.do_st.n == 40
+
+
 def test_problems_without_a_tensor_core_plan_run_the_cuda_core_programs():
     from benchmarks import cuda_side
 
