@@ -217,6 +217,10 @@ REATTN_DEVICE void cp_async_16(void* dst, const void* src, int src_bytes) {
                "r"(src_bytes)
                : "memory");
 }
+// The same copy with all 16 bytes read (no src_bytes operand, so no zero-fill arithmetic around it).
+REATTN_DEVICE void cp_async_16_full(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_address(dst)), "l"(src) : "memory");
+}
 REATTN_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 REATTN_DEVICE void cp_async_wait() {
@@ -224,6 +228,7 @@ REATTN_DEVICE void cp_async_wait() {
 }
 #else
 REATTN_DEVICE void cp_async_16(void* dst, const void* src, int src_bytes) { sim::cp_async(dst, src, 16, src_bytes); }
+REATTN_DEVICE void cp_async_16_full(void* dst, const void* src) { sim::cp_async(dst, src, 16, 16); }
 REATTN_DEVICE void cp_async_commit() { sim::cp_async_commit(); }
 template <int N>
 REATTN_DEVICE void cp_async_wait() {

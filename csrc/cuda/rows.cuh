@@ -104,6 +104,19 @@ struct TileCopy {
       const int hl0 = static_cast<int>(tid / kHeadChunks), r = rem / kRowChunks;
       const int dst_off = (hl0 * kTileRows + r) * row + dc * 8;
       const E* from = src + (h0 + hl0) * sh + (r0 + r) * sn + d;
+      if (r0 + kTileRows <= n_rows && d0 + kCols <= D) {
+        // Every row and column real (a tile away from the edges): whole 16-byte copies with no size
+        // arithmetic, and none for heads past H (a K tile's last round: only warps of real heads read
+        // their rows, so they need no zeros).
+#pragma unroll
+        for (int k = 0; k < kPerThread; ++k) {
+          const int hl = hl0 + k * kHeadStep;
+          if (k * kThreads < kChunks && hl < h_end) {
+            dev::cp_async_16_full(dst + dst_off + k * kHeadStep * kTileRows * row, from + k * kHeadStep * sh);
+          }
+        }
+        return;
+      }
       const int n = r0 + r < n_rows && d < D ? 2 * (D - d < 8 ? D - d : 8) : 0;
 #pragma unroll
       for (int k = 0; k < kPerThread; ++k) {
