@@ -236,6 +236,17 @@ REATTN_DEVICE void cp_async_wait() {
 }
 #endif
 
+// ---- global stores -------------------------------------------------------------------------------
+// Two 16-bit values as one 32-bit store; the address must be 4-byte aligned (the emulator checks).
+#if defined(__CUDACC__)
+REATTN_DEVICE void store_pair(void* address, uint32_t bits) { *static_cast<uint32_t*>(address) = bits; }
+#else
+REATTN_DEVICE void store_pair(void* address, uint32_t bits) {
+  sim::check_store_aligned(address, 4);
+  std::memcpy(address, &bits, 4);
+}
+#endif
+
 // ---- math ---------------------------------------------------------------------------------------
 #if defined(__CUDACC__)
 // ex2.approx.ftz.f32 (MUFU.EX2): relative error 2^-22 over the range that matters; exp2(-inf) = 0.

@@ -16,6 +16,8 @@ enum CheckKind : int {
   kBarrier = 4,         // kRace with the barrier: any warp order gives out = a
   kMissingWait = 5,     // out [32]: cp.async data read before the wait (NaN in the emulator)
   kDivergent = 6,       // half a warp reaches a shuffle (the emulator refuses)
+  kMisalignedStore = 7, // a 32-bit store of a 16-bit pair at an address 2 bytes off (the emulator refuses, as a
+                        // GPU faults: never run it on a GPU)
 };
 
 struct CheckParams {
@@ -110,6 +112,9 @@ REATTN_DEVICE void run_check(const CheckParams& p, bool bf16) {
       return;
     case kDivergent:
       if (warp == 0 && lane < 16) p.out[lane] = dev::shfl_xor(a[lane], 1);
+      return;
+    case kMisalignedStore:
+      if (warp == 0 && lane == 0) dev::store_pair(reinterpret_cast<char*>(p.out) + 2, 0u);
       return;
     default:
       return;

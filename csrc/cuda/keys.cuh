@@ -461,8 +461,10 @@ struct KeyProgram {
           const int key = n0 + slab * 16 + gq + r * 8, d = n * 8 + 2 * tq;
           if (key >= Nk) continue;
           E* out = static_cast<E*>(dst) + b * st.b + h * st.h + static_cast<int64_t>(key) * st.n;
-          if (d + 1 < D && st.d == 1) {
-            *reinterpret_cast<uint32_t*>(out + d) = Cv::pack(acc[j][n][2 * r], acc[j][n][2 * r + 1]);
+          // Pairs as one 32-bit store where the row's pairs are 4-byte aligned (not every other row of
+          // an odd row stride, e.g. D = 35).
+          if (d + 1 < D && st.d == 1 && reinterpret_cast<uintptr_t>(out) % 4 == 0) {
+            dev::store_pair(out + d, Cv::pack(acc[j][n][2 * r], acc[j][n][2 * r + 1]));
           } else {
             if (d < D) out[d * st.d].bits = Cv::from_float(acc[j][n][2 * r]);
             if (d + 1 < D) out[(d + 1) * st.d].bits = Cv::from_float(acc[j][n][2 * r + 1]);

@@ -791,7 +791,8 @@ pybind11::dict plan(int64_t kind, int64_t H, int64_t D, int64_t Nq, const std::s
 at::Tensor device_check(int64_t kind, const at::Tensor& a, const c10::optional<at::Tensor>& b, int64_t order,
                         int64_t seed) {
   const char* op = "reattn cuda_device_check";
-  TORCH_CHECK_VALUE(kind >= 0 && kind <= 6, op, ": unknown check kind ", kind);
+  TORCH_CHECK_VALUE(kind >= 0 && kind <= 7, op, ": unknown check kind ", kind);
+  TORCH_CHECK_VALUE(kind != 7 || a.is_cpu(), op, ": the misaligned-store check faults a GPU; it runs in the emulator");
   TORCH_CHECK_VALUE(order >= 0 && order <= 2, op, ": order must be 0 (forward), 1 (reverse) or 2 (shuffled)");
   const bool mma = kind <= 1;
   const bool bf16 = a.scalar_type() == at::kBFloat16;

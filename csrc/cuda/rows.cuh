@@ -847,30 +847,42 @@ struct RowProgram {
   }
 
   // Accumulators o[j] of head group + groups j, fragment layout, to a [B, H, Nq, D] output (T or fp32).
+  // 16-bit outputs go as pairs (one 32-bit store each) in rows whose pairs are 4-byte aligned: an odd
+  // row stride (a head dim such as 35) misaligns every other row, which takes 16-bit stores. A row
+  // whose columns all exist takes its pairs with one address computation.
   REATTN_DEVICE void write_rows(const float (&o)[kHeads][Cfg::kOutN8][4], void* dst, const Strides4& st,
                                 bool fp32) const {
+    const bool pairs = !fp32 && st.d == 1;
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int g = group + kGroups * j;
       if (g >= H || !slab_active) continue;
 #pragma unroll
-      for (int n = 0; n < Cfg::kOutN8; ++n) {
+      for (int r = 0; r < 2; ++r) {
+        const int row = m0 + slab * 16 + gq + r * 8;
+        if (row >= Nq) continue;
+        const int64_t at_row = b * st.b + g * st.h + static_cast<int64_t>(row) * st.n;
+        E* const out16 = static_cast<E*>(dst) + at_row;
+        const bool row_pairs = pairs && reinterpret_cast<uintptr_t>(out16) % 4 == 0;  // d is even
+        if (row_pairs && d0 + Cfg::kDOut <= D) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int row = m0 + slab * 16 + gq + r * 8;
+          for (int n = 0; n < Cfg::kOutN8; ++n) {
+            dev::store_pair(out16 + d0 + n * 8 + 2 * tq, Cv::pack(o[j][n][2 * r], o[j][n][2 * r + 1]));
+          }
+          continue;
+        }
+#pragma unroll
+        for (int n = 0; n < Cfg::kOutN8; ++n) {
           const int d = d0 + n * 8 + 2 * tq;
-          if (row >= Nq) continue;
-          const int64_t at_row = b * st.b + g * st.h + static_cast<int64_t>(row) * st.n;
           if (fp32) {
             float* out = static_cast<float*>(dst) + at_row;
             if (d < D) out[d * st.d] = o[j][n][2 * r];
             if (d + 1 < D) out[(d + 1) * st.d] = o[j][n][2 * r + 1];
-          } else if (d + 1 < D && st.d == 1) {  // the output is ours: contiguous, pairs 4-byte aligned
-            *reinterpret_cast<uint32_t*>(static_cast<E*>(dst) + at_row + d) = Cv::pack(o[j][n][2 * r], o[j][n][2 * r + 1]);
+          } else if (row_pairs && d + 1 < D) {
+            dev::store_pair(out16 + d, Cv::pack(o[j][n][2 * r], o[j][n][2 * r + 1]));
           } else {
-            E* out = static_cast<E*>(dst) + at_row;
-            if (d < D) out[d * st.d].bits = Cv::from_float(o[j][n][2 * r]);
-            if (d + 1 < D) out[(d + 1) * st.d].bits = Cv::from_float(o[j][n][2 * r + 1]);
+            if (d < D) out16[d * st.d].bits = Cv::from_float(o[j][n][2 * r]);
+            if (d + 1 < D) out16[(d + 1) * st.d].bits = Cv::from_float(o[j][n][2 * r + 1]);
           }
         }
       }

@@ -651,6 +651,14 @@ void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
   t.open_group.push_back(Copy{d, s, bytes, src_bytes});
 }
 
+void check_store_aligned(const void* address, int bytes) {
+  if (reinterpret_cast<uintptr_t>(address) % bytes != 0) {
+    Runner& r = runner();
+    fail_in_fiber(r, *r.current, "reattn sim: a " + std::to_string(bytes) + "-byte global store at an address that is "
+                  "not a multiple of " + std::to_string(bytes) + " (misaligned address on a GPU)");
+  }
+}
+
 void cp_async_commit() {
   Thread& t = *runner().current;
   t.groups.push_back(std::move(t.open_group));

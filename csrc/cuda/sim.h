@@ -65,6 +65,10 @@ void cp_async(void* dst, const void* src, int bytes, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int pending_groups);
 
+// A store of `bytes` to global memory at `address` (st.global.b32 and wider): fails the kernel unless the
+// address is aligned to the store's size, as a GPU does ("misaligned address"); x86 would not notice.
+void check_store_aligned(const void* address, int bytes);
+
 // Global atomics (one block at a time: a plain add).
 void atomic_add(float* address, float value);
 void atomic_add(double* address, double value);

@@ -13,7 +13,7 @@ import torch
 from reattn._extension import _C
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-MMA_ROW_MAJOR_B, MMA_TRANSPOSED_B, SHUFFLES, RACE, BARRIER, MISSING_WAIT, DIVERGENT = range(7)
+MMA_ROW_MAJOR_B, MMA_TRANSPOSED_B, SHUFFLES, RACE, BARRIER, MISSING_WAIT, DIVERGENT, MISALIGNED_STORE = range(8)
 FORWARD, REVERSE, SHUFFLED = range(3)
 
 
@@ -67,6 +67,14 @@ def test_cp_async_data_lands_only_at_the_wait():
 def test_a_collective_reached_by_half_a_warp_is_refused():
     with pytest.raises(RuntimeError, match="only 16 of 32 lanes of warp 0 reached shfl.sync"):
         _C.cuda_device_check(DIVERGENT, torch.zeros(32))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU a misaligned store faults the context")
+def test_a_misaligned_global_store_is_refused():
+    # The kernels store 16-bit outputs in pairs (dev::store_pair); a GPU faults on a 32-bit store that
+    # is not 4-byte aligned (every other row of an odd row stride, e.g. D = 35), x86 would not.
+    with pytest.raises(RuntimeError, match="4-byte global store at an address that is not a multiple of 4"):
+        _C.cuda_device_check(MISALIGNED_STORE, torch.zeros(32))
 
 
 def test_bad_check_arguments_are_refused():
