@@ -449,21 +449,30 @@ struct KeyProgram {
   }
 
   // Accumulators of head group + groups j, keys of the warp's slab, to a [B, H, Nk, D] output in T.
+  // Pairs go as one 32-bit store in rows whose pairs are 4-byte aligned (not every other row of an odd
+  // row stride, e.g. D = 35); a row whose columns all exist stores them from one row address.
   REATTN_DEVICE void write_keys(const float (&acc)[kHeads][Cfg::kN8][4], void* dst, const Strides4& st) const {
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int h = group + kGroups * j;
       if (h >= H) continue;
 #pragma unroll
-      for (int n = 0; n < Cfg::kN8; ++n) {
+      for (int r = 0; r < 2; ++r) {
+        const int key = n0 + slab * 16 + gq + r * 8;
+        if (key >= Nk) continue;
+        E* out = static_cast<E*>(dst) + b * st.b + h * st.h + static_cast<int64_t>(key) * st.n;
+        const bool pairs = st.d == 1 && reinterpret_cast<uintptr_t>(out) % 4 == 0;
+        if (pairs && D == Cfg::kD) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int key = n0 + slab * 16 + gq + r * 8, d = n * 8 + 2 * tq;
-          if (key >= Nk) continue;
-          E* out = static_cast<E*>(dst) + b * st.b + h * st.h + static_cast<int64_t>(key) * st.n;
-          // Pairs as one 32-bit store where the row's pairs are 4-byte aligned (not every other row of
-          // an odd row stride, e.g. D = 35).
-          if (d + 1 < D && st.d == 1 && reinterpret_cast<uintptr_t>(out) % 4 == 0) {
+          for (int n = 0; n < Cfg::kN8; ++n) {
+            dev::store_pair(out + n * 8 + 2 * tq, Cv::pack(acc[j][n][2 * r], acc[j][n][2 * r + 1]));
+          }
+          continue;
+        }
+#pragma unroll
+        for (int n = 0; n < Cfg::kN8; ++n) {
+          const int d = n * 8 + 2 * tq;
+          if (pairs && d + 1 < D) {
             dev::store_pair(out + d, Cv::pack(acc[j][n][2 * r], acc[j][n][2 * r + 1]));
           } else {
             if (d < D) out[d * st.d].bits = Cv::from_float(acc[j][n][2 * r]);
