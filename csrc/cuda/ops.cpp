@@ -375,6 +375,28 @@ at::Tensor vector_aligned(const at::Tensor& t, std::vector<at::Tensor>& keep) {
   return view;
 }
 
+// Points the parameters' q, k, v (and dO, when given) at vector_aligned versions of them; returns
+// whether every one is then vector loadable (p.vector_loads).
+bool use_aligned_inputs(Arguments& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor* grad_out) {
+  ReAttnParams& p = a.p;
+  const at::Tensor qa = vector_aligned(q, a.keep), ka = vector_aligned(k, a.keep), va = vector_aligned(v, a.keep);
+  p.q = qa.data_ptr();
+  p.q_st = strides_of(qa);
+  p.k = ka.data_ptr();
+  p.k_st = strides_of(ka);
+  p.v = va.data_ptr();
+  p.v_st = strides_of(va);
+  bool loadable = vector_loadable(qa) && vector_loadable(ka) && vector_loadable(va);
+  if (grad_out != nullptr) {
+    const at::Tensor ga = vector_aligned(*grad_out, a.keep);
+    p.grad_out = ga.data_ptr();
+    p.do_st = strides_of(ga);
+    loadable = loadable && vector_loadable(ga);
+  }
+  return loadable;
+}
+
 // The tensor-core shape for this forward on q's device (or the emulator), or -1.
 int forward_shape_for(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const ReAttnParams& p,
                       int64_t shared_limit) {
@@ -441,14 +463,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     p.lse = stats.data_ptr();
     p.stats_is_input = given;
     p.moments = with_moments ? moments.data_ptr<double>() : nullptr;
-    const at::Tensor qa = vector_aligned(q, a.keep), ka = vector_aligned(k, a.keep), va = vector_aligned(v, a.keep);
-    p.q = qa.data_ptr();
-    p.q_st = strides_of(qa);
-    p.k = ka.data_ptr();
-    p.k_st = strides_of(ka);
-    p.v = va.data_ptr();
-    p.v_st = strides_of(va);
-    p.vector_loads = vector_loadable(qa) && vector_loadable(ka) && vector_loadable(va);
+    p.vector_loads = use_aligned_inputs(a, q, k, v, nullptr);
     const int variant = forward_variant_for(p, general_variant);
     if (!q.is_cuda()) {
       // Emulator warp order between barriers: forward, reversed, or shuffled with shuffle_seed.
@@ -587,17 +602,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     a.keep.push_back(fold_backward_parameters(p, mix_weight, mix_bias, norm_weight, norm_bias,
                                               p.norm == kNormBatch ? a.keep.back() : at::Tensor(), out_scale));
     p.folded = a.keep.back().data_ptr();
-    const at::Tensor qa = vector_aligned(q, a.keep), ka = vector_aligned(k, a.keep), va = vector_aligned(v, a.keep),
-                     ga = vector_aligned(grad_out, a.keep);
-    p.q = qa.data_ptr();
-    p.q_st = strides_of(qa);
-    p.k = ka.data_ptr();
-    p.k_st = strides_of(ka);
-    p.v = va.data_ptr();
-    p.v_st = strides_of(va);
-    p.grad_out = ga.data_ptr();
-    p.do_st = strides_of(ga);
-    p.vector_loads = vector_loadable(qa) && vector_loadable(ka) && vector_loadable(va) && vector_loadable(ga);
+    p.vector_loads = use_aligned_inputs(a, q, k, v, &grad_out);
     p.stats_only = stats_only;
     const bool plain = backward_plain_for(p, rows, general_variant);
     const TileShape rs = backward_row_shape(rows);
