@@ -428,11 +428,7 @@ struct KeyProgram {
       for (int e = 0; e < 8; ++e) {
         const float d = st[3 * (h * kChunkRows + entry_row(e)) + 2];
         const float pv = e & 1 ? Cv::high(pk[e / 2]) : Cv::low(pk[e / 2]);
-        if constexpr (Cfg::kPlain) {  // every stored P >= 0, kept
-          ds[e] = pv * (dp[j][e] - d) * scale;
-        } else {
-          ds[e] = dev::fabs_(pv) * ((pv >= 0.0f ? dp[j][e] : 0.0f) - d) * scale;
-        }
+        ds[e] = Mix::template score_grad<Cfg::kPlain>(pv, dp[j][e], d, scale);
       }
       const uint32_t af[4] = {Cv::pack(ds[0], ds[1]), Cv::pack(ds[2], ds[3]), Cv::pack(ds[4], ds[5]),
                               Cv::pack(ds[6], ds[7])};
@@ -448,9 +444,8 @@ struct KeyProgram {
     }
   }
 
-  // Accumulators of head group + groups j, keys of the warp's slab, to a [B, H, Nk, D] output in T.
-  // Pairs go as one 32-bit store in rows whose pairs are 4-byte aligned (not every other row of an odd
-  // row stride, e.g. D = 35); a row whose columns all exist stores them from one row address.
+  // Accumulators of head group + groups j, keys of the warp's slab, to a [B, H, Nk, D] output in T
+  // (store_fragment_row, rows.cuh).
   REATTN_DEVICE void write_keys(const float (&acc)[kHeads][Cfg::kN8][4], void* dst, const Strides4& st) const {
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
@@ -461,24 +456,7 @@ struct KeyProgram {
         const int key = n0 + slab * 16 + gq + r * 8;
         if (key >= Nk) continue;
         E* out = static_cast<E*>(dst) + b * st.b + h * st.h + static_cast<int64_t>(key) * st.n;
-        const bool pairs = st.d == 1 && reinterpret_cast<uintptr_t>(out) % 4 == 0;
-        if (pairs && D == Cfg::kD) {
-#pragma unroll
-          for (int n = 0; n < Cfg::kN8; ++n) {
-            dev::store_pair(out + n * 8 + 2 * tq, Cv::pack(acc[j][n][2 * r], acc[j][n][2 * r + 1]));
-          }
-          continue;
-        }
-#pragma unroll
-        for (int n = 0; n < Cfg::kN8; ++n) {
-          const int d = n * 8 + 2 * tq;
-          if (pairs && d + 1 < D) {
-            dev::store_pair(out + d, Cv::pack(acc[j][n][2 * r], acc[j][n][2 * r + 1]));
-          } else {
-            if (d < D) out[d * st.d].bits = Cv::from_float(acc[j][n][2 * r]);
-            if (d + 1 < D) out[(d + 1) * st.d].bits = Cv::from_float(acc[j][n][2 * r + 1]);
-          }
-        }
+        store_fragment_row<E, Cfg::kN8, Cfg::kD>(out, acc[j], r, tq, 0, D, st.d);
       }
     }
   }

@@ -139,6 +139,18 @@ struct Mixer {
     }
   }
 
+  // dS = P (Z dP' - D) scale of one entry from its stored P~ (the backward's row and key passes): P =
+  // |stored|, kept (Z = 1) unless the sign is set with a nonzero value (dropped; masked entries are -0,
+  // so P = 0). The plain variants store no negative value: every entry kept.
+  template <bool kPlain>
+  static REATTN_DEVICE float score_grad(float stored, float dp, float delta, float scale) {
+    if constexpr (kPlain) {
+      return stored * (dp - delta) * scale;
+    } else {
+      return dev::fabs_(stored) * ((stored >= 0.0f ? dp : 0.0f) - delta) * scale;
+    }
+  }
+
   // Masked: exactly -0 (0x8000). A set sign bit on a nonzero value is the backward's dropped entry.
   static REATTN_DEVICE bool masked(const uint32_t (&own)[4], int e) {
     return ((own[e / 2] >> (e & 1 ? 16 : 0)) & 0xffffu) == 0x8000u;

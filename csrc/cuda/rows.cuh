@@ -77,6 +77,33 @@ constexpr float kLog2e = 1.4426950408889634f;
 // A row with every key masked has m = -inf: subtract 0 instead.
 REATTN_DEVICE float exp_shifted(float s, float m) { return dev::exp2_approx((s - (m == -INFINITY ? 0.0f : m)) * kLog2e); }
 
+// Fragment row r (0: tile row gq, 1: gq + 8) of n8 accumulator tiles acc[kN8][4] to a 16-bit output row
+// at `out`: columns d0 + 8 n + 2 tq and the next, stride_d elements apart, none at or past D. Pairs go
+// as one 32-bit store where the row's address is 4-byte aligned and stride_d is 1 (not every other row
+// of an odd row stride, e.g. D = 35: a GPU faults on a misaligned store); a row whose kCols columns all
+// exist stores its pairs from one address. The row program's O and dQ, the key pass's dK and dV.
+template <typename E, int kN8, int kCols>
+REATTN_DEVICE void store_fragment_row(E* out, const float (&acc)[kN8][4], int r, int tq, int d0, int D,
+                                      int64_t stride_d) {
+  using Cv = dev::Convert<E>;
+  const bool pairs = stride_d == 1 && reinterpret_cast<uintptr_t>(out) % 4 == 0;  // every column is even
+  if (pairs && d0 + kCols <= D) {
+#pragma unroll
+    for (int n = 0; n < kN8; ++n) dev::store_pair(out + d0 + n * 8 + 2 * tq, Cv::pack(acc[n][2 * r], acc[n][2 * r + 1]));
+    return;
+  }
+#pragma unroll
+  for (int n = 0; n < kN8; ++n) {
+    const int d = d0 + n * 8 + 2 * tq;
+    if (pairs && d + 1 < D) {
+      dev::store_pair(out + d, Cv::pack(acc[n][2 * r], acc[n][2 * r + 1]));
+    } else {
+      if (d < D) out[d * stride_d].bits = Cv::from_float(acc[n][2 * r]);
+      if (d + 1 < D) out[(d + 1) * stride_d].bits = Cv::from_float(acc[n][2 * r + 1]);
+    }
+  }
+}
+
 // Copies tiles [heads][kTileRows][kCols] of a [B, H, N, D] 16-bit input into shared memory rows of
 // `row` elements, 16 bytes per cp.async (zeros past D, past n_rows and for heads past H). Thread t
 // copies chunks t, t + kThreads, ... of the tile (kHeadChunks per head). When kThreads is a
@@ -846,13 +873,10 @@ struct RowProgram {
     write_rows(o, p.out, p.o_st, p.out_is_acc);
   }
 
-  // Accumulators o[j] of head group + groups j, fragment layout, to a [B, H, Nq, D] output (T or fp32).
-  // 16-bit outputs go as pairs (one 32-bit store each) in rows whose pairs are 4-byte aligned: an odd
-  // row stride (a head dim such as 35) misaligns every other row, which takes 16-bit stores. A row
-  // whose columns all exist takes its pairs with one address computation.
+  // Accumulators o[j] of head group + groups j, fragment layout, to a [B, H, Nq, D] output (T or fp32;
+  // 16-bit rows by store_fragment_row).
   REATTN_DEVICE void write_rows(const float (&o)[kHeads][Cfg::kOutN8][4], void* dst, const Strides4& st,
                                 bool fp32) const {
-    const bool pairs = !fp32 && st.d == 1;
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int g = group + kGroups * j;
@@ -862,28 +886,16 @@ struct RowProgram {
         const int row = m0 + slab * 16 + gq + r * 8;
         if (row >= Nq) continue;
         const int64_t at_row = b * st.b + g * st.h + static_cast<int64_t>(row) * st.n;
-        E* const out16 = static_cast<E*>(dst) + at_row;
-        const bool row_pairs = pairs && reinterpret_cast<uintptr_t>(out16) % 4 == 0;  // d is even
-        if (row_pairs && d0 + Cfg::kDOut <= D) {
-#pragma unroll
-          for (int n = 0; n < Cfg::kOutN8; ++n) {
-            dev::store_pair(out16 + d0 + n * 8 + 2 * tq, Cv::pack(o[j][n][2 * r], o[j][n][2 * r + 1]));
-          }
+        if (!fp32) {
+          store_fragment_row<E, Cfg::kOutN8, Cfg::kDOut>(static_cast<E*>(dst) + at_row, o[j], r, tq, d0, D, st.d);
           continue;
         }
+        float* out = static_cast<float*>(dst) + at_row;
 #pragma unroll
         for (int n = 0; n < Cfg::kOutN8; ++n) {
           const int d = d0 + n * 8 + 2 * tq;
-          if (fp32) {
-            float* out = static_cast<float*>(dst) + at_row;
-            if (d < D) out[d * st.d] = o[j][n][2 * r];
-            if (d + 1 < D) out[(d + 1) * st.d] = o[j][n][2 * r + 1];
-          } else if (row_pairs && d + 1 < D) {
-            dev::store_pair(out16 + d, Cv::pack(o[j][n][2 * r], o[j][n][2 * r + 1]));
-          } else {
-            if (d < D) out16[d * st.d].bits = Cv::from_float(o[j][n][2 * r]);
-            if (d + 1 < D) out16[(d + 1) * st.d].bits = Cv::from_float(o[j][n][2 * r + 1]);
-          }
+          if (d < D) out[d * st.d] = o[j][n][2 * r];
+          if (d + 1 < D) out[(d + 1) * st.d] = o[j][n][2 * r + 1];
         }
       }
     }
@@ -1249,12 +1261,7 @@ struct RowProgram {
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const float sv = e & 1 ? Cv::high(pr[e / 2]) : Cv::low(pr[e / 2]);
-        // P = |stored|; kept (Z = 1) unless the sign is set with a nonzero value (dropped).
-        if constexpr (Cfg::kPlain) {  // every stored P >= 0, kept
-          ds[e] = sv * (dp[j][e] - dr[(e / 2) % 2]) * scale;
-        } else {
-          ds[e] = dev::fabs_(sv) * ((sv >= 0.0f ? dp[j][e] : 0.0f) - dr[(e / 2) % 2]) * scale;
-        }
+        ds[e] = Mix::template score_grad<Cfg::kPlain>(sv, dp[j][e], dr[(e / 2) % 2], scale);
       }
       const uint32_t af[4] = {Cv::pack(ds[0], ds[1]), Cv::pack(ds[2], ds[3]), Cv::pack(ds[4], ds[5]),
                               Cv::pack(ds[6], ds[7])};
