@@ -53,6 +53,7 @@ import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -106,19 +107,34 @@ class ReAttnParams(ctypes.Structure):
     ]
 
 
+class HeadAffineParams(ctypes.Structure):
+    """csrc/cuda/params.h's HeadAffineParams: the element-wise steps of one-sweep training BatchNorm."""
+
+    _fields_ = [
+        ("B", ctypes.c_int64), ("H", ctypes.c_int), ("Nq", ctypes.c_int), ("D", ctypes.c_int), ("rows", ctypes.c_int),
+        ("vector", ctypes.c_bool), ("r", ctypes.c_void_p), ("r_st", Strides4), ("u", ctypes.c_void_p), ("u_st", Strides4),
+        ("grad", ctypes.c_void_p), ("grad_st", Strides4), ("coefficients", ctypes.c_void_p),
+        ("out", ctypes.c_void_p), ("out2", ctypes.c_void_p), ("partials", ctypes.c_void_p),
+    ]
+
+
+HEAD_AFFINE_THREADS = 256  # kHeadAffineThreads in params.h
+
+
 @dataclass
 class Launch:
     """One kernel launch as ops.cpp makes it.
 
-    program: "forward", "backward_rows", "backward_keys" (tensor-core programs) or a CUDA-core
-    program kind ("forward", "gram_sums", "backward", "bn_grad_sums") with ``core=True``.
+    program: "forward", "backward_rows", "backward_keys" (tensor-core programs), "head_affine",
+    "head_dot_sums" (``head_affine.cuh``; params a :class:`HeadAffineParams`) or a CUDA-core program kind
+    ("forward", "gram_sums", "backward", "bn_grad_sums") with ``core=True``.
     sweep: the runtime length the program's work grows with ("keys" or "queries") and ``unit`` its
     step (keys per segment or tile; 16 query rows)."""
 
     symbol: str                    # the kernel's (mangled) name in the cubin
     program: str
     core: bool                     # a CUDA-core program of programs.cuh
-    params: ReAttnParams
+    params: ctypes.Structure       # ReAttnParams, or HeadAffineParams for the element-wise steps
     dtype: torch.dtype
     grid: Tuple[int, int]
     threads: int
@@ -594,6 +610,70 @@ def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, d
                     out_scale=1.0, norm="none", eps=1e-5, dropout_p=dropout_p, with_moments=True)
 
 
+def _head_params(like: torch.Tensor) -> HeadAffineParams:
+    """ops.cpp's head_params: the shape and head_rows_per_block's rows (~4096 elements a block)."""
+    p = HeadAffineParams()
+    p.B, p.H, p.Nq, p.D = like.shape
+    rows = max(max(1, 4096 // max(p.D, 1)), -(-p.Nq // 65535))
+    p.rows = min(rows, max(p.Nq, 1))
+    return p
+
+
+def _quads(st: Strides4) -> bool:
+    """ops.cpp's rows_load_as_quads on a meta tensor: row strides of 4 elements (the GPU allocator's base addresses
+    are 16-byte aligned)."""
+    return st.b % 4 == 0 and st.h % 4 == 0 and st.n % 4 == 0
+
+
+def _head_symbol(kernel: str, dtype: torch.dtype) -> str:
+    return f"_ZN6reattn4cuda{len(kernel)}{kernel}I{DTYPE_SYMBOL[dtype]}EEvNS0_16HeadAffineParamsE"
+
+
+def _record_head(kernel: str, dtype: torch.dtype, p: HeadAffineParams, touched, shared: int) -> None:
+    # Every block owns `rows` rows of one head: the first block (all its rows exist) is emulated whole.
+    _record(_head_symbol(kernel, dtype), kernel.replace("_kernel", ""), False, SimpleNamespace(dtype=dtype), p,
+            touched, (int(p.B) * p.H, -(-int(p.Nq) // p.rows)), HEAD_AFFINE_THREADS, shared, "queries", p.rows,
+            one_segment=True)
+
+
+def _head_affine(r, u, alpha, beta, dtype, second=None):
+    """reattn.backends.cuda._head_affine and ops.cpp's head_affine."""
+    rec = _RECORDER
+    alpha2, beta2 = (second[0], second[1]) if second is not None else (alpha, beta)
+    coefficients = torch.stack([alpha, beta, alpha2, beta2]).to(r.dtype).contiguous()
+    p = _head_params(r)
+    out = torch.empty(r.shape, dtype=dtype, device=r.device)
+    out2 = torch.empty(r.shape if second is not None else (0, *r.shape[1:]), dtype=dtype, device=r.device)
+    p.r, p.r_st = rec.pointer(r, "r"), _strides(r)
+    p.u, p.u_st = rec.pointer(u, "u"), _strides(u.expand(r.shape))
+    p.vector = r.dtype == torch.float32 and p.D % 4 == 0 and _quads(p.r_st) and _quads(p.u_st)
+    p.coefficients, p.out = rec.pointer(coefficients, "coefficients"), rec.pointer(out, "out")
+    p.out2 = rec.pointer(out2, "out2") if second is not None else None
+    touched = [(r, {"read"}), (u, {"read"}), (coefficients, {"read"}), (out, {"write"})]
+    if second is not None:
+        touched.append((out2, {"write"}))
+    _record_head("head_affine_kernel", dtype, p, touched, 0)
+    return out if second is None else (out, out2)
+
+
+def _head_dot_sums(grad, r, u):
+    """reattn.backends.cuda._head_dot_sums and ops.cpp's head_dot_sums."""
+    rec = _RECORDER
+    p = _head_params(grad)
+    acc = _acc(grad.dtype)
+    partials = torch.empty((p.B, p.H, -(-p.Nq // p.rows), 2), dtype=acc, device=grad.device)
+    p.grad, p.grad_st = rec.pointer(grad, "grad"), _strides(grad)
+    p.r, p.r_st = rec.pointer(r, "r"), _strides(r)
+    p.u, p.u_st = rec.pointer(u, "u"), _strides(u.expand(grad.shape))
+    p.vector = acc == torch.float32 and p.D % 4 == 0 and all(_quads(st) for st in (p.grad_st, p.r_st, p.u_st))
+    p.partials = rec.pointer(partials, "partials")
+    warps = HEAD_AFFINE_THREADS // 32
+    _record_head("head_dot_sums_kernel", grad.dtype, p,
+                 [(grad, {"read"}), (r, {"read"}), (u, {"read"}), (partials, {"write"})],
+                 2 * warps * acc.itemsize)
+    return partials.sum(dim=(0, 2), dtype=torch.float64).t().contiguous()
+
+
 @functools.lru_cache(maxsize=None)
 def shim_ops():
     """The CUDA backend's ops over the shim (``reattn::static_model_cuda_*``, registered once per process)."""
@@ -601,7 +681,8 @@ def shim_ops():
     from reattn.backends._ladder import OpLadder
 
     kernels = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
-                           forward_moments=_forward_moments, softmax_stats_shape=lambda q: (*q.shape[:3], 2))
+                           forward_moments=_forward_moments, head_affine=_head_affine,
+                           head_dot_sums=_head_dot_sums, softmax_stats_shape=lambda q: (*q.shape[:3], 2))
     # No device implementation: the static model calls the ladder's Python bodies (OpLadder.*_impl) directly.
     return OpLadder(FusedRawOps(kernels), forward="reattn::static_model_cuda_forward",
                     backward="reattn::static_model_cuda_backward", gram_sums="reattn::static_model_cuda_gram_sums",
@@ -625,11 +706,11 @@ def cuda_call(B: int, H: int, N: int, D: int, norm: str, arch: int, dtype=torch.
 
 
 # ---- the model of one launch ------------------------------------------------------------------------------------
-def _check_param_size(symbol: str, arch: int, library: str) -> None:
+def _check_param_size(symbol: str, arch: int, library: str, struct: type = ReAttnParams) -> None:
     text = _res_usage_text(arch, library)
     m = re.search(re.escape(symbol) + r":\s*\n\s*REG:\d+.*?CONSTANT\[0\]:(\d+)", text)
-    if m and int(m.group(1)) - PARAM_OFFSET[arch] != ctypes.sizeof(ReAttnParams):
-        raise RuntimeError(f"ReAttnParams mirror is {ctypes.sizeof(ReAttnParams)} bytes but {symbol} takes "
+    if m and int(m.group(1)) - PARAM_OFFSET[arch] != ctypes.sizeof(struct):
+        raise RuntimeError(f"{struct.__name__} mirror is {ctypes.sizeof(struct)} bytes but {symbol} takes "
                            f"{int(m.group(1)) - PARAM_OFFSET[arch]}: update benchmarks/cuda_side.py from params.h")
 
 
@@ -684,7 +765,7 @@ def _sample_grid(launch: Launch) -> Tuple[int, int]:
 def _run_at(launch: Launch, arch: int, ctaid: Tuple[int, int], length: Optional[int]) -> sass_exec.Counts:
     """The block at ``ctaid`` of the launch with B = 1 (a program reads only its batch element) and the swept
     length (Nk or Nq) set to ``length`` (None: the real one)."""
-    q = ReAttnParams.from_buffer_copy(bytes(launch.params))
+    q = type(launch.params).from_buffer_copy(bytes(launch.params))
     q.B = 1
     if length is not None:
         if launch.sweep == "keys":
@@ -755,7 +836,7 @@ def model_launch(launch: Launch, arch: int) -> kernel_model.KernelModel:
     functions, resources = _functions(arch, library)
     function = functions[launch.symbol]
     res = resources[launch.symbol]
-    _check_param_size(launch.symbol, arch, library)
+    _check_param_size(launch.symbol, arch, library, type(launch.params))
     counts = program_counts(launch, arch)
     work, kinds = kernel_model.work_from_sass(function, counts.issued, counts.generic)
     diag = counts.diag

@@ -146,8 +146,10 @@ KEY_VARIANTS = {"0": "general", "1": "plain"}
 
 def kernel_name(raw: str) -> str:
     """The static model's name for a profiled kernel: Triton's function name; for the CUDA programs
-    ``re_attention_kernel<dtype, kind>``, ``forward_kernel<RowConfig<dtype, shape..., variant>>`` and
-    ``key_kernel<KeyConfig<dtype, shape..., variant>>`` (from the demangled or the CUDA-core programs' mangled name)."""
+    ``re_attention_kernel<dtype, kind>``, ``forward_kernel<RowConfig<dtype, shape..., variant>>``,
+    ``key_kernel<KeyConfig<dtype, shape..., variant>>``, ``head_affine_kernel<dtype>`` and
+    ``head_dot_sums_kernel<dtype>`` (from the demangled name, or the mangled one of the CUDA-core programs and
+    the element-wise steps)."""
     import re
 
     if "re_attention_kernel" in raw:
@@ -156,6 +158,10 @@ def kernel_name(raw: str) -> str:
         if m:
             dtype = _CXX_TYPES.get(m.group(1), m.group(1))
             return f"re_attention_kernel<{dtype}, {kinds.get(m.group(2), m.group(2))}>"
+    m = re.search(r"(head_affine_kernel|head_dot_sums_kernel)<([\w:]+)>", raw) or re.search(
+        r"(head_affine_kernel|head_dot_sums_kernel)I(\w+?)EEvNS0_16HeadAffineParams", raw)
+    if m:
+        return f"{m.group(1)}<{_CXX_TYPES.get(m.group(2), m.group(2))}>"
     m = re.search(r"(forward_kernel|key_kernel)<(?:reattn::cuda::)?(RowConfig|KeyConfig)<([\w:]+),\s*([-\d,\s]+)>", raw)
     if m:
         args = [a.strip() for a in m.group(4).split(",")]

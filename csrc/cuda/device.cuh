@@ -247,6 +247,49 @@ REATTN_DEVICE void store_pair(void* address, uint32_t bits) {
 }
 #endif
 
+// 8- and 16-byte global loads and stores, as 32-bit words; the address must be aligned to
+// the access's size (the emulator checks: a GPU faults, x86 would not notice).
+struct Words4 {
+  uint32_t w[4];
+};
+#if defined(__CUDACC__)
+REATTN_DEVICE Words4 load_16(const void* address) {
+  const uint4 v = __ldg(static_cast<const uint4*>(address));
+  return Words4{{v.x, v.y, v.z, v.w}};
+}
+REATTN_DEVICE void load_8(const void* address, uint32_t (&w)[2]) {
+  const uint2 v = __ldg(static_cast<const uint2*>(address));
+  w[0] = v.x;
+  w[1] = v.y;
+}
+REATTN_DEVICE void store_8(void* address, uint32_t lo, uint32_t hi) {
+  *static_cast<uint2*>(address) = make_uint2(lo, hi);
+}
+REATTN_DEVICE void store_16(void* address, const Words4& v) {
+  *static_cast<uint4*>(address) = make_uint4(v.w[0], v.w[1], v.w[2], v.w[3]);
+}
+#else
+REATTN_DEVICE Words4 load_16(const void* address) {
+  sim::check_load_aligned(address, 16);
+  Words4 v;
+  std::memcpy(v.w, address, 16);
+  return v;
+}
+REATTN_DEVICE void load_8(const void* address, uint32_t (&w)[2]) {
+  sim::check_load_aligned(address, 8);
+  std::memcpy(w, address, 8);
+}
+REATTN_DEVICE void store_8(void* address, uint32_t lo, uint32_t hi) {
+  sim::check_store_aligned(address, 8);
+  const uint32_t w[2] = {lo, hi};
+  std::memcpy(address, w, 8);
+}
+REATTN_DEVICE void store_16(void* address, const Words4& v) {
+  sim::check_store_aligned(address, 16);
+  std::memcpy(address, v.w, 16);
+}
+#endif
+
 // ---- math ---------------------------------------------------------------------------------------
 #if defined(__CUDACC__)
 // ex2.approx.ftz.f32 (MUFU.EX2): relative error 2^-22 over the range that matters; exp2(-inf) = 0.

@@ -4,12 +4,14 @@
 #include "emulate.h"
 
 #include <stdexcept>
+#include <string>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include "block.cuh"
 #include "device_checks.cuh"
+#include "head_affine.cuh"
 #include "rows.cuh"
 #include "row_configs.h"
 #include "backward_configs.h"
@@ -177,6 +179,53 @@ void emulate_backward(int storage, int rows, int keys, bool plain, const ReAttnP
   throw std::invalid_argument("emulate_backward: the tensor-core backward takes float16 or bfloat16");
 }
 
+namespace {
+
+sim::Launch head_launch(const HeadAffineParams& p, size_t shared_bytes, int order, uint64_t seed) {
+  sim::Launch launch;
+  launch.grid[0] = static_cast<int>(p.B * p.H);
+  launch.grid[1] = (p.Nq + p.rows - 1) / p.rows;
+  launch.threads = kHeadAffineThreads;
+  launch.shared_bytes = shared_bytes;
+  launch.order = static_cast<sim::Order>(order);
+  launch.seed = seed;
+  return launch;
+}
+
+// f(T{}) for the storage type `storage` (StorageKind).
+template <typename F>
+void with_storage(const char* what, int storage, F&& f) {
+  switch (storage) {
+    case kFloat16:
+      return f(c10::Half{});
+    case kBFloat16:
+      return f(c10::BFloat16{});
+    case kFloat32:
+      return f(float{});
+    case kFloat64:
+      return f(double{});
+    default:
+      throw std::invalid_argument(std::string(what) + ": unknown storage type");
+  }
+}
+
+}  // namespace
+
+void emulate_head_affine(int storage, const HeadAffineParams& p, int order, uint64_t seed) {
+  if (p.B * p.H == 0 || p.Nq == 0 || p.D == 0) return;
+  with_storage("emulate_head_affine", storage, [&](auto t) {
+    sim::launch(head_launch(p, 0, order, seed), [&] { head_affine_program<decltype(t)>(p); });
+  });
+}
+
+void emulate_head_dot_sums(int storage, const HeadAffineParams& p, int order, uint64_t seed) {
+  if (p.B * p.H == 0 || p.Nq == 0) return;
+  with_storage("emulate_head_dot_sums", storage, [&](auto t) {
+    using T = decltype(t);
+    sim::launch(head_launch(p, head_dot_sums_shared<T>(), order, seed), [&] { head_dot_sums_program<T>(p); });
+  });
+}
+
 void emulate_device_check(int kind, const void* a, const void* b, float* out, bool bf16, int order, uint64_t seed) {
   checks::CheckParams p;
   p.kind = kind;
@@ -193,18 +242,7 @@ void emulate_device_check(int kind, const void* a, const void* b, float* out, bo
 
 void emulate_program(int storage, int kind, const ReAttnParams& params, bool reverse_items) {
   if (kind < kForward || kind > kBnGradSums) throw std::invalid_argument("emulate_program: unknown program kind");
-  switch (storage) {
-    case kFloat16:
-      return run<c10::Half>(kind, params, reverse_items);
-    case kBFloat16:
-      return run<c10::BFloat16>(kind, params, reverse_items);
-    case kFloat32:
-      return run<float>(kind, params, reverse_items);
-    case kFloat64:
-      return run<double>(kind, params, reverse_items);
-    default:
-      throw std::invalid_argument("emulate_program: unknown storage type");
-  }
+  with_storage("emulate_program", storage, [&](auto t) { run<decltype(t)>(kind, params, reverse_items); });
 }
 
 }  // namespace cuda

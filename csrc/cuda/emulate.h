@@ -9,8 +9,6 @@
 namespace reattn {
 namespace cuda {
 
-enum StorageKind : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
-
 // Runs program `kind` over every (query block, head-dim chunk) of params.plan. Shared memory is
 // refilled with NaN before each program, so a read of anything the program did not write shows.
 // reverse_items: run the warps (and the lanes of each warp) last to first between barriers (a race
@@ -26,6 +24,10 @@ void emulate_forward(int storage, int shape, int variant, const ReAttnParams& pa
 // the key pass with shape `keys` (backward_configs.h), both in their plain variants where `plain`.
 void emulate_backward(int storage, int rows, int keys, bool plain, const ReAttnParams& params, int order,
                       uint64_t seed);
+
+// Runs head_affine_program / head_dot_sums_program (head_affine.cuh) over their grid.
+void emulate_head_affine(int storage, const HeadAffineParams& params, int order, uint64_t seed);
+void emulate_head_dot_sums(int storage, const HeadAffineParams& params, int order, uint64_t seed);
 
 // Runs a check kernel of device_checks.cuh (kind: checks::CheckKind) in the emulator, warps and
 // lanes ordered by `order` (sim::Order); throws what the emulator refuses.

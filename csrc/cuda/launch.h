@@ -34,6 +34,10 @@ cudaError_t launch_forward_f16(int shape, int variant, const ReAttnParams& param
 cudaError_t launch_backward_bf16(int rows, int keys, bool plain, const ReAttnParams& params, cudaStream_t stream);
 cudaError_t launch_backward_f16(int rows, int keys, bool plain, const ReAttnParams& params, cudaStream_t stream);
 
+// The element-wise steps of one-sweep training BatchNorm (head_affine.cuh); storage: StorageKind.
+cudaError_t launch_head_affine(int storage, const HeadAffineParams& params, cudaStream_t stream);
+cudaError_t launch_head_dot_sums(int storage, const HeadAffineParams& params, cudaStream_t stream);
+
 constexpr int kMaxDevices = 64;  // per-device caches of the launchers
 
 // The check kernels of device_checks.cuh (one block of 64 threads).

@@ -7,6 +7,7 @@
 // has CUDA (REATTN_WITH_CUDA); the emulator always is.
 #include "ops.h"
 
+#include <algorithm>
 #include <atomic>
 #include <limits>
 #include <string>
@@ -793,6 +794,146 @@ pybind11::dict plan(int64_t kind, int64_t H, int64_t D, int64_t Nq, const std::s
   return out;
 }
 
+// ---- one-sweep training BatchNorm's element-wise steps (head_affine.cuh) -------------------------------------
+
+// Rows per block: ~4096 elements (16 per thread), and few enough blocks along Nq for grid.y.
+int head_rows_per_block(int64_t Nq, int64_t D) {
+  int64_t rows = std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1));
+  rows = std::max<int64_t>(rows, (Nq + 65534) / 65535);
+  return static_cast<int>(std::min<int64_t>(rows, std::max<int64_t>(Nq, 1)));
+}
+
+void check_unit_stride(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.size(3) <= 1 || t.stride(3) == 1, op, ": ", name, " needs a unit stride over the head dim, ",
+                    "got strides ", t.strides());
+}
+
+// u broadcast to [B, H, Nq, D] by strides (0 on its size-1 dims), checked.
+Strides4 broadcast_strides(const char* op, const char* name, const at::Tensor& u, at::IntArrayRef shape,
+                           at::ScalarType acc, const at::Device& device) {
+  TORCH_CHECK_VALUE(u.dim() == 4, op, ": ", name, " must be 4-D, broadcastable to ", shape, ", got ", u.sizes());
+  for (int i = 0; i < 4; ++i) {
+    TORCH_CHECK_VALUE(u.size(i) == shape[i] || (u.size(i) == 1 && i < 3), op, ": ", name, " ", u.sizes(),
+                      " does not broadcast to ", shape, " (over B, H and Nq only)");
+  }
+  TORCH_CHECK_TYPE(u.scalar_type() == acc, op, ": ", name, " must be ", acc, ", got ", u.scalar_type());
+  TORCH_CHECK_VALUE(u.device() == device, op, ": ", name, " is on ", u.device(), " but the output on ", device);
+  check_unit_stride(op, name, u);
+  return strides_of(u.expand(shape));
+}
+
+// Whether every row of t (strides st) starts where a load of four elements is aligned to its size (16 bytes
+// for fp32, 8 for 16-bit types): HeadAffineParams::vector.
+bool rows_load_as_quads(const at::Tensor& t, const Strides4& st) {
+  const int64_t quad = 4 * t.element_size();
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % quad == 0 && st.b % 4 == 0 && st.h % 4 == 0 && st.n % 4 == 0;
+}
+
+HeadAffineParams head_params(const at::Tensor& like) {
+  HeadAffineParams p;
+  p.B = like.size(0);
+  p.H = static_cast<int>(like.size(1));
+  p.Nq = static_cast<int>(like.size(2));
+  p.D = static_cast<int>(like.size(3));
+  p.rows = head_rows_per_block(p.Nq, p.D);
+  return p;
+}
+
+void check_head_shape(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.dim() == 4, op, ": ", name, " must be [B, H, Nq, D], got ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_cuda() || t.is_cpu(), op, ": ", name, " must be on a CUDA device (or on the CPU for the ",
+                    "emulator), got ", t.device());
+  TORCH_CHECK_VALUE(t.size(1) >= 1 && t.size(2) <= std::numeric_limits<int>::max() &&
+                        t.size(3) <= std::numeric_limits<int>::max() &&
+                        t.size(0) * t.size(1) <= std::numeric_limits<int>::max(),
+                    op, ": ", name, " ", t.sizes(), " needs H >= 1, Nq and D in int32 and B * H in int32");
+}
+
+std::vector<at::Tensor> head_affine(const at::Tensor& r, const at::Tensor& u, const at::Tensor& coefficients,
+                                    at::ScalarType dtype, bool second, bool reverse_items, bool poison_outputs,
+                                    int64_t shuffle_seed) {
+  const char* op = "reattn cuda_head_affine";
+  check_head_shape(op, "r", r);
+  const int storage = storage_of(dtype);
+  const auto acc = acc_of(dtype);
+  TORCH_CHECK_TYPE(r.scalar_type() == acc, op, ": r must be ", acc, " (the accumulation type of ", dtype, "), got ",
+                   r.scalar_type());
+  HeadAffineParams p = head_params(r);
+  TORCH_CHECK_VALUE(coefficients.sizes() == at::IntArrayRef({4, p.H}) && coefficients.scalar_type() == acc &&
+                        coefficients.is_contiguous() && coefficients.device() == r.device(),
+                    op, ": coefficients must be a contiguous [4, H] = [4, ", p.H, "] ", acc, " tensor (alpha, beta, ",
+                    "alpha2, beta2) on ", r.device(), ", got ", coefficients.sizes(), " ", coefficients.scalar_type());
+  check_unit_stride(op, "r", r);
+  p.r = r.data_ptr();
+  p.r_st = strides_of(r);
+  p.u = u.data_ptr();
+  p.u_st = broadcast_strides(op, "u", u, r.sizes(), acc, r.device());
+  p.vector = acc == at::kFloat && p.D % 4 == 0 && rows_load_as_quads(r, p.r_st) && rows_load_as_quads(u, p.u_st);
+  p.coefficients = coefficients.data_ptr();
+  at::Tensor out = at::empty(r.sizes(), r.options().dtype(dtype));
+  at::Tensor out2 = at::empty(second ? r.sizes() : at::IntArrayRef({0, p.H, p.Nq, p.D}), r.options().dtype(dtype));
+  if (poison_outputs) {
+    poison(out);
+    poison(out2);
+  }
+  p.out = out.data_ptr();
+  p.out2 = second ? out2.data_ptr() : nullptr;
+  if (r.is_cpu()) {
+    const int order = shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0;
+    emulate_head_affine(storage, p, order, static_cast<uint64_t>(shuffle_seed));
+  } else {
+#ifdef REATTN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(r.device());
+    const cudaError_t err = launch_head_affine(storage, p, c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+#else
+    TORCH_CHECK_VALUE(false, op, ": reattn._C was built without CUDA");
+#endif
+  }
+  return {out, out2};
+}
+
+at::Tensor head_dot_sums(const at::Tensor& grad, const at::Tensor& r, const at::Tensor& u, bool reverse_items,
+                         bool poison_outputs, int64_t shuffle_seed) {
+  const char* op = "reattn cuda_head_dot_sums";
+  check_head_shape(op, "grad", grad);
+  const int storage = storage_of(grad.scalar_type());
+  const auto acc = acc_of(grad.scalar_type());
+  TORCH_CHECK_VALUE(r.sizes() == grad.sizes(), op, ": r must have grad's shape ", grad.sizes(), ", got ", r.sizes());
+  TORCH_CHECK_TYPE(r.scalar_type() == grad.scalar_type(), op, ": r is ", r.scalar_type(), " but grad is ",
+                   grad.scalar_type());
+  TORCH_CHECK_VALUE(r.device() == grad.device(), op, ": r is on ", r.device(), " but grad on ", grad.device());
+  HeadAffineParams p = head_params(grad);
+  check_unit_stride(op, "grad", grad);
+  check_unit_stride(op, "r", r);
+  p.grad = grad.data_ptr();
+  p.grad_st = strides_of(grad);
+  p.r = r.data_ptr();
+  p.r_st = strides_of(r);
+  p.u = u.data_ptr();
+  p.u_st = broadcast_strides(op, "u", u, grad.sizes(), acc, grad.device());
+  p.vector = acc == at::kFloat && p.D % 4 == 0 && rows_load_as_quads(grad, p.grad_st) &&
+             rows_load_as_quads(r, p.r_st) && rows_load_as_quads(u, p.u_st);
+  const int64_t num_m = (p.Nq + p.rows - 1) / p.rows;
+  at::Tensor partials = at::empty({p.B, p.H, num_m, 2}, grad.options().dtype(acc));
+  if (poison_outputs) poison(partials);
+  p.partials = partials.data_ptr();
+  if (grad.is_cpu()) {
+    const int order = shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0;
+    emulate_head_dot_sums(storage, p, order, static_cast<uint64_t>(shuffle_seed));
+  } else {
+#ifdef REATTN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(grad.device());
+    const cudaError_t err = launch_head_dot_sums(storage, p, c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+#else
+    TORCH_CHECK_VALUE(false, op, ": reattn._C was built without CUDA");
+#endif
+  }
+  // The blocks' partial sums added in float64: [2, H] = (sum grad . r, sum grad . u) per head.
+  return partials.sum({0, 2}, /*keepdim=*/false, at::kDouble).t().contiguous();
+}
+
 at::Tensor device_check(int64_t kind, const at::Tensor& a, const c10::optional<at::Tensor>& b, int64_t order,
                         int64_t seed) {
   const char* op = "reattn cuda_device_check";
@@ -865,6 +1006,17 @@ void register_ops(pybind11::module& m) {
         "the tensor-core path). fp16/bf16 run the deterministic tensor-core backward (a row pass and a key "
         "pass, no atomics) where its shapes fit, else (and with programs_only) the CUDA-core programs; without "
         "mask or dropout, on 16-byte aligned rows, its plain variants (general_variant: the general ones).");
+  m.def("cuda_head_affine", &head_affine, py::arg("r"), py::arg("u"), py::arg("coefficients"), py::arg("dtype"),
+        py::arg("second") = false, py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
+        py::arg("shuffle_seed") = 0,
+        "One-sweep training BatchNorm's finish: [out, out2], out = (alpha[h] r + beta[h] u).to(dtype) and (second) "
+        "out2 = (alpha2[h] r + beta2[h] u).to(dtype), else out2 empty [0, H, Nq, D]. r [B,H,Nq,D] and u "
+        "(broadcastable to it) in the accumulation type of dtype; coefficients [4, H] (alpha, beta, alpha2, beta2) "
+        "in that type. CPU tensors run the emulator.");
+  m.def("cuda_head_dot_sums", &head_dot_sums, py::arg("grad"), py::arg("r"), py::arg("u"),
+        py::arg("reverse_items") = false, py::arg("poison_outputs") = false, py::arg("shuffle_seed") = 0,
+        "One-sweep training BatchNorm's backward sums: [2, H] float64 = per head, sum over (b, i, d) of grad * r "
+        "and of grad * u. grad, r [B,H,Nq,D] in one dtype; u broadcastable to them, in its accumulation type.");
   m.def("cuda_device_check", &device_check, py::arg("kind"), py::arg("a"), py::arg("b") = py::none(),
         py::arg("order") = 0, py::arg("seed") = 0,
         "Runs a check kernel of csrc/cuda/device_checks.cuh (CPU tensors: in the emulator, warps ordered by "

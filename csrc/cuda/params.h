@@ -18,6 +18,9 @@ struct Strides4 {
   int64_t b, h, n, d;
 };
 
+// The storage types of q, k, v, as the launchers and the emulator take them.
+enum StorageKind : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
 constexpr int kThreads = 128;  // 4 warps per program
 constexpr int kReduceLanes = 8;  // partial sums per row in the programs' two-level reductions
 constexpr int kMaxHeads = 32;
@@ -119,6 +122,38 @@ struct ReAttnParams {
 
   Plan plan{};
 };
+
+// The element-wise steps of one-sweep training BatchNorm over [B, H, Nq, D] (head_affine.cuh;
+// docs/math.md, "Training BatchNorm in one sweep"). A block owns `rows` query rows of one (b, h):
+// grid (B * H, ceil(Nq / rows)), kHeadAffineThreads threads. Every input has unit stride along D.
+//   head_affine:   out = alpha[h] R' + beta[h] U, out2 = alpha2[h] R' + beta2[h] U (both in T)
+//   head_dot_sums: partials[(b H + h) grid_y + block_y] = (sum dO . R, sum dO . U) over the block's rows
+struct HeadAffineParams {
+  int64_t B = 0;
+  int H = 0, Nq = 0, D = 0;
+  int rows = 0;
+  // Four columns per thread item, by 16-byte loads (fp32 accumulation, D % 4 == 0, every row start
+  // 16-byte aligned in the fp32 inputs and 4-element aligned in the T ones); else one.
+  bool vector = false;
+  // head_affine: R' = X V in the accumulation type; head_dot_sums: R = xhat V in T. Any strides.
+  const void* r = nullptr;
+  Strides4 r_st{};
+  // U = (unmasked keys) V in the accumulation type, broadcast by strides (0 on broadcast dims).
+  const void* u = nullptr;
+  Strides4 u_st{};
+  // head_dot_sums: dO in T, any strides.
+  const void* grad = nullptr;
+  Strides4 grad_st{};
+  // head_affine: [4, H] in the accumulation type, contiguous: alpha, beta, alpha2, beta2.
+  const void* coefficients = nullptr;
+  // head_affine: contiguous [B, H, Nq, D] in T; out2 null = no second output.
+  void* out = nullptr;
+  void* out2 = nullptr;
+  // head_dot_sums: [B * H * grid_y, 2] in the accumulation type.
+  void* partials = nullptr;
+};
+
+constexpr int kHeadAffineThreads = 256;
 
 }  // namespace cuda
 }  // namespace reattn

@@ -659,6 +659,14 @@ void check_store_aligned(const void* address, int bytes) {
   }
 }
 
+void check_load_aligned(const void* address, int bytes) {
+  if (reinterpret_cast<uintptr_t>(address) % bytes != 0) {
+    Runner& r = runner();
+    fail_in_fiber(r, *r.current, "reattn sim: a " + std::to_string(bytes) + "-byte global load at an address that is "
+                  "not a multiple of " + std::to_string(bytes) + " (misaligned address on a GPU)");
+  }
+}
+
 void cp_async_commit() {
   Thread& t = *runner().current;
   t.groups.push_back(std::move(t.open_group));

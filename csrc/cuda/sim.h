@@ -68,6 +68,8 @@ void cp_async_wait(int pending_groups);
 // A store of `bytes` to global memory at `address` (st.global.b32 and wider): fails the kernel unless the
 // address is aligned to the store's size, as a GPU does ("misaligned address"); x86 would not notice.
 void check_store_aligned(const void* address, int bytes);
+// The same for a global load of `bytes` (ld.global.v4 and the like).
+void check_load_aligned(const void* address, int bytes);
 
 // Global atomics (one block at a time: a plain add).
 void atomic_add(float* address, float value);

@@ -3,8 +3,10 @@
 Its ops are ``reattn::cuda_forward``, ``reattn::cuda_backward``, ``reattn::cuda_gram_sums`` and
 ``reattn::cuda_bn_grad_sums`` (``_ladder.OpLadder``: nothing of size B*H*Nq*Nk is saved or
 written). Local training BatchNorm runs in one sweep over the keys: the forward program with norm
-none also sums the map's moments per head (``_C.cuda_forward(..., with_moments=True)``) and
-``_fused.one_sweep_batchnorm`` applies the norm to X V. Dropout uses Triton's Philox stream, so for
+none also sums the map's moments per head (``_C.cuda_forward(..., with_moments=True)``),
+``_fused.one_sweep_batchnorm`` applies the norm to X V in one element-wise pass (``_C.cuda_head_affine``,
+which also writes R = xhat V for the backward), and the backward's BatchNorm sums are one pass over dO,
+R and U (``_C.cuda_head_dot_sums``) instead of a sweep over the keys. Dropout uses Triton's Philox stream, so for
 one seed the CUDA and Triton backends drop the same entries.
 
 On CPU tensors the same ops run the host emulator of the CUDA programs (``csrc/cuda/emulate.h``),
@@ -65,9 +67,25 @@ def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, d
     return x_v, softmax_stats, moments
 
 
+def _head_affine(r, u, alpha, beta, dtype, second=None):
+    # One-sweep training BatchNorm's finish (csrc/cuda/head_affine.cuh): (alpha r + beta u).to(dtype) and, with
+    # second = (alpha2, beta2, dtype2), (alpha2 r + beta2 u).to(dtype2) from the same reads.
+    if second is not None and second[2] != dtype:
+        raise TypeError(f"cuda head_affine: both outputs must have one dtype, got {dtype} and {second[2]}")
+    alpha2, beta2 = (second[0], second[1]) if second is not None else (alpha, beta)
+    coefficients = torch.stack([alpha, beta, alpha2, beta2]).to(r.dtype).contiguous()
+    out, out2 = _C.cuda_head_affine(r, u, coefficients, dtype, second is not None)
+    return out if second is None else (out, out2)
+
+
+def _head_dot_sums(grad, r, u):
+    # [2, H] float64: per head, sum grad . r and sum grad . u (the training BatchNorm backward's sums).
+    return _C.cuda_head_dot_sums(grad, r, u)
+
+
 CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
-                            forward_moments=_forward_moments,
-                            softmax_stats_shape=lambda q: (*q.shape[:3], 2))
+                            forward_moments=_forward_moments, head_affine=_head_affine,
+                            head_dot_sums=_head_dot_sums, softmax_stats_shape=lambda q: (*q.shape[:3], 2))
 CUDA_OPS = OpLadder(FusedRawOps(CUDA_KERNELS), forward="reattn::cuda_forward", backward="reattn::cuda_backward",
                     gram_sums="reattn::cuda_gram_sums", bn_grad_sums="reattn::cuda_bn_grad_sums",
                     device_types=("cuda", "cpu"))

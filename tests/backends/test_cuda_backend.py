@@ -729,3 +729,108 @@ def test_dropout_pattern_is_tritons_philox():
     kept = out != 0
     assert 0.5 < kept.double().mean() < 0.9
     torch.testing.assert_close(kept, dropout_keep_mask(seed, (B, H, Nq, Nk), 0.3))
+
+
+# ---- one-sweep training BatchNorm's element-wise steps (csrc/cuda/head_affine.cuh) ----------------------------
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows_of(B, H, N, D, dtype, layout, g):
+    """[B, H, N, D] with unit stride along D, rows as `layout` says: "D = 35" (no four-column items),
+    "D = 36" (16-byte aligned rows: items of four columns, HeadAffineParams::vector), "D = 36, rows 4 bytes off"
+    (a view one element into wider rows: the host must pick one column per item, or the emulator's alignment
+    check refuses the 16-byte loads)."""
+    if "off" not in layout:
+        return torch.randn(B, N, H, D, generator=g, dtype=torch.float64).to(dtype).to(DEVICE).transpose(1, 2)
+    wide = torch.randn(B, H, N, D + 4, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+    return wide[..., 1:D + 1]
+
+
+HEAD_LAYOUTS = {"D = 35": 35, "D = 36": 36, "D = 36, rows 4 bytes off": 36}
+
+
+@pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))
+@pytest.mark.parametrize("u_shape", ["per-batch-head", "per-row", "mask [1, 1, Nq]"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_head_affine_matches_float64(layout, u_shape, dtype):
+    """out = alpha_h R' + beta_h U and out2 = alpha2_h R' + beta2_h U, each one fused multiply-add per element in
+    the accumulation dtype and one rounding to dtype; one or four columns per thread item (see _rows_of), more
+    rows than one block holds (Nq = 140 > 4096 / D), r not contiguous, poisoned outputs."""
+    B, H, Nq, D = 2, 3, 140, HEAD_LAYOUTS[layout]
+    acc = _acc(dtype)
+    g = torch.Generator().manual_seed(0)
+    r = _rows_of(B, H, Nq, D, acc, layout, g)
+    u = {"per-batch-head": torch.randn(B, H, 1, D, generator=g, dtype=acc),
+         "per-row": torch.randn(B, H, Nq, D, generator=g, dtype=acc),
+         "mask [1, 1, Nq]": torch.randn(1, 1, Nq, D, generator=g, dtype=acc)}[u_shape].to(DEVICE)
+    coefficients = torch.randn(4, H, generator=g, dtype=acc).to(DEVICE)
+    out, out2 = _C.cuda_head_affine(r, u, coefficients, dtype, True, poison_outputs=True)
+    eps = torch.finfo(acc).eps
+    for got, (alpha, beta) in ((out, coefficients[:2]), (out2, coefficients[2:])):
+        a, b = alpha[None, :, None, None].double(), beta[None, :, None, None].double()
+        want = r.double() * a + u.double() * b
+        assert got.dtype == dtype and got.shape == (B, H, Nq, D) and got.is_contiguous()
+        # the FMA's and the product's roundings (2 eps of the terms), then one rounding to dtype: half an ulp,
+        # relative in dtype's normal range, absolute (half the subnormal spacing) below it
+        bound = 2 * eps * (r.double().abs() * a.abs() + u.double().abs() * b.abs())
+        if dtype != acc:
+            info = torch.finfo(dtype)
+            bound = bound + (want.abs() + info.smallest_normal) * info.eps / 2
+        assert ((got.double() - want).abs() <= bound).all(), u_shape
+    alone, empty = _C.cuda_head_affine(r, u, coefficients, dtype, False, reverse_items=True, poison_outputs=True)
+    assert torch.equal(alone, out) and empty.shape == (0, H, Nq, D)
+
+
+@pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))
+@pytest.mark.parametrize("u_rows", [1, 150])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_head_dot_sums_match_float64_in_any_warp_order(layout, u_rows, dtype):
+    """[2, H] = per head sum dO . R and sum dO . U. The rounding: each thread's sum of at most rows * D / 256
+    products in the accumulation dtype, 5 shuffle levels and the block's 8 warps, then float64 over blocks: at
+    most (rows * D / 32 + 13) eps of the sum of |terms| (a loose bound). The block's sum is bitwise the same in
+    any warp order."""
+    B, H, Nq, D = 2, 3, 150, HEAD_LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(2)
+    grad = _rows_of(B, H, Nq, D, dtype, layout, gen)
+    r = torch.randn(B, H, Nq, D, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    u = torch.randn(B, H, u_rows, D, generator=gen, dtype=torch.float64).to(_acc(dtype)).to(DEVICE)
+    got = _C.cuda_head_dot_sums(grad, r, u, poison_outputs=True)
+    g64 = grad.double()
+    terms = (g64 * r.double(), g64 * u.double())
+    want = torch.stack([t.sum(dim=(0, 2, 3)) for t in terms])
+    size = torch.stack([t.abs().sum(dim=(0, 2, 3)) for t in terms])
+    assert got.dtype == torch.float64 and got.shape == (2, H)
+    rows = max(1, 4096 // D)
+    eps = torch.finfo(_acc(dtype)).eps
+    assert ((got - want).abs() <= (min(rows, Nq) * D / 32 + 13) * eps * size).all(), (got, want)
+    for options in (dict(reverse_items=True), dict(shuffle_seed=7)):
+        assert torch.equal(_C.cuda_head_dot_sums(grad, r, u, poison_outputs=True, **options), got), options
+
+
+def test_head_affine_and_dot_sums_check_their_arguments():
+    r = torch.zeros(1, 2, 3, 4, device=DEVICE)
+    c = torch.zeros(4, 2, device=DEVICE)
+    with pytest.raises(ValueError, match=r"coefficients must be a contiguous \[4, H\] = \[4, 2\]"):
+        _C.cuda_head_affine(r, r, c[:2], torch.bfloat16)
+    with pytest.raises(TypeError, match="r must be Float .the accumulation type of BFloat16"):
+        _C.cuda_head_affine(r.double(), r, c, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"u \[1, 2, 2, 4\] does not broadcast to \[1, 2, 3, 4\]"):
+        _C.cuda_head_affine(r, r[:, :, :2], c, torch.float32)
+    with pytest.raises(ValueError, match=r"u \[1, 2, 3, 1\] does not broadcast to \[1, 2, 3, 4\] \(over B, H"):
+        _C.cuda_head_affine(r, r[..., :1], c, torch.float32)
+    with pytest.raises(ValueError, match="r needs a unit stride over the head dim"):
+        _C.cuda_head_affine(r.transpose(2, 3).contiguous().transpose(2, 3), r, c, torch.float32)
+    with pytest.raises(ValueError, match="grad needs a unit stride over the head dim"):
+        _C.cuda_head_dot_sums(r.transpose(2, 3).contiguous().transpose(2, 3), r, r)
+    with pytest.raises(TypeError, match="u must be Float"):
+        _C.cuda_head_affine(r, r.double(), c, torch.float32)
+    with pytest.raises(ValueError, match="r must be .B, H, Nq, D."):
+        _C.cuda_head_affine(r[0], r, c, torch.float32)
+    with pytest.raises(ValueError, match="r must have grad's shape"):
+        _C.cuda_head_dot_sums(r, r[:, :1], r)
+    with pytest.raises(TypeError, match="r is BFloat16 but grad is Float"):
+        _C.cuda_head_dot_sums(r, r.bfloat16(), r)
+    out, _ = _C.cuda_head_affine(r[:0], r[:0], c, torch.bfloat16)
+    assert out.shape == (0, 2, 3, 4)
+    assert not _C.cuda_head_dot_sums(r[:0], r[:0], r[:0]).any()

@@ -31,8 +31,8 @@ def test_launches_per_norm_mode_follow_ops_cpp():
         programs[norm] = {phase: [x.program for x in items] for phase, items in launches.items()}
         names[norm] = {phase: [x.name for x in items] for phase, items in launches.items()}
         for x in launches["fwd"] + launches["bwd"]:
-            assert not x.core and x.threads % 32 == 0 and x.dynamic_shared > 0
-            assert x.grid[0] % B == 0
+            assert not x.core and x.threads % 32 == 0 and x.grid[0] % B == 0
+            assert x.dynamic_shared > 0 or x.program == "head_affine"
         fwd = launches["fwd"][0]
         assert fwd.grid == (B * fwd_shape["grid"][0], fwd_shape["grid"][1]) and fwd.threads == fwd_shape["threads"]
         assert fwd.dynamic_shared == fwd_shape["shared_bytes"] and fwd.params.vector_loads
@@ -40,10 +40,17 @@ def test_launches_per_norm_mode_follow_ops_cpp():
         assert keys.grid == (B * shapes["keys"]["grid"][0], 1) and keys.dynamic_shared == shapes["keys"]["shared_bytes"]
     for norm in ("none", "batch-eval", "layer"):
         assert programs[norm] == {"fwd": ["forward"], "bwd": ["backward_rows", "backward_keys"]}
-    # Training BatchNorm: the one-sweep forward with moments; the row pass alone for the sums, then both passes.
-    assert programs["batch-train"] == {"fwd": ["forward"], "bwd": ["backward_rows", "backward_rows", "backward_keys"]}
-    first_rows = _launches(cuda_side.cuda_call(B, H, N, D, "batch-train", 90))["bwd"][0]
-    assert first_rows.params.stats_only and not first_rows.params.dq
+    # Training BatchNorm: the one-sweep forward with moments, then its element-wise finish (O and R = xhat V from
+    # one read of X V); the backward's BatchNorm sums are one pass over dO, R and U, then both passes.
+    assert programs["batch-train"] == {"fwd": ["forward", "head_affine"],
+                                       "bwd": ["head_dot_sums", "backward_rows", "backward_keys"]}
+    train = _launches(cuda_side.cuda_call(B, H, N, D, "batch-train", 90))
+    affine, sums = train["fwd"][1], train["bwd"][0]
+    assert affine.params.out2 and affine.grid == (B * H, 1) and affine.params.rows == N
+    assert sums.grid == (B * H, 1) and sums.dynamic_shared == 2 * 8 * 4
+    assert names["batch-train"]["fwd"][1] == "head_affine_kernel<bfloat16>"
+    assert names["batch-train"]["bwd"][0] == "head_dot_sums_kernel<bfloat16>"
+    assert not train["bwd"][1].params.stats_only and train["bwd"][1].params.dq
     variant = {norm: names[norm]["fwd"][0].rsplit(", ", 1)[1].rstrip(">") for norm in names}
     assert variant == {"none": "plain_affine", "batch-eval": "plain_affine", "layer": "plain_layer",
                        "batch-train": "plain_moments"}

@@ -39,6 +39,10 @@ def test_profiled_kernel_names_map_to_the_models():
     rows = "void reattn::cuda::forward_kernel<reattn::cuda::RowConfig<reattn::dev::Bf16, 2, 4, 2, 64, 64, 224, 5> >" \
         "(reattn::cuda::ReAttnParams)"
     assert gpu_timing.kernel_name(rows) == "forward_kernel<RowConfig<bfloat16, 2, 4, 2, 64, 64, 224, plain_backward_rows>>"
+    affine = "void reattn::cuda::head_affine_kernel<__nv_bfloat16>(reattn::cuda::HeadAffineParams)"
+    assert gpu_timing.kernel_name(affine) == "head_affine_kernel<bfloat16>"
+    sums = "_ZN6reattn4cuda20head_dot_sums_kernelIfEEvNS0_16HeadAffineParamsE"
+    assert gpu_timing.kernel_name(sums) == "head_dot_sums_kernel<float32>"
     agg = gpu_timing.aggregate_kernels([("_fa_fwd_kernel", 10.0), ("_fa_fwd_kernel", 5.0), ("memset", 0.0)])
     assert agg == {"_fa_fwd_kernel": 15.0}
     assert gpu_timing.model_gpu_name("NVIDIA H200") == "H200" and gpu_timing.model_gpu_name("NVIDIA H100 80GB HBM3") \

@@ -1,0 +1,69 @@
+// __global__ entry points of the element-wise steps of one-sweep training BatchNorm
+// (head_affine.cuh) for the four storage types, and their launchers.
+#include "head_affine.cuh"
+#include "launch.h"
+
+namespace reattn {
+namespace cuda {
+
+// Outside the anonymous namespace: their symbols are the same in every build (the static model looks
+// them up by name).
+template <typename T>
+__global__ void __launch_bounds__(kHeadAffineThreads) head_affine_kernel(const HeadAffineParams params) {
+  head_affine_program<T>(params);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kHeadAffineThreads) head_dot_sums_kernel(const HeadAffineParams params) {
+  head_dot_sums_program<T>(params);
+}
+
+namespace {
+
+dim3 head_grid(const HeadAffineParams& p) {
+  return dim3(static_cast<unsigned>(p.B * p.H), static_cast<unsigned>((p.Nq + p.rows - 1) / p.rows));
+}
+
+template <typename T>
+cudaError_t affine(const HeadAffineParams& p, cudaStream_t stream) {
+  head_affine_kernel<T><<<head_grid(p), kHeadAffineThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dot_sums(const HeadAffineParams& p, cudaStream_t stream) {
+  head_dot_sums_kernel<T><<<head_grid(p), kHeadAffineThreads, head_dot_sums_shared<T>(), stream>>>(p);
+  return cudaGetLastError();
+}
+
+// f(T{}) for the storage type `storage` (StorageKind).
+template <typename F>
+cudaError_t with_storage(int storage, F&& f) {
+  switch (storage) {
+    case kFloat16:
+      return f(__half{});
+    case kBFloat16:
+      return f(__nv_bfloat16{});
+    case kFloat32:
+      return f(float{});
+    case kFloat64:
+      return f(double{});
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_head_affine(int storage, const HeadAffineParams& p, cudaStream_t stream) {
+  if (p.B * p.H == 0 || p.Nq == 0 || p.D == 0) return cudaSuccess;
+  return with_storage(storage, [&](auto t) { return affine<decltype(t)>(p, stream); });
+}
+
+cudaError_t launch_head_dot_sums(int storage, const HeadAffineParams& p, cudaStream_t stream) {
+  if (p.B * p.H == 0 || p.Nq == 0) return cudaSuccess;
+  return with_storage(storage, [&](auto t) { return dot_sums<decltype(t)>(p, stream); });
+}
+
+}  // namespace cuda
+}  // namespace reattn

@@ -1,0 +1,201 @@
+// The element-wise steps of one-sweep training BatchNorm (HeadAffineParams in params.h; docs/math.md,
+// "Training BatchNorm in one sweep"), written once for the GPU and the host emulator (device.cuh).
+//
+// Once the batch statistics are summed, the norm is a per-head affine map that commutes with the
+// product by V, so the forward's finish is O = alpha[h] R' + beta[h] U (and R = xhat V for the
+// backward from the same reads), and the backward's BatchNorm sums are sums over [B, Nq, D] per head
+// of dO . R and dO . U. Both are memory-bound: each element is read once and written once (twice
+// with out2). Where the rows allow (the host's HeadAffineParams::vector) a thread item is four
+// columns: one 16-byte load of fp32 and one 8-byte store of bf16, against four of each and the
+// index arithmetic per element.
+#pragma once
+
+#include <cstring>
+
+#include "block.cuh"
+#include "params.h"
+
+namespace reattn {
+namespace cuda {
+
+// The query rows [begin, end) of head h of batch element b that this block owns.
+struct HeadRows {
+  int64_t b;
+  int h, begin, end;
+};
+
+REATTN_FN HeadRows head_rows(const HeadAffineParams& p) {
+  const int bh = dev::block_index_x();
+  HeadRows rows;
+  rows.b = bh / p.H;
+  rows.h = bh % p.H;
+  rows.begin = dev::block_index_y() * p.rows;
+  rows.end = rows.begin + p.rows < p.Nq ? rows.begin + p.rows : p.Nq;
+  return rows;
+}
+
+// The first element of the block's first row in a [B, H, Nq, D] tensor with strides st.
+template <typename E>
+REATTN_FN E* block_start(E* base, const Strides4& st, const HeadRows& rows) {
+  return base + rows.b * st.b + rows.h * st.h + static_cast<int64_t>(rows.begin) * st.n;
+}
+
+// kVec consecutive columns of a row (kVec = 4: one 16-byte load of fp32, or 8 / 16 bytes of T).
+template <typename A, int kVec>
+REATTN_FN void load_columns(const A* address, A (&x)[kVec]) {
+  if constexpr (kVec == 1) {
+    x[0] = *address;
+  } else {
+    static_assert(kVec == 4 && sizeof(A) == 4, "16-byte loads of 4 fp32");
+    const dev::Words4 v = dev::load_16(address);
+    std::memcpy(x, v.w, 16);
+  }
+}
+
+template <typename T, int kVec>
+REATTN_FN void load_columns_as_acc(const T* address, typename Storage<T>::acc (&x)[kVec]) {
+  T t[kVec];
+  if constexpr (kVec == 1) {
+    t[0] = *address;
+  } else if constexpr (sizeof(T) == 2) {  // four 16-bit values: 8 bytes
+    uint32_t w[2];
+    dev::load_8(address, w);
+    std::memcpy(t, w, 8);
+  } else {
+    static_assert(kVec == 4 && sizeof(T) == 4, "16-byte loads of 4 fp32");
+    const dev::Words4 v = dev::load_16(address);
+    std::memcpy(t, v.w, 16);
+  }
+  for (int k = 0; k < kVec; ++k) x[k] = Storage<T>::load(t[k]);
+}
+
+template <typename T, int kVec>
+REATTN_FN void store_columns(T* address, const typename Storage<T>::acc (&x)[kVec]) {
+  T t[kVec];
+  for (int k = 0; k < kVec; ++k) t[k] = Storage<T>::store(x[k]);
+  if constexpr (kVec == 1) {
+    *address = t[0];
+  } else if constexpr (sizeof(T) == 2) {
+    uint32_t w[2];
+    std::memcpy(w, t, 8);
+    dev::store_8(address, w[0], w[1]);
+  } else {
+    static_assert(kVec == 4 && sizeof(T) == 4, "16-byte stores of 4 fp32");
+    dev::Words4 v;
+    std::memcpy(v.w, t, 16);
+    dev::store_16(address, v);
+  }
+}
+
+// Runs body(e, i, d) for each item of the block: item e covers columns [d, d + kVec) of the block's local
+// row i; consecutive threads take consecutive items, so every warp access is contiguous.
+template <int kVec, typename Body>
+REATTN_FN void for_each_item(const HeadAffineParams& p, const HeadRows& rows, Body&& body) {
+  // Unsigned: the division by per_row is a multiply-high and one correction, without sign fixes.
+  const unsigned per_row = static_cast<unsigned>(p.D / kVec);
+  const unsigned items = static_cast<unsigned>(rows.end - rows.begin) * per_row;
+  for (unsigned e = dev::thread_index(); e < items; e += kHeadAffineThreads) {
+    const unsigned i = e / per_row;
+    body(e, i, (e - i * per_row) * kVec);
+  }
+}
+
+// out = alpha[h] R' + beta[h] U, and out2 = alpha2[h] R' + beta2[h] U where out2 is given; each
+// rounded once to T from the accumulation type. The block's rows are items of kVec columns, spread
+// over all its threads (consecutive threads, consecutive columns: every warp access is contiguous).
+template <typename T, int kVec>
+REATTN_FN void head_affine_items(const HeadAffineParams& p) {
+  using A = typename Storage<T>::acc;
+  const HeadRows rows = head_rows(p);
+  const A* coefficients = static_cast<const A*>(p.coefficients);
+  const A alpha = coefficients[rows.h], beta = coefficients[p.H + rows.h];
+  const A alpha2 = coefficients[2 * p.H + rows.h], beta2 = coefficients[3 * p.H + rows.h];
+  const A* r = block_start(static_cast<const A*>(p.r), p.r_st, rows);
+  const A* u = block_start(static_cast<const A*>(p.u), p.u_st, rows);
+  const Strides4 out_st{int64_t(p.H) * p.Nq * p.D, int64_t(p.Nq) * p.D, p.D, 1};
+  T* out = block_start(static_cast<T*>(p.out), out_st, rows);
+  T* out2 = p.out2 == nullptr ? nullptr : block_start(static_cast<T*>(p.out2), out_st, rows);
+  for_each_item<kVec>(p, rows, [&](unsigned e, unsigned i, unsigned d) {
+    A x[kVec], y[kVec], o[kVec];
+    load_columns<A, kVec>(r + static_cast<int64_t>(i) * p.r_st.n + d, x);
+    load_columns<A, kVec>(u + static_cast<int64_t>(i) * p.u_st.n + d, y);
+    for (int k = 0; k < kVec; ++k) o[k] = alpha * x[k] + beta * y[k];
+    store_columns<T, kVec>(out + e * kVec, o);
+    if (out2 != nullptr) {
+      for (int k = 0; k < kVec; ++k) o[k] = alpha2 * x[k] + beta2 * y[k];
+      store_columns<T, kVec>(out2 + e * kVec, o);
+    }
+  });
+}
+
+template <typename T>
+REATTN_FN void head_affine_program(const HeadAffineParams& p) {
+  if constexpr (sizeof(typename Storage<T>::acc) == 4) {
+    if (p.vector) return head_affine_items<T, 4>(p);
+  }
+  head_affine_items<T, 1>(p);
+}
+
+// Dynamic shared memory of head_dot_sums_program: the warps' two partial sums.
+template <typename T>
+constexpr size_t head_dot_sums_shared() {
+  return 2 * (kHeadAffineThreads / dev::kWarpSize) * sizeof(typename Storage<T>::acc);
+}
+
+// partials[block] = (sum dO . R, sum dO . U) over the block's rows, in the accumulation type: each
+// thread sums its items, the warp adds its lanes by butterfly shuffles, and the first thread adds the
+// warps in order (the same order on every run: deterministic). The rounding is that of sums of
+// rows * D / 256 terms per thread, 5 shuffle levels and the 8 warps; the host adds the blocks in
+// float64.
+template <typename T, int kVec>
+REATTN_FN void head_dot_sums_items(const HeadAffineParams& p) {
+  using A = typename Storage<T>::acc;
+  const HeadRows rows = head_rows(p);
+  const T* g = block_start(static_cast<const T*>(p.grad), p.grad_st, rows);
+  const T* r = block_start(static_cast<const T*>(p.r), p.r_st, rows);
+  const A* u = block_start(static_cast<const A*>(p.u), p.u_st, rows);
+  A sum_r = 0, sum_u = 0;
+  for_each_item<kVec>(p, rows, [&](unsigned, unsigned i, unsigned d) {
+    A x[kVec], y[kVec], z[kVec];
+    load_columns_as_acc<T, kVec>(g + static_cast<int64_t>(i) * p.grad_st.n + d, x);
+    load_columns_as_acc<T, kVec>(r + static_cast<int64_t>(i) * p.r_st.n + d, y);
+    load_columns<A, kVec>(u + static_cast<int64_t>(i) * p.u_st.n + d, z);
+    for (int k = 0; k < kVec; ++k) {
+      sum_r += x[k] * y[k];
+      sum_u += x[k] * z[k];
+    }
+  });
+  for (int mask = dev::kWarpSize / 2; mask > 0; mask /= 2) {
+    sum_r += dev::shfl_xor(sum_r, mask);
+    sum_u += dev::shfl_xor(sum_u, mask);
+  }
+  A* warp_sums = reinterpret_cast<A*>(dev::shared_memory());  // [warps][2]
+  if (dev::lane_index() == 0) {
+    warp_sums[2 * dev::warp_index()] = sum_r;
+    warp_sums[2 * dev::warp_index() + 1] = sum_u;
+  }
+  dev::sync_threads();
+  if (dev::thread_index() == 0) {
+    A total_r = 0, total_u = 0;
+    for (int w = 0; w < kHeadAffineThreads / dev::kWarpSize; ++w) {
+      total_r += warp_sums[2 * w];
+      total_u += warp_sums[2 * w + 1];
+    }
+    const int num_m = (p.Nq + p.rows - 1) / p.rows;
+    A* out = static_cast<A*>(p.partials) + 2 * (static_cast<int64_t>(dev::block_index_x()) * num_m +
+                                                dev::block_index_y());
+    out[0] = total_r;
+    out[1] = total_u;
+  }
+}
+
+template <typename T>
+REATTN_FN void head_dot_sums_program(const HeadAffineParams& p) {
+  if constexpr (sizeof(typename Storage<T>::acc) == 4) {
+    if (p.vector) return head_dot_sums_items<T, 4>(p);
+  }
+  head_dot_sums_items<T, 1>(p);
+}
+
+}  // namespace cuda
+}  // namespace reattn
