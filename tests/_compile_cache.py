@@ -7,9 +7,10 @@ source and its whole command line (as ccache's preprocessor mode does) and the s
 first's objects. It still preprocesses every source from the sdist's own files, so a header the sdist
 lacks fails the build as it would without the cache.
 
-``write_launcher`` writes the executable that ``CXX`` names: it runs ``main`` with the cache folder and the
-compiler it stands for. A command without ``-c`` (a link, ``-v``) runs the real compiler unchanged. Hits and
-misses are appended to the folder's ``log``.
+``write_launcher`` writes the executable that ``CXX`` names: it runs ``main`` with the cache folder, the
+compiler it stands for and the options it adds at the end of each compile's command line (last, so that they
+override the build's own: the install tests' ``-O1``). A command without ``-c`` (a link, ``-v``) runs the real
+compiler unchanged. Hits and misses are appended to the folder's ``log``.
 """
 import hashlib
 import os
@@ -35,9 +36,10 @@ def _without(args, flags_with_value, flags):
     return kept
 
 
-def main(cache: str, real: str, args: list) -> int:
+def main(cache: str, real: str, args: list, extra=()) -> int:
     if "-c" not in args or "-o" not in args:
         return subprocess.call([real, *args])
+    args = [*args, *extra]  # part of the key below, as any option
     out, dep = _option_value(args, "-o"), _option_value(args, "-MF")
     preprocess = _without(args, ("-o", "-MF"), ("-c", "-MMD", "-MD")) + ["-E"]
     pre = subprocess.run([real, *preprocess], capture_output=True)
@@ -70,12 +72,13 @@ def main(cache: str, real: str, args: list) -> int:
         return rc
 
 
-def write_launcher(cache: str, real: str, path: str) -> str:
-    """An executable at ``path`` that compiles through the cache at ``cache``, standing for ``real``."""
+def write_launcher(cache: str, real: str, path: str, extra=()) -> str:
+    """An executable at ``path`` that compiles through the cache at ``cache``, standing for ``real``, with the
+    options ``extra`` appended to each compile."""
     here = os.path.dirname(os.path.abspath(__file__))
     with open(path, "w") as f:
         f.write(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {here!r})\nimport _compile_cache\n"
-                f"sys.exit(_compile_cache.main({cache!r}, {real!r}, sys.argv[1:]))\n")
+                f"sys.exit(_compile_cache.main({cache!r}, {real!r}, sys.argv[1:], {list(extra)!r}))\n")
     os.chmod(path, 0o755)
     return path
 
