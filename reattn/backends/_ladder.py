@@ -274,6 +274,10 @@ class OpLadder:
                               stats, R, U)
         ctx.options = (scale, out_scale, norm, eps, dropout_p)
         ctx.given_stats = stats_in is not None
+        # The derivative reads only the output's gradient: autograd need not fill zero gradients for the
+        # softmax statistics, the batch statistics and training BatchNorm's R [B, H, Nq, D] and U (which
+        # nothing differentiates), a zero-filled tensor of the output's size and a memset per call.
+        ctx.set_materialize_grads(False)
 
     def forward_derivative(self, ctx, grad_out, grad_softmax_stats, grad_stats, grad_R, grad_U):
         if ctx.given_stats:
@@ -283,6 +287,8 @@ class OpLadder:
                                f"re_attention(..., backend={self.name!r}, sync_group=...), not on its own")
         q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, softmax_stats, stats, R, U = \
             ctx.saved_tensors
+        if grad_out is None:  # only the auxiliary outputs were used: nothing flows back
+            return (None,) * 16
         dq, dk, dv, dw, dc, dnw, dnb = self.backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                                      attn_mask, seed, softmax_stats, stats, R, U, *ctx.options)
         return (dq, dk, dv, dw, dc if mix_bias is not None else None, dnw if norm_weight is not None else None,

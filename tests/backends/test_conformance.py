@@ -198,6 +198,31 @@ def test_autograd_saves_no_quadratic_tensor(backend, norm):
     assert all(n < B * H * Nq * Nk and (n <= B * H * max(Nq, Nk) * D or n == mask_elements) for n in saved), saved
 
 
+@pytest.mark.parametrize("norm", NORMS)
+def test_backward_fills_no_zero_gradients_for_the_auxiliary_outputs(backend, norm):
+    """The fused op's outputs besides O (softmax statistics, batch statistics, training BatchNorm's R and U) get no
+    gradient; autograd must not materialize zeros for them (a [B, H, Nq, D] zero fill per call for R)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    B, H, Nq, Nk, D = 2, 3, 5, 6, 8
+    tensors, stats = problem(B, H, Nq, Nk, D, device=device_of(backend))
+    out = run(backend, norm, tensors, stats)
+    fills = []
+
+    class Fills(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in ("zeros", "zeros_like", "new_zeros", "fill_", "zero_"):
+                fills.append((func.overloadpacket.__name__, tuple(result.shape)))
+            return result
+
+    with Fills():
+        out.sum().backward()
+    assert tensors["q"].grad is not None
+    big = [f for f in fills if len(f[1]) >= 3]
+    assert not big, big
+
+
 @pytest.mark.parametrize("layer_dropout, batch_masked", [(0.0, True), (0.2, False)],
                          ids=["layer, batch-train with mask + dropout", "layer with dropout, batch-train plain"])
 def test_traces_under_torch_compile_without_graph_breaks(backend, layer_dropout, batch_masked):
