@@ -676,6 +676,17 @@ class Emulator:
                     return
             if ins.target is None:
                 raise EmulationError(f"{b.fn.name}: branch without a target at {ins.address:#x}")
+            ops = b.ops[pc]
+            if base == "BRA" and ops and ops[0].kind in ("P", "UP"):
+                # `@Pg BRA Pc, target`: a second condition, taken where the guard and Pc both hold (ptxas
+                # folds two loop-exit tests into one branch). An unknown Pc counts as not taken.
+                cond, known = self.pred(w, ops[0])
+                unknown = execute & ~known
+                if unknown.any():
+                    b.counts.unknown_branches[ins.address] += int(w.per_warp(unknown).sum())
+                execute = execute & cond & known
+                if not execute.any():
+                    return
             w.pc[execute] = b.index[ins.target]
             return
         if base == "CALL":

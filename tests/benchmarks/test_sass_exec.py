@@ -68,6 +68,31 @@ def test_item_loop_runs_as_long_as_its_longest_lane_per_warp():
     assert issued(fn, counts, "@P0 EXIT") == [4]
 
 
+def test_a_branch_with_a_predicate_operand_needs_its_guard_and_the_operand():
+    # for (i = lane; i < 32 && i < n; i += 8): ptxas tests `i < n` in the guard and carries `i + 8 < 32`
+    # in the branch's own predicate operand (`@!P1 BRA P0, target`). Every lane runs 4 items at n = 300
+    # (the operand ends the loop), 2 at n = 16 (the guard does).
+    fn = program("""
+S2R R0, SR_LANEID
+LDC R1, c[0x0][0x210]
+LOP3.LUT R0, R0, 0x7, RZ, 0xc0, !PT
+.L_x_0:
+FADD R5, R5, 1
+ISETP.LT.AND P0, PT, R0, 0x18, PT
+IADD3 R0, R0, 0x8, RZ
+ISETP.GE.AND P1, PT, R0, R1, PT
+@!P1 BRA P0, `(.L_x_0)
+EXIT
+.L_x_1:
+BRA `(.L_x_1)
+""")
+    counts = run(fn, [300])
+    assert issued(fn, counts, "FADD") == [4]
+    counts = run(fn, [16])
+    assert issued(fn, counts, "FADD") == [2]
+    assert not counts.unknown_branches
+
+
 def test_divergent_branches_issue_both_sides_and_reconverge():
     fn = program("""
 S2R R0, SR_LANEID
