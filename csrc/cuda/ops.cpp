@@ -643,6 +643,11 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
       TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
 #endif
     }
+    // The aligned copies and the folded parameters are dead once the programs are enqueued (the
+    // caching allocator hands their memory only to later work on this stream): freed before the
+    // float64 sum, whose converted copy of the partials would otherwise sit on top of them at the
+    // call's peak.
+    a.keep.clear();
     const at::Tensor total = partials.sum(0, /*keepdim=*/false, at::kDouble);
     // dW = sum dM P~ = sum dM P~' / (1 - p); the norm's sums carry out_scale (dN = out_scale dA).
     const double keep = p.seed != nullptr ? 1.0 / (1.0 - p.dropout_p) : 1.0;
