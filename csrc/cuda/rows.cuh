@@ -181,6 +181,7 @@ struct RowProgram {
   static constexpr int kHeadsPad = Mixer<E, kGroups, kHeads, Cfg::kMaxHeads>::kHeadsPad;
   // Row sizes (elements) of the K, V and dM tiles, compile-time (row_layout computes the same).
   static constexpr int kKRow = padded_row(Cfg::kD), kVRow = padded_row(Cfg::kDOut), kMRow = padded_row(16);
+  static constexpr int kMHead = head_stride(Cfg::kRows, kMRow, Cfg::kPlain);  // dM's head stride (backward)
   using KeyCopy = TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain>;
   using ValueCopy = TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain>;
 
@@ -242,6 +243,9 @@ struct RowProgram {
   REATTN_DEVICE U* at(size_t offset) const {
     return reinterpret_cast<U*>(smem + offset);
   }
+  // P~'s head padding (tiles.h head_stride): the plain backward's; none elsewhere, where every
+  // expression below is the unpadded one (kept in that form: the forward's codegen is tight).
+  static constexpr int kProbsPad = Cfg::kBackward && Cfg::kPlain ? kHeadPadding : 0;
   REATTN_DEVICE int seg_start(int seg) const { return seg * Cfg::kKeys; }
   REATTN_DEVICE int seg_len(int seg) const {
     const int rest = Nk - seg_start(seg);
@@ -467,7 +471,7 @@ struct RowProgram {
   // masked entries as -0 (bit e of masks[n] for fragment entry e), dropped ones as +0.
   REATTN_DEVICE void store_probs(float (&s)[Cfg::kScoreN8][4], const uint32_t (&masks)[Cfg::kScoreN8], int h,
                                  int key0, int n8_end, const float (&inv_l)[2], bool general) const {
-    E* probs = at<E>(L.probs) + (static_cast<size_t>(h) * Cfg::kRows + slab * 16 + gq) * L.p_row + 2 * tq;
+    E* probs = at<E>(L.probs) + (static_cast<size_t>(h) * Cfg::kRows + slab * 16 + gq) * L.p_row + h * kProbsPad + 2 * tq;
     const bool dropout = !Cfg::kPlain && general && p.seed != nullptr;
     const uint64_t seed = dropout ? static_cast<uint64_t>(*p.seed) : 0;
     const float threshold = static_cast<float>(p.dropout_p);
@@ -731,7 +735,7 @@ struct RowProgram {
   // the segment's P~), LayerNorm's mean over all heads, the owned heads' raw P~ (Mixer::mix).
   REATTN_DEVICE void mix_probs(int chunk_col, float (&acc)[kHeads][8], float (&mean)[8], uint32_t (&own)[kHeads][4],
                                bool with_mean, bool clamp) const {
-    Mix::mix(chunk_tile(L.probs, L.p_row, chunk_col), static_cast<size_t>(Cfg::kRows) * L.p_row, at<float>(L.weights),
+    Mix::mix(chunk_tile(L.probs, L.p_row, chunk_col), static_cast<size_t>(Cfg::kRows) * L.p_row + kProbsPad, at<float>(L.weights),
              vec_row(kBias), vec_row(kColumnMean), bias_mean(), H, group, acc, mean, own, with_mean, clamp);
   }
 
@@ -1048,8 +1052,13 @@ struct RowProgram {
     dev::cp_async_commit();
   }
 
+  static constexpr int kWarps = kSlabs * kGroups;
+  static constexpr int kDwN8 = (Cfg::kMaxHeads + 7) / 8;  // n8 tiles of input heads in dw_products
+  // write_partials keeps [warps][H][H] floats in dM's buffer (H (rows m_row + 8) 16-bit values).
+  static_assert(!Cfg::kBackward || kWarps * Cfg::kMaxHeads * 2 <= Cfg::kRows * kMRow, "dW tiles exceed dM's buffer");
   struct Partials {
-    float dw[kHeads][Cfg::kMaxHeads];  // sum dM_g P~'_h (the host applies 1 / (1 - p))
+    float dw[kHeads][Cfg::kMaxHeads];  // sum dM_g P~'_h (the host applies 1 / (1 - p)); general variant
+    float dw_tiles[kDwN8][4];          // plain variant: the mma accumulators of dw_products
     float dc[kHeads], dgamma[kHeads], dbeta[kHeads];
   };
 
@@ -1072,7 +1081,7 @@ struct RowProgram {
         for (int j = 0; j < kHeads; ++j) {
           const int g = group + kGroups * j;
           if constexpr (!Cfg::kPlain) {
-            dev::ldmatrix_x4(own[j], probs + static_cast<size_t>(g < H ? g : 0) * Cfg::kRows * L.p_row);
+            dev::ldmatrix_x4(own[j], probs + static_cast<size_t>(g < H ? g : 0) * Cfg::kRows * L.p_row);  // general: unpadded
           }
 #pragma unroll
           for (int e = 0; e < 8; ++e) acc[j][e] = 0.0f;
@@ -1197,13 +1206,14 @@ struct RowProgram {
         for (int e = 0; e < 8; ++e) part.dc[j] += dm[j][e];
       }
       if (sums_only) return;
-      // dW[g_j, h] += sum_e dM_g P~'_h: every input head's P~ once more.
+      // dW[g_j, h] += sum_e dM_g P~'_h: every input head's P~ once more (the general variant; the
+      // plain one forms dW on tensor cores, dw_products).
       const E* probs = chunk_tile(L.probs, L.p_row, chunk_col);
 #pragma unroll
       for (int h = 0; h < Cfg::kMaxHeads; ++h) {
-        if (h < H) {
+        if (!Cfg::kPlain && h < H) {
           uint32_t pr[4];
-          dev::ldmatrix_x4(pr, probs + static_cast<size_t>(h) * Cfg::kRows * L.p_row);
+          dev::ldmatrix_x4(pr, probs + static_cast<size_t>(h) * Cfg::kRows * L.p_row + h * kProbsPad);
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
             const float pv = clamped(e & 1 ? Cv::high(pr[e / 2]) : Cv::low(pr[e / 2]));
@@ -1219,11 +1229,45 @@ struct RowProgram {
     for (int j = 0; j < kHeads; ++j) {
       const int g = group + kGroups * j;
       if (g >= H) continue;
-      E* at_g = out + static_cast<size_t>(g) * Cfg::kRows * kMRow;
+      E* at_g = out + static_cast<size_t>(g) * kMHead;
       *reinterpret_cast<uint32_t*>(at_g) = Cv::pack(dm[j][0], dm[j][1]);
       *reinterpret_cast<uint32_t*>(at_g + 8 * kMRow) = Cv::pack(dm[j][2], dm[j][3]);
       *reinterpret_cast<uint32_t*>(at_g + 8) = Cv::pack(dm[j][4], dm[j][5]);
       *reinterpret_cast<uint32_t*>(at_g + 8 * kMRow + 8) = Cv::pack(dm[j][6], dm[j][7]);
+    }
+  }
+
+  // dW partials on tensor cores (plain variant, first sweep). For query row i of the block,
+  // C[g][h] += sum_k dM_g[i][k] P~_h[i][k] over the chunk's 16 keys is one m16n8k16 product: A = dM
+  // [output heads][keys], B = P~ [keys][input heads], both read by ldmatrix from their [head][row]
+  // tiles in shared memory (rows 8 heads apart: hence the 16-byte padding of tiles.h's head_stride).
+  // Heads past H read head 0; those rows and columns of C are never used. Per chunk and
+  // row: 1-2 products and 2 ldmatrix instead of H multiply-adds per entry and owned head, and no
+  // unpacking of P~. dM enters as the 16-bit value stored for the mixing (eager's dW product
+  // rounds its operands likewise); the sums are fp32 (the mma accumulators).
+  REATTN_DEVICE void dw_products(int chunk_col, float (&c)[kDwN8][4]) const {
+    const E* dmixed = at<E>(L.dmixed);
+    const E* probs = at<E>(L.probs) + chunk_col;
+    const int ga = lane % 16 < H ? lane % 16 : 0;  // A: lanes 0-15 rows g at keys 0-7, 16-31 at keys 8-15
+    const int quarter = lane / 8;                   // B: matrix `quarter` = heads (quarter / 2) 8 .., keys (quarter % 2) 8
+    const int hb = (kDwN8 == 1 ? 0 : (quarter / 2) * 8) + lane % 8;
+    const E* a_row = dmixed + static_cast<size_t>(ga) * kMHead + (lane / 16) * 8;
+    const E* b_row = probs + static_cast<size_t>(hb < H ? hb : 0) * (Cfg::kRows * L.p_row + kProbsPad) + (quarter % 2) * 8;
+    for (int i = warp; i < Cfg::kRows; i += kWarps) {
+      if (m0 + i >= Nq) break;  // rows past Nq: nothing (and whole slabs past Nq hold no dM)
+      uint32_t a[4];
+      dev::ldmatrix_x4(a, a_row + i * kMRow);
+      if constexpr (kDwN8 == 1) {
+        uint32_t b[2];
+        dev::ldmatrix_x2(b, b_row + i * L.p_row);
+        dev::mma_m16n8k16<E>(c[0], a, b, c[0]);
+      } else {
+        uint32_t b[4];
+        dev::ldmatrix_x4(b, b_row + i * L.p_row);
+        const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+        dev::mma_m16n8k16<E>(c[0], a, b0, c[0]);
+        dev::mma_m16n8k16<E>(c[1], a, b1, c[1]);
+      }
     }
   }
 
@@ -1236,7 +1280,7 @@ struct RowProgram {
   REATTN_DEVICE void grad_probs(int slot, int chunk_col, bool first, float (&dpart)[kHeads][2],
                                 float (&dq)[kHeads][Cfg::kOutN8][4]) const {
     float dp[kHeads][8];
-    Mix::mix_transposed(chunk_tile(L.dmixed, kMRow, 0), static_cast<size_t>(Cfg::kRows) * kMRow,
+    Mix::mix_transposed(chunk_tile(L.dmixed, kMRow, 0), static_cast<size_t>(kMHead),
                         at<float>(L.weights_t), H, group, dp);
     const E* probs = chunk_tile(L.probs, L.p_row, chunk_col);
     const float* delta = at<float>(L.delta);
@@ -1247,7 +1291,7 @@ struct RowProgram {
       const int h = group + kGroups * j;
       if (h >= H) continue;
       uint32_t pr[4];
-      dev::ldmatrix_x4(pr, probs + static_cast<size_t>(h) * Cfg::kRows * L.p_row);
+      dev::ldmatrix_x4(pr, probs + static_cast<size_t>(h) * Cfg::kRows * L.p_row + h * kProbsPad);
       if (first) {
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
@@ -1280,26 +1324,45 @@ struct RowProgram {
 
   // The partial sums of the block: warp sums over lanes, then over slabs, to
   // partials + program * (H H + 3 H) = [dW (g, h)][dc][dgamma][dbeta].
+  // The plain variant's dW: each warp's mma tiles to [warps][H][H] floats in dM's buffer (free
+  // between the sweeps), summed over the warps in order (no atomics: deterministic).
   REATTN_DEVICE void write_partials(Partials& part) {
     constexpr int mh = Cfg::kMaxHeads;
     float* sums = at<float>(L.sums) + static_cast<size_t>(warp) * kHeads * (mh + 3);
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
 #pragma unroll
-      for (int k = 0; k < mh + 3; ++k) {
+      for (int k = Cfg::kPlain ? mh : 0; k < mh + 3; ++k) {
         float v = k < mh ? part.dw[j][k] : k == mh ? part.dc[j] : k == mh + 1 ? part.dgamma[j] : part.dbeta[j];
         for (int off = 16; off > 0; off /= 2) v += dev::shfl_xor(v, off);
         if (lane == 0) sums[j * (mh + 3) + k] = v;
       }
     }
-    dev::sync_threads();
+    dev::sync_threads();  // also: every warp is past the sweep's last chunk, so dM's buffer is free
+    if constexpr (Cfg::kPlain) {
+      float* tiles = at<float>(L.dmixed);  // [warps][H][H] (fits: the static_assert above)
+#pragma unroll
+      for (int n = 0; n < kDwN8; ++n) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int g = gq + 8 * (r / 2), h = n * 8 + 2 * tq + r % 2;  // the mma C fragment's entry
+          if (g < H && h < H) tiles[(warp * H + g) * H + h] = part.dw_tiles[n][r];
+        }
+      }
+      dev::sync_threads();
+    }
     float* out = p.partials + static_cast<int64_t>(dev::block_index_x()) * (H * H + 3 * H);
     const float* all = at<float>(L.sums);
     for (int i = dev::thread_index(); i < H * H + 3 * H; i += Cfg::kThreads) {
       const int g = i < H * H ? i / H : (i - H * H) % H;
       const int k = i < H * H ? i % H : mh + (i - H * H) / H;
       float v = 0.0f;
-      for (int s = 0; s < kSlabs; ++s) v += all[((s * kGroups + g % kGroups) * kHeads + g / kGroups) * (mh + 3) + k];
+      if (Cfg::kPlain && i < H * H) {
+        const float* tiles = at<float>(L.dmixed);
+        for (int w = 0; w < kWarps; ++w) v += tiles[w * H * H + i];
+      } else {
+        for (int s = 0; s < kSlabs; ++s) v += all[((s * kGroups + g % kGroups) * kHeads + g / kGroups) * (mh + 3) + k];
+      }
       out[i] = v;
     }
   }
@@ -1367,6 +1430,7 @@ struct RowProgram {
         int keys_slot = slot;
         if (first) {
           dev::sync_threads();  // dM of every output head
+          if constexpr (Cfg::kPlain) dw_products(c * kValueTile, part.dw_tiles);
         } else {
           keys_slot = begin_step();  // the K chunk, and dM of every output head
           if (c + 1 < chunks) issue_chunk(key0 + kValueTile, false);
@@ -1417,6 +1481,10 @@ struct RowProgram {
         dpart[j][0] = dpart[j][1] = part.dc[j] = part.dgamma[j] = part.dbeta[j] = 0.0f;
 #pragma unroll
         for (int h = 0; h < Cfg::kMaxHeads; ++h) part.dw[j][h] = 0.0f;
+      }
+      if constexpr (Cfg::kPlain) {
+#pragma unroll
+        for (int n = 0; n < kDwN8; ++n) part.dw_tiles[n][0] = part.dw_tiles[n][1] = part.dw_tiles[n][2] = part.dw_tiles[n][3] = 0.0f;
       }
       backward_sweep(true, sums_only, df, part, dpart, dq);
       if (!sums_only) finish_delta(dpart);

@@ -57,7 +57,7 @@ REATTN_HD int segment_count(const TileShape& s, int Nk) { return Nk <= s.keys ? 
 // Byte offsets into the program's dynamic shared memory (32-bit: a block has at most 227 KB; fewer
 // registers when the compiler keeps them live).
 struct RowLayout {
-  uint32_t probs;     // E   [H][rows][p_row]              P~ of the key segment (sign bit set: masked)
+  uint32_t probs;     // E   [H][head_stride]: [rows][p_row]  P~ of the key segment (sign bit set: masked)
   int p_row;
   uint32_t ring;      // 2 slots of ring_slot bytes; step i uses slot i % 2 whatever it holds: K tiles
   uint32_t ring_slot; // E [groups][kKeyTile][k_row] in the score phase, V tiles E [H][kValueTile][v_row]
@@ -70,7 +70,7 @@ struct RowLayout {
   uint32_t moments;   // f32 [warps][2][heads]             BatchNorm moment partials (forward)
   // Backward only:
   uint32_t weights_t; // f32 [max_heads][groups][4 or 8]   W'[g][h] at [g][h % groups][h / groups]
-  uint32_t dmixed;    // E   [H][rows][m_row]              dM of the current 16-key chunk
+  uint32_t dmixed;    // E   [H][head_stride]: [rows][m_row]  dM of the current 16-key chunk
   int m_row;
   uint32_t delta;     // f32 [H][rows]                     D = sum_j P~ dP' per row
   uint32_t sums;      // f32 [warps][heads][max_heads + 3] parameter-gradient partials
@@ -79,6 +79,16 @@ struct RowLayout {
 };
 
 constexpr int kVectorRows = 8;
+
+// Elements from one head's [rows][row] tile of P~ or dM to the next. The plain backward row pass
+// reads one entry of every head at once (ldmatrix rows 8 heads apart: the dW products of rows.cuh):
+// rows * row elements is a multiple of 128 bytes, which would put those 8 rows in one bank group;
+// 8 more elements (16 bytes) spread them over all 8. The layout reserves them for every backward
+// program, max_heads of them (a compile-time size: an H-dependent one costs the general variant's
+// sm_80 build, at 255 registers, 8 bytes of stack); the general variant, which has no such reads,
+// keeps the unpadded stride (padded, its sm_90 build needs 16 bytes of stack).
+constexpr int kHeadPadding = 8;
+constexpr REATTN_HD int head_stride(int rows, int row, bool padded) { return rows * row + (padded ? kHeadPadding : 0); }
 
 REATTN_HD RowLayout row_layout(const TileShape& s, int H, int Nk) {
   RowLayout L{};
@@ -92,7 +102,7 @@ REATTN_HD RowLayout row_layout(const TileShape& s, int H, int Nk) {
     return offset;
   };
   L.p_row = padded_row(segment_keys(s, Nk));
-  L.probs = take(static_cast<size_t>(H) * s.rows() * L.p_row * e);
+  L.probs = take((static_cast<size_t>(H) * s.rows() * L.p_row + (s.backward ? s.max_heads() * kHeadPadding : 0)) * e);
   L.k_row = padded_row(s.d);
   L.v_row = padded_row(s.d_out);
   const size_t k_tile = static_cast<size_t>(s.groups) * kKeyTile * L.k_row * e;
@@ -106,7 +116,7 @@ REATTN_HD RowLayout row_layout(const TileShape& s, int H, int Nk) {
   L.moments = take(s.backward ? 0 : static_cast<size_t>(s.warps()) * 2 * s.heads * 4);
   L.m_row = padded_row(kValueTile);
   L.weights_t = take(s.backward ? mh * s.groups * pad * 4 : 0);
-  L.dmixed = take(s.backward ? static_cast<size_t>(H) * s.rows() * L.m_row * e : 0);
+  L.dmixed = take(s.backward ? (static_cast<size_t>(H) * s.rows() * L.m_row + s.max_heads() * kHeadPadding) * e : 0);
   L.delta = take(s.backward ? static_cast<size_t>(H) * s.rows() * 4 : 0);
   L.sums = take(s.backward ? static_cast<size_t>(s.warps()) * s.heads * (mh + 3) * 4 : 0);
   L.grads = take(s.backward && s.keys <= 64 ? static_cast<size_t>(H) * s.rows() * L.k_row * e : 0);
