@@ -175,6 +175,35 @@ REATTN_DEVICE void mma_m16n8k16<F16>(float (&d)[4], const uint32_t (&a)[4], cons
 }
 #endif
 
+// D = A B + C for a 16 x 8 A and 8 x 8 B: mma.sync.aligned.m16n8k8.row.col.f32.{bf16,f16}.{bf16,f16}.f32.
+// Its fragments are the first halves of m16n8k16's (A: rows gq and gq + 8 at columns 2 tq, + 1;
+// B: rows 2 tq, + 1 at column gq), so the emulator runs it as m16n8k16 with zero second halves.
+template <typename E>
+REATTN_DEVICE void mma_m16n8k8(float (&d)[4], const uint32_t (&a)[2], uint32_t b, const float (&c)[4]);
+
+#if defined(__CUDACC__)
+template <>
+REATTN_DEVICE void mma_m16n8k8<Bf16>(float (&d)[4], const uint32_t (&a)[2], uint32_t b, const float (&c)[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%7, %8, %9, %10};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(b), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+template <>
+REATTN_DEVICE void mma_m16n8k8<F16>(float (&d)[4], const uint32_t (&a)[2], uint32_t b, const float (&c)[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%7, %8, %9, %10};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(b), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+#else
+template <typename E>
+REATTN_DEVICE void mma_m16n8k8(float (&d)[4], const uint32_t (&a)[2], uint32_t b, const float (&c)[4]) {
+  const uint32_t a16[4] = {a[0], a[1], 0u, 0u}, b16[2] = {b, 0u};
+  mma_m16n8k16<E>(d, a16, b16, c);
+}
+#endif
+
 // ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16: lanes 8i..8i+7 pass the 16-byte row
 // addresses of matrix i; register i of lane l gets its row l/4, columns 2(l%4), 2(l%4)+1 (.trans:
 // of the transposed matrix).

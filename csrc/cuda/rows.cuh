@@ -34,6 +34,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "device.cuh"
 #include "mixing.cuh"
@@ -182,6 +183,10 @@ struct RowProgram {
   // Row sizes (elements) of the K, V and dM tiles, compile-time (row_layout computes the same).
   static constexpr int kKRow = padded_row(Cfg::kD), kVRow = padded_row(Cfg::kDOut), kMRow = padded_row(16);
   static constexpr int kMHead = head_stride(Cfg::kRows, kMRow, Cfg::kPlain);  // dM's head stride (backward)
+  // The forward's plain affine variant mixes the heads on tensor cores (mix_in_place), bf16 only:
+  // W' is split into two 16-bit operands, and fp16's range would not hold every W'.
+  static constexpr bool kTensorMix =
+      Cfg::kVariant == kPlainAffine && Cfg::kMaxHeads <= 16 && std::is_same_v<typename Cfg::E, dev::Bf16>;
   using KeyCopy = TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain>;
   using ValueCopy = TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain>;
 
@@ -245,7 +250,7 @@ struct RowProgram {
   }
   // P~'s head padding (tiles.h head_stride): the plain backward's; none elsewhere, where every
   // expression below is the unpadded one (kept in that form: the forward's codegen is tight).
-  static constexpr int kProbsPad = Cfg::kBackward && Cfg::kPlain ? kHeadPadding : 0;
+  static constexpr int kProbsPad = (Cfg::kBackward && Cfg::kPlain) || kTensorMix ? kHeadPadding : 0;
   REATTN_DEVICE int seg_start(int seg) const { return seg * Cfg::kKeys; }
   REATTN_DEVICE int seg_len(int seg) const {
     const int rest = Nk - seg_start(seg);
@@ -836,6 +841,114 @@ struct RowProgram {
     }
   }
 
+  // ---- the forward's mixing on tensor cores (kTensorMix) ----------------------------------------------
+  // For one query row i and 8 keys, M[:, i, k] = W' P~[:, i, k] + c' is a 16 x 16 by 16 x 8 product
+  // (output heads x input heads by input heads x keys). A = [W' | c'] (input head H holds c',
+  // heads past it are zero: weight_fragments), B = P~ of heads 0 .. H - 1 at one row, read by
+  // ldmatrix.trans from the [h][rows][p_row] tiles (8 heads' rows of 16 bytes, 16 bytes apart in
+  // banks through the head padding), then a row of ones as head H (the bias), then head 0 again
+  // (finite, times zero). W' is fp32: it enters as hi + lo, two bf16 operands whose sum carries 16
+  // of its bits, so M is as exact as the fp32 multiply-adds it replaces (exact products, fp32
+  // sums). Two products per 128 entries of M, against H multiply-adds per entry and owned head
+  // plus the unpacking of P~.
+  static_assert(!kTensorMix || Cfg::kMaxHeads < 16, "head H of the products holds the bias");
+
+  // A fragments of [W' | c'] (rows: output heads g, columns: input heads h, c' at h = H) split as hi + lo.
+  REATTN_DEVICE void weight_fragments(uint32_t (&hi)[4], uint32_t (&lo)[4]) const {
+    const float* w = at<float>(L.weights);  // W'[g][h] at [h][g % groups][g / groups]
+    const float* c = vec_row(kBias);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int g = gq + 8 * (r % 2), h = 2 * tq + 8 * (r / 2);
+      float x[2];
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        x[k] = g >= H ? 0.0f : h + k < H ? w[((h + k) * kGroups + g % kGroups) * kHeadsPad + g / kGroups]
+                           : h + k == H ? c[g] : 0.0f;
+      }
+      hi[r] = Cv::pack(x[0], x[1]);
+      lo[r] = Cv::pack(x[0] - Cv::low(hi[r]), x[1] - Cv::high(hi[r]));
+    }
+  }
+  // The row of ones that B reads as head H: 8 values past the last head's tile (tiles.h reserves them).
+  REATTN_DEVICE E* ones_row() const { return at<E>(L.probs) + static_cast<size_t>(H) * (Cfg::kRows * L.p_row + kProbsPad); }
+
+  // M of the slab's 16 rows over the chunk's 16 keys, written over P~ in place (the warps of the
+  // slab split its rows; each overwrites only entries it has read), then O += A V for the warp's
+  // output heads, their A fragments read back by ldmatrix. Rows past Nq and keys past the segment
+  // hold finite values (P~ there is finite) that meet only zero rows of V or unwritten output rows.
+  REATTN_DEVICE void mix_in_place(int slot, int chunk_col, float (&o)[kHeads][Cfg::kOutN8][4], const uint32_t (&whi)[4],
+                                  const uint32_t (&wlo)[4]) const {
+    constexpr int kRowsPerWarp = 16 / kGroups;
+    static_assert(16 % kGroups == 0, "the slab's rows split over its warps");
+    E* probs = at<E>(L.probs);
+    const int hs = Cfg::kRows * L.p_row + kProbsPad;  // head stride (elements)
+    const int row0 = slab * 16 + group * kRowsPerWarp;
+    // ldmatrix.trans rows, matrix m = lane / 8. Up to 7 heads (kNarrow: heads 0 .. 7 hold every
+    // input head and the ones) a matrix is one tile: (row m / 2, key octet m % 2), two rows per
+    // load, and the products are m16n8k8. Otherwise m = (head block m % 2, octet m / 2).
+    constexpr bool kNarrow = Cfg::kMaxHeads < 8;
+    constexpr int kRowsPerLoad = kNarrow ? 2 : 1;
+    static_assert(kRowsPerWarp % kRowsPerLoad == 0, "whole loads per warp");
+    const int m = lane / 8;
+    const int hl = kNarrow ? lane % 8 : (m % 2) * 8 + lane % 8;
+    const int row_of = kNarrow ? m / 2 : 0, octet = kNarrow ? m % 2 : m / 2;
+    const E* src = hl == H ? ones_row()
+                           : probs + (hl < H ? hl : 0) * hs + (row0 + row_of) * L.p_row + chunk_col + octet * 8;
+    const int src_step = hl == H ? 0 : kRowsPerLoad * L.p_row;
+    E* dst = probs + gq * hs + row0 * L.p_row + chunk_col + 2 * tq;  // C entries: head gq (+ 8), keys 2 tq, + 1
+    const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; r += kRowsPerLoad) {
+      uint32_t pb[4];
+      dev::ldmatrix_x4_trans(pb, src);
+#pragma unroll
+      for (int t = 0; t < 2 * kRowsPerLoad; ++t) {  // tiles: (row r + t / 2, octet t % 2)
+        float d[4];
+        if constexpr (kNarrow) {  // k = 8 input heads: W' columns 0 .. 7
+          const uint32_t hi8[2] = {whi[0], whi[1]}, lo8[2] = {wlo[0], wlo[1]};
+          dev::mma_m16n8k8<E>(d, hi8, pb[t], zero);
+          dev::mma_m16n8k8<E>(d, lo8, pb[t], d);
+        } else {
+          const uint32_t bf[2] = {pb[2 * t], pb[2 * t + 1]};
+          dev::mma_m16n8k16<E>(d, whi, bf, zero);
+          dev::mma_m16n8k16<E>(d, wlo, bf, d);
+        }
+        E* at_t = dst + (t / 2) * L.p_row + (t % 2) * 8;
+        if (gq < H) *reinterpret_cast<uint32_t*>(at_t) = Cv::pack(d[0], d[1]);
+        if constexpr (Cfg::kMaxHeads > 8) {
+          if (gq + 8 < H) *reinterpret_cast<uint32_t*>(at_t + 8 * hs) = Cv::pack(d[2], d[3]);
+        }
+      }
+      src += src_step;
+      dst += kRowsPerLoad * L.p_row;
+    }
+    if constexpr (kGroups > 1) {
+      dev::named_barrier(1 + slab, 32 * kGroups);  // M of the slab's every row
+    } else {
+      dev::sync_warp();
+    }
+    const E* values = slot_tile(slot);
+    const E* mixed = chunk_tile(L.probs, L.p_row, chunk_col);
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int g = group + kGroups * j;
+      if (g >= H) continue;
+      uint32_t af[4];
+      dev::ldmatrix_x4(af, mixed + g * hs);
+      const E* vg = values + static_cast<size_t>(g) * kValueTile * kVRow;
+#pragma unroll
+      for (int n = 0; n < Cfg::kOutN8; n += 2) {
+        const int q = lane / 8;
+        uint32_t vb[4];
+        dev::ldmatrix_x4_trans(vb, vg + ((q % 2) * 8 + lane % 8) * kVRow + (n + q / 2) * 8);
+        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+        dev::mma_m16n8k16<E>(o[j][n], af, b0, o[j][n]);
+        dev::mma_m16n8k16<E>(o[j][n + 1], af, b1, o[j][n + 1]);
+      }
+    }
+  }
+
   // ---- parameters --------------------------------------------------------------------------------------
   // folded (fp32): W' [H][H] row-major (g, h), then per-head rows: forward c', out_scale gamma,
   // out_scale beta; backward c, gamma', beta', mean, rstd, e, f (ops.cpp, fold_parameters).
@@ -931,6 +1044,12 @@ struct RowProgram {
 
   REATTN_DEVICE void mixing_phase(int seg, float (&o)[kHeads][Cfg::kOutN8][4], float (&moments)[kHeads][2]) {
     const int chunks = value_tiles(seg_len(seg));
+    uint32_t whi[4], wlo[4];
+    if constexpr (kTensorMix) {
+      weight_fragments(whi, wlo);
+      // Before the chunks' first barrier: the ones of head H (nothing else writes there).
+      if (dev::thread_index() < 8) ones_row()[dev::thread_index()] = E{Cv::from_float(1.0f)};
+    }
     for (int c = 0; c < chunks; ++c) {
       const int slot = begin_step();
       if (c + 1 < chunks) {
@@ -938,7 +1057,13 @@ struct RowProgram {
       } else {
         issue_after_values(seg);
       }
-      if (slab_active) mix_chunk(slot, seg_start(seg) + c * kValueTile, c * kValueTile, o, moments);
+      if (slab_active) {
+        if constexpr (kTensorMix) {
+          mix_in_place(slot, c * kValueTile, o, whi, wlo);
+        } else {
+          mix_chunk(slot, seg_start(seg) + c * kValueTile, c * kValueTile, o, moments);
+        }
+      }
     }
   }
 

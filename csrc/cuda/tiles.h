@@ -81,10 +81,11 @@ struct RowLayout {
 constexpr int kVectorRows = 8;
 
 // Elements from one head's [rows][row] tile of P~ or dM to the next. The plain backward row pass
-// reads one entry of every head at once (ldmatrix rows 8 heads apart: the dW products of rows.cuh):
+// and the forward's tensor-core mixing read one entry of every head at once (ldmatrix rows 8 heads
+// apart: the dW products and mix_in_place of rows.cuh):
 // rows * row elements is a multiple of 128 bytes, which would put those 8 rows in one bank group;
-// 8 more elements (16 bytes) spread them over all 8. The layout reserves them for every backward
-// program, max_heads of them (a compile-time size: an H-dependent one costs the general variant's
+// 8 more elements (16 bytes) spread them over all 8. The layout reserves them for every program,
+// max_heads of them and 8 elements more for P~ (the forward's row of ones, rows.cuh ones_row) (a compile-time size: an H-dependent one costs the general variant's
 // sm_80 build, at 255 registers, 8 bytes of stack); the general variant, which has no such reads,
 // keeps the unpadded stride (padded, its sm_90 build needs 16 bytes of stack).
 constexpr int kHeadPadding = 8;
@@ -102,7 +103,7 @@ REATTN_HD RowLayout row_layout(const TileShape& s, int H, int Nk) {
     return offset;
   };
   L.p_row = padded_row(segment_keys(s, Nk));
-  L.probs = take((static_cast<size_t>(H) * s.rows() * L.p_row + (s.backward ? s.max_heads() * kHeadPadding : 0)) * e);
+  L.probs = take((static_cast<size_t>(H) * s.rows() * L.p_row + (s.max_heads() + 1) * kHeadPadding) * e);
   L.k_row = padded_row(s.d);
   L.v_row = padded_row(s.d_out);
   const size_t k_tile = static_cast<size_t>(s.groups) * kKeyTile * L.k_row * e;
