@@ -185,8 +185,8 @@ struct RowProgram {
   static constexpr int kMHead = head_stride(Cfg::kRows, kMRow, Cfg::kPlain);  // dM's head stride (backward)
   // The forward's plain affine variant mixes the heads on tensor cores (mix_in_place), bf16 only:
   // W' is split into two 16-bit operands, and fp16's range would not hold every W'.
-  static constexpr bool kTensorMix =
-      Cfg::kVariant == kPlainAffine && Cfg::kMaxHeads <= 16 && std::is_same_v<typename Cfg::E, dev::Bf16>;
+  static constexpr bool kTensorMix = (Cfg::kVariant == kPlainAffine || Cfg::kVariant == kPlainMoments) &&
+                                     Cfg::kMaxHeads <= 16 && std::is_same_v<typename Cfg::E, dev::Bf16>;
   using KeyCopy = TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain>;
   using ValueCopy = TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain>;
 
@@ -248,8 +248,9 @@ struct RowProgram {
   REATTN_DEVICE U* at(size_t offset) const {
     return reinterpret_cast<U*>(smem + offset);
   }
-  // P~'s head padding (tiles.h head_stride): the plain backward's; none elsewhere, where every
-  // expression below is the unpadded one (kept in that form: the forward's codegen is tight).
+  // P~'s head padding (tiles.h head_stride): the plain backward's and the tensor-core mixing's;
+  // none elsewhere, where every expression below is the unpadded one (kept in that form: their
+  // codegen is tight).
   static constexpr int kProbsPad = (Cfg::kBackward && Cfg::kPlain) || kTensorMix ? kHeadPadding : 0;
   REATTN_DEVICE int seg_start(int seg) const { return seg * Cfg::kKeys; }
   REATTN_DEVICE int seg_len(int seg) const {
@@ -877,8 +878,12 @@ struct RowProgram {
   // slab split its rows; each overwrites only entries it has read), then O += A V for the warp's
   // output heads, their A fragments read back by ldmatrix. Rows past Nq and keys past the segment
   // hold finite values (P~ there is finite) that meet only zero rows of V or unwritten output rows.
-  REATTN_DEVICE void mix_in_place(int slot, int chunk_col, float (&o)[kHeads][Cfg::kOutN8][4], const uint32_t (&whi)[4],
-                                  const uint32_t (&wlo)[4]) const {
+  // With moments (training BatchNorm's one sweep), the sums of M and M^2 over the real entries
+  // of output head gq (moments[0]) and gq + 8 (moments[1]), from the fp32 products.
+  REATTN_DEVICE void mix_in_place(int slot, int key0, int chunk_col, float (&o)[kHeads][Cfg::kOutN8][4],
+                                  const uint32_t (&whi)[4], const uint32_t (&wlo)[4],
+                                  float (&moments)[kHeads][2]) const {
+    static_assert(kHeads >= 2, "moments[0], moments[1]: heads gq and gq + 8");
     constexpr int kRowsPerWarp = 16 / kGroups;
     static_assert(16 % kGroups == 0, "the slab's rows split over its warps");
     E* probs = at<E>(L.probs);
@@ -898,6 +903,8 @@ struct RowProgram {
     const int src_step = hl == H ? 0 : kRowsPerLoad * L.p_row;
     E* dst = probs + gq * hs + row0 * L.p_row + chunk_col + 2 * tq;  // C entries: head gq (+ 8), keys 2 tq, + 1
     const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    constexpr bool kCount = Cfg::kVariant == kPlainMoments;
+    const bool edge = kCount && (key0 + kValueTile > Nk || m0 + slab * 16 + 16 > Nq);  // entries past Nq / Nk
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; r += kRowsPerLoad) {
       uint32_t pb[4];
@@ -913,6 +920,25 @@ struct RowProgram {
           const uint32_t bf[2] = {pb[2 * t], pb[2 * t + 1]};
           dev::mma_m16n8k16<E>(d, whi, bf, zero);
           dev::mma_m16n8k16<E>(d, wlo, bf, d);
+        }
+        if constexpr (kCount) {  // rows of W' past H are zero: so are their d
+          constexpr int kValues = Cfg::kMaxHeads > 8 ? 4 : 2;
+          if (!edge) {
+#pragma unroll
+            for (int e = 0; e < kValues; ++e) {
+              moments[e / 2][0] += d[e];
+              moments[e / 2][1] += d[e] * d[e];
+            }
+          } else {  // the last chunk of a row or a slab past Nq: entries past Nq / Nk count 0
+            const bool row_in = m0 + row0 + r + t / 2 < Nq;
+            const int keys_left = Nk - (key0 + (t % 2) * 8 + 2 * tq);
+#pragma unroll
+            for (int e = 0; e < kValues; ++e) {
+              const float x = row_in && e % 2 < keys_left ? d[e] : 0.0f;
+              moments[e / 2][0] += x;
+              moments[e / 2][1] += x * x;
+            }
+          }
         }
         E* at_t = dst + (t / 2) * L.p_row + (t % 2) * 8;
         if (gq < H) *reinterpret_cast<uint32_t*>(at_t) = Cv::pack(d[0], d[1]);
@@ -1008,6 +1034,13 @@ struct RowProgram {
           continue;
         }
         float* out = static_cast<float*>(dst) + at_row;
+        if (st.d == 1 && reinterpret_cast<uintptr_t>(out) % 8 == 0 && d0 + Cfg::kDOut <= D) {  // 8-byte pairs
+#pragma unroll
+          for (int n = 0; n < Cfg::kOutN8; ++n) {
+            dev::store_8(out + d0 + n * 8 + 2 * tq, dev::bits(o[j][n][2 * r]), dev::bits(o[j][n][2 * r + 1]));
+          }
+          continue;
+        }
 #pragma unroll
         for (int n = 0; n < Cfg::kOutN8; ++n) {
           const int d = d0 + n * 8 + 2 * tq;
@@ -1019,26 +1052,56 @@ struct RowProgram {
   }
 
   // Per-program moment sums [2][H] (float64) at moments + program * 2H: this warp's sums reduced
-  // over its lanes, then over the slabs.
+  // over its lanes, then over the slabs (tensor-core mixing: over the quad, then over every warp;
+  // each warp has mixed every head of its rows).
   REATTN_DEVICE void write_moments(float (&moments)[kHeads][2]) {
-    float* part = at<float>(L.moments);
+    if constexpr (kTensorMix) {  // moments[0], [1]: heads gq, gq + 8 of every row the warp mixed
+      // [warps][2][max_heads] partials in P~'s buffer (L.moments holds [warps][2][heads]), once
+      // every warp is done reading it (it fits: one head's tile alone is rows x p_row >= 32 x 24
+      // 16-bit values, 1,536 B; the partials take at most 8 x 2 x 15 floats, 960 B).
+      constexpr int mh = Cfg::kMaxHeads;
+      float* part = at<float>(L.probs);
+      dev::sync_threads();
 #pragma unroll
-    for (int j = 0; j < kHeads; ++j) {
+      for (int half = 0; half < 2; ++half) {
 #pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        float v = moments[j][k];
-        for (int off = 16; off > 0; off /= 2) v += dev::shfl_xor(v, off);
-        if (lane == 0) part[(warp * 2 + k) * kHeads + j] = v;
+        for (int k = 0; k < 2; ++k) {
+          float v = moments[half][k];
+          v += dev::shfl_xor(v, 1);
+          v += dev::shfl_xor(v, 2);
+          const int g = gq + 8 * half;
+          if (tq == 0 && g < mh) part[(warp * 2 + k) * mh + g] = v;
+        }
       }
-    }
-    dev::sync_threads();
-    if (dev::block_index_y() != 0) return;
-    double* out = p.moments + static_cast<int64_t>(dev::block_index_x()) * 2 * H;
-    for (int i = dev::thread_index(); i < 2 * H; i += Cfg::kThreads) {
-      const int k = i / H, g = i % H;
-      double sum = 0.0;
-      for (int s = 0; s < kSlabs; ++s) sum += part[((s * kGroups + g % kGroups) * 2 + k) * kHeads + g / kGroups];
-      out[i] = sum;
+      dev::sync_threads();
+      if (dev::block_index_y() != 0) return;
+      double* out = p.moments + static_cast<int64_t>(dev::block_index_x()) * 2 * H;
+      for (int i = dev::thread_index(); i < 2 * H; i += Cfg::kThreads) {
+        const int k = i / H, g = i % H;
+        double sum = 0.0;
+        for (int w = 0; w < Cfg::kWarps; ++w) sum += part[(w * 2 + k) * mh + g];
+        out[i] = sum;
+      }
+    } else {
+      float* part = at<float>(L.moments);
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          float v = moments[j][k];
+          for (int off = 16; off > 0; off /= 2) v += dev::shfl_xor(v, off);
+          if (lane == 0) part[(warp * 2 + k) * kHeads + j] = v;
+        }
+      }
+      dev::sync_threads();
+      if (dev::block_index_y() != 0) return;
+      double* out = p.moments + static_cast<int64_t>(dev::block_index_x()) * 2 * H;
+      for (int i = dev::thread_index(); i < 2 * H; i += Cfg::kThreads) {
+        const int k = i / H, g = i % H;
+        double sum = 0.0;
+        for (int s = 0; s < kSlabs; ++s) sum += part[((s * kGroups + g % kGroups) * 2 + k) * kHeads + g / kGroups];
+        out[i] = sum;
+      }
     }
   }
 
@@ -1059,7 +1122,7 @@ struct RowProgram {
       }
       if (slab_active) {
         if constexpr (kTensorMix) {
-          mix_in_place(slot, c * kValueTile, o, whi, wlo);
+          mix_in_place(slot, seg_start(seg) + c * kValueTile, c * kValueTile, o, whi, wlo, moments);
         } else {
           mix_chunk(slot, seg_start(seg) + c * kValueTile, c * kValueTile, o, moments);
         }
