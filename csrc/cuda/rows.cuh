@@ -828,17 +828,23 @@ struct RowProgram {
         }
       }
       const uint32_t af[4] = {Cv::pack(a[0], a[1]), Cv::pack(a[2], a[3]), Cv::pack(a[4], a[5]), Cv::pack(a[6], a[7])};
-      const E* vg = values + static_cast<size_t>(g) * kValueTile * kVRow;
+      add_av(values, g, af, o[j]);
+    }
+  }
+
+  // o += A_g V_g for the chunk: A fragments af (the warp's 16 rows x 16 keys), V_g of the chunk's
+  // tile in `values`.
+  REATTN_DEVICE void add_av(const E* values, int g, const uint32_t (&af)[4], float (&o)[Cfg::kOutN8][4]) const {
+    const E* vg = values + static_cast<size_t>(g) * kValueTile * kVRow;
 #pragma unroll
-      for (int n = 0; n < Cfg::kOutN8; n += 2) {
-        // Matrices (k half i % 2, n8 tile n + i / 2) stored [key][d]: .trans gives B fragments.
-        const int i = lane / 8;
-        uint32_t vb[4];
-        dev::ldmatrix_x4_trans(vb, vg + ((i % 2) * 8 + lane % 8) * kVRow + (n + i / 2) * 8);
-        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-        dev::mma_m16n8k16<E>(o[j][n], af, b0, o[j][n]);
-        dev::mma_m16n8k16<E>(o[j][n + 1], af, b1, o[j][n + 1]);
-      }
+    for (int n = 0; n < Cfg::kOutN8; n += 2) {
+      // Matrices (k half i % 2, n8 tile n + i / 2) stored [key][d]: .trans gives B fragments.
+      const int i = lane / 8;
+      uint32_t vb[4];
+      dev::ldmatrix_x4_trans(vb, vg + ((i % 2) * 8 + lane % 8) * kVRow + (n + i / 2) * 8);
+      const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+      dev::mma_m16n8k16<E>(o[n], af, b0, o[n]);
+      dev::mma_m16n8k16<E>(o[n + 1], af, b1, o[n + 1]);
     }
   }
 
@@ -962,16 +968,7 @@ struct RowProgram {
       if (g >= H) continue;
       uint32_t af[4];
       dev::ldmatrix_x4(af, mixed + g * hs);
-      const E* vg = values + static_cast<size_t>(g) * kValueTile * kVRow;
-#pragma unroll
-      for (int n = 0; n < Cfg::kOutN8; n += 2) {
-        const int q = lane / 8;
-        uint32_t vb[4];
-        dev::ldmatrix_x4_trans(vb, vg + ((q % 2) * 8 + lane % 8) * kVRow + (n + q / 2) * 8);
-        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-        dev::mma_m16n8k16<E>(o[j][n], af, b0, o[j][n]);
-        dev::mma_m16n8k16<E>(o[j][n + 1], af, b1, o[j][n + 1]);
-      }
+      add_av(values, g, af, o[j]);
     }
   }
 
