@@ -1052,12 +1052,13 @@ struct RowProgram {
   // over its lanes, then over the slabs (tensor-core mixing: over the quad, then over every warp;
   // each warp has mixed every head of its rows).
   REATTN_DEVICE void write_moments(float (&moments)[kHeads][2]) {
-    if constexpr (kTensorMix) {  // moments[0], [1]: heads gq, gq + 8 of every row the warp mixed
-      // [warps][2][max_heads] partials in P~'s buffer (L.moments holds [warps][2][heads]), once
-      // every warp is done reading it (it fits: one head's tile alone is rows x p_row >= 32 x 24
-      // 16-bit values, 1,536 B; the partials take at most 8 x 2 x 15 floats, 960 B).
-      constexpr int mh = Cfg::kMaxHeads;
-      float* part = at<float>(L.probs);
+    constexpr int mh = Cfg::kMaxHeads;
+    // Tensor-core mixing: moments[0], [1] hold heads gq, gq + 8 of every row the warp mixed, and
+    // the [warps][2][max_heads] partials go to P~'s buffer (L.moments holds [warps][2][heads]) once
+    // every warp is done reading it (they fit: one head's tile alone is rows x p_row >= 32 x 24
+    // 16-bit values, 1,536 B; the partials take at most 8 x 2 x 15 floats, 960 B).
+    float* part = at<float>(kTensorMix ? L.probs : L.moments);
+    if constexpr (kTensorMix) {
       dev::sync_threads();
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -1070,17 +1071,7 @@ struct RowProgram {
           if (tq == 0 && g < mh) part[(warp * 2 + k) * mh + g] = v;
         }
       }
-      dev::sync_threads();
-      if (dev::block_index_y() != 0) return;
-      double* out = p.moments + static_cast<int64_t>(dev::block_index_x()) * 2 * H;
-      for (int i = dev::thread_index(); i < 2 * H; i += Cfg::kThreads) {
-        const int k = i / H, g = i % H;
-        double sum = 0.0;
-        for (int w = 0; w < Cfg::kWarps; ++w) sum += part[(w * 2 + k) * mh + g];
-        out[i] = sum;
-      }
     } else {
-      float* part = at<float>(L.moments);
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) {
 #pragma unroll
@@ -1090,15 +1081,19 @@ struct RowProgram {
           if (lane == 0) part[(warp * 2 + k) * kHeads + j] = v;
         }
       }
-      dev::sync_threads();
-      if (dev::block_index_y() != 0) return;
-      double* out = p.moments + static_cast<int64_t>(dev::block_index_x()) * 2 * H;
-      for (int i = dev::thread_index(); i < 2 * H; i += Cfg::kThreads) {
-        const int k = i / H, g = i % H;
-        double sum = 0.0;
+    }
+    dev::sync_threads();
+    if (dev::block_index_y() != 0) return;
+    double* out = p.moments + static_cast<int64_t>(dev::block_index_x()) * 2 * H;
+    for (int i = dev::thread_index(); i < 2 * H; i += Cfg::kThreads) {
+      const int k = i / H, g = i % H;
+      double sum = 0.0;
+      if constexpr (kTensorMix) {
+        for (int w = 0; w < Cfg::kWarps; ++w) sum += part[(w * 2 + k) * mh + g];
+      } else {
         for (int s = 0; s < kSlabs; ++s) sum += part[((s * kGroups + g % kGroups) * 2 + k) * kHeads + g / kGroups];
-        out[i] = sum;
       }
+      out[i] = sum;
     }
   }
 
