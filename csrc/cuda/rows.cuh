@@ -183,8 +183,8 @@ struct RowProgram {
   // Row sizes (elements) of the K, V and dM tiles, compile-time (row_layout computes the same).
   static constexpr int kKRow = padded_row(Cfg::kD), kVRow = padded_row(Cfg::kDOut), kMRow = padded_row(16);
   static constexpr int kMHead = head_stride(Cfg::kRows, kMRow, Cfg::kPlain);  // dM's head stride (backward)
-  // The forward's plain affine variant mixes the heads on tensor cores (mix_in_place), bf16 only:
-  // W' is split into two 16-bit operands, and fp16's range would not hold every W'.
+  // The forward's plain affine and moments variants mix the heads on tensor cores (mix_in_place),
+  // bf16 only: W' is split into two 16-bit operands, and fp16's range would not hold every W'.
   static constexpr bool kTensorMix = (Cfg::kVariant == kPlainAffine || Cfg::kVariant == kPlainMoments) &&
                                      Cfg::kMaxHeads <= 16 && std::is_same_v<typename Cfg::E, dev::Bf16>;
   using KeyCopy = TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain>;

@@ -82,12 +82,13 @@ constexpr int kVectorRows = 8;
 
 // Elements from one head's [rows][row] tile of P~ or dM to the next. The plain backward row pass
 // and the forward's tensor-core mixing read one entry of every head at once (ldmatrix rows 8 heads
-// apart: the dW products and mix_in_place of rows.cuh):
-// rows * row elements is a multiple of 128 bytes, which would put those 8 rows in one bank group;
-// 8 more elements (16 bytes) spread them over all 8. The layout reserves them for every program,
-// max_heads of them and 8 elements more for P~ (the forward's row of ones, rows.cuh ones_row) (a compile-time size: an H-dependent one costs the general variant's
-// sm_80 build, at 255 registers, 8 bytes of stack); the general variant, which has no such reads,
-// keeps the unpadded stride (padded, its sm_90 build needs 16 bytes of stack).
+// apart: the dW products and mix_in_place of rows.cuh). rows * row elements is a multiple of 128
+// bytes, which would put those 8 rows in one bank group; 8 more elements (16 bytes) spread them
+// over all 8. The layout reserves them for every program: max_heads of them, plus 8 elements for
+// P~ (the forward's row of ones, rows.cuh ones_row). That is a compile-time size: an H-dependent
+// one costs the general variant's sm_80 build, at 255 registers, 8 bytes of stack. The general
+// variant, which has no such reads, keeps the unpadded stride (padded, its sm_90 build needs 16
+// bytes of stack).
 constexpr int kHeadPadding = 8;
 constexpr REATTN_HD int head_stride(int rows, int row, bool padded) { return rows * row + (padded ? kHeadPadding : 0); }
 
