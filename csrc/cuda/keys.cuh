@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "device.cuh"
 #include "mixing.cuh"
@@ -51,6 +52,7 @@ struct KeyProgram {
   using Mix = Mixer<E, Cfg::kGroups, Cfg::kHeads, Cfg::kMaxHeads>;
   static constexpr int kGroups = Cfg::kGroups, kHeads = Cfg::kHeads;
   static constexpr int kHeadsPad = Mix::kHeadsPad;
+  static constexpr bool kSplitWeights = Cfg::kPlain && std::is_same_v<E, dev::Bf16>;  // rows.cuh kTensorGrad
   static constexpr int kChunkRows = 16;
   // Row sizes (elements) of the shared-memory tiles, compile-time (key_layout computes the same).
   static constexpr int kRow = padded_row(Cfg::kD), kTRow = padded_row(16);
@@ -154,7 +156,8 @@ struct KeyProgram {
       const int owned = r + kGroups * j;
       const bool ok = j < kHeads && owned < H && a < H;
       weights[i] = ok ? f[owned * H + a] : 0.0f;
-      weights_t[i] = ok ? f[a * H + owned] : 0.0f;
+      // The plain bf16 row pass takes W' split into 16-bit hi + lo for dP' and D: so does dP' here.
+      weights_t[i] = !ok ? 0.0f : kSplitWeights ? Mix::split_rounded(f[a * H + owned]) : f[a * H + owned];
     }
     for (int i = dev::thread_index(); i < kVectorRows * mh + 2; i += Cfg::kThreads) {
       const int row = i / mh, h = i % mh;

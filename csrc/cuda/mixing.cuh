@@ -102,6 +102,14 @@ struct Mixer {
     }
   }
 
+  // w as the tensor-core products take it: hi + lo, two 16-bit values (16 significant bits in
+  // bf16). The plain bf16 backward uses W' so rounded in D (rows.cuh) and in dP' of both passes,
+  // which keeps dP' - D exactly 0 where the two agree in exact arithmetic (one key: dS = 0).
+  static REATTN_DEVICE float split_rounded(float w) {
+    const float hi = Cv::low(Cv::pack(w, 0.0f));
+    return hi + Cv::low(Cv::pack(w - hi, 0.0f));
+  }
+
   // Sums x at each entry over the warps of a group of kGroups warps (the owners of every head of
   // the same entries): partials through `region` ([kGroups][32][stride] floats), a named barrier.
   // A region is written again only after the caller's next block barrier.

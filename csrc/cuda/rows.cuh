@@ -187,6 +187,9 @@ struct RowProgram {
   // bf16 only: W' is split into two 16-bit operands, and fp16's range would not hold every W'.
   static constexpr bool kTensorMix = (Cfg::kVariant == kPlainAffine || Cfg::kVariant == kPlainMoments) &&
                                      Cfg::kMaxHeads <= 16 && std::is_same_v<typename Cfg::E, dev::Bf16>;
+  // Likewise the plain backward row pass forms dP' = W'^T dM on tensor cores (tensor_grad_probs).
+  static constexpr bool kTensorGrad = Cfg::kVariant == kPlainBackwardRows && Cfg::kMaxHeads <= 16 &&
+                                      std::is_same_v<typename Cfg::E, dev::Bf16>;
   using KeyCopy = TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain>;
   using ValueCopy = TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain>;
 
@@ -860,18 +863,21 @@ struct RowProgram {
   // plus the unpacking of P~.
   static_assert(!kTensorMix || Cfg::kMaxHeads < 16, "head H of the products holds the bias");
 
-  // A fragments of [W' | c'] (rows: output heads g, columns: input heads h, c' at h = H) split as hi + lo.
+  // A fragments of [W' | c'] (rows: output heads g, columns: input heads h, c' at h = H) split as
+  // hi + lo; transposed: W'^T (rows: input heads h, columns: output heads g; no bias column).
+  template <bool kTransposed = false>
   REATTN_DEVICE void weight_fragments(uint32_t (&hi)[4], uint32_t (&lo)[4]) const {
     const float* w = at<float>(L.weights);  // W'[g][h] at [h][g % groups][g / groups]
     const float* c = vec_row(kBias);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      const int g = gq + 8 * (r % 2), h = 2 * tq + 8 * (r / 2);
+      const int row = gq + 8 * (r % 2), col = 2 * tq + 8 * (r / 2);
       float x[2];
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
-        x[k] = g >= H ? 0.0f : h + k < H ? w[((h + k) * kGroups + g % kGroups) * kHeadsPad + g / kGroups]
-                           : h + k == H ? c[g] : 0.0f;
+        const int g = kTransposed ? col + k : row, h = kTransposed ? row : col + k;
+        x[k] = g >= H ? 0.0f : h < H ? w[(h * kGroups + g % kGroups) * kHeadsPad + g / kGroups]
+                     : !kTransposed && h == H ? c[g] : 0.0f;
       }
       hi[r] = Cv::pack(x[0], x[1]);
       lo[r] = Cv::pack(x[0] - Cv::low(hi[r]), x[1] - Cv::high(hi[r]));
@@ -1234,11 +1240,15 @@ struct RowProgram {
 
   static constexpr int kWarps = kSlabs * kGroups;
   static constexpr int kDwN8 = (Cfg::kMaxHeads + 7) / 8;  // n8 tiles of input heads in dw_products
+  static constexpr int kDwRows = Cfg::kRows / kWarps;      // query rows per warp in dw_products
+  static_assert(Cfg::kRows % kWarps == 0, "dw_products: whole rows per warp");
+  // dw_products' accumulators: one per row where D comes from them (kTensorGrad), else one.
+  static constexpr int kDwSlots = kTensorGrad ? kDwRows : 1;
   // write_partials keeps [warps][H][H] floats in dM's buffer (H (rows m_row + 8) 16-bit values).
   static_assert(!Cfg::kBackward || kWarps * Cfg::kMaxHeads * 2 <= Cfg::kRows * kMRow, "dW tiles exceed dM's buffer");
   struct Partials {
     float dw[kHeads][Cfg::kMaxHeads];  // sum dM_g P~'_h (the host applies 1 / (1 - p)); general variant
-    float dw_tiles[kDwN8][4];          // plain variant: the mma accumulators of dw_products
+    float dw_rows[kDwSlots][kDwN8][4];  // plain variant: dw_products' accumulators
     float dc[kHeads], dgamma[kHeads], dbeta[kHeads];
   };
 
@@ -1367,7 +1377,7 @@ struct RowProgram {
 #pragma unroll
         for (int e = 0; e < 8; ++e) dm[j][e] = rstd[e] * (dm[j][e] - s1[e] * inv_h - acc[j][e] * s2[e] * inv_h);
       }
-    } else {
+    } else if (batch) {
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) {
         const int g = group + kGroups * j < H ? group + kGroups * j : 0;
@@ -1377,6 +1387,14 @@ struct RowProgram {
           dm[j][e] = a * dn[j][e] + ee * acc[j][e] + ff;
           if (!Cfg::kPlain || masks[j] != 0) dm[j][e] = ((masks[j] >> e) & 1u) ? 0.0f : dm[j][e];
         }
+      }
+    } else {  // none: dM = gamma' dN, already 0 where dN is
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
+        const float a = vec_row(kGamma)[g] * vec_row(kRstd)[g];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dm[j][e] = a * dn[j][e];
       }
     }
     if (first) {
@@ -1417,15 +1435,19 @@ struct RowProgram {
     }
   }
 
-  // dW partials on tensor cores (plain variant, first sweep). For query row i of the block,
-  // C[g][h] += sum_k dM_g[i][k] P~_h[i][k] over the chunk's 16 keys is one m16n8k16 product: A = dM
+  // dW partials and D on tensor cores (plain variant, first sweep). For query row i of the block,
+  // X_i[g][h] = sum_k dM_g[i][k] P~_h[i][k] over the chunk's 16 keys is one m16n8k16 product: A = dM
   // [output heads][keys], B = P~ [keys][input heads], both read by ldmatrix from their [head][row]
   // tiles in shared memory (rows 8 heads apart: hence the 16-byte padding of tiles.h's head_stride).
-  // Heads past H read head 0; those rows and columns of C are never used. Per chunk and
-  // row: 1-2 products and 2 ldmatrix instead of H multiply-adds per entry and owned head, and no
-  // unpacking of P~. dM enters as the 16-bit value stored for the mixing (eager's dW product
-  // rounds its operands likewise); the sums are fp32 (the mma accumulators).
-  REATTN_DEVICE void dw_products(int chunk_col, float (&c)[kDwN8][4]) const {
+  // Each warp keeps X_i of its rows i = warp, warp + warps, ... summed over the chunks. After the
+  // sweep, dW = sum_i X_i (write_partials) and
+  //   D_h,i = sum_k P~_h dP'_h = sum_k P~_h sum_g W'[g, h] dM_g = sum_g W'[g, h] X_i[g][h]
+  // (delta_from_products), so the first sweep needs no dP' at all. Heads past H read head 0; those
+  // rows and columns of X are never used. Per chunk and row: 1-2 products and 2 ldmatrix instead
+  // of H multiply-adds per entry and owned head, and no unpacking of P~. dM enters as the 16-bit
+  // value stored for the mixing (eager's dW product rounds its operands likewise); the sums are
+  // fp32 (the mma accumulators).
+  REATTN_DEVICE void dw_products(int chunk_col, float (&x)[kDwSlots][kDwN8][4]) const {
     const E* dmixed = at<E>(L.dmixed);
     const E* probs = at<E>(L.probs) + chunk_col;
     const int ga = lane % 16 < H ? lane % 16 : 0;  // A: lanes 0-15 rows g at keys 0-7, 16-31 at keys 8-15
@@ -1433,8 +1455,11 @@ struct RowProgram {
     const int hb = (kDwN8 == 1 ? 0 : (quarter / 2) * 8) + lane % 8;
     const E* a_row = dmixed + static_cast<size_t>(ga) * kMHead + (lane / 16) * 8;
     const E* b_row = probs + static_cast<size_t>(hb < H ? hb : 0) * (Cfg::kRows * L.p_row + kProbsPad) + (quarter % 2) * 8;
-    for (int i = warp; i < Cfg::kRows; i += kWarps) {
+#pragma unroll
+    for (int t = 0; t < kDwRows; ++t) {
+      const int i = warp + t * kWarps;
       if (m0 + i >= Nq) break;  // rows past Nq: nothing (and whole slabs past Nq hold no dM)
+      float (&c)[kDwN8][4] = x[kDwSlots == 1 ? 0 : t];
       uint32_t a[4];
       dev::ldmatrix_x4(a, a_row + i * kMRow);
       if constexpr (kDwN8 == 1) {
@@ -1447,6 +1472,41 @@ struct RowProgram {
         const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
         dev::mma_m16n8k16<E>(c[0], a, b0, c[0]);
         dev::mma_m16n8k16<E>(c[1], a, b1, c[1]);
+      }
+    }
+  }
+
+  // W'[g][h] from L.weights ([h][g % groups][g / groups]) as the second sweep's products take it
+  // (Mixer::split_rounded); 0 past H.
+  REATTN_DEVICE float split_weight(int g, int h) const {
+    return g < H && h < H ? Mix::split_rounded(at<float>(L.weights)[(h * kGroups + g % kGroups) * kHeadsPad + g / kGroups])
+                          : 0.0f;
+  }
+
+  // D_h,i = sum_g W'[g, h] X_i[g][h] from dw_products' accumulators (the C fragment: entry r of n8
+  // tile n is g = gq + 8 (r / 2), h = 8 n + 2 tq + r % 2): products per thread, then the sum over the
+  // 8 lanes of a column (gq). To shared memory (the second sweep) and global memory (the key pass);
+  // rows past Nq get 0.
+  REATTN_DEVICE void delta_from_products(const float (&x)[kDwSlots][kDwN8][4]) const {
+    float* delta = at<float>(L.delta);
+#pragma unroll
+    for (int t = 0; t < kDwRows; ++t) {
+      const int i = warp + t * kWarps;
+#pragma unroll
+      for (int n = 0; n < kDwN8; ++n) {
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          const int h = 8 * n + 2 * tq + k;
+          float v = split_weight(gq, h) * x[t][n][k];
+          if constexpr (Cfg::kMaxHeads > 8) v += split_weight(gq + 8, h) * x[t][n][2 + k];
+          v += dev::shfl_xor(v, 4);
+          v += dev::shfl_xor(v, 8);
+          v += dev::shfl_xor(v, 16);
+          if (gq == 0 && h < H) {
+            delta[h * Cfg::kRows + i] = v;
+            if (m0 + i < Nq) p.delta[(b * H + h) * static_cast<int64_t>(Nq) + m0 + i] = v;
+          }
+        }
       }
     }
   }
@@ -1502,6 +1562,102 @@ struct RowProgram {
     }
   }
 
+  // The second sweep's input-head part on tensor cores (kTensorGrad). For one query row i and 8 keys,
+  // dP'[:, i, k] = W'^T dM[:, i, k] is a 16 x 16 by 16 x 8 product (input heads x output heads by
+  // output heads x keys): A = W'^T as hi + lo (weight_fragments, as in the forward's mix_in_place),
+  // B = dM of heads 0 .. H - 1 at one row by ldmatrix.trans (8 heads' rows 16 bytes apart in banks:
+  // tiles.h's head padding), heads past H reading head 0 against zero columns of W'^T. Up to 8
+  // heads the products are m16n8k8 and one load serves two rows. The C fragment holds dP' of heads
+  // gq (and gq + 8) at keys 2 tq, 2 tq + 1: with P~ and D read at the same entries,
+  // dS = P~ (dP' - D) scale is written over P~ in place (the slab's warps split its rows; each
+  // overwrites only entries it has read). After the slab's barrier, dQ += dS K for the warp's
+  // heads, the A fragments read back by ldmatrix. Per chunk and row: 4 products, a load and 2
+  // multiply-adds per entry of heads below H, against H multiply-adds per entry and owned head
+  // plus the unpacking of dM.
+  REATTN_DEVICE void tensor_grad_probs(int slot, int chunk_col, const uint32_t (&whi_)[4], const uint32_t (&wlo_)[4],
+                                       float (&dq)[kHeads][Cfg::kOutN8][4]) const {
+    // W'^T fragments: kept from before the sweep (one segment), or loaded per chunk (several: not
+    // live across the score phases, at 255 registers).
+    uint32_t whi[4], wlo[4];
+    if constexpr (Cfg::kOneSegment) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) whi[r] = whi_[r], wlo[r] = wlo_[r];
+    } else {
+      weight_fragments<true>(whi, wlo);
+    }
+    constexpr int kRowsPerWarp = 16 / kGroups;
+    static_assert(16 % kGroups == 0, "the slab's rows split over its warps");
+    constexpr bool kNarrow = Cfg::kMaxHeads <= 8;  // k = 8 output heads: W'^T columns 0 .. 7
+    constexpr int kRowsPerLoad = kNarrow ? 2 : 1;
+    static_assert(kRowsPerWarp % kRowsPerLoad == 0, "whole loads per warp");
+    E* probs = at<E>(L.probs);
+    const int hs = Cfg::kRows * L.p_row + kProbsPad;  // P~'s head stride (elements)
+    const int row0 = slab * 16 + group * kRowsPerWarp;
+    // ldmatrix.trans rows, matrix m = lane / 8: narrow, (row m / 2, key octet m % 2); otherwise
+    // (head block m % 2, octet m / 2).
+    const int m = lane / 8;
+    const int hl = kNarrow ? lane % 8 : (m % 2) * 8 + lane % 8;
+    const int row_of = kNarrow ? m / 2 : 0, octet = kNarrow ? m % 2 : m / 2;
+    const E* src = at<E>(L.dmixed) + (hl < H ? hl : 0) * kMHead + (row0 + row_of) * kMRow + octet * 8;
+    E* dst = probs + gq * hs + row0 * L.p_row + chunk_col + 2 * tq;  // C entries: head gq (+ 8), keys 2 tq, + 1
+    const float* delta = at<float>(L.delta) + gq * Cfg::kRows + row0;
+    const float scale = static_cast<float>(p.scale);
+    const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; r += kRowsPerLoad) {
+      uint32_t db[4];
+      dev::ldmatrix_x4_trans(db, src + r * kMRow);
+#pragma unroll
+      for (int t = 0; t < 2 * kRowsPerLoad; ++t) {  // tiles: (row r + t / 2, octet t % 2)
+        float d[4];
+        if constexpr (kNarrow) {
+          const uint32_t hi8[2] = {whi[0], whi[1]}, lo8[2] = {wlo[0], wlo[1]};
+          dev::mma_m16n8k8<E>(d, hi8, db[t], zero);
+          dev::mma_m16n8k8<E>(d, lo8, db[t], d);
+        } else {
+          const uint32_t bf[2] = {db[2 * t], db[2 * t + 1]};
+          dev::mma_m16n8k16<E>(d, whi, bf, zero);
+          dev::mma_m16n8k16<E>(d, wlo, bf, d);
+        }
+        const int row = r + t / 2;
+        E* at_t = dst + row * L.p_row + (t % 2) * 8;
+#pragma unroll
+        for (int half = 0; half < (kNarrow ? 1 : 2); ++half) {
+          if (gq + 8 * half < H) {
+            uint32_t* entry = reinterpret_cast<uint32_t*>(at_t + half * 8 * hs);
+            const uint32_t pv = *entry;
+            const float dl = delta[half * 8 * Cfg::kRows + row];
+            *entry = Cv::pack(Cv::low(pv) * (d[2 * half] - dl) * scale, Cv::high(pv) * (d[2 * half + 1] - dl) * scale);
+          }
+        }
+      }
+    }
+    if constexpr (kGroups > 1) {
+      dev::named_barrier(1 + slab, 32 * kGroups);  // dS of the slab's every row
+    } else {
+      dev::sync_warp();
+    }
+    const E* keys = slot_tile(slot);
+    const E* ds = chunk_tile(L.probs, L.p_row, chunk_col);
+    const int i = lane / 8;
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int h = group + kGroups * j;
+      if (h >= H) continue;
+      uint32_t af[4];
+      dev::ldmatrix_x4(af, ds + h * hs);
+      const E* kh = keys + static_cast<size_t>(h) * kValueTile * kKRow;
+#pragma unroll
+      for (int n = 0; n < Cfg::kOutN8; n += 2) {
+        uint32_t kb[4];
+        dev::ldmatrix_x4_trans(kb, kh + ((i % 2) * 8 + lane % 8) * kKRow + (n + i / 2) * 8);
+        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+        dev::mma_m16n8k16<E>(dq[j][n], af, b0, dq[j][n]);
+        dev::mma_m16n8k16<E>(dq[j][n + 1], af, b1, dq[j][n + 1]);
+      }
+    }
+  }
+
   // The partial sums of the block: warp sums over lanes, then over slabs, to
   // partials + program * (H H + 3 H) = [dW (g, h)][dc][dgamma][dbeta].
   // The plain variant's dW: each warp's mma tiles to [warps][H][H] floats in dM's buffer (free
@@ -1526,7 +1682,10 @@ struct RowProgram {
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int g = gq + 8 * (r / 2), h = n * 8 + 2 * tq + r % 2;  // the mma C fragment's entry
-          if (g < H && h < H) tiles[(warp * H + g) * H + h] = part.dw_tiles[n][r];
+          float v = 0.0f;
+#pragma unroll
+          for (int t = 0; t < kDwSlots; ++t) v += part.dw_rows[t][n][r];
+          if (g < H && h < H) tiles[(warp * H + g) * H + h] = v;
         }
       }
       dev::sync_threads();
@@ -1578,7 +1737,8 @@ struct RowProgram {
   // shared memory), then its 16-key chunks. Ring steps per chunk: the first sweep's V chunk (then a
   // barrier for dM); the second sweep's V chunk, then its K chunk, whose step's barrier is dM's.
   REATTN_DEVICE void backward_sweep(bool first, bool sums_only, uint32_t (&df)[kHeads][Cfg::kKSteps][4],
-                                    Partials& part, float (&dpart)[kHeads][2], float (&dq)[kHeads][Cfg::kOutN8][4]) {
+                                    Partials& part, float (&dpart)[kHeads][2], float (&dq)[kHeads][Cfg::kOutN8][4],
+                                    const uint32_t (&whi)[4], const uint32_t (&wlo)[4]) {
     const bool again = first && !sums_only;  // a second sweep follows
     const int segs = Cfg::kOneSegment ? 1 : segments;
     for (int seg = 0; seg < segs; ++seg) {
@@ -1610,12 +1770,17 @@ struct RowProgram {
         int keys_slot = slot;
         if (first) {
           dev::sync_threads();  // dM of every output head
-          if constexpr (Cfg::kPlain) dw_products(c * kValueTile, part.dw_tiles);
+          if constexpr (Cfg::kPlain) dw_products(c * kValueTile, part.dw_rows);
+          if constexpr (kTensorGrad) continue;  // D from the same products: no dP' in this sweep
         } else {
           keys_slot = begin_step();  // the K chunk, and dM of every output head
           if (c + 1 < chunks) issue_chunk(key0 + kValueTile, false);
         }
-        if (slab_active) grad_probs(keys_slot, c * kValueTile, first, dpart, dq);
+        if constexpr (kTensorGrad) {
+          if (slab_active) tensor_grad_probs(keys_slot, c * kValueTile, whi, wlo, dq);
+        } else {
+          if (slab_active) grad_probs(keys_slot, c * kValueTile, first, dpart, dq);
+        }
       }
       issue_after_segment(seg, again);
     }
@@ -1653,6 +1818,7 @@ struct RowProgram {
     issue_keys(0, 0);  // the first score phase's first K tile
     uint32_t df[kHeads][Cfg::kKSteps][4];  // one segment: dO fragments of the owned heads (after the scores)
     float dq[kHeads][Cfg::kOutN8][4];
+    uint32_t whi[4] = {0u, 0u, 0u, 0u}, wlo[4] = {0u, 0u, 0u, 0u};  // W'^T (second sweep, kTensorGrad)
     {
       float dpart[kHeads][2];
       Partials part;
@@ -1664,10 +1830,19 @@ struct RowProgram {
       }
       if constexpr (Cfg::kPlain) {
 #pragma unroll
-        for (int n = 0; n < kDwN8; ++n) part.dw_tiles[n][0] = part.dw_tiles[n][1] = part.dw_tiles[n][2] = part.dw_tiles[n][3] = 0.0f;
+        for (int t = 0; t < kDwSlots; ++t) {
+#pragma unroll
+          for (int n = 0; n < kDwN8; ++n) part.dw_rows[t][n][0] = part.dw_rows[t][n][1] = part.dw_rows[t][n][2] = part.dw_rows[t][n][3] = 0.0f;
+        }
       }
-      backward_sweep(true, sums_only, df, part, dpart, dq);
-      if (!sums_only) finish_delta(dpart);
+      backward_sweep(true, sums_only, df, part, dpart, dq, whi, wlo);
+      if (!sums_only) {
+        if constexpr (kTensorGrad) {
+          delta_from_products(part.dw_rows);
+        } else {
+          finish_delta(dpart);
+        }
+      }
       write_partials(part);  // before the second sweep: its registers are free for dQ
     }
     if (sums_only) {
@@ -1678,7 +1853,8 @@ struct RowProgram {
     {
       float dpart[kHeads][2];
       Partials unused;
-      backward_sweep(false, false, df, unused, dpart, dq);
+      if constexpr (kTensorGrad && Cfg::kOneSegment) weight_fragments<true>(whi, wlo);
+      backward_sweep(false, false, df, unused, dpart, dq, whi, wlo);
     }
     dev::cp_async_wait<0>();
     write_rows(dq, p.dq, p.dq_st, false);

@@ -388,13 +388,14 @@ def test_tensor_core_backward_within_twice_eager_error_in_every_mode(name, shape
 @pytest.mark.skipif(DEVICE == "cuda", reason="warp orders are the emulator's")
 @pytest.mark.parametrize("norm,shape,general", [("none", (2, 6, 33, 40, 32), True), ("layer", (2, 6, 33, 40, 32), True),
                                                 ("layer", (1, 12, 17, 230, 40), True), ("layer", (2, 6, 33, 40, 32), False),
-                                                ("none", (1, 12, 17, 230, 48), False)],
-                         ids=["none", "layer", "layer segments", "plain layer", "plain segments"])
+                                                ("none", (1, 12, 17, 230, 48), False), ("batch", (1, 12, 20, 45, 32), False)],
+                         ids=["none", "layer", "layer segments", "plain layer", "plain segments", "plain 12 heads"])
 def test_tensor_core_backward_does_not_race_and_is_deterministic(norm, shape, general):
     # Reversed and shuffled warp orders give bitwise the same gradients (no race between warps, and
     # no order-dependent sums: dK, dV in registers, parameter gradients as per-program partials).
     # Shapes of 230 keys run the row pass over key segments; the general variants with a mask and
-    # dropout, the plain ones (row_configs.h) without.
+    # dropout, the plain ones (row_configs.h) without. The plain bf16 row pass writes dS over P~ in
+    # place between two slab barriers, its products m16n8k8 up to 8 heads and m16n8k16 above.
     B, H, Nq, Nk, D = shape
     mask, dropout = (bool_mask(B, Nq, Nk), 0.2) if general else (None, 0.0)
     runs = [tc_backward_case(B, H, Nq, Nk, D, norm=norm, mask=mask, dropout=dropout, references=False,
