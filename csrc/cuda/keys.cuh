@@ -52,10 +52,15 @@ struct KeyProgram {
   using Mix = Mixer<E, Cfg::kGroups, Cfg::kHeads, Cfg::kMaxHeads>;
   static constexpr int kGroups = Cfg::kGroups, kHeads = Cfg::kHeads;
   static constexpr int kHeadsPad = Mix::kHeadsPad;
-  static constexpr bool kSplitWeights = Cfg::kPlain && std::is_same_v<E, dev::Bf16>;  // rows.cuh kTensorGrad
+  // The plain bf16 variant forms dP'^T = W'^T dM^T on tensor cores (tensor_grad_keys), with W' split
+  // into 16-bit hi + lo as the row pass's D and dP' take it (rows.cuh kTensorGrad).
+  static constexpr bool kTensorGrad = Cfg::kPlain && Cfg::kMaxHeads <= 16 && std::is_same_v<E, dev::Bf16>;
   static constexpr int kChunkRows = 16;
   // Row sizes (elements) of the shared-memory tiles, compile-time (key_layout computes the same).
   static constexpr int kRow = padded_row(Cfg::kD), kTRow = padded_row(16);
+  // Head stride of P~^T and dM^T: tensor_grad_keys reads one entry of 8 heads at once (ldmatrix rows
+  // a head apart), which the 16-byte padding spreads over the 8 bank groups (tiles.h head_stride).
+  static constexpr int kHeadStride = head_stride(Cfg::kKeys, kTRow, kTensorGrad);
   using BlockCopy = TileCopy<E, Cfg::kKeys, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain>;
   using ChunkCopy = TileCopy<E, kChunkRows, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain>;
   enum VectorRow : int { kBias = 0, kGamma = 1, kBeta = 2, kColumnMean = 3, kMean = 4, kRstd = 5, kE = 6, kF = 7 };
@@ -157,7 +162,7 @@ struct KeyProgram {
       const bool ok = j < kHeads && owned < H && a < H;
       weights[i] = ok ? f[owned * H + a] : 0.0f;
       // The plain bf16 row pass takes W' split into 16-bit hi + lo for dP' and D: so does dP' here.
-      weights_t[i] = !ok ? 0.0f : kSplitWeights ? Mix::split_rounded(f[a * H + owned]) : f[a * H + owned];
+      weights_t[i] = !ok ? 0.0f : kTensorGrad ? Mix::split_rounded(f[a * H + owned]) : f[a * H + owned];
     }
     for (int i = dev::thread_index(); i < kVectorRows * mh + 2; i += Cfg::kThreads) {
       const int row = i / mh, h = i % mh;
@@ -258,7 +263,7 @@ struct KeyProgram {
           if (v[2 * r + 1] < 0.0f && (packed[r] >> 16) == 0x8000u) packed[r] = (packed[r] & 0xffffu) | 0x80010000u;
         }
       }
-      E* to = probs_t + (static_cast<size_t>(h) * Cfg::kKeys + slab * 16 + gq) * kTRow + 2 * tq;
+      E* to = probs_t + static_cast<size_t>(h) * kHeadStride + (slab * 16 + gq) * kTRow + 2 * tq;
       *reinterpret_cast<uint32_t*>(to) = packed[0];
       *reinterpret_cast<uint32_t*>(to + 8 * kTRow) = packed[1];
       *reinterpret_cast<uint32_t*>(to + 8) = packed[2];
@@ -268,11 +273,11 @@ struct KeyProgram {
 
   // Output-head part: A^T, dA^T = V dO^T, dV += A^T dO, dM^T to shared memory.
   REATTN_DEVICE void grad_mixed(int slot, int r0, float (&dv)[kHeads][Cfg::kN8][4]) const {
-    const bool layer = p.norm == kNormLayer;
+    const bool layer = p.norm == kNormLayer, batch = p.norm == kNormBatch;
     const float bias_mean = at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads];
     const float inv_h = at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads + 1];
     const E* ptile = at<E>(L.probs_t) + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
-    const size_t head_stride = static_cast<size_t>(Cfg::kKeys) * kTRow;
+    const size_t head_stride = kHeadStride;
     float acc[kHeads][8], mean[8], rstd[8];
     uint32_t masks[kHeads];
     {
@@ -305,19 +310,28 @@ struct KeyProgram {
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[j][e] *= rstd[e];  // xhat
       }
-    } else {
+    } else if (batch) {
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) {
         const int g = group + kGroups * j < H ? group + kGroups * j : 0;
         const float mu = vec_row(kMean)[g], r = vec_row(kRstd)[g];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[j][e] = (acc[j][e] - mu) * r;  // xhat (none: M itself)
+        for (int e = 0; e < 8; ++e) acc[j][e] = (acc[j][e] - mu) * r;  // xhat
       }
-    }
+    }  // none: xhat is M itself
     const E* grads = slot_grads(slot);
     const E* values = at<E>(L.values);
     E* dmixed = at<E>(L.dmixed);
     const int i = lane / 8;
+    // Entries past Nk or Nq count as masked: tested only in the chunks that have them (the block's
+    // last keys, the last query chunk; a branch the whole warp takes alike).
+    uint32_t outside = 0;
+    if (n0 + slab * 16 + 16 > Nk || r0 + kChunkRows > Nq) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        if (entry_key(e) >= Nk || r0 + entry_row(e) >= Nq) outside |= 1u << e;
+      }
+    }
     float dn[kHeads][8];
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
@@ -357,10 +371,11 @@ struct KeyProgram {
         dn[j][e] = c0[e];
         dn[j][4 + e] = c1[e];
       }
+      masks[j] |= outside;
+      if (Cfg::kPlain && masks[j] == 0 && g < H) continue;  // the plain variant's usual chunk
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        const bool in = entry_key(e) < Nk && r0 + entry_row(e) < Nq;
-        if (((masks[j] >> e) & 1u) || !in || g >= H) dn[j][e] = 0.0f;
+        if (((masks[j] >> e) & 1u) || g >= H) dn[j][e] = 0.0f;
       }
     }
     float (&dm)[kHeads][8] = dn;  // dM in place of dN
@@ -385,16 +400,21 @@ struct KeyProgram {
 #pragma unroll
         for (int e = 0; e < 8; ++e) dm[j][e] = rstd[e] * (dm[j][e] - s1[e] * inv_h - acc[j][e] * s2[e] * inv_h);
       }
-    } else {
+    } else if (batch) {
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) {
         const int g = group + kGroups * j < H ? group + kGroups * j : 0;
         const float a = vec_row(kGamma)[g] * vec_row(kRstd)[g], ee = vec_row(kE)[g], ff = vec_row(kF)[g];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const bool live = !((masks[j] >> e) & 1u) && entry_key(e) < Nk && r0 + entry_row(e) < Nq;
-          dm[j][e] = live ? a * dn[j][e] + ee * acc[j][e] + ff : 0.0f;
-        }
+        for (int e = 0; e < 8; ++e) dm[j][e] = ((masks[j] >> e) & 1u) ? 0.0f : a * dn[j][e] + ee * acc[j][e] + ff;
+      }
+    } else {  // none: dM = gamma' dN, already 0 where dN is
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
+        const float a = vec_row(kGamma)[g] * vec_row(kRstd)[g];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dm[j][e] = a * dn[j][e];
       }
     }
     E* out = dmixed + (static_cast<size_t>(slab) * 16 + gq) * kTRow + 2 * tq;
@@ -402,7 +422,7 @@ struct KeyProgram {
     for (int j = 0; j < kHeads; ++j) {
       const int g = group + kGroups * j;
       if (g >= H) continue;
-      E* at_g = out + static_cast<size_t>(g) * Cfg::kKeys * kTRow;
+      E* at_g = out + static_cast<size_t>(g) * kHeadStride;
       *reinterpret_cast<uint32_t*>(at_g) = Cv::pack(dm[j][0], dm[j][1]);
       *reinterpret_cast<uint32_t*>(at_g + 8 * kTRow) = Cv::pack(dm[j][2], dm[j][3]);
       *reinterpret_cast<uint32_t*>(at_g + 8) = Cv::pack(dm[j][4], dm[j][5]);
@@ -414,7 +434,7 @@ struct KeyProgram {
   REATTN_DEVICE void grad_keys(int slot, float (&dk)[kHeads][Cfg::kN8][4]) const {
     float dp[kHeads][8];
     const E* mtile = at<E>(L.dmixed) + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
-    Mix::mix_transposed(mtile, static_cast<size_t>(Cfg::kKeys) * kTRow, at<float>(L.weights_t), H, group, dp);
+    Mix::mix_transposed(mtile, kHeadStride, at<float>(L.weights_t), H, group, dp);
     const float* st = slot_stats(slot);
     const E* qtile = slot_base(slot);
     const E* ptile = at<E>(L.probs_t) + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
@@ -425,7 +445,7 @@ struct KeyProgram {
       const int h = group + kGroups * j;
       if (h >= H) continue;
       uint32_t pk[4];
-      dev::ldmatrix_x4(pk, ptile + static_cast<size_t>(h) * Cfg::kKeys * kTRow);
+      dev::ldmatrix_x4(pk, ptile + static_cast<size_t>(h) * kHeadStride);
       float ds[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
@@ -435,6 +455,95 @@ struct KeyProgram {
       }
       const uint32_t af[4] = {Cv::pack(ds[0], ds[1]), Cv::pack(ds[2], ds[3]), Cv::pack(ds[4], ds[5]),
                               Cv::pack(ds[6], ds[7])};
+      const E* qh = qtile + static_cast<size_t>(h) * kChunkRows * kRow;
+#pragma unroll
+      for (int n = 0; n < Cfg::kN8; n += 2) {
+        uint32_t qb[4];  // B = Q [row][d] with .trans
+        dev::ldmatrix_x4_trans(qb, qh + ((i % 2) * 8 + lane % 8) * kRow + (n + i / 2) * 8);
+        const uint32_t b0[2] = {qb[0], qb[1]}, b1[2] = {qb[2], qb[3]};
+        dev::mma_m16n8k16<E>(dk[j][n], af, b0, dk[j][n]);
+        dev::mma_m16n8k16<E>(dk[j][n + 1], af, b1, dk[j][n + 1]);
+      }
+    }
+  }
+
+  // Input-head part on tensor cores (kTensorGrad), as the row pass's second sweep (rows.cuh
+  // tensor_grad_probs) with keys for query rows: for one key k and 8 query rows,
+  // dP'^T[:, k, rows] = W'^T dM^T[:, k, rows] is one product (A = W'^T as hi + lo, B = dM^T of every
+  // head at key k by ldmatrix.trans; m16n8k8 up to 8 heads, one load serving two keys). Its C
+  // fragment holds heads gq (and gq + 8) at rows 2 tq, 2 tq + 1 (+ 8): dS^T = P~^T (dP' - D) scale
+  // goes over P~^T in place (the slab's warps split its keys), then after the slab's barrier
+  // dK += dS^T Q for the warp's heads, the A fragments read back by ldmatrix.
+  REATTN_DEVICE void tensor_grad_keys(int slot, const uint32_t (&whi)[4], const uint32_t (&wlo)[4],
+                                      float (&dk)[kHeads][Cfg::kN8][4]) const {
+    constexpr int kKeysPerWarp = 16 / kGroups;
+    static_assert(16 % kGroups == 0, "the slab's keys split over its warps");
+    constexpr bool kNarrow = Cfg::kMaxHeads <= 8;  // k = 8 output heads: W'^T columns 0 .. 7
+    constexpr int kKeysPerLoad = kNarrow ? 2 : 1;
+    static_assert(kKeysPerWarp % kKeysPerLoad == 0, "whole loads per warp");
+    constexpr int kHalves = kNarrow ? 1 : 2;  // C rows gq and gq + 8
+    E* probs_t = at<E>(L.probs_t);
+    const int key0 = slab * 16 + group * kKeysPerWarp;  // the warp's first key in the block
+    // ldmatrix.trans rows, matrix m = lane / 8: narrow, (key m / 2, row octet m % 2); otherwise
+    // (head block m % 2, octet m / 2).
+    const int m = lane / 8;
+    const int hl = kNarrow ? lane % 8 : (m % 2) * 8 + lane % 8;
+    const int key_of = kNarrow ? m / 2 : 0, octet = kNarrow ? m % 2 : m / 2;
+    const E* src = at<E>(L.dmixed) + (hl < H ? hl : 0) * kHeadStride + (key0 + key_of) * kTRow + octet * 8;
+    E* dst = probs_t + gq * kHeadStride + key0 * kTRow + 2 * tq;  // C entries: head gq (+ 8), rows 2 tq, + 1
+    // D of heads gq (+ 8) at the thread's rows 2 tq, 2 tq + 1, 8 + 2 tq, 9 + 2 tq (rows past Nq: 0).
+    const float* st = slot_stats(slot);
+    float dl[kHalves][4];
+#pragma unroll
+    for (int half = 0; half < kHalves; ++half) {
+      const int h = gq + 8 * half < H ? gq + 8 * half : 0;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) dl[half][r] = st[3 * (h * kChunkRows + (r / 2) * 8 + 2 * tq + r % 2) + 2];
+    }
+    const float scale = static_cast<float>(p.scale);
+    const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int r = 0; r < kKeysPerWarp; r += kKeysPerLoad) {
+      uint32_t db[4];
+      dev::ldmatrix_x4_trans(db, src + r * kTRow);
+#pragma unroll
+      for (int t = 0; t < 2 * kKeysPerLoad; ++t) {  // tiles: (key r + t / 2, row octet t % 2)
+        float d[4];
+        if constexpr (kNarrow) {
+          const uint32_t hi8[2] = {whi[0], whi[1]}, lo8[2] = {wlo[0], wlo[1]};
+          dev::mma_m16n8k8<E>(d, hi8, db[t], zero);
+          dev::mma_m16n8k8<E>(d, lo8, db[t], d);
+        } else {
+          const uint32_t bf[2] = {db[2 * t], db[2 * t + 1]};
+          dev::mma_m16n8k16<E>(d, whi, bf, zero);
+          dev::mma_m16n8k16<E>(d, wlo, bf, d);
+        }
+        E* at_t = dst + (r + t / 2) * kTRow + (t % 2) * 8;
+#pragma unroll
+        for (int half = 0; half < kHalves; ++half) {
+          if (gq + 8 * half < H) {
+            uint32_t* entry = reinterpret_cast<uint32_t*>(at_t + half * 8 * kHeadStride);
+            const uint32_t pv = *entry;
+            const float* dr = dl[half] + 2 * (t % 2);
+            *entry = Cv::pack(Cv::low(pv) * (d[2 * half] - dr[0]) * scale, Cv::high(pv) * (d[2 * half + 1] - dr[1]) * scale);
+          }
+        }
+      }
+    }
+    if constexpr (kGroups > 1) {
+      dev::named_barrier(1 + slab, 32 * kGroups);  // dS^T of the slab's every key
+    } else {
+      dev::sync_warp();
+    }
+    const E* qtile = slot_base(slot);
+    const E* ds = probs_t + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
+    const int i = lane / 8;
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int h = group + kGroups * j;
+      if (h >= H) continue;
+      uint32_t af[4];
+      dev::ldmatrix_x4(af, ds + static_cast<size_t>(h) * kHeadStride);
       const E* qh = qtile + static_cast<size_t>(h) * kChunkRows * kRow;
 #pragma unroll
       for (int n = 0; n < Cfg::kN8; n += 2) {
@@ -477,6 +586,11 @@ struct KeyProgram {
         for (int e = 0; e < 4; ++e) dk[j][n][e] = dv[j][n][e] = 0.0f;
       }
     }
+    uint32_t whi[4] = {0u, 0u, 0u, 0u}, wlo[4] = {0u, 0u, 0u, 0u};  // W'^T (kTensorGrad)
+    if constexpr (kTensorGrad) {
+      dev::sync_threads();  // the weights in shared memory
+      Mix::template weight_fragments<true>(at<float>(L.weights), vec_row(kBias), H, gq, tq, whi, wlo);
+    }
     const int chunks = (Nq + kChunkRows - 1) / kChunkRows;
     for (int c = 0; c < chunks; ++c) {
       const int slot = begin_step();
@@ -485,7 +599,11 @@ struct KeyProgram {
       dev::sync_threads();  // P~^T of every head
       grad_mixed(slot, c * kChunkRows, dv);
       dev::sync_threads();  // dM^T of every head
-      grad_keys(slot, dk);
+      if constexpr (kTensorGrad) {
+        tensor_grad_keys(slot, whi, wlo, dk);
+      } else {
+        grad_keys(slot, dk);
+      }
     }
     dev::cp_async_wait<0>();
     write_keys(dk, p.dk, p.dk_st);

@@ -863,25 +863,10 @@ struct RowProgram {
   // plus the unpacking of P~.
   static_assert(!kTensorMix || Cfg::kMaxHeads < 16, "head H of the products holds the bias");
 
-  // A fragments of [W' | c'] (rows: output heads g, columns: input heads h, c' at h = H) split as
-  // hi + lo; transposed: W'^T (rows: input heads h, columns: output heads g; no bias column).
+  // A fragments of [W' | c'] split as hi + lo; transposed: W'^T (Mixer::weight_fragments).
   template <bool kTransposed = false>
   REATTN_DEVICE void weight_fragments(uint32_t (&hi)[4], uint32_t (&lo)[4]) const {
-    const float* w = at<float>(L.weights);  // W'[g][h] at [h][g % groups][g / groups]
-    const float* c = vec_row(kBias);
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int row = gq + 8 * (r % 2), col = 2 * tq + 8 * (r / 2);
-      float x[2];
-#pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        const int g = kTransposed ? col + k : row, h = kTransposed ? row : col + k;
-        x[k] = g >= H ? 0.0f : h < H ? w[(h * kGroups + g % kGroups) * kHeadsPad + g / kGroups]
-                     : !kTransposed && h == H ? c[g] : 0.0f;
-      }
-      hi[r] = Cv::pack(x[0], x[1]);
-      lo[r] = Cv::pack(x[0] - Cv::low(hi[r]), x[1] - Cv::high(hi[r]));
-    }
+    Mix::template weight_fragments<kTransposed>(at<float>(L.weights), vec_row(kBias), H, gq, tq, hi, lo);
   }
   // The row of ones that B reads as head H: 8 values past the last head's tile (tiles.h reserves them).
   REATTN_DEVICE E* ones_row() const { return at<E>(L.probs) + static_cast<size_t>(H) * (Cfg::kRows * L.p_row + kProbsPad); }

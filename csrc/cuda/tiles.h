@@ -171,8 +171,9 @@ REATTN_HD KeyLayout key_layout(const KeyShape& s, int H) {
   L.ring_slot = static_cast<uint32_t>(align128(2 * h * 16 * L.row * e + h * 16 * 3 * 4));
   L.ring = take(2 * L.ring_slot);
   L.t_row = padded_row(16);
-  L.probs_t = take(h * s.keys() * L.t_row * e);
-  L.dmixed = take(h * s.keys() * L.t_row * e);
+  // Head padding (head_stride) for the plain variant's tensor-core products (keys.cuh).
+  L.probs_t = take((h * s.keys() * L.t_row + mh * kHeadPadding) * e);
+  L.dmixed = take((h * s.keys() * L.t_row + mh * kHeadPadding) * e);
   L.weights = take(mh * s.groups * pad * 4);
   L.weights_t = take(mh * s.groups * pad * 4);
   L.vectors = take((kVectorRows * mh + 2) * 4);
