@@ -85,6 +85,13 @@ class Plan(ctypes.Structure):
                                                                                           ctypes.c_size_t)]
 
 
+class KeyLayout(ctypes.Structure):
+    """csrc/cuda/tiles.h's KeyLayout (ReAttnParams::key_tiles): the key pass's shared-memory offsets."""
+    _fields_ = [(name, ctypes.c_int if name in ("row", "t_row") else ctypes.c_uint32)
+                for name in ("keys", "values", "row", "ring", "ring_slot", "probs_t", "dmixed", "t_row", "weights",
+                             "weights_t", "vectors", "exchange", "bytes")]
+
+
 class ReAttnParams(ctypes.Structure):
     _fields_ = [
         ("B", ctypes.c_int64), ("H", ctypes.c_int), ("Nq", ctypes.c_int), ("Nk", ctypes.c_int), ("D", ctypes.c_int),
@@ -102,7 +109,7 @@ class ReAttnParams(ctypes.Structure):
         ("dq", ctypes.c_void_p), ("dq_st", Strides4), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
         ("dW", ctypes.c_void_p), ("dc", ctypes.c_void_p), ("dgamma", ctypes.c_void_p), ("dbeta", ctypes.c_void_p),
         ("delta", ctypes.c_void_p), ("partials", ctypes.c_void_p), ("stats_only", ctypes.c_bool),
-        ("dk_st", Strides4), ("dv_st", Strides4),
+        ("dk_st", Strides4), ("dv_st", Strides4), ("key_tiles", KeyLayout),
         ("plan", Plan),
     ]
 
@@ -558,6 +565,7 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
             key_touched = [(t, kinds) for t, kinds in touched if t is not partials] + [
                 (delta, {"read"}), (dk, {"write"}), (dv, {"write"})]
             args = [keys[k_] for k_ in ("kslabs", "groups", "heads", "d")] + [int(plain)]
+            p.key_tiles = KeyLayout(*keys["layout"])  # as launch_key_shape sets it
             _record(_template_symbol(rec.arch, "key_kernel", "KeyConfig", args, q.dtype), "backward_keys", False, q,
                     p, key_touched, (B * keys["grid"][0], 1), keys["threads"], keys["shared_bytes"], "queries", 16)
         total = partials.sum(0, dtype=torch.float64)

@@ -18,10 +18,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) key_kernel(const ReAttnParam
 }
 
 template <class Cfg>
-cudaError_t launch_key_shape(const ReAttnParams& p, cudaStream_t stream) {
+cudaError_t launch_key_shape(const ReAttnParams& params, cudaStream_t stream) {
   static size_t granted[kMaxDevices] = {};
   const KeyShape s = Cfg::shape();
-  const size_t bytes = key_layout(s, p.H).bytes;
+  ReAttnParams p = params;
+  p.key_tiles = key_layout(s, p.H);
+  const size_t bytes = p.key_tiles.bytes;
   auto kernel = key_kernel<Cfg>;
   const cudaError_t err = reserve_shared(kernel, bytes, granted);
   if (err != cudaSuccess) return err;

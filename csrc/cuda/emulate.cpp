@@ -125,12 +125,14 @@ void emulate_forward(int storage, int shape, int variant, const ReAttnParams& pa
 namespace {
 
 template <class Cfg>
-void run_keys(const ReAttnParams& params, int order, uint64_t seed) {
+void run_keys(const ReAttnParams& given, int order, uint64_t seed) {
   const KeyShape s = Cfg::shape();
+  ReAttnParams params = given;
+  params.key_tiles = key_layout(s, params.H);  // as launch_key_shape sets it
   sim::Launch launch;
   launch.grid[0] = static_cast<int>(params.B * ((params.Nk + s.keys() - 1) / s.keys()));
   launch.threads = s.threads();
-  launch.shared_bytes = key_layout(s, params.H).bytes;
+  launch.shared_bytes = params.key_tiles.bytes;
   launch.order = static_cast<sim::Order>(order);
   launch.seed = seed;
   if (launch.grid[0] == 0) return;

@@ -66,7 +66,7 @@ struct KeyProgram {
   enum VectorRow : int { kBias = 0, kGamma = 1, kBeta = 2, kColumnMean = 3, kMean = 4, kRstd = 5, kE = 6, kF = 7 };
 
   const ReAttnParams& p;
-  KeyLayout L;
+  const KeyLayout& L;  // params.key_tiles
   char* smem;
   int lane, warp, slab, group, gq, tq;
   int64_t b;
@@ -74,12 +74,11 @@ struct KeyProgram {
   int H, Nq, Nk, D;
   int issued, used;
 
-  REATTN_DEVICE KeyProgram(const ReAttnParams& params) : p(params), smem(dev::shared_memory()) {
+  REATTN_DEVICE KeyProgram(const ReAttnParams& params) : p(params), L(params.key_tiles), smem(dev::shared_memory()) {
     H = p.H;
     Nq = p.Nq;
     Nk = p.Nk;
     D = p.D;
-    L = key_layout(Cfg::shape(), H);
     const int tid = dev::thread_index();
     lane = tid % 32;
     warp = tid / 32;
@@ -271,6 +270,68 @@ struct KeyProgram {
     }
   }
 
+  // M^T of the slab's 16 keys on tensor cores (kTensorGrad; norms other than LayerNorm, whose mean
+  // and variance across heads the per-thread Mixer forms), through dM^T's buffer (free until this
+  // chunk's dM^T): per key k and 8 query rows, M^T[:, k, rows] = W' P~^T[:, k, rows] + c' is one
+  // product (A = W' as hi + lo, B = P~^T of every head by ldmatrix.trans, C = c'), the slab's warps
+  // splitting its keys as tensor_grad_keys does. After the slab's barrier each warp reads its output
+  // heads' M^T back in the A-fragment layout (16-bit, as the A^T it becomes).
+  REATTN_DEVICE void tensor_mix(float (&acc)[kHeads][8]) const {
+    constexpr int kKeysPerWarp = 16 / kGroups;
+    constexpr bool kNarrow = Cfg::kMaxHeads <= 8;  // k = 8 input heads: W' columns 0 .. 7
+    constexpr int kKeysPerLoad = kNarrow ? 2 : 1;
+    constexpr int kHalves = kNarrow ? 1 : 2;  // C rows gq and gq + 8
+    uint32_t whi[4], wlo[4];
+    Mix::template weight_fragments<false>(at<float>(L.weights), nullptr, H, gq, tq, whi, wlo);
+    const float* bias = vec_row(kBias);
+    const float c0 = gq < H ? bias[gq] : 0.0f, c1 = gq + 8 < H ? bias[gq + 8] : 0.0f;
+    const float cinit[4] = {c0, c0, c1, c1};
+    E* dmixed = at<E>(L.dmixed);
+    const int key0 = slab * 16 + group * kKeysPerWarp;
+    const int m = lane / 8;
+    const int hl = kNarrow ? lane % 8 : (m % 2) * 8 + lane % 8;
+    const int key_of = kNarrow ? m / 2 : 0, octet = kNarrow ? m % 2 : m / 2;
+    const E* src = at<E>(L.probs_t) + (hl < H ? hl : 0) * kHeadStride + (key0 + key_of) * kTRow + octet * 8;
+    E* dst = dmixed + gq * kHeadStride + key0 * kTRow + 2 * tq;
+#pragma unroll
+    for (int r = 0; r < kKeysPerWarp; r += kKeysPerLoad) {
+      uint32_t pb[4];
+      dev::ldmatrix_x4_trans(pb, src + r * kTRow);
+#pragma unroll
+      for (int t = 0; t < 2 * kKeysPerLoad; ++t) {  // tiles: (key r + t / 2, row octet t % 2)
+        float d[4];
+        if constexpr (kNarrow) {
+          const uint32_t hi8[2] = {whi[0], whi[1]}, lo8[2] = {wlo[0], wlo[1]};
+          dev::mma_m16n8k8<E>(d, hi8, pb[t], cinit);
+          dev::mma_m16n8k8<E>(d, lo8, pb[t], d);
+        } else {
+          const uint32_t bf[2] = {pb[2 * t], pb[2 * t + 1]};
+          dev::mma_m16n8k16<E>(d, whi, bf, cinit);
+          dev::mma_m16n8k16<E>(d, wlo, bf, d);
+        }
+        E* at_t = dst + (r + t / 2) * kTRow + (t % 2) * 8;
+#pragma unroll
+        for (int half = 0; half < kHalves; ++half) {
+          if (gq + 8 * half < H) *reinterpret_cast<uint32_t*>(at_t + half * 8 * kHeadStride) = Cv::pack(d[2 * half], d[2 * half + 1]);
+        }
+      }
+    }
+    if constexpr (kGroups > 1) {
+      dev::named_barrier(1 + slab, 32 * kGroups);  // M^T of the slab's every key
+    } else {
+      dev::sync_warp();
+    }
+    const E* mt = dmixed + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int g = group + kGroups * j;
+      uint32_t mr[4];
+      dev::ldmatrix_x4(mr, mt + static_cast<size_t>(g < H ? g : 0) * kHeadStride);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[j][e] = e & 1 ? Cv::high(mr[e / 2]) : Cv::low(mr[e / 2]);
+    }
+  }
+
   // Output-head part: A^T, dA^T = V dO^T, dV += A^T dO, dM^T to shared memory.
   REATTN_DEVICE void grad_mixed(int slot, int r0, float (&dv)[kHeads][Cfg::kN8][4]) const {
     const bool layer = p.norm == kNormLayer, batch = p.norm == kNormBatch;
@@ -280,7 +341,11 @@ struct KeyProgram {
     const size_t head_stride = kHeadStride;
     float acc[kHeads][8], mean[8], rstd[8];
     uint32_t masks[kHeads];
-    {
+    if (kTensorGrad && !layer) {  // affine norms: M^T on tensor cores (the plain variant has no masks)
+      tensor_mix(acc);
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) masks[j] = 0u;
+    } else {
       uint32_t own[kHeads][4];
       Mix::mix(ptile, head_stride, at<float>(L.weights), vec_row(kBias), vec_row(kColumnMean), bias_mean, H, group, acc,
                mean, own, layer, !Cfg::kPlain && p.seed != nullptr);

@@ -757,7 +757,11 @@ pybind11::object backward_tiles(int64_t H, int64_t D, int64_t Nq, int64_t Nk, co
   key_pass["d"] = k.d;
   key_pass["threads"] = k.threads();
   key_pass["keys"] = k.keys();
-  key_pass["shared_bytes"] = key_layout(k, static_cast<int>(H)).bytes;
+  const KeyLayout kl = key_layout(k, static_cast<int>(H));
+  key_pass["shared_bytes"] = kl.bytes;
+  // ReAttnParams::key_tiles as the launcher sets it (params.h order), for the static model's emulation.
+  key_pass["layout"] = pybind11::make_tuple(kl.keys, kl.values, kl.row, kl.ring, kl.ring_slot, kl.probs_t, kl.dmixed,
+                                            kl.t_row, kl.weights, kl.weights_t, kl.vectors, kl.exchange, kl.bytes);
   key_pass["grid"] = pybind11::make_tuple((Nk + k.keys() - 1) / k.keys(), 1);
   pybind11::dict out;
   out["rows"] = row_pass;

@@ -11,6 +11,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "tiles.h"
+
 namespace reattn {
 namespace cuda {
 
@@ -119,6 +121,10 @@ struct ReAttnParams {
   bool stats_only = false;
   // The key pass writes dK, dV in T (any strides).
   Strides4 dk_st{}, dv_st{};
+  // The key pass's shared-memory layout, key_layout(its shape, H) (tiles.h), set by its launcher:
+  // the program reads the offsets from the parameter bank instead of recomputing them from H
+  // (which, at 255 registers, the compiler did at every use: ~14K instructions per program).
+  KeyLayout key_tiles{};
 
   Plan plan{};
 };
