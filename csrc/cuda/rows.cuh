@@ -1320,18 +1320,19 @@ struct RowProgram {
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       masks[j] |= outside;
-      if (Cfg::kPlain && outside == 0 && group + kGroups * j < H) continue;  // the plain variant's usual chunk
+      // The plain variant's usual chunk: nothing to zero (heads past H have zero dO fragments, load_grads).
+      if (Cfg::kPlain && masks[j] == 0 && (!kGradsShared || group + kGroups * j < H)) continue;
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         if (((masks[j] >> e) & 1u) || group + kGroups * j >= H) dn[j][e] = 0.0f;
       }
     }
-    if (first) {  // dgamma += sum dN xhat, dbeta += sum dN (LayerNorm; training BatchNorm's sums)
+    if (first && (layer || batch)) {  // dgamma += sum dN xhat, dbeta += sum dN (LayerNorm; training BatchNorm's sums)
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) {
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
-          part.dgamma[j] += dn[j][e] * (layer || batch ? acc[j][e] : 0.0f);
+          part.dgamma[j] += dn[j][e] * acc[j][e];
           part.dbeta[j] += dn[j][e];
         }
       }
