@@ -402,6 +402,11 @@ struct KeyProgram {
     for (int j = 0; j < kHeads; ++j) {
       const int g = group + kGroups * j;
       const int gg = g < H ? g : 0;
+      if (Cfg::kPlain && g >= H) {  // a head past H (warp-uniform): dN = 0, no products
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dn[j][e] = 0.0f;
+        continue;
+      }
       // A^T = gamma' xhat + beta' (0 where masked), dV += A^T dO.
       const float gamma = vec_row(kGamma)[gg], beta = vec_row(kBeta)[gg];
       float a[8];
