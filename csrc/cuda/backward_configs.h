@@ -6,7 +6,8 @@
 // in segments of 64, the score phase once per sweep and segment) with a 2-slot ring of 16-key
 // chunk tiles beside it (V, and in the second sweep K, each a step of its own), so its query
 // blocks are small (16 or 32 rows); registers hold dO and dQ fragments of at most two or three
-// heads per warp. The key pass holds dK and dV of two heads per warp.
+// heads per warp. The key pass holds dK and dV of two heads per warp (three in shape 4: 12 heads with no
+// idle head slots, 32 keys per program).
 // A problem no pair of shapes serves runs the CUDA-core programs of programs.cuh.
 #pragma once
 
@@ -28,12 +29,14 @@ namespace cuda {
   X(3, 2, 4, 3, 48, 48, 64)           \
   X(4, 1, 8, 2, 64, 64, 64)
 
-// index, kslabs, groups, heads, d
+// index, kslabs, groups, heads, d. Shape 4 (H <= 12, D <= 32: DeepViT-16b) is picked over shape 2
+// there: 32 keys per program halve the per-key cost of staging each query chunk.
 #define REATTN_KEY_SHAPES(X) \
   X(0, 2, 4, 2, 64)          \
   X(1, 1, 8, 2, 64)          \
   X(2, 1, 8, 2, 32)          \
-  X(3, 1, 8, 2, 48)
+  X(3, 1, 8, 2, 48)          \
+  X(4, 2, 4, 3, 32)
 
 constexpr int kBackwardRowShapeCount = 5;
 
@@ -41,7 +44,7 @@ constexpr int kBackwardRowShapeCount = 5;
 // its row pass used 8 bytes of stack at 255 registers on sm_80 (ptxas, CUDA 13), which its general
 // variant does not; its problems run the general variants of both passes.
 constexpr bool backward_rows_have_plain(int index) { return index != 4; }
-constexpr int kKeyShapeCount = 4;
+constexpr int kKeyShapeCount = 5;
 
 inline TileShape backward_row_shape(int index) {
   static const TileShape shapes[] = {
