@@ -541,7 +541,7 @@ struct KeyProgram {
   // tensor_grad_probs) with keys for query rows: for one key k and 8 query rows,
   // dP'^T[:, k, rows] = W'^T dM^T[:, k, rows] is one product (A = W'^T as hi + lo, B = dM^T of every
   // head at key k by ldmatrix.trans; m16n8k8 up to 8 heads, one load serving two keys). Its C
-  // fragment holds heads gq (and gq + 8) at rows 2 tq, 2 tq + 1 (+ 8): dS^T = P~^T (dP' - D) scale
+  // fragment holds heads gq (and gq + 8) at rows 2 tq, 2 tq + 1 (+ 8): dS^T = P~^T (dP' - D) (scale: on dK)
   // goes over P~^T in place (the slab's warps split its keys), then after the slab's barrier
   // dK += dS^T Q for the warp's heads, the A fragments read back by ldmatrix.
   REATTN_DEVICE void tensor_grad_keys(int slot, const uint32_t (&whi)[4], const uint32_t (&wlo)[4],
@@ -570,7 +570,6 @@ struct KeyProgram {
 #pragma unroll
       for (int r = 0; r < 4; ++r) dl[half][r] = st[3 * (h * kChunkRows + (r / 2) * 8 + 2 * tq + r % 2) + 2];
     }
-    const float scale = static_cast<float>(p.scale);
     const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int r = 0; r < kKeysPerWarp; r += kKeysPerLoad) {
@@ -595,7 +594,7 @@ struct KeyProgram {
             uint32_t* entry = reinterpret_cast<uint32_t*>(at_t + half * 8 * kHeadStride);
             const uint32_t pv = *entry;
             const float* dr = dl[half] + 2 * (t % 2);
-            *entry = Cv::pack(Cv::low(pv) * (d[2 * half] - dr[0]) * scale, Cv::high(pv) * (d[2 * half + 1] - dr[1]) * scale);
+            *entry = Cv::pack(Cv::low(pv) * (d[2 * half] - dr[0]), Cv::high(pv) * (d[2 * half + 1] - dr[1]));
           }
         }
       }
@@ -676,6 +675,17 @@ struct KeyProgram {
       }
     }
     dev::cp_async_wait<0>();
+    if constexpr (kTensorGrad) {  // dS^T went unscaled: scale multiplies dK once
+      const float scale = static_cast<float>(p.scale);
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+        for (int n = 0; n < Cfg::kN8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dk[j][n][e] *= scale;
+        }
+      }
+    }
     write_keys(dk, p.dk, p.dk_st);
     write_keys(dv, p.dv, p.dv_st);
   }

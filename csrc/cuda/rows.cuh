@@ -1113,6 +1113,16 @@ struct RowProgram {
     }
   }
 
+  REATTN_DEVICE static void scale_accumulators(float (&o)[kHeads][Cfg::kOutN8][4], float s) {
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+      for (int n = 0; n < Cfg::kOutN8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[j][n][e] *= s;
+      }
+    }
+  }
   REATTN_DEVICE static void clear(float (&o)[kHeads][Cfg::kOutN8][4]) {
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
@@ -1555,11 +1565,11 @@ struct RowProgram {
   // tiles.h's head padding), heads past H reading head 0 against zero columns of W'^T. Up to 8
   // heads the products are m16n8k8 and one load serves two rows. The C fragment holds dP' of heads
   // gq (and gq + 8) at keys 2 tq, 2 tq + 1: with P~ and D read at the same entries,
-  // dS = P~ (dP' - D) scale is written over P~ in place (the slab's warps split its rows; each
-  // overwrites only entries it has read). After the slab's barrier, dQ += dS K for the warp's
-  // heads, the A fragments read back by ldmatrix. Per chunk and row: 4 products, a load and 2
-  // multiply-adds per entry of heads below H, against H multiply-adds per entry and owned head
-  // plus the unpacking of dM.
+  // dS = P~ (dP' - D) is written over P~ in place (the slab's warps split its rows; each overwrites
+  // only entries it has read; scale multiplies dQ once, at the end). After the slab's barrier,
+  // dQ += dS K for the warp's heads, the A fragments read back by ldmatrix. Per chunk and row: 4
+  // products, a load and 2 operations per entry of heads below H, against H multiply-adds per entry
+  // and owned head plus the unpacking of dM.
   REATTN_DEVICE void tensor_grad_probs(int slot, int chunk_col, const uint32_t (&whi_)[4], const uint32_t (&wlo_)[4],
                                        float (&dq)[kHeads][Cfg::kOutN8][4]) const {
     // W'^T fragments: kept from before the sweep (one segment), or loaded per chunk (several: not
@@ -1587,7 +1597,6 @@ struct RowProgram {
     const E* src = at<E>(L.dmixed) + (hl < H ? hl : 0) * kMHead + (row0 + row_of) * kMRow + octet * 8;
     E* dst = probs + gq * hs + row0 * L.p_row + chunk_col + 2 * tq;  // C entries: head gq (+ 8), keys 2 tq, + 1
     const float* delta = at<float>(L.delta) + gq * Cfg::kRows + row0;
-    const float scale = static_cast<float>(p.scale);
     const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; r += kRowsPerLoad) {
@@ -1613,7 +1622,7 @@ struct RowProgram {
             uint32_t* entry = reinterpret_cast<uint32_t*>(at_t + half * 8 * hs);
             const uint32_t pv = *entry;
             const float dl = delta[half * 8 * Cfg::kRows + row];
-            *entry = Cv::pack(Cv::low(pv) * (d[2 * half] - dl) * scale, Cv::high(pv) * (d[2 * half + 1] - dl) * scale);
+            *entry = Cv::pack(Cv::low(pv) * (d[2 * half] - dl), Cv::high(pv) * (d[2 * half + 1] - dl));
           }
         }
       }
@@ -1843,6 +1852,7 @@ struct RowProgram {
       backward_sweep(false, false, df, unused, dpart, dq, whi, wlo);
     }
     dev::cp_async_wait<0>();
+    if constexpr (kTensorGrad) scale_accumulators(dq, static_cast<float>(p.scale));  // dS went unscaled
     write_rows(dq, p.dq, p.dq_st, false);
   }
 
