@@ -478,11 +478,10 @@ struct KeyProgram {
 #pragma unroll
         for (int e = 0; e < 8; ++e) dm[j][e] = ((masks[j] >> e) & 1u) ? 0.0f : a * dn[j][e] + ee * acc[j][e] + ff;
       }
-    } else {  // none: dM = gamma' dN, already 0 where dN is
+    } else {  // none: dM = gamma' dN = out_scale dN (ops.cpp's fold), already 0 where dN is
+      const float a = static_cast<float>(p.out_scale);
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) {
-        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
-        const float a = vec_row(kGamma)[g] * vec_row(kRstd)[g];
 #pragma unroll
         for (int e = 0; e < 8; ++e) dm[j][e] = a * dn[j][e];
       }

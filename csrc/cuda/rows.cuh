@@ -1268,8 +1268,12 @@ struct RowProgram {
           if constexpr (!Cfg::kPlain) {
             dev::ldmatrix_x4(own[j], probs + static_cast<size_t>(g < H ? g : 0) * Cfg::kRows * L.p_row);  // general: unpadded
           }
+          // The plain one-segment variant leaves acc unset (only LayerNorm and BatchNorm read it);
+          // the segmented one keeps the zeros: without them its sm_80 build needs 8 bytes of stack.
+          if constexpr (!Cfg::kPlain || !Cfg::kOneSegment) {
 #pragma unroll
-          for (int e = 0; e < 8; ++e) acc[j][e] = 0.0f;
+            for (int e = 0; e < 8; ++e) acc[j][e] = 0.0f;
+          }
         }
       }
 #pragma unroll
@@ -1384,11 +1388,10 @@ struct RowProgram {
           if (!Cfg::kPlain || masks[j] != 0) dm[j][e] = ((masks[j] >> e) & 1u) ? 0.0f : dm[j][e];
         }
       }
-    } else {  // none: dM = gamma' dN, already 0 where dN is
+    } else {  // none: dM = gamma' dN = out_scale dN (ops.cpp's fold), already 0 where dN is
+      const float a = static_cast<float>(p.out_scale);
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) {
-        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
-        const float a = vec_row(kGamma)[g] * vec_row(kRstd)[g];
 #pragma unroll
         for (int e = 0; e < 8; ++e) dm[j][e] = a * dn[j][e];
       }
