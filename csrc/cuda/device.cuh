@@ -298,6 +298,11 @@ REATTN_DEVICE uint32_t bits(float x) { return __float_as_uint(x); }
 REATTN_DEVICE void store_16(void* address, const Words4& v) {
   *static_cast<uint4*>(address) = make_uint4(v.w[0], v.w[1], v.w[2], v.w[3]);
 }
+// A 16-byte load that may be shared memory (one LDS.128 there; load_16 is for global memory).
+REATTN_DEVICE void load_words(const void* address, uint32_t (&w)[4]) {
+  const uint4 v = *static_cast<const uint4*>(address);
+  w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+}
 #else
 REATTN_DEVICE Words4 load_16(const void* address) {
   sim::check_load_aligned(address, 16);
@@ -322,6 +327,10 @@ REATTN_DEVICE uint32_t bits(float x) {
 REATTN_DEVICE void store_16(void* address, const Words4& v) {
   sim::check_store_aligned(address, 16);
   std::memcpy(address, v.w, 16);
+}
+REATTN_DEVICE void load_words(const void* address, uint32_t (&w)[4]) {
+  sim::check_load_aligned(address, 16);
+  std::memcpy(w, address, 16);
 }
 #endif
 

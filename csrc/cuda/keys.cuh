@@ -160,8 +160,20 @@ struct KeyProgram {
       const int owned = r + kGroups * j;
       const bool ok = j < kHeads && owned < H && a < H;
       weights[i] = ok ? f[owned * H + a] : 0.0f;
-      // The plain bf16 row pass takes W' split into 16-bit hi + lo for dP' and D: so does dP' here.
-      weights_t[i] = !ok ? 0.0f : kTensorGrad ? Mix::split_rounded(f[a * H + owned]) : f[a * H + owned];
+      if constexpr (!kTensorGrad) weights_t[i] = ok ? f[a * H + owned] : 0.0f;
+    }
+    if constexpr (kTensorGrad) {  // the fragment table (tiles.h), read after the block's next barrier
+      if (dev::thread_index() < 32) {
+        const int l = dev::thread_index();
+        uint32_t q[4][4];
+        Mix::template weight_fragments_rowmajor<false>(f, H, l / 4, l % 4, q[0], q[1]);
+        Mix::template weight_fragments_rowmajor<true>(f, H, l / 4, l % 4, q[2], q[3]);
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) reinterpret_cast<uint32_t*>(weights_t)[(t * 32 + l) * 4 + r] = q[t][r];
+        }
+      }
     }
     for (int i = dev::thread_index(); i < kVectorRows * mh + 2; i += Cfg::kThreads) {
       const int row = i / mh, h = i % mh;
@@ -270,22 +282,29 @@ struct KeyProgram {
     }
   }
 
-  // M^T of the slab's 16 keys on tensor cores (kTensorGrad; norms other than LayerNorm, whose mean
-  // and variance across heads the per-thread Mixer forms), through dM^T's buffer (free until this
-  // chunk's dM^T): per key k and 8 query rows, M^T[:, k, rows] = W' P~^T[:, k, rows] + c' is one
-  // product (A = W' as hi + lo, B = P~^T of every head by ldmatrix.trans, C = c'), the slab's warps
-  // splitting its keys as tensor_grad_keys does. After the slab's barrier each warp reads its output
-  // heads' M^T back in the A-fragment layout (16-bit, as the A^T it becomes).
+  // The W' (kTransposed: W'^T) fragments from the table load_parameters fills (kTensorGrad).
+  template <bool kTransposed>
+  REATTN_DEVICE void table_fragments(uint32_t (&hi)[4], uint32_t (&lo)[4]) const {
+    const uint32_t* table = at<uint32_t>(L.weights_t) + (kTransposed ? 2 : 0) * 32 * 4;
+    dev::load_words(table + lane * 4, hi);
+    dev::load_words(table + (32 + lane) * 4, lo);
+  }
+
+  // M^T - c of the slab's 16 keys on tensor cores (kTensorGrad; norms other than LayerNorm, whose
+  // mean and variance across heads the per-thread Mixer forms), through dM^T's buffer (free until
+  // this chunk's dM^T): per key k and 8 query rows, W' P~^T[:, k, rows] is one product (A = W' as
+  // hi + lo, B = P~^T of every head by ldmatrix.trans), the slab's warps splitting its keys as
+  // tensor_grad_keys does. After the slab's barrier each warp reads its output heads' values back
+  // in the A-fragment layout (16-bit). The bias c stays out (grad_mixed folds it into the
+  // coefficients of xhat): as the product's C operand it costs a copy of c into every accumulator.
   REATTN_DEVICE void tensor_mix(float (&acc)[kHeads][8]) const {
     constexpr int kKeysPerWarp = 16 / kGroups;
     constexpr bool kNarrow = Cfg::kMaxHeads <= 8;  // k = 8 input heads: W' columns 0 .. 7
     constexpr int kKeysPerLoad = kNarrow ? 2 : 1;
     constexpr int kHalves = kNarrow ? 1 : 2;  // C rows gq and gq + 8
     uint32_t whi[4], wlo[4];
-    Mix::template weight_fragments<false>(at<float>(L.weights), nullptr, H, gq, tq, whi, wlo);
-    const float* bias = vec_row(kBias);
-    const float c0 = gq < H ? bias[gq] : 0.0f, c1 = gq + 8 < H ? bias[gq + 8] : 0.0f;
-    const float cinit[4] = {c0, c0, c1, c1};
+    table_fragments<false>(whi, wlo);
+    const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     E* dmixed = at<E>(L.dmixed);
     const int key0 = slab * 16 + group * kKeysPerWarp;
     const int m = lane / 8;
@@ -302,11 +321,11 @@ struct KeyProgram {
         float d[4];
         if constexpr (kNarrow) {
           const uint32_t hi8[2] = {whi[0], whi[1]}, lo8[2] = {wlo[0], wlo[1]};
-          dev::mma_m16n8k8<E>(d, hi8, pb[t], cinit);
+          dev::mma_m16n8k8<E>(d, hi8, pb[t], zero);
           dev::mma_m16n8k8<E>(d, lo8, pb[t], d);
         } else {
           const uint32_t bf[2] = {pb[2 * t], pb[2 * t + 1]};
-          dev::mma_m16n8k16<E>(d, whi, bf, cinit);
+          dev::mma_m16n8k16<E>(d, whi, bf, zero);
           dev::mma_m16n8k16<E>(d, wlo, bf, d);
         }
         E* at_t = dst + (r + t / 2) * kTRow + (t % 2) * 8;
@@ -329,6 +348,19 @@ struct KeyProgram {
       dev::ldmatrix_x4(mr, mt + static_cast<size_t>(g < H ? g : 0) * kHeadStride);
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc[j][e] = e & 1 ? Cv::high(mr[e / 2]) : Cv::low(mr[e / 2]);
+    }
+  }
+
+  // xhat = xr acc + xs for output head g, given what grad_mixed's acc holds: LayerNorm, xhat itself;
+  // BatchNorm, (M - mu) r from M (Mixer::mix) or from M - c (tensor_mix); none, M.
+  REATTN_DEVICE void xhat_coefficients(int g, bool layer, bool batch, float& xr, float& xs) const {
+    const float c = kTensorGrad && !layer ? vec_row(kBias)[g] : 0.0f;
+    if (batch) {
+      xr = vec_row(kRstd)[g];
+      xs = (c - vec_row(kMean)[g]) * xr;
+    } else {
+      xr = 1.0f;
+      xs = c;
     }
   }
 
@@ -375,15 +407,7 @@ struct KeyProgram {
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[j][e] *= rstd[e];  // xhat
       }
-    } else if (batch) {
-#pragma unroll
-      for (int j = 0; j < kHeads; ++j) {
-        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
-        const float mu = vec_row(kMean)[g], r = vec_row(kRstd)[g];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[j][e] = (acc[j][e] - mu) * r;  // xhat
-      }
-    }  // none: xhat is M itself
+    }  // BatchNorm and none: xhat = xr acc + xs (xhat_coefficients), folded into A^T's and dM's coefficients
     const E* grads = slot_grads(slot);
     const E* values = at<E>(L.values);
     E* dmixed = at<E>(L.dmixed);
@@ -408,7 +432,9 @@ struct KeyProgram {
         continue;
       }
       // A^T = gamma' xhat + beta' (0 where masked), dV += A^T dO.
-      const float gamma = vec_row(kGamma)[gg], beta = vec_row(kBeta)[gg];
+      float xr, xs;
+      xhat_coefficients(gg, layer, batch, xr, xs);
+      const float gamma = vec_row(kGamma)[gg] * xr, beta = vec_row(kGamma)[gg] * xs + vec_row(kBeta)[gg];
       float a[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) a[e] = ((masks[j] >> e) & 1u) ? 0.0f : gamma * acc[j][e] + beta;
@@ -474,9 +500,12 @@ struct KeyProgram {
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) {
         const int g = group + kGroups * j < H ? group + kGroups * j : 0;
-        const float a = vec_row(kGamma)[g] * vec_row(kRstd)[g], ee = vec_row(kE)[g], ff = vec_row(kF)[g];
+        float xr, xs;
+        xhat_coefficients(g, false, true, xr, xs);
+        const float a = vec_row(kGamma)[g] * vec_row(kRstd)[g], ee = vec_row(kE)[g] * xr;
+        const float ff = vec_row(kF)[g] + vec_row(kE)[g] * xs;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) dm[j][e] = ((masks[j] >> e) & 1u) ? 0.0f : a * dn[j][e] + ee * acc[j][e] + ff;
+        for (int e = 0; e < 8; ++e) dm[j][e] = ((masks[j] >> e) & 1u) ? 0.0f : a * dn[j][e] + (ee * acc[j][e] + ff);
       }
     } else {  // none: dM = gamma' dN = out_scale dN (ops.cpp's fold), already 0 where dN is
       const float a = static_cast<float>(p.out_scale);
@@ -656,8 +685,8 @@ struct KeyProgram {
     }
     uint32_t whi[4] = {0u, 0u, 0u, 0u}, wlo[4] = {0u, 0u, 0u, 0u};  // W'^T (kTensorGrad)
     if constexpr (kTensorGrad) {
-      dev::sync_threads();  // the weights in shared memory
-      Mix::template weight_fragments<true>(at<float>(L.weights), vec_row(kBias), H, gq, tq, whi, wlo);
+      dev::sync_threads();  // the fragment table in shared memory
+      table_fragments<true>(whi, wlo);
     }
     const int chunks = (Nq + kChunkRows - 1) / kChunkRows;
     for (int c = 0; c < chunks; ++c) {

@@ -121,9 +121,32 @@ struct Mixer {
         x[k] = g >= H ? 0.0f : h < H ? weights[(h * kGroups + g % kGroups) * kHeadsPad + g / kGroups]
                      : !kTransposed && bias != nullptr && h == H ? bias[g] : 0.0f;
       }
-      hi[r] = Cv::pack(x[0], x[1]);
-      lo[r] = Cv::pack(x[0] - Cv::low(hi[r]), x[1] - Cv::high(hi[r]));
+      split_pair(x, hi[r], lo[r]);
     }
+  }
+
+  // The same fragments without a bias column, from row-major W'[g][h] (the folded parameters in
+  // global memory: no barrier after the shared copy needed), for a table filled once per program.
+  template <bool kTransposed>
+  static REATTN_DEVICE void weight_fragments_rowmajor(const float* w, int H, int gq, int tq, uint32_t (&hi)[4],
+                                                      uint32_t (&lo)[4]) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = gq + 8 * (r % 2), col = 2 * tq + 8 * (r / 2);
+      float x[2];
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int g = kTransposed ? col + k : row, h = kTransposed ? row : col + k;
+        x[k] = g < H && h < H ? w[g * H + h] : 0.0f;
+      }
+      split_pair(x, hi[r], lo[r]);
+    }
+  }
+
+  // Two fp32 values as two packed 16-bit pairs hi, lo with hi + lo carrying 16 bits of each.
+  static REATTN_DEVICE void split_pair(const float (&x)[2], uint32_t& hi, uint32_t& lo) {
+    hi = Cv::pack(x[0], x[1]);
+    lo = Cv::pack(x[0] - Cv::low(hi), x[1] - Cv::high(hi));
   }
 
   // w as the tensor-core products take it: hi + lo, two 16-bit values (16 significant bits in

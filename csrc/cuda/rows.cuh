@@ -132,6 +132,10 @@ struct TileCopy {
       const int hl0 = static_cast<int>(tid / kHeadChunks), r = rem / kRowChunks;
       const int dst_off = (hl0 * kTileRows + r) * row + dc * 8;
       const E* from = src + (h0 + hl0) * sh + (r0 + r) * sn + d;
+      // The source address advances by a 64-bit byte step per chunk (two integer adds): formed as
+      // from + k kHeadStep sh, each chunk cost a 32-bit multiply, a sign extension and a shift.
+      const int64_t step = static_cast<int64_t>(kHeadStep) * sh * static_cast<int64_t>(sizeof(E));
+      const char* from_k = reinterpret_cast<const char*>(from);
       if (r0 + kTileRows <= n_rows && d0 + kCols <= D) {
         // Every row and column real (a tile away from the edges): whole 16-byte copies with no size
         // arithmetic, and none for heads past H (a K tile's last round: only warps of real heads read
@@ -140,8 +144,9 @@ struct TileCopy {
         for (int k = 0; k < kPerThread; ++k) {
           const int hl = hl0 + k * kHeadStep;
           if (k * kThreads < kChunks && hl < h_end) {
-            dev::cp_async_16_full(dst + dst_off + k * kHeadStep * kTileRows * row, from + k * kHeadStep * sh);
+            dev::cp_async_16_full(dst + dst_off + k * kHeadStep * kTileRows * row, from_k);
           }
+          from_k += step;
         }
         return;
       }
@@ -151,8 +156,9 @@ struct TileCopy {
         const int hl = hl0 + k * kHeadStep;
         if (k * kThreads < kChunks && hl < heads) {
           const int c = hl < h_end ? n : 0;
-          dev::cp_async_16(dst + dst_off + k * kHeadStep * kTileRows * row, c > 0 ? from + k * kHeadStep * sh : src, c);
+          dev::cp_async_16(dst + dst_off + k * kHeadStep * kTileRows * row, c > 0 ? from_k : reinterpret_cast<const char*>(src), c);
         }
+        from_k += step;
       }
     } else {
       const unsigned tid0 = static_cast<unsigned>(dev::thread_index());
@@ -190,6 +196,9 @@ struct RowProgram {
   // Likewise the plain backward row pass forms dP' = W'^T dM on tensor cores (tensor_grad_probs).
   static constexpr bool kTensorGrad = Cfg::kVariant == kPlainBackwardRows && Cfg::kMaxHeads <= 16 &&
                                       std::is_same_v<typename Cfg::E, dev::Bf16>;
+  // And M for BatchNorm (tensor_mix), in the one-segment shapes: the segmented one keeps the
+  // per-thread Mixer (with tensor_mix its sm_80 build needs 24 bytes of stack at 255 registers).
+  static constexpr bool kTensorBatch = kTensorGrad && Cfg::kOneSegment;
   using KeyCopy = TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain>;
   using ValueCopy = TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain>;
 
@@ -868,6 +877,13 @@ struct RowProgram {
   REATTN_DEVICE void weight_fragments(uint32_t (&hi)[4], uint32_t (&lo)[4]) const {
     Mix::template weight_fragments<kTransposed>(at<float>(L.weights), vec_row(kBias), H, gq, tq, hi, lo);
   }
+  // The backward's W' (kTransposed: W'^T) fragments from the table load_parameters fills (kTensorGrad).
+  template <bool kTransposed>
+  REATTN_DEVICE void table_fragments(uint32_t (&hi)[4], uint32_t (&lo)[4]) const {
+    const uint32_t* table = at<uint32_t>(L.weights_t) + (kTransposed ? 2 : 0) * 32 * 4;
+    dev::load_words(table + lane * 4, hi);
+    dev::load_words(table + (32 + lane) * 4, lo);
+  }
   // The row of ones that B reads as head H: 8 values past the last head's tile (tiles.h reserves them).
   REATTN_DEVICE E* ones_row() const { return at<E>(L.probs) + static_cast<size_t>(H) * (Cfg::kRows * L.p_row + kProbsPad); }
 
@@ -978,7 +994,20 @@ struct RowProgram {
       const int b_ = r + kGroups * j;  // the warp-owned head of slot (r, j); a: the other head
       const bool ok = j < kHeads && b_ < H && a < H;
       weights[i] = ok ? f[b_ * H + a] : 0.0f;  // [h = a][group r][j]: W'[g_j][h]
-      if (Cfg::kBackward) weights_t[i] = ok ? f[a * H + b_] : 0.0f;  // [g = a][group r][j]: W'[g][h_j]
+      if (Cfg::kBackward && !kTensorGrad) weights_t[i] = ok ? f[a * H + b_] : 0.0f;  // [g = a][group r][j]: W'[g][h_j]
+    }
+    if constexpr (kTensorGrad) {  // the fragment table (tiles.h), read after the block's next barrier
+      if (dev::thread_index() < 32) {
+        const int l = dev::thread_index();
+        uint32_t q[4][4];
+        Mix::template weight_fragments_rowmajor<false>(f, H, l / 4, l % 4, q[0], q[1]);
+        Mix::template weight_fragments_rowmajor<true>(f, H, l / 4, l % 4, q[2], q[3]);
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) reinterpret_cast<uint32_t*>(weights_t)[(t * 32 + l) * 4 + r] = q[t][r];
+        }
+      }
     }
     for (int i = dev::thread_index(); i < kVectorRows * mh + 2; i += Cfg::kThreads) {
       const int row = i / mh, h = i % mh;
@@ -1247,6 +1276,80 @@ struct RowProgram {
     float dc[kHeads], dgamma[kHeads], dbeta[kHeads];
   };
 
+  // M - c of the slab's 16 rows over the chunk's 16 keys on tensor cores (kTensorBatch; BatchNorm,
+  // whose mean and 1/std come from the forward; LayerNorm's statistics across heads keep the
+  // per-thread Mixer), through dM's buffer (free until this chunk's dM): per query row i and 8
+  // keys, W' P~[:, i, keys] is one product (A = W' as hi + lo, B = P~ of every head by
+  // ldmatrix.trans), the slab's warps splitting its rows as tensor_grad_probs does. After the
+  // slab's barrier each warp reads its output heads' values back in the A-fragment layout, rounded
+  // to 16 bits (as eager's M is before its norm). The bias c stays out (batch_shift folds it into
+  // dM's and dgamma's coefficients): as the product's C operand it costs a copy of c into every
+  // accumulator. Each warp later overwrites only its own heads' values with their dM. Per chunk
+  // and row: 2 products and a quarter load, against H multiply-adds per entry and owned head plus
+  // the unpacking of P~.
+  REATTN_DEVICE void tensor_mix(int chunk_col, float (&acc)[kHeads][8]) const {
+    constexpr int kRowsPerWarp = 16 / kGroups;
+    constexpr bool kNarrow = Cfg::kMaxHeads <= 8;  // k = 8 input heads: W' columns 0 .. 7
+    constexpr int kRowsPerLoad = kNarrow ? 2 : 1;
+    constexpr int kHalves = kNarrow ? 1 : 2;  // C rows gq and gq + 8
+    static_assert(kRowsPerWarp % kRowsPerLoad == 0, "whole loads per warp");
+    uint32_t whi[4], wlo[4];
+    table_fragments<false>(whi, wlo);
+    const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const int hs = Cfg::kRows * L.p_row + kProbsPad;  // P~'s head stride (elements)
+    const int row0 = slab * 16 + group * kRowsPerWarp;
+    // ldmatrix.trans rows, matrix m = lane / 8: narrow, (row m / 2, key octet m % 2); otherwise
+    // (head block m % 2, octet m / 2).
+    const int m = lane / 8;
+    const int hl = kNarrow ? lane % 8 : (m % 2) * 8 + lane % 8;
+    const int row_of = kNarrow ? m / 2 : 0, octet = kNarrow ? m % 2 : m / 2;
+    const E* src = at<E>(L.probs) + (hl < H ? hl : 0) * hs + (row0 + row_of) * L.p_row + chunk_col + octet * 8;
+    E* dst = at<E>(L.dmixed) + gq * kMHead + row0 * kMRow + 2 * tq;
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; r += kRowsPerLoad) {
+      uint32_t pb[4];
+      dev::ldmatrix_x4_trans(pb, src + r * L.p_row);
+#pragma unroll
+      for (int t = 0; t < 2 * kRowsPerLoad; ++t) {  // tiles: (row r + t / 2, key octet t % 2)
+        float d[4];
+        if constexpr (kNarrow) {
+          const uint32_t hi8[2] = {whi[0], whi[1]}, lo8[2] = {wlo[0], wlo[1]};
+          dev::mma_m16n8k8<E>(d, hi8, pb[t], zero);
+          dev::mma_m16n8k8<E>(d, lo8, pb[t], d);
+        } else {
+          const uint32_t bf[2] = {pb[2 * t], pb[2 * t + 1]};
+          dev::mma_m16n8k16<E>(d, whi, bf, zero);
+          dev::mma_m16n8k16<E>(d, wlo, bf, d);
+        }
+        E* at_t = dst + (r + t / 2) * kMRow + (t % 2) * 8;
+#pragma unroll
+        for (int half = 0; half < kHalves; ++half) {
+          if (gq + 8 * half < H) *reinterpret_cast<uint32_t*>(at_t + half * 8 * kMHead) = Cv::pack(d[2 * half], d[2 * half + 1]);
+        }
+      }
+    }
+    if constexpr (kGroups > 1) {
+      dev::named_barrier(1 + slab, 32 * kGroups);  // M of the slab's every row
+    } else {
+      dev::sync_warp();
+    }
+    const E* mt = chunk_tile(L.dmixed, kMRow, 0);
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int g = group + kGroups * j;
+      uint32_t mr[4];
+      dev::ldmatrix_x4(mr, mt + static_cast<size_t>(g < H ? g : 0) * kMHead);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[j][e] = e & 1 ? Cv::high(mr[e / 2]) : Cv::low(mr[e / 2]);
+    }
+  }
+
+  // BatchNorm: what grad_mixed's acc lacks of M - mu for head g (xhat = (acc - batch_shift) r): mu,
+  // or with tensor_mix's values (M - c), mu - c.
+  REATTN_DEVICE float batch_shift(int g) const {
+    return kTensorBatch ? vec_row(kMean)[g] - vec_row(kBias)[g] : vec_row(kMean)[g];
+  }
+
   // Output-head part of a chunk: dM of the warp's heads to shared memory (and the partial sums).
   REATTN_DEVICE void grad_mixed(int slot, int key0, int chunk_col, bool first, bool sums_only,
                                 const uint32_t (&df)[kHeads][Cfg::kKSteps][4], Partials& part) {
@@ -1258,7 +1361,9 @@ struct RowProgram {
     uint32_t masks[kHeads];
     {
       uint32_t own[kHeads][4];
-      if (layer || batch) {
+      if (kTensorBatch && batch) {  // the plain variant: no masks, so `own` is not needed
+        tensor_mix(chunk_col, acc);
+      } else if (layer || batch) {
         mix_probs(chunk_col, acc, mean, own, layer, clamp);
       } else {  // norm none needs only the owned heads' masked bits (the plain variant: none)
         const E* probs = chunk_tile(L.probs, L.p_row, chunk_col);
@@ -1279,21 +1384,15 @@ struct RowProgram {
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) masks[j] = Cfg::kPlain ? 0u : Mix::masked_bits(own[j]);
     }
-    // xhat in acc: LayerNorm over heads, BatchNorm with the given mean and 1/std; none: unused.
+    // LayerNorm: xhat in acc, over heads. BatchNorm keeps M (or M - c): xhat = (acc - batch_shift) r
+    // enters dM and dgamma linearly, so the shift and r fold into their coefficients (dM below,
+    // dgamma in write_partials). None: acc unused.
     if (layer) {
       layer_center(acc, mean, rstd);
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) {
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[j][e] *= rstd[e];
-      }
-    } else if (batch) {
-#pragma unroll
-      for (int j = 0; j < kHeads; ++j) {
-        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
-        const float mu = vec_row(kMean)[g], r = vec_row(kRstd)[g];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[j][e] = (acc[j][e] - mu) * r;
       }
     }
     // dA = dO V^T: B = V^T from V [key][d] without .trans, matrices (n8 tile i / 2, k half i % 2).
@@ -1341,7 +1440,9 @@ struct RowProgram {
         if (((masks[j] >> e) & 1u) || group + kGroups * j >= H) dn[j][e] = 0.0f;
       }
     }
-    if (first && (layer || batch)) {  // dgamma += sum dN xhat, dbeta += sum dN (LayerNorm; training BatchNorm's sums)
+    // dgamma += sum dN xhat (BatchNorm: sum dN acc, folded in write_partials), dbeta += sum dN (LayerNorm;
+    // training BatchNorm's sums)
+    if (first && (layer || batch)) {
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) {
 #pragma unroll
@@ -1351,7 +1452,8 @@ struct RowProgram {
         }
       }
     }
-    // dM, in place of dN: affine norms gamma' rstd dN + e xhat + f (where attended); LayerNorm
+    // dM, in place of dN: affine norms gamma' rstd dN + e xhat + f = gamma' rstd dN + e r acc +
+    // (f - e r batch_shift) (where attended); LayerNorm
     // rstd (dxhat - mean dxhat - xhat mean(dxhat xhat)) with dxhat = gamma' dN, which is 0 for
     // entries past Nq / Nk.
     float (&dm)[kHeads][8] = dn;
@@ -1381,11 +1483,14 @@ struct RowProgram {
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) {
         const int g = group + kGroups * j < H ? group + kGroups * j : 0;
-        const float a = vec_row(kGamma)[g] * vec_row(kRstd)[g], ee = vec_row(kE)[g], ff = vec_row(kF)[g];
+        const float r = vec_row(kRstd)[g], a = vec_row(kGamma)[g] * r, ee = vec_row(kE)[g] * r;
+        const float ff = vec_row(kF)[g] - ee * batch_shift(g);
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
-          dm[j][e] = a * dn[j][e] + ee * acc[j][e] + ff;
-          if (!Cfg::kPlain || masks[j] != 0) dm[j][e] = ((masks[j] >> e) & 1u) ? 0.0f : dm[j][e];
+          dm[j][e] = a * dn[j][e] + (ee * acc[j][e] + ff);  // two multiply-adds
+          // Masked entries get 0. Entries past Nq or Nk matter only to dc (the first sweep): dM
+          // meets P~ = 0 past Nk in dW and dS, and rows past Nq are neither summed nor written.
+          if (!Cfg::kPlain || (first && masks[j] != 0)) dm[j][e] = ((masks[j] >> e) & 1u) ? 0.0f : dm[j][e];
         }
       }
     } else {  // none: dM = gamma' dN = out_scale dN (ops.cpp's fold), already 0 where dN is
@@ -1573,17 +1678,10 @@ struct RowProgram {
   // dQ += dS K for the warp's heads, the A fragments read back by ldmatrix. Per chunk and row: 4
   // products, a load and 2 operations per entry of heads below H, against H multiply-adds per entry
   // and owned head plus the unpacking of dM.
-  REATTN_DEVICE void tensor_grad_probs(int slot, int chunk_col, const uint32_t (&whi_)[4], const uint32_t (&wlo_)[4],
-                                       float (&dq)[kHeads][Cfg::kOutN8][4]) const {
-    // W'^T fragments: kept from before the sweep (one segment), or loaded per chunk (several: not
-    // live across the score phases, at 255 registers).
+  REATTN_DEVICE void tensor_grad_probs(int slot, int chunk_col, float (&dq)[kHeads][Cfg::kOutN8][4]) const {
+    // W'^T fragments from the table, per chunk (not live across the sweep, at 255 registers).
     uint32_t whi[4], wlo[4];
-    if constexpr (Cfg::kOneSegment) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) whi[r] = whi_[r], wlo[r] = wlo_[r];
-    } else {
-      weight_fragments<true>(whi, wlo);
-    }
+    table_fragments<true>(whi, wlo);
     constexpr int kRowsPerWarp = 16 / kGroups;
     static_assert(16 % kGroups == 0, "the slab's rows split over its warps");
     constexpr bool kNarrow = Cfg::kMaxHeads <= 8;  // k = 8 output heads: W'^T columns 0 .. 7
@@ -1662,6 +1760,13 @@ struct RowProgram {
   // between the sweeps), summed over the warps in order (no atomics: deterministic).
   REATTN_DEVICE void write_partials(Partials& part) {
     constexpr int mh = Cfg::kMaxHeads;
+    if (p.norm == kNormBatch) {  // sum dN xhat = r (sum dN acc - batch_shift sum dN): the sweep summed dN acc
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
+        part.dgamma[j] = vec_row(kRstd)[g] * (part.dgamma[j] - batch_shift(g) * part.dbeta[j]);
+      }
+    }
     float* sums = at<float>(L.sums) + static_cast<size_t>(warp) * kHeads * (mh + 3);
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
@@ -1735,8 +1840,7 @@ struct RowProgram {
   // shared memory), then its 16-key chunks. Ring steps per chunk: the first sweep's V chunk (then a
   // barrier for dM); the second sweep's V chunk, then its K chunk, whose step's barrier is dM's.
   REATTN_DEVICE void backward_sweep(bool first, bool sums_only, uint32_t (&df)[kHeads][Cfg::kKSteps][4],
-                                    Partials& part, float (&dpart)[kHeads][2], float (&dq)[kHeads][Cfg::kOutN8][4],
-                                    const uint32_t (&whi)[4], const uint32_t (&wlo)[4]) {
+                                    Partials& part, float (&dpart)[kHeads][2], float (&dq)[kHeads][Cfg::kOutN8][4]) {
     const bool again = first && !sums_only;  // a second sweep follows
     const int segs = Cfg::kOneSegment ? 1 : segments;
     for (int seg = 0; seg < segs; ++seg) {
@@ -1775,7 +1879,7 @@ struct RowProgram {
           if (c + 1 < chunks) issue_chunk(key0 + kValueTile, false);
         }
         if constexpr (kTensorGrad) {
-          if (slab_active) tensor_grad_probs(keys_slot, c * kValueTile, whi, wlo, dq);
+          if (slab_active) tensor_grad_probs(keys_slot, c * kValueTile, dq);
         } else {
           if (slab_active) grad_probs(keys_slot, c * kValueTile, first, dpart, dq);
         }
@@ -1816,7 +1920,6 @@ struct RowProgram {
     issue_keys(0, 0);  // the first score phase's first K tile
     uint32_t df[kHeads][Cfg::kKSteps][4];  // one segment: dO fragments of the owned heads (after the scores)
     float dq[kHeads][Cfg::kOutN8][4];
-    uint32_t whi[4] = {0u, 0u, 0u, 0u}, wlo[4] = {0u, 0u, 0u, 0u};  // W'^T (second sweep, kTensorGrad)
     {
       float dpart[kHeads][2];
       Partials part;
@@ -1833,7 +1936,7 @@ struct RowProgram {
           for (int n = 0; n < kDwN8; ++n) part.dw_rows[t][n][0] = part.dw_rows[t][n][1] = part.dw_rows[t][n][2] = part.dw_rows[t][n][3] = 0.0f;
         }
       }
-      backward_sweep(true, sums_only, df, part, dpart, dq, whi, wlo);
+      backward_sweep(true, sums_only, df, part, dpart, dq);
       if (!sums_only) {
         if constexpr (kTensorGrad) {
           delta_from_products(part.dw_rows);
@@ -1851,8 +1954,7 @@ struct RowProgram {
     {
       float dpart[kHeads][2];
       Partials unused;
-      if constexpr (kTensorGrad && Cfg::kOneSegment) weight_fragments<true>(whi, wlo);
-      backward_sweep(false, false, df, unused, dpart, dq, whi, wlo);
+      backward_sweep(false, false, df, unused, dpart, dq);
     }
     dev::cp_async_wait<0>();
     if constexpr (kTensorGrad) scale_accumulators(dq, static_cast<float>(p.scale));  // dS went unscaled
