@@ -334,8 +334,12 @@ _WIDTH = re.compile(r"\.(128|64|32|U8|S8|U16|S16)\b")
 def memory_bytes(ins: Instruction) -> int:
     """Bytes one warp-wide issue moves (32 lanes; LDSM/STSM: the matrices; HGMMA: its shared-memory operands).
 
-    Every lane counted: masked-off lanes of a predicated load are not known statically.
+    Every lane counted: masked-off lanes of a predicated load are not known statically. The one guard known
+    statically is ``@!PT`` (never true): ptxas pads cp.async sequences with ``@!PT LDS RZ, [RZ]``, an issue slot
+    that moves nothing.
     """
+    if ins.guard == "@!PT":
+        return 0
     base = ins.base
     op = ins.opcode
     if base in ("LDSM", "STSM"):

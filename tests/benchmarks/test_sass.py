@@ -90,6 +90,9 @@ def test_memory_bytes_per_warp_issue():
     assert b("HGMMA.64x64x16.F32.BF16", "R24, gdesc[UR4], R24") == (64 * 16 * 2 + 64 * 16 * 2) // 4
     assert b("HGMMA.64x64x16.F32.BF16", "R24, R120, gdesc[UR8], R24") == (64 * 16 * 2) // 4
     assert b("FFMA", "R0, R1, R2, R3") == 0
+    # A never-true guard (ptxas's padding around cp.async) moves nothing; a real predicate counts every lane.
+    assert sass.memory_bytes(sass.Instruction(0, "@!PT", "LDS", "RZ, [RZ]")) == 0
+    assert sass.memory_bytes(sass.Instruction(0, "@!P0", "LDS", "R0, [R2]")) == 32 * 4
 
 
 def test_resource_usage_parsing():
