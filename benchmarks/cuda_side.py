@@ -392,40 +392,71 @@ def _given(t, H, fill, like):
                                                                          device=like.device)
 
 
+def _write_scaled(dst, x, factor, fill) -> None:
+    """ops.cpp's write_scaled: dst = factor x (one op where x is fp32 or factor 1, two otherwise), or factor fill."""
+    if x is None:
+        dst.fill_(factor * fill)
+        return
+    t = x.detach().reshape(dst.shape)
+    if factor == 1.0:
+        dst.copy_(t)
+    elif t.dtype == torch.float32:
+        torch.mul(t, torch.tensor(factor, dtype=torch.float64), out=dst)
+    else:
+        dst.copy_(t)
+        dst.mul_(factor)
+
+
 def _fold_forward(p, mix_weight, mix_bias, norm_weight, norm_bias, bn_rows, out_scale) -> torch.Tensor:
-    """ops.cpp's fold_parameters: [H*H + 3H] fp32 (float64 math)."""
+    """ops.cpp's fold_parameters: [H*H + 3H] fp32 (BatchNorm: float64 math)."""
     H = int(p.H)
     keep = 1.0 / (1.0 - p.dropout_p) if p.seed else 1.0
-    W = mix_weight.detach().to(torch.float64) * keep
-    c, gamma, beta = (_given(t, H, f, W) for t, f in ((mix_bias, 0.0), (norm_weight, 1.0), (norm_bias, 0.0)))
-    gf, bf = torch.zeros(H, dtype=torch.float64, device=W.device), torch.zeros(H, dtype=torch.float64, device=W.device)
-    if p.norm == NORM_CODES["layer"]:
-        Wf, cf, gf, bf = W, c, out_scale * gamma, out_scale * beta
-    elif p.norm == NORM_CODES["batch"]:
+    if p.norm == NORM_CODES["batch"]:
+        W = mix_weight.detach().to(torch.float64) * keep
+        c, gamma, beta = (_given(t, H, f, W) for t, f in ((mix_bias, 0.0), (norm_weight, 1.0), (norm_bias, 0.0)))
         rows = bn_rows.to(torch.float64)
         alpha = out_scale * gamma * rows[1]
         Wf = alpha.unsqueeze(1) * W
         cf = alpha * c + out_scale * (beta - gamma * rows[0] * rows[1])
+        return torch.cat([Wf.flatten(), cf, torch.zeros(2 * H, dtype=torch.float64, device=W.device)]).to(
+            torch.float32).contiguous()
+    folded = torch.empty(H * H + 3 * H, dtype=torch.float32, device=mix_weight.device)
+    layer = p.norm == NORM_CODES["layer"]
+    _write_scaled(folded[:H * H], mix_weight, keep if layer else out_scale * keep, 0.0)
+    _write_scaled(folded[H * H:H * H + H], mix_bias, 1.0 if layer else out_scale, 0.0)
+    if layer:
+        _write_scaled(folded[H * H + H:H * H + 2 * H], norm_weight, out_scale, 1.0)
+        _write_scaled(folded[H * H + 2 * H:], norm_bias, out_scale, 0.0)
     else:
-        Wf, cf = out_scale * W, out_scale * c
-    return torch.cat([Wf.flatten(), cf, gf, bf]).to(torch.float32).contiguous()
+        folded[H * H + H:].zero_()
+    return folded
 
 
 def _fold_backward(p, mix_weight, mix_bias, norm_weight, norm_bias, bn_rows, out_scale) -> torch.Tensor:
     """ops.cpp's fold_backward_parameters: [H*H + 7H] fp32."""
     H = int(p.H)
     keep = 1.0 / (1.0 - p.dropout_p) if p.seed else 1.0
-    W = mix_weight.detach().to(torch.float64) * keep
-    f64 = dict(dtype=torch.float64, device=W.device)
-    c = _given(mix_bias, H, 0.0, W)
-    gamma, beta = torch.full((H,), out_scale, **f64), torch.zeros(H, **f64)
-    mean, rstd, e, f = torch.zeros(H, **f64), torch.ones(H, **f64), torch.zeros(H, **f64), torch.zeros(H, **f64)
-    if p.norm != NORM_CODES["none"]:
-        gamma, beta = out_scale * _given(norm_weight, H, 1.0, W), out_scale * _given(norm_bias, H, 0.0, W)
+    folded = torch.empty(H * H + 7 * H, dtype=torch.float32, device=mix_weight.device)
+
+    def piece(row, rows):
+        return folded[H * H + row * H:H * H + (row + rows) * H]
+
+    _write_scaled(folded[:H * H], mix_weight, keep, 0.0)
+    _write_scaled(piece(0, 1), mix_bias, 1.0, 0.0)
+    if p.norm == NORM_CODES["none"]:
+        piece(1, 1).fill_(out_scale)
+        piece(2, 2).zero_()
+    else:
+        _write_scaled(piece(1, 1), norm_weight, out_scale, 1.0)
+        _write_scaled(piece(2, 1), norm_bias, out_scale, 0.0)
     if p.norm == NORM_CODES["batch"]:
-        rows = bn_rows.to(torch.float64)
-        mean, rstd, e, f = rows[0], rows[1], rows[2], rows[3]
-    return torch.cat([W.flatten(), c, gamma, beta, mean, rstd, e, f]).to(torch.float32).contiguous()
+        piece(3, 4).copy_(bn_rows.reshape(4 * H))
+    else:
+        if p.norm != NORM_CODES["none"]:
+            piece(3, 1).zero_()
+        piece(4, 1).fill_(1.0)
+        piece(5, 2).zero_()
+    return folded
 
 
 def _record(symbol: str, program: str, core: bool, q, p, touched, grid, threads, dynamic_shared, sweep, unit,

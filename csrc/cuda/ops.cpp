@@ -291,37 +291,61 @@ at::Tensor stats_from_lse(const at::Tensor& lse) { return at::stack({lse, at::ze
 // ... and back: L = m + log l (+inf for a row without any key: +inf + 0).
 at::Tensor lse_from_stats(const at::Tensor& stats) { return (stats.select(-1, 0) + stats.select(-1, 1)).contiguous(); }
 
-// The tensor-core forward's parameters, folded on the host (float64 math, then fp32):
-// [H*H + 3H] = W' ([g][h]), c', out_scale gamma, out_scale beta. Affine norms (none; BatchNorm
-// with given statistics: A_g = out_scale (gamma_g (M_g - mean_g) rstd_g + beta_g)) fold out_scale,
-// the norm and dropout's 1 / (1 - p) into W' and c'; LayerNorm folds only 1 / (1 - p).
+// The parameters' pieces are written straight into the folded fp32 buffer, one launch each (two
+// where a given tensor is not fp32): a piece is either a given tensor times a host scalar, which fp32
+// rounds once more than float64 math would (2^-24 relative), or a constant. The float64 form
+// took ~11 launches per call, each a few microseconds of host time and a launch gap on the GPU.
+// dst = factor x, or where x is absent dst = factor fill.
+void write_scaled(at::Tensor dst, const c10::optional<at::Tensor>& x, double factor, double fill) {
+  if (!x.has_value() || !x->defined()) {
+    dst.fill_(factor * fill);
+    return;
+  }
+  const at::Tensor t = x->detach().reshape(dst.sizes());
+  if (factor == 1.0) {
+    dst.copy_(t);
+  } else if (t.scalar_type() == at::kFloat) {
+    at::mul_out(dst, t, at::scalar_tensor(factor, t.options().device(at::kCPU)));
+  } else {
+    dst.copy_(t);
+    dst.mul_(factor);
+  }
+}
+
+// The tensor-core forward's parameters, folded on the host: [H*H + 3H] fp32 = W' ([g][h]), c',
+// out_scale gamma, out_scale beta. Affine norms (none; BatchNorm with given statistics: A_g =
+// out_scale (gamma_g (M_g - mean_g) rstd_g + beta_g)) fold out_scale, the norm and dropout's
+// 1 / (1 - p) into W' and c'; LayerNorm folds only 1 / (1 - p). BatchNorm's fold (float64 math,
+// then fp32) takes the difference of two products in c'.
 at::Tensor fold_parameters(const ReAttnParams& p, const at::Tensor& mix_weight, const c10::optional<at::Tensor>& mix_bias,
                            const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias,
                            const at::Tensor& bn_rows, double out_scale) {
   const int64_t H = p.H;
-  const auto f64 = mix_weight.options().dtype(at::kDouble);
   const double keep = p.seed != nullptr ? 1.0 / (1.0 - p.dropout_p) : 1.0;
-  auto given = [&](const c10::optional<at::Tensor>& t, double fill) {
-    return t.has_value() && t->defined() ? t->detach().to(at::kDouble) : at::full({H}, fill, f64);
-  };
-  const at::Tensor W = mix_weight.detach().to(at::kDouble) * keep;
-  const at::Tensor c = given(mix_bias, 0.0), gamma = given(norm_weight, 1.0), beta = given(norm_bias, 0.0);
-  at::Tensor Wf, cf, gf = at::zeros({H}, f64), bf = at::zeros({H}, f64);
-  if (p.norm == kNormLayer) {
-    Wf = W;
-    cf = c;
-    gf = out_scale * gamma;
-    bf = out_scale * beta;
-  } else if (p.norm == kNormBatch) {
+  if (p.norm == kNormBatch) {
+    const auto f64 = mix_weight.options().dtype(at::kDouble);
+    auto given = [&](const c10::optional<at::Tensor>& t, double fill) {
+      return t.has_value() && t->defined() ? t->detach().to(at::kDouble) : at::full({H}, fill, f64);
+    };
+    const at::Tensor W = mix_weight.detach().to(at::kDouble) * keep;
+    const at::Tensor c = given(mix_bias, 0.0), gamma = given(norm_weight, 1.0), beta = given(norm_bias, 0.0);
     const at::Tensor rows = bn_rows.to(at::kDouble);
     const at::Tensor alpha = out_scale * gamma * rows[1];
-    Wf = alpha.unsqueeze(1) * W;
-    cf = alpha * c + out_scale * (beta - gamma * rows[0] * rows[1]);
-  } else {
-    Wf = out_scale * W;
-    cf = out_scale * c;
+    const at::Tensor Wf = alpha.unsqueeze(1) * W;
+    const at::Tensor cf = alpha * c + out_scale * (beta - gamma * rows[0] * rows[1]);
+    return at::cat({Wf.flatten(), cf, at::zeros({2 * H}, f64)}).to(at::kFloat).contiguous();
   }
-  return at::cat({Wf.flatten(), cf, gf, bf}).to(at::kFloat).contiguous();
+  at::Tensor folded = at::empty({H * H + 3 * H}, mix_weight.options().dtype(at::kFloat));
+  const bool layer = p.norm == kNormLayer;
+  write_scaled(folded.narrow(0, 0, H * H), mix_weight, layer ? keep : out_scale * keep, 0.0);
+  write_scaled(folded.narrow(0, H * H, H), mix_bias, layer ? 1.0 : out_scale, 0.0);
+  if (layer) {
+    write_scaled(folded.narrow(0, H * H + H, H), norm_weight, out_scale, 1.0);
+    write_scaled(folded.narrow(0, H * H + 2 * H, H), norm_bias, out_scale, 0.0);
+  } else {
+    folded.narrow(0, H * H + H, 2 * H).zero_();
+  }
+  return folded;
 }
 
 // 16-byte cp.async loads need unit stride along D and rows, heads and batches 16-byte aligned.
@@ -529,27 +553,26 @@ at::Tensor fold_backward_parameters(const ReAttnParams& p, const at::Tensor& mix
                                     const c10::optional<at::Tensor>& norm_bias, const at::Tensor& bn_rows,
                                     double out_scale) {
   const int64_t H = p.H;
-  const auto f64 = mix_weight.options().dtype(at::kDouble);
   const double keep = p.seed != nullptr ? 1.0 / (1.0 - p.dropout_p) : 1.0;
-  auto given = [&](const c10::optional<at::Tensor>& t, double fill) {
-    return t.has_value() && t->defined() ? t->detach().to(at::kDouble) : at::full({H}, fill, f64);
-  };
-  const at::Tensor W = mix_weight.detach().to(at::kDouble) * keep;
-  const at::Tensor c = given(mix_bias, 0.0);
-  at::Tensor gamma = at::full({H}, out_scale, f64), beta = at::zeros({H}, f64);
-  at::Tensor mean = at::zeros({H}, f64), rstd = at::ones({H}, f64), e = at::zeros({H}, f64), f = at::zeros({H}, f64);
-  if (p.norm != kNormNone) {
-    gamma = out_scale * given(norm_weight, 1.0);
-    beta = out_scale * given(norm_bias, 0.0);
+  at::Tensor folded = at::empty({H * H + 7 * H}, mix_weight.options().dtype(at::kFloat));
+  auto piece = [&](int64_t row, int64_t rows) { return folded.narrow(0, H * H + row * H, rows * H); };
+  write_scaled(folded.narrow(0, 0, H * H), mix_weight, keep, 0.0);
+  write_scaled(piece(0, 1), mix_bias, 1.0, 0.0);
+  if (p.norm == kNormNone) {
+    piece(1, 1).fill_(out_scale);
+    piece(2, 2).zero_();  // beta', mean
+  } else {
+    write_scaled(piece(1, 1), norm_weight, out_scale, 1.0);
+    write_scaled(piece(2, 1), norm_bias, out_scale, 0.0);
   }
   if (p.norm == kNormBatch) {
-    const at::Tensor rows = bn_rows.to(at::kDouble);
-    mean = rows[0];
-    rstd = rows[1];
-    e = rows[2];
-    f = rows[3];
+    piece(3, 4).copy_(bn_rows.reshape({4 * H}));  // mean, rstd, e, f
+  } else {
+    if (p.norm != kNormNone) piece(3, 1).zero_();
+    piece(4, 1).fill_(1.0);
+    piece(5, 2).zero_();
   }
-  return at::cat({W.flatten(), c, gamma, beta, mean, rstd, e, f}).to(at::kFloat).contiguous();
+  return folded;
 }
 
 // The tensor-core backward's shapes (row pass, key pass) for this problem, or false.
