@@ -131,7 +131,8 @@ struct TileCopy {
       const int rem = static_cast<int>(tid % kHeadChunks), dc = rem % kRowChunks, d = d0 + dc * 8;
       const int hl0 = static_cast<int>(tid / kHeadChunks), r = rem / kRowChunks;
       const int dst_off = (hl0 * kTileRows + r) * row + dc * 8;
-      const E* from = src + (h0 + hl0) * sh + (r0 + r) * sn + d;
+      // One 32-bit offset (the host checks a batch element's offsets fit), then one widening add.
+      const E* from = src + ((h0 + hl0) * sh + (r0 + r) * sn + d);
       // The source address advances by a 64-bit byte step per chunk (two integer adds): formed as
       // from + k kHeadStep sh, each chunk cost a 32-bit multiply, a sign extension and a shift.
       const int64_t step = static_cast<int64_t>(kHeadStep) * sh * static_cast<int64_t>(sizeof(E));
