@@ -53,8 +53,8 @@ struct KeyProgram {
   static constexpr int kGroups = Cfg::kGroups, kHeads = Cfg::kHeads;
   static constexpr int kHeadsPad = Mix::kHeadsPad;
   // The plain bf16 variant forms dP'^T = W'^T dM^T on tensor cores (tensor_grad_keys), with W' split
-  // into 16-bit hi + lo as the row pass's D and dP' take it (rows.cuh kTensorGrad).
-  static constexpr bool kTensorGrad = Cfg::kPlain && Cfg::kMaxHeads <= 16 && std::is_same_v<E, dev::Bf16>;
+  // into 16-bit hi + lo as the row pass's D and dP' take it (the same rule: backward_tensor_mixing).
+  static constexpr bool kTensorGrad = backward_tensor_mixing<E>(Cfg::kPlain, Cfg::kMaxHeads);
   static constexpr int kChunkRows = 16;
   // Row sizes (elements) of the shared-memory tiles, compile-time (key_layout computes the same).
   static constexpr int kRow = padded_row(Cfg::kD), kTRow = padded_row(16);
@@ -307,9 +307,8 @@ struct KeyProgram {
     const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     E* dmixed = at<E>(L.dmixed);
     const int key0 = slab * 16 + group * kKeysPerWarp;
-    const int m = lane / 8;
-    const int hl = kNarrow ? lane % 8 : (m % 2) * 8 + lane % 8;
-    const int key_of = kNarrow ? m / 2 : 0, octet = kNarrow ? m % 2 : m / 2;
+    const auto lane_src = Mix::template trans_lane<kNarrow>(lane);
+    const int hl = lane_src.head, key_of = lane_src.row, octet = lane_src.octet;
     const E* src = at<E>(L.probs_t) + (hl < H ? hl : 0) * kHeadStride + (key0 + key_of) * kTRow + octet * 8;
     E* dst = dmixed + gq * kHeadStride + key0 * kTRow + 2 * tq;
 #pragma unroll
@@ -319,15 +318,7 @@ struct KeyProgram {
 #pragma unroll
       for (int t = 0; t < 2 * kKeysPerLoad; ++t) {  // tiles: (key r + t / 2, row octet t % 2)
         float d[4];
-        if constexpr (kNarrow) {
-          const uint32_t hi8[2] = {whi[0], whi[1]}, lo8[2] = {wlo[0], wlo[1]};
-          dev::mma_m16n8k8<E>(d, hi8, pb[t], zero);
-          dev::mma_m16n8k8<E>(d, lo8, pb[t], d);
-        } else {
-          const uint32_t bf[2] = {pb[2 * t], pb[2 * t + 1]};
-          dev::mma_m16n8k16<E>(d, whi, bf, zero);
-          dev::mma_m16n8k16<E>(d, wlo, bf, d);
-        }
+        Mix::template split_product<kNarrow>(d, whi, wlo, pb, t, zero);
         E* at_t = dst + (r + t / 2) * kTRow + (t % 2) * 8;
 #pragma unroll
         for (int half = 0; half < kHalves; ++half) {
@@ -582,11 +573,9 @@ struct KeyProgram {
     constexpr int kHalves = kNarrow ? 1 : 2;  // C rows gq and gq + 8
     E* probs_t = at<E>(L.probs_t);
     const int key0 = slab * 16 + group * kKeysPerWarp;  // the warp's first key in the block
-    // ldmatrix.trans rows, matrix m = lane / 8: narrow, (key m / 2, row octet m % 2); otherwise
-    // (head block m % 2, octet m / 2).
-    const int m = lane / 8;
-    const int hl = kNarrow ? lane % 8 : (m % 2) * 8 + lane % 8;
-    const int key_of = kNarrow ? m / 2 : 0, octet = kNarrow ? m % 2 : m / 2;
+    // ldmatrix.trans rows (Mixer::trans_lane: narrow, two keys per load).
+    const auto lane_src = Mix::template trans_lane<kNarrow>(lane);
+    const int hl = lane_src.head, key_of = lane_src.row, octet = lane_src.octet;
     const E* src = at<E>(L.dmixed) + (hl < H ? hl : 0) * kHeadStride + (key0 + key_of) * kTRow + octet * 8;
     E* dst = probs_t + gq * kHeadStride + key0 * kTRow + 2 * tq;  // C entries: head gq (+ 8), rows 2 tq, + 1
     // D of heads gq (+ 8) at the thread's rows 2 tq, 2 tq + 1, 8 + 2 tq, 9 + 2 tq (rows past Nq: 0).
@@ -606,15 +595,7 @@ struct KeyProgram {
 #pragma unroll
       for (int t = 0; t < 2 * kKeysPerLoad; ++t) {  // tiles: (key r + t / 2, row octet t % 2)
         float d[4];
-        if constexpr (kNarrow) {
-          const uint32_t hi8[2] = {whi[0], whi[1]}, lo8[2] = {wlo[0], wlo[1]};
-          dev::mma_m16n8k8<E>(d, hi8, db[t], zero);
-          dev::mma_m16n8k8<E>(d, lo8, db[t], d);
-        } else {
-          const uint32_t bf[2] = {db[2 * t], db[2 * t + 1]};
-          dev::mma_m16n8k16<E>(d, whi, bf, zero);
-          dev::mma_m16n8k16<E>(d, wlo, bf, d);
-        }
+        Mix::template split_product<kNarrow>(d, whi, wlo, db, t, zero);
         E* at_t = dst + (r + t / 2) * kTRow + (t % 2) * 8;
 #pragma unroll
         for (int half = 0; half < kHalves; ++half) {

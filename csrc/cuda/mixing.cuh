@@ -6,11 +6,20 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "device.cuh"
 
 namespace reattn {
 namespace cuda {
+
+// Whether a plain backward program (the row pass or the key pass) mixes the heads on tensor cores,
+// W' split into bf16 hi + lo (fp16's range would not hold every W'). One rule for both passes: the key
+// pass's dP' must round W' as the row pass's D does (Mixer::split_rounded).
+template <typename E>
+constexpr bool backward_tensor_mixing(bool plain, int max_heads) {
+  return plain && max_heads <= 16 && std::is_same_v<E, dev::Bf16>;
+}
 
 template <typename E, int kGroups, int kHeads, int kMaxHeads>
 struct Mixer {
@@ -140,6 +149,36 @@ struct Mixer {
         x[k] = g < H && h < H ? w[g * H + h] : 0.0f;
       }
       split_pair(x, hi[r], lo[r]);
+    }
+  }
+
+  // The tensor-core mixings (rows.cuh mix_in_place, tensor_mix, tensor_grad_probs; keys.cuh
+  // tensor_mix, tensor_grad_keys) are one product per row (or key) of the split weights' A fragments
+  // and B = one head-major tile column read by ldmatrix.trans from [head][row][col] tiles. Narrow
+  // (k = 8 heads), a matrix m = lane / 8 is one 8 x 8 tile, (row m / 2, column octet m % 2): two rows
+  // per load; wide (k = 16), (head block m % 2, octet m / 2): one row per load. The lane's head (not
+  // yet clamped to H), row offset and octet:
+  struct TransLane {
+    int head, row, octet;
+  };
+  template <bool kNarrow>
+  static REATTN_DEVICE TransLane trans_lane(int lane) {
+    const int m = lane / 8;
+    return TransLane{kNarrow ? lane % 8 : (m % 2) * 8 + lane % 8, kNarrow ? m / 2 : 0, kNarrow ? m % 2 : m / 2};
+  }
+  // d = (hi + lo) B + c for tile t of such a load b (tiles: (row t / 2, octet t % 2) narrow, octet t
+  // wide): m16n8k8 on b[t] with W' columns 0 .. 7, or m16n8k16 on b[2t], b[2t + 1].
+  template <bool kNarrow>
+  static REATTN_DEVICE void split_product(float (&d)[4], const uint32_t (&hi)[4], const uint32_t (&lo)[4],
+                                          const uint32_t (&b)[4], int t, const float (&c)[4]) {
+    if constexpr (kNarrow) {
+      const uint32_t hi8[2] = {hi[0], hi[1]}, lo8[2] = {lo[0], lo[1]};
+      dev::mma_m16n8k8<E>(d, hi8, b[t], c);
+      dev::mma_m16n8k8<E>(d, lo8, b[t], d);
+    } else {
+      const uint32_t bf[2] = {b[2 * t], b[2 * t + 1]};
+      dev::mma_m16n8k16<E>(d, hi, bf, c);
+      dev::mma_m16n8k16<E>(d, lo, bf, d);
     }
   }
 

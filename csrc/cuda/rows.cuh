@@ -195,8 +195,7 @@ struct RowProgram {
   static constexpr bool kTensorMix = (Cfg::kVariant == kPlainAffine || Cfg::kVariant == kPlainMoments) &&
                                      Cfg::kMaxHeads <= 16 && std::is_same_v<typename Cfg::E, dev::Bf16>;
   // Likewise the plain backward row pass forms dP' = W'^T dM on tensor cores (tensor_grad_probs).
-  static constexpr bool kTensorGrad = Cfg::kVariant == kPlainBackwardRows && Cfg::kMaxHeads <= 16 &&
-                                      std::is_same_v<typename Cfg::E, dev::Bf16>;
+  static constexpr bool kTensorGrad = backward_tensor_mixing<E>(Cfg::kVariant == kPlainBackwardRows, Cfg::kMaxHeads);
   // And M for BatchNorm (tensor_mix), in the one-segment shapes: the segmented one keeps the
   // per-thread Mixer (with tensor_mix its sm_80 build needs 24 bytes of stack at 255 registers).
   static constexpr bool kTensorBatch = kTensorGrad && Cfg::kOneSegment;
@@ -903,15 +902,13 @@ struct RowProgram {
     E* probs = at<E>(L.probs);
     const int hs = Cfg::kRows * L.p_row + kProbsPad;  // head stride (elements)
     const int row0 = slab * 16 + group * kRowsPerWarp;
-    // ldmatrix.trans rows, matrix m = lane / 8. Up to 7 heads (kNarrow: heads 0 .. 7 hold every
-    // input head and the ones) a matrix is one tile: (row m / 2, key octet m % 2), two rows per
-    // load, and the products are m16n8k8. Otherwise m = (head block m % 2, octet m / 2).
+    // ldmatrix.trans rows (Mixer::trans_lane). Up to 7 heads (kNarrow: heads 0 .. 7 hold every
+    // input head and the ones) two rows per load and m16n8k8 products.
     constexpr bool kNarrow = Cfg::kMaxHeads < 8;
     constexpr int kRowsPerLoad = kNarrow ? 2 : 1;
     static_assert(kRowsPerWarp % kRowsPerLoad == 0, "whole loads per warp");
-    const int m = lane / 8;
-    const int hl = kNarrow ? lane % 8 : (m % 2) * 8 + lane % 8;
-    const int row_of = kNarrow ? m / 2 : 0, octet = kNarrow ? m % 2 : m / 2;
+    const auto lane_src = Mix::template trans_lane<kNarrow>(lane);
+    const int hl = lane_src.head, row_of = lane_src.row, octet = lane_src.octet;
     const E* src = hl == H ? ones_row()
                            : probs + (hl < H ? hl : 0) * hs + (row0 + row_of) * L.p_row + chunk_col + octet * 8;
     const int src_step = hl == H ? 0 : kRowsPerLoad * L.p_row;
@@ -926,15 +923,7 @@ struct RowProgram {
 #pragma unroll
       for (int t = 0; t < 2 * kRowsPerLoad; ++t) {  // tiles: (row r + t / 2, octet t % 2)
         float d[4];
-        if constexpr (kNarrow) {  // k = 8 input heads: W' columns 0 .. 7
-          const uint32_t hi8[2] = {whi[0], whi[1]}, lo8[2] = {wlo[0], wlo[1]};
-          dev::mma_m16n8k8<E>(d, hi8, pb[t], zero);
-          dev::mma_m16n8k8<E>(d, lo8, pb[t], d);
-        } else {
-          const uint32_t bf[2] = {pb[2 * t], pb[2 * t + 1]};
-          dev::mma_m16n8k16<E>(d, whi, bf, zero);
-          dev::mma_m16n8k16<E>(d, wlo, bf, d);
-        }
+        Mix::template split_product<kNarrow>(d, whi, wlo, pb, t, zero);
         if constexpr (kCount) {  // rows of W' past H are zero: so are their d
           constexpr int kValues = Cfg::kMaxHeads > 8 ? 4 : 2;
           if (!edge) {
@@ -1299,11 +1288,9 @@ struct RowProgram {
     const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const int hs = Cfg::kRows * L.p_row + kProbsPad;  // P~'s head stride (elements)
     const int row0 = slab * 16 + group * kRowsPerWarp;
-    // ldmatrix.trans rows, matrix m = lane / 8: narrow, (row m / 2, key octet m % 2); otherwise
-    // (head block m % 2, octet m / 2).
-    const int m = lane / 8;
-    const int hl = kNarrow ? lane % 8 : (m % 2) * 8 + lane % 8;
-    const int row_of = kNarrow ? m / 2 : 0, octet = kNarrow ? m % 2 : m / 2;
+    // ldmatrix.trans rows (Mixer::trans_lane: narrow, two rows per load).
+    const auto lane_src = Mix::template trans_lane<kNarrow>(lane);
+    const int hl = lane_src.head, row_of = lane_src.row, octet = lane_src.octet;
     const E* src = at<E>(L.probs) + (hl < H ? hl : 0) * hs + (row0 + row_of) * L.p_row + chunk_col + octet * 8;
     E* dst = at<E>(L.dmixed) + gq * kMHead + row0 * kMRow + 2 * tq;
 #pragma unroll
@@ -1313,15 +1300,7 @@ struct RowProgram {
 #pragma unroll
       for (int t = 0; t < 2 * kRowsPerLoad; ++t) {  // tiles: (row r + t / 2, key octet t % 2)
         float d[4];
-        if constexpr (kNarrow) {
-          const uint32_t hi8[2] = {whi[0], whi[1]}, lo8[2] = {wlo[0], wlo[1]};
-          dev::mma_m16n8k8<E>(d, hi8, pb[t], zero);
-          dev::mma_m16n8k8<E>(d, lo8, pb[t], d);
-        } else {
-          const uint32_t bf[2] = {pb[2 * t], pb[2 * t + 1]};
-          dev::mma_m16n8k16<E>(d, whi, bf, zero);
-          dev::mma_m16n8k16<E>(d, wlo, bf, d);
-        }
+        Mix::template split_product<kNarrow>(d, whi, wlo, pb, t, zero);
         E* at_t = dst + (r + t / 2) * kMRow + (t % 2) * 8;
 #pragma unroll
         for (int half = 0; half < kHalves; ++half) {
@@ -1691,11 +1670,9 @@ struct RowProgram {
     E* probs = at<E>(L.probs);
     const int hs = Cfg::kRows * L.p_row + kProbsPad;  // P~'s head stride (elements)
     const int row0 = slab * 16 + group * kRowsPerWarp;
-    // ldmatrix.trans rows, matrix m = lane / 8: narrow, (row m / 2, key octet m % 2); otherwise
-    // (head block m % 2, octet m / 2).
-    const int m = lane / 8;
-    const int hl = kNarrow ? lane % 8 : (m % 2) * 8 + lane % 8;
-    const int row_of = kNarrow ? m / 2 : 0, octet = kNarrow ? m % 2 : m / 2;
+    // ldmatrix.trans rows (Mixer::trans_lane: narrow, two rows per load).
+    const auto lane_src = Mix::template trans_lane<kNarrow>(lane);
+    const int hl = lane_src.head, row_of = lane_src.row, octet = lane_src.octet;
     const E* src = at<E>(L.dmixed) + (hl < H ? hl : 0) * kMHead + (row0 + row_of) * kMRow + octet * 8;
     E* dst = probs + gq * hs + row0 * L.p_row + chunk_col + 2 * tq;  // C entries: head gq (+ 8), keys 2 tq, + 1
     const float* delta = at<float>(L.delta) + gq * Cfg::kRows + row0;
@@ -1707,15 +1684,7 @@ struct RowProgram {
 #pragma unroll
       for (int t = 0; t < 2 * kRowsPerLoad; ++t) {  // tiles: (row r + t / 2, octet t % 2)
         float d[4];
-        if constexpr (kNarrow) {
-          const uint32_t hi8[2] = {whi[0], whi[1]}, lo8[2] = {wlo[0], wlo[1]};
-          dev::mma_m16n8k8<E>(d, hi8, db[t], zero);
-          dev::mma_m16n8k8<E>(d, lo8, db[t], d);
-        } else {
-          const uint32_t bf[2] = {db[2 * t], db[2 * t + 1]};
-          dev::mma_m16n8k16<E>(d, whi, bf, zero);
-          dev::mma_m16n8k16<E>(d, wlo, bf, d);
-        }
+        Mix::template split_product<kNarrow>(d, whi, wlo, db, t, zero);
         const int row = r + t / 2;
         E* at_t = dst + row * L.p_row + (t % 2) * 8;
 #pragma unroll
