@@ -162,19 +162,7 @@ struct KeyProgram {
       weights[i] = ok ? f[owned * H + a] : 0.0f;
       if constexpr (!kTensorGrad) weights_t[i] = ok ? f[a * H + owned] : 0.0f;
     }
-    if constexpr (kTensorGrad) {  // the fragment table (tiles.h), read after the block's next barrier
-      if (dev::thread_index() < 32) {
-        const int l = dev::thread_index();
-        uint32_t q[4][4];
-        Mix::template weight_fragments_rowmajor<false>(f, H, l / 4, l % 4, q[0], q[1]);
-        Mix::template weight_fragments_rowmajor<true>(f, H, l / 4, l % 4, q[2], q[3]);
-#pragma unroll
-        for (int t = 0; t < 4; ++t) {
-#pragma unroll
-          for (int r = 0; r < 4; ++r) reinterpret_cast<uint32_t*>(weights_t)[(t * 32 + l) * 4 + r] = q[t][r];
-        }
-      }
-    }
+    if constexpr (kTensorGrad) Mix::fill_fragment_table(f, H, dev::thread_index(), reinterpret_cast<uint32_t*>(weights_t));
     for (int i = dev::thread_index(); i < kVectorRows * mh + 2; i += Cfg::kThreads) {
       const int row = i / mh, h = i % mh;
       float v = 0.0f;
@@ -285,9 +273,7 @@ struct KeyProgram {
   // The W' (kTransposed: W'^T) fragments from the table load_parameters fills (kTensorGrad).
   template <bool kTransposed>
   REATTN_DEVICE void table_fragments(uint32_t (&hi)[4], uint32_t (&lo)[4]) const {
-    const uint32_t* table = at<uint32_t>(L.weights_t) + (kTransposed ? 2 : 0) * 32 * 4;
-    dev::load_words(table + lane * 4, hi);
-    dev::load_words(table + (32 + lane) * 4, lo);
+    Mix::template table_fragments<kTransposed>(at<uint32_t>(L.weights_t), lane, hi, lo);
   }
 
   // M^T - c of the slab's 16 keys on tensor cores (kTensorGrad; norms other than LayerNorm, whose
@@ -298,48 +284,17 @@ struct KeyProgram {
   // in the A-fragment layout (16-bit). The bias c stays out (grad_mixed folds it into the
   // coefficients of xhat): as the product's C operand it costs a copy of c into every accumulator.
   REATTN_DEVICE void tensor_mix(float (&acc)[kHeads][8]) const {
-    constexpr int kKeysPerWarp = 16 / kGroups;
     constexpr bool kNarrow = Cfg::kMaxHeads <= 8;  // k = 8 input heads: W' columns 0 .. 7
-    constexpr int kKeysPerLoad = kNarrow ? 2 : 1;
-    constexpr int kHalves = kNarrow ? 1 : 2;  // C rows gq and gq + 8
     uint32_t whi[4], wlo[4];
     table_fragments<false>(whi, wlo);
-    const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    E* dmixed = at<E>(L.dmixed);
-    const int key0 = slab * 16 + group * kKeysPerWarp;
+    const int key0 = slab * 16 + group * (16 / kGroups);
     const auto lane_src = Mix::template trans_lane<kNarrow>(lane);
-    const int hl = lane_src.head, key_of = lane_src.row, octet = lane_src.octet;
-    const E* src = at<E>(L.probs_t) + (hl < H ? hl : 0) * kHeadStride + (key0 + key_of) * kTRow + octet * 8;
-    E* dst = dmixed + gq * kHeadStride + key0 * kTRow + 2 * tq;
-#pragma unroll
-    for (int r = 0; r < kKeysPerWarp; r += kKeysPerLoad) {
-      uint32_t pb[4];
-      dev::ldmatrix_x4_trans(pb, src + r * kTRow);
-#pragma unroll
-      for (int t = 0; t < 2 * kKeysPerLoad; ++t) {  // tiles: (key r + t / 2, row octet t % 2)
-        float d[4];
-        Mix::template split_product<kNarrow>(d, whi, wlo, pb, t, zero);
-        E* at_t = dst + (r + t / 2) * kTRow + (t % 2) * 8;
-#pragma unroll
-        for (int half = 0; half < kHalves; ++half) {
-          if (gq + 8 * half < H) *reinterpret_cast<uint32_t*>(at_t + half * 8 * kHeadStride) = Cv::pack(d[2 * half], d[2 * half + 1]);
-        }
-      }
-    }
-    if constexpr (kGroups > 1) {
-      dev::named_barrier(1 + slab, 32 * kGroups);  // M^T of the slab's every key
-    } else {
-      dev::sync_warp();
-    }
-    const E* mt = dmixed + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
-#pragma unroll
-    for (int j = 0; j < kHeads; ++j) {
-      const int g = group + kGroups * j;
-      uint32_t mr[4];
-      dev::ldmatrix_x4(mr, mt + static_cast<size_t>(g < H ? g : 0) * kHeadStride);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[j][e] = e & 1 ? Cv::high(mr[e / 2]) : Cv::low(mr[e / 2]);
-    }
+    const E* src = at<E>(L.probs_t) + (lane_src.head < H ? lane_src.head : 0) * kHeadStride +
+                   (key0 + lane_src.row) * kTRow + lane_src.octet * 8;
+    E* dmixed = at<E>(L.dmixed);
+    const E* back = dmixed + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
+    Mix::template mix_through<kNarrow>(src, kTRow, dmixed + gq * kHeadStride + key0 * kTRow + 2 * tq, kTRow, kHeadStride,
+                                       back, whi, wlo, H, gq, group, slab, acc);
   }
 
   // xhat = xr acc + xs for output head g, given what grad_mixed's acc holds: LayerNorm, xhat itself;
@@ -568,8 +523,6 @@ struct KeyProgram {
     constexpr int kKeysPerWarp = 16 / kGroups;
     static_assert(16 % kGroups == 0, "the slab's keys split over its warps");
     constexpr bool kNarrow = Cfg::kMaxHeads <= 8;  // k = 8 output heads: W'^T columns 0 .. 7
-    constexpr int kKeysPerLoad = kNarrow ? 2 : 1;
-    static_assert(kKeysPerWarp % kKeysPerLoad == 0, "whole loads per warp");
     constexpr int kHalves = kNarrow ? 1 : 2;  // C rows gq and gq + 8
     E* probs_t = at<E>(L.probs_t);
     const int key0 = slab * 16 + group * kKeysPerWarp;  // the warp's first key in the block
@@ -587,27 +540,18 @@ struct KeyProgram {
 #pragma unroll
       for (int r = 0; r < 4; ++r) dl[half][r] = st[3 * (h * kChunkRows + (r / 2) * 8 + 2 * tq + r % 2) + 2];
     }
-    const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    Mix::template split_tiles<kNarrow>(src, kTRow, whi, wlo, [&](int key, int col8, const float (&d)[4]) {
+      E* at_t = dst + key * kTRow + col8 * 8;
 #pragma unroll
-    for (int r = 0; r < kKeysPerWarp; r += kKeysPerLoad) {
-      uint32_t db[4];
-      dev::ldmatrix_x4_trans(db, src + r * kTRow);
-#pragma unroll
-      for (int t = 0; t < 2 * kKeysPerLoad; ++t) {  // tiles: (key r + t / 2, row octet t % 2)
-        float d[4];
-        Mix::template split_product<kNarrow>(d, whi, wlo, db, t, zero);
-        E* at_t = dst + (r + t / 2) * kTRow + (t % 2) * 8;
-#pragma unroll
-        for (int half = 0; half < kHalves; ++half) {
-          if (gq + 8 * half < H) {
-            uint32_t* entry = reinterpret_cast<uint32_t*>(at_t + half * 8 * kHeadStride);
-            const uint32_t pv = *entry;
-            const float* dr = dl[half] + 2 * (t % 2);
-            *entry = Cv::pack(Cv::low(pv) * (d[2 * half] - dr[0]), Cv::high(pv) * (d[2 * half + 1] - dr[1]));
-          }
+      for (int half = 0; half < kHalves; ++half) {
+        if (gq + 8 * half < H) {
+          uint32_t* entry = reinterpret_cast<uint32_t*>(at_t + half * 8 * kHeadStride);
+          const uint32_t pv = *entry;
+          const float* dr = dl[half] + 2 * col8;
+          *entry = Cv::pack(Cv::low(pv) * (d[2 * half] - dr[0]), Cv::high(pv) * (d[2 * half + 1] - dr[1]));
         }
       }
-    }
+    });
     if constexpr (kGroups > 1) {
       dev::named_barrier(1 + slab, 32 * kGroups);  // dS^T of the slab's every key
     } else {

@@ -120,34 +120,44 @@ struct Mixer {
   template <bool kTransposed>
   static REATTN_DEVICE void weight_fragments(const float* weights, const float* bias, int H, int gq, int tq,
                                              uint32_t (&hi)[4], uint32_t (&lo)[4]) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int row = gq + 8 * (r % 2), col = 2 * tq + 8 * (r / 2);
-      float x[2];
-#pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        const int g = kTransposed ? col + k : row, h = kTransposed ? row : col + k;
-        x[k] = g >= H ? 0.0f : h < H ? weights[(h * kGroups + g % kGroups) * kHeadsPad + g / kGroups]
-                     : !kTransposed && bias != nullptr && h == H ? bias[g] : 0.0f;
-      }
-      split_pair(x, hi[r], lo[r]);
-    }
+    split_fragments<kTransposed>(gq, tq, hi, lo, [&](int g, int h) {
+      return g >= H ? 0.0f : h < H ? weights[(h * kGroups + g % kGroups) * kHeadsPad + g / kGroups]
+                         : !kTransposed && bias != nullptr && h == H ? bias[g] : 0.0f;
+    });
   }
 
-  // The same fragments without a bias column, from row-major W'[g][h] (the folded parameters in
-  // global memory: no barrier after the shared copy needed), for a table filled once per program.
+  // The backward's fragment table ([4][32][4] words: per lane hi and lo of W', then of W'^T; no bias
+  // column), filled by the block's first warp from row-major W'[g][h] (the folded parameters in
+  // global memory, so no barrier after the shared copy is needed); read after the block's next barrier.
+  static REATTN_DEVICE void fill_fragment_table(const float* w, int H, int thread, uint32_t* table) {
+    if (thread >= 32) return;
+    const auto at = [&](int g, int h) { return g < H && h < H ? w[g * H + h] : 0.0f; };
+    uint32_t q[4][4];
+    split_fragments<false>(thread / 4, thread % 4, q[0], q[1], at);
+    split_fragments<true>(thread / 4, thread % 4, q[2], q[3], at);
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) table[(t * 32 + thread) * 4 + r] = q[t][r];
+    }
+  }
+  // The lane's W' (kTransposed: W'^T) fragments from that table: two 16-byte loads.
   template <bool kTransposed>
-  static REATTN_DEVICE void weight_fragments_rowmajor(const float* w, int H, int gq, int tq, uint32_t (&hi)[4],
-                                                      uint32_t (&lo)[4]) {
+  static REATTN_DEVICE void table_fragments(const uint32_t* table, int lane, uint32_t (&hi)[4], uint32_t (&lo)[4]) {
+    table += (kTransposed ? 2 : 0) * 32 * 4;
+    dev::load_words(table + lane * 4, hi);
+    dev::load_words(table + (32 + lane) * 4, lo);
+  }
+
+  // The fragments of the matrix whose entry (g, h) is w(g, h) (output head g, input head h), split.
+  template <bool kTransposed, class F>
+  static REATTN_DEVICE void split_fragments(int gq, int tq, uint32_t (&hi)[4], uint32_t (&lo)[4], const F& w) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int row = gq + 8 * (r % 2), col = 2 * tq + 8 * (r / 2);
       float x[2];
 #pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        const int g = kTransposed ? col + k : row, h = kTransposed ? row : col + k;
-        x[k] = g < H && h < H ? w[g * H + h] : 0.0f;
-      }
+      for (int k = 0; k < 2; ++k) x[k] = kTransposed ? w(col + k, row) : w(row, col + k);
       split_pair(x, hi[r], lo[r]);
     }
   }
@@ -179,6 +189,62 @@ struct Mixer {
       const uint32_t bf[2] = {b[2 * t], b[2 * t + 1]};
       dev::mma_m16n8k16<E>(d, hi, bf, c);
       dev::mma_m16n8k16<E>(d, lo, bf, d);
+    }
+  }
+
+  // The warp's 16 / kGroups rows of a slab: split_product for every tile of the loads from `src`
+  // (the lane's trans_lane address, src_row elements per row), each C fragment d handed to
+  // tile(row, col8, d) (row: 0 .. 16 / kGroups - 1 within the warp's rows; col8: the octet of columns).
+  template <bool kNarrow, class F>
+  static REATTN_DEVICE void split_tiles(const E* src, int src_row, const uint32_t (&hi)[4], const uint32_t (&lo)[4],
+                                        const F& tile) {
+    constexpr int kPerWarp = 16 / kGroups;
+    constexpr int kPerLoad = kNarrow ? 2 : 1;
+    static_assert(16 % kGroups == 0 && kPerWarp % kPerLoad == 0, "whole loads per warp");
+    const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int r = 0; r < kPerWarp; r += kPerLoad) {
+      uint32_t b[4];
+      dev::ldmatrix_x4_trans(b, src + r * src_row);
+#pragma unroll
+      for (int t = 0; t < 2 * kPerLoad; ++t) {  // tiles: (row r + t / 2, octet t % 2)
+        float d[4];
+        split_product<kNarrow>(d, hi, lo, b, t, zero);
+        tile(r + t / 2, t % 2, d);
+      }
+    }
+  }
+
+  // M - c (the key pass: M^T - c) of a slab's 16 rows (keys) on tensor cores, through a 16-bit
+  // [head][row][col] buffer (rows.cuh and keys.cuh tensor_mix): the warp's 16 / kGroups rows, each one
+  // split_product per 8 columns of the W' fragments hi, lo and B from `src` (the lane's trans_lane
+  // address, src_row elements per row); their C entries (heads gq, gq + 8) to `dst` (the lane's first
+  // entry; dst_row per row, dst_head per head); the slab's barrier; then the warp's output heads' A
+  // fragments back from `back` (the lane's ldmatrix row address of head 0), rounded to 16 bits.
+  template <bool kNarrow>
+  static REATTN_DEVICE void mix_through(const E* src, int src_row, E* dst, int dst_row, int dst_head, const E* back,
+                                        const uint32_t (&hi)[4], const uint32_t (&lo)[4], int H, int gq, int group,
+                                        int slab, float (&acc)[kHeads][8]) {
+    constexpr int kHalves = kNarrow ? 1 : 2;  // C rows gq and gq + 8
+    split_tiles<kNarrow>(src, src_row, hi, lo, [&](int row, int col8, const float (&d)[4]) {
+      E* at_t = dst + row * dst_row + col8 * 8;
+#pragma unroll
+      for (int half = 0; half < kHalves; ++half) {
+        if (gq + 8 * half < H) *reinterpret_cast<uint32_t*>(at_t + half * 8 * dst_head) = Cv::pack(d[2 * half], d[2 * half + 1]);
+      }
+    });
+    if constexpr (kGroups > 1) {
+      dev::named_barrier(1 + slab, 32 * kGroups);  // the slab's every row
+    } else {
+      dev::sync_warp();
+    }
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int g = group + kGroups * j;
+      uint32_t mr[4];
+      dev::ldmatrix_x4(mr, back + static_cast<size_t>(g < H ? g : 0) * dst_head);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[j][e] = e & 1 ? Cv::high(mr[e / 2]) : Cv::low(mr[e / 2]);
     }
   }
 

@@ -880,9 +880,7 @@ struct RowProgram {
   // The backward's W' (kTransposed: W'^T) fragments from the table load_parameters fills (kTensorGrad).
   template <bool kTransposed>
   REATTN_DEVICE void table_fragments(uint32_t (&hi)[4], uint32_t (&lo)[4]) const {
-    const uint32_t* table = at<uint32_t>(L.weights_t) + (kTransposed ? 2 : 0) * 32 * 4;
-    dev::load_words(table + lane * 4, hi);
-    dev::load_words(table + (32 + lane) * 4, lo);
+    Mix::template table_fragments<kTransposed>(at<uint32_t>(L.weights_t), lane, hi, lo);
   }
   // The row of ones that B reads as head H: 8 values past the last head's tile (tiles.h reserves them).
   REATTN_DEVICE E* ones_row() const { return at<E>(L.probs) + static_cast<size_t>(H) * (Cfg::kRows * L.p_row + kProbsPad); }
@@ -986,19 +984,7 @@ struct RowProgram {
       weights[i] = ok ? f[b_ * H + a] : 0.0f;  // [h = a][group r][j]: W'[g_j][h]
       if (Cfg::kBackward && !kTensorGrad) weights_t[i] = ok ? f[a * H + b_] : 0.0f;  // [g = a][group r][j]: W'[g][h_j]
     }
-    if constexpr (kTensorGrad) {  // the fragment table (tiles.h), read after the block's next barrier
-      if (dev::thread_index() < 32) {
-        const int l = dev::thread_index();
-        uint32_t q[4][4];
-        Mix::template weight_fragments_rowmajor<false>(f, H, l / 4, l % 4, q[0], q[1]);
-        Mix::template weight_fragments_rowmajor<true>(f, H, l / 4, l % 4, q[2], q[3]);
-#pragma unroll
-        for (int t = 0; t < 4; ++t) {
-#pragma unroll
-          for (int r = 0; r < 4; ++r) reinterpret_cast<uint32_t*>(weights_t)[(t * 32 + l) * 4 + r] = q[t][r];
-        }
-      }
-    }
+    if constexpr (kTensorGrad) Mix::fill_fragment_table(f, H, dev::thread_index(), reinterpret_cast<uint32_t*>(weights_t));
     for (int i = dev::thread_index(); i < kVectorRows * mh + 2; i += Cfg::kThreads) {
       const int row = i / mh, h = i % mh;
       float v = 0.0f;
@@ -1278,50 +1264,17 @@ struct RowProgram {
   // and row: 2 products and a quarter load, against H multiply-adds per entry and owned head plus
   // the unpacking of P~.
   REATTN_DEVICE void tensor_mix(int chunk_col, float (&acc)[kHeads][8]) const {
-    constexpr int kRowsPerWarp = 16 / kGroups;
     constexpr bool kNarrow = Cfg::kMaxHeads <= 8;  // k = 8 input heads: W' columns 0 .. 7
-    constexpr int kRowsPerLoad = kNarrow ? 2 : 1;
-    constexpr int kHalves = kNarrow ? 1 : 2;  // C rows gq and gq + 8
-    static_assert(kRowsPerWarp % kRowsPerLoad == 0, "whole loads per warp");
     uint32_t whi[4], wlo[4];
     table_fragments<false>(whi, wlo);
-    const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const int hs = Cfg::kRows * L.p_row + kProbsPad;  // P~'s head stride (elements)
-    const int row0 = slab * 16 + group * kRowsPerWarp;
-    // ldmatrix.trans rows (Mixer::trans_lane: narrow, two rows per load).
+    const int row0 = slab * 16 + group * (16 / kGroups);
     const auto lane_src = Mix::template trans_lane<kNarrow>(lane);
-    const int hl = lane_src.head, row_of = lane_src.row, octet = lane_src.octet;
-    const E* src = at<E>(L.probs) + (hl < H ? hl : 0) * hs + (row0 + row_of) * L.p_row + chunk_col + octet * 8;
+    const E* src = at<E>(L.probs) + (lane_src.head < H ? lane_src.head : 0) * hs + (row0 + lane_src.row) * L.p_row +
+                   chunk_col + lane_src.octet * 8;
     E* dst = at<E>(L.dmixed) + gq * kMHead + row0 * kMRow + 2 * tq;
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; r += kRowsPerLoad) {
-      uint32_t pb[4];
-      dev::ldmatrix_x4_trans(pb, src + r * L.p_row);
-#pragma unroll
-      for (int t = 0; t < 2 * kRowsPerLoad; ++t) {  // tiles: (row r + t / 2, key octet t % 2)
-        float d[4];
-        Mix::template split_product<kNarrow>(d, whi, wlo, pb, t, zero);
-        E* at_t = dst + (r + t / 2) * kMRow + (t % 2) * 8;
-#pragma unroll
-        for (int half = 0; half < kHalves; ++half) {
-          if (gq + 8 * half < H) *reinterpret_cast<uint32_t*>(at_t + half * 8 * kMHead) = Cv::pack(d[2 * half], d[2 * half + 1]);
-        }
-      }
-    }
-    if constexpr (kGroups > 1) {
-      dev::named_barrier(1 + slab, 32 * kGroups);  // M of the slab's every row
-    } else {
-      dev::sync_warp();
-    }
-    const E* mt = chunk_tile(L.dmixed, kMRow, 0);
-#pragma unroll
-    for (int j = 0; j < kHeads; ++j) {
-      const int g = group + kGroups * j;
-      uint32_t mr[4];
-      dev::ldmatrix_x4(mr, mt + static_cast<size_t>(g < H ? g : 0) * kMHead);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[j][e] = e & 1 ? Cv::high(mr[e / 2]) : Cv::low(mr[e / 2]);
-    }
+    Mix::template mix_through<kNarrow>(src, L.p_row, dst, kMRow, kMHead, chunk_tile(L.dmixed, kMRow, 0), whi, wlo, H, gq,
+                                       group, slab, acc);
   }
 
   // BatchNorm: what grad_mixed's acc lacks of M - mu for head g (xhat = (acc - batch_shift) r): mu,
@@ -1665,8 +1618,6 @@ struct RowProgram {
     constexpr int kRowsPerWarp = 16 / kGroups;
     static_assert(16 % kGroups == 0, "the slab's rows split over its warps");
     constexpr bool kNarrow = Cfg::kMaxHeads <= 8;  // k = 8 output heads: W'^T columns 0 .. 7
-    constexpr int kRowsPerLoad = kNarrow ? 2 : 1;
-    static_assert(kRowsPerWarp % kRowsPerLoad == 0, "whole loads per warp");
     E* probs = at<E>(L.probs);
     const int hs = Cfg::kRows * L.p_row + kProbsPad;  // P~'s head stride (elements)
     const int row0 = slab * 16 + group * kRowsPerWarp;
@@ -1676,28 +1627,18 @@ struct RowProgram {
     const E* src = at<E>(L.dmixed) + (hl < H ? hl : 0) * kMHead + (row0 + row_of) * kMRow + octet * 8;
     E* dst = probs + gq * hs + row0 * L.p_row + chunk_col + 2 * tq;  // C entries: head gq (+ 8), keys 2 tq, + 1
     const float* delta = at<float>(L.delta) + gq * Cfg::kRows + row0;
-    const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    Mix::template split_tiles<kNarrow>(src, kMRow, whi, wlo, [&](int row, int col8, const float (&d)[4]) {
+      E* at_t = dst + row * L.p_row + col8 * 8;
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; r += kRowsPerLoad) {
-      uint32_t db[4];
-      dev::ldmatrix_x4_trans(db, src + r * kMRow);
-#pragma unroll
-      for (int t = 0; t < 2 * kRowsPerLoad; ++t) {  // tiles: (row r + t / 2, octet t % 2)
-        float d[4];
-        Mix::template split_product<kNarrow>(d, whi, wlo, db, t, zero);
-        const int row = r + t / 2;
-        E* at_t = dst + row * L.p_row + (t % 2) * 8;
-#pragma unroll
-        for (int half = 0; half < (kNarrow ? 1 : 2); ++half) {
-          if (gq + 8 * half < H) {
-            uint32_t* entry = reinterpret_cast<uint32_t*>(at_t + half * 8 * hs);
-            const uint32_t pv = *entry;
-            const float dl = delta[half * 8 * Cfg::kRows + row];
-            *entry = Cv::pack(Cv::low(pv) * (d[2 * half] - dl), Cv::high(pv) * (d[2 * half + 1] - dl));
-          }
+      for (int half = 0; half < (kNarrow ? 1 : 2); ++half) {
+        if (gq + 8 * half < H) {
+          uint32_t* entry = reinterpret_cast<uint32_t*>(at_t + half * 8 * hs);
+          const uint32_t pv = *entry;
+          const float dl = delta[half * 8 * Cfg::kRows + row];
+          *entry = Cv::pack(Cv::low(pv) * (d[2 * half] - dl), Cv::high(pv) * (d[2 * half + 1] - dl));
         }
       }
-    }
+    });
     if constexpr (kGroups > 1) {
       dev::named_barrier(1 + slab, 32 * kGroups);  // dS of the slab's every row
     } else {
