@@ -364,6 +364,19 @@ REATTN_DEVICE uint32_t mul_hi(uint32_t a, uint32_t b) {
 }
 #endif
 
+// x *= s for every entry of a [heads][n8 tiles][4] array of mma accumulators.
+template <int kHeads, int kN8>
+REATTN_DEVICE void scale_accumulators(float (&x)[kHeads][kN8][4], float s) {
+#pragma unroll
+  for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+    for (int n = 0; n < kN8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x[j][n][e] *= s;
+    }
+  }
+}
+
 // ---- 16-bit conversions (round to nearest even) ----------------------------------------------
 template <typename E>
 struct Convert;

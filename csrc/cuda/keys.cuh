@@ -628,17 +628,7 @@ struct KeyProgram {
       }
     }
     dev::cp_async_wait<0>();
-    if constexpr (kTensorGrad) {  // dS^T went unscaled: scale multiplies dK once
-      const float scale = static_cast<float>(p.scale);
-#pragma unroll
-      for (int j = 0; j < kHeads; ++j) {
-#pragma unroll
-        for (int n = 0; n < Cfg::kN8; ++n) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) dk[j][n][e] *= scale;
-        }
-      }
-    }
+    if constexpr (kTensorGrad) dev::scale_accumulators(dk, static_cast<float>(p.scale));  // dS^T went unscaled
     write_keys(dk, p.dk, p.dk_st);
     write_keys(dv, p.dv, p.dv_st);
   }

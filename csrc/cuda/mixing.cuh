@@ -111,18 +111,16 @@ struct Mixer {
     }
   }
 
-  // A fragments (mma m16n8k16, rows gq, gq + 8, columns 2 tq .., 8 + 2 tq ..) of [W' | c'] (rows:
-  // output heads g, columns: input heads h, c' at h = H) split as hi + lo, from weights
-  // [h][groups][kHeadsPad] (W'[g][h] at [h][g % groups][g / groups]); transposed: W'^T (rows: input
-  // heads h, columns: output heads g; no bias column; nor without a bias). Zero past H. W' is fp32:
-  // hi + lo carries 16 of its bits, so products on tensor cores are as exact as fp32 multiply-adds
-  // of split_rounded(W').
-  template <bool kTransposed>
+  // The forward's A fragments (mma m16n8k16, rows gq, gq + 8, columns 2 tq .., 8 + 2 tq ..) of
+  // [W' | c'] (rows: output heads g, columns: input heads h, c' at h = H) split as hi + lo, from
+  // weights [h][groups][kHeadsPad] (W'[g][h] at [h][g % groups][g / groups]). Zero past H. W' is
+  // fp32: hi + lo carries 16 of its bits, so products on tensor cores are as exact as fp32
+  // multiply-adds of split_rounded(W'). (The backward's come from its fragment table, below.)
   static REATTN_DEVICE void weight_fragments(const float* weights, const float* bias, int H, int gq, int tq,
                                              uint32_t (&hi)[4], uint32_t (&lo)[4]) {
-    split_fragments<kTransposed>(gq, tq, hi, lo, [&](int g, int h) {
+    split_fragments<false>(gq, tq, hi, lo, [&](int g, int h) {
       return g >= H ? 0.0f : h < H ? weights[(h * kGroups + g % kGroups) * kHeadsPad + g / kGroups]
-                         : !kTransposed && bias != nullptr && h == H ? bias[g] : 0.0f;
+                         : h == H ? bias[g] : 0.0f;
     });
   }
 

@@ -872,10 +872,9 @@ struct RowProgram {
   // plus the unpacking of P~.
   static_assert(!kTensorMix || Cfg::kMaxHeads < 16, "head H of the products holds the bias");
 
-  // A fragments of [W' | c'] split as hi + lo; transposed: W'^T (Mixer::weight_fragments).
-  template <bool kTransposed = false>
+  // A fragments of [W' | c'] split as hi + lo (Mixer::weight_fragments).
   REATTN_DEVICE void weight_fragments(uint32_t (&hi)[4], uint32_t (&lo)[4]) const {
-    Mix::template weight_fragments<kTransposed>(at<float>(L.weights), vec_row(kBias), H, gq, tq, hi, lo);
+    Mix::weight_fragments(at<float>(L.weights), vec_row(kBias), H, gq, tq, hi, lo);
   }
   // The backward's W' (kTransposed: W'^T) fragments from the table load_parameters fills (kTensorGrad).
   template <bool kTransposed>
@@ -1118,16 +1117,6 @@ struct RowProgram {
     }
   }
 
-  REATTN_DEVICE static void scale_accumulators(float (&o)[kHeads][Cfg::kOutN8][4], float s) {
-#pragma unroll
-    for (int j = 0; j < kHeads; ++j) {
-#pragma unroll
-      for (int n = 0; n < Cfg::kOutN8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o[j][n][e] *= s;
-      }
-    }
-  }
   REATTN_DEVICE static void clear(float (&o)[kHeads][Cfg::kOutN8][4]) {
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
@@ -1868,7 +1857,7 @@ struct RowProgram {
       backward_sweep(false, false, df, unused, dpart, dq);
     }
     dev::cp_async_wait<0>();
-    if constexpr (kTensorGrad) scale_accumulators(dq, static_cast<float>(p.scale));  // dS went unscaled
+    if constexpr (kTensorGrad) dev::scale_accumulators(dq, static_cast<float>(p.scale));  // dS went unscaled
     write_rows(dq, p.dq, p.dq_st, false);
   }
 
