@@ -93,7 +93,7 @@ def _extensions():
         _log(f"torch {torch.__version__} has CUDA {torch.version.cuda}: building CPU and CUDA parts "
              f"for sm_{', sm_'.join(archs)} (+PTX for sm_{archs[-1]}) with {cpp_extension.CUDA_HOME}")
         # One translation unit per storage type: MAX_JOBS compiles them in parallel.
-        sources += ["csrc/cuda/row_stats.cu", "csrc/cuda/device_checks.cu", "csrc/cuda/head_affine.cu", "csrc/cuda/forward_bf16.cu",
+        sources += ["csrc/cuda/row_stats.cu", "csrc/cuda/device_checks.cu", "csrc/cuda/head_affine.cu", "csrc/cuda/parameters.cu", "csrc/cuda/forward_bf16.cu",
                     "csrc/cuda/forward_f16.cu", "csrc/cuda/backward_bf16.cu", "csrc/cuda/backward_f16.cu"] + [f"csrc/cuda/re_attention_{t}.cu" for t in ("f16", "bf16", "f32", "f64")]
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", *_gencode_flags(archs)]
         # Only the host side reports the archs; nvcc would split a comma-separated -D value.

@@ -21,9 +21,10 @@ kind (read from the cubin).
 
 :func:`cuda_call` runs the CUDA backend's Python path (``reattn.backends._fused``, the same
 sequence per norm mode as the Triton backend) over :func:`shim_ops`, whose raw kernels do on
-``device="meta"`` tensors what ops.cpp does around each launch (allocations, zero fills, the host's
-folding of the parameters, conversions, the float64 sums of the partials: recorded by
-``eager_model.OpCounter``) and record a :class:`Launch` where ops.cpp launches: the kernel (its
+``device="meta"`` tensors what ops.cpp does around each launch (allocations, zero fills, conversions,
+the float64 sum of the partials: recorded by ``eager_model.OpCounter``) and record a :class:`Launch`
+where ops.cpp launches (the tensor-core programs and the parameter steps around them, ``fold_kernel``
+and ``param_grads_kernel`` of ``parameters.cuh``): the kernel (its
 symbol in the cubin), grid, threads, dynamic shared memory, the parameter struct
 (``ReAttnParams``, mirrored with ctypes from ``csrc/cuda/params.h``; its size is checked against
 the compiled kernel's) and the tensors it reads and writes.
@@ -126,6 +127,32 @@ class HeadAffineParams(ctypes.Structure):
 
 
 HEAD_AFFINE_THREADS = 256  # kHeadAffineThreads in params.h
+PARAMETER_THREADS = 256    # kParameterThreads in params.h
+STORAGE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}  # StorageKind
+
+
+class ParamRef(ctypes.Structure):
+    """csrc/cuda/params.h's ParamRef: a parameter as given (storage type, strides)."""
+    _fields_ = [("data", ctypes.c_void_p), ("storage", ctypes.c_int), ("stride0", ctypes.c_int64),
+                ("stride1", ctypes.c_int64)]
+
+
+class FoldParams(ctypes.Structure):
+    """csrc/cuda/params.h's FoldParams: fold_kernel's arguments (one block; B and Nq for the sampler)."""
+    _fields_ = [("H", ctypes.c_int), ("norm", ctypes.c_int), ("backward", ctypes.c_bool),
+                ("out_scale", ctypes.c_double), ("keep", ctypes.c_double), ("W", ParamRef), ("c", ParamRef),
+                ("gamma", ParamRef), ("beta", ParamRef), ("bn", ctypes.c_void_p), ("folded", ctypes.c_void_p)]
+    B = 1
+    Nq = 1
+
+
+class ParamGradsParams(ctypes.Structure):
+    """csrc/cuda/params.h's ParamGradsParams: param_grads_kernel's arguments (one block; B and Nq for the sampler)."""
+    _fields_ = [("total", ctypes.c_void_p), ("pieces", ctypes.c_int), ("begin", ctypes.c_int * 4),
+                ("size", ctypes.c_int * 4), ("storage", ctypes.c_int * 4), ("factor", ctypes.c_double * 4),
+                ("out", ctypes.c_void_p * 4)]
+    B = 1
+    Nq = 1
 
 
 @dataclass
@@ -133,7 +160,8 @@ class Launch:
     """One kernel launch as ops.cpp makes it.
 
     program: "forward", "backward_rows", "backward_keys" (tensor-core programs), "head_affine",
-    "head_dot_sums" (``head_affine.cuh``; params a :class:`HeadAffineParams`) or a CUDA-core program kind
+    "head_dot_sums" (``head_affine.cuh``; params a :class:`HeadAffineParams`), "fold", "param_grads"
+    (``parameters.cuh``; :class:`FoldParams`, :class:`ParamGradsParams`) or a CUDA-core program kind
     ("forward", "gram_sums", "backward", "bn_grad_sums") with ``core=True``.
     sweep: the runtime length the program's work grows with ("keys" or "queries") and ``unit`` its
     step (keys per segment or tile; 16 query rows)."""
@@ -141,7 +169,7 @@ class Launch:
     symbol: str                    # the kernel's (mangled) name in the cubin
     program: str
     core: bool                     # a CUDA-core program of programs.cuh
-    params: ctypes.Structure       # ReAttnParams, or HeadAffineParams for the element-wise steps
+    params: ctypes.Structure       # ReAttnParams; HeadAffineParams, FoldParams, ParamGradsParams for the small steps
     dtype: torch.dtype
     grid: Tuple[int, int]
     threads: int
@@ -310,9 +338,61 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _param(t):
-    """ops.cpp's parameter(): detach().to(acc).contiguous() (a kernel only when the dtype changes)."""
-    return None if t is None else t.detach().to(torch.float32).contiguous()
+def _core_parameters(p: ReAttnParams, touched: list) -> None:
+    """ops.cpp's core_parameters: the given parameters contiguous in the accumulation type, for the CUDA-core
+    programs (a kernel only where the dtype or layout changes)."""
+    for field_, role, t in zip(("W", "c", "gamma", "beta"), ("W", "c", "gamma", "beta"), p.given):
+        if t is not None:
+            t = t.detach().to(torch.float32).contiguous()
+            setattr(p, field_, _RECORDER.pointer(t, role))
+            touched.append((t, {"read"}))
+
+
+def _param_ref(t: Optional[torch.Tensor], role: str) -> ParamRef:
+    if t is None:
+        return ParamRef()
+    return ParamRef(_RECORDER.pointer(t, role), STORAGE[t.dtype], t.stride(0), t.stride(1) if t.dim() > 1 else 0)
+
+
+def _record_small(kernel: str, struct_name: str, q, params, grid: int, shared: int, touched) -> None:
+    symbol = f"_ZN6reattn4cuda{len(kernel)}{kernel}ENS0_{len(struct_name)}{struct_name}E"
+    _record(symbol, kernel.replace("_kernel", ""), False, q, params, touched, (grid, 1), PARAMETER_THREADS, shared,
+            "queries", 1, one_segment=True)
+
+
+def _fold(p: ReAttnParams, q, backward: bool, bn_rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """ops.cpp's fold_parameters: one launch of fold_kernel writing [H*H + 3H] (backward: 7H) fp32."""
+    H = int(p.H)
+    folded = torch.empty(H * H + (7 if backward else 3) * H, dtype=torch.float32, device=q.device)
+    f = FoldParams()
+    f.H, f.norm, f.backward, f.out_scale = H, p.norm, backward, p.out_scale
+    f.keep = 1.0 / (1.0 - p.dropout_p) if p.seed else 1.0
+    f.W, f.c, f.gamma, f.beta = (_param_ref(t, "given_" + r) for t, r in zip(p.given, ("W", "c", "gamma", "beta")))
+    f.bn = _RECORDER.pointer(bn_rows, "bn") if p.norm == NORM_CODES["batch"] else None
+    f.folded = _RECORDER.pointer(folded, "folded")
+    touched = [(t, {"read"}) for t in p.given if t is not None] + [(folded, {"write"})]
+    if p.norm == NORM_CODES["batch"]:
+        touched.append((bn_rows, {"read"}))
+    _record_small("fold_kernel", "FoldParams", q, f, 1, 0, touched)
+    return folded
+
+
+def _param_grads(q, partials: torch.Tensor, pieces) -> None:
+    """ops.cpp's gradients from the row pass's partials: torch's float64 sum, then one launch of
+    param_grads_kernel; pieces: (out tensor, first column, factor)."""
+    total = partials.sum(0, dtype=torch.float64)
+    g = ParamGradsParams()
+    g.total = _RECORDER.pointer(total, "total")
+    touched = [(total, {"read"})]
+    for out, begin, factor in pieces:
+        if out.numel() == 0:
+            continue
+        k = g.pieces
+        g.pieces += 1
+        g.begin[k], g.size[k], g.storage[k], g.factor[k] = begin, out.numel(), STORAGE[out.dtype], factor
+        g.out[k] = _RECORDER.pointer(out, f"grad_out{k}")
+        touched.append((out, {"write"}))
+    _record_small("param_grads_kernel", "ParamGradsParams", q, g, 1, 0, touched)
 
 
 def _tensor_cores(dtype) -> bool:
@@ -363,10 +443,9 @@ def _prepare(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, seed, scale,
         p.v, p.v_st = rec.pointer(v, "v"), _strides(v)
         touched.append((v, {"read"}))
     p.scale = scale
-    if mix_weight is not None:
-        params = [_param(t) for t in (mix_weight, mix_bias, norm_weight, norm_bias)]
-        p.W, p.c, p.gamma, p.beta = (rec.pointer(t, r) for t, r in zip(params, ("W", "c", "gamma", "beta")))
-        touched += [(t, {"read"}) for t in params if t is not None]
+    # ops.cpp's Arguments::given: read by the fold (tensor-core programs) or converted by core_parameters
+    p.given = tuple(None if t is None else t.detach() for t in (mix_weight, mix_bias, norm_weight, norm_bias)) \
+        if mix_weight is not None else (None, None, None, None)
     p.mask_kind = MASK_NONE
     if dropout_p > 0.0:
         p.dropout_p = dropout_p
@@ -385,78 +464,6 @@ def _set_norm(p, norm, out_scale, eps, batch_stats, q) -> Optional[torch.Tensor]
     rows = rows.contiguous()
     p.bn = _RECORDER.pointer(rows, "bn")
     return rows
-
-
-def _given(t, H, fill, like):
-    return t.detach().to(torch.float64) if t is not None else torch.full((H,), fill, dtype=torch.float64,
-                                                                         device=like.device)
-
-
-def _write_scaled(dst, x, factor, fill) -> None:
-    """ops.cpp's write_scaled: dst = factor x (one op where x is fp32 or factor 1, two otherwise), or factor fill."""
-    if x is None:
-        dst.fill_(factor * fill)
-        return
-    t = x.detach().reshape(dst.shape)
-    if factor == 1.0:
-        dst.copy_(t)
-    elif t.dtype == torch.float32:
-        torch.mul(t, torch.tensor(factor, dtype=torch.float64), out=dst)
-    else:
-        dst.copy_(t)
-        dst.mul_(factor)
-
-
-def _fold_forward(p, mix_weight, mix_bias, norm_weight, norm_bias, bn_rows, out_scale) -> torch.Tensor:
-    """ops.cpp's fold_parameters: [H*H + 3H] fp32 (BatchNorm: float64 math)."""
-    H = int(p.H)
-    keep = 1.0 / (1.0 - p.dropout_p) if p.seed else 1.0
-    if p.norm == NORM_CODES["batch"]:
-        W = mix_weight.detach().to(torch.float64) * keep
-        c, gamma, beta = (_given(t, H, f, W) for t, f in ((mix_bias, 0.0), (norm_weight, 1.0), (norm_bias, 0.0)))
-        rows = bn_rows.to(torch.float64)
-        alpha = out_scale * gamma * rows[1]
-        Wf = alpha.unsqueeze(1) * W
-        cf = alpha * c + out_scale * (beta - gamma * rows[0] * rows[1])
-        return torch.cat([Wf.flatten(), cf, torch.zeros(2 * H, dtype=torch.float64, device=W.device)]).to(
-            torch.float32).contiguous()
-    folded = torch.empty(H * H + 3 * H, dtype=torch.float32, device=mix_weight.device)
-    layer = p.norm == NORM_CODES["layer"]
-    _write_scaled(folded[:H * H], mix_weight, keep if layer else out_scale * keep, 0.0)
-    _write_scaled(folded[H * H:H * H + H], mix_bias, 1.0 if layer else out_scale, 0.0)
-    if layer:
-        _write_scaled(folded[H * H + H:H * H + 2 * H], norm_weight, out_scale, 1.0)
-        _write_scaled(folded[H * H + 2 * H:], norm_bias, out_scale, 0.0)
-    else:
-        folded[H * H + H:].zero_()
-    return folded
-
-
-def _fold_backward(p, mix_weight, mix_bias, norm_weight, norm_bias, bn_rows, out_scale) -> torch.Tensor:
-    """ops.cpp's fold_backward_parameters: [H*H + 7H] fp32."""
-    H = int(p.H)
-    keep = 1.0 / (1.0 - p.dropout_p) if p.seed else 1.0
-    folded = torch.empty(H * H + 7 * H, dtype=torch.float32, device=mix_weight.device)
-
-    def piece(row, rows):
-        return folded[H * H + row * H:H * H + (row + rows) * H]
-
-    _write_scaled(folded[:H * H], mix_weight, keep, 0.0)
-    _write_scaled(piece(0, 1), mix_bias, 1.0, 0.0)
-    if p.norm == NORM_CODES["none"]:
-        piece(1, 1).fill_(out_scale)
-        piece(2, 2).zero_()
-    else:
-        _write_scaled(piece(1, 1), norm_weight, out_scale, 1.0)
-        _write_scaled(piece(2, 1), norm_bias, out_scale, 0.0)
-    if p.norm == NORM_CODES["batch"]:
-        piece(3, 4).copy_(bn_rows.reshape(4 * H))
-    else:
-        if p.norm != NORM_CODES["none"]:
-            piece(3, 1).zero_()
-        piece(4, 1).fill_(1.0)
-        piece(5, 2).zero_()
-    return folded
 
 
 def _record(symbol: str, program: str, core: bool, q, p, touched, grid, threads, dynamic_shared, sweep, unit,
@@ -510,7 +517,7 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
     if tiles is not None:
         programs = B * -(-Nq // tiles["rows"])
         moments = torch.empty((programs if with_moments else 0, 2, H), dtype=torch.float64, device=q.device)
-        folded = _fold_forward(p, mix_weight, mix_bias, norm_weight, norm_bias, bn_rows, out_scale)
+        folded = _fold(p, q, False, bn_rows)
         p.folded = rec.pointer(folded, "folded")
         p.lse = rec.pointer(stats, "lse")
         p.stats_is_input = given
@@ -533,6 +540,7 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
         touched.append((lse_, {"read"} if given else {"write"}))
         if with_moments:
             touched.append((moments, {"atomic"}))
+        _core_parameters(p, touched)
         _run_program(PROGRAM_KINDS["forward"], q, p, touched)
         if not given:
             stats = torch.stack([lse_, torch.zeros_like(lse_)], -1)
@@ -568,7 +576,7 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
     if tiles is not None:
         rows, keys = tiles["rows"], tiles["keys"]
         p.lse = rec.pointer(stats, "lse")
-        folded = _fold_backward(p, mix_weight, mix_bias, norm_weight, norm_bias, bn_rows, out_scale)
+        folded = _fold(p, q, True, bn_rows)
         p.folded = rec.pointer(folded, "folded")
         p.vector_loads = _vector_aligned(p, touched, (("q", "q_st"), ("k", "k_st"), ("v", "v_st"),
                                                       ("grad_out", "do_st")), (q, k, v, grad_out))
@@ -599,15 +607,23 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
             p.key_tiles = KeyLayout(*keys["layout"])  # as launch_key_shape sets it
             _record(_template_symbol(rec.arch, "key_kernel", "KeyConfig", args, q.dtype), "backward_keys", False, q,
                     p, key_touched, (B * keys["grid"][0], 1), keys["threads"], keys["shared_bytes"], "queries", 16)
-        total = partials.sum(0, dtype=torch.float64)
         keep = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
-        dgamma = total.narrow(0, H * H + H, H) * out_scale
-        dbeta = total.narrow(0, H * H + 2 * H, H) * out_scale
+
+        def grad_for(param):
+            if param is None or stats_only:
+                return torch.empty((H,), **f64)
+            return torch.empty(param.shape, dtype=param.dtype, device=q.device)
+
+        empty = torch.empty((0,), **f64)
+        dW = empty if stats_only else grad_for(p.given[0])
+        dc = torch.empty((0,), **f64) if stats_only else grad_for(p.given[1])
+        dgamma, dbeta = grad_for(p.given[2]), grad_for(p.given[3])
+        _param_grads(q, partials, ((dW, 0, keep), (dc, H * H, 1.0), (dgamma, H * H + H, out_scale),
+                                    (dbeta, H * H + 2 * H, out_scale)))
         if stats_only:
             none = torch.empty((0,), dtype=q.dtype, device=q.device)
-            return none, none, none, torch.empty((0,), **f64), torch.empty((0,), **f64), dgamma, dbeta
-        return (dq, dk, dv, total.narrow(0, 0, H * H).view(H, H) * keep, total.narrow(0, H * H, H).clone(), dgamma,
-                dbeta)
+            return none, none, none, dW, dc, dgamma, dbeta
+        return dq, dk, dv, dW, dc, dgamma, dbeta
     # The CUDA-core programs: dK, dV and the parameter gradients summed with atomics.
     lse = (stats.select(-1, 0) + stats.select(-1, 1)).contiguous()
     p.lse = rec.pointer(lse, "lse")
@@ -621,6 +637,7 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
     p.dW, p.dc, p.dgamma, p.dbeta = (rec.pointer(t, r) for t, r in zip((dW, dc, dgamma, dbeta),
                                                                        ("dW", "dc", "dgamma", "dbeta")))
     touched.append((lse, {"read"}))
+    _core_parameters(p, touched)
     if stats_only:
         touched += [(dgamma, {"atomic"}), (dbeta, {"atomic"})]
     else:

@@ -12,6 +12,7 @@
 #include "block.cuh"
 #include "device_checks.cuh"
 #include "head_affine.cuh"
+#include "parameters.cuh"
 #include "rows.cuh"
 #include "row_configs.h"
 #include "backward_configs.h"
@@ -226,6 +227,24 @@ void emulate_head_dot_sums(int storage, const HeadAffineParams& p, int order, ui
     using T = decltype(t);
     sim::launch(head_launch(p, head_dot_sums_shared<T>(), order, seed), [&] { head_dot_sums_program<T>(p); });
   });
+}
+
+void emulate_fold(const FoldParams& p, int order, uint64_t seed) {
+  if (p.H == 0) return;
+  sim::Launch launch;
+  launch.threads = kParameterThreads;
+  launch.order = static_cast<sim::Order>(order);
+  launch.seed = seed;
+  sim::launch(launch, [&] { fold_program(p); });
+}
+
+void emulate_param_grads(const ParamGradsParams& p, int order, uint64_t seed) {
+  if (p.pieces == 0) return;
+  sim::Launch launch;
+  launch.threads = kParameterThreads;
+  launch.order = static_cast<sim::Order>(order);
+  launch.seed = seed;
+  sim::launch(launch, [&] { param_grads_program(p); });
 }
 
 void emulate_device_check(int kind, const void* a, const void* b, float* out, bool bf16, int order, uint64_t seed) {

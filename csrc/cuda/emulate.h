@@ -29,6 +29,10 @@ void emulate_backward(int storage, int rows, int keys, bool plain, const ReAttnP
 void emulate_head_affine(int storage, const HeadAffineParams& params, int order, uint64_t seed);
 void emulate_head_dot_sums(int storage, const HeadAffineParams& params, int order, uint64_t seed);
 
+// Runs fold_program / param_grads_program (parameters.cuh), one block each.
+void emulate_fold(const FoldParams& params, int order, uint64_t seed);
+void emulate_param_grads(const ParamGradsParams& params, int order, uint64_t seed);
+
 // Runs a check kernel of device_checks.cuh (kind: checks::CheckKind) in the emulator, warps and
 // lanes ordered by `order` (sim::Order); throws what the emulator refuses.
 void emulate_device_check(int kind, const void* a, const void* b, float* out, bool bf16, int order, uint64_t seed);

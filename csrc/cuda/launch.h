@@ -38,6 +38,10 @@ cudaError_t launch_backward_f16(int rows, int keys, bool plain, const ReAttnPara
 cudaError_t launch_head_affine(int storage, const HeadAffineParams& params, cudaStream_t stream);
 cudaError_t launch_head_dot_sums(int storage, const HeadAffineParams& params, cudaStream_t stream);
 
+// The parameter steps of parameters.cuh (one block each): the fold and the gradients' pieces.
+cudaError_t launch_fold(const FoldParams& params, cudaStream_t stream);
+cudaError_t launch_param_grads(const ParamGradsParams& params, cudaStream_t stream);
+
 constexpr int kMaxDevices = 64;  // per-device caches of the launchers
 
 // The check kernels of device_checks.cuh (one block of 64 threads).

@@ -8,6 +8,7 @@
 #include "ops.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <limits>
 #include <string>
@@ -88,7 +89,7 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
                     op, ": sequence lengths must fit in int32");
 }
 
-// A parameter as a contiguous tensor in the accumulation type, or undefined when absent.
+// A parameter as given (checked: shape, device, floating point), or undefined when absent.
 at::Tensor parameter(const char* op, const char* name, const c10::optional<at::Tensor>& t, at::IntArrayRef shape,
                      const at::Tensor& q) {
   if (!t.has_value() || !t->defined()) return at::Tensor();
@@ -96,16 +97,30 @@ at::Tensor parameter(const char* op, const char* name, const c10::optional<at::T
   TORCH_CHECK_VALUE(t->device() == q.device(), op, ": ", name, " is on ", t->device(), " but q on ", q.device());
   TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": ", name, " must be floating point, got ",
                    t->scalar_type());
-  return t->detach().to(acc_of(q.scalar_type())).contiguous();
+  return t->detach();
 }
 
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
-// Everything the programs read, converted; `keep` holds the converted tensors for the call.
+// Everything the programs read; `keep` holds the tensors made for the call. `given`: the parameters
+// W, c, gamma, beta as the caller passed them (undefined when absent): the tensor-core programs read
+// them folded (fold_kernel), the CUDA-core programs contiguous in the accumulation type
+// (core_parameters).
 struct Arguments {
   ReAttnParams p;
   std::vector<at::Tensor> keep;
+  std::array<at::Tensor, 4> given;
 };
+
+// The parameters as the CUDA-core programs read them (ReAttnParams::W, c, gamma, beta).
+void core_parameters(Arguments& a, const at::Tensor& q) {
+  std::array<const void**, 4> fields{&a.p.W, &a.p.c, &a.p.gamma, &a.p.beta};
+  for (int i = 0; i < 4; ++i) {
+    if (!a.given[i].defined()) continue;
+    a.keep.push_back(a.given[i].to(acc_of(q.scalar_type())).contiguous());
+    *fields[i] = a.keep.back().data_ptr();
+  }
+}
 
 Arguments prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& v,
                   const c10::optional<at::Tensor>& mix_weight, const c10::optional<at::Tensor>& mix_bias,
@@ -131,15 +146,8 @@ Arguments prepare(const char* op, const at::Tensor& q, const at::Tensor& k, cons
   p.scale = scale;
   const int64_t H = p.H;
   if (mix_weight.has_value()) {
-    at::Tensor W = parameter(op, "mix_weight", mix_weight, {H, H}, q);
-    at::Tensor c = parameter(op, "mix_bias", mix_bias, {H}, q);
-    at::Tensor gamma = parameter(op, "norm_weight", norm_weight, {H}, q);
-    at::Tensor beta = parameter(op, "norm_bias", norm_bias, {H}, q);
-    p.W = W.data_ptr();
-    p.c = data_or_null(c);
-    p.gamma = data_or_null(gamma);
-    p.beta = data_or_null(beta);
-    a.keep.insert(a.keep.end(), {W, c, gamma, beta});
+    a.given = {parameter(op, "mix_weight", mix_weight, {H, H}, q), parameter(op, "mix_bias", mix_bias, {H}, q),
+               parameter(op, "norm_weight", norm_weight, {H}, q), parameter(op, "norm_bias", norm_bias, {H}, q)};
   }
   if (attn_mask.has_value() && attn_mask->defined()) {
     at::Tensor m = *attn_mask;
@@ -291,59 +299,50 @@ at::Tensor stats_from_lse(const at::Tensor& lse) { return at::stack({lse, at::ze
 // ... and back: L = m + log l (+inf for a row without any key: +inf + 0).
 at::Tensor lse_from_stats(const at::Tensor& stats) { return (stats.select(-1, 0) + stats.select(-1, 1)).contiguous(); }
 
-// The parameters' pieces are written straight into the folded fp32 buffer, one launch each (two
-// where a given tensor is not fp32): a piece is either a given tensor times a host scalar, which fp32
-// rounds once more than float64 math would (2^-24 relative), or a constant. The float64 form
-// took ~11 launches per call, each a few microseconds of host time and a launch gap on the GPU.
-// dst = factor x, or where x is absent dst = factor fill.
-void write_scaled(at::Tensor dst, const c10::optional<at::Tensor>& x, double factor, double fill) {
-  if (!x.has_value() || !x->defined()) {
-    dst.fill_(factor * fill);
-    return;
-  }
-  const at::Tensor t = x->detach().reshape(dst.sizes());
-  if (factor == 1.0) {
-    dst.copy_(t);
-  } else if (t.scalar_type() == at::kFloat) {
-    at::mul_out(dst, t, at::scalar_tensor(factor, t.options().device(at::kCPU)));
-  } else {
-    dst.copy_(t);
-    dst.mul_(factor);
-  }
+ParamRef param_ref(const at::Tensor& t) {
+  ParamRef r;
+  if (!t.defined()) return r;
+  r.data = t.data_ptr();
+  r.storage = storage_of(t.scalar_type());
+  r.stride0 = t.stride(0);
+  r.stride1 = t.dim() > 1 ? t.stride(1) : 0;
+  return r;
 }
 
-// The tensor-core forward's parameters, folded on the host: [H*H + 3H] fp32 = W' ([g][h]), c',
-// out_scale gamma, out_scale beta. Affine norms (none; BatchNorm with given statistics: A_g =
-// out_scale (gamma_g (M_g - mean_g) rstd_g + beta_g)) fold out_scale, the norm and dropout's
-// 1 / (1 - p) into W' and c'; LayerNorm folds only 1 / (1 - p). BatchNorm's fold (float64 math,
-// then fp32) takes the difference of two products in c'.
-at::Tensor fold_parameters(const ReAttnParams& p, const at::Tensor& mix_weight, const c10::optional<at::Tensor>& mix_bias,
-                           const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias,
-                           const at::Tensor& bn_rows, double out_scale) {
+// The tensor-core programs' folded fp32 parameters (FoldParams: forward [H*H + 3H], backward [H*H + 7H]),
+// written by one launch of fold_kernel from the parameters as given (any floating dtype and strides).
+//   forward, affine norms (none; BatchNorm with given statistics, A_g = out_scale (gamma_g (M_g - mean_g)
+//   rstd_g + beta_g)): out_scale, the norm and dropout's 1 / (1 - p) fold into W' and c'; LayerNorm folds
+//   only 1 / (1 - p) and keeps out_scale gamma, out_scale beta for after the norm.
+//   backward: W / (1 - p), then per head c, gamma', beta', mean, rstd, e, f with A = gamma' xhat + beta' and
+//   dM = gamma' rstd dN + e xhat + f (none: gamma' = out_scale, xhat = M; BatchNorm: xhat = (M - mean) rstd
+//   with the given rows; LayerNorm: gamma' = out_scale gamma).
+// order, seed: the emulator's warp order (sim::Order), as the call's programs run.
+at::Tensor fold_parameters(const char* op, const Arguments& a, const at::Tensor& q, bool backward, int order,
+                           uint64_t seed) {
+  const ReAttnParams& p = a.p;
   const int64_t H = p.H;
-  const double keep = p.seed != nullptr ? 1.0 / (1.0 - p.dropout_p) : 1.0;
-  if (p.norm == kNormBatch) {
-    const auto f64 = mix_weight.options().dtype(at::kDouble);
-    auto given = [&](const c10::optional<at::Tensor>& t, double fill) {
-      return t.has_value() && t->defined() ? t->detach().to(at::kDouble) : at::full({H}, fill, f64);
-    };
-    const at::Tensor W = mix_weight.detach().to(at::kDouble) * keep;
-    const at::Tensor c = given(mix_bias, 0.0), gamma = given(norm_weight, 1.0), beta = given(norm_bias, 0.0);
-    const at::Tensor rows = bn_rows.to(at::kDouble);
-    const at::Tensor alpha = out_scale * gamma * rows[1];
-    const at::Tensor Wf = alpha.unsqueeze(1) * W;
-    const at::Tensor cf = alpha * c + out_scale * (beta - gamma * rows[0] * rows[1]);
-    return at::cat({Wf.flatten(), cf, at::zeros({2 * H}, f64)}).to(at::kFloat).contiguous();
-  }
-  at::Tensor folded = at::empty({H * H + 3 * H}, mix_weight.options().dtype(at::kFloat));
-  const bool layer = p.norm == kNormLayer;
-  write_scaled(folded.narrow(0, 0, H * H), mix_weight, layer ? keep : out_scale * keep, 0.0);
-  write_scaled(folded.narrow(0, H * H, H), mix_bias, layer ? 1.0 : out_scale, 0.0);
-  if (layer) {
-    write_scaled(folded.narrow(0, H * H + H, H), norm_weight, out_scale, 1.0);
-    write_scaled(folded.narrow(0, H * H + 2 * H, H), norm_bias, out_scale, 0.0);
+  at::Tensor folded = at::empty({H * H + (backward ? 7 : 3) * H}, q.options().dtype(at::kFloat));
+  FoldParams f;
+  f.H = p.H;
+  f.norm = p.norm;
+  f.backward = backward;
+  f.out_scale = p.out_scale;
+  f.keep = p.seed != nullptr ? 1.0 / (1.0 - p.dropout_p) : 1.0;
+  f.W = param_ref(a.given[0]);
+  f.c = param_ref(a.given[1]);
+  f.gamma = param_ref(a.given[2]);
+  f.beta = param_ref(a.given[3]);
+  f.bn = p.norm == kNormBatch ? static_cast<const float*>(p.bn) : nullptr;
+  f.folded = folded.data_ptr<float>();
+  if (!q.is_cuda()) {
+    emulate_fold(f, order, seed);
   } else {
-    folded.narrow(0, H * H + H, 2 * H).zero_();
+#ifdef REATTN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(q.device());
+    const cudaError_t err = launch_fold(f, c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+#endif
   }
   return folded;
 }
@@ -481,18 +480,16 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     // Each program writes its own sums (no atomics): the caller adds them up in float64.
     moments = at::empty({with_moments ? programs : 0, 2, p.H}, q.options().dtype(at::kDouble));
     if (poison_outputs) poison(moments);
-    at::Tensor folded = fold_parameters(p, mix_weight, mix_bias, norm_weight, norm_bias,
-                                        p.norm == kNormBatch ? a.keep.back() : at::Tensor(), out_scale);
-    a.keep.push_back(folded);
-    p.folded = folded.data_ptr();
+    // Emulator warp order between barriers: forward, reversed, or shuffled with shuffle_seed.
+    const int order = shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0;
+    a.keep.push_back(fold_parameters(op, a, q, false, order, static_cast<uint64_t>(shuffle_seed)));
+    p.folded = a.keep.back().data_ptr();
     p.lse = stats.data_ptr();
     p.stats_is_input = given;
     p.moments = with_moments ? moments.data_ptr<double>() : nullptr;
     p.vector_loads = use_aligned_inputs(a, q, k, v, nullptr);
     const int variant = forward_variant_for(p, general_variant);
     if (!q.is_cuda()) {
-      // Emulator warp order between barriers: forward, reversed, or shuffled with shuffle_seed.
-      const int order = shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0;
       emulate_forward(storage_of(q.scalar_type()), shape, variant, p, order, static_cast<uint64_t>(shuffle_seed));
     } else {
 #ifdef REATTN_WITH_CUDA
@@ -514,6 +511,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
           "reattn cuda_forward with moments on the CUDA-core programs (fp32 / fp64, or no tensor-core plan) adds "
           "them with atomics");
     }
+    core_parameters(a, q);
     run(op, kForward, q, p, shared_limit, reverse_items);
     if (!given) stats = stats_from_lse(lse);
   }
@@ -541,38 +539,6 @@ std::vector<at::Tensor> gram_sums(const at::Tensor& q, const at::Tensor& k,
   p.gram = gram.data_ptr<double>();
   run(op, kGramSums, q, p, shared_limit, reverse_items);
   return {stats_from_lse(lse), s1, gram};
-}
-
-// The tensor-core backward's parameters, folded on the host: [H*H + 7H] fp32 = W' = W / (1 - p)
-// ([g][h]), then per head c, gamma', beta', mean, rstd, e, f with A = gamma' xhat + beta' and
-// dM = gamma' rstd dN + e xhat + f for the affine norms (none: gamma' = out_scale, xhat = M;
-// BatchNorm: xhat = (M - mean) rstd with the given rows), LayerNorm's gamma' = out_scale gamma.
-at::Tensor fold_backward_parameters(const ReAttnParams& p, const at::Tensor& mix_weight,
-                                    const c10::optional<at::Tensor>& mix_bias,
-                                    const c10::optional<at::Tensor>& norm_weight,
-                                    const c10::optional<at::Tensor>& norm_bias, const at::Tensor& bn_rows,
-                                    double out_scale) {
-  const int64_t H = p.H;
-  const double keep = p.seed != nullptr ? 1.0 / (1.0 - p.dropout_p) : 1.0;
-  at::Tensor folded = at::empty({H * H + 7 * H}, mix_weight.options().dtype(at::kFloat));
-  auto piece = [&](int64_t row, int64_t rows) { return folded.narrow(0, H * H + row * H, rows * H); };
-  write_scaled(folded.narrow(0, 0, H * H), mix_weight, keep, 0.0);
-  write_scaled(piece(0, 1), mix_bias, 1.0, 0.0);
-  if (p.norm == kNormNone) {
-    piece(1, 1).fill_(out_scale);
-    piece(2, 2).zero_();  // beta', mean
-  } else {
-    write_scaled(piece(1, 1), norm_weight, out_scale, 1.0);
-    write_scaled(piece(2, 1), norm_bias, out_scale, 0.0);
-  }
-  if (p.norm == kNormBatch) {
-    piece(3, 4).copy_(bn_rows.reshape({4 * H}));  // mean, rstd, e, f
-  } else {
-    if (p.norm != kNormNone) piece(3, 1).zero_();
-    piece(4, 1).fill_(1.0);
-    piece(5, 2).zero_();
-  }
-  return folded;
 }
 
 // The tensor-core backward's shapes (row pass, key pass) for this problem, or false.
@@ -623,8 +589,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     // and dV from the key pass, no atomics; the partials are added here in float64.
     const at::Tensor row_stats = stats.dim() == 4 ? stats : stats_from_lse(stats);
     p.lse = row_stats.data_ptr();
-    a.keep.push_back(fold_backward_parameters(p, mix_weight, mix_bias, norm_weight, norm_bias,
-                                              p.norm == kNormBatch ? a.keep.back() : at::Tensor(), out_scale));
+    const int order = shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0;
+    a.keep.push_back(fold_parameters(op, a, q, true, order, static_cast<uint64_t>(shuffle_seed)));
     p.folded = a.keep.back().data_ptr();
     p.vector_loads = use_aligned_inputs(a, q, k, v, &grad_out);
     p.stats_only = stats_only;
@@ -655,7 +621,6 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     if (poison_outputs) poison(partials);
     p.partials = partials.data_ptr<float>();
     if (!q.is_cuda()) {
-      const int order = shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0;
       emulate_backward(storage_of(q.scalar_type()), rows, keys, plain, p, order, static_cast<uint64_t>(shuffle_seed));
     } else {
 #ifdef REATTN_WITH_CUDA
@@ -671,17 +636,48 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     // float64 sum, whose converted copy of the partials would otherwise sit on top of them at the
     // call's peak.
     a.keep.clear();
+    // The partials summed in float64 (torch's reduction), then every gradient in one launch
+    // (param_grads_kernel), each in its parameter's dtype (float64 where the parameter is absent, and for
+    // the sums alone): dW = sum dM P~ = sum dM P~' / (1 - p); the norm's sums carry out_scale
+    // (dN = out_scale dA).
     const at::Tensor total = partials.sum(0, /*keepdim=*/false, at::kDouble);
-    // dW = sum dM P~ = sum dM P~' / (1 - p); the norm's sums carry out_scale (dN = out_scale dA).
     const double keep = p.seed != nullptr ? 1.0 / (1.0 - p.dropout_p) : 1.0;
-    at::Tensor dgamma = total.narrow(0, H * H + H, H) * out_scale;
-    at::Tensor dbeta = total.narrow(0, H * H + 2 * H, H) * out_scale;
+    auto grad_for = [&](const at::Tensor& param) {
+      return param.defined() && !stats_only ? at::empty(param.sizes(), q.options().dtype(param.scalar_type()))
+                                            : at::empty({H}, f64);
+    };
+    at::Tensor dW = stats_only ? at::empty({0}, f64) : grad_for(a.given[0]);
+    at::Tensor dc = stats_only ? at::empty({0}, f64) : grad_for(a.given[1]);
+    at::Tensor dgamma = grad_for(a.given[2]), dbeta = grad_for(a.given[3]);
+    ParamGradsParams grads;
+    grads.total = total.data_ptr<double>();
+    auto piece = [&](at::Tensor& out, int64_t begin, double factor) {
+      if (out.numel() == 0) return;
+      const int k = grads.pieces++;
+      grads.begin[k] = static_cast<int>(begin);
+      grads.size[k] = static_cast<int>(out.numel());
+      grads.storage[k] = storage_of(out.scalar_type());
+      grads.factor[k] = factor;
+      grads.out[k] = out.data_ptr();
+    };
+    piece(dW, 0, keep);
+    piece(dc, H * H, 1.0);
+    piece(dgamma, H * H + H, out_scale);
+    piece(dbeta, H * H + 2 * H, out_scale);
+    if (!q.is_cuda()) {
+      emulate_param_grads(grads, order, static_cast<uint64_t>(shuffle_seed));
+    } else {
+#ifdef REATTN_WITH_CUDA
+      const c10::cuda::CUDAGuard guard(q.device());
+      const cudaError_t err = launch_param_grads(grads, c10::cuda::getCurrentCUDAStream());
+      TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+#endif
+    }
     if (stats_only) {
       const at::Tensor none = at::empty({0}, q.options());
-      return {none, none, none, at::empty({0}, f64), at::empty({0}, f64), dgamma, dbeta};
+      return {none, none, none, dW, dc, dgamma, dbeta};
     }
-    return {dq, dk, dv, total.narrow(0, 0, H * H).view({H, H}) * keep, total.narrow(0, H * H, H).clone(), dgamma,
-            dbeta};
+    return {dq, dk, dv, dW, dc, dgamma, dbeta};
   }
   // The CUDA-core programs add dK, dV and the parameter gradients with atomics: on a GPU their
   // order (so the last bits) varies from run to run. torch decides whether that is an error.
@@ -707,6 +703,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   p.dc = dc.data_ptr<double>();
   p.dgamma = dgamma.data_ptr<double>();
   p.dbeta = dbeta.data_ptr<double>();
+  core_parameters(a, q);
   run(op, stats_only ? kBnGradSums : kBackward, q, p, shared_limit, reverse_items);
   return {dq, dk.to(q.scalar_type()), dv.to(q.scalar_type()), dW, dc, dgamma, dbeta};
 }

@@ -161,5 +161,49 @@ struct HeadAffineParams {
 
 constexpr int kHeadAffineThreads = 256;
 
+// ---- the parameter steps around the tensor-core programs (parameters.cuh) ---------------------------
+
+// One parameter as the caller gave it: any floating storage type (StorageKind), any strides in
+// elements (an [H] vector: stride0; the [H, H] mixing weight: stride0 rows, stride1 columns).
+// data null: the parameter is absent.
+struct ParamRef {
+  const void* data = nullptr;
+  int storage = kFloat32;
+  int64_t stride0 = 0, stride1 = 0;
+};
+
+// fold_program: the folded fp32 parameters the tensor-core programs read, each value formed in float64
+// from the given parameters and rounded once. Forward [H*H + 3H] = W' ([g][h]), c', then LayerNorm's
+// out_scale gamma and out_scale beta (zeros otherwise); backward [H*H + 7H] = W / (1 - p), then per head
+// c, gamma', beta', mean, rstd, e, f (parameters.cuh's forward_folded and backward_folded say how
+// each mode fills them).
+struct FoldParams {
+  int H = 0;
+  int norm = kNormNone;
+  bool backward = false;
+  double out_scale = 1.0;
+  double keep = 1.0;  // 1 / (1 - dropout p); 1 without dropout
+  ParamRef W, c, gamma, beta;
+  // kNormBatch: [4, H] fp32, contiguous: mean, rstd, e, f (the forward reads the first two rows).
+  const float* bn = nullptr;
+  float* folded = nullptr;
+};
+
+// param_grads_program: the parameter gradients from `total` [H*H + 3H] float64 (the row pass's partials
+// summed over its programs): each piece k (total[begin[k] .. begin[k] + size[k])) times factor[k], stored
+// contiguously in out[k] in its storage type (StorageKind).
+constexpr int kMaxGradPieces = 4;
+struct ParamGradsParams {
+  const double* total = nullptr;
+  int pieces = 0;
+  int begin[kMaxGradPieces] = {};
+  int size[kMaxGradPieces] = {};
+  int storage[kMaxGradPieces] = {};
+  double factor[kMaxGradPieces] = {};
+  void* out[kMaxGradPieces] = {};
+};
+
+constexpr int kParameterThreads = 256;  // threads of the one block of fold_program and param_grads_program
+
 }  // namespace cuda
 }  // namespace reattn

@@ -447,6 +447,47 @@ def test_tensor_core_bn_grad_sums_allocate_only_what_they_write():
     torch.testing.assert_close(sums[6], full[6], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("norm", ["none", "layer", "batch"])
+def test_tensor_core_parameter_steps_take_any_dtype_and_strides(norm):
+    # The fold (fold_kernel) reads the parameters as given: any floating dtype, any strides, each
+    # value formed in float64 and rounded once to fp32; the gradients (param_grads_kernel) come back
+    # in their parameters' dtypes, each the float64 sum rounded once. Parameter values exact in every
+    # dtype (bf16-rounded, within fp16's range) must therefore give bitwise the same outputs and
+    # gradients, whatever dtype or layout carries them.
+    B, H, Nq, Nk, D = 2, 5, 19, 23, 32
+    q, k, v, w, c, gamma, beta, grad = tensors(B, H, Nq, Nk, D)
+    low = [t.bfloat16() for t in (q, k, v)]
+    params = [t.bfloat16().double() for t in (w, c, gamma, beta)]
+    if norm == "none":
+        params[2:] = [None, None]
+    rows = torch.stack([torch.full((H,), 0.05), torch.full((H,), 1.25), torch.full((H,), 0.01),
+                        torch.full((H,), -0.02)]).double().to(DEVICE) if norm == "batch" else None
+
+    def run(dtype, transposed):
+        w_, c_, nw, nb = (None if t is None else t.to(dtype) for t in params)
+        if transposed:  # W as the transpose of a contiguous [H, H]: strides (1, H); vectors with stride 2
+            w_ = w_.t().contiguous().t()
+            c_, nw, nb = (None if t is None else torch.stack([t, t], 1)[:, 0] for t in (c_, nw, nb))
+        out, stats = _C.cuda_forward(*low, w_, c_, nw, nb, None if rows is None else rows[:2], None, None, None, 0.3,
+                                     0.8, norm, 1e-5, 0.0, poison_outputs=True)
+        grads = _C.cuda_backward(grad.bfloat16(), *low, w_, c_, nw, nb, rows, None, None, stats, 0.3, 0.8, norm, 1e-5,
+                                 0.0, False, poison_outputs=True)
+        return out, grads
+
+    reference_out, reference = run(torch.float64, False)
+    assert reference[3].dtype == torch.float64 and not reference[3].isnan().any()
+    for dtype in DTYPES:
+        for transposed in (False, True):
+            out, grads = run(dtype, transposed)
+            assert torch.equal(out, reference_out), (dtype, transposed)
+            for i in range(3):
+                assert torch.equal(grads[i], reference[i]), (dtype, transposed, i)
+            # dW and dc in the parameter's dtype; dgamma, dbeta too where given (else float64, unread)
+            for i, param in zip(range(3, 7), params):
+                expected = reference[i] if param is None else reference[i].to(dtype)
+                assert grads[i].dtype == expected.dtype and torch.equal(grads[i], expected), (dtype, transposed, i)
+
+
 def test_tensor_core_forward_moments_are_per_program_sums():
     # Training BatchNorm in one sweep: X V in fp32 and each program's sums of X and X^2 over the
     # attended entries; their total is the float64 sum over every (b, i, j) that is not masked.

@@ -13,10 +13,15 @@ pytestmark = pytest.mark.skipif(_C is None or not _C.build_info().get("cuda"),
                                 reason="reattn._C was built without CUDA: no cubin to model")
 
 
-def _launches(steps):
+PARAMETER_STEPS = ("fold", "param_grads")  # parameters.cuh: one block each around the programs
+
+
+def _launches(steps, parameter_steps=False):
+    """Each phase's launches; without ``parameter_steps`` the programs only (not the fold and gradient steps)."""
     from benchmarks import cuda_side
 
-    return {phase: [x for x in items if isinstance(x, cuda_side.Launch)] for phase, items in steps.items()}
+    return {phase: [x for x in items if isinstance(x, cuda_side.Launch)
+                    and (parameter_steps or x.program not in PARAMETER_STEPS)] for phase, items in steps.items()}
 
 
 def test_launches_per_norm_mode_follow_ops_cpp():
@@ -26,18 +31,37 @@ def test_launches_per_norm_mode_follow_ops_cpp():
     shapes = _C.cuda_backward_tiles(H, D, N, N, "bfloat16", cuda_side.shared_limit(90, torch.bfloat16, 2))
     fwd_shape = _C.cuda_forward_tiles(H, D, N, N, "bfloat16", cuda_side.shared_limit(90, torch.bfloat16, 0))
     programs, names = {}, {}
+    steps = {}
     for norm in ("none", "batch-eval", "batch-train", "layer"):
-        launches = _launches(cuda_side.cuda_call(B, H, N, D, norm, 90))
+        call = cuda_side.cuda_call(B, H, N, D, norm, 90)
+        steps[norm] = {phase: [x.program for x in items] for phase, items in _launches(call, True).items()}
+        launches = _launches(call)
         programs[norm] = {phase: [x.program for x in items] for phase, items in launches.items()}
         names[norm] = {phase: [x.name for x in items] for phase, items in launches.items()}
         for x in launches["fwd"] + launches["bwd"]:
             assert not x.core and x.threads % 32 == 0 and x.grid[0] % B == 0
             assert x.dynamic_shared > 0 or x.program == "head_affine"
+        # The parameters folded by one block before each pass, the gradients written by one after the backward.
+        for x in _launches(call, True)["fwd"] + _launches(call, True)["bwd"]:
+            if x.program in PARAMETER_STEPS:
+                assert x.grid == (1, 1) and x.threads == 256 and x.dynamic_shared == 0 and x.one_segment
+        fold = [x for x in _launches(call, True)["bwd"] if x.program == "fold"][0]
+        assert fold.params.backward and fold.params.H == H and fold.params.W.data
+        grads = [x for x in _launches(call, True)["bwd"] if x.program == "param_grads"][0]
+        # dW, dc, dgamma, dbeta (read back for LayerNorm only), in their parameters' dtypes (float64 where absent)
+        assert grads.params.pieces == 4 and list(grads.params.begin) == [0, H * H, H * H + H, H * H + 2 * H]
+        assert list(grads.params.size) == [H * H, H, H, H] and grads.params.storage[0] == cuda_side.STORAGE[
+            torch.float32]
         fwd = launches["fwd"][0]
         assert fwd.grid == (B * fwd_shape["grid"][0], fwd_shape["grid"][1]) and fwd.threads == fwd_shape["threads"]
         assert fwd.dynamic_shared == fwd_shape["shared_bytes"] and fwd.params.vector_loads
         keys = launches["bwd"][-1]
         assert keys.grid == (B * shapes["keys"]["grid"][0], 1) and keys.dynamic_shared == shapes["keys"]["shared_bytes"]
+    for norm in ("none", "batch-eval", "layer"):
+        assert steps[norm] == {"fwd": ["fold", "forward"], "bwd": ["fold", "backward_rows", "backward_keys",
+                                                                   "param_grads"]}
+    assert steps["batch-train"] == {"fwd": ["fold", "forward", "head_affine"],
+                                    "bwd": ["head_dot_sums", "fold", "backward_rows", "backward_keys", "param_grads"]}
     for norm in ("none", "batch-eval", "layer"):
         assert programs[norm] == {"fwd": ["forward"], "bwd": ["backward_rows", "backward_keys"]}
     # Training BatchNorm: the one-sweep forward with moments, then its element-wise finish (O and R = xhat V from

@@ -1,0 +1,29 @@
+// __global__ entry points of the parameter steps (parameters.cuh) and their launchers.
+#include "launch.h"
+#include "parameters.cuh"
+
+namespace reattn {
+namespace cuda {
+
+// Outside the anonymous namespace: their symbols are the same in every build (the static model looks
+// them up by name).
+__global__ void __launch_bounds__(kParameterThreads) fold_kernel(const FoldParams params) { fold_program(params); }
+
+__global__ void __launch_bounds__(kParameterThreads) param_grads_kernel(const ParamGradsParams params) {
+  param_grads_program(params);
+}
+
+cudaError_t launch_fold(const FoldParams& p, cudaStream_t stream) {
+  if (p.H == 0) return cudaSuccess;
+  fold_kernel<<<1, kParameterThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_param_grads(const ParamGradsParams& p, cudaStream_t stream) {
+  if (p.pieces == 0) return cudaSuccess;
+  param_grads_kernel<<<1, kParameterThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace reattn

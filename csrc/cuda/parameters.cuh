@@ -1,0 +1,126 @@
+// The small steps around the tensor-core programs, one launch each (FoldParams, ParamGradsParams in
+// params.h), written once for the GPU and the host emulator (device.cuh).
+//
+// Both used to be torch operations on [H]- and [H, H]-sized tensors: the fold 3 to 12 of them, the
+// scalings, copies and conversions of the summed partials 4 to 6 more, each one a launch (a few
+// microseconds of host time and a gap on the GPU) for a few hundred bytes of work: the fold is
+// H^2 + 7H values, the gradients H^2 + 3H. The sum of the partials over the row pass's programs stays
+// torch's (one launch, a reduction spread over the GPU; one block here would add its
+// programs x (H^2 + 3H) float64 conversions on one SM: 4-11 us predicted at DeiT-S and DeepViT-16b).
+//
+// Numerics: every folded value is formed in float64 from the given parameters (whatever their
+// storage type) and rounded once to fp32, the rounding the fp32 programs read anyway; each gradient
+// is its float64 sum times a float64 factor, rounded once to its parameter's dtype.
+#pragma once
+
+#include <cstdint>
+
+#include "device.cuh"
+#include "params.h"
+
+namespace reattn {
+namespace cuda {
+
+// Element `offset` of a parameter in its storage type, as float64.
+REATTN_DEVICE double param_value(const ParamRef& r, int64_t offset) {
+  switch (r.storage) {
+    case kFloat16:
+      return dev::Convert<dev::F16>::to_float(static_cast<const uint16_t*>(r.data)[offset]);
+    case kBFloat16:
+      return dev::Convert<dev::Bf16>::to_float(static_cast<const uint16_t*>(r.data)[offset]);
+    case kFloat32:
+      return static_cast<const float*>(r.data)[offset];
+    default:
+      return static_cast<const double*>(r.data)[offset];
+  }
+}
+
+// Per-head parameter h, or `fill` where the parameter is absent.
+REATTN_DEVICE double head_value(const ParamRef& r, int h, double fill) {
+  return r.data == nullptr ? fill : param_value(r, static_cast<int64_t>(h) * r.stride0);
+}
+
+// x rounded to storage type `storage` (via fp32 for the 16-bit types, as torch converts float64).
+REATTN_DEVICE void store_value(void* out, int storage, int64_t i, double x) {
+  switch (storage) {
+    case kFloat16:
+      static_cast<uint16_t*>(out)[i] = dev::Convert<dev::F16>::from_float(static_cast<float>(x));
+      break;
+    case kBFloat16:
+      static_cast<uint16_t*>(out)[i] = dev::Convert<dev::Bf16>::from_float(static_cast<float>(x));
+      break;
+    case kFloat32:
+      static_cast<float*>(out)[i] = static_cast<float>(x);
+      break;
+    default:
+      static_cast<double*>(out)[i] = x;
+  }
+}
+
+// Value i of the forward's folded parameters [H*H + 3H].
+//   affine norms (none; BatchNorm with given statistics, A_g = out_scale (gamma_g (M_g - mean_g) rstd_g
+//   + beta_g)): W' = alpha_g W / (1 - p) and c' = alpha_g c_g + out_scale (beta_g - gamma_g mean_g rstd_g)
+//   with alpha_g = out_scale gamma_g rstd_g (none: gamma = 1, rstd = 1, mean = beta = 0); the last 2H zero.
+//   LayerNorm: W' = W / (1 - p), c' = c, then out_scale gamma and out_scale beta (the norm's own affine).
+REATTN_DEVICE double forward_folded(const FoldParams& p, int i) {
+  const int H = p.H, hh = H * H;
+  const bool batch = p.norm == kNormBatch, layer = p.norm == kNormLayer;
+  const int h = i < hh ? i / H : (i - hh) % H;  // the weight's row g, or the vector entry's head
+  const int piece = i < hh ? -1 : (i - hh) / H;
+  double alpha = layer ? 1.0 : p.out_scale;
+  if (batch) alpha *= head_value(p.gamma, h, 1.0) * p.bn[H + h];
+  if (piece < 0) return alpha * p.keep * param_value(p.W, h * p.W.stride0 + static_cast<int64_t>(i - h * H) * p.W.stride1);
+  if (piece == 0) {
+    double c = alpha * head_value(p.c, h, 0.0);
+    if (batch) c += p.out_scale * (head_value(p.beta, h, 0.0) - head_value(p.gamma, h, 1.0) * p.bn[h] * p.bn[H + h]);
+    return c;
+  }
+  if (!layer) return 0.0;
+  return piece == 1 ? p.out_scale * head_value(p.gamma, h, 1.0) : p.out_scale * head_value(p.beta, h, 0.0);
+}
+
+// Value i of the backward's folded parameters [H*H + 7H]: W / (1 - p), then per head c, gamma' =
+// out_scale gamma (none: out_scale), beta' = out_scale beta (none: 0), and BatchNorm's given mean, rstd,
+// e, f (other norms: 0, 1, 0, 0).
+REATTN_DEVICE double backward_folded(const FoldParams& p, int i) {
+  const int H = p.H, hh = H * H;
+  if (i < hh) {
+    const int g = i / H;
+    return p.keep * param_value(p.W, g * p.W.stride0 + static_cast<int64_t>(i - g * H) * p.W.stride1);
+  }
+  const int piece = (i - hh) / H, h = (i - hh) % H;
+  switch (piece) {
+    case 0:
+      return head_value(p.c, h, 0.0);
+    case 1:
+      return p.norm == kNormNone ? p.out_scale : p.out_scale * head_value(p.gamma, h, 1.0);
+    case 2:
+      return p.norm == kNormNone ? 0.0 : p.out_scale * head_value(p.beta, h, 0.0);
+    default:
+      if (p.norm == kNormBatch) return p.bn[(piece - 3) * H + h];
+      return piece == 4 ? 1.0 : 0.0;
+  }
+}
+
+// One block of kParameterThreads threads writes every folded value.
+REATTN_DEVICE void fold_program(const FoldParams& p) {
+  const int total = p.H * p.H + (p.backward ? 7 : 3) * p.H;
+  for (int i = dev::thread_index(); i < total; i += kParameterThreads) {
+    p.folded[i] = static_cast<float>(p.backward ? backward_folded(p, i) : forward_folded(p, i));
+  }
+}
+
+// One block of kParameterThreads threads stores every piece. The pieces' loop is unrolled: indexed by a
+// runtime k, the parameter arrays were copied to the stack (128 B of local memory on sm_90).
+REATTN_DEVICE void param_grads_program(const ParamGradsParams& p) {
+#pragma unroll
+  for (int k = 0; k < kMaxGradPieces; ++k) {
+    if (k >= p.pieces) break;
+    for (int i = dev::thread_index(); i < p.size[k]; i += kParameterThreads) {
+      store_value(p.out[k], p.storage[k], i, p.total[p.begin[k] + i] * p.factor[k]);
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace reattn
