@@ -20,7 +20,8 @@ Four ops per backend:
 * ``bn_grad_sums``: training BatchNorm's backward sums over this call's entries, [2, H] float64 =
   (sum dN xhat, sum dN), dN the gradient w.r.t. the norm's output (docs/math.md, "Through V and the
   norm"); they are also d norm_weight and d norm_bias, and add up over processes.
-* ``backward``: every gradient (zeros for absent parameters: custom ops cannot return None). Given
+* ``backward``: every gradient (custom ops cannot return None: an empty [0] tensor for an absent
+  parameter, zeros for a given one its mode does not read). Given
   ``bn_grad_sums`` (every process's, added up) the norm's own gradients come back zero: the caller
   holds its share.
 
@@ -234,8 +235,8 @@ class OpLadder:
         seed: Optional[Tensor], softmax_stats: Tensor, stats: Tensor, R: Tensor, U: Tensor, scale: float,
         out_scale: float, norm: str, eps: float, dropout_p: float, bn_grad_sums: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Every gradient in its parameter's dtype, zeros for absent parameters. bn_grad_sums (norm "batch"):
-        the bn_grad_sums op's sums of every process, added up, with stats the statistics of every
+        """Every gradient in its parameter's dtype, an empty [0] tensor for an absent parameter. bn_grad_sums
+        (norm "batch"): the bn_grad_sums op's sums of every process, added up, with stats the statistics of every
         process's entries; the norm's gradients then come back zero. Without them this call's entries
         are the whole batch."""
         if bn_grad_sums is not None and norm != "batch":
@@ -247,8 +248,10 @@ class OpLadder:
         H = q.shape[1]
 
         def like(grad, param):
-            if param is None or grad is None:
-                return q.new_zeros((H,), dtype=(param if param is not None else mix_weight).dtype)
+            if param is None:  # autograd drops it: an empty tensor, no fill (a launch on a GPU)
+                return q.new_empty((0,), dtype=mix_weight.dtype)
+            if grad is None:
+                return q.new_zeros((H,), dtype=param.dtype)
             return grad.to(param.dtype)
 
         return dq, dk, dv, dw.to(mix_weight.dtype), like(dc, mix_bias), like(dnw, norm_weight), like(dnb, norm_bias)
@@ -258,7 +261,8 @@ class OpLadder:
         H = q.shape[1]
 
         def vec(param):
-            return q.new_empty((H,), dtype=(param if param is not None else mix_weight).dtype)
+            return q.new_empty((H,) if param is not None else (0,), dtype=(param if param is not None else
+                                                                          mix_weight).dtype)
 
         return (torch.empty_like(q, memory_format=torch.contiguous_format),
                 torch.empty_like(k, memory_format=torch.contiguous_format),
