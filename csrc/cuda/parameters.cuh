@@ -21,18 +21,13 @@
 namespace reattn {
 namespace cuda {
 
-// Element `offset` of a parameter in its storage type, as float64.
+// Element `offset` of a parameter in its storage type, as float64. Branches, not a switch: nvcc made the
+// switch an indexed jump (BRX), which the static model's SASS emulator does not follow.
 REATTN_DEVICE double param_value(const ParamRef& r, int64_t offset) {
-  switch (r.storage) {
-    case kFloat16:
-      return dev::Convert<dev::F16>::to_float(static_cast<const uint16_t*>(r.data)[offset]);
-    case kBFloat16:
-      return dev::Convert<dev::Bf16>::to_float(static_cast<const uint16_t*>(r.data)[offset]);
-    case kFloat32:
-      return static_cast<const float*>(r.data)[offset];
-    default:
-      return static_cast<const double*>(r.data)[offset];
-  }
+  if (r.storage == kFloat32) return static_cast<const float*>(r.data)[offset];
+  if (r.storage == kFloat64) return static_cast<const double*>(r.data)[offset];
+  const uint16_t bits = static_cast<const uint16_t*>(r.data)[offset];
+  return r.storage == kBFloat16 ? dev::Convert<dev::Bf16>::to_float(bits) : dev::Convert<dev::F16>::to_float(bits);
 }
 
 // Per-head parameter h, or `fill` where the parameter is absent.
@@ -42,18 +37,14 @@ REATTN_DEVICE double head_value(const ParamRef& r, int h, double fill) {
 
 // x rounded to storage type `storage` (via fp32 for the 16-bit types, as torch converts float64).
 REATTN_DEVICE void store_value(void* out, int storage, int64_t i, double x) {
-  switch (storage) {
-    case kFloat16:
-      static_cast<uint16_t*>(out)[i] = dev::Convert<dev::F16>::from_float(static_cast<float>(x));
-      break;
-    case kBFloat16:
-      static_cast<uint16_t*>(out)[i] = dev::Convert<dev::Bf16>::from_float(static_cast<float>(x));
-      break;
-    case kFloat32:
-      static_cast<float*>(out)[i] = static_cast<float>(x);
-      break;
-    default:
-      static_cast<double*>(out)[i] = x;
+  if (storage == kFloat64) {
+    static_cast<double*>(out)[i] = x;
+  } else if (storage == kFloat32) {
+    static_cast<float*>(out)[i] = static_cast<float>(x);
+  } else {
+    const float f = static_cast<float>(x);
+    static_cast<uint16_t*>(out)[i] =
+        storage == kBFloat16 ? dev::Convert<dev::Bf16>::from_float(f) : dev::Convert<dev::F16>::from_float(f);
   }
 }
 
@@ -89,17 +80,11 @@ REATTN_DEVICE double backward_folded(const FoldParams& p, int i) {
     return p.keep * param_value(p.W, g * p.W.stride0 + static_cast<int64_t>(i - g * H) * p.W.stride1);
   }
   const int piece = (i - hh) / H, h = (i - hh) % H;
-  switch (piece) {
-    case 0:
-      return head_value(p.c, h, 0.0);
-    case 1:
-      return p.norm == kNormNone ? p.out_scale : p.out_scale * head_value(p.gamma, h, 1.0);
-    case 2:
-      return p.norm == kNormNone ? 0.0 : p.out_scale * head_value(p.beta, h, 0.0);
-    default:
-      if (p.norm == kNormBatch) return p.bn[(piece - 3) * H + h];
-      return piece == 4 ? 1.0 : 0.0;
-  }
+  if (piece == 0) return head_value(p.c, h, 0.0);
+  if (piece == 1) return p.norm == kNormNone ? p.out_scale : p.out_scale * head_value(p.gamma, h, 1.0);
+  if (piece == 2) return p.norm == kNormNone ? 0.0 : p.out_scale * head_value(p.beta, h, 0.0);
+  if (p.norm == kNormBatch) return p.bn[(piece - 3) * H + h];
+  return piece == 4 ? 1.0 : 0.0;
 }
 
 // One block of kParameterThreads threads writes every folded value.

@@ -224,3 +224,19 @@ def test_model_of_a_tensor_core_launch():
         assert setter.base == "FSETP" and "-INF" in setter.operands, (branch.text, setter.text)
     t = model.times(H100_SXM)
     assert 0 < t.t_low_us <= t.t_high_us
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch-train"])
+def test_parameter_steps_are_modelled_from_their_sass(norm):
+    # fold_kernel and param_grads_kernel run in the SASS emulator like the programs: one block each, every
+    # branch on the launch's parameters (the storage types, the norm), none an indexed jump it cannot follow.
+    from benchmarks import cuda_side
+
+    call = _launches(cuda_side.cuda_call(2, 3, 40, 16, norm, 90), parameter_steps=True)
+    steps = [x for x in call["fwd"] + call["bwd"] if x.program in PARAMETER_STEPS]
+    assert [x.program for x in steps] == ["fold", "fold", "param_grads"]
+    for launch in steps:
+        model = cuda_side.model_launch(launch, 90)
+        assert model.spill_bytes == 0 and model.programs == 1 and "no semantics" not in model.note
+        assert not cuda_side.program_counts(launch, 90).diag.unknown_branches
+        assert model.work.instructions["global"] > 0
