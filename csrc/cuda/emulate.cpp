@@ -229,22 +229,25 @@ void emulate_head_dot_sums(int storage, const HeadAffineParams& p, int order, ui
   });
 }
 
-void emulate_fold(const FoldParams& p, int order, uint64_t seed) {
-  if (p.H == 0) return;
+namespace {
+
+// One block of kParameterThreads threads (parameters.cuh's steps).
+sim::Launch parameter_launch(int order, uint64_t seed) {
   sim::Launch launch;
   launch.threads = kParameterThreads;
   launch.order = static_cast<sim::Order>(order);
   launch.seed = seed;
-  sim::launch(launch, [&] { fold_program(p); });
+  return launch;
+}
+
+}  // namespace
+
+void emulate_fold(const FoldParams& p, int order, uint64_t seed) {
+  if (p.H > 0) sim::launch(parameter_launch(order, seed), [&] { fold_program(p); });
 }
 
 void emulate_param_grads(const ParamGradsParams& p, int order, uint64_t seed) {
-  if (p.pieces == 0) return;
-  sim::Launch launch;
-  launch.threads = kParameterThreads;
-  launch.order = static_cast<sim::Order>(order);
-  launch.seed = seed;
-  sim::launch(launch, [&] { param_grads_program(p); });
+  if (p.pieces > 0) sim::launch(parameter_launch(order, seed), [&] { param_grads_program(p); });
 }
 
 void emulate_device_check(int kind, const void* a, const void* b, float* out, bool bf16, int order, uint64_t seed) {
