@@ -155,6 +155,24 @@ class ParamGradsParams(ctypes.Structure):
     Nq = 1
 
 
+class BnMomentsParams(ctypes.Structure):
+    """csrc/cuda/params.h's BnMomentsParams: bn_moments_kernel's arguments (one block; B and Nq for the sampler)."""
+    _fields_ = [("H", ctypes.c_int), ("programs", ctypes.c_int64), ("moments", ctypes.c_void_p),
+                ("count", ctypes.c_void_p), ("center", ParamRef), ("c", ParamRef), ("gamma", ParamRef),
+                ("beta", ParamRef), ("out_scale", ctypes.c_double), ("eps", ctypes.c_double),
+                ("stats", ctypes.c_void_p), ("coefficients", ctypes.c_void_p), ("coefficient_storage", ctypes.c_int)]
+    B = 1
+    Nq = 1
+
+
+class BnCoefficientsParams(ctypes.Structure):
+    """csrc/cuda/params.h's BnCoefficientsParams: bn_coefficients_kernel's arguments (one block)."""
+    _fields_ = [("H", ctypes.c_int), ("stats", ctypes.c_void_p), ("sums", ctypes.c_void_p), ("gamma", ParamRef),
+                ("eps", ctypes.c_double), ("coefficients", ctypes.c_void_p), ("coefficient_storage", ctypes.c_int)]
+    B = 1
+    Nq = 1
+
+
 @dataclass
 class Launch:
     """One kernel launch as ops.cpp makes it.
@@ -694,9 +712,10 @@ def _record_head(kernel: str, dtype: torch.dtype, p: HeadAffineParams, touched, 
 
 def _head_affine(r, u, alpha, beta, dtype, second=None):
     """reattn.backends.cuda._head_affine and ops.cpp's head_affine."""
+    from reattn.backends.cuda import coefficient_rows
     rec = _RECORDER
     alpha2, beta2 = (second[0], second[1]) if second is not None else (alpha, beta)
-    coefficients = torch.stack([alpha, beta, alpha2, beta2]).to(r.dtype).contiguous()
+    coefficients = coefficient_rows((alpha, beta, alpha2, beta2), r.dtype)
     p = _head_params(r)
     out = torch.empty(r.shape, dtype=dtype, device=r.device)
     out2 = torch.empty(r.shape if second is not None else (0, *r.shape[1:]), dtype=dtype, device=r.device)
@@ -710,6 +729,42 @@ def _head_affine(r, u, alpha, beta, dtype, second=None):
         touched.append((out2, {"write"}))
     _record_head("head_affine_kernel", dtype, p, touched, 0)
     return out if second is None else (out, out2)
+
+
+def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype):
+    """reattn.backends.cuda._bn_moments and ops.cpp's bn_moments: one launch of bn_moments_kernel."""
+    H = moments.shape[2]
+    stats = torch.empty((3, H), dtype=torch.float64, device=moments.device)
+    coefficients = torch.empty((4, H), dtype=dtype, device=moments.device)
+    b = BnMomentsParams()
+    b.H, b.programs = H, moments.shape[0]
+    b.moments, b.count = _RECORDER.pointer(moments, "moments"), _RECORDER.pointer(count, "count")
+    given = (center, mix_bias, norm_weight, norm_bias)
+    b.center, b.c, b.gamma, b.beta = (_param_ref(None if t is None else t.detach(), "bn_" + r)
+                                      for t, r in zip(given, ("center", "c", "gamma", "beta")))
+    b.out_scale, b.eps = out_scale, eps
+    b.stats, b.coefficients = _RECORDER.pointer(stats, "stats"), _RECORDER.pointer(coefficients, "coefficients")
+    b.coefficient_storage = STORAGE[dtype]
+    touched = [(moments, {"read"}), (count, {"read"})] + [(t, {"read"}) for t in given if t is not None] + [
+        (stats, {"write"}), (coefficients, {"write"})]
+    _record_small("bn_moments_kernel", "BnMomentsParams", moments, b, 1, 2 * H * 8, touched)
+    return stats, coefficients
+
+
+def _bn_coefficients(stats, sums, norm_weight, *, eps, dtype):
+    """reattn.backends.cuda._bn_coefficients and ops.cpp's bn_coefficients: one launch of bn_coefficients_kernel."""
+    stats, sums = stats.contiguous(), sums.contiguous()
+    H = stats.shape[1]
+    coefficients = torch.empty((4, H), dtype=dtype, device=stats.device)
+    b = BnCoefficientsParams()
+    b.H, b.eps = H, eps
+    b.stats, b.sums = _RECORDER.pointer(stats, "bn_stats"), _RECORDER.pointer(sums, "bn_sums")
+    b.gamma = _param_ref(None if norm_weight is None else norm_weight.detach(), "bn_gamma")
+    b.coefficients, b.coefficient_storage = _RECORDER.pointer(coefficients, "bn_coefficients"), STORAGE[dtype]
+    touched = [(stats, {"read"}), (sums, {"read"}), (coefficients, {"write"})] + (
+        [(norm_weight, {"read"})] if norm_weight is not None else [])
+    _record_small("bn_coefficients_kernel", "BnCoefficientsParams", stats, b, 1, 0, touched)
+    return coefficients
 
 
 def _head_dot_sums(grad, r, u):
@@ -738,7 +793,8 @@ def shim_ops():
 
     kernels = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                            forward_moments=_forward_moments, head_affine=_head_affine,
-                           head_dot_sums=_head_dot_sums, softmax_stats_shape=lambda q: (*q.shape[:3], 2))
+                           head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
+                           softmax_stats_shape=lambda q: (*q.shape[:3], 2))
     # No device implementation: the static model calls the ladder's Python bodies (OpLadder.*_impl) directly.
     return OpLadder(FusedRawOps(kernels), forward="reattn::static_model_cuda_forward",
                     backward="reattn::static_model_cuda_backward", gram_sums="reattn::static_model_cuda_gram_sums",

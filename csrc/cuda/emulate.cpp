@@ -250,6 +250,17 @@ void emulate_param_grads(const ParamGradsParams& p, int order, uint64_t seed) {
   if (p.pieces > 0) sim::launch(parameter_launch(order, seed), [&] { param_grads_program(p); });
 }
 
+void emulate_bn_coefficients(const BnCoefficientsParams& p, int order, uint64_t seed) {
+  if (p.H > 0) sim::launch(parameter_launch(order, seed), [&] { bn_coefficients_program(p); });
+}
+
+void emulate_bn_moments(const BnMomentsParams& p, int order, uint64_t seed) {
+  if (p.H == 0) return;
+  sim::Launch launch = parameter_launch(order, seed);
+  launch.shared_bytes = bn_moments_shared(p.H);
+  sim::launch(launch, [&] { bn_moments_program(p); });
+}
+
 void emulate_device_check(int kind, const void* a, const void* b, float* out, bool bf16, int order, uint64_t seed) {
   checks::CheckParams p;
   p.kind = kind;

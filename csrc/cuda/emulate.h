@@ -29,9 +29,11 @@ void emulate_backward(int storage, int rows, int keys, bool plain, const ReAttnP
 void emulate_head_affine(int storage, const HeadAffineParams& params, int order, uint64_t seed);
 void emulate_head_dot_sums(int storage, const HeadAffineParams& params, int order, uint64_t seed);
 
-// Runs fold_program / param_grads_program (parameters.cuh), one block each.
+// Runs the parameter steps of parameters.cuh, one block each.
 void emulate_fold(const FoldParams& params, int order, uint64_t seed);
 void emulate_param_grads(const ParamGradsParams& params, int order, uint64_t seed);
+void emulate_bn_moments(const BnMomentsParams& params, int order, uint64_t seed);
+void emulate_bn_coefficients(const BnCoefficientsParams& params, int order, uint64_t seed);
 
 // Runs a check kernel of device_checks.cuh (kind: checks::CheckKind) in the emulator, warps and
 // lanes ordered by `order` (sim::Order); throws what the emulator refuses.

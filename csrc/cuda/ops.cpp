@@ -922,6 +922,104 @@ std::vector<at::Tensor> head_affine(const at::Tensor& r, const at::Tensor& u, co
   return {out, out2};
 }
 
+// Training BatchNorm's statistics and coefficients from the one-sweep forward's moments (BnMomentsParams,
+// bn_moments_kernel): one launch where the float64 arithmetic on [H]-sized tensors took ~25 torch ops.
+std::vector<at::Tensor> bn_moments(const at::Tensor& moments, const at::Tensor& count, const at::Tensor& center,
+                                   const c10::optional<at::Tensor>& mix_bias,
+                                   const c10::optional<at::Tensor>& norm_weight,
+                                   const c10::optional<at::Tensor>& norm_bias, double out_scale, double eps,
+                                   at::ScalarType dtype, bool reverse_items, int64_t shuffle_seed) {
+  const char* op = "reattn cuda_bn_moments";
+  TORCH_CHECK_VALUE(moments.dim() == 3 && moments.size(1) == 2 && moments.scalar_type() == at::kDouble &&
+                        moments.is_contiguous(),
+                    op, ": moments must be a contiguous float64 [programs, 2, H] tensor, got ", moments.sizes(), " ",
+                    moments.scalar_type());
+  const int64_t H = moments.size(2);
+  TORCH_CHECK_VALUE(H >= 1 && H <= kMaxHeads, op, ": H must be in [1, ", kMaxHeads, "], got ", H);
+  TORCH_CHECK_VALUE(count.numel() == 1 && count.scalar_type() == at::kDouble && count.device() == moments.device(),
+                    op, ": count must be one float64 value on ", moments.device(), ", got ", count.sizes(), " ",
+                    count.scalar_type(), " on ", count.device());
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op,
+                   ": the coefficients' dtype must be float32 or float64 (an accumulation type), got ", dtype);
+  const at::Tensor like = moments.select(1, 0);  // for parameter()'s device check
+  BnMomentsParams p;
+  p.H = static_cast<int>(H);
+  p.programs = moments.size(0);
+  p.moments = moments.data_ptr<double>();
+  p.count = count.data_ptr<double>();
+  const at::Tensor given_center = parameter(op, "center", center, {H}, like);
+  const at::Tensor c = parameter(op, "mix_bias", mix_bias, {H}, like);
+  const at::Tensor gamma = parameter(op, "norm_weight", norm_weight, {H}, like);
+  const at::Tensor beta = parameter(op, "norm_bias", norm_bias, {H}, like);
+  p.center = param_ref(given_center);
+  p.c = param_ref(c);
+  p.gamma = param_ref(gamma);
+  p.beta = param_ref(beta);
+  p.out_scale = out_scale;
+  p.eps = eps;
+  at::Tensor stats = at::empty({3, H}, moments.options());
+  at::Tensor coefficients = at::empty({4, H}, moments.options().dtype(dtype));
+  p.stats = stats.data_ptr<double>();
+  p.coefficients = coefficients.data_ptr();
+  p.coefficient_storage = storage_of(dtype);
+  if (moments.is_cpu()) {
+    const int order = shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0;
+    emulate_bn_moments(p, order, static_cast<uint64_t>(shuffle_seed));
+  } else {
+#ifdef REATTN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(moments.device());
+    const cudaError_t err = launch_bn_moments(p, c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+#else
+    TORCH_CHECK_VALUE(false, op, ": reattn._C was built without CUDA");
+#endif
+  }
+  return {stats, coefficients};
+}
+
+// Training BatchNorm's backward coefficients [4, H] (mean, rstd, e, f) in `dtype` from the statistics
+// [3, H] and the backward sums [2, H] (BnCoefficientsParams, bn_coefficients_kernel): one launch where
+// reattn._batchnorm.bn_backward_coefficients takes ~15 torch ops.
+at::Tensor bn_coefficients(const at::Tensor& stats, const at::Tensor& sums, const c10::optional<at::Tensor>& norm_weight,
+                           double eps, at::ScalarType dtype, bool reverse_items, int64_t shuffle_seed) {
+  const char* op = "reattn cuda_bn_coefficients";
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == 3 && stats.scalar_type() == at::kDouble &&
+                        stats.is_contiguous(),
+                    op, ": stats must be a contiguous float64 [3, H] tensor (mean, biased variance, count), got ",
+                    stats.sizes(), " ", stats.scalar_type());
+  const int64_t H = stats.size(1);
+  TORCH_CHECK_VALUE(H >= 1 && H <= kMaxHeads, op, ": H must be in [1, ", kMaxHeads, "], got ", H);
+  TORCH_CHECK_VALUE(sums.sizes() == at::IntArrayRef({2, H}) && sums.scalar_type() == at::kDouble &&
+                        sums.is_contiguous() && sums.device() == stats.device(),
+                    op, ": sums must be a contiguous float64 [2, ", H, "] tensor on ", stats.device(), ", got ",
+                    sums.sizes(), " ", sums.scalar_type(), " on ", sums.device());
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op,
+                   ": the coefficients' dtype must be float32 or float64 (an accumulation type), got ", dtype);
+  const at::Tensor gamma = parameter(op, "norm_weight", norm_weight, {H}, stats);
+  BnCoefficientsParams p;
+  p.H = static_cast<int>(H);
+  p.stats = stats.data_ptr<double>();
+  p.sums = sums.data_ptr<double>();
+  p.gamma = param_ref(gamma);
+  p.eps = eps;
+  at::Tensor coefficients = at::empty({4, H}, stats.options().dtype(dtype));
+  p.coefficients = coefficients.data_ptr();
+  p.coefficient_storage = storage_of(dtype);
+  if (stats.is_cpu()) {
+    const int order = shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0;
+    emulate_bn_coefficients(p, order, static_cast<uint64_t>(shuffle_seed));
+  } else {
+#ifdef REATTN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(stats.device());
+    const cudaError_t err = launch_bn_coefficients(p, c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+#else
+    TORCH_CHECK_VALUE(false, op, ": reattn._C was built without CUDA");
+#endif
+  }
+  return coefficients;
+}
+
 at::Tensor head_dot_sums(const at::Tensor& grad, const at::Tensor& r, const at::Tensor& u, bool reverse_items,
                          bool poison_outputs, int64_t shuffle_seed) {
   const char* op = "reattn cuda_head_dot_sums";
@@ -1030,7 +1128,8 @@ void register_ops(pybind11::module& m) {
         py::arg("out_scale"), py::arg("norm"), py::arg("eps"), py::arg("dropout_p"), py::arg("stats_only"),
         py::arg("shared_limit") = 0, py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
         py::arg("programs_only") = false, py::arg("shuffle_seed") = 0, py::arg("general_variant") = false,
-        "Fused CUDA Re-attention backward: [dq, dk, dv, dW, dc, dgamma, dbeta] (parameter gradients float64). "
+        "Fused CUDA Re-attention backward: [dq, dk, dv, dW, dc, dgamma, dbeta] (parameter gradients in their "
+        "parameters' dtypes on the tensor-core path, float64 where a parameter is absent and on the CUDA-core one). "
         "stats_only: only dgamma = sum(dN xhat) and dbeta = sum(dN), for training BatchNorm (the others empty on "
         "the tensor-core path). fp16/bf16 run the deterministic tensor-core backward (a row pass and a key "
         "pass, no atomics) where its shapes fit, else (and with programs_only) the CUDA-core programs; without "
@@ -1042,6 +1141,18 @@ void register_ops(pybind11::module& m) {
         "out2 = (alpha2[h] r + beta2[h] u).to(dtype), else out2 empty [0, H, Nq, D]. r [B,H,Nq,D] and u "
         "(broadcastable to it) in the accumulation type of dtype; coefficients [4, H] (alpha, beta, alpha2, beta2) "
         "in that type. CPU tensors run the emulator.");
+  m.def("cuda_bn_moments", &bn_moments, py::arg("moments"), py::arg("count"), py::arg("center"), py::arg("mix_bias"),
+        py::arg("norm_weight"), py::arg("norm_bias"), py::arg("out_scale"), py::arg("eps"), py::arg("dtype"),
+        py::arg("reverse_items") = false, py::arg("shuffle_seed") = 0,
+        "Training BatchNorm's statistics from the one-sweep forward's moments [programs, 2, H] (float64 sums of "
+        "X = W P~ - center and X^2 per program; count: the entries per head): [stats [3, H] float64 (mean of "
+        "W P~ + mix_bias, biased variance, count), coefficients [4, H] in dtype (alpha, beta, rstd, -mean(X) rstd: "
+        "the norm's output is alpha X V + beta U, xhat V = rstd X V - mean(X) rstd U)]. One launch.");
+  m.def("cuda_bn_coefficients", &bn_coefficients, py::arg("stats"), py::arg("sums"), py::arg("norm_weight"),
+        py::arg("eps"), py::arg("dtype"), py::arg("reverse_items") = false, py::arg("shuffle_seed") = 0,
+        "Training BatchNorm's backward coefficients [4, H] in dtype (mean, rstd, e, f; rstd rounded to dtype as "
+        "the forward reads it, e = -gamma rstd sum(dN xhat) / n, f = -gamma rstd sum(dN) / n) from stats [3, H] "
+        "float64 (mean, biased variance, count) and sums [2, H] float64 (sum dN xhat, sum dN). One launch.");
   m.def("cuda_head_dot_sums", &head_dot_sums, py::arg("grad"), py::arg("r"), py::arg("u"),
         py::arg("reverse_items") = false, py::arg("poison_outputs") = false, py::arg("shuffle_seed") = 0,
         "One-sweep training BatchNorm's backward sums: [2, H] float64 = per head, sum over (b, i, d) of grad * r "

@@ -13,6 +13,14 @@ __global__ void __launch_bounds__(kParameterThreads) param_grads_kernel(const Pa
   param_grads_program(params);
 }
 
+__global__ void __launch_bounds__(kParameterThreads) bn_moments_kernel(const BnMomentsParams params) {
+  bn_moments_program(params);
+}
+
+__global__ void __launch_bounds__(kParameterThreads) bn_coefficients_kernel(const BnCoefficientsParams params) {
+  bn_coefficients_program(params);
+}
+
 cudaError_t launch_fold(const FoldParams& p, cudaStream_t stream) {
   if (p.H == 0) return cudaSuccess;
   fold_kernel<<<1, kParameterThreads, 0, stream>>>(p);
@@ -22,6 +30,18 @@ cudaError_t launch_fold(const FoldParams& p, cudaStream_t stream) {
 cudaError_t launch_param_grads(const ParamGradsParams& p, cudaStream_t stream) {
   if (p.pieces == 0) return cudaSuccess;
   param_grads_kernel<<<1, kParameterThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_bn_moments(const BnMomentsParams& p, cudaStream_t stream) {
+  if (p.H == 0) return cudaSuccess;
+  bn_moments_kernel<<<1, kParameterThreads, bn_moments_shared(p.H), stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_bn_coefficients(const BnCoefficientsParams& p, cudaStream_t stream) {
+  if (p.H == 0) return cudaSuccess;
+  bn_coefficients_kernel<<<1, kParameterThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

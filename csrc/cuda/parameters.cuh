@@ -1,5 +1,6 @@
-// The small steps around the tensor-core programs, one launch each (FoldParams, ParamGradsParams in
-// params.h), written once for the GPU and the host emulator (device.cuh).
+// The small steps around the tensor-core programs, one launch each (FoldParams, ParamGradsParams,
+// BnMomentsParams, BnCoefficientsParams in params.h), written once for the GPU and the host emulator
+// (device.cuh).
 //
 // Both used to be torch operations on [H]- and [H, H]-sized tensors: the fold 3 to 12 of them, the
 // scalings, copies and conversions of the summed partials 4 to 6 more, each one a launch (a few
@@ -13,6 +14,7 @@
 // is its float64 sum times a float64 factor, rounded once to its parameter's dtype.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "device.cuh"
@@ -105,6 +107,58 @@ REATTN_DEVICE void param_grads_program(const ParamGradsParams& p) {
       store_value(p.out[k], p.storage[k], i, p.total[p.begin[k] + i] * p.factor[k]);
     }
   }
+}
+
+// Dynamic shared memory of bn_moments_program: the 2H float64 sums.
+constexpr size_t bn_moments_shared(int H) { return 2 * static_cast<size_t>(H) * sizeof(double); }
+
+// Warp w sums the columns j = w, w + 8, ... of the moments [programs, 2H] (lane l its rows l, l + 32, ...,
+// then the butterfly: a fixed order, deterministic), then thread h forms head h's statistics and
+// coefficients in float64 (BnMomentsParams), rounding only the coefficients, once.
+REATTN_DEVICE void bn_moments_program(const BnMomentsParams& p) {
+  constexpr int kWarps = kParameterThreads / dev::kWarpSize;
+  const int columns = 2 * p.H;
+  double* sums = reinterpret_cast<double*>(dev::shared_memory());  // [2][H]: sum X, sum X^2
+  for (int j = dev::warp_index(); j < columns; j += kWarps) {
+    double s = 0.0;
+    for (int64_t r = dev::lane_index(); r < p.programs; r += dev::kWarpSize) s += p.moments[r * columns + j];
+    for (int mask = dev::kWarpSize / 2; mask > 0; mask /= 2) s += dev::shfl_xor(s, mask);
+    if (dev::lane_index() == 0) sums[j] = s;
+  }
+  dev::sync_threads();
+  const int h = dev::thread_index();
+  if (h >= p.H) return;
+  const double n = *p.count;
+  const double mean_x = sums[h] / n;
+  const double spread = sums[p.H + h] / n - mean_x * mean_x;
+  const double var = spread > 0.0 ? spread : 0.0;
+  p.stats[h] = mean_x + head_value(p.center, h, 0.0) + head_value(p.c, h, 0.0);
+  p.stats[p.H + h] = var;
+  p.stats[2 * p.H + h] = n;
+  const double rstd = 1.0 / std::sqrt(var + p.eps);
+  const double alpha = p.out_scale * head_value(p.gamma, h, 1.0) * rstd;
+  store_value(p.coefficients, p.coefficient_storage, h, alpha);
+  store_value(p.coefficients, p.coefficient_storage, p.H + h, p.out_scale * head_value(p.beta, h, 0.0) - mean_x * alpha);
+  store_value(p.coefficients, p.coefficient_storage, 2 * p.H + h, rstd);
+  store_value(p.coefficients, p.coefficient_storage, 3 * p.H + h, -mean_x * rstd);
+}
+
+// x rounded to storage type `storage` and back (the value a kernel reading it in that type sees).
+REATTN_DEVICE double rounded_to(int storage, double x) {
+  return storage == kFloat32 ? static_cast<double>(static_cast<float>(x)) : x;
+}
+
+// Thread h writes head h's coefficients (BnCoefficientsParams).
+REATTN_DEVICE void bn_coefficients_program(const BnCoefficientsParams& p) {
+  const int h = dev::thread_index();
+  if (h >= p.H) return;
+  const double n = p.stats[2 * p.H + h];
+  const double rstd = rounded_to(p.coefficient_storage, 1.0 / std::sqrt(p.stats[p.H + h] + p.eps));
+  const double a = head_value(p.gamma, h, 1.0) * rstd;
+  store_value(p.coefficients, p.coefficient_storage, h, p.stats[h]);
+  store_value(p.coefficients, p.coefficient_storage, p.H + h, rstd);
+  store_value(p.coefficients, p.coefficient_storage, 2 * p.H + h, -a * p.sums[h] / n);
+  store_value(p.coefficients, p.coefficient_storage, 3 * p.H + h, -a * p.sums[p.H + h] / n);
 }
 
 }  // namespace cuda

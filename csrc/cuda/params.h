@@ -203,7 +203,40 @@ struct ParamGradsParams {
   void* out[kMaxGradPieces] = {};
 };
 
-constexpr int kParameterThreads = 256;  // threads of the one block of fold_program and param_grads_program
+// bn_moments_program: training BatchNorm's statistics and per-head coefficients from the one-sweep
+// forward's per-program moments (docs/math.md, "Training BatchNorm in one sweep"). The forward summed
+// X = W P~ - center (center as given here) and X^2 per program; with n = count, mean(X) = sum X / n,
+// var = sum X^2 / n - mean(X)^2 (clamped at 0), and the norm's output out_scale (gamma xhat + beta) is
+// alpha R' + beta' U with alpha = out_scale gamma rstd, beta' = out_scale beta - mean(X) alpha, while
+// R = xhat V = rstd R' - mean(X) rstd U.
+struct BnMomentsParams {
+  int H = 0;
+  int64_t programs = 0;
+  const double* moments = nullptr;  // [programs, 2, H], contiguous
+  const double* count = nullptr;    // the entries each head's statistics run over (one value)
+  ParamRef center, c, gamma, beta;  // center: [H] the shift of X; c, gamma, beta as given (null: absent)
+  double out_scale = 1.0;
+  double eps = 1e-5;
+  double* stats = nullptr;          // [3, H]: mean of M = W P~ + c, biased variance, count
+  void* coefficients = nullptr;     // [4, H] in coefficient_storage: alpha, beta', rstd, -mean(X) rstd
+  int coefficient_storage = kFloat32;
+};
+
+// bn_coefficients_program: training BatchNorm's backward coefficients [4, H] (mean, rstd, e, f) from the
+// statistics and the backward sums (docs/math.md, "Through V and the norm"): rstd = 1/sqrt(var + eps)
+// rounded to the coefficients' type as the forward's batch rows round it, a = gamma rstd, e = -a sum(dN xhat) / n,
+// f = -a sum(dN) / n, formed in float64 and rounded once.
+struct BnCoefficientsParams {
+  int H = 0;
+  const double* stats = nullptr;  // [3, H]: mean, biased variance, count
+  const double* sums = nullptr;   // [2, H]: sum dN xhat, sum dN over the same entries
+  ParamRef gamma;                 // as given (null: absent)
+  double eps = 1e-5;
+  void* coefficients = nullptr;   // [4, H] in coefficient_storage
+  int coefficient_storage = kFloat32;
+};
+
+constexpr int kParameterThreads = 256;  // threads of the one block of each parameter step (parameters.cuh)
 
 }  // namespace cuda
 }  // namespace reattn

@@ -32,7 +32,7 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
                         mix_bias: Optional[Tensor], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
                         attn_mask: Optional[Tensor], seed: Optional[Tensor], count: Tensor, *, scale: float,
                         out_scale: float, eps: float, dropout_p: float,
-                        head_affine: Optional[Callable] = None,
+                        head_affine: Optional[Callable] = None, bn_moments: Optional[Callable] = None,
                         keep_terms: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Training BatchNorm's forward with one sweep over the keys: (out, softmax_stats, stats [3, H] float64,
     R, U). With keep_terms (it needs ``head_affine``), R = xhat V [B, H, Nq, D] in q's dtype and
@@ -47,7 +47,9 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
     R = Xhat V = rstd (R' - mean(X) U) with U = 1_unmasked V, and O = out_scale (gamma R + beta U):
     element-wise work on [B, H, Nq, D], no second sweep (the cpu kernel does the same).
     count: the entries per head (0-dim float64), as ``unmasked_count``. head_affine: the backend's
-    fused finish (``FusedKernels.head_affine``), else torch's in-place passes.
+    fused finish (``FusedKernels.head_affine``), else torch's in-place passes. bn_moments: the backend's
+    statistics step (``FusedKernels.bn_moments``: one launch), else torch's float64 arithmetic on [H]
+    tensors (~25 launches).
     """
     acc = accumulator_dtype(q)
     B, H, Nq, D = q.shape
@@ -55,29 +57,35 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
     center = mix_weight.detach().to(acc).sum(dim=1) / Nk
     r, softmax_stats, moments = forward_moments(q, k, v, mix_weight, -center, attn_mask, seed, scale=scale,
                                                 dropout_p=dropout_p)
-    sums = moments.sum(dim=0, dtype=torch.float64)  # [2, H]
-    mean_x, var = moment_statistics(sums[0], sums[1], count)
-    mean = mean_x + center.to(torch.float64)
-    if mix_bias is not None:
-        mean = mean + mix_bias.detach().to(torch.float64)
-    stats = torch.stack([mean, var, count.expand_as(mean).to(torch.float64)])
+    if bn_moments is not None:
+        stats, coefficients = bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias,
+                                         out_scale=out_scale, eps=eps, dtype=acc)
+        alpha, beta, rstd, shift = coefficients.unbind(0)
+    else:
+        sums = moments.sum(dim=0, dtype=torch.float64)  # [2, H]
+        mean_x, var = moment_statistics(sums[0], sums[1], count)
+        mean = mean_x + center.to(torch.float64)
+        if mix_bias is not None:
+            mean = mean + mix_bias.detach().to(torch.float64)
+        stats = torch.stack([mean, var, count.expand_as(mean).to(torch.float64)])
+        rstd = torch.rsqrt(var + eps).to(acc)
+        a = torch.full_like(rstd, out_scale) if norm_weight is None else out_scale * norm_weight.detach().to(acc)
+        # O = alpha R' + beta U with alpha = rstd tau gamma, beta = tau beta_norm - mean(X) alpha (per head);
+        # R = xhat V = rstd (R' - mean(X) U)
+        alpha = rstd * a
+        beta = -mean_x.to(acc) * alpha
+        if norm_bias is not None:
+            beta = beta + out_scale * norm_bias.detach().to(acc)
+        shift = -mean_x.to(acc) * rstd
     if attn_mask is None:
         u = v.sum(dim=2, keepdim=True, dtype=acc)  # [B, H, 1, D]: every row sees every key
     else:
         keep = kept_entries(attn_mask)
         keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
         u = torch.matmul(keep.to(acc), v.to(acc))  # [B or 1, H or 1, Nq or 1, D]: the mask's own size, at most
-    rstd = torch.rsqrt(var + eps).to(acc)
-    a = torch.full_like(rstd, out_scale) if norm_weight is None else out_scale * norm_weight.detach().to(acc)
-    # O = alpha R' + beta U with alpha = rstd tau gamma, beta = tau beta_norm - mean(X) alpha (per head);
-    # R = xhat V = rstd (R' - mean(X) U)
-    alpha = rstd * a
-    beta = -mean_x.to(acc) * alpha
-    if norm_bias is not None:
-        beta = beta + out_scale * norm_bias.detach().to(acc)
     if keep_terms:  # the fused finish writes R from the reads that make O
         u = u.expand(B, H, bn_terms_rows(attn_mask, Nq), D).contiguous()  # the shape the op's fake says
-        out, xhat_v = head_affine(r, u, alpha, beta, q.dtype, second=(rstd, -mean_x.to(acc) * rstd, q.dtype))
+        out, xhat_v = head_affine(r, u, alpha, beta, q.dtype, second=(rstd, shift, q.dtype))
         return out, softmax_stats, stats, xhat_v, u
     no_terms = empty_bn_terms(q)
     if head_affine is not None:
@@ -130,6 +138,12 @@ class FusedKernels:
     head_dot_sums(grad, r, u) -> [2, H] float64 (sum grad r, sum grad u per head): optional, the one-sweep
         BatchNorm's backward sums in one pass; with it and head_affine the one-sweep forward keeps R and U
         (else the backward's sums come from ``bn_grad_sums``, a sweep over the keys).
+    bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype)
+        -> (stats [3, H] float64, coefficients [4, H] in dtype = (alpha, beta, rstd, -mean(X) rstd)): optional,
+        the one-sweep BatchNorm's statistics from forward_moments' moments in one step (else torch's
+        arithmetic in :func:`one_sweep_batchnorm`); center [H] is the shift forward_moments subtracted.
+    bn_coefficients(stats, sums, norm_weight, *, eps, dtype) -> [4, H] in dtype: optional, training
+        BatchNorm's backward coefficients in one step (else ``reattn._batchnorm.bn_backward_coefficients``).
     """
 
     forward: Callable
@@ -140,6 +154,8 @@ class FusedKernels:
     softmax_stats_shape: Callable = lambda q: (q.shape[0], q.shape[1], q.shape[2])
     head_affine: Optional[Callable] = None
     head_dot_sums: Optional[Callable] = None
+    bn_moments: Optional[Callable] = None
+    bn_coefficients: Optional[Callable] = None
 
 
 class FusedRawOps(RawOps):
@@ -194,6 +210,7 @@ class FusedRawOps(RawOps):
         if kernels.forward_moments is not None:
             return one_sweep_batchnorm(kernels.forward_moments, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                        attn_mask, seed, count, head_affine=kernels.head_affine,
+                                       bn_moments=kernels.bn_moments,
                                        keep_terms=self._keeps_terms(norm, stats_in), **kw)
         shift = gram_shift(Nk)
         softmax_stats, s1, gram = kernels.gram_sums(q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p,
@@ -232,13 +249,20 @@ class FusedRawOps(RawOps):
             if bn_grad_sums is None:
                 own = bn_grad_sums = self.bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight,
                                                        norm_bias, attn_mask, seed, softmax_stats, stats, R, U, **kw)
-            coefficients = bn_backward_coefficients(stats, eps, norm_weight, bn_grad_sums, accumulator_dtype(q))
+            if self.kernels.bn_coefficients is not None:
+                coefficients = self.kernels.bn_coefficients(stats, bn_grad_sums, norm_weight, eps=eps,
+                                                            dtype=accumulator_dtype(q))
+            else:
+                coefficients = bn_backward_coefficients(stats, eps, norm_weight, bn_grad_sums, accumulator_dtype(q))
         dq, dk, dv, dw, dc, dnw, dnb = self.kernels.backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight,
                                                              norm_bias, coefficients, attn_mask, seed, softmax_stats,
                                                              norm=norm, **kw)
         if norm == "batch":
-            # Copies: rows of one tensor would alias each other, which custom op outputs may not.
-            dnw, dnb = (None, None) if own is None else (own[0].to(torch.float64).clone(),
-                                                         own[1].to(torch.float64).clone())
+            # Copies, in the parameters' dtypes (rows of one tensor would alias each other, which custom op
+            # outputs may not); none for an absent parameter, whose gradient nothing reads.
+            def own_grad(row, param):
+                return None if own is None or param is None else own[row].to(param.dtype, copy=True)
+
+            dnw, dnb = own_grad(0, norm_weight), own_grad(1, norm_bias)
         return dq, dk, dv, dw, dc, dnw, dnb
 

@@ -61,10 +61,21 @@ def _bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bia
 
 
 def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p):
-    # X V in the accumulation dtype and the float64 sums of X, X^2 (already added over programs).
+    # X V in the accumulation dtype and the float64 sums of X, X^2: [programs, 2, H] (the CUDA-core programs: [1, 2, H]).
     x_v, softmax_stats, moments = _C.cuda_forward(q, k, v, mix_weight, mix_bias, None, None, None, attn_mask, seed,
                                                   None, scale, 1.0, "none", 1e-5, dropout_p, True)
     return x_v, softmax_stats, moments
+
+
+def coefficient_rows(rows, dtype: torch.dtype) -> torch.Tensor:
+    """The [4, H] coefficients head_affine reads: the buffer ``rows`` are the consecutive rows of, where they are
+    (``bn_moments``' output, unbound), else their stack (one launch)."""
+    base = rows[0]._base
+    if (base is not None and base.dim() == 2 and base.shape[0] == len(rows) and base.is_contiguous()
+            and base.dtype == dtype and all(t._base is base and t.dim() == 1 for t in rows)
+            and [t.data_ptr() for t in rows] == [base[i].data_ptr() for i in range(len(rows))]):
+        return base
+    return torch.stack(rows).to(dtype).contiguous()
 
 
 def _head_affine(r, u, alpha, beta, dtype, second=None):
@@ -73,9 +84,21 @@ def _head_affine(r, u, alpha, beta, dtype, second=None):
     if second is not None and second[2] != dtype:
         raise TypeError(f"cuda head_affine: both outputs must have one dtype, got {dtype} and {second[2]}")
     alpha2, beta2 = (second[0], second[1]) if second is not None else (alpha, beta)
-    coefficients = torch.stack([alpha, beta, alpha2, beta2]).to(r.dtype).contiguous()
+    coefficients = coefficient_rows((alpha, beta, alpha2, beta2), r.dtype)
     out, out2 = _C.cuda_head_affine(r, u, coefficients, dtype, second is not None)
     return out if second is None else (out, out2)
+
+
+def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype):
+    # One-sweep training BatchNorm's statistics and coefficients (csrc/cuda/parameters.cuh): one launch.
+    stats, coefficients = _C.cuda_bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, out_scale, eps,
+                                             dtype)
+    return stats, coefficients
+
+
+def _bn_coefficients(stats, sums, norm_weight, *, eps, dtype):
+    # Training BatchNorm's backward coefficients [4, H] (csrc/cuda/parameters.cuh): one launch.
+    return _C.cuda_bn_coefficients(stats.contiguous(), sums.contiguous(), norm_weight, eps, dtype)
 
 
 def _head_dot_sums(grad, r, u):
@@ -85,7 +108,8 @@ def _head_dot_sums(grad, r, u):
 
 CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                             forward_moments=_forward_moments, head_affine=_head_affine,
-                            head_dot_sums=_head_dot_sums, softmax_stats_shape=lambda q: (*q.shape[:3], 2))
+                            head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
+                            softmax_stats_shape=lambda q: (*q.shape[:3], 2))
 CUDA_OPS = OpLadder(FusedRawOps(CUDA_KERNELS), forward="reattn::cuda_forward", backward="reattn::cuda_backward",
                     gram_sums="reattn::cuda_gram_sums", bn_grad_sums="reattn::cuda_bn_grad_sums",
                     device_types=("cuda", "cpu"))

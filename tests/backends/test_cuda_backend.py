@@ -488,6 +488,77 @@ def test_tensor_core_parameter_steps_take_any_dtype_and_strides(norm):
                 assert grads[i].dtype == expected.dtype and torch.equal(grads[i], expected), (dtype, transposed, i)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("affine", [False, True])
+def test_bn_moments_match_float64_in_any_warp_order(dtype, affine):
+    # One-sweep training BatchNorm's statistics step (parameters.cuh, bn_moments_kernel): from per-program
+    # sums of X and X^2 the statistics of M = X + center + c and the coefficients (alpha, beta', rstd,
+    # -mean(X) rstd), formed in float64; the coefficients rounded once to dtype.
+    H, programs, per = 6, 37, 50
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(programs, per, H, generator=g, dtype=torch.float64) * 0.3 + 0.02
+    moments = torch.stack([X.sum(1), (X * X).sum(1)], 1).contiguous()  # [programs, 2, H]
+    count = torch.tensor(float(programs * per), dtype=torch.float64)
+    center = torch.randn(H, generator=g).float()
+    c = torch.randn(H, generator=g).bfloat16() if affine else None
+    gamma = (torch.rand(H, generator=g, dtype=torch.float64) + 0.5) if affine else None
+    beta = (torch.randn(2 * H, generator=g) * 0.1)[::2] if affine else None  # a strided view
+    out_scale, eps = 0.8, 1e-5
+    args = [t if t is None else t.to(DEVICE) for t in (moments, count, center, c, gamma, beta)]
+    stats, coefficients = _C.cuda_bn_moments(*args, out_scale, eps, dtype)
+    mean_x, var = X.mean((0, 1)), X.var((0, 1), unbiased=False)
+    mean = mean_x + center.double() + (c.double() if affine else 0.0)
+    torch.testing.assert_close(stats.cpu(), torch.stack([mean, var, count.expand(H)]), rtol=1e-12, atol=1e-14)
+    rstd = (var + eps).rsqrt()
+    alpha = out_scale * (gamma if affine else 1.0) * rstd
+    expected = torch.stack([alpha, out_scale * (beta.double() if affine else 0.0) - mean_x * alpha, rstd,
+                            -mean_x * rstd])
+    assert coefficients.dtype == dtype
+    # float64 math rounded once: half an ulp of dtype, plus the float64 sums' ~1e-15
+    rtol = 2.0 ** -24 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(coefficients.cpu().double(), expected, rtol=rtol, atol=1e-14)
+    for options in (dict(reverse_items=True), dict(shuffle_seed=5)):  # the sums' order is fixed: bitwise equal
+        again = _C.cuda_bn_moments(*args, out_scale, eps, dtype, **options)
+        assert torch.equal(again[0], stats) and torch.equal(again[1], coefficients)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("gamma_dtype", [None, torch.bfloat16, torch.float64], ids=str)
+def test_bn_coefficients_equal_the_shared_formula(dtype, gamma_dtype):
+    # Training BatchNorm's backward coefficients (parameters.cuh, bn_coefficients_kernel) are
+    # reattn._batchnorm.bn_backward_coefficients computed in one launch: the same float64 operations in
+    # the same order, so bitwise the same numbers.
+    from reattn._batchnorm import bn_backward_coefficients
+
+    H = 7
+    g = torch.Generator().manual_seed(4)
+    stats = torch.stack([torch.randn(H, generator=g, dtype=torch.float64),
+                         torch.rand(H, generator=g, dtype=torch.float64) + 0.1,
+                         torch.full((H,), 12345.0, dtype=torch.float64)])
+    sums = torch.randn(2, H, generator=g, dtype=torch.float64) * 100
+    gamma = None if gamma_dtype is None else (torch.rand(2 * H, generator=g) + 0.5).to(gamma_dtype)[::2]
+    expected = bn_backward_coefficients(stats, 1e-5, gamma, sums, dtype)
+    got = _C.cuda_bn_coefficients(stats.to(DEVICE), sums.to(DEVICE), None if gamma is None else gamma.to(DEVICE),
+                                  1e-5, dtype)
+    assert got.dtype == dtype and torch.equal(got.cpu(), expected)
+    with pytest.raises(ValueError, match=r"sums must be a contiguous float64 \[2, 7\]"):
+        _C.cuda_bn_coefficients(stats.to(DEVICE), sums.t().to(DEVICE), None, 1e-5, dtype)
+
+
+def test_bn_moments_check_their_arguments():
+    moments, count, center = torch.zeros(3, 2, 4, dtype=torch.float64), torch.tensor(8.0, dtype=torch.float64), \
+        torch.zeros(4)
+    args = [t.to(DEVICE) for t in (moments, count, center)]
+    with pytest.raises(ValueError, match=r"moments must be a contiguous float64 \[programs, 2, H\]"):
+        _C.cuda_bn_moments(args[0].float(), *args[1:], None, None, None, 1.0, 1e-5, torch.float32)
+    with pytest.raises(ValueError, match="count must be one float64 value"):
+        _C.cuda_bn_moments(args[0], args[1].float(), args[2], None, None, None, 1.0, 1e-5, torch.float32)
+    with pytest.raises(ValueError, match=r"norm_weight must have shape \[4\]"):
+        _C.cuda_bn_moments(*args, None, torch.ones(5, device=DEVICE), None, 1.0, 1e-5, torch.float32)
+    with pytest.raises(TypeError, match="coefficients' dtype must be float32 or float64"):
+        _C.cuda_bn_moments(*args, None, None, None, 1.0, 1e-5, torch.bfloat16)
+
+
 def test_tensor_core_forward_moments_are_per_program_sums():
     # Training BatchNorm in one sweep: X V in fp32 and each program's sums of X and X^2 over the
     # attended entries; their total is the float64 sum over every (b, i, j) that is not masked.
