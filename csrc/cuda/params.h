@@ -84,8 +84,9 @@ struct ReAttnParams {
   void* lse = nullptr;
   bool lse_is_input = false;
   bool stats_is_input = false;
-  // Tensor-core forward: the mixing and norm parameters folded by the host, fp32 [H*H + 3H] =
-  // W' (row-major [g][h]), c', out_scale * gamma, out_scale * beta (LayerNorm; see forward.cuh).
+  // Tensor-core programs: the mixing and norm parameters folded by fold_kernel (parameters.cuh), fp32:
+  // forward [H*H + 3H] = W' (row-major [g][h]), c', out_scale * gamma, out_scale * beta (LayerNorm);
+  // backward [H*H + 7H] (FoldParams).
   const void* folded = nullptr;
   // q, k, v rows are 16-byte aligned with unit stride along D: 16-byte cp.async loads.
   bool vector_loads = false;

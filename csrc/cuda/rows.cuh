@@ -968,7 +968,7 @@ struct RowProgram {
 
   // ---- parameters --------------------------------------------------------------------------------------
   // folded (fp32): W' [H][H] row-major (g, h), then per-head rows: forward c', out_scale gamma,
-  // out_scale beta; backward c, gamma', beta', mean, rstd, e, f (ops.cpp, fold_parameters).
+  // out_scale beta; backward c, gamma', beta', mean, rstd, e, f (parameters.cuh, fold_program).
   REATTN_DEVICE void load_parameters() {
     const float* f = static_cast<const float*>(p.folded);
     float* weights = at<float>(L.weights);

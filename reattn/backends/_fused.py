@@ -183,6 +183,9 @@ class FusedRawOps(RawOps):
     def softmax_stats_shape(self, q: Tensor) -> Tuple[int, ...]:
         return tuple(self.kernels.softmax_stats_shape(q))
 
+    def stats_rows(self, norm: str) -> int:
+        return 3 if norm == "batch" else 0  # no statistics outside training BatchNorm: an empty [0, H]
+
     def dropout_keep_mask(self, seed: Tensor, shape: Tuple[int, int, int, int], p: float) -> Tensor:
         from reattn.kernels.dropout import dropout_keep_mask  # Triton's Philox stream, which cuda draws too
 
@@ -203,7 +206,7 @@ class FusedRawOps(RawOps):
         if norm != "batch":
             out, softmax_stats = kernels.forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, None,
                                                  attn_mask, seed, None, norm=norm, **kw)
-            return (out, softmax_stats, torch.zeros((3, H), dtype=torch.float64, device=q.device)) + no_terms
+            return (out, softmax_stats, q.new_empty((0, H), dtype=torch.float64)) + no_terms
         count = unmasked_count(attn_mask, B, Nq, Nk).to(q.device)
         if attn_mask is not None:  # without a mask, reattn._checks has ruled this out
             check_counts(count.expand(H))  # per head, as every backend words it

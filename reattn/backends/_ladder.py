@@ -11,7 +11,8 @@ Four ops per backend:
 
 * ``forward``: (out [B, H, Nq, D], softmax_stats, stats [3, H] float64, R, U). softmax_stats is what
   the backend saves per score row (``RawOps.softmax_stats_shape``); stats are training BatchNorm's
-  mean, biased variance and count per head (zeros in other modes); R = xhat V and U = keep V
+  mean, biased variance and count per head (in other modes zeros, or [0, H] where ``RawOps.stats_rows``
+  says so: the fused backends, whose zero fill was a launch per call); R = xhat V and U = keep V
   are the one-sweep BatchNorm's terms for a backend and path that keep them (``RawOps.bn_terms_like``
   gives their shapes and dtypes), else empty. Given ``softmax_in`` and ``stats_in`` (training
   BatchNorm, both or neither) it normalizes with those instead of its own batch's statistics.
@@ -69,6 +70,7 @@ class RawOps:
     softmax_stats_shape(q): the shape of what the forward saves per score row
     bn_terms_like(q, norm, attn_mask, stats_in) -> ((shape, dtype) of R, (shape, dtype) of U) the forward returns
             (leading dim 0: empty, the backward sums come from a sweep of their own)
+    stats_rows(norm) -> rows of the forward's stats [rows, H] (3; 0 where a backend has none outside BatchNorm)
 
     norm is "none", "layer" or "batch" (training BatchNorm: eval BatchNorm arrives folded into the
     mixing). Shapes as in the module doc.
@@ -80,6 +82,11 @@ class RawOps:
         B, H, Nq, D = q.shape
         kept = ((B if norm == "batch" and self.keeps_bn_terms else 0, H, Nq, D), accumulator_dtype(q))
         return kept, kept
+
+    def stats_rows(self, norm: str) -> int:
+        """Rows of the forward's stats [rows, H]: 3 (mean, biased variance, count) for training BatchNorm; in
+        other modes 3 rows of zeros (the cpu kernel's), or 0 where a backend returns them empty."""
+        return 3
 
     def softmax_stats_shape(self, q: Tensor) -> Tuple[int, ...]:
         raise NotImplementedError
@@ -194,7 +201,7 @@ class OpLadder:
         acc = accumulator_dtype(q)
         (r_shape, r_dtype), (u_shape, u_dtype) = self.raw.bn_terms_like(q, norm, attn_mask, stats_in)
         return (q.new_empty((B, H, Nq, D)), q.new_empty(self.raw.softmax_stats_shape(q), dtype=acc),
-                q.new_empty((3, H), dtype=torch.float64), q.new_empty(r_shape, dtype=r_dtype),
+                q.new_empty((self.raw.stats_rows(norm), H), dtype=torch.float64), q.new_empty(r_shape, dtype=r_dtype),
                 q.new_empty(u_shape, dtype=u_dtype))
 
     # ---- gram_sums: op, fake ------------------------------------------------------------------------------

@@ -61,7 +61,8 @@ def _bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bia
 
 
 def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p):
-    # X V in the accumulation dtype and the float64 sums of X, X^2: [programs, 2, H] (the CUDA-core programs: [1, 2, H]).
+    # X V in the accumulation dtype and the float64 sums of X, X^2 per program: [programs, 2, H] (the CUDA-core
+    # programs add theirs into one: [1, 2, H]).
     x_v, softmax_stats, moments = _C.cuda_forward(q, k, v, mix_weight, mix_bias, None, None, None, attn_mask, seed,
                                                   None, scale, 1.0, "none", 1e-5, dropout_p, True)
     return x_v, softmax_stats, moments
