@@ -23,8 +23,8 @@ kind (read from the cubin).
 sequence per norm mode as the Triton backend) over :func:`shim_ops`, whose raw kernels do on
 ``device="meta"`` tensors what ops.cpp does around each launch (allocations, zero fills, conversions,
 the float64 sum of the partials: recorded by ``eager_model.OpCounter``) and record a :class:`Launch`
-where ops.cpp launches (the tensor-core programs and the parameter steps around them, ``fold_kernel``
-and ``param_grads_kernel`` of ``parameters.cuh``): the kernel (its
+where ops.cpp launches (the tensor-core programs and the parameter steps of ``parameters.cuh`` around
+them): the kernel (its
 symbol in the cubin), grid, threads, dynamic shared memory, the parameter struct
 (``ReAttnParams``, mirrored with ctypes from ``csrc/cuda/params.h``; its size is checked against
 the compiled kernel's) and the tensors it reads and writes.
@@ -178,8 +178,8 @@ class Launch:
     """One kernel launch as ops.cpp makes it.
 
     program: "forward", "backward_rows", "backward_keys" (tensor-core programs), "head_affine",
-    "head_dot_sums" (``head_affine.cuh``; params a :class:`HeadAffineParams`), "fold", "param_grads"
-    (``parameters.cuh``; :class:`FoldParams`, :class:`ParamGradsParams`) or a CUDA-core program kind
+    "head_dot_sums" (``head_affine.cuh``; params a :class:`HeadAffineParams`), "fold", "param_grads",
+    "bn_moments", "bn_coefficients" (``parameters.cuh``; params its struct) or a CUDA-core program kind
     ("forward", "gram_sums", "backward", "bn_grad_sums") with ``core=True``.
     sweep: the runtime length the program's work grows with ("keys" or "queries") and ``unit`` its
     step (keys per segment or tile; 16 query rows)."""
@@ -187,7 +187,7 @@ class Launch:
     symbol: str                    # the kernel's (mangled) name in the cubin
     program: str
     core: bool                     # a CUDA-core program of programs.cuh
-    params: ctypes.Structure       # ReAttnParams; HeadAffineParams, FoldParams, ParamGradsParams for the small steps
+    params: ctypes.Structure       # ReAttnParams; HeadAffineParams or a parameter step's struct for the small steps
     dtype: torch.dtype
     grid: Tuple[int, int]
     threads: int
@@ -359,10 +359,10 @@ def _acc(dtype):
 def _core_parameters(p: ReAttnParams, touched: list) -> None:
     """ops.cpp's core_parameters: the given parameters contiguous in the accumulation type, for the CUDA-core
     programs (a kernel only where the dtype or layout changes)."""
-    for field_, role, t in zip(("W", "c", "gamma", "beta"), ("W", "c", "gamma", "beta"), p.given):
+    for field_, t in zip(("W", "c", "gamma", "beta"), p.given):
         if t is not None:
             t = t.detach().to(torch.float32).contiguous()
-            setattr(p, field_, _RECORDER.pointer(t, role))
+            setattr(p, field_, _RECORDER.pointer(t, field_))
             touched.append((t, {"read"}))
 
 
@@ -632,9 +632,8 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
                 return torch.empty((H,), **f64)
             return torch.empty(param.shape, dtype=param.dtype, device=q.device)
 
-        empty = torch.empty((0,), **f64)
-        dW = empty if stats_only else grad_for(p.given[0])
-        dc = torch.empty((0,), **f64) if stats_only else grad_for(p.given[1])
+        dW, dc = (torch.empty((0,), **f64), torch.empty((0,), **f64)) if stats_only else (
+            grad_for(p.given[0]), grad_for(p.given[1]))
         dgamma, dbeta = grad_for(p.given[2]), grad_for(p.given[3])
         _param_grads(q, partials, ((dW, 0, keep), (dc, H * H, 1.0), (dgamma, H * H + H, out_scale),
                                     (dbeta, H * H + 2 * H, out_scale)))
@@ -740,8 +739,7 @@ def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out
     b.H, b.programs = H, moments.shape[0]
     b.moments, b.count = _RECORDER.pointer(moments, "moments"), _RECORDER.pointer(count, "count")
     given = (center, mix_bias, norm_weight, norm_bias)
-    b.center, b.c, b.gamma, b.beta = (_param_ref(None if t is None else t.detach(), "bn_" + r)
-                                      for t, r in zip(given, ("center", "c", "gamma", "beta")))
+    b.center, b.c, b.gamma, b.beta = (_param_ref(t, "bn_" + r) for t, r in zip(given, ("center", "c", "gamma", "beta")))
     b.out_scale, b.eps = out_scale, eps
     b.stats, b.coefficients = _RECORDER.pointer(stats, "stats"), _RECORDER.pointer(coefficients, "coefficients")
     b.coefficient_storage = STORAGE[dtype]
@@ -759,7 +757,7 @@ def _bn_coefficients(stats, sums, norm_weight, *, eps, dtype):
     b = BnCoefficientsParams()
     b.H, b.eps = H, eps
     b.stats, b.sums = _RECORDER.pointer(stats, "bn_stats"), _RECORDER.pointer(sums, "bn_sums")
-    b.gamma = _param_ref(None if norm_weight is None else norm_weight.detach(), "bn_gamma")
+    b.gamma = _param_ref(norm_weight, "bn_gamma")
     b.coefficients, b.coefficient_storage = _RECORDER.pointer(coefficients, "bn_coefficients"), STORAGE[dtype]
     touched = [(stats, {"read"}), (sums, {"read"}), (coefficients, {"write"})] + (
         [(norm_weight, {"read"})] if norm_weight is not None else [])

@@ -293,6 +293,9 @@ void set_norm(const char* op, Arguments& a, const at::Tensor& q, const std::stri
 
 void poison(at::Tensor& t) { t.fill_(std::numeric_limits<double>::quiet_NaN()); }
 
+// The emulator's warp order between barriers (sim::Order): forward, reversed, or shuffled with shuffle_seed.
+int emulator_order(bool reverse_items, int64_t shuffle_seed) { return shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0; }
+
 // Row statistics [B, H, Nq, 2] (max, log-sum) of a [B, H, Nq] logsumexp L: (L, 0) describes the
 // same probabilities exp(S - L).
 at::Tensor stats_from_lse(const at::Tensor& lse) { return at::stack({lse, at::zeros_like(lse)}, -1); }
@@ -480,8 +483,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     // Each program writes its own sums (no atomics): the caller adds them up in float64.
     moments = at::empty({with_moments ? programs : 0, 2, p.H}, q.options().dtype(at::kDouble));
     if (poison_outputs) poison(moments);
-    // Emulator warp order between barriers: forward, reversed, or shuffled with shuffle_seed.
-    const int order = shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0;
+    const int order = emulator_order(reverse_items, shuffle_seed);
     a.keep.push_back(fold_parameters(op, a, q, false, order, static_cast<uint64_t>(shuffle_seed)));
     p.folded = a.keep.back().data_ptr();
     p.lse = stats.data_ptr();
@@ -589,7 +591,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     // and dV from the key pass, no atomics; the partials are added here in float64.
     const at::Tensor row_stats = stats.dim() == 4 ? stats : stats_from_lse(stats);
     p.lse = row_stats.data_ptr();
-    const int order = shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0;
+    const int order = emulator_order(reverse_items, shuffle_seed);
     a.keep.push_back(fold_parameters(op, a, q, true, order, static_cast<uint64_t>(shuffle_seed)));
     p.folded = a.keep.back().data_ptr();
     p.vector_loads = use_aligned_inputs(a, q, k, v, &grad_out);
@@ -908,7 +910,7 @@ std::vector<at::Tensor> head_affine(const at::Tensor& r, const at::Tensor& u, co
   p.out = out.data_ptr();
   p.out2 = second ? out2.data_ptr() : nullptr;
   if (r.is_cpu()) {
-    const int order = shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0;
+    const int order = emulator_order(reverse_items, shuffle_seed);
     emulate_head_affine(storage, p, order, static_cast<uint64_t>(shuffle_seed));
   } else {
 #ifdef REATTN_WITH_CUDA
@@ -963,7 +965,7 @@ std::vector<at::Tensor> bn_moments(const at::Tensor& moments, const at::Tensor& 
   p.coefficients = coefficients.data_ptr();
   p.coefficient_storage = storage_of(dtype);
   if (moments.is_cpu()) {
-    const int order = shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0;
+    const int order = emulator_order(reverse_items, shuffle_seed);
     emulate_bn_moments(p, order, static_cast<uint64_t>(shuffle_seed));
   } else {
 #ifdef REATTN_WITH_CUDA
@@ -980,8 +982,9 @@ std::vector<at::Tensor> bn_moments(const at::Tensor& moments, const at::Tensor& 
 // Training BatchNorm's backward coefficients [4, H] (mean, rstd, e, f) in `dtype` from the statistics
 // [3, H] and the backward sums [2, H] (BnCoefficientsParams, bn_coefficients_kernel): one launch where
 // reattn._batchnorm.bn_backward_coefficients takes ~15 torch ops.
-at::Tensor bn_coefficients(const at::Tensor& stats, const at::Tensor& sums, const c10::optional<at::Tensor>& norm_weight,
-                           double eps, at::ScalarType dtype, bool reverse_items, int64_t shuffle_seed) {
+at::Tensor bn_coefficients(const at::Tensor& stats, const at::Tensor& sums,
+                           const c10::optional<at::Tensor>& norm_weight, double eps, at::ScalarType dtype,
+                           bool reverse_items, int64_t shuffle_seed) {
   const char* op = "reattn cuda_bn_coefficients";
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == 3 && stats.scalar_type() == at::kDouble &&
                         stats.is_contiguous(),
@@ -1006,7 +1009,7 @@ at::Tensor bn_coefficients(const at::Tensor& stats, const at::Tensor& sums, cons
   p.coefficients = coefficients.data_ptr();
   p.coefficient_storage = storage_of(dtype);
   if (stats.is_cpu()) {
-    const int order = shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0;
+    const int order = emulator_order(reverse_items, shuffle_seed);
     emulate_bn_coefficients(p, order, static_cast<uint64_t>(shuffle_seed));
   } else {
 #ifdef REATTN_WITH_CUDA
@@ -1046,7 +1049,7 @@ at::Tensor head_dot_sums(const at::Tensor& grad, const at::Tensor& r, const at::
   if (poison_outputs) poison(partials);
   p.partials = partials.data_ptr();
   if (grad.is_cpu()) {
-    const int order = shuffle_seed != 0 ? 2 : reverse_items ? 1 : 0;
+    const int order = emulator_order(reverse_items, shuffle_seed);
     emulate_head_dot_sums(storage, p, order, static_cast<uint64_t>(shuffle_seed));
   } else {
 #ifdef REATTN_WITH_CUDA
