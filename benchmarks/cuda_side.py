@@ -105,7 +105,7 @@ class ReAttnParams(ctypes.Structure):
         ("dropout_p", ctypes.c_double), ("seed", ctypes.c_void_p),
         ("out", ctypes.c_void_p), ("o_st", Strides4), ("lse", ctypes.c_void_p), ("lse_is_input", ctypes.c_bool),
         ("stats_is_input", ctypes.c_bool), ("folded", ctypes.c_void_p), ("vector_loads", ctypes.c_bool),
-        ("out_is_acc", ctypes.c_bool), ("moments", ctypes.c_void_p),
+        ("out_is_acc", ctypes.c_bool), ("moments", ctypes.c_void_p), ("value_sums", ctypes.c_void_p),
         ("shift", ctypes.c_double), ("s1", ctypes.c_void_p), ("gram", ctypes.c_void_p),
         ("dq", ctypes.c_void_p), ("dq_st", Strides4), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
         ("dW", ctypes.c_void_p), ("dc", ctypes.c_void_p), ("dgamma", ctypes.c_void_p), ("dbeta", ctypes.c_void_p),
@@ -535,6 +535,11 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
     if tiles is not None:
         programs = B * -(-Nq // tiles["rows"])
         moments = torch.empty((programs if with_moments else 0, 2, H), dtype=torch.float64, device=q.device)
+        value_sums = torch.empty((0, H, 1, D), dtype=acc, device=q.device)
+        if with_moments and attn_mask is None:  # ops.cpp: U's shares of the row blocks
+            value_sums = torch.empty((B, H, tiles["grid"][0], D), dtype=torch.float32, device=q.device)
+            p.value_sums = rec.pointer(value_sums, "value_sums")
+            touched.append((value_sums, {"write"}))
         folded = _fold(p, q, False, bn_rows)
         p.folded = rec.pointer(folded, "folded")
         p.lse = rec.pointer(stats, "lse")
@@ -553,6 +558,7 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
         lse_ = (stats.select(-1, 0) + stats.select(-1, 1)).contiguous() if given else torch.empty(
             (B, H, Nq), dtype=acc, device=q.device)
         moments = torch.zeros((1 if with_moments else 0, 2, H), dtype=torch.float64, device=q.device)
+        value_sums = torch.empty((0, H, 1, D), dtype=acc, device=q.device)
         p.lse, p.lse_is_input = rec.pointer(lse_, "lse"), given
         p.moments = rec.pointer(moments, "moments") if with_moments else None
         touched.append((lse_, {"read"} if given else {"write"}))
@@ -562,7 +568,7 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
         _run_program(PROGRAM_KINDS["forward"], q, p, touched)
         if not given:
             stats = torch.stack([lse_, torch.zeros_like(lse_)], -1)
-    return (out, stats, moments) if with_moments else (out, stats)
+    return (out, stats, moments, value_sums) if with_moments else (out, stats)
 
 
 def _gram_sums(q, k, attn_mask, seed, *, scale, dropout_p, shift):
@@ -679,8 +685,12 @@ def _bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bia
 
 
 def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p):
-    return _forward(q, k, v, mix_weight, mix_bias, None, None, None, attn_mask, seed, None, scale=scale,
-                    out_scale=1.0, norm="none", eps=1e-5, dropout_p=dropout_p, with_moments=True)
+    """reattn.backends.cuda._forward_moments: U from the row blocks' shares where the programs summed V."""
+    from reattn.backends.cuda import value_sum
+    x_v, stats, moments, value_sums = _forward(q, k, v, mix_weight, mix_bias, None, None, None, attn_mask, seed, None,
+                                               scale=scale, out_scale=1.0, norm="none", eps=1e-5,
+                                               dropout_p=dropout_p, with_moments=True)
+    return x_v, stats, moments, value_sum(value_sums)
 
 
 def _head_params(like: torch.Tensor) -> HeadAffineParams:
@@ -692,10 +702,13 @@ def _head_params(like: torch.Tensor) -> HeadAffineParams:
     return p
 
 
-def _quads(st: Strides4) -> bool:
-    """ops.cpp's rows_load_as_quads on a meta tensor: row strides of 4 elements (the GPU allocator's base addresses
-    are 16-byte aligned)."""
-    return st.b % 4 == 0 and st.h % 4 == 0 and st.n % 4 == 0
+def _vector_items(dtype: torch.dtype, D: int, tensors) -> bool:
+    """ops.cpp's vector_items on meta tensors: fp32 accumulation, D a multiple of one 16-byte item of dtype and
+    every (tensor, strides)'s rows 16-byte aligned (the GPU allocator's base addresses are)."""
+    if _acc(dtype) != torch.float32 or D % (16 // dtype.itemsize):
+        return False
+    return all(st.b * t.element_size() % 16 == 0 and st.h * t.element_size() % 16 == 0 and
+               st.n * t.element_size() % 16 == 0 for t, st in tensors)
 
 
 def _head_symbol(kernel: str, dtype: torch.dtype) -> str:
@@ -720,7 +733,7 @@ def _head_affine(r, u, alpha, beta, dtype, second=None):
     out2 = torch.empty(r.shape if second is not None else (0, *r.shape[1:]), dtype=dtype, device=r.device)
     p.r, p.r_st = rec.pointer(r, "r"), _strides(r)
     p.u, p.u_st = rec.pointer(u, "u"), _strides(u.expand(r.shape))
-    p.vector = r.dtype == torch.float32 and p.D % 4 == 0 and _quads(p.r_st) and _quads(p.u_st)
+    p.vector = _vector_items(dtype, p.D, ((r, p.r_st), (u, p.u_st)))
     p.coefficients, p.out = rec.pointer(coefficients, "coefficients"), rec.pointer(out, "out")
     p.out2 = rec.pointer(out2, "out2") if second is not None else None
     touched = [(r, {"read"}), (u, {"read"}), (coefficients, {"read"}), (out, {"write"})]
@@ -774,7 +787,7 @@ def _head_dot_sums(grad, r, u):
     p.grad, p.grad_st = rec.pointer(grad, "grad"), _strides(grad)
     p.r, p.r_st = rec.pointer(r, "r"), _strides(r)
     p.u, p.u_st = rec.pointer(u, "u"), _strides(u.expand(grad.shape))
-    p.vector = acc == torch.float32 and p.D % 4 == 0 and all(_quads(st) for st in (p.grad_st, p.r_st, p.u_st))
+    p.vector = _vector_items(grad.dtype, p.D, ((grad, p.grad_st), (r, p.r_st), (u, p.u_st)))
     p.partials = rec.pointer(partials, "partials")
     warps = HEAD_AFFINE_THREADS // 32
     _record_head("head_dot_sums_kernel", grad.dtype, p,

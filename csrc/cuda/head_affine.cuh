@@ -5,9 +5,9 @@
 // product by V, so the forward's finish is O = alpha[h] R' + beta[h] U (and R = xhat V for the
 // backward from the same reads), and the backward's BatchNorm sums are sums over [B, Nq, D] per head
 // of dO . R and dO . U. Both are memory-bound: each element is read once and written once (twice
-// with out2). Where the rows allow (the host's HeadAffineParams::vector) a thread item is four
-// columns: one 16-byte load of fp32 and one 8-byte store of bf16, against four of each and the
-// index arithmetic per element.
+// with out2). Where the rows allow (the host's HeadAffineParams::vector) a thread item is one
+// 16-byte access of each 16-bit tensor (8 columns; each fp32 input: two 16-byte loads), against 8
+// accesses of each and the index arithmetic per element.
 #pragma once
 
 #include <cstring>
@@ -40,32 +40,27 @@ REATTN_FN E* block_start(E* base, const Strides4& st, const HeadRows& rows) {
   return base + rows.b * st.b + rows.h * st.h + static_cast<int64_t>(rows.begin) * st.n;
 }
 
-// kVec consecutive columns of a row (kVec = 4: one 16-byte load of fp32, or 8 / 16 bytes of T).
-template <typename A, int kVec>
-REATTN_FN void load_columns(const A* address, A (&x)[kVec]) {
+// kVec consecutive columns of a row, as whole 16-byte accesses where kVec * sizeof(X) is a multiple of
+// 16 (the vector items: 8 columns of a 16-bit type, 4 of fp32; the address 16-byte aligned), else one
+// element (kVec = 1).
+template <typename X, int kVec>
+REATTN_FN void load_columns(const X* address, X (&x)[kVec]) {
   if constexpr (kVec == 1) {
     x[0] = *address;
   } else {
-    static_assert(kVec == 4 && sizeof(A) == 4, "16-byte loads of 4 fp32");
-    const dev::Words4 v = dev::load_16(address);
-    std::memcpy(x, v.w, 16);
+    static_assert(kVec * sizeof(X) % 16 == 0, "vector items are whole 16-byte loads");
+#pragma unroll
+    for (int k = 0; k < kVec * static_cast<int>(sizeof(X)) / 16; ++k) {
+      const dev::Words4 v = dev::load_16(reinterpret_cast<const char*>(address) + 16 * k);
+      std::memcpy(reinterpret_cast<char*>(x) + 16 * k, v.w, 16);
+    }
   }
 }
 
 template <typename T, int kVec>
 REATTN_FN void load_columns_as_acc(const T* address, typename Storage<T>::acc (&x)[kVec]) {
   T t[kVec];
-  if constexpr (kVec == 1) {
-    t[0] = *address;
-  } else if constexpr (sizeof(T) == 2) {  // four 16-bit values: 8 bytes
-    uint32_t w[2];
-    dev::load_8(address, w);
-    std::memcpy(t, w, 8);
-  } else {
-    static_assert(kVec == 4 && sizeof(T) == 4, "16-byte loads of 4 fp32");
-    const dev::Words4 v = dev::load_16(address);
-    std::memcpy(t, v.w, 16);
-  }
+  load_columns<T, kVec>(address, t);
   for (int k = 0; k < kVec; ++k) x[k] = Storage<T>::load(t[k]);
 }
 
@@ -75,26 +70,40 @@ REATTN_FN void store_columns(T* address, const typename Storage<T>::acc (&x)[kVe
   for (int k = 0; k < kVec; ++k) t[k] = Storage<T>::store(x[k]);
   if constexpr (kVec == 1) {
     *address = t[0];
-  } else if constexpr (sizeof(T) == 2) {
-    uint32_t w[2];
-    std::memcpy(w, t, 8);
-    dev::store_8(address, w[0], w[1]);
   } else {
-    static_assert(kVec == 4 && sizeof(T) == 4, "16-byte stores of 4 fp32");
+    static_assert(kVec * sizeof(T) == 16, "vector items are one 16-byte store of T");
     dev::Words4 v;
     std::memcpy(v.w, t, 16);
     dev::store_16(address, v);
   }
 }
 
+// Columns per vector item: one 16-byte access of T (8 of a 16-bit type, 4 of fp32), the accumulation
+// type's loads then whole 16-byte ones too; fp64 has none (1).
+template <typename T>
+constexpr int vector_columns() {
+  return sizeof(typename Storage<T>::acc) == 4 ? 16 / static_cast<int>(sizeof(T)) : 1;
+}
+
 // Runs body(e, i, d) for each item of the block: item e covers columns [d, d + kVec) of the block's local
 // row i; consecutive threads take consecutive items, so every warp access is contiguous.
 template <int kVec, typename Body>
 REATTN_FN void for_each_item(const HeadAffineParams& p, const HeadRows& rows, Body&& body) {
-  // Unsigned: the division by per_row is a multiply-high and one correction, without sign fixes.
   const unsigned per_row = static_cast<unsigned>(p.D / kVec);
-  const unsigned items = static_cast<unsigned>(rows.end - rows.begin) * per_row;
-  for (unsigned e = dev::thread_index(); e < items; e += kHeadAffineThreads) {
+  const unsigned count = static_cast<unsigned>(rows.end - rows.begin);
+  const unsigned t = dev::thread_index();
+  if (kHeadAffineThreads % per_row == 0) {
+    // Each pass of the block's threads covers whole rows (D = 32, 64, 128 with vector items): a thread
+    // keeps its columns and steps its row by a constant, so an item costs its loads, its arithmetic and
+    // a few address additions, with no division.
+    const unsigned step = kHeadAffineThreads / per_row;
+    const unsigned first = t / per_row, column = t - first * per_row;
+    for (unsigned i = first; i < count; i += step) body(i * per_row + column, i, column * kVec);
+    return;
+  }
+  // Unsigned: the division by per_row is a multiply-high and one correction, without sign fixes.
+  const unsigned items = count * per_row;
+  for (unsigned e = t; e < items; e += kHeadAffineThreads) {
     const unsigned i = e / per_row;
     body(e, i, (e - i * per_row) * kVec);
   }
@@ -130,8 +139,8 @@ REATTN_FN void head_affine_items(const HeadAffineParams& p) {
 
 template <typename T>
 REATTN_FN void head_affine_program(const HeadAffineParams& p) {
-  if constexpr (sizeof(typename Storage<T>::acc) == 4) {
-    if (p.vector) return head_affine_items<T, 4>(p);
+  if constexpr (vector_columns<T>() > 1) {
+    if (p.vector) return head_affine_items<T, vector_columns<T>()>(p);
   }
   head_affine_items<T, 1>(p);
 }
@@ -191,8 +200,8 @@ REATTN_FN void head_dot_sums_items(const HeadAffineParams& p) {
 
 template <typename T>
 REATTN_FN void head_dot_sums_program(const HeadAffineParams& p) {
-  if constexpr (sizeof(typename Storage<T>::acc) == 4) {
-    if (p.vector) return head_dot_sums_items<T, 4>(p);
+  if constexpr (vector_columns<T>() > 1) {
+    if (p.vector) return head_dot_sums_items<T, vector_columns<T>()>(p);
   }
   head_dot_sums_items<T, 1>(p);
 }

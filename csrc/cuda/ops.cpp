@@ -477,12 +477,21 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   p.o_st = strides_of(out);
   p.out_is_acc = with_moments;
   at::Tensor moments;
+  // with_moments without a mask: the tensor-core programs' shares of U = sum_j V_j, else empty (the caller sums V).
+  at::Tensor value_sums = at::empty({0, p.H, 1, p.D}, q.options().dtype(acc));
   if (shape >= 0) {
     const TileShape s = forward_shape(shape);
-    const int64_t programs = p.B * ((p.Nq + s.rows() - 1) / s.rows());
+    const int64_t row_blocks = (p.Nq + s.rows() - 1) / s.rows(), programs = p.B * row_blocks;
     // Each program writes its own sums (no atomics): the caller adds them up in float64.
     moments = at::empty({with_moments ? programs : 0, 2, p.H}, q.options().dtype(at::kDouble));
-    if (poison_outputs) poison(moments);
+    if (with_moments && p.mask_kind == kMaskNone) {
+      value_sums = at::empty({p.B, p.H, row_blocks, p.D}, q.options().dtype(at::kFloat));
+      p.value_sums = value_sums.data_ptr<float>();
+    }
+    if (poison_outputs) {
+      poison(moments);
+      poison(value_sums);
+    }
     const int order = emulator_order(reverse_items, shuffle_seed);
     a.keep.push_back(fold_parameters(op, a, q, false, order, static_cast<uint64_t>(shuffle_seed)));
     p.folded = a.keep.back().data_ptr();
@@ -517,7 +526,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     run(op, kForward, q, p, shared_limit, reverse_items);
     if (!given) stats = stats_from_lse(lse);
   }
-  if (with_moments) return {out, stats, moments};
+  if (with_moments) return {out, stats, moments, value_sums};
   return {out, stats};
 }
 
@@ -853,11 +862,21 @@ Strides4 broadcast_strides(const char* op, const char* name, const at::Tensor& u
   return strides_of(u.expand(shape));
 }
 
-// Whether every row of t (strides st) starts where a load of four elements is aligned to its size (16 bytes
-// for fp32, 8 for 16-bit types): HeadAffineParams::vector.
-bool rows_load_as_quads(const at::Tensor& t, const Strides4& st) {
-  const int64_t quad = 4 * t.element_size();
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % quad == 0 && st.b % 4 == 0 && st.h % 4 == 0 && st.n % 4 == 0;
+// Whether every row of t (strides st, in elements) starts 16-byte aligned: HeadAffineParams::vector.
+bool rows_16_byte_aligned(const at::Tensor& t, const Strides4& st) {
+  const int64_t size = t.element_size();
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && st.b * size % 16 == 0 && st.h * size % 16 == 0 &&
+         st.n * size % 16 == 0;
+}
+
+// HeadAffineParams::vector: items of one 16-byte access of T (16 / sizeof(T) columns) where the accumulation
+// type is fp32, D is a multiple of the item and every tensor's rows start 16-byte aligned.
+bool vector_items(at::ScalarType dtype, int64_t D, std::initializer_list<std::pair<const at::Tensor*, Strides4>> rows) {
+  if (acc_of(dtype) != at::kFloat || D % (16 / c10::elementSize(dtype)) != 0) return false;
+  for (const auto& [t, st] : rows) {
+    if (!rows_16_byte_aligned(*t, st)) return false;
+  }
+  return true;
 }
 
 HeadAffineParams head_params(const at::Tensor& like) {
@@ -899,7 +918,7 @@ std::vector<at::Tensor> head_affine(const at::Tensor& r, const at::Tensor& u, co
   p.r_st = strides_of(r);
   p.u = u.data_ptr();
   p.u_st = broadcast_strides(op, "u", u, r.sizes(), acc, r.device());
-  p.vector = acc == at::kFloat && p.D % 4 == 0 && rows_load_as_quads(r, p.r_st) && rows_load_as_quads(u, p.u_st);
+  p.vector = vector_items(dtype, p.D, {{&r, p.r_st}, {&u, p.u_st}});
   p.coefficients = coefficients.data_ptr();
   at::Tensor out = at::empty(r.sizes(), r.options().dtype(dtype));
   at::Tensor out2 = at::empty(second ? r.sizes() : at::IntArrayRef({0, p.H, p.Nq, p.D}), r.options().dtype(dtype));
@@ -1042,8 +1061,7 @@ at::Tensor head_dot_sums(const at::Tensor& grad, const at::Tensor& r, const at::
   p.r_st = strides_of(r);
   p.u = u.data_ptr();
   p.u_st = broadcast_strides(op, "u", u, grad.sizes(), acc, grad.device());
-  p.vector = acc == at::kFloat && p.D % 4 == 0 && rows_load_as_quads(grad, p.grad_st) &&
-             rows_load_as_quads(r, p.r_st) && rows_load_as_quads(u, p.u_st);
+  p.vector = vector_items(grad.scalar_type(), p.D, {{&grad, p.grad_st}, {&r, p.r_st}, {&u, p.u_st}});
   const int64_t num_m = (p.Nq + p.rows - 1) / p.rows;
   at::Tensor partials = at::empty({p.B, p.H, num_m, 2}, grad.options().dtype(acc));
   if (poison_outputs) poison(partials);
@@ -1115,7 +1133,9 @@ void register_ops(pybind11::module& m) {
         "Fused CUDA Re-attention forward: [out [B,H,Nq,D], stats [B,H,Nq,2]] with the row statistics (max of "
         "S, log of sum exp(S - max)); with_moments (norm 'none'): out in the accumulation dtype and a third "
         "output, moments [programs, 2, H] float64 (per-program sums of X = W P~ + c and X^2 over the attended "
-        "entries, for one-sweep training BatchNorm). norm 'batch' = training statistics given as batch_stats "
+        "entries, for one-sweep training BatchNorm) and a fourth, value_sums: without a mask, on the tensor-core "
+        "programs, [B, H, row blocks, D] fp32 whose sum over dim 2 is U = sum_j V_j [B, H, 1, D], else empty "
+        "[0, H, 1, D]. norm 'batch' = training statistics given as batch_stats "
         "[2,H] (mean, 1/std); stats given ([B,H,Nq,2], or a [B,H,Nq] logsumexp) = read, not computed. fp16/bf16 "
         "run the tensor-core forward where a tile shape fits (programs_only: the CUDA-core programs; "
         "general_variant: its general compiled variant even where a plain one applies). CPU "

@@ -96,6 +96,10 @@ struct ReAttnParams {
   // The tensor-core forward writes each program's sums instead: [programs][2][H], not added.
   bool out_is_acc = false;
   double* moments = nullptr;
+  // With moments and without a mask (tensor-core forward): [B, H, row blocks, D] fp32, row block r's
+  // sums over V of the value chunks c (16 keys each) with c % row blocks == r, for U = sum_j V_j (the
+  // host adds the blocks' rows). Null: not summed.
+  float* value_sums = nullptr;
 
   // Gram-sum sweep (kGramSums): float64 sums of X = P~ - shift over unmasked entries.
   double shift = 0.0;
@@ -139,8 +143,8 @@ struct HeadAffineParams {
   int64_t B = 0;
   int H = 0, Nq = 0, D = 0;
   int rows = 0;
-  // Four columns per thread item, by 16-byte loads (fp32 accumulation, D % 4 == 0, every row start
-  // 16-byte aligned in the fp32 inputs and 4-element aligned in the T ones); else one.
+  // Items of 16 / sizeof(T) columns (8 of a 16-bit T, 4 of fp32) by 16-byte accesses: fp32
+  // accumulation, D a multiple of the item, every row start of every tensor 16-byte aligned; else one.
   bool vector = false;
   // head_affine: R' = X V in the accumulation type; head_dot_sums: R = xhat V in T. Any strides.
   const void* r = nullptr;

@@ -215,6 +215,7 @@ struct RowProgram {
   bool exact;            // one segment: the softmax straight from registers
   bool plain;            // Cfg::kPlain: no mask, no dropout, scale > 0, aligned rows
   int issued, used;      // ring steps issued / consumed (step i lives in slot i % 2)
+  int value_turn;        // summing_values: value chunks until the next one this row block sums
   const E* kbase;        // batch element b of k and v
   const E* vbase;
 
@@ -251,7 +252,7 @@ struct RowProgram {
     exact = !Cfg::kBackward && (Cfg::kOneSegment || segments == 1);  // compile-time for one-segment shapes
     plain = Cfg::kPlain;
     slab_active = m0 + slab * 16 < Nq;
-    issued = used = 0;
+    issued = used = value_turn = 0;
     kbase = static_cast<const E*>(p.k) + b * p.k_st.b;
     vbase = static_cast<const E*>(p.v) + b * p.v_st.b;
   }
@@ -1092,6 +1093,63 @@ struct RowProgram {
     }
   }
 
+  // ---- U = sum_j V_j (training BatchNorm's one sweep without a mask: p.value_sums) --------------------
+  // Every row block of a batch element streams every value chunk; row block r sums the chunks c with
+  // c % row blocks == r over its head-dim columns. A thread owns the same column pairs in every chunk,
+  // so its running sums sit in shared memory (L.exchange: only LayerNorm uses it) with no barrier
+  // between its adds and its final store. Per summed chunk and thread: H d_out / (2 threads) pairs of
+  // 16 loads and 32 adds, against the 2-byte read of every element of V that torch's sum would add
+  // (DeiT-S: 38.7 MB); the blocks' rows are summed by the host ([B, H, row blocks, D], small).
+  static constexpr bool kValueSums = !Cfg::kBackward && (Cfg::kVariant == kPlainMoments || Cfg::kVariant == kGeneral);
+  static_assert(!kValueSums || (kGroups > 1 && Cfg::kMaxHeads * Cfg::kDOut <= kSlabs * kGroups * 32 * 8 &&
+                                Cfg::kDOut % 2 == 0),
+                "U's sums live in the forward's exchange region, in column pairs");
+  REATTN_DEVICE bool summing_values() const {
+    if constexpr (kValueSums) {
+      return p.value_sums != nullptr;
+    } else {
+      return false;
+    }
+  }
+  REATTN_DEVICE int row_blocks() const { return (Nq + Cfg::kRows - 1) / Cfg::kRows; }
+
+  REATTN_DEVICE void clear_value_sums() const {
+    float* u = at<float>(L.exchange);
+    for (int i = dev::thread_index(); i < H * Cfg::kDOut; i += Cfg::kThreads) u[i] = 0.0f;
+  }
+
+  // The chunk in `slot` (every head, 16 keys, the program's d_out columns; zeros past Nk and D).
+  REATTN_DEVICE void add_value_sums(int slot) const {
+    constexpr int kPairs = Cfg::kDOut / 2;
+    const E* values = slot_tile(slot);
+    float* u = at<float>(L.exchange);
+    for (int i = dev::thread_index(); i < H * kPairs; i += Cfg::kThreads) {
+      const int h = i / kPairs, d = 2 * (i - h * kPairs);
+      const E* column = values + static_cast<size_t>(h) * kValueTile * kVRow + d;
+      float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kValueTile; ++k) {
+        const uint32_t w = *reinterpret_cast<const uint32_t*>(column + k * kVRow);
+        s0 += Cv::low(w);
+        s1 += Cv::high(w);
+      }
+      u[2 * i] += s0;
+      u[2 * i + 1] += s1;
+    }
+  }
+
+  REATTN_DEVICE void write_value_sums() const {
+    constexpr int kPairs = Cfg::kDOut / 2;
+    const int blocks = row_blocks(), block = m0 / Cfg::kRows;
+    const float* u = at<float>(L.exchange);
+    for (int i = dev::thread_index(); i < H * kPairs; i += Cfg::kThreads) {
+      const int h = i / kPairs, d = 2 * (i - h * kPairs);
+      float* out = p.value_sums + ((b * H + h) * blocks + block) * static_cast<int64_t>(D) + d0 + d;
+      if (d0 + d < D) out[0] = u[2 * i];
+      if (d0 + d + 1 < D) out[1] = u[2 * i + 1];
+    }
+  }
+
   REATTN_DEVICE void mixing_phase(int seg, float (&o)[kHeads][Cfg::kOutN8][4], float (&moments)[kHeads][2]) {
     const int chunks = value_tiles(seg_len(seg));
     uint32_t whi[4], wlo[4];
@@ -1106,6 +1164,15 @@ struct RowProgram {
         issue_values(seg_start(seg) + (c + 1) * kValueTile);
       } else {
         issue_after_values(seg);
+      }
+      if (summing_values()) {
+        // Chunk n (over the segments) is this block's when n % row blocks == its row block: a countdown,
+        // not a division by the run-time row-block count per chunk.
+        if (value_turn == 0) {
+          add_value_sums(slot);
+          value_turn = row_blocks();
+        }
+        --value_turn;
       }
       if (slab_active) {
         if constexpr (kTensorMix) {
@@ -1135,6 +1202,10 @@ struct RowProgram {
     float moments[kHeads][2];
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) moments[j][0] = moments[j][1] = 0.0f;
+    if (summing_values()) {
+      clear_value_sums();
+      value_turn = m0 / Cfg::kRows;  // chunks until this row block's first
+    }
     if constexpr (Cfg::kOneSegment) {
       score_phase(0);
       clear(o);
@@ -1150,6 +1221,7 @@ struct RowProgram {
     dev::cp_async_wait<0>();
     write_output(o);
     if (counting()) write_moments(moments);
+    if (summing_values()) write_value_sums();
   }
 
   // ================================ backward: the row pass ================================================

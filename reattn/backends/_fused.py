@@ -55,8 +55,8 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     center = mix_weight.detach().to(acc).sum(dim=1) / Nk
-    r, softmax_stats, moments = forward_moments(q, k, v, mix_weight, -center, attn_mask, seed, scale=scale,
-                                                dropout_p=dropout_p)
+    r, softmax_stats, moments, u = forward_moments(q, k, v, mix_weight, -center, attn_mask, seed, scale=scale,
+                                                   dropout_p=dropout_p)
     if bn_moments is not None:
         stats, coefficients = bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias,
                                          out_scale=out_scale, eps=eps, dtype=acc)
@@ -77,7 +77,9 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
         if norm_bias is not None:
             beta = beta + out_scale * norm_bias.detach().to(acc)
         shift = -mean_x.to(acc) * rstd
-    if attn_mask is None:
+    if u is not None:  # summed by the forward's programs, [B, H, 1, D]
+        pass
+    elif attn_mask is None:
         u = v.sum(dim=2, keepdim=True, dtype=acc)  # [B, H, 1, D]: every row sees every key
     else:
         keep = kept_entries(attn_mask)
@@ -125,10 +127,12 @@ class FusedKernels:
         bn_coefficients [4, H] from ``reattn._batchnorm.bn_backward_coefficients`` (the norm's own
         gradients are the sums, so the backward's d_norm_weight, d_norm_bias are not read then).
     forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p)
-        -> (r [B, H, Nq, D] in the accumulation dtype, softmax_stats, moments [programs, 2, H]): optional, the
+        -> (r [B, H, Nq, D] in the accumulation dtype, softmax_stats, moments [programs, 2, H], u): optional, the
         norm-less forward O = X V of X = W P~ + mix_bias (masked entries 0) with per-program sums
-        of X and X^2 over the unmasked entries; with it, local training BatchNorm runs in one
-        sweep over the keys (:func:`one_sweep_batchnorm`) instead of the statistics sweep + forward.
+        of X and X^2 over the unmasked entries, and u = sum_j V_j [B, H, 1, D] in the accumulation dtype where the
+        kernel summed it on the way (no mask), else None (the caller sums V); with it, local training
+        BatchNorm runs in one sweep over the keys (:func:`one_sweep_batchnorm`) instead of the statistics
+        sweep + forward.
     softmax_stats_shape(q) -> shape: what the forward saves per score row for the backward: the
         row max and log-sum, [2, B, H, Nq] (Triton) or [B, H, Nq, 2] (CUDA); each backend reads only
         its own.

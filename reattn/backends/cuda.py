@@ -3,8 +3,8 @@
 Its ops are ``reattn::cuda_forward``, ``reattn::cuda_backward``, ``reattn::cuda_gram_sums`` and
 ``reattn::cuda_bn_grad_sums`` (``_ladder.OpLadder``: nothing of size B*H*Nq*Nk is saved or
 written). Local training BatchNorm runs in one sweep over the keys: the forward program with norm
-none also sums the map's moments per head (``_C.cuda_forward(..., with_moments=True)``),
-``_fused.one_sweep_batchnorm`` applies the norm to X V in one element-wise pass (``_C.cuda_head_affine``,
+none also sums the map's moments per head (``_C.cuda_forward(..., with_moments=True)``) and, without a
+mask, V over the keys (U, which the norm's shift multiplies), ``_fused.one_sweep_batchnorm`` applies the norm to X V in one element-wise pass (``_C.cuda_head_affine``,
 which also writes R = xhat V for the backward), and the backward's BatchNorm sums are one pass over dO,
 R and U (``_C.cuda_head_dot_sums``) instead of a sweep over the keys. Dropout uses Triton's Philox stream, so for
 one seed the CUDA and Triton backends drop the same entries.
@@ -15,6 +15,8 @@ which is how CI tests this backend without a GPU. ``backend="cuda"`` accepts CPU
 ``backend="auto"``.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -60,12 +62,19 @@ def _bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bia
     return torch.stack([sum_dn_xhat, sum_dn])
 
 
+def value_sum(value_sums: torch.Tensor) -> Optional[torch.Tensor]:
+    """U = sum_j V_j [B, H, 1, D] from the forward's per-row-block shares [B, H, row blocks, D], or None where the
+    programs summed none (a mask, or the CUDA-core programs: the caller sums V)."""
+    return value_sums.sum(dim=2, keepdim=True) if value_sums.shape[0] > 0 else None
+
+
 def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p):
-    # X V in the accumulation dtype and the float64 sums of X, X^2 per program: [programs, 2, H] (the CUDA-core
-    # programs add theirs into one: [1, 2, H]).
-    x_v, softmax_stats, moments = _C.cuda_forward(q, k, v, mix_weight, mix_bias, None, None, None, attn_mask, seed,
-                                                  None, scale, 1.0, "none", 1e-5, dropout_p, True)
-    return x_v, softmax_stats, moments
+    # X V in the accumulation dtype, the float64 sums of X, X^2 per program: [programs, 2, H] (the CUDA-core
+    # programs add theirs into one: [1, 2, H]), and U where the tensor-core programs summed V on the way.
+    x_v, softmax_stats, moments, value_sums = _C.cuda_forward(q, k, v, mix_weight, mix_bias, None, None, None,
+                                                              attn_mask, seed, None, scale, 1.0, "none", 1e-5,
+                                                              dropout_p, True)
+    return x_v, softmax_stats, moments, value_sum(value_sums)
 
 
 def coefficient_rows(rows, dtype: torch.dtype) -> torch.Tensor:

@@ -50,8 +50,10 @@ def _bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bia
 def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p):
     # R' = X V stays in the accumulation dtype: the caller subtracts mean(X) U from it.
     r = torch.empty(q.shape, dtype=accumulator_dtype(q), device=q.device)
-    return re_attention_forward(q, k, v, mix_weight, mix_bias, scale=scale, norm="none", attn_mask=attn_mask,
-                                dropout_p=dropout_p, seed=seed, out=r, with_moments=True)
+    r, softmax_stats, moments = re_attention_forward(q, k, v, mix_weight, mix_bias, scale=scale, norm="none",
+                                                     attn_mask=attn_mask, dropout_p=dropout_p, seed=seed, out=r,
+                                                     with_moments=True)
+    return r, softmax_stats, moments, None  # U: the caller's sum over V
 
 
 TRITON_KERNELS = FusedKernels(forward=_forward, gram_sums=gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,

@@ -79,8 +79,8 @@ def run_programs(B, H, Nq, Nk, D, *, norm, masked, dropout, dtype=torch.float64,
     sums = _C.cuda_backward(grad, q, k, v, w, c, nw, nb, rows, keep, seed, lse2, 0.4, 0.8, norm, 1e-5, p, True,
                             **forward_options)[5:]
     # One-sweep training BatchNorm's forward: norm none, X V in the accumulation dtype, moments of X.
-    x_v, _, moments = _C.cuda_forward(q, k, v, w, c, None, None, None, keep, seed, None, 0.4, 1.0, "none", 1e-5, p,
-                                      True, **forward_options)
+    x_v, _, moments, _ = _C.cuda_forward(q, k, v, w, c, None, None, None, keep, seed, None, 0.4, 1.0, "none", 1e-5,
+                                         p, True, **forward_options)
     return dict(lse=lse, s1=s1, gram=gram, out=out, lse2=lse2, dq=grads[0], dk=grads[1], dv=grads[2], dW=grads[3],
                 dc=grads[4], dgamma=grads[5], dbeta=grads[6], sum_dn_xhat=sums[0], sum_dn=sums[1], x_v=x_v,
                 moments=moments.sum(0))
@@ -568,10 +568,11 @@ def test_tensor_core_forward_moments_are_per_program_sums():
     q, k, v, w, c, _, _, _ = tensors(B, H, Nq, Nk, D)
     keep = bool_mask(B, Nq, Nk)
     low = [t.bfloat16() for t in (q, k, v)]
-    x_v, _, moments = _C.cuda_forward(*low, w, c, None, None, None, keep, None, None, 0.3, 1.0, "none", 1e-5, 0.0,
-                                      True, poison_outputs=True)
+    x_v, _, moments, value_sums = _C.cuda_forward(*low, w, c, None, None, None, keep, None, None, 0.3, 1.0, "none",
+                                                  1e-5, 0.0, True, poison_outputs=True)
     tiles = _C.cuda_forward_tiles(H, D, Nq, Nk, "bfloat16")
     assert moments.shape == (B * tiles["grid"][0], 2, H) and x_v.dtype == torch.float32
+    assert value_sums.shape == (0, H, 1, D)  # with a mask U is the caller's (the kept keys' sum)
     _, A = re_attention_ref(*[t.double() for t in low], w, c, scale=0.3, attn_mask=keep, return_attention=True)
     attended = keep.expand(B, H, Nq, Nk)
     X = A.masked_fill(~attended, 0)
@@ -580,6 +581,33 @@ def test_tensor_core_forward_moments_are_per_program_sums():
     scale = torch.stack([X.abs().sum((0, 2, 3)), (X * X).sum((0, 2, 3))])
     assert ((moments.sum(0) - expected).abs() <= 2 ** -7 * scale + 1e-6).all()
     torch.testing.assert_close(x_v.double(), A @ v.bfloat16().double(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("H,D,Nq,Nk,options", [
+    (6, 64, 150, 197, {}),                                    # DeiT-S's tiles: 3 row blocks of 64 rows, 13 chunks
+    (12, 32, 40, 70, dict(general_variant=True)),             # the general variant, 2 row blocks
+    (5, 35, 33, 33, {}),                                      # unaligned rows (padded copies), one row block
+    (12, 40, 70, 300, dict(shared_limit=SM80_SHARED)),        # key segments (two sweeps), head dims in 1 chunk
+    (1, 32, 1, 1, {}),                                        # one head, one query, one key
+])
+def test_tensor_core_forward_sums_values_for_training_batchnorm(H, D, Nq, Nk, options):
+    """Without a mask the one-sweep forward also sums V over the keys (U = sum_j V_j, which the norm's shift
+    multiplies): row block r of a batch element sums the value chunks c with c % row blocks == r, so the blocks'
+    rows [B, H, row blocks, D] add up to U. fp32 sums of the bf16 values: at most Nk 2^-24 sum |V| off (each sum
+    has at most Nk terms), every element written (the outputs are poisoned)."""
+    B = 2
+    q, k, v, w, c, _, _, _ = tensors(B, H, Nq, Nk, D)
+    low = [t.bfloat16() for t in (q, k, v)]
+    seed = torch.tensor([99], device=DEVICE) if options.get("general_variant") else None
+    tiles = _C.cuda_forward_tiles(H, D, Nq, Nk, "bfloat16", options.get("shared_limit", 0))
+    assert tiles is not None
+    _, _, _, value_sums = _C.cuda_forward(*low, w, c, None, None, None, None, seed, None, 0.3, 1.0, "none", 1e-5,
+                                          0.1 if seed is not None else 0.0, True, poison_outputs=True, **options)
+    assert value_sums.shape == (B, H, tiles["grid"][0], D) and value_sums.dtype == torch.float32
+    v64 = low[2].double()
+    want = v64.sum(2, keepdim=True)
+    bound = Nk * 2.0 ** -24 * v64.abs().sum(2, keepdim=True)
+    assert ((value_sums.double().sum(2, keepdim=True) - want).abs() <= bound).all()
 
 
 def test_tensor_core_tiles_of_the_issue_shapes():
@@ -854,17 +882,21 @@ def _acc(dtype):
 
 
 def _rows_of(B, H, N, D, dtype, layout, g):
-    """[B, H, N, D] with unit stride along D, rows as `layout` says: "D = 35" (no four-column items),
-    "D = 36" (16-byte aligned rows: items of four columns, HeadAffineParams::vector), "D = 36, rows 4 bytes off"
-    (a view one element into wider rows: the host must pick one column per item, or the emulator's alignment
-    check refuses the 16-byte loads)."""
+    """[B, H, N, D] with unit stride along D, rows as `layout` says. HeadAffineParams::vector takes items of one
+    16-byte access (8 columns of a 16-bit dtype, 4 of fp32) where D is a multiple of the item and every row starts
+    16-byte aligned, else one column; a block's threads keep their columns where they cover whole rows (256 a
+    multiple of the items per row), else each item finds its row by a division. "D = 35": one column, division;
+    "D = 36": fp32 items (16-bit: one column), division; "D = 40": items for every dtype but fp64, division;
+    "D = 64": items, fixed columns; "D = 64, rows one element off" (a view one element into wider rows: the host
+    must pick one column per item, or the emulator's alignment check refuses the 16-byte loads): one column, fixed
+    columns."""
     if "off" not in layout:
         return torch.randn(B, N, H, D, generator=g, dtype=torch.float64).to(dtype).to(DEVICE).transpose(1, 2)
-    wide = torch.randn(B, H, N, D + 4, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+    wide = torch.randn(B, H, N, D + 8, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
     return wide[..., 1:D + 1]
 
 
-HEAD_LAYOUTS = {"D = 35": 35, "D = 36": 36, "D = 36, rows 4 bytes off": 36}
+HEAD_LAYOUTS = {"D = 35": 35, "D = 36": 36, "D = 40": 40, "D = 64": 64, "D = 64, rows one element off": 64}
 
 
 @pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))
@@ -872,8 +904,8 @@ HEAD_LAYOUTS = {"D = 35": 35, "D = 36": 36, "D = 36, rows 4 bytes off": 36}
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_head_affine_matches_float64(layout, u_shape, dtype):
     """out = alpha_h R' + beta_h U and out2 = alpha2_h R' + beta2_h U, each one fused multiply-add per element in
-    the accumulation dtype and one rounding to dtype; one or four columns per thread item (see _rows_of), more
-    rows than one block holds (Nq = 140 > 4096 / D), r not contiguous, poisoned outputs."""
+    the accumulation dtype and one rounding to dtype; one column or one 16-byte access per thread item (see
+    _rows_of), more rows than one block holds (Nq = 140 > 4096 / D), r not contiguous, poisoned outputs."""
     B, H, Nq, D = 2, 3, 140, HEAD_LAYOUTS[layout]
     acc = _acc(dtype)
     g = torch.Generator().manual_seed(0)

@@ -75,6 +75,11 @@ def test_launches_per_norm_mode_follow_ops_cpp():
     affine, sums = train["fwd"][1], train["bwd"][0]
     assert affine.params.out2 and affine.grid == (B * H, 1) and affine.params.rows == N
     assert sums.grid == (B * H, 1) and sums.dynamic_shared == 2 * 8 * 4
+    # Items of one 16-byte access (8 bf16 columns) in both element-wise passes; U = sum_j V_j from the forward's
+    # row-block shares, so no torch op of the forward reads V (B H N D bf16 values).
+    assert affine.params.vector and sums.params.vector and train["fwd"][0].params.value_sums
+    ops = [x for x in cuda_side.cuda_call(B, H, N, D, "batch-train", 90)["fwd"] if not isinstance(x, cuda_side.Launch)]
+    assert ops and max(op.bytes_read for op in ops) < B * H * N * D * 2
     assert names["batch-train"]["fwd"][1] == "head_affine_kernel<bfloat16>"
     assert names["batch-train"]["bwd"][0] == "head_dot_sums_kernel<bfloat16>"
     assert not train["bwd"][1].params.stats_only and train["bwd"][1].params.dq
