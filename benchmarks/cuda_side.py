@@ -122,7 +122,7 @@ class HeadAffineParams(ctypes.Structure):
         ("B", ctypes.c_int64), ("H", ctypes.c_int), ("Nq", ctypes.c_int), ("D", ctypes.c_int), ("rows", ctypes.c_int),
         ("vector", ctypes.c_bool), ("r", ctypes.c_void_p), ("r_st", Strides4), ("u", ctypes.c_void_p), ("u_st", Strides4),
         ("grad", ctypes.c_void_p), ("grad_st", Strides4), ("coefficients", ctypes.c_void_p),
-        ("out", ctypes.c_void_p), ("out2", ctypes.c_void_p), ("partials", ctypes.c_void_p),
+        ("out", ctypes.c_void_p), ("out2", ctypes.c_void_p), ("partials", ctypes.c_void_p), ("scale", ctypes.c_double),
     ]
 
 
@@ -536,7 +536,7 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
         programs = B * -(-Nq // tiles["rows"])
         moments = torch.empty((programs if with_moments else 0, 2, H), dtype=torch.float64, device=q.device)
         value_sums = torch.empty((0, H, 1, D), dtype=acc, device=q.device)
-        if with_moments and attn_mask is None:  # ops.cpp: U's shares of the row blocks
+        if with_moments and attn_mask is None and tiles["keys"] > 64:  # ops.cpp: U's shares of the row blocks
             value_sums = torch.empty((B, H, tiles["grid"][0], D), dtype=torch.float32, device=q.device)
             p.value_sums = rec.pointer(value_sums, "value_sums")
             touched.append((value_sums, {"write"}))
@@ -778,12 +778,13 @@ def _bn_coefficients(stats, sums, norm_weight, *, eps, dtype):
     return coefficients
 
 
-def _head_dot_sums(grad, r, u):
+def _head_dot_sums(grad, r, u, *, scale):
     """reattn.backends.cuda._head_dot_sums and ops.cpp's head_dot_sums."""
     rec = _RECORDER
     p = _head_params(grad)
     acc = _acc(grad.dtype)
-    partials = torch.empty((p.B, p.H, -(-p.Nq // p.rows), 2), dtype=acc, device=grad.device)
+    partials = torch.empty((2, p.B, p.H, -(-p.Nq // p.rows)), dtype=acc, device=grad.device)
+    p.scale = scale
     p.grad, p.grad_st = rec.pointer(grad, "grad"), _strides(grad)
     p.r, p.r_st = rec.pointer(r, "r"), _strides(r)
     p.u, p.u_st = rec.pointer(u, "u"), _strides(u.expand(grad.shape))
@@ -793,7 +794,7 @@ def _head_dot_sums(grad, r, u):
     _record_head("head_dot_sums_kernel", grad.dtype, p,
                  [(grad, {"read"}), (r, {"read"}), (u, {"read"}), (partials, {"write"})],
                  2 * warps * acc.itemsize)
-    return partials.sum(dim=(0, 2), dtype=torch.float64).t().contiguous()
+    return partials.sum(dim=(1, 3), dtype=torch.float64)
 
 
 @functools.lru_cache(maxsize=None)

@@ -87,10 +87,10 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     mean, var (biased) and count per head ([H], or count 0-dim); the running variance gets the
     unbiased var * n / (n - 1). No gradient flows into the running statistics.
     """
-    with torch.no_grad():
+    with torch.no_grad():  # lerp_: one op where mul_ and add_ took two (each a launch on a GPU)
         unbiased = var * count / (count - 1)
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
 
 
 def fold_batchnorm_eval(

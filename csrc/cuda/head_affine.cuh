@@ -92,12 +92,15 @@ REATTN_FN void for_each_item(const HeadAffineParams& p, const HeadRows& rows, Bo
   const unsigned per_row = static_cast<unsigned>(p.D / kVec);
   const unsigned count = static_cast<unsigned>(rows.end - rows.begin);
   const unsigned t = dev::thread_index();
-  if (kHeadAffineThreads % per_row == 0) {
-    // Each pass of the block's threads covers whole rows (D = 32, 64, 128 with vector items): a thread
-    // keeps its columns and steps its row by a constant, so an item costs its loads, its arithmetic and
-    // a few address additions, with no division.
+  if (per_row <= kHeadAffineThreads / 2 || kHeadAffineThreads % per_row == 0) {
+    // A pass of the block's first step * per_row threads covers `step` whole rows (every thread where
+    // per_row divides 256: D = 32, 64, 128 with vector items; 245 of 256 at D = 35): a thread keeps its
+    // columns and steps its row by a constant, so an item costs its loads, its arithmetic and a few address
+    // additions, with no division (at D = 35, 35 integer instructions per element went to the division
+    // and the 64-bit addresses of each item).
     const unsigned step = kHeadAffineThreads / per_row;
     const unsigned first = t / per_row, column = t - first * per_row;
+    if (first >= step) return;
     for (unsigned i = first; i < count; i += step) body(i * per_row + column, i, column * kVec);
     return;
   }
@@ -151,7 +154,8 @@ constexpr size_t head_dot_sums_shared() {
   return 2 * (kHeadAffineThreads / dev::kWarpSize) * sizeof(typename Storage<T>::acc);
 }
 
-// partials[block] = (sum dO . R, sum dO . U) over the block's rows, in the accumulation type: each
+// partials[0][block], partials[1][block] = scale (sum dO . R, sum dO . U) over the block's rows, in the
+// accumulation type (block = (b h, row block)): each
 // thread sums its items, the warp adds its lanes by butterfly shuffles, and the first thread adds the
 // warps in order (the same order on every run: deterministic). The rounding is that of sums of
 // rows * D / 256 terms per thread, 5 shuffle levels and the 8 warps; the host adds the blocks in
@@ -190,11 +194,11 @@ REATTN_FN void head_dot_sums_items(const HeadAffineParams& p) {
       total_r += warp_sums[2 * w];
       total_u += warp_sums[2 * w + 1];
     }
-    const int num_m = (p.Nq + p.rows - 1) / p.rows;
-    A* out = static_cast<A*>(p.partials) + 2 * (static_cast<int64_t>(dev::block_index_x()) * num_m +
-                                                dev::block_index_y());
-    out[0] = total_r;
-    out[1] = total_u;
+    const int64_t num_m = (p.Nq + p.rows - 1) / p.rows, blocks = p.B * p.H * num_m;
+    A* out = static_cast<A*>(p.partials) + static_cast<int64_t>(dev::block_index_x()) * num_m + dev::block_index_y();
+    const A scale = static_cast<A>(p.scale);
+    out[0] = total_r * scale;
+    out[blocks] = total_u * scale;
   }
 }
 

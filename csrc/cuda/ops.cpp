@@ -484,7 +484,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     const int64_t row_blocks = (p.Nq + s.rows() - 1) / s.rows(), programs = p.B * row_blocks;
     // Each program writes its own sums (no atomics): the caller adds them up in float64.
     moments = at::empty({with_moments ? programs : 0, 2, p.H}, q.options().dtype(at::kDouble));
-    if (with_moments && p.mask_kind == kMaskNone) {
+    if (with_moments && p.mask_kind == kMaskNone && s.keys > 64) {  // one-segment shapes (rows.cuh, kValueSums)
       value_sums = at::empty({p.B, p.H, row_blocks, p.D}, q.options().dtype(at::kFloat));
       p.value_sums = value_sums.data_ptr<float>();
     }
@@ -1042,7 +1042,7 @@ at::Tensor bn_coefficients(const at::Tensor& stats, const at::Tensor& sums,
   return coefficients;
 }
 
-at::Tensor head_dot_sums(const at::Tensor& grad, const at::Tensor& r, const at::Tensor& u, bool reverse_items,
+at::Tensor head_dot_sums(const at::Tensor& grad, const at::Tensor& r, const at::Tensor& u, double scale, bool reverse_items,
                          bool poison_outputs, int64_t shuffle_seed) {
   const char* op = "reattn cuda_head_dot_sums";
   check_head_shape(op, "grad", grad);
@@ -1063,7 +1063,8 @@ at::Tensor head_dot_sums(const at::Tensor& grad, const at::Tensor& r, const at::
   p.u_st = broadcast_strides(op, "u", u, grad.sizes(), acc, grad.device());
   p.vector = vector_items(grad.scalar_type(), p.D, {{&grad, p.grad_st}, {&r, p.r_st}, {&u, p.u_st}});
   const int64_t num_m = (p.Nq + p.rows - 1) / p.rows;
-  at::Tensor partials = at::empty({p.B, p.H, num_m, 2}, grad.options().dtype(acc));
+  p.scale = scale;
+  at::Tensor partials = at::empty({2, p.B, p.H, num_m}, grad.options().dtype(acc));
   if (poison_outputs) poison(partials);
   p.partials = partials.data_ptr();
   if (grad.is_cpu()) {
@@ -1078,8 +1079,8 @@ at::Tensor head_dot_sums(const at::Tensor& grad, const at::Tensor& r, const at::
     TORCH_CHECK_VALUE(false, op, ": reattn._C was built without CUDA");
 #endif
   }
-  // The blocks' partial sums added in float64: [2, H] = (sum grad . r, sum grad . u) per head.
-  return partials.sum({0, 2}, /*keepdim=*/false, at::kDouble).t().contiguous();
+  // The blocks' partial sums added in float64: [2, H] = scale (sum grad . r, sum grad . u) per head, one op.
+  return partials.sum({1, 3}, /*keepdim=*/false, at::kDouble);
 }
 
 at::Tensor device_check(int64_t kind, const at::Tensor& a, const c10::optional<at::Tensor>& b, int64_t order,
@@ -1133,8 +1134,8 @@ void register_ops(pybind11::module& m) {
         "Fused CUDA Re-attention forward: [out [B,H,Nq,D], stats [B,H,Nq,2]] with the row statistics (max of "
         "S, log of sum exp(S - max)); with_moments (norm 'none'): out in the accumulation dtype and a third "
         "output, moments [programs, 2, H] float64 (per-program sums of X = W P~ + c and X^2 over the attended "
-        "entries, for one-sweep training BatchNorm) and a fourth, value_sums: without a mask, on the tensor-core "
-        "programs, [B, H, row blocks, D] fp32 whose sum over dim 2 is U = sum_j V_j [B, H, 1, D], else empty "
+        "entries, for one-sweep training BatchNorm) and a fourth, value_sums: without a mask, on the one-segment "
+        "tensor-core programs, [B, H, row blocks, D] fp32 whose sum over dim 2 is U = sum_j V_j [B, H, 1, D], else empty "
         "[0, H, 1, D]. norm 'batch' = training statistics given as batch_stats "
         "[2,H] (mean, 1/std); stats given ([B,H,Nq,2], or a [B,H,Nq] logsumexp) = read, not computed. fp16/bf16 "
         "run the tensor-core forward where a tile shape fits (programs_only: the CUDA-core programs; "
@@ -1176,10 +1177,11 @@ void register_ops(pybind11::module& m) {
         "Training BatchNorm's backward coefficients [4, H] in dtype (mean, rstd, e, f; rstd rounded to dtype as "
         "the forward reads it, e = -gamma rstd sum(dN xhat) / n, f = -gamma rstd sum(dN) / n) from stats [3, H] "
         "float64 (mean, biased variance, count) and sums [2, H] float64 (sum dN xhat, sum dN). One launch.");
-  m.def("cuda_head_dot_sums", &head_dot_sums, py::arg("grad"), py::arg("r"), py::arg("u"),
+  m.def("cuda_head_dot_sums", &head_dot_sums, py::arg("grad"), py::arg("r"), py::arg("u"), py::arg("scale") = 1.0,
         py::arg("reverse_items") = false, py::arg("poison_outputs") = false, py::arg("shuffle_seed") = 0,
-        "One-sweep training BatchNorm's backward sums: [2, H] float64 = per head, sum over (b, i, d) of grad * r "
-        "and of grad * u. grad, r [B,H,Nq,D] in one dtype; u broadcastable to them, in its accumulation type.");
+        "One-sweep training BatchNorm's backward sums: [2, H] float64 = per head, scale times the sums over "
+        "(b, i, d) of grad * r and of grad * u (each block's sums scaled in the accumulation type). grad, r "
+        "[B,H,Nq,D] in one dtype; u broadcastable to them, in its accumulation type.");
   m.def("cuda_device_check", &device_check, py::arg("kind"), py::arg("a"), py::arg("b") = py::none(),
         py::arg("order") = 0, py::arg("seed") = 0,
         "Runs a check kernel of csrc/cuda/device_checks.cuh (CPU tensors: in the emulator, warps ordered by "

@@ -92,11 +92,12 @@ struct ReAttnParams {
   bool vector_loads = false;
   // Forward with norm none, for training BatchNorm in one sweep: out in the accumulation type
   // instead of T, and moments ([2, H] float64, zeroed by the caller) += the sums of X = W P~ + c
+  // (the bf16 tensor-core forward forms them from rows of P that sum to one: rows.cuh, write_moments)
   // and of X^2 over the attended entries (each (b, query block) adds once, from its first d-chunk).
   // The tensor-core forward writes each program's sums instead: [programs][2][H], not added.
   bool out_is_acc = false;
   double* moments = nullptr;
-  // With moments and without a mask (tensor-core forward): [B, H, row blocks, D] fp32, row block r's
+  // With moments and without a mask (one-segment tensor-core forward): [B, H, row blocks, D] fp32, row block r's
   // sums over V of the value chunks c (16 keys each) with c % row blocks == r, for U = sum_j V_j (the
   // host adds the blocks' rows). Null: not summed.
   float* value_sums = nullptr;
@@ -160,8 +161,10 @@ struct HeadAffineParams {
   // head_affine: contiguous [B, H, Nq, D] in T; out2 null = no second output.
   void* out = nullptr;
   void* out2 = nullptr;
-  // head_dot_sums: [B * H * grid_y, 2] in the accumulation type.
+  // head_dot_sums: [2, B * H, grid_y] in the accumulation type (sum grad . r, then sum grad . u, of each
+  // block times `scale`: one reduction over the last two dims gives [2, H]).
   void* partials = nullptr;
+  double scale = 1.0;
 };
 
 constexpr int kHeadAffineThreads = 256;

@@ -889,8 +889,9 @@ struct RowProgram {
   // slab split its rows; each overwrites only entries it has read), then O += A V for the warp's
   // output heads, their A fragments read back by ldmatrix. Rows past Nq and keys past the segment
   // hold finite values (P~ there is finite) that meet only zero rows of V or unwritten output rows.
-  // With moments (training BatchNorm's one sweep), the sums of M and M^2 over the real entries
-  // of output head gq (moments[0]) and gq + 8 (moments[1]), from the fp32 products.
+  // With moments (training BatchNorm's one sweep), the sums of M^2 over the real entries of output
+  // head gq (moments[0][1]) and gq + 8 (moments[1][1]), from the fp32 products; the sums of M are
+  // exact without a sweep (write_moments), so moments[.][0] stay zero.
   REATTN_DEVICE void mix_in_place(int slot, int key0, int chunk_col, float (&o)[kHeads][Cfg::kOutN8][4],
                                   const uint32_t (&whi)[4], const uint32_t (&wlo)[4],
                                   float (&moments)[kHeads][2]) const {
@@ -926,17 +927,13 @@ struct RowProgram {
           constexpr int kValues = Cfg::kMaxHeads > 8 ? 4 : 2;
           if (!edge) {
 #pragma unroll
-            for (int e = 0; e < kValues; ++e) {
-              moments[e / 2][0] += d[e];
-              moments[e / 2][1] += d[e] * d[e];
-            }
+            for (int e = 0; e < kValues; ++e) moments[e / 2][1] += d[e] * d[e];
           } else {  // the last chunk of a row or a slab past Nq: entries past Nq / Nk count 0
             const bool row_in = m0 + row0 + r + t / 2 < Nq;
             const int keys_left = Nk - (key0 + (t % 2) * 8 + 2 * tq);
 #pragma unroll
             for (int e = 0; e < kValues; ++e) {
               const float x = row_in && e % 2 < keys_left ? d[e] : 0.0f;
-              moments[e / 2][0] += x;
               moments[e / 2][1] += x * x;
             }
           }
@@ -1047,6 +1044,11 @@ struct RowProgram {
   // Per-program moment sums [2][H] (float64) at moments + program * 2H: this warp's sums reduced
   // over its lanes, then over the slabs (tensor-core mixing: over the quad, then over every warp;
   // each warp has mixed every head of its rows).
+  // Tensor-core mixing (the plain variant: no mask, no dropout) forms the sum of M = W' P~ + c' over
+  // the program's entries without summing them: every row of P sums to one over the keys, so it is
+  // R (sum_h W'[g][h] + Nk c'_g) for R real rows, in float64 from the folded fp32 values. That is
+  // the exact sum of what the reference computes; the summed fp32 products would add the rounding of
+  // P~ (each row of the 16-bit P~ sums to one within ~2^-9), which no eager or float64 map has.
   REATTN_DEVICE void write_moments(float (&moments)[kHeads][2]) {
     constexpr int mh = Cfg::kMaxHeads;
     // Tensor-core mixing: moments[0], [1] hold heads gq, gq + 8 of every row the warp mixed, and
@@ -1058,14 +1060,11 @@ struct RowProgram {
       dev::sync_threads();
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-#pragma unroll
-        for (int k = 0; k < 2; ++k) {
-          float v = moments[half][k];
-          v += dev::shfl_xor(v, 1);
-          v += dev::shfl_xor(v, 2);
-          const int g = gq + 8 * half;
-          if (tq == 0 && g < mh) part[(warp * 2 + k) * mh + g] = v;
-        }
+        float v = moments[half][1];
+        v += dev::shfl_xor(v, 1);
+        v += dev::shfl_xor(v, 2);
+        const int g = gq + 8 * half;
+        if (tq == 0 && g < mh) part[(warp * 2 + 1) * mh + g] = v;
       }
     } else {
 #pragma unroll
@@ -1085,7 +1084,14 @@ struct RowProgram {
       const int k = i / H, g = i % H;
       double sum = 0.0;
       if constexpr (kTensorMix) {
-        for (int w = 0; w < Cfg::kWarps; ++w) sum += part[(w * 2 + k) * mh + g];
+        if (k == 0) {
+          const float* f = static_cast<const float*>(p.folded);
+          double row = static_cast<double>(f[H * H + g]) * Nk;
+          for (int h = 0; h < H; ++h) row += f[g * H + h];
+          sum = row * (Nq - m0 < Cfg::kRows ? Nq - m0 : Cfg::kRows);
+        } else {
+          for (int w = 0; w < Cfg::kWarps; ++w) sum += part[(w * 2 + 1) * mh + g];
+        }
       } else {
         for (int s = 0; s < kSlabs; ++s) sum += part[((s * kGroups + g % kGroups) * 2 + k) * kHeads + g / kGroups];
       }
@@ -1100,7 +1106,11 @@ struct RowProgram {
   // between its adds and its final store. Per summed chunk and thread: H d_out / (2 threads) pairs of
   // 16 loads and 32 adds, against the 2-byte read of every element of V that torch's sum would add
   // (DeiT-S: 38.7 MB); the blocks' rows are summed by the host ([B, H, row blocks, D], small).
-  static constexpr bool kValueSums = !Cfg::kBackward && (Cfg::kVariant == kPlainMoments || Cfg::kVariant == kGeneral);
+  // One-segment shapes only: in the segmented ones (DeepViT-L-384) the sums' code in the chunk loop
+  // cost more issue slots (~4% more integer instructions at 225 registers, static model) than the
+  // 17.7 MB read of V it saves.
+  static constexpr bool kValueSums =
+      !Cfg::kBackward && Cfg::kOneSegment && (Cfg::kVariant == kPlainMoments || Cfg::kVariant == kGeneral);
   static_assert(!kValueSums || (kGroups > 1 && Cfg::kMaxHeads * Cfg::kDOut <= kSlabs * kGroups * 32 * 8 &&
                                 Cfg::kDOut % 2 == 0),
                 "U's sums live in the forward's exchange region, in column pairs");

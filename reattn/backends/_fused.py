@@ -139,8 +139,8 @@ class FusedKernels:
     head_affine(r, u, alpha [H], beta [H], dtype, second=(alpha2, beta2, dtype2)) -> ((alpha_h r + beta_h u).to(dtype),
         (alpha2_h r + beta2_h u).to(dtype2)): optional, the one-sweep BatchNorm's finish in one pass (else
         torch's passes over [B, H, Nq, D]).
-    head_dot_sums(grad, r, u) -> [2, H] float64 (sum grad r, sum grad u per head): optional, the one-sweep
-        BatchNorm's backward sums in one pass; with it and head_affine the one-sweep forward keeps R and U
+    head_dot_sums(grad, r, u, *, scale) -> [2, H] float64 (scale times sum grad r, sum grad u per head): optional,
+        the one-sweep BatchNorm's backward sums in one pass; with it and head_affine the one-sweep forward keeps R and U
         (else the backward's sums come from ``bn_grad_sums``, a sweep over the keys).
     bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype)
         -> (stats [3, H] float64, coefficients [4, H] in dtype = (alpha, beta, rstd, -mean(X) rstd)): optional,
@@ -242,7 +242,7 @@ class FusedRawOps(RawOps):
             # The one-sweep forward's terms: dN = out_scale dO V^T at the unmasked entries, so
             # sum dN xhat = out_scale sum_i dO_i . R_i and sum dN = out_scale sum_i dO_i . U_i (docs/math.md,
             # "Through V and the norm").
-            return self.kernels.head_dot_sums(grad_out, R, U) * out_scale
+            return self.kernels.head_dot_sums(grad_out, R, U, scale=out_scale)
         return self.kernels.bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                          batch_stats(stats, eps, accumulator_dtype(q)), attn_mask, seed,
                                          softmax_stats, scale=scale, out_scale=out_scale, eps=eps,

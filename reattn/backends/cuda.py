@@ -64,7 +64,7 @@ def _bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bia
 
 def value_sum(value_sums: torch.Tensor) -> Optional[torch.Tensor]:
     """U = sum_j V_j [B, H, 1, D] from the forward's per-row-block shares [B, H, row blocks, D], or None where the
-    programs summed none (a mask, or the CUDA-core programs: the caller sums V)."""
+    programs summed none (a mask, key segments, or the CUDA-core programs: the caller sums V)."""
     return value_sums.sum(dim=2, keepdim=True) if value_sums.shape[0] > 0 else None
 
 
@@ -111,9 +111,9 @@ def _bn_coefficients(stats, sums, norm_weight, *, eps, dtype):
     return _C.cuda_bn_coefficients(stats.contiguous(), sums.contiguous(), norm_weight, eps, dtype)
 
 
-def _head_dot_sums(grad, r, u):
-    # [2, H] float64: per head, sum grad . r and sum grad . u (the training BatchNorm backward's sums).
-    return _C.cuda_head_dot_sums(grad, r, u)
+def _head_dot_sums(grad, r, u, *, scale):
+    # [2, H] float64: per head, scale (sum grad . r, sum grad . u) (the training BatchNorm backward's sums).
+    return _C.cuda_head_dot_sums(grad, r, u, scale)
 
 
 CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,

@@ -47,6 +47,10 @@ def _bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bia
                                          batch_stats=batch_stats, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed)
 
 
+def _head_dot_sums(grad, r, u, *, scale):
+    return head_dot_sums(grad, r, u) * scale
+
+
 def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p):
     # R' = X V stays in the accumulation dtype: the caller subtracts mean(X) U from it.
     r = torch.empty(q.shape, dtype=accumulator_dtype(q), device=q.device)
@@ -58,7 +62,7 @@ def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, d
 
 TRITON_KERNELS = FusedKernels(forward=_forward, gram_sums=gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                               forward_moments=_forward_moments, softmax_stats_shape=softmax_stats_shape,
-                              head_affine=head_affine, head_dot_sums=head_dot_sums)
+                              head_affine=head_affine, head_dot_sums=_head_dot_sums)
 TRITON_OPS = OpLadder(FusedRawOps(TRITON_KERNELS), forward="reattn::triton_forward",
                       backward="reattn::triton_backward", gram_sums="reattn::triton_gram_sums",
                       bn_grad_sums="reattn::triton_bn_grad_sums", device_types=("cuda", "cpu"))
