@@ -158,8 +158,8 @@ constexpr size_t head_dot_sums_shared() {
 // accumulation type (block = (b h, row block)): each
 // thread sums its items, the warp adds its lanes by butterfly shuffles, and the first thread adds the
 // warps in order (the same order on every run: deterministic). The rounding is that of sums of
-// rows * D / 256 terms per thread, 5 shuffle levels and the 8 warps; the host adds the blocks in
-// float64.
+// about rows * D / 256 terms per thread (fixed columns: ceil(rows / step) items), 5 shuffle levels,
+// the 8 warps and the product by scale; the host adds the blocks in float64.
 template <typename T, int kVec>
 REATTN_FN void head_dot_sums_items(const HeadAffineParams& p) {
   using A = typename Storage<T>::acc;

@@ -139,7 +139,7 @@ struct ReAttnParams {
 // docs/math.md, "Training BatchNorm in one sweep"). A block owns `rows` query rows of one (b, h):
 // grid (B * H, ceil(Nq / rows)), kHeadAffineThreads threads. Every input has unit stride along D.
 //   head_affine:   out = alpha[h] R' + beta[h] U, out2 = alpha2[h] R' + beta2[h] U (both in T)
-//   head_dot_sums: partials[(b H + h) grid_y + block_y] = (sum dO . R, sum dO . U) over the block's rows
+//   head_dot_sums: partials[k][(b H + h) grid_y + block_y] = scale (sum dO . R, sum dO . U)[k] over the block's rows
 struct HeadAffineParams {
   int64_t B = 0;
   int H = 0, Nq = 0, D = 0;

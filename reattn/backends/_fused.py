@@ -77,14 +77,14 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
         if norm_bias is not None:
             beta = beta + out_scale * norm_bias.detach().to(acc)
         shift = -mean_x.to(acc) * rstd
-    if u is not None:  # summed by the forward's programs, [B, H, 1, D]
-        pass
-    elif attn_mask is None:
-        u = v.sum(dim=2, keepdim=True, dtype=acc)  # [B, H, 1, D]: every row sees every key
-    else:
-        keep = kept_entries(attn_mask)
-        keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
-        u = torch.matmul(keep.to(acc), v.to(acc))  # [B or 1, H or 1, Nq or 1, D]: the mask's own size, at most
+    if u is None:  # else summed by the forward's programs, [B, H, 1, D]
+        if attn_mask is None:
+            u = v.sum(dim=2, keepdim=True, dtype=acc)  # [B, H, 1, D]: every row sees every key
+        else:
+            keep = kept_entries(attn_mask)
+            keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
+            # [B or 1, H or 1, Nq or 1, D]: the mask's own size, at most [B, H, Nq, D]
+            u = torch.matmul(keep.to(acc), v.to(acc))
     if keep_terms:  # the fused finish writes R from the reads that make O
         u = u.expand(B, H, bn_terms_rows(attn_mask, Nq), D).contiguous()  # the shape the op's fake says
         out, xhat_v = head_affine(r, u, alpha, beta, q.dtype, second=(rstd, shift, q.dtype))

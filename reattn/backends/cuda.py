@@ -4,7 +4,8 @@ Its ops are ``reattn::cuda_forward``, ``reattn::cuda_backward``, ``reattn::cuda_
 ``reattn::cuda_bn_grad_sums`` (``_ladder.OpLadder``: nothing of size B*H*Nq*Nk is saved or
 written). Local training BatchNorm runs in one sweep over the keys: the forward program with norm
 none also sums the map's moments per head (``_C.cuda_forward(..., with_moments=True)``) and, without a
-mask, V over the keys (U, which the norm's shift multiplies), ``_fused.one_sweep_batchnorm`` applies the norm to X V in one element-wise pass (``_C.cuda_head_affine``,
+mask at ViT lengths, V over the keys (U, which the norm's shift multiplies);
+``_fused.one_sweep_batchnorm`` applies the norm to X V in one element-wise pass (``_C.cuda_head_affine``,
 which also writes R = xhat V for the backward), and the backward's BatchNorm sums are one pass over dO,
 R and U (``_C.cuda_head_dot_sums``) instead of a sweep over the keys. Dropout uses Triton's Philox stream, so for
 one seed the CUDA and Triton backends drop the same entries.

@@ -606,15 +606,15 @@ def test_plain_bf16_forward_moments_sum_x_exactly():
     assert ((sums[1] - squares).abs() <= 2 ** -7 * squares).all()  # X from bf16 P~: ~2^-8 relative per entry
 
 
-@pytest.mark.parametrize("H,D,Nq,Nk,options", [
-    (6, 64, 150, 197, {}),                                    # DeiT-S's tiles: 3 row blocks of 64 rows, 13 chunks
-    (12, 32, 40, 70, dict(general_variant=True)),             # the general variant, 2 row blocks
-    (5, 35, 33, 33, {}),                                      # unaligned rows: a segmented shape, not summed
-    (12, 40, 70, 300, dict(shared_limit=SM80_SHARED)),        # key segments (two sweeps): not summed
-    (5, 24, 33, 33, {}),                                      # one row block
-    (1, 32, 1, 1, {}),                                        # one head, one query, one key
+@pytest.mark.parametrize("H,D,Nq,Nk,options,summed", [
+    (6, 64, 150, 197, {}, True),                              # DeiT-S's tiles: 3 row blocks of 64 rows, 13 chunks
+    (12, 32, 40, 70, dict(general_variant=True), True),       # the general variant, 2 row blocks
+    (5, 35, 33, 33, {}, False),                               # unaligned rows: a segmented shape, not summed
+    (12, 40, 70, 300, dict(shared_limit=SM80_SHARED), False),  # key segments (two sweeps): not summed
+    (5, 24, 33, 33, {}, True),                                # 2 row blocks of 32 rows, 3 chunks
+    (1, 32, 1, 1, {}, True),                                  # one head, one query, one key: one row block
 ])
-def test_tensor_core_forward_sums_values_for_training_batchnorm(H, D, Nq, Nk, options):
+def test_tensor_core_forward_sums_values_for_training_batchnorm(H, D, Nq, Nk, options, summed):
     """Without a mask the one-segment forward also sums V over the keys (U = sum_j V_j, which the norm's shift
     multiplies): row block r of a batch element sums the value chunks c with c % row blocks == r, so the blocks'
     rows [B, H, row blocks, D] add up to U. fp32 sums of the bf16 values: at most Nk 2^-24 sum |V| off (each sum
@@ -628,7 +628,8 @@ def test_tensor_core_forward_sums_values_for_training_batchnorm(H, D, Nq, Nk, op
     assert tiles is not None
     _, _, _, value_sums = _C.cuda_forward(*low, w, c, None, None, None, None, seed, None, 0.3, 1.0, "none", 1e-5,
                                           0.1 if seed is not None else 0.0, True, poison_outputs=True, **options)
-    if tiles["keys"] <= 64:  # a shape with key segments (rows.cuh, kOneSegment), however many Nk needs
+    assert (tiles["keys"] > 64) == summed  # one-segment shapes sum (rows.cuh, kValueSums), however many keys
+    if not summed:
         assert value_sums.shape == (0, H, 1, D)
         return
     assert value_sums.shape == (B, H, tiles["grid"][0], D) and value_sums.dtype == torch.float32
@@ -964,10 +965,11 @@ def test_head_affine_matches_float64(layout, u_shape, dtype):
 @pytest.mark.parametrize("u_rows", [1, 150])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_head_dot_sums_match_float64_in_any_warp_order(layout, u_rows, dtype):
-    """[2, H] = per head scale (sum dO . R, sum dO . U). The rounding: each thread's sum of at most rows * D / 256
-    products in the accumulation dtype, 5 shuffle levels, the block's 8 warps and its product by scale, then
-    float64 over blocks: at most (rows * D / 32 + 14) eps of the sum of |terms| (a loose bound). The block's sum
-    is bitwise the same in any warp order."""
+    """[2, H] = per head scale (sum dO . R, sum dO . U). The rounding: each thread's sum of about rows * D / 256
+    products (fixed columns: ceil(rows / step) items of kVec columns) in the accumulation dtype, 5 shuffle levels,
+    the block's 8 warps and its product by scale, then float64 over blocks: at most (rows * D / 32 + 14) eps of the
+    sum of |terms| (a loose bound: 8 times a thread's terms). The block's sum is bitwise the same in any warp
+    order."""
     B, H, Nq, D = 2, 3, 150, HEAD_LAYOUTS[layout]
     gen = torch.Generator().manual_seed(2)
     grad = _rows_of(B, H, Nq, D, dtype, layout, gen)
