@@ -271,6 +271,24 @@ void run(const char* op, int kind, const at::Tensor& q, ReAttnParams& p, int64_t
 #endif
 }
 
+// One launch of a small step (the parameter steps, the element-wise passes, the device checks): in the emulator
+// for tensors on the CPU, else on `on`'s GPU with its error raised. `launch(stream)` returns the launcher's
+// cudaError_t; a generic lambda, so a build without CUDA never instantiates it (launch.h is not included there).
+template <typename Emulate, typename Launch>
+void emulate_or_launch(const char* op, const at::Tensor& on, Emulate&& emulate, Launch&& launch) {
+  if (on.is_cpu()) {
+    emulate();
+    return;
+  }
+#ifdef REATTN_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(on.device());
+  const cudaError_t err = launch(c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+#else
+  TORCH_CHECK_VALUE(false, op, ": reattn._C was built without CUDA");
+#endif
+}
+
 int norm_code(const char* op, const std::string& norm) {
   if (norm == "none") return kNormNone;
   if (norm == "layer") return kNormLayer;
@@ -338,15 +356,7 @@ at::Tensor fold_parameters(const char* op, const Arguments& a, const at::Tensor&
   f.beta = param_ref(a.given[3]);
   f.bn = p.norm == kNormBatch ? static_cast<const float*>(p.bn) : nullptr;
   f.folded = folded.data_ptr<float>();
-  if (!q.is_cuda()) {
-    emulate_fold(f, order, seed);
-  } else {
-#ifdef REATTN_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(q.device());
-    const cudaError_t err = launch_fold(f, c10::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
-#endif
-  }
+  emulate_or_launch(op, q, [&] { emulate_fold(f, order, seed); }, [&](auto stream) { return launch_fold(f, stream); });
   return folded;
 }
 
@@ -675,15 +685,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     piece(dc, H * H, 1.0);
     piece(dgamma, H * H + H, out_scale);
     piece(dbeta, H * H + 2 * H, out_scale);
-    if (!q.is_cuda()) {
-      emulate_param_grads(grads, order, static_cast<uint64_t>(shuffle_seed));
-    } else {
-#ifdef REATTN_WITH_CUDA
-      const c10::cuda::CUDAGuard guard(q.device());
-      const cudaError_t err = launch_param_grads(grads, c10::cuda::getCurrentCUDAStream());
-      TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
-#endif
-    }
+    emulate_or_launch(
+        op, q, [&] { emulate_param_grads(grads, order, static_cast<uint64_t>(shuffle_seed)); },
+        [&](auto stream) { return launch_param_grads(grads, stream); });
     if (stats_only) {
       const at::Tensor none = at::empty({0}, q.options());
       return {none, none, none, dW, dc, dgamma, dbeta};
@@ -928,18 +932,13 @@ std::vector<at::Tensor> head_affine(const at::Tensor& r, const at::Tensor& u, co
   }
   p.out = out.data_ptr();
   p.out2 = second ? out2.data_ptr() : nullptr;
-  if (r.is_cpu()) {
-    const int order = emulator_order(reverse_items, shuffle_seed);
-    emulate_head_affine(storage, p, order, static_cast<uint64_t>(shuffle_seed));
-  } else {
-#ifdef REATTN_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(r.device());
-    const cudaError_t err = launch_head_affine(storage, p, c10::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
-#else
-    TORCH_CHECK_VALUE(false, op, ": reattn._C was built without CUDA");
-#endif
-  }
+  emulate_or_launch(
+      op, r,
+      [&] {
+        emulate_head_affine(storage, p, emulator_order(reverse_items, shuffle_seed),
+                            static_cast<uint64_t>(shuffle_seed));
+      },
+      [&](auto stream) { return launch_head_affine(storage, p, stream); });
   return {out, out2};
 }
 
@@ -983,18 +982,10 @@ std::vector<at::Tensor> bn_moments(const at::Tensor& moments, const at::Tensor& 
   p.stats = stats.data_ptr<double>();
   p.coefficients = coefficients.data_ptr();
   p.coefficient_storage = storage_of(dtype);
-  if (moments.is_cpu()) {
-    const int order = emulator_order(reverse_items, shuffle_seed);
-    emulate_bn_moments(p, order, static_cast<uint64_t>(shuffle_seed));
-  } else {
-#ifdef REATTN_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(moments.device());
-    const cudaError_t err = launch_bn_moments(p, c10::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
-#else
-    TORCH_CHECK_VALUE(false, op, ": reattn._C was built without CUDA");
-#endif
-  }
+  emulate_or_launch(
+      op, moments,
+      [&] { emulate_bn_moments(p, emulator_order(reverse_items, shuffle_seed), static_cast<uint64_t>(shuffle_seed)); },
+      [&](auto stream) { return launch_bn_moments(p, stream); });
   return {stats, coefficients};
 }
 
@@ -1027,18 +1018,12 @@ at::Tensor bn_coefficients(const at::Tensor& stats, const at::Tensor& sums,
   at::Tensor coefficients = at::empty({4, H}, stats.options().dtype(dtype));
   p.coefficients = coefficients.data_ptr();
   p.coefficient_storage = storage_of(dtype);
-  if (stats.is_cpu()) {
-    const int order = emulator_order(reverse_items, shuffle_seed);
-    emulate_bn_coefficients(p, order, static_cast<uint64_t>(shuffle_seed));
-  } else {
-#ifdef REATTN_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(stats.device());
-    const cudaError_t err = launch_bn_coefficients(p, c10::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
-#else
-    TORCH_CHECK_VALUE(false, op, ": reattn._C was built without CUDA");
-#endif
-  }
+  emulate_or_launch(
+      op, stats,
+      [&] {
+        emulate_bn_coefficients(p, emulator_order(reverse_items, shuffle_seed), static_cast<uint64_t>(shuffle_seed));
+      },
+      [&](auto stream) { return launch_bn_coefficients(p, stream); });
   return coefficients;
 }
 
@@ -1067,18 +1052,13 @@ at::Tensor head_dot_sums(const at::Tensor& grad, const at::Tensor& r, const at::
   at::Tensor partials = at::empty({2, p.B, p.H, num_m}, grad.options().dtype(acc));
   if (poison_outputs) poison(partials);
   p.partials = partials.data_ptr();
-  if (grad.is_cpu()) {
-    const int order = emulator_order(reverse_items, shuffle_seed);
-    emulate_head_dot_sums(storage, p, order, static_cast<uint64_t>(shuffle_seed));
-  } else {
-#ifdef REATTN_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(grad.device());
-    const cudaError_t err = launch_head_dot_sums(storage, p, c10::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
-#else
-    TORCH_CHECK_VALUE(false, op, ": reattn._C was built without CUDA");
-#endif
-  }
+  emulate_or_launch(
+      op, grad,
+      [&] {
+        emulate_head_dot_sums(storage, p, emulator_order(reverse_items, shuffle_seed),
+                              static_cast<uint64_t>(shuffle_seed));
+      },
+      [&](auto stream) { return launch_head_dot_sums(storage, p, stream); });
   // The blocks' partial sums added in float64: [2, H] = scale (sum grad . r, sum grad . u) per head, one op.
   return partials.sum({1, 3}, /*keepdim=*/false, at::kDouble);
 }
@@ -1105,19 +1085,15 @@ at::Tensor device_check(int64_t kind, const at::Tensor& a, const c10::optional<a
   at::Tensor out = at::full({mma ? 256 : 64}, std::numeric_limits<float>::quiet_NaN(),
                             a.options().dtype(at::kFloat));
   const void* bp = b.has_value() ? b->data_ptr() : nullptr;
-  if (a.is_cpu()) {
-    emulate_device_check(static_cast<int>(kind), a.data_ptr(), bp, out.data_ptr<float>(), bf16, static_cast<int>(order),
-                         static_cast<uint64_t>(seed));
-    return out;
-  }
-#ifdef REATTN_WITH_CUDA
-  const c10::cuda::CUDAGuard guard(a.device());
-  const cudaError_t err = launch_device_check(static_cast<int>(kind), a.data_ptr(), bp, out.data_ptr<float>(), bf16,
-                                              c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
-#else
-  TORCH_CHECK_VALUE(false, op, ": reattn._C was built without CUDA");
-#endif
+  emulate_or_launch(
+      op, a,
+      [&] {
+        emulate_device_check(static_cast<int>(kind), a.data_ptr(), bp, out.data_ptr<float>(), bf16,
+                             static_cast<int>(order), static_cast<uint64_t>(seed));
+      },
+      [&](auto stream) {
+        return launch_device_check(static_cast<int>(kind), a.data_ptr(), bp, out.data_ptr<float>(), bf16, stream);
+      });
   return out;
 }
 
