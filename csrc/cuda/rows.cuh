@@ -109,11 +109,13 @@ REATTN_DEVICE void store_fragment_row(E* out, const float (&acc)[kN8][4], int r,
 // `row` elements, 16 bytes per cp.async (zeros past D, past n_rows and for heads past H). Thread t
 // copies chunks t, t + kThreads, ... of the tile (kHeadChunks per head). When kThreads is a
 // multiple of kHeadChunks (kFixedRow) every chunk of a thread has the same row and columns and
-// only the head advances, by kHeadStep: one decomposition of t per tile (compile-time divisors),
-// then an address increment and a bounds test per chunk. (Keeping that decomposition in registers
-// across tiles would be cheaper in instructions, but the score phase has no registers to spare.)
-// Otherwise (and for the general variant's element-wise copies of unaligned rows) each chunk is
-// decomposed. Offsets within a batch element are 32-bit (the host checks they fit).
+// only the head advances, by kHeadStep: the thread's part of a tile (Lane) is the same in every
+// tile, so a program forms it once per input (make_lane) and each tile costs an address, an
+// increment and a bounds test per chunk (decomposed per tile, the thread index cost ~25 integer
+// instructions per tile and warp in the sm_90 SASS; nvcc forms it again from the thread index unless
+// the program hides where it came from, dev::opaque). Otherwise (and for the general variant's
+// element-wise copies of unaligned rows) each chunk is decomposed. Offsets within a batch element
+// are 32-bit (the host checks they fit).
 template <typename E, int kTileRows, int kCols, int kThreads, int kMaxHeadsCopied, bool kVectorOnly>
 struct TileCopy {
   static constexpr int kRowChunks = kCols / 8;
@@ -123,16 +125,35 @@ struct TileCopy {
   static constexpr bool kFixedRow = kVectorOnly && kThreads % kHeadChunks == 0;
   static constexpr int kHeadStep = kFixedRow ? kThreads / kHeadChunks : 0;
 
-  REATTN_DEVICE static void issue(E* dst, int row, const E* src, int sh, int sn, int sd, int h0, int heads, int H,
-                                  int r0, int n_rows, int d0, int D, bool vector) {
-    const int h_end = (h0 + heads < H ? h0 + heads : H) - h0;  // heads of this tile that exist
+  // A thread's part of every tile (kFixedRow): its first head hl0, the destination offset of its first
+  // chunk and that chunk's source offset from the tile's corner (head h0, row r0, column d0), in
+  // elements (rows of `row` elements; input strides sh, sn; unit column stride, as vector copies have).
+  struct Lane {
+    int hl0 = 0, dst_off = 0, src_off = 0;
+  };
+  REATTN_DEVICE static Lane make_lane(int row, int sh, int sn) {
+    Lane t;
     if constexpr (kFixedRow) {
       const unsigned tid = static_cast<unsigned>(dev::thread_index());
-      const int rem = static_cast<int>(tid % kHeadChunks), dc = rem % kRowChunks, d = d0 + dc * 8;
-      const int hl0 = static_cast<int>(tid / kHeadChunks), r = rem / kRowChunks;
-      const int dst_off = (hl0 * kTileRows + r) * row + dc * 8;
+      const int rem = static_cast<int>(tid % kHeadChunks), dc = rem % kRowChunks, r = rem / kRowChunks;
+      t.hl0 = static_cast<int>(tid / kHeadChunks);
+      t.dst_off = (t.hl0 * kTileRows + r) * row + dc * 8;
+      t.src_off = t.hl0 * sh + r * sn + dc * 8;
+    }
+    return t;
+  }
+
+  REATTN_DEVICE static void issue(E* dst, int row, const E* src, int sh, int sn, int sd, int h0, int heads, int H,
+                                  int r0, int n_rows, int d0, int D, bool vector) {
+    issue(dst, make_lane(row, sh, sn), row, src, sh, sn, sd, h0, heads, H, r0, n_rows, d0, D, vector);
+  }
+  // lane: make_lane(row, sh, sn) of this thread (read in the kFixedRow copies only).
+  REATTN_DEVICE static void issue(E* dst, const Lane& lane, int row, const E* src, int sh, int sn, int sd, int h0,
+                                  int heads, int H, int r0, int n_rows, int d0, int D, bool vector) {
+    const int h_end = (h0 + heads < H ? h0 + heads : H) - h0;  // heads of this tile that exist
+    if constexpr (kFixedRow) {
       // One 32-bit offset (the host checks a batch element's offsets fit), then one widening add.
-      const E* from = src + ((h0 + hl0) * sh + (r0 + r) * sn + d);
+      const E* from = src + (h0 * sh + r0 * sn + d0 + lane.src_off);
       // The source address advances by a 64-bit byte step per chunk (two integer adds): formed as
       // from + k kHeadStep sh, each chunk cost a 32-bit multiply, a sign extension and a shift.
       const int64_t step = static_cast<int64_t>(kHeadStep) * sh * static_cast<int64_t>(sizeof(E));
@@ -143,21 +164,24 @@ struct TileCopy {
         // their rows, so they need no zeros).
 #pragma unroll
         for (int k = 0; k < kPerThread; ++k) {
-          const int hl = hl0 + k * kHeadStep;
+          const int hl = lane.hl0 + k * kHeadStep;
           if (k * kThreads < kChunks && hl < h_end) {
-            dev::cp_async_16_full(dst + dst_off + k * kHeadStep * kTileRows * row, from_k);
+            dev::cp_async_16_full(dst + lane.dst_off + k * kHeadStep * kTileRows * row, from_k);
           }
           from_k += step;
         }
         return;
       }
+      // A tile at an edge: the thread's row and columns again, for the sizes.
+      const int rem = static_cast<int>(static_cast<unsigned>(dev::thread_index()) % kHeadChunks);
+      const int r = rem / kRowChunks, d = d0 + (rem % kRowChunks) * 8;
       const int n = r0 + r < n_rows && d < D ? 2 * (D - d < 8 ? D - d : 8) : 0;
 #pragma unroll
       for (int k = 0; k < kPerThread; ++k) {
-        const int hl = hl0 + k * kHeadStep;
+        const int hl = lane.hl0 + k * kHeadStep;
         if (k * kThreads < kChunks && hl < heads) {
           const int c = hl < h_end ? n : 0;
-          dev::cp_async_16(dst + dst_off + k * kHeadStep * kTileRows * row, c > 0 ? from_k : reinterpret_cast<const char*>(src), c);
+          dev::cp_async_16(dst + lane.dst_off + k * kHeadStep * kTileRows * row, c > 0 ? from_k : reinterpret_cast<const char*>(src), c);
         }
         from_k += step;
       }
@@ -218,6 +242,11 @@ struct RowProgram {
   int value_turn;        // summing_values: value chunks until the next one this row block sums
   const E* kbase;        // batch element b of k and v
   const E* vbase;
+  // The K and V copies' per-thread parts (TileCopy::Lane), formed once in the forward (static model,
+  // DeepViT-16b plain affine: integer warp instructions per block 25,065 -> 24,269, forward kernel
+  // 61.9-298.0 -> 61.1-296.4 us); the backward's row pass, at its register limit, forms them per tile.
+  typename KeyCopy::Lane key_lane;
+  typename ValueCopy::Lane value_lane;
 
 
   // Mode of this problem: compile-time in the plain variants, read from the parameters otherwise.
@@ -255,6 +284,13 @@ struct RowProgram {
     issued = used = value_turn = 0;
     kbase = static_cast<const E*>(p.k) + b * p.k_st.b;
     vbase = static_cast<const E*>(p.v) + b * p.v_st.b;
+    if constexpr (!Cfg::kBackward) {
+      // Opaque: else the compiler forms them again from the thread index at every tile.
+      key_lane = KeyCopy::make_lane(kKRow, static_cast<int>(p.k_st.h), static_cast<int>(p.k_st.n));
+      value_lane = ValueCopy::make_lane(kVRow, static_cast<int>(p.v_st.h), static_cast<int>(p.v_st.n));
+      key_lane = {dev::opaque(key_lane.hl0), dev::opaque(key_lane.dst_off), dev::opaque(key_lane.src_off)};
+      value_lane = {dev::opaque(value_lane.hl0), dev::opaque(value_lane.dst_off), dev::opaque(value_lane.src_off)};
+    }
   }
 
   template <typename U>
@@ -285,14 +321,16 @@ struct RowProgram {
   }
   // K tile: heads round * groups .. + groups, keys key0 .. key0 + kKeyTile, all kD columns.
   REATTN_DEVICE void issue_keys(int round, int key0) {
-    KeyCopy::issue(slot_tile(issued++ & 1), kKRow, kbase, static_cast<int>(p.k_st.h), static_cast<int>(p.k_st.n),
-                   static_cast<int>(p.k_st.d), round * kGroups, kGroups, H, key0, Nk, 0, D, vector());
+    const int sh = static_cast<int>(p.k_st.h), sn = static_cast<int>(p.k_st.n);
+    KeyCopy::issue(slot_tile(issued++ & 1), Cfg::kBackward ? KeyCopy::make_lane(kKRow, sh, sn) : key_lane, kKRow,
+                   kbase, sh, sn, static_cast<int>(p.k_st.d), round * kGroups, kGroups, H, key0, Nk, 0, D, vector());
     dev::cp_async_commit();
   }
   // V tile: every head, keys key0 .. key0 + kValueTile, output columns d0 .. d0 + d_out.
   REATTN_DEVICE void issue_values(int key0) {
-    ValueCopy::issue(slot_tile(issued++ & 1), kVRow, vbase, static_cast<int>(p.v_st.h), static_cast<int>(p.v_st.n),
-                     static_cast<int>(p.v_st.d), 0, H, H, key0, Nk, d0, D, vector());
+    const int sh = static_cast<int>(p.v_st.h), sn = static_cast<int>(p.v_st.n);
+    ValueCopy::issue(slot_tile(issued++ & 1), Cfg::kBackward ? ValueCopy::make_lane(kVRow, sh, sn) : value_lane, kVRow,
+                     vbase, sh, sn, static_cast<int>(p.v_st.d), 0, H, H, key0, Nk, d0, D, vector());
     dev::cp_async_commit();
   }
   // After the last K tile of a segment's score phase: its first V tile. After the last V tile: the
