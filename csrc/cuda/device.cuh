@@ -130,8 +130,24 @@ REATTN_DEVICE double shfl_xor(double v, int mask) {
 }
 
 // ---- shared-memory addresses --------------------------------------------------------------
+// The 32-bit address of a shared-memory location (what ldmatrix and st.shared take). A loop that
+// keeps such addresses and advances them by byte steps costs one add per access; from element
+// indices with a run-time row size nvcc forms each address again (index, multiply, base).
 #if defined(__CUDACC__)
 REATTN_DEVICE uint32_t smem_address(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+// st.shared.b32 at a shared address.
+REATTN_DEVICE void store_shared_b32(uint32_t address, uint32_t bits) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(address), "r"(bits) : "memory");
+}
+#else
+REATTN_DEVICE uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(static_cast<const char*>(p) - sim::shared_memory());
+}
+REATTN_DEVICE void store_shared_b32(uint32_t address, uint32_t bits) {
+  char* at = sim::shared_memory() + address;
+  sim::check_store_aligned(at, 4);
+  std::memcpy(at, &bits, 4);
+}
 #endif
 
 // ---- tensor cores -----------------------------------------------------------------------------
@@ -228,7 +244,24 @@ REATTN_DEVICE void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) {
                : "=r"(r[0]), "=r"(r[1])
                : "r"(smem_address(row)));
 }
+// The same at shared addresses (smem_address).
+REATTN_DEVICE void ldmatrix_x4_at(uint32_t (&r)[4], uint32_t row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(row));
+}
+REATTN_DEVICE void ldmatrix_x4_trans_at(uint32_t (&r)[4], uint32_t row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(row));
+}
 #else
+REATTN_DEVICE void ldmatrix_x4_at(uint32_t (&r)[4], uint32_t row) {
+  sim::ldmatrix(4, false, r, sim::shared_memory() + row);
+}
+REATTN_DEVICE void ldmatrix_x4_trans_at(uint32_t (&r)[4], uint32_t row) {
+  sim::ldmatrix(4, true, r, sim::shared_memory() + row);
+}
 REATTN_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row) { sim::ldmatrix(4, false, r, row); }
 REATTN_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) { sim::ldmatrix(4, true, r, row); }
 REATTN_DEVICE void ldmatrix_x2(uint32_t (&r)[2], const void* row) { sim::ldmatrix(2, false, r, row); }

@@ -247,6 +247,19 @@ struct RowProgram {
   // 61.9-298.0 -> 61.1-296.4 us); the backward's row pass, at its register limit, forms them per tile.
   typename KeyCopy::Lane key_lane;
   typename ValueCopy::Lane value_lane;
+  // The forward's tensor-core mixing (mix_in_place): the thread's shared addresses at chunk column
+  // 0 and their byte steps, formed once (make_mix_lane).
+  struct MixLane {
+    uint32_t src = 0;       // B's ldmatrix.trans row: P~ of head hl, row row0 + row_of (or the ones row)
+    uint32_t src_col = 0;   // bytes per key column of src: 2 (0 for the ones row, which stays)
+    uint32_t src_step = 0;  // bytes to the next load's rows (0 for the ones row)
+    uint32_t dst = 0;       // the C entries of head gq, row row0, keys 2 tq, 2 tq + 1
+    uint32_t row = 0;       // bytes per row of P~
+    uint32_t head8 = 0;     // bytes from head gq to head gq + 8
+    uint32_t a = 0;         // A's ldmatrix row: M of head group (chunk_tile)
+    uint32_t a_head = 0;    // bytes from head g to head g + groups
+  };
+  MixLane mix_lane;
 
 
   // Mode of this problem: compile-time in the plain variants, read from the parameters otherwise.
@@ -291,6 +304,7 @@ struct RowProgram {
       key_lane = {dev::opaque(key_lane.hl0), dev::opaque(key_lane.dst_off), dev::opaque(key_lane.src_off)};
       value_lane = {dev::opaque(value_lane.hl0), dev::opaque(value_lane.dst_off), dev::opaque(value_lane.src_off)};
     }
+    if constexpr (kTensorMix && Cfg::kOneSegment) mix_lane = make_mix_lane();
   }
 
   template <typename U>
@@ -471,16 +485,21 @@ struct RowProgram {
 
   // Plain problems (no mask, no dropout, scale > 0): the raw products straight into exp2 with one
   // FMA each, exp2(raw c - m_raw c), c = scale log2 e, m_raw the row max of q.k (exact enough: no
-  // score can sit at a large mask fill). Keys past the segment get -inf in their n8 tiles only.
+  // score can sit at a large mask fill). Keys past the segment in its last K tile hold -inf
+  // (score_phase); K tiles past the segment were never computed and are skipped here. kFull: the
+  // segment fills every K tile (the caller tests that once per round), so the loops hold no test.
   // Returns the row statistics (max of S, sum) and leaves the unnormalized exponentials in s.
+  template <bool kFull>
   REATTN_DEVICE void plain_softmax(float (&s)[Cfg::kScoreN8][4], int keys, int n8_end, float (&m)[2],
                                    float (&l)[2]) const {
-    // Keys past the segment hold -inf (score_phase): max and sum need no bounds.
+    const int tiles = kFull ? Cfg::kKeyTiles : key_tiles(keys);
     m[0] = m[1] = -INFINITY;
 #pragma unroll
     for (int n = 0; n < Cfg::kScoreN8; ++n) {
-      m[0] = dev::fmax_(m[0], dev::fmax_(s[n][0], s[n][1]));
-      m[1] = dev::fmax_(m[1], dev::fmax_(s[n][2], s[n][3]));
+      if (kFull || n < Cfg::kTileN8 || n / Cfg::kTileN8 < tiles) {
+        m[0] = dev::fmax_(m[0], dev::fmax_(s[n][0], s[n][1]));
+        m[1] = dev::fmax_(m[1], dev::fmax_(s[n][2], s[n][3]));
+      }
     }
     quad_max(m);
     const float c = static_cast<float>(p.scale) * kLog2e;
@@ -488,10 +507,12 @@ struct RowProgram {
     l[0] = l[1] = 0.0f;
 #pragma unroll
     for (int n = 0; n < Cfg::kScoreN8; ++n) {
+      if (kFull || n < Cfg::kTileN8 || n / Cfg::kTileN8 < tiles) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[n][e] = dev::exp2_approx(s[n][e] * c - shift[e / 2]);
-        l[e / 2] += s[n][e];
+        for (int e = 0; e < 4; ++e) {
+          s[n][e] = dev::exp2_approx(s[n][e] * c - shift[e / 2]);
+          l[e / 2] += s[n][e];
+        }
       }
     }
     quad_sum(l);
@@ -661,7 +682,11 @@ struct RowProgram {
     const bool exact_round = !Cfg::kBackward && (Cfg::kOneSegment || exact);
     if (Cfg::kPlain && exact_round) {
       float m[2], l[2];
-      plain_softmax(s, keys, n8_end, m, l);
+      if (key_tiles(keys) == Cfg::kKeyTiles) {
+        plain_softmax<true>(s, keys, n8_end, m, l);
+      } else {
+        plain_softmax<false>(s, keys, n8_end, m, l);
+      }
       inv_l[0] = dev::rcp_approx(l[0]);
       inv_l[1] = dev::rcp_approx(l[1]);
       write_stats(h, m, l);
@@ -720,8 +745,11 @@ struct RowProgram {
 
   // Score phase of one segment: every round's scores, softmax (or the sweep's statistics), P~ to
   // shared memory. K tile t of a round fills s[4t .. 4t + 3] (the tile loop is unrolled so s stays
-  // in registers); tiles past the segment's keys keep -inf, and in the last tile the keys past
-  // the segment (zero-filled K rows) get -inf.
+  // in registers); in the last tile the keys past the segment (zero-filled K rows) get -inf, and
+  // tiles past the segment's keys stay unwritten: every reader stops at the segment's tiles. (A
+  // -inf fill of every score register before the tiles, under a run-time test, compiled to 112
+  // FSEL per warp and round whatever the test said: static model, DeepViT-16b plain affine forward,
+  // 2,688 of 14,571 fp32 warp instructions per block.)
   REATTN_DEVICE void score_phase(int seg) {
     const int key0 = seg_start(seg);
     const int keys = seg_len(seg);
@@ -733,13 +761,6 @@ struct RowProgram {
       uint32_t qf[Cfg::kKSteps][4];
       if (active) load_queries(h, qf);
       float s[Cfg::kScoreN8][4];
-      if (tiles < Cfg::kKeyTiles) {  // tiles past the keys get no weight (none at full length)
-#pragma unroll
-        for (int n = 0; n < Cfg::kScoreN8; ++n) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[n][e] = -INFINITY;
-        }
-      }
 #pragma unroll
       for (int t = 0; t < Cfg::kKeyTiles; ++t) {
         float (*st)[4] = &s[t * Cfg::kTileN8];
@@ -933,34 +954,75 @@ struct RowProgram {
   // has entries past Nq or Nk, which count 0. The caller picks the copy by a warp-uniform branch; with
   // one copy and a run-time test the edge arithmetic ran in every chunk (static model, DeiT-S: the
   // moments forward 99.4 us t_low with one copy, 89.5 with two; plain_affine 82.3).
+  static constexpr int kMixRowsPerWarp = 16 / kGroups;
+  static_assert(16 % kGroups == 0, "the slab's rows split over its warps");
+  // ldmatrix.trans rows (Mixer::trans_lane). Up to 7 heads (kNarrow: heads 0 .. 7 hold every input
+  // head and the ones) two rows per load and m16n8k8 products.
+  static constexpr bool kMixNarrow = Cfg::kMaxHeads < 8;
+  static constexpr int kMixRowsPerLoad = kMixNarrow ? 2 : 1;
+  static_assert(kMixRowsPerWarp % kMixRowsPerLoad == 0, "whole loads per warp");
+
+  // mix_lane's addresses, hidden from nvcc (dev::opaque), which else forms them again from the
+  // thread index and P~'s run-time row size at every chunk (static model, DeepViT-16b plain
+  // affine forward: ~5 integer instructions per ldmatrix row, ~3 per A fragment).
+  REATTN_DEVICE MixLane make_mix_lane() const {
+    E* probs = at<E>(L.probs);
+    const int hs = Cfg::kRows * L.p_row + kProbsPad;  // head stride (elements)
+    const int row0 = slab * 16 + group * kMixRowsPerWarp;
+    const auto lane_src = Mix::template trans_lane<kMixNarrow>(lane);
+    const int hl = lane_src.head, row_of = lane_src.row, octet = lane_src.octet;
+    const bool ones = hl == H;
+    MixLane m;
+    m.src = dev::smem_address(ones ? ones_row() : probs + (hl < H ? hl : 0) * hs + (row0 + row_of) * L.p_row + octet * 8);
+    m.src_col = ones ? 0u : 2u;
+    m.src_step = ones ? 0u : static_cast<uint32_t>(kMixRowsPerLoad * L.p_row * 2);
+    m.dst = dev::smem_address(probs + gq * hs + row0 * L.p_row + 2 * tq);
+    m.row = static_cast<uint32_t>(L.p_row * 2);
+    m.head8 = static_cast<uint32_t>(8 * hs * 2);
+    m.a = dev::smem_address(chunk_tile(L.probs, L.p_row, 0) + group * hs);
+    m.a_head = static_cast<uint32_t>(kGroups * hs * 2);
+    auto hide = [](uint32_t x) { return static_cast<uint32_t>(dev::opaque(static_cast<int>(x))); };
+    return MixLane{hide(m.src), hide(m.src_col), hide(m.src_step), hide(m.dst),
+                   hide(m.row), hide(m.head8),   hide(m.a),        hide(m.a_head)};
+  }
+
   template <bool kEdge>
   REATTN_DEVICE void mix_in_place(int slot, int key0, int chunk_col, float (&o)[kHeads][Cfg::kOutN8][4],
                                   const uint32_t (&whi)[4], const uint32_t (&wlo)[4],
                                   float (&moments)[kHeads][2]) const {
     static_assert(kHeads >= 2, "moments[0], moments[1]: heads gq and gq + 8");
-    constexpr int kRowsPerWarp = 16 / kGroups;
-    static_assert(16 % kGroups == 0, "the slab's rows split over its warps");
+    constexpr int kRowsPerWarp = kMixRowsPerWarp;
+    constexpr bool kNarrow = kMixNarrow;
+    constexpr int kRowsPerLoad = kMixRowsPerLoad;
+    const int row0 = slab * 16 + group * kRowsPerWarp;
+    // Addresses: the one-segment shapes' from mix_lane (shared addresses advanced by byte steps);
+    // the segmented shapes' from element pointers (their moments variant, at 255 registers, needs
+    // 8 bytes of stack with the former: sm_90 ptxas).
+    constexpr bool kLane = Cfg::kOneSegment;
+    const MixLane& ml = mix_lane;
+    const uint32_t col = static_cast<uint32_t>(chunk_col);
+    uint32_t src = kLane ? ml.src + col * ml.src_col : 0u;
+    uint32_t dst = kLane ? ml.dst + 2 * col : 0u;  // C entries: head gq (+ 8), keys 2 tq, + 1
     E* probs = at<E>(L.probs);
     const int hs = Cfg::kRows * L.p_row + kProbsPad;  // head stride (elements)
-    const int row0 = slab * 16 + group * kRowsPerWarp;
-    // ldmatrix.trans rows (Mixer::trans_lane). Up to 7 heads (kNarrow: heads 0 .. 7 hold every
-    // input head and the ones) two rows per load and m16n8k8 products.
-    constexpr bool kNarrow = Cfg::kMaxHeads < 8;
-    constexpr int kRowsPerLoad = kNarrow ? 2 : 1;
-    static_assert(kRowsPerWarp % kRowsPerLoad == 0, "whole loads per warp");
     const auto lane_src = Mix::template trans_lane<kNarrow>(lane);
-    const int hl = lane_src.head, row_of = lane_src.row, octet = lane_src.octet;
-    const E* src = hl == H ? ones_row()
-                           : probs + (hl < H ? hl : 0) * hs + (row0 + row_of) * L.p_row + chunk_col + octet * 8;
-    const int src_step = hl == H ? 0 : kRowsPerLoad * L.p_row;
-    E* dst = probs + gq * hs + row0 * L.p_row + chunk_col + 2 * tq;  // C entries: head gq (+ 8), keys 2 tq, + 1
+    const int hl = lane_src.head;
+    const E* src_e = hl == H ? ones_row()
+                             : probs + (hl < H ? hl : 0) * hs + (row0 + lane_src.row) * L.p_row + chunk_col +
+                                   lane_src.octet * 8;
+    const int src_step_e = hl == H ? 0 : kRowsPerLoad * L.p_row;
+    E* dst_e = probs + gq * hs + row0 * L.p_row + chunk_col + 2 * tq;
     const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     constexpr bool kCount = Cfg::kVariant == kPlainMoments;
     static_assert(kCount || !kEdge, "edges matter to the moments only");
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; r += kRowsPerLoad) {
       uint32_t pb[4];
-      dev::ldmatrix_x4_trans(pb, src);
+      if constexpr (kLane) {
+        dev::ldmatrix_x4_trans_at(pb, src);
+      } else {
+        dev::ldmatrix_x4_trans(pb, src_e);
+      }
 #pragma unroll
       for (int t = 0; t < 2 * kRowsPerLoad; ++t) {  // tiles: (row r + t / 2, octet t % 2)
         float d[4];
@@ -980,14 +1042,24 @@ struct RowProgram {
             }
           }
         }
-        E* at_t = dst + (t / 2) * L.p_row + (t % 2) * 8;
-        if (gq < H) *reinterpret_cast<uint32_t*>(at_t) = Cv::pack(d[0], d[1]);
-        if constexpr (Cfg::kMaxHeads > 8) {
-          if (gq + 8 < H) *reinterpret_cast<uint32_t*>(at_t + 8 * hs) = Cv::pack(d[2], d[3]);
+        if constexpr (kLane) {
+          const uint32_t at_t = dst + (t / 2) * ml.row + (t % 2) * 16;
+          if (gq < H) dev::store_shared_b32(at_t, Cv::pack(d[0], d[1]));
+          if constexpr (Cfg::kMaxHeads > 8) {
+            if (gq + 8 < H) dev::store_shared_b32(at_t + ml.head8, Cv::pack(d[2], d[3]));
+          }
+        } else {
+          E* at_t = dst_e + (t / 2) * L.p_row + (t % 2) * 8;
+          if (gq < H) *reinterpret_cast<uint32_t*>(at_t) = Cv::pack(d[0], d[1]);
+          if constexpr (Cfg::kMaxHeads > 8) {
+            if (gq + 8 < H) *reinterpret_cast<uint32_t*>(at_t + 8 * hs) = Cv::pack(d[2], d[3]);
+          }
         }
       }
-      src += src_step;
-      dst += kRowsPerLoad * L.p_row;
+      src += ml.src_step;
+      dst += kRowsPerLoad * ml.row;
+      src_e += src_step_e;
+      dst_e += kRowsPerLoad * L.p_row;
     }
     if constexpr (kGroups > 1) {
       dev::named_barrier(1 + slab, 32 * kGroups);  // M of the slab's every row
@@ -995,13 +1067,18 @@ struct RowProgram {
       dev::sync_warp();
     }
     const E* values = slot_tile(slot);
-    const E* mixed = chunk_tile(L.probs, L.p_row, chunk_col);
+    const uint32_t mixed = ml.a + 2 * col;
+    const E* mixed_e = chunk_tile(L.probs, L.p_row, chunk_col);
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int g = group + kGroups * j;
       if (g >= H) continue;
       uint32_t af[4];
-      dev::ldmatrix_x4(af, mixed + g * hs);
+      if constexpr (kLane) {
+        dev::ldmatrix_x4_at(af, mixed + j * ml.a_head);
+      } else {
+        dev::ldmatrix_x4(af, mixed_e + g * hs);
+      }
       add_av(values, g, af, o[j]);
     }
   }

@@ -200,6 +200,9 @@ def additive_mask(H, Nq, Nk, seed=2):
 # two-sweep path (Nk > 224), odd sizes, a head count below the tile's and H = 1.
 TC_CASES = [
     ("plain", (2, 6, 17, 23, 32), "none", None, 0.0),
+    # Every K tile of the one segment holds keys (193..224): the softmax loops without tile tests.
+    ("plain full key tiles", (1, 12, 5, 197, 32), "none", None, 0.0),
+    ("batch full key tiles", (1, 6, 7, 224, 64), "batch", None, 0.0),
     ("layer bool mask dropout", (2, 6, 9, 11, 64), "layer", "bool", 0.25),
     ("batch per-head float mask", (2, 12, 20, 37, 32), "batch", "float", 0.0),
     ("layer H=5 D=33 Nq=1", (2, 5, 1, 40, 33), "layer", None, 0.0),
@@ -350,6 +353,9 @@ def tc_backward_case(B, H, Nq, Nk, D, *, norm="none", mask=None, dropout=0.0, dt
 
 TC_BACKWARD_CASES = [
     ("plain", (2, 6, 17, 23, 32), "none", None, 0.0),
+    # Every K tile of the one segment holds keys (193..224): the softmax loops without tile tests.
+    ("plain full key tiles", (1, 12, 5, 197, 32), "none", None, 0.0),
+    ("batch full key tiles", (1, 6, 7, 224, 64), "batch", None, 0.0),
     ("layer", (1, 12, 20, 37, 64), "layer", None, 0.0),
     ("batch rows", (2, 6, 17, 23, 32), "batch", None, 0.0),
     ("bool mask dropout", (2, 6, 9, 11, 32), "none", "bool", 0.25),
