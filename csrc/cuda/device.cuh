@@ -139,6 +139,10 @@ REATTN_DEVICE uint32_t smem_address(const void* p) { return static_cast<uint32_t
 REATTN_DEVICE void store_shared_b32(uint32_t address, uint32_t bits) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(address), "r"(bits) : "memory");
 }
+// st.shared.b16 of the low 16 bits of `bits`.
+REATTN_DEVICE void store_shared_b16(uint32_t address, uint32_t bits) {
+  asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(address), "h"(static_cast<unsigned short>(bits)) : "memory");
+}
 #else
 REATTN_DEVICE uint32_t smem_address(const void* p) {
   return static_cast<uint32_t>(static_cast<const char*>(p) - sim::shared_memory());
@@ -147,6 +151,41 @@ REATTN_DEVICE void store_shared_b32(uint32_t address, uint32_t bits) {
   char* at = sim::shared_memory() + address;
   sim::check_store_aligned(at, 4);
   std::memcpy(at, &bits, 4);
+}
+REATTN_DEVICE void store_shared_b16(uint32_t address, uint32_t bits) {
+  char* at = sim::shared_memory() + address;
+  sim::check_store_aligned(at, 2);
+  const uint16_t low = static_cast<uint16_t>(bits);
+  std::memcpy(at, &low, 2);
+}
+#endif
+
+// stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 (sm_90): lane l's register i holds the elements (row
+// l/4, cols 2(l%4), 2(l%4)+1) of 8 x 8 matrix i (an mma C fragment, packed to 16 bits); lanes
+// 8i..8i+7 give the shared addresses where the 8 columns of matrix i land as rows of 16 bytes. One
+// instruction for what is else 8 16-bit stores per thread and the moves that put each value in a
+// register's low half. has_stmatrix(): whether the code being compiled (or emulated) has it.
+#if defined(__CUDACC__)
+REATTN_DEVICE constexpr bool has_stmatrix() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return true;
+#else
+  return false;
+#endif
+}
+REATTN_DEVICE void stmatrix_x4_trans_at(uint32_t row, const uint32_t (&w)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(row), "r"(w[0]),
+               "r"(w[1]), "r"(w[2]), "r"(w[3])
+               : "memory");
+#else
+  __trap();  // callers test has_stmatrix()
+#endif
+}
+#else
+REATTN_DEVICE bool has_stmatrix() { return sim::arch() >= 90; }
+REATTN_DEVICE void stmatrix_x4_trans_at(uint32_t row, const uint32_t (&w)[4]) {
+  sim::stmatrix(4, true, w, sim::shared_memory() + row);
 }
 #endif
 
@@ -381,7 +420,14 @@ REATTN_DEVICE float log2_approx(float x) {
   return y;
 }
 REATTN_DEVICE float rcp_approx(float x) { return __frcp_rn(x); }
-REATTN_DEVICE float rsqrt_approx(float x) { return rsqrtf(x); }
+// rsqrt.approx.ftz: a subnormal argument counts as 0 (result +inf). Every caller takes LayerNorm's
+// variance + eps (eps >= FLT_MIN in any real use); rsqrtf's subnormal scaling cost a compare and two
+// multiplies per call.
+REATTN_DEVICE float rsqrt_approx(float x) {
+  float y;
+  asm("rsqrt.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
 REATTN_DEVICE float fmax_(float a, float b) { return fmaxf(a, b); }
 REATTN_DEVICE float fabs_(float a) { return fabsf(a); }
 REATTN_DEVICE uint32_t mul_hi(uint32_t a, uint32_t b) { return __umulhi(a, b); }
@@ -389,7 +435,9 @@ REATTN_DEVICE uint32_t mul_hi(uint32_t a, uint32_t b) { return __umulhi(a, b); }
 REATTN_DEVICE float exp2_approx(float x) { return std::exp2(x); }
 REATTN_DEVICE float log2_approx(float x) { return std::log2(x); }
 REATTN_DEVICE float rcp_approx(float x) { return 1.0f / x; }
-REATTN_DEVICE float rsqrt_approx(float x) { return 1.0f / std::sqrt(x); }
+REATTN_DEVICE float rsqrt_approx(float x) {
+  return std::fabs(x) < 1.17549435e-38f ? 1.0f / std::copysign(0.0f, x) : 1.0f / std::sqrt(x);  // .ftz
+}
 REATTN_DEVICE float fmax_(float a, float b) { return std::fmax(a, b); }
 REATTN_DEVICE float fabs_(float a) { return std::fabs(a); }
 REATTN_DEVICE uint32_t mul_hi(uint32_t a, uint32_t b) {

@@ -216,8 +216,18 @@ struct RowProgram {
   static constexpr int kMHead = head_stride(Cfg::kRows, kMRow, Cfg::kPlain);  // dM's head stride (backward)
   // The forward's plain affine and moments variants mix the heads on tensor cores (mix_in_place),
   // bf16 only: W' is split into two 16-bit operands, and fp16's range would not hold every W'.
-  static constexpr bool kTensorMix = (Cfg::kVariant == kPlainAffine || Cfg::kVariant == kPlainMoments) &&
-                                     Cfg::kMaxHeads <= 16 && std::is_same_v<typename Cfg::E, dev::Bf16>;
+  // LayerNorm's plain one-segment variant too where the program holds 8 to 15 output heads
+  // (mix_in_place_layer): there the normalization is per-thread arithmetic on the products'
+  // fragments, against H multiply-adds per entry and owned head for the mixing plus the slab's
+  // exchange through shared memory (static model, ViT-B, per block: fp32 warp instructions 68,395 ->
+  // 24,491). The 6-head shape (kMaxHeads < 8) keeps the per-thread Mixer (mix_chunk): its products
+  // would be mix_in_place's narrow k = 8 form, not written yet, and the normalization's per-entry
+  // work (shuffles, reciprocal square root) would be spread over 6 heads, not 12.
+  static constexpr bool kTensorLayer = Cfg::kVariant == kPlainLayer && Cfg::kOneSegment && Cfg::kMaxHeads < 16 &&
+                                       std::is_same_v<typename Cfg::E, dev::Bf16>;
+  static constexpr bool kTensorMix = ((Cfg::kVariant == kPlainAffine || Cfg::kVariant == kPlainMoments) &&
+                                      Cfg::kMaxHeads <= 16 && std::is_same_v<typename Cfg::E, dev::Bf16>) ||
+                                     kTensorLayer;
   // Likewise the plain backward row pass forms dP' = W'^T dM on tensor cores (tensor_grad_probs).
   static constexpr bool kTensorGrad = backward_tensor_mixing<E>(Cfg::kVariant == kPlainBackwardRows, Cfg::kMaxHeads);
   // And M for BatchNorm (tensor_mix), in the one-segment shapes: the segmented one keeps the
@@ -253,11 +263,16 @@ struct RowProgram {
     uint32_t src = 0;       // B's ldmatrix.trans row: P~ of head hl, row row0 + row_of (or the ones row)
     uint32_t src_col = 0;   // bytes per key column of src: 2 (0 for the ones row, which stays)
     uint32_t src_step = 0;  // bytes to the next load's rows (0 for the ones row)
-    uint32_t dst = 0;       // the C entries of head gq, row row0, keys 2 tq, 2 tq + 1
+    uint32_t dst = 0;       // the C entries of head gq, row row0, keys 2 tq, 2 tq + 1 (kTensorLayer: of
+                            // key gq, row row0, head 2 tq)
     uint32_t row = 0;       // bytes per row of P~
     uint32_t head8 = 0;     // bytes from head gq to head gq + 8
     uint32_t a = 0;         // A's ldmatrix row: M of head group (chunk_tile)
     uint32_t a_head = 0;    // bytes from head g to head g + groups
+    uint32_t head1 = 0;     // bytes from one head to the next (kTensorLayer without stmatrix)
+    uint32_t out = 0;       // kTensorLayer with stmatrix: the lane's stored row at chunk column 0
+    uint32_t out_col = 0;   // its bytes per key column (0 for the scratch row)
+    uint32_t out_step = 0;  // its bytes to the next row (0 for the scratch row)
   };
   MixLane mix_lane;
 
@@ -1008,21 +1023,44 @@ struct RowProgram {
     E* probs = at<E>(L.probs);
     const int hs = Cfg::kRows * L.p_row + kProbsPad;  // head stride (elements)
     const int row0 = slab * 16 + group * kMixRowsPerWarp;
-    const auto lane_src = Mix::template trans_lane<kMixNarrow>(lane);
+    // kTensorLayer: matrix m = lane / 8 is (input heads 8 (m / 2) .., keys 8 (m % 2) ..), so the load is
+    // the product's A fragment in register order (mix_in_place_layer), and stmatrix's rows are the same.
+    const auto lane_src = kTensorLayer && !kMixNarrow
+                              ? typename Mix::TransLane{(lane / 16) * 8 + lane % 8, 0, (lane / 8) % 2}
+                              : Mix::template trans_lane<kMixNarrow>(lane);
     const int hl = lane_src.head, row_of = lane_src.row, octet = lane_src.octet;
     const bool ones = hl == H;
     MixLane m;
     m.src = dev::smem_address(ones ? ones_row() : probs + (hl < H ? hl : 0) * hs + (row0 + row_of) * L.p_row + octet * 8);
     m.src_col = ones ? 0u : 2u;
     m.src_step = ones ? 0u : static_cast<uint32_t>(kMixRowsPerLoad * L.p_row * 2);
-    m.dst = dev::smem_address(probs + gq * hs + row0 * L.p_row + 2 * tq);
+    m.dst = dev::smem_address(kTensorLayer ? probs + 2 * tq * hs + row0 * L.p_row + gq
+                                           : probs + gq * hs + row0 * L.p_row + 2 * tq);
     m.row = static_cast<uint32_t>(L.p_row * 2);
     m.head8 = static_cast<uint32_t>(8 * hs * 2);
     m.a = dev::smem_address(chunk_tile(L.probs, L.p_row, 0) + group * hs);
     m.a_head = static_cast<uint32_t>(kGroups * hs * 2);
+    m.head1 = static_cast<uint32_t>(hs * 2);
+    // stmatrix's row for the lane: the load's own row where its head is real, else one scratch row
+    // that stays (head 0's padding, which nothing reads), for what the products hold past H.
+    const bool real = hl < H;
+    m.out = dev::smem_address(real ? probs + hl * hs + (row0 + row_of) * L.p_row + octet * 8
+                                   : probs + static_cast<size_t>(Cfg::kRows) * L.p_row);
+    m.out_col = real ? 2u : 0u;
+    m.out_step = real ? static_cast<uint32_t>(kMixRowsPerLoad * L.p_row * 2) : 0u;
     auto hide = [](uint32_t x) { return static_cast<uint32_t>(dev::opaque(static_cast<int>(x))); };
-    return MixLane{hide(m.src), hide(m.src_col), hide(m.src_step), hide(m.dst),
-                   hide(m.row), hide(m.head8),   hide(m.a),        hide(m.a_head)};
+    MixLane h{hide(m.src), hide(m.src_col), hide(m.src_step), hide(m.dst), hide(m.row), hide(m.head8),
+              hide(m.a),   hide(m.a_head)};
+    if constexpr (kTensorLayer) {
+      if (dev::has_stmatrix()) {
+        h.out = hide(m.out);
+        h.out_col = hide(m.out_col);
+        h.out_step = hide(m.out_step);
+      } else {
+        h.head1 = hide(m.head1);
+      }
+    }
+    return h;
   }
 
   template <bool kEdge>
@@ -1119,6 +1157,152 @@ struct RowProgram {
         dev::ldmatrix_x4(af, mixed_e + g * hs);
       }
       add_av(values, g, af, o[j]);
+    }
+  }
+
+  // ---- LayerNorm's tensor-core mixing (kTensorLayer) -----------------------------------------------
+  // Per query row i and 16 keys, (M - mean)[:, i, keys]^T = P~[:, i, keys]^T [W' - 1 m^T | c' - mean(c')]^T
+  // (m: the column means of W', so each output head's weights less their mean over the heads) is a
+  // 16 x 16 by 16 x 8 product per 8 output heads: keys x input heads by input heads x output heads.
+  // Its A is one ldmatrix.trans of P~ (16 keys of every input head, and the ones of head H) with the
+  // lanes' rows ordered as the fragment's registers (make_mix_lane); its B, the A fragments of those
+  // centered weights split as hi + lo (rows gq of output heads 0..7: hi[0], hi[2]; of 8..15: hi[1],
+  // hi[3]). A thread's C entries are 2 keys (gq, gq + 8) x 4 output heads (2 tq, 2 tq + 1, + 8), M
+  // already less its mean over the heads (products exact, fp32 sums: as exact as M itself; output
+  // heads past H are 0), so LayerNorm's variance is a sum of squares within the thread and its quad
+  // (2 shuffle levels), with no test for heads past H. A = out_scale (gamma xhat + beta) goes back
+  // over P~ in 16 bits by one stmatrix.trans per row (sm_90; 16-bit stores per entry before it).
+  // Per row and 16 keys: 4 products, 8 + 16 fp32 multiply-adds, 4 shuffles, 2 reciprocal square
+  // roots, against 16 H multiply-adds for the mixing per warp-owned head set and the slab's exchange
+  // of partial sums through shared memory (static model, ViT-B LayerNorm forward kernel, sm_90:
+  // 129.7-545.0 us -> 82.9-450.4).
+  struct LayerLane {
+    float gamma[2][2], beta[2][2];  // out_scale gamma, out_scale beta of output head 8 t + 2 tq + e
+    float inv_h, eps;
+  };
+
+  REATTN_DEVICE void layer_fragments(uint32_t (&hi)[4], uint32_t (&lo)[4], LayerLane& ln) const {
+    const float* weights = at<float>(L.weights);
+    const float* bias = vec_row(kBias);
+    const float* column_mean = vec_row(kColumnMean);
+    const float mean_of_bias = bias_mean();
+    Mix::template split_fragments<false>(gq, tq, hi, lo, [&](int g, int h) {
+      if (g >= H || h > H) return 0.0f;
+      return h < H ? weights[(h * kGroups + g % kGroups) * kHeadsPad + g / kGroups] - column_mean[h]
+                   : bias[g] - mean_of_bias;
+    });
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int g = 8 * t + 2 * tq + e;
+        ln.gamma[t][e] = g < H ? vec_row(kGamma)[g] : 0.0f;
+        ln.beta[t][e] = g < H ? vec_row(kBeta)[g] : 0.0f;
+      }
+    }
+    ln.inv_h = inv_heads();
+    ln.eps = static_cast<float>(p.eps);
+  }
+
+  // A of the slab's 16 rows over the chunk's 16 keys, written over P~ in place (each warp its rows,
+  // as mix_in_place), then O += A V for the warp's output heads. A = out_scale (gamma xhat + beta),
+  // xhat = (M - mean) rstd across the H heads of each entry, rstd from the centered squares. Rows past
+  // Nq and keys past the segment hold finite values (P~ there is finite; eps keeps rstd finite) that
+  // meet only zero rows of V or unwritten output rows.
+  REATTN_DEVICE void mix_in_place_layer(int slot, int chunk_col, float (&o)[kHeads][Cfg::kOutN8][4],
+                                        const uint32_t (&whi)[4], const uint32_t (&wlo)[4],
+                                        const LayerLane& ln) const {
+    // Narrow (at most 7 heads): k = 8 input heads (the ones at H <= 7), one tile of 8 output heads, and
+    // each load holds two rows (matrices (row m / 2, keys 8 (m % 2) ..)), so one stmatrix stores both.
+    constexpr bool kNarrow = kMixNarrow;
+    constexpr int kTiles = kNarrow ? 1 : 2, kRowsPerLoad = kMixRowsPerLoad;
+    const MixLane& ml = mix_lane;
+    const uint32_t col = static_cast<uint32_t>(chunk_col);
+    const bool matrix_store = dev::has_stmatrix();  // compile-time on the GPU
+    uint32_t src = ml.src + col * ml.src_col;
+    uint32_t out = ml.out + col * ml.out_col;  // stmatrix: the lane's row
+    uint32_t dst = ml.dst + 2 * col;           // else: key gq, head 2 tq of the warp's first row
+    const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const bool odd = tq & 1;
+#pragma unroll
+    for (int r = 0; r < kMixRowsPerWarp; r += kRowsPerLoad) {
+      // Wide: A (keys x input heads) = (keys gq, heads 2 tq), (gq + 8, 2 tq), (gq, 2 tq + 8), (gq + 8, 2 tq + 8).
+      // Narrow: row u's A = pb[2 u] (keys gq, heads 2 tq), pb[2 u + 1] (keys gq + 8).
+      uint32_t pb[4];
+      dev::ldmatrix_x4_trans_at(pb, src);
+      uint32_t packed[4];  // stmatrix's matrices: wide [2 t + k], narrow [2 u + k] (k: keys 8 k ..)
+#pragma unroll
+      for (int u = 0; u < kRowsPerLoad; ++u) {
+        float c[kTiles][4];  // M - mean: [heads 8 t ..][(key gq, head 2 tq), (gq, 2 tq + 1), (gq + 8, 2 tq), (gq + 8, 2 tq + 1)]
+#pragma unroll
+        for (int t = 0; t < kTiles; ++t) {
+          if constexpr (kNarrow) {
+            const uint32_t a[2] = {pb[2 * u], pb[2 * u + 1]};
+            dev::mma_m16n8k8<E>(c[t], a, whi[0], zero);
+            dev::mma_m16n8k8<E>(c[t], a, wlo[0], c[t]);
+          } else {
+            const uint32_t bh[2] = {whi[t], whi[t + 2]}, bl[2] = {wlo[t], wlo[t + 2]};
+            dev::mma_m16n8k16<E>(c[t], pb, bh, zero);
+            dev::mma_m16n8k16<E>(c[t], pb, bl, c[t]);
+          }
+        }
+        float sq[2] = {0.0f, 0.0f};  // the thread's centered squares of key gq, gq + 8
+#pragma unroll
+        for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sq[e / 2] += c[t][e] * c[t][e];
+        }
+        // Sums over the quad: each lane pair first splits the two keys (even lanes keep key gq, odd ones
+        // gq + 8), so each lane takes one reciprocal square root and the pair swaps them: 3 shuffles and
+        // one MUFU instead of 4 and 2.
+        float mine = odd ? sq[1] : sq[0];
+        mine += dev::shfl_xor(odd ? sq[0] : sq[1], 1);
+        mine += dev::shfl_xor(mine, 2);
+        const float r_mine = dev::rsqrt_approx(mine * ln.inv_h + ln.eps);
+        const float r_other = dev::shfl_xor(r_mine, 1);
+        const float rstd[2] = {odd ? r_other : r_mine, odd ? r_mine : r_other};
+#pragma unroll
+        for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+          for (int k = 0; k < 2; ++k) {
+            const float x0 = c[t][2 * k] * rstd[k], x1 = c[t][2 * k + 1] * rstd[k];
+            packed[kNarrow ? 2 * u + k : 2 * t + k] =
+                Cv::pack(x0 * ln.gamma[t][0] + ln.beta[t][0], x1 * ln.gamma[t][1] + ln.beta[t][1]);
+          }
+        }
+        if (!matrix_store) {
+#pragma unroll
+          for (int t = 0; t < kTiles; ++t) {
+            const uint32_t at_t = dst + u * ml.row + t * ml.head8;
+            const uint32_t w0 = packed[kNarrow ? 2 * u : 2 * t], w1 = packed[kNarrow ? 2 * u + 1 : 2 * t + 1];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              if (8 * t + 2 * tq + e < H) {
+                dev::store_shared_b16(at_t + e * ml.head1, w0 >> (16 * e));
+                dev::store_shared_b16(at_t + e * ml.head1 + 16, w1 >> (16 * e));
+              }
+            }
+          }
+        }
+      }
+      if (matrix_store) dev::stmatrix_x4_trans_at(out, packed);  // stored rows: heads (lane's head, row)
+      src += ml.src_step;
+      out += ml.out_step;
+      dst += kRowsPerLoad * ml.row;
+    }
+    if constexpr (kGroups > 1) {
+      dev::named_barrier(1 + slab, 32 * kGroups);  // A of the slab's every row
+    } else {
+      dev::sync_warp();
+    }
+    const E* values = slot_tile(slot);
+    const uint32_t mixed = ml.a + 2 * col;
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      if (group + kGroups * j >= H) continue;
+      uint32_t af[4];
+      dev::ldmatrix_x4_at(af, mixed + j * ml.a_head);
+      add_av(values, group + kGroups * j, af, o[j]);
     }
   }
 
@@ -1321,8 +1505,13 @@ struct RowProgram {
   REATTN_DEVICE void mixing_phase(int seg, float (&o)[kHeads][Cfg::kOutN8][4], float (&moments)[kHeads][2]) {
     const int chunks = value_tiles(seg_len(seg));
     uint32_t whi[4], wlo[4];
+    LayerLane ln;
     if constexpr (kTensorMix) {
-      weight_fragments(whi, wlo);
+      if constexpr (kTensorLayer) {
+        layer_fragments(whi, wlo, ln);
+      } else {
+        weight_fragments(whi, wlo);
+      }
       // Before the chunks' first barrier: the ones of head H (nothing else writes there).
       if (dev::thread_index() < 8) ones_row()[dev::thread_index()] = E{Cv::from_float(1.0f)};
     }
@@ -1343,7 +1532,9 @@ struct RowProgram {
         --value_turn;
       }
       if (slab_active) {
-        if constexpr (kTensorMix) {
+        if constexpr (kTensorLayer) {
+          mix_in_place_layer(slot, c * kValueTile, o, whi, wlo, ln);
+        } else if constexpr (kTensorMix) {
           const int key0 = seg_start(seg) + c * kValueTile;
           if constexpr (Cfg::kVariant == kPlainMoments) {
             if (key0 + kValueTile > Nk || m0 + slab * 16 + 16 > Nq) {  // entries past Nq / Nk: warp-uniform

@@ -13,6 +13,7 @@
 #include "sim.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <sstream>
@@ -80,7 +81,7 @@ constexpr int kWarp = 32;
 constexpr size_t kStackBytes = 256 * 1024;
 
 enum class State { kRunnable, kAtCollective, kAtBarrier, kExited };
-enum class OpKind { kShfl, kBallot, kMma, kLdmatrix, kSyncWarp };
+enum class OpKind { kShfl, kBallot, kMma, kLdmatrix, kStmatrix, kSyncWarp };
 
 const char* op_name(OpKind k) {
   switch (k) {
@@ -92,6 +93,8 @@ const char* op_name(OpKind k) {
       return "mma.sync.m16n8k16";
     case OpKind::kLdmatrix:
       return "ldmatrix";
+    case OpKind::kStmatrix:
+      return "stmatrix";
     default:
       return "__syncwarp";
   }
@@ -112,6 +115,8 @@ struct Op {
   bool trans = false;
   uint32_t* r = nullptr;
   const char* address = nullptr;
+  const uint32_t* w = nullptr;  // stmatrix: the lane's registers
+  char* store_address = nullptr;
 };
 
 struct Copy {
@@ -143,6 +148,7 @@ struct Runner {
   size_t shared_bytes = 0;
   int block[3] = {0, 0, 0};
   int grid[3] = {1, 1, 1};
+  int arch = 90;
   const std::function<void()>* body = nullptr;
   std::string error;
   Thread* current = nullptr;
@@ -393,6 +399,43 @@ void run_collective(Runner& r, int warp, Op* const* ops) {
       }
       return;
     }
+    case OpKind::kStmatrix: {
+      // The inverse of ldmatrix (PTX ISA 9.7.14.5.16, stmatrix, sm_90): lane l gives in register i the
+      // elements (row l/4, cols 2(l%4), 2(l%4)+1) of matrix i; lanes 8i..8i+7 give the addresses of
+      // its 8 rows as stored (16 bytes each, 16-byte aligned, in shared memory), with .trans those of
+      // its transpose (stored row j = column j). Lanes whose addresses coincide: the last one's row lands.
+      const int n = ops[0]->matrices;
+      const bool trans = ops[0]->trans;
+      uint16_t M[4][8][8];
+      for (int l = 0; l < kWarp; ++l) {
+        check_same(r, warp, ops, ops[l]->matrices == n && ops[l]->trans == trans, "shapes");
+        const int row = l >> 2, col = 2 * (l & 3);
+        for (int i = 0; i < n; ++i) {
+          const uint32_t v = ops[l]->w[i];
+          M[i][row][col] = static_cast<uint16_t>(v & 0xffffu);
+          M[i][row][col + 1] = static_cast<uint16_t>(v >> 16);
+        }
+      }
+      for (int i = 0; i < n; ++i) {
+        for (int row = 0; row < 8; ++row) {
+          char* p = ops[8 * i + row]->store_address;
+          const uintptr_t u = reinterpret_cast<uintptr_t>(p);
+          if (p < r.smem || p + 16 > r.smem + r.shared_bytes || (u & 15) != 0) {
+            std::ostringstream s;
+            s << "reattn sim: stmatrix row address of lane " << 8 * i + row << " in warp " << warp
+              << (p < r.smem || p + 16 > r.smem + r.shared_bytes ? " lies outside shared memory"
+                                                                 : " is not 16-byte aligned")
+              << " (offset " << static_cast<long long>(p - r.smem) << " of " << r.shared_bytes << " bytes; block "
+              << r.block[0] << ", " << r.block[1] << ", " << r.block[2] << ")";
+            throw std::runtime_error(s.str());
+          }
+          uint16_t stored[8];
+          for (int c = 0; c < 8; ++c) stored[c] = trans ? M[i][c][row] : M[i][row][c];
+          std::memcpy(p, stored, 16);
+        }
+      }
+      return;
+    }
   }
 }
 
@@ -555,6 +598,8 @@ void launch(const Launch& launch, const std::function<void()>& body) {
   Runner& r = *owned;
   g_runner = &r;
   prepare(r, launch);
+  const char* arch = std::getenv("REATTN_SIM_ARCH");
+  r.arch = arch != nullptr && *arch != '\0' ? std::atoi(arch) : 90;
   r.body = &body;
   r.error.clear();
   uint64_t linear = 0;
@@ -570,6 +615,7 @@ void launch(const Launch& launch, const std::function<void()>& body) {
   }
 }
 
+int arch() { return runner().arch; }
 int thread_index() { return runner().current->index; }
 int block_threads() { return static_cast<int>(runner().threads.size()); }
 int block_index(int axis) { return runner().block[axis]; }
@@ -629,6 +675,17 @@ void ldmatrix(int matrices, bool trans, uint32_t* r, const void* row_address) {
   op.trans = trans;
   op.r = r;
   op.address = static_cast<const char*>(row_address);
+  collective(op);
+}
+
+void stmatrix(int matrices, bool trans, const uint32_t* w, void* row_address) {
+  Runner& r = runner();
+  if (r.arch < 90) fail_in_fiber(r, *r.current, "reattn sim: stmatrix needs sm_90 (emulating sm_" + std::to_string(r.arch) + ")");
+  Op op{OpKind::kStmatrix};
+  op.matrices = matrices;
+  op.trans = trans;
+  op.w = w;
+  op.store_address = static_cast<char*>(row_address);
   collective(op);
 }
 

@@ -40,6 +40,9 @@ struct Launch {
 void launch(const Launch& launch, const std::function<void()>& body);
 
 // ---- what the intrinsics call (only valid inside a running body) -----------------------------
+// The compute capability whose code paths the emulated device code takes where they differ by
+// architecture (sm_90's stmatrix): REATTN_SIM_ARCH at the launch (80 or 90), 90 if unset.
+int arch();
 int thread_index();
 int block_threads();
 int block_index(int axis);
@@ -59,6 +62,8 @@ enum class MmaType : int { kFloat16 = 0, kBFloat16 = 1 };
 void mma_m16n8k16(MmaType type, float* d, const uint32_t* a, const uint32_t* b, const float* c);
 // ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16
 void ldmatrix(int matrices, bool trans, uint32_t* r, const void* row_address);
+// stmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16 (sm_90)
+void stmatrix(int matrices, bool trans, const uint32_t* w, void* row_address);
 
 // cp.async.cg.shared.global [dst], [src], 16, src_bytes (zero fill past src_bytes); ca for 4 / 8 bytes.
 void cp_async(void* dst, const void* src, int bytes, int src_bytes);

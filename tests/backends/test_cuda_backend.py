@@ -206,6 +206,11 @@ TC_CASES = [
     ("layer bool mask dropout", (2, 6, 9, 11, 64), "layer", "bool", 0.25),
     ("batch per-head float mask", (2, 12, 20, 37, 32), "batch", "float", 0.0),
     ("layer H=5 D=33 Nq=1", (2, 5, 1, 40, 33), "layer", None, 0.0),
+    # LayerNorm's tensor-core mixing (shapes of 12 output heads, one segment): 12 heads in every
+    # fragment column pair, 7 (an odd count: a thread with one real head of its pair), the whole key row.
+    ("layer tensor mixing H=12", (2, 12, 17, 50, 32), "layer", None, 0.0),
+    ("layer tensor mixing H=7 D=40", (1, 7, 9, 33, 40), "layer", None, 0.0),
+    ("layer tensor mixing full key tiles", (1, 12, 5, 197, 64), "layer", None, 0.0),
     ("H=1 Nk=1", (1, 1, 3, 1, 16), "none", None, 0.0),
     ("two sweeps layer mask dropout", (1, 6, 9, 300, 35), "layer", "bool", 0.25),
     ("two sweeps batch", (1, 12, 33, 257, 48), "batch", None, 0.0),
@@ -224,8 +229,8 @@ def test_tensor_core_forward_within_twice_eager_error_in_every_mode(name, shape,
     assert_within_twice_eager_error(out, reference, eager)
 
 
-@pytest.mark.parametrize("shape", [(2, 6, 33, 50, 64), (1, 12, 20, 260, 48), (2, 6, 9, 21, 35)],
-                         ids=["one segment", "two sweeps", "D=35"])
+@pytest.mark.parametrize("shape", [(2, 6, 33, 50, 64), (1, 12, 20, 260, 48), (2, 6, 9, 21, 35), (1, 12, 20, 40, 32)],
+                         ids=["one segment", "two sweeps", "D=35", "one segment 12 heads"])
 @pytest.mark.parametrize("mode", ["none", "batch", "layer", "moments"])
 def test_tensor_core_plain_variants_agree_with_the_general_one(shape, mode):
     # Without mask or dropout the compiled plain variant of the norm runs (its own loops, the
@@ -251,20 +256,37 @@ def test_tensor_core_plain_variants_agree_with_the_general_one(shape, mode):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="warp orders are the emulator's")
-@pytest.mark.parametrize("shape", [(2, 6, 33, 50, 64), (1, 12, 20, 260, 48)], ids=["one segment", "two sweeps"])
-@pytest.mark.parametrize("general", [True, False], ids=["general", "plain"])
-def test_tensor_core_forward_does_not_race(shape, general):
+@pytest.mark.parametrize("shape", [(2, 6, 33, 50, 64), (1, 12, 20, 260, 48), (1, 12, 20, 40, 32)],
+                         ids=["one segment", "two sweeps", "one segment 12 heads"])
+@pytest.mark.parametrize("variant", ["general", "plain", "plain layer"])
+def test_tensor_core_forward_does_not_race(shape, variant):
     # Between barriers the emulator runs the warps forwards, backwards or shuffled: a warp reading
     # what another writes in the same interval (or a missing cp.async wait) changes the result.
-    # plain: the bf16 plain affine variant, whose tensor-core mixing writes M over P~ in place.
+    # plain: the bf16 plain affine variant, whose tensor-core mixing writes M over P~ in place; plain
+    # layer: LayerNorm's, which writes A over P~ in place (tensor-core mixing at 12 heads).
     B, H, Nq, Nk, D = shape
-    features = (dict(norm="layer", mask=bool_mask(B, Nq, Nk), dropout=0.2) if general
-                else dict(norm="none", mask=None, dropout=0.0, dtype=torch.bfloat16))
+    features = {"general": dict(norm="layer", mask=bool_mask(B, Nq, Nk), dropout=0.2),
+                "plain": dict(norm="none", mask=None, dropout=0.0, dtype=torch.bfloat16),
+                "plain layer": dict(norm="layer", mask=None, dropout=0.0, dtype=torch.bfloat16)}[variant]
     runs = [tc_case(B, H, Nq, Nk, D, **features, references=False, **order)
             for order in (dict(), dict(reverse_items=True), dict(shuffle_seed=7))]
     for out, stats in runs:
         assert not out.isnan().any() and not stats.isnan().any()  # poisoned outputs are all written
         assert torch.equal(out, runs[0][0]) and torch.equal(stats, runs[0][1])
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the emulator's architecture switch")
+@pytest.mark.parametrize("shape", [(2, 12, 17, 50, 32), (1, 7, 9, 33, 40)], ids=["H=12", "H=7"])
+def test_layer_tensor_mixing_stores_agree_across_architectures(shape, monkeypatch):
+    # LayerNorm's tensor-core mixing writes A back with one stmatrix per row on sm_90 and with 16-bit
+    # stores per entry before it (REATTN_SIM_ARCH=80 makes the emulator take that path): the same
+    # values to the same places, so the same output bit for bit.
+    B, H, Nq, Nk, D = shape
+    out90, stats90 = tc_case(B, H, Nq, Nk, D, norm="layer", references=False)
+    monkeypatch.setenv("REATTN_SIM_ARCH", "80")
+    out80, stats80 = tc_case(B, H, Nq, Nk, D, norm="layer", references=False)
+    assert not out90.isnan().any()
+    assert torch.equal(out80, out90) and torch.equal(stats80, stats90)
 
 
 @pytest.mark.parametrize("Nk", [45, 260], ids=["one segment", "two sweeps"])

@@ -234,6 +234,34 @@ def test_model_of_a_tensor_core_launch():
     assert 0 < t.t_low_us <= t.t_high_us
 
 
+@pytest.mark.parametrize("H,D", [(12, 32), (6, 64)], ids=["12 heads", "6 heads"])
+def test_layer_norm_forward_mixes_heads_on_tensor_cores(H, D):
+    # kTensorLayer (rows.cuh mix_in_place_layer): the bf16 plain LayerNorm forward of the one-segment
+    # shapes mixes the heads with mma.sync and writes A back over P~ by stmatrix on sm_90 (per 16 keys,
+    # one per row wide, one per two rows narrow), by 16-bit stores on sm_80, which has no stmatrix.
+    from collections import Counter
+
+    from benchmarks import cuda_side
+
+    per_arch = {}
+    for arch in (90, 80):
+        launch = _launches(cuda_side.cuda_call(1, H, 64, D, "layer", arch))["fwd"][0]
+        assert "plain_layer" in launch.name
+        counts = cuda_side.program_counts(launch, arch)
+        functions, _ = cuda_side._functions(arch, cuda_side.extension_path())
+        issued = Counter()
+        for ins in functions[launch.symbol].instructions:
+            issued[ins.base] += counts.issued.get(ins.address, 0)
+        per_arch[arch] = issued
+    tiles = _C.cuda_forward_tiles(H, D, 64, 64, "bfloat16")
+    rows_per_store = 1 if tiles["groups"] * tiles["heads"] > 7 else 2  # the narrow shapes: 2
+    # Every warp (every slab holds real rows at Nq = 64) stores its rows' A once per 16-key chunk: 4 chunks.
+    warps = tiles["slabs"] * tiles["groups"]
+    assert per_arch[90]["STSM"] == warps * (16 // tiles["groups"] // rows_per_store) * 4
+    assert per_arch[80]["STSM"] == 0 and per_arch[80]["STS"] > 0
+    assert per_arch[90]["MUFU"] > 0 and per_arch[90]["HMMA"] > per_arch[90]["STSM"]
+
+
 @pytest.mark.parametrize("norm", ["layer", "batch-train"])
 def test_parameter_steps_are_modelled_from_their_sass(norm):
     # fold_kernel and param_grads_kernel run in the SASS emulator like the programs: one block each, every
