@@ -216,13 +216,10 @@ struct RowProgram {
   static constexpr int kMHead = head_stride(Cfg::kRows, kMRow, Cfg::kPlain);  // dM's head stride (backward)
   // The forward's plain affine and moments variants mix the heads on tensor cores (mix_in_place),
   // bf16 only: W' is split into two 16-bit operands, and fp16's range would not hold every W'.
-  // LayerNorm's plain one-segment variant too where the program holds 8 to 15 output heads
-  // (mix_in_place_layer): there the normalization is per-thread arithmetic on the products'
-  // fragments, against H multiply-adds per entry and owned head for the mixing plus the slab's
-  // exchange through shared memory (static model, ViT-B, per block: fp32 warp instructions 68,395 ->
-  // 24,491). The 6-head shape (kMaxHeads < 8) keeps the per-thread Mixer (mix_chunk): its products
-  // would be mix_in_place's narrow k = 8 form, not written yet, and the normalization's per-entry
-  // work (shuffles, reciprocal square root) would be spread over 6 heads, not 12.
+  // LayerNorm's plain one-segment variant too (mix_in_place_layer): there the normalization is
+  // arithmetic on the products' fragments within a quad of lanes, against H multiply-adds per entry
+  // and owned head for the mixing plus the slab's exchange through shared memory (static model, per
+  // block: ViT-B fp32 warp instructions 68,395 -> 24,907; DeiT-S 46,746 -> 27,658).
   static constexpr bool kTensorLayer = Cfg::kVariant == kPlainLayer && Cfg::kOneSegment && Cfg::kMaxHeads < 16 &&
                                        std::is_same_v<typename Cfg::E, dev::Bf16>;
   static constexpr bool kTensorMix = ((Cfg::kVariant == kPlainAffine || Cfg::kVariant == kPlainMoments) &&
@@ -1167,15 +1164,16 @@ struct RowProgram {
   // Its A is one ldmatrix.trans of P~ (16 keys of every input head, and the ones of head H) with the
   // lanes' rows ordered as the fragment's registers (make_mix_lane); its B, the A fragments of those
   // centered weights split as hi + lo (rows gq of output heads 0..7: hi[0], hi[2]; of 8..15: hi[1],
-  // hi[3]). A thread's C entries are 2 keys (gq, gq + 8) x 4 output heads (2 tq, 2 tq + 1, + 8), M
+  // hi[3]; at most 7 heads, k = 8: hi[0] alone, one tile of output heads, two rows per load). A
+  // thread's C entries are 2 keys (gq, gq + 8) x 4 output heads (2 tq, 2 tq + 1, + 8; narrow: 2), M
   // already less its mean over the heads (products exact, fp32 sums: as exact as M itself; output
   // heads past H are 0), so LayerNorm's variance is a sum of squares within the thread and its quad
   // (2 shuffle levels), with no test for heads past H. A = out_scale (gamma xhat + beta) goes back
-  // over P~ in 16 bits by one stmatrix.trans per row (sm_90; 16-bit stores per entry before it).
-  // Per row and 16 keys: 4 products, 8 + 16 fp32 multiply-adds, 4 shuffles, 2 reciprocal square
-  // roots, against 16 H multiply-adds for the mixing per warp-owned head set and the slab's exchange
-  // of partial sums through shared memory (static model, ViT-B LayerNorm forward kernel, sm_90:
-  // 129.7-545.0 us -> 82.9-450.4).
+  // over P~ in 16 bits by one stmatrix.trans per row (narrow: per two rows; sm_90; 16-bit stores per
+  // entry before it). Per row and 16 keys (wide): 4 products, 8 + 16 fp32 multiply-adds, 3 shuffles,
+  // one reciprocal square root per lane, against 16 H multiply-adds per owned head for the mixing and
+  // the slab's exchange of partial sums through shared memory (static model, LayerNorm forward
+  // kernel, sm_90, H100: ViT-B 129.7-545.0 us -> 82.9-446.3, DeiT-S 108.7-458.9 -> 82.6-420.6).
   struct LayerLane {
     float gamma[2][2], beta[2][2];  // out_scale gamma, out_scale beta of output head 8 t + 2 tq + e
     float inv_h, eps;
@@ -1258,7 +1256,7 @@ struct RowProgram {
         float mine = odd ? sq[1] : sq[0];
         mine += dev::shfl_xor(odd ? sq[0] : sq[1], 1);
         mine += dev::shfl_xor(mine, 2);
-        const float r_mine = dev::rsqrt_approx(mine * ln.inv_h + ln.eps);
+        const float r_mine = dev::rsqrt_approx_ftz(mine * ln.inv_h + ln.eps);
         const float r_other = dev::shfl_xor(r_mine, 1);
         const float rstd[2] = {odd ? r_other : r_mine, odd ? r_mine : r_other};
 #pragma unroll
