@@ -64,10 +64,11 @@ from benchmarks import kernel_model, sass, sass_exec
 PROGRAM_THREADS = 128              # kThreads in csrc/cuda/params.h: the CUDA-core programs
 PROGRAM_KINDS = {"forward": 0, "gram_sums": 1, "backward": 2, "bn_grad_sums": 3}
 KIND_NAMES = {v: k for k, v in PROGRAM_KINDS.items()}
-# ForwardVariant, kBackwardRows and kPlainBackwardRows of csrc/cuda/row_configs.h.
+# ForwardVariant, kBackwardRows, kPlainBackwardRows and kPlainLayerBackwardRows of csrc/cuda/row_configs.h.
 FORWARD_VARIANTS = {"plain_affine": 0, "plain_layer": 1, "plain_moments": 2, "general": 3}
 BACKWARD_ROWS = 4
 PLAIN_BACKWARD_ROWS = 5
+PLAIN_LAYER_BACKWARD_ROWS = 6
 PARAM_OFFSET = sass_exec.PARAM_OFFSET
 DTYPE_SYMBOL = {torch.bfloat16: "13__nv_bfloat16", torch.float16: "6__half", torch.float32: "f", torch.float64: "d"}
 DTYPE_CXX = {torch.bfloat16: "reattn::dev::Bf16", torch.float16: "reattn::dev::F16"}  # E of the tensor-core programs
@@ -322,6 +323,16 @@ def backward_plain(p: ReAttnParams, rows: dict) -> bool:
     """ops.cpp's backward_plain_for (general_variant off): the plain row and key passes need no mask, no dropout,
     16-byte loads and a row shape that has a plain variant (``rows``: cuda_backward_tiles' row pass)."""
     return p.mask_kind == MASK_NONE and not p.seed and bool(p.vector_loads) and bool(rows["has_plain"])
+
+
+def backward_rows_variant(p: ReAttnParams, rows: dict, plain: bool, dtype: torch.dtype) -> int:
+    """backward_configs.h's backward_rows_variant: LayerNorm's own plain row pass in bf16 where the keys fit one
+    segment (a row shape of more than 64 keys), else the plain or the general one."""
+    if not plain:
+        return BACKWARD_ROWS
+    if p.norm == NORM_CODES["layer"] and dtype == torch.bfloat16 and rows["keys"] > 64:
+        return PLAIN_LAYER_BACKWARD_ROWS
+    return PLAIN_BACKWARD_ROWS
 
 
 # ---- the shim: ops.cpp's work around each launch, on meta tensors ----------------------------------------------
@@ -620,7 +631,7 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
             row_touched += [(delta, {"write"}), (dq, {"write"})]
         plain = backward_plain(p, rows)
         args = [rows[k_] for k_ in ("slabs", "groups", "heads", "d", "d_out", "keys")] + [
-            PLAIN_BACKWARD_ROWS if plain else BACKWARD_ROWS]
+            backward_rows_variant(p, rows, plain, q.dtype)]
         _record(_template_symbol(rec.arch, "forward_kernel", "RowConfig", args, q.dtype), "backward_rows", False, q, p,
                 row_touched, (B * rows["grid"][0], rows["grid"][1]), rows["threads"], rows["shared_bytes"], "keys",
                 rows["keys"], one_segment=rows["segments"] == 1)

@@ -13,6 +13,7 @@
 
 #include <cstddef>
 
+#include "row_configs.h"
 #include "tiles.h"
 
 namespace reattn {
@@ -44,6 +45,28 @@ constexpr int kBackwardRowShapeCount = 5;
 // its row pass used 8 bytes of stack at 255 registers on sm_80 (ptxas, CUDA 13), which its general
 // variant does not; its problems run the general variants of both passes.
 constexpr bool backward_rows_have_plain(int index) { return index != 4; }
+
+// The keys of row shape `index` (more than 64: one segment).
+constexpr int backward_row_keys(int index) {
+#define REATTN_SHAPE_KEYS(i, slabs, groups, heads, d, d_out, keys) index == i ? keys:
+  return REATTN_BACKWARD_ROW_SHAPES(REATTN_SHAPE_KEYS) 0;
+#undef REATTN_SHAPE_KEYS
+}
+
+// Whether row shape `index` is compiled in `variant` (bf16: the 16-bit type is bfloat16).
+constexpr bool backward_rows_compiled(int variant, int index, bool bf16) {
+  return variant == kBackwardRows ||
+         (backward_rows_have_plain(index) &&
+          (variant == kPlainBackwardRows || (variant == kPlainLayerBackwardRows && bf16 && backward_row_keys(index) > 64)));
+}
+
+// The row pass's variant for a problem: the general one unless `plain` (no mask, no dropout, aligned
+// rows: ops.cpp decides), and LayerNorm's own where it is compiled.
+constexpr int backward_rows_variant(int index, bool plain, bool layer_norm, bool bf16) {
+  return !plain ? kBackwardRows
+         : layer_norm && backward_rows_compiled(kPlainLayerBackwardRows, index, bf16) ? kPlainLayerBackwardRows
+                                                                                       : kPlainBackwardRows;
+}
 constexpr int kKeyShapeCount = 5;
 
 inline TileShape backward_row_shape(int index) {

@@ -5,6 +5,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <type_traits>
+
 #include "backward_configs.h"
 #include "keys.cuh"
 #include "row_kernels.cuh"
@@ -40,7 +42,7 @@ cudaError_t launch_backward_variant(int rows, int keys, const ReAttnParams& p, c
   switch (rows) {
 #define REATTN_SHAPE_CASE(i, slabs, groups, heads, d, d_out, k) \
   case i:                                                        \
-    if constexpr (kVariant != kPlainBackwardRows || backward_rows_have_plain(i)) { \
+    if constexpr (backward_rows_compiled(kVariant, i, std::is_same_v<E, dev::Bf16>)) { \
       err = launch_forward_shape<RowConfig<E, slabs, groups, heads, d, d_out, k, kVariant>>(p, stream); \
     } \
     break;
@@ -64,8 +66,14 @@ cudaError_t launch_backward_variant(int rows, int keys, const ReAttnParams& p, c
 template <typename E>
 cudaError_t launch_backward(int rows, int keys, bool plain, const ReAttnParams& p, cudaStream_t stream) {
   if (p.B == 0 || p.Nq == 0) return cudaSuccess;
-  return plain ? launch_backward_variant<E, kPlainBackwardRows, 1>(rows, keys, p, stream)
-               : launch_backward_variant<E, kBackwardRows, 0>(rows, keys, p, stream);
+  switch (backward_rows_variant(rows, plain, p.norm == kNormLayer, std::is_same_v<E, dev::Bf16>)) {
+    case kPlainLayerBackwardRows:
+      return launch_backward_variant<E, kPlainLayerBackwardRows, 1>(rows, keys, p, stream);
+    case kPlainBackwardRows:
+      return launch_backward_variant<E, kPlainBackwardRows, 1>(rows, keys, p, stream);
+    default:
+      return launch_backward_variant<E, kBackwardRows, 0>(rows, keys, p, stream);
+  }
 }
 
 }  // namespace cuda

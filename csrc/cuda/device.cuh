@@ -367,6 +367,7 @@ REATTN_DEVICE void store_8(void* address, uint32_t lo, uint32_t hi) {
   *static_cast<uint2*>(address) = make_uint2(lo, hi);
 }
 REATTN_DEVICE uint32_t bits(float x) { return __float_as_uint(x); }
+REATTN_DEVICE float from_bits(uint32_t b) { return __uint_as_float(b); }
 REATTN_DEVICE void store_16(void* address, const Words4& v) {
   *static_cast<uint4*>(address) = make_uint4(v.w[0], v.w[1], v.w[2], v.w[3]);
 }
@@ -394,6 +395,11 @@ REATTN_DEVICE void store_8(void* address, uint32_t lo, uint32_t hi) {
 REATTN_DEVICE uint32_t bits(float x) {
   uint32_t r;
   std::memcpy(&r, &x, 4);
+  return r;
+}
+REATTN_DEVICE float from_bits(uint32_t b) {
+  float r;
+  std::memcpy(&r, &b, 4);
   return r;
 }
 REATTN_DEVICE void store_16(void* address, const Words4& v) {

@@ -5,6 +5,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -145,11 +146,11 @@ void backward_shapes(int rows, int keys, const ReAttnParams& params, int order, 
   switch (rows) {
 #define REATTN_SHAPE_CASE(i, slabs, groups, heads, d, d_out, k)                                  \
   case i:                                                                                         \
-    if constexpr (kVariant != kPlainBackwardRows || backward_rows_have_plain(i)) {                  \
+    if constexpr (backward_rows_compiled(kVariant, i, std::is_same_v<E, dev::Bf16>)) {             \
       run_forward<RowConfig<E, slabs, groups, heads, d, d_out, k, kVariant>>(params, order, seed); \
       break;                                                                                        \
     }                                                                                               \
-    throw std::invalid_argument("emulate_backward: row shape without a plain variant");
+    throw std::invalid_argument("emulate_backward: row shape not compiled in that variant");
     REATTN_BACKWARD_ROW_SHAPES(REATTN_SHAPE_CASE)
 #undef REATTN_SHAPE_CASE
     default:
@@ -169,8 +170,14 @@ void backward_shapes(int rows, int keys, const ReAttnParams& params, int order, 
 
 template <typename E>
 void backward_variant(int rows, int keys, bool plain, const ReAttnParams& params, int order, uint64_t seed) {
-  if (plain) return backward_shapes<E, kPlainBackwardRows, 1>(rows, keys, params, order, seed);
-  return backward_shapes<E, kBackwardRows, 0>(rows, keys, params, order, seed);
+  switch (backward_rows_variant(rows, plain, params.norm == kNormLayer, std::is_same_v<E, dev::Bf16>)) {
+    case kPlainLayerBackwardRows:
+      return backward_shapes<E, kPlainLayerBackwardRows, 1>(rows, keys, params, order, seed);
+    case kPlainBackwardRows:
+      return backward_shapes<E, kPlainBackwardRows, 1>(rows, keys, params, order, seed);
+    default:
+      return backward_shapes<E, kBackwardRows, 0>(rows, keys, params, order, seed);
+  }
 }
 
 }  // namespace

@@ -50,8 +50,9 @@ template <typename E_, int kSlabs_, int kGroups_, int kHeads_, int kD_, int kDOu
 struct RowConfig {
   using E = E_;
   static constexpr int kVariant = kVariant_;
-  static constexpr bool kPlain = kVariant < kGeneral || kVariant == kPlainBackwardRows;
-  static constexpr bool kBackward = kVariant == kBackwardRows || kVariant == kPlainBackwardRows;
+  static constexpr bool kPlain = kVariant < kGeneral || kVariant == kPlainBackwardRows || kVariant == kPlainLayerBackwardRows;
+  static constexpr bool kBackward =
+      kVariant == kBackwardRows || kVariant == kPlainBackwardRows || kVariant == kPlainLayerBackwardRows;
   static constexpr int kSlabs = kSlabs_, kGroups = kGroups_, kHeads = kHeads_, kD = kD_, kDOut = kDOut_;
   static constexpr int kKeys = kKeys_;
   static constexpr int kWarps = kSlabs * kGroups, kThreads = 32 * kWarps, kRows = 16 * kSlabs;
@@ -226,10 +227,15 @@ struct RowProgram {
                                       Cfg::kMaxHeads <= 16 && std::is_same_v<typename Cfg::E, dev::Bf16>) ||
                                      kTensorLayer;
   // Likewise the plain backward row pass forms dP' = W'^T dM on tensor cores (tensor_grad_probs).
-  static constexpr bool kTensorGrad = backward_tensor_mixing<E>(Cfg::kVariant == kPlainBackwardRows, Cfg::kMaxHeads);
+  static constexpr bool kTensorGrad = backward_tensor_mixing<E>(
+      Cfg::kVariant == kPlainBackwardRows || Cfg::kVariant == kPlainLayerBackwardRows, Cfg::kMaxHeads);
   // And M for BatchNorm (tensor_mix), in the one-segment shapes: the segmented one keeps the
   // per-thread Mixer (with tensor_mix its sm_80 build needs 24 bytes of stack at 255 registers).
   static constexpr bool kTensorBatch = kTensorGrad && Cfg::kOneSegment;
+  // LayerNorm's own row pass (grad_mixed_layer): the norm known at compile time, its mixing and the
+  // sums across heads on tensor cores and within quads of lanes.
+  static constexpr bool kLayerGrad = Cfg::kVariant == kPlainLayerBackwardRows;
+  static_assert(!kLayerGrad || kTensorBatch, "LayerNorm's row pass: bf16, one segment, at most 16 heads");
   using KeyCopy = TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain>;
   using ValueCopy = TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain>;
 
@@ -1322,6 +1328,7 @@ struct RowProgram {
       if (Cfg::kBackward && !kTensorGrad) weights_t[i] = ok ? f[a * H + b_] : 0.0f;  // [g = a][group r][j]: W'[g][h_j]
     }
     if constexpr (kTensorGrad) Mix::fill_fragment_table(f, H, dev::thread_index(), reinterpret_cast<uint32_t*>(weights_t));
+    if constexpr (kLayerGrad) fill_layer_table(f);
     for (int i = dev::thread_index(); i < kVectorRows * mh + 2; i += Cfg::kThreads) {
       const int row = i / mh, h = i % mh;
       float v = 0.0f;
@@ -1673,10 +1680,13 @@ struct RowProgram {
   static constexpr int kDwSlots = kTensorGrad ? kDwRows : 1;
   // write_partials keeps [warps][H][H] floats in dM's buffer (H (rows m_row + 8) 16-bit values).
   static_assert(!Cfg::kBackward || kWarps * Cfg::kMaxHeads * 2 <= Cfg::kRows * kMRow, "dW tiles exceed dM's buffer");
+  static_assert(!kLayerGrad || kWarps * (Cfg::kMaxHeads + 3) * 2 <= Cfg::kRows * kMRow,
+                "dW tiles and LayerNorm's sums exceed dM's buffer");
   struct Partials {
     float dw[kHeads][Cfg::kMaxHeads];  // sum dM_g P~'_h (the host applies 1 / (1 - p)); general variant
     float dw_rows[kDwSlots][kDwN8][4];  // plain variant: dw_products' accumulators
     float dc[kHeads], dgamma[kHeads], dbeta[kHeads];
+    float layer[3][2][2];  // kLayerGrad: grad_mixed_layer's sums (LayerSum), in place of dc, dgamma, dbeta
   };
 
   // M - c of the slab's 16 rows over the chunk's 16 keys on tensor cores (kTensorBatch; BatchNorm,
@@ -1708,6 +1718,50 @@ struct RowProgram {
   // or with tensor_mix's values (M - c), mu - c.
   REATTN_DEVICE float batch_shift(int g) const {
     return kTensorBatch ? vec_row(kMean)[g] - vec_row(kBias)[g] : vec_row(kMean)[g];
+  }
+
+  // dA = dO V^T of the warp's output heads at their fragment entries of the chunk (V in ring slot
+  // `slot`): B = V^T from V [key][d] without .trans, matrices (n8 tile i / 2, k half i % 2).
+  REATTN_DEVICE void grad_attention(int slot, const uint32_t (&df)[kHeads][Cfg::kKSteps][4], float (&dn)[kHeads][8]) const {
+    const E* values = slot_tile(slot);
+    const int i = lane / 8;
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int g = group + kGroups * j;
+      float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      const E* vg = values + static_cast<size_t>(g < H ? g : 0) * kValueTile * kKRow;
+      // dO from shared memory (several segments): rolled, its fragments loaded as they are used.
+#pragma unroll(kGradsShared ? 1 : Cfg::kKSteps)
+      for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
+        uint32_t vb[4];
+        dev::ldmatrix_x4(vb, vg + ((i / 2) * 8 + lane % 8) * kKRow + kk * 16 + (i % 2) * 8);
+        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+        uint32_t a[4];
+        grad_fragment(df, j, kk, a);
+        dev::mma_m16n8k16<E>(c0, a, b0, c0);
+        dev::mma_m16n8k16<E>(c1, a, b1, c1);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        dn[j][e] = c0[e];
+        dn[j][4 + e] = c1[e];
+      }
+    }
+  }
+
+  // The warp's output heads' values at their fragment entries to dM's buffer, 16-bit, A-fragment order.
+  REATTN_DEVICE void store_grad_tile(const float (&x)[kHeads][8]) const {
+    E* out = at<E>(L.dmixed) + (static_cast<size_t>(slab) * 16 + gq) * kMRow + 2 * tq;
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int g = group + kGroups * j;
+      if (g >= H) continue;
+      E* at_g = out + static_cast<size_t>(g) * kMHead;
+      *reinterpret_cast<uint32_t*>(at_g) = Cv::pack(x[j][0], x[j][1]);
+      *reinterpret_cast<uint32_t*>(at_g + 8 * kMRow) = Cv::pack(x[j][2], x[j][3]);
+      *reinterpret_cast<uint32_t*>(at_g + 8) = Cv::pack(x[j][4], x[j][5]);
+      *reinterpret_cast<uint32_t*>(at_g + 8 * kMRow + 8) = Cv::pack(x[j][6], x[j][7]);
+    }
   }
 
   // Output-head part of a chunk: dM of the warp's heads to shared memory (and the partial sums).
@@ -1755,32 +1809,8 @@ struct RowProgram {
         for (int e = 0; e < 8; ++e) acc[j][e] *= rstd[e];
       }
     }
-    // dA = dO V^T: B = V^T from V [key][d] without .trans, matrices (n8 tile i / 2, k half i % 2).
-    const E* values = slot_tile(slot);
-    const int i = lane / 8;
     float dn[kHeads][8];
-#pragma unroll
-    for (int j = 0; j < kHeads; ++j) {
-      const int g = group + kGroups * j;
-      float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      const E* vg = values + static_cast<size_t>(g < H ? g : 0) * kValueTile * kKRow;
-      // dO from shared memory (several segments): rolled, its fragments loaded as they are used.
-#pragma unroll(kGradsShared ? 1 : Cfg::kKSteps)
-      for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
-        uint32_t vb[4];
-        dev::ldmatrix_x4(vb, vg + ((i / 2) * 8 + lane % 8) * kKRow + kk * 16 + (i % 2) * 8);
-        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-        uint32_t a[4];
-        grad_fragment(df, j, kk, a);
-        dev::mma_m16n8k16<E>(c0, a, b0, c0);
-        dev::mma_m16n8k16<E>(c1, a, b1, c1);
-      }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        dn[j][e] = c0[e];
-        dn[j][4 + e] = c1[e];
-      }
-    }
+    grad_attention(slot, df, dn);
     // dN = dA where attended (masked: 0); out_scale is in gamma'. Entries past Nq or Nk count as
     // masked: tested only in the chunks that have them (a branch the whole warp takes alike).
     uint32_t outside = 0;
@@ -1885,17 +1915,242 @@ struct RowProgram {
         }
       }
     }
-    // dM to shared memory, 16-bit, A-fragment entry order.
-    E* out = at<E>(L.dmixed) + (static_cast<size_t>(slab) * 16 + gq) * kMRow + 2 * tq;
+    store_grad_tile(dm);
+  }
+
+  // ---- LayerNorm's backward on tensor cores (kLayerGrad) ------------------------------------------------
+  // Per chunk: the warps, as output-head owners, write dN (dA = dO V^T where attended; 16-bit, as
+  // eager's dA is) to dM's buffer; after the slab's barrier each warp takes its rows i of the slab, and
+  // per row and 16 keys:
+  //   (M - mean)^T = P~^T [W' - 1 m^T]^T + (c - mean(c)) (as the forward's mix_in_place_layer, the
+  //     centered bias as the products' C operand, so all 16 input heads fit k), in the C layout keys x
+  //     output heads: a thread holds keys gq, gq + 8 of heads 8 t + 2 tq, + 1;
+  //   rstd from the sum of squares within the thread and its quad (3 shuffles), xhat = (M - mean) rstd;
+  //   dN^T by one ldmatrix.trans of the same lanes' rows (its registers the C entries' order);
+  //   dxhat = gamma' dN, s1 = sum_g dxhat, s2 = sum_g dxhat xhat, again within the quad (6 shuffles);
+  //   dM = rstd (dxhat - s1 / H - xhat s2 / H) back over dN by one stmatrix.trans (sm_90; 16-bit
+  //   stores on sm_80);
+  //   in the first sweep, sum dN xhat, sum dN and sum dM per output head (dgamma, dbeta, dc) in the
+  //     thread's registers, one per (tile, column) of its entries.
+  // Wide (9 to 16 heads): the load is the A fragment of m16n8k16 (keys x 16 input heads), two products
+  // per 8 output heads, one row per load; narrow (at most 8): m16n8k8, two rows per load. Against the
+  // general row pass's LayerNorm (H multiply-adds per entry and owned head for M, its column-mean sum,
+  // and two exchanges of partial sums through shared memory per chunk), per row: 4 products and 2 loads,
+  // one store, 9 shuffles and one reciprocal square root per lane.
+  //
+  // The table (in weights_t after the fragment table, filled by warp 0 from the folded parameters in
+  // global memory): per lane the centered weights' fragments (hi, lo: mixing.cuh split_fragments, W'[g][h]
+  // less the column mean of h, zero past H), the centered bias as C per tile of 8 output heads
+  // (entries (key, head 8 t + 2 tq + e): c_g - mean(c), zero past H) and gamma' of heads 2 tq, 2 tq + 1,
+  // 8 + 2 tq, 9 + 2 tq (zero past H, so heads past H add nothing to s1 and s2).
+  static constexpr int kLayerTable = 4 * 32 * 4;  // words before it (the fragment table)
+  enum LayerTableEntry : int { kCenteredHi = 0, kCenteredLo = 1, kCenteredBias = 2, kLayerGamma = 4 };
+
+  REATTN_DEVICE void fill_layer_table(const float* f) const {
+    const int thread = dev::thread_index();
+    if (thread >= 32) return;
+    const int gq_ = thread / 4, tq_ = thread % 4;
+    // The means as load_parameters forms them (the forward's kColumnMean and mean of c').
+    auto column_mean = [&](int h) {
+      float v = 0.0f;
+      for (int g = 0; g < H; ++g) v += f[g * H + h];
+      return v / H;
+    };
+    float bias_mean = 0.0f;
+    for (int g = 0; g < H; ++g) bias_mean += f[H * H + g];
+    bias_mean /= H;
+    uint32_t q[5][4];
+    Mix::template split_fragments<false>(gq_, tq_, q[kCenteredHi], q[kCenteredLo], [&](int g, int h) {
+      return g < H && h < H ? f[g * H + h] - column_mean(h) : 0.0f;
+    });
+    const auto bias = [&](int g) { return g < H ? f[H * H + g] - bias_mean : 0.0f; };
+    const auto gamma = [&](int g) { return g < H ? f[H * H + H + g] : 0.0f; };
 #pragma unroll
-    for (int j = 0; j < kHeads; ++j) {
-      const int g = group + kGroups * j;
-      if (g >= H) continue;
-      E* at_g = out + static_cast<size_t>(g) * kMHead;
-      *reinterpret_cast<uint32_t*>(at_g) = Cv::pack(dm[j][0], dm[j][1]);
-      *reinterpret_cast<uint32_t*>(at_g + 8 * kMRow) = Cv::pack(dm[j][2], dm[j][3]);
-      *reinterpret_cast<uint32_t*>(at_g + 8) = Cv::pack(dm[j][4], dm[j][5]);
-      *reinterpret_cast<uint32_t*>(at_g + 8 * kMRow + 8) = Cv::pack(dm[j][6], dm[j][7]);
+    for (int t = 0; t < 2; ++t) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) q[kCenteredBias + t][r] = dev::bits(bias(8 * t + 2 * tq_ + r % 2));
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) q[kLayerGamma][r] = dev::bits(gamma(8 * (r / 2) + 2 * tq_ + r % 2));
+    uint32_t* table = at<uint32_t>(L.weights_t) + kLayerTable;
+#pragma unroll
+    for (int k = 0; k < 5; ++k) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) table[(k * 32 + thread) * 4 + r] = q[k][r];
+    }
+  }
+
+  // The first sweep's LayerNorm sums of the thread's output heads 8 t + 2 tq + e: [dc, dgamma, dbeta][t][e].
+  enum LayerSum : int { kSumDc = 0, kSumDgamma = 1, kSumDbeta = 2 };
+
+  // The lane's table entries, loaded once per sweep (the program has the registers: 199-220 on sm_90,
+  // against 5 16-byte loads per warp and chunk).
+  struct LayerGradLane {
+    uint32_t hi[4], lo[4];
+    float bias[2][4], gamma[4];
+  };
+  REATTN_DEVICE LayerGradLane layer_grad_lane() const {
+    constexpr int kTiles = Cfg::kMaxHeads <= 8 ? 1 : 2;
+    const uint32_t* table = at<uint32_t>(L.weights_t) + kLayerTable + lane * 4;
+    LayerGradLane lg;
+    uint32_t words[4];
+    dev::load_words(table + kCenteredHi * 128, lg.hi);
+    dev::load_words(table + kCenteredLo * 128, lg.lo);
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      if (t < kTiles) dev::load_words(table + (kCenteredBias + t) * 128, words);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) lg.bias[t][r] = t < kTiles ? dev::from_bits(words[r]) : 0.0f;
+    }
+    dev::load_words(table + kLayerGamma * 128, words);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) lg.gamma[r] = dev::from_bits(words[r]);
+    return lg;
+  }
+
+  REATTN_DEVICE void grad_mixed_layer(int slot, int key0, int chunk_col, bool first,
+                                      const uint32_t (&df)[kHeads][Cfg::kKSteps][4], const LayerGradLane& lg,
+                                      float (&sums)[3][2][2]) const {
+    {  // dN of the warp's output heads; 0 past Nq and Nk (the chunks that have such entries: warp-uniform)
+      float dn[kHeads][8];
+      grad_attention(slot, df, dn);
+      if (key0 + kValueTile > Nk || m0 + slab * 16 + 16 > Nq) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          if (entry_row(e) >= Nq || key0 + entry_col(tq, e) >= Nk) {
+#pragma unroll
+            for (int j = 0; j < kHeads; ++j) dn[j][e] = 0.0f;
+          }
+        }
+      }
+      store_grad_tile(dn);
+    }
+    if constexpr (kGroups > 1) {
+      dev::named_barrier(1 + slab, 32 * kGroups);  // dN of the slab's every head
+    } else {
+      dev::sync_warp();
+    }
+    constexpr bool kNarrow = Cfg::kMaxHeads <= 8;
+    constexpr int kTiles = kNarrow ? 1 : 2, kPerLoad = kNarrow ? 2 : 1, kPerWarp = 16 / kGroups;
+    static_assert(16 % kGroups == 0 && kPerWarp % kPerLoad == 0, "whole loads per warp");
+    const uint32_t(&whi)[4] = lg.hi;
+    const uint32_t(&wlo)[4] = lg.lo;
+    const float inv_h = inv_heads(), eps = static_cast<float>(p.eps);
+    // The lanes' ldmatrix / stmatrix rows. Wide: matrix m = lane / 8 is (heads 8 (m / 2) .., keys 8 (m % 2) ..),
+    // so the registers are the A fragment (keys x input heads) and C entries' dN in order; narrow:
+    // (row m / 2, keys 8 (m % 2) ..) of heads 0 .. 7. Heads past H read head 0 (finite; against zero
+    // weights and gamma'), and store to one scratch row (head 0's padding of dM's buffer, never read).
+    const auto ls = kNarrow ? Mix::template trans_lane<true>(lane)
+                            : typename Mix::TransLane{(lane / 16) * 8 + lane % 8, 0, (lane / 8) % 2};
+    const int row0 = slab * 16 + group * kPerWarp;
+    const int hc = ls.head < H ? ls.head : 0;
+    const int hs = Cfg::kRows * L.p_row + kProbsPad;  // P~'s head stride (elements)
+    uint32_t src = dev::smem_address(at<E>(L.probs) + hc * hs + (row0 + ls.row) * L.p_row + chunk_col + ls.octet * 8);
+    uint32_t grad = dev::smem_address(at<E>(L.dmixed) + hc * kMHead + (row0 + ls.row) * kMRow + ls.octet * 8);
+    const bool real = ls.head < H;
+    uint32_t out = real ? grad : dev::smem_address(at<E>(L.dmixed) + Cfg::kRows * kMRow);
+    const uint32_t out_step = real ? kPerLoad * kMRow * 2 : 0u;
+    const bool matrix_store = dev::has_stmatrix();  // compile-time on the GPU
+    const bool odd = tq & 1;
+#pragma unroll
+    for (int r = 0; r < kPerWarp; r += kPerLoad) {
+      uint32_t pb[4], nb[4];
+      dev::ldmatrix_x4_trans_at(pb, src);
+      dev::ldmatrix_x4_trans_at(nb, grad);
+      uint32_t packed[4];  // stmatrix's matrices, as nb
+#pragma unroll
+      for (int u = 0; u < kPerLoad; ++u) {
+        float c[kTiles][4];  // M - mean: [tile][(key gq, head 8 t + 2 tq), (gq, + 1), (gq + 8, 2 tq), (gq + 8, + 1)]
+#pragma unroll
+        for (int t = 0; t < kTiles; ++t) {
+          if constexpr (kNarrow) {
+            const uint32_t a[2] = {pb[2 * u], pb[2 * u + 1]};
+            dev::mma_m16n8k8<E>(c[t], a, whi[0], lg.bias[t]);
+            dev::mma_m16n8k8<E>(c[t], a, wlo[0], c[t]);
+          } else {
+            const uint32_t bh[2] = {whi[t], whi[t + 2]}, bl[2] = {wlo[t], wlo[t + 2]};
+            dev::mma_m16n8k16<E>(c[t], pb, bh, lg.bias[t]);
+            dev::mma_m16n8k16<E>(c[t], pb, bl, c[t]);
+          }
+        }
+        // rstd of keys gq, gq + 8: the lane pair splits the keys (odd lanes take gq + 8), as the forward.
+        float sq[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sq[e / 2] += c[t][e] * c[t][e];
+        }
+        float mine = odd ? sq[1] : sq[0];
+        mine += dev::shfl_xor(odd ? sq[0] : sq[1], 1);
+        mine += dev::shfl_xor(mine, 2);
+        const float r_mine = dev::rsqrt_approx_ftz(mine * inv_h + eps);
+        const float r_other = dev::shfl_xor(r_mine, 1);
+        const float rstd[2] = {odd ? r_other : r_mine, odd ? r_mine : r_other};
+        // s2 / rstd = sum dxhat (M - mean): xhat itself only for dgamma (the first sweep).
+        float dx[kTiles][4], s1[2] = {0.0f, 0.0f}, s2[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const uint32_t w = nb[kNarrow ? 2 * u + e / 2 : 2 * t + e / 2];
+            const float dnv = e & 1 ? Cv::high(w) : Cv::low(w);
+            dx[t][e] = lg.gamma[2 * t + e % 2] * dnv;
+            s1[e / 2] += dx[t][e];
+            s2[e / 2] += dx[t][e] * c[t][e];
+            if (first) {
+              sums[kSumDgamma][t][e % 2] += dnv * (c[t][e] * rstd[e / 2]);
+              sums[kSumDbeta][t][e % 2] += dnv;
+            }
+          }
+        }
+        // s1, s2 over the quad, the pair splitting the keys again: 6 shuffles for the 4 sums.
+        float m1 = odd ? s1[1] : s1[0], m2 = odd ? s2[1] : s2[0];
+        m1 += dev::shfl_xor(odd ? s1[0] : s1[1], 1);
+        m2 += dev::shfl_xor(odd ? s2[0] : s2[1], 1);
+        m1 += dev::shfl_xor(m1, 2);
+        m2 += dev::shfl_xor(m2, 2);
+        const float o1 = dev::shfl_xor(m1, 1), o2 = dev::shfl_xor(m2, 1);
+        // dM = rstd (dxhat - s1 / H - xhat s2 / H) = rstd dxhat - a - (M - mean) b per key, with
+        // a = rstd s1 / H and b = rstd^3 (s2 / rstd) / H.
+        float a[2], bb[2];
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          const float ri = rstd[k] * inv_h;
+          a[k] = ri * ((k == 1) == odd ? m1 : o1);
+          bb[k] = ri * rstd[k] * rstd[k] * ((k == 1) == odd ? m2 : o2);
+        }
+#pragma unroll
+        for (int t = 0; t < kTiles; ++t) {
+          float dm[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            dm[e] = (rstd[e / 2] * dx[t][e] - a[e / 2]) - c[t][e] * bb[e / 2];
+            if (first) sums[kSumDc][t][e % 2] += dm[e];
+          }
+#pragma unroll
+          for (int k = 0; k < 2; ++k) packed[kNarrow ? 2 * u + k : 2 * t + k] = Cv::pack(dm[2 * k], dm[2 * k + 1]);
+        }
+        if (!matrix_store) {  // 16-bit stores of the real heads' entries (sm_80)
+#pragma unroll
+          for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int g = 8 * t + 2 * tq + e;
+              if (g < H) {
+                const uint32_t at_g = dev::smem_address(at<E>(L.dmixed) + g * kMHead + (row0 + r + u) * kMRow + gq);
+#pragma unroll
+                for (int k = 0; k < 2; ++k) {
+                  dev::store_shared_b16(at_g + 16 * k, packed[kNarrow ? 2 * u + k : 2 * t + k] >> (16 * e));
+                }
+              }
+            }
+          }
+        }
+      }
+      if (matrix_store) dev::stmatrix_x4_trans_at(out, packed);
+      src += kPerLoad * L.p_row * 2;
+      grad += kPerLoad * kMRow * 2;
+      out += out_step;
     }
   }
 
@@ -2106,8 +2361,24 @@ struct RowProgram {
       }
     }
     float* sums = at<float>(L.sums) + static_cast<size_t>(warp) * kHeads * (mh + 3);
+    // kLayerGrad: the sums of heads 8 t + 2 tq + e over the lanes of one tq (gq = 0 keeps them); the
+    // owners' dc, dgamma, dbeta stay unused.
+    if constexpr (kLayerGrad) {
 #pragma unroll
-    for (int j = 0; j < kHeads; ++j) {
+      for (int k = 0; k < 3; ++k) {
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float v = part.layer[k][t][e];
+            for (int off = 16; off >= 4; off /= 2) v += dev::shfl_xor(v, off);
+            part.layer[k][t][e] = v;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < (kLayerGrad ? 0 : kHeads); ++j) {
 #pragma unroll
       for (int k = Cfg::kPlain ? mh : 0; k < mh + 3; ++k) {
         float v = k < mh ? part.dw[j][k] : k == mh ? part.dc[j] : k == mh + 1 ? part.dgamma[j] : part.dbeta[j];
@@ -2129,6 +2400,20 @@ struct RowProgram {
           if (g < H && h < H) tiles[(warp * H + g) * H + h] = v;
         }
       }
+      if constexpr (kLayerGrad) {  // then [warps][dc, dgamma, dbeta][H]
+        float* layer = tiles + kWarps * H * H + warp * 3 * H;
+#pragma unroll
+        for (int k = 0; k < 3; ++k) {
+#pragma unroll
+          for (int t = 0; t < 2; ++t) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int g = 8 * t + 2 * tq + e;
+              if (gq == 0 && g < H) layer[k * H + g] = part.layer[k][t][e];
+            }
+          }
+        }
+      }
       dev::sync_threads();
     }
     float* out = p.partials + static_cast<int64_t>(dev::block_index_x()) * (H * H + 3 * H);
@@ -2140,6 +2425,9 @@ struct RowProgram {
       if (Cfg::kPlain && i < H * H) {
         const float* tiles = at<float>(L.dmixed);
         for (int w = 0; w < kWarps; ++w) v += tiles[w * H * H + i];
+      } else if (kLayerGrad) {
+        const float* layer = at<float>(L.dmixed) + kWarps * H * H;
+        for (int w = 0; w < kWarps; ++w) v += layer[w * 3 * H + i - H * H];
       } else {
         for (int s = 0; s < kSlabs; ++s) v += all[((s * kGroups + g % kGroups) * kHeads + g / kGroups) * (mh + 3) + k];
       }
@@ -2181,6 +2469,7 @@ struct RowProgram {
                                     Partials& part, float (&dpart)[kHeads][2], float (&dq)[kHeads][Cfg::kOutN8][4]) {
     const bool again = first && !sums_only;  // a second sweep follows
     const int segs = Cfg::kOneSegment ? 1 : segments;
+    LayerGradLane layer_lane;
     for (int seg = 0; seg < segs; ++seg) {
       if constexpr (!Cfg::kOneSegment) {
         // Recompute the thread's addresses per segment rather than keep (or spill) them from
@@ -2195,6 +2484,7 @@ struct RowProgram {
         score_phase(seg);  // its last K step issues the segment's first V chunk
         if (!kGradsShared && slab_active) load_grads(df);  // after the scores: not live beside them
       }
+      if constexpr (kLayerGrad) layer_lane = layer_grad_lane();  // past the barriers after load_parameters
       const int chunks = value_tiles(seg_len(seg));
       for (int c = 0; c < chunks; ++c) {
         if constexpr (!Cfg::kOneSegment) forget_coordinates();  // likewise per chunk
@@ -2205,7 +2495,11 @@ struct RowProgram {
         } else if (c + 1 < chunks) {
           issue_chunk(key0 + kValueTile, false);
         }
-        if (slab_active) grad_mixed(slot, key0, c * kValueTile, first, sums_only, df, part);
+        if constexpr (kLayerGrad) {
+          if (slab_active) grad_mixed_layer(slot, key0, c * kValueTile, first, df, layer_lane, part.layer);
+        } else {
+          if (slab_active) grad_mixed(slot, key0, c * kValueTile, first, sums_only, df, part);
+        }
         if (sums_only) continue;
         int keys_slot = slot;
         if (first) {
@@ -2266,6 +2560,10 @@ struct RowProgram {
         dpart[j][0] = dpart[j][1] = part.dc[j] = part.dgamma[j] = part.dbeta[j] = 0.0f;
 #pragma unroll
         for (int h = 0; h < Cfg::kMaxHeads; ++h) part.dw[j][h] = 0.0f;
+      }
+      if constexpr (kLayerGrad) {
+#pragma unroll
+        for (int k = 0; k < 3; ++k) part.layer[k][0][0] = part.layer[k][0][1] = part.layer[k][1][0] = part.layer[k][1][1] = 0.0f;
       }
       if constexpr (Cfg::kPlain) {
 #pragma unroll
