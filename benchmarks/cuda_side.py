@@ -335,6 +335,14 @@ def backward_rows_variant(p: ReAttnParams, rows: dict, plain: bool, dtype: torch
     return PLAIN_BACKWARD_ROWS
 
 
+def backward_keys_variant(p: ReAttnParams, plain: bool, dtype: torch.dtype) -> int:
+    """backward_configs.h's backward_keys_variant: KeyConfig's last argument (general 0, plain 1, LayerNorm's own
+    plain key pass in bf16 2)."""
+    if not plain:
+        return 0
+    return 2 if p.norm == NORM_CODES["layer"] and dtype == torch.bfloat16 else 1
+
+
 # ---- the shim: ops.cpp's work around each launch, on meta tensors ----------------------------------------------
 _FAKE_BASE = 0x7F00_0000_0000
 
@@ -638,7 +646,7 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
         if not stats_only:
             key_touched = [(t, kinds) for t, kinds in touched if t is not partials] + [
                 (delta, {"read"}), (dk, {"write"}), (dv, {"write"})]
-            args = [keys[k_] for k_ in ("kslabs", "groups", "heads", "d")] + [int(plain)]
+            args = [keys[k_] for k_ in ("kslabs", "groups", "heads", "d")] + [backward_keys_variant(p, plain, q.dtype)]
             p.key_tiles = KeyLayout(*keys["layout"])  # as launch_key_shape sets it
             _record(_template_symbol(rec.arch, "key_kernel", "KeyConfig", args, q.dtype), "backward_keys", False, q,
                     p, key_touched, (B * keys["grid"][0], 1), keys["threads"], keys["shared_bytes"], "queries", 16)

@@ -138,10 +138,11 @@ _CXX_TYPES = {"reattn::dev::Bf16": "bfloat16", "reattn::dev::F16": "float16", "_
               "13__nv_bfloat16": "bfloat16", "__half": "float16", "6__half": "float16", "float": "float32",
               "f": "float32", "double": "float64", "d": "float64"}
 # The last argument of RowConfig (csrc/cuda/row_configs.h: ForwardVariant, then kBackwardRows,
-# kPlainBackwardRows and kPlainLayerBackwardRows) and of KeyConfig (keys.cuh: plain or not).
+# kPlainBackwardRows and kPlainLayerBackwardRows) and of KeyConfig (backward_configs.h: kKeysGeneral,
+# kKeysPlain, kKeysPlainLayer).
 ROW_VARIANTS = {"0": "plain_affine", "1": "plain_layer", "2": "plain_moments", "3": "general", "4": "backward_rows",
                 "5": "plain_backward_rows", "6": "plain_layer_backward_rows"}
-KEY_VARIANTS = {"0": "general", "1": "plain"}
+KEY_VARIANTS = {"0": "general", "1": "plain", "2": "plain_layer"}
 
 
 def kernel_name(raw: str) -> str:

@@ -67,6 +67,15 @@ constexpr int backward_rows_variant(int index, bool plain, bool layer_norm, bool
          : layer_norm && backward_rows_compiled(kPlainLayerBackwardRows, index, bf16) ? kPlainLayerBackwardRows
                                                                                        : kPlainBackwardRows;
 }
+
+// The key pass's variants (KeyConfig's last argument, keys.cuh): general, plain, and LayerNorm's own
+// plain one (bf16, every key shape).
+constexpr int kKeysGeneral = 0;
+constexpr int kKeysPlain = 1;
+constexpr int kKeysPlainLayer = 2;
+constexpr int backward_keys_variant(bool plain, bool layer_norm, bool bf16) {
+  return !plain ? kKeysGeneral : layer_norm && bf16 ? kKeysPlainLayer : kKeysPlain;
+}
 constexpr int kKeyShapeCount = 5;
 
 inline TileShape backward_row_shape(int index) {

@@ -52,28 +52,34 @@ cudaError_t launch_backward_variant(int rows, int keys, const ReAttnParams& p, c
       break;
   }
   if (err != cudaSuccess || p.stats_only) return err;
-  switch (keys) {
+  if constexpr (kKeyPlain == kKeysPlainLayer && !std::is_same_v<E, dev::Bf16>) {
+    return cudaErrorInvalidValue;  // compiled for bf16 only (never chosen otherwise)
+  } else {
+    switch (keys) {
 #define REATTN_SHAPE_CASE(i, kslabs, groups, heads, d) \
   case i:                                               \
     return launch_key_shape<KeyConfig<E, kslabs, groups, heads, d, kKeyPlain>>(p, stream);
-    REATTN_KEY_SHAPES(REATTN_SHAPE_CASE)
+      REATTN_KEY_SHAPES(REATTN_SHAPE_CASE)
 #undef REATTN_SHAPE_CASE
-    default:
-      return cudaErrorInvalidValue;
+      default:
+        return cudaErrorInvalidValue;
+    }
   }
 }
 
 template <typename E>
 cudaError_t launch_backward(int rows, int keys, bool plain, const ReAttnParams& p, cudaStream_t stream) {
   if (p.B == 0 || p.Nq == 0) return cudaSuccess;
-  switch (backward_rows_variant(rows, plain, p.norm == kNormLayer, std::is_same_v<E, dev::Bf16>)) {
-    case kPlainLayerBackwardRows:
-      return launch_backward_variant<E, kPlainLayerBackwardRows, 1>(rows, keys, p, stream);
-    case kPlainBackwardRows:
-      return launch_backward_variant<E, kPlainBackwardRows, 1>(rows, keys, p, stream);
-    default:
-      return launch_backward_variant<E, kBackwardRows, 0>(rows, keys, p, stream);
+  constexpr bool bf16 = std::is_same_v<E, dev::Bf16>;
+  const bool layer = p.norm == kNormLayer;
+  const int row_variant = backward_rows_variant(rows, plain, layer, bf16);
+  const int key_variant = backward_keys_variant(plain, layer, bf16);
+  if (row_variant == kPlainLayerBackwardRows) {
+    return launch_backward_variant<E, kPlainLayerBackwardRows, kKeysPlainLayer>(rows, keys, p, stream);
   }
+  if (key_variant == kKeysPlainLayer) return launch_backward_variant<E, kPlainBackwardRows, kKeysPlainLayer>(rows, keys, p, stream);
+  if (row_variant == kPlainBackwardRows) return launch_backward_variant<E, kPlainBackwardRows, kKeysPlain>(rows, keys, p, stream);
+  return launch_backward_variant<E, kBackwardRows, kKeysGeneral>(rows, keys, p, stream);
 }
 
 }  // namespace cuda

@@ -157,27 +157,33 @@ void backward_shapes(int rows, int keys, const ReAttnParams& params, int order, 
       throw std::invalid_argument("emulate_backward: unknown row shape");
   }
   if (params.stats_only) return;
-  switch (keys) {
+  if constexpr (kKeyPlain == kKeysPlainLayer && !std::is_same_v<E, dev::Bf16>) {
+    throw std::invalid_argument("emulate_backward: LayerNorm's key pass is compiled for bfloat16 only");
+  } else {
+    switch (keys) {
 #define REATTN_SHAPE_CASE(i, kslabs, groups, heads, d) \
   case i:                                               \
     return run_keys<KeyConfig<E, kslabs, groups, heads, d, kKeyPlain>>(params, order, seed);
-    REATTN_KEY_SHAPES(REATTN_SHAPE_CASE)
+      REATTN_KEY_SHAPES(REATTN_SHAPE_CASE)
 #undef REATTN_SHAPE_CASE
-    default:
-      throw std::invalid_argument("emulate_backward: unknown key shape");
+      default:
+        throw std::invalid_argument("emulate_backward: unknown key shape");
+    }
   }
 }
 
 template <typename E>
 void backward_variant(int rows, int keys, bool plain, const ReAttnParams& params, int order, uint64_t seed) {
-  switch (backward_rows_variant(rows, plain, params.norm == kNormLayer, std::is_same_v<E, dev::Bf16>)) {
-    case kPlainLayerBackwardRows:
-      return backward_shapes<E, kPlainLayerBackwardRows, 1>(rows, keys, params, order, seed);
-    case kPlainBackwardRows:
-      return backward_shapes<E, kPlainBackwardRows, 1>(rows, keys, params, order, seed);
-    default:
-      return backward_shapes<E, kBackwardRows, 0>(rows, keys, params, order, seed);
+  constexpr bool bf16 = std::is_same_v<E, dev::Bf16>;
+  const bool layer = params.norm == kNormLayer;
+  const int row_variant = backward_rows_variant(rows, plain, layer, bf16);
+  const int key_variant = backward_keys_variant(plain, layer, bf16);
+  if (row_variant == kPlainLayerBackwardRows) {
+    return backward_shapes<E, kPlainLayerBackwardRows, kKeysPlainLayer>(rows, keys, params, order, seed);
   }
+  if (key_variant == kKeysPlainLayer) return backward_shapes<E, kPlainBackwardRows, kKeysPlainLayer>(rows, keys, params, order, seed);
+  if (row_variant == kPlainBackwardRows) return backward_shapes<E, kPlainBackwardRows, kKeysPlain>(rows, keys, params, order, seed);
+  return backward_shapes<E, kBackwardRows, kKeysGeneral>(rows, keys, params, order, seed);
 }
 
 }  // namespace

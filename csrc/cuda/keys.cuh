@@ -30,13 +30,14 @@
 namespace reattn {
 namespace cuda {
 
-// kPlain_ (1/0): the plain variant (no mask, no dropout, 16-byte aligned rows; row_configs.h) or
-// the general one.
+// kPlain_: kKeysGeneral, kKeysPlain (no mask, no dropout, 16-byte aligned rows; row_configs.h) or
+// kKeysPlainLayer (plain, LayerNorm, bf16: backward_configs.h backward_keys_variant).
 template <typename E_, int kKSlabs_, int kGroups_, int kHeads_, int kD_, int kPlain_>
 struct KeyConfig {
   using E = E_;
   static constexpr int kKSlabs = kKSlabs_, kGroups = kGroups_, kHeads = kHeads_, kD = kD_;
-  static constexpr bool kPlain = kPlain_ != 0;
+  static constexpr bool kPlain = kPlain_ != kKeysGeneral;
+  static constexpr bool kLayer = kPlain_ == kKeysPlainLayer;
   static constexpr int kWarps = kKSlabs * kGroups, kThreads = 32 * kWarps, kKeys = 16 * kKSlabs;
   static constexpr int kMaxHeads = kGroups * kHeads;
   static constexpr int kKSteps = kD / 16;
@@ -55,6 +56,9 @@ struct KeyProgram {
   // The plain bf16 variant forms dP'^T = W'^T dM^T on tensor cores (tensor_grad_keys), with W' split
   // into 16-bit hi + lo as the row pass's D and dP' take it (the same rule: backward_tensor_mixing).
   static constexpr bool kTensorGrad = backward_tensor_mixing<E>(Cfg::kPlain, Cfg::kMaxHeads);
+  // LayerNorm's own key pass (grad_mixed_layer): its mixing and the sums across heads on tensor cores
+  // and within quads of lanes, no other norm's code.
+  static_assert(!Cfg::kLayer || kTensorGrad, "LayerNorm's key pass: bf16, at most 16 heads");
   static constexpr int kChunkRows = 16;
   // Row sizes (elements) of the shared-memory tiles, compile-time (key_layout computes the same).
   static constexpr int kRow = padded_row(Cfg::kD), kTRow = padded_row(16);
@@ -163,6 +167,7 @@ struct KeyProgram {
       if constexpr (!kTensorGrad) weights_t[i] = ok ? f[a * H + owned] : 0.0f;
     }
     if constexpr (kTensorGrad) Mix::fill_fragment_table(f, H, dev::thread_index(), reinterpret_cast<uint32_t*>(weights_t));
+    if constexpr (Cfg::kLayer) Mix::fill_layer_table(f, H, dev::thread_index(), at<uint32_t>(L.weights_t) + kLayerTable);
     for (int i = dev::thread_index(); i < kVectorRows * mh + 2; i += Cfg::kThreads) {
       const int row = i / mh, h = i % mh;
       float v = 0.0f;
@@ -310,6 +315,43 @@ struct KeyProgram {
     }
   }
 
+  // dA^T = V dO^T of head g at the thread's fragment entries: A = V [key][d] (this slab's keys), B = dO^T
+  // from dO [row][d] (dg: head g's chunk tile) without .trans.
+  REATTN_DEVICE void grad_attention(const E* values, const E* dg, int g, float (&dn)[8]) const {
+    const int i = lane / 8;
+    float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const E* vg = values + (static_cast<size_t>(g) * Cfg::kKeys + slab * 16) * kRow;
+#pragma unroll 1
+    for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
+      uint32_t va[4], gb[4];
+      dev::ldmatrix_x4(va, vg + (lane % 16) * kRow + kk * 16 + (lane / 16) * 8);
+      dev::ldmatrix_x4(gb, dg + ((i / 2) * 8 + lane % 8) * kRow + kk * 16 + (i % 2) * 8);
+      const uint32_t b0[2] = {gb[0], gb[1]}, b1[2] = {gb[2], gb[3]};
+      dev::mma_m16n8k16<E>(c0, va, b0, c0);
+      dev::mma_m16n8k16<E>(c1, va, b1, c1);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      dn[e] = c0[e];
+      dn[4 + e] = c1[e];
+    }
+  }
+
+  // The warp's output heads' values at their fragment entries to dM^T's buffer, 16-bit, A-fragment order.
+  REATTN_DEVICE void store_grad_tile(const float (&x)[kHeads][8]) const {
+    E* out = at<E>(L.dmixed) + (static_cast<size_t>(slab) * 16 + gq) * kTRow + 2 * tq;
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int g = group + kGroups * j;
+      if (g >= H) continue;
+      E* at_g = out + static_cast<size_t>(g) * kHeadStride;
+      *reinterpret_cast<uint32_t*>(at_g) = Cv::pack(x[j][0], x[j][1]);
+      *reinterpret_cast<uint32_t*>(at_g + 8 * kTRow) = Cv::pack(x[j][2], x[j][3]);
+      *reinterpret_cast<uint32_t*>(at_g + 8) = Cv::pack(x[j][4], x[j][5]);
+      *reinterpret_cast<uint32_t*>(at_g + 8 * kTRow + 8) = Cv::pack(x[j][6], x[j][7]);
+    }
+  }
+
   // Output-head part: A^T, dA^T = V dO^T, dV += A^T dO, dM^T to shared memory.
   REATTN_DEVICE void grad_mixed(int slot, int r0, float (&dv)[kHeads][Cfg::kN8][4]) const {
     const bool layer = p.norm == kNormLayer, batch = p.norm == kNormBatch;
@@ -396,23 +438,7 @@ struct KeyProgram {
           dev::mma_m16n8k16<E>(dv[j][n + 1], af, b1, dv[j][n + 1]);
         }
       }
-      // dA^T = V dO^T: A = V [key][d] (this slab's keys), B = dO^T from dO [row][d] without .trans.
-      float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      const E* vg = values + (static_cast<size_t>(gg) * Cfg::kKeys + slab * 16) * kRow;
-#pragma unroll 1
-      for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
-        uint32_t va[4], gb[4];
-        dev::ldmatrix_x4(va, vg + (lane % 16) * kRow + kk * 16 + (lane / 16) * 8);
-        dev::ldmatrix_x4(gb, dg + ((i / 2) * 8 + lane % 8) * kRow + kk * 16 + (i % 2) * 8);
-        const uint32_t b0[2] = {gb[0], gb[1]}, b1[2] = {gb[2], gb[3]};
-        dev::mma_m16n8k16<E>(c0, va, b0, c0);
-        dev::mma_m16n8k16<E>(c1, va, b1, c1);
-      }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        dn[j][e] = c0[e];
-        dn[j][4 + e] = c1[e];
-      }
+      grad_attention(values, dg, gg, dn[j]);
       masks[j] |= outside;
       if (Cfg::kPlain && masks[j] == 0 && g < H) continue;  // the plain variant's usual chunk
 #pragma unroll
@@ -461,17 +487,119 @@ struct KeyProgram {
         for (int e = 0; e < 8; ++e) dm[j][e] = a * dn[j][e];
       }
     }
-    E* out = dmixed + (static_cast<size_t>(slab) * 16 + gq) * kTRow + 2 * tq;
+    store_grad_tile(dm);
+  }
+
+  // ---- LayerNorm on tensor cores (kLayerKeys) --------------------------------------------------------
+  // Per query chunk, with the slab's 16 keys split over its warps (mixing.cuh, "LayerNorm across heads
+  // on tensor cores", with keys for rows and the chunk's query rows for columns):
+  //   1. per key, M^T - mean from P~^T on tensor cores, rstd from a quad's sum of squares, and
+  //      A^T = gamma' xhat + beta' of every head over dM^T's buffer by one stmatrix.trans;
+  //   2. after the slab's barrier, as output-head owners: A^T fragments by ldmatrix, dV += A^T dO,
+  //      dN^T = V dO^T (0 past Nk and Nq) over A^T (16-bit, as eager's dA);
+  //   3. after the slab's barrier, per key again: M^T - mean and rstd, dN^T of every head by
+  //      ldmatrix.trans, dM^T = rstd (dxhat - s1 / H - xhat s2 / H) over dN^T by stmatrix.trans.
+  // Against the general key pass's LayerNorm (H multiply-adds per entry and owned head for M, two
+  // exchanges of partial sums through shared memory): per key and chunk 8 products, 3 loads, 2
+  // stores, 12 shuffles and 2 reciprocal square roots per lane.
+  static constexpr int kLayerTable = 4 * 32 * 4;  // words of the fragment table before LayerNorm's
+
+  // Steps 1 (kGrad false) and 3 (true) for the warp's keys.
+  template <bool kGrad>
+  REATTN_DEVICE void layer_keys() const {
+    constexpr int kPerLoad = Mix::kLayerRowsPerLoad, kPerWarp = 16 / kGroups;
+    static_assert(16 % kGroups == 0 && kPerWarp % kPerLoad == 0, "whole loads per warp");
+    const auto lg = Mix::template layer_lane<!kGrad>(at<uint32_t>(L.weights_t) + kLayerTable, lane);
+    const float inv_h = at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads + 1], eps = static_cast<float>(p.eps);
+    // Heads past H read head 0 and store to one scratch row (head 0's padding of dM^T's buffer, never read).
+    const auto ls = Mix::layer_src(lane);
+    const int key0 = slab * 16 + group * kPerWarp;
+    const int hc = ls.head < H ? ls.head : 0;
+    uint32_t src = dev::smem_address(at<E>(L.probs_t) + hc * kHeadStride + (key0 + ls.row) * kTRow + ls.octet * 8);
+    uint32_t grad = dev::smem_address(at<E>(L.dmixed) + hc * kHeadStride + (key0 + ls.row) * kTRow + ls.octet * 8);
+    const bool real = ls.head < H;
+    uint32_t out = real ? grad : dev::smem_address(at<E>(L.dmixed) + Cfg::kKeys * kTRow);
+    const uint32_t out_step = real ? kPerLoad * kTRow * 2 : 0u;
+    uint32_t entry = dev::smem_address(at<E>(L.dmixed) + key0 * kTRow + gq);  // without stmatrix: head 0, row gq
+    const bool matrix_store = dev::has_stmatrix();  // compile-time on the GPU
+    const bool odd = tq & 1;
+    float unused[3][2][2];
+#pragma unroll
+    for (int r = 0; r < kPerWarp; r += kPerLoad) {
+      uint32_t pb[4], nb[4], packed[4];
+      dev::ldmatrix_x4_trans_at(pb, src);
+      if constexpr (kGrad) dev::ldmatrix_x4_trans_at(nb, grad);
+#pragma unroll
+      for (int u = 0; u < kPerLoad; ++u) {
+        float c[Mix::kLayerTiles][4], rstd[2];
+        Mix::layer_center(pb, u, lg, inv_h, eps, odd, c, rstd);
+        if constexpr (kGrad) {
+          Mix::template layer_grad<false>(c, rstd, nb, u, lg, inv_h, odd, packed, unused);
+        } else {
+          Mix::layer_output(c, rstd, u, lg, packed);
+        }
+        if (!matrix_store) Mix::layer_store_b16(entry + u * kTRow * 2, kHeadStride * 2, packed, u, H, tq);
+      }
+      if (matrix_store) dev::stmatrix_x4_trans_at(out, packed);
+      src += kPerLoad * kTRow * 2;
+      grad += kPerLoad * kTRow * 2;
+      out += out_step;
+      entry += kPerLoad * kTRow * 2;
+    }
+  }
+
+  REATTN_DEVICE void slab_barrier() const {
+    if constexpr (kGroups > 1) {
+      dev::named_barrier(1 + slab, 32 * kGroups);
+    } else {
+      dev::sync_warp();
+    }
+  }
+
+  // Steps 1 to 3 (dM^T of every head is in dM^T's buffer after the caller's barrier).
+  REATTN_DEVICE void grad_mixed_layer(int slot, int r0, float (&dv)[kHeads][Cfg::kN8][4]) const {
+    layer_keys<false>();
+    slab_barrier();  // A^T of the slab's every head
+    const E* grads = slot_grads(slot);
+    const E* values = at<E>(L.values);
+    const E* atile = at<E>(L.dmixed) + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
+    const int i = lane / 8;
+    float dn[kHeads][8];
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int g = group + kGroups * j;
-      if (g >= H) continue;
-      E* at_g = out + static_cast<size_t>(g) * kHeadStride;
-      *reinterpret_cast<uint32_t*>(at_g) = Cv::pack(dm[j][0], dm[j][1]);
-      *reinterpret_cast<uint32_t*>(at_g + 8 * kTRow) = Cv::pack(dm[j][2], dm[j][3]);
-      *reinterpret_cast<uint32_t*>(at_g + 8) = Cv::pack(dm[j][4], dm[j][5]);
-      *reinterpret_cast<uint32_t*>(at_g + 8 * kTRow + 8) = Cv::pack(dm[j][6], dm[j][7]);
+      const int gg = g < H ? g : 0;
+      if (g >= H) {  // warp-uniform: dN = 0 (not stored), no products
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dn[j][e] = 0.0f;
+        continue;
+      }
+      uint32_t af[4];
+      dev::ldmatrix_x4(af, atile + static_cast<size_t>(gg) * kHeadStride);
+      const E* dg = grads + static_cast<size_t>(gg) * kChunkRows * kRow;
+#pragma unroll
+      for (int n = 0; n < Cfg::kN8; n += 2) {
+        uint32_t gb[4];  // B = dO [row][d] with .trans: matrices (k half i % 2 of rows, n8 tile n + i / 2)
+        dev::ldmatrix_x4_trans(gb, dg + ((i % 2) * 8 + lane % 8) * kRow + (n + i / 2) * 8);
+        const uint32_t b0[2] = {gb[0], gb[1]}, b1[2] = {gb[2], gb[3]};
+        dev::mma_m16n8k16<E>(dv[j][n], af, b0, dv[j][n]);
+        dev::mma_m16n8k16<E>(dv[j][n + 1], af, b1, dv[j][n + 1]);
+      }
+      grad_attention(values, dg, gg, dn[j]);
     }
+    if (n0 + slab * 16 + 16 > Nk || r0 + kChunkRows > Nq) {  // entries past Nk or Nq: the warp alike
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        if (entry_key(e) >= Nk || r0 + entry_row(e) >= Nq) {
+#pragma unroll
+          for (int j = 0; j < kHeads; ++j) dn[j][e] = 0.0f;
+        }
+      }
+    }
+    dev::sync_warp();  // the lanes' A^T reads before dN^T goes over them
+    store_grad_tile(dn);
+    slab_barrier();  // dN^T of the slab's every head
+    layer_keys<true>();
   }
 
   // Input-head part: dP'^T = W'^T dM^T, dS^T = P (Z dP' - D) scale, dK += dS^T Q.
@@ -619,7 +747,11 @@ struct KeyProgram {
       if (c + 1 < chunks) issue_chunk((c + 1) * kChunkRows);
       scores(slot, c * kChunkRows);
       dev::sync_threads();  // P~^T of every head
-      grad_mixed(slot, c * kChunkRows, dv);
+      if constexpr (Cfg::kLayer) {
+        grad_mixed_layer(slot, c * kChunkRows, dv);
+      } else {
+        grad_mixed(slot, c * kChunkRows, dv);
+      }
       dev::sync_threads();  // dM^T of every head
       if constexpr (kTensorGrad) {
         tensor_grad_keys(slot, whi, wlo, dk);

@@ -246,6 +246,209 @@ struct Mixer {
     }
   }
 
+  // ---- LayerNorm across heads on tensor cores, for the backward's passes (rows.cuh grad_mixed_layer,
+  // keys.cuh grad_mixed_layer) ------------------------------------------------------------------------
+  // Per row i of a [head][row][col] tile column (the row pass: a query row, its columns keys; the key
+  // pass: a key, its columns query rows) and 16 columns, (M - mean)^T = X^T [W' - 1 m^T]^T + (c - mean(c))
+  // (X = P~ of every input head, m the column means of W') is one product per 8 output heads: A = X^T
+  // by one ldmatrix.trans (layer_src's lanes), B = the centered weights' fragments split as hi + lo, C =
+  // the centered bias. A thread's C entries are columns gq, gq + 8 of output heads 8 t + 2 tq, + 1, so
+  // sums across heads are within the thread and its quad. Wide (9 to 16 heads): m16n8k16 on all 16
+  // input heads (the bias as C leaves no head slot to it), one row per load; narrow (at most 8):
+  // m16n8k8, two rows per load. Heads past H read head 0 (finite) against zero weights, gamma' and beta'.
+  //
+  // The table (u32 [kLayerTableKinds][32][4], filled by one warp from the folded parameters in global
+  // memory): per lane the centered weights' fragments (hi, lo: split_fragments of W'[g][h] less the
+  // column mean of h, as the forward's kColumnMean, zero past H), the centered bias as C per tile of 8
+  // output heads, gamma' and beta' of heads 2 tq, 2 tq + 1, 8 + 2 tq, 9 + 2 tq (zero past H).
+  enum LayerTableKind : int { kCenteredHi = 0, kCenteredLo = 1, kCenteredBias = 2, kLayerGamma = 4, kLayerBeta = 5 };
+  static constexpr int kLayerTableKinds = 6;
+  static constexpr bool kLayerNarrow = kMaxHeads <= 8;
+  static constexpr int kLayerTiles = kLayerNarrow ? 1 : 2, kLayerRowsPerLoad = kLayerNarrow ? 2 : 1;
+
+  static REATTN_DEVICE void fill_layer_table(const float* f, int H, int thread, uint32_t* table) {
+    if (thread >= 32) return;
+    const int gq = thread / 4, tq = thread % 4;
+    auto column_mean = [&](int h) {  // as load_parameters forms the forward's column means
+      float v = 0.0f;
+      for (int g = 0; g < H; ++g) v += f[g * H + h];
+      return v / H;
+    };
+    float bias_mean = 0.0f;
+    for (int g = 0; g < H; ++g) bias_mean += f[H * H + g];
+    bias_mean /= H;
+    uint32_t q[kLayerTableKinds][4];
+    split_fragments<false>(gq, tq, q[kCenteredHi], q[kCenteredLo],
+                           [&](int g, int h) { return g < H && h < H ? f[g * H + h] - column_mean(h) : 0.0f; });
+    // folded rows after W': c, gamma', beta' (parameters.cuh)
+    const auto row = [&](int r, int g) { return g < H ? f[H * H + r * H + g] - (r == 0 ? bias_mean : 0.0f) : 0.0f; };
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      q[kCenteredBias][r] = dev::bits(row(0, 2 * tq + r % 2));
+      q[kCenteredBias + 1][r] = dev::bits(row(0, 8 + 2 * tq + r % 2));
+      q[kLayerGamma][r] = dev::bits(row(1, 8 * (r / 2) + 2 * tq + r % 2));
+      q[kLayerBeta][r] = dev::bits(row(2, 8 * (r / 2) + 2 * tq + r % 2));
+    }
+#pragma unroll
+    for (int k = 0; k < kLayerTableKinds; ++k) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) table[(k * 32 + thread) * 4 + r] = q[k][r];
+    }
+  }
+
+  struct LayerLane {
+    uint32_t hi[4], lo[4];
+    float bias[2][4], gamma[4], beta[4];
+  };
+  // The lane's table entries (beta': kBeta only).
+  template <bool kBeta>
+  static REATTN_DEVICE LayerLane layer_lane(const uint32_t* table, int lane) {
+    table += lane * 4;
+    LayerLane lg;
+    uint32_t w[4];
+    dev::load_words(table + kCenteredHi * 128, lg.hi);
+    dev::load_words(table + kCenteredLo * 128, lg.lo);
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      if (t < kLayerTiles) dev::load_words(table + (kCenteredBias + t) * 128, w);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) lg.bias[t][r] = t < kLayerTiles ? dev::from_bits(w[r]) : 0.0f;
+    }
+    dev::load_words(table + kLayerGamma * 128, w);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) lg.gamma[r] = dev::from_bits(w[r]);
+    if constexpr (kBeta) dev::load_words(table + kLayerBeta * 128, w);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) lg.beta[r] = kBeta ? dev::from_bits(w[r]) : 0.0f;
+    return lg;
+  }
+
+  // The lane's ldmatrix / stmatrix row: wide, matrix m = lane / 8 is (heads 8 (m / 2) .., columns
+  // 8 (m % 2) ..), so the registers are the A fragment (columns x input heads) and a C tile's pairs in
+  // order ([2 t + k]: tile t, columns gq + 8 k); narrow, (row m / 2, columns 8 (m % 2) ..) of heads 0 .. 7
+  // ([2 u + k]: row u of the load).
+  static REATTN_DEVICE TransLane layer_src(int lane) {
+    return kLayerNarrow ? trans_lane<true>(lane) : TransLane{(lane / 16) * 8 + lane % 8, 0, (lane / 8) % 2};
+  }
+  static REATTN_DEVICE int layer_word(int t, int u, int k) { return kLayerNarrow ? 2 * u + k : 2 * t + k; }
+
+  // M - mean of row u of load x, [tile][(column gq, head 8 t + 2 tq), (gq, + 1), (gq + 8, 2 tq), (gq + 8, + 1)],
+  // and rstd of columns gq, gq + 8: the sum of squares over the quad, each lane pair splitting the two
+  // columns (odd lanes take gq + 8) so each lane takes one reciprocal square root (3 shuffles, 1 MUFU).
+  static REATTN_DEVICE void layer_center(const uint32_t (&x)[4], int u, const LayerLane& lg, float inv_h, float eps,
+                                         bool odd, float (&c)[kLayerTiles][4], float (&rstd)[2]) {
+#pragma unroll
+    for (int t = 0; t < kLayerTiles; ++t) {
+      if constexpr (kLayerNarrow) {
+        const uint32_t a[2] = {x[2 * u], x[2 * u + 1]};
+        dev::mma_m16n8k8<E>(c[t], a, lg.hi[0], lg.bias[t]);
+        dev::mma_m16n8k8<E>(c[t], a, lg.lo[0], c[t]);
+      } else {
+        const uint32_t bh[2] = {lg.hi[t], lg.hi[t + 2]}, bl[2] = {lg.lo[t], lg.lo[t + 2]};
+        dev::mma_m16n8k16<E>(c[t], x, bh, lg.bias[t]);
+        dev::mma_m16n8k16<E>(c[t], x, bl, c[t]);
+      }
+    }
+    float sq[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int t = 0; t < kLayerTiles; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sq[e / 2] += c[t][e] * c[t][e];
+    }
+    float mine = odd ? sq[1] : sq[0];
+    mine += dev::shfl_xor(odd ? sq[0] : sq[1], 1);
+    mine += dev::shfl_xor(mine, 2);
+    const float r_mine = dev::rsqrt_approx_ftz(mine * inv_h + eps);
+    const float r_other = dev::shfl_xor(r_mine, 1);
+    rstd[0] = odd ? r_other : r_mine;
+    rstd[1] = odd ? r_mine : r_other;
+  }
+
+  // A = gamma' xhat + beta' of row u, packed as stmatrix takes it (words layer_word(t, u, k)).
+  static REATTN_DEVICE void layer_output(const float (&c)[kLayerTiles][4], const float (&rstd)[2], int u,
+                                         const LayerLane& lg, uint32_t (&packed)[4]) {
+#pragma unroll
+    for (int t = 0; t < kLayerTiles; ++t) {
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        float a[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) a[e] = (c[t][2 * k + e] * rstd[k]) * lg.gamma[2 * t + e] + lg.beta[2 * t + e];
+        packed[layer_word(t, u, k)] = Cv::pack(a[0], a[1]);
+      }
+    }
+  }
+
+  // dM = rstd (dxhat - s1 / H - xhat s2 / H) of row u from dN (words g of a load by the same lanes),
+  // dxhat = gamma' dN, s1 = sum dxhat and s2 = sum dxhat xhat over the heads (the quad, the lane pair
+  // splitting the columns again: 6 shuffles), written as rstd dxhat - a - (M - mean) b with a = rstd s1 / H,
+  // b = rstd^3 (s2 / rstd) / H, so xhat itself is formed only for the sums (kSums: [dc, dgamma, dbeta][t][e]
+  // += dM, dN xhat, dN of head 8 t + 2 tq + e).
+  template <bool kSums>
+  static REATTN_DEVICE void layer_grad(const float (&c)[kLayerTiles][4], const float (&rstd)[2], const uint32_t (&g)[4],
+                                       int u, const LayerLane& lg, float inv_h, bool odd, uint32_t (&packed)[4],
+                                       float (&sums)[3][2][2]) {
+    float dx[kLayerTiles][4], s1[2] = {0.0f, 0.0f}, s2[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int t = 0; t < kLayerTiles; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const uint32_t w = g[layer_word(t, u, e / 2)];
+        const float dn = e & 1 ? Cv::high(w) : Cv::low(w);
+        dx[t][e] = lg.gamma[2 * t + e % 2] * dn;
+        s1[e / 2] += dx[t][e];
+        s2[e / 2] += dx[t][e] * c[t][e];
+        if constexpr (kSums) {
+          sums[1][t][e % 2] += dn * (c[t][e] * rstd[e / 2]);
+          sums[2][t][e % 2] += dn;
+        }
+      }
+    }
+    float m1 = odd ? s1[1] : s1[0], m2 = odd ? s2[1] : s2[0];
+    m1 += dev::shfl_xor(odd ? s1[0] : s1[1], 1);
+    m2 += dev::shfl_xor(odd ? s2[0] : s2[1], 1);
+    m1 += dev::shfl_xor(m1, 2);
+    m2 += dev::shfl_xor(m2, 2);
+    const float o1 = dev::shfl_xor(m1, 1), o2 = dev::shfl_xor(m2, 1);
+    float a[2], b[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const float ri = rstd[k] * inv_h;
+      a[k] = ri * ((k == 1) == odd ? m1 : o1);
+      b[k] = ri * rstd[k] * rstd[k] * ((k == 1) == odd ? m2 : o2);
+    }
+#pragma unroll
+    for (int t = 0; t < kLayerTiles; ++t) {
+      float dm[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        dm[e] = (rstd[e / 2] * dx[t][e] - a[e / 2]) - c[t][e] * b[e / 2];
+        if constexpr (kSums) sums[0][t][e % 2] += dm[e];
+      }
+#pragma unroll
+      for (int k = 0; k < 2; ++k) packed[layer_word(t, u, k)] = Cv::pack(dm[2 * k], dm[2 * k + 1]);
+    }
+  }
+
+  // The stores of a load's words without stmatrix (sm_80): 16-bit per entry of the real heads;
+  // row_u: element address of (head 0, row u of the load, column gq); head: elements per head.
+  static REATTN_DEVICE void layer_store_b16(uint32_t row_u, uint32_t head_bytes, const uint32_t (&packed)[4], int u,
+                                            int H, int tq) {
+#pragma unroll
+    for (int t = 0; t < kLayerTiles; ++t) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int g = 8 * t + 2 * tq + e;
+        if (g < H) {
+#pragma unroll
+          for (int k = 0; k < 2; ++k) {
+            dev::store_shared_b16(row_u + g * head_bytes + 16 * k, packed[layer_word(t, u, k)] >> (16 * e));
+          }
+        }
+      }
+    }
+  }
+
   // Two fp32 values as two packed 16-bit pairs hi, lo with hi + lo carrying 16 bits of each.
   static REATTN_DEVICE void split_pair(const float (&x)[2], uint32_t& hi, uint32_t& lo) {
     hi = Cv::pack(x[0], x[1]);

@@ -1328,7 +1328,7 @@ struct RowProgram {
       if (Cfg::kBackward && !kTensorGrad) weights_t[i] = ok ? f[a * H + b_] : 0.0f;  // [g = a][group r][j]: W'[g][h_j]
     }
     if constexpr (kTensorGrad) Mix::fill_fragment_table(f, H, dev::thread_index(), reinterpret_cast<uint32_t*>(weights_t));
-    if constexpr (kLayerGrad) fill_layer_table(f);
+    if constexpr (kLayerGrad) Mix::fill_layer_table(f, H, dev::thread_index(), at<uint32_t>(L.weights_t) + kLayerTable);
     for (int i = dev::thread_index(); i < kVectorRows * mh + 2; i += Cfg::kThreads) {
       const int row = i / mh, h = i % mh;
       float v = 0.0f;
@@ -1919,94 +1919,23 @@ struct RowProgram {
   }
 
   // ---- LayerNorm's backward on tensor cores (kLayerGrad) ------------------------------------------------
-  // Per chunk: the warps, as output-head owners, write dN (dA = dO V^T where attended; 16-bit, as
-  // eager's dA is) to dM's buffer; after the slab's barrier each warp takes its rows i of the slab, and
-  // per row and 16 keys:
-  //   (M - mean)^T = P~^T [W' - 1 m^T]^T + (c - mean(c)) (as the forward's mix_in_place_layer, the
-  //     centered bias as the products' C operand, so all 16 input heads fit k), in the C layout keys x
-  //     output heads: a thread holds keys gq, gq + 8 of heads 8 t + 2 tq, + 1;
-  //   rstd from the sum of squares within the thread and its quad (3 shuffles), xhat = (M - mean) rstd;
-  //   dN^T by one ldmatrix.trans of the same lanes' rows (its registers the C entries' order);
-  //   dxhat = gamma' dN, s1 = sum_g dxhat, s2 = sum_g dxhat xhat, again within the quad (6 shuffles);
-  //   dM = rstd (dxhat - s1 / H - xhat s2 / H) back over dN by one stmatrix.trans (sm_90; 16-bit
-  //   stores on sm_80);
-  //   in the first sweep, sum dN xhat, sum dN and sum dM per output head (dgamma, dbeta, dc) in the
-  //     thread's registers, one per (tile, column) of its entries.
-  // Wide (9 to 16 heads): the load is the A fragment of m16n8k16 (keys x 16 input heads), two products
-  // per 8 output heads, one row per load; narrow (at most 8): m16n8k8, two rows per load. Against the
-  // general row pass's LayerNorm (H multiply-adds per entry and owned head for M, its column-mean sum,
-  // and two exchanges of partial sums through shared memory per chunk), per row: 4 products and 2 loads,
-  // one store, 9 shuffles and one reciprocal square root per lane.
-  //
-  // The table (in weights_t after the fragment table, filled by warp 0 from the folded parameters in
-  // global memory): per lane the centered weights' fragments (hi, lo: mixing.cuh split_fragments, W'[g][h]
-  // less the column mean of h, zero past H), the centered bias as C per tile of 8 output heads
-  // (entries (key, head 8 t + 2 tq + e): c_g - mean(c), zero past H) and gamma' of heads 2 tq, 2 tq + 1,
-  // 8 + 2 tq, 9 + 2 tq (zero past H, so heads past H add nothing to s1 and s2).
-  static constexpr int kLayerTable = 4 * 32 * 4;  // words before it (the fragment table)
-  enum LayerTableEntry : int { kCenteredHi = 0, kCenteredLo = 1, kCenteredBias = 2, kLayerGamma = 4 };
-
-  REATTN_DEVICE void fill_layer_table(const float* f) const {
-    const int thread = dev::thread_index();
-    if (thread >= 32) return;
-    const int gq_ = thread / 4, tq_ = thread % 4;
-    // The means as load_parameters forms them (the forward's kColumnMean and mean of c').
-    auto column_mean = [&](int h) {
-      float v = 0.0f;
-      for (int g = 0; g < H; ++g) v += f[g * H + h];
-      return v / H;
-    };
-    float bias_mean = 0.0f;
-    for (int g = 0; g < H; ++g) bias_mean += f[H * H + g];
-    bias_mean /= H;
-    uint32_t q[5][4];
-    Mix::template split_fragments<false>(gq_, tq_, q[kCenteredHi], q[kCenteredLo], [&](int g, int h) {
-      return g < H && h < H ? f[g * H + h] - column_mean(h) : 0.0f;
-    });
-    const auto bias = [&](int g) { return g < H ? f[H * H + g] - bias_mean : 0.0f; };
-    const auto gamma = [&](int g) { return g < H ? f[H * H + H + g] : 0.0f; };
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) q[kCenteredBias + t][r] = dev::bits(bias(8 * t + 2 * tq_ + r % 2));
-    }
-#pragma unroll
-    for (int r = 0; r < 4; ++r) q[kLayerGamma][r] = dev::bits(gamma(8 * (r / 2) + 2 * tq_ + r % 2));
-    uint32_t* table = at<uint32_t>(L.weights_t) + kLayerTable;
-#pragma unroll
-    for (int k = 0; k < 5; ++k) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) table[(k * 32 + thread) * 4 + r] = q[k][r];
-    }
-  }
+  // Per chunk: the warps, as output-head owners, write dN (dA = dO V^T, 16-bit as eager's dA is; 0 past
+  // Nq and Nk) to dM's buffer; after the slab's barrier each warp takes its rows of the slab and per row
+  // and 16 keys (mixing.cuh, "LayerNorm across heads on tensor cores"):
+  //   M - mean from P~ on tensor cores and rstd from a quad's sum of squares (as the forward's
+  //     mix_in_place_layer, which the stored A came from);
+  //   dN^T of every head by one ldmatrix.trans of the same lanes' rows (its registers in C's order);
+  //   dM = rstd (dxhat - s1 / H - xhat s2 / H), the sums within the quad, back over dN by one
+  //     stmatrix.trans (sm_90; 16-bit stores on sm_80);
+  //   in the first sweep dc, dgamma, dbeta as sums per lane and output head (write_partials adds them).
+  // Against the general row pass's LayerNorm (H multiply-adds per entry and owned head for M, and two
+  // exchanges of partial sums through shared memory per chunk), per row and 16 keys: 4 products, 2
+  // loads, one store, 9 shuffles and one reciprocal square root per lane.
+  static constexpr int kLayerTable = 4 * 32 * 4;  // words of the fragment table before LayerNorm's
 
   // The first sweep's LayerNorm sums of the thread's output heads 8 t + 2 tq + e: [dc, dgamma, dbeta][t][e].
   enum LayerSum : int { kSumDc = 0, kSumDgamma = 1, kSumDbeta = 2 };
-
-  // The lane's table entries, loaded once per sweep (the program has the registers: 199-220 on sm_90,
-  // against 5 16-byte loads per warp and chunk).
-  struct LayerGradLane {
-    uint32_t hi[4], lo[4];
-    float bias[2][4], gamma[4];
-  };
-  REATTN_DEVICE LayerGradLane layer_grad_lane() const {
-    constexpr int kTiles = Cfg::kMaxHeads <= 8 ? 1 : 2;
-    const uint32_t* table = at<uint32_t>(L.weights_t) + kLayerTable + lane * 4;
-    LayerGradLane lg;
-    uint32_t words[4];
-    dev::load_words(table + kCenteredHi * 128, lg.hi);
-    dev::load_words(table + kCenteredLo * 128, lg.lo);
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      if (t < kTiles) dev::load_words(table + (kCenteredBias + t) * 128, words);
-#pragma unroll
-      for (int r = 0; r < 4; ++r) lg.bias[t][r] = t < kTiles ? dev::from_bits(words[r]) : 0.0f;
-    }
-    dev::load_words(table + kLayerGamma * 128, words);
-#pragma unroll
-    for (int r = 0; r < 4; ++r) lg.gamma[r] = dev::from_bits(words[r]);
-    return lg;
-  }
+  using LayerGradLane = typename Mix::LayerLane;
 
   REATTN_DEVICE void grad_mixed_layer(int slot, int key0, int chunk_col, bool first,
                                       const uint32_t (&df)[kHeads][Cfg::kKSteps][4], const LayerGradLane& lg,
@@ -2030,18 +1959,11 @@ struct RowProgram {
     } else {
       dev::sync_warp();
     }
-    constexpr bool kNarrow = Cfg::kMaxHeads <= 8;
-    constexpr int kTiles = kNarrow ? 1 : 2, kPerLoad = kNarrow ? 2 : 1, kPerWarp = 16 / kGroups;
+    constexpr int kPerLoad = Mix::kLayerRowsPerLoad, kPerWarp = 16 / kGroups;
     static_assert(16 % kGroups == 0 && kPerWarp % kPerLoad == 0, "whole loads per warp");
-    const uint32_t(&whi)[4] = lg.hi;
-    const uint32_t(&wlo)[4] = lg.lo;
     const float inv_h = inv_heads(), eps = static_cast<float>(p.eps);
-    // The lanes' ldmatrix / stmatrix rows. Wide: matrix m = lane / 8 is (heads 8 (m / 2) .., keys 8 (m % 2) ..),
-    // so the registers are the A fragment (keys x input heads) and C entries' dN in order; narrow:
-    // (row m / 2, keys 8 (m % 2) ..) of heads 0 .. 7. Heads past H read head 0 (finite; against zero
-    // weights and gamma'), and store to one scratch row (head 0's padding of dM's buffer, never read).
-    const auto ls = kNarrow ? Mix::template trans_lane<true>(lane)
-                            : typename Mix::TransLane{(lane / 16) * 8 + lane % 8, 0, (lane / 8) % 2};
+    // Heads past H read head 0 and store to one scratch row (head 0's padding of dM's buffer, never read).
+    const auto ls = Mix::layer_src(lane);
     const int row0 = slab * 16 + group * kPerWarp;
     const int hc = ls.head < H ? ls.head : 0;
     const int hs = Cfg::kRows * L.p_row + kProbsPad;  // P~'s head stride (elements)
@@ -2050,107 +1972,30 @@ struct RowProgram {
     const bool real = ls.head < H;
     uint32_t out = real ? grad : dev::smem_address(at<E>(L.dmixed) + Cfg::kRows * kMRow);
     const uint32_t out_step = real ? kPerLoad * kMRow * 2 : 0u;
+    uint32_t entry = dev::smem_address(at<E>(L.dmixed) + row0 * kMRow + gq);  // without stmatrix: head 0, column gq
     const bool matrix_store = dev::has_stmatrix();  // compile-time on the GPU
     const bool odd = tq & 1;
 #pragma unroll
     for (int r = 0; r < kPerWarp; r += kPerLoad) {
-      uint32_t pb[4], nb[4];
+      uint32_t pb[4], nb[4], packed[4];
       dev::ldmatrix_x4_trans_at(pb, src);
       dev::ldmatrix_x4_trans_at(nb, grad);
-      uint32_t packed[4];  // stmatrix's matrices, as nb
 #pragma unroll
       for (int u = 0; u < kPerLoad; ++u) {
-        float c[kTiles][4];  // M - mean: [tile][(key gq, head 8 t + 2 tq), (gq, + 1), (gq + 8, 2 tq), (gq + 8, + 1)]
-#pragma unroll
-        for (int t = 0; t < kTiles; ++t) {
-          if constexpr (kNarrow) {
-            const uint32_t a[2] = {pb[2 * u], pb[2 * u + 1]};
-            dev::mma_m16n8k8<E>(c[t], a, whi[0], lg.bias[t]);
-            dev::mma_m16n8k8<E>(c[t], a, wlo[0], c[t]);
-          } else {
-            const uint32_t bh[2] = {whi[t], whi[t + 2]}, bl[2] = {wlo[t], wlo[t + 2]};
-            dev::mma_m16n8k16<E>(c[t], pb, bh, lg.bias[t]);
-            dev::mma_m16n8k16<E>(c[t], pb, bl, c[t]);
-          }
+        float c[Mix::kLayerTiles][4], rstd[2];
+        Mix::layer_center(pb, u, lg, inv_h, eps, odd, c, rstd);
+        if (first) {
+          Mix::template layer_grad<true>(c, rstd, nb, u, lg, inv_h, odd, packed, sums);
+        } else {
+          Mix::template layer_grad<false>(c, rstd, nb, u, lg, inv_h, odd, packed, sums);
         }
-        // rstd of keys gq, gq + 8: the lane pair splits the keys (odd lanes take gq + 8), as the forward.
-        float sq[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int t = 0; t < kTiles; ++t) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) sq[e / 2] += c[t][e] * c[t][e];
-        }
-        float mine = odd ? sq[1] : sq[0];
-        mine += dev::shfl_xor(odd ? sq[0] : sq[1], 1);
-        mine += dev::shfl_xor(mine, 2);
-        const float r_mine = dev::rsqrt_approx_ftz(mine * inv_h + eps);
-        const float r_other = dev::shfl_xor(r_mine, 1);
-        const float rstd[2] = {odd ? r_other : r_mine, odd ? r_mine : r_other};
-        // s2 / rstd = sum dxhat (M - mean): xhat itself only for dgamma (the first sweep).
-        float dx[kTiles][4], s1[2] = {0.0f, 0.0f}, s2[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int t = 0; t < kTiles; ++t) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const uint32_t w = nb[kNarrow ? 2 * u + e / 2 : 2 * t + e / 2];
-            const float dnv = e & 1 ? Cv::high(w) : Cv::low(w);
-            dx[t][e] = lg.gamma[2 * t + e % 2] * dnv;
-            s1[e / 2] += dx[t][e];
-            s2[e / 2] += dx[t][e] * c[t][e];
-            if (first) {
-              sums[kSumDgamma][t][e % 2] += dnv * (c[t][e] * rstd[e / 2]);
-              sums[kSumDbeta][t][e % 2] += dnv;
-            }
-          }
-        }
-        // s1, s2 over the quad, the pair splitting the keys again: 6 shuffles for the 4 sums.
-        float m1 = odd ? s1[1] : s1[0], m2 = odd ? s2[1] : s2[0];
-        m1 += dev::shfl_xor(odd ? s1[0] : s1[1], 1);
-        m2 += dev::shfl_xor(odd ? s2[0] : s2[1], 1);
-        m1 += dev::shfl_xor(m1, 2);
-        m2 += dev::shfl_xor(m2, 2);
-        const float o1 = dev::shfl_xor(m1, 1), o2 = dev::shfl_xor(m2, 1);
-        // dM = rstd (dxhat - s1 / H - xhat s2 / H) = rstd dxhat - a - (M - mean) b per key, with
-        // a = rstd s1 / H and b = rstd^3 (s2 / rstd) / H.
-        float a[2], bb[2];
-#pragma unroll
-        for (int k = 0; k < 2; ++k) {
-          const float ri = rstd[k] * inv_h;
-          a[k] = ri * ((k == 1) == odd ? m1 : o1);
-          bb[k] = ri * rstd[k] * rstd[k] * ((k == 1) == odd ? m2 : o2);
-        }
-#pragma unroll
-        for (int t = 0; t < kTiles; ++t) {
-          float dm[4];
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            dm[e] = (rstd[e / 2] * dx[t][e] - a[e / 2]) - c[t][e] * bb[e / 2];
-            if (first) sums[kSumDc][t][e % 2] += dm[e];
-          }
-#pragma unroll
-          for (int k = 0; k < 2; ++k) packed[kNarrow ? 2 * u + k : 2 * t + k] = Cv::pack(dm[2 * k], dm[2 * k + 1]);
-        }
-        if (!matrix_store) {  // 16-bit stores of the real heads' entries (sm_80)
-#pragma unroll
-          for (int t = 0; t < kTiles; ++t) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int g = 8 * t + 2 * tq + e;
-              if (g < H) {
-                const uint32_t at_g = dev::smem_address(at<E>(L.dmixed) + g * kMHead + (row0 + r + u) * kMRow + gq);
-#pragma unroll
-                for (int k = 0; k < 2; ++k) {
-                  dev::store_shared_b16(at_g + 16 * k, packed[kNarrow ? 2 * u + k : 2 * t + k] >> (16 * e));
-                }
-              }
-            }
-          }
-        }
+        if (!matrix_store) Mix::layer_store_b16(entry + u * kMRow * 2, kMHead * 2, packed, u, H, tq);
       }
       if (matrix_store) dev::stmatrix_x4_trans_at(out, packed);
       src += kPerLoad * L.p_row * 2;
       grad += kPerLoad * kMRow * 2;
       out += out_step;
+      entry += kPerLoad * kMRow * 2;
     }
   }
 
@@ -2484,7 +2329,9 @@ struct RowProgram {
         score_phase(seg);  // its last K step issues the segment's first V chunk
         if (!kGradsShared && slab_active) load_grads(df);  // after the scores: not live beside them
       }
-      if constexpr (kLayerGrad) layer_lane = layer_grad_lane();  // past the barriers after load_parameters
+      if constexpr (kLayerGrad) {  // past the barriers after load_parameters
+        layer_lane = Mix::template layer_lane<false>(at<uint32_t>(L.weights_t) + kLayerTable, lane);
+      }
       const int chunks = value_tiles(seg_len(seg));
       for (int c = 0; c < chunks; ++c) {
         if constexpr (!Cfg::kOneSegment) forget_coordinates();  // likewise per chunk

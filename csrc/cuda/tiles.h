@@ -71,8 +71,8 @@ struct RowLayout {
   // Backward only:
   uint32_t weights_t; // f32 [max_heads][groups][4 or 8]   W'[g][h] at [g][h % groups][h / groups]; the
                       // plain bf16 variant: u32 [4][32][4], per lane the mma A fragments of W' (hi, lo)
-                      // and W'^T (hi, lo), then [5][32][4] for LayerNorm's (rows.cuh LayerGradTable):
-                      // at least kRowFragmentTableBytes
+                      // and W'^T (hi, lo), then LayerNorm's (mixing.cuh fill_layer_table): at least
+                      // kLayerFragmentTableBytes
   uint32_t dmixed;    // E   [H][head_stride]: [rows][m_row]  dM of the current 16-key chunk
   int m_row;
   uint32_t delta;     // f32 [H][rows]                     D = sum_j P~ dP' per row
@@ -83,7 +83,8 @@ struct RowLayout {
 
 constexpr int kVectorRows = 8;
 constexpr size_t kFragmentTableBytes = 4 * 32 * 4 * 4;
-constexpr size_t kRowFragmentTableBytes = kFragmentTableBytes + 5 * 32 * 4 * 4;
+// LayerNorm's table after it (mixing.cuh fill_layer_table: u32 [6][32][4]), in both backward passes.
+constexpr size_t kLayerFragmentTableBytes = kFragmentTableBytes + 6 * 32 * 4 * 4;
 
 // Elements from one head's [rows][row] tile of P~ or dM to the next. The plain backward row pass
 // and the forward's tensor-core mixing read one entry of every head at once (ldmatrix rows 8 heads
@@ -123,7 +124,7 @@ REATTN_HD RowLayout row_layout(const TileShape& s, int H, int Nk) {
   L.moments = take(s.backward ? 0 : static_cast<size_t>(s.warps()) * 2 * s.heads * 4);
   L.m_row = padded_row(kValueTile);
   const size_t weights_t = mh * s.groups * pad * 4;
-  L.weights_t = take(!s.backward ? 0 : weights_t > kRowFragmentTableBytes ? weights_t : kRowFragmentTableBytes);
+  L.weights_t = take(!s.backward ? 0 : weights_t > kLayerFragmentTableBytes ? weights_t : kLayerFragmentTableBytes);
   L.dmixed = take(s.backward ? (static_cast<size_t>(H) * s.rows() * L.m_row + s.max_heads() * kHeadPadding) * e : 0);
   L.delta = take(s.backward ? static_cast<size_t>(H) * s.rows() * 4 : 0);
   L.sums = take(s.backward ? static_cast<size_t>(s.warps()) * s.heads * (mh + 3) * 4 : 0);
@@ -156,7 +157,7 @@ struct KeyLayout {
   int t_row;
   uint32_t weights;   // f32 [max_heads][groups][4 or 8]   W'[g][h]
   uint32_t weights_t; // f32 [max_heads][groups][4 or 8]   W'[g][h] transposed; the plain bf16 variant:
-                      // the fragment table of RowLayout::weights_t (at least kFragmentTableBytes)
+                      // the fragment tables of RowLayout::weights_t (at least kLayerFragmentTableBytes)
   uint32_t vectors;   // f32 [kVectorRows][max_heads] + 2
   uint32_t exchange;  // f32 [kslabs][groups][32][24]      LayerNorm sums across the group's warps
   uint32_t bytes;
@@ -182,7 +183,7 @@ REATTN_HD KeyLayout key_layout(const KeyShape& s, int H) {
   L.probs_t = take((h * s.keys() * L.t_row + mh * kHeadPadding) * e);
   L.dmixed = take((h * s.keys() * L.t_row + mh * kHeadPadding) * e);
   L.weights = take(mh * s.groups * pad * 4);
-  L.weights_t = take(mh * s.groups * pad * 4 > kFragmentTableBytes ? mh * s.groups * pad * 4 : kFragmentTableBytes);
+  L.weights_t = take(mh * s.groups * pad * 4 > kLayerFragmentTableBytes ? mh * s.groups * pad * 4 : kLayerFragmentTableBytes);
   L.vectors = take((kVectorRows * mh + 2) * 4);
   L.exchange = take(s.groups > 1 ? static_cast<size_t>(s.kslabs) * s.groups * 32 * 24 * 4 : 0);
   L.bytes = static_cast<uint32_t>(at);

@@ -392,6 +392,8 @@ TC_BACKWARD_CASES = [
     # Nk > 224: the row pass over key segments of 64 (the last one partial), D <= 48 and D <= 64.
     ("segments", (1, 12, 20, 230, 35), "none", None, 0.0),
     ("segments layer float mask dropout", (1, 12, 9, 230, 64), "layer", "float", 0.25),
+    # The plain row pass over segments, LayerNorm's own key pass (bf16; D = 35 on padded copies).
+    ("segments layer", (1, 12, 20, 230, 35), "layer", None, 0.0),
     ("segments batch rows bool mask", (2, 5, 9, 230, 33), "batch", "bool", 0.0),
 ]
 GRAD_NAMES = ("dq", "dk", "dv", "dW", "dc", "dgamma", "dbeta")
@@ -800,10 +802,10 @@ def test_compiled_kernels_spill_nothing_and_reserve_at_most_1kb_of_shared_memory
         # 4 storage types x 4 CUDA-core programs; 2 types x (5 tile shapes x 4 variants of the tensor-core
         # forward + 5 shapes of the backward's row pass in its general variant and 4 in its plain one)
         # (row_configs.h, backward_configs.h) + LayerNorm's own row pass (bf16, the 3 one-segment shapes);
-        # 2 types x 5 shapes x 2 variants of the backward's key pass
+        # 2 types x 5 shapes x 2 variants of the backward's key pass + LayerNorm's own (bf16, 5 shapes)
         assert sum("re_attention_kernel" in n for n in names) == 16, names
         assert sum("forward_kernel" in n for n in names) == 61, names
-        assert sum("key_kernel" in n for n in names) == 20, names
+        assert sum("key_kernel" in n for n in names) == 25, names
     for (arch, name), usage in kernels.items():
         if not any(k in name for k in ("re_attention_kernel", "forward_kernel", "key_kernel")):
             continue

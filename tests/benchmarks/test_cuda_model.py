@@ -89,6 +89,7 @@ def test_launches_per_norm_mode_follow_ops_cpp():
     # Without mask or dropout, on aligned rows, the backward's plain variants (row_configs.h).
     assert all(n.endswith("plain_backward_rows>>") for n in names["none"]["bwd"][:1])
     assert names["layer"]["bwd"][0].endswith(", plain_layer_backward_rows>>")  # LayerNorm's own, in bf16
+    assert names["layer"]["bwd"][1].endswith(", plain_layer>>")
     assert names["none"]["bwd"][1].startswith("key_kernel<KeyConfig<bfloat16, ")
     assert names["none"]["bwd"][1].endswith(", plain>>")
 
@@ -264,34 +265,39 @@ def test_layer_norm_forward_mixes_heads_on_tensor_cores(H, D):
 
 
 @pytest.mark.parametrize("H,D", [(12, 32), (6, 32)], ids=["wide", "narrow"])  # shapes that fit sm_80 too
-def test_layer_norm_backward_rows_mix_heads_on_tensor_cores(H, D):
+def test_layer_norm_backward_mixes_heads_on_tensor_cores(H, D):
     # kLayerGrad (rows.cuh grad_mixed_layer): the bf16 LayerNorm row pass recomputes M - mean and writes
     # dM over dN by stmatrix on sm_90 (per 16 keys and sweep, one per row wide, one per two rows
     # narrow), by 16-bit stores on sm_80; its sums across heads are quad shuffles, not exchanges
-    # through shared memory. fp16 keeps the plain row pass.
+    # through shared memory. Its key pass (keys.cuh grad_mixed_layer) writes A^T, then dM^T, so per
+    # query chunk two stores per key (per two keys narrow). fp16 keeps the plain passes.
     from collections import Counter
 
     from benchmarks import cuda_side
 
     per_arch = {}
     for arch in (90, 80):
-        launch = _launches(cuda_side.cuda_call(1, H, 64, D, "layer", arch))["bwd"][0]
-        assert launch.name.endswith(", plain_layer_backward_rows>>")
-        counts = cuda_side.program_counts(launch, arch)
+        rows, keys = _launches(cuda_side.cuda_call(1, H, 64, D, "layer", arch))["bwd"]
+        assert rows.name.endswith(", plain_layer_backward_rows>>") and keys.name.endswith(", plain_layer>>")
         functions, _ = cuda_side._functions(arch, cuda_side.extension_path())
-        issued = Counter()
-        for ins in functions[launch.symbol].instructions:
-            issued[ins.base] += counts.issued.get(ins.address, 0)
-        per_arch[arch] = issued
-    tiles = _C.cuda_backward_tiles(H, D, 64, 64, "bfloat16")["rows"]
-    rows_per_store = 1 if tiles["groups"] * tiles["heads"] > 8 else 2
-    warps = tiles["slabs"] * tiles["groups"]
-    # Every warp stores its rows' dM once per 16-key chunk (4 at Nk = 64) in each of the two sweeps.
-    assert per_arch[90]["STSM"] == warps * (16 // tiles["groups"] // rows_per_store) * 4 * 2
-    assert per_arch[80]["STSM"] == 0 and per_arch[80]["STS"] > 0
-    assert per_arch[90]["SHFL"] > 0 and per_arch[90]["HMMA"] > per_arch[90]["STSM"]
-    fp16 = _launches(cuda_side.cuda_call(1, H, 64, D, "layer", 90, dtype=torch.float16))["bwd"][0]
-    assert fp16.name.endswith(", plain_backward_rows>>")
+        for launch in (rows, keys):
+            counts = cuda_side.program_counts(launch, arch)
+            issued = Counter()
+            for ins in functions[launch.symbol].instructions:
+                issued[ins.base] += counts.issued.get(ins.address, 0)
+            per_arch[arch, launch.program] = issued
+    tiles = _C.cuda_backward_tiles(H, D, 64, 64, "bfloat16")
+    for program, kind, stores in (("backward_rows", "rows", 4 * 2), ("backward_keys", "keys", 4 * 2)):
+        # Row pass: each warp stores its rows' dM once per 16-key chunk (4 at Nk = 64) in each of two
+        # sweeps; key pass (one program: the block's keys): A^T and dM^T once per query chunk (4 at Nq = 64).
+        shape = tiles[kind]
+        per_store = 1 if shape["groups"] * shape["heads"] > 8 else 2
+        warps = shape["kslabs" if kind == "keys" else "slabs"] * shape["groups"]
+        assert per_arch[90, program]["STSM"] == warps * (16 // shape["groups"] // per_store) * stores, program
+        assert per_arch[80, program]["STSM"] == 0 and per_arch[80, program]["STS"] > 0
+        assert per_arch[90, program]["SHFL"] > 0 and per_arch[90, program]["HMMA"] > per_arch[90, program]["STSM"]
+    fp16 = _launches(cuda_side.cuda_call(1, H, 64, D, "layer", 90, dtype=torch.float16))["bwd"]
+    assert fp16[0].name.endswith(", plain_backward_rows>>") and fp16[1].name.endswith(", plain>>")
 
 
 @pytest.mark.parametrize("norm", ["layer", "batch-train"])
