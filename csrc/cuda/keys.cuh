@@ -337,19 +337,24 @@ struct KeyProgram {
     }
   }
 
+  // dV += A^T dO for one head: af its A^T fragments, dg its dO chunk tile (B with .trans: matrices
+  // (k half i % 2 of rows, n8 tile n + i / 2)).
+  REATTN_DEVICE void add_dv(const uint32_t (&af)[4], const E* dg, float (&dv)[Cfg::kN8][4]) const {
+    const int i = lane / 8;
+#pragma unroll
+    for (int n = 0; n < Cfg::kN8; n += 2) {
+      uint32_t gb[4];
+      dev::ldmatrix_x4_trans(gb, dg + ((i % 2) * 8 + lane % 8) * kRow + (n + i / 2) * 8);
+      const uint32_t b0[2] = {gb[0], gb[1]}, b1[2] = {gb[2], gb[3]};
+      dev::mma_m16n8k16<E>(dv[n], af, b0, dv[n]);
+      dev::mma_m16n8k16<E>(dv[n + 1], af, b1, dv[n + 1]);
+    }
+  }
+
   // The warp's output heads' values at their fragment entries to dM^T's buffer, 16-bit, A-fragment order.
   REATTN_DEVICE void store_grad_tile(const float (&x)[kHeads][8]) const {
-    E* out = at<E>(L.dmixed) + (static_cast<size_t>(slab) * 16 + gq) * kTRow + 2 * tq;
-#pragma unroll
-    for (int j = 0; j < kHeads; ++j) {
-      const int g = group + kGroups * j;
-      if (g >= H) continue;
-      E* at_g = out + static_cast<size_t>(g) * kHeadStride;
-      *reinterpret_cast<uint32_t*>(at_g) = Cv::pack(x[j][0], x[j][1]);
-      *reinterpret_cast<uint32_t*>(at_g + 8 * kTRow) = Cv::pack(x[j][2], x[j][3]);
-      *reinterpret_cast<uint32_t*>(at_g + 8) = Cv::pack(x[j][4], x[j][5]);
-      *reinterpret_cast<uint32_t*>(at_g + 8 * kTRow + 8) = Cv::pack(x[j][6], x[j][7]);
-    }
+    Mix::store_fragments(at<E>(L.dmixed) + (static_cast<size_t>(slab) * 16 + gq) * kTRow + 2 * tq, kTRow, kHeadStride,
+                         H, group, x);
   }
 
   // Output-head part: A^T, dA^T = V dO^T, dV += A^T dO, dM^T to shared memory.
@@ -398,8 +403,6 @@ struct KeyProgram {
     }  // BatchNorm and none: xhat = xr acc + xs (xhat_coefficients), folded into A^T's and dM's coefficients
     const E* grads = slot_grads(slot);
     const E* values = at<E>(L.values);
-    E* dmixed = at<E>(L.dmixed);
-    const int i = lane / 8;
     // Entries past Nk or Nq count as masked: tested only in the chunks that have them (the block's
     // last keys, the last query chunk; a branch the whole warp takes alike).
     uint32_t outside = 0;
@@ -428,16 +431,7 @@ struct KeyProgram {
       for (int e = 0; e < 8; ++e) a[e] = ((masks[j] >> e) & 1u) ? 0.0f : gamma * acc[j][e] + beta;
       const uint32_t af[4] = {Cv::pack(a[0], a[1]), Cv::pack(a[2], a[3]), Cv::pack(a[4], a[5]), Cv::pack(a[6], a[7])};
       const E* dg = grads + static_cast<size_t>(gg) * kChunkRows * kRow;
-      if (g < H) {
-#pragma unroll
-        for (int n = 0; n < Cfg::kN8; n += 2) {
-          uint32_t gb[4];  // B = dO [row][d] with .trans: matrices (k half i % 2 of rows, n8 tile n + i / 2)
-          dev::ldmatrix_x4_trans(gb, dg + ((i % 2) * 8 + lane % 8) * kRow + (n + i / 2) * 8);
-          const uint32_t b0[2] = {gb[0], gb[1]}, b1[2] = {gb[2], gb[3]};
-          dev::mma_m16n8k16<E>(dv[j][n], af, b0, dv[j][n]);
-          dev::mma_m16n8k16<E>(dv[j][n + 1], af, b1, dv[j][n + 1]);
-        }
-      }
+      if (g < H) add_dv(af, dg, dv[j]);
       grad_attention(values, dg, gg, dn[j]);
       masks[j] |= outside;
       if (Cfg::kPlain && masks[j] == 0 && g < H) continue;  // the plain variant's usual chunk
@@ -504,12 +498,12 @@ struct KeyProgram {
   // stores, 12 shuffles and 2 reciprocal square roots per lane.
   static constexpr int kLayerTable = 4 * 32 * 4;  // words of the fragment table before LayerNorm's
 
-  // Steps 1 (kGrad false) and 3 (true) for the warp's keys.
+  // Steps 1 (kGrad false) and 3 (true) for the warp's keys; lg: the lane's table entries, loaded once per
+  // chunk (static model, ViT-B key kernel: loaded per step 272.7 us t_low, per chunk 257.9).
   template <bool kGrad>
-  REATTN_DEVICE void layer_keys() const {
+  REATTN_DEVICE void layer_keys(const typename Mix::LayerLane& lg) const {
     constexpr int kPerLoad = Mix::kLayerRowsPerLoad, kPerWarp = 16 / kGroups;
     static_assert(16 % kGroups == 0 && kPerWarp % kPerLoad == 0, "whole loads per warp");
-    const auto lg = Mix::template layer_lane<!kGrad>(at<uint32_t>(L.weights_t) + kLayerTable, lane);
     const float inv_h = at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads + 1], eps = static_cast<float>(p.eps);
     // Heads past H read head 0 and store to one scratch row (head 0's padding of dM^T's buffer, never read).
     const auto ls = Mix::layer_src(lane);
@@ -558,12 +552,12 @@ struct KeyProgram {
 
   // Steps 1 to 3 (dM^T of every head is in dM^T's buffer after the caller's barrier).
   REATTN_DEVICE void grad_mixed_layer(int slot, int r0, float (&dv)[kHeads][Cfg::kN8][4]) const {
-    layer_keys<false>();
+    const auto lg = Mix::template layer_lane<true>(at<uint32_t>(L.weights_t) + kLayerTable, lane);
+    layer_keys<false>(lg);
     slab_barrier();  // A^T of the slab's every head
     const E* grads = slot_grads(slot);
     const E* values = at<E>(L.values);
     const E* atile = at<E>(L.dmixed) + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
-    const int i = lane / 8;
     float dn[kHeads][8];
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
@@ -577,14 +571,7 @@ struct KeyProgram {
       uint32_t af[4];
       dev::ldmatrix_x4(af, atile + static_cast<size_t>(gg) * kHeadStride);
       const E* dg = grads + static_cast<size_t>(gg) * kChunkRows * kRow;
-#pragma unroll
-      for (int n = 0; n < Cfg::kN8; n += 2) {
-        uint32_t gb[4];  // B = dO [row][d] with .trans: matrices (k half i % 2 of rows, n8 tile n + i / 2)
-        dev::ldmatrix_x4_trans(gb, dg + ((i % 2) * 8 + lane % 8) * kRow + (n + i / 2) * 8);
-        const uint32_t b0[2] = {gb[0], gb[1]}, b1[2] = {gb[2], gb[3]};
-        dev::mma_m16n8k16<E>(dv[j][n], af, b0, dv[j][n]);
-        dev::mma_m16n8k16<E>(dv[j][n + 1], af, b1, dv[j][n + 1]);
-      }
+      add_dv(af, dg, dv[j]);
       grad_attention(values, dg, gg, dn[j]);
     }
     if (n0 + slab * 16 + 16 > Nk || r0 + kChunkRows > Nq) {  // entries past Nk or Nq: the warp alike
@@ -599,7 +586,7 @@ struct KeyProgram {
     dev::sync_warp();  // the lanes' A^T reads before dN^T goes over them
     store_grad_tile(dn);
     slab_barrier();  // dN^T of the slab's every head
-    layer_keys<true>();
+    layer_keys<true>(lg);
   }
 
   // Input-head part: dP'^T = W'^T dM^T, dS^T = P (Z dP' - D) scale, dK += dS^T Q.

@@ -449,6 +449,22 @@ struct Mixer {
     }
   }
 
+  // The warp's output heads' values x[j] (head group + kGroups j, fragment entries e: row gq + 8 ((e / 2) % 2),
+  // column 2 tq + e % 2 + 8 (e / 4)) as 16-bit pairs to a [head][row][col] buffer; out: the lane's entry
+  // (row gq, column 2 tq) of head 0; row, head: elements per row and per head. Heads past H: none.
+  static REATTN_DEVICE void store_fragments(E* out, int row, size_t head, int H, int group, const float (&x)[kHeads][8]) {
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int g = group + kGroups * j;
+      if (g >= H) continue;
+      E* at_g = out + static_cast<size_t>(g) * head;
+      *reinterpret_cast<uint32_t*>(at_g) = Cv::pack(x[j][0], x[j][1]);
+      *reinterpret_cast<uint32_t*>(at_g + 8 * row) = Cv::pack(x[j][2], x[j][3]);
+      *reinterpret_cast<uint32_t*>(at_g + 8) = Cv::pack(x[j][4], x[j][5]);
+      *reinterpret_cast<uint32_t*>(at_g + 8 * row + 8) = Cv::pack(x[j][6], x[j][7]);
+    }
+  }
+
   // Two fp32 values as two packed 16-bit pairs hi, lo with hi + lo carrying 16 bits of each.
   static REATTN_DEVICE void split_pair(const float (&x)[2], uint32_t& hi, uint32_t& lo) {
     hi = Cv::pack(x[0], x[1]);

@@ -1751,17 +1751,8 @@ struct RowProgram {
 
   // The warp's output heads' values at their fragment entries to dM's buffer, 16-bit, A-fragment order.
   REATTN_DEVICE void store_grad_tile(const float (&x)[kHeads][8]) const {
-    E* out = at<E>(L.dmixed) + (static_cast<size_t>(slab) * 16 + gq) * kMRow + 2 * tq;
-#pragma unroll
-    for (int j = 0; j < kHeads; ++j) {
-      const int g = group + kGroups * j;
-      if (g >= H) continue;
-      E* at_g = out + static_cast<size_t>(g) * kMHead;
-      *reinterpret_cast<uint32_t*>(at_g) = Cv::pack(x[j][0], x[j][1]);
-      *reinterpret_cast<uint32_t*>(at_g + 8 * kMRow) = Cv::pack(x[j][2], x[j][3]);
-      *reinterpret_cast<uint32_t*>(at_g + 8) = Cv::pack(x[j][4], x[j][5]);
-      *reinterpret_cast<uint32_t*>(at_g + 8 * kMRow + 8) = Cv::pack(x[j][6], x[j][7]);
-    }
+    Mix::store_fragments(at<E>(L.dmixed) + (static_cast<size_t>(slab) * 16 + gq) * kMRow + 2 * tq, kMRow, kMHead, H,
+                         group, x);
   }
 
   // Output-head part of a chunk: dM of the warp's heads to shared memory (and the partial sums).
@@ -2206,24 +2197,8 @@ struct RowProgram {
       }
     }
     float* sums = at<float>(L.sums) + static_cast<size_t>(warp) * kHeads * (mh + 3);
-    // kLayerGrad: the sums of heads 8 t + 2 tq + e over the lanes of one tq (gq = 0 keeps them); the
-    // owners' dc, dgamma, dbeta stay unused.
-    if constexpr (kLayerGrad) {
 #pragma unroll
-      for (int k = 0; k < 3; ++k) {
-#pragma unroll
-        for (int t = 0; t < 2; ++t) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float v = part.layer[k][t][e];
-            for (int off = 16; off >= 4; off /= 2) v += dev::shfl_xor(v, off);
-            part.layer[k][t][e] = v;
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < (kLayerGrad ? 0 : kHeads); ++j) {
+    for (int j = 0; j < (kLayerGrad ? 0 : kHeads); ++j) {  // kLayerGrad: the owners' dc, dgamma, dbeta stay unused
 #pragma unroll
       for (int k = Cfg::kPlain ? mh : 0; k < mh + 3; ++k) {
         float v = k < mh ? part.dw[j][k] : k == mh ? part.dc[j] : k == mh + 1 ? part.dgamma[j] : part.dbeta[j];
@@ -2245,7 +2220,7 @@ struct RowProgram {
           if (g < H && h < H) tiles[(warp * H + g) * H + h] = v;
         }
       }
-      if constexpr (kLayerGrad) {  // then [warps][dc, dgamma, dbeta][H]
+      if constexpr (kLayerGrad) {  // then [warps][dc, dgamma, dbeta][H]: heads 8 t + 2 tq + e summed over gq
         float* layer = tiles + kWarps * H * H + warp * 3 * H;
 #pragma unroll
         for (int k = 0; k < 3; ++k) {
@@ -2253,8 +2228,10 @@ struct RowProgram {
           for (int t = 0; t < 2; ++t) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
+              float v = part.layer[k][t][e];
+              for (int off = 16; off >= 4; off /= 2) v += dev::shfl_xor(v, off);
               const int g = 8 * t + 2 * tq + e;
-              if (gq == 0 && g < H) layer[k * H + g] = part.layer[k][t][e];
+              if (gq == 0 && g < H) layer[k * H + g] = v;
             }
           }
         }
