@@ -509,37 +509,24 @@ struct KeyProgram {
     const auto ls = Mix::layer_src(lane);
     const int key0 = slab * 16 + group * kPerWarp;
     const int hc = ls.head < H ? ls.head : 0;
-    uint32_t src = dev::smem_address(at<E>(L.probs_t) + hc * kHeadStride + (key0 + ls.row) * kTRow + ls.octet * 8);
-    uint32_t grad = dev::smem_address(at<E>(L.dmixed) + hc * kHeadStride + (key0 + ls.row) * kTRow + ls.octet * 8);
+    const uint32_t src = dev::smem_address(at<E>(L.probs_t) + hc * kHeadStride + (key0 + ls.row) * kTRow + ls.octet * 8);
+    const uint32_t grad = dev::smem_address(at<E>(L.dmixed) + hc * kHeadStride + (key0 + ls.row) * kTRow + ls.octet * 8);
     const bool real = ls.head < H;
-    uint32_t out = real ? grad : dev::smem_address(at<E>(L.dmixed) + Cfg::kKeys * kTRow);
-    const uint32_t out_step = real ? kPerLoad * kTRow * 2 : 0u;
-    uint32_t entry = dev::smem_address(at<E>(L.dmixed) + key0 * kTRow + gq);  // without stmatrix: head 0, row gq
-    const bool matrix_store = dev::has_stmatrix();  // compile-time on the GPU
+    const uint32_t out = real ? grad : dev::smem_address(at<E>(L.dmixed) + Cfg::kKeys * kTRow);
+    const uint32_t entry = dev::smem_address(at<E>(L.dmixed) + key0 * kTRow + gq);
     const bool odd = tq & 1;
-    float unused[3][2][2];
-#pragma unroll
-    for (int r = 0; r < kPerWarp; r += kPerLoad) {
-      uint32_t pb[4], nb[4], packed[4];
-      dev::ldmatrix_x4_trans_at(pb, src);
-      if constexpr (kGrad) dev::ldmatrix_x4_trans_at(nb, grad);
-#pragma unroll
-      for (int u = 0; u < kPerLoad; ++u) {
-        float c[Mix::kLayerTiles][4], rstd[2];
-        Mix::layer_center(pb, u, lg, inv_h, eps, odd, c, rstd);
-        if constexpr (kGrad) {
-          Mix::template layer_grad<false>(c, rstd, nb, u, lg, inv_h, odd, packed, unused);
-        } else {
-          Mix::layer_output(c, rstd, u, lg, packed);
-        }
-        if (!matrix_store) Mix::layer_store_b16(entry + u * kTRow * 2, kHeadStride * 2, packed, u, H, tq);
-      }
-      if (matrix_store) dev::stmatrix_x4_trans_at(out, packed);
-      src += kPerLoad * kTRow * 2;
-      grad += kPerLoad * kTRow * 2;
-      out += out_step;
-      entry += kPerLoad * kTRow * 2;
-    }
+    Mix::template layer_rows<kPerWarp, kGrad>(
+        src, kPerLoad * kTRow * 2, grad, out, real, entry, kTRow * 2, kHeadStride * 2, H, tq,
+        [&](const uint32_t (&x)[4], const uint32_t (&g)[4], int u, uint32_t (&packed)[4]) {
+          float c[Mix::kLayerTiles][4], rstd[2];
+          Mix::layer_center(x, u, lg, inv_h, eps, odd, c, rstd);
+          if constexpr (kGrad) {
+            float unused[3][2][2];
+            Mix::template layer_grad<false>(c, rstd, g, u, lg, inv_h, odd, packed, unused);
+          } else {
+            Mix::layer_output(c, rstd, u, lg, packed);
+          }
+        });
   }
 
   REATTN_DEVICE void slab_barrier() const {

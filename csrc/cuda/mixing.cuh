@@ -430,8 +430,40 @@ struct Mixer {
     }
   }
 
+  // The warp's kPerWarp rows of a slab, kLayerRowsPerLoad per load: X^T from `src` (the lane's layer_src row
+  // address; src_step bytes per load) and with kGrad the gradients from `grad` (the lane's row, clamped to
+  // a real head, of a [head][row][col] buffer: row_bytes, head_bytes); row(x, g, u, packed) forms row u's
+  // words, which go back over `grad`'s rows by stmatrix.trans (out: `grad`, or one scratch row where the
+  // lane's head is past H: real false), or without stmatrix by 16-bit stores from `entry` (column gq of
+  // head 0 at the warp's first row).
+  template <int kPerWarp, bool kGrad, class F>
+  static REATTN_DEVICE void layer_rows(uint32_t src, uint32_t src_step, uint32_t grad, uint32_t out, bool real,
+                                       uint32_t entry, uint32_t row_bytes, uint32_t head_bytes, int H, int tq,
+                                       const F& row) {
+    constexpr int kPerLoad = kLayerRowsPerLoad;
+    static_assert(kPerWarp % kPerLoad == 0, "whole loads per warp");
+    const uint32_t out_step = real ? kPerLoad * row_bytes : 0u;
+    const bool matrix_store = dev::has_stmatrix();  // compile-time on the GPU
+#pragma unroll
+    for (int r = 0; r < kPerWarp; r += kPerLoad) {
+      uint32_t x[4], g[4] = {0u, 0u, 0u, 0u}, packed[4];
+      dev::ldmatrix_x4_trans_at(x, src);
+      if constexpr (kGrad) dev::ldmatrix_x4_trans_at(g, grad);
+#pragma unroll
+      for (int u = 0; u < kPerLoad; ++u) {
+        row(x, g, u, packed);
+        if (!matrix_store) layer_store_b16(entry + u * row_bytes, head_bytes, packed, u, H, tq);
+      }
+      if (matrix_store) dev::stmatrix_x4_trans_at(out, packed);
+      src += src_step;
+      grad += kPerLoad * row_bytes;
+      out += out_step;
+      entry += kPerLoad * row_bytes;
+    }
+  }
+
   // The stores of a load's words without stmatrix (sm_80): 16-bit per entry of the real heads;
-  // row_u: element address of (head 0, row u of the load, column gq); head: elements per head.
+  // row_u: the address of (head 0, row u of the load, column gq); head_bytes: bytes per head.
   static REATTN_DEVICE void layer_store_b16(uint32_t row_u, uint32_t head_bytes, const uint32_t (&packed)[4], int u,
                                             int H, int tq) {
 #pragma unroll

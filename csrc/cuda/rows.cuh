@@ -1958,36 +1958,23 @@ struct RowProgram {
     const int row0 = slab * 16 + group * kPerWarp;
     const int hc = ls.head < H ? ls.head : 0;
     const int hs = Cfg::kRows * L.p_row + kProbsPad;  // P~'s head stride (elements)
-    uint32_t src = dev::smem_address(at<E>(L.probs) + hc * hs + (row0 + ls.row) * L.p_row + chunk_col + ls.octet * 8);
-    uint32_t grad = dev::smem_address(at<E>(L.dmixed) + hc * kMHead + (row0 + ls.row) * kMRow + ls.octet * 8);
+    const uint32_t src = dev::smem_address(at<E>(L.probs) + hc * hs + (row0 + ls.row) * L.p_row + chunk_col + ls.octet * 8);
+    const uint32_t grad = dev::smem_address(at<E>(L.dmixed) + hc * kMHead + (row0 + ls.row) * kMRow + ls.octet * 8);
     const bool real = ls.head < H;
-    uint32_t out = real ? grad : dev::smem_address(at<E>(L.dmixed) + Cfg::kRows * kMRow);
-    const uint32_t out_step = real ? kPerLoad * kMRow * 2 : 0u;
-    uint32_t entry = dev::smem_address(at<E>(L.dmixed) + row0 * kMRow + gq);  // without stmatrix: head 0, column gq
-    const bool matrix_store = dev::has_stmatrix();  // compile-time on the GPU
+    const uint32_t out = real ? grad : dev::smem_address(at<E>(L.dmixed) + Cfg::kRows * kMRow);
+    const uint32_t entry = dev::smem_address(at<E>(L.dmixed) + row0 * kMRow + gq);
     const bool odd = tq & 1;
-#pragma unroll
-    for (int r = 0; r < kPerWarp; r += kPerLoad) {
-      uint32_t pb[4], nb[4], packed[4];
-      dev::ldmatrix_x4_trans_at(pb, src);
-      dev::ldmatrix_x4_trans_at(nb, grad);
-#pragma unroll
-      for (int u = 0; u < kPerLoad; ++u) {
-        float c[Mix::kLayerTiles][4], rstd[2];
-        Mix::layer_center(pb, u, lg, inv_h, eps, odd, c, rstd);
-        if (first) {
-          Mix::template layer_grad<true>(c, rstd, nb, u, lg, inv_h, odd, packed, sums);
-        } else {
-          Mix::template layer_grad<false>(c, rstd, nb, u, lg, inv_h, odd, packed, sums);
-        }
-        if (!matrix_store) Mix::layer_store_b16(entry + u * kMRow * 2, kMHead * 2, packed, u, H, tq);
-      }
-      if (matrix_store) dev::stmatrix_x4_trans_at(out, packed);
-      src += kPerLoad * L.p_row * 2;
-      grad += kPerLoad * kMRow * 2;
-      out += out_step;
-      entry += kPerLoad * kMRow * 2;
-    }
+    Mix::template layer_rows<kPerWarp, true>(
+        src, kPerLoad * L.p_row * 2, grad, out, real, entry, kMRow * 2, kMHead * 2, H, tq,
+        [&](const uint32_t (&x)[4], const uint32_t (&g)[4], int u, uint32_t (&packed)[4]) {
+          float c[Mix::kLayerTiles][4], rstd[2];
+          Mix::layer_center(x, u, lg, inv_h, eps, odd, c, rstd);
+          if (first) {
+            Mix::template layer_grad<true>(c, rstd, g, u, lg, inv_h, odd, packed, sums);
+          } else {
+            Mix::template layer_grad<false>(c, rstd, g, u, lg, inv_h, odd, packed, sums);
+          }
+        });
   }
 
   // dW partials and D on tensor cores (plain variant, first sweep). For query row i of the block,
