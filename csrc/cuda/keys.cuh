@@ -9,7 +9,8 @@
 //     memory (16-bit; -P where dropped, -0 where masked);
 //   as output-head owners: M^T = W' P~^T + c (Mixer), A^T = Norm(M)^T, dA^T = V dO^T on tensor
 //     cores, dV += A^T dO (A^T packed straight into A fragments), dM^T by the norm's backward (LayerNorm
-//     across the group's warps) to shared memory;
+//     across the group's warps; its own bf16 variant, grad_mixed_layer, per key on tensor cores and
+//     within quads of lanes) to shared memory;
 //   as input-head owners again: dP'^T = W'^T dM^T, dS^T = P (Z dP' - D) scale (D from the row pass,
 //     rows.cuh), dK += dS^T Q.
 //

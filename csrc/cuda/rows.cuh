@@ -1609,7 +1609,8 @@ struct RowProgram {
   //     it, dA = dO V^T on tensor cores (dO A-fragments in registers, or by ldmatrix from shared
   //     memory with several segments; V^T B-fragments by ldmatrix),
   //     dN = dA where attended, dM by the norm's backward (LayerNorm: two sums across the slab's
-  //     warps), the parameter-gradient partials (dW, dc, dgamma, dbeta) in registers, and dM (16-bit)
+  //     warps; its own bf16 variant instead has each warp form them per row from dN in shared memory,
+  //     grad_mixed_layer), the parameter-gradient partials (dW, dc, dgamma, dbeta) in registers, and dM (16-bit)
   //     to shared memory; after a barrier, as input-head owners, dP' = W'^T dM (W' carries
   //     1 / (1 - p)) and D_h,i += sum_j P~' dP' (P~' the stored value clamped at 0).
   //   sweep 2: dM again, then dS = P (Z dP' - D) (P = |stored|, Z = stored >= 0) and
