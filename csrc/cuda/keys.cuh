@@ -338,20 +338,6 @@ struct KeyProgram {
     }
   }
 
-  // dV += A^T dO for one head: af its A^T fragments, dg its dO chunk tile (B with .trans: matrices
-  // (k half i % 2 of rows, n8 tile n + i / 2)).
-  REATTN_DEVICE void add_dv(const uint32_t (&af)[4], const E* dg, float (&dv)[Cfg::kN8][4]) const {
-    const int i = lane / 8;
-#pragma unroll
-    for (int n = 0; n < Cfg::kN8; n += 2) {
-      uint32_t gb[4];
-      dev::ldmatrix_x4_trans(gb, dg + ((i % 2) * 8 + lane % 8) * kRow + (n + i / 2) * 8);
-      const uint32_t b0[2] = {gb[0], gb[1]}, b1[2] = {gb[2], gb[3]};
-      dev::mma_m16n8k16<E>(dv[n], af, b0, dv[n]);
-      dev::mma_m16n8k16<E>(dv[n + 1], af, b1, dv[n + 1]);
-    }
-  }
-
   // The warp's output heads' values at their fragment entries to dM^T's buffer, 16-bit, A-fragment order.
   REATTN_DEVICE void store_grad_tile(const float (&x)[kHeads][8]) const {
     Mix::store_fragments(at<E>(L.dmixed) + (static_cast<size_t>(slab) * 16 + gq) * kTRow + 2 * tq, kTRow, kHeadStride,
@@ -432,7 +418,7 @@ struct KeyProgram {
       for (int e = 0; e < 8; ++e) a[e] = ((masks[j] >> e) & 1u) ? 0.0f : gamma * acc[j][e] + beta;
       const uint32_t af[4] = {Cv::pack(a[0], a[1]), Cv::pack(a[2], a[3]), Cv::pack(a[4], a[5]), Cv::pack(a[6], a[7])};
       const E* dg = grads + static_cast<size_t>(gg) * kChunkRows * kRow;
-      if (g < H) add_dv(af, dg, dv[j]);
+      if (g < H) dev::mma_row_major(af, dg, kRow, lane, dv[j]);  // dV += A^T dO, dO [row][d]
       grad_attention(values, dg, gg, dn[j]);
       masks[j] |= outside;
       if (Cfg::kPlain && masks[j] == 0 && g < H) continue;  // the plain variant's usual chunk
@@ -559,7 +545,7 @@ struct KeyProgram {
       uint32_t af[4];
       dev::ldmatrix_x4(af, atile + static_cast<size_t>(gg) * kHeadStride);
       const E* dg = grads + static_cast<size_t>(gg) * kChunkRows * kRow;
-      add_dv(af, dg, dv[j]);
+      dev::mma_row_major(af, dg, kRow, lane, dv[j]);  // dV += A^T dO, dO [row][d]
       grad_attention(values, dg, gg, dn[j]);
     }
     if (n0 + slab * 16 + 16 > Nk || r0 + kChunkRows > Nq) {  // entries past Nk or Nq: the warp alike
@@ -586,7 +572,6 @@ struct KeyProgram {
     const E* qtile = slot_base(slot);
     const E* ptile = at<E>(L.probs_t) + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
     const float scale = static_cast<float>(p.scale);
-    const int i = lane / 8;
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int h = group + kGroups * j;
@@ -602,15 +587,7 @@ struct KeyProgram {
       }
       const uint32_t af[4] = {Cv::pack(ds[0], ds[1]), Cv::pack(ds[2], ds[3]), Cv::pack(ds[4], ds[5]),
                               Cv::pack(ds[6], ds[7])};
-      const E* qh = qtile + static_cast<size_t>(h) * kChunkRows * kRow;
-#pragma unroll
-      for (int n = 0; n < Cfg::kN8; n += 2) {
-        uint32_t qb[4];  // B = Q [row][d] with .trans
-        dev::ldmatrix_x4_trans(qb, qh + ((i % 2) * 8 + lane % 8) * kRow + (n + i / 2) * 8);
-        const uint32_t b0[2] = {qb[0], qb[1]}, b1[2] = {qb[2], qb[3]};
-        dev::mma_m16n8k16<E>(dk[j][n], af, b0, dk[j][n]);
-        dev::mma_m16n8k16<E>(dk[j][n + 1], af, b1, dk[j][n + 1]);
-      }
+      dev::mma_row_major(af, qtile + static_cast<size_t>(h) * kChunkRows * kRow, kRow, lane, dk[j]);  // Q [row][d]
     }
   }
 
@@ -662,22 +639,13 @@ struct KeyProgram {
     }
     const E* qtile = slot_base(slot);
     const E* ds = probs_t + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
-    const int i = lane / 8;
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int h = group + kGroups * j;
       if (h >= H) continue;
       uint32_t af[4];
       dev::ldmatrix_x4(af, ds + static_cast<size_t>(h) * kHeadStride);
-      const E* qh = qtile + static_cast<size_t>(h) * kChunkRows * kRow;
-#pragma unroll
-      for (int n = 0; n < Cfg::kN8; n += 2) {
-        uint32_t qb[4];  // B = Q [row][d] with .trans
-        dev::ldmatrix_x4_trans(qb, qh + ((i % 2) * 8 + lane % 8) * kRow + (n + i / 2) * 8);
-        const uint32_t b0[2] = {qb[0], qb[1]}, b1[2] = {qb[2], qb[3]};
-        dev::mma_m16n8k16<E>(dk[j][n], af, b0, dk[j][n]);
-        dev::mma_m16n8k16<E>(dk[j][n + 1], af, b1, dk[j][n + 1]);
-      }
+      dev::mma_row_major(af, qtile + static_cast<size_t>(h) * kChunkRows * kRow, kRow, lane, dk[j]);  // Q [row][d]
     }
   }
 

@@ -964,17 +964,7 @@ struct RowProgram {
   // o += A_g V_g for the chunk: A fragments af (the warp's 16 rows x 16 keys), V_g of the chunk's
   // tile in `values`.
   REATTN_DEVICE void add_av(const E* values, int g, const uint32_t (&af)[4], float (&o)[Cfg::kOutN8][4]) const {
-    const E* vg = values + static_cast<size_t>(g) * kValueTile * kVRow;
-#pragma unroll
-    for (int n = 0; n < Cfg::kOutN8; n += 2) {
-      // Matrices (k half i % 2, n8 tile n + i / 2) stored [key][d]: .trans gives B fragments.
-      const int i = lane / 8;
-      uint32_t vb[4];
-      dev::ldmatrix_x4_trans(vb, vg + ((i % 2) * 8 + lane % 8) * kVRow + (n + i / 2) * 8);
-      const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-      dev::mma_m16n8k16<E>(o[n], af, b0, o[n]);
-      dev::mma_m16n8k16<E>(o[n + 1], af, b1, o[n + 1]);
-    }
+    dev::mma_row_major(af, values + static_cast<size_t>(g) * kValueTile * kVRow, kVRow, lane, o);  // V [key][d]
   }
 
   // ---- the forward's mixing on tensor cores (kTensorMix) ----------------------------------------------
@@ -2092,16 +2082,7 @@ struct RowProgram {
       }
       const uint32_t af[4] = {Cv::pack(ds[0], ds[1]), Cv::pack(ds[2], ds[3]), Cv::pack(ds[4], ds[5]),
                               Cv::pack(ds[6], ds[7])};
-      const E* kh = keys + static_cast<size_t>(h) * kValueTile * kKRow;
-      const int i = lane / 8;
-#pragma unroll
-      for (int n = 0; n < Cfg::kOutN8; n += 2) {
-        uint32_t kb[4];
-        dev::ldmatrix_x4_trans(kb, kh + ((i % 2) * 8 + lane % 8) * kKRow + (n + i / 2) * 8);
-        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
-        dev::mma_m16n8k16<E>(dq[j][n], af, b0, dq[j][n]);
-        dev::mma_m16n8k16<E>(dq[j][n + 1], af, b1, dq[j][n + 1]);
-      }
+      dev::mma_row_major(af, keys + static_cast<size_t>(h) * kValueTile * kKRow, kKRow, lane, dq[j]);  // K [key][d]
     }
   }
 
@@ -2152,22 +2133,13 @@ struct RowProgram {
     }
     const E* keys = slot_tile(slot);
     const E* ds = chunk_tile(L.probs, L.p_row, chunk_col);
-    const int i = lane / 8;
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int h = group + kGroups * j;
       if (h >= H) continue;
       uint32_t af[4];
       dev::ldmatrix_x4(af, ds + h * hs);
-      const E* kh = keys + static_cast<size_t>(h) * kValueTile * kKRow;
-#pragma unroll
-      for (int n = 0; n < Cfg::kOutN8; n += 2) {
-        uint32_t kb[4];
-        dev::ldmatrix_x4_trans(kb, kh + ((i % 2) * 8 + lane % 8) * kKRow + (n + i / 2) * 8);
-        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
-        dev::mma_m16n8k16<E>(dq[j][n], af, b0, dq[j][n]);
-        dev::mma_m16n8k16<E>(dq[j][n + 1], af, b1, dq[j][n + 1]);
-      }
+      dev::mma_row_major(af, keys + static_cast<size_t>(h) * kValueTile * kKRow, kKRow, lane, dq[j]);  // K [key][d]
     }
   }
 
