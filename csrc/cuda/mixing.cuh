@@ -337,24 +337,37 @@ struct Mixer {
   // columns (odd lanes take gq + 8) so each lane takes one reciprocal square root (3 shuffles, 1 MUFU).
   static REATTN_DEVICE void layer_center(const uint32_t (&x)[4], int u, const LayerLane& lg, float inv_h, float eps,
                                          bool odd, float (&c)[kLayerTiles][4], float (&rstd)[2]) {
-#pragma unroll
-    for (int t = 0; t < kLayerTiles; ++t) {
-      if constexpr (kLayerNarrow) {
-        const uint32_t a[2] = {x[2 * u], x[2 * u + 1]};
-        dev::mma_m16n8k8<E>(c[t], a, lg.hi[0], lg.bias[t]);
-        dev::mma_m16n8k8<E>(c[t], a, lg.lo[0], c[t]);
-      } else {
-        const uint32_t bh[2] = {lg.hi[t], lg.hi[t + 2]}, bl[2] = {lg.lo[t], lg.lo[t + 2]};
-        dev::mma_m16n8k16<E>(c[t], x, bh, lg.bias[t]);
-        dev::mma_m16n8k16<E>(c[t], x, bl, c[t]);
-      }
-    }
     float sq[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int t = 0; t < kLayerTiles; ++t) {
+      centered_tile<kLayerNarrow>(x, u, t, lg.hi, lg.lo, lg.bias[t], c[t]);
 #pragma unroll
       for (int e = 0; e < 4; ++e) sq[e / 2] += c[t][e] * c[t][e];
     }
+    pair_rstd(sq, inv_h, eps, odd, rstd);
+  }
+
+  // Tile t (output heads 8 t ..) of row u of the transposed centered product (LayerNorm's forward,
+  // rows.cuh mix_in_place_layer, and layer_center): c = x^T (hi + lo)^T + c_in. kNarrow: m16n8k8 on
+  // x[2 u], x[2 u + 1] with columns 0 .. 7 of the weights; else m16n8k16 on all of x.
+  template <bool kNarrow>
+  static REATTN_DEVICE void centered_tile(const uint32_t (&x)[4], int u, int t, const uint32_t (&hi)[4],
+                                          const uint32_t (&lo)[4], const float (&c_in)[4], float (&c)[4]) {
+    if constexpr (kNarrow) {
+      const uint32_t a[2] = {x[2 * u], x[2 * u + 1]};
+      dev::mma_m16n8k8<E>(c, a, hi[0], c_in);
+      dev::mma_m16n8k8<E>(c, a, lo[0], c);
+    } else {
+      const uint32_t bh[2] = {hi[t], hi[t + 2]}, bl[2] = {lo[t], lo[t + 2]};
+      dev::mma_m16n8k16<E>(c, x, bh, c_in);
+      dev::mma_m16n8k16<E>(c, x, bl, c);
+    }
+  }
+
+  // rstd of columns gq, gq + 8 from the thread's sums of centered squares sq: the sums over the quad, each
+  // lane pair first splitting the two columns (even lanes keep gq, odd ones gq + 8), so each lane takes
+  // one reciprocal square root and the pair swaps them: 3 shuffles and one MUFU instead of 4 and 2.
+  static REATTN_DEVICE void pair_rstd(const float (&sq)[2], float inv_h, float eps, bool odd, float (&rstd)[2]) {
     float mine = odd ? sq[1] : sq[0];
     mine += dev::shfl_xor(odd ? sq[0] : sq[1], 1);
     mine += dev::shfl_xor(mine, 2);
@@ -384,6 +397,7 @@ struct Mixer {
   // splitting the columns again: 6 shuffles), written as rstd dxhat - a - (M - mean) b with a = rstd s1 / H,
   // b = rstd^3 (s2 / rstd) / H, so xhat itself is formed only for the sums (kSums: [dc, dgamma, dbeta][t][e]
   // += dM, dN xhat, dN of head 8 t + 2 tq + e).
+  enum LayerSum : int { kSumDc = 0, kSumDgamma = 1, kSumDbeta = 2 };  // sums[kind][t][e]
   template <bool kSums>
   static REATTN_DEVICE void layer_grad(const float (&c)[kLayerTiles][4], const float (&rstd)[2], const uint32_t (&g)[4],
                                        int u, const LayerLane& lg, float inv_h, bool odd, uint32_t (&packed)[4],
@@ -399,8 +413,8 @@ struct Mixer {
         s1[e / 2] += dx[t][e];
         s2[e / 2] += dx[t][e] * c[t][e];
         if constexpr (kSums) {
-          sums[1][t][e % 2] += dn * (c[t][e] * rstd[e / 2]);
-          sums[2][t][e % 2] += dn;
+          sums[kSumDgamma][t][e % 2] += dn * (c[t][e] * rstd[e / 2]);
+          sums[kSumDbeta][t][e % 2] += dn;
         }
       }
     }
@@ -423,7 +437,7 @@ struct Mixer {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         dm[e] = (rstd[e / 2] * dx[t][e] - a[e / 2]) - c[t][e] * b[e / 2];
-        if constexpr (kSums) sums[0][t][e % 2] += dm[e];
+        if constexpr (kSums) sums[kSumDc][t][e % 2] += dm[e];
       }
 #pragma unroll
       for (int k = 0; k < 2; ++k) packed[layer_word(t, u, k)] = Cv::pack(dm[2 * k], dm[2 * k + 1]);

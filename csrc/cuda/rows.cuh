@@ -1228,33 +1228,14 @@ struct RowProgram {
 #pragma unroll
       for (int u = 0; u < kRowsPerLoad; ++u) {
         float c[kTiles][4];  // M - mean: [heads 8 t ..][(key gq, head 2 tq), (gq, 2 tq + 1), (gq + 8, 2 tq), (gq + 8, 2 tq + 1)]
+        float sq[2] = {0.0f, 0.0f}, rstd[2];  // the thread's centered squares of key gq, gq + 8
 #pragma unroll
         for (int t = 0; t < kTiles; ++t) {
-          if constexpr (kNarrow) {
-            const uint32_t a[2] = {pb[2 * u], pb[2 * u + 1]};
-            dev::mma_m16n8k8<E>(c[t], a, whi[0], zero);
-            dev::mma_m16n8k8<E>(c[t], a, wlo[0], c[t]);
-          } else {
-            const uint32_t bh[2] = {whi[t], whi[t + 2]}, bl[2] = {wlo[t], wlo[t + 2]};
-            dev::mma_m16n8k16<E>(c[t], pb, bh, zero);
-            dev::mma_m16n8k16<E>(c[t], pb, bl, c[t]);
-          }
-        }
-        float sq[2] = {0.0f, 0.0f};  // the thread's centered squares of key gq, gq + 8
-#pragma unroll
-        for (int t = 0; t < kTiles; ++t) {
+          Mix::template centered_tile<kNarrow>(pb, u, t, whi, wlo, zero, c[t]);
 #pragma unroll
           for (int e = 0; e < 4; ++e) sq[e / 2] += c[t][e] * c[t][e];
         }
-        // Sums over the quad: each lane pair first splits the two keys (even lanes keep key gq, odd ones
-        // gq + 8), so each lane takes one reciprocal square root and the pair swaps them: 3 shuffles and
-        // one MUFU instead of 4 and 2.
-        float mine = odd ? sq[1] : sq[0];
-        mine += dev::shfl_xor(odd ? sq[0] : sq[1], 1);
-        mine += dev::shfl_xor(mine, 2);
-        const float r_mine = dev::rsqrt_approx_ftz(mine * ln.inv_h + ln.eps);
-        const float r_other = dev::shfl_xor(r_mine, 1);
-        const float rstd[2] = {odd ? r_other : r_mine, odd ? r_mine : r_other};
+        Mix::pair_rstd(sq, ln.inv_h, ln.eps, odd, rstd);
 #pragma unroll
         for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
@@ -1677,7 +1658,7 @@ struct RowProgram {
     float dw[kHeads][Cfg::kMaxHeads];  // sum dM_g P~'_h (the host applies 1 / (1 - p)); general variant
     float dw_rows[kDwSlots][kDwN8][4];  // plain variant: dw_products' accumulators
     float dc[kHeads], dgamma[kHeads], dbeta[kHeads];
-    float layer[3][2][2];  // kLayerGrad: grad_mixed_layer's sums (LayerSum), in place of dc, dgamma, dbeta
+    float layer[3][2][2];  // kLayerGrad: grad_mixed_layer's sums (Mixer::LayerSum), in place of dc, dgamma, dbeta
   };
 
   // M - c of the slab's 16 rows over the chunk's 16 keys on tensor cores (kTensorBatch; BatchNorm,
@@ -1915,8 +1896,6 @@ struct RowProgram {
   // loads, one store, 9 shuffles and one reciprocal square root per lane.
   static constexpr int kLayerTable = 4 * 32 * 4;  // words of the fragment table before LayerNorm's
 
-  // The first sweep's LayerNorm sums of the thread's output heads 8 t + 2 tq + e: [dc, dgamma, dbeta][t][e].
-  enum LayerSum : int { kSumDc = 0, kSumDgamma = 1, kSumDbeta = 2 };
   using LayerGradLane = typename Mix::LayerLane;
 
   REATTN_DEVICE void grad_mixed_layer(int slot, int key0, int chunk_col, bool first,
