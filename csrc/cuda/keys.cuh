@@ -516,19 +516,11 @@ struct KeyProgram {
         });
   }
 
-  REATTN_DEVICE void slab_barrier() const {
-    if constexpr (kGroups > 1) {
-      dev::named_barrier(1 + slab, 32 * kGroups);
-    } else {
-      dev::sync_warp();
-    }
-  }
-
   // Steps 1 to 3 (dM^T of every head is in dM^T's buffer after the caller's barrier).
   REATTN_DEVICE void grad_mixed_layer(int slot, int r0, float (&dv)[kHeads][Cfg::kN8][4]) const {
     const auto lg = Mix::template layer_lane<true>(at<uint32_t>(L.weights_t) + kLayerTable, lane);
     layer_keys<false>(lg);
-    slab_barrier();  // A^T of the slab's every head
+    Mix::slab_barrier(slab);  // A^T of the slab's every head
     const E* grads = slot_grads(slot);
     const E* values = at<E>(L.values);
     const E* atile = at<E>(L.dmixed) + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
@@ -559,7 +551,7 @@ struct KeyProgram {
     }
     dev::sync_warp();  // the lanes' A^T reads before dN^T goes over them
     store_grad_tile(dn);
-    slab_barrier();  // dN^T of the slab's every head
+    Mix::slab_barrier(slab);  // dN^T of the slab's every head
     layer_keys<true>(lg);
   }
 
@@ -632,11 +624,7 @@ struct KeyProgram {
         }
       }
     });
-    if constexpr (kGroups > 1) {
-      dev::named_barrier(1 + slab, 32 * kGroups);  // dS^T of the slab's every key
-    } else {
-      dev::sync_warp();
-    }
+    Mix::slab_barrier(slab);  // dS^T of the slab's every key
     const E* qtile = slot_base(slot);
     const E* ds = probs_t + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
 #pragma unroll

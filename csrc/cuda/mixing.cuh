@@ -231,11 +231,7 @@ struct Mixer {
         if (gq + 8 * half < H) *reinterpret_cast<uint32_t*>(at_t + half * 8 * dst_head) = Cv::pack(d[2 * half], d[2 * half + 1]);
       }
     });
-    if constexpr (kGroups > 1) {
-      dev::named_barrier(1 + slab, 32 * kGroups);  // the slab's every row
-    } else {
-      dev::sync_warp();
-    }
+    slab_barrier(slab);  // the slab's every row
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int g = group + kGroups * j;
@@ -508,6 +504,15 @@ struct Mixer {
       *reinterpret_cast<uint32_t*>(at_g + 8 * row) = Cv::pack(x[j][2], x[j][3]);
       *reinterpret_cast<uint32_t*>(at_g + 8) = Cv::pack(x[j][4], x[j][5]);
       *reinterpret_cast<uint32_t*>(at_g + 8 * row + 8) = Cv::pack(x[j][6], x[j][7]);
+    }
+  }
+
+  // The barrier of a slab's kGroups warps (named barrier 1 + slab; one warp: a warp sync).
+  static REATTN_DEVICE void slab_barrier(int slab) {
+    if constexpr (kGroups > 1) {
+      dev::named_barrier(1 + slab, 32 * kGroups);
+    } else {
+      dev::sync_warp();
     }
   }
 

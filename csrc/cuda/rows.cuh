@@ -1131,11 +1131,7 @@ struct RowProgram {
       src_e += src_step_e;
       dst_e += kRowsPerLoad * L.p_row;
     }
-    if constexpr (kGroups > 1) {
-      dev::named_barrier(1 + slab, 32 * kGroups);  // M of the slab's every row
-    } else {
-      dev::sync_warp();
-    }
+    Mix::slab_barrier(slab);  // M of the slab's every row
     const E* values = slot_tile(slot);
     const uint32_t mixed = ml.a + 2 * col;
     const E* mixed_e = chunk_tile(L.probs, L.p_row, chunk_col);
@@ -1265,11 +1261,7 @@ struct RowProgram {
       out += ml.out_step;
       dst += kRowsPerLoad * ml.row;
     }
-    if constexpr (kGroups > 1) {
-      dev::named_barrier(1 + slab, 32 * kGroups);  // A of the slab's every row
-    } else {
-      dev::sync_warp();
-    }
+    Mix::slab_barrier(slab);  // A of the slab's every row
     const E* values = slot_tile(slot);
     const uint32_t mixed = ml.a + 2 * col;
 #pragma unroll
@@ -1915,11 +1907,7 @@ struct RowProgram {
       }
       store_grad_tile(dn);
     }
-    if constexpr (kGroups > 1) {
-      dev::named_barrier(1 + slab, 32 * kGroups);  // dN of the slab's every head
-    } else {
-      dev::sync_warp();
-    }
+    Mix::slab_barrier(slab);  // dN of the slab's every head
     constexpr int kPerLoad = Mix::kLayerRowsPerLoad, kPerWarp = 16 / kGroups;
     static_assert(16 % kGroups == 0 && kPerWarp % kPerLoad == 0, "whole loads per warp");
     const float inv_h = inv_heads(), eps = static_cast<float>(p.eps);
@@ -2105,11 +2093,7 @@ struct RowProgram {
         }
       }
     });
-    if constexpr (kGroups > 1) {
-      dev::named_barrier(1 + slab, 32 * kGroups);  // dS of the slab's every row
-    } else {
-      dev::sync_warp();
-    }
+    Mix::slab_barrier(slab);  // dS of the slab's every row
     const E* keys = slot_tile(slot);
     const E* ds = chunk_tile(L.probs, L.p_row, chunk_col);
 #pragma unroll
