@@ -116,26 +116,28 @@ class ReAttnParams(ctypes.Structure):
     ]
 
 
+class ParamRef(ctypes.Structure):
+    """csrc/cuda/params.h's ParamRef: a parameter as given (storage type, strides)."""
+    _fields_ = [("data", ctypes.c_void_p), ("storage", ctypes.c_int), ("stride0", ctypes.c_int64),
+                ("stride1", ctypes.c_int64)]
+
+
 class HeadAffineParams(ctypes.Structure):
     """csrc/cuda/params.h's HeadAffineParams: the element-wise steps of one-sweep training BatchNorm."""
 
     _fields_ = [
         ("B", ctypes.c_int64), ("H", ctypes.c_int), ("Nq", ctypes.c_int), ("D", ctypes.c_int), ("rows", ctypes.c_int),
-        ("vector", ctypes.c_bool), ("r", ctypes.c_void_p), ("r_st", Strides4), ("u", ctypes.c_void_p), ("u_st", Strides4),
-        ("grad", ctypes.c_void_p), ("grad_st", Strides4), ("coefficients", ctypes.c_void_p),
-        ("out", ctypes.c_void_p), ("out2", ctypes.c_void_p), ("partials", ctypes.c_void_p), ("scale", ctypes.c_double),
+        ("vector", ctypes.c_bool), ("r", ctypes.c_void_p), ("r_st", Strides4), ("r_is_acc", ctypes.c_bool),
+        ("u", ctypes.c_void_p), ("u_st", Strides4), ("grad", ctypes.c_void_p), ("grad_st", Strides4),
+        ("coefficients", ctypes.c_void_p), ("out", ctypes.c_void_p), ("partials", ctypes.c_void_p),
+        ("scale", ctypes.c_double), ("stats", ctypes.c_void_p), ("W", ParamRef), ("c", ParamRef),
+        ("eps", ctypes.c_double), ("inv_keys", ctypes.c_double),
     ]
 
 
 HEAD_AFFINE_THREADS = 256  # kHeadAffineThreads in params.h
 PARAMETER_THREADS = 256    # kParameterThreads in params.h
 STORAGE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}  # StorageKind
-
-
-class ParamRef(ctypes.Structure):
-    """csrc/cuda/params.h's ParamRef: a parameter as given (storage type, strides)."""
-    _fields_ = [("data", ctypes.c_void_p), ("storage", ctypes.c_int), ("stride0", ctypes.c_int64),
-                ("stride1", ctypes.c_int64)]
 
 
 class FoldParams(ctypes.Structure):
@@ -535,7 +537,7 @@ def _tiles(planner: str, kind: str, q, k) -> Optional[dict]:
 
 
 def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse, *, scale,
-             out_scale, norm, eps, dropout_p, with_moments=False):
+             out_scale, norm, eps, dropout_p, with_moments=False, out_is_acc=False):
     rec = _RECORDER
     p, touched = _prepare(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, seed, scale, dropout_p)
     bn_rows = _set_norm(p, norm, out_scale, eps, batch_stats, q)
@@ -547,9 +549,9 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
     given = lse is not None
     stats = lse if given else torch.empty((B, H, Nq, 2), dtype=acc, device=q.device)
     touched.append((stats, {"read"} if given else {"write"}))
-    out = torch.empty(q.shape, dtype=acc if with_moments else q.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=acc if out_is_acc else q.dtype, device=q.device)
     p.out, p.o_st = rec.pointer(out, "out"), _strides(out)
-    p.out_is_acc = with_moments
+    p.out_is_acc = out_is_acc
     touched.append((out, {"write"}))
     if tiles is not None:
         programs = B * -(-Nq // tiles["rows"])
@@ -703,12 +705,13 @@ def _bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bia
     return torch.stack([sum_dn_xhat, sum_dn])
 
 
-def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p):
+def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype):
     """reattn.backends.cuda._forward_moments: U from the row blocks' shares where the programs summed V."""
     from reattn.backends.cuda import value_sum
     x_v, stats, moments, value_sums = _forward(q, k, v, mix_weight, mix_bias, None, None, None, attn_mask, seed, None,
                                                scale=scale, out_scale=1.0, norm="none", eps=1e-5,
-                                               dropout_p=dropout_p, with_moments=True)
+                                               dropout_p=dropout_p, with_moments=True,
+                                               out_is_acc=dtype != q.dtype)
     return x_v, stats, moments, value_sum(value_sums)
 
 
@@ -741,25 +744,20 @@ def _record_head(kernel: str, dtype: torch.dtype, p: HeadAffineParams, touched, 
             one_segment=True)
 
 
-def _head_affine(r, u, alpha, beta, dtype, second=None):
+def _head_affine(r, u, alpha, beta, dtype):
     """reattn.backends.cuda._head_affine and ops.cpp's head_affine."""
     from reattn.backends.cuda import coefficient_rows
     rec = _RECORDER
-    alpha2, beta2 = (second[0], second[1]) if second is not None else (alpha, beta)
-    coefficients = coefficient_rows((alpha, beta, alpha2, beta2), r.dtype)
+    coefficients = coefficient_rows((alpha, beta), u.dtype)
     p = _head_params(r)
     out = torch.empty(r.shape, dtype=dtype, device=r.device)
-    out2 = torch.empty(r.shape if second is not None else (0, *r.shape[1:]), dtype=dtype, device=r.device)
-    p.r, p.r_st = rec.pointer(r, "r"), _strides(r)
+    p.r, p.r_st, p.r_is_acc = rec.pointer(r, "r"), _strides(r), r.dtype == u.dtype
     p.u, p.u_st = rec.pointer(u, "u"), _strides(u.expand(r.shape))
     p.vector = _vector_items(dtype, p.D, ((r, p.r_st), (u, p.u_st)))
     p.coefficients, p.out = rec.pointer(coefficients, "coefficients"), rec.pointer(out, "out")
-    p.out2 = rec.pointer(out2, "out2") if second is not None else None
-    touched = [(r, {"read"}), (u, {"read"}), (coefficients, {"read"}), (out, {"write"})]
-    if second is not None:
-        touched.append((out2, {"write"}))
-    _record_head("head_affine_kernel", dtype, p, touched, 0)
-    return out if second is None else (out, out2)
+    _record_head("head_affine_kernel", dtype, p, [(r, {"read"}), (u, {"read"}), (coefficients, {"read"}),
+                                                  (out, {"write"})], 0)
+    return out
 
 
 def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype):
@@ -797,22 +795,24 @@ def _bn_coefficients(stats, sums, norm_weight, *, eps, dtype):
     return coefficients
 
 
-def _head_dot_sums(grad, r, u, *, scale):
+def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_keys):
     """reattn.backends.cuda._head_dot_sums and ops.cpp's head_dot_sums."""
     rec = _RECORDER
     p = _head_params(grad)
     acc = _acc(grad.dtype)
     partials = torch.empty((2, p.B, p.H, -(-p.Nq // p.rows)), dtype=acc, device=grad.device)
-    p.scale = scale
+    p.scale, p.eps, p.inv_keys = scale, eps, 1.0 / n_keys
     p.grad, p.grad_st = rec.pointer(grad, "grad"), _strides(grad)
     p.r, p.r_st = rec.pointer(r, "r"), _strides(r)
     p.u, p.u_st = rec.pointer(u, "u"), _strides(u.expand(grad.shape))
     p.vector = _vector_items(grad.dtype, p.D, ((grad, p.grad_st), (r, p.r_st), (u, p.u_st)))
+    p.stats = rec.pointer(stats, "head_stats")
+    p.W, p.c = _param_ref(mix_weight, "head_W"), _param_ref(mix_bias, "head_c")
     p.partials = rec.pointer(partials, "partials")
     warps = HEAD_AFFINE_THREADS // 32
-    _record_head("head_dot_sums_kernel", grad.dtype, p,
-                 [(grad, {"read"}), (r, {"read"}), (u, {"read"}), (partials, {"write"})],
-                 2 * warps * acc.itemsize)
+    touched = [(grad, {"read"}), (r, {"read"}), (u, {"read"}), (stats, {"read"}), (mix_weight, {"read"}),
+               (partials, {"write"})] + ([(mix_bias, {"read"})] if mix_bias is not None else [])
+    _record_head("head_dot_sums_kernel", grad.dtype, p, touched, 2 * warps * acc.itemsize)
     return partials.sum(dim=(1, 3), dtype=torch.float64)
 
 

@@ -1,28 +1,27 @@
 """The last steps of one-sweep training BatchNorm, fused: the forward's finish and the backward's sums.
 
-The forward with moments (``re_attention_forward(..., with_moments=True)``) leaves R' = X V in the
-accumulation dtype; once the batch statistics are summed, the norm is a per-head affine map that
-commutes with the product by V (docs/math.md, "One-sweep training BatchNorm"):
+The forward with moments (``re_attention_forward(..., with_moments=True)``) leaves R' = X V (in the
+accumulation dtype, or in q's where the caller keeps it); once the batch statistics are summed, the
+norm is a per-head affine map that commutes with the product by V (docs/math.md, "Training BatchNorm in
+one sweep"):
 
     O[b, h, i, :] = alpha[h] * R'[b, h, i, :] + beta[h] * U[b, h, i, :]
-    R[b, h, i, :] = alpha2[h] * R'[b, h, i, :] + beta2[h] * U[b, h, i, :]    (R = xhat V, kept for the backward)
 
 with U = (unmasked keys) V broadcast by strides ([B or 1, H or 1, Nq or 1, D]). One read of R' and
-one write of O (and of R), where the same in torch takes four passes over [B, H, Nq, D] (predicted at
-DeiT-S on an H100: ~185 us of element-wise work against ~30).
+one write of O, where the same in torch takes four passes over [B, H, Nq, D] (predicted at DeiT-S on
+an H100: ~185 us of element-wise work against ~30).
 
 The backward's BatchNorm sums are then sums over [B, Nq, D] per head, as FlashAttention's
 delta = rowsum(dO * O) (docs/math.md, "Through V and the norm"):
 
     sum_entries dN xhat = out_scale sum dO . R,    sum_entries dN = out_scale sum dO . U
 
-one read of dO and R instead of a sweep over the keys that recomputes the map.
+with R = xhat V = rstd (R' - mean(X) U) linear in R' and U: one read of dO and R' instead of a sweep
+over the keys that recomputes the map (the caller turns the sums over R' into those over R).
 
 Nothing here imports ``reattn``.
 """
 from __future__ import annotations
-
-from typing import Optional, Tuple
 
 import torch
 import triton
@@ -32,24 +31,20 @@ from .launch import interpreting, next_pow2, run_on_device
 
 
 @triton.jit
-def _affine_kernel(R, U, O, ALPHA, BETA, O2, ALPHA2, BETA2, H, N_Q, D, stride_rb, stride_rh, stride_rm, stride_ub,
-                   stride_uh, stride_um, stride_ob, stride_oh, stride_om, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-                   SECOND: tl.constexpr):
+def _affine_kernel(R, U, O, ALPHA, BETA, H, N_Q, D, stride_rb, stride_rh, stride_rm, stride_ub, stride_uh, stride_um,
+                   stride_ob, stride_oh, stride_om, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(1)  # b * H + h: scalars per program, no per-row division
     b = (bh // H).to(tl.int64)
     h = bh % H
     i = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
     tile = (i < N_Q)[:, None] & (cols < D)[None, :]
+    acc_dtype = U.dtype.element_ty  # the coefficients' and U's: R' in q's dtype is upcast once loaded
     r = tl.load(R + (b * stride_rb + h * stride_rh) + (i * stride_rm)[:, None] + cols[None, :], mask=tile, other=0.0)
     u = tl.load(U + (b * stride_ub + h * stride_uh) + (i * stride_um)[:, None] + cols[None, :], mask=tile, other=0.0)
-    u = u.to(r.dtype)
     offsets = (b * stride_ob + h * stride_oh) + (i * stride_om)[:, None] + cols[None, :]
-    out = r * tl.load(ALPHA + h) + u * tl.load(BETA + h)
+    out = r.to(acc_dtype) * tl.load(ALPHA + h) + u * tl.load(BETA + h)
     tl.store(O + offsets, out.to(O.dtype.element_ty), mask=tile)
-    if SECOND:  # O2 has O's shape and strides
-        out2 = r * tl.load(ALPHA2 + h) + u * tl.load(BETA2 + h)
-        tl.store(O2 + offsets, out2.to(O2.dtype.element_ty), mask=tile)
 
 
 @triton.jit
@@ -77,39 +72,31 @@ def _rows(n_q: int, d: int, elements: int) -> int:
     return 4 if interpreting() else max(1, min(next_pow2(n_q), elements // next_pow2(d)))
 
 
-def head_affine(r: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, dtype: torch.dtype,
-                second: Optional[Tuple[torch.Tensor, torch.Tensor, torch.dtype]] = None):
-    """``(alpha[h] * r + beta[h] * u).to(dtype)`` in one pass; with ``second`` = (alpha2, beta2, dtype2) also
-    ``(alpha2[h] * r + beta2[h] * u).to(dtype2)`` from the same reads, and both are returned.
+def head_affine(r: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """``(alpha[h] * r + beta[h] * u).to(dtype)`` in one pass, in the accumulation dtype of ``dtype``.
 
-    r: [B, H, Nq, D] in the accumulation dtype, unit last stride; u: broadcastable to it (any
-    strides, unit last stride); alpha, beta (alpha2, beta2): [H] in r's dtype. Returns a new contiguous
-    [B, H, Nq, D] (a pair of them with ``second``).
+    r: [B, H, Nq, D] in dtype or its accumulation dtype, unit last stride; u: broadcastable to it (any
+    strides, unit last stride); alpha, beta: [H]. Returns a new contiguous [B, H, Nq, D] in dtype.
     """
     B, H, Nq, D = r.shape
-    pairs = [("alpha and beta", alpha, beta)] + ([("alpha2 and beta2", second[0], second[1])] if second else [])
-    for names, a, c in pairs:
-        if a.shape != (H,) or c.shape != (H,):
-            raise ValueError(f"head_affine: {names} must be [{H}], got {tuple(a.shape)}, {tuple(c.shape)}")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if alpha.shape != (H,) or beta.shape != (H,):
+        raise ValueError(f"head_affine: alpha and beta must be [{H}], got {tuple(alpha.shape)}, {tuple(beta.shape)}")
+    if r.dtype not in (dtype, acc):
+        raise TypeError(f"head_affine: r must be {dtype} or {acc}, got {r.dtype}")
     out = torch.empty((B, H, Nq, D), dtype=dtype, device=r.device)
-    out2 = torch.empty((B, H, Nq, D), dtype=second[2], device=r.device) if second else None
     if out.numel() == 0:
-        return out if second is None else (out, out2)
-    u = u.expand(B, H, Nq, D)
+        return out
+    u = u.to(acc).expand(B, H, Nq, D)
     if r.stride(-1) != 1 or u.stride(-1) != 1:
         raise ValueError("head_affine: r and u need a unit stride over the head dim")
     rows = _rows(Nq, D, 4096)
-
-    def coefficient(t):
-        return t.to(r.dtype).contiguous()
-
-    alpha2, beta2 = (coefficient(second[0]), coefficient(second[1])) if second else (alpha, beta)
     run_on_device(_affine_kernel, (triton.cdiv(Nq, rows), B * H), r.device,
-                  r, u, out, coefficient(alpha), coefficient(beta), out if out2 is None else out2, alpha2, beta2,
-                  H, Nq, D, r.stride(0), r.stride(1), r.stride(2), u.stride(0), u.stride(1), u.stride(2),
-                  out.stride(0), out.stride(1), out.stride(2), ROWS=rows, BLOCK_D=max(16, next_pow2(D)),
-                  SECOND=second is not None, num_warps=4)
-    return out if second is None else (out, out2)
+                  r, u, out, alpha.to(acc).contiguous(), beta.to(acc).contiguous(), H, Nq, D,
+                  r.stride(0), r.stride(1), r.stride(2), u.stride(0), u.stride(1), u.stride(2),
+                  out.stride(0), out.stride(1), out.stride(2), ROWS=rows, BLOCK_D=max(16, next_pow2(D)), num_warps=4)
+    return out
 
 
 def head_dot_sums(grad: torch.Tensor, r: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -80,6 +80,22 @@ def moment_statistics(s1: Tensor, s2: Tensor, count: Tensor) -> Tuple[Tensor, Te
     return mean, (s2 / count - mean * mean).clamp_min(0.0)
 
 
+def kept_term_coefficients(stats: Tensor, mix_weight: Tensor, mix_bias: Optional[Tensor], eps: float,
+                           n_keys: int) -> Tuple[Tensor, Tensor]:
+    """(rstd, -mean(X) rstd) per head, float64 [H] each: R = xhat V = rstd X V + (-mean(X) rstd) U from the terms
+    the fused one-sweep forward keeps (X V, U) and its statistics.
+
+    stats: [3, H] float64 (mean of M = W P~ + c, biased variance, count). The forward summed X = W P~ - center
+    with center_g = sum_h W[g, h] / n_keys, so mean(X) = mean - center - c; rstd = 1 / sqrt(var + eps).
+    """
+    center = mix_weight.detach().to(torch.float64).sum(dim=1) / n_keys
+    mean_x = stats[0] - center
+    if mix_bias is not None:
+        mean_x = mean_x - mix_bias.detach().to(torch.float64)
+    rstd = torch.rsqrt(stats[1] + eps)
+    return rstd, -mean_x * rstd
+
+
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: Tensor,
                          momentum: float) -> None:
     """``nn.BatchNorm2d``'s update, in place: running <- (1 - momentum) running + momentum batch.

@@ -2,17 +2,21 @@
 // "Training BatchNorm in one sweep"), written once for the GPU and the host emulator (device.cuh).
 //
 // Once the batch statistics are summed, the norm is a per-head affine map that commutes with the
-// product by V, so the forward's finish is O = alpha[h] R' + beta[h] U (and R = xhat V for the
-// backward from the same reads), and the backward's BatchNorm sums are sums over [B, Nq, D] per head
-// of dO . R and dO . U. Both are memory-bound: each element is read once and written once (twice
-// with out2). Where the rows allow (the host's HeadAffineParams::vector) a thread item is one
-// 16-byte access of each 16-bit tensor (8 columns; each fp32 input: two 16-byte loads), against 8
-// accesses of each and the index arithmetic per element.
+// product by V, so the forward's finish is O = alpha[h] R' + beta[h] U, and the backward's BatchNorm
+// sums are sums over [B, Nq, D] per head of dO . R and dO . U with R = xhat V = rstd (R' - mean(X) U):
+// the backward reads the R' the forward kept and forms R's sum from the per-head constants, so the
+// forward writes nothing for it. Both are memory-bound: each element is read once (and O written once).
+// Where the rows allow (the host's HeadAffineParams::vector) a thread item is one 16-byte access of
+// each 16-bit tensor (8 columns; each fp32 input: two 16-byte loads), against 8 accesses of each and
+// the index arithmetic per element.
 #pragma once
 
+#include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "block.cuh"
+#include "parameters.cuh"
 #include "params.h"
 
 namespace reattn {
@@ -112,32 +116,36 @@ REATTN_FN void for_each_item(const HeadAffineParams& p, const HeadRows& rows, Bo
   }
 }
 
-// out = alpha[h] R' + beta[h] U, and out2 = alpha2[h] R' + beta2[h] U where out2 is given; each
-// rounded once to T from the accumulation type. The block's rows are items of kVec columns, spread
-// over all its threads (consecutive threads, consecutive columns: every warp access is contiguous).
-template <typename T, int kVec>
+// out = alpha[h] R' + beta[h] U, rounded once to T from the accumulation type; R' of type R (the
+// accumulation type, or T). The block's rows are items of kVec columns, spread over all its threads
+// (consecutive threads, consecutive columns: every warp access is contiguous).
+template <typename T, typename R, int kVec>
 REATTN_FN void head_affine_items(const HeadAffineParams& p) {
   using A = typename Storage<T>::acc;
   const HeadRows rows = head_rows(p);
   const A* coefficients = static_cast<const A*>(p.coefficients);
   const A alpha = coefficients[rows.h], beta = coefficients[p.H + rows.h];
-  const A alpha2 = coefficients[2 * p.H + rows.h], beta2 = coefficients[3 * p.H + rows.h];
-  const A* r = block_start(static_cast<const A*>(p.r), p.r_st, rows);
+  const R* r = block_start(static_cast<const R*>(p.r), p.r_st, rows);
   const A* u = block_start(static_cast<const A*>(p.u), p.u_st, rows);
   const Strides4 out_st{int64_t(p.H) * p.Nq * p.D, int64_t(p.Nq) * p.D, p.D, 1};
   T* out = block_start(static_cast<T*>(p.out), out_st, rows);
-  T* out2 = p.out2 == nullptr ? nullptr : block_start(static_cast<T*>(p.out2), out_st, rows);
   for_each_item<kVec>(p, rows, [&](unsigned e, unsigned i, unsigned d) {
     A x[kVec], y[kVec], o[kVec];
-    load_columns<A, kVec>(r + static_cast<int64_t>(i) * p.r_st.n + d, x);
+    if constexpr (std::is_same<R, A>::value) {
+      load_columns<A, kVec>(r + static_cast<int64_t>(i) * p.r_st.n + d, x);
+    } else {
+      load_columns_as_acc<T, kVec>(r + static_cast<int64_t>(i) * p.r_st.n + d, x);
+    }
     load_columns<A, kVec>(u + static_cast<int64_t>(i) * p.u_st.n + d, y);
     for (int k = 0; k < kVec; ++k) o[k] = alpha * x[k] + beta * y[k];
     store_columns<T, kVec>(out + e * kVec, o);
-    if (out2 != nullptr) {
-      for (int k = 0; k < kVec; ++k) o[k] = alpha2 * x[k] + beta2 * y[k];
-      store_columns<T, kVec>(out2 + e * kVec, o);
-    }
   });
+}
+
+template <typename T, int kVec>
+REATTN_FN void head_affine_items(const HeadAffineParams& p) {
+  if (p.r_is_acc) return head_affine_items<T, typename Storage<T>::acc, kVec>(p);
+  head_affine_items<T, T, kVec>(p);
 }
 
 template <typename T>
@@ -148,6 +156,27 @@ REATTN_FN void head_affine_program(const HeadAffineParams& p) {
   head_affine_items<T, 1>(p);
 }
 
+// R = xhat V = rstd (R' - mean(X) U) of head g as (rstd, -mean(X) rstd), in float64 from the forward's
+// statistics and the mixing parameters: the forward summed X = W P~ - center with center_g = sum_h W[g, h] / Nk
+// (formed here in float64: it differs from the forward's fp32 sum by a rounding of center, which R' rounded to
+// 16 bits dwarfs), and its mean of M = W P~ + c is mean(X) + center + c. Every block forms them once, so they
+// cost issue slots, not bytes: run by one whole warp, lane h loads W[g, h] (H <= 32) and 5 butterfly levels
+// add them (every lane gets the same sum, in the same order), 1 / Nk comes from the host and rstd from the
+// fp32 reciprocal square root (relative error < 2^-22) refined by two Newton steps in float64 (error
+// ~2^-53), where a float64 square root and division are subroutines of ~100 instructions each.
+REATTN_FN void kept_term_coefficients(const HeadAffineParams& p, int g, double& rstd, double& shift) {
+  const int lane = dev::lane_index();
+  double center = lane < p.H ? param_value(p.W, static_cast<int64_t>(g) * p.W.stride0 +
+                                                    static_cast<int64_t>(lane) * p.W.stride1)
+                             : 0.0;
+  for (int mask = dev::kWarpSize / 2; mask > 0; mask /= 2) center += dev::shfl_xor(center, mask);
+  const double mean_x = p.stats[g] - center * p.inv_keys - head_value(p.c, g, 0.0);
+  const double x = p.stats[p.H + g] + p.eps;
+  rstd = dev::rsqrt_approx(static_cast<float>(x));
+  for (int step = 0; step < 2; ++step) rstd = rstd * (1.5 - 0.5 * x * rstd * rstd);
+  shift = -mean_x * rstd;
+}
+
 // Dynamic shared memory of head_dot_sums_program: the warps' two partial sums.
 template <typename T>
 constexpr size_t head_dot_sums_shared() {
@@ -155,11 +184,13 @@ constexpr size_t head_dot_sums_shared() {
 }
 
 // partials[0][block], partials[1][block] = scale (sum dO . R, sum dO . U) over the block's rows, in the
-// accumulation type (block = (b h, row block)): each
-// thread sums its items, the warp adds its lanes by butterfly shuffles, and the first thread adds the
-// warps in order (the same order on every run: deterministic). The rounding is that of sums of
-// about rows * D / 256 terms per thread (fixed columns: ceil(rows / step) items), 5 shuffle levels,
-// the 8 warps and the product by scale; the host adds the blocks in float64.
+// accumulation type (block = (b h, row block)): each thread sums dO . R' and dO . U over its items, the
+// warp adds its lanes by butterfly shuffles, and the first thread adds the warps in order (the same
+// order on every run: deterministic) and forms sum dO . R = rstd sum dO . R' - mean(X) rstd sum dO . U
+// (R is linear in R' and U) in float64. The rounding is that of sums of about rows * D / 256 terms per
+// thread (fixed columns: ceil(rows / step) items), 5 shuffle levels, the 8 warps and the product by
+// scale; the host adds the blocks in float64. Without a mask mean(X) is ~0 (X is centred and each row
+// of P~ sums to one), so the second term cancels nothing.
 template <typename T, int kVec>
 REATTN_FN void head_dot_sums_items(const HeadAffineParams& p) {
   using A = typename Storage<T>::acc;
@@ -188,7 +219,10 @@ REATTN_FN void head_dot_sums_items(const HeadAffineParams& p) {
     warp_sums[2 * dev::warp_index() + 1] = sum_u;
   }
   dev::sync_threads();
-  if (dev::thread_index() == 0) {
+  if (dev::warp_index() != 0) return;
+  double rstd, shift;
+  kept_term_coefficients(p, rows.h, rstd, shift);
+  if (dev::lane_index() == 0) {
     A total_r = 0, total_u = 0;
     for (int w = 0; w < kHeadAffineThreads / dev::kWarpSize; ++w) {
       total_r += warp_sums[2 * w];
@@ -196,9 +230,8 @@ REATTN_FN void head_dot_sums_items(const HeadAffineParams& p) {
     }
     const int64_t num_m = (p.Nq + p.rows - 1) / p.rows, blocks = p.B * p.H * num_m;
     A* out = static_cast<A*>(p.partials) + static_cast<int64_t>(dev::block_index_x()) * num_m + dev::block_index_y();
-    const A scale = static_cast<A>(p.scale);
-    out[0] = total_r * scale;
-    out[blocks] = total_u * scale;
+    out[0] = static_cast<A>(p.scale * (rstd * static_cast<double>(total_r) + shift * static_cast<double>(total_u)));
+    out[blocks] = static_cast<A>(p.scale * static_cast<double>(total_u));
   }
 }
 

@@ -454,7 +454,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& seed,
                                 const c10::optional<at::Tensor>& stats_in, double scale, double out_scale,
                                 const std::string& norm, double eps, double dropout_p, bool with_moments,
-                                int64_t shared_limit, bool reverse_items, bool poison_outputs, bool programs_only,
+                                bool out_is_acc, int64_t shared_limit, bool reverse_items, bool poison_outputs, bool programs_only,
                                 int64_t shuffle_seed, bool general_variant) {
   const char* op = "reattn cuda_forward";
   Arguments a = prepare(op, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, dropout_p);
@@ -462,6 +462,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   set_norm(op, a, q, norm, out_scale, eps, batch_stats);
   const auto acc = acc_of(q.scalar_type());
   TORCH_CHECK_VALUE(!with_moments || norm == "none", op, ": with_moments needs norm 'none', got '", norm, "'");
+  TORCH_CHECK_VALUE(!out_is_acc || with_moments, op, ": out_is_acc goes with with_moments (X V kept in the ",
+                    "accumulation type)");
   const int shape = programs_only ? -1 : forward_shape_for(q, k, v, p, shared_limit);
   at::Tensor stats;
   const bool given = stats_in.has_value() && stats_in->defined();
@@ -477,15 +479,16 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   } else {
     stats = at::empty({p.B, p.H, p.Nq, 2}, q.options().dtype(acc));
   }
-  // with_moments: out = X V in the accumulation type (the caller subtracts mean(X) U from it).
-  at::Tensor out = at::empty({p.B, p.H, p.Nq, p.D}, with_moments ? q.options().dtype(acc) : q.options());
+  // with_moments: out = X V, in the accumulation type where out_is_acc (where the caller's mean(X) U need not be
+  // small against it: a mask), else in q's dtype.
+  at::Tensor out = at::empty({p.B, p.H, p.Nq, p.D}, out_is_acc ? q.options().dtype(acc) : q.options());
   if (poison_outputs) {
     poison(out);
     if (!given) poison(stats);
   }
   p.out = out.data_ptr();
   p.o_st = strides_of(out);
-  p.out_is_acc = with_moments;
+  p.out_is_acc = out_is_acc;
   at::Tensor moments;
   // with_moments without a mask: the tensor-core programs' shares of U = sum_j V_j, else empty (the caller sums V).
   at::Tensor value_sums = at::empty({0, p.H, 1, p.D}, q.options().dtype(acc));
@@ -903,35 +906,30 @@ void check_head_shape(const char* op, const char* name, const at::Tensor& t) {
                     op, ": ", name, " ", t.sizes(), " needs H >= 1, Nq and D in int32 and B * H in int32");
 }
 
-std::vector<at::Tensor> head_affine(const at::Tensor& r, const at::Tensor& u, const at::Tensor& coefficients,
-                                    at::ScalarType dtype, bool second, bool reverse_items, bool poison_outputs,
-                                    int64_t shuffle_seed) {
+at::Tensor head_affine(const at::Tensor& r, const at::Tensor& u, const at::Tensor& coefficients, at::ScalarType dtype,
+                       bool reverse_items, bool poison_outputs, int64_t shuffle_seed) {
   const char* op = "reattn cuda_head_affine";
   check_head_shape(op, "r", r);
   const int storage = storage_of(dtype);
   const auto acc = acc_of(dtype);
-  TORCH_CHECK_TYPE(r.scalar_type() == acc, op, ": r must be ", acc, " (the accumulation type of ", dtype, "), got ",
-                   r.scalar_type());
+  TORCH_CHECK_TYPE(r.scalar_type() == acc || r.scalar_type() == dtype, op, ": r must be ", dtype, " or ", acc,
+                   " (its accumulation type), got ", r.scalar_type());
   HeadAffineParams p = head_params(r);
-  TORCH_CHECK_VALUE(coefficients.sizes() == at::IntArrayRef({4, p.H}) && coefficients.scalar_type() == acc &&
+  TORCH_CHECK_VALUE(coefficients.sizes() == at::IntArrayRef({2, p.H}) && coefficients.scalar_type() == acc &&
                         coefficients.is_contiguous() && coefficients.device() == r.device(),
-                    op, ": coefficients must be a contiguous [4, H] = [4, ", p.H, "] ", acc, " tensor (alpha, beta, ",
-                    "alpha2, beta2) on ", r.device(), ", got ", coefficients.sizes(), " ", coefficients.scalar_type());
+                    op, ": coefficients must be a contiguous [2, H] = [2, ", p.H, "] ", acc, " tensor (alpha, beta) on ",
+                    r.device(), ", got ", coefficients.sizes(), " ", coefficients.scalar_type());
   check_unit_stride(op, "r", r);
   p.r = r.data_ptr();
   p.r_st = strides_of(r);
+  p.r_is_acc = r.scalar_type() == acc;
   p.u = u.data_ptr();
   p.u_st = broadcast_strides(op, "u", u, r.sizes(), acc, r.device());
   p.vector = vector_items(dtype, p.D, {{&r, p.r_st}, {&u, p.u_st}});
   p.coefficients = coefficients.data_ptr();
   at::Tensor out = at::empty(r.sizes(), r.options().dtype(dtype));
-  at::Tensor out2 = at::empty(second ? r.sizes() : at::IntArrayRef({0, p.H, p.Nq, p.D}), r.options().dtype(dtype));
-  if (poison_outputs) {
-    poison(out);
-    poison(out2);
-  }
+  if (poison_outputs) poison(out);
   p.out = out.data_ptr();
-  p.out2 = second ? out2.data_ptr() : nullptr;
   emulate_or_launch(
       op, r,
       [&] {
@@ -939,7 +937,7 @@ std::vector<at::Tensor> head_affine(const at::Tensor& r, const at::Tensor& u, co
                             static_cast<uint64_t>(shuffle_seed));
       },
       [&](auto stream) { return launch_head_affine(storage, p, stream); });
-  return {out, out2};
+  return out;
 }
 
 // Training BatchNorm's statistics and coefficients from the one-sweep forward's moments (BnMomentsParams,
@@ -1027,8 +1025,9 @@ at::Tensor bn_coefficients(const at::Tensor& stats, const at::Tensor& sums,
   return coefficients;
 }
 
-at::Tensor head_dot_sums(const at::Tensor& grad, const at::Tensor& r, const at::Tensor& u, double scale, bool reverse_items,
-                         bool poison_outputs, int64_t shuffle_seed) {
+at::Tensor head_dot_sums(const at::Tensor& grad, const at::Tensor& r, const at::Tensor& u, const at::Tensor& stats,
+                         const at::Tensor& mix_weight, const c10::optional<at::Tensor>& mix_bias, double eps,
+                         int64_t n_keys, double scale, bool reverse_items, bool poison_outputs, int64_t shuffle_seed) {
   const char* op = "reattn cuda_head_dot_sums";
   check_head_shape(op, "grad", grad);
   const int storage = storage_of(grad.scalar_type());
@@ -1038,6 +1037,17 @@ at::Tensor head_dot_sums(const at::Tensor& grad, const at::Tensor& r, const at::
                    grad.scalar_type());
   TORCH_CHECK_VALUE(r.device() == grad.device(), op, ": r is on ", r.device(), " but grad on ", grad.device());
   HeadAffineParams p = head_params(grad);
+  TORCH_CHECK_VALUE(p.H <= kMaxHeads, op, ": H must be at most ", kMaxHeads, " (a lane per head), got ", p.H);
+  TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({3, p.H}) && stats.scalar_type() == at::kDouble &&
+                        stats.is_contiguous() && stats.device() == grad.device(),
+                    op, ": stats must be a contiguous float64 [3, H] = [3, ", p.H, "] tensor (mean, biased variance, ",
+                    "count) on ", grad.device(), ", got ", stats.sizes(), " ", stats.scalar_type(), " on ",
+                    stats.device());
+  TORCH_CHECK_VALUE(n_keys >= 1 && n_keys <= std::numeric_limits<int>::max(), op,
+                    ": n_keys must be a positive int32, got ", n_keys);
+  const at::Tensor like = stats.select(0, 0);  // for parameter()'s device check
+  const at::Tensor w = parameter(op, "mix_weight", mix_weight, {p.H, p.H}, like);
+  const at::Tensor c = parameter(op, "mix_bias", mix_bias, {p.H}, like);
   check_unit_stride(op, "grad", grad);
   check_unit_stride(op, "r", r);
   p.grad = grad.data_ptr();
@@ -1047,6 +1057,11 @@ at::Tensor head_dot_sums(const at::Tensor& grad, const at::Tensor& r, const at::
   p.u = u.data_ptr();
   p.u_st = broadcast_strides(op, "u", u, grad.sizes(), acc, grad.device());
   p.vector = vector_items(grad.scalar_type(), p.D, {{&grad, p.grad_st}, {&r, p.r_st}, {&u, p.u_st}});
+  p.stats = stats.data_ptr<double>();
+  p.W = param_ref(w);
+  p.c = param_ref(c);
+  p.eps = eps;
+  p.inv_keys = 1.0 / static_cast<double>(n_keys);
   const int64_t num_m = (p.Nq + p.rows - 1) / p.rows;
   p.scale = scale;
   at::Tensor partials = at::empty({2, p.B, p.H, num_m}, grad.options().dtype(acc));
@@ -1059,7 +1074,7 @@ at::Tensor head_dot_sums(const at::Tensor& grad, const at::Tensor& r, const at::
                               static_cast<uint64_t>(shuffle_seed));
       },
       [&](auto stream) { return launch_head_dot_sums(storage, p, stream); });
-  // The blocks' partial sums added in float64: [2, H] = scale (sum grad . r, sum grad . u) per head, one op.
+  // The blocks' partial sums added in float64: [2, H] = scale (sum grad . R, sum grad . u) per head, one op.
   return partials.sum({1, 3}, /*keepdim=*/false, at::kDouble);
 }
 
@@ -1105,11 +1120,11 @@ void register_ops(pybind11::module& m) {
         py::arg("mix_bias"), py::arg("norm_weight"), py::arg("norm_bias"), py::arg("batch_stats"),
         py::arg("attn_mask"), py::arg("seed"), py::arg("stats"), py::arg("scale"), py::arg("out_scale"),
         py::arg("norm"), py::arg("eps"), py::arg("dropout_p"), py::arg("with_moments") = false,
-        py::arg("shared_limit") = 0, py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
+        py::arg("out_is_acc") = false, py::arg("shared_limit") = 0, py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
         py::arg("programs_only") = false, py::arg("shuffle_seed") = 0, py::arg("general_variant") = false,
         "Fused CUDA Re-attention forward: [out [B,H,Nq,D], stats [B,H,Nq,2]] with the row statistics (max of "
-        "S, log of sum exp(S - max)); with_moments (norm 'none'): out in the accumulation dtype and a third "
-        "output, moments [programs, 2, H] float64 (per-program sums of X = W P~ + c and X^2 over the attended "
+        "S, log of sum exp(S - max)); with_moments (norm 'none'): out = X V (in the accumulation dtype where "
+        "out_is_acc) and a third output, moments [programs, 2, H] float64 (per-program sums of X = W P~ + c and X^2 over the attended "
         "entries, for one-sweep training BatchNorm) and a fourth, value_sums: without a mask, on the one-segment "
         "tensor-core programs, [B, H, row blocks, D] fp32 whose sum over dim 2 is U = sum_j V_j [B, H, 1, D], else empty "
         "[0, H, 1, D]. norm 'batch' = training statistics given as batch_stats "
@@ -1135,12 +1150,10 @@ void register_ops(pybind11::module& m) {
         "pass, no atomics) where its shapes fit, else (and with programs_only) the CUDA-core programs; without "
         "mask or dropout, on 16-byte aligned rows, its plain variants (general_variant: the general ones).");
   m.def("cuda_head_affine", &head_affine, py::arg("r"), py::arg("u"), py::arg("coefficients"), py::arg("dtype"),
-        py::arg("second") = false, py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
-        py::arg("shuffle_seed") = 0,
-        "One-sweep training BatchNorm's finish: [out, out2], out = (alpha[h] r + beta[h] u).to(dtype) and (second) "
-        "out2 = (alpha2[h] r + beta2[h] u).to(dtype), else out2 empty [0, H, Nq, D]. r [B,H,Nq,D] and u "
-        "(broadcastable to it) in the accumulation type of dtype; coefficients [4, H] (alpha, beta, alpha2, beta2) "
-        "in that type. CPU tensors run the emulator.");
+        py::arg("reverse_items") = false, py::arg("poison_outputs") = false, py::arg("shuffle_seed") = 0,
+        "One-sweep training BatchNorm's finish: out = (alpha[h] r + beta[h] u).to(dtype) [B,H,Nq,D]. r [B,H,Nq,D] "
+        "in dtype or its accumulation type; u (broadcastable to r) and coefficients [2, H] (alpha, beta) in the "
+        "accumulation type. CPU tensors run the emulator.");
   m.def("cuda_bn_moments", &bn_moments, py::arg("moments"), py::arg("count"), py::arg("center"), py::arg("mix_bias"),
         py::arg("norm_weight"), py::arg("norm_bias"), py::arg("out_scale"), py::arg("eps"), py::arg("dtype"),
         py::arg("reverse_items") = false, py::arg("shuffle_seed") = 0,
@@ -1153,11 +1166,14 @@ void register_ops(pybind11::module& m) {
         "Training BatchNorm's backward coefficients [4, H] in dtype (mean, rstd, e, f; rstd rounded to dtype as "
         "the forward reads it, e = -gamma rstd sum(dN xhat) / n, f = -gamma rstd sum(dN) / n) from stats [3, H] "
         "float64 (mean, biased variance, count) and sums [2, H] float64 (sum dN xhat, sum dN). One launch.");
-  m.def("cuda_head_dot_sums", &head_dot_sums, py::arg("grad"), py::arg("r"), py::arg("u"), py::arg("scale") = 1.0,
+  m.def("cuda_head_dot_sums", &head_dot_sums, py::arg("grad"), py::arg("r"), py::arg("u"), py::arg("stats"),
+        py::arg("mix_weight"), py::arg("mix_bias"), py::arg("eps"), py::arg("n_keys"), py::arg("scale") = 1.0,
         py::arg("reverse_items") = false, py::arg("poison_outputs") = false, py::arg("shuffle_seed") = 0,
         "One-sweep training BatchNorm's backward sums: [2, H] float64 = per head, scale times the sums over "
-        "(b, i, d) of grad * r and of grad * u (each block's sums scaled in the accumulation type). grad, r "
-        "[B,H,Nq,D] in one dtype; u broadcastable to them, in its accumulation type.");
+        "(b, i, d) of grad * R and of grad * u, R = xhat V = rstd (r - mean(X) u) from the kept r = X V "
+        "(X = W P~ - center, center = sum_h W[g, h] / n_keys; stats [3, H] float64: mean of W P~ + mix_bias, "
+        "biased variance, count; rstd = 1/sqrt(var + eps)). grad, r [B,H,Nq,D] in one dtype; u broadcastable "
+        "to them, in its accumulation type.");
   m.def("cuda_device_check", &device_check, py::arg("kind"), py::arg("a"), py::arg("b") = py::none(),
         py::arg("order") = 0, py::arg("seed") = 0,
         "Runs a check kernel of csrc/cuda/device_checks.cuh (CPU tensors: in the emulator, warps ordered by "

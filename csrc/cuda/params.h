@@ -135,42 +135,6 @@ struct ReAttnParams {
   Plan plan{};
 };
 
-// The element-wise steps of one-sweep training BatchNorm over [B, H, Nq, D] (head_affine.cuh;
-// docs/math.md, "Training BatchNorm in one sweep"). A block owns `rows` query rows of one (b, h):
-// grid (B * H, ceil(Nq / rows)), kHeadAffineThreads threads. Every input has unit stride along D.
-//   head_affine:   out = alpha[h] R' + beta[h] U, out2 = alpha2[h] R' + beta2[h] U (both in T)
-//   head_dot_sums: partials[k][(b H + h) grid_y + block_y] = scale (sum dO . R, sum dO . U)[k] over the block's rows
-struct HeadAffineParams {
-  int64_t B = 0;
-  int H = 0, Nq = 0, D = 0;
-  int rows = 0;
-  // Items of 16 / sizeof(T) columns (8 of a 16-bit T, 4 of fp32) by 16-byte accesses: fp32
-  // accumulation, D a multiple of the item, every row start of every tensor 16-byte aligned; else one.
-  bool vector = false;
-  // head_affine: R' = X V in the accumulation type; head_dot_sums: R = xhat V in T. Any strides.
-  const void* r = nullptr;
-  Strides4 r_st{};
-  // U = (unmasked keys) V in the accumulation type, broadcast by strides (0 on broadcast dims).
-  const void* u = nullptr;
-  Strides4 u_st{};
-  // head_dot_sums: dO in T, any strides.
-  const void* grad = nullptr;
-  Strides4 grad_st{};
-  // head_affine: [4, H] in the accumulation type, contiguous: alpha, beta, alpha2, beta2.
-  const void* coefficients = nullptr;
-  // head_affine: contiguous [B, H, Nq, D] in T; out2 null = no second output.
-  void* out = nullptr;
-  void* out2 = nullptr;
-  // head_dot_sums: [2, B * H, grid_y] in the accumulation type (sum grad . r, then sum grad . u, of each
-  // block times `scale`: one reduction over the last two dims gives [2, H]).
-  void* partials = nullptr;
-  double scale = 1.0;
-};
-
-constexpr int kHeadAffineThreads = 256;
-
-// ---- the parameter steps around the tensor-core programs (parameters.cuh) ---------------------------
-
 // One parameter as the caller gave it: any floating storage type (StorageKind), any strides in
 // elements (an [H] vector: stride0; the [H, H] mixing weight: stride0 rows, stride1 columns).
 // data null: the parameter is absent.
@@ -179,6 +143,52 @@ struct ParamRef {
   int storage = kFloat32;
   int64_t stride0 = 0, stride1 = 0;
 };
+
+// The element-wise steps of one-sweep training BatchNorm over [B, H, Nq, D] (head_affine.cuh;
+// docs/math.md, "Training BatchNorm in one sweep"). A block owns `rows` query rows of one (b, h):
+// grid (B * H, ceil(Nq / rows)), kHeadAffineThreads threads. Every input has unit stride along D.
+//   head_affine:   out = alpha[h] R' + beta[h] U (in T)
+//   head_dot_sums: partials[k][(b H + h) grid_y + block_y] = scale (sum dO . R, sum dO . U)[k] over the block's
+//                  rows, R = xhat V = rstd[h] (R' - mean(X)[h] U) formed from the kept R' (rstd and mean(X) from
+//                  the statistics and the mixing parameters, per block)
+struct HeadAffineParams {
+  int64_t B = 0;
+  int H = 0, Nq = 0, D = 0;
+  int rows = 0;
+  // Items of 16 / sizeof(T) columns (8 of a 16-bit T, 4 of fp32) by 16-byte accesses: fp32
+  // accumulation, D a multiple of the item, every row start of every tensor 16-byte aligned; else one.
+  bool vector = false;
+  // R' = X V (X = W P~ - center): head_affine reads it in the accumulation type (r_is_acc) or in T,
+  // head_dot_sums in T. Any strides.
+  const void* r = nullptr;
+  Strides4 r_st{};
+  bool r_is_acc = true;
+  // U = (unmasked keys) V in the accumulation type, broadcast by strides (0 on broadcast dims).
+  const void* u = nullptr;
+  Strides4 u_st{};
+  // head_dot_sums: dO in T, any strides.
+  const void* grad = nullptr;
+  Strides4 grad_st{};
+  // head_affine: [2, H] in the accumulation type, contiguous: alpha, beta.
+  const void* coefficients = nullptr;
+  // head_affine: contiguous [B, H, Nq, D] in T.
+  void* out = nullptr;
+  // head_dot_sums: [2, B * H, grid_y] in the accumulation type (sum grad . R, then sum grad . U, of each
+  // block times `scale`: one reduction over the last two dims gives [2, H]).
+  void* partials = nullptr;
+  double scale = 1.0;
+  // head_dot_sums: the forward's statistics [3, H] float64 (mean of M, biased variance, count), the mixing
+  // weight W and bias c as given and 1 / Nk (the keys): center = sum_h W[g, h] / Nk (the shift the forward
+  // took off X), mean(X) = mean - center - c, rstd = 1 / sqrt(var + eps).
+  const double* stats = nullptr;
+  ParamRef W, c;
+  double eps = 1e-5;
+  double inv_keys = 1.0;
+};
+
+constexpr int kHeadAffineThreads = 256;
+
+// ---- the parameter steps around the tensor-core programs (parameters.cuh) ---------------------------
 
 // fold_program: the folded fp32 parameters the tensor-core programs read, each value formed in float64
 // from the given parameters and rounded once. Forward [H*H + 3H] = W' ([g][h]), c', then LayerNorm's

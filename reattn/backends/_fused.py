@@ -35,17 +35,23 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
                         head_affine: Optional[Callable] = None, bn_moments: Optional[Callable] = None,
                         keep_terms: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Training BatchNorm's forward with one sweep over the keys: (out, softmax_stats, stats [3, H] float64,
-    R, U). With keep_terms (it needs ``head_affine``), R = xhat V [B, H, Nq, D] in q's dtype and
-    U = 1_unmasked V [B, H, Nq or 1, D] (``bn_terms_rows``) in the accumulation dtype, which the backward's
-    BatchNorm sums read (``FusedRawOps.bn_grad_sums``); else both are empty.
+    R', U). With keep_terms (no mask; it needs ``head_affine``), R' = X V [B, H, Nq, D] in q's dtype and
+    U = V summed over the keys [B, H, 1, D] in the accumulation dtype, which the backward's BatchNorm sums
+    read (``FusedRawOps.bn_grad_sums``: R = xhat V = rstd (R' - mean(X) U) is linear in them); else both are
+    empty.
 
     The norm is a per-head affine map applied once the statistics are known, so it commutes with the
     product by V (docs/math.md, "Training BatchNorm in one sweep"). With X = W P~ - center (center_g =
     sum_h W[g, h] / Nk, the mean of (W P)_g without mask or dropout, so X is centred and its sums
     cancel little), the kernel computes R' = X V (masked entries 0) and the sums of X and X^2; then
     mean(M) = mean(X) + center + c, var(M) = var(X),
-    R = Xhat V = rstd (R' - mean(X) U) with U = 1_unmasked V, and O = out_scale (gamma R + beta U):
-    element-wise work on [B, H, Nq, D], no second sweep (the cpu kernel does the same).
+    R = Xhat V = rstd (R' - mean(X) U) with U = 1_unmasked V, and O = out_scale (gamma R + beta U) =
+    alpha R' + beta' U: element-wise work on [B, H, Nq, D], no second sweep (the cpu kernel does the same).
+    Without a mask each row of X sums to zero up to dropout's noise (every row of P sums to one), so
+    mean(X) ~ 0 and beta' U adds the norm's shift instead of cancelling most of alpha R': R' rounded to q's
+    dtype then costs what rounding O does, and the forward writes it so (half the bytes of the
+    accumulation dtype, read back once by head_affine and once by the backward). With a mask, mean(X) need
+    not be small against X's spread, so R' stays in the accumulation dtype and nothing is kept.
     count: the entries per head (0-dim float64), as ``unmasked_count``. head_affine: the backend's
     fused finish (``FusedKernels.head_affine``), else torch's in-place passes. bn_moments: the backend's
     statistics step (``FusedKernels.bn_moments``: one launch), else torch's float64 arithmetic on [H]
@@ -54,13 +60,15 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
     acc = accumulator_dtype(q)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
+    if keep_terms and (attn_mask is not None or head_affine is None):
+        raise ValueError("one_sweep_batchnorm: keep_terms needs head_affine and no attn_mask")
     center = mix_weight.detach().to(acc).sum(dim=1) / Nk
     r, softmax_stats, moments, u = forward_moments(q, k, v, mix_weight, -center, attn_mask, seed, scale=scale,
-                                                   dropout_p=dropout_p)
+                                                   dropout_p=dropout_p, dtype=q.dtype if keep_terms else acc)
     if bn_moments is not None:
         stats, coefficients = bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias,
                                          out_scale=out_scale, eps=eps, dtype=acc)
-        alpha, beta, rstd, shift = coefficients.unbind(0)
+        alpha, beta = coefficients[0], coefficients[1]
     else:
         sums = moments.sum(dim=0, dtype=torch.float64)  # [2, H]
         mean_x, var = moment_statistics(sums[0], sums[1], count)
@@ -70,13 +78,11 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
         stats = torch.stack([mean, var, count.expand_as(mean).to(torch.float64)])
         rstd = torch.rsqrt(var + eps).to(acc)
         a = torch.full_like(rstd, out_scale) if norm_weight is None else out_scale * norm_weight.detach().to(acc)
-        # O = alpha R' + beta U with alpha = rstd tau gamma, beta = tau beta_norm - mean(X) alpha (per head);
-        # R = xhat V = rstd (R' - mean(X) U)
+        # O = alpha R' + beta U with alpha = rstd tau gamma, beta = tau beta_norm - mean(X) alpha (per head)
         alpha = rstd * a
         beta = -mean_x.to(acc) * alpha
         if norm_bias is not None:
             beta = beta + out_scale * norm_bias.detach().to(acc)
-        shift = -mean_x.to(acc) * rstd
     if u is None:  # else summed by the forward's programs, [B, H, 1, D]
         if attn_mask is None:
             u = v.sum(dim=2, keepdim=True, dtype=acc)  # [B, H, 1, D]: every row sees every key
@@ -85,10 +91,9 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
             keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
             # [B or 1, H or 1, Nq or 1, D]: the mask's own size, at most [B, H, Nq, D]
             u = torch.matmul(keep.to(acc), v.to(acc))
-    if keep_terms:  # the fused finish writes R from the reads that make O
-        u = u.expand(B, H, bn_terms_rows(attn_mask, Nq), D).contiguous()  # the shape the op's fake says
-        out, xhat_v = head_affine(r, u, alpha, beta, q.dtype, second=(rstd, shift, q.dtype))
-        return out, softmax_stats, stats, xhat_v, u
+    if keep_terms:
+        out = head_affine(r, u, alpha, beta, q.dtype)
+        return out, softmax_stats, stats, r, u.expand(B, H, 1, D).contiguous()  # the shape the op's fake says
     no_terms = empty_bn_terms(q)
     if head_affine is not None:
         return (head_affine(r, u, alpha, beta, q.dtype), softmax_stats, stats) + no_terms
@@ -101,11 +106,6 @@ def empty_bn_terms(q: Tensor) -> Tuple[Tensor, Tensor]:
     """R and U where the forward keeps none: two empty [0, H, Nq, D] tensors (outputs of an op may not alias)."""
     acc = accumulator_dtype(q)
     return q.new_empty((0, *q.shape[1:]), dtype=acc), q.new_empty((0, *q.shape[1:]), dtype=acc)
-
-
-def bn_terms_rows(attn_mask: Optional[Tensor], n_q: int) -> int:
-    """Rows of U = 1_unmasked V: Nq where the mask differs between query rows, else 1 (every row the same)."""
-    return n_q if attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] != 1 else 1
 
 
 @dataclass(frozen=True)
@@ -126,8 +126,9 @@ class FusedKernels:
         -> (dq, dk, dv, d_mix_weight, d_mix_bias, d_norm_weight, d_norm_bias); norm "batch":
         bn_coefficients [4, H] from ``reattn._batchnorm.bn_backward_coefficients`` (the norm's own
         gradients are the sums, so the backward's d_norm_weight, d_norm_bias are not read then).
-    forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p)
-        -> (r [B, H, Nq, D] in the accumulation dtype, softmax_stats, moments [programs, 2, H], u): optional, the
+    forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype)
+        -> (r [B, H, Nq, D] in dtype (q's or its accumulation dtype), softmax_stats, moments [programs, 2, H], u):
+        optional, the
         norm-less forward O = X V of X = W P~ + mix_bias (masked entries 0) with per-program sums
         of X and X^2 over the unmasked entries, and u = sum_j V_j [B, H, 1, D] in the accumulation dtype where the
         kernel summed it on the way (no mask), else None (the caller sums V); with it, local training
@@ -136,12 +137,15 @@ class FusedKernels:
     softmax_stats_shape(q) -> shape: what the forward saves per score row for the backward: the
         row max and log-sum, [2, B, H, Nq] (Triton) or [B, H, Nq, 2] (CUDA); each backend reads only
         its own.
-    head_affine(r, u, alpha [H], beta [H], dtype, second=(alpha2, beta2, dtype2)) -> ((alpha_h r + beta_h u).to(dtype),
-        (alpha2_h r + beta2_h u).to(dtype2)): optional, the one-sweep BatchNorm's finish in one pass (else
-        torch's passes over [B, H, Nq, D]).
-    head_dot_sums(grad, r, u, *, scale) -> [2, H] float64 (scale times sum grad r, sum grad u per head): optional,
-        the one-sweep BatchNorm's backward sums in one pass; with it and head_affine the one-sweep forward keeps R and U
-        (else the backward's sums come from ``bn_grad_sums``, a sweep over the keys).
+    head_affine(r, u, alpha [H], beta [H], dtype) -> (alpha_h r + beta_h u).to(dtype): optional, the one-sweep
+        BatchNorm's finish in one pass (else torch's passes over [B, H, Nq, D]); r in dtype or its accumulation
+        dtype.
+    head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_keys) -> [2, H] float64 = scale
+        (sum grad . R, sum grad . u) per head, R = xhat V = rstd (r - mean(X) u) formed from the kept r = X V
+        (``reattn._batchnorm.kept_term_coefficients``: rstd and mean(X) from stats [3, H] and the mixing
+        parameters): optional, the one-sweep BatchNorm's backward sums in one pass; with it and head_affine the
+        one-sweep forward keeps X V and U where it has no mask (else the backward's sums come from
+        ``bn_grad_sums``, a sweep over the keys).
     bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype)
         -> (stats [3, H] float64, coefficients [4, H] in dtype = (alpha, beta, rstd, -mean(X) rstd)): optional,
         the one-sweep BatchNorm's statistics from forward_moments' moments in one step (else torch's
@@ -168,21 +172,21 @@ class FusedRawOps(RawOps):
     def __init__(self, kernels: FusedKernels) -> None:
         self.kernels = kernels
 
-    def _keeps_terms(self, norm: str, stats_in: Optional[Tensor]) -> bool:
+    def _keeps_terms(self, norm: str, attn_mask: Optional[Tensor], stats_in: Optional[Tensor]) -> bool:
         k = self.kernels
-        return (norm == "batch" and stats_in is None and k.forward_moments is not None and k.head_affine is not None
-                and k.head_dot_sums is not None)
+        return (norm == "batch" and attn_mask is None and stats_in is None and k.forward_moments is not None
+                and k.head_affine is not None and k.head_dot_sums is not None)
 
     def bn_terms_like(self, q: Tensor, norm: str, attn_mask: Optional[Tensor], stats_in: Optional[Tensor]):
-        # Local training BatchNorm in one sweep keeps R and U where the backend fuses their passes (the
-        # forward's finish writes R from its reads; the backward's sums are then one pass over dO and R
-        # instead of a sweep over the keys); given statistics (synchronized), the backward sums come from a
-        # sweep of their own.
+        # Local training BatchNorm in one sweep without a mask keeps X V (the forward program's output, in q's
+        # dtype) and U where the backend fuses their passes: the backward's sums are then one pass over dO and
+        # X V instead of a sweep over the keys (one_sweep_batchnorm says why a mask keeps nothing); given
+        # statistics (synchronized), the backward sums come from a sweep of their own.
         B, H, Nq, D = q.shape
         acc = accumulator_dtype(q)
-        if not self._keeps_terms(norm, stats_in):
+        if not self._keeps_terms(norm, attn_mask, stats_in):
             return ((0, H, Nq, D), acc), ((0, H, Nq, D), acc)
-        return ((B, H, Nq, D), q.dtype), ((B, H, bn_terms_rows(attn_mask, Nq), D), acc)
+        return ((B, H, Nq, D), q.dtype), ((B, H, 1, D), acc)
 
     def softmax_stats_shape(self, q: Tensor) -> Tuple[int, ...]:
         return tuple(self.kernels.softmax_stats_shape(q))
@@ -218,7 +222,7 @@ class FusedRawOps(RawOps):
             return one_sweep_batchnorm(kernels.forward_moments, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                        attn_mask, seed, count, head_affine=kernels.head_affine,
                                        bn_moments=kernels.bn_moments,
-                                       keep_terms=self._keeps_terms(norm, stats_in), **kw)
+                                       keep_terms=self._keeps_terms(norm, attn_mask, stats_in), **kw)
         shift = gram_shift(Nk)
         softmax_stats, s1, gram = kernels.gram_sums(q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p,
                                                     shift=shift)
@@ -239,10 +243,11 @@ class FusedRawOps(RawOps):
     def bn_grad_sums(self, grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed,
                      softmax_stats, stats, R, U, *, scale, out_scale, eps, dropout_p):
         if R.shape[0] > 0:
-            # The one-sweep forward's terms: dN = out_scale dO V^T at the unmasked entries, so
-            # sum dN xhat = out_scale sum_i dO_i . R_i and sum dN = out_scale sum_i dO_i . U_i (docs/math.md,
-            # "Through V and the norm").
-            return self.kernels.head_dot_sums(grad_out, R, U, scale=out_scale)
+            # The one-sweep forward's terms (X V and U, no mask): dN = out_scale dO V^T, so
+            # sum dN xhat = out_scale sum_i dO_i . (xhat V)_i and sum dN = out_scale sum_i dO_i . U (docs/math.md,
+            # "Through V and the norm"), xhat V formed from X V and U.
+            return self.kernels.head_dot_sums(grad_out, R, U, stats, mix_weight, mix_bias, scale=out_scale, eps=eps,
+                                              n_keys=k.shape[2])
         return self.kernels.bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                          batch_stats(stats, eps, accumulator_dtype(q)), attn_mask, seed,
                                          softmax_stats, scale=scale, out_scale=out_scale, eps=eps,

@@ -12,9 +12,10 @@ Four ops per backend:
 * ``forward``: (out [B, H, Nq, D], softmax_stats, stats [3, H] float64, R, U). softmax_stats is what
   the backend saves per score row (``RawOps.softmax_stats_shape``); stats are training BatchNorm's
   mean, biased variance and count per head (in other modes zeros, or [0, H] where ``RawOps.stats_rows``
-  says so: the fused backends, whose zero fill was a launch per call); R = xhat V and U = keep V
-  are the one-sweep BatchNorm's terms for a backend and path that keep them (``RawOps.bn_terms_like``
-  gives their shapes and dtypes), else empty. Given ``softmax_in`` and ``stats_in`` (training
+  says so: the fused backends, whose zero fill was a launch per call); R and U = keep V are the
+  one-sweep BatchNorm's terms for a backend and path that keep them (``RawOps.bn_terms_like`` gives
+  their shapes and dtypes; R is xhat V in the cpu kernel, X V in the fused ones, whose backward sums form
+  xhat V from it), else empty. Given ``softmax_in`` and ``stats_in`` (training
   BatchNorm, both or neither) it normalizes with those instead of its own batch's statistics.
 * ``gram_sums``: the statistics sweep as sums that add up over processes (docs/math.md, "BatchNorm
   statistics through the Gram matrix"): (softmax_stats, s1 [Hm, H], gram [Hm, H, H], count [Hm]).

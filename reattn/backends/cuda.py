@@ -5,9 +5,10 @@ Its ops are ``reattn::cuda_forward``, ``reattn::cuda_backward``, ``reattn::cuda_
 written). Local training BatchNorm runs in one sweep over the keys: the forward program with norm
 none also sums the map's moments per head (``_C.cuda_forward(..., with_moments=True)``) and, without a
 mask at ViT lengths, V over the keys (U, which the norm's shift multiplies);
-``_fused.one_sweep_batchnorm`` applies the norm to X V in one element-wise pass (``_C.cuda_head_affine``,
-which also writes R = xhat V for the backward), and the backward's BatchNorm sums are one pass over dO,
-R and U (``_C.cuda_head_dot_sums``) instead of a sweep over the keys. Dropout uses Triton's Philox stream, so for
+``_fused.one_sweep_batchnorm`` applies the norm to X V in one element-wise pass (``_C.cuda_head_affine``);
+without a mask the forward writes X V in q's dtype and keeps it, and the backward's BatchNorm sums are one
+pass over dO, X V and U (``_C.cuda_head_dot_sums``, which forms R = xhat V's sums from them) instead of a
+sweep over the keys. Dropout uses Triton's Philox stream, so for
 one seed the CUDA and Triton backends drop the same entries.
 
 On CPU tensors the same ops run the host emulator of the CUDA programs (``csrc/cuda/emulate.h``),
@@ -69,35 +70,31 @@ def value_sum(value_sums: torch.Tensor) -> Optional[torch.Tensor]:
     return value_sums.sum(dim=2, keepdim=True) if value_sums.shape[0] > 0 else None
 
 
-def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p):
-    # X V in the accumulation dtype, the float64 sums of X, X^2 per program: [programs, 2, H] (the CUDA-core
-    # programs add theirs into one: [1, 2, H]), and U where the tensor-core programs summed V on the way.
+def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype):
+    # R' = X V in `dtype` (q's, or the accumulation dtype), the float64 sums of X, X^2 per program: [programs, 2, H]
+    # (the CUDA-core programs add theirs into one: [1, 2, H]), and U where the tensor-core programs summed V on the
+    # way.
     x_v, softmax_stats, moments, value_sums = _C.cuda_forward(q, k, v, mix_weight, mix_bias, None, None, None,
                                                               attn_mask, seed, None, scale, 1.0, "none", 1e-5,
-                                                              dropout_p, True)
+                                                              dropout_p, True, dtype != q.dtype)
     return x_v, softmax_stats, moments, value_sum(value_sums)
 
 
 def coefficient_rows(rows, dtype: torch.dtype) -> torch.Tensor:
-    """The [4, H] coefficients head_affine reads: the buffer ``rows`` are the consecutive rows of, where they are
+    """The [2, H] coefficients head_affine reads: the leading rows of the buffer ``rows`` are rows of, where they are
     (``bn_moments``' output, unbound), else their stack (one launch)."""
     base = rows[0]._base
-    if (base is not None and base.dim() == 2 and base.shape[0] == len(rows) and base.is_contiguous()
+    if (base is not None and base.dim() == 2 and base.shape[0] >= len(rows) and base.is_contiguous()
             and base.dtype == dtype and all(t._base is base and t.dim() == 1 for t in rows)
             and [t.data_ptr() for t in rows] == [base[i].data_ptr() for i in range(len(rows))]):
-        return base
+        return base[:len(rows)]
     return torch.stack(rows).to(dtype).contiguous()
 
 
-def _head_affine(r, u, alpha, beta, dtype, second=None):
-    # One-sweep training BatchNorm's finish (csrc/cuda/head_affine.cuh): (alpha r + beta u).to(dtype) and, with
-    # second = (alpha2, beta2, dtype2), (alpha2 r + beta2 u).to(dtype2) from the same reads.
-    if second is not None and second[2] != dtype:
-        raise TypeError(f"cuda head_affine: both outputs must have one dtype, got {dtype} and {second[2]}")
-    alpha2, beta2 = (second[0], second[1]) if second is not None else (alpha, beta)
-    coefficients = coefficient_rows((alpha, beta, alpha2, beta2), r.dtype)
-    out, out2 = _C.cuda_head_affine(r, u, coefficients, dtype, second is not None)
-    return out if second is None else (out, out2)
+def _head_affine(r, u, alpha, beta, dtype):
+    # One-sweep training BatchNorm's finish (csrc/cuda/head_affine.cuh): (alpha r + beta u).to(dtype), r in dtype or
+    # its accumulation dtype.
+    return _C.cuda_head_affine(r, u, coefficient_rows((alpha, beta), u.dtype), dtype)
 
 
 def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype):
@@ -112,9 +109,10 @@ def _bn_coefficients(stats, sums, norm_weight, *, eps, dtype):
     return _C.cuda_bn_coefficients(stats.contiguous(), sums.contiguous(), norm_weight, eps, dtype)
 
 
-def _head_dot_sums(grad, r, u, *, scale):
-    # [2, H] float64: per head, scale (sum grad . r, sum grad . u) (the training BatchNorm backward's sums).
-    return _C.cuda_head_dot_sums(grad, r, u, scale)
+def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_keys):
+    # [2, H] float64: per head, scale (sum grad . R, sum grad . u) (the training BatchNorm backward's sums), R = xhat V
+    # formed in the kernel from the kept r = X V.
+    return _C.cuda_head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, eps, n_keys, scale)
 
 
 CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,

@@ -4,15 +4,15 @@ Its ops are ``reattn::triton_forward``, ``reattn::triton_backward``, ``reattn::t
 ``reattn::triton_bn_grad_sums`` (see ``_ladder`` for what they return and save: never a
 [B, H, Nq, Nk] map). On CPU tensors they run in Triton's interpreter (``TRITON_INTERPRET=1``).
 Local training BatchNorm runs in one sweep over the keys (``_fused.one_sweep_batchnorm`` over the
-forward kernel's per-program moments) and keeps R = xhat V for the backward, whose BatchNorm sums are
-then one pass over dO and R (``kernels.affine.head_dot_sums``); the synchronized path keeps the
+forward kernel's per-program moments) and, without a mask, keeps X V for the backward, whose BatchNorm
+sums are then one pass over dO and X V (``kernels.affine.head_dot_sums``); the synchronized path keeps the
 Gram-sum statistics sweep and the backward's sums sweep, whose sums add up over processes.
 """
 from __future__ import annotations
 
 import torch
 
-from reattn._batchnorm import accumulator_dtype
+from reattn._batchnorm import kept_term_coefficients
 from reattn.backends._fused import FusedKernels, FusedRawOps
 from reattn.backends._ladder import OpLadder, draw_dropout_seed
 from reattn.kernels.affine import head_affine, head_dot_sums
@@ -47,13 +47,16 @@ def _bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bia
                                          batch_stats=batch_stats, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed)
 
 
-def _head_dot_sums(grad, r, u, *, scale):
-    return head_dot_sums(grad, r, u) * scale
+def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_keys):
+    # The sums over the kept r = X V and U, then R = xhat V's by linearity: rstd sum grad . r - mean(X) rstd sum grad . u.
+    sums = head_dot_sums(grad, r, u) * scale
+    rstd, shift = kept_term_coefficients(stats, mix_weight, mix_bias, eps, n_keys)
+    return torch.stack([rstd * sums[0] + shift * sums[1], sums[1]])
 
 
-def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p):
-    # R' = X V stays in the accumulation dtype: the caller subtracts mean(X) U from it.
-    r = torch.empty(q.shape, dtype=accumulator_dtype(q), device=q.device)
+def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype):
+    # R' = X V in `dtype`: q's where the caller keeps it, else the accumulation dtype (it subtracts mean(X) U).
+    r = torch.empty(q.shape, dtype=dtype, device=q.device)
     r, softmax_stats, moments = re_attention_forward(q, k, v, mix_weight, mix_bias, scale=scale, norm="none",
                                                      attn_mask=attn_mask, dropout_p=dropout_p, seed=seed, out=r,
                                                      with_moments=True)

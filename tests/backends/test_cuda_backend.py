@@ -80,7 +80,7 @@ def run_programs(B, H, Nq, Nk, D, *, norm, masked, dropout, dtype=torch.float64,
                             **forward_options)[5:]
     # One-sweep training BatchNorm's forward: norm none, X V in the accumulation dtype, moments of X.
     x_v, _, moments, _ = _C.cuda_forward(q, k, v, w, c, None, None, None, keep, seed, None, 0.4, 1.0, "none", 1e-5,
-                                         p, True, **forward_options)
+                                         p, True, True, **forward_options)
     return dict(lse=lse, s1=s1, gram=gram, out=out, lse2=lse2, dq=grads[0], dk=grads[1], dv=grads[2], dW=grads[3],
                 dc=grads[4], dgamma=grads[5], dbeta=grads[6], sum_dn_xhat=sums[0], sum_dn=sums[1], x_v=x_v,
                 moments=moments.sum(0))
@@ -622,7 +622,7 @@ def test_tensor_core_forward_moments_are_per_program_sums():
     keep = bool_mask(B, Nq, Nk)
     low = [t.bfloat16() for t in (q, k, v)]
     x_v, _, moments, value_sums = _C.cuda_forward(*low, w, c, None, None, None, keep, None, None, 0.3, 1.0, "none",
-                                                  1e-5, 0.0, True, poison_outputs=True)
+                                                  1e-5, 0.0, True, True, poison_outputs=True)
     tiles = _C.cuda_forward_tiles(H, D, Nq, Nk, "bfloat16")
     assert moments.shape == (B * tiles["grid"][0], 2, H) and x_v.dtype == torch.float32
     assert value_sums.shape == (0, H, 1, D)  # with a mask U is the caller's (the kept keys' sum)
@@ -639,17 +639,21 @@ def test_tensor_core_forward_moments_are_per_program_sums():
 def test_plain_bf16_forward_moments_sum_x_exactly():
     # Without a mask or dropout every row of P sums to one, so the bf16 tensor-core forward writes each program's
     # sum of X = W P~ + c as R (sum_h W[g, h] + Nk c_g) over its R real rows, in float64 from the fp32 parameters
-    # (exact but for their one rounding: 2^-24 relative), and sums X^2 from its fp32 products of the bf16 P~.
+    # (exact but for their one rounding: 2^-24 relative), and sums X^2 from its fp32 products of the bf16 P~; X V
+    # comes out in bf16.
     from reattn.reference import re_attention_ref
 
     B, H, Nq, Nk, D = 2, 6, 70, 23, 32
     q, k, v, w, c, _, _, _ = tensors(B, H, Nq, Nk, D)
     low = [t.bfloat16() for t in (q, k, v)]
-    _, _, moments, _ = _C.cuda_forward(*low, w, c, None, None, None, None, None, None, 0.3, 1.0, "none", 1e-5, 0.0,
-                                       True, poison_outputs=True)
+    x_v, _, moments, _ = _C.cuda_forward(*low, w, c, None, None, None, None, None, None, 0.3, 1.0, "none", 1e-5,
+                                         0.0, True, poison_outputs=True)
     tiles = _C.cuda_forward_tiles(H, D, Nq, Nk, "bfloat16")
     assert moments.shape == (B * tiles["grid"][0], 2, H)
     _, X = re_attention_ref(*[t.double() for t in low], w, c, scale=0.3, return_attention=True)
+    # X V as the forward's output (out_is_acc False): in bf16, as one-sweep training BatchNorm keeps it
+    assert x_v.dtype == torch.bfloat16
+    torch.testing.assert_close(x_v.double(), X @ low[2].double(), rtol=2e-2, atol=2e-2)
     sums = moments.sum(0)
     size = X.abs().sum((0, 2, 3))
     assert ((sums[0] - X.sum((0, 2, 3))).abs() <= 2 ** -22 * (size + Nq * Nk * c.abs())).all()
@@ -983,70 +987,97 @@ HEAD_LAYOUTS = {"D = 35": 35, "D = 36": 36, "D = 40": 40, "D = 64": 64, "D = 64,
 
 @pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))
 @pytest.mark.parametrize("u_shape", ["per-batch-head", "per-row", "mask [1, 1, Nq]"])
+@pytest.mark.parametrize("r_in", ["accumulation dtype", "dtype"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_head_affine_matches_float64(layout, u_shape, dtype):
-    """out = alpha_h R' + beta_h U and out2 = alpha2_h R' + beta2_h U, each one fused multiply-add per element in
-    the accumulation dtype and one rounding to dtype; one column or one 16-byte access per thread item (see
-    _rows_of), more rows than one block holds (Nq = 140 > 4096 / D), r not contiguous, poisoned outputs."""
+def test_head_affine_matches_float64(layout, u_shape, r_in, dtype):
+    """out = alpha_h R' + beta_h U, one fused multiply-add per element in the accumulation dtype and one rounding to
+    dtype, R' given in the accumulation dtype or in dtype (the kept X V: upcast once loaded); one column or one
+    16-byte access per thread item (see _rows_of), more rows than one block holds (Nq = 140 > 4096 / D), r not
+    contiguous, poisoned outputs; bitwise the same with the items in reverse order."""
     B, H, Nq, D = 2, 3, 140, HEAD_LAYOUTS[layout]
     acc = _acc(dtype)
     g = torch.Generator().manual_seed(0)
-    r = _rows_of(B, H, Nq, D, acc, layout, g)
+    r = _rows_of(B, H, Nq, D, acc if r_in == "accumulation dtype" else dtype, layout, g)
     u = {"per-batch-head": torch.randn(B, H, 1, D, generator=g, dtype=acc),
          "per-row": torch.randn(B, H, Nq, D, generator=g, dtype=acc),
          "mask [1, 1, Nq]": torch.randn(1, 1, Nq, D, generator=g, dtype=acc)}[u_shape].to(DEVICE)
-    coefficients = torch.randn(4, H, generator=g, dtype=acc).to(DEVICE)
-    out, out2 = _C.cuda_head_affine(r, u, coefficients, dtype, True, poison_outputs=True)
+    coefficients = torch.randn(2, H, generator=g, dtype=acc).to(DEVICE)
+    out = _C.cuda_head_affine(r, u, coefficients, dtype, poison_outputs=True)
     eps = torch.finfo(acc).eps
-    for got, (alpha, beta) in ((out, coefficients[:2]), (out2, coefficients[2:])):
-        a, b = alpha[None, :, None, None].double(), beta[None, :, None, None].double()
-        want = r.double() * a + u.double() * b
-        assert got.dtype == dtype and got.shape == (B, H, Nq, D) and got.is_contiguous()
-        # the FMA's and the product's roundings (2 eps of the terms), then one rounding to dtype: half an ulp,
-        # relative in dtype's normal range, absolute (half the subnormal spacing) below it
-        bound = 2 * eps * (r.double().abs() * a.abs() + u.double().abs() * b.abs())
-        if dtype != acc:
-            info = torch.finfo(dtype)
-            bound = bound + (want.abs() + info.smallest_normal) * info.eps / 2
-        assert ((got.double() - want).abs() <= bound).all(), u_shape
-    alone, empty = _C.cuda_head_affine(r, u, coefficients, dtype, False, reverse_items=True, poison_outputs=True)
-    assert torch.equal(alone, out) and empty.shape == (0, H, Nq, D)
+    a, b = coefficients[0][None, :, None, None].double(), coefficients[1][None, :, None, None].double()
+    want = r.double() * a + u.double() * b
+    assert out.dtype == dtype and out.shape == (B, H, Nq, D) and out.is_contiguous()
+    # the FMA's and the product's roundings (2 eps of the terms; r in dtype converts exactly), then one rounding
+    # to dtype: half an ulp, relative in dtype's normal range, absolute (half the subnormal spacing) below it
+    bound = 2 * eps * (r.double().abs() * a.abs() + u.double().abs() * b.abs())
+    if dtype != acc:
+        info = torch.finfo(dtype)
+        bound = bound + (want.abs() + info.smallest_normal) * info.eps / 2
+    assert ((out.double() - want).abs() <= bound).all(), u_shape
+    assert torch.equal(_C.cuda_head_affine(r, u, coefficients, dtype, reverse_items=True, poison_outputs=True), out)
+
+
+def _bn_statistics(H, gen, mix_weight, mix_bias, n_keys):
+    """[3, H] float64 statistics (mean of M, biased variance, count) whose mean(X) = mean - center - c is in
+    [0.2, 0.5] (not 0: the kept terms' second coefficient is exercised) and variance in [0.5, 1.5]."""
+    center = mix_weight.double().sum(dim=1) / n_keys
+    mean_x = 0.2 + 0.3 * torch.rand(H, generator=gen, dtype=torch.float64)
+    mean = center + (0 if mix_bias is None else mix_bias.double()) + mean_x
+    var = torch.rand(H, generator=gen, dtype=torch.float64) + 0.5
+    return torch.stack([mean, var, torch.full((H,), 1000.0, dtype=torch.float64)])
 
 
 @pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))
 @pytest.mark.parametrize("u_rows", [1, 150])
+@pytest.mark.parametrize("params", ["fp32 W and c", "bf16 W, transposed, no c"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_head_dot_sums_match_float64_in_any_warp_order(layout, u_rows, dtype):
-    """[2, H] = per head scale (sum dO . R, sum dO . U). The rounding: each thread's sum of about rows * D / 256
-    products (fixed columns: ceil(rows / step) items of kVec columns) in the accumulation dtype, 5 shuffle levels,
-    the block's 8 warps and its product by scale, then float64 over blocks: at most (rows * D / 32 + 14) eps of the
-    sum of |terms| (a loose bound: 8 times a thread's terms). The block's sum is bitwise the same in any warp
-    order."""
+def test_head_dot_sums_match_float64_in_any_warp_order(layout, u_rows, params, dtype):
+    """[2, H] = per head scale (sum dO . R, sum dO . U), R = xhat V = rstd X V + (-mean(X) rstd) U formed from the
+    kept X V and U (rstd and mean(X) from the statistics and the mixing parameters in any dtype and strides,
+    reattn._batchnorm.kept_term_coefficients). The rounding: each thread's sum of about rows * D / 256 products
+    (fixed columns: ceil(rows / step) items of kVec columns) in the accumulation dtype, 5 shuffle levels, the
+    block's 8 warps, the float64 combination rounded once to the accumulation dtype, then float64 over blocks: at
+    most (rows * D / 32 + 15) eps of the combination of the sums of |terms| (a loose bound: 8 times a thread's
+    terms). The block's sum is bitwise the same in any warp order."""
+    from reattn._batchnorm import kept_term_coefficients
+
     B, H, Nq, D = 2, 3, 150, HEAD_LAYOUTS[layout]
+    n_keys, eps_norm = 97, 1e-5
     gen = torch.Generator().manual_seed(2)
     grad = _rows_of(B, H, Nq, D, dtype, layout, gen)
     r = torch.randn(B, H, Nq, D, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
     u = torch.randn(B, H, u_rows, D, generator=gen, dtype=torch.float64).to(_acc(dtype)).to(DEVICE)
+    if params == "fp32 W and c":
+        w, c = torch.randn(H, H, generator=gen).to(DEVICE), torch.randn(H, generator=gen).to(DEVICE)
+    else:
+        w, c = torch.randn(H, H, generator=gen).bfloat16().t().to(DEVICE), None
+    stats = _bn_statistics(H, gen, w, c, n_keys).to(DEVICE)
     scale = -0.7
-    got = _C.cuda_head_dot_sums(grad, r, u, scale, poison_outputs=True)
+    got = _C.cuda_head_dot_sums(grad, r, u, stats, w, c, eps_norm, n_keys, scale, poison_outputs=True)
+    rstd, shift = (t[None, :, None, None] for t in kept_term_coefficients(stats, w, c, eps_norm, n_keys))
+    assert shift.abs().min() > 0.05  # the second term counts
     g64 = grad.double() * scale
-    terms = (g64 * r.double(), g64 * u.double())
+    terms = (g64 * (rstd * r.double() + shift * u.double()), g64 * u.double())
     want = torch.stack([t.sum(dim=(0, 2, 3)) for t in terms])
-    size = torch.stack([t.abs().sum(dim=(0, 2, 3)) for t in terms])
+    size = torch.stack([(g64 * (rstd * r.double()).abs()).abs().sum(dim=(0, 2, 3)) +
+                        (g64 * (shift * u.double()).abs()).abs().sum(dim=(0, 2, 3)),
+                        (g64 * u.double()).abs().sum(dim=(0, 2, 3))])
     assert got.dtype == torch.float64 and got.shape == (2, H)
     rows = max(1, 4096 // D)
     eps = torch.finfo(_acc(dtype)).eps
-    assert ((got - want).abs() <= (min(rows, Nq) * D / 32 + 14) * eps * size).all(), (got, want)
+    assert ((got - want).abs() <= (min(rows, Nq) * D / 32 + 15) * eps * size).all(), (got, want)
     for options in (dict(reverse_items=True), dict(shuffle_seed=7)):
-        assert torch.equal(_C.cuda_head_dot_sums(grad, r, u, scale, poison_outputs=True, **options), got), options
+        again = _C.cuda_head_dot_sums(grad, r, u, stats, w, c, eps_norm, n_keys, scale, poison_outputs=True, **options)
+        assert torch.equal(again, got), options
 
 
 def test_head_affine_and_dot_sums_check_their_arguments():
     r = torch.zeros(1, 2, 3, 4, device=DEVICE)
-    c = torch.zeros(4, 2, device=DEVICE)
-    with pytest.raises(ValueError, match=r"coefficients must be a contiguous \[4, H\] = \[4, 2\]"):
-        _C.cuda_head_affine(r, r, c[:2], torch.bfloat16)
-    with pytest.raises(TypeError, match="r must be Float .the accumulation type of BFloat16"):
+    c = torch.zeros(2, 2, device=DEVICE)
+    stats, w = torch.ones(3, 2, dtype=torch.float64, device=DEVICE), torch.ones(2, 2, device=DEVICE)
+    with pytest.raises(ValueError, match=r"coefficients must be a contiguous \[2, H\] = \[2, 2\]"):
+        _C.cuda_head_affine(r, r, c[:1], torch.bfloat16)
+    with pytest.raises(TypeError, match="r must be BFloat16 or Float .its accumulation type., got Double"):
         _C.cuda_head_affine(r.double(), r, c, torch.bfloat16)
     with pytest.raises(ValueError, match=r"u \[1, 2, 2, 4\] does not broadcast to \[1, 2, 3, 4\]"):
         _C.cuda_head_affine(r, r[:, :, :2], c, torch.float32)
@@ -1055,15 +1086,24 @@ def test_head_affine_and_dot_sums_check_their_arguments():
     with pytest.raises(ValueError, match="r needs a unit stride over the head dim"):
         _C.cuda_head_affine(r.transpose(2, 3).contiguous().transpose(2, 3), r, c, torch.float32)
     with pytest.raises(ValueError, match="grad needs a unit stride over the head dim"):
-        _C.cuda_head_dot_sums(r.transpose(2, 3).contiguous().transpose(2, 3), r, r)
+        _C.cuda_head_dot_sums(r.transpose(2, 3).contiguous().transpose(2, 3), r, r, stats, w, None, 1e-5, 3)
     with pytest.raises(TypeError, match="u must be Float"):
         _C.cuda_head_affine(r, r.double(), c, torch.float32)
     with pytest.raises(ValueError, match="r must be .B, H, Nq, D."):
         _C.cuda_head_affine(r[0], r, c, torch.float32)
     with pytest.raises(ValueError, match="r must have grad's shape"):
-        _C.cuda_head_dot_sums(r, r[:, :1], r)
+        _C.cuda_head_dot_sums(r, r[:, :1], r, stats, w, None, 1e-5, 3)
     with pytest.raises(TypeError, match="r is BFloat16 but grad is Float"):
-        _C.cuda_head_dot_sums(r, r.bfloat16(), r)
-    out, _ = _C.cuda_head_affine(r[:0], r[:0], c, torch.bfloat16)
-    assert out.shape == (0, 2, 3, 4)
-    assert not _C.cuda_head_dot_sums(r[:0], r[:0], r[:0]).any()
+        _C.cuda_head_dot_sums(r, r.bfloat16(), r, stats, w, None, 1e-5, 3)
+    with pytest.raises(ValueError, match=r"stats must be a contiguous float64 \[3, H\] = \[3, 2\]"):
+        _C.cuda_head_dot_sums(r, r, r, stats.float(), w, None, 1e-5, 3)
+    with pytest.raises(ValueError, match=r"mix_weight must have shape \[2, 2\]"):
+        _C.cuda_head_dot_sums(r, r, r, stats, w[:1], None, 1e-5, 3)
+    with pytest.raises(ValueError, match="n_keys must be a positive int32, got 0"):
+        _C.cuda_head_dot_sums(r, r, r, stats, w, None, 1e-5, 0)
+    wide = torch.zeros(1, 33, 3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"H must be at most 32 \(a lane per head\), got 33"):
+        _C.cuda_head_dot_sums(wide, wide, wide, torch.ones(3, 33, dtype=torch.float64, device=DEVICE),
+                              torch.ones(33, 33, device=DEVICE), None, 1e-5, 3)
+    assert _C.cuda_head_affine(r[:0], r[:0], c, torch.bfloat16).shape == (0, 2, 3, 4)
+    assert not _C.cuda_head_dot_sums(r[:0], r[:0], r[:0], stats, w, None, 1e-5, 3).any()

@@ -153,11 +153,11 @@ def test_synchronized_steps_reproduce_the_local_call(backend):
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "bool, one row for all queries"])
 def test_backward_sums_from_the_one_sweep_terms_equal_the_sums_sweep(backend, mask_kind):
-    """Local training BatchNorm keeps R = xhat V [B, H, Nq, D] (q's dtype) and U = 1_unmasked V (a row per query
-    where the mask differs between rows) where the backend fuses their passes (head_affine and head_dot_sums:
-    kernels/affine.py, csrc/cuda/head_affine.cuh); the backward's sums from them equal the
-    sweep over the keys that recomputes the map, which given statistics (the synchronized path, R and U
-    empty) still run."""
+    """Local training BatchNorm without a mask keeps X V [B, H, Nq, D] (q's dtype) and U = V summed over the keys
+    [B, H, 1, D] where the backend fuses their passes (head_affine and head_dot_sums: kernels/affine.py,
+    csrc/cuda/head_affine.cuh); the backward's sums from them (xhat V's formed from X V and U, with dropout's
+    nonzero mean(X)) equal the sweep over the keys that recomputes the map, which with a mask (nothing kept: X V
+    stays in the accumulation dtype) or given statistics (the synchronized path, R and U empty) still runs."""
     B, H, Nq, Nk, D = 2, 3, 5, 6, 4
     tensors, _ = problem(B, H, Nq, Nk, D)
     ops = OPS[backend]
@@ -169,13 +169,16 @@ def test_backward_sums_from_the_one_sweep_terms_equal_the_sums_sweep(backend, ma
     # the op's fake gives R and U the same shapes and dtypes (torch.compile traces through it)
     torch.library.opcheck(ops.forward, (q, k, v, w, c, nw, nb, mask, seed, 0.4, 0.7, "batch", 1e-5, 0.25),
                           test_utils=("test_schema", "test_faketensor"))
-    assert R.shape == (B, H, Nq, D) and R.dtype == q.dtype
-    assert U.shape == (B, H, Nq if mask_kind == "bool" else 1, D) and U.dtype == torch.float64
     grad = torch.randn_like(q)
     args = (grad, q, k, v, w, c, nw, nb, mask, seed, lse, stats)
-    from_terms = ops.bn_grad_sums(*args, R, U, 0.4, 0.7, 1e-5, 0.25)
     sweep = ops.bn_grad_sums(*args, R[:0], U[:0], 0.4, 0.7, 1e-5, 0.25)
-    torch.testing.assert_close(from_terms, sweep, rtol=1e-12, atol=1e-12)
+    if mask is not None:
+        assert R.shape == (0, H, Nq, D) and U.shape == (0, H, Nq, D)
+    else:
+        assert R.shape == (B, H, Nq, D) and R.dtype == q.dtype
+        assert U.shape == (B, H, 1, D) and U.dtype == torch.float64
+        from_terms = ops.bn_grad_sums(*args, R, U, 0.4, 0.7, 1e-5, 0.25)
+        torch.testing.assert_close(from_terms, sweep, rtol=1e-12, atol=1e-12)
     _, _, _, R_given, U_given = ops.forward(q, k, v, w, c, nw, nb, mask, seed, 0.4, 0.7, "batch", 1e-5, 0.25,
                                             lse, stats)
     assert R_given.shape[0] == 0 and U_given.shape[0] == 0

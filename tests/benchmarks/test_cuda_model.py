@@ -67,13 +67,15 @@ def test_launches_per_norm_mode_follow_ops_cpp():
                                             "backward_keys", "param_grads"]}
     for norm in ("none", "batch-eval", "layer"):
         assert programs[norm] == {"fwd": ["forward"], "bwd": ["backward_rows", "backward_keys"]}
-    # Training BatchNorm: the one-sweep forward with moments, then its element-wise finish (O and R = xhat V from
-    # one read of X V); the backward's BatchNorm sums are one pass over dO, R and U, then both passes.
+    # Training BatchNorm: the one-sweep forward with moments (X V in bf16), then its element-wise finish (O from one
+    # read of X V); the backward's BatchNorm sums are one pass over dO, the kept X V and U, then both passes.
     assert programs["batch-train"] == {"fwd": ["forward", "head_affine"],
                                        "bwd": ["head_dot_sums", "backward_rows", "backward_keys"]}
     train = _launches(cuda_side.cuda_call(B, H, N, D, "batch-train", 90))
     affine, sums = train["fwd"][1], train["bwd"][0]
-    assert affine.params.out2 and affine.grid == (B * H, 1) and affine.params.rows == N
+    assert not affine.params.r_is_acc and affine.grid == (B * H, 1) and affine.params.rows == N
+    assert not train["fwd"][0].params.out_is_acc  # the forward writes X V in bf16: 2 bytes per element
+    assert sums.params.inv_keys == 1.0 / N and sums.params.stats and sums.params.W.data
     assert sums.grid == (B * H, 1) and sums.dynamic_shared == 2 * 8 * 4
     # Items of one 16-byte access (8 bf16 columns) in both element-wise passes; U = sum_j V_j from the forward's
     # row-block shares, so no torch op of the forward reads V (B H N D bf16 values).
