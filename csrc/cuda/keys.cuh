@@ -177,6 +177,10 @@ struct KeyProgram {
         v /= H;
       } else if (row < kVectorRows && h < H) {
         v = f[H * H + (row < kColumnMean ? row : row - 1) * H + h];
+        if (p.norm == kNormBatch && (row == kGamma || row == kBeta || row == kE || row == kF)) {
+          const BatchCoefficients b = batch_coefficients(f, H, h, kTensorGrad);
+          v = row == kGamma ? b.a : row == kBeta ? b.shift : row == kE ? b.ee : b.ff;
+        }
       } else if (i == kVectorRows * mh) {
         for (int g = 0; g < H; ++g) v += f[H * H + g];
         v /= H;
@@ -303,17 +307,13 @@ struct KeyProgram {
                                        back, whi, wlo, H, gq, group, slab, acc);
   }
 
-  // xhat = xr acc + xs for output head g, given what grad_mixed's acc holds: LayerNorm, xhat itself;
-  // BatchNorm, (M - mu) r from M (Mixer::mix) or from M - c (tensor_mix); none, M.
-  REATTN_DEVICE void xhat_coefficients(int g, bool layer, bool batch, float& xr, float& xs) const {
-    const float c = kTensorGrad && !layer ? vec_row(kBias)[g] : 0.0f;
-    if (batch) {
-      xr = vec_row(kRstd)[g];
-      xs = (c - vec_row(kMean)[g]) * xr;
-    } else {
-      xr = 1.0f;
-      xs = c;
-    }
+  // The norm's output gamma' xhat + beta' = gamma acc + beta for output head g, given what grad_mixed's acc
+  // holds: LayerNorm, xhat itself; none, M or M - c (tensor_mix: the bias back in beta); BatchNorm, the
+  // program's batch_coefficients (a, shift), formed once.
+  REATTN_DEVICE void norm_affine(int g, bool layer, bool batch, float& gamma, float& beta) const {
+    gamma = vec_row(kGamma)[g];
+    beta = vec_row(kBeta)[g];
+    if (!batch && kTensorGrad && !layer) beta += gamma * vec_row(kBias)[g];
   }
 
   // dA^T = V dO^T of head g at the thread's fragment entries: A = V [key][d] (this slab's keys), B = dO^T
@@ -387,7 +387,7 @@ struct KeyProgram {
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[j][e] *= rstd[e];  // xhat
       }
-    }  // BatchNorm and none: xhat = xr acc + xs (xhat_coefficients), folded into A^T's and dM's coefficients
+    }  // BatchNorm and none: xhat is affine in acc, folded into A^T's and dM's coefficients (norm_affine)
     const E* grads = slot_grads(slot);
     const E* values = at<E>(L.values);
     // Entries past Nk or Nq count as masked: tested only in the chunks that have them (the block's
@@ -410,9 +410,8 @@ struct KeyProgram {
         continue;
       }
       // A^T = gamma' xhat + beta' (0 where masked), dV += A^T dO.
-      float xr, xs;
-      xhat_coefficients(gg, layer, batch, xr, xs);
-      const float gamma = vec_row(kGamma)[gg] * xr, beta = vec_row(kGamma)[gg] * xs + vec_row(kBeta)[gg];
+      float gamma, beta;
+      norm_affine(gg, layer, batch, gamma, beta);
       float a[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) a[e] = ((masks[j] >> e) & 1u) ? 0.0f : gamma * acc[j][e] + beta;
@@ -453,10 +452,7 @@ struct KeyProgram {
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) {
         const int g = group + kGroups * j < H ? group + kGroups * j : 0;
-        float xr, xs;
-        xhat_coefficients(g, false, true, xr, xs);
-        const float a = vec_row(kGamma)[g] * vec_row(kRstd)[g], ee = vec_row(kE)[g] * xr;
-        const float ff = vec_row(kF)[g] + vec_row(kE)[g] * xs;
+        const float a = vec_row(kGamma)[g], ee = vec_row(kE)[g], ff = vec_row(kF)[g];  // batch_coefficients
 #pragma unroll
         for (int e = 0; e < 8; ++e) dm[j][e] = ((masks[j] >> e) & 1u) ? 0.0f : a * dn[j][e] + (ee * acc[j][e] + ff);
       }

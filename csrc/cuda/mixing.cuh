@@ -21,6 +21,26 @@ constexpr bool backward_tensor_mixing(bool plain, int max_heads) {
   return plain && max_heads <= 16 && std::is_same_v<E, dev::Bf16>;
 }
 
+// Training BatchNorm's per-head coefficients in the backward programs (the row pass and the key pass), formed
+// once per program from the folded rows (parameters.cuh backward_folded: after W', per head c, gamma', beta',
+// mean, rstd, e, f) where every chunk used to form them again from 6 (row pass) to 11 (key pass) shared loads
+// per owned head. acc holds M - c where the heads mix on tensor cores (minus_c), else M, so xhat = r acc + xs
+// with xs = (c - mean) r, or -mean r:
+//   the norm's output gamma' xhat + beta' = a acc + shift   (the key pass's A^T)
+//   dM = gamma' r dN + e xhat + f = a dN + ee acc + ff
+// with a = gamma' r, shift = gamma' xs + beta', ee = e r, ff = f + e xs.
+struct BatchCoefficients {
+  float a, shift, ee, ff;
+};
+
+REATTN_DEVICE BatchCoefficients batch_coefficients(const float* folded, int H, int h, bool minus_c) {
+  const float* row = folded + H * H + h;  // row k of the per-head values at row[k * H]
+  const float c = row[0], gamma = row[H], beta = row[2 * H], mean = row[3 * H], r = row[4 * H], e = row[5 * H],
+              f = row[6 * H];
+  const float xs = ((minus_c ? c : 0.0f) - mean) * r;
+  return {gamma * r, gamma * xs + beta, e * r, f + e * xs};
+}
+
 template <typename E, int kGroups, int kHeads, int kMaxHeads>
 struct Mixer {
   using Cv = dev::Convert<E>;

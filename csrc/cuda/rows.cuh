@@ -853,7 +853,8 @@ struct RowProgram {
   // ---- mixing -------------------------------------------------------------------------------------
   // Per-head parameter rows in shared memory (L.vectors): c' (forward; c in the backward), out_scale
   // gamma, out_scale beta, column means of W' (LayerNorm's mean); backward only: the norm's mean and
-  // 1/std (BatchNorm), e and f of dM = gamma' rstd dN + e xhat + f. Then two scalars.
+  // 1/std (BatchNorm), e and f of dM = gamma' rstd dN + e xhat + f. Then two scalars. The backward with
+  // BatchNorm keeps batch_coefficients' a, shift, ee, ff (mixing.cuh) in the rows of gamma, beta, e, f.
   enum VectorRow : int { kBias = 0, kGamma = 1, kBeta = 2, kColumnMean = 3, kMean = 4, kRstd = 5, kE = 6, kF = 7 };
   REATTN_DEVICE const float* vec_row(int row) const { return at<float>(L.vectors) + row * Cfg::kMaxHeads; }
   REATTN_DEVICE float bias_mean() const { return at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads]; }
@@ -1302,6 +1303,10 @@ struct RowProgram {
         const int from = row < kColumnMean ? row : row - 1;  // the folded rows skip the column means
         if (from < kRows) v = f[H * H + from * H + h];
         if (row == kRstd && from >= kRows) v = 1.0f;
+        if (Cfg::kBackward && p.norm == kNormBatch && (row == kGamma || row == kBeta || row == kE || row == kF)) {
+          const BatchCoefficients b = batch_coefficients(f, H, h, kTensorBatch);
+          v = row == kGamma ? b.a : row == kBeta ? b.shift : row == kE ? b.ee : b.ff;
+        }
       } else if (i == kVectorRows * mh) {  // the mean of c'
         for (int g = 0; g < H; ++g) v += f[H * H + g];
         v /= H;
@@ -1797,8 +1802,8 @@ struct RowProgram {
         }
       }
     }
-    // dM, in place of dN: affine norms gamma' rstd dN + e xhat + f = gamma' rstd dN + e r acc +
-    // (f - e r batch_shift) (where attended); LayerNorm
+    // dM, in place of dN: affine norms gamma' rstd dN + e xhat + f = a dN + ee acc + ff (where attended,
+    // batch_coefficients); LayerNorm
     // rstd (dxhat - mean dxhat - xhat mean(dxhat xhat)) with dxhat = gamma' dN, which is 0 for
     // entries past Nq / Nk.
     float (&dm)[kHeads][8] = dn;
@@ -1828,8 +1833,7 @@ struct RowProgram {
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) {
         const int g = group + kGroups * j < H ? group + kGroups * j : 0;
-        const float r = vec_row(kRstd)[g], a = vec_row(kGamma)[g] * r, ee = vec_row(kE)[g] * r;
-        const float ff = vec_row(kF)[g] - ee * batch_shift(g);
+        const float a = vec_row(kGamma)[g], ee = vec_row(kE)[g], ff = vec_row(kF)[g];  // batch_coefficients
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           dm[j][e] = a * dn[j][e] + (ee * acc[j][e] + ff);  // two multiply-adds
