@@ -1668,11 +1668,10 @@ struct RowProgram {
   // dM's and dgamma's coefficients): as the product's C operand it costs a copy of c into every
   // accumulator. Each warp later overwrites only its own heads' values with their dM. Per chunk
   // and row: 2 products and a quarter load, against H multiply-adds per entry and owned head plus
-  // the unpacking of P~.
-  REATTN_DEVICE void tensor_mix(int chunk_col, float (&acc)[kHeads][8]) const {
+  // the unpacking of P~. whi, wlo: the table's W' fragments, loaded once per sweep.
+  REATTN_DEVICE void tensor_mix(int chunk_col, const uint32_t (&whi)[4], const uint32_t (&wlo)[4],
+                                 float (&acc)[kHeads][8]) const {
     constexpr bool kNarrow = Cfg::kMaxHeads <= 8;  // k = 8 input heads: W' columns 0 .. 7
-    uint32_t whi[4], wlo[4];
-    table_fragments<false>(whi, wlo);
     const int hs = Cfg::kRows * L.p_row + kProbsPad;  // P~'s head stride (elements)
     const int row0 = slab * 16 + group * (16 / kGroups);
     const auto lane_src = Mix::template trans_lane<kNarrow>(lane);
@@ -1726,7 +1725,8 @@ struct RowProgram {
 
   // Output-head part of a chunk: dM of the warp's heads to shared memory (and the partial sums).
   REATTN_DEVICE void grad_mixed(int slot, int key0, int chunk_col, bool first, bool sums_only,
-                                const uint32_t (&df)[kHeads][Cfg::kKSteps][4], Partials& part) {
+                                const uint32_t (&df)[kHeads][Cfg::kKSteps][4], const uint32_t (&whi)[4],
+                                const uint32_t (&wlo)[4], const float (&bn)[3][kHeads], Partials& part) {
     const int norm = p.norm;
     const bool layer = norm == kNormLayer, batch = norm == kNormBatch;
     const bool clamp = !Cfg::kPlain && p.seed != nullptr;
@@ -1736,7 +1736,7 @@ struct RowProgram {
     {
       uint32_t own[kHeads][4];
       if (kTensorBatch && batch) {  // the plain variant: no masks, so `own` is not needed
-        tensor_mix(chunk_col, acc);
+        tensor_mix(chunk_col, whi, wlo, acc);
       } else if (layer || batch) {
         mix_probs(chunk_col, acc, mean, own, layer, clamp);
       } else {  // norm none needs only the owned heads' masked bits (the plain variant: none)
@@ -1833,7 +1833,8 @@ struct RowProgram {
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) {
         const int g = group + kGroups * j < H ? group + kGroups * j : 0;
-        const float a = vec_row(kGamma)[g], ee = vec_row(kE)[g], ff = vec_row(kF)[g];  // batch_coefficients
+        const float a = kTensorBatch ? bn[0][j] : vec_row(kGamma)[g];  // batch_coefficients
+        const float ee = kTensorBatch ? bn[1][j] : vec_row(kE)[g], ff = kTensorBatch ? bn[2][j] : vec_row(kF)[g];
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           dm[j][e] = a * dn[j][e] + (ee * acc[j][e] + ff);  // two multiply-adds
@@ -2236,6 +2237,24 @@ struct RowProgram {
       if constexpr (kLayerGrad) {  // past the barriers after load_parameters
         layer_lane = Mix::template layer_lane<false>(at<uint32_t>(L.weights_t) + kLayerTable, lane);
       }
+      // Training BatchNorm on tensor cores: W' (hi, lo) of tensor_mix and the owned heads' a, ee, ff
+      // (batch_coefficients) in registers for the whole sweep, past the barriers after load_parameters,
+      // where every chunk loaded them again (2 16-byte and 6 4-byte shared loads per warp at ViT-B: ~20%
+      // of the pass's shared traffic over norm none's). 8 + 3 kHeads registers, unused with other norms.
+      uint32_t whi[4] = {0u, 0u, 0u, 0u}, wlo[4] = {0u, 0u, 0u, 0u};
+      float bn[3][kHeads] = {};
+      if constexpr (kTensorBatch) {
+        if (p.norm == kNormBatch) {
+          table_fragments<false>(whi, wlo);
+#pragma unroll
+          for (int j = 0; j < kHeads; ++j) {
+            const int g = group + kGroups * j < H ? group + kGroups * j : 0;
+            bn[0][j] = vec_row(kGamma)[g];
+            bn[1][j] = vec_row(kE)[g];
+            bn[2][j] = vec_row(kF)[g];
+          }
+        }
+      }
       const int chunks = value_tiles(seg_len(seg));
       for (int c = 0; c < chunks; ++c) {
         if constexpr (!Cfg::kOneSegment) forget_coordinates();  // likewise per chunk
@@ -2249,7 +2268,7 @@ struct RowProgram {
         if constexpr (kLayerGrad) {
           if (slab_active) grad_mixed_layer(slot, key0, c * kValueTile, first, df, layer_lane, part.layer);
         } else {
-          if (slab_active) grad_mixed(slot, key0, c * kValueTile, first, sums_only, df, part);
+          if (slab_active) grad_mixed(slot, key0, c * kValueTile, first, sums_only, df, whi, wlo, bn, part);
         }
         if (sums_only) continue;
         int keys_slot = slot;
