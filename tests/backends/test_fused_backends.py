@@ -33,7 +33,8 @@ def backend(request):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("norm,masked", [("none", False), ("layer", False), ("batch-train", True), ("layer", True)])
+@pytest.mark.parametrize("norm,masked", [("none", False), ("layer", False), ("batch-train", False), ("batch-train", True),
+                                         ("layer", True)])
 def test_low_precision_forward_and_backward_within_twice_eager_error(backend, dtype, norm, masked):
     B, H, N, D = 2, 6, 17, 32
     tensors64, stats = problem(B, H, N, N, D)
