@@ -2,7 +2,7 @@
 
 No GPU needed: with ``REATTN_CUDA_EMULATE=1`` the CUDA backend runs ``csrc/cuda/ops.cpp`` on CPU tensors,
 making the same torch allocations it makes on a GPU (outputs, statistics, the row pass's delta and
-partial sums, the aligned copies of unaligned rows, training BatchNorm's R = xhat V) while the emulator
+partial sums, the aligned copies of unaligned rows, training BatchNorm's kept X V) while the emulator
 runs the programs outside torch's allocator. ``benchmarks.common.peak_memory_bytes`` (the profiler's
 memory events) counts them: the peak, over one call of ``re_attention`` and its backward, of the bytes
 allocated on top of the inputs and the output gradient, with the output and the input gradients kept.
