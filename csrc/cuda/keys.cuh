@@ -345,7 +345,7 @@ struct KeyProgram {
   }
 
   // Output-head part: A^T, dA^T = V dO^T, dV += A^T dO, dM^T to shared memory.
-  REATTN_DEVICE void grad_mixed(int slot, int r0, float (&dv)[kHeads][Cfg::kN8][4]) const {
+  REATTN_DEVICE void grad_mixed(int slot, int r0, const float (&coef)[4][kHeads], float (&dv)[kHeads][Cfg::kN8][4]) const {
     const bool layer = p.norm == kNormLayer, batch = p.norm == kNormBatch;
     const float bias_mean = at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads];
     const float inv_h = at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads + 1];
@@ -410,8 +410,7 @@ struct KeyProgram {
         continue;
       }
       // A^T = gamma' xhat + beta' (0 where masked), dV += A^T dO.
-      float gamma, beta;
-      norm_affine(gg, layer, batch, gamma, beta);
+      const float gamma = coef[0][j], beta = coef[1][j];  // norm_affine, formed before the sweep
       float a[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) a[e] = ((masks[j] >> e) & 1u) ? 0.0f : gamma * acc[j][e] + beta;
@@ -451,8 +450,7 @@ struct KeyProgram {
     } else if (batch) {
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) {
-        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
-        const float a = vec_row(kGamma)[g], ee = vec_row(kE)[g], ff = vec_row(kF)[g];  // batch_coefficients
+        const float a = coef[0][j], ee = coef[2][j], ff = coef[3][j];  // batch_coefficients
 #pragma unroll
         for (int e = 0; e < 8; ++e) dm[j][e] = ((masks[j] >> e) & 1u) ? 0.0f : a * dn[j][e] + (ee * acc[j][e] + ff);
       }
@@ -668,6 +666,20 @@ struct KeyProgram {
       dev::sync_threads();  // the fragment table in shared memory
       table_fragments<true>(whi, wlo);
     }
+    // The owned heads' A^T coefficients (norm_affine) and BatchNorm's ee, ff (batch_coefficients) in registers
+    // for the sweep, where every chunk loaded them again (2 to 4 shared loads per owned head).
+    float coef[4][kHeads] = {};
+    if constexpr (!Cfg::kLayer) {
+      if constexpr (!kTensorGrad) dev::sync_threads();  // the vector rows (else synchronized above)
+      const bool layer = p.norm == kNormLayer, batch = p.norm == kNormBatch;
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
+        norm_affine(g, layer, batch, coef[0][j], coef[1][j]);
+        coef[2][j] = batch ? vec_row(kE)[g] : 0.0f;
+        coef[3][j] = batch ? vec_row(kF)[g] : 0.0f;
+      }
+    }
     const int chunks = (Nq + kChunkRows - 1) / kChunkRows;
     for (int c = 0; c < chunks; ++c) {
       const int slot = begin_step();
@@ -677,7 +689,7 @@ struct KeyProgram {
       if constexpr (Cfg::kLayer) {
         grad_mixed_layer(slot, c * kChunkRows, dv);
       } else {
-        grad_mixed(slot, c * kChunkRows, dv);
+        grad_mixed(slot, c * kChunkRows, coef, dv);
       }
       dev::sync_threads();  // dM^T of every head
       if constexpr (kTensorGrad) {
