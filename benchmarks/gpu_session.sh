@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The GPU-only work in as few calls as possible, for a machine lent for a short while (the device
 # tool's H100/H200: torch 2.11, triton 3.6, no package index, 10 minutes a command, 15 minutes of
-# device time in all, machine start included). Every step has its own time limit (seconds, from the
-# environment: BUILD_S, TEST_S, BENCH_S, TIME_S; defaults 200, 240, 150, 150, about 12.5 minutes with
-# env), so run it as two device calls: `env build test`, then `bench time` (the build stays on the
-# warm machine between calls). Everything it writes goes under $OUT (default /tmp/reattn-gpu), flat,
-# so it can come back (8 files at most):
+# device time in all, machine start included; the machine goes back 30 s after a call). Every step
+# has its own time limit (seconds, from the environment: BUILD_S, SMOKE_S, TIME_S, BENCH_S; defaults
+# 170, 100, 170, 150); the test step gets what is left of DEADLINE_S (default 570) seconds since the
+# script started, so one device call runs `env build smoke time test` inside its 600 s. Everything it
+# writes goes under $OUT (default /tmp/reattn-gpu), flat, so it can come back (8 files at most):
 #   env.txt         GPU, driver, nvcc, python / torch / triton versions
 #   build.log       the editable install: reattn._C built for this GPU's compute capability only
-#   tests.log       the test suite with compiled Triton and CUDA kernels (no interpreter, no emulator)
+#   smoke.log       `python -m benchmarks.gpu_smoke`: every norm mode, forward and backward, of the cuda
+#                   and triton backends (one process each, in parallel) against float64; a CUDA fault
+#                   in the cuda backend is followed by compute-sanitizer on the smallest shapes
+#   tests.log       tests/backends, tests/kernels and the GPU-only tests with compiled Triton and CUDA
+#                   kernels (no interpreter, no emulator), -v so a cut-off run still counts
 #   microbench.csv  rows of `python -m benchmarks.bench_reattn --quick` (bf16 DeiT-S B=256 and
 #   models.csv      DeepViT-16b B=128, fwd and fwd+bwd, every norm, vs eager / torch.compile / SDPA;
 #                   N sweep; whole models); append them to benchmarks/results/*.csv here, then
@@ -20,8 +24,9 @@
 #                   t_low_us/t_high_us for this GPU (benchmarks/results/static_model.csv): calibration
 #   timing.log      its log
 #
-# Usage: bash benchmarks/gpu_session.sh STEP...   with STEP in env, build, test, bench, time, all
-#   (default all = env build test bench time). test, bench and time build first if reattn is not installed.
+# Usage: bash benchmarks/gpu_session.sh STEP...   with STEP in env, build, smoke, time, test, bench, all
+#   (default all = env build smoke time test). A failed build does not stop the steps after it: the
+#   triton backend runs without reattn._C, and the cuda rows then say why they cannot run.
 # vit-pytorch is not on those machines: put its wheel in .whl/ (ignored by git, carried with the
 # device tool's `carry`); any wheel there is installed into /tmp/site first:
 #   echo /.whl/ >> .git/info/exclude
@@ -62,7 +67,7 @@ step_build() {
   cap=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
   echo "building reattn._C for sm_$cap with $(nproc) jobs"
   local start=$SECONDS
-  if ! REATTN_CUDA_ARCHS=$cap MAX_JOBS=$(nproc) timeout "${BUILD_S:-200}" \
+  if ! REATTN_CUDA_ARCHS=$cap MAX_JOBS=$(nproc) timeout "${BUILD_S:-170}" \
       $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
     tail -40 "$OUT/build.log"
     echo "gpu_session.sh: build failed (whole log in build.log)" >&2
@@ -76,12 +81,36 @@ ensure_built() {
   $PY -c "import reattn._C, reattn.kernels" 2>/dev/null || step_build
 }
 
+step_smoke() {
+  # Both backends at once (Triton's compiles are CPU work, the cuda kernels are prebuilt).
+  ( timeout "${SMOKE_S:-100}" $PY -m benchmarks.gpu_smoke --backend cuda > "$OUT/smoke_cuda.txt" 2>&1;
+    echo "exit $?" >> "$OUT/smoke_cuda.txt" ) &
+  timeout "${SMOKE_S:-100}" $PY -m benchmarks.gpu_smoke --backend triton --dtypes bf16 fp32 --shapes model \
+    > "$OUT/smoke_triton.txt" 2>&1
+  echo "exit $?" >> "$OUT/smoke_triton.txt"
+  wait
+  cat "$OUT/smoke_cuda.txt" "$OUT/smoke_triton.txt" > "$OUT/smoke.log"
+  rm -f "$OUT/smoke_cuda.txt" "$OUT/smoke_triton.txt"
+  if grep -q "CUDA error: the context is gone" "$OUT/smoke.log" && command -v compute-sanitizer > /dev/null; then
+    echo "== compute-sanitizer (memcheck) on the cuda backend, bf16" >> "$OUT/smoke.log"
+    timeout 90 compute-sanitizer --tool memcheck --print-limit 20 $PY -m benchmarks.gpu_smoke --backend cuda \
+      --dtypes bf16 --shapes model >> "$OUT/smoke.log" 2>&1
+  fi
+  grep -v "^ *$" "$OUT/smoke.log" | tail -60
+}
+
 step_test() {
-  ensure_built || return 1
-  # -m "not install": the CPU-only install test needs the dev machine's local torch wheel.
-  timeout "${TEST_S:-240}" $PY -m pytest tests -q -m "not install" -p no:cacheprovider --maxfail=25 -rs \
-    --durations=10 \
-    2>&1 | tee "$OUT/tests.log" | tail -60
+  ensure_built
+  # -m "not install": the CPU-only install test needs the dev machine's local torch wheel. SIGINT at the
+  # limit: pytest then still prints its summary; -v lines count what ran before it.
+  local left=$(( ${DEADLINE_S:-570} - SECONDS ))
+  [ "$left" -lt 30 ] && { echo "gpu_session.sh: no time left for the tests ($left s)"; return 0; }
+  timeout -s INT -k 20 "$left" $PY -m pytest -v -n 12 -m "not install" -p no:cacheprovider -rfE \
+    tests/backends/test_cuda_backend.py tests/backends/test_fused_backends.py tests/test_extension.py \
+    tests/backends tests/kernels --ignore=tests/kernels/test_aot.py > "$OUT/tests.log" 2>&1
+  grep -c " PASSED" "$OUT/tests.log" | sed 's/^/passed lines: /'
+  grep -E " (FAILED|ERROR) " "$OUT/tests.log" | head -30
+  tail -25 "$OUT/tests.log"
 }
 
 step_bench() {
@@ -94,21 +123,28 @@ step_bench() {
 }
 
 step_time() {
-  ensure_built || return 1
+  ensure_built
   # The budget stops starting new cases a little before the hard limit; rows are written as measured.
-  local limit=${TIME_S:-150}
-  timeout "$limit" $PY -m benchmarks.gpu_timing --out "$OUT/measured.csv" --budget $((limit - 30)) ${TIME_ARGS:-} \
+  local limit=${TIME_S:-170} backends=""
+  # A cuda backend that faulted in the smoke step would take the timing process's context with it.
+  if [ -f "$OUT/smoke.log" ] && grep -q "CUDA error: the context is gone" "$OUT/smoke.log"; then
+    backends="--backends triton reference sdpa eager"
+    echo "gpu_session.sh: the cuda backend faulted in the smoke step: timing without it"
+  fi
+  # shellcheck disable=SC2086
+  timeout "$limit" $PY -m benchmarks.gpu_timing --out "$OUT/measured.csv" --budget $((limit - 30)) $backends ${TIME_ARGS:-} \
     2>&1 | tee "$OUT/timing.log" | tail -40
 }
 
 for step in "${steps[@]}"; do
   case "$step" in
     env) step_env ;;
-    build) step_build || exit 1 ;;
+    build) step_build ;;
+    smoke) step_smoke ;;
     test) step_test ;;
     bench) step_bench ;;
     time) step_time ;;
-    all) step_env; step_build || exit 1; step_test; step_bench; step_time ;;
-    *) echo "gpu_session.sh: unknown step '$step' (env, build, test, bench, time, all)" >&2; exit 2 ;;
+    all) step_env; step_build; step_smoke; step_time; step_test ;;
+    *) echo "gpu_session.sh: unknown step '$step' (env, build, smoke, time, test, bench, all)" >&2; exit 2 ;;
   esac
 done

@@ -36,6 +36,9 @@ COLUMNS = ("date", "commit", "gpu", "device", "arch", "backend", "kernel", "mode
 # The static model's GPU names for the devices the session may get.
 MODEL_GPU = {"H100": "H100-SXM", "H200": "H200", "A100": "A100-SXM"}
 PRIORITY = ("DeiT-S", "DeepViT-16b", "ViT-B", "DeepViT-L-384")
+# Plain attention, timed once per shape as yardsticks: the static model's reference FlashAttention-2
+# (benchmarks/reference_fa.py) and torch's own scaled_dot_product_attention (FlashAttention or cuDNN).
+PLAIN_ATTENTION = ("reference", "sdpa")
 
 
 def model_gpu_name(device_name: str) -> str:
@@ -50,7 +53,7 @@ def cases(shapes: Sequence[str], norms: Sequence[str], backends: Sequence[str]) 
     out = []
     for shape in sorted(shapes, key=lambda s: PRIORITY.index(s) if s in PRIORITY else len(PRIORITY)):
         for backend in backends:
-            for norm in (("none",) if backend == "reference" else norms):
+            for norm in (("none",) if backend in PLAIN_ATTENTION else norms):
                 out.append((shape, backend, norm))
     return out
 
@@ -61,11 +64,15 @@ def make_call(backend: str, norm: str, B: int, H: int, N: int, D: int, device: t
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, generator=gen).to(device=device, dtype=dtype).requires_grad_() for _ in range(3))
     grad = torch.randn(B, H, N, D, generator=gen).to(device=device, dtype=dtype)
+    params: Dict[str, torch.Tensor] = {}  # the module's parameters and buffers (none for plain attention)
     if backend == "reference":
         from benchmarks.reference_fa import attention
 
         def forward():
             return attention(q, k, v)
+    elif backend == "sdpa":
+        def forward():
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
     else:
         import reattn
         from benchmarks.triton_side import norm_arguments
@@ -88,8 +95,14 @@ def make_call(backend: str, norm: str, B: int, H: int, N: int, D: int, device: t
                                        running_mean=params.get("running_mean"),
                                        running_var=params.get("running_var"), **options)
 
+    leaves = [q, k, v] + [t for t in params.values() if t.requires_grad]
+
     def call(backward: bool) -> torch.Tensor:
         if backward:
+            # Fresh gradients each call, as a training step after zero_grad(set_to_none=True): accumulating
+            # into .grad would add a read-add-write of dq, dk, dv (81 us at DeiT-S) to every backend's time.
+            for leaf in leaves:
+                leaf.grad = None
             out = forward()
             out.backward(grad)
             return out
@@ -130,7 +143,7 @@ def kernel_times(call: Callable[[], object], device: torch.device) -> Dict[str, 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         call()
         torch.cuda.synchronize(device)
-    return aggregate_kernels((e.name, e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+    return aggregate_kernels((getattr(e, "key", None) or e.name, e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
                              for e in prof.key_averages())
 
 
@@ -254,7 +267,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--budget", type=float, default=200.0, help="seconds to spend (rows are written as they come)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--norms", nargs="+", default=list(NORMS), choices=list(NORMS))
-    parser.add_argument("--backends", nargs="+", default=["triton", "cuda", "reference", "eager"])
+    parser.add_argument("--backends", nargs="+", default=["triton", "cuda", "reference", "sdpa", "eager"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--batch", type=int, help="override every shape's batch (a smoke test)")
