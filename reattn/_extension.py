@@ -13,6 +13,10 @@ except ImportError as error:  # not built, or built against another torch
     _C = None
     EXTENSION_ERROR = error
 
+# Read once at import: the backend choice consults it inside torch.compile'd code, where dynamo cannot
+# trace a pybind11 function (a graph break, or an error under fullgraph=True), but reads a global dict.
+BUILD_INFO: dict = dict(_C.build_info()) if _C is not None else {}
+
 REBUILD_HINT = "rebuild it with `pip install --no-build-isolation -e .` in an environment that has torch"
 
 
@@ -35,4 +39,4 @@ def extension_info() -> dict:
     """
     if _C is None:
         raise RuntimeError(extension_error_message())
-    return dict(_C.build_info())
+    return dict(BUILD_INFO)

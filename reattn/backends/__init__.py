@@ -64,6 +64,15 @@ def _gpu_name(device: torch.device) -> str:
     return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
 
 
+# Measured on an H200 (triton 3.6): compiled float64 kernels match float64 only to ~1e-8, because the JIT
+# passes Python float arguments (the softmax scale, out_scale, eps, dropout_p) as fp32; triton 3.6 also fails
+# to compile several of them ("fp64 don't support largeK MMA"). The interpreter keeps them exact, so CPU
+# tensors with TRITON_INTERPRET=1 still run float64.
+TRITON_FLOAT64_ON_GPU = ("the Triton kernels do not run float64 on a GPU yet: Triton passes their float arguments "
+                         "(softmax scale, out_scale, eps) as fp32, which measured ~1e-8 relative errors on an H200; "
+                         "backend='cuda' or 'eager' computes float64 exactly")
+
+
 def _triton_reason(problem: Problem) -> Optional[str]:
     if problem.device.type != "cuda" and not (problem.device.type == "cpu" and interpreting()):
         return "the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1, the interpreter)"
@@ -78,6 +87,8 @@ def _triton_reason(problem: Problem) -> Optional[str]:
     if torch.cuda.get_device_capability(problem.device) < TRITON_MIN_CAPABILITY:
         return (f"the Triton kernels need a GPU of compute capability "
                 f"{'.'.join(map(str, TRITON_MIN_CAPABILITY))} or newer, this is {_gpu_name(problem.device)}")
+    if problem.dtype == torch.float64:
+        return TRITON_FLOAT64_ON_GPU
     from reattn.kernels.launch import backward_config, device_shared_limit, forward_config
 
     shared_limit = device_shared_limit(problem.device)
@@ -127,7 +138,7 @@ def _cuda_reason(problem: Problem) -> Optional[str]:
     missing = extension_error_message()
     if missing is not None:
         return missing
-    from reattn._extension import _C
+    from reattn._extension import BUILD_INFO, _C
 
     if not hasattr(_C, "cuda_forward"):
         return "the compiled extension reattn._C predates the CUDA kernels; rebuild it (pip install --no-build-isolation -e .)"
@@ -137,7 +148,7 @@ def _cuda_reason(problem: Problem) -> Optional[str]:
     if problem.device.type == "cuda":
         if not torch.cuda.is_available():
             return NO_GPU
-        info = _C.build_info()
+        info = BUILD_INFO
         if not info["cuda"]:
             return ("reattn._C was built without CUDA (the torch at build time had none, or REATTN_NO_CUDA=1); "
                     "rebuild it with a CUDA torch and toolkit")

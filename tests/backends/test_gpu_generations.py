@@ -44,6 +44,7 @@ def gpu(monkeypatch):
         import reattn._extension as extension
 
         monkeypatch.setattr(extension, "_C", FakeExtension)
+        monkeypatch.setattr(extension, "BUILD_INFO", FakeExtension.build_info())
         monkeypatch.setattr(backends, "extension_error_message", lambda: None)
         return torch.device("cuda", 0)
     return use
@@ -107,3 +108,29 @@ def test_cuda_tensors_without_a_gpu_are_refused_by_both_gpu_backends(monkeypatch
         assert reason is not None and ("no CUDA GPU" in reason or "not importable" in reason
                                        or "without CUDA" in reason or "predates" in reason), reason
     assert resolve_backend("auto", problem(torch.device("cuda"))) == "eager"
+
+
+def test_the_cuda_backend_choice_reads_the_build_info_read_at_import(gpu, monkeypatch):
+    # Inside torch.compile'd code dynamo cannot trace a pybind11 function: on a GPU, a call of
+    # reattn._C.build_info() while choosing the backend broke the graph (fullgraph=True failed).
+    device = gpu("H100")
+    import reattn._extension as extension
+
+    def untraceable():
+        raise AssertionError("reattn._C.build_info() called while choosing a backend")
+
+    monkeypatch.setattr(extension._C, "build_info", staticmethod(untraceable))
+    assert unavailable_reason("cuda", problem(device)) is None
+    monkeypatch.setattr(extension, "BUILD_INFO", dict(extension.BUILD_INFO, cuda_archs="100"))
+    assert "built for sm_100" in unavailable_reason("cuda", problem(device))
+
+
+def test_triton_refuses_float64_on_a_gpu_saying_why(gpu):
+    # Its float arguments reach the compiled kernels as fp32 (measured on an H200: ~1e-8 relative errors).
+    device = gpu("H100")
+    reason = unavailable_reason("triton", Problem(device, heads=6, head_dim=64, needs_grad=True, dtype=torch.float64))
+    assert reason is not None and "float64" in reason and "backend='cuda' or 'eager'" in reason
+    assert unavailable_reason("cuda", Problem(device, heads=6, head_dim=64, needs_grad=True,
+                                              dtype=torch.float64)) is None
+    assert resolve_backend("auto", Problem(device, heads=6, head_dim=64, needs_grad=True,
+                                           dtype=torch.float64)) == "eager"
