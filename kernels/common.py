@@ -62,12 +62,11 @@ def _mm(a, b, acc, LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, PRECISION: tl.c
     LOWP: both operands cast to LOWP_DTYPE (fp16/bf16) for the tensor cores, fp32 accumulator
     (GPU only: bf16 ``tl.dot`` is wrong in Triton's interpreter). Otherwise the operands are used
     as given (fp32 or fp64) with ``input_precision=PRECISION`` ("ieee" exact, "tf32" allowed).
-    ``out_dtype`` is the accumulator's: triton 3.6 defaults it to float32 and rejects a float64 acc.
     """
     if LOWP:
         return tl.dot(a.to(LOWP_DTYPE), b.to(LOWP_DTYPE), acc)
     else:
-        return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
