@@ -20,13 +20,13 @@ def naive_re_attention(q, k, v, W, c=None, *, scale=None, norm="none", gamma=Non
     Nk = k.shape[2]
     scale = D ** -0.5 if scale is None else scale
     S = torch.einsum("bhid,bhjd->bhij", q, k) * scale
-    masked = torch.zeros(B, H, Nq, Nk, dtype=torch.bool)
+    masked = torch.zeros(B, H, Nq, Nk, dtype=torch.bool, device=S.device)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             masked = (~attn_mask).expand(B, H, Nq, Nk).clone()
         else:
             masked = (attn_mask == float("-inf")).expand(B, H, Nq, Nk).clone()
-            S = S + torch.where(masked, torch.zeros((), dtype=torch.float64), attn_mask.double())
+            S = S + torch.where(masked, S.new_zeros(()), attn_mask.double())
     if score_dtype is not None:
         rounded = S.to(score_dtype)
         # a sum that rounds beyond the dtype's range saturates at finfo.min (as the eager path does)

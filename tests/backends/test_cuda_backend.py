@@ -29,6 +29,7 @@ import reattn
 from reattn._extension import _C
 from reattn.backends.cuda import launch_plan
 from reattn.kernels.dropout import dropout_keep_mask
+from tests._build import expected_cuda_archs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Dynamic shared memory one block may take: the opt-in maximum (A100 166912 B, H100 232448 B)
@@ -800,7 +801,7 @@ def compiled_kernels():
 def test_compiled_kernels_spill_nothing_and_reserve_at_most_1kb_of_shared_memory():
     kernels = compiled_kernels()
     archs = sorted({a for a, _ in kernels})
-    assert {"sm_80", "sm_90"} <= set(archs), archs
+    assert {f"sm_{a}" for a in expected_cuda_archs()} <= set(archs), archs  # REATTN_CUDA_ARCHS, default 80;90
     for arch in archs:
         names = [name for a, name in kernels if a == arch]
         # 4 storage types x 4 CUDA-core programs; 2 types x (5 tile shapes x 4 variants of the tensor-core
@@ -1019,12 +1020,14 @@ def test_head_affine_matches_float64(layout, u_shape, r_in, dtype):
 
 def _bn_statistics(H, gen, mix_weight, mix_bias, n_keys):
     """[3, H] float64 statistics (mean of M, biased variance, count) whose mean(X) = mean - center - c is in
-    [0.2, 0.5] (not 0: the kept terms' second coefficient is exercised) and variance in [0.5, 1.5]."""
+    [0.2, 0.5] (not 0: the kept terms' second coefficient is exercised) and variance in [0.5, 1.5]. On the device of
+    mix_weight; gen is a CPU generator (its draws are moved there)."""
+    device = mix_weight.device
     center = mix_weight.double().sum(dim=1) / n_keys
-    mean_x = 0.2 + 0.3 * torch.rand(H, generator=gen, dtype=torch.float64)
+    mean_x = (0.2 + 0.3 * torch.rand(H, generator=gen, dtype=torch.float64)).to(device)
     mean = center + (0 if mix_bias is None else mix_bias.double()) + mean_x
-    var = torch.rand(H, generator=gen, dtype=torch.float64) + 0.5
-    return torch.stack([mean, var, torch.full((H,), 1000.0, dtype=torch.float64)])
+    var = (torch.rand(H, generator=gen, dtype=torch.float64) + 0.5).to(device)
+    return torch.stack([mean, var, torch.full((H,), 1000.0, dtype=torch.float64, device=device)])
 
 
 @pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))
