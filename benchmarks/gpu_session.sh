@@ -11,6 +11,7 @@
 #   smoke.log       `python -m benchmarks.gpu_smoke`: every norm mode, forward and backward, of the cuda
 #                   and triton backends (one process each, in parallel) against float64; a CUDA fault
 #                   in the cuda backend is followed by compute-sanitizer on the smallest shapes
+#   diag.txt        `diag`: the toolchain and a C++ exception thrown by reattn._C (segfaulted on the H200)
 #   tests.log       tests/backends, tests/kernels and the GPU-only tests with compiled Triton and CUDA
 #                   kernels (no interpreter, no emulator), -v so a cut-off run still counts
 #   microbench.csv  rows of `python -m benchmarks.bench_reattn --quick` (bf16 DeiT-S B=256 and
@@ -24,8 +25,8 @@
 #                   t_low_us/t_high_us for this GPU (benchmarks/results/static_model.csv): calibration
 #   timing.log      its log
 #
-# Usage: bash benchmarks/gpu_session.sh STEP...   with STEP in env, build, smoke, time, test, bench, all
-#   (default all = env build smoke time test). A failed build does not stop the steps after it: the
+# Usage: bash benchmarks/gpu_session.sh STEP...   with STEP in env, build, smoke, diag, time, test, bench, all
+#   (default all = env build smoke diag time test). A failed build does not stop the steps after it: the
 #   triton backend runs without reattn._C, and the cuda rows then say why they cannot run.
 # vit-pytorch is not on those machines: put its wheel in .whl/ (ignored by git, carried with the
 # device tool's `carry`); any wheel there is installed into /tmp/site first:
@@ -99,11 +100,36 @@ step_smoke() {
   grep -v "^ *$" "$OUT/smoke.log" | tail -60
 }
 
+step_diag() {
+  # On the H200 (2026-12-04) every C++ exception reattn._C threw (a TORCH_CHECK on bad input, the CPU
+  # kernel's too) killed the process with a segmentation fault: the toolchain and the unwinder, and where
+  # the fault is (cuda-gdb debugs host-only programs there; there is no gdb).
+  ensure_built
+  local probe="import torch, reattn._C as c
+try:
+    c.row_logsumexp(torch.randn(2, 3, 4), torch.randn(2, 3, 4, 5), 1.0)
+except RuntimeError as e:
+    print('C++ exception reached Python:', str(e).splitlines()[0])"
+  {
+    echo "== toolchain"; c++ --version | head -1; nvcc --version | tail -1
+    $PY -c "import torch; print('torch cxx11 abi', torch.compiled_with_cxx11_abi()); print(torch.__config__.show())" \
+      | grep -iE "abi|compiler|CXX_FLAGS" | head -8
+    echo "== libraries of reattn._C"; ldd "$($PY -c 'import reattn._C as c; print(c.__file__)')" | grep -iE "stdc|gcc_s|gomp|torch|python"
+    echo "== a C++ exception from reattn._C"; timeout 60 $PY -c "$probe"; echo "exit $?"
+    echo "== the same under cuda-gdb"
+    timeout 120 cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY -c "$probe" 2>&1 | tail -60
+  } > "$OUT/diag.txt" 2>&1
+  grep -v "^ *$" "$OUT/diag.txt" | head -40
+}
+
 step_test() {
   ensure_built
   # -m "not install": the CPU-only install test needs the dev machine's local torch wheel. SIGINT at the
   # limit: pytest then still prints its summary; -v lines count what ran before it.
-  local left=$(( ${DEADLINE_S:-570} - SECONDS ))
+  local left=$(( ${DEADLINE_S:-570} - SECONDS )) cap
+  # The archs the tests expect of the build (tests/_build.py) are the ones step_build compiled.
+  cap=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
+  export REATTN_CUDA_ARCHS=${REATTN_CUDA_ARCHS:-$cap}
   [ "$left" -lt 30 ] && { echo "gpu_session.sh: no time left for the tests ($left s)"; return 0; }
   timeout -s INT -k 20 "$left" $PY -m pytest -v -n 12 -m "not install" -p no:cacheprovider -rfE \
     tests/backends/test_cuda_backend.py tests/backends/test_fused_backends.py tests/test_extension.py \
@@ -141,10 +167,11 @@ for step in "${steps[@]}"; do
     env) step_env ;;
     build) step_build ;;
     smoke) step_smoke ;;
+    diag) step_diag ;;
     test) step_test ;;
     bench) step_bench ;;
     time) step_time ;;
-    all) step_env; step_build; step_smoke; step_time; step_test ;;
-    *) echo "gpu_session.sh: unknown step '$step' (env, build, smoke, time, test, bench, all)" >&2; exit 2 ;;
+    all) step_env; step_build; step_smoke; step_diag; step_time; step_test ;;
+    *) echo "gpu_session.sh: unknown step '$step' (env, build, smoke, diag, time, test, bench, all)" >&2; exit 2 ;;
   esac
 done
