@@ -144,7 +144,9 @@ def _dq_block(x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, 
         sum_dn_xhat += tl.sum(kept_dn * xhat, axis=2)
         sum_dn += tl.sum(kept_dn, axis=2)
     else:
-        dp = _mix(tl.trans(w_slots), dm, HP, BLOCK_M, BLOCK_N, CDT, DOT_LOWP, tl.bfloat16, DOT_PRECISION)
+        # The gradient's operands in the input's own dtype, not _mix's bf16 for unbounded ranges: fp16 inputs
+        # have eager's fp16 range, and bf16 here made dQ and dK err ~3x eager's fp16 error (H200).
+        dp = _mix(tl.trans(w_slots), dm, HP, BLOCK_M, BLOCK_N, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
         if HAS_DROPOUT:
             dp = dp * drop_scale
         pdp = p * dp
@@ -356,7 +358,8 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
         a = tl.where(kept, a, 0.0)
     if HAS_MIX_BIAS and not BIAS_SLOT:
         dc_acc += tl.sum(dm, axis=2)
-    dp = _mix(tl.trans(w_slots), dm, HP, BLOCK_N, BLOCK_M, CDT, DOT_LOWP, tl.bfloat16, DOT_PRECISION)
+    # In the input's own dtype, as in the dQ sweep (fp16 keeps eager's fp16 error).
+    dp = _mix(tl.trans(w_slots), dm, HP, BLOCK_N, BLOCK_M, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     if HAS_DROPOUT:
         dp = dp * drop_scale
     ds = p * (dp - delta[:, None, :])
@@ -367,9 +370,9 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
     # at once: DW_FLAT).
     if DW_FLAT:
         dw_acc += tl.sum(_mm(tl.permute(dm, (1, 0, 2)), tl.permute(p_tilde, (1, 2, 0)),
-                             tl.zeros([BLOCK_N, HP, HP], CDT), DOT_LOWP, tl.bfloat16, DOT_PRECISION), axis=0)
+                             tl.zeros([BLOCK_N, HP, HP], CDT), DOT_LOWP, LOWP_DTYPE, DOT_PRECISION), axis=0)
     else:
-        dw_acc = _mm(tl.permute(dm, (1, 0, 2)), tl.permute(p_tilde, (1, 2, 0)), dw_acc, DOT_LOWP, tl.bfloat16,
+        dw_acc = _mm(tl.permute(dm, (1, 0, 2)), tl.permute(p_tilde, (1, 2, 0)), dw_acc, DOT_LOWP, LOWP_DTYPE,
                      DOT_PRECISION)
     return dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc
 

@@ -36,6 +36,31 @@ def backend(request):
 @pytest.mark.parametrize("norm,masked", [("none", False), ("layer", False), ("batch-train", False), ("batch-train", True),
                                          ("layer", True)])
 def test_low_precision_forward_and_backward_within_twice_eager_error(backend, dtype, norm, masked):
+    assert_within_twice_eager_error(backend, dtype, norm, masked)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU fp16 takes the tensor-core operands anyway (the test above)")
+@pytest.mark.parametrize("norm,masked", [("none", False), ("layer", False), ("batch-train", False), ("layer", True)])
+def test_triton_fp16_tensor_core_operands_within_twice_eager_error(monkeypatch, norm, masked):
+    # The GPU's fp16 products (DOT_LOWP) forced on in the interpreter, whose fp16 arithmetic is faithful (its
+    # bf16 is not, hence off by default there): on an H200 the backward mixed fp16 gradients with bf16
+    # operands, and dQ, dK erred ~3x eager's fp16 error.
+    import reattn.kernels.backward as kernels_backward
+    import reattn.kernels.forward as kernels_forward
+    import reattn.kernels.gram as kernels_gram
+
+    original = kernels_forward.launch_options
+
+    def tensor_core_operands(q, lowp_dot, allow_tf32, interpret):
+        return original(q, True if lowp_dot is None else lowp_dot, allow_tf32, interpret)
+
+    for module in (kernels_forward, kernels_backward, kernels_gram):
+        monkeypatch.setattr(module, "launch_options", tensor_core_operands)
+    assert kernels_forward.launch_options(torch.empty(1, dtype=torch.float16), None, False, True)["DOT_LOWP"]
+    assert_within_twice_eager_error("triton", torch.float16, norm, masked)
+
+
+def assert_within_twice_eager_error(backend, dtype, norm, masked):
     B, H, N, D = 2, 6, 17, 32
     tensors64, stats = problem(B, H, N, N, D)
     extra = dict(attn_mask=masks(B, H, N, N)["bool"]) if masked else {}
