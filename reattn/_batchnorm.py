@@ -45,14 +45,19 @@ def gram_shift(n_keys: int) -> float:
     return struct.unpack("f", struct.pack("f", 1.0 / n_keys))[0]
 
 
-def unmasked_count(attn_mask: Optional[Tensor], B: int, Nq: int, Nk: int) -> Tensor:
-    """Number n of (b, i, j) entries BatchNorm averages over (0-dim float64 tensor on the mask's device).
+def unmasked_count(attn_mask: Optional[Tensor], B: int, Nq: int, Nk: int,
+                   device: Optional[torch.device] = None) -> Tensor:
+    """Number n of (b, i, j) entries BatchNorm averages over (0-dim float64 tensor on the mask's device,
+    or without a mask on ``device``, default the CPU).
 
     The mask must be the same for every head (bool masks always are; float masks must not have a
     head dimension > 1), because one n and one Gram matrix serve all heads.
     """
     if attn_mask is None:
-        return torch.tensor(float(B * Nq * Nk), dtype=torch.float64)
+        # Filled where it is used: a CPU tensor moved to a GPU is a pageable copy, which torch follows by
+        # a stream synchronization (the H200's profile showed one per training-BatchNorm call), and a host
+        # that waits for the GPU at every layer cannot queue the next one while the GPU works.
+        return torch.full((), float(B * Nq * Nk), dtype=torch.float64, device=device)
     mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     if mask.shape[1] != 1:
         raise ValueError("re_attention: training-mode BatchNorm in the fused kernels needs an attn_mask that is the "

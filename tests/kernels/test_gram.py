@@ -99,6 +99,9 @@ def test_float32_keeps_the_variance_of_near_uniform_attention(sweep):
 
 def test_count_needs_one_mask_for_all_heads():
     assert int(unmasked_count(None, 2, 3, 4)) == 24
+    # Made on the device it is used on (a CPU tensor moved to a GPU is a copy followed by a synchronization).
+    on_device = unmasked_count(None, 2, 3, 4, torch.device("meta"))
+    assert on_device.device.type == "meta" and on_device.dtype == torch.float64 and on_device.shape == ()
     keep = torch.tensor([[True, False, True]])
     assert int(unmasked_count(keep, 2, 1, 3)) == 4
     additive = torch.zeros(2, 1, 1, 3)
