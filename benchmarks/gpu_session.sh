@@ -52,6 +52,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
+# This GPU's compute capability as REATTN_CUDA_ARCHS spells it (90 for sm_90).
+gpu_cap() { $PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())"; }
+
 step_env() {
   {
     nvidia-smi
@@ -65,7 +68,7 @@ step_env() {
 step_build() {
   # One arch: the build takes a fraction of the two-arch default; -e maps reattn.kernels to kernels/.
   local cap
-  cap=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
+  cap=$(gpu_cap)
   echo "building reattn._C for sm_$cap with $(nproc) jobs"
   local start=$SECONDS
   if ! REATTN_CUDA_ARCHS=$cap MAX_JOBS=$(nproc) timeout "${BUILD_S:-170}" \
@@ -128,7 +131,7 @@ step_test() {
   # limit: pytest then still prints its summary; -v lines count what ran before it.
   local left=$(( ${DEADLINE_S:-570} - SECONDS )) cap
   # The archs the tests expect of the build (tests/_build.py) are the ones step_build compiled.
-  cap=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
+  cap=$(gpu_cap)
   export REATTN_CUDA_ARCHS=${REATTN_CUDA_ARCHS:-$cap}
   [ "$left" -lt 30 ] && { echo "gpu_session.sh: no time left for the tests ($left s)"; return 0; }
   timeout -s INT -k 20 "$left" $PY -m pytest -v -n 12 -m "not install" -p no:cacheprovider -rfE \

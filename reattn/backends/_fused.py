@@ -215,7 +215,7 @@ class FusedRawOps(RawOps):
             out, softmax_stats = kernels.forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, None,
                                                  attn_mask, seed, None, norm=norm, **kw)
             return (out, softmax_stats, q.new_empty((0, H), dtype=torch.float64)) + no_terms
-        count = unmasked_count(attn_mask, B, Nq, Nk, q.device).to(q.device)
+        count = unmasked_count(attn_mask, B, Nq, Nk, q.device)  # a mask is on q.device (reattn._checks)
         if attn_mask is not None:  # without a mask, reattn._checks has ruled this out
             check_counts(count.expand(H))  # per head, as every backend words it
         if kernels.forward_moments is not None:
@@ -237,7 +237,7 @@ class FusedRawOps(RawOps):
         softmax_stats, s1, gram = self.kernels.gram_sums(q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p,
                                                          shift=shift)
         # One set of kept entries for every head (the registry refuses per-head masks here): Hm = 1.
-        count = unmasked_count(attn_mask, B, Nq, k.shape[2], q.device).to(q.device).reshape(1)
+        count = unmasked_count(attn_mask, B, Nq, k.shape[2], q.device).reshape(1)
         return softmax_stats, s1.reshape(1, H), gram.reshape(1, H, H), count
 
     def bn_grad_sums(self, grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed,
