@@ -108,38 +108,49 @@ REATTN_DEVICE void store_fragment_row(E* out, const float (&acc)[kN8][4], int r,
 
 // Copies tiles [heads][kTileRows][kCols] of a [B, H, N, D] 16-bit input into shared memory rows of
 // `row` elements, 16 bytes per cp.async (zeros past D, past n_rows and for heads past H). Thread t
-// copies chunks t, t + kThreads, ... of the tile (kHeadChunks per head). When kThreads is a
-// multiple of kHeadChunks (kFixedRow) every chunk of a thread has the same row and columns and
-// only the head advances, by kHeadStep: the thread's part of a tile (Lane) is the same in every
-// tile, so a program forms it once per input (make_lane) and each tile costs an address, an
-// increment and a bounds test per chunk (decomposed per tile, the thread index cost ~25 integer
-// instructions per tile and warp in the sm_90 SASS; nvcc forms it again from the thread index unless
-// the program hides where it came from, dev::opaque). Otherwise (and for the general variant's
-// element-wise copies of unaligned rows) each chunk is decomposed. Offsets within a batch element
-// are 32-bit (the host checks they fit).
-template <typename E, int kTileRows, int kCols, int kThreads, int kMaxHeadsCopied, bool kVectorOnly>
+// copies chunks t, t + kThreads, ... of the tile (kHeadChunks per head). Vector copies (kFixedRow)
+// use the first kCopyThreads threads, the largest multiple of kHeadChunks (a head's chunks) that
+// the block has: every chunk of such a thread has the same row and columns and only the head
+// advances, by kHeadStep, so the thread's part of a tile (Lane) is the same in every tile, a
+// program forms it once per input (make_lane) and each tile costs an address, an increment and a
+// bounds test per chunk (decomposed per tile, the thread index cost ~25 integer instructions per
+// tile and warp in the sm_90 SASS; nvcc forms it again from the thread index unless the program
+// hides where it came from, dev::opaque). The idle threads cost nothing where it counts: a warp
+// issues the same number of copies either way (d = 48, 256 threads: 6 warps x 4 copies per K tile
+// in place of 8 x 3, each decomposed). Element-wise copies of unaligned rows (general variant)
+// decompose each chunk. Offsets within a batch element are 32-bit (the host checks they fit).
+template <typename E, int kTileRows, int kCols, int kThreads, int kMaxHeadsCopied, bool kVectorOnly,
+          bool kIdleThreads = true, int kEdgeUnroll = 0>
 struct TileCopy {
   static constexpr int kRowChunks = kCols / 8;
   static constexpr int kHeadChunks = kTileRows * kRowChunks;
   static constexpr int kChunks = kMaxHeadsCopied * kHeadChunks;
-  static constexpr int kPerThread = (kChunks + kThreads - 1) / kThreads;
-  static constexpr bool kFixedRow = kVectorOnly && kThreads % kHeadChunks == 0;
-  static constexpr int kHeadStep = kFixedRow ? kThreads / kHeadChunks : 0;
+  static constexpr bool kFixedRow =
+      kVectorOnly && (kIdleThreads ? kHeadChunks <= kThreads : kThreads % kHeadChunks == 0);
+  static constexpr int kCopyThreads = kFixedRow ? kThreads / kHeadChunks * kHeadChunks : kThreads;
+  static constexpr int kPerThread = (kChunks + kCopyThreads - 1) / kCopyThreads;
+  static constexpr int kHeadStep = kFixedRow ? kCopyThreads / kHeadChunks : 0;
 
   // A thread's part of every tile (kFixedRow): its first head hl0, the destination offset of its first
   // chunk and that chunk's source offset from the tile's corner (head h0, row r0, column d0), in
   // elements (rows of `row` elements; input strides sh, sn; unit column stride, as vector copies have).
+  // A thread at or past kCopyThreads gets hl0 = kIdle: every head it would copy is past any tile's.
+  static constexpr int kIdle = 1 << 20;
+  // Its row and first column in the tile, as row * 256 + column (one register), serve the tiles at
+  // an edge (sizes per chunk).
   struct Lane {
-    int hl0 = 0, dst_off = 0, src_off = 0;
+    int hl0 = 0, dst_off = 0, src_off = 0, rd = 0;
   };
   REATTN_DEVICE static Lane make_lane(int row, int sh, int sn) {
     Lane t;
     if constexpr (kFixedRow) {
       const unsigned tid = static_cast<unsigned>(dev::thread_index());
       const int rem = static_cast<int>(tid % kHeadChunks), dc = rem % kRowChunks, r = rem / kRowChunks;
-      t.hl0 = static_cast<int>(tid / kHeadChunks);
-      t.dst_off = (t.hl0 * kTileRows + r) * row + dc * 8;
-      t.src_off = t.hl0 * sh + r * sn + dc * 8;
+      const int hl = static_cast<int>(tid / kHeadChunks);
+      t.hl0 = kCopyThreads == kThreads || tid < static_cast<unsigned>(kCopyThreads) ? hl : kIdle;
+      t.dst_off = (hl * kTileRows + r) * row + dc * 8;
+      t.src_off = hl * sh + r * sn + dc * 8;
+      t.rd = r * 256 + dc * 8;
     }
     return t;
   }
@@ -166,21 +177,20 @@ struct TileCopy {
 #pragma unroll
         for (int k = 0; k < kPerThread; ++k) {
           const int hl = lane.hl0 + k * kHeadStep;
-          if (k * kThreads < kChunks && hl < h_end) {
+          if (hl < h_end) {
             dev::cp_async_16_full(dst + lane.dst_off + k * kHeadStep * kTileRows * row, from_k);
           }
           from_k += step;
         }
         return;
       }
-      // A tile at an edge: the thread's row and columns again, for the sizes.
-      const int rem = static_cast<int>(static_cast<unsigned>(dev::thread_index()) % kHeadChunks);
-      const int r = rem / kRowChunks, d = d0 + (rem % kRowChunks) * 8;
-      const int n = r0 + r < n_rows && d < D ? 2 * (D - d < 8 ? D - d : 8) : 0;
-#pragma unroll
+      // A tile at an edge (the last rows, or columns past D: every tile of a head dim below kCols).
+      const int d = d0 + lane.rd % 256;
+      const int n = r0 + lane.rd / 256 < n_rows && d < D ? 2 * (D - d < 8 ? D - d : 8) : 0;
+#pragma unroll(kEdgeUnroll > 0 ? kEdgeUnroll : kPerThread)
       for (int k = 0; k < kPerThread; ++k) {
         const int hl = lane.hl0 + k * kHeadStep;
-        if (k * kThreads < kChunks && hl < heads) {
+        if (hl < heads) {
           const int c = hl < h_end ? n : 0;
           dev::cp_async_16(dst + lane.dst_off + k * kHeadStep * kTileRows * row, c > 0 ? from_k : reinterpret_cast<const char*>(src), c);
         }
@@ -236,8 +246,17 @@ struct RowProgram {
   // sums across heads on tensor cores and within quads of lanes.
   static constexpr bool kLayerGrad = Cfg::kVariant == kPlainLayerBackwardRows;
   static_assert(!kLayerGrad || kTensorBatch, "LayerNorm's row pass: bf16, one segment, at most 16 heads");
-  using KeyCopy = TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain>;
-  using ValueCopy = TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain>;
+  // The forward's moments variant keeps every thread copying (kIdleThreads false): at d = 48 the
+  // fixed-row copies' addresses took it to 255 registers and 8 bytes of stack on sm_90. The segmented
+  // row pass, at 255 registers with them, unrolls their edge loop by 3 (every tile of d = 35 is an
+  // edge tile): fully unrolled, its bf16 sm_80 and fp16 sm_90 builds used 8 bytes of stack (static
+  // model, DeepViT-L-384 plain row pass: 768 us with every thread copying, 558 fully unrolled, 621 by
+  // 3). The one-segment row passes unroll fully (by 3, DeepViT-16b's took 157 -> 174 us).
+  static constexpr bool kIdleCopies = Cfg::kVariant != kPlainMoments;
+  static constexpr int kEdgeUnroll = Cfg::kBackward && !Cfg::kOneSegment ? 3 : 0;
+  using KeyCopy = TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain, kIdleCopies, kEdgeUnroll>;
+  using ValueCopy =
+      TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain, kIdleCopies, kEdgeUnroll>;
 
   const ReAttnParams& p;
   RowLayout L;
@@ -258,6 +277,7 @@ struct RowProgram {
   // The K and V copies' per-thread parts (TileCopy::Lane), formed once in the forward (static model,
   // DeepViT-16b plain affine: integer warp instructions per block 25,065 -> 24,269, forward kernel
   // 61.9-298.0 -> 61.1-296.4 us); the backward's row pass, at its register limit, forms them per tile.
+  static constexpr bool kKeepLanes = !Cfg::kBackward;
   typename KeyCopy::Lane key_lane;
   typename ValueCopy::Lane value_lane;
   // The forward's tensor-core mixing (mix_in_place): the thread's shared addresses at chunk column
@@ -315,12 +335,14 @@ struct RowProgram {
     issued = used = value_turn = 0;
     kbase = static_cast<const E*>(p.k) + b * p.k_st.b;
     vbase = static_cast<const E*>(p.v) + b * p.v_st.b;
-    if constexpr (!Cfg::kBackward) {
+    if constexpr (kKeepLanes) {
       // Opaque: else the compiler forms them again from the thread index at every tile.
       key_lane = KeyCopy::make_lane(kKRow, static_cast<int>(p.k_st.h), static_cast<int>(p.k_st.n));
       value_lane = ValueCopy::make_lane(kVRow, static_cast<int>(p.v_st.h), static_cast<int>(p.v_st.n));
-      key_lane = {dev::opaque(key_lane.hl0), dev::opaque(key_lane.dst_off), dev::opaque(key_lane.src_off)};
-      value_lane = {dev::opaque(value_lane.hl0), dev::opaque(value_lane.dst_off), dev::opaque(value_lane.src_off)};
+      key_lane = {dev::opaque(key_lane.hl0), dev::opaque(key_lane.dst_off), dev::opaque(key_lane.src_off),
+                  dev::opaque(key_lane.rd)};
+      value_lane = {dev::opaque(value_lane.hl0), dev::opaque(value_lane.dst_off), dev::opaque(value_lane.src_off),
+                    dev::opaque(value_lane.rd)};
     }
     if constexpr (!Cfg::kBackward && Cfg::kOneSegment) {
       // Kept, not formed again from b and the batch strides at every K and V tile (64-bit multiply-adds;
@@ -360,14 +382,14 @@ struct RowProgram {
   // K tile: heads round * groups .. + groups, keys key0 .. key0 + kKeyTile, all kD columns.
   REATTN_DEVICE void issue_keys(int round, int key0) {
     const int sh = static_cast<int>(p.k_st.h), sn = static_cast<int>(p.k_st.n);
-    KeyCopy::issue(slot_tile(issued++ & 1), Cfg::kBackward ? KeyCopy::make_lane(kKRow, sh, sn) : key_lane, kKRow,
+    KeyCopy::issue(slot_tile(issued++ & 1), !kKeepLanes ? KeyCopy::make_lane(kKRow, sh, sn) : key_lane, kKRow,
                    kbase, sh, sn, static_cast<int>(p.k_st.d), round * kGroups, kGroups, H, key0, Nk, 0, D, vector());
     dev::cp_async_commit();
   }
   // V tile: every head, keys key0 .. key0 + kValueTile, output columns d0 .. d0 + d_out.
   REATTN_DEVICE void issue_values(int key0) {
     const int sh = static_cast<int>(p.v_st.h), sn = static_cast<int>(p.v_st.n);
-    ValueCopy::issue(slot_tile(issued++ & 1), Cfg::kBackward ? ValueCopy::make_lane(kVRow, sh, sn) : value_lane, kVRow,
+    ValueCopy::issue(slot_tile(issued++ & 1), !kKeepLanes ? ValueCopy::make_lane(kVRow, sh, sn) : value_lane, kVRow,
                      vbase, sh, sn, static_cast<int>(p.v_st.d), 0, H, H, key0, Nk, d0, D, vector());
     dev::cp_async_commit();
   }
@@ -637,9 +659,40 @@ struct RowProgram {
   }
 
   // ---- statistics sweep (several segments) --------------------------------------------------------
+  // One K tile of the sweep, per row r of the thread: m[r] its running max of s, l[r] the sum of
+  // 2^((s - m) c), rescaled once per tile to the new max; -inf entries add 0, and a row with none
+  // finite keeps m = -inf, l = 0. kFold (the plain variants: raw products, c = scale log2 e, no mask
+  // fill): each entry one FMA, s c - m c. Otherwise (scores in natural units, c = log2 e) the
+  // difference s - m first, exact at a large mask fill (exp_shifted).
+  template <bool kFold>
+  REATTN_DEVICE static void sweep_tile(const float (&s)[Cfg::kTileN8][4], float c, float (&m)[2], float (&l)[2]) {
+    float tile_max[2] = {m[0], m[1]};
+#pragma unroll
+    for (int n = 0; n < Cfg::kTileN8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) tile_max[e / 2] = dev::fmax_(tile_max[e / 2], s[n][e]);
+    }
+    float mc[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      // 2^((m - max) c) is 1 when the max did not move; skipped while no key is finite (m = -inf).
+      if (m[r] != -INFINITY) l[r] *= dev::exp2_approx((m[r] - tile_max[r]) * c);
+      m[r] = tile_max[r];
+      mc[r] = m[r] == -INFINITY ? 0.0f : m[r] * c;
+    }
+#pragma unroll
+    for (int n = 0; n < Cfg::kTileN8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        l[e / 2] += kFold ? dev::exp2_approx(s[n][e] * c - mc[e / 2]) : exp_shifted(s[n][e], m[e / 2]);
+      }
+    }
+  }
+
   REATTN_DEVICE void statistics_sweep() {
     float* stats = at<float>(L.stats);
     const int tiles = key_tiles(Nk);
+    const float scale = static_cast<float>(p.scale), c_log2 = scale * kLog2e;
     for (int round = 0; round < rounds; ++round) {
       const int h = round * kGroups + group;
       const bool active = slab_active && h < H;
@@ -658,23 +711,38 @@ struct RowProgram {
         if (!active) continue;
         float s[Cfg::kTileN8][4];
         score_tile(slot, group, qf, s);
+        // Online per tile: the tile's row max first, the running sum rescaled once to it, then one
+        // exponential per entry (masked entries are -inf: exp 0), with no branch per entry.
+        if constexpr (Cfg::kPlain) {
+          // No mask and scale > 0: m tracks the raw products' max (rows past Nq: zero q, finite), keys
+          // past Nk are -inf, and each entry is one FMA and exponential, 2^(raw c - m c).
+          if ((t + 1) * kKeyTile > Nk) {
 #pragma unroll
-        for (int n = 0; n < Cfg::kTileN8; ++n) {
+            for (int n = 0; n < Cfg::kTileN8; ++n) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            bool masked;
-            const int r = e / 2;
-            const int row = m0 + slab * 16 + gq + r * 8, key = t * kKeyTile + n * 8 + 2 * tq + (e & 1);
-            const float x = masked_score(s[n][e], h, row, key, &masked);
-            if (masked) continue;
-            if (x > m[r]) {  // online: rescale the running sum to the new max
-              l[r] = l[r] * exp_shifted(m[r], x) + 1.0f;
-              m[r] = x;
-            } else {
-              l[r] += exp_shifted(x, m[r]);
+              for (int e = 0; e < 4; ++e) {
+                if (t * kKeyTile + n * 8 + 2 * tq + (e & 1) >= Nk) s[n][e] = -INFINITY;
+              }
             }
           }
+          sweep_tile<true>(s, c_log2, m, l);
+        } else {
+#pragma unroll
+          for (int n = 0; n < Cfg::kTileN8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              bool masked;
+              const int row = m0 + slab * 16 + gq + (e / 2) * 8, key = t * kKeyTile + n * 8 + 2 * tq + (e & 1);
+              s[n][e] = masked_score(s[n][e], h, row, key, &masked);
+            }
+          }
+          sweep_tile<false>(s, kLog2e, m, l);
         }
+      }
+      // The plain variant's max in natural units (scale > 0).
+      if constexpr (Cfg::kPlain) {
+        m[0] *= scale;
+        m[1] *= scale;
       }
       if (!active) continue;
 #pragma unroll
@@ -689,9 +757,10 @@ struct RowProgram {
           l[r] = a + c;
         }
         const int row = slab * 16 + gq + r * 8;
-        if (tq == 0) {  // as the given statistics of the backward: (m, log l)
+        if (tq == 0) {  // as the given statistics of the backward: (m, log l), (0, 0) for a row without
+                        // any key (its entries are -inf: P = 0 either way; rows past Nq: finite P)
           float* st = stats + (static_cast<size_t>(h) * Cfg::kRows + row) * 2;
-          st[0] = m[r];
+          st[0] = m[r] == -INFINITY ? 0.0f : m[r];
           st[1] = l[r] > 0.0f ? dev::log2_approx(l[r]) / kLog2e : 0.0f;
         }
       }
@@ -734,11 +803,18 @@ struct RowProgram {
       store_probs(s, masks, h, key0, n8_end, inv_l, false);
       return;
     }
-    if constexpr (Cfg::kPlain && Cfg::kBackward) {
+    if constexpr (Cfg::kPlain && (Cfg::kBackward || Cfg::kVariant != kPlainMoments)) {
       // No mask: P = 2^(raw c - (m + log l) log2 e), c = scale log2 e, one FMA per entry (no score
       // sits at a large mask fill, so m need not be subtracted first). Keys past the segment hold
-      // -inf (P = 0); rows past Nq have zero q and statistics (0, 0), so P = 1 there, which nothing
-      // reads: their dN, hence dM, is zeroed by grad_mixed's bounds test.
+      // -inf (P = 0); rows past Nq have zero q and finite statistics ((0, 0) given to the backward,
+      // (0, log Nk) from the forward's plain sweep), so P is finite there, which nothing reads: the
+      // backward's dN, hence dM, is zeroed by grad_mixed's bounds test, and the forward
+      // never writes those rows (each row's mixing, norm and A V use that row alone). The forward's
+      // segments (several: the statistics sweep's) take it too, with no mask bits in P~: V rows past
+      // Nk are zero, so whatever A is there adds nothing (the one-segment path does the same). Not the
+      // moments variant: its sums of X skip masked entries by P~'s sign bits (static model,
+      // DeepViT-L-384 plain affine forward: per-entry row and key tests and the bit packing,
+      // ~30,000 of 240,000 integer warp instructions per block).
       const float* stats = at<float>(L.stats) + (static_cast<size_t>(h) * Cfg::kRows + slab * 16 + gq) * 2;
       const float c = static_cast<float>(p.scale) * kLog2e;
       const float shift[2] = {(stats[0] + stats[1]) * kLog2e, (stats[16] + stats[17]) * kLog2e};
@@ -1606,13 +1682,19 @@ struct RowProgram {
   // row pass use 8 bytes of stack at 255 registers (ptxas, sm_80 and sm_90); it runs once per program.
   using GradCopy = TileCopy<E, Cfg::kRows, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, false>;
 
-  // A fragment (the warp's 16 rows x head dims 16 kk ..) of dO of output head group + groups j.
-  REATTN_DEVICE void grad_fragment(const uint32_t (&df)[kHeads][Cfg::kKSteps][4], int j, int kk,
+  // The lane's ldmatrix row of dO (in shared memory: several segments) of output head group + groups j
+  // at head dim 0, as a shared address: each k16 step adds 32 bytes (grad_fragment).
+  REATTN_DEVICE uint32_t grad_row(int j) const {
+    const int g = group + kGroups * j < H ? group + kGroups * j : 0;  // heads past H: dN is zeroed
+    return dev::smem_address(at<E>(L.grads) + (static_cast<size_t>(g) * Cfg::kRows + slab * 16 + lane % 16) * kKRow +
+                             (lane / 16) * 8);
+  }
+  // A fragment (the warp's 16 rows x head dims 16 kk ..) of dO of output head group + groups j; `row`:
+  // grad_row(j) (read with dO in shared memory only).
+  REATTN_DEVICE void grad_fragment(const uint32_t (&df)[kHeads][Cfg::kKSteps][4], int j, int kk, uint32_t row,
                                    uint32_t (&a)[4]) const {
     if constexpr (kGradsShared) {
-      const int g = group + kGroups * j < H ? group + kGroups * j : 0;  // heads past H: dN is zeroed
-      dev::ldmatrix_x4(a, at<E>(L.grads) + (static_cast<size_t>(g) * Cfg::kRows + slab * 16 + lane % 16) * kKRow +
-                              kk * 16 + (lane / 16) * 8);
+      dev::ldmatrix_x4_at(a, row + kk * 32);
     } else {
 #pragma unroll
       for (int r = 0; r < 4; ++r) a[r] = df[j][kk][r];
@@ -1698,14 +1780,18 @@ struct RowProgram {
       const int g = group + kGroups * j;
       float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       const E* vg = values + static_cast<size_t>(g < H ? g : 0) * kValueTile * kKRow;
+      // Shared addresses formed once per head, each k16 step 32 bytes on (in the rolled loop, pointers
+      // cost a 64-bit add and a generic-to-shared conversion per load).
+      const uint32_t v_row = dev::smem_address(vg + ((i / 2) * 8 + lane % 8) * kKRow + (i % 2) * 8);
+      const uint32_t g_row = kGradsShared ? grad_row(j) : 0u;
       // dO from shared memory (several segments): rolled, its fragments loaded as they are used.
 #pragma unroll(kGradsShared ? 1 : Cfg::kKSteps)
       for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
         uint32_t vb[4];
-        dev::ldmatrix_x4(vb, vg + ((i / 2) * 8 + lane % 8) * kKRow + kk * 16 + (i % 2) * 8);
+        dev::ldmatrix_x4_at(vb, v_row + kk * 32);
         const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
         uint32_t a[4];
-        grad_fragment(df, j, kk, a);
+        grad_fragment(df, j, kk, g_row, a);
         dev::mma_m16n8k16<E>(c0, a, b0, c0);
         dev::mma_m16n8k16<E>(c1, a, b1, c1);
       }
