@@ -446,21 +446,26 @@ def _vector_loadable(t: torch.Tensor) -> bool:
 
 
 def _vector_aligned(p: ReAttnParams, touched: list, fields: Sequence[Tuple[str, str]], tensors) -> bool:
-    """ops.cpp's vector_aligned for the tensor-core programs: each input that is not ``_vector_loadable`` is copied
-    into rows padded to 8 elements (a torch op of the host, counted) and the program reads the copy's first D
-    columns instead; ``fields`` names its pointer and strides fields in ``p``. Returns ops.cpp's vector_loads."""
+    """ops.cpp's vector_aligned for the tensor-core programs: each input that is not ``_vector_loadable`` with D a
+    multiple of 8 is copied into rows padded to 8 elements, the padding zeroed (torch ops of the host, counted),
+    and the program reads the copy's first D columns instead; ``fields`` names its pointer and strides fields in
+    ``p``. Returns ops.cpp's vector_loads (every input read in whole 8-element chunks: chunk_loadable)."""
     rec = _RECORDER
     loadable = True
     for (pointer, strides), t in zip(fields, tensors):
-        if _vector_loadable(t):
-            continue
         D = t.shape[3]
+        if _vector_loadable(t) and D % 8 == 0:
+            continue
         padded = torch.empty((*t.shape[:3], -(-D // 8) * 8), dtype=t.dtype, device=t.device)
         if sum((n - 1) * st for n, st in zip(padded.shape[1:], padded.stride()[1:])) >= 2 ** 31 - 1:
             loadable = False  # 32-bit offsets would not reach: the general variant's element-wise copies
             continue
         view = padded[..., :D]
-        view.copy_(t)
+        if padded.shape[3] > D:  # one pass: the input's columns, then zeros (a broadcast element)
+            zeros = torch.zeros((1, 1, 1, padded.shape[3] - D), dtype=t.dtype, device=t.device)
+            torch.cat([t, zeros.expand(*t.shape[:3], -1)], dim=3, out=padded)
+        else:
+            view.copy_(t)
         setattr(p, pointer, rec.pointer(view, pointer))
         setattr(p, strides, _strides(view))
         for i, (x, kinds) in enumerate(touched):

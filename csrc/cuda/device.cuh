@@ -341,6 +341,15 @@ REATTN_DEVICE void cp_async_16(void* dst, const void* src, int src_bytes) {
 REATTN_DEVICE void cp_async_16_full(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_address(dst)), "l"(src) : "memory");
 }
+// The same 16 bytes, all of them read (read true) or all zero, reading nothing (cp.async's ignore-src
+// predicate): no byte count to form per copy where whole 16-byte chunks are known to be readable.
+REATTN_DEVICE void cp_async_16_or_zero(void* dst, const void* src, bool read) {
+  asm volatile(
+      "{\n .reg .pred ignore;\n setp.eq.u32 ignore, %2, 0;\n cp.async.cg.shared.global [%0], [%1], 16, ignore;\n}\n" ::
+          "r"(smem_address(dst)),
+      "l"(src), "r"(static_cast<uint32_t>(read))
+      : "memory");
+}
 REATTN_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 REATTN_DEVICE void cp_async_wait() {
@@ -349,6 +358,9 @@ REATTN_DEVICE void cp_async_wait() {
 #else
 REATTN_DEVICE void cp_async_16(void* dst, const void* src, int src_bytes) { sim::cp_async(dst, src, 16, src_bytes); }
 REATTN_DEVICE void cp_async_16_full(void* dst, const void* src) { sim::cp_async(dst, src, 16, 16); }
+REATTN_DEVICE void cp_async_16_or_zero(void* dst, const void* src, bool read) {
+  sim::cp_async(dst, src, 16, read ? 16 : 0);
+}
 REATTN_DEVICE void cp_async_commit() { sim::cp_async_commit(); }
 template <int N>
 REATTN_DEVICE void cp_async_wait() {

@@ -397,23 +397,39 @@ bool batch_offsets_fit_int32(const at::Tensor& t) {
 // (vector_loadable); otherwise, e.g. at a head dim of 35 (70-byte rows), their general variants copy
 // element by element, and the plain variants (no mask or dropout code) cannot run. Predicted by the
 // static model (H100, bf16, DeepViT-L-384, norm none): forward program 1,047 us general on the
-// inputs, 525 us plain on copies whose host work (the copies) takes ~46 us. `t` itself where it is
-// loadable, else a view of its first D columns in a copy whose rows are padded to 8 elements (16
-// bytes), kept alive by `keep`: one read and write of the input. The programs never read past
-// column D (their copies stop there), so the padding stays uninitialized.
+// inputs, 525 us plain on copies whose host work (the copies) takes ~46 us. The plain variants read
+// whole 8-element chunks (csrc/cuda/rows.cuh TileCopy): the columns from D up to the next multiple of
+// 8 must hold zeros (finite: K's meet q's zero columns in q . k). So `t` itself where it is loadable
+// and D is a multiple of 8, else a view of its first D columns in a copy whose rows are padded to 8
+// elements (16 bytes) with zeros, kept alive by `keep`: one read of the input and one write of the
+// padded rows.
 at::Tensor vector_aligned(const at::Tensor& t, std::vector<at::Tensor>& keep) {
-  if (vector_loadable(t)) return t;
   const int64_t D = t.size(3), padded_d = (D + 7) / 8 * 8;
+  if (vector_loadable(t) && D == padded_d) return t;
   at::Tensor padded = at::empty({t.size(0), t.size(1), t.size(2), padded_d}, t.options());
   if (!batch_offsets_fit_int32(padded)) return t;
   at::Tensor view = padded.narrow(3, 0, D);
-  view.copy_(t);
+  if (padded_d > D) {
+    // One pass writes whole rows, the zeros (a broadcast element) after the input's columns: a separate
+    // fill of the padding would write 2 of every 16 bytes in a pass of its own (static model,
+    // DeepViT-L-384: 46 -> 77 us for the forward's three copies).
+    const at::Tensor zeros = at::zeros({1, 1, 1, padded_d - D}, t.options()).expand({t.size(0), t.size(1), t.size(2), -1});
+    at::cat_out(padded, {t, zeros}, 3);
+  } else {
+    view.copy_(t);
+  }
   keep.push_back(padded);
   return view;
 }
 
+// Whether the programs may read `x` (vector_aligned of `input`) in whole 16-byte chunks: aligned, and
+// D a multiple of 8 or x the zero-padded copy.
+bool chunk_loadable(const at::Tensor& x, const at::Tensor& input) {
+  return vector_loadable(x) && (x.size(3) % 8 == 0 || !x.is_same(input));
+}
+
 // Points the parameters' q, k, v (and dO, when given) at vector_aligned versions of them; returns
-// whether every one is then vector loadable (p.vector_loads).
+// whether every one is then read in whole chunks (chunk_loadable: p.vector_loads).
 bool use_aligned_inputs(Arguments& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor* grad_out) {
   ReAttnParams& p = a.p;
@@ -424,12 +440,12 @@ bool use_aligned_inputs(Arguments& a, const at::Tensor& q, const at::Tensor& k, 
   p.k_st = strides_of(ka);
   p.v = va.data_ptr();
   p.v_st = strides_of(va);
-  bool loadable = vector_loadable(qa) && vector_loadable(ka) && vector_loadable(va);
+  bool loadable = chunk_loadable(qa, q) && chunk_loadable(ka, k) && chunk_loadable(va, v);
   if (grad_out != nullptr) {
     const at::Tensor ga = vector_aligned(*grad_out, a.keep);
     p.grad_out = ga.data_ptr();
     p.do_st = strides_of(ga);
-    loadable = loadable && vector_loadable(ga);
+    loadable = loadable && chunk_loadable(ga, *grad_out);
   }
   return loadable;
 }

@@ -485,6 +485,31 @@ def test_tensor_core_plain_backward_agrees_with_the_general_one(shape, norm):
     assert not _C.cuda_backward_tiles(12, 64, 20, 260, "bfloat16")["rows"]["has_plain"]
 
 
+@pytest.mark.parametrize("Nk", [50, 260], ids=["one segment", "segments"])
+def test_tensor_core_plain_variants_never_read_an_inputs_columns_past_d(Nk):
+    # The plain variants copy K and V (and Q, dO in the key pass) in whole 8-element chunks, so the columns
+    # from D up to the next multiple of 8 must be zeros: an aligned view whose D is not a multiple of 8
+    # (here D = 36 of rows of 64, NaN beyond) runs on a zero-padded copy (ops.cpp vector_aligned), exactly
+    # as the same values made contiguous (72-byte rows, copied too) do.
+    B, H, Nq, D = 2, 6, 19, 36
+    q, k, v, w, c, _, _, grad = tensors(B, H, Nq, Nk, D)
+    views = []
+    for t, n in ((q, Nq), (k, Nk), (v, Nk), (grad, Nq)):
+        wide = torch.full((B, H, n, 64), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        wide[..., :D] = t.bfloat16()
+        views.append(wide[..., :D])
+    dense = [t.contiguous() for t in views]
+    results = []
+    for q_, k_, v_, g_ in (views, dense):
+        out, stats = _C.cuda_forward(q_, k_, v_, w, c, None, None, None, None, None, None, 0.3, 1.0, "none", 1e-5, 0.0)
+        grads = _C.cuda_backward(g_, q_, k_, v_, w, c, None, None, None, None, None, stats, 0.3, 1.0, "none", 1e-5,
+                                 0.0, False)
+        results.append([out, stats, *grads[:3]])
+    for name, a, b in zip(("out", "stats", "dq", "dk", "dv"), *results):
+        assert not a.isnan().any(), name
+        assert torch.equal(a, b), name
+
+
 def test_tensor_core_bn_grad_sums_allocate_only_what_they_write():
     # Training BatchNorm's backward sums (stats_only): the row pass alone; no dq, dk, dv or dW buffers.
     B, H, Nq, Nk, D = 2, 6, 17, 23, 32
