@@ -120,13 +120,12 @@ REATTN_DEVICE void store_fragment_row(E* out, const float (&acc)[kN8][4], int r,
 // in place of 8 x 3, each decomposed). Element-wise copies of unaligned rows (general variant)
 // decompose each chunk. Offsets within a batch element are 32-bit (the host checks they fit).
 template <typename E, int kTileRows, int kCols, int kThreads, int kMaxHeadsCopied, bool kVectorOnly,
-          bool kIdleThreads = true, int kEdgeUnroll = 0>
+          int kEdgeUnroll = 0>
 struct TileCopy {
   static constexpr int kRowChunks = kCols / 8;
   static constexpr int kHeadChunks = kTileRows * kRowChunks;
   static constexpr int kChunks = kMaxHeadsCopied * kHeadChunks;
-  static constexpr bool kFixedRow =
-      kVectorOnly && (kIdleThreads ? kHeadChunks <= kThreads : kThreads % kHeadChunks == 0);
+  static constexpr bool kFixedRow = kVectorOnly && kHeadChunks <= kThreads;
   static constexpr int kCopyThreads = kFixedRow ? kThreads / kHeadChunks * kHeadChunks : kThreads;
   static constexpr int kPerThread = (kChunks + kCopyThreads - 1) / kCopyThreads;
   static constexpr int kHeadStep = kFixedRow ? kCopyThreads / kHeadChunks : 0;
@@ -251,17 +250,13 @@ struct RowProgram {
   // sums across heads on tensor cores and within quads of lanes.
   static constexpr bool kLayerGrad = Cfg::kVariant == kPlainLayerBackwardRows;
   static_assert(!kLayerGrad || kTensorBatch, "LayerNorm's row pass: bf16, one segment, at most 16 heads");
-  // The forward's moments variant keeps every thread copying (kIdleThreads false): at d = 48 the
-  // fixed-row copies' addresses took it to 255 registers and 8 bytes of stack on sm_90. The segmented
-  // row pass, at 255 registers with them, unrolls their edge loop by 3 (every tile of d = 35 is an
-  // edge tile): fully unrolled, its bf16 sm_80 and fp16 sm_90 builds used 8 bytes of stack (static
-  // model, DeepViT-L-384 plain row pass: 768 us with every thread copying, 558 fully unrolled, 621 by
-  // 3). The one-segment row passes unroll fully (by 3, DeepViT-16b's took 157 -> 174 us).
-  static constexpr bool kIdleCopies = Cfg::kVariant != kPlainMoments;
+  // The segmented row pass, at 255 registers, unrolls the copies' edge loop by 3 (every tile of d = 35
+  // is an edge tile): fully unrolled, its bf16 sm_80 and fp16 sm_90 builds used 8 bytes of stack
+  // (static model, DeepViT-L-384 plain row pass: 768 us with every thread copying, 558 fully unrolled,
+  // 621 by 3). The one-segment row passes unroll fully (by 3, DeepViT-16b's took 157 -> 174 us).
   static constexpr int kEdgeUnroll = Cfg::kBackward && !Cfg::kOneSegment ? 3 : 0;
-  using KeyCopy = TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain, kIdleCopies, kEdgeUnroll>;
-  using ValueCopy =
-      TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain, kIdleCopies, kEdgeUnroll>;
+  using KeyCopy = TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain, kEdgeUnroll>;
+  using ValueCopy = TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain, kEdgeUnroll>;
 
   const ReAttnParams& p;
   RowLayout L;
