@@ -396,8 +396,9 @@ bool batch_offsets_fit_int32(const at::Tensor& t) {
 // The tensor-core programs move rows in 16-byte cp.async copies where every input allows it
 // (vector_loadable); otherwise, e.g. at a head dim of 35 (70-byte rows), their general variants copy
 // element by element, and the plain variants (no mask or dropout code) cannot run. Predicted by the
-// static model (H100, bf16, DeepViT-L-384, norm none): forward program 1,047 us general on the
-// inputs, 525 us plain on copies whose host work (the copies) takes ~46 us. The plain variants read
+// static model (H100, bf16, DeepViT-L-384, norm none) when the copies came in: forward program 1,047 us
+// general on the inputs, 525 us plain on copies whose host work (the copies) takes ~46 us (the plain
+// program is 221 us since). The plain variants read
 // whole 8-element chunks (csrc/cuda/rows.cuh TileCopy): the columns from D up to the next multiple of
 // 8 must hold zeros (finite: K's meet q's zero columns in q . k). So `t` itself where it is loadable
 // and D is a multiple of 8, else a view of its first D columns in a copy whose rows are padded to 8
