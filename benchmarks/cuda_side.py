@@ -452,6 +452,7 @@ def _vector_aligned(p: ReAttnParams, touched: list, fields: Sequence[Tuple[str, 
     ``p``. Returns ops.cpp's vector_loads (every input read in whole 8-element chunks: chunk_loadable)."""
     rec = _RECORDER
     loadable = True
+    zeros = None  # one broadcast element for the call's inputs, as ops.cpp shares it
     for (pointer, strides), t in zip(fields, tensors):
         D = t.shape[3]
         if _vector_loadable(t) and D % 8 == 0:
@@ -462,7 +463,8 @@ def _vector_aligned(p: ReAttnParams, touched: list, fields: Sequence[Tuple[str, 
             continue
         view = padded[..., :D]
         if padded.shape[3] > D:  # one pass: the input's columns, then zeros (a broadcast element)
-            zeros = torch.zeros((1, 1, 1, padded.shape[3] - D), dtype=t.dtype, device=t.device)
+            if zeros is None or zeros.shape[3] != padded.shape[3] - D or zeros.dtype != t.dtype:
+                zeros = torch.zeros((1, 1, 1, padded.shape[3] - D), dtype=t.dtype, device=t.device)
             torch.cat([t, zeros.expand(*t.shape[:3], -1)], dim=3, out=padded)
         else:
             view.copy_(t)

@@ -398,13 +398,14 @@ bool batch_offsets_fit_int32(const at::Tensor& t) {
 // element by element, and the plain variants (no mask or dropout code) cannot run. Predicted by the
 // static model (H100, bf16, DeepViT-L-384, norm none) when the copies came in: forward program 1,047 us
 // general on the inputs, 525 us plain on copies whose host work (the copies) takes ~46 us (the plain
-// program is 221 us since). The plain variants read
-// whole 8-element chunks (csrc/cuda/rows.cuh TileCopy): the columns from D up to the next multiple of
-// 8 must hold zeros (finite: K's meet q's zero columns in q . k). So `t` itself where it is loadable
-// and D is a multiple of 8, else a view of its first D columns in a copy whose rows are padded to 8
-// elements (16 bytes) with zeros, kept alive by `keep`: one read of the input and one write of the
-// padded rows.
-at::Tensor vector_aligned(const at::Tensor& t, std::vector<at::Tensor>& keep) {
+// program is 198 us since).
+// The plain variants read whole 8-element chunks (csrc/cuda/rows.cuh TileCopy): the columns from D up to
+// the next multiple of 8 must hold zeros (finite: K's meet q's zero columns in q . k). So `t` itself
+// where it is loadable and D is a multiple of 8, else a view of its first D columns in a copy whose rows
+// are padded to 8 elements (16 bytes) with zeros, kept alive by `keep`: one read of the input and one
+// write of the padded rows. `zeros`: the padding's broadcast element, made by the first input that
+// needs it and shared by the call's others (one fill for q, k, v and dO, not one each).
+at::Tensor vector_aligned(const at::Tensor& t, std::vector<at::Tensor>& keep, at::Tensor& zeros) {
   const int64_t D = t.size(3), padded_d = (D + 7) / 8 * 8;
   if (vector_loadable(t) && D == padded_d) return t;
   at::Tensor padded = at::empty({t.size(0), t.size(1), t.size(2), padded_d}, t.options());
@@ -414,8 +415,11 @@ at::Tensor vector_aligned(const at::Tensor& t, std::vector<at::Tensor>& keep) {
     // One pass writes whole rows, the zeros (a broadcast element) after the input's columns: a separate
     // fill of the padding would write 2 of every 16 bytes in a pass of its own (static model,
     // DeepViT-L-384: 46 -> 77 us for the forward's three copies).
-    const at::Tensor zeros = at::zeros({1, 1, 1, padded_d - D}, t.options()).expand({t.size(0), t.size(1), t.size(2), -1});
-    at::cat_out(padded, {t, zeros}, 3);
+    if (!zeros.defined() || zeros.size(3) != padded_d - D || zeros.scalar_type() != t.scalar_type() ||
+        zeros.device() != t.device()) {
+      zeros = at::zeros({1, 1, 1, padded_d - D}, t.options());
+    }
+    at::cat_out(padded, {t, zeros.expand({t.size(0), t.size(1), t.size(2), -1})}, 3);
   } else {
     view.copy_(t);
   }
@@ -434,7 +438,9 @@ bool chunk_loadable(const at::Tensor& x, const at::Tensor& input) {
 bool use_aligned_inputs(Arguments& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor* grad_out) {
   ReAttnParams& p = a.p;
-  const at::Tensor qa = vector_aligned(q, a.keep), ka = vector_aligned(k, a.keep), va = vector_aligned(v, a.keep);
+  at::Tensor zeros;
+  const at::Tensor qa = vector_aligned(q, a.keep, zeros), ka = vector_aligned(k, a.keep, zeros),
+                   va = vector_aligned(v, a.keep, zeros);
   p.q = qa.data_ptr();
   p.q_st = strides_of(qa);
   p.k = ka.data_ptr();
@@ -443,7 +449,7 @@ bool use_aligned_inputs(Arguments& a, const at::Tensor& q, const at::Tensor& k, 
   p.v_st = strides_of(va);
   bool loadable = chunk_loadable(qa, q) && chunk_loadable(ka, k) && chunk_loadable(va, v);
   if (grad_out != nullptr) {
-    const at::Tensor ga = vector_aligned(*grad_out, a.keep);
+    const at::Tensor ga = vector_aligned(*grad_out, a.keep, zeros);
     p.grad_out = ga.data_ptr();
     p.do_st = strides_of(ga);
     loadable = loadable && chunk_loadable(ga, *grad_out);

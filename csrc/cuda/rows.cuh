@@ -119,8 +119,15 @@ REATTN_DEVICE void store_fragment_row(E* out, const float (&acc)[kN8][4], int r,
 // issues the same number of copies either way (d = 48, 256 threads: 6 warps x 4 copies per K tile
 // in place of 8 x 3, each decomposed). Element-wise copies of unaligned rows (general variant)
 // decompose each chunk. Offsets within a batch element are 32-bit (the host checks they fit).
+//
+// kIdleColumns (vector copies): a thread whose chunk lies wholly past the tile's real columns (D
+// rounded up to 8, the rest of the row zero in memory) copies nothing, and the program zeroes those
+// columns of its tile buffers once (zero_idle_columns; nothing else writes them). So only the
+// tiles at the rows' edge take the edge path, not every tile of a head dim below kCols (d = 35 in
+// 48 columns: the edge path's per-chunk selects and sizes, ~17 integer instructions a chunk with its
+// loop unrolled by 3 in the segmented row pass).
 template <typename E, int kTileRows, int kCols, int kThreads, int kMaxHeadsCopied, bool kVectorOnly,
-          int kEdgeUnroll = 0>
+          int kEdgeUnroll = 0, bool kIdleColumns = false>
 struct TileCopy {
   static constexpr int kRowChunks = kCols / 8;
   static constexpr int kHeadChunks = kTileRows * kRowChunks;
@@ -140,13 +147,17 @@ struct TileCopy {
   struct Lane {
     int hl0 = 0, dst_off = 0, src_off = 0, rd = 0;
   };
-  REATTN_DEVICE static Lane make_lane(int row, int sh, int sn) {
+  // cols: the tile's columns that exist (D - d0), read with kIdleColumns: a thread whose chunk lies
+  // past them copies nothing (hl0 = kIdle).
+  REATTN_DEVICE static Lane make_lane(int row, int sh, int sn, int cols) {
     Lane t;
     if constexpr (kFixedRow) {
       const unsigned tid = static_cast<unsigned>(dev::thread_index());
       const int rem = static_cast<int>(tid % kHeadChunks), dc = rem % kRowChunks, r = rem / kRowChunks;
       const int hl = static_cast<int>(tid / kHeadChunks);
-      t.hl0 = kCopyThreads == kThreads || tid < static_cast<unsigned>(kCopyThreads) ? hl : kIdle;
+      const bool copies = (kCopyThreads == kThreads || tid < static_cast<unsigned>(kCopyThreads)) &&
+                          (!kIdleColumns || dc * 8 < cols);
+      t.hl0 = copies ? hl : kIdle;
       t.dst_off = (hl * kTileRows + r) * row + dc * 8;
       t.src_off = hl * sh + r * sn + dc * 8;
       t.rd = r * 256 + dc * 8;
@@ -156,9 +167,31 @@ struct TileCopy {
 
   REATTN_DEVICE static void issue(E* dst, int row, const E* src, int sh, int sn, int sd, int h0, int heads, int H,
                                   int r0, int n_rows, int d0, int D, bool vector) {
-    issue(dst, make_lane(row, sh, sn), row, src, sh, sn, sd, h0, heads, H, r0, n_rows, d0, D, vector);
+    issue(dst, make_lane(row, sh, sn, D - d0), row, src, sh, sn, sd, h0, heads, H, r0, n_rows, d0, D, vector);
   }
-  // lane: make_lane(row, sh, sn) of this thread (read in the kFixedRow copies only).
+  // Zeroes the columns from the real ones (cols = D - d0, rounded up to 8) to kCols of `rows` rows of
+  // `row` elements at dst (kIdleColumns: the columns no copy writes), as zero-filling copies that read
+  // nothing (`any`: a global address, never read), landing with the caller's next cp.async group.
+  REATTN_DEVICE static void zero_idle_columns(E* dst, int rows, int row, int cols, const E* any) {
+    if constexpr (kIdleColumns) {
+      const int first = (cols + 7) / 8;  // one idle chunk per row at d = 35 of 48 (a row per thread, no division)
+      if (first >= kRowChunks) return;
+      for (int r = dev::thread_index(); r < rows; r += kThreads) {
+        for (int c = first; c < kRowChunks; ++c) dev::cp_async_16_or_zero(dst + r * row + c * 8, any, false);
+      }
+    }
+  }
+  // kFixedRow: chunks k of the thread's heads below h_lim, whole, from from_k + k step.
+  REATTN_DEVICE static void copy_whole(E* dst, const Lane& lane, int row, const char* from_k, int64_t step,
+                                       int h_lim) {
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) {
+      const int hl = lane.hl0 + k * kHeadStep;
+      if (hl < h_lim) dev::cp_async_16_full(dst + lane.dst_off + k * kHeadStep * kTileRows * row, from_k);
+      from_k += step;
+    }
+  }
+  // lane: make_lane(row, sh, sn, D - d0) of this thread (read in the kFixedRow copies only).
   REATTN_DEVICE static void issue(E* dst, const Lane& lane, int row, const E* src, int sh, int sn, int sd, int h0,
                                   int heads, int H, int r0, int n_rows, int d0, int D, bool vector) {
     const int h_end = (h0 + heads < H ? h0 + heads : H) - h0;  // heads of this tile that exist
@@ -169,18 +202,15 @@ struct TileCopy {
       // from + k kHeadStep sh, each chunk cost a 32-bit multiply, a sign extension and a shift.
       const int64_t step = static_cast<int64_t>(kHeadStep) * sh * static_cast<int64_t>(sizeof(E));
       const char* from_k = reinterpret_cast<const char*>(from);
-      if (r0 + kTileRows <= n_rows && d0 + kCols <= D) {
-        // Every row and column real (a tile away from the edges): whole 16-byte copies with no size
-        // arithmetic, and none for heads past H (a K tile's last round: only warps of real heads read
-        // their rows, so they need no zeros).
-#pragma unroll
-        for (int k = 0; k < kPerThread; ++k) {
-          const int hl = lane.hl0 + k * kHeadStep;
-          if (hl < h_end) {
-            dev::cp_async_16_full(dst + lane.dst_off + k * kHeadStep * kTileRows * row, from_k);
-          }
-          from_k += step;
-        }
+      if (r0 + kTileRows <= n_rows && (kIdleColumns || d0 + kCols <= D)) {
+        // Every row real and every column real or idle (a tile away from the edges): whole 16-byte
+        // copies with no size arithmetic, and none for heads past H (a K tile's last round: only warps
+        // of real heads read their rows, so they need no zeros) or by idle threads (hl0 = kIdle). One
+        // branch for both: as two (columns all real, or some idle), ptxas if-converted them and issued
+        // both branches' copies predicated (static model, ViT-B plain key pass: 16 copies per thread
+        // and query chunk for 12, 229.5 against 219.5 us); a limit of 0 for idle threads here instead
+        // of kIdle spilled its sm_80 build (8 bytes).
+        copy_whole(dst, lane, row, from_k, step, h_end);
         return;
       }
       // A tile at an edge (the last rows, or columns past D: every tile of a head dim below kCols).
@@ -255,8 +285,16 @@ struct RowProgram {
   // (static model, DeepViT-L-384 plain row pass: 768 us with every thread copying, 558 fully unrolled,
   // 621 by 3). The one-segment row passes unroll fully (by 3, DeepViT-16b's took 157 -> 174 us).
   static constexpr int kEdgeUnroll = Cfg::kBackward && !Cfg::kOneSegment ? 3 : 0;
-  using KeyCopy = TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain, kEdgeUnroll>;
-  using ValueCopy = TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain, kEdgeUnroll>;
+  // The forward's K and V tiles leave their columns past D to zeroes written once (TileCopy
+  // kIdleColumns, zero_ring_columns): the plain variants, whose every tile row is kKRow elements with
+  // kD columns (kD = kDOut in every shape they compile). Static model, DeepViT-L-384 plain forward
+  // (d = 35 in 48 columns, every tile an edge tile before): 210 -> 198 us. Not the segmented row pass:
+  // at its 255 registers the whole-tile path fully unrolled spilled 8 bytes (442-2038 us against
+  // 480-1957 without, by 3 the same spill).
+  static constexpr bool kIdleColumns = Cfg::kPlain && !Cfg::kBackward && Cfg::kD == Cfg::kDOut;
+  using KeyCopy = TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain, kEdgeUnroll, kIdleColumns>;
+  using ValueCopy =
+      TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain, kEdgeUnroll, kIdleColumns>;
 
   const ReAttnParams& p;
   RowLayout L;
@@ -337,8 +375,8 @@ struct RowProgram {
     vbase = static_cast<const E*>(p.v) + b * p.v_st.b;
     if constexpr (kKeepLanes) {
       // Opaque: else the compiler forms them again from the thread index at every tile.
-      key_lane = KeyCopy::make_lane(kKRow, static_cast<int>(p.k_st.h), static_cast<int>(p.k_st.n));
-      value_lane = ValueCopy::make_lane(kVRow, static_cast<int>(p.v_st.h), static_cast<int>(p.v_st.n));
+      key_lane = KeyCopy::make_lane(kKRow, static_cast<int>(p.k_st.h), static_cast<int>(p.k_st.n), D);
+      value_lane = ValueCopy::make_lane(kVRow, static_cast<int>(p.v_st.h), static_cast<int>(p.v_st.n), D - d0);
       key_lane = {dev::opaque(key_lane.hl0), dev::opaque(key_lane.dst_off), dev::opaque(key_lane.src_off),
                   dev::opaque(key_lane.rd)};
       value_lane = {dev::opaque(value_lane.hl0), dev::opaque(value_lane.dst_off), dev::opaque(value_lane.src_off),
@@ -382,16 +420,26 @@ struct RowProgram {
   // K tile: heads round * groups .. + groups, keys key0 .. key0 + kKeyTile, all kD columns.
   REATTN_DEVICE void issue_keys(int round, int key0) {
     const int sh = static_cast<int>(p.k_st.h), sn = static_cast<int>(p.k_st.n);
-    KeyCopy::issue(slot_tile(issued++ & 1), !kKeepLanes ? KeyCopy::make_lane(kKRow, sh, sn) : key_lane, kKRow,
+    KeyCopy::issue(slot_tile(issued++ & 1), !kKeepLanes ? KeyCopy::make_lane(kKRow, sh, sn, D) : key_lane, kKRow,
                    kbase, sh, sn, static_cast<int>(p.k_st.d), round * kGroups, kGroups, H, key0, Nk, 0, D, vector());
     dev::cp_async_commit();
   }
   // V tile: every head, keys key0 .. key0 + kValueTile, output columns d0 .. d0 + d_out.
   REATTN_DEVICE void issue_values(int key0) {
     const int sh = static_cast<int>(p.v_st.h), sn = static_cast<int>(p.v_st.n);
-    ValueCopy::issue(slot_tile(issued++ & 1), !kKeepLanes ? ValueCopy::make_lane(kVRow, sh, sn) : value_lane, kVRow,
+    ValueCopy::issue(slot_tile(issued++ & 1), !kKeepLanes ? ValueCopy::make_lane(kVRow, sh, sn, D - d0) : value_lane,
+                     kVRow,
                      vbase, sh, sn, static_cast<int>(p.v_st.d), 0, H, H, key0, Nk, d0, D, vector());
     dev::cp_async_commit();
+  }
+  // Before the first tile: the ring's idle columns (kIdleColumns) zeroed, in both slots, with the
+  // first tile's cp.async group. Rows of kKRow elements and D real columns, the K tiles' and the V
+  // tiles' alike (a plain program's head dim fits its output columns: d0 = 0).
+  REATTN_DEVICE void zero_ring_columns() {
+    static_assert(!kIdleColumns || kKRow == kVRow, "one row size in the ring");
+    const int rows = static_cast<int>(L.ring_slot / (kKRow * sizeof(E)));
+    KeyCopy::zero_idle_columns(slot_tile(0), rows, kKRow, D, kbase);
+    KeyCopy::zero_idle_columns(slot_tile(1), rows, kKRow, D, kbase);
   }
   // After the last K tile of a segment's score phase: its first V tile. After the last V tile: the
   // next segment's first K tile, or nothing.
@@ -413,25 +461,40 @@ struct RowProgram {
   REATTN_DEVICE void load_row_fragments(const void* src, const Strides4& st, int h,
                                         uint32_t (&f)[Cfg::kKSteps][4]) const {
     const int r0 = m0 + slab * 16 + gq;
-    if (Cfg::kPlain && !Cfg::kBackward && D == Cfg::kD) {
-      // Every column real (the forward's usual case): no column tests, and 32-bit offsets within the
-      // batch element (the host checks they fit), so each register is one load at an immediate
-      // offset from the thread's row (static model, DeepViT-16b plain affine forward: ~73 integer
-      // instructions per warp and round on the general path).
+    if constexpr (Cfg::kPlain) {
+      // The plain variants' rows hold zeros from D to the next multiple of 8 (ops.cpp vector_aligned),
+      // so a register is real or zero by its 8-column half, a test the warp shares, and 2 tq folds into
+      // the thread's row address: each register is one load at an immediate offset. Offsets within the
+      // batch element are 32-bit (the host checks they fit). Static model, DeepViT-16b plain affine
+      // forward: ~73 integer instructions per warp and round on the general path below.
+      const int d8 = (D + 7) & ~7;
       const E* batch = static_cast<const E*>(src) + b * st.b;
       const int sn = static_cast<int>(st.n), hs = h * static_cast<int>(st.h);
       const bool ok[2] = {r0 < Nq, r0 + 8 < Nq};
       const uint32_t* rows[2] = {reinterpret_cast<const uint32_t*>(batch + (hs + (ok[0] ? r0 : 0) * sn + 2 * tq)),
                                  reinterpret_cast<const uint32_t*>(batch + (hs + (ok[1] ? r0 + 8 : 0) * sn + 2 * tq))};
+      if (!Cfg::kBackward && D == Cfg::kD) {
+        // The forward's usual case, every column real: no column tests (static model, ViT-B plain
+        // forward: 428.5 -> 427.4 us at t_high).
+#pragma unroll
+        for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) f[kk][r] = ok[r & 1] ? rows[r & 1][kk * 8 + (r >> 1) * 4] : 0u;
+        }
+        return;
+      }
 #pragma unroll
       for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
 #pragma unroll
-        for (int r = 0; r < 4; ++r) f[kk][r] = ok[r & 1] ? rows[r & 1][kk * 8 + (r >> 1) * 4] : 0u;
+        for (int r = 0; r < 4; ++r) {
+          const int c = kk * 16 + (r >> 1) * 8;
+          f[kk][r] = ok[r & 1] && c < d8 ? rows[r & 1][c / 2] : 0u;
+        }
       }
       return;
     }
     const E* base = static_cast<const E*>(src) + b * st.b + h * st.h;
-    if (Cfg::kPlain || vector()) {
+    if (vector()) {
       const bool ok[2] = {r0 < Nq, r0 + 8 < Nq};
       const uint32_t* rows[2] = {reinterpret_cast<const uint32_t*>(base + (ok[0] ? r0 : 0) * st.n),
                                  reinterpret_cast<const uint32_t*>(base + (ok[1] ? r0 + 8 : 0) * st.n)};
@@ -1614,6 +1677,7 @@ struct RowProgram {
 
   REATTN_DEVICE void run_forward() {
     load_parameters();
+    zero_ring_columns();
     issue_keys(0, 0);
     float o[kHeads][Cfg::kOutN8][4];
     float moments[kHeads][2];
@@ -2405,6 +2469,7 @@ struct RowProgram {
                       static_cast<int>(p.do_st.h), static_cast<int>(p.do_st.n), static_cast<int>(p.do_st.d), 0, H,
                       H, m0, Nq, 0, D, vector());
     }
+    zero_ring_columns();
     issue_keys(0, 0);  // the first score phase's first K tile
     uint32_t df[kHeads][Cfg::kKSteps][4];  // one segment: dO fragments of the owned heads (after the scores)
     float dq[kHeads][Cfg::kOutN8][4];
