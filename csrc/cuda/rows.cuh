@@ -735,19 +735,36 @@ struct RowProgram {
 #pragma unroll
       for (int e = 0; e < 4; ++e) tile_max[e / 2] = dev::fmax_(tile_max[e / 2], s[n][e]);
     }
-    float mc[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       // 2^((m - max) c) is 1 when the max did not move; skipped while no key is finite (m = -inf).
       if (m[r] != -INFINITY) l[r] *= dev::exp2_approx((m[r] - tile_max[r]) * c);
       m[r] = tile_max[r];
-      mc[r] = m[r] == -INFINITY ? 0.0f : m[r] * c;
     }
+    if constexpr (kFold) {
+      const float mc[2] = {m[0] == -INFINITY ? 0.0f : m[0] * c, m[1] == -INFINITY ? 0.0f : m[1] * c};
+#pragma unroll
+      for (int n = 0; n < Cfg::kTileN8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) l[e / 2] += dev::exp2_approx(s[n][e] * c - mc[e / 2]);
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < Cfg::kTileN8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) l[e / 2] += exp_shifted(s[n][e], m[e / 2]);
+      }
+    }
+  }
+
+  // Entries of a K tile's scores s [kTileN8][4] whose key (key0 + 8 n + 2 tq + (e & 1)) is at or past
+  // `end` set to -inf (exp 0): keys past Nk or past the segment in the K tile that holds them.
+  REATTN_DEVICE void mask_keys_from(float (*s)[4], int key0, int end) const {
 #pragma unroll
     for (int n = 0; n < Cfg::kTileN8; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        l[e / 2] += kFold ? dev::exp2_approx(s[n][e] * c - mc[e / 2]) : exp_shifted(s[n][e], m[e / 2]);
+        if (key0 + n * 8 + 2 * tq + (e & 1) >= end) s[n][e] = -INFINITY;
       }
     }
   }
@@ -779,15 +796,7 @@ struct RowProgram {
         if constexpr (Cfg::kPlain) {
           // No mask and scale > 0: m tracks the raw products' max (rows past Nq: zero q, finite), keys
           // past Nk are -inf, and each entry is one FMA and exponential, 2^(raw c - m c).
-          if ((t + 1) * kKeyTile > Nk) {
-#pragma unroll
-            for (int n = 0; n < Cfg::kTileN8; ++n) {
-#pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                if (t * kKeyTile + n * 8 + 2 * tq + (e & 1) >= Nk) s[n][e] = -INFINITY;
-              }
-            }
-          }
+          if ((t + 1) * kKeyTile > Nk) mask_keys_from(s, t * kKeyTile, Nk);
           sweep_tile<true>(s, c_log2, m, l);
         } else {
 #pragma unroll
@@ -943,15 +952,7 @@ struct RowProgram {
         }
         if (active) {
           score_tile(slot, group, qf, st);
-          if (t == tiles - 1 && keys % kKeyTile != 0) {
-#pragma unroll
-            for (int n = 0; n < Cfg::kTileN8; ++n) {
-#pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                if (t * kKeyTile + n * 8 + 2 * tq + (e & 1) >= keys) st[n][e] = -INFINITY;
-              }
-            }
-          }
+          if (t == tiles - 1 && keys % kKeyTile != 0) mask_keys_from(st, t * kKeyTile, keys);
         }
       }
     }
