@@ -181,16 +181,6 @@ struct TileCopy {
       }
     }
   }
-  // kFixedRow: chunks k of the thread's heads below h_lim, whole, from from_k + k step.
-  REATTN_DEVICE static void copy_whole(E* dst, const Lane& lane, int row, const char* from_k, int64_t step,
-                                       int h_lim) {
-#pragma unroll
-    for (int k = 0; k < kPerThread; ++k) {
-      const int hl = lane.hl0 + k * kHeadStep;
-      if (hl < h_lim) dev::cp_async_16_full(dst + lane.dst_off + k * kHeadStep * kTileRows * row, from_k);
-      from_k += step;
-    }
-  }
   // lane: make_lane(row, sh, sn, D - d0) of this thread (read in the kFixedRow copies only).
   REATTN_DEVICE static void issue(E* dst, const Lane& lane, int row, const E* src, int sh, int sn, int sd, int h0,
                                   int heads, int H, int r0, int n_rows, int d0, int D, bool vector) {
@@ -210,7 +200,12 @@ struct TileCopy {
         // both branches' copies predicated (static model, ViT-B plain key pass: 16 copies per thread
         // and query chunk for 12, 229.5 against 219.5 us); a limit of 0 for idle threads here instead
         // of kIdle spilled its sm_80 build (8 bytes).
-        copy_whole(dst, lane, row, from_k, step, h_end);
+#pragma unroll
+        for (int k = 0; k < kPerThread; ++k) {
+          const int hl = lane.hl0 + k * kHeadStep;
+          if (hl < h_end) dev::cp_async_16_full(dst + lane.dst_off + k * kHeadStep * kTileRows * row, from_k);
+          from_k += step;
+        }
         return;
       }
       // A tile at an edge (the last rows, or columns past D: every tile of a head dim below kCols).
@@ -2470,7 +2465,6 @@ struct RowProgram {
                       static_cast<int>(p.do_st.h), static_cast<int>(p.do_st.n), static_cast<int>(p.do_st.d), 0, H,
                       H, m0, Nq, 0, D, vector());
     }
-    zero_ring_columns();
     issue_keys(0, 0);  // the first score phase's first K tile
     uint32_t df[kHeads][Cfg::kKSteps][4];  // one segment: dO fragments of the owned heads (after the scores)
     float dq[kHeads][Cfg::kOutN8][4];
