@@ -200,6 +200,20 @@ struct TileCopy {
         // both branches' copies predicated (static model, ViT-B plain key pass: 16 copies per thread
         // and query chunk for 12, 229.5 against 219.5 us); a limit of 0 for idle threads here instead
         // of kIdle spilled its sm_80 build (8 bytes).
+        // A thread whose every chunk's head exists (every thread, where the tile has all its heads) copies
+        // with no test per chunk: a test per chunk made each copy a basic block of its own, which ptxas
+        // pads with three never-executed LDS and a BSSY/BSYNC pair (static model, LayerNorm forwards:
+        // DeepViT-16b 297.8 -> 295.4 us, ViT-B 444.3 -> 439.2). Only where no thread is idle: with
+        // idle threads (DeepViT-L-384's d = 35) ptxas if-converted the two loops and issued both
+        // loops' copies predicated (its forward 1059 -> 1187 us).
+        if (kCopyThreads == kThreads && lane.hl0 + (kPerThread - 1) * kHeadStep < h_end) {
+#pragma unroll
+          for (int k = 0; k < kPerThread; ++k) {
+            dev::cp_async_16_full(dst + lane.dst_off + k * kHeadStep * kTileRows * row, from_k);
+            from_k += step;
+          }
+          return;
+        }
 #pragma unroll
         for (int k = 0; k < kPerThread; ++k) {
           const int hl = lane.hl0 + k * kHeadStep;
@@ -667,7 +681,10 @@ struct RowProgram {
   }
 
   // P~ of head h for the segment to shared memory, 16-bit, from exponentials e^(S - m) times inv_l;
-  // masked entries as -0 (bit e of masks[n] for fragment entry e), dropped ones as +0.
+  // masked entries as -0 (bit e of masks[n] for fragment entry e), dropped ones as +0. The n8 tiles
+  // below kSureN8 are known to be below n8_end: no test (static model, DeepViT-16b LayerNorm forward,
+  // with the one-segment softmax's whole tiles: 294.6 -> 293.8 us).
+  template <int kSureN8 = 0>
   REATTN_DEVICE void store_probs(float (&s)[Cfg::kScoreN8][4], const uint32_t (&masks)[Cfg::kScoreN8], int h,
                                  int key0, int n8_end, const float (&inv_l)[2], bool general) const {
     E* probs = at<E>(L.probs) + (static_cast<size_t>(h) * Cfg::kRows + slab * 16 + gq) * L.p_row + h * kProbsPad + 2 * tq;
@@ -676,7 +693,7 @@ struct RowProgram {
     const float threshold = static_cast<float>(p.dropout_p);
 #pragma unroll
     for (int n = 0; n < Cfg::kScoreN8; ++n) {
-      if (n < n8_end) {
+      if (n < kSureN8 || n < n8_end) {
         float v[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) v[e] = s[n][e] * inv_l[e / 2];
@@ -859,7 +876,8 @@ struct RowProgram {
     const bool exact_round = !Cfg::kBackward && (Cfg::kOneSegment || exact);
     if (Cfg::kPlain && exact_round) {
       float m[2], l[2];
-      if (key_tiles(keys) == Cfg::kKeyTiles) {
+      const bool full = key_tiles(keys) == Cfg::kKeyTiles;
+      if (full) {
         plain_softmax<true>(s, keys, n8_end, m, l);
       } else {
         plain_softmax<false>(s, keys, n8_end, m, l);
@@ -867,7 +885,11 @@ struct RowProgram {
       inv_l[0] = dev::rcp_approx(l[0]);
       inv_l[1] = dev::rcp_approx(l[1]);
       write_stats(h, m, l);
-      store_probs(s, masks, h, key0, n8_end, inv_l, false);
+      if (full) {  // the last K tile has a key: n8_end >= its first 16 keys' end
+        store_probs<(Cfg::kKeyTiles - 1) * Cfg::kTileN8 + 2>(s, masks, h, key0, n8_end, inv_l, false);
+      } else {
+        store_probs(s, masks, h, key0, n8_end, inv_l, false);
+      }
       return;
     }
     if constexpr (Cfg::kPlain && (Cfg::kBackward || Cfg::kVariant != kPlainMoments)) {
@@ -1296,16 +1318,46 @@ struct RowProgram {
   // thread's C entries are 2 keys (gq, gq + 8) x 4 output heads (2 tq, 2 tq + 1, + 8; narrow: 2), M
   // already less its mean over the heads (products exact, fp32 sums: as exact as M itself; output
   // heads past H are 0), so LayerNorm's variance is a sum of squares within the thread and its quad
-  // (2 shuffle levels), with no test for heads past H. A = out_scale (gamma xhat + beta) goes back
+  // (2 shuffle levels), with no test for heads past H. A / s = xhat + beta' / s (below) goes back
   // over P~ in 16 bits by one stmatrix.trans per row (narrow: per two rows; sm_90; 16-bit stores per
   // entry before it). Per row and 16 keys (wide): 4 products, 8 + 16 fp32 multiply-adds, 3 shuffles,
   // one reciprocal square root per lane, against 16 H multiply-adds per owned head for the mixing and
   // the slab's exchange of partial sums through shared memory (static model, LayerNorm forward
   // kernel, sm_90, H100: ViT-B 129.7-545.0 us -> 82.9-446.3, DeiT-S 108.7-458.9 -> 82.6-420.6).
+  //
+  // gamma' = out_scale gamma comes out of the entries: A = s (xhat + beta' / s) with s = layer_scale(g),
+  // so each entry takes one multiply-add (xhat + beta' / s, stored in 16 bits) and O = s ((A / s) V) is
+  // scaled once per output head at the end (scale_by_layer). The 16-bit rounding of xhat + beta' / s
+  // is relative to |A| / |s|: the same error in O as rounding A itself (static model, LayerNorm
+  // forwards: DeepViT-16b 300.0 -> 297.8 us, DeiT-S 420.8 -> 419.2, ViT-B 445.8 -> 444.3).
   struct LayerLane {
-    float gamma[2][2], beta[2][2];  // out_scale gamma, out_scale beta of output head 8 t + 2 tq + e
+    float shift[2][2];  // beta' / s of output head 8 t + 2 tq + e
     float inv_h, eps;
   };
+
+  // s for a head with gamma' = out_scale gamma and beta' = out_scale beta: gamma' with its magnitude
+  // raised to at least 2^-24 |beta'| (and 2^-64), so beta' / s stays within 2^24 and is finite for
+  // gamma' = 0. Where raised, A = gamma' xhat + beta' is beta' to within 2^-24 |beta'| sqrt(H)
+  // (|xhat| <= sqrt(H)): below the 16-bit rounding of A. load_parameters keeps s and beta' / s in the
+  // gamma and beta rows.
+  REATTN_DEVICE static float layer_scale(float gamma, float beta) {
+    const float floor = fmaxf(fabsf(beta) * 0x1p-24f, 0x1p-64f);
+    return fabsf(gamma) >= floor ? gamma : copysignf(floor, gamma);
+  }
+
+  // O of each owned head times s (the LayerNorm forward's factored gamma': layer_fragments).
+  REATTN_DEVICE void scale_by_layer(float (&o)[kHeads][Cfg::kOutN8][4]) const {
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      const int g = group + kGroups * j;
+      const float s = g < H ? vec_row(kGamma)[g] : 0.0f;
+#pragma unroll
+      for (int n = 0; n < Cfg::kOutN8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[j][n][e] *= s;
+      }
+    }
+  }
 
   REATTN_DEVICE void layer_fragments(uint32_t (&hi)[4], uint32_t (&lo)[4], LayerLane& ln) const {
     const float* weights = at<float>(L.weights);
@@ -1322,8 +1374,7 @@ struct RowProgram {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int g = 8 * t + 2 * tq + e;
-        ln.gamma[t][e] = g < H ? vec_row(kGamma)[g] : 0.0f;
-        ln.beta[t][e] = g < H ? vec_row(kBeta)[g] : 0.0f;
+        ln.shift[t][e] = g < H ? vec_row(kBeta)[g] : 0.0f;  // beta' / s (load_parameters)
       }
     }
     ln.inv_h = inv_heads();
@@ -1331,8 +1382,8 @@ struct RowProgram {
   }
 
   // A of the slab's 16 rows over the chunk's 16 keys, written over P~ in place (each warp its rows,
-  // as mix_in_place), then O += A V for the warp's output heads. A = out_scale (gamma xhat + beta),
-  // xhat = (M - mean) rstd across the H heads of each entry, rstd from the centered squares. Rows past
+  // as mix_in_place), then O += (A / s) V for the warp's output heads. A = out_scale (gamma xhat +
+  // beta), xhat = (M - mean) rstd across the H heads of each entry, rstd from the centered squares. Rows past
   // Nq and keys past the segment hold finite values (P~ there is finite; eps keeps rstd finite) that
   // meet only zero rows of V or unwritten output rows.
   REATTN_DEVICE void mix_in_place_layer(int slot, int chunk_col, float (&o)[kHeads][Cfg::kOutN8][4],
@@ -1350,52 +1401,63 @@ struct RowProgram {
     uint32_t dst = ml.dst + 2 * col;           // else: key gq, head 2 tq of the warp's first row
     const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const bool odd = tq & 1;
+    // Wide: two loads per step, both read before either row's stmatrix: a load after a store to shared
+    // memory waits for it (ptxas cannot tell they do not overlap), so one row per step left the
+    // products' latency to NOPs (static model, DeepViT-16b LayerNorm forward: 832 per block, 295.4 ->
+    // 294.6 us).
+    constexpr int kLoads = !kNarrow && kMixRowsPerWarp % 2 == 0 ? 2 : 1;
 #pragma unroll
-    for (int r = 0; r < kMixRowsPerWarp; r += kRowsPerLoad) {
+    for (int r = 0; r < kMixRowsPerWarp; r += kRowsPerLoad * kLoads) {
       // Wide: A (keys x input heads) = (keys gq, heads 2 tq), (gq + 8, 2 tq), (gq, 2 tq + 8), (gq + 8, 2 tq + 8).
       // Narrow: row u's A = pb[2 u] (keys gq, heads 2 tq), pb[2 u + 1] (keys gq + 8).
-      uint32_t pb[4];
-      dev::ldmatrix_x4_trans_at(pb, src);
-      uint32_t packed[4];  // stmatrix's matrices: wide [2 t + k], narrow [2 u + k] (k: keys 8 k ..)
+      uint32_t pb[kLoads][4];
 #pragma unroll
-      for (int u = 0; u < kRowsPerLoad; ++u) {
-        float c[kTiles][4];  // M - mean: [heads 8 t ..][(key gq, head 2 tq), (gq, 2 tq + 1), (gq + 8, 2 tq), (gq + 8, 2 tq + 1)]
-        float sq[2] = {0.0f, 0.0f}, rstd[2];  // the thread's centered squares of key gq, gq + 8
+      for (int l = 0; l < kLoads; ++l) dev::ldmatrix_x4_trans_at(pb[l], src + l * ml.src_step);
+      uint32_t packed[kLoads][4];  // stmatrix's matrices: wide [2 t + k], narrow [2 u + k] (k: keys 8 k ..)
 #pragma unroll
-        for (int t = 0; t < kTiles; ++t) {
-          Mix::template centered_tile<kNarrow>(pb, u, t, whi, wlo, zero, c[t]);
+      for (int l = 0; l < kLoads; ++l) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) sq[e / 2] += c[t][e] * c[t][e];
-        }
-        Mix::pair_rstd(sq, ln.inv_h, ln.eps, odd, rstd);
-#pragma unroll
-        for (int t = 0; t < kTiles; ++t) {
-#pragma unroll
-          for (int k = 0; k < 2; ++k) {
-            const float x0 = c[t][2 * k] * rstd[k], x1 = c[t][2 * k + 1] * rstd[k];
-            packed[kNarrow ? 2 * u + k : 2 * t + k] =
-                Cv::pack(x0 * ln.gamma[t][0] + ln.beta[t][0], x1 * ln.gamma[t][1] + ln.beta[t][1]);
-          }
-        }
-        if (!matrix_store) {
+        for (int u = 0; u < kRowsPerLoad; ++u) {
+          float c[kTiles][4];  // M - mean: [heads 8 t ..][(key gq, head 2 tq), (gq, 2 tq + 1), (gq + 8, 2 tq), (gq + 8, 2 tq + 1)]
+          float sq[2] = {0.0f, 0.0f}, rstd[2];  // the thread's centered squares of key gq, gq + 8
 #pragma unroll
           for (int t = 0; t < kTiles; ++t) {
-            const uint32_t at_t = dst + u * ml.row + t * ml.head8;
-            const uint32_t w0 = packed[kNarrow ? 2 * u : 2 * t], w1 = packed[kNarrow ? 2 * u + 1 : 2 * t + 1];
+            Mix::template centered_tile<kNarrow>(pb[l], u, t, whi, wlo, zero, c[t]);
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              if (8 * t + 2 * tq + e < H) {
-                dev::store_shared_b16(at_t + e * ml.head1, w0 >> (16 * e));
-                dev::store_shared_b16(at_t + e * ml.head1 + 16, w1 >> (16 * e));
+            for (int e = 0; e < 4; ++e) sq[e / 2] += c[t][e] * c[t][e];
+          }
+          Mix::pair_rstd(sq, ln.inv_h, ln.eps, odd, rstd);
+#pragma unroll
+          for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+              packed[l][kNarrow ? 2 * u + k : 2 * t + k] =
+                  Cv::pack(c[t][2 * k] * rstd[k] + ln.shift[t][0], c[t][2 * k + 1] * rstd[k] + ln.shift[t][1]);
+            }
+          }
+          if (!matrix_store) {
+#pragma unroll
+            for (int t = 0; t < kTiles; ++t) {
+              const uint32_t at_t = dst + (l * kRowsPerLoad + u) * ml.row + t * ml.head8;
+              const uint32_t w0 = packed[l][kNarrow ? 2 * u : 2 * t], w1 = packed[l][kNarrow ? 2 * u + 1 : 2 * t + 1];
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                if (8 * t + 2 * tq + e < H) {
+                  dev::store_shared_b16(at_t + e * ml.head1, w0 >> (16 * e));
+                  dev::store_shared_b16(at_t + e * ml.head1 + 16, w1 >> (16 * e));
+                }
               }
             }
           }
         }
       }
-      if (matrix_store) dev::stmatrix_x4_trans_at(out, packed);  // stored rows: heads (lane's head, row)
-      src += ml.src_step;
-      out += ml.out_step;
-      dst += kRowsPerLoad * ml.row;
+      if (matrix_store) {  // stored rows: heads (lane's head, row)
+#pragma unroll
+        for (int l = 0; l < kLoads; ++l) dev::stmatrix_x4_trans_at(out + l * ml.out_step, packed[l]);
+      }
+      src += kLoads * ml.src_step;
+      out += kLoads * ml.out_step;
+      dst += kLoads * kRowsPerLoad * ml.row;
     }
     Mix::slab_barrier(slab);  // A of the slab's every row
     const E* values = slot_tile(slot);
@@ -1437,6 +1499,10 @@ struct RowProgram {
       } else if (row < kVectorRows && h < H) {
         const int from = row < kColumnMean ? row : row - 1;  // the folded rows skip the column means
         if (from < kRows) v = f[H * H + from * H + h];
+        if (kTensorLayer && (row == kGamma || row == kBeta)) {  // s and beta' / s (layer_scale)
+          const float beta = f[H * H + 2 * H + h], scale = layer_scale(f[H * H + H + h], beta);
+          v = row == kGamma ? scale : beta / scale;
+        }
         if (row == kRstd && from >= kRows) v = 1.0f;
         if (Cfg::kBackward && p.norm == kNormBatch && (row == kGamma || row == kBeta || row == kE || row == kF)) {
           const BatchCoefficients b = batch_coefficients(f, H, h, kTensorBatch);
@@ -1696,6 +1762,7 @@ struct RowProgram {
       }
     }
     dev::cp_async_wait<0>();
+    if constexpr (kTensorLayer) scale_by_layer(o);
     write_output(o);
     if (counting()) write_moments(moments);
     if (summing_values()) write_value_sums();

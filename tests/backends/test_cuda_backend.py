@@ -149,11 +149,14 @@ TC_DTYPES = [torch.bfloat16, torch.float16]
 
 
 def tc_case(B, H, Nq, Nk, D, *, norm="none", mask=None, dropout=0.0, seed=0, dtype=torch.bfloat16, references=True,
-            **options):
-    """(output, row statistics, float64 reference, eager output in `dtype`) of one tensor-core forward."""
+            norm_weight=None, **options):
+    """(output, row statistics, float64 reference, eager output in `dtype`) of one tensor-core forward.
+    norm_weight: the norm's weight [H] in place of the random one."""
     from reattn.reference import re_attention_ref
 
     q, k, v, w, c, gamma, beta, _ = tensors(B, H, Nq, Nk, D, seed=seed)
+    if norm_weight is not None:
+        gamma = norm_weight.to(gamma)
     nw, nb = (gamma, beta) if norm != "none" else (None, None)
     rows = torch.stack([torch.linspace(-0.02, 0.03, H, dtype=torch.float64),
                         torch.linspace(0.8, 1.3, H, dtype=torch.float64)]).to(DEVICE)  # mean, 1/std
@@ -227,6 +230,19 @@ def test_tensor_core_forward_within_twice_eager_error_in_every_mode(name, shape,
     attn_mask = {None: None, "bool": bool_mask(B, Nq, Nk), "float": additive_mask(H, Nq, Nk)}[mask]
     out, stats, reference, eager = tc_case(B, H, Nq, Nk, D, norm=norm, mask=attn_mask, dropout=dropout, dtype=dtype)
     assert out.dtype == dtype and stats.shape == (B, H, Nq, 2) and stats.dtype == torch.float32
+    assert_within_twice_eager_error(out, reference, eager)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the emulator's tile choice (an H100's shared memory) is checked here")
+@pytest.mark.parametrize("H,D", [(12, 32), (6, 64)], ids=["wide", "narrow"])
+def test_layer_tensor_mixing_takes_zero_tiny_and_negative_norm_weights(H, D):
+    # The plain LayerNorm forward stores A / s = xhat + beta' / s and scales O by s once (rows.cuh
+    # layer_scale: s = gamma' raised to at least 2^-24 |beta'|): gamma = 0 or tiny next to beta is
+    # A = beta' there, within the 16-bit rounding; a head with gamma = 0 gets no NaN or infinity.
+    values = [0.0, 1e-30, -1e-30, -0.7, 1.1, 1e-6, 2.0, 0.0, -3.0, 0.5, 1.0, 1e-3]
+    gamma = torch.tensor(values[:H], dtype=torch.float64)
+    out, _, reference, eager = tc_case(2, H, 17, 50, D, norm="layer", norm_weight=gamma)
+    assert out.isfinite().all()
     assert_within_twice_eager_error(out, reference, eager)
 
 
