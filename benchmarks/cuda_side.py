@@ -94,6 +94,18 @@ class KeyLayout(ctypes.Structure):
                              "weights_t", "vectors", "exchange", "bytes")]
 
 
+class ParamRef(ctypes.Structure):
+    """csrc/cuda/params.h's ParamRef: a parameter as given (storage type, strides)."""
+    _fields_ = [("data", ctypes.c_void_p), ("storage", ctypes.c_int), ("stride0", ctypes.c_int64),
+                ("stride1", ctypes.c_int64)]
+
+
+class FoldInputs(ctypes.Structure):
+    """csrc/cuda/params.h's FoldInputs (ReAttnParams::fold): the parameters each tensor-core program folds."""
+    _fields_ = [("H", ctypes.c_int), ("norm", ctypes.c_int), ("out_scale", ctypes.c_double), ("keep", ctypes.c_double),
+                ("W", ParamRef), ("c", ParamRef), ("gamma", ParamRef), ("beta", ParamRef), ("bn", ctypes.c_void_p)]
+
+
 class ReAttnParams(ctypes.Structure):
     _fields_ = [
         ("B", ctypes.c_int64), ("H", ctypes.c_int), ("Nq", ctypes.c_int), ("Nk", ctypes.c_int), ("D", ctypes.c_int),
@@ -105,7 +117,7 @@ class ReAttnParams(ctypes.Structure):
         ("scale", ctypes.c_double), ("out_scale", ctypes.c_double), ("eps", ctypes.c_double),
         ("dropout_p", ctypes.c_double), ("seed", ctypes.c_void_p),
         ("out", ctypes.c_void_p), ("o_st", Strides4), ("lse", ctypes.c_void_p), ("lse_is_input", ctypes.c_bool),
-        ("stats_is_input", ctypes.c_bool), ("folded", ctypes.c_void_p), ("vector_loads", ctypes.c_bool),
+        ("stats_is_input", ctypes.c_bool), ("fold", FoldInputs), ("vector_loads", ctypes.c_bool),
         ("out_is_acc", ctypes.c_bool), ("moments", ctypes.c_void_p), ("value_sums", ctypes.c_void_p),
         ("shift", ctypes.c_double), ("s1", ctypes.c_void_p), ("gram", ctypes.c_void_p),
         ("dq", ctypes.c_void_p), ("dq_st", Strides4), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
@@ -114,12 +126,6 @@ class ReAttnParams(ctypes.Structure):
         ("dk_st", Strides4), ("dv_st", Strides4), ("key_tiles", KeyLayout),
         ("plan", Plan),
     ]
-
-
-class ParamRef(ctypes.Structure):
-    """csrc/cuda/params.h's ParamRef: a parameter as given (storage type, strides)."""
-    _fields_ = [("data", ctypes.c_void_p), ("storage", ctypes.c_int), ("stride0", ctypes.c_int64),
-                ("stride1", ctypes.c_int64)]
 
 
 class HeadAffineParams(ctypes.Structure):
@@ -138,15 +144,6 @@ class HeadAffineParams(ctypes.Structure):
 HEAD_AFFINE_THREADS = 256  # kHeadAffineThreads in params.h
 PARAMETER_THREADS = 256    # kParameterThreads in params.h
 STORAGE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}  # StorageKind
-
-
-class FoldParams(ctypes.Structure):
-    """csrc/cuda/params.h's FoldParams: fold_kernel's arguments (one block; B and Nq for the sampler)."""
-    _fields_ = [("H", ctypes.c_int), ("norm", ctypes.c_int), ("backward", ctypes.c_bool),
-                ("out_scale", ctypes.c_double), ("keep", ctypes.c_double), ("W", ParamRef), ("c", ParamRef),
-                ("gamma", ParamRef), ("beta", ParamRef), ("bn", ctypes.c_void_p), ("folded", ctypes.c_void_p)]
-    B = 1
-    Nq = 1
 
 
 class ParamGradsParams(ctypes.Structure):
@@ -181,7 +178,7 @@ class Launch:
     """One kernel launch as ops.cpp makes it.
 
     program: "forward", "backward_rows", "backward_keys" (tensor-core programs), "head_affine",
-    "head_dot_sums" (``head_affine.cuh``; params a :class:`HeadAffineParams`), "fold", "param_grads",
+    "head_dot_sums" (``head_affine.cuh``; params a :class:`HeadAffineParams`), "param_grads",
     "bn_moments", "bn_coefficients" (``parameters.cuh``; params its struct) or a CUDA-core program kind
     ("forward", "gram_sums", "backward", "bn_grad_sums") with ``core=True``.
     sweep: the runtime length the program's work grows with ("keys" or "queries") and ``unit`` its
@@ -399,21 +396,14 @@ def _record_small(kernel: str, struct_name: str, q, params, grid: int, shared: i
             "queries", 1, one_segment=True)
 
 
-def _fold(p: ReAttnParams, q, backward: bool, bn_rows: Optional[torch.Tensor]) -> torch.Tensor:
-    """ops.cpp's fold_parameters: one launch of fold_kernel writing [H*H + 3H] (backward: 7H) fp32."""
-    H = int(p.H)
-    folded = torch.empty(H * H + (7 if backward else 3) * H, dtype=torch.float32, device=q.device)
-    f = FoldParams()
-    f.H, f.norm, f.backward, f.out_scale = H, p.norm, backward, p.out_scale
+def _fold_inputs(p: ReAttnParams, touched: list, bn_rows: Optional[torch.Tensor]) -> None:
+    """ops.cpp's fold_inputs: the parameters as given, which each tensor-core program folds (and reads)."""
+    f = p.fold
+    f.H, f.norm, f.out_scale = int(p.H), p.norm, p.out_scale
     f.keep = 1.0 / (1.0 - p.dropout_p) if p.seed else 1.0
     f.W, f.c, f.gamma, f.beta = (_param_ref(t, "given_" + r) for t, r in zip(p.given, ("W", "c", "gamma", "beta")))
     f.bn = _RECORDER.pointer(bn_rows, "bn") if p.norm == NORM_CODES["batch"] else None
-    f.folded = _RECORDER.pointer(folded, "folded")
-    touched = [(t, {"read"}) for t in p.given if t is not None] + [(folded, {"write"})]
-    if p.norm == NORM_CODES["batch"]:
-        touched.append((bn_rows, {"read"}))
-    _record_small("fold_kernel", "FoldParams", q, f, 1, 0, touched)
-    return folded
+    touched += [(t, {"read"}) for t in p.given if t is not None]
 
 
 def _param_grads(q, partials: torch.Tensor, pieces) -> None:
@@ -568,13 +558,11 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
             value_sums = torch.empty((B, H, tiles["grid"][0], D), dtype=torch.float32, device=q.device)
             p.value_sums = rec.pointer(value_sums, "value_sums")
             touched.append((value_sums, {"write"}))
-        folded = _fold(p, q, False, bn_rows)
-        p.folded = rec.pointer(folded, "folded")
+        _fold_inputs(p, touched, bn_rows)
         p.lse = rec.pointer(stats, "lse")
         p.stats_is_input = given
         p.moments = rec.pointer(moments, "moments") if with_moments else None
         p.vector_loads = _vector_aligned(p, touched, (("q", "q_st"), ("k", "k_st"), ("v", "v_st")), (q, k, v))
-        touched.append((folded, {"read"}))
         if with_moments:
             touched.append((moments, {"write"}))
         variant = forward_variant(p)
@@ -628,15 +616,14 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
     if tiles is not None:
         rows, keys = tiles["rows"], tiles["keys"]
         p.lse = rec.pointer(stats, "lse")
-        folded = _fold(p, q, True, bn_rows)
-        p.folded = rec.pointer(folded, "folded")
+        _fold_inputs(p, touched, bn_rows)
         p.vector_loads = _vector_aligned(p, touched, (("q", "q_st"), ("k", "k_st"), ("v", "v_st"),
                                                       ("grad_out", "do_st")), (q, k, v, grad_out))
         p.stats_only = stats_only
         programs = B * -(-Nq // rows["rows"])
         partials = torch.empty((programs, H * H + 3 * H), dtype=torch.float32, device=q.device)
         p.partials = rec.pointer(partials, "partials")
-        touched += [(stats, {"read"}), (folded, {"read"}), (partials, {"write"})]
+        touched += [(stats, {"read"}), (partials, {"write"})]
         row_touched = list(touched)
         if not stats_only:
             delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)

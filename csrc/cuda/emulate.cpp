@@ -255,10 +255,6 @@ sim::Launch parameter_launch(int order, uint64_t seed) {
 
 }  // namespace
 
-void emulate_fold(const FoldParams& p, int order, uint64_t seed) {
-  if (p.H > 0) sim::launch(parameter_launch(order, seed), [&] { fold_program(p); });
-}
-
 void emulate_param_grads(const ParamGradsParams& p, int order, uint64_t seed) {
   if (p.pieces > 0) sim::launch(parameter_launch(order, seed), [&] { param_grads_program(p); });
 }

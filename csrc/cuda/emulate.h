@@ -30,7 +30,6 @@ void emulate_head_affine(int storage, const HeadAffineParams& params, int order,
 void emulate_head_dot_sums(int storage, const HeadAffineParams& params, int order, uint64_t seed);
 
 // Runs the parameter steps of parameters.cuh, one block each.
-void emulate_fold(const FoldParams& params, int order, uint64_t seed);
 void emulate_param_grads(const ParamGradsParams& params, int order, uint64_t seed);
 void emulate_bn_moments(const BnMomentsParams& params, int order, uint64_t seed);
 void emulate_bn_coefficients(const BnCoefficientsParams& params, int order, uint64_t seed);

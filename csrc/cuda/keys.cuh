@@ -23,6 +23,7 @@
 
 #include "device.cuh"
 #include "mixing.cuh"
+#include "parameters.cuh"
 #include "params.h"
 #include "philox.cuh"
 #include "rows.cuh"
@@ -165,9 +166,13 @@ struct KeyProgram {
     return used++ & 1;
   }
 
-  // folded (fp32): W' [H][H] (g, h), then c, gamma', beta', mean, rstd, e, f per head (ops.cpp).
+  // The fold (fp32): W' [H][H] (g, h), then c, gamma', beta', mean, rstd, e, f per head (parameters.cuh,
+  // fold_parameters), formed in P~^T's buffer (written by the first chunk's scores, after a barrier; at
+  // most 4 (32 + 7) bytes per head against its 16 keys of at least 16 rows, 512 bytes).
   REATTN_DEVICE void load_parameters() {
-    const float* f = static_cast<const float*>(p.folded);
+    float* f = at<float>(L.probs_t);
+    fold_parameters<true>(p.fold, f, dev::thread_index(), Cfg::kThreads);
+    dev::sync_threads();
     float* weights = at<float>(L.weights);
     float* weights_t = at<float>(L.weights_t);
     float* vec = at<float>(L.vectors);

@@ -38,9 +38,8 @@ cudaError_t launch_backward_f16(int rows, int keys, bool plain, const ReAttnPara
 cudaError_t launch_head_affine(int storage, const HeadAffineParams& params, cudaStream_t stream);
 cudaError_t launch_head_dot_sums(int storage, const HeadAffineParams& params, cudaStream_t stream);
 
-// The parameter steps of parameters.cuh (one block each): the fold, the gradients' pieces, and training
-// BatchNorm's statistics from the one-sweep forward's moments and its backward coefficients.
-cudaError_t launch_fold(const FoldParams& params, cudaStream_t stream);
+// The parameter steps of parameters.cuh (one block each): the gradients' pieces, and training BatchNorm's
+// statistics from the one-sweep forward's moments and its backward coefficients.
 cudaError_t launch_param_grads(const ParamGradsParams& params, cudaStream_t stream);
 cudaError_t launch_bn_moments(const BnMomentsParams& params, cudaStream_t stream);
 cudaError_t launch_bn_coefficients(const BnCoefficientsParams& params, cudaStream_t stream);

@@ -145,8 +145,8 @@ struct Mixer {
   }
 
   // The backward's fragment table ([4][32][4] words: per lane hi and lo of W', then of W'^T; no bias
-  // column), filled by the block's first warp from row-major W'[g][h] (the folded parameters in
-  // global memory, so no barrier after the shared copy is needed); read after the block's next barrier.
+  // column), filled by the block's first warp from row-major W'[g][h] (the fold itself, already
+  // synchronized, not the layouts copied from it in the same phase); read after the block's next barrier.
   static REATTN_DEVICE void fill_fragment_table(const float* w, int H, int thread, uint32_t* table) {
     if (thread >= 32) return;
     const auto at = [&](int g, int h) { return g < H && h < H ? w[g * H + h] : 0.0f; };
@@ -273,8 +273,8 @@ struct Mixer {
   // input heads (the bias as C leaves no head slot to it), one row per load; narrow (at most 8):
   // m16n8k8, two rows per load. Heads past H read head 0 (finite) against zero weights, gamma' and beta'.
   //
-  // The table (u32 [kLayerTableKinds][32][4], filled by one warp from the folded parameters in global
-  // memory): per lane the centered weights' fragments (hi, lo: split_fragments of W'[g][h] less the
+  // The table (u32 [kLayerTableKinds][32][4], filled by one warp from the fold, as fill_fragment_table):
+  // per lane the centered weights' fragments (hi, lo: split_fragments of W'[g][h] less the
   // column mean of h, as the forward's kColumnMean, zero past H), the centered bias as C per tile of 8
   // output heads, gamma' and beta' of heads 2 tq, 2 tq + 1, 8 + 2 tq, 9 + 2 tq (zero past H).
   enum LayerTableKind : int { kCenteredHi = 0, kCenteredLo = 1, kCenteredBias = 2, kLayerGamma = 4, kLayerBeta = 5 };

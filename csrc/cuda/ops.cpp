@@ -103,8 +103,8 @@ at::Tensor parameter(const char* op, const char* name, const c10::optional<at::T
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 // Everything the programs read; `keep` holds the tensors made for the call. `given`: the parameters
-// W, c, gamma, beta as the caller passed them (undefined when absent): the tensor-core programs read
-// them folded (fold_kernel), the CUDA-core programs contiguous in the accumulation type
+// W, c, gamma, beta as the caller passed them (undefined when absent): the tensor-core programs fold
+// them as given (fold_inputs), the CUDA-core programs read them contiguous in the accumulation type
 // (core_parameters).
 struct Arguments {
   ReAttnParams p;
@@ -330,24 +330,20 @@ ParamRef param_ref(const at::Tensor& t) {
   return r;
 }
 
-// The tensor-core programs' folded fp32 parameters (FoldParams: forward [H*H + 3H], backward [H*H + 7H]),
-// written by one launch of fold_kernel from the parameters as given (any floating dtype and strides).
+// What the tensor-core programs fold the parameters from (FoldInputs; each program forms the folded
+// fp32 values in its prologue, parameters.cuh fold_parameters), from the parameters as given (any
+// floating dtype and strides):
 //   forward, affine norms (none; BatchNorm with given statistics, A_g = out_scale (gamma_g (M_g - mean_g)
 //   rstd_g + beta_g)): out_scale, the norm and dropout's 1 / (1 - p) fold into W' and c'; LayerNorm folds
 //   only 1 / (1 - p) and keeps out_scale gamma, out_scale beta for after the norm.
 //   backward: W / (1 - p), then per head c, gamma', beta', mean, rstd, e, f with A = gamma' xhat + beta' and
 //   dM = gamma' rstd dN + e xhat + f (none: gamma' = out_scale, xhat = M; BatchNorm: xhat = (M - mean) rstd
 //   with the given rows; LayerNorm: gamma' = out_scale gamma).
-// order, seed: the emulator's warp order (sim::Order), as the call's programs run.
-at::Tensor fold_parameters(const char* op, const Arguments& a, const at::Tensor& q, bool backward, int order,
-                           uint64_t seed) {
+FoldInputs fold_inputs(const Arguments& a) {
   const ReAttnParams& p = a.p;
-  const int64_t H = p.H;
-  at::Tensor folded = at::empty({H * H + (backward ? 7 : 3) * H}, q.options().dtype(at::kFloat));
-  FoldParams f;
+  FoldInputs f;
   f.H = p.H;
   f.norm = p.norm;
-  f.backward = backward;
   f.out_scale = p.out_scale;
   f.keep = p.seed != nullptr ? 1.0 / (1.0 - p.dropout_p) : 1.0;
   f.W = param_ref(a.given[0]);
@@ -355,9 +351,7 @@ at::Tensor fold_parameters(const char* op, const Arguments& a, const at::Tensor&
   f.gamma = param_ref(a.given[2]);
   f.beta = param_ref(a.given[3]);
   f.bn = p.norm == kNormBatch ? static_cast<const float*>(p.bn) : nullptr;
-  f.folded = folded.data_ptr<float>();
-  emulate_or_launch(op, q, [&] { emulate_fold(f, order, seed); }, [&](auto stream) { return launch_fold(f, stream); });
-  return folded;
+  return f;
 }
 
 // 16-byte cp.async loads need unit stride along D and rows, heads and batches 16-byte aligned.
@@ -529,8 +523,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
       poison(value_sums);
     }
     const int order = emulator_order(reverse_items, shuffle_seed);
-    a.keep.push_back(fold_parameters(op, a, q, false, order, static_cast<uint64_t>(shuffle_seed)));
-    p.folded = a.keep.back().data_ptr();
+    p.fold = fold_inputs(a);
     p.lse = stats.data_ptr();
     p.stats_is_input = given;
     p.moments = with_moments ? moments.data_ptr<double>() : nullptr;
@@ -637,8 +630,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     const at::Tensor row_stats = stats.dim() == 4 ? stats : stats_from_lse(stats);
     p.lse = row_stats.data_ptr();
     const int order = emulator_order(reverse_items, shuffle_seed);
-    a.keep.push_back(fold_parameters(op, a, q, true, order, static_cast<uint64_t>(shuffle_seed)));
-    p.folded = a.keep.back().data_ptr();
+    p.fold = fold_inputs(a);
     p.vector_loads = use_aligned_inputs(a, q, k, v, &grad_out);
     p.stats_only = stats_only;
     const bool plain = backward_plain_for(p, rows, general_variant);
@@ -678,10 +670,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
       TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
 #endif
     }
-    // The aligned copies and the folded parameters are dead once the programs are enqueued (the
-    // caching allocator hands their memory only to later work on this stream): freed before the
-    // float64 sum, whose converted copy of the partials would otherwise sit on top of them at the
-    // call's peak.
+    // The aligned copies are dead once the programs are enqueued (the caching allocator hands their
+    // memory only to later work on this stream): freed before the float64 sum, whose converted copy
+    // of the partials would otherwise sit on top of them at the call's peak.
     a.keep.clear();
     // The partials summed in float64 (torch's reduction), then every gradient in one launch
     // (param_grads_kernel), each in its parameter's dtype (float64 where the parameter is absent, and for

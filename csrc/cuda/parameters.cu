@@ -7,8 +7,6 @@ namespace cuda {
 
 // Outside the anonymous namespace: their symbols are the same in every build (the static model looks
 // them up by name).
-__global__ void __launch_bounds__(kParameterThreads) fold_kernel(const FoldParams params) { fold_program(params); }
-
 __global__ void __launch_bounds__(kParameterThreads) param_grads_kernel(const ParamGradsParams params) {
   param_grads_program(params);
 }
@@ -19,12 +17,6 @@ __global__ void __launch_bounds__(kParameterThreads) bn_moments_kernel(const BnM
 
 __global__ void __launch_bounds__(kParameterThreads) bn_coefficients_kernel(const BnCoefficientsParams params) {
   bn_coefficients_program(params);
-}
-
-cudaError_t launch_fold(const FoldParams& p, cudaStream_t stream) {
-  if (p.H == 0) return cudaSuccess;
-  fold_kernel<<<1, kParameterThreads, 0, stream>>>(p);
-  return cudaGetLastError();
 }
 
 cudaError_t launch_param_grads(const ParamGradsParams& p, cudaStream_t stream) {

@@ -1,13 +1,15 @@
-// The small steps around the tensor-core programs, one launch each (FoldParams, ParamGradsParams,
-// BnMomentsParams, BnCoefficientsParams in params.h), written once for the GPU and the host emulator
-// (device.cuh).
+// The parameter work around the tensor-core programs, written once for the GPU and the host emulator
+// (device.cuh): the fold every program forms in its prologue (FoldInputs), and the small steps that are
+// one launch each (ParamGradsParams, BnMomentsParams, BnCoefficientsParams in params.h).
 //
-// Both used to be torch operations on [H]- and [H, H]-sized tensors: the fold 3 to 12 of them, the
+// All used to be torch operations on [H]- and [H, H]-sized tensors: the fold 3 to 12 of them, the
 // scalings, copies and conversions of the summed partials 4 to 6 more, each one a launch (a few
 // microseconds of host time and a gap on the GPU) for a few hundred bytes of work: the fold is
-// H^2 + 7H values, the gradients H^2 + 3H. The sum of the partials over the row pass's programs stays
-// torch's (one launch, a reduction spread over the GPU; one block here would add its
-// programs x (H^2 + 3H) float64 conversions on one SM: 4-11 us predicted at DeiT-S and DeepViT-16b).
+// H^2 + 7H values, the gradients H^2 + 3H. The fold was then one launch per pass of its own; formed
+// by each program instead (one value per thread or two, and a barrier) it costs no launch (static model,
+// 0.1-0.2 us of a block's prologue against 2.1-2.3 us per pass). The sum of the partials over the row
+// pass's programs stays torch's (one launch, a reduction spread over the GPU; one block here would add
+// its programs x (H^2 + 3H) float64 conversions on one SM: 4-11 us predicted at DeiT-S and DeepViT-16b).
 //
 // Numerics: every folded value is formed in float64 from the given parameters (whatever their
 // storage type) and rounded once to fp32, the rounding the fp32 programs read anyway; each gradient
@@ -23,13 +25,18 @@
 namespace reattn {
 namespace cuda {
 
-// Element `offset` of a parameter in its storage type, as float64. Branches, not a switch: nvcc made the
-// switch an indexed jump (BRX), which the static model's SASS emulator does not follow.
+// Element `offset` of a parameter in its storage type, as float64. Decided by the kind's bits (2: 32 or
+// 64 bits wide; 1: fp64 or bf16), not by comparisons with each kind: nvcc made a switch, and later a
+// chain of comparisons inlined into the programs' prologue (sm_80), an indexed jump (BRX), which the
+// static model's SASS emulator does not follow.
+static_assert(kFloat16 == 0 && kBFloat16 == 1 && kFloat32 == 2 && kFloat64 == 3, "param_value reads the kinds' bits");
 REATTN_DEVICE double param_value(const ParamRef& r, int64_t offset) {
-  if (r.storage == kFloat32) return static_cast<const float*>(r.data)[offset];
-  if (r.storage == kFloat64) return static_cast<const double*>(r.data)[offset];
+  if (r.storage & 2) {
+    if (r.storage & 1) return static_cast<const double*>(r.data)[offset];
+    return static_cast<const float*>(r.data)[offset];
+  }
   const uint16_t bits = static_cast<const uint16_t*>(r.data)[offset];
-  return r.storage == kBFloat16 ? dev::Convert<dev::Bf16>::to_float(bits) : dev::Convert<dev::F16>::to_float(bits);
+  return r.storage & 1 ? dev::Convert<dev::Bf16>::to_float(bits) : dev::Convert<dev::F16>::to_float(bits);
 }
 
 // Per-head parameter h, or `fill` where the parameter is absent.
@@ -55,7 +62,7 @@ REATTN_DEVICE void store_value(void* out, int storage, int64_t i, double x) {
 //   + beta_g)): W' = alpha_g W / (1 - p) and c' = alpha_g c_g + out_scale (beta_g - gamma_g mean_g rstd_g)
 //   with alpha_g = out_scale gamma_g rstd_g (none: gamma = 1, rstd = 1, mean = beta = 0); the last 2H zero.
 //   LayerNorm: W' = W / (1 - p), c' = c, then out_scale gamma and out_scale beta (the norm's own affine).
-REATTN_DEVICE double forward_folded(const FoldParams& p, int i) {
+REATTN_DEVICE double forward_folded(const FoldInputs& p, int i) {
   const int H = p.H, hh = H * H;
   const bool batch = p.norm == kNormBatch, layer = p.norm == kNormLayer;
   const int h = i < hh ? i / H : (i - hh) % H;  // the weight's row g, or the vector entry's head
@@ -75,25 +82,32 @@ REATTN_DEVICE double forward_folded(const FoldParams& p, int i) {
 // Value i of the backward's folded parameters [H*H + 7H]: W / (1 - p), then per head c, gamma' =
 // out_scale gamma (none: out_scale), beta' = out_scale beta (none: 0), and BatchNorm's given mean, rstd,
 // e, f (other norms: 0, 1, 0, 0).
-REATTN_DEVICE double backward_folded(const FoldParams& p, int i) {
+REATTN_DEVICE double backward_folded(const FoldInputs& p, int i) {
   const int H = p.H, hh = H * H;
   if (i < hh) {
     const int g = i / H;
     return p.keep * param_value(p.W, g * p.W.stride0 + static_cast<int64_t>(i - g * H) * p.W.stride1);
   }
   const int piece = (i - hh) / H, h = (i - hh) % H;
-  if (piece == 0) return head_value(p.c, h, 0.0);
-  if (piece == 1) return p.norm == kNormNone ? p.out_scale : p.out_scale * head_value(p.gamma, h, 1.0);
-  if (piece == 2) return p.norm == kNormNone ? 0.0 : p.out_scale * head_value(p.beta, h, 0.0);
-  if (p.norm == kNormBatch) return p.bn[(piece - 3) * H + h];
-  return piece == 4 ? 1.0 : 0.0;
+  if (piece >= 3) return p.norm == kNormBatch ? p.bn[(piece - 3) * H + h] : piece == 4 ? 1.0 : 0.0;
+  // Pieces 0 to 2 by selects around one read, not a branch per piece: inlined into the backward passes'
+  // prologue, such a chain became an indexed jump (BRX) in their sm_80 builds (see param_value).
+  const ParamRef& r = piece == 0 ? p.c : piece == 1 ? p.gamma : p.beta;
+  const double v = head_value(r, h, piece == 1 ? 1.0 : 0.0);
+  const double scaled = p.norm == kNormNone ? (piece == 1 ? p.out_scale : 0.0) : p.out_scale * v;
+  return piece == 0 ? v : scaled;
 }
 
-// One block of kParameterThreads threads writes every folded value.
-REATTN_DEVICE void fold_program(const FoldParams& p) {
-  const int total = p.H * p.H + (p.backward ? 7 : 3) * p.H;
-  for (int i = dev::thread_index(); i < total; i += kParameterThreads) {
-    p.folded[i] = static_cast<float>(p.backward ? backward_folded(p, i) : forward_folded(p, i));
+// Values in the fold: forward [H*H + 3H], backward [H*H + 7H].
+REATTN_HD constexpr int folded_count(int H, bool backward) { return H * H + (backward ? 7 : 3) * H; }
+
+// Every folded value to out (a program's shared memory), thread `thread` of `threads` forming every
+// threads-th; the caller synchronizes the block before reading them.
+template <bool kBackward>
+REATTN_DEVICE void fold_parameters(const FoldInputs& p, float* out, int thread, int threads) {
+  const int total = folded_count(p.H, kBackward);
+  for (int i = thread; i < total; i += threads) {
+    out[i] = static_cast<float>(kBackward ? backward_folded(p, i) : forward_folded(p, i));
   }
 }
 

@@ -47,6 +47,31 @@ struct Plan {
   size_t shared_bytes = 0;
 };
 
+// One parameter as the caller gave it: any floating storage type (StorageKind), any strides in
+// elements (an [H] vector: stride0; the [H, H] mixing weight: stride0 rows, stride1 columns).
+// data null: the parameter is absent.
+struct ParamRef {
+  const void* data = nullptr;
+  int storage = kFloat32;
+  int64_t stride0 = 0, stride1 = 0;
+};
+
+// What the tensor-core programs fold the mixing and norm parameters from (parameters.cuh,
+// fold_parameters): each program forms the folded fp32 values in shared memory before its work,
+// each value in float64 from the given parameters and rounded once. Forward [H*H + 3H] = W' ([g][h]),
+// c', then LayerNorm's out_scale gamma and out_scale beta (zeros otherwise); backward [H*H + 7H] =
+// W / (1 - p), then per head c, gamma', beta', mean, rstd, e, f (parameters.cuh's forward_folded and
+// backward_folded say how each mode fills them).
+struct FoldInputs {
+  int H = 0;
+  int norm = kNormNone;
+  double out_scale = 1.0;
+  double keep = 1.0;  // 1 / (1 - dropout p); 1 without dropout
+  ParamRef W, c, gamma, beta;
+  // kNormBatch: [4, H] fp32, contiguous: mean, rstd, e, f (the forward reads the first two rows).
+  const float* bn = nullptr;
+};
+
 struct ReAttnParams {
   int64_t B = 0;
   int H = 0, Nq = 0, Nk = 0, D = 0;
@@ -84,10 +109,8 @@ struct ReAttnParams {
   void* lse = nullptr;
   bool lse_is_input = false;
   bool stats_is_input = false;
-  // Tensor-core programs: the mixing and norm parameters folded by fold_kernel (parameters.cuh), fp32:
-  // forward [H*H + 3H] = W' (row-major [g][h]), c', out_scale * gamma, out_scale * beta (LayerNorm);
-  // backward [H*H + 7H] (FoldParams).
-  const void* folded = nullptr;
+  // Tensor-core programs: the parameters as given, which each program folds (FoldInputs).
+  FoldInputs fold;
   // q, k, v rows are 16-byte aligned with unit stride along D: 16-byte cp.async loads.
   bool vector_loads = false;
   // Forward with norm none, for training BatchNorm in one sweep: out in the accumulation type
@@ -135,14 +158,6 @@ struct ReAttnParams {
   Plan plan{};
 };
 
-// One parameter as the caller gave it: any floating storage type (StorageKind), any strides in
-// elements (an [H] vector: stride0; the [H, H] mixing weight: stride0 rows, stride1 columns).
-// data null: the parameter is absent.
-struct ParamRef {
-  const void* data = nullptr;
-  int storage = kFloat32;
-  int64_t stride0 = 0, stride1 = 0;
-};
 
 // The element-wise steps of one-sweep training BatchNorm over [B, H, Nq, D] (head_affine.cuh;
 // docs/math.md, "Training BatchNorm in one sweep"). A block owns `rows` query rows of one (b, h):
@@ -189,23 +204,6 @@ struct HeadAffineParams {
 constexpr int kHeadAffineThreads = 256;
 
 // ---- the parameter steps around the tensor-core programs (parameters.cuh) ---------------------------
-
-// fold_program: the folded fp32 parameters the tensor-core programs read, each value formed in float64
-// from the given parameters and rounded once. Forward [H*H + 3H] = W' ([g][h]), c', then LayerNorm's
-// out_scale gamma and out_scale beta (zeros otherwise); backward [H*H + 7H] = W / (1 - p), then per head
-// c, gamma', beta', mean, rstd, e, f (parameters.cuh's forward_folded and backward_folded say how
-// each mode fills them).
-struct FoldParams {
-  int H = 0;
-  int norm = kNormNone;
-  bool backward = false;
-  double out_scale = 1.0;
-  double keep = 1.0;  // 1 / (1 - dropout p); 1 without dropout
-  ParamRef W, c, gamma, beta;
-  // kNormBatch: [4, H] fp32, contiguous: mean, rstd, e, f (the forward reads the first two rows).
-  const float* bn = nullptr;
-  float* folded = nullptr;
-};
 
 // param_grads_program: the parameter gradients from `total` [H*H + 3H] float64 (the row pass's partials
 // summed over its programs): each piece k (total[begin[k] .. begin[k] + size[k])) times factor[k], stored

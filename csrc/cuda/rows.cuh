@@ -38,6 +38,7 @@
 
 #include "device.cuh"
 #include "mixing.cuh"
+#include "parameters.cuh"
 #include "row_configs.h"
 #include "params.h"
 #include "philox.cuh"
@@ -1472,10 +1473,15 @@ struct RowProgram {
   }
 
   // ---- parameters --------------------------------------------------------------------------------------
-  // folded (fp32): W' [H][H] row-major (g, h), then per-head rows: forward c', out_scale gamma,
-  // out_scale beta; backward c, gamma', beta', mean, rstd, e, f (parameters.cuh, fold_program).
+  // The fold (fp32): W' [H][H] row-major (g, h), then per-head rows: forward c', out_scale gamma,
+  // out_scale beta; backward c, gamma', beta', mean, rstd, e, f (parameters.cuh, fold_parameters),
+  // formed in P~'s buffer (nothing writes P~ before the score phase's first barrier; at most
+  // 4 (32 + 7) bytes per head against P~'s 16 rows of at least 16 keys, 512 bytes), then copied into
+  // the layouts the programs read.
   REATTN_DEVICE void load_parameters() {
-    const float* f = static_cast<const float*>(p.folded);
+    float* f = at<float>(L.probs);
+    fold_parameters<Cfg::kBackward>(p.fold, f, dev::thread_index(), Cfg::kThreads);
+    dev::sync_threads();
     float* weights = at<float>(L.weights);
     float* weights_t = Cfg::kBackward ? at<float>(L.weights_t) : nullptr;
     float* vec = at<float>(L.vectors);
@@ -1600,10 +1606,10 @@ struct RowProgram {
       const int k = i / H, g = i % H;
       double sum = 0.0;
       if constexpr (kTensorMix) {
-        if (k == 0) {
-          const float* f = static_cast<const float*>(p.folded);
-          double row = static_cast<double>(f[H * H + g]) * Nk;
-          for (int h = 0; h < H; ++h) row += f[g * H + h];
+        if (k == 0) {  // the folded W' and c' (load_parameters' copies)
+          const float* weights = at<float>(L.weights);
+          double row = static_cast<double>(vec_row(kBias)[g]) * Nk;
+          for (int h = 0; h < H; ++h) row += weights[(h * kGroups + g % kGroups) * kHeadsPad + g / kGroups];
           sum = row * (Nq - m0 < Cfg::kRows ? Nq - m0 : Cfg::kRows);
         } else {
           for (int w = 0; w < Cfg::kWarps; ++w) sum += part[(w * 2 + 1) * mh + g];

@@ -544,7 +544,7 @@ def test_tensor_core_bn_grad_sums_allocate_only_what_they_write():
 
 @pytest.mark.parametrize("norm", ["none", "layer", "batch"])
 def test_tensor_core_parameter_steps_take_any_dtype_and_strides(norm):
-    # The fold (fold_kernel) reads the parameters as given: any floating dtype, any strides, each
+    # The fold (each program's prologue) reads the parameters as given: any floating dtype, any strides, each
     # value formed in float64 and rounded once to fp32; the gradients (param_grads_kernel) come back
     # in their parameters' dtypes, each the float64 sum rounded once. Parameter values exact in every
     # dtype (bf16-rounded, within fp16's range) must therefore give bitwise the same outputs and

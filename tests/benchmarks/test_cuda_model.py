@@ -13,11 +13,11 @@ pytestmark = pytest.mark.skipif(_C is None or not _C.build_info().get("cuda"),
                                 reason="reattn._C was built without CUDA: no cubin to model")
 
 
-PARAMETER_STEPS = ("fold", "param_grads", "bn_moments", "bn_coefficients")  # parameters.cuh: one block each
+PARAMETER_STEPS = ("param_grads", "bn_moments", "bn_coefficients")  # parameters.cuh: one block each
 
 
 def _launches(steps, parameter_steps=False):
-    """Each phase's launches; without ``parameter_steps`` the programs only (not the fold and gradient steps)."""
+    """Each phase's launches; without ``parameter_steps`` the programs only (not the parameter steps)."""
     from benchmarks import cuda_side
 
     return {phase: [x for x in items if isinstance(x, cuda_side.Launch)
@@ -41,13 +41,14 @@ def test_launches_per_norm_mode_follow_ops_cpp():
         for x in launches["fwd"] + launches["bwd"]:
             assert not x.core and x.threads % 32 == 0 and x.grid[0] % B == 0
             assert x.dynamic_shared > 0 or x.program == "head_affine"
-        # The parameters folded by one block before each pass, the gradients written by one after the backward.
+        # The gradients written by one block after the backward (each program folds the parameters itself).
         for x in _launches(call, True)["fwd"] + _launches(call, True)["bwd"]:
             if x.program in PARAMETER_STEPS:  # bn_moments: its 2H float64 sums in shared memory
                 assert x.grid == (1, 1) and x.threads == 256 and x.one_segment
                 assert x.dynamic_shared == (2 * H * 8 if x.program == "bn_moments" else 0)
-        fold = [x for x in _launches(call, True)["bwd"] if x.program == "fold"][0]
-        assert fold.params.backward and fold.params.H == H and fold.params.W.data
+        for x in launches["fwd"] + launches["bwd"]:
+            if x.program in ("forward", "backward_rows", "backward_keys"):
+                assert x.params.fold.H == H and x.params.fold.W.data
         grads = [x for x in _launches(call, True)["bwd"] if x.program == "param_grads"][0]
         # dW, dc, dgamma, dbeta (read back for LayerNorm only), in their parameters' dtypes (float64 where absent)
         assert grads.params.pieces == 4 and list(grads.params.begin) == [0, H * H, H * H + H, H * H + 2 * H]
@@ -59,12 +60,11 @@ def test_launches_per_norm_mode_follow_ops_cpp():
         keys = launches["bwd"][-1]
         assert keys.grid == (B * shapes["keys"]["grid"][0], 1) and keys.dynamic_shared == shapes["keys"]["shared_bytes"]
     for norm in ("none", "batch-eval", "layer"):
-        assert steps[norm] == {"fwd": ["fold", "forward"], "bwd": ["fold", "backward_rows", "backward_keys",
-                                                                   "param_grads"]}
+        assert steps[norm] == {"fwd": ["forward"], "bwd": ["backward_rows", "backward_keys", "param_grads"]}
     # Training BatchNorm: its statistics from the moments and its backward coefficients, one block each.
-    assert steps["batch-train"] == {"fwd": ["fold", "forward", "bn_moments", "head_affine"],
-                                    "bwd": ["head_dot_sums", "bn_coefficients", "fold", "backward_rows",
-                                            "backward_keys", "param_grads"]}
+    assert steps["batch-train"] == {"fwd": ["forward", "bn_moments", "head_affine"],
+                                    "bwd": ["head_dot_sums", "bn_coefficients", "backward_rows", "backward_keys",
+                                            "param_grads"]}
     for norm in ("none", "batch-eval", "layer"):
         assert programs[norm] == {"fwd": ["forward"], "bwd": ["backward_rows", "backward_keys"]}
     # Training BatchNorm: the one-sweep forward with moments (X V in bf16), then its element-wise finish (O from one
@@ -304,14 +304,15 @@ def test_layer_norm_backward_mixes_heads_on_tensor_cores(H, D):
 
 @pytest.mark.parametrize("norm", ["layer", "batch-train"])
 def test_parameter_steps_are_modelled_from_their_sass(norm):
-    # fold_kernel and param_grads_kernel run in the SASS emulator like the programs: one block each, every
-    # branch on the launch's parameters (the storage types, the norm), none an indexed jump it cannot follow.
+    # param_grads_kernel and training BatchNorm's steps run in the SASS emulator like the programs: one block
+    # each, every branch on the launch's parameters (the storage types, the norm), none an indexed jump it
+    # cannot follow.
     from benchmarks import cuda_side
 
     call = _launches(cuda_side.cuda_call(2, 3, 40, 16, norm, 90), parameter_steps=True)
     steps = [x for x in call["fwd"] + call["bwd"] if x.program in PARAMETER_STEPS]
-    assert [x.program for x in steps] == (["fold", "fold", "param_grads"] if norm == "layer" else
-                                          ["fold", "bn_moments", "bn_coefficients", "fold", "param_grads"])
+    assert [x.program for x in steps] == (["param_grads"] if norm == "layer" else
+                                          ["bn_moments", "bn_coefficients", "param_grads"])
     for launch in steps:
         model = cuda_side.model_launch(launch, 90)
         assert model.spill_bytes == 0 and model.programs == 1 and "no semantics" not in model.note
