@@ -295,13 +295,16 @@ struct RowProgram {
   // (static model, DeepViT-L-384 plain row pass: 768 us with every thread copying, 558 fully unrolled,
   // 621 by 3). The one-segment row passes unroll fully (by 3, DeepViT-16b's took 157 -> 174 us).
   static constexpr int kEdgeUnroll = Cfg::kBackward && !Cfg::kOneSegment ? 3 : 0;
-  // The forward's K and V tiles leave their columns past D to zeroes written once (TileCopy
+  // The ring's K and V tiles leave their columns past D to zeroes written once (TileCopy
   // kIdleColumns, zero_ring_columns): the plain variants, whose every tile row is kKRow elements with
-  // kD columns (kD = kDOut in every shape they compile). Static model, DeepViT-L-384 plain forward
-  // (d = 35 in 48 columns, every tile an edge tile before): 210 -> 198 us. Not the segmented row pass:
-  // at its 255 registers the whole-tile path fully unrolled spilled 8 bytes (442-2038 us against
-  // 480-1957 without, by 3 the same spill).
-  static constexpr bool kIdleColumns = Cfg::kPlain && !Cfg::kBackward && Cfg::kD == Cfg::kDOut;
+  // kD columns (kD = kDOut in every shape they compile). Static model, DeepViT-L-384 (d = 35 in 48
+  // columns, every tile an edge tile before): plain forward 210 -> 198 us; plain segmented row pass
+  // 490-2053 -> 434-1978 us, no spill in its four builds (bf16/fp16, sm_80/sm_90; before the fold moved
+  // into the programs it spilled 8 bytes at its 255 registers). Not the one-segment row passes, whose
+  // shapes have no idle columns at the head dims they serve (DeepViT-16b's plain row pass took
+  // 709.7 -> 725.0 us with the flag).
+  static constexpr bool kIdleColumns =
+      Cfg::kPlain && Cfg::kD == Cfg::kDOut && (!Cfg::kBackward || !Cfg::kOneSegment);
   using KeyCopy = TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain, kEdgeUnroll, kIdleColumns>;
   using ValueCopy =
       TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain, kEdgeUnroll, kIdleColumns>;
@@ -2538,6 +2541,7 @@ struct RowProgram {
                       static_cast<int>(p.do_st.h), static_cast<int>(p.do_st.n), static_cast<int>(p.do_st.d), 0, H,
                       H, m0, Nq, 0, D, vector());
     }
+    zero_ring_columns();
     issue_keys(0, 0);  // the first score phase's first K tile
     uint32_t df[kHeads][Cfg::kKSteps][4];  // one segment: dO fragments of the owned heads (after the scores)
     float dq[kHeads][Cfg::kOutN8][4];
