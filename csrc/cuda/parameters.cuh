@@ -7,7 +7,8 @@
 // microseconds of host time and a gap on the GPU) for a few hundred bytes of work: the fold is
 // H^2 + 7H values, the gradients H^2 + 3H. The fold was then one launch per pass of its own; formed
 // by each program instead (one value per thread or two, and a barrier) it costs no launch (static model,
-// 0.1-0.2 us of a block's prologue against 2.1-2.3 us per pass). The sum of the partials over the row
+// t_high: the launch took 2.1-2.3 us per pass; the prologue adds 1.0 us to the DeepViT-16b LayerNorm
+// forward, whose 7 programs per SM each form it). The sum of the partials over the row
 // pass's programs stays torch's (one launch, a reduction spread over the GPU; one block here would add
 // its programs x (H^2 + 3H) float64 conversions on one SM: 4-11 us predicted at DeiT-S and DeepViT-16b).
 //
