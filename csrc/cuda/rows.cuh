@@ -1128,6 +1128,27 @@ struct RowProgram {
   REATTN_DEVICE void add_av(const E* values, int g, const uint32_t (&af)[4], float (&o)[Cfg::kOutN8][4]) const {
     dev::mma_row_major(af, values + static_cast<size_t>(g) * kValueTile * kVRow, kVRow, lane, o);  // V [key][d]
   }
+  // add_av for each owned head j (head group + kGroups j) that exists, its A fragments by load(j, af). Where
+  // every owned head exists (warp-uniform) the loads go first and no head is tested: a test per head left
+  // a NOP after each head's last product (static model, LayerNorm forwards: DeepViT-16b 295.3 -> 294.6 us).
+  template <class Load>
+  REATTN_DEVICE void add_owned_av(const E* values, float (&o)[kHeads][Cfg::kOutN8][4], const Load& load) const {
+    if (group + kGroups * (kHeads - 1) < H) {
+      uint32_t af[kHeads][4];
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) load(j, af[j]);
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) add_av(values, group + kGroups * j, af[j], o[j]);
+      return;
+    }
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      if (group + kGroups * j >= H) continue;
+      uint32_t af[4];
+      load(j, af);
+      add_av(values, group + kGroups * j, af, o[j]);
+    }
+  }
 
   // ---- the forward's mixing on tensor cores (kTensorMix) ----------------------------------------------
   // For one query row i and 8 keys, M[:, i, k] = W' P~[:, i, k] + c' is a 16 x 16 by 16 x 8 product
@@ -1294,21 +1315,15 @@ struct RowProgram {
       dst_e += kRowsPerLoad * L.p_row;
     }
     Mix::slab_barrier(slab);  // M of the slab's every row
-    const E* values = slot_tile(slot);
     const uint32_t mixed = ml.a + 2 * col;
     const E* mixed_e = chunk_tile(L.probs, L.p_row, chunk_col);
-#pragma unroll
-    for (int j = 0; j < kHeads; ++j) {
-      const int g = group + kGroups * j;
-      if (g >= H) continue;
-      uint32_t af[4];
+    add_owned_av(slot_tile(slot), o, [&](int j, uint32_t (&af)[4]) {
       if constexpr (kLane) {
         dev::ldmatrix_x4_at(af, mixed + j * ml.a_head);
       } else {
-        dev::ldmatrix_x4(af, mixed_e + g * hs);
+        dev::ldmatrix_x4(af, mixed_e + (group + kGroups * j) * hs);
       }
-      add_av(values, g, af, o[j]);
-    }
+    });
   }
 
   // ---- LayerNorm's tensor-core mixing (kTensorLayer) -----------------------------------------------
@@ -1464,15 +1479,8 @@ struct RowProgram {
       dst += kLoads * kRowsPerLoad * ml.row;
     }
     Mix::slab_barrier(slab);  // A of the slab's every row
-    const E* values = slot_tile(slot);
     const uint32_t mixed = ml.a + 2 * col;
-#pragma unroll
-    for (int j = 0; j < kHeads; ++j) {
-      if (group + kGroups * j >= H) continue;
-      uint32_t af[4];
-      dev::ldmatrix_x4_at(af, mixed + j * ml.a_head);
-      add_av(values, group + kGroups * j, af, o[j]);
-    }
+    add_owned_av(slot_tile(slot), o, [&](int j, uint32_t (&af)[4]) { dev::ldmatrix_x4_at(af, mixed + j * ml.a_head); });
   }
 
   // ---- parameters --------------------------------------------------------------------------------------
