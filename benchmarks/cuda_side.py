@@ -158,9 +158,18 @@ class ParamGradsParams(ctypes.Structure):
 class BnMomentsParams(ctypes.Structure):
     """csrc/cuda/params.h's BnMomentsParams: bn_moments_kernel's arguments (one block; B and Nq for the sampler)."""
     _fields_ = [("H", ctypes.c_int), ("programs", ctypes.c_int64), ("moments", ctypes.c_void_p),
-                ("count", ctypes.c_void_p), ("center", ParamRef), ("c", ParamRef), ("gamma", ParamRef),
+                ("count", ctypes.c_void_p), ("count_value", ctypes.c_double), ("center", ParamRef), ("c", ParamRef), ("gamma", ParamRef),
                 ("beta", ParamRef), ("out_scale", ctypes.c_double), ("eps", ctypes.c_double),
                 ("stats", ctypes.c_void_p), ("coefficients", ctypes.c_void_p), ("coefficient_storage", ctypes.c_int)]
+    B = 1
+    Nq = 1
+
+
+class RunningStatsParams(ctypes.Structure):
+    """csrc/cuda/params.h's RunningStatsParams: running_stats_kernel's arguments (one block)."""
+    _fields_ = [("H", ctypes.c_int), ("stats", ctypes.c_void_p), ("mean", ctypes.c_void_p), ("var", ctypes.c_void_p),
+                ("mean_storage", ctypes.c_int), ("var_storage", ctypes.c_int), ("mean_stride", ctypes.c_int64),
+                ("var_stride", ctypes.c_int64), ("momentum", ctypes.c_double)]
     B = 1
     Nq = 1
 
@@ -179,7 +188,7 @@ class Launch:
 
     program: "forward", "backward_rows", "backward_keys" (tensor-core programs), "head_affine",
     "head_dot_sums" (``head_affine.cuh``; params a :class:`HeadAffineParams`), "param_grads",
-    "bn_moments", "bn_coefficients" (``parameters.cuh``; params its struct) or a CUDA-core program kind
+    "bn_moments", "bn_coefficients", "running_stats" (``parameters.cuh``; params its struct) or a CUDA-core program kind
     ("forward", "gram_sums", "backward", "bn_grad_sums") with ``core=True``.
     sweep: the runtime length the program's work grows with ("keys" or "queries") and ``unit`` its
     step (keys per segment or tile; 16 query rows)."""
@@ -761,13 +770,18 @@ def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out
     coefficients = torch.empty((4, H), dtype=dtype, device=moments.device)
     b = BnMomentsParams()
     b.H, b.programs = H, moments.shape[0]
-    b.moments, b.count = _RECORDER.pointer(moments, "moments"), _RECORDER.pointer(count, "count")
+    b.moments = _RECORDER.pointer(moments, "moments")
+    if isinstance(count, torch.Tensor):
+        b.count = _RECORDER.pointer(count, "count")
+    else:  # without a mask: the number itself (reattn.backends.cuda._bn_moments)
+        b.count, b.count_value = None, float(count)
     given = (center, mix_bias, norm_weight, norm_bias)
     b.center, b.c, b.gamma, b.beta = (_param_ref(t, "bn_" + r) for t, r in zip(given, ("center", "c", "gamma", "beta")))
     b.out_scale, b.eps = out_scale, eps
     b.stats, b.coefficients = _RECORDER.pointer(stats, "stats"), _RECORDER.pointer(coefficients, "coefficients")
     b.coefficient_storage = STORAGE[dtype]
-    touched = [(moments, {"read"}), (count, {"read"})] + [(t, {"read"}) for t in given if t is not None] + [
+    touched = [(moments, {"read"})] + ([(count, {"read"})] if isinstance(count, torch.Tensor) else []) + [
+        (t, {"read"}) for t in given if t is not None] + [
         (stats, {"write"}), (coefficients, {"write"})]
     _record_small("bn_moments_kernel", "BnMomentsParams", moments, b, 1, 2 * H * 8, touched)
     return stats, coefficients
@@ -787,6 +801,19 @@ def _bn_coefficients(stats, sums, norm_weight, *, eps, dtype):
         [(norm_weight, {"read"})] if norm_weight is not None else [])
     _record_small("bn_coefficients_kernel", "BnCoefficientsParams", stats, b, 1, 0, touched)
     return coefficients
+
+
+def _update_running_stats(running_mean, running_var, stats, momentum):
+    """reattn.backends.cuda._update_running_stats and ops.cpp's update_running_stats: one launch of
+    running_stats_kernel."""
+    b = RunningStatsParams()
+    b.H, b.momentum = stats.shape[1], momentum
+    b.stats = _RECORDER.pointer(stats, "running_stats_batch")
+    b.mean, b.var = _RECORDER.pointer(running_mean, "running_mean"), _RECORDER.pointer(running_var, "running_var")
+    b.mean_storage, b.var_storage = STORAGE[running_mean.dtype], STORAGE[running_var.dtype]
+    b.mean_stride, b.var_stride = running_mean.stride(0), running_var.stride(0)
+    touched = [(stats, {"read"}), (running_mean, {"read", "write"}), (running_var, {"read", "write"})]
+    _record_small("running_stats_kernel", "RunningStatsParams", stats, b, 1, 0, touched)
 
 
 def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_keys):
@@ -819,11 +846,13 @@ def shim_ops():
     kernels = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                            forward_moments=_forward_moments, head_affine=_head_affine,
                            head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
+                           update_running_stats=_update_running_stats,
                            softmax_stats_shape=lambda q: (*q.shape[:3], 2))
     # No device implementation: the static model calls the ladder's Python bodies (OpLadder.*_impl) directly.
     return OpLadder(FusedRawOps(kernels), forward="reattn::static_model_cuda_forward",
                     backward="reattn::static_model_cuda_backward", gram_sums="reattn::static_model_cuda_gram_sums",
-                    bn_grad_sums="reattn::static_model_cuda_bn_grad_sums", device_types=())
+                    bn_grad_sums="reattn::static_model_cuda_bn_grad_sums",
+                    running_stats="reattn::static_model_cuda_update_running_stats", device_types=())
 
 
 def cuda_call(B: int, H: int, N: int, D: int, norm: str, arch: int, dtype=torch.bfloat16) -> Dict[str, list]:

@@ -20,10 +20,12 @@ LIBRARY = Library("reattn", "FRAGMENT")
 DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
-def define_op(name: str, fn: Callable, device_types: Sequence[str]) -> torch._ops.OpOverload:
-    """Define ``reattn::<name>`` with ``fn``'s annotated signature (a functional op: mutates nothing) and
-    ``fn`` as its implementation on each of ``device_types``; return the op (``torch.ops.reattn.<name>``)."""
-    LIBRARY.define(name + infer_schema(fn, mutates_args=()))
+def define_op(name: str, fn: Callable, device_types: Sequence[str],
+              mutates_args: Sequence[str] = ()) -> torch._ops.OpOverload:
+    """Define ``reattn::<name>`` with ``fn``'s annotated signature (a functional op, unless ``mutates_args``
+    names the arguments it writes in place) and ``fn`` as its implementation on each of ``device_types``;
+    return the op (``torch.ops.reattn.<name>``)."""
+    LIBRARY.define(name + infer_schema(fn, mutates_args=tuple(mutates_args)))
     for device in device_types:
         LIBRARY.impl(name, fn, DISPATCH_KEYS[device])
     return getattr(torch.ops.reattn, name).default

@@ -263,6 +263,10 @@ void emulate_bn_coefficients(const BnCoefficientsParams& p, int order, uint64_t 
   if (p.H > 0) sim::launch(parameter_launch(order, seed), [&] { bn_coefficients_program(p); });
 }
 
+void emulate_running_stats(const RunningStatsParams& p, int order, uint64_t seed) {
+  if (p.H > 0) sim::launch(parameter_launch(order, seed), [&] { running_stats_program(p); });
+}
+
 void emulate_bn_moments(const BnMomentsParams& p, int order, uint64_t seed) {
   if (p.H == 0) return;
   sim::Launch launch = parameter_launch(order, seed);

@@ -33,6 +33,7 @@ void emulate_head_dot_sums(int storage, const HeadAffineParams& params, int orde
 void emulate_param_grads(const ParamGradsParams& params, int order, uint64_t seed);
 void emulate_bn_moments(const BnMomentsParams& params, int order, uint64_t seed);
 void emulate_bn_coefficients(const BnCoefficientsParams& params, int order, uint64_t seed);
+void emulate_running_stats(const RunningStatsParams& params, int order, uint64_t seed);
 
 // Runs a check kernel of device_checks.cuh (kind: checks::CheckKind) in the emulator, warps and
 // lanes ordered by `order` (sim::Order); throws what the emulator refuses.

@@ -43,6 +43,7 @@ cudaError_t launch_head_dot_sums(int storage, const HeadAffineParams& params, cu
 cudaError_t launch_param_grads(const ParamGradsParams& params, cudaStream_t stream);
 cudaError_t launch_bn_moments(const BnMomentsParams& params, cudaStream_t stream);
 cudaError_t launch_bn_coefficients(const BnCoefficientsParams& params, cudaStream_t stream);
+cudaError_t launch_running_stats(const RunningStatsParams& params, cudaStream_t stream);
 
 constexpr int kMaxDevices = 64;  // per-device caches of the launchers
 

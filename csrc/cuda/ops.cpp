@@ -956,11 +956,12 @@ at::Tensor head_affine(const at::Tensor& r, const at::Tensor& u, const at::Tenso
 
 // Training BatchNorm's statistics and coefficients from the one-sweep forward's moments (BnMomentsParams,
 // bn_moments_kernel): one launch where the float64 arithmetic on [H]-sized tensors took ~25 torch ops.
-std::vector<at::Tensor> bn_moments(const at::Tensor& moments, const at::Tensor& count, const at::Tensor& center,
-                                   const c10::optional<at::Tensor>& mix_bias,
+std::vector<at::Tensor> bn_moments(const at::Tensor& moments, const c10::optional<at::Tensor>& count,
+                                   const at::Tensor& center, const c10::optional<at::Tensor>& mix_bias,
                                    const c10::optional<at::Tensor>& norm_weight,
                                    const c10::optional<at::Tensor>& norm_bias, double out_scale, double eps,
-                                   at::ScalarType dtype, bool reverse_items, int64_t shuffle_seed) {
+                                   at::ScalarType dtype, double count_value, bool reverse_items,
+                                   int64_t shuffle_seed) {
   const char* op = "reattn cuda_bn_moments";
   TORCH_CHECK_VALUE(moments.dim() == 3 && moments.size(1) == 2 && moments.scalar_type() == at::kDouble &&
                         moments.is_contiguous(),
@@ -968,9 +969,16 @@ std::vector<at::Tensor> bn_moments(const at::Tensor& moments, const at::Tensor& 
                     moments.scalar_type());
   const int64_t H = moments.size(2);
   TORCH_CHECK_VALUE(H >= 1 && H <= kMaxHeads, op, ": H must be in [1, ", kMaxHeads, "], got ", H);
-  TORCH_CHECK_VALUE(count.numel() == 1 && count.scalar_type() == at::kDouble && count.device() == moments.device(),
-                    op, ": count must be one float64 value on ", moments.device(), ", got ", count.sizes(), " ",
-                    count.scalar_type(), " on ", count.device());
+  const bool count_given = count.has_value() && count->defined();
+  if (count_given) {
+    TORCH_CHECK_VALUE(count->numel() == 1 && count->scalar_type() == at::kDouble &&
+                          count->device() == moments.device(),
+                      op, ": count must be one float64 value on ", moments.device(), ", got ", count->sizes(), " ",
+                      count->scalar_type(), " on ", count->device());
+  } else {
+    TORCH_CHECK_VALUE(count_value > 1.0, op, ": without a count tensor, count_value must be the entries per head "
+                      "(more than 1), got ", count_value);
+  }
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op,
                    ": the coefficients' dtype must be float32 or float64 (an accumulation type), got ", dtype);
   const at::Tensor like = moments.select(1, 0);  // for parameter()'s device check
@@ -978,7 +986,8 @@ std::vector<at::Tensor> bn_moments(const at::Tensor& moments, const at::Tensor& 
   p.H = static_cast<int>(H);
   p.programs = moments.size(0);
   p.moments = moments.data_ptr<double>();
-  p.count = count.data_ptr<double>();
+  p.count = count_given ? count->data_ptr<double>() : nullptr;
+  p.count_value = count_value;
   const at::Tensor given_center = parameter(op, "center", center, {H}, like);
   const at::Tensor c = parameter(op, "mix_bias", mix_bias, {H}, like);
   const at::Tensor gamma = parameter(op, "norm_weight", norm_weight, {H}, like);
@@ -1037,6 +1046,43 @@ at::Tensor bn_coefficients(const at::Tensor& stats, const at::Tensor& sums,
       },
       [&](auto stream) { return launch_bn_coefficients(p, stream); });
   return coefficients;
+}
+
+// nn.BatchNorm2d's update of the running statistics, in place, from training BatchNorm's stats [3, H]
+// (RunningStatsParams, running_stats_kernel): one launch where torch's update took 7 ops.
+void update_running_stats(at::Tensor running_mean, at::Tensor running_var, const at::Tensor& stats, double momentum,
+                          bool reverse_items, int64_t shuffle_seed) {
+  const char* op = "reattn cuda_update_running_stats";
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == 3 && stats.scalar_type() == at::kDouble &&
+                        stats.is_contiguous(),
+                    op, ": stats must be a contiguous float64 [3, H] tensor (mean, biased variance, count), got ",
+                    stats.sizes(), " ", stats.scalar_type());
+  const int64_t H = stats.size(1);
+  TORCH_CHECK_VALUE(H >= 1 && H <= kMaxHeads, op, ": H must be in [1, ", kMaxHeads, "], got ", H);
+  const auto check_buffer = [&](const char* name, const at::Tensor& t) {
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == H, op, ": ", name, " must have shape [", H, "], got ", t.sizes());
+    TORCH_CHECK_VALUE(t.device() == stats.device(), op, ": ", name, " is on ", t.device(), " but stats on ",
+                      stats.device());
+    const auto type = t.scalar_type();
+    TORCH_CHECK_TYPE(type == at::kHalf || type == at::kBFloat16 || type == at::kFloat || type == at::kDouble, op,
+                     ": ", name, " must be float16, bfloat16, float32 or float64, got ", type);
+  };
+  check_buffer("running_mean", running_mean);
+  check_buffer("running_var", running_var);
+  RunningStatsParams p;
+  p.H = static_cast<int>(H);
+  p.stats = stats.data_ptr<double>();
+  p.mean = running_mean.data_ptr();
+  p.var = running_var.data_ptr();
+  p.mean_storage = storage_of(running_mean.scalar_type());
+  p.var_storage = storage_of(running_var.scalar_type());
+  p.mean_stride = running_mean.stride(0);
+  p.var_stride = running_var.stride(0);
+  p.momentum = momentum;
+  emulate_or_launch(
+      op, stats,
+      [&] { emulate_running_stats(p, emulator_order(reverse_items, shuffle_seed), static_cast<uint64_t>(shuffle_seed)); },
+      [&](auto stream) { return launch_running_stats(p, stream); });
 }
 
 at::Tensor head_dot_sums(const at::Tensor& grad, const at::Tensor& r, const at::Tensor& u, const at::Tensor& stats,
@@ -1170,9 +1216,10 @@ void register_ops(pybind11::module& m) {
         "accumulation type. CPU tensors run the emulator.");
   m.def("cuda_bn_moments", &bn_moments, py::arg("moments"), py::arg("count"), py::arg("center"), py::arg("mix_bias"),
         py::arg("norm_weight"), py::arg("norm_bias"), py::arg("out_scale"), py::arg("eps"), py::arg("dtype"),
-        py::arg("reverse_items") = false, py::arg("shuffle_seed") = 0,
+        py::arg("count_value") = 0.0, py::arg("reverse_items") = false, py::arg("shuffle_seed") = 0,
         "Training BatchNorm's statistics from the one-sweep forward's moments [programs, 2, H] (float64 sums of "
-        "X = W P~ - center and X^2 per program; count: the entries per head): [stats [3, H] float64 (mean of "
+        "X = W P~ - center and X^2 per program; count: the entries per head, one float64 value, or None and "
+        "count_value): [stats [3, H] float64 (mean of "
         "W P~ + mix_bias, biased variance, count), coefficients [4, H] in dtype (alpha, beta, rstd, -mean(X) rstd: "
         "the norm's output is alpha X V + beta U, xhat V = rstd X V - mean(X) rstd U)]. One launch.");
   m.def("cuda_bn_coefficients", &bn_coefficients, py::arg("stats"), py::arg("sums"), py::arg("norm_weight"),
@@ -1180,6 +1227,12 @@ void register_ops(pybind11::module& m) {
         "Training BatchNorm's backward coefficients [4, H] in dtype (mean, rstd, e, f; rstd rounded to dtype as "
         "the forward reads it, e = -gamma rstd sum(dN xhat) / n, f = -gamma rstd sum(dN) / n) from stats [3, H] "
         "float64 (mean, biased variance, count) and sums [2, H] float64 (sum dN xhat, sum dN). One launch.");
+  m.def("cuda_update_running_stats", &update_running_stats, py::arg("running_mean"), py::arg("running_var"),
+        py::arg("stats"), py::arg("momentum"), py::arg("reverse_items") = false, py::arg("shuffle_seed") = 0,
+        "nn.BatchNorm2d's update of running_mean and running_var [H] (any floating dtype and stride), in place, "
+        "from training BatchNorm's stats [3, H] float64 (mean, biased variance, count n): running += momentum "
+        "(batch - running), the variance unbiased by n / (n - 1), each formed in float64 and rounded once. One "
+        "launch.");
   m.def("cuda_head_dot_sums", &head_dot_sums, py::arg("grad"), py::arg("r"), py::arg("u"), py::arg("stats"),
         py::arg("mix_weight"), py::arg("mix_bias"), py::arg("eps"), py::arg("n_keys"), py::arg("scale") = 1.0,
         py::arg("reverse_items") = false, py::arg("poison_outputs") = false, py::arg("shuffle_seed") = 0,

@@ -19,6 +19,10 @@ __global__ void __launch_bounds__(kParameterThreads) bn_coefficients_kernel(cons
   bn_coefficients_program(params);
 }
 
+__global__ void __launch_bounds__(kParameterThreads) running_stats_kernel(const RunningStatsParams params) {
+  running_stats_program(params);
+}
+
 cudaError_t launch_param_grads(const ParamGradsParams& p, cudaStream_t stream) {
   if (p.pieces == 0) return cudaSuccess;
   param_grads_kernel<<<1, kParameterThreads, 0, stream>>>(p);
@@ -34,6 +38,12 @@ cudaError_t launch_bn_moments(const BnMomentsParams& p, cudaStream_t stream) {
 cudaError_t launch_bn_coefficients(const BnCoefficientsParams& p, cudaStream_t stream) {
   if (p.H == 0) return cudaSuccess;
   bn_coefficients_kernel<<<1, kParameterThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_running_stats(const RunningStatsParams& p, cudaStream_t stream) {
+  if (p.H == 0) return cudaSuccess;
+  running_stats_kernel<<<1, kParameterThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -157,7 +157,7 @@ REATTN_DEVICE void bn_moments_program(const BnMomentsParams& p) {
   dev::sync_threads();
   const int h = dev::thread_index();
   if (h >= p.H) return;
-  const double n = *p.count;
+  const double n = p.count != nullptr ? *p.count : p.count_value;
   const double mean_x = sums[h] / n;
   const double spread = sums[p.H + h] / n - mean_x * mean_x;
   const double var = spread > 0.0 ? spread : 0.0;
@@ -170,6 +170,21 @@ REATTN_DEVICE void bn_moments_program(const BnMomentsParams& p) {
   store_value(p.coefficients, p.coefficient_storage, p.H + h, p.out_scale * head_value(p.beta, h, 0.0) - mean_x * alpha);
   store_value(p.coefficients, p.coefficient_storage, 2 * p.H + h, rstd);
   store_value(p.coefficients, p.coefficient_storage, 3 * p.H + h, -mean_x * rstd);
+}
+
+// Thread h updates head h's running statistics (RunningStatsParams). The update reads each buffer's entry
+// before writing it, in float64, so its value is the same however the buffers' dtypes round.
+REATTN_DEVICE void running_stats_program(const RunningStatsParams& p) {
+  const int h = dev::thread_index();
+  if (h >= p.H) return;
+  const double mean = p.stats[h], var = p.stats[p.H + h], n = p.stats[2 * p.H + h];
+  const ParamRef mean_ref{p.mean, p.mean_storage, p.mean_stride, 0};
+  const ParamRef var_ref{p.var, p.var_storage, p.var_stride, 0};
+  const double old_mean = param_value(mean_ref, static_cast<int64_t>(h) * p.mean_stride);
+  const double old_var = param_value(var_ref, static_cast<int64_t>(h) * p.var_stride);
+  store_value(p.mean, p.mean_storage, static_cast<int64_t>(h) * p.mean_stride, old_mean + p.momentum * (mean - old_mean));
+  store_value(p.var, p.var_storage, static_cast<int64_t>(h) * p.var_stride,
+              old_var + p.momentum * (var * n / (n - 1.0) - old_var));
 }
 
 // x rounded to storage type `storage` and back (the value a kernel reading it in that type sees).

@@ -229,7 +229,8 @@ struct BnMomentsParams {
   int H = 0;
   int64_t programs = 0;
   const double* moments = nullptr;  // [programs, 2, H], contiguous
-  const double* count = nullptr;    // the entries each head's statistics run over (one value)
+  const double* count = nullptr;    // the entries each head's statistics run over (one value), or null:
+  double count_value = 0.0;         // then this one (known on the host without a mask: B Nq Nk)
   ParamRef center, c, gamma, beta;  // center: [H] the shift of X; c, gamma, beta as given (null: absent)
   double out_scale = 1.0;
   double eps = 1e-5;
@@ -250,6 +251,20 @@ struct BnCoefficientsParams {
   double eps = 1e-5;
   void* coefficients = nullptr;   // [4, H] in coefficient_storage
   int coefficient_storage = kFloat32;
+};
+
+// running_stats_program: nn.BatchNorm2d's update of the running statistics, in place, from training
+// BatchNorm's stats [3, H] (mean, biased variance, count n): running_mean += momentum (mean - running_mean),
+// running_var += momentum (var n / (n - 1) - running_var), each formed in float64 and rounded once to its
+// buffer's type (torch's update takes 7 ops: the unbiased variance's 3, two conversions, two lerps).
+struct RunningStatsParams {
+  int H = 0;
+  const double* stats = nullptr;  // [3, H], contiguous
+  void* mean = nullptr;           // [H] in mean_storage, stride mean_stride
+  void* var = nullptr;            // [H] in var_storage, stride var_stride
+  int mean_storage = kFloat32, var_storage = kFloat32;
+  int64_t mean_stride = 1, var_stride = 1;
+  double momentum = 0.1;
 };
 
 constexpr int kParameterThreads = 256;  // threads of the one block of each parameter step (parameters.cuh)

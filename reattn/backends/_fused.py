@@ -52,7 +52,8 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
     dtype then costs what rounding O does, and the forward writes it so (half the bytes of the
     accumulation dtype, read back once by head_affine and once by the backward). With a mask, mean(X) need
     not be small against X's spread, so R' stays in the accumulation dtype and nothing is kept.
-    count: the entries per head (0-dim float64), as ``unmasked_count``. head_affine: the backend's
+    count: the entries per head (0-dim float64), as ``unmasked_count``, or that number as a float where
+    bn_moments is given (it takes either). head_affine: the backend's
     fused finish (``FusedKernels.head_affine``), else torch's in-place passes. bn_moments: the backend's
     statistics step (``FusedKernels.bn_moments``: one launch), else torch's float64 arithmetic on [H]
     tensors (~25 launches).
@@ -149,9 +150,12 @@ class FusedKernels:
     bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype)
         -> (stats [3, H] float64, coefficients [4, H] in dtype = (alpha, beta, rstd, -mean(X) rstd)): optional,
         the one-sweep BatchNorm's statistics from forward_moments' moments in one step (else torch's
-        arithmetic in :func:`one_sweep_batchnorm`); center [H] is the shift forward_moments subtracted.
+        arithmetic in :func:`one_sweep_batchnorm`); center [H] is the shift forward_moments subtracted; count
+        the entries per head, a 0-dim float64 tensor or (without a mask) a float.
     bn_coefficients(stats, sums, norm_weight, *, eps, dtype) -> [4, H] in dtype: optional, training
         BatchNorm's backward coefficients in one step (else ``reattn._batchnorm.bn_backward_coefficients``).
+    update_running_stats(running_mean, running_var, stats [3, H], momentum) -> None: optional, nn.BatchNorm2d's
+        update of the running statistics in place in one step (else torch's ops, ``RawOps.update_running_stats``).
     """
 
     forward: Callable
@@ -164,6 +168,7 @@ class FusedKernels:
     head_dot_sums: Optional[Callable] = None
     bn_moments: Optional[Callable] = None
     bn_coefficients: Optional[Callable] = None
+    update_running_stats: Optional[Callable] = None
 
 
 class FusedRawOps(RawOps):
@@ -171,6 +176,12 @@ class FusedRawOps(RawOps):
 
     def __init__(self, kernels: FusedKernels) -> None:
         self.kernels = kernels
+        self.updates_running_stats = kernels.update_running_stats is not None
+
+    def update_running_stats(self, running_mean: Tensor, running_var: Tensor, stats: Tensor, momentum: float) -> None:
+        if self.kernels.update_running_stats is None:
+            return super().update_running_stats(running_mean, running_var, stats, momentum)
+        self.kernels.update_running_stats(running_mean, running_var, stats, momentum)
 
     def _keeps_terms(self, norm: str, attn_mask: Optional[Tensor], stats_in: Optional[Tensor]) -> bool:
         k = self.kernels
@@ -215,9 +226,14 @@ class FusedRawOps(RawOps):
             out, softmax_stats = kernels.forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, None,
                                                  attn_mask, seed, None, norm=norm, **kw)
             return (out, softmax_stats, q.new_empty((0, H), dtype=torch.float64)) + no_terms
-        count = unmasked_count(attn_mask, B, Nq, Nk, q.device)  # a mask is on q.device (reattn._checks)
-        if attn_mask is not None:  # without a mask, reattn._checks has ruled this out
-            check_counts(count.expand(H))  # per head, as every backend words it
+        if attn_mask is None and kernels.forward_moments is not None and kernels.bn_moments is not None:
+            # Known on the host: the statistics step takes it as a number (a tensor made for it was a launch).
+            # reattn._checks has ruled out counts <= 1 without a mask.
+            count = float(B * Nq * Nk)
+        else:
+            count = unmasked_count(attn_mask, B, Nq, Nk, q.device)  # a mask is on q.device (reattn._checks)
+            if attn_mask is not None:
+                check_counts(count.expand(H))  # per head, as every backend words it
         if kernels.forward_moments is not None:
             return one_sweep_batchnorm(kernels.forward_moments, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                        attn_mask, seed, count, head_affine=kernels.head_affine,

@@ -68,6 +68,9 @@ class RawOps:
             stats, R, U, *, scale, out_scale, norm, eps, dropout_p, bn_grad_sums)
             -> (dq, dk, dv, d_mix_weight, d_mix_bias, d_norm_weight, d_norm_bias), None allowed
     dropout_keep_mask(seed, (B, H, Nq, Nk), p) -> bool keep-mask the kernels draw for ``seed``
+    update_running_stats(running_mean, running_var, stats [3, H], momentum) -> None: nn.BatchNorm2d's update
+            of the running statistics, in place, from training BatchNorm's stats (default: torch's ops;
+            ``updates_running_stats`` True where the backend has a kernel for it)
     softmax_stats_shape(q): the shape of what the forward saves per score row
     bn_terms_like(q, norm, attn_mask, stats_in) -> ((shape, dtype) of R, (shape, dtype) of U) the forward returns
             (leading dim 0: empty, the backward sums come from a sweep of their own)
@@ -78,6 +81,7 @@ class RawOps:
     """
 
     keeps_bn_terms = False  # training BatchNorm's forward returns R and U [B, H, Nq, D] (the cpu kernel's)
+    updates_running_stats = False  # update_running_stats is a kernel of the backend's (an op of its own)
 
     def bn_terms_like(self, q: Tensor, norm: str, attn_mask: Optional[Tensor], stats_in: Optional[Tensor]):
         B, H, Nq, D = q.shape
@@ -106,6 +110,9 @@ class RawOps:
 
     def dropout_keep_mask(self, seed: Tensor, shape: Tuple[int, int, int, int], p: float) -> Tensor:
         raise NotImplementedError
+
+    def update_running_stats(self, running_mean: Tensor, running_var: Tensor, stats: Tensor, momentum: float) -> None:
+        update_running_stats(running_mean, running_var, stats[0], stats[1], stats[2], momentum)
 
 
 def eager_double_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor,
@@ -163,10 +170,14 @@ class OpLadder:
     device_types=("cuda", "cpu"))``. The ops are the attributes ``forward``, ``backward``,
     ``gram_sums`` and ``bn_grad_sums`` (``torch.ops.reattn.<name>.default``); ``device_types=()``
     registers them without implementations (the static model calls the ``*_impl`` methods directly).
+    ``running_stats``: the name of a fifth op, where the raw ops update the running statistics with a
+    kernel (``RawOps.updates_running_stats``): ``update_running_stats``, which writes ``running_mean`` and
+    ``running_var`` in place (its schema says so, for torch.compile); without it, ``update_running_stats``
+    is the raw ops' Python body.
     """
 
     def __init__(self, raw: RawOps, *, forward: str, backward: str, gram_sums: str, bn_grad_sums: str,
-                 device_types: Tuple[str, ...]) -> None:
+                 device_types: Tuple[str, ...], running_stats: Optional[str] = None) -> None:
         self.raw = raw
         self.name = _op_name(forward).rsplit("_", 1)[0]  # the backend, for messages: "triton"
         self.forward_name, self.backward_name = forward, backward
@@ -180,6 +191,24 @@ class OpLadder:
         register_fake(self.backward)(self.backward_fake)
         register_autograd(self.forward, self.forward_derivative, setup_context=self.setup_forward_context)
         register_autograd(self.backward, self.backward_derivative, setup_context=self.setup_backward_context)
+        self.update_running_stats = self.running_stats_impl
+        if raw.updates_running_stats:
+            if running_stats is None:
+                raise ValueError(f"{self.name}: raw ops that update the running statistics with a kernel need "
+                                 "the op's name (running_stats='reattn::<backend>_update_running_stats')")
+            self.update_running_stats = define_op(_op_name(running_stats), self.running_stats_impl, device_types,
+                                                  mutates_args=("running_mean", "running_var"))
+            register_fake(self.update_running_stats)(self.running_stats_fake)
+
+    # ---- the running statistics' update (training BatchNorm): op, fake ---------------------------------------
+    def running_stats_impl(self, running_mean: Tensor, running_var: Tensor, stats: Tensor, momentum: float) -> None:
+        """nn.BatchNorm2d's update of running_mean, running_var [H] in place from stats [3, H] (mean, biased
+        variance, count): running += momentum (batch - running), the variance unbiased by n / (n - 1)."""
+        self.raw.update_running_stats(running_mean, running_var, stats, momentum)
+
+    @staticmethod
+    def running_stats_fake(running_mean: Tensor, running_var: Tensor, stats: Tensor, momentum: float) -> None:
+        return None
 
     # ---- forward: op, fake ---------------------------------------------------------------------------------
     def forward_impl(
@@ -352,7 +381,8 @@ class OpLadder:
             out, _, stats, _, _ = self.forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed,
                                                scale, out_scale, norm, eps, dropout_p)
         if batch_training and running_mean is not None:  # the forward has refused counts <= 1
-            update_running_stats(running_mean, running_var, stats[0], stats[1], stats[2], momentum)
+            with torch.no_grad():  # no gradient flows into the running statistics
+                self.update_running_stats(running_mean, running_var, stats, momentum)
         return out
 
 

@@ -1,8 +1,9 @@
 """CUDA C++ backend: the fused programs of ``csrc/cuda`` (in ``reattn._C``) on the shared op ladder.
 
-Its ops are ``reattn::cuda_forward``, ``reattn::cuda_backward``, ``reattn::cuda_gram_sums`` and
+Its ops are ``reattn::cuda_forward``, ``reattn::cuda_backward``, ``reattn::cuda_gram_sums``,
 ``reattn::cuda_bn_grad_sums`` (``_ladder.OpLadder``: nothing of size B*H*Nq*Nk is saved or
-written). Local training BatchNorm runs in one sweep over the keys: the forward program with norm
+written) and ``reattn::cuda_update_running_stats`` (training BatchNorm's running statistics, in place,
+one launch). Local training BatchNorm runs in one sweep over the keys: the forward program with norm
 none also sums the map's moments per head (``_C.cuda_forward(..., with_moments=True)``) and, without a
 mask at ViT lengths, V over the keys (U, which the norm's shift multiplies);
 ``_fused.one_sweep_batchnorm`` applies the norm to X V in one element-wise pass (``_C.cuda_head_affine``);
@@ -99,14 +100,21 @@ def _head_affine(r, u, alpha, beta, dtype):
 
 def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype):
     # One-sweep training BatchNorm's statistics and coefficients (csrc/cuda/parameters.cuh): one launch.
-    stats, coefficients = _C.cuda_bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, out_scale, eps,
-                                             dtype)
-    return stats, coefficients
+    # count: a 0-dim float64 tensor, or (without a mask) the number itself, which the kernel takes as an argument.
+    if isinstance(count, torch.Tensor):
+        return _C.cuda_bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, out_scale, eps, dtype)
+    return _C.cuda_bn_moments(moments, None, center, mix_bias, norm_weight, norm_bias, out_scale, eps, dtype,
+                              count_value=float(count))
 
 
 def _bn_coefficients(stats, sums, norm_weight, *, eps, dtype):
     # Training BatchNorm's backward coefficients [4, H] (csrc/cuda/parameters.cuh): one launch.
     return _C.cuda_bn_coefficients(stats.contiguous(), sums.contiguous(), norm_weight, eps, dtype)
+
+
+def _update_running_stats(running_mean, running_var, stats, momentum):
+    # nn.BatchNorm2d's update of the running statistics, in place (csrc/cuda/parameters.cuh): one launch.
+    _C.cuda_update_running_stats(running_mean, running_var, stats, momentum)
 
 
 def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_keys):
@@ -118,10 +126,11 @@ def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_key
 CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                             forward_moments=_forward_moments, head_affine=_head_affine,
                             head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
+                            update_running_stats=_update_running_stats,
                             softmax_stats_shape=lambda q: (*q.shape[:3], 2))
 CUDA_OPS = OpLadder(FusedRawOps(CUDA_KERNELS), forward="reattn::cuda_forward", backward="reattn::cuda_backward",
                     gram_sums="reattn::cuda_gram_sums", bn_grad_sums="reattn::cuda_bn_grad_sums",
-                    device_types=("cuda", "cpu"))
+                    running_stats="reattn::cuda_update_running_stats", device_types=("cuda", "cpu"))
 cuda_forward, cuda_backward = CUDA_OPS.forward, CUDA_OPS.backward
 re_attention_cuda = CUDA_OPS.run  # reattn.re_attention with backend="cuda" (validated arguments)
 

@@ -654,6 +654,93 @@ def test_bn_moments_check_their_arguments():
         _C.cuda_bn_moments(*args, None, None, None, 1.0, 1e-5, torch.bfloat16)
 
 
+def test_bn_moments_take_the_count_as_a_number():
+    # Without a mask the entries per head are known on the host (B Nq Nk): the step takes them as an argument
+    # (count None, count_value), with the same results bitwise as from a one-value tensor.
+    H, programs = 5, 9
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(programs, 40, H, generator=g, dtype=torch.float64) * 0.2
+    moments = torch.stack([X.sum(1), (X * X).sum(1)], 1).contiguous().to(DEVICE)
+    center = torch.randn(H, generator=g).to(DEVICE)
+    count = torch.tensor(float(programs * 40), dtype=torch.float64, device=DEVICE)
+    given = _C.cuda_bn_moments(moments, count, center, None, None, None, 1.0, 1e-5, torch.float32)
+    number = _C.cuda_bn_moments(moments, None, center, None, None, None, 1.0, 1e-5, torch.float32,
+                                count_value=float(programs * 40))
+    assert torch.equal(given[0], number[0]) and torch.equal(given[1], number[1])
+    for bad in (0.0, 1.0):  # absent (the default) or a count whose unbiased variance would divide by 0
+        with pytest.raises(ValueError, match="without a count tensor, count_value must be the entries per head"):
+            _C.cuda_bn_moments(moments, None, center, None, None, None, 1.0, 1e-5, torch.float32, count_value=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_update_running_stats_is_batchnorms_update_rounded_once(dtype):
+    # nn.BatchNorm2d's update (parameters.cuh, running_stats_kernel): running += momentum (batch - running), the
+    # variance unbiased by n / (n - 1), formed in float64 and rounded once to the buffer's dtype, in place, any
+    # stride; the same numbers in any warp order.
+    H = 7
+    g = torch.Generator().manual_seed(8)
+    stats = torch.stack([torch.randn(H, generator=g, dtype=torch.float64),
+                         torch.rand(H, generator=g, dtype=torch.float64) + 0.1,
+                         torch.full((H,), 394.0, dtype=torch.float64)]).to(DEVICE)
+    mean0 = torch.randn(H, generator=g, dtype=torch.float64).to(dtype)
+    var0 = (torch.rand(2 * H, generator=g, dtype=torch.float64) + 0.5).to(dtype)[::2]  # a strided view
+    momentum = 0.3
+    s = stats.cpu()
+    expected_mean = (mean0.double() + momentum * (s[0] - mean0.double())).to(dtype)
+    expected_var = (var0.double() + momentum * (s[1] * s[2] / (s[2] - 1) - var0.double())).to(dtype)
+    for options in ({}, dict(reverse_items=True), dict(shuffle_seed=3)):
+        buffer = torch.zeros(2 * H, dtype=dtype, device=DEVICE)
+        running_mean, running_var = mean0.clone().to(DEVICE), buffer[::2]
+        running_var.copy_(var0.to(DEVICE))
+        _C.cuda_update_running_stats(running_mean, running_var, stats, momentum, **options)
+        assert torch.equal(running_mean.cpu(), expected_mean) and torch.equal(running_var.cpu(), expected_var)
+        assert not buffer[1::2].any()  # the entries between the strided view's are untouched
+    # torch's update (reattn._batchnorm.update_running_stats: lerp in the buffer's dtype) agrees within its own
+    # rounding: a few units in the last place of the buffer's dtype.
+    from reattn._batchnorm import update_running_stats
+
+    torch_mean, torch_var = mean0.clone(), var0.clone()
+    update_running_stats(torch_mean, torch_var, s[0], s[1], s[2][0], momentum)
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(torch_mean.double(), expected_mean.double(), rtol=4 * ulp, atol=4 * ulp)
+    torch.testing.assert_close(torch_var.double(), expected_var.double(), rtol=4 * ulp, atol=4 * ulp)
+
+
+def test_update_running_stats_checks_its_arguments():
+    stats = torch.ones(3, 4, dtype=torch.float64, device=DEVICE)
+    mean, var = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"stats must be a contiguous float64 \[3, H\]"):
+        _C.cuda_update_running_stats(mean, var, stats.float(), 0.1)
+    with pytest.raises(ValueError, match=r"running_var must have shape \[4\]"):
+        _C.cuda_update_running_stats(mean, torch.ones(5, device=DEVICE), stats, 0.1)
+    with pytest.raises(TypeError, match="running_mean must be float16, bfloat16, float32 or float64, got Int"):
+        _C.cuda_update_running_stats(torch.zeros(4, dtype=torch.int32, device=DEVICE), var, stats, 0.1)
+
+
+def test_cuda_backend_updates_running_stats_with_its_op():
+    # Training BatchNorm through backend="cuda": the running statistics' update is the backend's op
+    # (reattn::cuda_update_running_stats, one launch; its schema says it writes both buffers), and the
+    # buffers end as nn.BatchNorm2d's update leaves them (float64: within float64 rounding).
+    from reattn.backends.cuda import CUDA_OPS
+
+    op = CUDA_OPS.update_running_stats
+    assert op is torch.ops.reattn.cuda_update_running_stats.default
+    assert [a.alias_info is not None and a.alias_info.is_write for a in op._schema.arguments] == [
+        True, True, False, False]
+    stats = torch.stack([torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.1,
+                         torch.full((3,), 50.0, dtype=torch.float64)]).to(DEVICE)
+    args = (torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE), stats, 0.1)
+    torch.library.opcheck(op, args)
+    q, k, v, w, c, gamma, beta, _ = tensors(2, 3, 9, 9, 8)
+    rm, rv = torch.zeros(3, dtype=torch.float64, device=DEVICE), torch.ones(3, dtype=torch.float64, device=DEVICE)
+    erm, erv = rm.clone(), rv.clone()
+    for backend, mean, var in (("cuda", rm, rv), ("eager", erm, erv)):
+        reattn.re_attention(q, k, v, w, c, norm="batch", norm_weight=gamma, norm_bias=beta, running_mean=mean,
+                            running_var=var, training=True, backend=backend)
+    torch.testing.assert_close(rm, erm, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(rv, erv, rtol=1e-12, atol=1e-14)
+
+
 def test_tensor_core_forward_moments_are_per_program_sums():
     # Training BatchNorm in one sweep: X V in fp32 and each program's sums of X and X^2 over the
     # attended entries; their total is the float64 sum over every (b, i, j) that is not masked.

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(_C is None or not _C.build_info().get("cuda"),
                                 reason="reattn._C was built without CUDA: no cubin to model")
 
 
-PARAMETER_STEPS = ("param_grads", "bn_moments", "bn_coefficients")  # parameters.cuh: one block each
+PARAMETER_STEPS = ("param_grads", "bn_moments", "bn_coefficients", "running_stats")  # parameters.cuh: one block each
 
 
 def _launches(steps, parameter_steps=False):
@@ -61,8 +61,9 @@ def test_launches_per_norm_mode_follow_ops_cpp():
         assert keys.grid == (B * shapes["keys"]["grid"][0], 1) and keys.dynamic_shared == shapes["keys"]["shared_bytes"]
     for norm in ("none", "batch-eval", "layer"):
         assert steps[norm] == {"fwd": ["forward"], "bwd": ["backward_rows", "backward_keys", "param_grads"]}
-    # Training BatchNorm: its statistics from the moments and its backward coefficients, one block each.
-    assert steps["batch-train"] == {"fwd": ["forward", "bn_moments", "head_affine"],
+    # Training BatchNorm: its statistics from the moments, the running statistics' update and its backward
+    # coefficients, one block each.
+    assert steps["batch-train"] == {"fwd": ["forward", "bn_moments", "head_affine", "running_stats"],
                                     "bwd": ["head_dot_sums", "bn_coefficients", "backward_rows", "backward_keys",
                                             "param_grads"]}
     for norm in ("none", "batch-eval", "layer"):
@@ -82,6 +83,9 @@ def test_launches_per_norm_mode_follow_ops_cpp():
     assert affine.params.vector and sums.params.vector and train["fwd"][0].params.value_sums
     ops = [x for x in cuda_side.cuda_call(B, H, N, D, "batch-train", 90)["fwd"] if not isinstance(x, cuda_side.Launch)]
     assert ops and max(op.bytes_read for op in ops) < B * H * N * D * 2
+    # The forward's torch ops: the shift of the moments (center = W summed over h / Nk, negated) and U's sum
+    # over the row-block shares; the count is an argument and the running statistics' update a launch.
+    assert [op.name for op in ops] == ["sum", "div", "neg", "sum"]
     assert names["batch-train"]["fwd"][1] == "head_affine_kernel<bfloat16>"
     assert names["batch-train"]["bwd"][0] == "head_dot_sums_kernel<bfloat16>"
     assert not train["bwd"][1].params.stats_only and train["bwd"][1].params.dq
@@ -312,13 +316,13 @@ def test_parameter_steps_are_modelled_from_their_sass(norm):
     call = _launches(cuda_side.cuda_call(2, 3, 40, 16, norm, 90), parameter_steps=True)
     steps = [x for x in call["fwd"] + call["bwd"] if x.program in PARAMETER_STEPS]
     assert [x.program for x in steps] == (["param_grads"] if norm == "layer" else
-                                          ["bn_moments", "bn_coefficients", "param_grads"])
+                                          ["bn_moments", "running_stats", "bn_coefficients", "param_grads"])
     for launch in steps:
         model = cuda_side.model_launch(launch, 90)
         assert model.spill_bytes == 0 and model.programs == 1 and "no semantics" not in model.note
         assert model.work.instructions["global"] > 0
         unknown = cuda_side.program_counts(launch, 90).diag.unknown_branches
-        if launch.program.startswith("bn_"):
+        if launch.program != "param_grads":
             # float64 division and square root: their slow paths (denormal or special operands) branch on data
             assert len(unknown) <= 8, unknown
         else:
