@@ -116,7 +116,7 @@ class ReAttnParams(ctypes.Structure):
         ("bn", ctypes.c_void_p), ("norm", ctypes.c_int),
         ("scale", ctypes.c_double), ("out_scale", ctypes.c_double), ("eps", ctypes.c_double),
         ("dropout_p", ctypes.c_double), ("seed", ctypes.c_void_p),
-        ("out", ctypes.c_void_p), ("o_st", Strides4), ("lse", ctypes.c_void_p), ("lse_is_input", ctypes.c_bool),
+        ("out", ctypes.c_void_p), ("o_st", Strides4), ("lse", ctypes.c_void_p),
         ("stats_is_input", ctypes.c_bool), ("fold", FoldInputs), ("vector_loads", ctypes.c_bool),
         ("out_is_acc", ctypes.c_bool), ("moments", ctypes.c_void_p), ("value_sums", ctypes.c_void_p),
         ("shift", ctypes.c_double), ("s1", ctypes.c_void_p), ("gram", ctypes.c_void_p),
@@ -580,33 +580,28 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
         _record(symbol, "forward", False, q, p, touched, (B * tiles["grid"][0], tiles["grid"][1]), tiles["threads"],
                 tiles["shared_bytes"], "keys", tiles["keys"], one_segment=tiles["segments"] == 1)
     else:
-        lse_ = (stats.select(-1, 0) + stats.select(-1, 1)).contiguous() if given else torch.empty(
-            (B, H, Nq), dtype=acc, device=q.device)
         moments = torch.zeros((1 if with_moments else 0, 2, H), dtype=torch.float64, device=q.device)
         value_sums = torch.empty((0, H, 1, D), dtype=acc, device=q.device)
-        p.lse, p.lse_is_input = rec.pointer(lse_, "lse"), given
+        p.lse, p.stats_is_input = rec.pointer(stats, "lse"), given
         p.moments = rec.pointer(moments, "moments") if with_moments else None
-        touched.append((lse_, {"read"} if given else {"write"}))
         if with_moments:
             touched.append((moments, {"atomic"}))
         _core_parameters(p, touched)
         _run_program(PROGRAM_KINDS["forward"], q, p, touched)
-        if not given:
-            stats = torch.stack([lse_, torch.zeros_like(lse_)], -1)
     return (out, stats, moments, value_sums) if with_moments else (out, stats)
 
 
 def _gram_sums(q, k, attn_mask, seed, *, scale, dropout_p, shift):
     rec = _RECORDER
     p, touched = _prepare(q, k, None, None, None, None, None, seed, scale, dropout_p)
-    lse = torch.empty((q.shape[0], q.shape[1], q.shape[2]), dtype=_acc(q.dtype), device=q.device)
+    stats = torch.empty((q.shape[0], q.shape[1], q.shape[2], 2), dtype=_acc(q.dtype), device=q.device)
     s1 = torch.zeros((q.shape[1],), dtype=torch.float64, device=q.device)
     gram = torch.zeros((q.shape[1], q.shape[1]), dtype=torch.float64, device=q.device)
-    p.lse, p.shift = rec.pointer(lse, "lse"), shift
+    p.lse, p.shift = rec.pointer(stats, "lse"), shift
     p.s1, p.gram = rec.pointer(s1, "s1"), rec.pointer(gram, "gram")
-    touched += [(lse, {"write"}), (s1, {"atomic"}), (gram, {"atomic"})]
+    touched += [(stats, {"write"}), (s1, {"atomic"}), (gram, {"atomic"})]
     _run_program(PROGRAM_KINDS["gram_sums"], q, p, touched)
-    return torch.stack([lse, torch.zeros_like(lse)], -1), s1, gram
+    return stats, s1, gram
 
 
 def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, seed, stats, scale,
@@ -672,8 +667,7 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
             return none, none, none, dW, dc, dgamma, dbeta
         return dq, dk, dv, dW, dc, dgamma, dbeta
     # The CUDA-core programs: dK, dV and the parameter gradients summed with atomics.
-    lse = (stats.select(-1, 0) + stats.select(-1, 1)).contiguous()
-    p.lse = rec.pointer(lse, "lse")
+    p.lse = rec.pointer(stats, "lse")
     acc = _acc(q.dtype)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros((B, H, Nk, D), dtype=acc, device=q.device)
@@ -683,7 +677,7 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
     p.dq, p.dq_st, p.dk, p.dv = rec.pointer(dq, "dq"), _strides(dq), rec.pointer(dk, "dk"), rec.pointer(dv, "dv")
     p.dW, p.dc, p.dgamma, p.dbeta = (rec.pointer(t, r) for t, r in zip((dW, dc, dgamma, dbeta),
                                                                        ("dW", "dc", "dgamma", "dbeta")))
-    touched.append((lse, {"read"}))
+    touched.append((stats, {"read"}))
     _core_parameters(p, touched)
     if stats_only:
         touched += [(dgamma, {"atomic"}), (dbeta, {"atomic"})]

@@ -28,10 +28,10 @@ Tolerances come from the error analysis, never from a run (tests/_tolerance.py):
 * bfloat16 and float16 follow FlashAttention's rule on top: within twice the error of the eager
   path in the same dtype (which rounds every map to the input dtype) plus one rounding of the result.
 
-Cases the CUDA backend's CUDA-core programs (fp32/fp64) fail today (they keep one logsumexp per
-row, which absorbs log l next to the fill) are marked xfail(strict=True): they turn into
-requirements the moment they keep the (row max, log-sum) statistics, as the cpu kernel, the Triton
-kernels and the CUDA tensor-core kernels (fp16/bf16) do.
+Every backend keeps a row's softmax statistics as (row max m, log-sum ll) and forms P = exp((S - m) - ll):
+one logsumexp L = m + ll rounds to m next to such a fill (log N is below half its ulp), which would
+weigh every key of a padded row 1 instead of 1/N (the CUDA backend's fp32/fp64 programs did until
+they kept the pair, as its fp16/bf16 programs, the cpu kernel and the Triton kernels do).
 """
 from __future__ import annotations
 
@@ -53,8 +53,6 @@ FILLS = {"-1e4": -1e4, "-1e9": -1e9, "finfo.min": None}
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NORMS = ("none", "batch-train", "batch-eval", "layer")
 GRADS = ("q", "k", "v", "mix_weight", "mix_bias", "norm_weight", "norm_bias")
-KERNEL_XFAIL = ("the CUDA programs keep one logsumexp per row; fixed by the (row max, log-sum) statistics "
-                "of their rewrite")
 
 
 def fill_value(fill: str, dtype: torch.dtype) -> float:
@@ -222,35 +220,12 @@ def supported(backend: str, dtype: torch.dtype, norm: str) -> "str | None":
     return unavailable_reason(backend, problem)
 
 
-# Training BatchNorm cases that fail although the logsumexp is not absorbed: rounded to half an ulp of
-# the fill, it makes a padded row's probabilities sum to 1 +- ulp/2, and the batch mean (the running
-# statistics) sees that; the other modes' results stay within the bound of a score rounding.
-LSE_ROUNDED = {(torch.float32, "-1e4"), (torch.float64, "-1e9")}
-
-
-def kernel_fails_today(backend: str, fill: str, dtype: torch.dtype, norm: str) -> bool:
-    """The cases the CUDA backend's CUDA-core programs (fp32/fp64) get wrong: they keep one logsumexp
-    L = m + log l per row and recompute P = exp(s - L). Its tensor-core kernels (fp16/bf16) keep
-    (m, log l) and pass."""
-    if backend != "cuda" or dtype in (torch.float16, torch.bfloat16):
-        return False
-    value = padding_mask(fill_value(fill, dtype), dtype).min().item()
-    if not math.isfinite(value):
-        return False  # -1e9 in float16 is -inf: masked, no logsumexp involved
-    absorbed = math.log(N) < fill_ulp(value, accumulation_dtype(dtype)) / 2  # L == m: every key weighted 1
-    return absorbed or (norm == "batch-train" and (dtype, fill) in LSE_ROUNDED)
-
-
 CASES = []
 for _backend in ("eager", "cpu", "triton", "cuda"):
     for _dname, _dtype in DTYPES.items():
         for _fill in FILLS:
             for _norm in NORMS:
-                marks = []
-                if kernel_fails_today(_backend, _fill, _dtype, _norm):
-                    marks.append(pytest.mark.xfail(strict=True, reason=KERNEL_XFAIL))
-                CASES.append(pytest.param(_backend, _dtype, _fill, _norm, marks=marks,
-                                          id=f"{_backend}-{_dname}-{_fill}-{_norm}"))
+                CASES.append(pytest.param(_backend, _dtype, _fill, _norm, id=f"{_backend}-{_dname}-{_fill}-{_norm}"))
 
 
 @pytest.mark.parametrize("backend, dtype, fill, norm", CASES)

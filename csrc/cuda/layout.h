@@ -36,7 +36,7 @@ struct SharedLayout {
   size_t wt;       // T   [heads_p][heads_p]   W^T (backward)
   size_t dw;       // Acc [heads_p][heads_p] (backward) dW accumulator
   size_t vec;      // Acc [7][H]   c, gamma, beta, batch mean, batch 1/std, e, f
-  size_t lse;      // Acc [H][bm]
+  size_t lse;      // Acc [2][H][bm]   row statistics: max, then log-sum
   size_t row_a;    // Acc [H][bm]   running max (forward) / D = rowsum(P dP) (backward)
   size_t row_b;    // Acc [H][bm]   running sum (forward)
   size_t partial;  // Acc [3 H][kReduceLanes]   two-level reductions
@@ -80,7 +80,7 @@ REATTN_HD SharedLayout shared_layout(int kind, const Plan& plan, int H, size_t t
   L.wt = backward ? sections.take(hp * hp * t_size) : 0;
   L.dw = kind == kBackward ? sections.take(hp * hp * acc_size) : 0;
   L.vec = sections.take(7 * h * acc_size);
-  L.lse = sections.take(h * bm * acc_size);
+  L.lse = sections.take(2 * h * bm * acc_size);
   L.row_a = sections.take(h * bm * acc_size);
   L.row_b = forward || stats ? sections.take(h * bm * acc_size) : 0;
   L.partial = sections.take(3 * h * kReduceLanes * acc_size);

@@ -317,8 +317,6 @@ int emulator_order(bool reverse_items, int64_t shuffle_seed) { return shuffle_se
 // Row statistics [B, H, Nq, 2] (max, log-sum) of a [B, H, Nq] logsumexp L: (L, 0) describes the
 // same probabilities exp(S - L).
 at::Tensor stats_from_lse(const at::Tensor& lse) { return at::stack({lse, at::zeros_like(lse)}, -1); }
-// ... and back: L = m + log l (+inf for a row without any key: +inf + 0).
-at::Tensor lse_from_stats(const at::Tensor& stats) { return (stats.select(-1, 0) + stats.select(-1, 1)).contiguous(); }
 
 ParamRef param_ref(const at::Tensor& t) {
   ParamRef r;
@@ -541,9 +539,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 #endif
     }
   } else {
-    at::Tensor lse = given ? lse_from_stats(stats) : at::empty({p.B, p.H, p.Nq}, q.options().dtype(acc));
-    p.lse = lse.data_ptr();
-    p.lse_is_input = given;
+    p.lse = stats.data_ptr();
+    p.stats_is_input = given;
     moments = at::zeros({with_moments ? 1 : 0, 2, p.H}, q.options().dtype(at::kDouble));
     p.moments = with_moments ? moments.data_ptr<double>() : nullptr;
     if (with_moments && q.is_cuda()) {
@@ -553,7 +550,6 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     }
     core_parameters(a, q);
     run(op, kForward, q, p, shared_limit, reverse_items);
-    if (!given) stats = stats_from_lse(lse);
   }
   if (with_moments) return {out, stats, moments, value_sums};
   return {out, stats};
@@ -570,15 +566,15 @@ std::vector<at::Tensor> gram_sums(const at::Tensor& q, const at::Tensor& k,
   Arguments a = prepare(op, q, k, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, attn_mask,
                         seed, scale, dropout_p);
   ReAttnParams& p = a.p;
-  at::Tensor lse = at::empty({p.B, p.H, p.Nq}, q.options().dtype(acc_of(q.scalar_type())));
+  at::Tensor stats = at::empty({p.B, p.H, p.Nq, 2}, q.options().dtype(acc_of(q.scalar_type())));
   at::Tensor s1 = at::zeros({p.H}, q.options().dtype(at::kDouble));
   at::Tensor gram = at::zeros({p.H, p.H}, q.options().dtype(at::kDouble));
-  p.lse = lse.data_ptr();
+  p.lse = stats.data_ptr();
   p.shift = shift;
   p.s1 = s1.data_ptr<double>();
   p.gram = gram.data_ptr<double>();
   run(op, kGramSums, q, p, shared_limit, reverse_items);
-  return {stats_from_lse(lse), s1, gram};
+  return {stats, s1, gram};
 }
 
 // The tensor-core backward's shapes (row pass, key pass) for this problem, or false.
@@ -719,8 +715,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
         "backward plan: H > 16, D > 64, or tiles that do not fit the GPU's shared memory) sums dK, dV with "
         "atomics");
   }
-  const at::Tensor lse = stats.dim() == 4 ? lse_from_stats(stats) : stats;
-  p.lse = lse.data_ptr();
+  const at::Tensor row_stats = stats.dim() == 4 ? stats : stats_from_lse(stats);
+  p.lse = row_stats.data_ptr();
   at::Tensor dq = at::empty({p.B, p.H, p.Nq, p.D}, q.options());
   at::Tensor dk = at::zeros({p.B, p.H, p.Nk, p.D}, q.options().dtype(acc));
   at::Tensor dv = at::zeros_like(dk);

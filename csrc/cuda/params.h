@@ -101,13 +101,13 @@ struct ReAttnParams {
   double scale = 1.0, out_scale = 1.0, eps = 1e-5, dropout_p = 0.0;
   const int64_t* seed = nullptr;  // on the device; null = no dropout
 
-  // Forward: out in T (any strides); lse in the accumulation type, contiguous [B, H, Nq]. The
-  // tensor-core forward (forward.cuh) writes row statistics [B, H, Nq, 2] = (max, log-sum) there
-  // instead, or reads them when stats_is_input.
+  // Forward: out in T (any strides). lse: the row statistics [B, H, Nq, 2] = (row max m, log-sum
+  // log sum_j exp(S - m)) in the accumulation type, contiguous, P = exp((S - m) - log-sum); every
+  // program writes them (forward, statistics sweep), or reads them (backward; forward when
+  // stats_is_input).
   void* out = nullptr;
   Strides4 o_st{};
   void* lse = nullptr;
-  bool lse_is_input = false;
   bool stats_is_input = false;
   // Tensor-core programs: the parameters as given, which each program folds (FoldInputs).
   FoldInputs fold;

@@ -5,11 +5,12 @@
 // docs/math.md; the semantics are those of kernels/ (the Triton backend),
 // entry for entry:
 //
-//   S = scale q k^T (+ mask; -inf where masked),  L = logsumexp_j S,  P = exp(S - L)
+//   S = scale q k^T (+ mask; -inf where masked),  m = max_j S,  ll = log sum_j exp(S - m),
+//   P = exp((S - m) - ll)
 //   P~ = P Z / (1 - p)  (Z: Triton's Philox keyed by (seed, b, h, i, j)),  M = W P~ + c
 //   A = out_scale * Norm(M), 0 where masked;  O = A V
 //
-// The forward sweeps the keys twice (L, then O); L is an input when the Gram-sum sweep already
+// The forward sweeps the keys twice (m and ll, then O); they are an input when the Gram-sum sweep already
 // wrote it (synchronized training BatchNorm). Local training BatchNorm runs the norm-none forward
 // with p.moments: it also sums X and X^2 per head and writes X V in the accumulation type; the norm
 // is applied to that afterwards (reattn/backends/_fused.py, one_sweep_batchnorm). Backward: a pre-pass for D = rowsum(P dP), then the main pass (dV, dS, dQ, dK, dW,
@@ -181,9 +182,13 @@ struct Program {
     }, L.q, L.k, at<Acc>(L.scores));
   }
 
-  // L = logsumexp_j S per (h, i) with an online maximum; +inf for a row without any key.
+  // The row statistics per (h, i): the row max m and the log-sum ll = log sum_j exp(S - m), with an online
+  // maximum, so that P = exp((S - m) - ll). Kept apart, not as one logsumexp L = m + ll: next to a large
+  // finite score (a padding fill such as finfo.min) L rounds to m and exp(S - L) would weigh every key 1
+  // instead of 1/l. A row without any key gets (+inf, 0): every P is exp(-inf) = 0. L.lse holds m for the
+  // H * BM rows, then ll; the global statistics [B, H, Nq, 2] (the tensor-core programs' format).
   template <typename Exec>
-  REATTN_FN void row_logsumexp(const Exec& ex, bool write_global) {
+  REATTN_FN void row_statistics(const Exec& ex, bool write_global) {
     Acc* run_max = at<Acc>(L.row_a);
     Acc* run_sum = at<Acc>(L.row_b);
     Acc* scores = at<Acc>(L.scores);
@@ -211,27 +216,37 @@ struct Program {
         run_sum[row] = sum;
       });
     }
-    Acc* lse = at<Acc>(L.lse);
-    Acc* lse_out = static_cast<Acc*>(p.lse);
+    Acc* row_max = at<Acc>(L.lse);
+    Acc* log_sum = row_max + H * BM;
+    Acc* stats_out = static_cast<Acc*>(p.lse);
     ex.for_each(H * BM, [&](int row) {
       const int h = row / BM, il = row % BM;
-      const Acc value = run_sum[row] > 0 ? run_max[row] + r_log(run_sum[row]) : r_inf<Acc>();
-      lse[row] = value;
-      if (write_global && m0 + il < p.Nq) lse_out[(b * H + h) * p.Nq + m0 + il] = value;
+      const bool any = run_sum[row] > 0;
+      row_max[row] = any ? run_max[row] : r_inf<Acc>();
+      log_sum[row] = any ? r_log(run_sum[row]) : Acc(0);
+      if (write_global && m0 + il < p.Nq) {
+        Acc* out = stats_out + 2 * ((b * H + h) * p.Nq + m0 + il);
+        out[0] = row_max[row];
+        out[1] = log_sum[row];
+      }
     });
   }
 
   template <typename Exec>
-  REATTN_FN void load_lse(const Exec& ex) {
-    const Acc* lse_in = static_cast<const Acc*>(p.lse);
-    Acc* lse = at<Acc>(L.lse);
+  REATTN_FN void load_row_statistics(const Exec& ex) {
+    const Acc* stats_in = static_cast<const Acc*>(p.lse);
+    Acc* row_max = at<Acc>(L.lse);
+    Acc* log_sum = row_max + H * BM;
     ex.for_each(H * BM, [&](int row) {
       const int h = row / BM, il = row % BM;
-      lse[row] = m0 + il < p.Nq ? lse_in[(b * H + h) * p.Nq + m0 + il] : r_inf<Acc>();
+      const bool real = m0 + il < p.Nq;
+      const Acc* in = stats_in + 2 * ((b * H + h) * p.Nq + (real ? m0 + il : 0));
+      row_max[row] = real ? in[0] : r_inf<Acc>();
+      log_sum[row] = real ? in[1] : Acc(0);
     });
   }
 
-  // From raw scores: P = exp(S - L), dropout, attended/kept flags. What is kept where depends on
+  // From raw scores: P = exp((S - m) - ll), dropout, attended/kept flags. What is kept where depends on
   // the program: forward -> probs = P~; statistics -> scores = P~ - shift (0 where not attended);
   // backward -> scores = P and probs = P~. probs rows H..HP-1 are zero for the mixing product.
   template <typename Exec>
@@ -239,7 +254,8 @@ struct Program {
     Acc* scores = at<Acc>(L.scores);
     T* probs = kind == kGramSums ? nullptr : at<T>(L.probs);
     uint8_t* flags = kind == kGramSums ? nullptr : at<uint8_t>(L.flags);
-    Acc* lse = at<Acc>(L.lse);
+    const Acc* row_max = at<Acc>(L.lse);
+    const Acc* log_sum = row_max + H * BM;
     const bool dropout = has_dropout();
     const uint64_t seed = dropout ? static_cast<uint64_t>(*p.seed) : 0;
     const float threshold = static_cast<float>(p.dropout_p);
@@ -255,7 +271,7 @@ struct Program {
       const int64_t i = m0 + il, j = n0 + jl;
       const Score s = masked_score(scores[item], h, i, j);
       const bool attended = s.attended;
-      const Acc prob = r_exp(s.value - lse[h * BM + il]);
+      const Acc prob = r_exp((s.value - row_max[h * BM + il]) - log_sum[h * BM + il]);
       Acc dropped = prob;
       uint8_t flag = attended ? 1 : 0;
       if (dropout) {
@@ -328,10 +344,10 @@ struct Program {
   template <typename Exec>
   REATTN_FN void forward(const Exec& ex) {
     load_parameters(ex, false);
-    if (p.lse_is_input) {
-      load_lse(ex);
+    if (p.stats_is_input) {
+      load_row_statistics(ex);
     } else {
-      row_logsumexp(ex, pid_d == 0);
+      row_statistics(ex, pid_d == 0);
     }
     Acc* acc = at<Acc>(L.out);
     ex.for_each(H * BM * dcw, [&](int item) { acc[item] = 0; });
@@ -403,10 +419,10 @@ struct Program {
   }
 
   // ============================ BatchNorm statistics =========================================
-  // s1[h] = sum X_h, gram[h, h'] = sum X_h X_h' over unmasked entries, X = P~ - shift; writes lse.
+  // s1[h] = sum X_h, gram[h, h'] = sum X_h X_h' over unmasked entries, X = P~ - shift; writes the row statistics.
   template <typename Exec>
   REATTN_FN void batch_statistics(const Exec& ex) {
-    row_logsumexp(ex, true);
+    row_statistics(ex, true);
     double* gram = at<double>(L.sums);
     double* s1 = gram + H * H;
     ex.for_each(H * H + H, [&](int item) { gram[item] = 0; });
@@ -435,7 +451,7 @@ struct Program {
   template <typename Exec>
   REATTN_FN void backward(const Exec& ex, bool stats_only) {
     load_parameters(ex, true);
-    load_lse(ex);
+    load_row_statistics(ex);
     double* sums = at<double>(L.sums);  // [H][H] unused here; then dc, dgamma, dbeta
     double* dc_sum = sums + H * H;
     Acc* delta = at<Acc>(L.row_a);
