@@ -103,7 +103,8 @@ class ParamRef(ctypes.Structure):
 class FoldInputs(ctypes.Structure):
     """csrc/cuda/params.h's FoldInputs (ReAttnParams::fold): the parameters each tensor-core program folds."""
     _fields_ = [("H", ctypes.c_int), ("norm", ctypes.c_int), ("out_scale", ctypes.c_double), ("keep", ctypes.c_double),
-                ("W", ParamRef), ("c", ParamRef), ("gamma", ParamRef), ("beta", ParamRef), ("bn", ctypes.c_void_p)]
+                ("W", ParamRef), ("c", ParamRef), ("gamma", ParamRef), ("beta", ParamRef), ("bn", ctypes.c_void_p),
+                ("running_mean", ParamRef), ("running_var", ParamRef), ("eps", ctypes.c_double)]
 
 
 class ReAttnParams(ctypes.Structure):
@@ -412,6 +413,9 @@ def _fold_inputs(p: ReAttnParams, touched: list, bn_rows: Optional[torch.Tensor]
     f.keep = 1.0 / (1.0 - p.dropout_p) if p.seed else 1.0
     f.W, f.c, f.gamma, f.beta = (_param_ref(t, "given_" + r) for t, r in zip(p.given, ("W", "c", "gamma", "beta")))
     f.bn = _RECORDER.pointer(bn_rows, "bn") if p.norm == NORM_CODES["batch"] else None
+    # running_mean, running_var stay null: eval-mode BatchNorm's inference op is not modelled (the model's calls
+    # run with gradients, through the ladder's fold).
+    f.eps = p.eps
     touched += [(t, {"read"}) for t in p.given if t is not None]
 
 

@@ -253,8 +253,10 @@ def run_call(ops, B: int, H: int, N: int, D: int, norm: str, dtype, counter, dra
         return out
 
     steps: Dict[str, list] = {}
-    OpLadder.run(types.SimpleNamespace(forward=forward, update_running_stats=ops.running_stats_impl), q, k, v,
-                 mix_weight, mix_bias, **options)
+    # The forward with gradients (its saved tensors feed the backward): eval-mode BatchNorm through the ladder's
+    # fold, not the inference op (forward_eval_batchnorm) a call without gradients runs.
+    OpLadder.run(types.SimpleNamespace(forward=forward, update_running_stats=ops.running_stats_impl,
+                                       forward_eval_batchnorm=None), q, k, v, mix_weight, mix_bias, **options)
     steps["fwd"] = _merge(drain(), counter)
     (q_, k_, v_, w_, c_, nw_, nb_, mask_, seed_, scale_, out_scale_, norm_, eps_, p_) = recorded["args"][:14]
     _, softmax_stats, stats, R, U = recorded["out"]

@@ -110,6 +110,7 @@ struct Arguments {
   ReAttnParams p;
   std::vector<at::Tensor> keep;
   std::array<at::Tensor, 4> given;
+  std::array<at::Tensor, 2> running;  // eval-mode BatchNorm's running mean and variance as given (else undefined)
 };
 
 // The parameters as the CUDA-core programs read them (ReAttnParams::W, c, gamma, beta).
@@ -297,16 +298,27 @@ int norm_code(const char* op, const std::string& norm) {
   return -1;
 }
 
-// The norm of a forward or backward: its code, out_scale, eps and (training BatchNorm) the statistics rows.
+// The norm of a forward or backward: its code, out_scale, eps and (BatchNorm) the statistics rows, or, where
+// `running` holds eval-mode BatchNorm's running statistics, none: the tensor-core programs fold those as given
+// (FoldInputs), the CUDA-core ones get rows from them (eval_batch_rows).
 void set_norm(const char* op, Arguments& a, const at::Tensor& q, const std::string& norm, double out_scale,
               double eps, const c10::optional<at::Tensor>& batch_stats) {
   a.p.norm = norm_code(op, norm);
   a.p.out_scale = out_scale;
   a.p.eps = eps;
-  if (a.p.norm == kNormBatch) {
+  if (a.p.norm == kNormBatch && !a.running[0].defined()) {
     a.keep.push_back(batch_rows(op, batch_stats, q));
     a.p.bn = a.keep.back().data_ptr();
   }
+}
+
+// Eval-mode BatchNorm's rows for the CUDA-core programs: mean, 1 / sqrt(var + eps) (formed in float64), e = f = 0.
+void eval_batch_rows(Arguments& a, const at::Tensor& q) {
+  const at::Tensor mean = a.running[0].to(at::kDouble), rstd = (a.running[1].to(at::kDouble) + a.p.eps).rsqrt();
+  a.keep.push_back(at::cat({mean.unsqueeze(0), rstd.unsqueeze(0), at::zeros({2, a.p.H}, mean.options())})
+                       .to(acc_of(q.scalar_type()))
+                       .contiguous());
+  a.p.bn = a.keep.back().data_ptr();
 }
 
 void poison(at::Tensor& t) { t.fill_(std::numeric_limits<double>::quiet_NaN()); }
@@ -349,6 +361,9 @@ FoldInputs fold_inputs(const Arguments& a) {
   f.gamma = param_ref(a.given[2]);
   f.beta = param_ref(a.given[3]);
   f.bn = p.norm == kNormBatch ? static_cast<const float*>(p.bn) : nullptr;
+  f.running_mean = param_ref(a.running[0]);
+  f.running_var = param_ref(a.running[1]);
+  f.eps = p.eps;
   return f;
 }
 
@@ -470,10 +485,23 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const c10::optional<at::Tensor>& stats_in, double scale, double out_scale,
                                 const std::string& norm, double eps, double dropout_p, bool with_moments,
                                 bool out_is_acc, int64_t shared_limit, bool reverse_items, bool poison_outputs, bool programs_only,
-                                int64_t shuffle_seed, bool general_variant) {
+                                int64_t shuffle_seed, bool general_variant,
+                                const c10::optional<at::Tensor>& running_mean,
+                                const c10::optional<at::Tensor>& running_var) {
   const char* op = "reattn cuda_forward";
   Arguments a = prepare(op, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, dropout_p);
   ReAttnParams& p = a.p;
+  const bool eval_batch = running_mean.has_value() && running_mean->defined();
+  if (eval_batch || (running_var.has_value() && running_var->defined())) {
+    TORCH_CHECK_VALUE(eval_batch && running_var.has_value() && running_var->defined(), op,
+                      ": running_mean and running_var go together");
+    TORCH_CHECK_VALUE(norm == "batch" && !(batch_stats.has_value() && batch_stats->defined()) && !with_moments &&
+                          !(stats_in.has_value() && stats_in->defined()),
+                      op, ": running_mean and running_var are eval-mode BatchNorm's statistics: norm 'batch', "
+                      "without batch_stats, stats or with_moments");
+    a.running[0] = parameter(op, "running_mean", running_mean, {p.H}, q);
+    a.running[1] = parameter(op, "running_var", running_var, {p.H}, q);
+  }
   set_norm(op, a, q, norm, out_scale, eps, batch_stats);
   const auto acc = acc_of(q.scalar_type());
   TORCH_CHECK_VALUE(!with_moments || norm == "none", op, ": with_moments needs norm 'none', got '", norm, "'");
@@ -543,6 +571,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     p.stats_is_input = given;
     moments = at::zeros({with_moments ? 1 : 0, 2, p.H}, q.options().dtype(at::kDouble));
     p.moments = with_moments ? moments.data_ptr<double>() : nullptr;
+    if (eval_batch) eval_batch_rows(a, q);
     if (with_moments && q.is_cuda()) {
       at::globalContext().alertNotDeterministic(
           "reattn cuda_forward with moments on the CUDA-core programs (fp32 / fp64, or no tensor-core plan) adds "
@@ -1178,13 +1207,16 @@ void register_ops(pybind11::module& m) {
         py::arg("norm"), py::arg("eps"), py::arg("dropout_p"), py::arg("with_moments") = false,
         py::arg("out_is_acc") = false, py::arg("shared_limit") = 0, py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
         py::arg("programs_only") = false, py::arg("shuffle_seed") = 0, py::arg("general_variant") = false,
+        py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
         "Fused CUDA Re-attention forward: [out [B,H,Nq,D], stats [B,H,Nq,2]] with the row statistics (max of "
         "S, log of sum exp(S - max)); with_moments (norm 'none'): out = X V (in the accumulation dtype where "
         "out_is_acc) and a third output, moments [programs, 2, H] float64 (per-program sums of X = W P~ + c and X^2 over the attended "
         "entries, for one-sweep training BatchNorm) and a fourth, value_sums: without a mask, on the one-segment "
         "tensor-core programs, [B, H, row blocks, D] fp32 whose sum over dim 2 is U = sum_j V_j [B, H, 1, D], else empty "
         "[0, H, 1, D]. norm 'batch' = training statistics given as batch_stats "
-        "[2,H] (mean, 1/std); stats given ([B,H,Nq,2], or a [B,H,Nq] logsumexp) = read, not computed. fp16/bf16 "
+        "[2,H] (mean, 1/std), or eval-mode BatchNorm given as running_mean and running_var [H] (any float dtype; "
+        "rstd = 1/sqrt(running_var + eps), folded by the programs); stats given ([B,H,Nq,2], or a [B,H,Nq] "
+        "logsumexp) = read, not computed. fp16/bf16 "
         "run the tensor-core forward where a tile shape fits (programs_only: the CUDA-core programs; "
         "general_variant: its general compiled variant even where a plain one applies). CPU "
         "tensors run the emulator, warps in reverse (reverse_items) or shuffled (shuffle_seed != 0) order.");

@@ -63,17 +63,24 @@ REATTN_DEVICE void store_value(void* out, int storage, int64_t i, double x) {
 //   + beta_g)): W' = alpha_g W / (1 - p) and c' = alpha_g c_g + out_scale (beta_g - gamma_g mean_g rstd_g)
 //   with alpha_g = out_scale gamma_g rstd_g (none: gamma = 1, rstd = 1, mean = beta = 0); the last 2H zero.
 //   LayerNorm: W' = W / (1 - p), c' = c, then out_scale gamma and out_scale beta (the norm's own affine).
+//   BatchNorm's mean and rstd: the given rows, or (eval mode, bn null) the running statistics, rstd formed in
+//   float64 as 1 / sqrt(running_var + eps).
 REATTN_DEVICE double forward_folded(const FoldInputs& p, int i) {
   const int H = p.H, hh = H * H;
   const bool batch = p.norm == kNormBatch, layer = p.norm == kNormLayer;
   const int h = i < hh ? i / H : (i - hh) % H;  // the weight's row g, or the vector entry's head
   const int piece = i < hh ? -1 : (i - hh) / H;
-  double alpha = layer ? 1.0 : p.out_scale;
-  if (batch) alpha *= head_value(p.gamma, h, 1.0) * p.bn[H + h];
+  double alpha = layer ? 1.0 : p.out_scale, mean = 0.0, rstd = 1.0;
+  if (batch) {
+    const bool rows = p.bn != nullptr;
+    mean = rows ? p.bn[h] : head_value(p.running_mean, h, 0.0);
+    rstd = rows ? p.bn[H + h] : 1.0 / std::sqrt(head_value(p.running_var, h, 1.0) + p.eps);
+    alpha *= head_value(p.gamma, h, 1.0) * rstd;
+  }
   if (piece < 0) return alpha * p.keep * param_value(p.W, h * p.W.stride0 + static_cast<int64_t>(i - h * H) * p.W.stride1);
   if (piece == 0) {
     double c = alpha * head_value(p.c, h, 0.0);
-    if (batch) c += p.out_scale * (head_value(p.beta, h, 0.0) - head_value(p.gamma, h, 1.0) * p.bn[h] * p.bn[H + h]);
+    if (batch) c += p.out_scale * (head_value(p.beta, h, 0.0) - head_value(p.gamma, h, 1.0) * mean * rstd);
     return c;
   }
   if (!layer) return 0.0;

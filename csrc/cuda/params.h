@@ -68,8 +68,12 @@ struct FoldInputs {
   double out_scale = 1.0;
   double keep = 1.0;  // 1 / (1 - dropout p); 1 without dropout
   ParamRef W, c, gamma, beta;
-  // kNormBatch: [4, H] fp32, contiguous: mean, rstd, e, f (the forward reads the first two rows).
+  // kNormBatch: [4, H] fp32, contiguous: mean, rstd, e, f (the forward reads the first two rows); or, null,
+  // eval-mode BatchNorm in the forward from the running statistics as given (any dtype and stride):
+  // mean = running_mean, rstd = 1 / sqrt(running_var + eps).
   const float* bn = nullptr;
+  ParamRef running_mean, running_var;
+  double eps = 1e-5;
 };
 
 struct ReAttnParams {

@@ -156,6 +156,10 @@ class FusedKernels:
         BatchNorm's backward coefficients in one step (else ``reattn._batchnorm.bn_backward_coefficients``).
     update_running_stats(running_mean, running_var, stats [3, H], momentum) -> None: optional, nn.BatchNorm2d's
         update of the running statistics in place in one step (else torch's ops, ``RawOps.update_running_stats``).
+    forward_eval_batchnorm(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, running_mean, running_var,
+        attn_mask, *, scale, out_scale, eps) -> out [B, H, Nq, D]: optional, eval-mode BatchNorm's forward with the
+        norm folded by the kernels from the running statistics as given (inference; else the ladder folds it with
+        torch ops and runs the norm-none forward).
     """
 
     forward: Callable
@@ -169,6 +173,7 @@ class FusedKernels:
     bn_moments: Optional[Callable] = None
     bn_coefficients: Optional[Callable] = None
     update_running_stats: Optional[Callable] = None
+    forward_eval_batchnorm: Optional[Callable] = None
 
 
 class FusedRawOps(RawOps):
@@ -177,6 +182,13 @@ class FusedRawOps(RawOps):
     def __init__(self, kernels: FusedKernels) -> None:
         self.kernels = kernels
         self.updates_running_stats = kernels.update_running_stats is not None
+        self.folds_eval_batchnorm = kernels.forward_eval_batchnorm is not None
+
+    def forward_eval_batchnorm(self, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, running_mean, running_var,
+                               attn_mask, *, scale, out_scale, eps):
+        return self.kernels.forward_eval_batchnorm(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
+                                                   running_mean, running_var, attn_mask, scale=scale,
+                                                   out_scale=out_scale, eps=eps)
 
     def update_running_stats(self, running_mean: Tensor, running_var: Tensor, stats: Tensor, momentum: float) -> None:
         if self.kernels.update_running_stats is None:

@@ -68,6 +68,10 @@ class RawOps:
             stats, R, U, *, scale, out_scale, norm, eps, dropout_p, bn_grad_sums)
             -> (dq, dk, dv, d_mix_weight, d_mix_bias, d_norm_weight, d_norm_bias), None allowed
     dropout_keep_mask(seed, (B, H, Nq, Nk), p) -> bool keep-mask the kernels draw for ``seed``
+    forward_eval_batchnorm(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, running_mean, running_var,
+            attn_mask, *, scale, out_scale, eps) -> out: eval-mode BatchNorm's forward with the running
+            statistics as given, no autograd (``folds_eval_batchnorm`` True where the backend has it: its
+            programs fold the norm themselves, where the ladder's fold is torch ops on [H]-sized tensors)
     update_running_stats(running_mean, running_var, stats [3, H], momentum) -> None: nn.BatchNorm2d's update
             of the running statistics, in place, from training BatchNorm's stats (default: torch's ops;
             ``updates_running_stats`` True where the backend has a kernel for it)
@@ -82,6 +86,7 @@ class RawOps:
 
     keeps_bn_terms = False  # training BatchNorm's forward returns R and U [B, H, Nq, D] (the cpu kernel's)
     updates_running_stats = False  # update_running_stats is a kernel of the backend's (an op of its own)
+    folds_eval_batchnorm = False   # forward_eval_batchnorm exists (an op of its own, for calls without gradients)
 
     def bn_terms_like(self, q: Tensor, norm: str, attn_mask: Optional[Tensor], stats_in: Optional[Tensor]):
         B, H, Nq, D = q.shape
@@ -113,6 +118,9 @@ class RawOps:
 
     def update_running_stats(self, running_mean: Tensor, running_var: Tensor, stats: Tensor, momentum: float) -> None:
         update_running_stats(running_mean, running_var, stats[0], stats[1], stats[2], momentum)
+
+    def forward_eval_batchnorm(self, *args, **kwargs):
+        raise NotImplementedError
 
 
 def eager_double_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor,
@@ -173,11 +181,14 @@ class OpLadder:
     ``running_stats``: the name of a fifth op, where the raw ops update the running statistics with a
     kernel (``RawOps.updates_running_stats``): ``update_running_stats``, which writes ``running_mean`` and
     ``running_var`` in place (its schema says so, for torch.compile); without it, ``update_running_stats``
-    is the raw ops' Python body.
+    is the raw ops' Python body. ``eval_batchnorm``: the name of a sixth, where the raw ops fold eval-mode
+    BatchNorm themselves (``RawOps.folds_eval_batchnorm``): ``forward_eval_batchnorm``, which :meth:`run`
+    calls for eval-mode BatchNorm when no gradient is needed (inference); else None.
     """
 
     def __init__(self, raw: RawOps, *, forward: str, backward: str, gram_sums: str, bn_grad_sums: str,
-                 device_types: Tuple[str, ...], running_stats: Optional[str] = None) -> None:
+                 device_types: Tuple[str, ...], running_stats: Optional[str] = None,
+                 eval_batchnorm: Optional[str] = None) -> None:
         self.raw = raw
         self.name = _op_name(forward).rsplit("_", 1)[0]  # the backend, for messages: "triton"
         self.forward_name, self.backward_name = forward, backward
@@ -199,6 +210,13 @@ class OpLadder:
             self.update_running_stats = define_op(_op_name(running_stats), self.running_stats_impl, device_types,
                                                   mutates_args=("running_mean", "running_var"))
             register_fake(self.update_running_stats)(self.running_stats_fake)
+        self.forward_eval_batchnorm = None
+        if raw.folds_eval_batchnorm:
+            if eval_batchnorm is None:
+                raise ValueError(f"{self.name}: raw ops that fold eval-mode BatchNorm need the op's name "
+                                 "(eval_batchnorm='reattn::<backend>_forward_eval_batchnorm')")
+            self.forward_eval_batchnorm = define_op(_op_name(eval_batchnorm), self.eval_batchnorm_impl, device_types)
+            register_fake(self.forward_eval_batchnorm)(self.eval_batchnorm_fake)
 
     # ---- the running statistics' update (training BatchNorm): op, fake ---------------------------------------
     def running_stats_impl(self, running_mean: Tensor, running_var: Tensor, stats: Tensor, momentum: float) -> None:
@@ -209,6 +227,23 @@ class OpLadder:
     @staticmethod
     def running_stats_fake(running_mean: Tensor, running_var: Tensor, stats: Tensor, momentum: float) -> None:
         return None
+
+    # ---- eval-mode BatchNorm without gradients (inference): op, fake -----------------------------------------
+    def eval_batchnorm_impl(
+        self, q: Tensor, k: Tensor, v: Tensor, mix_weight: Tensor, mix_bias: Optional[Tensor],
+        norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
+        attn_mask: Optional[Tensor], scale: float, out_scale: float, eps: float,
+    ) -> Tensor:
+        """O [B, H, Nq, D] with A = out_scale (gamma (M - running_mean) / sqrt(running_var + eps) + beta); the
+        backend's programs fold the norm into the mixing. No autograd: :meth:`run` calls it only when no
+        gradient is needed."""
+        return self.raw.forward_eval_batchnorm(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, running_mean,
+                                               running_var, attn_mask, scale=scale, out_scale=out_scale, eps=eps)
+
+    @staticmethod
+    def eval_batchnorm_fake(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, running_mean, running_var,
+                            attn_mask, scale, out_scale, eps):
+        return q.new_empty(q.shape)
 
     # ---- forward: op, fake ---------------------------------------------------------------------------------
     def forward_impl(
@@ -364,6 +399,14 @@ class OpLadder:
         tensor) instead of a draw from torch's generator, for tests.
         """
         batch_training = norm == "batch" and training
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, mix_weight, mix_bias, norm_weight, norm_bias))
+        if (norm == "batch" and not training and running_mean is not None and not needs_grad
+                and self.forward_eval_batchnorm is not None):
+            # Inference: the backend's programs fold the norm from the running statistics as given (the fold
+            # below is torch ops on [H]-sized tensors, each a launch).
+            return self.forward_eval_batchnorm(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, running_mean,
+                                               running_var, attn_mask, scale, out_scale, eps)
         if norm == "batch" and not training:  # eval mode: an affine map per head, folded into the mixing
             mix_weight, mix_bias = fold_batchnorm_eval(mix_weight, mix_bias, norm_weight, norm_bias, running_mean,
                                                        running_var, eps, dtype=accumulator_dtype(q))

@@ -2,8 +2,9 @@
 
 Its ops are ``reattn::cuda_forward``, ``reattn::cuda_backward``, ``reattn::cuda_gram_sums``,
 ``reattn::cuda_bn_grad_sums`` (``_ladder.OpLadder``: nothing of size B*H*Nq*Nk is saved or
-written) and ``reattn::cuda_update_running_stats`` (training BatchNorm's running statistics, in place,
-one launch). Local training BatchNorm runs in one sweep over the keys: the forward program with norm
+written), ``reattn::cuda_update_running_stats`` (training BatchNorm's running statistics, in place,
+one launch) and ``reattn::cuda_forward_eval_batchnorm`` (eval-mode BatchNorm without gradients: the
+programs fold the norm from the running statistics, one launch where the ladder's fold took six torch ops). Local training BatchNorm runs in one sweep over the keys: the forward program with norm
 none also sums the map's moments per head (``_C.cuda_forward(..., with_moments=True)``) and, without a
 mask at ViT lengths, V over the keys (U, which the norm's shift multiplies);
 ``_fused.one_sweep_batchnorm`` applies the norm to X V in one element-wise pass (``_C.cuda_head_affine``);
@@ -40,6 +41,14 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
     out, softmax_stats = _C.cuda_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
                                          attn_mask, seed, softmax_stats, scale, out_scale, norm, eps, dropout_p)
     return out, softmax_stats
+
+
+def _forward_eval_batchnorm(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, running_mean, running_var,
+                            attn_mask, *, scale, out_scale, eps):
+    # Eval-mode BatchNorm for inference: the programs fold the norm from the running statistics as given.
+    out, _ = _C.cuda_forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, None, attn_mask, None, None, scale,
+                             out_scale, "batch", eps, 0.0, running_mean=running_mean, running_var=running_var)
+    return out
 
 
 def _gram_sums(q, k, attn_mask, seed, *, scale, dropout_p, shift):
@@ -127,10 +136,12 @@ CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums
                             forward_moments=_forward_moments, head_affine=_head_affine,
                             head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
                             update_running_stats=_update_running_stats,
+                            forward_eval_batchnorm=_forward_eval_batchnorm,
                             softmax_stats_shape=lambda q: (*q.shape[:3], 2))
 CUDA_OPS = OpLadder(FusedRawOps(CUDA_KERNELS), forward="reattn::cuda_forward", backward="reattn::cuda_backward",
                     gram_sums="reattn::cuda_gram_sums", bn_grad_sums="reattn::cuda_bn_grad_sums",
-                    running_stats="reattn::cuda_update_running_stats", device_types=("cuda", "cpu"))
+                    running_stats="reattn::cuda_update_running_stats",
+                    eval_batchnorm="reattn::cuda_forward_eval_batchnorm", device_types=("cuda", "cpu"))
 cuda_forward, cuda_backward = CUDA_OPS.forward, CUDA_OPS.backward
 re_attention_cuda = CUDA_OPS.run  # reattn.re_attention with backend="cuda" (validated arguments)
 

@@ -246,6 +246,95 @@ def test_layer_tensor_mixing_takes_zero_tiny_and_negative_norm_weights(H, D):
     assert_within_twice_eager_error(out, reference, eager)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(2, 6, 17, 23, 32), (1, 12, 9, 257, 48)], ids=["one segment", "two sweeps"])
+def test_eval_batchnorm_folded_from_running_statistics(shape, dtype):
+    # Eval-mode BatchNorm for inference: the programs fold out_scale (gamma (M - running_mean) rstd + beta),
+    # rstd = 1 / sqrt(running_var + eps), from the running statistics as given (any dtype, strided), in float64
+    # (the tensor-core programs; the CUDA-core ones from rows ops.cpp forms), where the ladder's fold is torch ops.
+    from reattn.reference import re_attention_ref
+
+    B, H, Nq, Nk, D = shape
+    q, k, v, w, c, gamma, beta, _ = tensors(B, H, Nq, Nk, D, seed=5)
+    g = torch.Generator().manual_seed(9)
+    running_mean = (torch.randn(H, generator=g, dtype=torch.float64) * 0.02).to(DEVICE)
+    running_var = (torch.rand(2 * H, generator=g, dtype=torch.float64) * 0.5 + 0.3).float().to(DEVICE)[::2]
+    low = [t.to(dtype) for t in (q, k, v)]
+    out, _ = _C.cuda_forward(*low, w, c, gamma, beta, None, None, None, None, 0.3, 0.8, "batch", 1e-5, 0.0,
+                             poison_outputs=True, running_mean=running_mean.bfloat16(), running_var=running_var)
+
+    def eager(x_q, x_k, x_v, cast):
+        return re_attention_ref(x_q, x_k, x_v, w.to(cast), c.to(cast), scale=0.3, norm="batch",
+                                norm_weight=gamma.to(cast), norm_bias=beta.to(cast), out_scale=0.8,
+                                running_mean=running_mean.bfloat16().to(cast), running_var=running_var.to(cast),
+                                training=False)
+
+    reference = eager(q, k, v, torch.float64)
+    assert out.dtype == dtype and out.isfinite().all()
+    if dtype == torch.bfloat16:
+        assert _C.cuda_forward_tiles(H, D, Nq, Nk, "bfloat16") is not None  # the tensor-core fold
+        assert_within_twice_eager_error(out, reference, eager(*low, dtype))
+    else:  # the CUDA-core programs: the accumulation's rounding bound along the op's reduction chains
+        from tests._tolerance import reduction_length, rounding_bound
+
+        bound = rounding_bound(dtype, reduction_length(B, H, Nq, Nk, D), reference.abs().max().item())
+        assert (out.double() - reference).abs().max().item() <= bound
+
+
+def test_eval_batchnorm_forward_checks_its_running_statistics():
+    q, k, v, w, c, gamma, beta, _ = tensors(1, 3, 5, 5, 16)
+    mean, var = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    args = (q, k, v, w, c, gamma, beta, None, None, None, None, 0.3, 1.0)
+    with pytest.raises(ValueError, match="running_mean and running_var go together"):
+        _C.cuda_forward(*args, "batch", 1e-5, 0.0, running_mean=mean)
+    with pytest.raises(ValueError, match="running_mean and running_var are eval-mode BatchNorm's statistics"):
+        _C.cuda_forward(*args, "none", 1e-5, 0.0, running_mean=mean, running_var=var)
+    with pytest.raises(ValueError, match=r"running_var must have shape \[3\]"):
+        _C.cuda_forward(*args, "batch", 1e-5, 0.0, running_mean=mean, running_var=torch.ones(4, device=DEVICE))
+
+
+def test_cuda_backend_runs_eval_batchnorm_inference_in_one_op():
+    # backend="cuda", eval-mode BatchNorm: without gradients the call is the one op
+    # reattn::cuda_forward_eval_batchnorm (the programs fold the norm); with them the ladder folds it in
+    # autograd and runs the norm-none forward op, whose gradients flow through the fold. Same output.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from reattn.backends.cuda import CUDA_OPS
+
+    assert CUDA_OPS.forward_eval_batchnorm is torch.ops.reattn.cuda_forward_eval_batchnorm.default
+    q, k, v, w, c, gamma, beta, _ = tensors(2, 6, 9, 9, 16, dtype=torch.float32)
+    stats = dict(running_mean=torch.linspace(-0.02, 0.03, 6, device=DEVICE),
+                 running_var=torch.linspace(0.5, 0.9, 6, device=DEVICE))
+    kw = dict(norm="batch", norm_weight=gamma, norm_bias=beta, training=False, out_scale=0.8, backend="cuda", **stats)
+    torch.library.opcheck(CUDA_OPS.forward_eval_batchnorm, (q, k, v, w, c, gamma, beta, stats["running_mean"],
+                                                            stats["running_var"], None, 0.25, 0.8, 1e-5))
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as inference:
+        out = reattn.re_attention(q, k, v, w, c, **kw)
+    assert inference.names[0] == "reattn.cuda_forward_eval_batchnorm"
+    assert "reattn.cuda_forward" not in inference.names
+    params = [t.clone().requires_grad_() for t in (q, k, v, w, c, gamma, beta)]
+    with Ops() as training:
+        graded = reattn.re_attention(*params[:5], **dict(kw, norm_weight=params[5], norm_bias=params[6]))
+    assert "reattn.cuda_forward" in training.names and "reattn.cuda_forward_eval_batchnorm" not in training.names
+    # two float32 computations of one O: each within the accumulation's rounding bound of the exact one
+    from tests._tolerance import reduction_length, rounding_bound
+
+    bound = 2 * rounding_bound(torch.float32, reduction_length(2, 6, 9, 9, 16), out.abs().max().item())
+    assert (graded.detach() - out).abs().max().item() <= bound
+    graded.sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in params)
+
+
 @pytest.mark.parametrize("shape", [(2, 6, 33, 50, 64), (1, 12, 20, 260, 48), (2, 6, 9, 21, 35), (1, 12, 20, 40, 32)],
                          ids=["one segment", "two sweeps", "D=35", "one segment 12 heads"])
 @pytest.mark.parametrize("mode", ["none", "batch", "layer", "moments"])
