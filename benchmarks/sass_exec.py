@@ -1140,6 +1140,60 @@ def _fsetp(e, w, ins, ops, mods, lanes):
         e.wr(w, ops[1], lanes, _combine(~r, p, how).astype(np.uint32), k)
 
 
+def _imm_double(text: str) -> Optional[float]:
+    """A float64 comparison's immediate (a decimal or a special value; DSETP's hex immediates are the high half
+    of the double, which is not read here: None)."""
+    t = text.strip()
+    special = {"+INF": float("inf"), "INF": float("inf"), "-INF": float("-inf")}
+    if t in special:
+        return special[t]
+    try:
+        return float(t) if not t.lower().startswith(("0x", "-0x")) else None
+    except ValueError:
+        return None
+
+
+@handles("DSETP")
+def _dsetp(e, w, ins, ops, mods, lanes):
+    """Compare two float64 operands (register pairs, constants or a decimal immediate), as FSETP does float32:
+    known where both are (the fold's tests on float64 parameters, e.g. center_keys > 0)."""
+    cmp = next((m for m in mods if m.rstrip("U") in _CMP or m in ("NAN", "NUM")), "EQ")
+    how = next((m for m in mods if m in ("AND", "OR", "XOR")), "AND")
+    values = []
+    for op in ops[2:4]:
+        if op.kind == "imm":
+            x = _imm_double(op.text)
+            if x is None:
+                _data(e, w, ins, ops, mods, lanes)
+                return
+            values.append((np.full(w.n, x), np.ones(w.n, bool)))
+            continue
+        raw, known = e.rd64(w, Operand(op.kind, op.index, text=op.text, offset=op.offset, parts=op.parts,
+                                       bank=op.bank), lanes)
+        x = raw.view(np.float64).copy()
+        if op.abs:
+            x = np.abs(x)
+        if op.neg:
+            x = -x
+        values.append((x, known))
+    (x, xk), (y, yk) = values
+    p, pk = e.pred(w, ops[4]) if len(ops) > 4 else (np.ones(w.n, bool), np.ones(w.n, bool))
+    with np.errstate(invalid="ignore"):
+        unordered = np.isnan(x) | np.isnan(y)
+        if cmp == "NAN":
+            r = unordered
+        elif cmp == "NUM":
+            r = ~unordered
+        else:
+            base = "NE" if cmp == "NEU" else cmp.rstrip("U")
+            r = _CMP[base](x, y)
+            r = (r | unordered) if cmp.endswith("U") else (r & ~unordered)
+    k = _combine_known(xk & yk, p, pk, how)
+    e.wr(w, ops[0], lanes, _combine(r, p, how).astype(np.uint32), k)
+    if ops[1].kind == "P":
+        e.wr(w, ops[1], lanes, _combine(~r, p, how).astype(np.uint32), k)
+
+
 @handles("FCHK")
 def _fchk(e, w, ins, ops, mods, lanes):
     # Does this division need the slow path? Assumed not (the fast path covers every normal operand).
@@ -1374,7 +1428,7 @@ def dst_width(ins: sass.Instruction) -> int:
     return 1
 
 
-@handles("F2F", "F2FP", "FRND", "HADD2", "HFMA2", "HMUL2", "HMNMX2", "HSETP2", "DADD", "DMUL", "DFMA", "DSETP",
+@handles("F2F", "F2FP", "FRND", "HADD2", "HFMA2", "HMUL2", "HMNMX2", "HSETP2", "DADD", "DMUL", "DFMA",
          "DMNMX", "FSWZADD", "I2I", "F2F64", "MOVM", "HMMA", "HGMMA", "DMMA", "IMMA", "BMMA", "LDSM", "SHFL")
 def _data(e, w, ins, ops, mods, lanes):
     """Floating-point data and tensor-core results: unknown (they never steer the loops modelled here)."""
@@ -1384,7 +1438,7 @@ def _data(e, w, ins, ops, mods, lanes):
     for o in ops[:1]:
         if o.kind in ("R", "UR", "P", "UP"):
             e.unknown(w, o, lanes, dst_width(ins) if o.kind in ("R", "UR") else 1)
-    if ins.base in ("HSETP2", "DSETP") and len(ops) > 1 and ops[1].kind == "P":
+    if ins.base in ("HSETP2", "DSETP") and len(ops) > 1 and ops[1].kind == "P":  # DSETP: an operand it cannot read
         e.unknown(w, ops[1], lanes)
 
 

@@ -265,6 +265,38 @@ EXIT
     assert len(counts.unknown_branches) == 2
 
 
+def test_float64_compares_on_known_operands_are_known():
+    # DSETP on a float64 parameter (a constant-bank pair, as ULDC.64 loads it) is decided like FSETP: the fold's
+    # `center_keys > 0.0`; against data it stays unknown. Words: the double 197.0, then 0.0.
+    import struct as _struct
+
+    lo, hi = _struct.unpack("<II", _struct.pack("<d", 197.0))
+    fn = program("""
+ULDC.64 UR6, c[0x0][0x210]
+DSETP.LT.AND P0, PT, RZ, UR6, PT
+@!P0 BRA `(.L_x_0)
+FADD R4, R4, 1
+.L_x_0:
+ULDC.64 UR8, c[0x0][0x218]
+DSETP.GT.AND P1, PT, |UR8|, 0.5, PT
+@P1 BRA `(.L_x_1)
+FADD R5, R5, 1
+.L_x_1:
+LDG.E.64 R0, desc[UR4][R2.64]
+DSETP.GT.AND P2, PT, R0, RZ, PT
+@P2 BRA `(.L_x_2)
+FADD R6, R6, 1
+.L_x_2:
+EXIT
+""")
+    counts = run(fn, [lo, hi, 0, 0])
+    assert issued(fn, counts, "FADD") == [1, 1, 1]  # 0 < 197 (no jump past the first FADD); |0| > 0.5 is false
+    third = [i for i in fn.instructions if i.text.startswith("@P2 BRA")][0]
+    assert counts.unknown_branches == {third.address: 1}
+    counts = run(fn, [0, 0, 0, 0])  # 0 < 0 is false: the first branch is taken past its FADD
+    assert issued(fn, counts, "FADD")[0] == 0
+
+
 def test_flags_merged_into_an_unwritten_register_stay_known():
     # The compiler builds a flag word in a register it never initialized: clear a bit, set it under a known
     # predicate, test it later. Registers start known, so the test is a known decision.
