@@ -104,8 +104,7 @@ class FoldInputs(ctypes.Structure):
     """csrc/cuda/params.h's FoldInputs (ReAttnParams::fold): the parameters each tensor-core program folds."""
     _fields_ = [("H", ctypes.c_int), ("norm", ctypes.c_int), ("out_scale", ctypes.c_double), ("keep", ctypes.c_double),
                 ("W", ParamRef), ("c", ParamRef), ("gamma", ParamRef), ("beta", ParamRef), ("bn", ctypes.c_void_p),
-                ("running_mean", ParamRef), ("running_var", ParamRef), ("eps", ctypes.c_double),
-                ("center_keys", ctypes.c_double)]
+                ("running_mean", ParamRef), ("running_var", ParamRef), ("eps", ctypes.c_double)]
 
 
 class ReAttnParams(ctypes.Structure):
@@ -160,9 +159,8 @@ class ParamGradsParams(ctypes.Structure):
 class BnMomentsParams(ctypes.Structure):
     """csrc/cuda/params.h's BnMomentsParams: bn_moments_kernel's arguments (one block; B and Nq for the sampler)."""
     _fields_ = [("H", ctypes.c_int), ("programs", ctypes.c_int64), ("moments", ctypes.c_void_p),
-                ("count", ctypes.c_void_p), ("count_value", ctypes.c_double), ("center", ParamRef), ("c", ParamRef),
-                ("gamma", ParamRef), ("beta", ParamRef), ("W", ParamRef), ("center_keys", ctypes.c_double),
-                ("center_storage", ctypes.c_int), ("out_scale", ctypes.c_double), ("eps", ctypes.c_double),
+                ("count", ctypes.c_void_p), ("count_value", ctypes.c_double), ("center", ParamRef), ("c", ParamRef), ("gamma", ParamRef),
+                ("beta", ParamRef), ("out_scale", ctypes.c_double), ("eps", ctypes.c_double),
                 ("stats", ctypes.c_void_p), ("coefficients", ctypes.c_void_p), ("coefficient_storage", ctypes.c_int)]
     B = 1
     Nq = 1
@@ -408,16 +406,16 @@ def _record_small(kernel: str, struct_name: str, q, params, grid: int, shared: i
             "queries", 1, one_segment=True)
 
 
-def _fold_inputs(p: ReAttnParams, touched: list, center_keys: float = 0.0) -> None:
-    """ops.cpp's fold_inputs: the parameters as given, which each tensor-core program folds (and reads), and copies
-    of ReAttnParams' H, norm, out_scale, eps, BatchNorm rows (_set_norm). running_mean, running_var stay null:
-    eval-mode BatchNorm's inference op is not modelled (the model's calls run with gradients, through the ladder's
-    fold)."""
+def _fold_inputs(p: ReAttnParams, touched: list, bn_rows: Optional[torch.Tensor]) -> None:
+    """ops.cpp's fold_inputs: the parameters as given, which each tensor-core program folds (and reads)."""
     f = p.fold
-    f.H, f.norm, f.out_scale, f.eps, f.bn = int(p.H), p.norm, p.out_scale, p.eps, p.bn
+    f.H, f.norm, f.out_scale = int(p.H), p.norm, p.out_scale
     f.keep = 1.0 / (1.0 - p.dropout_p) if p.seed else 1.0
     f.W, f.c, f.gamma, f.beta = (_param_ref(t, "given_" + r) for t, r in zip(p.given, ("W", "c", "gamma", "beta")))
-    f.center_keys = center_keys
+    f.bn = _RECORDER.pointer(bn_rows, "bn") if p.norm == NORM_CODES["batch"] else None
+    # running_mean, running_var stay null: eval-mode BatchNorm's inference op is not modelled (the model's calls
+    # run with gradients, through the ladder's fold).
+    f.eps = p.eps
     touched += [(t, {"read"}) for t in p.given if t is not None]
 
 
@@ -549,7 +547,7 @@ def _tiles(planner: str, kind: str, q, k) -> Optional[dict]:
 
 
 def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse, *, scale,
-             out_scale, norm, eps, dropout_p, with_moments=False, out_is_acc=False, center_moments=False):
+             out_scale, norm, eps, dropout_p, with_moments=False, out_is_acc=False):
     rec = _RECORDER
     p, touched = _prepare(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, seed, scale, dropout_p)
     bn_rows = _set_norm(p, norm, out_scale, eps, batch_stats, q)
@@ -573,7 +571,7 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
             value_sums = torch.empty((B, H, tiles["grid"][0], D), dtype=torch.float32, device=q.device)
             p.value_sums = rec.pointer(value_sums, "value_sums")
             touched.append((value_sums, {"write"}))
-        _fold_inputs(p, touched, float(k.shape[2]) if center_moments else 0.0)
+        _fold_inputs(p, touched, bn_rows)
         p.lse = rec.pointer(stats, "lse")
         p.stats_is_input = given
         p.moments = rec.pointer(moments, "moments") if with_moments else None
@@ -592,8 +590,6 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
         p.moments = rec.pointer(moments, "moments") if with_moments else None
         if with_moments:
             touched.append((moments, {"atomic"}))
-        if center_moments:  # ops.cpp: the CUDA-core programs read c, the shift formed in float64
-            p.given = (p.given[0], p.given[0].to(torch.float64).sum(1).div(-float(k.shape[2])), *p.given[2:])
         _core_parameters(p, touched)
         _run_program(PROGRAM_KINDS["forward"], q, p, touched)
     return (out, stats, moments, value_sums) if with_moments else (out, stats)
@@ -628,7 +624,7 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
     if tiles is not None:
         rows, keys = tiles["rows"], tiles["keys"]
         p.lse = rec.pointer(stats, "lse")
-        _fold_inputs(p, touched)
+        _fold_inputs(p, touched, bn_rows)
         p.vector_loads = _vector_aligned(p, touched, (("q", "q_st"), ("k", "k_st"), ("v", "v_st"),
                                                       ("grad_out", "do_st")), (q, k, v, grad_out))
         p.stats_only = stats_only
@@ -710,13 +706,13 @@ def _bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bia
     return torch.stack([sum_dn_xhat, sum_dn])
 
 
-def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype, center=False):
+def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype):
     """reattn.backends.cuda._forward_moments: U from the row blocks' shares where the programs summed V."""
     from reattn.backends.cuda import value_sum
     x_v, stats, moments, value_sums = _forward(q, k, v, mix_weight, mix_bias, None, None, None, attn_mask, seed, None,
                                                scale=scale, out_scale=1.0, norm="none", eps=1e-5,
                                                dropout_p=dropout_p, with_moments=True,
-                                               out_is_acc=dtype != q.dtype, center_moments=center)
+                                               out_is_acc=dtype != q.dtype)
     return x_v, stats, moments, value_sum(value_sums)
 
 
@@ -765,8 +761,7 @@ def _head_affine(r, u, alpha, beta, dtype):
     return out
 
 
-def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype, mix_weight=None,
-                n_keys=0):
+def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype):
     """reattn.backends.cuda._bn_moments and ops.cpp's bn_moments: one launch of bn_moments_kernel."""
     H = moments.shape[2]
     stats = torch.empty((3, H), dtype=torch.float64, device=moments.device)
@@ -780,9 +775,6 @@ def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out
         b.count, b.count_value = None, float(count)
     given = (center, mix_bias, norm_weight, norm_bias)
     b.center, b.c, b.gamma, b.beta = (_param_ref(t, "bn_" + r) for t, r in zip(given, ("center", "c", "gamma", "beta")))
-    if center is None:  # formed from W as the forward's center_moments did
-        b.W, b.center_keys, b.center_storage = _param_ref(mix_weight, "bn_W"), float(n_keys), STORAGE[dtype]
-        given = given + (mix_weight,)
     b.out_scale, b.eps = out_scale, eps
     b.stats, b.coefficients = _RECORDER.pointer(stats, "stats"), _RECORDER.pointer(coefficients, "coefficients")
     b.coefficient_storage = STORAGE[dtype]
@@ -852,7 +844,7 @@ def shim_ops():
     kernels = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                            forward_moments=_forward_moments, head_affine=_head_affine,
                            head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
-                           update_running_stats=_update_running_stats, centers_moments=True,
+                           update_running_stats=_update_running_stats,
                            softmax_stats_shape=lambda q: (*q.shape[:3], 2))
     # No device implementation: the static model calls the ladder's Python bodies (OpLadder.*_impl) directly.
     return OpLadder(FusedRawOps(kernels), forward="reattn::static_model_cuda_forward",

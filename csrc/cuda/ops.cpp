@@ -111,7 +111,6 @@ struct Arguments {
   std::vector<at::Tensor> keep;
   std::array<at::Tensor, 4> given;
   std::array<at::Tensor, 2> running;  // eval-mode BatchNorm's running mean and variance as given (else undefined)
-  double center_keys = 0.0;           // > 0: c is the moments forward's centering shift (FoldInputs::center_keys)
 };
 
 // The parameters as the CUDA-core programs read them (ReAttnParams::W, c, gamma, beta).
@@ -357,15 +356,14 @@ FoldInputs fold_inputs(const Arguments& a) {
   f.norm = p.norm;
   f.out_scale = p.out_scale;
   f.keep = p.seed != nullptr ? 1.0 / (1.0 - p.dropout_p) : 1.0;
-  f.bn = p.norm == kNormBatch ? static_cast<const float*>(p.bn) : nullptr;
-  f.eps = p.eps;
   f.W = param_ref(a.given[0]);
   f.c = param_ref(a.given[1]);
   f.gamma = param_ref(a.given[2]);
   f.beta = param_ref(a.given[3]);
+  f.bn = p.norm == kNormBatch ? static_cast<const float*>(p.bn) : nullptr;
   f.running_mean = param_ref(a.running[0]);
   f.running_var = param_ref(a.running[1]);
-  f.center_keys = a.center_keys;
+  f.eps = p.eps;
   return f;
 }
 
@@ -489,7 +487,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 bool out_is_acc, int64_t shared_limit, bool reverse_items, bool poison_outputs, bool programs_only,
                                 int64_t shuffle_seed, bool general_variant,
                                 const c10::optional<at::Tensor>& running_mean,
-                                const c10::optional<at::Tensor>& running_var, bool center_moments) {
+                                const c10::optional<at::Tensor>& running_var) {
   const char* op = "reattn cuda_forward";
   Arguments a = prepare(op, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, dropout_p);
   ReAttnParams& p = a.p;
@@ -507,11 +505,6 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   set_norm(op, a, q, norm, out_scale, eps, batch_stats);
   const auto acc = acc_of(q.scalar_type());
   TORCH_CHECK_VALUE(!with_moments || norm == "none", op, ": with_moments needs norm 'none', got '", norm, "'");
-  if (center_moments) {
-    TORCH_CHECK_VALUE(with_moments && !a.given[1].defined(), op,
-                      ": center_moments (c = -sum_h W[g, h] / Nk, formed here) needs with_moments and no mix_bias");
-    a.center_keys = static_cast<double>(p.Nk);
-  }
   TORCH_CHECK_VALUE(!out_is_acc || with_moments, op, ": out_is_acc goes with with_moments (X V kept in the ",
                     "accumulation type)");
   const int shape = programs_only ? -1 : forward_shape_for(q, k, v, p, shared_limit);
@@ -579,9 +572,6 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     moments = at::zeros({with_moments ? 1 : 0, 2, p.H}, q.options().dtype(at::kDouble));
     p.moments = with_moments ? moments.data_ptr<double>() : nullptr;
     if (eval_batch) eval_batch_rows(a, q);
-    if (center_moments) {  // the CUDA-core programs read c: the shift formed in float64, rounded once
-      a.given[1] = a.given[0].to(at::kDouble).sum(1).div(-static_cast<double>(p.Nk));
-    }
     if (with_moments && q.is_cuda()) {
       at::globalContext().alertNotDeterministic(
           "reattn cuda_forward with moments on the CUDA-core programs (fp32 / fp64, or no tensor-core plan) adds "
@@ -992,11 +982,10 @@ at::Tensor head_affine(const at::Tensor& r, const at::Tensor& u, const at::Tenso
 // Training BatchNorm's statistics and coefficients from the one-sweep forward's moments (BnMomentsParams,
 // bn_moments_kernel): one launch where the float64 arithmetic on [H]-sized tensors took ~25 torch ops.
 std::vector<at::Tensor> bn_moments(const at::Tensor& moments, const c10::optional<at::Tensor>& count,
-                                   const c10::optional<at::Tensor>& center, const c10::optional<at::Tensor>& mix_bias,
+                                   const at::Tensor& center, const c10::optional<at::Tensor>& mix_bias,
                                    const c10::optional<at::Tensor>& norm_weight,
                                    const c10::optional<at::Tensor>& norm_bias, double out_scale, double eps,
-                                   at::ScalarType dtype, double count_value,
-                                   const c10::optional<at::Tensor>& mix_weight, int64_t n_keys, bool reverse_items,
+                                   at::ScalarType dtype, double count_value, bool reverse_items,
                                    int64_t shuffle_seed) {
   const char* op = "reattn cuda_bn_moments";
   TORCH_CHECK_VALUE(moments.dim() == 3 && moments.size(1) == 2 && moments.scalar_type() == at::kDouble &&
@@ -1025,17 +1014,10 @@ std::vector<at::Tensor> bn_moments(const at::Tensor& moments, const c10::optiona
   p.count = count_given ? count->data_ptr<double>() : nullptr;
   p.count_value = count_value;
   const at::Tensor given_center = parameter(op, "center", center, {H}, like);
-  const at::Tensor W = parameter(op, "mix_weight", mix_weight, {H, H}, like);
-  TORCH_CHECK_VALUE(given_center.defined() != (W.defined() && n_keys > 0), op,
-                    ": give center [H], or mix_weight [H, H] and n_keys > 0 (the shift sum_h W[g, h] / n_keys the "
-                    "forward formed with center_moments), not both");
   const at::Tensor c = parameter(op, "mix_bias", mix_bias, {H}, like);
   const at::Tensor gamma = parameter(op, "norm_weight", norm_weight, {H}, like);
   const at::Tensor beta = parameter(op, "norm_bias", norm_bias, {H}, like);
   p.center = param_ref(given_center);
-  p.W = param_ref(W);
-  p.center_keys = given_center.defined() ? 0.0 : static_cast<double>(n_keys);
-  p.center_storage = storage_of(dtype);
   p.c = param_ref(c);
   p.gamma = param_ref(gamma);
   p.beta = param_ref(beta);
@@ -1225,12 +1207,11 @@ void register_ops(pybind11::module& m) {
         py::arg("norm"), py::arg("eps"), py::arg("dropout_p"), py::arg("with_moments") = false,
         py::arg("out_is_acc") = false, py::arg("shared_limit") = 0, py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
         py::arg("programs_only") = false, py::arg("shuffle_seed") = 0, py::arg("general_variant") = false,
-        py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(), py::arg("center_moments") = false,
+        py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
         "Fused CUDA Re-attention forward: [out [B,H,Nq,D], stats [B,H,Nq,2]] with the row statistics (max of "
         "S, log of sum exp(S - max)); with_moments (norm 'none'): out = X V (in the accumulation dtype where "
         "out_is_acc) and a third output, moments [programs, 2, H] float64 (per-program sums of X = W P~ + c and X^2 over the attended "
-        "entries, for one-sweep training BatchNorm; center_moments: c = -sum_h W[g, h] / Nk, formed by the programs, "
-        "mix_bias None) and a fourth, value_sums: without a mask, on the one-segment "
+        "entries, for one-sweep training BatchNorm) and a fourth, value_sums: without a mask, on the one-segment "
         "tensor-core programs, [B, H, row blocks, D] fp32 whose sum over dim 2 is U = sum_j V_j [B, H, 1, D], else empty "
         "[0, H, 1, D]. norm 'batch' = training statistics given as batch_stats "
         "[2,H] (mean, 1/std), or eval-mode BatchNorm given as running_mean and running_var [H] (any float dtype; "
@@ -1263,12 +1244,10 @@ void register_ops(pybind11::module& m) {
         "accumulation type. CPU tensors run the emulator.");
   m.def("cuda_bn_moments", &bn_moments, py::arg("moments"), py::arg("count"), py::arg("center"), py::arg("mix_bias"),
         py::arg("norm_weight"), py::arg("norm_bias"), py::arg("out_scale"), py::arg("eps"), py::arg("dtype"),
-        py::arg("count_value") = 0.0, py::arg("mix_weight") = py::none(), py::arg("n_keys") = 0,
-        py::arg("reverse_items") = false, py::arg("shuffle_seed") = 0,
+        py::arg("count_value") = 0.0, py::arg("reverse_items") = false, py::arg("shuffle_seed") = 0,
         "Training BatchNorm's statistics from the one-sweep forward's moments [programs, 2, H] (float64 sums of "
         "X = W P~ - center and X^2 per program; count: the entries per head, one float64 value, or None and "
-        "count_value; center: the shift of X, or None with mix_weight and n_keys: sum_h W[g, h] / n_keys as "
-        "center_moments formed it): [stats [3, H] float64 (mean of "
+        "count_value): [stats [3, H] float64 (mean of "
         "W P~ + mix_bias, biased variance, count), coefficients [4, H] in dtype (alpha, beta, rstd, -mean(X) rstd: "
         "the norm's output is alpha X V + beta U, xhat V = rstd X V - mean(X) rstd U)]. One launch.");
   m.def("cuda_bn_coefficients", &bn_coefficients, py::arg("stats"), py::arg("sums"), py::arg("norm_weight"),

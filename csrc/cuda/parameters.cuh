@@ -58,62 +58,51 @@ REATTN_DEVICE void store_value(void* out, int storage, int64_t i, double x) {
   }
 }
 
-// sum_h W[g, h] in float64 (the one-sweep BatchNorm's centering shift is this over Nk).
-REATTN_DEVICE double weight_row_sum(const ParamRef& W, int H, int g) {
-  double sum = 0.0;
-  for (int h = 0; h < H; ++h) sum += param_value(W, g * W.stride0 + static_cast<int64_t>(h) * W.stride1);
-  return sum;
-}
-
 // Value i of the forward's folded parameters [H*H + 3H].
 //   affine norms (none; BatchNorm with given statistics, A_g = out_scale (gamma_g (M_g - mean_g) rstd_g
 //   + beta_g)): W' = alpha_g W / (1 - p) and c' = alpha_g c_g + out_scale (beta_g - gamma_g mean_g rstd_g)
 //   with alpha_g = out_scale gamma_g rstd_g (none: gamma = 1, rstd = 1, mean = beta = 0); the last 2H zero.
 //   LayerNorm: W' = W / (1 - p), c' = c, then out_scale gamma and out_scale beta (the norm's own affine).
-//   BatchNorm's mean and rstd: the given rows (ReAttnParams::bn, fp32 here), or (eval mode, bn null) the
-//   running statistics, rstd formed in float64 as 1 / sqrt(running_var + eps). c: as given, or the centering
-//   shift -sum_h W[g, h] / Nk (FoldInputs::center_keys).
-REATTN_DEVICE double forward_folded(const FoldInputs& f, int i) {
-  const int H = f.H, hh = H * H;
-  const bool batch = f.norm == kNormBatch, layer = f.norm == kNormLayer;
+//   BatchNorm's mean and rstd: the given rows, or (eval mode, bn null) the running statistics, rstd formed in
+//   float64 as 1 / sqrt(running_var + eps).
+REATTN_DEVICE double forward_folded(const FoldInputs& p, int i) {
+  const int H = p.H, hh = H * H;
+  const bool batch = p.norm == kNormBatch, layer = p.norm == kNormLayer;
   const int h = i < hh ? i / H : (i - hh) % H;  // the weight's row g, or the vector entry's head
   const int piece = i < hh ? -1 : (i - hh) / H;
-  const float* bn = f.bn;
-  double alpha = layer ? 1.0 : f.out_scale, mean = 0.0, rstd = 1.0;
+  double alpha = layer ? 1.0 : p.out_scale, mean = 0.0, rstd = 1.0;
   if (batch) {
-    mean = bn != nullptr ? bn[h] : head_value(f.running_mean, h, 0.0);
-    rstd = bn != nullptr ? bn[H + h] : 1.0 / std::sqrt(head_value(f.running_var, h, 1.0) + f.eps);
-    alpha *= head_value(f.gamma, h, 1.0) * rstd;
+    const bool rows = p.bn != nullptr;
+    mean = rows ? p.bn[h] : head_value(p.running_mean, h, 0.0);
+    rstd = rows ? p.bn[H + h] : 1.0 / std::sqrt(head_value(p.running_var, h, 1.0) + p.eps);
+    alpha *= head_value(p.gamma, h, 1.0) * rstd;
   }
-  if (piece < 0) {
-    return alpha * f.keep * param_value(f.W, h * f.W.stride0 + static_cast<int64_t>(i - h * H) * f.W.stride1);
-  }
+  if (piece < 0) return alpha * p.keep * param_value(p.W, h * p.W.stride0 + static_cast<int64_t>(i - h * H) * p.W.stride1);
   if (piece == 0) {
-    const double given = f.center_keys > 0.0 ? -weight_row_sum(f.W, H, h) / f.center_keys : head_value(f.c, h, 0.0);
-    double c = alpha * given;
-    if (batch) c += f.out_scale * (head_value(f.beta, h, 0.0) - head_value(f.gamma, h, 1.0) * mean * rstd);
+    double c = alpha * head_value(p.c, h, 0.0);
+    if (batch) c += p.out_scale * (head_value(p.beta, h, 0.0) - head_value(p.gamma, h, 1.0) * mean * rstd);
     return c;
   }
   if (!layer) return 0.0;
-  return piece == 1 ? f.out_scale * head_value(f.gamma, h, 1.0) : f.out_scale * head_value(f.beta, h, 0.0);
+  return piece == 1 ? p.out_scale * head_value(p.gamma, h, 1.0) : p.out_scale * head_value(p.beta, h, 0.0);
 }
 
 // Value i of the backward's folded parameters [H*H + 7H]: W / (1 - p), then per head c, gamma' =
 // out_scale gamma (none: out_scale), beta' = out_scale beta (none: 0), and BatchNorm's given mean, rstd,
 // e, f (other norms: 0, 1, 0, 0).
-REATTN_DEVICE double backward_folded(const FoldInputs& f, int i) {
-  const int H = f.H, hh = H * H;
+REATTN_DEVICE double backward_folded(const FoldInputs& p, int i) {
+  const int H = p.H, hh = H * H;
   if (i < hh) {
     const int g = i / H;
-    return f.keep * param_value(f.W, g * f.W.stride0 + static_cast<int64_t>(i - g * H) * f.W.stride1);
+    return p.keep * param_value(p.W, g * p.W.stride0 + static_cast<int64_t>(i - g * H) * p.W.stride1);
   }
   const int piece = (i - hh) / H, h = (i - hh) % H;
-  if (piece >= 3) return f.norm == kNormBatch ? f.bn[(piece - 3) * H + h] : piece == 4 ? 1.0 : 0.0;
+  if (piece >= 3) return p.norm == kNormBatch ? p.bn[(piece - 3) * H + h] : piece == 4 ? 1.0 : 0.0;
   // Pieces 0 to 2 by selects around one read, not a branch per piece: inlined into the backward passes'
   // prologue, such a chain became an indexed jump (BRX) in their sm_80 builds (see param_value).
-  const ParamRef& r = piece == 0 ? f.c : piece == 1 ? f.gamma : f.beta;
+  const ParamRef& r = piece == 0 ? p.c : piece == 1 ? p.gamma : p.beta;
   const double v = head_value(r, h, piece == 1 ? 1.0 : 0.0);
-  const double scaled = f.norm == kNormNone ? (piece == 1 ? f.out_scale : 0.0) : f.out_scale * v;
+  const double scaled = p.norm == kNormNone ? (piece == 1 ? p.out_scale : 0.0) : p.out_scale * v;
   return piece == 0 ? v : scaled;
 }
 
@@ -140,11 +129,6 @@ REATTN_DEVICE void param_grads_program(const ParamGradsParams& p) {
       store_value(p.out[k], p.storage[k], i, p.total[p.begin[k] + i] * p.factor[k]);
     }
   }
-}
-
-// x rounded to storage type `storage` and back (the value a kernel reading it in that type sees).
-REATTN_DEVICE double rounded_to(int storage, double x) {
-  return storage == kFloat32 ? static_cast<double>(static_cast<float>(x)) : x;
 }
 
 // Dynamic shared memory of bn_moments_program: the 2H float64 sums.
@@ -184,9 +168,7 @@ REATTN_DEVICE void bn_moments_program(const BnMomentsParams& p) {
   const double mean_x = sums[h] / n;
   const double spread = sums[p.H + h] / n - mean_x * mean_x;
   const double var = spread > 0.0 ? spread : 0.0;
-  const double center = p.center_keys > 0.0 ? rounded_to(p.center_storage, weight_row_sum(p.W, p.H, h) / p.center_keys)
-                                            : head_value(p.center, h, 0.0);
-  p.stats[h] = mean_x + center + head_value(p.c, h, 0.0);
+  p.stats[h] = mean_x + head_value(p.center, h, 0.0) + head_value(p.c, h, 0.0);
   p.stats[p.H + h] = var;
   p.stats[2 * p.H + h] = n;
   const double rstd = 1.0 / std::sqrt(var + p.eps);
@@ -210,6 +192,11 @@ REATTN_DEVICE void running_stats_program(const RunningStatsParams& p) {
   store_value(p.mean, p.mean_storage, static_cast<int64_t>(h) * p.mean_stride, old_mean + p.momentum * (mean - old_mean));
   store_value(p.var, p.var_storage, static_cast<int64_t>(h) * p.var_stride,
               old_var + p.momentum * (var * n / (n - 1.0) - old_var));
+}
+
+// x rounded to storage type `storage` and back (the value a kernel reading it in that type sees).
+REATTN_DEVICE double rounded_to(int storage, double x) {
+  return storage == kFloat32 ? static_cast<double>(static_cast<float>(x)) : x;
 }
 
 // Thread h writes head h's coefficients (BnCoefficientsParams).

@@ -61,9 +61,7 @@ struct ParamRef {
 // each value in float64 from the given parameters and rounded once. Forward [H*H + 3H] = W' ([g][h]),
 // c', then LayerNorm's out_scale gamma and out_scale beta (zeros otherwise); backward [H*H + 7H] =
 // W / (1 - p), then per head c, gamma', beta', mean, rstd, e, f (parameters.cuh's forward_folded and
-// backward_folded say how each mode fills them). H, norm, out_scale, eps and bn are copies of
-// ReAttnParams' fields: read from ReAttnParams instead, the fold's code made ptxas spill the fp16 row pass
-// at DeepViT-L-384's shape (16 B of stack on sm_90).
+// backward_folded say how each mode fills them).
 struct FoldInputs {
   int H = 0;
   int norm = kNormNone;
@@ -76,9 +74,6 @@ struct FoldInputs {
   const float* bn = nullptr;
   ParamRef running_mean, running_var;
   double eps = 1e-5;
-  // > 0: c is the one-sweep BatchNorm forward's centering shift, -sum_h W[g, h] / center_keys (Nk), formed
-  // here in float64 (c as given is then absent).
-  double center_keys = 0.0;
 };
 
 struct ReAttnParams {
@@ -241,11 +236,6 @@ struct BnMomentsParams {
   const double* count = nullptr;    // the entries each head's statistics run over (one value), or null:
   double count_value = 0.0;         // then this one (known on the host without a mask: B Nq Nk)
   ParamRef center, c, gamma, beta;  // center: [H] the shift of X; c, gamma, beta as given (null: absent)
-  // center null: the forward's centering shift formed from W, sum_h W[g, h] / center_keys in float64, rounded
-  // to center_storage as the forward's fold rounded it (fp32, or float64 for the fp64 programs).
-  ParamRef W;
-  double center_keys = 0.0;
-  int center_storage = kFloat32;
   double out_scale = 1.0;
   double eps = 1e-5;
   double* stats = nullptr;          // [3, H]: mean of M = W P~ + c, biased variance, count

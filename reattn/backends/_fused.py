@@ -33,8 +33,7 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
                         attn_mask: Optional[Tensor], seed: Optional[Tensor], count: Tensor, *, scale: float,
                         out_scale: float, eps: float, dropout_p: float,
                         head_affine: Optional[Callable] = None, bn_moments: Optional[Callable] = None,
-                        keep_terms: bool = False, kernels_center: bool = False
-                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        keep_terms: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Training BatchNorm's forward with one sweep over the keys: (out, softmax_stats, stats [3, H] float64,
     R', U). With keep_terms (no mask; it needs ``head_affine``), R' = X V [B, H, Nq, D] in q's dtype and
     U = V summed over the keys [B, H, 1, D] in the accumulation dtype, which the backward's BatchNorm sums
@@ -57,25 +56,19 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
     bn_moments is given (it takes either). head_affine: the backend's
     fused finish (``FusedKernels.head_affine``), else torch's in-place passes. bn_moments: the backend's
     statistics step (``FusedKernels.bn_moments``: one launch), else torch's float64 arithmetic on [H]
-    tensors (~25 launches). kernels_center (with bn_moments): the kernels form center themselves
-    (``FusedKernels.centers_moments``), where its torch ops were three launches.
+    tensors (~25 launches).
     """
     acc = accumulator_dtype(q)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     if keep_terms and (attn_mask is not None or head_affine is None):
         raise ValueError("one_sweep_batchnorm: keep_terms needs head_affine and no attn_mask")
-    r_dtype = q.dtype if keep_terms else acc
-    centered = kernels_center and bn_moments is not None
-    # center_g = sum_h W[g, h] / Nk: formed by the kernels (centered), else here
-    center = None if centered else mix_weight.detach().to(acc).sum(dim=1) / Nk
-    r, softmax_stats, moments, u = forward_moments(q, k, v, mix_weight, None if centered else -center, attn_mask,
-                                                   seed, scale=scale, dropout_p=dropout_p, dtype=r_dtype,
-                                                   **(dict(center=True) if centered else {}))
+    center = mix_weight.detach().to(acc).sum(dim=1) / Nk
+    r, softmax_stats, moments, u = forward_moments(q, k, v, mix_weight, -center, attn_mask, seed, scale=scale,
+                                                   dropout_p=dropout_p, dtype=q.dtype if keep_terms else acc)
     if bn_moments is not None:
-        centering = dict(mix_weight=mix_weight, n_keys=Nk) if centered else {}
         stats, coefficients = bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias,
-                                         out_scale=out_scale, eps=eps, dtype=acc, **centering)
+                                         out_scale=out_scale, eps=eps, dtype=acc)
         alpha, beta = coefficients[0], coefficients[1]
     else:
         sums = moments.sum(dim=0, dtype=torch.float64)  # [2, H]
@@ -154,15 +147,11 @@ class FusedKernels:
         parameters): optional, the one-sweep BatchNorm's backward sums in one pass; with it and head_affine the
         one-sweep forward keeps X V and U where it has no mask (else the backward's sums come from
         ``bn_grad_sums``, a sweep over the keys).
-    bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype, mix_weight=None,
-               n_keys=0)
+    bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype)
         -> (stats [3, H] float64, coefficients [4, H] in dtype = (alpha, beta, rstd, -mean(X) rstd)): optional,
         the one-sweep BatchNorm's statistics from forward_moments' moments in one step (else torch's
-        arithmetic in :func:`one_sweep_batchnorm`); center [H] is the shift forward_moments subtracted (None with
-        centers_moments: mix_weight and n_keys give it); count the entries per head, a 0-dim float64 tensor or
-        (without a mask) a float.
-    centers_moments: forward_moments(..., mix_bias=None, center=True) subtracts the centering shift
-        center_g = sum_h W[g, h] / Nk it forms itself, and bn_moments takes (mix_weight, n_keys) for it.
+        arithmetic in :func:`one_sweep_batchnorm`); center [H] is the shift forward_moments subtracted; count
+        the entries per head, a 0-dim float64 tensor or (without a mask) a float.
     bn_coefficients(stats, sums, norm_weight, *, eps, dtype) -> [4, H] in dtype: optional, training
         BatchNorm's backward coefficients in one step (else ``reattn._batchnorm.bn_backward_coefficients``).
     update_running_stats(running_mean, running_var, stats [3, H], momentum) -> None: optional, nn.BatchNorm2d's
@@ -185,7 +174,6 @@ class FusedKernels:
     bn_coefficients: Optional[Callable] = None
     update_running_stats: Optional[Callable] = None
     forward_eval_batchnorm: Optional[Callable] = None
-    centers_moments: bool = False
 
 
 class FusedRawOps(RawOps):
@@ -261,7 +249,7 @@ class FusedRawOps(RawOps):
         if kernels.forward_moments is not None:
             return one_sweep_batchnorm(kernels.forward_moments, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                        attn_mask, seed, count, head_affine=kernels.head_affine,
-                                       bn_moments=kernels.bn_moments, kernels_center=kernels.centers_moments,
+                                       bn_moments=kernels.bn_moments,
                                        keep_terms=self._keeps_terms(norm, attn_mask, stats_in), **kw)
         shift = gram_shift(Nk)
         softmax_stats, s1, gram = kernels.gram_sums(q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p,

@@ -80,14 +80,13 @@ def value_sum(value_sums: torch.Tensor) -> Optional[torch.Tensor]:
     return value_sums.sum(dim=2, keepdim=True) if value_sums.shape[0] > 0 else None
 
 
-def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype, center=False):
+def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype):
     # R' = X V in `dtype` (q's, or the accumulation dtype), the float64 sums of X, X^2 per program: [programs, 2, H]
     # (the CUDA-core programs add theirs into one: [1, 2, H]), and U where the tensor-core programs summed V on the
-    # way. center: X = W P~ - center with center_g = sum_h W[g, h] / Nk formed by the programs (mix_bias None).
+    # way.
     x_v, softmax_stats, moments, value_sums = _C.cuda_forward(q, k, v, mix_weight, mix_bias, None, None, None,
                                                               attn_mask, seed, None, scale, 1.0, "none", 1e-5,
-                                                              dropout_p, True, dtype != q.dtype,
-                                                              center_moments=center)
+                                                              dropout_p, True, dtype != q.dtype)
     return x_v, softmax_stats, moments, value_sum(value_sums)
 
 
@@ -108,15 +107,13 @@ def _head_affine(r, u, alpha, beta, dtype):
     return _C.cuda_head_affine(r, u, coefficient_rows((alpha, beta), u.dtype), dtype)
 
 
-def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype, mix_weight=None,
-                n_keys=0):
+def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype):
     # One-sweep training BatchNorm's statistics and coefficients (csrc/cuda/parameters.cuh): one launch.
-    # count: a 0-dim float64 tensor, or (without a mask) the number itself, which the kernel takes as an argument;
-    # center None: the kernel forms it from mix_weight and n_keys as the forward did (center_moments).
-    given = isinstance(count, torch.Tensor)
-    return _C.cuda_bn_moments(moments, count if given else None, center, mix_bias, norm_weight, norm_bias, out_scale,
-                              eps, dtype, count_value=0.0 if given else float(count), mix_weight=mix_weight,
-                              n_keys=n_keys)
+    # count: a 0-dim float64 tensor, or (without a mask) the number itself, which the kernel takes as an argument.
+    if isinstance(count, torch.Tensor):
+        return _C.cuda_bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, out_scale, eps, dtype)
+    return _C.cuda_bn_moments(moments, None, center, mix_bias, norm_weight, norm_bias, out_scale, eps, dtype,
+                              count_value=float(count))
 
 
 def _bn_coefficients(stats, sums, norm_weight, *, eps, dtype):
@@ -139,7 +136,7 @@ CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums
                             forward_moments=_forward_moments, head_affine=_head_affine,
                             head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
                             update_running_stats=_update_running_stats,
-                            forward_eval_batchnorm=_forward_eval_batchnorm, centers_moments=True,
+                            forward_eval_batchnorm=_forward_eval_batchnorm,
                             softmax_stats_shape=lambda q: (*q.shape[:3], 2))
 CUDA_OPS = OpLadder(FusedRawOps(CUDA_KERNELS), forward="reattn::cuda_forward", backward="reattn::cuda_backward",
                     gram_sums="reattn::cuda_gram_sums", bn_grad_sums="reattn::cuda_bn_grad_sums",

@@ -761,55 +761,6 @@ def test_bn_moments_take_the_count_as_a_number():
             _C.cuda_bn_moments(moments, None, center, None, None, None, 1.0, 1e-5, torch.float32, count_value=bad)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_bn_moments_form_the_center_from_the_weight(dtype):
-    # With the forward's center_moments, bn_moments gets mix_weight and n_keys for the shift: center_g =
-    # sum_h W[g, h] / n_keys formed in float64 and rounded to the coefficients' dtype, as the forward's fold
-    # rounded its c = -center (fp32; float64 for the fp64 programs): the same statistics as with that center given.
-    H, programs = 6, 11
-    g = torch.Generator().manual_seed(12)
-    X = torch.randn(programs, 30, H, generator=g, dtype=torch.float64) * 0.2
-    moments = torch.stack([X.sum(1), (X * X).sum(1)], 1).contiguous().to(DEVICE)
-    w = (torch.randn(H, 2 * H, generator=g) * 0.4).bfloat16()[:, ::2].to(DEVICE)  # any dtype, strided
-    c = torch.randn(H, generator=g).to(DEVICE)
-    center = (w.double().sum(1) / 197).to(dtype)
-    args = (moments, None, None, c, None, None, 0.9, 1e-5, dtype)
-    formed = _C.cuda_bn_moments(*args, count_value=330.0, mix_weight=w, n_keys=197)
-    given = _C.cuda_bn_moments(moments, None, center, *args[3:], count_value=330.0)
-    # float64 sums of at most 6 terms in another order: the rounded center agrees (float32) or within an ulp
-    torch.testing.assert_close(formed[0], given[0], rtol=4 * torch.finfo(torch.float64).eps, atol=0.0)
-    assert torch.equal(formed[1], given[1])
-    with pytest.raises(ValueError, match="give center"):
-        _C.cuda_bn_moments(moments, None, center, *args[3:], count_value=330.0, mix_weight=w, n_keys=197)
-    with pytest.raises(ValueError, match="give center"):
-        _C.cuda_bn_moments(*args, count_value=330.0)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_forward_moments_center_themselves(dtype):
-    # center_moments: the programs subtract center_g = sum_h W[g, h] / Nk they form (the tensor-core fold; the
-    # CUDA-core programs from c formed by ops.cpp), as a forward given mix_bias = -center does.
-    B, H, Nq, Nk, D = 2, 6, 17, 40, 32
-    q, k, v, w, *_ = tensors(B, H, Nq, Nk, D, seed=13)
-    low = [t.to(dtype) for t in (q, k, v)]
-    if dtype == torch.bfloat16:  # the fold's float64 loop over h, rounded once to fp32
-        row_sum = w[:, 0].double()
-        for h in range(1, H):
-            row_sum = row_sum + w[:, h].double()
-    else:  # ops.cpp's float64 sum, rounded to the accumulation dtype
-        row_sum = w.double().sum(1)
-    shift = (row_sum / -Nk).float()
-    # norm_weight, norm_bias, batch_stats, attn_mask, seed, stats; scale, out_scale, norm, eps, dropout_p, with_moments,
-    # out_is_acc
-    rest = (None,) * 6 + (0.3, 1.0, "none", 1e-5, 0.0, True, True)
-    formed = _C.cuda_forward(*low, w, None, *rest, center_moments=True)
-    given = _C.cuda_forward(*low, w, shift, *rest)
-    for a, b in zip(formed[:3], given[:3]):  # X V, row statistics, moments: the same programs on the same c
-        assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="center_moments .* needs with_moments and no mix_bias"):
-        _C.cuda_forward(*low, w, shift, *rest, center_moments=True)
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
 def test_update_running_stats_is_batchnorms_update_rounded_once(dtype):
     # nn.BatchNorm2d's update (parameters.cuh, running_stats_kernel): running += momentum (batch - running), the

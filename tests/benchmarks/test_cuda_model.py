@@ -83,11 +83,9 @@ def test_launches_per_norm_mode_follow_ops_cpp():
     assert affine.params.vector and sums.params.vector and train["fwd"][0].params.value_sums
     ops = [x for x in cuda_side.cuda_call(B, H, N, D, "batch-train", 90)["fwd"] if not isinstance(x, cuda_side.Launch)]
     assert ops and max(op.bytes_read for op in ops) < B * H * N * D * 2
-    # The forward's one torch op: U's sum over the row-block shares. The shift of the moments (center = W summed
-    # over h / Nk) is formed by the forward's fold and by bn_moments, the count is an argument and the running
-    # statistics' update a launch.
-    assert [op.name for op in ops] == ["sum"]
-    assert train["fwd"][0].params.fold.center_keys == N and not train["fwd"][0].params.fold.c.data
+    # The forward's torch ops: the shift of the moments (center = W summed over h / Nk, negated) and U's sum
+    # over the row-block shares; the count is an argument and the running statistics' update a launch.
+    assert [op.name for op in ops] == ["sum", "div", "neg", "sum"]
     assert names["batch-train"]["fwd"][1] == "head_affine_kernel<bfloat16>"
     assert names["batch-train"]["bwd"][0] == "head_dot_sums_kernel<bfloat16>"
     assert not train["bwd"][1].params.stats_only and train["bwd"][1].params.dq
