@@ -1035,6 +1035,17 @@ std::vector<at::Tensor> bn_moments(const at::Tensor& moments, const c10::optiona
   return {stats, coefficients};
 }
 
+// H of training BatchNorm's statistics [3, H] (mean, biased variance, count; contiguous float64), checked.
+int64_t batch_stats_heads(const char* op, const at::Tensor& stats) {
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == 3 && stats.scalar_type() == at::kDouble &&
+                        stats.is_contiguous(),
+                    op, ": stats must be a contiguous float64 [3, H] tensor (mean, biased variance, count), got ",
+                    stats.sizes(), " ", stats.scalar_type());
+  const int64_t H = stats.size(1);
+  TORCH_CHECK_VALUE(H >= 1 && H <= kMaxHeads, op, ": H must be in [1, ", kMaxHeads, "], got ", H);
+  return H;
+}
+
 // Training BatchNorm's backward coefficients [4, H] (mean, rstd, e, f) in `dtype` from the statistics
 // [3, H] and the backward sums [2, H] (BnCoefficientsParams, bn_coefficients_kernel): one launch where
 // reattn._batchnorm.bn_backward_coefficients takes ~15 torch ops.
@@ -1042,12 +1053,7 @@ at::Tensor bn_coefficients(const at::Tensor& stats, const at::Tensor& sums,
                            const c10::optional<at::Tensor>& norm_weight, double eps, at::ScalarType dtype,
                            bool reverse_items, int64_t shuffle_seed) {
   const char* op = "reattn cuda_bn_coefficients";
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == 3 && stats.scalar_type() == at::kDouble &&
-                        stats.is_contiguous(),
-                    op, ": stats must be a contiguous float64 [3, H] tensor (mean, biased variance, count), got ",
-                    stats.sizes(), " ", stats.scalar_type());
-  const int64_t H = stats.size(1);
-  TORCH_CHECK_VALUE(H >= 1 && H <= kMaxHeads, op, ": H must be in [1, ", kMaxHeads, "], got ", H);
+  const int64_t H = batch_stats_heads(op, stats);
   TORCH_CHECK_VALUE(sums.sizes() == at::IntArrayRef({2, H}) && sums.scalar_type() == at::kDouble &&
                         sums.is_contiguous() && sums.device() == stats.device(),
                     op, ": sums must be a contiguous float64 [2, ", H, "] tensor on ", stats.device(), ", got ",
@@ -1078,12 +1084,7 @@ at::Tensor bn_coefficients(const at::Tensor& stats, const at::Tensor& sums,
 void update_running_stats(at::Tensor running_mean, at::Tensor running_var, const at::Tensor& stats, double momentum,
                           bool reverse_items, int64_t shuffle_seed) {
   const char* op = "reattn cuda_update_running_stats";
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == 3 && stats.scalar_type() == at::kDouble &&
-                        stats.is_contiguous(),
-                    op, ": stats must be a contiguous float64 [3, H] tensor (mean, biased variance, count), got ",
-                    stats.sizes(), " ", stats.scalar_type());
-  const int64_t H = stats.size(1);
-  TORCH_CHECK_VALUE(H >= 1 && H <= kMaxHeads, op, ": H must be in [1, ", kMaxHeads, "], got ", H);
+  const int64_t H = batch_stats_heads(op, stats);
   const auto check_buffer = [&](const char* name, const at::Tensor& t) {
     TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == H, op, ": ", name, " must have shape [", H, "], got ", t.sizes());
     TORCH_CHECK_VALUE(t.device() == stats.device(), op, ": ", name, " is on ", t.device(), " but stats on ",
