@@ -159,8 +159,8 @@ class ParamGradsParams(ctypes.Structure):
 class BnMomentsParams(ctypes.Structure):
     """csrc/cuda/params.h's BnMomentsParams: bn_moments_kernel's arguments (one block; B and Nq for the sampler)."""
     _fields_ = [("H", ctypes.c_int), ("programs", ctypes.c_int64), ("moments", ctypes.c_void_p),
-                ("count", ctypes.c_void_p), ("count_value", ctypes.c_double), ("center", ParamRef), ("c", ParamRef), ("gamma", ParamRef),
-                ("beta", ParamRef), ("out_scale", ctypes.c_double), ("eps", ctypes.c_double),
+                ("count", ctypes.c_void_p), ("count_value", ctypes.c_double), ("center", ParamRef), ("c", ParamRef),
+                ("gamma", ParamRef), ("beta", ParamRef), ("out_scale", ctypes.c_double), ("eps", ctypes.c_double),
                 ("stats", ctypes.c_void_p), ("coefficients", ctypes.c_void_p), ("coefficient_storage", ctypes.c_int)]
     B = 1
     Nq = 1
@@ -189,8 +189,8 @@ class Launch:
 
     program: "forward", "backward_rows", "backward_keys" (tensor-core programs), "head_affine",
     "head_dot_sums" (``head_affine.cuh``; params a :class:`HeadAffineParams`), "param_grads",
-    "bn_moments", "bn_coefficients", "running_stats" (``parameters.cuh``; params its struct) or a CUDA-core program kind
-    ("forward", "gram_sums", "backward", "bn_grad_sums") with ``core=True``.
+    "bn_moments", "bn_coefficients", "running_stats" (``parameters.cuh``; params its struct) or a CUDA-core
+    program kind ("forward", "gram_sums", "backward", "bn_grad_sums") with ``core=True``.
     sweep: the runtime length the program's work grows with ("keys" or "queries") and ``unit`` its
     step (keys per segment or tile; 16 query rows)."""
 

@@ -4,7 +4,8 @@ Its ops are ``reattn::cuda_forward``, ``reattn::cuda_backward``, ``reattn::cuda_
 ``reattn::cuda_bn_grad_sums`` (``_ladder.OpLadder``: nothing of size B*H*Nq*Nk is saved or
 written), ``reattn::cuda_update_running_stats`` (training BatchNorm's running statistics, in place,
 one launch) and ``reattn::cuda_forward_eval_batchnorm`` (eval-mode BatchNorm without gradients: the
-programs fold the norm from the running statistics, one launch where the ladder's fold took six torch ops). Local training BatchNorm runs in one sweep over the keys: the forward program with norm
+programs fold the norm from the running statistics, one launch where the ladder's fold took six torch
+ops). Local training BatchNorm runs in one sweep over the keys: the forward program with norm
 none also sums the map's moments per head (``_C.cuda_forward(..., with_moments=True)``) and, without a
 mask at ViT lengths, V over the keys (U, which the norm's shift multiplies);
 ``_fused.one_sweep_batchnorm`` applies the norm to X V in one element-wise pass (``_C.cuda_head_affine``);
@@ -110,10 +111,9 @@ def _head_affine(r, u, alpha, beta, dtype):
 def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype):
     # One-sweep training BatchNorm's statistics and coefficients (csrc/cuda/parameters.cuh): one launch.
     # count: a 0-dim float64 tensor, or (without a mask) the number itself, which the kernel takes as an argument.
-    if isinstance(count, torch.Tensor):
-        return _C.cuda_bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, out_scale, eps, dtype)
-    return _C.cuda_bn_moments(moments, None, center, mix_bias, norm_weight, norm_bias, out_scale, eps, dtype,
-                              count_value=float(count))
+    given = isinstance(count, torch.Tensor)
+    return _C.cuda_bn_moments(moments, count if given else None, center, mix_bias, norm_weight, norm_bias, out_scale,
+                              eps, dtype, count_value=0.0 if given else float(count))
 
 
 def _bn_coefficients(stats, sums, norm_weight, *, eps, dtype):
