@@ -717,11 +717,10 @@ def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, d
 
 
 def _head_params(like: torch.Tensor) -> HeadAffineParams:
-    """ops.cpp's head_params: the shape and head_rows_per_block's rows (~4096 elements a block)."""
+    """ops.cpp's head_params: the shape and the rows of a block (``reattn._C.cuda_head_rows``)."""
     p = HeadAffineParams()
     p.B, p.H, p.Nq, p.D = like.shape
-    rows = max(max(1, 4096 // max(p.D, 1)), -(-p.Nq // 65535))
-    p.rows = min(rows, max(p.Nq, 1))
+    p.rows = _C().cuda_head_rows(p.Nq, p.D)
     return p
 
 

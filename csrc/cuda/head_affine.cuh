@@ -90,9 +90,10 @@ constexpr int vector_columns() {
 }
 
 // Runs body(e, i, d) for each item of the block: item e covers columns [d, d + kVec) of the block's local
-// row i; consecutive threads take consecutive items, so every warp access is contiguous.
-template <int kVec, typename Body>
-REATTN_FN void for_each_item(const HeadAffineParams& p, const HeadRows& rows, Body&& body) {
+// row i; consecutive threads take consecutive items, so every warp access is contiguous. columns(d) runs
+// before the items of columns d: once per thread where a thread keeps its columns, else before each item.
+template <int kVec, typename Columns, typename Body>
+REATTN_FN void for_each_item(const HeadAffineParams& p, const HeadRows& rows, Columns&& columns, Body&& body) {
   const unsigned per_row = static_cast<unsigned>(p.D / kVec);
   const unsigned count = static_cast<unsigned>(rows.end - rows.begin);
   const unsigned t = dev::thread_index();
@@ -105,41 +106,67 @@ REATTN_FN void for_each_item(const HeadAffineParams& p, const HeadRows& rows, Bo
     const unsigned step = kHeadAffineThreads / per_row;
     const unsigned first = t / per_row, column = t - first * per_row;
     if (first >= step) return;
+    columns(column * kVec);
     for (unsigned i = first; i < count; i += step) body(i * per_row + column, i, column * kVec);
     return;
   }
   // Unsigned: the division by per_row is a multiply-high and one correction, without sign fixes.
   const unsigned items = count * per_row;
   for (unsigned e = t; e < items; e += kHeadAffineThreads) {
-    const unsigned i = e / per_row;
-    body(e, i, (e - i * per_row) * kVec);
+    const unsigned i = e / per_row, d = (e - i * per_row) * kVec;
+    columns(d);
+    body(e, i, d);
   }
 }
+
+// U's kVec columns from d of the block's row i into y: where U is one row per (b, h) broadcast over the rows
+// (u_st.n == 0: no mask, every row sees every key) they are loaded once per thread (kRowsOfU false: by
+// columns(d) of for_each_item), not with every item: half the bytes an fp32 U's item requested with a 16-bit
+// tensor's, and their addresses.
+template <typename A, int kVec, bool kRowsOfU>
+struct UColumns {
+  const A* u;
+  int64_t row_stride;
+  A y[kVec];
+
+  REATTN_FN void columns(unsigned d) {
+    if constexpr (!kRowsOfU) load_columns<A, kVec>(u + d, y);
+  }
+  REATTN_FN void row(unsigned i, unsigned d) {
+    if constexpr (kRowsOfU) load_columns<A, kVec>(u + static_cast<int64_t>(i) * row_stride + d, y);
+  }
+};
 
 // out = alpha[h] R' + beta[h] U, rounded once to T from the accumulation type; R' of type R (the
 // accumulation type, or T). The block's rows are items of kVec columns, spread over all its threads
 // (consecutive threads, consecutive columns: every warp access is contiguous).
-template <typename T, typename R, int kVec>
+template <typename T, typename R, int kVec, bool kRowsOfU>
 REATTN_FN void head_affine_items(const HeadAffineParams& p) {
   using A = typename Storage<T>::acc;
   const HeadRows rows = head_rows(p);
   const A* coefficients = static_cast<const A*>(p.coefficients);
   const A alpha = coefficients[rows.h], beta = coefficients[p.H + rows.h];
   const R* r = block_start(static_cast<const R*>(p.r), p.r_st, rows);
-  const A* u = block_start(static_cast<const A*>(p.u), p.u_st, rows);
+  UColumns<A, kVec, kRowsOfU> u{block_start(static_cast<const A*>(p.u), p.u_st, rows), p.u_st.n, {}};
   const Strides4 out_st{int64_t(p.H) * p.Nq * p.D, int64_t(p.Nq) * p.D, p.D, 1};
   T* out = block_start(static_cast<T*>(p.out), out_st, rows);
-  for_each_item<kVec>(p, rows, [&](unsigned e, unsigned i, unsigned d) {
-    A x[kVec], y[kVec], o[kVec];
+  for_each_item<kVec>(p, rows, [&](unsigned d) { u.columns(d); }, [&](unsigned e, unsigned i, unsigned d) {
+    A x[kVec], o[kVec];
     if constexpr (std::is_same<R, A>::value) {
       load_columns<A, kVec>(r + static_cast<int64_t>(i) * p.r_st.n + d, x);
     } else {
       load_columns_as_acc<T, kVec>(r + static_cast<int64_t>(i) * p.r_st.n + d, x);
     }
-    load_columns<A, kVec>(u + static_cast<int64_t>(i) * p.u_st.n + d, y);
-    for (int k = 0; k < kVec; ++k) o[k] = alpha * x[k] + beta * y[k];
+    u.row(i, d);
+    for (int k = 0; k < kVec; ++k) o[k] = alpha * x[k] + beta * u.y[k];
     store_columns<T, kVec>(out + e * kVec, o);
   });
+}
+
+template <typename T, typename R, int kVec>
+REATTN_FN void head_affine_items(const HeadAffineParams& p) {
+  if (p.u_st.n != 0) return head_affine_items<T, R, kVec, true>(p);
+  head_affine_items<T, R, kVec, false>(p);
 }
 
 template <typename T, int kVec>
@@ -191,22 +218,22 @@ constexpr size_t head_dot_sums_shared() {
 // thread (fixed columns: ceil(rows / step) items), 5 shuffle levels, the 8 warps and the product by
 // scale; the host adds the blocks in float64. Without a mask mean(X) is ~0 (X is centred and each row
 // of P~ sums to one), so the second term cancels nothing.
-template <typename T, int kVec>
+template <typename T, int kVec, bool kRowsOfU>
 REATTN_FN void head_dot_sums_items(const HeadAffineParams& p) {
   using A = typename Storage<T>::acc;
   const HeadRows rows = head_rows(p);
   const T* g = block_start(static_cast<const T*>(p.grad), p.grad_st, rows);
   const T* r = block_start(static_cast<const T*>(p.r), p.r_st, rows);
-  const A* u = block_start(static_cast<const A*>(p.u), p.u_st, rows);
+  UColumns<A, kVec, kRowsOfU> u{block_start(static_cast<const A*>(p.u), p.u_st, rows), p.u_st.n, {}};
   A sum_r = 0, sum_u = 0;
-  for_each_item<kVec>(p, rows, [&](unsigned, unsigned i, unsigned d) {
-    A x[kVec], y[kVec], z[kVec];
+  for_each_item<kVec>(p, rows, [&](unsigned d) { u.columns(d); }, [&](unsigned, unsigned i, unsigned d) {
+    A x[kVec], y[kVec];
     load_columns_as_acc<T, kVec>(g + static_cast<int64_t>(i) * p.grad_st.n + d, x);
     load_columns_as_acc<T, kVec>(r + static_cast<int64_t>(i) * p.r_st.n + d, y);
-    load_columns<A, kVec>(u + static_cast<int64_t>(i) * p.u_st.n + d, z);
+    u.row(i, d);
     for (int k = 0; k < kVec; ++k) {
       sum_r += x[k] * y[k];
-      sum_u += x[k] * z[k];
+      sum_u += x[k] * u.y[k];
     }
   });
   for (int mask = dev::kWarpSize / 2; mask > 0; mask /= 2) {
@@ -233,6 +260,12 @@ REATTN_FN void head_dot_sums_items(const HeadAffineParams& p) {
     out[0] = static_cast<A>(p.scale * (rstd * static_cast<double>(total_r) + shift * static_cast<double>(total_u)));
     out[blocks] = static_cast<A>(p.scale * static_cast<double>(total_u));
   }
+}
+
+template <typename T, int kVec>
+REATTN_FN void head_dot_sums_items(const HeadAffineParams& p) {
+  if (p.u_st.n != 0) return head_dot_sums_items<T, kVec, true>(p);
+  head_dot_sums_items<T, kVec, false>(p);
 }
 
 template <typename T>

@@ -882,11 +882,15 @@ pybind11::dict plan(int64_t kind, int64_t H, int64_t D, int64_t Nq, const std::s
 
 // ---- one-sweep training BatchNorm's element-wise steps (head_affine.cuh) -------------------------------------
 
-// Rows per block: ~4096 elements (16 per thread), and few enough blocks along Nq for grid.y.
-int head_rows_per_block(int64_t Nq, int64_t D) {
-  int64_t rows = std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1));
-  rows = std::max<int64_t>(rows, (Nq + 65534) / 65535);
-  return static_cast<int>(std::min<int64_t>(rows, std::max<int64_t>(Nq, 1)));
+// Rows per block of head_affine and head_dot_sums: about 16384 elements (64 per thread: 8 vector items of a
+// 16-bit type), split evenly over the blocks along Nq (no short last block), and at most 65535 blocks along Nq
+// (grid.y). A warp issues ~160 instructions before its first item (the head and row indices, four tensors'
+// addresses, the coefficients) and ~40 per item: at 4096 elements a block, two thirds of what DeiT-S's
+// head_affine issued was that prologue (static model); at 16384 it is about a third.
+int64_t head_rows_per_block(int64_t Nq, int64_t D) {
+  const int64_t target = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((Nq + target - 1) / target, 65535));
+  return std::max<int64_t>(1, (Nq + blocks - 1) / blocks);
 }
 
 void check_unit_stride(const char* op, const char* name, const at::Tensor& t) {
@@ -931,7 +935,7 @@ HeadAffineParams head_params(const at::Tensor& like) {
   p.H = static_cast<int>(like.size(1));
   p.Nq = static_cast<int>(like.size(2));
   p.D = static_cast<int>(like.size(3));
-  p.rows = head_rows_per_block(p.Nq, p.D);
+  p.rows = static_cast<int>(head_rows_per_block(p.Nq, p.D));
   return p;
 }
 
@@ -1285,6 +1289,8 @@ void register_ops(pybind11::module& m) {
   m.def("cuda_plan", &plan, py::arg("kind"), py::arg("H"), py::arg("D"), py::arg("Nq"), py::arg("dtype"),
         py::arg("shared_limit") = 0,
         "The launch plan (tile layout and grid) of a fused CUDA program; shared_limit 0 = sm_80's 163 KB.");
+  m.def("cuda_head_rows", &head_rows_per_block, py::arg("Nq"), py::arg("D"),
+        "Query rows per block of cuda_head_affine and cuda_head_dot_sums (grid = (B * H, ceil(Nq / rows))).");
 }
 
 }  // namespace cuda_ops

@@ -1208,6 +1208,27 @@ HEAD_LAYOUTS = {"D = 35": 35, "D = 36": 36, "D = 40": 40, "D = 64": 64, "D = 64,
                 "D = 130": 130}
 
 
+def _two_blocks(D: int) -> int:
+    """A length Nq that head_affine and head_dot_sums split into two blocks along Nq at head dim D."""
+    Nq = 16384 // D + 40
+    assert -(-Nq // _C.cuda_head_rows(Nq, D)) == 2
+    return Nq
+
+
+def test_head_rows_split_the_queries_evenly():
+    """About 16384 elements a block (the prologue of each warp amortized over 8 vector items a thread), the rows
+    split evenly (blocks differ by at most one row), at most 65535 blocks along Nq (grid.y)."""
+    for nq, d in ((197, 64), (197, 32), (577, 35), (1, 64), (4096, 128), (300, 64), (100000, 1), (10 ** 7, 128)):
+        rows = _C.cuda_head_rows(nq, d)
+        blocks = -(-nq // rows)
+        assert 1 <= rows <= nq and blocks <= 65535, (nq, d, rows)
+        assert blocks * rows - nq < blocks, (nq, d, rows)  # the last block is at most one row short per block
+        if nq * d <= 65535 * 16384:
+            assert rows * d <= 16384 or rows == 1, (nq, d, rows)
+            assert blocks == -(-nq // max(1, 16384 // d)), (nq, d, rows)
+    assert _C.cuda_head_rows(197, 64) == 197 and _C.cuda_head_rows(577, 35) == 289
+
+
 @pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))
 @pytest.mark.parametrize("u_shape", ["per-batch-head", "per-row", "mask [1, 1, Nq]"])
 @pytest.mark.parametrize("r_in", ["accumulation dtype", "dtype"])
@@ -1215,9 +1236,11 @@ HEAD_LAYOUTS = {"D = 35": 35, "D = 36": 36, "D = 40": 40, "D = 64": 64, "D = 64,
 def test_head_affine_matches_float64(layout, u_shape, r_in, dtype):
     """out = alpha_h R' + beta_h U, one fused multiply-add per element in the accumulation dtype and one rounding to
     dtype, R' given in the accumulation dtype or in dtype (the kept X V: upcast once loaded); one column or one
-    16-byte access per thread item (see _rows_of), more rows than one block holds (Nq = 140 > 4096 / D), r not
-    contiguous, poisoned outputs; bitwise the same with the items in reverse order."""
-    B, H, Nq, D = 2, 3, 140, HEAD_LAYOUTS[layout]
+    16-byte access per thread item (see _rows_of), more rows than one block holds (two blocks along Nq: see
+    _two_blocks), r not contiguous, poisoned outputs; bitwise the same with the items in reverse order. U one row
+    per (batch element, head) is loaded once per thread, the others with every item."""
+    D = HEAD_LAYOUTS[layout]
+    B, H, Nq = 2, 3, _two_blocks(D)
     acc = _acc(dtype)
     g = torch.Generator().manual_seed(0)
     r = _rows_of(B, H, Nq, D, acc if r_in == "accumulation dtype" else dtype, layout, g)
@@ -1253,7 +1276,7 @@ def _bn_statistics(H, gen, mix_weight, mix_bias, n_keys):
 
 
 @pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))
-@pytest.mark.parametrize("u_rows", [1, 150])
+@pytest.mark.parametrize("u_rows", ["one", "every row"])
 @pytest.mark.parametrize("params", ["fp32 W and c", "bf16 W, transposed, no c"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_head_dot_sums_match_float64_in_any_warp_order(layout, u_rows, params, dtype):
@@ -1266,12 +1289,14 @@ def test_head_dot_sums_match_float64_in_any_warp_order(layout, u_rows, params, d
     terms). The block's sum is bitwise the same in any warp order."""
     from reattn._batchnorm import kept_term_coefficients
 
-    B, H, Nq, D = 2, 3, 150, HEAD_LAYOUTS[layout]
+    D = HEAD_LAYOUTS[layout]
+    B, H, Nq = 2, 3, _two_blocks(D) + 10
     n_keys, eps_norm = 97, 1e-5
     gen = torch.Generator().manual_seed(2)
     grad = _rows_of(B, H, Nq, D, dtype, layout, gen)
     r = torch.randn(B, H, Nq, D, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
-    u = torch.randn(B, H, u_rows, D, generator=gen, dtype=torch.float64).to(_acc(dtype)).to(DEVICE)
+    u = torch.randn(B, H, 1 if u_rows == "one" else Nq, D, generator=gen, dtype=torch.float64)
+    u = u.to(_acc(dtype)).to(DEVICE)
     if params == "fp32 W and c":
         w, c = torch.randn(H, H, generator=gen).to(DEVICE), torch.randn(H, generator=gen).to(DEVICE)
     else:
@@ -1288,9 +1313,10 @@ def test_head_dot_sums_match_float64_in_any_warp_order(layout, u_rows, params, d
                         (g64 * (shift * u.double()).abs()).abs().sum(dim=(0, 2, 3)),
                         (g64 * u.double()).abs().sum(dim=(0, 2, 3))])
     assert got.dtype == torch.float64 and got.shape == (2, H)
-    rows = max(1, 4096 // D)
+    rows = _C.cuda_head_rows(Nq, D)
+    assert rows < Nq
     eps = torch.finfo(_acc(dtype)).eps
-    assert ((got - want).abs() <= (min(rows, Nq) * D / 32 + 15) * eps * size).all(), (got, want)
+    assert ((got - want).abs() <= (rows * D / 32 + 15) * eps * size).all(), (got, want)
     for options in (dict(reverse_items=True), dict(shuffle_seed=7)):
         again = _C.cuda_head_dot_sums(grad, r, u, stats, w, c, eps_norm, n_keys, scale, poison_outputs=True, **options)
         assert torch.equal(again, got), options
