@@ -177,8 +177,13 @@ class RunningStatsParams(ctypes.Structure):
 
 class BnCoefficientsParams(ctypes.Structure):
     """csrc/cuda/params.h's BnCoefficientsParams: bn_coefficients_kernel's arguments (one block)."""
-    _fields_ = [("H", ctypes.c_int), ("stats", ctypes.c_void_p), ("sums", ctypes.c_void_p), ("gamma", ParamRef),
-                ("eps", ctypes.c_double), ("coefficients", ctypes.c_void_p), ("coefficient_storage", ctypes.c_int)]
+    _fields_ = [("H", ctypes.c_int), ("stats", ctypes.c_void_p), ("sums", ctypes.c_void_p),
+                ("sums_storage", ctypes.c_int), ("parts", ctypes.c_int64), ("groups", ctypes.c_int64),
+                ("sums_row", ctypes.c_int64), ("sums_part", ctypes.c_int64), ("sums_head", ctypes.c_int64),
+                ("sums_group", ctypes.c_int64), ("gamma", ParamRef), ("eps", ctypes.c_double),
+                ("coefficients", ctypes.c_void_p), ("coefficient_storage", ctypes.c_int),
+                ("grad_gamma", ctypes.c_void_p), ("grad_beta", ctypes.c_void_p), ("grad_gamma_storage", ctypes.c_int),
+                ("grad_beta_storage", ctypes.c_int)]
     B = 1
     Nq = 1
 
@@ -784,20 +789,33 @@ def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out
     return stats, coefficients
 
 
-def _bn_coefficients(stats, sums, norm_weight, *, eps, dtype):
+def _bn_coefficients(stats, sums, norm_weight, norm_bias, *, eps, dtype, own_grads):
     """reattn.backends.cuda._bn_coefficients and ops.cpp's bn_coefficients: one launch of bn_coefficients_kernel."""
-    stats, sums = stats.contiguous(), sums.contiguous()
+    stats = stats.contiguous()
     H = stats.shape[1]
+    parts = sums.view(2, 1, H, 1) if sums.dim() == 2 else sums
     coefficients = torch.empty((4, H), dtype=dtype, device=stats.device)
     b = BnCoefficientsParams()
     b.H, b.eps = H, eps
     b.stats, b.sums = _RECORDER.pointer(stats, "bn_stats"), _RECORDER.pointer(sums, "bn_sums")
+    b.sums_storage, b.parts, b.groups = STORAGE[sums.dtype], parts.shape[1], parts.shape[3]
+    b.sums_row, b.sums_part, b.sums_head, b.sums_group = parts.stride()
     b.gamma = _param_ref(norm_weight, "bn_gamma")
     b.coefficients, b.coefficient_storage = _RECORDER.pointer(coefficients, "bn_coefficients"), STORAGE[dtype]
     touched = [(stats, {"read"}), (sums, {"read"}), (coefficients, {"write"})] + (
         [(norm_weight, {"read"})] if norm_weight is not None else [])
-    _record_small("bn_coefficients_kernel", "BnCoefficientsParams", stats, b, 1, 0, touched)
-    return coefficients
+    grads = []
+    for param, name in ((norm_weight, "gamma"), (norm_bias, "beta")):
+        if not own_grads or param is None:
+            grads.append(None)
+            continue
+        g = torch.empty((H,), dtype=param.dtype, device=stats.device)
+        setattr(b, "grad_" + name, _RECORDER.pointer(g, "bn_grad_" + name))
+        setattr(b, f"grad_{name}_storage", STORAGE[param.dtype])
+        touched.append((g, {"write"}))
+        grads.append(g)
+    _record_small("bn_coefficients_kernel", "BnCoefficientsParams", stats, b, 1, 2 * H * 8, touched)
+    return (coefficients, *grads)
 
 
 def _update_running_stats(running_mean, running_var, stats, momentum):
@@ -813,7 +831,7 @@ def _update_running_stats(running_mean, running_var, stats, momentum):
     _record_small("running_stats_kernel", "RunningStatsParams", stats, b, 1, 0, touched)
 
 
-def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_keys):
+def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_keys, summed=True):
     """reattn.backends.cuda._head_dot_sums and ops.cpp's head_dot_sums."""
     rec = _RECORDER
     p = _head_params(grad)
@@ -831,7 +849,7 @@ def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_key
     touched = [(grad, {"read"}), (r, {"read"}), (u, {"read"}), (stats, {"read"}), (mix_weight, {"read"}),
                (partials, {"write"})] + ([(mix_bias, {"read"})] if mix_bias is not None else [])
     _record_head("head_dot_sums_kernel", grad.dtype, p, touched, 2 * warps * acc.itemsize)
-    return partials.sum(dim=(1, 3), dtype=torch.float64)
+    return partials.sum(dim=(1, 3), dtype=torch.float64) if summed else partials
 
 
 @functools.lru_cache(maxsize=None)

@@ -260,7 +260,10 @@ void emulate_param_grads(const ParamGradsParams& p, int order, uint64_t seed) {
 }
 
 void emulate_bn_coefficients(const BnCoefficientsParams& p, int order, uint64_t seed) {
-  if (p.H > 0) sim::launch(parameter_launch(order, seed), [&] { bn_coefficients_program(p); });
+  if (p.H == 0) return;
+  sim::Launch launch = parameter_launch(order, seed);
+  launch.shared_bytes = bn_coefficients_shared(p.H);
+  sim::launch(launch, [&] { bn_coefficients_program(p); });
 }
 
 void emulate_running_stats(const RunningStatsParams& p, int order, uint64_t seed) {

@@ -1051,36 +1051,62 @@ int64_t batch_stats_heads(const char* op, const at::Tensor& stats) {
 }
 
 // Training BatchNorm's backward coefficients [4, H] (mean, rstd, e, f) in `dtype` from the statistics
-// [3, H] and the backward sums [2, H] (BnCoefficientsParams, bn_coefficients_kernel): one launch where
-// reattn._batchnorm.bn_backward_coefficients takes ~15 torch ops.
-at::Tensor bn_coefficients(const at::Tensor& stats, const at::Tensor& sums,
-                           const c10::optional<at::Tensor>& norm_weight, double eps, at::ScalarType dtype,
-                           bool reverse_items, int64_t shuffle_seed) {
+// [3, H] and the backward sums (BnCoefficientsParams, bn_coefficients_kernel): one launch where
+// reattn._batchnorm.bn_backward_coefficients takes ~15 torch ops. sums: [2, H] float64, or parts
+// [2, parts, H, groups] in float32 or float64 (head_dot_sums' per-block partials, unsummed) that the kernel adds
+// in float64. own_grads: the summed rows are also this call's gradients of norm_weight and norm_bias (returned in
+// their dtypes, one rounding each; empty for an absent parameter), where the sum and two conversions took three
+// more launches; else both empty.
+std::vector<at::Tensor> bn_coefficients(const at::Tensor& stats, const at::Tensor& sums,
+                                        const c10::optional<at::Tensor>& norm_weight,
+                                        const c10::optional<at::Tensor>& norm_bias, double eps, at::ScalarType dtype,
+                                        bool own_grads, bool reverse_items, int64_t shuffle_seed) {
   const char* op = "reattn cuda_bn_coefficients";
   const int64_t H = batch_stats_heads(op, stats);
-  TORCH_CHECK_VALUE(sums.sizes() == at::IntArrayRef({2, H}) && sums.scalar_type() == at::kDouble &&
-                        sums.is_contiguous() && sums.device() == stats.device(),
-                    op, ": sums must be a contiguous float64 [2, ", H, "] tensor on ", stats.device(), ", got ",
+  const bool summed = sums.dim() == 2 && sums.size(0) == 2 && sums.size(1) == H && sums.scalar_type() == at::kDouble;
+  const bool parts = sums.dim() == 4 && sums.size(0) == 2 && sums.size(2) == H &&
+                     (sums.scalar_type() == at::kFloat || sums.scalar_type() == at::kDouble);
+  TORCH_CHECK_VALUE((summed || parts) && sums.device() == stats.device(), op, ": sums must be float64 [2, ", H,
+                    "] or float32/float64 parts [2, parts, ", H, ", groups] on ", stats.device(), ", got ",
                     sums.sizes(), " ", sums.scalar_type(), " on ", sums.device());
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op,
                    ": the coefficients' dtype must be float32 or float64 (an accumulation type), got ", dtype);
   const at::Tensor gamma = parameter(op, "norm_weight", norm_weight, {H}, stats);
+  const at::Tensor beta = parameter(op, "norm_bias", norm_bias, {H}, stats);
+  const at::Tensor view = summed ? sums.view({2, 1, H, 1}) : sums;
   BnCoefficientsParams p;
   p.H = static_cast<int>(H);
   p.stats = stats.data_ptr<double>();
-  p.sums = sums.data_ptr<double>();
+  p.sums = view.data_ptr();
+  p.sums_storage = storage_of(view.scalar_type());
+  p.parts = view.size(1);
+  p.groups = view.size(3);
+  p.sums_row = view.stride(0);
+  p.sums_part = view.stride(1);
+  p.sums_head = view.stride(2);
+  p.sums_group = view.stride(3);
   p.gamma = param_ref(gamma);
   p.eps = eps;
   at::Tensor coefficients = at::empty({4, H}, stats.options().dtype(dtype));
   p.coefficients = coefficients.data_ptr();
   p.coefficient_storage = storage_of(dtype);
+  // A parameter's gradient in its dtype, or empty (absent, or not wanted).
+  auto grad_of = [&](const at::Tensor& param, void*& out, int& storage) {
+    if (!own_grads || !param.defined()) return at::empty({0}, stats.options());
+    at::Tensor g = at::empty({H}, stats.options().dtype(param.scalar_type()));
+    out = g.data_ptr();
+    storage = storage_of(param.scalar_type());
+    return g;
+  };
+  const at::Tensor grad_gamma = grad_of(gamma, p.grad_gamma, p.grad_gamma_storage);
+  const at::Tensor grad_beta = grad_of(beta, p.grad_beta, p.grad_beta_storage);
   emulate_or_launch(
       op, stats,
       [&] {
         emulate_bn_coefficients(p, emulator_order(reverse_items, shuffle_seed), static_cast<uint64_t>(shuffle_seed));
       },
       [&](auto stream) { return launch_bn_coefficients(p, stream); });
-  return coefficients;
+  return {coefficients, grad_gamma, grad_beta};
 }
 
 // nn.BatchNorm2d's update of the running statistics, in place, from training BatchNorm's stats [3, H]
@@ -1117,7 +1143,8 @@ void update_running_stats(at::Tensor running_mean, at::Tensor running_var, const
 
 at::Tensor head_dot_sums(const at::Tensor& grad, const at::Tensor& r, const at::Tensor& u, const at::Tensor& stats,
                          const at::Tensor& mix_weight, const c10::optional<at::Tensor>& mix_bias, double eps,
-                         int64_t n_keys, double scale, bool reverse_items, bool poison_outputs, int64_t shuffle_seed) {
+                         int64_t n_keys, double scale, bool summed, bool reverse_items, bool poison_outputs,
+                         int64_t shuffle_seed) {
   const char* op = "reattn cuda_head_dot_sums";
   check_head_shape(op, "grad", grad);
   const int storage = storage_of(grad.scalar_type());
@@ -1164,7 +1191,9 @@ at::Tensor head_dot_sums(const at::Tensor& grad, const at::Tensor& r, const at::
                               static_cast<uint64_t>(shuffle_seed));
       },
       [&](auto stream) { return launch_head_dot_sums(storage, p, stream); });
-  // The blocks' partial sums added in float64: [2, H] = scale (sum grad . R, sum grad . u) per head, one op.
+  // The blocks' partial sums added in float64: [2, H] = scale (sum grad . R, sum grad . u) per head, one op;
+  // unsummed for cuda_bn_coefficients, which adds them in its launch.
+  if (!summed) return partials;
   return partials.sum({1, 3}, /*keepdim=*/false, at::kDouble);
 }
 
@@ -1256,10 +1285,14 @@ void register_ops(pybind11::module& m) {
         "W P~ + mix_bias, biased variance, count), coefficients [4, H] in dtype (alpha, beta, rstd, -mean(X) rstd: "
         "the norm's output is alpha X V + beta U, xhat V = rstd X V - mean(X) rstd U)]. One launch.");
   m.def("cuda_bn_coefficients", &bn_coefficients, py::arg("stats"), py::arg("sums"), py::arg("norm_weight"),
-        py::arg("eps"), py::arg("dtype"), py::arg("reverse_items") = false, py::arg("shuffle_seed") = 0,
+        py::arg("norm_bias"), py::arg("eps"), py::arg("dtype"), py::arg("own_grads") = false,
+        py::arg("reverse_items") = false, py::arg("shuffle_seed") = 0,
         "Training BatchNorm's backward coefficients [4, H] in dtype (mean, rstd, e, f; rstd rounded to dtype as "
         "the forward reads it, e = -gamma rstd sum(dN xhat) / n, f = -gamma rstd sum(dN) / n) from stats [3, H] "
-        "float64 (mean, biased variance, count) and sums [2, H] float64 (sum dN xhat, sum dN). One launch.");
+        "float64 (mean, biased variance, count) and sums (sum dN xhat, sum dN): [2, H] float64, or parts "
+        "[2, parts, H, groups] float32/float64 added in float64 (cuda_head_dot_sums(summed=False)). Returns "
+        "[coefficients, d norm_weight, d norm_bias]: with own_grads the sums in the parameters' dtypes (empty "
+        "for an absent one), else both empty. One launch.");
   m.def("cuda_update_running_stats", &update_running_stats, py::arg("running_mean"), py::arg("running_var"),
         py::arg("stats"), py::arg("momentum"), py::arg("reverse_items") = false, py::arg("shuffle_seed") = 0,
         "nn.BatchNorm2d's update of running_mean and running_var [H] (any floating dtype and stride), in place, "
@@ -1268,12 +1301,14 @@ void register_ops(pybind11::module& m) {
         "launch.");
   m.def("cuda_head_dot_sums", &head_dot_sums, py::arg("grad"), py::arg("r"), py::arg("u"), py::arg("stats"),
         py::arg("mix_weight"), py::arg("mix_bias"), py::arg("eps"), py::arg("n_keys"), py::arg("scale") = 1.0,
-        py::arg("reverse_items") = false, py::arg("poison_outputs") = false, py::arg("shuffle_seed") = 0,
+        py::arg("summed") = true, py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
+        py::arg("shuffle_seed") = 0,
         "One-sweep training BatchNorm's backward sums: [2, H] float64 = per head, scale times the sums over "
         "(b, i, d) of grad * R and of grad * u, R = xhat V = rstd (r - mean(X) u) from the kept r = X V "
         "(X = W P~ - center, center = sum_h W[g, h] / n_keys; stats [3, H] float64: mean of W P~ + mix_bias, "
         "biased variance, count; rstd = 1/sqrt(var + eps)). grad, r [B,H,Nq,D] in one dtype; u broadcastable "
-        "to them, in its accumulation type.");
+        "to them, in its accumulation type. summed=False: the blocks' partial sums [2, B, H, row blocks] in the "
+        "accumulation type instead (what cuda_bn_coefficients adds up).");
   m.def("cuda_device_check", &device_check, py::arg("kind"), py::arg("a"), py::arg("b") = py::none(),
         py::arg("order") = 0, py::arg("seed") = 0,
         "Runs a check kernel of csrc/cuda/device_checks.cuh (CPU tensors: in the emulator, warps ordered by "

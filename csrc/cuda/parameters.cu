@@ -37,7 +37,7 @@ cudaError_t launch_bn_moments(const BnMomentsParams& p, cudaStream_t stream) {
 
 cudaError_t launch_bn_coefficients(const BnCoefficientsParams& p, cudaStream_t stream) {
   if (p.H == 0) return cudaSuccess;
-  bn_coefficients_kernel<<<1, kParameterThreads, 0, stream>>>(p);
+  bn_coefficients_kernel<<<1, kParameterThreads, bn_coefficients_shared(p.H), stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -199,8 +199,46 @@ REATTN_DEVICE double rounded_to(int storage, double x) {
   return storage == kFloat32 ? static_cast<double>(static_cast<float>(x)) : x;
 }
 
-// Thread h writes head h's coefficients (BnCoefficientsParams).
+// Dynamic shared memory of bn_coefficients_program: the 2H float64 sums.
+constexpr size_t bn_coefficients_shared(int H) { return 2 * static_cast<size_t>(H) * sizeof(double); }
+
+// Warp w adds the parts of the sums' columns j = w, w + 8, ... (row j / H, head j % H) as bn_moments_program
+// adds its moments (lanes over the parts, eight loads in flight, the butterfly: a fixed order), then thread h
+// writes head h's coefficients and, where wanted, its gradients of gamma and beta (BnCoefficientsParams).
 REATTN_DEVICE void bn_coefficients_program(const BnCoefficientsParams& p) {
+  constexpr int kWarps = kParameterThreads / dev::kWarpSize;
+  double* sums = reinterpret_cast<double*>(dev::shared_memory());  // [2][H]: sum dN xhat, sum dN
+  // float32 or float64 (not param_value's four storage branches per value)
+  const bool f64 = p.sums_storage == kFloat64;
+  auto value = [&](int64_t i) {
+    return f64 ? static_cast<const double*>(p.sums)[i] : static_cast<double>(static_cast<const float*>(p.sums)[i]);
+  };
+  for (int j = dev::warp_index(); j < 2 * p.H; j += kWarps) {
+    const int64_t column = (j / p.H) * p.sums_row + (j % p.H) * p.sums_head;
+    // The part at `offset` (its first group), its groups added in order (a few: head_dot_sums' row blocks of one
+    // head). Lanes take whole parts and step offsets by additions: a 64-bit index product per value (or a division
+    // into part and group) cost the launch most of its integer instructions.
+    auto part = [&](int64_t offset) {
+      double t = value(offset);
+      for (int64_t g = 1; g < p.groups; ++g) t += value(offset + g * p.sums_group);
+      return t;
+    };
+    constexpr int kInFlight = 8;
+    const int64_t lane_step = dev::kWarpSize * p.sums_part;
+    double s = 0.0;
+    int64_t e = dev::lane_index(), offset = column + e * p.sums_part;
+    for (; e + (kInFlight - 1) * dev::kWarpSize < p.parts; e += kInFlight * dev::kWarpSize) {
+      double v[kInFlight];
+#pragma unroll
+      for (int k = 0; k < kInFlight; ++k, offset += lane_step) v[k] = part(offset);
+#pragma unroll
+      for (int k = 0; k < kInFlight; ++k) s += v[k];
+    }
+    for (; e < p.parts; e += dev::kWarpSize, offset += lane_step) s += part(offset);
+    for (int mask = dev::kWarpSize / 2; mask > 0; mask /= 2) s += dev::shfl_xor(s, mask);
+    if (dev::lane_index() == 0) sums[j] = s;
+  }
+  dev::sync_threads();
   const int h = dev::thread_index();
   if (h >= p.H) return;
   const double n = p.stats[2 * p.H + h];
@@ -208,8 +246,10 @@ REATTN_DEVICE void bn_coefficients_program(const BnCoefficientsParams& p) {
   const double a = head_value(p.gamma, h, 1.0) * rstd;
   store_value(p.coefficients, p.coefficient_storage, h, p.stats[h]);
   store_value(p.coefficients, p.coefficient_storage, p.H + h, rstd);
-  store_value(p.coefficients, p.coefficient_storage, 2 * p.H + h, -a * p.sums[h] / n);
-  store_value(p.coefficients, p.coefficient_storage, 3 * p.H + h, -a * p.sums[p.H + h] / n);
+  store_value(p.coefficients, p.coefficient_storage, 2 * p.H + h, -a * sums[h] / n);
+  store_value(p.coefficients, p.coefficient_storage, 3 * p.H + h, -a * sums[p.H + h] / n);
+  if (p.grad_gamma != nullptr) store_value(p.grad_gamma, p.grad_gamma_storage, h, sums[h]);
+  if (p.grad_beta != nullptr) store_value(p.grad_beta, p.grad_beta_storage, h, sums[p.H + h]);
 }
 
 }  // namespace cuda

@@ -246,15 +246,24 @@ struct BnMomentsParams {
 // bn_coefficients_program: training BatchNorm's backward coefficients [4, H] (mean, rstd, e, f) from the
 // statistics and the backward sums (docs/math.md, "Through V and the norm"): rstd = 1/sqrt(var + eps)
 // rounded to the coefficients' type as the forward's batch rows round it, a = gamma rstd, e = -a sum(dN xhat) / n,
-// f = -a sum(dN) / n, formed in float64 and rounded once.
+// f = -a sum(dN) / n, formed in float64 and rounded once. The sums come as parts [2, parts, H, groups] (any
+// strides, float32 or float64: head_dot_sums' per-block partials, or [2, 1, H, 1] summed) added in float64 in a
+// fixed order; where gradients are given, the summed rows are also the norm's own gradients (d gamma = sum dN xhat,
+// d beta = sum dN), each rounded once to its parameter's type.
 struct BnCoefficientsParams {
   int H = 0;
   const double* stats = nullptr;  // [3, H]: mean, biased variance, count
-  const double* sums = nullptr;   // [2, H]: sum dN xhat, sum dN over the same entries
+  const void* sums = nullptr;     // [2, parts, H, groups]: sum dN xhat, sum dN over the same entries, in parts
+  int sums_storage = kFloat64;
+  int64_t parts = 1, groups = 1;
+  int64_t sums_row = 0, sums_part = 0, sums_head = 0, sums_group = 0;  // strides in elements
   ParamRef gamma;                 // as given (null: absent)
   double eps = 1e-5;
   void* coefficients = nullptr;   // [4, H] in coefficient_storage
   int coefficient_storage = kFloat32;
+  void* grad_gamma = nullptr;     // [H] in grad_gamma_storage (null: not wanted)
+  void* grad_beta = nullptr;      // [H] in grad_beta_storage (null: not wanted)
+  int grad_gamma_storage = kFloat32, grad_beta_storage = kFloat32;
 };
 
 // running_stats_program: nn.BatchNorm2d's update of the running statistics, in place, from training

@@ -146,14 +146,18 @@ class FusedKernels:
         (``reattn._batchnorm.kept_term_coefficients``: rstd and mean(X) from stats [3, H] and the mixing
         parameters): optional, the one-sweep BatchNorm's backward sums in one pass; with it and head_affine the
         one-sweep forward keeps X V and U where it has no mask (else the backward's sums come from
-        ``bn_grad_sums``, a sweep over the keys).
+        ``bn_grad_sums``, a sweep over the keys). A backend with ``bn_coefficients`` also takes summed=False:
+        the sums in parts, [2, parts, H, groups] (what bn_coefficients adds up in its own launch).
     bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype)
         -> (stats [3, H] float64, coefficients [4, H] in dtype = (alpha, beta, rstd, -mean(X) rstd)): optional,
         the one-sweep BatchNorm's statistics from forward_moments' moments in one step (else torch's
         arithmetic in :func:`one_sweep_batchnorm`); center [H] is the shift forward_moments subtracted; count
         the entries per head, a 0-dim float64 tensor or (without a mask) a float.
-    bn_coefficients(stats, sums, norm_weight, *, eps, dtype) -> [4, H] in dtype: optional, training
-        BatchNorm's backward coefficients in one step (else ``reattn._batchnorm.bn_backward_coefficients``).
+    bn_coefficients(stats, sums, norm_weight, norm_bias, *, eps, dtype, own_grads)
+        -> (coefficients [4, H] in dtype, d_norm_weight, d_norm_bias): optional, training BatchNorm's backward
+        coefficients in one step (else ``reattn._batchnorm.bn_backward_coefficients``); sums [2, H] float64 or
+        head_dot_sums' parts; with own_grads the summed sums are also the norm's own gradients, returned in the
+        parameters' dtypes (None for an absent parameter), else both None.
     update_running_stats(running_mean, running_var, stats [3, H], momentum) -> None: optional, nn.BatchNorm2d's
         update of the running statistics in place in one step (else torch's ops, ``RawOps.update_running_stats``).
     forward_eval_batchnorm(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, running_mean, running_var,
@@ -284,25 +288,35 @@ class FusedRawOps(RawOps):
     def backward(self, grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed,
                  softmax_stats, stats, R, U, *, scale, out_scale, norm, eps, dropout_p, bn_grad_sums=None):
         kw = dict(scale=scale, out_scale=out_scale, eps=eps, dropout_p=dropout_p)
-        coefficients, own = None, None
+        coefficients, own_grads = None, None
         if norm == "batch":
-            if bn_grad_sums is None:
-                own = bn_grad_sums = self.bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight,
-                                                       norm_bias, attn_mask, seed, softmax_stats, stats, R, U, **kw)
-            if self.kernels.bn_coefficients is not None:
-                coefficients = self.kernels.bn_coefficients(stats, bn_grad_sums, norm_weight, eps=eps,
-                                                            dtype=accumulator_dtype(q))
+            acc = accumulator_dtype(q)
+            fused = self.kernels.bn_coefficients is not None
+            own = bn_grad_sums is None  # this call's own sums are also d_norm_weight, d_norm_bias
+            if not own:
+                sums = bn_grad_sums
+            elif fused and R.shape[0] > 0:
+                # head_dot_sums' per-block parts, added up by bn_coefficients' launch (which also writes the
+                # norm's gradients): no sum, no copies
+                sums = self.kernels.head_dot_sums(grad_out, R, U, stats, mix_weight, mix_bias, scale=out_scale,
+                                                  eps=eps, n_keys=k.shape[2], summed=False)
             else:
-                coefficients = bn_backward_coefficients(stats, eps, norm_weight, bn_grad_sums, accumulator_dtype(q))
+                sums = self.bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask,
+                                         seed, softmax_stats, stats, R, U, **kw)
+            if fused:
+                coefficients, *grads = self.kernels.bn_coefficients(stats, sums, norm_weight, norm_bias, eps=eps,
+                                                                    dtype=acc, own_grads=own)
+                own_grads = tuple(grads)
+            else:
+                coefficients = bn_backward_coefficients(stats, eps, norm_weight, sums, acc)
+                # Copies, in the parameters' dtypes (rows of one tensor would alias each other, which custom op
+                # outputs may not); none for an absent parameter, whose gradient nothing reads.
+                own_grads = tuple(None if not own or param is None else sums[row].to(param.dtype, copy=True)
+                                  for row, param in enumerate((norm_weight, norm_bias)))
         dq, dk, dv, dw, dc, dnw, dnb = self.kernels.backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight,
                                                              norm_bias, coefficients, attn_mask, seed, softmax_stats,
                                                              norm=norm, **kw)
         if norm == "batch":
-            # Copies, in the parameters' dtypes (rows of one tensor would alias each other, which custom op
-            # outputs may not); none for an absent parameter, whose gradient nothing reads.
-            def own_grad(row, param):
-                return None if own is None or param is None else own[row].to(param.dtype, copy=True)
-
-            dnw, dnb = own_grad(0, norm_weight), own_grad(1, norm_bias)
+            dnw, dnb = own_grads
         return dq, dk, dv, dw, dc, dnw, dnb
 

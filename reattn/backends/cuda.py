@@ -116,9 +116,13 @@ def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out
                               eps, dtype, count_value=0.0 if given else float(count))
 
 
-def _bn_coefficients(stats, sums, norm_weight, *, eps, dtype):
-    # Training BatchNorm's backward coefficients [4, H] (csrc/cuda/parameters.cuh): one launch.
-    return _C.cuda_bn_coefficients(stats.contiguous(), sums.contiguous(), norm_weight, eps, dtype)
+def _bn_coefficients(stats, sums, norm_weight, norm_bias, *, eps, dtype, own_grads):
+    # Training BatchNorm's backward coefficients [4, H] (csrc/cuda/parameters.cuh) from sums [2, H] or head_dot_sums'
+    # parts, and with own_grads the norm's gradients in the parameters' dtypes: one launch.
+    coefficients, dnw, dnb = _C.cuda_bn_coefficients(stats.contiguous(), sums, norm_weight, norm_bias, eps, dtype,
+                                                     own_grads=own_grads)
+    return (coefficients, dnw if own_grads and norm_weight is not None else None,
+            dnb if own_grads and norm_bias is not None else None)
 
 
 def _update_running_stats(running_mean, running_var, stats, momentum):
@@ -126,10 +130,10 @@ def _update_running_stats(running_mean, running_var, stats, momentum):
     _C.cuda_update_running_stats(running_mean, running_var, stats, momentum)
 
 
-def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_keys):
+def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_keys, summed=True):
     # [2, H] float64: per head, scale (sum grad . R, sum grad . u) (the training BatchNorm backward's sums), R = xhat V
     # formed in the kernel from the kept r = X V.
-    return _C.cuda_head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, eps, n_keys, scale)
+    return _C.cuda_head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, eps, n_keys, scale, summed=summed)
 
 
 CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,

@@ -722,11 +722,49 @@ def test_bn_coefficients_equal_the_shared_formula(dtype, gamma_dtype):
     sums = torch.randn(2, H, generator=g, dtype=torch.float64) * 100
     gamma = None if gamma_dtype is None else (torch.rand(2 * H, generator=g) + 0.5).to(gamma_dtype)[::2]
     expected = bn_backward_coefficients(stats, 1e-5, gamma, sums, dtype)
-    got = _C.cuda_bn_coefficients(stats.to(DEVICE), sums.to(DEVICE), None if gamma is None else gamma.to(DEVICE),
-                                  1e-5, dtype)
+    got, dgamma, dbeta = _C.cuda_bn_coefficients(stats.to(DEVICE), sums.to(DEVICE),
+                                                 None if gamma is None else gamma.to(DEVICE), None, 1e-5, dtype)
     assert got.dtype == dtype and torch.equal(got.cpu(), expected)
-    with pytest.raises(ValueError, match=r"sums must be a contiguous float64 \[2, 7\]"):
-        _C.cuda_bn_coefficients(stats.to(DEVICE), sums.t().to(DEVICE), None, 1e-5, dtype)
+    assert dgamma.numel() == 0 and dbeta.numel() == 0  # not asked for
+    with pytest.raises(ValueError, match=r"sums must be float64 \[2, 7\] or float32/float64 parts "
+                                         r"\[2, parts, 7, groups\]"):
+        _C.cuda_bn_coefficients(stats.to(DEVICE), sums.t().to(DEVICE), None, None, 1e-5, dtype)
+
+
+@pytest.mark.parametrize("parts_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("params", ["bf16 gamma, fp64 beta", "fp32 gamma, no beta", "none"])
+def test_bn_coefficients_add_head_dot_sums_parts_and_write_the_norms_gradients(parts_dtype, params):
+    """The sums as head_dot_sums' parts [2, parts, H, groups] (here strided: a slice of a larger buffer) are added
+    in float64 in the launch; multiples of 2^-8 below 2^10 add exactly in any order, so the coefficients equal the
+    shared formula on the summed parts bitwise and are the same in every warp order. With own_grads the summed
+    rows are the norm's gradients, each rounded once to its parameter's dtype (empty for an absent parameter)."""
+    from reattn._batchnorm import bn_backward_coefficients
+
+    H, parts, groups = 5, 300, 3  # 300 parts of 3 groups: one pass of 8 x 32 parts in flight, then the rest
+    g = torch.Generator().manual_seed(9)
+    stats = torch.stack([torch.randn(H, generator=g, dtype=torch.float64),
+                         torch.rand(H, generator=g, dtype=torch.float64) + 0.1,
+                         torch.full((H,), 5000.0, dtype=torch.float64)])
+    whole = torch.randint(-2 ** 10, 2 ** 10, (2, parts, H + 2, groups + 1), generator=g).to(parts_dtype) / 256
+    sums = whole[:, :, 1:H + 1, :groups]
+    gamma = {"bf16 gamma, fp64 beta": torch.rand(H, generator=g).bfloat16(),
+             "fp32 gamma, no beta": torch.rand(H, generator=g), "none": None}[params]
+    beta = torch.rand(H, generator=g, dtype=torch.float64) if params.endswith("fp64 beta") else None
+    summed = sums.double().sum(dim=(1, 3))
+    expected = bn_backward_coefficients(stats, 1e-5, gamma, summed, torch.float32)
+    to = (lambda t: None if t is None else t.to(DEVICE))
+    got, dgamma, dbeta = _C.cuda_bn_coefficients(stats.to(DEVICE), sums.to(DEVICE), to(gamma), to(beta), 1e-5,
+                                                 torch.float32, own_grads=True)
+    assert torch.equal(got.cpu(), expected)
+    for grad, param, row in ((dgamma, gamma, 0), (dbeta, beta, 1)):
+        if param is None:
+            assert grad.numel() == 0
+        else:
+            assert grad.dtype == param.dtype and torch.equal(grad.cpu(), summed[row].to(param.dtype))
+    for options in (dict(reverse_items=True), dict(shuffle_seed=3)):
+        again = _C.cuda_bn_coefficients(stats.to(DEVICE), sums.to(DEVICE), to(gamma), to(beta), 1e-5, torch.float32,
+                                        own_grads=True, **options)
+        assert all(torch.equal(a, b) for a, b in zip(again, (got, dgamma, dbeta))), options
 
 
 def test_bn_moments_check_their_arguments():

@@ -43,9 +43,9 @@ def test_launches_per_norm_mode_follow_ops_cpp():
             assert x.dynamic_shared > 0 or x.program == "head_affine"
         # The gradients written by one block after the backward (each program folds the parameters itself).
         for x in _launches(call, True)["fwd"] + _launches(call, True)["bwd"]:
-            if x.program in PARAMETER_STEPS:  # bn_moments: its 2H float64 sums in shared memory
+            if x.program in PARAMETER_STEPS:  # bn_moments, bn_coefficients: their 2H float64 sums in shared memory
                 assert x.grid == (1, 1) and x.threads == 256 and x.one_segment
-                assert x.dynamic_shared == (2 * H * 8 if x.program == "bn_moments" else 0)
+                assert x.dynamic_shared == (2 * H * 8 if x.program in ("bn_moments", "bn_coefficients") else 0)
         for x in launches["fwd"] + launches["bwd"]:
             if x.program in ("forward", "backward_rows", "backward_keys"):
                 assert x.params.fold.H == H and x.params.fold.W.data
