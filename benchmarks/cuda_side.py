@@ -411,17 +411,17 @@ def _record_small(kernel: str, struct_name: str, q, params, grid: int, shared: i
             "queries", 1, one_segment=True)
 
 
-def _fold_inputs(p: ReAttnParams, touched: list, bn_rows: Optional[torch.Tensor]) -> None:
-    """ops.cpp's fold_inputs: the parameters as given, which each tensor-core program folds (and reads)."""
+def _fold_inputs(p: ReAttnParams, touched: list, bn_rows: Optional[torch.Tensor], running=(None, None)) -> None:
+    """ops.cpp's fold_inputs: the parameters as given, which each tensor-core program folds (and reads); running:
+    eval-mode BatchNorm's running mean and variance (the inference op), else None."""
     f = p.fold
     f.H, f.norm, f.out_scale = int(p.H), p.norm, p.out_scale
     f.keep = 1.0 / (1.0 - p.dropout_p) if p.seed else 1.0
     f.W, f.c, f.gamma, f.beta = (_param_ref(t, "given_" + r) for t, r in zip(p.given, ("W", "c", "gamma", "beta")))
-    f.bn = _RECORDER.pointer(bn_rows, "bn") if p.norm == NORM_CODES["batch"] else None
-    # running_mean, running_var stay null: eval-mode BatchNorm's inference op is not modelled (the model's calls
-    # run with gradients, through the ladder's fold).
+    f.bn = _RECORDER.pointer(bn_rows, "bn") if bn_rows is not None else None
+    f.running_mean, f.running_var = (_param_ref(t, "running_" + r) for t, r in zip(running, ("mean", "var")))
     f.eps = p.eps
-    touched += [(t, {"read"}) for t in p.given if t is not None]
+    touched += [(t, {"read"}) for t in tuple(p.given) + tuple(running) if t is not None]
 
 
 def _param_grads(q, partials: torch.Tensor, pieces) -> None:
@@ -510,7 +510,7 @@ def _prepare(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, seed, scale,
 def _set_norm(p, norm, out_scale, eps, batch_stats, q) -> Optional[torch.Tensor]:
     p.norm = NORM_CODES[norm]
     p.out_scale, p.eps = out_scale, eps
-    if norm != "batch":
+    if norm != "batch" or batch_stats is None:  # eval-mode BatchNorm's inference: the running statistics instead
         return None
     rows = batch_stats.to(_acc(q.dtype))
     if rows.shape[0] == 2:
@@ -552,7 +552,7 @@ def _tiles(planner: str, kind: str, q, k) -> Optional[dict]:
 
 
 def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse, *, scale,
-             out_scale, norm, eps, dropout_p, with_moments=False, out_is_acc=False):
+             out_scale, norm, eps, dropout_p, with_moments=False, out_is_acc=False, running=(None, None)):
     rec = _RECORDER
     p, touched = _prepare(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, seed, scale, dropout_p)
     bn_rows = _set_norm(p, norm, out_scale, eps, batch_stats, q)
@@ -576,7 +576,7 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
             value_sums = torch.empty((B, H, tiles["grid"][0], D), dtype=torch.float32, device=q.device)
             p.value_sums = rec.pointer(value_sums, "value_sums")
             touched.append((value_sums, {"write"}))
-        _fold_inputs(p, touched, bn_rows)
+        _fold_inputs(p, touched, bn_rows, running)
         p.lse = rec.pointer(stats, "lse")
         p.stats_is_input = given
         p.moments = rec.pointer(moments, "moments") if with_moments else None
@@ -589,6 +589,9 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
         _record(symbol, "forward", False, q, p, touched, (B * tiles["grid"][0], tiles["grid"][1]), tiles["threads"],
                 tiles["shared_bytes"], "keys", tiles["keys"], one_segment=tiles["segments"] == 1)
     else:
+        if running[0] is not None:
+            raise NotImplementedError("eval-mode BatchNorm's inference on the CUDA-core programs (ops.cpp's "
+                                      "eval_batch_rows) is not modelled")
         moments = torch.zeros((1 if with_moments else 0, 2, H), dtype=torch.float64, device=q.device)
         value_sums = torch.empty((0, H, 1, D), dtype=acc, device=q.device)
         p.lse, p.stats_is_input = rec.pointer(stats, "lse"), given
@@ -719,6 +722,15 @@ def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, d
                                                dropout_p=dropout_p, with_moments=True,
                                                out_is_acc=dtype != q.dtype)
     return x_v, stats, moments, value_sum(value_sums)
+
+
+def _forward_eval_batchnorm(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, running_mean, running_var,
+                            attn_mask, *, scale, out_scale, eps):
+    """reattn.backends.cuda._forward_eval_batchnorm: one forward whose programs fold the norm from the running
+    statistics (the ladder's inference op, a call without gradients)."""
+    out, _ = _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, None, attn_mask, None, None, scale=scale,
+                      out_scale=out_scale, norm="batch", eps=eps, dropout_p=0.0, running=(running_mean, running_var))
+    return out
 
 
 def _head_params(like: torch.Tensor) -> HeadAffineParams:
@@ -862,12 +874,14 @@ def shim_ops():
                            forward_moments=_forward_moments, head_affine=_head_affine,
                            head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
                            update_running_stats=_update_running_stats,
+                           forward_eval_batchnorm=_forward_eval_batchnorm,
                            softmax_stats_shape=lambda q: (*q.shape[:3], 2))
     # No device implementation: the static model calls the ladder's Python bodies (OpLadder.*_impl) directly.
     return OpLadder(FusedRawOps(kernels), forward="reattn::static_model_cuda_forward",
                     backward="reattn::static_model_cuda_backward", gram_sums="reattn::static_model_cuda_gram_sums",
                     bn_grad_sums="reattn::static_model_cuda_bn_grad_sums",
-                    running_stats="reattn::static_model_cuda_update_running_stats", device_types=())
+                    running_stats="reattn::static_model_cuda_update_running_stats",
+                    eval_batchnorm="reattn::static_model_cuda_forward_eval_batchnorm", device_types=())
 
 
 def cuda_call(B: int, H: int, N: int, D: int, norm: str, arch: int, dtype=torch.bfloat16) -> Dict[str, list]:

@@ -168,8 +168,11 @@ def rows_for(backend: str, shape: str, norm: str, arch: int, gpu: cost_model.GPU
         return [dict(base, kernel="total", mode=mode, status="error", note=f"{type(error).__name__}: {error}"[:500])
                 for mode in MODES]
     rows = []
+    # fwd: the call without gradients where it differs from the one with them (eval-mode BatchNorm's inference
+    # op: "infer"); fwd+bwd: the call with gradients and its backward.
+    inference = any(s.phase == "infer" for s in steps)
     for mode in MODES:
-        phases = ("fwd", "bwd") if mode == "fwd+bwd" else (mode,)
+        phases = {"fwd": ("infer",) if inference else ("fwd",), "bwd": ("bwd",), "fwd+bwd": ("fwd", "bwd")}[mode]
         chosen = [s for s in steps if s.phase in phases]
         total = dict(base, kernel="total", mode=mode, status="predicted", launches=len(chosen),
                      useful_flops=f"{useful_flops(backend, B, H, N, D, mode):.4g}")

@@ -232,7 +232,9 @@ def norm_arguments(norm: str, H: int, dtype=torch.float32) -> dict:
 def run_call(ops, B: int, H: int, N: int, D: int, norm: str, dtype, counter, drain) -> Dict[str, list]:
     """{"fwd": [...], "bwd": [...]}: one call of a fused backend's Python path on meta tensors, below its
     custom-op layer: ``OpLadder.run`` with the forward op's body, then the backward op's body with what
-    the forward saved (as the ladder's autograd does). ``ops``: a backend's ``reattn.backends._ladder.OpLadder``.
+    the forward saved (as the ladder's autograd does); with eval-mode BatchNorm on a backend that has its
+    inference op, also "infer": the call without gradients (that op). ``ops``: a backend's
+    ``reattn.backends._ladder.OpLadder``.
     ``drain()`` returns (and forgets) the launches recorded so far; ``counter`` (an
     ``eager_model.OpCounter``) the torch operations."""
     from reattn.backends._ladder import OpLadder
@@ -253,6 +255,13 @@ def run_call(ops, B: int, H: int, N: int, D: int, norm: str, dtype, counter, dra
         return out
 
     steps: Dict[str, list] = {}
+    if norm == "batch-eval" and ops.forward_eval_batchnorm is not None:
+        # The call without gradients (inference: "infer", the static model's fwd rows) takes eval-mode
+        # BatchNorm's own op; the call with gradients below folds the norm in autograd.
+        OpLadder.run(types.SimpleNamespace(forward=None, update_running_stats=None,
+                                           forward_eval_batchnorm=ops.eval_batchnorm_impl),
+                     q, k, v, mix_weight, mix_bias, **options)
+        steps["infer"] = _merge(drain(), counter)
     # The forward with gradients (its saved tensors feed the backward): eval-mode BatchNorm through the ladder's
     # fold, not the inference op (forward_eval_batchnorm) a call without gradients runs.
     OpLadder.run(types.SimpleNamespace(forward=forward, update_running_stats=ops.running_stats_impl,

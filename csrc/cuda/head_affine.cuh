@@ -188,9 +188,8 @@ REATTN_FN void head_affine_program(const HeadAffineParams& p) {
 // (formed here in float64: it differs from the forward's fp32 sum by a rounding of center, which R' rounded to
 // 16 bits dwarfs), and its mean of M = W P~ + c is mean(X) + center + c. Every block forms them once, so they
 // cost issue slots, not bytes: run by one whole warp, lane h loads W[g, h] (H <= 32) and 5 butterfly levels
-// add them (every lane gets the same sum, in the same order), 1 / Nk comes from the host and rstd from the
-// fp32 reciprocal square root (relative error < 2^-22) refined by two Newton steps in float64 (error
-// ~2^-53), where a float64 square root and division are subroutines of ~100 instructions each.
+// add them (every lane gets the same sum, in the same order), 1 / Nk comes from the host and rstd from
+// rsqrt_refined (parameters.cuh: no float64 square root or division subroutine).
 REATTN_FN void kept_term_coefficients(const HeadAffineParams& p, int g, double& rstd, double& shift) {
   const int lane = dev::lane_index();
   double center = lane < p.H ? param_value(p.W, static_cast<int64_t>(g) * p.W.stride0 +
@@ -198,9 +197,7 @@ REATTN_FN void kept_term_coefficients(const HeadAffineParams& p, int g, double& 
                              : 0.0;
   for (int mask = dev::kWarpSize / 2; mask > 0; mask /= 2) center += dev::shfl_xor(center, mask);
   const double mean_x = p.stats[g] - center * p.inv_keys - head_value(p.c, g, 0.0);
-  const double x = p.stats[p.H + g] + p.eps;
-  rstd = dev::rsqrt_approx(static_cast<float>(x));
-  for (int step = 0; step < 2; ++step) rstd = rstd * (1.5 - 0.5 * x * rstd * rstd);
+  rstd = rsqrt_refined(p.stats[p.H + g] + p.eps);
   shift = -mean_x * rstd;
 }
 

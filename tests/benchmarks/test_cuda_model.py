@@ -49,6 +49,8 @@ def test_launches_per_norm_mode_follow_ops_cpp():
         for x in launches["fwd"] + launches["bwd"]:
             if x.program in ("forward", "backward_rows", "backward_keys"):
                 assert x.params.fold.H == H and x.params.fold.W.data
+        for x in launches.get("infer", []):  # the running statistics as given, no rows of batch statistics
+            assert x.params.fold.running_mean.data and x.params.fold.running_var.data and not x.params.fold.bn
         grads = [x for x in _launches(call, True)["bwd"] if x.program == "param_grads"][0]
         # dW, dc, dgamma, dbeta (read back for LayerNorm only), in their parameters' dtypes (float64 where absent)
         assert grads.params.pieces == 4 and list(grads.params.begin) == [0, H * H, H * H + H, H * H + 2 * H]
@@ -59,15 +61,19 @@ def test_launches_per_norm_mode_follow_ops_cpp():
         assert fwd.dynamic_shared == fwd_shape["shared_bytes"] and fwd.params.vector_loads
         keys = launches["bwd"][-1]
         assert keys.grid == (B * shapes["keys"]["grid"][0], 1) and keys.dynamic_shared == shapes["keys"]["shared_bytes"]
+    # Eval-mode BatchNorm's call without gradients ("infer", the fwd rows) is its inference op: one program that
+    # folds the norm from the running statistics as given.
+    infer = {"batch-eval": {"infer": ["forward"]}}
     for norm in ("none", "batch-eval", "layer"):
-        assert steps[norm] == {"fwd": ["forward"], "bwd": ["backward_rows", "backward_keys", "param_grads"]}
+        assert steps[norm] == {**infer.get(norm, {}), "fwd": ["forward"],
+                               "bwd": ["backward_rows", "backward_keys", "param_grads"]}
     # Training BatchNorm: its statistics from the moments, the running statistics' update and its backward
     # coefficients, one block each.
     assert steps["batch-train"] == {"fwd": ["forward", "bn_moments", "head_affine", "running_stats"],
                                     "bwd": ["head_dot_sums", "bn_coefficients", "backward_rows", "backward_keys",
                                             "param_grads"]}
     for norm in ("none", "batch-eval", "layer"):
-        assert programs[norm] == {"fwd": ["forward"], "bwd": ["backward_rows", "backward_keys"]}
+        assert programs[norm] == {**infer.get(norm, {}), "fwd": ["forward"], "bwd": ["backward_rows", "backward_keys"]}
     # Training BatchNorm: the one-sweep forward with moments (X V in bf16), then its element-wise finish (O from one
     # read of X V); the backward's BatchNorm sums are one pass over dO, the kept X V and U, then both passes.
     assert programs["batch-train"] == {"fwd": ["forward", "head_affine"],
