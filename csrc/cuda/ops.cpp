@@ -38,7 +38,8 @@ using namespace reattn::cuda;
 constexpr size_t kEmulatedSharedLimit = 166912;
 constexpr size_t kEmulatedTensorCoreSharedLimit = 232448 - 1024;
 
-int storage_of(at::ScalarType t) {
+// The StorageKind of dtype t; `op`: `what` (the tensor or argument it is the dtype of) must be one of the four.
+int storage_of(at::ScalarType t, const char* op = "reattn cuda", const char* what = "q, k, v") {
   switch (t) {
     case at::kHalf:
       return kFloat16;
@@ -49,7 +50,7 @@ int storage_of(at::ScalarType t) {
     case at::kDouble:
       return kFloat64;
     default:
-      TORCH_CHECK_TYPE(false, "reattn cuda: q, k, v must be float16, bfloat16, float32 or float64, got ", t);
+      TORCH_CHECK_TYPE(false, op, ": ", what, " must be float16, bfloat16, float32 or float64, got ", t);
   }
   return -1;
 }
@@ -953,7 +954,7 @@ at::Tensor head_affine(const at::Tensor& r, const at::Tensor& u, const at::Tenso
                        bool reverse_items, bool poison_outputs, int64_t shuffle_seed) {
   const char* op = "reattn cuda_head_affine";
   check_head_shape(op, "r", r);
-  const int storage = storage_of(dtype);
+  const int storage = storage_of(dtype, op, "dtype");
   const auto acc = acc_of(dtype);
   TORCH_CHECK_TYPE(r.scalar_type() == acc || r.scalar_type() == dtype, op, ": r must be ", dtype, " or ", acc,
                    " (its accumulation type), got ", r.scalar_type());
@@ -1119,9 +1120,7 @@ void update_running_stats(at::Tensor running_mean, at::Tensor running_var, const
     TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == H, op, ": ", name, " must have shape [", H, "], got ", t.sizes());
     TORCH_CHECK_VALUE(t.device() == stats.device(), op, ": ", name, " is on ", t.device(), " but stats on ",
                       stats.device());
-    const auto type = t.scalar_type();
-    TORCH_CHECK_TYPE(type == at::kHalf || type == at::kBFloat16 || type == at::kFloat || type == at::kDouble, op,
-                     ": ", name, " must be float16, bfloat16, float32 or float64, got ", type);
+    storage_of(t.scalar_type(), op, name);
   };
   check_buffer("running_mean", running_mean);
   check_buffer("running_var", running_var);
@@ -1147,7 +1146,7 @@ at::Tensor head_dot_sums(const at::Tensor& grad, const at::Tensor& r, const at::
                          int64_t shuffle_seed) {
   const char* op = "reattn cuda_head_dot_sums";
   check_head_shape(op, "grad", grad);
-  const int storage = storage_of(grad.scalar_type());
+  const int storage = storage_of(grad.scalar_type(), op, "grad");
   const auto acc = acc_of(grad.scalar_type());
   TORCH_CHECK_VALUE(r.sizes() == grad.sizes(), op, ": r must have grad's shape ", grad.sizes(), ", got ", r.sizes());
   TORCH_CHECK_TYPE(r.scalar_type() == grad.scalar_type(), op, ": r is ", r.scalar_type(), " but grad is ",

@@ -195,10 +195,8 @@ REATTN_DEVICE void running_stats_program(const RunningStatsParams& p) {
   const int h = dev::thread_index();
   if (h >= p.H) return;
   const double mean = p.stats[h], var = p.stats[p.H + h], n = p.stats[2 * p.H + h];
-  const ParamRef mean_ref{p.mean, p.mean_storage, p.mean_stride, 0};
-  const ParamRef var_ref{p.var, p.var_storage, p.var_stride, 0};
-  const double old_mean = param_value(mean_ref, static_cast<int64_t>(h) * p.mean_stride);
-  const double old_var = param_value(var_ref, static_cast<int64_t>(h) * p.var_stride);
+  const double old_mean = head_value(ParamRef{p.mean, p.mean_storage, p.mean_stride, 0}, h, 0.0);
+  const double old_var = head_value(ParamRef{p.var, p.var_storage, p.var_stride, 0}, h, 0.0);
   store_value(p.mean, p.mean_storage, static_cast<int64_t>(h) * p.mean_stride, old_mean + p.momentum * (mean - old_mean));
   store_value(p.var, p.var_storage, static_cast<int64_t>(h) * p.var_stride,
               old_var + p.momentum * (var * n / (n - 1.0) - old_var));

@@ -1378,6 +1378,10 @@ def test_head_affine_and_dot_sums_check_their_arguments():
         _C.cuda_head_dot_sums(r.transpose(2, 3).contiguous().transpose(2, 3), r, r, stats, w, None, 1e-5, 3)
     with pytest.raises(TypeError, match="u must be Float"):
         _C.cuda_head_affine(r, r.double(), c, torch.float32)
+    with pytest.raises(TypeError, match="cuda_head_affine: dtype must be float16, bfloat16, float32 or float64"):
+        _C.cuda_head_affine(r, r, c, torch.int32)
+    with pytest.raises(TypeError, match="cuda_head_dot_sums: grad must be float16, bfloat16, float32 or float64"):
+        _C.cuda_head_dot_sums(r.int(), r.int(), r, stats, w, None, 1e-5, 3)
     with pytest.raises(ValueError, match="r must be .B, H, Nq, D."):
         _C.cuda_head_affine(r[0], r, c, torch.float32)
     with pytest.raises(ValueError, match="r must have grad's shape"):
