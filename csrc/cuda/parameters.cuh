@@ -221,6 +221,7 @@ REATTN_DEVICE void bn_coefficients_program(const BnCoefficientsParams& p) {
   auto value = [&](int64_t i) {
     return f64 ? static_cast<const double*>(p.sums)[i] : static_cast<double>(static_cast<const float*>(p.sums)[i]);
   };
+  const int64_t parts = p.groups > 0 ? p.parts : 0;  // parts of no groups add nothing (and read nothing)
   for (int j = dev::warp_index(); j < 2 * p.H; j += kWarps) {
     const int64_t column = (j / p.H) * p.sums_row + (j % p.H) * p.sums_head;
     // The part at `offset` (its first group), its groups added in order (a few: head_dot_sums' row blocks of one
@@ -235,14 +236,14 @@ REATTN_DEVICE void bn_coefficients_program(const BnCoefficientsParams& p) {
     const int64_t lane_step = dev::kWarpSize * p.sums_part;
     double s = 0.0;
     int64_t e = dev::lane_index(), offset = column + e * p.sums_part;
-    for (; e + (kInFlight - 1) * dev::kWarpSize < p.parts; e += kInFlight * dev::kWarpSize) {
+    for (; e + (kInFlight - 1) * dev::kWarpSize < parts; e += kInFlight * dev::kWarpSize) {
       double v[kInFlight];
 #pragma unroll
       for (int k = 0; k < kInFlight; ++k, offset += lane_step) v[k] = part(offset);
 #pragma unroll
       for (int k = 0; k < kInFlight; ++k) s += v[k];
     }
-    for (; e < p.parts; e += dev::kWarpSize, offset += lane_step) s += part(offset);
+    for (; e < parts; e += dev::kWarpSize, offset += lane_step) s += part(offset);
     for (int mask = dev::kWarpSize / 2; mask > 0; mask /= 2) s += dev::shfl_xor(s, mask);
     if (dev::lane_index() == 0) sums[j] = s;
   }

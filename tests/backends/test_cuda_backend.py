@@ -765,6 +765,12 @@ def test_bn_coefficients_add_head_dot_sums_parts_and_write_the_norms_gradients(p
         again = _C.cuda_bn_coefficients(stats.to(DEVICE), sums.to(DEVICE), to(gamma), to(beta), 1e-5, torch.float32,
                                         own_grads=True, **options)
         assert all(torch.equal(a, b) for a, b in zip(again, (got, dgamma, dbeta))), options
+    for empty in (sums[:, :0], sums[..., :0]):  # no parts, or parts of no groups: the sums are zero
+        got, dgamma, _ = _C.cuda_bn_coefficients(stats.to(DEVICE), empty.to(DEVICE), to(gamma), None, 1e-5,
+                                                 torch.float32, own_grads=True)
+        zeros = torch.zeros(2, H, dtype=torch.float64)
+        assert torch.equal(got.cpu(), bn_backward_coefficients(stats, 1e-5, gamma, zeros, torch.float32))
+        assert gamma is None or torch.equal(dgamma.cpu(), zeros[0].to(gamma.dtype))
 
 
 def test_bn_moments_check_their_arguments():
