@@ -144,31 +144,39 @@ REATTN_DEVICE void param_grads_program(const ParamGradsParams& p) {
 // Dynamic shared memory of bn_moments_program: the 2H float64 sums.
 constexpr size_t bn_moments_shared(int H) { return 2 * static_cast<size_t>(H) * sizeof(double); }
 
-// Warp w sums the columns j = w, w + 8, ... of the moments [programs, 2H] (lane l its rows l, l + 32, ...,
-// then the butterfly: a fixed order, deterministic), then thread h forms head h's statistics and
-// coefficients in float64 (BnMomentsParams), rounding only the coefficients, once.
+// One warp's sum of the `count` values at offsets first, first + step, ...: lane l adds values l, l + 32, ...
+// (offsets stepped by additions), then the butterfly gives every lane the sum, in a fixed order (deterministic).
+// Eight loads are in flight before the first add needs one, the adds in the same order as one value at a time:
+// one block walking ~1,000 rows one dependent load at a time took 20.8 us on an H200 (bn_moments at DeiT-S,
+// 1,024 programs; the static model, which counts issue and bytes but not a chain of load latencies, said
+// 0.5-2.9). Whole groups of eight load unconditionally (with a bound per load, ptxas issued each load just
+// before its add again), then the rest one at a time.
+template <typename Load>
+REATTN_DEVICE double warp_strided_sum(int64_t count, int64_t first, int64_t step, Load&& load) {
+  constexpr int kInFlight = 8;
+  const int64_t lane_step = dev::kWarpSize * step;
+  double s = 0.0;
+  int64_t e = dev::lane_index(), offset = first + e * step;
+  for (; e + (kInFlight - 1) * dev::kWarpSize < count; e += kInFlight * dev::kWarpSize) {
+    double v[kInFlight];
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k, offset += lane_step) v[k] = load(offset);
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) s += v[k];
+  }
+  for (; e < count; e += dev::kWarpSize, offset += lane_step) s += load(offset);
+  for (int mask = dev::kWarpSize / 2; mask > 0; mask /= 2) s += dev::shfl_xor(s, mask);
+  return s;
+}
+
+// Warp w sums the columns j = w, w + 8, ... of the moments [programs, 2H] (warp_strided_sum), then thread h
+// forms head h's statistics and coefficients in float64 (BnMomentsParams), rounding only the coefficients, once.
 REATTN_DEVICE void bn_moments_program(const BnMomentsParams& p) {
   constexpr int kWarps = kParameterThreads / dev::kWarpSize;
   const int columns = 2 * p.H;
   double* sums = reinterpret_cast<double*>(dev::shared_memory());  // [2][H]: sum X, sum X^2
   for (int j = dev::warp_index(); j < columns; j += kWarps) {
-    // Eight rows' loads in flight before the first add needs one, the adds in the same order as one row at
-    // a time: one block walking ~1,000 rows one dependent load at a time took 20.8 us on an H200 (DeiT-S,
-    // 1,024 programs; the static model, which counts issue and bytes but not a chain of load latencies, said
-    // 0.5-2.9). Whole groups of eight load unconditionally (with a bound per load, ptxas issued each load
-    // just before its add again), then the rest one at a time.
-    constexpr int kInFlight = 8;
-    double s = 0.0;
-    int64_t r = dev::lane_index();
-    for (; r + (kInFlight - 1) * dev::kWarpSize < p.programs; r += kInFlight * dev::kWarpSize) {
-      double v[kInFlight];
-#pragma unroll
-      for (int k = 0; k < kInFlight; ++k) v[k] = p.moments[(r + k * dev::kWarpSize) * columns + j];
-#pragma unroll
-      for (int k = 0; k < kInFlight; ++k) s += v[k];
-    }
-    for (; r < p.programs; r += dev::kWarpSize) s += p.moments[r * columns + j];
-    for (int mask = dev::kWarpSize / 2; mask > 0; mask /= 2) s += dev::shfl_xor(s, mask);
+    const double s = warp_strided_sum(p.programs, j, columns, [&](int64_t i) { return p.moments[i]; });
     if (dev::lane_index() == 0) sums[j] = s;
   }
   dev::sync_threads();
@@ -210,9 +218,9 @@ REATTN_DEVICE double rounded_to(int storage, double x) {
 // Dynamic shared memory of bn_coefficients_program: the 2H float64 sums.
 constexpr size_t bn_coefficients_shared(int H) { return 2 * static_cast<size_t>(H) * sizeof(double); }
 
-// Warp w adds the parts of the sums' columns j = w, w + 8, ... (row j / H, head j % H) as bn_moments_program
-// adds its moments (lanes over the parts, eight loads in flight, the butterfly: a fixed order), then thread h
-// writes head h's coefficients and, where wanted, its gradients of gamma and beta (BnCoefficientsParams).
+// Warp w adds the parts of the sums' columns j = w, w + 8, ... (row j / H, head j % H; warp_strided_sum over the
+// parts), then thread h writes head h's coefficients and, where wanted, its gradients of gamma and beta
+// (BnCoefficientsParams).
 REATTN_DEVICE void bn_coefficients_program(const BnCoefficientsParams& p) {
   constexpr int kWarps = kParameterThreads / dev::kWarpSize;
   double* sums = reinterpret_cast<double*>(dev::shared_memory());  // [2][H]: sum dN xhat, sum dN
@@ -223,28 +231,15 @@ REATTN_DEVICE void bn_coefficients_program(const BnCoefficientsParams& p) {
   };
   const int64_t parts = p.groups > 0 ? p.parts : 0;  // parts of no groups add nothing (and read nothing)
   for (int j = dev::warp_index(); j < 2 * p.H; j += kWarps) {
-    const int64_t column = (j / p.H) * p.sums_row + (j % p.H) * p.sums_head;
     // The part at `offset` (its first group), its groups added in order (a few: head_dot_sums' row blocks of one
-    // head). Lanes take whole parts and step offsets by additions: a 64-bit index product per value (or a division
-    // into part and group) cost the launch most of its integer instructions.
+    // head). Lanes take whole parts: an index split into part and group (a 64-bit division per value) cost the
+    // launch most of its integer instructions.
     auto part = [&](int64_t offset) {
       double t = value(offset);
       for (int64_t g = 1; g < p.groups; ++g) t += value(offset + g * p.sums_group);
       return t;
     };
-    constexpr int kInFlight = 8;
-    const int64_t lane_step = dev::kWarpSize * p.sums_part;
-    double s = 0.0;
-    int64_t e = dev::lane_index(), offset = column + e * p.sums_part;
-    for (; e + (kInFlight - 1) * dev::kWarpSize < parts; e += kInFlight * dev::kWarpSize) {
-      double v[kInFlight];
-#pragma unroll
-      for (int k = 0; k < kInFlight; ++k, offset += lane_step) v[k] = part(offset);
-#pragma unroll
-      for (int k = 0; k < kInFlight; ++k) s += v[k];
-    }
-    for (; e < parts; e += dev::kWarpSize, offset += lane_step) s += part(offset);
-    for (int mask = dev::kWarpSize / 2; mask > 0; mask /= 2) s += dev::shfl_xor(s, mask);
+    const double s = warp_strided_sum(parts, (j / p.H) * p.sums_row + (j % p.H) * p.sums_head, p.sums_part, part);
     if (dev::lane_index() == 0) sums[j] = s;
   }
   dev::sync_threads();

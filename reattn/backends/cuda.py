@@ -132,7 +132,7 @@ def _update_running_stats(running_mean, running_var, stats, momentum):
 
 def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_keys, summed=True):
     # [2, H] float64: per head, scale (sum grad . R, sum grad . u) (the training BatchNorm backward's sums), R = xhat V
-    # formed in the kernel from the kept r = X V.
+    # formed in the kernel from the kept r = X V; summed=False: the blocks' parts [2, B, H, row blocks] instead.
     return _C.cuda_head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, eps, n_keys, scale, summed=summed)
 
 
