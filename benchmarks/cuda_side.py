@@ -135,7 +135,8 @@ class HeadAffineParams(ctypes.Structure):
     _fields_ = [
         ("B", ctypes.c_int64), ("H", ctypes.c_int), ("Nq", ctypes.c_int), ("D", ctypes.c_int), ("rows", ctypes.c_int),
         ("vector", ctypes.c_bool), ("r", ctypes.c_void_p), ("r_st", Strides4), ("r_is_acc", ctypes.c_bool),
-        ("u", ctypes.c_void_p), ("u_st", Strides4), ("grad", ctypes.c_void_p), ("grad_st", Strides4),
+        ("u", ctypes.c_void_p), ("u_st", Strides4), ("u_parts", ctypes.c_int), ("u_part_stride", ctypes.c_int64),
+        ("u_sum", ctypes.c_void_p), ("grad", ctypes.c_void_p), ("grad_st", Strides4),
         ("coefficients", ctypes.c_void_p), ("out", ctypes.c_void_p), ("partials", ctypes.c_void_p),
         ("scale", ctypes.c_double), ("stats", ctypes.c_void_p), ("W", ParamRef), ("c", ParamRef),
         ("eps", ctypes.c_double), ("inv_keys", ctypes.c_double),
@@ -152,6 +153,14 @@ class ParamGradsParams(ctypes.Structure):
     _fields_ = [("total", ctypes.c_void_p), ("pieces", ctypes.c_int), ("begin", ctypes.c_int * 4),
                 ("size", ctypes.c_int * 4), ("storage", ctypes.c_int * 4), ("factor", ctypes.c_double * 4),
                 ("out", ctypes.c_void_p * 4)]
+    B = 1
+    Nq = 1
+
+
+class MomentsCenterParams(ctypes.Structure):
+    """csrc/cuda/params.h's MomentsCenterParams: moments_center_kernel's arguments (one block)."""
+    _fields_ = [("H", ctypes.c_int), ("W", ParamRef), ("inv_keys", ctypes.c_double), ("out", ctypes.c_void_p),
+                ("out_storage", ctypes.c_int)]
     B = 1
     Nq = 1
 
@@ -715,13 +724,13 @@ def _bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bia
 
 
 def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype):
-    """reattn.backends.cuda._forward_moments: U from the row blocks' shares where the programs summed V."""
-    from reattn.backends.cuda import value_sum
+    """reattn.backends.cuda._forward_moments: U in the row blocks' shares where the programs summed V."""
+    from reattn.backends.cuda import value_parts
     x_v, stats, moments, value_sums = _forward(q, k, v, mix_weight, mix_bias, None, None, None, attn_mask, seed, None,
                                                scale=scale, out_scale=1.0, norm="none", eps=1e-5,
                                                dropout_p=dropout_p, with_moments=True,
                                                out_is_acc=dtype != q.dtype)
-    return x_v, stats, moments, value_sum(value_sums)
+    return x_v, stats, moments, value_parts(value_sums)
 
 
 def _forward_eval_batchnorm(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, running_mean, running_var,
@@ -737,6 +746,7 @@ def _head_params(like: torch.Tensor) -> HeadAffineParams:
     """ops.cpp's head_params: the shape and the rows of a block (``reattn._C.cuda_head_rows``)."""
     p = HeadAffineParams()
     p.B, p.H, p.Nq, p.D = like.shape
+    p.u_parts = 1  # params.h's default (ctypes zero-fills)
     p.rows = _C().cuda_head_rows(p.Nq, p.D)
     return p
 
@@ -761,20 +771,42 @@ def _record_head(kernel: str, dtype: torch.dtype, p: HeadAffineParams, touched, 
             one_segment=True)
 
 
-def _head_affine(r, u, alpha, beta, dtype):
-    """reattn.backends.cuda._head_affine and ops.cpp's head_affine."""
+def _head_affine(r, u, alpha, beta, dtype, u_sum=None):
+    """reattn.backends.cuda._head_affine and ops.cpp's head_affine (with u_sum: u is U in parts, added and stored)."""
     from reattn.backends.cuda import coefficient_rows
     rec = _RECORDER
     coefficients = coefficient_rows((alpha, beta), u.dtype)
     p = _head_params(r)
     out = torch.empty(r.shape, dtype=dtype, device=r.device)
     p.r, p.r_st, p.r_is_acc = rec.pointer(r, "r"), _strides(r), r.dtype == u.dtype
-    p.u, p.u_st = rec.pointer(u, "u"), _strides(u.expand(r.shape))
-    p.vector = _vector_items(dtype, p.D, ((r, p.r_st), (u, p.u_st)))
+    p.u = rec.pointer(u, "u")
+    touched = [(r, {"read"}), (u, {"read"}), (coefficients, {"read"}), (out, {"write"})]
+    if u_sum is not None:
+        b, h, n, _ = u.stride()
+        p.u_st, p.u_parts, p.u_part_stride = Strides4(b, h, 0, 1), u.shape[2], n
+        p.u_sum = rec.pointer(u_sum, "u_sum")
+        p.vector = _vector_items(dtype, p.D, ((r, p.r_st), (u, Strides4(b, h, n, 1)), (u_sum, _strides(u_sum))))
+        touched.append((u_sum, {"write"}))
+    else:
+        p.u_st = _strides(u.expand(r.shape))
+        p.vector = _vector_items(dtype, p.D, ((r, p.r_st), (u, p.u_st)))
     p.coefficients, p.out = rec.pointer(coefficients, "coefficients"), rec.pointer(out, "out")
-    _record_head("head_affine_kernel", dtype, p, [(r, {"read"}), (u, {"read"}), (coefficients, {"read"}),
-                                                  (out, {"write"})], 0)
+    # head_affine.cuh's head_affine_shared: U's row in shared memory where it comes in parts
+    _record_head("head_affine_kernel", dtype, p, touched, p.D * u.element_size() if u_sum is not None else 0)
     return out
+
+
+def _moments_center(mix_weight, n_keys, dtype):
+    """reattn.backends.cuda._moments_center and ops.cpp's moments_center: one launch of moments_center_kernel."""
+    H = mix_weight.shape[0]
+    rows = torch.empty((2, H), dtype=dtype, device=mix_weight.device)
+    b = MomentsCenterParams()
+    b.H, b.inv_keys = H, 1.0 / n_keys
+    b.W = _param_ref(mix_weight, "center_W")
+    b.out, b.out_storage = _RECORDER.pointer(rows, "center"), STORAGE[dtype]
+    _record_small("moments_center_kernel", "MomentsCenterParams", mix_weight, b, 1, 0,
+                  [(mix_weight, {"read"}), (rows, {"write"})])
+    return rows[0], rows[1]
 
 
 def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype):
@@ -872,7 +904,7 @@ def shim_ops():
 
     kernels = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                            forward_moments=_forward_moments, head_affine=_head_affine,
-                           head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
+                           moments_center=_moments_center, head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
                            update_running_stats=_update_running_stats,
                            forward_eval_batchnorm=_forward_eval_batchnorm,
                            softmax_stats_shape=lambda q: (*q.shape[:3], 2))

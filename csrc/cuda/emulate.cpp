@@ -230,7 +230,9 @@ void with_storage(const char* what, int storage, F&& f) {
 void emulate_head_affine(int storage, const HeadAffineParams& p, int order, uint64_t seed) {
   if (p.B * p.H == 0 || p.Nq == 0 || p.D == 0) return;
   with_storage("emulate_head_affine", storage, [&](auto t) {
-    sim::launch(head_launch(p, 0, order, seed), [&] { head_affine_program<decltype(t)>(p); });
+    using T = decltype(t);
+    sim::launch(head_launch(p, head_affine_shared<T>(p.D, p.u_st.n == 0), order, seed),
+                [&] { head_affine_program<T>(p); });
   });
 }
 
@@ -257,6 +259,10 @@ sim::Launch parameter_launch(int order, uint64_t seed) {
 
 void emulate_param_grads(const ParamGradsParams& p, int order, uint64_t seed) {
   if (p.pieces > 0) sim::launch(parameter_launch(order, seed), [&] { param_grads_program(p); });
+}
+
+void emulate_moments_center(const MomentsCenterParams& p, int order, uint64_t seed) {
+  if (p.H > 0) sim::launch(parameter_launch(order, seed), [&] { moments_center_program(p); });
 }
 
 void emulate_bn_coefficients(const BnCoefficientsParams& p, int order, uint64_t seed) {

@@ -31,6 +31,7 @@ void emulate_head_dot_sums(int storage, const HeadAffineParams& params, int orde
 
 // Runs the parameter steps of parameters.cuh, one block each.
 void emulate_param_grads(const ParamGradsParams& params, int order, uint64_t seed);
+void emulate_moments_center(const MomentsCenterParams& params, int order, uint64_t seed);
 void emulate_bn_moments(const BnMomentsParams& params, int order, uint64_t seed);
 void emulate_bn_coefficients(const BnCoefficientsParams& params, int order, uint64_t seed);
 void emulate_running_stats(const RunningStatsParams& params, int order, uint64_t seed);

@@ -26,7 +26,7 @@ dim3 head_grid(const HeadAffineParams& p) {
 
 template <typename T>
 cudaError_t affine(const HeadAffineParams& p, cudaStream_t stream) {
-  head_affine_kernel<T><<<head_grid(p), kHeadAffineThreads, 0, stream>>>(p);
+  head_affine_kernel<T><<<head_grid(p), kHeadAffineThreads, head_affine_shared<T>(p.D, p.u_st.n == 0), stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -75,10 +75,13 @@ REATTN_FN void store_columns(T* address, const typename Storage<T>::acc (&x)[kVe
   if constexpr (kVec == 1) {
     *address = t[0];
   } else {
-    static_assert(kVec * sizeof(T) == 16, "vector items are one 16-byte store of T");
-    dev::Words4 v;
-    std::memcpy(v.w, t, 16);
-    dev::store_16(address, v);
+    static_assert(kVec * sizeof(T) % 16 == 0, "vector items are whole 16-byte stores of T");
+#pragma unroll
+    for (int k = 0; k < kVec * static_cast<int>(sizeof(T)) / 16; ++k) {
+      dev::Words4 v;
+      std::memcpy(v.w, reinterpret_cast<const char*>(t) + 16 * k, 16);
+      dev::store_16(reinterpret_cast<char*>(address) + 16 * k, v);
+    }
   }
 }
 
@@ -119,23 +122,69 @@ REATTN_FN void for_each_item(const HeadAffineParams& p, const HeadRows& rows, Co
   }
 }
 
-// U's kVec columns from d of the block's row i into y: where U is one row per (b, h) broadcast over the rows
-// (u_st.n == 0: no mask, every row sees every key) they are loaded once per thread (kRowsOfU false: by
-// columns(d) of for_each_item), not with every item: half the bytes an fp32 U's item requested with a 16-bit
-// tensor's, and their addresses.
-template <typename A, int kVec, bool kRowsOfU>
+// The sum of `parts` rows `stride` apart at columns [d, d + kVec), added in order, one part at a time (a few per
+// column, once per block).
+template <typename A, int kVec>
+REATTN_FN void load_parts(const A* u, int parts, int64_t stride, unsigned d, A (&y)[kVec]) {
+  load_columns<A, kVec>(u + d, y);
+#pragma unroll 1
+  for (int k = 1; k < parts; ++k) {
+    A z[kVec];
+    load_columns<A, kVec>(u + k * stride + d, z);
+    for (int c = 0; c < kVec; ++c) y[c] += z[c];
+  }
+}
+
+// U's kVec columns from d of the block's row i into y. Where U is one row per (b, h) broadcast over the rows
+// (u_st.n == 0: no mask, every row sees every key; kRowsOfU false) each thread reads its columns once
+// (columns(d) of for_each_item), not with every item: from that row staged in shared memory by the block
+// (kStaged: head_affine, stage_u_row), or from U itself (head_dot_sums: staged, its sm_80 build used 8 bytes of
+// stack); else each item loads its row's columns.
+template <typename A, int kVec, bool kRowsOfU, bool kStaged = false>
 struct UColumns {
-  const A* u;
+  const A* u;  // the staged row in shared memory, or the block's first row of U
   int64_t row_stride;
   A y[kVec];
 
   REATTN_FN void columns(unsigned d) {
-    if constexpr (!kRowsOfU) load_columns<A, kVec>(u + d, y);
+    if constexpr (kStaged) {
+      for (int c = 0; c < kVec; ++c) y[c] = u[d + c];
+    } else if constexpr (!kRowsOfU) {
+      load_columns<A, kVec>(u + d, y);
+    }
   }
   REATTN_FN void row(unsigned i, unsigned d) {
     if constexpr (kRowsOfU) load_columns<A, kVec>(u + static_cast<int64_t>(i) * row_stride + d, y);
   }
 };
+
+// Dynamic shared memory of head_affine_program: U's staged row (none where U has a row per query).
+template <typename T>
+REATTN_HD constexpr size_t head_affine_shared(int D, bool staged) {
+  return staged ? static_cast<size_t>(D) * sizeof(typename Storage<T>::acc) : 0;
+}
+
+// U's row of the block's (b, h) into shared memory at `row`, each column by one thread: its u_parts parts added in
+// order (load_parts; one part where U comes summed), and by the blocks of query row 0 also stored to u_sum where
+// that is set (after the forward's shares). Read from global memory by every thread, U's columns were most of
+// head_affine's L2 requests (4 to 7 parts of 32 bytes for 32 bytes of R' and 16 of O per item at DeiT-S and
+// DeepViT-16b; static model). First thing in the block, from nothing but the parameters: with the items' state live
+// across it (the block's rows, U's address), or stored from the items' own columns, head_affine took 6 to 7 more
+// registers on sm_90 (5 blocks per SM where 6 fit) or spilled one on sm_80.
+template <typename A, int kVec>
+REATTN_FN void stage_u_row(const HeadAffineParams& p, A* row) {
+  const HeadRows rows = head_rows(p);
+  const A* u = block_start(static_cast<const A*>(p.u), p.u_st, rows);
+  A* u_sum = rows.begin == 0 && p.u_sum != nullptr ? static_cast<A*>(p.u_sum) + (rows.b * p.H + rows.h) * p.D
+                                                    : nullptr;
+  for (unsigned d = dev::thread_index() * kVec; d < static_cast<unsigned>(p.D); d += kHeadAffineThreads * kVec) {
+    A y[kVec];
+    load_parts<A, kVec>(u, p.u_parts, p.u_part_stride, d, y);
+    for (int c = 0; c < kVec; ++c) row[d + c] = y[c];
+    if (u_sum != nullptr) store_columns<A, kVec>(u_sum + d, y);
+  }
+  dev::sync_threads();
+}
 
 // out = alpha[h] R' + beta[h] U, rounded once to T from the accumulation type; R' of type R (the
 // accumulation type, or T). The block's rows are items of kVec columns, spread over all its threads
@@ -143,11 +192,14 @@ struct UColumns {
 template <typename T, typename R, int kVec, bool kRowsOfU>
 REATTN_FN void head_affine_items(const HeadAffineParams& p) {
   using A = typename Storage<T>::acc;
+  A* staged = reinterpret_cast<A*>(dev::shared_memory());
+  if constexpr (!kRowsOfU) stage_u_row<A, kVec>(p, staged);
   const HeadRows rows = head_rows(p);
   const A* coefficients = static_cast<const A*>(p.coefficients);
   const A alpha = coefficients[rows.h], beta = coefficients[p.H + rows.h];
   const R* r = block_start(static_cast<const R*>(p.r), p.r_st, rows);
-  UColumns<A, kVec, kRowsOfU> u{block_start(static_cast<const A*>(p.u), p.u_st, rows), p.u_st.n, {}};
+  UColumns<A, kVec, kRowsOfU, !kRowsOfU> u{kRowsOfU ? block_start(static_cast<const A*>(p.u), p.u_st, rows) : staged,
+                                           p.u_st.n, {}};
   const Strides4 out_st{int64_t(p.H) * p.Nq * p.D, int64_t(p.Nq) * p.D, p.D, 1};
   T* out = block_start(static_cast<T*>(p.out), out_st, rows);
   for_each_item<kVec>(p, rows, [&](unsigned d) { u.columns(d); }, [&](unsigned e, unsigned i, unsigned d) {
@@ -185,17 +237,13 @@ REATTN_FN void head_affine_program(const HeadAffineParams& p) {
 
 // R = xhat V = rstd (R' - mean(X) U) of head g as (rstd, -mean(X) rstd), in float64 from the forward's
 // statistics and the mixing parameters: the forward summed X = W P~ - center with center_g = sum_h W[g, h] / Nk
-// (formed here in float64: it differs from the forward's fp32 sum by a rounding of center, which R' rounded to
-// 16 bits dwarfs), and its mean of M = W P~ + c is mean(X) + center + c. Every block forms them once, so they
-// cost issue slots, not bytes: run by one whole warp, lane h loads W[g, h] (H <= 32) and 5 butterfly levels
-// add them (every lane gets the same sum, in the same order), 1 / Nk comes from the host and rstd from
-// rsqrt_refined (parameters.cuh: no float64 square root or division subroutine).
+// (formed here in float64 as moments_center_program formed it before rounding it for the forward: they differ
+// by that rounding, which R' rounded to 16 bits dwarfs), and its mean of M = W P~ + c is mean(X) + center + c.
+// Every block forms them once, so they cost issue slots, not bytes: run by one whole warp (mixing_row_sum),
+// 1 / Nk comes from the host and rstd from rsqrt_refined (parameters.cuh: no float64 square root or division
+// subroutine).
 REATTN_FN void kept_term_coefficients(const HeadAffineParams& p, int g, double& rstd, double& shift) {
-  const int lane = dev::lane_index();
-  double center = lane < p.H ? param_value(p.W, static_cast<int64_t>(g) * p.W.stride0 +
-                                                    static_cast<int64_t>(lane) * p.W.stride1)
-                             : 0.0;
-  for (int mask = dev::kWarpSize / 2; mask > 0; mask /= 2) center += dev::shfl_xor(center, mask);
+  const double center = mixing_row_sum(p.W, p.H, g);
   const double mean_x = p.stats[g] - center * p.inv_keys - head_value(p.c, g, 0.0);
   rstd = rsqrt_refined(p.stats[p.H + g] + p.eps);
   shift = -mean_x * rstd;

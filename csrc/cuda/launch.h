@@ -39,8 +39,9 @@ cudaError_t launch_head_affine(int storage, const HeadAffineParams& params, cuda
 cudaError_t launch_head_dot_sums(int storage, const HeadAffineParams& params, cudaStream_t stream);
 
 // The parameter steps of parameters.cuh (one block each): the gradients' pieces, and training BatchNorm's
-// statistics from the one-sweep forward's moments and its backward coefficients.
+// centering shift, statistics from the one-sweep forward's moments, backward coefficients and running statistics.
 cudaError_t launch_param_grads(const ParamGradsParams& params, cudaStream_t stream);
+cudaError_t launch_moments_center(const MomentsCenterParams& params, cudaStream_t stream);
 cudaError_t launch_bn_moments(const BnMomentsParams& params, cudaStream_t stream);
 cudaError_t launch_bn_coefficients(const BnCoefficientsParams& params, cudaStream_t stream);
 cudaError_t launch_running_stats(const RunningStatsParams& params, cudaStream_t stream);

@@ -951,7 +951,8 @@ void check_head_shape(const char* op, const char* name, const at::Tensor& t) {
 }
 
 at::Tensor head_affine(const at::Tensor& r, const at::Tensor& u, const at::Tensor& coefficients, at::ScalarType dtype,
-                       bool reverse_items, bool poison_outputs, int64_t shuffle_seed) {
+                       const c10::optional<at::Tensor>& u_sum, bool reverse_items, bool poison_outputs,
+                       int64_t shuffle_seed) {
   const char* op = "reattn cuda_head_affine";
   check_head_shape(op, "r", r);
   const int storage = storage_of(dtype, op, "dtype");
@@ -968,8 +969,31 @@ at::Tensor head_affine(const at::Tensor& r, const at::Tensor& u, const at::Tenso
   p.r_st = strides_of(r);
   p.r_is_acc = r.scalar_type() == acc;
   p.u = u.data_ptr();
-  p.u_st = broadcast_strides(op, "u", u, r.sizes(), acc, r.device());
-  p.vector = vector_items(dtype, p.D, {{&r, p.r_st}, {&u, p.u_st}});
+  const bool summing = u_sum.has_value() && u_sum->defined();
+  if (summing) {
+    // u: U in parts [B, H, parts, D] (the forward programs' shares), added here and stored to u_sum [B, H, 1, D].
+    TORCH_CHECK_VALUE(u.dim() == 4 && u.size(0) == p.B && u.size(1) == p.H && u.size(2) >= 1 &&
+                          u.size(2) <= std::numeric_limits<int>::max() && u.size(3) == p.D,
+                      op, ": with u_sum, u must be U in parts [B, H, parts, D] = [", p.B, ", ", p.H, ", parts, ", p.D,
+                      "], got ", u.sizes());
+    TORCH_CHECK_TYPE(u.scalar_type() == acc, op, ": u must be ", acc, ", got ", u.scalar_type());
+    TORCH_CHECK_VALUE(u.device() == r.device(), op, ": u is on ", u.device(), " but r on ", r.device());
+    check_unit_stride(op, "u", u);
+    TORCH_CHECK_VALUE(u_sum->sizes() == at::IntArrayRef({p.B, p.H, 1, p.D}) && u_sum->scalar_type() == acc &&
+                          u_sum->is_contiguous() && u_sum->device() == r.device(),
+                      op, ": u_sum must be a contiguous [B, H, 1, D] = [", p.B, ", ", p.H, ", 1, ", p.D, "] ", acc,
+                      " tensor on ", r.device(), ", got ", u_sum->sizes(), " ", u_sum->scalar_type(), " on ",
+                      u_sum->device());
+    p.u_st = Strides4{u.stride(0), u.stride(1), 0, 1};
+    p.u_parts = static_cast<int>(u.size(2));
+    p.u_part_stride = u.stride(2);
+    p.u_sum = u_sum->data_ptr();
+    p.vector = vector_items(dtype, p.D, {{&r, p.r_st}, {&u, Strides4{u.stride(0), u.stride(1), u.stride(2), 1}},
+                                         {&*u_sum, strides_of(*u_sum)}});
+  } else {
+    p.u_st = broadcast_strides(op, "u", u, r.sizes(), acc, r.device());
+    p.vector = vector_items(dtype, p.D, {{&r, p.r_st}, {&u, p.u_st}});
+  }
   p.coefficients = coefficients.data_ptr();
   at::Tensor out = at::empty(r.sizes(), r.options().dtype(dtype));
   if (poison_outputs) poison(out);
@@ -981,6 +1005,35 @@ at::Tensor head_affine(const at::Tensor& r, const at::Tensor& u, const at::Tenso
                             static_cast<uint64_t>(shuffle_seed));
       },
       [&](auto stream) { return launch_head_affine(storage, p, stream); });
+  return out;
+}
+
+// The one-sweep forward's centering shift [2, H] = (center, -center) in dtype (MomentsCenterParams,
+// moments_center_kernel): one launch where torch's sum, division and negation took three.
+at::Tensor moments_center(const at::Tensor& mix_weight, int64_t n_keys, at::ScalarType dtype, bool reverse_items,
+                          int64_t shuffle_seed) {
+  const char* op = "reattn cuda_moments_center";
+  TORCH_CHECK_VALUE(mix_weight.dim() == 2 && mix_weight.size(0) == mix_weight.size(1) && mix_weight.size(0) >= 1 &&
+                        mix_weight.size(0) <= kMaxHeads,
+                    op, ": mix_weight must be [H, H] with H in [1, ", kMaxHeads, "], got ", mix_weight.sizes());
+  TORCH_CHECK_VALUE(mix_weight.is_cuda() || mix_weight.is_cpu(), op, ": mix_weight must be on a CUDA device (or on ",
+                    "the CPU for the emulator), got ", mix_weight.device());
+  TORCH_CHECK_VALUE(n_keys >= 1, op, ": n_keys must be at least 1, got ", n_keys);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op,
+                   ": dtype must be float32 or float64 (an accumulation type), got ", dtype);
+  const int64_t H = mix_weight.size(0);
+  const at::Tensor W = parameter(op, "mix_weight", mix_weight, {H, H}, mix_weight);
+  MomentsCenterParams p;
+  p.H = static_cast<int>(H);
+  p.W = param_ref(W);
+  p.inv_keys = 1.0 / static_cast<double>(n_keys);
+  at::Tensor out = at::empty({2, H}, W.options().dtype(dtype));
+  p.out = out.data_ptr();
+  p.out_storage = storage_of(dtype);
+  emulate_or_launch(
+      op, W,
+      [&] { emulate_moments_center(p, emulator_order(reverse_items, shuffle_seed), static_cast<uint64_t>(shuffle_seed)); },
+      [&](auto stream) { return launch_moments_center(p, stream); });
   return out;
 }
 
@@ -1271,10 +1324,17 @@ void register_ops(pybind11::module& m) {
         "pass, no atomics) where its shapes fit, else (and with programs_only) the CUDA-core programs; without "
         "mask or dropout, on 16-byte aligned rows, its plain variants (general_variant: the general ones).");
   m.def("cuda_head_affine", &head_affine, py::arg("r"), py::arg("u"), py::arg("coefficients"), py::arg("dtype"),
-        py::arg("reverse_items") = false, py::arg("poison_outputs") = false, py::arg("shuffle_seed") = 0,
+        py::arg("u_sum") = py::none(), py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
+        py::arg("shuffle_seed") = 0,
         "One-sweep training BatchNorm's finish: out = (alpha[h] r + beta[h] u).to(dtype) [B,H,Nq,D]. r [B,H,Nq,D] "
         "in dtype or its accumulation type; u (broadcastable to r) and coefficients [2, H] (alpha, beta) in the "
-        "accumulation type. CPU tensors run the emulator.");
+        "accumulation type. With u_sum (a contiguous [B, H, 1, D] tensor of the accumulation type), u is U in parts "
+        "[B, H, parts, D] (the forward's shares): they are added in order, U is applied to every row and written to "
+        "u_sum. CPU tensors run the emulator.");
+  m.def("cuda_moments_center", &moments_center, py::arg("mix_weight"), py::arg("n_keys"), py::arg("dtype"),
+        py::arg("reverse_items") = false, py::arg("shuffle_seed") = 0,
+        "The one-sweep training BatchNorm forward's centering shift: [2, H] in dtype (float32 or float64) = (center, "
+        "-center), center_g = sum_h mix_weight[g, h] / n_keys formed in float64 and rounded once. One launch.");
   m.def("cuda_bn_moments", &bn_moments, py::arg("moments"), py::arg("count"), py::arg("center"), py::arg("mix_bias"),
         py::arg("norm_weight"), py::arg("norm_bias"), py::arg("out_scale"), py::arg("eps"), py::arg("dtype"),
         py::arg("count_value") = 0.0, py::arg("reverse_items") = false, py::arg("shuffle_seed") = 0,

@@ -11,6 +11,10 @@ __global__ void __launch_bounds__(kParameterThreads) param_grads_kernel(const Pa
   param_grads_program(params);
 }
 
+__global__ void __launch_bounds__(kParameterThreads) moments_center_kernel(const MomentsCenterParams params) {
+  moments_center_program(params);
+}
+
 __global__ void __launch_bounds__(kParameterThreads) bn_moments_kernel(const BnMomentsParams params) {
   bn_moments_program(params);
 }
@@ -26,6 +30,12 @@ __global__ void __launch_bounds__(kParameterThreads) running_stats_kernel(const 
 cudaError_t launch_param_grads(const ParamGradsParams& p, cudaStream_t stream) {
   if (p.pieces == 0) return cudaSuccess;
   param_grads_kernel<<<1, kParameterThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_moments_center(const MomentsCenterParams& p, cudaStream_t stream) {
+  if (p.H == 0) return cudaSuccess;
+  moments_center_kernel<<<1, kParameterThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

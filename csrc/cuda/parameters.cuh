@@ -1,6 +1,7 @@
 // The parameter work around the tensor-core programs, written once for the GPU and the host emulator
 // (device.cuh): the fold every program forms in its prologue (FoldInputs), and the small steps that are
-// one launch each (ParamGradsParams, BnMomentsParams, BnCoefficientsParams in params.h).
+// one launch each (ParamGradsParams, MomentsCenterParams, BnMomentsParams, BnCoefficientsParams,
+// RunningStatsParams in params.h).
 //
 // All used to be torch operations on [H]- and [H, H]-sized tensors: the fold 3 to 12 of them, the
 // scalings, copies and conversions of the summed partials 4 to 6 more, each one a launch (a few
@@ -137,6 +138,28 @@ REATTN_DEVICE void param_grads_program(const ParamGradsParams& p) {
     if (k >= p.pieces) break;
     for (int i = dev::thread_index(); i < p.size[k]; i += kParameterThreads) {
       store_value(p.out[k], p.storage[k], i, p.total[p.begin[k] + i] * p.factor[k]);
+    }
+  }
+}
+
+// sum_h W[g, h] in float64, by one whole warp (H <= 32): lane h loads W[g, h] and 5 butterfly levels add them, so
+// every lane gets the same sum, in the same order on every run.
+REATTN_DEVICE double mixing_row_sum(const ParamRef& W, int H, int g) {
+  const int lane = dev::lane_index();
+  double s = lane < H ? param_value(W, static_cast<int64_t>(g) * W.stride0 + static_cast<int64_t>(lane) * W.stride1)
+                      : 0.0;
+  for (int mask = dev::kWarpSize / 2; mask > 0; mask /= 2) s += dev::shfl_xor(s, mask);
+  return s;
+}
+
+// Warp w forms center_g for g = w, w + 8, ... (MomentsCenterParams); its lane 0 stores center_g and -center_g.
+REATTN_DEVICE void moments_center_program(const MomentsCenterParams& p) {
+  constexpr int kWarps = kParameterThreads / dev::kWarpSize;
+  for (int g = dev::warp_index(); g < p.H; g += kWarps) {
+    const double center = mixing_row_sum(p.W, p.H, g) * p.inv_keys;
+    if (dev::lane_index() == 0) {
+      store_value(p.out, p.out_storage, g, center);
+      store_value(p.out, p.out_storage, p.H + g, -center);
     }
   }
 }

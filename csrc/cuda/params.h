@@ -185,6 +185,12 @@ struct HeadAffineParams {
   // U = (unmasked keys) V in the accumulation type, broadcast by strides (0 on broadcast dims).
   const void* u = nullptr;
   Strides4 u_st{};
+  // head_affine where u_sum is set: U is one row per (b, h) (u_st.n == 0) given as u_parts parts u_part_stride
+  // apart (the forward programs' shares over their row blocks), added in order, and the blocks of the first rows
+  // write the sum to u_sum, [B, H, 1, D] contiguous in the accumulation type (the U the backward keeps).
+  int u_parts = 1;
+  int64_t u_part_stride = 0;
+  void* u_sum = nullptr;
   // head_dot_sums: dO in T, any strides.
   const void* grad = nullptr;
   Strides4 grad_st{};
@@ -221,6 +227,19 @@ struct ParamGradsParams {
   int storage[kMaxGradPieces] = {};
   double factor[kMaxGradPieces] = {};
   void* out[kMaxGradPieces] = {};
+};
+
+// moments_center_program: the shift the one-sweep forward takes off the mixed map before summing its moments
+// (docs/math.md, "Training BatchNorm in one sweep"): center_g = sum_h W[g, h] / Nk, the mean of (W P)_g when every
+// row of P sums to one (no mask or dropout), so the moments' sums of X = W P~ - center cancel little. Formed in
+// float64 (as head_dot_sums' kept_term_coefficients forms it again) and rounded once; out [2, H] contiguous in
+// out_storage: center (bn_moments reads it), then -center (the forward's mixing bias).
+struct MomentsCenterParams {
+  int H = 0;
+  ParamRef W;             // [H, H] as given
+  double inv_keys = 1.0;  // 1 / Nk
+  void* out = nullptr;
+  int out_storage = kFloat32;
 };
 
 // bn_moments_program: training BatchNorm's statistics and per-head coefficients from the one-sweep

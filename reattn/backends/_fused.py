@@ -33,6 +33,7 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
                         attn_mask: Optional[Tensor], seed: Optional[Tensor], count: Tensor, *, scale: float,
                         out_scale: float, eps: float, dropout_p: float,
                         head_affine: Optional[Callable] = None, bn_moments: Optional[Callable] = None,
+                        moments_center: Optional[Callable] = None,
                         keep_terms: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Training BatchNorm's forward with one sweep over the keys: (out, softmax_stats, stats [3, H] float64,
     R', U). With keep_terms (no mask; it needs ``head_affine``), R' = X V [B, H, Nq, D] in q's dtype and
@@ -54,17 +55,22 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
     not be small against X's spread, so R' stays in the accumulation dtype and nothing is kept.
     count: the entries per head (0-dim float64), as ``unmasked_count``, or that number as a float where
     bn_moments is given (it takes either). head_affine: the backend's
-    fused finish (``FusedKernels.head_affine``), else torch's in-place passes. bn_moments: the backend's
-    statistics step (``FusedKernels.bn_moments``: one launch), else torch's float64 arithmetic on [H]
-    tensors (~25 launches).
+    fused finish (``FusedKernels.head_affine``), else torch's in-place passes; where forward_moments returns U in
+    parts, it adds them too. bn_moments: the backend's statistics step (``FusedKernels.bn_moments``: one launch),
+    else torch's float64 arithmetic on [H] tensors (~25 launches). moments_center: the backend's step forming
+    (center, -center) (``FusedKernels.moments_center``: one launch), else torch's sum, division and negation.
     """
     acc = accumulator_dtype(q)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     if keep_terms and (attn_mask is not None or head_affine is None):
         raise ValueError("one_sweep_batchnorm: keep_terms needs head_affine and no attn_mask")
-    center = mix_weight.detach().to(acc).sum(dim=1) / Nk
-    r, softmax_stats, moments, u = forward_moments(q, k, v, mix_weight, -center, attn_mask, seed, scale=scale,
+    if moments_center is not None:
+        center, minus_center = moments_center(mix_weight.detach(), Nk, acc)
+    else:
+        center = mix_weight.detach().to(acc).sum(dim=1) / Nk
+        minus_center = -center
+    r, softmax_stats, moments, u = forward_moments(q, k, v, mix_weight, minus_center, attn_mask, seed, scale=scale,
                                                    dropout_p=dropout_p, dtype=q.dtype if keep_terms else acc)
     if bn_moments is not None:
         stats, coefficients = bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias,
@@ -84,18 +90,25 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
         beta = -mean_x.to(acc) * alpha
         if norm_bias is not None:
             beta = beta + out_scale * norm_bias.detach().to(acc)
-    if u is None:  # else summed by the forward's programs, [B, H, 1, D]
-        if attn_mask is None:
-            u = v.sum(dim=2, keepdim=True, dtype=acc)  # [B, H, 1, D]: every row sees every key
-        else:
-            keep = kept_entries(attn_mask)
-            keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
-            # [B or 1, H or 1, Nq or 1, D]: the mask's own size, at most [B, H, Nq, D]
-            u = torch.matmul(keep.to(acc), v.to(acc))
+    no_terms = empty_bn_terms(q)
+    if u is not None and head_affine is not None:
+        # U in parts (the forward's programs' shares): head_affine adds them, applies U and writes it for the
+        # backward, in its one pass.
+        u_sum = u.new_empty((B, H, 1, D))
+        out = head_affine(r, u, alpha, beta, q.dtype, u_sum=u_sum)
+        return (out, softmax_stats, stats, r, u_sum) if keep_terms else (out, softmax_stats, stats) + no_terms
+    if u is not None:
+        u = u.sum(dim=2, keepdim=True)  # U's parts, with no head_affine to add them
+    elif attn_mask is None:
+        u = v.sum(dim=2, keepdim=True, dtype=acc)  # [B, H, 1, D]: every row sees every key
+    else:
+        keep = kept_entries(attn_mask)
+        keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
+        # [B or 1, H or 1, Nq or 1, D]: the mask's own size, at most [B, H, Nq, D]
+        u = torch.matmul(keep.to(acc), v.to(acc))
     if keep_terms:
         out = head_affine(r, u, alpha, beta, q.dtype)
         return out, softmax_stats, stats, r, u.expand(B, H, 1, D).contiguous()  # the shape the op's fake says
-    no_terms = empty_bn_terms(q)
     if head_affine is not None:
         return (head_affine(r, u, alpha, beta, q.dtype), softmax_stats, stats) + no_terms
     # In place on r (this function's own buffer): one [B, H, Nq, D] accumulation-dtype tensor at a time.
@@ -131,8 +144,9 @@ class FusedKernels:
         -> (r [B, H, Nq, D] in dtype (q's or its accumulation dtype), softmax_stats, moments [programs, 2, H], u):
         optional, the
         norm-less forward O = X V of X = W P~ + mix_bias (masked entries 0) with per-program sums
-        of X and X^2 over the unmasked entries, and u = sum_j V_j [B, H, 1, D] in the accumulation dtype where the
-        kernel summed it on the way (no mask), else None (the caller sums V); with it, local training
+        of X and X^2 over the unmasked entries, and u = U = sum_j V_j in parts, [B, H, parts, D] in the accumulation
+        dtype whose sum over dim 2 is U, where the kernel summed V on the way (no mask; its head_affine then takes
+        u_sum and adds them), else None (the caller sums V); with it, local training
         BatchNorm runs in one sweep over the keys (:func:`one_sweep_batchnorm`) instead of the statistics
         sweep + forward.
     softmax_stats_shape(q) -> shape: what the forward saves per score row for the backward: the
@@ -140,7 +154,10 @@ class FusedKernels:
         its own.
     head_affine(r, u, alpha [H], beta [H], dtype) -> (alpha_h r + beta_h u).to(dtype): optional, the one-sweep
         BatchNorm's finish in one pass (else torch's passes over [B, H, Nq, D]); r in dtype or its accumulation
-        dtype.
+        dtype. A backend whose forward_moments returns U in parts also takes u_sum= ([B, H, 1, D]): then u is
+        those parts, added in the same pass, and U is written to u_sum.
+    moments_center(mix_weight, n_keys, dtype) -> (center [H], -center [H]) in dtype: optional, the shift the
+        one-sweep forward takes off the map, center_g = sum_h W[g, h] / Nk, in one step (else torch's three ops).
     head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_keys) -> [2, H] float64 = scale
         (sum grad . R, sum grad . u) per head, R = xhat V = rstd (r - mean(X) u) formed from the kept r = X V
         (``reattn._batchnorm.kept_term_coefficients``: rstd and mean(X) from stats [3, H] and the mixing
@@ -173,6 +190,7 @@ class FusedKernels:
     forward_moments: Optional[Callable] = None
     softmax_stats_shape: Callable = lambda q: (q.shape[0], q.shape[1], q.shape[2])
     head_affine: Optional[Callable] = None
+    moments_center: Optional[Callable] = None
     head_dot_sums: Optional[Callable] = None
     bn_moments: Optional[Callable] = None
     bn_coefficients: Optional[Callable] = None
@@ -253,7 +271,7 @@ class FusedRawOps(RawOps):
         if kernels.forward_moments is not None:
             return one_sweep_batchnorm(kernels.forward_moments, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                        attn_mask, seed, count, head_affine=kernels.head_affine,
-                                       bn_moments=kernels.bn_moments,
+                                       bn_moments=kernels.bn_moments, moments_center=kernels.moments_center,
                                        keep_terms=self._keeps_terms(norm, attn_mask, stats_in), **kw)
         shift = gram_shift(Nk)
         softmax_stats, s1, gram = kernels.gram_sums(q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p,

@@ -5,10 +5,11 @@ Its ops are ``reattn::cuda_forward``, ``reattn::cuda_backward``, ``reattn::cuda_
 written), ``reattn::cuda_update_running_stats`` (training BatchNorm's running statistics, in place,
 one launch) and ``reattn::cuda_forward_eval_batchnorm`` (eval-mode BatchNorm without gradients: the
 programs fold the norm from the running statistics, one launch where the ladder's fold took six torch
-ops). Local training BatchNorm runs in one sweep over the keys: the forward program with norm
-none also sums the map's moments per head (``_C.cuda_forward(..., with_moments=True)``) and, without a
-mask at ViT lengths, V over the keys (U, which the norm's shift multiplies);
-``_fused.one_sweep_batchnorm`` applies the norm to X V in one element-wise pass (``_C.cuda_head_affine``);
+ops). Local training BatchNorm runs in one sweep over the keys: the map's shift is one small launch
+(``_C.cuda_moments_center``), the forward program with norm none also sums the map's moments per head
+(``_C.cuda_forward(..., with_moments=True)``) and, without a mask at ViT lengths, V over the keys in shares
+per row block (U, which the norm's shift multiplies); ``_fused.one_sweep_batchnorm`` applies the norm to X V
+in one element-wise pass that also adds U's shares (``_C.cuda_head_affine``);
 without a mask the forward writes X V in q's dtype and keeps it, and the backward's BatchNorm sums are one
 pass over dO, X V and U (``_C.cuda_head_dot_sums``, which forms R = xhat V's sums from them) instead of a
 sweep over the keys. Dropout uses Triton's Philox stream, so for
@@ -75,20 +76,20 @@ def _bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bia
     return torch.stack([sum_dn_xhat, sum_dn])
 
 
-def value_sum(value_sums: torch.Tensor) -> Optional[torch.Tensor]:
-    """U = sum_j V_j [B, H, 1, D] from the forward's per-row-block shares [B, H, row blocks, D], or None where the
-    programs summed none (a mask, key segments, or the CUDA-core programs: the caller sums V)."""
-    return value_sums.sum(dim=2, keepdim=True) if value_sums.shape[0] > 0 else None
+def value_parts(value_sums: torch.Tensor) -> Optional[torch.Tensor]:
+    """U = sum_j V_j in parts: the forward's per-row-block shares [B, H, row blocks, D] (head_affine adds them), or
+    None where the programs summed none (a mask, key segments, or the CUDA-core programs: the caller sums V)."""
+    return value_sums if value_sums.shape[0] > 0 else None
 
 
 def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype):
     # R' = X V in `dtype` (q's, or the accumulation dtype), the float64 sums of X, X^2 per program: [programs, 2, H]
-    # (the CUDA-core programs add theirs into one: [1, 2, H]), and U where the tensor-core programs summed V on the
-    # way.
+    # (the CUDA-core programs add theirs into one: [1, 2, H]), and U in parts where the tensor-core programs summed V
+    # on the way.
     x_v, softmax_stats, moments, value_sums = _C.cuda_forward(q, k, v, mix_weight, mix_bias, None, None, None,
                                                               attn_mask, seed, None, scale, 1.0, "none", 1e-5,
                                                               dropout_p, True, dtype != q.dtype)
-    return x_v, softmax_stats, moments, value_sum(value_sums)
+    return x_v, softmax_stats, moments, value_parts(value_sums)
 
 
 def coefficient_rows(rows, dtype: torch.dtype) -> torch.Tensor:
@@ -102,10 +103,16 @@ def coefficient_rows(rows, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack(rows).to(dtype).contiguous()
 
 
-def _head_affine(r, u, alpha, beta, dtype):
+def _head_affine(r, u, alpha, beta, dtype, u_sum=None):
     # One-sweep training BatchNorm's finish (csrc/cuda/head_affine.cuh): (alpha r + beta u).to(dtype), r in dtype or
-    # its accumulation dtype.
-    return _C.cuda_head_affine(r, u, coefficient_rows((alpha, beta), u.dtype), dtype)
+    # its accumulation dtype; with u_sum, u is U in parts (the forward's shares), added and written to u_sum.
+    return _C.cuda_head_affine(r, u, coefficient_rows((alpha, beta), u.dtype), dtype, u_sum=u_sum)
+
+
+def _moments_center(mix_weight, n_keys, dtype):
+    # The one-sweep forward's shift (csrc/cuda/parameters.cuh): (center, -center), rows of one [2, H] buffer; one launch.
+    rows = _C.cuda_moments_center(mix_weight, n_keys, dtype)
+    return rows[0], rows[1]
 
 
 def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype):
@@ -138,7 +145,7 @@ def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_key
 
 CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                             forward_moments=_forward_moments, head_affine=_head_affine,
-                            head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
+                            moments_center=_moments_center, head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
                             update_running_stats=_update_running_stats,
                             forward_eval_batchnorm=_forward_eval_batchnorm,
                             softmax_stats_shape=lambda q: (*q.shape[:3], 2))

@@ -773,6 +773,45 @@ def test_bn_coefficients_add_head_dot_sums_parts_and_write_the_norms_gradients(p
         assert gamma is None or torch.equal(dgamma.cpu(), zeros[0].to(gamma.dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("weight", ["fp32", "bf16, transposed", "fp64", "32 heads"])
+def test_moments_center_is_the_float64_row_mean_rounded_once(dtype, weight):
+    """The one-sweep forward's shift (parameters.cuh, moments_center_kernel): [2, H] = (center, -center) with
+    center_g = sum_h W[g, h] / Nk formed in float64 (a warp per row, lanes over h: a butterfly sum, the same order
+    on every run) and rounded once to dtype; the second row is the first negated exactly."""
+    H = 32 if weight == "32 heads" else 6
+    n_keys = 197
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(H, H, generator=g, dtype=torch.float64)
+    w = {"fp32": w.float(), "bf16, transposed": w.bfloat16().t(), "fp64": w, "32 heads": w.float()}[weight]
+    got = _C.cuda_moments_center(w.to(DEVICE), n_keys, dtype)
+    center = w.double().sum(dim=1) / n_keys
+    assert got.dtype == dtype and got.shape == (2, H) and got.is_contiguous()
+    # float64: the sum of H terms in some order and the product by fl(1 / Nk): a few ulps of the terms' sizes
+    bound = 2 * (H + 2) * 2.0 ** -53 * w.double().abs().sum(dim=1) / n_keys
+    if dtype == torch.float32:
+        bound = bound + center.abs() * 2.0 ** -24
+    assert ((got[0].cpu().double() - center).abs() <= bound).all()
+    assert torch.equal(got[1], -got[0])
+    for options in (dict(reverse_items=True), dict(shuffle_seed=4)):
+        assert torch.equal(_C.cuda_moments_center(w.to(DEVICE), n_keys, dtype, **options), got), options
+
+
+def test_moments_center_checks_its_arguments():
+    w = torch.ones(3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match=r"cuda_moments_center: mix_weight must be \[H, H\] with H in \[1, 32\], "
+                                         r"got \[3, 2\]"):
+        _C.cuda_moments_center(w[:, :2], 5, torch.float32)
+    with pytest.raises(ValueError, match=r"H in \[1, 32\], got \[33, 33\]"):
+        _C.cuda_moments_center(torch.ones(33, 33, device=DEVICE), 5, torch.float32)
+    with pytest.raises(ValueError, match="n_keys must be at least 1, got 0"):
+        _C.cuda_moments_center(w, 0, torch.float32)
+    with pytest.raises(TypeError, match="dtype must be float32 or float64 .an accumulation type., got BFloat16"):
+        _C.cuda_moments_center(w, 5, torch.bfloat16)
+    with pytest.raises(TypeError, match="mix_weight must be floating point"):
+        _C.cuda_moments_center(w.int(), 5, torch.float32)
+
+
 def test_bn_moments_check_their_arguments():
     moments, count, center = torch.zeros(3, 2, 4, dtype=torch.float64), torch.tensor(8.0, dtype=torch.float64), \
         torch.zeros(4)
@@ -1305,6 +1344,53 @@ def test_head_affine_matches_float64(layout, u_shape, r_in, dtype):
         bound = bound + (want.abs() + info.smallest_normal) * info.eps / 2
     assert ((out.double() - want).abs() <= bound).all(), u_shape
     assert torch.equal(_C.cuda_head_affine(r, u, coefficients, dtype, reverse_items=True, poison_outputs=True), out)
+
+
+@pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))
+@pytest.mark.parametrize("r_in", ["accumulation dtype", "dtype"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_head_affine_adds_the_parts_of_u_and_keeps_their_sum(layout, r_in, dtype):
+    """With u_sum, u is U in parts [B, H, parts, D] (the forward programs' shares over their row blocks; here a
+    strided slice of a larger buffer): the launch adds them in order, applies U to every row (two blocks along Nq)
+    and writes U to u_sum once (the blocks of row 0). Multiples of 2^-8 below 2^4 add exactly in any order, so
+    u_sum equals the float64 sum and out equals the launch given that sum, bitwise, in any warp order."""
+    D = HEAD_LAYOUTS[layout]
+    B, H, Nq, parts = 2, 3, _two_blocks(D), 7
+    acc = _acc(dtype)
+    g = torch.Generator().manual_seed(12)
+    r = _rows_of(B, H, Nq, D, acc if r_in == "accumulation dtype" else dtype, layout, g)
+    whole = torch.randint(-2 ** 12, 2 ** 12, (B, H, 2 * parts, D + 8), generator=g).to(acc) / 256
+    u = whole[:, :, ::2, 4:D + 4].to(DEVICE)
+    coefficients = torch.randn(2, H, generator=g, dtype=acc).to(DEVICE)
+    u_sum = torch.full((B, H, 1, D), float("nan"), dtype=acc, device=DEVICE)
+    out = _C.cuda_head_affine(r, u, coefficients, dtype, u_sum=u_sum, poison_outputs=True)
+    summed = u.double().sum(dim=2, keepdim=True)
+    assert torch.equal(u_sum.double(), summed)
+    assert torch.equal(out, _C.cuda_head_affine(r, summed.to(acc), coefficients, dtype))
+    for options in (dict(reverse_items=True), dict(shuffle_seed=6)):
+        again = torch.full_like(u_sum, float("nan"))
+        assert torch.equal(_C.cuda_head_affine(r, u, coefficients, dtype, u_sum=again, poison_outputs=True, **options),
+                           out), options
+        assert torch.equal(again, u_sum), options
+
+
+def test_head_affine_checks_the_parts_of_u():
+    r = torch.zeros(1, 2, 3, 4, device=DEVICE)
+    c = torch.zeros(2, 2, device=DEVICE)
+    parts = torch.zeros(1, 2, 5, 4, device=DEVICE)
+    u_sum = torch.zeros(1, 2, 1, 4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"with u_sum, u must be U in parts \[B, H, parts, D\] = \[1, 2, parts, 4\], "
+                                         r"got \[1, 1, 5, 4\]"):
+        _C.cuda_head_affine(r, parts[:, :1], c, torch.float32, u_sum=u_sum)
+    with pytest.raises(ValueError, match=r"u_sum must be a contiguous \[B, H, 1, D\] = \[1, 2, 1, 4\] Float tensor"):
+        _C.cuda_head_affine(r, parts, c, torch.float32, u_sum=u_sum[:, :, :, :2])
+    with pytest.raises(ValueError, match="u_sum must be a contiguous"):
+        _C.cuda_head_affine(r, parts, c, torch.float32, u_sum=u_sum.double())
+    with pytest.raises(TypeError, match="u must be Float, got Double"):
+        _C.cuda_head_affine(r, parts.double(), c, torch.float32, u_sum=u_sum)
+    with pytest.raises(ValueError, match="u needs a unit stride over the head dim"):
+        _C.cuda_head_affine(r, parts.transpose(2, 3).contiguous().transpose(2, 3)[:, :, :4], c, torch.float32,
+                            u_sum=u_sum)
 
 
 def _bn_statistics(H, gen, mix_weight, mix_bias, n_keys):
