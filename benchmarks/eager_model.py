@@ -92,6 +92,8 @@ def _flops(name: str, args, out) -> tuple:
 
 
 _FACTORY_PREFIXES = ("new_", "zeros", "ones", "full", "empty", "fill")
+# In-place ops that overwrite their tensor without reading it (add_ and the like read it).
+_OVERWRITE_SELF = ("copy_", "zero_")
 
 
 class OpCounter(TorchDispatchMode):
@@ -114,8 +116,11 @@ class OpCounter(TorchDispatchMode):
         if outs and all(t.numel() == 0 for t in outs):  # nothing to compute: no kernel runs
             return out
         # Factories (new_zeros, zeros_like, ...) take a tensor for its dtype and device only: they read nothing.
+        # An out= tensor (cat(..., out=t)) and the destination of copy_ / zero_ are written, not read.
+        written = {a.name for a in schema.arguments if a.is_out}
+        read_args = args[1:] if name in _OVERWRITE_SELF else args
         inputs = [] if name.startswith(_FACTORY_PREFIXES) or name.endswith("_like") else (
-            _tensors(args) + _tensors(kwargs))
+            _tensors(read_args) + _tensors({k: v for k, v in kwargs.items() if k not in written}))
         flops, tensor = _flops(name, args, out)
         self.ops.append(Op(name, _span(inputs), _span(_tensors(out)), flops, tensor))
         return out

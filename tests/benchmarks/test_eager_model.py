@@ -30,6 +30,21 @@ def test_in_place_ops_read_and_write_their_tensor():
     assert op.name == "mul_" and op.bytes_read == 4000 and op.bytes_written == 4000
 
 
+def test_out_tensors_and_overwritten_tensors_are_written_not_read():
+    # cat(..., out=) reads its inputs and writes out (ops.cpp pads rows so); copy_ and zero_ overwrite self.
+    x = torch.empty(4, 5, device="meta", dtype=torch.bfloat16)
+    z = torch.empty(1, 3, device="meta", dtype=torch.bfloat16)
+    padded = torch.empty(4, 8, device="meta", dtype=torch.bfloat16)
+    with OpCounter() as counter:
+        torch.cat([x, z.expand(4, 3)], dim=1, out=padded)
+        padded[:, :5].copy_(x)
+        padded.zero_()
+    cat, copy, zero = counter.ops
+    assert cat.name == "cat" and cat.bytes_read == (20 + 3) * 2 and cat.bytes_written == 32 * 2
+    assert copy.name == "copy_" and copy.bytes_read == 20 * 2 and copy.bytes_written == 4 * 8 * 2 - 6
+    assert zero.name == "zero_" and zero.bytes_read == 0 and zero.bytes_written == 32 * 2
+
+
 def test_eager_call_passes_over_the_map():
     B, H, N, D = 2, 3, 17, 8
     entries = B * H * N * N * 2  # bytes of one bf16 [B, H, N, N] map
