@@ -138,8 +138,8 @@ REATTN_FN void load_parts(const A* u, int parts, int64_t stride, unsigned d, A (
 // U's kVec columns from d of the block's row i into y. Where U is one row per (b, h) broadcast over the rows
 // (u_st.n == 0: no mask, every row sees every key; kRowsOfU false) each thread reads its columns once
 // (columns(d) of for_each_item), not with every item: from that row staged in shared memory by the block
-// (kStaged: head_affine, stage_u_row), or from U itself (head_dot_sums: staged, its sm_80 build used 8 bytes of
-// stack); else each item loads its row's columns.
+// (kStaged: head_affine, stage_u_row), or from U itself (head_dot_sums, whose sm_80 build took 8 bytes of stack
+// with the staging); else each item loads its row's columns.
 template <typename A, int kVec, bool kRowsOfU, bool kStaged = false>
 struct UColumns {
   const A* u;  // the staged row in shared memory, or the block's first row of U
@@ -168,9 +168,9 @@ REATTN_HD constexpr size_t head_affine_shared(int D, bool staged) {
 // order (load_parts; one part where U comes summed), and by the blocks of query row 0 also stored to u_sum where
 // that is set (after the forward's shares). Read from global memory by every thread, U's columns were most of
 // head_affine's L2 requests (4 to 7 parts of 32 bytes for 32 bytes of R' and 16 of O per item at DeiT-S and
-// DeepViT-16b; static model). First thing in the block, from nothing but the parameters: with the items' state live
-// across it (the block's rows, U's address), or stored from the items' own columns, head_affine took 6 to 7 more
-// registers on sm_90 (5 blocks per SM where 6 fit) or spilled one on sm_80.
+// DeepViT-16b; static model). First thing in the block, from nothing but the parameters, so nothing of the items'
+// state is live across it: otherwise head_affine needs 46 or more registers on sm_90 (5 blocks per SM where 6 fit
+// at 40) or ptxas spills one on sm_80.
 template <typename A, int kVec>
 REATTN_FN void stage_u_row(const HeadAffineParams& p, A* row) {
   const HeadRows rows = head_rows(p);
