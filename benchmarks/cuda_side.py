@@ -892,7 +892,9 @@ def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_key
     warps = HEAD_AFFINE_THREADS // 32
     touched = [(grad, {"read"}), (r, {"read"}), (u, {"read"}), (stats, {"read"}), (mix_weight, {"read"}),
                (partials, {"write"})] + ([(mix_bias, {"read"})] if mix_bias is not None else [])
-    _record_head("head_dot_sums_kernel", grad.dtype, p, touched, 2 * warps * acc.itemsize)
+    # head_affine.cuh's head_dot_sums_shared: the warps' sums, then U's row staged where it is one per (b, h)
+    staged = p.D * acc.itemsize if p.u_st.n == 0 else 0
+    _record_head("head_dot_sums_kernel", grad.dtype, p, touched, 2 * warps * acc.itemsize + staged)
     return partials.sum(dim=(1, 3), dtype=torch.float64) if summed else partials
 
 

@@ -240,7 +240,8 @@ void emulate_head_dot_sums(int storage, const HeadAffineParams& p, int order, ui
   if (p.B * p.H == 0 || p.Nq == 0) return;
   with_storage("emulate_head_dot_sums", storage, [&](auto t) {
     using T = decltype(t);
-    sim::launch(head_launch(p, head_dot_sums_shared<T>(), order, seed), [&] { head_dot_sums_program<T>(p); });
+    sim::launch(head_launch(p, head_dot_sums_shared<T>(p.D, p.u_st.n == 0), order, seed),
+                [&] { head_dot_sums_program<T>(p); });
   });
 }
 

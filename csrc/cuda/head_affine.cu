@@ -13,8 +13,17 @@ __global__ void __launch_bounds__(kHeadAffineThreads) head_affine_kernel(const H
   head_affine_program<T>(params);
 }
 
+// With U staged (head_affine.cuh, stage_u_row) ptxas for sm_80 spilled a register of the fp32 and fp16 builds to
+// stay at 40 (6 blocks per SM); there 5 blocks per SM (48 registers; the bf16 build took 46 before the staging).
+// (A minimum of 1 block elsewhere is not the default: given it, ptxas took 64 to 70 registers on sm_90.)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define REATTN_DOT_SUMS_BOUNDS __launch_bounds__(kHeadAffineThreads, 5)
+#else
+#define REATTN_DOT_SUMS_BOUNDS __launch_bounds__(kHeadAffineThreads)
+#endif
+
 template <typename T>
-__global__ void __launch_bounds__(kHeadAffineThreads) head_dot_sums_kernel(const HeadAffineParams params) {
+__global__ void REATTN_DOT_SUMS_BOUNDS head_dot_sums_kernel(const HeadAffineParams params) {
   head_dot_sums_program<T>(params);
 }
 
@@ -32,7 +41,7 @@ cudaError_t affine(const HeadAffineParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t dot_sums(const HeadAffineParams& p, cudaStream_t stream) {
-  head_dot_sums_kernel<T><<<head_grid(p), kHeadAffineThreads, head_dot_sums_shared<T>(), stream>>>(p);
+  head_dot_sums_kernel<T><<<head_grid(p), kHeadAffineThreads, head_dot_sums_shared<T>(p.D, p.u_st.n == 0), stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -137,20 +137,17 @@ REATTN_FN void load_parts(const A* u, int parts, int64_t stride, unsigned d, A (
 
 // U's kVec columns from d of the block's row i into y. Where U is one row per (b, h) broadcast over the rows
 // (u_st.n == 0: no mask, every row sees every key; kRowsOfU false) each thread reads its columns once
-// (columns(d) of for_each_item), not with every item: from that row staged in shared memory by the block
-// (kStaged: head_affine, stage_u_row), or from U itself (head_dot_sums, whose sm_80 build took 8 bytes of stack
-// with the staging); else each item loads its row's columns.
-template <typename A, int kVec, bool kRowsOfU, bool kStaged = false>
+// (columns(d) of for_each_item), not with every item, from that row staged in shared memory by the block
+// (stage_u_row); else each item loads its row's columns.
+template <typename A, int kVec, bool kRowsOfU>
 struct UColumns {
   const A* u;  // the staged row in shared memory, or the block's first row of U
   int64_t row_stride;
   A y[kVec];
 
   REATTN_FN void columns(unsigned d) {
-    if constexpr (kStaged) {
+    if constexpr (!kRowsOfU) {
       for (int c = 0; c < kVec; ++c) y[c] = u[d + c];
-    } else if constexpr (!kRowsOfU) {
-      load_columns<A, kVec>(u + d, y);
     }
   }
   REATTN_FN void row(unsigned i, unsigned d) {
@@ -158,19 +155,25 @@ struct UColumns {
   }
 };
 
-// Dynamic shared memory of head_affine_program: U's staged row (none where U has a row per query).
+// Bytes of U's staged row (none where U has a row per query).
+template <typename T>
+REATTN_HD constexpr size_t staged_u_bytes(int D, bool staged) {
+  return staged ? static_cast<size_t>(D) * sizeof(typename Storage<T>::acc) : 0;
+}
+
+// Dynamic shared memory of head_affine_program: U's staged row.
 template <typename T>
 REATTN_HD constexpr size_t head_affine_shared(int D, bool staged) {
-  return staged ? static_cast<size_t>(D) * sizeof(typename Storage<T>::acc) : 0;
+  return staged_u_bytes<T>(D, staged);
 }
 
 // U's row of the block's (b, h) into shared memory at `row`, each column by one thread: its u_parts parts added in
 // order (load_parts; one part where U comes summed), and by the blocks of query row 0 also stored to u_sum where
 // that is set (after the forward's shares). Read from global memory by every thread, U's columns were most of
-// head_affine's L2 requests (4 to 7 parts of 32 bytes for 32 bytes of R' and 16 of O per item at DeiT-S and
-// DeepViT-16b; static model). First thing in the block, from nothing but the parameters, so nothing of the items'
-// state is live across it: otherwise head_affine needs 46 or more registers on sm_90 (5 blocks per SM where 6 fit
-// at 40) or ptxas spills one on sm_80.
+// the L2 requests of head_affine (4 to 7 parts of 32 bytes for 32 bytes of R' and 16 of O per item at DeiT-S and
+// DeepViT-16b) and of head_dot_sums (static model). First thing in the block, from nothing but the parameters, so
+// nothing of the items' state is live across it: otherwise head_affine needs 46 or more registers on sm_90 (5
+// blocks per SM where 6 fit at 40) or ptxas spills one on sm_80.
 template <typename A, int kVec>
 REATTN_FN void stage_u_row(const HeadAffineParams& p, A* row) {
   const HeadRows rows = head_rows(p);
@@ -198,8 +201,8 @@ REATTN_FN void head_affine_items(const HeadAffineParams& p) {
   const A* coefficients = static_cast<const A*>(p.coefficients);
   const A alpha = coefficients[rows.h], beta = coefficients[p.H + rows.h];
   const R* r = block_start(static_cast<const R*>(p.r), p.r_st, rows);
-  UColumns<A, kVec, kRowsOfU, !kRowsOfU> u{kRowsOfU ? block_start(static_cast<const A*>(p.u), p.u_st, rows) : staged,
-                                           p.u_st.n, {}};
+  UColumns<A, kVec, kRowsOfU> u{kRowsOfU ? block_start(static_cast<const A*>(p.u), p.u_st, rows) : staged, p.u_st.n,
+                                {}};
   const Strides4 out_st{int64_t(p.H) * p.Nq * p.D, int64_t(p.Nq) * p.D, p.D, 1};
   T* out = block_start(static_cast<T*>(p.out), out_st, rows);
   for_each_item<kVec>(p, rows, [&](unsigned d) { u.columns(d); }, [&](unsigned e, unsigned i, unsigned d) {
@@ -249,10 +252,14 @@ REATTN_FN void kept_term_coefficients(const HeadAffineParams& p, int g, double& 
   shift = -mean_x * rstd;
 }
 
-// Dynamic shared memory of head_dot_sums_program: the warps' two partial sums.
+// Dynamic shared memory of head_dot_sums_program: the warps' two partial sums, then U's staged row.
 template <typename T>
-constexpr size_t head_dot_sums_shared() {
+REATTN_HD constexpr size_t head_dot_sums_warp_bytes() {
   return 2 * (kHeadAffineThreads / dev::kWarpSize) * sizeof(typename Storage<T>::acc);
+}
+template <typename T>
+REATTN_HD constexpr size_t head_dot_sums_shared(int D, bool staged) {
+  return head_dot_sums_warp_bytes<T>() + staged_u_bytes<T>(D, staged);
 }
 
 // partials[0][block], partials[1][block] = scale (sum dO . R, sum dO . U) over the block's rows, in the
@@ -266,10 +273,13 @@ constexpr size_t head_dot_sums_shared() {
 template <typename T, int kVec, bool kRowsOfU>
 REATTN_FN void head_dot_sums_items(const HeadAffineParams& p) {
   using A = typename Storage<T>::acc;
+  A* staged = reinterpret_cast<A*>(dev::shared_memory() + head_dot_sums_warp_bytes<T>());
+  if constexpr (!kRowsOfU) stage_u_row<A, kVec>(p, staged);
   const HeadRows rows = head_rows(p);
   const T* g = block_start(static_cast<const T*>(p.grad), p.grad_st, rows);
   const T* r = block_start(static_cast<const T*>(p.r), p.r_st, rows);
-  UColumns<A, kVec, kRowsOfU> u{block_start(static_cast<const A*>(p.u), p.u_st, rows), p.u_st.n, {}};
+  UColumns<A, kVec, kRowsOfU> u{kRowsOfU ? block_start(static_cast<const A*>(p.u), p.u_st, rows) : staged, p.u_st.n,
+                                {}};
   A sum_r = 0, sum_u = 0;
   for_each_item<kVec>(p, rows, [&](unsigned d) { u.columns(d); }, [&](unsigned, unsigned i, unsigned d) {
     A x[kVec], y[kVec];

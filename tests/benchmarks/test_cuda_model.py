@@ -87,7 +87,8 @@ def test_launches_per_norm_mode_follow_ops_cpp():
     assert not affine.params.r_is_acc and affine.grid == (B * H, 1) and affine.params.rows == N
     assert not train["fwd"][0].params.out_is_acc  # the forward writes X V in bf16: 2 bytes per element
     assert sums.params.inv_keys == 1.0 / N and sums.params.stats and sums.params.W.data
-    assert sums.grid == (B * H, 1) and sums.dynamic_shared == 2 * 8 * 4
+    # head_dot_sums' shared memory: the 8 warps' two sums, then U's row (staged: one per (b, h) without a mask)
+    assert sums.grid == (B * H, 1) and sums.dynamic_shared == 2 * 8 * 4 + D * 4 and sums.params.u_st.n == 0
     # Items of one 16-byte access (8 bf16 columns) in both element-wise passes; U = sum_j V_j in the forward's
     # row-block shares, which head_affine adds (and writes for the backward's sums).
     assert affine.params.vector and sums.params.vector and train["fwd"][0].params.value_sums
