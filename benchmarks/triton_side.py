@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import types
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -229,6 +228,19 @@ def norm_arguments(norm: str, H: int, dtype=torch.float32) -> dict:
     raise ValueError(f"norm must be none, batch-eval, batch-train or layer, got {norm!r}")
 
 
+class _OpBodies:
+    """A backend's ``OpLadder`` whose ops are their Python bodies (``*_impl``: no dispatcher, no autograd), as
+    ``self`` of ``OpLadder.run``: the given bodies replace the ops of the same names (None: no such op), and
+    every other attribute is the ladder's own."""
+
+    def __init__(self, ops, **bodies):
+        self._ops = ops
+        self.__dict__.update(bodies)
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+
 def run_call(ops, B: int, H: int, N: int, D: int, norm: str, dtype, counter, drain) -> Dict[str, list]:
     """{"fwd": [...], "bwd": [...]}: one call of a fused backend's Python path on meta tensors, below its
     custom-op layer: ``OpLadder.run`` with the forward op's body, then the backward op's body with what
@@ -258,14 +270,14 @@ def run_call(ops, B: int, H: int, N: int, D: int, norm: str, dtype, counter, dra
     if norm == "batch-eval" and ops.forward_eval_batchnorm is not None:
         # The call without gradients (inference: "infer", the static model's fwd rows) takes eval-mode
         # BatchNorm's own op; the call with gradients below folds the norm in autograd.
-        OpLadder.run(types.SimpleNamespace(forward=None, update_running_stats=None,
-                                           forward_eval_batchnorm=ops.eval_batchnorm_impl),
+        OpLadder.run(_OpBodies(ops, forward=None, update_running_stats=None,
+                               forward_eval_batchnorm=ops.eval_batchnorm_impl),
                      q, k, v, mix_weight, mix_bias, **options)
         steps["infer"] = _merge(drain(), counter)
     # The forward with gradients (its saved tensors feed the backward): eval-mode BatchNorm through the ladder's
     # fold, not the inference op (forward_eval_batchnorm) a call without gradients runs.
-    OpLadder.run(types.SimpleNamespace(forward=forward, update_running_stats=ops.running_stats_impl,
-                                       forward_eval_batchnorm=None), q, k, v, mix_weight, mix_bias, **options)
+    OpLadder.run(_OpBodies(ops, forward=forward, update_running_stats=ops.running_stats_impl,
+                           forward_eval_batchnorm=None), q, k, v, mix_weight, mix_bias, **options)
     steps["fwd"] = _merge(drain(), counter)
     (q_, k_, v_, w_, c_, nw_, nb_, mask_, seed_, scale_, out_scale_, norm_, eps_, p_) = recorded["args"][:14]
     _, softmax_stats, stats, R, U = recorded["out"]
