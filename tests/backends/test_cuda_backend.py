@@ -774,16 +774,16 @@ def test_bn_coefficients_add_head_dot_sums_parts_and_write_the_norms_gradients(p
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("weight", ["fp32", "bf16, transposed", "fp64", "32 heads"])
+@pytest.mark.parametrize("weight", ["fp32", "bf16, transposed", "fp64", "32 heads", "1 head"])
 def test_moments_center_is_the_float64_row_mean_rounded_once(dtype, weight):
     """The one-sweep forward's shift (parameters.cuh, moments_center_kernel): [2, H] = (center, -center) with
     center_g = sum_h W[g, h] / Nk formed in float64 (a warp per row, lanes over h: a butterfly sum, the same order
     on every run) and rounded once to dtype; the second row is the first negated exactly."""
-    H = 32 if weight == "32 heads" else 6
+    H = {"32 heads": 32, "1 head": 1}.get(weight, 6)
     n_keys = 197
     g = torch.Generator().manual_seed(11)
     w = torch.randn(H, H, generator=g, dtype=torch.float64)
-    w = {"fp32": w.float(), "bf16, transposed": w.bfloat16().t(), "fp64": w, "32 heads": w.float()}[weight]
+    w = {"fp32": w.float(), "bf16, transposed": w.bfloat16().t(), "fp64": w, "32 heads": w.float(), "1 head": w.float()}[weight]
     got = _C.cuda_moments_center(w.to(DEVICE), n_keys, dtype)
     center = w.double().sum(dim=1) / n_keys
     assert got.dtype == dtype and got.shape == (2, H) and got.is_contiguous()
