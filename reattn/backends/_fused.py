@@ -67,19 +67,19 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
         raise ValueError("one_sweep_batchnorm: keep_terms needs head_affine and no attn_mask")
     if moments_center is not None:
         center, minus_center = moments_center(mix_weight.detach(), Nk, acc)
-    else:
-        center = mix_weight.detach().to(acc).sum(dim=1) / Nk
-        minus_center = -center
+    else:  # sum / -Nk is -(sum / Nk) bitwise, in one op fewer
+        minus_center = mix_weight.detach().to(acc).sum(dim=1) / -Nk
+        center = None
     r, softmax_stats, moments, u = forward_moments(q, k, v, mix_weight, minus_center, attn_mask, seed, scale=scale,
                                                    dropout_p=dropout_p, dtype=q.dtype if keep_terms else acc)
     if bn_moments is not None:
-        stats, coefficients = bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias,
-                                         out_scale=out_scale, eps=eps, dtype=acc)
+        stats, coefficients = bn_moments(moments, count, -minus_center if center is None else center, mix_bias,
+                                         norm_weight, norm_bias, out_scale=out_scale, eps=eps, dtype=acc)
         alpha, beta = coefficients[0], coefficients[1]
     else:
         sums = moments.sum(dim=0, dtype=torch.float64)  # [2, H]
         mean_x, var = moment_statistics(sums[0], sums[1], count)
-        mean = mean_x + center.to(torch.float64)
+        mean = mean_x - minus_center.to(torch.float64)
         if mix_bias is not None:
             mean = mean + mix_bias.detach().to(torch.float64)
         stats = torch.stack([mean, var, count.expand_as(mean).to(torch.float64)])
