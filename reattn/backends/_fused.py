@@ -58,7 +58,7 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
     fused finish (``FusedKernels.head_affine``), else torch's in-place passes; where forward_moments returns U in
     parts, it adds them too. bn_moments: the backend's statistics step (``FusedKernels.bn_moments``: one launch),
     else torch's float64 arithmetic on [H] tensors (~25 launches). moments_center: the backend's step forming
-    (center, -center) (``FusedKernels.moments_center``: one launch), else torch's sum, division and negation.
+    (center, -center) (``FusedKernels.moments_center``: one launch), else torch's sum and division.
     """
     acc = accumulator_dtype(q)
     B, H, Nq, D = q.shape
@@ -157,7 +157,7 @@ class FusedKernels:
         dtype. A backend whose forward_moments returns U in parts also takes u_sum= ([B, H, 1, D]): then u is
         those parts, added in the same pass, and U is written to u_sum.
     moments_center(mix_weight, n_keys, dtype) -> (center [H], -center [H]) in dtype: optional, the shift the
-        one-sweep forward takes off the map, center_g = sum_h W[g, h] / Nk, in one step (else torch's three ops).
+        one-sweep forward takes off the map, center_g = sum_h W[g, h] / Nk, in one step (else torch's two ops).
     head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_keys) -> [2, H] float64 = scale
         (sum grad . R, sum grad . u) per head, R = xhat V = rstd (r - mean(X) u) formed from the kept r = X V
         (``reattn._batchnorm.kept_term_coefficients``: rstd and mean(X) from stats [3, H] and the mixing
