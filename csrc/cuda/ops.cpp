@@ -976,20 +976,17 @@ at::Tensor head_affine(const at::Tensor& r, const at::Tensor& u, const at::Tenso
                           u.size(2) <= std::numeric_limits<int>::max() && u.size(3) == p.D,
                       op, ": with u_sum, u must be U in parts [B, H, parts, D] = [", p.B, ", ", p.H, ", parts, ", p.D,
                       "], got ", u.sizes());
-    TORCH_CHECK_TYPE(u.scalar_type() == acc, op, ": u must be ", acc, ", got ", u.scalar_type());
-    TORCH_CHECK_VALUE(u.device() == r.device(), op, ": u is on ", u.device(), " but r on ", r.device());
-    check_unit_stride(op, "u", u);
+    const Strides4 parts = broadcast_strides(op, "u", u, u.sizes(), acc, r.device());  // its dtype, device, strides
     TORCH_CHECK_VALUE(u_sum->sizes() == at::IntArrayRef({p.B, p.H, 1, p.D}) && u_sum->scalar_type() == acc &&
                           u_sum->is_contiguous() && u_sum->device() == r.device(),
                       op, ": u_sum must be a contiguous [B, H, 1, D] = [", p.B, ", ", p.H, ", 1, ", p.D, "] ", acc,
                       " tensor on ", r.device(), ", got ", u_sum->sizes(), " ", u_sum->scalar_type(), " on ",
                       u_sum->device());
-    p.u_st = Strides4{u.stride(0), u.stride(1), 0, 1};
+    p.u_st = Strides4{parts.b, parts.h, 0, 1};
     p.u_parts = static_cast<int>(u.size(2));
-    p.u_part_stride = u.stride(2);
+    p.u_part_stride = parts.n;
     p.u_sum = u_sum->data_ptr();
-    p.vector = vector_items(dtype, p.D, {{&r, p.r_st}, {&u, Strides4{u.stride(0), u.stride(1), u.stride(2), 1}},
-                                         {&*u_sum, strides_of(*u_sum)}});
+    p.vector = vector_items(dtype, p.D, {{&r, p.r_st}, {&u, parts}, {&*u_sum, strides_of(*u_sum)}});
   } else {
     p.u_st = broadcast_strides(op, "u", u, r.sizes(), acc, r.device());
     p.vector = vector_items(dtype, p.D, {{&r, p.r_st}, {&u, p.u_st}});
