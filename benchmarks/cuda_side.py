@@ -791,8 +791,8 @@ def _head_affine(r, u, alpha, beta, dtype, u_sum=None):
         p.u_st = _strides(u.expand(r.shape))
         p.vector = _vector_items(dtype, p.D, ((r, p.r_st), (u, p.u_st)))
     p.coefficients, p.out = rec.pointer(coefficients, "coefficients"), rec.pointer(out, "out")
-    # head_affine.cuh's head_affine_shared: U's row in shared memory where it comes in parts
-    _record_head("head_affine_kernel", dtype, p, touched, p.D * u.element_size() if u_sum is not None else 0)
+    # head_affine.cuh's head_affine_shared: U's row staged in shared memory where it is one per (b, h)
+    _record_head("head_affine_kernel", dtype, p, touched, p.D * u.element_size() if p.u_st.n == 0 else 0)
     return out
 
 

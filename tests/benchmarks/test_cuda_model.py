@@ -125,6 +125,17 @@ def test_unaligned_head_dims_run_the_plain_variants_on_padded_copies():
     assert rows.params.do_st.n == 40
 
 
+def test_head_affine_stages_u_also_without_the_forwards_shares():
+    # Key segments (N > 224): the forward sums no shares of U, so the caller's U [B, H, 1, D] comes whole; it is still
+    # one row per (b, h), which head_affine stages in shared memory (head_affine.cuh's head_affine_shared).
+    from benchmarks import cuda_side
+
+    D = 16
+    (_, affine) = [x for x in _launches(cuda_side.cuda_call(1, 2, 240, D, "batch-train", 90))["fwd"]]
+    assert affine.program == "head_affine" and not affine.params.u_sum and affine.params.u_parts == 1
+    assert affine.params.u_st.n == 0 and affine.dynamic_shared == D * 4
+
+
 def test_problems_without_a_tensor_core_plan_run_the_cuda_core_programs():
     from benchmarks import cuda_side
 
