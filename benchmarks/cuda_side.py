@@ -667,7 +667,8 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
         if not stats_only:
             key_touched = [(t, kinds) for t, kinds in touched if t is not partials] + [
                 (delta, {"read"}), (dk, {"write"}), (dv, {"write"})]
-            args = [keys[k_] for k_ in ("kslabs", "groups", "heads", "d")] + [backward_keys_variant(p, plain, q.dtype)]
+            args = [keys[k_] for k_ in ("kslabs", "groups", "heads", "d", "tiles")] + [
+                backward_keys_variant(p, plain, q.dtype)]
             p.key_tiles = KeyLayout(*keys["layout"])  # as launch_key_shape sets it
             _record(_template_symbol(rec.arch, "key_kernel", "KeyConfig", args, q.dtype), "backward_keys", False, q,
                     p, key_touched, (B * keys["grid"][0], 1), keys["threads"], keys["shared_bytes"], "queries", 16)

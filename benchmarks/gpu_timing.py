@@ -196,7 +196,7 @@ def kernel_name(raw: str) -> str:
         args = [a.strip() for a in m.group(4).split(",")]
         if m.group(2) == "RowConfig":
             args[-1] = ROW_VARIANTS.get(args[-1], args[-1])
-        elif len(args) == 5:
+        elif len(args) == 6:  # kslabs, groups, heads, d, tiles, variant
             args[-1] = KEY_VARIANTS.get(args[-1], args[-1])
         return f"{m.group(1)}<{m.group(2)}<{_CXX_TYPES.get(m.group(3), m.group(3))}, {', '.join(args)}>>"
     return raw

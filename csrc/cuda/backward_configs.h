@@ -6,8 +6,8 @@
 // in segments of 64, the score phase once per sweep and segment) with a 2-slot ring of 16-key
 // chunk tiles beside it (V, and in the second sweep K, each a step of its own), so its query
 // blocks are small (16 or 32 rows); registers hold dO and dQ fragments of at most two or three
-// heads per warp. The key pass holds dK and dV of two heads per warp (three in shape 4: 12 heads with no
-// idle head slots, 32 keys per program).
+// heads per warp. The key pass holds dK and dV of two heads of one 16-key tile per warp (three in
+// shape 4: 12 heads with no idle head slots, 32 keys per program; one head of two tiles in shape 5).
 // A problem no pair of shapes serves runs the CUDA-core programs of programs.cuh.
 #pragma once
 
@@ -30,14 +30,21 @@ namespace cuda {
   X(3, 2, 4, 3, 48, 48, 64)           \
   X(4, 1, 8, 2, 64, 64, 64)
 
-// index, kslabs, groups, heads, d. Shape 4 (H <= 12, D <= 32: DeepViT-16b) is picked over shape 2
-// there: 32 keys per program halve the per-key cost of staging each query chunk.
+// index, kslabs, groups, heads, d, tiles (16-key tiles per warp). A warp of two tiles (shape 5: one
+// head, 32 keys, one slab) reads each query chunk's Q and dO fragments once for both tiles, where two
+// slabs of one tile (shape 0) read them twice: per key and chunk about a fifth less shared-memory
+// traffic in the key pass (static model, DeiT-S). Its dK and dV take the registers of two heads of one
+// tile; its exchange region (LayerNorm's general variant) is per tile, which keeps it off an A100
+// (shape 0 serves it there). Two heads of two tiles at D = 32 (DeepViT-16b) spill (ptxas, sm_90: 80-96
+// bytes of stack at 255 registers), so shape 4 (H <= 12, D <= 32) stays there, picked over shape 2:
+// 32 keys per program halve the per-key cost of staging each query chunk.
 #define REATTN_KEY_SHAPES(X) \
-  X(0, 2, 4, 2, 64)          \
-  X(1, 1, 8, 2, 64)          \
-  X(2, 1, 8, 2, 32)          \
-  X(3, 1, 8, 2, 48)          \
-  X(4, 2, 4, 3, 32)
+  X(0, 2, 4, 2, 64, 1)       \
+  X(1, 1, 8, 2, 64, 1)       \
+  X(2, 1, 8, 2, 32, 1)       \
+  X(3, 1, 8, 2, 48, 1)       \
+  X(4, 2, 4, 3, 32, 1)       \
+  X(5, 1, 8, 1, 64, 2)
 
 constexpr int kBackwardRowShapeCount = 5;
 
@@ -76,7 +83,7 @@ constexpr int kKeysPlainLayer = 2;
 constexpr int backward_keys_variant(bool plain, bool layer_norm, bool bf16) {
   return !plain ? kKeysGeneral : layer_norm && bf16 ? kKeysPlainLayer : kKeysPlain;
 }
-constexpr int kKeyShapeCount = 5;
+constexpr int kKeyShapeCount = 6;
 
 inline TileShape backward_row_shape(int index) {
   static const TileShape shapes[] = {
@@ -89,7 +96,7 @@ inline TileShape backward_row_shape(int index) {
 
 inline KeyShape key_shape(int index) {
   static const KeyShape shapes[] = {
-#define REATTN_SHAPE_ENTRY(i, kslabs, groups, heads, d) KeyShape{kslabs, groups, heads, d},
+#define REATTN_SHAPE_ENTRY(i, kslabs, groups, heads, d, tiles) KeyShape{kslabs, groups, heads, d, tiles},
       REATTN_KEY_SHAPES(REATTN_SHAPE_ENTRY)
 #undef REATTN_SHAPE_ENTRY
   };
@@ -98,7 +105,8 @@ inline KeyShape key_shape(int index) {
 
 // Both passes' shapes for H heads of dim D, Nk keys, or false, within the shared memory limit: for
 // the row pass one segment first (its score phase runs once), then the fewest wasted head dims,
-// then the most rows per program; for the key pass the fewest wasted head dims, then the most keys.
+// then the most rows per program; for the key pass the fewest wasted head dims, then the most keys,
+// then the most tiles per warp.
 inline bool pick_backward_shapes(int H, int D, int Nk, size_t shared_limit, int* rows, int* keys) {
   *rows = *keys = -1;
   long best = 0;
@@ -117,7 +125,8 @@ inline bool pick_backward_shapes(int H, int D, int Nk, size_t shared_limit, int*
   for (int i = 0; i < kKeyShapeCount; ++i) {
     const KeyShape s = key_shape(i);
     if (H > s.max_heads() || D > s.d || key_layout(s, H).bytes > shared_limit) continue;
-    const long cost = static_cast<long>(s.d - D) * 1000 - s.kslabs;
+    // Per key, a warp of two tiles reads the chunks' Q and dO half as often as a slab of one.
+    const long cost = static_cast<long>(s.d - D) * 1000 - 2 * (s.keys() / 16) - s.tiles;
     if (*keys < 0 || cost < best) {
       *keys = i;
       best = cost;

@@ -56,9 +56,9 @@ cudaError_t launch_backward_variant(int rows, int keys, const ReAttnParams& p, c
     return cudaErrorInvalidValue;  // compiled for bf16 only (never chosen otherwise)
   } else {
     switch (keys) {
-#define REATTN_SHAPE_CASE(i, kslabs, groups, heads, d) \
+#define REATTN_SHAPE_CASE(i, kslabs, groups, heads, d, tiles) \
   case i:                                               \
-    return launch_key_shape<KeyConfig<E, kslabs, groups, heads, d, kKeyPlain>>(p, stream);
+    return launch_key_shape<KeyConfig<E, kslabs, groups, heads, d, tiles, kKeyPlain>>(p, stream);
       REATTN_KEY_SHAPES(REATTN_SHAPE_CASE)
 #undef REATTN_SHAPE_CASE
       default:

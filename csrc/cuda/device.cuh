@@ -325,6 +325,27 @@ REATTN_DEVICE void mma_row_major(const uint32_t (&a)[4], const E* tile, int row,
     mma_m16n8k16<E>(acc[n + 1], a, b1, acc[n + 1]);
   }
 }
+// The same for kTiles A fragments (16-row tiles of A) against one B: acc[t][n] += A_t B_n, each B
+// load serving every tile (the key pass's warps of two 16-key tiles: dK += dS^T Q and dV += A^T dO
+// read Q and dO once for both).
+template <typename E, int kTiles, int kN8>
+REATTN_DEVICE void mma_row_major(const uint32_t (&a)[kTiles][4], const E* tile, int row, int lane,
+                                 float (&acc)[kTiles][kN8][4]) {
+  static_assert(kN8 % 2 == 0, "pairs of n8 tiles per load");
+  const int i = lane / 8;
+  const E* at = tile + ((i % 2) * 8 + lane % 8) * row + (i / 2) * 8;
+#pragma unroll
+  for (int n = 0; n < kN8; n += 2) {
+    uint32_t b[4];
+    ldmatrix_x4_trans(b, at + n * 8);
+    const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      mma_m16n8k16<E>(acc[t][n], a[t], b0, acc[t][n]);
+      mma_m16n8k16<E>(acc[t][n + 1], a[t], b1, acc[t][n + 1]);
+    }
+  }
+}
 
 // ---- asynchronous copies global -> shared -------------------------------------------------------
 // cp.async.cg.shared.global [dst], [src], 16, src_bytes: 16 bytes, the ones past src_bytes zero

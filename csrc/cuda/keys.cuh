@@ -1,7 +1,9 @@
 // The backward's key pass on tensor cores: dK and dV without atomics. One program (thread block) =
-// batch element b, 16 * kslabs keys, every head; it sweeps the queries 16 rows at a time with the
-// block's K and V resident in shared memory and dK, dV accumulating in registers. Its warps are a
-// grid of key slabs (16 keys) x groups; warp (slab, group) owns heads group, group + groups, ...
+// batch element b, 16 * kslabs * tiles keys, every head; it sweeps the queries 16 rows at a time
+// with the block's K and V resident in shared memory and dK, dV accumulating in registers. Its warps
+// are a grid of key slabs (16 * tiles keys) x groups; warp (slab, group) owns heads group,
+// group + groups, ... for the slab's keys, each 16-key tile of them an m16 tile of its products
+// (one load of the chunk's Q or dO fragments serves every tile: that is what tiles buy).
 // Per 16-row query chunk (Q, dO, the rows' statistics and D through a 2-slot cp.async ring):
 //
 //   as input-head owners: S^T = K Q^T on tensor cores (K A-fragments, Q^T B-fragments by ldmatrix),
@@ -34,18 +36,18 @@ namespace cuda {
 
 // kPlain_: kKeysGeneral, kKeysPlain (no mask, no dropout, 16-byte aligned rows; row_configs.h) or
 // kKeysPlainLayer (plain, LayerNorm, bf16: backward_configs.h backward_keys_variant).
-template <typename E_, int kKSlabs_, int kGroups_, int kHeads_, int kD_, int kPlain_>
+template <typename E_, int kKSlabs_, int kGroups_, int kHeads_, int kD_, int kTiles_, int kPlain_>
 struct KeyConfig {
   using E = E_;
-  static constexpr int kKSlabs = kKSlabs_, kGroups = kGroups_, kHeads = kHeads_, kD = kD_;
+  static constexpr int kKSlabs = kKSlabs_, kGroups = kGroups_, kHeads = kHeads_, kD = kD_, kTiles = kTiles_;
   static constexpr bool kPlain = kPlain_ != kKeysGeneral;
   static constexpr bool kLayer = kPlain_ == kKeysPlainLayer;
-  static constexpr int kWarps = kKSlabs * kGroups, kThreads = 32 * kWarps, kKeys = 16 * kKSlabs;
+  static constexpr int kWarps = kKSlabs * kGroups, kThreads = 32 * kWarps, kKeys = 16 * kKSlabs * kTiles;
   static constexpr int kMaxHeads = kGroups * kHeads;
   static constexpr int kKSteps = kD / 16;
   static constexpr int kN8 = kD / 8;
   static_assert(kD % 16 == 0, "tile shape");
-  static REATTN_HD KeyShape shape() { return KeyShape{kKSlabs, kGroups, kHeads, kD}; }
+  static REATTN_HD KeyShape shape() { return KeyShape{kKSlabs, kGroups, kHeads, kD, kTiles}; }
 };
 
 template <class Cfg>
@@ -53,7 +55,7 @@ struct KeyProgram {
   using E = typename Cfg::E;
   using Cv = dev::Convert<E>;
   using Mix = Mixer<E, Cfg::kGroups, Cfg::kHeads, Cfg::kMaxHeads>;
-  static constexpr int kGroups = Cfg::kGroups, kHeads = Cfg::kHeads;
+  static constexpr int kGroups = Cfg::kGroups, kHeads = Cfg::kHeads, kTiles = Cfg::kTiles;
   static constexpr int kHeadsPad = Mix::kHeadsPad;
   // The plain bf16 variant forms dP'^T = W'^T dM^T on tensor cores (tensor_grad_keys), with W' split
   // into 16-bit hi + lo as the row pass's D and dP' take it (the same rule: backward_tensor_mixing).
@@ -115,9 +117,13 @@ struct KeyProgram {
     return reinterpret_cast<float*>(slot_base(slot) + 2 * H * kChunkRows * kRow);
   }
 
-  // Entry e of a 16 x 16 tile (keys x rows): key gq + 8 ((e / 2) % 2), row 2 tq + e % 2 + 8 (e / 4).
-  REATTN_DEVICE int entry_key(int e) const { return n0 + slab * 16 + gq + ((e / 2) % 2) * 8; }
+  // The first key (in the block) of the warp's tile t: tiles of one slab are adjacent.
+  REATTN_DEVICE int tile_key(int t) const { return (slab * kTiles + t) * 16; }
+  // Entry e of tile t, 16 x 16 (keys x rows): key gq + 8 ((e / 2) % 2), row 2 tq + e % 2 + 8 (e / 4).
+  REATTN_DEVICE int entry_key(int t, int e) const { return n0 + tile_key(t) + gq + ((e / 2) % 2) * 8; }
   REATTN_DEVICE int entry_row(int e) const { return 2 * tq + (e & 1) + (e / 4) * 8; }
+  // Which of the thread's 4 rows entry e is in (0 .. 3: rows 2 tq, 2 tq + 1, 2 tq + 8, 2 tq + 9).
+  static REATTN_DEVICE int row_slot(int e) { return (e & 1) + 2 * (e / 4); }
 
   // ---- loads ---------------------------------------------------------------------------------
   REATTN_DEVICE void load_block() {
@@ -226,74 +232,90 @@ struct KeyProgram {
     for (int j = 0; j < kHeads; ++j) {
       const int h = group + kGroups * j;
       if (h >= H) continue;
-      float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      const E* kh = keys + (static_cast<size_t>(h) * Cfg::kKeys + slab * 16) * kRow;
+      float c[kTiles][2][4] = {};
+      const E* kh = keys + (static_cast<size_t>(h) * Cfg::kKeys + tile_key(0)) * kRow;
       const E* qh = qtile + static_cast<size_t>(h) * kChunkRows * kRow;
       // Rolled: unrolled, the compiler loads every k-step's fragments ahead and, beside dK and dV,
       // runs out of registers.
 #pragma unroll 1
       for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
-        uint32_t a[4], qb[4];
-        dev::ldmatrix_x4(a, kh + (lane % 16) * kRow + kk * 16 + (lane / 16) * 8);
         // B = Q^T from Q [row][d] without .trans: matrices (n8 tile i / 2 of rows, k half i % 2).
+        uint32_t qb[4];
         dev::ldmatrix_x4(qb, qh + ((i / 2) * 8 + lane % 8) * kRow + kk * 16 + (i % 2) * 8);
         const uint32_t b0[2] = {qb[0], qb[1]}, b1[2] = {qb[2], qb[3]};
-        dev::mma_m16n8k16<E>(c0, a, b0, c0);
-        dev::mma_m16n8k16<E>(c1, a, b1, c1);
-      }
-      float v[8];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        v[e] = c0[e];
-        v[4 + e] = c1[e];
-      }
-      if constexpr (Cfg::kPlain) {
-        // No mask, no dropout: P = 2^(raw c - (m + log l) log2 e), c = scale log2 e (one FMA). Rows
-        // past Nq have m = +inf (P = 0); keys past Nk (zero K rows) get a finite P that only their
-        // own dK and dV rows, never written, and entries whose dN is zeroed (grad_mixed) see.
-        const float c = scale * kLog2e;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const float* rs = st + 3 * (h * kChunkRows + entry_row(e));
-          v[e] = dev::exp2_approx(v[e] * c - (rs[0] + rs[1]) * kLog2e);
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const int key = entry_key(e), rl = entry_row(e), row = r0 + rl;
-          const float* rs = st + 3 * (h * kChunkRows + rl);
-          float s = v[e] * scale;
-          bool out = key >= Nk || row >= Nq;
-          if (!out && p.mask_kind != kMaskNone) {
-            const int64_t offset = b * p.mask_st.b + h * p.mask_st.h + row * p.mask_st.n + key * p.mask_st.d;
-            if (p.mask_kind == kMaskBool) {
-              out = static_cast<const uint8_t*>(p.mask)[offset] == 0;
-            } else {
-              const float add = static_cast<const float*>(p.mask)[offset];
-              out = add == -INFINITY;
-              s += add;
-            }
-          }
-          // P = exp((S - m) - log l): the difference first (large finite mask fills stay exact).
-          float pv = out ? 0.0f : dev::exp2_approx((s - rs[0]) * kLog2e - rs[1] * kLog2e);
-          if (dropout && pv != 0.0f && !dropout_keep(seed, b, H, h, row, key, threshold)) pv = -pv;
-          v[e] = out ? -0.0f : pv;
+        for (int t = 0; t < kTiles; ++t) {
+          uint32_t a[4];
+          dev::ldmatrix_x4(a, kh + (t * 16 + lane % 16) * kRow + kk * 16 + (lane / 16) * 8);
+          dev::mma_m16n8k16<E>(c[t][0], a, b0, c[t][0]);
+          dev::mma_m16n8k16<E>(c[t][1], a, b1, c[t][1]);
         }
       }
-      uint32_t packed[4];
+      // The row statistics of the thread's 4 rows (entry_row(e), e = 0, 1, 4, 5; row_slot), loaded once
+      // for every tile: between the tiles' P~^T stores the compiler loads them again.
+      float m[4], log_l[4];
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
-        packed[r] = Cv::pack(v[2 * r], v[2 * r + 1]);
-        if constexpr (!Cfg::kPlain) {  // a dropped -P rounding to -0 would read as masked
-          if (v[2 * r] < 0.0f && (packed[r] & 0xffffu) == 0x8000u) packed[r] = (packed[r] & 0xffff0000u) | 0x8001u;
-          if (v[2 * r + 1] < 0.0f && (packed[r] >> 16) == 0x8000u) packed[r] = (packed[r] & 0xffffu) | 0x80010000u;
-        }
+        const float* rs = st + 3 * (h * kChunkRows + entry_row((r & 1) + 4 * (r / 2)));
+        m[r] = rs[0];
+        log_l[r] = rs[1];
       }
-      E* to = probs_t + static_cast<size_t>(h) * kHeadStride + (slab * 16 + gq) * kTRow + 2 * tq;
-      *reinterpret_cast<uint32_t*>(to) = packed[0];
-      *reinterpret_cast<uint32_t*>(to + 8 * kTRow) = packed[1];
-      *reinterpret_cast<uint32_t*>(to + 8) = packed[2];
-      *reinterpret_cast<uint32_t*>(to + 8 * kTRow + 8) = packed[3];
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          v[e] = c[t][0][e];
+          v[4 + e] = c[t][1][e];
+        }
+        if constexpr (Cfg::kPlain) {
+          // No mask, no dropout: P = 2^(raw c cs - (m + log l) log2 e), cs = scale log2 e (one FMA). Rows
+          // past Nq have m = +inf (P = 0); keys past Nk (zero K rows) get a finite P that only their
+          // own dK and dV rows, never written, and entries whose dN is zeroed (grad_mixed) see.
+          const float cs = scale * kLog2e;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const int r = row_slot(e);
+            v[e] = dev::exp2_approx(v[e] * cs - (m[r] + log_l[r]) * kLog2e);
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const int key = entry_key(t, e), rl = entry_row(e), row = r0 + rl;
+            const float rs[2] = {m[row_slot(e)], log_l[row_slot(e)]};
+            float s = v[e] * scale;
+            bool out = key >= Nk || row >= Nq;
+            if (!out && p.mask_kind != kMaskNone) {
+              const int64_t offset = b * p.mask_st.b + h * p.mask_st.h + row * p.mask_st.n + key * p.mask_st.d;
+              if (p.mask_kind == kMaskBool) {
+                out = static_cast<const uint8_t*>(p.mask)[offset] == 0;
+              } else {
+                const float add = static_cast<const float*>(p.mask)[offset];
+                out = add == -INFINITY;
+                s += add;
+              }
+            }
+            // P = exp((S - m) - log l): the difference first (large finite mask fills stay exact).
+            float pv = out ? 0.0f : dev::exp2_approx((s - rs[0]) * kLog2e - rs[1] * kLog2e);
+            if (dropout && pv != 0.0f && !dropout_keep(seed, b, H, h, row, key, threshold)) pv = -pv;
+            v[e] = out ? -0.0f : pv;
+          }
+        }
+        uint32_t packed[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          packed[r] = Cv::pack(v[2 * r], v[2 * r + 1]);
+          if constexpr (!Cfg::kPlain) {  // a dropped -P rounding to -0 would read as masked
+            if (v[2 * r] < 0.0f && (packed[r] & 0xffffu) == 0x8000u) packed[r] = (packed[r] & 0xffff0000u) | 0x8001u;
+            if (v[2 * r + 1] < 0.0f && (packed[r] >> 16) == 0x8000u) packed[r] = (packed[r] & 0xffffu) | 0x80010000u;
+          }
+        }
+        E* to = probs_t + static_cast<size_t>(h) * kHeadStride + (tile_key(t) + gq) * kTRow + 2 * tq;
+        *reinterpret_cast<uint32_t*>(to) = packed[0];
+        *reinterpret_cast<uint32_t*>(to + 8 * kTRow) = packed[1];
+        *reinterpret_cast<uint32_t*>(to + 8) = packed[2];
+        *reinterpret_cast<uint32_t*>(to + 8 * kTRow + 8) = packed[3];
+      }
     }
   }
 
@@ -303,23 +325,21 @@ struct KeyProgram {
     Mix::template table_fragments<kTransposed>(at<uint32_t>(L.weights_t), lane, hi, lo);
   }
 
-  // M^T - c of the slab's 16 keys on tensor cores (kTensorGrad; norms other than LayerNorm, whose
-  // mean and variance across heads the per-thread Mixer forms), through dM^T's buffer (free until
-  // this chunk's dM^T): per key k and 8 query rows, W' P~^T[:, k, rows] is one product (A = W' as
-  // hi + lo, B = P~^T of every head by ldmatrix.trans), the slab's warps splitting its keys as
-  // tensor_grad_keys does. After the slab's barrier each warp reads its output heads' values back
+  // M^T - c of the warp's tile t (16 keys) on tensor cores (kTensorGrad; norms other than LayerNorm,
+  // whose mean and variance across heads the per-thread Mixer forms), through dM^T's buffer (free
+  // until this chunk's dM^T): per key k and 8 query rows, W' P~^T[:, k, rows] is one product (A = W'
+  // as hi + lo, B = P~^T of every head by ldmatrix.trans), the slab's warps splitting the tile's keys
+  // as tensor_grad_keys does. After the slab's barrier each warp reads its output heads' values back
   // in the A-fragment layout (16-bit). The bias c stays out (grad_mixed folds it into the
   // coefficients of xhat): as the product's C operand it costs a copy of c into every accumulator.
-  REATTN_DEVICE void tensor_mix(float (&acc)[kHeads][8]) const {
+  REATTN_DEVICE void tensor_mix(int t, const uint32_t (&whi)[4], const uint32_t (&wlo)[4], float (&acc)[kHeads][8]) const {
     constexpr bool kNarrow = Cfg::kMaxHeads <= 8;  // k = 8 input heads: W' columns 0 .. 7
-    uint32_t whi[4], wlo[4];
-    table_fragments<false>(whi, wlo);
-    const int key0 = slab * 16 + group * (16 / kGroups);
+    const int key0 = tile_key(t) + group * (16 / kGroups);
     const auto lane_src = Mix::template trans_lane<kNarrow>(lane);
     const E* src = at<E>(L.probs_t) + (lane_src.head < H ? lane_src.head : 0) * kHeadStride +
                    (key0 + lane_src.row) * kTRow + lane_src.octet * 8;
     E* dmixed = at<E>(L.dmixed);
-    const E* back = dmixed + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
+    const E* back = dmixed + (static_cast<size_t>(tile_key(t)) + lane % 16) * kTRow + (lane / 16) * 8;
     Mix::template mix_through<kNarrow>(src, kTRow, dmixed + gq * kHeadStride + key0 * kTRow + 2 * tq, kTRow, kHeadStride,
                                        back, whi, wlo, H, gq, group, slab, acc);
   }
@@ -333,158 +353,202 @@ struct KeyProgram {
     if (!batch && kTensorGrad && !layer) beta += gamma * vec_row(kBias)[g];
   }
 
-  // dA^T = V dO^T of head g at the thread's fragment entries: A = V [key][d] (this slab's keys), B = dO^T
-  // from dO [row][d] (dg: head g's chunk tile) without .trans.
-  REATTN_DEVICE void grad_attention(const E* values, const E* dg, int g, float (&dn)[8]) const {
+  // dA^T = V dO^T of head g (the warp's owned head j) at the thread's fragment entries of every tile:
+  // A = V [key][d] (the tiles' keys), B = dO^T from dO [row][d] (dg: head g's chunk tile) without
+  // .trans, loaded once for every tile.
+  REATTN_DEVICE void grad_attention(const E* values, const E* dg, int g, int j, float (&dn)[kTiles][kHeads][8]) const {
     const int i = lane / 8;
-    float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    const E* vg = values + (static_cast<size_t>(g) * Cfg::kKeys + slab * 16) * kRow;
+    float c[kTiles][2][4] = {};
+    const E* vg = values + (static_cast<size_t>(g) * Cfg::kKeys + tile_key(0)) * kRow;
 #pragma unroll 1
     for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
-      uint32_t va[4], gb[4];
-      dev::ldmatrix_x4(va, vg + (lane % 16) * kRow + kk * 16 + (lane / 16) * 8);
+      uint32_t gb[4];
       dev::ldmatrix_x4(gb, dg + ((i / 2) * 8 + lane % 8) * kRow + kk * 16 + (i % 2) * 8);
       const uint32_t b0[2] = {gb[0], gb[1]}, b1[2] = {gb[2], gb[3]};
-      dev::mma_m16n8k16<E>(c0, va, b0, c0);
-      dev::mma_m16n8k16<E>(c1, va, b1, c1);
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        uint32_t va[4];
+        dev::ldmatrix_x4(va, vg + (t * 16 + lane % 16) * kRow + kk * 16 + (lane / 16) * 8);
+        dev::mma_m16n8k16<E>(c[t][0], va, b0, c[t][0]);
+        dev::mma_m16n8k16<E>(c[t][1], va, b1, c[t][1]);
+      }
     }
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      dn[e] = c0[e];
-      dn[4 + e] = c1[e];
+    for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        dn[t][j][e] = c[t][0][e];
+        dn[t][j][4 + e] = c[t][1][e];
+      }
     }
   }
 
-  // The warp's output heads' values at their fragment entries to dM^T's buffer, 16-bit, A-fragment order.
-  REATTN_DEVICE void store_grad_tile(const float (&x)[kHeads][8]) const {
-    Mix::store_fragments(at<E>(L.dmixed) + (static_cast<size_t>(slab) * 16 + gq) * kTRow + 2 * tq, kTRow, kHeadStride,
-                         H, group, x);
+  // The warp's output heads' values at their fragment entries of tile t to dM^T's buffer, 16-bit,
+  // A-fragment order.
+  REATTN_DEVICE void store_grad_tile(int t, const float (&x)[kHeads][8]) const {
+    Mix::store_fragments(at<E>(L.dmixed) + (static_cast<size_t>(tile_key(t)) + gq) * kTRow + 2 * tq, kTRow,
+                         kHeadStride, H, group, x);
   }
 
-  // Output-head part: A^T, dA^T = V dO^T, dV += A^T dO, dM^T to shared memory.
-  REATTN_DEVICE void grad_mixed(int slot, int r0, const float (&coef)[4][kHeads], float (&dv)[kHeads][Cfg::kN8][4]) const {
+  // Output-head part: A^T, dA^T = V dO^T, dV += A^T dO, dM^T to shared memory, for every tile.
+  REATTN_DEVICE void grad_mixed(int slot, int r0, const float (&coef)[4][kHeads],
+                                float (&dv)[kHeads][kTiles][Cfg::kN8][4]) const {
     const bool layer = p.norm == kNormLayer, batch = p.norm == kNormBatch;
     const float bias_mean = at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads];
     const float inv_h = at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads + 1];
-    const E* ptile = at<E>(L.probs_t) + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
     const size_t head_stride = kHeadStride;
-    float acc[kHeads][8], mean[8], rstd[8];
-    uint32_t masks[kHeads];
+    float acc[kTiles][kHeads][8], mean[8], rstd[kTiles][8];
+    uint32_t masks[kTiles][kHeads];
     if (kTensorGrad && !layer) {  // affine norms: M^T on tensor cores (the plain variant has no masks)
-      tensor_mix(acc);
+      uint32_t whi[4], wlo[4];
+      table_fragments<false>(whi, wlo);
 #pragma unroll
-      for (int j = 0; j < kHeads; ++j) masks[j] = 0u;
-    } else {
-      uint32_t own[kHeads][4];
-      Mix::mix(ptile, head_stride, at<float>(L.weights), vec_row(kBias), vec_row(kColumnMean), bias_mean, H, group, acc,
-               mean, own, layer, !Cfg::kPlain && p.seed != nullptr);
+      for (int t = 0; t < kTiles; ++t) {
+        tensor_mix(t, whi, wlo, acc[t]);
 #pragma unroll
-      for (int j = 0; j < kHeads; ++j) masks[j] = Cfg::kPlain ? 0u : Mix::masked_bits(own[j]);
+        for (int j = 0; j < kHeads; ++j) masks[t][j] = 0u;
+      }
     }
-    float* region = at<float>(L.exchange) + static_cast<size_t>(slab) * kGroups * 32 * 24;
-    if (layer) {
-      float part[8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) part[e] = 0.0f;
+    for (int t = 0; t < kTiles; ++t) {
+      if (!(kTensorGrad && !layer)) {
+        const E* ptile = at<E>(L.probs_t) + (static_cast<size_t>(tile_key(t)) + lane % 16) * kTRow + (lane / 16) * 8;
+        uint32_t own[kHeads][4];
+        Mix::mix(ptile, head_stride, at<float>(L.weights), vec_row(kBias), vec_row(kColumnMean), bias_mean, H, group,
+                 acc[t], mean, own, layer, !Cfg::kPlain && p.seed != nullptr);
 #pragma unroll
-      for (int j = 0; j < kHeads; ++j) {
-        if (group + kGroups * j < H) {
+        for (int j = 0; j < kHeads; ++j) masks[t][j] = Cfg::kPlain ? 0u : Mix::masked_bits(own[j]);
+      }
+      if (layer) {
+        // Each tile its own region of the exchange (a tile's sums may still be read while the next
+        // tile's are written).
+        float* region = at<float>(L.exchange) + static_cast<size_t>(slab * kTiles + t) * kGroups * 32 * 24;
+        float part[8];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            acc[j][e] -= mean[e];
-            part[e] += acc[j][e] * acc[j][e];
+        for (int e = 0; e < 8; ++e) part[e] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kHeads; ++j) {
+          if (group + kGroups * j < H) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+              acc[t][j][e] -= mean[e];
+              part[e] += acc[t][j][e] * acc[t][j][e];
+            }
           }
         }
-      }
-      Mix::group_sum(region, 24, 1 + slab, group, lane, part);
+        Mix::group_sum(region, 24, 1 + slab, group, lane, part);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) rstd[e] = dev::rsqrt_approx(part[e] * inv_h + static_cast<float>(p.eps));
+        for (int e = 0; e < 8; ++e) rstd[t][e] = dev::rsqrt_approx(part[e] * inv_h + static_cast<float>(p.eps));
 #pragma unroll
-      for (int j = 0; j < kHeads; ++j) {
+        for (int j = 0; j < kHeads; ++j) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[j][e] *= rstd[e];  // xhat
-      }
-    }  // BatchNorm and none: xhat is affine in acc, folded into A^T's and dM's coefficients (norm_affine)
+          for (int e = 0; e < 8; ++e) acc[t][j][e] *= rstd[t][e];  // xhat
+        }
+      }  // BatchNorm and none: xhat is affine in acc, folded into A^T's and dM's coefficients (norm_affine)
+    }
     const E* grads = slot_grads(slot);
     const E* values = at<E>(L.values);
     // Entries past Nk or Nq count as masked: tested only in the chunks that have them (the block's
     // last keys, the last query chunk; a branch the whole warp takes alike).
-    uint32_t outside = 0;
-    if (n0 + slab * 16 + 16 > Nk || r0 + kChunkRows > Nq) {
+    uint32_t outside[kTiles];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        if (entry_key(e) >= Nk || r0 + entry_row(e) >= Nq) outside |= 1u << e;
+    for (int t = 0; t < kTiles; ++t) {
+      outside[t] = 0u;
+      if (n0 + tile_key(t) + 16 > Nk || r0 + kChunkRows > Nq) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          if (entry_key(t, e) >= Nk || r0 + entry_row(e) >= Nq) outside[t] |= 1u << e;
+        }
       }
     }
-    float dn[kHeads][8];
+    float dn[kTiles][kHeads][8];
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int g = group + kGroups * j;
       const int gg = g < H ? g : 0;
       if (Cfg::kPlain && g >= H) {  // a head past H (warp-uniform): dN = 0, no products
 #pragma unroll
-        for (int e = 0; e < 8; ++e) dn[j][e] = 0.0f;
+        for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) dn[t][j][e] = 0.0f;
+        }
         continue;
       }
       // A^T = gamma' xhat + beta' (0 where masked), dV += A^T dO.
       const float gamma = coef[0][j], beta = coef[1][j];  // norm_affine, formed before the sweep
-      float a[8];
+      uint32_t af[kTiles][4];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) a[e] = ((masks[j] >> e) & 1u) ? 0.0f : gamma * acc[j][e] + beta;
-      const uint32_t af[4] = {Cv::pack(a[0], a[1]), Cv::pack(a[2], a[3]), Cv::pack(a[4], a[5]), Cv::pack(a[6], a[7])};
+      for (int t = 0; t < kTiles; ++t) {
+        float a[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) a[e] = ((masks[t][j] >> e) & 1u) ? 0.0f : gamma * acc[t][j][e] + beta;
+#pragma unroll
+        for (int r = 0; r < 4; ++r) af[t][r] = Cv::pack(a[2 * r], a[2 * r + 1]);
+      }
       const E* dg = grads + static_cast<size_t>(gg) * kChunkRows * kRow;
       if (g < H) dev::mma_row_major(af, dg, kRow, lane, dv[j]);  // dV += A^T dO, dO [row][d]
-      grad_attention(values, dg, gg, dn[j]);
-      masks[j] |= outside;
-      if (Cfg::kPlain && masks[j] == 0 && g < H) continue;  // the plain variant's usual chunk
+      grad_attention(values, dg, gg, j, dn);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        if (((masks[j] >> e) & 1u) || g >= H) dn[j][e] = 0.0f;
-      }
-    }
-    float (&dm)[kHeads][8] = dn;  // dM in place of dN
-    if (layer) {
-      float s1[8], s2[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) s1[e] = s2[e] = 0.0f;
-#pragma unroll
-      for (int j = 0; j < kHeads; ++j) {
-        const int g = group + kGroups * j < H ? group + kGroups * j : 0;
-        const float gamma = vec_row(kGamma)[g];
+      for (int t = 0; t < kTiles; ++t) {
+        masks[t][j] |= outside[t];
+        if (Cfg::kPlain && masks[t][j] == 0 && g < H) continue;  // the plain variant's usual chunk
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
-          dm[j][e] = gamma * dn[j][e];
-          s1[e] += dm[j][e];
-          s2[e] += dm[j][e] * acc[j][e];
+          if (((masks[t][j] >> e) & 1u) || g >= H) dn[t][j][e] = 0.0f;
         }
       }
-      Mix::group_sum2(region + 8, 24, 1 + slab, group, lane, s1, s2);
-#pragma unroll
-      for (int j = 0; j < kHeads; ++j) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) dm[j][e] = rstd[e] * (dm[j][e] - s1[e] * inv_h - acc[j][e] * s2[e] * inv_h);
-      }
-    } else if (batch) {
-#pragma unroll
-      for (int j = 0; j < kHeads; ++j) {
-        const float a = coef[0][j], ee = coef[2][j], ff = coef[3][j];  // batch_coefficients
-#pragma unroll
-        for (int e = 0; e < 8; ++e) dm[j][e] = ((masks[j] >> e) & 1u) ? 0.0f : a * dn[j][e] + (ee * acc[j][e] + ff);
-      }
-    } else {  // none: dM = gamma' dN = out_scale dN (ops.cpp's fold), already 0 where dN is
-      const float a = static_cast<float>(p.out_scale);
-#pragma unroll
-      for (int j = 0; j < kHeads; ++j) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) dm[j][e] = a * dn[j][e];
-      }
     }
-    store_grad_tile(dm);
+    float (&dm)[kTiles][kHeads][8] = dn;  // dM in place of dN
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      if (layer) {
+        float* region = at<float>(L.exchange) + static_cast<size_t>(slab * kTiles + t) * kGroups * 32 * 24;
+        float s1[8], s2[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) s1[e] = s2[e] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kHeads; ++j) {
+          const int g = group + kGroups * j < H ? group + kGroups * j : 0;
+          const float gamma = vec_row(kGamma)[g];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            dm[t][j][e] = gamma * dn[t][j][e];
+            s1[e] += dm[t][j][e];
+            s2[e] += dm[t][j][e] * acc[t][j][e];
+          }
+        }
+        Mix::group_sum2(region + 8, 24, 1 + slab, group, lane, s1, s2);
+#pragma unroll
+        for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            dm[t][j][e] = rstd[t][e] * (dm[t][j][e] - s1[e] * inv_h - acc[t][j][e] * s2[e] * inv_h);
+          }
+        }
+      } else if (batch) {
+#pragma unroll
+        for (int j = 0; j < kHeads; ++j) {
+          const float a = coef[0][j], ee = coef[2][j], ff = coef[3][j];  // batch_coefficients
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            dm[t][j][e] = ((masks[t][j] >> e) & 1u) ? 0.0f : a * dn[t][j][e] + (ee * acc[t][j][e] + ff);
+          }
+        }
+      } else {  // none: dM = gamma' dN = out_scale dN (ops.cpp's fold), already 0 where dN is
+        const float a = static_cast<float>(p.out_scale);
+#pragma unroll
+        for (int j = 0; j < kHeads; ++j) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) dm[t][j][e] = a * dn[t][j][e];
+        }
+      }
+      store_grad_tile(t, dm[t]);
+    }
   }
 
   // ---- LayerNorm on tensor cores (kLayerKeys) --------------------------------------------------------
-  // Per query chunk, with the slab's 16 keys split over its warps (mixing.cuh, "LayerNorm across heads
-  // on tensor cores", with keys for rows and the chunk's query rows for columns):
+  // Per query chunk and tile, with its 16 keys split over the slab's warps (mixing.cuh, "LayerNorm
+  // across heads on tensor cores", with keys for rows and the chunk's query rows for columns):
   //   1. per key, M^T - mean from P~^T on tensor cores, rstd from a quad's sum of squares, and
   //      A^T = gamma' xhat + beta' of every head over dM^T's buffer by one stmatrix.trans;
   //   2. after the slab's barrier, as output-head owners: A^T fragments by ldmatrix, dV += A^T dO,
@@ -496,16 +560,16 @@ struct KeyProgram {
   // stores, 12 shuffles and 2 reciprocal square roots per lane.
   static constexpr int kLayerTable = 4 * 32 * 4;  // words of the fragment table before LayerNorm's
 
-  // Steps 1 (kGrad false) and 3 (true) for the warp's keys; lg: the lane's table entries, loaded once per
-  // chunk (static model, ViT-B key kernel: loaded per step 272.7 us t_low, per chunk 257.9).
+  // Steps 1 (kGrad false) and 3 (true) for the warp's keys of tile t; lg: the lane's table entries, loaded
+  // once per chunk (static model, ViT-B key kernel: loaded per step 272.7 us t_low, per chunk 257.9).
   template <bool kGrad>
-  REATTN_DEVICE void layer_keys(const typename Mix::LayerLane& lg) const {
+  REATTN_DEVICE void layer_keys(int t, const typename Mix::LayerLane& lg) const {
     constexpr int kPerLoad = Mix::kLayerRowsPerLoad, kPerWarp = 16 / kGroups;
     static_assert(16 % kGroups == 0 && kPerWarp % kPerLoad == 0, "whole loads per warp");
     const float inv_h = at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads + 1], eps = static_cast<float>(p.eps);
     // Heads past H read head 0 and store to one scratch row (head 0's padding of dM^T's buffer, never read).
     const auto ls = Mix::layer_src(lane);
-    const int key0 = slab * 16 + group * kPerWarp;
+    const int key0 = tile_key(t) + group * kPerWarp;
     const int hc = ls.head < H ? ls.head : 0;
     const uint32_t src = dev::smem_address(at<E>(L.probs_t) + hc * kHeadStride + (key0 + ls.row) * kTRow + ls.octet * 8);
     const uint32_t grad = dev::smem_address(at<E>(L.dmixed) + hc * kHeadStride + (key0 + ls.row) * kTRow + ls.octet * 8);
@@ -527,69 +591,88 @@ struct KeyProgram {
         });
   }
 
-  // Steps 1 to 3 (dM^T of every head is in dM^T's buffer after the caller's barrier).
-  REATTN_DEVICE void grad_mixed_layer(int slot, int r0, float (&dv)[kHeads][Cfg::kN8][4]) const {
+  // Steps 1 to 3 for every tile (dM^T of every head is in dM^T's buffer after the caller's barrier).
+  REATTN_DEVICE void grad_mixed_layer(int slot, int r0, float (&dv)[kHeads][kTiles][Cfg::kN8][4]) const {
     const auto lg = Mix::template layer_lane<true>(at<uint32_t>(L.weights_t) + kLayerTable, lane);
-    layer_keys<false>(lg);
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) layer_keys<false>(t, lg);
     Mix::slab_barrier(slab);  // A^T of the slab's every head
     const E* grads = slot_grads(slot);
     const E* values = at<E>(L.values);
-    const E* atile = at<E>(L.dmixed) + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
-    float dn[kHeads][8];
+    const E* atile = at<E>(L.dmixed) + (static_cast<size_t>(tile_key(0)) + lane % 16) * kTRow + (lane / 16) * 8;
+    float dn[kTiles][kHeads][8];
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int g = group + kGroups * j;
       const int gg = g < H ? g : 0;
       if (g >= H) {  // warp-uniform: dN = 0 (not stored), no products
 #pragma unroll
-        for (int e = 0; e < 8; ++e) dn[j][e] = 0.0f;
+        for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) dn[t][j][e] = 0.0f;
+        }
         continue;
       }
-      uint32_t af[4];
-      dev::ldmatrix_x4(af, atile + static_cast<size_t>(gg) * kHeadStride);
+      uint32_t af[kTiles][4];
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) dev::ldmatrix_x4(af[t], atile + static_cast<size_t>(gg) * kHeadStride + t * 16 * kTRow);
       const E* dg = grads + static_cast<size_t>(gg) * kChunkRows * kRow;
       dev::mma_row_major(af, dg, kRow, lane, dv[j]);  // dV += A^T dO, dO [row][d]
-      grad_attention(values, dg, gg, dn[j]);
+      grad_attention(values, dg, gg, j, dn);
     }
-    if (n0 + slab * 16 + 16 > Nk || r0 + kChunkRows > Nq) {  // entries past Nk or Nq: the warp alike
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        if (entry_key(e) >= Nk || r0 + entry_row(e) >= Nq) {
+    for (int t = 0; t < kTiles; ++t) {
+      if (n0 + tile_key(t) + 16 > Nk || r0 + kChunkRows > Nq) {  // entries past Nk or Nq: the warp alike
 #pragma unroll
-          for (int j = 0; j < kHeads; ++j) dn[j][e] = 0.0f;
+        for (int e = 0; e < 8; ++e) {
+          if (entry_key(t, e) >= Nk || r0 + entry_row(e) >= Nq) {
+#pragma unroll
+            for (int j = 0; j < kHeads; ++j) dn[t][j][e] = 0.0f;
+          }
         }
       }
     }
     dev::sync_warp();  // the lanes' A^T reads before dN^T goes over them
-    store_grad_tile(dn);
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) store_grad_tile(t, dn[t]);
     Mix::slab_barrier(slab);  // dN^T of the slab's every head
-    layer_keys<true>(lg);
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) layer_keys<true>(t, lg);
   }
 
-  // Input-head part: dP'^T = W'^T dM^T, dS^T = P (Z dP' - D) scale, dK += dS^T Q.
-  REATTN_DEVICE void grad_keys(int slot, float (&dk)[kHeads][Cfg::kN8][4]) const {
-    float dp[kHeads][8];
-    const E* mtile = at<E>(L.dmixed) + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
-    Mix::mix_transposed(mtile, kHeadStride, at<float>(L.weights_t), H, group, dp);
+  // Input-head part: dP'^T = W'^T dM^T, dS^T = P (Z dP' - D) scale, dK += dS^T Q, for every tile.
+  REATTN_DEVICE void grad_keys(int slot, float (&dk)[kHeads][kTiles][Cfg::kN8][4]) const {
+    float dp[kTiles][kHeads][8];
+    const E* mtile = at<E>(L.dmixed) + (static_cast<size_t>(tile_key(0)) + lane % 16) * kTRow + (lane / 16) * 8;
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      Mix::mix_transposed(mtile + t * 16 * kTRow, kHeadStride, at<float>(L.weights_t), H, group, dp[t]);
+    }
     const float* st = slot_stats(slot);
     const E* qtile = slot_base(slot);
-    const E* ptile = at<E>(L.probs_t) + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
+    const E* ptile = at<E>(L.probs_t) + (static_cast<size_t>(tile_key(0)) + lane % 16) * kTRow + (lane / 16) * 8;
     const float scale = static_cast<float>(p.scale);
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int h = group + kGroups * j;
       if (h >= H) continue;
-      uint32_t pk[4];
-      dev::ldmatrix_x4(pk, ptile + static_cast<size_t>(h) * kHeadStride);
-      float ds[8];
+      float d[4];  // D of the thread's 4 rows (row_slot)
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const float d = st[3 * (h * kChunkRows + entry_row(e)) + 2];
-        const float pv = e & 1 ? Cv::high(pk[e / 2]) : Cv::low(pk[e / 2]);
-        ds[e] = Mix::template score_grad<Cfg::kPlain>(pv, dp[j][e], d, scale);
+      for (int r = 0; r < 4; ++r) d[r] = st[3 * (h * kChunkRows + entry_row((r & 1) + 4 * (r / 2))) + 2];
+      uint32_t af[kTiles][4];
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        uint32_t pk[4];
+        dev::ldmatrix_x4(pk, ptile + static_cast<size_t>(h) * kHeadStride + t * 16 * kTRow);
+        float ds[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float pv = e & 1 ? Cv::high(pk[e / 2]) : Cv::low(pk[e / 2]);
+          ds[e] = Mix::template score_grad<Cfg::kPlain>(pv, dp[t][j][e], d[row_slot(e)], scale);
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) af[t][r] = Cv::pack(ds[2 * r], ds[2 * r + 1]);
       }
-      const uint32_t af[4] = {Cv::pack(ds[0], ds[1]), Cv::pack(ds[2], ds[3]), Cv::pack(ds[4], ds[5]),
-                              Cv::pack(ds[6], ds[7])};
       dev::mma_row_major(af, qtile + static_cast<size_t>(h) * kChunkRows * kRow, kRow, lane, dk[j]);  // Q [row][d]
     }
   }
@@ -602,18 +685,15 @@ struct KeyProgram {
   // goes over P~^T in place (the slab's warps split its keys), then after the slab's barrier
   // dK += dS^T Q for the warp's heads, the A fragments read back by ldmatrix.
   REATTN_DEVICE void tensor_grad_keys(int slot, const uint32_t (&whi)[4], const uint32_t (&wlo)[4],
-                                      float (&dk)[kHeads][Cfg::kN8][4]) const {
+                                      float (&dk)[kHeads][kTiles][Cfg::kN8][4]) const {
     constexpr int kKeysPerWarp = 16 / kGroups;
     static_assert(16 % kGroups == 0, "the slab's keys split over its warps");
     constexpr bool kNarrow = Cfg::kMaxHeads <= 8;  // k = 8 output heads: W'^T columns 0 .. 7
     constexpr int kHalves = kNarrow ? 1 : 2;  // C rows gq and gq + 8
     E* probs_t = at<E>(L.probs_t);
-    const int key0 = slab * 16 + group * kKeysPerWarp;  // the warp's first key in the block
     // ldmatrix.trans rows (Mixer::trans_lane: narrow, two keys per load).
     const auto lane_src = Mix::template trans_lane<kNarrow>(lane);
     const int hl = lane_src.head, key_of = lane_src.row, octet = lane_src.octet;
-    const E* src = at<E>(L.dmixed) + (hl < H ? hl : 0) * kHeadStride + (key0 + key_of) * kTRow + octet * 8;
-    E* dst = probs_t + gq * kHeadStride + key0 * kTRow + 2 * tq;  // C entries: head gq (+ 8), rows 2 tq, + 1
     // D of heads gq (+ 8) at the thread's rows 2 tq, 2 tq + 1, 8 + 2 tq, 9 + 2 tq (rows past Nq: 0).
     const float* st = slot_stats(slot);
     float dl[kHalves][4];
@@ -623,44 +703,54 @@ struct KeyProgram {
 #pragma unroll
       for (int r = 0; r < 4; ++r) dl[half][r] = st[3 * (h * kChunkRows + (r / 2) * 8 + 2 * tq + r % 2) + 2];
     }
-    Mix::template split_tiles<kNarrow>(src, kTRow, whi, wlo, [&](int key, int col8, const float (&d)[4]) {
-      E* at_t = dst + key * kTRow + col8 * 8;
 #pragma unroll
-      for (int half = 0; half < kHalves; ++half) {
-        if (gq + 8 * half < H) {
-          uint32_t* entry = reinterpret_cast<uint32_t*>(at_t + half * 8 * kHeadStride);
-          const uint32_t pv = *entry;
-          const float* dr = dl[half] + 2 * col8;
-          *entry = Cv::pack(Cv::low(pv) * (d[2 * half] - dr[0]), Cv::high(pv) * (d[2 * half + 1] - dr[1]));
+    for (int t = 0; t < kTiles; ++t) {
+      const int key0 = tile_key(t) + group * kKeysPerWarp;  // the warp's first key of tile t in the block
+      const E* src = at<E>(L.dmixed) + (hl < H ? hl : 0) * kHeadStride + (key0 + key_of) * kTRow + octet * 8;
+      E* dst = probs_t + gq * kHeadStride + key0 * kTRow + 2 * tq;  // C entries: head gq (+ 8), rows 2 tq, + 1
+      Mix::template split_tiles<kNarrow>(src, kTRow, whi, wlo, [&](int key, int col8, const float (&d)[4]) {
+        E* at_t = dst + key * kTRow + col8 * 8;
+#pragma unroll
+        for (int half = 0; half < kHalves; ++half) {
+          if (gq + 8 * half < H) {
+            uint32_t* entry = reinterpret_cast<uint32_t*>(at_t + half * 8 * kHeadStride);
+            const uint32_t pv = *entry;
+            const float* dr = dl[half] + 2 * col8;
+            *entry = Cv::pack(Cv::low(pv) * (d[2 * half] - dr[0]), Cv::high(pv) * (d[2 * half + 1] - dr[1]));
+          }
         }
-      }
-    });
+      });
+    }
     Mix::slab_barrier(slab);  // dS^T of the slab's every key
     const E* qtile = slot_base(slot);
-    const E* ds = probs_t + (static_cast<size_t>(slab) * 16 + lane % 16) * kTRow + (lane / 16) * 8;
+    const E* ds = probs_t + (static_cast<size_t>(tile_key(0)) + lane % 16) * kTRow + (lane / 16) * 8;
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int h = group + kGroups * j;
       if (h >= H) continue;
-      uint32_t af[4];
-      dev::ldmatrix_x4(af, ds + static_cast<size_t>(h) * kHeadStride);
+      uint32_t af[kTiles][4];
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) dev::ldmatrix_x4(af[t], ds + static_cast<size_t>(h) * kHeadStride + t * 16 * kTRow);
       dev::mma_row_major(af, qtile + static_cast<size_t>(h) * kChunkRows * kRow, kRow, lane, dk[j]);  // Q [row][d]
     }
   }
 
-  // Accumulators of head group + groups j, keys of the warp's slab, to a [B, H, Nk, D] output in T
+  // Accumulators of head group + groups j, keys of the warp's tiles, to a [B, H, Nk, D] output in T
   // (store_fragment_row, rows.cuh).
-  REATTN_DEVICE void write_keys(const float (&acc)[kHeads][Cfg::kN8][4], void* dst, const Strides4& st) const {
+  REATTN_DEVICE void write_keys(const float (&acc)[kHeads][kTiles][Cfg::kN8][4], void* dst, const Strides4& st) const {
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int h = group + kGroups * j;
       if (h >= H) continue;
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int key = n0 + slab * 16 + gq + r * 8;
-        if (key >= Nk) continue;
-        E* out = static_cast<E*>(dst) + b * st.b + h * st.h + static_cast<int64_t>(key) * st.n;
-        store_fragment_row<E, Cfg::kN8, Cfg::kD>(out, acc[j], r, tq, 0, D, st.d);
+      for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int key = n0 + tile_key(t) + gq + r * 8;
+          if (key >= Nk) continue;
+          E* out = static_cast<E*>(dst) + b * st.b + h * st.h + static_cast<int64_t>(key) * st.n;
+          store_fragment_row<E, Cfg::kN8, Cfg::kD>(out, acc[j][t], r, tq, 0, D, st.d);
+        }
       }
     }
   }
@@ -670,13 +760,16 @@ struct KeyProgram {
     load_block();
     zero_ring_columns();
     issue_chunk(0);  // the block's K and V land with the first chunk's group
-    float dk[kHeads][Cfg::kN8][4], dv[kHeads][Cfg::kN8][4];
+    float dk[kHeads][kTiles][Cfg::kN8][4], dv[kHeads][kTiles][Cfg::kN8][4];
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
 #pragma unroll
-      for (int n = 0; n < Cfg::kN8; ++n) {
+      for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dk[j][n][e] = dv[j][n][e] = 0.0f;
+        for (int n = 0; n < Cfg::kN8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dk[j][t][n][e] = dv[j][t][n][e] = 0.0f;
+        }
       }
     }
     uint32_t whi[4] = {0u, 0u, 0u, 0u}, wlo[4] = {0u, 0u, 0u, 0u};  // W'^T (kTensorGrad)
@@ -717,7 +810,10 @@ struct KeyProgram {
       }
     }
     dev::cp_async_wait<0>();
-    if constexpr (kTensorGrad) dev::scale_accumulators(dk, static_cast<float>(p.scale));  // dS^T went unscaled
+    if constexpr (kTensorGrad) {  // dS^T went unscaled
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) dev::scale_accumulators(dk[j], static_cast<float>(p.scale));
+    }
     write_keys(dk, p.dk, p.dk_st);
     write_keys(dv, p.dv, p.dv_st);
   }

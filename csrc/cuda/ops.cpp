@@ -833,6 +833,7 @@ pybind11::object backward_tiles(int64_t H, int64_t D, int64_t Nq, int64_t Nk, co
   key_pass["groups"] = k.groups;
   key_pass["heads"] = k.heads;
   key_pass["d"] = k.d;
+  key_pass["tiles"] = k.tiles;
   key_pass["threads"] = k.threads();
   key_pass["keys"] = k.keys();
   const KeyLayout kl = key_layout(k, static_cast<int>(H));

@@ -139,10 +139,11 @@ struct KeyShape {
   int groups;
   int heads;
   int d;
+  int tiles;  // 16-key tiles per warp (keys.cuh): the slab's keys, 16 tiles
 
   REATTN_HD int warps() const { return kslabs * groups; }
   REATTN_HD int threads() const { return 32 * kslabs * groups; }
-  REATTN_HD int keys() const { return 16 * kslabs; }
+  REATTN_HD int keys() const { return 16 * kslabs * tiles; }
   REATTN_HD int max_heads() const { return groups * heads; }
 };
 
@@ -159,7 +160,7 @@ struct KeyLayout {
   uint32_t weights_t; // f32 [max_heads][groups][4 or 8]   W'[g][h] transposed; the plain bf16 variant:
                       // the fragment tables of RowLayout::weights_t (at least kLayerFragmentTableBytes)
   uint32_t vectors;   // f32 [kVectorRows][max_heads] + 2
-  uint32_t exchange;  // f32 [kslabs][groups][32][24]      LayerNorm sums across the group's warps
+  uint32_t exchange;  // f32 [kslabs tiles][groups][32][24] LayerNorm sums across the group's warps
   uint32_t bytes;
 };
 
@@ -185,7 +186,7 @@ REATTN_HD KeyLayout key_layout(const KeyShape& s, int H) {
   L.weights = take(mh * s.groups * pad * 4);
   L.weights_t = take(mh * s.groups * pad * 4 > kLayerFragmentTableBytes ? mh * s.groups * pad * 4 : kLayerFragmentTableBytes);
   L.vectors = take((kVectorRows * mh + 2) * 4);
-  L.exchange = take(s.groups > 1 ? static_cast<size_t>(s.kslabs) * s.groups * 32 * 24 * 4 : 0);
+  L.exchange = take(s.groups > 1 ? static_cast<size_t>(s.kslabs) * s.tiles * s.groups * 32 * 24 * 4 : 0);
   L.bytes = static_cast<uint32_t>(at);
   return L;
 }

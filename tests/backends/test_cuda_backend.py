@@ -532,15 +532,19 @@ def test_tensor_core_backward_within_twice_eager_error_in_every_mode(name, shape
 @pytest.mark.parametrize("norm,shape,general", [("none", (2, 6, 33, 40, 32), True), ("layer", (2, 6, 33, 40, 32), True),
                                                 ("layer", (1, 12, 17, 230, 40), True), ("layer", (2, 6, 33, 40, 32), False),
                                                 ("none", (1, 12, 17, 230, 48), False), ("batch", (1, 12, 20, 45, 32), False),
-                                                ("layer", (1, 12, 20, 45, 32), False)],
+                                                ("layer", (1, 12, 20, 45, 32), False), ("layer", (2, 6, 17, 40, 64), True),
+                                                ("layer", (2, 6, 17, 40, 64), False), ("batch", (2, 6, 17, 40, 64), False)],
                          ids=["none", "layer", "layer segments", "plain layer", "plain segments", "plain 12 heads",
-                              "plain layer 12 heads"])
+                              "plain layer 12 heads", "layer two key tiles", "plain layer two key tiles",
+                              "plain two key tiles"])
 def test_tensor_core_backward_does_not_race_and_is_deterministic(norm, shape, general):
     # Reversed and shuffled warp orders give bitwise the same gradients (no race between warps, and
     # no order-dependent sums: dK, dV in registers, parameter gradients as per-program partials).
     # Shapes of 230 keys run the row pass over key segments; the general variants with a mask and
     # dropout, the plain ones (row_configs.h) without. The plain bf16 row pass writes dS over P~ in
-    # place between two slab barriers, its products m16n8k8 up to 8 heads and m16n8k16 above.
+    # place between two slab barriers, its products m16n8k8 up to 8 heads and m16n8k16 above. At
+    # D = 64 and 6 heads the key pass's warps hold two 16-key tiles each (tiles' exchange regions,
+    # one slab barrier for both tiles' dS^T).
     B, H, Nq, Nk, D = shape
     mask, dropout = (bool_mask(B, Nq, Nk), 0.2) if general else (None, 0.0)
     runs = [tc_backward_case(B, H, Nq, Nk, D, norm=norm, mask=mask, dropout=dropout, references=False,
@@ -564,6 +568,40 @@ def test_layer_backward_stores_agree_across_architectures(shape, monkeypatch):
     for what, a, b in zip(GRAD_NAMES, sm90, sm80):
         assert not a.isnan().any(), what
         assert torch.equal(a, b), what
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the emulator's shape choice (an H100's shared memory) is checked here")
+@pytest.mark.parametrize("norm,general", [("none", False), ("batch", False), ("layer", False), ("layer", True),
+                                          ("none", True)],
+                         ids=["plain", "plain batch", "plain layer", "general layer", "general"])
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+def test_key_pass_of_two_tiles_per_warp_agrees_with_two_slabs(norm, general, dtype):
+    # Up to 8 heads of D <= 64, an H100's key pass runs warps of two 16-key tiles (one slab of 32 keys,
+    # backward_configs.h shape 5); an A100's shared memory gets two slabs of one tile each (shape 0),
+    # with the same row pass. Every key's dK and dV come from the same products and sums in the same
+    # order either way: bitwise the same, with keys past Nk in the second tile of a program (Nk = 40),
+    # a mask and dropout in the general variants. One exception: LayerNorm through the per-thread
+    # mixer (fp16, and the general variants) sums its statistics across heads over the group's warps,
+    # 8 warps of one head against 4 of two, an fp32 association that may flip the 16-bit rounding of
+    # a few dS^T entries: dK within one rounding unit of its dtype relative to its largest entry.
+    B, H, Nq, Nk, D = 2, 6, 21, 40, 64
+    h100 = _C.cuda_backward_tiles(H, D, Nq, Nk, "bfloat16")
+    a100 = _C.cuda_backward_tiles(H, D, Nq, Nk, "bfloat16", SM80_SHARED)
+    assert (h100["keys"]["tiles"], h100["keys"]["kslabs"], h100["keys"]["keys"]) == (2, 1, 32)
+    assert (a100["keys"]["tiles"], a100["keys"]["kslabs"], a100["keys"]["keys"]) == (1, 2, 32)
+    assert h100["rows"]["shape"] == a100["rows"]["shape"]
+    mask, dropout = (bool_mask(B, Nq, Nk), 0.2) if general else (None, 0.0)
+    runs = [tc_backward_case(B, H, Nq, Nk, D, norm=norm, mask=mask, dropout=dropout, dtype=dtype, references=False,
+                             **options)[0] for options in (dict(), dict(shared_limit=SM80_SHARED))]
+    regrouped = norm == "layer" and (general or dtype == torch.float16)
+    unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    for what, tiles, slabs in list(zip(GRAD_NAMES, *runs)):
+        assert not tiles.isnan().any(), what
+        if regrouped and what == "dk":
+            torch.testing.assert_close(tiles.double(), slabs.double(), rtol=0.0,
+                                       atol=unit * slabs.double().abs().max().item(), msg=what)
+        else:
+            assert torch.equal(tiles, slabs), what
 
 
 @pytest.mark.parametrize("shape", [(2, 6, 33, 50, 64), (1, 12, 20, 260, 48), (2, 6, 64, 120, 35)],
@@ -1107,10 +1145,10 @@ def test_compiled_kernels_spill_nothing_and_reserve_at_most_1kb_of_shared_memory
         # 4 storage types x 4 CUDA-core programs; 2 types x (5 tile shapes x 4 variants of the tensor-core
         # forward + 5 shapes of the backward's row pass in its general variant and 4 in its plain one)
         # (row_configs.h, backward_configs.h) + LayerNorm's own row pass (bf16, the 3 one-segment shapes);
-        # 2 types x 5 shapes x 2 variants of the backward's key pass + LayerNorm's own (bf16, 5 shapes)
+        # 2 types x 6 shapes x 2 variants of the backward's key pass + LayerNorm's own (bf16, 6 shapes)
         assert sum("re_attention_kernel" in n for n in names) == 16, names
         assert sum("forward_kernel" in n for n in names) == 61, names
-        assert sum("key_kernel" in n for n in names) == 25, names
+        assert sum("key_kernel" in n for n in names) == 30, names
     for (arch, name), usage in kernels.items():
         if not any(k in name for k in ("re_attention_kernel", "forward_kernel", "key_kernel")):
             continue

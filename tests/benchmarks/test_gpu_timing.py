@@ -33,9 +33,9 @@ def test_profiled_kernel_names_map_to_the_models():
     row = "void reattn::cuda::forward_kernel<reattn::cuda::RowConfig<reattn::dev::Bf16, 4, 2, 3, 64, 64, 224, 1> >" \
         "(reattn::cuda::ReAttnParams)"
     assert gpu_timing.kernel_name(row) == "forward_kernel<RowConfig<bfloat16, 4, 2, 3, 64, 64, 224, plain_layer>>"
-    key = "void reattn::cuda::key_kernel<reattn::cuda::KeyConfig<reattn::dev::F16, 1, 8, 2, 32, 1> >" \
+    key = "void reattn::cuda::key_kernel<reattn::cuda::KeyConfig<reattn::dev::F16, 1, 8, 2, 32, 1, 1> >" \
         "(reattn::cuda::ReAttnParams)"
-    assert gpu_timing.kernel_name(key) == "key_kernel<KeyConfig<float16, 1, 8, 2, 32, plain>>"
+    assert gpu_timing.kernel_name(key) == "key_kernel<KeyConfig<float16, 1, 8, 2, 32, 1, plain>>"
     rows = "void reattn::cuda::forward_kernel<reattn::cuda::RowConfig<reattn::dev::Bf16, 2, 4, 2, 64, 64, 224, 5> >" \
         "(reattn::cuda::ReAttnParams)"
     assert gpu_timing.kernel_name(rows) == "forward_kernel<RowConfig<bfloat16, 2, 4, 2, 64, 64, 224, plain_backward_rows>>"
@@ -43,8 +43,8 @@ def test_profiled_kernel_names_map_to_the_models():
     layer_rows = rows.replace("224, 5>", "224, 6>")
     assert gpu_timing.kernel_name(layer_rows) == \
         "forward_kernel<RowConfig<bfloat16, 2, 4, 2, 64, 64, 224, plain_layer_backward_rows>>"
-    layer_keys = key.replace("F16, 1, 8, 2, 32, 1>", "Bf16, 1, 8, 2, 32, 2>")
-    assert gpu_timing.kernel_name(layer_keys) == "key_kernel<KeyConfig<bfloat16, 1, 8, 2, 32, plain_layer>>"
+    layer_keys = key.replace("F16, 1, 8, 2, 32, 1, 1>", "Bf16, 1, 8, 2, 32, 1, 2>")
+    assert gpu_timing.kernel_name(layer_keys) == "key_kernel<KeyConfig<bfloat16, 1, 8, 2, 32, 1, plain_layer>>"
     affine = "void reattn::cuda::head_affine_kernel<__nv_bfloat16>(reattn::cuda::HeadAffineParams)"
     assert gpu_timing.kernel_name(affine) == "head_affine_kernel<bfloat16>"
     sums = "_ZN6reattn4cuda20head_dot_sums_kernelIfEEvNS0_16HeadAffineParamsE"
