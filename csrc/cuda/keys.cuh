@@ -553,18 +553,22 @@ struct KeyProgram {
   //      A^T = gamma' xhat + beta' of every head over dM^T's buffer by one stmatrix.trans;
   //   2. after the slab's barrier, as output-head owners: A^T fragments by ldmatrix, dV += A^T dO,
   //      dN^T = V dO^T (0 past Nk and Nq) over A^T (16-bit, as eager's dA);
-  //   3. after the slab's barrier, per key again: M^T - mean and rstd, dN^T of every head by
-  //      ldmatrix.trans, dM^T = rstd (dxhat - s1 / H - xhat s2 / H) over dN^T by stmatrix.trans.
+  //   3. after the slab's barrier, per key again: M^T - mean (rstd kept in registers from step 1),
+  //      dN^T of every head by ldmatrix.trans, dM^T = rstd (dxhat - s1 / H - xhat s2 / H) over dN^T by
+  //      stmatrix.trans.
   // Against the general key pass's LayerNorm (H multiply-adds per entry and owned head for M, two
   // exchanges of partial sums through shared memory): per key and chunk 8 products, 3 loads, 2
-  // stores, 12 shuffles and 2 reciprocal square roots per lane.
+  // stores, 9 shuffles and one reciprocal square root per lane.
   static constexpr int kLayerTable = 4 * 32 * 4;  // words of the fragment table before LayerNorm's
 
   // Steps 1 (kGrad false) and 3 (true) for the warp's keys of tile t; lg: the lane's table entries, loaded
   // once per chunk (static model, ViT-B key kernel: loaded per step 272.7 us t_low, per chunk 257.9).
+  // Step 1 keeps each key's rstd (of the lane's columns gq, gq + 8) in rstd_keys, step 3 takes it from
+  // there: the same value, without the sums of squares, 3 shuffles and a reciprocal square root again.
+  static constexpr int kLayerKeysPerWarp = 16 / kGroups;
   template <bool kGrad>
-  REATTN_DEVICE void layer_keys(int t, const typename Mix::LayerLane& lg) const {
-    constexpr int kPerLoad = Mix::kLayerRowsPerLoad, kPerWarp = 16 / kGroups;
+  REATTN_DEVICE void layer_keys(int t, const typename Mix::LayerLane& lg, float (&rstd_keys)[kLayerKeysPerWarp][2]) const {
+    constexpr int kPerLoad = Mix::kLayerRowsPerLoad, kPerWarp = kLayerKeysPerWarp;
     static_assert(16 % kGroups == 0 && kPerWarp % kPerLoad == 0, "whole loads per warp");
     const float inv_h = at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads + 1], eps = static_cast<float>(p.eps);
     // Heads past H read head 0 and store to one scratch row (head 0's padding of dM^T's buffer, never read).
@@ -579,14 +583,15 @@ struct KeyProgram {
     const bool odd = tq & 1;
     Mix::template layer_rows<kPerWarp, kGrad>(
         src, kPerLoad * kTRow * 2, grad, out, real, entry, kTRow * 2, kHeadStride * 2, H, tq,
-        [&](const uint32_t (&x)[4], const uint32_t (&g)[4], int u, uint32_t (&packed)[4]) {
-          float c[Mix::kLayerTiles][4], rstd[2];
-          Mix::layer_center(x, u, lg, inv_h, eps, odd, c, rstd);
+        [&](const uint32_t (&x)[4], const uint32_t (&g)[4], int u, int r, uint32_t (&packed)[4]) {
+          float c[Mix::kLayerTiles][4];
           if constexpr (kGrad) {
+            Mix::layer_centered(x, u, lg, c);
             float unused[3][2][2];
-            Mix::template layer_grad<false>(c, rstd, g, u, lg, inv_h, odd, packed, unused);
+            Mix::template layer_grad<false>(c, rstd_keys[r], g, u, lg, inv_h, odd, packed, unused);
           } else {
-            Mix::layer_output(c, rstd, u, lg, packed);
+            Mix::layer_center(x, u, lg, inv_h, eps, odd, c, rstd_keys[r]);
+            Mix::layer_output(c, rstd_keys[r], u, lg, packed);
           }
         });
   }
@@ -594,8 +599,9 @@ struct KeyProgram {
   // Steps 1 to 3 for every tile (dM^T of every head is in dM^T's buffer after the caller's barrier).
   REATTN_DEVICE void grad_mixed_layer(int slot, int r0, float (&dv)[kHeads][kTiles][Cfg::kN8][4]) const {
     const auto lg = Mix::template layer_lane<true>(at<uint32_t>(L.weights_t) + kLayerTable, lane);
+    float rstd_keys[kTiles][kLayerKeysPerWarp][2];  // step 1's, for step 3
 #pragma unroll
-    for (int t = 0; t < kTiles; ++t) layer_keys<false>(t, lg);
+    for (int t = 0; t < kTiles; ++t) layer_keys<false>(t, lg, rstd_keys[t]);
     Mix::slab_barrier(slab);  // A^T of the slab's every head
     const E* grads = slot_grads(slot);
     const E* values = at<E>(L.values);
@@ -637,7 +643,7 @@ struct KeyProgram {
     for (int t = 0; t < kTiles; ++t) store_grad_tile(t, dn[t]);
     Mix::slab_barrier(slab);  // dN^T of the slab's every head
 #pragma unroll
-    for (int t = 0; t < kTiles; ++t) layer_keys<true>(t, lg);
+    for (int t = 0; t < kTiles; ++t) layer_keys<true>(t, lg, rstd_keys[t]);
   }
 
   // Input-head part: dP'^T = W'^T dM^T, dS^T = P (Z dP' - D) scale, dK += dS^T Q, for every tile.

@@ -353,14 +353,22 @@ struct Mixer {
   // columns (odd lanes take gq + 8) so each lane takes one reciprocal square root (3 shuffles, 1 MUFU).
   static REATTN_DEVICE void layer_center(const uint32_t (&x)[4], int u, const LayerLane& lg, float inv_h, float eps,
                                          bool odd, float (&c)[kLayerTiles][4], float (&rstd)[2]) {
+    layer_centered(x, u, lg, c);
     float sq[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int t = 0; t < kLayerTiles; ++t) {
-      centered_tile<kLayerNarrow>(x, u, t, lg.hi, lg.lo, lg.bias[t], c[t]);
 #pragma unroll
       for (int e = 0; e < 4; ++e) sq[e / 2] += c[t][e] * c[t][e];
     }
     pair_rstd(sq, inv_h, eps, odd, rstd);
+  }
+
+  // M - mean of row u of load x alone (no rstd): for a caller that kept the row's rstd from an earlier
+  // layer_center of the same row (the key pass's third step).
+  static REATTN_DEVICE void layer_centered(const uint32_t (&x)[4], int u, const LayerLane& lg,
+                                           float (&c)[kLayerTiles][4]) {
+#pragma unroll
+    for (int t = 0; t < kLayerTiles; ++t) centered_tile<kLayerNarrow>(x, u, t, lg.hi, lg.lo, lg.bias[t], c[t]);
   }
 
   // Tile t (output heads 8 t ..) of row u of the transposed centered product (LayerNorm's forward,
@@ -462,8 +470,8 @@ struct Mixer {
 
   // The warp's kPerWarp rows of a slab, kLayerRowsPerLoad per load: X^T from `src` (the lane's layer_src row
   // address; src_step bytes per load) and with kGrad the gradients from `grad` (the lane's row, clamped to
-  // a real head, of a [head][row][col] buffer: row_bytes, head_bytes); row(x, g, u, packed) forms row u's
-  // words, which go back over `grad`'s rows by stmatrix.trans (out: `grad`, or one scratch row where the
+  // a real head, of a [head][row][col] buffer: row_bytes, head_bytes); row(x, g, u, r, packed) forms row u's
+  // words (r: the row's index among the warp's kPerWarp), which go back over `grad`'s rows by stmatrix.trans (out: `grad`, or one scratch row where the
   // lane's head is past H: real false), or without stmatrix by 16-bit stores from `entry` (column gq of
   // head 0 at the warp's first row).
   template <int kPerWarp, bool kGrad, class F>
@@ -481,7 +489,7 @@ struct Mixer {
       if constexpr (kGrad) dev::ldmatrix_x4_trans_at(g, grad);
 #pragma unroll
       for (int u = 0; u < kPerLoad; ++u) {
-        row(x, g, u, packed);
+        row(x, g, u, r + u, packed);
         if (!matrix_store) layer_store_b16(entry + u * row_bytes, head_bytes, packed, u, H, tq);
       }
       if (matrix_store) dev::stmatrix_x4_trans_at(out, packed);

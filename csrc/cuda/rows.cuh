@@ -2159,7 +2159,7 @@ struct RowProgram {
     const bool odd = tq & 1;
     Mix::template layer_rows<kPerWarp, true>(
         src, kPerLoad * L.p_row * 2, grad, out, real, entry, kMRow * 2, kMHead * 2, H, tq,
-        [&](const uint32_t (&x)[4], const uint32_t (&g)[4], int u, uint32_t (&packed)[4]) {
+        [&](const uint32_t (&x)[4], const uint32_t (&g)[4], int u, int, uint32_t (&packed)[4]) {
           float c[Mix::kLayerTiles][4], rstd[2];
           Mix::layer_center(x, u, lg, inv_h, eps, odd, c, rstd);
           if (first) {
