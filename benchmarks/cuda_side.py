@@ -548,15 +548,16 @@ def _run_program(kind: int, q, p: ReAttnParams, touched) -> None:
             p.plan.block_n)
 
 
-def _tiles(planner: str, kind: str, q, k) -> Optional[dict]:
+def _tiles(planner: str, kind: str, q, k, **options) -> Optional[dict]:
     """What ops.cpp's forward_shape_for / backward_shapes_for pick on the GPU (the extension's ``planner``,
-    ``cuda_forward_tiles`` or ``cuda_backward_tiles``, with the shared memory the GPU leaves ``kind``), or None:
-    no tensor-core shape (the CUDA-core programs run)."""
+    ``cuda_forward_tiles`` or ``cuda_backward_tiles``, with the shared memory the GPU leaves ``kind``; options:
+    the planner's own, e.g. the backward's ``plain``), or None: no tensor-core shape (the CUDA-core programs
+    run)."""
     if not _tensor_cores(q.dtype):
         return None
     B, H, Nq, D = q.shape
     tiles = getattr(_C(), planner)(H, D, Nq, k.shape[2], str(q.dtype).replace("torch.", ""),
-                                   shared_limit(_RECORDER.arch, q.dtype, PROGRAM_KINDS[kind]))
+                                   shared_limit(_RECORDER.arch, q.dtype, PROGRAM_KINDS[kind]), **options)
     return None if tiles is None else {key: dict(v) if isinstance(v, dict) else v for key, v in tiles.items()}
 
 
@@ -659,6 +660,8 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
             p.dk, p.dk_st, p.dv, p.dv_st = rec.pointer(dk, "dk"), _strides(dk), rec.pointer(dv, "dv"), _strides(dv)
             row_touched += [(delta, {"write"}), (dq, {"write"})]
         plain = backward_plain(p, rows)
+        if not plain:  # ops.cpp picks the key shape again for the general variant (key_shape_compiled)
+            keys = _tiles("cuda_backward_tiles", "backward", q, k, plain=False)["keys"]
         args = [rows[k_] for k_ in ("slabs", "groups", "heads", "d", "d_out", "keys")] + [
             backward_rows_variant(p, rows, plain, q.dtype)]
         _record(_template_symbol(rec.arch, "forward_kernel", "RowConfig", args, q.dtype), "backward_rows", False, q, p,

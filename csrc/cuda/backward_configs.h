@@ -35,16 +35,19 @@ namespace cuda {
 // slabs of one tile (shape 0) read them twice: per key and chunk about a fifth less shared-memory
 // traffic in the key pass (static model, DeiT-S). Its dK and dV take the registers of two heads of one
 // tile; its exchange region (LayerNorm's general variant) is per tile, which keeps it off an A100
-// (shape 0 serves it there). Two heads of two tiles at D = 32 (DeepViT-16b) spill (ptxas, sm_90: 80-96
-// bytes of stack at 255 registers), so shape 4 (H <= 12, D <= 32) stays there, picked over shape 2:
-// 32 keys per program halve the per-key cost of staging each query chunk.
+// (shape 0 serves it there). Shape 6, two heads of two tiles at D = 32 (DeepViT-16b), fits 255
+// registers only in bf16's plain variants (key_shape_compiled; the general and fp16 variants, whose
+// grad_mixed keeps LayerNorm's per-head state, took 32-80 bytes of stack, ptxas sm_90); elsewhere
+// shape 4 (H <= 12, D <= 32) serves, picked over shape 2: 32 keys per program halve the per-key cost
+// of staging each query chunk.
 #define REATTN_KEY_SHAPES(X) \
   X(0, 2, 4, 2, 64, 1)       \
   X(1, 1, 8, 2, 64, 1)       \
   X(2, 1, 8, 2, 32, 1)       \
   X(3, 1, 8, 2, 48, 1)       \
   X(4, 2, 4, 3, 32, 1)       \
-  X(5, 1, 8, 1, 64, 2)
+  X(5, 1, 8, 1, 64, 2)       \
+  X(6, 1, 8, 2, 32, 2)
 
 constexpr int kBackwardRowShapeCount = 5;
 
@@ -83,7 +86,13 @@ constexpr int kKeysPlainLayer = 2;
 constexpr int backward_keys_variant(bool plain, bool layer_norm, bool bf16) {
   return !plain ? kKeysGeneral : layer_norm && bf16 ? kKeysPlainLayer : kKeysPlain;
 }
-constexpr int kKeyShapeCount = 6;
+constexpr int kKeyShapeCount = 7;
+
+// Whether key shape `index` is compiled in `variant` (bf16: the 16-bit type is bfloat16): shape 6 in
+// bf16's plain variants only.
+constexpr bool key_shape_compiled(int variant, int index, bool bf16) {
+  return index != 6 || (bf16 && variant != kKeysGeneral);
+}
 
 inline TileShape backward_row_shape(int index) {
   static const TileShape shapes[] = {
@@ -103,12 +112,35 @@ inline KeyShape key_shape(int index) {
   return shapes[index];
 }
 
+// The key pass's shape for H heads of dim D in its `variant` (bf16: the 16-bit type), or -1, within
+// the shared memory limit: the fewest wasted head dims, then the most keys, then the most tiles per
+// warp.
+inline int pick_key_shape(int H, int D, size_t shared_limit, int variant, bool bf16) {
+  int keys = -1;
+  long best = 0;
+  for (int i = 0; i < kKeyShapeCount; ++i) {
+    const KeyShape s = key_shape(i);
+    if (!key_shape_compiled(variant, i, bf16) || H > s.max_heads() || D > s.d || key_layout(s, H).bytes > shared_limit) {
+      continue;
+    }
+    // Per key, a warp of two tiles reads the chunks' Q and dO half as often as a slab of one.
+    const long cost = static_cast<long>(s.d - D) * 1000 - 2 * (s.keys() / 16) - s.tiles;
+    if (keys < 0 || cost < best) {
+      keys = i;
+      best = cost;
+    }
+  }
+  return keys;
+}
+
 // Both passes' shapes for H heads of dim D, Nk keys, or false, within the shared memory limit: for
 // the row pass one segment first (its score phase runs once), then the fewest wasted head dims,
-// then the most rows per program; for the key pass the fewest wasted head dims, then the most keys,
-// then the most tiles per warp.
-inline bool pick_backward_shapes(int H, int D, int Nk, size_t shared_limit, int* rows, int* keys) {
-  *rows = *keys = -1;
+// then the most rows per program; for the key pass pick_key_shape's in `key_variant` (the plain
+// one by default: a caller that learns the variant from the row shape picks the key shape again
+// where that one is not compiled in it).
+inline bool pick_backward_shapes(int H, int D, int Nk, size_t shared_limit, int* rows, int* keys,
+                                 int key_variant = kKeysPlain, bool bf16 = true) {
+  *rows = -1;
   long best = 0;
   for (int i = 0; i < kBackwardRowShapeCount; ++i) {
     const TileShape s = backward_row_shape(i);
@@ -122,16 +154,7 @@ inline bool pick_backward_shapes(int H, int D, int Nk, size_t shared_limit, int*
       best = cost;
     }
   }
-  for (int i = 0; i < kKeyShapeCount; ++i) {
-    const KeyShape s = key_shape(i);
-    if (H > s.max_heads() || D > s.d || key_layout(s, H).bytes > shared_limit) continue;
-    // Per key, a warp of two tiles reads the chunks' Q and dO half as often as a slab of one.
-    const long cost = static_cast<long>(s.d - D) * 1000 - 2 * (s.keys() / 16) - s.tiles;
-    if (*keys < 0 || cost < best) {
-      *keys = i;
-      best = cost;
-    }
-  }
+  *keys = pick_key_shape(H, D, shared_limit, key_variant, bf16);
   return *rows >= 0 && *keys >= 0;
 }
 

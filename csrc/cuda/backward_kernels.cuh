@@ -56,9 +56,12 @@ cudaError_t launch_backward_variant(int rows, int keys, const ReAttnParams& p, c
     return cudaErrorInvalidValue;  // compiled for bf16 only (never chosen otherwise)
   } else {
     switch (keys) {
-#define REATTN_SHAPE_CASE(i, kslabs, groups, heads, d, tiles) \
-  case i:                                               \
-    return launch_key_shape<KeyConfig<E, kslabs, groups, heads, d, tiles, kKeyPlain>>(p, stream);
+#define REATTN_SHAPE_CASE(i, kslabs, groups, heads, d, tiles)                                   \
+  case i:                                                                                        \
+    if constexpr (key_shape_compiled(kKeyPlain, i, std::is_same_v<E, dev::Bf16>)) {              \
+      return launch_key_shape<KeyConfig<E, kslabs, groups, heads, d, tiles, kKeyPlain>>(p, stream); \
+    }                                                                                            \
+    return cudaErrorInvalidValue;
       REATTN_KEY_SHAPES(REATTN_SHAPE_CASE)
 #undef REATTN_SHAPE_CASE
       default:

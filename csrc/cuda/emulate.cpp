@@ -161,9 +161,12 @@ void backward_shapes(int rows, int keys, const ReAttnParams& params, int order, 
     throw std::invalid_argument("emulate_backward: LayerNorm's key pass is compiled for bfloat16 only");
   } else {
     switch (keys) {
-#define REATTN_SHAPE_CASE(i, kslabs, groups, heads, d, tiles) \
-  case i:                                               \
-    return run_keys<KeyConfig<E, kslabs, groups, heads, d, tiles, kKeyPlain>>(params, order, seed);
+#define REATTN_SHAPE_CASE(i, kslabs, groups, heads, d, tiles)                                  \
+  case i:                                                                                       \
+    if constexpr (key_shape_compiled(kKeyPlain, i, std::is_same_v<E, dev::Bf16>)) {             \
+      return run_keys<KeyConfig<E, kslabs, groups, heads, d, tiles, kKeyPlain>>(params, order, seed); \
+    }                                                                                           \
+    throw std::invalid_argument("emulate_backward: key shape not compiled in that variant");
       REATTN_KEY_SHAPES(REATTN_SHAPE_CASE)
 #undef REATTN_SHAPE_CASE
       default:

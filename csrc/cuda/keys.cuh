@@ -393,7 +393,8 @@ struct KeyProgram {
   // Output-head part: A^T, dA^T = V dO^T, dV += A^T dO, dM^T to shared memory, for every tile.
   REATTN_DEVICE void grad_mixed(int slot, int r0, const float (&coef)[4][kHeads],
                                 float (&dv)[kHeads][kTiles][Cfg::kN8][4]) const {
-    const bool layer = p.norm == kNormLayer, batch = p.norm == kNormBatch;
+    // The plain bf16 variant never sees LayerNorm (its own variant, kKeysPlainLayer, takes it: ops.cpp).
+    const bool layer = !kTensorGrad && p.norm == kNormLayer, batch = p.norm == kNormBatch;
     const float bias_mean = at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads];
     const float inv_h = at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads + 1];
     const size_t head_stride = kHeadStride;

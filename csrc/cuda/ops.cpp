@@ -607,18 +607,25 @@ std::vector<at::Tensor> gram_sums(const at::Tensor& q, const at::Tensor& k,
   return {stats, s1, gram};
 }
 
-// The tensor-core backward's shapes (row pass, key pass) for this problem, or false.
+// The shared memory a tensor-core backward program may take: shared_limit if given, else the
+// device's (the emulator: an H100's).
+size_t backward_shared_limit(const at::Tensor& q, int64_t shared_limit) {
+  size_t limit = shared_limit > 0 ? static_cast<size_t>(shared_limit) : kEmulatedTensorCoreSharedLimit;
+#ifdef REATTN_WITH_CUDA
+  if (q.is_cuda() && shared_limit <= 0) limit = device_shared_limit(q, kBackward);
+#endif
+  return limit;
+}
+
+// The tensor-core backward's shapes (row pass, key pass in its plain variant) for this problem, or false.
 bool backward_shapes_for(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_out,
                          const ReAttnParams& p, int64_t shared_limit, int* rows, int* keys) {
   if (!tensor_cores(q.scalar_type())) return false;
   for (const at::Tensor* t : {&q, &k, &v, &grad_out}) {
     if (!batch_offsets_fit_int32(*t)) return false;
   }
-  size_t limit = shared_limit > 0 ? static_cast<size_t>(shared_limit) : kEmulatedTensorCoreSharedLimit;
-#ifdef REATTN_WITH_CUDA
-  if (q.is_cuda() && shared_limit <= 0) limit = device_shared_limit(q, kBackward);
-#endif
-  return pick_backward_shapes(p.H, p.D, p.Nk, limit, rows, keys);
+  return pick_backward_shapes(p.H, p.D, p.Nk, backward_shared_limit(q, shared_limit), rows, keys, kKeysPlain,
+                              q.scalar_type() == at::kBFloat16);
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -660,6 +667,13 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     p.vector_loads = use_aligned_inputs(a, q, k, v, &grad_out);
     p.stats_only = stats_only;
     const bool plain = backward_plain_for(p, rows, general_variant);
+    const bool bf16 = q.scalar_type() == at::kBFloat16;
+    const int key_variant = backward_keys_variant(plain, p.norm == kNormLayer, bf16);
+    if (!key_shape_compiled(key_variant, keys, bf16)) {  // a shape of the plain variants only: pick again
+      keys = pick_key_shape(static_cast<int>(p.H), static_cast<int>(p.D), backward_shared_limit(q, shared_limit),
+                            key_variant, bf16);
+      TORCH_CHECK(keys >= 0, op, ": no key-pass shape for the variant (backward_configs.h)");
+    }
     const TileShape rs = backward_row_shape(rows);
     const int64_t programs = p.B * ((p.Nq + rs.rows() - 1) / rs.rows());
     at::Tensor partials = at::empty({programs, H * H + 3 * H}, q.options().dtype(at::kFloat));
@@ -799,7 +813,7 @@ pybind11::object forward_tiles(int64_t H, int64_t D, int64_t Nq, int64_t Nk, con
 // pass's}, each with its launch (threads, shared bytes, grid per batch element), or None (the
 // CUDA-core programs run it).
 pybind11::object backward_tiles(int64_t H, int64_t D, int64_t Nq, int64_t Nk, const std::string& dtype,
-                                int64_t shared_limit) {
+                                int64_t shared_limit, bool plain) {
   const char* op = "reattn cuda_backward_tiles";
   TORCH_CHECK_VALUE(H >= 1 && H <= kMaxHeads && D >= 1 && D <= kMaxHeadDim && Nq >= 0 && Nk >= 1, op,
                     ": H must be in [1, ", kMaxHeads, "], D in [1, ", kMaxHeadDim, "], Nk >= 1");
@@ -808,7 +822,9 @@ pybind11::object backward_tiles(int64_t H, int64_t D, int64_t Nq, int64_t Nk, co
   if (dtype != "float16" && dtype != "bfloat16") return pybind11::none();
   const size_t limit = shared_limit > 0 ? static_cast<size_t>(shared_limit) : kEmulatedTensorCoreSharedLimit;
   int rows = -1, keys = -1;
-  if (!pick_backward_shapes(static_cast<int>(H), static_cast<int>(D), static_cast<int>(Nk), limit, &rows, &keys)) {
+  // The key variant: plain (LayerNorm's own in bf16 takes the same shapes) or general.
+  if (!pick_backward_shapes(static_cast<int>(H), static_cast<int>(D), static_cast<int>(Nk), limit, &rows, &keys,
+                            plain ? kKeysPlain : kKeysGeneral, dtype == "bfloat16")) {
     return pybind11::none();
   }
   const TileShape r = backward_row_shape(rows);
@@ -1375,9 +1391,11 @@ void register_ops(pybind11::module& m) {
         "The tensor-core forward's tile shape for a problem (grid = (query blocks per batch element, head-dim "
         "chunks)), or None when the CUDA-core programs run it; shared_limit 0 = an H100's 227 KB.");
   m.def("cuda_backward_tiles", &backward_tiles, py::arg("H"), py::arg("D"), py::arg("Nq"), py::arg("Nk"),
-        py::arg("dtype"), py::arg("shared_limit") = 0,
+        py::arg("dtype"), py::arg("shared_limit") = 0, py::arg("plain") = true,
         "The tensor-core backward's shapes for a problem: {'rows': row pass, 'keys': key pass} (grid = programs "
-        "per batch element), or None when the CUDA-core programs run it; shared_limit 0 = an H100's 227 KB.");
+        "per batch element), or None when the CUDA-core programs run it; shared_limit 0 = an H100's 227 KB; "
+        "plain: the key pass's shape for its plain variants (no mask, no dropout, 16-byte rows), else for its "
+        "general one (a shape may serve the plain variants only: backward_configs.h key_shape_compiled).");
   m.def("cuda_plan", &plan, py::arg("kind"), py::arg("H"), py::arg("D"), py::arg("Nq"), py::arg("dtype"),
         py::arg("shared_limit") = 0,
         "The launch plan (tile layout and grid) of a fused CUDA program; shared_limit 0 = sm_80's 163 KB.");

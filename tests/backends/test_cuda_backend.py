@@ -575,20 +575,25 @@ def test_layer_backward_stores_agree_across_architectures(shape, monkeypatch):
                                           ("none", True)],
                          ids=["plain", "plain batch", "plain layer", "general layer", "general"])
 @pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
-def test_key_pass_of_two_tiles_per_warp_agrees_with_two_slabs(norm, general, dtype):
-    # Up to 8 heads of D <= 64, an H100's key pass runs warps of two 16-key tiles (one slab of 32 keys,
-    # backward_configs.h shape 5); an A100's shared memory gets two slabs of one tile each (shape 0),
-    # with the same row pass. Every key's dK and dV come from the same products and sums in the same
-    # order either way: bitwise the same, with keys past Nk in the second tile of a program (Nk = 40),
-    # a mask and dropout in the general variants. One exception: LayerNorm through the per-thread
-    # mixer (fp16, and the general variants) sums its statistics across heads over the group's warps,
-    # 8 warps of one head against 4 of two, an fp32 association that may flip the 16-bit rounding of
-    # a few dS^T entries: dK within one rounding unit of its dtype relative to its largest entry.
-    B, H, Nq, Nk, D = 2, 6, 21, 40, 64
-    h100 = _C.cuda_backward_tiles(H, D, Nq, Nk, "bfloat16")
-    a100 = _C.cuda_backward_tiles(H, D, Nq, Nk, "bfloat16", SM80_SHARED)
-    assert (h100["keys"]["tiles"], h100["keys"]["kslabs"], h100["keys"]["keys"]) == (2, 1, 32)
-    assert (a100["keys"]["tiles"], a100["keys"]["kslabs"], a100["keys"]["keys"]) == (1, 2, 32)
+@pytest.mark.parametrize("H,D", [(6, 64), (12, 32)], ids=["6 heads D=64", "12 heads D=32"])
+def test_key_pass_of_two_tiles_per_warp_agrees_with_one(H, D, norm, general, dtype):
+    # On an H100 the key pass runs warps of two 16-key tiles (one slab of 32 keys, backward_configs.h):
+    # up to 8 heads of D <= 64 one head per warp (shape 5, every variant), up to 16 heads of D <= 32
+    # two heads per warp (shape 6, bf16's plain variants only: the general and fp16 ones take shape 4,
+    # two slabs of one tile). An A100's shared memory gets slabs of one tile (shapes 0 and 2), with the
+    # same row pass. Every key's dK and dV come from the same products and sums in the same order
+    # either way: bitwise the same, with keys past Nk in a program's last tile (Nk = 40), a mask and
+    # dropout in the general variants. One exception: LayerNorm through the per-thread mixer (fp16, and
+    # the general variants) sums its statistics across heads over the group's warps (8 warps of one
+    # head against 4 of two, ...), an fp32 association that may flip the 16-bit rounding of a few A^T
+    # and dS^T entries: dK and dV within one rounding unit of their dtype relative to their largest entry.
+    B, Nq, Nk = 2, 21, 40
+    name = str(dtype).replace("torch.", "")
+    h100 = _C.cuda_backward_tiles(H, D, Nq, Nk, name, 0, not general)
+    a100 = _C.cuda_backward_tiles(H, D, Nq, Nk, name, SM80_SHARED, not general)
+    two_tiles = D == 64 or (dtype == torch.bfloat16 and not general)
+    assert (h100["keys"]["tiles"], h100["keys"]["kslabs"]) == ((2, 1) if two_tiles else (1, 2))
+    assert h100["keys"]["keys"] == 32 and a100["keys"]["tiles"] == 1
     assert h100["rows"]["shape"] == a100["rows"]["shape"]
     mask, dropout = (bool_mask(B, Nq, Nk), 0.2) if general else (None, 0.0)
     runs = [tc_backward_case(B, H, Nq, Nk, D, norm=norm, mask=mask, dropout=dropout, dtype=dtype, references=False,
@@ -597,7 +602,7 @@ def test_key_pass_of_two_tiles_per_warp_agrees_with_two_slabs(norm, general, dty
     unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
     for what, tiles, slabs in list(zip(GRAD_NAMES, *runs)):
         assert not tiles.isnan().any(), what
-        if regrouped and what == "dk":
+        if regrouped and what in ("dk", "dv"):
             torch.testing.assert_close(tiles.double(), slabs.double(), rtol=0.0,
                                        atol=unit * slabs.double().abs().max().item(), msg=what)
         else:
@@ -1145,10 +1150,11 @@ def test_compiled_kernels_spill_nothing_and_reserve_at_most_1kb_of_shared_memory
         # 4 storage types x 4 CUDA-core programs; 2 types x (5 tile shapes x 4 variants of the tensor-core
         # forward + 5 shapes of the backward's row pass in its general variant and 4 in its plain one)
         # (row_configs.h, backward_configs.h) + LayerNorm's own row pass (bf16, the 3 one-segment shapes);
-        # 2 types x 6 shapes x 2 variants of the backward's key pass + LayerNorm's own (bf16, 6 shapes)
+        # 2 types x 6 shapes x 2 variants of the backward's key pass + LayerNorm's own (bf16, 6 shapes) +
+        # shape 6 in bf16's two plain variants (backward_configs.h key_shape_compiled)
         assert sum("re_attention_kernel" in n for n in names) == 16, names
         assert sum("forward_kernel" in n for n in names) == 61, names
-        assert sum("key_kernel" in n for n in names) == 30, names
+        assert sum("key_kernel" in n for n in names) == 32, names
     for (arch, name), usage in kernels.items():
         if not any(k in name for k in ("re_attention_kernel", "forward_kernel", "key_kernel")):
             continue

@@ -317,11 +317,14 @@ def test_layer_norm_backward_mixes_heads_on_tensor_cores(H, D):
     tiles = _C.cuda_backward_tiles(H, D, 64, 64, "bfloat16")
     for program, kind, stores in (("backward_rows", "rows", 4 * 2), ("backward_keys", "keys", 4 * 2)):
         # Row pass: each warp stores its rows' dM once per 16-key chunk (4 at Nk = 64) in each of two
-        # sweeps; key pass (one program: the block's keys): A^T and dM^T once per query chunk (4 at Nq = 64).
+        # sweeps; key pass (one program: the block's keys): A^T and dM^T once per query chunk (4 at Nq = 64)
+        # and 16-key tile of the warp.
         shape = tiles[kind]
         per_store = 1 if shape["groups"] * shape["heads"] > 8 else 2
         warps = shape["kslabs" if kind == "keys" else "slabs"] * shape["groups"]
-        assert per_arch[90, program]["STSM"] == warps * (16 // shape["groups"] // per_store) * stores, program
+        tiles_per_warp = shape.get("tiles", 1)  # the key pass's 16-key tiles per warp (backward_configs.h)
+        assert per_arch[90, program]["STSM"] == warps * (16 // shape["groups"] // per_store) * stores * tiles_per_warp, \
+            program
         assert per_arch[80, program]["STSM"] == 0 and per_arch[80, program]["STS"] > 0
         assert per_arch[90, program]["SHFL"] > 0 and per_arch[90, program]["HMMA"] > per_arch[90, program]["STSM"]
     fp16 = _launches(cuda_side.cuda_call(1, H, 64, D, "layer", 90, dtype=torch.float16))["bwd"]
