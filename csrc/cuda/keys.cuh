@@ -532,7 +532,11 @@ struct KeyProgram {
           const float a = coef[0][j], ee = coef[2][j], ff = coef[3][j];  // batch_coefficients
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
-            dm[t][j][e] = ((masks[t][j] >> e) & 1u) ? 0.0f : a * dn[t][j][e] + (ee * acc[t][j][e] + ff);
+            // Masked entries get 0. The plain variant's only "masked" entries lie past Nk or Nq, where dM
+            // meets only its own entry's dS^T (the mixing is across heads): keys past Nk feed dK rows
+            // never written, rows past Nq have P = 0. So no per-entry test there (as the row pass).
+            const bool masked = !Cfg::kPlain && ((masks[t][j] >> e) & 1u);
+            dm[t][j][e] = masked ? 0.0f : a * dn[t][j][e] + (ee * acc[t][j][e] + ff);
           }
         }
       } else {  // none: dM = gamma' dN = out_scale dN (ops.cpp's fold), already 0 where dN is
