@@ -233,20 +233,24 @@ struct KeyProgram {
       const int h = group + kGroups * j;
       if (h >= H) continue;
       float c[kTiles][2][4] = {};
-      const E* kh = keys + (static_cast<size_t>(h) * Cfg::kKeys + tile_key(0)) * kRow;
-      const E* qh = qtile + static_cast<size_t>(h) * kChunkRows * kRow;
+      // The lanes' ldmatrix rows as shared addresses, 32 bytes (16 head dims) per k-step. B = Q^T from
+      // Q [row][d] without .trans: matrices (n8 tile i / 2 of rows, k half i % 2).
+      uint32_t k_at = dev::smem_address(keys + (static_cast<size_t>(h) * Cfg::kKeys + tile_key(0) + lane % 16) * kRow +
+                                        (lane / 16) * 8);
+      uint32_t q_at = dev::smem_address(qtile + (static_cast<size_t>(h) * kChunkRows + (i / 2) * 8 + lane % 8) * kRow +
+                                        (i % 2) * 8);
       // Rolled: unrolled, the compiler loads every k-step's fragments ahead and, beside dK and dV,
-      // runs out of registers.
+      // runs out of registers. Stepped addresses: formed from kk, each load cost ~3 integer
+      // instructions per step (static model, sm_90).
 #pragma unroll 1
-      for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
-        // B = Q^T from Q [row][d] without .trans: matrices (n8 tile i / 2 of rows, k half i % 2).
+      for (int kk = 0; kk < Cfg::kKSteps; ++kk, k_at += 32, q_at += 32) {
         uint32_t qb[4];
-        dev::ldmatrix_x4(qb, qh + ((i / 2) * 8 + lane % 8) * kRow + kk * 16 + (i % 2) * 8);
+        dev::ldmatrix_x4_at(qb, q_at);
         const uint32_t b0[2] = {qb[0], qb[1]}, b1[2] = {qb[2], qb[3]};
 #pragma unroll
         for (int t = 0; t < kTiles; ++t) {
           uint32_t a[4];
-          dev::ldmatrix_x4(a, kh + (t * 16 + lane % 16) * kRow + kk * 16 + (lane / 16) * 8);
+          dev::ldmatrix_x4_at(a, k_at + t * 16 * kRow * static_cast<uint32_t>(sizeof(E)));
           dev::mma_m16n8k16<E>(c[t][0], a, b0, c[t][0]);
           dev::mma_m16n8k16<E>(c[t][1], a, b1, c[t][1]);
         }
@@ -359,16 +363,19 @@ struct KeyProgram {
   REATTN_DEVICE void grad_attention(const E* values, const E* dg, int g, int j, float (&dn)[kTiles][kHeads][8]) const {
     const int i = lane / 8;
     float c[kTiles][2][4] = {};
-    const E* vg = values + (static_cast<size_t>(g) * Cfg::kKeys + tile_key(0)) * kRow;
+    // Shared addresses stepped 32 bytes per k-step, as in scores.
+    uint32_t v_at = dev::smem_address(values + (static_cast<size_t>(g) * Cfg::kKeys + tile_key(0) + lane % 16) * kRow +
+                                      (lane / 16) * 8);
+    uint32_t g_at = dev::smem_address(dg + ((i / 2) * 8 + lane % 8) * kRow + (i % 2) * 8);
 #pragma unroll 1
-    for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
+    for (int kk = 0; kk < Cfg::kKSteps; ++kk, v_at += 32, g_at += 32) {
       uint32_t gb[4];
-      dev::ldmatrix_x4(gb, dg + ((i / 2) * 8 + lane % 8) * kRow + kk * 16 + (i % 2) * 8);
+      dev::ldmatrix_x4_at(gb, g_at);
       const uint32_t b0[2] = {gb[0], gb[1]}, b1[2] = {gb[2], gb[3]};
 #pragma unroll
       for (int t = 0; t < kTiles; ++t) {
         uint32_t va[4];
-        dev::ldmatrix_x4(va, vg + (t * 16 + lane % 16) * kRow + kk * 16 + (lane / 16) * 8);
+        dev::ldmatrix_x4_at(va, v_at + t * 16 * kRow * static_cast<uint32_t>(sizeof(E)));
         dev::mma_m16n8k16<E>(c[t][0], va, b0, c[t][0]);
         dev::mma_m16n8k16<E>(c[t][1], va, b1, c[t][1]);
       }
