@@ -342,6 +342,12 @@ def forward_variant(p: ReAttnParams) -> int:
     return FORWARD_VARIANTS["plain_layer" if p.norm == NORM_CODES["layer"] else "plain_affine"]
 
 
+def norm_gradients(p: ReAttnParams, stats_only: bool) -> bool:
+    """ops.cpp's norm_gradients: whether a backward call returns dgamma and dbeta (not training BatchNorm's full
+    backward, whose norm gradients are its sums call's)."""
+    return stats_only or p.norm != NORM_CODES["batch"]
+
+
 def backward_plain(p: ReAttnParams, rows: dict) -> bool:
     """ops.cpp's backward_plain_for (general_variant off): the plain row and key passes need no mask, no dropout,
     16-byte loads and a row shape that has a plain variant (``rows``: cuda_backward_tiles' row pass)."""
@@ -684,7 +690,10 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
 
         dW, dc = (torch.empty((0,), **f64), torch.empty((0,), **f64)) if stats_only else (
             grad_for(p.given[0]), grad_for(p.given[1]))
-        dgamma, dbeta = grad_for(p.given[2]), grad_for(p.given[3])
+        if norm_gradients(p, stats_only):
+            dgamma, dbeta = grad_for(p.given[2]), grad_for(p.given[3])
+        else:
+            dgamma, dbeta = torch.empty((0,), **f64), torch.empty((0,), **f64)
         _param_grads(q, partials, ((dW, 0, keep), (dc, H * H, 1.0), (dgamma, H * H + H, out_scale),
                                     (dbeta, H * H + 2 * H, out_scale)))
         if stats_only:
@@ -710,6 +719,8 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
         touched += [(dq, {"write"}), (dk, {"atomic"}), (dv, {"atomic"}), (dW, {"atomic"}), (dc, {"atomic"}),
                     (dgamma, {"atomic"}), (dbeta, {"atomic"})]
     _run_program(PROGRAM_KINDS["bn_grad_sums" if stats_only else "backward"], q, p, touched)
+    if not norm_gradients(p, stats_only):
+        dgamma, dbeta = torch.empty((0,), **f64), torch.empty((0,), **f64)
     return dq, dk.to(q.dtype), dv.to(q.dtype), dW, dc, dgamma, dbeta
 
 

@@ -617,6 +617,11 @@ size_t backward_shared_limit(const at::Tensor& q, int64_t shared_limit) {
   return limit;
 }
 
+// Whether a backward call returns the norm's own gradients (dgamma, dbeta): not training BatchNorm's full
+// backward, whose norm gradients are the sums of its stats_only call (or of head_dot_sums), which the
+// caller has (reattn/backends/_fused.py); the row pass then skips those sums (rows.cuh grad_mixed).
+bool norm_gradients(const ReAttnParams& p, bool stats_only) { return stats_only || p.norm != kNormBatch; }
+
 // The tensor-core backward's shapes (row pass, key pass in its plain variant) for this problem, or false.
 bool backward_shapes_for(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_out,
                          const ReAttnParams& p, int64_t shared_limit, int* rows, int* keys) {
@@ -726,7 +731,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     };
     at::Tensor dW = stats_only ? at::empty({0}, f64) : grad_for(a.given[0]);
     at::Tensor dc = stats_only ? at::empty({0}, f64) : grad_for(a.given[1]);
-    at::Tensor dgamma = grad_for(a.given[2]), dbeta = grad_for(a.given[3]);
+    const bool norm_grads = norm_gradients(p, stats_only);
+    at::Tensor dgamma = norm_grads ? grad_for(a.given[2]) : at::empty({0}, f64);
+    at::Tensor dbeta = norm_grads ? grad_for(a.given[3]) : at::empty({0}, f64);
     ParamGradsParams grads;
     grads.total = total.data_ptr<double>();
     auto piece = [&](at::Tensor& out, int64_t begin, double factor) {
@@ -777,7 +784,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   p.dbeta = dbeta.data_ptr<double>();
   core_parameters(a, q);
   run(op, stats_only ? kBnGradSums : kBackward, q, p, shared_limit, reverse_items);
-  return {dq, dk.to(q.scalar_type()), dv.to(q.scalar_type()), dW, dc, dgamma, dbeta};
+  const at::Tensor none = at::empty({0}, f64);  // norm_gradients: the programs' sums are not returned
+  return {dq, dk.to(q.scalar_type()), dv.to(q.scalar_type()), dW, dc, norm_gradients(p, stats_only) ? dgamma : none,
+          norm_gradients(p, stats_only) ? dbeta : none};
 }
 
 // The tensor-core forward's tile shape for a problem, or None (the CUDA-core programs run).
@@ -1334,7 +1343,8 @@ void register_ops(pybind11::module& m) {
         "Fused CUDA Re-attention backward: [dq, dk, dv, dW, dc, dgamma, dbeta] (parameter gradients in their "
         "parameters' dtypes on the tensor-core path, float64 where a parameter is absent and on the CUDA-core one). "
         "stats_only: only dgamma = sum(dN xhat) and dbeta = sum(dN), for training BatchNorm (the others empty on "
-        "the tensor-core path). fp16/bf16 run the deterministic tensor-core backward (a row pass and a key "
+        "the tensor-core path); without it, norm 'batch' returns dgamma and dbeta empty (they are those sums). "
+        "fp16/bf16 run the deterministic tensor-core backward (a row pass and a key "
         "pass, no atomics) where its shapes fit, else (and with programs_only) the CUDA-core programs; without "
         "mask or dropout, on 16-byte aligned rows, its plain variants (general_variant: the general ones).");
   m.def("cuda_head_affine", &head_affine, py::arg("r"), py::arg("u"), py::arg("coefficients"), py::arg("dtype"),

@@ -2021,8 +2021,8 @@ struct RowProgram {
       }
     }
     // dgamma += sum dN xhat (BatchNorm: sum dN acc, folded in write_partials), dbeta += sum dN (LayerNorm;
-    // training BatchNorm's sums)
-    if (first && (layer || batch)) {
+    // training BatchNorm's sums, sums_only: its full backward leaves them out, ops.cpp)
+    if (first && (layer || (batch && sums_only))) {
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) {
 #pragma unroll

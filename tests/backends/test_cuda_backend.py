@@ -626,6 +626,9 @@ def test_tensor_core_plain_backward_agrees_with_the_general_one(shape, norm):
         assert not all(torch.equal(a, b) for a, b in zip(plain[:3], general[:3]))
     for what, a, b in zip(GRAD_NAMES, plain, general):
         assert not a.isnan().any(), what
+        if norm == "batch" and what in ("dgamma", "dbeta"):  # training BatchNorm's come from its sums call
+            assert a.numel() == b.numel() == 0, what
+            continue
         torch.testing.assert_close(a.double(), b.double(), rtol=2 ** -7, atol=2 ** -7 * (1 + b.double().abs().max()),
                                    msg=what)
     # The one row shape without a plain variant (backward_configs.h): H <= 16 and 48 < D <= 64 over
@@ -668,10 +671,11 @@ def test_tensor_core_bn_grad_sums_allocate_only_what_they_write():
     sums = _C.cuda_backward(grad.bfloat16(), *low, w, c, gamma, beta, rows, None, None, stats, 0.3, 0.8, "batch", 1e-5,
                             0.0, True)
     assert [t.numel() for t in sums[:5]] == [0] * 5
+    assert sums[5].shape == sums[6].shape == (H,)
+    # The full backward leaves training BatchNorm's own gradients out (they are these sums).
     full = _C.cuda_backward(grad.bfloat16(), *low, w, c, gamma, beta, rows, None, None, stats, 0.3, 0.8, "batch", 1e-5,
                             0.0, False)
-    torch.testing.assert_close(sums[5], full[5], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(sums[6], full[6], rtol=1e-12, atol=1e-12)
+    assert full[5].numel() == 0 and full[6].numel() == 0 and full[3].shape == (H, H)
 
 
 @pytest.mark.parametrize("norm", ["none", "layer", "batch"])
@@ -709,9 +713,11 @@ def test_tensor_core_parameter_steps_take_any_dtype_and_strides(norm):
             assert torch.equal(out, reference_out), (dtype, transposed)
             for i in range(3):
                 assert torch.equal(grads[i], reference[i]), (dtype, transposed, i)
-            # dW and dc in the parameter's dtype; dgamma, dbeta too where given (else float64, unread)
+            # dW and dc in the parameter's dtype; dgamma, dbeta too where given (else float64, unread; training
+            # BatchNorm's full backward returns them empty, float64: they come from its sums call)
             for i, param in zip(range(3, 7), params):
-                expected = reference[i] if param is None else reference[i].to(dtype)
+                none = norm == "batch" and i >= 5
+                expected = reference[i] if param is None or none else reference[i].to(dtype)
                 assert grads[i].dtype == expected.dtype and torch.equal(grads[i], expected), (dtype, transposed, i)
 
 
