@@ -307,27 +307,11 @@ REATTN_DEVICE void ldmatrix_x2(uint32_t (&r)[2], const void* row) { sim::ldmatri
 REATTN_DEVICE void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) { sim::ldmatrix(2, true, r, row); }
 #endif
 
-// acc[n] += A B_n over the n8 tiles n < kN8 of B, a [16][8 kN8] tile of 16-bit values stored row-major
-// (`row` elements apart, its k rows the products' k) and read by ldmatrix.trans: matrix i = lane / 8 is
-// (k half i % 2, n8 tile n + i / 2). A: an m16n8k16 A fragment. (O += A V, dQ += dS K, dK += dS^T Q,
-// dV += A^T dO.)
-template <typename E, int kN8>
-REATTN_DEVICE void mma_row_major(const uint32_t (&a)[4], const E* tile, int row, int lane, float (&acc)[kN8][4]) {
-  static_assert(kN8 % 2 == 0, "pairs of n8 tiles per load");
-  const int i = lane / 8;
-  const E* at = tile + ((i % 2) * 8 + lane % 8) * row + (i / 2) * 8;
-#pragma unroll
-  for (int n = 0; n < kN8; n += 2) {
-    uint32_t b[4];
-    ldmatrix_x4_trans(b, at + n * 8);
-    const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-    mma_m16n8k16<E>(acc[n], a, b0, acc[n]);
-    mma_m16n8k16<E>(acc[n + 1], a, b1, acc[n + 1]);
-  }
-}
-// The same for kTiles A fragments (16-row tiles of A) against one B: acc[t][n] += A_t B_n, each B
-// load serving every tile (the key pass's warps of two 16-key tiles: dK += dS^T Q and dV += A^T dO
-// read Q and dO once for both).
+// acc[t][n] += A_t B_n over the n8 tiles n < kN8 of B, a [16][8 kN8] tile of 16-bit values stored
+// row-major (`row` elements apart, its k rows the products' k) and read by ldmatrix.trans: matrix
+// i = lane / 8 is (k half i % 2, n8 tile n + i / 2). A_t: m16n8k16 A fragments of kTiles 16-row tiles,
+// each B load serving every tile (the key pass's warps of two 16-key tiles read Q and dO once for both).
+// (O += A V, dQ += dS K, dK += dS^T Q, dV += A^T dO.)
 template <typename E, int kTiles, int kN8>
 REATTN_DEVICE void mma_row_major(const uint32_t (&a)[kTiles][4], const E* tile, int row, int lane,
                                  float (&acc)[kTiles][kN8][4]) {
@@ -345,6 +329,11 @@ REATTN_DEVICE void mma_row_major(const uint32_t (&a)[kTiles][4], const E* tile, 
       mma_m16n8k16<E>(acc[t][n + 1], a[t], b1, acc[t][n + 1]);
     }
   }
+}
+// One A fragment (one 16-row tile).
+template <typename E, int kN8>
+REATTN_DEVICE void mma_row_major(const uint32_t (&a)[4], const E* tile, int row, int lane, float (&acc)[kN8][4]) {
+  mma_row_major(reinterpret_cast<const uint32_t(&)[1][4]>(a), tile, row, lane, reinterpret_cast<float(&)[1][kN8][4]>(acc));
 }
 
 // ---- asynchronous copies global -> shared -------------------------------------------------------
