@@ -7,7 +7,8 @@
 // chunk tiles beside it (V, and in the second sweep K, each a step of its own), so its query
 // blocks are small (16 or 32 rows); registers hold dO and dQ fragments of at most two or three
 // heads per warp. The key pass holds dK and dV of two heads of one 16-key tile per warp (three in
-// shape 4: 12 heads with no idle head slots, 32 keys per program; one head of two tiles in shape 5).
+// shape 4: 12 heads with no idle head slots, 32 keys per program; one head of two tiles in shape 5,
+// two heads of two tiles in shape 6).
 // A problem no pair of shapes serves runs the CUDA-core programs of programs.cuh.
 #pragma once
 
@@ -37,7 +38,7 @@ namespace cuda {
 // tile; its exchange region (LayerNorm's general variant) is per tile, which keeps it off an A100
 // (shape 0 serves it there). Shape 6, two heads of two tiles at D = 32 (DeepViT-16b), fits 255
 // registers only in bf16's plain variants (key_shape_compiled; the general and fp16 variants, whose
-// grad_mixed keeps LayerNorm's per-head state, took 32-80 bytes of stack, ptxas sm_90); elsewhere
+// grad_mixed keeps LayerNorm's per-head state, took 32-120 bytes of stack, ptxas sm_80 and sm_90); elsewhere
 // shape 4 (H <= 12, D <= 32) serves, picked over shape 2: 32 keys per program halve the per-key cost
 // of staging each query chunk.
 #define REATTN_KEY_SHAPES(X) \
