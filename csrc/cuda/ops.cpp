@@ -784,9 +784,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   p.dbeta = dbeta.data_ptr<double>();
   core_parameters(a, q);
   run(op, stats_only ? kBnGradSums : kBackward, q, p, shared_limit, reverse_items);
-  const at::Tensor none = at::empty({0}, f64);  // norm_gradients: the programs' sums are not returned
-  return {dq, dk.to(q.scalar_type()), dv.to(q.scalar_type()), dW, dc, norm_gradients(p, stats_only) ? dgamma : none,
-          norm_gradients(p, stats_only) ? dbeta : none};
+  if (!norm_gradients(p, stats_only)) dgamma = dbeta = at::empty({0}, f64);  // the programs' sums not returned
+  return {dq, dk.to(q.scalar_type()), dv.to(q.scalar_type()), dW, dc, dgamma, dbeta};
 }
 
 // The tensor-core forward's tile shape for a problem, or None (the CUDA-core programs run).
