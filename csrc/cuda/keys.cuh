@@ -344,8 +344,9 @@ struct KeyProgram {
                    (key0 + lane_src.row) * kTRow + lane_src.octet * 8;
     E* dmixed = at<E>(L.dmixed);
     const E* back = dmixed + (static_cast<size_t>(tile_key(t)) + lane % 16) * kTRow + (lane / 16) * 8;
+    const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     Mix::template mix_through<kNarrow>(src, kTRow, dmixed + gq * kHeadStride + key0 * kTRow + 2 * tq, kTRow, kHeadStride,
-                                       back, whi, wlo, H, gq, group, slab, acc);
+                                       back, whi, wlo, zero, H, gq, group, slab, acc);
   }
 
   // The norm's output gamma' xhat + beta' = gamma acc + beta for output head g, given what grad_mixed's acc
@@ -579,7 +580,8 @@ struct KeyProgram {
   // there: the same value, without the sums of squares, 3 shuffles and a reciprocal square root again.
   static constexpr int kLayerKeysPerWarp = 16 / kGroups;
   template <bool kGrad>
-  REATTN_DEVICE void layer_keys(int t, const typename Mix::LayerLane& lg, float (&rstd_keys)[kLayerKeysPerWarp][2]) const {
+  REATTN_DEVICE void layer_keys(int t, const typename Mix::LayerLane& lg, const typename Mix::LayerSums& sf,
+                                float (&rstd_keys)[kLayerKeysPerWarp][2]) const {
     constexpr int kPerLoad = Mix::kLayerRowsPerLoad, kPerWarp = kLayerKeysPerWarp;
     static_assert(16 % kGroups == 0 && kPerWarp % kPerLoad == 0, "whole loads per warp");
     const float inv_h = at<float>(L.vectors)[kVectorRows * Cfg::kMaxHeads + 1], eps = static_cast<float>(p.eps);
@@ -600,7 +602,7 @@ struct KeyProgram {
           if constexpr (kGrad) {
             Mix::layer_centered(x, u, lg, c);
             float unused[3][2][2];
-            Mix::template layer_grad<false>(c, rstd_keys[r], g, u, lg, inv_h, odd, packed, unused);
+            Mix::template layer_grad<false>(c, rstd_keys[r], g, u, lg, sf, inv_h, packed, unused);
           } else {
             Mix::layer_center(x, u, lg, inv_h, eps, odd, c, rstd_keys[r]);
             Mix::layer_output(c, rstd_keys[r], u, lg, packed);
@@ -613,7 +615,7 @@ struct KeyProgram {
     const auto lg = Mix::template layer_lane<true>(at<uint32_t>(L.weights_t) + kLayerTable, lane);
     float rstd_keys[kTiles][kLayerKeysPerWarp][2];  // step 1's, for step 3
 #pragma unroll
-    for (int t = 0; t < kTiles; ++t) layer_keys<false>(t, lg, rstd_keys[t]);
+    for (int t = 0; t < kTiles; ++t) layer_keys<false>(t, lg, typename Mix::LayerSums{}, rstd_keys[t]);
     Mix::slab_barrier(slab);  // A^T of the slab's every head
     const E* grads = slot_grads(slot);
     const E* values = at<E>(L.values);
@@ -654,8 +656,9 @@ struct KeyProgram {
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) store_grad_tile(t, dn[t]);
     Mix::slab_barrier(slab);  // dN^T of the slab's every head
+    const auto sf = Mix::layer_sums(lg);  // here, not across the dV products (sm_80: 8 bytes of stack)
 #pragma unroll
-    for (int t = 0; t < kTiles; ++t) layer_keys<true>(t, lg, rstd_keys[t]);
+    for (int t = 0; t < kTiles; ++t) layer_keys<true>(t, lg, sf, rstd_keys[t]);
   }
 
   // Input-head part: dP'^T = W'^T dM^T, dS^T = P (Z dP' - D) scale, dK += dS^T Q, for every tile.
@@ -726,7 +729,8 @@ struct KeyProgram {
       const int key0 = tile_key(t) + group * kKeysPerWarp;  // the warp's first key of tile t in the block
       const E* src = at<E>(L.dmixed) + (hl < H ? hl : 0) * kHeadStride + (key0 + key_of) * kTRow + octet * 8;
       E* dst = probs_t + gq * kHeadStride + key0 * kTRow + 2 * tq;  // C entries: head gq (+ 8), rows 2 tq, + 1
-      Mix::template split_tiles<kNarrow>(src, kTRow, whi, wlo, [&](int key, int col8, const float (&d)[4]) {
+      const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      Mix::template split_tiles<kNarrow>(src, kTRow, whi, wlo, zero, [&](int key, int col8, const float (&d)[4]) {
         E* at_t = dst + key * kTRow + col8 * 8;
 #pragma unroll
         for (int half = 0; half < kHalves; ++half) {

@@ -159,6 +159,28 @@ struct Mixer {
       for (int r = 0; r < 4; ++r) table[(t * 32 + thread) * 4 + r] = q[t][r];
     }
   }
+  // Training BatchNorm's table (rows.cuh: after the fragment table, [3][32][4] words), filled likewise (by
+  // the threads 0 .. 31 of `thread`, which the caller may offset to another warp): per
+  // lane the fragments of diag(ee) W' (hi, lo) and C = ff of rows gq, gq, gq + 8, gq + 8, so that a product
+  // of tensor_mix gives ee (M - c) + ff (batch_coefficients with minus_c), which dM = a dN + ee (M - c) + ff
+  // takes whole: one multiply-add per entry instead of two.
+  static constexpr int kBatchTableKinds = 3;
+  static REATTN_DEVICE void fill_batch_table(const float* f, int H, int thread, uint32_t* table) {
+    if (thread < 0 || thread >= 32) return;
+    const int gq = thread / 4, tq = thread % 4;
+    const auto ee = [&](int g) { return batch_coefficients(f, H, g, true).ee; };
+    const auto ff = [&](int g) { return g < H ? batch_coefficients(f, H, g, true).ff : 0.0f; };
+    uint32_t q[kBatchTableKinds][4];
+    split_fragments<false>(gq, tq, q[0], q[1], [&](int g, int h) { return g < H && h < H ? ee(g) * f[g * H + h] : 0.0f; });
+#pragma unroll
+    for (int r = 0; r < 4; ++r) q[2][r] = dev::bits(ff(gq + 8 * (r / 2)));
+#pragma unroll
+    for (int k = 0; k < kBatchTableKinds; ++k) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) table[(k * 32 + thread) * 4 + r] = q[k][r];
+    }
+  }
+
   // The lane's W' (kTransposed: W'^T) fragments from that table: two 16-byte loads.
   template <bool kTransposed>
   static REATTN_DEVICE void table_fragments(const uint32_t* table, int lane, uint32_t (&hi)[4], uint32_t (&lo)[4]) {
@@ -211,15 +233,15 @@ struct Mixer {
   }
 
   // The warp's 16 / kGroups rows of a slab: split_product for every tile of the loads from `src`
-  // (the lane's trans_lane address, src_row elements per row), each C fragment d handed to
-  // tile(row, col8, d) (row: 0 .. 16 / kGroups - 1 within the warp's rows; col8: the octet of columns).
+  // (the lane's trans_lane address, src_row elements per row) with C = c (the lane's entries: rows gq,
+  // gq, gq + 8, gq + 8), each C fragment d handed to tile(row, col8, d) (row: 0 .. 16 / kGroups - 1
+  // within the warp's rows; col8: the octet of columns).
   template <bool kNarrow, class F>
   static REATTN_DEVICE void split_tiles(const E* src, int src_row, const uint32_t (&hi)[4], const uint32_t (&lo)[4],
-                                        const F& tile) {
+                                        const float (&c)[4], const F& tile) {
     constexpr int kPerWarp = 16 / kGroups;
     constexpr int kPerLoad = kNarrow ? 2 : 1;
     static_assert(16 % kGroups == 0 && kPerWarp % kPerLoad == 0, "whole loads per warp");
-    const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int r = 0; r < kPerWarp; r += kPerLoad) {
       uint32_t b[4];
@@ -227,24 +249,24 @@ struct Mixer {
 #pragma unroll
       for (int t = 0; t < 2 * kPerLoad; ++t) {  // tiles: (row r + t / 2, octet t % 2)
         float d[4];
-        split_product<kNarrow>(d, hi, lo, b, t, zero);
+        split_product<kNarrow>(d, hi, lo, b, t, c);
         tile(r + t / 2, t % 2, d);
       }
     }
   }
 
-  // M - c (the key pass: M^T - c) of a slab's 16 rows (keys) on tensor cores, through a 16-bit
-  // [head][row][col] buffer (rows.cuh and keys.cuh tensor_mix): the warp's 16 / kGroups rows, each one
-  // split_product per 8 columns of the W' fragments hi, lo and B from `src` (the lane's trans_lane
+  // M - c (the key pass: M^T - c), or any rows-scaled W' with C = c, of a slab's 16 rows (keys) on tensor
+  // cores, through a 16-bit [head][row][col] buffer (rows.cuh and keys.cuh tensor_mix): the warp's 16 /
+  // kGroups rows, each one split_product per 8 columns of the W' fragments hi, lo and B from `src` (the lane's trans_lane
   // address, src_row elements per row); their C entries (heads gq, gq + 8) to `dst` (the lane's first
   // entry; dst_row per row, dst_head per head); the slab's barrier; then the warp's output heads' A
   // fragments back from `back` (the lane's ldmatrix row address of head 0), rounded to 16 bits.
   template <bool kNarrow>
   static REATTN_DEVICE void mix_through(const E* src, int src_row, E* dst, int dst_row, int dst_head, const E* back,
-                                        const uint32_t (&hi)[4], const uint32_t (&lo)[4], int H, int gq, int group,
-                                        int slab, float (&acc)[kHeads][8]) {
+                                        const uint32_t (&hi)[4], const uint32_t (&lo)[4], const float (&c)[4], int H,
+                                        int gq, int group, int slab, float (&acc)[kHeads][8]) {
     constexpr int kHalves = kNarrow ? 1 : 2;  // C rows gq and gq + 8
-    split_tiles<kNarrow>(src, src_row, hi, lo, [&](int row, int col8, const float (&d)[4]) {
+    split_tiles<kNarrow>(src, src_row, hi, lo, c, [&](int row, int col8, const float (&d)[4]) {
       E* at_t = dst + row * dst_row + col8 * 8;
 #pragma unroll
       for (int half = 0; half < kHalves; ++half) {
@@ -316,6 +338,21 @@ struct Mixer {
     uint32_t hi[4], lo[4];
     float bias[2][4], gamma[4], beta[4];
   };
+  // gamma' of the lane's heads (2 tq, 2 tq + 1; 8 + 2 tq, 9 + 2 tq) as the B fragments of layer_grad's
+  // head sums, split as hi + lo (as W'): formed from a LayerLane where the caller has registers for
+  // them (the key pass: after its dV products, not across them).
+  struct LayerSums {
+    uint32_t hi[2], lo[2];
+  };
+  static REATTN_DEVICE LayerSums layer_sums(const LayerLane& lg) {
+    LayerSums sf;
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      const float pair[2] = {lg.gamma[2 * t], lg.gamma[2 * t + 1]};
+      split_pair(pair, sf.hi[t], sf.lo[t]);
+    }
+    return sf;
+  }
   // The lane's table entries (beta': kBeta only).
   template <bool kBeta>
   static REATTN_DEVICE LayerLane layer_lane(const uint32_t* table, int lane) {
@@ -417,16 +454,33 @@ struct Mixer {
   }
 
   // dM = rstd (dxhat - s1 / H - xhat s2 / H) of row u from dN (words g of a load by the same lanes),
-  // dxhat = gamma' dN, s1 = sum dxhat and s2 = sum dxhat xhat over the heads (the quad, the lane pair
-  // splitting the columns again: 6 shuffles), written as rstd dxhat - a - (M - mean) b with a = rstd s1 / H,
-  // b = rstd^3 (s2 / rstd) / H, so xhat itself is formed only for the sums (kSums: [dc, dgamma, dbeta][t][e]
-  // += dM, dN xhat, dN of head 8 t + 2 tq + e).
+  // dxhat = gamma' dN, s1 = sum dxhat and s2 = sum dxhat xhat over the heads, written as
+  // rstd dxhat - a - (M - mean) b with a = rstd s1 / H, b = rstd^3 (s2 / rstd) / H, so xhat itself is
+  // formed only for the sums (kSums: [dc, dgamma, dbeta][t][e] += dM, dN xhat, dN of head 8 t + 2 tq + e).
+  // s1 is linear in the 16-bit dN, so it is one product on tensor cores: A = dN^T (the words g, as
+  // centered_tile's x), B = gamma' (sf: hi + lo) in every column, so C holds s1 of columns gq, gq + 8 in
+  // every lane of the quad: no shuffles, against 4 additions, 4 selects and 3 shuffles per row for a
+  // lane-pair split of the quad's sums. s2 (dN times the fp32 M - mean) is summed over the quad by
+  // shuffles: 4, with no selects (the pair split took 3 shuffles and 4 selects).
   enum LayerSum : int { kSumDc = 0, kSumDgamma = 1, kSumDbeta = 2 };  // sums[kind][t][e]
   template <bool kSums>
   static REATTN_DEVICE void layer_grad(const float (&c)[kLayerTiles][4], const float (&rstd)[2], const uint32_t (&g)[4],
-                                       int u, const LayerLane& lg, float inv_h, bool odd, uint32_t (&packed)[4],
-                                       float (&sums)[3][2][2]) {
-    float dx[kLayerTiles][4], s1[2] = {0.0f, 0.0f}, s2[2] = {0.0f, 0.0f};
+                                       int u, const LayerLane& lg, const LayerSums& sf, float inv_h,
+                                       uint32_t (&packed)[4], float (&sums)[3][2][2]) {
+    float s1[4];
+    {
+      const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if constexpr (kLayerNarrow) {  // k = 16: dN^T twice, against gamma' hi (heads 0 .. 7) then lo
+        const uint32_t a[4] = {g[2 * u], g[2 * u + 1], g[2 * u], g[2 * u + 1]};
+        const uint32_t b[2] = {sf.hi[0], sf.lo[0]};
+        dev::mma_m16n8k16<E>(s1, a, b, zero);
+      } else {
+        const uint32_t bh[2] = {sf.hi[0], sf.hi[1]}, bl[2] = {sf.lo[0], sf.lo[1]};
+        dev::mma_m16n8k16<E>(s1, g, bh, zero);
+        dev::mma_m16n8k16<E>(s1, g, bl, s1);
+      }
+    }
+    float dx[kLayerTiles][4], s2[2];
 #pragma unroll
     for (int t = 0; t < kLayerTiles; ++t) {
 #pragma unroll
@@ -434,26 +488,21 @@ struct Mixer {
         const uint32_t w = g[layer_word(t, u, e / 2)];
         const float dn = e & 1 ? Cv::high(w) : Cv::low(w);
         dx[t][e] = lg.gamma[2 * t + e % 2] * dn;
-        s1[e / 2] += dx[t][e];
-        s2[e / 2] += dx[t][e] * c[t][e];
+        s2[e / 2] = t == 0 && e % 2 == 0 ? dx[t][e] * c[t][e] : s2[e / 2] + dx[t][e] * c[t][e];
         if constexpr (kSums) {
           sums[kSumDgamma][t][e % 2] += dn * (c[t][e] * rstd[e / 2]);
           sums[kSumDbeta][t][e % 2] += dn;
         }
       }
     }
-    float m1 = odd ? s1[1] : s1[0], m2 = odd ? s2[1] : s2[0];
-    m1 += dev::shfl_xor(odd ? s1[0] : s1[1], 1);
-    m2 += dev::shfl_xor(odd ? s2[0] : s2[1], 1);
-    m1 += dev::shfl_xor(m1, 2);
-    m2 += dev::shfl_xor(m2, 2);
-    const float o1 = dev::shfl_xor(m1, 1), o2 = dev::shfl_xor(m2, 1);
     float a[2], b[2];
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
+      s2[k] += dev::shfl_xor(s2[k], 1);
+      s2[k] += dev::shfl_xor(s2[k], 2);
       const float ri = rstd[k] * inv_h;
-      a[k] = ri * ((k == 1) == odd ? m1 : o1);
-      b[k] = ri * rstd[k] * rstd[k] * ((k == 1) == odd ? m2 : o2);
+      a[k] = ri * s1[2 * k];  // C rows gq (entries 0, 1) and gq + 8 (2, 3)
+      b[k] = ri * rstd[k] * rstd[k] * s2[k];
     }
 #pragma unroll
     for (int t = 0; t < kLayerTiles; ++t) {

@@ -1507,6 +1507,9 @@ struct RowProgram {
     }
     if constexpr (kTensorGrad) Mix::fill_fragment_table(f, H, dev::thread_index(), reinterpret_cast<uint32_t*>(weights_t));
     if constexpr (kLayerGrad) Mix::fill_layer_table(f, H, dev::thread_index(), at<uint32_t>(L.weights_t) + kLayerTable);
+    if constexpr (kTensorBatch && !kLayerGrad) {  // the second warp, beside the first's fragment table
+      if (p.norm == kNormBatch) Mix::fill_batch_table(f, H, dev::thread_index() - 32, at<uint32_t>(L.weights_t) + kLayerTable);
+    }
     for (int i = dev::thread_index(); i < kVectorRows * mh + 2; i += Cfg::kThreads) {
       const int row = i / mh, h = i % mh;
       float v = 0.0f;
@@ -1894,8 +1897,10 @@ struct RowProgram {
   // dM's and dgamma's coefficients): as the product's C operand it costs a copy of c into every
   // accumulator. Each warp later overwrites only its own heads' values with their dM. Per chunk
   // and row: 2 products and a quarter load, against H multiply-adds per entry and owned head plus
-  // the unpacking of P~. whi, wlo: the table's W' fragments, loaded once per sweep.
-  REATTN_DEVICE void tensor_mix(int chunk_col, const uint32_t (&whi)[4], const uint32_t (&wlo)[4],
+  // the unpacking of P~. whi, wlo, c: the table's W' fragments and C = 0 (the sums call: acc = M - c),
+  // or training BatchNorm's table's diag(ee) W' and C = ff (acc = ee (M - c) + ff, rounded to 16 bits
+  // as M - c was), loaded once per sweep.
+  REATTN_DEVICE void tensor_mix(int chunk_col, const uint32_t (&whi)[4], const uint32_t (&wlo)[4], const float (&c)[4],
                                  float (&acc)[kHeads][8]) const {
     constexpr bool kNarrow = Cfg::kMaxHeads <= 8;  // k = 8 input heads: W' columns 0 .. 7
     const int hs = Cfg::kRows * L.p_row + kProbsPad;  // P~'s head stride (elements)
@@ -1904,7 +1909,7 @@ struct RowProgram {
     const E* src = at<E>(L.probs) + (lane_src.head < H ? lane_src.head : 0) * hs + (row0 + lane_src.row) * L.p_row +
                    chunk_col + lane_src.octet * 8;
     E* dst = at<E>(L.dmixed) + gq * kMHead + row0 * kMRow + 2 * tq;
-    Mix::template mix_through<kNarrow>(src, L.p_row, dst, kMRow, kMHead, chunk_tile(L.dmixed, kMRow, 0), whi, wlo, H, gq,
+    Mix::template mix_through<kNarrow>(src, L.p_row, dst, kMRow, kMHead, chunk_tile(L.dmixed, kMRow, 0), whi, wlo, c, H, gq,
                                        group, slab, acc);
   }
 
@@ -1956,7 +1961,8 @@ struct RowProgram {
   // Output-head part of a chunk: dM of the warp's heads to shared memory (and the partial sums).
   REATTN_DEVICE void grad_mixed(int slot, int key0, int chunk_col, bool first, bool sums_only,
                                 const uint32_t (&df)[kHeads][Cfg::kKSteps][4], const uint32_t (&whi)[4],
-                                const uint32_t (&wlo)[4], const float (&bn)[3][kHeads], Partials& part) {
+                                const uint32_t (&wlo)[4], const float (&wc)[4], const float (&bn)[3][kHeads],
+                                Partials& part) {
     const int norm = p.norm;
     const bool layer = norm == kNormLayer, batch = norm == kNormBatch;
     const bool clamp = !Cfg::kPlain && p.seed != nullptr;
@@ -1966,7 +1972,7 @@ struct RowProgram {
     {
       uint32_t own[kHeads][4];
       if (kTensorBatch && batch) {  // the plain variant: no masks, so `own` is not needed
-        tensor_mix(chunk_col, whi, wlo, acc);
+        tensor_mix(chunk_col, whi, wlo, wc, acc);
       } else if (layer || batch) {
         mix_probs(chunk_col, acc, mean, own, layer, clamp);
       } else {  // norm none needs only the owned heads' masked bits (the plain variant: none)
@@ -2060,17 +2066,25 @@ struct RowProgram {
         for (int e = 0; e < 8; ++e) dm[j][e] = rstd[e] * (dm[j][e] - s1[e] * inv_h - acc[j][e] * s2[e] * inv_h);
       }
     } else if (batch) {
+      // tensor_mix folded ee and ff into acc (the full backward's table); the sums call's acc is M - c.
+      const bool folded = kTensorBatch && !sums_only;
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) {
         const int g = group + kGroups * j < H ? group + kGroups * j : 0;
         const float a = kTensorBatch ? bn[0][j] : vec_row(kGamma)[g];  // batch_coefficients
         const float ee = kTensorBatch ? bn[1][j] : vec_row(kE)[g], ff = kTensorBatch ? bn[2][j] : vec_row(kF)[g];
+        if (folded) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          dm[j][e] = a * dn[j][e] + (ee * acc[j][e] + ff);  // two multiply-adds
-          // Masked entries get 0. Entries past Nq or Nk matter only to dc (the first sweep): dM
-          // meets P~ = 0 past Nk in dW and dS, and rows past Nq are neither summed nor written.
-          if (!Cfg::kPlain || (first && masks[j] != 0)) dm[j][e] = ((masks[j] >> e) & 1u) ? 0.0f : dm[j][e];
+          for (int e = 0; e < 8; ++e) dm[j][e] = a * dn[j][e] + acc[j][e];  // one multiply-add
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) dm[j][e] = a * dn[j][e] + (ee * acc[j][e] + ff);  // two
+        }
+        // Masked entries get 0. Entries past Nq or Nk matter only to dc (the first sweep): dM
+        // meets P~ = 0 past Nk in dW and dS, and rows past Nq are neither summed nor written.
+        if (!Cfg::kPlain || (first && masks[j] != 0)) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) dm[j][e] = ((masks[j] >> e) & 1u) ? 0.0f : dm[j][e];
         }
       }
     } else {  // none: dM = gamma' dN = out_scale dN (ops.cpp's fold), already 0 where dN is
@@ -2121,13 +2135,13 @@ struct RowProgram {
   // Against the general row pass's LayerNorm (H multiply-adds per entry and owned head for M, and two
   // exchanges of partial sums through shared memory per chunk), per row and 16 keys: 4 products, 2
   // loads, one store, 9 shuffles and one reciprocal square root per lane.
-  static constexpr int kLayerTable = 4 * 32 * 4;  // words of the fragment table before LayerNorm's
+  static constexpr int kLayerTable = 4 * 32 * 4;  // words of the fragment table before LayerNorm's (BatchNorm's)
 
   using LayerGradLane = typename Mix::LayerLane;
 
   REATTN_DEVICE void grad_mixed_layer(int slot, int key0, int chunk_col, bool first,
                                       const uint32_t (&df)[kHeads][Cfg::kKSteps][4], const LayerGradLane& lg,
-                                      float (&sums)[3][2][2]) const {
+                                      const typename Mix::LayerSums& sf, float (&sums)[3][2][2]) const {
     {  // dN of the warp's output heads; 0 past Nq and Nk (the chunks that have such entries: warp-uniform)
       float dn[kHeads][8];
       grad_attention(slot, df, dn);
@@ -2163,9 +2177,9 @@ struct RowProgram {
           float c[Mix::kLayerTiles][4], rstd[2];
           Mix::layer_center(x, u, lg, inv_h, eps, odd, c, rstd);
           if (first) {
-            Mix::template layer_grad<true>(c, rstd, g, u, lg, inv_h, odd, packed, sums);
+            Mix::template layer_grad<true>(c, rstd, g, u, lg, sf, inv_h, packed, sums);
           } else {
-            Mix::template layer_grad<false>(c, rstd, g, u, lg, inv_h, odd, packed, sums);
+            Mix::template layer_grad<false>(c, rstd, g, u, lg, sf, inv_h, packed, sums);
           }
         });
   }
@@ -2316,7 +2330,8 @@ struct RowProgram {
     const E* src = at<E>(L.dmixed) + (hl < H ? hl : 0) * kMHead + (row0 + row_of) * kMRow + octet * 8;
     E* dst = probs + gq * hs + row0 * L.p_row + chunk_col + 2 * tq;  // C entries: head gq (+ 8), keys 2 tq, + 1
     const float* delta = at<float>(L.delta) + gq * Cfg::kRows + row0;
-    Mix::template split_tiles<kNarrow>(src, kMRow, whi, wlo, [&](int row, int col8, const float (&d)[4]) {
+    const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    Mix::template split_tiles<kNarrow>(src, kMRow, whi, wlo, zero, [&](int row, int col8, const float (&d)[4]) {
       E* at_t = dst + row * L.p_row + col8 * 8;
 #pragma unroll
       for (int half = 0; half < (kNarrow ? 1 : 2); ++half) {
@@ -2450,6 +2465,7 @@ struct RowProgram {
     const bool again = first && !sums_only;  // a second sweep follows
     const int segs = Cfg::kOneSegment ? 1 : segments;
     LayerGradLane layer_lane;
+    typename Mix::LayerSums layer_sums;
     for (int seg = 0; seg < segs; ++seg) {
       if constexpr (!Cfg::kOneSegment) {
         // Recompute the thread's addresses per segment rather than keep (or spill) them from
@@ -2466,16 +2482,27 @@ struct RowProgram {
       }
       if constexpr (kLayerGrad) {  // past the barriers after load_parameters
         layer_lane = Mix::template layer_lane<false>(at<uint32_t>(L.weights_t) + kLayerTable, lane);
+        layer_sums = Mix::layer_sums(layer_lane);
       }
       // Training BatchNorm on tensor cores: W' (hi, lo) of tensor_mix and the owned heads' a, ee, ff
       // (batch_coefficients) in registers for the whole sweep, past the barriers after load_parameters,
       // where every chunk loaded them again (2 16-byte and 6 4-byte shared loads per warp at ViT-B: ~20%
       // of the pass's shared traffic over norm none's). 8 + 3 kHeads registers, unused with other norms.
       uint32_t whi[4] = {0u, 0u, 0u, 0u}, wlo[4] = {0u, 0u, 0u, 0u};
-      float bn[3][kHeads] = {};
+      float wc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, bn[3][kHeads] = {};
       if constexpr (kTensorBatch) {
         if (p.norm == kNormBatch) {
-          table_fragments<false>(whi, wlo);
+          if (sums_only) {
+            table_fragments<false>(whi, wlo);
+          } else {  // fill_batch_table's diag(ee) W' and ff
+            const uint32_t* table = at<uint32_t>(L.weights_t) + kLayerTable + lane * 4;
+            uint32_t cw[4];
+            dev::load_words(table, whi);
+            dev::load_words(table + 128, wlo);
+            dev::load_words(table + 256, cw);
+#pragma unroll
+            for (int r = 0; r < 4; ++r) wc[r] = dev::from_bits(cw[r]);
+          }
 #pragma unroll
           for (int j = 0; j < kHeads; ++j) {
             const int g = group + kGroups * j < H ? group + kGroups * j : 0;
@@ -2496,9 +2523,9 @@ struct RowProgram {
           issue_chunk(key0 + kValueTile, false);
         }
         if constexpr (kLayerGrad) {
-          if (slab_active) grad_mixed_layer(slot, key0, c * kValueTile, first, df, layer_lane, part.layer);
+          if (slab_active) grad_mixed_layer(slot, key0, c * kValueTile, first, df, layer_lane, layer_sums, part.layer);
         } else {
-          if (slab_active) grad_mixed(slot, key0, c * kValueTile, first, sums_only, df, whi, wlo, bn, part);
+          if (slab_active) grad_mixed(slot, key0, c * kValueTile, first, sums_only, df, whi, wlo, wc, bn, part);
         }
         if (sums_only) continue;
         int keys_slot = slot;
