@@ -2329,17 +2329,26 @@ struct RowProgram {
     const int hl = lane_src.head, row_of = lane_src.row, octet = lane_src.octet;
     const E* src = at<E>(L.dmixed) + (hl < H ? hl : 0) * kMHead + (row0 + row_of) * kMRow + octet * 8;
     E* dst = probs + gq * hs + row0 * L.p_row + chunk_col + 2 * tq;  // C entries: head gq (+ 8), keys 2 tq, + 1
+    // D of the warp's rows (input heads gq, gq + 8), loaded before the stores of dS: after them nvcc
+    // loaded it again per 8 keys (static model, DeepViT-16b row pass: 2% of its shared-memory bytes).
+    constexpr int kHalves = kNarrow ? 1 : 2;
     const float* delta = at<float>(L.delta) + gq * Cfg::kRows + row0;
+    float dl[kRowsPerWarp][kHalves];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+#pragma unroll
+      for (int half = 0; half < kHalves; ++half) dl[r][half] = delta[half * 8 * Cfg::kRows + r];
+    }
     const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     Mix::template split_tiles<kNarrow>(src, kMRow, whi, wlo, zero, [&](int row, int col8, const float (&d)[4]) {
       E* at_t = dst + row * L.p_row + col8 * 8;
 #pragma unroll
-      for (int half = 0; half < (kNarrow ? 1 : 2); ++half) {
+      for (int half = 0; half < kHalves; ++half) {
         if (gq + 8 * half < H) {
           uint32_t* entry = reinterpret_cast<uint32_t*>(at_t + half * 8 * hs);
           const uint32_t pv = *entry;
-          const float dl = delta[half * 8 * Cfg::kRows + row];
-          *entry = Cv::pack(Cv::low(pv) * (d[2 * half] - dl), Cv::high(pv) * (d[2 * half + 1] - dl));
+          const float dd = dl[row][half];
+          *entry = Cv::pack(Cv::low(pv) * (d[2 * half] - dd), Cv::high(pv) * (d[2 * half + 1] - dd));
         }
       }
     });
