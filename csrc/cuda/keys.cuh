@@ -728,18 +728,26 @@ struct KeyProgram {
     for (int t = 0; t < kTiles; ++t) {
       const int key0 = tile_key(t) + group * kKeysPerWarp;  // the warp's first key of tile t in the block
       const E* src = at<E>(L.dmixed) + (hl < H ? hl : 0) * kHeadStride + (key0 + key_of) * kTRow + octet * 8;
-      E* dst = probs_t + gq * kHeadStride + key0 * kTRow + 2 * tq;  // C entries: head gq (+ 8), rows 2 tq, + 1
+      // C entries: head gq (+ 8), rows 2 tq, + 1. A head past H reads head 0's entry and stores nothing: a
+      // predicated store, where a test around the whole update cost a branch and a convergence barrier per
+      // entry pair (static model, DeepViT-16b LayerNorm key pass: ~8% of its hottest block).
+      bool real[kHalves];
+      int head_at[kHalves];  // elements from head 0's entry to half's
+#pragma unroll
+      for (int half = 0; half < kHalves; ++half) {
+        real[half] = gq + 8 * half < H;
+        head_at[half] = (real[half] ? gq + 8 * half : 0) * kHeadStride;
+      }
+      E* dst = probs_t + key0 * kTRow + 2 * tq;
       const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       Mix::template split_tiles<kNarrow>(src, kTRow, whi, wlo, zero, [&](int key, int col8, const float (&d)[4]) {
-        E* at_t = dst + key * kTRow + col8 * 8;
 #pragma unroll
         for (int half = 0; half < kHalves; ++half) {
-          if (gq + 8 * half < H) {
-            uint32_t* entry = reinterpret_cast<uint32_t*>(at_t + half * 8 * kHeadStride);
-            const uint32_t pv = *entry;
-            const float* dr = dl[half] + 2 * col8;
-            *entry = Cv::pack(Cv::low(pv) * (d[2 * half] - dr[0]), Cv::high(pv) * (d[2 * half + 1] - dr[1]));
-          }
+          uint32_t* entry = reinterpret_cast<uint32_t*>(dst + head_at[half] + key * kTRow + col8 * 8);
+          const uint32_t pv = *entry;
+          const float* dr = dl[half] + 2 * col8;
+          const uint32_t out = Cv::pack(Cv::low(pv) * (d[2 * half] - dr[0]), Cv::high(pv) * (d[2 * half + 1] - dr[1]));
+          if (real[half]) *entry = out;
         }
       });
     }

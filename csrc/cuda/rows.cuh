@@ -2328,28 +2328,35 @@ struct RowProgram {
     const auto lane_src = Mix::template trans_lane<kNarrow>(lane);
     const int hl = lane_src.head, row_of = lane_src.row, octet = lane_src.octet;
     const E* src = at<E>(L.dmixed) + (hl < H ? hl : 0) * kMHead + (row0 + row_of) * kMRow + octet * 8;
-    E* dst = probs + gq * hs + row0 * L.p_row + chunk_col + 2 * tq;  // C entries: head gq (+ 8), keys 2 tq, + 1
+    // C entries: head gq (+ 8), keys 2 tq, + 1; a head past H reads head 0's entry and stores nothing (as
+    // keys.cuh tensor_grad_keys: a predicated store, not a branch around the update).
+    constexpr int kHalves = kNarrow ? 1 : 2;
+    bool real[kHalves];
+    int head_at[kHalves];  // elements from head 0's entry to half's
+#pragma unroll
+    for (int half = 0; half < kHalves; ++half) {
+      real[half] = gq + 8 * half < H;
+      head_at[half] = (real[half] ? gq + 8 * half : 0) * hs;
+    }
+    E* dst = probs + row0 * L.p_row + chunk_col + 2 * tq;
     // D of the warp's rows (input heads gq, gq + 8), loaded before the stores of dS: after them nvcc
     // loaded it again per 8 keys (static model, DeepViT-16b row pass: 2% of its shared-memory bytes).
-    constexpr int kHalves = kNarrow ? 1 : 2;
-    const float* delta = at<float>(L.delta) + gq * Cfg::kRows + row0;
     float dl[kRowsPerWarp][kHalves];
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
+    for (int half = 0; half < kHalves; ++half) {
+      const float* delta = at<float>(L.delta) + (real[half] ? gq + 8 * half : 0) * Cfg::kRows + row0;
 #pragma unroll
-      for (int half = 0; half < kHalves; ++half) dl[r][half] = delta[half * 8 * Cfg::kRows + r];
+      for (int r = 0; r < kRowsPerWarp; ++r) dl[r][half] = delta[r];
     }
     const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     Mix::template split_tiles<kNarrow>(src, kMRow, whi, wlo, zero, [&](int row, int col8, const float (&d)[4]) {
-      E* at_t = dst + row * L.p_row + col8 * 8;
 #pragma unroll
       for (int half = 0; half < kHalves; ++half) {
-        if (gq + 8 * half < H) {
-          uint32_t* entry = reinterpret_cast<uint32_t*>(at_t + half * 8 * hs);
-          const uint32_t pv = *entry;
-          const float dd = dl[row][half];
-          *entry = Cv::pack(Cv::low(pv) * (d[2 * half] - dd), Cv::high(pv) * (d[2 * half + 1] - dd));
-        }
+        uint32_t* entry = reinterpret_cast<uint32_t*>(dst + head_at[half] + row * L.p_row + col8 * 8);
+        const uint32_t pv = *entry;
+        const float dd = dl[row][half];
+        const uint32_t out = Cv::pack(Cv::low(pv) * (d[2 * half] - dd), Cv::high(pv) * (d[2 * half + 1] - dd));
+        if (real[half]) *entry = out;
       }
     });
     Mix::slab_barrier(slab);  // dS of the slab's every row
