@@ -570,8 +570,8 @@ struct KeyProgram {
   //      dN^T of every head by ldmatrix.trans, dM^T = rstd (dxhat - s1 / H - xhat s2 / H) over dN^T by
   //      stmatrix.trans.
   // Against the general key pass's LayerNorm (H multiply-adds per entry and owned head for M, two
-  // exchanges of partial sums through shared memory): per key and chunk 8 products, 3 loads, 2
-  // stores, 9 shuffles and one reciprocal square root per lane.
+  // exchanges of partial sums through shared memory): per key and chunk 8 products and the head sums'
+  // one or two (Mixer::layer_grad), 3 loads, 2 stores, 7 shuffles and one reciprocal square root per lane.
   static constexpr int kLayerTable = 4 * 32 * 4;  // words of the fragment table before LayerNorm's
 
   // Steps 1 (kGrad false) and 3 (true) for the warp's keys of tile t; lg: the lane's table entries, loaded

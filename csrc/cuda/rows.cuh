@@ -1996,7 +1996,8 @@ struct RowProgram {
     }
     // LayerNorm: xhat in acc, over heads. BatchNorm keeps M (or M - c): xhat = (acc - batch_shift) r
     // enters dM and dgamma linearly, so the shift and r fold into their coefficients (dM below,
-    // dgamma in write_partials). None: acc unused.
+    // dgamma in write_partials); the full backward's tensor_mix has ee (M - c) + ff in acc. None: acc
+    // unused.
     if (layer) {
       layer_center(acc, mean, rstd);
 #pragma unroll
@@ -2039,7 +2040,7 @@ struct RowProgram {
       }
     }
     // dM, in place of dN: affine norms gamma' rstd dN + e xhat + f = a dN + ee acc + ff (where attended,
-    // batch_coefficients); LayerNorm
+    // batch_coefficients; a dN + acc where tensor_mix folded ee, ff); LayerNorm
     // rstd (dxhat - mean dxhat - xhat mean(dxhat xhat)) with dxhat = gamma' dN, which is 0 for
     // entries past Nq / Nk.
     float (&dm)[kHeads][8] = dn;
@@ -2133,8 +2134,9 @@ struct RowProgram {
   //     stmatrix.trans (sm_90; 16-bit stores on sm_80);
   //   in the first sweep dc, dgamma, dbeta as sums per lane and output head (write_partials adds them).
   // Against the general row pass's LayerNorm (H multiply-adds per entry and owned head for M, and two
-  // exchanges of partial sums through shared memory per chunk), per row and 16 keys: 4 products, 2
-  // loads, one store, 9 shuffles and one reciprocal square root per lane.
+  // exchanges of partial sums through shared memory per chunk), per row and 16 keys: 4 products and the
+  // head sums' one or two (Mixer::layer_grad), 2 loads, one store, 7 shuffles and one reciprocal square
+  // root per lane.
   static constexpr int kLayerTable = 4 * 32 * 4;  // words of the fragment table before LayerNorm's (BatchNorm's)
 
   using LayerGradLane = typename Mix::LayerLane;
