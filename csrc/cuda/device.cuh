@@ -417,6 +417,11 @@ REATTN_DEVICE void load_words(const void* address, uint32_t (&w)[4]) {
   const uint4 v = *static_cast<const uint4*>(address);
   w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
 }
+// Likewise 8 bytes (one LDS.64; load_8 is for global memory).
+REATTN_DEVICE void load_words(const void* address, uint32_t (&w)[2]) {
+  const uint2 v = *static_cast<const uint2*>(address);
+  w[0] = v.x, w[1] = v.y;
+}
 #else
 REATTN_DEVICE Words4 load_16(const void* address) {
   sim::check_load_aligned(address, 16);
@@ -450,6 +455,10 @@ REATTN_DEVICE void store_16(void* address, const Words4& v) {
 REATTN_DEVICE void load_words(const void* address, uint32_t (&w)[4]) {
   sim::check_load_aligned(address, 16);
   std::memcpy(w, address, 16);
+}
+REATTN_DEVICE void load_words(const void* address, uint32_t (&w)[2]) {
+  sim::check_load_aligned(address, 8);
+  std::memcpy(w, address, 8);
 }
 #endif
 

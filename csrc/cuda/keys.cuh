@@ -656,7 +656,7 @@ struct KeyProgram {
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) store_grad_tile(t, dn[t]);
     Mix::slab_barrier(slab);  // dN^T of the slab's every head
-    const auto sf = Mix::layer_sums(lg);  // here, not across the dV products (sm_80: 8 bytes of stack)
+    const auto sf = Mix::layer_sums(lg, lane);  // here, not across the dV products (sm_80: 8 bytes of stack)
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) layer_keys<true>(t, lg, sf, rstd_keys[t]);
   }

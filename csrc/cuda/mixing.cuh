@@ -339,17 +339,22 @@ struct Mixer {
     float bias[2][4], gamma[4], beta[4];
   };
   // gamma' of the lane's heads (2 tq, 2 tq + 1; 8 + 2 tq, 9 + 2 tq) as the B fragments of layer_grad's
-  // head sums, split as hi + lo (as W'): formed from a LayerLane where the caller has registers for
+  // products, split as hi + lo (as W'): hi, lo of its head sums (gamma' in every column), diag_hi,
+  // diag_lo of diag(gamma') per tile of 8 heads (m16n8k8: the lane's entries (k 2 tq + e, n gq) are
+  // gamma' where 2 tq + e = gq, else 0). Formed from a LayerLane where the caller has registers for
   // them (the key pass: after its dV products, not across them).
   struct LayerSums {
-    uint32_t hi[2], lo[2];
+    uint32_t hi[2], lo[2], diag_hi[2], diag_lo[2];
   };
-  static REATTN_DEVICE LayerSums layer_sums(const LayerLane& lg) {
+  static REATTN_DEVICE LayerSums layer_sums(const LayerLane& lg, int lane) {
+    const int gq = lane / 4, tq = lane % 4;
     LayerSums sf;
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
       const float pair[2] = {lg.gamma[2 * t], lg.gamma[2 * t + 1]};
       split_pair(pair, sf.hi[t], sf.lo[t]);
+      const float diag[2] = {gq == 2 * tq ? pair[0] : 0.0f, gq == 2 * tq + 1 ? pair[1] : 0.0f};
+      split_pair(diag, sf.diag_hi[t], sf.diag_lo[t]);
     }
     return sf;
   }
@@ -480,19 +485,31 @@ struct Mixer {
         dev::mma_m16n8k16<E>(s1, g, bl, s1);
       }
     }
+    // dxhat = gamma' dN: with the sums (the row pass's first sweep) from dN itself, which they need
+    // unpacked anyway; else as dN^T diag(gamma') per tile of 8 heads on tensor cores (hi + lo: two
+    // m16n8k8 products in C's layout, the centered c's), against an unpacking and a multiply per entry.
     float dx[kLayerTiles][4], s2[2];
+    if constexpr (!kSums) {
+      const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int t = 0; t < kLayerTiles; ++t) {
+        const uint32_t a[2] = {g[layer_word(t, u, 0)], g[layer_word(t, u, 1)]};
+        dev::mma_m16n8k8<E>(dx[t], a, sf.diag_hi[t], zero);
+        dev::mma_m16n8k8<E>(dx[t], a, sf.diag_lo[t], dx[t]);
+      }
+    }
 #pragma unroll
     for (int t = 0; t < kLayerTiles; ++t) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const uint32_t w = g[layer_word(t, u, e / 2)];
-        const float dn = e & 1 ? Cv::high(w) : Cv::low(w);
-        dx[t][e] = lg.gamma[2 * t + e % 2] * dn;
-        s2[e / 2] = t == 0 && e % 2 == 0 ? dx[t][e] * c[t][e] : s2[e / 2] + dx[t][e] * c[t][e];
         if constexpr (kSums) {
+          const uint32_t w = g[layer_word(t, u, e / 2)];
+          const float dn = e & 1 ? Cv::high(w) : Cv::low(w);
+          dx[t][e] = lg.gamma[2 * t + e % 2] * dn;
           sums[kSumDgamma][t][e % 2] += dn * (c[t][e] * rstd[e / 2]);
           sums[kSumDbeta][t][e % 2] += dn;
         }
+        s2[e / 2] = t == 0 && e % 2 == 0 ? dx[t][e] * c[t][e] : s2[e / 2] + dx[t][e] * c[t][e];
       }
     }
     float a[2], b[2];

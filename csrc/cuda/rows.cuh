@@ -2140,6 +2140,14 @@ struct RowProgram {
   static constexpr int kLayerTable = 4 * 32 * 4;  // words of the fragment table before LayerNorm's (BatchNorm's)
 
   using LayerGradLane = typename Mix::LayerLane;
+  // One-segment shapes whose [rows][keys] of fp32 fit the exchange region (unused by this variant: its
+  // sums stay within quads of lanes) keep each entry's rstd from the first sweep for the second
+  // (grad_mixed_layer): per row an 8-byte store by one lane of each quad and an 8-byte load, against the
+  // second sweep's sum of squares, 3 shuffles and reciprocal square root. At D <= 32 only, where the
+  // pass is bound by instruction issue; at D = 64 shared-memory traffic bounds it and the cache's adds
+  // to it (static model, H100: DeepViT-16b row pass 208.3 -> 202.0 us, ViT-B 260.6 -> 266.5).
+  static constexpr bool kRstdCache =
+      kLayerGrad && kGroups > 1 && Cfg::kD <= 32 && Cfg::kRows * Cfg::kKeys <= kSlabs * kGroups * 32 * 24;
 
   REATTN_DEVICE void grad_mixed_layer(int slot, int key0, int chunk_col, bool first,
                                       const uint32_t (&df)[kHeads][Cfg::kKSteps][4], const LayerGradLane& lg,
@@ -2173,11 +2181,22 @@ struct RowProgram {
     const uint32_t out = real ? grad : dev::smem_address(at<E>(L.dmixed) + Cfg::kRows * kMRow);
     const uint32_t entry = dev::smem_address(at<E>(L.dmixed) + row0 * kMRow + gq);
     const bool odd = tq & 1;
+    // The rows' rstd of the lane's columns gq, gq + 8 at [row][chunk column + 2 gq ..] (kRstdCache).
+    float* cached = at<float>(L.exchange) + row0 * Cfg::kKeys + chunk_col + 2 * gq;
     Mix::template layer_rows<kPerWarp, true>(
         src, kPerLoad * L.p_row * 2, grad, out, real, entry, kMRow * 2, kMHead * 2, H, tq,
-        [&](const uint32_t (&x)[4], const uint32_t (&g)[4], int u, int, uint32_t (&packed)[4]) {
+        [&](const uint32_t (&x)[4], const uint32_t (&g)[4], int u, int r, uint32_t (&packed)[4]) {
           float c[Mix::kLayerTiles][4], rstd[2];
-          Mix::layer_center(x, u, lg, inv_h, eps, odd, c, rstd);
+          if (!kRstdCache || first) {
+            Mix::layer_center(x, u, lg, inv_h, eps, odd, c, rstd);
+            if (kRstdCache && tq == 0) dev::store_8(cached + r * Cfg::kKeys, dev::bits(rstd[0]), dev::bits(rstd[1]));
+          } else {  // the first sweep's, without the sums of squares, 3 shuffles and a reciprocal square root
+            Mix::layer_centered(x, u, lg, c);
+            uint32_t w[2];
+            dev::load_words(cached + r * Cfg::kKeys, w);
+            rstd[0] = dev::from_bits(w[0]);
+            rstd[1] = dev::from_bits(w[1]);
+          }
           if (first) {
             Mix::template layer_grad<true>(c, rstd, g, u, lg, sf, inv_h, packed, sums);
           } else {
@@ -2500,7 +2519,7 @@ struct RowProgram {
       }
       if constexpr (kLayerGrad) {  // past the barriers after load_parameters
         layer_lane = Mix::template layer_lane<false>(at<uint32_t>(L.weights_t) + kLayerTable, lane);
-        layer_sums = Mix::layer_sums(layer_lane);
+        layer_sums = Mix::layer_sums(layer_lane, lane);
       }
       // Training BatchNorm on tensor cores: W' (hi, lo) of tensor_mix and the owned heads' a, ee, ff
       // (batch_coefficients) in registers for the whole sweep, past the barriers after load_parameters,
