@@ -432,22 +432,8 @@ struct KeyProgram {
         // Each tile its own region of the exchange (a tile's sums may still be read while the next
         // tile's are written).
         float* region = at<float>(L.exchange) + static_cast<size_t>(slab * kTiles + t) * kGroups * 32 * 24;
-        float part[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) part[e] = 0.0f;
-#pragma unroll
-        for (int j = 0; j < kHeads; ++j) {
-          if (group + kGroups * j < H) {
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-              acc[t][j][e] -= mean[e];
-              part[e] += acc[t][j][e] * acc[t][j][e];
-            }
-          }
-        }
-        Mix::group_sum(region, 24, 1 + slab, group, lane, part);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) rstd[t][e] = dev::rsqrt_approx(part[e] * inv_h + static_cast<float>(p.eps));
+        Mix::center_heads(acc[t], mean, H, group, inv_h, static_cast<float>(p.eps),
+                          [&](float (&part)[8]) { Mix::group_sum(region, 24, 1 + slab, group, lane, part); }, rstd[t]);
 #pragma unroll
         for (int j = 0; j < kHeads; ++j) {
 #pragma unroll
@@ -728,26 +714,17 @@ struct KeyProgram {
     for (int t = 0; t < kTiles; ++t) {
       const int key0 = tile_key(t) + group * kKeysPerWarp;  // the warp's first key of tile t in the block
       const E* src = at<E>(L.dmixed) + (hl < H ? hl : 0) * kHeadStride + (key0 + key_of) * kTRow + octet * 8;
-      // C entries: head gq (+ 8), rows 2 tq, + 1. A head past H reads head 0's entry and stores nothing: a
-      // predicated store, where a test around the whole update cost a branch and a convergence barrier per
-      // entry pair (static model, DeepViT-16b LayerNorm key pass: ~8% of its hottest block).
-      bool real[kHalves];
-      int head_at[kHalves];  // elements from head 0's entry to half's
-#pragma unroll
-      for (int half = 0; half < kHalves; ++half) {
-        real[half] = gq + 8 * half < H;
-        head_at[half] = (real[half] ? gq + 8 * half : 0) * kHeadStride;
-      }
+      // C entries: head gq (+ 8), rows 2 tq, + 1 (Mixer::half_heads: a head past H stores nothing).
+      const auto hh = Mix::half_heads(gq, H, kHeadStride);
       E* dst = probs_t + key0 * kTRow + 2 * tq;
       const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       Mix::template split_tiles<kNarrow>(src, kTRow, whi, wlo, zero, [&](int key, int col8, const float (&d)[4]) {
 #pragma unroll
         for (int half = 0; half < kHalves; ++half) {
-          uint32_t* entry = reinterpret_cast<uint32_t*>(dst + head_at[half] + key * kTRow + col8 * 8);
-          const uint32_t pv = *entry;
+          uint32_t* entry = reinterpret_cast<uint32_t*>(dst + hh.at[half] + key * kTRow + col8 * 8);
           const float* dr = dl[half] + 2 * col8;
-          const uint32_t out = Cv::pack(Cv::low(pv) * (d[2 * half] - dr[0]), Cv::high(pv) * (d[2 * half + 1] - dr[1]));
-          if (real[half]) *entry = out;
+          const uint32_t out = Mix::grad_scores(*entry, d, half, dr[0], dr[1]);
+          if (hh.real[half]) *entry = out;
         }
       });
     }

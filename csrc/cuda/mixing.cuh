@@ -601,6 +601,53 @@ struct Mixer {
     }
   }
 
+  // The C rows of a product over heads (rows.cuh tensor_grad_probs, keys.cuh tensor_grad_keys: input heads
+  // gq, gq + 8 per half) in [head][...] tiles head_stride elements apart: whether each half's head is real,
+  // and its offset from head 0's. A head past H takes head 0's: it reads there and stores nothing (a
+  // predicated store, where a test around the whole update cost a branch and a convergence barrier per
+  // entry pair: static model, DeepViT-16b LayerNorm key pass, ~8% of its hottest block).
+  struct HalfHeads {
+    bool real[2];
+    int at[2];
+  };
+  static REATTN_DEVICE HalfHeads half_heads(int gq, int H, int head_stride) {
+    HalfHeads hh;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      hh.real[half] = gq + 8 * half < H;
+      hh.at[half] = (hh.real[half] ? gq + 8 * half : 0) * head_stride;
+    }
+    return hh;
+  }
+  // dS = P (dP' - D) of a stored pair of P~ (pv) and C entries 2 half, 2 half + 1 of dP' (d), packed.
+  static REATTN_DEVICE uint32_t grad_scores(uint32_t pv, const float (&d)[4], int half, float d0, float d1) {
+    return Cv::pack(Cv::low(pv) * (d[2 * half] - d0), Cv::high(pv) * (d[2 * half + 1] - d1));
+  }
+
+  // LayerNorm across heads with the per-thread mixer (the general variants of both passes): acc -= mean
+  // over the warp's real heads, and rstd = 1 / sqrt(mean square + eps) per entry, the sums of squares
+  // over the group's warps by `group_sum(part)` (the caller's exchange region and barrier).
+  template <class GroupSum>
+  static REATTN_DEVICE void center_heads(float (&acc)[kHeads][8], const float (&mean)[8], int H, int group, float inv_h,
+                                         float eps, const GroupSum& group_sum, float (&rstd)[8]) {
+    float part[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) part[e] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) {
+      if (group + kGroups * j < H) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          acc[j][e] -= mean[e];
+          part[e] += acc[j][e] * acc[j][e];
+        }
+      }
+    }
+    group_sum(part);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) rstd[e] = dev::rsqrt_approx(part[e] * inv_h + eps);
+  }
+
   // The barrier of a slab's kGroups warps (named barrier 1 + slab; one warp: a warp sync).
   static REATTN_DEVICE void slab_barrier(int slab) {
     if constexpr (kGroups > 1) {

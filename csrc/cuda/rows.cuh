@@ -1051,23 +1051,8 @@ struct RowProgram {
   // LayerNorm across heads: acc -= mean (every warp has it from W's column means), rstd from the
   // centered squares summed over the slab's warps.
   REATTN_DEVICE void layer_center(float (&acc)[kHeads][8], const float (&mean)[8], float (&rstd)[8]) const {
-    float part[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) part[e] = 0.0f;
-#pragma unroll
-    for (int j = 0; j < kHeads; ++j) {
-      if (group + kGroups * j < H) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          acc[j][e] -= mean[e];
-          part[e] += acc[j][e] * acc[j][e];
-        }
-      }
-    }
-    slab_sum(part);
-    const float inv_h = inv_heads();
-#pragma unroll
-    for (int e = 0; e < 8; ++e) rstd[e] = dev::rsqrt_approx(part[e] * inv_h + static_cast<float>(p.eps));
+    Mix::center_heads(acc, mean, H, group, inv_heads(), static_cast<float>(p.eps),
+                      [&](float (&part)[8]) { slab_sum(part); }, rstd);
   }
 
   REATTN_DEVICE static bool masked_entry(const uint32_t (&own)[4], int e) { return Mix::masked(own, e); }
@@ -2349,23 +2334,16 @@ struct RowProgram {
     const auto lane_src = Mix::template trans_lane<kNarrow>(lane);
     const int hl = lane_src.head, row_of = lane_src.row, octet = lane_src.octet;
     const E* src = at<E>(L.dmixed) + (hl < H ? hl : 0) * kMHead + (row0 + row_of) * kMRow + octet * 8;
-    // C entries: head gq (+ 8), keys 2 tq, + 1; a head past H reads head 0's entry and stores nothing (as
-    // keys.cuh tensor_grad_keys: a predicated store, not a branch around the update).
+    // C entries: head gq (+ 8), keys 2 tq, + 1 (Mixer::half_heads: a head past H stores nothing).
     constexpr int kHalves = kNarrow ? 1 : 2;
-    bool real[kHalves];
-    int head_at[kHalves];  // elements from head 0's entry to half's
-#pragma unroll
-    for (int half = 0; half < kHalves; ++half) {
-      real[half] = gq + 8 * half < H;
-      head_at[half] = (real[half] ? gq + 8 * half : 0) * hs;
-    }
+    const auto hh = Mix::half_heads(gq, H, hs);
     E* dst = probs + row0 * L.p_row + chunk_col + 2 * tq;
     // D of the warp's rows (input heads gq, gq + 8), loaded before the stores of dS: after them nvcc
     // loaded it again per 8 keys (static model, DeepViT-16b row pass: 2% of its shared-memory bytes).
     float dl[kRowsPerWarp][kHalves];
 #pragma unroll
     for (int half = 0; half < kHalves; ++half) {
-      const float* delta = at<float>(L.delta) + (real[half] ? gq + 8 * half : 0) * Cfg::kRows + row0;
+      const float* delta = at<float>(L.delta) + (hh.real[half] ? gq + 8 * half : 0) * Cfg::kRows + row0;
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) dl[r][half] = delta[r];
     }
@@ -2373,11 +2351,9 @@ struct RowProgram {
     Mix::template split_tiles<kNarrow>(src, kMRow, whi, wlo, zero, [&](int row, int col8, const float (&d)[4]) {
 #pragma unroll
       for (int half = 0; half < kHalves; ++half) {
-        uint32_t* entry = reinterpret_cast<uint32_t*>(dst + head_at[half] + row * L.p_row + col8 * 8);
-        const uint32_t pv = *entry;
-        const float dd = dl[row][half];
-        const uint32_t out = Cv::pack(Cv::low(pv) * (d[2 * half] - dd), Cv::high(pv) * (d[2 * half + 1] - dd));
-        if (real[half]) *entry = out;
+        uint32_t* entry = reinterpret_cast<uint32_t*>(dst + hh.at[half] + row * L.p_row + col8 * 8);
+        const uint32_t out = Mix::grad_scores(*entry, d, half, dl[row][half], dl[row][half]);
+        if (hh.real[half]) *entry = out;
       }
     });
     Mix::slab_barrier(slab);  // dS of the slab's every row
