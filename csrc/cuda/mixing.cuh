@@ -464,9 +464,9 @@ struct Mixer {
   // formed only for the sums (kSums: [dc, dgamma, dbeta][t][e] += dM, dN xhat, dN of head 8 t + 2 tq + e).
   // s1 is linear in the 16-bit dN, so it is one product on tensor cores: A = dN^T (the words g, as
   // centered_tile's x), B = gamma' (sf: hi + lo) in every column, so C holds s1 of columns gq, gq + 8 in
-  // every lane of the quad: no shuffles, against 4 additions, 4 selects and 3 shuffles per row for a
-  // lane-pair split of the quad's sums. s2 (dN times the fp32 M - mean) is summed over the quad by
-  // shuffles: 4, with no selects (the pair split took 3 shuffles and 4 selects).
+  // every lane of the quad, with no shuffles or selects. s2 (dxhat times the fp32 M - mean) is summed over
+  // the quad by 4 shuffles (splitting the two columns between lane pairs would save one shuffle per sum
+  // and cost 4 selects).
   enum LayerSum : int { kSumDc = 0, kSumDgamma = 1, kSumDbeta = 2 };  // sums[kind][t][e]
   template <bool kSums>
   static REATTN_DEVICE void layer_grad(const float (&c)[kLayerTiles][4], const float (&rstd)[2], const uint32_t (&g)[4],
@@ -485,11 +485,12 @@ struct Mixer {
         dev::mma_m16n8k16<E>(s1, g, bl, s1);
       }
     }
-    // dxhat = gamma' dN: with the sums (the row pass's first sweep) from dN itself, which they need
-    // unpacked anyway; else as dN^T diag(gamma') per tile of 8 heads on tensor cores (hi + lo: two
-    // m16n8k8 products in C's layout, the centered c's), against an unpacking and a multiply per entry.
+    // dxhat = gamma' dN as dN^T diag(gamma') per tile of 8 heads on tensor cores (hi + lo: two m16n8k8
+    // products in C's layout, the centered c's), against an unpacking and a multiply per entry. Every
+    // pass forms dM alike (the same gamma' split, as s1's), so the row pass's D and both passes' dP' come
+    // from the same dM. The sums unpack dN themselves.
     float dx[kLayerTiles][4], s2[2];
-    if constexpr (!kSums) {
+    {
       const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
       for (int t = 0; t < kLayerTiles; ++t) {
@@ -505,7 +506,6 @@ struct Mixer {
         if constexpr (kSums) {
           const uint32_t w = g[layer_word(t, u, e / 2)];
           const float dn = e & 1 ? Cv::high(w) : Cv::low(w);
-          dx[t][e] = lg.gamma[2 * t + e % 2] * dn;
           sums[kSumDgamma][t][e % 2] += dn * (c[t][e] * rstd[e / 2]);
           sums[kSumDbeta][t][e % 2] += dn;
         }
@@ -664,8 +664,9 @@ struct Mixer {
   }
 
   // w as the tensor-core products take it: hi + lo, two 16-bit values (16 significant bits in
-  // bf16). The plain bf16 backward uses W' so rounded in D (rows.cuh) and in dP' of both passes,
-  // which keeps dP' - D exactly 0 where the two agree in exact arithmetic (one key: dS = 0).
+  // bf16). The plain bf16 backward uses W' so rounded in D (rows.cuh) and in dP' of both passes, so
+  // dP' - D differs from 0 only by fp32 rounding where the two agree in exact arithmetic (one key: the
+  // emulator gives |dQ| ~1e-6 for O(1) inputs, where float64 gives 0; D and dP' sum in other orders).
   static REATTN_DEVICE float split_rounded(float w) {
     const float hi = Cv::low(Cv::pack(w, 0.0f));
     return hi + Cv::low(Cv::pack(w - hi, 0.0f));
