@@ -181,7 +181,17 @@ struct Mixer {
     }
   }
 
-  // The lane's W' (kTransposed: W'^T) fragments from that table: two 16-byte loads.
+  // The lane's entries of that table: diag(ee) W' (hi, lo) and C = ff, three 16-byte loads.
+  static REATTN_DEVICE void batch_table_fragments(const uint32_t* table, int lane, uint32_t (&hi)[4], uint32_t (&lo)[4],
+                                                  float (&c)[4]) {
+    table_fragments<false>(table, lane, hi, lo);
+    uint32_t w[4];
+    dev::load_words(table + (2 * 32 + lane) * 4, w);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) c[r] = dev::from_bits(w[r]);
+  }
+
+  // The lane's W' (kTransposed: W'^T) fragments from the fragment table: two 16-byte loads.
   template <bool kTransposed>
   static REATTN_DEVICE void table_fragments(const uint32_t* table, int lane, uint32_t (&hi)[4], uint32_t (&lo)[4]) {
     table += (kTransposed ? 2 : 0) * 32 * 4;

@@ -2497,10 +2497,11 @@ struct RowProgram {
         layer_lane = Mix::template layer_lane<false>(at<uint32_t>(L.weights_t) + kLayerTable, lane);
         layer_sums = Mix::layer_sums(layer_lane, lane);
       }
-      // Training BatchNorm on tensor cores: W' (hi, lo) of tensor_mix and the owned heads' a, ee, ff
-      // (batch_coefficients) in registers for the whole sweep, past the barriers after load_parameters,
-      // where every chunk loaded them again (2 16-byte and 6 4-byte shared loads per warp at ViT-B: ~20%
-      // of the pass's shared traffic over norm none's). 8 + 3 kHeads registers, unused with other norms.
+      // Training BatchNorm on tensor cores: W' (hi, lo; the full backward: diag(ee) W' and C = ff) of
+      // tensor_mix and the owned heads' a, ee, ff (batch_coefficients) in registers for the whole sweep,
+      // past the barriers after load_parameters, where every chunk loaded them again (2 16-byte and 6
+      // 4-byte shared loads per warp at ViT-B: ~20% of the pass's shared traffic over norm none's).
+      // 12 + 3 kHeads registers, unused with other norms.
       uint32_t whi[4] = {0u, 0u, 0u, 0u}, wlo[4] = {0u, 0u, 0u, 0u};
       float wc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, bn[3][kHeads] = {};
       if constexpr (kTensorBatch) {
@@ -2508,13 +2509,7 @@ struct RowProgram {
           if (sums_only) {
             table_fragments<false>(whi, wlo);
           } else {  // fill_batch_table's diag(ee) W' and ff
-            const uint32_t* table = at<uint32_t>(L.weights_t) + kLayerTable + lane * 4;
-            uint32_t cw[4];
-            dev::load_words(table, whi);
-            dev::load_words(table + 128, wlo);
-            dev::load_words(table + 256, cw);
-#pragma unroll
-            for (int r = 0; r < 4; ++r) wc[r] = dev::from_bits(cw[r]);
+            Mix::batch_table_fragments(at<uint32_t>(L.weights_t) + kLayerTable, lane, whi, wlo, wc);
           }
 #pragma unroll
           for (int j = 0; j < kHeads; ++j) {
