@@ -539,7 +539,28 @@ struct RowProgram {
       }
     }
   }
-  REATTN_DEVICE void load_queries(int h, uint32_t (&qf)[Cfg::kKSteps][4]) const { load_row_fragments(p.q, p.q_st, h, qf); }
+  // q of the block's rows in shared memory (the forward's segmented shapes): the statistics sweep
+  // and every segment's score phase take a round's fragments again (rounds x (segments + 1) times a
+  // program), and the registers cannot keep them across the mixing. Copied once per program with
+  // the first K tile, zeros past Nq and D as load_row_fragments gives; each round then reads
+  // kKSteps ldmatrix where it took a column-tested global load per register with its address
+  // arithmetic (static model, DeepViT-L-384 plain forward at d = 35 in 48 columns: ~66 warp
+  // instructions per round, 15,840 of 287,087 per block, and 338 KB of L2 requests against the
+  // copy's 37 KB).
+  static constexpr bool kQueriesShared = !Cfg::kBackward && !Cfg::kOneSegment;
+  using QueryCopy = TileCopy<E, Cfg::kRows, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, false>;
+  REATTN_DEVICE void load_queries(int h, uint32_t (&qf)[Cfg::kKSteps][4]) const {
+    if constexpr (kQueriesShared) {
+      // Lane l addresses row l % 16 of the warp's slab, columns 8 (l / 16) on: ldmatrix's four
+      // matrices are then the A fragment's registers (rows 0-7 / 8-15, columns 0-7 / 8-15).
+      const uint32_t row = dev::smem_address(
+          at<E>(L.queries) + (static_cast<size_t>(h) * Cfg::kRows + slab * 16 + lane % 16) * kKRow + (lane / 16) * 8);
+#pragma unroll
+      for (int kk = 0; kk < Cfg::kKSteps; ++kk) dev::ldmatrix_x4_at(qf[kk], row + kk * 32);
+    } else {
+      load_row_fragments(p.q, p.q_st, h, qf);
+    }
+  }
 
   // s[n] = q k^T for the 4 n8 tiles of the K tile in `slot` (head lane hl of the round).
   REATTN_DEVICE void score_tile(int slot, int hl, const uint32_t (&qf)[Cfg::kKSteps][4], float (*s)[4]) const {
@@ -1744,8 +1765,17 @@ struct RowProgram {
 
   REATTN_DEVICE void run_forward() {
     load_parameters();
+    if constexpr (kQueriesShared) {  // a cp.async group of its own, before the first K tile's
+      QueryCopy::issue(at<E>(L.queries), kKRow, static_cast<const E*>(p.q) + b * p.q_st.b, static_cast<int>(p.q_st.h),
+                       static_cast<int>(p.q_st.n), static_cast<int>(p.q_st.d), 0, H, H, m0, Nq, 0, D, vector());
+      dev::cp_async_commit();
+    }
     zero_ring_columns();
     issue_keys(0, 0);
+    if constexpr (kQueriesShared) {  // q landed (the K tile may still fly), for every warp
+      dev::cp_async_wait<1>();
+      dev::sync_threads();
+    }
     float o[kHeads][Cfg::kOutN8][4];
     float moments[kHeads][2];
 #pragma unroll

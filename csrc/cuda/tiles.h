@@ -78,6 +78,8 @@ struct RowLayout {
   uint32_t delta;     // f32 [H][rows]                     D = sum_j P~ dP' per row
   uint32_t sums;      // f32 [warps][heads][max_heads + 3] parameter-gradient partials
   uint32_t grads;     // E   [H][rows][k_row]              (several segments) dO of the block's rows
+  // Forward only:
+  uint32_t queries;   // E   [H][rows][k_row]              (several segments) q of the block's rows
   uint32_t bytes;
 };
 
@@ -129,6 +131,7 @@ REATTN_HD RowLayout row_layout(const TileShape& s, int H, int Nk) {
   L.delta = take(s.backward ? static_cast<size_t>(H) * s.rows() * 4 : 0);
   L.sums = take(s.backward ? static_cast<size_t>(s.warps()) * s.heads * (mh + 3) * 4 : 0);
   L.grads = take(s.backward && s.keys <= 64 ? static_cast<size_t>(H) * s.rows() * L.k_row * e : 0);
+  L.queries = take(!s.backward && s.keys <= 64 ? static_cast<size_t>(H) * s.rows() * L.k_row * e : 0);
   L.bytes = at;
   return L;
 }
