@@ -283,9 +283,13 @@ struct RowProgram {
   // Likewise the plain backward row pass forms dP' = W'^T dM on tensor cores (tensor_grad_probs).
   static constexpr bool kTensorGrad = backward_tensor_mixing<E>(
       Cfg::kVariant == kPlainBackwardRows || Cfg::kVariant == kPlainLayerBackwardRows, Cfg::kMaxHeads);
-  // And M for BatchNorm (tensor_mix), in the one-segment shapes: the segmented one keeps the
-  // per-thread Mixer (with tensor_mix its sm_80 build needs 24 bytes of stack at 255 registers).
-  static constexpr bool kTensorBatch = kTensorGrad && Cfg::kOneSegment;
+  // And M for BatchNorm (tensor_mix). The segmented row pass takes it in its first sweep only and
+  // keeps the per-thread Mixer in the second (tensor_batch_sweep): with tensor_mix in both sweeps
+  // its sm_90 build needed 24 bytes of stack at 255 registers
+  // (static model, DeepViT-L-384 training BatchNorm row pass: 669.3-2498.3 us with the Mixer in
+  // both sweeps, 580.6-2381.4 as now, 513.7-2265.1 with the stack).
+  static constexpr bool kTensorBatch = kTensorGrad;
+  REATTN_DEVICE static bool tensor_batch_sweep(bool first) { return kTensorBatch && (Cfg::kOneSegment || first); }
   // LayerNorm's own row pass (grad_mixed_layer): the norm known at compile time, its mixing and the
   // sums across heads on tensor cores and within quads of lanes.
   static constexpr bool kLayerGrad = Cfg::kVariant == kPlainLayerBackwardRows;
@@ -1534,6 +1538,11 @@ struct RowProgram {
           const BatchCoefficients b = batch_coefficients(f, H, h, kTensorBatch);
           v = row == kGamma ? b.a : row == kBeta ? b.shift : row == kE ? b.ee : b.ff;
         }
+        // Training BatchNorm where M mixes on tensor cores (M - c): the per-thread mixing of the
+        // segmented pass's second sweep gives M - c too (c's row 0), and the mean's row holds mean - c
+        // (batch_shift).
+        if (kTensorBatch && p.norm == kNormBatch && row == kBias) v = 0.0f;
+        if (kTensorBatch && p.norm == kNormBatch && row == kMean) v -= f[H * H + h];
       } else if (i == kVectorRows * mh) {  // the mean of c'
         for (int g = 0; g < H; ++g) v += f[H * H + g];
         v /= H;
@@ -1929,10 +1938,8 @@ struct RowProgram {
   }
 
   // BatchNorm: what grad_mixed's acc lacks of M - mu for head g (xhat = (acc - batch_shift) r): mu,
-  // or with tensor_mix's values (M - c), mu - c.
-  REATTN_DEVICE float batch_shift(int g) const {
-    return kTensorBatch ? vec_row(kMean)[g] - vec_row(kBias)[g] : vec_row(kMean)[g];
-  }
+  // or with tensor_mix's values (M - c), mu - c (load_parameters keeps that in the mean's row).
+  REATTN_DEVICE float batch_shift(int g) const { return vec_row(kMean)[g]; }
 
   // dA = dO V^T of the warp's output heads at their fragment entries of the chunk (V in ring slot
   // `slot`): B = V^T from V [key][d] without .trans, matrices (n8 tile i / 2, k half i % 2).
@@ -1986,7 +1993,7 @@ struct RowProgram {
     uint32_t masks[kHeads];
     {
       uint32_t own[kHeads][4];
-      if (kTensorBatch && batch) {  // the plain variant: no masks, so `own` is not needed
+      if (tensor_batch_sweep(first) && batch) {  // the plain variant: no masks, so `own` is not needed
         tensor_mix(chunk_col, whi, wlo, wc, acc);
       } else if (layer || batch) {
         mix_probs(chunk_col, acc, mean, own, layer, clamp);
@@ -2082,13 +2089,16 @@ struct RowProgram {
         for (int e = 0; e < 8; ++e) dm[j][e] = rstd[e] * (dm[j][e] - s1[e] * inv_h - acc[j][e] * s2[e] * inv_h);
       }
     } else if (batch) {
-      // tensor_mix folded ee and ff into acc (the full backward's table); the sums call's acc is M - c.
-      const bool folded = kTensorBatch && !sums_only;
+      // tensor_mix folded ee and ff into acc (the full backward's table); the sums call's acc is M - c,
+      // and so is the per-thread mixing's of the segmented pass's second sweep (load_parameters), which
+      // reads ee and ff from shared memory: kept in registers there, its sm_90 build needed 24 bytes
+      // of stack.
+      const bool tensor = tensor_batch_sweep(first), folded = tensor && !sums_only;
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) {
         const int g = group + kGroups * j < H ? group + kGroups * j : 0;
         const float a = kTensorBatch ? bn[0][j] : vec_row(kGamma)[g];  // batch_coefficients
-        const float ee = kTensorBatch ? bn[1][j] : vec_row(kE)[g], ff = kTensorBatch ? bn[2][j] : vec_row(kF)[g];
+        const float ee = tensor ? bn[1][j] : vec_row(kE)[g], ff = tensor ? bn[2][j] : vec_row(kF)[g];
         if (folded) {
 #pragma unroll
           for (int e = 0; e < 8; ++e) dm[j][e] = a * dn[j][e] + acc[j][e];  // one multiply-add

@@ -218,6 +218,8 @@ TC_CASES = [
     ("H=1 Nk=1", (1, 1, 3, 1, 16), "none", None, 0.0),
     ("two sweeps layer mask dropout", (1, 6, 9, 300, 35), "layer", "bool", 0.25),
     ("two sweeps batch", (1, 12, 33, 257, 48), "batch", None, 0.0),
+    # LayerNorm's tensor-core mixing per key segment (D = 35 on padded copies, a last segment of 44 keys).
+    ("two sweeps layer tensor mixing", (1, 12, 9, 300, 35), "layer", None, 0.0),
 ]
 
 
@@ -382,7 +384,8 @@ def test_tensor_core_forward_does_not_race(shape, variant):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the emulator's architecture switch")
-@pytest.mark.parametrize("shape", [(2, 12, 17, 50, 32), (1, 7, 9, 33, 40)], ids=["H=12", "H=7"])
+@pytest.mark.parametrize("shape", [(2, 12, 17, 50, 32), (1, 7, 9, 33, 40), (1, 12, 9, 260, 48)],
+                         ids=["H=12", "H=7", "segments"])
 def test_layer_tensor_mixing_stores_agree_across_architectures(shape, monkeypatch):
     # LayerNorm's tensor-core mixing writes A back with one stmatrix per row on sm_90 and with 16-bit
     # stores per entry before it (REATTN_SIM_ARCH=80 makes the emulator take that path): the same
@@ -501,6 +504,9 @@ TC_BACKWARD_CASES = [
     # The plain row pass over segments, LayerNorm's own key pass (bf16; D = 35 on padded copies).
     ("segments layer", (1, 12, 20, 230, 35), "layer", None, 0.0),
     ("segments batch rows bool mask", (2, 5, 9, 230, 33), "batch", "bool", 0.0),
+    # The plain row pass over segments with training BatchNorm: M on tensor cores in its first sweep,
+    # the per-thread mixing of diag(ee) W' in its second.
+    ("segments batch", (1, 12, 20, 230, 35), "batch", None, 0.0),
 ]
 GRAD_NAMES = ("dq", "dk", "dv", "dW", "dc", "dgamma", "dbeta")
 
@@ -533,10 +539,11 @@ def test_tensor_core_backward_within_twice_eager_error_in_every_mode(name, shape
                                                 ("layer", (1, 12, 17, 230, 40), True), ("layer", (2, 6, 33, 40, 32), False),
                                                 ("none", (1, 12, 17, 230, 48), False), ("batch", (1, 12, 20, 45, 32), False),
                                                 ("layer", (1, 12, 20, 45, 32), False), ("layer", (2, 6, 17, 40, 64), True),
-                                                ("layer", (2, 6, 17, 40, 64), False), ("batch", (2, 6, 17, 40, 64), False)],
+                                                ("layer", (2, 6, 17, 40, 64), False), ("batch", (2, 6, 17, 40, 64), False),
+                                                ("batch", (1, 12, 17, 230, 48), False)],
                          ids=["none", "layer", "layer segments", "plain layer", "plain segments", "plain 12 heads",
                               "plain layer 12 heads", "layer two key tiles", "plain layer two key tiles",
-                              "plain two key tiles"])
+                              "plain two key tiles", "plain batch segments"])
 def test_tensor_core_backward_does_not_race_and_is_deterministic(norm, shape, general):
     # Reversed and shuffled warp orders give bitwise the same gradients (no race between warps, and
     # no order-dependent sums: dK, dV in registers, parameter gradients as per-program partials).
