@@ -271,11 +271,12 @@ struct RowProgram {
   static constexpr int kMHead = head_stride(Cfg::kRows, kMRow, Cfg::kPlain);  // dM's head stride (backward)
   // The forward's plain affine and moments variants mix the heads on tensor cores (mix_in_place),
   // bf16 only: W' is split into two 16-bit operands, and fp16's range would not hold every W'.
-  // LayerNorm's plain one-segment variant too (mix_in_place_layer): there the normalization is
-  // arithmetic on the products' fragments within a quad of lanes, against H multiply-adds per entry
-  // and owned head for the mixing plus the slab's exchange through shared memory (static model, per
-  // block: ViT-B fp32 warp instructions 68,395 -> 24,907; DeiT-S 46,746 -> 27,658).
-  static constexpr bool kTensorLayer = Cfg::kVariant == kPlainLayer && Cfg::kOneSegment && Cfg::kMaxHeads < 16 &&
+  // LayerNorm's plain variant too (mix_in_place_layer): there the normalization is arithmetic on
+  // the products' fragments within a quad of lanes, against H multiply-adds per entry and owned head
+  // for the mixing plus the slab's exchange through shared memory (static model, per block: ViT-B
+  // fp32 warp instructions 68,395 -> 24,907; DeiT-S 46,746 -> 27,658), per key segment where there
+  // are several (each entry's norm is across heads alone; DeepViT-L-384: 346.8-1288.8 -> 208.1-1040.5 us).
+  static constexpr bool kTensorLayer = Cfg::kVariant == kPlainLayer && Cfg::kMaxHeads < 16 &&
                                        std::is_same_v<typename Cfg::E, dev::Bf16>;
   static constexpr bool kTensorMix = ((Cfg::kVariant == kPlainAffine || Cfg::kVariant == kPlainMoments) &&
                                       Cfg::kMaxHeads <= 16 && std::is_same_v<typename Cfg::E, dev::Bf16>) ||
@@ -405,7 +406,8 @@ struct RowProgram {
       kbase = dev::opaque(kbase);
       vbase = dev::opaque(vbase);
     }
-    if constexpr (kTensorMix && Cfg::kOneSegment) mix_lane = make_mix_lane();
+    // The segmented shapes' mix_in_place takes element pointers instead (rows.cuh mix_in_place).
+    if constexpr (kTensorMix && (Cfg::kOneSegment || kTensorLayer)) mix_lane = make_mix_lane();
   }
 
   template <typename U>
