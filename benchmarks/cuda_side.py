@@ -355,11 +355,11 @@ def backward_plain(p: ReAttnParams, rows: dict) -> bool:
 
 
 def backward_rows_variant(p: ReAttnParams, rows: dict, plain: bool, dtype: torch.dtype) -> int:
-    """backward_configs.h's backward_rows_variant: LayerNorm's own plain row pass in bf16 where the keys fit one
-    segment (a row shape of more than 64 keys), else the plain or the general one."""
+    """backward_configs.h's backward_rows_variant: LayerNorm's own plain row pass in bf16, else the plain or the
+    general one (``plain``: the row shape has a plain variant, backward_plain)."""
     if not plain:
         return BACKWARD_ROWS
-    if p.norm == NORM_CODES["layer"] and dtype == torch.bfloat16 and rows["keys"] > 64:
+    if p.norm == NORM_CODES["layer"] and dtype == torch.bfloat16:
         return PLAIN_LAYER_BACKWARD_ROWS
     return PLAIN_BACKWARD_ROWS
 

@@ -57,18 +57,11 @@ constexpr int kBackwardRowShapeCount = 5;
 // variant does not; its problems run the general variants of both passes.
 constexpr bool backward_rows_have_plain(int index) { return index != 4; }
 
-// The keys of row shape `index` (more than 64: one segment).
-constexpr int backward_row_keys(int index) {
-#define REATTN_SHAPE_KEYS(i, slabs, groups, heads, d, d_out, keys) index == i ? keys:
-  return REATTN_BACKWARD_ROW_SHAPES(REATTN_SHAPE_KEYS) 0;
-#undef REATTN_SHAPE_KEYS
-}
-
 // Whether row shape `index` is compiled in `variant` (bf16: the 16-bit type is bfloat16).
 constexpr bool backward_rows_compiled(int variant, int index, bool bf16) {
   return variant == kBackwardRows ||
          (backward_rows_have_plain(index) &&
-          (variant == kPlainBackwardRows || (variant == kPlainLayerBackwardRows && bf16 && backward_row_keys(index) > 64)));
+          (variant == kPlainBackwardRows || (variant == kPlainLayerBackwardRows && bf16)));
 }
 
 // The row pass's variant for a problem: the general one unless `plain` (no mask, no dropout, aligned

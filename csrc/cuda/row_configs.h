@@ -38,7 +38,7 @@ constexpr int kForwardVariants = 4;
 // run time in both. The key pass (keys.cuh) takes the same choice.
 constexpr int kBackwardRows = 4;
 constexpr int kPlainBackwardRows = 5;
-// The plain row pass for LayerNorm alone, in bf16 with the keys in one segment: its mixing and norm
+// The plain row pass for LayerNorm alone, in bf16 (one key segment or several): its mixing and norm
 // run on tensor cores (rows.cuh grad_mixed_layer), with no other norm's code beside them.
 constexpr int kPlainLayerBackwardRows = 6;
 

@@ -294,7 +294,7 @@ struct RowProgram {
   // LayerNorm's own row pass (grad_mixed_layer): the norm known at compile time, its mixing and the
   // sums across heads on tensor cores and within quads of lanes.
   static constexpr bool kLayerGrad = Cfg::kVariant == kPlainLayerBackwardRows;
-  static_assert(!kLayerGrad || kTensorBatch, "LayerNorm's row pass: bf16, one segment, at most 16 heads");
+  static_assert(!kLayerGrad || kTensorBatch, "LayerNorm's row pass: bf16, at most 16 heads");
   // The segmented row pass, at 255 registers, unrolls the copies' edge loop by 3 (every tile of d = 35
   // is an edge tile): fully unrolled, its bf16 sm_80 and fp16 sm_90 builds used 8 bytes of stack
   // (static model, DeepViT-L-384 plain row pass: 768 us with every thread copying, 558 fully unrolled,

@@ -501,7 +501,7 @@ TC_BACKWARD_CASES = [
     # Nk > 224: the row pass over key segments of 64 (the last one partial), D <= 48 and D <= 64.
     ("segments", (1, 12, 20, 230, 35), "none", None, 0.0),
     ("segments layer float mask dropout", (1, 12, 9, 230, 64), "layer", "float", 0.25),
-    # The plain row pass over segments, LayerNorm's own key pass (bf16; D = 35 on padded copies).
+    # LayerNorm's own row pass over segments and key pass (bf16; D = 35 on padded copies).
     ("segments layer", (1, 12, 20, 230, 35), "layer", None, 0.0),
     ("segments batch rows bool mask", (2, 5, 9, 230, 33), "batch", "bool", 0.0),
     # The plain row pass over segments with training BatchNorm: M on tensor cores in its first sweep,
@@ -540,10 +540,10 @@ def test_tensor_core_backward_within_twice_eager_error_in_every_mode(name, shape
                                                 ("none", (1, 12, 17, 230, 48), False), ("batch", (1, 12, 20, 45, 32), False),
                                                 ("layer", (1, 12, 20, 45, 32), False), ("layer", (2, 6, 17, 40, 64), True),
                                                 ("layer", (2, 6, 17, 40, 64), False), ("batch", (2, 6, 17, 40, 64), False),
-                                                ("batch", (1, 12, 17, 230, 48), False)],
+                                                ("batch", (1, 12, 17, 230, 48), False), ("layer", (1, 12, 17, 230, 40), False)],
                          ids=["none", "layer", "layer segments", "plain layer", "plain segments", "plain 12 heads",
                               "plain layer 12 heads", "layer two key tiles", "plain layer two key tiles",
-                              "plain two key tiles", "plain batch segments"])
+                              "plain two key tiles", "plain batch segments", "plain layer segments"])
 def test_tensor_core_backward_does_not_race_and_is_deterministic(norm, shape, general):
     # Reversed and shuffled warp orders give bitwise the same gradients (no race between warps, and
     # no order-dependent sums: dK, dV in registers, parameter gradients as per-program partials).
@@ -564,7 +564,8 @@ def test_tensor_core_backward_does_not_race_and_is_deterministic(norm, shape, ge
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the emulator's architecture switch")
-@pytest.mark.parametrize("shape", [(1, 12, 20, 45, 32), (2, 7, 9, 33, 40)], ids=["H=12", "H=7"])
+@pytest.mark.parametrize("shape", [(1, 12, 20, 45, 32), (2, 7, 9, 33, 40), (1, 12, 9, 230, 40)],
+                         ids=["H=12", "H=7", "segments"])
 def test_layer_backward_stores_agree_across_architectures(shape, monkeypatch):
     # LayerNorm's bf16 row pass writes dM over dN with one stmatrix per row (two rows at <= 8 heads) on
     # sm_90 and with 16-bit stores per entry before it (REATTN_SIM_ARCH=80): the same gradients bit for bit.
@@ -1162,11 +1163,11 @@ def test_compiled_kernels_spill_nothing_and_reserve_at_most_1kb_of_shared_memory
         names = [name for a, name in kernels if a == arch]
         # 4 storage types x 4 CUDA-core programs; 2 types x (5 tile shapes x 4 variants of the tensor-core
         # forward + 5 shapes of the backward's row pass in its general variant and 4 in its plain one)
-        # (row_configs.h, backward_configs.h) + LayerNorm's own row pass (bf16, the 3 one-segment shapes);
+        # (row_configs.h, backward_configs.h) + LayerNorm's own row pass (bf16, the 4 shapes with a plain one);
         # 2 types x 6 shapes x 2 variants of the backward's key pass + LayerNorm's own (bf16, 6 shapes) +
         # shape 6 in bf16's two plain variants (backward_configs.h key_shape_compiled)
         assert sum("re_attention_kernel" in n for n in names) == 16, names
-        assert sum("forward_kernel" in n for n in names) == 61, names
+        assert sum("forward_kernel" in n for n in names) == 62, names
         assert sum("key_kernel" in n for n in names) == 32, names
     for (arch, name), usage in kernels.items():
         if not any(k in name for k in ("re_attention_kernel", "forward_kernel", "key_kernel")):
