@@ -286,9 +286,9 @@ struct RowProgram {
       Cfg::kVariant == kPlainBackwardRows || Cfg::kVariant == kPlainLayerBackwardRows, Cfg::kMaxHeads);
   // And M for BatchNorm (tensor_mix). The segmented row pass takes it in its first sweep only and
   // keeps the per-thread Mixer in the second (tensor_batch_sweep): with tensor_mix in both sweeps
-  // its sm_90 build needed 24 bytes of stack at 255 registers
-  // (static model, DeepViT-L-384 training BatchNorm row pass: 669.3-2498.3 us with the Mixer in
-  // both sweeps, 580.6-2381.4 as now, 513.7-2265.1 with the stack).
+  // its sm_90 build needed 24 bytes of stack at 255 registers, also with the fragments loaded per
+  // chunk (static model, DeepViT-L-384 training BatchNorm row pass: 669.3-2498.3 us with the Mixer
+  // in both sweeps, 588.6-2395.7 as now, 513.7-2265.1 with the stack).
   static constexpr bool kTensorBatch = kTensorGrad;
   REATTN_DEVICE static bool tensor_batch_sweep(bool first) { return kTensorBatch && (Cfg::kOneSegment || first); }
   // LayerNorm's own row pass (grad_mixed_layer): the norm known at compile time, its mixing and the
@@ -406,7 +406,7 @@ struct RowProgram {
       kbase = dev::opaque(kbase);
       vbase = dev::opaque(vbase);
     }
-    // The segmented shapes' mix_in_place takes element pointers instead (rows.cuh mix_in_place).
+    // mix_in_place_layer reads it in every shape, mix_in_place in the one-segment ones (its kLane).
     if constexpr (kTensorMix && (Cfg::kOneSegment || kTensorLayer)) mix_lane = make_mix_lane();
   }
 
