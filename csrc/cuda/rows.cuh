@@ -545,6 +545,24 @@ struct RowProgram {
       }
     }
   }
+  // The block's rows of a [B, H, N, D] 16-bit input staged in shared memory, [H][rows][kKRow] at byte
+  // offset `region` (the forward's q, the backward's dO, over key segments), zeros past Nq and D as
+  // load_row_fragments gives. Copied once per program, element by element even in the plain
+  // variants: the fixed-row copy made the (1, 8, 2, 64, 64, 64) row pass use 8 bytes of stack at 255
+  // registers (ptxas, sm_80 and sm_90).
+  using RowsCopy = TileCopy<E, Cfg::kRows, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, false>;
+  REATTN_DEVICE void stage_rows(uint32_t region, const void* src, const Strides4& st) const {
+    RowsCopy::issue(at<E>(region), kKRow, static_cast<const E*>(src) + b * st.b, static_cast<int>(st.h),
+                    static_cast<int>(st.n), static_cast<int>(st.d), 0, H, H, m0, Nq, 0, D, vector());
+  }
+  // The lane's ldmatrix row of head h there at head dim 0, as a shared address (each k16 step adds 32
+  // bytes): row l % 16 of the warp's slab, columns 8 (l / 16) on, so ldmatrix's four matrices are the
+  // A fragment's registers (rows 0-7 / 8-15, columns 0-7 / 8-15).
+  REATTN_DEVICE uint32_t staged_row(uint32_t region, int h) const {
+    return dev::smem_address(at<E>(region) + (static_cast<size_t>(h) * Cfg::kRows + slab * 16 + lane % 16) * kKRow +
+                             (lane / 16) * 8);
+  }
+
   // q of the block's rows in shared memory (the forward's segmented shapes): the statistics sweep
   // and every segment's score phase take a round's fragments again (rounds x (segments + 1) times a
   // program), and the registers cannot keep them across the mixing. Copied once per program with
@@ -554,13 +572,9 @@ struct RowProgram {
   // instructions per round, 15,840 of 287,087 per block, and 338 KB of L2 requests against the
   // copy's 37 KB).
   static constexpr bool kQueriesShared = !Cfg::kBackward && !Cfg::kOneSegment;
-  using QueryCopy = TileCopy<E, Cfg::kRows, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, false>;
   REATTN_DEVICE void load_queries(int h, uint32_t (&qf)[Cfg::kKSteps][4]) const {
     if constexpr (kQueriesShared) {
-      // Lane l addresses row l % 16 of the warp's slab, columns 8 (l / 16) on: ldmatrix's four
-      // matrices are then the A fragment's registers (rows 0-7 / 8-15, columns 0-7 / 8-15).
-      const uint32_t row = dev::smem_address(
-          at<E>(L.queries) + (static_cast<size_t>(h) * Cfg::kRows + slab * 16 + lane % 16) * kKRow + (lane / 16) * 8);
+      const uint32_t row = staged_row(L.queries, h);
 #pragma unroll
       for (int kk = 0; kk < Cfg::kKSteps; ++kk) dev::ldmatrix_x4_at(qf[kk], row + kk * 32);
     } else {
@@ -1777,8 +1791,7 @@ struct RowProgram {
   REATTN_DEVICE void run_forward() {
     load_parameters();
     if constexpr (kQueriesShared) {  // a cp.async group of its own, before the first K tile's
-      QueryCopy::issue(at<E>(L.queries), kKRow, static_cast<const E*>(p.q) + b * p.q_st.b, static_cast<int>(p.q_st.h),
-                       static_cast<int>(p.q_st.n), static_cast<int>(p.q_st.d), 0, H, H, m0, Nq, 0, D, vector());
+      stage_rows(L.queries, p.q, p.q_st);
       dev::cp_async_commit();
     }
     zero_ring_columns();
@@ -1851,16 +1864,12 @@ struct RowProgram {
   // dO of the block's rows in shared memory (several segments: the registers go to the score
   // phase and the accumulators) or in registers (one segment: df, loaded once).
   static constexpr bool kGradsShared = Cfg::kBackward && !Cfg::kOneSegment;
-  // Element-wise decomposition even in the plain variant: its fixed-row copy made the (1, 8, 2, 64, 64, 64)
-  // row pass use 8 bytes of stack at 255 registers (ptxas, sm_80 and sm_90); it runs once per program.
-  using GradCopy = TileCopy<E, Cfg::kRows, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, false>;
 
   // The lane's ldmatrix row of dO (in shared memory: several segments) of output head group + groups j
-  // at head dim 0, as a shared address: each k16 step adds 32 bytes (grad_fragment).
+  // (staged_row; grad_fragment).
   REATTN_DEVICE uint32_t grad_row(int j) const {
     const int g = group + kGroups * j < H ? group + kGroups * j : 0;  // heads past H: dN is zeroed
-    return dev::smem_address(at<E>(L.grads) + (static_cast<size_t>(g) * Cfg::kRows + slab * 16 + lane % 16) * kKRow +
-                             (lane / 16) * 8);
+    return staged_row(L.grads, g);
   }
   // A fragment (the warp's 16 rows x head dims 16 kk ..) of dO of output head group + groups j; `row`:
   // grad_row(j) (read with dO in shared memory only).
@@ -2622,9 +2631,7 @@ struct RowProgram {
     load_given_stats();
     const bool sums_only = p.stats_only;
     if constexpr (kGradsShared) {  // lands with the first K tile (one cp.async group)
-      GradCopy::issue(at<E>(L.grads), kKRow, static_cast<const E*>(p.grad_out) + b * p.do_st.b,
-                      static_cast<int>(p.do_st.h), static_cast<int>(p.do_st.n), static_cast<int>(p.do_st.d), 0, H,
-                      H, m0, Nq, 0, D, vector());
+      stage_rows(L.grads, p.grad_out, p.do_st);
     }
     zero_ring_columns();
     issue_keys(0, 0);  // the first score phase's first K tile
