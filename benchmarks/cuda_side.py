@@ -470,7 +470,7 @@ def _vector_loadable(t: torch.Tensor) -> bool:
 
 def _vector_aligned(p: ReAttnParams, touched: list, fields: Sequence[Tuple[str, str]], tensors) -> bool:
     """ops.cpp's vector_aligned for the tensor-core programs: each input that is not ``_vector_loadable`` with D a
-    multiple of 8 is copied into rows padded to 8 elements, the padding zeroed (torch ops of the host, counted),
+    multiple of 8 (or a view ``reattn._C.cuda_padded_rows`` returned: :func:`_padded_rows`) is copied into rows padded to 8 elements, the padding zeroed (torch ops of the host, counted),
     and the program reads the copy's first D columns instead; ``fields`` names its pointer and strides fields in
     ``p``. Returns ops.cpp's vector_loads (every input read in whole 8-element chunks: chunk_loadable)."""
     rec = _RECORDER
@@ -478,7 +478,7 @@ def _vector_aligned(p: ReAttnParams, touched: list, fields: Sequence[Tuple[str, 
     zeros = None  # one broadcast element for the call's inputs, as ops.cpp shares it
     for (pointer, strides), t in zip(fields, tensors):
         D = t.shape[3]
-        if _vector_loadable(t) and D % 8 == 0:
+        if _vector_loadable(t) and (D % 8 == 0 or _C().cuda_padded_view(t)):  # read as it is
             continue
         padded = torch.empty((*t.shape[:3], -(-D // 8) * 8), dtype=t.dtype, device=t.device)
         if sum((n - 1) * st for n, st in zip(padded.shape[1:], padded.stride()[1:])) >= 2 ** 31 - 1:
@@ -913,6 +913,12 @@ def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_key
     return partials.sum(dim=(1, 3), dtype=torch.float64) if summed else partials
 
 
+def _padded_rows(tensors):
+    """reattn.backends.cuda._padded_rows: ops.cpp's padded_rows itself on the meta tensors (its copies are torch ops,
+    counted; the views it records are what :func:`_vector_aligned` reads as they are)."""
+    return _C().cuda_padded_rows(list(tensors))
+
+
 @functools.lru_cache(maxsize=None)
 def shim_ops():
     """The CUDA backend's ops over the shim (``reattn::static_model_cuda_*``, registered once per process)."""
@@ -923,14 +929,15 @@ def shim_ops():
                            forward_moments=_forward_moments, head_affine=_head_affine,
                            moments_center=_moments_center, head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
                            update_running_stats=_update_running_stats,
-                           forward_eval_batchnorm=_forward_eval_batchnorm,
+                           forward_eval_batchnorm=_forward_eval_batchnorm, padded_rows=_padded_rows,
                            softmax_stats_shape=lambda q: (*q.shape[:3], 2))
     # No device implementation: the static model calls the ladder's Python bodies (OpLadder.*_impl) directly.
     return OpLadder(FusedRawOps(kernels), forward="reattn::static_model_cuda_forward",
                     backward="reattn::static_model_cuda_backward", gram_sums="reattn::static_model_cuda_gram_sums",
                     bn_grad_sums="reattn::static_model_cuda_bn_grad_sums",
                     running_stats="reattn::static_model_cuda_update_running_stats",
-                    eval_batchnorm="reattn::static_model_cuda_forward_eval_batchnorm", device_types=())
+                    eval_batchnorm="reattn::static_model_cuda_forward_eval_batchnorm",
+                    padded_rows="reattn::static_model_cuda_padded_rows", device_types=())
 
 
 def cuda_call(B: int, H: int, N: int, D: int, norm: str, arch: int, dtype=torch.bfloat16) -> Dict[str, list]:

@@ -243,8 +243,9 @@ class _OpBodies:
 
 def run_call(ops, B: int, H: int, N: int, D: int, norm: str, dtype, counter, drain) -> Dict[str, list]:
     """{"fwd": [...], "bwd": [...]}: one call of a fused backend's Python path on meta tensors, below its
-    custom-op layer: ``OpLadder.run`` with the forward op's body, then the backward op's body with what
-    the forward saved (as the ladder's autograd does); with eval-mode BatchNorm on a backend that has its
+    custom-op layer: ``OpLadder.run`` with the forward op's body (and the padded_rows op's, where the backend
+    pads q, k, v ahead of it), then the backward op's body with what the forward saved (as the ladder's
+    autograd does: the padded views); with eval-mode BatchNorm on a backend that has its
     inference op, also "infer": the call without gradients (that op). ``ops``: a backend's
     ``reattn.backends._ladder.OpLadder``.
     ``drain()`` returns (and forgets) the launches recorded so far; ``counter`` (an
@@ -277,7 +278,9 @@ def run_call(ops, B: int, H: int, N: int, D: int, norm: str, dtype, counter, dra
     # The forward with gradients (its saved tensors feed the backward): eval-mode BatchNorm through the ladder's
     # fold, not the inference op (forward_eval_batchnorm) a call without gradients runs.
     OpLadder.run(_OpBodies(ops, forward=forward, update_running_stats=ops.running_stats_impl,
-                           forward_eval_batchnorm=None), q, k, v, mix_weight, mix_bias, **options)
+                           forward_eval_batchnorm=None,
+                           padded_rows=None if ops.padded_rows is None else ops.padded_rows_impl),
+                 q, k, v, mix_weight, mix_bias, **options)
     steps["fwd"] = _merge(drain(), counter)
     (q_, k_, v_, w_, c_, nw_, nb_, mask_, seed_, scale_, out_scale_, norm_, eps_, p_) = recorded["args"][:14]
     _, softmax_stats, stats, R, U = recorded["out"]

@@ -11,6 +11,7 @@
 #include <array>
 #include <atomic>
 #include <limits>
+#include <mutex>
 #include <string>
 
 #include "emulate.h"
@@ -408,16 +409,13 @@ bool batch_offsets_fit_int32(const at::Tensor& t) {
 // general on the inputs, 525 us plain on copies whose host work (the copies) takes ~46 us (the plain
 // program is 198 us since).
 // The plain variants read whole 8-element chunks (csrc/cuda/rows.cuh TileCopy): the columns from D up to
-// the next multiple of 8 must hold zeros (finite: K's meet q's zero columns in q . k). So `t` itself
-// where it is loadable and D is a multiple of 8, else a view of its first D columns in a copy whose rows
-// are padded to 8 elements (16 bytes) with zeros, kept alive by `keep`: one read of the input and one
-// write of the padded rows. `zeros`: the padding's broadcast element, made by the first input that
-// needs it and shared by the call's others (one fill for q, k, v and dO, not one each).
-at::Tensor vector_aligned(const at::Tensor& t, std::vector<at::Tensor>& keep, at::Tensor& zeros) {
+// the next multiple of 8 must hold zeros (finite: K's meet q's zero columns in q . k).
+// A view of the first D columns of a copy of `t` whose rows are padded to 8 elements (16 bytes) with
+// zeros: one read of the input and one write of the padded rows. `zeros`: the padding's broadcast
+// element, made by the first input that needs it and shared by the others (one fill per call, not one each).
+at::Tensor zero_padded_rows(const at::Tensor& t, at::Tensor& zeros) {
   const int64_t D = t.size(3), padded_d = (D + 7) / 8 * 8;
-  if (vector_loadable(t) && D == padded_d) return t;
   at::Tensor padded = at::empty({t.size(0), t.size(1), t.size(2), padded_d}, t.options());
-  if (!batch_offsets_fit_int32(padded)) return t;
   at::Tensor view = padded.narrow(3, 0, D);
   if (padded_d > D) {
     // One pass writes whole rows, the zeros (a broadcast element) after the input's columns: a separate
@@ -431,14 +429,84 @@ at::Tensor vector_aligned(const at::Tensor& t, std::vector<at::Tensor>& keep, at
   } else {
     view.copy_(t);
   }
-  keep.push_back(padded);
+  return view;
+}
+
+// The views padded_rows (reattn::cuda_padded_rows) returned and whose storage still lives: the ladder's
+// autograd pads q, k and v of a head dim that is not a multiple of 8 once, in the forward, and saves those
+// views for the backward, which then reads them as they are instead of copying them again (static model,
+// DeepViT-L-384 backward: three of its four copies, ~30 us). Only these views count as padded with zeros:
+// the columns past D of anyone else's rows may hold anything. Each entry holds its storage weakly (a weak
+// reference keeps the StorageImpl object, so its address is not reused while recorded) with the view's
+// data pointer and geometry; entries whose storage is gone are dropped at the next record.
+struct PaddedView {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  const void* data;
+  std::vector<int64_t> sizes, strides;
+};
+
+std::mutex& padded_views_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+std::vector<PaddedView>& padded_views() {
+  static std::vector<PaddedView> views;
+  return views;
+}
+
+void record_padded_view(const at::Tensor& view) {
+  const std::lock_guard<std::mutex> lock(padded_views_mutex());
+  std::vector<PaddedView>& views = padded_views();
+  views.erase(std::remove_if(views.begin(), views.end(), [](const PaddedView& e) { return e.storage.expired(); }),
+              views.end());
+  views.push_back({view.storage().getWeakStorageImpl(), view.data_ptr(), view.sizes().vec(), view.strides().vec()});
+}
+
+// Whether `t` is (the same view as) one padded_rows returned, its columns past D zero.
+bool is_padded_view(const at::Tensor& t) {
+  if (t.dim() != 4 || !t.has_storage() || t.size(3) % 8 == 0) return false;
+  const c10::StorageImpl* storage = t.storage().unsafeGetStorageImpl();
+  const std::lock_guard<std::mutex> lock(padded_views_mutex());
+  for (const PaddedView& e : padded_views()) {
+    if (e.storage._unsafe_get_target() == storage && !e.storage.expired() && e.data == t.data_ptr() &&
+        t.sizes().equals(e.sizes) && t.strides().equals(e.strides)) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// reattn::cuda_padded_rows: each [B, H, N, D] tensor as zero_padded_rows' view, recorded (is_padded_view).
+std::vector<at::Tensor> padded_rows(const std::vector<at::Tensor>& tensors) {
+  std::vector<at::Tensor> views;
+  at::Tensor zeros;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK_VALUE(t.dim() == 4 && t.size(3) % 8 != 0, "reattn cuda_padded_rows: tensors[", i,
+                      "] must be [B, H, N, D] with D not a multiple of 8 (nothing to pad), got ", t.sizes());
+    views.push_back(zero_padded_rows(t, zeros));
+    record_padded_view(views.back());
+  }
+  return views;
+}
+
+// `t` itself where it is loadable and D is a multiple of 8 or t is a padded view (is_padded_view), else
+// zero_padded_rows' view, its copy kept alive by `keep`.
+at::Tensor vector_aligned(const at::Tensor& t, std::vector<at::Tensor>& keep, at::Tensor& zeros) {
+  const int64_t D = t.size(3), padded_d = (D + 7) / 8 * 8;
+  if (vector_loadable(t) && (D == padded_d || is_padded_view(t))) return t;
+  // The padded copy's last offset within a batch element, as batch_offsets_fit_int32 reads it.
+  if (t.size(1) * t.size(2) * padded_d - 1 >= std::numeric_limits<int32_t>::max()) return t;
+  const at::Tensor view = zero_padded_rows(t, zeros);
+  keep.push_back(view);
   return view;
 }
 
 // Whether the programs may read `x` (vector_aligned of `input`) in whole 16-byte chunks: aligned, and
-// D a multiple of 8 or x the zero-padded copy.
+// D a multiple of 8 or x a zero-padded copy (made here, or a padded view).
 bool chunk_loadable(const at::Tensor& x, const at::Tensor& input) {
-  return vector_loadable(x) && (x.size(3) % 8 == 0 || !x.is_same(input));
+  return vector_loadable(x) && (x.size(3) % 8 == 0 || !x.is_same(input) || is_padded_view(x));
 }
 
 // Points the parameters' q, k, v (and dO, when given) at vector_aligned versions of them; returns
@@ -1346,6 +1414,14 @@ void register_ops(pybind11::module& m) {
         "fp16/bf16 run the deterministic tensor-core backward (a row pass and a key "
         "pass, no atomics) where its shapes fit, else (and with programs_only) the CUDA-core programs; without "
         "mask or dropout, on 16-byte aligned rows, its plain variants (general_variant: the general ones).");
+  m.def("cuda_padded_rows", &padded_rows, py::arg("tensors"),
+        "Each [B, H, N, D] tensor (D not a multiple of 8) as a view of its first D columns in a copy whose rows are "
+        "padded with zeros to a multiple of 8 elements, one pass each. cuda_forward and cuda_backward read these "
+        "views (while their storage lives) in 16-byte chunks as they are, where another tensor of that head dim "
+        "is copied first.");
+  m.def("cuda_padded_view", &is_padded_view, py::arg("t"),
+        "Whether t is a view cuda_padded_rows returned (its columns past D zero), which the programs read "
+        "without a copy.");
   m.def("cuda_head_affine", &head_affine, py::arg("r"), py::arg("u"), py::arg("coefficients"), py::arg("dtype"),
         py::arg("u_sum") = py::none(), py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
         py::arg("shuffle_seed") = 0,

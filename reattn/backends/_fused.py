@@ -181,6 +181,11 @@ class FusedKernels:
         attn_mask, *, scale, out_scale, eps) -> out [B, H, Nq, D]: optional, eval-mode BatchNorm's forward with the
         norm folded by the kernels from the running statistics as given (inference; else the ladder folds it with
         torch ops and runs the norm-none forward).
+    padded_rows(tensors) -> views: optional, for kernels that read rows in 16-byte chunks: each [B, H, N, D]
+        float16/bfloat16 tensor whose D is not a multiple of 8 as a view of its first D columns in a copy whose
+        rows are padded with zeros to a multiple of 8, which the kernels read without a copy of their own. The
+        ladder pads q, k and v so once per call and saves the views for the backward (else each of the forward
+        and the backward copies them).
     """
 
     forward: Callable
@@ -196,6 +201,7 @@ class FusedKernels:
     bn_coefficients: Optional[Callable] = None
     update_running_stats: Optional[Callable] = None
     forward_eval_batchnorm: Optional[Callable] = None
+    padded_rows: Optional[Callable] = None
 
 
 class FusedRawOps(RawOps):
@@ -205,6 +211,14 @@ class FusedRawOps(RawOps):
         self.kernels = kernels
         self.updates_running_stats = kernels.update_running_stats is not None
         self.folds_eval_batchnorm = kernels.forward_eval_batchnorm is not None
+        self.pads_rows = kernels.padded_rows is not None
+
+    def needs_padded_rows(self, t: Tensor) -> bool:
+        return (self.pads_rows and t.dtype in (torch.float16, torch.bfloat16) and t.dim() == 4
+                and t.shape[3] % 8 != 0)
+
+    def padded_rows(self, tensors):
+        return self.kernels.padded_rows(list(tensors))
 
     def forward_eval_batchnorm(self, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, running_mean, running_var,
                                attn_mask, *, scale, out_scale, eps):

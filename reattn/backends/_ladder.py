@@ -34,7 +34,7 @@ statistics, stats, R and U; never a [B, H, Nq, Nk] map.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -75,6 +75,9 @@ class RawOps:
     update_running_stats(running_mean, running_var, stats [3, H], momentum) -> None: nn.BatchNorm2d's update
             of the running statistics, in place, from training BatchNorm's stats (default: torch's ops;
             ``updates_running_stats`` True where the backend has a kernel for it)
+    padded_rows(tensors) -> views of the tensors' rows padded to a multiple of 8 columns with zeros, which the
+            backend's kernels read without copying them (``pads_rows`` True where the backend has it, for the
+            tensors ``needs_padded_rows`` names: an op of its own, which :meth:`OpLadder.run` calls on q, k, v)
     softmax_stats_shape(q): the shape of what the forward saves per score row
     bn_terms_like(q, norm, attn_mask, stats_in) -> ((shape, dtype) of R, (shape, dtype) of U) the forward returns
             (leading dim 0: empty, the backward sums come from a sweep of their own)
@@ -87,6 +90,14 @@ class RawOps:
     keeps_bn_terms = False  # training BatchNorm's forward returns R and U [B, H, Nq, D] (the cpu kernel's)
     updates_running_stats = False  # update_running_stats is a kernel of the backend's (an op of its own)
     folds_eval_batchnorm = False   # forward_eval_batchnorm exists (an op of its own, for calls without gradients)
+    pads_rows = False              # padded_rows exists (an op of its own)
+
+    def needs_padded_rows(self, t: Tensor) -> bool:
+        """Whether the ladder pads ``t`` (q, k or v) with :meth:`padded_rows` before the ops read it."""
+        return False
+
+    def padded_rows(self, tensors):
+        raise NotImplementedError
 
     def bn_terms_like(self, q: Tensor, norm: str, attn_mask: Optional[Tensor], stats_in: Optional[Tensor]):
         B, H, Nq, D = q.shape
@@ -183,12 +194,16 @@ class OpLadder:
     ``running_var`` in place (its schema says so, for torch.compile); without it, ``update_running_stats``
     is the raw ops' Python body. ``eval_batchnorm``: the name of a sixth, where the raw ops fold eval-mode
     BatchNorm themselves (``RawOps.folds_eval_batchnorm``): ``forward_eval_batchnorm``, which :meth:`run`
-    calls for eval-mode BatchNorm when no gradient is needed (inference); else None.
+    calls for eval-mode BatchNorm when no gradient is needed (inference); else None. ``padded_rows``: the name of a
+    seventh, where the raw ops pad rows for their kernels (``RawOps.pads_rows``): ``padded_rows``, which :meth:`run`
+    calls on q, k and v (those ``RawOps.needs_padded_rows`` names) before the forward, so that the forward reads
+    them without copying them and the backward reads the views the autograd saved (the op's gradient is the
+    views' gradient as it is); else None.
     """
 
     def __init__(self, raw: RawOps, *, forward: str, backward: str, gram_sums: str, bn_grad_sums: str,
                  device_types: Tuple[str, ...], running_stats: Optional[str] = None,
-                 eval_batchnorm: Optional[str] = None) -> None:
+                 eval_batchnorm: Optional[str] = None, padded_rows: Optional[str] = None) -> None:
         self.raw = raw
         self.name = _op_name(forward).rsplit("_", 1)[0]  # the backend, for messages: "triton"
         self.forward_name, self.backward_name = forward, backward
@@ -217,6 +232,32 @@ class OpLadder:
                                  "(eval_batchnorm='reattn::<backend>_forward_eval_batchnorm')")
             self.forward_eval_batchnorm = define_op(_op_name(eval_batchnorm), self.eval_batchnorm_impl, device_types)
             register_fake(self.forward_eval_batchnorm)(self.eval_batchnorm_fake)
+        self.padded_rows = None
+        if raw.pads_rows:
+            if padded_rows is None:
+                raise ValueError(f"{self.name}: raw ops that pad rows need the op's name "
+                                 "(padded_rows='reattn::<backend>_padded_rows')")
+            self.padded_rows = define_op(_op_name(padded_rows), self.padded_rows_impl, device_types)
+            register_fake(self.padded_rows)(self.padded_rows_fake)
+            register_autograd(self.padded_rows, self.padded_rows_derivative, setup_context=self.padded_rows_context)
+
+    # ---- rows padded for the kernels: op, fake, autograd ----------------------------------------------------
+    def padded_rows_impl(self, tensors: List[Tensor]) -> List[Tensor]:
+        """Each [B, H, N, D] tensor as a view [B, H, N, D] of its rows padded with zeros to a multiple of 8
+        columns (a copy), which the backend's kernels read as it is."""
+        return self.raw.padded_rows(tensors)
+
+    @staticmethod
+    def padded_rows_fake(tensors):
+        return [t.new_empty((*t.shape[:3], -(-t.shape[3] // 8) * 8)).narrow(3, 0, t.shape[3]) for t in tensors]
+
+    @staticmethod
+    def padded_rows_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def padded_rows_derivative(ctx, grads):
+        return list(grads)  # the views hold the inputs' values: their gradient is the inputs'
 
     # ---- the running statistics' update (training BatchNorm): op, fake ---------------------------------------
     def running_stats_impl(self, running_mean: Tensor, running_var: Tensor, stats: Tensor, momentum: float) -> None:
@@ -417,6 +458,14 @@ class OpLadder:
             seed = draw_dropout_seed(q.device)
         else:
             seed = torch.as_tensor(seed, dtype=torch.int64, device=q.device).reshape(1)
+        # Rows the kernels read padded: copied once here (the forward reads the views, the autograd saves them for
+        # the backward), where the forward and the backward each copied them.
+        pad = [i for i, t in enumerate((q, k, v)) if self.raw.needs_padded_rows(t)]
+        if pad and self.padded_rows is not None:
+            rows = [q, k, v]
+            for i, view in zip(pad, self.padded_rows([rows[i] for i in pad])):
+                rows[i] = view
+            q, k, v = rows
         if batch_training and sync_group is not None:
             out, stats = SyncedBatchNorm.apply(self, sync_group, (scale, out_scale, eps, dropout_p), q, k, v,
                                                mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed)

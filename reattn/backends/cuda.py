@@ -143,16 +143,23 @@ def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_key
     return _C.cuda_head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, eps, n_keys, scale, summed=summed)
 
 
+def _padded_rows(tensors):
+    # [B, H, N, D] 16-bit tensors (D not a multiple of 8) as views of copies padded with zeros to 8 columns, which
+    # cuda_forward and cuda_backward recognize (ops.cpp is_padded_view) and read without copying them again.
+    return _C.cuda_padded_rows(tensors)
+
+
 CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                             forward_moments=_forward_moments, head_affine=_head_affine,
                             moments_center=_moments_center, head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
                             update_running_stats=_update_running_stats,
-                            forward_eval_batchnorm=_forward_eval_batchnorm,
+                            forward_eval_batchnorm=_forward_eval_batchnorm, padded_rows=_padded_rows,
                             softmax_stats_shape=lambda q: (*q.shape[:3], 2))
 CUDA_OPS = OpLadder(FusedRawOps(CUDA_KERNELS), forward="reattn::cuda_forward", backward="reattn::cuda_backward",
                     gram_sums="reattn::cuda_gram_sums", bn_grad_sums="reattn::cuda_bn_grad_sums",
                     running_stats="reattn::cuda_update_running_stats",
-                    eval_batchnorm="reattn::cuda_forward_eval_batchnorm", device_types=("cuda", "cpu"))
+                    eval_batchnorm="reattn::cuda_forward_eval_batchnorm", padded_rows="reattn::cuda_padded_rows",
+                    device_types=("cuda", "cpu"))
 cuda_forward, cuda_backward = CUDA_OPS.forward, CUDA_OPS.backward
 re_attention_cuda = CUDA_OPS.run  # reattn.re_attention with backend="cuda" (validated arguments)
 

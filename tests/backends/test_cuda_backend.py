@@ -644,6 +644,86 @@ def test_tensor_core_plain_backward_agrees_with_the_general_one(shape, norm):
     assert not _C.cuda_backward_tiles(12, 64, 20, 260, "bfloat16")["rows"]["has_plain"]
 
 
+def test_padded_rows_are_read_as_they_are_and_only_they():
+    # reattn._C.cuda_padded_rows: views of copies padded with zeros to 8 columns, which the programs read without a
+    # copy of their own (ops.cpp is_padded_view): those views only, not another view of their storage nor a view of
+    # the same geometry into someone else's rows (whose columns past D may hold anything).
+    B, H, N, D = 2, 3, 11, 35
+    q = torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(0)).bfloat16().to(DEVICE)
+    (view,) = _C.cuda_padded_rows([q])
+    assert view.shape == q.shape and view.stride() == (H * N * 40, N * 40, 40, 1) and torch.equal(view, q)
+    assert torch.equal(view._base[..., D:], torch.zeros(B, H, N, 40 - D, dtype=torch.bfloat16, device=DEVICE))
+    assert _C.cuda_padded_view(view) and _C.cuda_padded_view(view.detach())
+    assert not _C.cuda_padded_view(q) and not _C.cuda_padded_view(view[:1]) and not _C.cuda_padded_view(view._base)
+    wide = torch.full((B, H, N, 40), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    assert not _C.cuda_padded_view(wide[..., :D])
+    with pytest.raises(ValueError, match=r"tensors\[1\] must be \[B, H, N, D\] with D not a multiple of 8"):
+        _C.cuda_padded_rows([q, torch.zeros(1, 1, 2, 40, dtype=torch.bfloat16)])
+
+
+def _copies(fn) -> int:
+    """The copies (aten::cat: ops.cpp's padded rows) fn makes, the ops' insides included (the profiler's events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name == "aten::cat" for e in prof.events())
+
+
+@pytest.mark.parametrize("norm", ["none", "layer", "batch"])
+def test_the_backward_reads_the_rows_the_forward_padded(norm, monkeypatch):
+    # backend="cuda" pads q, k, v of a head dim that is not a multiple of 8 once, ahead of the forward (the ladder's
+    # padded_rows op); the autograd saves the padded views, so the backward copies dO alone where it copied q, k, v
+    # and dO (ops.cpp vector_aligned). The programs read the same values either way: bitwise the same results.
+    from reattn.backends.cuda import CUDA_OPS
+
+    B, H, N, D = 2, 3, 20, 35
+    g = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(B, H, N, D, generator=g).bfloat16().to(DEVICE) for _ in range(3)]
+    weight = (torch.eye(H) + 0.1 * torch.randn(H, H, generator=g)).to(DEVICE)
+    grad = torch.randn(B, H, N, D, generator=g).bfloat16().to(DEVICE)
+    options = dict(norm=norm)
+    if norm != "none":
+        options.update(norm_weight=torch.ones(H, device=DEVICE), norm_bias=torch.zeros(H, device=DEVICE))
+    if norm == "batch":
+        options.update(running_mean=torch.zeros(H, device=DEVICE), running_var=torch.ones(H, device=DEVICE),
+                       training=True)
+
+    def run():
+        q, k, v = (t.clone().requires_grad_() for t in inputs)
+        w = weight.clone().requires_grad_()
+        out = reattn.re_attention(q, k, v, w, backend="cuda", **options)
+        copies = _copies(lambda: out.backward(grad))
+        return [out, q.grad, k.grad, v.grad, w.grad], copies
+
+    padded, copies = run()
+    monkeypatch.setattr(CUDA_OPS, "padded_rows", None)
+    unpadded, copies_before = run()
+    assert (copies, copies_before) == (1, 4)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dW"), padded, unpadded):
+        assert torch.equal(a, b), name
+    assert all(t.is_contiguous() for t in padded[:4])  # the outputs and gradients are the inputs' shape, dense
+
+
+def test_padded_rows_compile_into_the_graph():
+    # The padding is an op of its own (reattn::cuda_padded_rows, a fake that gives the views' strides and a
+    # gradient that passes through): torch.compile takes it into one graph, forward and backward.
+    B, H, N, D = 1, 2, 9, 35
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(B, H, N, D, generator=g).bfloat16().to(DEVICE).requires_grad_() for _ in range(3))
+    w = (torch.eye(H) + 0.1 * torch.randn(H, H, generator=g)).to(DEVICE).requires_grad_()
+
+    def f(q, k, v, w):
+        return reattn.re_attention(q, k, v, w, norm="none", backend="cuda")
+
+    torch._dynamo.reset()
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, w)
+    out.float().square().sum().backward()
+    expected = f(*(t.detach().requires_grad_() for t in (q, k, v, w)))
+    assert torch.equal(out, expected)
+    assert q.grad is not None and q.grad.shape == q.shape and not q.grad.isnan().any()
+
+
 @pytest.mark.parametrize("Nk", [50, 260], ids=["one segment", "segments"])
 def test_tensor_core_plain_variants_never_read_an_inputs_columns_past_d(Nk):
     # The plain variants copy K and V (and Q, dO in the key pass) in whole 8-element chunks, so the columns

@@ -117,9 +117,13 @@ def test_launches_per_norm_mode_follow_ops_cpp():
 def test_unaligned_head_dims_run_the_plain_variants_on_padded_copies():
     from benchmarks import cuda_side
 
-    # D = 35 (DeepViT-L-384): 70-byte rows. ops.cpp copies q, k, v (and dO) into rows padded to 40 elements
-    # and runs the plain variants on them; the programs read the copies, whose first D columns they see.
-    launches = _launches(cuda_side.cuda_call(1, 2, 40, 35, "none", 90))
+    # D = 35 (DeepViT-L-384): 70-byte rows. The ladder pads q, k, v into rows of 40 elements once (padded_rows), the
+    # backward reads those views as the autograd saved them and ops.cpp copies dO alone; the plain variants run
+    # on the copies, whose first D columns they see.
+    steps = cuda_side.cuda_call(1, 2, 40, 35, "none", 90)
+    copies = {phase: sum(getattr(x, "name", None) == "cat" for x in items) for phase, items in steps.items()}
+    assert copies == {"fwd": 3, "bwd": 1}
+    launches = _launches(steps)
     (fwd,), (rows, keys) = launches["fwd"], launches["bwd"]
     assert fwd.name.endswith("plain_affine>>") and rows.name.endswith("plain_backward_rows>>")
     assert keys.name.endswith(", plain>>")
