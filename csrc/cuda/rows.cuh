@@ -937,7 +937,7 @@ struct RowProgram {
       }
       return;
     }
-    if constexpr (Cfg::kPlain && (Cfg::kBackward || Cfg::kVariant != kPlainMoments)) {
+    if constexpr (Cfg::kPlain && (Cfg::kBackward || Cfg::kVariant != kPlainMoments || kTensorMix)) {
       // No mask: P = 2^(raw c - (m + log l) log2 e), c = scale log2 e, one FMA per entry (no score
       // sits at a large mask fill, so m need not be subtracted first). Keys past the segment hold
       // -inf (P = 0); rows past Nq have zero q and finite statistics ((0, 0) given to the backward,
@@ -945,10 +945,12 @@ struct RowProgram {
       // backward's dN, hence dM, is zeroed by grad_mixed's bounds test, and the forward
       // never writes those rows (each row's mixing, norm and A V use that row alone). The forward's
       // segments (several: the statistics sweep's) take it too, with no mask bits in P~: V rows past
-      // Nk are zero, so whatever A is there adds nothing (the one-segment path does the same). Not the
-      // moments variant: its sums of X skip masked entries by P~'s sign bits (static model,
-      // DeepViT-L-384 plain affine forward: per-entry row and key tests and the bit packing,
-      // ~30,000 of 240,000 integer warp instructions per block).
+      // Nk are zero, so whatever A is there adds nothing (the one-segment path does the same). The
+      // moments variant only with tensor-core mixing (mix_in_place, which counts the entries past Nq
+      // and Nk by position): its per-thread mixing's sums of X skip masked entries by P~'s sign bits
+      // (static model, DeepViT-L-384: the masked path's per-entry row and key tests and the bit
+      // packing were ~30,000 of 240,000 integer warp instructions per block of the plain affine
+      // forward; the moments forward 250.2 -> 203.8 us t_low on this path).
       const float* stats = at<float>(L.stats) + (static_cast<size_t>(h) * Cfg::kRows + slab * 16 + gq) * 2;
       const float c = static_cast<float>(p.scale) * kLog2e;
       const float shift[2] = {(stats[0] + stats[1]) * kLog2e, (stats[16] + stats[17]) * kLog2e};

@@ -383,6 +383,36 @@ def test_tensor_core_forward_does_not_race(shape, variant):
         assert torch.equal(out, runs[0][0]) and torch.equal(stats, runs[0][1])
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="warp orders are the emulator's")
+def test_segmented_moments_forward_matches_float64_in_any_warp_order():
+    # The bf16 moments variant over key segments (one-sweep training BatchNorm at DeepViT-L-384's length): P from
+    # the statistics sweep's row statistics by the plain exponent, no mask bits in P~ (its tensor-core mixing counts
+    # the entries past Nq and Nk by position), X = W P~ + c mixed on tensor cores. X V and the sums of X^2 against
+    # float64, within what rounding P~ and X to bf16 (2^-8 relative each) can move them; bitwise the same in every
+    # warp order.
+    B, H, Nq, Nk, D = 1, 12, 20, 260, 48
+    q, k, v, w, c, _, _, _ = tensors(B, H, Nq, Nk, D, seed=3)
+    low = [t.bfloat16() for t in (q, k, v)]
+    runs = [_C.cuda_forward(*low, w, c, None, None, None, None, None, None, 0.3, 1.0, "none", 1e-5, 0.0, True, True,
+                            poison_outputs=True, **order)
+            for order in (dict(), dict(reverse_items=True), dict(shuffle_seed=5))]
+    x_v, _, moments, _ = runs[0]
+    for run in runs[1:]:
+        assert torch.equal(run[0], x_v) and torch.equal(run[2], moments)
+    q64, k64, v64 = (t.double() for t in low)
+    P = torch.softmax(0.3 * q64 @ k64.transpose(-1, -2), dim=-1)  # [B, H, Nq, Nk]
+    X = torch.einsum("gh,bhij->bgij", w, P) + c[None, :, None, None]
+    spread = torch.einsum("gh,bhij->bgij", w.abs(), P) + X.abs()  # what the two roundings scale
+    sums = moments.sum(0)  # [2, H]: the sums of X (from the parameters folded to fp32, 2^-24 relative each) and X^2
+    folded = (torch.einsum("gh,bhij->bgij", w.abs(), P) + c.abs()[None, :, None, None]).sum(dim=(0, 2, 3))
+    assert ((sums[0] - X.sum(dim=(0, 2, 3))).abs() <= 2 * 2 ** -24 * folded).all()
+    err = (sums[1] - (X * X).sum(dim=(0, 2, 3))).abs()
+    assert (err <= 2 * 2 ** -8 * (2 * X.abs() * spread).sum(dim=(0, 2, 3)) + 1e-6).all(), err
+    ref = X @ v64
+    bound = 2 * 2 ** -8 * (spread @ v64.abs()) + 1e-6
+    assert ((x_v.double() - ref).abs() <= bound).all()
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="the emulator's architecture switch")
 @pytest.mark.parametrize("shape", [(2, 12, 17, 50, 32), (1, 7, 9, 33, 40), (1, 12, 9, 260, 48)],
                          ids=["H=12", "H=7", "segments"])
