@@ -406,8 +406,7 @@ struct RowProgram {
       kbase = dev::opaque(kbase);
       vbase = dev::opaque(vbase);
     }
-    // mix_in_place_layer reads it in every shape, mix_in_place in the one-segment ones (its kLane).
-    if constexpr (kTensorMix && (Cfg::kOneSegment || kTensorLayer)) mix_lane = make_mix_lane();
+    if constexpr (kTensorMix) mix_lane = make_mix_lane();  // mix_in_place, mix_in_place_layer
   }
 
   template <typename U>
@@ -1276,34 +1275,21 @@ struct RowProgram {
     constexpr bool kNarrow = kMixNarrow;
     constexpr int kRowsPerLoad = kMixRowsPerLoad;
     const int row0 = slab * 16 + group * kRowsPerWarp;
-    // Addresses: the one-segment shapes' from mix_lane (shared addresses advanced by byte steps);
-    // the segmented shapes' from element pointers (their moments variant, at 255 registers, needs
-    // 8 bytes of stack with the former: sm_90 ptxas).
-    constexpr bool kLane = Cfg::kOneSegment;
+    // Addresses from mix_lane: shared addresses advanced by byte steps. Formed from element pointers,
+    // as the segmented shapes once did (where the moments variant's masked exponent path left too few
+    // registers for the lane), each chunk cost ~11 more integer instructions per warp (static model,
+    // DeepViT-L-384 plain affine and moments forwards: 1016.3 -> 1004.8 and 1028.5 -> 1017.3 us t_high).
     const MixLane& ml = mix_lane;
     const uint32_t col = static_cast<uint32_t>(chunk_col);
-    uint32_t src = kLane ? ml.src + col * ml.src_col : 0u;
-    uint32_t dst = kLane ? ml.dst + 2 * col : 0u;  // C entries: head gq (+ 8), keys 2 tq, + 1
-    E* probs = at<E>(L.probs);
-    const int hs = Cfg::kRows * L.p_row + kProbsPad;  // head stride (elements)
-    const auto lane_src = Mix::template trans_lane<kNarrow>(lane);
-    const int hl = lane_src.head;
-    const E* src_e = hl == H ? ones_row()
-                             : probs + (hl < H ? hl : 0) * hs + (row0 + lane_src.row) * L.p_row + chunk_col +
-                                   lane_src.octet * 8;
-    const int src_step_e = hl == H ? 0 : kRowsPerLoad * L.p_row;
-    E* dst_e = probs + gq * hs + row0 * L.p_row + chunk_col + 2 * tq;
+    uint32_t src = ml.src + col * ml.src_col;
+    uint32_t dst = ml.dst + 2 * col;  // C entries: head gq (+ 8), keys 2 tq, + 1
     const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     constexpr bool kCount = Cfg::kVariant == kPlainMoments;
     static_assert(kCount || !kEdge, "edges matter to the moments only");
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; r += kRowsPerLoad) {
       uint32_t pb[4];
-      if constexpr (kLane) {
-        dev::ldmatrix_x4_trans_at(pb, src);
-      } else {
-        dev::ldmatrix_x4_trans(pb, src_e);
-      }
+      dev::ldmatrix_x4_trans_at(pb, src);
 #pragma unroll
       for (int t = 0; t < 2 * kRowsPerLoad; ++t) {  // tiles: (row r + t / 2, octet t % 2)
         float d[4];
@@ -1323,35 +1309,18 @@ struct RowProgram {
             }
           }
         }
-        if constexpr (kLane) {
-          const uint32_t at_t = dst + (t / 2) * ml.row + (t % 2) * 16;
-          if (gq < H) dev::store_shared_b32(at_t, Cv::pack(d[0], d[1]));
-          if constexpr (Cfg::kMaxHeads > 8) {
-            if (gq + 8 < H) dev::store_shared_b32(at_t + ml.head8, Cv::pack(d[2], d[3]));
-          }
-        } else {
-          E* at_t = dst_e + (t / 2) * L.p_row + (t % 2) * 8;
-          if (gq < H) *reinterpret_cast<uint32_t*>(at_t) = Cv::pack(d[0], d[1]);
-          if constexpr (Cfg::kMaxHeads > 8) {
-            if (gq + 8 < H) *reinterpret_cast<uint32_t*>(at_t + 8 * hs) = Cv::pack(d[2], d[3]);
-          }
+        const uint32_t at_t = dst + (t / 2) * ml.row + (t % 2) * 16;
+        if (gq < H) dev::store_shared_b32(at_t, Cv::pack(d[0], d[1]));
+        if constexpr (Cfg::kMaxHeads > 8) {
+          if (gq + 8 < H) dev::store_shared_b32(at_t + ml.head8, Cv::pack(d[2], d[3]));
         }
       }
       src += ml.src_step;
       dst += kRowsPerLoad * ml.row;
-      src_e += src_step_e;
-      dst_e += kRowsPerLoad * L.p_row;
     }
     Mix::slab_barrier(slab);  // M of the slab's every row
     const uint32_t mixed = ml.a + 2 * col;
-    const E* mixed_e = chunk_tile(L.probs, L.p_row, chunk_col);
-    add_owned_av(slot_tile(slot), o, [&](int j, uint32_t (&af)[4]) {
-      if constexpr (kLane) {
-        dev::ldmatrix_x4_at(af, mixed + j * ml.a_head);
-      } else {
-        dev::ldmatrix_x4(af, mixed_e + (group + kGroups * j) * hs);
-      }
-    });
+    add_owned_av(slot_tile(slot), o, [&](int j, uint32_t (&af)[4]) { dev::ldmatrix_x4_at(af, mixed + j * ml.a_head); });
   }
 
   // ---- LayerNorm's tensor-core mixing (kTensorLayer) -----------------------------------------------

@@ -219,27 +219,30 @@ class OpLadder:
         register_autograd(self.backward, self.backward_derivative, setup_context=self.setup_backward_context)
         self.update_running_stats = self.running_stats_impl
         if raw.updates_running_stats:
-            if running_stats is None:
-                raise ValueError(f"{self.name}: raw ops that update the running statistics with a kernel need "
-                                 "the op's name (running_stats='reattn::<backend>_update_running_stats')")
-            self.update_running_stats = define_op(_op_name(running_stats), self.running_stats_impl, device_types,
-                                                  mutates_args=("running_mean", "running_var"))
-            register_fake(self.update_running_stats)(self.running_stats_fake)
+            self.update_running_stats = self._own_op(
+                running_stats, "running_stats", "update the running statistics with a kernel", "update_running_stats",
+                self.running_stats_impl, self.running_stats_fake, device_types,
+                mutates_args=("running_mean", "running_var"))
         self.forward_eval_batchnorm = None
         if raw.folds_eval_batchnorm:
-            if eval_batchnorm is None:
-                raise ValueError(f"{self.name}: raw ops that fold eval-mode BatchNorm need the op's name "
-                                 "(eval_batchnorm='reattn::<backend>_forward_eval_batchnorm')")
-            self.forward_eval_batchnorm = define_op(_op_name(eval_batchnorm), self.eval_batchnorm_impl, device_types)
-            register_fake(self.forward_eval_batchnorm)(self.eval_batchnorm_fake)
+            self.forward_eval_batchnorm = self._own_op(
+                eval_batchnorm, "eval_batchnorm", "fold eval-mode BatchNorm", "forward_eval_batchnorm",
+                self.eval_batchnorm_impl, self.eval_batchnorm_fake, device_types)
         self.padded_rows = None
         if raw.pads_rows:
-            if padded_rows is None:
-                raise ValueError(f"{self.name}: raw ops that pad rows need the op's name "
-                                 "(padded_rows='reattn::<backend>_padded_rows')")
-            self.padded_rows = define_op(_op_name(padded_rows), self.padded_rows_impl, device_types)
-            register_fake(self.padded_rows)(self.padded_rows_fake)
+            self.padded_rows = self._own_op(padded_rows, "padded_rows", "pad rows", "padded_rows",
+                                            self.padded_rows_impl, self.padded_rows_fake, device_types)
             register_autograd(self.padded_rows, self.padded_rows_derivative, setup_context=self.padded_rows_context)
+
+    def _own_op(self, name: Optional[str], argument: str, what: str, suffix: str, impl, fake,
+                device_types: Tuple[str, ...], mutates_args: Tuple[str, ...] = ()) -> torch._ops.OpOverload:
+        """The op of a step the raw ops have a kernel for (``what``), named by the constructor's ``argument``."""
+        if name is None:
+            raise ValueError(f"{self.name}: raw ops that {what} need the op's name "
+                             f"({argument}='reattn::<backend>_{suffix}')")
+        op = define_op(_op_name(name), impl, device_types, mutates_args=mutates_args)
+        register_fake(op)(fake)
+        return op
 
     # ---- rows padded for the kernels: op, fake, autograd ----------------------------------------------------
     def padded_rows_impl(self, tensors: List[Tensor]) -> List[Tensor]:

@@ -691,6 +691,25 @@ def test_padded_rows_are_read_as_they_are_and_only_they():
         _C.cuda_padded_rows([q, torch.zeros(1, 1, 2, 40, dtype=torch.bfloat16)])
 
 
+def test_padded_rows_op_passes_opcheck_and_needs_its_name():
+    # reattn::cuda_padded_rows: schema, fake (the views' strides), autograd and AOT dispatch (torch.library.opcheck);
+    # a ladder whose raw ops pad rows without the op's name is refused, saying which.
+    from reattn.backends._fused import FusedRawOps
+    from reattn.backends._ladder import OpLadder
+    from reattn.backends.cuda import CUDA_KERNELS, CUDA_OPS
+
+    g = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(1, 2, 5, n, generator=g).bfloat16().to(DEVICE).requires_grad_() for n in (35, 13))
+    torch.library.opcheck(CUDA_OPS.padded_rows, ([q, k],))
+    assert CUDA_OPS.raw.needs_padded_rows(q) and not CUDA_OPS.raw.needs_padded_rows(q.float())
+    assert not CUDA_OPS.raw.needs_padded_rows(torch.zeros(1, 2, 5, 40, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"raw ops that pad rows need the op's name \(padded_rows="):
+        OpLadder(FusedRawOps(CUDA_KERNELS), forward="reattn::test_pad_forward", backward="reattn::test_pad_backward",
+                 gram_sums="reattn::test_pad_gram_sums", bn_grad_sums="reattn::test_pad_bn_grad_sums",
+                 running_stats="reattn::test_pad_running_stats", eval_batchnorm="reattn::test_pad_eval",
+                 device_types=())
+
+
 def _copies(fn) -> int:
     """The copies (aten::cat: ops.cpp's padded rows) fn makes, the ops' insides included (the profiler's events)."""
     from torch.profiler import ProfilerActivity, profile
