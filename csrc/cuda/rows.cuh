@@ -1275,10 +1275,9 @@ struct RowProgram {
     constexpr bool kNarrow = kMixNarrow;
     constexpr int kRowsPerLoad = kMixRowsPerLoad;
     const int row0 = slab * 16 + group * kRowsPerWarp;
-    // Addresses from mix_lane: shared addresses advanced by byte steps. Formed from element pointers,
-    // as the segmented shapes once did (where the moments variant's masked exponent path left too few
-    // registers for the lane), each chunk cost ~11 more integer instructions per warp (static model,
-    // DeepViT-L-384 plain affine and moments forwards: 1016.3 -> 1004.8 and 1028.5 -> 1017.3 us t_high).
+    // Addresses from mix_lane: shared addresses advanced by byte steps. Formed from element pointers
+    // instead, each chunk costs ~11 more integer instructions per warp (static model, DeepViT-L-384
+    // plain affine and moments forwards: 1004.8 against 1016.3 and 1017.3 against 1028.5 us t_high).
     const MixLane& ml = mix_lane;
     const uint32_t col = static_cast<uint32_t>(chunk_col);
     uint32_t src = ml.src + col * ml.src_col;
