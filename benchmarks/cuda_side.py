@@ -470,9 +470,10 @@ def _vector_loadable(t: torch.Tensor) -> bool:
 
 def _vector_aligned(p: ReAttnParams, touched: list, fields: Sequence[Tuple[str, str]], tensors) -> bool:
     """ops.cpp's vector_aligned for the tensor-core programs: each input that is not ``_vector_loadable`` with D a
-    multiple of 8 (or a view ``reattn._C.cuda_padded_rows`` returned: :func:`_padded_rows`) is copied into rows padded to 8 elements, the padding zeroed (torch ops of the host, counted),
-    and the program reads the copy's first D columns instead; ``fields`` names its pointer and strides fields in
-    ``p``. Returns ops.cpp's vector_loads (every input read in whole 8-element chunks: chunk_loadable)."""
+    multiple of 8 (or a view that ``reattn._C.cuda_padded_rows`` returned: :func:`_padded_rows`) is copied into
+    rows padded to 8 elements, the padding zeroed (torch ops of the host, counted), and the program reads the
+    copy's first D columns instead; ``fields`` names its pointer and strides fields in ``p``. Returns ops.cpp's
+    vector_loads (every input read in whole 8-element chunks)."""
     rec = _RECORDER
     loadable = True
     zeros = None  # one broadcast element for the call's inputs, as ops.cpp shares it

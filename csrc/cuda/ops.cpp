@@ -410,12 +410,16 @@ bool batch_offsets_fit_int32(const at::Tensor& t) {
 // program is 198 us since).
 // The plain variants read whole 8-element chunks (csrc/cuda/rows.cuh TileCopy): the columns from D up to
 // the next multiple of 8 must hold zeros (finite: K's meet q's zero columns in q . k).
-// A view of the first D columns of a copy of `t` whose rows are padded to 8 elements (16 bytes) with
-// zeros: one read of the input and one write of the padded rows. `zeros`: the padding's broadcast
-// element, made by the first input that needs it and shared by the others (one fill per call, not one each).
-at::Tensor zero_padded_rows(const at::Tensor& t, at::Tensor& zeros) {
-  const int64_t D = t.size(3), padded_d = (D + 7) / 8 * 8;
-  at::Tensor padded = at::empty({t.size(0), t.size(1), t.size(2), padded_d}, t.options());
+// An uninitialized [B, H, N, D rounded up to 8] tensor for zero_padded_rows.
+at::Tensor padded_like(const at::Tensor& t) {
+  return at::empty({t.size(0), t.size(1), t.size(2), (t.size(3) + 7) / 8 * 8}, t.options());
+}
+
+// The view of the first D columns of `padded` (padded_like(t)) once its rows hold t's, padded with zeros:
+// one read of the input and one write of the padded rows. `zeros`: the padding's broadcast element, made
+// by the first input that needs it and shared by the others (one fill per call, not one each).
+at::Tensor zero_padded_rows(const at::Tensor& t, at::Tensor padded, at::Tensor& zeros) {
+  const int64_t D = t.size(3), padded_d = padded.size(3);
   at::Tensor view = padded.narrow(3, 0, D);
   if (padded_d > D) {
     // One pass writes whole rows, the zeros (a broadcast element) after the input's columns: a separate
@@ -485,52 +489,47 @@ std::vector<at::Tensor> padded_rows(const std::vector<at::Tensor>& tensors) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK_VALUE(t.dim() == 4 && t.size(3) % 8 != 0, "reattn cuda_padded_rows: tensors[", i,
                       "] must be [B, H, N, D] with D not a multiple of 8 (nothing to pad), got ", t.sizes());
-    views.push_back(zero_padded_rows(t, zeros));
+    views.push_back(zero_padded_rows(t, padded_like(t), zeros));
     record_padded_view(views.back());
   }
   return views;
 }
 
-// `t` itself where it is loadable and D is a multiple of 8 or t is a padded view (is_padded_view), else
-// zero_padded_rows' view, its copy kept alive by `keep`.
-at::Tensor vector_aligned(const at::Tensor& t, std::vector<at::Tensor>& keep, at::Tensor& zeros) {
-  const int64_t D = t.size(3), padded_d = (D + 7) / 8 * 8;
-  if (vector_loadable(t) && (D == padded_d || is_padded_view(t))) return t;
-  // The padded copy's last offset within a batch element, as batch_offsets_fit_int32 reads it.
-  if (t.size(1) * t.size(2) * padded_d - 1 >= std::numeric_limits<int32_t>::max()) return t;
-  const at::Tensor view = zero_padded_rows(t, zeros);
-  keep.push_back(view);
-  return view;
-}
-
-// Whether the programs may read `x` (vector_aligned of `input`) in whole 16-byte chunks: aligned, and
-// D a multiple of 8 or x a zero-padded copy (made here, or a padded view).
-bool chunk_loadable(const at::Tensor& x, const at::Tensor& input) {
-  return vector_loadable(x) && (x.size(3) % 8 == 0 || !x.is_same(input) || is_padded_view(x));
+// What the programs read of `t`: t itself where it is loadable and D is a multiple of 8 or t is a padded
+// view (is_padded_view), else zero_padded_rows' view, its copy kept alive by `keep`; t again where the
+// copy's offsets would not fit 32 bits. `chunks`: whether that is read in whole 16-byte chunks (all but
+// the last case).
+at::Tensor vector_aligned(const at::Tensor& t, std::vector<at::Tensor>& keep, at::Tensor& zeros, bool& chunks) {
+  chunks = true;
+  if (vector_loadable(t) && (t.size(3) % 8 == 0 || is_padded_view(t))) return t;
+  const at::Tensor padded = padded_like(t);
+  chunks = batch_offsets_fit_int32(padded);
+  if (!chunks) return t;
+  keep.push_back(padded);
+  return zero_padded_rows(t, padded, zeros);
 }
 
 // Points the parameters' q, k, v (and dO, when given) at vector_aligned versions of them; returns
-// whether every one is then read in whole chunks (chunk_loadable: p.vector_loads).
+// whether every one is then read in whole chunks (p.vector_loads).
 bool use_aligned_inputs(Arguments& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor* grad_out) {
   ReAttnParams& p = a.p;
   at::Tensor zeros;
-  const at::Tensor qa = vector_aligned(q, a.keep, zeros), ka = vector_aligned(k, a.keep, zeros),
-                   va = vector_aligned(v, a.keep, zeros);
+  bool chunks[4] = {true, true, true, true};
+  const at::Tensor qa = vector_aligned(q, a.keep, zeros, chunks[0]), ka = vector_aligned(k, a.keep, zeros, chunks[1]),
+                   va = vector_aligned(v, a.keep, zeros, chunks[2]);
   p.q = qa.data_ptr();
   p.q_st = strides_of(qa);
   p.k = ka.data_ptr();
   p.k_st = strides_of(ka);
   p.v = va.data_ptr();
   p.v_st = strides_of(va);
-  bool loadable = chunk_loadable(qa, q) && chunk_loadable(ka, k) && chunk_loadable(va, v);
   if (grad_out != nullptr) {
-    const at::Tensor ga = vector_aligned(*grad_out, a.keep, zeros);
+    const at::Tensor ga = vector_aligned(*grad_out, a.keep, zeros, chunks[3]);
     p.grad_out = ga.data_ptr();
     p.do_st = strides_of(ga);
-    loadable = loadable && chunk_loadable(ga, *grad_out);
   }
-  return loadable;
+  return chunks[0] && chunks[1] && chunks[2] && chunks[3];
 }
 
 // The tensor-core shape for this forward on q's device (or the emulator), or -1.
