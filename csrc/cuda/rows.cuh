@@ -150,13 +150,34 @@ struct TileCopy {
   };
   // cols: the tile's columns that exist (D - d0), read with kIdleColumns: a thread whose chunk lies
   // past them copies nothing (hl0 = kIdle).
+  //
+  // kIdleColumns, a row with one chunk fewer than kRowChunks real (d = 33 .. 40 in 48 columns: 5 of 6):
+  // the copying threads take the rows' real chunks only, kHeadStep heads of kTileRows (kRowChunks - 1)
+  // chunks at a time, so every lane of a copying warp copies. Spread over kRowChunks chunks, one lane in
+  // kRowChunks of every copy was predicated off, its bytes still requested in the static model's count
+  // (DeepViT-L-384's forward: 6 warps x 4 copies per K tile of 32 keys and 4 heads, each with 5 of 32
+  // lanes idle, where 5 warps x 4 whole copies do). The heads a thread copies and its steps are the same
+  // either way (kHeadStep, kPerThread); only fewer threads copy. Only in copies that have idle threads
+  // already (kCopyThreads < kThreads, as every tile of the 48-column shapes): in the others (32 and 64
+  // columns, d = 17 .. 24 or 49 .. 56 the narrower case) the second decomposition and the idle threads'
+  // branch in issue() took the key pass of 32 columns past its 255 registers on sm_80 (8 and 24 bytes
+  // of stack).
   REATTN_DEVICE static Lane make_lane(int row, int sh, int sn, int cols) {
+    if constexpr (kFixedRow && kIdleColumns && kRowChunks > 1 && kCopyThreads != kThreads) {
+      if ((cols + 7) / 8 == kRowChunks - 1) return lane_of<kRowChunks - 1>(row, sh, sn, cols);
+    }
+    return lane_of<kRowChunks>(row, sh, sn, cols);
+  }
+  // The lane of this thread where copies go kRc chunks per row (a compile-time divisor).
+  template <int kRc>
+  REATTN_DEVICE static Lane lane_of(int row, int sh, int sn, int cols) {
     Lane t;
     if constexpr (kFixedRow) {
+      constexpr int kRcHead = kTileRows * kRc, kRcThreads = kHeadStep * kRcHead;
       const unsigned tid = static_cast<unsigned>(dev::thread_index());
-      const int rem = static_cast<int>(tid % kHeadChunks), dc = rem % kRowChunks, r = rem / kRowChunks;
-      const int hl = static_cast<int>(tid / kHeadChunks);
-      const bool copies = (kCopyThreads == kThreads || tid < static_cast<unsigned>(kCopyThreads)) &&
+      const int rem = static_cast<int>(tid % kRcHead), dc = rem % kRc, r = rem / kRc;
+      const int hl = static_cast<int>(tid / kRcHead);
+      const bool copies = (kRcThreads == kThreads || tid < static_cast<unsigned>(kRcThreads)) &&
                           (!kIdleColumns || dc * 8 < cols);
       t.hl0 = copies ? hl : kIdle;
       t.dst_off = (hl * kTileRows + r) * row + dc * 8;
@@ -183,17 +204,35 @@ struct TileCopy {
     }
   }
   // lane: make_lane(row, sh, sn, D - d0) of this thread (read in the kFixedRow copies only).
+  // kRowsPastAny: the tile's rows at or past n_rows may hold anything (the forward's K tiles: its scores
+  // of keys past Nk are set to -inf, not computed from them). With idle columns (every tile's row then
+  // either copied whole or not at all), a thread whose row lies past n_rows copies nothing, and the
+  // others take the whole-tile path: the last K tile issues the copies of its real rows alone, not
+  // zero-filling copies of the rest (DeepViT-L-384's 577 keys: 1 real row of 32).
+  template <bool kRowsPastAny = false>
   REATTN_DEVICE static void issue(E* dst, const Lane& lane, int row, const E* src, int sh, int sn, int sd, int h0,
                                   int heads, int H, int r0, int n_rows, int d0, int D, bool vector) {
     const int h_end = (h0 + heads < H ? h0 + heads : H) - h0;  // heads of this tile that exist
     if constexpr (kFixedRow) {
+      // Idle threads leave first, by a branch: reaching the loops below they issued every copy predicated
+      // off (ptxas if-converts the loops), so whole idle warps issued copies whose bytes the static model
+      // counts as requested (DeepViT-L-384's forward: 8 warps issued 2 of the 4 copies per K tile where
+      // 5 have chunks; 5,004 copies per program -> 3,564, 1004.8 -> 879.2 us t_high with lane_of's
+      // narrower rows). Only where threads idle at every width (make_lane).
+      if constexpr (kCopyThreads != kThreads) {
+        if (lane.hl0 == kIdle) return;
+      }
       // One 32-bit offset (the host checks a batch element's offsets fit), then one widening add.
       const E* from = src + (h0 * sh + r0 * sn + d0 + lane.src_off);
       // The source address advances by a 64-bit byte step per chunk (two integer adds): formed as
       // from + k kHeadStep sh, each chunk cost a 32-bit multiply, a sign extension and a shift.
       const int64_t step = static_cast<int64_t>(kHeadStep) * sh * static_cast<int64_t>(sizeof(E));
       const char* from_k = reinterpret_cast<const char*>(from);
-      if (r0 + kTileRows <= n_rows && (kIdleColumns || d0 + kCols <= D)) {
+      constexpr bool kSkipPast = kRowsPastAny && kIdleColumns;
+      if constexpr (kSkipPast) {
+        if (r0 + lane.rd / 256 >= n_rows) return;
+      }
+      if (kSkipPast || (r0 + kTileRows <= n_rows && (kIdleColumns || d0 + kCols <= D))) {
         // Every row real and every column real or idle (a tile away from the edges): whole 16-byte
         // copies with no size arithmetic, and none for heads past H (a K tile's last round: only warps
         // of real heads read their rows, so they need no zeros) or by idle threads (hl0 = kIdle). One
@@ -204,10 +243,8 @@ struct TileCopy {
         // A thread whose every chunk's head exists (every thread, where the tile has all its heads) copies
         // with no test per chunk: a test per chunk made each copy a basic block of its own, which ptxas
         // pads with three never-executed LDS and a BSSY/BSYNC pair (static model, LayerNorm forwards:
-        // DeepViT-16b 297.8 -> 295.4 us, ViT-B 444.3 -> 439.2). Only where no thread is idle: with
-        // idle threads (DeepViT-L-384's d = 35) ptxas if-converted the two loops and issued both
-        // loops' copies predicated (its forward 1059 -> 1187 us).
-        if (kCopyThreads == kThreads && lane.hl0 + (kPerThread - 1) * kHeadStep < h_end) {
+        // DeepViT-16b 297.8 -> 295.4 us, ViT-B 444.3 -> 439.2).
+        if (lane.hl0 + (kPerThread - 1) * kHeadStep < h_end) {
 #pragma unroll
           for (int k = 0; k < kPerThread; ++k) {
             dev::cp_async_16_full(dst + lane.dst_off + k * kHeadStep * kTileRows * row, from_k);
@@ -313,6 +350,12 @@ struct RowProgram {
   using KeyCopy = TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain, kEdgeUnroll, kIdleColumns>;
   using ValueCopy =
       TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain, kEdgeUnroll, kIdleColumns>;
+  // The forward's K rows past Nk may hold anything (TileCopy kRowsPastAny; every score there is set
+  // to -inf), so its last K tile copies only its real rows: static model, H100, plain affine forwards
+  // DeiT-S 393.9 -> 386.0 us t_high, DeepViT-16b 280.5 -> 273.7, DeepViT-L-384 863.5 -> 848.3. Not the
+  // segmented shape of 64 columns, whose bf16 sm_80 build then took 8 bytes of stack at 255 registers.
+  static constexpr bool kKeysPastAny =
+      !Cfg::kBackward && (Cfg::kOneSegment || KeyCopy::kCopyThreads != Cfg::kThreads);
 
   const ReAttnParams& p;
   RowLayout L;
@@ -438,7 +481,8 @@ struct RowProgram {
   // K tile: heads round * groups .. + groups, keys key0 .. key0 + kKeyTile, all kD columns.
   REATTN_DEVICE void issue_keys(int round, int key0) {
     const int sh = static_cast<int>(p.k_st.h), sn = static_cast<int>(p.k_st.n);
-    KeyCopy::issue(slot_tile(issued++ & 1), !kKeepLanes ? KeyCopy::make_lane(kKRow, sh, sn, D) : key_lane, kKRow,
+    KeyCopy::template issue<kKeysPastAny>(slot_tile(issued++ & 1),
+                                             !kKeepLanes ? KeyCopy::make_lane(kKRow, sh, sn, D) : key_lane, kKRow,
                    kbase, sh, sn, static_cast<int>(p.k_st.d), round * kGroups, kGroups, H, key0, Nk, 0, D, vector());
     dev::cp_async_commit();
   }

@@ -220,6 +220,9 @@ TC_CASES = [
     ("two sweeps batch", (1, 12, 33, 257, 48), "batch", None, 0.0),
     # LayerNorm's tensor-core mixing per key segment (D = 35 on padded copies, a last segment of 44 keys).
     ("two sweeps layer tensor mixing", (1, 12, 9, 300, 35), "layer", None, 0.0),
+    # D = 35 in 48 columns: K and V copied 5 chunks per row by 5 warps (the others idle), the last K tile
+    # of 230 keys (6 real rows of 32) copying its real rows alone.
+    ("two sweeps D=35", (1, 12, 20, 230, 35), "none", None, 0.0),
 ]
 
 
@@ -337,8 +340,9 @@ def test_cuda_backend_runs_eval_batchnorm_inference_in_one_op():
     assert all(p.grad is not None and p.grad.isfinite().all() for p in params)
 
 
-@pytest.mark.parametrize("shape", [(2, 6, 33, 50, 64), (1, 12, 20, 260, 48), (2, 6, 9, 21, 35), (1, 12, 20, 40, 32)],
-                         ids=["one segment", "two sweeps", "D=35", "one segment 12 heads"])
+@pytest.mark.parametrize("shape", [(2, 6, 33, 50, 64), (1, 12, 20, 260, 48), (2, 6, 9, 21, 35), (1, 12, 20, 260, 35),
+                                   (1, 12, 20, 40, 32)],
+                         ids=["one segment", "two sweeps", "D=35", "two sweeps D=35", "one segment 12 heads"])
 @pytest.mark.parametrize("mode", ["none", "batch", "layer", "moments"])
 def test_tensor_core_plain_variants_agree_with_the_general_one(shape, mode):
     # Without mask or dropout the compiled plain variant of the norm runs (its own loops, the
