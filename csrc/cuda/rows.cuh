@@ -217,8 +217,8 @@ struct TileCopy {
       // Idle threads leave first, by a branch: reaching the loops below they issued every copy predicated
       // off (ptxas if-converts the loops), so whole idle warps issued copies whose bytes the static model
       // counts as requested (DeepViT-L-384's forward: 8 warps issued 2 of the 4 copies per K tile where
-      // 5 have chunks; 5,004 copies per program -> 3,564, 1004.8 -> 879.2 us t_high with lane_of's
-      // narrower rows). Only where threads idle at every width (make_lane).
+      // 5 have chunks; with lane_of's narrower rows, 5,004 copies per program -> 3,474, L2 requests 295.7
+      // -> 205.0 us, 1004.8 -> 863.5 us t_high). Only where threads idle at every width (make_lane).
       if constexpr (kCopyThreads != kThreads) {
         if (lane.hl0 == kIdle) return;
       }
@@ -352,7 +352,8 @@ struct RowProgram {
       TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain, kEdgeUnroll, kIdleColumns>;
   // The forward's K rows past Nk may hold anything (TileCopy kRowsPastAny; every score there is set
   // to -inf), so its last K tile copies only its real rows: static model, H100, plain affine forwards
-  // DeiT-S 393.9 -> 386.0 us t_high, DeepViT-16b 280.5 -> 273.7, DeepViT-L-384 863.5 -> 848.3. Not the
+  // DeiT-S 391.1 -> 386.0 us t_high, DeepViT-16b 278.1 -> 273.7, DeepViT-L-384 863.5 -> 848.3 (3,474 ->
+  // 3,378 copies per program). Not the
   // segmented shape of 64 columns, whose bf16 sm_80 build then took 8 bytes of stack at 255 registers.
   static constexpr bool kKeysPastAny =
       !Cfg::kBackward && (Cfg::kOneSegment || KeyCopy::kCopyThreads != Cfg::kThreads);
