@@ -94,6 +94,14 @@ class KeyLayout(ctypes.Structure):
                              "weights_t", "vectors", "exchange", "bytes")]
 
 
+class RowLayout(ctypes.Structure):
+    """csrc/cuda/tiles.h's RowLayout (ReAttnParams::row_tiles): the row programs' shared-memory offsets."""
+    _fields_ = [(name, ctypes.c_int if name.endswith("_row") else ctypes.c_uint32)
+                for name in ("probs", "p_row", "ring", "ring_slot", "k_row", "v_row", "weights", "vectors", "stats",
+                             "exchange", "moments", "weights_t", "dmixed", "m_row", "delta", "sums", "grads",
+                             "queries", "bytes")]
+
+
 class ParamRef(ctypes.Structure):
     """csrc/cuda/params.h's ParamRef: a parameter as given (storage type, strides)."""
     _fields_ = [("data", ctypes.c_void_p), ("storage", ctypes.c_int), ("stride0", ctypes.c_int64),
@@ -124,7 +132,7 @@ class ReAttnParams(ctypes.Structure):
         ("dq", ctypes.c_void_p), ("dq_st", Strides4), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
         ("dW", ctypes.c_void_p), ("dc", ctypes.c_void_p), ("dgamma", ctypes.c_void_p), ("dbeta", ctypes.c_void_p),
         ("delta", ctypes.c_void_p), ("partials", ctypes.c_void_p), ("stats_only", ctypes.c_bool),
-        ("dk_st", Strides4), ("dv_st", Strides4), ("key_tiles", KeyLayout),
+        ("dk_st", Strides4), ("dv_st", Strides4), ("key_tiles", KeyLayout), ("row_tiles", RowLayout),
         ("plan", Plan),
     ]
 
@@ -603,6 +611,7 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
         variant = forward_variant(p)
         args = [tiles[k_] for k_ in ("slabs", "groups", "heads", "d", "d_out", "keys")] + [variant]
         symbol = _template_symbol(rec.arch, "forward_kernel", "RowConfig", args, q.dtype)
+        p.row_tiles = RowLayout(*tiles["layout"])  # as launch_forward_shape sets it
         _record(symbol, "forward", False, q, p, touched, (B * tiles["grid"][0], tiles["grid"][1]), tiles["threads"],
                 tiles["shared_bytes"], "keys", tiles["keys"], one_segment=tiles["segments"] == 1)
     else:
@@ -671,6 +680,7 @@ def _cuda_backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bi
             keys = _tiles("cuda_backward_tiles", "backward", q, k, plain=False)["keys"]
         args = [rows[k_] for k_ in ("slabs", "groups", "heads", "d", "d_out", "keys")] + [
             backward_rows_variant(p, rows, plain, q.dtype)]
+        p.row_tiles = RowLayout(*rows["layout"])  # as launch_forward_shape sets it
         _record(_template_symbol(rec.arch, "forward_kernel", "RowConfig", args, q.dtype), "backward_rows", False, q, p,
                 row_touched, (B * rows["grid"][0], rows["grid"][1]), rows["threads"], rows["shared_bytes"], "keys",
                 rows["keys"], one_segment=rows["segments"] == 1)

@@ -74,13 +74,15 @@ void run(int kind, const ReAttnParams& params, bool reverse_items) {
 namespace {
 
 template <class Cfg>
-void run_forward(const ReAttnParams& params, int order, uint64_t seed) {
+void run_forward(const ReAttnParams& given, int order, uint64_t seed) {
   const TileShape s = Cfg::shape();
+  ReAttnParams params = given;
+  params.row_tiles = row_layout(s, params.H, params.Nk);  // as launch_forward_shape sets it
   sim::Launch launch;
   launch.grid[0] = static_cast<int>(params.B * ((params.Nq + s.rows() - 1) / s.rows()));
   launch.grid[1] = (params.D + s.d_out - 1) / s.d_out;
   launch.threads = s.threads();
-  launch.shared_bytes = row_layout(s, params.H, params.Nk).bytes;
+  launch.shared_bytes = params.row_tiles.bytes;
   launch.order = static_cast<sim::Order>(order);
   launch.seed = seed;
   if (launch.grid[0] == 0) return;

@@ -855,6 +855,13 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   return {dq, dk.to(q.scalar_type()), dv.to(q.scalar_type()), dW, dc, dgamma, dbeta};
 }
 
+// ReAttnParams::row_tiles as the row launchers set it (tiles.h order), for the static model's emulation.
+pybind11::tuple row_layout_tuple(const RowLayout& l) {
+  return pybind11::make_tuple(l.probs, l.p_row, l.ring, l.ring_slot, l.k_row, l.v_row, l.weights, l.vectors, l.stats,
+                              l.exchange, l.moments, l.weights_t, l.dmixed, l.m_row, l.delta, l.sums, l.grads,
+                              l.queries, l.bytes);
+}
+
 // The tensor-core forward's tile shape for a problem, or None (the CUDA-core programs run).
 pybind11::object forward_tiles(int64_t H, int64_t D, int64_t Nq, int64_t Nk, const std::string& dtype,
                                int64_t shared_limit) {
@@ -879,7 +886,9 @@ pybind11::object forward_tiles(int64_t H, int64_t D, int64_t Nq, int64_t Nk, con
   out["threads"] = s.threads();
   out["rows"] = s.rows();
   out["segments"] = segment_count(s, static_cast<int>(Nk));
-  out["shared_bytes"] = row_layout(s, static_cast<int>(H), static_cast<int>(Nk)).bytes;
+  const RowLayout rl = row_layout(s, static_cast<int>(H), static_cast<int>(Nk));
+  out["shared_bytes"] = rl.bytes;
+  out["layout"] = row_layout_tuple(rl);
   out["grid"] = pybind11::make_tuple((Nq + s.rows() - 1) / s.rows(), (D + s.d_out - 1) / s.d_out);
   return out;
 }
@@ -915,7 +924,9 @@ pybind11::object backward_tiles(int64_t H, int64_t D, int64_t Nq, int64_t Nk, co
   row_pass["threads"] = r.threads();
   row_pass["rows"] = r.rows();
   row_pass["segments"] = segment_count(r, static_cast<int>(Nk));
-  row_pass["shared_bytes"] = row_layout(r, static_cast<int>(H), static_cast<int>(Nk)).bytes;
+  const RowLayout rl = row_layout(r, static_cast<int>(H), static_cast<int>(Nk));
+  row_pass["shared_bytes"] = rl.bytes;
+  row_pass["layout"] = row_layout_tuple(rl);
   row_pass["grid"] = pybind11::make_tuple((Nq + r.rows() - 1) / r.rows(), (D + r.d_out - 1) / r.d_out);
   const KeyShape k = key_shape(keys);
   pybind11::dict key_pass;

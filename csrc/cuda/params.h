@@ -158,6 +158,11 @@ struct ReAttnParams {
   // the program reads the offsets from the parameter bank instead of recomputing them from H
   // (which, at 255 registers, the compiler did at every use: ~14K instructions per program).
   KeyLayout key_tiles{};
+  // The row programs' (forward and the backward's row pass) shared-memory layout, row_layout(their
+  // shape, H, Nk), set by their launcher for the same reason: recomputed from H and Nk, the segmented
+  // programs formed its offsets again at most uses (DeepViT-L-384 forward: ~2,400 alignment masks
+  // among ~81,000 integer instructions per program). Read by the segmented programs (rows.cuh layout_of).
+  RowLayout row_tiles{};
 
   Plan plan{};
 };

@@ -31,10 +31,12 @@ cudaError_t reserve_shared(Kernel kernel, size_t bytes, size_t (&granted)[kMaxDe
 }
 
 template <class Cfg>
-cudaError_t launch_forward_shape(const ReAttnParams& p, cudaStream_t stream) {
+cudaError_t launch_forward_shape(const ReAttnParams& params, cudaStream_t stream) {
   static size_t granted[kMaxDevices] = {};
   const TileShape s = Cfg::shape();
-  const size_t bytes = row_layout(s, p.H, p.Nk).bytes;
+  ReAttnParams p = params;
+  p.row_tiles = row_layout(s, p.H, p.Nk);
+  const size_t bytes = p.row_tiles.bytes;
   auto kernel = forward_kernel<Cfg>;
   const cudaError_t err = reserve_shared(kernel, bytes, granted);
   if (err != cudaSuccess) return err;

@@ -358,8 +358,22 @@ struct RowProgram {
   static constexpr bool kKeysPastAny =
       !Cfg::kBackward && (Cfg::kOneSegment || KeyCopy::kCopyThreads != Cfg::kThreads);
 
+  // The shared-memory layout: the launcher's (params.row_tiles) in the segmented programs, whose
+  // offsets the compiler formed again from H and Nk at most uses (static model, DeepViT-L-384: plain
+  // affine forward 848.3 -> 842.9 us t_high, plain row pass 428.8-1821.3 -> 415.6-1810.6); computed
+  // here in the one-segment ones, which keep it in registers (from the parameter bank their LayerNorm
+  // row pass at DeepViT-16b took 196.6-879.7 -> 197.5-881.3 us, DeiT-S's forward 386.0 -> 386.2).
+  using Layout = std::conditional_t<Cfg::kOneSegment, RowLayout, const RowLayout&>;
+  static REATTN_DEVICE Layout layout_of(const ReAttnParams& params) {
+    if constexpr (Cfg::kOneSegment) {
+      return row_layout(Cfg::shape(), params.H, params.Nk);
+    } else {
+      return params.row_tiles;
+    }
+  }
+
   const ReAttnParams& p;
-  RowLayout L;
+  Layout L;
   char* smem;
   int lane, warp, slab, group, gq, tq;  // gq = lane / 4 (fragment row), tq = lane % 4
   int64_t b;
@@ -409,12 +423,11 @@ struct RowProgram {
   }
   REATTN_DEVICE bool vector() const { return Cfg::kPlain || p.vector_loads; }
 
-  REATTN_DEVICE RowProgram(const ReAttnParams& params) : p(params), smem(dev::shared_memory()) {
+  REATTN_DEVICE RowProgram(const ReAttnParams& params) : p(params), L(layout_of(params)), smem(dev::shared_memory()) {
     H = p.H;
     Nq = p.Nq;
     Nk = p.Nk;
     D = p.D;
-    L = row_layout(Cfg::shape(), H, Nk);
     const int tid = dev::thread_index();
     lane = tid % 32;
     warp = tid / 32;
