@@ -361,8 +361,8 @@ struct RowProgram {
   // The shared-memory layout: the launcher's (params.row_tiles) in the segmented programs, whose
   // offsets the compiler formed again from H and Nk at most uses (static model, DeepViT-L-384: plain
   // affine forward 848.3 -> 842.9 us t_high, plain row pass 428.8-1821.3 -> 415.6-1810.6); computed
-  // here in the one-segment ones, which keep it in registers (from the parameter bank their LayerNorm
-  // row pass at DeepViT-16b took 196.6-879.7 -> 197.5-881.3 us, DeiT-S's forward 386.0 -> 386.2).
+  // here in the one-segment ones, which did not gain from the bank (their LayerNorm row pass at
+  // DeepViT-16b took 196.6-879.7 -> 197.5-881.3 us with it, DeiT-S's forward 386.0 -> 386.2).
   using Layout = std::conditional_t<Cfg::kOneSegment, RowLayout, const RowLayout&>;
   static REATTN_DEVICE Layout layout_of(const ReAttnParams& params) {
     if constexpr (Cfg::kOneSegment) {
