@@ -457,9 +457,10 @@ struct RowProgram {
       value_lane = {dev::opaque(value_lane.hl0), dev::opaque(value_lane.dst_off), dev::opaque(value_lane.src_off),
                     dev::opaque(value_lane.rd)};
     }
-    if constexpr (!Cfg::kBackward && Cfg::kOneSegment) {
+    if constexpr (!Cfg::kBackward) {
       // Kept, not formed again from b and the batch strides at every K and V tile (64-bit multiply-adds;
-      // static model, DeepViT-16b plain affine forward: -584 integer warp instructions per block).
+      // static model, DeepViT-16b plain affine forward: -584 integer warp instructions per block; the
+      // segmented forward formed them again per key segment: DeepViT-L-384 842.9 -> 840.7 us t_high).
       kbase = dev::opaque(kbase);
       vbase = dev::opaque(vbase);
     }
@@ -1340,6 +1341,10 @@ struct RowProgram {
     const uint32_t col = static_cast<uint32_t>(chunk_col);
     uint32_t src = ml.src + col * ml.src_col;
     uint32_t dst = ml.dst + 2 * col;  // C entries: head gq (+ 8), keys 2 tq, + 1
+    // Head gq + 8's entries from an address of their own, advanced as dst is: formed as dst + head8 at
+    // each store, they cost an IMAD per store (static model, DeepViT-L-384 plain affine forward, with the
+    // segmented forward's kept kbase and vbase: 842.9 -> 838.3 us t_high; DeepViT-16b 273.8 -> 272.7).
+    uint32_t dst8 = dst + ml.head8;
     const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     constexpr bool kCount = Cfg::kVariant == kPlainMoments;
     static_assert(kCount || !kEdge, "edges matter to the moments only");
@@ -1369,11 +1374,12 @@ struct RowProgram {
         const uint32_t at_t = dst + (t / 2) * ml.row + (t % 2) * 16;
         if (gq < H) dev::store_shared_b32(at_t, Cv::pack(d[0], d[1]));
         if constexpr (Cfg::kMaxHeads > 8) {
-          if (gq + 8 < H) dev::store_shared_b32(at_t + ml.head8, Cv::pack(d[2], d[3]));
+          if (gq + 8 < H) dev::store_shared_b32(dst8 + (t / 2) * ml.row + (t % 2) * 16, Cv::pack(d[2], d[3]));
         }
       }
       src += ml.src_step;
       dst += kRowsPerLoad * ml.row;
+      dst8 += kRowsPerLoad * ml.row;
     }
     Mix::slab_barrier(slab);  // M of the slab's every row
     const uint32_t mixed = ml.a + 2 * col;
