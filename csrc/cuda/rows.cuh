@@ -353,8 +353,8 @@ struct RowProgram {
   // The forward's K rows past Nk may hold anything (TileCopy kRowsPastAny; every score there is set
   // to -inf), so its last K tile copies only its real rows: static model, H100, plain affine forwards
   // DeiT-S 391.1 -> 386.0 us t_high, DeepViT-16b 278.1 -> 273.7, DeepViT-L-384 863.5 -> 848.3 (3,474 ->
-  // 3,378 copies per program). Not the
-  // segmented shape of 64 columns, whose bf16 sm_80 build then took 8 bytes of stack at 255 registers.
+  // 3,378 copies per program). Not the segmented shape of 64 columns, whose bf16 sm_80 build then took
+  // 8 bytes of stack at 255 registers.
   static constexpr bool kKeysPastAny =
       !Cfg::kBackward && (Cfg::kOneSegment || KeyCopy::kCopyThreads != Cfg::kThreads);
 
@@ -1371,10 +1371,10 @@ struct RowProgram {
             }
           }
         }
-        const uint32_t at_t = dst + (t / 2) * ml.row + (t % 2) * 16;
-        if (gq < H) dev::store_shared_b32(at_t, Cv::pack(d[0], d[1]));
+        const uint32_t at_t = (t / 2) * ml.row + (t % 2) * 16;  // from dst (head gq) and dst8 (gq + 8)
+        if (gq < H) dev::store_shared_b32(dst + at_t, Cv::pack(d[0], d[1]));
         if constexpr (Cfg::kMaxHeads > 8) {
-          if (gq + 8 < H) dev::store_shared_b32(dst8 + (t / 2) * ml.row + (t % 2) * 16, Cv::pack(d[2], d[3]));
+          if (gq + 8 < H) dev::store_shared_b32(dst8 + at_t, Cv::pack(d[2], d[3]));
         }
       }
       src += ml.src_step;
