@@ -319,16 +319,21 @@ def program_symbol(dtype: torch.dtype, kind: int) -> str:
     return f"_ZN6reattn4cuda19re_attention_kernelI{DTYPE_SYMBOL[dtype]}Li{kind}EEEvNS0_12ReAttnParamsE"
 
 
-def _template_symbol(arch: int, kernel: str, config: str, args: Sequence[int], dtype: torch.dtype) -> str:
-    """The mangled name of ``kernel<config<E, args...>>`` in the cubin (matched on the demangled names)."""
+def _template_symbol(arch: int, kernel: str, config: str, args: Sequence[int], dtype: torch.dtype,
+                     wrapper: str = "") -> str:
+    """The mangled name of ``kernel<config<E, args...>>`` in the cubin (matched on the demangled names), or
+    of ``kernel<wrapper<config<E, args...>>>`` (the forward's ``NarrowTail``, rows.cuh)."""
     functions = _resources(arch, extension_path())  # every function of the cubins, by mangled name
-    want = (kernel, config, DTYPE_CXX[dtype], tuple(int(a) for a in args))
-    pattern = re.compile(r"reattn::cuda::(\w+)<reattn::cuda::(\w+)<([\w:]+),\s*([-\d,\s]+)>\s*>")
+    want = (kernel, wrapper, config, DTYPE_CXX[dtype], tuple(int(a) for a in args))
+    pattern = re.compile(r"reattn::cuda::(\w+)<(?:reattn::cuda::(\w+)<)?reattn::cuda::(\w+)<([\w:]+),\s*([-\d,\s]+)>\s*>")
     for symbol in functions:
         m = pattern.search(demangle(symbol))
-        if m and (m.group(1), m.group(2), m.group(3), tuple(int(x) for x in m.group(4).split(","))) == want:
+        if m and (m.group(1), m.group(2) or "", m.group(3), m.group(4),
+                  tuple(int(x) for x in m.group(5).split(","))) == want:
             return symbol
-    raise RuntimeError(f"no {kernel}<{config}<{want[2]}, {', '.join(map(str, args))}>> in the sm_{arch} cubin: "
+    shown = f"{config}<{want[3]}, {', '.join(map(str, args))}>"
+    shown = f"{wrapper}<{shown}>" if wrapper else shown
+    raise RuntimeError(f"no {kernel}<{shown}> in the sm_{arch} cubin: "
                        "the extension predates csrc/cuda/row_configs.h or backward_configs.h")
 
 
@@ -610,7 +615,8 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
             touched.append((moments, {"write"}))
         variant = forward_variant(p)
         args = [tiles[k_] for k_ in ("slabs", "groups", "heads", "d", "d_out", "keys")] + [variant]
-        symbol = _template_symbol(rec.arch, "forward_kernel", "RowConfig", args, q.dtype)
+        symbol = _template_symbol(rec.arch, "forward_kernel", "RowConfig", args, q.dtype,
+                                  "NarrowTail" if tiles["narrow"] else "")
         p.row_tiles = RowLayout(*tiles["layout"])  # as launch_forward_shape sets it
         _record(symbol, "forward", False, q, p, touched, (B * tiles["grid"][0], tiles["grid"][1]), tiles["threads"],
                 tiles["shared_bytes"], "keys", tiles["keys"], one_segment=tiles["segments"] == 1)

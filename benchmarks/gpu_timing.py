@@ -175,7 +175,8 @@ KEY_VARIANTS = {"0": "general", "1": "plain", "2": "plain_layer"}
 
 def kernel_name(raw: str) -> str:
     """The static model's name for a profiled kernel: Triton's function name; for the CUDA programs
-    ``re_attention_kernel<dtype, kind>``, ``forward_kernel<RowConfig<dtype, shape..., variant>>``,
+    ``re_attention_kernel<dtype, kind>``, ``forward_kernel<RowConfig<dtype, shape..., variant>>`` (or
+    ``forward_kernel<NarrowTail<RowConfig<...>>>``),
     ``key_kernel<KeyConfig<dtype, shape..., variant>>``, ``head_affine_kernel<dtype>`` and
     ``head_dot_sums_kernel<dtype>`` (from the demangled name, or the mangled one of the CUDA-core programs and
     the element-wise steps)."""
@@ -191,14 +192,16 @@ def kernel_name(raw: str) -> str:
         r"(head_affine_kernel|head_dot_sums_kernel)I(\w+?)EEvNS0_16HeadAffineParams", raw)
     if m:
         return f"{m.group(1)}<{_CXX_TYPES.get(m.group(2), m.group(2))}>"
-    m = re.search(r"(forward_kernel|key_kernel)<(?:reattn::cuda::)?(RowConfig|KeyConfig)<([\w:]+),\s*([-\d,\s]+)>", raw)
+    m = re.search(r"(forward_kernel|key_kernel)<(?:reattn::cuda::)?(?:(NarrowTail)<(?:reattn::cuda::)?)?"
+                  r"(RowConfig|KeyConfig)<([\w:]+),\s*([-\d,\s]+)>", raw)
     if m:
-        args = [a.strip() for a in m.group(4).split(",")]
-        if m.group(2) == "RowConfig":
+        args = [a.strip() for a in m.group(5).split(",")]
+        if m.group(3) == "RowConfig":
             args[-1] = ROW_VARIANTS.get(args[-1], args[-1])
         elif len(args) == 6:  # kslabs, groups, heads, d, tiles, variant
             args[-1] = KEY_VARIANTS.get(args[-1], args[-1])
-        return f"{m.group(1)}<{m.group(2)}<{_CXX_TYPES.get(m.group(3), m.group(3))}, {', '.join(args)}>>"
+        config = f"{m.group(3)}<{_CXX_TYPES.get(m.group(4), m.group(4))}, {', '.join(args)}>"
+        return f"{m.group(1)}<{m.group(2)}<{config}>>" if m.group(2) else f"{m.group(1)}<{config}>"
     return raw
 
 

@@ -312,14 +312,14 @@ REATTN_DEVICE void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) { sim::l
 // i = lane / 8 is (k half i % 2, n8 tile n + i / 2). A_t: m16n8k16 A fragments of kTiles 16-row tiles,
 // each B load serving every tile (the key pass's warps of two 16-key tiles read Q and dO once for both).
 // (O += A V, dQ += dS K, dK += dS^T Q, dV += A^T dO.)
+// An odd kN8 takes its last tile by ldmatrix.x2.trans (matrices 0 and 1 of the same lane addresses).
 template <typename E, int kTiles, int kN8>
 REATTN_DEVICE void mma_row_major(const uint32_t (&a)[kTiles][4], const E* tile, int row, int lane,
                                  float (&acc)[kTiles][kN8][4]) {
-  static_assert(kN8 % 2 == 0, "pairs of n8 tiles per load");
   const int i = lane / 8;
   const E* at = tile + ((i % 2) * 8 + lane % 8) * row + (i / 2) * 8;
 #pragma unroll
-  for (int n = 0; n < kN8; n += 2) {
+  for (int n = 0; n + 1 < kN8; n += 2) {
     uint32_t b[4];
     ldmatrix_x4_trans(b, at + n * 8);
     const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
@@ -328,6 +328,12 @@ REATTN_DEVICE void mma_row_major(const uint32_t (&a)[kTiles][4], const E* tile, 
       mma_m16n8k16<E>(acc[t][n], a[t], b0, acc[t][n]);
       mma_m16n8k16<E>(acc[t][n + 1], a[t], b1, acc[t][n + 1]);
     }
+  }
+  if constexpr (kN8 % 2 != 0) {
+    uint32_t b[2];
+    ldmatrix_x2_trans(b, at + (kN8 - 1) * 8);
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) mma_m16n8k16<E>(acc[t][kN8 - 1], a[t], b, acc[t][kN8 - 1]);
   }
 }
 // One A fragment (one 16-row tile).

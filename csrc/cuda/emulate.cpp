@@ -74,7 +74,7 @@ void run(int kind, const ReAttnParams& params, bool reverse_items) {
 namespace {
 
 template <class Cfg>
-void run_forward(const ReAttnParams& given, int order, uint64_t seed) {
+void run_forward_program(const ReAttnParams& given, int order, uint64_t seed) {
   const TileShape s = Cfg::shape();
   ReAttnParams params = given;
   params.row_tiles = row_layout(s, params.H, params.Nk);  // as launch_forward_shape sets it
@@ -87,6 +87,15 @@ void run_forward(const ReAttnParams& given, int order, uint64_t seed) {
   launch.seed = seed;
   if (launch.grid[0] == 0) return;
   sim::launch(launch, [&] { RowProgram<Cfg>(params).run(); });
+}
+
+// As launch_forward_shape picks: Cfg's program or its narrow-tail one.
+template <class Cfg>
+void run_forward(const ReAttnParams& params, int order, uint64_t seed) {
+  if constexpr (Cfg::kNarrowable) {
+    if (narrow_tail(Cfg::shape(), static_cast<int>(params.D))) return run_forward_program<NarrowTail<Cfg>>(params, order, seed);
+  }
+  run_forward_program<Cfg>(params, order, seed);
 }
 
 template <typename E, int kSlabs, int kGroups, int kHeads, int kD, int kDOut, int kKeys>

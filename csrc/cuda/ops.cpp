@@ -890,6 +890,7 @@ pybind11::object forward_tiles(int64_t H, int64_t D, int64_t Nq, int64_t Nk, con
   out["shared_bytes"] = rl.bytes;
   out["layout"] = row_layout_tuple(rl);
   out["grid"] = pybind11::make_tuple((Nq + s.rows() - 1) / s.rows(), (D + s.d_out - 1) / s.d_out);
+  out["narrow"] = narrow_tail(s, static_cast<int>(D));  // launches forward_kernel<NarrowTail<RowConfig<...>>>
   return out;
 }
 

@@ -31,7 +31,7 @@ cudaError_t reserve_shared(Kernel kernel, size_t bytes, size_t (&granted)[kMaxDe
 }
 
 template <class Cfg>
-cudaError_t launch_forward_shape(const ReAttnParams& params, cudaStream_t stream) {
+cudaError_t launch_forward_program(const ReAttnParams& params, cudaStream_t stream) {
   static size_t granted[kMaxDevices] = {};
   const TileShape s = Cfg::shape();
   ReAttnParams p = params;
@@ -44,6 +44,15 @@ cudaError_t launch_forward_shape(const ReAttnParams& params, cudaStream_t stream
                   static_cast<unsigned>((p.D + s.d_out - 1) / s.d_out));
   kernel<<<grid, s.threads(), bytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+// Cfg's program, or its narrow-tail one where D leaves the last 8 of its columns empty.
+template <class Cfg>
+cudaError_t launch_forward_shape(const ReAttnParams& params, cudaStream_t stream) {
+  if constexpr (Cfg::kNarrowable) {
+    if (narrow_tail(Cfg::shape(), static_cast<int>(params.D))) return launch_forward_program<NarrowTail<Cfg>>(params, stream);
+  }
+  return launch_forward_program<Cfg>(params, stream);
 }
 
 template <typename E, int kSlabs, int kGroups, int kHeads, int kD, int kDOut, int kKeys>

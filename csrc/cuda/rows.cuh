@@ -69,7 +69,18 @@ struct RowConfig {
   static constexpr bool kOneSegment = kKeys > 64;
   static_assert(kD % 16 == 0 && kDOut % 16 == 0 && kKeys % kKeyTile == 0, "tile shape");
 
+  static constexpr bool kNarrowable = has_narrow_tail(kBackward, kD, kDOut);
+  static constexpr bool kNarrow = false;  // RowProgram::kNarrowTail
+
   static REATTN_HD TileShape shape() { return TileShape{kSlabs, kGroups, kHeads, kD, kDOut, kKeys, kBackward}; }
+};
+
+// Cfg whose program takes the narrow tail (RowProgram::kNarrowTail; tiles.h narrow_tail says where):
+// the same tiles and layout, a kernel of its own.
+template <class Cfg>
+struct NarrowTail : Cfg {
+  static_assert(Cfg::kNarrowable, "a narrow tail needs d = 16 (mod 32) columns, d_out = d, the forward");
+  static constexpr bool kNarrow = true;
 };
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -355,6 +366,15 @@ struct RowProgram {
   // DeiT-S 391.1 -> 386.0 us t_high, DeepViT-16b 278.1 -> 273.7, DeepViT-L-384 863.5 -> 848.3 (3,474 ->
   // 3,378 copies per program). Not the segmented shape of 64 columns, whose bf16 sm_80 build then took
   // 8 bytes of stack at 255 registers.
+  // The forward's narrow tail (NarrowTail<Cfg>, where tiles.h narrow_tail holds): the last k16 step's
+  // q.k over its first 8 columns by m16n8k8, and O += A V over one n8 output tile fewer. The columns
+  // it skips are zeros (q and K past D) or never stored (O past D). At D = 35 (DeepViT-L-384) in 48
+  // columns, per entry: q.k over 40 columns of 48 in both sweeps, A V over 40 of 48; per K tile one
+  // ldmatrix.x4 fewer, per V chunk and head an ldmatrix.x2 for an x4. A kernel of its own: tested at
+  // run time per K tile and per head's A V, the branches cost ~4,200 control warp instructions per
+  // block (static model, DeepViT-L-384 plain affine forward: 838.3 -> 814.0 us t_high), and both
+  // programs in one kernel took 255 registers and 8-32 bytes of stack (ptxas, sm_90).
+  static constexpr bool kNarrowTail = Cfg::kNarrow;
   static constexpr bool kKeysPastAny =
       !Cfg::kBackward && (Cfg::kOneSegment || KeyCopy::kCopyThreads != Cfg::kThreads);
 
@@ -640,23 +660,35 @@ struct RowProgram {
     }
   }
 
-  // s[n] = q k^T for the 4 n8 tiles of the K tile in `slot` (head lane hl of the round).
+  // s[n] = q k^T for the 4 n8 tiles of the K tile in `slot` (head lane hl of the round); the narrow
+  // tail's last step over its first 8 columns alone, by m16n8k8 (kNarrowTail).
   REATTN_DEVICE void score_tile(int slot, int hl, const uint32_t (&qf)[Cfg::kKSteps][4], float (*s)[4]) const {
     const E* tile = slot_tile(slot) + static_cast<size_t>(hl) * kKeyTile * kKRow;
+    const int i = lane / 8;
+    constexpr int kWideSteps = kNarrowTail ? Cfg::kKSteps - 1 : Cfg::kKSteps;
 #pragma unroll
     for (int n = 0; n < Cfg::kTileN8; n += 2) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[n][e] = s[n + 1][e] = 0.0f;
 #pragma unroll
-      for (int kk = 0; kk < Cfg::kKSteps; ++kk) {
+      for (int kk = 0; kk < kWideSteps; ++kk) {
         // Matrices (n8 tile n + i / 2, k half i % 2) stored [key][d]: B = K^T without .trans.
-        const int i = lane / 8;
         uint32_t kb[4];
         dev::ldmatrix_x4(kb, tile + ((n + i / 2) * 8 + lane % 8) * kKRow + kk * 16 + (i % 2) * 8);
         const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
         dev::mma_m16n8k16<E>(s[n], qf[kk], b0, s[n]);
         dev::mma_m16n8k16<E>(s[n + 1], qf[kk], b1, s[n + 1]);
       }
+    }
+    if constexpr (kNarrowTail) {
+      // Matrices (n8 tile i, the step's first 8 columns): each tile's k8 B; the A of m16n8k8 is the
+      // k16 A's first two registers (rows gq and gq + 8, columns 2 tq and 2 tq + 1).
+      static_assert(Cfg::kTileN8 == 4, "one ldmatrix.x4 per K tile");
+      uint32_t kb[4];
+      dev::ldmatrix_x4(kb, tile + (i * 8 + lane % 8) * kKRow + kWideSteps * 16);
+      const uint32_t a8[2] = {qf[kWideSteps][0], qf[kWideSteps][1]};
+#pragma unroll
+      for (int n = 0; n < Cfg::kTileN8; ++n) dev::mma_m16n8k8<E>(s[n], a8, kb[n], s[n]);
     }
   }
 
@@ -1212,7 +1244,12 @@ struct RowProgram {
   // o += A_g V_g for the chunk: A fragments af (the warp's 16 rows x 16 keys), V_g of the chunk's
   // tile in `values`.
   REATTN_DEVICE void add_av(const E* values, int g, const uint32_t (&af)[4], float (&o)[Cfg::kOutN8][4]) const {
-    dev::mma_row_major(af, values + static_cast<size_t>(g) * kValueTile * kVRow, kVRow, lane, o);  // V [key][d]
+    const E* tile = values + static_cast<size_t>(g) * kValueTile * kVRow;  // V [key][d]
+    if constexpr (kNarrowTail) {  // o's last n8 tile stays 0: its columns are past D
+      dev::mma_row_major(af, tile, kVRow, lane, reinterpret_cast<float(&)[Cfg::kOutN8 - 1][4]>(o));
+    } else {
+      dev::mma_row_major(af, tile, kVRow, lane, o);
+    }
   }
   // add_av for each owned head j (head group + kGroups j) that exists, its A fragments by load(j, af). Where
   // every owned head exists (warp-uniform) the loads go first and no head is tested: a test per head left

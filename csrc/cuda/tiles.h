@@ -42,6 +42,12 @@ struct TileShape {
   REATTN_HD int max_heads() const { return groups * heads; }
 };
 
+// The forward's narrow tail (rows.cuh RowProgram::kNarrowTail): a shape whose head-dim columns end
+// in a half-filled k16 step (d = 16 mod 32) has a second forward program, run where D leaves the last
+// 8 of its d columns empty.
+constexpr REATTN_HD bool has_narrow_tail(bool backward, int d, int d_out) { return !backward && d % 32 == 16 && d_out == d; }
+REATTN_HD bool narrow_tail(const TileShape& s, int D) { return has_narrow_tail(s.backward, s.d, s.d_out) && D <= s.d - 8; }
+
 REATTN_HD size_t align128(size_t x) { return (x + 127) / 128 * 128; }
 
 // Elements per shared-memory row of 16-bit values: whole 16-byte units, an odd number of them, so

@@ -223,6 +223,9 @@ TC_CASES = [
     # D = 35 in 48 columns: K and V copied 5 chunks per row by 5 warps (the others idle), the last K tile
     # of 230 keys (6 real rows of 32) copying its real rows alone.
     ("two sweeps D=35", (1, 12, 20, 230, 35), "none", None, 0.0),
+    # D = 41 in 48 columns: the wide program (its 41st column in the last k16 step's second half); D <= 40
+    # above runs the narrow tail's (rows.cuh kNarrowTail).
+    ("two sweeps D=41", (1, 12, 20, 230, 41), "none", None, 0.0),
 ]
 
 
@@ -368,8 +371,9 @@ def test_tensor_core_plain_variants_agree_with_the_general_one(shape, mode):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="warp orders are the emulator's")
-@pytest.mark.parametrize("shape", [(2, 6, 33, 50, 64), (1, 12, 20, 260, 48), (1, 12, 20, 40, 32)],
-                         ids=["one segment", "two sweeps", "one segment 12 heads"])
+@pytest.mark.parametrize("shape", [(2, 6, 33, 50, 64), (1, 12, 20, 260, 48), (1, 12, 20, 40, 32),
+                                   (1, 12, 20, 260, 35)],
+                         ids=["one segment", "two sweeps", "one segment 12 heads", "two sweeps narrow tail"])
 @pytest.mark.parametrize("variant", ["general", "plain", "plain layer"])
 def test_tensor_core_forward_does_not_race(shape, variant):
     # Between barriers the emulator runs the warps forwards, backwards or shuffled: a warp reading
@@ -1202,6 +1206,16 @@ def test_tensor_core_tiles_of_the_issue_shapes():
     assert _C.cuda_forward_tiles(6, 64, 197, 197, "float32") is None
 
 
+def test_tensor_core_forward_takes_the_narrow_tail_where_the_last_8_columns_are_empty():
+    # The 48-column shape serves D = 33..48; at D <= 40 its program skips the last k16 step's second half
+    # (tiles.h narrow_tail, rows.cuh kNarrowTail): DeepViT-L-384's D = 35 does. No other shape has one.
+    for D in range(33, 49):
+        tiles = _C.cuda_forward_tiles(12, D, 577, 577, "bfloat16", SM90_SHARED)
+        assert tiles["d"] == 48 and tiles["narrow"] == (D <= 40), D
+    for H, D, N in [(12, 32, 197), (6, 64, 197), (12, 64, 577), (12, 24, 50)]:
+        assert not _C.cuda_forward_tiles(H, D, N, N, "bfloat16", SM90_SHARED)["narrow"]
+
+
 def test_tensor_core_backward_tiles_of_the_issue_shapes():
     # On an H100 every issue shape's backward runs on tensor cores: one key segment up to 224 keys
     # (DeiT-S, ViT-B, DeepViT-16b), segments of 64 beyond (DeepViT-L-384, ViT-B at 384 px).
@@ -1296,11 +1310,13 @@ def test_compiled_kernels_spill_nothing_and_reserve_at_most_1kb_of_shared_memory
         names = [name for a, name in kernels if a == arch]
         # 4 storage types x 4 CUDA-core programs; 2 types x (5 tile shapes x 4 variants of the tensor-core
         # forward + 5 shapes of the backward's row pass in its general variant and 4 in its plain one)
-        # (row_configs.h, backward_configs.h) + LayerNorm's own row pass (bf16, the 4 shapes with a plain one);
+        # (row_configs.h, backward_configs.h) + LayerNorm's own row pass (bf16, the 4 shapes with a plain one)
+        # + the 48-column forward's narrow-tail program (2 types x 4 variants, rows.cuh NarrowTail);
         # 2 types x 6 shapes x 2 variants of the backward's key pass + LayerNorm's own (bf16, 6 shapes) +
         # shape 6 in bf16's two plain variants (backward_configs.h key_shape_compiled)
         assert sum("re_attention_kernel" in n for n in names) == 16, names
-        assert sum("forward_kernel" in n for n in names) == 62, names
+        assert sum("forward_kernel" in n for n in names) == 70, names
+        assert sum("NarrowTail" in n for n in names) == 8, names
         assert sum("key_kernel" in n for n in names) == 32, names
     for (arch, name), usage in kernels.items():
         if not any(k in name for k in ("re_attention_kernel", "forward_kernel", "key_kernel")):

@@ -33,6 +33,9 @@ def test_profiled_kernel_names_map_to_the_models():
     row = "void reattn::cuda::forward_kernel<reattn::cuda::RowConfig<reattn::dev::Bf16, 4, 2, 3, 64, 64, 224, 1> >" \
         "(reattn::cuda::ReAttnParams)"
     assert gpu_timing.kernel_name(row) == "forward_kernel<RowConfig<bfloat16, 4, 2, 3, 64, 64, 224, plain_layer>>"
+    narrow = "void reattn::cuda::forward_kernel<reattn::cuda::NarrowTail<reattn::cuda::RowConfig<reattn::dev::Bf16, " \
+        "2, 4, 3, 48, 48, 64, 0> > >(reattn::cuda::ReAttnParams)"
+    assert gpu_timing.kernel_name(narrow) == "forward_kernel<NarrowTail<RowConfig<bfloat16, 2, 4, 3, 48, 48, 64, plain_affine>>>"
     key = "void reattn::cuda::key_kernel<reattn::cuda::KeyConfig<reattn::dev::F16, 1, 8, 2, 32, 1, 1> >" \
         "(reattn::cuda::ReAttnParams)"
     assert gpu_timing.kernel_name(key) == "key_kernel<KeyConfig<float16, 1, 8, 2, 32, 1, plain>>"
