@@ -289,6 +289,9 @@ REATTN_DEVICE void ldmatrix_x4_at(uint32_t (&r)[4], uint32_t row) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(row));
 }
+REATTN_DEVICE void ldmatrix_x2_at(uint32_t (&r)[2], uint32_t row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(row));
+}
 REATTN_DEVICE void ldmatrix_x4_trans_at(uint32_t (&r)[4], uint32_t row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -297,6 +300,9 @@ REATTN_DEVICE void ldmatrix_x4_trans_at(uint32_t (&r)[4], uint32_t row) {
 #else
 REATTN_DEVICE void ldmatrix_x4_at(uint32_t (&r)[4], uint32_t row) {
   sim::ldmatrix(4, false, r, sim::shared_memory() + row);
+}
+REATTN_DEVICE void ldmatrix_x2_at(uint32_t (&r)[2], uint32_t row) {
+  sim::ldmatrix(2, false, r, sim::shared_memory() + row);
 }
 REATTN_DEVICE void ldmatrix_x4_trans_at(uint32_t (&r)[4], uint32_t row) {
   sim::ldmatrix(4, true, r, sim::shared_memory() + row);

@@ -118,6 +118,24 @@ REATTN_DEVICE void store_fragment_row(E* out, const float (&acc)[kN8][4], int r,
   }
 }
 
+// The forward's O where its rows are not all 4-byte aligned (an odd D): fragment row r (0: tile row gq,
+// 1: gq + 8) of n8 accumulator tiles acc[kN8][4] to a 16-bit output row of unit column stride, columns
+// d0 + 8 n + 2 tq and the next from `at` (= the row + d0 + 2 tq), those at or past D left alone (`left` =
+// D - d0 - 2 tq columns from at): each pair packed once and stored as its two 16-bit halves, the same
+// code for the rows of either alignment. store_fragment_row, which tests each row's alignment, runs
+// both of its paths in every warp of an odd D, whose rows alternate (static model, DeepViT-L-384 plain
+// affine forward at D = 35: 206 warp instructions per head and row, 132 of them integer).
+template <typename E, int kN8>
+REATTN_DEVICE void store_output_halves(E* at, const float (&acc)[kN8][4], int r, int left) {
+  using Cv = dev::Convert<E>;
+#pragma unroll
+  for (int n = 0; n < kN8; ++n) {
+    const uint32_t v = Cv::pack(acc[n][2 * r], acc[n][2 * r + 1]);
+    if (n * 8 < left) at[n * 8].bits = static_cast<uint16_t>(v & 0xffffu);
+    if (n * 8 + 1 < left) at[n * 8 + 1].bits = static_cast<uint16_t>(v >> 16);
+  }
+}
+
 // Copies tiles [heads][kTileRows][kCols] of a [B, H, N, D] 16-bit input into shared memory rows of
 // `row` elements, 16 bytes per cp.async (zeros past D, past n_rows and for heads past H). Thread t
 // copies chunks t, t + kThreads, ... of the tile (kHeadChunks per head). Vector copies (kFixedRow)
@@ -370,7 +388,9 @@ struct RowProgram {
   // q.k over its first 8 columns by m16n8k8, and O += A V over one n8 output tile fewer. The columns
   // it skips are zeros (q and K past D) or never stored (O past D). At D = 35 (DeepViT-L-384) in 48
   // columns, per entry: q.k over 40 columns of 48 in both sweeps, A V over 40 of 48; per K tile one
-  // ldmatrix.x4 fewer, per V chunk and head an ldmatrix.x2 for an x4. A kernel of its own: tested at
+  // ldmatrix.x4 fewer, per V chunk and head an ldmatrix.x2 for an x4; the staged q's last step by an
+  // ldmatrix.x2, 40 of its columns staged (static model, H100, plain affine forward: 796.0 -> 791.7 us
+  // t_high with both), 5 n8 tiles of O stored. A kernel of its own: tested at
   // run time per K tile and per head's A V, the branches cost ~4,200 control warp instructions per
   // block (static model, DeepViT-L-384 plain affine forward: 838.3 -> 814.0 us t_high), and both
   // programs in one kernel took 255 registers and 8-32 bytes of stack (ptxas, sm_90).
@@ -627,8 +647,8 @@ struct RowProgram {
   // offset `region` (the forward's q, the backward's dO, over key segments), zeros past Nq and D as
   // load_row_fragments gives. Copied once per program, element by element even in the plain
   // variants: the fixed-row copy made the (1, 8, 2, 64, 64, 64) row pass use 8 bytes of stack at 255
-  // registers (ptxas, sm_80 and sm_90).
-  using RowsCopy = TileCopy<E, Cfg::kRows, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, false>;
+  // registers (ptxas, sm_80 and sm_90). The narrow tail's program stages the columns its q.k reads, kD - 8.
+  using RowsCopy = TileCopy<E, Cfg::kRows, kNarrowTail ? Cfg::kD - 8 : Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, false>;
   REATTN_DEVICE void stage_rows(uint32_t region, const void* src, const Strides4& st) const {
     RowsCopy::issue(at<E>(region), kKRow, static_cast<const E*>(src) + b * st.b, static_cast<int>(st.h),
                     static_cast<int>(st.n), static_cast<int>(st.d), 0, H, H, m0, Nq, 0, D, vector());
@@ -654,7 +674,14 @@ struct RowProgram {
     if constexpr (kQueriesShared) {
       const uint32_t row = staged_row(L.queries, h);
 #pragma unroll
-      for (int kk = 0; kk < Cfg::kKSteps; ++kk) dev::ldmatrix_x4_at(qf[kk], row + kk * 32);
+      for (int kk = 0; kk < (kNarrowTail ? Cfg::kKSteps - 1 : Cfg::kKSteps); ++kk) dev::ldmatrix_x4_at(qf[kk], row + kk * 32);
+      if constexpr (kNarrowTail) {  // the last step's first 8 columns: the m16n8k8 A (score_tile)
+        uint32_t a8[2];
+        dev::ldmatrix_x2_at(a8, row + (Cfg::kKSteps - 1) * 32);
+        qf[Cfg::kKSteps - 1][0] = a8[0];
+        qf[Cfg::kKSteps - 1][1] = a8[1];
+        qf[Cfg::kKSteps - 1][2] = qf[Cfg::kKSteps - 1][3] = 0u;  // unread
+      }
     } else {
       load_row_fragments(p.q, p.q_st, h, qf);
     }
@@ -1648,6 +1675,27 @@ struct RowProgram {
   // 16-bit rows by store_fragment_row).
   REATTN_DEVICE void write_rows(const float (&o)[kHeads][Cfg::kOutN8][4], void* dst, const Strides4& st,
                                 bool fp32) const {
+    // The forward's 16-bit O (unit column stride: the op allocates it contiguous) where its rows are
+    // not all 4-byte aligned: store_output_halves. Past the narrow tail's 5 n8 tiles the columns are
+    // past D.
+    constexpr int kStoredN8 = kNarrowTail ? Cfg::kOutN8 - 1 : Cfg::kOutN8;
+    if (!Cfg::kBackward && !fp32 && st.d == 1 &&
+        (st.n % 2 != 0 || st.h % 2 != 0 || st.b % 2 != 0 || reinterpret_cast<uintptr_t>(dst) % 4 != 0)) {
+#pragma unroll
+      for (int j = 0; j < kHeads; ++j) {
+        const int g = group + kGroups * j;
+        if (g >= H || !slab_active) continue;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = m0 + slab * 16 + gq + r * 8;
+          if (row >= Nq) continue;
+          const int64_t at_row = b * st.b + g * st.h + static_cast<int64_t>(row) * st.n;
+          store_output_halves<E, kStoredN8>(static_cast<E*>(dst) + at_row + d0 + 2 * tq,
+                                            reinterpret_cast<const float(&)[kStoredN8][4]>(o[j]), r, D - d0 - 2 * tq);
+        }
+      }
+      return;
+    }
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int g = group + kGroups * j;
