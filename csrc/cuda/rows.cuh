@@ -1671,31 +1671,10 @@ struct RowProgram {
     write_rows(o, p.out, p.o_st, p.out_is_acc);
   }
 
-  // Accumulators o[j] of head group + groups j, fragment layout, to a [B, H, Nq, D] output (T or fp32;
-  // 16-bit rows by store_fragment_row).
-  REATTN_DEVICE void write_rows(const float (&o)[kHeads][Cfg::kOutN8][4], void* dst, const Strides4& st,
-                                bool fp32) const {
-    // The forward's 16-bit O (unit column stride: the op allocates it contiguous) where its rows are
-    // not all 4-byte aligned: store_output_halves. Past the narrow tail's 5 n8 tiles the columns are
-    // past D.
-    constexpr int kStoredN8 = kNarrowTail ? Cfg::kOutN8 - 1 : Cfg::kOutN8;
-    if (!Cfg::kBackward && !fp32 && st.d == 1 &&
-        (st.n % 2 != 0 || st.h % 2 != 0 || st.b % 2 != 0 || reinterpret_cast<uintptr_t>(dst) % 4 != 0)) {
-#pragma unroll
-      for (int j = 0; j < kHeads; ++j) {
-        const int g = group + kGroups * j;
-        if (g >= H || !slab_active) continue;
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int row = m0 + slab * 16 + gq + r * 8;
-          if (row >= Nq) continue;
-          const int64_t at_row = b * st.b + g * st.h + static_cast<int64_t>(row) * st.n;
-          store_output_halves<E, kStoredN8>(static_cast<E*>(dst) + at_row + d0 + 2 * tq,
-                                            reinterpret_cast<const float(&)[kStoredN8][4]>(o[j]), r, D - d0 - 2 * tq);
-        }
-      }
-      return;
-    }
+  // f(j, r, at_row) for each owned head j (group + kGroups j) and fragment row r (gq + 8 r) that exist,
+  // at_row the row's element offset in a [B, H, Nq, D] tensor of strides st.
+  template <class F>
+  REATTN_DEVICE void for_each_row(const Strides4& st, F&& f) const {
 #pragma unroll
     for (int j = 0; j < kHeads; ++j) {
       const int g = group + kGroups * j;
@@ -1704,27 +1683,47 @@ struct RowProgram {
       for (int r = 0; r < 2; ++r) {
         const int row = m0 + slab * 16 + gq + r * 8;
         if (row >= Nq) continue;
-        const int64_t at_row = b * st.b + g * st.h + static_cast<int64_t>(row) * st.n;
-        if (!fp32) {
-          store_fragment_row<E, Cfg::kOutN8, Cfg::kDOut>(static_cast<E*>(dst) + at_row, o[j], r, tq, d0, D, st.d);
-          continue;
-        }
-        float* out = static_cast<float*>(dst) + at_row;
-        if (st.d == 1 && reinterpret_cast<uintptr_t>(out) % 8 == 0 && d0 + Cfg::kDOut <= D) {  // 8-byte pairs
-#pragma unroll
-          for (int n = 0; n < Cfg::kOutN8; ++n) {
-            dev::store_8(out + d0 + n * 8 + 2 * tq, dev::bits(o[j][n][2 * r]), dev::bits(o[j][n][2 * r + 1]));
-          }
-          continue;
-        }
-#pragma unroll
-        for (int n = 0; n < Cfg::kOutN8; ++n) {
-          const int d = d0 + n * 8 + 2 * tq;
-          if (d < D) out[d * st.d] = o[j][n][2 * r];
-          if (d + 1 < D) out[(d + 1) * st.d] = o[j][n][2 * r + 1];
-        }
+        f(j, r, b * st.b + g * st.h + static_cast<int64_t>(row) * st.n);
       }
     }
+  }
+
+  // Accumulators o[j] of head group + groups j, fragment layout, to a [B, H, Nq, D] output (T or fp32;
+  // 16-bit rows by store_fragment_row).
+  REATTN_DEVICE void write_rows(const float (&o)[kHeads][Cfg::kOutN8][4], void* dst, const Strides4& st,
+                                bool fp32) const {
+    // The forward's 16-bit O (unit column stride: the op allocates it contiguous) where its rows are
+    // not all 4-byte aligned: store_output_halves, one warp-uniform test for all rows. Past the narrow
+    // tail's 5 n8 tiles the columns are past D.
+    constexpr int kStoredN8 = kNarrowTail ? Cfg::kOutN8 - 1 : Cfg::kOutN8;
+    if (!Cfg::kBackward && !fp32 && st.d == 1 &&
+        (st.n % 2 != 0 || st.h % 2 != 0 || st.b % 2 != 0 || reinterpret_cast<uintptr_t>(dst) % 4 != 0)) {
+      for_each_row(st, [&](int j, int r, int64_t at_row) {
+        store_output_halves<E, kStoredN8>(static_cast<E*>(dst) + at_row + d0 + 2 * tq,
+                                          reinterpret_cast<const float(&)[kStoredN8][4]>(o[j]), r, D - d0 - 2 * tq);
+      });
+      return;
+    }
+    for_each_row(st, [&](int j, int r, int64_t at_row) {
+      if (!fp32) {
+        store_fragment_row<E, Cfg::kOutN8, Cfg::kDOut>(static_cast<E*>(dst) + at_row, o[j], r, tq, d0, D, st.d);
+        return;
+      }
+      float* out = static_cast<float*>(dst) + at_row;
+      if (st.d == 1 && reinterpret_cast<uintptr_t>(out) % 8 == 0 && d0 + Cfg::kDOut <= D) {  // 8-byte pairs
+#pragma unroll
+        for (int n = 0; n < Cfg::kOutN8; ++n) {
+          dev::store_8(out + d0 + n * 8 + 2 * tq, dev::bits(o[j][n][2 * r]), dev::bits(o[j][n][2 * r + 1]));
+        }
+        return;
+      }
+#pragma unroll
+      for (int n = 0; n < Cfg::kOutN8; ++n) {
+        const int d = d0 + n * 8 + 2 * tq;
+        if (d < D) out[d * st.d] = o[j][n][2 * r];
+        if (d + 1 < D) out[(d + 1) * st.d] = o[j][n][2 * r + 1];
+      }
+    });
   }
 
   // Per-program moment sums [2][H] (float64) at moments + program * 2H: this warp's sums reduced
