@@ -388,12 +388,12 @@ struct RowProgram {
   // q.k over its first 8 columns by m16n8k8, and O += A V over one n8 output tile fewer. The columns
   // it skips are zeros (q and K past D) or never stored (O past D). At D = 35 (DeepViT-L-384) in 48
   // columns, per entry: q.k over 40 columns of 48 in both sweeps, A V over 40 of 48; per K tile one
-  // ldmatrix.x4 fewer, per V chunk and head an ldmatrix.x2 for an x4; the staged q's last step by an
-  // ldmatrix.x2, 40 of its columns staged (static model, H100, plain affine forward: 796.0 -> 791.7 us
-  // t_high with both), 5 n8 tiles of O stored. A kernel of its own: tested at
-  // run time per K tile and per head's A V, the branches cost ~4,200 control warp instructions per
-  // block (static model, DeepViT-L-384 plain affine forward: 838.3 -> 814.0 us t_high), and both
-  // programs in one kernel took 255 registers and 8-32 bytes of stack (ptxas, sm_90).
+  // ldmatrix.x4 fewer, per V chunk and head an ldmatrix.x2 for an x4 (static model, H100, plain affine
+  // forward: 838.3 -> 809.8 us t_high). The staged q's last step is an ldmatrix.x2 and 40 of its
+  // columns are staged (796.0 -> 791.7 with both); 5 n8 tiles of O are stored. A kernel of its own:
+  // tested at run time per K tile and per head's A V, the branches cost ~4,200 control warp
+  // instructions per block (838.3 -> 814.0 only), and both programs in one kernel took 255 registers
+  // and 8-32 bytes of stack (ptxas, sm_90).
   static constexpr bool kNarrowTail = Cfg::kNarrow;
   static constexpr bool kKeysPastAny =
       !Cfg::kBackward && (Cfg::kOneSegment || KeyCopy::kCopyThreads != Cfg::kThreads);
