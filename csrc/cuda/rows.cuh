@@ -689,12 +689,16 @@ struct RowProgram {
 
   // s[n] = q k^T for the 4 n8 tiles of the K tile in `slot` (head lane hl of the round); the narrow
   // tail's last step over its first 8 columns alone, by m16n8k8 (kNarrowTail).
+  // kN8 < kTileN8 (a tile whose keys all lie in its first kN8 n8 tiles): s[n] for n >= kN8 may be left
+  // unfinished (the pairs of n8 tiles below round_up(kN8, 2) are computed; the narrow tail's last step
+  // for n < kN8 only).
+  template <int kN8 = Cfg::kTileN8>
   REATTN_DEVICE void score_tile(int slot, int hl, const uint32_t (&qf)[Cfg::kKSteps][4], float (*s)[4]) const {
     const E* tile = slot_tile(slot) + static_cast<size_t>(hl) * kKeyTile * kKRow;
     const int i = lane / 8;
     constexpr int kWideSteps = kNarrowTail ? Cfg::kKSteps - 1 : Cfg::kKSteps;
 #pragma unroll
-    for (int n = 0; n < Cfg::kTileN8; n += 2) {
+    for (int n = 0; n < kN8; n += 2) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[n][e] = s[n + 1][e] = 0.0f;
 #pragma unroll
@@ -715,7 +719,7 @@ struct RowProgram {
       dev::ldmatrix_x4(kb, tile + (i * 8 + lane % 8) * kKRow + kWideSteps * 16);
       const uint32_t a8[2] = {qf[kWideSteps][0], qf[kWideSteps][1]};
 #pragma unroll
-      for (int n = 0; n < Cfg::kTileN8; ++n) dev::mma_m16n8k8<E>(s[n], a8, kb[n], s[n]);
+      for (int n = 0; n < kN8; ++n) dev::mma_m16n8k8<E>(s[n], a8, kb[n], s[n]);
     }
   }
 
@@ -845,8 +849,8 @@ struct RowProgram {
   // P~ of head h for the segment to shared memory, 16-bit, from exponentials e^(S - m) times inv_l;
   // masked entries as -0 (bit e of masks[n] for fragment entry e), dropped ones as +0. The n8 tiles
   // below kSureN8 are known to be below n8_end: no test (static model, DeepViT-16b LayerNorm forward,
-  // with the one-segment softmax's whole tiles: 294.6 -> 293.8 us).
-  template <int kSureN8 = 0>
+  // with the one-segment softmax's whole tiles: 294.6 -> 293.8 us); none at or past kMaxN8 is.
+  template <int kSureN8 = 0, int kMaxN8 = Cfg::kScoreN8>
   REATTN_DEVICE void store_probs(float (&s)[Cfg::kScoreN8][4], const uint32_t (&masks)[Cfg::kScoreN8], int h,
                                  int key0, int n8_end, const float (&inv_l)[2], bool general) const {
     E* probs = at<E>(L.probs) + (static_cast<size_t>(h) * Cfg::kRows + slab * 16 + gq) * L.p_row + h * kProbsPad + 2 * tq;
@@ -854,7 +858,7 @@ struct RowProgram {
     const uint64_t seed = dropout ? static_cast<uint64_t>(*p.seed) : 0;
     const float threshold = static_cast<float>(p.dropout_p);
 #pragma unroll
-    for (int n = 0; n < Cfg::kScoreN8; ++n) {
+    for (int n = 0; n < kMaxN8; ++n) {
       if (n < kSureN8 || n < n8_end) {
         float v[4];
 #pragma unroll
@@ -901,11 +905,12 @@ struct RowProgram {
   // finite keeps m = -inf, l = 0. kFold (the plain variants: raw products, c = scale log2 e, no mask
   // fill): each entry one FMA, s c - m c. Otherwise (scores in natural units, c = log2 e) the
   // difference s - m first, exact at a large mask fill (exp_shifted).
-  template <bool kFold>
+  // kN8: the n8 tiles that hold a key (the others are not read).
+  template <bool kFold, int kN8 = Cfg::kTileN8>
   REATTN_DEVICE static void sweep_tile(const float (&s)[Cfg::kTileN8][4], float c, float (&m)[2], float (&l)[2]) {
     float tile_max[2] = {m[0], m[1]};
 #pragma unroll
-    for (int n = 0; n < Cfg::kTileN8; ++n) {
+    for (int n = 0; n < kN8; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) tile_max[e / 2] = dev::fmax_(tile_max[e / 2], s[n][e]);
     }
@@ -918,13 +923,13 @@ struct RowProgram {
     if constexpr (kFold) {
       const float mc[2] = {m[0] == -INFINITY ? 0.0f : m[0] * c, m[1] == -INFINITY ? 0.0f : m[1] * c};
 #pragma unroll
-      for (int n = 0; n < Cfg::kTileN8; ++n) {
+      for (int n = 0; n < kN8; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) l[e / 2] += dev::exp2_approx(s[n][e] * c - mc[e / 2]);
       }
     } else {
 #pragma unroll
-      for (int n = 0; n < Cfg::kTileN8; ++n) {
+      for (int n = 0; n < kN8; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) l[e / 2] += exp_shifted(s[n][e], m[e / 2]);
       }
@@ -933,9 +938,10 @@ struct RowProgram {
 
   // Entries of a K tile's scores s [kTileN8][4] whose key (key0 + 8 n + 2 tq + (e & 1)) is at or past
   // `end` set to -inf (exp 0): keys past Nk or past the segment in the K tile that holds them.
+  template <int kN8 = Cfg::kTileN8>
   REATTN_DEVICE void mask_keys_from(float (*s)[4], int key0, int end) const {
 #pragma unroll
-    for (int n = 0; n < Cfg::kTileN8; ++n) {
+    for (int n = 0; n < kN8; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         if (key0 + n * 8 + 2 * tq + (e & 1) >= end) s[n][e] = -INFINITY;
@@ -964,6 +970,15 @@ struct RowProgram {
         }
         if (!active) continue;
         float s[Cfg::kTileN8][4];
+        if (Cfg::kPlain && Nk - t * kKeyTile <= 8) {
+          // The last tile with at most 8 keys (DeepViT-L-384's 577th) takes its first n8 tile alone:
+          // the full tile's products, maxima and exponentials of keys past Nk were issued (static
+          // model: per round and warp 12 MUFU and ~6 products more).
+          score_tile<1>(slot, group, qf, s);
+          mask_keys_from<1>(s, t * kKeyTile, Nk);
+          sweep_tile<true, 1>(s, c_log2, m, l);
+          continue;
+        }
         score_tile(slot, group, qf, s);
         // Online per tile: the tile's row max first, the running sum rescaled once to it, then one
         // exponential per entry (masked entries are -inf: exp 0), with no branch per entry.
@@ -1029,6 +1044,19 @@ struct RowProgram {
     }
   }
 
+  // P = 2^(raw c - shift) of the n8 tiles below kN8 and n8_end (finish_round's plain path).
+  template <int kN8>
+  REATTN_DEVICE static void plain_probs(float (&s)[Cfg::kScoreN8][4], float c, const float (&shift)[2],
+                                        int n8_end = kN8) {
+#pragma unroll
+    for (int n = 0; n < kN8; ++n) {
+      if (n < n8_end) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = dev::exp2_approx(s[n][e] * c - shift[e / 2]);
+      }
+    }
+  }
+
   // Softmax of one round's scores and P~ to shared memory: exact from registers (one segment of
   // the forward), or P = exp((S - m) - log l) with the statistics (m, log l) in shared memory (the
   // forward's statistics sweep, or the backward's given ones).
@@ -1071,14 +1099,18 @@ struct RowProgram {
       const float* stats = at<float>(L.stats) + (static_cast<size_t>(h) * Cfg::kRows + slab * 16 + gq) * 2;
       const float c = static_cast<float>(p.scale) * kLog2e;
       const float shift[2] = {(stats[0] + stats[1]) * kLog2e, (stats[16] + stats[17]) * kLog2e};
-#pragma unroll
-      for (int n = 0; n < Cfg::kScoreN8; ++n) {
-        if (n < n8_end) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[n][e] = dev::exp2_approx(s[n][e] * c - shift[e / 2]);
-        }
-      }
       inv_l[0] = inv_l[1] = 1.0f;
+      // The forward's last segment when it holds at most 16 keys (n8_end = 2: DeepViT-L-384's 577th
+      // key after nine segments of 64) takes its two n8 tiles alone. Under the test per tile, the
+      // other six tiles' exponentials, packs and stores were issued predicated off (per round and warp
+      // ~24 MUFU, 24 FMA and 12 conversions). Static model, H100, with the statistics sweep's last tile
+      // below: DeepViT-L-384 forwards, LayerNorm 813.6 -> 805.2 us t_high, plain affine 781.3 -> 773.3.
+      if (!Cfg::kBackward && !Cfg::kOneSegment && n8_end <= 2) {
+        plain_probs<2>(s, c, shift);
+        store_probs<2, 2>(s, masks, h, key0, n8_end, inv_l, false);
+        return;
+      }
+      plain_probs<Cfg::kScoreN8>(s, c, shift, n8_end);
       store_probs(s, masks, h, key0, n8_end, inv_l, false);
       return;
     }
@@ -1132,8 +1164,13 @@ struct RowProgram {
           issue_keys(same ? round : round + 1, key0 + (same ? t + 1 : 0) * kKeyTile);
         }
         if (active) {
-          score_tile(slot, group, qf, st);
-          if (t == tiles - 1 && keys % kKeyTile != 0) mask_keys_from(st, t * kKeyTile, keys);
+          if (!Cfg::kBackward && !Cfg::kOneSegment && keys <= 16) {  // the tail segment (finish_round)
+            score_tile<2>(slot, group, qf, st);
+            mask_keys_from<2>(st, 0, keys);
+          } else {
+            score_tile(slot, group, qf, st);
+            if (t == tiles - 1 && keys % kKeyTile != 0) mask_keys_from(st, t * kKeyTile, keys);
+          }
         }
       }
     }

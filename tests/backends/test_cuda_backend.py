@@ -226,6 +226,12 @@ TC_CASES = [
     # D = 41 in 48 columns: the wide program (its 41st column in the last k16 step's second half); D <= 40
     # above runs the narrow tail's (rows.cuh kNarrowTail).
     ("two sweeps D=41", (1, 12, 20, 230, 41), "none", None, 0.0),
+    # A last segment of at most 16 keys (n8_end = 2) and a last K tile of at most 8: the programs take their first
+    # n8 tiles alone there (rows.cuh finish_round, statistics_sweep). 257 = 4 x 64 + 1 (DeepViT-L-384's 577 is
+    # 9 x 64 + 1), 264 = 4 x 64 + 8; and the general variant's tail (masked, dropout: its own softmax).
+    ("two sweeps tail of one key", (1, 12, 20, 257, 35), "layer", None, 0.0),
+    ("two sweeps tail of 8 keys", (1, 12, 9, 264, 40), "none", None, 0.0),
+    ("two sweeps tail mask dropout", (1, 6, 9, 260, 35), "layer", "bool", 0.25),
 ]
 
 
