@@ -127,6 +127,7 @@ class ReAttnParams(ctypes.Structure):
         ("dropout_p", ctypes.c_double), ("seed", ctypes.c_void_p),
         ("out", ctypes.c_void_p), ("o_st", Strides4), ("lse", ctypes.c_void_p),
         ("stats_is_input", ctypes.c_bool), ("fold", FoldInputs), ("vector_loads", ctypes.c_bool),
+        ("q_by_element", ctypes.c_bool),
         ("out_is_acc", ctypes.c_bool), ("moments", ctypes.c_void_p), ("value_sums", ctypes.c_void_p),
         ("shift", ctypes.c_double), ("s1", ctypes.c_void_p), ("gram", ctypes.c_void_p),
         ("dq", ctypes.c_void_p), ("dq_st", Strides4), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
@@ -481,18 +482,24 @@ def _vector_loadable(t: torch.Tensor) -> bool:
     return t.stride(3) == 1 and all((t.stride(d) * e) % 16 == 0 for d in range(3))
 
 
-def _vector_aligned(p: ReAttnParams, touched: list, fields: Sequence[Tuple[str, str]], tensors) -> bool:
-    """ops.cpp's vector_aligned for the tensor-core programs: each input that is not ``_vector_loadable`` with D a
-    multiple of 8 (or a view that ``reattn._C.cuda_padded_rows`` returned: :func:`_padded_rows`) is copied into
-    rows padded to 8 elements, the padding zeroed (torch ops of the host, counted), and the program reads the
-    copy's first D columns instead; ``fields`` names its pointer and strides fields in ``p``. Returns ops.cpp's
-    vector_loads (every input read in whole 8-element chunks)."""
+def _vector_aligned(p: ReAttnParams, touched: list, fields: Sequence[Tuple[str, str]], tensors,
+                    queries_staged: bool = False) -> bool:
+    """ops.cpp's use_aligned_inputs for the tensor-core programs: each input that is not ``_vector_loadable`` with
+    D a multiple of 8 (or a view that ``reattn._C.cuda_padded_rows`` returned: :func:`_padded_rows`) is copied
+    into rows padded to 8 elements, the padding zeroed (torch ops of the host, counted), and the program reads the
+    copy's first D columns instead; ``fields`` names its pointer and strides fields in ``p``. queries_staged (the
+    forward's program stages q, tiles.h stages_queries): q (the first) is read as it is, element by element
+    (p.q_by_element). Returns ops.cpp's vector_loads (every input but such a q read in whole 8-element chunks)."""
     rec = _RECORDER
     loadable = True
     zeros = None  # one broadcast element for the call's inputs, as ops.cpp shares it
-    for (pointer, strides), t in zip(fields, tensors):
+    p.q_by_element = False
+    for n, ((pointer, strides), t) in enumerate(zip(fields, tensors)):
         D = t.shape[3]
         if _vector_loadable(t) and (D % 8 == 0 or _C().cuda_padded_view(t)):  # read as it is
+            continue
+        if n == 0 and queries_staged:
+            p.q_by_element = True
             continue
         padded = torch.empty((*t.shape[:3], -(-D // 8) * 8), dtype=t.dtype, device=t.device)
         if sum((n - 1) * st for n, st in zip(padded.shape[1:], padded.stride()[1:])) >= 2 ** 31 - 1:
@@ -501,7 +508,7 @@ def _vector_aligned(p: ReAttnParams, touched: list, fields: Sequence[Tuple[str, 
         view = padded[..., :D]
         if padded.shape[3] > D:  # one pass: the input's columns, then zeros (a broadcast element)
             if zeros is None or zeros.shape[3] != padded.shape[3] - D or zeros.dtype != t.dtype:
-                zeros = torch.zeros((1, 1, 1, padded.shape[3] - D), dtype=t.dtype, device=t.device)
+                zeros = _padding_zeros(t, padded.shape[3] - D)
             torch.cat([t, zeros.expand(*t.shape[:3], -1)], dim=3, out=padded)
         else:
             view.copy_(t)
@@ -511,6 +518,18 @@ def _vector_aligned(p: ReAttnParams, touched: list, fields: Sequence[Tuple[str, 
             if x is t:
                 touched[i] = (view, kinds)
     return loadable
+
+
+_KEPT_ZEROS: Dict[Tuple[torch.dtype, int], torch.Tensor] = {}
+
+
+def _padding_zeros(t: torch.Tensor, width: int) -> torch.Tensor:
+    """ops.cpp's padding_zeros: the padding's broadcast element, made once per dtype and width and kept (a
+    process's steady state: :func:`cuda_call` makes them before it counts)."""
+    key = (t.dtype, width)
+    if key not in _KEPT_ZEROS:
+        _KEPT_ZEROS[key] = torch.zeros((1, 1, 1, width), dtype=t.dtype, device=t.device)
+    return _KEPT_ZEROS[key]
 
 
 def _prepare(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, seed, scale,
@@ -610,7 +629,8 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
         p.lse = rec.pointer(stats, "lse")
         p.stats_is_input = given
         p.moments = rec.pointer(moments, "moments") if with_moments else None
-        p.vector_loads = _vector_aligned(p, touched, (("q", "q_st"), ("k", "k_st"), ("v", "v_st")), (q, k, v))
+        p.vector_loads = _vector_aligned(p, touched, (("q", "q_st"), ("k", "k_st"), ("v", "v_st")), (q, k, v),
+                                         queries_staged=tiles["keys"] <= 64)  # tiles.h stages_queries
         if with_moments:
             touched.append((moments, {"write"}))
         variant = forward_variant(p)
@@ -947,6 +967,8 @@ def shim_ops():
                            moments_center=_moments_center, head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
                            update_running_stats=_update_running_stats,
                            forward_eval_batchnorm=_forward_eval_batchnorm, padded_rows=_padded_rows,
+                           forward_stages_queries=lambda q, k: _C().cuda_forward_stages_queries(
+                               q.shape[1], q.shape[3], k.shape[2], str(q.dtype)[6:]),
                            softmax_stats_shape=lambda q: (*q.shape[:3], 2))
     # No device implementation: the static model calls the ladder's Python bodies (OpLadder.*_impl) directly.
     return OpLadder(FusedRawOps(kernels), forward="reattn::static_model_cuda_forward",
@@ -964,6 +986,10 @@ def cuda_call(B: int, H: int, N: int, D: int, norm: str, arch: int, dtype=torch.
     from benchmarks.eager_model import OpCounter
 
     ops = shim_ops()
+    if D % 8:  # the padding's zeros, kept by ops.cpp (and its mirror here) from a process's first call on
+        row = torch.empty((1, 1, 1, D), dtype=dtype, device="meta")
+        _C().cuda_padded_rows([row])
+        _padding_zeros(row, -D % 8)
     _RECORDER = recorder = _Recorder(arch)
     try:
         with OpCounter() as counter:

@@ -244,7 +244,7 @@ class _OpBodies:
 def run_call(ops, B: int, H: int, N: int, D: int, norm: str, dtype, counter, drain) -> Dict[str, list]:
     """{"fwd": [...], "bwd": [...]}: one call of a fused backend's Python path on meta tensors, below its
     custom-op layer: ``OpLadder.run`` with the forward op's body (and the padded_rows op's, where the backend
-    pads q, k, v ahead of it), then the backward op's body with what the forward saved (as the ladder's
+    pads rows ahead of it), then the backward op's body with what the forward saved (as the ladder's
     autograd does: the padded views); with eval-mode BatchNorm on a backend that has its
     inference op, also "infer": the call without gradients (that op). ``ops``: a backend's
     ``reattn.backends._ladder.OpLadder``.

@@ -11,7 +11,9 @@
 #include <array>
 #include <atomic>
 #include <limits>
+#include <map>
 #include <mutex>
+#include <tuple>
 #include <string>
 
 #include "emulate.h"
@@ -21,6 +23,7 @@
 #include "params.h"
 
 #ifdef REATTN_WITH_CUDA
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -415,9 +418,40 @@ at::Tensor padded_like(const at::Tensor& t) {
   return at::empty({t.size(0), t.size(1), t.size(2), (t.size(3) + 7) / 8 * 8}, t.options());
 }
 
+// The padding's broadcast element: zeros [1, 1, 1, width] of t's dtype on t's device, made once per (device,
+// dtype, width) and kept for the process (nothing writes them), so a call's copies take no fill of their own
+// (a launch: static model, 2 us t_high a call). Made afresh, not kept, while the device's current stream
+// captures a CUDA graph (whose pool would own the memory). The first fill is waited for, so that a later call
+// on another stream reads it filled.
+at::Tensor padding_zeros(const at::Tensor& t, int64_t width) {
+#ifdef REATTN_WITH_CUDA
+  if (t.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(t.device());
+    if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+      return at::zeros({1, 1, 1, width}, t.options());
+    }
+  }
+#endif
+  static std::mutex mutex;
+  // Never freed: the tensors must outlive the allocator at exit.
+  static auto* kept = new std::map<std::tuple<int, int, int, int64_t>, at::Tensor>();
+  const auto key = std::make_tuple(static_cast<int>(t.device().type()), static_cast<int>(t.get_device()),
+                                   static_cast<int>(t.scalar_type()), width);
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = kept->find(key);
+  if (it == kept->end()) {
+    const c10::InferenceMode normal(false);  // an ordinary tensor, usable in and out of inference mode
+    it = kept->emplace(key, at::zeros({1, 1, 1, width}, t.options().requires_grad(false))).first;
+#ifdef REATTN_WITH_CUDA
+    if (t.is_cuda()) c10::cuda::getCurrentCUDAStream().synchronize();
+#endif
+  }
+  return it->second;
+}
+
 // The view of the first D columns of `padded` (padded_like(t)) once its rows hold t's, padded with zeros:
-// one read of the input and one write of the padded rows. `zeros`: the padding's broadcast element, made
-// by the first input that needs it and shared by the others (one fill per call, not one each).
+// one read of the input and one write of the padded rows. `zeros`: the padding's broadcast element
+// (padding_zeros), taken by the first input that needs it and shared by the others.
 at::Tensor zero_padded_rows(const at::Tensor& t, at::Tensor padded, at::Tensor& zeros) {
   const int64_t D = t.size(3), padded_d = padded.size(3);
   at::Tensor view = padded.narrow(3, 0, D);
@@ -427,7 +461,7 @@ at::Tensor zero_padded_rows(const at::Tensor& t, at::Tensor padded, at::Tensor& 
     // DeepViT-L-384: 46 -> 77 us for the forward's three copies).
     if (!zeros.defined() || zeros.size(3) != padded_d - D || zeros.scalar_type() != t.scalar_type() ||
         zeros.device() != t.device()) {
-      zeros = at::zeros({1, 1, 1, padded_d - D}, t.options());
+      zeros = padding_zeros(t, padded_d - D);
     }
     at::cat_out(padded, {t, zeros.expand({t.size(0), t.size(1), t.size(2), -1})}, 3);
   } else {
@@ -437,8 +471,9 @@ at::Tensor zero_padded_rows(const at::Tensor& t, at::Tensor padded, at::Tensor& 
 }
 
 // The views padded_rows (reattn::cuda_padded_rows) returned and whose storage still lives: the ladder's
-// autograd pads q, k and v of a head dim that is not a multiple of 8 once, in the forward, and saves those
-// views for the backward, which then reads them as they are instead of copying them again (static model,
+// autograd pads k and v (and q, unless the forward stages it) of a head dim that is not a multiple of 8
+// once, in the forward, and saves those views for the backward, which then reads them as they are instead
+// of copying them again (static model,
 // DeepViT-L-384 backward: three of its four copies, ~30 us). Only these views count as padded with zeros:
 // the columns past D of anyone else's rows may hold anything. Each entry holds its storage weakly (a weak
 // reference keeps the StorageImpl object, so its address is not reused while recorded) with the view's
@@ -510,14 +545,17 @@ at::Tensor vector_aligned(const at::Tensor& t, std::vector<at::Tensor>& keep, at
 }
 
 // Points the parameters' q, k, v (and dO, when given) at vector_aligned versions of them; returns
-// whether every one is then read in whole chunks (p.vector_loads).
+// whether every one is then read in whole chunks (p.vector_loads). queries_staged: the forward's program
+// stages q (tiles.h stages_queries), which then reads q as it is where q would need a copy, element by
+// element (p.q_by_element; vector_loads then speaks for k and v).
 bool use_aligned_inputs(Arguments& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const at::Tensor* grad_out) {
+                        const at::Tensor* grad_out, bool queries_staged = false) {
   ReAttnParams& p = a.p;
   at::Tensor zeros;
   bool chunks[4] = {true, true, true, true};
-  const at::Tensor qa = vector_aligned(q, a.keep, zeros, chunks[0]), ka = vector_aligned(k, a.keep, zeros, chunks[1]),
-                   va = vector_aligned(v, a.keep, zeros, chunks[2]);
+  p.q_by_element = queries_staged && !(vector_loadable(q) && (q.size(3) % 8 == 0 || is_padded_view(q)));
+  const at::Tensor qa = p.q_by_element ? q : vector_aligned(q, a.keep, zeros, chunks[0]),
+                   ka = vector_aligned(k, a.keep, zeros, chunks[1]), va = vector_aligned(v, a.keep, zeros, chunks[2]);
   p.q = qa.data_ptr();
   p.q_st = strides_of(qa);
   p.k = ka.data_ptr();
@@ -542,6 +580,26 @@ int forward_shape_for(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   if (q.is_cuda() && shared_limit <= 0) limit = device_shared_limit(q, kForward);
 #endif
   return pick_forward_shape(p.H, p.D, p.Nk, limit);
+}
+
+// reattn::cuda_forward_stages_queries: whether cuda_forward's tensor-core program for H heads of head dim D, Nk
+// keys and dtype on GPU `device` (-1: the emulator) stages q's rows (tiles.h stages_queries), reading them
+// unpadded: the ladder then pads k and v alone where D is not a multiple of 8, and the backward pads q for
+// itself (use_aligned_inputs). Plain numbers, so that torch.compile can take the answer as a constant.
+bool forward_stages_queries(int64_t H, int64_t D, int64_t Nk, const std::string& dtype, int64_t device) {
+  if (dtype != "float16" && dtype != "bfloat16") return false;
+  if (H < 1 || H > kMaxHeads || D < 1 || D > kMaxHeadDim || Nk < 1) return false;
+  size_t limit = kEmulatedTensorCoreSharedLimit;
+#ifdef REATTN_WITH_CUDA
+  if (device >= 0) {
+    const at::Tensor on = at::empty({0}, at::TensorOptions()
+                                             .dtype(dtype == "float16" ? at::kHalf : at::kBFloat16)
+                                             .device(at::kCUDA, static_cast<c10::DeviceIndex>(device)));
+    limit = device_shared_limit(on, kForward);
+  }
+#endif
+  const int shape = pick_forward_shape(static_cast<int>(H), static_cast<int>(D), static_cast<int>(Nk), limit);
+  return shape >= 0 && stages_queries(false, forward_shape(shape).keys);
 }
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -621,7 +679,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     p.lse = stats.data_ptr();
     p.stats_is_input = given;
     p.moments = with_moments ? moments.data_ptr<double>() : nullptr;
-    p.vector_loads = use_aligned_inputs(a, q, k, v, nullptr);
+    p.vector_loads = use_aligned_inputs(a, q, k, v, nullptr, stages_queries(false, s.keys));
     const int variant = forward_variant_for(p, general_variant);
     if (!q.is_cuda()) {
       emulate_forward(storage_of(q.scalar_type()), shape, variant, p, order, static_cast<uint64_t>(shuffle_seed));
@@ -1430,6 +1488,12 @@ void register_ops(pybind11::module& m) {
         "padded with zeros to a multiple of 8 elements, one pass each. cuda_forward and cuda_backward read these "
         "views (while their storage lives) in 16-byte chunks as they are, where another tensor of that head dim "
         "is copied first.");
+  m.def("cuda_forward_stages_queries", &forward_stages_queries, py::arg("H"), py::arg("D"), py::arg("Nk"),
+        py::arg("dtype"), py::arg("device") = -1,
+        "Whether cuda_forward's tensor-core program for H heads of head dim D, Nk keys and dtype ('bfloat16', ...) "
+        "on GPU `device` (-1: the emulator, an H100's shared memory) stages q's rows in shared memory and reads "
+        "them unpadded at any D (the segmented shapes): the ladder then pads k and v alone (cuda_padded_rows), "
+        "and cuda_backward pads q for itself."); 
   m.def("cuda_padded_view", &is_padded_view, py::arg("t"),
         "Whether t is a view cuda_padded_rows returned (its columns past D zero), which the programs read "
         "without a copy.");

@@ -117,6 +117,9 @@ struct ReAttnParams {
   FoldInputs fold;
   // q, k, v rows are 16-byte aligned with unit stride along D: 16-byte cp.async loads.
   bool vector_loads = false;
+  // The forward's programs that stage q (tiles.h stages_queries) copy its rows element by element: q is
+  // not padded for them (ops.cpp use_aligned_inputs), and vector_loads then speaks for k and v alone.
+  bool q_by_element = false;
   // Forward with norm none, for training BatchNorm in one sweep: out in the accumulation type
   // instead of T, and moments ([2, H] float64, zeroed by the caller) += the sums of X = W P~ + c
   // (the bf16 tensor-core forward forms them from rows of P that sum to one: rows.cuh, write_moments)

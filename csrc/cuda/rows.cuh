@@ -317,9 +317,31 @@ struct TileCopy {
           const int valid = in && d < D ? (D - d < 8 ? D - d : 8) : 0;
           dev::cp_async_16(to, valid > 0 ? src + (h0 + hl) * sh + n * sn + d : src, 2 * valid);
         } else {
+          // Element by element (rows not 16-byte aligned), the chunk's 8 elements packed into one 16-byte
+          // store. Of unit column stride (the forward's unpadded q, p.q_by_element: a test the block shares)
+          // each element loads at an immediate offset from the chunk's first, under one compare against the
+          // columns left: with a multiply and the row and column tests per element, each chunk cost ~106
+          // integer warp instructions (static model, DeepViT-L-384 LayerNorm forward: 7,200 per block against
+          // 2,760 for the padded copy's cp.async).
           const E* from = src + (h0 + hl) * sh + n * sn;
+          dev::Words4 w;
+          if (sd == 1) {
+            const E* at = from + d;
+            const int left = in ? D - d : 0;
 #pragma unroll
-          for (int e = 0; e < 8; ++e) to[e].bits = in && d + e < D ? from[(d + e) * sd].bits : uint16_t(0);
+            for (int e = 0; e < 8; e += 2) {
+              const uint32_t lo = e < left ? at[e].bits : 0u, hi = e + 1 < left ? at[e + 1].bits : 0u;
+              w.w[e / 2] = lo | (hi << 16);
+            }
+          } else {
+#pragma unroll
+            for (int e = 0; e < 8; e += 2) {
+              const uint32_t lo = in && d + e < D ? from[(d + e) * sd].bits : 0u;
+              const uint32_t hi = in && d + e + 1 < D ? from[(d + e + 1) * sd].bits : 0u;
+              w.w[e / 2] = lo | (hi << 16);
+            }
+          }
+          dev::store_16(to, w);
         }
       }
     }
@@ -648,10 +670,12 @@ struct RowProgram {
   // load_row_fragments gives. Copied once per program, element by element even in the plain
   // variants: the fixed-row copy made the (1, 8, 2, 64, 64, 64) row pass use 8 bytes of stack at 255
   // registers (ptxas, sm_80 and sm_90). The narrow tail's program stages the columns its q.k reads, kD - 8.
+  // vector: the rows are read in whole 16-byte chunks (else element by element: the forward's q where
+  // p.q_by_element, its rows unpadded at a D not a multiple of 8).
   using RowsCopy = TileCopy<E, Cfg::kRows, kNarrowTail ? Cfg::kD - 8 : Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, false>;
-  REATTN_DEVICE void stage_rows(uint32_t region, const void* src, const Strides4& st) const {
+  REATTN_DEVICE void stage_rows(uint32_t region, const void* src, const Strides4& st, bool vector) const {
     RowsCopy::issue(at<E>(region), kKRow, static_cast<const E*>(src) + b * st.b, static_cast<int>(st.h),
-                    static_cast<int>(st.n), static_cast<int>(st.d), 0, H, H, m0, Nq, 0, D, vector());
+                    static_cast<int>(st.n), static_cast<int>(st.d), 0, H, H, m0, Nq, 0, D, vector);
   }
   // The lane's ldmatrix row of head h there at head dim 0, as a shared address (each k16 step adds 32
   // bytes): row l % 16 of the warp's slab, columns 8 (l / 16) on, so ldmatrix's four matrices are the
@@ -669,7 +693,7 @@ struct RowProgram {
   // arithmetic (static model, DeepViT-L-384 plain forward at d = 35 in 48 columns: ~66 warp
   // instructions per round, 15,840 of 287,087 per block, and 338 KB of L2 requests against the
   // copy's 37 KB).
-  static constexpr bool kQueriesShared = !Cfg::kBackward && !Cfg::kOneSegment;
+  static constexpr bool kQueriesShared = stages_queries(Cfg::kBackward, Cfg::kKeys);
   REATTN_DEVICE void load_queries(int h, uint32_t (&qf)[Cfg::kKSteps][4]) const {
     if constexpr (kQueriesShared) {
       const uint32_t row = staged_row(L.queries, h);
@@ -1960,7 +1984,7 @@ struct RowProgram {
   REATTN_DEVICE void run_forward() {
     load_parameters();
     if constexpr (kQueriesShared) {  // a cp.async group of its own, before the first K tile's
-      stage_rows(L.queries, p.q, p.q_st);
+      stage_rows(L.queries, p.q, p.q_st, vector() && !p.q_by_element);
       dev::cp_async_commit();
     }
     zero_ring_columns();
@@ -2803,7 +2827,7 @@ struct RowProgram {
     load_given_stats();
     const bool sums_only = p.stats_only;
     if constexpr (kGradsShared) {  // lands with the first K tile (one cp.async group)
-      stage_rows(L.grads, p.grad_out, p.do_st);
+      stage_rows(L.grads, p.grad_out, p.do_st, vector());
     }
     zero_ring_columns();
     issue_keys(0, 0);  // the first score phase's first K tile

@@ -59,6 +59,11 @@ REATTN_HD int round_up16(int x) { return (x + 15) / 16 * 16; }
 // Keys per segment and segments: one segment (the softmax exact from registers) when Nk fits.
 REATTN_HD int segment_keys(const TileShape& s, int Nk) { return Nk <= s.keys ? round_up16(Nk) : s.keys; }
 REATTN_HD int segment_count(const TileShape& s, int Nk) { return Nk <= s.keys ? 1 : (Nk + s.keys - 1) / s.keys; }
+// Whether a row program stages its block's q rows in shared memory (rows.cuh kQueriesShared): the forward's
+// segmented shapes (at most 64 keys a segment), which read them again in every segment. They copy q's rows
+// element by element where they are not 16-byte aligned, so the host pads k and v alone for them (ops.cpp
+// forward_stages_queries).
+REATTN_HD constexpr bool stages_queries(bool backward, int keys) { return !backward && keys <= 64; }
 
 // Byte offsets into the program's dynamic shared memory (32-bit: a block has at most 227 KB; fewer
 // registers when the compiler keeps them live).

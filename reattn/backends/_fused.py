@@ -18,7 +18,7 @@ backward-sums sweep), then runs the main sweeps with dM = a dN + e xhat + f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -184,8 +184,11 @@ class FusedKernels:
     padded_rows(tensors) -> views: optional, for kernels that read rows in 16-byte chunks: each [B, H, N, D]
         float16/bfloat16 tensor whose D is not a multiple of 8 as a view of its first D columns in a copy whose
         rows are padded with zeros to a multiple of 8, which the kernels read without a copy of their own. The
-        ladder pads q, k and v so once per call and saves the views for the backward (else each of the forward
-        and the backward copies them).
+        ladder pads q, k and v so once per call (q not where forward_stages_queries says so) and saves the views
+        for the backward (else each of the forward and the backward copies them).
+    forward_stages_queries(q, k) -> bool: optional, with padded_rows: whether the forward's program for these
+        shapes reads q's rows unpadded (it stages them element by element); the ladder then pads k and v alone,
+        and the backward pads q for itself (the padded q lives during the backward only).
     """
 
     forward: Callable
@@ -202,6 +205,7 @@ class FusedKernels:
     update_running_stats: Optional[Callable] = None
     forward_eval_batchnorm: Optional[Callable] = None
     padded_rows: Optional[Callable] = None
+    forward_stages_queries: Optional[Callable] = None
 
 
 class FusedRawOps(RawOps):
@@ -213,9 +217,13 @@ class FusedRawOps(RawOps):
         self.folds_eval_batchnorm = kernels.forward_eval_batchnorm is not None
         self.pads_rows = kernels.padded_rows is not None
 
-    def needs_padded_rows(self, t: Tensor) -> bool:
-        return (self.pads_rows and t.dtype in (torch.float16, torch.bfloat16) and t.dim() == 4
-                and t.shape[3] % 8 != 0)
+    def padded_inputs(self, q: Tensor, k: Tensor, v: Tensor) -> List[int]:
+        pad = [i for i, t in enumerate((q, k, v)) if self.pads_rows and t.dtype in (torch.float16, torch.bfloat16)
+               and t.dim() == 4 and t.shape[3] % 8 != 0]
+        if pad[:1] == [0] and self.kernels.forward_stages_queries is not None \
+                and self.kernels.forward_stages_queries(q, k):
+            pad = pad[1:]
+        return pad
 
     def padded_rows(self, tensors):
         return self.kernels.padded_rows(list(tensors))

@@ -77,7 +77,7 @@ class RawOps:
             ``updates_running_stats`` True where the backend has a kernel for it)
     padded_rows(tensors) -> views of the tensors' rows padded to a multiple of 8 columns with zeros, which the
             backend's kernels read without copying them (``pads_rows`` True where the backend has it, for the
-            tensors ``needs_padded_rows`` names: an op of its own, which :meth:`OpLadder.run` calls on q, k, v)
+            tensors ``padded_inputs`` names: an op of its own, which :meth:`OpLadder.run` calls on q, k, v)
     softmax_stats_shape(q): the shape of what the forward saves per score row
     bn_terms_like(q, norm, attn_mask, stats_in) -> ((shape, dtype) of R, (shape, dtype) of U) the forward returns
             (leading dim 0: empty, the backward sums come from a sweep of their own)
@@ -92,9 +92,9 @@ class RawOps:
     folds_eval_batchnorm = False   # forward_eval_batchnorm exists (an op of its own, for calls without gradients)
     pads_rows = False              # padded_rows exists (an op of its own)
 
-    def needs_padded_rows(self, t: Tensor) -> bool:
-        """Whether the ladder pads ``t`` (q, k or v) with :meth:`padded_rows` before the ops read it."""
-        return False
+    def padded_inputs(self, q: Tensor, k: Tensor, v: Tensor) -> List[int]:
+        """Which of q, k, v (0, 1, 2) the ladder pads with :meth:`padded_rows` before the ops read them."""
+        return []
 
     def padded_rows(self, tensors):
         raise NotImplementedError
@@ -196,7 +196,7 @@ class OpLadder:
     BatchNorm themselves (``RawOps.folds_eval_batchnorm``): ``forward_eval_batchnorm``, which :meth:`run`
     calls for eval-mode BatchNorm when no gradient is needed (inference); else None. ``padded_rows``: the name of a
     seventh, where the raw ops pad rows for their kernels (``RawOps.pads_rows``): ``padded_rows``, which :meth:`run`
-    calls on q, k and v (those ``RawOps.needs_padded_rows`` names) before the forward, so that the forward reads
+    calls on q, k and v (those ``RawOps.padded_inputs`` names) before the forward, so that the forward reads
     them without copying them and the backward reads the views the autograd saved (the op's gradient is the
     views' gradient as it is); else None.
     """
@@ -462,8 +462,9 @@ class OpLadder:
         else:
             seed = torch.as_tensor(seed, dtype=torch.int64, device=q.device).reshape(1)
         # Rows the kernels read padded: copied once here (the forward reads the views, the autograd saves them for
-        # the backward), where the forward and the backward each copied them.
-        pad = [i for i, t in enumerate((q, k, v)) if self.raw.needs_padded_rows(t)]
+        # the backward), where the forward and the backward each copied them; not q where the forward reads it
+        # unpadded (the backward pads it for itself).
+        pad = self.raw.padded_inputs(q, k, v)
         if pad and self.padded_rows is not None:
             rows = [q, k, v]
             for i, view in zip(pad, self.padded_rows([rows[i] for i in pad])):

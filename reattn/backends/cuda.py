@@ -149,11 +149,27 @@ def _padded_rows(tensors):
     return _C.cuda_padded_rows(tensors)
 
 
+@torch.compiler.assume_constant_result
+def _stages_queries(H: int, D: int, Nk: int, dtype: str, device: int) -> bool:
+    return _C.cuda_forward_stages_queries(H, D, Nk, dtype, device)
+
+
+def _forward_stages_queries(q, k):
+    # Whether cuda_forward's program reads q's rows unpadded (ops.cpp forward_stages_queries): the ladder then pads
+    # k and v alone. A constant to torch.compile (plain numbers in, a bool out); symbolic sizes (dynamic shapes)
+    # answer False, so the ladder pads q as well (the forward reads either).
+    dims = (q.shape[1], q.shape[3], k.shape[2])
+    if not all(isinstance(n, int) for n in dims):
+        return False
+    return _stages_queries(*dims, str(q.dtype)[6:], q.device.index if q.is_cuda else -1)
+
+
 CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                             forward_moments=_forward_moments, head_affine=_head_affine,
                             moments_center=_moments_center, head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
                             update_running_stats=_update_running_stats,
                             forward_eval_batchnorm=_forward_eval_batchnorm, padded_rows=_padded_rows,
+                            forward_stages_queries=_forward_stages_queries,
                             softmax_stats_shape=lambda q: (*q.shape[:3], 2))
 CUDA_OPS = OpLadder(FusedRawOps(CUDA_KERNELS), forward="reattn::cuda_forward", backward="reattn::cuda_backward",
                     gram_sums="reattn::cuda_gram_sums", bn_grad_sums="reattn::cuda_bn_grad_sums",

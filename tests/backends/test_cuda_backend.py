@@ -715,8 +715,11 @@ def test_padded_rows_op_passes_opcheck_and_needs_its_name():
     g = torch.Generator().manual_seed(4)
     q, k = (torch.randn(1, 2, 5, n, generator=g).bfloat16().to(DEVICE).requires_grad_() for n in (35, 13))
     torch.library.opcheck(CUDA_OPS.padded_rows, ([q, k],))
-    assert CUDA_OPS.raw.needs_padded_rows(q) and not CUDA_OPS.raw.needs_padded_rows(q.float())
-    assert not CUDA_OPS.raw.needs_padded_rows(torch.zeros(1, 2, 5, 40, dtype=torch.bfloat16))
+    # D = 13: the one-segment program of 32 columns reads q in chunks (padded); D = 35: the 48-column one stages q
+    assert CUDA_OPS.raw.padded_inputs(k, k, k) == [0, 1, 2] and CUDA_OPS.raw.padded_inputs(q, q, q) == [1, 2]
+    assert CUDA_OPS.raw.padded_inputs(*[k.float()] * 3) == []
+    aligned = torch.zeros(1, 2, 5, 16, dtype=torch.bfloat16)
+    assert CUDA_OPS.raw.padded_inputs(aligned, k, aligned) == [1]
     with pytest.raises(ValueError, match=r"raw ops that pad rows need the op's name \(padded_rows="):
         OpLadder(FusedRawOps(CUDA_KERNELS), forward="reattn::test_pad_forward", backward="reattn::test_pad_backward",
                  gram_sums="reattn::test_pad_gram_sums", bn_grad_sums="reattn::test_pad_bn_grad_sums",
@@ -740,7 +743,7 @@ def test_the_backward_reads_the_rows_the_forward_padded(norm, monkeypatch):
     # and dO (ops.cpp vector_aligned). The programs read the same values either way: bitwise the same results.
     from reattn.backends.cuda import CUDA_OPS
 
-    B, H, N, D = 2, 3, 20, 35
+    B, H, N, D = 2, 3, 20, 20  # the one-segment program (32 columns) reads q in chunks too
     g = torch.Generator().manual_seed(1)
     inputs = [torch.randn(B, H, N, D, generator=g).bfloat16().to(DEVICE) for _ in range(3)]
     weight = (torch.eye(H) + 0.1 * torch.randn(H, H, generator=g)).to(DEVICE)
@@ -766,6 +769,42 @@ def test_the_backward_reads_the_rows_the_forward_padded(norm, monkeypatch):
     for name, a, b in zip(("out", "dq", "dk", "dv", "dW"), padded, unpadded):
         assert torch.equal(a, b), name
     assert all(t.is_contiguous() for t in padded[:4])  # the outputs and gradients are the inputs' shape, dense
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the emulator's tile choice (an H100's shared memory) is checked here")
+def test_the_ladder_leaves_q_unpadded_where_the_forward_stages_it(monkeypatch):
+    # The segmented forward (Nk > 224 here) stages q's rows element by element (rows.cuh stage_rows, ReAttnParams
+    # q_by_element), so the ladder pads k and v alone (2 copies) and the backward pads q and dO for itself (2), where
+    # the one-segment forward reads q padded (the ladder pads all three). The same values either way: bitwise the
+    # same results as with no padding by the ladder (each op pads what it reads).
+    from reattn.backends.cuda import CUDA_OPS
+
+    assert _C.cuda_forward_stages_queries(12, 35, 260, "bfloat16") and _C.cuda_forward_stages_queries(12, 20, 260, "float16")
+    assert not _C.cuda_forward_stages_queries(12, 20, 200, "bfloat16")  # one segment of 224 keys, 32 columns
+    assert not _C.cuda_forward_stages_queries(12, 35, 260, "float32")
+    B, H, Nq, Nk, D = 1, 12, 20, 260, 35
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, H, Nq, D, generator=g).bfloat16().to(DEVICE)
+    k, v = (torch.randn(B, H, Nk, D, generator=g).bfloat16().to(DEVICE) for _ in range(2))
+    assert CUDA_OPS.raw.padded_inputs(q, k, v) == [1, 2]
+    narrow = q[..., :20].contiguous()
+    assert CUDA_OPS.raw.padded_inputs(narrow, narrow, narrow) == [0, 1, 2]
+    weight = (torch.eye(H) + 0.1 * torch.randn(H, H, generator=g)).to(DEVICE)
+    grad = torch.randn(B, H, Nq, D, generator=g).bfloat16().to(DEVICE)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, weight)]
+        forward_copies = _copies(lambda: leaves.append(reattn.re_attention(*leaves, backend="cuda")))
+        out = leaves.pop()
+        backward_copies = _copies(lambda: out.backward(grad))
+        return [out] + [t.grad for t in leaves], (forward_copies, backward_copies)
+
+    staged, copies = run()
+    monkeypatch.setattr(CUDA_OPS, "padded_rows", None)
+    unpadded, copies_before = run()
+    assert copies == (2, 2) and copies_before == (2, 4)  # the forward pads k, v itself without the ladder's op
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dW"), staged, unpadded):
+        assert torch.equal(a, b), name
 
 
 def test_padded_rows_compile_into_the_graph():

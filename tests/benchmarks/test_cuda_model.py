@@ -117,12 +117,14 @@ def test_launches_per_norm_mode_follow_ops_cpp():
 def test_unaligned_head_dims_run_the_plain_variants_on_padded_copies():
     from benchmarks import cuda_side
 
-    # D = 35 (DeepViT-L-384): 70-byte rows. The ladder pads q, k, v into rows of 40 elements once (padded_rows), the
-    # backward reads those views as the autograd saved them and ops.cpp copies dO alone; the plain variants run
-    # on the copies, whose first D columns they see.
+    # D = 35 (DeepViT-L-384): 70-byte rows. The ladder pads k and v into rows of 40 elements once (padded_rows), the
+    # backward reads those views as the autograd saved them and ops.cpp copies q and dO; the plain variants run
+    # on the copies, whose first D columns they see. The forward's 48-column program stages q's rows element by
+    # element from q itself (ReAttnParams q_by_element); the padding's zeros are kept from an earlier call.
     steps = cuda_side.cuda_call(1, 2, 40, 35, "none", 90)
     copies = {phase: sum(getattr(x, "name", None) == "cat" for x in items) for phase, items in steps.items()}
-    assert copies == {"fwd": 3, "bwd": 1}
+    assert copies == {"fwd": 2, "bwd": 2}
+    assert [getattr(x, "name", None) for x in steps["fwd"][:2]] == ["cat", "cat"] and len(steps["fwd"]) == 3
     launches = _launches(steps)
     (fwd,), (rows, keys) = launches["fwd"], launches["bwd"]
     # D = 35 <= 40 of the 48 columns: the forward's narrow-tail program (rows.cuh NarrowTail).
@@ -130,7 +132,10 @@ def test_unaligned_head_dims_run_the_plain_variants_on_padded_copies():
     assert rows.name.endswith("plain_backward_rows>>")
     assert keys.name.endswith(", plain>>")
     for launch in (fwd, rows, keys):
-        assert launch.params.vector_loads and launch.params.q_st.n == 40 and launch.params.k_st.n == 40
+        assert launch.params.vector_loads and launch.params.k_st.n == 40
+    assert fwd.params.q_by_element and fwd.params.q_st.n == 35
+    for launch in (rows, keys):
+        assert not launch.params.q_by_element and launch.params.q_st.n == 40
     assert rows.params.do_st.n == 40
 
 
