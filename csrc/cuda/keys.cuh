@@ -744,21 +744,29 @@ struct KeyProgram {
 
   // Accumulators of head group + groups j, keys of the warp's tiles, to a [B, H, Nk, D] output in T
   // (store_fragment_row, rows.cuh).
+  // The alignment test (rows_paired) outside the loops, so each copy of them holds one store path.
   REATTN_DEVICE void write_keys(const float (&acc)[kHeads][kTiles][Cfg::kN8][4], void* dst, const Strides4& st) const {
+    const auto store = [&](auto paired) {
 #pragma unroll
-    for (int j = 0; j < kHeads; ++j) {
-      const int h = group + kGroups * j;
-      if (h >= H) continue;
+      for (int j = 0; j < kHeads; ++j) {
+        const int h = group + kGroups * j;
+        if (h >= H) continue;
 #pragma unroll
-      for (int t = 0; t < kTiles; ++t) {
+        for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int key = n0 + tile_key(t) + gq + r * 8;
-          if (key >= Nk) continue;
-          E* out = static_cast<E*>(dst) + b * st.b + h * st.h + static_cast<int64_t>(key) * st.n;
-          store_fragment_row<E, Cfg::kN8, Cfg::kD>(out, acc[j][t], r, tq, 0, D, st.d);
+          for (int r = 0; r < 2; ++r) {
+            const int key = n0 + tile_key(t) + gq + r * 8;
+            if (key >= Nk) continue;
+            E* out = static_cast<E*>(dst) + b * st.b + h * st.h + static_cast<int64_t>(key) * st.n;
+            store_fragment_row<E, Cfg::kN8, Cfg::kD>(out, acc[j][t], r, tq, 0, D, st.d, decltype(paired)::value);
+          }
         }
       }
+    };
+    if (rows_paired(dst, st)) {
+      store(std::true_type{});
+    } else {
+      store(std::false_type{});
     }
   }
 

@@ -91,48 +91,55 @@ constexpr float kLog2e = 1.4426950408889634f;
 // A row with every key masked has m = -inf: subtract 0 instead.
 REATTN_DEVICE float exp_shifted(float s, float m) { return dev::exp2_approx((s - (m == -INFINITY ? 0.0f : m)) * kLog2e); }
 
+// Whether every row of a 16-bit [B, H, N, D] output at `base` (strides st, in elements) is 4-byte aligned
+// with unit column stride, so that each pair of columns (an even one and the next) goes as one 32-bit
+// store: one test a program makes for all its rows (store_fragment_row).
+REATTN_DEVICE bool rows_paired(const void* base, const Strides4& st) {
+  return st.d == 1 && st.n % 2 == 0 && st.h % 2 == 0 && st.b % 2 == 0 && reinterpret_cast<uintptr_t>(base) % 4 == 0;
+}
+
 // Fragment row r (0: tile row gq, 1: gq + 8) of n8 accumulator tiles acc[kN8][4] to a 16-bit output row
-// at `out`: columns d0 + 8 n + 2 tq and the next, stride_d elements apart, none at or past D. Pairs go
-// as one 32-bit store where the row's address is 4-byte aligned and stride_d is 1 (not every other row
-// of an odd row stride, e.g. D = 35: a GPU faults on a misaligned store); a row whose kCols columns all
-// exist stores its pairs from one address. The row program's O and dQ, the key pass's dK and dV.
+// at `out`: columns d0 + 8 n + 2 tq and the next, stride_d elements apart, none at or past D. paired
+// (rows_paired of the output, the same for every row): each pair as one 32-bit store, from one address
+// where the row's kCols columns all exist; else each pair packed once and stored as its two 16-bit halves
+// (an odd D's rows alternate in alignment, and a GPU faults on a misaligned 32-bit store). Tested per row,
+// the alignment sent every warp of an odd D through both paths (static model, DeepViT-L-384 plain affine
+// forward at D = 35: 206 warp instructions per head and row, 132 of them integer). The row program's O and
+// dQ, the key pass's dK and dV.
 template <typename E, int kN8, int kCols>
 REATTN_DEVICE void store_fragment_row(E* out, const float (&acc)[kN8][4], int r, int tq, int d0, int D,
-                                      int64_t stride_d) {
+                                      int64_t stride_d, bool paired) {
   using Cv = dev::Convert<E>;
-  const bool pairs = stride_d == 1 && reinterpret_cast<uintptr_t>(out) % 4 == 0;  // every column is even
-  if (pairs && d0 + kCols <= D) {
+  if (paired && d0 + kCols <= D) {
 #pragma unroll
     for (int n = 0; n < kN8; ++n) dev::store_pair(out + d0 + n * 8 + 2 * tq, Cv::pack(acc[n][2 * r], acc[n][2 * r + 1]));
+    return;
+  }
+  if (!paired && stride_d == 1) {  // from the lane's first column, tested against the columns left
+    E* at = out + d0 + 2 * tq;
+    const int left = D - d0 - 2 * tq;
+#pragma unroll
+    for (int n = 0; n < kN8; ++n) {
+      const uint32_t v = Cv::pack(acc[n][2 * r], acc[n][2 * r + 1]);
+      if (n * 8 < left) at[n * 8].bits = static_cast<uint16_t>(v & 0xffffu);
+      if (n * 8 + 1 < left) at[n * 8 + 1].bits = static_cast<uint16_t>(v >> 16);
+    }
     return;
   }
 #pragma unroll
   for (int n = 0; n < kN8; ++n) {
     const int d = d0 + n * 8 + 2 * tq;
-    if (pairs && d + 1 < D) {
-      dev::store_pair(out + d, Cv::pack(acc[n][2 * r], acc[n][2 * r + 1]));
-    } else {
-      if (d < D) out[d * stride_d].bits = Cv::from_float(acc[n][2 * r]);
-      if (d + 1 < D) out[(d + 1) * stride_d].bits = Cv::from_float(acc[n][2 * r + 1]);
-    }
-  }
-}
-
-// The forward's O where its rows are not all 4-byte aligned (an odd D): fragment row r (0: tile row gq,
-// 1: gq + 8) of n8 accumulator tiles acc[kN8][4] to a 16-bit output row of unit column stride, columns
-// d0 + 8 n + 2 tq and the next from `at` (= the row + d0 + 2 tq), those at or past D left alone (`left` =
-// D - d0 - 2 tq columns from at): each pair packed once and stored as its two 16-bit halves, the same
-// code for the rows of either alignment. store_fragment_row, which tests each row's alignment, runs
-// both of its paths in every warp of an odd D, whose rows alternate (static model, DeepViT-L-384 plain
-// affine forward at D = 35: 206 warp instructions per head and row, 132 of them integer).
-template <typename E, int kN8>
-REATTN_DEVICE void store_output_halves(E* at, const float (&acc)[kN8][4], int r, int left) {
-  using Cv = dev::Convert<E>;
-#pragma unroll
-  for (int n = 0; n < kN8; ++n) {
     const uint32_t v = Cv::pack(acc[n][2 * r], acc[n][2 * r + 1]);
-    if (n * 8 < left) at[n * 8].bits = static_cast<uint16_t>(v & 0xffffu);
-    if (n * 8 + 1 < left) at[n * 8 + 1].bits = static_cast<uint16_t>(v >> 16);
+    if (paired) {
+      if (d + 1 < D) {
+        dev::store_pair(out + d, v);
+      } else if (d < D) {
+        out[d].bits = static_cast<uint16_t>(v & 0xffffu);
+      }
+    } else {
+      if (d < D) out[d * stride_d].bits = static_cast<uint16_t>(v & 0xffffu);
+      if (d + 1 < D) out[(d + 1) * stride_d].bits = static_cast<uint16_t>(v >> 16);
+    }
   }
 }
 
@@ -1750,26 +1757,29 @@ struct RowProgram {
   }
 
   // Accumulators o[j] of head group + groups j, fragment layout, to a [B, H, Nq, D] output (T or fp32;
-  // 16-bit rows by store_fragment_row).
+  // 16-bit rows by store_fragment_row, paired or not for all rows alike). Past the narrow tail's 5 n8
+  // tiles the columns are past D.
   REATTN_DEVICE void write_rows(const float (&o)[kHeads][Cfg::kOutN8][4], void* dst, const Strides4& st,
                                 bool fp32) const {
-    // The forward's 16-bit O (unit column stride: the op allocates it contiguous) where its rows are
-    // not all 4-byte aligned: store_output_halves, one warp-uniform test for all rows. Past the narrow
-    // tail's 5 n8 tiles the columns are past D.
     constexpr int kStoredN8 = kNarrowTail ? Cfg::kOutN8 - 1 : Cfg::kOutN8;
-    if (!Cfg::kBackward && !fp32 && st.d == 1 &&
-        (st.n % 2 != 0 || st.h % 2 != 0 || st.b % 2 != 0 || reinterpret_cast<uintptr_t>(dst) % 4 != 0)) {
-      for_each_row(st, [&](int j, int r, int64_t at_row) {
-        store_output_halves<E, kStoredN8>(static_cast<E*>(dst) + at_row + d0 + 2 * tq,
-                                          reinterpret_cast<const float(&)[kStoredN8][4]>(o[j]), r, D - d0 - 2 * tq);
-      });
+    if (!fp32) {
+      // The test outside the rows' loop, so each loop holds one path (inside it, the static model's
+      // DeepViT-L-384 LayerNorm forward took +1.4 us t_high for the per-row tests).
+      const auto store = [&](auto paired) {
+        for_each_row(st, [&](int j, int r, int64_t at_row) {
+          store_fragment_row<E, kStoredN8, 8 * kStoredN8>(static_cast<E*>(dst) + at_row,
+                                                          reinterpret_cast<const float(&)[kStoredN8][4]>(o[j]), r,
+                                                          tq, d0, D, st.d, decltype(paired)::value);
+        });
+      };
+      if (rows_paired(dst, st)) {
+        store(std::true_type{});
+      } else {
+        store(std::false_type{});
+      }
       return;
     }
     for_each_row(st, [&](int j, int r, int64_t at_row) {
-      if (!fp32) {
-        store_fragment_row<E, Cfg::kOutN8, Cfg::kDOut>(static_cast<E*>(dst) + at_row, o[j], r, tq, d0, D, st.d);
-        return;
-      }
       float* out = static_cast<float*>(dst) + at_row;
       if (st.d == 1 && reinterpret_cast<uintptr_t>(out) % 8 == 0 && d0 + Cfg::kDOut <= D) {  // 8-byte pairs
 #pragma unroll
