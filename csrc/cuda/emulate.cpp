@@ -89,13 +89,11 @@ void run_forward_program(const ReAttnParams& given, int order, uint64_t seed) {
   sim::launch(launch, [&] { RowProgram<Cfg>(params).run(); });
 }
 
-// As launch_forward_shape picks: Cfg's program or its narrow-tail one.
+// Cfg's program or its narrow-tail one, as launch_forward_shape picks (with_forward_program).
 template <class Cfg>
 void run_forward(const ReAttnParams& params, int order, uint64_t seed) {
-  if constexpr (Cfg::kNarrowable) {
-    if (narrow_tail(Cfg::shape(), static_cast<int>(params.D))) return run_forward_program<NarrowTail<Cfg>>(params, order, seed);
-  }
-  run_forward_program<Cfg>(params, order, seed);
+  with_forward_program<Cfg>(static_cast<int>(params.D),
+                            [&]<class P>() { run_forward_program<P>(params, order, seed); });
 }
 
 template <typename E, int kSlabs, int kGroups, int kHeads, int kD, int kDOut, int kKeys>

@@ -46,13 +46,11 @@ cudaError_t launch_forward_program(const ReAttnParams& params, cudaStream_t stre
   return cudaGetLastError();
 }
 
-// Cfg's program, or its narrow-tail one where D leaves the last 8 of its columns empty.
+// Cfg's program, or its narrow-tail one where D leaves the last 8 of its columns empty (with_forward_program).
 template <class Cfg>
 cudaError_t launch_forward_shape(const ReAttnParams& params, cudaStream_t stream) {
-  if constexpr (Cfg::kNarrowable) {
-    if (narrow_tail(Cfg::shape(), static_cast<int>(params.D))) return launch_forward_program<NarrowTail<Cfg>>(params, stream);
-  }
-  return launch_forward_program<Cfg>(params, stream);
+  return with_forward_program<Cfg>(static_cast<int>(params.D),
+                                   [&]<class P>() { return launch_forward_program<P>(params, stream); });
 }
 
 template <typename E, int kSlabs, int kGroups, int kHeads, int kD, int kDOut, int kKeys>

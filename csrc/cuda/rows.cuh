@@ -83,6 +83,17 @@ struct NarrowTail : Cfg {
   static constexpr bool kNarrow = true;
 };
 
+// run.template operator()<P>() for the forward program P a problem of head dim D takes in Cfg's shape:
+// NarrowTail<Cfg> where D leaves the last 8 of its columns empty, else Cfg. The launcher
+// (row_kernels.cuh launch_forward_shape) and the emulator (emulate.cpp run_forward) pick through it.
+template <class Cfg, class Run>
+inline auto with_forward_program(int D, Run&& run) {
+  if constexpr (Cfg::kNarrowable) {
+    if (narrow_tail(Cfg::shape(), D)) return run.template operator()<NarrowTail<Cfg>>();
+  }
+  return run.template operator()<Cfg>();
+}
+
 constexpr float kLog2e = 1.4426950408889634f;
 
 // exp(S - m) = exp2((S - m) log2 e): the difference first, exact when S is near m, so a row whose
