@@ -1950,10 +1950,6 @@ struct RowProgram {
     const uint32_t (&whi)[4] = f.whi;
     const uint32_t (&wlo)[4] = f.wlo;
     const LayerLane& ln = f.ln;
-    if constexpr (kTensorMix) {
-      // Before the chunks' first barrier: the ones of head H (nothing else writes there).
-      if (dev::thread_index() < 8) ones_row()[dev::thread_index()] = E{Cv::from_float(1.0f)};
-    }
     for (int c = 0; c < chunks; ++c) {
       const int slot = begin_step();
       if (c + 1 < chunks) {
@@ -2004,6 +2000,13 @@ struct RowProgram {
 
   REATTN_DEVICE void run_forward() {
     load_parameters();
+    if constexpr (kTensorMix) {
+      // The ones of head H, which the mixing's products read as the bias's input (ones_row): once per
+      // program, before the first barrier past the parameters (nothing else writes there, and the fold's
+      // scratch at the start of P~'s buffer, 4 (H^2 + 3 H) bytes, ends before them). Written per key
+      // segment, they cost ~8 warp instructions per warp and segment.
+      if (dev::thread_index() < 8) ones_row()[dev::thread_index()] = E{Cv::from_float(1.0f)};
+    }
     if constexpr (kQueriesShared) {  // a cp.async group of its own, before the first K tile's
       stage_rows(L.queries, p.q, p.q_st, vector() && !p.q_by_element);
       dev::cp_async_commit();
