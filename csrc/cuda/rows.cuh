@@ -1206,7 +1206,9 @@ struct RowProgram {
           issue_keys(same ? round : round + 1, key0 + (same ? t + 1 : 0) * kKeyTile);
         }
         if (active) {
-          if (!Cfg::kBackward && !Cfg::kOneSegment && keys <= 16) {  // the tail segment (finish_round)
+          // The tail segment of several (finish_round): n8 tiles 2 and 3 are left unfinished, which the
+          // one-segment softmax (exact, a segment of at most 16 keys) would read.
+          if (!Cfg::kBackward && !Cfg::kOneSegment && !exact && keys <= 16) {
             score_tile<2>(slot, group, qf, st);
             mask_keys_from<2>(st, 0, keys);
           } else {

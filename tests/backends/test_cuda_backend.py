@@ -232,6 +232,9 @@ TC_CASES = [
     ("two sweeps tail of one key", (1, 12, 20, 257, 35), "layer", None, 0.0),
     ("two sweeps tail of 8 keys", (1, 12, 9, 264, 40), "none", None, 0.0),
     ("two sweeps tail mask dropout", (1, 6, 9, 260, 35), "layer", "bool", 0.25),
+    # The segmented shape's one segment of at most 16 keys (its exact softmax reads every n8 tile of the K tile).
+    ("48 columns one segment Nk=10", (1, 6, 9, 10, 35), "layer", None, 0.0),
+    ("48 columns one segment Nk=3", (2, 12, 5, 3, 40), "none", None, 0.0),
 ]
 
 
