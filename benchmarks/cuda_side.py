@@ -630,7 +630,7 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
         p.stats_is_input = given
         p.moments = rec.pointer(moments, "moments") if with_moments else None
         p.vector_loads = _vector_aligned(p, touched, (("q", "q_st"), ("k", "k_st"), ("v", "v_st")), (q, k, v),
-                                         queries_staged=tiles["keys"] <= 64)  # tiles.h stages_queries
+                                         queries_staged=tiles["stages_queries"])
         if with_moments:
             touched.append((moments, {"write"}))
         variant = forward_variant(p)

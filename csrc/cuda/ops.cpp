@@ -530,13 +530,16 @@ std::vector<at::Tensor> padded_rows(const std::vector<at::Tensor>& tensors) {
   return views;
 }
 
-// What the programs read of `t`: t itself where it is loadable and D is a multiple of 8 or t is a padded
-// view (is_padded_view), else zero_padded_rows' view, its copy kept alive by `keep`; t again where the
-// copy's offsets would not fit 32 bits. `chunks`: whether that is read in whole 16-byte chunks (all but
-// the last case).
+// Whether the programs read t's rows in whole 16-byte chunks as they are: loadable, and D a multiple of 8
+// or t a padded view (is_padded_view), its columns past D zero.
+bool chunks_as_is(const at::Tensor& t) { return vector_loadable(t) && (t.size(3) % 8 == 0 || is_padded_view(t)); }
+
+// What the programs read of `t`: t itself where chunks_as_is, else zero_padded_rows' view, its copy kept
+// alive by `keep`; t again where the copy's offsets would not fit 32 bits. `chunks`: whether that is read
+// in whole 16-byte chunks (all but the last case).
 at::Tensor vector_aligned(const at::Tensor& t, std::vector<at::Tensor>& keep, at::Tensor& zeros, bool& chunks) {
   chunks = true;
-  if (vector_loadable(t) && (t.size(3) % 8 == 0 || is_padded_view(t))) return t;
+  if (chunks_as_is(t)) return t;
   const at::Tensor padded = padded_like(t);
   chunks = batch_offsets_fit_int32(padded);
   if (!chunks) return t;
@@ -553,7 +556,7 @@ bool use_aligned_inputs(Arguments& a, const at::Tensor& q, const at::Tensor& k, 
   ReAttnParams& p = a.p;
   at::Tensor zeros;
   bool chunks[4] = {true, true, true, true};
-  p.q_by_element = queries_staged && !(vector_loadable(q) && (q.size(3) % 8 == 0 || is_padded_view(q)));
+  p.q_by_element = queries_staged && !chunks_as_is(q);
   const at::Tensor qa = p.q_by_element ? q : vector_aligned(q, a.keep, zeros, chunks[0]),
                    ka = vector_aligned(k, a.keep, zeros, chunks[1]), va = vector_aligned(v, a.keep, zeros, chunks[2]);
   p.q = qa.data_ptr();
@@ -949,6 +952,7 @@ pybind11::object forward_tiles(int64_t H, int64_t D, int64_t Nq, int64_t Nk, con
   out["layout"] = row_layout_tuple(rl);
   out["grid"] = pybind11::make_tuple((Nq + s.rows() - 1) / s.rows(), (D + s.d_out - 1) / s.d_out);
   out["narrow"] = narrow_tail(s, static_cast<int>(D));  // launches forward_kernel<NarrowTail<RowConfig<...>>>
+  out["stages_queries"] = stages_queries(false, s.keys);  // reads q unpadded (use_aligned_inputs)
   return out;
 }
 
