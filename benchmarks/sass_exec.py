@@ -1431,15 +1431,35 @@ def dst_width(ins: sass.Instruction) -> int:
 @handles("F2F", "F2FP", "FRND", "HADD2", "HFMA2", "HMUL2", "HMNMX2", "HSETP2", "DADD", "DMUL", "DFMA",
          "DMNMX", "FSWZADD", "I2I", "F2F64", "MOVM", "HMMA", "HGMMA", "DMMA", "IMMA", "BMMA", "LDSM", "SHFL")
 def _data(e, w, ins, ops, mods, lanes):
-    """Floating-point data and tensor-core results: unknown (they never steer the loops modelled here)."""
+    """Floating-point data and tensor-core results: unknown (they never steer the loops modelled here), except
+    ptxas's way of setting a register to a constant on the FMA pipe, ``HFMA2.MMA Rd, -RZ, RZ, hi, lo``: 0 x 0
+    plus the fp16 pair (hi, lo) is that pair's bits, which integer code reads (``0, 0`` is 0 and ``0,
+    5.96e-08`` is 1: a loop counter's or a division's start; ``1.875, 0`` is 1.0f)."""
     if ins.base == "SHFL":
         _shfl(e, w, ins, ops, mods, lanes)
         return
+    if ins.base == "HFMA2" and len(ops) == 5 and all(o.kind == "R" and o.index == RZ for o in ops[1:3]):
+        halves = [_fp16_bits(o.text) if o.kind == "imm" else None for o in ops[3:5]]
+        if None not in halves:
+            e.wr(w, ops[0], lanes, np.full(w.n, (halves[0] << 16) | halves[1], np.uint32), np.ones(w.n, bool))
+            return
     for o in ops[:1]:
         if o.kind in ("R", "UR", "P", "UP"):
             e.unknown(w, o, lanes, dst_width(ins) if o.kind in ("R", "UR") else 1)
     if ins.base in ("HSETP2", "DSETP") and len(ops) > 1 and ops[1].kind == "P":  # DSETP: an operand it cannot read
         e.unknown(w, ops[1], lanes)
+
+
+def _fp16_bits(text: str) -> Optional[int]:
+    """The fp16 bits of an immediate as nvdisasm prints one half of a pair (a decimal that fp16 holds exactly)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    half = np.float16(value)
+    if float(half) != value and not np.isnan(value):
+        return None
+    return int(half.view(np.uint16))
 
 
 def _shfl(e, w, ins, ops, mods, lanes):

@@ -442,3 +442,29 @@ EXIT
     counts = run(fn, shared=64)
     assert not counts.unknown_branches
     assert issued(fn, counts, "FADD") == [1] and issued(fn, counts, "FMUL") == [1]
+
+
+def test_constants_set_on_the_fma_pipe_are_known():
+    # ptxas sets registers to constants with HFMA2.MMA (0 x 0 + an fp16 pair): here a loop counter's start (1)
+    # and its bound's offset (0) that an integer loop then runs on; unknown, the loop ran once.
+    fn = program("""
+LDC R1, c[0x0][0x210]
+HFMA2.MMA R0, -RZ, RZ, 0, 5.9604644775390625e-08
+HFMA2.MMA R4, -RZ, RZ, 0, 0
+HFMA2.MMA R6, -RZ, RZ, 1.875, 0
+IADD3 R1, R1, R4, RZ
+.L_x_0:
+FADD R9, R9, 1
+IADD3 R0, R0, 0x1, RZ
+ISETP.GE.AND P0, PT, R0, R1, PT
+@!P0 BRA `(.L_x_0)
+ISETP.NE.AND P1, PT, R6, 0x3f800000, PT
+@P1 BRA `(.L_x_1)
+FMUL R9, R9, 2
+.L_x_1:
+EXIT
+""")
+    counts = run(fn, [7])
+    assert not counts.unknown_branches and not counts.unmodelled
+    assert issued(fn, counts, "FADD") == [6]  # i = 1 .. 6
+    assert issued(fn, counts, "FMUL") == [1]  # 1.875, 0 is 1.0f
