@@ -812,6 +812,14 @@ def _vector_items(dtype: torch.dtype, D: int, tensors) -> bool:
                st.n * t.element_size() % 16 == 0 for t, st in tensors)
 
 
+def _staged_u_bytes(dtype: torch.dtype, p: HeadAffineParams) -> int:
+    """head_affine.cuh's staged_u_bytes: U's row of D columns and vector_columns - 1 more (wrapped), in the
+    accumulation dtype (vector_columns: one 16-byte item of dtype where that is fp32, else 1)."""
+    acc = _acc(dtype)
+    columns = 16 // dtype.itemsize if acc == torch.float32 else 1
+    return (p.D + columns - 1) * acc.itemsize
+
+
 def _head_symbol(kernel: str, dtype: torch.dtype) -> str:
     return f"_ZN6reattn4cuda{len(kernel)}{kernel}I{DTYPE_SYMBOL[dtype]}EEvNS0_16HeadAffineParamsE"
 
@@ -844,7 +852,7 @@ def _head_affine(r, u, alpha, beta, dtype, u_sum=None):
         p.vector = _vector_items(dtype, p.D, ((r, p.r_st), (u, p.u_st)))
     p.coefficients, p.out = rec.pointer(coefficients, "coefficients"), rec.pointer(out, "out")
     # head_affine.cuh's head_affine_shared: U's row staged in shared memory where it is one per (b, h)
-    _record_head("head_affine_kernel", dtype, p, touched, p.D * u.element_size() if p.u_st.n == 0 else 0)
+    _record_head("head_affine_kernel", dtype, p, touched, _staged_u_bytes(dtype, p) if p.u_st.n == 0 else 0)
     return out
 
 
@@ -945,7 +953,7 @@ def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_key
     touched = [(grad, {"read"}), (r, {"read"}), (u, {"read"}), (stats, {"read"}), (mix_weight, {"read"}),
                (partials, {"write"})] + ([(mix_bias, {"read"})] if mix_bias is not None else [])
     # head_affine.cuh's head_dot_sums_shared: the warps' sums, then U's row staged where it is one per (b, h)
-    staged = p.D * acc.itemsize if p.u_st.n == 0 else 0
+    staged = _staged_u_bytes(grad.dtype, p) if p.u_st.n == 0 else 0
     _record_head("head_dot_sums_kernel", grad.dtype, p, touched, 2 * warps * acc.itemsize + staged)
     return partials.sum(dim=(1, 3), dtype=torch.float64) if summed else partials
 

@@ -8,10 +8,13 @@
 // forward writes nothing for it. Both are memory-bound: each element is read once (and O written once).
 // Where the rows allow (the host's HeadAffineParams::vector) a thread item is one 16-byte access of
 // each 16-bit tensor (8 columns; each fp32 input: two 16-byte loads), against 8 accesses of each and
-// the index arithmetic per element.
+// the index arithmetic per element. Where they do not (a head dim such as 35) but a head's rows lie D
+// apart in every tensor and U is one row, a 16-bit block walks its rows as one flat span in such 16-byte
+// groups instead (for_each_group), whatever D; each block decides that for itself, from the parameters.
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
@@ -155,10 +158,11 @@ struct UColumns {
   }
 };
 
-// Bytes of U's staged row (none where U has a row per query).
+// Bytes of U's staged row (none where U has a row per query): D columns and vector_columns<T>() - 1 more that
+// wrap around (stage_u_row), so the flat walk's groups read their columns at consecutive addresses.
 template <typename T>
 REATTN_HD constexpr size_t staged_u_bytes(int D, bool staged) {
-  return staged ? static_cast<size_t>(D) * sizeof(typename Storage<T>::acc) : 0;
+  return staged ? static_cast<size_t>(D + vector_columns<T>() - 1) * sizeof(typename Storage<T>::acc) : 0;
 }
 
 // Dynamic shared memory of head_affine_program: U's staged row.
@@ -167,15 +171,17 @@ REATTN_HD constexpr size_t head_affine_shared(int D, bool staged) {
   return staged_u_bytes<T>(D, staged);
 }
 
-// U's row of the block's (b, h) into shared memory at `row`, each column by one thread: its u_parts parts added in
-// order (load_parts; one part where U comes summed), and by the blocks of query row 0 also stored to u_sum where
-// that is set (after the forward's shares). Read from global memory by every thread, U's columns were most of
-// the L2 requests of head_affine (4 to 7 parts of 32 bytes for 32 bytes of R' and 16 of O per item at DeiT-S and
-// DeepViT-16b) and of head_dot_sums (static model). First thing in the block, from nothing but the parameters, so
-// nothing of the items' state is live across it: otherwise head_affine needs 46 or more registers on sm_90 (5
-// blocks per SM where 6 fit at 40) or ptxas spills one on sm_80.
-template <typename A, int kVec>
-REATTN_FN void stage_u_row(const HeadAffineParams& p, A* row) {
+// U's row of the block's (b, h) into shared memory at `row`, times `scale` where kScaled (head_affine's flat
+// walk stages beta U, so each element takes one FFMA), each item of kVec columns by one thread: its u_parts parts
+// added in order (load_parts; one part where U comes summed), and by the blocks of query row 0 also stored to u_sum
+// (unscaled) where that is set (after the forward's shares). kWrap entries past D repeat the first columns (row[j]
+// = scale U[j mod D]) for the flat walk (for_each_group). Read from global memory by every thread, U's columns
+// were most of the L2 requests of head_affine (4 to 7 parts of 32 bytes for 32 bytes of R' and 16 of O per item at
+// DeiT-S and DeepViT-16b) and of head_dot_sums (static model). First thing in the block, from nothing but the
+// parameters, so nothing of the items' state is live across it: otherwise head_affine needs 46 or more registers
+// on sm_90 (5 blocks per SM where 6 fit at 40) or ptxas spills one on sm_80.
+template <typename A, int kVec, int kWrap = 0, bool kScaled = false>
+REATTN_FN void stage_u_row(const HeadAffineParams& p, A* row, A scale = A(1)) {
   const HeadRows rows = head_rows(p);
   const A* u = block_start(static_cast<const A*>(p.u), p.u_st, rows);
   A* u_sum = rows.begin == 0 && p.u_sum != nullptr ? static_cast<A*>(p.u_sum) + (rows.b * p.H + rows.h) * p.D
@@ -183,10 +189,74 @@ REATTN_FN void stage_u_row(const HeadAffineParams& p, A* row) {
   for (unsigned d = dev::thread_index() * kVec; d < static_cast<unsigned>(p.D); d += kHeadAffineThreads * kVec) {
     A y[kVec];
     load_parts<A, kVec>(u, p.u_parts, p.u_part_stride, d, y);
-    for (int c = 0; c < kVec; ++c) row[d + c] = y[c];
+    for (int c = 0; c < kVec; ++c) row[d + c] = kScaled ? scale * y[c] : y[c];
     if (u_sum != nullptr) store_columns<A, kVec>(u_sum + d, y);
   }
+  if constexpr (kWrap > 0) {
+    const unsigned D = static_cast<unsigned>(p.D);
+    for (unsigned j = D + dev::thread_index(); j < D + kWrap; j += kHeadAffineThreads) {
+      unsigned d = j - D;
+      while (d >= D) d -= D;  // more than once only where D < kWrap
+      A y[1];
+      load_parts<A, 1>(u, p.u_parts, p.u_part_stride, d, y);
+      row[j] = kScaled ? scale * y[0] : y[0];
+    }
+  }
   dev::sync_threads();
+}
+
+// The flat walk of a block's rows [begin, end) where, in every tensor it reads, a head's rows are D apart (so
+// they are one span of (end - begin) D elements) and U is one staged row: the span goes in groups of kVec
+// elements at offsets where each tensor's address is 16-byte aligned (one 16-byte access of each, whatever D:
+// DeepViT-L's 35 took one access per element and the index arithmetic of each, ~17 integer instructions an
+// element), the lead elements before the first group and the tail after the last (each fewer than kVec) one per
+// thread. Span element j is column j mod D (the span starts at a row); a thread's groups are 256 kVec elements
+// apart, so its column steps by that modulo D with no division past the first. start(j): the thread's first
+// group is at span element j; then body(d) for each of its groups, in order, d its first column (the columns d..
+// d + kVec - 1 read from the staged row, wrapped past D); body advances its own pointers by kGroupStep<kVec>
+// elements a call (running pointers, where offsets from the block's start took a 64-bit address computation per
+// tensor and group). single(j, d): element j, column d. lead: the elements before the first aligned group, at
+// most span.
+template <int kVec>
+constexpr unsigned kGroupStep = kHeadAffineThreads * kVec;
+
+template <int kVec, typename Start, typename Body, typename Single>
+REATTN_FN void for_each_group(unsigned span, unsigned lead, unsigned D, Start&& start, Body&& body, Single&& single) {
+  const unsigned t = dev::thread_index();
+  const unsigned groups_end = lead + (span - lead) / kVec * kVec;
+  if (t < lead) {
+    single(t, t % D);
+  } else if (t >= static_cast<unsigned>(kVec) && t - kVec < span - groups_end) {
+    const unsigned j = groups_end + (t - kVec);
+    single(j, j % D);
+  }
+  unsigned j = lead + t * kVec;
+  if (j >= groups_end) return;
+  start(j);
+  const unsigned step_d = kGroupStep<kVec> % D;
+  unsigned d = j % D;
+  for (; j < groups_end; j += kGroupStep<kVec>) {
+    body(d);
+    d += step_d;
+    if (d >= D) d -= D;
+  }
+}
+
+// The storage types that take the flat walk where it applies: the 16-bit ones, which the tensor-core forward writes
+// R' in. fp32 and fp64 keep the items (with the walk in the same kernel, ptxas put 8 bytes of head_dot_sums' fp32
+// build on the stack on sm_90).
+template <typename T>
+constexpr bool kFlatWalk = sizeof(T) == 2;
+
+// Whether an address is 16-byte aligned.
+REATTN_FN bool aligned_16(const void* address) { return (reinterpret_cast<uintptr_t>(address) & 15) == 0; }
+
+// The lead of for_each_group for a span whose first element sits `offset` elements past a 16-byte aligned base
+// (kVec elements of 16 bytes), capped at the span.
+template <int kVec>
+REATTN_FN unsigned group_lead(int64_t offset, unsigned span) {
+  const unsigned lead = static_cast<unsigned>(-offset) & (kVec - 1);
+  return lead < span ? lead : span;
 }
 
 // out = alpha[h] R' + beta[h] U, rounded once to T from the accumulation type; R' of type R (the
@@ -230,8 +300,78 @@ REATTN_FN void head_affine_items(const HeadAffineParams& p) {
   head_affine_items<T, T, kVec>(p);
 }
 
+// The element offset of the block's first element in a [B, H, Nq, D] tensor with strides st.
+REATTN_FN int64_t block_offset(const Strides4& st, const HeadRows& rows) {
+  return rows.b * st.b + rows.h * st.h + static_cast<int64_t>(rows.begin) * st.n;
+}
+
+// Whether two tensors' spans can be walked in the same groups of kG elements: both 16-byte aligned and their
+// block offsets (in elements) alike modulo kG, so a group aligned in one is aligned in the other.
+template <int kG>
+REATTN_FN bool groups_align(const void* a, int64_t a_offset, const void* b, int64_t b_offset) {
+  return kG == 1 || (aligned_16(a) && aligned_16(b) && ((a_offset - b_offset) & (kG - 1)) == 0);
+}
+
+// The flat walk's condition for head_affine's block: U one staged row, R's rows of a head D apart (O's are) and
+// R's groups aligned with O's.
+template <typename T>
+REATTN_FN bool head_affine_flat_rows(const HeadAffineParams& p) {
+  if (p.vector || p.u_st.n != 0 || p.r_st.n != p.D) return false;
+  const HeadRows rows = head_rows(p);
+  const Strides4 out_st{int64_t(p.H) * p.Nq * p.D, int64_t(p.Nq) * p.D, p.D, 1};
+  return groups_align<vector_columns<T>()>(p.r, block_offset(p.r_st, rows), p.out, block_offset(out_st, rows));
+}
+
+// head_affine by the flat walk (for_each_group): out = alpha[h] R' + (beta[h] U), the staged row holding beta U.
+template <typename T, typename R>
+REATTN_FN void head_affine_flat(const HeadAffineParams& p) {
+  using A = typename Storage<T>::acc;
+  constexpr int kG = vector_columns<T>();
+  const HeadRows rows = head_rows(p);
+  const A* coefficients = static_cast<const A*>(p.coefficients);
+  A* staged = reinterpret_cast<A*>(dev::shared_memory());
+  stage_u_row<A, 1, kG - 1, true>(p, staged, coefficients[p.H + rows.h]);
+  const A alpha = coefficients[rows.h];
+  const R* r = block_start(static_cast<const R*>(p.r), p.r_st, rows);
+  const Strides4 out_st{int64_t(p.H) * p.Nq * p.D, int64_t(p.Nq) * p.D, p.D, 1};
+  const int64_t out_offset = block_offset(out_st, rows);
+  T* out = static_cast<T*>(p.out) + out_offset;
+  const unsigned span = static_cast<unsigned>(rows.end - rows.begin) * static_cast<unsigned>(p.D);
+  auto affine = [&](auto columns, const R* from, T* to, unsigned d) {
+    constexpr int kN = decltype(columns)::value;
+    A x[kN], o[kN];
+    if constexpr (std::is_same<R, A>::value) {
+      load_columns<A, kN>(from, x);
+    } else {
+      load_columns_as_acc<T, kN>(from, x);
+    }
+    for (int k = 0; k < kN; ++k) o[k] = alpha * x[k] + staged[d + k];
+    store_columns<T, kN>(to, o);
+  };
+  const R* from = r;
+  T* to = out;
+  for_each_group<kG>(
+      span, group_lead<kG>(out_offset, span), static_cast<unsigned>(p.D),
+      [&](unsigned j) {
+        from = r + j;
+        to = out + j;
+      },
+      [&](unsigned d) {
+        affine(std::integral_constant<int, kG>{}, from, to, d);
+        from += kGroupStep<kG>;
+        to += kGroupStep<kG>;
+      },
+      [&](unsigned j, unsigned d) { affine(std::integral_constant<int, 1>{}, r + j, out + j, d); });
+}
+
 template <typename T>
 REATTN_FN void head_affine_program(const HeadAffineParams& p) {
+  if constexpr (kFlatWalk<T>) {
+    if (head_affine_flat_rows<T>(p)) {
+      if (p.r_is_acc) return head_affine_flat<T, typename Storage<T>::acc>(p);
+      return head_affine_flat<T, T>(p);
+    }
+  }
   if constexpr (vector_columns<T>() > 1) {
     if (p.vector) return head_affine_items<T, vector_columns<T>()>(p);
   }
@@ -260,6 +400,38 @@ REATTN_HD constexpr size_t head_dot_sums_warp_bytes() {
 template <typename T>
 REATTN_HD constexpr size_t head_dot_sums_shared(int D, bool staged) {
   return head_dot_sums_warp_bytes<T>() + staged_u_bytes<T>(D, staged);
+}
+
+// The end of head_dot_sums' block: each thread's sums added over the warp by butterfly shuffles and over the
+// warps in order by the first thread, which writes the block's two partials (see head_dot_sums_items).
+template <typename T>
+REATTN_FN void write_dot_sums(const HeadAffineParams& p, const HeadRows& rows, typename Storage<T>::acc sum_r,
+                              typename Storage<T>::acc sum_u) {
+  using A = typename Storage<T>::acc;
+  for (int mask = dev::kWarpSize / 2; mask > 0; mask /= 2) {
+    sum_r += dev::shfl_xor(sum_r, mask);
+    sum_u += dev::shfl_xor(sum_u, mask);
+  }
+  A* warp_sums = reinterpret_cast<A*>(dev::shared_memory());  // [warps][2]
+  if (dev::lane_index() == 0) {
+    warp_sums[2 * dev::warp_index()] = sum_r;
+    warp_sums[2 * dev::warp_index() + 1] = sum_u;
+  }
+  dev::sync_threads();
+  if (dev::warp_index() != 0) return;
+  double rstd, shift;
+  kept_term_coefficients(p, rows.h, rstd, shift);
+  if (dev::lane_index() == 0) {
+    A total_r = 0, total_u = 0;
+    for (int w = 0; w < kHeadAffineThreads / dev::kWarpSize; ++w) {
+      total_r += warp_sums[2 * w];
+      total_u += warp_sums[2 * w + 1];
+    }
+    const int64_t num_m = (p.Nq + p.rows - 1) / p.rows, blocks = p.B * p.H * num_m;
+    A* out = static_cast<A*>(p.partials) + static_cast<int64_t>(dev::block_index_x()) * num_m + dev::block_index_y();
+    out[0] = static_cast<A>(p.scale * (rstd * static_cast<double>(total_r) + shift * static_cast<double>(total_u)));
+    out[blocks] = static_cast<A>(p.scale * static_cast<double>(total_u));
+  }
 }
 
 // partials[0][block], partials[1][block] = scale (sum dO . R, sum dO . U) over the block's rows, in the
@@ -291,30 +463,7 @@ REATTN_FN void head_dot_sums_items(const HeadAffineParams& p) {
       sum_u += x[k] * u.y[k];
     }
   });
-  for (int mask = dev::kWarpSize / 2; mask > 0; mask /= 2) {
-    sum_r += dev::shfl_xor(sum_r, mask);
-    sum_u += dev::shfl_xor(sum_u, mask);
-  }
-  A* warp_sums = reinterpret_cast<A*>(dev::shared_memory());  // [warps][2]
-  if (dev::lane_index() == 0) {
-    warp_sums[2 * dev::warp_index()] = sum_r;
-    warp_sums[2 * dev::warp_index() + 1] = sum_u;
-  }
-  dev::sync_threads();
-  if (dev::warp_index() != 0) return;
-  double rstd, shift;
-  kept_term_coefficients(p, rows.h, rstd, shift);
-  if (dev::lane_index() == 0) {
-    A total_r = 0, total_u = 0;
-    for (int w = 0; w < kHeadAffineThreads / dev::kWarpSize; ++w) {
-      total_r += warp_sums[2 * w];
-      total_u += warp_sums[2 * w + 1];
-    }
-    const int64_t num_m = (p.Nq + p.rows - 1) / p.rows, blocks = p.B * p.H * num_m;
-    A* out = static_cast<A*>(p.partials) + static_cast<int64_t>(dev::block_index_x()) * num_m + dev::block_index_y();
-    out[0] = static_cast<A>(p.scale * (rstd * static_cast<double>(total_r) + shift * static_cast<double>(total_u)));
-    out[blocks] = static_cast<A>(p.scale * static_cast<double>(total_u));
-  }
+  write_dot_sums<T>(p, rows, sum_r, sum_u);
 }
 
 template <typename T, int kVec>
@@ -323,8 +472,59 @@ REATTN_FN void head_dot_sums_items(const HeadAffineParams& p) {
   head_dot_sums_items<T, kVec, false>(p);
 }
 
+// head_dot_sums by the flat walk (for_each_group) where U is one staged row and dO's and R's rows of a head are
+// D apart, their groups aligned alike: the same sums as head_dot_sums_items, each thread's over its own elements.
+template <typename T>
+REATTN_FN bool head_dot_sums_flat_rows(const HeadAffineParams& p) {
+  if (p.vector || p.u_st.n != 0 || p.r_st.n != p.D || p.grad_st.n != p.D) return false;
+  const HeadRows rows = head_rows(p);
+  return groups_align<vector_columns<T>()>(p.grad, block_offset(p.grad_st, rows), p.r, block_offset(p.r_st, rows));
+}
+
+template <typename T>
+REATTN_FN void head_dot_sums_flat(const HeadAffineParams& p) {
+  using A = typename Storage<T>::acc;
+  constexpr int kG = vector_columns<T>();
+  A* staged = reinterpret_cast<A*>(dev::shared_memory() + head_dot_sums_warp_bytes<T>());
+  stage_u_row<A, 1, kG - 1>(p, staged);
+  const HeadRows rows = head_rows(p);
+  const int64_t grad_offset = block_offset(p.grad_st, rows);
+  const T* g = static_cast<const T*>(p.grad) + grad_offset;
+  const T* r = block_start(static_cast<const T*>(p.r), p.r_st, rows);
+  const unsigned span = static_cast<unsigned>(rows.end - rows.begin) * static_cast<unsigned>(p.D);
+  A sum_r = 0, sum_u = 0;
+  auto sums = [&](auto columns, const T* at_g, const T* at_r, unsigned d) {
+    constexpr int kN = decltype(columns)::value;
+    A x[kN], y[kN];
+    load_columns_as_acc<T, kN>(at_g, x);
+    load_columns_as_acc<T, kN>(at_r, y);
+    for (int k = 0; k < kN; ++k) {
+      sum_r += x[k] * y[k];
+      sum_u += x[k] * staged[d + k];
+    }
+  };
+  const T* at_g = g;
+  const T* at_r = r;
+  for_each_group<kG>(
+      span, group_lead<kG>(grad_offset, span), static_cast<unsigned>(p.D),
+      [&](unsigned j) {
+        at_g = g + j;
+        at_r = r + j;
+      },
+      [&](unsigned d) {
+        sums(std::integral_constant<int, kG>{}, at_g, at_r, d);
+        at_g += kGroupStep<kG>;
+        at_r += kGroupStep<kG>;
+      },
+      [&](unsigned j, unsigned d) { sums(std::integral_constant<int, 1>{}, g + j, r + j, d); });
+  write_dot_sums<T>(p, rows, sum_r, sum_u);
+}
+
 template <typename T>
 REATTN_FN void head_dot_sums_program(const HeadAffineParams& p) {
+  if constexpr (kFlatWalk<T>) {
+    if (head_dot_sums_flat_rows<T>(p)) return head_dot_sums_flat<T>(p);
+  }
   if constexpr (vector_columns<T>() > 1) {
     if (p.vector) return head_dot_sums_items<T, vector_columns<T>()>(p);
   }

@@ -183,7 +183,8 @@ struct HeadAffineParams {
   int H = 0, Nq = 0, D = 0;
   int rows = 0;
   // Items of 16 / sizeof(T) columns (8 of a 16-bit T, 4 of fp32) by 16-byte accesses: fp32
-  // accumulation, D a multiple of the item, every row start of every tensor 16-byte aligned; else one.
+  // accumulation, D a multiple of the item, every row start of every tensor 16-byte aligned; else one
+  // (or, for a 16-bit T, the flat walk where its conditions hold: head_affine.cuh for_each_group).
   bool vector = false;
   // R' = X V (X = W P~ - center): head_affine reads it in the accumulation type (r_is_acc) or in T,
   // head_dot_sums in T. Any strides.

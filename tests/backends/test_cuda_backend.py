@@ -1535,7 +1535,15 @@ def _rows_of(B, H, N, D, dtype, layout, g):
     column, 7 rows a pass on 245 threads; "D = 36": fp32 items (16-bit: one column); "D = 40": items for every
     dtype but fp64, 5 or 10 per row; "D = 64": items, every thread; "D = 64, rows one element off" (a view one
     element into wider rows: the host must pick one column per item, or the emulator's alignment check refuses the
-    16-byte loads): one column, every thread; "D = 130": one column, division."""
+    16-byte loads): one column, every thread; "D = 130": one column, division. "rows D apart" (contiguous): where
+    U is one staged row, a 16-bit dtype's flat walk at D = 35 (groups of 8 elements across rows, lead and tail
+    elements at each block's ends), the items at D = 64; "heads 3 elements apart": rows D apart but the heads' spans
+    misaligned against the output's, so the blocks of head 0 walk flat and the others take the items."""
+    if "rows D apart" in layout:
+        return torch.randn(B, H, N, D, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+    if "heads 3" in layout:
+        spans = torch.randn(B, H, N * D + 3, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+        return spans[..., :N * D].unflatten(2, (N, D))
     if "off" not in layout:
         return torch.randn(B, N, H, D, generator=g, dtype=torch.float64).to(dtype).to(DEVICE).transpose(1, 2)
     wide = torch.randn(B, H, N, D + 8, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
@@ -1543,7 +1551,8 @@ def _rows_of(B, H, N, D, dtype, layout, g):
 
 
 HEAD_LAYOUTS = {"D = 35": 35, "D = 36": 36, "D = 40": 40, "D = 64": 64, "D = 64, rows one element off": 64,
-                "D = 130": 130}
+                "D = 130": 130, "D = 35, rows D apart": 35, "D = 64, rows D apart": 64,
+                "D = 35, heads 3 elements apart": 35}
 
 
 def _two_blocks(D: int) -> int:

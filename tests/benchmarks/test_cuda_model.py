@@ -90,8 +90,9 @@ def test_launches_per_norm_mode_follow_ops_cpp():
     assert not affine.params.r_is_acc and affine.grid == (B * H, 1) and affine.params.rows == N
     assert not train["fwd"][0].params.out_is_acc  # the forward writes X V in bf16: 2 bytes per element
     assert sums.params.inv_keys == 1.0 / N and sums.params.stats and sums.params.W.data
-    # head_dot_sums' shared memory: the 8 warps' two sums, then U's row (staged: one per (b, h) without a mask)
-    assert sums.grid == (B * H, 1) and sums.dynamic_shared == 2 * 8 * 4 + D * 4 and sums.params.u_st.n == 0
+    # head_dot_sums' shared memory: the 8 warps' two sums, then U's row (staged: one per (b, h) without a mask) and
+    # 7 columns more, wrapped, for the flat walk (one 16-byte item of bf16 is 8 columns)
+    assert sums.grid == (B * H, 1) and sums.dynamic_shared == 2 * 8 * 4 + (D + 7) * 4 and sums.params.u_st.n == 0
     # Items of one 16-byte access (8 bf16 columns) in both element-wise passes; U = sum_j V_j in the forward's
     # row-block shares, which head_affine adds (and writes for the backward's sums).
     assert affine.params.vector and sums.params.vector and train["fwd"][0].params.value_sums
@@ -141,13 +142,14 @@ def test_unaligned_head_dims_run_the_plain_variants_on_padded_copies():
 
 def test_head_affine_stages_u_also_without_the_forwards_shares():
     # Key segments (N > 224): the forward sums no shares of U, so the caller's U [B, H, 1, D] comes whole; it is still
-    # one row per (b, h), which head_affine stages in shared memory (head_affine.cuh's head_affine_shared).
+    # one row per (b, h), which head_affine stages in shared memory (head_affine.cuh's head_affine_shared), with 7
+    # columns more, wrapped, for the flat walk.
     from benchmarks import cuda_side
 
     D = 16
     (_, affine) = [x for x in _launches(cuda_side.cuda_call(1, 2, 240, D, "batch-train", 90))["fwd"]]
     assert affine.program == "head_affine" and not affine.params.u_sum and affine.params.u_parts == 1
-    assert affine.params.u_st.n == 0 and affine.dynamic_shared == D * 4
+    assert affine.params.u_st.n == 0 and affine.dynamic_shared == (D + 7) * 4
 
 
 def test_problems_without_a_tensor_core_plan_run_the_cuda_core_programs():
