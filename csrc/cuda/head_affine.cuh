@@ -32,10 +32,12 @@ struct HeadRows {
 };
 
 REATTN_FN HeadRows head_rows(const HeadAffineParams& p) {
-  const int bh = dev::block_index_x();
+  // Unsigned (B H fits int32, checked by the host): the division takes no sign fixes.
+  const unsigned bh = dev::block_index_x(), H = static_cast<unsigned>(p.H);
+  const unsigned b = bh / H;
   HeadRows rows;
-  rows.b = bh / p.H;
-  rows.h = bh % p.H;
+  rows.b = b;
+  rows.h = static_cast<int>(bh - b * H);
   rows.begin = dev::block_index_y() * p.rows;
   rows.end = rows.begin + p.rows < p.Nq ? rows.begin + p.rows : p.Nq;
   return rows;
