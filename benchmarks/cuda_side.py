@@ -112,7 +112,8 @@ class FoldInputs(ctypes.Structure):
     """csrc/cuda/params.h's FoldInputs (ReAttnParams::fold): the parameters each tensor-core program folds."""
     _fields_ = [("H", ctypes.c_int), ("norm", ctypes.c_int), ("out_scale", ctypes.c_double), ("keep", ctypes.c_double),
                 ("W", ParamRef), ("c", ParamRef), ("gamma", ParamRef), ("beta", ParamRef), ("bn", ctypes.c_void_p),
-                ("running_mean", ParamRef), ("running_var", ParamRef), ("eps", ctypes.c_double)]
+                ("running_mean", ParamRef), ("running_var", ParamRef), ("eps", ctypes.c_double),
+                ("center_scale", ctypes.c_double)]
 
 
 class ReAttnParams(ctypes.Structure):
@@ -178,7 +179,8 @@ class BnMomentsParams(ctypes.Structure):
     """csrc/cuda/params.h's BnMomentsParams: bn_moments_kernel's arguments (one block; B and Nq for the sampler)."""
     _fields_ = [("H", ctypes.c_int), ("programs", ctypes.c_int64), ("moments", ctypes.c_void_p),
                 ("count", ctypes.c_void_p), ("count_value", ctypes.c_double), ("center", ParamRef), ("c", ParamRef),
-                ("gamma", ParamRef), ("beta", ParamRef), ("out_scale", ctypes.c_double), ("eps", ctypes.c_double),
+                ("gamma", ParamRef), ("beta", ParamRef), ("W", ParamRef), ("inv_keys", ctypes.c_double),
+                ("out_scale", ctypes.c_double), ("eps", ctypes.c_double),
                 ("stats", ctypes.c_void_p), ("coefficients", ctypes.c_void_p), ("coefficient_storage", ctypes.c_int)]
     B = 1
     Nq = 1
@@ -601,15 +603,18 @@ def _tiles(planner: str, kind: str, q, k, **options) -> Optional[dict]:
 
 
 def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats, attn_mask, seed, lse, *, scale,
-             out_scale, norm, eps, dropout_p, with_moments=False, out_is_acc=False, running=(None, None)):
+             out_scale, norm, eps, dropout_p, with_moments=False, out_is_acc=False, running=(None, None),
+             center_keys=0):
     rec = _RECORDER
+    tiles = _tiles("cuda_forward_tiles", "forward", q, k)
+    if center_keys and tiles is None:  # ops.cpp: the CUDA-core programs take the shift from moments_center
+        mix_bias = _moments_center(mix_weight, center_keys, _acc(q.dtype))[1]
     p, touched = _prepare(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, seed, scale, dropout_p)
     bn_rows = _set_norm(p, norm, out_scale, eps, batch_stats, q)
     if bn_rows is not None:
         touched.append((bn_rows, {"read"}))
     acc = _acc(q.dtype)
     B, H, Nq, D = q.shape
-    tiles = _tiles("cuda_forward_tiles", "forward", q, k)
     given = lse is not None
     stats = lse if given else torch.empty((B, H, Nq, 2), dtype=acc, device=q.device)
     touched.append((stats, {"read"} if given else {"write"}))
@@ -626,6 +631,7 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
             p.value_sums = rec.pointer(value_sums, "value_sums")
             touched.append((value_sums, {"write"}))
         _fold_inputs(p, touched, bn_rows, running)
+        p.fold.center_scale = -1.0 / center_keys if center_keys else 0.0
         p.lse = rec.pointer(stats, "lse")
         p.stats_is_input = given
         p.moments = rec.pointer(moments, "moments") if with_moments else None
@@ -775,13 +781,13 @@ def _bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bia
     return torch.stack([sum_dn_xhat, sum_dn])
 
 
-def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype):
+def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype, center_keys=0):
     """reattn.backends.cuda._forward_moments: U in the row blocks' shares where the programs summed V."""
     from reattn.backends.cuda import value_parts
     x_v, stats, moments, value_sums = _forward(q, k, v, mix_weight, mix_bias, None, None, None, attn_mask, seed, None,
                                                scale=scale, out_scale=1.0, norm="none", eps=1e-5,
                                                dropout_p=dropout_p, with_moments=True,
-                                               out_is_acc=dtype != q.dtype)
+                                               out_is_acc=dtype != q.dtype, center_keys=center_keys)
     return x_v, stats, moments, value_parts(value_sums)
 
 
@@ -857,7 +863,7 @@ def _head_affine(r, u, alpha, beta, dtype, u_sum=None):
 
 
 def _moments_center(mix_weight, n_keys, dtype):
-    """reattn.backends.cuda._moments_center and ops.cpp's moments_center: one launch of moments_center_kernel."""
+    """ops.cpp's moments_center (for the CUDA-core forward's center_keys): one launch of moments_center_kernel."""
     H = mix_weight.shape[0]
     rows = torch.empty((2, H), dtype=dtype, device=mix_weight.device)
     b = MomentsCenterParams()
@@ -869,7 +875,8 @@ def _moments_center(mix_weight, n_keys, dtype):
     return rows[0], rows[1]
 
 
-def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype):
+def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype, mix_weight=None,
+                n_keys=0):
     """reattn.backends.cuda._bn_moments and ops.cpp's bn_moments: one launch of bn_moments_kernel."""
     H = moments.shape[2]
     stats = torch.empty((3, H), dtype=torch.float64, device=moments.device)
@@ -883,11 +890,13 @@ def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out
         b.count, b.count_value = None, float(count)
     given = (center, mix_bias, norm_weight, norm_bias)
     b.center, b.c, b.gamma, b.beta = (_param_ref(t, "bn_" + r) for t, r in zip(given, ("center", "c", "gamma", "beta")))
+    b.W = _param_ref(mix_weight if center is None else None, "bn_W")
+    b.inv_keys = 1.0 / n_keys if center is None else 0.0
     b.out_scale, b.eps = out_scale, eps
     b.stats, b.coefficients = _RECORDER.pointer(stats, "stats"), _RECORDER.pointer(coefficients, "coefficients")
     b.coefficient_storage = STORAGE[dtype]
     touched = [(moments, {"read"})] + ([(count, {"read"})] if isinstance(count, torch.Tensor) else []) + [
-        (t, {"read"}) for t in given if t is not None] + [
+        (t, {"read"}) for t in given + (mix_weight if center is None else None,) if t is not None] + [
         (stats, {"write"}), (coefficients, {"write"})]
     _record_small("bn_moments_kernel", "BnMomentsParams", moments, b, 1, 2 * H * 8, touched)
     return stats, coefficients
@@ -972,7 +981,7 @@ def shim_ops():
 
     kernels = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                            forward_moments=_forward_moments, head_affine=_head_affine,
-                           moments_center=_moments_center, head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
+                           centers_in_forward=True, head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
                            update_running_stats=_update_running_stats,
                            forward_eval_batchnorm=_forward_eval_batchnorm, padded_rows=_padded_rows,
                            forward_stages_queries=lambda q, k: _C().cuda_forward_stages_queries(

@@ -382,8 +382,8 @@ REATTN_FN void head_affine_program(const HeadAffineParams& p) {
 
 // R = xhat V = rstd (R' - mean(X) U) of head g as (rstd, -mean(X) rstd), in float64 from the forward's
 // statistics and the mixing parameters: the forward summed X = W P~ - center with center_g = sum_h W[g, h] / Nk
-// (formed here in float64 as moments_center_program formed it before rounding it for the forward: they differ
-// by that rounding, which R' rounded to 16 bits dwarfs), and its mean of M = W P~ + c is mean(X) + center + c.
+// (formed here in float64 as the forward's fold formed it before rounding it: they differ by that rounding, which
+// R' rounded to 16 bits dwarfs), and its mean of M = W P~ + c is mean(X) + center + c.
 // Every block forms them once, so they cost issue slots, not bytes: run by one whole warp (mixing_row_sum),
 // 1 / Nk comes from the host and rstd from rsqrt_refined (parameters.cuh: no float64 square root or division
 // subroutine).

@@ -605,6 +605,9 @@ bool forward_stages_queries(int64_t H, int64_t D, int64_t Nk, const std::string&
   return shape >= 0 && stages_queries(false, forward_shape(shape).keys);
 }
 
+at::Tensor moments_center(const at::Tensor& mix_weight, int64_t n_keys, at::ScalarType dtype, bool reverse_items,
+                          int64_t shuffle_seed);
+
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& mix_weight, const c10::optional<at::Tensor>& mix_bias,
                                 const c10::optional<at::Tensor>& norm_weight,
@@ -616,7 +619,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 bool out_is_acc, int64_t shared_limit, bool reverse_items, bool poison_outputs, bool programs_only,
                                 int64_t shuffle_seed, bool general_variant,
                                 const c10::optional<at::Tensor>& running_mean,
-                                const c10::optional<at::Tensor>& running_var) {
+                                const c10::optional<at::Tensor>& running_var, int64_t center_keys) {
   const char* op = "reattn cuda_forward";
   Arguments a = prepare(op, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, seed, scale, dropout_p);
   ReAttnParams& p = a.p;
@@ -636,6 +639,10 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   TORCH_CHECK_VALUE(!with_moments || norm == "none", op, ": with_moments needs norm 'none', got '", norm, "'");
   TORCH_CHECK_VALUE(!out_is_acc || with_moments, op, ": out_is_acc goes with with_moments (X V kept in the ",
                     "accumulation type)");
+  // center_keys: the one-sweep forward's shift, -center_g = -sum_h W[g, h] / center_keys as the mixing bias, formed
+  // by the tensor-core programs' fold (no launch of its own) or, for the CUDA-core programs, by moments_center.
+  TORCH_CHECK_VALUE(center_keys >= 0 && (center_keys == 0 || (with_moments && !a.given[1].defined())), op,
+                    ": center_keys (the shift's keys, >= 1) goes with with_moments and no mix_bias, got ", center_keys);
   const int shape = programs_only ? -1 : forward_shape_for(q, k, v, p, shared_limit);
   at::Tensor stats;
   const bool given = stats_in.has_value() && stats_in->defined();
@@ -679,6 +686,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     }
     const int order = emulator_order(reverse_items, shuffle_seed);
     p.fold = fold_inputs(a);
+    if (center_keys > 0) p.fold.center_scale = -1.0 / static_cast<double>(center_keys);
     p.lse = stats.data_ptr();
     p.stats_is_input = given;
     p.moments = with_moments ? moments.data_ptr<double>() : nullptr;
@@ -706,6 +714,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
           "reattn cuda_forward with moments on the CUDA-core programs (fp32 / fp64, or no tensor-core plan) adds "
           "them with atomics");
     }
+    if (center_keys > 0) a.given[1] = moments_center(mix_weight, center_keys, acc, reverse_items, shuffle_seed)[1];
     core_parameters(a, q);
     run(op, kForward, q, p, shared_limit, reverse_items);
   }
@@ -1203,11 +1212,11 @@ at::Tensor moments_center(const at::Tensor& mix_weight, int64_t n_keys, at::Scal
 // Training BatchNorm's statistics and coefficients from the one-sweep forward's moments (BnMomentsParams,
 // bn_moments_kernel): one launch where the float64 arithmetic on [H]-sized tensors took ~25 torch ops.
 std::vector<at::Tensor> bn_moments(const at::Tensor& moments, const c10::optional<at::Tensor>& count,
-                                   const at::Tensor& center, const c10::optional<at::Tensor>& mix_bias,
+                                   const c10::optional<at::Tensor>& center, const c10::optional<at::Tensor>& mix_bias,
                                    const c10::optional<at::Tensor>& norm_weight,
                                    const c10::optional<at::Tensor>& norm_bias, double out_scale, double eps,
                                    at::ScalarType dtype, double count_value, bool reverse_items,
-                                   int64_t shuffle_seed) {
+                                   int64_t shuffle_seed, const c10::optional<at::Tensor>& mix_weight, int64_t n_keys) {
   const char* op = "reattn cuda_bn_moments";
   TORCH_CHECK_VALUE(moments.dim() == 3 && moments.size(1) == 2 && moments.scalar_type() == at::kDouble &&
                         moments.is_contiguous(),
@@ -1234,7 +1243,14 @@ std::vector<at::Tensor> bn_moments(const at::Tensor& moments, const c10::optiona
   p.moments = moments.data_ptr<double>();
   p.count = count_given ? count->data_ptr<double>() : nullptr;
   p.count_value = count_value;
+  const bool center_given = center.has_value() && center->defined();
+  TORCH_CHECK_VALUE(center_given != (mix_weight.has_value() && mix_weight->defined() && n_keys > 0), op,
+                    ": give either center (the shift the forward took off X) or mix_weight and n_keys >= 1 (the "
+                    "forward formed center = sum_h W[g, h] / n_keys itself), not both or neither");
   const at::Tensor given_center = parameter(op, "center", center, {H}, like);
+  const at::Tensor W = parameter(op, "mix_weight", mix_weight, {H, H}, like);
+  p.W = param_ref(W);
+  p.inv_keys = center_given ? 0.0 : 1.0 / static_cast<double>(n_keys);
   const at::Tensor c = parameter(op, "mix_bias", mix_bias, {H}, like);
   const at::Tensor gamma = parameter(op, "norm_weight", norm_weight, {H}, like);
   const at::Tensor beta = parameter(op, "norm_bias", norm_bias, {H}, like);
@@ -1456,7 +1472,7 @@ void register_ops(pybind11::module& m) {
         py::arg("norm"), py::arg("eps"), py::arg("dropout_p"), py::arg("with_moments") = false,
         py::arg("out_is_acc") = false, py::arg("shared_limit") = 0, py::arg("reverse_items") = false, py::arg("poison_outputs") = false,
         py::arg("programs_only") = false, py::arg("shuffle_seed") = 0, py::arg("general_variant") = false,
-        py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
+        py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(), py::arg("center_keys") = 0,
         "Fused CUDA Re-attention forward: [out [B,H,Nq,D], stats [B,H,Nq,2]] with the row statistics (max of "
         "S, log of sum exp(S - max)); with_moments (norm 'none'): out = X V (in the accumulation dtype where "
         "out_is_acc) and a third output, moments [programs, 2, H] float64 (per-program sums of X = W P~ + c and X^2 over the attended "
@@ -1465,7 +1481,9 @@ void register_ops(pybind11::module& m) {
         "[0, H, 1, D]. norm 'batch' = training statistics given as batch_stats "
         "[2,H] (mean, 1/std), or eval-mode BatchNorm given as running_mean and running_var [H] (any float dtype; "
         "rstd = 1/sqrt(running_var + eps), folded by the programs); stats given ([B,H,Nq,2], or a [B,H,Nq] "
-        "logsumexp) = read, not computed. fp16/bf16 "
+        "logsumexp) = read, not computed. center_keys (with_moments, no mix_bias): the mixing bias is "
+        "-sum_h W[g, h] / center_keys (the one-sweep shift; cuda_bn_moments takes mix_weight and n_keys then), "
+        "formed by the programs. fp16/bf16 "
         "run the tensor-core forward where a tile shape fits (programs_only: the CUDA-core programs; "
         "general_variant: its general compiled variant even where a plain one applies). CPU "
         "tensors run the emulator, warps in reverse (reverse_items) or shuffled (shuffle_seed != 0) order.");
@@ -1516,9 +1534,11 @@ void register_ops(pybind11::module& m) {
   m.def("cuda_bn_moments", &bn_moments, py::arg("moments"), py::arg("count"), py::arg("center"), py::arg("mix_bias"),
         py::arg("norm_weight"), py::arg("norm_bias"), py::arg("out_scale"), py::arg("eps"), py::arg("dtype"),
         py::arg("count_value") = 0.0, py::arg("reverse_items") = false, py::arg("shuffle_seed") = 0,
+        py::arg("mix_weight") = py::none(), py::arg("n_keys") = 0,
         "Training BatchNorm's statistics from the one-sweep forward's moments [programs, 2, H] (float64 sums of "
-        "X = W P~ - center and X^2 per program; count: the entries per head, one float64 value, or None and "
-        "count_value): [stats [3, H] float64 (mean of "
+        "X = W P~ - center and X^2 per program; center as given, or None with mix_weight and n_keys where the "
+        "forward formed it (cuda_forward's center_keys); count: the entries per head, one float64 value, or None "
+        "and count_value): [stats [3, H] float64 (mean of "
         "W P~ + mix_bias, biased variance, count), coefficients [4, H] in dtype (alpha, beta, rstd, -mean(X) rstd: "
         "the norm's output is alpha X V + beta U, xhat V = rstd X V - mean(X) rstd U)]. One launch.");
   m.def("cuda_bn_coefficients", &bn_coefficients, py::arg("stats"), py::arg("sums"), py::arg("norm_weight"),

@@ -59,6 +59,33 @@ REATTN_DEVICE void store_value(void* out, int storage, int64_t i, double x) {
   }
 }
 
+// sum_h W[g, h] in float64, h in order (by any one thread: the fold's, bn_moments' and head_dot_sums' sums of a
+// row are the same number, so the shift the forward subtracted is the one the statistics add back).
+REATTN_DEVICE double weight_row_sum(const ParamRef& W, int H, int g) {
+  double s = 0.0;
+  for (int h = 0; h < H; ++h) {
+    s += param_value(W, static_cast<int64_t>(g) * W.stride0 + static_cast<int64_t>(h) * W.stride1);
+  }
+  return s;
+}
+
+// The same sum by one whole warp (H <= 32): lane h loads W[g, h] and 5 butterfly levels add them, so every lane
+// gets it, in the same order on every run (head_dot_sums' kept_term_coefficients, one block's warp: H loads by one
+// lane there took +4 to +6 us at DeiT-S and DeepViT-L-384, static model). It differs from weight_row_sum's by the
+// float64 sum's order alone, which that use, unrounded next to R' rounded to 16 bits, does not see.
+REATTN_DEVICE double mixing_row_sum(const ParamRef& W, int H, int g) {
+  const int lane = dev::lane_index();
+  double s = lane < H ? param_value(W, static_cast<int64_t>(g) * W.stride0 + static_cast<int64_t>(lane) * W.stride1)
+                      : 0.0;
+  for (int mask = dev::kWarpSize / 2; mask > 0; mask /= 2) s += dev::shfl_xor(s, mask);
+  return s;
+}
+
+// x rounded to storage type `storage` and back (the value a kernel reading it in that type sees).
+REATTN_DEVICE double rounded_to(int storage, double x) {
+  return storage == kFloat32 ? static_cast<double>(static_cast<float>(x)) : x;
+}
+
 // 1 / sqrt(x) in float64 for x in fp32's normal range (a variance plus eps > 0): the fp32 reciprocal square root
 // (relative error < 2^-22) refined by two Newton steps (error ~2^-53). A float64 square root and division are
 // subroutines of ~100 instructions each: formed for every folded value of every program, they made eval-mode
@@ -90,7 +117,7 @@ REATTN_DEVICE double forward_folded(const FoldInputs& p, int i) {
   }
   if (piece < 0) return alpha * p.keep * param_value(p.W, h * p.W.stride0 + static_cast<int64_t>(i - h * H) * p.W.stride1);
   if (piece == 0) {
-    double c = alpha * head_value(p.c, h, 0.0);
+    double c = alpha * (p.center_scale != 0.0 ? p.center_scale * weight_row_sum(p.W, H, h) : head_value(p.c, h, 0.0));
     if (batch) c += p.out_scale * (head_value(p.beta, h, 0.0) - head_value(p.gamma, h, 1.0) * mean * rstd);
     return c;
   }
@@ -142,21 +169,11 @@ REATTN_DEVICE void param_grads_program(const ParamGradsParams& p) {
   }
 }
 
-// sum_h W[g, h] in float64, by one whole warp (H <= 32): lane h loads W[g, h] and 5 butterfly levels add them, so
-// every lane gets the same sum, in the same order on every run.
-REATTN_DEVICE double mixing_row_sum(const ParamRef& W, int H, int g) {
-  const int lane = dev::lane_index();
-  double s = lane < H ? param_value(W, static_cast<int64_t>(g) * W.stride0 + static_cast<int64_t>(lane) * W.stride1)
-                      : 0.0;
-  for (int mask = dev::kWarpSize / 2; mask > 0; mask /= 2) s += dev::shfl_xor(s, mask);
-  return s;
-}
-
 // Warp w forms center_g for g = w, w + 8, ... (MomentsCenterParams); its lane 0 stores center_g and -center_g.
 REATTN_DEVICE void moments_center_program(const MomentsCenterParams& p) {
   constexpr int kWarps = kParameterThreads / dev::kWarpSize;
   for (int g = dev::warp_index(); g < p.H; g += kWarps) {
-    const double center = mixing_row_sum(p.W, p.H, g) * p.inv_keys;
+    const double center = weight_row_sum(p.W, p.H, g) * p.inv_keys;
     if (dev::lane_index() == 0) {
       store_value(p.out, p.out_storage, g, center);
       store_value(p.out, p.out_storage, p.H + g, -center);
@@ -209,7 +226,10 @@ REATTN_DEVICE void bn_moments_program(const BnMomentsParams& p) {
   const double mean_x = sums[h] / n;
   const double spread = sums[p.H + h] / n - mean_x * mean_x;
   const double var = spread > 0.0 ? spread : 0.0;
-  p.stats[h] = mean_x + head_value(p.center, h, 0.0) + head_value(p.c, h, 0.0);
+  const double center = p.center.data != nullptr ? head_value(p.center, h, 0.0)
+                        : p.inv_keys != 0.0     ? rounded_to(p.coefficient_storage, p.inv_keys * weight_row_sum(p.W, p.H, h))
+                                                : 0.0;
+  p.stats[h] = mean_x + center + head_value(p.c, h, 0.0);
   p.stats[p.H + h] = var;
   p.stats[2 * p.H + h] = n;
   const double rstd = 1.0 / std::sqrt(var + p.eps);
@@ -233,10 +253,6 @@ REATTN_DEVICE void running_stats_program(const RunningStatsParams& p) {
               old_var + p.momentum * (var * n / (n - 1.0) - old_var));
 }
 
-// x rounded to storage type `storage` and back (the value a kernel reading it in that type sees).
-REATTN_DEVICE double rounded_to(int storage, double x) {
-  return storage == kFloat32 ? static_cast<double>(static_cast<float>(x)) : x;
-}
 
 // Dynamic shared memory of bn_coefficients_program: the 2H float64 sums.
 constexpr size_t bn_coefficients_shared(int H) { return 2 * static_cast<size_t>(H) * sizeof(double); }

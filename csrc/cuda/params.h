@@ -74,6 +74,10 @@ struct FoldInputs {
   const float* bn = nullptr;
   ParamRef running_mean, running_var;
   double eps = 1e-5;
+  // One-sweep training BatchNorm's forward (norm none): where nonzero, c_g = center_scale sum_h W[g, h]
+  // (-1 / Nk: the shift -center_g, weight_row_sum's sum) and c is not read: the shift formed by every
+  // program's fold, where a launch of its own formed it before the forward (moments_center_program).
+  double center_scale = 0.0;
 };
 
 struct ReAttnParams {
@@ -241,8 +245,9 @@ struct ParamGradsParams {
 // moments_center_program: the shift the one-sweep forward takes off the mixed map before summing its moments
 // (docs/math.md, "Training BatchNorm in one sweep"): center_g = sum_h W[g, h] / Nk, the mean of (W P)_g when every
 // row of P sums to one (no mask or dropout), so the moments' sums of X = W P~ - center cancel little. Formed in
-// float64 (as head_dot_sums' kept_term_coefficients forms it again) and rounded once; out [2, H] contiguous in
-// out_storage: center (bn_moments reads it), then -center (the forward's mixing bias).
+// float64 (weight_row_sum, as the tensor-core programs' fold, bn_moments and head_dot_sums' kept_term_coefficients
+// form it) and rounded once; out [2, H] contiguous in out_storage: center, then -center (the CUDA-core forward's
+// mixing bias; the tensor-core programs form it in their fold, FoldInputs::center_scale).
 struct MomentsCenterParams {
   int H = 0;
   ParamRef W;             // [H, H] as given
@@ -264,6 +269,10 @@ struct BnMomentsParams {
   const double* count = nullptr;    // the entries each head's statistics run over (one value), or null:
   double count_value = 0.0;         // then this one (known on the host without a mask: B Nq Nk)
   ParamRef center, c, gamma, beta;  // center: [H] the shift of X; c, gamma, beta as given (null: absent)
+  // Where center is null and inv_keys nonzero: center_g = inv_keys sum_h W[g, h] (weight_row_sum), rounded to
+  // coefficient_storage, the value the forward's fold subtracted (FoldInputs::center_scale).
+  ParamRef W;
+  double inv_keys = 0.0;
   double out_scale = 1.0;
   double eps = 1e-5;
   double* stats = nullptr;          // [3, H]: mean of M = W P~ + c, biased variance, count

@@ -33,7 +33,7 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
                         attn_mask: Optional[Tensor], seed: Optional[Tensor], count: Tensor, *, scale: float,
                         out_scale: float, eps: float, dropout_p: float,
                         head_affine: Optional[Callable] = None, bn_moments: Optional[Callable] = None,
-                        moments_center: Optional[Callable] = None,
+                        centers_in_forward: bool = False,
                         keep_terms: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Training BatchNorm's forward with one sweep over the keys: (out, softmax_stats, stats [3, H] float64,
     R', U). With keep_terms (no mask; it needs ``head_affine``), R' = X V [B, H, Nq, D] in q's dtype and
@@ -57,24 +57,36 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
     bn_moments is given (it takes either). head_affine: the backend's
     fused finish (``FusedKernels.head_affine``), else torch's in-place passes; where forward_moments returns U in
     parts, it adds them too. bn_moments: the backend's statistics step (``FusedKernels.bn_moments``: one launch),
-    else torch's float64 arithmetic on [H] tensors (~25 launches). moments_center: the backend's step forming
-    (center, -center) (``FusedKernels.moments_center``: one launch), else torch's sum and division.
+    else torch's float64 arithmetic on [H] tensors (~25 launches). centers_in_forward
+    (``FusedKernels.centers_in_forward``; needs bn_moments): forward_moments forms the shift itself from mix_weight
+    (``center_keys=Nk``, no mix_bias) and bn_moments adds it back from the same (``mix_weight``, ``n_keys``): no step
+    of its own; else torch's sum and division form -center, which forward_moments takes as its mix_bias.
     """
     acc = accumulator_dtype(q)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     if keep_terms and (attn_mask is not None or head_affine is None):
         raise ValueError("one_sweep_batchnorm: keep_terms needs head_affine and no attn_mask")
-    if moments_center is not None:
-        center, minus_center = moments_center(mix_weight.detach(), Nk, acc)
+    if centers_in_forward and bn_moments is None:
+        raise ValueError("one_sweep_batchnorm: centers_in_forward needs bn_moments")
+    centering = {}
+    if centers_in_forward:
+        minus_center = center = None
+        centering = dict(center_keys=Nk)
     else:  # sum / -Nk is -(sum / Nk) bitwise, in one op fewer
         minus_center = mix_weight.detach().to(acc).sum(dim=1) / -Nk
         center = None
     r, softmax_stats, moments, u = forward_moments(q, k, v, mix_weight, minus_center, attn_mask, seed, scale=scale,
-                                                   dropout_p=dropout_p, dtype=q.dtype if keep_terms else acc)
+                                                   dropout_p=dropout_p, dtype=q.dtype if keep_terms else acc,
+                                                   **centering)
     if bn_moments is not None:
-        stats, coefficients = bn_moments(moments, count, -minus_center if center is None else center, mix_bias,
-                                         norm_weight, norm_bias, out_scale=out_scale, eps=eps, dtype=acc)
+        if centers_in_forward:
+            stats, coefficients = bn_moments(moments, count, None, mix_bias, norm_weight, norm_bias,
+                                             out_scale=out_scale, eps=eps, dtype=acc, mix_weight=mix_weight.detach(),
+                                             n_keys=Nk)
+        else:
+            stats, coefficients = bn_moments(moments, count, -minus_center if center is None else center, mix_bias,
+                                             norm_weight, norm_bias, out_scale=out_scale, eps=eps, dtype=acc)
         alpha, beta = coefficients[0], coefficients[1]
     else:
         sums = moments.sum(dim=0, dtype=torch.float64)  # [2, H]
@@ -140,7 +152,7 @@ class FusedKernels:
         -> (dq, dk, dv, d_mix_weight, d_mix_bias, d_norm_weight, d_norm_bias); norm "batch":
         bn_coefficients [4, H] from ``reattn._batchnorm.bn_backward_coefficients`` (the norm's own
         gradients are the sums, so the backward's d_norm_weight, d_norm_bias are not read then).
-    forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype)
+    forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype[, center_keys])
         -> (r [B, H, Nq, D] in dtype (q's or its accumulation dtype), softmax_stats, moments [programs, 2, H], u):
         optional, the
         norm-less forward O = X V of X = W P~ + mix_bias (masked entries 0) with per-program sums
@@ -156,8 +168,9 @@ class FusedKernels:
         BatchNorm's finish in one pass (else torch's passes over [B, H, Nq, D]); r in dtype or its accumulation
         dtype. A backend whose forward_moments returns U in parts also takes u_sum= ([B, H, 1, D]): then u is
         those parts, added in the same pass, and U is written to u_sum.
-    moments_center(mix_weight, n_keys, dtype) -> (center [H], -center [H]) in dtype: optional, the shift the
-        one-sweep forward takes off the map, center_g = sum_h W[g, h] / Nk, in one step (else torch's two ops).
+    centers_in_forward: forward_moments takes center_keys=Nk with mix_bias None and subtracts the shift -center it
+        forms from mix_weight itself, and bn_moments takes center None with mix_weight= and n_keys= (it forms the
+        same center); else the shift is torch's (center_g = sum_h W[g, h] / Nk, given as forward_moments' mix_bias).
     head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_keys) -> [2, H] float64 = scale
         (sum grad . R, sum grad . u) per head, R = xhat V = rstd (r - mean(X) u) formed from the kept r = X V
         (``reattn._batchnorm.kept_term_coefficients``: rstd and mean(X) from stats [3, H] and the mixing
@@ -168,8 +181,9 @@ class FusedKernels:
     bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype)
         -> (stats [3, H] float64, coefficients [4, H] in dtype = (alpha, beta, rstd, -mean(X) rstd)): optional,
         the one-sweep BatchNorm's statistics from forward_moments' moments in one step (else torch's
-        arithmetic in :func:`one_sweep_batchnorm`); center [H] is the shift forward_moments subtracted; count
-        the entries per head, a 0-dim float64 tensor or (without a mask) a float.
+        arithmetic in :func:`one_sweep_batchnorm`); center [H] is the shift forward_moments subtracted (None, with
+        mix_weight= and n_keys=, where centers_in_forward); count the entries per head, a 0-dim float64 tensor or
+        (without a mask) a float.
     bn_coefficients(stats, sums, norm_weight, norm_bias, *, eps, dtype, own_grads)
         -> (coefficients [4, H] in dtype, d_norm_weight, d_norm_bias): optional, training BatchNorm's backward
         coefficients in one step (else ``reattn._batchnorm.bn_backward_coefficients``); sums [2, H] float64 or
@@ -198,7 +212,7 @@ class FusedKernels:
     forward_moments: Optional[Callable] = None
     softmax_stats_shape: Callable = lambda q: (q.shape[0], q.shape[1], q.shape[2])
     head_affine: Optional[Callable] = None
-    moments_center: Optional[Callable] = None
+    centers_in_forward: bool = False
     head_dot_sums: Optional[Callable] = None
     bn_moments: Optional[Callable] = None
     bn_coefficients: Optional[Callable] = None
@@ -293,7 +307,7 @@ class FusedRawOps(RawOps):
         if kernels.forward_moments is not None:
             return one_sweep_batchnorm(kernels.forward_moments, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias,
                                        attn_mask, seed, count, head_affine=kernels.head_affine,
-                                       bn_moments=kernels.bn_moments, moments_center=kernels.moments_center,
+                                       bn_moments=kernels.bn_moments, centers_in_forward=kernels.centers_in_forward,
                                        keep_terms=self._keeps_terms(norm, attn_mask, stats_in), **kw)
         shift = gram_shift(Nk)
         softmax_stats, s1, gram = kernels.gram_sums(q, k, attn_mask, seed, scale=scale, dropout_p=dropout_p,

@@ -5,8 +5,9 @@ Its ops are ``reattn::cuda_forward``, ``reattn::cuda_backward``, ``reattn::cuda_
 written), ``reattn::cuda_update_running_stats`` (training BatchNorm's running statistics, in place,
 one launch) and ``reattn::cuda_forward_eval_batchnorm`` (eval-mode BatchNorm without gradients: the
 programs fold the norm from the running statistics, one launch where the ladder's fold took six torch
-ops). Local training BatchNorm runs in one sweep over the keys: the map's shift is one small launch
-(``_C.cuda_moments_center``), the forward program with norm none also sums the map's moments per head
+ops). Local training BatchNorm runs in one sweep over the keys: the forward program with norm none takes the
+map's shift -sum_h W[g, h] / Nk as its mixing bias, formed in its own parameter fold (``center_keys``; the
+CUDA-core programs take it from ``_C.cuda_moments_center``), also sums the map's moments per head
 (``_C.cuda_forward(..., with_moments=True)``) and, without a mask at ViT lengths, V over the keys in shares
 per row block (U, which the norm's shift multiplies); ``_fused.one_sweep_batchnorm`` applies the norm to X V
 in one element-wise pass that also adds U's shares (``_C.cuda_head_affine``);
@@ -82,13 +83,14 @@ def value_parts(value_sums: torch.Tensor) -> Optional[torch.Tensor]:
     return value_sums if value_sums.shape[0] > 0 else None
 
 
-def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype):
+def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype, center_keys=0):
     # R' = X V in `dtype` (q's, or the accumulation dtype), the float64 sums of X, X^2 per program: [programs, 2, H]
     # (the CUDA-core programs add theirs into one: [1, 2, H]), and U in parts where the tensor-core programs summed V
-    # on the way.
+    # on the way. center_keys: X = W P~ - center, the programs forming center = sum_h W[g, h] / center_keys.
     x_v, softmax_stats, moments, value_sums = _C.cuda_forward(q, k, v, mix_weight, mix_bias, None, None, None,
                                                               attn_mask, seed, None, scale, 1.0, "none", 1e-5,
-                                                              dropout_p, True, dtype != q.dtype)
+                                                              dropout_p, True, dtype != q.dtype,
+                                                              center_keys=center_keys)
     return x_v, softmax_stats, moments, value_parts(value_sums)
 
 
@@ -109,18 +111,15 @@ def _head_affine(r, u, alpha, beta, dtype, u_sum=None):
     return _C.cuda_head_affine(r, u, coefficient_rows((alpha, beta), u.dtype), dtype, u_sum=u_sum)
 
 
-def _moments_center(mix_weight, n_keys, dtype):
-    # The one-sweep forward's shift (csrc/cuda/parameters.cuh): (center, -center), rows of one [2, H] buffer; one launch.
-    rows = _C.cuda_moments_center(mix_weight, n_keys, dtype)
-    return rows[0], rows[1]
-
-
-def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype):
+def _bn_moments(moments, count, center, mix_bias, norm_weight, norm_bias, *, out_scale, eps, dtype, mix_weight=None,
+                n_keys=0):
     # One-sweep training BatchNorm's statistics and coefficients (csrc/cuda/parameters.cuh): one launch.
     # count: a 0-dim float64 tensor, or (without a mask) the number itself, which the kernel takes as an argument.
+    # center None: formed from mix_weight and n_keys as the forward formed it (center_keys).
     given = isinstance(count, torch.Tensor)
     return _C.cuda_bn_moments(moments, count if given else None, center, mix_bias, norm_weight, norm_bias, out_scale,
-                              eps, dtype, count_value=0.0 if given else float(count))
+                              eps, dtype, count_value=0.0 if given else float(count), mix_weight=mix_weight,
+                              n_keys=n_keys)
 
 
 def _bn_coefficients(stats, sums, norm_weight, norm_bias, *, eps, dtype, own_grads):
@@ -166,7 +165,7 @@ def _forward_stages_queries(q, k):
 
 CUDA_KERNELS = FusedKernels(forward=_forward, gram_sums=_gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                             forward_moments=_forward_moments, head_affine=_head_affine,
-                            moments_center=_moments_center, head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
+                            centers_in_forward=True, head_dot_sums=_head_dot_sums, bn_moments=_bn_moments, bn_coefficients=_bn_coefficients,
                             update_running_stats=_update_running_stats,
                             forward_eval_batchnorm=_forward_eval_batchnorm, padded_rows=_padded_rows,
                             forward_stages_queries=_forward_stages_queries,

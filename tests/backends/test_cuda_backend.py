@@ -1019,8 +1019,8 @@ def test_bn_coefficients_add_head_dot_sums_parts_and_write_the_norms_gradients(p
 @pytest.mark.parametrize("weight", ["fp32", "bf16, transposed", "fp64", "32 heads", "1 head"])
 def test_moments_center_is_the_float64_row_mean_rounded_once(dtype, weight):
     """The one-sweep forward's shift (parameters.cuh, moments_center_kernel): [2, H] = (center, -center) with
-    center_g = sum_h W[g, h] / Nk formed in float64 (a warp per row, lanes over h: a butterfly sum, the same order
-    on every run) and rounded once to dtype; the second row is the first negated exactly."""
+    center_g = sum_h W[g, h] / Nk formed in float64 (weight_row_sum: h in order, the same on every run) and rounded
+    once to dtype; the second row is the first negated exactly."""
     H = {"32 heads": 32, "1 head": 1}.get(weight, 6)
     n_keys = 197
     g = torch.Generator().manual_seed(11)
@@ -1037,6 +1037,49 @@ def test_moments_center_is_the_float64_row_mean_rounded_once(dtype, weight):
     assert torch.equal(got[1], -got[0])
     for options in (dict(reverse_items=True), dict(shuffle_seed=4)):
         assert torch.equal(_C.cuda_moments_center(w.to(DEVICE), n_keys, dtype, **options), got), options
+
+
+@pytest.mark.parametrize("program", ["tensor cores, plain", "tensor cores, masked", "CUDA cores"])
+def test_forward_forms_the_moments_shift_it_is_told_to(program):
+    """center_keys: the one-sweep forward takes -center_g = -sum_h W[g, h] / Nk as its mixing bias, formed by the
+    tensor-core programs' fold (or, for the CUDA-core programs, by moments_center), and bn_moments given mix_weight
+    and n_keys adds back center formed from the same float64 sum: every output is bitwise the one from the shift
+    given as a tensor (moments_center's), the statistics and coefficients too."""
+    B, H, Nq, Nk, D = 2, 6, 40, 23, 32
+    q, k, v, w, c, gamma, beta, _ = tensors(B, H, Nq, Nk, D, dtype=torch.float32)
+    inputs = [t.bfloat16() for t in (q, k, v)] if program.startswith("tensor") else [q, k, v]
+    mask = bool_mask(B, Nq, Nk) if program == "tensor cores, masked" else None
+    options = dict(programs_only=program == "CUDA cores", poison_outputs=True)
+    center = _C.cuda_moments_center(w, Nk, torch.float32)
+    given = _C.cuda_forward(*inputs, w, center[1], None, None, None, mask, None, None, 0.3, 1.0, "none", 1e-5, 0.0,
+                            True, mask is not None, **options)
+    formed = _C.cuda_forward(*inputs, w, None, None, None, None, mask, None, None, 0.3, 1.0, "none", 1e-5, 0.0, True,
+                             mask is not None, center_keys=Nk, **options)
+    for a, b in zip(given, formed):
+        assert torch.equal(a, b)
+    count = float(B * Nq * Nk)
+    stats = _C.cuda_bn_moments(given[2], None, center[0], c, gamma, beta, 0.5, 1e-5, torch.float32, count_value=count)
+    again = _C.cuda_bn_moments(formed[2], None, None, c, gamma, beta, 0.5, 1e-5, torch.float32, count_value=count,
+                               mix_weight=w, n_keys=Nk)
+    for a, b in zip(stats, again):
+        assert torch.equal(a, b)
+
+
+def test_the_moments_shift_goes_with_moments_and_no_bias():
+    B, H, Nq, Nk, D = 1, 2, 8, 5, 16
+    q, k, v, w, c, _, _, _ = tensors(B, H, Nq, Nk, D, dtype=torch.float32)
+    low = [t.bfloat16() for t in (q, k, v)]
+    with pytest.raises(ValueError, match="center_keys .the shift's keys, >= 1. goes with with_moments and no mix_bias"):
+        _C.cuda_forward(*low, w, c, None, None, None, None, None, None, 0.3, 1.0, "none", 1e-5, 0.0, True,
+                        center_keys=Nk)
+    with pytest.raises(ValueError, match="goes with with_moments"):
+        _C.cuda_forward(*low, w, None, None, None, None, None, None, None, 0.3, 1.0, "none", 1e-5, 0.0, False,
+                        center_keys=Nk)
+    moments = torch.zeros(3, 2, H, dtype=torch.float64, device=DEVICE)
+    for center, weight, n_keys in ((torch.zeros(H, device=DEVICE), w, Nk), (None, None, 0), (None, w, 0)):
+        with pytest.raises(ValueError, match="give either center .* or mix_weight and n_keys >= 1"):
+            _C.cuda_bn_moments(moments, None, center, None, None, None, 1.0, 1e-5, torch.float32, count_value=8.0,
+                               mix_weight=weight, n_keys=n_keys)
 
 
 def test_moments_center_checks_its_arguments():

@@ -71,9 +71,9 @@ def test_launches_per_norm_mode_follow_ops_cpp():
     for norm in ("none", "batch-eval", "layer"):
         assert steps[norm] == {**infer.get(norm, {}), "fwd": ["forward"],
                                "bwd": ["backward_rows", "backward_keys", "param_grads"]}
-    # Training BatchNorm: the moments' shift, its statistics from the moments, the running statistics' update and its
-    # backward coefficients, one block each.
-    assert steps["batch-train"] == {"fwd": ["moments_center", "forward", "bn_moments", "head_affine", "running_stats"],
+    # Training BatchNorm: its statistics from the moments, the running statistics' update and its backward
+    # coefficients, one block each (the moments' shift is the forward programs' own: no step).
+    assert steps["batch-train"] == {"fwd": ["forward", "bn_moments", "head_affine", "running_stats"],
                                     "bwd": ["head_dot_sums", "bn_coefficients", "backward_rows", "backward_keys",
                                             "param_grads"]}
     for norm in ("none", "batch-eval", "layer"):
@@ -84,9 +84,11 @@ def test_launches_per_norm_mode_follow_ops_cpp():
                                        "bwd": ["head_dot_sums", "backward_rows", "backward_keys"]}
     train = _launches(cuda_side.cuda_call(B, H, N, D, "batch-train", 90))
     affine, sums = train["fwd"][1], train["bwd"][0]
-    center = _launches(cuda_side.cuda_call(B, H, N, D, "batch-train", 90), True)["fwd"][0]
-    assert center.params.inv_keys == 1.0 / N and center.params.W.data and center.params.out_storage == \
-        cuda_side.STORAGE[torch.float32]
+    # The shift -sum_h W[g, h] / N: formed in the forward's fold (no mixing bias given), added back by bn_moments.
+    moments_step = _launches(cuda_side.cuda_call(B, H, N, D, "batch-train", 90), True)["fwd"][1]
+    assert train["fwd"][0].params.fold.center_scale == -1.0 / N and not train["fwd"][0].params.fold.c.data
+    assert moments_step.program == "bn_moments" and moments_step.params.inv_keys == 1.0 / N
+    assert moments_step.params.W.data and not moments_step.params.center.data
     assert not affine.params.r_is_acc and affine.grid == (B * H, 1) and affine.params.rows == N
     assert not train["fwd"][0].params.out_is_acc  # the forward writes X V in bf16: 2 bytes per element
     assert sums.params.inv_keys == 1.0 / N and sums.params.stats and sums.params.W.data
@@ -357,8 +359,7 @@ def test_parameter_steps_are_modelled_from_their_sass(norm):
     call = _launches(cuda_side.cuda_call(2, 3, 40, 16, norm, 90), parameter_steps=True)
     steps = [x for x in call["fwd"] + call["bwd"] if x.program in PARAMETER_STEPS]
     assert [x.program for x in steps] == (["param_grads"] if norm == "layer" else
-                                          ["moments_center", "bn_moments", "running_stats", "bn_coefficients",
-                                           "param_grads"])
+                                          ["bn_moments", "running_stats", "bn_coefficients", "param_grads"])
     for launch in steps:
         model = cuda_side.model_launch(launch, 90)
         assert model.spill_bytes == 0 and model.programs == 1 and "no semantics" not in model.note
