@@ -213,32 +213,35 @@ REATTN_FN void stage_u_row(const HeadAffineParams& p, A* row, A scale = A(1)) {
 // DeepViT-L's 35 took one access per element and the index arithmetic of each, ~17 integer instructions an
 // element), the lead elements before the first group and the tail after the last (each fewer than kVec) one per
 // thread. Span element j is column j mod D (the span starts at a row); a thread's groups are 256 kVec elements
-// apart, so its column steps by that modulo D with no division past the first. start(j): the thread's first
-// group is at span element j; then body(d) for each of its groups, in order, d its first column (the columns d..
-// d + kVec - 1 read from the staged row, wrapped past D); body advances its own pointers by kGroupStep<kVec>
-// elements a call (running pointers, where offsets from the block's start took a 64-bit address computation per
-// tensor and group). single(j, d): element j, column d. lead: the elements before the first aligned group, at
-// most span.
+// apart, so its column steps by that modulo D with no division past the first. body(n, at_a, at_b, d): n
+// (std::integral_constant) elements at at_a and at_b, the two tensors' span starts a and b plus j, of columns d..
+// d + n - 1 (read from the staged row, wrapped past D). A thread's groups take running pointers (offsets from the
+// span's start took a 64-bit address computation per tensor and group). lead: the elements before the first
+// aligned group, at most span.
 template <int kVec>
 constexpr unsigned kGroupStep = kHeadAffineThreads * kVec;
 
-template <int kVec, typename Start, typename Body, typename Single>
-REATTN_FN void for_each_group(unsigned span, unsigned lead, unsigned D, Start&& start, Body&& body, Single&& single) {
+template <int kVec, typename A, typename B, typename Body>
+REATTN_FN void for_each_group(unsigned span, unsigned lead, unsigned D, A* a, B* b, Body&& body) {
   const unsigned t = dev::thread_index();
   const unsigned groups_end = lead + (span - lead) / kVec * kVec;
+  constexpr std::integral_constant<int, 1> single{};
   if (t < lead) {
-    single(t, t % D);
+    body(single, a + t, b + t, t % D);
   } else if (t >= static_cast<unsigned>(kVec) && t - kVec < span - groups_end) {
     const unsigned j = groups_end + (t - kVec);
-    single(j, j % D);
+    body(single, a + j, b + j, j % D);
   }
   unsigned j = lead + t * kVec;
   if (j >= groups_end) return;
-  start(j);
+  A* at_a = a + j;
+  B* at_b = b + j;
   const unsigned step_d = kGroupStep<kVec> % D;
   unsigned d = j % D;
   for (; j < groups_end; j += kGroupStep<kVec>) {
-    body(d);
+    body(std::integral_constant<int, kVec>{}, at_a, at_b, d);
+    at_a += kGroupStep<kVec>;
+    at_b += kGroupStep<kVec>;
     d += step_d;
     if (d >= D) d -= D;
   }
@@ -339,31 +342,18 @@ REATTN_FN void head_affine_flat(const HeadAffineParams& p) {
   const int64_t out_offset = block_offset(out_st, rows);
   T* out = static_cast<T*>(p.out) + out_offset;
   const unsigned span = static_cast<unsigned>(rows.end - rows.begin) * static_cast<unsigned>(p.D);
-  auto affine = [&](auto columns, const R* from, T* to, unsigned d) {
-    constexpr int kN = decltype(columns)::value;
-    A x[kN], o[kN];
-    if constexpr (std::is_same<R, A>::value) {
-      load_columns<A, kN>(from, x);
-    } else {
-      load_columns_as_acc<T, kN>(from, x);
-    }
-    for (int k = 0; k < kN; ++k) o[k] = alpha * x[k] + staged[d + k];
-    store_columns<T, kN>(to, o);
-  };
-  const R* from = r;
-  T* to = out;
-  for_each_group<kG>(
-      span, group_lead<kG>(out_offset, span), static_cast<unsigned>(p.D),
-      [&](unsigned j) {
-        from = r + j;
-        to = out + j;
-      },
-      [&](unsigned d) {
-        affine(std::integral_constant<int, kG>{}, from, to, d);
-        from += kGroupStep<kG>;
-        to += kGroupStep<kG>;
-      },
-      [&](unsigned j, unsigned d) { affine(std::integral_constant<int, 1>{}, r + j, out + j, d); });
+  for_each_group<kG>(span, group_lead<kG>(out_offset, span), static_cast<unsigned>(p.D), r, out,
+                     [&](auto columns, const R* from, T* to, unsigned d) {
+                       constexpr int kN = decltype(columns)::value;
+                       A x[kN], o[kN];
+                       if constexpr (std::is_same<R, A>::value) {
+                         load_columns<A, kN>(from, x);
+                       } else {
+                         load_columns_as_acc<T, kN>(from, x);
+                       }
+                       for (int k = 0; k < kN; ++k) o[k] = alpha * x[k] + staged[d + k];
+                       store_columns<T, kN>(to, o);
+                     });
 }
 
 template <typename T>
@@ -495,30 +485,17 @@ REATTN_FN void head_dot_sums_flat(const HeadAffineParams& p) {
   const T* r = block_start(static_cast<const T*>(p.r), p.r_st, rows);
   const unsigned span = static_cast<unsigned>(rows.end - rows.begin) * static_cast<unsigned>(p.D);
   A sum_r = 0, sum_u = 0;
-  auto sums = [&](auto columns, const T* at_g, const T* at_r, unsigned d) {
-    constexpr int kN = decltype(columns)::value;
-    A x[kN], y[kN];
-    load_columns_as_acc<T, kN>(at_g, x);
-    load_columns_as_acc<T, kN>(at_r, y);
-    for (int k = 0; k < kN; ++k) {
-      sum_r += x[k] * y[k];
-      sum_u += x[k] * staged[d + k];
-    }
-  };
-  const T* at_g = g;
-  const T* at_r = r;
-  for_each_group<kG>(
-      span, group_lead<kG>(grad_offset, span), static_cast<unsigned>(p.D),
-      [&](unsigned j) {
-        at_g = g + j;
-        at_r = r + j;
-      },
-      [&](unsigned d) {
-        sums(std::integral_constant<int, kG>{}, at_g, at_r, d);
-        at_g += kGroupStep<kG>;
-        at_r += kGroupStep<kG>;
-      },
-      [&](unsigned j, unsigned d) { sums(std::integral_constant<int, 1>{}, g + j, r + j, d); });
+  for_each_group<kG>(span, group_lead<kG>(grad_offset, span), static_cast<unsigned>(p.D), g, r,
+                     [&](auto columns, const T* at_g, const T* at_r, unsigned d) {
+                       constexpr int kN = decltype(columns)::value;
+                       A x[kN], y[kN];
+                       load_columns_as_acc<T, kN>(at_g, x);
+                       load_columns_as_acc<T, kN>(at_r, y);
+                       for (int k = 0; k < kN; ++k) {
+                         sum_r += x[k] * y[k];
+                         sum_u += x[k] * staged[d + k];
+                       }
+                     });
   write_dot_sums<T>(p, rows, sum_r, sum_u);
 }
 
