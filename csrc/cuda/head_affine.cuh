@@ -43,10 +43,20 @@ REATTN_FN HeadRows head_rows(const HeadAffineParams& p) {
   return rows;
 }
 
+// The element offset of the block's first element in a [B, H, Nq, D] tensor with strides st.
+REATTN_FN int64_t block_offset(const Strides4& st, const HeadRows& rows) {
+  return rows.b * st.b + rows.h * st.h + static_cast<int64_t>(rows.begin) * st.n;
+}
+
 // The first element of the block's first row in a [B, H, Nq, D] tensor with strides st.
 template <typename E>
 REATTN_FN E* block_start(E* base, const Strides4& st, const HeadRows& rows) {
-  return base + rows.b * st.b + rows.h * st.h + static_cast<int64_t>(rows.begin) * st.n;
+  return base + block_offset(st, rows);
+}
+
+// The strides of head_affine's output, a contiguous [B, H, Nq, D] tensor.
+REATTN_FN Strides4 out_strides(const HeadAffineParams& p) {
+  return Strides4{int64_t(p.H) * p.Nq * p.D, int64_t(p.Nq) * p.D, p.D, 1};
 }
 
 // kVec consecutive columns of a row, as whole 16-byte accesses where kVec * sizeof(X) is a multiple of
@@ -278,8 +288,7 @@ REATTN_FN void head_affine_items(const HeadAffineParams& p) {
   const R* r = block_start(static_cast<const R*>(p.r), p.r_st, rows);
   UColumns<A, kVec, kRowsOfU> u{kRowsOfU ? block_start(static_cast<const A*>(p.u), p.u_st, rows) : staged, p.u_st.n,
                                 {}};
-  const Strides4 out_st{int64_t(p.H) * p.Nq * p.D, int64_t(p.Nq) * p.D, p.D, 1};
-  T* out = block_start(static_cast<T*>(p.out), out_st, rows);
+  T* out = block_start(static_cast<T*>(p.out), out_strides(p), rows);
   for_each_item<kVec>(p, rows, [&](unsigned d) { u.columns(d); }, [&](unsigned e, unsigned i, unsigned d) {
     A x[kVec], o[kVec];
     if constexpr (std::is_same<R, A>::value) {
@@ -305,16 +314,12 @@ REATTN_FN void head_affine_items(const HeadAffineParams& p) {
   head_affine_items<T, T, kVec>(p);
 }
 
-// The element offset of the block's first element in a [B, H, Nq, D] tensor with strides st.
-REATTN_FN int64_t block_offset(const Strides4& st, const HeadRows& rows) {
-  return rows.b * st.b + rows.h * st.h + static_cast<int64_t>(rows.begin) * st.n;
-}
-
 // Whether two tensors' spans can be walked in the same groups of kG elements: both 16-byte aligned and their
 // block offsets (in elements) alike modulo kG, so a group aligned in one is aligned in the other.
 template <int kG>
 REATTN_FN bool groups_align(const void* a, int64_t a_offset, const void* b, int64_t b_offset) {
-  return kG == 1 || (aligned_16(a) && aligned_16(b) && ((a_offset - b_offset) & (kG - 1)) == 0);
+  static_assert(kG > 1 && (kG & (kG - 1)) == 0, "groups of 16 bytes: a power of two elements (kFlatWalk)");
+  return aligned_16(a) && aligned_16(b) && ((a_offset - b_offset) & (kG - 1)) == 0;
 }
 
 // The flat walk's condition for head_affine's block: U one staged row, R's rows of a head D apart (O's are) and
@@ -323,8 +328,8 @@ template <typename T>
 REATTN_FN bool head_affine_flat_rows(const HeadAffineParams& p) {
   if (p.vector || p.u_st.n != 0 || p.r_st.n != p.D) return false;
   const HeadRows rows = head_rows(p);
-  const Strides4 out_st{int64_t(p.H) * p.Nq * p.D, int64_t(p.Nq) * p.D, p.D, 1};
-  return groups_align<vector_columns<T>()>(p.r, block_offset(p.r_st, rows), p.out, block_offset(out_st, rows));
+  return groups_align<vector_columns<T>()>(p.r, block_offset(p.r_st, rows), p.out,
+                                           block_offset(out_strides(p), rows));
 }
 
 // head_affine by the flat walk (for_each_group): out = alpha[h] R' + (beta[h] U), the staged row holding beta U.
@@ -338,8 +343,7 @@ REATTN_FN void head_affine_flat(const HeadAffineParams& p) {
   stage_u_row<A, 1, kG - 1, true>(p, staged, coefficients[p.H + rows.h]);
   const A alpha = coefficients[rows.h];
   const R* r = block_start(static_cast<const R*>(p.r), p.r_st, rows);
-  const Strides4 out_st{int64_t(p.H) * p.Nq * p.D, int64_t(p.Nq) * p.D, p.D, 1};
-  const int64_t out_offset = block_offset(out_st, rows);
+  const int64_t out_offset = block_offset(out_strides(p), rows);
   T* out = static_cast<T*>(p.out) + out_offset;
   const unsigned span = static_cast<unsigned>(rows.end - rows.begin) * static_cast<unsigned>(p.D);
   for_each_group<kG>(span, group_lead<kG>(out_offset, span), static_cast<unsigned>(p.D), r, out,

@@ -744,9 +744,9 @@ struct KeyProgram {
 
   // Accumulators of head group + groups j, keys of the warp's tiles, to a [B, H, Nk, D] output in T
   // (store_fragment_row, rows.cuh).
-  // The alignment test (rows_paired) outside the loops, so each copy of them holds one store path.
+  // The alignment test (with_rows_paired) outside the loops, so each copy of them holds one store path.
   REATTN_DEVICE void write_keys(const float (&acc)[kHeads][kTiles][Cfg::kN8][4], void* dst, const Strides4& st) const {
-    const auto store = [&](auto paired) {
+    with_rows_paired(dst, st, [&](auto paired) {
 #pragma unroll
       for (int j = 0; j < kHeads; ++j) {
         const int h = group + kGroups * j;
@@ -762,12 +762,7 @@ struct KeyProgram {
           }
         }
       }
-    };
-    if (rows_paired(dst, st)) {
-      store(std::true_type{});
-    } else {
-      store(std::false_type{});
-    }
+    });
   }
 
   REATTN_DEVICE void run() {

@@ -59,8 +59,8 @@ REATTN_DEVICE void store_value(void* out, int storage, int64_t i, double x) {
   }
 }
 
-// sum_h W[g, h] in float64, h in order (by any one thread: the fold's, bn_moments' and head_dot_sums' sums of a
-// row are the same number, so the shift the forward subtracted is the one the statistics add back).
+// sum_h W[g, h] in float64, h in order, by any one thread: the fold's, bn_moments' and moments_center's sums of a
+// row are the same number, so the shift the forward subtracted is the one the statistics add back.
 REATTN_DEVICE double weight_row_sum(const ParamRef& W, int H, int g) {
   double s = 0.0;
   for (int h = 0; h < H; ++h) {
@@ -100,6 +100,7 @@ REATTN_DEVICE double rsqrt_refined(double x) {
 //   affine norms (none; BatchNorm with given statistics, A_g = out_scale (gamma_g (M_g - mean_g) rstd_g
 //   + beta_g)): W' = alpha_g W / (1 - p) and c' = alpha_g c_g + out_scale (beta_g - gamma_g mean_g rstd_g)
 //   with alpha_g = out_scale gamma_g rstd_g (none: gamma = 1, rstd = 1, mean = beta = 0); the last 2H zero.
+//   Where center_scale is set (the one-sweep forward), c_g = center_scale sum_h W[g, h] (weight_row_sum).
 //   LayerNorm: W' = W / (1 - p), c' = c, then out_scale gamma and out_scale beta (the norm's own affine).
 //   BatchNorm's mean and rstd: the given rows, or (eval mode, bn null) the running statistics, rstd formed in
 //   float64 as 1 / sqrt(running_var + eps) (rsqrt_refined).

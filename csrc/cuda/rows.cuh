@@ -109,6 +109,18 @@ REATTN_DEVICE bool rows_paired(const void* base, const Strides4& st) {
   return st.d == 1 && st.n % 2 == 0 && st.h % 2 == 0 && st.b % 2 == 0 && reinterpret_cast<uintptr_t>(base) % 4 == 0;
 }
 
+// store(std::true_type or std::false_type) as rows_paired(base, st) says: the test made once, outside the
+// caller's loops over its rows, so each copy of them holds one store path (inside them, the static model's
+// DeepViT-L-384 LayerNorm forward took +1.4 us t_high for the per-row tests).
+template <class Store>
+REATTN_DEVICE void with_rows_paired(const void* base, const Strides4& st, Store&& store) {
+  if (rows_paired(base, st)) {
+    store(std::true_type{});
+  } else {
+    store(std::false_type{});
+  }
+}
+
 // Fragment row r (0: tile row gq, 1: gq + 8) of n8 accumulator tiles acc[kN8][4] to a 16-bit output row
 // at `out`: columns d0 + 8 n + 2 tq and the next, stride_d elements apart, none at or past D. paired
 // (rows_paired of the output, the same for every row): each pair as one 32-bit store, from one address
@@ -1776,20 +1788,13 @@ struct RowProgram {
                                 bool fp32) const {
     constexpr int kStoredN8 = kNarrowTail ? Cfg::kOutN8 - 1 : Cfg::kOutN8;
     if (!fp32) {
-      // The test outside the rows' loop, so each loop holds one path (inside it, the static model's
-      // DeepViT-L-384 LayerNorm forward took +1.4 us t_high for the per-row tests).
-      const auto store = [&](auto paired) {
+      with_rows_paired(dst, st, [&](auto paired) {
         for_each_row(st, [&](int j, int r, int64_t at_row) {
           store_fragment_row<E, kStoredN8, 8 * kStoredN8>(static_cast<E*>(dst) + at_row,
                                                           reinterpret_cast<const float(&)[kStoredN8][4]>(o[j]), r,
                                                           tq, d0, D, st.d, decltype(paired)::value);
         });
-      };
-      if (rows_paired(dst, st)) {
-        store(std::true_type{});
-      } else {
-        store(std::false_type{});
-      }
+      });
       return;
     }
     for_each_row(st, [&](int j, int r, int64_t at_row) {
