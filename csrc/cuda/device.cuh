@@ -543,12 +543,21 @@ struct Convert<Bf16> {
   }
   static REATTN_DEVICE float to_float(uint16_t bits) { return __uint_as_float(static_cast<uint32_t>(bits) << 16); }
   static REATTN_DEVICE uint16_t from_float(float x) { return static_cast<uint16_t>(pack(x, 0.0f) & 0xffffu); }
+  // The pairs' products a b, rounded once: fma.rn.bf16x2 with a -0 addend (sm_80+), which keeps a zero
+  // product's sign.
+  static REATTN_DEVICE uint32_t mul(uint32_t a, uint32_t b) {
+    uint32_t r;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(0x80008000u));
+    return r;
+  }
 #else
   static REATTN_DEVICE uint32_t pack(float lo, float hi) {
     return static_cast<uint32_t>(sim::float_to_bf16(lo)) | (static_cast<uint32_t>(sim::float_to_bf16(hi)) << 16);
   }
   static REATTN_DEVICE float to_float(uint16_t bits) { return sim::bf16_to_float(bits); }
   static REATTN_DEVICE uint16_t from_float(float x) { return sim::float_to_bf16(x); }
+  // Two bf16 values' product is exact in fp32 (8-bit significands), so rounding it is the fma's one rounding.
+  static REATTN_DEVICE uint32_t mul(uint32_t a, uint32_t b) { return pack(low(a) * low(b), high(a) * high(b)); }
 #endif
   static REATTN_DEVICE float low(uint32_t r) { return to_float(static_cast<uint16_t>(r & 0xffffu)); }
   static REATTN_DEVICE float high(uint32_t r) { return to_float(static_cast<uint16_t>(r >> 16)); }

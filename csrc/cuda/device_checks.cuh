@@ -18,6 +18,7 @@ enum CheckKind : int {
   kDivergent = 6,       // half a warp reaches a shuffle (the emulator refuses)
   kMisalignedStore = 7, // a 32-bit store of a 16-bit pair at an address 2 bytes off (the emulator refuses, as a
                         // GPU faults: never run it on a GPU)
+  kBf16Products = 8,    // out [64]: lane l's bf16 pairs a[2l..2l+1] times b[2l..2l+1] by Convert<Bf16>::mul
 };
 
 struct CheckParams {
@@ -113,6 +114,14 @@ REATTN_DEVICE void run_check(const CheckParams& p, bool bf16) {
     case kDivergent:
       if (warp == 0 && lane < 16) p.out[lane] = dev::shfl_xor(a[lane], 1);
       return;
+    case kBf16Products: {
+      if (warp != 0) return;
+      using Cv = dev::Convert<dev::Bf16>;
+      const uint32_t r = Cv::mul(static_cast<const uint32_t*>(p.a)[lane], static_cast<const uint32_t*>(p.b)[lane]);
+      p.out[2 * lane] = Cv::low(r);
+      p.out[2 * lane + 1] = Cv::high(r);
+      return;
+    }
     case kMisalignedStore:
       if (warp == 0 && lane == 0) dev::store_pair(reinterpret_cast<char*>(p.out) + 2, 0u);
       return;

@@ -69,12 +69,12 @@ struct KeyProgram {
   // Head stride of P~^T and dM^T: tensor_grad_keys reads one entry of 8 heads at once (ldmatrix rows
   // a head apart), which the 16-byte padding spreads over the 8 bank groups (tiles.h head_stride).
   static constexpr int kHeadStride = head_stride(Cfg::kKeys, kTRow, kTensorGrad);
-  using BlockCopy = TileCopy<E, Cfg::kKeys, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain>;
+  using BlockCopy = TileCopy<E, Cfg::kKeys, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain, 0, false, true>;
   // The query chunks' Q and dO rows leave their columns past D to zeroes written once (TileCopy
   // kIdleColumns, zero_ring_columns) in the plain variants: every chunk of a head dim below kD (d = 35
   // in 48 columns) would take the copies' edge path. Static model, DeepViT-L-384 plain key pass:
   // 371-1586 -> 373-1556 us.
-  using ChunkCopy = TileCopy<E, kChunkRows, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain, 0, Cfg::kPlain>;
+  using ChunkCopy = TileCopy<E, kChunkRows, Cfg::kD, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain, 0, Cfg::kPlain, true>;
   enum VectorRow : int { kBias = 0, kGamma = 1, kBeta = 2, kColumnMean = 3, kMean = 4, kRstd = 5, kE = 6, kF = 7 };
 
   const ReAttnParams& p;
@@ -587,7 +587,7 @@ struct KeyProgram {
           float c[Mix::kLayerTiles][4];
           if constexpr (kGrad) {
             Mix::layer_centered(x, u, lg, c);
-            float unused[3][2][2];
+            float unused[3][2][4];
             Mix::template layer_grad<false>(c, rstd_keys[r], g, u, lg, sf, inv_h, packed, unused);
           } else {
             Mix::layer_center(x, u, lg, inv_h, eps, odd, c, rstd_keys[r]);

@@ -352,13 +352,16 @@ struct Mixer {
   // products, split as hi + lo (as W'): hi, lo of its head sums (gamma' in every column), diag_hi,
   // diag_lo of diag(gamma') per tile of 8 heads (m16n8k8: the lane's entries (k 2 tq + e, n gq) are
   // gamma' where 2 tq + e = gq, else 0). Formed from a LayerLane where the caller has registers for
-  // them (the key pass: after its dV products, not across them).
+  // them (the key pass: after its dV products, not across them). identity: the 8 x 8 identity as such a
+  // B fragment, so a product with it turns 16-bit A words into their fp32 values in C's layout, added to C
+  // (layer_grad's sums).
   struct LayerSums {
-    uint32_t hi[2], lo[2], diag_hi[2], diag_lo[2];
+    uint32_t hi[2], lo[2], diag_hi[2], diag_lo[2], identity;
   };
   static REATTN_DEVICE LayerSums layer_sums(const LayerLane& lg, int lane) {
     const int gq = lane / 4, tq = lane % 4;
     LayerSums sf;
+    sf.identity = Cv::pack(gq == 2 * tq ? 1.0f : 0.0f, gq == 2 * tq + 1 ? 1.0f : 0.0f);
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
       const float pair[2] = {lg.gamma[2 * t], lg.gamma[2 * t + 1]};
@@ -471,7 +474,8 @@ struct Mixer {
   // dM = rstd (dxhat - s1 / H - xhat s2 / H) of row u from dN (words g of a load by the same lanes),
   // dxhat = gamma' dN, s1 = sum dxhat and s2 = sum dxhat xhat over the heads, written as
   // rstd dxhat - a - (M - mean) b with a = rstd s1 / H, b = rstd^3 (s2 / rstd) / H, so xhat itself is
-  // formed only for the sums (kSums: [dc, dgamma, dbeta][t][e] += dM, dN xhat, dN of head 8 t + 2 tq + e).
+  // formed only for the sums (kSums: [dc, dgamma, dbeta][t][e] += dM, dN xhat, dN of C entry e of tile t:
+  // column gq + 8 (e / 2), head 8 t + 2 tq + e % 2).
   // s1 is linear in the 16-bit dN, so it is one product on tensor cores: A = dN^T (the words g, as
   // centered_tile's x), B = gamma' (sf: hi + lo) in every column, so C holds s1 of columns gq, gq + 8 in
   // every lane of the quad, with no shuffles or selects. s2 (dxhat times the fp32 M - mean) is summed over
@@ -481,7 +485,7 @@ struct Mixer {
   template <bool kSums>
   static REATTN_DEVICE void layer_grad(const float (&c)[kLayerTiles][4], const float (&rstd)[2], const uint32_t (&g)[4],
                                        int u, const LayerLane& lg, const LayerSums& sf, float inv_h,
-                                       uint32_t (&packed)[4], float (&sums)[3][2][2]) {
+                                       uint32_t (&packed)[4], float (&sums)[3][2][4]) {
     float s1[4];
     {
       const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -498,7 +502,8 @@ struct Mixer {
     // dxhat = gamma' dN as dN^T diag(gamma') per tile of 8 heads on tensor cores (hi + lo: two m16n8k8
     // products in C's layout, the centered c's), against an unpacking and a multiply per entry. Every
     // pass forms dM alike (the same gamma' split, as s1's), so the row pass's D and both passes' dP' come
-    // from the same dM. The sums unpack dN themselves.
+    // from the same dM. The sums take dN in fp32 from a product with the identity (exact) and add dN
+    // into theirs by another (one product each, against an unpacking or an add per entry).
     float dx[kLayerTiles][4], s2[2];
     {
       const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -507,18 +512,19 @@ struct Mixer {
         const uint32_t a[2] = {g[layer_word(t, u, 0)], g[layer_word(t, u, 1)]};
         dev::mma_m16n8k8<E>(dx[t], a, sf.diag_hi[t], zero);
         dev::mma_m16n8k8<E>(dx[t], a, sf.diag_lo[t], dx[t]);
+        if constexpr (kSums) {
+          float dn[4];
+          dev::mma_m16n8k8<E>(dn, a, sf.identity, zero);
+          dev::mma_m16n8k8<E>(sums[kSumDbeta][t], a, sf.identity, sums[kSumDbeta][t]);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sums[kSumDgamma][t][e] += dn[e] * (c[t][e] * rstd[e / 2]);
+        }
       }
     }
 #pragma unroll
     for (int t = 0; t < kLayerTiles; ++t) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        if constexpr (kSums) {
-          const uint32_t w = g[layer_word(t, u, e / 2)];
-          const float dn = e & 1 ? Cv::high(w) : Cv::low(w);
-          sums[kSumDgamma][t][e % 2] += dn * (c[t][e] * rstd[e / 2]);
-          sums[kSumDbeta][t][e % 2] += dn;
-        }
         s2[e / 2] = t == 0 && e % 2 == 0 ? dx[t][e] * c[t][e] : s2[e / 2] + dx[t][e] * c[t][e];
       }
     }
@@ -537,7 +543,9 @@ struct Mixer {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         dm[e] = (rstd[e / 2] * dx[t][e] - a[e / 2]) - c[t][e] * b[e / 2];
-        if constexpr (kSums) sums[kSumDc][t][e % 2] += dm[e];
+        // In fp32: dM rounded to 16 bits first (as the products take it) made dc's error twice eager's
+        // and more in the tests (random rounding errors of every entry, summed).
+        if constexpr (kSums) sums[kSumDc][t][e] += dm[e];
       }
 #pragma unroll
       for (int k = 0; k < 2; ++k) packed[layer_word(t, u, k)] = Cv::pack(dm[2 * k], dm[2 * k + 1]);
@@ -629,9 +637,17 @@ struct Mixer {
     }
     return hh;
   }
-  // dS = P (dP' - D) of a stored pair of P~ (pv) and C entries 2 half, 2 half + 1 of dP' (d), packed.
+  // dS = P (dP' - D) of a stored pair of P~ (pv) and C entries 2 half, 2 half + 1 of dP' (d), packed. In
+  // bf16 the pair's dP' - D is rounded to bf16 and multiplied by P~ as a bf16 pair, rounded once more (3
+  // instructions a pair fewer than unpacking P~ and multiplying in fp32): two roundings of dS (relative
+  // error up to 2^-7) for one, where eager's bf16 dP is itself rounded before D is subtracted. fp16 keeps
+  // the fp32 product: dP' - D may exceed fp16's range where dS does not.
   static REATTN_DEVICE uint32_t grad_scores(uint32_t pv, const float (&d)[4], int half, float d0, float d1) {
-    return Cv::pack(Cv::low(pv) * (d[2 * half] - d0), Cv::high(pv) * (d[2 * half + 1] - d1));
+    if constexpr (std::is_same_v<E, dev::Bf16>) {
+      return Cv::mul(pv, Cv::pack(d[2 * half] - d0, d[2 * half + 1] - d1));
+    } else {
+      return Cv::pack(Cv::low(pv) * (d[2 * half] - d0), Cv::high(pv) * (d[2 * half + 1] - d1));
+    }
   }
 
   // LayerNorm across heads with the per-thread mixer (the general variants of both passes): acc -= mean

@@ -186,8 +186,12 @@ REATTN_DEVICE void store_fragment_row(E* out, const float (&acc)[kN8][4], int r,
 // tiles at the rows' edge take the edge path, not every tile of a head dim below kCols (d = 35 in
 // 48 columns: the edge path's per-chunk selects and sizes, ~17 integer instructions a chunk with its
 // loop unrolled by 3 in the segmented row pass).
+//
+// kTailHeads: the copies where a thread's chunks may end past H (the backward's: 12 heads in steps of 4 of 16)
+// take all but their last chunk in one path (issue); the forward's tiles have every head, and its programs,
+// compiled with that path beside the others, issued ~0.5% more instructions (static model).
 template <typename E, int kTileRows, int kCols, int kThreads, int kMaxHeadsCopied, bool kVectorOnly,
-          int kEdgeUnroll = 0, bool kIdleColumns = false>
+          int kEdgeUnroll = 0, bool kIdleColumns = false, bool kTailHeads = false>
 struct TileCopy {
   static constexpr int kRowChunks = kCols / 8;
   static constexpr int kHeadChunks = kTileRows * kRowChunks;
@@ -311,6 +315,18 @@ struct TileCopy {
           }
           return;
         }
+        // All but the thread's last chunk real (12 heads in steps of 4 of 16, for every thread): those copies
+        // with no test per chunk, as above; the per-chunk tests below cost each copy a branch, a compare and
+        // a basic block's padding (static model, DeepViT-16b LayerNorm row pass: ~9% of its instructions
+        // went to these copies). One compare (a test per count made ptxas branch through a jump table).
+        if (kTailHeads && kPerThread > 1 && lane.hl0 + (kPerThread - 2) * kHeadStep < h_end) {
+#pragma unroll
+          for (int k = 0; k < kPerThread - 1; ++k) {
+            dev::cp_async_16_full(dst + lane.dst_off + k * kHeadStep * kTileRows * row, from_k);
+            from_k += step;
+          }
+          return;
+        }
 #pragma unroll
         for (int k = 0; k < kPerThread; ++k) {
           const int hl = lane.hl0 + k * kHeadStep;
@@ -428,9 +444,11 @@ struct RowProgram {
   // 709.7 -> 725.0 us with the flag).
   static constexpr bool kIdleColumns =
       Cfg::kPlain && Cfg::kD == Cfg::kDOut && (!Cfg::kBackward || !Cfg::kOneSegment);
-  using KeyCopy = TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain, kEdgeUnroll, kIdleColumns>;
+  using KeyCopy =
+      TileCopy<E, kKeyTile, Cfg::kD, Cfg::kThreads, kGroups, Cfg::kPlain, kEdgeUnroll, kIdleColumns, Cfg::kBackward>;
   using ValueCopy =
-      TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain, kEdgeUnroll, kIdleColumns>;
+      TileCopy<E, kValueTile, Cfg::kDOut, Cfg::kThreads, Cfg::kMaxHeads, Cfg::kPlain, kEdgeUnroll, kIdleColumns,
+               Cfg::kBackward>;
   // The forward's K rows past Nk may hold anything (TileCopy kRowsPastAny; every score there is set
   // to -inf), so its last K tile copies only its real rows: static model, H100, plain affine forwards
   // DeiT-S 391.1 -> 386.0 us t_high, DeepViT-16b 278.1 -> 273.7, DeepViT-L-384 863.5 -> 848.3 (3,474 ->
@@ -2146,7 +2164,7 @@ struct RowProgram {
     float dw[kHeads][Cfg::kMaxHeads];  // sum dM_g P~'_h (the host applies 1 / (1 - p)); general variant
     float dw_rows[kDwSlots][kDwN8][4];  // plain variant: dw_products' accumulators
     float dc[kHeads], dgamma[kHeads], dbeta[kHeads];
-    float layer[3][2][2];  // kLayerGrad: grad_mixed_layer's sums (Mixer::LayerSum), in place of dc, dgamma, dbeta
+    float layer[3][2][4];  // kLayerGrad: grad_mixed_layer's sums (Mixer::LayerSum), in place of dc, dgamma, dbeta
   };
 
   // M - c of the slab's 16 rows over the chunk's 16 keys on tensor cores (kTensorBatch; BatchNorm,
@@ -2414,7 +2432,7 @@ struct RowProgram {
 
   REATTN_DEVICE void grad_mixed_layer(int slot, int key0, int chunk_col, bool first,
                                       const uint32_t (&df)[kHeads][Cfg::kKSteps][4], const LayerGradLane& lg,
-                                      const typename Mix::LayerSums& sf, float (&sums)[3][2][2]) const {
+                                      const typename Mix::LayerSums& sf, float (&sums)[3][2][4]) const {
     {  // dN of the warp's output heads; 0 past Nq and Nk (the chunks that have such entries: warp-uniform)
       float dn[kHeads][8];
       grad_attention(slot, df, dn);
@@ -2692,7 +2710,7 @@ struct RowProgram {
           for (int t = 0; t < 2; ++t) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              float v = part.layer[k][t][e];
+              float v = part.layer[k][t][e] + part.layer[k][t][e + 2];  // C rows gq and gq + 8
               for (int off = 16; off >= 4; off /= 2) v += dev::shfl_xor(v, off);
               const int g = 8 * t + 2 * tq + e;
               if (gq == 0 && g < H) layer[k * H + g] = v;
@@ -2875,7 +2893,13 @@ struct RowProgram {
       }
       if constexpr (kLayerGrad) {
 #pragma unroll
-        for (int k = 0; k < 3; ++k) part.layer[k][0][0] = part.layer[k][0][1] = part.layer[k][1][0] = part.layer[k][1][1] = 0.0f;
+        for (int k = 0; k < 3; ++k) {
+#pragma unroll
+          for (int t = 0; t < 2; ++t) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) part.layer[k][t][e] = 0.0f;
+          }
+        }
       }
       if constexpr (Cfg::kPlain) {
 #pragma unroll

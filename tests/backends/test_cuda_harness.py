@@ -13,7 +13,8 @@ import torch
 from reattn._extension import _C
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-MMA_ROW_MAJOR_B, MMA_TRANSPOSED_B, SHUFFLES, RACE, BARRIER, MISSING_WAIT, DIVERGENT, MISALIGNED_STORE = range(8)
+(MMA_ROW_MAJOR_B, MMA_TRANSPOSED_B, SHUFFLES, RACE, BARRIER, MISSING_WAIT, DIVERGENT, MISALIGNED_STORE,
+ BF16_PRODUCTS) = range(9)
 FORWARD, REVERSE, SHUFFLED = range(3)
 
 
@@ -43,6 +44,24 @@ def test_shuffles_reduce_and_rotate():
     out = _C.cuda_device_check(SHUFFLES, a).cpu()
     torch.testing.assert_close(out[:32], a.cpu().sum().expand(32), rtol=1e-6, atol=1e-6)
     assert torch.equal(out[32:], a.cpu().roll(-1))
+
+
+def test_bf16_pair_products_round_once():
+    # fma.rn.bf16x2 with a -0 addend (the backward's dS = P~ (dP' - D), mixing.cuh grad_scores): each product
+    # rounded once to nearest even, signed zeros kept. Two bf16 values' product is exact in fp32 (here, away
+    # from fp32's subnormals), so torch's fp32 product rounded to bf16 is that one rounding.
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(64, generator=g) * 2.0 ** torch.randint(-20, 21, (64,), generator=g)
+    b = torch.randn(64, generator=g) * 2.0 ** torch.randint(-20, 21, (64,), generator=g)
+    # a tie (1.5 (1 + 2^-7) = 1 + 2^-1 + 2^-7 + 2^-8: rounds up to even), zero times negative (-0), and -0 times 0
+    a[:3] = torch.tensor([1.5, 0.0, -0.0])
+    b[:3] = torch.tensor([1.0 + 2.0 ** -7, -3.0, 0.0])
+    a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    expected = (a.float() * b.float()).to(torch.bfloat16)
+    got = _C.cuda_device_check(BF16_PRODUCTS, a.to(DEVICE), b.to(DEVICE)).cpu()
+    assert torch.equal(got, expected.float()), (got - expected.float()).abs().max()
+    assert got[0] == 1.515625 and torch.equal(got[1:3].sign(), torch.zeros(2))
+    assert torch.equal(torch.signbit(got[1:3]), torch.tensor([True, True]))
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="warp orders are the emulator's")
@@ -82,3 +101,7 @@ def test_bad_check_arguments_are_refused():
         _C.cuda_device_check(99, torch.zeros(32))
     with pytest.raises(TypeError, match="bfloat16 or float16"):
         _C.cuda_device_check(MMA_ROW_MAJOR_B, torch.zeros(16, 32), torch.zeros(32, 16))
+    with pytest.raises(TypeError, match="takes bfloat16 operands"):
+        _C.cuda_device_check(BF16_PRODUCTS, torch.zeros(64), torch.zeros(64))
+    with pytest.raises(ValueError, match="b must be 64 contiguous bfloat16"):
+        _C.cuda_device_check(BF16_PRODUCTS, torch.zeros(64, dtype=torch.bfloat16))
