@@ -487,7 +487,14 @@ REATTN_DEVICE float log2_approx(float x) {
   asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
-REATTN_DEVICE float rcp_approx(float x) { return __frcp_rn(x); }
+// rcp.approx.ftz.f32 (MUFU.RCP): at most 1 ulp from 1/x, a subnormal argument counts as 0. For the
+// forward's 1 / l (l >= 1: the row maximum's own term), where __frcp_rn's correctly rounded reciprocal
+// took a Newton step and a branch to its slow path around the MUFU (~10 instructions a call).
+REATTN_DEVICE float rcp_approx(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
 REATTN_DEVICE float rsqrt_approx(float x) { return rsqrtf(x); }
 // rsqrt.approx.ftz: a subnormal argument counts as 0 (result +inf), without rsqrtf's subnormal
 // scaling (a compare and two multiplies per call). For LayerNorm's variance + eps (eps >= FLT_MIN in
