@@ -563,7 +563,8 @@ struct Convert<Bf16> {
   }
   static REATTN_DEVICE float to_float(uint16_t bits) { return sim::bf16_to_float(bits); }
   static REATTN_DEVICE uint16_t from_float(float x) { return sim::float_to_bf16(x); }
-  // Two bf16 values' product is exact in fp32 (8-bit significands), so rounding it is the fma's one rounding.
+  // Two bf16 values' product is exact in fp32 (8-bit significands) outside fp32's subnormal range, so rounding
+  // it is the fma's one rounding (a product below 2^-126 would be rounded twice here).
   static REATTN_DEVICE uint32_t mul(uint32_t a, uint32_t b) { return pack(low(a) * low(b), high(a) * high(b)); }
 #endif
   static REATTN_DEVICE float low(uint32_t r) { return to_float(static_cast<uint16_t>(r & 0xffffu)); }
