@@ -587,7 +587,7 @@ struct KeyProgram {
           float c[Mix::kLayerTiles][4];
           if constexpr (kGrad) {
             Mix::layer_centered(x, u, lg, c);
-            float unused[3][2][4];
+            typename Mix::LayerGradSums unused;
             Mix::template layer_grad<false>(c, rstd_keys[r], g, u, lg, sf, inv_h, packed, unused);
           } else {
             Mix::layer_center(x, u, lg, inv_h, eps, odd, c, rstd_keys[r]);

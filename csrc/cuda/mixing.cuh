@@ -482,10 +482,11 @@ struct Mixer {
   // the quad by 4 shuffles (splitting the two columns between lane pairs would save one shuffle per sum
   // and cost 4 selects).
   enum LayerSum : int { kSumDc = 0, kSumDgamma = 1, kSumDbeta = 2 };  // sums[kind][t][e]
+  using LayerGradSums = float[3][2][4];  // layer_grad's sums, [LayerSum][tile][C entry]
   template <bool kSums>
   static REATTN_DEVICE void layer_grad(const float (&c)[kLayerTiles][4], const float (&rstd)[2], const uint32_t (&g)[4],
                                        int u, const LayerLane& lg, const LayerSums& sf, float inv_h,
-                                       uint32_t (&packed)[4], float (&sums)[3][2][4]) {
+                                       uint32_t (&packed)[4], LayerGradSums& sums) {
     float s1[4];
     {
       const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};

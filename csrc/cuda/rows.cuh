@@ -2164,7 +2164,7 @@ struct RowProgram {
     float dw[kHeads][Cfg::kMaxHeads];  // sum dM_g P~'_h (the host applies 1 / (1 - p)); general variant
     float dw_rows[kDwSlots][kDwN8][4];  // plain variant: dw_products' accumulators
     float dc[kHeads], dgamma[kHeads], dbeta[kHeads];
-    float layer[3][2][4];  // kLayerGrad: grad_mixed_layer's sums (Mixer::LayerSum), in place of dc, dgamma, dbeta
+    typename Mix::LayerGradSums layer;  // kLayerGrad: grad_mixed_layer's sums, in place of dc, dgamma, dbeta
   };
 
   // M - c of the slab's 16 rows over the chunk's 16 keys on tensor cores (kTensorBatch; BatchNorm,
@@ -2432,7 +2432,7 @@ struct RowProgram {
 
   REATTN_DEVICE void grad_mixed_layer(int slot, int key0, int chunk_col, bool first,
                                       const uint32_t (&df)[kHeads][Cfg::kKSteps][4], const LayerGradLane& lg,
-                                      const typename Mix::LayerSums& sf, float (&sums)[3][2][4]) const {
+                                      const typename Mix::LayerSums& sf, typename Mix::LayerGradSums& sums) const {
     {  // dN of the warp's output heads; 0 past Nq and Nk (the chunks that have such entries: warp-uniform)
       float dn[kHeads][8];
       grad_attention(slot, df, dn);

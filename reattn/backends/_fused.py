@@ -71,11 +71,10 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
         raise ValueError("one_sweep_batchnorm: centers_in_forward needs bn_moments")
     centering = {}
     if centers_in_forward:
-        minus_center = center = None
+        minus_center = None
         centering = dict(center_keys=Nk)
     else:  # sum / -Nk is -(sum / Nk) bitwise, in one op fewer
         minus_center = mix_weight.detach().to(acc).sum(dim=1) / -Nk
-        center = None
     r, softmax_stats, moments, u = forward_moments(q, k, v, mix_weight, minus_center, attn_mask, seed, scale=scale,
                                                    dropout_p=dropout_p, dtype=q.dtype if keep_terms else acc,
                                                    **centering)
@@ -85,8 +84,8 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
                                              out_scale=out_scale, eps=eps, dtype=acc, mix_weight=mix_weight.detach(),
                                              n_keys=Nk)
         else:
-            stats, coefficients = bn_moments(moments, count, -minus_center if center is None else center, mix_bias,
-                                             norm_weight, norm_bias, out_scale=out_scale, eps=eps, dtype=acc)
+            stats, coefficients = bn_moments(moments, count, -minus_center, mix_bias, norm_weight, norm_bias,
+                                             out_scale=out_scale, eps=eps, dtype=acc)
         alpha, beta = coefficients[0], coefficients[1]
     else:
         sums = moments.sum(dim=0, dtype=torch.float64)  # [2, H]
