@@ -313,6 +313,20 @@ REATTN_DEVICE void ldmatrix_x2(uint32_t (&r)[2], const void* row) { sim::ldmatri
 REATTN_DEVICE void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) { sim::ldmatrix(2, true, r, row); }
 #endif
 
+// movmatrix.sync.aligned.m8n8.trans.b16: an 8x8 matrix of 16-bit values that the warp holds as ldmatrix
+// gives it (lane l: row l/4, columns 2(l%4), 2(l%4)+1, low half first), transposed across the lanes'
+// registers: lane l gets row l/4, columns 2(l%4), 2(l%4)+1 of the transpose, what ldmatrix.trans of the
+// same rows would have loaded. No shared memory: one register-to-register instruction (MOVM).
+#if defined(__CUDACC__)
+REATTN_DEVICE uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+#else
+REATTN_DEVICE uint32_t movmatrix_trans(uint32_t x) { return sim::movmatrix_trans(x); }
+#endif
+
 // acc[t][n] += A_t B_n over the n8 tiles n < kN8 of B, a [16][8 kN8] tile of 16-bit values stored
 // row-major (`row` elements apart, its k rows the products' k) and read by ldmatrix.trans: matrix
 // i = lane / 8 is (k half i % 2, n8 tile n + i / 2). A_t: m16n8k16 A fragments of kTiles 16-row tiles,

@@ -19,6 +19,8 @@ enum CheckKind : int {
   kMisalignedStore = 7, // a 32-bit store of a 16-bit pair at an address 2 bytes off (the emulator refuses, as a
                         // GPU faults: never run it on a GPU)
   kBf16Products = 8,    // out [64]: lane l's bf16 pairs a[2l..2l+1] times b[2l..2l+1] by Convert<Bf16>::mul
+  kMovmatrix = 9,       // out [64]: lane l's pair a[2l..2l+1] of a row-major 8x8 bf16 matrix through movmatrix.trans:
+                        // out = the transpose, row-major
 };
 
 struct CheckParams {
@@ -118,6 +120,14 @@ REATTN_DEVICE void run_check(const CheckParams& p, bool bf16) {
       if (warp != 0) return;
       using Cv = dev::Convert<dev::Bf16>;
       const uint32_t r = Cv::mul(static_cast<const uint32_t*>(p.a)[lane], static_cast<const uint32_t*>(p.b)[lane]);
+      p.out[2 * lane] = Cv::low(r);
+      p.out[2 * lane + 1] = Cv::high(r);
+      return;
+    }
+    case kMovmatrix: {
+      if (warp != 0) return;
+      using Cv = dev::Convert<dev::Bf16>;
+      const uint32_t r = dev::movmatrix_trans(static_cast<const uint32_t*>(p.a)[lane]);
       p.out[2 * lane] = Cv::low(r);
       p.out[2 * lane + 1] = Cv::high(r);
       return;

@@ -111,10 +111,20 @@ struct KeyProgram {
   REATTN_DEVICE bool vector() const { return Cfg::kPlain || p.vector_loads; }
   REATTN_DEVICE const float* vec_row(int row) const { return at<float>(L.vectors) + row * Cfg::kMaxHeads; }
   REATTN_DEVICE E* slot_base(int slot) const { return at<E>(L.ring + slot * L.ring_slot); }
-  // In a ring slot: Q [H][16][row], then dO [H][16][row], then fp32 [H][16][3] (m, log l, D).
+  // In a ring slot: Q [H][16][row], then dO [H][16][row], then the rows' statistics, fp32 [3][H][16]: m and
+  // log l (the plain variants: (m + log l) log2 e, the exponent's offset, then nothing), then D. A row's
+  // statistic at [k][h][row]: a thread's rows come in pairs (2 tq, 2 tq + 1), one 8-byte load each.
   REATTN_DEVICE E* slot_grads(int slot) const { return slot_base(slot) + H * kChunkRows * kRow; }
-  REATTN_DEVICE float* slot_stats(int slot) const {
-    return reinterpret_cast<float*>(slot_base(slot) + 2 * H * kChunkRows * kRow);
+  REATTN_DEVICE float* slot_stats(int slot, int k) const {
+    return reinterpret_cast<float*>(slot_base(slot) + 2 * H * kChunkRows * kRow) + k * H * kChunkRows;
+  }
+  enum StatRow : int { kStatM = 0, kStatLogL = 1, kStatD = 2 };
+  // The statistic of rows r0 + 2 tq, r0 + 2 tq + 1 of head h (r0 = 0 or 8).
+  REATTN_DEVICE void stat_pair(const float* st, int h, int r0, float& lo, float& hi) const {
+    uint32_t w[2];
+    dev::load_words(st + h * kChunkRows + r0 + 2 * tq, w);
+    lo = dev::from_bits(w[0]);
+    hi = dev::from_bits(w[1]);
   }
 
   // The first key (in the block) of the warp's tile t: tiles of one slab are adjacent.
@@ -153,15 +163,22 @@ struct KeyProgram {
                      static_cast<int>(p.q_st.d), 0, H, H, r0, Nq, 0, D, vector());
     ChunkCopy::issue(slot_grads(slot), kRow, gb, static_cast<int>(p.do_st.h), static_cast<int>(p.do_st.n),
                      static_cast<int>(p.do_st.d), 0, H, H, r0, Nq, 0, D, vector());
-    float* st = slot_stats(slot);
+    float* m = slot_stats(slot, kStatM);
+    float* log_l = slot_stats(slot, kStatLogL);
+    float* d = slot_stats(slot, kStatD);
     const float* stats = static_cast<const float*>(p.lse);
     for (int i = dev::thread_index(); i < H * kChunkRows; i += Cfg::kThreads) {
       const int h = i / kChunkRows, r = r0 + i % kChunkRows;
       const bool ok = r < Nq;
       const int64_t at_row = (b * H + h) * static_cast<int64_t>(Nq) + (ok ? r : 0);
-      st[3 * i] = ok ? stats[2 * at_row] : INFINITY;  // rows past Nq: P = 0
-      st[3 * i + 1] = ok ? stats[2 * at_row + 1] : 0.0f;
-      st[3 * i + 2] = ok ? p.delta[at_row] : 0.0f;
+      const float mi = ok ? stats[2 * at_row] : INFINITY, li = ok ? stats[2 * at_row + 1] : 0.0f;  // rows past Nq: P = 0
+      if constexpr (Cfg::kPlain) {
+        m[i] = (mi + li) * kLog2e;  // scores' offset, formed once per row (+inf past Nq)
+      } else {
+        m[i] = mi;
+        log_l[i] = li;
+      }
+      d[i] = ok ? p.delta[at_row] : 0.0f;
     }
     dev::cp_async_commit();
   }
@@ -220,7 +237,8 @@ struct KeyProgram {
   // masked; the mixing reads it clamped at 0 (P~ up to 1 / (1 - p), which W' carries).
   REATTN_DEVICE void scores(int slot, int r0) const {
     const E* qtile = slot_base(slot);
-    const float* st = slot_stats(slot);
+    const float* st_m = slot_stats(slot, kStatM);
+    const float* st_log_l = slot_stats(slot, kStatLogL);
     const E* keys = at<E>(L.keys);
     E* probs_t = at<E>(L.probs_t);
     const bool dropout = p.seed != nullptr;
@@ -255,14 +273,15 @@ struct KeyProgram {
           dev::mma_m16n8k16<E>(c[t][1], a, b1, c[t][1]);
         }
       }
-      // The row statistics of the thread's 4 rows (entry_row(e), e = 0, 1, 4, 5; row_slot), loaded once
-      // for every tile: between the tiles' P~^T stores the compiler loads them again.
-      float m[4], log_l[4];
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const float* rs = st + 3 * (h * kChunkRows + entry_row((r & 1) + 4 * (r / 2)));
-        m[r] = rs[0];
-        log_l[r] = rs[1];
+      // The row statistics of the thread's 4 rows (entry_row(e), e = 0, 1, 4, 5; row_slot: 2 tq, 2 tq + 1,
+      // then + 8), loaded once for every tile: between the tiles' P~^T stores the compiler loads them again.
+      // The plain variants' m is the exponent's offset (m + log l) log2 e (issue_chunk), and log l unread.
+      float m[4], log_l[4] = {};
+      stat_pair(st_m, h, 0, m[0], m[1]);
+      stat_pair(st_m, h, 8, m[2], m[3]);
+      if constexpr (!Cfg::kPlain) {
+        stat_pair(st_log_l, h, 0, log_l[0], log_l[1]);
+        stat_pair(st_log_l, h, 8, log_l[2], log_l[3]);
       }
 #pragma unroll
       for (int t = 0; t < kTiles; ++t) {
@@ -273,14 +292,14 @@ struct KeyProgram {
           v[4 + e] = c[t][1][e];
         }
         if constexpr (Cfg::kPlain) {
-          // No mask, no dropout: P = 2^(raw c cs - (m + log l) log2 e), cs = scale log2 e (one FMA). Rows
-          // past Nq have m = +inf (P = 0); keys past Nk (zero K rows) get a finite P that only their
-          // own dK and dV rows, never written, and entries whose dN is zeroed (grad_mixed) see.
+          // No mask, no dropout: P = 2^(raw c cs - (m + log l) log2 e), cs = scale log2 e (one FMA; m holds
+          // the offset). Rows past Nq have an offset of +inf (P = 0); keys past Nk (zero K rows) get a finite
+          // P that only their own dK and dV rows, never written, and entries whose dN is zeroed (grad_mixed) see.
           const float cs = scale * kLog2e;
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
             const int r = row_slot(e);
-            v[e] = dev::exp2_approx(v[e] * cs - (m[r] + log_l[r]) * kLog2e);
+            v[e] = dev::exp2_approx(v[e] * cs - m[r]);
           }
         } else {
 #pragma unroll
@@ -358,27 +377,43 @@ struct KeyProgram {
     if (!batch && kTensorGrad && !layer) beta += gamma * vec_row(kBias)[g];
   }
 
-  // dA^T = V dO^T of head g (the warp's owned head j) at the thread's fragment entries of every tile:
-  // A = V [key][d] (the tiles' keys), B = dO^T from dO [row][d] (dg: head g's chunk tile) without
-  // .trans, loaded once for every tile.
-  REATTN_DEVICE void grad_attention(const E* values, const E* dg, int g, int j, float (&dn)[kTiles][kHeads][8]) const {
+  // dV += A^T dO (with_dv; af: A^T's fragments of every tile) and dN^T = V dO^T of head g (the warp's owned
+  // head j) at the thread's fragment entries of every tile, from one load of dO. Per k-step of dN^T (16 head
+  // dims, two n8 tiles of dV), ldmatrix.trans reads dO [row][d] as dV's B fragments (rows as k) and movmatrix
+  // transposes those in registers into dN^T's (B = dO^T, head dims as k): where each product read dO from
+  // shared memory for itself, the second read is 4 register moves (static model, DeepViT-16b LayerNorm key
+  // pass: its shared-memory bytes -3.3%, 6 more instructions per head and chunk). A = V [key][d] (the tiles'
+  // keys) by ldmatrix, each dO fragment serving every tile.
+  REATTN_DEVICE void grad_values(const uint32_t (&af)[kTiles][4], bool with_dv, const E* values, const E* dg, int g,
+                                 int j, float (&dv)[kTiles][Cfg::kN8][4], float (&dn)[kTiles][kHeads][8]) const {
+    static_assert(Cfg::kN8 == 2 * Cfg::kKSteps, "two n8 tiles of dV per k-step of dN^T");
     const int i = lane / 8;
     float c[kTiles][2][4] = {};
-    // Shared addresses stepped 32 bytes per k-step, as in scores.
+    // ldmatrix.trans's rows: matrix i = (row half i % 2, head dims 8 (2 kk + i / 2)); V's as in scores.
+    const E* d_at = dg + ((i % 2) * 8 + lane % 8) * kRow + (i / 2) * 8;
     uint32_t v_at = dev::smem_address(values + (static_cast<size_t>(g) * Cfg::kKeys + tile_key(0) + lane % 16) * kRow +
                                       (lane / 16) * 8);
-    uint32_t g_at = dev::smem_address(dg + ((i / 2) * 8 + lane % 8) * kRow + (i % 2) * 8);
-#pragma unroll 1
-    for (int kk = 0; kk < Cfg::kKSteps; ++kk, v_at += 32, g_at += 32) {
-      uint32_t gb[4];
-      dev::ldmatrix_x4_at(gb, g_at);
-      const uint32_t b0[2] = {gb[0], gb[1]}, b1[2] = {gb[2], gb[3]};
+#pragma unroll
+    for (int kk = 0; kk < Cfg::kKSteps; ++kk, v_at += 32) {
+      uint32_t b[4];  // dO^T of (rows 0-7, dims 16 kk + 0-7), (rows 8-15, same), (rows 0-7, dims + 8-15), (rows 8-15, same)
+      dev::ldmatrix_x4_trans(b, d_at + kk * 16);
+      if (with_dv) {
+        const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+#pragma unroll
+        for (int t = 0; t < kTiles; ++t) {
+          dev::mma_m16n8k16<E>(dv[t][2 * kk], af[t], b0, dv[t][2 * kk]);
+          dev::mma_m16n8k16<E>(dv[t][2 * kk + 1], af[t], b1, dv[t][2 * kk + 1]);
+        }
+      }
+      // dO^T's B fragments of this k-step: n8 tile rows 0-7 from the matrices of rows 0-7, rows 8-15 likewise.
+      const uint32_t g0[2] = {dev::movmatrix_trans(b[0]), dev::movmatrix_trans(b[2])};
+      const uint32_t g1[2] = {dev::movmatrix_trans(b[1]), dev::movmatrix_trans(b[3])};
 #pragma unroll
       for (int t = 0; t < kTiles; ++t) {
         uint32_t va[4];
         dev::ldmatrix_x4_at(va, v_at + t * 16 * kRow * static_cast<uint32_t>(sizeof(E)));
-        dev::mma_m16n8k16<E>(c[t][0], va, b0, c[t][0]);
-        dev::mma_m16n8k16<E>(c[t][1], va, b1, c[t][1]);
+        dev::mma_m16n8k16<E>(c[t][0], va, g0, c[t][0]);
+        dev::mma_m16n8k16<E>(c[t][1], va, g1, c[t][1]);
       }
     }
 #pragma unroll
@@ -480,9 +515,7 @@ struct KeyProgram {
 #pragma unroll
         for (int r = 0; r < 4; ++r) af[t][r] = Cv::pack(a[2 * r], a[2 * r + 1]);
       }
-      const E* dg = grads + static_cast<size_t>(gg) * kChunkRows * kRow;
-      if (g < H) dev::mma_row_major(af, dg, kRow, lane, dv[j]);  // dV += A^T dO, dO [row][d]
-      grad_attention(values, dg, gg, j, dn);
+      grad_values(af, g < H, values, grads + static_cast<size_t>(gg) * kChunkRows * kRow, gg, j, dv[j], dn);
 #pragma unroll
       for (int t = 0; t < kTiles; ++t) {
         masks[t][j] |= outside[t];
@@ -622,9 +655,7 @@ struct KeyProgram {
       uint32_t af[kTiles][4];
 #pragma unroll
       for (int t = 0; t < kTiles; ++t) dev::ldmatrix_x4(af[t], atile + static_cast<size_t>(gg) * kHeadStride + t * 16 * kTRow);
-      const E* dg = grads + static_cast<size_t>(gg) * kChunkRows * kRow;
-      dev::mma_row_major(af, dg, kRow, lane, dv[j]);  // dV += A^T dO, dO [row][d]
-      grad_attention(values, dg, gg, j, dn);
+      grad_values(af, true, values, grads + static_cast<size_t>(gg) * kChunkRows * kRow, gg, j, dv[j], dn);
     }
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) {
@@ -655,7 +686,7 @@ struct KeyProgram {
     for (int t = 0; t < kTiles; ++t) {
       Mix::mix_transposed(mtile + t * 16 * kTRow, kHeadStride, at<float>(L.weights_t), H, group, dp[t]);
     }
-    const float* st = slot_stats(slot);
+    const float* st = slot_stats(slot, kStatD);
     const E* qtile = slot_base(slot);
     const E* ptile = at<E>(L.probs_t) + (static_cast<size_t>(tile_key(0)) + lane % 16) * kTRow + (lane / 16) * 8;
     const float scale = static_cast<float>(p.scale);
@@ -665,7 +696,7 @@ struct KeyProgram {
       if (h >= H) continue;
       float d[4];  // D of the thread's 4 rows (row_slot)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) d[r] = st[3 * (h * kChunkRows + entry_row((r & 1) + 4 * (r / 2))) + 2];
+      for (int r = 0; r < 4; ++r) d[r] = st[h * kChunkRows + entry_row((r & 1) + 4 * (r / 2))];
       uint32_t af[kTiles][4];
 #pragma unroll
       for (int t = 0; t < kTiles; ++t) {
@@ -702,13 +733,13 @@ struct KeyProgram {
     const auto lane_src = Mix::template trans_lane<kNarrow>(lane);
     const int hl = lane_src.head, key_of = lane_src.row, octet = lane_src.octet;
     // D of heads gq (+ 8) at the thread's rows 2 tq, 2 tq + 1, 8 + 2 tq, 9 + 2 tq (rows past Nq: 0).
-    const float* st = slot_stats(slot);
+    const float* st = slot_stats(slot, kStatD);
     float dl[kHalves][4];
 #pragma unroll
     for (int half = 0; half < kHalves; ++half) {
       const int h = gq + 8 * half < H ? gq + 8 * half : 0;
-#pragma unroll
-      for (int r = 0; r < 4; ++r) dl[half][r] = st[3 * (h * kChunkRows + (r / 2) * 8 + 2 * tq + r % 2) + 2];
+      stat_pair(st, h, 0, dl[half][0], dl[half][1]);
+      stat_pair(st, h, 8, dl[half][2], dl[half][3]);
     }
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) {

@@ -1431,7 +1431,7 @@ at::Tensor head_dot_sums(const at::Tensor& grad, const at::Tensor& r, const at::
 at::Tensor device_check(int64_t kind, const at::Tensor& a, const c10::optional<at::Tensor>& b, int64_t order,
                         int64_t seed) {
   const char* op = "reattn cuda_device_check";
-  TORCH_CHECK_VALUE(kind >= 0 && kind <= 8, op, ": unknown check kind ", kind);
+  TORCH_CHECK_VALUE(kind >= 0 && kind <= 9, op, ": unknown check kind ", kind);
   TORCH_CHECK_VALUE(kind != 7 || a.is_cpu(), op, ": the misaligned-store check faults a GPU; it runs in the emulator");
   TORCH_CHECK_VALUE(order >= 0 && order <= 2, op, ": order must be 0 (forward), 1 (reverse) or 2 (shuffled)");
   const bool mma = kind <= 1;
@@ -1449,6 +1449,9 @@ at::Tensor device_check(int64_t kind, const at::Tensor& a, const c10::optional<a
     TORCH_CHECK_VALUE(b.has_value() && b->scalar_type() == at::kBFloat16 && b->numel() == 64 && b->is_contiguous() &&
                           b->device() == a.device(),
                       op, ": b must be 64 contiguous bfloat16 values like a");
+  } else if (kind == 9) {
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kBFloat16, op, ": the movmatrix check takes a bfloat16 matrix");
+    TORCH_CHECK_VALUE(a.numel() == 64 && a.is_contiguous(), op, ": a must be a contiguous 8 x 8 bfloat16 matrix");
   } else {
     TORCH_CHECK_VALUE(a.scalar_type() == at::kFloat && a.numel() == 32 && a.is_contiguous(), op,
                       ": a must be 32 contiguous floats");

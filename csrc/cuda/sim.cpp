@@ -81,7 +81,7 @@ constexpr int kWarp = 32;
 constexpr size_t kStackBytes = 256 * 1024;
 
 enum class State { kRunnable, kAtCollective, kAtBarrier, kExited };
-enum class OpKind { kShfl, kBallot, kMma, kLdmatrix, kStmatrix, kSyncWarp };
+enum class OpKind { kShfl, kBallot, kMma, kLdmatrix, kStmatrix, kMovmatrix, kSyncWarp };
 
 const char* op_name(OpKind k) {
   switch (k) {
@@ -95,6 +95,8 @@ const char* op_name(OpKind k) {
       return "ldmatrix";
     case OpKind::kStmatrix:
       return "stmatrix";
+    case OpKind::kMovmatrix:
+      return "movmatrix";
     default:
       return "__syncwarp";
   }
@@ -399,6 +401,22 @@ void run_collective(Runner& r, int warp, Op* const* ops) {
       }
       return;
     }
+    case OpKind::kMovmatrix: {
+      // movmatrix.sync.aligned.m8n8.trans.b16 (PTX ISA 9.7.14.5.17, "movmatrix"): lane l holds row l/4,
+      // columns 2(l%4), 2(l%4)+1 of an 8x8 matrix of 16-bit elements (low half first) and receives the same
+      // entries of its transpose: (row 2(l%4), col l/4) low, (row 2(l%4)+1, col l/4) high.
+      uint16_t M[8][8];
+      for (int l = 0; l < kWarp; ++l) {
+        const int row = l >> 2, col = 2 * (l & 3);
+        M[row][col] = static_cast<uint16_t>(ops[l]->value & 0xffffu);
+        M[row][col + 1] = static_cast<uint16_t>(ops[l]->value >> 16);
+      }
+      for (int l = 0; l < kWarp; ++l) {
+        const int row = l >> 2, col = 2 * (l & 3);
+        ops[l]->result = static_cast<uint32_t>(M[col][row]) | (static_cast<uint32_t>(M[col + 1][row]) << 16);
+      }
+      return;
+    }
     case OpKind::kStmatrix: {
       // The inverse of ldmatrix (PTX ISA 9.7.14.5.16, stmatrix, sm_90): lane l gives in register i the
       // elements (row l/4, cols 2(l%4), 2(l%4)+1) of matrix i; lanes 8i..8i+7 give the addresses of
@@ -676,6 +694,13 @@ void ldmatrix(int matrices, bool trans, uint32_t* r, const void* row_address) {
   op.r = r;
   op.address = static_cast<const char*>(row_address);
   collective(op);
+}
+
+uint32_t movmatrix_trans(uint32_t value) {
+  Op op{OpKind::kMovmatrix};
+  op.value = value;
+  collective(op);
+  return op.result;
 }
 
 void stmatrix(int matrices, bool trans, const uint32_t* w, void* row_address) {

@@ -62,6 +62,9 @@ enum class MmaType : int { kFloat16 = 0, kBFloat16 = 1 };
 void mma_m16n8k16(MmaType type, float* d, const uint32_t* a, const uint32_t* b, const float* c);
 // ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16
 void ldmatrix(int matrices, bool trans, uint32_t* r, const void* row_address);
+// movmatrix.sync.aligned.m8n8.trans.b16: lane l's row l/4, columns 2(l%4), 2(l%4)+1 of an 8x8 matrix -> the same
+// entries of its transpose
+uint32_t movmatrix_trans(uint32_t value);
 // stmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16 (sm_90)
 void stmatrix(int matrices, bool trans, const uint32_t* w, void* row_address);
 

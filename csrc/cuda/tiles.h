@@ -165,7 +165,7 @@ struct KeyLayout {
   uint32_t keys;      // E   [H][keys][row]          the block's K
   uint32_t values;    // E   [H][keys][row]          the block's V
   int row;
-  uint32_t ring;      // 2 slots: Q E [H][16][row], dO E [H][16][row], f32 [H][16][3] (m, log l, D)
+  uint32_t ring;      // 2 slots: Q E [H][16][row], dO E [H][16][row], f32 [3][H][16] (m, log l, D; keys.cuh)
   uint32_t ring_slot;
   uint32_t probs_t;   // E   [H][keys][t_row]        P~^T of the current query chunk
   uint32_t dmixed;    // E   [H][keys][t_row]        dM^T of the current query chunk

@@ -14,7 +14,7 @@ from reattn._extension import _C
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 (MMA_ROW_MAJOR_B, MMA_TRANSPOSED_B, SHUFFLES, RACE, BARRIER, MISSING_WAIT, DIVERGENT, MISALIGNED_STORE,
- BF16_PRODUCTS) = range(9)
+ BF16_PRODUCTS, MOVMATRIX) = range(10)
 FORWARD, REVERSE, SHUFFLED = range(3)
 
 
@@ -64,6 +64,15 @@ def test_bf16_pair_products_round_once():
     assert torch.equal(torch.signbit(got[1:3]), torch.tensor([True, True]))
 
 
+def test_movmatrix_transposes_the_fragment_layout():
+    # movmatrix.trans (the key pass's dO^T fragments, keys.cuh grad_values): lane l holds row l / 4, columns
+    # 2 (l % 4), 2 (l % 4) + 1 of an 8 x 8 matrix and gets the same entries of its transpose. Distinct values
+    # (0 .. 63, exact in bf16) make any misplaced element show.
+    a = torch.arange(64, dtype=torch.float32).view(8, 8).to(torch.bfloat16)
+    got = _C.cuda_device_check(MOVMATRIX, a.to(DEVICE)).cpu().view(8, 8)
+    assert torch.equal(got, a.float().t()), got
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="warp orders are the emulator's")
 def test_a_race_between_warps_changes_the_result_with_the_warp_order():
     a = torch.randn(32, generator=torch.Generator().manual_seed(2))
@@ -105,3 +114,7 @@ def test_bad_check_arguments_are_refused():
         _C.cuda_device_check(BF16_PRODUCTS, torch.zeros(64), torch.zeros(64))
     with pytest.raises(ValueError, match="b must be 64 contiguous bfloat16"):
         _C.cuda_device_check(BF16_PRODUCTS, torch.zeros(64, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="movmatrix check takes a bfloat16 matrix"):
+        _C.cuda_device_check(MOVMATRIX, torch.zeros(8, 8))
+    with pytest.raises(ValueError, match="contiguous 8 x 8 bfloat16 matrix"):
+        _C.cuda_device_check(MOVMATRIX, torch.zeros(8, 16, dtype=torch.bfloat16)[:, :8])
