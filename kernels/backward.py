@@ -616,7 +616,7 @@ def re_attention_backward(
     options = launch_options(q, lowp_dot, False, interpret)
     mask, mask_strides, seed_arg, c, nw, nb, flags = _launch_args(q, k, v, mix_weight, mix_bias, norm_weight,
                                                                   norm_bias, attn_mask, dropout_p, seed, norm)
-    num_n = config.programs_per_batch(Nk)
+    num_n = config.key_programs_per_batch(Nk)
     hp = config.HP
     parts = torch.empty((num_n * B, hp * hp + 3 * hp), dtype=acc, device=device)
     run_on_device(

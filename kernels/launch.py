@@ -99,6 +99,11 @@ class TileConfig:
     def programs_per_batch(self, n_q: int) -> int:
         return -(-n_q // self.rows)
 
+    def key_programs_per_batch(self, n_k: int) -> int:
+        """Programs per batch element of the key-major dK/dV kernel, whose slots' rows are ``G`` groups of
+        ``BLOCK_N`` keys (its query blocks are ``BLOCK_M`` rows)."""
+        return -(-n_k // (self.G * self.BLOCK_N))
+
     def check_heads(self, h: int, where: str) -> None:
         if self.G * h > self.HP or self.G < 1:
             raise ValueError(f"{where}: config {self} cannot hold {h} heads (G * H must be <= HP)")

@@ -119,6 +119,14 @@ def test_tiles_do_not_change_the_gradients(dq, dkdv, norm):
     assert_close(got, expected)
 
 
+def test_dkdv_key_blocks_differ_from_query_blocks():
+    """The dK/dV kernel's programs cover G * BLOCK_N keys each (its query blocks are BLOCK_M rows): a launch whose
+    key block is smaller than its query block must still cover every key (45 keys: three programs of 16)."""
+    dkdv = TileConfig(HP=8, G=1, BLOCK_M=32, BLOCK_N=16, BLOCK_D=16, STATS_BLOCK_N=16, num_warps=4, num_stages=1)
+    got, expected = gradients(problem(1, 6, 9, 45, 16, seed=3), "none", dkdv_config=dkdv)
+    assert_close(got, expected)
+
+
 def test_batchnorm_sums_sweep_matches_float64():
     """sum dN xhat and sum dN per head (dN = out_scale dO V^T on unmasked entries, xhat normalized
     with the given statistics), what training BatchNorm's backward needs first."""
