@@ -520,6 +520,7 @@ def _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, d
         config = backward_config(Nq, Nk, D, H, interpret=interpret, shared_limit=device_shared_limit(device),
                                  element_size=q.element_size(), kernel="dq",
                                  variant=variant_of(norm, attn_mask is not None, dropout_p > 0))
+    config.check_heads(H, "re_attention_backward (dQ)")
     options = launch_options(q, lowp_dot, False, interpret)
     mask, mask_strides, seed_arg, c, nw, nb, flags = _launch_args(q, k, v, mix_weight, mix_bias, norm_weight,
                                                                   norm_bias, attn_mask, dropout_p, seed, norm)
@@ -613,6 +614,7 @@ def re_attention_backward(
         config = backward_config(Nq, Nk, Dp, H, interpret=interpret, shared_limit=device_shared_limit(device),
                                  element_size=q.element_size(), kernel="dkdv",
                                  variant=variant_of(norm, attn_mask is not None, dropout_p > 0))
+    config.check_heads(H, "re_attention_backward (dK/dV)")
     options = launch_options(q, lowp_dot, False, interpret)
     mask, mask_strides, seed_arg, c, nw, nb, flags = _launch_args(q, k, v, mix_weight, mix_bias, norm_weight,
                                                                   norm_bias, attn_mask, dropout_p, seed, norm)

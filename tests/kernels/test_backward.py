@@ -127,6 +127,13 @@ def test_dkdv_key_blocks_differ_from_query_blocks():
     assert_close(got, expected)
 
 
+@pytest.mark.parametrize("which", ["dq_config", "dkdv_config"])
+def test_a_config_with_too_few_slots_is_refused(which):
+    small = TileConfig(HP=8, G=2, BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, STATS_BLOCK_N=16, num_warps=4, num_stages=1)
+    with pytest.raises(ValueError, match="cannot hold 6 heads"):
+        gradients(problem(1, 6, 9, 9, 16, seed=3), "none", **{which: small})
+
+
 def test_batchnorm_sums_sweep_matches_float64():
     """sum dN xhat and sum dN per head (dN = out_scale dO V^T on unmasked entries, xhat normalized
     with the given statistics), what training BatchNorm's backward needs first."""
