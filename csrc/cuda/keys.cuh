@@ -381,9 +381,9 @@ struct KeyProgram {
   // head j) at the thread's fragment entries of every tile, from one load of dO. Per k-step of dN^T (16 head
   // dims, two n8 tiles of dV), ldmatrix.trans reads dO [row][d] as dV's B fragments (rows as k) and movmatrix
   // transposes those in registers into dN^T's (B = dO^T, head dims as k): where each product read dO from
-  // shared memory for itself, the second read is 4 register moves (static model, DeepViT-16b LayerNorm key
-  // pass: its shared-memory bytes -3.3%, 6 more instructions per head and chunk). A = V [key][d] (the tiles'
-  // keys) by ldmatrix, each dO fragment serving every tile.
+  // shared memory for itself, the second read is 4 register moves per k-step (static model, sm_90, DeepViT-16b
+  // LayerNorm key pass: shared-memory bytes -3.3%, 140.7 -> 135.9 us t_low). A = V [key][d] (the tiles' keys)
+  // by ldmatrix, each dO fragment serving every tile.
   REATTN_DEVICE void grad_values(const uint32_t (&af)[kTiles][4], bool with_dv, const E* values, const E* dg, int g,
                                  int j, float (&dv)[kTiles][Cfg::kN8][4], float (&dn)[kTiles][kHeads][8]) const {
     static_assert(Cfg::kN8 == 2 * Cfg::kKSteps, "two n8 tiles of dV per k-step of dN^T");
@@ -694,9 +694,9 @@ struct KeyProgram {
     for (int j = 0; j < kHeads; ++j) {
       const int h = group + kGroups * j;
       if (h >= H) continue;
-      float d[4];  // D of the thread's 4 rows (row_slot)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) d[r] = st[h * kChunkRows + entry_row((r & 1) + 4 * (r / 2))];
+      float d[4];  // D of the thread's 4 rows (row_slot: 2 tq, 2 tq + 1, then + 8)
+      stat_pair(st, h, 0, d[0], d[1]);
+      stat_pair(st, h, 8, d[2], d[3]);
       uint32_t af[kTiles][4];
 #pragma unroll
       for (int t = 0; t < kTiles; ++t) {
