@@ -246,8 +246,9 @@ struct ParamGradsParams {
 // (docs/math.md, "Training BatchNorm in one sweep"): center_g = sum_h W[g, h] / Nk, the mean of (W P)_g when every
 // row of P sums to one (no mask or dropout), so the moments' sums of X = W P~ - center cancel little. Formed in
 // float64 (weight_row_sum, as the tensor-core programs' fold and bn_moments form it; head_dot_sums'
-// kept_term_coefficients sums it by a warp's butterfly, mixing_row_sum) and rounded once; out [2, H] contiguous in out_storage: center, then -center (the CUDA-core forward's
-// mixing bias; the tensor-core programs form it in their fold, FoldInputs::center_scale).
+// kept_term_coefficients sums it by a warp's butterfly, mixing_row_sum) and rounded once; out [2, H] contiguous
+// in out_storage: center, then -center (the CUDA-core forward's mixing bias; the tensor-core programs form it in
+// their fold, FoldInputs::center_scale).
 struct MomentsCenterParams {
   int H = 0;
   ParamRef W;             // [H, H] as given
