@@ -93,7 +93,8 @@ def _dq_block(x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, 
               D_CHUNKS: tl.constexpr, NORM: tl.constexpr, MASK_KIND: tl.constexpr, KEYS_PADDED: tl.constexpr,
               EVEN_D: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr, SUMS_ONLY: tl.constexpr,
               CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              NORM_PRECISION: tl.constexpr, RELOAD_Q: tl.constexpr, TIE_CHUNKS: tl.constexpr, K_PRODUCT: tl.constexpr):
+              NORM_PRECISION: tl.constexpr, RELOAD_Q: tl.constexpr, TIE_CHUNKS: tl.constexpr, K_PRODUCT: tl.constexpr,
+              ROUND_DP: tl.constexpr, DELTA_3D: tl.constexpr):
     """One key block of the query-major sweep: delta, X, Y (or, SUMS_ONLY, BatchNorm's two sums)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if D_CHUNKS == 1 and RELOAD_Q:
@@ -147,10 +148,17 @@ def _dq_block(x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, 
         # The gradient's operands in the input's own dtype, not _mix's bf16 for unbounded ranges: fp16 inputs
         # have eager's fp16 range, and bf16 here made dQ and dK err ~3x eager's fp16 error (H200).
         dp = _mix(tl.trans(w_slots), dm, HP, BLOCK_M, BLOCK_N, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+        if ROUND_DP and DOT_LOWP:
+            # Rounded to the input dtype, as eager's dP (a product's output in that dtype) is, before the
+            # exchange from the mixing's layout to p's: 2 bytes an entry through shared memory, not 4.
+            dp = dp.to(LOWP_DTYPE).to(CDT)
         if HAS_DROPOUT:
             dp = dp * drop_scale
         pdp = p * dp
-        delta += tl.sum(pdp, axis=2)
+        if DELTA_3D:
+            delta += tl.sum(pdp, axis=2, keep_dims=True)
+        else:
+            delta += tl.sum(pdp, axis=2)
         if not K_PRODUCT:
             k = _load_keys(Kb, head, offs_n, N_K, offs_d, D, stride_kh, stride_kn, stride_kd, CDT, DOT_LOWP, False,
                            KEYS_PADDED, EVEN_D)
@@ -177,7 +185,7 @@ def _re_attention_bwd_dq_kernel(
     HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, SUMS_ONLY: tl.constexpr,
     CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
-    RELOAD_Q: tl.constexpr, TIE_CHUNKS: tl.constexpr,
+    RELOAD_Q: tl.constexpr, TIE_CHUNKS: tl.constexpr, ROUND_DP: tl.constexpr, DELTA_3D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // NUM_PROGRAMS_M).to(tl.int64)
@@ -219,7 +227,10 @@ def _re_attention_bwd_dq_kernel(
 
     x_acc = tl.zeros([HP, BLOCK_M, BLOCK_D], CDT)
     y_acc = tl.zeros([HP, BLOCK_M, BLOCK_D], CDT)
-    delta = tl.zeros([HP, BLOCK_M], CDT)
+    if DELTA_3D:  # see _keeps_delta_3d
+        delta = tl.zeros([HP, BLOCK_M, 1], CDT)
+    else:
+        delta = tl.zeros([HP, BLOCK_M], CDT)
     sum_dn_xhat = tl.zeros([HP, BLOCK_M], CDT)
     sum_dn = tl.zeros([HP, BLOCK_M], CDT)
     n_full = (N_K // BLOCK_N) * BLOCK_N
@@ -231,7 +242,7 @@ def _re_attention_bwd_dq_kernel(
             stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_doh, stride_dom,
             stride_dod, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT,
             BIAS_SLOT, SUMS_ONLY, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_Q, TIE_CHUNKS,
-            K_PRODUCT)
+            K_PRODUCT, ROUND_DP, DELTA_3D)
     if n_full < N_K:
         x_acc, y_acc, delta, sum_dn_xhat, sum_dn = _dq_block(
             x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, b, H, head, rows, rows_ok, n_full,
@@ -240,7 +251,7 @@ def _re_attention_bwd_dq_kernel(
             stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_doh, stride_dom,
             stride_dod, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
             BIAS_SLOT, SUMS_ONLY, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_Q, TIE_CHUNKS,
-            K_PRODUCT)
+            K_PRODUCT, ROUND_DP, DELTA_3D)
 
     if SUMS_ONLY:
         sums_ptrs = SUMS + (pid.to(tl.int64) * 2) * HP + tl.arange(0, HP)
@@ -248,7 +259,12 @@ def _re_attention_bwd_dq_kernel(
         tl.store(sums_ptrs + HP, tl.sum(tl.where(rows_ok, sum_dn, 0.0), axis=1), mask=slot_ok)
     else:
         # scale2 = scale * log2(e): dS is in natural units, so dQ = scale (X - delta Y).
-        dq = (x_acc - delta[:, :, None] * y_acc) * (scale2 * 0.6931471805599453)
+        if DELTA_3D:
+            delta_3d = delta
+            delta = tl.reshape(delta, (HP, BLOCK_M))
+        else:
+            delta_3d = delta[:, :, None]
+        dq = (x_acc - delta_3d * y_acc) * (scale2 * 0.6931471805599453)
         d_ok = (offs_d < D)[None, None, :]
         tl.store((DQ + b * stride_dqb) + (head[:, None, None] * stride_dqh + rows[:, :, None] * stride_dqm
                                           + offs_d[None, None, :] * stride_dqd),
@@ -270,7 +286,7 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
                 HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, CDT: tl.constexpr,
                 DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 NORM_PRECISION: tl.constexpr, RELOAD_KV: tl.constexpr, DW_FLAT: tl.constexpr,
-                TIE_CHUNKS: tl.constexpr, Q_PRODUCT: tl.constexpr):
+                TIE_CHUNKS: tl.constexpr, Q_PRODUCT: tl.constexpr, ROUND_DP: tl.constexpr):
     """One query block of the key-major sweep: dK, dV and the parameter sums of dW, dc, dgamma, dbeta.
 
     The tiles are transposed, [HP, BLOCK_N keys, BLOCK_M queries], so that dS^T and A^T are the
@@ -362,7 +378,13 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
     dp = _mix(tl.trans(w_slots), dm, HP, BLOCK_N, BLOCK_M, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     if HAS_DROPOUT:
         dp = dp * drop_scale
-    ds = p * (dp - delta[:, None, :])
+    # dP - delta rounded to the input dtype before the exchange to p's layout, as dP in the dQ sweep (here
+    # after the cancellation). Not with a norm: the conversions' registers made launches spill (8 slots,
+    # D = 64, sm_90: LayerNorm 0 -> 8 B, training BatchNorm 8 -> 24 B).
+    if ROUND_DP and DOT_LOWP and NORM == 0:
+        ds = p * (dp - delta[:, None, :]).to(LOWP_DTYPE).to(CDT)
+    else:
+        ds = p * (dp - delta[:, None, :])
     dk_acc = _mm(ds, q, dk_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     dv_acc = _mm(a, do, dv_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     # dW = sum over entries of dM P~^T, as one [HP, HP] product per key (batched over the keys, so
@@ -396,7 +418,7 @@ def _re_attention_bwd_dkdv_kernel(
     HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
-    RELOAD_KV: tl.constexpr, TIE_CHUNKS: tl.constexpr,
+    RELOAD_KV: tl.constexpr, TIE_CHUNKS: tl.constexpr, ROUND_DP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // NUM_PROGRAMS_N).to(tl.int64)
@@ -454,7 +476,7 @@ def _re_attention_bwd_dkdv_kernel(
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D,
             D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
-            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS, Q_PRODUCT)
+            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS, Q_PRODUCT, ROUND_DP)
     if m_full < N_Q:
         dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc = _dkdv_block(
             dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, Qb, DOb, STATSb, DELTA, b, H, head,
@@ -463,7 +485,7 @@ def _re_attention_bwd_dkdv_kernel(
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D,
             D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
-            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS, Q_PRODUCT)
+            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS, Q_PRODUCT, ROUND_DP)
 
     # dS is in natural units: dK = scale dS^T Q, scale = scale2 / log2(e).
     dk_acc = dk_acc * (scale2 * 0.6931471805599453)
@@ -487,6 +509,29 @@ def _re_attention_bwd_dkdv_kernel(
         tl.store(parts + HP * HP + offs_s, tl.sum(tl.where(keys_ok, dnw_acc, 0.0), axis=1))
         tl.store(parts + HP * HP + HP + offs_s, tl.sum(tl.where(keys_ok, dnb_acc, 0.0), axis=1))
         tl.store(parts + HP * HP + 2 * HP + offs_s, tl.sum(tl.where(keys_ok, dc_acc, 0.0), axis=1))
+
+
+def _rounds_dp(config: TileConfig, variant: str, d: int) -> bool:
+    """Whether the sweeps round dP to the input dtype before its layout exchange (tensor-core products).
+
+    d: the head dim the kernels see. Where a program's tiles leave the registers for it: at most 16 slots
+    with HP * d <= 512 (DeiT-S, DeepViT-16b), without a mask or dropout. Beyond, the launch scan found
+    launches spilling more with it (sm_90, 8 slots, D = 128: 64 -> 72 B; 16 slots, D = 128: 168 -> 192 B;
+    sm_86 with a mask and dropout, 16 slots, D = 16: 32 -> 40 B).
+    """
+    return config.HP <= 16 and config.HP * d <= 512 and variant != "heavy"
+
+
+def _keeps_delta_3d(config: TileConfig, norm: str, d: int) -> bool:
+    """Whether the dQ sweep keeps delta's partial sums as [HP, BLOCK_M, 1], in its products' layout.
+
+    Each key block's sum then stays within warps; as [HP, BLOCK_M] the compiler sends p dP to the
+    mixing's layout first and sums across warps, both through shared memory (DeiT-S dQ kernel: 184 ->
+    148 us predicted). At 8 slots, and not with training BatchNorm at D > 64 (d: the head dim the kernels
+    see): the launch scan found spills growing there (8 slots, D = 128: 40 -> 88 B; 16 slots, D = 32:
+    0 -> 8 B).
+    """
+    return config.HP == 8 and not (norm == "batch" and d > 64)
 
 
 def _bias_slot(config: TileConfig, heads: int, has_dropout: bool, has_bias: bool) -> bool:
@@ -536,6 +581,7 @@ def _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, d
         D_CHUNKS=triton.cdiv(D, config.BLOCK_D), EVEN_D=D % config.BLOCK_D == 0,
         BIAS_SLOT=_bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None), SUMS_ONLY=sums_only,
         RELOAD_Q=variant == "heavy", TIE_CHUNKS=variant == "heavy" or config.HP >= 32,
+        ROUND_DP=_rounds_dp(config, variant, D), DELTA_3D=_keeps_delta_3d(config, norm, D),
         **flags, **options, **config.meta(stats_sweep=False),
     )
     return config
@@ -620,6 +666,7 @@ def re_attention_backward(
                                                                   norm_bias, attn_mask, dropout_p, seed, norm)
     num_n = config.key_programs_per_batch(Nk)
     hp = config.HP
+    variant = variant_of(norm, attn_mask is not None, dropout_p > 0)
     parts = torch.empty((num_n * B, hp * hp + 3 * hp), dtype=acc, device=device)
     run_on_device(
         _re_attention_bwd_dkdv_kernel, (num_n * B, triton.cdiv(Dp, config.BLOCK_D)), device,
@@ -630,8 +677,8 @@ def re_attention_backward(
         H, Nq, Nk, Dp, num_n, float(scale) * 1.4426950408889634, float(out_scale), float(eps), float(dropout_p),
         D_CHUNKS=triton.cdiv(Dp, config.BLOCK_D), EVEN_D=Dp % config.BLOCK_D == 0,
         BIAS_SLOT=_bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None),
-        RELOAD_KV=variant_of(norm, attn_mask is not None, dropout_p > 0) != "plain",
-        TIE_CHUNKS=variant_of(norm, attn_mask is not None, dropout_p > 0) != "plain" or config.HP >= 32,
+        RELOAD_KV=variant != "plain", TIE_CHUNKS=variant != "plain" or config.HP >= 32,
+        ROUND_DP=_rounds_dp(config, variant, Dp),
         **flags, **options, **config.meta(stats_sweep=False),
     )
     bias_slot = _bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None)
