@@ -62,7 +62,8 @@ def _dot_sums_kernel(G, R, U, PART, H, N_Q, D, stride_gb, stride_gh, stride_gm, 
     r = tl.load(R + (b * stride_rb + h * stride_rh) + (i * stride_rm)[:, None] + cols[None, :], mask=tile, other=0.0)
     u = tl.load(U + (b * stride_ub + h * stride_uh) + (i * stride_um)[:, None] + cols[None, :], mask=tile, other=0.0)
     g = g.to(acc_dtype)
-    part = PART + (bh.to(tl.int64) * tl.num_programs(0) + pid_m) * 2
+    # PART [H, B, row blocks, 2]: a head's parts contiguous, as kernels.batchnorm reads them
+    part = PART + ((h.to(tl.int64) * (tl.num_programs(1) // H) + b) * tl.num_programs(0) + pid_m) * 2
     tl.store(part, tl.sum(tl.sum(g * r.to(acc_dtype), axis=1), axis=0))
     tl.store(part + 1, tl.sum(tl.sum(g * u.to(acc_dtype), axis=1), axis=0))
 
@@ -99,8 +100,11 @@ def head_affine(r: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor, beta: tor
     return out
 
 
-def head_dot_sums(grad: torch.Tensor, r: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def head_dot_sums(grad: torch.Tensor, r: torch.Tensor, u: torch.Tensor, *, summed: bool = True) -> torch.Tensor:
     """[2, H] float64: per head, sum over (b, i, d) of grad * r and of grad * u.
+
+    summed=False: the programs' partial sums instead, [H, B, row blocks, 2] in the accumulation dtype (what
+    ``kernels.batchnorm.bn_coefficients`` adds up in its own launch).
 
     grad, r: [B, H, Nq, D], unit last stride (any dtypes); u: broadcastable to them (any strides, unit last
     stride). Each program sums a [ROWS, D] tile in the accumulation dtype (fp64 for fp64 grad, else fp32):
@@ -112,14 +116,18 @@ def head_dot_sums(grad: torch.Tensor, r: torch.Tensor, u: torch.Tensor) -> torch
         raise ValueError(f"head_dot_sums: r must have grad's shape {tuple(grad.shape)}, got {tuple(r.shape)}")
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     if grad.numel() == 0:
+        if not summed:
+            return torch.zeros((H, B, 1, 2), dtype=acc, device=grad.device)
         return torch.zeros((2, H), dtype=torch.float64, device=grad.device)
     u = u.expand(B, H, Nq, D)
     if grad.stride(-1) != 1 or r.stride(-1) != 1 or u.stride(-1) != 1:
         raise ValueError("head_dot_sums: grad, r and u need a unit stride over the head dim")
     rows = _rows(Nq, D, 2048)  # three tiles (dO, R, U): at 4096 elements the kernel spilled
     num_m = triton.cdiv(Nq, rows)
-    part = torch.empty((B, H, num_m, 2), dtype=acc, device=grad.device)
+    part = torch.empty((H, B, num_m, 2), dtype=acc, device=grad.device)
     run_on_device(_dot_sums_kernel, (num_m, B * H), grad.device, grad, r, u, part, H, Nq, D,
                   grad.stride(0), grad.stride(1), grad.stride(2), r.stride(0), r.stride(1), r.stride(2),
                   u.stride(0), u.stride(1), u.stride(2), ROWS=rows, BLOCK_D=max(16, next_pow2(D)), num_warps=4)
-    return part.sum(dim=(0, 2), dtype=torch.float64).transpose(0, 1).contiguous()
+    if not summed:
+        return part
+    return part.sum(dim=(1, 2), dtype=torch.float64).transpose(0, 1).contiguous()

@@ -17,6 +17,7 @@ from reattn.backends._fused import FusedKernels, FusedRawOps
 from reattn.backends._ladder import OpLadder, draw_dropout_seed
 from reattn.kernels.affine import head_affine, head_dot_sums
 from reattn.kernels.backward import re_attention_backward, re_attention_bn_grad_sums
+from reattn.kernels.batchnorm import KeptTermParts, bn_coefficients, bn_moments, update_running_stats
 from reattn.kernels.forward import re_attention_forward, softmax_stats_shape
 from reattn.kernels.gram import gram_sums
 
@@ -47,8 +48,13 @@ def _bn_grad_sums(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bia
                                          batch_stats=batch_stats, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed)
 
 
-def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_keys):
+def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_keys, summed=True):
     # The sums over the kept r = X V and U, then R = xhat V's by linearity: rstd sum grad . r - mean(X) rstd sum grad . u.
+    # summed=False (the ladder's request where the backend has bn_coefficients): the blocks' parts with what the last
+    # steps need, which bn_coefficients finishes in its launch (no torch op on [H] tensors).
+    if not summed:
+        return KeptTermParts(head_dot_sums(grad, r, u, summed=False), mix_weight.detach(),
+                             None if mix_bias is None else mix_bias.detach(), scale, n_keys)
     sums = head_dot_sums(grad, r, u) * scale
     rstd, shift = kept_term_coefficients(stats, mix_weight, mix_bias, eps, n_keys)
     return torch.stack([rstd * sums[0] + shift * sums[1], sums[1]])
@@ -65,9 +71,11 @@ def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, d
 
 TRITON_KERNELS = FusedKernels(forward=_forward, gram_sums=gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                               forward_moments=_forward_moments, softmax_stats_shape=softmax_stats_shape,
-                              head_affine=head_affine, head_dot_sums=_head_dot_sums)
+                              head_affine=head_affine, head_dot_sums=_head_dot_sums, bn_moments=bn_moments,
+                              bn_coefficients=bn_coefficients, update_running_stats=update_running_stats)
 TRITON_OPS = OpLadder(FusedRawOps(TRITON_KERNELS), forward="reattn::triton_forward",
                       backward="reattn::triton_backward", gram_sums="reattn::triton_gram_sums",
-                      bn_grad_sums="reattn::triton_bn_grad_sums", device_types=("cuda", "cpu"))
+                      bn_grad_sums="reattn::triton_bn_grad_sums", running_stats="reattn::triton_update_running_stats",
+                      device_types=("cuda", "cpu"))
 triton_forward, triton_backward = TRITON_OPS.forward, TRITON_OPS.backward
 re_attention_triton = TRITON_OPS.run  # reattn.re_attention with backend="triton" (validated arguments)

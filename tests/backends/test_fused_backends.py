@@ -303,3 +303,22 @@ def test_auto_takes_eager_for_cuda_tensors_until_a_gpu_measures_a_fused_backend_
 def test_auto_runs_eager_on_cuda_tensors_until_measured():
     tensors, stats = problem(2, 6, 17, 17, 32)
     torch.testing.assert_close(run("auto", "layer", tensors, stats), run("eager", "layer", tensors, stats))
+
+
+def test_triton_backend_updates_running_stats_with_its_op():
+    # Training BatchNorm through backend="triton": the running statistics' update is the backend's op
+    # (reattn::triton_update_running_stats, one launch of kernels.batchnorm; its schema says it writes both
+    # buffers), as the statistics (bn_moments) and the backward's coefficients (bn_coefficients) are launches.
+    from reattn.backends.triton import TRITON_KERNELS
+    from reattn.kernels import batchnorm
+
+    op = TRITON_OPS.update_running_stats
+    assert op is torch.ops.reattn.triton_update_running_stats.default
+    assert [a.alias_info is not None and a.alias_info.is_write for a in op._schema.arguments] == [
+        True, True, False, False]
+    assert TRITON_KERNELS.bn_moments is batchnorm.bn_moments
+    assert TRITON_KERNELS.bn_coefficients is batchnorm.bn_coefficients
+    stats = torch.stack([torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.1,
+                         torch.full((3,), 50.0, dtype=torch.float64)]).to(DEVICE)
+    args = (torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE), stats, 0.1)
+    torch.library.opcheck(op, args)
