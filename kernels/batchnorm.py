@@ -46,6 +46,13 @@ def _rounded_for(x, PTR):
 
 
 @triton.jit
+def _load_stats(STATS, stride_s, offs_h, h_ok):
+    """(mean, biased variance, count) [BLOCK_H] float64 from the [3, H] statistics (count 2 on lanes past H)."""
+    return (tl.load(STATS + offs_h, mask=h_ok, other=0.0), tl.load(STATS + stride_s + offs_h, mask=h_ok, other=0.0),
+            tl.load(STATS + 2 * stride_s + offs_h, mask=h_ok, other=2.0))
+
+
+@triton.jit
 def _bn_moments_kernel(MOM, COUNT, CENTER, MIX_BIAS, NW, NB, STATS, COEF, P, H, count_value, out_scale, eps,
                        stride_mp, stride_mk, stride_c, stride_b, stride_nw, stride_nb,
                        COUNT_GIVEN: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
@@ -93,9 +100,7 @@ def _bn_coefficients_kernel(STATS, SUMS, NW, COEF, DNW, DNB, W, C, H, PARTS, eps
                             ACC: tl.constexpr):
     offs_h = tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
-    mean = tl.load(STATS + offs_h, mask=h_ok, other=0.0)
-    var = tl.load(STATS + stride_s + offs_h, mask=h_ok, other=0.0)
-    n = tl.load(STATS + 2 * stride_s + offs_h, mask=h_ok, other=1.0)
+    mean, var, n = _load_stats(STATS, stride_s, offs_h, h_ok)
     if KEPT_TERMS:
         # SUMS: head_dot_sums' parts [H, PARTS, 2] (sum dO . X V, sum dO . U per block); then by linearity
         # sum dN xhat = scale (rstd sum dO . X V - mean(X) rstd sum dO . U), sum dN = scale sum dO . U, with
@@ -261,9 +266,7 @@ def _running_stats_kernel(RUNNING_MEAN, RUNNING_VAR, STATS, H, momentum, stride_
                           BLOCK_H: tl.constexpr):
     offs_h = tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
-    mean = tl.load(STATS + offs_h, mask=h_ok, other=0.0)
-    var = tl.load(STATS + H + offs_h, mask=h_ok, other=0.0)
-    n = tl.load(STATS + 2 * H + offs_h, mask=h_ok, other=2.0)
+    mean, var, n = _load_stats(STATS, H, offs_h, h_ok)
     running_mean = tl.load(RUNNING_MEAN + offs_h * stride_mean, mask=h_ok, other=0.0).to(tl.float64)
     running_var = tl.load(RUNNING_VAR + offs_h * stride_var, mask=h_ok, other=0.0).to(tl.float64)
     running_mean = running_mean + momentum * (mean - running_mean)
