@@ -2,16 +2,17 @@
 
 Between the big kernels, one-sweep training BatchNorm needs a few numbers per head, which torch forms in
 ~20 element-wise ops on [H] tensors each way (a launch apiece on a GPU, ~2 us of gap each): the forward's
-statistics and the finish's coefficients from the moments (``bn_moments``), and the backward's
-coefficients from the sums over dN (``bn_coefficients``). The math is ``reattn._batchnorm``'s, in the
-same order and dtypes (float64 statistics, coefficients rounded once to the accumulation dtype):
+statistics and the finish's coefficients from the moments (``bn_moments``), the backward's coefficients
+from the sums over dN or from ``head_dot_sums``' parts (``bn_coefficients``), and nn.BatchNorm2d's update
+of the running statistics (``update_running_stats``). The math is ``reattn._batchnorm``'s, in the same
+order and dtypes (float64 statistics, coefficients rounded once to the accumulation dtype):
 
     mean(X) = s1 / n,  var = max(s2 / n - mean(X)^2, 0),  mean = mean(X) + center (+ c)
     rstd = 1 / sqrt(var + eps),  alpha = rstd * out_scale * gamma,  beta = -mean(X) alpha + out_scale * beta_norm
     backward: a = rstd * gamma,  e = -a sum(dN xhat) / n,  f = -a sum(dN) / n
 
-Float arguments (eps, out_scale) reach a GPU kernel as fp32, as in the forward kernels; n is an integer
-argument or a float64 tensor, exact either way.
+Float arguments (eps, out_scale, momentum) reach a GPU kernel as fp32, as in the forward kernels; n is an
+integer argument or a float64 tensor, exact either way.
 
 Nothing here imports ``reattn``.
 """
