@@ -54,6 +54,20 @@ def _load_stats(STATS, stride_s, offs_h, h_ok):
 
 
 @triton.jit
+def _sum_pairs(X, P, stride_p, stride_h, stride_k, offs_h, h_ok, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Per head, the float64 sums over P parts of the pair X[p, h] and X[p, h] + stride_k ([BLOCK_H] each)."""
+    s_a = tl.zeros([BLOCK_H], tl.float64)
+    s_b = tl.zeros([BLOCK_H], tl.float64)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        ok = (offs_p < P)[:, None] & h_ok[None, :]
+        ptrs = X + offs_p[:, None] * stride_p + offs_h[None, :] * stride_h
+        s_a += tl.sum(tl.load(ptrs, mask=ok, other=0.0).to(tl.float64), axis=0)
+        s_b += tl.sum(tl.load(ptrs + stride_k, mask=ok, other=0.0).to(tl.float64), axis=0)
+    return s_a, s_b
+
+
+@triton.jit
 def _bn_moments_kernel(MOM, COUNT, CENTER, MIX_BIAS, NW, NB, STATS, COEF, P, H, count_value, out_scale, eps,
                        stride_mp, stride_mk, stride_c, stride_b, stride_nw, stride_nb,
                        COUNT_GIVEN: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
@@ -61,14 +75,7 @@ def _bn_moments_kernel(MOM, COUNT, CENTER, MIX_BIAS, NW, NB, STATS, COEF, P, H, 
                        ACC: tl.constexpr):
     offs_h = tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
-    s1 = tl.zeros([BLOCK_H], tl.float64)
-    s2 = tl.zeros([BLOCK_H], tl.float64)
-    for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        ok = (offs_p < P)[:, None] & h_ok[None, :]
-        ptrs = MOM + offs_p[:, None] * stride_mp + offs_h[None, :]
-        s1 += tl.sum(tl.load(ptrs, mask=ok, other=0.0).to(tl.float64), axis=0)
-        s2 += tl.sum(tl.load(ptrs + stride_mk, mask=ok, other=0.0).to(tl.float64), axis=0)
+    s1, s2 = _sum_pairs(MOM, P, stride_mp, 1, stride_mk, offs_h, h_ok, BLOCK_P, BLOCK_H)
     n = _count(COUNT, count_value, COUNT_GIVEN)
     mean_x = s1 / n
     var = tl.maximum(s2 / n - mean_x * mean_x, 0.0)
@@ -102,33 +109,26 @@ def _bn_coefficients_kernel(STATS, SUMS, NW, COEF, DNW, DNB, W, C, H, PARTS, eps
     offs_h = tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
     mean, var, n = _load_stats(STATS, stride_s, offs_h, h_ok)
+    rstd64 = 1.0 / tl.sqrt(var + eps)
     if KEPT_TERMS:
         # SUMS: head_dot_sums' parts [H, PARTS, 2] (sum dO . X V, sum dO . U per block); then by linearity
         # sum dN xhat = scale (rstd sum dO . X V - mean(X) rstd sum dO . U), sum dN = scale sum dO . U, with
         # mean(X) = mean - sum_h W[g, h] / n_keys - c (reattn._batchnorm.kept_term_coefficients)
-        s_r = tl.zeros([BLOCK_H], tl.float64)
-        s_u = tl.zeros([BLOCK_H], tl.float64)
-        for p0 in range(0, PARTS, BLOCK_P):
-            offs_p = p0 + tl.arange(0, BLOCK_P)
-            ok = (offs_p < PARTS)[:, None] & h_ok[None, :]
-            ptrs = SUMS + offs_h[None, :] * (PARTS * 2) + (offs_p * 2)[:, None]
-            s_r += tl.sum(tl.load(ptrs, mask=ok, other=0.0).to(tl.float64), axis=0)
-            s_u += tl.sum(tl.load(ptrs + 1, mask=ok, other=0.0).to(tl.float64), axis=0)
+        s_r, s_u = _sum_pairs(SUMS, PARTS, 2, PARTS * 2, 1, offs_h, h_ok, BLOCK_P, BLOCK_H)
         w_ok = h_ok[:, None] & h_ok[None, :]
         w = tl.load(W + offs_h[:, None] * stride_wg + offs_h[None, :] * stride_wh, mask=w_ok, other=0.0)
         mean_x = mean - tl.sum(w.to(tl.float64), axis=1) / n_keys
         if HAS_MIX_BIAS:
             mean_x -= tl.load(C + offs_h * stride_c, mask=h_ok, other=0.0).to(tl.float64)
-        rstd_kept = 1.0 / tl.sqrt(var + eps)
         s_r = s_r * scale
         s_u = s_u * scale
-        sum_dn_xhat = rstd_kept * s_r + (-mean_x * rstd_kept) * s_u
+        sum_dn_xhat = rstd64 * s_r + (-mean_x * rstd64) * s_u
         sum_dn = s_u
     else:
         sum_dn_xhat = tl.load(SUMS + offs_h, mask=h_ok, other=0.0).to(tl.float64)
         sum_dn = tl.load(SUMS + H + offs_h, mask=h_ok, other=0.0).to(tl.float64)
     # 1/std as the forward read it: rounded to the accumulation dtype, then float64 again
-    rstd = (1.0 / tl.sqrt(var + eps)).to(ACC).to(tl.float64)
+    rstd = rstd64.to(ACC).to(tl.float64)
     a = rstd
     if HAS_NORM_WEIGHT:
         a = rstd * tl.load(NW + offs_h * stride_nw, mask=h_ok, other=0.0).to(tl.float64)
