@@ -30,6 +30,8 @@ from reattn._extension import _C
 from reattn.backends.cuda import launch_plan
 from reattn.kernels.dropout import dropout_keep_mask
 from tests._build import expected_cuda_archs
+from tests._running_stats import (MOMENTUM, assert_torch_update_agrees, expected_running_stats,
+                                  running_stats_problem)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Dynamic shared memory one block may take: the opt-in maximum (A100 166912 B, H100 232448 B)
@@ -1134,33 +1136,16 @@ def test_update_running_stats_is_batchnorms_update_rounded_once(dtype):
     # nn.BatchNorm2d's update (parameters.cuh, running_stats_kernel): running += momentum (batch - running), the
     # variance unbiased by n / (n - 1), formed in float64 and rounded once to the buffer's dtype, in place, any
     # stride; the same numbers in any warp order.
-    H = 7
-    g = torch.Generator().manual_seed(8)
-    stats = torch.stack([torch.randn(H, generator=g, dtype=torch.float64),
-                         torch.rand(H, generator=g, dtype=torch.float64) + 0.1,
-                         torch.full((H,), 394.0, dtype=torch.float64)]).to(DEVICE)
-    mean0 = torch.randn(H, generator=g, dtype=torch.float64).to(dtype)
-    var0 = (torch.rand(2 * H, generator=g, dtype=torch.float64) + 0.5).to(dtype)[::2]  # a strided view
-    momentum = 0.3
-    s = stats.cpu()
-    expected_mean = (mean0.double() + momentum * (s[0] - mean0.double())).to(dtype)
-    expected_var = (var0.double() + momentum * (s[1] * s[2] / (s[2] - 1) - var0.double())).to(dtype)
+    stats, mean0, var0 = running_stats_problem(dtype)
+    expected_mean, expected_var = expected_running_stats(stats, mean0, var0, lambda x: x.to(dtype))
     for options in ({}, dict(reverse_items=True), dict(shuffle_seed=3)):
-        buffer = torch.zeros(2 * H, dtype=dtype, device=DEVICE)
+        buffer = torch.zeros(2 * var0.shape[0], dtype=dtype, device=DEVICE)
         running_mean, running_var = mean0.clone().to(DEVICE), buffer[::2]
         running_var.copy_(var0.to(DEVICE))
-        _C.cuda_update_running_stats(running_mean, running_var, stats, momentum, **options)
+        _C.cuda_update_running_stats(running_mean, running_var, stats.to(DEVICE), MOMENTUM, **options)
         assert torch.equal(running_mean.cpu(), expected_mean) and torch.equal(running_var.cpu(), expected_var)
         assert not buffer[1::2].any()  # the entries between the strided view's are untouched
-    # torch's update (reattn._batchnorm.update_running_stats: lerp in the buffer's dtype) agrees within its own
-    # rounding: a few units in the last place of the buffer's dtype.
-    from reattn._batchnorm import update_running_stats
-
-    torch_mean, torch_var = mean0.clone(), var0.clone()
-    update_running_stats(torch_mean, torch_var, s[0], s[1], s[2][0], momentum)
-    ulp = torch.finfo(dtype).eps
-    torch.testing.assert_close(torch_mean.double(), expected_mean.double(), rtol=4 * ulp, atol=4 * ulp)
-    torch.testing.assert_close(torch_var.double(), expected_var.double(), rtol=4 * ulp, atol=4 * ulp)
+    assert_torch_update_agrees(stats, mean0, var0, expected_mean, expected_var)
 
 
 def test_update_running_stats_checks_its_arguments():

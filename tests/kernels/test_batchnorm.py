@@ -10,6 +10,9 @@ import torch
 
 from reattn._batchnorm import bn_backward_coefficients, moment_statistics
 from reattn.kernels.batchnorm import bn_coefficients, bn_moments
+from tests._running_stats import H as H_RUNNING
+from tests._running_stats import (MOMENTUM, assert_torch_update_agrees, expected_running_stats,
+                                  running_stats_problem)
 
 F64_EPS = torch.finfo(torch.float64).eps
 
@@ -162,37 +165,21 @@ def test_update_running_stats_is_batchnorms_update_rounded_once(dtype):
     """running += momentum (batch - running), the variance unbiased by n / (n - 1), in float64 and rounded once
     (16-bit buffers through float32, as torch converts float64; bfloat16 would test the interpreter's conversion,
     which truncates), in place at any stride; torch's lerp in the buffer's dtype agrees within a few ulps."""
-    from reattn._batchnorm import update_running_stats as torch_update
     from reattn.kernels.batchnorm import update_running_stats
 
-    H = 7
-    g = torch.Generator().manual_seed(8)
-    stats = torch.stack([torch.randn(H, generator=g, dtype=torch.float64),
-                         torch.rand(H, generator=g, dtype=torch.float64) + 0.1,
-                         torch.full((H,), 394.0, dtype=torch.float64)])
-    mean0 = torch.randn(H, generator=g, dtype=torch.float64).to(dtype)
-    var0 = (torch.rand(H, generator=g, dtype=torch.float64) + 0.5).to(dtype)
-    momentum = 0.3
-
-    def rounded(x):
-        return x.to(dtype) if dtype == torch.float64 else x.float().to(dtype)
-
-    expected_mean = rounded(mean0.double() + momentum * (stats[0] - mean0.double()))
-    expected_var = rounded(var0.double() + momentum * (stats[1] * stats[2] / (stats[2] - 1) - var0.double()))
-    buffer = torch.zeros(2 * H, dtype=dtype)
+    stats, mean0, var0 = running_stats_problem(dtype)
+    expected_mean, expected_var = expected_running_stats(
+        stats, mean0, var0, lambda x: x.to(dtype) if dtype == torch.float64 else x.float().to(dtype))
+    buffer = torch.zeros(2 * H_RUNNING, dtype=dtype)
     running_mean, running_var = mean0.clone(), buffer[::2]
     running_var.copy_(var0)
-    update_running_stats(running_mean, running_var, stats, momentum)
+    update_running_stats(running_mean, running_var, stats, MOMENTUM)
     assert torch.equal(running_mean, expected_mean) and torch.equal(running_var, expected_var)
     assert not buffer[1::2].any()  # the entries between the strided view's are untouched
-    torch_mean, torch_var = mean0.clone(), var0.clone()
-    torch_update(torch_mean, torch_var, stats[0], stats[1], stats[2][0], momentum)
-    ulp = torch.finfo(dtype).eps
-    torch.testing.assert_close(torch_mean.double(), expected_mean.double(), rtol=4 * ulp, atol=4 * ulp)
-    torch.testing.assert_close(torch_var.double(), expected_var.double(), rtol=4 * ulp, atol=4 * ulp)
+    assert_torch_update_agrees(stats, mean0, var0, expected_mean, expected_var)
     with pytest.raises(ValueError, match=r"running_var must be \[7\]"):
-        update_running_stats(running_mean, torch.ones(5, dtype=dtype), stats, momentum)
+        update_running_stats(running_mean, torch.ones(5, dtype=dtype), stats, MOMENTUM)
     with pytest.raises(ValueError, match=r"stats must be \[3, H\] float64"):
-        update_running_stats(running_mean, running_var, stats.float(), momentum)
+        update_running_stats(running_mean, running_var, stats.float(), MOMENTUM)
     with pytest.raises(TypeError, match="running_mean must be a floating tensor"):
-        update_running_stats(torch.zeros(H, dtype=torch.int32), running_var, stats, momentum)
+        update_running_stats(torch.zeros(H_RUNNING, dtype=torch.int32), running_var, stats, MOMENTUM)
