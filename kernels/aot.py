@@ -103,8 +103,11 @@ def compile_call(call: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16
     results = []
     for launch in capture_call(call, h, d, n, cap, dtype, norm, mask, dropout):
         compiled = compile_launch(launch.kernel, launch.args, launch.kwargs, cap)
-        tiles = {k: v for k, v in launch.constexprs().items()
-                 if k in ("HP", "G", "BLOCK_M", "BLOCK_N", "BLOCK_D", "STATS_BLOCK_N", "D_CHUNKS")}
+        # A kernel without slots or head-dim chunks (the softmax statistics kernel: one head per program,
+        # the whole head dim) reports HP = G = D_CHUNKS = 1.
+        tiles = {"HP": 1, "G": 1, "D_CHUNKS": 1}
+        tiles.update({k: v for k, v in launch.constexprs().items()
+                      if k in ("HP", "G", "BLOCK_M", "BLOCK_N", "BLOCK_D", "STATS_BLOCK_N", "D_CHUNKS")})
         results.append(dict(job, kernel=launch.name, grid=list(launch.grid), **tiles, **launch.options(),
                             shared=compiled.shared, **resource_usage(compiled.cubin), cache_key=compiled.cache_key))
     return results

@@ -10,7 +10,10 @@ keys in one launch (docs/math.md, "Forward"):
 
   sweep 1: S = Q K^T as one batched product over the slots, online row max and sum -> the
            softmax statistics (m2, l2) per row, stored for the backward; skipped when they are
-           given (the Gram-sum statistics sweep of training BatchNorm, kernels/gram.py, wrote them);
+           given: the Gram-sum statistics sweep of training BatchNorm (kernels/gram.py) or
+           ``_softmax_stats_kernel`` wrote them. That kernel is this sweep on its own, per head
+           (2-D products over 256 query rows, each head's keys read once per row block), launched
+           first where the launch rule says so (``launch.splits_softmax_stats``: no mask);
   sweep 2: recompute S, P = 2^((S2 - m2) - l2), dropout, mix the heads on the tensor cores
            (W_slots [HP, HP] @ P~ [HP, BLOCK_M * BLOCK_N]), normalize (LayerNorm across heads;
            out_scale and any per-head affine norm are folded into W_slots), zero masked entries
@@ -37,7 +40,7 @@ from .common import (LOG2E, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, NORM_BATCH, NOR
                      _layer_norm, _load_keys, _load_row_stats, _load_rows, _mix, _mm, _probs, _product_result,
                      _row_stats, _scores, _scores_product, _slot_params, _slot_rows, _store_row_stats)
 from .launch import (MAX_HEADS, TileConfig, device_shared_limit, forward_config, interpreting, run_on_device,
-                     variant_of)
+                     softmax_stats_config, splits_softmax_stats, variant_of)
 
 _NORMS = {"none": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -102,6 +105,79 @@ def _forward_block(acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_
                     KEYS_PADDED, EVEN_D)
     acc = _mm(a, vt, acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     return acc, s1, s2
+
+
+@triton.jit
+def _softmax_stats_block(m_i, l_i, q, Kh, start_n, N_K, offs_d, D, stride_kn, stride_kd, scale2,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEYS_PADDED: tl.constexpr,
+                         EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    """One key block of the statistics kernel: the online row max of q.k and sum of 2^(scale2 (q.k - max)).
+
+    The max runs on q.k itself (scale > 0) and the scale goes into the exponent's fused multiply-add,
+    as the forward's RAW_MAX sweep. Keys past N_K (KEYS_PADDED) score -inf; no block is all padding,
+    so the max is finite from the first block on and 2^(-inf) = 0 starts the sum.
+    """
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    ptrs = Kh + (offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn)
+    if KEYS_PADDED:
+        kt = tl.load(ptrs, mask=(offs_n < N_K)[None, :] & (offs_d < D)[:, None], other=0.0)
+    elif EVEN_D:
+        kt = tl.load(ptrs)
+    else:
+        kt = tl.load(ptrs, mask=(offs_d < D)[:, None], other=0.0)
+    if DOT_LOWP:
+        qk = tl.dot(q, kt)
+    else:
+        qk = tl.dot(q, kt.to(CDT), tl.zeros([BLOCK_M, BLOCK_N], CDT), input_precision=DOT_PRECISION)
+    if KEYS_PADDED:
+        qk = tl.where((offs_n < N_K)[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    m_ref = m_new * scale2
+    l_i = l_i * tl.exp2(m_i * scale2 - m_ref) + tl.sum(tl.exp2(qk * scale2 - m_ref[:, None]), axis=1)
+    return m_new, l_i
+
+
+@triton.jit
+def _softmax_stats_kernel(
+    Q, K, STATS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_sp, stride_sb, stride_sh, stride_sm,
+    H, N_Q, N_K, D, NUM_PROGRAMS_M, scale2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The forward's first sweep on its own, per (batch, head, BLOCK_M query rows): (m2, l2) as
+    ``common._row_stats`` defines them, for a forward launched with STATS_GIVEN (no mask, scale > 0).
+
+    Full BLOCK_N-key blocks, then the rest in 16-key blocks (the smallest a product takes), so
+    N = 197 computes 11 padded keys, not 59.
+    """
+    pid = tl.program_id(0)
+    bh = pid // NUM_PROGRAMS_M
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    rows = (pid % NUM_PROGRAMS_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_ok = rows < N_Q
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + (rows[:, None] * stride_qm + offs_d[None, :] * stride_qd),
+                mask=rows_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    if not DOT_LOWP:
+        q = q.to(CDT)
+    Kh = K + b * stride_kb + h * stride_kh
+    m_i = tl.full([BLOCK_M], float("-inf"), CDT)
+    l_i = tl.zeros([BLOCK_M], CDT)
+    n_full = (N_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        m_i, l_i = _softmax_stats_block(m_i, l_i, q, Kh, start_n, N_K, offs_d, D, stride_kn, stride_kd, scale2,
+                                        BLOCK_M, BLOCK_N, False, EVEN_D, CDT, DOT_LOWP, DOT_PRECISION)
+    for start_n in range(n_full, N_K, 16):
+        m_i, l_i = _softmax_stats_block(m_i, l_i, q, Kh, start_n, N_K, offs_d, D, stride_kn, stride_kd, scale2,
+                                        BLOCK_M, 16, True, EVEN_D, CDT, DOT_LOWP, DOT_PRECISION)
+    ptrs = STATS + b * stride_sb + h * stride_sh + rows * stride_sm
+    tl.store(ptrs, (m_i * scale2).to(STATS.dtype.element_ty), mask=rows_ok)
+    tl.store(ptrs + stride_sp, tl.log2(l_i).to(STATS.dtype.element_ty), mask=rows_ok)
 
 
 @triton.jit
@@ -381,6 +457,7 @@ def re_attention_forward(
     softmax_stats: Optional[torch.Tensor] = None,
     stats_given: bool = False,
     with_moments: bool = False,
+    separate_stats: Optional[bool] = None,
     config: Optional[TileConfig] = None,
     allow_tf32: bool = False,
     lowp_dot: Optional[bool] = None,
@@ -403,7 +480,10 @@ def re_attention_forward(
     with_moments (norm "none" only): also return ``moments`` [programs, 2, H] in the accumulation
     dtype: per program, the sums over its kept entries of the map X = W P~ + mix_bias and of X^2,
     per head; what training BatchNorm's one-sweep forward needs. Sum them over programs in float64.
-    config: override the launch rule (``launch.forward_config``).
+    separate_stats: compute the softmax statistics in a launch of their own, per head, before the
+    forward (no mask, scale > 0); default: the launch rule (``launch.splits_softmax_stats``).
+    Ignored with ``stats_given``.
+    config: override the launch rule of the forward kernel (``launch.forward_config``).
     allow_tf32: fp32 inputs use TF32 tensor cores on a GPU (default: exact fp32 products).
     lowp_dot: fp16/bf16 dot operands (fp32 accumulation); default True for fp16/bf16 inputs on
     a GPU, False in the interpreter (whose bf16 ``tl.dot`` is wrong).
@@ -459,15 +539,26 @@ def re_attention_forward(
             return out, softmax_stats, torch.zeros((0, 2, H), dtype=acc_dtype, device=device)
         return out, softmax_stats
 
+    if separate_stats and not stats_given and (mask_kind != MASK_NONE or not scale > 0):
+        raise ValueError(f"re_attention_forward: separate_stats=True needs no attn_mask and scale > 0, got "
+                         f"{'a mask' if mask_kind != MASK_NONE else 'no mask'} and scale {scale}")
+
     (q, k, v), Dp = aligned_operands(q, k, v)
+    variant = variant_of(norm, mask_kind != MASK_NONE, has_dropout)
+    if separate_stats is None:
+        separate_stats = splits_softmax_stats(variant, q.element_size(), scale, H, Dp, with_moments)
+    separate_stats = separate_stats and not stats_given
     result = out if Dp == D and vector_aligned(out) else out.new_empty((B, H, Nq, Dp))
     interpret = interpreting()
     if config is None:
         config = forward_config(Nq, Nk, Dp, H, interpret=interpret, shared_limit=device_shared_limit(device),
-                                element_size=q.element_size(),
-                                variant=variant_of(norm, mask_kind != MASK_NONE, has_dropout))
+                                element_size=q.element_size(), variant=variant,
+                                stats_given=stats_given or separate_stats, moments=with_moments)
     config.check_heads(H, "re_attention_forward")
     options = launch_options(q, lowp_dot, allow_tf32, interpret)
+    if separate_stats:
+        softmax_stats_launch(q, k, softmax_stats, Dp, scale, options, device, interpret)
+        stats_given = True
     num_m = config.programs_per_batch(Nq)
     d_chunks = triton.cdiv(Dp, config.BLOCK_D)
     moments = torch.empty((num_m * B, 2, config.HP), dtype=acc_dtype, device=device) if with_moments else None
@@ -499,6 +590,22 @@ def re_attention_forward(
     if with_moments:
         return out, softmax_stats, slot_sums_to_heads(moments, H, config)
     return out, softmax_stats
+
+
+def softmax_stats_launch(q: torch.Tensor, k: torch.Tensor, softmax_stats: torch.Tensor, d: int, scale: float,
+                         options: dict, device: torch.device, interpret: bool) -> None:
+    """Write the softmax statistics of q [B, H, Nq, d], k [B, H, Nk, d] (aligned: ``aligned_operands``) into
+    ``softmax_stats`` [2, B, H, Nq] with ``_softmax_stats_kernel`` (no mask, scale > 0)."""
+    B, H, Nq, _ = q.shape
+    config = softmax_stats_config(d, interpret=interpret)
+    num_m = triton.cdiv(Nq, config.BLOCK_M)
+    run_on_device(
+        _softmax_stats_kernel, (num_m * B * H,), device,
+        q, k, softmax_stats, *q.stride(), *k.stride(), *softmax_stats.stride(), H, Nq, k.shape[2], d, num_m,
+        float(scale) * LOG2E, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_D=config.BLOCK_D,
+        EVEN_D=d == config.BLOCK_D, CDT=options["CDT"], DOT_LOWP=options["DOT_LOWP"],
+        DOT_PRECISION=options["DOT_PRECISION"], num_warps=config.num_warps, num_stages=config.num_stages,
+    )
 
 
 def slot_sums_to_heads(sums: torch.Tensor, heads: int, config: TileConfig) -> torch.Tensor:

@@ -166,12 +166,14 @@ def shared_bytes(kernel: str, config: "TileConfig", element_size: int = 2, maske
         return 2 * stages * keys + rows + mask + scores
     if kernel == "dq":
         return 2 * stages * keys + 2 * rows + mask + scores * 3 // 4
+    if kernel == "softmax_stats":  # the q tile, the pipelined K blocks (one head) and an fp32 row (compiled:
+        return rows + stages * keys + 4 * bm  # 50,176 B at 256 rows, 64-key blocks, D = 64, two stages)
     if kernel == "dkdv":
         # Q and dO in two operand layouts each; the mask shares the transposed score tiles' scratch;
         # one fp32 [HP, BLOCK_N] row for the reductions over the key block (compiled: 50,176 B at 16
         # slots, 16-wide tiles, BatchNorm, against 49,152 without it)
         return 2 * keys + (stages + 2) * rows + max(mask, scores // 2) + 4 * hp * bn
-    raise ValueError(f"shared_bytes: kernel must be forward, gram, dq or dkdv, got {kernel!r}")
+    raise ValueError(f"shared_bytes: kernel must be forward, gram, softmax_stats, dq or dkdv, got {kernel!r}")
 
 
 def _fit_shared(kernel: str, config: "TileConfig", shared_limit: Optional[int], element_size: int,
@@ -216,13 +218,17 @@ def _acc_chunk(hp: int, rows: int, block_d: int, accumulators: int) -> int:
 
 
 def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None,
-                   shared_limit: Optional[int] = None, element_size: int = 2, variant: str = "heavy") -> TileConfig:
+                   shared_limit: Optional[int] = None, element_size: int = 2, variant: str = "heavy",
+                   stats_given: bool = False, moments: bool = False) -> TileConfig:
     """Tiles of the forward and the statistics sweeps for one problem (see the module doc).
 
     d: the head dim the kernels see (a multiple of 16 on a GPU: ``forward.aligned_operands``).
     shared_limit: the GPU's shared memory per block in bytes (``device_shared_limit``), None off a
     GPU. element_size: bytes per input element (fp32 and fp64 run CUDA-core products on narrower
     tiles). variant: ``variant_of(...)``; "heavy" (the default) is safe for every call.
+    stats_given: the forward reads the softmax statistics (``splits_softmax_stats``, or the Gram
+    sweep wrote them) and runs only its second sweep. moments: the one-sweep BatchNorm forward
+    (``with_moments``), which keeps its per-slot sums live through the sweep.
     """
     _check_shape(h, d)
     if variant not in VARIANTS:
@@ -253,9 +259,65 @@ def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bo
         # one stage for 32-key blocks and for head-dim chunks (pipelining every chunk's loads took
         # 196,608 B at 16 slots, D = 128)
         stages = 1 if block_n == 32 or block_d < whole else 2
+        # Reading the statistics, the plain forward at 16 slots takes one stage: at D = 32 two spilled
+        # 8 B (255 registers, sm_90), and the model predicts one as fast or faster (ViT-B 150.9-665.3 us
+        # against 154.5-690.1 at two); at 32 slots with 16-wide head-dim tiles one stage spills 24 B
+        # against 32. Elsewhere one stage spilled more than two (the LayerNorm forward at 16 slots and
+        # D = 64: 8 B against none; the training-BatchNorm forward at 32 slots and D = 32: 24 B against
+        # none; the moments at 16 slots and D = 32: 88 B against none): the compiler's schedule,
+        # measured (launch scan), not derived.
+        if stats_given and variant == "plain" and not moments and (hp == 16 or hp == 32 and block_d == 16):
+            stages = 1
     config = TileConfig(HP=hp, G=g, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, STATS_BLOCK_N=32,
                         num_warps=8, num_stages=stages)
     return _fit_shared("forward", config, shared_limit, element_size, variant)
+
+
+def splits_softmax_stats(variant: str, element_size: int, scale: float, h: int, d: int,
+                         moments: bool = False) -> bool:
+    """Whether the forward takes its softmax statistics from a launch of their own (``softmax_stats_config``).
+
+    The forward's first sweep needs no head mixing, so it can run per head as FlashAttention's forward
+    does: 2-D products over 256 query rows (on sm_90, warpgroup MMAs), each program reading its head's
+    keys once, where the fused forward re-reads every key block for all its slots in both sweeps.
+    The static model (H100, bf16) puts the two launches at 111.6-605.6 us against the one launch's
+    113.2-665.5 at DeiT-S with norm none (mostly fewer L2 requests) and 175.2-889.6 against
+    220.5-1131.9 at ViT-B with LayerNorm. For "plain" and "layer" calls (no mask: the statistics
+    kernel takes none; no dropout: its launches keep their own tiles) with 16-bit inputs (the
+    fp32/fp64 launches run CUDA-core products on narrow tiles, unmodelled) and scale > 0 (the max
+    runs on q.k, the scale in the exponent). h, d: heads and the head dim the kernels see;
+    moments: the one-sweep BatchNorm forward (``with_moments``).
+
+    Not where the forward reading the statistics spilled more than the one-launch forward (launch
+    scan, sm_90, at the stages ``forward_config`` gives it): the LayerNorm forward at 16 or 32 slots
+    and D = 32 (0 -> 8 B per thread at 16 slots, 96 -> 104 B at 32) and the moments at 32 slots and
+    D = 16 (456 -> 464 B).
+    """
+    if not (variant in ("plain", "layer") and element_size == 2 and scale > 0):
+        return False
+    hp, block_d = padded_slots(h), padded_head_dim(d)
+    if variant == "layer" and hp >= 16 and block_d == 32:
+        return False
+    return not (moments and hp == 32 and block_d == 16)
+
+
+def softmax_stats_config(d: int, *, interpret: Optional[bool] = None) -> TileConfig:
+    """Tiles of the softmax statistics kernel (``forward._softmax_stats_kernel``): one head per program
+    (HP = G = 1), BLOCK_M query rows against BLOCK_N-key blocks over the whole head dim (BLOCK_D).
+
+    256 rows and 8 warps make the q tile 64 registers a thread at D = 64 and each key block's
+    product one warpgroup MMA per warpgroup; 64-key blocks, two stages. Modelled at DeiT-S (sm_90):
+    23.8-125.3 us, HBM-bound (Q and K read once); 128 rows 24.6-142.6, 128-key blocks 27.3-139.6
+    (issue-bound), 32-key 27.4-138.5. At head dims above 64 the q tile halves to 128 rows.
+    """
+    if interpret is None:
+        interpret = interpreting()
+    block_d = padded_head_dim(d)
+    if interpret:
+        return TileConfig(HP=1, G=1, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=4,
+                          num_stages=1)
+    return TileConfig(HP=1, G=1, BLOCK_M=256 if block_d <= 64 else 128, BLOCK_N=64, BLOCK_D=block_d,
+                      STATS_BLOCK_N=64, num_warps=8, num_stages=2)
 
 
 def run_on_device(kernel, grid, device, *args, **kwargs) -> None:

@@ -16,7 +16,7 @@ TRAIN_BN = dict(norm="none", mask=True, dropout=True)
 
 
 def jobs():
-    """What the launch scan's record cannot vouch for, and a reproduction of it (13 launches; the compile times
+    """What the launch scan's record cannot vouch for, and a reproduction of it (17 launches; the compile times
     measured from an empty Triton cache are in ``_weight``).
 
     The scan (``python -m benchmarks.launch_scan``, benchmarks/results/launch_scan.csv) compiles every
@@ -25,12 +25,14 @@ def jobs():
     here: DeiT-S's plain forward and backward and its Gram sweep on sm_90, compared with the scan's rows (the
     record reproduces); DeepViT-L at 384 px (D = 35, run padded to 48: a head-dim tile with masked columns,
     which the scan's head dims do not have); sm_80 (not scanned) at the largest shape with the most live
-    state; the exact-fp32 path (CUDA-core products), at its largest spill and at sm_80."""
+    state, and its plain forward at D = 128 (the softmax statistics kernel's largest tile); the exact-fp32 path
+    (CUDA-core products), at its largest spill and at sm_80."""
     result = []
     for call in ("forward", "backward"):
         result.append(dict(call=call, h=6, d=64, n=197, cap=90, **PLAIN))
         result.append(dict(call=call, h=12, d=35, n=577, cap=90, **PLAIN))
         result.append(dict(call=call, h=32, d=128, n=197, cap=80, **HEAVY))
+    result.append(dict(call="forward", h=12, d=128, n=197, cap=80, **PLAIN))  # the statistics kernel on sm_80
     result.append(dict(call="gram", h=6, d=64, n=197, cap=90, **TRAIN_BN))
     result.append(dict(call="forward", h=32, d=128, n=197, cap=80, dtype="fp32", **HEAVY))
     result.append(dict(call="backward", h=12, d=32, n=197, cap=90, dtype="fp32", **PLAIN))

@@ -39,7 +39,9 @@ def test_capture_records_launches_for_the_target_and_launches_nothing():
             with capture_launches(90):
                 pass
     assert launch.CAPTURE is None
-    (rec,) = launches
+    stats, rec = launches
+    # the softmax statistics first (bf16, no mask: launch.splits_softmax_stats), per (batch, head, 256 rows)
+    assert stats.name == "_softmax_stats_kernel" and stats.grid == (2 * 3 * 1,)
     # 3 heads: 8 slots hold two row groups of 32 rows, so one program covers the 40 queries: B programs
     assert rec.name == "_re_attention_fwd_kernel" and rec.grid == (2 * 1, 1)
     const = rec.constexprs()
@@ -58,18 +60,19 @@ def test_capture_follows_each_norm_modes_sequence():
         steps = triton_side.fused_call(TRITON_OPS, 2, 3, 20, 16, norm, 90)
         names[norm] = {phase: [e.name for e in events if hasattr(e, "kernel")] for phase, events in steps.items()}
     fwd, dq, dkdv = "_re_attention_fwd_kernel", "_re_attention_bwd_dq_kernel", "_re_attention_bwd_dkdv_kernel"
+    stats = "_softmax_stats_kernel"  # the forward's first sweep in a launch of its own (no mask, bf16)
     for norm in ("none", "batch-eval", "layer"):
-        assert names[norm] == {"fwd": [fwd], "bwd": [dq, dkdv]}, (norm, names[norm])
+        assert names[norm] == {"fwd": [stats, fwd], "bwd": [dq, dkdv]}, (norm, names[norm])
     # Training BatchNorm: the one-sweep forward (with moments), the statistics and coefficients in one launch
     # (FusedKernels.bn_moments), its per-head affine finish (FusedKernels.head_affine) and the running
     # statistics' update (FusedKernels.update_running_stats); the backward's BatchNorm sums from dO, the kept
     # X V and U in one pass (FusedKernels.head_dot_sums), not a sweep over the keys (the dq kernel with
     # SUMS_ONLY), finished with the coefficients in one launch (FusedKernels.bn_coefficients), then the backward.
     assert names["batch-train"] == {
-        "fwd": [fwd, "_bn_moments_kernel", "_affine_kernel", "_running_stats_kernel"],
+        "fwd": [stats, fwd, "_bn_moments_kernel", "_affine_kernel", "_running_stats_kernel"],
         "bwd": ["_dot_sums_kernel", "_bn_coefficients_kernel", dq, dkdv]}
     steps = triton_side.fused_call(TRITON_OPS, 2, 3, 20, 16, "batch-train", 90)
-    first, _, finish, _ = [e for e in steps["fwd"] if hasattr(e, "kernel")]
+    _, first, _, finish, _ = [e for e in steps["fwd"] if hasattr(e, "kernel")]
     # X V in the input dtype (bf16 here), read once by the finish and kept for the backward's sums
     assert first.constexprs()["MOMENTS"] is True and finish.bound()["R"].dtype == torch.bfloat16
     _, _, main, _ = [e for e in steps["bwd"] if hasattr(e, "kernel")]
@@ -108,7 +111,7 @@ def test_source_loops_of_a_launch():
 
 def test_source_loop_counts_agree_with_emulation():
     value = _check("crosscheck")
-    assert set(value["kernels"]) == {"_fa_fwd_kernel", "_re_attention_fwd_kernel"}
+    assert set(value["kernels"]) == {"_fa_fwd_kernel", "_softmax_stats_kernel", "_re_attention_fwd_kernel"}
     for name, k in value["kernels"].items():
         # The static count executes every instruction of a loop body each iteration (and nothing after
         # EXIT); the emulation skips what branches skip: within 3% here.

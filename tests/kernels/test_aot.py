@@ -9,11 +9,11 @@ checked without compiling by tests/kernels/test_launch_scan.py.
 import pytest
 
 from reattn.kernels.aot import ELEMENT_SIZE, SHARED_MEMORY_LIMIT
-from reattn.kernels.launch import TileConfig, shared_bytes
+from reattn.kernels.launch import TileConfig, shared_bytes, splits_softmax_stats, variant_of
 from tests import _aot
 
-KERNELS = {"_re_attention_fwd_kernel": "forward", "_gram_kernel": "gram", "_re_attention_bwd_dq_kernel": "dq",
-           "_re_attention_bwd_dkdv_kernel": "dkdv"}
+KERNELS = {"_softmax_stats_kernel": "softmax_stats", "_re_attention_fwd_kernel": "forward", "_gram_kernel": "gram",
+           "_re_attention_bwd_dq_kernel": "dq", "_re_attention_bwd_dkdv_kernel": "dkdv"}
 
 
 def _config(r):
@@ -27,7 +27,11 @@ def test_every_launch_compiles_within_the_gpus_shared_memory():
     for job in _aot.jobs():  # every job compiled each of its launches
         job = {"dtype": "bf16", **job}  # a job without a dtype is bf16 (not also the fp32 job of its shape)
         mine = [r for r in results if all(r.get(k) == v for k, v in job.items())]
-        assert len(mine) == (2 if job["call"] == "backward" else 1), (job, mine, stderr)
+        # a forward without a mask or dropout in 16-bit launches the softmax statistics kernel first (scale 0.125)
+        splits = job["call"] == "forward" and splits_softmax_stats(
+            variant_of(job["norm"], job["mask"], job["dropout"]), ELEMENT_SIZE[job["dtype"]], 0.125, job["h"],
+            -(-job["d"] // 16) * 16)
+        assert len(mine) == (2 if job["call"] == "backward" else 1) + splits, (job, mine, stderr)
     for r in results:
         print(r)
         assert 0 < r["shared"] <= SHARED_MEMORY_LIMIT[r["cap"]], r
@@ -57,7 +61,7 @@ def test_the_compiles_reproduce_the_launch_scans_record():
         assert {k: str(r[k]) for k in recorded} == recorded, (r, row)
         assert r["cache_key"] == row["cache_key"], ("rerun python -m benchmarks.launch_scan", r, row)
         compared += 1
-    assert compared == 4  # DeiT-S's forward, dQ, dK/dV and Gram sweep
+    assert compared == 5  # DeiT-S's softmax statistics and forward, dQ, dK/dV and Gram sweep
 
 
 def test_the_launch_rules_shared_memory_bound_holds_for_every_compiled_launch():
@@ -78,12 +82,13 @@ def test_the_launch_rules_shared_memory_bound_holds_for_every_compiled_launch():
 FP32_SPILL_CEILING = 1_624
 
 
-@pytest.mark.parametrize("kernel", ["_re_attention_fwd_kernel", "_re_attention_bwd_dq_kernel",
+@pytest.mark.parametrize("kernel", ["_softmax_stats_kernel", "_re_attention_fwd_kernel", "_re_attention_bwd_dq_kernel",
                                     "_re_attention_bwd_dkdv_kernel"])  # the sample's Gram sweeps all mask
 def test_plain_launches_spill_nothing_at_eight_slots_and_stay_within_the_scans_ceilings(kernel):
     """Without a mask or dropout (every norm mode), bf16 launches of 5-8 heads (one batch row per
-    program) at head dims up to 64 spill nothing; every other plain launch of the sample (16 and 32
-    slots, D = 128, DeepViT-L's N = 577) stays within its class's ceiling in the launch scan's record
+    program) at head dims up to 64 and the softmax statistics kernel (one head per program) at every
+    head dim spill nothing; every other plain launch of the sample (16 and 32 slots, D = 128,
+    DeepViT-L's N = 577) stays within its class's ceiling in the launch scan's record
     (the most a known spill of the class spills: tests/kernels/known_spills.py), and fp32 launches within
     FP32_SPILL_CEILING."""
     from tests.kernels.known_spills import class_ceiling, spill_class
@@ -98,6 +103,8 @@ def test_plain_launches_spill_nothing_at_eight_slots_and_stay_within_the_scans_c
     for r in plain:
         if r["dtype"] == "fp32":
             assert r["spill_bytes"] <= FP32_SPILL_CEILING, r
+        elif kernel == "_softmax_stats_kernel":
+            assert r["spill_bytes"] == 0, r
         elif r["HP"] == 8 and r["G"] == 1 and r["d"] <= 64:
             assert r["spill_bytes"] == 0, r
         else:

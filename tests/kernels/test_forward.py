@@ -418,3 +418,133 @@ def test_a_kernel_over_the_gpus_shared_memory_is_a_value_error_naming_it():
     with pytest.raises(ValueError, match=r"_re_attention_fwd_kernel at \{'HP': 32, 'BLOCK_D': 128\} does not fit "
                                          r"cpu: out of resource: shared memory, Required: 280576"):
         run_on_device(TooBig(), (1,), torch.device("cpu"), HP=32, BLOCK_D=128)
+
+
+# ---- the softmax statistics in a launch of their own ----
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B,H,Nq,Nk,D,norm", [
+    (2, 6, 33, 33, 35, "none"),
+    (2, 1, 1, 1, 16, "layer"),    # N = 1, one head
+    (1, 12, 5, 40, 64, "layer"),  # Nq != Nk, keys past a multiple of 16
+    (1, 32, 17, 17, 128, "none"),
+    (1, 6, 197, 197, 32, "none"),  # ViT length
+])
+def test_separate_statistics_match_the_fused_sweep(dtype, B, H, Nq, Nk, D, norm):
+    """``separate_stats=True``: ``_softmax_stats_kernel`` writes (m2, l2) per head and the forward reads them.
+
+    Statistics and output agree with the one-launch forward and with float64 truths; the tolerances are
+    the dtype's unit roundoff times the sums' lengths (D products, Nk exponentials) and magnitudes."""
+    inp = make_inputs(B, H, Nq, Nk, D, dtype)
+    out, stats = run_kernel(inp, norm=norm, out_scale=0.7, separate_stats=True)  # NaN-poisoned: all written
+    fused, fused_stats = run_kernel(inp, norm=norm, out_scale=0.7, separate_stats=False)
+    # unit roundoff of the arithmetic: the dtype's (a GPU passes the scalar arguments as fp32)
+    eps = torch.finfo(dtype if interpreting() else torch.float32).eps
+    lse = stats_lse(stats)
+    truth = lse_truth(inp)
+    assert max_err(lse, truth) <= 4 * eps * (D + Nk) * max(1.0, truth.abs().max().item())
+    assert max_err(lse, stats_lse(fused_stats)) <= 4 * eps * (D + Nk) * max(1.0, truth.abs().max().item())
+    ref = run_ref(inp, norm=norm, out_scale=0.7)
+    bound = 4 * eps * (D + Nk + H) * max(1.0, ref.abs().max().item())
+    assert max_err(out, ref) <= bound
+    assert max_err(out, fused) <= bound
+
+
+def test_separate_statistics_with_dropout_strided_statistics_and_fp16_products():
+    """Dropout needs no change to the statistics (they are P's, before dropout); the statistics kernel
+    writes any strides of ``softmax_stats``; with fp16 tensor-core operands (``lowp_dot``, which the
+    interpreter runs for fp16) the output stays within twice eager fp16's error."""
+    inp = make_inputs(2, 6, 21, 19, 35, torch.float64)
+    seed = torch.tensor([5], dtype=torch.int64, device=DEVICE)
+    extra = dict(dropout_p=0.25, seed=seed)
+    out, stats = run_kernel(inp, norm="layer", separate_stats=True, **extra)
+    fused, fused_stats = run_kernel(inp, norm="layer", separate_stats=False, **extra)
+    tol = 1e-12 if interpreting() else 1e-6
+    assert max_err(out, fused) <= tol and max_err(stats_lse(stats), stats_lse(fused_stats)) <= tol
+    big = torch.full((2, 2, 3, 6, 25), float("nan"), dtype=torch.float64, device=DEVICE)
+    strided = big[:, :, 1, :, 2:23].permute(1, 0, 2, 3)  # [2, B, H, Nq], no stride of 1 contiguous run
+    _, st = re_attention_forward(inp["q"], inp["k"], inp["v"], inp["mix_weight"], inp["mix_bias"],
+                                 scale=35 ** -0.5, norm="layer", norm_weight=inp["norm_weight"],
+                                 norm_bias=inp["norm_bias"], softmax_stats=strided, separate_stats=True, **extra)
+    assert st is strided and torch.equal(strided, stats)
+    assert torch.isnan(big[:, :, 0]).all() and torch.isnan(big[:, :, 2]).all() and torch.isnan(big[..., :2]).all()
+    low = make_inputs(2, 6, 33, 20, 35, torch.float16)
+    out16, _ = run_kernel(low, norm="none", out_scale=0.7, separate_stats=True, lowp_dot=True)
+    truth = run_ref(low, norm="none", out_scale=0.7)
+    eager = run_ref(low, norm="none", out_scale=0.7, dtype=torch.float16)
+    assert max_err(out16, truth) <= 2 * max_err(eager, truth) + 1e-6
+
+
+def test_separate_statistics_refuse_a_mask_or_a_scale_that_is_not_positive():
+    inp = make_inputs(1, 6, 5, 5, 32, torch.float32)
+    args = (inp["q"], inp["k"], inp["v"], inp["mix_weight"])
+    mask = torch.ones(5, 5, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="separate_stats=True needs no attn_mask and scale > 0, got a mask"):
+        re_attention_forward(*args, scale=0.2, attn_mask=mask, separate_stats=True)
+    with pytest.raises(ValueError, match="separate_stats=True needs no attn_mask and scale > 0, got no mask and "
+                                         "scale -0.2"):
+        re_attention_forward(*args, scale=-0.2, separate_stats=True)
+    # with the statistics given, there is nothing to compute: the flag is ignored
+    _, stats = re_attention_forward(*args, scale=0.2)
+    out, _ = re_attention_forward(*args, scale=0.2, attn_mask=mask, softmax_stats=stats.clone(), stats_given=True,
+                                  separate_stats=True)
+    assert not torch.isnan(out).any()
+
+
+def test_the_launch_rule_separates_the_statistics_of_unmasked_16_bit_calls():
+    """What ``re_attention_forward`` launches (captured for sm_90, not run): the statistics kernel, then the
+    forward reading them, for 16-bit calls without a mask or dropout (norm none, BatchNorm, LayerNorm) and
+    scale > 0; one launch otherwise. The forward's tiles are the rule's for given statistics."""
+    from reattn.kernels.capture import capture_launches
+    from reattn.kernels.launch import softmax_stats_config, splits_softmax_stats
+
+    def launched(dtype=torch.bfloat16, h=12, d=64, scale=0.125, **kw):
+        meta = dict(device="meta")
+        q = torch.empty(2, h, 197, d, dtype=dtype, **meta)
+        with capture_launches(90) as launches:
+            re_attention_forward(q, q, q, torch.empty(h, h, **meta), scale=scale, **kw)
+        return launches
+
+    for norm, extra in (("none", {}), ("layer", {}), ("batch", dict(batch_stats=torch.empty(2, 12, device="meta")))):
+        stats_launch, fwd = launched(norm=norm, **extra)
+        assert (stats_launch.name, fwd.name) == ("_softmax_stats_kernel", "_re_attention_fwd_kernel")
+        assert fwd.constexprs()["STATS_GIVEN"] and stats_launch.bound()["STATS"] is fwd.bound()["STATS"]
+        rule = forward_config(197, 197, 64, 12, interpret=False, shared_limit=232448,
+                              variant=variant_of(norm, False, False), stats_given=True)
+        assert fwd.options()["num_stages"] == rule.num_stages
+        cfg = softmax_stats_config(64, interpret=False)
+        assert {k: stats_launch.constexprs()[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")} == dict(
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D)
+        assert stats_launch.programs == 2 * 12 * -(-197 // cfg.BLOCK_M)
+    mask = torch.empty(197, 197, dtype=torch.bool, device="meta")
+    seed = torch.empty(1, dtype=torch.int64, device="meta")
+    for kw in (dict(attn_mask=mask), dict(dropout_p=0.1, seed=seed), dict(dtype=torch.float32), dict(scale=-0.125),
+               dict(norm="layer", d=32)):
+        (only,) = launched(**kw)
+        assert only.name == "_re_attention_fwd_kernel" and not only.constexprs()["STATS_GIVEN"]
+    assert splits_softmax_stats("plain", 2, 0.1, 6, 64) and splits_softmax_stats("layer", 2, 0.1, 6, 64)
+    assert not splits_softmax_stats("heavy", 2, 0.1, 6, 64) and not splits_softmax_stats("plain", 4, 0.1, 6, 64)
+    assert not splits_softmax_stats("plain", 2, 0.0, 6, 64)
+    # where the forward reading the statistics spilled more (the launch scan): LayerNorm at 16 or 32 slots with
+    # 32-wide head-dim tiles, the moments at 32 slots with 16-wide ones
+    assert [splits_softmax_stats("layer", 2, 0.1, h, 32) for h in (6, 12, 32)] == [True, False, False]
+    assert splits_softmax_stats("layer", 2, 0.1, 32, 64)  # 32-wide head-dim chunks of D = 64 do split
+    assert splits_softmax_stats("layer", 2, 0.1, 12, 64) and splits_softmax_stats("plain", 2, 0.1, 12, 32)
+    assert not splits_softmax_stats("plain", 2, 0.1, 32, 16, moments=True)
+    assert splits_softmax_stats("plain", 2, 0.1, 32, 16) and splits_softmax_stats("plain", 2, 0.1, 12, 16, True)
+    # The statistics kernel's tiles: 256 rows up to D = 64, 128 above; the whole head dim in one tile.
+    assert [(softmax_stats_config(d, interpret=False).BLOCK_M, softmax_stats_config(d, interpret=False).BLOCK_D)
+            for d in (16, 48, 64, 128)] == [(256, 16), (256, 64), (256, 64), (128, 128)]
+    for limit in (101376, 166912, 232448):
+        for d in (16, 32, 64, 128):
+            assert shared_bytes("softmax_stats", softmax_stats_config(d, interpret=False)) <= limit
+    # Given statistics, the plain forward takes one stage at 16 slots and at 32 with 16-wide head-dim tiles;
+    # the LayerNorm forward and the moments keep the one-launch forward's stages.
+    one = dict(interpret=False, stats_given=True)
+    assert [forward_config(197, 197, d, 12, variant="plain", **one).num_stages for d in (16, 32, 64)] == [1, 1, 1]
+    assert [forward_config(197, 197, d, 32, variant="plain", **one).num_stages for d in (16, 32)] == [1, 2]
+    for kw in (dict(variant="layer"), dict(variant="plain", moments=True)):
+        for h, d in ((12, 32), (12, 64), (32, 32)):
+            assert forward_config(197, 197, d, h, **one, **kw).num_stages == forward_config(
+                197, 197, d, h, interpret=False, variant=kw["variant"]).num_stages == 2
+    assert forward_config(197, 197, 32, 12, variant="plain", interpret=False).num_stages == 2

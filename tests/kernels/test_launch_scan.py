@@ -9,8 +9,6 @@ import pytest
 
 from reattn.kernels import launch
 from tests.kernels.known_spills import KNOWN_SPILLS, case_of, recorded_rows, spill_class, spill_reason
-KERNEL_OF_CALL = {"forward": ("forward",), "moments": ("forward",), "gram": ("gram",), "bn_grad_sums": ("dq",),
-                  "backward": ("dq", "dkdv")}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +27,13 @@ def _rule(row) -> launch.TileConfig:
     h, d, variant = int(row["h"]), int(row["d"]), row["variant"]
     variant = "plain" if variant == "batch" else variant
     args = dict(interpret=False, shared_limit=int(row["shared_limit"]), variant=variant)
-    if row["kernel"] in ("forward", "gram"):
+    if row["kernel"] == "softmax_stats":
+        return launch.softmax_stats_config(d, interpret=False)
+    if row["kernel"] == "forward":  # the scan's calls have scale 0.125
+        moments = row["call"] == "moments"
+        given = launch.splits_softmax_stats(variant, 2, 0.125, h, d, moments)
+        return launch.forward_config(197, 197, d, h, stats_given=given, moments=moments, **args)
+    if row["kernel"] == "gram":
         return launch.forward_config(197, 197, d, h, **args)
     return launch.backward_config(197, 197, d, h, kernel=row["kernel"], **args)
 
