@@ -2,7 +2,8 @@
 
 For each class of problem the rules distinguish (slots HP with G row groups, the head dim's
 power-of-two tile, the variant: "plain", "layer", "heavy"; see kernels/launch.py; "batch" is
-training BatchNorm with given statistics, a "plain" launch with the norm folded in) and each entry
+training BatchNorm with given statistics, a "plain" launch with the norm folded in, and "eval" the
+forward folding eval BatchNorm from the running statistics, another) and each entry
 point (forward, backward, the Gram statistics sweep, the one-sweep moments, the BatchNorm
 backward sums), the launches are captured and compiled for sm_90 exactly as the JIT would
 (``kernels.aot.compile_call``), and again for sm_86 where its 101,376 B of shared memory make the
@@ -35,9 +36,10 @@ HEAD_DIMS = (16, 32, 64, 128)
 VARIANTS = {"plain": dict(norm="none", mask=False, dropout=False),
             "layer": dict(norm="layer", mask=False, dropout=False),
             "batch": dict(norm="batch", mask=False, dropout=False),
+            "eval": dict(norm="batch-eval", mask=False, dropout=False),
             "heavy": dict(norm="layer", mask=True, dropout=True)}
 # entry point -> the variants that differ for it
-CALLS = {"forward": ("plain", "batch", "layer", "heavy"), "backward": ("plain", "batch", "layer", "heavy"),
+CALLS = {"forward": ("plain", "batch", "eval", "layer", "heavy"), "backward": ("plain", "batch", "layer", "heavy"),
          "gram": ("plain", "heavy"), "moments": ("plain", "heavy"), "bn_grad_sums": ("plain", "heavy")}
 CAPS = (90, 86)
 FIELDS = ["cap", "call", "variant", "h", "d", "kernel", "HP", "G", "BLOCK_M", "BLOCK_N", "BLOCK_D", "D_CHUNKS",

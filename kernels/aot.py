@@ -31,7 +31,8 @@ def capture_call(call: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16
 
     call: "forward", "moments" (training BatchNorm's one-sweep forward), "gram" (the statistics
     sweep), "backward" (both kernels) or "bn_grad_sums" (the backward's BatchNorm sums). norm: "none",
-    "layer" or "batch" (training BatchNorm with given statistics); mask: a bool mask for all heads;
+    "layer", "batch" (training BatchNorm with given statistics) or "batch-eval" (the forward folding eval
+    BatchNorm from the running statistics); mask: a bool mask for all heads;
     dropout: p = 0.1. Tensors live on ``device="meta"``, so sizes cost nothing.
     """
     import torch
@@ -49,6 +50,10 @@ def capture_call(call: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16
     q = torch.empty(b, h, n, d, dtype=dt, **meta)
     k, v = torch.empty_like(q), torch.empty_like(q)
     w, c = torch.empty(h, h, **meta), torch.empty(h, **meta)
+    eval_stats = dict(running_mean=torch.empty(h, **meta), running_var=torch.empty(h, **meta))
+    if norm == "batch-eval" and call != "forward":
+        raise ValueError(f"norm 'batch-eval' is the forward's alone, got call {call!r}")
+    eval_stats, norm = (eval_stats, "batch") if norm == "batch-eval" else ({}, norm)
     nw = torch.empty(h, **meta) if norm != "none" else None
     attn_mask = torch.empty(b, 1, n, n, dtype=torch.bool, **meta) if mask else None
     seed = torch.empty(1, dtype=torch.int64, **meta)
@@ -57,8 +62,9 @@ def capture_call(call: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16
     kw = dict(scale=0.125, attn_mask=attn_mask, dropout_p=p, seed=seed)
     with capture_launches(cap=cap) as launches:
         if call == "forward":
-            re_attention_forward(q, k, v, w, c, norm=norm, norm_weight=nw, norm_bias=nw,
-                                 batch_stats=torch.empty(2, h, dtype=acc, **meta) if norm == "batch" else None, **kw)
+            batch_stats = torch.empty(2, h, dtype=acc, **meta) if norm == "batch" and not eval_stats else None
+            re_attention_forward(q, k, v, w, c, norm=norm, norm_weight=nw, norm_bias=nw, batch_stats=batch_stats,
+                                 **eval_stats, **kw)
         elif call == "moments":
             re_attention_forward(q, k, v, w, c, with_moments=True, out=torch.empty(q.shape, dtype=acc, **meta), **kw)
         elif call == "gram":

@@ -181,20 +181,49 @@ def _softmax_stats_kernel(
 
 
 @triton.jit
+def _eval_batchnorm_fold(w_slots, c, gamma, beta, RM, RV, head, slot_ok, H, stride_rm, stride_rv, out_scale, eps,
+                         HP: tl.constexpr, G: tl.constexpr, CDT: tl.constexpr, BIAS_SLOT: tl.constexpr):
+    """Eval-mode BatchNorm folded from the running statistics as given (RM, RV: [H], any float dtype and
+    stride) into the mixing ``_slot_params`` returned for norm none (w_slots = tau W, c = tau c):
+
+        alpha = gamma / sqrt(running_var + eps),  w_slots <- alpha w_slots,  c <- alpha (c - tau mean) + tau beta,
+
+    the map ``_slot_params`` folds for NORM_BATCH with 1/std = 1/sqrt(running_var + eps), with BIAS_SLOT's
+    placement of c after it, where torch's fold took six element-wise launches. In fp32 1/std is the
+    hardware's reciprocal square root (relative error below 2^-22, as torch.rsqrt's on a GPU); every program
+    forms it, and a correctly rounded square root and division cost DeiT-S's forward 6 us at t_high (static
+    model). In fp64 (fp64 inputs) a square root and a division, correctly rounded.
+    """
+    mean = tl.load(RM + head * stride_rm, mask=slot_ok, other=0.0).to(CDT)
+    var = tl.load(RV + head * stride_rv, mask=slot_ok, other=1.0).to(CDT)
+    if CDT == tl.float64:
+        rstd = 1.0 / tl.sqrt(var + eps)
+    else:
+        rstd = tl.math.rsqrt(var + eps)
+    alpha = gamma * rstd
+    w_slots = w_slots * alpha[:, None]
+    c = alpha * (c - out_scale * mean) + out_scale * beta
+    if BIAS_SLOT:  # as _slot_params: the bias becomes the padding slot's column, whose P is 1 wherever kept
+        w_slots = tl.where(tl.arange(0, HP)[None, :] == G * H, c[:, None], w_slots)
+        c = tl.zeros_like(c)
+    return w_slots, c
+
+
+@triton.jit
 def _re_attention_fwd_kernel(
-    Q, K, V, W, C, NW, NB, BN, MASK, SEED, O, STATS, MOM,
+    Q, K, V, W, C, NW, NB, BN, RV, MASK, SEED, O, STATS, MOM,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_sp, stride_sb, stride_sh, stride_sm,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_wg, stride_wh, stride_c, stride_nw, stride_nb,
+    stride_wg, stride_wh, stride_c, stride_nw, stride_nb, stride_bn, stride_rv,
     H, N_Q, N_K, D, NUM_PROGRAMS_M,
     scale2, out_scale, eps, dropout_p,
     HP: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATS_BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, RAW_MAX: tl.constexpr, BIAS_SLOT: tl.constexpr,
-    HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
+    HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, BN_EVAL: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, STATS_GIVEN: tl.constexpr,
     MOMENTS: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
@@ -241,7 +270,10 @@ def _re_attention_fwd_kernel(
 
     w_slots, c, gamma, beta = _slot_params(W, C, NW, NB, BN, head, slot_ok, H, out_scale, stride_wg, stride_wh,
                                            stride_c, stride_nw, stride_nb, HP, G, CDT, HAS_MIX_BIAS, NORM,
-                                           HAS_NORM_WEIGHT, HAS_NORM_BIAS, BIAS_SLOT, True)
+                                           HAS_NORM_WEIGHT, HAS_NORM_BIAS, BIAS_SLOT and not BN_EVAL, True)
+    if BN_EVAL:
+        w_slots, c = _eval_batchnorm_fold(w_slots, c, gamma, beta, BN, RV, head, slot_ok, H, stride_bn, stride_rv,
+                                          out_scale, eps, HP, G, CDT, BIAS_SLOT)
     group_mean = _group_mean(H, slot_ok, HP, CDT)
 
     # ---- sweep 2: exact P tile by tile, dropout, mix, normalize, multiply by V ----
@@ -450,6 +482,8 @@ def re_attention_forward(
     norm_bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
     batch_stats: Optional[torch.Tensor] = None,
+    running_mean: Optional[torch.Tensor] = None,
+    running_var: Optional[torch.Tensor] = None,
     attn_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     seed: Optional[torch.Tensor] = None,
@@ -467,8 +501,10 @@ def re_attention_forward(
     q: [B, H, Nq, D]; k, v: [B, H, Nk, D] (any strides, same dtype: fp16, bf16, fp32 or fp64).
     mix_weight: [H, H] indexed [out, in]; mix_bias, norm_weight, norm_bias: [H] or None.
     norm: "none" (BatchNorm in eval mode is folded into mix_weight/mix_bias by the caller),
-    "layer" (LayerNorm across the heads at each (b, i, j)) or "batch" (training-mode BatchNorm
-    with given ``batch_stats`` = [2, H] (mean, 1/sqrt(var + eps)): an affine map per head).
+    "layer" (LayerNorm across the heads at each (b, i, j)) or "batch": an affine map per head, either
+    training-mode BatchNorm with given ``batch_stats`` = [2, H] (mean, 1/sqrt(var + eps)) or eval-mode
+    BatchNorm from ``running_mean``, ``running_var`` ([H] each, any float dtype and stride), which the
+    programs fold with 1/sqrt(running_var + eps) themselves (inference: no torch op around the launch).
     attn_mask: bool (True = attend) or additive float, broadcastable to [B, H, Nq, Nk].
     dropout_p, seed: dropout on P before mixing, keyed by ``seed`` ([1] int64 on q's device).
     softmax_stats [2, B, H, Nq]: per (b, h, i) the row max m2 of the scores in base-2 units (log2(e)
@@ -514,10 +550,18 @@ def re_attention_forward(
     _check_vector("norm_weight", norm_weight, H, device)
     _check_vector("norm_bias", norm_bias, H, device)
     acc_dtype = accumulator_dtype(q)
-    if norm == "batch" and (batch_stats is None or batch_stats.shape != (2, H) or not batch_stats.is_contiguous()
-                            or batch_stats.dtype != acc_dtype):
+    bn_eval = running_mean is not None or running_var is not None
+    if bn_eval:
+        if norm != "batch" or batch_stats is not None or running_mean is None or running_var is None:
+            raise ValueError("re_attention_forward: running_mean and running_var go together, with norm='batch' and "
+                             "without batch_stats (eval-mode BatchNorm)")
+        _check_vector("running_mean", running_mean, H, device)
+        _check_vector("running_var", running_var, H, device)
+    elif norm == "batch" and (batch_stats is None or batch_stats.shape != (2, H) or not batch_stats.is_contiguous()
+                              or batch_stats.dtype != acc_dtype):
         raise ValueError(f"re_attention_forward: norm='batch' needs batch_stats, a contiguous [2, {H}] {acc_dtype} "
-                         "tensor (mean; 1/sqrt(var + eps)), from the Gram sums (kernels.gram) or the moments")
+                         "tensor (mean; 1/sqrt(var + eps)), from the Gram sums (kernels.gram) or the moments; "
+                         "or running_mean and running_var (eval mode)")
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, q, Nk)
     seed, has_dropout = dropout_arguments(dropout_p, seed, device)
 
@@ -568,15 +612,17 @@ def re_attention_forward(
     nw = norm_weight if norm_weight is not None else dummy
     nb = norm_bias if norm_bias is not None else dummy
     affine_norm = norm != "none"
+    # the per-head statistics: batch_stats [2, H] (mean; 1/std), or eval mode's running mean and variance
+    bn, rv = (running_mean, running_var) if bn_eval else (batch_stats if norm == "batch" else dummy, dummy)
     run_on_device(
         _re_attention_fwd_kernel, (num_m * B, d_chunks), device,
-        q, k, v, mix_weight, c, nw, nb, batch_stats if norm == "batch" else dummy, mask,
+        q, k, v, mix_weight, c, nw, nb, bn, rv, mask,
         seed if has_dropout else dummy, result, softmax_stats, moments if moments is not None else softmax_stats,
         *q.stride(), *k.stride(), *v.stride(), *result.stride(), *softmax_stats.stride(), *mask_strides,
-        mix_weight.stride(0), mix_weight.stride(1), c.stride(0), nw.stride(0), nb.stride(0),
-        H, Nq, Nk, Dp, num_m,
+        mix_weight.stride(0), mix_weight.stride(1), c.stride(0), nw.stride(0), nb.stride(0), bn.stride(0),
+        rv.stride(0), H, Nq, Nk, Dp, num_m,
         float(scale) * LOG2E, float(out_scale), float(eps), float(dropout_p),
-        HAS_MIX_BIAS=mix_bias is not None, NORM=_NORMS[norm],
+        HAS_MIX_BIAS=mix_bias is not None, NORM=NORM_NONE if bn_eval else _NORMS[norm], BN_EVAL=bn_eval,
         HAS_NORM_WEIGHT=affine_norm and norm_weight is not None, HAS_NORM_BIAS=affine_norm and norm_bias is not None,
         MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, STATS_GIVEN=stats_given, MOMENTS=moments is not None,
         D_CHUNKS=d_chunks, EVEN_D=Dp == d_chunks * config.BLOCK_D,

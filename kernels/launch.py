@@ -305,10 +305,12 @@ def softmax_stats_config(d: int, *, interpret: Optional[bool] = None) -> TileCon
     """Tiles of the softmax statistics kernel (``forward._softmax_stats_kernel``): one head per program
     (HP = G = 1), BLOCK_M query rows against BLOCK_N-key blocks over the whole head dim (BLOCK_D).
 
-    256 rows and 8 warps make the q tile 64 registers a thread at D = 64 and each key block's
-    product one warpgroup MMA per warpgroup; 64-key blocks, two stages. Modelled at DeiT-S (sm_90):
-    23.8-125.3 us, HBM-bound (Q and K read once); 128 rows 24.6-142.6, 128-key blocks 27.3-139.6
-    (issue-bound), 32-key 27.4-138.5. At head dims above 64 the q tile halves to 128 rows.
+    256 rows and 4 warps (one warpgroup: each key block's product is four 64-row warpgroup MMAs on
+    sm_90, and each thread holds its rows' statistics for all of them); 64-key blocks, two stages.
+    Modelled at DeiT-S (sm_90): 23.8-121.4 us, HBM-bound (Q and K read once); 8 warps 23.8-125.3 (the
+    row statistics' and addresses' work spread over twice the threads), 16 warps 27.5-134.7 (issue),
+    128 rows 24.6-142.6, 128-key blocks 27.3-139.6 (issue), 32-key 27.4-138.5. At head dims above 64
+    the q tile halves to 128 rows.
     """
     if interpret is None:
         interpret = interpreting()
@@ -317,7 +319,7 @@ def softmax_stats_config(d: int, *, interpret: Optional[bool] = None) -> TileCon
         return TileConfig(HP=1, G=1, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=4,
                           num_stages=1)
     return TileConfig(HP=1, G=1, BLOCK_M=256 if block_d <= 64 else 128, BLOCK_N=64, BLOCK_D=block_d,
-                      STATS_BLOCK_N=64, num_warps=8, num_stages=2)
+                      STATS_BLOCK_N=64, num_warps=4, num_stages=2)
 
 
 def run_on_device(kernel, grid, device, *args, **kwargs) -> None:

@@ -1,8 +1,10 @@
 """Triton backend: the kernels of ``reattn.kernels`` on the shared op ladder (``_ladder.OpLadder``).
 
-Its ops are ``reattn::triton_forward``, ``reattn::triton_backward``, ``reattn::triton_gram_sums`` and
-``reattn::triton_bn_grad_sums`` (see ``_ladder`` for what they return and save: never a
-[B, H, Nq, Nk] map). On CPU tensors they run in Triton's interpreter (``TRITON_INTERPRET=1``).
+Its ops are ``reattn::triton_forward``, ``reattn::triton_backward``, ``reattn::triton_gram_sums``,
+``reattn::triton_bn_grad_sums``, ``reattn::triton_update_running_stats`` and
+``reattn::triton_forward_eval_batchnorm`` (eval-mode BatchNorm without gradients: the programs fold the norm
+from the running statistics, where the ladder's fold takes six torch ops; see ``_ladder`` for what they return
+and save: never a [B, H, Nq, Nk] map). On CPU tensors they run in Triton's interpreter (``TRITON_INTERPRET=1``).
 Local training BatchNorm runs in one sweep over the keys (``_fused.one_sweep_batchnorm`` over the
 forward kernel's per-program moments) and, without a mask, keeps X V for the backward, whose BatchNorm
 sums are then one pass over dO and X V (``kernels.affine.head_dot_sums``); the synchronized path keeps the
@@ -30,6 +32,15 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
                                 norm_weight=norm_weight, norm_bias=norm_bias, eps=eps, batch_stats=batch_stats,
                                 attn_mask=attn_mask, dropout_p=dropout_p, seed=seed, softmax_stats=softmax_stats,
                                 stats_given=softmax_stats is not None)
+
+
+def _forward_eval_batchnorm(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, running_mean, running_var,
+                            attn_mask, *, scale, out_scale, eps):
+    # Eval-mode BatchNorm for inference: the programs fold the norm from the running statistics as given.
+    out, _ = re_attention_forward(q, k, v, mix_weight, mix_bias, scale=scale, out_scale=out_scale, norm="batch",
+                                  norm_weight=norm_weight, norm_bias=norm_bias, eps=eps, running_mean=running_mean,
+                                  running_var=running_var, attn_mask=attn_mask)
+    return out
 
 
 def _backward(grad_out, q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, bn_coefficients, attn_mask, seed,
@@ -72,10 +83,12 @@ def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, d
 TRITON_KERNELS = FusedKernels(forward=_forward, gram_sums=gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                               forward_moments=_forward_moments, softmax_stats_shape=softmax_stats_shape,
                               head_affine=head_affine, head_dot_sums=_head_dot_sums, bn_moments=bn_moments,
-                              bn_coefficients=bn_coefficients, update_running_stats=update_running_stats)
+                              bn_coefficients=bn_coefficients, update_running_stats=update_running_stats,
+                              forward_eval_batchnorm=_forward_eval_batchnorm)
 TRITON_OPS = OpLadder(FusedRawOps(TRITON_KERNELS), forward="reattn::triton_forward",
                       backward="reattn::triton_backward", gram_sums="reattn::triton_gram_sums",
                       bn_grad_sums="reattn::triton_bn_grad_sums", running_stats="reattn::triton_update_running_stats",
+                      eval_batchnorm="reattn::triton_forward_eval_batchnorm",
                       device_types=("cuda", "cpu"))
 triton_forward, triton_backward = TRITON_OPS.forward, TRITON_OPS.backward
 re_attention_triton = TRITON_OPS.run  # reattn.re_attention with backend="triton" (validated arguments)

@@ -312,48 +312,6 @@ def test_eval_batchnorm_forward_checks_its_running_statistics():
         _C.cuda_forward(*args, "batch", 1e-5, 0.0, running_mean=mean, running_var=torch.ones(4, device=DEVICE))
 
 
-def test_cuda_backend_runs_eval_batchnorm_inference_in_one_op():
-    # backend="cuda", eval-mode BatchNorm: without gradients the call is the one op
-    # reattn::cuda_forward_eval_batchnorm (the programs fold the norm); with them the ladder folds it in
-    # autograd and runs the norm-none forward op, whose gradients flow through the fold. Same output.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from reattn.backends.cuda import CUDA_OPS
-
-    assert CUDA_OPS.forward_eval_batchnorm is torch.ops.reattn.cuda_forward_eval_batchnorm.default
-    q, k, v, w, c, gamma, beta, _ = tensors(2, 6, 9, 9, 16, dtype=torch.float32)
-    stats = dict(running_mean=torch.linspace(-0.02, 0.03, 6, device=DEVICE),
-                 running_var=torch.linspace(0.5, 0.9, 6, device=DEVICE))
-    kw = dict(norm="batch", norm_weight=gamma, norm_bias=beta, training=False, out_scale=0.8, backend="cuda", **stats)
-    torch.library.opcheck(CUDA_OPS.forward_eval_batchnorm, (q, k, v, w, c, gamma, beta, stats["running_mean"],
-                                                            stats["running_var"], None, 0.25, 0.8, 1e-5))
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
-    with Ops() as inference:
-        out = reattn.re_attention(q, k, v, w, c, **kw)
-    assert inference.names[0] == "reattn.cuda_forward_eval_batchnorm"
-    assert "reattn.cuda_forward" not in inference.names
-    params = [t.clone().requires_grad_() for t in (q, k, v, w, c, gamma, beta)]
-    with Ops() as training:
-        graded = reattn.re_attention(*params[:5], **dict(kw, norm_weight=params[5], norm_bias=params[6]))
-    assert "reattn.cuda_forward" in training.names and "reattn.cuda_forward_eval_batchnorm" not in training.names
-    # two float32 computations of one O: each within the accumulation's rounding bound of the exact one
-    from tests._tolerance import reduction_length, rounding_bound
-
-    bound = 2 * rounding_bound(torch.float32, reduction_length(2, 6, 9, 9, 16), out.abs().max().item())
-    assert (graded.detach() - out).abs().max().item() <= bound
-    graded.sum().backward()
-    assert all(p.grad is not None and p.grad.isfinite().all() for p in params)
-
-
 @pytest.mark.parametrize("shape", [(2, 6, 33, 50, 64), (1, 12, 20, 260, 48), (2, 6, 9, 21, 35), (1, 12, 20, 260, 35),
                                    (1, 12, 20, 40, 32)],
                          ids=["one segment", "two sweeps", "D=35", "two sweeps D=35", "one segment 12 heads"])

@@ -2,9 +2,9 @@
 fused backend (tests/backends/test_conformance.py, with the CPU kernel): their ops' fake
 implementations, the synchronized BatchNorm steps (Gram sums -> statistics -> forward with given
 statistics, the backward with given sums) in one process and their opcheck, training BatchNorm's one
-sweep over the keys, head dims over 64, the 2x rule in bfloat16 and float16, refusals, and
-backend="auto". Without a GPU the Triton kernels run in Triton's interpreter and the CUDA programs in
-their host emulator (tests/conftest.py), so shapes are small; on a GPU the same tests run the compiled
+sweep over the keys, eval-mode BatchNorm's inference op, head dims over 64, the 2x rule in bfloat16 and
+float16, refusals, and backend="auto". Without a GPU the Triton kernels run in Triton's interpreter and
+the CUDA programs in their host emulator (tests/conftest.py), so shapes are small; on a GPU the same tests run the compiled
 kernels. Ahead-of-time GPU compiles of the Triton kernels are in tests/kernels/test_aot.py; what is
 specific to the CUDA programs (emulator races, plans, compiled resources) in test_cuda_backend.py.
 """
@@ -15,6 +15,7 @@ import torch
 # torch's CPU-only wheels do not bring (make install TORCH=cpu): then this module skips, saying so.
 pytest.importorskip("triton", reason="triton is not installed (a CPU-only torch)")
 
+import reattn
 from reattn.backends.cuda import CUDA_OPS, cuda_forward
 from reattn.backends.triton import TRITON_OPS, triton_forward
 from tests._tolerance import reduction_length, within_twice_eager
@@ -322,3 +323,46 @@ def test_triton_backend_updates_running_stats_with_its_op():
                          torch.full((3,), 50.0, dtype=torch.float64)]).to(DEVICE)
     args = (torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE), stats, 0.1)
     torch.library.opcheck(op, args)
+
+
+def test_eval_batchnorm_inference_is_one_op_that_folds_the_norm(backend):
+    # Eval-mode BatchNorm: without gradients the call is the backend's one op
+    # reattn::<backend>_forward_eval_batchnorm (its programs fold the norm from the running statistics); with them
+    # the ladder folds it in autograd (torch ops) and runs the norm-none forward op, whose gradients flow through
+    # the fold. Same output, within float32's rounding along the op's reduction chains.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tests._tolerance import rounding_bound
+
+    ops = OPS[backend]
+    op_name = f"reattn.{backend}_forward_eval_batchnorm"
+    assert ops.forward_eval_batchnorm is getattr(torch.ops.reattn, f"{backend}_forward_eval_batchnorm").default
+    tensors, _ = problem(2, 6, 9, 9, 16, dtype=torch.float32)
+    q, k, v, w, c, gamma, beta = (t.detach() for t in tensors.values())
+    stats = dict(running_mean=torch.linspace(-0.02, 0.03, 6, device=DEVICE),
+                 running_var=torch.linspace(0.5, 0.9, 6, device=DEVICE))
+    kw = dict(norm="batch", norm_weight=gamma, norm_bias=beta, training=False, out_scale=0.8, backend=backend, **stats)
+    torch.library.opcheck(ops.forward_eval_batchnorm, (q, k, v, w, c, gamma, beta, stats["running_mean"],
+                                                       stats["running_var"], None, 0.25, 0.8, 1e-5))
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as inference:
+        out = reattn.re_attention(q, k, v, w, c, **kw)
+    assert inference.names[0] == op_name and f"reattn.{backend}_forward" not in inference.names
+    params = [t.clone().requires_grad_() for t in (q, k, v, w, c, gamma, beta)]
+    with Ops() as training:
+        graded = reattn.re_attention(*params[:5], **dict(kw, norm_weight=params[5], norm_bias=params[6]))
+    assert f"reattn.{backend}_forward" in training.names and op_name not in training.names
+    # two float32 computations of one O: each within the accumulation's rounding bound of the exact one
+    bound = 2 * rounding_bound(torch.float32, reduction_length(2, 6, 9, 9, 16), out.abs().max().item())
+    assert (graded.detach() - out).abs().max().item() <= bound
+    graded.sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in params)

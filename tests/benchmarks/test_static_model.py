@@ -61,8 +61,13 @@ def test_capture_follows_each_norm_modes_sequence():
         names[norm] = {phase: [e.name for e in events if hasattr(e, "kernel")] for phase, events in steps.items()}
     fwd, dq, dkdv = "_re_attention_fwd_kernel", "_re_attention_bwd_dq_kernel", "_re_attention_bwd_dkdv_kernel"
     stats = "_softmax_stats_kernel"  # the forward's first sweep in a launch of its own (no mask, bf16)
-    for norm in ("none", "batch-eval", "layer"):
+    for norm in ("none", "layer"):
         assert names[norm] == {"fwd": [stats, fwd], "bwd": [dq, dkdv]}, (norm, names[norm])
+    # Eval-mode BatchNorm: the call without gradients (the model's fwd rows) is the inference op, whose forward
+    # folds the norm itself (no torch op); the call with gradients folds it in autograd.
+    assert names["batch-eval"] == {"infer": [stats, fwd], "fwd": [stats, fwd], "bwd": [dq, dkdv]}
+    steps = triton_side.fused_call(TRITON_OPS, 2, 3, 20, 16, "batch-eval", 90)
+    assert [e.name for e in steps["infer"]] == [stats, fwd] and steps["infer"][1].constexprs()["BN_EVAL"] is True
     # Training BatchNorm: the one-sweep forward (with moments), the statistics and coefficients in one launch
     # (FusedKernels.bn_moments), its per-head affine finish (FusedKernels.head_affine) and the running
     # statistics' update (FusedKernels.update_running_stats); the backward's BatchNorm sums from dO, the kept

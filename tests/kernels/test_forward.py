@@ -273,6 +273,59 @@ def test_batchnorm_eval_folded_into_mixing_is_norm_none():
     assert max_err(out, ref) <= tol * 10
 
 
+@pytest.mark.parametrize("H,mix_bias,affine", [(6, True, True), (3, False, True), (12, True, False), (1, True, True)],
+                         ids=["6 heads", "3 heads: the bias in a padding slot", "12 heads, no affine", "1 head"])
+def test_eval_batchnorm_folded_by_the_kernel_from_the_running_statistics(H, mix_bias, affine):
+    """running_mean, running_var (any float dtype and stride): the programs form 1/sqrt(var + eps) and fold
+    the norm themselves (the inference op, no torch op around the launch). Against float64 eval BatchNorm."""
+    B, Nq, Nk, D = 2, 17, 20, 35
+    inp = make_inputs(B, H, Nq, Nk, D, torch.float64, mix_bias=mix_bias, norm_weight=affine, norm_bias=affine)
+    g = torch.Generator().manual_seed(4)
+    mean = (torch.randn(H, generator=g, dtype=torch.float64) * 0.1).to(DEVICE)
+    var = (torch.rand(2 * H, generator=g, dtype=torch.float64) + 0.5).to(DEVICE)[::2]  # strided
+    tau, eps = 0.8, 1e-3
+    ref = re_attention_ref(*(inp[n].double() for n in ("q", "k", "v", "mix_weight")),
+                           None if inp["mix_bias"] is None else inp["mix_bias"].double(), scale=D ** -0.5,
+                           norm="batch", norm_weight=inp["norm_weight"], norm_bias=inp["norm_bias"],
+                           running_mean=mean.float().double(), running_var=var, training=False, eps=eps, out_scale=tau)
+    out, stats = run_kernel(inp, norm="batch", out_scale=tau, eps=eps, running_mean=mean.float(), running_var=var)
+    # float64 throughout in the interpreter; a GPU passes the scalars (eps, tau, the scale) as fp32
+    tol = 1e-11 if interpreting() else 1e-6
+    assert max_err(out, ref) <= tol * max(1.0, ref.abs().max().item())
+    assert max_err(stats_lse(stats), lse_truth(inp)) <= tol * 10
+    # bf16 inputs (the GPU path: the statistics' own launch first): within twice eager bf16's error
+    low = {n: (None if t is None else t.to(torch.bfloat16)) for n, t in inp.items()}
+    out16, _ = run_kernel(low, norm="batch", out_scale=tau, eps=eps, running_mean=mean.bfloat16(), running_var=var)
+    eager = re_attention_ref(*(low[n] for n in ("q", "k", "v", "mix_weight")), low["mix_bias"], scale=D ** -0.5,
+                             norm="batch", norm_weight=low["norm_weight"], norm_bias=low["norm_bias"],
+                             running_mean=mean.bfloat16(), running_var=var.bfloat16(), training=False, eps=eps,
+                             out_scale=tau)
+    truth = re_attention_ref(*(low[n].double() for n in ("q", "k", "v", "mix_weight")),
+                             None if low["mix_bias"] is None else low["mix_bias"].double(), scale=D ** -0.5,
+                             norm="batch", norm_weight=None if not affine else low["norm_weight"].double(),
+                             norm_bias=None if not affine else low["norm_bias"].double(),
+                             running_mean=mean.bfloat16().double(), running_var=var, training=False, eps=eps,
+                             out_scale=tau)
+    assert max_err(out16, truth) <= 2 * max_err(eager, truth) + 1e-6
+
+
+def test_eval_batchnorm_statistics_are_checked():
+    inp = make_inputs(1, 6, 5, 5, 32, torch.float32)
+    args = (inp["q"], inp["k"], inp["v"], inp["mix_weight"])
+    mean, var = torch.zeros(6, device=DEVICE), torch.ones(6, device=DEVICE)
+    with pytest.raises(ValueError, match="running_mean and running_var go together"):
+        re_attention_forward(*args, scale=0.2, norm="batch", running_mean=mean)
+    with pytest.raises(ValueError, match="running_mean and running_var go together, with norm='batch'"):
+        re_attention_forward(*args, scale=0.2, norm="none", running_mean=mean, running_var=var)
+    with pytest.raises(ValueError, match="without batch_stats"):
+        re_attention_forward(*args, scale=0.2, norm="batch", running_mean=mean, running_var=var,
+                             batch_stats=torch.zeros(2, 6, device=DEVICE))
+    with pytest.raises(ValueError, match=r"running_var must have shape \(6,\), got \(4,\)"):
+        re_attention_forward(*args, scale=0.2, norm="batch", running_mean=mean, running_var=var[:4])
+    with pytest.raises(ValueError, match="running_mean must be floating point"):
+        re_attention_forward(*args, scale=0.2, norm="batch", running_mean=mean.long(), running_var=var)
+
+
 def test_empty_batch_or_queries_launch_nothing():
     for B, Nq in ((0, 5), (2, 0)):
         inp = make_inputs(B, 6, Nq, 5, 32, torch.float32)

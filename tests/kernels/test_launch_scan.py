@@ -25,7 +25,7 @@ def _recorded(row) -> launch.TileConfig:
 def _rule(row) -> launch.TileConfig:
     """What today's rules pick for the recorded call (head dims in the scan are multiples of 16)."""
     h, d, variant = int(row["h"]), int(row["d"]), row["variant"]
-    variant = "plain" if variant == "batch" else variant
+    variant = "plain" if variant in ("batch", "eval") else variant
     args = dict(interpret=False, shared_limit=int(row["shared_limit"]), variant=variant)
     if row["kernel"] == "softmax_stats":
         return launch.softmax_stats_config(d, interpret=False)
