@@ -50,10 +50,11 @@ def capture_call(call: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16
     q = torch.empty(b, h, n, d, dtype=dt, **meta)
     k, v = torch.empty_like(q), torch.empty_like(q)
     w, c = torch.empty(h, h, **meta), torch.empty(h, **meta)
-    eval_stats = dict(running_mean=torch.empty(h, **meta), running_var=torch.empty(h, **meta))
-    if norm == "batch-eval" and call != "forward":
-        raise ValueError(f"norm 'batch-eval' is the forward's alone, got call {call!r}")
-    eval_stats, norm = (eval_stats, "batch") if norm == "batch-eval" else ({}, norm)
+    eval_stats = {}
+    if norm == "batch-eval":  # BatchNorm's per-head map from the running statistics, folded by the forward
+        if call != "forward":
+            raise ValueError(f"norm 'batch-eval' is the forward's alone, got call {call!r}")
+        eval_stats, norm = dict(running_mean=torch.empty(h, **meta), running_var=torch.empty(h, **meta)), "batch"
     nw = torch.empty(h, **meta) if norm != "none" else None
     attn_mask = torch.empty(b, 1, n, n, dtype=torch.bool, **meta) if mask else None
     seed = torch.empty(1, dtype=torch.int64, **meta)
