@@ -10,7 +10,10 @@ import types
 import pytest
 import torch
 
-from reattn.kernels.forward import aligned_operands, mask_arguments, re_attention_forward, vector_aligned
+import triton
+import triton.language as tl
+
+from reattn.kernels.forward import _rescale_factor, aligned_operands, mask_arguments, re_attention_forward, vector_aligned
 from reattn.kernels.launch import (VARIANTS, TileConfig, backward_config, forward_config, interpreting, shared_bytes,
                                   variant_of)
 from reattn.reference import re_attention_ref
@@ -601,3 +604,31 @@ def test_the_launch_rule_separates_the_statistics_of_unmasked_16_bit_calls():
             assert forward_config(197, 197, d, h, **one, **kw).num_stages == forward_config(
                 197, 197, d, h, interpret=False, variant=kw["variant"]).num_stages == 2
     assert forward_config(197, 197, 32, 12, variant="plain", interpret=False).num_stages == 2
+
+
+@triton.jit
+def _factor_kernel(X, Y, N: tl.constexpr, CDT: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Y + offs, _rescale_factor(tl.load(X + offs), CDT))
+
+
+def test_the_statistics_rescale_factor_on_the_fma_pipe():
+    """``_rescale_factor``: 2^x for x <= 0 from a degree-5 polynomial and the exponent bits (fp32), within
+    the fit's 1.83e-7 relative error plus the final product's rounding (2^-24); exactly 1 at x = 0 (the row
+    max unchanged); 2^-126 below -126 (-inf included: the first block's factor, multiplying a zero sum).
+    In fp64 the library's exp2."""
+    g = torch.Generator().manual_seed(0)
+    special = torch.tensor([0.0, -0.5, 0.5 - 1.0, -1e-8, -1.0, -2.0, -125.9, -126.0, -126.5, -1000.0, float("-inf")])
+    x = torch.cat([-torch.rand(4096 - special.numel(), generator=g) * 126, special]).float().to(DEVICE)
+    y = torch.empty_like(x)
+    _factor_kernel[(1,)](x, y, N=4096, CDT=tl.float32)
+    truth = torch.exp2(x.double())
+    normal = x >= -126
+    rel = (y.double()[normal] - truth[normal]).abs() / truth[normal]
+    assert rel.max().item() <= 1.83e-7 + 2.0 ** -24
+    assert y[x == 0].item() == 1.0
+    assert (y[~normal] == 2.0 ** -126).all()
+    y64 = torch.empty_like(x, dtype=torch.float64)
+    _factor_kernel[(1,)](x.double(), y64, N=4096, CDT=tl.float64)
+    # fp64 (fp64 inputs): the library's exp2, within 2 ulp
+    assert ((y64 - truth).abs() / truth.clamp_min(2.0 ** -1022)).max().item() <= 2 * 2.0 ** -52
