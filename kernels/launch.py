@@ -280,8 +280,8 @@ def splits_softmax_stats(variant: str, element_size: int, scale: float, h: int, 
     The forward's first sweep needs no head mixing, so it can run per head as FlashAttention's forward
     does: 2-D products over 256 query rows (on sm_90, warpgroup MMAs), each program reading its head's
     keys once, where the fused forward re-reads every key block for all its slots in both sweeps.
-    The static model (H100, bf16) puts the two launches at 111.6-601.4 us against the one launch's
-    113.2-665.5 at DeiT-S with norm none (mostly fewer L2 requests) and 178.9-920.5 against
+    The static model (H100, bf16) puts the two launches at 111.6-602.1 us against the one launch's
+    113.2-665.5 at DeiT-S with norm none (mostly fewer L2 requests) and 178.9-921.3 against
     220.5-1131.9 at ViT-B with LayerNorm. For "plain" and "layer" calls (no mask: the statistics
     kernel takes none; no dropout: its launches keep their own tiles) with 16-bit inputs (the
     fp32/fp64 launches run CUDA-core products on narrow tiles, unmodelled) and scale > 0 (the max
