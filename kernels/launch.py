@@ -307,10 +307,11 @@ def softmax_stats_config(d: int, *, interpret: Optional[bool] = None) -> TileCon
 
     256 rows and 4 warps (one warpgroup: each key block's product is four 64-row warpgroup MMAs on
     sm_90, and each thread holds its rows' statistics for all of them); 64-key blocks, two stages.
-    Modelled at DeiT-S (sm_90): 23.8-121.4 us, HBM-bound (Q and K read once); 8 warps 23.8-125.3 (the
-    row statistics' and addresses' work spread over twice the threads), 16 warps 27.5-134.7 (issue),
-    128 rows 24.6-142.6, 128-key blocks 27.3-139.6 (issue), 32-key 27.4-138.5. At head dims above 64
-    the q tile halves to 128 rows.
+    Modelled at DeiT-S (sm_90, before the rescale factor moved to the FMA pipe: 121.9 after it):
+    23.8-121.4 us, HBM-bound (Q and K read once); 8 warps 23.8-125.3 (the row statistics' and
+    addresses' work spread over twice the threads), 16 warps 27.5-134.7 (issue), 128 rows 24.6-142.6,
+    128-key blocks 27.3-139.6 (issue), 32-key 27.4-138.5. At head dims above 64 the q tile halves to
+    128 rows.
     """
     if interpret is None:
         interpret = interpreting()
