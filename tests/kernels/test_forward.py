@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from reattn.kernels.forward import _rescale_factor, aligned_operands, mask_arguments, re_attention_forward, vector_aligned
+from reattn.kernels.forward import (_rescale_factor, aligned_operands, mask_arguments, re_attention_forward,
+                                   vector_aligned)
 from reattn.kernels.launch import (VARIANTS, TileConfig, backward_config, forward_config, interpreting, shared_bytes,
                                   variant_of)
 from reattn.reference import re_attention_ref
@@ -54,13 +55,15 @@ def run_kernel(inp, *, norm, out_scale=1.0, scale=None, eps=1e-5, **extra):
     return o, st
 
 
-def run_ref(inp, *, norm, out_scale=1.0, scale=None, eps=1e-5, dtype=torch.float64):
+def run_ref(inp, *, norm, out_scale=1.0, scale=None, eps=1e-5, dtype=torch.float64, **extra):
+    """The eager reference in ``dtype``; extra: re_attention_ref's other arguments (eval BatchNorm's running
+    statistics, as given)."""
     D = inp["q"].shape[-1]
     scale = D ** -0.5 if scale is None else scale
     cast = {k: (None if t is None else t.to(dtype)) for k, t in inp.items()}
     return re_attention_ref(cast["q"], cast["k"], cast["v"], cast["mix_weight"], cast["mix_bias"], scale=scale,
                             norm=norm, norm_weight=cast["norm_weight"], norm_bias=cast["norm_bias"], eps=eps,
-                            out_scale=out_scale)
+                            out_scale=out_scale, **extra)
 
 
 def lse_truth(inp, scale=None):
@@ -287,10 +290,8 @@ def test_eval_batchnorm_folded_by_the_kernel_from_the_running_statistics(H, mix_
     mean = (torch.randn(H, generator=g, dtype=torch.float64) * 0.1).to(DEVICE)
     var = (torch.rand(2 * H, generator=g, dtype=torch.float64) + 0.5).to(DEVICE)[::2]  # strided
     tau, eps = 0.8, 1e-3
-    ref = re_attention_ref(*(inp[n].double() for n in ("q", "k", "v", "mix_weight")),
-                           None if inp["mix_bias"] is None else inp["mix_bias"].double(), scale=D ** -0.5,
-                           norm="batch", norm_weight=inp["norm_weight"], norm_bias=inp["norm_bias"],
-                           running_mean=mean.float().double(), running_var=var, training=False, eps=eps, out_scale=tau)
+    bn = dict(norm="batch", out_scale=tau, eps=eps, training=False)
+    ref = run_ref(inp, running_mean=mean.float().double(), running_var=var, **bn)
     out, stats = run_kernel(inp, norm="batch", out_scale=tau, eps=eps, running_mean=mean.float(), running_var=var)
     # float64 throughout in the interpreter; a GPU passes the scalars (eps, tau, the scale) as fp32
     tol = 1e-11 if interpreting() else 1e-6
@@ -299,16 +300,8 @@ def test_eval_batchnorm_folded_by_the_kernel_from_the_running_statistics(H, mix_
     # bf16 inputs (the GPU path: the statistics' own launch first): within twice eager bf16's error
     low = {n: (None if t is None else t.to(torch.bfloat16)) for n, t in inp.items()}
     out16, _ = run_kernel(low, norm="batch", out_scale=tau, eps=eps, running_mean=mean.bfloat16(), running_var=var)
-    eager = re_attention_ref(*(low[n] for n in ("q", "k", "v", "mix_weight")), low["mix_bias"], scale=D ** -0.5,
-                             norm="batch", norm_weight=low["norm_weight"], norm_bias=low["norm_bias"],
-                             running_mean=mean.bfloat16(), running_var=var.bfloat16(), training=False, eps=eps,
-                             out_scale=tau)
-    truth = re_attention_ref(*(low[n].double() for n in ("q", "k", "v", "mix_weight")),
-                             None if low["mix_bias"] is None else low["mix_bias"].double(), scale=D ** -0.5,
-                             norm="batch", norm_weight=None if not affine else low["norm_weight"].double(),
-                             norm_bias=None if not affine else low["norm_bias"].double(),
-                             running_mean=mean.bfloat16().double(), running_var=var, training=False, eps=eps,
-                             out_scale=tau)
+    eager = run_ref(low, running_mean=mean.bfloat16(), running_var=var.bfloat16(), dtype=torch.bfloat16, **bn)
+    truth = run_ref(low, running_mean=mean.bfloat16().double(), running_var=var, **bn)
     assert max_err(out16, truth) <= 2 * max_err(eager, truth) + 1e-6
 
 
