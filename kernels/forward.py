@@ -101,8 +101,18 @@ def _forward_block(acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_
             x = tl.where(kept, x, 0.0)
         s1 += _moment_sums(x, HP, BLOCK_M, BLOCK_N, MOMENT_PAIRS)
         s2 += _moment_sums(x * x, HP, BLOCK_M, BLOCK_N, MOMENT_PAIRS)
-    vt = _load_keys(Vb, head, offs_n, N_K, offs_d, D, stride_vh, stride_vn, stride_vd, CDT, DOT_LOWP, False,
-                    KEYS_PADDED, EVEN_D)
+    # V loaded as its transpose [HP, BLOCK_D, BLOCK_N] and permuted back: sm_90's SASS then feeds the
+    # product's B operand straight from transposed shared-memory reads, where the [HP, BLOCK_N, BLOCK_D]
+    # load took two byte permutes (PRMT) per MMA (ViT-B: 3,072 of ~36,000 instructions per program;
+    # static model 647.7 -> 639.0 us t_high). Not with LayerNorm (DeiT-S 105.8 -> 113.3 us t_low), the
+    # moments at 16 slots (ViT-B spilled 80 B), 32 slots (sm_90, D = 32 and 64: 0 -> 40 B) or the head
+    # dim in chunks (16 slots, D = 128: 48 -> 56 B).
+    if NORM == 1 or HP > 16 or D_CHUNKS > 1 or (MOMENTS and HP == 16):
+        vt = _load_keys(Vb, head, offs_n, N_K, offs_d, D, stride_vh, stride_vn, stride_vd, CDT, DOT_LOWP, False,
+                        KEYS_PADDED, EVEN_D)
+    else:
+        vt = tl.permute(_load_keys(Vb, head, offs_n, N_K, offs_d, D, stride_vh, stride_vn, stride_vd, CDT, DOT_LOWP,
+                                   True, KEYS_PADDED, EVEN_D), (0, 2, 1))
     acc = _mm(a, vt, acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     return acc, s1, s2
 
@@ -263,10 +273,13 @@ def _re_attention_fwd_kernel(
     # dim to fit the GPU: every chunk recomputes the scores over the whole head dim).
     pid_d = tl.program_id(1)
     LOWP_DTYPE: tl.constexpr = Q.dtype.element_ty
-    # q held in registers (``_product_result``) where its tile is at most 8 x 32 x 64 (32 registers
-    # a thread at 8 warps) and the head-dim tile at least 32: at 16 the saved reads are few and
-    # sm_86's LayerNorm launch spilled; at 16 or 32 slots the score tiles need the registers.
-    Q_IN_REGISTERS: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and HP == 8 and BLOCK_D >= 32 and BLOCK_D <= 64
+    # q held in registers (``_product_result``) at 8 and 16 slots where the head-dim tile is 32 to 64
+    # wide and whole (8 x 32 x 64, 16 x 16 x 64 or 16 x 32 x 32: 32 registers a thread at 8 warps),
+    # else re-read from shared memory for every key block: at ViT-B (16 slots, 16 rows) those reads
+    # were 448 of 2,718 KB of a program's shared-memory traffic (static model, forward 150.9 ->
+    # 129.9 us t_low). A 16-wide head-dim tile saves few reads (sm_86's LayerNorm launch spilled);
+    # at 32 slots the launch spilled (sm_90, D = 32: 0 -> 16 B).
+    Q_IN_REGISTERS: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and HP <= 16 and BLOCK_D >= 32 and BLOCK_D <= 64
     # At 8 slots both sweeps take the keys past their last full block in 16-key blocks (the
     # smallest a product takes): only those pay for the key-padding select, and N = 197 computes
     # 11 padded keys, not 27. Unpipelined (a pipelined loop of one or two trips costs more than it
