@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from benchmarks.eager_model import OpCounter
 from reattn.kernels.forward import (_rescale_factor, aligned_operands, mask_arguments, re_attention_forward,
                                    vector_aligned)
 from reattn.kernels.launch import (VARIANTS, TileConfig, backward_config, forward_config, interpreting, shared_bytes,
@@ -238,9 +239,14 @@ def test_operands_that_would_not_vectorize_are_padded_copies():
     (copy, kept), dp = aligned_operands(odd, sliced)
     assert dp == 64 and copy.is_contiguous() and torch.equal(copy, odd) and kept is sliced
     narrow = base[..., :33]
-    (a, b), dp = aligned_operands(narrow, sliced[..., :33])
+    with OpCounter() as counted:
+        (a, b), dp = aligned_operands(narrow, sliced[..., :33])
     assert dp == 48 and a.shape == (2, 3, 5, 48) and torch.equal(a[..., :33], narrow)
     assert (a[..., 33:] == 0).all() and (b[..., 33:] == 0).all() and vector_aligned(a)
+    # Each padded buffer is written once (a concatenation with one broadcast zero element), not
+    # zero-filled and then copied into.
+    assert [op.name for op in counted.ops] == ["new_zeros", "cat", "cat"]
+    assert counted.ops[0].bytes_written == base.element_size()
 
 
 def test_operands_beyond_32_bit_offsets_are_copied_or_refused():
