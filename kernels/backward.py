@@ -534,11 +534,6 @@ def _keeps_delta_3d(config: TileConfig, norm: str, d: int) -> bool:
     return config.HP == 8 and not (norm == "batch" and d > 64)
 
 
-def _bias_slot(config: TileConfig, heads: int, has_dropout: bool, has_bias: bool) -> bool:
-    """Whether the mixing bias rides in a padding slot (``common._slot_params``): one exists, no dropout."""
-    return config.G * heads < config.HP and not has_dropout and has_bias
-
-
 def _launch_args(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mask, dropout_p, seed, norm):
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -579,7 +574,7 @@ def _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, d
         *mask_strides, mix_weight.stride(0), mix_weight.stride(1), c.stride(0), nw.stride(0), nb.stride(0),
         H, Nq, Nk, D, num_m, float(scale) * 1.4426950408889634, float(out_scale), float(eps), float(dropout_p),
         D_CHUNKS=triton.cdiv(D, config.BLOCK_D), EVEN_D=D % config.BLOCK_D == 0,
-        BIAS_SLOT=_bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None), SUMS_ONLY=sums_only,
+        BIAS_SLOT=config.bias_slot(H, flags["HAS_DROPOUT"], mix_bias is not None), SUMS_ONLY=sums_only,
         RELOAD_Q=variant == "heavy", TIE_CHUNKS=variant == "heavy" or config.HP >= 32,
         ROUND_DP=_rounds_dp(config, variant, D), DELTA_3D=_keeps_delta_3d(config, norm, D),
         **flags, **options, **config.meta(stats_sweep=False),
@@ -676,12 +671,12 @@ def re_attention_backward(
         nw.stride(0), nb.stride(0),
         H, Nq, Nk, Dp, num_n, float(scale) * 1.4426950408889634, float(out_scale), float(eps), float(dropout_p),
         D_CHUNKS=triton.cdiv(Dp, config.BLOCK_D), EVEN_D=Dp % config.BLOCK_D == 0,
-        BIAS_SLOT=_bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None),
+        BIAS_SLOT=config.bias_slot(H, flags["HAS_DROPOUT"], mix_bias is not None),
         RELOAD_KV=variant != "plain", TIE_CHUNKS=variant != "plain" or config.HP >= 32,
         ROUND_DP=_rounds_dp(config, variant, Dp),
         **flags, **options, **config.meta(stats_sweep=False),
     )
-    bias_slot = _bias_slot(config, H, flags["HAS_DROPOUT"], mix_bias is not None)
+    bias_slot = config.bias_slot(H, flags["HAS_DROPOUT"], mix_bias is not None)
     dw, dc, dnw, dnb = _reduce_parts(parts, H, config, bias_slot)
     if Dp != D:
         dq, dk, dv = dq[..., :D].contiguous(), dk[..., :D].contiguous(), dv[..., :D].contiguous()

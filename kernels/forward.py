@@ -676,8 +676,7 @@ def re_attention_forward(
         MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, STATS_GIVEN=stats_given, MOMENTS=moments is not None,
         D_CHUNKS=d_chunks, EVEN_D=Dp == d_chunks * config.BLOCK_D,
         RAW_MAX=mask_kind != MASK_ADDITIVE and scale > 0,
-        BIAS_SLOT=config.G * H < config.HP and not has_dropout and mix_bias is not None or (
-            config.G * H < config.HP and norm == "batch" and not has_dropout),
+        BIAS_SLOT=config.bias_slot(H, has_dropout, mix_bias is not None or norm == "batch"),
         **options, **config.meta(),
     )
     if result is not out:

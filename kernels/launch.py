@@ -104,6 +104,12 @@ class TileConfig:
         ``BLOCK_N`` keys (its query blocks are ``BLOCK_M`` rows)."""
         return -(-n_k // (self.G * self.BLOCK_N))
 
+    def bias_slot(self, h: int, has_dropout: bool, has_bias: bool) -> bool:
+        """Whether a per-slot bias rides in a padding slot (``common._slot_params``' BIAS_SLOT): one
+        exists (G * h < HP), there is a bias to carry (the mixing bias, or BatchNorm's shift) and no
+        dropout (the slot's P is 1 wherever kept only without it), so the tensor cores add it."""
+        return self.G * h < self.HP and not has_dropout and has_bias
+
     def check_heads(self, h: int, where: str) -> None:
         if self.G * h > self.HP or self.G < 1:
             raise ValueError(f"{where}: config {self} cannot hold {h} heads (G * H must be <= HP)")

@@ -157,6 +157,18 @@ def test_fp16_tensor_core_operands(norm):
     assert max_err(out, truth) <= 2 * max_err(eager, truth) + 1e-6
 
 
+def test_bias_slot_needs_a_padding_slot_a_bias_and_no_dropout():
+    """The one rule the forward and the backward share for carrying a per-slot bias in a padding slot."""
+    cfg = TileConfig(HP=8, G=1, BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, STATS_BLOCK_N=16, num_warps=4, num_stages=1)
+    assert cfg.bias_slot(6, False, True)
+    assert not cfg.bias_slot(8, False, True)       # every slot holds a head
+    assert not cfg.bias_slot(6, True, True)        # dropout: the slot's P is not 1 where kept
+    assert not cfg.bias_slot(6, False, False)      # nothing to carry
+    two_groups = TileConfig(HP=8, G=2, BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, STATS_BLOCK_N=16, num_warps=4,
+                            num_stages=1)
+    assert two_groups.bias_slot(3, False, True) and not two_groups.bias_slot(4, False, True)
+
+
 @pytest.mark.parametrize("cfg", [
     TileConfig(HP=16, G=1, BLOCK_M=32, BLOCK_N=16, BLOCK_D=64, STATS_BLOCK_N=32, num_warps=8, num_stages=2),
     TileConfig(HP=32, G=2, BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, STATS_BLOCK_N=16, num_warps=4, num_stages=1),
