@@ -31,6 +31,7 @@ Nothing here imports ``reattn``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -632,8 +633,8 @@ def re_attention_backward(
         bn = bn_coefficients.to(acc).contiguous()
     else:
         bn = mix_weight  # unread placeholder
-    zeros_h = torch.zeros((H,), dtype=acc, device=device)
     if B == 0 or Nq == 0 or Nk == 0 or D == 0:
+        zeros_h = torch.zeros((H,), dtype=acc, device=device)
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
                 torch.zeros((H, H), dtype=acc, device=device),
                 zeros_h if mix_bias is not None else None,
@@ -685,25 +686,41 @@ def re_attention_backward(
             dnb if norm == "layer" and norm_bias is not None else None)
 
 
+@functools.lru_cache(maxsize=None)
+def _parts_index(hp: int, g: int, h: int, bias_slot: bool, device: torch.device) -> torch.Tensor:
+    """[G, H * H + 3 H] positions in the summed parts [HP * HP + 3 HP] of (dW, dc, dgamma, dbeta) per row group.
+
+    The parts hold dW_slots [HP, HP] (block diagonal over the G row groups: group r's block is its sum of
+    dM P~^T in head coordinates), then per-slot dgamma, dbeta and dc. With the mixing bias in a padding slot
+    (slot G H, whose P~ is 1 wherever kept) dc is that slot's column of each block instead.
+    """
+    rows = []
+    for r in range(g):
+        heads = [r * h + i for i in range(h)]
+        dw = [a * hp + b for a in heads for b in heads]
+        dc = [a * hp + g * h for a in heads] if bias_slot else [hp * hp + 2 * hp + a for a in heads]
+        rows.append(dw + dc + [hp * hp + a for a in heads] + [hp * hp + hp + a for a in heads])
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
 def _reduce_parts(parts: torch.Tensor, heads: int, config: TileConfig, bias_slot: bool):
     """The dK/dV programs' partial sums [programs, HP * HP + 3 HP] -> (dW [H, H], dc, dgamma, dbeta [H]).
 
-    Added up in float64. dW_slots is block diagonal over the G key groups of a program: each block
-    is one group's sum of dM P~^T in head coordinates, and the blocks add up. With the mixing bias
-    in a padding slot (whose P~ is 1 wherever kept), that slot's column of each block is dc.
+    Added up in float64 over the programs, then over the G row groups (``_parts_index``), rounded to the
+    accumulation dtype once and copied into four tensors by one multi-tensor copy (an op's outputs may not
+    alias one another): four small launches, where slicing each gradient out and converting it one by one
+    took nine.
     """
-    hp, g, h = config.HP, config.G, heads
+    h = heads
     total = parts.sum(dim=0, dtype=torch.float64)
-    dw_slots = total[:hp * hp].reshape(hp, hp)
-    dw = sum(dw_slots[r * h:(r + 1) * h, r * h:(r + 1) * h] for r in range(g))
-    if bias_slot:
-        dc = sum(dw_slots[r * h:(r + 1) * h, g * h] for r in range(g))
-    else:
-        dc = slot_sums_to_heads(total[None, None, hp * hp + 2 * hp:], h, config)[0, 0]
-    dnw = slot_sums_to_heads(total[None, None, hp * hp:hp * hp + hp], h, config)[0, 0]
-    dnb = slot_sums_to_heads(total[None, None, hp * hp + hp:hp * hp + 2 * hp], h, config)[0, 0]
-    acc = parts.dtype
-    return dw.to(acc), dc.to(acc), dnw.to(acc), dnb.to(acc)
+    picked = total[_parts_index(config.HP, config.G, h, bias_slot, parts.device)]
+    if config.G > 1:
+        picked = picked.sum(dim=0, keepdim=True)
+    flat = picked[0].to(parts.dtype)
+    grads = (parts.new_empty((h, h)), parts.new_empty((h,)), parts.new_empty((h,)), parts.new_empty((h,)))
+    torch._foreach_copy_(grads, [flat[:h * h].view(h, h), flat[h * h:h * h + h], flat[h * h + h:h * h + 2 * h],
+                                 flat[h * h + 2 * h:]])
+    return grads
 
 
 def re_attention_bn_grad_sums(
