@@ -31,7 +31,6 @@ Nothing here imports ``reattn``.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -686,41 +685,30 @@ def re_attention_backward(
             dnb if norm == "layer" and norm_bias is not None else None)
 
 
-@functools.lru_cache(maxsize=None)
-def _parts_index(hp: int, g: int, h: int, bias_slot: bool, device: torch.device) -> torch.Tensor:
-    """[G, H * H + 3 H] positions in the summed parts [HP * HP + 3 HP] of (dW, dc, dgamma, dbeta) per row group.
-
-    The parts hold dW_slots [HP, HP] (block diagonal over the G row groups: group r's block is its sum of
-    dM P~^T in head coordinates), then per-slot dgamma, dbeta and dc. With the mixing bias in a padding slot
-    (slot G H, whose P~ is 1 wherever kept) dc is that slot's column of each block instead.
-    """
-    rows = []
-    for r in range(g):
-        heads = [r * h + i for i in range(h)]
-        dw = [a * hp + b for a in heads for b in heads]
-        dc = [a * hp + g * h for a in heads] if bias_slot else [hp * hp + 2 * hp + a for a in heads]
-        rows.append(dw + dc + [hp * hp + a for a in heads] + [hp * hp + hp + a for a in heads])
-    return torch.tensor(rows, dtype=torch.long, device=device)
-
-
 def _reduce_parts(parts: torch.Tensor, heads: int, config: TileConfig, bias_slot: bool):
     """The dK/dV programs' partial sums [programs, HP * HP + 3 HP] -> (dW [H, H], dc, dgamma, dbeta [H]).
 
-    Added up in float64 over the programs, then over the G row groups (``_parts_index``), rounded to the
-    accumulation dtype once and copied into four tensors by one multi-tensor copy (an op's outputs may not
-    alias one another): four small launches, where slicing each gradient out and converting it one by one
-    took nine.
+    Added up in float64. dW_slots is block diagonal over the G key groups of a program: each block
+    is one group's sum of dM P~^T in head coordinates, and the blocks add up. With the mixing bias
+    in a padding slot (whose P~ is 1 wherever kept), that slot's column of each block is dc.
+    Each gradient is a strided view of the sum, rounded to the accumulation dtype by one copy (its
+    G groups added first where G > 1): five small launches with one group, where slicing, adding and
+    converting them one by one took nine.
     """
-    h = heads
+    hp, g, h = config.HP, config.G, heads
     total = parts.sum(dim=0, dtype=torch.float64)
-    picked = total[_parts_index(config.HP, config.G, h, bias_slot, parts.device)]
-    if config.G > 1:
-        picked = picked.sum(dim=0, keepdim=True)
-    flat = picked[0].to(parts.dtype)
-    grads = (parts.new_empty((h, h)), parts.new_empty((h,)), parts.new_empty((h,)), parts.new_empty((h,)))
-    torch._foreach_copy_(grads, [flat[:h * h].view(h, h), flat[h * h:h * h + h], flat[h * h + h:h * h + 2 * h],
-                                 flat[h * h + 2 * h:]])
-    return grads
+    # Group r's block of dW_slots starts at element r * h * (hp + 1), its entry in the bias slot's
+    # column at r * h * hp + g * h, and its per-slot sums r * h into each [HP] section after dW_slots.
+    dw = total.as_strided((g, h, h), (h * (hp + 1), hp, 1))
+    if bias_slot:
+        dc = total.as_strided((g, h), (h * hp, hp), g * h)
+    else:
+        dc = total.as_strided((g, h), (h, 1), hp * hp + 2 * hp)
+    dnw = total.as_strided((g, h), (h, 1), hp * hp)
+    dnb = total.as_strided((g, h), (h, 1), hp * hp + hp)
+    acc = parts.dtype
+    # copy=True: fresh tensors also in float64 (an op's outputs may not alias one another).
+    return tuple((x[0] if g == 1 else x.sum(dim=0)).to(acc, copy=True) for x in (dw, dc, dnw, dnb))
 
 
 def re_attention_bn_grad_sums(
