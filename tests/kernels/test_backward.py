@@ -8,7 +8,7 @@ kernels directly, their tiles (head-dim chunks, row groups per program) and the 
 import pytest
 import torch
 
-from reattn.kernels.backward import re_attention_backward, re_attention_bn_grad_sums
+from reattn.kernels.backward import _reduce_parts, re_attention_backward, re_attention_bn_grad_sums
 from reattn.kernels.dropout import dropout_keep_mask
 from reattn.kernels.forward import re_attention_forward
 from reattn.kernels.launch import TileConfig, backward_config
@@ -166,3 +166,29 @@ def test_launch_rule_keeps_the_accumulators_in_registers():
             dkdv = backward_config(197, 197, d, h, interpret=False, kernel="dkdv")
             assert 2 * dq.HP * dq.BLOCK_M * dq.BLOCK_D <= 64 * 32 * dq.num_warps
             assert 2 * dkdv.HP * dkdv.BLOCK_N * dkdv.BLOCK_D <= 64 * 32 * dkdv.num_warps
+
+
+@pytest.mark.parametrize("hp,g,h,bias_slot", [(8, 1, 6, True), (8, 1, 8, False), (8, 2, 3, True), (8, 2, 4, False),
+                                              (8, 8, 1, False), (8, 4, 1, True), (16, 1, 12, True), (32, 1, 17, False)])
+def test_parameter_gradients_from_the_programs_parts(hp, g, h, bias_slot):
+    """_reduce_parts against slicing the float64 sum block by block: dW sums the G diagonal blocks of
+    dW_slots, dc is the bias slot's column (or its own per-slot sums), dgamma and dbeta the per-slot
+    sums, each added over the G row groups; four separate tensors in the parts' dtype."""
+    parts = torch.randn(5, hp * hp + 3 * hp, dtype=torch.float32, generator=torch.Generator().manual_seed(hp + g + h))
+    cfg = TileConfig(HP=hp, G=g, BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, STATS_BLOCK_N=16, num_warps=4, num_stages=1)
+    got = _reduce_parts(parts, h, cfg, bias_slot)
+    total = parts.double().sum(dim=0)
+    slots = total[:hp * hp].reshape(hp, hp)
+    blocks = range(g)
+    dw = sum(slots[r * h:(r + 1) * h, r * h:(r + 1) * h] for r in blocks)
+    if bias_slot:
+        dc = sum(slots[r * h:(r + 1) * h, g * h] for r in blocks)
+    else:
+        dc = sum(total[hp * hp + 2 * hp + r * h:hp * hp + 2 * hp + (r + 1) * h] for r in blocks)
+    dnw = sum(total[hp * hp + r * h:hp * hp + (r + 1) * h] for r in blocks)
+    dnb = sum(total[hp * hp + hp + r * h:hp * hp + hp + (r + 1) * h] for r in blocks)
+    for x, ref in zip(got, (dw, dc, dnw, dnb)):
+        assert x.dtype == torch.float32 and x.shape == ref.shape
+        # float64 sums of 5 fp32 values in another order, then one rounding to fp32: within one fp32 ulp
+        torch.testing.assert_close(x, ref.float(), rtol=2 ** -23, atol=1e-12)
+    assert len({x.data_ptr() for x in got}) == 4
