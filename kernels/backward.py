@@ -692,8 +692,8 @@ def _reduce_parts(parts: torch.Tensor, heads: int, config: TileConfig, bias_slot
     is one group's sum of dM P~^T in head coordinates, and the blocks add up. With the mixing bias
     in a padding slot (whose P~ is 1 wherever kept), that slot's column of each block is dc.
     Each gradient is a strided view of the sum, rounded to the accumulation dtype by one copy (its
-    G groups added first where G > 1): five small launches with one group, where slicing, adding and
-    converting them one by one took nine.
+    G groups added first where G > 1): with one group, the sum and four conversions are all the
+    launches (each a launch gap on a GPU, at [H, H] and [H] sizes).
     """
     hp, g, h = config.HP, config.G, heads
     total = parts.sum(dim=0, dtype=torch.float64)
