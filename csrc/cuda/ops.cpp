@@ -573,16 +573,22 @@ bool use_aligned_inputs(Arguments& a, const at::Tensor& q, const at::Tensor& k, 
   return chunks[0] && chunks[1] && chunks[2] && chunks[3];
 }
 
+// The shared memory a tensor-core program of `kind` (kForward, kBackward) may take: shared_limit if given,
+// else what `like`'s GPU allows (device_shared_limit), else (the emulator) an H100's.
+size_t tensor_core_shared_limit(const at::Tensor& like, int64_t shared_limit, int kind) {
+  if (shared_limit > 0) return static_cast<size_t>(shared_limit);
+#ifdef REATTN_WITH_CUDA
+  if (like.is_cuda()) return device_shared_limit(like, kind);
+#endif
+  return kEmulatedTensorCoreSharedLimit;
+}
+
 // The tensor-core shape for this forward on q's device (or the emulator), or -1.
 int forward_shape_for(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const ReAttnParams& p,
                       int64_t shared_limit) {
   if (!tensor_cores(q.scalar_type())) return -1;
   if (!batch_offsets_fit_int32(q) || !batch_offsets_fit_int32(k) || !batch_offsets_fit_int32(v)) return -1;
-  size_t limit = shared_limit > 0 ? static_cast<size_t>(shared_limit) : kEmulatedTensorCoreSharedLimit;
-#ifdef REATTN_WITH_CUDA
-  if (q.is_cuda() && shared_limit <= 0) limit = device_shared_limit(q, kForward);
-#endif
-  return pick_forward_shape(p.H, p.D, p.Nk, limit);
+  return pick_forward_shape(p.H, p.D, p.Nk, tensor_core_shared_limit(q, shared_limit, kForward));
 }
 
 // reattn::cuda_forward_stages_queries: whether cuda_forward's tensor-core program for H heads of head dim D, Nk
@@ -592,15 +598,11 @@ int forward_shape_for(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 bool forward_stages_queries(int64_t H, int64_t D, int64_t Nk, const std::string& dtype, int64_t device) {
   if (dtype != "float16" && dtype != "bfloat16") return false;
   if (H < 1 || H > kMaxHeads || D < 1 || D > kMaxHeadDim || Nk < 1) return false;
-  size_t limit = kEmulatedTensorCoreSharedLimit;
+  at::TensorOptions on = at::TensorOptions().dtype(dtype == "float16" ? at::kHalf : at::kBFloat16);
 #ifdef REATTN_WITH_CUDA
-  if (device >= 0) {
-    const at::Tensor on = at::empty({0}, at::TensorOptions()
-                                             .dtype(dtype == "float16" ? at::kHalf : at::kBFloat16)
-                                             .device(at::kCUDA, static_cast<c10::DeviceIndex>(device)));
-    limit = device_shared_limit(on, kForward);
-  }
+  if (device >= 0) on = on.device(at::kCUDA, static_cast<c10::DeviceIndex>(device));
 #endif
+  const size_t limit = tensor_core_shared_limit(at::empty({0}, on), 0, kForward);
   const int shape = pick_forward_shape(static_cast<int>(H), static_cast<int>(D), static_cast<int>(Nk), limit);
   return shape >= 0 && stages_queries(false, forward_shape(shape).keys);
 }
@@ -744,16 +746,6 @@ std::vector<at::Tensor> gram_sums(const at::Tensor& q, const at::Tensor& k,
   return {stats, s1, gram};
 }
 
-// The shared memory a tensor-core backward program may take: shared_limit if given, else the
-// device's (the emulator: an H100's).
-size_t backward_shared_limit(const at::Tensor& q, int64_t shared_limit) {
-  size_t limit = shared_limit > 0 ? static_cast<size_t>(shared_limit) : kEmulatedTensorCoreSharedLimit;
-#ifdef REATTN_WITH_CUDA
-  if (q.is_cuda() && shared_limit <= 0) limit = device_shared_limit(q, kBackward);
-#endif
-  return limit;
-}
-
 // Whether a backward call returns the norm's own gradients (dgamma, dbeta): not training BatchNorm's full
 // backward, whose norm gradients are the sums of its stats_only call (or of head_dot_sums), which the
 // caller has (reattn/backends/_fused.py); the row pass then skips those sums (rows.cuh grad_mixed).
@@ -766,7 +758,7 @@ bool backward_shapes_for(const at::Tensor& q, const at::Tensor& k, const at::Ten
   for (const at::Tensor* t : {&q, &k, &v, &grad_out}) {
     if (!batch_offsets_fit_int32(*t)) return false;
   }
-  return pick_backward_shapes(p.H, p.D, p.Nk, backward_shared_limit(q, shared_limit), rows, keys, kKeysPlain,
+  return pick_backward_shapes(p.H, p.D, p.Nk, tensor_core_shared_limit(q, shared_limit, kBackward), rows, keys, kKeysPlain,
                               q.scalar_type() == at::kBFloat16);
 }
 
@@ -812,7 +804,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     const bool bf16 = q.scalar_type() == at::kBFloat16;
     const int key_variant = backward_keys_variant(plain, p.norm == kNormLayer, bf16);
     if (!key_shape_compiled(key_variant, keys, bf16)) {  // a shape of the plain variants only: pick again
-      keys = pick_key_shape(static_cast<int>(p.H), static_cast<int>(p.D), backward_shared_limit(q, shared_limit),
+      keys = pick_key_shape(static_cast<int>(p.H), static_cast<int>(p.D), tensor_core_shared_limit(q, shared_limit, kBackward),
                             key_variant, bf16);
       TORCH_CHECK(keys >= 0, op, ": no key-pass shape for the variant (backward_configs.h)");
     }
