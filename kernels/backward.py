@@ -40,7 +40,7 @@ import triton.language as tl
 from .common import (_group_mean, _layer_norm, _live_zero, _load_keys, _load_row_stats, _load_rows, _mix, _mm,
                      _probs, _product_result, _scores, _scores_product, _slot_params, _slot_rows)
 from .forward import (_NORMS, accumulator_dtype, aligned_operands, dropout_arguments, launch_options, mask_arguments,
-                      slot_sums_to_heads)
+                      slot_groups, slot_sums_to_heads)
 from .launch import TileConfig, backward_config, device_shared_limit, interpreting, run_on_device, variant_of
 
 
@@ -698,14 +698,11 @@ def _reduce_parts(parts: torch.Tensor, heads: int, config: TileConfig, bias_slot
     hp, g, h = config.HP, config.G, heads
     total = parts.sum(dim=0, dtype=torch.float64)
     # Group r's block of dW_slots starts at element r * h * (hp + 1), its entry in the bias slot's
-    # column at r * h * hp + g * h, and its per-slot sums r * h into each [HP] section after dW_slots.
+    # column at r * h * hp + g * h; after dW_slots, the per-slot sums of dgamma, dbeta and dc.
     dw = total.as_strided((g, h, h), (h * (hp + 1), hp, 1))
+    dnw, dnb, dc = slot_groups(total[hp * hp:].view(3, hp), h, config)
     if bias_slot:
         dc = total.as_strided((g, h), (h * hp, hp), g * h)
-    else:
-        dc = total.as_strided((g, h), (h, 1), hp * hp + 2 * hp)
-    dnw = total.as_strided((g, h), (h, 1), hp * hp)
-    dnb = total.as_strided((g, h), (h, 1), hp * hp + hp)
     acc = parts.dtype
     # copy=True: fresh tensors also in float64 (an op's outputs may not alias one another).
     return tuple((x[0] if g == 1 else x.sum(dim=0)).to(acc, copy=True) for x in (dw, dc, dnw, dnb))

@@ -702,10 +702,12 @@ def softmax_stats_launch(q: torch.Tensor, k: torch.Tensor, softmax_stats: torch.
     )
 
 
-def slot_sums_to_heads(sums: torch.Tensor, heads: int, config: TileConfig) -> torch.Tensor:
-    """Per-program per-slot sums [programs, k, HP] -> per-program per-head sums [programs, k, H].
+def slot_groups(sums: torch.Tensor, heads: int, config: TileConfig) -> torch.Tensor:
+    """Per-slot sums [..., HP] as [..., G, H] (a view): slot s is head s % H of row group s // H."""
+    return sums[..., :config.G * heads].unflatten(-1, (config.G, heads))
 
-    Slot s is head s % H of row group s // H: the G row groups of a program add up per head.
-    """
-    used = sums[..., :config.G * heads]
-    return used.reshape(*sums.shape[:-1], config.G, heads).sum(dim=-2)
+
+def slot_sums_to_heads(sums: torch.Tensor, heads: int, config: TileConfig) -> torch.Tensor:
+    """Per-program per-slot sums [programs, k, HP] -> per-program per-head sums [programs, k, H]:
+    the G row groups of a program add up per head (``slot_groups``)."""
+    return slot_groups(sums, heads, config).sum(dim=-2)
