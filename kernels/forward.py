@@ -248,6 +248,196 @@ def _eval_batchnorm_fold(w_slots, c, gamma, beta, RM, RV, head, slot_ok, H, stri
 
 
 @triton.jit
+def _halves(x, R: tl.constexpr, K: tl.constexpr, AXIS: tl.constexpr):
+    """x [R, K] cut in two along AXIS (0: rows, 1: columns): (first half, second half)."""
+    if AXIS == 0:
+        return tl.split(tl.permute(tl.reshape(x, (2, R // 2, K)), (1, 2, 0)))
+    else:
+        return tl.split(tl.permute(tl.reshape(x, (R, 2, K // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _block_diag(w, R: tl.constexpr, K: tl.constexpr, Q: tl.constexpr):
+    """[Q R, Q K]: Q copies of w [R, K] on the diagonal, 0 elsewhere."""
+    eye = tl.arange(0, Q)[:, None] == tl.arange(0, Q)[None, :]
+    return tl.reshape(tl.where(eye[:, None, :, None], w[None, :, None, :], 0.0), (Q * R, Q * K))
+
+
+@triton.jit
+def _register_operand(x, R: tl.constexpr, K: tl.constexpr, DOT_LOWP: tl.constexpr, CDT: tl.constexpr):
+    """The mixing weights x [R, K] (R = 16 or 32) as a product's left operand held in registers.
+
+    With DOT_LOWP: fp16, each 16-row half as the result of I @ half (exact). A product's left operand
+    reaches it in registers where every warp holds all of its rows: a [16, K] product result does (its
+    8 warps repeat the one 16-row tile), a [32, K] one does not (two warps split the rows), and that
+    conversion went through shared memory at every key block (ViT-B: 365 KB a program). Joined from
+    two such halves, the [32, K] tile is converted once, before the loop. Otherwise x in CDT.
+    """
+    eye = (tl.arange(0, 16)[:, None] == tl.arange(0, 16)[None, :]).to(tl.float16)
+    if not DOT_LOWP:
+        y = x.to(CDT)
+    elif R == 16:
+        y = tl.dot(eye, x.to(tl.float16), tl.zeros([16, K], tl.float32)).to(tl.float16)
+    else:
+        top, bottom = _halves(x, R, K, 0)
+        top = tl.dot(eye, top.to(tl.float16), tl.zeros([16, K], tl.float32)).to(tl.float16)
+        bottom = tl.dot(eye, bottom.to(tl.float16), tl.zeros([16, K], tl.float32)).to(tl.float16)
+        y = tl.reshape(tl.permute(tl.join(top, bottom), (2, 0, 1)), (R, K))
+    return y
+
+
+@triton.jit
+def _stack(x, S: tl.constexpr, E: tl.constexpr, Q: tl.constexpr):
+    """x [S, E] -> [Q S, E / Q]: row (q, s) holds the q-th of Q runs of E / Q entries of slot s."""
+    return tl.reshape(tl.permute(tl.reshape(x, (S, Q, E // Q)), (1, 0, 2)), (Q * S, E // Q))
+
+
+@triton.jit
+def _unstack(y, S: tl.constexpr, E: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The inverse of ``_stack`` as [S, BLOCK_M, BLOCK_N] (E = BLOCK_M BLOCK_N)."""
+    return tl.reshape(tl.permute(tl.reshape(y, (Q, S, E // Q)), (1, 0, 2)), (S, BLOCK_M, BLOCK_N))
+
+
+@triton.jit
+def _split_weights(w_slots, c, HP: tl.constexpr, Q: tl.constexpr, DOT_LOWP: tl.constexpr, CDT: tl.constexpr):
+    """The mixing of ``_split_sweep``'s products from w_slots [HP, HP] and c [HP] (``_slot_params``).
+
+    With HA = HP / 2 and HB = HP / 4 heads in the two products, row (q, g) of the stacked map mixes
+    row (q, h) of the stacked probabilities: block-diagonal weights, Q blocks of
+    W[g, h] for (g, h) in (A, A) [Q HA, Q HA], (A, B) [Q HA, Q HB], (B, A) and (B, B), and the
+    biases c repeated Q times ([Q HA], [Q HB]) that start each product's accumulator.
+    """
+    HA: tl.constexpr = HP // 2
+    HB: tl.constexpr = HP // 4
+    top, bottom = _halves(w_slots, HP, HP, 0)
+    w_aa, w_ab = _halves(top, HA, HP, 1)
+    w_ba, w_bb = _halves(bottom, HA, HP, 1)
+    w_ab, _ = _halves(w_ab, HA, HA, 1)
+    w_ba, _ = _halves(w_ba, HA, HA, 0)
+    w_bb, _ = _halves(w_bb, HA, HA, 0)
+    w_bb, _ = _halves(w_bb, HB, HA, 1)
+    w_aa = _register_operand(_block_diag(w_aa, HA, HA, Q), Q * HA, Q * HA, DOT_LOWP, CDT)
+    w_ab = _register_operand(_block_diag(w_ab, HA, HB, Q), Q * HA, Q * HB, DOT_LOWP, CDT)
+    w_ba = _register_operand(_block_diag(w_ba, HB, HA, Q), Q * HB, Q * HA, DOT_LOWP, CDT)
+    w_bb = _register_operand(_block_diag(w_bb, HB, HB, Q), Q * HB, Q * HB, DOT_LOWP, CDT)
+    c_a, c_b = _halves(tl.reshape(c, (1, HP)), 1, HP, 1)
+    c_b, _ = _halves(c_b, 1, HA, 1)
+    c_a = tl.reshape(tl.broadcast_to(c_a, (Q, HA)), (Q * HA,))
+    c_b = tl.reshape(tl.broadcast_to(c_b, (Q, HB)), (Q * HB,))
+    return w_aa, w_ab, w_ba, w_bb, c_a, c_b
+
+
+@triton.jit
+def _split_probs(qk, b, heads, rows, rows_ok, offs_n, N_K, m2, l2, scale2, CDT: tl.constexpr,
+                 KEYS_PADDED: tl.constexpr):
+    """P [S, BLOCK_M, BLOCK_N] of the S heads ``heads`` from their q.k and the given statistics (m2, l2
+    [S, BLOCK_M]); 0 at keys past N_K."""
+    heads3 = heads[:, None, None]
+    rows3 = rows[:, :, None]
+    t2, _ = _scores(qk, m2[:, :, None], b, heads3, rows3, rows_ok[:, :, None], offs_n[None, None, :], N_K, scale2,
+                    qk, 0, 0, 0, 0, CDT, 0, KEYS_PADDED)  # MASK_KIND 0: no mask (the mask pointer is unread)
+    p, _, _ = _probs(t2, l2[:, :, None], b, 0, heads3, rows3, 0, 0, 0.0, CDT, False, False)
+    return p
+
+
+@triton.jit
+def _split_block(acc_a, acc_b, qa, qb, Kb, Vb, b, ha, hb, rows_a, rows_b, ok_a, ok_b, start_n, N_K, D, offs_d,
+                 m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2, stride_kh, stride_kn, stride_kd,
+                 stride_vh, stride_vn, stride_vd, HP: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, KEYS_PADDED: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr,
+                 DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block of ``_split_sweep``: P of both head groups, the mixing, O += A V per group."""
+    HA: tl.constexpr = HP // 2
+    HB: tl.constexpr = HP // 4
+    E: tl.constexpr = BLOCK_M * BLOCK_N
+    MIX_DTYPE: tl.constexpr = tl.float16 if DOT_LOWP else CDT
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    ka = _load_keys(Kb, ha, offs_n, N_K, offs_d, D, stride_kh, stride_kn, stride_kd, CDT, DOT_LOWP, True, KEYS_PADDED,
+                    EVEN_D)
+    kb = _load_keys(Kb, hb, offs_n, N_K, offs_d, D, stride_kh, stride_kn, stride_kd, CDT, DOT_LOWP, True, KEYS_PADDED,
+                    EVEN_D)
+    pa = _split_probs(_mm(qa, ka, tl.zeros([HA, BLOCK_M, BLOCK_N], CDT), DOT_LOWP, LOWP_DTYPE, DOT_PRECISION), b, ha,
+                      rows_a, ok_a, offs_n, N_K, m2a, l2a, scale2, CDT, KEYS_PADDED)
+    pb = _split_probs(_mm(qb, kb, tl.zeros([HB, BLOCK_M, BLOCK_N], CDT), DOT_LOWP, LOWP_DTYPE, DOT_PRECISION), b, hb,
+                      rows_b, ok_b, offs_n, N_K, m2b, l2b, scale2, CDT, KEYS_PADDED)
+    xa = _stack(tl.reshape(pa.to(MIX_DTYPE), (HA, E)), HA, E, Q)
+    xb = _stack(tl.reshape(pb.to(MIX_DTYPE), (HB, E)), HB, E, Q)
+    ya = tl.broadcast_to(c_a[:, None], (Q * HA, E // Q))
+    ya = _mm(w_ab, xb, _mm(w_aa, xa, ya, DOT_LOWP, MIX_DTYPE, DOT_PRECISION), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
+    yb = tl.broadcast_to(c_b[:, None], (Q * HB, E // Q))
+    yb = _mm(w_bb, xb, _mm(w_ba, xa, yb, DOT_LOWP, MIX_DTYPE, DOT_PRECISION), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
+    # Keys past N_K: the map is c there, and V is 0 (``_load_keys``), so A V gets nothing from them.
+    va = tl.permute(_load_keys(Vb, ha, offs_n, N_K, offs_d, D, stride_vh, stride_vn, stride_vd, CDT, DOT_LOWP, True,
+                               KEYS_PADDED, EVEN_D), (0, 2, 1))
+    vb = tl.permute(_load_keys(Vb, hb, offs_n, N_K, offs_d, D, stride_vh, stride_vn, stride_vd, CDT, DOT_LOWP, True,
+                               KEYS_PADDED, EVEN_D), (0, 2, 1))
+    acc_a = _mm(_unstack(ya, HA, E, Q, BLOCK_M, BLOCK_N), va, acc_a, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    acc_b = _mm(_unstack(yb, HB, E, Q, BLOCK_M, BLOCK_N), vb, acc_b, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _split_sweep(Qb, Kb, Vb, Ob, STATSb, w_slots, c, b, row0, N_Q, N_K, D, offs_d, scale2,
+                 stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+                 stride_oh, stride_om, stride_od, stride_sp, stride_sh, stride_sm,
+                 HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """The second sweep (statistics given) for H = 3 HP / 4 heads without padding slots.
+
+    At H = 12 (HP = 16) the usual sweep computes four padding slots' q.k, exponentials and A V and stages
+    their keys and values: a quarter of its shared-memory traffic. Here heads 0..HA-1 (HA = HP / 2) and
+    HA..HA+HB-1 (HB = HP / 4) are two batched products each. The mixing still needs every head of an
+    entry in one product's K: each group's P [S, E] (E = BLOCK_M BLOCK_N entries) is stacked to
+    [Q S, E / Q] (Q = 16 / HB, so Q HB = 16 is a product's least K) and mixed by block-diagonal weights,
+    Y_A = W_AA X_A + W_AB X_B + c_A and Y_B = W_BA X_A + W_BB X_B + c_B ([Q HA] and [Q HB] rows), whose
+    unstacked rows are the groups' maps. Only norms that are an affine map per head (none, BatchNorm)
+    and no mask, dropout or moments (the launch rule, ``launch.splits_heads``).
+    """
+    HA: tl.constexpr = HP // 2
+    HB: tl.constexpr = HP // 4
+    Q: tl.constexpr = 16 // HB
+    ha = tl.arange(0, HA)
+    hb = HA + tl.arange(0, HB)
+    rows_a = row0 + tl.zeros([HA, 1], tl.int32) + tl.arange(0, BLOCK_M)[None, :]
+    rows_b = row0 + tl.zeros([HB, 1], tl.int32) + tl.arange(0, BLOCK_M)[None, :]
+    ok_a = rows_a < N_Q
+    ok_b = rows_b < N_Q
+    qa = _load_rows(Qb, ha, rows_a, ok_a, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP)
+    qb = _load_rows(Qb, hb, rows_b, ok_b, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP)
+    if DOT_LOWP:  # qa in registers (one head a warp); qb's product splits the keys over warp pairs: re-read
+        qa = _product_result(qa, HA, BLOCK_M, BLOCK_D)
+    m2a, l2a = _load_row_stats(STATSb, ha >= 0, rows_a, ok_a, ha, stride_sp, stride_sh, stride_sm, CDT)
+    m2b, l2b = _load_row_stats(STATSb, hb >= 0, rows_b, ok_b, hb, stride_sp, stride_sh, stride_sm, CDT)
+    if DOT_LOWP:
+        # P = 2^(S2 - (m2 + l2)) in one fused multiply-add: (m2 + l2) rounds at |m2| 2^-24, far below P's
+        # fp16 rounding for the mixing (2^-11); the split costs registers (40 B of spills at ViT-B).
+        m2a = m2a + l2a
+        m2b = m2b + l2b
+        l2a = tl.zeros_like(l2a)
+        l2b = tl.zeros_like(l2b)
+    w_aa, w_ab, w_ba, w_bb, c_a, c_b = _split_weights(w_slots, c, HP, Q, DOT_LOWP, CDT)
+    acc_a = tl.zeros([HA, BLOCK_M, BLOCK_D], CDT)
+    acc_b = tl.zeros([HB, BLOCK_M, BLOCK_D], CDT)
+    n_full = (N_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc_a, acc_b = _split_block(acc_a, acc_b, qa, qb, Kb, Vb, b, ha, hb, rows_a, rows_b, ok_a, ok_b, start_n, N_K,
+                                    D, offs_d, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2, stride_kh,
+                                    stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M, BLOCK_N,
+                                    False, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    if n_full < N_K:
+        acc_a, acc_b = _split_block(acc_a, acc_b, qa, qb, Kb, Vb, b, ha, hb, rows_a, rows_b, ok_a, ok_b, n_full, N_K,
+                                    D, offs_d, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2, stride_kh,
+                                    stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M, BLOCK_N,
+                                    True, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    d_ok = (offs_d < D)[None, None, :]
+    tl.store(Ob + (ha[:, None, None] * stride_oh + rows_a[:, :, None] * stride_om + offs_d[None, None, :] * stride_od),
+             acc_a.to(Ob.dtype.element_ty), mask=ok_a[:, :, None] & d_ok)
+    tl.store(Ob + (hb[:, None, None] * stride_oh + rows_b[:, :, None] * stride_om + offs_d[None, None, :] * stride_od),
+             acc_b.to(Ob.dtype.element_ty), mask=ok_b[:, :, None] & d_ok)
+
+
+@triton.jit
 def _re_attention_fwd_kernel(
     Q, K, V, W, C, NW, NB, BN, RV, MASK, SEED, O, STATS, MOM,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -264,7 +454,7 @@ def _re_attention_fwd_kernel(
     HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, BN_EVAL: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, STATS_GIVEN: tl.constexpr,
     MOMENTS: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr, SPLIT_HEADS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // NUM_PROGRAMS_M).to(tl.int64)
@@ -315,69 +505,75 @@ def _re_attention_fwd_kernel(
     if BN_EVAL:
         w_slots, c = _eval_batchnorm_fold(w_slots, c, gamma, beta, BN, RV, head, slot_ok, H, stride_bn, stride_rv,
                                           out_scale, eps, HP, G, CDT, BIAS_SLOT)
-    group_mean = _group_mean(H, slot_ok, HP, CDT)
-
-    # ---- sweep 2: exact P tile by tile, dropout, mix, normalize, multiply by V ----
-    acc = tl.zeros([HP, BLOCK_M, BLOCK_D], CDT)
-    MOMENT_PAIRS: tl.constexpr = MOMENTS and HP == 8 and BLOCK_D <= 64 and D_CHUNKS == 1
-    if MOMENT_PAIRS:
-        s1 = tl.zeros([HP, 2, BLOCK_N], CDT)
-        s2 = tl.zeros([HP, 2, BLOCK_N], CDT)
+    if SPLIT_HEADS:  # statistics given, an affine norm per head, no mask, dropout or moments (splits_heads)
+        _split_sweep(Qb, Kb, Vb, O + b * stride_ob, STATSb, w_slots, c, b, (pid % NUM_PROGRAMS_M) * BLOCK_M, N_Q,
+                     N_K, D, offs_d, scale2, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
+                     stride_vh, stride_vn, stride_vd, stride_oh, stride_om, stride_od, stride_sp, stride_sh,
+                     stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     else:
-        s1 = tl.zeros([HP, BLOCK_M], CDT)
-        s2 = tl.zeros([HP, BLOCK_M], CDT)
-    n_full = (N_K // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        acc, s1, s2 = _forward_block(
-            acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
-            c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
-            stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
-            HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, MOMENTS,
-            MOMENT_PAIRS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
-    if TAIL_N == 0:
-        if n_full < N_K:
+        group_mean = _group_mean(H, slot_ok, HP, CDT)
+
+        # ---- sweep 2: exact P tile by tile, dropout, mix, normalize, multiply by V ----
+        acc = tl.zeros([HP, BLOCK_M, BLOCK_D], CDT)
+        MOMENT_PAIRS: tl.constexpr = MOMENTS and HP == 8 and BLOCK_D <= 64 and D_CHUNKS == 1
+        if MOMENT_PAIRS:
+            s1 = tl.zeros([HP, 2, BLOCK_N], CDT)
+            s2 = tl.zeros([HP, 2, BLOCK_N], CDT)
+        else:
+            s1 = tl.zeros([HP, BLOCK_M], CDT)
+            s2 = tl.zeros([HP, BLOCK_M], CDT)
+        n_full = (N_K // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
             acc, s1, s2 = _forward_block(
-                acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, n_full, N_K, D, offs_d, m2, l2, w_slots,
-                c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm,
-                stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
-                stride_vd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
-                BIAS_SLOT, MOMENTS, MOMENT_PAIRS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
-    else:
-        # With MOMENT_PAIRS the 16-key tail blocks sum the moments into partials of their own width.
-        if MOMENT_PAIRS:
-            t1 = tl.zeros([HP, 2, TAIL_N], CDT)
-            t2 = tl.zeros([HP, 2, TAIL_N], CDT)
+                acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
+                c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
+                stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+                HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, MOMENTS,
+                MOMENT_PAIRS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+        if TAIL_N == 0:
+            if n_full < N_K:
+                acc, s1, s2 = _forward_block(
+                    acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, n_full, N_K, D, offs_d, m2, l2, w_slots,
+                    c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm,
+                    stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
+                    stride_vd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
+                    BIAS_SLOT, MOMENTS, MOMENT_PAIRS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
         else:
-            t1 = s1
-            t2 = s2
-        for start_n in tl.range(n_full, N_K, TAIL_N, num_stages=None if Q_IN_REGISTERS else 1):
-            acc, t1, t2 = _forward_block(
-                acc, t1, t2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
-                c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm,
-                stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
-                stride_vd, HP, BLOCK_M, TAIL_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
-                BIAS_SLOT, MOMENTS, MOMENT_PAIRS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+            # With MOMENT_PAIRS the 16-key tail blocks sum the moments into partials of their own width.
+            if MOMENT_PAIRS:
+                t1 = tl.zeros([HP, 2, TAIL_N], CDT)
+                t2 = tl.zeros([HP, 2, TAIL_N], CDT)
+            else:
+                t1 = s1
+                t2 = s2
+            for start_n in tl.range(n_full, N_K, TAIL_N, num_stages=None if Q_IN_REGISTERS else 1):
+                acc, t1, t2 = _forward_block(
+                    acc, t1, t2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
+                    c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm,
+                    stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
+                    stride_vd, HP, BLOCK_M, TAIL_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
+                    BIAS_SLOT, MOMENTS, MOMENT_PAIRS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
 
-    o_ptrs = (O + b * stride_ob) + (head[:, None, None] * stride_oh + rows[:, :, None] * stride_om
-                                    + offs_d[None, None, :] * stride_od)
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=rows_ok[:, :, None] & (offs_d < D)[None, None, :])
-    if MOMENTS:  # every head-dim chunk summed the same map: the first one stores the sums
-        if MOMENT_PAIRS:
-            mom1 = tl.sum(tl.sum(s1, axis=2), axis=1)
-            mom2 = tl.sum(tl.sum(s2, axis=2), axis=1)
-            if TAIL_N != 0:
-                mom1 += tl.sum(tl.sum(t1, axis=2), axis=1)
-                mom2 += tl.sum(tl.sum(t2, axis=2), axis=1)
-        else:
-            if TAIL_N != 0:
-                s1 = t1
-                s2 = t2
-            mom1 = tl.sum(tl.where(rows_ok, s1, 0.0), axis=1)
-            mom2 = tl.sum(tl.where(rows_ok, s2, 0.0), axis=1)
-        mom_ptrs = MOM + (pid.to(tl.int64) * 2) * HP + tl.arange(0, HP)
-        store_here = slot_ok & ((head * 0 + pid_d) == 0)
-        tl.store(mom_ptrs, mom1.to(MOM.dtype.element_ty), mask=store_here)
-        tl.store(mom_ptrs + HP, mom2.to(MOM.dtype.element_ty), mask=store_here)
+        o_ptrs = (O + b * stride_ob) + (head[:, None, None] * stride_oh + rows[:, :, None] * stride_om
+                                        + offs_d[None, None, :] * stride_od)
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=rows_ok[:, :, None] & (offs_d < D)[None, None, :])
+        if MOMENTS:  # every head-dim chunk summed the same map: the first one stores the sums
+            if MOMENT_PAIRS:
+                mom1 = tl.sum(tl.sum(s1, axis=2), axis=1)
+                mom2 = tl.sum(tl.sum(s2, axis=2), axis=1)
+                if TAIL_N != 0:
+                    mom1 += tl.sum(tl.sum(t1, axis=2), axis=1)
+                    mom2 += tl.sum(tl.sum(t2, axis=2), axis=1)
+            else:
+                if TAIL_N != 0:
+                    s1 = t1
+                    s2 = t2
+                mom1 = tl.sum(tl.where(rows_ok, s1, 0.0), axis=1)
+                mom2 = tl.sum(tl.where(rows_ok, s2, 0.0), axis=1)
+            mom_ptrs = MOM + (pid.to(tl.int64) * 2) * HP + tl.arange(0, HP)
+            store_here = slot_ok & ((head * 0 + pid_d) == 0)
+            tl.store(mom_ptrs, mom1.to(MOM.dtype.element_ty), mask=store_here)
+            tl.store(mom_ptrs + HP, mom2.to(MOM.dtype.element_ty), mask=store_here)
 
 
 def _check_vector(name: str, t: Optional[torch.Tensor], h: int, device: torch.device) -> None:
@@ -656,6 +852,8 @@ def re_attention_forward(
     d_chunks = triton.cdiv(Dp, config.BLOCK_D)
     moments = torch.empty((num_m * B, 2, config.HP), dtype=acc_dtype, device=device) if with_moments else None
 
+    split_heads = config.splits_heads(H, stats_given=stats_given, norm=norm, masked=mask_kind != MASK_NONE,
+                                      has_dropout=has_dropout, moments=with_moments, d_chunks=d_chunks)
     dummy = mix_weight
     c = mix_bias if mix_bias is not None else dummy
     nw = norm_weight if norm_weight is not None else dummy
@@ -676,7 +874,8 @@ def re_attention_forward(
         MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, STATS_GIVEN=stats_given, MOMENTS=moments is not None,
         D_CHUNKS=d_chunks, EVEN_D=Dp == d_chunks * config.BLOCK_D,
         RAW_MAX=mask_kind != MASK_ADDITIVE and scale > 0,
-        BIAS_SLOT=config.bias_slot(H, has_dropout, mix_bias is not None or norm == "batch"),
+        BIAS_SLOT=config.bias_slot(H, has_dropout, mix_bias is not None or norm == "batch") and not split_heads,
+        SPLIT_HEADS=split_heads,
         **options, **config.meta(),
     )
     if result is not out:

@@ -110,6 +110,16 @@ class TileConfig:
         dropout (the slot's P is 1 wherever kept only without it), so the tensor cores add it."""
         return self.G * h < self.HP and not has_dropout and has_bias
 
+    def splits_heads(self, h: int, *, stats_given: bool, norm: str, masked: bool, has_dropout: bool, moments: bool,
+                     d_chunks: int) -> bool:
+        """Whether the forward runs ``forward._split_sweep``: h = 3 HP / 4 heads (12 in 16 slots, 24 in 32) in
+        two products of HP / 2 and HP / 4 heads, without the HP / 4 padding slots. Only reading given
+        statistics, with an affine norm per head (none, BatchNorm: folded into the mixing), no mask, no
+        dropout, no moments, and the head dim in one tile; at 16 slots and more (at 8 slots, 6 heads, the
+        two- and four-head products would split their keys over warp pairs and re-read q at every block)."""
+        return (4 * h == 3 * self.HP and self.G == 1 and self.HP >= 16 and stats_given and norm != "layer"
+                and not masked and not has_dropout and not moments and d_chunks == 1)
+
     def check_heads(self, h: int, where: str) -> None:
         if self.G * h > self.HP or self.G < 1:
             raise ValueError(f"{where}: config {self} cannot hold {h} heads (G * H must be <= HP)")

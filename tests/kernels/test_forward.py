@@ -643,3 +643,83 @@ def test_the_statistics_rescale_factor_on_the_fma_pipe():
     _factor_kernel[(1,)](x.double(), y64, N=4096, CDT=tl.float64)
     # fp64 (fp64 inputs): the library's exp2, within 2 ulp
     assert ((y64 - truth).abs() / truth.clamp_min(2.0 ** -1022)).max().item() <= 2 * 2.0 ** -52
+
+
+# ---- 12 and 24 heads without padding slots (forward._split_sweep) ----
+
+def _split_spy(monkeypatch):
+    """Record SPLIT_HEADS of every forward launch (the launches still run)."""
+    from reattn.kernels import forward as fwd_module
+    seen = []
+    real = fwd_module.run_on_device
+
+    def spy(kernel, grid, device, *args, **kwargs):
+        if "SPLIT_HEADS" in kwargs:
+            seen.append(kwargs["SPLIT_HEADS"])
+        return real(kernel, grid, device, *args, **kwargs)
+
+    monkeypatch.setattr(fwd_module, "run_on_device", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B,H,Nq,Nk,D,mix_bias", [
+    (2, 12, 33, 40, 35, True),   # keys past a multiple of 16, a padded head dim
+    (1, 12, 17, 16, 64, False),  # whole key blocks, no bias
+    (1, 24, 5, 20, 32, True),    # 24 heads in 32 slots
+    (2, 12, 1, 1, 16, True),     # N = 1
+    (1, 12, 197, 197, 32, True),  # ViT length
+])
+def test_split_heads_match_the_reference(monkeypatch, dtype, B, H, Nq, Nk, D, mix_bias):
+    """H = 3 HP / 4 with given statistics: heads 0..HP/2-1 and HP/2..3HP/4-1 in two products, the mixing of
+    the stacked maps by block-diagonal weights (``_split_sweep``), for norm none, training BatchNorm (given
+    batch statistics) and eval BatchNorm (running statistics). Against float64 truths, with the tolerance of
+    ``test_separate_statistics_match_the_fused_sweep``; every launch took the split sweep."""
+    seen = _split_spy(monkeypatch)
+    inp = make_inputs(B, H, Nq, Nk, D, dtype, mix_bias=mix_bias)
+    g = torch.Generator().manual_seed(7)
+    mean = (torch.randn(H, generator=g, dtype=torch.float64) * 0.1).to(DEVICE)
+    var = (torch.rand(H, generator=g, dtype=torch.float64) + 0.5).to(DEVICE)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    batch_stats = torch.stack((mean, 1.0 / torch.sqrt(var + 1e-5))).to(acc)
+    eps = torch.finfo(dtype if interpreting() else torch.float32).eps
+    cases = (
+        (dict(norm="none"), dict(norm="none")),
+        (dict(norm="batch", batch_stats=batch_stats),
+         dict(norm="batch", running_mean=mean, running_var=var, training=False)),  # the same affine map
+        (dict(norm="batch", running_mean=mean, running_var=var),
+         dict(norm="batch", running_mean=mean, running_var=var, training=False)),
+    )
+    for kernel_args, ref_args in cases:
+        out, stats = run_kernel(inp, out_scale=0.7, separate_stats=True, **kernel_args)
+        ref = run_ref(inp, out_scale=0.7, **ref_args)
+        assert max_err(out, ref) <= 4 * eps * (D + Nk + H) * max(1.0, ref.abs().max().item())
+    assert seen == [True] * len(cases)
+
+
+def test_split_heads_with_fp16_products_within_twice_eager_error(monkeypatch):
+    """fp16 tensor-core operands (the GPU path, which the interpreter runs for fp16): the mixing weights
+    held as product results, q of the larger group in registers, P and the weights in fp16 for the
+    mixing; within twice eager fp16's error of the float64 truth."""
+    seen = _split_spy(monkeypatch)
+    low = make_inputs(2, 12, 33, 40, 48, torch.float16)
+    out16, _ = run_kernel(low, norm="none", out_scale=0.7, separate_stats=True, lowp_dot=True)
+    truth = run_ref(low, norm="none", out_scale=0.7)
+    eager = run_ref(low, norm="none", out_scale=0.7, dtype=torch.float16)
+    assert seen == [True]
+    assert max_err(out16, truth) <= 2 * max_err(eager, truth) + 1e-6
+
+
+def test_the_launch_rule_splits_12_and_24_heads_reading_statistics():
+    """``TileConfig.splits_heads``: H = 3 HP / 4 at 16 slots or more, statistics given, an affine norm per head
+    (none, BatchNorm), no mask, dropout or moments, the head dim in one tile."""
+    def split(h, d=64, **kw):
+        args = dict(stats_given=True, norm="none", masked=False, has_dropout=False, moments=False, d_chunks=1)
+        args.update(kw)
+        return forward_config(197, 197, d, h, interpret=False, variant="plain").splits_heads(h, **args)
+
+    assert [split(h) for h in (3, 6, 9, 12, 16, 24, 32)] == [False, False, False, True, False, True, False]
+    assert split(12, norm="batch") and split(24, d=32)
+    for kw in (dict(stats_given=False), dict(norm="layer"), dict(masked=True), dict(has_dropout=True),
+               dict(moments=True), dict(d_chunks=2)):
+        assert not split(12, **kw), kw
