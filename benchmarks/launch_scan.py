@@ -42,6 +42,9 @@ VARIANTS = {"plain": dict(norm="none", mask=False, dropout=False),
 CALLS = {"forward": ("plain", "batch", "eval", "layer", "heavy"), "backward": ("plain", "batch", "layer", "heavy"),
          "gram": ("plain", "heavy"), "moments": ("plain", "heavy"), "bn_grad_sums": ("plain", "heavy")}
 CAPS = (90, 86)
+# Classes outside HEADS x HEAD_DIMS, with the calls they differ for: 12 heads at a head dim of 48, the forward's
+# split sweep over a head-dim tile and a tail (32 + 16 columns; launch.head_dim_tail).
+EXTRA_CLASSES = ((12, 48, ("forward",)),)
 FIELDS = ["cap", "call", "variant", "h", "d", "kernel", "HP", "G", "BLOCK_M", "BLOCK_N", "BLOCK_D", "D_CHUNKS",
           "num_warps", "num_stages", "shared", "shared_bound", "shared_limit", "registers", "spill_bytes", "cache_key"]
 
@@ -82,29 +85,32 @@ def main(argv=None) -> None:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(kept)
+        classes = [(h, d, tuple(opts.calls)) for h in heads for d in dims]
+        if not opts.quick:
+            classes += [(h, d, tuple(c for c in calls if c in opts.calls)) for h, d, calls in EXTRA_CLASSES
+                        if h in heads]
         for cap in opts.caps:
-            for h in heads:
-                for d in dims:
-                    for call in opts.calls:
-                        for variant in CALLS[call]:
-                            args = arguments(call, variant)
-                            start = time.time()
-                            for r in compile_call(call, h, d, 197, cap, **args):
-                                name = r["kernel"].replace("_re_attention_", "").replace("_kernel", "").strip("_")
-                                kernel = {"fwd": "forward", "bwd_dq": "dq", "bwd_dkdv": "dkdv"}.get(name, name)
-                                cfg = launch.TileConfig(HP=r["HP"], G=r["G"], BLOCK_M=r["BLOCK_M"],
-                                                        BLOCK_N=r["BLOCK_N"], BLOCK_D=r["BLOCK_D"],
-                                                        STATS_BLOCK_N=r.get("STATS_BLOCK_N", 16),
-                                                        num_warps=r["num_warps"], num_stages=r["num_stages"])
-                                row = dict(cap=cap, call=call, variant=variant, h=h, d=d, kernel=kernel,
-                                           shared_bound=launch.shared_bytes(kernel, cfg, ELEMENT_SIZE["bf16"],
-                                                                            masked=args["mask"]),
-                                           shared_limit=SHARED_MEMORY_LIMIT[cap],
-                                           **{k: r[k] for k in FIELDS if k in r and k not in
-                                              ("cap", "call", "h", "d", "kernel")})
-                                writer.writerow(row)
-                                f.flush()
-                                print(f"{time.time() - start:5.0f}s", row, flush=True)
+            for h, d, calls in classes:
+                for call in calls:
+                    for variant in CALLS[call]:
+                        args = arguments(call, variant)
+                        start = time.time()
+                        for r in compile_call(call, h, d, 197, cap, **args):
+                            name = r["kernel"].replace("_re_attention_", "").replace("_kernel", "").strip("_")
+                            kernel = {"fwd": "forward", "bwd_dq": "dq", "bwd_dkdv": "dkdv"}.get(name, name)
+                            cfg = launch.TileConfig(HP=r["HP"], G=r["G"], BLOCK_M=r["BLOCK_M"],
+                                                    BLOCK_N=r["BLOCK_N"], BLOCK_D=r["BLOCK_D"],
+                                                    STATS_BLOCK_N=r.get("STATS_BLOCK_N", 16),
+                                                    num_warps=r["num_warps"], num_stages=r["num_stages"])
+                            row = dict(cap=cap, call=call, variant=variant, h=h, d=d, kernel=kernel,
+                                       shared_bound=launch.shared_bytes(kernel, cfg, ELEMENT_SIZE["bf16"],
+                                                                        masked=args["mask"]),
+                                       shared_limit=SHARED_MEMORY_LIMIT[cap],
+                                       **{k: r[k] for k in FIELDS if k in r and k not in
+                                          ("cap", "call", "h", "d", "kernel")})
+                            writer.writerow(row)
+                            f.flush()
+                            print(f"{time.time() - start:5.0f}s", row, flush=True)
 
 
 if __name__ == "__main__":

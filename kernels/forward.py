@@ -39,8 +39,8 @@ import triton.language as tl
 from .common import (LOG2E, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, NORM_BATCH, NORM_LAYER, NORM_NONE, _group_mean,
                      _layer_norm, _load_keys, _load_row_stats, _load_rows, _mix, _mm, _probs, _product_result,
                      _row_stats, _scores, _scores_product, _slot_params, _slot_rows, _store_row_stats)
-from .launch import (MAX_HEADS, TileConfig, device_shared_limit, forward_config, interpreting, run_on_device,
-                     softmax_stats_config, splits_softmax_stats, variant_of)
+from .launch import (MAX_HEADS, TileConfig, device_shared_limit, forward_config, head_dim_tail, interpreting,
+                     run_on_device, softmax_stats_config, splits_softmax_stats, variant_of)
 
 _NORMS = {"none": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -341,25 +341,69 @@ def _split_probs(qk, b, heads, rows, rows_ok, offs_n, N_K, m2, l2, scale2, CDT: 
 
 
 @triton.jit
-def _split_block(acc_a, acc_b, qa, qb, Kb, Vb, b, ha, hb, rows_a, rows_b, ok_a, ok_b, start_n, N_K, D, offs_d,
-                 m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2, stride_kh, stride_kn, stride_kd,
-                 stride_vh, stride_vn, stride_vd, HP: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, KEYS_PADDED: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr,
-                 DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One key block of ``_split_sweep``: P of both head groups, the mixing, O += A V per group."""
+def _split_tiles(X, heads, offs_n, N_K, offs_d, offs_t, D, stride_h, stride_n, stride_d, D_TAIL: tl.constexpr,
+                 KEYS_PADDED: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr):
+    """Keys or values of S heads, transposed ([S, BLOCK_D, BLOCK_N]), over the head dim's tile and, with D_TAIL,
+    its tail ([S, D_TAIL, BLOCK_N]; else a placeholder)."""
+    x = _load_keys(X, heads, offs_n, N_K, offs_d, D, stride_h, stride_n, stride_d, CDT, DOT_LOWP, True, KEYS_PADDED,
+                   EVEN_D)
+    xt = 0.0
+    if D_TAIL > 0:
+        xt = _load_keys(X, heads, offs_n, N_K, offs_t, D, stride_h, stride_n, stride_d, CDT, DOT_LOWP, True,
+                        KEYS_PADDED, True)
+    return x, xt
+
+
+@triton.jit
+def _split_scores(q, qt, kt, ktt, S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  D_TAIL: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """q.k [S, BLOCK_M, BLOCK_N] over the head dim's tile (q, kt) and, with D_TAIL, its tail (qt, ktt)."""
+    qk = _mm(q, kt, tl.zeros([S, BLOCK_M, BLOCK_N], CDT), DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    if D_TAIL > 0:
+        qk = _mm(qt, ktt, qk, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    return qk
+
+
+@triton.jit
+def _split_values(a, acc, acc_t, vt, vtt, D_TAIL: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """acc += a V over the head dim's tile, acc_t += a V over its tail (D_TAIL), from V transposed (vt, vtt):
+    permuted back, the product's operand comes from transposed shared-memory reads (see ``_forward_block``)."""
+    acc = _mm(a, tl.permute(vt, (0, 2, 1)), acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    if D_TAIL > 0:
+        acc_t = _mm(a, tl.permute(vtt, (0, 2, 1)), acc_t, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    return acc, acc_t
+
+
+@triton.jit
+def _split_block(acc_a, acc_b, acc_at, acc_bt, qa, qb, qat, qbt, Kb, Vb, b, ha, hb, rows_a, rows_b, ok_a, ok_b,
+                 start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2,
+                 stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP: tl.constexpr, Q: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_TAIL: tl.constexpr, KEYS_PADDED: tl.constexpr,
+                 EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """One key block of ``_split_sweep``: P of both head groups, the mixing, O += A V per group.
+
+    Without a head-dim tail both groups' tiles are loaded before their products; with one, each group's
+    just before its product. The other order spilled 16 B in each case (ViT-B, D = 64; DeepViT-L-384,
+    D = 48; sm_90): the compiler's schedule, measured, not derived."""
     HA: tl.constexpr = HP // 2
     HB: tl.constexpr = HP // 4
     E: tl.constexpr = BLOCK_M * BLOCK_N
     MIX_DTYPE: tl.constexpr = tl.float16 if DOT_LOWP else CDT
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    ka = _load_keys(Kb, ha, offs_n, N_K, offs_d, D, stride_kh, stride_kn, stride_kd, CDT, DOT_LOWP, True, KEYS_PADDED,
-                    EVEN_D)
-    kb = _load_keys(Kb, hb, offs_n, N_K, offs_d, D, stride_kh, stride_kn, stride_kd, CDT, DOT_LOWP, True, KEYS_PADDED,
-                    EVEN_D)
-    pa = _split_probs(_mm(qa, ka, tl.zeros([HA, BLOCK_M, BLOCK_N], CDT), DOT_LOWP, LOWP_DTYPE, DOT_PRECISION), b, ha,
-                      rows_a, ok_a, offs_n, N_K, m2a, l2a, scale2, CDT, KEYS_PADDED)
-    pb = _split_probs(_mm(qb, kb, tl.zeros([HB, BLOCK_M, BLOCK_N], CDT), DOT_LOWP, LOWP_DTYPE, DOT_PRECISION), b, hb,
-                      rows_b, ok_b, offs_n, N_K, m2b, l2b, scale2, CDT, KEYS_PADDED)
+    ka, kat = _split_tiles(Kb, ha, offs_n, N_K, offs_d, offs_t, D, stride_kh, stride_kn, stride_kd, D_TAIL, KEYS_PADDED,
+                           EVEN_D, CDT, DOT_LOWP)
+    if D_TAIL > 0:
+        qk_a = _split_scores(qa, qat, ka, kat, HA, BLOCK_M, BLOCK_N, D_TAIL, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    kb, kbt = _split_tiles(Kb, hb, offs_n, N_K, offs_d, offs_t, D, stride_kh, stride_kn, stride_kd, D_TAIL, KEYS_PADDED,
+                           EVEN_D, CDT, DOT_LOWP)
+    if D_TAIL == 0:
+        qk_a = _split_scores(qa, qat, ka, kat, HA, BLOCK_M, BLOCK_N, D_TAIL, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    qk_b = _split_scores(qb, qbt, kb, kbt, HB, BLOCK_M, BLOCK_N, D_TAIL, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    pa = _split_probs(qk_a, b, ha, rows_a, ok_a, offs_n, N_K, m2a, l2a, scale2, CDT, KEYS_PADDED)
+    pb = _split_probs(qk_b, b, hb, rows_b, ok_b, offs_n, N_K, m2b, l2b, scale2, CDT, KEYS_PADDED)
     xa = _stack(tl.reshape(pa.to(MIX_DTYPE), (HA, E)), HA, E, Q)
     xb = _stack(tl.reshape(pb.to(MIX_DTYPE), (HB, E)), HB, E, Q)
     ya = tl.broadcast_to(c_a[:, None], (Q * HA, E // Q))
@@ -367,22 +411,46 @@ def _split_block(acc_a, acc_b, qa, qb, Kb, Vb, b, ha, hb, rows_a, rows_b, ok_a, 
     yb = tl.broadcast_to(c_b[:, None], (Q * HB, E // Q))
     yb = _mm(w_bb, xb, _mm(w_ba, xa, yb, DOT_LOWP, MIX_DTYPE, DOT_PRECISION), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
     # Keys past N_K: the map is c there, and V is 0 (``_load_keys``), so A V gets nothing from them.
-    va = tl.permute(_load_keys(Vb, ha, offs_n, N_K, offs_d, D, stride_vh, stride_vn, stride_vd, CDT, DOT_LOWP, True,
-                               KEYS_PADDED, EVEN_D), (0, 2, 1))
-    vb = tl.permute(_load_keys(Vb, hb, offs_n, N_K, offs_d, D, stride_vh, stride_vn, stride_vd, CDT, DOT_LOWP, True,
-                               KEYS_PADDED, EVEN_D), (0, 2, 1))
-    acc_a = _mm(_unstack(ya, HA, E, Q, BLOCK_M, BLOCK_N), va, acc_a, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-    acc_b = _mm(_unstack(yb, HB, E, Q, BLOCK_M, BLOCK_N), vb, acc_b, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-    return acc_a, acc_b
+    va, vat = _split_tiles(Vb, ha, offs_n, N_K, offs_d, offs_t, D, stride_vh, stride_vn, stride_vd, D_TAIL, KEYS_PADDED,
+                           EVEN_D, CDT, DOT_LOWP)
+    if D_TAIL > 0:
+        acc_a, acc_at = _split_values(_unstack(ya, HA, E, Q, BLOCK_M, BLOCK_N), acc_a, acc_at, va, vat, D_TAIL,
+                                      DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    vb, vbt = _split_tiles(Vb, hb, offs_n, N_K, offs_d, offs_t, D, stride_vh, stride_vn, stride_vd, D_TAIL, KEYS_PADDED,
+                           EVEN_D, CDT, DOT_LOWP)
+    if D_TAIL == 0:
+        acc_a, acc_at = _split_values(_unstack(ya, HA, E, Q, BLOCK_M, BLOCK_N), acc_a, acc_at, va, vat, D_TAIL,
+                                      DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    acc_b, acc_bt = _split_values(_unstack(yb, HB, E, Q, BLOCK_M, BLOCK_N), acc_b, acc_bt, vb, vbt, D_TAIL, DOT_LOWP,
+                                  LOWP_DTYPE, DOT_PRECISION)
+    return acc_a, acc_b, acc_at, acc_bt
 
 
 @triton.jit
-def _split_sweep(Qb, Kb, Vb, Ob, STATSb, w_slots, c, b, row0, N_Q, N_K, D, offs_d, scale2,
+def _split_queries(Qb, heads, rows, rows_ok, offs_d, D, stride_qh, stride_qm, stride_qd, S: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IN_REGISTERS: tl.constexpr, CDT: tl.constexpr,
+                   DOT_LOWP: tl.constexpr):
+    """q [S, BLOCK_M, BLOCK_D] of S heads at the head-dim columns offs_d (held as a product's result with
+    IN_REGISTERS)."""
+    q = _load_rows(Qb, heads, rows, rows_ok, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP)
+    if IN_REGISTERS:
+        q = _product_result(q, S, BLOCK_M, BLOCK_D)
+    return q
+
+
+@triton.jit
+def _split_store(Ob, acc, heads, rows, rows_ok, offs_d, D, stride_oh, stride_om, stride_od):
+    ptrs = Ob + (heads[:, None, None] * stride_oh + rows[:, :, None] * stride_om + offs_d[None, None, :] * stride_od)
+    tl.store(ptrs, acc.to(Ob.dtype.element_ty), mask=rows_ok[:, :, None] & (offs_d < D)[None, None, :])
+
+
+@triton.jit
+def _split_sweep(Qb, Kb, Vb, Ob, STATSb, w_slots, c, b, row0, N_Q, N_K, D, scale2,
                  stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
                  stride_oh, stride_om, stride_od, stride_sp, stride_sh, stride_sm,
                  HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 D_TAIL: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
+                 LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The second sweep (statistics given) for H = 3 HP / 4 heads without padding slots.
 
     At H = 12 (HP = 16) the usual sweep computes four padding slots' q.k, exponentials and A V and stages
@@ -393,20 +461,42 @@ def _split_sweep(Qb, Kb, Vb, Ob, STATSb, w_slots, c, b, row0, N_Q, N_K, D, offs_
     Y_A = W_AA X_A + W_AB X_B + c_A and Y_B = W_BA X_A + W_BB X_B + c_B ([Q HA] and [Q HB] rows), whose
     unstacked rows are the groups' maps. Only norms that are an affine map per head (none, BatchNorm)
     and no mask, dropout or moments (the launch rule, ``launch.splits_heads``).
+
+    The head dim is one tile of BLOCK_D columns or, with D_TAIL > 0, a tile of BLOCK_D / 2 and one of the
+    D_TAIL columns after it (``launch.head_dim_tail``: 48 = 32 + 16), so a head dim that is not a power
+    of two stages, multiplies and accumulates no padding columns (at 48 in a 64-wide tile: a quarter).
     """
     HA: tl.constexpr = HP // 2
     HB: tl.constexpr = HP // 4
     Q: tl.constexpr = 16 // HB
+    D_MAIN: tl.constexpr = BLOCK_D // 2 if D_TAIL > 0 else BLOCK_D
+    TAIL_W: tl.constexpr = D_TAIL if D_TAIL > 0 else 16  # offs_t is unused without a tail
     ha = tl.arange(0, HA)
     hb = HA + tl.arange(0, HB)
+    offs_d = tl.arange(0, D_MAIN)
+    offs_t = D_MAIN + tl.arange(0, TAIL_W)
     rows_a = row0 + tl.zeros([HA, 1], tl.int32) + tl.arange(0, BLOCK_M)[None, :]
     rows_b = row0 + tl.zeros([HB, 1], tl.int32) + tl.arange(0, BLOCK_M)[None, :]
     ok_a = rows_a < N_Q
     ok_b = rows_b < N_Q
-    qa = _load_rows(Qb, ha, rows_a, ok_a, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP)
-    qb = _load_rows(Qb, hb, rows_b, ok_b, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP)
-    if DOT_LOWP:  # qa in registers (one head a warp); qb's product splits the keys over warp pairs: re-read
-        qa = _product_result(qa, HA, BLOCK_M, BLOCK_D)
+    # q of the 8-head group in registers (a head a warp); the 4-head group's products split their keys
+    # over warp pairs, so its q is re-read from shared memory at every key block.
+    qa = _split_queries(Qb, ha, rows_a, ok_a, offs_d, D, stride_qh, stride_qm, stride_qd, HA, BLOCK_M, D_MAIN,
+                        DOT_LOWP, CDT, DOT_LOWP)
+    qb = _split_queries(Qb, hb, rows_b, ok_b, offs_d, D, stride_qh, stride_qm, stride_qd, HB, BLOCK_M, D_MAIN, False,
+                        CDT, DOT_LOWP)
+    if D_TAIL > 0:
+        qat = _split_queries(Qb, ha, rows_a, ok_a, offs_t, D, stride_qh, stride_qm, stride_qd, HA, BLOCK_M, D_TAIL,
+                             DOT_LOWP, CDT, DOT_LOWP)
+        qbt = _split_queries(Qb, hb, rows_b, ok_b, offs_t, D, stride_qh, stride_qm, stride_qd, HB, BLOCK_M, D_TAIL,
+                             False, CDT, DOT_LOWP)
+        acc_at = tl.zeros([HA, BLOCK_M, D_TAIL], CDT)
+        acc_bt = tl.zeros([HB, BLOCK_M, D_TAIL], CDT)
+    else:  # no tail: scalars stand for its tiles (a loop-carried tile would hold registers)
+        qat = 0.0
+        qbt = 0.0
+        acc_at = tl.zeros([], CDT)
+        acc_bt = tl.zeros([], CDT)
     m2a, l2a = _load_row_stats(STATSb, ha >= 0, rows_a, ok_a, ha, stride_sp, stride_sh, stride_sm, CDT)
     m2b, l2b = _load_row_stats(STATSb, hb >= 0, rows_b, ok_b, hb, stride_sp, stride_sh, stride_sm, CDT)
     if DOT_LOWP:
@@ -417,24 +507,26 @@ def _split_sweep(Qb, Kb, Vb, Ob, STATSb, w_slots, c, b, row0, N_Q, N_K, D, offs_
         l2a = tl.zeros_like(l2a)
         l2b = tl.zeros_like(l2b)
     w_aa, w_ab, w_ba, w_bb, c_a, c_b = _split_weights(w_slots, c, HP, Q, DOT_LOWP, CDT)
-    acc_a = tl.zeros([HA, BLOCK_M, BLOCK_D], CDT)
-    acc_b = tl.zeros([HB, BLOCK_M, BLOCK_D], CDT)
+    acc_a = tl.zeros([HA, BLOCK_M, D_MAIN], CDT)
+    acc_b = tl.zeros([HB, BLOCK_M, D_MAIN], CDT)
     n_full = (N_K // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc_a, acc_b = _split_block(acc_a, acc_b, qa, qb, Kb, Vb, b, ha, hb, rows_a, rows_b, ok_a, ok_b, start_n, N_K,
-                                    D, offs_d, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2, stride_kh,
-                                    stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M, BLOCK_N,
-                                    False, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+        acc_a, acc_b, acc_at, acc_bt = _split_block(
+            acc_a, acc_b, acc_at, acc_bt, qa, qb, qat, qbt, Kb, Vb, b, ha, hb, rows_a, rows_b, ok_a, ok_b, start_n,
+            N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2, stride_kh, stride_kn,
+            stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M, BLOCK_N, D_TAIL, False, EVEN_D, CDT, DOT_LOWP,
+            LOWP_DTYPE, DOT_PRECISION)
     if n_full < N_K:
-        acc_a, acc_b = _split_block(acc_a, acc_b, qa, qb, Kb, Vb, b, ha, hb, rows_a, rows_b, ok_a, ok_b, n_full, N_K,
-                                    D, offs_d, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2, stride_kh,
-                                    stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M, BLOCK_N,
-                                    True, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-    d_ok = (offs_d < D)[None, None, :]
-    tl.store(Ob + (ha[:, None, None] * stride_oh + rows_a[:, :, None] * stride_om + offs_d[None, None, :] * stride_od),
-             acc_a.to(Ob.dtype.element_ty), mask=ok_a[:, :, None] & d_ok)
-    tl.store(Ob + (hb[:, None, None] * stride_oh + rows_b[:, :, None] * stride_om + offs_d[None, None, :] * stride_od),
-             acc_b.to(Ob.dtype.element_ty), mask=ok_b[:, :, None] & d_ok)
+        acc_a, acc_b, acc_at, acc_bt = _split_block(
+            acc_a, acc_b, acc_at, acc_bt, qa, qb, qat, qbt, Kb, Vb, b, ha, hb, rows_a, rows_b, ok_a, ok_b, n_full,
+            N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2, stride_kh, stride_kn,
+            stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M, BLOCK_N, D_TAIL, True, EVEN_D, CDT, DOT_LOWP,
+            LOWP_DTYPE, DOT_PRECISION)
+    _split_store(Ob, acc_a, ha, rows_a, ok_a, offs_d, D, stride_oh, stride_om, stride_od)
+    _split_store(Ob, acc_b, hb, rows_b, ok_b, offs_d, D, stride_oh, stride_om, stride_od)
+    if D_TAIL > 0:
+        _split_store(Ob, acc_at, ha, rows_a, ok_a, offs_t, D, stride_oh, stride_om, stride_od)
+        _split_store(Ob, acc_bt, hb, rows_b, ok_b, offs_t, D, stride_oh, stride_om, stride_od)
 
 
 @triton.jit
@@ -454,7 +546,7 @@ def _re_attention_fwd_kernel(
     HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, BN_EVAL: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, STATS_GIVEN: tl.constexpr,
     MOMENTS: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr, SPLIT_HEADS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr, SPLIT_HEADS: tl.constexpr, D_TAIL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // NUM_PROGRAMS_M).to(tl.int64)
@@ -507,9 +599,9 @@ def _re_attention_fwd_kernel(
                                           out_scale, eps, HP, G, CDT, BIAS_SLOT)
     if SPLIT_HEADS:  # statistics given, an affine norm per head, no mask, dropout or moments (splits_heads)
         _split_sweep(Qb, Kb, Vb, O + b * stride_ob, STATSb, w_slots, c, b, (pid % NUM_PROGRAMS_M) * BLOCK_M, N_Q,
-                     N_K, D, offs_d, scale2, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
-                     stride_vh, stride_vn, stride_vd, stride_oh, stride_om, stride_od, stride_sp, stride_sh,
-                     stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+                     N_K, D, scale2, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh,
+                     stride_vn, stride_vd, stride_oh, stride_om, stride_od, stride_sp, stride_sh, stride_sm, HP,
+                     BLOCK_M, BLOCK_N, BLOCK_D, D_TAIL, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     else:
         group_mean = _group_mean(H, slot_ok, HP, CDT)
 
@@ -854,6 +946,8 @@ def re_attention_forward(
 
     split_heads = config.splits_heads(H, stats_given=stats_given, norm=norm, masked=mask_kind != MASK_NONE,
                                       has_dropout=has_dropout, moments=with_moments, d_chunks=d_chunks)
+    # the split sweep takes a head dim that is not a power of two as two power-of-two tiles (48 = 32 + 16)
+    d_tail = head_dim_tail(Dp) if split_heads else 0
     dummy = mix_weight
     c = mix_bias if mix_bias is not None else dummy
     nw = norm_weight if norm_weight is not None else dummy
@@ -872,10 +966,10 @@ def re_attention_forward(
         HAS_MIX_BIAS=mix_bias is not None, NORM=NORM_NONE if bn_eval else _NORMS[norm], BN_EVAL=bn_eval,
         HAS_NORM_WEIGHT=affine_norm and norm_weight is not None, HAS_NORM_BIAS=affine_norm and norm_bias is not None,
         MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, STATS_GIVEN=stats_given, MOMENTS=moments is not None,
-        D_CHUNKS=d_chunks, EVEN_D=Dp == d_chunks * config.BLOCK_D,
+        D_CHUNKS=d_chunks, EVEN_D=Dp == d_chunks * config.BLOCK_D or d_tail > 0,
         RAW_MAX=mask_kind != MASK_ADDITIVE and scale > 0,
         BIAS_SLOT=config.bias_slot(H, has_dropout, mix_bias is not None or norm == "batch") and not split_heads,
-        SPLIT_HEADS=split_heads,
+        SPLIT_HEADS=split_heads, D_TAIL=d_tail,
         **options, **config.meta(),
     )
     if result is not out:

@@ -66,6 +66,15 @@ def padded_head_dim(d: int) -> int:
     return max(16, next_pow2(d))
 
 
+def head_dim_tail(d: int) -> int:
+    """D_TAIL of ``forward._split_sweep``: where the head dim d (a multiple of 16) is not a power of two but the
+    sum of two, the smaller (48 = 32 + 16, 80 = 64 + 16, 96 = 64 + 32), which the sweep takes as a tile of its
+    own after the first padded_head_dim(d) / 2 columns; else 0 (one tile of padded_head_dim(d))."""
+    whole = padded_head_dim(d)
+    tail = d - whole // 2
+    return tail if d % 16 == 0 and 0 < tail < whole // 2 and tail & (tail - 1) == 0 else 0
+
+
 @dataclass(frozen=True)
 class TileConfig:
     """Tiles and launch options of one kernel (see the module doc)."""

@@ -16,8 +16,8 @@ import triton.language as tl
 from benchmarks.eager_model import OpCounter
 from reattn.kernels.forward import (_rescale_factor, aligned_operands, mask_arguments, re_attention_forward,
                                    vector_aligned)
-from reattn.kernels.launch import (VARIANTS, TileConfig, backward_config, forward_config, interpreting, shared_bytes,
-                                  variant_of)
+from reattn.kernels.launch import (VARIANTS, TileConfig, backward_config, forward_config, head_dim_tail, interpreting,
+                                  shared_bytes, variant_of)
 from reattn.reference import re_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -648,14 +648,14 @@ def test_the_statistics_rescale_factor_on_the_fma_pipe():
 # ---- 12 heads without padding slots (forward._split_sweep) ----
 
 def _split_spy(monkeypatch):
-    """Record SPLIT_HEADS of every forward launch (the launches still run)."""
+    """Record (SPLIT_HEADS, D_TAIL) of every forward launch (the launches still run)."""
     from reattn.kernels import forward as fwd_module
     seen = []
     real = fwd_module.run_on_device
 
     def spy(kernel, grid, device, *args, **kwargs):
         if "SPLIT_HEADS" in kwargs:
-            seen.append(kwargs["SPLIT_HEADS"])
+            seen.append((kwargs["SPLIT_HEADS"], kwargs["D_TAIL"]))
         return real(kernel, grid, device, *args, **kwargs)
 
     monkeypatch.setattr(fwd_module, "run_on_device", spy)
@@ -664,7 +664,7 @@ def _split_spy(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("B,H,Nq,Nk,D,mix_bias", [
-    (2, 12, 33, 40, 35, True),   # keys past a multiple of 16, a padded head dim
+    (2, 12, 33, 40, 35, True),   # keys past a multiple of 16; D padded to 48 = 32 + 16 (two head-dim tiles)
     (1, 12, 17, 16, 64, False),  # whole key blocks, no bias
     (2, 12, 1, 1, 16, True),     # N = 1
     (1, 12, 197, 197, 32, True),  # ViT length
@@ -673,7 +673,8 @@ def test_split_heads_match_the_reference(monkeypatch, dtype, B, H, Nq, Nk, D, mi
     """12 heads with given statistics: heads 0-7 and 8-11 in two products, the mixing of the stacked maps by
     block-diagonal weights (``_split_sweep``), for norm none, training BatchNorm (given
     batch statistics) and eval BatchNorm (running statistics). Against float64 truths, with the tolerance of
-    ``test_separate_statistics_match_the_fused_sweep``; every launch took the split sweep."""
+    ``test_separate_statistics_match_the_fused_sweep``; every launch took the split sweep, with a head-dim
+    tail where the (padded) head dim is 48."""
     seen = _split_spy(monkeypatch)
     inp = make_inputs(B, H, Nq, Nk, D, dtype, mix_bias=mix_bias)
     g = torch.Generator().manual_seed(7)
@@ -693,7 +694,7 @@ def test_split_heads_match_the_reference(monkeypatch, dtype, B, H, Nq, Nk, D, mi
         out, stats = run_kernel(inp, out_scale=0.7, separate_stats=True, **kernel_args)
         ref = run_ref(inp, out_scale=0.7, **ref_args)
         assert max_err(out, ref) <= 4 * eps * (D + Nk + H) * max(1.0, ref.abs().max().item())
-    assert seen == [True] * len(cases)
+    assert seen == [(True, 16 if D == 35 else 0)] * len(cases)
 
 
 def test_split_heads_with_fp16_products_within_twice_eager_error(monkeypatch):
@@ -705,7 +706,7 @@ def test_split_heads_with_fp16_products_within_twice_eager_error(monkeypatch):
     out16, _ = run_kernel(low, norm="none", out_scale=0.7, separate_stats=True, lowp_dot=True)
     truth = run_ref(low, norm="none", out_scale=0.7)
     eager = run_ref(low, norm="none", out_scale=0.7, dtype=torch.float16)
-    assert seen == [True]
+    assert seen == [(True, 16)]
     assert max_err(out16, truth) <= 2 * max_err(eager, truth) + 1e-6
 
 
@@ -722,3 +723,5 @@ def test_the_launch_rule_splits_12_heads_reading_statistics():
     for kw in (dict(stats_given=False), dict(norm="layer"), dict(masked=True), dict(has_dropout=True),
                dict(moments=True), dict(d_chunks=2)):
         assert not split(12, **kw), kw
+    # a head dim that is two powers of two: the tile of half the padded width, then the rest
+    assert [head_dim_tail(d) for d in (16, 32, 48, 64, 80, 96, 112, 128)] == [0, 0, 16, 0, 16, 32, 0, 0]

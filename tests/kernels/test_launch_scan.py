@@ -39,15 +39,17 @@ def _rule(row) -> launch.TileConfig:
 
 
 def test_the_scan_covers_every_class_the_rules_distinguish(rows):
-    from benchmarks.launch_scan import CALLS, CAPS, HEAD_DIMS, HEADS
+    from benchmarks.launch_scan import CALLS, CAPS, EXTRA_CLASSES, HEAD_DIMS, HEADS
 
     seen = {(int(r["cap"]), r["call"], r["variant"], int(r["h"]), int(r["d"])) for r in rows}
+    classes = [(h, d, tuple(CALLS)) for h in HEADS for d in HEAD_DIMS] + list(EXTRA_CLASSES)
     for cap in CAPS:
-        for h in HEADS:
-            for d in HEAD_DIMS:
-                for call, variants in CALLS.items():
-                    for variant in variants:
-                        assert (cap, call, variant, h, d) in seen, (cap, call, variant, h, d)
+        for h, d, calls in classes:
+            for call in calls:
+                for variant in CALLS[call]:
+                    assert (cap, call, variant, h, d) in seen, (cap, call, variant, h, d)
+    # every head dim the split forward takes in two tiles has a class (launch.head_dim_tail)
+    assert {d for d in range(16, 65, 16) if launch.head_dim_tail(d)} == {d for h, d, _ in EXTRA_CLASSES if h == 12}
 
 
 def test_the_record_is_what_todays_rules_pick(rows):
