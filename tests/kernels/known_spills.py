@@ -246,6 +246,7 @@ KNOWN_SPILLS = {
     "sm90-forward-eval-h12-d128-forward": 48,
     "sm90-forward-eval-h32-d16-forward": 24,
     "sm90-forward-eval-h32-d128-forward": 96,
+    "sm90-forward-heavy-h12-d48-forward": 296,
     "sm90-forward-heavy-h12-d64-forward": 304,
     "sm90-forward-heavy-h12-d128-forward": 448,
     "sm90-forward-heavy-h32-d16-forward": 496,
