@@ -182,12 +182,14 @@ def _softmax_stats_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_sp, stride_sb, stride_sh, stride_sm,
-    H, N_Q, N_K, D, NUM_PROGRAMS_M, scale2,
+    H, N_Q, N_K, D, D_Q, NUM_PROGRAMS_M, scale2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The forward's first sweep on its own, per (batch, head, BLOCK_M query rows): (m2, l2) as
     ``common._row_stats`` defines them, for a forward launched with STATS_GIVEN (no mask, scale > 0).
+    K's head dim is D (aligned, ``aligned_operands``); q's is D_Q <= D, its columns past D_Q read as 0
+    (the split forward reads q unpadded, ``re_attention_forward``).
 
     Full BLOCK_N-key blocks, then the rest in 16-key blocks (the smallest a product takes), so
     N = 197 computes 11 padded keys, not 59.
@@ -200,7 +202,7 @@ def _softmax_stats_kernel(
     rows_ok = rows < N_Q
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(Q + b * stride_qb + h * stride_qh + (rows[:, None] * stride_qm + offs_d[None, :] * stride_qd),
-                mask=rows_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+                mask=rows_ok[:, None] & (offs_d < D_Q)[None, :], other=0.0)
     if not DOT_LOWP:
         q = q.to(CDT)
     Kh = K + b * stride_kb + h * stride_kh
@@ -445,7 +447,7 @@ def _split_store(Ob, acc, heads, rows, rows_ok, offs_d, D, stride_oh, stride_om,
 
 
 @triton.jit
-def _split_sweep(Qb, Kb, Vb, Ob, STATSb, w_slots, c, b, row0, N_Q, N_K, D, scale2,
+def _split_sweep(Qb, Kb, Vb, Ob, STATSb, w_slots, c, b, row0, N_Q, N_K, D, D_Q, scale2,
                  stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
                  stride_oh, stride_om, stride_od, stride_sp, stride_sh, stride_sm,
                  HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -465,6 +467,8 @@ def _split_sweep(Qb, Kb, Vb, Ob, STATSb, w_slots, c, b, row0, N_Q, N_K, D, scale
     The head dim is one tile of BLOCK_D columns or, with D_TAIL > 0, a tile of BLOCK_D / 2 and one of the
     D_TAIL columns after it (``launch.head_dim_tail``: 48 = 32 + 16), so a head dim that is not a power
     of two stages, multiplies and accumulates no padding columns (at 48 in a 64-wide tile: a quarter).
+    q and O are read and written at their own head dim D_Q <= D (columns past it masked: q need not be
+    padded, nor O written to a padded buffer), K and V at D.
     """
     HA: tl.constexpr = HP // 2
     HB: tl.constexpr = HP // 4
@@ -481,14 +485,14 @@ def _split_sweep(Qb, Kb, Vb, Ob, STATSb, w_slots, c, b, row0, N_Q, N_K, D, scale
     ok_b = rows_b < N_Q
     # q of the 8-head group in registers (a head a warp); the 4-head group's products split their keys
     # over warp pairs, so its q is re-read from shared memory at every key block.
-    qa = _split_queries(Qb, ha, rows_a, ok_a, offs_d, D, stride_qh, stride_qm, stride_qd, HA, BLOCK_M, D_MAIN,
+    qa = _split_queries(Qb, ha, rows_a, ok_a, offs_d, D_Q, stride_qh, stride_qm, stride_qd, HA, BLOCK_M, D_MAIN,
                         DOT_LOWP, CDT, DOT_LOWP)
-    qb = _split_queries(Qb, hb, rows_b, ok_b, offs_d, D, stride_qh, stride_qm, stride_qd, HB, BLOCK_M, D_MAIN, False,
+    qb = _split_queries(Qb, hb, rows_b, ok_b, offs_d, D_Q, stride_qh, stride_qm, stride_qd, HB, BLOCK_M, D_MAIN, False,
                         CDT, DOT_LOWP)
     if D_TAIL > 0:
-        qat = _split_queries(Qb, ha, rows_a, ok_a, offs_t, D, stride_qh, stride_qm, stride_qd, HA, BLOCK_M, D_TAIL,
+        qat = _split_queries(Qb, ha, rows_a, ok_a, offs_t, D_Q, stride_qh, stride_qm, stride_qd, HA, BLOCK_M, D_TAIL,
                              DOT_LOWP, CDT, DOT_LOWP)
-        qbt = _split_queries(Qb, hb, rows_b, ok_b, offs_t, D, stride_qh, stride_qm, stride_qd, HB, BLOCK_M, D_TAIL,
+        qbt = _split_queries(Qb, hb, rows_b, ok_b, offs_t, D_Q, stride_qh, stride_qm, stride_qd, HB, BLOCK_M, D_TAIL,
                              False, CDT, DOT_LOWP)
         acc_at = tl.zeros([HA, BLOCK_M, D_TAIL], CDT)
         acc_bt = tl.zeros([HB, BLOCK_M, D_TAIL], CDT)
@@ -523,11 +527,11 @@ def _split_sweep(Qb, Kb, Vb, Ob, STATSb, w_slots, c, b, row0, N_Q, N_K, D, scale
             N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2, stride_kh, stride_kn,
             stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M, BLOCK_N, D_TAIL, True, EVEN_D, CDT, DOT_LOWP,
             LOWP_DTYPE, DOT_PRECISION)
-    _split_store(Ob, acc_a, ha, rows_a, ok_a, offs_d, D, stride_oh, stride_om, stride_od)
-    _split_store(Ob, acc_b, hb, rows_b, ok_b, offs_d, D, stride_oh, stride_om, stride_od)
+    _split_store(Ob, acc_a, ha, rows_a, ok_a, offs_d, D_Q, stride_oh, stride_om, stride_od)
+    _split_store(Ob, acc_b, hb, rows_b, ok_b, offs_d, D_Q, stride_oh, stride_om, stride_od)
     if D_TAIL > 0:
-        _split_store(Ob, acc_at, ha, rows_a, ok_a, offs_t, D, stride_oh, stride_om, stride_od)
-        _split_store(Ob, acc_bt, hb, rows_b, ok_b, offs_t, D, stride_oh, stride_om, stride_od)
+        _split_store(Ob, acc_at, ha, rows_a, ok_a, offs_t, D_Q, stride_oh, stride_om, stride_od)
+        _split_store(Ob, acc_bt, hb, rows_b, ok_b, offs_t, D_Q, stride_oh, stride_om, stride_od)
 
 
 @triton.jit
@@ -540,7 +544,7 @@ def _re_attention_fwd_kernel(
     stride_sp, stride_sb, stride_sh, stride_sm,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_wg, stride_wh, stride_c, stride_nw, stride_nb, stride_bn, stride_rv,
-    H, N_Q, N_K, D, NUM_PROGRAMS_M,
+    H, N_Q, N_K, D, D_Q, NUM_PROGRAMS_M,
     scale2, out_scale, eps, dropout_p,
     HP: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATS_BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, RAW_MAX: tl.constexpr, BIAS_SLOT: tl.constexpr,
@@ -600,7 +604,7 @@ def _re_attention_fwd_kernel(
                                           out_scale, eps, HP, G, CDT, BIAS_SLOT)
     if SPLIT_HEADS:  # statistics given, an affine norm per head, no mask, dropout or moments (splits_heads)
         _split_sweep(Qb, Kb, Vb, O + b * stride_ob, STATSb, w_slots, c, b, (pid % NUM_PROGRAMS_M) * BLOCK_M, N_Q,
-                     N_K, D, scale2, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh,
+                     N_K, D, D_Q, scale2, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh,
                      stride_vn, stride_vd, stride_oh, stride_om, stride_od, stride_sp, stride_sh, stride_sm, HP,
                      BLOCK_M, BLOCK_N, BLOCK_D, D_TAIL, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     else:
@@ -925,28 +929,35 @@ def re_attention_forward(
         raise ValueError(f"re_attention_forward: separate_stats=True needs no attn_mask and scale > 0, got "
                          f"{'a mask' if mask_kind != MASK_NONE else 'no mask'} and scale {scale}")
 
-    (q, k, v), Dp = aligned_operands(q, k, v)
+    (k, v), Dp = aligned_operands(k, v)
     variant = variant_of(norm, mask_kind != MASK_NONE, has_dropout)
     if separate_stats is None:
         separate_stats = splits_softmax_stats(variant, q.element_size(), scale, H, Dp, with_moments)
     separate_stats = separate_stats and not stats_given
-    result = out if Dp == D and vector_aligned(out) else out.new_empty((B, H, Nq, Dp))
     interpret = interpreting()
     if config is None:
         config = forward_config(Nq, Nk, Dp, H, interpret=interpret, shared_limit=device_shared_limit(device),
                                 element_size=q.element_size(), variant=variant,
                                 stats_given=stats_given or separate_stats, moments=with_moments)
     config.check_heads(H, "re_attention_forward")
+    num_m = config.programs_per_batch(Nq)
+    d_chunks = triton.cdiv(Dp, config.BLOCK_D)
+    split_heads = config.splits_heads(H, stats_given=stats_given or separate_stats, norm=norm,
+                                      masked=mask_kind != MASK_NONE, has_dropout=has_dropout, moments=with_moments,
+                                      d_chunks=d_chunks)
+    if split_heads and max(batch_span(q), batch_span(out)) <= INT32_SPAN:
+        # The split sweep reads q and writes O once per program, at their own head dim (columns past it
+        # masked), so a head dim such as 35 copies only the keys and values it reads at every key block.
+        result = out
+    else:
+        (q,), _ = aligned_operands(q)
+        result = out if Dp == D and vector_aligned(out) else out.new_empty((B, H, Nq, Dp))
     options = launch_options(q, lowp_dot, allow_tf32, interpret)
     if separate_stats:
         softmax_stats_launch(q, k, softmax_stats, Dp, scale, options, device, interpret)
         stats_given = True
-    num_m = config.programs_per_batch(Nq)
-    d_chunks = triton.cdiv(Dp, config.BLOCK_D)
     moments = torch.empty((num_m * B, 2, config.HP), dtype=acc_dtype, device=device) if with_moments else None
 
-    split_heads = config.splits_heads(H, stats_given=stats_given, norm=norm, masked=mask_kind != MASK_NONE,
-                                      has_dropout=has_dropout, moments=with_moments, d_chunks=d_chunks)
     # the split sweep takes a head dim that is not a power of two as two power-of-two tiles (48 = 32 + 16)
     d_tail = head_dim_tail(Dp) if split_heads else 0
     dummy = mix_weight
@@ -962,7 +973,7 @@ def re_attention_forward(
         seed if has_dropout else dummy, result, softmax_stats, moments if moments is not None else softmax_stats,
         *q.stride(), *k.stride(), *v.stride(), *result.stride(), *softmax_stats.stride(), *mask_strides,
         mix_weight.stride(0), mix_weight.stride(1), c.stride(0), nw.stride(0), nb.stride(0), bn.stride(0),
-        rv.stride(0), H, Nq, Nk, Dp, num_m,
+        rv.stride(0), H, Nq, Nk, Dp, D, num_m,
         float(scale) * LOG2E, float(out_scale), float(eps), float(dropout_p),
         HAS_MIX_BIAS=mix_bias is not None, NORM=NORM_NONE if bn_eval else _NORMS[norm], BN_EVAL=bn_eval,
         HAS_NORM_WEIGHT=affine_norm and norm_weight is not None, HAS_NORM_BIAS=affine_norm and norm_bias is not None,
@@ -982,14 +993,16 @@ def re_attention_forward(
 
 def softmax_stats_launch(q: torch.Tensor, k: torch.Tensor, softmax_stats: torch.Tensor, d: int, scale: float,
                          options: dict, device: torch.device, interpret: bool) -> None:
-    """Write the softmax statistics of q [B, H, Nq, d], k [B, H, Nk, d] (aligned: ``aligned_operands``) into
-    ``softmax_stats`` [2, B, H, Nq] with ``_softmax_stats_kernel`` (no mask, scale > 0)."""
+    """Write the softmax statistics of q [B, H, Nq, D <= d] (any strides), k [B, H, Nk, d] (aligned:
+    ``aligned_operands``) into ``softmax_stats`` [2, B, H, Nq] with ``_softmax_stats_kernel`` (no mask,
+    scale > 0)."""
     B, H, Nq, _ = q.shape
     config = softmax_stats_config(d, interpret=interpret)
     num_m = triton.cdiv(Nq, config.BLOCK_M)
     run_on_device(
         _softmax_stats_kernel, (num_m * B * H,), device,
-        q, k, softmax_stats, *q.stride(), *k.stride(), *softmax_stats.stride(), H, Nq, k.shape[2], d, num_m,
+        q, k, softmax_stats, *q.stride(), *k.stride(), *softmax_stats.stride(), H, Nq, k.shape[2], d, q.shape[-1],
+        num_m,
         float(scale) * LOG2E, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_D=config.BLOCK_D,
         EVEN_D=d == config.BLOCK_D, CDT=options["CDT"], DOT_LOWP=options["DOT_LOWP"],
         DOT_PRECISION=options["DOT_PRECISION"], num_warps=config.num_warps, num_stages=config.num_stages,

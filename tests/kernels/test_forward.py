@@ -725,3 +725,27 @@ def test_the_launch_rule_splits_12_heads_reading_statistics():
         assert not split(12, **kw), kw
     # a head dim that is two powers of two: the tile of half the padded width, then the rest
     assert [head_dim_tail(d) for d in (16, 32, 48, 64, 80, 96, 112, 128)] == [0, 0, 16, 0, 16, 32, 0, 0]
+
+
+def test_split_heads_read_q_and_write_the_output_at_their_own_head_dim():
+    """At a head dim such as 35 the split forward copies only k and v (to 48 columns, read at every key block)
+    and reads q and writes O unpadded, once per program (captured for sm_90: q and out are the launch's own
+    tensors, no copy of O); elsewhere q is padded with them and O goes through a padded buffer."""
+    from reattn.kernels.capture import capture_launches
+
+    def launched(h):
+        meta = dict(device="meta", dtype=torch.bfloat16)
+        q, k, v = (torch.empty(2, h, 197, 35, **meta) for _ in range(3))
+        out = torch.empty(2, h, 197, 35, **meta)
+        with capture_launches(90) as launches, OpCounter() as counted:
+            re_attention_forward(q, k, v, torch.empty(h, h, **meta), scale=0.125, out=out)
+        return q, out, launches, [op.name for op in counted.ops]
+
+    q, out, (stats_launch, fwd), ops = launched(12)
+    assert fwd.constexprs()["SPLIT_HEADS"] and fwd.constexprs()["D_TAIL"] == 16
+    assert fwd.bound()["Q"] is q and fwd.bound()["O"] is out and stats_launch.bound()["Q"] is q
+    assert fwd.bound()["D"] == 48 and fwd.bound()["D_Q"] == 35
+    assert ops.count("cat") == 2 and "copy_" not in ops  # k and v padded; O written in place
+    q, out, (stats_launch, fwd), ops = launched(6)
+    assert not fwd.constexprs()["SPLIT_HEADS"] and fwd.bound()["Q"] is not q and fwd.bound()["O"] is not out
+    assert ops.count("cat") == 3 and "copy_" in ops
