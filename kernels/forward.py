@@ -260,9 +260,9 @@ def _halves(x, R: tl.constexpr, K: tl.constexpr, AXIS: tl.constexpr):
 
 @triton.jit
 def _block_diag(w, R: tl.constexpr, K: tl.constexpr, Q: tl.constexpr):
-    """[Q R, Q K]: Q copies of w [R, K] on the diagonal, 0 elsewhere."""
+    """[R Q, K Q]: w [R, K] (x) I_Q, entry ((r, q), (k, q')) = w[r, k] where q = q', else 0."""
     eye = tl.arange(0, Q)[:, None] == tl.arange(0, Q)[None, :]
-    return tl.reshape(tl.where(eye[:, None, :, None], w[None, :, None, :], 0.0), (Q * R, Q * K))
+    return tl.reshape(tl.where(eye[None, :, None, :], w[:, None, :, None], 0.0), (R * Q, K * Q))
 
 
 @triton.jit
@@ -290,24 +290,24 @@ def _register_operand(x, R: tl.constexpr, K: tl.constexpr, DOT_LOWP: tl.constexp
 
 @triton.jit
 def _stack(x, S: tl.constexpr, E: tl.constexpr, Q: tl.constexpr):
-    """x [S, E] -> [Q S, E / Q]: row (q, s) holds the q-th of Q runs of E / Q entries of slot s."""
-    return tl.reshape(tl.permute(tl.reshape(x, (S, Q, E // Q)), (1, 0, 2)), (Q * S, E // Q))
+    """x [S, E] -> [S Q, E / Q]: row (s, q) holds the q-th of Q runs of E / Q entries of slot s."""
+    return tl.reshape(x, (S * Q, E // Q))
 
 
 @triton.jit
 def _unstack(y, S: tl.constexpr, E: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The inverse of ``_stack`` as [S, BLOCK_M, BLOCK_N] (E = BLOCK_M BLOCK_N)."""
-    return tl.reshape(tl.permute(tl.reshape(y, (Q, S, E // Q)), (1, 0, 2)), (S, BLOCK_M, BLOCK_N))
+    return tl.reshape(y, (S, BLOCK_M, BLOCK_N))
 
 
 @triton.jit
 def _split_weights(w_slots, c, HP: tl.constexpr, Q: tl.constexpr, DOT_LOWP: tl.constexpr, CDT: tl.constexpr):
     """The mixing of ``_split_sweep``'s products from w_slots [HP, HP] and c [HP] (``_slot_params``).
 
-    With HA = HP / 2 and HB = HP / 4 heads in the two products, row (q, g) of the stacked map mixes
-    row (q, h) of the stacked probabilities: block-diagonal weights, Q blocks of
-    W[g, h] for (g, h) in (A, A) [Q HA, Q HA], (A, B) [Q HA, Q HB], (B, A) and (B, B), and the
-    biases c repeated Q times ([Q HA], [Q HB]) that start each product's accumulator.
+    With HA = HP / 2 and HB = HP / 4 heads in the two products, row (g, q) of the stacked map mixes
+    rows (h, q) of the stacked probabilities: weights W[G1, G2] (x) I_Q for the head groups (G1, G2) in
+    (A, A) [HA Q, HA Q], (A, B) [HA Q, HB Q], (B, A) and (B, B), and the biases c, each repeated Q times
+    ([HA Q], [HB Q]), that start each product's accumulator.
     """
     HA: tl.constexpr = HP // 2
     HB: tl.constexpr = HP // 4
@@ -318,15 +318,52 @@ def _split_weights(w_slots, c, HP: tl.constexpr, Q: tl.constexpr, DOT_LOWP: tl.c
     w_ba, _ = _halves(w_ba, HA, HA, 0)
     w_bb, _ = _halves(w_bb, HA, HA, 0)
     w_bb, _ = _halves(w_bb, HB, HA, 1)
-    w_aa = _register_operand(_block_diag(w_aa, HA, HA, Q), Q * HA, Q * HA, DOT_LOWP, CDT)
-    w_ab = _register_operand(_block_diag(w_ab, HA, HB, Q), Q * HA, Q * HB, DOT_LOWP, CDT)
-    w_ba = _register_operand(_block_diag(w_ba, HB, HA, Q), Q * HB, Q * HA, DOT_LOWP, CDT)
-    w_bb = _register_operand(_block_diag(w_bb, HB, HB, Q), Q * HB, Q * HB, DOT_LOWP, CDT)
-    c_a, c_b = _halves(tl.reshape(c, (1, HP)), 1, HP, 1)
-    c_b, _ = _halves(c_b, 1, HA, 1)
-    c_a = tl.reshape(tl.broadcast_to(c_a, (Q, HA)), (Q * HA,))
-    c_b = tl.reshape(tl.broadcast_to(c_b, (Q, HB)), (Q * HB,))
+    w_aa = _register_operand(_block_diag(w_aa, HA, HA, Q), HA * Q, HA * Q, DOT_LOWP, CDT)
+    w_ab = _register_operand(_block_diag(w_ab, HA, HB, Q), HA * Q, HB * Q, DOT_LOWP, CDT)
+    w_ba = _register_operand(_block_diag(w_ba, HB, HA, Q), HB * Q, HA * Q, DOT_LOWP, CDT)
+    w_bb = _register_operand(_block_diag(w_bb, HB, HB, Q), HB * Q, HB * Q, DOT_LOWP, CDT)
+    c_a, c_b = _split_vector(c, HP, Q)
     return w_aa, w_ab, w_ba, w_bb, c_a, c_b
+
+
+@triton.jit
+def _split_vector(v, HP: tl.constexpr, Q: tl.constexpr):
+    """A per-slot vector v [HP] at the stacked rows (g, q) of both head groups: ([HA Q], [HB Q])."""
+    HA: tl.constexpr = HP // 2
+    HB: tl.constexpr = HP // 4
+    v_a, v_b = _halves(tl.reshape(v, (1, HP)), 1, HP, 1)
+    v_b, _ = _halves(v_b, 1, HA, 1)
+    v_a = tl.reshape(tl.broadcast_to(tl.reshape(v_a, (HA, 1)), (HA, Q)), (HA * Q,))
+    v_b = tl.reshape(tl.broadcast_to(tl.reshape(v_b, (HB, 1)), (HB, Q)), (HB * Q,))
+    return v_a, v_b
+
+
+@triton.jit
+def _split_layer_norm(ya, yb, gamma_a, gamma_b, beta_a, beta_b, eps, HA: tl.constexpr, HB: tl.constexpr,
+                      Q: tl.constexpr, C: tl.constexpr, APPROX_RSQRT: tl.constexpr):
+    """LayerNorm across the HA + HB heads of every entry of the stacked maps ya [HA Q, C], yb [HB Q, C]
+    (rows (g, q)), then gamma' xhat + beta' per head (``_slot_params``: tau folded in).
+
+    With rows ordered (head, q) a thread's accumulator rows share q and differ in the head, two bits of
+    which are registers and one a lane bit (the product's fragment layout): each sum over the heads is
+    in-register additions and one shuffle, where the (q, head) order took three shuffles. Two passes
+    (mean, then the centered squares: the heads of a collapsing map differ little, and E[x^2] - mean^2
+    would cancel), exact in the computation dtype; 1/std is ``rsqrt.approx`` (relative error below
+    2^-22) next to fp16 products (APPROX_RSQRT), else correctly rounded.
+    """
+    xa = tl.reshape(ya, (HA, Q, C))
+    xb = tl.reshape(yb, (HB, Q, C))
+    mean = (tl.sum(xa, axis=0) + tl.sum(xb, axis=0)) * (1.0 / (HA + HB))
+    xa = xa - mean[None, :, :]
+    xb = xb - mean[None, :, :]
+    var = (tl.sum(xa * xa, axis=0) + tl.sum(xb * xb, axis=0)) * (1.0 / (HA + HB))
+    if APPROX_RSQRT:
+        rstd = tl.math.rsqrt(var + eps)
+    else:
+        rstd = 1.0 / tl.sqrt(var + eps)
+    ya = tl.reshape(xa * rstd[None, :, :], (HA * Q, C)) * gamma_a[:, None] + beta_a[:, None]
+    yb = tl.reshape(xb * rstd[None, :, :], (HB * Q, C)) * gamma_b[:, None] + beta_b[:, None]
+    return ya, yb
 
 
 @triton.jit
@@ -380,8 +417,9 @@ def _split_values(a, acc, acc_t, vt, vtt, D_TAIL: tl.constexpr, DOT_LOWP: tl.con
 
 @triton.jit
 def _split_block(acc_a, acc_b, acc_at, acc_bt, qa, qb, qat, qbt, Kb, Vb, b, ha, hb, rows_a, rows_b, ok_a, ok_b,
-                 start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2,
-                 stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP: tl.constexpr, Q: tl.constexpr,
+                 start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, g_a, g_b, e_a,
+                 e_b, eps, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+                 LAYER: tl.constexpr, HP: tl.constexpr, Q: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_TAIL: tl.constexpr, KEYS_PADDED: tl.constexpr,
                  EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
@@ -408,11 +446,18 @@ def _split_block(acc_a, acc_b, acc_at, acc_bt, qa, qb, qat, qbt, Kb, Vb, b, ha, 
     pb = _split_probs(qk_b, b, hb, rows_b, ok_b, offs_n, N_K, m2b, l2b, scale2, CDT, KEYS_PADDED)
     xa = _stack(tl.reshape(pa.to(MIX_DTYPE), (HA, E)), HA, E, Q)
     xb = _stack(tl.reshape(pb.to(MIX_DTYPE), (HB, E)), HB, E, Q)
-    ya = tl.broadcast_to(c_a[:, None], (Q * HA, E // Q))
+    ya = tl.broadcast_to(c_a[:, None], (HA * Q, E // Q))
     ya = _mm(w_ab, xb, _mm(w_aa, xa, ya, DOT_LOWP, MIX_DTYPE, DOT_PRECISION), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
-    yb = tl.broadcast_to(c_b[:, None], (Q * HB, E // Q))
+    yb = tl.broadcast_to(c_b[:, None], (HB * Q, E // Q))
     yb = _mm(w_bb, xb, _mm(w_ba, xa, yb, DOT_LOWP, MIX_DTYPE, DOT_PRECISION), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
-    # Keys past N_K: the map is c there, and V is 0 (``_load_keys``), so A V gets nothing from them.
+    if LAYER:
+        ya, yb = _split_layer_norm(ya, yb, g_a, g_b, e_a, e_b, eps, HA, HB, Q, E // Q, DOT_LOWP)
+        if KEYS_PADDED:  # the norm of a constant map (c) may divide 0 by 0 at eps = 0: zero those entries
+            key_ok = (start_n + tl.arange(0, E // Q) % BLOCK_N < N_K)[None, :]
+            ya = tl.where(key_ok, ya, 0.0)
+            yb = tl.where(key_ok, yb, 0.0)
+    # Keys past N_K: the map is c there (normalized: 0), and V is 0 (``_load_keys``), so A V gets nothing
+    # from them.
     va, vat = _split_tiles(Vb, ha, offs_n, N_K, offs_d, offs_t, D, stride_vh, stride_vn, stride_vd, D_TAIL, KEYS_PADDED,
                            EVEN_D, CDT, DOT_LOWP)
     if D_TAIL > 0:
@@ -447,22 +492,23 @@ def _split_store(Ob, acc, heads, rows, rows_ok, offs_d, D, stride_oh, stride_om,
 
 
 @triton.jit
-def _split_sweep(Qb, Kb, Vb, Ob, STATSb, w_slots, c, b, row0, N_Q, N_K, D, D_Q, scale2,
+def _split_sweep(Qb, Kb, Vb, Ob, STATSb, w_slots, c, gamma, beta, eps, b, row0, N_Q, N_K, D, D_Q, scale2,
                  stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
                  stride_oh, stride_om, stride_od, stride_sp, stride_sh, stride_sm,
-                 HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 D_TAIL: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
-                 LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 LAYER: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, D_TAIL: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr,
+                 DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The second sweep (statistics given) for H = 3 HP / 4 heads without padding slots.
 
     At H = 12 (HP = 16) the usual sweep computes four padding slots' q.k, exponentials and A V and stages
     their keys and values: a quarter of its shared-memory traffic. Here heads 0..HA-1 (HA = HP / 2) and
     HA..HA+HB-1 (HB = HP / 4) are two batched products each. The mixing still needs every head of an
     entry in one product's K: each group's P [S, E] (E = BLOCK_M BLOCK_N entries) is stacked to
-    [Q S, E / Q] (Q = 16 / HB, so Q HB = 16 is a product's least K) and mixed by block-diagonal weights,
-    Y_A = W_AA X_A + W_AB X_B + c_A and Y_B = W_BA X_A + W_BB X_B + c_B ([Q HA] and [Q HB] rows), whose
-    unstacked rows are the groups' maps. Only norms that are an affine map per head (none, BatchNorm)
-    and no mask, dropout or moments (the launch rule, ``launch.splits_heads``).
+    [S Q, E / Q] (row (h, q): the q-th run of E / Q entries of head h; Q = 16 / HB, so HB Q = 16 is a
+    product's least K; a reshape, no data movement) and mixed by W (x) I_Q weights,
+    Y_A = W_AA X_A + W_AB X_B + c_A and Y_B = W_BA X_A + W_BB X_B + c_B ([HA Q] and [HB Q] rows), whose
+    rows are the groups' maps; with LAYER, LayerNorm across the heads of each entry on those rows
+    (``_split_layer_norm``). No mask, dropout or moments (the launch rule, ``launch.splits_heads``).
 
     The head dim is one tile of BLOCK_D columns or, with D_TAIL > 0, a tile of BLOCK_D / 2 and one of the
     D_TAIL columns after it (``launch.head_dim_tail``: 48 = 32 + 16), so a head dim that is not a power
@@ -512,21 +558,23 @@ def _split_sweep(Qb, Kb, Vb, Ob, STATSb, w_slots, c, b, row0, N_Q, N_K, D, D_Q, 
         l2a = tl.zeros_like(l2a)
         l2b = tl.zeros_like(l2b)
     w_aa, w_ab, w_ba, w_bb, c_a, c_b = _split_weights(w_slots, c, HP, Q, DOT_LOWP, CDT)
+    g_a, g_b = _split_vector(gamma, HP, Q)
+    e_a, e_b = _split_vector(beta, HP, Q)
     acc_a = tl.zeros([HA, BLOCK_M, D_MAIN], CDT)
     acc_b = tl.zeros([HB, BLOCK_M, D_MAIN], CDT)
     n_full = (N_K // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc_a, acc_b, acc_at, acc_bt = _split_block(
             acc_a, acc_b, acc_at, acc_bt, qa, qb, qat, qbt, Kb, Vb, b, ha, hb, rows_a, rows_b, ok_a, ok_b, start_n,
-            N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2, stride_kh, stride_kn,
-            stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M, BLOCK_N, D_TAIL, False, EVEN_D, CDT, DOT_LOWP,
-            LOWP_DTYPE, DOT_PRECISION)
+            N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, g_a, g_b, e_a, e_b, eps,
+            scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, LAYER, HP, Q, BLOCK_M, BLOCK_N,
+            D_TAIL, False, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     if n_full < N_K:
         acc_a, acc_b, acc_at, acc_bt = _split_block(
             acc_a, acc_b, acc_at, acc_bt, qa, qb, qat, qbt, Kb, Vb, b, ha, hb, rows_a, rows_b, ok_a, ok_b, n_full,
-            N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2, stride_kh, stride_kn,
-            stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M, BLOCK_N, D_TAIL, True, EVEN_D, CDT, DOT_LOWP,
-            LOWP_DTYPE, DOT_PRECISION)
+            N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, g_a, g_b, e_a, e_b, eps,
+            scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, LAYER, HP, Q, BLOCK_M, BLOCK_N,
+            D_TAIL, True, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     _split_store(Ob, acc_a, ha, rows_a, ok_a, offs_d, D_Q, stride_oh, stride_om, stride_od)
     _split_store(Ob, acc_b, hb, rows_b, ok_b, offs_d, D_Q, stride_oh, stride_om, stride_od)
     if D_TAIL > 0:
@@ -602,11 +650,12 @@ def _re_attention_fwd_kernel(
     if BN_EVAL:
         w_slots, c = _eval_batchnorm_fold(w_slots, c, gamma, beta, BN, RV, head, slot_ok, H, stride_bn, stride_rv,
                                           out_scale, eps, HP, G, CDT, BIAS_SLOT)
-    if SPLIT_HEADS:  # statistics given, an affine norm per head, no mask, dropout or moments (splits_heads)
-        _split_sweep(Qb, Kb, Vb, O + b * stride_ob, STATSb, w_slots, c, b, (pid % NUM_PROGRAMS_M) * BLOCK_M, N_Q,
-                     N_K, D, D_Q, scale2, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh,
-                     stride_vn, stride_vd, stride_oh, stride_om, stride_od, stride_sp, stride_sh, stride_sm, HP,
-                     BLOCK_M, BLOCK_N, BLOCK_D, D_TAIL, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    if SPLIT_HEADS:  # 12 heads, statistics given, no mask, dropout or moments (TileConfig.splits_heads)
+        _split_sweep(Qb, Kb, Vb, O + b * stride_ob, STATSb, w_slots, c, gamma, beta, eps, b,
+                     (pid % NUM_PROGRAMS_M) * BLOCK_M, N_Q, N_K, D, D_Q, scale2, stride_qh, stride_qm, stride_qd,
+                     stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_oh, stride_om, stride_od,
+                     stride_sp, stride_sh, stride_sm, NORM == 1, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_TAIL, EVEN_D, CDT,
+                     DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     else:
         group_mean = _group_mean(H, slot_ok, HP, CDT)
 
@@ -942,7 +991,7 @@ def re_attention_forward(
     config.check_heads(H, "re_attention_forward")
     num_m = config.programs_per_batch(Nq)
     d_chunks = triton.cdiv(Dp, config.BLOCK_D)
-    split_heads = config.splits_heads(H, stats_given=stats_given or separate_stats, norm=norm,
+    split_heads = config.splits_heads(H, Dp, stats_given=stats_given or separate_stats, norm=norm,
                                       masked=mask_kind != MASK_NONE, has_dropout=has_dropout, moments=with_moments,
                                       d_chunks=d_chunks)
     if split_heads and max(batch_span(q), batch_span(out)) <= INT32_SPAN:

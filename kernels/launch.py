@@ -119,16 +119,17 @@ class TileConfig:
         dropout (the slot's P is 1 wherever kept only without it), so the tensor cores add it."""
         return self.G * h < self.HP and not has_dropout and has_bias
 
-    def splits_heads(self, h: int, *, stats_given: bool, norm: str, masked: bool, has_dropout: bool, moments: bool,
-                     d_chunks: int) -> bool:
+    def splits_heads(self, h: int, d: int, *, stats_given: bool, norm: str, masked: bool, has_dropout: bool,
+                     moments: bool, d_chunks: int) -> bool:
         """Whether the forward runs ``forward._split_sweep``: 12 heads in 16 slots as two products of 8 and 4
-        heads, without the 4 padding slots. Only reading given statistics, with an affine norm per head
-        (none, BatchNorm: folded into the mixing), no mask, no dropout, no moments, and the head dim in
-        one tile. The sweep is written for any h = 3 HP / 4, but 24 heads (32 slots) are not a class of
-        the launch scan (benchmarks/launch_scan.py), so their compiles are unchecked for spills; at 8
-        slots (6 heads) the two- and four-head products would split their keys over warp pairs, and
-        re-read q from shared memory at every key block."""
-        return (self.HP == 16 and h == 12 and self.G == 1 and stats_given and norm != "layer" and not masked
+        heads, without the 4 padding slots. Only reading given statistics, no mask, no dropout, no
+        moments, and the head dim (d, as the kernels see it) in one tile; LayerNorm up to d = 48 (at 64
+        the split LayerNorm forward spilled 48 B, sm_90). The sweep is written for any h = 3 HP / 4, but
+        24 heads (32 slots) are not a class of the launch scan (benchmarks/launch_scan.py), so their
+        compiles are unchecked for spills; at 8 slots (6 heads) the two- and four-head products would
+        split their keys over warp pairs, and re-read q from shared memory at every key block."""
+        return (self.HP == 16 and h == 12 and self.G == 1 and stats_given and not masked
+                and (norm != "layer" or d <= 48)
                 and not has_dropout and not moments and d_chunks == 1)
 
     def check_heads(self, h: int, where: str) -> None:
@@ -317,13 +318,14 @@ def splits_softmax_stats(variant: str, element_size: int, scale: float, h: int, 
 
     Not where the forward reading the statistics spilled more than the one-launch forward (launch
     scan, sm_90, at the stages ``forward_config`` gives it): the LayerNorm forward at 16 or 32 slots
-    and D = 32 (0 -> 8 B per thread at 16 slots, 96 -> 104 B at 32) and the moments at 32 slots and
-    D = 16 (456 -> 464 B).
+    and D = 32 (0 -> 8 B per thread at 16 slots, 96 -> 104 B at 32), but at 12 heads, whose forward
+    reading the statistics is the split sweep (``TileConfig.splits_heads``), and the moments at 32
+    slots and D = 16 (456 -> 464 B).
     """
     if not (variant in ("plain", "layer") and element_size == 2 and scale > 0):
         return False
     hp, block_d = padded_slots(h), padded_head_dim(d)
-    if variant == "layer" and hp >= 16 and block_d == 32:
+    if variant == "layer" and hp >= 16 and block_d == 32 and h != 12:
         return False
     return not (moments and hp == 32 and block_d == 16)
 

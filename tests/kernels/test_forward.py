@@ -586,15 +586,16 @@ def test_the_launch_rule_separates_the_statistics_of_unmasked_16_bit_calls():
     mask = torch.empty(197, 197, dtype=torch.bool, device="meta")
     seed = torch.empty(1, dtype=torch.int64, device="meta")
     for kw in (dict(attn_mask=mask), dict(dropout_p=0.1, seed=seed), dict(dtype=torch.float32), dict(scale=-0.125),
-               dict(norm="layer", d=32)):
+               dict(norm="layer", d=32, h=16)):
         (only,) = launched(**kw)
         assert only.name == "_re_attention_fwd_kernel" and not only.constexprs()["STATS_GIVEN"]
     assert splits_softmax_stats("plain", 2, 0.1, 6, 64) and splits_softmax_stats("layer", 2, 0.1, 6, 64)
     assert not splits_softmax_stats("heavy", 2, 0.1, 6, 64) and not splits_softmax_stats("plain", 4, 0.1, 6, 64)
     assert not splits_softmax_stats("plain", 2, 0.0, 6, 64)
     # where the forward reading the statistics spilled more (the launch scan): LayerNorm at 16 or 32 slots with
-    # 32-wide head-dim tiles, the moments at 32 slots with 16-wide ones
-    assert [splits_softmax_stats("layer", 2, 0.1, h, 32) for h in (6, 12, 32)] == [True, False, False]
+    # 32-wide head-dim tiles (but 12 heads, whose forward reading them is the split sweep), the moments at 32
+    # slots with 16-wide ones
+    assert [splits_softmax_stats("layer", 2, 0.1, h, 32) for h in (6, 12, 16, 32)] == [True, True, False, False]
     assert splits_softmax_stats("layer", 2, 0.1, 32, 64)  # 32-wide head-dim chunks of D = 64 do split
     assert splits_softmax_stats("layer", 2, 0.1, 12, 64) and splits_softmax_stats("plain", 2, 0.1, 12, 32)
     assert not splits_softmax_stats("plain", 2, 0.1, 32, 16, moments=True)
@@ -671,7 +672,7 @@ def _split_spy(monkeypatch):
 ])
 def test_split_heads_match_the_reference(monkeypatch, dtype, B, H, Nq, Nk, D, mix_bias):
     """12 heads with given statistics: heads 0-7 and 8-11 in two products, the mixing of the stacked maps by
-    block-diagonal weights (``_split_sweep``), for norm none, training BatchNorm (given
+    block-diagonal weights (and LayerNorm across their rows) (``_split_sweep``), for norm none, training BatchNorm (given
     batch statistics) and eval BatchNorm (running statistics). Against float64 truths, with the tolerance of
     ``test_separate_statistics_match_the_fused_sweep``; every launch took the split sweep, with a head-dim
     tail where the (padded) head dim is 48."""
@@ -685,6 +686,7 @@ def test_split_heads_match_the_reference(monkeypatch, dtype, B, H, Nq, Nk, D, mi
     eps = torch.finfo(dtype if interpreting() else torch.float32).eps
     cases = (
         (dict(norm="none"), dict(norm="none")),
+        (dict(norm="layer"), dict(norm="layer")),
         (dict(norm="batch", batch_stats=batch_stats),
          dict(norm="batch", running_mean=mean, running_var=var, training=False)),  # the same affine map
         (dict(norm="batch", running_mean=mean, running_var=var),
@@ -694,34 +696,37 @@ def test_split_heads_match_the_reference(monkeypatch, dtype, B, H, Nq, Nk, D, mi
         out, stats = run_kernel(inp, out_scale=0.7, separate_stats=True, **kernel_args)
         ref = run_ref(inp, out_scale=0.7, **ref_args)
         assert max_err(out, ref) <= 4 * eps * (D + Nk + H) * max(1.0, ref.abs().max().item())
-    assert seen == [(True, 16 if D == 35 else 0)] * len(cases)
+    # LayerNorm splits up to a (padded) head dim of 48
+    assert seen == [(norm != "layer" or D <= 48, 16 if D == 35 else 0) for norm in ("none", "layer", "batch", "batch")]
 
 
 def test_split_heads_with_fp16_products_within_twice_eager_error(monkeypatch):
     """fp16 tensor-core operands (the GPU path, which the interpreter runs for fp16): the mixing weights
     held as product results, q of the larger group in registers, P and the weights in fp16 for the
-    mixing; within twice eager fp16's error of the float64 truth."""
+    mixing; within twice eager fp16's error of the float64 truth, with and without LayerNorm."""
     seen = _split_spy(monkeypatch)
     low = make_inputs(2, 12, 33, 40, 48, torch.float16)
-    out16, _ = run_kernel(low, norm="none", out_scale=0.7, separate_stats=True, lowp_dot=True)
-    truth = run_ref(low, norm="none", out_scale=0.7)
-    eager = run_ref(low, norm="none", out_scale=0.7, dtype=torch.float16)
-    assert seen == [(True, 16)]
-    assert max_err(out16, truth) <= 2 * max_err(eager, truth) + 1e-6
+    for norm in ("none", "layer"):
+        out16, _ = run_kernel(low, norm=norm, out_scale=0.7, separate_stats=True, lowp_dot=True)
+        truth = run_ref(low, norm=norm, out_scale=0.7)
+        eager = run_ref(low, norm=norm, out_scale=0.7, dtype=torch.float16)
+        assert max_err(out16, truth) <= 2 * max_err(eager, truth) + 1e-6, norm
+    assert seen == [(True, 16), (True, 16)]
 
 
 def test_the_launch_rule_splits_12_heads_reading_statistics():
-    """``TileConfig.splits_heads``: 12 heads in 16 slots, statistics given, an affine norm per head (none,
-    BatchNorm), no mask, dropout or moments, the head dim in one tile."""
+    """``TileConfig.splits_heads``: 12 heads in 16 slots, statistics given, no mask, dropout or moments, the
+    head dim in one tile; LayerNorm up to a head dim of 48."""
     def split(h, d=64, **kw):
         args = dict(stats_given=True, norm="none", masked=False, has_dropout=False, moments=False, d_chunks=1)
         args.update(kw)
-        return forward_config(197, 197, d, h, interpret=False, variant="plain").splits_heads(h, **args)
+        return forward_config(197, 197, d, h, interpret=False, variant="plain").splits_heads(h, d, **args)
 
     assert [split(h) for h in (3, 6, 9, 12, 16, 24, 32)] == [False, False, False, True, False, False, False]
     assert split(12, norm="batch") and split(12, d=32)
-    for kw in (dict(stats_given=False), dict(norm="layer"), dict(masked=True), dict(has_dropout=True),
-               dict(moments=True), dict(d_chunks=2)):
+    assert [split(12, d, norm="layer") for d in (16, 32, 48, 64)] == [True, True, True, False]
+    for kw in (dict(stats_given=False), dict(masked=True), dict(has_dropout=True), dict(moments=True),
+               dict(d_chunks=2)):
         assert not split(12, **kw), kw
     # a head dim that is two powers of two: the tile of half the padded width, then the rest
     assert [head_dim_tail(d) for d in (16, 32, 48, 64, 80, 96, 112, 128)] == [0, 0, 16, 0, 16, 32, 0, 0]
