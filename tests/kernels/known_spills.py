@@ -125,7 +125,6 @@ KNOWN_SPILLS = {
     "sm86-forward-heavy-h32-d32-forward": 312,
     "sm86-forward-heavy-h32-d64-forward": 504,
     "sm86-forward-heavy-h32-d128-forward": 536,
-    "sm86-forward-layer-h12-d32-forward": 8,
     "sm86-forward-layer-h32-d128-forward": 40,
     "sm86-gram-heavy-h12-d16-gram": 88,
     "sm86-gram-heavy-h12-d32-gram": 264,
