@@ -671,11 +671,11 @@ def _split_spy(monkeypatch):
     (1, 12, 197, 197, 32, True),  # ViT length
 ])
 def test_split_heads_match_the_reference(monkeypatch, dtype, B, H, Nq, Nk, D, mix_bias):
-    """12 heads with given statistics: heads 0-7 and 8-11 in two products, the mixing of the stacked maps by
-    block-diagonal weights (and LayerNorm across their rows) (``_split_sweep``), for norm none, training BatchNorm (given
-    batch statistics) and eval BatchNorm (running statistics). Against float64 truths, with the tolerance of
-    ``test_separate_statistics_match_the_fused_sweep``; every launch took the split sweep, with a head-dim
-    tail where the (padded) head dim is 48."""
+    """12 heads with given statistics: heads 0-7 and 8-11 in two products, the stacked maps mixed by W (x) I
+    weights (``_split_sweep``), for norm none, LayerNorm, training BatchNorm (given batch statistics) and
+    eval BatchNorm (running statistics). Against float64 truths, with the tolerance of
+    ``test_separate_statistics_match_the_fused_sweep``; every launch took the split sweep (LayerNorm up to
+    a padded head dim of 48), with a head-dim tail where the padded head dim is 48."""
     seen = _split_spy(monkeypatch)
     inp = make_inputs(B, H, Nq, Nk, D, dtype, mix_bias=mix_bias)
     g = torch.Generator().manual_seed(7)
