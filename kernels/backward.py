@@ -39,9 +39,11 @@ import triton.language as tl
 
 from .common import (_group_mean, _layer_norm, _live_zero, _load_keys, _load_row_stats, _load_rows, _mix, _mm,
                      _probs, _product_result, _scores, _scores_product, _slot_params, _slot_rows)
-from .forward import (_NORMS, accumulator_dtype, aligned_operands, dropout_arguments, launch_options, mask_arguments,
-                      slot_groups, slot_sums_to_heads)
-from .launch import TileConfig, backward_config, device_shared_limit, interpreting, run_on_device, variant_of
+from .forward import (_NORMS, _block_diag, _halves, _split_probs, _split_queries, _split_scores, _split_store,
+                      _split_tiles, _stack, _unstack, accumulator_dtype, aligned_operands, dropout_arguments,
+                      launch_options, mask_arguments, slot_groups, slot_sums_to_heads)
+from .launch import (TileConfig, backward_config, device_shared_limit, head_dim_tail, interpreting, padded_head_dim,
+                     run_on_device, splits_backward_heads, variant_of)
 
 
 @triton.jit
@@ -168,6 +170,216 @@ def _dq_block(x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, 
 
 
 @triton.jit
+def _held_weights(x, R: tl.constexpr, K: tl.constexpr, DTYPE: tl.constexpr):
+    """Mixing weights x [R, K] (R = 16 or 32) in DTYPE as a product's left operand held in registers: each 16-row
+    half the result of I @ half (exact; see ``forward._register_operand``, whose weights are fp16 only)."""
+    eye = (tl.arange(0, 16)[:, None] == tl.arange(0, 16)[None, :]).to(DTYPE)
+    if R == 16:
+        y = tl.dot(eye, x.to(DTYPE), tl.zeros([16, K], tl.float32)).to(DTYPE)
+    else:
+        top, bottom = _halves(x, R, K, 0)
+        top = tl.dot(eye, top.to(DTYPE), tl.zeros([16, K], tl.float32)).to(DTYPE)
+        bottom = tl.dot(eye, bottom.to(DTYPE), tl.zeros([16, K], tl.float32)).to(DTYPE)
+        y = tl.reshape(tl.permute(tl.join(top, bottom), (2, 0, 1)), (R, K))
+    return y
+
+
+@triton.jit
+def _split_gradient_weights(w_slots, HP: tl.constexpr, Q: tl.constexpr, DOT_LOWP: tl.constexpr,
+                            LOWP_DTYPE: tl.constexpr, CDT: tl.constexpr):
+    """W^T (x) I_Q in the four blocks of the two head groups (``forward._split_weights``), for dP = W^T dM on the
+    stacked rows: (AA [HA Q, HA Q], AB [HA Q, HB Q], BA, BB), in the input dtype with DOT_LOWP (gradients have
+    no bounded range: not fp16 for bf16 inputs), else CDT."""
+    HA: tl.constexpr = HP // 2
+    HB: tl.constexpr = HP // 4
+    top, bottom = _halves(tl.trans(w_slots), HP, HP, 0)
+    t_aa, t_ab = _halves(top, HA, HP, 1)
+    t_ba, t_bb = _halves(bottom, HA, HP, 1)
+    t_ab, _ = _halves(t_ab, HA, HA, 1)
+    t_ba, _ = _halves(t_ba, HA, HA, 0)
+    t_bb, _ = _halves(t_bb, HA, HA, 0)
+    t_bb, _ = _halves(t_bb, HB, HA, 1)
+    t_aa = _block_diag(t_aa, HA, HA, Q)
+    t_ab = _block_diag(t_ab, HA, HB, Q)
+    t_ba = _block_diag(t_ba, HB, HA, Q)
+    t_bb = _block_diag(t_bb, HB, HB, Q)
+    if DOT_LOWP:
+        t_aa = _held_weights(t_aa, HA * Q, HA * Q, LOWP_DTYPE)
+        t_ab = _held_weights(t_ab, HA * Q, HB * Q, LOWP_DTYPE)
+        t_ba = _held_weights(t_ba, HB * Q, HA * Q, LOWP_DTYPE)
+        t_bb = _held_weights(t_bb, HB * Q, HB * Q, LOWP_DTYPE)
+    return t_aa, t_ab, t_ba, t_bb
+
+
+@triton.jit
+def _split_keys_product(x, kt, ktt, acc, acc_t, D_TAIL: tl.constexpr, DOT_LOWP: tl.constexpr,
+                        LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += x K over the head dim's tile, acc_t += x K over its tail (D_TAIL), from K transposed (kt, ktt, as
+    q.k read them: the one staged tile serves both products)."""
+    acc = _mm(x, tl.permute(kt, (0, 2, 1)), acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    if D_TAIL > 0:
+        acc_t = _mm(x, tl.permute(ktt, (0, 2, 1)), acc_t, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    return acc, acc_t
+
+
+@triton.jit
+def _split_dq_block(xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb,
+                    rows_a, rows_b, ok_a, ok_b, start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab,
+                    t_ba, t_bb, out_scale, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+                    HP: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    D_TAIL: tl.constexpr, KEYS_PADDED: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr,
+                    DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    CORRECTION: tl.constexpr):
+    """One key block of ``_split_dq_sweep``. First sweep: P, dN = out_scale dO V^T, dP = W^T dN on the stacked
+    rows, X += (P dP) K and delta += rowsum(P dP) per head group. Second sweep (CORRECTION, delta complete):
+    X -= (delta P) K."""
+    HA: tl.constexpr = HP // 2
+    HB: tl.constexpr = HP // 4
+    E: tl.constexpr = BLOCK_M * BLOCK_N
+    MIX_DTYPE: tl.constexpr = LOWP_DTYPE if DOT_LOWP else CDT
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    ka, kat = _split_tiles(Kb, ha, offs_n, N_K, offs_d, offs_t, D, stride_kh, stride_kn, stride_kd, D_TAIL, KEYS_PADDED,
+                           EVEN_D, CDT, DOT_LOWP)
+    kb, kbt = _split_tiles(Kb, hb, offs_n, N_K, offs_d, offs_t, D, stride_kh, stride_kn, stride_kd, D_TAIL, KEYS_PADDED,
+                           EVEN_D, CDT, DOT_LOWP)
+    qk_a = _split_scores(qa, qat, ka, kat, HA, BLOCK_M, BLOCK_N, D_TAIL, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    qk_b = _split_scores(qb, qbt, kb, kbt, HB, BLOCK_M, BLOCK_N, D_TAIL, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    pa = _split_probs(qk_a, b, ha, rows_a, ok_a, offs_n, N_K, m2a, l2a, scale2, CDT, KEYS_PADDED)
+    pb = _split_probs(qk_b, b, hb, rows_b, ok_b, offs_n, N_K, m2b, l2b, scale2, CDT, KEYS_PADDED)
+    if CORRECTION:
+        ga = -(pa * delta_a[:, :, None])
+        gb = -(pb * delta_b[:, :, None])
+    else:
+        # Keys past N_K: V loads as 0 there, so dN is 0, and P is 0.
+        va, vat = _split_tiles(Vb, ha, offs_n, N_K, offs_d, offs_t, D, stride_vh, stride_vn, stride_vd, D_TAIL,
+                               KEYS_PADDED, EVEN_D, CDT, DOT_LOWP)
+        vb, vbt = _split_tiles(Vb, hb, offs_n, N_K, offs_d, offs_t, D, stride_vh, stride_vn, stride_vd, D_TAIL,
+                               KEYS_PADDED, EVEN_D, CDT, DOT_LOWP)
+        dn_a = _split_scores(doa, doat, va, vat, HA, BLOCK_M, BLOCK_N, D_TAIL, CDT, DOT_LOWP, LOWP_DTYPE,
+                             DOT_PRECISION)
+        dn_b = _split_scores(dob, dobt, vb, vbt, HB, BLOCK_M, BLOCK_N, D_TAIL, CDT, DOT_LOWP, LOWP_DTYPE,
+                             DOT_PRECISION)
+        xs_a = _stack(tl.reshape(dn_a.to(MIX_DTYPE), (HA, E)), HA, E, Q)
+        xs_b = _stack(tl.reshape(dn_b.to(MIX_DTYPE), (HB, E)), HB, E, Q)
+        dp_a = _mm(t_ab, xs_b, _mm(t_aa, xs_a, tl.zeros([HA * Q, E // Q], CDT), DOT_LOWP, MIX_DTYPE, DOT_PRECISION),
+                   DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
+        dp_b = _mm(t_bb, xs_b, _mm(t_ba, xs_a, tl.zeros([HB * Q, E // Q], CDT), DOT_LOWP, MIX_DTYPE, DOT_PRECISION),
+                   DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
+        ga = pa * _unstack(dp_a, HA, E, Q, BLOCK_M, BLOCK_N)
+        gb = pb * _unstack(dp_b, HB, E, Q, BLOCK_M, BLOCK_N)
+        delta_a += tl.sum(ga, axis=2)
+        delta_b += tl.sum(gb, axis=2)
+    xa, xat = _split_keys_product(ga, ka, kat, xa, xat, D_TAIL, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    xb, xbt = _split_keys_product(gb, kb, kbt, xb, xbt, D_TAIL, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    return xa, xb, xat, xbt, delta_a, delta_b
+
+
+@triton.jit
+def _split_dq_sweep(Qb, Kb, Vb, DOb, DQb, DELTAb, STATSb, w_slots, out_scale, b, row0, N_Q, N_K, D, scale2, dq_scale,
+                    stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+                    stride_doh, stride_dom, stride_dod, stride_dqh, stride_dqm, stride_dqd, stride_sp, stride_sh,
+                    stride_sm, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    D_TAIL: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
+                    LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ):
+    """dQ and delta for H = 3 HP / 4 heads without padding slots (the forward's ``_split_sweep`` layout: heads
+    0..HA-1 and HA..HA+HB-1 as two batched products, their maps stacked for the mixing; docs/math.md).
+
+    Two accumulators of 16 slots at D = 64 (X and Y of the usual sweep) do not fit a program's registers,
+    which split the head dim over programs that each recomputed the whole map. Here one accumulator per group
+    holds dQ / scale over the whole head dim, in two sweeps over the keys: the first adds (P dP) K and sums
+    delta = rowsum(P dP); the second, with delta complete, subtracts (delta P) K. That is X - delta Y with
+    the second sweep's q.k and exponentials in place of a second accumulator and the first's Y product.
+    No norm (eval BatchNorm arrives folded), mask or dropout (``launch.TileConfig.splits_heads``).
+    """
+    HA: tl.constexpr = HP // 2
+    HB: tl.constexpr = HP // 4
+    Q: tl.constexpr = 16 // HB
+    D_MAIN: tl.constexpr = BLOCK_D // 2 if D_TAIL > 0 else BLOCK_D
+    TAIL_W: tl.constexpr = D_TAIL if D_TAIL > 0 else 16  # offs_t is unused without a tail
+    ha = tl.arange(0, HA)
+    hb = HA + tl.arange(0, HB)
+    offs_d = tl.arange(0, D_MAIN)
+    offs_t = D_MAIN + tl.arange(0, TAIL_W)
+    rows_a = row0 + tl.zeros([HA, 1], tl.int32) + tl.arange(0, BLOCK_M)[None, :]
+    rows_b = row0 + tl.zeros([HB, 1], tl.int32) + tl.arange(0, BLOCK_M)[None, :]
+    ok_a = rows_a < N_Q
+    ok_b = rows_b < N_Q
+    # The 8-head group's q and dO in registers (a head a warp); the 4-head group's re-read from shared memory
+    # (its products split the keys over warp pairs: see forward._split_sweep).
+    qa = _split_queries(Qb, ha, rows_a, ok_a, offs_d, D, stride_qh, stride_qm, stride_qd, HA, BLOCK_M, D_MAIN,
+                        DOT_LOWP, CDT, DOT_LOWP)
+    qb = _split_queries(Qb, hb, rows_b, ok_b, offs_d, D, stride_qh, stride_qm, stride_qd, HB, BLOCK_M, D_MAIN, False,
+                        CDT, DOT_LOWP)
+    doa = _split_queries(DOb, ha, rows_a, ok_a, offs_d, D, stride_doh, stride_dom, stride_dod, HA, BLOCK_M, D_MAIN,
+                         DOT_LOWP, CDT, DOT_LOWP)
+    dob = _split_queries(DOb, hb, rows_b, ok_b, offs_d, D, stride_doh, stride_dom, stride_dod, HB, BLOCK_M, D_MAIN,
+                         False, CDT, DOT_LOWP)
+    if D_TAIL > 0:
+        qat = _split_queries(Qb, ha, rows_a, ok_a, offs_t, D, stride_qh, stride_qm, stride_qd, HA, BLOCK_M, D_TAIL,
+                             DOT_LOWP, CDT, DOT_LOWP)
+        qbt = _split_queries(Qb, hb, rows_b, ok_b, offs_t, D, stride_qh, stride_qm, stride_qd, HB, BLOCK_M, D_TAIL,
+                             False, CDT, DOT_LOWP)
+        doat = _split_queries(DOb, ha, rows_a, ok_a, offs_t, D, stride_doh, stride_dom, stride_dod, HA, BLOCK_M,
+                              D_TAIL, DOT_LOWP, CDT, DOT_LOWP)
+        dobt = _split_queries(DOb, hb, rows_b, ok_b, offs_t, D, stride_doh, stride_dom, stride_dod, HB, BLOCK_M,
+                              D_TAIL, False, CDT, DOT_LOWP)
+        xat = tl.zeros([HA, BLOCK_M, D_TAIL], CDT)
+        xbt = tl.zeros([HB, BLOCK_M, D_TAIL], CDT)
+    else:  # no tail: scalars stand for its tiles
+        qat = 0.0
+        qbt = 0.0
+        doat = 0.0
+        dobt = 0.0
+        xat = tl.zeros([], CDT)
+        xbt = tl.zeros([], CDT)
+    m2a, l2a = _load_row_stats(STATSb, ha >= 0, rows_a, ok_a, ha, stride_sp, stride_sh, stride_sm, CDT)
+    m2b, l2b = _load_row_stats(STATSb, hb >= 0, rows_b, ok_b, hb, stride_sp, stride_sh, stride_sm, CDT)
+    if DOT_LOWP:
+        # P = 2^(S2 - (m2 + l2)) in one fused multiply-add, as the forward's split sweep.
+        m2a = m2a + l2a
+        m2b = m2b + l2b
+        l2a = tl.zeros_like(l2a)
+        l2b = tl.zeros_like(l2b)
+    t_aa, t_ab, t_ba, t_bb = _split_gradient_weights(w_slots * out_scale, HP, Q, DOT_LOWP, LOWP_DTYPE, CDT)
+    xa = tl.zeros([HA, BLOCK_M, D_MAIN], CDT)
+    xb = tl.zeros([HB, BLOCK_M, D_MAIN], CDT)
+    delta_a = tl.zeros([HA, BLOCK_M], CDT)
+    delta_b = tl.zeros([HB, BLOCK_M], CDT)
+    n_full = (N_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        xa, xb, xat, xbt, delta_a, delta_b = _split_dq_block(
+            xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb, rows_a,
+            rows_b, ok_a, ok_b, start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb,
+            out_scale, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M,
+            BLOCK_N, D_TAIL, False, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, False)
+    if n_full < N_K:
+        xa, xb, xat, xbt, delta_a, delta_b = _split_dq_block(
+            xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb, rows_a,
+            rows_b, ok_a, ok_b, n_full, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb,
+            out_scale, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M,
+            BLOCK_N, D_TAIL, True, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, False)
+    for start_n in range(0, n_full, BLOCK_N):
+        xa, xb, xat, xbt, delta_a, delta_b = _split_dq_block(
+            xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb, rows_a,
+            rows_b, ok_a, ok_b, start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb,
+            out_scale, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M,
+            BLOCK_N, D_TAIL, False, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, True)
+    if n_full < N_K:
+        xa, xb, xat, xbt, delta_a, delta_b = _split_dq_block(
+            xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb, rows_a,
+            rows_b, ok_a, ok_b, n_full, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb,
+            out_scale, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M,
+            BLOCK_N, D_TAIL, True, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, True)
+    _split_store(DQb, xa * dq_scale, ha, rows_a, ok_a, offs_d, D, stride_dqh, stride_dqm, stride_dqd)
+    _split_store(DQb, xb * dq_scale, hb, rows_b, ok_b, offs_d, D, stride_dqh, stride_dqm, stride_dqd)
+    if D_TAIL > 0:
+        _split_store(DQb, xat * dq_scale, ha, rows_a, ok_a, offs_t, D, stride_dqh, stride_dqm, stride_dqd)
+        _split_store(DQb, xbt * dq_scale, hb, rows_b, ok_b, offs_t, D, stride_dqh, stride_dqm, stride_dqd)
+    tl.store(DELTAb + (ha[:, None] * N_Q + rows_a), delta_a, mask=ok_a)
+    tl.store(DELTAb + (hb[:, None] * N_Q + rows_b), delta_b, mask=ok_b)
+
+
+@triton.jit
 def _re_attention_bwd_dq_kernel(
     Q, K, V, W, C, NW, NB, BN, MASK, SEED, STATS, DO, DQ, DELTA, SUMS,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -186,9 +398,25 @@ def _re_attention_bwd_dq_kernel(
     HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, SUMS_ONLY: tl.constexpr,
     CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
     RELOAD_Q: tl.constexpr, TIE_CHUNKS: tl.constexpr, ROUND_DP: tl.constexpr, DELTA_3D: tl.constexpr,
+    SPLIT_HEADS: tl.constexpr, D_TAIL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // NUM_PROGRAMS_M).to(tl.int64)
+    if SPLIT_HEADS:
+        offs_s = tl.arange(0, HP)
+        w_slots, _, _, _ = _slot_params(W, C, NW, NB, BN, offs_s % H, offs_s < H, H, out_scale, stride_wg, stride_wh,
+                                        stride_c, stride_nw, stride_nb, HP, G, CDT, False, 0, False, False, False,
+                                        False)
+        # dQ = scale X with scale = scale2 / log2(e), taken here: a float passed to a called function is fp32 in
+        # the interpreter (fp64 inputs' dQ then erred 2e-8).
+        _split_dq_sweep(Q + b * stride_qb, K + b * stride_kb, V + b * stride_vb, DO + b * stride_dob,
+                        DQ + b * stride_dqb, DELTA + b * H * N_Q, STATS + b * stride_sb, w_slots, out_scale, b,
+                        (pid % NUM_PROGRAMS_M) * BLOCK_M, N_Q, N_K, D, scale2, scale2 * 0.6931471805599453,
+                        stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
+                        stride_vd, stride_doh, stride_dom, stride_dod, stride_dqh, stride_dqm, stride_dqd, stride_sp,
+                        stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_TAIL, EVEN_D, CDT, DOT_LOWP,
+                        Q.dtype.element_ty, DOT_PRECISION)
+        return
     head, slot_ok, rows, rows_ok = _slot_rows((pid % NUM_PROGRAMS_M) * (G * BLOCK_M), H, N_Q, HP, G, BLOCK_M)
     pid_d = tl.program_id(1)  # head-dim chunk of dQ this program writes
     LOWP_DTYPE: tl.constexpr = Q.dtype.element_ty
@@ -556,27 +784,33 @@ def _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, d
     Nk = k.shape[2]
     device = q.device
     interpret = interpreting()
+    split = not sums_only and splits_backward_heads(H, D, norm=norm, masked=attn_mask is not None,
+                                                    has_dropout=dropout_p > 0, element_size=q.element_size(),
+                                                    interpret=interpret)
     if config is None:
         config = backward_config(Nq, Nk, D, H, interpret=interpret, shared_limit=device_shared_limit(device),
                                  element_size=q.element_size(), kernel="dq",
-                                 variant=variant_of(norm, attn_mask is not None, dropout_p > 0))
+                                 variant=variant_of(norm, attn_mask is not None, dropout_p > 0), split_heads=split)
     config.check_heads(H, "re_attention_backward (dQ)")
+    # A given config takes the split sweep where its tiles are the split's: one row group, the whole head dim.
+    split = split and config.HP == 16 and config.G == 1 and config.BLOCK_D >= padded_head_dim(D)
     options = launch_options(q, lowp_dot, False, interpret)
     mask, mask_strides, seed_arg, c, nw, nb, flags = _launch_args(q, k, v, mix_weight, mix_bias, norm_weight,
                                                                   norm_bias, attn_mask, dropout_p, seed, norm)
     variant = variant_of(norm, attn_mask is not None, dropout_p > 0)
     num_m = config.programs_per_batch(Nq)
-    d_chunks = 1 if sums_only else triton.cdiv(D, config.BLOCK_D)
+    d_chunks = 1 if sums_only or split else triton.cdiv(D, config.BLOCK_D)
     run_on_device(
         _re_attention_bwd_dq_kernel, (num_m * B, d_chunks), device,
         q, k, v, mix_weight, c, nw, nb, bn, mask, seed_arg, softmax_stats, grad_out, dq, delta, sums,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *softmax_stats.stride(),
         *mask_strides, mix_weight.stride(0), mix_weight.stride(1), c.stride(0), nw.stride(0), nb.stride(0),
         H, Nq, Nk, D, num_m, float(scale) * 1.4426950408889634, float(out_scale), float(eps), float(dropout_p),
-        D_CHUNKS=triton.cdiv(D, config.BLOCK_D), EVEN_D=D % config.BLOCK_D == 0,
+        D_CHUNKS=triton.cdiv(D, config.BLOCK_D), EVEN_D=D % config.BLOCK_D == 0 or (split and head_dim_tail(D) > 0),
         BIAS_SLOT=config.bias_slot(H, flags["HAS_DROPOUT"], mix_bias is not None), SUMS_ONLY=sums_only,
         RELOAD_Q=variant == "heavy", TIE_CHUNKS=variant == "heavy" or config.HP >= 32,
         ROUND_DP=_rounds_dp(config, variant, D), DELTA_3D=_keeps_delta_3d(config, norm, D),
+        SPLIT_HEADS=split, D_TAIL=head_dim_tail(D) if split else 0,
         **flags, **options, **config.meta(stats_sweep=False),
     )
     return config

@@ -380,15 +380,32 @@ def run_on_device(kernel, grid, device, *args, **kwargs) -> None:
         raise ValueError(f"{name} at {config} does not fit {device}: {error}") from error
 
 
+def splits_backward_heads(h: int, d: int, *, norm: str, masked: bool, has_dropout: bool, element_size: int,
+                          interpret: Optional[bool] = None) -> bool:
+    """Whether the dQ kernel runs ``backward._split_dq_sweep``: 12 heads (16 slots) as two products of 8 and 4
+    heads, one accumulator over the whole head dim. Norm "none" only (the kernels' NORM 0; eval BatchNorm
+    arrives folded), no mask, no dropout, tensor-core operands on a GPU (fp32 runs narrower tiles there; the
+    interpreter runs it in every dtype), and the head dim (d, as the kernels see it) in a tile of 64: there
+    the usual sweep's two accumulators split the head dim over programs that each recompute the map, and
+    the split one's two groups take 0.75 d registers a thread. At 32 the usual sweep fits whole and the
+    static model predicts it faster at t_low (DeepViT-16b: 164.8 against 176.4 us; 657.4 against 590.1 at
+    t_high); at 128 the split one's accumulators alone would take 96 registers."""
+    if interpret is None:
+        interpret = interpreting()
+    return (h == 12 and padded_slots(h) == 16 and norm == "none" and not masked and not has_dropout
+            and padded_head_dim(d) == 64 and (interpret or element_size == 2))
+
+
 def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None,
                     shared_limit: Optional[int] = None, element_size: int = 2, kernel: str = "dq",
-                    variant: str = "heavy") -> TileConfig:
+                    variant: str = "heavy", split_heads: bool = False) -> TileConfig:
     """Tiles of the backward's two kernels (see the module doc and kernels/backward.py).
 
     kernel "dq": the query-major sweep, two [HP, BLOCK_M, BLOCK_D] accumulators (X and Y) where the
-    forward has one. kernel "dkdv": the key-major sweep, with the dK and dV accumulators
-    [HP, BLOCK_N, BLOCK_D] over its key block (the slots' rows are keys there: BLOCK_N plays the
-    part of BLOCK_M). variant as for ``forward_config``.
+    forward has one; with split_heads (``splits_backward_heads``) one, over the whole head dim. kernel
+    "dkdv": the key-major sweep, with the dK and dV accumulators [HP, BLOCK_N, BLOCK_D] over its key
+    block (the slots' rows are keys there: BLOCK_N plays the part of BLOCK_M). variant as for
+    ``forward_config``.
     """
     if kernel not in ("dq", "dkdv"):
         raise ValueError(f"backward_config: kernel must be 'dq' or 'dkdv', got {kernel!r}")
@@ -410,7 +427,10 @@ def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[b
         return _fit_shared(kernel, config, shared_limit, element_size, variant)
     whole = block_d
     block_d = _acc_chunk(hp, 16, block_d, 2)
-    if kernel == "dq":
+    if kernel == "dq" and split_heads:
+        config = TileConfig(HP=hp, G=1, BLOCK_M=16, BLOCK_N=16, BLOCK_D=whole, STATS_BLOCK_N=16, num_warps=8,
+                            num_stages=1)
+    elif kernel == "dq":
         block_m = 32 if variant == "plain" and hp == 8 and 2 * hp * block_d <= 512 else 16
         # Pipelined only for plain calls over the whole head dim (head-dim chunks pipelined every
         # chunk's loads: 155,648 B at D = 128).
