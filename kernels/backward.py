@@ -40,8 +40,9 @@ import triton.language as tl
 from .common import (_group_mean, _layer_norm, _live_zero, _load_keys, _load_row_stats, _load_rows, _mix, _mm,
                      _probs, _product_result, _scores, _scores_product, _slot_params, _slot_rows)
 from .forward import (_NORMS, _block_diag, _halves, _split_probs, _split_queries, _split_scores, _split_store,
-                      _split_tiles, _stack, _unstack, accumulator_dtype, aligned_operands, dropout_arguments,
-                      launch_options, mask_arguments, slot_groups, slot_sums_to_heads)
+                      _split_tiles, _split_values, _split_weights, _stack, _unstack, accumulator_dtype,
+                      aligned_operands, dropout_arguments, launch_options, mask_arguments, slot_groups,
+                      slot_sums_to_heads)
 from .launch import (TileConfig, backward_config, device_shared_limit, head_dim_tail, interpreting, padded_head_dim,
                      run_on_device, splits_backward_heads, variant_of)
 
@@ -628,6 +629,266 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
 
 
 @triton.jit
+def _split_probs_keys_first(qk, b, heads, keys, rows, rows_ok, N_K, m2, l2, scale2, CDT: tl.constexpr):
+    """P^T [S, BLOCK_N, BLOCK_M] (keys first) of the S heads ``heads`` from their k.q and the query rows' statistics
+    (m2, l2 [S, BLOCK_M]); 0 at keys past N_K and at rows past N_Q (their m2 is +inf)."""
+    t2, _ = _scores(qk, m2[:, None, :], b, heads[:, None, None], rows[:, None, :], rows_ok[:, None, :],
+                    keys[:, :, None], N_K, scale2, qk, 0, 0, 0, 0, CDT, 0, True)  # MASK_KIND 0: no mask
+    return tl.exp2(t2 - l2[:, None, :])
+
+
+@triton.jit
+def _split_query_block(Qb, DOb, STATSb, b, ha, hb, ka, kb, kat, kbt, keys_a, keys_b, start_m, N_Q, N_K, D, offs_d,
+                       offs_t, scale2, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp,
+                       stride_sh, stride_sm, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       D_TAIL: tl.constexpr, ROWS_PADDED: tl.constexpr, EVEN_D: tl.constexpr,
+                       MERGED_STATS: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
+                       LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """What both sweeps of ``_split_dkdv_sweep`` read of one query block: q and dO of both head groups transposed
+    ([S, width, BLOCK_M] and the tail's: K q^T and V dO^T read them as loaded, dK and dV permuted back, one
+    staging for both) and P^T of both groups (MERGED_STATS: m2 + l2 in one fused multiply-add, as
+    ``forward._split_sweep``)."""
+    HA: tl.constexpr = HP // 2
+    HB: tl.constexpr = HP // 4
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows_a = offs_m[None, :] + tl.zeros([HA, 1], tl.int32)
+    rows_b = offs_m[None, :] + tl.zeros([HB, 1], tl.int32)
+    ok_a = rows_a < N_Q
+    ok_b = rows_b < N_Q
+    m2a, l2a = _load_row_stats(STATSb, ha >= 0, rows_a, ok_a, ha, stride_sp, stride_sh, stride_sm, CDT)
+    m2b, l2b = _load_row_stats(STATSb, hb >= 0, rows_b, ok_b, hb, stride_sp, stride_sh, stride_sm, CDT)
+    if MERGED_STATS:
+        m2a = m2a + l2a
+        m2b = m2b + l2b
+        l2a = tl.zeros_like(l2a)
+        l2b = tl.zeros_like(l2b)
+    qa, qat = _split_tiles(Qb, ha, offs_m, N_Q, offs_d, offs_t, D, stride_qh, stride_qm, stride_qd, D_TAIL,
+                           ROWS_PADDED, EVEN_D, CDT, DOT_LOWP)
+    qb, qbt = _split_tiles(Qb, hb, offs_m, N_Q, offs_d, offs_t, D, stride_qh, stride_qm, stride_qd, D_TAIL,
+                           ROWS_PADDED, EVEN_D, CDT, DOT_LOWP)
+    pa = _split_probs_keys_first(_split_scores(ka, kat, qa, qat, HA, BLOCK_N, BLOCK_M, D_TAIL, CDT, DOT_LOWP,
+                                               LOWP_DTYPE, DOT_PRECISION), b, ha, keys_a, rows_a, ok_a, N_K, m2a, l2a,
+                                 scale2, CDT)
+    pb = _split_probs_keys_first(_split_scores(kb, kbt, qb, qbt, HB, BLOCK_N, BLOCK_M, D_TAIL, CDT, DOT_LOWP,
+                                               LOWP_DTYPE, DOT_PRECISION), b, hb, keys_b, rows_b, ok_b, N_K, m2b, l2b,
+                                 scale2, CDT)
+    doa, doat = _split_tiles(DOb, ha, offs_m, N_Q, offs_d, offs_t, D, stride_doh, stride_dom, stride_dod, D_TAIL,
+                             ROWS_PADDED, EVEN_D, CDT, DOT_LOWP)
+    dob, dobt = _split_tiles(DOb, hb, offs_m, N_Q, offs_d, offs_t, D, stride_doh, stride_dom, stride_dod, D_TAIL,
+                             ROWS_PADDED, EVEN_D, CDT, DOT_LOWP)
+    return qa, qb, qat, qbt, doa, dob, doat, dobt, pa, pb, rows_a, rows_b, ok_a, ok_b
+
+
+@triton.jit
+def _head_rows(xa, xb, HA: tl.constexpr, E: tl.constexpr):
+    """The 2 HA rows xa [HA, E], xb [HA / 2, E], then HA / 2 zero rows: both head groups as one tile of slots."""
+    xb2 = tl.reshape(tl.permute(tl.join(xb, tl.zeros_like(xb)), (2, 0, 1)), (HA, E))
+    return tl.reshape(tl.permute(tl.join(xa, xb2), (2, 0, 1)), (2 * HA, E))
+
+
+@triton.jit
+def _split_dv_block(dva, dvb, dvat, dvbt, ka, kb, kat, kbt, Qb, DOb, STATSb, b, ha, hb, keys_a, keys_b, start_m, N_Q,
+                    N_K, D, offs_d, offs_t, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2, stride_qh, stride_qm, stride_qd,
+                    stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP: tl.constexpr,
+                    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_TAIL: tl.constexpr,
+                    ROWS_PADDED: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
+                    LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One query block of ``_split_dkdv_sweep``'s first sweep: A^T = tau (W P + c)^T on the stacked rows (the
+    forward's mixing, keys first) and dV += A^T dO per head group."""
+    HA: tl.constexpr = HP // 2
+    HB: tl.constexpr = HP // 4
+    E: tl.constexpr = BLOCK_M * BLOCK_N
+    MIX_DTYPE: tl.constexpr = tl.float16 if DOT_LOWP else CDT
+    qa, qb, qat, qbt, doa, dob, doat, dobt, pa, pb, _, _, _, _ = _split_query_block(
+        Qb, DOb, STATSb, b, ha, hb, ka, kb, kat, kbt, keys_a, keys_b, start_m, N_Q, N_K, D, offs_d, offs_t, scale2,
+        stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP,
+        BLOCK_M, BLOCK_N, D_TAIL, ROWS_PADDED, EVEN_D, DOT_LOWP, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    xa = _stack(tl.reshape(pa.to(MIX_DTYPE), (HA, E)), HA, E, Q)
+    xb = _stack(tl.reshape(pb.to(MIX_DTYPE), (HB, E)), HB, E, Q)
+    ya = tl.broadcast_to(c_a[:, None], (HA * Q, E // Q))
+    ya = _mm(w_ab, xb, _mm(w_aa, xa, ya, DOT_LOWP, MIX_DTYPE, DOT_PRECISION), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
+    yb = tl.broadcast_to(c_b[:, None], (HB * Q, E // Q))
+    yb = _mm(w_bb, xb, _mm(w_ba, xa, yb, DOT_LOWP, MIX_DTYPE, DOT_PRECISION), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
+    # Rows past N_Q hold A = c, and dO is 0 there; keys past N_K, rows of dV that are not stored.
+    dva, dvat = _split_values(_unstack(ya, HA, E, Q, BLOCK_N, BLOCK_M), dva, dvat, doa, doat, D_TAIL, DOT_LOWP,
+                              LOWP_DTYPE, DOT_PRECISION)
+    dvb, dvbt = _split_values(_unstack(yb, HB, E, Q, BLOCK_N, BLOCK_M), dvb, dvbt, dob, dobt, D_TAIL, DOT_LOWP,
+                              LOWP_DTYPE, DOT_PRECISION)
+    return dva, dvb, dvat, dvbt
+
+
+@triton.jit
+def _split_dk_block(dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, va, vb, vat, vbt, Qb, DOb, STATSb,
+                    DELTAb, b, ha, hb, keys_a, keys_b, start_m, N_Q, N_K, D, offs_d, offs_t, w_t, scale2, stride_qh,
+                    stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm,
+                    HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_TAIL: tl.constexpr,
+                    ROWS_PADDED: tl.constexpr, EVEN_D: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, CDT: tl.constexpr,
+                    DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One query block of ``_split_dkdv_sweep``'s second sweep: dS^T = P^T (dP^T - delta) and dK += dS^T q per head
+    group; and the parameter sums, dW[g, h] / tau = sum of (V dO^T)_g P_h over the entries and dc / tau = sum of
+    (V dO^T)_g.
+
+    Both groups' V dO^T and P^T are joined into one tile of HP slots (``_head_rows``) for dW, a product
+    batched over 8 runs of the entries (a run a warp). dP^T = w_t (V dO^T) takes the joined tile too, with the
+    one [HP, HP] weight tile w_t = (tau W)^T: the stacked rows' four W^T (x) I_Q blocks hold 36 registers a
+    thread, and with them this sweep spilled 264 B (ViT-B, sm_90; 208 B this way, and 307.2 against 332.6 us
+    predicted); the first sweep keeps the stacked mixing, faster there (307.2 against 317.7 us)."""
+    HA: tl.constexpr = HP // 2
+    HB: tl.constexpr = HP // 4
+    E: tl.constexpr = BLOCK_M * BLOCK_N
+    MIX_DTYPE: tl.constexpr = LOWP_DTYPE if DOT_LOWP else CDT
+    qa, qb, qat, qbt, doa, dob, doat, dobt, pa, pb, rows_a, rows_b, ok_a, ok_b = _split_query_block(
+        Qb, DOb, STATSb, b, ha, hb, ka, kb, kat, kbt, keys_a, keys_b, start_m, N_Q, N_K, D, offs_d, offs_t, scale2,
+        stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP,
+        BLOCK_M, BLOCK_N, D_TAIL, ROWS_PADDED, EVEN_D, DOT_LOWP, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    delta_a = tl.load(DELTAb + (ha[:, None] * N_Q + rows_a), mask=ok_a, other=0.0)
+    delta_b = tl.load(DELTAb + (hb[:, None] * N_Q + rows_b), mask=ok_b, other=0.0)
+    # dN / tau = V dO^T: 0 at keys past N_K (V loads 0) and rows past N_Q (dO loads 0).
+    dn_a = _split_scores(va, vat, doa, doat, HA, BLOCK_N, BLOCK_M, D_TAIL, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    dn_b = _split_scores(vb, vbt, dob, dobt, HB, BLOCK_N, BLOCK_M, D_TAIL, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    if HAS_MIX_BIAS:
+        dc_a += tl.sum(tl.reshape(dn_a, (HA, E)), axis=1)
+        dc_b += tl.sum(tl.reshape(dn_b, (HB, E)), axis=1)
+    dn = _head_rows(tl.reshape(dn_a.to(MIX_DTYPE), (HA, E)), tl.reshape(dn_b.to(MIX_DTYPE), (HB, E)), HA, E)
+    p = _head_rows(tl.reshape(pa.to(MIX_DTYPE), (HA, E)), tl.reshape(pb.to(MIX_DTYPE), (HB, E)), HA, E)
+    dw_acc = _mm(tl.permute(tl.reshape(dn, (HP, 8, E // 8)), (1, 0, 2)),
+                 tl.permute(tl.reshape(p, (HP, 8, E // 8)), (1, 2, 0)), dw_acc, DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
+    dp16 = _mm(w_t, dn, tl.zeros([HP, E], CDT), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
+    dp_a, dp_b = _halves(dp16, HP, E, 0)
+    dp_b, _ = _halves(dp_b, HA, E, 0)
+    ds_a = pa * (tl.reshape(dp_a, (HA, BLOCK_N, BLOCK_M)) - delta_a[:, None, :])
+    ds_b = pb * (tl.reshape(dp_b, (HB, BLOCK_N, BLOCK_M)) - delta_b[:, None, :])
+    dka, dkat = _split_keys_product(ds_a, qa, qat, dka, dkat, D_TAIL, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    dkb, dkbt = _split_keys_product(ds_b, qb, qbt, dkb, dkbt, D_TAIL, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    return dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b
+
+
+@triton.jit
+def _split_key_rows(X, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D, stride_h, stride_n, stride_d,
+                    HP: tl.constexpr, BLOCK_N: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
+                    CDT: tl.constexpr, DOT_LOWP: tl.constexpr):
+    """K or V of the program's keys for both head groups ([S, BLOCK_N, D_MAIN], and the tail's, or placeholders):
+    the 8-head group's in registers (a head a warp), the 4-head group's re-read (see forward._split_sweep)."""
+    HA: tl.constexpr = HP // 2
+    HB: tl.constexpr = HP // 4
+    xa = _split_queries(X, ha, keys_a, kok_a, offs_d, D, stride_h, stride_n, stride_d, HA, BLOCK_N, D_MAIN, DOT_LOWP,
+                        CDT, DOT_LOWP)
+    xb = _split_queries(X, hb, keys_b, kok_b, offs_d, D, stride_h, stride_n, stride_d, HB, BLOCK_N, D_MAIN, False, CDT,
+                        DOT_LOWP)
+    xat = 0.0
+    xbt = 0.0
+    if D_TAIL > 0:
+        xat = _split_queries(X, ha, keys_a, kok_a, offs_t, D, stride_h, stride_n, stride_d, HA, BLOCK_N, D_TAIL,
+                             DOT_LOWP, CDT, DOT_LOWP)
+        xbt = _split_queries(X, hb, keys_b, kok_b, offs_t, D, stride_h, stride_n, stride_d, HB, BLOCK_N, D_TAIL, False,
+                             CDT, DOT_LOWP)
+    return xa, xb, xat, xbt
+
+
+@triton.jit
+def _split_key_accumulators(HP: tl.constexpr, BLOCK_N: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
+                            CDT: tl.constexpr):
+    """Zero accumulators of both head groups over the head dim's tile and its tail (scalars without one: a
+    loop-carried placeholder tile would hold registers)."""
+    if D_TAIL > 0:
+        at = tl.zeros([HP // 2, BLOCK_N, D_TAIL], CDT)
+        bt = tl.zeros([HP // 4, BLOCK_N, D_TAIL], CDT)
+    else:
+        at = tl.zeros([], CDT)
+        bt = tl.zeros([], CDT)
+    return tl.zeros([HP // 2, BLOCK_N, D_MAIN], CDT), tl.zeros([HP // 4, BLOCK_N, D_MAIN], CDT), at, bt
+
+
+@triton.jit
+def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots, c, out_scale, dk_scale, b, key0,
+                      N_Q, N_K, D, scale2, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
+                      stride_vh, stride_vn, stride_vd, stride_doh, stride_dom, stride_dod, stride_dkh, stride_dkn,
+                      stride_dkd, stride_dvh, stride_dvn, stride_dvd, stride_sp, stride_sh, stride_sm,
+                      HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      D_TAIL: tl.constexpr, EVEN_D: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, CDT: tl.constexpr,
+                      DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dK, dV and the parameter sums of one key block for H = 3 HP / 4 heads without padding slots (the layout of
+    ``_split_dq_sweep``, keys first: tiles [S, BLOCK_N keys, BLOCK_M queries]).
+
+    dK and dV of 16 slots at D = 64 split the head dim over programs that each recomputed the whole map (the
+    two accumulators would take 128 registers). Here each has one accumulator per head group over the whole
+    head dim, in a sweep of its own over the queries: first dV += A^T dO, then dK += dS^T q with the sums of
+    dW and dc. No norm, mask or dropout (``launch.splits_backward_heads``); the mixing bias rides in c,
+    not in a padding slot.
+    """
+    HA: tl.constexpr = HP // 2
+    HB: tl.constexpr = HP // 4
+    Q: tl.constexpr = 16 // HB
+    D_MAIN: tl.constexpr = BLOCK_D // 2 if D_TAIL > 0 else BLOCK_D
+    TAIL_W: tl.constexpr = D_TAIL if D_TAIL > 0 else 16  # offs_t is unused without a tail
+    ha = tl.arange(0, HA)
+    hb = HA + tl.arange(0, HB)
+    offs_d = tl.arange(0, D_MAIN)
+    offs_t = D_MAIN + tl.arange(0, TAIL_W)
+    keys_a = key0 + tl.zeros([HA, 1], tl.int32) + tl.arange(0, BLOCK_N)[None, :]
+    keys_b = key0 + tl.zeros([HB, 1], tl.int32) + tl.arange(0, BLOCK_N)[None, :]
+    kok_a = keys_a < N_K
+    kok_b = keys_b < N_K
+    ka, kb, kat, kbt = _split_key_rows(Kb, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D, stride_kh,
+                                       stride_kn, stride_kd, HP, BLOCK_N, D_MAIN, D_TAIL, CDT, DOT_LOWP)
+    w_aa, w_ab, w_ba, w_bb, c_a, c_b = _split_weights(w_slots * out_scale, c * out_scale, HP, Q, DOT_LOWP, CDT)
+    dva, dvb, dvat, dvbt = _split_key_accumulators(HP, BLOCK_N, D_MAIN, D_TAIL, CDT)
+    m_full = (N_Q // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        dva, dvb, dvat, dvbt = _split_dv_block(
+            dva, dvb, dvat, dvbt, ka, kb, kat, kbt, Qb, DOb, STATSb, b, ha, hb, keys_a, keys_b, start_m, N_Q, N_K, D,
+            offs_d, offs_t, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2, stride_qh, stride_qm, stride_qd, stride_doh,
+            stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, Q, BLOCK_M, BLOCK_N, D_TAIL, False, EVEN_D,
+            CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    if m_full < N_Q:
+        dva, dvb, dvat, dvbt = _split_dv_block(
+            dva, dvb, dvat, dvbt, ka, kb, kat, kbt, Qb, DOb, STATSb, b, ha, hb, keys_a, keys_b, m_full, N_Q, N_K, D,
+            offs_d, offs_t, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2, stride_qh, stride_qm, stride_qd, stride_doh,
+            stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, Q, BLOCK_M, BLOCK_N, D_TAIL, True, EVEN_D,
+            CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    _split_store(DVb, dva, ha, keys_a, kok_a, offs_d, D, stride_dvh, stride_dvn, stride_dvd)
+    _split_store(DVb, dvb, hb, keys_b, kok_b, offs_d, D, stride_dvh, stride_dvn, stride_dvd)
+    if D_TAIL > 0:
+        _split_store(DVb, dvat, ha, keys_a, kok_a, offs_t, D, stride_dvh, stride_dvn, stride_dvd)
+        _split_store(DVb, dvbt, hb, keys_b, kok_b, offs_t, D, stride_dvh, stride_dvn, stride_dvd)
+
+    va, vb, vat, vbt = _split_key_rows(Vb, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D, stride_vh,
+                                       stride_vn, stride_vd, HP, BLOCK_N, D_MAIN, D_TAIL, CDT, DOT_LOWP)
+    w_t = tl.trans(w_slots * out_scale)
+    if DOT_LOWP:
+        w_t = _held_weights(w_t, HP, HP, LOWP_DTYPE)
+    dka, dkb, dkat, dkbt = _split_key_accumulators(HP, BLOCK_N, D_MAIN, D_TAIL, CDT)
+    dw_acc = tl.zeros([8, HP, HP], CDT)
+    dc_a = tl.zeros([HA], CDT)
+    dc_b = tl.zeros([HB], CDT)
+    for start_m in range(0, m_full, BLOCK_M):
+        dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b = _split_dk_block(
+            dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, va, vb, vat, vbt, Qb, DOb, STATSb, DELTAb, b,
+            ha, hb, keys_a, keys_b, start_m, N_Q, N_K, D, offs_d, offs_t, w_t, scale2, stride_qh,
+            stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M,
+            BLOCK_N, D_TAIL, False, EVEN_D, HAS_MIX_BIAS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    if m_full < N_Q:
+        dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b = _split_dk_block(
+            dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, va, vb, vat, vbt, Qb, DOb, STATSb, DELTAb, b,
+            ha, hb, keys_a, keys_b, m_full, N_Q, N_K, D, offs_d, offs_t, w_t, scale2, stride_qh,
+            stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M,
+            BLOCK_N, D_TAIL, True, EVEN_D, HAS_MIX_BIAS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    _split_store(DKb, dka * dk_scale, ha, keys_a, kok_a, offs_d, D, stride_dkh, stride_dkn, stride_dkd)
+    _split_store(DKb, dkb * dk_scale, hb, keys_b, kok_b, offs_d, D, stride_dkh, stride_dkn, stride_dkd)
+    if D_TAIL > 0:
+        _split_store(DKb, dkat * dk_scale, ha, keys_a, kok_a, offs_t, D, stride_dkh, stride_dkn, stride_dkd)
+        _split_store(DKb, dkbt * dk_scale, hb, keys_b, kok_b, offs_t, D, stride_dkh, stride_dkn, stride_dkd)
+    # The program's parts (``_reduce_parts``): dW_slots [HP, HP] (0 past the 12 heads), per-slot dgamma, dbeta
+    # (no norm: 0) and dc.
+    offs_s = tl.arange(0, HP)
+    tl.store(PARTSp + offs_s[:, None] * HP + offs_s[None, :], tl.sum(dw_acc, axis=0) * out_scale)
+    tl.store(PARTSp + HP * HP + offs_s, tl.zeros([HP], CDT))
+    tl.store(PARTSp + HP * HP + HP + offs_s, tl.zeros([HP], CDT))
+    tl.store(PARTSp + HP * HP + 2 * HP + ha, dc_a * out_scale)
+    tl.store(PARTSp + HP * HP + 2 * HP + hb, dc_b * out_scale)
+
+
+@triton.jit
 def _re_attention_bwd_dkdv_kernel(
     Q, K, V, W, C, NW, NB, BN, MASK, SEED, STATS, DO, DELTA, DK, DV, PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -646,10 +907,26 @@ def _re_attention_bwd_dkdv_kernel(
     HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
-    RELOAD_KV: tl.constexpr, TIE_CHUNKS: tl.constexpr, ROUND_DP: tl.constexpr,
+    RELOAD_KV: tl.constexpr, TIE_CHUNKS: tl.constexpr, ROUND_DP: tl.constexpr, SPLIT_HEADS: tl.constexpr,
+    D_TAIL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // NUM_PROGRAMS_N).to(tl.int64)
+    if SPLIT_HEADS:
+        offs_s = tl.arange(0, HP)
+        w_slots, c, _, _ = _slot_params(W, C, NW, NB, BN, offs_s % H, offs_s < H, H, out_scale, stride_wg, stride_wh,
+                                        stride_c, stride_nw, stride_nb, HP, G, CDT, HAS_MIX_BIAS, 0, False, False,
+                                        False, False)
+        # dK = scale dS^T Q with scale = scale2 / log2(e), taken here (see the dQ kernel).
+        _split_dkdv_sweep(Q + b * stride_qb, K + b * stride_kb, V + b * stride_vb, DO + b * stride_dob,
+                          DK + b * stride_dkb, DV + b * stride_dvb, DELTA + b * H * N_Q, STATS + b * stride_sb,
+                          PARTS + pid.to(tl.int64) * (HP * HP + 3 * HP), w_slots, c, out_scale,
+                          scale2 * 0.6931471805599453, b, (pid % NUM_PROGRAMS_N) * BLOCK_N, N_Q, N_K, D, scale2,
+                          stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
+                          stride_vd, stride_doh, stride_dom, stride_dod, stride_dkh, stride_dkn, stride_dkd,
+                          stride_dvh, stride_dvn, stride_dvd, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N,
+                          BLOCK_D, D_TAIL, EVEN_D, HAS_MIX_BIAS, CDT, DOT_LOWP, Q.dtype.element_ty, DOT_PRECISION)
+        return
     # Slots over keys: slot s is head s % H of key group s // H (kernels/common.py).
     head, slot_ok, keys, keys_ok = _slot_rows((pid % NUM_PROGRAMS_N) * (G * BLOCK_N), H, N_K, HP, G, BLOCK_N)
     LOWP_DTYPE: tl.constexpr = Q.dtype.element_ty
@@ -885,11 +1162,14 @@ def re_attention_backward(
 
     interpret = interpreting()
     config = dkdv_config
+    split = splits_backward_heads(H, Dp, norm=norm, masked=attn_mask is not None, has_dropout=dropout_p > 0,
+                                  element_size=q.element_size(), interpret=interpret)
     if config is None:
         config = backward_config(Nq, Nk, Dp, H, interpret=interpret, shared_limit=device_shared_limit(device),
                                  element_size=q.element_size(), kernel="dkdv",
-                                 variant=variant_of(norm, attn_mask is not None, dropout_p > 0))
+                                 variant=variant_of(norm, attn_mask is not None, dropout_p > 0), split_heads=split)
     config.check_heads(H, "re_attention_backward (dK/dV)")
+    split = split and config.HP == 16 and config.G == 1 and config.BLOCK_D >= padded_head_dim(Dp)
     options = launch_options(q, lowp_dot, False, interpret)
     mask, mask_strides, seed_arg, c, nw, nb, flags = _launch_args(q, k, v, mix_weight, mix_bias, norm_weight,
                                                                   norm_bias, attn_mask, dropout_p, seed, norm)
@@ -898,19 +1178,19 @@ def re_attention_backward(
     variant = variant_of(norm, attn_mask is not None, dropout_p > 0)
     parts = torch.empty((num_n * B, hp * hp + 3 * hp), dtype=acc, device=device)
     run_on_device(
-        _re_attention_bwd_dkdv_kernel, (num_n * B, triton.cdiv(Dp, config.BLOCK_D)), device,
+        _re_attention_bwd_dkdv_kernel, (num_n * B, 1 if split else triton.cdiv(Dp, config.BLOCK_D)), device,
         q, k, v, mix_weight, c, nw, nb, bn, mask, seed_arg, softmax_stats, grad_out, delta, dk, dv, parts,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         *softmax_stats.stride(), *mask_strides, mix_weight.stride(0), mix_weight.stride(1), c.stride(0),
         nw.stride(0), nb.stride(0),
         H, Nq, Nk, Dp, num_n, float(scale) * 1.4426950408889634, float(out_scale), float(eps), float(dropout_p),
-        D_CHUNKS=triton.cdiv(Dp, config.BLOCK_D), EVEN_D=Dp % config.BLOCK_D == 0,
-        BIAS_SLOT=config.bias_slot(H, flags["HAS_DROPOUT"], mix_bias is not None),
+        D_CHUNKS=triton.cdiv(Dp, config.BLOCK_D), EVEN_D=Dp % config.BLOCK_D == 0 or (split and head_dim_tail(Dp) > 0),
+        BIAS_SLOT=not split and config.bias_slot(H, flags["HAS_DROPOUT"], mix_bias is not None),
         RELOAD_KV=variant != "plain", TIE_CHUNKS=variant != "plain" or config.HP >= 32,
-        ROUND_DP=_rounds_dp(config, variant, Dp),
+        ROUND_DP=_rounds_dp(config, variant, Dp), SPLIT_HEADS=split, D_TAIL=head_dim_tail(Dp) if split else 0,
         **flags, **options, **config.meta(stats_sweep=False),
     )
-    bias_slot = config.bias_slot(H, flags["HAS_DROPOUT"], mix_bias is not None)
+    bias_slot = not split and config.bias_slot(H, flags["HAS_DROPOUT"], mix_bias is not None)
     dw, dc, dnw, dnb = _reduce_parts(parts, H, config, bias_slot)
     if Dp != D:
         dq, dk, dv = dq[..., :D].contiguous(), dk[..., :D].contiguous(), dv[..., :D].contiguous()

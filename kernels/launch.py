@@ -427,7 +427,7 @@ def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[b
         return _fit_shared(kernel, config, shared_limit, element_size, variant)
     whole = block_d
     block_d = _acc_chunk(hp, 16, block_d, 2)
-    if kernel == "dq" and split_heads:
+    if split_heads:
         config = TileConfig(HP=hp, G=1, BLOCK_M=16, BLOCK_N=16, BLOCK_D=whole, STATS_BLOCK_N=16, num_warps=8,
                             num_stages=1)
     elif kernel == "dq":
