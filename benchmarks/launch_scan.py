@@ -8,7 +8,7 @@ point (forward, backward, the Gram statistics sweep, the one-sweep moments, the 
 backward sums), the launches are captured and compiled for sm_90 exactly as the JIT would
 (``kernels.aot.compile_call``), and again for sm_86 where its 101,376 B of shared memory make the
 rules pick other tiles; and the classes of ``EXTRA_CLASSES`` outside that grid (12 heads at D = 48,
-whose split forward takes the head dim as tiles of 32 and 16 columns). Every launch of every class is
+whose split forward and backward take the head dim as tiles of 32 and 16 columns). Every launch of every class is
 recorded (a row per class and kernel, so the BatchNorm backward sums' SUMS_ONLY compile is not taken
 for the backward's dq): registers, spill
 bytes, shared memory, the shared-memory bound the rules assumed (``launch.shared_bytes``) and the
@@ -45,8 +45,8 @@ CALLS = {"forward": ("plain", "batch", "eval", "layer", "heavy"), "backward": ("
          "gram": ("plain", "heavy"), "moments": ("plain", "heavy"), "bn_grad_sums": ("plain", "heavy")}
 CAPS = (90, 86)
 # Classes outside HEADS x HEAD_DIMS, with the calls they differ for: 12 heads at a head dim of 48, the forward's
-# split sweep over a head-dim tile and a tail (32 + 16 columns; launch.head_dim_tail).
-EXTRA_CLASSES = ((12, 48, ("forward",)),)
+# and the backward's split sweeps over a head-dim tile and a tail (32 + 16 columns; launch.head_dim_tail).
+EXTRA_CLASSES = ((12, 48, ("forward", "backward")),)
 FIELDS = ["cap", "call", "variant", "h", "d", "kernel", "HP", "G", "BLOCK_M", "BLOCK_N", "BLOCK_D", "D_CHUNKS",
           "num_warps", "num_stages", "shared", "shared_bound", "shared_limit", "registers", "spill_bytes", "cache_key"]
 

@@ -35,7 +35,12 @@ def _rule(row) -> launch.TileConfig:
         return launch.forward_config(197, 197, d, h, stats_given=given, moments=moments, **args)
     if row["kernel"] == "gram":
         return launch.forward_config(197, 197, d, h, **args)
-    return launch.backward_config(197, 197, d, h, kernel=row["kernel"], **args)
+    from benchmarks.launch_scan import arguments
+
+    call = arguments(row["call"], row["variant"])
+    split = row["call"] == "backward" and launch.splits_backward_heads(
+        h, d, norm=call["norm"], masked=call["mask"], has_dropout=call["dropout"], element_size=2, interpret=False)
+    return launch.backward_config(197, 197, d, h, kernel=row["kernel"], split_heads=split, **args)
 
 
 def test_the_scan_covers_every_class_the_rules_distinguish(rows):
@@ -48,8 +53,9 @@ def test_the_scan_covers_every_class_the_rules_distinguish(rows):
             for call in calls:
                 for variant in CALLS[call]:
                     assert (cap, call, variant, h, d) in seen, (cap, call, variant, h, d)
-    # every head dim the split forward takes in two tiles has a class (launch.head_dim_tail)
+    # every head dim the split forward and backward take in two tiles has a class (launch.head_dim_tail)
     assert {d for d in range(16, 65, 16) if launch.head_dim_tail(d)} == {d for h, d, _ in EXTRA_CLASSES if h == 12}
+    assert all({"forward", "backward"} <= set(calls) for h, d, calls in EXTRA_CLASSES if h == 12)
 
 
 def test_the_record_is_what_todays_rules_pick(rows):
