@@ -105,8 +105,11 @@ def main(argv=None) -> None:
                                                     STATS_BLOCK_N=r.get("STATS_BLOCK_N", 16),
                                                     num_warps=r["num_warps"], num_stages=r["num_stages"])
                             row = dict(cap=cap, call=call, variant=variant, h=h, d=d, kernel=kernel,
-                                       shared_bound=launch.shared_bytes(kernel, cfg, ELEMENT_SIZE["bf16"],
-                                                                        masked=args["mask"]),
+                                       shared_bound=launch.shared_bytes(
+                                           kernel, cfg, ELEMENT_SIZE["bf16"], masked=args["mask"],
+                                           split_heads=call == "backward" and launch.splits_backward_heads(
+                                               h, d, norm=args["norm"], masked=args["mask"],
+                                               has_dropout=args["dropout"], element_size=2, interpret=False)),
                                        shared_limit=SHARED_MEMORY_LIMIT[cap],
                                        **{k: r[k] for k in FIELDS if k in r and k not in
                                           ("cap", "call", "h", "d", "kernel")})

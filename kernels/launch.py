@@ -173,8 +173,14 @@ def variant_of(norm: str, masked: bool, dropout: bool) -> str:
     return "layer" if norm == "layer" else "plain"
 
 
-def shared_bytes(kernel: str, config: "TileConfig", element_size: int = 2, masked: bool = True) -> int:
+def shared_bytes(kernel: str, config: "TileConfig", element_size: int = 2, masked: bool = True,
+                 split_heads: bool = False) -> int:
     """An upper bound of the shared memory (bytes) Triton gives ``kernel`` at ``config``.
+
+    split_heads: the backward's sweeps of 12 heads in two products (``splits_backward_heads``), which stage
+    two operand tiles of the 12 heads at a time, [3 HP / 4, 16, BLOCK_D] (K and V, or q and dO, transposed),
+    and the scratch of the mixing's exchanges (compiled, sm_90: 49,152 B in dQ, 40,960 in dK/dV at D = 64;
+    the usual kernels' bound, 143,360 and 173,056, would keep them off sm_86 and sm_80).
 
     The staged tiles: K and V blocks [HP, BLOCK_N, BLOCK_D] (num_stages copies when pipelined), the
     query-side tiles [HP, BLOCK_M, BLOCK_D] (Q; dq and dK/dV also dO, in two operand layouts there),
@@ -190,6 +196,8 @@ def shared_bytes(kernel: str, config: "TileConfig", element_size: int = 2, maske
     rows = hp * bm * bd * element_size           # one Q (or dO) block
     mask = hp * bm * bn * stages if masked else 0
     scores = hp * bm * bn * 4
+    if split_heads and kernel in ("dq", "dkdv"):
+        return 2 * (3 * hp // 4) * max(bm, bn) * bd * element_size + scores
     if kernel in ("forward", "gram"):
         return 2 * stages * keys + rows + mask + scores
     if kernel == "dq":
@@ -205,7 +213,7 @@ def shared_bytes(kernel: str, config: "TileConfig", element_size: int = 2, maske
 
 
 def _fit_shared(kernel: str, config: "TileConfig", shared_limit: Optional[int], element_size: int,
-                variant: str) -> "TileConfig":
+                variant: str, split_heads: bool = False) -> "TileConfig":
     """``config``, or the first of: one stage, 16-key blocks, head-dim chunks halved (down to 16),
     16-row blocks, that fits ``shared_limit``; a ValueError naming the need and the limit when none does."""
     from dataclasses import replace
@@ -214,7 +222,7 @@ def _fit_shared(kernel: str, config: "TileConfig", shared_limit: Optional[int], 
         return config
     candidate = config
     masked = variant == "heavy"
-    while shared_bytes(kernel, candidate, element_size, masked) > shared_limit:
+    while shared_bytes(kernel, candidate, element_size, masked, split_heads) > shared_limit:
         if candidate.num_stages > 1:
             candidate = replace(candidate, num_stages=1)
         elif candidate.BLOCK_N > 16:  # smaller key blocks before head-dim chunks, which recompute the scores
@@ -427,10 +435,13 @@ def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[b
         return _fit_shared(kernel, config, shared_limit, element_size, variant)
     whole = block_d
     block_d = _acc_chunk(hp, 16, block_d, 2)
-    if split_heads:
-        config = TileConfig(HP=hp, G=1, BLOCK_M=16, BLOCK_N=16, BLOCK_D=whole, STATS_BLOCK_N=16, num_warps=8,
-                            num_stages=1)
-    elif kernel == "dq":
+    split = TileConfig(HP=hp, G=1, BLOCK_M=16, BLOCK_N=16, BLOCK_D=whole, STATS_BLOCK_N=16, num_warps=8,
+                       num_stages=1)
+    # (where a GPU had too little shared memory for it, the usual tiles, which the launch then runs unsplit)
+    if split_heads and (shared_limit is None
+                        or shared_bytes(kernel, split, element_size, masked=False, split_heads=True) <= shared_limit):
+        return split
+    if kernel == "dq":
         block_m = 32 if variant == "plain" and hp == 8 and 2 * hp * block_d <= 512 else 16
         # Pipelined only for plain calls over the whole head dim (head-dim chunks pipelined every
         # chunk's loads: 155,648 B at D = 128).

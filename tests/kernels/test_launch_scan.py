@@ -35,12 +35,17 @@ def _rule(row) -> launch.TileConfig:
         return launch.forward_config(197, 197, d, h, stats_given=given, moments=moments, **args)
     if row["kernel"] == "gram":
         return launch.forward_config(197, 197, d, h, **args)
+    return launch.backward_config(197, 197, d, h, kernel=row["kernel"], split_heads=_splits_heads(row), **args)
+
+
+def _splits_heads(row) -> bool:
+    """Whether the recorded call's backward takes the split sweeps (``launch.splits_backward_heads``)."""
     from benchmarks.launch_scan import arguments
 
     call = arguments(row["call"], row["variant"])
-    split = row["call"] == "backward" and launch.splits_backward_heads(
-        h, d, norm=call["norm"], masked=call["mask"], has_dropout=call["dropout"], element_size=2, interpret=False)
-    return launch.backward_config(197, 197, d, h, kernel=row["kernel"], split_heads=split, **args)
+    return row["call"] == "backward" and launch.splits_backward_heads(
+        int(row["h"]), int(row["d"]), norm=call["norm"], masked=call["mask"], has_dropout=call["dropout"],
+        element_size=2, interpret=False)
 
 
 def test_the_scan_covers_every_class_the_rules_distinguish(rows):
@@ -71,7 +76,8 @@ def test_every_recorded_launch_fits_its_gpu_and_the_rules_bound(rows):
     for row in rows:
         shared = int(row["shared"])
         assert shared <= int(row["shared_limit"]), row
-        bound = launch.shared_bytes(row["kernel"], _recorded(row), 2, masked=row["variant"] == "heavy")
+        bound = launch.shared_bytes(row["kernel"], _recorded(row), 2, masked=row["variant"] == "heavy",
+                                    split_heads=_splits_heads(row))
         assert shared <= bound, (row, bound)
 
 
