@@ -11,13 +11,13 @@ statistics (and the dropout pattern regenerated from the seed; docs/math.md, "Ba
 
 Two kernels, as FlashAttention-2's backward, and no atomics:
 
-* ``_re_attention_bwd_dq_kernel``: one program per (batch element, query rows), all heads as the
-  forward's slots, one sweep over the keys. delta needs the whole row before dS exists; dQ is
-  therefore accumulated as two products, X = sum_j (P dP)_ij K_j and Y = sum_j P_ij K_j, and
-  dQ = scale (X - delta Y) at the end; delta is stored for the second kernel.
-* ``_re_attention_bwd_dkdv_kernel``: one program per (batch element, key block), all heads,
-  one sweep over the queries: dK, dV accumulated in registers, and per program the [HP, HP] sums
-  of dM P~^T (dW, dc) and of the norm's gradients, added up by the caller in float64.
+* ``_re_attention_bwd_dq_kernel``: per (batch element, query rows), all heads as the forward's slots, one sweep
+  over the keys. delta needs the whole row before dS exists, so dQ accumulates as X = sum_j (P dP)_ij K_j and
+  Y = sum_j P_ij K_j, and dQ = scale (X - delta Y) at the end; delta is stored for the second kernel.
+* ``_re_attention_bwd_dkdv_kernel``: per (batch element, key block), all heads, one sweep over the queries: dK,
+  dV in registers; per program the [HP, HP] sums of dM P~^T (dW, dc) and the norm's, added up in float64.
+At 12 heads, no norm, mask or dropout, D padded to 64 (``launch.splits_backward_heads``): heads 0-7 and 8-11 as
+two products, one accumulator a group over the whole head dim, two sweeps each (docs/math.md, "12 heads ...").
 
 Training-mode BatchNorm couples every entry of a head through its batch statistics:
 dM_g = a_g dN_g + e_g xhat_g + f_g with a = gamma / std, e = -a mean(dN xhat), f = -a mean(dN)

@@ -11,8 +11,9 @@ import torch
 from reattn.kernels.backward import _reduce_parts, re_attention_backward, re_attention_bn_grad_sums
 from reattn.kernels.dropout import dropout_keep_mask
 from reattn.kernels.forward import re_attention_forward
-from reattn.kernels.launch import TileConfig, backward_config
+from reattn.kernels.launch import TileConfig, backward_config, splits_backward_heads
 from reattn.reference import re_attention_ref
+from tests._tolerance import reduction_length, rounding_bound, within_twice_eager
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("q", "k", "v", "mix_weight", "mix_bias", "norm_weight", "norm_bias")
@@ -192,3 +193,119 @@ def test_parameter_gradients_from_the_programs_parts(hp, g, h, bias_slot):
         # float64 sums of 5 fp32 values in another order, then one rounding to fp32: within one fp32 ulp
         torch.testing.assert_close(x, ref.float(), rtol=2 ** -23, atol=1e-12)
     assert len({x.data_ptr() for x in got}) == 4
+
+
+# ---- 12 heads without padding slots (backward._split_dq_sweep, backward._split_dkdv_sweep) ----
+
+def _split_spy(monkeypatch):
+    """Record (kernel, SPLIT_HEADS, D_TAIL, head-dim programs) of every backward launch (the launches still run)."""
+    from reattn.kernels import backward as bwd_module
+    seen = []
+    real = bwd_module.run_on_device
+
+    def spy(kernel, grid, device, *args, **kwargs):
+        if "SPLIT_HEADS" in kwargs:
+            name = getattr(kernel, "fn", kernel).__name__.replace("_re_attention_bwd_", "").replace("_kernel", "")
+            seen.append((name, kwargs["SPLIT_HEADS"], kwargs["D_TAIL"], grid[1]))
+        return real(kernel, grid, device, *args, **kwargs)
+
+    monkeypatch.setattr(bwd_module, "run_on_device", spy)
+    return seen
+
+
+@pytest.mark.parametrize("B,H,Nq,Nk,D,bias", [
+    (2, 12, 33, 40, 35, True),   # rows and keys past a block; D padded to 48 = 32 + 16 (two head-dim tiles)
+    (1, 12, 17, 16, 64, False),  # whole key blocks, no mixing bias
+    (1, 12, 20, 33, 48, True),   # 48 columns as they are
+    (2, 12, 1, 1, 64, True),     # N = 1 (dK = 0: one key takes the whole softmax)
+])
+def test_split_heads_gradients_match_float64(monkeypatch, B, H, Nq, Nk, D, bias):
+    """12 heads, no norm, mask or dropout: both kernels run heads 0-7 and 8-11 as two products, one
+    program over the whole head dim (the dQ kernel's two sweeps X += (P dP) K, then X -= (delta P) K; the
+    dK/dV kernel's dV sweep and dK sweep with the sums of dW and dc). Every gradient against float64
+    autograd of the reference, with a head-dim tail where the padded head dim is 48."""
+    seen = _split_spy(monkeypatch)
+    got, expected = gradients(problem(B, H, Nq, Nk, D, seed=6), "none", bias=bias)
+    assert_close(got, expected)
+    tail = 16 if D in (35, 48) else 0
+    assert seen == [("dq", True, tail, 1), ("dkdv", True, tail, 1)]
+
+
+def test_split_heads_gradients_in_float32(monkeypatch):
+    """The split kernels in float32 (CUDA-core products in the interpreter) within float32's rounding bound
+    of the float64 truth, each gradient scaled by its own magnitude."""
+    seen = _split_spy(monkeypatch)
+    B, H, Nq, Nk, D = 2, 12, 21, 19, 40
+    t = problem(B, H, Nq, Nk, D, seed=8)
+    _, expected = gradients(t, "none")
+    grad = torch.randn(B, H, Nq, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(DEVICE)
+    t32 = {n: x.detach().float() for n, x in t.items()}
+    seen.clear()  # (the float64 launches of ``gradients``)
+    kw = dict(scale=D ** -0.5, out_scale=0.7)
+    with torch.no_grad():
+        _, stats = re_attention_forward(t32["q"], t32["k"], t32["v"], t32["mix_weight"], t32["mix_bias"], **kw)
+        got = re_attention_backward(grad.float(), t32["q"], t32["k"], t32["v"], t32["mix_weight"], t32["mix_bias"],
+                                    stats, **kw)
+    n = reduction_length(B, H, Nq, Nk, D)
+    for name, g in zip(NAMES, got):
+        if name in expected:
+            magnitude = expected[name].abs().max().item()
+            assert (g.double() - expected[name]).abs().max().item() <= rounding_bound(torch.float32, n, magnitude), name
+    assert seen == [("dq", True, 16, 1), ("dkdv", True, 16, 1)]
+
+
+def test_split_heads_with_fp16_products_within_twice_eager_error(monkeypatch):
+    """fp16 tensor-core operands (the GPU path, which the interpreter runs faithfully for fp16): k, v, q and dO of
+    the larger group held as product results, W^T in the input dtype and W in fp16 for the mixings, the
+    statistics merged into one offset; dQ, dK, dV within twice eager fp16's error of the float64 truth."""
+    import reattn
+    from reattn.kernels import backward as bwd_module
+    from reattn.kernels import forward as fwd_module
+
+    original = fwd_module.launch_options
+
+    def tensor_core_operands(q, lowp_dot, allow_tf32, interpret):
+        return original(q, True if lowp_dot is None else lowp_dot, allow_tf32, interpret)
+
+    for module in (fwd_module, bwd_module):
+        monkeypatch.setattr(module, "launch_options", tensor_core_operands)
+    seen = _split_spy(monkeypatch)
+    B, H, N, D = 2, 12, 17, 35
+    t = {n: x.detach() for n, x in problem(B, H, N, N, D, seed=9).items()}
+    grad = torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
+
+    def grads(backend, dtype):
+        x = {n: v.to(dtype).requires_grad_(True) for n, v in t.items()}
+        out = reattn.re_attention(x["q"], x["k"], x["v"], x["mix_weight"], x["mix_bias"], backend=backend,
+                                  out_scale=0.7)
+        return torch.autograd.grad(out, [x["q"], x["k"], x["v"]], grad.to(dtype))
+
+    truth = grads("eager", torch.float64)
+    kernel, eager = grads("triton", torch.float16), grads("eager", torch.float16)
+    n = reduction_length(B, H, N, N, D)
+    for what, g, e, r in zip(("dq", "dk", "dv"), kernel, eager, truth):
+        err, eager_err = (g.double() - r).abs().max().item(), (e.double() - r).abs().max().item()
+        assert within_twice_eager(err, eager_err, torch.float16, n, r.abs().max().item()), (what, err, eager_err)
+    assert seen == [("dq", True, 16, 1), ("dkdv", True, 16, 1)]
+
+
+def test_the_launch_rule_splits_the_backward_at_12_heads():
+    """``launch.splits_backward_heads``: 12 heads, norm none (eval BatchNorm arrives folded), no mask or dropout,
+    a padded head dim of 64 (at 32 the usual sweeps fit whole; at 128 the groups' accumulators alone would
+    take 96 registers), 16-bit inputs on a GPU; its tiles cover the whole head dim with one accumulator per
+    group, within the 64 registers a thread the usual rule allows two."""
+    def split(h=12, d=64, **kw):
+        args = dict(norm="none", masked=False, has_dropout=False, element_size=2, interpret=False)
+        args.update(kw)
+        return splits_backward_heads(h, d, **args)
+
+    assert [split(h) for h in (3, 6, 11, 12, 13, 16, 24, 32)] == [False, False, False, True, False, False, False, False]
+    assert [split(d=d) for d in (16, 32, 48, 64, 80, 128)] == [False, False, True, True, False, False]
+    for kw in (dict(norm="layer"), dict(norm="batch"), dict(masked=True), dict(has_dropout=True),
+               dict(element_size=4)):
+        assert not split(**kw), kw
+    assert split(element_size=8, interpret=True)
+    for kernel in ("dq", "dkdv"):
+        cfg = backward_config(197, 197, 48, 12, interpret=False, kernel=kernel, variant="plain", split_heads=True)
+        assert (cfg.HP, cfg.G, cfg.BLOCK_D) == (16, 1, 64)
+        assert 12 * 16 * cfg.BLOCK_D <= 64 * 32 * cfg.num_warps  # (8 + 4) heads x 16 rows x the head dim
