@@ -26,9 +26,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 NORMS = ("none", "batch-eval", "batch-train", "layer")
-# (B, H, N, D): DeiT-S's and DeepViT-16b's heads at N = 197, DeepViT-L-384's at N = 577, and odd ones.
+# (B, H, N, D): DeiT-S's, DeepViT-16b's and ViT-B's heads at N = 197, DeepViT-L-384's at N = 577, and odd ones
+# (12 heads at D = 64 and 35: the Triton backward's split sweeps without and with a head-dim tail).
 SHAPES = {
-    "small": [(2, 6, 197, 64), (2, 12, 197, 32), (1, 12, 577, 35), (3, 1, 33, 33), (2, 16, 50, 128)],
+    "small": [(2, 6, 197, 64), (2, 12, 197, 32), (2, 12, 197, 64), (1, 12, 577, 35), (3, 1, 33, 33),
+              (2, 16, 50, 128)],
     "model": [(2, 6, 197, 64), (1, 12, 577, 35)],
     "tiny": [(2, 3, 17, 16)],  # the script's own test, on CPU
 }
