@@ -224,6 +224,85 @@ def _split_keys_product(x, kt, ktt, acc, acc_t, D_TAIL: tl.constexpr, DOT_LOWP: 
 
 
 @triton.jit
+def _split_layout(row0, N, HP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, D_TAIL: tl.constexpr):
+    """What both split sweeps index by: the heads of the two groups (0..HP/2-1, then HP/4 more), the head dim's
+    tile and tail columns, and the program's rows (query rows or keys, from row0) per group with their
+    bounds ([HP / 2, BLOCK], [HP / 4, BLOCK])."""
+    HA: tl.constexpr = HP // 2
+    HB: tl.constexpr = HP // 4
+    D_MAIN: tl.constexpr = BLOCK_D // 2 if D_TAIL > 0 else BLOCK_D
+    TAIL_W: tl.constexpr = D_TAIL if D_TAIL > 0 else 16  # offs_t is unused without a tail
+    rows_a = row0 + tl.zeros([HA, 1], tl.int32) + tl.arange(0, BLOCK)[None, :]
+    rows_b = row0 + tl.zeros([HB, 1], tl.int32) + tl.arange(0, BLOCK)[None, :]
+    return (tl.arange(0, HA), HA + tl.arange(0, HB), tl.arange(0, D_MAIN), D_MAIN + tl.arange(0, TAIL_W), rows_a,
+            rows_b, rows_a < N, rows_b < N)
+
+
+@triton.jit
+def _split_group_rows(X, ha, hb, rows_a, rows_b, ok_a, ok_b, offs_d, offs_t, D, stride_h, stride_r, stride_d,
+                      HP: tl.constexpr, BLOCK: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
+                      CDT: tl.constexpr, DOT_LOWP: tl.constexpr):
+    """The program's rows of X (q or dO by query rows, K or V by keys) for both head groups ([S, BLOCK, D_MAIN],
+    and the tail's, or placeholders): the 8-head group's in registers (a head a warp), the 4-head group's
+    re-read from shared memory at every block (its products split their blocks over warp pairs; see
+    forward._split_sweep)."""
+    HA: tl.constexpr = HP // 2
+    HB: tl.constexpr = HP // 4
+    xa = _split_queries(X, ha, rows_a, ok_a, offs_d, D, stride_h, stride_r, stride_d, HA, BLOCK, D_MAIN, DOT_LOWP,
+                        CDT, DOT_LOWP)
+    xb = _split_queries(X, hb, rows_b, ok_b, offs_d, D, stride_h, stride_r, stride_d, HB, BLOCK, D_MAIN, False, CDT,
+                        DOT_LOWP)
+    xat = 0.0
+    xbt = 0.0
+    if D_TAIL > 0:
+        xat = _split_queries(X, ha, rows_a, ok_a, offs_t, D, stride_h, stride_r, stride_d, HA, BLOCK, D_TAIL,
+                             DOT_LOWP, CDT, DOT_LOWP)
+        xbt = _split_queries(X, hb, rows_b, ok_b, offs_t, D, stride_h, stride_r, stride_d, HB, BLOCK, D_TAIL, False,
+                             CDT, DOT_LOWP)
+    return xa, xb, xat, xbt
+
+
+@triton.jit
+def _split_row_stats(STATSb, ha, hb, rows_a, rows_b, ok_a, ok_b, stride_sp, stride_sh, stride_sm,
+                     MERGED: tl.constexpr, CDT: tl.constexpr):
+    """(m2, l2) of both head groups' query rows; MERGED (tensor-core operands): m2 + l2 and 0, so that
+    P = 2^(S2 - (m2 + l2)) is one fused multiply-add, as in ``forward._split_sweep``."""
+    m2a, l2a = _load_row_stats(STATSb, ha >= 0, rows_a, ok_a, ha, stride_sp, stride_sh, stride_sm, CDT)
+    m2b, l2b = _load_row_stats(STATSb, hb >= 0, rows_b, ok_b, hb, stride_sp, stride_sh, stride_sm, CDT)
+    if MERGED:
+        m2a = m2a + l2a
+        m2b = m2b + l2b
+        l2a = tl.zeros_like(l2a)
+        l2b = tl.zeros_like(l2b)
+    return m2a, l2a, m2b, l2b
+
+
+@triton.jit
+def _split_group_accumulators(HP: tl.constexpr, BLOCK: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
+                              CDT: tl.constexpr):
+    """Zero accumulators of both head groups over the head dim's tile and its tail (scalars without one: a
+    loop-carried placeholder tile would hold registers)."""
+    if D_TAIL > 0:
+        at = tl.zeros([HP // 2, BLOCK, D_TAIL], CDT)
+        bt = tl.zeros([HP // 4, BLOCK, D_TAIL], CDT)
+    else:
+        at = tl.zeros([], CDT)
+        bt = tl.zeros([], CDT)
+    return tl.zeros([HP // 2, BLOCK, D_MAIN], CDT), tl.zeros([HP // 4, BLOCK, D_MAIN], CDT), at, bt
+
+
+@triton.jit
+def _split_store_groups(Y, acc_a, acc_b, acc_at, acc_bt, scale, ha, hb, rows_a, rows_b, ok_a, ok_b, offs_d, offs_t,
+                        D, stride_h, stride_r, stride_d, D_TAIL: tl.constexpr):
+    """scale times both groups' accumulators (and the tail's) into Y at the program's rows."""
+    _split_store(Y, acc_a * scale, ha, rows_a, ok_a, offs_d, D, stride_h, stride_r, stride_d)
+    _split_store(Y, acc_b * scale, hb, rows_b, ok_b, offs_d, D, stride_h, stride_r, stride_d)
+    if D_TAIL > 0:
+        _split_store(Y, acc_at * scale, ha, rows_a, ok_a, offs_t, D, stride_h, stride_r, stride_d)
+        _split_store(Y, acc_bt * scale, hb, rows_b, ok_b, offs_t, D, stride_h, stride_r, stride_d)
+
+
+@triton.jit
 def _split_dq_block(xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb,
                     rows_a, rows_b, ok_a, ok_b, start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab,
                     t_ba, t_bb, out_scale, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
@@ -281,7 +360,7 @@ def _split_dq_sweep(Qb, Kb, Vb, DOb, DQb, DELTAb, STATSb, w_slots, out_scale, b,
                     stride_doh, stride_dom, stride_dod, stride_dqh, stride_dqm, stride_dqd, stride_sp, stride_sh,
                     stride_sm, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     D_TAIL: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
-                    LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ):
+                    LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dQ and delta for H = 3 HP / 4 heads without padding slots (the forward's ``_split_sweep`` layout: heads
     0..HA-1 and HA..HA+HB-1 as two batched products, their maps stacked for the mixing; docs/math.md).
 
@@ -290,92 +369,38 @@ def _split_dq_sweep(Qb, Kb, Vb, DOb, DQb, DELTAb, STATSb, w_slots, out_scale, b,
     holds dQ / scale over the whole head dim, in two sweeps over the keys: the first adds (P dP) K and sums
     delta = rowsum(P dP); the second, with delta complete, subtracts (delta P) K. That is X - delta Y with
     the second sweep's q.k and exponentials in place of a second accumulator and the first's Y product.
-    No norm (eval BatchNorm arrives folded), mask or dropout (``launch.TileConfig.splits_heads``).
+    No norm (eval BatchNorm arrives folded), mask or dropout (``launch.splits_backward_heads``).
     """
-    HA: tl.constexpr = HP // 2
     HB: tl.constexpr = HP // 4
     Q: tl.constexpr = 16 // HB
     D_MAIN: tl.constexpr = BLOCK_D // 2 if D_TAIL > 0 else BLOCK_D
-    TAIL_W: tl.constexpr = D_TAIL if D_TAIL > 0 else 16  # offs_t is unused without a tail
-    ha = tl.arange(0, HA)
-    hb = HA + tl.arange(0, HB)
-    offs_d = tl.arange(0, D_MAIN)
-    offs_t = D_MAIN + tl.arange(0, TAIL_W)
-    rows_a = row0 + tl.zeros([HA, 1], tl.int32) + tl.arange(0, BLOCK_M)[None, :]
-    rows_b = row0 + tl.zeros([HB, 1], tl.int32) + tl.arange(0, BLOCK_M)[None, :]
-    ok_a = rows_a < N_Q
-    ok_b = rows_b < N_Q
-    # The 8-head group's q and dO in registers (a head a warp); the 4-head group's re-read from shared memory
-    # (its products split the keys over warp pairs: see forward._split_sweep).
-    qa = _split_queries(Qb, ha, rows_a, ok_a, offs_d, D, stride_qh, stride_qm, stride_qd, HA, BLOCK_M, D_MAIN,
-                        DOT_LOWP, CDT, DOT_LOWP)
-    qb = _split_queries(Qb, hb, rows_b, ok_b, offs_d, D, stride_qh, stride_qm, stride_qd, HB, BLOCK_M, D_MAIN, False,
-                        CDT, DOT_LOWP)
-    doa = _split_queries(DOb, ha, rows_a, ok_a, offs_d, D, stride_doh, stride_dom, stride_dod, HA, BLOCK_M, D_MAIN,
-                         DOT_LOWP, CDT, DOT_LOWP)
-    dob = _split_queries(DOb, hb, rows_b, ok_b, offs_d, D, stride_doh, stride_dom, stride_dod, HB, BLOCK_M, D_MAIN,
-                         False, CDT, DOT_LOWP)
-    if D_TAIL > 0:
-        qat = _split_queries(Qb, ha, rows_a, ok_a, offs_t, D, stride_qh, stride_qm, stride_qd, HA, BLOCK_M, D_TAIL,
-                             DOT_LOWP, CDT, DOT_LOWP)
-        qbt = _split_queries(Qb, hb, rows_b, ok_b, offs_t, D, stride_qh, stride_qm, stride_qd, HB, BLOCK_M, D_TAIL,
-                             False, CDT, DOT_LOWP)
-        doat = _split_queries(DOb, ha, rows_a, ok_a, offs_t, D, stride_doh, stride_dom, stride_dod, HA, BLOCK_M,
-                              D_TAIL, DOT_LOWP, CDT, DOT_LOWP)
-        dobt = _split_queries(DOb, hb, rows_b, ok_b, offs_t, D, stride_doh, stride_dom, stride_dod, HB, BLOCK_M,
-                              D_TAIL, False, CDT, DOT_LOWP)
-        xat = tl.zeros([HA, BLOCK_M, D_TAIL], CDT)
-        xbt = tl.zeros([HB, BLOCK_M, D_TAIL], CDT)
-    else:  # no tail: scalars stand for its tiles
-        qat = 0.0
-        qbt = 0.0
-        doat = 0.0
-        dobt = 0.0
-        xat = tl.zeros([], CDT)
-        xbt = tl.zeros([], CDT)
-    m2a, l2a = _load_row_stats(STATSb, ha >= 0, rows_a, ok_a, ha, stride_sp, stride_sh, stride_sm, CDT)
-    m2b, l2b = _load_row_stats(STATSb, hb >= 0, rows_b, ok_b, hb, stride_sp, stride_sh, stride_sm, CDT)
-    if DOT_LOWP:
-        # P = 2^(S2 - (m2 + l2)) in one fused multiply-add, as the forward's split sweep.
-        m2a = m2a + l2a
-        m2b = m2b + l2b
-        l2a = tl.zeros_like(l2a)
-        l2b = tl.zeros_like(l2b)
+    ha, hb, offs_d, offs_t, rows_a, rows_b, ok_a, ok_b = _split_layout(row0, N_Q, HP, BLOCK_M, BLOCK_D, D_TAIL)
+    qa, qb, qat, qbt = _split_group_rows(Qb, ha, hb, rows_a, rows_b, ok_a, ok_b, offs_d, offs_t, D, stride_qh,
+                                         stride_qm, stride_qd, HP, BLOCK_M, D_MAIN, D_TAIL, CDT, DOT_LOWP)
+    doa, dob, doat, dobt = _split_group_rows(DOb, ha, hb, rows_a, rows_b, ok_a, ok_b, offs_d, offs_t, D, stride_doh,
+                                             stride_dom, stride_dod, HP, BLOCK_M, D_MAIN, D_TAIL, CDT, DOT_LOWP)
+    xa, xb, xat, xbt = _split_group_accumulators(HP, BLOCK_M, D_MAIN, D_TAIL, CDT)
+    m2a, l2a, m2b, l2b = _split_row_stats(STATSb, ha, hb, rows_a, rows_b, ok_a, ok_b, stride_sp, stride_sh, stride_sm,
+                                          DOT_LOWP, CDT)
     t_aa, t_ab, t_ba, t_bb = _split_gradient_weights(w_slots * out_scale, HP, Q, DOT_LOWP, LOWP_DTYPE, CDT)
-    xa = tl.zeros([HA, BLOCK_M, D_MAIN], CDT)
-    xb = tl.zeros([HB, BLOCK_M, D_MAIN], CDT)
-    delta_a = tl.zeros([HA, BLOCK_M], CDT)
+    delta_a = tl.zeros([HP // 2, BLOCK_M], CDT)
     delta_b = tl.zeros([HB, BLOCK_M], CDT)
     n_full = (N_K // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        xa, xb, xat, xbt, delta_a, delta_b = _split_dq_block(
-            xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb, rows_a,
-            rows_b, ok_a, ok_b, start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb,
-            out_scale, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M,
-            BLOCK_N, D_TAIL, False, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, False)
-    if n_full < N_K:
-        xa, xb, xat, xbt, delta_a, delta_b = _split_dq_block(
-            xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb, rows_a,
-            rows_b, ok_a, ok_b, n_full, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb,
-            out_scale, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M,
-            BLOCK_N, D_TAIL, True, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, False)
-    for start_n in range(0, n_full, BLOCK_N):
-        xa, xb, xat, xbt, delta_a, delta_b = _split_dq_block(
-            xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb, rows_a,
-            rows_b, ok_a, ok_b, start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb,
-            out_scale, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M,
-            BLOCK_N, D_TAIL, False, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, True)
-    if n_full < N_K:
-        xa, xb, xat, xbt, delta_a, delta_b = _split_dq_block(
-            xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb, rows_a,
-            rows_b, ok_a, ok_b, n_full, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb,
-            out_scale, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M,
-            BLOCK_N, D_TAIL, True, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, True)
-    _split_store(DQb, xa * dq_scale, ha, rows_a, ok_a, offs_d, D, stride_dqh, stride_dqm, stride_dqd)
-    _split_store(DQb, xb * dq_scale, hb, rows_b, ok_b, offs_d, D, stride_dqh, stride_dqm, stride_dqd)
-    if D_TAIL > 0:
-        _split_store(DQb, xat * dq_scale, ha, rows_a, ok_a, offs_t, D, stride_dqh, stride_dqm, stride_dqd)
-        _split_store(DQb, xbt * dq_scale, hb, rows_b, ok_b, offs_t, D, stride_dqh, stride_dqm, stride_dqd)
+    for sweep in tl.static_range(2):  # X and delta; then, delta complete, X -= (delta P) K
+        for start_n in range(0, n_full, BLOCK_N):
+            xa, xb, xat, xbt, delta_a, delta_b = _split_dq_block(
+                xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb, rows_a,
+                rows_b, ok_a, ok_b, start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb,
+                out_scale, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M,
+                BLOCK_N, D_TAIL, False, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, sweep == 1)
+        if n_full < N_K:
+            xa, xb, xat, xbt, delta_a, delta_b = _split_dq_block(
+                xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb, rows_a,
+                rows_b, ok_a, ok_b, n_full, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb,
+                out_scale, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M,
+                BLOCK_N, D_TAIL, True, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, sweep == 1)
+    _split_store_groups(DQb, xa, xb, xat, xbt, dq_scale, ha, hb, rows_a, rows_b, ok_a, ok_b, offs_d, offs_t, D,
+                        stride_dqh, stride_dqm, stride_dqd, D_TAIL)
     tl.store(DELTAb + (ha[:, None] * N_Q + rows_a), delta_a, mask=ok_a)
     tl.store(DELTAb + (hb[:, None] * N_Q + rows_b), delta_b, mask=ok_b)
 
@@ -655,13 +680,8 @@ def _split_query_block(Qb, DOb, STATSb, b, ha, hb, ka, kb, kat, kbt, keys_a, key
     rows_b = offs_m[None, :] + tl.zeros([HB, 1], tl.int32)
     ok_a = rows_a < N_Q
     ok_b = rows_b < N_Q
-    m2a, l2a = _load_row_stats(STATSb, ha >= 0, rows_a, ok_a, ha, stride_sp, stride_sh, stride_sm, CDT)
-    m2b, l2b = _load_row_stats(STATSb, hb >= 0, rows_b, ok_b, hb, stride_sp, stride_sh, stride_sm, CDT)
-    if MERGED_STATS:
-        m2a = m2a + l2a
-        m2b = m2b + l2b
-        l2a = tl.zeros_like(l2a)
-        l2b = tl.zeros_like(l2b)
+    m2a, l2a, m2b, l2b = _split_row_stats(STATSb, ha, hb, rows_a, rows_b, ok_a, ok_b, stride_sp, stride_sh, stride_sm,
+                                          MERGED_STATS, CDT)
     qa, qat = _split_tiles(Qb, ha, offs_m, N_Q, offs_d, offs_t, D, stride_qh, stride_qm, stride_qd, D_TAIL,
                            ROWS_PADDED, EVEN_D, CDT, DOT_LOWP)
     qb, qbt = _split_tiles(Qb, hb, offs_m, N_Q, offs_d, offs_t, D, stride_qh, stride_qm, stride_qd, D_TAIL,
@@ -764,42 +784,6 @@ def _split_dk_block(dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, 
 
 
 @triton.jit
-def _split_key_rows(X, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D, stride_h, stride_n, stride_d,
-                    HP: tl.constexpr, BLOCK_N: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
-                    CDT: tl.constexpr, DOT_LOWP: tl.constexpr):
-    """K or V of the program's keys for both head groups ([S, BLOCK_N, D_MAIN], and the tail's, or placeholders):
-    the 8-head group's in registers (a head a warp), the 4-head group's re-read (see forward._split_sweep)."""
-    HA: tl.constexpr = HP // 2
-    HB: tl.constexpr = HP // 4
-    xa = _split_queries(X, ha, keys_a, kok_a, offs_d, D, stride_h, stride_n, stride_d, HA, BLOCK_N, D_MAIN, DOT_LOWP,
-                        CDT, DOT_LOWP)
-    xb = _split_queries(X, hb, keys_b, kok_b, offs_d, D, stride_h, stride_n, stride_d, HB, BLOCK_N, D_MAIN, False, CDT,
-                        DOT_LOWP)
-    xat = 0.0
-    xbt = 0.0
-    if D_TAIL > 0:
-        xat = _split_queries(X, ha, keys_a, kok_a, offs_t, D, stride_h, stride_n, stride_d, HA, BLOCK_N, D_TAIL,
-                             DOT_LOWP, CDT, DOT_LOWP)
-        xbt = _split_queries(X, hb, keys_b, kok_b, offs_t, D, stride_h, stride_n, stride_d, HB, BLOCK_N, D_TAIL, False,
-                             CDT, DOT_LOWP)
-    return xa, xb, xat, xbt
-
-
-@triton.jit
-def _split_key_accumulators(HP: tl.constexpr, BLOCK_N: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
-                            CDT: tl.constexpr):
-    """Zero accumulators of both head groups over the head dim's tile and its tail (scalars without one: a
-    loop-carried placeholder tile would hold registers)."""
-    if D_TAIL > 0:
-        at = tl.zeros([HP // 2, BLOCK_N, D_TAIL], CDT)
-        bt = tl.zeros([HP // 4, BLOCK_N, D_TAIL], CDT)
-    else:
-        at = tl.zeros([], CDT)
-        bt = tl.zeros([], CDT)
-    return tl.zeros([HP // 2, BLOCK_N, D_MAIN], CDT), tl.zeros([HP // 4, BLOCK_N, D_MAIN], CDT), at, bt
-
-
-@triton.jit
 def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots, c, out_scale, dk_scale, b, key0,
                       N_Q, N_K, D, scale2, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
                       stride_vh, stride_vn, stride_vd, stride_doh, stride_dom, stride_dod, stride_dkh, stride_dkn,
@@ -816,23 +800,14 @@ def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots
     dW and dc. No norm, mask or dropout (``launch.splits_backward_heads``); the mixing bias rides in c,
     not in a padding slot.
     """
-    HA: tl.constexpr = HP // 2
     HB: tl.constexpr = HP // 4
     Q: tl.constexpr = 16 // HB
     D_MAIN: tl.constexpr = BLOCK_D // 2 if D_TAIL > 0 else BLOCK_D
-    TAIL_W: tl.constexpr = D_TAIL if D_TAIL > 0 else 16  # offs_t is unused without a tail
-    ha = tl.arange(0, HA)
-    hb = HA + tl.arange(0, HB)
-    offs_d = tl.arange(0, D_MAIN)
-    offs_t = D_MAIN + tl.arange(0, TAIL_W)
-    keys_a = key0 + tl.zeros([HA, 1], tl.int32) + tl.arange(0, BLOCK_N)[None, :]
-    keys_b = key0 + tl.zeros([HB, 1], tl.int32) + tl.arange(0, BLOCK_N)[None, :]
-    kok_a = keys_a < N_K
-    kok_b = keys_b < N_K
-    ka, kb, kat, kbt = _split_key_rows(Kb, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D, stride_kh,
-                                       stride_kn, stride_kd, HP, BLOCK_N, D_MAIN, D_TAIL, CDT, DOT_LOWP)
+    ha, hb, offs_d, offs_t, keys_a, keys_b, kok_a, kok_b = _split_layout(key0, N_K, HP, BLOCK_N, BLOCK_D, D_TAIL)
+    ka, kb, kat, kbt = _split_group_rows(Kb, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D, stride_kh,
+                                         stride_kn, stride_kd, HP, BLOCK_N, D_MAIN, D_TAIL, CDT, DOT_LOWP)
     w_aa, w_ab, w_ba, w_bb, c_a, c_b = _split_weights(w_slots * out_scale, c * out_scale, HP, Q, DOT_LOWP, CDT)
-    dva, dvb, dvat, dvbt = _split_key_accumulators(HP, BLOCK_N, D_MAIN, D_TAIL, CDT)
+    dva, dvb, dvat, dvbt = _split_group_accumulators(HP, BLOCK_N, D_MAIN, D_TAIL, CDT)
     m_full = (N_Q // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
         dva, dvb, dvat, dvbt = _split_dv_block(
@@ -846,20 +821,17 @@ def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots
             offs_d, offs_t, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2, stride_qh, stride_qm, stride_qd, stride_doh,
             stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, Q, BLOCK_M, BLOCK_N, D_TAIL, True, EVEN_D,
             CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-    _split_store(DVb, dva, ha, keys_a, kok_a, offs_d, D, stride_dvh, stride_dvn, stride_dvd)
-    _split_store(DVb, dvb, hb, keys_b, kok_b, offs_d, D, stride_dvh, stride_dvn, stride_dvd)
-    if D_TAIL > 0:
-        _split_store(DVb, dvat, ha, keys_a, kok_a, offs_t, D, stride_dvh, stride_dvn, stride_dvd)
-        _split_store(DVb, dvbt, hb, keys_b, kok_b, offs_t, D, stride_dvh, stride_dvn, stride_dvd)
+    _split_store_groups(DVb, dva, dvb, dvat, dvbt, 1.0, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D,
+                        stride_dvh, stride_dvn, stride_dvd, D_TAIL)
 
-    va, vb, vat, vbt = _split_key_rows(Vb, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D, stride_vh,
-                                       stride_vn, stride_vd, HP, BLOCK_N, D_MAIN, D_TAIL, CDT, DOT_LOWP)
+    va, vb, vat, vbt = _split_group_rows(Vb, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D, stride_vh,
+                                         stride_vn, stride_vd, HP, BLOCK_N, D_MAIN, D_TAIL, CDT, DOT_LOWP)
     w_t = tl.trans(w_slots * out_scale)
     if DOT_LOWP:
         w_t = _held_weights(w_t, HP, HP, LOWP_DTYPE)
-    dka, dkb, dkat, dkbt = _split_key_accumulators(HP, BLOCK_N, D_MAIN, D_TAIL, CDT)
+    dka, dkb, dkat, dkbt = _split_group_accumulators(HP, BLOCK_N, D_MAIN, D_TAIL, CDT)
     dw_acc = tl.zeros([8, HP, HP], CDT)
-    dc_a = tl.zeros([HA], CDT)
+    dc_a = tl.zeros([HP // 2], CDT)
     dc_b = tl.zeros([HB], CDT)
     for start_m in range(0, m_full, BLOCK_M):
         dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b = _split_dk_block(
@@ -873,11 +845,8 @@ def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots
             ha, hb, keys_a, keys_b, m_full, N_Q, N_K, D, offs_d, offs_t, w_t, scale2, stride_qh,
             stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M,
             BLOCK_N, D_TAIL, True, EVEN_D, HAS_MIX_BIAS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-    _split_store(DKb, dka * dk_scale, ha, keys_a, kok_a, offs_d, D, stride_dkh, stride_dkn, stride_dkd)
-    _split_store(DKb, dkb * dk_scale, hb, keys_b, kok_b, offs_d, D, stride_dkh, stride_dkn, stride_dkd)
-    if D_TAIL > 0:
-        _split_store(DKb, dkat * dk_scale, ha, keys_a, kok_a, offs_t, D, stride_dkh, stride_dkn, stride_dkd)
-        _split_store(DKb, dkbt * dk_scale, hb, keys_b, kok_b, offs_t, D, stride_dkh, stride_dkn, stride_dkd)
+    _split_store_groups(DKb, dka, dkb, dkat, dkbt, dk_scale, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D,
+                        stride_dkh, stride_dkn, stride_dkd, D_TAIL)
     # The program's parts (``_reduce_parts``): dW_slots [HP, HP] (0 past the 12 heads), per-slot dgamma, dbeta
     # (no norm: 0) and dc.
     offs_s = tl.arange(0, HP)
