@@ -232,7 +232,7 @@ KNOWN_SPILLS = {
     "sm90-backward-plain-h6-d128-dkdv": 64,
     "sm90-backward-plain-h6-d128-dq": 56,
     "sm90-backward-plain-h12-d48-dkdv": 128,
-    "sm90-backward-plain-h12-d48-dq": 8,
+    "sm90-backward-plain-h12-d48-dq": 24,
     "sm90-backward-plain-h12-d64-dkdv": 208,
     "sm90-backward-plain-h12-d64-dq": 80,
     "sm90-backward-plain-h12-d128-dkdv": 216,
