@@ -8,9 +8,9 @@ point (forward, backward, the Gram statistics sweep, the one-sweep moments, the 
 backward sums), the launches are captured and compiled for sm_90 exactly as the JIT would
 (``kernels.aot.compile_call``), and again for sm_86 where its 101,376 B of shared memory make the
 rules pick other tiles; and the classes of ``EXTRA_CLASSES`` outside that grid (12 heads at D = 48,
-whose split forward and backward take the head dim as tiles of 32 and 16 columns). Every launch of every class is
-recorded (a row per class and kernel, so the BatchNorm backward sums' SUMS_ONLY compile is not taken
-for the backward's dq): registers, spill
+whose split forward and backward take the head dim as tiles of 32 and 16 columns). Every launch of
+every class is recorded (a row per class and kernel, so the BatchNorm backward sums' SUMS_ONLY compile
+is not taken for the backward's dq): registers, spill
 bytes, shared memory, the shared-memory bound the rules assumed (``launch.shared_bytes``) and the
 compile's cache key (``kernels.aot.launch_keys`` recomputes it: a record whose keys differ from
 today's kernels is stale).

@@ -213,7 +213,7 @@ def shared_bytes(kernel: str, config: "TileConfig", element_size: int = 2, maske
 
 
 def _fit_shared(kernel: str, config: "TileConfig", shared_limit: Optional[int], element_size: int,
-                variant: str, split_heads: bool = False) -> "TileConfig":
+                variant: str) -> "TileConfig":
     """``config``, or the first of: one stage, 16-key blocks, head-dim chunks halved (down to 16),
     16-row blocks, that fits ``shared_limit``; a ValueError naming the need and the limit when none does."""
     from dataclasses import replace
@@ -222,7 +222,7 @@ def _fit_shared(kernel: str, config: "TileConfig", shared_limit: Optional[int], 
         return config
     candidate = config
     masked = variant == "heavy"
-    while shared_bytes(kernel, candidate, element_size, masked, split_heads) > shared_limit:
+    while shared_bytes(kernel, candidate, element_size, masked) > shared_limit:
         if candidate.num_stages > 1:
             candidate = replace(candidate, num_stages=1)
         elif candidate.BLOCK_N > 16:  # smaller key blocks before head-dim chunks, which recompute the scores
@@ -390,14 +390,15 @@ def run_on_device(kernel, grid, device, *args, **kwargs) -> None:
 
 def splits_backward_heads(h: int, d: int, *, norm: str, masked: bool, has_dropout: bool, element_size: int,
                           interpret: Optional[bool] = None) -> bool:
-    """Whether the dQ kernel runs ``backward._split_dq_sweep``: 12 heads (16 slots) as two products of 8 and 4
-    heads, one accumulator over the whole head dim. Norm "none" only (the kernels' NORM 0; eval BatchNorm
-    arrives folded), no mask, no dropout, tensor-core operands on a GPU (fp32 runs narrower tiles there; the
-    interpreter runs it in every dtype), and the head dim (d, as the kernels see it) in a tile of 64: there
-    the usual sweep's two accumulators split the head dim over programs that each recompute the map, and
-    the split one's two groups take 0.75 d registers a thread. At 32 the usual sweep fits whole and the
-    static model predicts it faster at t_low (DeepViT-16b: 164.8 against 176.4 us; 657.4 against 590.1 at
-    t_high); at 128 the split one's accumulators alone would take 96 registers."""
+    """Whether the backward's kernels run ``backward._split_dq_sweep`` and ``backward._split_dkdv_sweep``: 12
+    heads (16 slots) as two products of 8 and 4 heads, one accumulator per group over the whole head dim.
+    Norm "none" only (the kernels' NORM 0; eval BatchNorm arrives folded), no mask, no dropout, tensor-core
+    operands on a GPU (fp32 runs narrower tiles there; the interpreter runs it in every dtype), and the head
+    dim (d, as the kernels see it) in a tile of 64: there the usual kernels' two accumulators split the head
+    dim over programs that each recompute the map, and the split ones' two groups take 0.75 d registers a
+    thread. At 32 the usual dQ sweep fits whole and the static model predicts it faster at t_low
+    (DeepViT-16b: 164.8 against 176.4 us; 657.4 against 590.1 at t_high); at 128 the split ones'
+    accumulators alone would take 96 registers."""
     if interpret is None:
         interpret = interpreting()
     return (h == 12 and padded_slots(h) == 16 and norm == "none" and not masked and not has_dropout
