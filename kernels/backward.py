@@ -305,14 +305,14 @@ def _split_store_groups(Y, acc_a, acc_b, acc_at, acc_bt, scale, ha, hb, rows_a, 
 @triton.jit
 def _split_dq_block(xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb,
                     rows_a, rows_b, ok_a, ok_b, start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab,
-                    t_ba, t_bb, out_scale, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+                    t_ba, t_bb, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
                     HP: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     D_TAIL: tl.constexpr, KEYS_PADDED: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr,
                     DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     CORRECTION: tl.constexpr):
-    """One key block of ``_split_dq_sweep``. First sweep: P, dN = out_scale dO V^T, dP = W^T dN on the stacked
-    rows, X += (P dP) K and delta += rowsum(P dP) per head group. Second sweep (CORRECTION, delta complete):
-    X -= (delta P) K."""
+    """One key block of ``_split_dq_sweep``. First sweep: P, dP = (tau W)^T (dO V^T) on the stacked rows (the
+    weights t_* carry out_scale), X += (P dP) K and delta += rowsum(P dP) per head group. Second sweep
+    (CORRECTION, delta complete): X -= (delta P) K."""
     HA: tl.constexpr = HP // 2
     HB: tl.constexpr = HP // 4
     E: tl.constexpr = BLOCK_M * BLOCK_N
@@ -391,13 +391,13 @@ def _split_dq_sweep(Qb, Kb, Vb, DOb, DQb, DELTAb, STATSb, w_slots, out_scale, b,
             xa, xb, xat, xbt, delta_a, delta_b = _split_dq_block(
                 xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb, rows_a,
                 rows_b, ok_a, ok_b, start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb,
-                out_scale, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M,
+                scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M,
                 BLOCK_N, D_TAIL, False, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, sweep == 1)
         if n_full < N_K:
             xa, xb, xat, xbt, delta_a, delta_b = _split_dq_block(
                 xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb, rows_a,
                 rows_b, ok_a, ok_b, n_full, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb,
-                out_scale, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M,
+                scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M,
                 BLOCK_N, D_TAIL, True, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, sweep == 1)
     _split_store_groups(DQb, xa, xb, xat, xbt, dq_scale, ha, hb, rows_a, rows_b, ok_a, ok_b, offs_d, offs_t, D,
                         stride_dqh, stride_dqm, stride_dqd, D_TAIL)
