@@ -1024,6 +1024,17 @@ def _launch_args(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, attn_mas
     return mask, mask_strides, seed if has_dropout else dummy, c, nw, nb, flags
 
 
+def _head_dim_meta(config: TileConfig, d: int, split: bool) -> dict:
+    """The head-dim constexprs of a backward launch at ``config`` (d: the head dim the kernels see). split: the
+    rule's ``splits_backward_heads``; the launch runs the split sweeps where the config's tiles are the
+    split's too (one row group of 16 slots over the whole head dim: a given config may not be), and they take
+    a head dim of two powers of two as a tile and a tail (``launch.head_dim_tail``)."""
+    split = split and config.HP == 16 and config.G == 1 and config.BLOCK_D >= padded_head_dim(d)
+    tail = head_dim_tail(d) if split else 0
+    return dict(D_CHUNKS=triton.cdiv(d, config.BLOCK_D), EVEN_D=d % config.BLOCK_D == 0 or tail > 0,
+                SPLIT_HEADS=split, D_TAIL=tail)
+
+
 def _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, delta, sums, *, scale, out_scale, norm,
                norm_weight, norm_bias, eps, attn_mask, dropout_p, seed, config, lowp_dot, sums_only):
     B, H, Nq, D = q.shape
@@ -1038,26 +1049,23 @@ def _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, d
                                  element_size=q.element_size(), kernel="dq",
                                  variant=variant_of(norm, attn_mask is not None, dropout_p > 0), split_heads=split)
     config.check_heads(H, "re_attention_backward (dQ)")
-    # A given config takes the split sweep where its tiles are the split's: one row group, the whole head dim.
-    split = split and config.HP == 16 and config.G == 1 and config.BLOCK_D >= padded_head_dim(D)
+    head_dim = _head_dim_meta(config, D, split)
     options = launch_options(q, lowp_dot, False, interpret)
     mask, mask_strides, seed_arg, c, nw, nb, flags = _launch_args(q, k, v, mix_weight, mix_bias, norm_weight,
                                                                   norm_bias, attn_mask, dropout_p, seed, norm)
     variant = variant_of(norm, attn_mask is not None, dropout_p > 0)
     num_m = config.programs_per_batch(Nq)
-    d_chunks = 1 if sums_only or split else triton.cdiv(D, config.BLOCK_D)
+    d_chunks = 1 if sums_only or head_dim["SPLIT_HEADS"] else head_dim["D_CHUNKS"]
     run_on_device(
         _re_attention_bwd_dq_kernel, (num_m * B, d_chunks), device,
         q, k, v, mix_weight, c, nw, nb, bn, mask, seed_arg, softmax_stats, grad_out, dq, delta, sums,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *softmax_stats.stride(),
         *mask_strides, mix_weight.stride(0), mix_weight.stride(1), c.stride(0), nw.stride(0), nb.stride(0),
         H, Nq, Nk, D, num_m, float(scale) * 1.4426950408889634, float(out_scale), float(eps), float(dropout_p),
-        D_CHUNKS=triton.cdiv(D, config.BLOCK_D), EVEN_D=D % config.BLOCK_D == 0 or (split and head_dim_tail(D) > 0),
         BIAS_SLOT=config.bias_slot(H, flags["HAS_DROPOUT"], mix_bias is not None), SUMS_ONLY=sums_only,
         RELOAD_Q=variant == "heavy", TIE_CHUNKS=variant == "heavy" or config.HP >= 32,
         ROUND_DP=_rounds_dp(config, variant, D), DELTA_3D=_keeps_delta_3d(config, norm, D),
-        SPLIT_HEADS=split, D_TAIL=head_dim_tail(D) if split else 0,
-        **flags, **options, **config.meta(stats_sweep=False),
+        **head_dim, **flags, **options, **config.meta(stats_sweep=False),
     )
     return config
 
@@ -1138,7 +1146,8 @@ def re_attention_backward(
                                  element_size=q.element_size(), kernel="dkdv",
                                  variant=variant_of(norm, attn_mask is not None, dropout_p > 0), split_heads=split)
     config.check_heads(H, "re_attention_backward (dK/dV)")
-    split = split and config.HP == 16 and config.G == 1 and config.BLOCK_D >= padded_head_dim(Dp)
+    head_dim = _head_dim_meta(config, Dp, split)
+    split = head_dim["SPLIT_HEADS"]
     options = launch_options(q, lowp_dot, False, interpret)
     mask, mask_strides, seed_arg, c, nw, nb, flags = _launch_args(q, k, v, mix_weight, mix_bias, norm_weight,
                                                                   norm_bias, attn_mask, dropout_p, seed, norm)
@@ -1147,17 +1156,16 @@ def re_attention_backward(
     variant = variant_of(norm, attn_mask is not None, dropout_p > 0)
     parts = torch.empty((num_n * B, hp * hp + 3 * hp), dtype=acc, device=device)
     run_on_device(
-        _re_attention_bwd_dkdv_kernel, (num_n * B, 1 if split else triton.cdiv(Dp, config.BLOCK_D)), device,
+        _re_attention_bwd_dkdv_kernel, (num_n * B, 1 if split else head_dim["D_CHUNKS"]), device,
         q, k, v, mix_weight, c, nw, nb, bn, mask, seed_arg, softmax_stats, grad_out, delta, dk, dv, parts,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         *softmax_stats.stride(), *mask_strides, mix_weight.stride(0), mix_weight.stride(1), c.stride(0),
         nw.stride(0), nb.stride(0),
         H, Nq, Nk, Dp, num_n, float(scale) * 1.4426950408889634, float(out_scale), float(eps), float(dropout_p),
-        D_CHUNKS=triton.cdiv(Dp, config.BLOCK_D), EVEN_D=Dp % config.BLOCK_D == 0 or (split and head_dim_tail(Dp) > 0),
         BIAS_SLOT=not split and config.bias_slot(H, flags["HAS_DROPOUT"], mix_bias is not None),
         RELOAD_KV=variant != "plain", TIE_CHUNKS=variant != "plain" or config.HP >= 32,
-        ROUND_DP=_rounds_dp(config, variant, Dp), SPLIT_HEADS=split, D_TAIL=head_dim_tail(Dp) if split else 0,
-        **flags, **options, **config.meta(stats_sweep=False),
+        ROUND_DP=_rounds_dp(config, variant, Dp), **head_dim, **flags, **options,
+        **config.meta(stats_sweep=False),
     )
     bias_slot = not split and config.bias_slot(H, flags["HAS_DROPOUT"], mix_bias is not None)
     dw, dc, dnw, dnb = _reduce_parts(parts, H, config, bias_slot)

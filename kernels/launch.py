@@ -436,12 +436,13 @@ def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[b
         return _fit_shared(kernel, config, shared_limit, element_size, variant)
     whole = block_d
     block_d = _acc_chunk(hp, 16, block_d, 2)
-    split = TileConfig(HP=hp, G=1, BLOCK_M=16, BLOCK_N=16, BLOCK_D=whole, STATS_BLOCK_N=16, num_warps=8,
-                       num_stages=1)
-    # (where a GPU had too little shared memory for it, the usual tiles, which the launch then runs unsplit)
-    if split_heads and (shared_limit is None
-                        or shared_bytes(kernel, split, element_size, masked=False, split_heads=True) <= shared_limit):
-        return split
+    if split_heads:
+        split = TileConfig(HP=hp, G=1, BLOCK_M=16, BLOCK_N=16, BLOCK_D=whole, STATS_BLOCK_N=16, num_warps=8,
+                           num_stages=1)
+        # (where a GPU had too little shared memory for it, the usual tiles, which the launch then runs unsplit)
+        if shared_limit is None or shared_bytes(kernel, split, element_size, masked=False,
+                                                split_heads=True) <= shared_limit:
+            return split
     if kernel == "dq":
         block_m = 32 if variant == "plain" and hp == 8 and 2 * hp * block_d <= 512 else 16
         # Pipelined only for plain calls over the whole head dim (head-dim chunks pipelined every
