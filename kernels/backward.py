@@ -37,8 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (_group_mean, _layer_norm, _live_zero, _load_keys, _load_row_stats, _load_rows, _mix, _mm,
-                     _probs, _product_result, _scores, _scores_product, _slot_params, _slot_rows)
+from .common import (_center_across_heads, _group_mean, _layer_norm, _live_zero, _load_keys, _load_row_stats,
+                     _load_rows, _mix, _mm, _probs, _product_result, _scores, _scores_product, _slot_params,
+                     _slot_rows)
 from .forward import (_NORMS, _block_diag, _halves, _split_probs, _split_queries, _split_scores, _split_store,
                       _split_tiles, _split_values, _split_weights, _stack, _unstack, accumulator_dtype,
                       aligned_operands, dropout_arguments, launch_options, mask_arguments, slot_groups,
@@ -51,7 +52,8 @@ from .launch import (TileConfig, backward_config, device_shared_limit, head_dim_
 def _norm_backward(dn, mix, kept, group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_f, eps, HP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CDT: tl.constexpr, NORM: tl.constexpr,
                    NORM_PRECISION: tl.constexpr, APPROX_RSQRT: tl.constexpr):
-    """(dM, xhat) from dN (gradient w.r.t. the normalized map, out_scale applied) and M.
+    """(dM, xhat) from dN (gradient w.r.t. the normalized map, out_scale applied) and M (LayerNorm: M - mean(M),
+    mixed by the centered weights of ``common._center_across_heads``).
 
     NORM_NONE: dM = dN. NORM_LAYER: LayerNorm's backward across the heads of a row group (a
     masked head's M still enters the norm of the others: its gradient is kept). NORM_BATCH:
@@ -59,7 +61,7 @@ def _norm_backward(dn, mix, kept, group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_
     """
     xhat = mix
     if NORM == 1:
-        xhat, rstd = _layer_norm(mix, group_mean, eps, HP, BLOCK_M, BLOCK_N, CDT, NORM_PRECISION, APPROX_RSQRT)
+        xhat, rstd = _layer_norm(mix, group_mean, eps, HP, BLOCK_M, BLOCK_N, CDT, NORM_PRECISION, APPROX_RSQRT, True)
         dxhat = dn * gamma[:, None, None]
         mean_dx = _mix(group_mean, dxhat, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, NORM_PRECISION)
         mean_dx_xhat = _mix(group_mean, dxhat * xhat, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, NORM_PRECISION)
@@ -476,6 +478,12 @@ def _re_attention_bwd_dq_kernel(
     w_slots, c, gamma, _ = _slot_params(W, C, NW, NB, BN, head, slot_ok, H, out_scale, stride_wg, stride_wh,
                                         stride_c, stride_nw, stride_nb, HP, G, CDT, HAS_MIX_BIAS, NORM,
                                         HAS_NORM_WEIGHT, HAS_NORM_BIAS, BIAS_SLOT, False)
+    # LayerNorm: the map recomputed centered, in one product (``common._center_across_heads``); dP mixes by the
+    # centered weights too: dM sums to 0 over each group's heads, so (W - 1 mean(W))^T dM = W^T dM, less the
+    # part of dM along the heads' mean, which only the norm's tf32 mean of dxhat puts there.
+    if NORM == 1:
+        w_slots, c = _center_across_heads(w_slots, c, W, C, head, slot_ok, H, stride_wg, stride_wh, stride_c, HP, G,
+                                          CDT, HAS_MIX_BIAS, BIAS_SLOT)
     group_mean = _group_mean(H, slot_ok, HP, CDT)
     bn_mean, bn_rstd, bn_e, bn_f = _bn_rows(BN, head, slot_ok, H, CDT, NORM, SUMS_ONLY)
 
@@ -923,6 +931,9 @@ def _re_attention_bwd_dkdv_kernel(
     w_slots, c, gamma, beta = _slot_params(W, C, NW, NB, BN, head, slot_ok, H, out_scale, stride_wg, stride_wh,
                                            stride_c, stride_nw, stride_nb, HP, G, CDT, HAS_MIX_BIAS, NORM,
                                            HAS_NORM_WEIGHT, HAS_NORM_BIAS, BIAS_SLOT, False)
+    if NORM == 1:  # centered weights, as in the dQ kernel
+        w_slots, c = _center_across_heads(w_slots, c, W, C, head, slot_ok, H, stride_wg, stride_wh, stride_c, HP, G,
+                                          CDT, HAS_MIX_BIAS, BIAS_SLOT)
     group_mean = _group_mean(H, slot_ok, HP, CDT)
     bn_mean, bn_rstd, bn_e, bn_f = _bn_rows(BN, head, slot_ok, H, CDT, NORM, False)
     Qb = Q + b * stride_qb

@@ -418,8 +418,10 @@ def _mix(w_slots, x, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
 
 @triton.jit
 def _layer_norm(mix, group_mean, eps, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CDT: tl.constexpr, DOT_PRECISION: tl.constexpr, APPROX_RSQRT: tl.constexpr):
+                CDT: tl.constexpr, DOT_PRECISION: tl.constexpr, APPROX_RSQRT: tl.constexpr, CENTERED: tl.constexpr):
     """(xhat, rstd) of LayerNorm across the heads of each row group at every (i, j).
+
+    CENTERED: ``mix`` is already M - mean(M), mixed by centered weights (``_center_across_heads``).
 
     ``group_mean`` [HP, HP] averages the slots of a group (1/H between slots of one group, 0
     elsewhere), so the means are products on the tensor cores: mean = J M, var = J (M - mean)^2.
@@ -434,8 +436,9 @@ def _layer_norm(mix, group_mean, eps, HP: tl.constexpr, BLOCK_M: tl.constexpr, B
     inputs) it stays correctly rounded; the dK/dV kernel keeps it too (at 8 slots, D = 64, its LayerNorm
     launch then spilled 16 B at 255 registers, and it is bound by shared memory, not by issue).
     """
-    mean = _mix(group_mean, mix, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, DOT_PRECISION)
-    xc = mix - mean
+    xc = mix
+    if not CENTERED:
+        xc = mix - _mix(group_mean, mix, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, DOT_PRECISION)
     var = _mix(group_mean, xc * xc, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, DOT_PRECISION)
     if APPROX_RSQRT and DOT_PRECISION == "tf32":
         rstd = tl.math.rsqrt(var + eps)
@@ -503,3 +506,28 @@ def _group_mean(H, slot_ok, HP: tl.constexpr, CDT: tl.constexpr):
     offs_s = tl.arange(0, HP)
     same = ((offs_s // H)[:, None] == (offs_s // H)[None, :]) & slot_ok[:, None] & slot_ok[None, :]
     return tl.where(same, tl.full([], 1.0, CDT) / H, 0.0)
+
+
+@triton.jit
+def _center_across_heads(w_slots, c, W, C, head, slot_ok, H, stride_wg, stride_wh, stride_c, HP: tl.constexpr,
+                         G: tl.constexpr, CDT: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, BIAS_SLOT: tl.constexpr):
+    """(w_slots, c) of ``_slot_params`` (NORM_LAYER, BIAS_SLOT's placement) minus their means over the heads.
+
+    LayerNorm across heads subtracts mean_g M_g = sum_h mean_g(W[g, h]) P_h + mean(c) from M_g = sum_h W[g, h] P_h + c_g:
+    linear in P, so the centered map is one product, (W - 1 mean_g(W)) P + (c - mean(c)), where the norm took a
+    second product for the mean and a subtraction at every entry (and M cancelled against its mean). Every
+    row group holds the same H x H weights, so the column means over the heads serve them all.
+    """
+    offs = tl.arange(0, HP)
+    col = tl.load(W + offs[:, None] * stride_wg + head[None, :] * stride_wh,
+                  mask=(offs < H)[:, None] & slot_ok[None, :], other=0.0).to(CDT)
+    col_mean = tl.sum(col, axis=0) / H  # [HP]: mean over the heads g of W[g, head(s)]
+    same = ((offs // H)[:, None] == (offs // H)[None, :]) & slot_ok[:, None] & slot_ok[None, :]
+    w_slots = tl.where(same, w_slots - col_mean[None, :], w_slots)
+    if HAS_MIX_BIAS:
+        c_mean = tl.sum(tl.load(C + offs * stride_c, mask=offs < H, other=0.0).to(CDT), axis=0) / H
+        if BIAS_SLOT:  # the bias is the padding slot's column (``_slot_params``)
+            w_slots = tl.where((offs[None, :] == G * H) & slot_ok[:, None], w_slots - c_mean, w_slots)
+        else:
+            c = tl.where(slot_ok, c - c_mean, c)
+    return w_slots, c

@@ -36,9 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, NORM_BATCH, NORM_LAYER, NORM_NONE, _group_mean,
-                     _layer_norm, _load_keys, _load_row_stats, _load_rows, _mix, _mm, _probs, _product_result,
-                     _row_stats, _scores, _scores_product, _slot_params, _slot_rows, _store_row_stats)
+from .common import (LOG2E, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, NORM_BATCH, NORM_LAYER, NORM_NONE,
+                     _center_across_heads, _group_mean, _layer_norm, _load_keys, _load_row_stats, _load_rows, _mix,
+                     _mm, _probs, _product_result, _row_stats, _scores, _scores_product, _slot_params, _slot_rows,
+                     _store_row_stats)
 from .launch import (MAX_HEADS, TileConfig, device_shared_limit, forward_config, head_dim_tail, interpreting,
                      run_on_device, softmax_stats_config, splits_softmax_stats, variant_of)
 
@@ -89,7 +90,7 @@ def _forward_block(acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_
     if not BIAS_SLOT:
         a = a + c[:, None, None]
     if NORM == 1:
-        xhat, _ = _layer_norm(a, group_mean, eps, HP, BLOCK_M, BLOCK_N, CDT, NORM_PRECISION, True)
+        xhat, _ = _layer_norm(a, group_mean, eps, HP, BLOCK_M, BLOCK_N, CDT, NORM_PRECISION, True, True)
         a = xhat * gamma[:, None, None] + beta[:, None, None]
     if MASK_KIND != 0 or KEYS_PADDED:  # entries not kept are zeroed after the norm
         a = tl.where(kept, a, 0.0)
@@ -146,17 +147,8 @@ def _rescale_factor(x, CDT: tl.constexpr):
 
 
 @triton.jit
-def _softmax_stats_block(m_i, l_i, q, Kh, start_n, N_K, offs_d, D, stride_kn, stride_kd, scale2,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEYS_PADDED: tl.constexpr,
-                         EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
-    """One key block of the statistics kernel: the online row max of q.k and sum of 2^(scale2 (q.k - max)).
-
-    The max runs on q.k itself (scale > 0) and the scale goes into the exponent's fused multiply-add,
-    as the forward's RAW_MAX sweep. Keys past N_K (KEYS_PADDED) score -inf; no block is all padding,
-    so the max is finite from the first block on and 2^(-inf) = 0 starts the sum.
-    """
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+def _stats_keys(Kh, offs_d, offs_n, N_K, D, stride_kn, stride_kd, KEYS_PADDED: tl.constexpr, EVEN_D: tl.constexpr):
+    """K^T [len(offs_d), len(offs_n)] of the statistics kernel: keys past N_K and columns past D read as 0."""
     ptrs = Kh + (offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn)
     if KEYS_PADDED:
         kt = tl.load(ptrs, mask=(offs_n < N_K)[None, :] & (offs_d < D)[:, None], other=0.0)
@@ -164,10 +156,33 @@ def _softmax_stats_block(m_i, l_i, q, Kh, start_n, N_K, offs_d, D, stride_kn, st
         kt = tl.load(ptrs)
     else:
         kt = tl.load(ptrs, mask=(offs_d < D)[:, None], other=0.0)
+    return kt
+
+
+@triton.jit
+def _softmax_stats_block(m_i, l_i, q, qt, Kh, start_n, N_K, offs_d, offs_t, D, stride_kn, stride_kd, scale2,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_TAIL: tl.constexpr,
+                         KEYS_PADDED: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    """One key block of the statistics kernel: the online row max of q.k and sum of 2^(scale2 (q.k - max)).
+
+    The max runs on q.k itself (scale > 0) and the scale goes into the exponent's fused multiply-add,
+    as the forward's RAW_MAX sweep. Keys past N_K (KEYS_PADDED) score -inf; no block is all padding,
+    so the max is finite from the first block on and 2^(-inf) = 0 starts the sum. With D_TAIL the head
+    dim's last D_TAIL columns (qt, offs_t) are a product of their own, accumulated onto the first's.
+    """
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kt = _stats_keys(Kh, offs_d, offs_n, N_K, D, stride_kn, stride_kd, KEYS_PADDED, EVEN_D)
     if DOT_LOWP:
         qk = tl.dot(q, kt)
     else:
         qk = tl.dot(q, kt.to(CDT), tl.zeros([BLOCK_M, BLOCK_N], CDT), input_precision=DOT_PRECISION)
+    if D_TAIL > 0:
+        ktt = _stats_keys(Kh, offs_t, offs_n, N_K, D, stride_kn, stride_kd, KEYS_PADDED, EVEN_D)
+        if DOT_LOWP:
+            qk = tl.dot(qt, ktt, qk)
+        else:
+            qk = tl.dot(qt, ktt.to(CDT), qk, input_precision=DOT_PRECISION)
     if KEYS_PADDED:
         qk = tl.where((offs_n < N_K)[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -183,7 +198,7 @@ def _softmax_stats_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_sp, stride_sb, stride_sh, stride_sm,
     H, N_Q, N_K, D, D_Q, NUM_PROGRAMS_M, scale2,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_TAIL: tl.constexpr, EVEN_D: tl.constexpr,
     CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The forward's first sweep on its own, per (batch, head, BLOCK_M query rows): (m2, l2) as
@@ -192,7 +207,8 @@ def _softmax_stats_kernel(
     (the split forward reads q unpadded, ``re_attention_forward``).
 
     Full BLOCK_N-key blocks, then the rest in 16-key blocks (the smallest a product takes), so
-    N = 197 computes 11 padded keys, not 59.
+    N = 197 computes 11 padded keys, not 59. A head dim that is the sum of two powers of two (D_TAIL,
+    ``launch.head_dim_tail``: 48 = 32 + 16) takes two products, not one over the next power of two.
     """
     pid = tl.program_id(0)
     bh = pid // NUM_PROGRAMS_M
@@ -201,20 +217,27 @@ def _softmax_stats_kernel(
     rows = (pid % NUM_PROGRAMS_M) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < N_Q
     offs_d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + (rows[:, None] * stride_qm + offs_d[None, :] * stride_qd),
+    offs_t = BLOCK_D + tl.arange(0, max(D_TAIL, 1))
+    Qh = Q + b * stride_qb + h * stride_qh
+    q = tl.load(Qh + (rows[:, None] * stride_qm + offs_d[None, :] * stride_qd),
                 mask=rows_ok[:, None] & (offs_d < D_Q)[None, :], other=0.0)
+    qt = q
+    if D_TAIL > 0:
+        qt = tl.load(Qh + (rows[:, None] * stride_qm + offs_t[None, :] * stride_qd),
+                     mask=rows_ok[:, None] & (offs_t < D_Q)[None, :], other=0.0)
     if not DOT_LOWP:
         q = q.to(CDT)
+        qt = qt.to(CDT)
     Kh = K + b * stride_kb + h * stride_kh
     m_i = tl.full([BLOCK_M], float("-inf"), CDT)
     l_i = tl.zeros([BLOCK_M], CDT)
     n_full = (N_K // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        m_i, l_i = _softmax_stats_block(m_i, l_i, q, Kh, start_n, N_K, offs_d, D, stride_kn, stride_kd, scale2,
-                                        BLOCK_M, BLOCK_N, False, EVEN_D, CDT, DOT_LOWP, DOT_PRECISION)
+        m_i, l_i = _softmax_stats_block(m_i, l_i, q, qt, Kh, start_n, N_K, offs_d, offs_t, D, stride_kn, stride_kd,
+                                        scale2, BLOCK_M, BLOCK_N, D_TAIL, False, EVEN_D, CDT, DOT_LOWP, DOT_PRECISION)
     for start_n in range(n_full, N_K, 16):
-        m_i, l_i = _softmax_stats_block(m_i, l_i, q, Kh, start_n, N_K, offs_d, D, stride_kn, stride_kd, scale2,
-                                        BLOCK_M, 16, True, EVEN_D, CDT, DOT_LOWP, DOT_PRECISION)
+        m_i, l_i = _softmax_stats_block(m_i, l_i, q, qt, Kh, start_n, N_K, offs_d, offs_t, D, stride_kn, stride_kd,
+                                        scale2, BLOCK_M, 16, D_TAIL, True, EVEN_D, CDT, DOT_LOWP, DOT_PRECISION)
     ptrs = STATS + b * stride_sb + h * stride_sh + rows * stride_sm
     tl.store(ptrs, (m_i * scale2).to(STATS.dtype.element_ty), mask=rows_ok)
     tl.store(ptrs + stride_sp, tl.log2(l_i).to(STATS.dtype.element_ty), mask=rows_ok)
@@ -340,7 +363,7 @@ def _split_vector(v, HP: tl.constexpr, Q: tl.constexpr):
 
 @triton.jit
 def _split_layer_norm(ya, yb, gamma_a, gamma_b, beta_a, beta_b, eps, HA: tl.constexpr, HB: tl.constexpr,
-                      Q: tl.constexpr, C: tl.constexpr, APPROX_RSQRT: tl.constexpr):
+                      Q: tl.constexpr, C: tl.constexpr, APPROX_RSQRT: tl.constexpr, CENTERED: tl.constexpr):
     """LayerNorm across the HA + HB heads of every entry of the stacked maps ya [HA Q, C], yb [HB Q, C]
     (rows (g, q)), then gamma' xhat + beta' per head (``_slot_params``: tau folded in).
 
@@ -349,13 +372,15 @@ def _split_layer_norm(ya, yb, gamma_a, gamma_b, beta_a, beta_b, eps, HA: tl.cons
     in-register additions and one shuffle, where the (q, head) order took three shuffles. Two passes
     (mean, then the centered squares: the heads of a collapsing map differ little, and E[x^2] - mean^2
     would cancel), exact in the computation dtype; 1/std is ``rsqrt.approx`` (relative error below
-    2^-22) next to fp16 products (APPROX_RSQRT), else correctly rounded.
+    2^-22) next to fp16 products (APPROX_RSQRT), else correctly rounded. CENTERED: the maps are M - mean(M)
+    already (``common._center_across_heads``), and only the second pass runs.
     """
     xa = tl.reshape(ya, (HA, Q, C))
     xb = tl.reshape(yb, (HB, Q, C))
-    mean = (tl.sum(xa, axis=0) + tl.sum(xb, axis=0)) * (1.0 / (HA + HB))
-    xa = xa - mean[None, :, :]
-    xb = xb - mean[None, :, :]
+    if not CENTERED:
+        mean = (tl.sum(xa, axis=0) + tl.sum(xb, axis=0)) * (1.0 / (HA + HB))
+        xa = xa - mean[None, :, :]
+        xb = xb - mean[None, :, :]
     var = (tl.sum(xa * xa, axis=0) + tl.sum(xb * xb, axis=0)) * (1.0 / (HA + HB))
     if APPROX_RSQRT:
         rstd = tl.math.rsqrt(var + eps)
@@ -451,7 +476,7 @@ def _split_block(acc_a, acc_b, acc_at, acc_bt, qa, qb, qat, qbt, Kb, Vb, b, ha, 
     yb = tl.broadcast_to(c_b[:, None], (HB * Q, E // Q))
     yb = _mm(w_bb, xb, _mm(w_ba, xa, yb, DOT_LOWP, MIX_DTYPE, DOT_PRECISION), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
     if LAYER:
-        ya, yb = _split_layer_norm(ya, yb, g_a, g_b, e_a, e_b, eps, HA, HB, Q, E // Q, DOT_LOWP)
+        ya, yb = _split_layer_norm(ya, yb, g_a, g_b, e_a, e_b, eps, HA, HB, Q, E // Q, DOT_LOWP, True)
         if KEYS_PADDED:  # the norm of a constant map (c) may divide 0 by 0 at eps = 0: zero those entries
             key_ok = (start_n + tl.arange(0, E // Q) % BLOCK_N < N_K)[None, :]
             ya = tl.where(key_ok, ya, 0.0)
@@ -650,6 +675,9 @@ def _re_attention_fwd_kernel(
     if BN_EVAL:
         w_slots, c = _eval_batchnorm_fold(w_slots, c, gamma, beta, BN, RV, head, slot_ok, H, stride_bn, stride_rv,
                                           out_scale, eps, HP, G, CDT, BIAS_SLOT)
+    if NORM == 1:  # the mixing gives M - mean(M) itself
+        w_slots, c = _center_across_heads(w_slots, c, W, C, head, slot_ok, H, stride_wg, stride_wh, stride_c, HP, G,
+                                          CDT, HAS_MIX_BIAS, BIAS_SLOT)
     if SPLIT_HEADS:  # 12 heads, statistics given, no mask, dropout or moments (TileConfig.splits_heads)
         _split_sweep(Qb, Kb, Vb, O + b * stride_ob, STATSb, w_slots, c, gamma, beta, eps, b,
                      (pid % NUM_PROGRAMS_M) * BLOCK_M, N_Q, N_K, D, D_Q, scale2, stride_qh, stride_qm, stride_qd,
@@ -1046,15 +1074,16 @@ def softmax_stats_launch(q: torch.Tensor, k: torch.Tensor, softmax_stats: torch.
     ``aligned_operands``) into ``softmax_stats`` [2, B, H, Nq] with ``_softmax_stats_kernel`` (no mask,
     scale > 0)."""
     B, H, Nq, _ = q.shape
-    config = softmax_stats_config(d, interpret=interpret)
+    config = softmax_stats_config(d, Nq, interpret=interpret)
     num_m = triton.cdiv(Nq, config.BLOCK_M)
     run_on_device(
         _softmax_stats_kernel, (num_m * B * H,), device,
         q, k, softmax_stats, *q.stride(), *k.stride(), *softmax_stats.stride(), H, Nq, k.shape[2], d, q.shape[-1],
         num_m,
         float(scale) * LOG2E, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_D=config.BLOCK_D,
-        EVEN_D=d == config.BLOCK_D, CDT=options["CDT"], DOT_LOWP=options["DOT_LOWP"],
-        DOT_PRECISION=options["DOT_PRECISION"], num_warps=config.num_warps, num_stages=config.num_stages,
+        D_TAIL=head_dim_tail(d), EVEN_D=d == config.BLOCK_D + head_dim_tail(d), CDT=options["CDT"],
+        DOT_LOWP=options["DOT_LOWP"], DOT_PRECISION=options["DOT_PRECISION"], num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
 
 

@@ -123,13 +123,14 @@ class TileConfig:
                      moments: bool, d_chunks: int) -> bool:
         """Whether the forward runs ``forward._split_sweep``: 12 heads in 16 slots as two products of 8 and 4
         heads, without the 4 padding slots. Only reading given statistics, no mask, no dropout, no
-        moments, and the head dim (d, as the kernels see it) in one tile; LayerNorm up to d = 48 (at 64
-        the split LayerNorm forward spilled 48 B, sm_90). The sweep is written for any h = 3 HP / 4, but
-        24 heads (32 slots) are not a class of the launch scan (benchmarks/launch_scan.py), so their
-        compiles are unchecked for spills; at 8 slots (6 heads) the two- and four-head products would
-        split their keys over warp pairs, and re-read q from shared memory at every key block."""
+        moments, and the head dim (d, as the kernels see it) in one tile; LayerNorm up to d = 64 (one stage,
+        ``forward_config``; the norm's centering is in the weights, ``common._center_across_heads``). The
+        sweep is written for any h = 3 HP / 4, but 24 heads (32 slots) are not a class of the launch scan
+        (benchmarks/launch_scan.py), so their compiles are unchecked for spills; at 8 slots (6 heads) the
+        two- and four-head products would split their keys over warp pairs, and re-read q from shared
+        memory at every key block."""
         return (self.HP == 16 and h == 12 and self.G == 1 and stats_given and not masked
-                and (norm != "layer" or d <= 48)
+                and (norm != "layer" or d <= 64)
                 and not has_dropout and not moments and d_chunks == 1)
 
     def check_heads(self, h: int, where: str) -> None:
@@ -174,8 +175,11 @@ def variant_of(norm: str, masked: bool, dropout: bool) -> str:
 
 
 def shared_bytes(kernel: str, config: "TileConfig", element_size: int = 2, masked: bool = True,
-                 split_heads: bool = False) -> int:
+                 split_heads: bool = False, d_tail: int = 0) -> int:
     """An upper bound of the shared memory (bytes) Triton gives ``kernel`` at ``config``.
+
+    d_tail: the head dim's tail of the softmax statistics kernel (``head_dim_tail``), whose q tile and K
+    blocks are BLOCK_D + d_tail wide (other kernels: ignored).
 
     split_heads: the backward's sweeps of 12 heads in two products (``splits_backward_heads``), which stage
     two operand tiles of the 12 heads at a time, [3 HP / 4, 16, BLOCK_D] (K and V, or q and dO, transposed),
@@ -203,7 +207,8 @@ def shared_bytes(kernel: str, config: "TileConfig", element_size: int = 2, maske
     if kernel == "dq":
         return 2 * stages * keys + 2 * rows + mask + scores * 3 // 4
     if kernel == "softmax_stats":  # the q tile, the pipelined K blocks (one head) and an fp32 row (compiled:
-        return rows + stages * keys + 4 * bm  # 50,176 B at 256 rows, 64-key blocks, D = 64, two stages)
+        # 50,176 B at 256 rows, 64-key blocks, D = 64, two stages; 24,576 at 128 rows, D = 32 + 16)
+        return (rows + stages * keys) * (bd + d_tail) // bd + 4 * bm
     if kernel == "dkdv":
         # Q and dO in two operand layouts each; the mask shares the transposed score tiles' scratch;
         # one fp32 [HP, BLOCK_N] row for the reductions over the key block (compiled: 50,176 B at 16
@@ -240,7 +245,7 @@ def _fit_shared(kernel: str, config: "TileConfig", shared_limit: Optional[int], 
 
 # Warps of the fp32 / fp64 launches (CUDA-core products over operand tiles twice as wide as bf16's): 8, as the
 # bf16 launches, which halves each thread's share of the score tiles. Compiled with 4 warps they spilled up to
-# 17,464 B per thread (sm_80, 32 heads, LayerNorm, a mask and dropout: the forward; 4,088 B with 8) and
+# 17,464 B per thread (sm_80, 32 heads, LayerNorm, a mask and dropout: the forward; 3,808 B with 8) and
 # 10,280 / 4,248 B in the 12-head backward's dQ / dK-dV (sm_90; 1,592 / 1,624 B with 8), and ptxas took 4x
 # as long over them (87 s against 21 s for that forward).
 FP32_WARPS = 8
@@ -304,6 +309,11 @@ def forward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bo
         # measured (launch scan), not derived.
         if stats_given and variant == "plain" and not moments and (hp == 16 or hp == 32 and block_d == 16):
             stages = 1
+        # The split LayerNorm forward (12 heads, ``TileConfig.splits_heads``) takes one stage too: at D = 64
+        # two spilled 40 B (sm_90); ViT-B 122.5-620.9 -> 110.9-555.1 us, DeepViT-L-384 166.0-827.5 ->
+        # 159.6-779.3 (static model).
+        if stats_given and variant == "layer" and h == 12 and hp == 16 and not moments:
+            stages = 1
     config = TileConfig(HP=hp, G=g, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, STATS_BLOCK_N=32,
                         num_warps=8, num_stages=stages)
     return _fit_shared("forward", config, shared_limit, element_size, variant)
@@ -338,9 +348,11 @@ def splits_softmax_stats(variant: str, element_size: int, scale: float, h: int, 
     return not (moments and hp == 32 and block_d == 16)
 
 
-def softmax_stats_config(d: int, *, interpret: Optional[bool] = None) -> TileConfig:
+def softmax_stats_config(d: int, n_q: Optional[int] = None, *, interpret: Optional[bool] = None) -> TileConfig:
     """Tiles of the softmax statistics kernel (``forward._softmax_stats_kernel``): one head per program
-    (HP = G = 1), BLOCK_M query rows against BLOCK_N-key blocks over the whole head dim (BLOCK_D).
+    (HP = G = 1), BLOCK_M query rows against BLOCK_N-key blocks over the whole head dim: one tile of
+    BLOCK_D, or BLOCK_D and ``head_dim_tail(d)`` columns where d is the sum of two powers of two (48 = 32 + 16:
+    DeepViT-L-384's statistics kernel 43.8-194.6 -> 39.8-172.7 us, static model, against one 64-wide tile).
 
     256 rows and 4 warps (one warpgroup: each key block's product is four 64-row warpgroup MMAs on
     sm_90, and each thread holds its rows' statistics for all of them); 64-key blocks, two stages.
@@ -348,16 +360,20 @@ def softmax_stats_config(d: int, *, interpret: Optional[bool] = None) -> TileCon
     23.8-121.4 us, HBM-bound (Q and K read once); 8 warps 23.8-125.3 (the row statistics' and
     addresses' work spread over twice the threads), 16 warps 27.5-134.7 (issue), 128 rows 24.6-142.6,
     128-key blocks 27.3-139.6 (issue), 32-key 27.4-138.5. At head dims above 64 the q tile halves to
-    128 rows.
+    128 rows, and so it does where that pads fewer rows of n_q (N = 577: 640 rows computed, not 768;
+    DeepViT-L-384 51.8-208.2 -> 43.8-194.6 us, bound by the exponentials).
     """
     if interpret is None:
         interpret = interpreting()
-    block_d = padded_head_dim(d)
+    block_d = padded_head_dim(d) // 2 if head_dim_tail(d) else padded_head_dim(d)
     if interpret:
         return TileConfig(HP=1, G=1, BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, STATS_BLOCK_N=16, num_warps=4,
                           num_stages=1)
-    return TileConfig(HP=1, G=1, BLOCK_M=256 if block_d <= 64 else 128, BLOCK_N=64, BLOCK_D=block_d,
-                      STATS_BLOCK_N=64, num_warps=4, num_stages=2)
+    block_m = 256 if padded_head_dim(d) <= 64 else 128
+    if n_q is not None and -(-n_q // 128) * 128 < -(-n_q // block_m) * block_m:
+        block_m = 128
+    return TileConfig(HP=1, G=1, BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, STATS_BLOCK_N=64, num_warps=4,
+                      num_stages=2)
 
 
 def run_on_device(kernel, grid, device, *args, **kwargs) -> None:

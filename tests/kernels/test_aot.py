@@ -9,7 +9,8 @@ checked without compiling by tests/kernels/test_launch_scan.py.
 import pytest
 
 from reattn.kernels.aot import ELEMENT_SIZE, SHARED_MEMORY_LIMIT
-from reattn.kernels.launch import TileConfig, shared_bytes, splits_backward_heads, splits_softmax_stats, variant_of
+from reattn.kernels.launch import (TileConfig, head_dim_tail, shared_bytes, splits_backward_heads, splits_softmax_stats,
+                                  variant_of)
 from tests import _aot
 
 KERNELS = {"_softmax_stats_kernel": "softmax_stats", "_re_attention_fwd_kernel": "forward", "_gram_kernel": "gram",
@@ -76,7 +77,7 @@ def test_the_launch_rules_shared_memory_bound_holds_for_every_compiled_launch():
             r["h"], -(-r["d"] // 16) * 16, norm=r["norm"], masked=r["mask"], has_dropout=r["dropout"],
             element_size=ELEMENT_SIZE[r["dtype"]], interpret=False)  # (DeepViT-L-384's backward)
         bound = shared_bytes(KERNELS[r["kernel"]], _config(r), ELEMENT_SIZE[r["dtype"]], masked=r["mask"],
-                             split_heads=split)
+                             split_heads=split, d_tail=head_dim_tail(-(-r["d"] // 16) * 16))
         assert r["shared"] <= bound, (r, bound)
 
 
@@ -117,7 +118,7 @@ def test_plain_launches_spill_nothing_at_eight_slots_and_stay_within_the_scans_c
 
 # The sample's fp32 launch with the most live state (sm_80, 32 heads, LayerNorm, a mask and dropout: the
 # forward) spills the most: the README's Triton row says how much.
-FP32_HEAVY_SPILL_CEILING = 4_088
+FP32_HEAVY_SPILL_CEILING = 3_808
 
 
 def test_fp32_launches_with_a_mask_and_dropout_stay_within_their_ceiling():

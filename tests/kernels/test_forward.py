@@ -600,19 +600,26 @@ def test_the_launch_rule_separates_the_statistics_of_unmasked_16_bit_calls():
     assert splits_softmax_stats("layer", 2, 0.1, 12, 64) and splits_softmax_stats("plain", 2, 0.1, 12, 32)
     assert not splits_softmax_stats("plain", 2, 0.1, 32, 16, moments=True)
     assert splits_softmax_stats("plain", 2, 0.1, 32, 16) and splits_softmax_stats("plain", 2, 0.1, 12, 16, True)
-    # The statistics kernel's tiles: 256 rows up to D = 64, 128 above; the whole head dim in one tile.
+    # The statistics kernel's tiles: 256 rows up to D = 64, 128 above or where they pad fewer query rows
+    # (N = 577: 640 rows, not 768); the head dim in one tile, or two where it is the sum of two powers of two.
     assert [(softmax_stats_config(d, interpret=False).BLOCK_M, softmax_stats_config(d, interpret=False).BLOCK_D)
-            for d in (16, 48, 64, 128)] == [(256, 16), (256, 64), (256, 64), (128, 128)]
+            for d in (16, 48, 64, 128)] == [(256, 16), (256, 32), (256, 64), (128, 128)]
+    assert [softmax_stats_config(64, n, interpret=False).BLOCK_M for n in (1, 128, 197, 256, 257, 577)] == [
+        128, 128, 256, 256, 128, 128]
     for limit in (101376, 166912, 232448):
-        for d in (16, 32, 64, 128):
-            assert shared_bytes("softmax_stats", softmax_stats_config(d, interpret=False)) <= limit
-    # Given statistics, the plain forward takes one stage at 16 slots and at 32 with 16-wide head-dim tiles;
-    # the LayerNorm forward and the moments keep the one-launch forward's stages.
+        for d in (16, 32, 48, 64, 128):
+            assert shared_bytes("softmax_stats", softmax_stats_config(d, interpret=False),
+                                d_tail=head_dim_tail(d)) <= limit
+    # Given statistics, the plain forward takes one stage at 16 slots and at 32 with 16-wide head-dim tiles,
+    # and so does the split LayerNorm forward (12 heads); the LayerNorm forward of other head counts and the
+    # moments keep the one-launch forward's stages.
     one = dict(interpret=False, stats_given=True)
     assert [forward_config(197, 197, d, 12, variant="plain", **one).num_stages for d in (16, 32, 64)] == [1, 1, 1]
     assert [forward_config(197, 197, d, 32, variant="plain", **one).num_stages for d in (16, 32)] == [1, 2]
-    for kw in (dict(variant="layer"), dict(variant="plain", moments=True)):
-        for h, d in ((12, 32), (12, 64), (32, 32)):
+    assert [forward_config(197, 197, d, 12, variant="layer", **one).num_stages for d in (32, 64)] == [1, 1]
+    for kw, shapes in ((dict(variant="layer"), ((16, 32), (32, 32))),
+                       (dict(variant="plain", moments=True), ((12, 32), (12, 64), (32, 32)))):
+        for h, d in shapes:
             assert forward_config(197, 197, d, h, **one, **kw).num_stages == forward_config(
                 197, 197, d, h, interpret=False, variant=kw["variant"]).num_stages == 2
     assert forward_config(197, 197, 32, 12, variant="plain", interpret=False).num_stages == 2
@@ -674,8 +681,8 @@ def test_split_heads_match_the_reference(monkeypatch, dtype, B, H, Nq, Nk, D, mi
     """12 heads with given statistics: heads 0-7 and 8-11 in two products, the stacked maps mixed by W (x) I
     weights (``_split_sweep``), for norm none, LayerNorm, training BatchNorm (given batch statistics) and
     eval BatchNorm (running statistics). Against float64 truths, with the tolerance of
-    ``test_separate_statistics_match_the_fused_sweep``; every launch took the split sweep (LayerNorm up to
-    a padded head dim of 48), with a head-dim tail where the padded head dim is 48."""
+    ``test_separate_statistics_match_the_fused_sweep``; every launch took the split sweep (LayerNorm too,
+    its centering folded into the weights), with a head-dim tail where the padded head dim is 48."""
     seen = _split_spy(monkeypatch)
     inp = make_inputs(B, H, Nq, Nk, D, dtype, mix_bias=mix_bias)
     g = torch.Generator().manual_seed(7)
@@ -696,8 +703,7 @@ def test_split_heads_match_the_reference(monkeypatch, dtype, B, H, Nq, Nk, D, mi
         out, stats = run_kernel(inp, out_scale=0.7, separate_stats=True, **kernel_args)
         ref = run_ref(inp, out_scale=0.7, **ref_args)
         assert max_err(out, ref) <= 4 * eps * (D + Nk + H) * max(1.0, ref.abs().max().item())
-    # LayerNorm splits up to a (padded) head dim of 48
-    assert seen == [(norm != "layer" or D <= 48, 16 if D == 35 else 0) for norm in ("none", "layer", "batch", "batch")]
+    assert seen == [(True, 16 if D == 35 else 0)] * 4
 
 
 def test_split_heads_with_fp16_products_within_twice_eager_error(monkeypatch):
@@ -716,7 +722,7 @@ def test_split_heads_with_fp16_products_within_twice_eager_error(monkeypatch):
 
 def test_the_launch_rule_splits_12_heads_reading_statistics():
     """``TileConfig.splits_heads``: 12 heads in 16 slots, statistics given, no mask, dropout or moments, the
-    head dim in one tile; LayerNorm up to a head dim of 48."""
+    head dim in one tile; LayerNorm up to a head dim of 64, in one stage."""
     def split(h, d=64, **kw):
         args = dict(stats_given=True, norm="none", masked=False, has_dropout=False, moments=False, d_chunks=1)
         args.update(kw)
@@ -724,7 +730,9 @@ def test_the_launch_rule_splits_12_heads_reading_statistics():
 
     assert [split(h) for h in (3, 6, 9, 12, 16, 24, 32)] == [False, False, False, True, False, False, False]
     assert split(12, norm="batch") and split(12, d=32)
-    assert [split(12, d, norm="layer") for d in (16, 32, 48, 64)] == [True, True, True, False]
+    assert [split(12, d, norm="layer") for d in (16, 32, 48, 64, 128)] == [True, True, True, True, False]
+    one = dict(interpret=False, variant="layer", stats_given=True)
+    assert [forward_config(197, 197, d, 12, **one).num_stages for d in (32, 48, 64)] == [1, 1, 1]
     for kw in (dict(stats_given=False), dict(masked=True), dict(has_dropout=True), dict(moments=True),
                dict(d_chunks=2)):
         assert not split(12, **kw), kw

@@ -77,7 +77,7 @@ def test_every_recorded_launch_fits_its_gpu_and_the_rules_bound(rows):
         shared = int(row["shared"])
         assert shared <= int(row["shared_limit"]), row
         bound = launch.shared_bytes(row["kernel"], _recorded(row), 2, masked=row["variant"] == "heavy",
-                                    split_heads=_splits_heads(row))
+                                    split_heads=_splits_heads(row), d_tail=launch.head_dim_tail(int(row["d"])))
         assert shared <= bound, (row, bound)
 
 
