@@ -32,7 +32,7 @@ from .launch import interpreting, next_pow2, run_on_device
 
 @triton.jit
 def _affine_kernel(R, U, O, ALPHA, BETA, H, N_Q, D, stride_rb, stride_rh, stride_rm, stride_ub, stride_uh, stride_um,
-                   stride_ob, stride_oh, stride_om, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                   stride_ob, stride_oh, stride_om, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, U_ROWS: tl.constexpr):
     bh = tl.program_id(1)  # b * H + h: scalars per program, no per-row division
     b = (bh // H).to(tl.int64)
     h = bh % H
@@ -41,7 +41,11 @@ def _affine_kernel(R, U, O, ALPHA, BETA, H, N_Q, D, stride_rb, stride_rh, stride
     tile = (i < N_Q)[:, None] & (cols < D)[None, :]
     acc_dtype = U.dtype.element_ty  # the coefficients' and U's: R' in q's dtype is upcast once loaded
     r = tl.load(R + (b * stride_rb + h * stride_rh) + (i * stride_rm)[:, None] + cols[None, :], mask=tile, other=0.0)
-    u = tl.load(U + (b * stride_ub + h * stride_uh) + (i * stride_um)[:, None] + cols[None, :], mask=tile, other=0.0)
+    if U_ROWS:
+        u = tl.load(U + (b * stride_ub + h * stride_uh) + (i * stride_um)[:, None] + cols[None, :], mask=tile,
+                    other=0.0)
+    else:  # one row of U for every row (no mask): loaded once, not once per row
+        u = tl.load(U + (b * stride_ub + h * stride_uh) + cols, mask=cols < D, other=0.0)[None, :]
     offsets = (b * stride_ob + h * stride_oh) + (i * stride_om)[:, None] + cols[None, :]
     out = r.to(acc_dtype) * tl.load(ALPHA + h) + u * tl.load(BETA + h)
     tl.store(O + offsets, out.to(O.dtype.element_ty), mask=tile)
@@ -49,7 +53,7 @@ def _affine_kernel(R, U, O, ALPHA, BETA, H, N_Q, D, stride_rb, stride_rh, stride
 
 @triton.jit
 def _dot_sums_kernel(G, R, U, PART, H, N_Q, D, stride_gb, stride_gh, stride_gm, stride_rb, stride_rh, stride_rm,
-                     stride_ub, stride_uh, stride_um, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                     stride_ub, stride_uh, stride_um, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, U_ROWS: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -60,7 +64,11 @@ def _dot_sums_kernel(G, R, U, PART, H, N_Q, D, stride_gb, stride_gh, stride_gm, 
     acc_dtype = PART.dtype.element_ty
     g = tl.load(G + (b * stride_gb + h * stride_gh) + (i * stride_gm)[:, None] + cols[None, :], mask=tile, other=0.0)
     r = tl.load(R + (b * stride_rb + h * stride_rh) + (i * stride_rm)[:, None] + cols[None, :], mask=tile, other=0.0)
-    u = tl.load(U + (b * stride_ub + h * stride_uh) + (i * stride_um)[:, None] + cols[None, :], mask=tile, other=0.0)
+    if U_ROWS:
+        u = tl.load(U + (b * stride_ub + h * stride_uh) + (i * stride_um)[:, None] + cols[None, :], mask=tile,
+                    other=0.0)
+    else:  # one row of U for every row, as in _affine_kernel
+        u = tl.load(U + (b * stride_ub + h * stride_uh) + cols, mask=cols < D, other=0.0)[None, :]
     g = g.to(acc_dtype)
     # PART [H, B, row blocks, 2]: a head's parts contiguous, as kernels.batchnorm reads them
     part = PART + ((h.to(tl.int64) * (tl.num_programs(1) // H) + b) * tl.num_programs(0) + pid_m) * 2
@@ -96,7 +104,8 @@ def head_affine(r: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor, beta: tor
     run_on_device(_affine_kernel, (triton.cdiv(Nq, rows), B * H), r.device,
                   r, u, out, alpha.to(acc).contiguous(), beta.to(acc).contiguous(), H, Nq, D,
                   r.stride(0), r.stride(1), r.stride(2), u.stride(0), u.stride(1), u.stride(2),
-                  out.stride(0), out.stride(1), out.stride(2), ROWS=rows, BLOCK_D=max(16, next_pow2(D)), num_warps=4)
+                  out.stride(0), out.stride(1), out.stride(2), ROWS=rows, BLOCK_D=max(16, next_pow2(D)),
+                  U_ROWS=u.stride(2) != 0, num_warps=4)
     return out
 
 
@@ -127,7 +136,8 @@ def head_dot_sums(grad: torch.Tensor, r: torch.Tensor, u: torch.Tensor, *, summe
     part = torch.empty((H, B, num_m, 2), dtype=acc, device=grad.device)
     run_on_device(_dot_sums_kernel, (num_m, B * H), grad.device, grad, r, u, part, H, Nq, D,
                   grad.stride(0), grad.stride(1), grad.stride(2), r.stride(0), r.stride(1), r.stride(2),
-                  u.stride(0), u.stride(1), u.stride(2), ROWS=rows, BLOCK_D=max(16, next_pow2(D)), num_warps=4)
+                  u.stride(0), u.stride(1), u.stride(2), ROWS=rows, BLOCK_D=max(16, next_pow2(D)),
+                  U_ROWS=u.stride(2) != 0, num_warps=4)
     if not summed:
         return part
     return part.sum(dim=(1, 2), dtype=torch.float64).transpose(0, 1).contiguous()

@@ -56,30 +56,35 @@ def _load_stats(STATS, stride_s, offs_h, h_ok):
 @triton.jit
 def _sum_pairs(X, P, stride_p, stride_h, stride_k, offs_h, h_ok, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
     """Per head, the float64 sums over P parts of the pair X[p, h] and X[p, h] + stride_k ([BLOCK_H] each)."""
-    s_a = tl.zeros([BLOCK_H], tl.float64)
-    s_b = tl.zeros([BLOCK_H], tl.float64)
+    s_a = tl.zeros([BLOCK_P, BLOCK_H], tl.float64)
+    s_b = tl.zeros([BLOCK_P, BLOCK_H], tl.float64)
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         ok = (offs_p < P)[:, None] & h_ok[None, :]
         ptrs = X + offs_p[:, None] * stride_p + offs_h[None, :] * stride_h
-        s_a += tl.sum(tl.load(ptrs, mask=ok, other=0.0).to(tl.float64), axis=0)
-        s_b += tl.sum(tl.load(ptrs + stride_k, mask=ok, other=0.0).to(tl.float64), axis=0)
-    return s_a, s_b
+        s_a += tl.load(ptrs, mask=ok, other=0.0).to(tl.float64)
+        s_b += tl.load(ptrs + stride_k, mask=ok, other=0.0).to(tl.float64)
+    return tl.sum(s_a, axis=0), tl.sum(s_b, axis=0)
 
 
 @triton.jit
 def _bn_moments_kernel(MOM, COUNT, CENTER, MIX_BIAS, NW, NB, STATS, COEF, P, H, count_value, out_scale, eps,
-                       stride_mp, stride_mk, stride_c, stride_b, stride_nw, stride_nb,
-                       COUNT_GIVEN: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
-                       HAS_NORM_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
-                       ACC: tl.constexpr):
+                       n_keys, stride_mp, stride_mk, stride_c, stride_wh, stride_b, stride_nw, stride_nb,
+                       COUNT_GIVEN: tl.constexpr, CENTER_FROM_WEIGHTS: tl.constexpr, HAS_MIX_BIAS: tl.constexpr,
+                       HAS_NORM_WEIGHT: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, BLOCK_P: tl.constexpr,
+                       BLOCK_H: tl.constexpr, ACC: tl.constexpr):
     offs_h = tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
     s1, s2 = _sum_pairs(MOM, P, stride_mp, 1, stride_mk, offs_h, h_ok, BLOCK_P, BLOCK_H)
     n = _count(COUNT, count_value, COUNT_GIVEN)
     mean_x = s1 / n
     var = tl.maximum(s2 / n - mean_x * mean_x, 0.0)
-    mean = mean_x + tl.load(CENTER + offs_h * stride_c, mask=h_ok, other=0.0).to(tl.float64)
+    if CENTER_FROM_WEIGHTS:  # CENTER is mix_weight [H, H]: center_g = sum_h W[g, h] / n_keys
+        w = tl.load(CENTER + offs_h[:, None] * stride_c + offs_h[None, :] * stride_wh,
+                    mask=h_ok[:, None] & h_ok[None, :], other=0.0)
+        mean = mean_x + tl.sum(w.to(tl.float64), axis=1) / n_keys
+    else:
+        mean = mean_x + tl.load(CENTER + offs_h * stride_c, mask=h_ok, other=0.0).to(tl.float64)
     if HAS_MIX_BIAS:
         mean += tl.load(MIX_BIAS + offs_h * stride_b, mask=h_ok, other=0.0).to(tl.float64)
     tl.store(STATS + offs_h, mean, mask=h_ok)
@@ -170,21 +175,29 @@ def _head_vector(t: Optional[torch.Tensor], H: int, name: str) -> None:
         raise ValueError(f"batchnorm: {name} must be [{H}], got {tuple(t.shape)}")
 
 
-def bn_moments(moments: torch.Tensor, count: Union[torch.Tensor, int, float], center: torch.Tensor,
+def bn_moments(moments: torch.Tensor, count: Union[torch.Tensor, int, float], center: Optional[torch.Tensor],
                mix_bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
-               norm_bias: Optional[torch.Tensor], *, out_scale: float, eps: float,
-               dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+               norm_bias: Optional[torch.Tensor], *, out_scale: float, eps: float, dtype: torch.dtype,
+               mix_weight: Optional[torch.Tensor] = None, n_keys: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """One-sweep training BatchNorm's statistics and the finish's coefficients, in one launch.
 
     moments: [P, 2, H] (per program, the sums of X and of X^2 per head, X = M - c - center); count: the
     entries per head, a 0-dim float64 tensor or (without a mask) an integral number; center: [H], the
-    shift the forward subtracted; mix_bias, norm_weight, norm_bias: [H] or None. Returns stats [3, H]
-    float64 (mean of M, biased variance, count) and coefficients [4, H] in ``dtype`` (the accumulation
-    dtype): alpha, beta (O = alpha X V + beta U), rstd and -mean(X) rstd.
+    shift the forward subtracted, or None with mix_weight [H, H] and n_keys > 0: center_g =
+    sum_h W[g, h] / n_keys (in float64), what the forward formed with ``center_keys``; mix_bias, norm_weight,
+    norm_bias: [H] or None. Returns stats [3, H] float64 (mean of M, biased variance, count) and
+    coefficients [4, H] in ``dtype`` (the accumulation dtype): alpha, beta (O = alpha X V + beta U), rstd and
+    -mean(X) rstd.
     """
     P, two, H = moments.shape
     if two != 2:
         raise ValueError(f"bn_moments: moments must be [P, 2, H], got {tuple(moments.shape)}")
+    if (center is None) == (mix_weight is None) or (mix_weight is not None and n_keys <= 0):
+        raise ValueError("bn_moments: give either center [H], or mix_weight [H, H] with n_keys > 0 (got "
+                         f"center {'None' if center is None else 'given'}, mix_weight "
+                         f"{'None' if mix_weight is None else 'given'}, n_keys {n_keys})")
+    if mix_weight is not None and tuple(mix_weight.shape) != (H, H):
+        raise ValueError(f"bn_moments: mix_weight must be [{H}, {H}], got {tuple(mix_weight.shape)}")
     for t, name in ((center, "center"), (mix_bias, "mix_bias"), (norm_weight, "norm_weight"),
                     (norm_bias, "norm_bias")):
         _head_vector(t, H, name)
@@ -196,16 +209,18 @@ def bn_moments(moments: torch.Tensor, count: Union[torch.Tensor, int, float], ce
     given = isinstance(count, torch.Tensor)
     if not given and float(count) != int(count):
         raise ValueError(f"bn_moments: count must be a 0-dim float64 tensor or an integral number, got {count!r}")
-    dummy = center
-    run_on_device(_bn_moments_kernel, (1,), device, moments, count if given else dummy, center,
+    shift = center if center is not None else mix_weight  # the kernel's CENTER
+    dummy = shift
+    run_on_device(_bn_moments_kernel, (1,), device, moments, count if given else dummy, shift,
                   mix_bias if mix_bias is not None else dummy, norm_weight if norm_weight is not None else dummy,
                   norm_bias if norm_bias is not None else dummy, stats, coefficients, P, H,
-                  0 if given else int(count), float(out_scale), float(eps),
-                  moments.stride(0), moments.stride(1), center.stride(0),
+                  0 if given else int(count), float(out_scale), float(eps), int(max(n_keys, 1)),
+                  moments.stride(0), moments.stride(1), shift.stride(0), shift.stride(-1),
                   mix_bias.stride(0) if mix_bias is not None else 0,
                   norm_weight.stride(0) if norm_weight is not None else 0,
                   norm_bias.stride(0) if norm_bias is not None else 0,
-                  COUNT_GIVEN=given, HAS_MIX_BIAS=mix_bias is not None, HAS_NORM_WEIGHT=norm_weight is not None,
+                  COUNT_GIVEN=given, CENTER_FROM_WEIGHTS=center is None, HAS_MIX_BIAS=mix_bias is not None,
+                  HAS_NORM_WEIGHT=norm_weight is not None,
                   HAS_NORM_BIAS=norm_bias is not None, BLOCK_P=32, BLOCK_H=max(16, next_pow2(H)), ACC=acc,
                   num_warps=1)
     return stats, coefficients

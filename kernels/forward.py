@@ -441,14 +441,15 @@ def _split_values(a, acc, acc_t, vt, vtt, D_TAIL: tl.constexpr, DOT_LOWP: tl.con
 
 
 @triton.jit
-def _split_block(acc_a, acc_b, acc_at, acc_bt, qa, qb, qat, qbt, Kb, Vb, b, ha, hb, rows_a, rows_b, ok_a, ok_b,
-                 start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, g_a, g_b, e_a,
-                 e_b, eps, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
-                 LAYER: tl.constexpr, HP: tl.constexpr, Q: tl.constexpr,
+def _split_block(acc_a, acc_b, acc_at, acc_bt, s2a, s2b, qa, qb, qat, qbt, Kb, Vb, b, ha, hb, rows_a,
+                 rows_b, ok_a, ok_b, start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a,
+                 c_b, g_a, g_b, e_a, e_b, eps, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+                 LAYER: tl.constexpr, MOMENTS: tl.constexpr, HP: tl.constexpr, Q: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_TAIL: tl.constexpr, KEYS_PADDED: tl.constexpr,
                  EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
-    """One key block of ``_split_sweep``: P of both head groups, the mixing, O += A V per group.
+    """One key block of ``_split_sweep``: P of both head groups, the mixing, O += A V per group; with MOMENTS the
+    map's squares added entry by entry on the stacked rows (s2a, s2b).
 
     Without a head-dim tail both groups' tiles are loaded before their products; with one, each group's
     just before its product. The other order spilled 16 B in each case (ViT-B, D = 64; DeepViT-L-384,
@@ -481,6 +482,15 @@ def _split_block(acc_a, acc_b, acc_at, acc_bt, qa, qb, qat, qbt, Kb, Vb, b, ha, 
             key_ok = (start_n + tl.arange(0, E // Q) % BLOCK_N < N_K)[None, :]
             ya = tl.where(key_ok, ya, 0.0)
             yb = tl.where(key_ok, yb, 0.0)
+    if MOMENTS:  # over the kept entries: keys past N_K out here, rows past N_Q at the end (_split_moments)
+        ma = ya
+        mb = yb
+        if KEYS_PADDED:
+            key_ok = (start_n + tl.arange(0, E // Q) % BLOCK_N < N_K)[None, :]
+            ma = tl.where(key_ok, ma, 0.0)
+            mb = tl.where(key_ok, mb, 0.0)
+        s2a += ma * ma
+        s2b += mb * mb
     # Keys past N_K: the map is c there (normalized: 0), and V is 0 (``_load_keys``), so A V gets nothing
     # from them.
     va, vat = _split_tiles(Vb, ha, offs_n, N_K, offs_d, offs_t, D, stride_vh, stride_vn, stride_vd, D_TAIL, KEYS_PADDED,
@@ -495,7 +505,27 @@ def _split_block(acc_a, acc_b, acc_at, acc_bt, qa, qb, qat, qbt, Kb, Vb, b, ha, 
                                       DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     acc_b, acc_bt = _split_values(_unstack(yb, HB, E, Q, BLOCK_M, BLOCK_N), acc_b, acc_bt, vb, vbt, D_TAIL, DOT_LOWP,
                                   LOWP_DTYPE, DOT_PRECISION)
-    return acc_a, acc_b, acc_at, acc_bt
+    return acc_a, acc_b, acc_at, acc_bt, s2a, s2b
+
+
+@triton.jit
+def _split_moments(MOMp, s2a, s2b, w_slots, c, ha, hb, row0, N_Q, N_K, HP: tl.constexpr, Q: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store the program's per-head sums of the map and of its square ([2, HP] at MOMp; the padding slots'
+    are not written). The squares from ``_split_block``'s stacked sums, less the rows past N_Q (row (h, q),
+    column e of the stacked map holds entry q E / Q + e of the block, E = BLOCK_M BLOCK_N, whose query row
+    is that // BLOCK_N). The sums exactly from the parameters: without a mask or dropout each row of P sums
+    to 1 over the keys, so a row's map sums to sum_h W[g, h] + N_K c_g (it kept 24 registers a thread)."""
+    HA: tl.constexpr = HP // 2
+    HB: tl.constexpr = HP // 4
+    C: tl.constexpr = BLOCK_M * BLOCK_N // Q
+    entry = tl.arange(0, Q)[:, None] * C + tl.arange(0, C)[None, :]
+    ok = ((row0 + entry // BLOCK_N) < N_Q)[None, :, :]
+    offs_s = tl.arange(0, HP)
+    rows = tl.minimum(tl.maximum(N_Q - row0, 0), BLOCK_M).to(w_slots.dtype)
+    tl.store(MOMp + offs_s, rows * (tl.sum(w_slots, axis=1) + N_K * c), mask=offs_s < HA + HB)
+    tl.store(MOMp + HP + ha, tl.sum(tl.sum(tl.where(ok, tl.reshape(s2a, (HA, Q, C)), 0.0), axis=2), axis=1))
+    tl.store(MOMp + HP + hb, tl.sum(tl.sum(tl.where(ok, tl.reshape(s2b, (HB, Q, C)), 0.0), axis=2), axis=1))
 
 
 @triton.jit
@@ -517,10 +547,10 @@ def _split_store(Ob, acc, heads, rows, rows_ok, offs_d, D, stride_oh, stride_om,
 
 
 @triton.jit
-def _split_sweep(Qb, Kb, Vb, Ob, STATSb, w_slots, c, gamma, beta, eps, b, row0, N_Q, N_K, D, D_Q, scale2,
+def _split_sweep(Qb, Kb, Vb, Ob, STATSb, MOMp, w_slots, c, gamma, beta, eps, b, row0, N_Q, N_K, D, D_Q, scale2,
                  stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
                  stride_oh, stride_om, stride_od, stride_sp, stride_sh, stride_sm,
-                 LAYER: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 LAYER: tl.constexpr, MOMENTS: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, D_TAIL: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr,
                  DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The second sweep (statistics given) for H = 3 HP / 4 heads without padding slots.
@@ -533,7 +563,8 @@ def _split_sweep(Qb, Kb, Vb, Ob, STATSb, w_slots, c, gamma, beta, eps, b, row0, 
     product's least K; a reshape, no data movement) and mixed by W (x) I_Q weights,
     Y_A = W_AA X_A + W_AB X_B + c_A and Y_B = W_BA X_A + W_BB X_B + c_B ([HA Q] and [HB Q] rows), whose
     rows are the groups' maps; with LAYER, LayerNorm across the heads of each entry on those rows
-    (``_split_layer_norm``). No mask, dropout or moments (the launch rule, ``launch.splits_heads``).
+    (``_split_layer_norm``); with MOMENTS, the map's sums per head (``_split_moments``). No mask or dropout (the
+    launch rule, ``launch.splits_heads``).
 
     The head dim is one tile of BLOCK_D columns or, with D_TAIL > 0, a tile of BLOCK_D / 2 and one of the
     D_TAIL columns after it (``launch.head_dim_tail``: 48 = 32 + 16), so a head dim that is not a power
@@ -587,19 +618,26 @@ def _split_sweep(Qb, Kb, Vb, Ob, STATSb, w_slots, c, gamma, beta, eps, b, row0, 
     e_a, e_b = _split_vector(beta, HP, Q)
     acc_a = tl.zeros([HA, BLOCK_M, D_MAIN], CDT)
     acc_b = tl.zeros([HB, BLOCK_M, D_MAIN], CDT)
+    if MOMENTS:
+        s2a = tl.zeros([HA * Q, BLOCK_M * BLOCK_N // Q], CDT)
+        s2b = tl.zeros([HB * Q, BLOCK_M * BLOCK_N // Q], CDT)
+    else:
+        s2a, s2b = tl.zeros([], CDT), tl.zeros([], CDT)
     n_full = (N_K // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc_a, acc_b, acc_at, acc_bt = _split_block(
-            acc_a, acc_b, acc_at, acc_bt, qa, qb, qat, qbt, Kb, Vb, b, ha, hb, rows_a, rows_b, ok_a, ok_b, start_n,
-            N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, g_a, g_b, e_a, e_b, eps,
-            scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, LAYER, HP, Q, BLOCK_M, BLOCK_N,
-            D_TAIL, False, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+        acc_a, acc_b, acc_at, acc_bt, s2a, s2b = _split_block(
+            acc_a, acc_b, acc_at, acc_bt, s2a, s2b, qa, qb, qat, qbt, Kb, Vb, b, ha, hb, rows_a, rows_b,
+            ok_a, ok_b, start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, g_a,
+            g_b, e_a, e_b, eps, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, LAYER,
+            MOMENTS, HP, Q, BLOCK_M, BLOCK_N, D_TAIL, False, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     if n_full < N_K:
-        acc_a, acc_b, acc_at, acc_bt = _split_block(
-            acc_a, acc_b, acc_at, acc_bt, qa, qb, qat, qbt, Kb, Vb, b, ha, hb, rows_a, rows_b, ok_a, ok_b, n_full,
-            N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, g_a, g_b, e_a, e_b, eps,
-            scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, LAYER, HP, Q, BLOCK_M, BLOCK_N,
-            D_TAIL, True, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+        acc_a, acc_b, acc_at, acc_bt, s2a, s2b = _split_block(
+            acc_a, acc_b, acc_at, acc_bt, s2a, s2b, qa, qb, qat, qbt, Kb, Vb, b, ha, hb, rows_a, rows_b,
+            ok_a, ok_b, n_full, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, w_aa, w_ab, w_ba, w_bb, c_a, c_b, g_a,
+            g_b, e_a, e_b, eps, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, LAYER,
+            MOMENTS, HP, Q, BLOCK_M, BLOCK_N, D_TAIL, True, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    if MOMENTS:
+        _split_moments(MOMp, s2a, s2b, w_slots, c, ha, hb, row0, N_Q, N_K, HP, Q, BLOCK_M, BLOCK_N)
     _split_store(Ob, acc_a, ha, rows_a, ok_a, offs_d, D_Q, stride_oh, stride_om, stride_od)
     _split_store(Ob, acc_b, hb, rows_b, ok_b, offs_d, D_Q, stride_oh, stride_om, stride_od)
     if D_TAIL > 0:
@@ -618,13 +656,14 @@ def _re_attention_fwd_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_wg, stride_wh, stride_c, stride_nw, stride_nb, stride_bn, stride_rv,
     H, N_Q, N_K, D, D_Q, NUM_PROGRAMS_M,
-    scale2, out_scale, eps, dropout_p,
+    scale2, out_scale, eps, dropout_p, center_keys,
     HP: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATS_BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, RAW_MAX: tl.constexpr, BIAS_SLOT: tl.constexpr,
-    HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, BN_EVAL: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
-    HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, STATS_GIVEN: tl.constexpr,
-    MOMENTS: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr, SPLIT_HEADS: tl.constexpr, D_TAIL: tl.constexpr,
+    HAS_MIX_BIAS: tl.constexpr, CENTERS: tl.constexpr, NORM: tl.constexpr, BN_EVAL: tl.constexpr,
+    HAS_NORM_WEIGHT: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    STATS_GIVEN: tl.constexpr, MOMENTS: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr,
+    DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr, SPLIT_HEADS: tl.constexpr,
+    D_TAIL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // NUM_PROGRAMS_M).to(tl.int64)
@@ -672,18 +711,24 @@ def _re_attention_fwd_kernel(
     w_slots, c, gamma, beta = _slot_params(W, C, NW, NB, BN, head, slot_ok, H, out_scale, stride_wg, stride_wh,
                                            stride_c, stride_nw, stride_nb, HP, G, CDT, HAS_MIX_BIAS, NORM,
                                            HAS_NORM_WEIGHT, HAS_NORM_BIAS, BIAS_SLOT and not BN_EVAL, True)
+    if CENTERS:  # the mixing bias -sum_h W[g, h] / center_keys (no mix bias: BIAS_SLOT's column holds 0)
+        shift = -tl.sum(w_slots, axis=1) / center_keys
+        if BIAS_SLOT:
+            w_slots = tl.where(tl.arange(0, HP)[None, :] == G * H, shift[:, None], w_slots)
+        else:
+            c = shift
     if BN_EVAL:
         w_slots, c = _eval_batchnorm_fold(w_slots, c, gamma, beta, BN, RV, head, slot_ok, H, stride_bn, stride_rv,
                                           out_scale, eps, HP, G, CDT, BIAS_SLOT)
     if NORM == 1:  # the mixing gives M - mean(M) itself
         w_slots, c = _center_across_heads(w_slots, c, W, C, head, slot_ok, H, stride_wg, stride_wh, stride_c, HP, G,
                                           CDT, HAS_MIX_BIAS, BIAS_SLOT)
-    if SPLIT_HEADS:  # 12 heads, statistics given, no mask, dropout or moments (TileConfig.splits_heads)
-        _split_sweep(Qb, Kb, Vb, O + b * stride_ob, STATSb, w_slots, c, gamma, beta, eps, b,
-                     (pid % NUM_PROGRAMS_M) * BLOCK_M, N_Q, N_K, D, D_Q, scale2, stride_qh, stride_qm, stride_qd,
-                     stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_oh, stride_om, stride_od,
-                     stride_sp, stride_sh, stride_sm, NORM == 1, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_TAIL, EVEN_D, CDT,
-                     DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+    if SPLIT_HEADS:  # 12 heads, statistics given, no mask or dropout (TileConfig.splits_heads)
+        _split_sweep(Qb, Kb, Vb, O + b * stride_ob, STATSb, MOM + (pid.to(tl.int64) * 2) * HP, w_slots, c, gamma,
+                     beta, eps, b, (pid % NUM_PROGRAMS_M) * BLOCK_M, N_Q, N_K, D, D_Q, scale2, stride_qh, stride_qm,
+                     stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_oh,
+                     stride_om, stride_od, stride_sp, stride_sh, stride_sm, NORM == 1, MOMENTS, HP, BLOCK_M, BLOCK_N,
+                     BLOCK_D, D_TAIL, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     else:
         group_mean = _group_mean(H, slot_ok, HP, CDT)
 
@@ -910,6 +955,7 @@ def re_attention_forward(
     softmax_stats: Optional[torch.Tensor] = None,
     stats_given: bool = False,
     with_moments: bool = False,
+    center_keys: int = 0,
     separate_stats: Optional[bool] = None,
     config: Optional[TileConfig] = None,
     allow_tf32: bool = False,
@@ -935,6 +981,9 @@ def re_attention_forward(
     with_moments (norm "none" only): also return ``moments`` [programs, 2, H] in the accumulation
     dtype: per program, the sums over its kept entries of the map X = W P~ + mix_bias and of X^2,
     per head; what training BatchNorm's one-sweep forward needs. Sum them over programs in float64.
+    center_keys > 0 (norm "none", no mix_bias): the programs form the mixing bias themselves,
+    -center_g = -sum_h W[g, h] / center_keys, the shift one-sweep BatchNorm's moments take (where torch's
+    sum and division were two launches).
     separate_stats: compute the softmax statistics in a launch of their own, per head, before the
     forward (no mask, scale > 0); default: the launch rule (``launch.splits_softmax_stats``).
     Ignored with ``stats_given``.
@@ -997,6 +1046,12 @@ def re_attention_forward(
         raise ValueError(f"re_attention_forward: softmax_stats must be {stats_shape} {acc_dtype} on {device}")
     if with_moments and norm != "none":
         raise ValueError(f"re_attention_forward: with_moments needs norm='none', got {norm!r}")
+    if not isinstance(center_keys, int) or center_keys < 0:
+        raise ValueError(f"re_attention_forward: center_keys must be an int >= 0, got {center_keys!r}")
+    if center_keys and (norm != "none" or mix_bias is not None):
+        given = " and a mix_bias" if mix_bias is not None else ""
+        raise ValueError("re_attention_forward: center_keys forms the mixing bias itself: it needs norm='none' "
+                         f"and no mix_bias, got norm={norm!r}{given}")
     if B == 0 or Nq == 0 or D == 0:
         if with_moments:
             return out, softmax_stats, torch.zeros((0, 2, H), dtype=acc_dtype, device=device)
@@ -1020,8 +1075,7 @@ def re_attention_forward(
     num_m = config.programs_per_batch(Nq)
     d_chunks = triton.cdiv(Dp, config.BLOCK_D)
     split_heads = config.splits_heads(H, Dp, stats_given=stats_given or separate_stats, norm=norm,
-                                      masked=mask_kind != MASK_NONE, has_dropout=has_dropout, moments=with_moments,
-                                      d_chunks=d_chunks)
+                                      masked=mask_kind != MASK_NONE, has_dropout=has_dropout, d_chunks=d_chunks)
     if split_heads and max(batch_span(q), batch_span(out)) <= INT32_SPAN:
         # The split sweep reads q and writes O once per program, at their own head dim (columns past it
         # masked), so a head dim such as 35 copies only the keys and values it reads at every key block.
@@ -1051,13 +1105,14 @@ def re_attention_forward(
         *q.stride(), *k.stride(), *v.stride(), *result.stride(), *softmax_stats.stride(), *mask_strides,
         mix_weight.stride(0), mix_weight.stride(1), c.stride(0), nw.stride(0), nb.stride(0), bn.stride(0),
         rv.stride(0), H, Nq, Nk, Dp, D, num_m,
-        float(scale) * LOG2E, float(out_scale), float(eps), float(dropout_p),
-        HAS_MIX_BIAS=mix_bias is not None, NORM=NORM_NONE if bn_eval else _NORMS[norm], BN_EVAL=bn_eval,
+        float(scale) * LOG2E, float(out_scale), float(eps), float(dropout_p), float(max(center_keys, 1)),
+        HAS_MIX_BIAS=mix_bias is not None, CENTERS=center_keys > 0, NORM=NORM_NONE if bn_eval else _NORMS[norm], BN_EVAL=bn_eval,
         HAS_NORM_WEIGHT=affine_norm and norm_weight is not None, HAS_NORM_BIAS=affine_norm and norm_bias is not None,
         MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, STATS_GIVEN=stats_given, MOMENTS=moments is not None,
         D_CHUNKS=d_chunks, EVEN_D=Dp == d_chunks * config.BLOCK_D or d_tail > 0,
         RAW_MAX=mask_kind != MASK_ADDITIVE and scale > 0,
-        BIAS_SLOT=config.bias_slot(H, has_dropout, mix_bias is not None or norm == "batch") and not split_heads,
+        BIAS_SLOT=config.bias_slot(H, has_dropout, mix_bias is not None or norm == "batch" or center_keys > 0)
+        and not split_heads,
         SPLIT_HEADS=split_heads, D_TAIL=d_tail,
         **options, **config.meta(),
     )
@@ -1094,5 +1149,8 @@ def slot_groups(sums: torch.Tensor, heads: int, config: TileConfig) -> torch.Ten
 
 def slot_sums_to_heads(sums: torch.Tensor, heads: int, config: TileConfig) -> torch.Tensor:
     """Per-program per-slot sums [programs, k, HP] -> per-program per-head sums [programs, k, H]:
-    the G row groups of a program add up per head (``slot_groups``)."""
+    the G row groups of a program add up per head (``slot_groups``); at one group, a view of the first H slots
+    (a sum over one group was a launch of its own)."""
+    if config.G == 1:
+        return sums[..., :heads]
     return slot_groups(sums, heads, config).sum(dim=-2)

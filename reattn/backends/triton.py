@@ -6,7 +6,8 @@ Its ops are ``reattn::triton_forward``, ``reattn::triton_backward``, ``reattn::t
 from the running statistics, where the ladder's fold takes six torch ops; see ``_ladder`` for what they return
 and save: never a [B, H, Nq, Nk] map). On CPU tensors they run in Triton's interpreter (``TRITON_INTERPRET=1``).
 Local training BatchNorm runs in one sweep over the keys (``_fused.one_sweep_batchnorm`` over the
-forward kernel's per-program moments) and, without a mask, keeps X V for the backward, whose BatchNorm
+forward kernel's per-program moments, the programs forming the map's shift themselves: ``center_keys``) and,
+without a mask, keeps X V for the backward, whose BatchNorm
 sums are then one pass over dO and X V (``kernels.affine.head_dot_sums``); the synchronized path keeps the
 Gram-sum statistics sweep and the backward's sums sweep, whose sums add up over processes.
 """
@@ -71,20 +72,21 @@ def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_key
     return torch.stack([rstd * sums[0] + shift * sums[1], sums[1]])
 
 
-def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype):
+def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype, center_keys=0):
     # R' = X V in `dtype`: q's where the caller keeps it, else the accumulation dtype (it subtracts mean(X) U).
+    # center_keys: X = W P~ - center, the programs forming center = sum_h W[g, h] / center_keys.
     r = torch.empty(q.shape, dtype=dtype, device=q.device)
     r, softmax_stats, moments = re_attention_forward(q, k, v, mix_weight, mix_bias, scale=scale, norm="none",
                                                      attn_mask=attn_mask, dropout_p=dropout_p, seed=seed, out=r,
-                                                     with_moments=True)
+                                                     with_moments=True, center_keys=center_keys)
     return r, softmax_stats, moments, None  # U: the caller's sum over V
 
 
 TRITON_KERNELS = FusedKernels(forward=_forward, gram_sums=gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,
                               forward_moments=_forward_moments, softmax_stats_shape=softmax_stats_shape,
-                              head_affine=head_affine, head_dot_sums=_head_dot_sums, bn_moments=bn_moments,
-                              bn_coefficients=bn_coefficients, update_running_stats=update_running_stats,
-                              forward_eval_batchnorm=_forward_eval_batchnorm)
+                              head_affine=head_affine, centers_in_forward=True, head_dot_sums=_head_dot_sums,
+                              bn_moments=bn_moments, bn_coefficients=bn_coefficients,
+                              update_running_stats=update_running_stats, forward_eval_batchnorm=_forward_eval_batchnorm)
 TRITON_OPS = OpLadder(FusedRawOps(TRITON_KERNELS), forward="reattn::triton_forward",
                       backward="reattn::triton_backward", gram_sums="reattn::triton_gram_sums",
                       bn_grad_sums="reattn::triton_bn_grad_sums", running_stats="reattn::triton_update_running_stats",

@@ -71,6 +71,34 @@ def test_bn_moments_matches_the_torch_steps(acc, count_kind, H, P, with_params):
                                atol=float(4 * ulp * rstd.abs().max()))
 
 
+@pytest.mark.parametrize("H", [1, 6, 12, 32])
+def test_bn_moments_forms_the_center_from_the_mixing_weights(H):
+    """center None with mix_weight and n_keys (what the forward's ``center_keys`` subtracted): the same
+    statistics and coefficients as the center sum_h W[g, h] / n_keys given, formed in float64; a strided
+    mix_weight in another dtype reads the same; either form or neither is a ValueError."""
+    moments, g = _moments(9, H, torch.float32)
+    w = torch.randn(H, H, generator=g, dtype=torch.float64)
+    n_keys, count = 197, 2 * 197 * 197
+    center = w.sum(dim=1) / n_keys
+    given = bn_moments(moments, count, center, None, None, None, out_scale=0.7, eps=1e-5, dtype=torch.float32)
+    formed = bn_moments(moments, count, None, None, None, None, out_scale=0.7, eps=1e-5, dtype=torch.float32,
+                        mix_weight=w.t().contiguous().t().to(torch.float32), n_keys=n_keys)
+    # the center's float32 rounding of W (2^-24 of each |W| over n_keys), summed
+    tol = float(w.abs().sum(dim=1).max()) / n_keys * 2.0 ** -23 + 4 * F64_EPS * float(given[0][0].abs().max())
+    torch.testing.assert_close(formed[0][0], given[0][0], rtol=0, atol=tol)
+    assert torch.equal(formed[0][1:], given[0][1:]) and torch.equal(formed[1], given[1])
+    for kw in (dict(), dict(mix_weight=w, n_keys=n_keys, center=center), dict(mix_weight=w, n_keys=0)):
+        args = dict(center=None)
+        args.update(kw)
+        center_arg = args.pop("center")
+        with pytest.raises(ValueError, match="either center"):
+            bn_moments(moments, count, center_arg, None, None, None, out_scale=1.0, eps=1e-5, dtype=torch.float32,
+                       **args)
+    with pytest.raises(ValueError, match=r"mix_weight must be"):
+        bn_moments(moments, count, None, None, None, None, out_scale=1.0, eps=1e-5, dtype=torch.float32,
+                   mix_weight=torch.zeros(H, H + 1), n_keys=n_keys)
+
+
 @pytest.mark.parametrize("acc", [torch.float32, torch.float64])
 @pytest.mark.parametrize("params", ["both", "weight", "none"])
 @pytest.mark.parametrize("own_grads", [True, False])

@@ -611,14 +611,14 @@ def test_the_launch_rule_separates_the_statistics_of_unmasked_16_bit_calls():
             assert shared_bytes("softmax_stats", softmax_stats_config(d, interpret=False),
                                 d_tail=head_dim_tail(d)) <= limit
     # Given statistics, the plain forward takes one stage at 16 slots and at 32 with 16-wide head-dim tiles,
-    # and so does the split LayerNorm forward (12 heads); the LayerNorm forward of other head counts and the
-    # moments keep the one-launch forward's stages.
+    # and so does the split forward (12 heads) with LayerNorm or the moments; the LayerNorm forward of other
+    # head counts and their moments keep the one-launch forward's stages.
     one = dict(interpret=False, stats_given=True)
     assert [forward_config(197, 197, d, 12, variant="plain", **one).num_stages for d in (16, 32, 64)] == [1, 1, 1]
     assert [forward_config(197, 197, d, 32, variant="plain", **one).num_stages for d in (16, 32)] == [1, 2]
     assert [forward_config(197, 197, d, 12, variant="layer", **one).num_stages for d in (32, 64)] == [1, 1]
     for kw, shapes in ((dict(variant="layer"), ((16, 32), (32, 32))),
-                       (dict(variant="plain", moments=True), ((12, 32), (12, 64), (32, 32)))):
+                       (dict(variant="plain", moments=True), ((16, 32), (16, 64), (32, 32)))):
         for h, d in shapes:
             assert forward_config(197, 197, d, h, **one, **kw).num_stages == forward_config(
                 197, 197, d, h, interpret=False, variant=kw["variant"]).num_stages == 2
@@ -706,6 +706,55 @@ def test_split_heads_match_the_reference(monkeypatch, dtype, B, H, Nq, Nk, D, mi
     assert seen == [(True, 16 if D == 35 else 0)] * 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B,Nq,Nk,D", [(2, 33, 40, 35), (1, 17, 16, 64), (2, 1, 1, 16)])
+def test_split_heads_take_the_moments(monkeypatch, dtype, B, Nq, Nk, D):
+    """One-sweep training BatchNorm's forward at 12 heads runs the split sweep too: O = X V of the map
+    X = W P + c, and the per-program sums of X (exact from the parameters: each row of P sums to 1) and of X^2
+    over the kept entries (rows past N_Q and keys past N_K left out), against float64 sums of the map."""
+    seen = _split_spy(monkeypatch)
+    H = 12
+    inp = make_inputs(B, H, Nq, Nk, D, dtype, mix_bias=True)
+    q, k, v, w, c = (inp[n] for n in ("q", "k", "v", "mix_weight", "mix_bias"))
+    out = torch.full_like(q, float("nan"))
+    o, _, moments = re_attention_forward(q, k, v, w, c, scale=D ** -0.5, separate_stats=True, with_moments=True,
+                                         out=out)
+    assert o is out and seen == [(True, 16 if D == 35 else 0)]
+    q64, k64, v64, w64, c64 = (t.double() for t in (q, k, v, w, c))
+    p = torch.softmax(q64 @ k64.transpose(-1, -2) * D ** -0.5, dim=-1)
+    x = torch.einsum("gh,bhij->bgij", w64, p) + c64[None, :, None, None]
+    eps = torch.finfo(dtype).eps
+    entry_tol = 4 * eps * (D + Nk + H) * max(1.0, x.abs().max().item())
+    assert max_err(o, x @ v64) <= entry_tol * max(1.0, v64.abs().max().item()) * Nk
+    sums = moments.sum(0)[:, :H]  # [2, slots]: slot s is head s
+    count = B * Nq * Nk
+    assert max_err(sums[0], x.sum((0, 2, 3))) <= count * entry_tol
+    assert max_err(sums[1], (x * x).sum((0, 2, 3))) <= count * entry_tol * 2 * x.abs().max().item()
+
+
+@pytest.mark.parametrize("H, Nq, Nk, D, separate", [(12, 33, 40, 35, True), (6, 20, 17, 32, False),
+                                                   (3, 9, 9, 16, False), (12, 1, 1, 16, False)])
+def test_center_keys_form_the_mixing_bias_in_the_programs(H, Nq, Nk, D, separate):
+    """center_keys=Nk: the programs form the mixing bias -sum_h W[g, h] / Nk themselves (one-sweep BatchNorm's
+    shift), as given by torch: the same output and moments, with BIAS_SLOT (3 and 6 heads, padding slots),
+    the split sweep (12 heads, statistics given) and the one-launch forward; a mix bias or a norm with it is
+    a ValueError, as a negative or non-int center_keys."""
+    inp = make_inputs(2, H, Nq, Nk, D, torch.float64)
+    q, k, v, w = (inp[n] for n in ("q", "k", "v", "mix_weight"))
+    kw = dict(scale=D ** -0.5, with_moments=True, separate_stats=separate)
+    out, _, moments = re_attention_forward(q, k, v, w, w.sum(dim=1) / -Nk, **kw)
+    out_c, _, moments_c = re_attention_forward(q, k, v, w, None, center_keys=Nk, **kw)
+    tol = 64 * torch.finfo(torch.float64).eps * (D + Nk + H)  # one division's rounding apart, through the sweep
+    assert max_err(out_c, out) <= tol * max(1.0, out.abs().max().item())
+    assert max_err(moments_c.sum(0), moments.sum(0)) <= tol * Nq * Nk * max(1.0, moments.abs().max().item())
+    for bad in (dict(center_keys=Nk, mix_bias=w[0]), dict(center_keys=-1), dict(center_keys=2.0)):
+        bias = bad.pop("mix_bias", None)
+        with pytest.raises(ValueError, match="center_keys"):
+            re_attention_forward(q, k, v, w, bias, scale=D ** -0.5, **bad)
+    with pytest.raises(ValueError, match="center_keys"):
+        re_attention_forward(q, k, v, w, None, scale=D ** -0.5, norm="layer", center_keys=Nk)
+
+
 def test_split_heads_with_fp16_products_within_twice_eager_error(monkeypatch):
     """fp16 tensor-core operands (the GPU path, which the interpreter runs for fp16): the mixing weights
     held as product results, q of the larger group in registers, P and the weights in fp16 for the
@@ -721,10 +770,10 @@ def test_split_heads_with_fp16_products_within_twice_eager_error(monkeypatch):
 
 
 def test_the_launch_rule_splits_12_heads_reading_statistics():
-    """``TileConfig.splits_heads``: 12 heads in 16 slots, statistics given, no mask, dropout or moments, the
-    head dim in one tile; LayerNorm up to a head dim of 64, in one stage."""
+    """``TileConfig.splits_heads``: 12 heads in 16 slots, statistics given, no mask or dropout, the head dim
+    in one tile; LayerNorm up to a head dim of 64; one stage with LayerNorm and with the moments."""
     def split(h, d=64, **kw):
-        args = dict(stats_given=True, norm="none", masked=False, has_dropout=False, moments=False, d_chunks=1)
+        args = dict(stats_given=True, norm="none", masked=False, has_dropout=False, d_chunks=1)
         args.update(kw)
         return forward_config(197, 197, d, h, interpret=False, variant="plain").splits_heads(h, d, **args)
 
@@ -733,8 +782,9 @@ def test_the_launch_rule_splits_12_heads_reading_statistics():
     assert [split(12, d, norm="layer") for d in (16, 32, 48, 64, 128)] == [True, True, True, True, False]
     one = dict(interpret=False, variant="layer", stats_given=True)
     assert [forward_config(197, 197, d, 12, **one).num_stages for d in (32, 48, 64)] == [1, 1, 1]
-    for kw in (dict(stats_given=False), dict(masked=True), dict(has_dropout=True), dict(moments=True),
-               dict(d_chunks=2)):
+    assert [forward_config(197, 197, d, 12, **dict(one, variant="plain"), moments=True).num_stages
+            for d in (32, 48, 64)] == [1, 1, 1]
+    for kw in (dict(stats_given=False), dict(masked=True), dict(has_dropout=True), dict(d_chunks=2)):
         assert not split(12, **kw), kw
     # a head dim that is two powers of two: the tile of half the padded width, then the rest
     assert [head_dim_tail(d) for d in (16, 32, 48, 64, 80, 96, 112, 128)] == [0, 0, 16, 0, 16, 32, 0, 0]
