@@ -48,12 +48,17 @@ from .launch import (TileConfig, backward_config, device_shared_limit, head_dim_
                      run_on_device, splits_backward_heads, variant_of)
 
 
+# The backward's LayerNorm takes the centered weights up to 16 slots. At 32 (with a mask and dropout) ptxas
+# then gave the dK/dV kernel 32 registers a thread and spilled 7,448 B, against 3,968 at 128 without it.
+CENTERED_SLOTS = tl.constexpr(16)
+
+
 @triton.jit
 def _norm_backward(dn, mix, kept, group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_f, eps, HP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CDT: tl.constexpr, NORM: tl.constexpr,
                    NORM_PRECISION: tl.constexpr, APPROX_RSQRT: tl.constexpr):
-    """(dM, xhat) from dN (gradient w.r.t. the normalized map, out_scale applied) and M (LayerNorm: M - mean(M),
-    mixed by the centered weights of ``common._center_across_heads``).
+    """(dM, xhat) from dN (gradient w.r.t. the normalized map, out_scale applied) and M (LayerNorm up to
+    CENTERED_SLOTS slots: M - mean(M), mixed by the centered weights of ``common._center_across_heads``).
 
     NORM_NONE: dM = dN. NORM_LAYER: LayerNorm's backward across the heads of a row group (a
     masked head's M still enters the norm of the others: its gradient is kept). NORM_BATCH:
@@ -61,7 +66,8 @@ def _norm_backward(dn, mix, kept, group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_
     """
     xhat = mix
     if NORM == 1:
-        xhat, rstd = _layer_norm(mix, group_mean, eps, HP, BLOCK_M, BLOCK_N, CDT, NORM_PRECISION, APPROX_RSQRT, True)
+        xhat, rstd = _layer_norm(mix, group_mean, eps, HP, BLOCK_M, BLOCK_N, CDT, NORM_PRECISION, APPROX_RSQRT,
+                                 HP <= CENTERED_SLOTS)
         dxhat = dn * gamma[:, None, None]
         mean_dx = _mix(group_mean, dxhat, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, NORM_PRECISION)
         mean_dx_xhat = _mix(group_mean, dxhat * xhat, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, NORM_PRECISION)
@@ -481,7 +487,7 @@ def _re_attention_bwd_dq_kernel(
     # LayerNorm: the map recomputed centered, in one product (``common._center_across_heads``); dP mixes by the
     # centered weights too: dM sums to 0 over each group's heads, so (W - 1 mean(W))^T dM = W^T dM, less the
     # part of dM along the heads' mean, which only the norm's tf32 mean of dxhat puts there.
-    if NORM == 1:
+    if NORM == 1 and HP <= CENTERED_SLOTS:
         w_slots, c = _center_across_heads(w_slots, c, W, C, head, slot_ok, H, stride_wg, stride_wh, stride_c, HP, G,
                                           CDT, HAS_MIX_BIAS, BIAS_SLOT)
     group_mean = _group_mean(H, slot_ok, HP, CDT)
@@ -931,7 +937,7 @@ def _re_attention_bwd_dkdv_kernel(
     w_slots, c, gamma, beta = _slot_params(W, C, NW, NB, BN, head, slot_ok, H, out_scale, stride_wg, stride_wh,
                                            stride_c, stride_nw, stride_nb, HP, G, CDT, HAS_MIX_BIAS, NORM,
                                            HAS_NORM_WEIGHT, HAS_NORM_BIAS, BIAS_SLOT, False)
-    if NORM == 1:  # centered weights, as in the dQ kernel
+    if NORM == 1 and HP <= CENTERED_SLOTS:  # centered weights, as in the dQ kernel
         w_slots, c = _center_across_heads(w_slots, c, W, C, head, slot_ok, H, stride_wg, stride_wh, stride_c, HP, G,
                                           CDT, HAS_MIX_BIAS, BIAS_SLOT)
     group_mean = _group_mean(H, slot_ok, HP, CDT)
