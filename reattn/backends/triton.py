@@ -72,7 +72,8 @@ def _head_dot_sums(grad, r, u, stats, mix_weight, mix_bias, *, scale, eps, n_key
     return torch.stack([rstd * sums[0] + shift * sums[1], sums[1]])
 
 
-def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype, center_keys=0):
+def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, dropout_p, dtype,
+                     center_keys=0):
     # R' = X V in `dtype`: q's where the caller keeps it, else the accumulation dtype (it subtracts mean(X) U).
     # center_keys: X = W P~ - center, the programs forming center = sum_h W[g, h] / center_keys.
     r = torch.empty(q.shape, dtype=dtype, device=q.device)
