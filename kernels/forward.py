@@ -515,7 +515,7 @@ def _split_moments(MOMp, s2a, s2b, w_slots, c, ha, hb, row0, N_Q, N_K, HP: tl.co
     are not written). The squares from ``_split_block``'s stacked sums, less the rows past N_Q (row (h, q),
     column e of the stacked map holds entry q E / Q + e of the block, E = BLOCK_M BLOCK_N, whose query row
     is that // BLOCK_N). The sums exactly from the parameters: without a mask or dropout each row of P sums
-    to 1 over the keys, so a row's map sums to sum_h W[g, h] + N_K c_g (it kept 24 registers a thread)."""
+    to 1 over the keys, so a row's map sums to sum_h W[g, h] + N_K c_g (its partials held 12 registers)."""
     HA: tl.constexpr = HP // 2
     HB: tl.constexpr = HP // 4
     C: tl.constexpr = BLOCK_M * BLOCK_N // Q
