@@ -68,6 +68,15 @@ def _sum_pairs(X, P, stride_p, stride_h, stride_k, offs_h, h_ok, BLOCK_P: tl.con
 
 
 @triton.jit
+def _weights_center(W, stride_wg, stride_wh, n_keys, offs_h, h_ok):
+    """The one-sweep map's shift center_g = sum_h W[g, h] / n_keys ([BLOCK_H] float64): what the forward's
+    ``center_keys`` subtracted, as ``reattn._batchnorm.kept_term_coefficients`` forms it."""
+    w = tl.load(W + offs_h[:, None] * stride_wg + offs_h[None, :] * stride_wh, mask=h_ok[:, None] & h_ok[None, :],
+                other=0.0)
+    return tl.sum(w.to(tl.float64), axis=1) / n_keys
+
+
+@triton.jit
 def _bn_moments_kernel(MOM, COUNT, CENTER, MIX_BIAS, NW, NB, STATS, COEF, P, H, count_value, out_scale, eps,
                        n_keys, stride_mp, stride_mk, stride_c, stride_wh, stride_b, stride_nw, stride_nb,
                        COUNT_GIVEN: tl.constexpr, CENTER_FROM_WEIGHTS: tl.constexpr, HAS_MIX_BIAS: tl.constexpr,
@@ -79,10 +88,8 @@ def _bn_moments_kernel(MOM, COUNT, CENTER, MIX_BIAS, NW, NB, STATS, COEF, P, H, 
     n = _count(COUNT, count_value, COUNT_GIVEN)
     mean_x = s1 / n
     var = tl.maximum(s2 / n - mean_x * mean_x, 0.0)
-    if CENTER_FROM_WEIGHTS:  # CENTER is mix_weight [H, H]: center_g = sum_h W[g, h] / n_keys
-        w = tl.load(CENTER + offs_h[:, None] * stride_c + offs_h[None, :] * stride_wh,
-                    mask=h_ok[:, None] & h_ok[None, :], other=0.0)
-        mean = mean_x + tl.sum(w.to(tl.float64), axis=1) / n_keys
+    if CENTER_FROM_WEIGHTS:  # CENTER is mix_weight [H, H]
+        mean = mean_x + _weights_center(CENTER, stride_c, stride_wh, n_keys, offs_h, h_ok)
     else:
         mean = mean_x + tl.load(CENTER + offs_h * stride_c, mask=h_ok, other=0.0).to(tl.float64)
     if HAS_MIX_BIAS:
@@ -120,9 +127,7 @@ def _bn_coefficients_kernel(STATS, SUMS, NW, COEF, DNW, DNB, W, C, H, PARTS, eps
         # sum dN xhat = scale (rstd sum dO . X V - mean(X) rstd sum dO . U), sum dN = scale sum dO . U, with
         # mean(X) = mean - sum_h W[g, h] / n_keys - c (reattn._batchnorm.kept_term_coefficients)
         s_r, s_u = _sum_pairs(SUMS, PARTS, 2, PARTS * 2, 1, offs_h, h_ok, BLOCK_P, BLOCK_H)
-        w_ok = h_ok[:, None] & h_ok[None, :]
-        w = tl.load(W + offs_h[:, None] * stride_wg + offs_h[None, :] * stride_wh, mask=w_ok, other=0.0)
-        mean_x = mean - tl.sum(w.to(tl.float64), axis=1) / n_keys
+        mean_x = mean - _weights_center(W, stride_wg, stride_wh, n_keys, offs_h, h_ok)
         if HAS_MIX_BIAS:
             mean_x -= tl.load(C + offs_h * stride_c, mask=h_ok, other=0.0).to(tl.float64)
         s_r = s_r * scale

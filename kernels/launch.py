@@ -354,7 +354,7 @@ def softmax_stats_config(d: int, n_q: Optional[int] = None, *, interpret: Option
     """Tiles of the softmax statistics kernel (``forward._softmax_stats_kernel``): one head per program
     (HP = G = 1), BLOCK_M query rows against BLOCK_N-key blocks over the whole head dim: one tile of
     BLOCK_D, or BLOCK_D and ``head_dim_tail(d)`` columns where d is the sum of two powers of two (48 = 32 + 16:
-    DeepViT-L-384's statistics kernel 43.8-194.6 -> 39.8-172.7 us, static model, against one 64-wide tile).
+    DeepViT-L-384's statistics kernel 43.8-194.6 -> 42.5-171.1 us, static model, against one 64-wide tile).
 
     256 rows and 4 warps (one warpgroup: each key block's product is four 64-row warpgroup MMAs on
     sm_90, and each thread holds its rows' statistics for all of them); 64-key blocks, two stages.
