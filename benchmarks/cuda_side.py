@@ -69,6 +69,7 @@ FORWARD_VARIANTS = {"plain_affine": 0, "plain_layer": 1, "plain_moments": 2, "ge
 BACKWARD_ROWS = 4
 PLAIN_BACKWARD_ROWS = 5
 PLAIN_LAYER_BACKWARD_ROWS = 6
+KEY_TILE = 32  # csrc/cuda/tiles.h kKeyTile: keys per K tile of the statistics kernel's sweep
 PARAM_OFFSET = sass_exec.PARAM_OFFSET
 DTYPE_SYMBOL = {torch.bfloat16: "13__nv_bfloat16", torch.float16: "6__half", torch.float32: "f", torch.float64: "d"}
 DTYPE_CXX = {torch.bfloat16: "reattn::dev::Bf16", torch.float16: "reattn::dev::F16"}  # E of the tensor-core programs
@@ -640,6 +641,16 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
         if with_moments:
             touched.append((moments, {"write"}))
         variant = forward_variant(p)
+        statistics = tiles["statistics"]
+        if statistics is not None and variant != FORWARD_VARIANTS["general"] and not given:
+            # ops.cpp: the statistics kernel first (statistics.cuh; q and k as the forward reads them), whose rows
+            # the forward then reads
+            args = [statistics[k_] for k_ in ("warps", "tiles", "d")] + [int(statistics["narrow"])]
+            _record(_template_symbol(rec.arch, "statistics_kernel", "StatisticsConfig", args, q.dtype), "statistics",
+                    False, q, ReAttnParams.from_buffer_copy(p), [touched[0], touched[1], (stats, {"write"})],
+                    (B * H * statistics["grid"], 1), statistics["threads"], statistics["shared_bytes"], "keys",
+                    KEY_TILE)
+            p.stats_is_input = True
         args = [tiles[k_] for k_ in ("slabs", "groups", "heads", "d", "d_out", "keys")] + [variant]
         symbol = _template_symbol(rec.arch, "forward_kernel", "RowConfig", args, q.dtype,
                                   "NarrowTail" if tiles["narrow"] else "")

@@ -176,8 +176,8 @@ KEY_VARIANTS = {"0": "general", "1": "plain", "2": "plain_layer"}
 def kernel_name(raw: str) -> str:
     """The static model's name for a profiled kernel: Triton's function name; for the CUDA programs
     ``re_attention_kernel<dtype, kind>``, ``forward_kernel<RowConfig<dtype, shape..., variant>>`` (or
-    ``forward_kernel<NarrowTail<RowConfig<...>>>``),
-    ``key_kernel<KeyConfig<dtype, shape..., variant>>``, ``head_affine_kernel<dtype>`` and
+    ``forward_kernel<NarrowTail<RowConfig<...>>>``), ``statistics_kernel<StatisticsConfig<dtype, warps, tiles, d,
+    narrow>>``, ``key_kernel<KeyConfig<dtype, shape..., variant>>``, ``head_affine_kernel<dtype>`` and
     ``head_dot_sums_kernel<dtype>`` (from the demangled name, or the mangled one of the CUDA-core programs and
     the element-wise steps)."""
     import re
@@ -192,8 +192,8 @@ def kernel_name(raw: str) -> str:
         r"(head_affine_kernel|head_dot_sums_kernel)I(\w+?)EEvNS0_16HeadAffineParams", raw)
     if m:
         return f"{m.group(1)}<{_CXX_TYPES.get(m.group(2), m.group(2))}>"
-    m = re.search(r"(forward_kernel|key_kernel)<(?:reattn::cuda::)?(?:(NarrowTail)<(?:reattn::cuda::)?)?"
-                  r"(RowConfig|KeyConfig)<([\w:]+),\s*([-\d,\s]+)>", raw)
+    m = re.search(r"(forward_kernel|key_kernel|statistics_kernel)<(?:reattn::cuda::)?(?:(NarrowTail)<(?:reattn::cuda::)?)?"
+                  r"(RowConfig|KeyConfig|StatisticsConfig)<([\w:]+),\s*([-\d,\s]+)>", raw)
     if m:
         args = [a.strip() for a in m.group(5).split(",")]
         if m.group(3) == "RowConfig":

@@ -19,6 +19,7 @@
 #include "backward_configs.h"
 #include "keys.cuh"
 #include "sim.h"
+#include "statistics.cuh"
 
 namespace reattn {
 namespace cuda {
@@ -126,6 +127,37 @@ void forward_shape(int shape, int variant, const ReAttnParams& params, int order
 }
 
 }  // namespace
+
+namespace {
+
+// The statistics kernel of shape s over its grid, as launch_statistics runs it.
+template <typename E>
+void run_statistics(const StatisticsShape& s, const ReAttnParams& params, int order, uint64_t seed) {
+  sim::Launch launch;
+  launch.grid[0] = static_cast<int>(params.B * params.H * ((params.Nq + s.rows() - 1) / s.rows()));
+  launch.threads = s.threads();
+  launch.shared_bytes = statistics_bytes(s);
+  launch.order = static_cast<sim::Order>(order);
+  launch.seed = seed;
+  if (launch.grid[0] == 0) return;
+#define REATTN_STATISTICS_CASE(kW, kT, kD, kN)                                                        \
+  if (s.warps == kW && s.tiles == kT && s.d == kD && s.narrow == (kN != 0)) {                            \
+    sim::launch(launch, [&] { StatisticsProgram<StatisticsConfig<E, kW, kT, kD, kN>>(params).run(); }); \
+    return;                                                                                           \
+  }
+  REATTN_STATISTICS_SHAPES(REATTN_STATISTICS_CASE)
+#undef REATTN_STATISTICS_CASE
+  throw std::invalid_argument("emulate_statistics: shape not compiled");
+}
+
+}  // namespace
+
+void emulate_statistics(int storage, const StatisticsShape& shape, const ReAttnParams& params, int order,
+                        uint64_t seed) {
+  if (storage == kBFloat16) return run_statistics<dev::Bf16>(shape, params, order, seed);
+  if (storage == kFloat16) return run_statistics<dev::F16>(shape, params, order, seed);
+  throw std::invalid_argument("emulate_statistics: the statistics kernel takes float16 or bfloat16");
+}
 
 void emulate_forward(int storage, int shape, int variant, const ReAttnParams& params, int order, uint64_t seed) {
   if (storage == kBFloat16) return forward_shape<dev::Bf16>(shape, variant, params, order, seed);

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "params.h"
+#include "tiles.h"
 
 namespace reattn {
 namespace cuda {
@@ -19,6 +20,11 @@ void emulate_program(int storage, int kind, const ReAttnParams& params, bool rev
 // variant `variant` (ForwardVariant) over its grid; storage kFloat16 or kBFloat16. order:
 // sim::Order of the warps between barriers.
 void emulate_forward(int storage, int shape, int variant, const ReAttnParams& params, int order, uint64_t seed);
+
+// Runs the statistics kernel (statistics.cuh) of shape `shape` (row_configs.h statistics_shape_for) over its
+// grid: params.lse.
+void emulate_statistics(int storage, const StatisticsShape& shape, const ReAttnParams& params, int order,
+                        uint64_t seed);
 
 // Runs the tensor-core backward: the row pass with shape `rows`, then (unless params.stats_only)
 // the key pass with shape `keys` (backward_configs.h), both in their plain variants where `plain`.

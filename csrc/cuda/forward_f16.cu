@@ -8,5 +8,9 @@ cudaError_t launch_forward_f16(int shape, int variant, const ReAttnParams& param
   return launch_forward<dev::F16>(shape, variant, params, stream);
 }
 
+cudaError_t launch_statistics_f16(const StatisticsShape& shape, const ReAttnParams& params, cudaStream_t stream) {
+  return launch_statistics<dev::F16>(shape, params, stream);
+}
+
 }  // namespace cuda
 }  // namespace reattn

@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include "params.h"
+#include "tiles.h"
 
 namespace reattn {
 namespace cuda {
@@ -28,6 +29,9 @@ REATTN_DECLARE_LAUNCHERS(f64)
 // variant `variant` (ForwardVariant).
 cudaError_t launch_forward_bf16(int shape, int variant, const ReAttnParams& params, cudaStream_t stream);
 cudaError_t launch_forward_f16(int shape, int variant, const ReAttnParams& params, cudaStream_t stream);
+// The statistics kernel (statistics.cuh) of shape `shape` (row_configs.h statistics_shape_for): params.lse.
+cudaError_t launch_statistics_bf16(const StatisticsShape& shape, const ReAttnParams& params, cudaStream_t stream);
+cudaError_t launch_statistics_f16(const StatisticsShape& shape, const ReAttnParams& params, cudaStream_t stream);
 
 // The tensor-core backward (rows.cuh, keys.cuh): row pass shape `rows`, key pass shape `keys` of
 // backward_configs.h, both in their plain variants where `plain` (row_configs.h).

@@ -694,14 +694,30 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     p.moments = with_moments ? moments.data_ptr<double>() : nullptr;
     p.vector_loads = use_aligned_inputs(a, q, k, v, nullptr, stages_queries(false, s.keys));
     const int variant = forward_variant_for(p, general_variant);
+    // A plain problem over several key segments takes its row statistics from the statistics kernel first
+    // (statistics.cuh), which the forward's programs then read (rows.cuh load_statistics) instead of sweeping
+    // every head's keys themselves.
+    const bool statistics_first = variant != kGeneral && !given && takes_statistics_kernel(s, p.D, p.Nk);
+    const StatisticsShape statistics = statistics_shape_for(s, p.D);
     if (!q.is_cuda()) {
+      if (statistics_first) {
+        emulate_statistics(storage_of(q.scalar_type()), statistics, p, order, static_cast<uint64_t>(shuffle_seed));
+        p.stats_is_input = true;
+      }
       emulate_forward(storage_of(q.scalar_type()), shape, variant, p, order, static_cast<uint64_t>(shuffle_seed));
     } else {
 #ifdef REATTN_WITH_CUDA
       const c10::cuda::CUDAGuard guard(q.device());
       const auto stream = c10::cuda::getCurrentCUDAStream();
-      const cudaError_t err = q.scalar_type() == at::kBFloat16 ? launch_forward_bf16(shape, variant, p, stream)
-                                                               : launch_forward_f16(shape, variant, p, stream);
+      const bool bf16 = q.scalar_type() == at::kBFloat16;
+      if (statistics_first) {
+        const cudaError_t err = bf16 ? launch_statistics_bf16(statistics, p, stream)
+                                     : launch_statistics_f16(statistics, p, stream);
+        TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+        p.stats_is_input = true;
+      }
+      const cudaError_t err = bf16 ? launch_forward_bf16(shape, variant, p, stream)
+                                   : launch_forward_f16(shape, variant, p, stream);
       TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
 #endif
     }
@@ -954,6 +970,22 @@ pybind11::object forward_tiles(int64_t H, int64_t D, int64_t Nq, int64_t Nk, con
   out["grid"] = pybind11::make_tuple((Nq + s.rows() - 1) / s.rows(), (D + s.d_out - 1) / s.d_out);
   out["narrow"] = narrow_tail(s, static_cast<int>(D));  // launches forward_kernel<NarrowTail<RowConfig<...>>>
   out["stages_queries"] = stages_queries(false, s.keys);  // reads q unpadded (use_aligned_inputs)
+  // The plain variants' statistics kernel, launched first (cuda_forward), or None.
+  if (takes_statistics_kernel(s, static_cast<int>(D), static_cast<int>(Nk))) {
+    const StatisticsShape t = statistics_shape_for(s, static_cast<int>(D));
+    pybind11::dict statistics;
+    statistics["warps"] = t.warps;
+    statistics["tiles"] = t.tiles;
+    statistics["d"] = t.d;
+    statistics["narrow"] = t.narrow;
+    statistics["threads"] = t.threads();
+    statistics["rows"] = t.rows();
+    statistics["shared_bytes"] = statistics_bytes(t);
+    statistics["grid"] = (Nq + t.rows() - 1) / t.rows();  // programs per (batch element, head)
+    out["statistics"] = statistics;
+  } else {
+    out["statistics"] = pybind11::none();
+  }
   return out;
 }
 

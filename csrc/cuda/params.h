@@ -111,8 +111,8 @@ struct ReAttnParams {
 
   // Forward: out in T (any strides). lse: the row statistics [B, H, Nq, 2] = (row max m, log-sum
   // log sum_j exp(S - m)) in the accumulation type, contiguous, P = exp((S - m) - log-sum); every
-  // program writes them (forward, statistics sweep), or reads them (backward; forward when
-  // stats_is_input).
+  // program writes them (forward, statistics sweep, the statistics kernel), or reads them (backward;
+  // forward when stats_is_input: the plain variants' segmented programs take them as given).
   void* out = nullptr;
   Strides4 o_st{};
   void* lse = nullptr;

@@ -74,5 +74,28 @@ inline int pick_forward_shape(int H, int D, int Nk, size_t shared_limit) {
   return best;
 }
 
+// The statistics kernel's shapes (statistics.cuh), instantiated per 16-bit type: warps, tiles, d, narrow.
+// 4 warps of 32 rows: each K fragment a warp loads serves two m16 tiles, and a program of 128 rows computes
+// 640 rows for DeepViT-L-384's 577 (the forward's programs of 32 rows compute 608).
+#define REATTN_STATISTICS_SHAPES(X) \
+  X(4, 2, 48, 0)                    \
+  X(4, 2, 48, 1)                    \
+  X(4, 2, 64, 0)
+
+// The statistics kernel that serves forward shape s at head dim D: the forward's q.k columns and narrow tail.
+inline StatisticsShape statistics_shape_for(const TileShape& s, int D) { return StatisticsShape{4, 2, s.d, narrow_tail(s, D)}; }
+
+// Whether the plain forward of forward shape s over Nk keys reads its statistics from the statistics kernel:
+// where it would sweep them itself (several key segments) and that kernel is compiled for it.
+inline bool takes_statistics_kernel(const TileShape& s, int D, int Nk) {
+  if (segment_count(s, Nk) <= 1) return false;
+  const StatisticsShape t = statistics_shape_for(s, D);
+#define REATTN_STATISTICS_MATCH(kW, kT, kD, kN) \
+  if (t.warps == kW && t.tiles == kT && t.d == kD && t.narrow == (kN != 0)) return true;
+  REATTN_STATISTICS_SHAPES(REATTN_STATISTICS_MATCH)
+#undef REATTN_STATISTICS_MATCH
+  return false;
+}
+
 }  // namespace cuda
 }  // namespace reattn

@@ -7,6 +7,7 @@
 #include "rows.cuh"
 #include "row_configs.h"
 #include "launch.h"
+#include "statistics.cuh"
 
 namespace reattn {
 namespace cuda {
@@ -67,6 +68,27 @@ cudaError_t launch_forward_variant(int variant, const ReAttnParams& p, cudaStrea
     default:
       return cudaErrorInvalidValue;
   }
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads) statistics_kernel(const ReAttnParams params) {
+  StatisticsProgram<Cfg>(params).run();
+}
+
+// The statistics kernel of shape s (row_configs.h REATTN_STATISTICS_SHAPES) over p's (b, h, 128-row block)s,
+// writing p.lse. Its ring (< 48 KB) needs no opt-in.
+template <typename E>
+cudaError_t launch_statistics(const StatisticsShape& s, const ReAttnParams& p, cudaStream_t stream) {
+  if (p.B == 0 || p.Nq == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(p.B * p.H * ((p.Nq + s.rows() - 1) / s.rows())));
+#define REATTN_STATISTICS_CASE(kW, kT, kD, kN)                                                      \
+  if (s.warps == kW && s.tiles == kT && s.d == kD && s.narrow == (kN != 0)) {                          \
+    statistics_kernel<StatisticsConfig<E, kW, kT, kD, kN>><<<grid, s.threads(), statistics_bytes(s), stream>>>(p); \
+    return cudaGetLastError();                                                                      \
+  }
+  REATTN_STATISTICS_SHAPES(REATTN_STATISTICS_CASE)
+#undef REATTN_STATISTICS_CASE
+  return cudaErrorInvalidValue;
 }
 
 template <typename E>

@@ -102,6 +102,59 @@ constexpr float kLog2e = 1.4426950408889634f;
 // A row with every key masked has m = -inf: subtract 0 instead.
 REATTN_DEVICE float exp_shifted(float s, float m) { return dev::exp2_approx((s - (m == -INFINITY ? 0.0f : m)) * kLog2e); }
 
+// One K tile of a statistics sweep, per row r of the thread: m[r] its running max of s, l[r] the sum of
+// 2^((s - m) c), rescaled once per tile to the new max; -inf entries add 0, and a row with none
+// finite keeps m = -inf, l = 0. kFold (the plain variants: raw products, c = scale log2 e, no mask
+// fill): each entry one FMA, s c - m c. Otherwise (scores in natural units, c = log2 e) the
+// difference s - m first, exact at a large mask fill (exp_shifted).
+// kN8: the n8 tiles that hold a key (the others are not read).
+template <bool kFold, int kN8 = kKeyTile / 8>
+REATTN_DEVICE void sweep_tile(const float (&s)[kKeyTile / 8][4], float c, float (&m)[2], float (&l)[2]) {
+  float tile_max[2] = {m[0], m[1]};
+#pragma unroll
+  for (int n = 0; n < kN8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) tile_max[e / 2] = dev::fmax_(tile_max[e / 2], s[n][e]);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    // 2^((m - max) c) is 1 when the max did not move; skipped while no key is finite (m = -inf).
+    if (m[r] != -INFINITY) l[r] *= dev::exp2_approx((m[r] - tile_max[r]) * c);
+    m[r] = tile_max[r];
+  }
+  if constexpr (kFold) {
+    const float mc[2] = {m[0] == -INFINITY ? 0.0f : m[0] * c, m[1] == -INFINITY ? 0.0f : m[1] * c};
+#pragma unroll
+    for (int n = 0; n < kN8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) l[e / 2] += dev::exp2_approx(s[n][e] * c - mc[e / 2]);
+    }
+  } else {
+#pragma unroll
+    for (int n = 0; n < kN8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) l[e / 2] += exp_shifted(s[n][e], m[e / 2]);
+    }
+  }
+}
+
+// The row statistics (m in natural units, l) of the thread's two fragment rows merged over the 4 threads of
+// its quad, which hold the row's other keys: every thread of the quad then has the row's.
+REATTN_DEVICE void merge_quad_statistics(float (&m)[2], float (&l)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+#pragma unroll
+    for (int off = 1; off <= 2; off *= 2) {
+      const float mo = dev::shfl_xor(m[r], off), lo = dev::shfl_xor(l[r], off);
+      const float mn = dev::fmax_(m[r], mo);
+      const float a = m[r] == -INFINITY ? 0.0f : l[r] * exp_shifted(m[r], mn);
+      const float c = mo == -INFINITY ? 0.0f : lo * exp_shifted(mo, mn);
+      m[r] = mn;
+      l[r] = a + c;
+    }
+  }
+}
+
 // Whether every row of a 16-bit [B, H, N, D] output at `base` (strides st, in elements) is 4-byte aligned
 // with unit column stride, so that each pair of columns (an even one and the next) goes as one 32-bit
 // store: one test a program makes for all its rows (store_fragment_row).
@@ -972,42 +1025,6 @@ struct RowProgram {
   }
 
   // ---- statistics sweep (several segments) --------------------------------------------------------
-  // One K tile of the sweep, per row r of the thread: m[r] its running max of s, l[r] the sum of
-  // 2^((s - m) c), rescaled once per tile to the new max; -inf entries add 0, and a row with none
-  // finite keeps m = -inf, l = 0. kFold (the plain variants: raw products, c = scale log2 e, no mask
-  // fill): each entry one FMA, s c - m c. Otherwise (scores in natural units, c = log2 e) the
-  // difference s - m first, exact at a large mask fill (exp_shifted).
-  // kN8: the n8 tiles that hold a key (the others are not read).
-  template <bool kFold, int kN8 = Cfg::kTileN8>
-  REATTN_DEVICE static void sweep_tile(const float (&s)[Cfg::kTileN8][4], float c, float (&m)[2], float (&l)[2]) {
-    float tile_max[2] = {m[0], m[1]};
-#pragma unroll
-    for (int n = 0; n < kN8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) tile_max[e / 2] = dev::fmax_(tile_max[e / 2], s[n][e]);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      // 2^((m - max) c) is 1 when the max did not move; skipped while no key is finite (m = -inf).
-      if (m[r] != -INFINITY) l[r] *= dev::exp2_approx((m[r] - tile_max[r]) * c);
-      m[r] = tile_max[r];
-    }
-    if constexpr (kFold) {
-      const float mc[2] = {m[0] == -INFINITY ? 0.0f : m[0] * c, m[1] == -INFINITY ? 0.0f : m[1] * c};
-#pragma unroll
-      for (int n = 0; n < kN8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) l[e / 2] += dev::exp2_approx(s[n][e] * c - mc[e / 2]);
-      }
-    } else {
-#pragma unroll
-      for (int n = 0; n < kN8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) l[e / 2] += exp_shifted(s[n][e], m[e / 2]);
-      }
-    }
-  }
-
   // Entries of a K tile's scores s [kTileN8][4] whose key (key0 + 8 n + 2 tq + (e & 1)) is at or past
   // `end` set to -inf (exp 0): keys past Nk or past the segment in the K tile that holds them.
   template <int kN8 = Cfg::kTileN8>
@@ -1078,17 +1095,9 @@ struct RowProgram {
         m[1] *= scale;
       }
       if (!active) continue;
+      merge_quad_statistics(m, l);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-#pragma unroll
-        for (int off = 1; off <= 2; off *= 2) {
-          const float mo = dev::shfl_xor(m[r], off), lo = dev::shfl_xor(l[r], off);
-          const float mn = dev::fmax_(m[r], mo);
-          const float a = m[r] == -INFINITY ? 0.0f : l[r] * exp_shifted(m[r], mn);
-          const float c = mo == -INFINITY ? 0.0f : lo * exp_shifted(mo, mn);
-          m[r] = mn;
-          l[r] = a + c;
-        }
         const int row = slab * 16 + gq + r * 8;
         if (tq == 0) {  // as the given statistics of the backward: (m, log l), (0, 0) for a row without
                         // any key (its entries are -inf: P = 0 either way; rows past Nq: finite P)
@@ -1113,6 +1122,26 @@ struct RowProgram {
       const bool empty = m[r] == -INFINITY;
       st[0] = empty ? INFINITY : m[r];
       st[1] = empty ? 0.0f : dev::log2_approx(l[r]) / kLog2e;
+    }
+  }
+
+  // The given row statistics (p.lse, [B, H, Nq, 2]: the statistics kernel's or the caller's) in the shared
+  // rows the statistics sweep would fill, in its form: (0, 0) for a row without any key (given as (+inf, 0))
+  // and for the rows past Nq, whose P nothing reads. The score phase's first ring step (a barrier) orders
+  // these stores before its reads.
+  REATTN_DEVICE void load_statistics() const {
+    float* stats = at<float>(L.stats);
+    const float* given = static_cast<const float*>(p.lse) + b * H * static_cast<int64_t>(Nq) * 2;
+    for (int i = dev::thread_index(); i < H * Cfg::kRows; i += Cfg::kThreads) {
+      const int h = i / Cfg::kRows, row = m0 + (i - h * Cfg::kRows);
+      float m = 0.0f, log_l = 0.0f;
+      if (row < Nq) {
+        const float* g = given + (static_cast<int64_t>(h) * Nq + row) * 2;
+        m = g[0] == INFINITY ? 0.0f : g[0];
+        log_l = g[1];
+      }
+      stats[2 * i] = m;
+      stats[2 * i + 1] = log_l;
     }
   }
 
@@ -2057,7 +2086,16 @@ struct RowProgram {
       mix_fragments(f);
       mixing_phase(0, f, o, moments);
     } else {
-      if (!exact) statistics_sweep();
+      if (!exact) {
+        // The plain programs read given statistics: ops.cpp launches the statistics kernel (statistics.cuh)
+        // before them, which reads each head's keys once per 128 query rows, where this sweep reads every
+        // head's once per program of 32.
+        if (Cfg::kPlain && p.stats_is_input) {
+          load_statistics();
+        } else {
+          statistics_sweep();
+        }
+      }
       clear(o);
       mix_fragments(f);  // the parameters are in shared memory since the barrier after q's copy
       for (int seg = 0; seg < segments; ++seg) {

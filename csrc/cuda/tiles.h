@@ -147,6 +147,23 @@ REATTN_HD RowLayout row_layout(const TileShape& s, int H, int Nk) {
   return L;
 }
 
+// The statistics kernel (statistics.cuh): one head of one batch element, warps x tiles m16 tiles of query rows
+// (16 warps tiles rows), d columns of q.k; narrow: the last k16 step's first 8 columns alone. Its shared memory
+// is a 2-slot ring of K tiles [kKeyTile][statistics_row].
+struct StatisticsShape {
+  int warps;
+  int tiles;
+  int d;
+  bool narrow;
+
+  REATTN_HD int threads() const { return 32 * warps; }
+  REATTN_HD int rows() const { return 16 * warps * tiles; }
+};
+
+constexpr REATTN_HD int statistics_row(const StatisticsShape& s) { return padded_row(s.d); }
+REATTN_HD size_t statistics_slot_bytes(const StatisticsShape& s) { return align128(kKeyTile * statistics_row(s) * 2); }
+REATTN_HD size_t statistics_bytes(const StatisticsShape& s) { return 2 * statistics_slot_bytes(s); }
+
 // The backward's key pass (keys.cuh): 16 * kslabs keys per program, warps kslabs x groups.
 struct KeyShape {
   int kslabs;

@@ -363,7 +363,7 @@ def test_tensor_core_forward_does_not_race(shape, variant):
 @pytest.mark.skipif(DEVICE == "cuda", reason="warp orders are the emulator's")
 def test_segmented_moments_forward_matches_float64_in_any_warp_order():
     # The bf16 moments variant over key segments (one-sweep training BatchNorm at DeepViT-L-384's length): P from
-    # the statistics sweep's row statistics by the plain exponent, no mask bits in P~ (its tensor-core mixing counts
+    # the statistics kernel's row statistics by the plain exponent, no mask bits in P~ (its tensor-core mixing counts
     # the entries past Nq and Nk by position), X = W P~ + c mixed on tensor cores. X V and the sums of X^2 against
     # float64, within what rounding P~ and X to bf16 (2^-8 relative each) can move them; bitwise the same in every
     # warp order.
@@ -388,6 +388,50 @@ def test_segmented_moments_forward_matches_float64_in_any_warp_order():
     ref = X @ v64
     bound = 2 * 2 ** -8 * (spread @ v64.abs()) + 1e-6
     assert ((x_v.double() - ref).abs() <= bound).all()
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="warp orders are the emulator's")
+@pytest.mark.parametrize("shape", [(2, 12, 130, 257, 35), (1, 5, 20, 230, 48), (1, 3, 9, 230, 64), (1, 2, 1, 260, 20)],
+                         ids=["D=35 two row blocks", "D=48", "D=64 segments of 32", "N=1 D=20"])
+def test_segmented_plain_forward_takes_the_statistics_kernel(shape):
+    # Plain problems over several key segments: the statistics kernel (csrc/cuda/statistics.cuh: one head, 128 query
+    # rows a program) writes the row statistics first and the forward's programs read them (rows.cuh
+    # load_statistics). Against float64: m = max_j scale q.k from fp32 sums of exact bf16 products (|error| <= D 2^-24
+    # scale max_j |q| . |k|, as rounded sums go), log l from exp2.approx (2^-22 relative) summed in fp32 over Nk
+    # keys; bitwise the same in every warp order.
+    B, H, Nq, Nk, D = shape
+    q, k, v, w, c, _, _, _ = tensors(B, H, Nq, Nk, D, seed=4)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    read_k, read_v = _C.cuda_padded_rows([k, v]) if D % 8 else (k, v)
+    plan = _C.cuda_forward_tiles(H, D, Nq, Nk, "bfloat16")
+    assert plan["segments"] > 1 and plan["statistics"] is not None
+    statistics = plan["statistics"]
+    assert statistics["rows"] == 128 and statistics["d"] == plan["d"] and statistics["narrow"] == plan["narrow"]
+    scale = D ** -0.5
+    runs = [_C.cuda_forward(q, read_k, read_v, w, None, None, None, None, None, None, None, scale, 1.0, "none", 1e-5,
+                            0.0, poison_outputs=True, **order)
+            for order in (dict(), dict(reverse_items=True), dict(shuffle_seed=9))]
+    out, stats = runs[0]
+    for run in runs[1:]:
+        assert torch.equal(run[0], out) and torch.equal(run[1], stats)
+    q64, k64 = q.double(), k.double()
+    s = scale * q64 @ k64.transpose(-1, -2)
+    s_err = D * 2 ** -24 * scale * (q64.abs() @ k64.abs().transpose(-1, -2)).amax(-1)
+    m, log_l = stats[..., 0].double(), stats[..., 1].double()
+    assert ((m - s.amax(-1)).abs() <= s_err + 1e-30).all()
+    lse_err = 2 * s_err + (Nk + 4) * 2 ** -22
+    assert ((m + log_l - torch.logsumexp(s, -1)).abs() <= lse_err).all()
+    # The forward reads the statistics it is given: log l raised by log 2 halves P, hence (no mixing bias, norm
+    # none) the output, up to the fp32 rounding of the exponent's offset (m + log l) log2 e, which can move an
+    # entry's bf16 rounding of P~ or of the mixed map (2^-8 relative each, so within 2 2^-8 |W| P |V|), and the two
+    # outputs' own bf16 roundings (2^-8 |out| each).
+    shifted = stats.clone()
+    shifted[..., 1] += math.log(2.0)
+    halved, _ = _C.cuda_forward(q, read_k, read_v, w, None, None, None, None, None, None, shifted, scale, 1.0, "none",
+                                1e-5, 0.0, poison_outputs=True)
+    spread = torch.einsum("gh,bhij->bgij", w.abs(), torch.softmax(s, -1)) @ v.double().abs()
+    bound = 2 * 2 ** -8 * (spread + out.double().abs())
+    assert ((2 * halved.double() - out.double()).abs() <= bound).all() and not torch.equal(halved, out)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the emulator's architecture switch")

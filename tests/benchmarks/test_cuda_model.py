@@ -149,7 +149,8 @@ def test_head_affine_stages_u_also_without_the_forwards_shares():
     from benchmarks import cuda_side
 
     D = 16
-    (_, affine) = [x for x in _launches(cuda_side.cuda_call(1, 2, 240, D, "batch-train", 90))["fwd"]]
+    (statistics, _, affine) = [x for x in _launches(cuda_side.cuda_call(1, 2, 240, D, "batch-train", 90))["fwd"]]
+    assert statistics.program == "statistics"  # the plain forward over key segments reads the statistics kernel's
     assert affine.program == "head_affine" and not affine.params.u_sum and affine.params.u_parts == 1
     assert affine.params.u_st.n == 0 and affine.dynamic_shared == (D + 7) * 4
 
@@ -157,10 +158,13 @@ def test_head_affine_stages_u_also_without_the_forwards_shares():
 def test_problems_without_a_tensor_core_plan_run_the_cuda_core_programs():
     from benchmarks import cuda_side
 
-    # Nk > 224: the tensor-core forward sweeps key segments twice, the backward's row pass each sweep.
+    # Nk > 224: the tensor-core forward sweeps key segments once, after the statistics kernel (128 query rows of
+    # one head a program); the backward's row pass sweeps them twice.
     launches = _launches(cuda_side.cuda_call(1, 2, 240, 16, "none", 90))
-    (fwd,), (rows, keys) = launches["fwd"], launches["bwd"]
-    assert not fwd.core and not fwd.one_segment
+    (statistics, fwd), (rows, keys) = launches["fwd"], launches["bwd"]
+    assert not fwd.core and not fwd.one_segment and fwd.params.stats_is_input
+    assert statistics.program == "statistics" and statistics.grid == (2 * 2, 1) and statistics.threads == 128
+    assert statistics.name == "statistics_kernel<StatisticsConfig<bfloat16, 4, 2, 48, 1>>" and statistics.unit == 32
     assert not rows.core and rows.program == "backward_rows" and not rows.one_segment and rows.unit == 64
     assert not keys.core and keys.program == "backward_keys"
     # D > 64: no tensor-core shape, the CUDA-core backward.
@@ -204,13 +208,13 @@ def _full(launch):
     return cuda_side._run_at(launch, 90, (0, 0), None)
 
 
-@pytest.mark.parametrize("program", ["forward", "backward_rows", "backward_keys"])
+@pytest.mark.parametrize("program", ["statistics", "forward", "backward_rows", "backward_keys"])
 def test_extrapolating_over_the_swept_length_matches_a_full_emulation(program):
     from benchmarks import cuda_side
 
-    # forward: 300 keys = 5 segments of 64 (the last partial), the statistics sweep and the main one;
-    # row pass: the same segments, each sweep recomputing their scores; key pass: 83 queries = 6
-    # chunks of 16 (the last partial).
+    # statistics (the kernel a plain forward over key segments launches first): 300 keys = 10 K tiles of 32 (the
+    # last partial); forward: 5 segments of 64 (the last partial), reading the statistics; row pass: the same
+    # segments, each sweep recomputing their scores; key pass: 83 queries = 6 chunks of 16 (the last partial).
     N = 83 if program == "backward_keys" else 300
     launches = _launches(cuda_side.cuda_call(1, 2, N, 16, "layer", 90))
     launch = [x for x in launches["fwd"] + launches["bwd"] if x.program == program][0]
