@@ -627,10 +627,6 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
         programs = B * -(-Nq // tiles["rows"])
         moments = torch.empty((programs if with_moments else 0, 2, H), dtype=torch.float64, device=q.device)
         value_sums = torch.empty((0, H, 1, D), dtype=acc, device=q.device)
-        if with_moments and attn_mask is None and tiles["keys"] > 64:  # ops.cpp: U's shares of the row blocks
-            value_sums = torch.empty((B, H, tiles["grid"][0], D), dtype=torch.float32, device=q.device)
-            p.value_sums = rec.pointer(value_sums, "value_sums")
-            touched.append((value_sums, {"write"}))
         _fold_inputs(p, touched, bn_rows, running)
         p.fold.center_scale = -1.0 / center_keys if center_keys else 0.0
         p.lse = rec.pointer(stats, "lse")
@@ -641,6 +637,11 @@ def _forward(q, k, v, mix_weight, mix_bias, norm_weight, norm_bias, batch_stats,
         if with_moments:
             touched.append((moments, {"write"}))
         variant = forward_variant(p)
+        if with_moments and attn_mask is None and (tiles["keys"] > 64 or variant == FORWARD_VARIANTS["plain_moments"]):
+            # ops.cpp: U's shares of the row blocks (one-segment shapes; the segmented ones' plain moments variant)
+            value_sums = torch.empty((B, H, tiles["grid"][0], D), dtype=torch.float32, device=q.device)
+            p.value_sums = rec.pointer(value_sums, "value_sums")
+            touched.append((value_sums, {"write"}))
         statistics = tiles["statistics"]
         if statistics is not None and variant != FORWARD_VARIANTS["general"] and not given:
             # ops.cpp: the statistics kernel first (statistics.cuh; q and k as the forward reads them), whose rows

@@ -678,14 +678,6 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     const int64_t row_blocks = (p.Nq + s.rows() - 1) / s.rows(), programs = p.B * row_blocks;
     // Each program writes its own sums (no atomics): the caller adds them up in float64.
     moments = at::empty({with_moments ? programs : 0, 2, p.H}, q.options().dtype(at::kDouble));
-    if (with_moments && p.mask_kind == kMaskNone && s.keys > 64) {  // one-segment shapes (rows.cuh, kValueSums)
-      value_sums = at::empty({p.B, p.H, row_blocks, p.D}, q.options().dtype(at::kFloat));
-      p.value_sums = value_sums.data_ptr<float>();
-    }
-    if (poison_outputs) {
-      poison(moments);
-      poison(value_sums);
-    }
     const int order = emulator_order(reverse_items, shuffle_seed);
     p.fold = fold_inputs(a);
     if (center_keys > 0) p.fold.center_scale = -1.0 / static_cast<double>(center_keys);
@@ -694,6 +686,15 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     p.moments = with_moments ? moments.data_ptr<double>() : nullptr;
     p.vector_loads = use_aligned_inputs(a, q, k, v, nullptr, stages_queries(false, s.keys));
     const int variant = forward_variant_for(p, general_variant);
+    // One-segment shapes, and the segmented ones' plain moments variant (rows.cuh, kValueSums).
+    if (with_moments && p.mask_kind == kMaskNone && (s.keys > 64 || variant == kPlainMoments)) {
+      value_sums = at::empty({p.B, p.H, row_blocks, p.D}, q.options().dtype(at::kFloat));
+      p.value_sums = value_sums.data_ptr<float>();
+    }
+    if (poison_outputs) {
+      poison(moments);
+      poison(value_sums);
+    }
     // A plain problem over several key segments takes its row statistics from the statistics kernel first
     // (statistics.cuh), which the forward's programs then read (rows.cuh load_statistics) instead of sweeping
     // every head's keys themselves.

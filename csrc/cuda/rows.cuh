@@ -1927,11 +1927,14 @@ struct RowProgram {
   // between its adds and its final store. Per summed chunk and thread: H d_out / (2 threads) pairs of
   // 16 loads and 32 adds, against the 2-byte read of every element of V that torch's sum would add
   // (DeiT-S: 38.7 MB); the blocks' rows are summed by the host ([B, H, row blocks, D], small).
-  // One-segment shapes only: in the segmented ones (DeepViT-L-384) the sums' code in the chunk loop
-  // cost more issue slots (~4% more integer instructions at 225 registers, static model) than the
-  // 17.7 MB read of V it saves.
+  // The segmented shapes (DeepViT-L-384) in the plain moments variant only: with the statistics sweep in
+  // their programs the sums' code in the chunk loop cost more issue slots (~4% more integer
+  // instructions at 225 registers, static model) than the 17.7 MB read of V it saves; with the
+  // statistics kernel's rows read instead they are bound by shared-memory traffic, and the sums take
+  // torch's pass over V off the call (static model, H100, DeepViT-L-384 training-BatchNorm forward:
+  // -4.4 us t_low, +2.4 t_high: the forward's +7.3 and the finish's +2.4 against the sum's 7.3).
   static constexpr bool kValueSums =
-      !Cfg::kBackward && Cfg::kOneSegment && (Cfg::kVariant == kPlainMoments || Cfg::kVariant == kGeneral);
+      !Cfg::kBackward && (Cfg::kVariant == kPlainMoments || (Cfg::kOneSegment && Cfg::kVariant == kGeneral));
   static_assert(!kValueSums || (kGroups > 1 && Cfg::kMaxHeads * Cfg::kDOut <= kSlabs * kGroups * 32 * 8 &&
                                 Cfg::kDOut % 2 == 0),
                 "U's sums live in the forward's exchange region, in column pairs");

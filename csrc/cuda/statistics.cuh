@@ -144,7 +144,10 @@ struct StatisticsProgram {
   }
 
   // s[t][n] = q k^T of m16 tile t and the 4 n8 tiles of the K tile in `slot`: each B fragment loaded once for
-  // the warp's kTiles m16 tiles.
+  // the warp's kTiles m16 tiles. kN8 < kTileN8 (a tile whose keys all lie in its first kN8 n8 tiles): the pairs
+  // of n8 tiles below round_up(kN8, 2) are computed (the narrow tail's last step for n < kN8 only), the others
+  // left zero.
+  template <int kN8 = Cfg::kTileN8>
   REATTN_DEVICE void score_tile(int slot, const uint32_t (&qf)[Cfg::kTiles][Cfg::kKSteps][4],
                                 float (&s)[Cfg::kTiles][Cfg::kTileN8][4]) const {
     const E* tile = slot_tile(slot);
@@ -158,7 +161,7 @@ struct StatisticsProgram {
       }
     }
 #pragma unroll
-    for (int n = 0; n < Cfg::kTileN8; n += 2) {
+    for (int n = 0; n < kN8; n += 2) {
 #pragma unroll
       for (int kk = 0; kk < Cfg::kWideSteps; ++kk) {
         // Matrices (n8 tile n + i / 2, k half i % 2) stored [key][d]: B = K^T without .trans.
@@ -181,7 +184,7 @@ struct StatisticsProgram {
       for (int t = 0; t < Cfg::kTiles; ++t) {
         const uint32_t a8[2] = {qf[t][Cfg::kWideSteps][0], qf[t][Cfg::kWideSteps][1]};
 #pragma unroll
-        for (int n = 0; n < Cfg::kTileN8; ++n) dev::mma_m16n8k8<E>(s[t][n], a8, kb[n], s[t][n]);
+        for (int n = 0; n < kN8; ++n) dev::mma_m16n8k8<E>(s[t][n], a8, kb[n], s[t][n]);
       }
     }
   }
@@ -205,8 +208,21 @@ struct StatisticsProgram {
       dev::sync_threads();
       if (k + 1 < tiles) issue_keys((k + 1) * kKeyTile);
       float s[Cfg::kTiles][Cfg::kTileN8][4];
-      score_tile(k & 1, qf, s);
       const int key0 = k * kKeyTile;
+      if (Nk - key0 <= 8) {
+        // A last tile of at most 8 keys (DeepViT-L-384's 577th) takes its first n8 tile alone.
+        score_tile<1>(k & 1, qf, s);
+#pragma unroll
+        for (int t = 0; t < Cfg::kTiles; ++t) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            if (key0 + 2 * tq + (e & 1) >= Nk) s[t][0][e] = -INFINITY;
+          }
+          sweep_tile<true, 1>(s[t], c, m[t], l[t]);
+        }
+        continue;
+      }
+      score_tile(k & 1, qf, s);
 #pragma unroll
       for (int t = 0; t < Cfg::kTiles; ++t) {
         if (key0 + kKeyTile > Nk) {  // keys past Nk: -inf (exp 0)

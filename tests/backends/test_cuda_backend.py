@@ -331,10 +331,17 @@ def test_tensor_core_plain_variants_agree_with_the_general_one(shape, mode):
             0.0, mode == "moments")
     plain = _C.cuda_forward(*args, poison_outputs=True)
     general = _C.cuda_forward(*args, poison_outputs=True, general_variant=True)
-    for a, b in zip(plain, general):
-        assert not a.isnan().any() and a.shape == b.shape
-        if a.numel() == 0:  # moments' value sums: none with key segments (rows.cuh, kValueSums)
+    for i, (a, b) in enumerate(zip(plain, general)):
+        assert not a.isnan().any()
+        if i == 3:  # U's shares of the row blocks (rows.cuh kValueSums): the plain moments variant's in every shape,
+            # the general one's in one-segment shapes; fp32 sums of Nk bf16 rows (2^-24 relative per add)
+            u = low[2].double().sum(dim=2)
+            assert a.numel() and (b.numel() or _C.cuda_forward_tiles(H, D, Nq, Nk, "bfloat16")["keys"] <= 64)
+            for parts in (a, b)[:2 if b.numel() else 1]:
+                bound = Nk * 2 ** -24 * low[2].double().abs().sum(dim=2) + 1e-30
+                assert ((parts.double().sum(dim=2) - u).abs() <= bound).all()
             continue
+        assert a.shape == b.shape
         # |O| sums ~Nk entries of |A V|: one bf16 flip of P (2^-8 relative) per entry at most
         torch.testing.assert_close(a.double(), b.double(), rtol=2 ** -7, atol=2 ** -7 * (1 + b.double().abs().max()))
 
@@ -373,9 +380,14 @@ def test_segmented_moments_forward_matches_float64_in_any_warp_order():
     runs = [_C.cuda_forward(*low, w, c, None, None, None, None, None, None, 0.3, 1.0, "none", 1e-5, 0.0, True, True,
                             poison_outputs=True, **order)
             for order in (dict(), dict(reverse_items=True), dict(shuffle_seed=5))]
-    x_v, _, moments, _ = runs[0]
+    x_v, _, moments, value_sums = runs[0]
     for run in runs[1:]:
-        assert torch.equal(run[0], x_v) and torch.equal(run[2], moments)
+        assert torch.equal(run[0], x_v) and torch.equal(run[2], moments) and torch.equal(run[3], value_sums)
+    # U = sum_j V_j in the row blocks' shares (rows.cuh kValueSums), fp32 sums of Nk bf16 rows
+    v64 = low[2].double()
+    bound = Nk * 2 ** -24 * v64.abs().sum(dim=2)
+    assert value_sums.shape == (B, H, -(-Nq // 32), D)
+    assert ((value_sums.double().sum(dim=2) - v64.sum(dim=2)).abs() <= bound).all()
     q64, k64, v64 = (t.double() for t in low)
     P = torch.softmax(0.3 * q64 @ k64.transpose(-1, -2), dim=-1)  # [B, H, Nq, Nk]
     X = torch.einsum("gh,bhij->bgij", w, P) + c[None, :, None, None]
@@ -1237,8 +1249,9 @@ def test_plain_bf16_forward_moments_sum_x_exactly():
 @pytest.mark.parametrize("H,D,Nq,Nk,options,summed", [
     (6, 64, 150, 197, {}, True),                              # DeiT-S's tiles: 3 row blocks of 64 rows, 13 chunks
     (12, 32, 40, 70, dict(general_variant=True), True),       # the general variant, 2 row blocks
-    (5, 35, 33, 33, {}, False),                               # unaligned rows: a segmented shape, not summed
-    (12, 40, 70, 300, dict(shared_limit=SM80_SHARED), False),  # key segments (two sweeps): not summed
+    (5, 35, 33, 33, {}, True),                                # unaligned rows: a segmented shape (plain: summed)
+    (5, 35, 33, 33, dict(general_variant=True), False),       # its general variant: not summed
+    (12, 40, 70, 300, dict(shared_limit=SM80_SHARED), True),   # key segments, the statistics kernel's rows
     (5, 24, 33, 33, {}, True),                                # 2 row blocks of 32 rows, 3 chunks
     (1, 32, 1, 1, {}, True),                                  # one head, one query, one key: one row block
 ])
@@ -1246,8 +1259,8 @@ def test_tensor_core_forward_sums_values_for_training_batchnorm(H, D, Nq, Nk, op
     """Without a mask the one-segment forward also sums V over the keys (U = sum_j V_j, which the norm's shift
     multiplies): row block r of a batch element sums the value chunks c with c % row blocks == r, so the blocks'
     rows [B, H, row blocks, D] add up to U. fp32 sums of the bf16 values: at most Nk 2^-24 sum |V| off (each sum
-    has at most Nk terms), every element written (the outputs are poisoned). Shapes with key segments leave U
-    to the caller (an empty [0, H, 1, D])."""
+    has at most Nk terms), every element written (the outputs are poisoned). Shapes with key segments sum them in
+    their plain moments variant only; their general variant leaves U to the caller (an empty [0, H, 1, D])."""
     B = 2
     q, k, v, w, c, _, _, _ = tensors(B, H, Nq, Nk, D)
     low = [t.bfloat16() for t in (q, k, v)]
@@ -1256,7 +1269,8 @@ def test_tensor_core_forward_sums_values_for_training_batchnorm(H, D, Nq, Nk, op
     assert tiles is not None
     _, _, _, value_sums = _C.cuda_forward(*low, w, c, None, None, None, None, seed, None, 0.3, 1.0, "none", 1e-5,
                                           0.1 if seed is not None else 0.0, True, poison_outputs=True, **options)
-    assert (tiles["keys"] > 64) == summed  # one-segment shapes sum (rows.cuh, kValueSums), however many keys
+    # one-segment shapes sum (rows.cuh, kValueSums), however many keys; segmented ones in the plain variant
+    assert (tiles["keys"] > 64 or not options.get("general_variant")) == summed
     if not summed:
         assert value_sums.shape == (0, H, 1, D)
         return

@@ -142,17 +142,18 @@ def test_unaligned_head_dims_run_the_plain_variants_on_padded_copies():
     assert rows.params.do_st.n == 40
 
 
-def test_head_affine_stages_u_also_without_the_forwards_shares():
-    # Key segments (N > 224): the forward sums no shares of U, so the caller's U [B, H, 1, D] comes whole; it is still
-    # one row per (b, h), which head_affine stages in shared memory (head_affine.cuh's head_affine_shared), with 7
-    # columns more, wrapped, for the flat walk.
+def test_head_affine_adds_the_segmented_forwards_shares_of_u():
+    # Key segments (N > 224): the plain forward reads the statistics kernel's rows and, with the moments, sums U's
+    # shares of its row blocks as the one-segment shapes do (rows.cuh kValueSums); head_affine adds them and writes
+    # U once, staging U's one row per (b, h) in shared memory (head_affine.cuh's head_affine_shared), with 7 columns
+    # more, wrapped, for the flat walk.
     from benchmarks import cuda_side
 
     D = 16
-    (statistics, _, affine) = [x for x in _launches(cuda_side.cuda_call(1, 2, 240, D, "batch-train", 90))["fwd"]]
-    assert statistics.program == "statistics"  # the plain forward over key segments reads the statistics kernel's
-    assert affine.program == "head_affine" and not affine.params.u_sum and affine.params.u_parts == 1
-    assert affine.params.u_st.n == 0 and affine.dynamic_shared == (D + 7) * 4
+    (statistics, fwd, affine) = [x for x in _launches(cuda_side.cuda_call(1, 2, 240, D, "batch-train", 90))["fwd"]]
+    assert statistics.program == "statistics" and fwd.params.stats_is_input and fwd.params.value_sums
+    assert affine.program == "head_affine" and affine.params.u_sum and affine.params.u_parts == -(-240 // 32)
+    assert affine.dynamic_shared == (D + 7) * 4
 
 
 def test_problems_without_a_tensor_core_plan_run_the_cuda_core_programs():
