@@ -403,8 +403,10 @@ def test_segmented_moments_forward_matches_float64_in_any_warp_order():
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="warp orders are the emulator's")
-@pytest.mark.parametrize("shape", [(2, 12, 130, 257, 35), (1, 5, 20, 230, 48), (1, 3, 9, 230, 64), (1, 2, 1, 260, 20)],
-                         ids=["D=35 two row blocks", "D=48", "D=64 segments of 32", "N=1 D=20"])
+@pytest.mark.parametrize("shape", [(2, 12, 130, 257, 35), (1, 5, 20, 230, 48), (1, 3, 9, 230, 64), (1, 3, 9, 230, 52),
+                                   (1, 2, 1, 260, 20)],
+                         ids=["D=35 two row blocks", "D=48", "D=64 segments of 32", "D=52 idle columns",
+                              "N=1 D=20 narrow"])
 def test_segmented_plain_forward_takes_the_statistics_kernel(shape):
     # Plain problems over several key segments: the statistics kernel (csrc/cuda/statistics.cuh: one head, 128 query
     # rows a program) writes the row statistics first and the forward's programs read them (rows.cuh
