@@ -1,6 +1,8 @@
 // Programs over a block of query rows, on tensor cores, register-resident and warp-synchronous:
 // the fused Re-attention forward (one pass over the keys when a query block's key row fits in
-// registers, every ViT length; two otherwise) and the backward's row pass (further below).
+// registers, every ViT length; otherwise a pass over key segments after the row statistics: the
+// statistics kernel's, statistics.cuh, in the plain variants, a sweep of the program's own in the
+// general one) and the backward's row pass (further below).
 //
 //   S_h = scale q_h k_h^T (+ mask),  P_h = exp(S_h - m_h) / l_h,  P~ = P Z / (1 - p)
 //   M_g = sum_h W[g, h] P~_h + c_g,  A_g = out_scale Norm(M)_g (0 where masked),  O_g = A_g V_g
