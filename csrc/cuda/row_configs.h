@@ -85,10 +85,18 @@ inline int pick_forward_shape(int H, int D, int Nk, size_t shared_limit) {
 // The statistics kernel that serves forward shape s at head dim D: the forward's q.k columns and narrow tail.
 inline StatisticsShape statistics_shape_for(const TileShape& s, int D) { return StatisticsShape{4, 2, s.d, narrow_tail(s, D)}; }
 
+// The fewest keys for which the plain forward over key segments takes the statistics kernel: past the one-segment
+// shapes' 224. Below, where a GPU's shared memory holds no one-segment shape (sm_80 at ViT lengths), the kernel's
+// 128-row blocks pad more rows (197 -> 256, against 224 in the forward's 32-row programs) and its exponentials
+// stop overlapping the forward's shared-memory traffic: static model, A100, forward with it DeepViT-16b
+// 145.9-665.3 -> 165.0-680.6 us, ViT-B 210.8-876.6 -> 220.7-898.0.
+constexpr int kStatisticsKernelKeys = 225;
+
 // Whether the plain forward of forward shape s over Nk keys reads its statistics from the statistics kernel:
-// where it would sweep them itself (several key segments) and that kernel is compiled for it.
+// where it would sweep them itself (several key segments) over more than 224 keys, and that kernel is compiled
+// for it.
 inline bool takes_statistics_kernel(const TileShape& s, int D, int Nk) {
-  if (segment_count(s, Nk) <= 1) return false;
+  if (segment_count(s, Nk) <= 1 || Nk < kStatisticsKernelKeys) return false;
   const StatisticsShape t = statistics_shape_for(s, D);
 #define REATTN_STATISTICS_MATCH(kW, kT, kD, kN) \
   if (t.warps == kW && t.tiles == kT && t.d == kD && t.narrow == (kN != 0)) return true;

@@ -1,4 +1,4 @@
-// The softmax row statistics of long rows, per head, on tensor cores: the statistics kernel.
+// The softmax row statistics of long rows (more than 224 keys), per head, on tensor cores: the statistics kernel.
 //
 //   S_h = scale q_h k_h^T,  m = max_j S[i, j],  l = sum_j exp(S[i, j] - m)   ->   lse[b, h, i] = (m, log l)
 //
@@ -55,8 +55,8 @@ struct StatisticsProgram {
   int h, m0, Nq, Nk, D;
   const char* keys;  // row 0 of head h of batch element b of k
   int issued = 0;
-  // The K copies' per-thread parts, formed once: the thread copies 16-byte chunk copy_chunk + 4 j (j < kCopies)
-  // of tile row copy_row, where the chunk holds some of D's columns (copy_ok).
+  // The K copies' per-thread parts, formed once: thread t copies the 16-byte chunks t / 32 + kChunkLanes j
+  // (j < kCopies) of tile row copy_row = t % 32, those that hold some of D's columns (copy_ok).
   static constexpr int kChunkLanes = Cfg::kThreads / kKeyTile;
   static constexpr int kCopies = (Cfg::kD / 8 + kChunkLanes - 1) / kChunkLanes;
   static_assert(Cfg::kThreads % kKeyTile == 0, "a whole number of threads per K tile row");

@@ -405,13 +405,15 @@ def test_segmented_moments_forward_matches_float64_in_any_warp_order():
 @pytest.mark.skipif(DEVICE == "cuda", reason="warp orders are the emulator's")
 @pytest.mark.parametrize("shape,dtype", [((2, 12, 130, 257, 35), torch.bfloat16), ((1, 5, 20, 230, 48), torch.bfloat16),
                                          ((1, 3, 9, 230, 64), torch.bfloat16), ((1, 3, 9, 230, 52), torch.bfloat16),
-                                         ((1, 2, 1, 260, 20), torch.bfloat16), ((1, 4, 40, 300, 35), torch.float16)],
+                                         ((1, 2, 1, 260, 20), torch.bfloat16), ((1, 4, 40, 300, 35), torch.float16),
+                                         ((1, 6, 40, 150, 35), torch.bfloat16)],
                          ids=["D=35 two row blocks", "D=48", "D=64 segments of 32", "D=52 idle columns",
-                              "N=1 D=20 narrow", "float16 D=35"])
+                              "N=1 D=20 narrow", "float16 D=35", "150 keys: the programs' own sweep"])
 def test_segmented_plain_forward_takes_the_statistics_kernel(shape, dtype):
-    # Plain problems over several key segments: the statistics kernel (csrc/cuda/statistics.cuh: one head, 128 query
-    # rows a program) writes the row statistics first and the forward's programs read them (rows.cuh
-    # load_statistics). Against float64: m = max_j scale q.k from fp32 sums of exact bf16 products (|error| <= D 2^-24
+    # Plain problems over several key segments of more than 224 keys: the statistics kernel (csrc/cuda/statistics.cuh:
+    # one head, 128 query rows a program) writes the row statistics first and the forward's programs read them
+    # (rows.cuh load_statistics); at 224 keys or fewer the programs sweep them themselves (row_configs.h
+    # kStatisticsKernelKeys), the same checks. Against float64: m = max_j scale q.k from fp32 sums of exact bf16 products (|error| <= D 2^-24
     # scale max_j |q| . |k|, as rounded sums go), log l from exp2.approx (2^-22 relative) summed in fp32 over Nk
     # keys; bitwise the same in every warp order.
     B, H, Nq, Nk, D = shape
@@ -419,9 +421,10 @@ def test_segmented_plain_forward_takes_the_statistics_kernel(shape, dtype):
     q, k, v = (t.to(dtype) for t in (q, k, v))
     read_k, read_v = _C.cuda_padded_rows([k, v]) if D % 8 else (k, v)
     plan = _C.cuda_forward_tiles(H, D, Nq, Nk, str(dtype)[6:])
-    assert plan["segments"] > 1 and plan["statistics"] is not None
+    assert plan["segments"] > 1 and (plan["statistics"] is not None) == (Nk > 224)
     statistics = plan["statistics"]
-    assert statistics["rows"] == 128 and statistics["d"] == plan["d"] and statistics["narrow"] == plan["narrow"]
+    if statistics is not None:
+        assert statistics["rows"] == 128 and statistics["d"] == plan["d"] and statistics["narrow"] == plan["narrow"]
     scale = D ** -0.5
     runs = [_C.cuda_forward(q, read_k, read_v, w, None, None, None, None, None, None, None, scale, 1.0, "none", 1e-5,
                             0.0, poison_outputs=True, **order)
