@@ -695,9 +695,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
       poison(moments);
       poison(value_sums);
     }
-    // A plain problem over several key segments takes its row statistics from the statistics kernel first
-    // (statistics.cuh), which the forward's programs then read (rows.cuh load_statistics) instead of sweeping
-    // every head's keys themselves.
+    // A plain problem over key segments of more than 224 keys (row_configs.h takes_statistics_kernel) takes its
+    // row statistics from the statistics kernel first (statistics.cuh), which the forward's programs then read
+    // (rows.cuh load_statistics) instead of sweeping every head's keys themselves.
     const bool statistics_first = variant != kGeneral && !given && takes_statistics_kernel(s, p.D, p.Nk);
     const StatisticsShape statistics = statistics_shape_for(s, p.D);
     if (!q.is_cuda()) {
