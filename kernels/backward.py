@@ -40,8 +40,8 @@ import triton.language as tl
 from .common import (_center_across_heads, _group_mean, _layer_norm, _live_zero, _load_keys, _load_row_stats,
                      _load_rows, _mix, _mm, _probs, _product_result, _scores, _scores_product, _slot_params,
                      _slot_rows)
-from .forward import (_NORMS, _block_diag, _halves, _split_probs, _split_queries, _split_scores, _split_store,
-                      _split_tiles, _split_values, _split_weights, _stack, _unstack, accumulator_dtype,
+from .forward import (_NORMS, _block_diag, _halves, _held_weights, _split_probs, _split_queries, _split_scores,
+                      _split_store, _split_tiles, _split_values, _split_weights, _stack, _unstack, accumulator_dtype,
                       aligned_operands, dropout_arguments, launch_options, mask_arguments, slot_groups,
                       slot_sums_to_heads)
 from .launch import (TileConfig, backward_config, device_shared_limit, head_dim_tail, interpreting, padded_head_dim,
@@ -176,21 +176,6 @@ def _dq_block(x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, 
         x_acc = _mm(pdp, k, x_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
         y_acc = _mm(p, k, y_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     return x_acc, y_acc, delta, sum_dn_xhat, sum_dn
-
-
-@triton.jit
-def _held_weights(x, R: tl.constexpr, K: tl.constexpr, DTYPE: tl.constexpr):
-    """Mixing weights x [R, K] (R = 16 or 32) in DTYPE as a product's left operand held in registers: each 16-row
-    half the result of I @ half (exact; see ``forward._register_operand``, whose weights are fp16 only)."""
-    eye = (tl.arange(0, 16)[:, None] == tl.arange(0, 16)[None, :]).to(DTYPE)
-    if R == 16:
-        y = tl.dot(eye, x.to(DTYPE), tl.zeros([16, K], tl.float32)).to(DTYPE)
-    else:
-        top, bottom = _halves(x, R, K, 0)
-        top = tl.dot(eye, top.to(DTYPE), tl.zeros([16, K], tl.float32)).to(DTYPE)
-        bottom = tl.dot(eye, bottom.to(DTYPE), tl.zeros([16, K], tl.float32)).to(DTYPE)
-        y = tl.reshape(tl.permute(tl.join(top, bottom), (2, 0, 1)), (R, K))
-    return y
 
 
 @triton.jit

@@ -289,25 +289,34 @@ def _block_diag(w, R: tl.constexpr, K: tl.constexpr, Q: tl.constexpr):
 
 
 @triton.jit
-def _register_operand(x, R: tl.constexpr, K: tl.constexpr, DOT_LOWP: tl.constexpr, CDT: tl.constexpr):
-    """The mixing weights x [R, K] (R = 16 or 32) as a product's left operand held in registers.
+def _held_weights(x, R: tl.constexpr, K: tl.constexpr, DTYPE: tl.constexpr):
+    """Mixing weights x [R, K] (R = 16 or 32) in DTYPE (16-bit) as a product's left operand held in registers.
 
-    With DOT_LOWP: fp16, each 16-row half as the result of I @ half (exact). A product's left operand
-    reaches it in registers where every warp holds all of its rows: a [16, K] product result does (its
-    8 warps repeat the one 16-row tile), a [32, K] one does not (two warps split the rows), and that
-    conversion went through shared memory at every key block (ViT-B: 365 KB a program). Joined from
-    two such halves, the [32, K] tile is converted once, before the loop. Otherwise x in CDT.
+    Each 16-row half is the result of I @ half (exact). A product's left operand reaches it in registers where
+    every warp holds all of its rows: a [16, K] product result does (its 8 warps repeat the one 16-row tile), a
+    [32, K] one does not (two warps split the rows), and that conversion went through shared memory at every key
+    block (ViT-B: 365 KB a program). Joined from two such halves, the [32, K] tile is converted once, before the
+    loop. The forward's weights in fp16 (``_register_operand``), the backward's in the input dtype.
     """
-    eye = (tl.arange(0, 16)[:, None] == tl.arange(0, 16)[None, :]).to(tl.float16)
-    if not DOT_LOWP:
-        y = x.to(CDT)
-    elif R == 16:
-        y = tl.dot(eye, x.to(tl.float16), tl.zeros([16, K], tl.float32)).to(tl.float16)
+    eye = (tl.arange(0, 16)[:, None] == tl.arange(0, 16)[None, :]).to(DTYPE)
+    if R == 16:
+        y = tl.dot(eye, x.to(DTYPE), tl.zeros([16, K], tl.float32)).to(DTYPE)
     else:
         top, bottom = _halves(x, R, K, 0)
-        top = tl.dot(eye, top.to(tl.float16), tl.zeros([16, K], tl.float32)).to(tl.float16)
-        bottom = tl.dot(eye, bottom.to(tl.float16), tl.zeros([16, K], tl.float32)).to(tl.float16)
+        top = tl.dot(eye, top.to(DTYPE), tl.zeros([16, K], tl.float32)).to(DTYPE)
+        bottom = tl.dot(eye, bottom.to(DTYPE), tl.zeros([16, K], tl.float32)).to(DTYPE)
         y = tl.reshape(tl.permute(tl.join(top, bottom), (2, 0, 1)), (R, K))
+    return y
+
+
+@triton.jit
+def _register_operand(x, R: tl.constexpr, K: tl.constexpr, DOT_LOWP: tl.constexpr, CDT: tl.constexpr):
+    """The mixing weights x [R, K] as a product's left operand: with DOT_LOWP in fp16 held in registers
+    (``_held_weights``), otherwise x in CDT."""
+    if DOT_LOWP:
+        y = _held_weights(x, R, K, tl.float16)
+    else:
+        y = x.to(CDT)
     return y
 
 
