@@ -296,16 +296,47 @@ def _split_store_groups(Y, acc_a, acc_b, acc_at, acc_bt, scale, ha, hb, rows_a, 
 
 
 @triton.jit
+def _split_batch_norm_terms(c, tau_gamma, BN, heads, real, H, CDT: tl.constexpr):
+    """Training BatchNorm's dM as a per-head affine map of dO V^T and of the map's mixing W P, for the split sweeps:
+    dM = a dN + e xhat + f with dN = tau dO V^T, xhat = (M - mean) / std and M = W P + c is
+    dM = (tau a) (dO V^T) + (e / std) (W P) + (e / std) (c - mean) + f. Returns those three per-slot factors
+    [HP] (0 at slots past the H heads: their 1/std loads as 0) from tau gamma and the [4, H] rows BN (mean,
+    1/std, e, f)."""
+    mean, rstd, e, f = _bn_rows(BN, heads, real, H, CDT, 2, False)
+    e_rstd = e * rstd
+    return tau_gamma * rstd, e_rstd, e_rstd * (c - mean) + f
+
+
+@triton.jit
+def _split_batch_norm_grad(dn_a, dn_b, pa, pb, w_mix, bn_dn, bn_map, bn_const, HP: tl.constexpr, E: tl.constexpr,
+                           CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
+    """Training BatchNorm's dM [HP, E] on both head groups' rows joined (``_head_rows``: heads 0..11, then 4 zero
+    rows) from their dO V^T (dn_a, dn_b) and P (pa, pb), E entries each, and the factors of
+    ``_split_batch_norm_terms``. W P is recomputed with fp16 operands, as the forward mixes (P in [0, 1]); dO V^T
+    enters rounded to the input dtype, as eager's product returns it. Also returns P joined (fp16)."""
+    HA: tl.constexpr = HP // 2
+    HB: tl.constexpr = HP // 4
+    MIX_P: tl.constexpr = tl.float16 if DOT_LOWP else CDT
+    MIX_G: tl.constexpr = LOWP_DTYPE if DOT_LOWP else CDT
+    p = _head_rows(tl.reshape(pa.to(MIX_P), (HA, E)), tl.reshape(pb.to(MIX_P), (HB, E)), HA, E)
+    dn = _head_rows(tl.reshape(dn_a.to(MIX_G), (HA, E)), tl.reshape(dn_b.to(MIX_G), (HB, E)), HA, E)
+    wp = _mm(w_mix, p, tl.zeros([HP, E], CDT), DOT_LOWP, MIX_P, DOT_PRECISION)
+    return bn_dn[:, None] * dn.to(CDT) + bn_map[:, None] * wp + bn_const[:, None], p
+
+
+@triton.jit
 def _split_dq_block(xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb,
                     rows_a, rows_b, ok_a, ok_b, start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab,
-                    t_ba, t_bb, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
-                    HP: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    D_TAIL: tl.constexpr, KEYS_PADDED: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr,
-                    DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    CORRECTION: tl.constexpr):
+                    t_ba, t_bb, w_mix, w_t, bn_dn, bn_map, bn_const, scale2, stride_kh, stride_kn, stride_kd,
+                    stride_vh, stride_vn, stride_vd, HP: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, D_TAIL: tl.constexpr, KEYS_PADDED: tl.constexpr, EVEN_D: tl.constexpr,
+                    NORM: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, CORRECTION: tl.constexpr):
     """One key block of ``_split_dq_sweep``. First sweep: P, dP = (tau W)^T (dO V^T) on the stacked rows (the
-    weights t_* carry out_scale), X += (P dP) K and delta += rowsum(P dP) per head group. Second sweep
-    (CORRECTION, delta complete): X -= (delta P) K."""
+    weights t_* carry out_scale), X += (P dP) K and delta += rowsum(P dP) per head group; with training
+    BatchNorm (NORM 2) dP = W^T dM on the joined rows instead (``_split_batch_norm_grad``; w_mix: W in fp16,
+    w_t: W^T in the input dtype). Second sweep (CORRECTION, delta complete): X -= (delta P) K."""
     HA: tl.constexpr = HP // 2
     HB: tl.constexpr = HP // 4
     E: tl.constexpr = BLOCK_M * BLOCK_N
@@ -332,14 +363,24 @@ def _split_dq_block(xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, d
                              DOT_PRECISION)
         dn_b = _split_scores(dob, dobt, vb, vbt, HB, BLOCK_M, BLOCK_N, D_TAIL, CDT, DOT_LOWP, LOWP_DTYPE,
                              DOT_PRECISION)
-        xs_a = _stack(tl.reshape(dn_a.to(MIX_DTYPE), (HA, E)), HA, E, Q)
-        xs_b = _stack(tl.reshape(dn_b.to(MIX_DTYPE), (HB, E)), HB, E, Q)
-        dp_a = _mm(t_ab, xs_b, _mm(t_aa, xs_a, tl.zeros([HA * Q, E // Q], CDT), DOT_LOWP, MIX_DTYPE, DOT_PRECISION),
-                   DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
-        dp_b = _mm(t_bb, xs_b, _mm(t_ba, xs_a, tl.zeros([HB * Q, E // Q], CDT), DOT_LOWP, MIX_DTYPE, DOT_PRECISION),
-                   DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
-        ga = pa * _unstack(dp_a, HA, E, Q, BLOCK_M, BLOCK_N)
-        gb = pb * _unstack(dp_b, HB, E, Q, BLOCK_M, BLOCK_N)
+        if NORM == 2:
+            # P is 0 at keys past N_K and rows past N_Q, so P dP is too, whatever dM is there.
+            dm, _ = _split_batch_norm_grad(dn_a, dn_b, pa, pb, w_mix, bn_dn, bn_map, bn_const, HP, E, CDT, DOT_LOWP,
+                                           LOWP_DTYPE, DOT_PRECISION)
+            dp16 = _mm(w_t, dm.to(MIX_DTYPE), tl.zeros([HP, E], CDT), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
+            dp_a, dp_b = _halves(dp16, HP, E, 0)
+            dp_b, _ = _halves(dp_b, HA, E, 0)
+            ga = pa * tl.reshape(dp_a, (HA, BLOCK_M, BLOCK_N))
+            gb = pb * tl.reshape(dp_b, (HB, BLOCK_M, BLOCK_N))
+        else:
+            xs_a = _stack(tl.reshape(dn_a.to(MIX_DTYPE), (HA, E)), HA, E, Q)
+            xs_b = _stack(tl.reshape(dn_b.to(MIX_DTYPE), (HB, E)), HB, E, Q)
+            dp_a = _mm(t_ab, xs_b, _mm(t_aa, xs_a, tl.zeros([HA * Q, E // Q], CDT), DOT_LOWP, MIX_DTYPE,
+                                       DOT_PRECISION), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
+            dp_b = _mm(t_bb, xs_b, _mm(t_ba, xs_a, tl.zeros([HB * Q, E // Q], CDT), DOT_LOWP, MIX_DTYPE,
+                                       DOT_PRECISION), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
+            ga = pa * _unstack(dp_a, HA, E, Q, BLOCK_M, BLOCK_N)
+            gb = pb * _unstack(dp_b, HB, E, Q, BLOCK_M, BLOCK_N)
         delta_a += tl.sum(ga, axis=2)
         delta_b += tl.sum(gb, axis=2)
     xa, xat = _split_keys_product(ga, ka, kat, xa, xat, D_TAIL, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
@@ -348,12 +389,13 @@ def _split_dq_block(xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, d
 
 
 @triton.jit
-def _split_dq_sweep(Qb, Kb, Vb, DOb, DQb, DELTAb, STATSb, w_slots, out_scale, b, row0, N_Q, N_K, D, scale2, dq_scale,
-                    stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
-                    stride_doh, stride_dom, stride_dod, stride_dqh, stride_dqm, stride_dqd, stride_sp, stride_sh,
-                    stride_sm, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    D_TAIL: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
-                    LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _split_dq_sweep(Qb, Kb, Vb, DOb, DQb, DELTAb, STATSb, w_slots, out_scale, bn_dn, bn_map, bn_const, b, row0, N_Q,
+                    N_K, D, scale2, dq_scale, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
+                    stride_vh, stride_vn, stride_vd, stride_doh, stride_dom, stride_dod, stride_dqh, stride_dqm,
+                    stride_dqd, stride_sp, stride_sh, stride_sm, HP: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_TAIL: tl.constexpr, EVEN_D: tl.constexpr,
+                    NORM: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     """dQ and delta for H = 3 HP / 4 heads without padding slots (the forward's ``_split_sweep`` layout: heads
     0..HA-1 and HA..HA+HB-1 as two batched products, their maps stacked for the mixing; docs/math.md).
 
@@ -362,7 +404,8 @@ def _split_dq_sweep(Qb, Kb, Vb, DOb, DQb, DELTAb, STATSb, w_slots, out_scale, b,
     holds dQ / scale over the whole head dim, in two sweeps over the keys: the first adds (P dP) K and sums
     delta = rowsum(P dP); the second, with delta complete, subtracts (delta P) K. That is X - delta Y with
     the second sweep's q.k and exponentials in place of a second accumulator and the first's Y product.
-    No norm (eval BatchNorm arrives folded), mask or dropout (``launch.splits_backward_heads``).
+    No norm (eval BatchNorm arrives folded) or training BatchNorm (NORM 2: the factors bn_* of
+    ``_split_batch_norm_terms``), no mask or dropout (``launch.splits_backward_heads``).
     """
     HB: tl.constexpr = HP // 4
     Q: tl.constexpr = 16 // HB
@@ -375,7 +418,14 @@ def _split_dq_sweep(Qb, Kb, Vb, DOb, DQb, DELTAb, STATSb, w_slots, out_scale, b,
     xa, xb, xat, xbt = _split_group_accumulators(HP, BLOCK_M, D_MAIN, D_TAIL, CDT)
     m2a, l2a, m2b, l2b = _split_row_stats(STATSb, ha, hb, rows_a, rows_b, ok_a, ok_b, stride_sp, stride_sh, stride_sm,
                                           DOT_LOWP, CDT)
-    t_aa, t_ab, t_ba, t_bb = _split_gradient_weights(w_slots * out_scale, HP, Q, DOT_LOWP, LOWP_DTYPE, CDT)
+    if NORM == 2:
+        # One [HP, HP] weight tile each way (a few registers), where the stacked rows' W^T (x) I_Q blocks hold 36.
+        t_aa, t_ab, t_ba, t_bb = 0.0, 0.0, 0.0, 0.0
+        w_mix = _held_weights(w_slots, HP, HP, tl.float16) if DOT_LOWP else w_slots
+        w_t = _held_weights(tl.trans(w_slots), HP, HP, LOWP_DTYPE) if DOT_LOWP else tl.trans(w_slots)
+    else:
+        t_aa, t_ab, t_ba, t_bb = _split_gradient_weights(w_slots * out_scale, HP, Q, DOT_LOWP, LOWP_DTYPE, CDT)
+        w_mix, w_t = 0.0, 0.0
     delta_a = tl.zeros([HP // 2, BLOCK_M], CDT)
     delta_b = tl.zeros([HB, BLOCK_M], CDT)
     n_full = (N_K // BLOCK_N) * BLOCK_N
@@ -384,14 +434,16 @@ def _split_dq_sweep(Qb, Kb, Vb, DOb, DQb, DELTAb, STATSb, w_slots, out_scale, b,
             xa, xb, xat, xbt, delta_a, delta_b = _split_dq_block(
                 xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb, rows_a,
                 rows_b, ok_a, ok_b, start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb,
-                scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M,
-                BLOCK_N, D_TAIL, False, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, sweep == 1)
+                w_mix, w_t, bn_dn, bn_map, bn_const, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
+                stride_vd, HP, Q, BLOCK_M, BLOCK_N, D_TAIL, False, EVEN_D, NORM, CDT, DOT_LOWP, LOWP_DTYPE,
+                DOT_PRECISION, sweep == 1)
         if n_full < N_K:
             xa, xb, xat, xbt, delta_a, delta_b = _split_dq_block(
                 xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb, rows_a,
                 rows_b, ok_a, ok_b, n_full, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb,
-                scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, HP, Q, BLOCK_M,
-                BLOCK_N, D_TAIL, True, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, sweep == 1)
+                w_mix, w_t, bn_dn, bn_map, bn_const, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
+                stride_vd, HP, Q, BLOCK_M, BLOCK_N, D_TAIL, True, EVEN_D, NORM, CDT, DOT_LOWP, LOWP_DTYPE,
+                DOT_PRECISION, sweep == 1)
     _split_store_groups(DQb, xa, xb, xat, xbt, dq_scale, ha, hb, rows_a, rows_b, ok_a, ok_b, offs_d, offs_t, D,
                         stride_dqh, stride_dqm, stride_dqd, D_TAIL)
     tl.store(DELTAb + (ha[:, None] * N_Q + rows_a), delta_a, mask=ok_a)
@@ -423,18 +475,22 @@ def _re_attention_bwd_dq_kernel(
     b = (pid // NUM_PROGRAMS_M).to(tl.int64)
     if SPLIT_HEADS:
         offs_s = tl.arange(0, HP)
-        w_slots, _, _, _ = _slot_params(W, C, NW, NB, BN, offs_s % H, offs_s < H, H, out_scale, stride_wg, stride_wh,
-                                        stride_c, stride_nw, stride_nb, HP, G, CDT, False, 0, False, False, False,
-                                        False)
+        w_slots, c, gamma, _ = _slot_params(W, C, NW, NB, BN, offs_s % H, offs_s < H, H, out_scale, stride_wg,
+                                            stride_wh, stride_c, stride_nw, stride_nb, HP, G, CDT,
+                                            HAS_MIX_BIAS and NORM == 2, NORM, HAS_NORM_WEIGHT, False, False, False)
+        bn_dn, bn_map, bn_const = 0.0, 0.0, 0.0
+        if NORM == 2:
+            bn_dn, bn_map, bn_const = _split_batch_norm_terms(c, gamma * out_scale, BN, offs_s % H, offs_s < H, H,
+                                                              CDT)
         # dQ = scale X with scale = scale2 / log2(e), taken here: a float passed to a called function is fp32 in
         # the interpreter (fp64 inputs' dQ then erred 2e-8).
         _split_dq_sweep(Q + b * stride_qb, K + b * stride_kb, V + b * stride_vb, DO + b * stride_dob,
-                        DQ + b * stride_dqb, DELTA + b * H * N_Q, STATS + b * stride_sb, w_slots, out_scale, b,
-                        (pid % NUM_PROGRAMS_M) * BLOCK_M, N_Q, N_K, D, scale2, scale2 * 0.6931471805599453,
-                        stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
-                        stride_vd, stride_doh, stride_dom, stride_dod, stride_dqh, stride_dqm, stride_dqd, stride_sp,
-                        stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_TAIL, EVEN_D, CDT, DOT_LOWP,
-                        Q.dtype.element_ty, DOT_PRECISION)
+                        DQ + b * stride_dqb, DELTA + b * H * N_Q, STATS + b * stride_sb, w_slots, out_scale, bn_dn,
+                        bn_map, bn_const, b, (pid % NUM_PROGRAMS_M) * BLOCK_M, N_Q, N_K, D, scale2,
+                        scale2 * 0.6931471805599453, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
+                        stride_vh, stride_vn, stride_vd, stride_doh, stride_dom, stride_dod, stride_dqh, stride_dqm,
+                        stride_dqd, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_TAIL, EVEN_D,
+                        NORM, CDT, DOT_LOWP, Q.dtype.element_ty, DOT_PRECISION)
         return
     head, slot_ok, rows, rows_ok = _slot_rows((pid % NUM_PROGRAMS_M) * (G * BLOCK_M), H, N_Q, HP, G, BLOCK_M)
     pid_d = tl.program_id(1)  # head-dim chunk of dQ this program writes
@@ -738,11 +794,12 @@ def _split_dv_block(dva, dvb, dvat, dvbt, ka, kb, kat, kbt, Qb, DOb, STATSb, b, 
 
 @triton.jit
 def _split_dk_block(dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, va, vb, vat, vbt, Qb, DOb, STATSb,
-                    DELTAb, b, ha, hb, keys_a, keys_b, start_m, N_Q, N_K, D, offs_d, offs_t, w_t, scale2, stride_qh,
-                    stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm,
-                    HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_TAIL: tl.constexpr,
-                    ROWS_PADDED: tl.constexpr, EVEN_D: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, CDT: tl.constexpr,
-                    DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    DELTAb, b, ha, hb, keys_a, keys_b, key0, start_m, N_Q, N_K, D, offs_d, offs_t, w_t, w_mix, bn_dn,
+                    bn_map, bn_const, scale2, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+                    stride_sp, stride_sh, stride_sm, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    D_TAIL: tl.constexpr, ROWS_PADDED: tl.constexpr, EVEN_D: tl.constexpr, HAS_MIX_BIAS: tl.constexpr,
+                    NORM: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     """One query block of ``_split_dkdv_sweep``'s second sweep: dS^T = P^T (dP^T - delta) and dK += dS^T q per head
     group; and the parameter sums, dW[g, h] / tau = sum of (V dO^T)_g P_h over the entries and dc / tau = sum of
     (V dO^T)_g.
@@ -751,7 +808,11 @@ def _split_dk_block(dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, 
     batched over 8 runs of the entries (a run a warp). dP^T = w_t (V dO^T) takes the joined tile too, with the
     one [HP, HP] weight tile w_t = (tau W)^T: the stacked rows' four W^T (x) I_Q blocks hold 36 registers a
     thread, and with them this sweep spilled 264 B (ViT-B, sm_90; 208 B this way, and 307.2 against 332.6 us
-    predicted); the first sweep keeps the stacked mixing, faster there (307.2 against 317.7 us)."""
+    predicted); the first sweep keeps the stacked mixing, faster there (307.2 against 317.7 us).
+
+    Training BatchNorm (NORM 2): dM (``_split_batch_norm_grad``, 0 at keys past N_K and rows past N_Q, which are
+    outside the statistics) where the sums and dP^T = W^T dM take V dO^T (w_t: W^T, dc_a: dc [HP] of the
+    joined rows, dc_b unused)."""
     HA: tl.constexpr = HP // 2
     HB: tl.constexpr = HP // 4
     E: tl.constexpr = BLOCK_M * BLOCK_N
@@ -765,11 +826,22 @@ def _split_dk_block(dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, 
     # dN / tau = V dO^T: 0 at keys past N_K (V loads 0) and rows past N_Q (dO loads 0).
     dn_a = _split_scores(va, vat, doa, doat, HA, BLOCK_N, BLOCK_M, D_TAIL, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     dn_b = _split_scores(vb, vbt, dob, dobt, HB, BLOCK_N, BLOCK_M, D_TAIL, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-    if HAS_MIX_BIAS:
-        dc_a += tl.sum(tl.reshape(dn_a, (HA, E)), axis=1)
-        dc_b += tl.sum(tl.reshape(dn_b, (HB, E)), axis=1)
-    dn = _head_rows(tl.reshape(dn_a.to(MIX_DTYPE), (HA, E)), tl.reshape(dn_b.to(MIX_DTYPE), (HB, E)), HA, E)
-    p = _head_rows(tl.reshape(pa.to(MIX_DTYPE), (HA, E)), tl.reshape(pb.to(MIX_DTYPE), (HB, E)), HA, E)
+    if NORM == 2:
+        dm, p = _split_batch_norm_grad(dn_a, dn_b, pa, pb, w_mix, bn_dn, bn_map, bn_const, HP, E, CDT, DOT_LOWP,
+                                       LOWP_DTYPE, DOT_PRECISION)
+        offs_e = tl.arange(0, E)  # entry (key, query) of the keys-first tiles
+        kept = ((key0 + offs_e // BLOCK_M) < N_K) & ((start_m + offs_e % BLOCK_M) < N_Q)
+        dm = tl.where(kept[None, :], dm, 0.0)
+        if HAS_MIX_BIAS:
+            dc_a += tl.sum(dm, axis=1)
+        dn = dm.to(MIX_DTYPE)
+        p = p.to(MIX_DTYPE)
+    else:
+        if HAS_MIX_BIAS:
+            dc_a += tl.sum(tl.reshape(dn_a, (HA, E)), axis=1)
+            dc_b += tl.sum(tl.reshape(dn_b, (HB, E)), axis=1)
+        dn = _head_rows(tl.reshape(dn_a.to(MIX_DTYPE), (HA, E)), tl.reshape(dn_b.to(MIX_DTYPE), (HB, E)), HA, E)
+        p = _head_rows(tl.reshape(pa.to(MIX_DTYPE), (HA, E)), tl.reshape(pb.to(MIX_DTYPE), (HB, E)), HA, E)
     dw_acc = _mm(tl.permute(tl.reshape(dn, (HP, 8, E // 8)), (1, 0, 2)),
                  tl.permute(tl.reshape(p, (HP, 8, E // 8)), (1, 2, 0)), dw_acc, DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
     dp16 = _mm(w_t, dn, tl.zeros([HP, E], CDT), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
@@ -783,21 +855,24 @@ def _split_dk_block(dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, 
 
 
 @triton.jit
-def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots, c, out_scale, dk_scale, b, key0,
-                      N_Q, N_K, D, scale2, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
-                      stride_vh, stride_vn, stride_vd, stride_doh, stride_dom, stride_dod, stride_dkh, stride_dkn,
-                      stride_dkd, stride_dvh, stride_dvn, stride_dvd, stride_sp, stride_sh, stride_sm,
-                      HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      D_TAIL: tl.constexpr, EVEN_D: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, CDT: tl.constexpr,
-                      DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots, c, w_values, c_values, out_scale,
+                      bn_dn, bn_map, bn_const, dk_scale, b, key0, N_Q, N_K, D, scale2, stride_qh, stride_qm, stride_qd,
+                      stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_doh, stride_dom,
+                      stride_dod, stride_dkh, stride_dkn, stride_dkd, stride_dvh, stride_dvn, stride_dvd, stride_sp,
+                      stride_sh, stride_sm, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, D_TAIL: tl.constexpr, EVEN_D: tl.constexpr, HAS_MIX_BIAS: tl.constexpr,
+                      NORM: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
     """dK, dV and the parameter sums of one key block for H = 3 HP / 4 heads without padding slots (the layout of
     ``_split_dq_sweep``, keys first: tiles [S, BLOCK_N keys, BLOCK_M queries]).
 
     dK and dV of 16 slots at D = 64 split the head dim over programs that each recomputed the whole map (the
     two accumulators would take 128 registers). Here each has one accumulator per head group over the whole
     head dim, in a sweep of its own over the queries: first dV += A^T dO, then dK += dS^T q with the sums of
-    dW and dc. No norm, mask or dropout (``launch.splits_backward_heads``); the mixing bias rides in c,
-    not in a padding slot.
+    dW and dc. No norm or training BatchNorm (NORM 2), no mask or dropout (``launch.splits_backward_heads``); the
+    mixing bias rides in c, not in a padding slot. w_values, c_values: the mixing that gives A (tau folded in, and
+    training BatchNorm's per-head affine map, ``common._slot_params``); w_slots, c: W and c as given; bn_*: the
+    factors of ``_split_batch_norm_terms`` (NORM 2).
     """
     HB: tl.constexpr = HP // 4
     Q: tl.constexpr = 16 // HB
@@ -805,7 +880,7 @@ def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots
     ha, hb, offs_d, offs_t, keys_a, keys_b, kok_a, kok_b = _split_layout(key0, N_K, HP, BLOCK_N, BLOCK_D, D_TAIL)
     ka, kb, kat, kbt = _split_group_rows(Kb, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D, stride_kh,
                                          stride_kn, stride_kd, HP, BLOCK_N, D_MAIN, D_TAIL, CDT, DOT_LOWP)
-    w_aa, w_ab, w_ba, w_bb, c_a, c_b = _split_weights(w_slots * out_scale, c * out_scale, HP, Q, DOT_LOWP, CDT)
+    w_aa, w_ab, w_ba, w_bb, c_a, c_b = _split_weights(w_values, c_values, HP, Q, DOT_LOWP, CDT)
     dva, dvb, dvat, dvbt = _split_group_accumulators(HP, BLOCK_N, D_MAIN, D_TAIL, CDT)
     m_full = (N_Q // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
@@ -825,35 +900,48 @@ def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots
 
     va, vb, vat, vbt = _split_group_rows(Vb, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D, stride_vh,
                                          stride_vn, stride_vd, HP, BLOCK_N, D_MAIN, D_TAIL, CDT, DOT_LOWP)
-    w_t = tl.trans(w_slots * out_scale)
+    # dP^T = (tau W)^T (V dO^T) without a norm; W^T dM with training BatchNorm, whose dM carries tau.
+    if NORM == 2:
+        w_t = tl.trans(w_slots)
+        w_mix = _held_weights(w_slots, HP, HP, tl.float16) if DOT_LOWP else w_slots
+        dc_a = tl.zeros([HP], CDT)
+    else:
+        w_t = tl.trans(w_slots * out_scale)
+        w_mix = 0.0
+        dc_a = tl.zeros([HP // 2], CDT)
     if DOT_LOWP:
         w_t = _held_weights(w_t, HP, HP, LOWP_DTYPE)
     dka, dkb, dkat, dkbt = _split_group_accumulators(HP, BLOCK_N, D_MAIN, D_TAIL, CDT)
     dw_acc = tl.zeros([8, HP, HP], CDT)
-    dc_a = tl.zeros([HP // 2], CDT)
     dc_b = tl.zeros([HB], CDT)
     for start_m in range(0, m_full, BLOCK_M):
         dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b = _split_dk_block(
             dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, va, vb, vat, vbt, Qb, DOb, STATSb, DELTAb, b,
-            ha, hb, keys_a, keys_b, start_m, N_Q, N_K, D, offs_d, offs_t, w_t, scale2, stride_qh,
-            stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M,
-            BLOCK_N, D_TAIL, False, EVEN_D, HAS_MIX_BIAS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+            ha, hb, keys_a, keys_b, key0, start_m, N_Q, N_K, D, offs_d, offs_t, w_t, w_mix, bn_dn, bn_map, bn_const,
+            scale2, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh,
+            stride_sm, HP, BLOCK_M, BLOCK_N, D_TAIL, False, EVEN_D, HAS_MIX_BIAS, NORM, CDT, DOT_LOWP, LOWP_DTYPE,
+            DOT_PRECISION)
     if m_full < N_Q:
         dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b = _split_dk_block(
             dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, va, vb, vat, vbt, Qb, DOb, STATSb, DELTAb, b,
-            ha, hb, keys_a, keys_b, m_full, N_Q, N_K, D, offs_d, offs_t, w_t, scale2, stride_qh,
-            stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M,
-            BLOCK_N, D_TAIL, True, EVEN_D, HAS_MIX_BIAS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+            ha, hb, keys_a, keys_b, key0, m_full, N_Q, N_K, D, offs_d, offs_t, w_t, w_mix, bn_dn, bn_map, bn_const,
+            scale2, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh,
+            stride_sm, HP, BLOCK_M, BLOCK_N, D_TAIL, True, EVEN_D, HAS_MIX_BIAS, NORM, CDT, DOT_LOWP, LOWP_DTYPE,
+            DOT_PRECISION)
     _split_store_groups(DKb, dka, dkb, dkat, dkbt, dk_scale, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D,
                         stride_dkh, stride_dkn, stride_dkd, D_TAIL)
     # The program's parts (``_reduce_parts``): dW_slots [HP, HP] (0 past the 12 heads), per-slot dgamma, dbeta
-    # (no norm: 0) and dc.
+    # (no norm: 0; training BatchNorm's come from its backward sums) and dc.
     offs_s = tl.arange(0, HP)
-    tl.store(PARTSp + offs_s[:, None] * HP + offs_s[None, :], tl.sum(dw_acc, axis=0) * out_scale)
     tl.store(PARTSp + HP * HP + offs_s, tl.zeros([HP], CDT))
     tl.store(PARTSp + HP * HP + HP + offs_s, tl.zeros([HP], CDT))
-    tl.store(PARTSp + HP * HP + 2 * HP + ha, dc_a * out_scale)
-    tl.store(PARTSp + HP * HP + 2 * HP + hb, dc_b * out_scale)
+    if NORM == 2:
+        tl.store(PARTSp + offs_s[:, None] * HP + offs_s[None, :], tl.sum(dw_acc, axis=0))
+        tl.store(PARTSp + HP * HP + 2 * HP + offs_s, dc_a)
+    else:
+        tl.store(PARTSp + offs_s[:, None] * HP + offs_s[None, :], tl.sum(dw_acc, axis=0) * out_scale)
+        tl.store(PARTSp + HP * HP + 2 * HP + ha, dc_a * out_scale)
+        tl.store(PARTSp + HP * HP + 2 * HP + hb, dc_b * out_scale)
 
 
 @triton.jit
@@ -882,18 +970,29 @@ def _re_attention_bwd_dkdv_kernel(
     b = (pid // NUM_PROGRAMS_N).to(tl.int64)
     if SPLIT_HEADS:
         offs_s = tl.arange(0, HP)
-        w_slots, c, _, _ = _slot_params(W, C, NW, NB, BN, offs_s % H, offs_s < H, H, out_scale, stride_wg, stride_wh,
-                                        stride_c, stride_nw, stride_nb, HP, G, CDT, HAS_MIX_BIAS, 0, False, False,
-                                        False, False)
+        w_slots, c, gamma, _ = _slot_params(W, C, NW, NB, BN, offs_s % H, offs_s < H, H, out_scale, stride_wg,
+                                            stride_wh, stride_c, stride_nw, stride_nb, HP, G, CDT, HAS_MIX_BIAS, NORM,
+                                            HAS_NORM_WEIGHT, HAS_NORM_BIAS, False, False)
+        if NORM == 2:
+            # A's mixing: tau gamma / std W and tau (gamma / std (c - mean) + beta), the forward's fold.
+            w_values, c_values, _, _ = _slot_params(W, C, NW, NB, BN, offs_s % H, offs_s < H, H, out_scale,
+                                                    stride_wg, stride_wh, stride_c, stride_nw, stride_nb, HP, G, CDT,
+                                                    HAS_MIX_BIAS, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS, False, True)
+            bn_dn, bn_map, bn_const = _split_batch_norm_terms(c, gamma * out_scale, BN, offs_s % H, offs_s < H, H,
+                                                              CDT)
+        else:
+            w_values, c_values = w_slots * out_scale, c * out_scale
+            bn_dn, bn_map, bn_const = 0.0, 0.0, 0.0
         # dK = scale dS^T Q with scale = scale2 / log2(e), taken here (see the dQ kernel).
         _split_dkdv_sweep(Q + b * stride_qb, K + b * stride_kb, V + b * stride_vb, DO + b * stride_dob,
                           DK + b * stride_dkb, DV + b * stride_dvb, DELTA + b * H * N_Q, STATS + b * stride_sb,
-                          PARTS + pid.to(tl.int64) * (HP * HP + 3 * HP), w_slots, c, out_scale,
-                          scale2 * 0.6931471805599453, b, (pid % NUM_PROGRAMS_N) * BLOCK_N, N_Q, N_K, D, scale2,
-                          stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
-                          stride_vd, stride_doh, stride_dom, stride_dod, stride_dkh, stride_dkn, stride_dkd,
-                          stride_dvh, stride_dvn, stride_dvd, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N,
-                          BLOCK_D, D_TAIL, EVEN_D, HAS_MIX_BIAS, CDT, DOT_LOWP, Q.dtype.element_ty, DOT_PRECISION)
+                          PARTS + pid.to(tl.int64) * (HP * HP + 3 * HP), w_slots, c, w_values, c_values, out_scale,
+                          bn_dn, bn_map, bn_const, scale2 * 0.6931471805599453, b, (pid % NUM_PROGRAMS_N) * BLOCK_N,
+                          N_Q, N_K, D, scale2, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
+                          stride_vh, stride_vn, stride_vd, stride_doh, stride_dom, stride_dod, stride_dkh, stride_dkn,
+                          stride_dkd, stride_dvh, stride_dvn, stride_dvd, stride_sp, stride_sh, stride_sm, HP, BLOCK_M,
+                          BLOCK_N, BLOCK_D, D_TAIL, EVEN_D, HAS_MIX_BIAS, NORM, CDT, DOT_LOWP, Q.dtype.element_ty,
+                          DOT_PRECISION)
         return
     # Slots over keys: slot s is head s % H of key group s // H (kernels/common.py).
     head, slot_ok, keys, keys_ok = _slot_rows((pid % NUM_PROGRAMS_N) * (G * BLOCK_N), H, N_K, HP, G, BLOCK_N)

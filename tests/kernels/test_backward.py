@@ -231,6 +231,32 @@ def test_split_heads_gradients_match_float64(monkeypatch, B, H, Nq, Nk, D, bias)
     assert seen == [("dq", True, tail, 1), ("dkdv", True, tail, 1)]
 
 
+@pytest.mark.parametrize("B,Nq,Nk,D", [
+    (2, 33, 40, 35),  # rows and keys past a block (outside the batch statistics); D padded to 48 = 32 + 16
+    (1, 16, 17, 64),  # whole query blocks, a key past a block
+])
+def test_split_heads_with_training_batchnorm_match_float64(monkeypatch, B, Nq, Nk, D):
+    """12 heads with training BatchNorm: the split kernels take dM = a dN + e xhat + f as a per-head affine map of
+    dO V^T and of the recomputed W P (``backward._split_batch_norm_grad``) and A's mixing folded as the forward's;
+    the output, running statistics and every gradient against the float64 eager path, d mix_bias (exactly 0: the
+    batch statistics remove a per-head constant) within the rounding of the terms it sums."""
+    from tests._tolerance import mix_bias_term_size
+    from tests.backends._contract import assert_same, problem as contract_problem, run_both
+
+    seen = _split_spy(monkeypatch)
+    tensors, stats = contract_problem(B, 12, Nq, Nk, D, seed=4)
+    out, ref, stats_t, stats_e = run_both("triton", "batch-train", tensors, stats, out_scale=0.7)
+
+    def terms(grad):
+        return mix_bias_term_size(*(tensors[n] for n in ("q", "k", "v", "mix_weight", "mix_bias")), grad,
+                                  norm="batch", training=True, gamma=tensors["norm_weight"].detach(),
+                                  beta=tensors["norm_bias"].detach(), out_scale=0.7)
+
+    assert_same(out, ref, stats_t, stats_e, tensors, "batch-train", mix_bias_terms=terms)
+    tail = 16 if D == 35 else 0
+    assert ("dq", True, tail, 1) in seen and ("dkdv", True, tail, 1) in seen, seen
+
+
 def test_split_heads_gradients_in_float32(monkeypatch):
     """The split kernels in float32 (CUDA-core products in the interpreter) within float32's rounding bound
     of the float64 truth, each gradient scaled by its own magnitude."""
@@ -290,7 +316,8 @@ def test_split_heads_with_fp16_products_within_twice_eager_error(monkeypatch):
 
 
 def test_the_launch_rule_splits_the_backward_at_12_heads():
-    """``launch.splits_backward_heads``: 12 heads, norm none (eval BatchNorm arrives folded), no mask or dropout,
+    """``launch.splits_backward_heads``: 12 heads, norm none (eval BatchNorm arrives folded) or training BatchNorm, no
+    mask or dropout,
     a padded head dim of 64 (at 32 the usual sweeps fit whole; at 128 the groups' accumulators alone would
     take 96 registers), 16-bit inputs on a GPU; its tiles cover the whole head dim with one accumulator per
     group, within the 64 registers a thread the usual rule allows two."""
@@ -301,10 +328,11 @@ def test_the_launch_rule_splits_the_backward_at_12_heads():
 
     assert [split(h) for h in (3, 6, 11, 12, 13, 16, 24, 32)] == [False, False, False, True, False, False, False, False]
     assert [split(d=d) for d in (16, 32, 48, 64, 80, 128)] == [False, False, True, True, False, False]
-    for kw in (dict(norm="layer"), dict(norm="batch"), dict(masked=True), dict(has_dropout=True),
-               dict(element_size=4)):
+    for kw in (dict(norm="layer"), dict(masked=True), dict(has_dropout=True), dict(element_size=4),
+               dict(norm="batch", masked=True)):
         assert not split(**kw), kw
     assert split(element_size=8, interpret=True)
+    assert split(norm="batch")  # training BatchNorm (eval arrives as "none", folded)
     for kernel in ("dq", "dkdv"):
         cfg = backward_config(197, 197, 48, 12, interpret=False, kernel=kernel, variant="plain", split_heads=True)
         assert (cfg.HP, cfg.G, cfg.BLOCK_D) == (16, 1, 64)
