@@ -40,10 +40,10 @@ import triton.language as tl
 from .common import (_center_across_heads, _group_mean, _layer_norm, _live_zero, _load_keys, _load_row_stats,
                      _load_rows, _mix, _mm, _probs, _product_result, _scores, _scores_product, _slot_params,
                      _slot_rows)
-from .forward import (_NORMS, _block_diag, _halves, _held_weights, _split_probs, _split_queries, _split_scores,
-                      _split_store, _split_tiles, _split_values, _split_weights, _stack, _unstack, accumulator_dtype,
-                      aligned_operands, dropout_arguments, launch_options, mask_arguments, slot_groups,
-                      slot_sums_to_heads)
+from .forward import (_NORMS, _block_diag, _halves, _held_weights, _split_layer_norm, _split_probs, _split_queries,
+                      _split_scores, _split_store, _split_tiles, _split_values, _split_vector, _split_weights, _stack,
+                      _unstack, accumulator_dtype, aligned_operands, dropout_arguments, launch_options, mask_arguments,
+                      slot_groups, slot_sums_to_heads)
 from .launch import (TileConfig, backward_config, device_shared_limit, head_dim_tail, interpreting, padded_head_dim,
                      run_on_device, splits_backward_heads, variant_of)
 
@@ -308,35 +308,63 @@ def _split_batch_norm_terms(c, tau_gamma, BN, heads, real, H, CDT: tl.constexpr)
 
 
 @triton.jit
-def _split_batch_norm_grad(dn_a, dn_b, pa, pb, w_mix, bn_dn, bn_map, bn_const, HP: tl.constexpr, E: tl.constexpr,
-                           CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr):
-    """Training BatchNorm's dM [HP, E] on both head groups' rows joined (``_head_rows``: heads 0..11, then 4 zero
-    rows) from their dO V^T (dn_a, dn_b) and P (pa, pb), E entries each, and the factors of
-    ``_split_batch_norm_terms``. W P is recomputed with fp16 operands, as the forward mixes (P in [0, 1]); dO V^T
-    enters rounded to the input dtype, as eager's product returns it. Also returns P joined (fp16)."""
+def _split_norm_grad(dn_a, dn_b, pa, pb, w_mix, c_mix, n_dn, n_map, n_const, kept, H, eps, HP: tl.constexpr,
+                     E: tl.constexpr, NORM: tl.constexpr, MASKED: tl.constexpr, CDT: tl.constexpr,
+                     DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The norm's dM [HP, E] on both head groups' rows joined (``_head_rows``: heads 0..11, then 4 zero rows) from
+    their dO V^T (dn_a, dn_b: dN / tau) and P (pa, pb), E entries each, with the map recomputed from P by one
+    [HP, HP] product with fp16 operands, as the forward mixes (P in [0, 1]); dO V^T enters rounded to the input
+    dtype, as eager's product returns it. MASKED: dM is 0 at the entries not ``kept`` [E]. Returns (dM, P joined
+    (fp16), dN / tau joined, and LayerNorm's centered map X and 1/std [E] (0 where not kept)).
+
+    NORM 2, training BatchNorm: dM = n_dn (dO V^T) + n_map (W P) + n_const (``_split_batch_norm_terms``;
+    w_mix = W). NORM 1, LayerNorm across the heads: the map centered over them, X = w_mix P + c_mix
+    (``common._center_across_heads``), r = 1/std, xhat = r X, and with dxhat = n_dn (dO V^T) (n_dn = tau gamma)
+    dM = r (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) = r dxhat - r mean(dxhat) - r^3 mean(dxhat X) X, means
+    over the H heads of an entry (the zero rows add nothing): two fused multiply-adds an element and no xhat
+    tile, the rest per entry; r^3 mean(dxhat X) as (r r)(r mean(dxhat X)), whose second factor is of dxhat's
+    size. 1/std is ``rsqrt.approx`` next to fp16 products, as in the forward."""
     HA: tl.constexpr = HP // 2
     HB: tl.constexpr = HP // 4
     MIX_P: tl.constexpr = tl.float16 if DOT_LOWP else CDT
     MIX_G: tl.constexpr = LOWP_DTYPE if DOT_LOWP else CDT
     p = _head_rows(tl.reshape(pa.to(MIX_P), (HA, E)), tl.reshape(pb.to(MIX_P), (HB, E)), HA, E)
-    dn = _head_rows(tl.reshape(dn_a.to(MIX_G), (HA, E)), tl.reshape(dn_b.to(MIX_G), (HB, E)), HA, E)
-    wp = _mm(w_mix, p, tl.zeros([HP, E], CDT), DOT_LOWP, MIX_P, DOT_PRECISION)
-    return bn_dn[:, None] * dn.to(CDT) + bn_map[:, None] * wp + bn_const[:, None], p
+    dn = _head_rows(tl.reshape(dn_a.to(MIX_G), (HA, E)), tl.reshape(dn_b.to(MIX_G), (HB, E)), HA, E).to(CDT)
+    if NORM == 2:
+        wp = _mm(w_mix, p, tl.zeros([HP, E], CDT), DOT_LOWP, MIX_P, DOT_PRECISION)
+        dm = n_dn[:, None] * dn + n_map[:, None] * wp + n_const[:, None]
+        if MASKED:
+            dm = tl.where(kept[None, :], dm, 0.0)
+        x, rstd = 0.0, 0.0
+    else:
+        x = _mm(w_mix, p, tl.broadcast_to(c_mix[:, None], (HP, E)), DOT_LOWP, MIX_P, DOT_PRECISION)
+        var = tl.sum(x * x, axis=0) / H  # (a reciprocal of H would be an fp32 constant in the interpreter)
+        if DOT_LOWP:
+            rstd = tl.math.rsqrt(var + eps)
+        else:
+            rstd = 1.0 / tl.sqrt(var + eps)
+        if MASKED:  # (a constant map's 1/std may be 1/0 at eps = 0 there)
+            rstd = tl.where(kept, rstd, 0.0)
+        dxhat = n_dn[:, None] * dn
+        r_mean = rstd * (tl.sum(dxhat, axis=0) / H)
+        r3_mean = (rstd * rstd) * (rstd * (tl.sum(dxhat * x, axis=0) / H))
+        dm = rstd[None, :] * dxhat - r3_mean[None, :] * x - r_mean[None, :]
+    return dm, p, dn, x, rstd
 
 
 @triton.jit
 def _split_dq_block(xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb,
                     rows_a, rows_b, ok_a, ok_b, start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab,
-                    t_ba, t_bb, w_mix, w_t, bn_dn, bn_map, bn_const, scale2, stride_kh, stride_kn, stride_kd,
-                    stride_vh, stride_vn, stride_vd, HP: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                    t_ba, t_bb, w_mix, w_t, c_mix, n_dn, n_map, n_const, H, eps, scale2, stride_kh, stride_kn,
+                    stride_kd, stride_vh, stride_vn, stride_vd, HP: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, D_TAIL: tl.constexpr, KEYS_PADDED: tl.constexpr, EVEN_D: tl.constexpr,
                     NORM: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, CORRECTION: tl.constexpr):
     """One key block of ``_split_dq_sweep``. First sweep: P, dP = (tau W)^T (dO V^T) on the stacked rows (the
-    weights t_* carry out_scale), X += (P dP) K and delta += rowsum(P dP) per head group; with training
-    BatchNorm (NORM 2) dP = W^T dM on the joined rows instead (``_split_batch_norm_grad``; w_mix: W in fp16,
-    w_t: W^T in the input dtype). Second sweep (CORRECTION, delta complete): X -= (delta P) K."""
+    weights t_* carry out_scale), X += (P dP) K and delta += rowsum(P dP) per head group; with a norm (NORM 1
+    LayerNorm, 2 training BatchNorm) dP = W^T dM on the joined rows instead (``_split_norm_grad``; w_mix, c_mix:
+    the map's mixing in fp16, w_t: W^T in the input dtype). Second sweep (CORRECTION, delta complete):
+    X -= (delta P) K."""
     HA: tl.constexpr = HP // 2
     HB: tl.constexpr = HP // 4
     E: tl.constexpr = BLOCK_M * BLOCK_N
@@ -363,10 +391,13 @@ def _split_dq_block(xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, d
                              DOT_PRECISION)
         dn_b = _split_scores(dob, dobt, vb, vbt, HB, BLOCK_M, BLOCK_N, D_TAIL, CDT, DOT_LOWP, LOWP_DTYPE,
                              DOT_PRECISION)
-        if NORM == 2:
-            # P is 0 at keys past N_K and rows past N_Q, so P dP is too, whatever dM is there.
-            dm, _ = _split_batch_norm_grad(dn_a, dn_b, pa, pb, w_mix, bn_dn, bn_map, bn_const, HP, E, CDT, DOT_LOWP,
-                                           LOWP_DTYPE, DOT_PRECISION)
+        if NORM != 0:
+            # P is 0 at keys past N_K and rows past N_Q, so P dP is too, whatever finite dM is there; LayerNorm's
+            # dM of a constant map (c) there may be 0 / 0 at eps = 0: zeroed at keys past N_K.
+            keys_ok = (start_n + tl.arange(0, E) % BLOCK_N) < N_K
+            dm, _, _, _, _ = _split_norm_grad(dn_a, dn_b, pa, pb, w_mix, c_mix, n_dn, n_map, n_const, keys_ok, H, eps,
+                                              HP, E, NORM, NORM == 1 and KEYS_PADDED, CDT, DOT_LOWP, LOWP_DTYPE,
+                                              DOT_PRECISION)
             dp16 = _mm(w_t, dm.to(MIX_DTYPE), tl.zeros([HP, E], CDT), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
             dp_a, dp_b = _halves(dp16, HP, E, 0)
             dp_b, _ = _halves(dp_b, HA, E, 0)
@@ -389,8 +420,8 @@ def _split_dq_block(xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, d
 
 
 @triton.jit
-def _split_dq_sweep(Qb, Kb, Vb, DOb, DQb, DELTAb, STATSb, w_slots, out_scale, bn_dn, bn_map, bn_const, b, row0, N_Q,
-                    N_K, D, scale2, dq_scale, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
+def _split_dq_sweep(Qb, Kb, Vb, DOb, DQb, DELTAb, STATSb, w_slots, out_scale, w_map, c_map, n_dn, n_map, n_const,
+                    eps, b, row0, H, N_Q, N_K, D, scale2, dq_scale, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
                     stride_vh, stride_vn, stride_vd, stride_doh, stride_dom, stride_dod, stride_dqh, stride_dqm,
                     stride_dqd, stride_sp, stride_sh, stride_sm, HP: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_TAIL: tl.constexpr, EVEN_D: tl.constexpr,
@@ -404,8 +435,9 @@ def _split_dq_sweep(Qb, Kb, Vb, DOb, DQb, DELTAb, STATSb, w_slots, out_scale, bn
     holds dQ / scale over the whole head dim, in two sweeps over the keys: the first adds (P dP) K and sums
     delta = rowsum(P dP); the second, with delta complete, subtracts (delta P) K. That is X - delta Y with
     the second sweep's q.k and exponentials in place of a second accumulator and the first's Y product.
-    No norm (eval BatchNorm arrives folded) or training BatchNorm (NORM 2: the factors bn_* of
-    ``_split_batch_norm_terms``), no mask or dropout (``launch.splits_backward_heads``).
+    No norm (eval BatchNorm arrives folded), LayerNorm (NORM 1: w_map, c_map the centered mixing, n_dn = tau gamma)
+    or training BatchNorm (NORM 2: w_map = W, n_* the factors of ``_split_batch_norm_terms``), no mask or dropout
+    (``launch.splits_backward_heads``); w_slots: W as given.
     """
     HB: tl.constexpr = HP // 4
     Q: tl.constexpr = 16 // HB
@@ -418,10 +450,10 @@ def _split_dq_sweep(Qb, Kb, Vb, DOb, DQb, DELTAb, STATSb, w_slots, out_scale, bn
     xa, xb, xat, xbt = _split_group_accumulators(HP, BLOCK_M, D_MAIN, D_TAIL, CDT)
     m2a, l2a, m2b, l2b = _split_row_stats(STATSb, ha, hb, rows_a, rows_b, ok_a, ok_b, stride_sp, stride_sh, stride_sm,
                                           DOT_LOWP, CDT)
-    if NORM == 2:
+    if NORM != 0:
         # One [HP, HP] weight tile each way (a few registers), where the stacked rows' W^T (x) I_Q blocks hold 36.
         t_aa, t_ab, t_ba, t_bb = 0.0, 0.0, 0.0, 0.0
-        w_mix = _held_weights(w_slots, HP, HP, tl.float16) if DOT_LOWP else w_slots
+        w_mix = _held_weights(w_map, HP, HP, tl.float16) if DOT_LOWP else w_map
         w_t = _held_weights(tl.trans(w_slots), HP, HP, LOWP_DTYPE) if DOT_LOWP else tl.trans(w_slots)
     else:
         t_aa, t_ab, t_ba, t_bb = _split_gradient_weights(w_slots * out_scale, HP, Q, DOT_LOWP, LOWP_DTYPE, CDT)
@@ -434,14 +466,14 @@ def _split_dq_sweep(Qb, Kb, Vb, DOb, DQb, DELTAb, STATSb, w_slots, out_scale, bn
             xa, xb, xat, xbt, delta_a, delta_b = _split_dq_block(
                 xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb, rows_a,
                 rows_b, ok_a, ok_b, start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb,
-                w_mix, w_t, bn_dn, bn_map, bn_const, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
+                w_mix, w_t, c_map, n_dn, n_map, n_const, H, eps, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
                 stride_vd, HP, Q, BLOCK_M, BLOCK_N, D_TAIL, False, EVEN_D, NORM, CDT, DOT_LOWP, LOWP_DTYPE,
                 DOT_PRECISION, sweep == 1)
         if n_full < N_K:
             xa, xb, xat, xbt, delta_a, delta_b = _split_dq_block(
                 xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb, rows_a,
                 rows_b, ok_a, ok_b, n_full, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb,
-                w_mix, w_t, bn_dn, bn_map, bn_const, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
+                w_mix, w_t, c_map, n_dn, n_map, n_const, H, eps, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
                 stride_vd, HP, Q, BLOCK_M, BLOCK_N, D_TAIL, True, EVEN_D, NORM, CDT, DOT_LOWP, LOWP_DTYPE,
                 DOT_PRECISION, sweep == 1)
     _split_store_groups(DQb, xa, xb, xat, xbt, dq_scale, ha, hb, rows_a, rows_b, ok_a, ok_b, offs_d, offs_t, D,
@@ -477,16 +509,20 @@ def _re_attention_bwd_dq_kernel(
         offs_s = tl.arange(0, HP)
         w_slots, c, gamma, _ = _slot_params(W, C, NW, NB, BN, offs_s % H, offs_s < H, H, out_scale, stride_wg,
                                             stride_wh, stride_c, stride_nw, stride_nb, HP, G, CDT,
-                                            HAS_MIX_BIAS and NORM == 2, NORM, HAS_NORM_WEIGHT, False, False, False)
-        bn_dn, bn_map, bn_const = 0.0, 0.0, 0.0
+                                            HAS_MIX_BIAS and NORM != 0, NORM, HAS_NORM_WEIGHT, False, False, False)
+        w_map, c_map = w_slots, c
+        n_dn, n_map, n_const = 0.0, 0.0, 0.0
         if NORM == 2:
-            bn_dn, bn_map, bn_const = _split_batch_norm_terms(c, gamma * out_scale, BN, offs_s % H, offs_s < H, H,
-                                                              CDT)
+            n_dn, n_map, n_const = _split_batch_norm_terms(c, gamma * out_scale, BN, offs_s % H, offs_s < H, H, CDT)
+        elif NORM == 1:
+            w_map, c_map = _center_across_heads(w_slots, c, W, C, offs_s % H, offs_s < H, H, stride_wg, stride_wh,
+                                                stride_c, HP, G, CDT, HAS_MIX_BIAS, False)
+            n_dn = gamma * out_scale
         # dQ = scale X with scale = scale2 / log2(e), taken here: a float passed to a called function is fp32 in
         # the interpreter (fp64 inputs' dQ then erred 2e-8).
         _split_dq_sweep(Q + b * stride_qb, K + b * stride_kb, V + b * stride_vb, DO + b * stride_dob,
-                        DQ + b * stride_dqb, DELTA + b * H * N_Q, STATS + b * stride_sb, w_slots, out_scale, bn_dn,
-                        bn_map, bn_const, b, (pid % NUM_PROGRAMS_M) * BLOCK_M, N_Q, N_K, D, scale2,
+                        DQ + b * stride_dqb, DELTA + b * H * N_Q, STATS + b * stride_sb, w_slots, out_scale, w_map,
+                        c_map, n_dn, n_map, n_const, eps, b, (pid % NUM_PROGRAMS_M) * BLOCK_M, H, N_Q, N_K, D, scale2,
                         scale2 * 0.6931471805599453, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
                         stride_vh, stride_vn, stride_vd, stride_doh, stride_dom, stride_dod, stride_dqh, stride_dqm,
                         stride_dqd, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_TAIL, EVEN_D,
@@ -763,13 +799,16 @@ def _head_rows(xa, xb, HA: tl.constexpr, E: tl.constexpr):
 
 @triton.jit
 def _split_dv_block(dva, dvb, dvat, dvbt, ka, kb, kat, kbt, Qb, DOb, STATSb, b, ha, hb, keys_a, keys_b, start_m, N_Q,
-                    N_K, D, offs_d, offs_t, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2, stride_qh, stride_qm, stride_qd,
-                    stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP: tl.constexpr,
-                    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_TAIL: tl.constexpr,
-                    ROWS_PADDED: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
+                    N_K, D, offs_d, offs_t, w_aa, w_ab, w_ba, w_bb, c_a, c_b, g_a, g_b, e_a, e_b, eps, scale2,
+                    stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh,
+                    stride_sm, HP: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    D_TAIL: tl.constexpr, ROWS_PADDED: tl.constexpr, EVEN_D: tl.constexpr, NORM: tl.constexpr,
+                    CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
                     LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One query block of ``_split_dkdv_sweep``'s first sweep: A^T = tau (W P + c)^T on the stacked rows (the
-    forward's mixing, keys first) and dV += A^T dO per head group."""
+    forward's mixing, keys first) and dV += A^T dO per head group. LayerNorm (NORM 1): the centered mixing
+    normalized across the heads as the forward does (``forward._split_layer_norm``; g_*, e_*: tau gamma, tau beta
+    at the stacked rows)."""
     HA: tl.constexpr = HP // 2
     HB: tl.constexpr = HP // 4
     E: tl.constexpr = BLOCK_M * BLOCK_N
@@ -784,6 +823,12 @@ def _split_dv_block(dva, dvb, dvat, dvbt, ka, kb, kat, kbt, Qb, DOb, STATSb, b, 
     ya = _mm(w_ab, xb, _mm(w_aa, xa, ya, DOT_LOWP, MIX_DTYPE, DOT_PRECISION), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
     yb = tl.broadcast_to(c_b[:, None], (HB * Q, E // Q))
     yb = _mm(w_bb, xb, _mm(w_ba, xa, yb, DOT_LOWP, MIX_DTYPE, DOT_PRECISION), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
+    if NORM == 1:
+        ya, yb = _split_layer_norm(ya, yb, g_a, g_b, e_a, e_b, eps, HA, HB, Q, E // Q, DOT_LOWP, True)
+        if ROWS_PADDED:  # the norm of a constant map (c) may divide 0 by 0 at eps = 0, and 0 dO not cancel it
+            row_ok = ((start_m + tl.arange(0, E // Q) % BLOCK_M) < N_Q)[None, :]
+            ya = tl.where(row_ok, ya, 0.0)
+            yb = tl.where(row_ok, yb, 0.0)
     # Rows past N_Q hold A = c, and dO is 0 there; keys past N_K, rows of dV that are not stored.
     dva, dvat = _split_values(_unstack(ya, HA, E, Q, BLOCK_N, BLOCK_M), dva, dvat, doa, doat, D_TAIL, DOT_LOWP,
                               LOWP_DTYPE, DOT_PRECISION)
@@ -794,8 +839,8 @@ def _split_dv_block(dva, dvb, dvat, dvbt, ka, kb, kat, kbt, Qb, DOb, STATSb, b, 
 
 @triton.jit
 def _split_dk_block(dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, va, vb, vat, vbt, Qb, DOb, STATSb,
-                    DELTAb, b, ha, hb, keys_a, keys_b, key0, start_m, N_Q, N_K, D, offs_d, offs_t, w_t, w_mix, bn_dn,
-                    bn_map, bn_const, scale2, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+                    DELTAb, b, ha, hb, keys_a, keys_b, key0, start_m, H, N_Q, N_K, D, offs_d, offs_t, w_t, w_mix,
+                    c_mix, n_dn, n_map, n_const, eps, dnw, dnb, scale2, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
                     stride_sp, stride_sh, stride_sm, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     D_TAIL: tl.constexpr, ROWS_PADDED: tl.constexpr, EVEN_D: tl.constexpr, HAS_MIX_BIAS: tl.constexpr,
                     NORM: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
@@ -810,9 +855,10 @@ def _split_dk_block(dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, 
     thread, and with them this sweep spilled 264 B (ViT-B, sm_90; 208 B this way, and 307.2 against 332.6 us
     predicted); the first sweep keeps the stacked mixing, faster there (307.2 against 317.7 us).
 
-    Training BatchNorm (NORM 2): dM (``_split_batch_norm_grad``, 0 at keys past N_K and rows past N_Q, which are
-    outside the statistics) where the sums and dP^T = W^T dM take V dO^T (w_t: W^T, dc_a: dc [HP] of the
-    joined rows, dc_b unused)."""
+    With a norm (NORM 1 LayerNorm, 2 training BatchNorm): dM (``_split_norm_grad``, 0 at keys past N_K and rows
+    past N_Q) where the sums and dP^T = W^T dM take V dO^T (w_t: W^T, dc_a: dc [HP] of the joined rows, dc_b
+    unused); LayerNorm also sums dgamma / tau = sum of (V dO^T) xhat and dbeta / tau = sum of V dO^T per slot
+    (dnw, dnb [HP])."""
     HA: tl.constexpr = HP // 2
     HB: tl.constexpr = HP // 4
     E: tl.constexpr = BLOCK_M * BLOCK_N
@@ -826,12 +872,14 @@ def _split_dk_block(dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, 
     # dN / tau = V dO^T: 0 at keys past N_K (V loads 0) and rows past N_Q (dO loads 0).
     dn_a = _split_scores(va, vat, doa, doat, HA, BLOCK_N, BLOCK_M, D_TAIL, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     dn_b = _split_scores(vb, vbt, dob, dobt, HB, BLOCK_N, BLOCK_M, D_TAIL, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-    if NORM == 2:
-        dm, p = _split_batch_norm_grad(dn_a, dn_b, pa, pb, w_mix, bn_dn, bn_map, bn_const, HP, E, CDT, DOT_LOWP,
-                                       LOWP_DTYPE, DOT_PRECISION)
+    if NORM != 0:
         offs_e = tl.arange(0, E)  # entry (key, query) of the keys-first tiles
         kept = ((key0 + offs_e // BLOCK_M) < N_K) & ((start_m + offs_e % BLOCK_M) < N_Q)
-        dm = tl.where(kept[None, :], dm, 0.0)
+        dm, p, dn_t, x, rstd = _split_norm_grad(dn_a, dn_b, pa, pb, w_mix, c_mix, n_dn, n_map, n_const, kept, H, eps,
+                                                HP, E, NORM, True, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+        if NORM == 1:  # (V dO^T is 0 at the entries not kept: V's and dO's rows load as 0 there, and 1/std is 0)
+            dnw += tl.sum(dn_t * x * rstd[None, :], axis=1)
+            dnb += tl.sum(dn_t, axis=1)
         if HAS_MIX_BIAS:
             dc_a += tl.sum(dm, axis=1)
         dn = dm.to(MIX_DTYPE)
@@ -851,12 +899,12 @@ def _split_dk_block(dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, 
     ds_b = pb * (tl.reshape(dp_b, (HB, BLOCK_N, BLOCK_M)) - delta_b[:, None, :])
     dka, dkat = _split_keys_product(ds_a, qa, qat, dka, dkat, D_TAIL, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     dkb, dkbt = _split_keys_product(ds_b, qb, qbt, dkb, dkbt, D_TAIL, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
-    return dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b
+    return dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, dnw, dnb
 
 
 @triton.jit
-def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots, c, w_values, c_values, out_scale,
-                      bn_dn, bn_map, bn_const, dk_scale, b, key0, N_Q, N_K, D, scale2, stride_qh, stride_qm, stride_qd,
+def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots, w_map, c_map, w_values, c_values,
+                      a_gamma, a_beta, out_scale, n_dn, n_map, n_const, eps, dk_scale, b, key0, H, N_Q, N_K, D, scale2, stride_qh, stride_qm, stride_qd,
                       stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_doh, stride_dom,
                       stride_dod, stride_dkh, stride_dkn, stride_dkd, stride_dvh, stride_dvn, stride_dvd, stride_sp,
                       stride_sh, stride_sm, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -869,10 +917,11 @@ def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots
     dK and dV of 16 slots at D = 64 split the head dim over programs that each recomputed the whole map (the
     two accumulators would take 128 registers). Here each has one accumulator per head group over the whole
     head dim, in a sweep of its own over the queries: first dV += A^T dO, then dK += dS^T q with the sums of
-    dW and dc. No norm or training BatchNorm (NORM 2), no mask or dropout (``launch.splits_backward_heads``); the
-    mixing bias rides in c, not in a padding slot. w_values, c_values: the mixing that gives A (tau folded in, and
-    training BatchNorm's per-head affine map, ``common._slot_params``); w_slots, c: W and c as given; bn_*: the
-    factors of ``_split_batch_norm_terms`` (NORM 2).
+    dW and dc. No norm, LayerNorm (NORM 1) or training BatchNorm (NORM 2), no mask or dropout
+    (``launch.splits_backward_heads``); the mixing bias rides in c, not in a padding slot. w_values, c_values: the
+    mixing that gives A (tau folded in, and training BatchNorm's per-head affine map, ``common._slot_params``;
+    LayerNorm: the centered mixing, then a_gamma = tau gamma, a_beta = tau beta after the norm); w_slots: W as
+    given; w_map, c_map, n_*: what ``_split_norm_grad`` takes (``_split_dq_sweep``).
     """
     HB: tl.constexpr = HP // 4
     Q: tl.constexpr = 16 // HB
@@ -881,29 +930,34 @@ def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots
     ka, kb, kat, kbt = _split_group_rows(Kb, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D, stride_kh,
                                          stride_kn, stride_kd, HP, BLOCK_N, D_MAIN, D_TAIL, CDT, DOT_LOWP)
     w_aa, w_ab, w_ba, w_bb, c_a, c_b = _split_weights(w_values, c_values, HP, Q, DOT_LOWP, CDT)
+    if NORM == 1:
+        g_a, g_b = _split_vector(a_gamma, HP, Q)
+        e_a, e_b = _split_vector(a_beta, HP, Q)
+    else:
+        g_a, g_b, e_a, e_b = 0.0, 0.0, 0.0, 0.0
     dva, dvb, dvat, dvbt = _split_group_accumulators(HP, BLOCK_N, D_MAIN, D_TAIL, CDT)
     m_full = (N_Q // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
         dva, dvb, dvat, dvbt = _split_dv_block(
             dva, dvb, dvat, dvbt, ka, kb, kat, kbt, Qb, DOb, STATSb, b, ha, hb, keys_a, keys_b, start_m, N_Q, N_K, D,
-            offs_d, offs_t, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2, stride_qh, stride_qm, stride_qd, stride_doh,
-            stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, Q, BLOCK_M, BLOCK_N, D_TAIL, False, EVEN_D,
-            CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+            offs_d, offs_t, w_aa, w_ab, w_ba, w_bb, c_a, c_b, g_a, g_b, e_a, e_b, eps, scale2, stride_qh, stride_qm,
+            stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, Q, BLOCK_M, BLOCK_N,
+            D_TAIL, False, EVEN_D, NORM, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     if m_full < N_Q:
         dva, dvb, dvat, dvbt = _split_dv_block(
             dva, dvb, dvat, dvbt, ka, kb, kat, kbt, Qb, DOb, STATSb, b, ha, hb, keys_a, keys_b, m_full, N_Q, N_K, D,
-            offs_d, offs_t, w_aa, w_ab, w_ba, w_bb, c_a, c_b, scale2, stride_qh, stride_qm, stride_qd, stride_doh,
-            stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, Q, BLOCK_M, BLOCK_N, D_TAIL, True, EVEN_D,
-            CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+            offs_d, offs_t, w_aa, w_ab, w_ba, w_bb, c_a, c_b, g_a, g_b, e_a, e_b, eps, scale2, stride_qh, stride_qm,
+            stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, Q, BLOCK_M, BLOCK_N,
+            D_TAIL, True, EVEN_D, NORM, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     _split_store_groups(DVb, dva, dvb, dvat, dvbt, 1.0, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D,
                         stride_dvh, stride_dvn, stride_dvd, D_TAIL)
 
     va, vb, vat, vbt = _split_group_rows(Vb, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D, stride_vh,
                                          stride_vn, stride_vd, HP, BLOCK_N, D_MAIN, D_TAIL, CDT, DOT_LOWP)
-    # dP^T = (tau W)^T (V dO^T) without a norm; W^T dM with training BatchNorm, whose dM carries tau.
-    if NORM == 2:
+    # dP^T = (tau W)^T (V dO^T) without a norm; W^T dM with one, whose dM carries tau.
+    if NORM != 0:
         w_t = tl.trans(w_slots)
-        w_mix = _held_weights(w_slots, HP, HP, tl.float16) if DOT_LOWP else w_slots
+        w_mix = _held_weights(w_map, HP, HP, tl.float16) if DOT_LOWP else w_map
         dc_a = tl.zeros([HP], CDT)
     else:
         w_t = tl.trans(w_slots * out_scale)
@@ -914,28 +968,37 @@ def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots
     dka, dkb, dkat, dkbt = _split_group_accumulators(HP, BLOCK_N, D_MAIN, D_TAIL, CDT)
     dw_acc = tl.zeros([8, HP, HP], CDT)
     dc_b = tl.zeros([HB], CDT)
+    if NORM == 1:
+        dnw = tl.zeros([HP], CDT)
+        dnb = tl.zeros([HP], CDT)
+    else:
+        dnw, dnb = 0.0, 0.0
     for start_m in range(0, m_full, BLOCK_M):
-        dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b = _split_dk_block(
+        dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, dnw, dnb = _split_dk_block(
             dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, va, vb, vat, vbt, Qb, DOb, STATSb, DELTAb, b,
-            ha, hb, keys_a, keys_b, key0, start_m, N_Q, N_K, D, offs_d, offs_t, w_t, w_mix, bn_dn, bn_map, bn_const,
-            scale2, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh,
+            ha, hb, keys_a, keys_b, key0, start_m, H, N_Q, N_K, D, offs_d, offs_t, w_t, w_mix, c_map, n_dn, n_map,
+            n_const, eps, dnw, dnb, scale2, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh,
             stride_sm, HP, BLOCK_M, BLOCK_N, D_TAIL, False, EVEN_D, HAS_MIX_BIAS, NORM, CDT, DOT_LOWP, LOWP_DTYPE,
             DOT_PRECISION)
     if m_full < N_Q:
-        dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b = _split_dk_block(
+        dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, dnw, dnb = _split_dk_block(
             dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, va, vb, vat, vbt, Qb, DOb, STATSb, DELTAb, b,
-            ha, hb, keys_a, keys_b, key0, m_full, N_Q, N_K, D, offs_d, offs_t, w_t, w_mix, bn_dn, bn_map, bn_const,
-            scale2, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh,
+            ha, hb, keys_a, keys_b, key0, m_full, H, N_Q, N_K, D, offs_d, offs_t, w_t, w_mix, c_map, n_dn, n_map,
+            n_const, eps, dnw, dnb, scale2, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh,
             stride_sm, HP, BLOCK_M, BLOCK_N, D_TAIL, True, EVEN_D, HAS_MIX_BIAS, NORM, CDT, DOT_LOWP, LOWP_DTYPE,
             DOT_PRECISION)
     _split_store_groups(DKb, dka, dkb, dkat, dkbt, dk_scale, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D,
                         stride_dkh, stride_dkn, stride_dkd, D_TAIL)
     # The program's parts (``_reduce_parts``): dW_slots [HP, HP] (0 past the 12 heads), per-slot dgamma, dbeta
-    # (no norm: 0; training BatchNorm's come from its backward sums) and dc.
+    # (LayerNorm's; no norm: 0; training BatchNorm's come from its backward sums) and dc.
     offs_s = tl.arange(0, HP)
-    tl.store(PARTSp + HP * HP + offs_s, tl.zeros([HP], CDT))
-    tl.store(PARTSp + HP * HP + HP + offs_s, tl.zeros([HP], CDT))
-    if NORM == 2:
+    if NORM == 1:
+        tl.store(PARTSp + HP * HP + offs_s, dnw * out_scale)
+        tl.store(PARTSp + HP * HP + HP + offs_s, dnb * out_scale)
+    else:
+        tl.store(PARTSp + HP * HP + offs_s, tl.zeros([HP], CDT))
+        tl.store(PARTSp + HP * HP + HP + offs_s, tl.zeros([HP], CDT))
+    if NORM != 0:
         tl.store(PARTSp + offs_s[:, None] * HP + offs_s[None, :], tl.sum(dw_acc, axis=0))
         tl.store(PARTSp + HP * HP + 2 * HP + offs_s, dc_a)
     else:
@@ -970,25 +1033,33 @@ def _re_attention_bwd_dkdv_kernel(
     b = (pid // NUM_PROGRAMS_N).to(tl.int64)
     if SPLIT_HEADS:
         offs_s = tl.arange(0, HP)
-        w_slots, c, gamma, _ = _slot_params(W, C, NW, NB, BN, offs_s % H, offs_s < H, H, out_scale, stride_wg,
-                                            stride_wh, stride_c, stride_nw, stride_nb, HP, G, CDT, HAS_MIX_BIAS, NORM,
-                                            HAS_NORM_WEIGHT, HAS_NORM_BIAS, False, False)
+        w_slots, c, gamma, beta = _slot_params(W, C, NW, NB, BN, offs_s % H, offs_s < H, H, out_scale, stride_wg,
+                                               stride_wh, stride_c, stride_nw, stride_nb, HP, G, CDT, HAS_MIX_BIAS,
+                                               NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS, False, False)
+        w_map, c_map = w_slots, c
+        a_gamma, a_beta = 0.0, 0.0
+        n_dn, n_map, n_const = 0.0, 0.0, 0.0
         if NORM == 2:
             # A's mixing: tau gamma / std W and tau (gamma / std (c - mean) + beta), the forward's fold.
             w_values, c_values, _, _ = _slot_params(W, C, NW, NB, BN, offs_s % H, offs_s < H, H, out_scale,
                                                     stride_wg, stride_wh, stride_c, stride_nw, stride_nb, HP, G, CDT,
                                                     HAS_MIX_BIAS, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS, False, True)
-            bn_dn, bn_map, bn_const = _split_batch_norm_terms(c, gamma * out_scale, BN, offs_s % H, offs_s < H, H,
-                                                              CDT)
+            n_dn, n_map, n_const = _split_batch_norm_terms(c, gamma * out_scale, BN, offs_s % H, offs_s < H, H, CDT)
+        elif NORM == 1:
+            # The centered mixing (``common._center_across_heads``) gives the map the norm takes, both ways.
+            w_map, c_map = _center_across_heads(w_slots, c, W, C, offs_s % H, offs_s < H, H, stride_wg, stride_wh,
+                                                stride_c, HP, G, CDT, HAS_MIX_BIAS, False)
+            w_values, c_values = w_map, c_map
+            a_gamma, a_beta = gamma * out_scale, beta * out_scale
+            n_dn = a_gamma
         else:
             w_values, c_values = w_slots * out_scale, c * out_scale
-            bn_dn, bn_map, bn_const = 0.0, 0.0, 0.0
         # dK = scale dS^T Q with scale = scale2 / log2(e), taken here (see the dQ kernel).
         _split_dkdv_sweep(Q + b * stride_qb, K + b * stride_kb, V + b * stride_vb, DO + b * stride_dob,
                           DK + b * stride_dkb, DV + b * stride_dvb, DELTA + b * H * N_Q, STATS + b * stride_sb,
-                          PARTS + pid.to(tl.int64) * (HP * HP + 3 * HP), w_slots, c, w_values, c_values, out_scale,
-                          bn_dn, bn_map, bn_const, scale2 * 0.6931471805599453, b, (pid % NUM_PROGRAMS_N) * BLOCK_N,
-                          N_Q, N_K, D, scale2, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
+                          PARTS + pid.to(tl.int64) * (HP * HP + 3 * HP), w_slots, w_map, c_map, w_values, c_values,
+                          a_gamma, a_beta, out_scale, n_dn, n_map, n_const, eps, scale2 * 0.6931471805599453, b,
+                          (pid % NUM_PROGRAMS_N) * BLOCK_N, H, N_Q, N_K, D, scale2, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
                           stride_vh, stride_vn, stride_vd, stride_doh, stride_dom, stride_dod, stride_dkh, stride_dkn,
                           stride_dkd, stride_dvh, stride_dvn, stride_dvd, stride_sp, stride_sh, stride_sm, HP, BLOCK_M,
                           BLOCK_N, BLOCK_D, D_TAIL, EVEN_D, HAS_MIX_BIAS, NORM, CDT, DOT_LOWP, Q.dtype.element_ty,

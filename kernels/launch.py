@@ -410,18 +410,18 @@ def splits_backward_heads(h: int, d: int, *, norm: str, masked: bool, has_dropou
                           interpret: Optional[bool] = None) -> bool:
     """Whether the backward's kernels run ``backward._split_dq_sweep`` and ``backward._split_dkdv_sweep``: 12
     heads (16 slots) as two products of 8 and 4 heads, one accumulator per group over the whole head dim.
-    Norm "none" (the kernels' NORM 0; eval BatchNorm arrives folded) or "batch" (training BatchNorm: its dM is
-    a per-head affine map of dN and M, ``backward._split_batch_norm_grad``), no mask, no dropout, tensor-core
-    operands on a GPU (fp32 runs narrower tiles there; the interpreter runs it in every dtype), and the head
-    dim (d, as the kernels see it) in a tile of 64: there the usual kernels' two accumulators split the head
-    dim over programs that each recompute the map, and the split ones' two groups take 0.75 d registers a
-    thread. At 32 the usual dQ sweep fits whole and the static model predicts it faster at t_low
+    Every norm: "none" (the kernels' NORM 0; eval BatchNorm arrives folded), "layer" and "batch" (training
+    BatchNorm), whose dM the sweeps form on both groups' rows joined (``backward._split_norm_grad``); no mask, no
+    dropout, tensor-core operands on a GPU (fp32 runs narrower tiles there; the interpreter runs it in every
+    dtype), and the head dim (d, as the kernels see it) in a tile of 64: there the usual kernels' two
+    accumulators split the head dim over programs that each recompute the map, and the split ones' two groups
+    take 0.75 d registers a thread. At 32 the usual dQ sweep fits whole and the static model predicts it faster at t_low
     (DeepViT-16b: 164.8 against 176.4 us; 657.4 against 590.1 at t_high); at 128 the split ones'
     accumulators alone would take 96 registers."""
     if interpret is None:
         interpret = interpreting()
-    return (h == 12 and padded_slots(h) == 16 and norm in ("none", "batch") and not masked and not has_dropout
-            and padded_head_dim(d) == 64 and (interpret or element_size == 2))
+    return (h == 12 and padded_slots(h) == 16 and norm in ("none", "batch", "layer") and not masked
+            and not has_dropout and padded_head_dim(d) == 64 and (interpret or element_size == 2))
 
 
 def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None,

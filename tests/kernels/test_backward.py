@@ -257,6 +257,22 @@ def test_split_heads_with_training_batchnorm_match_float64(monkeypatch, B, Nq, N
     assert ("dq", True, tail, 1) in seen and ("dkdv", True, tail, 1) in seen, seen
 
 
+@pytest.mark.parametrize("B,Nq,Nk,D,bias", [
+    (2, 33, 40, 35, True),   # rows and keys past a block; D padded to 48 = 32 + 16
+    (1, 16, 17, 64, False),  # whole query blocks, a key past a block, no mixing bias
+])
+def test_split_heads_with_layer_norm_match_float64(monkeypatch, B, Nq, Nk, D, bias):
+    """12 heads with LayerNorm across them: the split kernels recompute the centered map on both head groups'
+    rows joined, normalize it and take LayerNorm's backward there (``backward._split_norm_grad``), the dV sweep
+    normalizing the stacked map as the forward does; every gradient, the norm's weight and bias among them,
+    against float64 autograd of the reference."""
+    seen = _split_spy(monkeypatch)
+    got, expected = gradients(problem(B, 12, Nq, Nk, D, seed=3), "layer", bias=bias)
+    assert_close(got, expected, rtol=1e-10)
+    tail = 16 if D == 35 else 0
+    assert seen == [("dq", True, tail, 1), ("dkdv", True, tail, 1)]
+
+
 def test_split_heads_gradients_in_float32(monkeypatch):
     """The split kernels in float32 (CUDA-core products in the interpreter) within float32's rounding bound
     of the float64 truth, each gradient scaled by its own magnitude."""
@@ -316,8 +332,8 @@ def test_split_heads_with_fp16_products_within_twice_eager_error(monkeypatch):
 
 
 def test_the_launch_rule_splits_the_backward_at_12_heads():
-    """``launch.splits_backward_heads``: 12 heads, norm none (eval BatchNorm arrives folded) or training BatchNorm, no
-    mask or dropout,
+    """``launch.splits_backward_heads``: 12 heads, every norm (eval BatchNorm arrives folded as none), no mask or
+    dropout,
     a padded head dim of 64 (at 32 the usual sweeps fit whole; at 128 the groups' accumulators alone would
     take 96 registers), 16-bit inputs on a GPU; its tiles cover the whole head dim with one accumulator per
     group, within the 64 registers a thread the usual rule allows two."""
@@ -328,11 +344,11 @@ def test_the_launch_rule_splits_the_backward_at_12_heads():
 
     assert [split(h) for h in (3, 6, 11, 12, 13, 16, 24, 32)] == [False, False, False, True, False, False, False, False]
     assert [split(d=d) for d in (16, 32, 48, 64, 80, 128)] == [False, False, True, True, False, False]
-    for kw in (dict(norm="layer"), dict(masked=True), dict(has_dropout=True), dict(element_size=4),
-               dict(norm="batch", masked=True)):
+    for kw in (dict(masked=True), dict(has_dropout=True), dict(element_size=4), dict(norm="batch", masked=True),
+               dict(norm="layer", has_dropout=True)):
         assert not split(**kw), kw
     assert split(element_size=8, interpret=True)
-    assert split(norm="batch")  # training BatchNorm (eval arrives as "none", folded)
+    assert split(norm="batch") and split(norm="layer")  # training BatchNorm (eval arrives as "none", folded)
     for kernel in ("dq", "dkdv"):
         cfg = backward_config(197, 197, 48, 12, interpret=False, kernel=kernel, variant="plain", split_heads=True)
         assert (cfg.HP, cfg.G, cfg.BLOCK_D) == (16, 1, 64)
