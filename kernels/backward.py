@@ -337,18 +337,23 @@ def _split_norm_grad(dn_a, dn_b, pa, pb, w_mix, c_mix, n_dn, n_map, n_const, kep
             dm = tl.where(kept[None, :], dm, 0.0)
         x, rstd = 0.0, 0.0
     else:
-        x = _mm(w_mix, p, tl.broadcast_to(c_mix[:, None], (HP, E)), DOT_LOWP, MIX_P, DOT_PRECISION)
-        var = tl.sum(x * x, axis=0) / H  # (a reciprocal of H would be an fp32 constant in the interpreter)
+        # Entries by heads, [E, HP]: the heads are the product's columns, 4 of a thread's registers and 2 lane
+        # bits, so each sum over them is 3 additions and 2 shuffles a row; as rows ([HP, E]) they took 3 shuffles
+        # for every 2 columns a thread holds.
+        x = _mm(tl.trans(p), tl.trans(w_mix), tl.broadcast_to(c_mix[None, :], (E, HP)), DOT_LOWP, MIX_P,
+                DOT_PRECISION)
+        var = tl.sum(x * x, axis=1) / H  # (a reciprocal of H would be an fp32 constant in the interpreter)
         if DOT_LOWP:
             rstd = tl.math.rsqrt(var + eps)
         else:
             rstd = 1.0 / tl.sqrt(var + eps)
         if MASKED:  # (a constant map's 1/std may be 1/0 at eps = 0 there)
             rstd = tl.where(kept, rstd, 0.0)
-        dxhat = n_dn[:, None] * dn
-        r_mean = rstd * (tl.sum(dxhat, axis=0) / H)
-        r3_mean = (rstd * rstd) * (rstd * (tl.sum(dxhat * x, axis=0) / H))
-        dm = rstd[None, :] * dxhat - r3_mean[None, :] * x - r_mean[None, :]
+        dxhat = tl.trans(dn) * n_dn[None, :]
+        r_mean = rstd * (tl.sum(dxhat, axis=1) / H)
+        r3_mean = (rstd * rstd) * (rstd * (tl.sum(dxhat * x, axis=1) / H))
+        dm = tl.trans(rstd[:, None] * dxhat - r3_mean[:, None] * x - r_mean[:, None])
+        x = tl.trans(x)
     return dm, p, dn, x, rstd
 
 

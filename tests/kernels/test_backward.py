@@ -296,10 +296,12 @@ def test_split_heads_gradients_in_float32(monkeypatch):
     assert seen == [("dq", True, 16, 1), ("dkdv", True, 16, 1)]
 
 
-def test_split_heads_with_fp16_products_within_twice_eager_error(monkeypatch):
+@pytest.mark.parametrize("norm", ["none", "layer", "batch-train"])
+def test_split_heads_with_fp16_products_within_twice_eager_error(monkeypatch, norm):
     """fp16 tensor-core operands (the GPU path, which the interpreter runs faithfully for fp16): k, v, q and dO of
     the larger group held as product results, W^T in the input dtype and W in fp16 for the mixings, the
-    statistics merged into one offset; dQ, dK, dV within twice eager fp16's error of the float64 truth."""
+    statistics merged into one offset (with a norm: the joined rows' [16, 16] weight tiles, LayerNorm's
+    approximate 1/std); dQ, dK, dV within twice eager fp16's error of the float64 truth."""
     import reattn
     from reattn.kernels import backward as bwd_module
     from reattn.kernels import forward as fwd_module
@@ -318,8 +320,14 @@ def test_split_heads_with_fp16_products_within_twice_eager_error(monkeypatch):
 
     def grads(backend, dtype):
         x = {n: v.to(dtype).requires_grad_(True) for n, v in t.items()}
+        kw = {}
+        if norm != "none":
+            kw = dict(norm=norm.split("-")[0], norm_weight=x["norm_weight"], norm_bias=x["norm_bias"])
+        if norm == "batch-train":
+            kw.update(training=True, running_mean=torch.zeros(H, dtype=dtype, device=DEVICE),
+                      running_var=torch.ones(H, dtype=dtype, device=DEVICE))
         out = reattn.re_attention(x["q"], x["k"], x["v"], x["mix_weight"], x["mix_bias"], backend=backend,
-                                  out_scale=0.7)
+                                  out_scale=0.7, **kw)
         return torch.autograd.grad(out, [x["q"], x["k"], x["v"]], grad.to(dtype))
 
     truth = grads("eager", torch.float64)
