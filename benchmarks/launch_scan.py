@@ -109,7 +109,8 @@ def main(argv=None) -> None:
                                            kernel, cfg, ELEMENT_SIZE["bf16"], masked=args["mask"],
                                            split_heads=call == "backward" and launch.splits_backward_heads(
                                                h, d, norm=args["norm"], masked=args["mask"],
-                                               has_dropout=args["dropout"], element_size=2, interpret=False),
+                                               has_dropout=args["dropout"], element_size=2, kernel=kernel,
+                                               interpret=False),
                                            d_tail=launch.head_dim_tail(d)),
                                        shared_limit=SHARED_MEMORY_LIMIT[cap],
                                        **{k: r[k] for k in FIELDS if k in r and k not in

@@ -1220,7 +1220,7 @@ def _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, d
     interpret = interpreting()
     split = not sums_only and splits_backward_heads(H, D, norm=norm, masked=attn_mask is not None,
                                                     has_dropout=dropout_p > 0, element_size=q.element_size(),
-                                                    interpret=interpret)
+                                                    kernel="dq", interpret=interpret)
     if config is None:
         config = backward_config(Nq, Nk, D, H, interpret=interpret, shared_limit=device_shared_limit(device),
                                  element_size=q.element_size(), kernel="dq",
@@ -1317,7 +1317,7 @@ def re_attention_backward(
     interpret = interpreting()
     config = dkdv_config
     split = splits_backward_heads(H, Dp, norm=norm, masked=attn_mask is not None, has_dropout=dropout_p > 0,
-                                  element_size=q.element_size(), interpret=interpret)
+                                  element_size=q.element_size(), kernel="dkdv", interpret=interpret)
     if config is None:
         config = backward_config(Nq, Nk, Dp, H, interpret=interpret, shared_limit=device_shared_limit(device),
                                  element_size=q.element_size(), kernel="dkdv",

@@ -407,21 +407,29 @@ def run_on_device(kernel, grid, device, *args, **kwargs) -> None:
 
 
 def splits_backward_heads(h: int, d: int, *, norm: str, masked: bool, has_dropout: bool, element_size: int,
-                          interpret: Optional[bool] = None) -> bool:
-    """Whether the backward's kernels run ``backward._split_dq_sweep`` and ``backward._split_dkdv_sweep``: 12
-    heads (16 slots) as two products of 8 and 4 heads, one accumulator per group over the whole head dim.
-    Every norm: "none" (the kernels' NORM 0; eval BatchNorm arrives folded), "layer" and "batch" (training
-    BatchNorm), whose dM the sweeps form on both groups' rows joined (``backward._split_norm_grad``); no mask, no
-    dropout, tensor-core operands on a GPU (fp32 runs narrower tiles there; the interpreter runs it in every
-    dtype), and the head dim (d, as the kernels see it) in a tile of 64: there the usual kernels' two
-    accumulators split the head dim over programs that each recompute the map, and the split ones' two groups
-    take 0.75 d registers a thread. At 32 the usual dQ sweep fits whole and the static model predicts it faster at t_low
-    (DeepViT-16b: 164.8 against 176.4 us; 657.4 against 590.1 at t_high); at 128 the split ones'
-    accumulators alone would take 96 registers."""
+                          kernel: str, interpret: Optional[bool] = None) -> bool:
+    """Whether the backward's ``kernel`` ("dq" or "dkdv") runs its split sweep (``backward._split_dq_sweep``,
+    ``backward._split_dkdv_sweep``): 12 heads (16 slots) as two products of 8 and 4 heads, one accumulator per
+    group over the whole head dim. Every norm: "none" (the kernels' NORM 0; eval BatchNorm arrives folded),
+    "layer" and "batch" (training BatchNorm), whose dM the sweeps form on both groups' rows joined
+    (``backward._split_norm_grad``); no mask, no dropout, tensor-core operands on a GPU (fp32 runs narrower tiles
+    there; the interpreter runs it in every dtype), and the head dim (d, as the kernels see it) in a tile of 64:
+    there the usual kernels' two accumulators split the head dim over programs that each recompute the map, and
+    the split ones' two groups take 0.75 d registers a thread; at 128 the split ones' accumulators alone would
+    take 96 registers. At 32 the usual sweeps fit whole, and the static model (H100, bf16, DeepViT-16b) picks
+    per norm and kernel: without a norm the usual dQ sweep (164.8 against 176.4 us at t_low); with LayerNorm
+    both split ones (dQ 334.8-960.7 -> 223.3-745.7 us, dK/dV 495.1-1405.8 -> 254.9-1179.0); with training
+    BatchNorm the split dQ sweep (215.7-759.7 -> 209.8-691.5) and the usual dK/dV one (split: 280.3-829.9 ->
+    228.5-1024.1, slower at t_high)."""
+    if kernel not in ("dq", "dkdv"):
+        raise ValueError(f"splits_backward_heads: kernel must be 'dq' or 'dkdv', got {kernel!r}")
     if interpret is None:
         interpret = interpreting()
-    return (h == 12 and padded_slots(h) == 16 and norm in ("none", "batch", "layer") and not masked
-            and not has_dropout and padded_head_dim(d) == 64 and (interpret or element_size == 2))
+    if not (h == 12 and padded_slots(h) == 16 and norm in ("none", "batch", "layer") and not masked
+            and not has_dropout and (interpret or element_size == 2)):
+        return False
+    width = padded_head_dim(d)
+    return width == 64 or (width == 32 and (norm == "layer" or (norm == "batch" and kernel == "dq")))
 
 
 def backward_config(n_q: int, n_k: int, d: int, h: int, *, interpret: Optional[bool] = None,

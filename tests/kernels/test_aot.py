@@ -75,7 +75,8 @@ def test_the_launch_rules_shared_memory_bound_holds_for_every_compiled_launch():
             continue  # the rules' fp32 tiles are narrow on purpose; their bound is the same formula
         split = r["call"] == "backward" and splits_backward_heads(
             r["h"], -(-r["d"] // 16) * 16, norm=r["norm"], masked=r["mask"], has_dropout=r["dropout"],
-            element_size=ELEMENT_SIZE[r["dtype"]], interpret=False)  # (DeepViT-L-384's backward)
+            element_size=ELEMENT_SIZE[r["dtype"]], kernel=KERNELS[r["kernel"]],
+            interpret=False)  # (DeepViT-L-384's backward)
         bound = shared_bytes(KERNELS[r["kernel"]], _config(r), ELEMENT_SIZE[r["dtype"]], masked=r["mask"],
                              split_heads=split, d_tail=head_dim_tail(-(-r["d"] // 16) * 16))
         assert r["shared"] <= bound, (r, bound)

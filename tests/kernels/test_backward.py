@@ -234,6 +234,7 @@ def test_split_heads_gradients_match_float64(monkeypatch, B, H, Nq, Nk, D, bias)
 @pytest.mark.parametrize("B,Nq,Nk,D", [
     (2, 33, 40, 35),  # rows and keys past a block (outside the batch statistics); D padded to 48 = 32 + 16
     (1, 16, 17, 64),  # whole query blocks, a key past a block
+    (2, 17, 20, 32),  # D = 32: the split dQ sweep, the usual dK/dV one (launch.splits_backward_heads)
 ])
 def test_split_heads_with_training_batchnorm_match_float64(monkeypatch, B, Nq, Nk, D):
     """12 heads with training BatchNorm: the split kernels take dM = a dN + e xhat + f as a per-head affine map of
@@ -254,12 +255,13 @@ def test_split_heads_with_training_batchnorm_match_float64(monkeypatch, B, Nq, N
 
     assert_same(out, ref, stats_t, stats_e, tensors, "batch-train", mix_bias_terms=terms)
     tail = 16 if D == 35 else 0
-    assert ("dq", True, tail, 1) in seen and ("dkdv", True, tail, 1) in seen, seen
+    assert ("dq", True, tail, 1) in seen and ("dkdv", D != 32, tail, 1) in seen, seen
 
 
 @pytest.mark.parametrize("B,Nq,Nk,D,bias", [
     (2, 33, 40, 35, True),   # rows and keys past a block; D padded to 48 = 32 + 16
     (1, 16, 17, 64, False),  # whole query blocks, a key past a block, no mixing bias
+    (1, 20, 17, 32, True),   # D = 32 (launch.splits_backward_heads)
 ])
 def test_split_heads_with_layer_norm_match_float64(monkeypatch, B, Nq, Nk, D, bias):
     """12 heads with LayerNorm across them: the split kernels recompute the centered map on both head groups'
@@ -341,22 +343,30 @@ def test_split_heads_with_fp16_products_within_twice_eager_error(monkeypatch, no
 
 def test_the_launch_rule_splits_the_backward_at_12_heads():
     """``launch.splits_backward_heads``: 12 heads, every norm (eval BatchNorm arrives folded as none), no mask or
-    dropout,
-    a padded head dim of 64 (at 32 the usual sweeps fit whole; at 128 the groups' accumulators alone would
-    take 96 registers), 16-bit inputs on a GPU; its tiles cover the whole head dim with one accumulator per
-    group, within the 64 registers a thread the usual rule allows two."""
-    def split(h=12, d=64, **kw):
+    dropout, 16-bit inputs on a GPU, a padded head dim of 64 (at 128 the groups' accumulators alone would take
+    96 registers); at 32, where the usual sweeps fit whole, LayerNorm's two kernels and training BatchNorm's dQ
+    kernel. Its tiles cover the whole head dim with one accumulator per group, within the 64 registers a thread
+    the usual rule allows two."""
+    def split(h=12, d=64, kernel="dq", **kw):
         args = dict(norm="none", masked=False, has_dropout=False, element_size=2, interpret=False)
         args.update(kw)
-        return splits_backward_heads(h, d, **args)
+        return splits_backward_heads(h, d, kernel=kernel, **args)
 
-    assert [split(h) for h in (3, 6, 11, 12, 13, 16, 24, 32)] == [False, False, False, True, False, False, False, False]
-    assert [split(d=d) for d in (16, 32, 48, 64, 80, 128)] == [False, False, True, True, False, False]
-    for kw in (dict(masked=True), dict(has_dropout=True), dict(element_size=4), dict(norm="batch", masked=True),
-               dict(norm="layer", has_dropout=True)):
-        assert not split(**kw), kw
-    assert split(element_size=8, interpret=True)
-    assert split(norm="batch") and split(norm="layer")  # training BatchNorm (eval arrives as "none", folded)
+    for kernel in ("dq", "dkdv"):
+        assert [split(h, kernel=kernel) for h in (3, 6, 11, 12, 13, 16, 24, 32)] == [
+            False, False, False, True, False, False, False, False]
+        assert [split(d=d, kernel=kernel) for d in (16, 32, 48, 64, 80, 128)] == [
+            False, False, True, True, False, False]
+        assert [split(d=d, kernel=kernel, norm="layer") for d in (16, 32, 48, 64, 80, 128)] == [
+            False, True, True, True, False, False]
+        assert [split(d=d, kernel=kernel, norm="batch") for d in (16, 32, 48, 64, 80, 128)] == [
+            False, kernel == "dq", True, True, False, False]
+        for kw in (dict(masked=True), dict(has_dropout=True), dict(element_size=4), dict(norm="batch", masked=True),
+                   dict(norm="layer", has_dropout=True)):
+            assert not split(kernel=kernel, **kw), kw
+        assert split(kernel=kernel, element_size=8, interpret=True)
+    with pytest.raises(ValueError, match="kernel must be 'dq' or 'dkdv'"):
+        split(kernel="forward")
     for kernel in ("dq", "dkdv"):
         cfg = backward_config(197, 197, 48, 12, interpret=False, kernel=kernel, variant="plain", split_heads=True)
         assert (cfg.HP, cfg.G, cfg.BLOCK_D) == (16, 1, 64)

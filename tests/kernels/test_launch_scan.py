@@ -45,7 +45,7 @@ def _splits_heads(row) -> bool:
     call = arguments(row["call"], row["variant"])
     return row["call"] == "backward" and launch.splits_backward_heads(
         int(row["h"]), int(row["d"]), norm=call["norm"], masked=call["mask"], has_dropout=call["dropout"],
-        element_size=2, interpret=False)
+        element_size=2, kernel=row["kernel"], interpret=False)
 
 
 def test_the_scan_covers_every_class_the_rules_distinguish(rows):
