@@ -16,8 +16,8 @@ Two kernels, as FlashAttention-2's backward, and no atomics:
   Y = sum_j P_ij K_j, and dQ = scale (X - delta Y) at the end; delta is stored for the second kernel.
 * ``_re_attention_bwd_dkdv_kernel``: per (batch element, key block), all heads, one sweep over the queries: dK,
   dV in registers; per program the [HP, HP] sums of dM P~^T (dW, dc) and the norm's, added up in float64.
-At 12 heads, no norm, mask or dropout, D padded to 64 (``launch.splits_backward_heads``): heads 0-7 and 8-11 as
-two products, one accumulator a group over the whole head dim, two sweeps each (docs/math.md, "12 heads ...").
+At 12 heads, no mask or dropout, D padded to 64 (``launch.splits_backward_heads``): heads 0-7 and 8-11 as two
+products, one accumulator a group over the whole head dim, two sweeps each, dM joined (docs/math.md, "12 heads").
 
 Training-mode BatchNorm couples every entry of a head through its batch statistics:
 dM_g = a_g dN_g + e_g xhat_g + f_g with a = gamma / std, e = -a mean(dN xhat), f = -a mean(dN)
