@@ -362,6 +362,51 @@ REATTN_DEVICE void mma_row_major(const uint32_t (&a)[4], const E* tile, int row,
   mma_row_major(reinterpret_cast<const uint32_t(&)[1][4]>(a), tile, row, lane, reinterpret_cast<float(&)[1][kN8][4]>(acc));
 }
 
+// acc[t][n] = A_t B_n, from zero, over the n8 tiles n of B, a [16 kSteps][8 kN8] tile of 16-bit values stored
+// column-major, [n][k] (`row` elements apart: the rows of K for B = K^T), read by ldmatrix without .trans: matrix
+// i = lane / 8 is (n8 tile n + i / 2, k half i % 2). A_t: m16n8k16 A fragments of kTiles 16-row tiles over the
+// kSteps k16 steps, each B load serving every tile. (q.k: the forward's rows, the statistics kernel's tiles.)
+// The pairs of n8 tiles below round_up(kN8, 2) are computed, the others left as they are. kNarrow: the last
+// step is its first 8 columns alone, m16n8k8 for n < kN8 (one ldmatrix.x4: kAccN8 <= 4), whose A is the k16
+// A's first two registers (rows gq and gq + 8, columns 2 tq and 2 tq + 1).
+template <typename E, int kTiles, int kSteps, int kN8, bool kNarrow, int kAccN8>
+REATTN_DEVICE void mma_col_major(const uint32_t (&a)[kTiles][kSteps][4], const E* tile, int row, int lane,
+                                 float (&acc)[kTiles][kAccN8][4]) {
+  static_assert((kN8 + 1) / 2 * 2 <= kAccN8, "the computed pairs of n8 tiles fit acc");
+  static_assert(!kNarrow || kAccN8 <= 4, "the narrow step's B: one ldmatrix.x4");
+  constexpr int kWideSteps = kNarrow ? kSteps - 1 : kSteps;
+  const int i = lane / 8;
+#pragma unroll
+  for (int n = 0; n < kN8; n += 2) {
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[t][n][e] = acc[t][n + 1][e] = 0.0f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < kWideSteps; ++kk) {
+      uint32_t b[4];
+      ldmatrix_x4(b, tile + ((n + i / 2) * 8 + lane % 8) * row + kk * 16 + (i % 2) * 8);
+      const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        mma_m16n8k16<E>(acc[t][n], a[t][kk], b0, acc[t][n]);
+        mma_m16n8k16<E>(acc[t][n + 1], a[t][kk], b1, acc[t][n + 1]);
+      }
+    }
+  }
+  if constexpr (kNarrow) {
+    uint32_t b[4];
+    ldmatrix_x4(b, tile + (i * 8 + lane % 8) * row + kWideSteps * 16);
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      const uint32_t a8[2] = {a[t][kWideSteps][0], a[t][kWideSteps][1]};
+#pragma unroll
+      for (int n = 0; n < kN8; ++n) mma_m16n8k8<E>(acc[t][n], a8, b[n], acc[t][n]);
+    }
+  }
+}
+
 // ---- asynchronous copies global -> shared -------------------------------------------------------
 // cp.async.cg.shared.global [dst], [src], 16, src_bytes: 16 bytes, the ones past src_bytes zero
 // (src_bytes = 0 fills zeros without reading). Both addresses 16-byte aligned. The copies of a

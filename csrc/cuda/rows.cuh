@@ -821,33 +821,10 @@ struct RowProgram {
   // for n < kN8 only).
   template <int kN8 = Cfg::kTileN8>
   REATTN_DEVICE void score_tile(int slot, int hl, const uint32_t (&qf)[Cfg::kKSteps][4], float (*s)[4]) const {
-    const E* tile = slot_tile(slot) + static_cast<size_t>(hl) * kKeyTile * kKRow;
-    const int i = lane / 8;
-    constexpr int kWideSteps = kNarrowTail ? Cfg::kKSteps - 1 : Cfg::kKSteps;
-#pragma unroll
-    for (int n = 0; n < kN8; n += 2) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] = s[n + 1][e] = 0.0f;
-#pragma unroll
-      for (int kk = 0; kk < kWideSteps; ++kk) {
-        // Matrices (n8 tile n + i / 2, k half i % 2) stored [key][d]: B = K^T without .trans.
-        uint32_t kb[4];
-        dev::ldmatrix_x4(kb, tile + ((n + i / 2) * 8 + lane % 8) * kKRow + kk * 16 + (i % 2) * 8);
-        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
-        dev::mma_m16n8k16<E>(s[n], qf[kk], b0, s[n]);
-        dev::mma_m16n8k16<E>(s[n + 1], qf[kk], b1, s[n + 1]);
-      }
-    }
-    if constexpr (kNarrowTail) {
-      // Matrices (n8 tile i, the step's first 8 columns): each tile's k8 B; the A of m16n8k8 is the
-      // k16 A's first two registers (rows gq and gq + 8, columns 2 tq and 2 tq + 1).
-      static_assert(Cfg::kTileN8 == 4, "one ldmatrix.x4 per K tile");
-      uint32_t kb[4];
-      dev::ldmatrix_x4(kb, tile + (i * 8 + lane % 8) * kKRow + kWideSteps * 16);
-      const uint32_t a8[2] = {qf[kWideSteps][0], qf[kWideSteps][1]};
-#pragma unroll
-      for (int n = 0; n < kN8; ++n) dev::mma_m16n8k8<E>(s[n], a8, kb[n], s[n]);
-    }
+    dev::mma_col_major<E, 1, Cfg::kKSteps, kN8, kNarrowTail>(
+        reinterpret_cast<const uint32_t(&)[1][Cfg::kKSteps][4]>(qf),
+        slot_tile(slot) + static_cast<size_t>(hl) * kKeyTile * kKRow, kKRow, lane,
+        *reinterpret_cast<float(*)[1][Cfg::kTileN8][4]>(s));
   }
 
   // S = scale q.k (+ mask) of one entry, -inf where masked or past Nq / Nk; sets *masked.

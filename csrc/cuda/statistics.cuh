@@ -38,7 +38,6 @@ struct StatisticsConfig {
   static constexpr StatisticsShape shape() { return StatisticsShape{kWarps, kTiles, kD, kNarrow}; }
   static constexpr int kThreads = 32 * kWarps, kRows = 16 * kTiles * kWarps;
   static constexpr int kKSteps = kD / 16;
-  static constexpr int kWideSteps = kNarrow ? kKSteps - 1 : kKSteps;  // k16 steps over 16 columns
   static constexpr int kTileN8 = kKeyTile / 8;
   static_assert(kD % 16 == 0 && (!kNarrow || kD % 32 == 16), "tile shape");
 };
@@ -53,7 +52,6 @@ struct StatisticsProgram {
   int lane, warp, gq, tq;  // gq = lane / 4 (fragment row), tq = lane % 4
   int64_t b;
   int h, m0, Nq, Nk, D;
-  const char* keys;  // row 0 of head h of batch element b of k
   int issued = 0;
   // The K copies' per-thread parts, formed once: thread t copies the 16-byte chunks t / 32 + kChunkLanes j
   // (j < kCopies) of tile row copy_row = t % 32, those that hold some of D's columns (copy_ok).
@@ -80,7 +78,9 @@ struct StatisticsProgram {
     m0 = static_cast<int>(dev::block_index_x() - bh * blocks_m) * Cfg::kRows;
     b = bh / p.H;
     h = static_cast<int>(bh - b * p.H);
-    keys = static_cast<const char*>(p.k) + (b * p.k_st.b + h * p.k_st.h) * static_cast<int64_t>(sizeof(E));
+    // Row 0 of head h of batch element b of k.
+    const char* keys =
+        static_cast<const char*>(p.k) + (b * p.k_st.b + h * p.k_st.h) * static_cast<int64_t>(sizeof(E));
     row_bytes = p.k_st.n * static_cast<int64_t>(sizeof(E));
     copy_row = tid % kKeyTile;
     const int chunks = (D + 7) / 8;
@@ -144,49 +144,13 @@ struct StatisticsProgram {
   }
 
   // s[t][n] = q k^T of m16 tile t and the 4 n8 tiles of the K tile in `slot`: each B fragment loaded once for
-  // the warp's kTiles m16 tiles. kN8 < kTileN8 (a tile whose keys all lie in its first kN8 n8 tiles): the pairs
-  // of n8 tiles below round_up(kN8, 2) are computed (the narrow tail's last step for n < kN8 only), the others
-  // left zero.
+  // the warp's kTiles m16 tiles (dev::mma_col_major). kN8 < kTileN8 (a tile whose keys all lie in its first kN8
+  // n8 tiles): the pairs of n8 tiles below round_up(kN8, 2) are computed (the narrow tail's last step for
+  // n < kN8 only), the others left unset.
   template <int kN8 = Cfg::kTileN8>
   REATTN_DEVICE void score_tile(int slot, const uint32_t (&qf)[Cfg::kTiles][Cfg::kKSteps][4],
                                 float (&s)[Cfg::kTiles][Cfg::kTileN8][4]) const {
-    const E* tile = slot_tile(slot);
-    const int i = lane / 8;
-#pragma unroll
-    for (int t = 0; t < Cfg::kTiles; ++t) {
-#pragma unroll
-      for (int n = 0; n < Cfg::kTileN8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[t][n][e] = 0.0f;
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < kN8; n += 2) {
-#pragma unroll
-      for (int kk = 0; kk < Cfg::kWideSteps; ++kk) {
-        // Matrices (n8 tile n + i / 2, k half i % 2) stored [key][d]: B = K^T without .trans.
-        uint32_t kb[4];
-        dev::ldmatrix_x4(kb, tile + ((n + i / 2) * 8 + lane % 8) * kRow + kk * 16 + (i % 2) * 8);
-        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
-#pragma unroll
-        for (int t = 0; t < Cfg::kTiles; ++t) {
-          dev::mma_m16n8k16<E>(s[t][n], qf[t][kk], b0, s[t][n]);
-          dev::mma_m16n8k16<E>(s[t][n + 1], qf[t][kk], b1, s[t][n + 1]);
-        }
-      }
-    }
-    if constexpr (Cfg::kNarrow) {
-      // Matrices (n8 tile i, the last step's first 8 columns): each tile's k8 B; the A of m16n8k8 is the k16
-      // A's first two registers.
-      uint32_t kb[4];
-      dev::ldmatrix_x4(kb, tile + (i * 8 + lane % 8) * kRow + Cfg::kWideSteps * 16);
-#pragma unroll
-      for (int t = 0; t < Cfg::kTiles; ++t) {
-        const uint32_t a8[2] = {qf[t][Cfg::kWideSteps][0], qf[t][Cfg::kWideSteps][1]};
-#pragma unroll
-        for (int n = 0; n < kN8; ++n) dev::mma_m16n8k8<E>(s[t][n], a8, kb[n], s[t][n]);
-      }
-    }
+    dev::mma_col_major<E, Cfg::kTiles, Cfg::kKSteps, kN8, Cfg::kNarrow>(qf, slot_tile(slot), kRow, lane, s);
   }
 
   REATTN_DEVICE void run() {
