@@ -235,6 +235,7 @@ def test_split_heads_gradients_match_float64(monkeypatch, B, H, Nq, Nk, D, bias)
     (2, 33, 40, 35),  # rows and keys past a block (outside the batch statistics); D padded to 48 = 32 + 16
     (1, 16, 17, 64),  # whole query blocks, a key past a block
     (2, 17, 20, 32),  # D = 32: the split dQ sweep, the usual dK/dV one (launch.splits_backward_heads)
+    (2, 1, 1, 64),    # N = 1: every entry of a head is one map value per batch element
 ])
 def test_split_heads_with_training_batchnorm_match_float64(monkeypatch, B, Nq, Nk, D):
     """12 heads with training BatchNorm: the split kernels take dM = a dN + e xhat + f as a per-head affine map of
@@ -262,6 +263,7 @@ def test_split_heads_with_training_batchnorm_match_float64(monkeypatch, B, Nq, N
     (2, 33, 40, 35, True),   # rows and keys past a block; D padded to 48 = 32 + 16
     (1, 16, 17, 64, False),  # whole query blocks, a key past a block, no mixing bias
     (1, 20, 17, 32, True),   # D = 32 (launch.splits_backward_heads)
+    (3, 7, 1, 48, True),     # one key: P = 1, the map constant over the keys
 ])
 def test_split_heads_with_layer_norm_match_float64(monkeypatch, B, Nq, Nk, D, bias):
     """12 heads with LayerNorm across them: the split kernels recompute the centered map on both head groups'
@@ -271,7 +273,7 @@ def test_split_heads_with_layer_norm_match_float64(monkeypatch, B, Nq, Nk, D, bi
     seen = _split_spy(monkeypatch)
     got, expected = gradients(problem(B, 12, Nq, Nk, D, seed=3), "layer", bias=bias)
     assert_close(got, expected, rtol=1e-10)
-    tail = 16 if D == 35 else 0
+    tail = 16 if D in (35, 48) else 0
     assert seen == [("dq", True, tail, 1), ("dkdv", True, tail, 1)]
 
 
