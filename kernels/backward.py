@@ -359,9 +359,9 @@ def _split_norm_grad(dn_a, dn_b, pa, pb, w_mix, c_mix, n_dn, n_map, n_const, kep
 
 @triton.jit
 def _split_dq_block(xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb,
-                    rows_a, rows_b, ok_a, ok_b, start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab,
-                    t_ba, t_bb, w_mix, w_t, c_mix, n_dn, n_map, n_const, H, eps, scale2, stride_kh, stride_kn,
-                    stride_kd, stride_vh, stride_vn, stride_vd, HP: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                    rows_a, rows_b, ok_a, ok_b, start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba,
+                    t_bb, w_mix, w_t, c_mix, n_dn, n_map, n_const, H, eps, scale2, stride_kh, stride_kn, stride_kd,
+                    stride_vh, stride_vn, stride_vd, HP: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, D_TAIL: tl.constexpr, KEYS_PADDED: tl.constexpr, EVEN_D: tl.constexpr,
                     NORM: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, CORRECTION: tl.constexpr):
@@ -426,12 +426,12 @@ def _split_dq_block(xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, d
 
 @triton.jit
 def _split_dq_sweep(Qb, Kb, Vb, DOb, DQb, DELTAb, STATSb, w_slots, out_scale, w_map, c_map, n_dn, n_map, n_const,
-                    eps, b, row0, H, N_Q, N_K, D, scale2, dq_scale, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
-                    stride_vh, stride_vn, stride_vd, stride_doh, stride_dom, stride_dod, stride_dqh, stride_dqm,
-                    stride_dqd, stride_sp, stride_sh, stride_sm, HP: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_TAIL: tl.constexpr, EVEN_D: tl.constexpr,
-                    NORM: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    eps, b, row0, H, N_Q, N_K, D, scale2, dq_scale, stride_qh, stride_qm, stride_qd, stride_kh,
+                    stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_doh, stride_dom, stride_dod,
+                    stride_dqh, stride_dqm, stride_dqd, stride_sp, stride_sh, stride_sm, HP: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_TAIL: tl.constexpr,
+                    EVEN_D: tl.constexpr, NORM: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
+                    LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dQ and delta for H = 3 HP / 4 heads without padding slots (the forward's ``_split_sweep`` layout: heads
     0..HA-1 and HA..HA+HB-1 as two batched products, their maps stacked for the mixing; docs/math.md).
 
@@ -470,15 +470,15 @@ def _split_dq_sweep(Qb, Kb, Vb, DOb, DQb, DELTAb, STATSb, w_slots, out_scale, w_
         for start_n in range(0, n_full, BLOCK_N):
             xa, xb, xat, xbt, delta_a, delta_b = _split_dq_block(
                 xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb, rows_a,
-                rows_b, ok_a, ok_b, start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb,
-                w_mix, w_t, c_map, n_dn, n_map, n_const, H, eps, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
+                rows_b, ok_a, ok_b, start_n, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb, w_mix,
+                w_t, c_map, n_dn, n_map, n_const, H, eps, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
                 stride_vd, HP, Q, BLOCK_M, BLOCK_N, D_TAIL, False, EVEN_D, NORM, CDT, DOT_LOWP, LOWP_DTYPE,
                 DOT_PRECISION, sweep == 1)
         if n_full < N_K:
             xa, xb, xat, xbt, delta_a, delta_b = _split_dq_block(
                 xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, dob, doat, dobt, Kb, Vb, b, ha, hb, rows_a,
-                rows_b, ok_a, ok_b, n_full, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb,
-                w_mix, w_t, c_map, n_dn, n_map, n_const, H, eps, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
+                rows_b, ok_a, ok_b, n_full, N_K, D, offs_d, offs_t, m2a, l2a, m2b, l2b, t_aa, t_ab, t_ba, t_bb, w_mix,
+                w_t, c_map, n_dn, n_map, n_const, H, eps, scale2, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
                 stride_vd, HP, Q, BLOCK_M, BLOCK_N, D_TAIL, True, EVEN_D, NORM, CDT, DOT_LOWP, LOWP_DTYPE,
                 DOT_PRECISION, sweep == 1)
     _split_store_groups(DQb, xa, xb, xat, xbt, dq_scale, ha, hb, rows_a, rows_b, ok_a, ok_b, offs_d, offs_t, D,
@@ -844,12 +844,12 @@ def _split_dv_block(dva, dvb, dvat, dvbt, ka, kb, kat, kbt, Qb, DOb, STATSb, b, 
 
 @triton.jit
 def _split_dk_block(dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, va, vb, vat, vbt, Qb, DOb, STATSb,
-                    DELTAb, b, ha, hb, keys_a, keys_b, key0, start_m, H, N_Q, N_K, D, offs_d, offs_t, w_t, w_mix,
-                    c_mix, n_dn, n_map, n_const, eps, dnw, dnb, scale2, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
-                    stride_sp, stride_sh, stride_sm, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    D_TAIL: tl.constexpr, ROWS_PADDED: tl.constexpr, EVEN_D: tl.constexpr, HAS_MIX_BIAS: tl.constexpr,
-                    NORM: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    DELTAb, b, ha, hb, keys_a, keys_b, key0, start_m, H, N_Q, N_K, D, offs_d, offs_t, w_t, w_mix, c_mix,
+                    n_dn, n_map, n_const, eps, dnw, dnb, scale2, stride_qh, stride_qm, stride_qd, stride_doh,
+                    stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, D_TAIL: tl.constexpr, ROWS_PADDED: tl.constexpr, EVEN_D: tl.constexpr,
+                    HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
+                    LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One query block of ``_split_dkdv_sweep``'s second sweep: dS^T = P^T (dP^T - delta) and dK += dS^T q per head
     group; and the parameter sums, dW[g, h] / tau = sum of (V dO^T)_g P_h over the entries and dc / tau = sum of
     (V dO^T)_g.
@@ -909,13 +909,13 @@ def _split_dk_block(dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, 
 
 @triton.jit
 def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots, w_map, c_map, w_values, c_values,
-                      a_gamma, a_beta, out_scale, n_dn, n_map, n_const, eps, dk_scale, b, key0, H, N_Q, N_K, D, scale2, stride_qh, stride_qm, stride_qd,
-                      stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_doh, stride_dom,
-                      stride_dod, stride_dkh, stride_dkn, stride_dkd, stride_dvh, stride_dvn, stride_dvd, stride_sp,
-                      stride_sh, stride_sm, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, D_TAIL: tl.constexpr, EVEN_D: tl.constexpr, HAS_MIX_BIAS: tl.constexpr,
-                      NORM: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
+                      a_gamma, a_beta, out_scale, n_dn, n_map, n_const, eps, dk_scale, b, key0, H, N_Q, N_K, D, scale2,
+                      stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+                      stride_doh, stride_dom, stride_dod, stride_dkh, stride_dkn, stride_dkd, stride_dvh, stride_dvn,
+                      stride_dvd, stride_sp, stride_sh, stride_sm, HP: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_TAIL: tl.constexpr, EVEN_D: tl.constexpr,
+                      HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr,
+                      LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dK, dV and the parameter sums of one key block for H = 3 HP / 4 heads without padding slots (the layout of
     ``_split_dq_sweep``, keys first: tiles [S, BLOCK_N keys, BLOCK_M queries]).
 
@@ -982,16 +982,16 @@ def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots
         dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, dnw, dnb = _split_dk_block(
             dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, va, vb, vat, vbt, Qb, DOb, STATSb, DELTAb, b,
             ha, hb, keys_a, keys_b, key0, start_m, H, N_Q, N_K, D, offs_d, offs_t, w_t, w_mix, c_map, n_dn, n_map,
-            n_const, eps, dnw, dnb, scale2, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh,
-            stride_sm, HP, BLOCK_M, BLOCK_N, D_TAIL, False, EVEN_D, HAS_MIX_BIAS, NORM, CDT, DOT_LOWP, LOWP_DTYPE,
-            DOT_PRECISION)
+            n_const, eps, dnw, dnb, scale2, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+            stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, D_TAIL, False, EVEN_D, HAS_MIX_BIAS, NORM, CDT,
+            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     if m_full < N_Q:
         dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, dnw, dnb = _split_dk_block(
             dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, va, vb, vat, vbt, Qb, DOb, STATSb, DELTAb, b,
             ha, hb, keys_a, keys_b, key0, m_full, H, N_Q, N_K, D, offs_d, offs_t, w_t, w_mix, c_map, n_dn, n_map,
-            n_const, eps, dnw, dnb, scale2, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_sp, stride_sh,
-            stride_sm, HP, BLOCK_M, BLOCK_N, D_TAIL, True, EVEN_D, HAS_MIX_BIAS, NORM, CDT, DOT_LOWP, LOWP_DTYPE,
-            DOT_PRECISION)
+            n_const, eps, dnw, dnb, scale2, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+            stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, D_TAIL, True, EVEN_D, HAS_MIX_BIAS, NORM, CDT,
+            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     _split_store_groups(DKb, dka, dkb, dkat, dkbt, dk_scale, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D,
                         stride_dkh, stride_dkn, stride_dkd, D_TAIL)
     # The program's parts (``_reduce_parts``): dW_slots [HP, HP] (0 past the 12 heads), per-slot dgamma, dbeta
@@ -1064,11 +1064,11 @@ def _re_attention_bwd_dkdv_kernel(
                           DK + b * stride_dkb, DV + b * stride_dvb, DELTA + b * H * N_Q, STATS + b * stride_sb,
                           PARTS + pid.to(tl.int64) * (HP * HP + 3 * HP), w_slots, w_map, c_map, w_values, c_values,
                           a_gamma, a_beta, out_scale, n_dn, n_map, n_const, eps, scale2 * 0.6931471805599453, b,
-                          (pid % NUM_PROGRAMS_N) * BLOCK_N, H, N_Q, N_K, D, scale2, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
-                          stride_vh, stride_vn, stride_vd, stride_doh, stride_dom, stride_dod, stride_dkh, stride_dkn,
-                          stride_dkd, stride_dvh, stride_dvn, stride_dvd, stride_sp, stride_sh, stride_sm, HP, BLOCK_M,
-                          BLOCK_N, BLOCK_D, D_TAIL, EVEN_D, HAS_MIX_BIAS, NORM, CDT, DOT_LOWP, Q.dtype.element_ty,
-                          DOT_PRECISION)
+                          (pid % NUM_PROGRAMS_N) * BLOCK_N, H, N_Q, N_K, D, scale2, stride_qh, stride_qm, stride_qd,
+                          stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_doh, stride_dom,
+                          stride_dod, stride_dkh, stride_dkn, stride_dkd, stride_dvh, stride_dvn, stride_dvd, stride_sp,
+                          stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_TAIL, EVEN_D, HAS_MIX_BIAS, NORM, CDT,
+                          DOT_LOWP, Q.dtype.element_ty, DOT_PRECISION)
         return
     # Slots over keys: slot s is head s % H of key group s // H (kernels/common.py).
     head, slot_ok, keys, keys_ok = _slot_rows((pid % NUM_PROGRAMS_N) * (G * BLOCK_N), H, N_K, HP, G, BLOCK_N)
