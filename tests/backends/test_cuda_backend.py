@@ -413,9 +413,9 @@ def test_segmented_plain_forward_takes_the_statistics_kernel(shape, dtype):
     # Plain problems over several key segments of more than 224 keys: the statistics kernel (csrc/cuda/statistics.cuh:
     # one head, 128 query rows a program) writes the row statistics first and the forward's programs read them
     # (rows.cuh load_statistics); at 224 keys or fewer the programs sweep them themselves (row_configs.h
-    # kStatisticsKernelKeys), the same checks. Against float64: m = max_j scale q.k from fp32 sums of exact bf16 products (|error| <= D 2^-24
-    # scale max_j |q| . |k|, as rounded sums go), log l from exp2.approx (2^-22 relative) summed in fp32 over Nk
-    # keys; bitwise the same in every warp order.
+    # kStatisticsKernelKeys), the same checks. Against float64: m = max_j scale q.k from fp32 sums of exact bf16
+    # products (|error| <= D 2^-24 scale max_j |q| . |k|, as rounded sums go), log l from exp2.approx (2^-22
+    # relative) summed in fp32 over Nk keys; bitwise the same in every warp order.
     B, H, Nq, Nk, D = shape
     q, k, v, w, c, _, _, _ = tensors(B, H, Nq, Nk, D, seed=4)
     q, k, v = (t.to(dtype) for t in (q, k, v))
