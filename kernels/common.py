@@ -402,18 +402,28 @@ def _mix(w_slots, x, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
     stacked as 16 rows, mixed by the block diagonal [[W, 0], [0, W]]; so do 32-bit products at HP = 8
     where Triton asks K >= 16 of them (``K8_DOTS``).
     """
-    E: tl.constexpr = BLOCK_M * BLOCK_N
     if HP == 8 and (DOT_LOWP or not K8_DOTS):
-        w2 = tl.reshape(tl.permute(tl.join(tl.join(w_slots, tl.zeros_like(w_slots)),
-                                           tl.join(tl.zeros_like(w_slots), w_slots)), (2, 0, 3, 1)), (16, 16))
-        x2 = tl.reshape(tl.permute(tl.reshape(x, (HP, 2, E // 2)), (1, 0, 2)), (16, E // 2))
-        out2 = _mm(w2, x2, tl.zeros([16, E // 2], CDT), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
-        out = tl.reshape(tl.permute(tl.reshape(out2, (2, HP, E // 2)), (1, 0, 2)), (HP, BLOCK_M, BLOCK_N))
+        out = _mix_halves(w_slots, w_slots, x, HP, BLOCK_M, BLOCK_N, CDT, DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
     else:
+        E: tl.constexpr = BLOCK_M * BLOCK_N
         flat = tl.reshape(x, (HP, E))
         out = tl.reshape(_mm(w_slots, flat, tl.zeros([HP, E], CDT), DOT_LOWP, MIX_DTYPE, DOT_PRECISION),
                          (HP, BLOCK_M, BLOCK_N))
     return out
+
+
+@triton.jit
+def _mix_halves(w_first, w_second, x, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CDT: tl.constexpr, DOT_LOWP: tl.constexpr, MIX_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``_mix``'s K = 16 form at HP = 8: x's entries [HP, BLOCK_M, BLOCK_N] in two halves (query rows below and
+    from BLOCK_M / 2) stacked as 16 rows and mixed by the block diagonal [[w_first, 0], [0, w_second]]; the
+    forward's value sums give the second half weights of their own (``forward._value_sums_weights``)."""
+    E: tl.constexpr = BLOCK_M * BLOCK_N
+    w2 = tl.reshape(tl.permute(tl.join(tl.join(w_first, tl.zeros_like(w_first)),
+                                       tl.join(tl.zeros_like(w_second), w_second)), (2, 0, 3, 1)), (16, 16))
+    x2 = tl.reshape(tl.permute(tl.reshape(x, (HP, 2, E // 2)), (1, 0, 2)), (16, E // 2))
+    out2 = _mm(w2, x2, tl.zeros([16, E // 2], CDT), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
+    return tl.reshape(tl.permute(tl.reshape(out2, (2, HP, E // 2)), (1, 0, 2)), (HP, BLOCK_M, BLOCK_N))
 
 
 @triton.jit

@@ -36,10 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, NORM_BATCH, NORM_LAYER, NORM_NONE,
+from .common import (K8_DOTS, LOG2E, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, NORM_BATCH, NORM_LAYER, NORM_NONE,
                      _center_across_heads, _group_mean, _layer_norm, _load_keys, _load_row_stats, _load_rows, _mix,
-                     _mm, _probs, _product_result, _row_stats, _scores, _scores_product, _slot_params, _slot_rows,
-                     _store_row_stats)
+                     _mix_halves, _mm, _probs, _product_result, _row_stats, _scores, _scores_product, _slot_params,
+                     _slot_rows, _store_row_stats)
 from .launch import (MAX_HEADS, TileConfig, device_shared_limit, forward_config, head_dim_tail, interpreting,
                      run_on_device, softmax_stats_config, splits_softmax_stats, variant_of)
 
@@ -67,15 +67,16 @@ def _moment_sums(x, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 @triton.jit
 def _forward_block(acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2,
-                   w_slots, c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh,
-                   stride_mm, stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh,
-                   stride_vn, stride_vd, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   w_slots, w_second, c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb,
+                   stride_mh, stride_mm, stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
+                   stride_vh, stride_vn, stride_vd, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, NORM: tl.constexpr, MASK_KIND: tl.constexpr,
                    KEYS_PADDED: tl.constexpr, EVEN_D: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr,
-                   MOMENTS: tl.constexpr, MOMENT_PAIRS: tl.constexpr, CDT: tl.constexpr,
+                   MOMENTS: tl.constexpr, MOMENT_PAIRS: tl.constexpr, U_ROW: tl.constexpr, CDT: tl.constexpr,
                    DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr):
-    """One key block of the second sweep: exact P, dropout, mix, normalize, O += A V (and the moments)."""
+    """One key block of the second sweep: exact P, dropout, mix, normalize, O += A V (and the moments). With
+    U_ROW the rows from BLOCK_M / 2 on are mixed by w_second (``_value_sums_weights``)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     qk = _scores_product(q, Qb, Kb, head, rows, rows_ok, offs_n, N_K, D, stride_qh, stride_qm, stride_qd,
                          stride_kh, stride_kn, stride_kd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
@@ -86,7 +87,10 @@ def _forward_block(acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_
     t2, kept = _scores(qk, m2[:, :, None], b, head3, rows3, rows_ok[:, :, None], keys3, N_K, scale2, MASK, stride_mb,
                        stride_mh, stride_mm, stride_mn, CDT, MASK_KIND, KEYS_PADDED)
     _, p_tilde, _ = _probs(t2, l2[:, :, None], b, H, head3, rows3, start_n, seed, dropout_p, CDT, HAS_DROPOUT, False)
-    a = _mix(w_slots, p_tilde, HP, BLOCK_M, BLOCK_N, CDT, DOT_LOWP, tl.float16, DOT_PRECISION)
+    if U_ROW:
+        a = _mix_halves(w_slots, w_second, p_tilde, HP, BLOCK_M, BLOCK_N, CDT, DOT_LOWP, tl.float16, DOT_PRECISION)
+    else:
+        a = _mix(w_slots, p_tilde, HP, BLOCK_M, BLOCK_N, CDT, DOT_LOWP, tl.float16, DOT_PRECISION)
     if not BIAS_SLOT:
         a = a + c[:, None, None]
     if NORM == 1:
@@ -333,13 +337,18 @@ def _unstack(y, S: tl.constexpr, E: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.c
 
 
 @triton.jit
-def _split_weights(w_slots, c, HP: tl.constexpr, Q: tl.constexpr, DOT_LOWP: tl.constexpr, CDT: tl.constexpr):
+def _split_weights(w_slots, c, HP: tl.constexpr, Q: tl.constexpr, DOT_LOWP: tl.constexpr, CDT: tl.constexpr,
+                   u_rows=False):
     """The mixing of ``_split_sweep``'s products from w_slots [HP, HP] and c [HP] (``_slot_params``).
 
     With HA = HP / 2 and HB = HP / 4 heads in the two products, row (g, q) of the stacked map mixes
     rows (h, q) of the stacked probabilities: weights W[G1, G2] (x) I_Q for the head groups (G1, G2) in
     (A, A) [HA Q, HA Q], (A, B) [HA Q, HB Q], (B, A) and (B, B), and the biases c, each repeated Q times
     ([HA Q], [HB Q]), that start each product's accumulator.
+
+    u_rows (the forward's value sums, ``_split_sweep``): rows (g, Q - 1) take weights 0 and bias 1, so the stacked
+    rows that hold the block's last BLOCK_M / Q query rows mix to A = 1 and their O is U = sum_j V_j
+    (``_store_value_sums``). Set on the [R Q, K Q] weights before they are held in registers.
     """
     HA: tl.constexpr = HP // 2
     HB: tl.constexpr = HP // 4
@@ -350,12 +359,18 @@ def _split_weights(w_slots, c, HP: tl.constexpr, Q: tl.constexpr, DOT_LOWP: tl.c
     w_ba, _ = _halves(w_ba, HA, HA, 0)
     w_bb, _ = _halves(w_bb, HA, HA, 0)
     w_bb, _ = _halves(w_bb, HB, HA, 1)
-    w_aa = _register_operand(_block_diag(w_aa, HA, HA, Q), HA * Q, HA * Q, DOT_LOWP, CDT)
-    w_ab = _register_operand(_block_diag(w_ab, HA, HB, Q), HA * Q, HB * Q, DOT_LOWP, CDT)
-    w_ba = _register_operand(_block_diag(w_ba, HB, HA, Q), HB * Q, HA * Q, DOT_LOWP, CDT)
-    w_bb = _register_operand(_block_diag(w_bb, HB, HB, Q), HB * Q, HB * Q, DOT_LOWP, CDT)
+    last_a = ((tl.arange(0, HA * Q) % Q) == Q - 1) & u_rows
+    last_b = ((tl.arange(0, HB * Q) % Q) == Q - 1) & u_rows
+    w_aa = _register_operand(tl.where(last_a[:, None], 0.0, _block_diag(w_aa, HA, HA, Q)), HA * Q, HA * Q, DOT_LOWP,
+                             CDT)
+    w_ab = _register_operand(tl.where(last_a[:, None], 0.0, _block_diag(w_ab, HA, HB, Q)), HA * Q, HB * Q, DOT_LOWP,
+                             CDT)
+    w_ba = _register_operand(tl.where(last_b[:, None], 0.0, _block_diag(w_ba, HB, HA, Q)), HB * Q, HA * Q, DOT_LOWP,
+                             CDT)
+    w_bb = _register_operand(tl.where(last_b[:, None], 0.0, _block_diag(w_bb, HB, HB, Q)), HB * Q, HB * Q, DOT_LOWP,
+                             CDT)
     c_a, c_b = _split_vector(c, HP, Q)
-    return w_aa, w_ab, w_ba, w_bb, c_a, c_b
+    return w_aa, w_ab, w_ba, w_bb, tl.where(last_a, 1.0, c_a), tl.where(last_b, 1.0, c_b)
 
 
 @triton.jit
@@ -556,12 +571,31 @@ def _split_store(Ob, acc, heads, rows, rows_ok, offs_d, D, stride_oh, stride_om,
 
 
 @triton.jit
-def _split_sweep(Qb, Kb, Vb, Ob, STATSb, MOMp, w_slots, c, gamma, beta, eps, b, row0, N_Q, N_K, D, D_Q, scale2,
+def _value_sums_weights(w_slots, on, H, HP: tl.constexpr):
+    """w_slots, or where ``on`` the weights that mix every slot to P~ of slot H, the mixing bias's slot (8 slots,
+    one row group, BIAS_SLOT), whose P~ is 1 at every kept key: rows mixed so get A = 1, so O = sum_j V_j = U
+    there (``_store_value_sums``). The last program mixes its rows past N_Q so (``_mix_halves``'s second half)."""
+    onehot = tl.where(tl.arange(0, HP)[None, :] == H, 1.0, tl.zeros_like(w_slots))
+    return tl.where(on, onehot, w_slots)
+
+
+@triton.jit
+def _store_value_sums(Ub, acc, heads, heads_ok, ROW: tl.constexpr, BLOCK_M: tl.constexpr, offs_d, D_Q):
+    """U = sum_j V_j of the heads ``heads`` (where heads_ok) at Ub, one batch element of a contiguous
+    [B, H, 1, D_Q] tensor in the accumulation dtype: the block's row ROW of O's accumulator acc [S, BLOCK_M,
+    width], a row past N_Q whose A was 1 at every key (``_value_sums_weights``, ``_split_weights``' u_rows)."""
+    u = tl.sum(tl.where((tl.arange(0, BLOCK_M) == ROW)[None, :, None], acc, 0.0), axis=1)
+    tl.store(Ub + (heads * D_Q)[:, None] + offs_d[None, :], u, mask=heads_ok[:, None] & (offs_d < D_Q)[None, :])
+
+
+@triton.jit
+def _split_sweep(Qb, Kb, Vb, Ob, STATSb, MOMp, Ub, w_slots, c, gamma, beta, eps, b, row0, N_Q, N_K, D, D_Q, scale2,
                  stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
                  stride_oh, stride_om, stride_od, stride_sp, stride_sh, stride_sm,
-                 LAYER: tl.constexpr, MOMENTS: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, D_TAIL: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr,
-                 DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 LAYER: tl.constexpr, MOMENTS: tl.constexpr, U_ROW: tl.constexpr, HP: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_TAIL: tl.constexpr,
+                 EVEN_D: tl.constexpr, CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
     """The second sweep (statistics given) for H = 3 HP / 4 heads without padding slots.
 
     At H = 12 (HP = 16) the usual sweep computes four padding slots' q.k, exponentials and A V and stages
@@ -622,7 +656,10 @@ def _split_sweep(Qb, Kb, Vb, Ob, STATSb, MOMp, w_slots, c, gamma, beta, eps, b, 
         m2b = m2b + l2b
         l2a = tl.zeros_like(l2a)
         l2b = tl.zeros_like(l2b)
-    w_aa, w_ab, w_ba, w_bb, c_a, c_b = _split_weights(w_slots, c, HP, Q, DOT_LOWP, CDT)
+    # U_ROW: in the last program, whose rows from U_FIRST on are all past N_Q, those rows mix to A = 1
+    U_FIRST: tl.constexpr = BLOCK_M - BLOCK_M // Q
+    w_aa, w_ab, w_ba, w_bb, c_a, c_b = _split_weights(w_slots, c, HP, Q, DOT_LOWP, CDT,
+                                                      U_ROW and row0 + U_FIRST >= N_Q)
     g_a, g_b = _split_vector(gamma, HP, Q)
     e_a, e_b = _split_vector(beta, HP, Q)
     acc_a = tl.zeros([HA, BLOCK_M, D_MAIN], CDT)
@@ -652,11 +689,18 @@ def _split_sweep(Qb, Kb, Vb, Ob, STATSb, MOMp, w_slots, c, gamma, beta, eps, b, 
     if D_TAIL > 0:
         _split_store(Ob, acc_at, ha, rows_a, ok_a, offs_t, D_Q, stride_oh, stride_om, stride_od)
         _split_store(Ob, acc_bt, hb, rows_b, ok_b, offs_t, D_Q, stride_oh, stride_om, stride_od)
+    if U_ROW:
+        if row0 + U_FIRST >= N_Q:
+            _store_value_sums(Ub, acc_a, ha, ha >= 0, U_FIRST, BLOCK_M, offs_d, D_Q)
+            _store_value_sums(Ub, acc_b, hb, hb >= 0, U_FIRST, BLOCK_M, offs_d, D_Q)
+            if D_TAIL > 0:
+                _store_value_sums(Ub, acc_at, ha, ha >= 0, U_FIRST, BLOCK_M, offs_t, D_Q)
+                _store_value_sums(Ub, acc_bt, hb, hb >= 0, U_FIRST, BLOCK_M, offs_t, D_Q)
 
 
 @triton.jit
 def _re_attention_fwd_kernel(
-    Q, K, V, W, C, NW, NB, BN, RV, MASK, SEED, O, STATS, MOM,
+    Q, K, V, W, C, NW, NB, BN, RV, MASK, SEED, O, STATS, MOM, USUM,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -672,7 +716,7 @@ def _re_attention_fwd_kernel(
     HAS_NORM_WEIGHT: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     STATS_GIVEN: tl.constexpr, MOMENTS: tl.constexpr, EVEN_D: tl.constexpr, CDT: tl.constexpr,
     DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr, SPLIT_HEADS: tl.constexpr,
-    D_TAIL: tl.constexpr,
+    D_TAIL: tl.constexpr, U_ROW: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // NUM_PROGRAMS_M).to(tl.int64)
@@ -733,13 +777,19 @@ def _re_attention_fwd_kernel(
         w_slots, c = _center_across_heads(w_slots, c, W, C, head, slot_ok, H, stride_wg, stride_wh, stride_c, HP, G,
                                           CDT, HAS_MIX_BIAS, BIAS_SLOT)
     if SPLIT_HEADS:  # 12 heads, statistics given, no mask or dropout (TileConfig.splits_heads)
-        _split_sweep(Qb, Kb, Vb, O + b * stride_ob, STATSb, MOM + (pid.to(tl.int64) * 2) * HP, w_slots, c, gamma,
-                     beta, eps, b, (pid % NUM_PROGRAMS_M) * BLOCK_M, N_Q, N_K, D, D_Q, scale2, stride_qh, stride_qm,
-                     stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_oh,
-                     stride_om, stride_od, stride_sp, stride_sh, stride_sm, NORM == 1, MOMENTS, HP, BLOCK_M, BLOCK_N,
-                     BLOCK_D, D_TAIL, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+        _split_sweep(Qb, Kb, Vb, O + b * stride_ob, STATSb, MOM + (pid.to(tl.int64) * 2) * HP, USUM + b * H * D_Q,
+                     w_slots, c, gamma, beta, eps, b, (pid % NUM_PROGRAMS_M) * BLOCK_M, N_Q, N_K, D, D_Q, scale2,
+                     stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
+                     stride_oh, stride_om, stride_od, stride_sp, stride_sh, stride_sm, NORM == 1, MOMENTS, U_ROW, HP,
+                     BLOCK_M, BLOCK_N, BLOCK_D, D_TAIL, EVEN_D, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     else:
         group_mean = _group_mean(H, slot_ok, HP, CDT)
+        # U_ROW (8 slots, one row group, the mixing bias in slot H): in the last program, whose rows from
+        # BLOCK_M / 2 on are all past N_Q, those rows mix by w_second
+        row0 = (pid % NUM_PROGRAMS_M) * BLOCK_M
+        w_second = w_slots
+        if U_ROW:
+            w_second = _value_sums_weights(w_slots, row0 + BLOCK_M // 2 >= N_Q, H, HP)
 
         # ---- sweep 2: exact P tile by tile, dropout, mix, normalize, multiply by V ----
         acc = tl.zeros([HP, BLOCK_M, BLOCK_D], CDT)
@@ -754,18 +804,20 @@ def _re_attention_fwd_kernel(
         for start_n in range(0, n_full, BLOCK_N):
             acc, s1, s2 = _forward_block(
                 acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
-                c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
-                stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
-                HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, MOMENTS,
-                MOMENT_PAIRS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+                w_second, c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh,
+                stride_mm, stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh,
+                stride_vn, stride_vd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, False, EVEN_D,
+                HAS_DROPOUT, BIAS_SLOT, MOMENTS, MOMENT_PAIRS, U_ROW, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION,
+                NORM_PRECISION)
         if TAIL_N == 0:
             if n_full < N_K:
                 acc, s1, s2 = _forward_block(
                     acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, n_full, N_K, D, offs_d, m2, l2, w_slots,
-                    c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm,
-                    stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
-                    stride_vd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
-                    BIAS_SLOT, MOMENTS, MOMENT_PAIRS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+                    w_second, c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh,
+                    stride_mm, stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh,
+                    stride_vn, stride_vd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D,
+                    HAS_DROPOUT, BIAS_SLOT, MOMENTS, MOMENT_PAIRS, U_ROW, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION,
+                    NORM_PRECISION)
         else:
             # With MOMENT_PAIRS the 16-key tail blocks sum the moments into partials of their own width.
             if MOMENT_PAIRS:
@@ -777,14 +829,18 @@ def _re_attention_fwd_kernel(
             for start_n in tl.range(n_full, N_K, TAIL_N, num_stages=None if Q_IN_REGISTERS else 1):
                 acc, t1, t2 = _forward_block(
                     acc, t1, t2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
-                    c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh, stride_mm,
-                    stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn,
-                    stride_vd, HP, BLOCK_M, TAIL_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
-                    BIAS_SLOT, MOMENTS, MOMENT_PAIRS, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION)
+                    w_second, c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh,
+                    stride_mm, stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh,
+                    stride_vn, stride_vd, HP, BLOCK_M, TAIL_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D,
+                    HAS_DROPOUT, BIAS_SLOT, MOMENTS, MOMENT_PAIRS, U_ROW, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION,
+                    NORM_PRECISION)
 
         o_ptrs = (O + b * stride_ob) + (head[:, None, None] * stride_oh + rows[:, :, None] * stride_om
                                         + offs_d[None, None, :] * stride_od)
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=rows_ok[:, :, None] & (offs_d < D)[None, None, :])
+        if U_ROW:
+            if row0 + BLOCK_M // 2 >= N_Q:
+                _store_value_sums(USUM + b * H * D_Q, acc, head, slot_ok, BLOCK_M // 2, BLOCK_M, offs_d, D_Q)
         if MOMENTS:  # every head-dim chunk summed the same map: the first one stores the sums
             if MOMENT_PAIRS:
                 mom1 = tl.sum(tl.sum(s1, axis=2), axis=1)
@@ -964,6 +1020,7 @@ def re_attention_forward(
     softmax_stats: Optional[torch.Tensor] = None,
     stats_given: bool = False,
     with_moments: bool = False,
+    value_sums: bool = False,
     center_keys: int = 0,
     separate_stats: Optional[bool] = None,
     config: Optional[TileConfig] = None,
@@ -990,6 +1047,10 @@ def re_attention_forward(
     with_moments (norm "none" only): also return ``moments`` [programs, 2, H] in the accumulation
     dtype: per program, the sums over its kept entries of the map X = W P~ + mix_bias and of X^2,
     per head; what training BatchNorm's one-sweep forward needs. Sum them over programs in float64.
+    value_sums (with with_moments): also return U = sum_j V_j, [B, H, 1, D] in the accumulation dtype, where
+    the launch sums it on the way (no mask, and a padding query row: Nq not a multiple of the rows a program
+    owns; the row's A is 1 at every key, so its O is U), else None (the caller sums V): then the return is
+    ``(out, softmax_stats, moments, U or None)``.
     center_keys > 0 (norm "none", no mix_bias): the programs form the mixing bias themselves,
     -center_g = -sum_h W[g, h] / center_keys, the shift one-sweep BatchNorm's moments take (where torch's
     sum and division were two launches).
@@ -1061,9 +1122,12 @@ def re_attention_forward(
         given = " and a mix_bias" if mix_bias is not None else ""
         raise ValueError("re_attention_forward: center_keys forms the mixing bias itself: it needs norm='none' "
                          f"and no mix_bias, got norm={norm!r}{given}")
+    if value_sums and not with_moments:
+        raise ValueError("re_attention_forward: value_sums goes with with_moments")
     if B == 0 or Nq == 0 or D == 0:
         if with_moments:
-            return out, softmax_stats, torch.zeros((0, 2, H), dtype=acc_dtype, device=device)
+            moments = torch.zeros((0, 2, H), dtype=acc_dtype, device=device)
+            return (out, softmax_stats, moments) + ((None,) if value_sums else ())
         return out, softmax_stats
 
     if separate_stats and not stats_given and (mask_kind != MASK_NONE or not scale > 0):
@@ -1097,6 +1161,11 @@ def re_attention_forward(
         softmax_stats_launch(q, k, softmax_stats, Dp, scale, options, device, interpret)
         stats_given = True
     moments = torch.empty((num_m * B, 2, config.HP), dtype=acc_dtype, device=device) if with_moments else None
+    bias_slot = config.bias_slot(H, has_dropout, mix_bias is not None or norm == "batch" or center_keys > 0)
+    bias_slot = bias_slot and not split_heads
+    u_row = value_sums and sums_values(config, Nq, split_heads=split_heads, bias_slot=bias_slot,
+                                       masked=mask_kind != MASK_NONE, halves=options["DOT_LOWP"] or not K8_DOTS.value)
+    u = torch.empty((B, H, 1, D), dtype=acc_dtype, device=device) if u_row else None
 
     # the split sweep takes a head dim that is not a power of two as two power-of-two tiles (48 = 32 + 16)
     d_tail = head_dim_tail(Dp) if split_heads else 0
@@ -1111,6 +1180,7 @@ def re_attention_forward(
         _re_attention_fwd_kernel, (num_m * B, d_chunks), device,
         q, k, v, mix_weight, c, nw, nb, bn, rv, mask,
         seed if has_dropout else dummy, result, softmax_stats, moments if moments is not None else softmax_stats,
+        u if u is not None else softmax_stats,
         *q.stride(), *k.stride(), *v.stride(), *result.stride(), *softmax_stats.stride(), *mask_strides,
         mix_weight.stride(0), mix_weight.stride(1), c.stride(0), nw.stride(0), nb.stride(0), bn.stride(0),
         rv.stride(0), H, Nq, Nk, Dp, D, num_m,
@@ -1121,16 +1191,35 @@ def re_attention_forward(
         MASK_KIND=mask_kind, HAS_DROPOUT=has_dropout, STATS_GIVEN=stats_given, MOMENTS=moments is not None,
         D_CHUNKS=d_chunks, EVEN_D=Dp == d_chunks * config.BLOCK_D or d_tail > 0,
         RAW_MAX=mask_kind != MASK_ADDITIVE and scale > 0,
-        BIAS_SLOT=config.bias_slot(H, has_dropout, mix_bias is not None or norm == "batch" or center_keys > 0)
-        and not split_heads,
-        SPLIT_HEADS=split_heads, D_TAIL=d_tail,
+        BIAS_SLOT=bias_slot,
+        SPLIT_HEADS=split_heads, D_TAIL=d_tail, U_ROW=u_row,
         **options, **config.meta(),
     )
     if result is not out:
         out.copy_(result[..., :D])
     if with_moments:
-        return out, softmax_stats, slot_sums_to_heads(moments, H, config)
+        return (out, softmax_stats, slot_sums_to_heads(moments, H, config)) + ((u,) if value_sums else ())
     return out, softmax_stats
+
+
+def sums_values(config: TileConfig, n_q: int, *, split_heads: bool, bias_slot: bool, masked: bool,
+                halves: bool) -> bool:
+    """Whether the forward's last program can sum V over the keys (U, ``value_sums``) in rows past N_Q at no
+    cost per entry: no mask (U sums every key), and rows mixed to A = 1 by weights of their own. The split sweep
+    (``_split_weights``' u_rows): its stacked sub-row Q - 1, the last BLOCK_M / Q rows of the block, all past
+    n_q. 8 slots with one row group and the mixing bias in a slot (``_value_sums_weights``), whose mixing takes
+    the entries in two halves (``common._mix_halves``: 16-bit products, or a Triton without K = 8 dots): the
+    rows from BLOCK_M / 2 on, all past n_q. The rows past n_q in the last program are BLOCK_M - n_q % BLOCK_M
+    (none where BLOCK_M divides n_q)."""
+    if masked:
+        return False
+    if split_heads:
+        first = config.BLOCK_M - config.BLOCK_M // (16 // (config.HP // 4))
+    elif config.HP == 8 and config.G == 1 and bias_slot and halves:
+        first = config.BLOCK_M // 2
+    else:
+        return False
+    return 0 < n_q % config.BLOCK_M <= first
 
 
 def softmax_stats_launch(q: torch.Tensor, k: torch.Tensor, softmax_stats: torch.Tensor, d: int, scale: float,

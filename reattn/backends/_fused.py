@@ -102,14 +102,15 @@ def one_sweep_batchnorm(forward_moments: Callable, q: Tensor, k: Tensor, v: Tens
         if norm_bias is not None:
             beta = beta + out_scale * norm_bias.detach().to(acc)
     no_terms = empty_bn_terms(q)
-    if u is not None and head_affine is not None:
+    if u is not None and u.shape[2] > 1 and head_affine is not None:
         # U in parts (the forward's programs' shares): head_affine adds them, applies U and writes it for the
         # backward, in its one pass.
         u_sum = u.new_empty((B, H, 1, D))
         out = head_affine(r, u, alpha, beta, q.dtype, u_sum=u_sum)
         return (out, softmax_stats, stats, r, u_sum) if keep_terms else (out, softmax_stats, stats) + no_terms
     if u is not None:
-        u = u.sum(dim=2, keepdim=True)  # U's parts, with no head_affine to add them
+        if u.shape[2] > 1:
+            u = u.sum(dim=2, keepdim=True)  # U's parts, with no head_affine to add them
     elif attn_mask is None:
         u = v.sum(dim=2, keepdim=True, dtype=acc)  # [B, H, 1, D]: every row sees every key
     else:
@@ -157,7 +158,7 @@ class FusedKernels:
         norm-less forward O = X V of X = W P~ + mix_bias (masked entries 0) with per-program sums
         of X and X^2 over the unmasked entries, and u = U = sum_j V_j in parts, [B, H, parts, D] in the accumulation
         dtype whose sum over dim 2 is U, where the kernel summed V on the way (no mask; its head_affine then takes
-        u_sum and adds them), else None (the caller sums V); with it, local training
+        u_sum and adds them where there are several), else None (the caller sums V); with it, local training
         BatchNorm runs in one sweep over the keys (:func:`one_sweep_batchnorm`) instead of the statistics
         sweep + forward.
     softmax_stats_shape(q) -> shape: what the forward saves per score row for the backward: the

@@ -76,11 +76,11 @@ def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, d
                      center_keys=0):
     # R' = X V in `dtype`: q's where the caller keeps it, else the accumulation dtype (it subtracts mean(X) U).
     # center_keys: X = W P~ - center, the programs forming center = sum_h W[g, h] / center_keys.
+    # U = sum_j V_j from the launch where it has a padding query row to sum it in (else None: the caller sums V).
     r = torch.empty(q.shape, dtype=dtype, device=q.device)
-    r, softmax_stats, moments = re_attention_forward(q, k, v, mix_weight, mix_bias, scale=scale, norm="none",
-                                                     attn_mask=attn_mask, dropout_p=dropout_p, seed=seed, out=r,
-                                                     with_moments=True, center_keys=center_keys)
-    return r, softmax_stats, moments, None  # U: the caller's sum over V
+    return re_attention_forward(q, k, v, mix_weight, mix_bias, scale=scale, norm="none", attn_mask=attn_mask,
+                                dropout_p=dropout_p, seed=seed, out=r, with_moments=True, value_sums=True,
+                                center_keys=center_keys)
 
 
 TRITON_KERNELS = FusedKernels(forward=_forward, gram_sums=gram_sums, bn_grad_sums=_bn_grad_sums, backward=_backward,

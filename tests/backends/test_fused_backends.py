@@ -178,6 +178,34 @@ def test_synchronized_steps_reproduce_the_local_call(backend):
     torch.testing.assert_close(sums[1], ref[6], rtol=1e-12, atol=1e-12)
 
 
+def test_triton_one_sweep_batchnorm_takes_u_from_the_forward(monkeypatch):
+    """The Triton forward sums V over the keys (U) in rows past Nq of its last program where it can
+    (``kernels.forward.sums_values``: here the split sweep at 12 heads, which the statistics launch of 16-bit
+    inputs selects; forced for float64), and one-sweep BatchNorm then takes that U for the finish and keeps it
+    for the backward, with no sum over V of its own: output, running statistics and every gradient as float64
+    eager's."""
+    import reattn.backends.triton as triton_backend
+    import reattn.kernels.forward as fwd_module
+
+    monkeypatch.setattr(fwd_module, "splits_softmax_stats", lambda *a, **kw: True)
+    sums = []
+    real = triton_backend.re_attention_forward
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if kwargs.get("value_sums"):
+            sums.append(result[3])
+        return result
+
+    monkeypatch.setattr(triton_backend, "re_attention_forward", spy)
+    B, H, Nq, Nk, D = 2, 12, 17, 19, 16
+    tensors, stats = problem(B, H, Nq, Nk, D)
+    out, ref, stats_t, stats_e = run_both("triton", "batch-train", tensors, stats)
+    assert len(sums) == 1 and sums[0] is not None and sums[0].shape == (B, H, 1, D)
+    torch.testing.assert_close(sums[0], tensors["v"].detach().sum(dim=2, keepdim=True), rtol=1e-13, atol=1e-13)
+    assert_same(out, ref, stats_t, stats_e, tensors, "batch-train")
+
+
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "bool, one row for all queries"])
 def test_backward_sums_from_the_one_sweep_terms_equal_the_sums_sweep(backend, mask_kind):
     """Local training BatchNorm without a mask keeps X V [B, H, Nq, D] (q's dtype) and U = V summed over the keys

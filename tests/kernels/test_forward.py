@@ -14,8 +14,9 @@ import triton
 import triton.language as tl
 
 from benchmarks.eager_model import OpCounter
-from reattn.kernels.forward import (_rescale_factor, aligned_operands, mask_arguments, re_attention_forward,
-                                   vector_aligned)
+from reattn.kernels.common import K8_DOTS
+from reattn.kernels.forward import (_rescale_factor, accumulator_dtype, aligned_operands, mask_arguments,
+                                   re_attention_forward, sums_values, vector_aligned)
 from reattn.kernels.launch import (VARIANTS, TileConfig, backward_config, forward_config, head_dim_tail, interpreting,
                                   shared_bytes, variant_of)
 from reattn.reference import re_attention_ref
@@ -812,3 +813,75 @@ def test_split_heads_read_q_and_write_the_output_at_their_own_head_dim():
     q, out, (stats_launch, fwd), ops = launched(6)
     assert not fwd.constexprs()["SPLIT_HEADS"] and fwd.bound()["Q"] is not q and fwd.bound()["O"] is not out
     assert ops.count("cat") == 3 and "copy_" in ops
+
+
+
+@pytest.mark.parametrize("H, Nq, Nk, D, dtype", [
+    (12, 33, 40, 35, torch.float64),  # the split sweep, a head-dim tail (48 = 32 + 16), 15 rows past Nq
+    (12, 28, 16, 64, torch.float32),  # the split sweep, 4 rows past Nq: exactly its last stacked sub-row
+    (6, 20, 17, 32, torch.float16),   # 6 heads in 8 slots, the shift in slot 6, fp16 products (mixing in halves)
+    (6, 40, 33, 16, torch.float16),   # 8 rows past Nq: exactly the second half
+])  # (16 rows a program in the interpreter)
+def test_value_sums_ride_in_rows_past_nq(monkeypatch, H, Nq, Nk, D, dtype):
+    """value_sums: where the last program's rows past Nq can be mixed to A = 1 by weights of their own
+    (``sums_values``), their O is U = sum_j V_j, which the launch writes [B, H, 1, D] in the accumulation dtype:
+    U within the rounding of its sum (float64 truth), and the output and moments bitwise those of the launch
+    without it (poisoned output buffer)."""
+    seen = _split_spy(monkeypatch)
+    B = 2
+    inp = make_inputs(B, H, Nq, Nk, D, dtype)
+    q, k, v, w = (inp[n] for n in ("q", "k", "v", "mix_weight"))
+    kw = dict(scale=D ** -0.5, with_moments=True, separate_stats=H == 12, center_keys=Nk,
+              lowp_dot=dtype == torch.float16)
+    out, _, moments = re_attention_forward(q, k, v, w, **kw)
+    poisoned = torch.full_like(q, float("nan"))
+    out_u, _, moments_u, u = re_attention_forward(q, k, v, w, out=poisoned, value_sums=True, **kw)
+    assert seen[0] == seen[1] and seen[0][0] == (H == 12)
+    assert torch.equal(out_u, out) and torch.equal(moments_u, moments)
+    acc = accumulator_dtype(q)
+    assert u.shape == (B, H, 1, D) and u.dtype == acc and u.is_contiguous()
+    ref = v.double().sum(dim=2, keepdim=True)
+    assert max_err(u, ref) <= 4 * torch.finfo(acc).eps * Nk * v.abs().max().item()
+
+
+def test_value_sums_are_left_to_the_caller_where_no_rows_can_carry_them():
+    """U is None (the caller sums V) with a mask, without rows past Nq, with fewer of them than the mixing's
+    own rows need, with dropout or at 4 heads in 8 slots (no mixing bias in a slot of one row group), and for
+    32-bit products at 8 slots where Triton takes K = 8 dots (no halves); value_sums needs with_moments."""
+    def u_of(H, Nq, dtype=torch.float64, **extra):
+        inp = make_inputs(1, H, Nq, 9, 16, dtype)
+        q, k, v, w = (inp[n] for n in ("q", "k", "v", "mix_weight"))
+        kw = dict(scale=0.25, with_moments=True, value_sums=True, center_keys=9)
+        if H == 12 and "attn_mask" not in extra:
+            kw["separate_stats"] = True
+        if dtype == torch.float16:
+            kw["lowp_dot"] = True
+        kw.update(extra)
+        return re_attention_forward(q, k, v, w, **kw)[3]
+
+    assert u_of(12, 17) is not None and u_of(6, 17, torch.float16) is not None
+    assert u_of(12, 17, attn_mask=torch.ones(17, 9, dtype=torch.bool)) is None
+    assert u_of(12, 32) is None and u_of(12, 30) is None          # 0 and 2 rows past Nq (4 needed)
+    assert u_of(6, 32, torch.float16) is None and u_of(6, 25, torch.float16) is None  # 0 and 7 (8 needed)
+    assert u_of(6, 17, torch.float16, dropout_p=0.2, seed=torch.tensor([3])) is None
+    assert u_of(4, 17, torch.float16) is None
+    assert (u_of(6, 17) is None) == bool(K8_DOTS.value)
+    inp = make_inputs(1, 12, 17, 9, 16, torch.float64)
+    with pytest.raises(ValueError, match="value_sums goes with with_moments"):
+        re_attention_forward(inp["q"], inp["k"], inp["v"], inp["mix_weight"], scale=0.25, value_sums=True)
+
+
+def test_the_value_sums_rule():
+    """``sums_values``: the split sweep's last BLOCK_M / Q rows, or at 8 slots with one row group and the mixing bias
+    in a slot the second half of the rows (mixed in halves), all past Nq in the last program; never with a mask."""
+    split = forward_config(197, 197, 64, 12, interpret=False, variant="plain", stats_given=True, moments=True)
+    eight = forward_config(197, 197, 64, 6, interpret=False, variant="plain", stats_given=True, moments=True)
+    assert (split.BLOCK_M, eight.BLOCK_M, eight.G) == (16, 32, 1)
+    rule = dict(bias_slot=True, masked=False, halves=True)
+    assert [sums_values(split, n, split_heads=True, **rule) for n in (197, 196, 192, 204, 205, 577)] == \
+        [True, True, False, True, False, True]
+    assert [sums_values(eight, n, split_heads=False, **rule) for n in (197, 208, 209, 224, 196)] == \
+        [True, True, False, False, True]
+    assert not sums_values(split, 197, split_heads=True, **dict(rule, masked=True))
+    assert not sums_values(eight, 197, split_heads=False, **dict(rule, bias_slot=False))
+    assert not sums_values(eight, 197, split_heads=False, **dict(rule, halves=False))
