@@ -308,6 +308,29 @@ def _split_batch_norm_terms(c, tau_gamma, BN, heads, real, H, CDT: tl.constexpr)
 
 
 @triton.jit
+def _split_norm_params(W, C, NW, NB, BN, H, out_scale, stride_wg, stride_wh, stride_c, stride_nw, stride_nb,
+                       HP: tl.constexpr, G: tl.constexpr, CDT: tl.constexpr, HAS_MIX_BIAS: tl.constexpr,
+                       NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, HAS_NORM_BIAS: tl.constexpr):
+    """The parameters both split sweeps take (12 heads in slots 0..11, as given: no fold): w_slots, c, gamma, beta
+    (``_slot_params``), the map's mixing w_map, c_map that ``_split_norm_grad`` recomputes (LayerNorm: centered,
+    ``common._center_across_heads``; else W, c) and its factors n_dn, n_map, n_const (training BatchNorm:
+    ``_split_batch_norm_terms``; LayerNorm: n_dn = tau gamma; else 0)."""
+    offs_s = tl.arange(0, HP)
+    w_slots, c, gamma, beta = _slot_params(W, C, NW, NB, BN, offs_s % H, offs_s < H, H, out_scale, stride_wg,
+                                           stride_wh, stride_c, stride_nw, stride_nb, HP, G, CDT, HAS_MIX_BIAS, NORM,
+                                           HAS_NORM_WEIGHT, HAS_NORM_BIAS, False, False)
+    w_map, c_map = w_slots, c
+    n_dn, n_map, n_const = 0.0, 0.0, 0.0
+    if NORM == 2:
+        n_dn, n_map, n_const = _split_batch_norm_terms(c, gamma * out_scale, BN, offs_s % H, offs_s < H, H, CDT)
+    elif NORM == 1:
+        w_map, c_map = _center_across_heads(w_slots, c, W, C, offs_s % H, offs_s < H, H, stride_wg, stride_wh,
+                                            stride_c, HP, G, CDT, HAS_MIX_BIAS, False)
+        n_dn = gamma * out_scale
+    return w_slots, c, gamma, beta, w_map, c_map, n_dn, n_map, n_const
+
+
+@triton.jit
 def _split_norm_grad(dn_a, dn_b, pa, pb, w_mix, c_mix, n_dn, n_map, n_const, kept, H, eps, HP: tl.constexpr,
                      E: tl.constexpr, NORM: tl.constexpr, MASKED: tl.constexpr, CDT: tl.constexpr,
                      DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -510,19 +533,10 @@ def _re_attention_bwd_dq_kernel(
 ):
     pid = tl.program_id(0)
     b = (pid // NUM_PROGRAMS_M).to(tl.int64)
-    if SPLIT_HEADS:
-        offs_s = tl.arange(0, HP)
-        w_slots, c, gamma, _ = _slot_params(W, C, NW, NB, BN, offs_s % H, offs_s < H, H, out_scale, stride_wg,
-                                            stride_wh, stride_c, stride_nw, stride_nb, HP, G, CDT,
-                                            HAS_MIX_BIAS and NORM != 0, NORM, HAS_NORM_WEIGHT, False, False, False)
-        w_map, c_map = w_slots, c
-        n_dn, n_map, n_const = 0.0, 0.0, 0.0
-        if NORM == 2:
-            n_dn, n_map, n_const = _split_batch_norm_terms(c, gamma * out_scale, BN, offs_s % H, offs_s < H, H, CDT)
-        elif NORM == 1:
-            w_map, c_map = _center_across_heads(w_slots, c, W, C, offs_s % H, offs_s < H, H, stride_wg, stride_wh,
-                                                stride_c, HP, G, CDT, HAS_MIX_BIAS, False)
-            n_dn = gamma * out_scale
+    if SPLIT_HEADS:  # dQ needs no norm bias, nor a mixing bias without a norm
+        w_slots, _, _, _, w_map, c_map, n_dn, n_map, n_const = _split_norm_params(
+            W, C, NW, NB, BN, H, out_scale, stride_wg, stride_wh, stride_c, stride_nw, stride_nb, HP, G, CDT,
+            HAS_MIX_BIAS and NORM != 0, NORM, HAS_NORM_WEIGHT, False)
         # dQ = scale X with scale = scale2 / log2(e), taken here: a float passed to a called function is fp32 in
         # the interpreter (fp64 inputs' dQ then erred 2e-8).
         _split_dq_sweep(Q + b * stride_qb, K + b * stride_kb, V + b * stride_vb, DO + b * stride_dob,
@@ -1037,26 +1051,19 @@ def _re_attention_bwd_dkdv_kernel(
     pid = tl.program_id(0)
     b = (pid // NUM_PROGRAMS_N).to(tl.int64)
     if SPLIT_HEADS:
-        offs_s = tl.arange(0, HP)
-        w_slots, c, gamma, beta = _slot_params(W, C, NW, NB, BN, offs_s % H, offs_s < H, H, out_scale, stride_wg,
-                                               stride_wh, stride_c, stride_nw, stride_nb, HP, G, CDT, HAS_MIX_BIAS,
-                                               NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS, False, False)
-        w_map, c_map = w_slots, c
+        w_slots, c, gamma, beta, w_map, c_map, n_dn, n_map, n_const = _split_norm_params(
+            W, C, NW, NB, BN, H, out_scale, stride_wg, stride_wh, stride_c, stride_nw, stride_nb, HP, G, CDT,
+            HAS_MIX_BIAS, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS)
         a_gamma, a_beta = 0.0, 0.0
-        n_dn, n_map, n_const = 0.0, 0.0, 0.0
         if NORM == 2:
             # A's mixing: tau gamma / std W and tau (gamma / std (c - mean) + beta), the forward's fold.
+            offs_s = tl.arange(0, HP)
             w_values, c_values, _, _ = _slot_params(W, C, NW, NB, BN, offs_s % H, offs_s < H, H, out_scale,
                                                     stride_wg, stride_wh, stride_c, stride_nw, stride_nb, HP, G, CDT,
                                                     HAS_MIX_BIAS, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS, False, True)
-            n_dn, n_map, n_const = _split_batch_norm_terms(c, gamma * out_scale, BN, offs_s % H, offs_s < H, H, CDT)
-        elif NORM == 1:
-            # The centered mixing (``common._center_across_heads``) gives the map the norm takes, both ways.
-            w_map, c_map = _center_across_heads(w_slots, c, W, C, offs_s % H, offs_s < H, H, stride_wg, stride_wh,
-                                                stride_c, HP, G, CDT, HAS_MIX_BIAS, False)
+        elif NORM == 1:  # the centered mixing gives the map the norm takes, both ways
             w_values, c_values = w_map, c_map
-            a_gamma, a_beta = gamma * out_scale, beta * out_scale
-            n_dn = a_gamma
+            a_gamma, a_beta = n_dn, beta * out_scale
         else:
             w_values, c_values = w_slots * out_scale, c * out_scale
         # dK = scale dS^T Q with scale = scale2 / log2(e), taken here (see the dQ kernel).
