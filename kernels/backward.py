@@ -324,8 +324,7 @@ def _split_norm_params(W, C, NW, NB, BN, H, out_scale, stride_wg, stride_wh, str
     if NORM == 2:
         n_dn, n_map, n_const = _split_batch_norm_terms(c, gamma * out_scale, BN, offs_s % H, offs_s < H, H, CDT)
     elif NORM == 1:
-        w_map, c_map = _center_across_heads(w_slots, c, W, C, offs_s % H, offs_s < H, H, stride_wg, stride_wh,
-                                            stride_c, HP, G, CDT, HAS_MIX_BIAS, False)
+        w_map, c_map = _center_across_heads(w_slots, c, offs_s < H, H, HP, G, CDT, HAS_MIX_BIAS, False)
         n_dn = gamma * out_scale
     return w_slots, c, gamma, beta, w_map, c_map, n_dn, n_map, n_const
 
@@ -584,8 +583,7 @@ def _re_attention_bwd_dq_kernel(
     # centered weights too: dM sums to 0 over each group's heads, so (W - 1 mean(W))^T dM = W^T dM, less the
     # part of dM along the heads' mean, which only the norm's tf32 mean of dxhat puts there.
     if NORM == 1 and HP <= CENTERED_SLOTS:
-        w_slots, c = _center_across_heads(w_slots, c, W, C, head, slot_ok, H, stride_wg, stride_wh, stride_c, HP, G,
-                                          CDT, HAS_MIX_BIAS, BIAS_SLOT)
+        w_slots, c = _center_across_heads(w_slots, c, slot_ok, H, HP, G, CDT, HAS_MIX_BIAS, BIAS_SLOT)
     group_mean = _group_mean(H, slot_ok, HP, CDT)
     bn_mean, bn_rstd, bn_e, bn_f = _bn_rows(BN, head, slot_ok, H, CDT, NORM, SUMS_ONLY)
 
@@ -1105,8 +1103,7 @@ def _re_attention_bwd_dkdv_kernel(
                                            stride_c, stride_nw, stride_nb, HP, G, CDT, HAS_MIX_BIAS, NORM,
                                            HAS_NORM_WEIGHT, HAS_NORM_BIAS, BIAS_SLOT, False)
     if NORM == 1 and HP <= CENTERED_SLOTS:  # centered weights, as in the dQ kernel
-        w_slots, c = _center_across_heads(w_slots, c, W, C, head, slot_ok, H, stride_wg, stride_wh, stride_c, HP, G,
-                                          CDT, HAS_MIX_BIAS, BIAS_SLOT)
+        w_slots, c = _center_across_heads(w_slots, c, slot_ok, H, HP, G, CDT, HAS_MIX_BIAS, BIAS_SLOT)
     group_mean = _group_mean(H, slot_ok, HP, CDT)
     bn_mean, bn_rstd, bn_e, bn_f = _bn_rows(BN, head, slot_ok, H, CDT, NORM, False)
     Qb = Q + b * stride_qb

@@ -519,25 +519,27 @@ def _group_mean(H, slot_ok, HP: tl.constexpr, CDT: tl.constexpr):
 
 
 @triton.jit
-def _center_across_heads(w_slots, c, W, C, head, slot_ok, H, stride_wg, stride_wh, stride_c, HP: tl.constexpr,
-                         G: tl.constexpr, CDT: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, BIAS_SLOT: tl.constexpr):
+def _center_across_heads(w_slots, c, slot_ok, H, HP: tl.constexpr, G: tl.constexpr, CDT: tl.constexpr,
+                         HAS_MIX_BIAS: tl.constexpr, BIAS_SLOT: tl.constexpr):
     """(w_slots, c) of ``_slot_params`` (NORM_LAYER, BIAS_SLOT's placement) minus their means over the heads.
 
-    LayerNorm across heads subtracts mean_g M_g = sum_h mean_g(W[g, h]) P_h + mean(c) from M_g = sum_h W[g, h] P_h + c_g:
-    linear in P, so the centered map is one product, (W - 1 mean_g(W)) P + (c - mean(c)), where the norm took a
-    second product for the mean and a subtraction at every entry (and M cancelled against its mean). Every
-    row group holds the same H x H weights, so the column means over the heads serve them all.
+    LayerNorm across heads subtracts mean_g M_g = sum_h mean_g(W[g, h]) P_h + mean(c) from
+    M_g = sum_h W[g, h] P_h + c_g: linear in P, so the centered map is one product, (W - 1 mean_g(W)) P + (c - mean(c)),
+    where the norm took a second product for the mean and a subtraction at every entry (and M cancelled against its
+    mean). Every
+    row group holds the same H x H weights, so each column's mean over the rows of its own group serves them all;
+    the means come from w_slots and c (or the bias slot's column) as given, with no load of W or C again.
     """
     offs = tl.arange(0, HP)
-    col = tl.load(W + offs[:, None] * stride_wg + head[None, :] * stride_wh,
-                  mask=(offs < H)[:, None] & slot_ok[None, :], other=0.0).to(CDT)
-    col_mean = tl.sum(col, axis=0) / H  # [HP]: mean over the heads g of W[g, head(s)]
     same = ((offs // H)[:, None] == (offs // H)[None, :]) & slot_ok[:, None] & slot_ok[None, :]
+    col_mean = tl.sum(tl.where(same, w_slots, 0.0), axis=0) / H  # [HP]: mean over the heads g of W[g, head(s)]
     w_slots = tl.where(same, w_slots - col_mean[None, :], w_slots)
     if HAS_MIX_BIAS:
-        c_mean = tl.sum(tl.load(C + offs * stride_c, mask=offs < H, other=0.0).to(CDT), axis=0) / H
-        if BIAS_SLOT:  # the bias is the padding slot's column (``_slot_params``)
+        if BIAS_SLOT:  # the bias is the padding slot's column (``_slot_params``), c came back 0
+            bias_column = (offs[None, :] == G * H) & (offs < H)[:, None]
+            c_mean = tl.sum(tl.sum(tl.where(bias_column, w_slots, 0.0), axis=1), axis=0) / H
             w_slots = tl.where((offs[None, :] == G * H) & slot_ok[:, None], w_slots - c_mean, w_slots)
         else:
+            c_mean = tl.sum(tl.where(offs < H, c, 0.0), axis=0) / H
             c = tl.where(slot_ok, c - c_mean, c)
     return w_slots, c

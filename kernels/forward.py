@@ -774,8 +774,7 @@ def _re_attention_fwd_kernel(
         w_slots, c = _eval_batchnorm_fold(w_slots, c, gamma, beta, BN, RV, head, slot_ok, H, stride_bn, stride_rv,
                                           out_scale, eps, HP, G, CDT, BIAS_SLOT)
     if NORM == 1:  # the mixing gives M - mean(M) itself
-        w_slots, c = _center_across_heads(w_slots, c, W, C, head, slot_ok, H, stride_wg, stride_wh, stride_c, HP, G,
-                                          CDT, HAS_MIX_BIAS, BIAS_SLOT)
+        w_slots, c = _center_across_heads(w_slots, c, slot_ok, H, HP, G, CDT, HAS_MIX_BIAS, BIAS_SLOT)
     if SPLIT_HEADS:  # 12 heads, statistics given, no mask or dropout (TileConfig.splits_heads)
         _split_sweep(Qb, Kb, Vb, O + b * stride_ob, STATSb, MOM + (pid.to(tl.int64) * 2) * HP, USUM + b * H * D_Q,
                      w_slots, c, gamma, beta, eps, b, (pid % NUM_PROGRAMS_M) * BLOCK_M, N_Q, N_K, D, D_Q, scale2,
