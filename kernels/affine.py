@@ -31,6 +31,18 @@ from .launch import interpreting, next_pow2, run_on_device
 
 
 @triton.jit
+def _u_tile(U, b, h, i, cols, tile, D, stride_ub, stride_uh, stride_um, U_ROWS: tl.constexpr):
+    """U's [ROWS, BLOCK_D] tile at rows i of (b, h) (0 outside ``tile``), or with one row of U for every row (no
+    mask; not U_ROWS) that row, loaded once, not once per row, as [1, BLOCK_D]."""
+    if U_ROWS:
+        u = tl.load(U + (b * stride_ub + h * stride_uh) + (i * stride_um)[:, None] + cols[None, :], mask=tile,
+                    other=0.0)
+    else:
+        u = tl.load(U + (b * stride_ub + h * stride_uh) + cols, mask=cols < D, other=0.0)[None, :]
+    return u
+
+
+@triton.jit
 def _affine_kernel(R, U, O, ALPHA, BETA, H, N_Q, D, stride_rb, stride_rh, stride_rm, stride_ub, stride_uh, stride_um,
                    stride_ob, stride_oh, stride_om, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, U_ROWS: tl.constexpr):
     bh = tl.program_id(1)  # b * H + h: scalars per program, no per-row division
@@ -41,11 +53,7 @@ def _affine_kernel(R, U, O, ALPHA, BETA, H, N_Q, D, stride_rb, stride_rh, stride
     tile = (i < N_Q)[:, None] & (cols < D)[None, :]
     acc_dtype = U.dtype.element_ty  # the coefficients' and U's: R' in q's dtype is upcast once loaded
     r = tl.load(R + (b * stride_rb + h * stride_rh) + (i * stride_rm)[:, None] + cols[None, :], mask=tile, other=0.0)
-    if U_ROWS:
-        u = tl.load(U + (b * stride_ub + h * stride_uh) + (i * stride_um)[:, None] + cols[None, :], mask=tile,
-                    other=0.0)
-    else:  # one row of U for every row (no mask): loaded once, not once per row
-        u = tl.load(U + (b * stride_ub + h * stride_uh) + cols, mask=cols < D, other=0.0)[None, :]
+    u = _u_tile(U, b, h, i, cols, tile, D, stride_ub, stride_uh, stride_um, U_ROWS)
     offsets = (b * stride_ob + h * stride_oh) + (i * stride_om)[:, None] + cols[None, :]
     out = r.to(acc_dtype) * tl.load(ALPHA + h) + u * tl.load(BETA + h)
     tl.store(O + offsets, out.to(O.dtype.element_ty), mask=tile)
@@ -64,11 +72,7 @@ def _dot_sums_kernel(G, R, U, PART, H, N_Q, D, stride_gb, stride_gh, stride_gm, 
     acc_dtype = PART.dtype.element_ty
     g = tl.load(G + (b * stride_gb + h * stride_gh) + (i * stride_gm)[:, None] + cols[None, :], mask=tile, other=0.0)
     r = tl.load(R + (b * stride_rb + h * stride_rh) + (i * stride_rm)[:, None] + cols[None, :], mask=tile, other=0.0)
-    if U_ROWS:
-        u = tl.load(U + (b * stride_ub + h * stride_uh) + (i * stride_um)[:, None] + cols[None, :], mask=tile,
-                    other=0.0)
-    else:  # one row of U for every row, as in _affine_kernel
-        u = tl.load(U + (b * stride_ub + h * stride_uh) + cols, mask=cols < D, other=0.0)[None, :]
+    u = _u_tile(U, b, h, i, cols, tile, D, stride_ub, stride_uh, stride_um, U_ROWS)
     g = g.to(acc_dtype)
     # PART [H, B, row blocks, 2]: a head's parts contiguous, as kernels.batchnorm reads them
     part = PART + ((h.to(tl.int64) * (tl.num_programs(1) // H) + b) * tl.num_programs(0) + pid_m) * 2
