@@ -29,8 +29,9 @@ def capture_call(call: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16
                  mask: bool = True, dropout: bool = True, b: int = 2):
     """The launches one entry point of the kernels makes for a problem, on sm_<cap> (``kernels.capture``).
 
-    call: "forward", "moments" (training BatchNorm's one-sweep forward), "gram" (the statistics
-    sweep), "backward" (both kernels) or "bn_grad_sums" (the backward's BatchNorm sums). norm: "none",
+    call: "forward", "moments" (training BatchNorm's one-sweep forward, as the backend calls it: the shift
+    formed by the programs, ``center_keys``, and U summed where rows past n allow, ``value_sums``), "gram" (the
+    statistics sweep), "backward" (both kernels) or "bn_grad_sums" (the backward's BatchNorm sums). norm: "none",
     "layer", "batch" (training BatchNorm with given statistics) or "batch-eval" (the forward folding eval
     BatchNorm from the running statistics); mask: a bool mask for all heads;
     dropout: p = 0.1. Tensors live on ``device="meta"``, so sizes cost nothing.
@@ -66,8 +67,9 @@ def capture_call(call: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16
             batch_stats = torch.empty(2, h, dtype=acc, **meta) if norm == "batch" and not eval_stats else None
             re_attention_forward(q, k, v, w, c, norm=norm, norm_weight=nw, norm_bias=nw, batch_stats=batch_stats,
                                  **eval_stats, **kw)
-        elif call == "moments":
-            re_attention_forward(q, k, v, w, c, with_moments=True, out=torch.empty(q.shape, dtype=acc, **meta), **kw)
+        elif call == "moments":  # as the Triton backend's one-sweep BatchNorm calls it: shift formed, U summed
+            re_attention_forward(q, k, v, w, None, with_moments=True, value_sums=True, center_keys=n,
+                                 out=torch.empty(q.shape, dtype=acc, **meta), **kw)
         elif call == "gram":
             gram_sums(q, k, attn_mask, seed, scale=0.125, dropout_p=p, shift=1.0 / n)
         elif call == "backward":
