@@ -67,9 +67,10 @@ def capture_call(call: str, h: int, d: int, n: int, cap: int, dtype: str = "bf16
             batch_stats = torch.empty(2, h, dtype=acc, **meta) if norm == "batch" and not eval_stats else None
             re_attention_forward(q, k, v, w, c, norm=norm, norm_weight=nw, norm_bias=nw, batch_stats=batch_stats,
                                  **eval_stats, **kw)
-        elif call == "moments":  # as the Triton backend's one-sweep BatchNorm calls it: shift formed, U summed
+        elif call == "moments":  # as the Triton backend's one-sweep BatchNorm calls it: shift formed, U summed,
+            # X V in q's dtype without a mask (kept for the backward), else in the accumulation dtype
             re_attention_forward(q, k, v, w, None, with_moments=True, value_sums=True, center_keys=n,
-                                 out=torch.empty(q.shape, dtype=acc, **meta), **kw)
+                                 out=torch.empty(q.shape, dtype=acc if mask else dt, **meta), **kw)
         elif call == "gram":
             gram_sums(q, k, attn_mask, seed, scale=0.125, dropout_p=p, shift=1.0 / n)
         elif call == "backward":

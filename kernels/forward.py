@@ -67,7 +67,7 @@ def _moment_sums(x, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 @triton.jit
 def _forward_block(acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2,
-                   w_slots, w_second, c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb,
+                   w_slots, u_on, c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb,
                    stride_mh, stride_mm, stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd,
                    stride_vh, stride_vn, stride_vd, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, NORM: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -76,7 +76,8 @@ def _forward_block(acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_
                    DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr):
     """One key block of the second sweep: exact P, dropout, mix, normalize, O += A V (and the moments). With
-    U_ROW the rows from BLOCK_M / 2 on are mixed by w_second (``_value_sums_weights``)."""
+    U_ROW the rows from BLOCK_M / 2 on are mixed by weights of their own where u_on (``_value_sums_weights``; formed
+    here from w_slots and the flag: held across the sweep, a second weight tile spilled)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     qk = _scores_product(q, Qb, Kb, head, rows, rows_ok, offs_n, N_K, D, stride_qh, stride_qm, stride_qd,
                          stride_kh, stride_kn, stride_kd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
@@ -88,7 +89,8 @@ def _forward_block(acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_
                        stride_mh, stride_mm, stride_mn, CDT, MASK_KIND, KEYS_PADDED)
     _, p_tilde, _ = _probs(t2, l2[:, :, None], b, H, head3, rows3, start_n, seed, dropout_p, CDT, HAS_DROPOUT, False)
     if U_ROW:
-        a = _mix_halves(w_slots, w_second, p_tilde, HP, BLOCK_M, BLOCK_N, CDT, DOT_LOWP, tl.float16, DOT_PRECISION)
+        a = _mix_halves(w_slots, _value_sums_weights(w_slots, u_on, H, HP), p_tilde, HP, BLOCK_M, BLOCK_N, CDT,
+                        DOT_LOWP, tl.float16, DOT_PRECISION)
     else:
         a = _mix(w_slots, p_tilde, HP, BLOCK_M, BLOCK_N, CDT, DOT_LOWP, tl.float16, DOT_PRECISION)
     if not BIAS_SLOT:
@@ -784,11 +786,8 @@ def _re_attention_fwd_kernel(
     else:
         group_mean = _group_mean(H, slot_ok, HP, CDT)
         # U_ROW (8 slots, one row group, the mixing bias in slot H): in the last program, whose rows from
-        # BLOCK_M / 2 on are all past N_Q, those rows mix by w_second
-        row0 = (pid % NUM_PROGRAMS_M) * BLOCK_M
-        w_second = w_slots
-        if U_ROW:
-            w_second = _value_sums_weights(w_slots, row0 + BLOCK_M // 2 >= N_Q, H, HP)
+        # BLOCK_M / 2 on are all past N_Q, those rows mix to A = 1
+        u_on = (pid % NUM_PROGRAMS_M) * BLOCK_M + BLOCK_M // 2 >= N_Q
 
         # ---- sweep 2: exact P tile by tile, dropout, mix, normalize, multiply by V ----
         acc = tl.zeros([HP, BLOCK_M, BLOCK_D], CDT)
@@ -803,7 +802,7 @@ def _re_attention_fwd_kernel(
         for start_n in range(0, n_full, BLOCK_N):
             acc, s1, s2 = _forward_block(
                 acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
-                w_second, c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh,
+                u_on, c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh,
                 stride_mm, stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh,
                 stride_vn, stride_vd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, False, EVEN_D,
                 HAS_DROPOUT, BIAS_SLOT, MOMENTS, MOMENT_PAIRS, U_ROW, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION,
@@ -812,7 +811,7 @@ def _re_attention_fwd_kernel(
             if n_full < N_K:
                 acc, s1, s2 = _forward_block(
                     acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, n_full, N_K, D, offs_d, m2, l2, w_slots,
-                    w_second, c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh,
+                    u_on, c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh,
                     stride_mm, stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh,
                     stride_vn, stride_vd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D,
                     HAS_DROPOUT, BIAS_SLOT, MOMENTS, MOMENT_PAIRS, U_ROW, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION,
@@ -828,7 +827,7 @@ def _re_attention_fwd_kernel(
             for start_n in tl.range(n_full, N_K, TAIL_N, num_stages=None if Q_IN_REGISTERS else 1):
                 acc, t1, t2 = _forward_block(
                     acc, t1, t2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_n, N_K, D, offs_d, m2, l2, w_slots,
-                    w_second, c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh,
+                    u_on, c, gamma, beta, group_mean, seed, scale2, eps, dropout_p, MASK, stride_mb, stride_mh,
                     stride_mm, stride_mn, stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh,
                     stride_vn, stride_vd, HP, BLOCK_M, TAIL_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D,
                     HAS_DROPOUT, BIAS_SLOT, MOMENTS, MOMENT_PAIRS, U_ROW, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION,
@@ -838,7 +837,7 @@ def _re_attention_fwd_kernel(
                                         + offs_d[None, None, :] * stride_od)
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=rows_ok[:, :, None] & (offs_d < D)[None, None, :])
         if U_ROW:
-            if row0 + BLOCK_M // 2 >= N_Q:
+            if (pid % NUM_PROGRAMS_M) * BLOCK_M + BLOCK_M // 2 >= N_Q:
                 _store_value_sums(USUM + b * H * D_Q, acc, head, slot_ok, BLOCK_M // 2, BLOCK_M, offs_d, D_Q)
         if MOMENTS:  # every head-dim chunk summed the same map: the first one stores the sums
             if MOMENT_PAIRS:
@@ -1163,7 +1162,8 @@ def re_attention_forward(
     bias_slot = config.bias_slot(H, has_dropout, mix_bias is not None or norm == "batch" or center_keys > 0)
     bias_slot = bias_slot and not split_heads
     u_row = value_sums and sums_values(config, Nq, split_heads=split_heads, bias_slot=bias_slot,
-                                       masked=mask_kind != MASK_NONE, halves=options["DOT_LOWP"] or not K8_DOTS.value)
+                                       masked=mask_kind != MASK_NONE, halves=options["DOT_LOWP"] or not K8_DOTS.value,
+                                       narrow_out=out.element_size() == 2)
     u = torch.empty((B, H, 1, D), dtype=acc_dtype, device=device) if u_row else None
 
     # the split sweep takes a head dim that is not a power of two as two power-of-two tiles (48 = 32 + 16)
@@ -1202,19 +1202,21 @@ def re_attention_forward(
 
 
 def sums_values(config: TileConfig, n_q: int, *, split_heads: bool, bias_slot: bool, masked: bool,
-                halves: bool) -> bool:
+                halves: bool, narrow_out: bool) -> bool:
     """Whether the forward's last program can sum V over the keys (U, ``value_sums``) in rows past N_Q at no
     cost per entry: no mask (U sums every key), and rows mixed to A = 1 by weights of their own. The split sweep
     (``_split_weights``' u_rows): its stacked sub-row Q - 1, the last BLOCK_M / Q rows of the block, all past
     n_q. 8 slots with one row group and the mixing bias in a slot (``_value_sums_weights``), whose mixing takes
     the entries in two halves (``common._mix_halves``: 16-bit products, or a Triton without K = 8 dots): the
-    rows from BLOCK_M / 2 on, all past n_q. The rows past n_q in the last program are BLOCK_M - n_q % BLOCK_M
-    (none where BLOCK_M divides n_q)."""
+    rows from BLOCK_M / 2 on, all past n_q; there only with O in a 16-bit dtype (narrow_out: R' as the backend
+    keeps it without a mask) and head-dim tiles up to 64, as the launch scan measured the rest spill on sm_90
+    (fp32 O at D = 64: 24 B; D = 128: 16-24 B). The rows past n_q in the last program are
+    BLOCK_M - n_q % BLOCK_M (none where BLOCK_M divides n_q)."""
     if masked:
         return False
     if split_heads:
         first = config.BLOCK_M - config.BLOCK_M // (16 // (config.HP // 4))
-    elif config.HP == 8 and config.G == 1 and bias_slot and halves:
+    elif config.HP == 8 and config.G == 1 and bias_slot and halves and narrow_out and config.BLOCK_D <= 64:
         first = config.BLOCK_M // 2
     else:
         return False

@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from benchmarks.eager_model import OpCounter
-from reattn.kernels.common import K8_DOTS
 from reattn.kernels.forward import (_rescale_factor, accumulator_dtype, aligned_operands, mask_arguments,
                                    re_attention_forward, sums_values, vector_aligned)
 from reattn.kernels.launch import (VARIANTS, TileConfig, backward_config, forward_config, head_dim_tail, interpreting,
@@ -846,8 +845,8 @@ def test_value_sums_ride_in_rows_past_nq(monkeypatch, H, Nq, Nk, D, dtype):
 
 def test_value_sums_are_left_to_the_caller_where_no_rows_can_carry_them():
     """U is None (the caller sums V) with a mask, without rows past Nq, with fewer of them than the mixing's
-    own rows need, with dropout or at 4 heads in 8 slots (no mixing bias in a slot of one row group), and for
-    32-bit products at 8 slots where Triton takes K = 8 dots (no halves); value_sums needs with_moments."""
+    own rows need, with dropout or at 4 heads in 8 slots (no mixing bias in a slot of one row group), and at 8
+    slots for a 32-bit O; value_sums needs with_moments."""
     def u_of(H, Nq, dtype=torch.float64, **extra):
         inp = make_inputs(1, H, Nq, 9, 16, dtype)
         q, k, v, w = (inp[n] for n in ("q", "k", "v", "mix_weight"))
@@ -865,7 +864,7 @@ def test_value_sums_are_left_to_the_caller_where_no_rows_can_carry_them():
     assert u_of(6, 32, torch.float16) is None and u_of(6, 25, torch.float16) is None  # 0 and 7 (8 needed)
     assert u_of(6, 17, torch.float16, dropout_p=0.2, seed=torch.tensor([3])) is None
     assert u_of(4, 17, torch.float16) is None
-    assert (u_of(6, 17) is None) == bool(K8_DOTS.value)
+    assert u_of(6, 17) is None  # float64 O (and K = 8 dots where Triton takes them)
     inp = make_inputs(1, 12, 17, 9, 16, torch.float64)
     with pytest.raises(ValueError, match="value_sums goes with with_moments"):
         re_attention_forward(inp["q"], inp["k"], inp["v"], inp["mix_weight"], scale=0.25, value_sums=True)
@@ -873,11 +872,12 @@ def test_value_sums_are_left_to_the_caller_where_no_rows_can_carry_them():
 
 def test_the_value_sums_rule():
     """``sums_values``: the split sweep's last BLOCK_M / Q rows, or at 8 slots with one row group and the mixing bias
-    in a slot the second half of the rows (mixed in halves), all past Nq in the last program; never with a mask."""
+    in a slot the second half of the rows (mixed in halves; O in a 16-bit dtype, head-dim tiles up to 64), all past
+    Nq in the last program; never with a mask."""
     split = forward_config(197, 197, 64, 12, interpret=False, variant="plain", stats_given=True, moments=True)
     eight = forward_config(197, 197, 64, 6, interpret=False, variant="plain", stats_given=True, moments=True)
     assert (split.BLOCK_M, eight.BLOCK_M, eight.G) == (16, 32, 1)
-    rule = dict(bias_slot=True, masked=False, halves=True)
+    rule = dict(bias_slot=True, masked=False, halves=True, narrow_out=True)
     assert [sums_values(split, n, split_heads=True, **rule) for n in (197, 196, 192, 204, 205, 577)] == \
         [True, True, False, True, False, True]
     assert [sums_values(eight, n, split_heads=False, **rule) for n in (197, 208, 209, 224, 196)] == \
@@ -885,3 +885,7 @@ def test_the_value_sums_rule():
     assert not sums_values(split, 197, split_heads=True, **dict(rule, masked=True))
     assert not sums_values(eight, 197, split_heads=False, **dict(rule, bias_slot=False))
     assert not sums_values(eight, 197, split_heads=False, **dict(rule, halves=False))
+    assert not sums_values(eight, 197, split_heads=False, **dict(rule, narrow_out=False))
+    assert sums_values(split, 197, split_heads=True, **dict(rule, narrow_out=False))
+    wide = forward_config(197, 197, 128, 6, interpret=False, variant="plain", stats_given=True, moments=True)
+    assert wide.BLOCK_D == 128 and not sums_values(wide, 197, split_heads=False, **rule)
