@@ -76,8 +76,8 @@ def _forward_block(acc, s1, s2, q, Qb, Kb, Vb, b, H, head, rows, rows_ok, start_
                    DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr):
     """One key block of the second sweep: exact P, dropout, mix, normalize, O += A V (and the moments). With
-    U_ROW the rows from BLOCK_M / 2 on are mixed by weights of their own where u_on (``_value_sums_weights``; formed
-    here from w_slots and the flag: held across the sweep, a second weight tile spilled)."""
+    U_ROW the rows from BLOCK_M / 2 on are mixed by weights of their own where u_on (``_value_sums_weights``,
+    formed here from w_slots and the flag, the last program's)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     qk = _scores_product(q, Qb, Kb, head, rows, rows_ok, offs_n, N_K, D, stride_qh, stride_qm, stride_qd,
                          stride_kh, stride_kn, stride_kd, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CDT, DOT_LOWP,
