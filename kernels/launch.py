@@ -423,9 +423,12 @@ def splits_backward_heads(h: int, d: int, *, norm: str, masked: bool, has_dropou
     228.5-1024.1, slower at t_high)."""
     if kernel not in ("dq", "dkdv"):
         raise ValueError(f"splits_backward_heads: kernel must be 'dq' or 'dkdv', got {kernel!r}")
+    if norm not in ("none", "batch", "layer"):
+        raise ValueError(f"splits_backward_heads: norm must be 'none', 'batch' or 'layer' (the backward's), "
+                         f"got {norm!r}")
     if interpret is None:
         interpret = interpreting()
-    if not (h == 12 and padded_slots(h) == 16 and norm in ("none", "batch", "layer") and not masked
+    if not (h == 12 and padded_slots(h) == 16 and not masked
             and not has_dropout and (interpret or element_size == 2)):
         return False
     width = padded_head_dim(d)

@@ -369,6 +369,8 @@ def test_the_launch_rule_splits_the_backward_at_12_heads():
         assert split(kernel=kernel, element_size=8, interpret=True)
     with pytest.raises(ValueError, match="kernel must be 'dq' or 'dkdv'"):
         split(kernel="forward")
+    with pytest.raises(ValueError, match="norm must be 'none', 'batch' or 'layer'"):
+        split(kernel="dq", norm="batch-eval")
     for kernel in ("dq", "dkdv"):
         cfg = backward_config(197, 197, 48, 12, interpret=False, kernel=kernel, variant="plain", split_heads=True)
         assert (cfg.HP, cfg.G, cfg.BLOCK_D) == (16, 1, 64)
