@@ -76,7 +76,8 @@ def _forward_moments(q, k, v, mix_weight, mix_bias, attn_mask, seed, *, scale, d
                      center_keys=0):
     # R' = X V in `dtype`: q's where the caller keeps it, else the accumulation dtype (it subtracts mean(X) U).
     # center_keys: X = W P~ - center, the programs forming center = sum_h W[g, h] / center_keys.
-    # U = sum_j V_j from the launch where it has a padding query row to sum it in (else None: the caller sums V).
+    # U = sum_j V_j from the launch where its rows past Nq can carry it (kernels.forward.sums_values; else None:
+    # the caller sums V).
     r = torch.empty(q.shape, dtype=dtype, device=q.device)
     return re_attention_forward(q, k, v, mix_weight, mix_bias, scale=scale, norm="none", attn_mask=attn_mask,
                                 dropout_p=dropout_p, seed=seed, out=r, with_moments=True, value_sums=True,
