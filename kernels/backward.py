@@ -1054,11 +1054,12 @@ def _re_attention_bwd_dkdv_kernel(
             HAS_MIX_BIAS, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS)
         a_gamma, a_beta = 0.0, 0.0
         if NORM == 2:
-            # A's mixing: tau gamma / std W and tau (gamma / std (c - mean) + beta), the forward's fold.
+            # A's mixing: alpha W and alpha (c - mean) + tau beta with alpha = tau gamma / std (n_dn), the forward's
+            # fold (``common._slot_params``), from the parameters as loaded.
             offs_s = tl.arange(0, HP)
-            w_values, c_values, _, _ = _slot_params(W, C, NW, NB, BN, offs_s % H, offs_s < H, H, out_scale,
-                                                    stride_wg, stride_wh, stride_c, stride_nw, stride_nb, HP, G, CDT,
-                                                    HAS_MIX_BIAS, NORM, HAS_NORM_WEIGHT, HAS_NORM_BIAS, False, True)
+            bn_mean = tl.load(BN + offs_s % H, mask=offs_s < H, other=0.0).to(CDT)
+            w_values = w_slots * n_dn[:, None]
+            c_values = n_dn * (c - bn_mean) + out_scale * beta
         elif NORM == 1:  # the centered mixing gives the map the norm takes, both ways
             w_values, c_values = w_map, c_map
             a_gamma, a_beta = n_dn, beta * out_scale

@@ -526,9 +526,8 @@ def _center_across_heads(w_slots, c, slot_ok, H, HP: tl.constexpr, G: tl.constex
     LayerNorm across heads subtracts mean_g M_g = sum_h mean_g(W[g, h]) P_h + mean(c) from
     M_g = sum_h W[g, h] P_h + c_g: linear in P, so the centered map is one product, (W - 1 mean_g(W)) P + (c - mean(c)),
     where the norm took a second product for the mean and a subtraction at every entry (and M cancelled against its
-    mean). Every
-    row group holds the same H x H weights, so each column's mean over the rows of its own group serves them all;
-    the means come from w_slots and c (or the bias slot's column) as given, with no load of W or C again.
+    mean). Every row group holds the same H x H weights, so each column's mean over the rows of its own group serves
+    them all; the means come from w_slots and c (or the bias slot's column) as given, with no load of W or C again.
     """
     offs = tl.arange(0, HP)
     same = ((offs // H)[:, None] == (offs // H)[None, :]) & slot_ok[:, None] & slot_ok[None, :]

@@ -583,11 +583,15 @@ def _value_sums_weights(w_slots, on, H, HP: tl.constexpr):
 
 @triton.jit
 def _store_value_sums(Ub, acc, heads, heads_ok, ROW: tl.constexpr, BLOCK_M: tl.constexpr, offs_d, D_Q):
-    """U = sum_j V_j of the heads ``heads`` (where heads_ok) at Ub, one batch element of a contiguous
-    [B, H, 1, D_Q] tensor in the accumulation dtype: the block's row ROW of O's accumulator acc [S, BLOCK_M,
-    width], a row past N_Q whose A was 1 at every key (``_value_sums_weights``, ``_split_weights``' u_rows)."""
+    """U = sum_j V_j of the heads ``heads`` (where heads_ok; None: every slot is a real head, as in the split
+    sweep) at Ub, one batch element of a contiguous [B, H, 1, D_Q] tensor in the accumulation dtype: the block's
+    row ROW of O's accumulator acc [S, BLOCK_M, width], a row past N_Q whose A was 1 at every key
+    (``_value_sums_weights``, ``_split_weights``' u_rows)."""
     u = tl.sum(tl.where((tl.arange(0, BLOCK_M) == ROW)[None, :, None], acc, 0.0), axis=1)
-    tl.store(Ub + (heads * D_Q)[:, None] + offs_d[None, :], u, mask=heads_ok[:, None] & (offs_d < D_Q)[None, :])
+    mask = (offs_d < D_Q)[None, :]
+    if heads_ok is not None:
+        mask = heads_ok[:, None] & mask
+    tl.store(Ub + (heads * D_Q)[:, None] + offs_d[None, :], u, mask=mask)
 
 
 @triton.jit
@@ -693,11 +697,11 @@ def _split_sweep(Qb, Kb, Vb, Ob, STATSb, MOMp, Ub, w_slots, c, gamma, beta, eps,
         _split_store(Ob, acc_bt, hb, rows_b, ok_b, offs_t, D_Q, stride_oh, stride_om, stride_od)
     if U_ROW:
         if row0 + U_FIRST >= N_Q:
-            _store_value_sums(Ub, acc_a, ha, ha >= 0, U_FIRST, BLOCK_M, offs_d, D_Q)
-            _store_value_sums(Ub, acc_b, hb, hb >= 0, U_FIRST, BLOCK_M, offs_d, D_Q)
+            _store_value_sums(Ub, acc_a, ha, None, U_FIRST, BLOCK_M, offs_d, D_Q)
+            _store_value_sums(Ub, acc_b, hb, None, U_FIRST, BLOCK_M, offs_d, D_Q)
             if D_TAIL > 0:
-                _store_value_sums(Ub, acc_at, ha, ha >= 0, U_FIRST, BLOCK_M, offs_t, D_Q)
-                _store_value_sums(Ub, acc_bt, hb, hb >= 0, U_FIRST, BLOCK_M, offs_t, D_Q)
+                _store_value_sums(Ub, acc_at, ha, None, U_FIRST, BLOCK_M, offs_t, D_Q)
+                _store_value_sums(Ub, acc_bt, hb, None, U_FIRST, BLOCK_M, offs_t, D_Q)
 
 
 @triton.jit
