@@ -125,10 +125,10 @@ class TileConfig:
         heads, without the 4 padding slots (with the moments too). Only reading given statistics, no mask,
         no dropout, and the head dim (d, as the kernels see it) in one tile; LayerNorm up to d = 64 (one stage,
         ``forward_config``; the norm's centering is in the weights, ``common._center_across_heads``). The
-        sweep is written for any h = 3 HP / 4, but 24 heads (32 slots) are not a class of the launch scan
-        (benchmarks/launch_scan.py), so their compiles are unchecked for spills; at 8 slots (6 heads) the
-        two- and four-head products would split their keys over warp pairs, and re-read q from shared
-        memory at every key block."""
+        sweep is written for any h = 3 HP / 4, but the launch scan (benchmarks/launch_scan.py) compiles 24 heads
+        (32 slots) only as the usual kernels, so the split sweep's compiles there are unchecked for spills; at
+        8 slots (6 heads) the two- and four-head products would split their keys over warp pairs, and re-read
+        q from shared memory at every key block."""
         return (self.HP == 16 and h == 12 and self.G == 1 and stats_given and not masked
                 and (norm != "layer" or d <= 64)
                 and not has_dropout and d_chunks == 1)

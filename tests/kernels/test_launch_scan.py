@@ -89,10 +89,14 @@ BATCH_BACKWARD_D64_SPILL = 24
 
 def test_no_spills_in_the_norm_modes_at_up_to_eight_heads(rows):
     """Without a mask or dropout, every norm mode (none, BatchNorm, LayerNorm) at 5 to 8 heads (8 slots,
-    one batch row per program: DeiT-S) and head dims up to 64 compiles without spilling, but training
-    BatchNorm's backward at D = 64 (at most BATCH_BACKWARD_D64_SPILL bytes per thread)."""
+    one batch row per program: DeiT-S) and head dims up to 64 that fill their tile (16, 32, 64) compiles
+    without spilling, but training BatchNorm's backward at D = 64 (at most BATCH_BACKWARD_D64_SPILL bytes per
+    thread). A head dim of 48 (a tile of 64 with its last 16 columns masked) spills 8-16 B in the LayerNorm
+    forward, the moments and the normed backward's dK/dV: known spills, tests/kernels/known_spills.py."""
     for row in rows:
-        if row["variant"] != "heavy" and int(row["d"]) <= 64 and int(row["HP"]) == 8 and int(row["G"]) == 1:
+        d = int(row["d"])
+        if (row["variant"] != "heavy" and d <= 64 and launch.padded_head_dim(d) == d and int(row["HP"]) == 8
+                and int(row["G"]) == 1):
             if (row["variant"], row["call"], row["d"]) == ("batch", "backward", "64"):
                 assert int(row["spill_bytes"]) <= BATCH_BACKWARD_D64_SPILL, row
             else:
