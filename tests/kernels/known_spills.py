@@ -45,7 +45,7 @@ def spill_class(slots, masked_or_dropout: bool, d) -> tuple:
 SLOT_REASONS = {8: "1-8 heads (1-4: 2 to 8 row groups per program; the LayerNorm forward and the moments; training BatchNorm's backward at D = 64 with its operands held in registers)",
                 16: "9-16 heads (DeepViT-16b, ViT-B, ViT-L): [16, BLOCK_M, 16] fp32 tiles (12 heads at D = 48, 64 and, "
                     "with a norm, 32: the backward's split sweeps, a group's accumulator over the whole head dim)",
-                32: "17-32 heads: [32, 16, 16] fp32 tiles, 64 registers each at 4 warps"}
+                32: "17-32 heads: [32, 16, 16] fp32 tiles, 32 registers each at 8 warps"}
 
 
 def spill_reason(key: tuple) -> str:
