@@ -98,17 +98,16 @@ def main(argv=None) -> None:
     from reattn.kernels.aot import ELEMENT_SIZE, SHARED_MEMORY_LIMIT, compile_call, launch_keys
 
     heads, dims = ((6,), (64,)) if opts.quick else (tuple(opts.heads), HEAD_DIMS)
-    kept = []
+    existing = []
+    if (opts.merge or opts.reuse) and os.path.exists(opts.out):
+        with open(opts.out, newline="") as f:
+            existing = list(csv.DictReader(f))
+    scanned = {(c, h, call) for c in opts.caps for h in heads for call in opts.calls}
+    kept = [r for r in existing if (int(r["cap"]), int(r["h"]), r["call"]) not in scanned] if opts.merge else []
     # --reuse: the record's rows per (cap, call, variant, h, d), in launch order, to copy where today's keys match
     recorded = {}
-    if opts.reuse and os.path.exists(opts.out):
-        with open(opts.out, newline="") as f:
-            for r in csv.DictReader(f):
-                recorded.setdefault((int(r["cap"]), r["call"], r["variant"], int(r["h"]), int(r["d"])), []).append(r)
-    if opts.merge and os.path.exists(opts.out):
-        with open(opts.out, newline="") as f:
-            kept = [r for r in csv.DictReader(f) if (int(r["cap"]), int(r["h"]), r["call"]) not in
-                    {(c, h, call) for c in opts.caps for h in heads for call in opts.calls}]
+    for r in existing if opts.reuse else ():
+        recorded.setdefault((int(r["cap"]), r["call"], r["variant"], int(r["h"]), int(r["d"])), []).append(r)
     os.makedirs(os.path.dirname(opts.out) or ".", exist_ok=True)
     with open(opts.out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)

@@ -36,4 +36,3 @@ def test_a_rescan_reuses_the_rows_whose_keys_are_todays(tmp_path):
     assert not any(" bn_grad_sums plain " in line for line in reused)
     with open(record, newline="") as f:
         assert list(csv.DictReader(f)) == deit
-
