@@ -15,7 +15,8 @@ Two kernels, as FlashAttention-2's backward, and no atomics:
   over the keys. delta needs the whole row before dS exists, so dQ accumulates as X = sum_j (P dP)_ij K_j and
   Y = sum_j P_ij K_j, and dQ = scale (X - delta Y) at the end; delta is stored for the second kernel.
 * ``_re_attention_bwd_dkdv_kernel``: per (batch element, key block), all heads, one sweep over the queries: dK,
-  dV in registers; per program the [HP, HP] sums of dM P~^T (dW, dc) and the norm's, added up in float64.
+  dV in registers; per program the [HP, HP] sums of dM P~^T (dW, dc) and LayerNorm's dbeta, added up in float64
+  (its dgamma: the dQ kernel's, per program).
 At 12 heads, no mask or dropout, D padded to 64 (``launch.splits_backward_heads``): heads 0-7 and 8-11 as two
 products, one accumulator a group over the whole head dim, two sweeps each, dM joined (docs/math.md, "12 heads").
 
@@ -105,8 +106,9 @@ def _dq_block(x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, 
               EVEN_D: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr, SUMS_ONLY: tl.constexpr,
               CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
               NORM_PRECISION: tl.constexpr, RELOAD_Q: tl.constexpr, TIE_CHUNKS: tl.constexpr, K_PRODUCT: tl.constexpr,
-              ROUND_DP: tl.constexpr, DELTA_3D: tl.constexpr):
-    """One key block of the query-major sweep: delta, X, Y (or, SUMS_ONLY, BatchNorm's two sums)."""
+              ROUND_DP: tl.constexpr, DELTA_3D: tl.constexpr, DQ_DGAMMA: tl.constexpr):
+    """One key block of the query-major sweep: delta, X, Y and, with DQ_DGAMMA, LayerNorm's dgamma's sum
+    (SUMS_ONLY: BatchNorm's two sums alone)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if D_CHUNKS == 1 and RELOAD_Q:
         # q and dO re-read (from L1/L2) for every key block, tied to it: held for the whole sweep
@@ -149,13 +151,17 @@ def _dq_block(x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, 
     # BatchNorm's dM is not 0 where dN is (e xhat + f): rows past N_Q are outside its entries too.
     dm, xhat = _norm_backward(dn, mix, kept & rows_ok[:, :, None], group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_f,
                               eps, HP, BLOCK_M, BLOCK_N, CDT, NORM, NORM_PRECISION, True)
-    if SUMS_ONLY:
+    if SUMS_ONLY or (NORM == 1 and DQ_DGAMMA):
+        # LayerNorm's dbeta is the dK/dV sweep's (a sum there costs no registers; here it made the DeiT-S launch
+        # spill 16 B). Kept as [HP, BLOCK_M, 1], in the products' layout: each key block's sum stays within warps (as
+        # [HP, BLOCK_M] the sum went through shared memory every block, as delta's did: ``_keeps_delta_3d``).
         kept_dn = dn
         if MASK_KIND != 0 or KEYS_PADDED:
             xhat = tl.where(kept, xhat, 0.0)
-        sum_dn_xhat += tl.sum(kept_dn * xhat, axis=2)
-        sum_dn += tl.sum(kept_dn, axis=2)
-    else:
+        sum_dn_xhat += tl.sum(kept_dn * xhat, axis=2, keep_dims=True)
+        if SUMS_ONLY:
+            sum_dn += tl.sum(kept_dn, axis=2, keep_dims=True)
+    if not SUMS_ONLY:
         # The gradient's operands in the input's own dtype, not _mix's bf16 for unbounded ranges: fp16 inputs
         # have eager's fp16 range, and bf16 here made dQ and dK err ~3x eager's fp16 error (H200).
         dp = _mix(tl.trans(w_slots), dm, HP, BLOCK_M, BLOCK_N, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
@@ -528,6 +534,7 @@ def _re_attention_bwd_dq_kernel(
     HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, SUMS_ONLY: tl.constexpr,
     CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
     RELOAD_Q: tl.constexpr, TIE_CHUNKS: tl.constexpr, ROUND_DP: tl.constexpr, DELTA_3D: tl.constexpr,
+    DQ_DGAMMA: tl.constexpr,
     SPLIT_HEADS: tl.constexpr, D_TAIL: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -593,8 +600,8 @@ def _re_attention_bwd_dq_kernel(
         delta = tl.zeros([HP, BLOCK_M, 1], CDT)
     else:
         delta = tl.zeros([HP, BLOCK_M], CDT)
-    sum_dn_xhat = tl.zeros([HP, BLOCK_M], CDT)
-    sum_dn = tl.zeros([HP, BLOCK_M], CDT)
+    sum_dn_xhat = tl.zeros([HP, BLOCK_M, 1], CDT)
+    sum_dn = tl.zeros([HP, BLOCK_M, 1], CDT)
     n_full = (N_K // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         x_acc, y_acc, delta, sum_dn_xhat, sum_dn = _dq_block(
@@ -604,7 +611,7 @@ def _re_attention_bwd_dq_kernel(
             stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_doh, stride_dom,
             stride_dod, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT,
             BIAS_SLOT, SUMS_ONLY, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_Q, TIE_CHUNKS,
-            K_PRODUCT, ROUND_DP, DELTA_3D)
+            K_PRODUCT, ROUND_DP, DELTA_3D, DQ_DGAMMA)
     if n_full < N_K:
         x_acc, y_acc, delta, sum_dn_xhat, sum_dn = _dq_block(
             x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, b, H, head, rows, rows_ok, n_full,
@@ -613,13 +620,19 @@ def _re_attention_bwd_dq_kernel(
             stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_doh, stride_dom,
             stride_dod, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
             BIAS_SLOT, SUMS_ONLY, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_Q, TIE_CHUNKS,
-            K_PRODUCT, ROUND_DP, DELTA_3D)
+            K_PRODUCT, ROUND_DP, DELTA_3D, DQ_DGAMMA)
 
-    if SUMS_ONLY:
-        sums_ptrs = SUMS + (pid.to(tl.int64) * 2) * HP + tl.arange(0, HP)
-        tl.store(sums_ptrs, tl.sum(tl.where(rows_ok, sum_dn_xhat, 0.0), axis=1), mask=slot_ok)
-        tl.store(sums_ptrs + HP, tl.sum(tl.where(rows_ok, sum_dn, 0.0), axis=1), mask=slot_ok)
-    else:
+    if SUMS_ONLY or (NORM == 1 and DQ_DGAMMA):
+        # Per program and slot: sum dN xhat, and with SUMS_ONLY sum dN (every head-dim chunk summed the same
+        # entries: the first stores).
+        if pid_d == 0:
+            sums_ptrs = SUMS + (pid.to(tl.int64) * 2) * HP + tl.arange(0, HP)
+            tl.store(sums_ptrs, tl.sum(tl.where(rows_ok, tl.reshape(sum_dn_xhat, (HP, BLOCK_M)), 0.0), axis=1),
+                     mask=slot_ok)
+            if SUMS_ONLY:
+                tl.store(sums_ptrs + HP, tl.sum(tl.where(rows_ok, tl.reshape(sum_dn, (HP, BLOCK_M)), 0.0), axis=1),
+                         mask=slot_ok)
+    if not SUMS_ONLY:
         # scale2 = scale * log2(e): dS is in natural units, so dQ = scale (X - delta Y).
         if DELTA_3D:
             delta_3d = delta
@@ -648,8 +661,10 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
                 HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, CDT: tl.constexpr,
                 DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 NORM_PRECISION: tl.constexpr, RELOAD_KV: tl.constexpr, DW_FLAT: tl.constexpr,
-                TIE_CHUNKS: tl.constexpr, Q_PRODUCT: tl.constexpr, ROUND_DP: tl.constexpr):
-    """One query block of the key-major sweep: dK, dV and the parameter sums of dW, dc, dgamma, dbeta.
+                TIE_CHUNKS: tl.constexpr, Q_PRODUCT: tl.constexpr, ROUND_DP: tl.constexpr, ROUND_P: tl.constexpr,
+                DQ_DGAMMA: tl.constexpr):
+    """One query block of the key-major sweep: dK, dV and the parameter sums of dW, dc and LayerNorm's dbeta
+    and, unless DQ_DGAMMA (the dQ sweep's then: ``_dq_block``), dgamma.
 
     The tiles are transposed, [HP, BLOCK_N keys, BLOCK_M queries], so that dS^T and A^T are the
     products' left operands as computed (FlashAttention-2's key-major orientation).
@@ -673,9 +688,10 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
         do_t = _product_result(do, HP, BLOCK_M, BLOCK_D)
     if D_CHUNKS == 1:  # the same tiles serve both products (one load; the transposes are layouts)
         if RELOAD_KV:
-            # K and V re-read (from L1/L2) for every query block, tied to it: hoisted out
-            # of the loop they hold 32 registers for its whole length, which LayerNorm's terms need
-            # (48 B spilled at DeiT-S otherwise; the re-reads cost 13% without a norm, so only here).
+            # K and V re-read (from L1/L2) for every query block, tied to it: hoisted out of the loop
+            # they hold 32 registers for its whole length, which a mask's or dropout's terms and LayerNorm's
+            # from 16 slots need (the re-reads cost 13% without a norm, so only there; LayerNorm at 8 slots
+            # with tensor-core operands holds them, its dgamma being the dQ sweep's: the launch rule).
             # From 16 slots the addresses are tied too (_live_zero; DeepViT-16b LayerNorm: 336 -> 296 B
             # spilled); at 8 slots nothing spills and the predicate alone issues fewer instructions.
             if HP >= 16:
@@ -709,6 +725,11 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
                        stride_mm, stride_mn, CDT, MASK_KIND, True)
     p, p_tilde, drop_scale = _probs(t2, l2[:, None, :], b, H, head3, offs_m[None, :, None], key0, seed, dropout_p, CDT,
                                     HAS_DROPOUT, True)
+    if ROUND_P:
+        # P in fp16 (10 bits, as eager's fp16 P): the mixing takes it in fp16 and dS is rounded to the input dtype
+        # for dK anyway; one fp16 copy live instead of fp32 P and its fp16 operand (see the kernel's ROUND_P).
+        p = p.to(tl.float16)
+        p_tilde = p
     # Rows past N_Q: P = 0 (their m2 is +inf), dO = 0; nothing they hold reaches a gradient.
     mix = _mix(w_slots, p_tilde, HP, BLOCK_N, BLOCK_M, CDT, DOT_LOWP, tl.float16, DOT_PRECISION)
     if not BIAS_SLOT:
@@ -727,7 +748,8 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
     if NORM != 0:
         a = xhat * gamma[:, None, None] + beta[:, None, None]
         if NORM == 1:
-            dnw_acc += tl.sum(dn * xhat, axis=2)
+            if not DQ_DGAMMA:
+                dnw_acc += tl.sum(dn * xhat, axis=2)
             dnb_acc += tl.sum(dn, axis=2)
     else:
         a = mix
@@ -746,7 +768,7 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
     if ROUND_DP and DOT_LOWP and NORM == 0:
         ds = p * (dp - delta[:, None, :]).to(LOWP_DTYPE).to(CDT)
     else:
-        ds = p * (dp - delta[:, None, :])
+        ds = p.to(CDT) * (dp - delta[:, None, :])
     dk_acc = _mm(ds, q, dk_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     dv_acc = _mm(a, do, dv_acc, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     # dW = sum over entries of dM P~^T, as one [HP, HP] product per key (batched over the keys, so
@@ -1043,7 +1065,8 @@ def _re_attention_bwd_dkdv_kernel(
     HAS_MIX_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     CDT: tl.constexpr, DOT_LOWP: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM_PRECISION: tl.constexpr,
-    RELOAD_KV: tl.constexpr, TIE_CHUNKS: tl.constexpr, ROUND_DP: tl.constexpr, SPLIT_HEADS: tl.constexpr,
+    RELOAD_KV: tl.constexpr, TIE_CHUNKS: tl.constexpr, ROUND_DP: tl.constexpr, DQ_DGAMMA: tl.constexpr,
+    SPLIT_HEADS: tl.constexpr,
     D_TAIL: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -1090,8 +1113,12 @@ def _re_attention_bwd_dkdv_kernel(
     # I @ q, I @ dO in registers, so q and dO are staged in shared memory once, not twice (at 8
     # slots: at 16 the compiler spilled). With training BatchNorm its launch at D = 64 spills 8 B
     # per thread (none without it) for a DeiT-S dK/dV kernel predicted at 245 us against 339.
+    # LayerNorm holds K and V at 8 slots (not RELOAD_KV there; its dgamma is the dQ sweep's, DQ_DGAMMA, which
+    # freed the registers) but not the q transposes, and rounds P to fp16 (ROUND_P): with either left out its launch
+    # spilled 16 B (DeiT-S, sm_90); re-reading K and V every query block it took 580.9 us, 458.9 so (predicted).
     KV_HELD: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and not RELOAD_KV and (HP == 8 or (HP == 16 and NORM != 2))
-    Q_PRODUCT: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and not RELOAD_KV and HP == 8
+    Q_PRODUCT: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and not RELOAD_KV and HP == 8 and NORM != 1
+    ROUND_P: tl.constexpr = KV_HELD and NORM == 1 and not HAS_DROPOUT
     k = _load_rows(Kb, head, keys, keys_ok, offs_d, D, stride_kh, stride_kn, stride_kd, CDT, DOT_LOWP)
     v = _load_rows(Vb, head, keys, keys_ok, offs_d, D, stride_vh, stride_vn, stride_vd, CDT, DOT_LOWP)
     if KV_HELD:
@@ -1132,7 +1159,8 @@ def _re_attention_bwd_dkdv_kernel(
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D,
             D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
-            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS, Q_PRODUCT, ROUND_DP)
+            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS, Q_PRODUCT, ROUND_DP,
+            ROUND_P, DQ_DGAMMA)
     if m_full < N_Q:
         dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc = _dkdv_block(
             dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, Qb, DOb, STATSb, DELTA, b, H, head,
@@ -1141,7 +1169,8 @@ def _re_attention_bwd_dkdv_kernel(
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D,
             D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
-            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS, Q_PRODUCT, ROUND_DP)
+            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS, Q_PRODUCT, ROUND_DP,
+            ROUND_P, DQ_DGAMMA)
 
     # dS is in natural units: dK = scale dS^T Q, scale = scale2 / log2(e).
     dk_acc = dk_acc * (scale2 * 0.6931471805599453)
@@ -1152,8 +1181,8 @@ def _re_attention_bwd_dkdv_kernel(
     tl.store((DV + b * stride_dvb) + (head[:, None, None] * stride_dvh + keys[:, :, None] * stride_dvn
                                       + offs_d[None, None, :] * stride_dvd),
              dv_acc.to(DV.dtype.element_ty), mask=tile_ok)
-    # Per-program partial sums: dW_slots [HP, HP], then per slot dgamma, dbeta (LayerNorm) and dc. Every
-    # head-dim chunk summed the same entries: the first one stores them.
+    # Per-program partial sums: dW_slots [HP, HP], then per slot dgamma, dbeta (LayerNorm's; dgamma 0 with
+    # DQ_DGAMMA) and dc. Every head-dim chunk summed the same entries: the first one stores them.
     if pid_d == 0:
         offs_s = tl.arange(0, HP)
         parts = PARTS + pid.to(tl.int64) * (HP * HP + 3 * HP)
@@ -1176,6 +1205,20 @@ def _rounds_dp(config: TileConfig, variant: str, d: int) -> bool:
     sm_86 with a mask and dropout, 16 slots, D = 16: 32 -> 40 B).
     """
     return config.HP <= 16 and config.HP * d <= 512 and variant != "heavy"
+
+
+def _sums_dgamma_in_dq(variant: str) -> bool:
+    """Whether LayerNorm's dgamma = sum dN xhat is the usual dQ sweep's (its dK/dV sweep leaving it out): without
+    a mask or dropout (variant "layer"; the split sweeps: their dK/dV kernel's either way).
+
+    The dQ sweep keeps the sums in its products' layout (``_keeps_delta_3d``'s reason); in the dK/dV sweep their
+    [HP, BLOCK_N] accumulator took a sum across warps every query block, and the registers K and V need to be
+    held (DeiT-S: dK/dV 580.9 -> 458.9 us predicted, dQ 300.5 -> 301.4; the two kernels 1140 -> 1094 us for 16
+    heads at D = 64, 2324 -> 2289 for 32 heads at D = 32, B = 64). With a mask or dropout K and V are re-read
+    anyway, and the launch scan found the dQ sweep spilling more with it where the dK/dV sweep spilled less, or
+    both more (sm_90, 32 heads, D = 64: dK/dV 3968 -> 7504 B).
+    """
+    return variant == "layer"
 
 
 def _keeps_delta_3d(config: TileConfig, norm: str, d: int) -> bool:
@@ -1217,8 +1260,12 @@ def _head_dim_meta(config: TileConfig, d: int, split: bool) -> dict:
                 SPLIT_HEADS=split, D_TAIL=tail)
 
 
-def _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, delta, sums, *, scale, out_scale, norm,
+def _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, delta, *, scale, out_scale, norm,
                norm_weight, norm_bias, eps, attn_mask, dropout_p, seed, config, lowp_dot, sums_only):
+    """Launch the dQ kernel; returns (its config, its per-program, per-slot sums [programs, 2, HP] or None).
+
+    The sums: with ``sums_only`` BatchNorm's (sum dN xhat, sum dN); otherwise, with LayerNorm where the dQ sweep
+    sums its dgamma (``_sums_dgamma_in_dq``, not split), the first row alone, sum dN xhat."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     device = q.device
@@ -1238,18 +1285,23 @@ def _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, d
     variant = variant_of(norm, attn_mask is not None, dropout_p > 0)
     num_m = config.programs_per_batch(Nq)
     d_chunks = 1 if sums_only or head_dim["SPLIT_HEADS"] else head_dim["D_CHUNKS"]
+    dq_dgamma = _sums_dgamma_in_dq(variant) and not head_dim["SPLIT_HEADS"]
+    sums = None
+    if sums_only or (norm == "layer" and dq_dgamma):
+        sums = torch.empty((num_m * B, 2, config.HP), dtype=accumulator_dtype(q), device=device)
     run_on_device(
         _re_attention_bwd_dq_kernel, (num_m * B, d_chunks), device,
-        q, k, v, mix_weight, c, nw, nb, bn, mask, seed_arg, softmax_stats, grad_out, dq, delta, sums,
+        q, k, v, mix_weight, c, nw, nb, bn, mask, seed_arg, softmax_stats, grad_out, dq, delta,
+        delta if sums is None else sums,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *softmax_stats.stride(),
         *mask_strides, mix_weight.stride(0), mix_weight.stride(1), c.stride(0), nw.stride(0), nb.stride(0),
         H, Nq, Nk, D, num_m, float(scale) * 1.4426950408889634, float(out_scale), float(eps), float(dropout_p),
         BIAS_SLOT=config.bias_slot(H, flags["HAS_DROPOUT"], mix_bias is not None), SUMS_ONLY=sums_only,
         RELOAD_Q=variant == "heavy", TIE_CHUNKS=variant == "heavy" or config.HP >= 32,
-        ROUND_DP=_rounds_dp(config, variant, D), DELTA_3D=_keeps_delta_3d(config, norm, D),
+        ROUND_DP=_rounds_dp(config, variant, D), DELTA_3D=_keeps_delta_3d(config, norm, D), DQ_DGAMMA=dq_dgamma,
         **head_dim, **flags, **options, **config.meta(stats_sweep=False),
     )
-    return config
+    return config, sums
 
 
 def re_attention_backward(
@@ -1314,10 +1366,10 @@ def re_attention_backward(
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     delta = torch.empty((B, H, Nq), dtype=acc, device=device)
-    dq_cfg = _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, delta, delta, scale=scale,
-                        out_scale=out_scale, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
-                        attn_mask=attn_mask, dropout_p=dropout_p, seed=seed, config=dq_config, lowp_dot=lowp_dot,
-                        sums_only=False)
+    dq_cfg, norm_sums = _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, delta,
+                                   scale=scale, out_scale=out_scale, norm=norm, norm_weight=norm_weight,
+                                   norm_bias=norm_bias, eps=eps, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed,
+                                   config=dq_config, lowp_dot=lowp_dot, sums_only=False)
 
     interpret = interpreting()
     config = dkdv_config
@@ -1345,12 +1397,21 @@ def re_attention_backward(
         nw.stride(0), nb.stride(0),
         H, Nq, Nk, Dp, num_n, float(scale) * 1.4426950408889634, float(out_scale), float(eps), float(dropout_p),
         BIAS_SLOT=not split and config.bias_slot(H, flags["HAS_DROPOUT"], mix_bias is not None),
-        RELOAD_KV=variant != "plain", TIE_CHUNKS=variant != "plain" or config.HP >= 32,
-        ROUND_DP=_rounds_dp(config, variant, Dp), **head_dim, **flags, **options,
+        RELOAD_KV=variant == "heavy" or (variant == "layer" and not (config.HP == 8 and options["DOT_LOWP"])),
+        TIE_CHUNKS=variant != "plain" or config.HP >= 32,
+        ROUND_DP=_rounds_dp(config, variant, Dp), DQ_DGAMMA=_sums_dgamma_in_dq(variant), **head_dim, **flags, **options,
         **config.meta(stats_sweep=False),
     )
     bias_slot = not split and config.bias_slot(H, flags["HAS_DROPOUT"], mix_bias is not None)
     dw, dc, dnw, dnb = _reduce_parts(parts, H, config, bias_slot)
+    if norm == "layer" and norm_sums is None and not split and _sums_dgamma_in_dq(variant):
+        # Given configs that split the dQ sweep but not the dK/dV one: neither summed LayerNorm's dgamma.
+        dq_cfg, norm_sums = _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, grad_out, grad_out,
+                                       scale=scale, out_scale=out_scale, norm=norm, norm_weight=norm_weight,
+                                       norm_bias=norm_bias, eps=eps, attn_mask=attn_mask, dropout_p=dropout_p,
+                                       seed=seed, config=None, lowp_dot=lowp_dot, sums_only=True)
+    if norm_sums is not None:  # LayerNorm's dgamma from the dQ sweep (the split dK/dV sweep's otherwise)
+        dnw = slot_sums_to_heads(norm_sums[:, 0], H, dq_cfg).sum(dim=0, dtype=torch.float64).to(acc)
     if Dp != D:
         dq, dk, dv = dq[..., :D].contiguous(), dk[..., :D].contiguous(), dv[..., :D].contiguous()
     return (dq, dk, dv, dw, dc if mix_bias is not None else None,
@@ -1423,8 +1484,9 @@ def re_attention_bn_grad_sums(
         config = backward_config(Nq, k.shape[2], Dp, H, interpret=interpret,
                                  shared_limit=device_shared_limit(q.device), element_size=q.element_size(),
                                  kernel="dq", variant=variant_of("batch", attn_mask is not None, dropout_p > 0))
-    sums = torch.empty((config.programs_per_batch(Nq) * B, 2, config.HP), dtype=acc, device=q.device)
-    _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, grad_out, sums, sums, scale=scale,
-               out_scale=out_scale, norm="batch", norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
-               attn_mask=attn_mask, dropout_p=dropout_p, seed=seed, config=config, lowp_dot=lowp_dot, sums_only=True)
+    # (dq and delta: unread placeholders with SUMS_ONLY)
+    config, sums = _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, grad_out, grad_out,
+                              scale=scale, out_scale=out_scale, norm="batch", norm_weight=norm_weight,
+                              norm_bias=norm_bias, eps=eps, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed,
+                              config=config, lowp_dot=lowp_dot, sums_only=True)
     return slot_sums_to_heads(sums, H, config).sum(dim=0)

@@ -120,6 +120,35 @@ def test_tiles_do_not_change_the_gradients(dq, dkdv, norm):
     assert_close(got, expected)
 
 
+@pytest.mark.parametrize("given", ["dq_config", "dkdv_config"])
+def test_layer_norm_gradients_when_one_sweep_alone_splits(monkeypatch, given):
+    """LayerNorm's dgamma (without a mask or dropout) is summed by the usual dQ sweep or by the split dK/dV sweep
+    (dbeta by the dK/dV sweep either way); the launch rule splits both sweeps or neither. Given usual tiles to one of them at 12 heads: with
+    the usual dQ sweep both sum dgamma (the dQ sweep's is taken); with the usual dK/dV sweep neither does, and a
+    sums-only dQ sweep runs for it. Every gradient still matches float64."""
+    from reattn.kernels import backward as bwd_module
+    B, H, N, D = 2, 12, 17, 32
+    assert splits_backward_heads(H, D, norm="layer", masked=False, has_dropout=False, element_size=8, kernel="dq",
+                                 interpret=True)
+    usual = TileConfig(HP=16, G=1, BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, STATS_BLOCK_N=16, num_warps=4, num_stages=1)
+    seen = _split_spy(monkeypatch)
+    sums_only = []
+    real = bwd_module._launch_dq
+
+    def launch_dq(*args, **kwargs):
+        sums_only.append(kwargs["sums_only"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bwd_module, "_launch_dq", launch_dq)
+    got, expected = gradients(problem(B, H, N, N, D, seed=4), "layer", **{given: usual})
+    assert_close(got, expected)
+    if given == "dq_config":
+        assert [(k, s) for k, s, _, _ in seen] == [("dq", False), ("dkdv", True)] and sums_only == [False]
+    else:
+        assert [(k, s) for k, s, _, _ in seen] == [("dq", True), ("dkdv", False), ("dq", False)]
+        assert sums_only == [False, True]
+
+
 def test_dkdv_key_blocks_differ_from_query_blocks():
     """The dK/dV kernel's programs cover G * BLOCK_N keys each (its query blocks are BLOCK_M rows): a launch whose
     key block is smaller than its query block must still cover every key (45 keys: three programs of 16)."""

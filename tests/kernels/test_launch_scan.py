@@ -92,7 +92,7 @@ def test_no_spills_in_the_norm_modes_at_up_to_eight_heads(rows):
     one batch row per program: DeiT-S) and head dims up to 64 that fill their tile (16, 32, 64) compiles
     without spilling, but training BatchNorm's backward at D = 64 (at most BATCH_BACKWARD_D64_SPILL bytes per
     thread). A head dim of 48 (a tile of 64 with its last 16 columns masked) spills 8-16 B in the LayerNorm
-    forward, the moments and the normed backward's dK/dV: known spills, tests/kernels/known_spills.py."""
+    forward, the moments and training BatchNorm's dK/dV: known spills, tests/kernels/known_spills.py."""
     for row in rows:
         d = int(row["d"])
         if (row["variant"] != "heavy" and d <= 64 and launch.padded_head_dim(d) == d and int(row["HP"]) == 8
