@@ -16,7 +16,7 @@ Two kernels, as FlashAttention-2's backward, and no atomics:
   Y = sum_j P_ij K_j, and dQ = scale (X - delta Y) at the end; delta is stored for the second kernel.
 * ``_re_attention_bwd_dkdv_kernel``: per (batch element, key block), all heads, one sweep over the queries: dK,
   dV in registers; per program the [HP, HP] sums of dM P~^T (dW, dc) and LayerNorm's dbeta, added up in float64
-  (its dgamma: the dQ kernel's, per program).
+  (its dgamma too with a mask or dropout; without them the dQ kernel's, per program: ``_sums_dgamma_in_dq``).
 At 12 heads, no mask or dropout, D padded to 64 (``launch.splits_backward_heads``): heads 0-7 and 8-11 as two
 products, one accumulator a group over the whole head dim, two sweeps each, dM joined (docs/math.md, "12 heads").
 
@@ -1399,7 +1399,8 @@ def re_attention_backward(
         BIAS_SLOT=not split and config.bias_slot(H, flags["HAS_DROPOUT"], mix_bias is not None),
         RELOAD_KV=variant == "heavy" or (variant == "layer" and not (config.HP == 8 and options["DOT_LOWP"])),
         TIE_CHUNKS=variant != "plain" or config.HP >= 32,
-        ROUND_DP=_rounds_dp(config, variant, Dp), DQ_DGAMMA=_sums_dgamma_in_dq(variant), **head_dim, **flags, **options,
+        ROUND_DP=_rounds_dp(config, variant, Dp), DQ_DGAMMA=_sums_dgamma_in_dq(variant), **head_dim, **flags,
+        **options,
         **config.meta(stats_sweep=False),
     )
     bias_slot = not split and config.bias_slot(H, flags["HAS_DROPOUT"], mix_bias is not None)
@@ -1410,7 +1411,7 @@ def re_attention_backward(
                                        scale=scale, out_scale=out_scale, norm=norm, norm_weight=norm_weight,
                                        norm_bias=norm_bias, eps=eps, attn_mask=attn_mask, dropout_p=dropout_p,
                                        seed=seed, config=None, lowp_dot=lowp_dot, sums_only=True)
-    if norm_sums is not None:  # LayerNorm's dgamma from the dQ sweep (the split dK/dV sweep's otherwise)
+    if norm_sums is not None:  # LayerNorm's dgamma from the dQ sweep (otherwise the dK/dV sweep's, in its parts)
         dnw = slot_sums_to_heads(norm_sums[:, 0], H, dq_cfg).sum(dim=0, dtype=torch.float64).to(acc)
     if Dp != D:
         dq, dk, dv = dq[..., :D].contiguous(), dk[..., :D].contiguous(), dv[..., :D].contiguous()

@@ -123,9 +123,9 @@ def test_tiles_do_not_change_the_gradients(dq, dkdv, norm):
 @pytest.mark.parametrize("given", ["dq_config", "dkdv_config"])
 def test_layer_norm_gradients_when_one_sweep_alone_splits(monkeypatch, given):
     """LayerNorm's dgamma (without a mask or dropout) is summed by the usual dQ sweep or by the split dK/dV sweep
-    (dbeta by the dK/dV sweep either way); the launch rule splits both sweeps or neither. Given usual tiles to one of them at 12 heads: with
-    the usual dQ sweep both sum dgamma (the dQ sweep's is taken); with the usual dK/dV sweep neither does, and a
-    sums-only dQ sweep runs for it. Every gradient still matches float64."""
+    (dbeta by the dK/dV sweep either way); the launch rule splits both sweeps or neither. Given usual tiles to one
+    of them at 12 heads: with the usual dQ sweep both sum dgamma (the dQ sweep's is taken); with the usual dK/dV
+    sweep neither does, and a sums-only dQ sweep runs for it. Every gradient still matches float64."""
     from reattn.kernels import backward as bwd_module
     B, H, N, D = 2, 12, 17, 32
     assert splits_backward_heads(H, D, norm="layer", masked=False, has_dropout=False, element_size=8, kernel="dq",
