@@ -1287,7 +1287,7 @@ def _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, d
     d_chunks = 1 if sums_only or head_dim["SPLIT_HEADS"] else head_dim["D_CHUNKS"]
     dq_dgamma = _sums_dgamma_in_dq(variant) and not head_dim["SPLIT_HEADS"]
     sums = None
-    if sums_only or (norm == "layer" and dq_dgamma):
+    if sums_only or dq_dgamma:
         sums = torch.empty((num_m * B, 2, config.HP), dtype=accumulator_dtype(q), device=device)
     run_on_device(
         _re_attention_bwd_dq_kernel, (num_m * B, d_chunks), device,
@@ -1405,7 +1405,7 @@ def re_attention_backward(
     )
     bias_slot = not split and config.bias_slot(H, flags["HAS_DROPOUT"], mix_bias is not None)
     dw, dc, dnw, dnb = _reduce_parts(parts, H, config, bias_slot)
-    if norm == "layer" and norm_sums is None and not split and _sums_dgamma_in_dq(variant):
+    if norm_sums is None and not split and _sums_dgamma_in_dq(variant):
         # Given configs that split the dQ sweep but not the dK/dV one: neither summed LayerNorm's dgamma.
         dq_cfg, norm_sums = _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, grad_out, grad_out,
                                        scale=scale, out_scale=out_scale, norm=norm, norm_weight=norm_weight,
