@@ -57,22 +57,41 @@ CENTERED_SLOTS = tl.constexpr(16)
 @triton.jit
 def _norm_backward(dn, mix, kept, group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_f, eps, HP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CDT: tl.constexpr, NORM: tl.constexpr,
-                   NORM_PRECISION: tl.constexpr, APPROX_RSQRT: tl.constexpr):
+                   NORM_PRECISION: tl.constexpr, APPROX_RSQRT: tl.constexpr, DOT_LOWP: tl.constexpr,
+                   LOWP_DTYPE: tl.constexpr):
     """(dM, xhat) from dN (gradient w.r.t. the normalized map, out_scale applied) and M (LayerNorm up to
     CENTERED_SLOTS slots: M - mean(M), mixed by the centered weights of ``common._center_across_heads``).
 
     NORM_NONE: dM = dN. NORM_LAYER: LayerNorm's backward across the heads of a row group (a
-    masked head's M still enters the norm of the others: its gradient is kept). NORM_BATCH:
+    masked head's M still enters the norm of the others: its gradient is kept); up to CENTERED_SLOTS
+    slots without its term along the heads' mean (dM + r mean(dxhat): see below). NORM_BATCH:
     dM = a dN + e xhat + f per head, 0 where masked (outside the batch statistics).
     """
     xhat = mix
     if NORM == 1:
+        CENTERED: tl.constexpr = HP <= CENTERED_SLOTS
         xhat, rstd = _layer_norm(mix, group_mean, eps, HP, BLOCK_M, BLOCK_N, CDT, NORM_PRECISION, APPROX_RSQRT,
-                                 HP <= CENTERED_SLOTS)
+                                 CENTERED)
+        if CENTERED and DOT_LOWP:
+            # dN laid out as the mixing's result, by an identity mixing (dN rounded to the gradients' operand
+            # dtype, as eager's product dO V^T returns it): xhat has that layout, so the norm's steps at each
+            # entry stay in it. dN as its own product left it (heads across warps) met xhat through [HP,
+            # BLOCK_M, BLOCK_N] fp32 exchanges in shared memory (DeiT-S, predicted: dQ kernel 254.0 -> 189.4
+            # us, dK/dV 412.2 -> 307.8).
+            eye = (tl.arange(0, HP)[:, None] == tl.arange(0, HP)[None, :]).to(CDT)
+            dn = _mix(eye, dn, HP, BLOCK_M, BLOCK_N, CDT, DOT_LOWP, LOWP_DTYPE, NORM_PRECISION)
         dxhat = dn * gamma[:, None, None]
-        mean_dx = _mix(group_mean, dxhat, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, NORM_PRECISION)
-        mean_dx_xhat = _mix(group_mean, dxhat * xhat, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, NORM_PRECISION)
-        dm = rstd * (dxhat - mean_dx - xhat * mean_dx_xhat)
+        if CENTERED:
+            # dM meets only W_c^T next (dP = W_c^T dM, W_c^T = W^T (I - J)), which maps every term constant over
+            # a group's heads to 0: LayerNorm's - r mean(dxhat) is left out (one [HP, HP] product and its layout
+            # exchanges at every entry; DeiT-S dQ 301.4 -> 254.1 us, dK/dV 458.9 -> 412.4). The other sums of dM,
+            # dW and dc, are centered over the heads instead, once per program (the true dM has mean 0 there).
+            mean_dx_xhat = _mix(group_mean, dxhat * xhat, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, NORM_PRECISION)
+            dm = rstd * (dxhat - xhat * mean_dx_xhat)
+        else:
+            mean_dx = _mix(group_mean, dxhat, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, NORM_PRECISION)
+            mean_dx_xhat = _mix(group_mean, dxhat * xhat, HP, BLOCK_M, BLOCK_N, CDT, False, CDT, NORM_PRECISION)
+            dm = rstd * (dxhat - mean_dx - xhat * mean_dx_xhat)
     elif NORM == 2:
         xhat = (mix - bn_mean[:, None, None]) * bn_rstd[:, None, None]
         a = (gamma * bn_rstd)[:, None, None]
@@ -106,9 +125,9 @@ def _dq_block(x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, 
               EVEN_D: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr, SUMS_ONLY: tl.constexpr,
               CDT: tl.constexpr, DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
               NORM_PRECISION: tl.constexpr, RELOAD_Q: tl.constexpr, TIE_CHUNKS: tl.constexpr, K_PRODUCT: tl.constexpr,
-              ROUND_DP: tl.constexpr, DELTA_3D: tl.constexpr, DQ_DGAMMA: tl.constexpr):
-    """One key block of the query-major sweep: delta, X, Y and, with DQ_DGAMMA, LayerNorm's dgamma's sum
-    (SUMS_ONLY: BatchNorm's two sums alone)."""
+              ROUND_DP: tl.constexpr, DELTA_3D: tl.constexpr, SUMS_DN_XHAT: tl.constexpr):
+    """One key block of the query-major sweep: delta, X, Y and, with SUMS_DN_XHAT, the sum of dN xhat (LayerNorm's
+    dgamma; with SUMS_ONLY BatchNorm's two sums alone)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if D_CHUNKS == 1 and RELOAD_Q:
         # q and dO re-read (from L1/L2) for every key block, tied to it: held for the whole sweep
@@ -150,8 +169,8 @@ def _dq_block(x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, 
             mix = mix + c[:, None, None]
     # BatchNorm's dM is not 0 where dN is (e xhat + f): rows past N_Q are outside its entries too.
     dm, xhat = _norm_backward(dn, mix, kept & rows_ok[:, :, None], group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_f,
-                              eps, HP, BLOCK_M, BLOCK_N, CDT, NORM, NORM_PRECISION, True)
-    if SUMS_ONLY or (NORM == 1 and DQ_DGAMMA):
+                              eps, HP, BLOCK_M, BLOCK_N, CDT, NORM, NORM_PRECISION, True, DOT_LOWP, LOWP_DTYPE)
+    if SUMS_DN_XHAT:
         # LayerNorm's dbeta is the dK/dV sweep's (a sum there costs no registers; here it made the DeiT-S launch
         # spill 16 B). Kept as [HP, BLOCK_M, 1], in the products' layout: each key block's sum stays within warps (as
         # [HP, BLOCK_M] the sum went through shared memory every block, as delta's did: ``_keeps_delta_3d``).
@@ -349,7 +368,9 @@ def _split_norm_grad(dn_a, dn_b, pa, pb, w_mix, c_mix, n_dn, n_map, n_const, kep
     w_mix = W). NORM 1, LayerNorm across the heads: the map centered over them, X = w_mix P + c_mix
     (``common._center_across_heads``), r = 1/std, xhat = r X, and with dxhat = n_dn (dO V^T) (n_dn = tau gamma)
     dM = r (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) = r dxhat - r mean(dxhat) - r^3 mean(dxhat X) X, means
-    over the H heads of an entry (the zero rows add nothing): two fused multiply-adds an element and no xhat
+    over the H heads of an entry (the zero rows add nothing), without its term - r mean(dxhat), constant over the
+    heads: dP takes W_c^T = (w_mix)^T, which maps it to 0, and the dK/dV sweep centers dW and dc over the heads
+    (as ``_norm_backward``). r dxhat - r^3 mean(dxhat X) X is two fused multiply-adds an element and no xhat
     tile, the rest per entry; r^3 mean(dxhat X) as (r r)(r mean(dxhat X)), whose second factor is of dxhat's
     size. 1/std is ``rsqrt.approx`` next to fp16 products, as in the forward."""
     HA: tl.constexpr = HP // 2
@@ -378,9 +399,8 @@ def _split_norm_grad(dn_a, dn_b, pa, pb, w_mix, c_mix, n_dn, n_map, n_const, kep
         if MASKED:  # (a constant map's 1/std may be 1/0 at eps = 0 there)
             rstd = tl.where(kept, rstd, 0.0)
         dxhat = tl.trans(dn) * n_dn[None, :]
-        r_mean = rstd * (tl.sum(dxhat, axis=1) / H)
         r3_mean = (rstd * rstd) * (rstd * (tl.sum(dxhat * x, axis=1) / H))
-        dm = tl.trans(rstd[:, None] * dxhat - r3_mean[:, None] * x - r_mean[:, None])
+        dm = tl.trans(rstd[:, None] * dxhat - r3_mean[:, None] * x)
         x = tl.trans(x)
     return dm, p, dn, x, rstd
 
@@ -487,7 +507,10 @@ def _split_dq_sweep(Qb, Kb, Vb, DOb, DQb, DELTAb, STATSb, w_slots, out_scale, w_
         # One [HP, HP] weight tile each way (a few registers), where the stacked rows' W^T (x) I_Q blocks hold 36.
         t_aa, t_ab, t_ba, t_bb = 0.0, 0.0, 0.0, 0.0
         w_mix = _held_weights(w_map, HP, HP, tl.float16) if DOT_LOWP else w_map
-        w_t = _held_weights(tl.trans(w_slots), HP, HP, LOWP_DTYPE) if DOT_LOWP else tl.trans(w_slots)
+        # dP = W^T dM; LayerNorm's dM comes without its mean over the heads, which W_c^T maps to 0 (_split_norm_grad)
+        w_t = tl.trans(w_map) if NORM == 1 else tl.trans(w_slots)
+        if DOT_LOWP:
+            w_t = _held_weights(w_t, HP, HP, LOWP_DTYPE)
     else:
         t_aa, t_ab, t_ba, t_bb = _split_gradient_weights(w_slots * out_scale, HP, Q, DOT_LOWP, LOWP_DTYPE, CDT)
         w_mix, w_t = 0.0, 0.0
@@ -572,6 +595,9 @@ def _re_attention_bwd_dq_kernel(
     OPERANDS: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and not SUMS_ONLY and HP == 8
     Q_HELD: tl.constexpr = OPERANDS and not RELOAD_Q
     K_PRODUCT: tl.constexpr = OPERANDS and not RELOAD_Q
+    # The sums of dN xhat per slot: BatchNorm's SUMS_ONLY sweep's (with those of dN), or LayerNorm's dgamma where this
+    # sweep takes it (DQ_DGAMMA, ``_sums_dgamma_in_dq``).
+    SUMS_DN_XHAT: tl.constexpr = SUMS_ONLY or (NORM == 1 and DQ_DGAMMA)
     q = _load_rows(Qb, head, rows, rows_ok, offs_d, D, stride_qh, stride_qm, stride_qd, CDT, DOT_LOWP)
     do = _load_rows(DOb, head, rows, rows_ok, offs_d, D, stride_doh, stride_dom, stride_dod, CDT, DOT_LOWP)
     if Q_HELD:
@@ -611,7 +637,7 @@ def _re_attention_bwd_dq_kernel(
             stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_doh, stride_dom,
             stride_dod, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT,
             BIAS_SLOT, SUMS_ONLY, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_Q, TIE_CHUNKS,
-            K_PRODUCT, ROUND_DP, DELTA_3D, DQ_DGAMMA)
+            K_PRODUCT, ROUND_DP, DELTA_3D, SUMS_DN_XHAT)
     if n_full < N_K:
         x_acc, y_acc, delta, sum_dn_xhat, sum_dn = _dq_block(
             x_acc, y_acc, delta, sum_dn_xhat, sum_dn, q, do, Qb, Kb, Vb, DOb, b, H, head, rows, rows_ok, n_full,
@@ -620,9 +646,9 @@ def _re_attention_bwd_dq_kernel(
             stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd, stride_doh, stride_dom,
             stride_dod, HP, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT,
             BIAS_SLOT, SUMS_ONLY, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_Q, TIE_CHUNKS,
-            K_PRODUCT, ROUND_DP, DELTA_3D, DQ_DGAMMA)
+            K_PRODUCT, ROUND_DP, DELTA_3D, SUMS_DN_XHAT)
 
-    if SUMS_ONLY or (NORM == 1 and DQ_DGAMMA):
+    if SUMS_DN_XHAT:
         # Per program and slot: sum dN xhat, and with SUMS_ONLY sum dN (every head-dim chunk summed the same
         # entries: the first stores).
         if pid_d == 0:
@@ -744,7 +770,7 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
         dn = tl.where(kept, dn, 0.0)
     # BatchNorm's dM is not 0 where dN is (e xhat + f): rows past N_Q are outside its entries too.
     dm, xhat = _norm_backward(dn, mix, kept & rows_ok3, group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_f, eps, HP,
-                              BLOCK_N, BLOCK_M, CDT, NORM, NORM_PRECISION, False)
+                              BLOCK_N, BLOCK_M, CDT, NORM, NORM_PRECISION, False, DOT_LOWP, LOWP_DTYPE)
     if NORM != 0:
         a = xhat * gamma[:, None, None] + beta[:, None, None]
         if NORM == 1:
@@ -993,9 +1019,10 @@ def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots
 
     va, vb, vat, vbt = _split_group_rows(Vb, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D, stride_vh,
                                          stride_vn, stride_vd, HP, BLOCK_N, D_MAIN, D_TAIL, CDT, DOT_LOWP)
-    # dP^T = (tau W)^T (V dO^T) without a norm; W^T dM with one, whose dM carries tau.
+    # dP^T = (tau W)^T (V dO^T) without a norm; W^T dM with one, whose dM carries tau (LayerNorm: W_c^T, the
+    # centered weights, for dM without its mean over the heads: ``_split_norm_grad``).
     if NORM != 0:
-        w_t = tl.trans(w_slots)
+        w_t = tl.trans(w_map) if NORM == 1 else tl.trans(w_slots)
         w_mix = _held_weights(w_map, HP, HP, tl.float16) if DOT_LOWP else w_map
         dc_a = tl.zeros([HP], CDT)
     else:
@@ -1029,7 +1056,8 @@ def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots
     _split_store_groups(DKb, dka, dkb, dkat, dkbt, dk_scale, ha, hb, keys_a, keys_b, kok_a, kok_b, offs_d, offs_t, D,
                         stride_dkh, stride_dkn, stride_dkd, D_TAIL)
     # The program's parts (``_reduce_parts``): dW_slots [HP, HP] (0 past the 12 heads), per-slot dgamma, dbeta
-    # (LayerNorm's; no norm: 0; training BatchNorm's come from its backward sums) and dc.
+    # (LayerNorm's; no norm: 0; training BatchNorm's come from its backward sums) and dc; LayerNorm's dW and dc
+    # centered over the heads (dM without its mean there: ``_split_norm_grad``).
     offs_s = tl.arange(0, HP)
     if NORM == 1:
         tl.store(PARTSp + HP * HP + offs_s, dnw * out_scale)
@@ -1038,7 +1066,12 @@ def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots
         tl.store(PARTSp + HP * HP + offs_s, tl.zeros([HP], CDT))
         tl.store(PARTSp + HP * HP + HP + offs_s, tl.zeros([HP], CDT))
     if NORM != 0:
-        tl.store(PARTSp + offs_s[:, None] * HP + offs_s[None, :], tl.sum(dw_acc, axis=0))
+        dw = tl.sum(dw_acc, axis=0)
+        if NORM == 1:
+            real = offs_s < H
+            dw = dw - tl.where(real[:, None], tl.sum(tl.where(real[:, None], dw, 0.0), axis=0)[None, :] / H, 0.0)
+            dc_a = dc_a - tl.where(real, tl.sum(tl.where(real, dc_a, 0.0), axis=0) / H, 0.0)
+        tl.store(PARTSp + offs_s[:, None] * HP + offs_s[None, :], dw)
         tl.store(PARTSp + HP * HP + 2 * HP + offs_s, dc_a)
     else:
         tl.store(PARTSp + offs_s[:, None] * HP + offs_s[None, :], tl.sum(dw_acc, axis=0) * out_scale)
@@ -1182,7 +1215,9 @@ def _re_attention_bwd_dkdv_kernel(
                                       + offs_d[None, None, :] * stride_dvd),
              dv_acc.to(DV.dtype.element_ty), mask=tile_ok)
     # Per-program partial sums: dW_slots [HP, HP], then per slot dgamma, dbeta (LayerNorm's; dgamma 0 with
-    # DQ_DGAMMA) and dc. Every head-dim chunk summed the same entries: the first one stores them.
+    # DQ_DGAMMA) and dc. Every head-dim chunk summed the same entries: the first one stores them. LayerNorm's
+    # dM lacks its mean over each group's heads up to CENTERED_SLOTS slots (``_norm_backward``): dW's and dc's
+    # rows are centered over them here, (I - J) dW, as the true dM's sums are.
     if pid_d == 0:
         offs_s = tl.arange(0, HP)
         parts = PARTS + pid.to(tl.int64) * (HP * HP + 3 * HP)
@@ -1190,10 +1225,17 @@ def _re_attention_bwd_dkdv_kernel(
             dw = dw_acc
         else:
             dw = tl.sum(dw_acc, axis=0)
+        if NORM == 1 and HP <= CENTERED_SLOTS:
+            dw = dw - tl.sum(group_mean[:, :, None] * dw[None, :, :], axis=1)
         tl.store(parts + offs_s[:, None] * HP + offs_s[None, :], dw)
         tl.store(parts + HP * HP + offs_s, tl.sum(tl.where(keys_ok, dnw_acc, 0.0), axis=1))
         tl.store(parts + HP * HP + HP + offs_s, tl.sum(tl.where(keys_ok, dnb_acc, 0.0), axis=1))
-        tl.store(parts + HP * HP + 2 * HP + offs_s, tl.sum(tl.where(keys_ok, dc_acc, 0.0), axis=1))
+        # (dc formed after the stores above: formed before them, ptxas spilled 2x more at 32 slots with a mask,
+        # whose code is otherwise unchanged)
+        dc = tl.sum(tl.where(keys_ok, dc_acc, 0.0), axis=1)
+        if NORM == 1 and HP <= CENTERED_SLOTS:
+            dc = dc - tl.sum(group_mean * dc[None, :], axis=1)
+        tl.store(parts + HP * HP + 2 * HP + offs_s, dc)
 
 
 def _rounds_dp(config: TileConfig, variant: str, d: int) -> bool:
@@ -1404,43 +1446,50 @@ def re_attention_backward(
         **config.meta(stats_sweep=False),
     )
     bias_slot = not split and config.bias_slot(H, flags["HAS_DROPOUT"], mix_bias is not None)
-    dw, dc, dnw, dnb = _reduce_parts(parts, H, config, bias_slot)
-    if norm_sums is None and not split and _sums_dgamma_in_dq(variant):
+    d_gamma = norm == "layer" and norm_weight is not None
+    if d_gamma and norm_sums is None and not split and _sums_dgamma_in_dq(variant):
         # Given configs that split the dQ sweep but not the dK/dV one: neither summed LayerNorm's dgamma.
         dq_cfg, norm_sums = _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, grad_out, grad_out,
                                        scale=scale, out_scale=out_scale, norm=norm, norm_weight=norm_weight,
                                        norm_bias=norm_bias, eps=eps, attn_mask=attn_mask, dropout_p=dropout_p,
                                        seed=seed, config=None, lowp_dot=lowp_dot, sums_only=True)
-    if norm_sums is not None:  # LayerNorm's dgamma from the dQ sweep (otherwise the dK/dV sweep's, in its parts)
+    # Only the gradients the call returns (each a launch); LayerNorm's dgamma from the dQ sweep where it summed it
+    # (otherwise the dK/dV sweep's, in its parts).
+    dw, dc, dnw, dnb = _reduce_parts(parts, H, config, bias_slot, dc=mix_bias is not None,
+                                     dgamma=d_gamma and norm_sums is None,
+                                     dbeta=norm == "layer" and norm_bias is not None)
+    if d_gamma and norm_sums is not None:
         dnw = slot_sums_to_heads(norm_sums[:, 0], H, dq_cfg).sum(dim=0, dtype=torch.float64).to(acc)
     if Dp != D:
         dq, dk, dv = dq[..., :D].contiguous(), dk[..., :D].contiguous(), dv[..., :D].contiguous()
-    return (dq, dk, dv, dw, dc if mix_bias is not None else None,
-            dnw if norm == "layer" and norm_weight is not None else None,
-            dnb if norm == "layer" and norm_bias is not None else None)
+    return dq, dk, dv, dw, dc, dnw, dnb
 
 
-def _reduce_parts(parts: torch.Tensor, heads: int, config: TileConfig, bias_slot: bool):
-    """The dK/dV programs' partial sums [programs, HP * HP + 3 HP] -> (dW [H, H], dc, dgamma, dbeta [H]).
+def _reduce_parts(parts: torch.Tensor, heads: int, config: TileConfig, bias_slot: bool, *, dc: bool = True,
+                  dgamma: bool = True, dbeta: bool = True):
+    """The dK/dV programs' partial sums [programs, HP * HP + 3 HP] -> (dW [H, H], dc, dgamma, dbeta [H]);
+    each of the last three None where its flag is False (a gradient the call does not return, or takes from
+    elsewhere: no launch for it).
 
     Added up in float64. dW_slots is block diagonal over the G key groups of a program: each block
     is one group's sum of dM P~^T in head coordinates, and the blocks add up. With the mixing bias
     in a padding slot (whose P~ is 1 wherever kept), that slot's column of each block is dc.
     Each gradient is a strided view of the sum, rounded to the accumulation dtype by one copy (its
-    G groups added first where G > 1): with one group, the sum and four conversions are all the
-    launches (each a launch gap on a GPU, at [H, H] and [H] sizes).
+    G groups added first where G > 1): with one group, the sum and one conversion per gradient are all
+    the launches (each a launch gap on a GPU, at [H, H] and [H] sizes).
     """
     hp, g, h = config.HP, config.G, heads
     total = parts.sum(dim=0, dtype=torch.float64)
     # Group r's block of dW_slots starts at element r * h * (hp + 1), its entry in the bias slot's
     # column at r * h * hp + g * h; after dW_slots, the per-slot sums of dgamma, dbeta and dc.
-    dw = total.as_strided((g, h, h), (h * (hp + 1), hp, 1))
-    dnw, dnb, dc = slot_groups(total[hp * hp:].view(3, hp), h, config)
+    sums_dw = total.as_strided((g, h, h), (h * (hp + 1), hp, 1))
+    sums_dnw, sums_dnb, sums_dc = slot_groups(total[hp * hp:].view(3, hp), h, config)
     if bias_slot:
-        dc = total.as_strided((g, h), (h * hp, hp), g * h)
+        sums_dc = total.as_strided((g, h), (h * hp, hp), g * h)
     acc = parts.dtype
     # copy=True: fresh tensors also in float64 (an op's outputs may not alias one another).
-    return tuple((x[0] if g == 1 else x.sum(dim=0)).to(acc, copy=True) for x in (dw, dc, dnw, dnb))
+    return tuple((x[0] if g == 1 else x.sum(dim=0)).to(acc, copy=True) if wanted else None
+                 for x, wanted in ((sums_dw, True), (sums_dc, dc), (sums_dnw, dgamma), (sums_dnb, dbeta)))
 
 
 def re_attention_bn_grad_sums(

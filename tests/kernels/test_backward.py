@@ -86,6 +86,11 @@ def assert_close(got, expected, rtol=1e-11, amplification=1.0):
     (2, 17, 9, 13, 16, "layer", True),  # HP = 32
     (2, 1, 1, 1, 35, "layer", True),    # N = 1, one head
     (1, 16, 5, 7, 64, "none", True),    # no padding slot: the bias's gradient by its own sum
+    # LayerNorm's dM without its mean over the heads (``_norm_backward``), dW and dc centered at the end: over
+    # each of G = 2 row groups, in the bias slot's column, by the bias's own sum, and with no bias
+    (1, 3, 9, 40, 16, "layer", True),
+    (1, 16, 5, 7, 64, "layer", True),
+    (2, 8, 9, 13, 32, "layer", False),
 ])
 def test_every_gradient_matches_float64(B, H, Nq, Nk, D, norm, bias):
     got, expected = gradients(problem(B, H, Nq, Nk, D), norm, bias=bias)
@@ -222,6 +227,10 @@ def test_parameter_gradients_from_the_programs_parts(hp, g, h, bias_slot):
         # float64 sums of 5 fp32 values in another order, then one rounding to fp32: within one fp32 ulp
         torch.testing.assert_close(x, ref.float(), rtol=2 ** -23, atol=1e-12)
     assert len({x.data_ptr() for x in got}) == 4
+    # A gradient the call does not return is not formed (no launch for it); dW always is.
+    only_dw = _reduce_parts(parts, h, cfg, bias_slot, dc=False, dgamma=False, dbeta=False)
+    assert only_dw[1:] == (None, None, None)
+    torch.testing.assert_close(only_dw[0], got[0], rtol=0, atol=0)
 
 
 # ---- 12 heads without padding slots (backward._split_dq_sweep, backward._split_dkdv_sweep) ----
