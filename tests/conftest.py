@@ -32,8 +32,9 @@ def pytest_unconfigure(config):
 
 # Test files whose tests wait for a background job (tests/_background.py): run last, so that under
 # pytest-xdist no worker waits for a job while other tests remain.
-WAITS_FOR_BACKGROUND = ("tests/kernels/test_aot.py", "tests/benchmarks/test_static_model.py",
-                        "tests/test_swap_timm_versions.py", "tests/test_install.py")
+WAITS_FOR_BACKGROUND = ("tests/kernels/test_aot.py", "tests/kernels/test_triton_release.py",
+                        "tests/benchmarks/test_static_model.py", "tests/test_swap_timm_versions.py",
+                        "tests/test_install.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -46,6 +47,11 @@ def pytest_collection_finish(session):
         from tests import _aot
 
         _aot.start()
+    # The GPU machines' Triton release: installed beside the project's, the kernels compiled with it, likewise.
+    if any(item.nodeid.startswith("tests/kernels/test_triton_release.py") for item in session.items):
+        from tests import _triton_release
+
+        _triton_release.start()
     # The static model's checks that compile kernels, likewise (tests/benchmarks/_compiled_checks.py).
     if any(item.nodeid.startswith("tests/benchmarks/test_static_model.py") for item in session.items):
         from tests.benchmarks import _compiled_checks
