@@ -102,6 +102,31 @@ def _norm_backward(dn, mix, kept, group_mean, gamma, bn_mean, bn_rstd, bn_e, bn_
 
 
 @triton.jit
+def _less_head_means(x, slot_ok, group_mean, H, BY_PRODUCT: tl.constexpr):
+    """(I - J) x for x [HP] or [HP, K]: each slot's entry (row) less the mean of its group's heads (padding slots,
+    not slot_ok, keep theirs). LayerNorm's dW and dc from the sums of its dM without the mean term
+    (``_norm_backward``, ``_split_norm_grad``), as the true dM, whose mean over the heads is 0, gives them.
+
+    BY_PRODUCT: with J = group_mean (``common._group_mean``), as the usual dK/dV kernel must for row groups
+    (G > 1) and did at one (the masked sum spilled 8 B there: DeiT-S, sm_90). Otherwise one group, a masked sum
+    over the slots: the split sweep's (the product cost it 2.7 us, DeepViT-16b, predicted). A vector is taken as
+    it is (as a [HP, 1] column the masked LayerNorm launches spilled 8 B more, 184 B at 16 heads, D = 48, sm_86).
+    """
+    if BY_PRODUCT:
+        if len(x.shape) == 1:
+            y = x - tl.sum(group_mean * x[None, :], axis=1)
+        else:
+            y = x - tl.sum(group_mean[:, :, None] * x[None, :, :], axis=1)
+    else:
+        if len(x.shape) == 1:
+            y = x - tl.where(slot_ok, tl.sum(tl.where(slot_ok, x, 0.0), axis=0) / H, 0.0)
+        else:
+            real = slot_ok[:, None]
+            y = x - tl.where(real, tl.sum(tl.where(real, x, 0.0), axis=0)[None, :] / H, 0.0)
+    return y
+
+
+@triton.jit
 def _bn_rows(BN, head, slot_ok, H, CDT: tl.constexpr, NORM: tl.constexpr, SUMS_ONLY: tl.constexpr):
     """(mean, 1/std, e, f) [HP] of training BatchNorm from its [4, H] rows (zeros otherwise / e, f in SUMS_ONLY)."""
     zero = tl.zeros([head.shape[0]], CDT)
@@ -357,7 +382,8 @@ def _split_norm_params(W, C, NW, NB, BN, H, out_scale, stride_wg, stride_wh, str
 @triton.jit
 def _split_norm_grad(dn_a, dn_b, pa, pb, w_mix, c_mix, n_dn, n_map, n_const, kept, H, eps, HP: tl.constexpr,
                      E: tl.constexpr, NORM: tl.constexpr, MASKED: tl.constexpr, CDT: tl.constexpr,
-                     DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     DN_PRODUCT: tl.constexpr):
     """The norm's dM [HP, E] on both head groups' rows joined (``_head_rows``: heads 0..11, then 4 zero rows) from
     their dO V^T (dn_a, dn_b: dN / tau) and P (pa, pb), E entries each, with the map recomputed from P by one
     [HP, HP] product with fp16 operands, as the forward mixes (P in [0, 1]); dO V^T enters rounded to the input
@@ -372,13 +398,17 @@ def _split_norm_grad(dn_a, dn_b, pa, pb, w_mix, c_mix, n_dn, n_map, n_const, kep
     heads: dP takes W_c^T = (w_mix)^T, which maps it to 0, and the dK/dV sweep centers dW and dc over the heads
     (as ``_norm_backward``). r dxhat - r^3 mean(dxhat X) X is two fused multiply-adds an element and no xhat
     tile, the rest per entry; r^3 mean(dxhat X) as (r r)(r mean(dxhat X)), whose second factor is of dxhat's
-    size. 1/std is ``rsqrt.approx`` next to fp16 products, as in the forward."""
+    size. 1/std is ``rsqrt.approx`` next to fp16 products, as in the forward. DN_PRODUCT (LayerNorm,
+    tensor-core operands): dO V^T joined reaches X's layout [E, HP] through an identity product (exact: one
+    nonzero term per sum), not by a transpose; the dN returned is then not formed (the dQ sweep does not read
+    it)."""
     HA: tl.constexpr = HP // 2
     HB: tl.constexpr = HP // 4
     MIX_P: tl.constexpr = tl.float16 if DOT_LOWP else CDT
     MIX_G: tl.constexpr = LOWP_DTYPE if DOT_LOWP else CDT
     p = _head_rows(tl.reshape(pa.to(MIX_P), (HA, E)), tl.reshape(pb.to(MIX_P), (HB, E)), HA, E)
-    dn = _head_rows(tl.reshape(dn_a.to(MIX_G), (HA, E)), tl.reshape(dn_b.to(MIX_G), (HB, E)), HA, E).to(CDT)
+    dn_g = _head_rows(tl.reshape(dn_a.to(MIX_G), (HA, E)), tl.reshape(dn_b.to(MIX_G), (HB, E)), HA, E)
+    dn = dn_g.to(CDT)
     if NORM == 2:
         wp = _mm(w_mix, p, tl.zeros([HP, E], CDT), DOT_LOWP, MIX_P, DOT_PRECISION)
         dm = n_dn[:, None] * dn + n_map[:, None] * wp + n_const[:, None]
@@ -398,7 +428,15 @@ def _split_norm_grad(dn_a, dn_b, pa, pb, w_mix, c_mix, n_dn, n_map, n_const, kep
             rstd = 1.0 / tl.sqrt(var + eps)
         if MASKED:  # (a constant map's 1/std may be 1/0 at eps = 0 there)
             rstd = tl.where(kept, rstd, 0.0)
-        dxhat = tl.trans(dn) * n_dn[None, :]
+        if DN_PRODUCT and DOT_LOWP:
+            # The [HP, E] tile's transpose took an exchange through shared memory of its own (DeepViT-16b dQ
+            # kernel, predicted: 223.1 -> 212.8 us); as a product's operand it is staged there anyway. Not in the
+            # dK/dV sweep, which reads dN joined as well (there 254.4 -> 269.0 us, 48 B spilled).
+            eye = (tl.arange(0, HP)[:, None] == tl.arange(0, HP)[None, :]).to(MIX_G)
+            dn_t = _mm(tl.trans(dn_g), eye, tl.zeros([E, HP], CDT), DOT_LOWP, MIX_G, DOT_PRECISION)
+        else:
+            dn_t = tl.trans(dn)
+        dxhat = dn_t * n_dn[None, :]
         r3_mean = (rstd * rstd) * (rstd * (tl.sum(dxhat * x, axis=1) / H))
         dm = tl.trans(rstd[:, None] * dxhat - r3_mean[:, None] * x)
         x = tl.trans(x)
@@ -450,7 +488,7 @@ def _split_dq_block(xa, xb, xat, xbt, delta_a, delta_b, qa, qb, qat, qbt, doa, d
             keys_ok = (start_n + tl.arange(0, E) % BLOCK_N) < N_K
             dm, _, _, _, _ = _split_norm_grad(dn_a, dn_b, pa, pb, w_mix, c_mix, n_dn, n_map, n_const, keys_ok, H, eps,
                                               HP, E, NORM, NORM == 1 and KEYS_PADDED, CDT, DOT_LOWP, LOWP_DTYPE,
-                                              DOT_PRECISION)
+                                              DOT_PRECISION, True)
             dp16 = _mm(w_t, dm.to(MIX_DTYPE), tl.zeros([HP, E], CDT), DOT_LOWP, MIX_DTYPE, DOT_PRECISION)
             dp_a, dp_b = _halves(dp16, HP, E, 0)
             dp_b, _ = _halves(dp_b, HA, E, 0)
@@ -687,8 +725,7 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
                 HAS_DROPOUT: tl.constexpr, BIAS_SLOT: tl.constexpr, HAS_MIX_BIAS: tl.constexpr, CDT: tl.constexpr,
                 DOT_LOWP: tl.constexpr, LOWP_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 NORM_PRECISION: tl.constexpr, RELOAD_KV: tl.constexpr, DW_FLAT: tl.constexpr,
-                TIE_CHUNKS: tl.constexpr, Q_PRODUCT: tl.constexpr, ROUND_DP: tl.constexpr, ROUND_P: tl.constexpr,
-                DQ_DGAMMA: tl.constexpr):
+                TIE_CHUNKS: tl.constexpr, Q_PRODUCT: tl.constexpr, ROUND_DS: tl.constexpr, DQ_DGAMMA: tl.constexpr):
     """One query block of the key-major sweep: dK, dV and the parameter sums of dW, dc and LayerNorm's dbeta
     and, unless DQ_DGAMMA (the dQ sweep's then: ``_dq_block``), dgamma.
 
@@ -751,11 +788,6 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
                        stride_mm, stride_mn, CDT, MASK_KIND, True)
     p, p_tilde, drop_scale = _probs(t2, l2[:, None, :], b, H, head3, offs_m[None, :, None], key0, seed, dropout_p, CDT,
                                     HAS_DROPOUT, True)
-    if ROUND_P:
-        # P in fp16 (10 bits, as eager's fp16 P): the mixing takes it in fp16 and dS is rounded to the input dtype
-        # for dK anyway; one fp16 copy live instead of fp32 P and its fp16 operand (see the kernel's ROUND_P).
-        p = p.to(tl.float16)
-        p_tilde = p
     # Rows past N_Q: P = 0 (their m2 is +inf), dO = 0; nothing they hold reaches a gradient.
     mix = _mix(w_slots, p_tilde, HP, BLOCK_N, BLOCK_M, CDT, DOT_LOWP, tl.float16, DOT_PRECISION)
     if not BIAS_SLOT:
@@ -788,10 +820,9 @@ def _dkdv_block(dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, 
     dp = _mix(tl.trans(w_slots), dm, HP, BLOCK_N, BLOCK_M, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
     if HAS_DROPOUT:
         dp = dp * drop_scale
-    # dP - delta rounded to the input dtype before the exchange to p's layout, as dP in the dQ sweep (here
-    # after the cancellation). Not with a norm: the conversions' registers made launches spill (8 slots,
-    # D = 64, sm_90: LayerNorm 0 -> 8 B, training BatchNorm 8 -> 24 B).
-    if ROUND_DP and DOT_LOWP and NORM == 0:
+    # ROUND_DS: dP - delta rounded to the input dtype before the exchange to p's layout, as dP in the dQ sweep
+    # (here after the cancellation; the kernel's ROUND_DS says where).
+    if ROUND_DS and DOT_LOWP:
         ds = p * (dp - delta[:, None, :]).to(LOWP_DTYPE).to(CDT)
     else:
         ds = p.to(CDT) * (dp - delta[:, None, :])
@@ -941,7 +972,7 @@ def _split_dk_block(dka, dkb, dkat, dkbt, dw_acc, dc_a, dc_b, ka, kb, kat, kbt, 
         offs_e = tl.arange(0, E)  # entry (key, query) of the keys-first tiles
         kept = ((key0 + offs_e // BLOCK_M) < N_K) & ((start_m + offs_e % BLOCK_M) < N_Q)
         dm, p, dn_t, x, rstd = _split_norm_grad(dn_a, dn_b, pa, pb, w_mix, c_mix, n_dn, n_map, n_const, kept, H, eps,
-                                                HP, E, NORM, True, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION)
+                                                HP, E, NORM, True, CDT, DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, False)
         if NORM == 1:  # (V dO^T is 0 at the entries not kept: V's and dO's rows load as 0 there, and 1/std is 0)
             dnw += tl.sum(dn_t * x * rstd[None, :], axis=1)
             dnb += tl.sum(dn_t, axis=1)
@@ -1068,9 +1099,8 @@ def _split_dkdv_sweep(Qb, Kb, Vb, DOb, DKb, DVb, DELTAb, STATSb, PARTSp, w_slots
     if NORM != 0:
         dw = tl.sum(dw_acc, axis=0)
         if NORM == 1:
-            real = offs_s < H
-            dw = dw - tl.where(real[:, None], tl.sum(tl.where(real[:, None], dw, 0.0), axis=0)[None, :] / H, 0.0)
-            dc_a = dc_a - tl.where(real, tl.sum(tl.where(real, dc_a, 0.0), axis=0) / H, 0.0)
+            dw = _less_head_means(dw, offs_s < H, 0.0, H, False)
+            dc_a = _less_head_means(dc_a, offs_s < H, 0.0, H, False)
         tl.store(PARTSp + offs_s[:, None] * HP + offs_s[None, :], dw)
         tl.store(PARTSp + HP * HP + 2 * HP + offs_s, dc_a)
     else:
@@ -1147,11 +1177,14 @@ def _re_attention_bwd_dkdv_kernel(
     # slots: at 16 the compiler spilled). With training BatchNorm its launch at D = 64 spills 8 B
     # per thread (none without it) for a DeiT-S dK/dV kernel predicted at 245 us against 339.
     # LayerNorm holds K and V at 8 slots (not RELOAD_KV there; its dgamma is the dQ sweep's, DQ_DGAMMA, which
-    # freed the registers) but not the q transposes, and rounds P to fp16 (ROUND_P): with either left out its launch
-    # spilled 16 B (DeiT-S, sm_90); re-reading K and V every query block it took 580.9 us, 458.9 so (predicted).
+    # freed the registers) but not the q transposes (with them its launch spilled 24 B: DeiT-S, sm_90).
     KV_HELD: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and not RELOAD_KV and (HP == 8 or (HP == 16 and NORM != 2))
+    # dS's factor dP - delta exchanged in the input dtype where the launch rule rounds dP (``_rounds_dp``): half
+    # the bytes through shared memory. Without a norm, and with LayerNorm at 8 slots (DeiT-S: 308.0-1426.3 ->
+    # 296.2-1431.9 us predicted); elsewhere its launches spilled more (training BatchNorm, 8 slots, D = 64, sm_90:
+    # 8 -> 24 B; LayerNorm at 14 heads, D = 32, sm_86: 16 -> 40 B).
+    ROUND_DS: tl.constexpr = ROUND_DP and (NORM == 0 or (NORM == 1 and HP == 8))
     Q_PRODUCT: tl.constexpr = DOT_LOWP and D_CHUNKS == 1 and not RELOAD_KV and HP == 8 and NORM != 1
-    ROUND_P: tl.constexpr = KV_HELD and NORM == 1 and not HAS_DROPOUT
     k = _load_rows(Kb, head, keys, keys_ok, offs_d, D, stride_kh, stride_kn, stride_kd, CDT, DOT_LOWP)
     v = _load_rows(Vb, head, keys, keys_ok, offs_d, D, stride_vh, stride_vn, stride_vd, CDT, DOT_LOWP)
     if KV_HELD:
@@ -1192,8 +1225,8 @@ def _re_attention_bwd_dkdv_kernel(
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D,
             D_CHUNKS, NORM, MASK_KIND, False, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
-            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS, Q_PRODUCT, ROUND_DP,
-            ROUND_P, DQ_DGAMMA)
+            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS, Q_PRODUCT, ROUND_DS,
+            DQ_DGAMMA)
     if m_full < N_Q:
         dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc = _dkdv_block(
             dk_acc, dv_acc, dw_acc, dnw_acc, dnb_acc, dc_acc, k, v, Kb, Vb, Qb, DOb, STATSb, DELTA, b, H, head,
@@ -1202,8 +1235,8 @@ def _re_attention_bwd_dkdv_kernel(
             stride_qh, stride_qm, stride_qd, stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
             stride_doh, stride_dom, stride_dod, stride_sp, stride_sh, stride_sm, HP, BLOCK_M, BLOCK_N, BLOCK_D,
             D_CHUNKS, NORM, MASK_KIND, True, EVEN_D, HAS_DROPOUT, BIAS_SLOT, HAS_MIX_BIAS, CDT,
-            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS, Q_PRODUCT, ROUND_DP,
-            ROUND_P, DQ_DGAMMA)
+            DOT_LOWP, LOWP_DTYPE, DOT_PRECISION, NORM_PRECISION, RELOAD_KV, DW_FLAT, TIE_CHUNKS, Q_PRODUCT, ROUND_DS,
+            DQ_DGAMMA)
 
     # dS is in natural units: dK = scale dS^T Q, scale = scale2 / log2(e).
     dk_acc = dk_acc * (scale2 * 0.6931471805599453)
@@ -1226,7 +1259,7 @@ def _re_attention_bwd_dkdv_kernel(
         else:
             dw = tl.sum(dw_acc, axis=0)
         if NORM == 1 and HP <= CENTERED_SLOTS:
-            dw = dw - tl.sum(group_mean[:, :, None] * dw[None, :, :], axis=1)
+            dw = _less_head_means(dw, slot_ok, group_mean, H, True)
         tl.store(parts + offs_s[:, None] * HP + offs_s[None, :], dw)
         tl.store(parts + HP * HP + offs_s, tl.sum(tl.where(keys_ok, dnw_acc, 0.0), axis=1))
         tl.store(parts + HP * HP + HP + offs_s, tl.sum(tl.where(keys_ok, dnb_acc, 0.0), axis=1))
@@ -1234,7 +1267,7 @@ def _re_attention_bwd_dkdv_kernel(
         # whose code is otherwise unchanged)
         dc = tl.sum(tl.where(keys_ok, dc_acc, 0.0), axis=1)
         if NORM == 1 and HP <= CENTERED_SLOTS:
-            dc = dc - tl.sum(group_mean * dc[None, :], axis=1)
+            dc = _less_head_means(dc, slot_ok, group_mean, H, True)
         tl.store(parts + HP * HP + 2 * HP + offs_s, dc)
 
 
@@ -1307,7 +1340,8 @@ def _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, d
     """Launch the dQ kernel; returns (its config, its per-program, per-slot sums [programs, 2, HP] or None).
 
     The sums: with ``sums_only`` BatchNorm's (sum dN xhat, sum dN); otherwise, with LayerNorm where the dQ sweep
-    sums its dgamma (``_sums_dgamma_in_dq``, not split), the first row alone, sum dN xhat."""
+    sums its dgamma (``_sums_dgamma_in_dq``, not split, and the call has a norm weight), the first row alone, sum
+    dN xhat."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     device = q.device
@@ -1327,7 +1361,7 @@ def _launch_dq(grad_out, q, k, v, mix_weight, mix_bias, softmax_stats, bn, dq, d
     variant = variant_of(norm, attn_mask is not None, dropout_p > 0)
     num_m = config.programs_per_batch(Nq)
     d_chunks = 1 if sums_only or head_dim["SPLIT_HEADS"] else head_dim["D_CHUNKS"]
-    dq_dgamma = _sums_dgamma_in_dq(variant) and not head_dim["SPLIT_HEADS"]
+    dq_dgamma = _sums_dgamma_in_dq(variant) and not head_dim["SPLIT_HEADS"] and norm_weight is not None
     sums = None
     if sums_only or dq_dgamma:
         sums = torch.empty((num_m * B, 2, config.HP), dtype=accumulator_dtype(q), device=device)

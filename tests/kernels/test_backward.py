@@ -154,6 +154,35 @@ def test_layer_norm_gradients_when_one_sweep_alone_splits(monkeypatch, given):
         assert sums_only == [False, True]
 
 
+def test_layer_norm_without_weights_sums_no_dgamma(monkeypatch):
+    """LayerNorm without its affine weights (``elementwise_affine=False``): no dgamma is returned, so the dQ sweep
+    sums none (DQ_DGAMMA off, no sums tensor; with a weight it does: ``_sums_dgamma_in_dq``) and the dK/dV sweep
+    none either; every gradient still matches float64, the norm's come back as None."""
+    from reattn.kernels import backward as bwd_module
+    flags = []
+    real = bwd_module.run_on_device
+
+    def spy(kernel, grid, device, *args, **kwargs):
+        if "DQ_DGAMMA" in kwargs:
+            flags.append((getattr(kernel, "fn", kernel).__name__, kwargs["DQ_DGAMMA"]))
+        return real(kernel, grid, device, *args, **kwargs)
+
+    monkeypatch.setattr(bwd_module, "run_on_device", spy)
+    B, H, Nq, Nk, D = 2, 6, 13, 11, 16
+    t = problem(B, H, Nq, Nk, D, seed=6)
+    kw = dict(scale=D ** -0.5, out_scale=0.7, norm="layer")
+    ref = re_attention_ref(t["q"], t["k"], t["v"], t["mix_weight"], t["mix_bias"], **kw)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(DEVICE)
+    names = NAMES[:5]
+    expected = dict(zip(names, torch.autograd.grad(ref, [t[n] for n in names], grad)))
+    with torch.no_grad():
+        _, stats = re_attention_forward(t["q"], t["k"], t["v"], t["mix_weight"], t["mix_bias"], **kw)
+        got = re_attention_backward(grad, t["q"], t["k"], t["v"], t["mix_weight"], t["mix_bias"], stats, **kw)
+    assert got[5] is None and got[6] is None
+    assert_close(dict(zip(names, got[:5])), expected)
+    assert flags == [("_re_attention_bwd_dq_kernel", False), ("_re_attention_bwd_dkdv_kernel", True)]
+
+
 def test_dkdv_key_blocks_differ_from_query_blocks():
     """The dK/dV kernel's programs cover G * BLOCK_N keys each (its query blocks are BLOCK_M rows): a launch whose
     key block is smaller than its query block must still cover every key (45 keys: three programs of 16)."""
