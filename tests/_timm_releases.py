@@ -12,9 +12,7 @@ each test waits for its release.
 import json
 import os
 import runpy
-import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,34 +20,16 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
+from tests import _side_install
+
 REPO = Path(__file__).resolve().parents[1]
 CHECK = REPO / "tests" / "_timm_swap_check.py"
 CACHE = Path(os.environ.get("REATTN_TIMM_CACHE") or Path.home() / ".cache" / "reattn-timm")
 
 
 def install(version: str) -> Path:
-    """timm==version in CACHE/version (installed once; a partial install never lands there)."""
-    target = CACHE / version
-    if (target / "timm" / "__init__.py").exists():
-        return target
-    CACHE.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=CACHE))
-    try:
-        result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                                 "--no-deps", "--target", str(staging), f"timm=={version}"],
-                                capture_output=True, text=True, timeout=600)
-        if result.returncode != 0:
-            raise RuntimeError(f"could not pip-install timm=={version} (this test needs the package index; run "
-                               f"`pytest -m 'not install'` offline):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
-        try:
-            staging.rename(target)
-        except OSError:  # another run installed it meanwhile
-            if not (target / "timm" / "__init__.py").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    """timm==version in CACHE/version (``tests._side_install``)."""
+    return _side_install.install(CACHE, "timm", version)
 
 
 def check(version: str) -> dict:

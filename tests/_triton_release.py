@@ -12,11 +12,10 @@ release's JIT would (importing ``reattn`` under it too). Run as ``python -m test
 """
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from tests import _side_install
 
 VERSION = "3.6.0"
 REPO = Path(__file__).resolve().parents[1]
@@ -48,28 +47,8 @@ def jobs() -> list:
 
 
 def install() -> Path:
-    """triton==VERSION in CACHE/VERSION (installed once; a partial install never lands there)."""
-    target = CACHE / VERSION
-    if (target / "triton" / "__init__.py").exists():
-        return target
-    CACHE.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{VERSION}-", dir=CACHE))
-    try:
-        result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                                 "--no-deps", "--target", str(staging), f"triton=={VERSION}"],
-                                capture_output=True, text=True, timeout=1200)
-        if result.returncode != 0:
-            raise RuntimeError(f"could not pip-install triton=={VERSION} (this test needs the package index; run "
-                               f"`pytest -m 'not install'` offline):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
-        try:
-            staging.rename(target)
-        except OSError:  # another run installed it meanwhile
-            if not (target / "triton" / "__init__.py").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    """triton==VERSION in CACHE/VERSION (``tests._side_install``; the wheel is 188 MB)."""
+    return _side_install.install(CACHE, "triton", VERSION, timeout=1200)
 
 
 def _parse(returncode, out, err):
