@@ -22,7 +22,10 @@
 #   measured.csv    `python -m benchmarks.gpu_timing`: every call and kernel the static model covers
 #                   (named shapes, bf16, each norm, fwd/bwd/fwd+bwd; triton, cuda, the reference
 #                   FlashAttention-2, eager) timed with CUDA events, measured_us beside the model's
-#                   t_low_us/t_high_us for this GPU (benchmarks/results/static_model.csv): calibration
+#                   t_low_us/t_high_us for this GPU (benchmarks/results/static_model.csv): calibration.
+#                   The model reads triton 3.9's compiles; the GPU runs 3.6's, whose registers and spills
+#                   differ at some launches (tests/kernels/test_triton_release.py compiles them; ViT-B's
+#                   split backward spilled 80/208 B under 3.9, 296/272 B under 3.6, 2026-12-08)
 #   timing.log      its log
 #
 # Usage: bash benchmarks/gpu_session.sh STEP...   with STEP in env, build, smoke, diag, time, test, bench, all
