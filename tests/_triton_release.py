@@ -18,7 +18,6 @@ from pathlib import Path
 from tests import _side_install
 
 VERSION = "3.6.0"
-REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("REATTN_TRITON_CACHE") or Path.home() / ".cache" / "reattn-triton")
 
 
