@@ -40,11 +40,13 @@ def masks(B, H, Nq, Nk, seed=2):
 
 
 def gradients(t, norm, *, out_scale=0.7, attn_mask=None, dropout_p=0.0, seed=None, dq_config=None, dkdv_config=None,
-              bias=True):
-    """(kernel gradients, float64 autograd of the reference) for one random cotangent."""
+              bias=True, affine=True):
+    """(kernel gradients, float64 autograd of the reference) for one random cotangent; the gradients of parameters
+    the call does not take (no mix bias, no LayerNorm or one without ``affine`` weights) must come back None."""
     D = t["q"].shape[-1]
-    kw = dict(scale=D ** -0.5, out_scale=out_scale, norm=norm, norm_weight=t["norm_weight"] if norm == "layer" else None,
-              norm_bias=t["norm_bias"] if norm == "layer" else None, attn_mask=attn_mask)
+    affine = affine and norm == "layer"
+    kw = dict(scale=D ** -0.5, out_scale=out_scale, norm=norm, norm_weight=t["norm_weight"] if affine else None,
+              norm_bias=t["norm_bias"] if affine else None, attn_mask=attn_mask)
     c = t["mix_bias"] if bias else None
     keep = None
     if dropout_p:
@@ -53,13 +55,15 @@ def gradients(t, norm, *, out_scale=0.7, attn_mask=None, dropout_p=0.0, seed=Non
     ref = re_attention_ref(t["q"], t["k"], t["v"], t["mix_weight"], c, training=bool(dropout_p),
                            dropout_p=dropout_p, dropout_mask=keep, **kw)
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(DEVICE)
-    names = [n for n in NAMES if (n != "mix_bias" or bias) and (not n.startswith("norm") or norm == "layer")]
+    names = [n for n in NAMES if (n != "mix_bias" or bias) and (not n.startswith("norm") or affine)]
     expected = dict(zip(names, torch.autograd.grad(ref, [t[n] for n in names], grad)))
     with torch.no_grad():
         fkw = dict(kw, dropout_p=dropout_p, seed=seed)
         _, stats = re_attention_forward(t["q"], t["k"], t["v"], t["mix_weight"], c, **fkw)
         got = re_attention_backward(grad, t["q"], t["k"], t["v"], t["mix_weight"], c, stats, dq_config=dq_config,
                                     dkdv_config=dkdv_config, **fkw)
+    unexpected = [n for n, g in zip(NAMES, got) if n not in names and g is not None]
+    assert not unexpected, unexpected
     got = {n: g for n, g in zip(NAMES, got) if n in names}
     assert set(got) == set(expected) and all(g is not None for g in got.values())
     return got, expected
@@ -168,18 +172,8 @@ def test_layer_norm_without_weights_sums_no_dgamma(monkeypatch):
         return real(kernel, grid, device, *args, **kwargs)
 
     monkeypatch.setattr(bwd_module, "run_on_device", spy)
-    B, H, Nq, Nk, D = 2, 6, 13, 11, 16
-    t = problem(B, H, Nq, Nk, D, seed=6)
-    kw = dict(scale=D ** -0.5, out_scale=0.7, norm="layer")
-    ref = re_attention_ref(t["q"], t["k"], t["v"], t["mix_weight"], t["mix_bias"], **kw)
-    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(DEVICE)
-    names = NAMES[:5]
-    expected = dict(zip(names, torch.autograd.grad(ref, [t[n] for n in names], grad)))
-    with torch.no_grad():
-        _, stats = re_attention_forward(t["q"], t["k"], t["v"], t["mix_weight"], t["mix_bias"], **kw)
-        got = re_attention_backward(grad, t["q"], t["k"], t["v"], t["mix_weight"], t["mix_bias"], stats, **kw)
-    assert got[5] is None and got[6] is None
-    assert_close(dict(zip(names, got[:5])), expected)
+    got, expected = gradients(problem(2, 6, 13, 11, 16, seed=6), "layer", affine=False)
+    assert_close(got, expected)
     assert flags == [("_re_attention_bwd_dq_kernel", False), ("_re_attention_bwd_dkdv_kernel", True)]
 
 
